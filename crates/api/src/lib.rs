@@ -1,0 +1,184 @@
+//! The types the vstream admin API speaks, shared by the server, the CLI and
+//! (later) the web console. Nothing here does I/O.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// How devices use a vDisk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// One device reads and writes the vDisk itself.
+    #[default]
+    Private,
+    /// Many devices share the read-only vDisk; each writes to its own cache.
+    Standard,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "private" => Ok(Mode::Private),
+            "standard" => Ok(Mode::Standard),
+            _ => Err(format!("unknown mode {s:?}: expected private or standard")),
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Private => "private",
+            Mode::Standard => "standard",
+        })
+    }
+}
+
+/// Where a Standard-mode device's writes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum CacheType {
+    /// A file per device in the server's store.
+    #[default]
+    Server,
+}
+
+impl std::fmt::Display for CacheType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CacheType::Server => "server",
+        })
+    }
+}
+
+/// A vDisk as the farm knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VDisk {
+    pub name: String,
+    /// Virtual size in bytes.
+    pub size: u64,
+    pub mode: Mode,
+    pub cache_type: CacheType,
+    /// Largest write cache a device may fill, in bytes; `None` means the vDisk size.
+    pub cache_limit: Option<u64>,
+    /// Seconds since the Unix epoch.
+    pub created_unix: u64,
+}
+
+/// A vDisk with what the server observes about it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VDiskInfo {
+    #[serde(flatten)]
+    pub vdisk: VDisk,
+    /// blake3 content hash of the logical disk, hex.
+    pub content_hash: String,
+    /// Bytes of the vDisk that hold data.
+    pub allocated: u64,
+    /// Names of the devices connected to it now.
+    pub connected: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateVDisk {
+    pub name: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct SetVDisk {
+    pub mode: Option<Mode>,
+    pub cache_limit: Option<u64>,
+}
+
+/// A target device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Device {
+    pub name: String,
+    /// Lower-case, colon-separated.
+    pub mac: String,
+    pub vdisk: String,
+    pub created_unix: u64,
+}
+
+/// A device with its live state on this server.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DeviceInfo {
+    #[serde(flatten)]
+    pub device: Device,
+    pub connected: bool,
+    /// Seconds since the Unix epoch when its current session began.
+    pub connected_since: Option<u64>,
+    /// Remote address of its NBD connection.
+    pub peer: Option<String>,
+    /// Bytes in its server-side write cache.
+    pub cache_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateDevice {
+    pub name: String,
+    pub mac: String,
+    pub vdisk: String,
+}
+
+/// Every API error carries a sentence.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// Normalises a MAC address (`AA-BB-..`, `aa:bb:..` or `aabb..`) to `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Result<String, String> {
+    let hex: String = s.chars().filter(|c| !matches!(c, ':' | '-' | '.')).collect();
+    if hex.len() != 12 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!("{s:?} is not a MAC address"));
+    }
+    let hex = hex.to_ascii_lowercase();
+    let parts: Vec<&str> = (0..6).map(|i| &hex[2 * i..2 * i + 2]).collect();
+    Ok(parts.join(":"))
+}
+
+/// Parses sizes such as `8GiB`, `512M`, `4096`, `1.5G` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("{s:?}: unknown size unit {unit:?}")),
+    };
+    let value: f64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    let bytes = value * mult as f64;
+    if !(0.0..=(u64::MAX as f64)).contains(&bytes) || bytes.fract() != 0.0 {
+        return Err(format!("{s:?} is not a whole number of bytes"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_normalise() {
+        assert_eq!(parse_mac("AA-BB-CC-00-11-22").unwrap(), "aa:bb:cc:00:11:22");
+        assert_eq!(parse_mac("aabbcc001122").unwrap(), "aa:bb:cc:00:11:22");
+        assert!(parse_mac("aa:bb").is_err());
+        assert!(parse_mac("zz:bb:cc:00:11:22").is_err());
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("8GiB").unwrap(), 8 << 30);
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("1.5k").unwrap(), 1536);
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("0.3").is_err());
+    }
+}

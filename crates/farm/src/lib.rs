@@ -1,0 +1,1 @@
+//! vstream-farm
