@@ -1,0 +1,428 @@
+//! A disk as a device sees it: a stack of layers, bottom first, where each
+//! chunk is read from the topmost layer that holds it, and writes (if any) go to
+//! the top layer.
+//!
+//! ```text
+//!   top (writable: the vDisk itself in Private mode, a write cache in Standard)
+//!   ...
+//!   base                      unallocated everywhere -> reads as zeros
+//! ```
+//!
+//! A partial write to a chunk the top layer lacks copies the rest of that chunk
+//! up from below first, under a per-chunk lock, so the top layer always holds
+//! whole chunks.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::error::WriteError;
+use crate::layer::{Layer, CHUNK};
+
+/// One `base:allocation` extent: its length and whether it reads as zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u64,
+    pub zero: bool,
+}
+
+/// A stack of layers seen as one block device.
+#[derive(Debug)]
+pub struct Disk {
+    layers: Vec<Arc<Layer>>,
+    writable: bool,
+    /// Most bytes the top layer may hold, for write caches.
+    limit: Option<u64>,
+    /// Chunks promised to in-flight writes against `limit`.
+    reserved: AtomicU64,
+}
+
+impl Disk {
+    /// A read-only view of `layers` (bottom first).
+    pub fn read_only(layers: Vec<Arc<Layer>>) -> Disk {
+        Disk { layers, writable: false, limit: None, reserved: AtomicU64::new(0) }
+    }
+
+    /// A view whose top layer takes the writes, holding at most `limit` bytes.
+    pub fn writable(layers: Vec<Arc<Layer>>, limit: Option<u64>) -> Result<Disk, WriteError> {
+        match layers.last() {
+            Some(top) if top.is_writable() && !top.is_sealed() => {}
+            _ => return Err(WriteError::ReadOnly),
+        }
+        Ok(Disk { layers, writable: true, limit, reserved: AtomicU64::new(0) })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.layers[0].size()
+    }
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+    pub fn layers(&self) -> &[Arc<Layer>] {
+        &self.layers
+    }
+    /// Bytes held by the writable top layer (the write cache, in Standard mode).
+    pub fn top_bytes(&self) -> u64 {
+        self.layers.last().map_or(0, |l| l.allocated_bytes())
+    }
+
+    /// Index of the layer that holds `chunk` among `layers[..below]`, if any.
+    #[inline]
+    fn owner(&self, chunk: u64, below: usize) -> Option<usize> {
+        (0..below).rev().find(|&i| self.layers[i].is_allocated(chunk))
+    }
+
+    /// Whether `[offset, offset+len)` lies inside the disk.
+    pub fn in_range(&self, offset: u64, len: u64) -> bool {
+        offset.checked_add(len).is_some_and(|end| end <= self.size())
+    }
+
+    /// Reads `buf.len()` bytes at `offset`. With `nowait`, returns `Ok(false)`
+    /// rather than block on a page-cache miss; the caller retries on a thread
+    /// that may block.
+    pub fn read(&self, buf: &mut [u8], offset: u64, nowait: bool) -> io::Result<bool> {
+        self.read_below(buf, offset, self.layers.len(), nowait)
+    }
+
+    fn read_below(&self, buf: &mut [u8], offset: u64, below: usize, nowait: bool) -> io::Result<bool> {
+        if !self.in_range(offset, buf.len() as u64) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "read past the end of the disk"));
+        }
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            // Extend a run of chunks that share one owner, then read it in one call.
+            let chunk = pos / CHUNK;
+            let owner = self.owner(chunk, below);
+            let mut run_end = ((chunk + 1) * CHUNK).min(end);
+            while run_end < end && self.owner(run_end / CHUNK, below) == owner {
+                run_end = (run_end + CHUNK).min(end);
+            }
+            let slice = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
+            match owner {
+                Some(i) => {
+                    if !self.layers[i].read_data(slice, pos, nowait)? {
+                        return Ok(false);
+                    }
+                }
+                None => slice.fill(0),
+            }
+            pos = run_end;
+        }
+        Ok(true)
+    }
+
+    /// Writes `data` at `offset`; with `fua`, it is durable on return.
+    pub fn write(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), WriteError> {
+        let top = self.top_for_write(offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        top.invalidate_hashes()?;
+        let end = offset + data.len() as u64;
+        let first = offset / CHUNK;
+        let last = end.div_ceil(CHUNK);
+        let _reservation = self.reserve(top, first, last)?;
+        let mut pos = offset;
+        while pos < end {
+            let chunk = pos / CHUNK;
+            let chunk_start = chunk * CHUNK;
+            let chunk_end = (chunk_start + CHUNK).min(self.size());
+            let piece_end = chunk_end.min(end);
+            let piece = &data[(pos - offset) as usize..(piece_end - offset) as usize];
+            let whole = pos == chunk_start && piece_end == chunk_end;
+            if whole || top.is_allocated(chunk) {
+                // Write the longest run of such chunks in one call.
+                let mut run_end = piece_end;
+                while run_end < end {
+                    let c = run_end / CHUNK;
+                    let c_end = ((c + 1) * CHUNK).min(self.size());
+                    if c_end <= end || top.is_allocated(c) {
+                        run_end = c_end.min(end);
+                    } else {
+                        break;
+                    }
+                }
+                top.write_data(&data[(pos - offset) as usize..(run_end - offset) as usize], pos)?;
+                top.set_allocated(chunk, run_end.div_ceil(CHUNK));
+                pos = run_end;
+                continue;
+            }
+            self.copy_up(top, chunk, pos, piece)?;
+            pos = piece_end;
+        }
+        if fua {
+            top.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes one partial chunk into a top layer that does not hold it yet.
+    fn copy_up(&self, top: &Layer, chunk: u64, pos: u64, piece: &[u8]) -> Result<(), WriteError> {
+        let _lock = top.copy_up_lock(chunk);
+        if top.is_allocated(chunk) {
+            // Someone copied it up while we waited.
+            return Ok(top.write_data(piece, pos)?);
+        }
+        let chunk_start = chunk * CHUNK;
+        let chunk_len = CHUNK.min(self.size() - chunk_start) as usize;
+        let mut full = vec![0u8; chunk_len];
+        self.read_below(&mut full, chunk_start, self.layers.len() - 1, false)?;
+        let at = (pos - chunk_start) as usize;
+        full[at..at + piece.len()].copy_from_slice(piece);
+        top.write_data(&full, chunk_start)?;
+        top.set_allocated(chunk, chunk + 1);
+        Ok(())
+    }
+
+    /// Zeroes `[offset, offset+len)`. Whole chunks become holes in the file.
+    pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), WriteError> {
+        self.zero_or_trim(offset, len, fua, false)
+    }
+
+    /// Discards `[offset, offset+len)`: whole chunks of the top layer give their
+    /// space back; what a later read returns there is zeros or the older data.
+    pub fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), WriteError> {
+        self.zero_or_trim(offset, len, fua, true)
+    }
+
+    fn zero_or_trim(&self, offset: u64, len: u64, fua: bool, trim: bool) -> Result<(), WriteError> {
+        let top = self.top_for_write(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        top.invalidate_hashes()?;
+        let end = offset + len;
+        let whole_first = offset.div_ceil(CHUNK);
+        let whole_last = if end == self.size() { end.div_ceil(CHUNK) } else { end / CHUNK };
+        if whole_first >= whole_last {
+            if !trim {
+                self.write(&vec![0u8; len as usize], offset, fua)?;
+            }
+            return Ok(());
+        }
+        // Edges that do not cover whole chunks.
+        if !trim {
+            let head = whole_first * CHUNK;
+            if offset < head {
+                self.write(&vec![0u8; (head - offset) as usize], offset, false)?;
+            }
+            let tail = (whole_last * CHUNK).min(self.size());
+            if tail < end {
+                self.write(&vec![0u8; (end - tail) as usize], tail, false)?;
+            }
+        }
+        let start = whole_first * CHUNK;
+        let stop = (whole_last * CHUNK).min(self.size());
+        let bottom = self.layers.len() == 1;
+        if bottom {
+            // Nothing below: an unallocated chunk already reads as zeros.
+            top.punch_data(start, stop - start)?;
+            top.clear_allocated(whole_first, whole_last);
+        } else if trim {
+            // Hide nothing, free what the top holds.
+            let mut c = whole_first;
+            while c < whole_last {
+                if top.is_allocated(c) {
+                    let mut e = c + 1;
+                    while e < whole_last && top.is_allocated(e) {
+                        e += 1;
+                    }
+                    top.punch_data(c * CHUNK, (e * CHUNK).min(self.size()) - c * CHUNK)?;
+                    c = e;
+                } else {
+                    c += 1;
+                }
+            }
+        } else {
+            // Zeros must hide the layers below: allocate the chunks as holes.
+            let _reservation = self.reserve(top, whole_first, whole_last)?;
+            top.punch_data(start, stop - start)?;
+            top.set_allocated(whole_first, whole_last);
+        }
+        if fua {
+            top.flush()?;
+        }
+        Ok(())
+    }
+
+    fn top_for_write(&self, offset: u64, len: u64) -> Result<&Layer, WriteError> {
+        if !self.writable {
+            return Err(WriteError::ReadOnly);
+        }
+        if !self.in_range(offset, len) {
+            return Err(WriteError::OutOfRange);
+        }
+        Ok(self.layers.last().map(|l| l.as_ref()).ok_or(WriteError::ReadOnly)?)
+    }
+
+    /// Reserves room in the top layer for chunks `[first, last)` not yet there.
+    fn reserve<'a>(&'a self, top: &Layer, first: u64, last: u64) -> Result<Reservation<'a>, WriteError> {
+        let Some(limit) = self.limit else {
+            return Ok(Reservation { disk: self, chunks: 0 });
+        };
+        let needed = (first..last).filter(|&c| !top.is_allocated(c)).count() as u64;
+        if needed == 0 {
+            return Ok(Reservation { disk: self, chunks: 0 });
+        }
+        let limit_chunks = limit / CHUNK;
+        let mut reserved = self.reserved.load(Ordering::Acquire);
+        loop {
+            if top.allocated_chunks() + reserved + needed > limit_chunks {
+                return Err(WriteError::CacheFull { limit });
+            }
+            match self.reserved.compare_exchange(reserved, reserved + needed, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(Reservation { disk: self, chunks: needed }),
+                Err(now) => reserved = now,
+            }
+        }
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> io::Result<()> {
+        match self.layers.last() {
+            Some(top) if self.writable => top.flush(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Allocation of `[offset, offset+len)`, at most `max_extents` extents.
+    pub fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> Vec<Extent> {
+        let end = offset.saturating_add(len).min(self.size());
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        while pos < end && out.len() < max_extents.max(1) {
+            let zero = self.owner(pos / CHUNK, self.layers.len()).is_none();
+            let mut next = ((pos / CHUNK + 1) * CHUNK).min(end);
+            while next < end && (self.owner(next / CHUNK, self.layers.len()).is_none()) == zero {
+                next = (next + CHUNK).min(end);
+            }
+            out.push(Extent { length: next - pos, zero });
+            pos = next;
+        }
+        out
+    }
+}
+
+/// Chunks promised to one write; released when the write is done (its bits set).
+struct Reservation<'a> {
+    disk: &'a Disk,
+    chunks: u64,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.chunks > 0 {
+            self.disk.reserved.fetch_sub(self.chunks, Ordering::AcqRel);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn layer(dir: &std::path::Path, name: &str, size: u64) -> Arc<Layer> {
+        Arc::new(Layer::create(&dir.join(name), size).unwrap())
+    }
+
+    /// Random writes, zeroes and trims through a two-layer disk agree with a
+    /// flat model, and the base underneath never changes.
+    #[test]
+    fn random_ops_match_a_flat_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 1 << 20;
+        let base = layer(dir.path(), "base", size);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut model = vec![0u8; size as usize];
+        let base_disk = Disk::writable(vec![base.clone()], None).unwrap();
+        for _ in 0..50 {
+            let off = rng.gen_range(0..size - 70_000);
+            let len = rng.gen_range(1..70_000usize);
+            let fill: u8 = rng.gen();
+            base_disk.write(&vec![fill; len], off, false).unwrap();
+            model[off as usize..off as usize + len].fill(fill);
+        }
+        let base_image = model.clone();
+        let cache = layer(dir.path(), "cache", size);
+        let disk = Disk::writable(vec![base.clone(), cache], None).unwrap();
+        for i in 0..300 {
+            let off = rng.gen_range(0..size - 70_000);
+            let len = rng.gen_range(1..70_000u64);
+            match i % 4 {
+                0 | 1 => {
+                    let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                    disk.write(&data, off, false).unwrap();
+                    model[off as usize..(off + len) as usize].copy_from_slice(&data);
+                }
+                2 => {
+                    disk.write_zeroes(off, len, false).unwrap();
+                    model[off as usize..(off + len) as usize].fill(0);
+                }
+                _ => disk.flush().unwrap(),
+            }
+            let mut got = vec![0u8; len as usize];
+            disk.read(&mut got, off, false).unwrap();
+            assert_eq!(got, &model[off as usize..(off + len) as usize], "step {i}");
+        }
+        let mut all = vec![0u8; size as usize];
+        disk.read(&mut all, 0, false).unwrap();
+        assert!(all == model);
+        let mut b = vec![0u8; size as usize];
+        Disk::read_only(vec![base]).read(&mut b, 0, false).unwrap();
+        assert!(b == base_image, "base changed under its write cache");
+    }
+
+    #[test]
+    fn cache_limit_gives_cache_full_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = layer(dir.path(), "base", 1 << 20);
+        let cache = layer(dir.path(), "cache", 1 << 20);
+        let disk = Disk::writable(vec![base, cache], Some(8 * CHUNK)).unwrap();
+        disk.write(&[1u8; 8 * 4096], 0, false).unwrap();
+        let err = disk.write(&[2u8; 4096], 64 * 4096, false).unwrap_err();
+        assert!(matches!(err, WriteError::CacheFull { .. }), "{err}");
+        // Overwriting what the cache holds still works.
+        disk.write(&[3u8; 100], 10, false).unwrap();
+        let mut b = [0u8; 4096];
+        disk.read(&mut b, 0, false).unwrap();
+        assert_eq!(&b[..10], &[1u8; 10]);
+        assert_eq!(&b[10..110], &[3u8; 100]);
+        disk.read(&mut b, 64 * 4096, false).unwrap();
+        assert_eq!(b, [0u8; 4096]);
+    }
+
+    #[test]
+    fn out_of_range_and_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = layer(dir.path(), "base", 1 << 20);
+        let ro = Disk::read_only(vec![base.clone()]);
+        assert!(matches!(ro.write(&[1], 0, false), Err(WriteError::ReadOnly)));
+        let rw = Disk::writable(vec![base], None).unwrap();
+        assert!(matches!(rw.write(&[1, 2], (1 << 20) - 1, false), Err(WriteError::OutOfRange)));
+        let mut b = [0u8; 2];
+        assert!(rw.read(&mut b, (1 << 20) - 1, false).is_err());
+        assert!(rw.read(&mut b, u64::MAX, false).is_err());
+    }
+
+    #[test]
+    fn block_status_reports_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = layer(dir.path(), "base", 1 << 20);
+        let disk = Disk::writable(vec![base], None).unwrap();
+        disk.write(&[1u8; 8192], 16384, false).unwrap();
+        let ext = disk.block_status(0, 1 << 20, 100);
+        assert_eq!(
+            ext,
+            vec![
+                Extent { length: 16384, zero: true },
+                Extent { length: 8192, zero: false },
+                Extent { length: (1 << 20) - 24576, zero: true }
+            ]
+        );
+        assert_eq!(disk.block_status(0, 1 << 20, 1).len(), 1);
+        disk.trim(16384, 8192, false).unwrap();
+        assert_eq!(disk.block_status(0, 1 << 20, 100).len(), 1);
+    }
+}

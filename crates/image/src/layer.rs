@@ -1,0 +1,533 @@
+//! One layer file: a header, an allocation bitmap, a block-hash table and a
+//! sparse data region where logical offset X lives at `data_offset + X`.
+//!
+//! ```text
+//!   0        4 KiB            bitmap_offset+len   hashes_offset+len   data_offset (1 MiB aligned)
+//!   | header | bitmap (1 bit per 4 KiB chunk) | hashes (32 B per 64 KiB block) | data (sparse) ... |
+//! ```
+//!
+//! Durability: data is written in place first; the bitmap bits that make it
+//! visible are set in memory and reach the file only in [`Layer::flush`], after
+//! an `fdatasync` of the data. A crash therefore never exposes a chunk whose
+//! data was not durable: it shows the state of the last completed flush.
+
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+
+use crate::error::ImageError;
+
+/// Allocation granularity: the unit of copy-up and of the bitmap.
+pub const CHUNK: u64 = 4096;
+/// Hashing granularity: one content hash per logical block of this size.
+pub const HASH_BLOCK: u64 = 64 * 1024;
+const HEADER_LEN: u64 = 4096;
+const MAGIC: &[u8; 8] = b"VSLAYER1";
+const FORMAT_VERSION: u32 = 1;
+const BITMAP_PAGE: u64 = 4096;
+const DATA_ALIGN: u64 = 1 << 20;
+/// Largest virtual size we accept (a corrupt header must not make us allocate absurdly).
+pub const MAX_SIZE: u64 = 1 << 50;
+
+pub const FLAG_SEALED: u32 = 1 << 0;
+pub const FLAG_HASHES_VALID: u32 = 1 << 1;
+
+/// Offsets inside the file, derived from the virtual size alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Geometry {
+    size: u64,
+    chunks: u64,
+    blocks: u64,
+    bitmap_offset: u64,
+    bitmap_len: u64,
+    hashes_offset: u64,
+    hashes_len: u64,
+    data_offset: u64,
+}
+
+impl Geometry {
+    fn for_size(size: u64) -> Geometry {
+        let chunks = size.div_ceil(CHUNK);
+        let blocks = size.div_ceil(HASH_BLOCK);
+        let bitmap_len = chunks.div_ceil(8).next_multiple_of(BITMAP_PAGE);
+        let bitmap_offset = HEADER_LEN;
+        let hashes_offset = bitmap_offset + bitmap_len;
+        let hashes_len = (blocks * 32).next_multiple_of(4096);
+        let data_offset = (hashes_offset + hashes_len).next_multiple_of(DATA_ALIGN);
+        Geometry { size, chunks, blocks, bitmap_offset, bitmap_len, hashes_offset, hashes_len, data_offset }
+    }
+}
+
+/// A layer file, open for reading and, if `writable`, for writing.
+pub struct Layer {
+    path: PathBuf,
+    file: File,
+    geo: Geometry,
+    writable: bool,
+    flags: AtomicU32,
+    content_hash: Mutex<Option<[u8; 32]>>,
+    bitmap: Vec<AtomicU64>,
+    allocated: AtomicU64,
+    dirty_pages: Mutex<BTreeSet<u64>>,
+    flush_lock: Mutex<()>,
+    copy_up_locks: Vec<Mutex<()>>,
+}
+
+impl std::fmt::Debug for Layer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Layer").field("path", &self.path).field("size", &self.geo.size).finish()
+    }
+}
+
+impl Layer {
+    /// Creates an empty layer file (all chunks unallocated) and makes it durable.
+    pub fn create(path: &Path, size: u64) -> Result<Layer, ImageError> {
+        if size == 0 || size > MAX_SIZE || size % 512 != 0 {
+            return Err(ImageError::Invalid(format!(
+                "a vDisk size must be a non-zero multiple of 512 bytes up to {MAX_SIZE}, not {size}"
+            )));
+        }
+        let write_err = |source| ImageError::Write { path: path.to_owned(), source };
+        let file = OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(write_err)?;
+        let geo = Geometry::for_size(size);
+        file.set_len(geo.data_offset + size).map_err(write_err)?;
+        file.write_all_at(&encode_header(&geo, 0, None), 0).map_err(write_err)?;
+        file.sync_all().map_err(write_err)?;
+        if let Some(dir) = path.parent() {
+            sync_dir(dir).map_err(write_err)?;
+        }
+        drop(file);
+        Layer::open(path, true)
+    }
+
+    /// Opens and validates a layer file.
+    pub fn open(path: &Path, writable: bool) -> Result<Layer, ImageError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|source| ImageError::OpenLayer { path: path.to_owned(), source })?;
+        let corrupt = |reason: String| ImageError::CorruptLayer { path: path.to_owned(), reason };
+        let mut header = [0u8; HEADER_LEN as usize];
+        file.read_exact_at(&mut header, 0).map_err(|e| corrupt(format!("cannot read header: {e}")))?;
+        let (geo, flags, content_hash) = decode_header(&header).map_err(corrupt)?;
+        let file_len = file.metadata()?.len();
+        if file_len < geo.data_offset + geo.size {
+            return Err(corrupt(format!("file is {file_len} bytes, shorter than its header says")));
+        }
+        let mut raw = vec![0u8; geo.bitmap_len as usize];
+        file.read_exact_at(&mut raw, geo.bitmap_offset).map_err(|e| corrupt(format!("cannot read bitmap: {e}")))?;
+        let words = geo.chunks.div_ceil(64) as usize;
+        let mut bitmap = Vec::with_capacity(words);
+        let mut allocated = 0u64;
+        for i in 0..words {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&raw[i * 8..i * 8 + 8]);
+            let mut word = u64::from_le_bytes(w);
+            if i == words - 1 && geo.chunks % 64 != 0 {
+                word &= (1u64 << (geo.chunks % 64)) - 1;
+            }
+            allocated += u64::from(word.count_ones());
+            bitmap.push(AtomicU64::new(word));
+        }
+        Ok(Layer {
+            path: path.to_owned(),
+            file,
+            geo,
+            writable,
+            flags: AtomicU32::new(flags),
+            content_hash: Mutex::new(content_hash),
+            bitmap,
+            allocated: AtomicU64::new(allocated),
+            dirty_pages: Mutex::new(BTreeSet::new()),
+            flush_lock: Mutex::new(()),
+            copy_up_locks: (0..64).map(|_| Mutex::new(())).collect(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn size(&self) -> u64 {
+        self.geo.size
+    }
+    pub fn chunks(&self) -> u64 {
+        self.geo.chunks
+    }
+    pub fn blocks(&self) -> u64 {
+        self.geo.blocks
+    }
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+    pub fn is_sealed(&self) -> bool {
+        self.flags.load(Ordering::Acquire) & FLAG_SEALED != 0
+    }
+    /// Bytes of data this layer holds (allocated chunks × chunk size).
+    pub fn allocated_bytes(&self) -> u64 {
+        self.allocated.load(Ordering::Relaxed) * CHUNK
+    }
+    pub fn allocated_chunks(&self) -> u64 {
+        self.allocated.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    pub fn is_allocated(&self, chunk: u64) -> bool {
+        let word = self.bitmap[(chunk / 64) as usize].load(Ordering::Acquire);
+        word & (1u64 << (chunk % 64)) != 0
+    }
+
+    /// True if any chunk of hash block `block` is allocated here.
+    pub fn touches_block(&self, block: u64) -> bool {
+        let per = HASH_BLOCK / CHUNK;
+        let first = block * per;
+        let last = ((block + 1) * per).min(self.geo.chunks);
+        // 16 chunks per block: they sit within one 64-bit word.
+        (first..last).any(|c| self.is_allocated(c))
+    }
+
+    /// Reads `buf.len()` bytes of the data region at logical `offset`. With
+    /// `nowait`, answers `Ok(false)` instead of blocking on a page-cache miss.
+    pub fn read_data(&self, buf: &mut [u8], offset: u64, nowait: bool) -> io::Result<bool> {
+        let pos = self.geo.data_offset + offset;
+        if nowait {
+            let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+            // SAFETY: iov points into `buf`, which lives for the whole call.
+            let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, pos as i64, libc::RWF_NOWAIT) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) => Ok(false),
+                    _ => Err(e),
+                };
+            }
+            if n as usize == buf.len() {
+                return Ok(true);
+            }
+            return Ok(false);
+        }
+        self.file.read_exact_at(buf, pos)?;
+        Ok(true)
+    }
+
+    /// Writes into the data region without touching the bitmap.
+    pub fn write_data(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(data, self.geo.data_offset + offset)
+    }
+
+    /// Deallocates the file's storage behind a chunk-aligned range: it reads as zeros.
+    pub fn punch_data(&self, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: plain syscall on our own descriptor.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                (self.geo.data_offset + offset) as i64,
+                len as i64,
+            )
+        };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                // No hole punching here: write zeros instead.
+                return write_zeros(&self.file, self.geo.data_offset + offset, len);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Marks chunks `[first, last)` allocated; returns how many were not before.
+    pub fn set_allocated(&self, first: u64, last: u64) -> u64 {
+        self.change_bits(first, last, true)
+    }
+
+    /// Marks chunks `[first, last)` unallocated; returns how many were allocated.
+    pub fn clear_allocated(&self, first: u64, last: u64) -> u64 {
+        self.change_bits(first, last, false)
+    }
+
+    fn change_bits(&self, first: u64, last: u64, set: bool) -> u64 {
+        let mut changed = 0u64;
+        let mut chunk = first;
+        let mut pages = Vec::new();
+        while chunk < last {
+            let word_idx = chunk / 64;
+            let lo = chunk % 64;
+            let hi = (last - word_idx * 64).min(64);
+            let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+            let word = &self.bitmap[word_idx as usize];
+            let before = if set { word.fetch_or(mask, Ordering::AcqRel) } else { word.fetch_and(!mask, Ordering::AcqRel) };
+            let flipped = if set { !before & mask } else { before & mask };
+            if flipped != 0 {
+                changed += u64::from(flipped.count_ones());
+                let page = word_idx * 8 / BITMAP_PAGE;
+                if pages.last() != Some(&page) {
+                    pages.push(page);
+                }
+            }
+            chunk = word_idx * 64 + hi;
+        }
+        if changed > 0 {
+            if set {
+                self.allocated.fetch_add(changed, Ordering::Relaxed);
+            } else {
+                self.allocated.fetch_sub(changed, Ordering::Relaxed);
+            }
+            self.dirty_pages.lock().extend(pages);
+        }
+        changed
+    }
+
+    /// The lock that serialises copy-up of one chunk.
+    pub fn copy_up_lock(&self, chunk: u64) -> parking_lot::MutexGuard<'_, ()> {
+        self.copy_up_locks[(chunk % self.copy_up_locks.len() as u64) as usize].lock()
+    }
+
+    /// Makes every completed write durable: data first, then the bitmap bits
+    /// that were set before the data sync began.
+    pub fn flush(&self) -> io::Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        let _serial = self.flush_lock.lock();
+        let pages: Vec<u64> = std::mem::take(&mut *self.dirty_pages.lock()).into_iter().collect();
+        // Snapshot the pages now: every bit in them belongs to a write whose data
+        // was written before this point, so the sync below covers that data.
+        let snapshots: Vec<(u64, Vec<u8>)> = pages.iter().map(|&p| (p, self.bitmap_page_bytes(p))).collect();
+        let sync = self.file.sync_data();
+        if let Err(e) = sync {
+            self.dirty_pages.lock().extend(pages);
+            return Err(e);
+        }
+        if snapshots.is_empty() {
+            return Ok(());
+        }
+        for (page, bytes) in &snapshots {
+            if let Err(e) = self.file.write_all_at(bytes, self.geo.bitmap_offset + page * BITMAP_PAGE) {
+                self.dirty_pages.lock().extend(pages);
+                return Err(e);
+            }
+        }
+        self.file.sync_data().inspect_err(|_| self.dirty_pages.lock().extend(pages.iter().copied()))
+    }
+
+    fn bitmap_page_bytes(&self, page: u64) -> Vec<u8> {
+        let words_per_page = (BITMAP_PAGE / 8) as usize;
+        let first = page as usize * words_per_page;
+        let mut out = vec![0u8; BITMAP_PAGE as usize];
+        for (i, w) in self.bitmap.iter().skip(first).take(words_per_page).enumerate() {
+            out[i * 8..i * 8 + 8].copy_from_slice(&w.load(Ordering::Acquire).to_le_bytes());
+        }
+        out
+    }
+
+    /// The content hash recorded with the layer, if its hashes are current.
+    pub fn content_hash(&self) -> Option<[u8; 32]> {
+        if self.flags.load(Ordering::Acquire) & FLAG_HASHES_VALID == 0 {
+            return None;
+        }
+        *self.content_hash.lock()
+    }
+
+    /// Records that the stored hashes no longer describe the data, durably,
+    /// before the first write that changes it.
+    pub fn invalidate_hashes(&self) -> io::Result<()> {
+        if self.flags.load(Ordering::Acquire) & FLAG_HASHES_VALID == 0 {
+            return Ok(());
+        }
+        let _serial = self.flush_lock.lock();
+        let flags = self.flags.load(Ordering::Acquire);
+        if flags & FLAG_HASHES_VALID == 0 {
+            return Ok(());
+        }
+        let new = flags & !FLAG_HASHES_VALID;
+        self.file.write_all_at(&encode_header(&self.geo, new, None), 0)?;
+        self.file.sync_data()?;
+        self.flags.store(new, Ordering::Release);
+        *self.content_hash.lock() = None;
+        Ok(())
+    }
+
+    /// Stores block hashes (`(block index, hash)`) and the content hash, and
+    /// marks them valid; with `seal`, the layer also becomes immutable.
+    pub fn store_hashes(&self, hashes: &[(u64, [u8; 32])], content: [u8; 32], seal: bool) -> io::Result<()> {
+        let _serial = self.flush_lock.lock();
+        for (block, hash) in hashes {
+            if *block < self.geo.blocks {
+                self.file.write_all_at(hash, self.geo.hashes_offset + block * 32)?;
+            }
+        }
+        self.file.sync_data()?;
+        let mut flags = self.flags.load(Ordering::Acquire) | FLAG_HASHES_VALID;
+        if seal {
+            flags |= FLAG_SEALED;
+        }
+        self.file.write_all_at(&encode_header(&self.geo, flags, Some(content)), 0)?;
+        self.file.sync_data()?;
+        self.flags.store(flags, Ordering::Release);
+        *self.content_hash.lock() = Some(content);
+        Ok(())
+    }
+
+    /// Reads the stored hash of one block.
+    pub fn stored_block_hash(&self, block: u64) -> io::Result<[u8; 32]> {
+        let mut h = [0u8; 32];
+        self.file.read_exact_at(&mut h, self.geo.hashes_offset + block * 32)?;
+        Ok(h)
+    }
+}
+
+fn write_zeros(file: &File, mut pos: u64, mut len: u64) -> io::Result<()> {
+    let zeros = vec![0u8; 1 << 20];
+    while len > 0 {
+        let n = len.min(zeros.len() as u64);
+        file.write_all_at(&zeros[..n as usize], pos)?;
+        pos += n;
+        len -= n;
+    }
+    Ok(())
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn encode_header(geo: &Geometry, flags: u32, content: Option<[u8; 32]>) -> Vec<u8> {
+    let mut h = vec![0u8; HEADER_LEN as usize];
+    h[0..8].copy_from_slice(MAGIC);
+    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&flags.to_le_bytes());
+    h[16..24].copy_from_slice(&geo.size.to_le_bytes());
+    h[24..28].copy_from_slice(&(CHUNK as u32).to_le_bytes());
+    h[28..32].copy_from_slice(&(HASH_BLOCK as u32).to_le_bytes());
+    h[32..40].copy_from_slice(&geo.bitmap_offset.to_le_bytes());
+    h[40..48].copy_from_slice(&geo.bitmap_len.to_le_bytes());
+    h[48..56].copy_from_slice(&geo.hashes_offset.to_le_bytes());
+    h[56..64].copy_from_slice(&geo.hashes_len.to_le_bytes());
+    h[64..72].copy_from_slice(&geo.data_offset.to_le_bytes());
+    if let Some(c) = content {
+        h[72..104].copy_from_slice(&c);
+    }
+    let sum = blake3::hash(&h[..4088]);
+    h[4088..4096].copy_from_slice(&sum.as_bytes()[..8]);
+    h
+}
+
+fn decode_header(h: &[u8]) -> Result<(Geometry, u32, Option<[u8; 32]>), String> {
+    let u32_at = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
+    let u64_at = |o: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&h[o..o + 8]);
+        u64::from_le_bytes(a)
+    };
+    if &h[0..8] != MAGIC {
+        return Err("not a vstream layer file (bad magic)".into());
+    }
+    if blake3::hash(&h[..4088]).as_bytes()[..8] != h[4088..4096] {
+        return Err("header checksum mismatch".into());
+    }
+    let version = u32_at(8);
+    if version != FORMAT_VERSION {
+        return Err(format!("format version {version} is not supported (expected {FORMAT_VERSION})"));
+    }
+    let flags = u32_at(12);
+    let size = u64_at(16);
+    if size == 0 || size > MAX_SIZE {
+        return Err(format!("virtual size {size} is out of range"));
+    }
+    if u64::from(u32_at(24)) != CHUNK || u64::from(u32_at(28)) != HASH_BLOCK {
+        return Err("unsupported chunk or hash block size".into());
+    }
+    let geo = Geometry::for_size(size);
+    let stored = (u64_at(32), u64_at(40), u64_at(48), u64_at(56), u64_at(64));
+    if stored != (geo.bitmap_offset, geo.bitmap_len, geo.hashes_offset, geo.hashes_len, geo.data_offset) {
+        return Err("section offsets do not match the virtual size".into());
+    }
+    let mut content = [0u8; 32];
+    content.copy_from_slice(&h[72..104]);
+    let content = (flags & FLAG_HASHES_VALID != 0).then_some(content);
+    Ok((geo, flags, content))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_write_flush_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.layer");
+        let l = Layer::create(&p, 10 << 20).unwrap();
+        assert_eq!(l.allocated_chunks(), 0);
+        l.write_data(&[7u8; 8192], 4096).unwrap();
+        assert_eq!(l.set_allocated(1, 3), 2);
+        assert_eq!(l.set_allocated(1, 3), 0);
+        l.flush().unwrap();
+        drop(l);
+        let l = Layer::open(&p, false).unwrap();
+        assert!(!l.is_allocated(0) && l.is_allocated(1) && l.is_allocated(2) && !l.is_allocated(3));
+        let mut b = [0u8; 8192];
+        assert!(l.read_data(&mut b, 4096, false).unwrap());
+        assert_eq!(b, [7u8; 8192]);
+    }
+
+    #[test]
+    fn unflushed_bits_are_not_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.layer");
+        let l = Layer::create(&p, 1 << 20).unwrap();
+        l.write_data(&[1u8; 4096], 0).unwrap();
+        l.set_allocated(0, 1);
+        drop(l); // no flush: like kill -9
+        let l = Layer::open(&p, true).unwrap();
+        assert!(!l.is_allocated(0));
+    }
+
+    #[test]
+    fn bit_ranges_across_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Layer::create(&dir.path().join("a"), 64 << 20).unwrap();
+        assert_eq!(l.set_allocated(60, 200), 140);
+        assert_eq!(l.allocated_chunks(), 140);
+        assert_eq!(l.clear_allocated(100, 300), 100);
+        assert!(l.is_allocated(99) && !l.is_allocated(100) && l.is_allocated(60) && !l.is_allocated(59));
+    }
+
+    #[test]
+    fn corrupt_headers_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.layer");
+        drop(Layer::create(&p, 1 << 20).unwrap());
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0xff], 20).unwrap();
+        let err = Layer::open(&p, false).unwrap_err().to_string();
+        assert!(err.contains("checksum"), "{err}");
+        std::fs::write(&p, b"hello").unwrap();
+        assert!(Layer::open(&p, false).is_err());
+        assert!(Layer::create(&dir.path().join("b"), 1000).is_err());
+    }
+
+    #[test]
+    fn hashes_and_seal_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.layer");
+        let l = Layer::create(&p, 1 << 20).unwrap();
+        assert_eq!(l.content_hash(), None);
+        l.store_hashes(&[(3, [9u8; 32])], [5u8; 32], true).unwrap();
+        drop(l);
+        let l = Layer::open(&p, true).unwrap();
+        assert!(l.is_sealed());
+        assert_eq!(l.content_hash(), Some([5u8; 32]));
+        assert_eq!(l.stored_block_hash(3).unwrap(), [9u8; 32]);
+        l.invalidate_hashes().unwrap();
+        drop(l);
+        assert_eq!(Layer::open(&p, false).unwrap().content_hash(), None);
+    }
+}
