@@ -3,8 +3,11 @@
 
 pub mod disk;
 pub mod error;
+pub mod hash;
 pub mod layer;
+pub mod store;
 
 pub use disk::{Disk, Extent};
 pub use error::{ImageError, WriteError};
 pub use layer::{Layer, CHUNK, HASH_BLOCK};
+pub use store::{Properties, Staging, Store};
