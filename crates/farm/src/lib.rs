@@ -1,1 +1,489 @@
-//! vstream-farm
+//! vstream-farm: the farm state store.
+//!
+//! The farm's state (vDisk records and device records) lives behind the
+//! [`Backend`] trait, a key-value store with etcd's revision semantics
+//! ([`backend`]). [`Embedded`] is the redb adapter for a single-server farm.
+//! [`FarmStore`] is the typed handle the server uses: each operation is an
+//! optimistic transaction (read with revisions, then write if nothing changed
+//! since), retried when another writer got there first.
+//!
+//! Keys, records stored as JSON:
+//!
+//! * `vdisks/NAME` → [`VDisk`]
+//! * `devices/NAME` → [`Device`] (MAC normalised by [`parse_mac`])
+//! * `macs/MAC` → the name of the device with that MAC (UTF-8), kept in the
+//!   same transactions as the device records, so MACs are unique.
+//!
+//! Invariant: every transaction that points a device at a vDisk (creating it,
+//! or reassigning it) also rewrites that vDisk's record unchanged, so the vDisk's
+//! revision moves. [`FarmStore::delete_vdisk`] checks that no device uses the
+//! vDisk and compares on that revision, so a device created meanwhile makes the
+//! delete retry (and be refused) instead of leaving the device dangling.
+
+pub mod backend;
+#[cfg(any(test, feature = "contract"))]
+pub mod contract;
+pub mod embedded;
+mod error;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+pub use vstream_api::{parse_mac, Device, VDisk};
+
+pub use backend::{Backend, Compare, Op, Versioned};
+pub use embedded::Embedded;
+pub use error::{ErrorCategory, FarmError, RecordKind};
+
+/// How often an operation re-reads and retries when another writer changed
+/// its records between its read and its write.
+pub const MAX_ATTEMPTS: usize = 32;
+
+const VDISKS: &str = "vdisks/";
+const DEVICES: &str = "devices/";
+const MACS: &str = "macs/";
+
+fn vdisk_key(name: &str) -> String {
+    format!("{VDISKS}{name}")
+}
+
+fn device_key(name: &str) -> String {
+    format!("{DEVICES}{name}")
+}
+
+fn mac_key(mac: &str) -> String {
+    format!("{MACS}{mac}")
+}
+
+/// Checks a vDisk or device name: 1 to 64 characters of ASCII letters, digits,
+/// `.`, `_` and `-`, not starting with `.` or `-`.
+pub fn validate_name(name: &str) -> Result<(), FarmError> {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if name.is_empty() || name.len() > 64 || !ok_chars || name.starts_with(['.', '-']) {
+        return Err(FarmError::Invalid(format!(
+            "{name:?} is not a valid name: use 1 to 64 letters, digits, '.', '_' or '-', \
+             not starting with '.' or '-'"
+        )));
+    }
+    Ok(())
+}
+
+fn checked_name(kind: RecordKind, name: &str) -> Result<(), FarmError> {
+    validate_name(name).map_err(|e| FarmError::Invalid(format!("invalid {kind} name: {e}")))
+}
+
+fn encode<T: Serialize>(key: &str, record: &T) -> Result<Vec<u8>, FarmError> {
+    serde_json::to_vec(record).map_err(|e| FarmError::backend(format!("encoding {key}"), e))
+}
+
+fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, FarmError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| FarmError::backend(format!("record {key} is unreadable"), e))
+}
+
+fn decode_name(key: &str, bytes: &[u8]) -> Result<String, FarmError> {
+    String::from_utf8(bytes.to_vec())
+        .map_err(|e| FarmError::backend(format!("index entry {key} is unreadable"), e))
+}
+
+fn gave_up(what: impl std::fmt::Display) -> FarmError {
+    FarmError::Conflict(format!(
+        "gave up {what} after {MAX_ATTEMPTS} attempts: other writers kept changing it; try again"
+    ))
+}
+
+/// The typed farm state store. Cheap to clone; clones share the backend.
+#[derive(Clone)]
+pub struct FarmStore {
+    backend: Arc<dyn Backend>,
+}
+
+impl std::fmt::Debug for FarmStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FarmStore").finish_non_exhaustive()
+    }
+}
+
+impl FarmStore {
+    /// A store over any adapter.
+    pub fn new(backend: Arc<dyn Backend>) -> Self {
+        FarmStore { backend }
+    }
+
+    /// A store over the redb database file at `path` (created if missing).
+    /// Its operations must run inside a tokio runtime.
+    pub fn embedded(path: impl AsRef<Path>) -> Result<Self, FarmError> {
+        Ok(FarmStore::new(Arc::new(Embedded::open(path)?)))
+    }
+
+    /// The adapter underneath.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    async fn list_records<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, FarmError> {
+        self.backend
+            .list(prefix)
+            .await?
+            .iter()
+            .map(|(key, v)| decode(key, &v.value))
+            .collect()
+    }
+
+    // ---- vDisks -------------------------------------------------------------
+
+    /// Every vDisk, sorted by name.
+    pub async fn list_vdisks(&self) -> Result<Vec<VDisk>, FarmError> {
+        self.list_records(VDISKS).await
+    }
+
+    /// The vDisk called `name`, if there is one.
+    pub async fn get_vdisk(&self, name: &str) -> Result<Option<VDisk>, FarmError> {
+        checked_name(RecordKind::VDisk, name)?;
+        let key = vdisk_key(name);
+        match self.backend.get(&key).await? {
+            Some(v) => Ok(Some(decode(&key, &v.value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores a new vDisk; [`FarmError::AlreadyExists`] if the name is taken.
+    pub async fn create_vdisk(&self, vdisk: VDisk) -> Result<VDisk, FarmError> {
+        checked_name(RecordKind::VDisk, &vdisk.name)?;
+        let key = vdisk_key(&vdisk.name);
+        let value = encode(&key, &vdisk)?;
+        let ok = self
+            .backend
+            .txn(vec![Compare::absent(&key)], vec![Op::put(key, value)])
+            .await?;
+        if !ok {
+            return Err(FarmError::AlreadyExists {
+                kind: RecordKind::VDisk,
+                name: vdisk.name,
+            });
+        }
+        Ok(vdisk)
+    }
+
+    /// Changes the vDisk called `name` with `f` and stores the result, which it
+    /// returns. `f` may run more than once (once per attempt, on a fresh copy).
+    /// An error from `f` aborts without writing. The name cannot change.
+    pub async fn update_vdisk<F>(&self, name: &str, f: F) -> Result<VDisk, FarmError>
+    where
+        F: Fn(&mut VDisk) -> Result<(), FarmError>,
+    {
+        checked_name(RecordKind::VDisk, name)?;
+        let key = vdisk_key(name);
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(current) = self.backend.get(&key).await? else {
+                return Err(FarmError::NotFound {
+                    kind: RecordKind::VDisk,
+                    name: name.to_string(),
+                });
+            };
+            let old: VDisk = decode(&key, &current.value)?;
+            let mut new = old.clone();
+            f(&mut new)?;
+            if new.name != old.name {
+                return Err(FarmError::Invalid(format!(
+                    "vDisk {name} cannot be renamed to {}",
+                    new.name
+                )));
+            }
+            if new == old {
+                return Ok(new);
+            }
+            let value = encode(&key, &new)?;
+            let compares = vec![Compare::revision(&key, current.revision)];
+            if self
+                .backend
+                .txn(compares, vec![Op::put(&key, value)])
+                .await?
+            {
+                return Ok(new);
+            }
+        }
+        Err(gave_up(format_args!("updating vDisk {name}")))
+    }
+
+    /// Deletes the vDisk called `name` and returns its last record. Refused with
+    /// [`FarmError::InUse`] while any device is assigned to it.
+    pub async fn delete_vdisk(&self, name: &str) -> Result<VDisk, FarmError> {
+        checked_name(RecordKind::VDisk, name)?;
+        let key = vdisk_key(name);
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(current) = self.backend.get(&key).await? else {
+                return Err(FarmError::NotFound {
+                    kind: RecordKind::VDisk,
+                    name: name.to_string(),
+                });
+            };
+            let users = self.devices_using(name).await?;
+            if !users.is_empty() {
+                let names: Vec<&str> = users.iter().map(|d| d.name.as_str()).collect();
+                let noun = if names.len() == 1 {
+                    "device"
+                } else {
+                    "devices"
+                };
+                return Err(FarmError::InUse(format!(
+                    "vDisk {name} is assigned to {noun} {}; delete them or assign them \
+                     another vDisk first",
+                    names.join(", ")
+                )));
+            }
+            let compares = vec![Compare::revision(&key, current.revision)];
+            if self.backend.txn(compares, vec![Op::delete(&key)]).await? {
+                return decode(&key, &current.value);
+            }
+        }
+        Err(gave_up(format_args!("deleting vDisk {name}")))
+    }
+
+    // ---- devices ------------------------------------------------------------
+
+    /// Every device, sorted by name.
+    pub async fn list_devices(&self) -> Result<Vec<Device>, FarmError> {
+        self.list_records(DEVICES).await
+    }
+
+    /// The devices assigned to the vDisk called `vdisk`, sorted by name.
+    pub async fn devices_using(&self, vdisk: &str) -> Result<Vec<Device>, FarmError> {
+        let mut devices = self.list_devices().await?;
+        devices.retain(|d| d.vdisk == vdisk);
+        Ok(devices)
+    }
+
+    /// The device called `name`, if there is one.
+    pub async fn get_device(&self, name: &str) -> Result<Option<Device>, FarmError> {
+        checked_name(RecordKind::Device, name)?;
+        let key = device_key(name);
+        match self.backend.get(&key).await? {
+            Some(v) => Ok(Some(decode(&key, &v.value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The device named `name_or_mac`, or else the device with that MAC address
+    /// (in any form [`parse_mac`] accepts). [`FarmError::Invalid`] if the text
+    /// is neither a valid name nor a MAC address.
+    pub async fn find_device(&self, name_or_mac: &str) -> Result<Option<Device>, FarmError> {
+        let is_name = validate_name(name_or_mac).is_ok();
+        if is_name {
+            if let Some(device) = self.get_device(name_or_mac).await? {
+                return Ok(Some(device));
+            }
+        }
+        let mac = match parse_mac(name_or_mac) {
+            Ok(mac) => mac,
+            Err(_) if is_name => return Ok(None),
+            Err(_) => {
+                return Err(FarmError::Invalid(format!(
+                    "{name_or_mac:?} is neither a device name nor a MAC address"
+                )))
+            }
+        };
+        self.device_by_mac(&mac).await
+    }
+
+    /// The device holding the normalised `mac`, following the index.
+    async fn device_by_mac(&self, mac: &str) -> Result<Option<Device>, FarmError> {
+        let key = mac_key(mac);
+        let Some(entry) = self.backend.get(&key).await? else {
+            return Ok(None);
+        };
+        let name = decode_name(&key, &entry.value)?;
+        // Index and device are written together; check anyway so a mismatch
+        // can never hand out the wrong device.
+        Ok(self
+            .get_device(&name)
+            .await?
+            .filter(|device| device.mac == mac))
+    }
+
+    /// Stores a new device and returns it as stored (MAC normalised). The name
+    /// must be free ([`FarmError::AlreadyExists`]), the MAC unused by other
+    /// devices ([`FarmError::InUse`] naming the device that has it), and the
+    /// vDisk must exist ([`FarmError::Invalid`]).
+    pub async fn create_device(&self, mut device: Device) -> Result<Device, FarmError> {
+        checked_name(RecordKind::Device, &device.name)?;
+        device.mac = parse_mac(&device.mac).map_err(FarmError::Invalid)?;
+        checked_name(RecordKind::VDisk, &device.vdisk)?;
+        let key = device_key(&device.name);
+        let mkey = mac_key(&device.mac);
+        let vkey = vdisk_key(&device.vdisk);
+        let value = encode(&key, &device)?;
+        for _ in 0..MAX_ATTEMPTS {
+            if self.backend.get(&key).await?.is_some() {
+                return Err(FarmError::AlreadyExists {
+                    kind: RecordKind::Device,
+                    name: device.name,
+                });
+            }
+            if let Some(holder) = self.backend.get(&mkey).await? {
+                return Err(mac_taken(&device.mac, &decode_name(&mkey, &holder.value)?));
+            }
+            let Some(vdisk) = self.backend.get(&vkey).await? else {
+                return Err(missing_vdisk(&device.vdisk));
+            };
+            let compares = vec![
+                Compare::absent(&key),
+                Compare::absent(&mkey),
+                Compare::revision(&vkey, vdisk.revision),
+            ];
+            let ops = vec![
+                Op::put(&key, value.clone()),
+                Op::put(&mkey, device.name.clone()),
+                // Moves the vDisk's revision; see the crate docs.
+                Op::put(&vkey, vdisk.value),
+            ];
+            if self.backend.txn(compares, ops).await? {
+                return Ok(device);
+            }
+        }
+        Err(gave_up(format_args!("creating device {}", device.name)))
+    }
+
+    /// Changes the device called `name` with `f` and stores the result, which it
+    /// returns (MAC normalised). `f` may run more than once (once per attempt,
+    /// on a fresh copy); an error from it aborts without writing. The name
+    /// cannot change; a new MAC must be unused, a new vDisk must exist.
+    pub async fn update_device<F>(&self, name: &str, f: F) -> Result<Device, FarmError>
+    where
+        F: Fn(&mut Device) -> Result<(), FarmError>,
+    {
+        checked_name(RecordKind::Device, name)?;
+        let key = device_key(name);
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(current) = self.backend.get(&key).await? else {
+                return Err(FarmError::NotFound {
+                    kind: RecordKind::Device,
+                    name: name.to_string(),
+                });
+            };
+            let old: Device = decode(&key, &current.value)?;
+            let mut new = old.clone();
+            f(&mut new)?;
+            if new.name != old.name {
+                return Err(FarmError::Invalid(format!(
+                    "device {name} cannot be renamed to {}",
+                    new.name
+                )));
+            }
+            new.mac = parse_mac(&new.mac).map_err(FarmError::Invalid)?;
+            if new == old {
+                return Ok(new);
+            }
+            let mut compares = vec![Compare::revision(&key, current.revision)];
+            let mut ops = vec![Op::put(&key, encode(&key, &new)?)];
+            if new.mac != old.mac {
+                let mkey = mac_key(&new.mac);
+                if let Some(holder) = self.backend.get(&mkey).await? {
+                    return Err(mac_taken(&new.mac, &decode_name(&mkey, &holder.value)?));
+                }
+                compares.push(Compare::absent(&mkey));
+                ops.push(Op::put(mkey, name));
+                ops.push(Op::delete(mac_key(&old.mac)));
+            }
+            if new.vdisk != old.vdisk {
+                checked_name(RecordKind::VDisk, &new.vdisk)?;
+                let vkey = vdisk_key(&new.vdisk);
+                let Some(vdisk) = self.backend.get(&vkey).await? else {
+                    return Err(missing_vdisk(&new.vdisk));
+                };
+                compares.push(Compare::revision(&vkey, vdisk.revision));
+                // Moves the vDisk's revision; see the crate docs.
+                ops.push(Op::put(vkey, vdisk.value));
+            }
+            if self.backend.txn(compares, ops).await? {
+                return Ok(new);
+            }
+        }
+        Err(gave_up(format_args!("updating device {name}")))
+    }
+
+    /// Deletes the device called `name` (freeing its MAC) and returns its last record.
+    pub async fn delete_device(&self, name: &str) -> Result<Device, FarmError> {
+        checked_name(RecordKind::Device, name)?;
+        let key = device_key(name);
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(current) = self.backend.get(&key).await? else {
+                return Err(FarmError::NotFound {
+                    kind: RecordKind::Device,
+                    name: name.to_string(),
+                });
+            };
+            let device: Device = decode(&key, &current.value)?;
+            // The index entry changes only together with this record, so the
+            // compare on the record's revision covers it too.
+            let compares = vec![Compare::revision(&key, current.revision)];
+            let ops = vec![Op::delete(&key), Op::delete(mac_key(&device.mac))];
+            if self.backend.txn(compares, ops).await? {
+                return Ok(device);
+            }
+        }
+        Err(gave_up(format_args!("deleting device {name}")))
+    }
+}
+
+fn mac_taken(mac: &str, holder: &str) -> FarmError {
+    FarmError::InUse(format!(
+        "MAC address {mac} is already used by device {holder}"
+    ))
+}
+
+fn missing_vdisk(name: &str) -> FarmError {
+    FarmError::Invalid(format!("vDisk {name} does not exist"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for good in ["a", "pc-01", "Base_2024.1", "9", &"x".repeat(64)] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            ".hidden",
+            "-flag",
+            "a/b",
+            "a b",
+            "é",
+            "aa:bb",
+            &"x".repeat(65),
+        ] {
+            let err = validate_name(bad).expect_err(bad);
+            assert!(matches!(err, FarmError::Invalid(_)));
+            assert!(err.to_string().contains("not a valid name"), "{err}");
+        }
+    }
+
+    #[test]
+    fn futures_are_send() {
+        fn assert_send<T: Send>(_: T) {}
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = FarmStore::embedded(dir.path().join("f.redb")).expect("open");
+        // Never polled: this only checks the types.
+        assert_send(store.list_vdisks());
+        assert_send(store.update_vdisk("a", |v| {
+            v.size = 1;
+            Ok(())
+        }));
+        assert_send(store.update_device("a", |_| Ok(())));
+        assert_send(store.find_device("a"));
+        assert_send(store.delete_vdisk("a"));
+        assert_send(store.create_device(Device {
+            name: "a".into(),
+            mac: "aabbccddeeff".into(),
+            vdisk: "b".into(),
+            created_unix: 0,
+        }));
+    }
+}
