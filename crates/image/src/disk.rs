@@ -175,9 +175,24 @@ impl Disk {
         Ok(())
     }
 
-    /// Zeroes `[offset, offset+len)`. Whole chunks become holes in the file.
-    pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), WriteError> {
-        self.zero_or_trim(offset, len, fua, false)
+    /// Zeroes `[offset, offset+len)`. With `punch`, whole chunks become holes
+    /// in the file; without it (NBD's NO_HOLE), zeros are written out.
+    pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool, punch: bool) -> Result<(), WriteError> {
+        if punch {
+            return self.zero_or_trim(offset, len, fua, false);
+        }
+        self.top_for_write(offset, len)?;
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(zeros.len() as u64);
+            self.write(&zeros[..n as usize], pos, false)?;
+            pos += n;
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
     }
 
     /// Discards `[offset, offset+len)`: whole chunks of the top layer give their
@@ -357,7 +372,7 @@ mod tests {
                     model[off as usize..(off + len) as usize].copy_from_slice(&data);
                 }
                 2 => {
-                    disk.write_zeroes(off, len, false).unwrap();
+                    disk.write_zeroes(off, len, false, i % 8 != 2).unwrap();
                     model[off as usize..(off + len) as usize].fill(0);
                 }
                 _ => disk.flush().unwrap(),

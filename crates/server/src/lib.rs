@@ -1,1 +1,100 @@
-//! vstream-server
+//! The provisioning server: the NBD stream service and the HTTP API over one
+//! local store and the farm state.
+
+pub mod api;
+pub mod config;
+pub mod metrics;
+pub mod nbd;
+pub mod state;
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::{watch, Semaphore};
+
+pub use config::Config;
+pub use state::Server;
+
+/// Runs a server until SIGTERM or SIGINT, then drains and flushes.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: draining connections");
+        let _ = tx.send(true);
+    });
+    run_until(config, rx).await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}
+
+/// Runs a server until `shutdown` turns true.
+pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data).with_context(|| format!("creating data folder {}", config.data.display()))?;
+    let token = ensure_token(&config.data)?;
+    let store = vstream_image::Store::open(&config.data).context("opening the vDisk store")?;
+    let farm = vstream_farm::FarmStore::embedded(config.data.join("farm.redb")).context("opening the farm database")?;
+    let server = Arc::new(Server::new(config.clone(), store, farm));
+
+    let api = tokio::net::TcpListener::bind(config.api)
+        .await
+        .with_context(|| format!("binding the API to {}", config.api))?;
+    tracing::info!(addr = %config.api, "API listening");
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let mut tasks = tokio::task::JoinSet::new();
+    for addr in &config.nbd {
+        let listener = nbd::Listener::bind(addr).await.with_context(|| format!("binding NBD to {addr}"))?;
+        tracing::info!(addr = %listener.local_addr(), "NBD listening");
+        tasks.spawn(nbd::serve(listener, server.clone(), limit.clone(), shutdown.clone()));
+    }
+    let router = api::router(server.clone(), token);
+    let mut api_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        let graceful = async move {
+            let _ = api_shutdown.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(api, router).with_graceful_shutdown(graceful).await {
+            tracing::error!(error = %e, "API server failed");
+        }
+    });
+    while tasks.join_next().await.is_some() {}
+    server.flush_all();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Reads the admin token, writing a new one (mode 0600) on first start.
+fn ensure_token(data: &Path) -> anyhow::Result<String> {
+    let path = data.join("admin.token");
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let token: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(f, "{token}").and_then(|_| f.sync_all()).with_context(|| format!("writing {}", path.display()))?;
+    tracing::info!(path = %path.display(), "wrote a new admin token");
+    Ok(token)
+}

@@ -1,0 +1,162 @@
+//! Streaming a vDisk's content in and out, in the extents framing of
+//! `vstream_api::extents`: only data travels, holes are implied.
+//!
+//! The socket side is async; the disk side runs on one blocking thread; a
+//! small bounded channel between them keeps memory constant.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::Response;
+use axum::Json;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use vstream_api::extents::{self, Decoder, Event};
+use vstream_api::{ErrorBody, VDiskInfo};
+use vstream_image::Disk;
+
+use super::{get_vdisk, register_vdisk, vdisk_info, ApiError};
+use crate::state::{now_unix, Server};
+
+/// Largest frame we send; equal to the framing's limit.
+const FRAME: u64 = extents::MAX_FRAME_LEN as u64;
+
+#[utoipa::path(put, path = "/api/v1/vdisks/{name}/content", params(("name" = String, Path)),
+    request_body(content = Vec<u8>, content_type = "application/vnd.vstream.extents",
+        description = "header, then (offset, length, data) frames, then the terminator"),
+    responses((status = 201, body = VDiskInfo), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn import_vdisk(
+    State(server): State<Arc<Server>>,
+    Path(name): Path<String>,
+    body: Body,
+) -> Result<(StatusCode, Json<VDiskInfo>), ApiError> {
+    vstream_farm::validate_name(&name)?;
+    if server.farm.get_vdisk(&name).await?.is_some() {
+        return Err(ApiError::conflict(format!("vDisk {name} already exists")));
+    }
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    let (srv, n) = (server.clone(), name.clone());
+    let worker = tokio::task::spawn_blocking(move || import_blocking(&srv, &n, rx));
+    let mut stream = body.into_data_stream();
+    let mut body_error = None;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(c) => {
+                if tx.send(c).await.is_err() {
+                    break; // the worker stopped: its error is the answer
+                }
+            }
+            Err(e) => {
+                body_error = Some(e);
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let result = worker.await?;
+    if let Some(e) = body_error {
+        return Err(ApiError::bad_request(format!("the upload of vDisk {name} broke off: {e}")));
+    }
+    let (size, created) = result?;
+    let vdisk = register_vdisk(&server, &name, size, created).await?;
+    tracing::info!(vdisk = %name, size, "vDisk imported");
+    Ok((StatusCode::CREATED, Json(vdisk_info(&server, vdisk).await?)))
+}
+
+fn import_blocking(server: &Server, name: &str, mut rx: mpsc::Receiver<Bytes>) -> Result<(u64, u64), ApiError> {
+    let bad = |e: extents::ExtentError| ApiError::bad_request(format!("the upload of vDisk {name} is malformed: {e}"));
+    let mut dec = Decoder::new();
+    let mut staging = None;
+    while let Some(chunk) = rx.blocking_recv() {
+        dec.feed(&chunk);
+        loop {
+            match dec.next_event().map_err(bad)? {
+                Event::NeedMore | Event::End => break,
+                Event::Header { size } => staging = Some(server.store.begin_import(name, size)?),
+                Event::Frame { offset, data } => {
+                    let s = staging.as_ref().ok_or_else(|| ApiError::bad_request("frame before header"))?;
+                    s.disk().write(data, offset, false).map_err(|e| {
+                        ApiError::new(
+                            if matches!(e, vstream_image::WriteError::NoSpace) {
+                                StatusCode::INSUFFICIENT_STORAGE
+                            } else {
+                                StatusCode::INTERNAL_SERVER_ERROR
+                            },
+                            format!("writing vDisk {name}: {e}"),
+                        )
+                    })?;
+                }
+            }
+        }
+    }
+    dec.finish().map_err(bad)?;
+    let staging = staging.ok_or_else(|| ApiError::bad_request("empty upload"))?;
+    let size = staging.disk().size();
+    let created = now_unix();
+    server.store.commit_import(staging, created)?;
+    Ok((size, created))
+}
+
+#[utoipa::path(get, path = "/api/v1/vdisks/{name}/content", params(("name" = String, Path)),
+    responses((status = 200, content_type = "application/vnd.vstream.extents", body = Vec<u8>),
+        (status = 404, body = ErrorBody)))]
+pub(super) async fn export_vdisk(State(server): State<Arc<Server>>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    if let Some((_, version)) = name.split_once('@') {
+        return Err(ApiError::not_found(format!("vDisk {name}: version {version} does not exist (versions are not kept yet)")));
+    }
+    let vdisk = get_vdisk(&server, &name).await?;
+    let layers = server.layers(&vdisk.name)?;
+    let disk = Disk::read_only(layers.to_vec());
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = export_blocking(&disk, &tx) {
+            tracing::warn!(vdisk = %name, error = %e, "export stopped");
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    Response::builder()
+        .header(header::CONTENT_TYPE, extents::CONTENT_TYPE)
+        .header("x-vstream-size", vdisk.size)
+        .body(Body::from_stream(stream))
+        .map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// Walks the allocated extents of `disk` and sends them as frames.
+fn export_blocking(disk: &Disk, tx: &mpsc::Sender<Result<Bytes, std::io::Error>>) -> std::io::Result<()> {
+    let gone = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away");
+    let mut head = Vec::new();
+    extents::encode_header(&mut head, disk.size());
+    tx.blocking_send(Ok(head.into())).map_err(|_| gone())?;
+    let size = disk.size();
+    let mut pos = 0u64;
+    let mut data = vec![0u8; FRAME as usize];
+    while pos < size {
+        let window = (size - pos).min(1 << 30);
+        for ext in disk.block_status(pos, window, 1 << 12) {
+            if !ext.zero {
+                let mut at = pos;
+                while at < pos + ext.length {
+                    let n = (pos + ext.length - at).min(FRAME);
+                    let buf = &mut data[..n as usize];
+                    disk.read(buf, at, false)?;
+                    if buf.iter().any(|&b| b != 0) {
+                        let mut frame = Vec::with_capacity(n as usize + extents::FRAME_HEADER_LEN);
+                        extents::encode_frame(&mut frame, at, buf)
+                            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+                        tx.blocking_send(Ok(frame.into())).map_err(|_| gone())?;
+                    }
+                    at += n;
+                }
+            }
+            pos += ext.length;
+        }
+    }
+    let mut end = Vec::new();
+    extents::encode_end(&mut end);
+    tx.blocking_send(Ok(end.into())).map_err(|_| gone())?;
+    Ok(())
+}

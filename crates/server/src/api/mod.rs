@@ -1,0 +1,280 @@
+//! The admin HTTP API: JSON over `/api/v1`, a bearer token on every call but
+//! the OpenAPI document and the health check.
+
+mod content;
+mod error;
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use utoipa::OpenApi;
+use vstream_api::{CreateDevice, CreateVDisk, Device, DeviceInfo, ErrorBody, SetVDisk, VDisk, VDiskInfo};
+use vstream_image::hash;
+
+pub use error::ApiError;
+
+use crate::state::{now_unix, Server};
+
+type Shared = State<Arc<Server>>;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "vstream admin API", description = "Manage the vDisks and devices of a vstream server."),
+    paths(
+        list_vdisks, create_vdisk, show_vdisk, set_vdisk, delete_vdisk,
+        content::import_vdisk, content::export_vdisk,
+        list_devices, add_device, show_device, remove_device, reset_device
+    ),
+    components(schemas(VDisk, VDiskInfo, CreateVDisk, SetVDisk, Device, DeviceInfo, CreateDevice, ErrorBody,
+        vstream_api::Mode, vstream_api::CacheType)),
+    modifiers(&BearerAuth),
+    security(("token" = []))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = api.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The OpenAPI document, as JSON.
+pub fn openapi_json() -> String {
+    ApiDoc::openapi().to_pretty_json().unwrap_or_default()
+}
+
+pub fn router(server: Arc<Server>, token: String) -> Router {
+    let token = Arc::new(token);
+    let admin = Router::new()
+        .route("/api/v1/vdisks", get(list_vdisks).post(create_vdisk))
+        .route("/api/v1/vdisks/:name", get(show_vdisk).patch(set_vdisk).delete(delete_vdisk))
+        .route("/api/v1/vdisks/:name/content", get(content::export_vdisk).put(content::import_vdisk))
+        .route("/api/v1/devices", get(list_devices).post(add_device))
+        .route("/api/v1/devices/:name", get(show_device).delete(remove_device))
+        .route("/api/v1/devices/:name/reset", post(reset_device))
+        .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(token, require_token));
+    Router::new()
+        .route("/api/v1/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .merge(admin)
+        .with_state(server)
+}
+
+async fn require_token(State(token): State<Arc<String>>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "a valid admin token is required (Authorization: Bearer ...)")
+            .into_response();
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn metrics(State(server): Shared) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], server.metrics.render())
+}
+
+/// Everything `vdisk show` reports about one vDisk.
+pub(crate) async fn vdisk_info(server: &Arc<Server>, vdisk: VDisk) -> Result<VDiskInfo, ApiError> {
+    let connected = server.connected_to(&vdisk.name);
+    let srv = server.clone();
+    let name = vdisk.name.clone();
+    let writer_active = vdisk.mode == vstream_api::Mode::Private && !connected.is_empty();
+    let (content, allocated) = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+        let layers = srv.layers(&name)?;
+        let allocated = layers.iter().map(|l| l.allocated_bytes()).sum::<u64>();
+        let top = layers.last().ok_or_else(|| ApiError::internal("vDisk has no layers"))?;
+        if let Some(h) = top.content_hash() {
+            return Ok((h, allocated));
+        }
+        // Stale after Private-mode writes: hash again; keep it only if nobody writes now.
+        let disk = vstream_image::Disk::read_only(layers.to_vec());
+        let hashes = hash::hash_disk(&disk).map_err(|e| ApiError::internal(format!("hashing vDisk {name}: {e}")))?;
+        if !writer_active {
+            if let Err(e) = top.store_hashes(&hashes.touched, hashes.content, false) {
+                tracing::warn!(vdisk = %name, error = %e, "could not store the new content hash");
+            }
+        }
+        Ok((hashes.content, allocated))
+    })
+    .await??;
+    Ok(VDiskInfo { vdisk, content_hash: hash::to_hex(&content), allocated, connected })
+}
+
+async fn get_vdisk(server: &Server, name: &str) -> Result<VDisk, ApiError> {
+    server.farm.get_vdisk(name).await?.ok_or_else(|| ApiError::not_found(format!("vDisk {name} does not exist")))
+}
+
+#[utoipa::path(get, path = "/api/v1/vdisks", responses((status = 200, body = [VDiskInfo])))]
+async fn list_vdisks(State(server): Shared) -> Result<Json<Vec<VDiskInfo>>, ApiError> {
+    let mut out = Vec::new();
+    for v in server.farm.list_vdisks().await? {
+        out.push(vdisk_info(&server, v).await?);
+    }
+    Ok(Json(out))
+}
+
+#[utoipa::path(post, path = "/api/v1/vdisks", request_body = CreateVDisk,
+    responses((status = 201, body = VDiskInfo), (status = 409, body = ErrorBody)))]
+async fn create_vdisk(State(server): Shared, Json(req): Json<CreateVDisk>) -> Result<(StatusCode, Json<VDiskInfo>), ApiError> {
+    vstream_farm::validate_name(&req.name)?;
+    if server.farm.get_vdisk(&req.name).await?.is_some() {
+        return Err(ApiError::conflict(format!("vDisk {} already exists", req.name)));
+    }
+    let created = now_unix();
+    let (srv, name, size) = (server.clone(), req.name.clone(), req.size);
+    tokio::task::spawn_blocking(move || srv.store.create(&name, size, created)).await??;
+    let vdisk = register_vdisk(&server, &req.name, req.size, created).await?;
+    Ok((StatusCode::CREATED, Json(vdisk_info(&server, vdisk).await?)))
+}
+
+/// Records a vDisk that is now in the store in the farm state; undoes the store on failure.
+pub(crate) async fn register_vdisk(server: &Arc<Server>, name: &str, size: u64, created: u64) -> Result<VDisk, ApiError> {
+    let vdisk = VDisk {
+        name: name.to_owned(),
+        size,
+        mode: Default::default(),
+        cache_type: Default::default(),
+        cache_limit: None,
+        created_unix: created,
+    };
+    match server.farm.create_vdisk(vdisk).await {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            server.forget(name);
+            let _ = server.store.delete(name);
+            Err(e.into())
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/api/v1/vdisks/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = VDiskInfo), (status = 404, body = ErrorBody)))]
+async fn show_vdisk(State(server): Shared, Path(name): Path<String>) -> Result<Json<VDiskInfo>, ApiError> {
+    let v = get_vdisk(&server, &name).await?;
+    Ok(Json(vdisk_info(&server, v).await?))
+}
+
+#[utoipa::path(patch, path = "/api/v1/vdisks/{name}", params(("name" = String, Path)), request_body = SetVDisk,
+    responses((status = 200, body = VDiskInfo), (status = 409, body = ErrorBody)))]
+async fn set_vdisk(State(server): Shared, Path(name): Path<String>, Json(req): Json<SetVDisk>) -> Result<Json<VDiskInfo>, ApiError> {
+    if req.mode.is_none() && req.cache_limit.is_none() {
+        return Err(ApiError::bad_request("nothing to change: give a mode or a cache limit"));
+    }
+    let connected = server.connected_to(&name);
+    if !connected.is_empty() {
+        return Err(ApiError::conflict(format!(
+            "vDisk {name} cannot change while devices are connected to it: {}",
+            connected.join(", ")
+        )));
+    }
+    let v = server
+        .farm
+        .update_vdisk(&name, |v| {
+            if let Some(m) = req.mode {
+                v.mode = m;
+            }
+            if let Some(l) = req.cache_limit {
+                if l < 4096 {
+                    return Err(vstream_farm::FarmError::Invalid("a cache limit must be at least 4 KiB".into()));
+                }
+                v.cache_limit = Some(l);
+            }
+            Ok(())
+        })
+        .await?;
+    Ok(Json(vdisk_info(&server, v).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/vdisks/{name}", params(("name" = String, Path)),
+    responses((status = 204), (status = 409, body = ErrorBody)))]
+async fn delete_vdisk(State(server): Shared, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    let connected = server.connected_to(&name);
+    if !connected.is_empty() {
+        return Err(ApiError::conflict(format!(
+            "vDisk {name} is in use: devices {} are connected to it",
+            connected.join(", ")
+        )));
+    }
+    server.farm.delete_vdisk(&name).await?;
+    server.forget(&name);
+    let srv = server.clone();
+    tokio::task::spawn_blocking(move || srv.store.delete(&name)).await??;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn get_device(server: &Server, name: &str) -> Result<Device, ApiError> {
+    server.farm.find_device(name).await?.ok_or_else(|| ApiError::not_found(format!("device {name} does not exist")))
+}
+
+#[utoipa::path(get, path = "/api/v1/devices", responses((status = 200, body = [DeviceInfo])))]
+async fn list_devices(State(server): Shared) -> Result<Json<Vec<DeviceInfo>>, ApiError> {
+    let devices = server.farm.list_devices().await?;
+    Ok(Json(devices.into_iter().map(|d| server.device_info(d)).collect()))
+}
+
+#[utoipa::path(post, path = "/api/v1/devices", request_body = CreateDevice,
+    responses((status = 201, body = DeviceInfo), (status = 409, body = ErrorBody)))]
+async fn add_device(State(server): Shared, Json(req): Json<CreateDevice>) -> Result<(StatusCode, Json<DeviceInfo>), ApiError> {
+    let mac = vstream_api::parse_mac(&req.mac).map_err(ApiError::bad_request)?;
+    let d = server
+        .farm
+        .create_device(Device { name: req.name, mac, vdisk: req.vdisk, created_unix: now_unix() })
+        .await?;
+    Ok((StatusCode::CREATED, Json(server.device_info(d))))
+}
+
+#[utoipa::path(get, path = "/api/v1/devices/{name}", params(("name" = String, Path, description = "name or MAC")),
+    responses((status = 200, body = DeviceInfo), (status = 404, body = ErrorBody)))]
+async fn show_device(State(server): Shared, Path(name): Path<String>) -> Result<Json<DeviceInfo>, ApiError> {
+    let d = get_device(&server, &name).await?;
+    Ok(Json(server.device_info(d)))
+}
+
+#[utoipa::path(delete, path = "/api/v1/devices/{name}", params(("name" = String, Path)),
+    responses((status = 204), (status = 409, body = ErrorBody)))]
+async fn remove_device(State(server): Shared, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    let d = get_device(&server, &name).await?;
+    if server.is_connected(&d.name) {
+        return Err(ApiError::conflict(format!("device {} is connected; remove it once it disconnects", d.name)));
+    }
+    server.farm.delete_device(&d.name).await?;
+    server.store.discard_cache(&d.name)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/api/v1/devices/{name}/reset", params(("name" = String, Path)),
+    responses((status = 200, body = DeviceInfo), (status = 409, body = ErrorBody)))]
+async fn reset_device(State(server): Shared, Path(name): Path<String>) -> Result<Json<DeviceInfo>, ApiError> {
+    let d = get_device(&server, &name).await?;
+    if server.is_connected(&d.name) {
+        return Err(ApiError::conflict(format!(
+            "device {} is connected; its write cache can be reset once it disconnects",
+            d.name
+        )));
+    }
+    server.store.discard_cache(&d.name)?;
+    tracing::info!(device = %d.name, "write cache reset");
+    Ok(Json(server.device_info(d)))
+}

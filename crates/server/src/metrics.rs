@@ -1,0 +1,39 @@
+//! Counters the server keeps, exposed in Prometheus text format.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Default)]
+pub struct Metrics {
+    pub connections_total: AtomicU64,
+    pub connections_open: AtomicU64,
+    pub handshake_failures: AtomicU64,
+    pub requests: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub written_bytes: AtomicU64,
+    pub request_errors: AtomicU64,
+}
+
+impl Metrics {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let rows: [(&str, &str, &str, &AtomicU64); 7] = [
+            ("vstream_nbd_connections_total", "counter", "NBD connections accepted", &self.connections_total),
+            ("vstream_nbd_connections_open", "gauge", "NBD connections open now", &self.connections_open),
+            ("vstream_nbd_handshake_failures_total", "counter", "handshakes that failed", &self.handshake_failures),
+            ("vstream_nbd_requests_total", "counter", "NBD requests served", &self.requests),
+            ("vstream_nbd_read_bytes_total", "counter", "bytes read by clients", &self.read_bytes),
+            ("vstream_nbd_written_bytes_total", "counter", "bytes written by clients", &self.written_bytes),
+            ("vstream_nbd_request_errors_total", "counter", "requests answered with an error", &self.request_errors),
+        ];
+        for (name, kind, help, v) in rows {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", v.load(Ordering::Relaxed));
+        }
+        out
+    }
+}

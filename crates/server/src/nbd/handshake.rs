@@ -1,0 +1,184 @@
+//! Option haggling: from the greeting to the export a connection will use.
+
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use vstream_nbd::handshake::{
+    encode_export_name_reply, encode_info_block_size, encode_info_export, encode_info_text, encode_meta_context,
+    encode_option_error, encode_option_reply, encode_rep_server,
+};
+use vstream_nbd::*;
+
+use crate::state::{Export, OpenError, Server};
+
+/// Largest request payload we accept (READ length or WRITE data).
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// Context id we give `base:allocation`.
+pub const BASE_ALLOCATION_ID: u32 = 1;
+const MAX_OPTIONS: usize = 1024;
+
+/// The outcome of a successful handshake.
+pub struct Negotiated {
+    pub export: Export,
+    pub flags: u16,
+    pub structured: bool,
+    pub base_allocation: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("socket error during the handshake")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Protocol(#[from] OptionError),
+    #[error("the client closed the connection during the handshake")]
+    Closed,
+    #[error("the client sent more than {MAX_OPTIONS} options")]
+    TooManyOptions,
+    #[error("export {name:?} cannot be used: {reason}")]
+    ExportName { name: String, reason: String },
+}
+
+/// Transmission flags of an export.
+pub fn export_flags(export: &Export, structured: bool) -> u16 {
+    let mut f = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_CACHE | TFLAG_CAN_MULTI_CONN;
+    if export.disk.is_writable() {
+        f |= TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO;
+    } else {
+        f |= TFLAG_READ_ONLY;
+    }
+    if structured {
+        f |= TFLAG_SEND_DF;
+    }
+    f
+}
+
+/// Runs the handshake. `Ok(None)` means the client aborted politely.
+pub async fn negotiate<S>(stream: &mut S, server: &Arc<Server>, peer: &str) -> Result<Option<Negotiated>, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut out = Vec::with_capacity(256);
+    encode_greeting(&mut out);
+    stream.write_all(&out).await?;
+    let mut flags = [0u8; 4];
+    read_exact_or_closed(stream, &mut flags).await?;
+    let no_zeroes = decode_client_flags(flags)?;
+    let mut buf = BytesMut::with_capacity(1024);
+    let mut structured = false;
+    let mut base_allocation = false;
+    for _ in 0..MAX_OPTIONS {
+        let option = loop {
+            if let Some((opt, used)) = decode_option(&buf)? {
+                buf.advance(used);
+                break opt;
+            }
+            if stream.read_buf(&mut buf).await? == 0 {
+                return Err(HandshakeError::Closed);
+            }
+        };
+        out.clear();
+        let code = option.code();
+        match option {
+            ClientOption::ExportName(name) => {
+                let export = server
+                    .open_export(&name, peer, true)
+                    .await
+                    .map_err(|e| HandshakeError::ExportName { name: name.clone(), reason: e.to_string() })?;
+                let flags = export_flags(&export, false);
+                encode_export_name_reply(&mut out, export.disk.size(), flags, no_zeroes);
+                stream.write_all(&out).await?;
+                return Ok(Some(Negotiated { export, flags, structured: false, base_allocation: false }));
+            }
+            ClientOption::Abort => {
+                encode_option_reply(&mut out, code, REP_ACK, &[]);
+                let _ = stream.write_all(&out).await;
+                return Ok(None);
+            }
+            ClientOption::List => {
+                for name in server.store.list().unwrap_or_default() {
+                    encode_rep_server(&mut out, &name, &format!("vDisk {name} (read-only)"));
+                }
+                encode_option_reply(&mut out, code, REP_ACK, &[]);
+            }
+            ClientOption::StructuredReply => {
+                if structured {
+                    encode_option_error(&mut out, code, REP_ERR_INVALID, "structured replies are already on");
+                } else {
+                    structured = true;
+                    encode_option_reply(&mut out, code, REP_ACK, &[]);
+                }
+            }
+            ClientOption::MetaContext { set, export, queries } => {
+                if set && !structured {
+                    encode_option_error(&mut out, code, REP_ERR_INVALID, "negotiate structured replies first");
+                } else if let Err(e) = server.open_export(&export, peer, false).await {
+                    encode_option_error(&mut out, code, open_error_reply(&e), &e.to_string());
+                } else {
+                    let wanted = |q: &str| q == BASE_ALLOCATION || (!set && (q == "base:" || q.is_empty()));
+                    let selected = if queries.is_empty() { !set } else { queries.iter().any(|q| wanted(q)) };
+                    if selected {
+                        encode_meta_context(&mut out, code, BASE_ALLOCATION_ID, BASE_ALLOCATION);
+                    }
+                    if set {
+                        base_allocation = selected;
+                    }
+                    encode_option_reply(&mut out, code, REP_ACK, &[]);
+                }
+            }
+            ClientOption::Info { go, name, requests } => match server.open_export(&name, peer, go).await {
+                Err(e) => {
+                    tracing::info!(%peer, export = %name, reason = %e, "export refused");
+                    encode_option_error(&mut out, code, open_error_reply(&e), &e.to_string());
+                }
+                Ok(export) => {
+                    let flags = export_flags(&export, structured);
+                    encode_info_export(&mut out, code, export.disk.size(), flags);
+                    if requests.contains(&INFO_NAME) {
+                        encode_info_text(&mut out, code, INFO_NAME, &export.name);
+                    }
+                    if requests.contains(&INFO_DESCRIPTION) {
+                        encode_info_text(&mut out, code, INFO_DESCRIPTION, &export.description);
+                    }
+                    if requests.contains(&INFO_BLOCK_SIZE) {
+                        encode_info_block_size(&mut out, code, 1, 4096, MAX_PAYLOAD);
+                    }
+                    encode_option_reply(&mut out, code, REP_ACK, &[]);
+                    if go {
+                        stream.write_all(&out).await?;
+                        return Ok(Some(Negotiated { export, flags, structured, base_allocation }));
+                    }
+                }
+            },
+            ClientOption::StartTls => {
+                encode_option_error(&mut out, code, REP_ERR_POLICY, "TLS is not configured on this server")
+            }
+            ClientOption::ExtendedHeaders | ClientOption::Unknown(_) => {
+                encode_option_error(&mut out, code, REP_ERR_UNSUP, "option not supported")
+            }
+            ClientOption::Malformed { reason, .. } => {
+                tracing::debug!(%peer, option = code, reason, "malformed option");
+                encode_option_error(&mut out, code, REP_ERR_INVALID, reason)
+            }
+        }
+        stream.write_all(&out).await?;
+    }
+    Err(HandshakeError::TooManyOptions)
+}
+
+fn open_error_reply(e: &OpenError) -> u32 {
+    match e {
+        OpenError::Unknown(_) => REP_ERR_UNKNOWN,
+        OpenError::Refused(_) => REP_ERR_POLICY,
+        OpenError::Failed(_) => REP_ERR_PLATFORM,
+    }
+}
+
+async fn read_exact_or_closed<S: AsyncRead + Unpin>(s: &mut S, buf: &mut [u8]) -> Result<(), HandshakeError> {
+    match s.read_exact(buf).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(HandshakeError::Closed),
+        Err(e) => Err(e.into()),
+    }
+}

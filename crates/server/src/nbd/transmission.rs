@@ -1,0 +1,312 @@
+//! The transmission phase of one connection.
+//!
+//! ```text
+//!   socket --read--> buffer --decode--> request --validate--+--> READ hit in page cache: answered inline
+//!                                                           +--> anything else: blocking pool --> reply
+//!   inline replies of one batch leave in one write; pool replies each in one write
+//! ```
+//!
+//! Reads try `preadv2(RWF_NOWAIT)` on the connection's task: a page-cache hit
+//! costs no thread hop. A miss, and every write, flush, trim or zero, runs on
+//! the blocking pool so a slow disk never stalls the runtime. Replies may leave
+//! out of order; every reply is header and payload in one write.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Mutex, Semaphore};
+use vstream_image::{Disk, WriteError};
+use vstream_nbd::transmission::{
+    encode_block_status, encode_offset_data_header, encode_simple_reply, encode_structured_error,
+};
+use vstream_nbd::*;
+
+use super::handshake::{Negotiated, MAX_PAYLOAD};
+use crate::metrics::Metrics;
+use crate::state::Server;
+
+/// Most requests of one connection on the blocking pool at once.
+const MAX_IN_FLIGHT: u32 = 64;
+/// Inline replies are sent once a batch grows past this.
+const BATCH_LIMIT: usize = 1 << 20;
+
+/// How the connection ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// NBD_CMD_DISC after all requests were answered.
+    Disconnect,
+    /// The client went away (EOF or reset).
+    Dropped,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransmissionError {
+    #[error("socket error")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Protocol(#[from] RequestError),
+    #[error("the client sent a {0}-byte write, more than the {MAX_PAYLOAD} allowed")]
+    TooLarge(u32),
+    #[error("the client disconnected in the middle of a request")]
+    Truncated,
+}
+
+/// What the request loop needs to know about the negotiated export.
+struct Conn {
+    disk: Arc<Disk>,
+    structured: bool,
+    base_allocation: bool,
+    server: Arc<Server>,
+}
+
+/// Serves requests until the client disconnects or `shutdown` fires.
+pub async fn serve<R, W>(
+    mut reader: R,
+    writer: W,
+    neg: &Negotiated,
+    server: Arc<Server>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<Ending, TransmissionError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = Arc::new(Conn {
+        disk: neg.export.disk.clone(),
+        structured: neg.structured,
+        base_allocation: neg.base_allocation,
+        server,
+    });
+    let writer = Arc::new(Mutex::new(writer));
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize));
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut out: Vec<u8> = Vec::new();
+    let ending = 'conn: loop {
+        // Answer every complete request in the buffer.
+        loop {
+            let Some(req) = decode_request(&buf)? else { break };
+            let payload = req.payload_len();
+            if payload > MAX_PAYLOAD as usize {
+                return Err(TransmissionError::TooLarge(req.length));
+            }
+            let need = REQUEST_HEADER_LEN + payload;
+            if buf.len() < need {
+                buf.reserve(need - buf.len());
+                break;
+            }
+            let data = buf.split_to(need).split_off(REQUEST_HEADER_LEN).freeze();
+            Metrics::add(&conn.server.metrics.requests, 1);
+            if req.command == Command::Disc {
+                break 'conn Ending::Disconnect;
+            }
+            if !conn.try_inline(&req, &mut out) {
+                let permit = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
+                let (conn, writer) = (conn.clone(), writer.clone());
+                tokio::spawn(async move {
+                    let c = conn.clone();
+                    let reply = tokio::task::spawn_blocking(move || c.blocking(&req, data)).await;
+                    let reply = reply.unwrap_or_else(|_| conn.error_reply(&req, EIO, "internal error"));
+                    // A failed write means the client is gone; the reader sees it too.
+                    let _ = writer.lock().await.write_all(&reply).await;
+                    drop(permit);
+                });
+            }
+            if out.len() >= BATCH_LIMIT {
+                writer.lock().await.write_all(&out).await?;
+                out.clear();
+            }
+        }
+        if !out.is_empty() {
+            writer.lock().await.write_all(&out).await?;
+            out.clear();
+            if out.capacity() > BATCH_LIMIT {
+                out = Vec::new();
+            }
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(64 * 1024);
+        }
+        tokio::select! {
+            n = reader.read_buf(&mut buf) => {
+                if n? == 0 {
+                    if !buf.is_empty() {
+                        return Err(TransmissionError::Truncated);
+                    }
+                    break 'conn Ending::Dropped;
+                }
+            }
+            _ = shutdown.changed() => break 'conn Ending::Shutdown,
+        }
+        if buf.is_empty() && buf.capacity() > 256 * 1024 {
+            buf = BytesMut::with_capacity(16 * 1024);
+        }
+    };
+    // Let every request already taken finish and reply before closing.
+    let _all = in_flight.acquire_many(MAX_IN_FLIGHT).await;
+    if ending != Ending::Dropped {
+        let _ = writer.lock().await.flush().await;
+    }
+    Ok(ending)
+}
+
+impl Conn {
+    /// Checks a request against the export; `Err` is the NBD error to answer.
+    fn validate(&self, req: &Request) -> Result<(), u32> {
+        let writable = self.disk.is_writable();
+        let allowed = match req.command {
+            Command::Read => {
+                if self.structured {
+                    CMD_FLAG_DF
+                } else {
+                    0
+                }
+            }
+            Command::Write | Command::Trim => CMD_FLAG_FUA,
+            Command::WriteZeroes => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            Command::BlockStatus => CMD_FLAG_REQ_ONE,
+            Command::Flush | Command::Cache | Command::Disc => 0,
+            Command::Unknown(_) => return Err(EINVAL),
+        };
+        if req.flags & !allowed != 0 {
+            return Err(EINVAL);
+        }
+        match req.command {
+            Command::Write | Command::Trim | Command::WriteZeroes if !writable => return Err(EPERM),
+            Command::Flush => return if req.offset == 0 && req.length == 0 { Ok(()) } else { Err(EINVAL) },
+            Command::BlockStatus if !self.base_allocation => return Err(EINVAL),
+            Command::Read if req.length > MAX_PAYLOAD => return Err(EINVAL),
+            _ => {}
+        }
+        if !self.disk.in_range(req.offset, u64::from(req.length)) {
+            return Err(EINVAL);
+        }
+        Ok(())
+    }
+
+    /// Answers `req` on the spot if it needs no blocking work; returns false otherwise.
+    fn try_inline(&self, req: &Request, out: &mut Vec<u8>) -> bool {
+        if let Err(errno) = self.validate(req) {
+            Metrics::add(&self.server.metrics.request_errors, 1);
+            out.extend_from_slice(&self.error_reply(req, errno, "invalid request"));
+            return true;
+        }
+        match req.command {
+            Command::Read => {
+                let start = out.len();
+                self.read_reply_header(req, out);
+                let data_at = out.len();
+                out.resize(data_at + req.length as usize, 0);
+                match self.disk.read(&mut out[data_at..], req.offset, true) {
+                    Ok(true) => {
+                        Metrics::add(&self.server.metrics.read_bytes, u64::from(req.length));
+                        true
+                    }
+                    _ => {
+                        out.truncate(start);
+                        false
+                    }
+                }
+            }
+            Command::Cache => {
+                encode_simple_reply(out, req.cookie, 0);
+                true
+            }
+            Command::BlockStatus => {
+                let max = if req.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { 1 << 16 };
+                let extents: Vec<(u32, u32)> = self
+                    .disk
+                    .block_status(req.offset, u64::from(req.length), max)
+                    .iter()
+                    .map(|e| (e.length as u32, if e.zero { STATE_HOLE | STATE_ZERO } else { 0 }))
+                    .collect();
+                encode_block_status(out, req.cookie, super::handshake::BASE_ALLOCATION_ID, &extents);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn read_reply_header(&self, req: &Request, out: &mut Vec<u8>) {
+        if self.structured && req.length > 0 {
+            encode_offset_data_header(out, req.cookie, req.offset, req.length);
+        } else if self.structured {
+            vstream_nbd::transmission::encode_structured_done(out, req.cookie);
+        } else {
+            encode_simple_reply(out, req.cookie, 0);
+        }
+    }
+
+    /// Serves `req` where blocking is allowed; returns the whole reply.
+    fn blocking(&self, req: &Request, data: Bytes) -> Vec<u8> {
+        let disk = &self.disk;
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        let result: Result<(), WriteError> = match req.command {
+            Command::Read => {
+                let mut out = Vec::with_capacity(32 + req.length as usize);
+                self.read_reply_header(req, &mut out);
+                let at = out.len();
+                out.resize(at + req.length as usize, 0);
+                return match disk.read(&mut out[at..], req.offset, false) {
+                    Ok(_) => {
+                        Metrics::add(&self.server.metrics.read_bytes, u64::from(req.length));
+                        out
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, offset = req.offset, "read failed");
+                        self.error_reply(req, EIO, "read failed")
+                    }
+                };
+            }
+            Command::Write => {
+                Metrics::add(&self.server.metrics.written_bytes, data.len() as u64);
+                disk.write(&data, req.offset, fua)
+            }
+            Command::Flush => disk.flush().map_err(WriteError::from),
+            Command::Trim => disk.trim(req.offset, u64::from(req.length), fua),
+            Command::WriteZeroes => {
+                disk.write_zeroes(req.offset, u64::from(req.length), fua, req.flags & CMD_FLAG_NO_HOLE == 0)
+            }
+            _ => Ok(()),
+        };
+        match result {
+            Ok(()) => {
+                let mut out = Vec::with_capacity(16);
+                encode_simple_reply(&mut out, req.cookie, 0);
+                out
+            }
+            Err(e) => {
+                let errno = errno_of(&e);
+                if errno == EIO {
+                    tracing::error!(error = %e, command = ?req.command, offset = req.offset, "request failed");
+                }
+                self.error_reply(req, errno, &e.to_string())
+            }
+        }
+    }
+
+    /// The error reply for `req`: structured where the protocol demands it.
+    fn error_reply(&self, req: &Request, errno: u32, message: &str) -> Vec<u8> {
+        self.server.metrics.request_errors.fetch_add(1, Ordering::Relaxed);
+        let mut out = Vec::with_capacity(64);
+        if self.structured && matches!(req.command, Command::Read | Command::BlockStatus) {
+            encode_structured_error(&mut out, req.cookie, errno, message);
+        } else {
+            encode_simple_reply(&mut out, req.cookie, errno);
+        }
+        out
+    }
+}
+
+/// The one place a storage error becomes an NBD error.
+pub fn errno_of(e: &WriteError) -> u32 {
+    match e {
+        WriteError::CacheFull { .. } | WriteError::NoSpace => ENOSPC,
+        WriteError::ReadOnly => EPERM,
+        WriteError::OutOfRange => EINVAL,
+        WriteError::Io(_) => EIO,
+    }
+}

@@ -1,0 +1,219 @@
+#!/usr/bin/env bash
+# Build the guest kit used by the end-to-end NBD boot tests.
+#
+#   tests/guest/build.sh OUTDIR
+#
+# Produces OUTDIR/vmlinuz (+ OUTDIR/vmlinux, the same kernel uncompressed for
+# fast PVH boot, when it can be extracted), OUTDIR/initrd.img (busybox + virtio/ext4 modules)
+# and OUTDIR/rootfs.img (raw ext4 with busybox and the test /sbin/init).
+# Idempotent: does nothing when OUTDIR/.stamp matches the inputs. The Debian
+# kernel .deb is downloaded once (apt-get download, nothing is installed on the
+# host) and cached in OUTDIR.
+#
+# Needs: busybox-static, e2fsprogs (mkfs.ext4 -d), cpio, gzip, kmod (depmod,
+# modprobe), dpkg, apt (first run only; `apt-get update` done), xz-utils /
+# zstd only if the kernel ships compressed modules.
+#
+# Environment knobs (all optional):
+#   VSTREAM_GUEST_KERNEL_DEB  path to a linux-image-*.deb to use instead
+#   VSTREAM_GUEST_KERNEL_PKG  package to download (default: what
+#                             linux-image-amd64 depends on)
+#   VSTREAM_GUEST_BUSYBOX     static busybox binary (default /bin/busybox)
+#   VSTREAM_GUEST_ROOTFS_MB   rootfs image size in MiB (default 64)
+set -euo pipefail
+
+die() { echo "build.sh: error: $*" >&2; exit 1; }
+log() { echo "build.sh: $*" >&2; }
+
+[ $# -eq 1 ] || { echo "usage: $0 OUTDIR" >&2; exit 2; }
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+mkdir -p "$1"
+OUT="$(cd "$1" && pwd)"
+BUSYBOX="${VSTREAM_GUEST_BUSYBOX:-/bin/busybox}"
+ROOTFS_MB="${VSTREAM_GUEST_ROOTFS_MB:-64}"
+# Root-disk modules; their dependencies are resolved with modprobe.
+GUEST_MODULES="virtio_pci virtio_blk crc32c_generic ext4"
+
+start=$(date +%s.%N)
+
+for c in mkfs.ext4 cpio gzip dpkg-deb depmod modprobe sha256sum flock; do
+    command -v "$c" >/dev/null 2>&1 || PATH="$PATH:/sbin:/usr/sbin" command -v "$c" >/dev/null 2>&1 ||
+        die "missing tool '$c' (apt-get install -y e2fsprogs cpio gzip dpkg kmod util-linux)"
+done
+export PATH="$PATH:/sbin:/usr/sbin"
+[ -x "$BUSYBOX" ] || die "no busybox at $BUSYBOX (apt-get install -y busybox-static)"
+if ldd "$BUSYBOX" >/dev/null 2>&1; then
+    die "$BUSYBOX is dynamically linked; install busybox-static"
+fi
+
+# Serialize concurrent builds into the same OUTDIR.
+exec 9>"$OUT/.lock"
+flock 9
+
+# ---- kernel package (cached in OUT) -------------------------------------
+find_cached_deb() {
+    local pat="linux-image-*.deb"
+    [ -n "${VSTREAM_GUEST_KERNEL_PKG:-}" ] && pat="${VSTREAM_GUEST_KERNEL_PKG}_*.deb"
+    # newest first, by name
+    (cd "$OUT" && ls -1 $pat 2>/dev/null | sort -V | tail -n1) || true
+}
+
+if [ -n "${VSTREAM_GUEST_KERNEL_DEB:-}" ]; then
+    DEB="$(cd "$(dirname "$VSTREAM_GUEST_KERNEL_DEB")" && pwd)/$(basename "$VSTREAM_GUEST_KERNEL_DEB")"
+    [ -f "$DEB" ] || die "VSTREAM_GUEST_KERNEL_DEB=$DEB does not exist"
+else
+    name="$(find_cached_deb)"
+    if [ -z "$name" ]; then
+        pkg="${VSTREAM_GUEST_KERNEL_PKG:-}"
+        if [ -z "$pkg" ]; then
+            pkg="$(apt-cache depends linux-image-amd64 2>/dev/null |
+                awk '$1=="Depends:" && $2 ~ /^linux-image-/ && !n++ {print $2}')"
+            [ -n "$pkg" ] || die "cannot resolve linux-image-amd64 (run 'apt-get update' first)"
+        fi
+        log "downloading $pkg (apt-get download; not installed on the host)"
+        (cd "$OUT" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >&2) ||
+            die "apt-get download $pkg failed"
+        name="$(find_cached_deb)"
+        [ -n "$name" ] || die "download of $pkg produced no .deb in $OUT"
+    fi
+    DEB="$OUT/$name"
+fi
+
+# ---- up-to-date check --------------------------------------------------
+KEY="$(
+    {
+        cat "$HERE/build.sh" "$HERE/initramfs-init.sh" "$HERE/rootfs-init.sh"
+        echo "deb=$(basename "$DEB") size=$(stat -c %s "$DEB")"
+        sha256sum <"$BUSYBOX"
+        echo "rootfs_mb=$ROOTFS_MB modules=$GUEST_MODULES"
+    } | sha256sum | cut -d' ' -f1
+)"
+if [ -f "$OUT/.stamp" ] && [ "$(cat "$OUT/.stamp")" = "$KEY" ] &&
+    [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/initrd.img" ] && [ -s "$OUT/rootfs.img" ]; then
+    log "up to date in $OUT"
+    exit 0
+fi
+rm -f "$OUT/.stamp"
+
+WORK="$OUT/.work"
+rm -rf "$WORK"
+mkdir -p "$WORK"
+trap 'rm -rf "$WORK"' EXIT
+
+# ---- extract kernel + modules ------------------------------------------
+log "extracting $(basename "$DEB")"
+K="$WORK/kpkg"
+mkdir -p "$K"
+dpkg-deb -x "$DEB" "$K"
+VMLINUZ="$(ls -1 "$K"/boot/vmlinuz-* 2>/dev/null | head -n1)"
+[ -n "$VMLINUZ" ] || die "no /boot/vmlinuz-* in $DEB"
+KVER="${VMLINUZ##*/vmlinuz-}"
+if [ ! -d "$K/lib/modules/$KVER" ] && [ -d "$K/usr/lib/modules/$KVER" ]; then
+    mkdir -p "$K/lib/modules"
+    ln -s "../../usr/lib/modules/$KVER" "$K/lib/modules/$KVER"
+fi
+[ -d "$K/lib/modules/$KVER" ] || die "no modules for $KVER in $DEB"
+depmod -b "$K" "$KVER"
+
+MODLIST=()
+for m in $GUEST_MODULES; do
+    deps="$(modprobe -d "$K" -S "$KVER" --show-depends "$m")" || die "modprobe cannot resolve $m"
+    while read -r verb path _; do
+        [ "$verb" = insmod ] || continue # "builtin X" needs nothing
+        seen=0
+        for p in "${MODLIST[@]:-}"; do [ "$p" = "$path" ] && seen=1; done
+        [ $seen = 1 ] || MODLIST+=("$path")
+    done <<<"$deps"
+done
+
+# ---- initramfs --------------------------------------------------------
+install_busybox() { # DIR: DIR/bin/busybox + one symlink per applet
+    local d="$1"
+    mkdir -p "$d/bin"
+    cp "$BUSYBOX" "$d/bin/busybox"
+    chmod 755 "$d/bin/busybox"
+    local a
+    for a in $("$BUSYBOX" --list); do
+        [ "$a" = busybox ] || [ "$a" = init ] || [ "$a" = linuxrc ] || ln -sf busybox "$d/bin/$a"
+    done
+}
+
+I="$WORK/initramfs"
+mkdir -p "$I"/{dev,proc,sys,newroot,lib/modules}
+install_busybox "$I"
+install -m 755 "$HERE/initramfs-init.sh" "$I/init"
+: >"$I/lib/modules/load-order"
+for path in "${MODLIST[@]:-}"; do
+    [ -n "$path" ] || continue
+    base="$(basename "$path")"
+    case "$base" in
+        *.ko.xz) xz -dc "$path" >"$I/lib/modules/${base%.xz}"; base="${base%.xz}" ;;
+        *.ko.zst) zstd -q -dc "$path" >"$I/lib/modules/${base%.zst}"; base="${base%.zst}" ;;
+        *.ko.gz) gzip -dc "$path" >"$I/lib/modules/${base%.gz}"; base="${base%.gz}" ;;
+        *.ko) cp "$path" "$I/lib/modules/$base" ;;
+        *) die "unexpected module file $path" ;;
+    esac
+    echo "$base" >>"$I/lib/modules/load-order"
+done
+log "initramfs modules: $(tr '\n' ' ' <"$I/lib/modules/load-order")"
+find "$I" -exec touch -h -d @0 {} + # reproducible archive
+(cd "$I" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
+    cpio --quiet --null -o -H newc --owner=0:0 --reproducible) | gzip -9n >"$WORK/initrd.img"
+
+# ---- root filesystem ----------------------------------------------------
+R="$WORK/rootfs"
+mkdir -p "$R"/{sbin,dev,proc,sys,tmp,data,etc,root,mnt}
+install_busybox "$R"
+install -m 755 "$HERE/rootfs-init.sh" "$R/sbin/init"
+echo "vstest" >"$R/etc/hostname"
+echo "$KVER" >"$R/etc/vstest-kernel"
+truncate -s "${ROOTFS_MB}M" "$WORK/rootfs.img"
+mkfs.ext4 -F -q -L vstest-root -E root_owner=0:0 -d "$R" "$WORK/rootfs.img" >&2
+
+# ---- uncompressed kernel for PVH boot ------------------------------------
+# Under TCG the bzImage's own xz decompressor costs ~3 s of every boot. QEMU
+# boots an uncompressed ELF vmlinux directly via its PVH entry point
+# (CONFIG_PVH=y), skipping firmware real-mode setup and decompression.
+# Best effort: if anything does not fit, only vmlinuz is published.
+u32() { od -An -tu4 -j "$2" -N4 "$1" | tr -d ' '; }
+extract_vmlinux() { # BZIMAGE OUT
+    local bz="$1" out="$2" ss poff plen start magic usize dec len
+    [ "$(od -An -c -j $((0x202)) -N4 "$bz" | tr -d ' ')" = HdrS ] || return 1
+    ss="$(od -An -tu1 -j $((0x1f1)) -N1 "$bz" | tr -d ' ')"
+    [ "$ss" = 0 ] && ss=4
+    poff="$(u32 "$bz" $((0x248)))"
+    plen="$(u32 "$bz" $((0x24c)))"
+    start=$(((ss + 1) * 512 + poff))
+    magic="$(od -An -tx1 -j "$start" -N6 "$bz" | tr -d ' \n')"
+    usize="$(u32 "$bz" $((start + plen - 4)))" # the kernel appends le32 size
+    len=$((plen - 4))
+    case "$magic" in
+        fd377a585a00) dec="xz -dc" ;;
+        28b52ffd*) dec="zstd -q -dc" ;;
+        1f8b*) dec="gzip -dc"; len=$plen ;; # size is gzip's own trailer
+        *) return 1 ;;
+    esac
+    command -v "${dec%% *}" >/dev/null || return 1
+    head -c $((start + len)) "$bz" | tail -c "$len" | $dec >"$out" 2>/dev/null || return 1
+    [ "$(stat -c %s "$out")" = "$usize" ] || return 1
+    [ "$(od -An -tx1 -N4 "$out" | tr -d ' \n')" = 7f454c46 ] || return 1
+}
+HAVE_VMLINUX=0
+if grep -qx 'CONFIG_PVH=y' "$K/boot/config-$KVER" 2>/dev/null &&
+    extract_vmlinux "$VMLINUZ" "$WORK/vmlinux"; then
+    HAVE_VMLINUX=1
+else
+    log "note: no PVH vmlinux extracted; guests boot the (slower) bzImage"
+    rm -f "$WORK/vmlinux"
+fi
+
+# ---- publish -----------------------------------------------------------
+cp "$VMLINUZ" "$WORK/vmlinuz"
+rm -f "$OUT/vmlinux"
+for f in vmlinuz initrd.img rootfs.img; do mv -f "$WORK/$f" "$OUT/$f"; done
+[ "$HAVE_VMLINUX" = 0 ] || mv -f "$WORK/vmlinux" "$OUT/vmlinux"
+echo "$KVER" >"$OUT/kernel-version"
+echo "$KEY" >"$OUT/.stamp"
+log "built kernel $KVER in $OUT ($(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}')s):"
+ls -l "$OUT"/vmlinu[xz] "$OUT/initrd.img" "$OUT/rootfs.img" >&2

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Boot the test guest with its root filesystem on a (NBD) drive.
+#
+#   tests/guest/run-guest.sh OUTDIR DRIVE_URL VSTEST [TIMEOUT_S]
+#
+#   OUTDIR     output of tests/guest/build.sh (vmlinux or vmlinuz, initrd.img)
+#   DRIVE_URL  nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH, or any
+#              other QEMU drive file name (e.g. a local raw image, for debugging)
+#   VSTEST     write:TOKEN | read   (see rootfs-init.sh)
+#   TIMEOUT_S  kill QEMU after this many seconds (default 120)
+#
+# The serial console is copied to stdout (CR stripped); a summary line
+# "run-guest: ..." goes to stderr. Exit status:
+#   0  GUEST-OK seen and no GUEST-ERROR
+#   1  guest reported GUEST-ERROR, or QEMU ended without GUEST-OK
+#   2  usage / missing files
+#   3  timeout (QEMU killed)
+#
+# Optional environment:
+#   QEMU                   qemu binary (default qemu-system-x86_64)
+#   VSTREAM_GUEST_KERNEL   kernel file (default OUTDIR/vmlinux if present, i.e.
+#                          PVH boot without decompression, else OUTDIR/vmlinuz)
+#   VSTREAM_GUEST_CPU      -cpu value (default Nehalem: has SSE4.2, boots
+#                          faster under TCG than "max")
+#   VSTREAM_GUEST_MACHINE  -machine value (default pc)
+#   VSTREAM_GUEST_MEM      memory in MiB (default 512)
+#   VSTREAM_GUEST_APPEND   extra kernel command-line words
+#   VSTREAM_GUEST_QEMU_ARGS extra QEMU arguments (word-split)
+#   VSTREAM_GUEST_LOG      also write the console to this file
+set -uo pipefail
+
+usage() { echo "usage: $0 OUTDIR DRIVE_URL VSTEST [TIMEOUT_S]" >&2; exit 2; }
+[ $# -ge 3 ] && [ $# -le 4 ] || usage
+OUT="$1"
+URL="$2"
+VSTEST="$3"
+TIMEOUT="${4:-120}"
+case "$TIMEOUT" in '' | *[!0-9]*) usage ;; esac
+case "$VSTEST" in *[[:space:]]*) echo "run-guest: VSTEST must not contain spaces" >&2; exit 2 ;; esac
+KERNEL="${VSTREAM_GUEST_KERNEL:-}"
+if [ -z "$KERNEL" ]; then
+    KERNEL="$OUT/vmlinuz"
+    [ -s "$OUT/vmlinux" ] && KERNEL="$OUT/vmlinux"
+fi
+for f in "$KERNEL" "$OUT/initrd.img"; do
+    [ -s "$f" ] || { echo "run-guest: $f missing; run tests/guest/build.sh $OUT" >&2; exit 2; }
+done
+QEMU="${QEMU:-qemu-system-x86_64}"
+command -v "$QEMU" >/dev/null || { echo "run-guest: $QEMU not found (apt-get install qemu-system-x86)" >&2; exit 2; }
+
+APPEND="console=ttyS0 root=/dev/vda rootfstype=ext4 rw panic=-1 quiet loglevel=3"
+APPEND+=" mitigations=off nokaslr no_timer_check tsc=unstable vstest=$VSTEST"
+[ -n "${VSTREAM_GUEST_APPEND:-}" ] && APPEND+=" $VSTREAM_GUEST_APPEND"
+
+# Commas separate -drive options: double them inside the file name.
+DRIVE="file=${URL//,/,,},format=raw,if=virtio,cache=none"
+
+# shellcheck disable=SC2206
+EXTRA=(${VSTREAM_GUEST_QEMU_ARGS:-})
+CMD=("$QEMU" -machine "${VSTREAM_GUEST_MACHINE:-pc}" -accel tcg -cpu "${VSTREAM_GUEST_CPU:-Nehalem}" -smp 1
+    -m "${VSTREAM_GUEST_MEM:-512}" -nodefaults -no-user-config -display none
+    -no-reboot -serial stdio -monitor none
+    -kernel "$KERNEL" -initrd "$OUT/initrd.img" -append "$APPEND"
+    -drive "$DRIVE" "${EXTRA[@]}")
+
+LOG="${VSTREAM_GUEST_LOG:-/dev/null}"
+: >"$LOG" 2>/dev/null || LOG=/dev/null
+
+t0=$EPOCHREALTIME
+ok=""
+err=""
+shopt -s lastpipe
+timeout --kill-after=5 "$TIMEOUT" "${CMD[@]}" </dev/null 2>&1 |
+    while IFS= read -r line || [ -n "$line" ]; do
+        line="${line//$'\r'/}"
+        printf '%s\n' "$line"
+        printf '%s\n' "$line" >>"$LOG"
+        case "$line" in
+            *GUEST-OK*) [ -n "$ok" ] || ok=$EPOCHREALTIME ;;
+            *GUEST-ERROR*) err=1 ;;
+        esac
+    done
+rc=${PIPESTATUS[0]}
+t1=$EPOCHREALTIME
+secs() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", b-a}'; }
+
+if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    echo "run-guest: TIMEOUT after ${TIMEOUT}s (qemu killed) vstest=$VSTEST" >&2
+    exit 3
+fi
+if [ -n "$err" ]; then
+    echo "run-guest: FAIL guest reported GUEST-ERROR (qemu rc=$rc, $(secs "$t0" "$t1")s) vstest=$VSTEST" >&2
+    exit 1
+fi
+if [ -z "$ok" ]; then
+    echo "run-guest: FAIL no GUEST-OK (qemu rc=$rc, $(secs "$t0" "$t1")s) vstest=$VSTEST" >&2
+    exit 1
+fi
+echo "run-guest: OK vstest=$VSTEST guest_ok_after=$(secs "$t0" "$ok")s qemu_exit_after=$(secs "$t0" "$t1")s qemu_rc=$rc" >&2
+exit 0
