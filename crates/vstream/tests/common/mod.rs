@@ -1,0 +1,208 @@
+//! Runs the real `vstream` binary as a server in a temporary folder, drives it
+//! with the real CLI, and tells tests which external clients exist.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_vstream");
+
+/// True if `tool` is on PATH; otherwise prints why the test is skipped.
+/// In CI (CI=true) a missing tool is a failure, not a skip.
+pub fn have(tool: &str) -> bool {
+    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
+    if !found {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{tool} is required in CI but is not installed (.ci/install-deps installs it)");
+        }
+        eprintln!("SKIP: {tool} is not installed (run .ci/install-deps)");
+    }
+    found
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port")
+}
+
+pub struct TestServer {
+    pub child: Option<Child>,
+    pub data: PathBuf,
+    pub api: String,
+    pub nbd_port: u16,
+    pub sock: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+    pub log: PathBuf,
+}
+
+impl TestServer {
+    /// Starts a server on a new data folder.
+    pub fn start() -> TestServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = TestServer::start_in(dir.path().to_path_buf());
+        s._dir = Some(dir);
+        s
+    }
+
+    /// Starts a server on `data` (an existing folder keeps its state).
+    pub fn start_in(data: PathBuf) -> TestServer {
+        let nbd_port = free_port();
+        let api_port = free_port();
+        let sock = data.join("nbd.sock");
+        let log = data.join(format!("server-{nbd_port}.log"));
+        let mut s = TestServer {
+            child: None,
+            api: format!("http://127.0.0.1:{api_port}"),
+            nbd_port,
+            sock,
+            data,
+            _dir: None,
+            log,
+        };
+        s.spawn(api_port);
+        s
+    }
+
+    fn spawn(&mut self, api_port: u16) {
+        let log = std::fs::File::create(&self.log).expect("log file");
+        let child = Command::new(BIN)
+            .args(["server", "--data"])
+            .arg(&self.data)
+            .args(["--nbd", &format!("127.0.0.1:{}", self.nbd_port)])
+            .arg("--nbd")
+            .arg(format!("unix:{}", self.sock.display()))
+            .args(["--api", &format!("127.0.0.1:{api_port}")])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning vstream server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", self.nbd_port)).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", api_port)).is_ok()
+            {
+                return;
+            }
+            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("server exited with {st} at start:\n{}", self.log_text());
+            }
+            assert!(Instant::now() < deadline, "server did not start:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Restarts on the same folder and ports (after kill9 or stop).
+    pub fn restart(&mut self) {
+        let port: u16 = self.api.rsplit(':').next().and_then(|p| p.parse().ok()).expect("api port");
+        self.spawn(port);
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.data.join("admin.token")).expect("admin.token").trim().to_string()
+    }
+
+    /// Runs the CLI against this server.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("VSTREAM_API", &self.api)
+            .env("VSTREAM_TOKEN", self.token())
+            .output()
+            .expect("running vstream")
+    }
+
+    /// Runs the CLI and insists on success; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "vstream {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs the CLI expecting failure; returns stderr.
+    pub fn cli_err(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(!out.status.success(), "vstream {args:?} should have failed");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    pub fn url(&self, export: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{}", self.nbd_port, export)
+    }
+
+    pub fn unix_url(&self, export: &str) -> String {
+        format!("nbd+unix:///{}?socket={}", export, self.sock.display())
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("server running");
+        // SAFETY: sending a signal to our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = c.try_wait().expect("wait") {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("server did not stop within 20 s of SIGTERM:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs a command and insists on success; returns stdout.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A file of `size` bytes: random data in scattered extents, zeros elsewhere.
+pub fn random_image(path: &Path, size: u64, seed: u64) {
+    use rand::{Rng, SeedableRng};
+    use std::os::unix::fs::FileExt;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let f = std::fs::File::create(path).expect("create image");
+    f.set_len(size).expect("set_len");
+    for _ in 0..64 {
+        let len = rng.gen_range(1..256 * 1024u64);
+        let off = rng.gen_range(0..size - len);
+        let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+        f.write_all_at(&data, off).expect("write");
+    }
+    // Unaligned edges too.
+    f.write_all_at(b"first bytes", 0).expect("write");
+    f.write_all_at(b"last bytes!", size - 11).expect("write");
+}
