@@ -1,5 +1,7 @@
 //! The types the vstream admin API speaks, shared by the server, the CLI and
-//! (later) the web console. Nothing here does I/O.
+//! (later) the web console. Nothing here touches a socket or a file by itself.
+
+pub mod extents;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
