@@ -268,7 +268,7 @@ impl Disk {
         if !self.in_range(offset, len) {
             return Err(WriteError::OutOfRange);
         }
-        Ok(self.layers.last().map(|l| l.as_ref()).ok_or(WriteError::ReadOnly)?)
+        self.layers.last().map(|l| l.as_ref()).ok_or(WriteError::ReadOnly)
     }
 
     /// Reserves room in the top layer for chunks `[first, last)` not yet there.

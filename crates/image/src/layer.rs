@@ -88,7 +88,7 @@ impl std::fmt::Debug for Layer {
 impl Layer {
     /// Creates an empty layer file (all chunks unallocated) and makes it durable.
     pub fn create(path: &Path, size: u64) -> Result<Layer, ImageError> {
-        if size == 0 || size > MAX_SIZE || size % 512 != 0 {
+        if size == 0 || size > MAX_SIZE || !size.is_multiple_of(512) {
             return Err(ImageError::Invalid(format!(
                 "a vDisk size must be a non-zero multiple of 512 bytes up to {MAX_SIZE}, not {size}"
             )));

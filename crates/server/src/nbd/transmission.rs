@@ -87,8 +87,7 @@ where
     let mut out: Vec<u8> = Vec::new();
     let ending = 'conn: loop {
         // Answer every complete request in the buffer.
-        loop {
-            let Some(req) = decode_request(&buf)? else { break };
+        while let Some(req) = decode_request(&buf)? {
             let payload = req.payload_len();
             if payload > MAX_PAYLOAD as usize {
                 return Err(TransmissionError::TooLarge(req.length));
