@@ -55,6 +55,9 @@ pub struct Config {
     pub max_connections: usize,
     /// Seconds a client may take to finish the handshake.
     pub handshake_timeout_secs: u64,
+    /// Offer structured replies; off, every client gets simple replies as the
+    /// Linux kernel does (for measuring that path, like nbdkit's `--no-sr`).
+    pub structured_replies: bool,
 }
 
 pub const DEFAULT_DATA: &str = "/var/lib/vstream";
@@ -71,6 +74,7 @@ pub struct FileConfig {
     pub log_format: Option<LogFormat>,
     pub max_connections: Option<usize>,
     pub handshake_timeout_secs: Option<u64>,
+    pub structured_replies: Option<bool>,
 }
 
 impl FileConfig {
@@ -115,6 +119,7 @@ impl Config {
             log_format: flags.log_format.or(file.log_format).unwrap_or_default(),
             max_connections,
             handshake_timeout_secs: file.handshake_timeout_secs.unwrap_or(10),
+            structured_replies: file.structured_replies.unwrap_or(true),
         })
     }
 }

@@ -103,7 +103,9 @@ where
                 encode_option_reply(&mut out, code, REP_ACK, &[]);
             }
             ClientOption::StructuredReply => {
-                if structured {
+                if !server.config.structured_replies {
+                    encode_option_error(&mut out, code, REP_ERR_UNSUP, "structured replies are turned off");
+                } else if structured {
                     encode_option_error(&mut out, code, REP_ERR_INVALID, "structured replies are already on");
                 } else {
                     structured = true;
