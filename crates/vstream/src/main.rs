@@ -1,1 +1,135 @@
-fn main() {}
+//! `vstream`: the one command-line program of a vstream farm.
+//!
+//! ```text
+//!   vstream server ...   run a provisioning server            (server_cmd.rs)
+//!   vstream vdisk ...    manage vDisks through a server's API (vdisk.rs, vdisk/)
+//!   vstream device ...   manage devices through the API       (device.rs)
+//! ```
+//!
+//! Each subcommand lives in its own module and owns its clap arguments. The
+//! admin commands (`vdisk`, `device`) are a thin HTTP client of the server's
+//! JSON API, all going through `client.rs`; their `--api URL` and
+//! `--token-file` options belong to them rather than to the whole program,
+//! because `vstream server --api HOST:PORT` means a listen address instead.
+//!
+//! Errors end the program with `error: ...` on stderr and exit status 1; an
+//! error sentence from the API is printed as the server wrote it.
+
+mod client;
+mod device;
+mod output;
+mod server_cmd;
+mod vdisk;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Streams vDisks to network-booted devices over NBD, and manages the farm.
+#[derive(Debug, Parser)]
+#[command(name = "vstream", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a provisioning server (NBD service and admin API).
+    Server(server_cmd::ServerArgs),
+    /// Create, import, export, list and change vDisks.
+    #[command(name = "vdisk")]
+    VDisk(vdisk::VDiskArgs),
+    /// Add, list, remove and reset devices.
+    Device(device::DeviceArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Server(args) => server_cmd::run(args),
+        Command::VDisk(args) => vdisk::run(args),
+        Command::Device(args) => device::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The API's own sentence stands alone, whatever context was added
+            // on the way up; anything else shows its whole chain.
+            match e.downcast_ref::<client::ApiError>() {
+                Some(api) => eprintln!("error: {api}"),
+                None => eprintln!("error: {e:#}"),
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("vstream").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn documented_command_lines_parse() {
+        for line in [
+            "vdisk create win10 --size 8GiB",
+            "vdisk import win10 disk.qcow2",
+            "vdisk export win10 out.vhd --format vhd",
+            "vdisk export win10@3 out.img",
+            "vdisk list --json",
+            "vdisk show win10 --json",
+            "vdisk set win10 --mode standard --cache-limit 4GiB",
+            "vdisk set win10 --cache-limit 4GiB",
+            "vdisk delete win10",
+            "device add pc1 --mac AA-BB-CC-00-11-22 --vdisk win10",
+            "device list --json",
+            "device show pc1",
+            "device remove pc1",
+            "device reset pc1",
+            "server --data /srv/vs --nbd 0.0.0.0:10809 --nbd unix:/run/vs.sock \
+             --api 127.0.0.1:7080 --log-format json --max-connections 10",
+        ] {
+            let args: Vec<&str> = line.split_whitespace().collect();
+            if let Err(e) = parse(&args) {
+                panic!("{line}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn client_options_go_before_or_after_the_action() {
+        for args in [
+            &["vdisk", "--api", "http://h:1", "list"][..],
+            &["vdisk", "list", "--api", "http://h:1"][..],
+        ] {
+            let Command::VDisk(v) = parse(args).unwrap().command else {
+                panic!("not a vdisk command");
+            };
+            assert_eq!(v.client.api, "http://h:1");
+        }
+        // The client's --api is not the server's.
+        assert!(parse(&["--api", "http://h:1", "vdisk", "list"]).is_err());
+    }
+
+    #[test]
+    fn set_needs_something_to_set() {
+        assert!(parse(&["vdisk", "set", "win10"]).is_err());
+        assert!(parse(&["vdisk", "set", "win10", "--mode", "shared"]).is_err());
+    }
+
+    #[test]
+    fn bad_sizes_and_macs_are_refused() {
+        assert!(parse(&["vdisk", "create", "a", "--size", "8 parsecs"]).is_err());
+        assert!(parse(&["device", "add", "a", "--mac", "aa:bb", "--vdisk", "v"]).is_err());
+    }
+}

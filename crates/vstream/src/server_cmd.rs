@@ -1,0 +1,182 @@
+//! `vstream server`: runs a provisioning server.
+//!
+//! ```text
+//!   flags (ServerArgs) --> FlagConfig ┐
+//!   --config FILE      --> FileConfig ┴--> Config::resolve --> Config
+//!   Config --> tracing to stderr (text or JSON) --> tokio runtime
+//!          --> vstream_server::run(config)
+//! ```
+//!
+//! Flags override the file, the file overrides the defaults; the defaults and
+//! the checks live in `vstream_server::config`, not here.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Context, Result};
+use clap::{Args, ValueEnum};
+use tracing_subscriber::EnvFilter;
+use vstream_server::config::{Config, FileConfig, FlagConfig, LogFormat};
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Folder holding the vDisk store and the farm database
+    /// [default: /var/lib/vstream].
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Where the NBD service listens; repeat for several listeners
+    /// [default: 127.0.0.1:10809].
+    #[arg(long, value_name = "HOST:PORT|unix:PATH")]
+    pub nbd: Vec<String>,
+    /// Where the admin and device HTTP API listens [default: 127.0.0.1:7080].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub api: Option<String>,
+    /// TOML file with the same settings; flags win over it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log lines as text or JSON, on stderr (RUST_LOG filters; default info)
+    /// [default: text].
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormatArg>,
+    /// Most NBD connections served at once [default: 4096].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormatArg {
+    Text,
+    Json,
+}
+
+impl From<LogFormatArg> for LogFormat {
+    fn from(f: LogFormatArg) -> LogFormat {
+        match f {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        }
+    }
+}
+
+pub fn run(args: ServerArgs) -> Result<()> {
+    let config = resolve(args)?;
+    init_logging(config.log_format)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(vstream_server::run(config))
+}
+
+/// The checked configuration from the file (if any) and the flags.
+fn resolve(args: ServerArgs) -> Result<Config> {
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path).map_err(|e| anyhow!("config file: {e}"))?,
+        None => FileConfig::default(),
+    };
+    let flags = FlagConfig {
+        data: args.data,
+        nbd: args.nbd,
+        api: args.api,
+        log_format: args.log_format.map(LogFormat::from),
+        max_connections: args.max_connections,
+    };
+    Config::resolve(file, flags).map_err(|e| anyhow!("invalid server configuration: {e}"))
+}
+
+/// Logs to stderr, filtered by RUST_LOG (default `info`).
+fn init_logging(format: LogFormat) -> Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => EnvFilter::try_new(&spec)
+            .with_context(|| format!("RUST_LOG={spec:?} is not a valid log filter"))?,
+        _ => EnvFilter::new("info"),
+    };
+    // Colours only for a person watching, not in a journal or a file.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let installed = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    installed.map_err(|e| anyhow!("setting up logging: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use std::io::Write;
+    use vstream_server::config::Listen;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        server: ServerArgs,
+    }
+
+    fn args(line: &[&str]) -> ServerArgs {
+        Cli::try_parse_from(std::iter::once("server").chain(line.iter().copied()))
+            .unwrap()
+            .server
+    }
+
+    #[test]
+    fn flags_become_config() {
+        let c = resolve(args(&[
+            "--data",
+            "/srv/vs",
+            "--nbd",
+            "0.0.0.0:10809",
+            "--nbd",
+            "unix:/run/vs.sock",
+            "--api",
+            "127.0.0.1:9000",
+            "--log-format",
+            "json",
+            "--max-connections",
+            "7",
+        ]))
+        .unwrap();
+        assert_eq!(c.data, PathBuf::from("/srv/vs"));
+        assert_eq!(
+            c.nbd,
+            vec![
+                Listen::Tcp("0.0.0.0:10809".parse().unwrap()),
+                Listen::Unix("/run/vs.sock".into())
+            ]
+        );
+        assert_eq!(c.api.port(), 9000);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.max_connections, 7);
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            f,
+            "data = \"/from/file\"\nmax_connections = 3\nlog_format = \"json\""
+        )
+        .unwrap();
+        let path = f.path().to_str().unwrap();
+        let c = resolve(args(&["--config", path, "--max-connections", "9"])).unwrap();
+        assert_eq!(c.data, PathBuf::from("/from/file"));
+        assert_eq!(c.max_connections, 9);
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn bad_settings_are_explained() {
+        let e = resolve(args(&["--api", "localhost"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("invalid server configuration: "), "{e}");
+        let e = resolve(args(&["--config", "/nonexistent/vstream.toml"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/vstream.toml"), "{e}");
+        assert!(Cli::try_parse_from(["server", "--log-format", "xml"]).is_err());
+    }
+}

@@ -1,0 +1,282 @@
+//! `vstream vdisk`: vDisks through the admin API.
+//!
+//! ```text
+//!   create NAME --size SIZE             POST   /api/v1/vdisks
+//!   import NAME FILE                    PUT    /api/v1/vdisks/NAME/content   (vdisk/import.rs)
+//!   export NAME[@VERSION] FILE          GET    /api/v1/vdisks/NAME/content   (vdisk/export.rs)
+//!   list                                GET    /api/v1/vdisks
+//!   show NAME                           GET    /api/v1/vdisks/NAME
+//!   set NAME [--mode M] [--cache-limit] PATCH  /api/v1/vdisks/NAME
+//!   delete NAME                         DELETE /api/v1/vdisks/NAME
+//! ```
+
+mod export;
+mod import;
+
+use anyhow::Result;
+use clap::{ArgGroup, Args, Subcommand};
+use vstream_api::{CreateVDisk, Mode, SetVDisk, VDisk, VDiskInfo};
+
+use crate::client::{api_path, Client, ClientArgs};
+use crate::output::{
+    format_unix_time, human_size, print, print_json, render_fields, render_table, short_hash,
+};
+
+#[derive(Debug, Args)]
+pub struct VDiskArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(subcommand)]
+    pub command: VDiskCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VDiskCommand {
+    /// Create an empty vDisk.
+    Create(CreateArgs),
+    /// Make a new vDisk from a disk image (raw, VHD; qcow2, VHDX, VMDK, VDI
+    /// through qemu-img).
+    Import(import::ImportArgs),
+    /// Download a vDisk's content into a disk image file.
+    Export(export::ExportArgs),
+    /// List the vDisks.
+    List(ListArgs),
+    /// Show one vDisk.
+    Show(ShowArgs),
+    /// Change a vDisk's mode or write cache limit.
+    Set(SetArgs),
+    /// Delete a vDisk.
+    Delete(NameArg),
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Name of the new vDisk.
+    pub name: String,
+    /// Virtual size, such as 8GiB, 512M or 1.5T (binary units).
+    #[arg(long, value_name = "SIZE", value_parser = vstream_api::parse_size)]
+    pub size: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Print the API's JSON (sizes in bytes) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    pub name: String,
+    /// Print the API's JSON (sizes in bytes).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("change").required(true).multiple(true).args(["mode", "cache_limit"])))]
+pub struct SetArgs {
+    pub name: String,
+    /// private: one device reads and writes the vDisk itself; standard: many
+    /// devices share it read-only, each writing to its own cache.
+    #[arg(long, value_name = "private|standard", value_parser = parse_mode)]
+    pub mode: Option<Mode>,
+    /// Largest write cache one device may fill, such as 4GiB.
+    #[arg(long, value_name = "SIZE", value_parser = vstream_api::parse_size)]
+    pub cache_limit: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct NameArg {
+    pub name: String,
+}
+
+fn parse_mode(s: &str) -> Result<Mode, String> {
+    s.parse()
+}
+
+pub fn run(args: VDiskArgs) -> Result<()> {
+    let client = Client::from_args(&args.client)?;
+    match args.command {
+        VDiskCommand::Create(a) => create(&client, a),
+        VDiskCommand::Import(a) => import::run(&client, a),
+        VDiskCommand::Export(a) => export::run(&client, a),
+        VDiskCommand::List(a) => list(&client, a),
+        VDiskCommand::Show(a) => show(&client, a),
+        VDiskCommand::Set(a) => set(&client, a),
+        VDiskCommand::Delete(a) => delete(&client, a),
+    }
+}
+
+fn create(client: &Client, a: CreateArgs) -> Result<()> {
+    let body = CreateVDisk {
+        name: a.name.clone(),
+        size: a.size,
+    };
+    // The answer is a VDisk or a VDiskInfo (which holds one); either parses.
+    let created: Option<VDisk> = client.post(&api_path(&["vdisks"]), &body)?;
+    let (name, size) = created.map_or((a.name, a.size), |v| (v.name, v.size));
+    print(&format!("created vDisk {name} ({})\n", human_size(size)))
+}
+
+fn list(client: &Client, a: ListArgs) -> Result<()> {
+    let path = api_path(&["vdisks"]);
+    if a.json {
+        return print_json(&client.get(&path)?);
+    }
+    let vdisks: Vec<VDiskInfo> = client.get(&path)?;
+    print(&vdisk_table(&vdisks))
+}
+
+fn vdisk_table(vdisks: &[VDiskInfo]) -> String {
+    let rows: Vec<Vec<String>> = vdisks
+        .iter()
+        .map(|i| {
+            vec![
+                i.vdisk.name.clone(),
+                human_size(i.vdisk.size),
+                i.vdisk.mode.to_string(),
+                cache_summary(&i.vdisk),
+                short_hash(&i.content_hash),
+                i.connected.len().to_string(),
+            ]
+        })
+        .collect();
+    render_table(&["NAME", "SIZE", "MODE", "CACHE", "HASH", "DEVICES"], &rows)
+}
+
+/// `server`, or `server (4 GiB)` with a cache limit.
+fn cache_summary(v: &VDisk) -> String {
+    match v.cache_limit {
+        Some(limit) => format!("{} ({})", v.cache_type, human_size(limit)),
+        None => v.cache_type.to_string(),
+    }
+}
+
+fn show(client: &Client, a: ShowArgs) -> Result<()> {
+    let path = api_path(&["vdisks", &a.name]);
+    if a.json {
+        return print_json(&client.get(&path)?);
+    }
+    let info: VDiskInfo = client.get(&path)?;
+    print(&vdisk_fields(&info))
+}
+
+fn vdisk_fields(i: &VDiskInfo) -> String {
+    let v = &i.vdisk;
+    let hash = if i.content_hash.is_empty() {
+        "-".to_string()
+    } else {
+        i.content_hash.clone()
+    };
+    let connected = if i.connected.is_empty() {
+        "none".to_string()
+    } else {
+        i.connected.join(", ")
+    };
+    render_fields(&[
+        ("name", v.name.clone()),
+        ("size", format!("{} ({} bytes)", human_size(v.size), v.size)),
+        ("mode", v.mode.to_string()),
+        ("cache type", v.cache_type.to_string()),
+        (
+            "cache limit",
+            v.cache_limit
+                .map_or_else(|| "the vDisk size".to_string(), human_size),
+        ),
+        ("content hash", hash),
+        ("allocated", human_size(i.allocated)),
+        ("connected devices", connected),
+        ("created", format_unix_time(v.created_unix)),
+    ])
+}
+
+fn set(client: &Client, a: SetArgs) -> Result<()> {
+    let body = SetVDisk {
+        mode: a.mode,
+        cache_limit: a.cache_limit,
+    };
+    let updated: Option<VDisk> = client.patch(&api_path(&["vdisks", &a.name]), &body)?;
+    let line = match updated {
+        Some(v) => format!(
+            "vDisk {}: mode {}, cache limit {}\n",
+            v.name,
+            v.mode,
+            v.cache_limit
+                .map_or_else(|| "the vDisk size".to_string(), human_size)
+        ),
+        None => format!("updated vDisk {}\n", a.name),
+    };
+    print(&line)
+}
+
+fn delete(client: &Client, a: NameArg) -> Result<()> {
+    client.delete(&api_path(&["vdisks", &a.name]))?;
+    print(&format!("deleted vDisk {}\n", a.name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vstream_api::CacheType;
+
+    fn info(name: &str, size: u64, limit: Option<u64>, connected: &[&str]) -> VDiskInfo {
+        VDiskInfo {
+            vdisk: VDisk {
+                name: name.into(),
+                size,
+                mode: if connected.len() > 1 {
+                    Mode::Standard
+                } else {
+                    Mode::Private
+                },
+                cache_type: CacheType::Server,
+                cache_limit: limit,
+                created_unix: 1_700_000_000,
+            },
+            content_hash: "0123456789abcdef".repeat(4),
+            allocated: 3 << 29,
+            connected: connected.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn list_table() {
+        let t = vdisk_table(&[
+            info("win10", 8 << 30, Some(4 << 30), &["pc1", "pc2"]),
+            info("tiny", 3 << 19, None, &[]),
+        ]);
+        assert_eq!(
+            t,
+            "NAME   SIZE     MODE      CACHE           HASH          DEVICES\n\
+             win10  8 GiB    standard  server (4 GiB)  0123456789ab  2\n\
+             tiny   1.5 MiB  private   server          0123456789ab  0\n"
+        );
+    }
+
+    #[test]
+    fn show_fields() {
+        let f = vdisk_fields(&info("win10", 8 << 30, None, &["pc1", "pc2"]));
+        let expected = format!(
+            "name:              win10\n\
+             size:              8 GiB (8589934592 bytes)\n\
+             mode:              standard\n\
+             cache type:        server\n\
+             cache limit:       the vDisk size\n\
+             content hash:      {}\n\
+             allocated:         1.5 GiB\n\
+             connected devices: pc1, pc2\n\
+             created:           2023-11-14 22:13:20 UTC\n",
+            "0123456789abcdef".repeat(4)
+        );
+        assert_eq!(f, expected);
+    }
+
+    #[test]
+    fn info_json_parses_as_vdisk() {
+        // `create` and `set` rely on this: a VDiskInfo answer reads as a VDisk.
+        let json = serde_json::to_string(&info("a", 1024, None, &[])).unwrap();
+        let v: VDisk = serde_json::from_str(&json).unwrap();
+        assert_eq!(v.name, "a");
+    }
+}
