@@ -42,13 +42,13 @@ pub(super) async fn import_vdisk(
     let worker = tokio::task::spawn_blocking(move || import_blocking(&srv, &n, rx));
     let mut stream = body.into_data_stream();
     let mut body_error = None;
+    let mut worker_stopped = false;
     while let Some(chunk) = stream.next().await {
         match chunk {
-            Ok(c) => {
-                if tx.send(c).await.is_err() {
-                    break; // the worker stopped: its error is the answer
-                }
-            }
+            // Once the worker has stopped, its error is the answer; the rest of
+            // the upload is read and dropped so the client gets to read that answer.
+            Ok(c) if !worker_stopped => worker_stopped = tx.send(c).await.is_err(),
+            Ok(_) => {}
             Err(e) => {
                 body_error = Some(e);
                 break;

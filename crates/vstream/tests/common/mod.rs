@@ -47,6 +47,7 @@ impl TestServer {
 
     /// Starts a server on `data` (an existing folder keeps its state).
     pub fn start_in(data: PathBuf) -> TestServer {
+        std::fs::create_dir_all(&data).expect("creating the data folder");
         let nbd_port = free_port();
         let api_port = free_port();
         let sock = data.join("nbd.sock");
