@@ -132,7 +132,10 @@ pub struct ErrorBody {
 
 /// Normalises a MAC address (`AA-BB-..`, `aa:bb:..` or `aabb..`) to `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(s: &str) -> Result<String, String> {
-    let hex: String = s.chars().filter(|c| !matches!(c, ':' | '-' | '.')).collect();
+    let hex: String = s
+        .chars()
+        .filter(|c| !matches!(c, ':' | '-' | '.'))
+        .collect();
     if hex.len() != 12 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
         return Err(format!("{s:?} is not a MAC address"));
     }
@@ -144,7 +147,9 @@ pub fn parse_mac(s: &str) -> Result<String, String> {
 /// Parses sizes such as `8GiB`, `512M`, `4096`, `1.5G` (binary units).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,

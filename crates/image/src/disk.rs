@@ -40,7 +40,12 @@ pub struct Disk {
 impl Disk {
     /// A read-only view of `layers` (bottom first).
     pub fn read_only(layers: Vec<Arc<Layer>>) -> Disk {
-        Disk { layers, writable: false, limit: None, reserved: AtomicU64::new(0) }
+        Disk {
+            layers,
+            writable: false,
+            limit: None,
+            reserved: AtomicU64::new(0),
+        }
     }
 
     /// A view whose top layer takes the writes, holding at most `limit` bytes.
@@ -49,7 +54,12 @@ impl Disk {
             Some(top) if top.is_writable() && !top.is_sealed() => {}
             _ => return Err(WriteError::ReadOnly),
         }
-        Ok(Disk { layers, writable: true, limit, reserved: AtomicU64::new(0) })
+        Ok(Disk {
+            layers,
+            writable: true,
+            limit,
+            reserved: AtomicU64::new(0),
+        })
     }
 
     pub fn size(&self) -> u64 {
@@ -69,12 +79,16 @@ impl Disk {
     /// Index of the layer that holds `chunk` among `layers[..below]`, if any.
     #[inline]
     fn owner(&self, chunk: u64, below: usize) -> Option<usize> {
-        (0..below).rev().find(|&i| self.layers[i].is_allocated(chunk))
+        (0..below)
+            .rev()
+            .find(|&i| self.layers[i].is_allocated(chunk))
     }
 
     /// Whether `[offset, offset+len)` lies inside the disk.
     pub fn in_range(&self, offset: u64, len: u64) -> bool {
-        offset.checked_add(len).is_some_and(|end| end <= self.size())
+        offset
+            .checked_add(len)
+            .is_some_and(|end| end <= self.size())
     }
 
     /// Reads `buf.len()` bytes at `offset`. With `nowait`, returns `Ok(false)`
@@ -84,9 +98,18 @@ impl Disk {
         self.read_below(buf, offset, self.layers.len(), nowait)
     }
 
-    fn read_below(&self, buf: &mut [u8], offset: u64, below: usize, nowait: bool) -> io::Result<bool> {
+    fn read_below(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        below: usize,
+        nowait: bool,
+    ) -> io::Result<bool> {
         if !self.in_range(offset, buf.len() as u64) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "read past the end of the disk"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "read past the end of the disk",
+            ));
         }
         let end = offset + buf.len() as u64;
         let mut pos = offset;
@@ -118,7 +141,7 @@ impl Disk {
         if data.is_empty() {
             return Ok(());
         }
-        top.invalidate_hashes()?;
+        let _writing = top.begin_write()?;
         let end = offset + data.len() as u64;
         let first = offset / CHUNK;
         let last = end.div_ceil(CHUNK);
@@ -143,7 +166,10 @@ impl Disk {
                         break;
                     }
                 }
-                top.write_data(&data[(pos - offset) as usize..(run_end - offset) as usize], pos)?;
+                top.write_data(
+                    &data[(pos - offset) as usize..(run_end - offset) as usize],
+                    pos,
+                )?;
                 top.set_allocated(chunk, run_end.div_ceil(CHUNK));
                 pos = run_end;
                 continue;
@@ -177,7 +203,13 @@ impl Disk {
 
     /// Zeroes `[offset, offset+len)`. With `punch`, whole chunks become holes
     /// in the file; without it (NBD's NO_HOLE), zeros are written out.
-    pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool, punch: bool) -> Result<(), WriteError> {
+    pub fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        punch: bool,
+    ) -> Result<(), WriteError> {
         if punch {
             return self.zero_or_trim(offset, len, fua, false);
         }
@@ -206,10 +238,14 @@ impl Disk {
         if len == 0 {
             return Ok(());
         }
-        top.invalidate_hashes()?;
+        let _writing = top.begin_write()?;
         let end = offset + len;
         let whole_first = offset.div_ceil(CHUNK);
-        let whole_last = if end == self.size() { end.div_ceil(CHUNK) } else { end / CHUNK };
+        let whole_last = if end == self.size() {
+            end.div_ceil(CHUNK)
+        } else {
+            end / CHUNK
+        };
         if whole_first >= whole_last {
             if !trim {
                 self.write(&vec![0u8; len as usize], offset, fua)?;
@@ -268,17 +304,31 @@ impl Disk {
         if !self.in_range(offset, len) {
             return Err(WriteError::OutOfRange);
         }
-        self.layers.last().map(|l| l.as_ref()).ok_or(WriteError::ReadOnly)
+        self.layers
+            .last()
+            .map(|l| l.as_ref())
+            .ok_or(WriteError::ReadOnly)
     }
 
     /// Reserves room in the top layer for chunks `[first, last)` not yet there.
-    fn reserve<'a>(&'a self, top: &Layer, first: u64, last: u64) -> Result<Reservation<'a>, WriteError> {
+    fn reserve<'a>(
+        &'a self,
+        top: &Layer,
+        first: u64,
+        last: u64,
+    ) -> Result<Reservation<'a>, WriteError> {
         let Some(limit) = self.limit else {
-            return Ok(Reservation { disk: self, chunks: 0 });
+            return Ok(Reservation {
+                disk: self,
+                chunks: 0,
+            });
         };
         let needed = (first..last).filter(|&c| !top.is_allocated(c)).count() as u64;
         if needed == 0 {
-            return Ok(Reservation { disk: self, chunks: 0 });
+            return Ok(Reservation {
+                disk: self,
+                chunks: 0,
+            });
         }
         let limit_chunks = limit / CHUNK;
         let mut reserved = self.reserved.load(Ordering::Acquire);
@@ -286,8 +336,18 @@ impl Disk {
             if top.allocated_chunks() + reserved + needed > limit_chunks {
                 return Err(WriteError::CacheFull { limit });
             }
-            match self.reserved.compare_exchange(reserved, reserved + needed, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Ok(Reservation { disk: self, chunks: needed }),
+            match self.reserved.compare_exchange(
+                reserved,
+                reserved + needed,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    return Ok(Reservation {
+                        disk: self,
+                        chunks: needed,
+                    })
+                }
                 Err(now) => reserved = now,
             }
         }
@@ -312,7 +372,10 @@ impl Disk {
             while next < end && (self.owner(next / CHUNK, self.layers.len()).is_none()) == zero {
                 next = (next + CHUNK).min(end);
             }
-            out.push(Extent { length: next - pos, zero });
+            out.push(Extent {
+                length: next - pos,
+                zero,
+            });
             pos = next;
         }
         out
@@ -413,9 +476,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let base = layer(dir.path(), "base", 1 << 20);
         let ro = Disk::read_only(vec![base.clone()]);
-        assert!(matches!(ro.write(&[1], 0, false), Err(WriteError::ReadOnly)));
+        assert!(matches!(
+            ro.write(&[1], 0, false),
+            Err(WriteError::ReadOnly)
+        ));
         let rw = Disk::writable(vec![base], None).unwrap();
-        assert!(matches!(rw.write(&[1, 2], (1 << 20) - 1, false), Err(WriteError::OutOfRange)));
+        assert!(matches!(
+            rw.write(&[1, 2], (1 << 20) - 1, false),
+            Err(WriteError::OutOfRange)
+        ));
         let mut b = [0u8; 2];
         assert!(rw.read(&mut b, (1 << 20) - 1, false).is_err());
         assert!(rw.read(&mut b, u64::MAX, false).is_err());
@@ -431,9 +500,18 @@ mod tests {
         assert_eq!(
             ext,
             vec![
-                Extent { length: 16384, zero: true },
-                Extent { length: 8192, zero: false },
-                Extent { length: (1 << 20) - 24576, zero: true }
+                Extent {
+                    length: 16384,
+                    zero: true
+                },
+                Extent {
+                    length: 8192,
+                    zero: false
+                },
+                Extent {
+                    length: (1 << 20) - 24576,
+                    zero: true
+                }
             ]
         );
         assert_eq!(disk.block_status(0, 1 << 20, 1).len(), 1);

@@ -6,17 +6,33 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("opening layer file {path}")]
-    OpenLayer { path: PathBuf, #[source] source: io::Error },
+    OpenLayer {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("layer file {path} is corrupt: {reason}")]
     CorruptLayer { path: PathBuf, reason: String },
     #[error("layer file {path} has size {found}, the vDisk has size {expected}")]
-    SizeMismatch { path: PathBuf, found: u64, expected: u64 },
+    SizeMismatch {
+        path: PathBuf,
+        found: u64,
+        expected: u64,
+    },
     #[error("reading properties file {path}")]
-    ReadProperties { path: PathBuf, #[source] source: io::Error },
+    ReadProperties {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("properties file {path} is invalid: {reason}")]
     BadProperties { path: PathBuf, reason: String },
     #[error("writing {path}")]
-    Write { path: PathBuf, #[source] source: io::Error },
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("vDisk {0} does not exist in this store")]
     NoSuchVDisk(String),
     #[error("vDisk {0} already exists in this store")]

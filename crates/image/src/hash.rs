@@ -45,7 +45,10 @@ pub fn zero_content_hash(size: u64) -> Hash {
     let full = zero_block_hash(HASH_BLOCK);
     let last_len = size - (blocks - 1) * HASH_BLOCK;
     let last = zero_block_hash(last_len);
-    content_hash(size, (0..blocks).map(|b| if b + 1 == blocks { last } else { full }))
+    content_hash(
+        size,
+        (0..blocks).map(|b| if b + 1 == blocks { last } else { full }),
+    )
 }
 
 /// The hashes of a disk: each touched block's hash, and the content hash.
@@ -78,7 +81,10 @@ pub fn hash_disk(disk: &Disk) -> io::Result<DiskHashes> {
         };
         all.push(hash);
     }
-    Ok(DiskHashes { touched, content: content_hash(size, all.into_iter()) })
+    Ok(DiskHashes {
+        touched,
+        content: content_hash(size, all.into_iter()),
+    })
 }
 
 /// Hex form of a hash, as shown to people.
@@ -108,7 +114,10 @@ mod tests {
         // The same content split across two layers.
         let b = Arc::new(Layer::create(&dir.path().join("b"), size).unwrap());
         let c = Arc::new(Layer::create(&dir.path().join("c"), size).unwrap());
-        Disk::writable(vec![b.clone()], None).unwrap().write(&[5u8; 10_000], 70_000, false).unwrap();
+        Disk::writable(vec![b.clone()], None)
+            .unwrap()
+            .write(&[5u8; 10_000], 70_000, false)
+            .unwrap();
         let two = Disk::writable(vec![b, c], None).unwrap();
         two.write(&[6u8; 3], 500_000, false).unwrap();
         assert_eq!(hash_disk(&two).unwrap().content, flat.content);
@@ -122,6 +131,9 @@ mod tests {
     #[test]
     fn partial_last_block() {
         let size = HASH_BLOCK + 512;
-        assert_ne!(zero_content_hash(size), zero_content_hash(HASH_BLOCK + 1024));
+        assert_ne!(
+            zero_content_hash(size),
+            zero_content_hash(HASH_BLOCK + 1024)
+        );
     }
 }

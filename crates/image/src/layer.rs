@@ -60,7 +60,16 @@ impl Geometry {
         let hashes_offset = bitmap_offset + bitmap_len;
         let hashes_len = (blocks * 32).next_multiple_of(4096);
         let data_offset = (hashes_offset + hashes_len).next_multiple_of(DATA_ALIGN);
-        Geometry { size, chunks, blocks, bitmap_offset, bitmap_len, hashes_offset, hashes_len, data_offset }
+        Geometry {
+            size,
+            chunks,
+            blocks,
+            bitmap_offset,
+            bitmap_len,
+            hashes_offset,
+            hashes_len,
+            data_offset,
+        }
     }
 }
 
@@ -77,11 +86,27 @@ pub struct Layer {
     dirty_pages: Mutex<BTreeSet<u64>>,
     flush_lock: Mutex<()>,
     copy_up_locks: Vec<Mutex<()>>,
+    /// Writes begun (ever) and writes running: a hash taken while both stand
+    /// still describes the data.
+    writes_begun: AtomicU64,
+    writes_running: AtomicU64,
+}
+
+/// Held for the duration of one write to a layer.
+pub struct WriteGuard<'a>(&'a Layer);
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        self.0.writes_running.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl std::fmt::Debug for Layer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Layer").field("path", &self.path).field("size", &self.geo.size).finish()
+        f.debug_struct("Layer")
+            .field("path", &self.path)
+            .field("size", &self.geo.size)
+            .finish()
     }
 }
 
@@ -93,11 +118,20 @@ impl Layer {
                 "a vDisk size must be a non-zero multiple of 512 bytes up to {MAX_SIZE}, not {size}"
             )));
         }
-        let write_err = |source| ImageError::Write { path: path.to_owned(), source };
-        let file = OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(write_err)?;
+        let write_err = |source| ImageError::Write {
+            path: path.to_owned(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(write_err)?;
         let geo = Geometry::for_size(size);
         file.set_len(geo.data_offset + size).map_err(write_err)?;
-        file.write_all_at(&encode_header(&geo, 0, None), 0).map_err(write_err)?;
+        file.write_all_at(&encode_header(&geo, 0, None), 0)
+            .map_err(write_err)?;
         file.sync_all().map_err(write_err)?;
         if let Some(dir) = path.parent() {
             sync_dir(dir).map_err(write_err)?;
@@ -112,17 +146,27 @@ impl Layer {
             .read(true)
             .write(writable)
             .open(path)
-            .map_err(|source| ImageError::OpenLayer { path: path.to_owned(), source })?;
-        let corrupt = |reason: String| ImageError::CorruptLayer { path: path.to_owned(), reason };
+            .map_err(|source| ImageError::OpenLayer {
+                path: path.to_owned(),
+                source,
+            })?;
+        let corrupt = |reason: String| ImageError::CorruptLayer {
+            path: path.to_owned(),
+            reason,
+        };
         let mut header = [0u8; HEADER_LEN as usize];
-        file.read_exact_at(&mut header, 0).map_err(|e| corrupt(format!("cannot read header: {e}")))?;
+        file.read_exact_at(&mut header, 0)
+            .map_err(|e| corrupt(format!("cannot read header: {e}")))?;
         let (geo, flags, content_hash) = decode_header(&header).map_err(corrupt)?;
         let file_len = file.metadata()?.len();
         if file_len < geo.data_offset + geo.size {
-            return Err(corrupt(format!("file is {file_len} bytes, shorter than its header says")));
+            return Err(corrupt(format!(
+                "file is {file_len} bytes, shorter than its header says"
+            )));
         }
         let mut raw = vec![0u8; geo.bitmap_len as usize];
-        file.read_exact_at(&mut raw, geo.bitmap_offset).map_err(|e| corrupt(format!("cannot read bitmap: {e}")))?;
+        file.read_exact_at(&mut raw, geo.bitmap_offset)
+            .map_err(|e| corrupt(format!("cannot read bitmap: {e}")))?;
         let words = geo.chunks.div_ceil(64) as usize;
         let mut bitmap = Vec::with_capacity(words);
         let mut allocated = 0u64;
@@ -148,6 +192,8 @@ impl Layer {
             dirty_pages: Mutex::new(BTreeSet::new()),
             flush_lock: Mutex::new(()),
             copy_up_locks: (0..64).map(|_| Mutex::new(())).collect(),
+            writes_begun: AtomicU64::new(0),
+            writes_running: AtomicU64::new(0),
         })
     }
 
@@ -197,9 +243,14 @@ impl Layer {
     pub fn read_data(&self, buf: &mut [u8], offset: u64, nowait: bool) -> io::Result<bool> {
         let pos = self.geo.data_offset + offset;
         if nowait {
-            let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+            let iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
             // SAFETY: iov points into `buf`, which lives for the whole call.
-            let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, pos as i64, libc::RWF_NOWAIT) };
+            let n = unsafe {
+                libc::preadv2(self.file.as_raw_fd(), &iov, 1, pos as i64, libc::RWF_NOWAIT)
+            };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 return match e.raw_os_error() {
@@ -261,9 +312,17 @@ impl Layer {
             let word_idx = chunk / 64;
             let lo = chunk % 64;
             let hi = (last - word_idx * 64).min(64);
-            let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+            let mask = if hi - lo == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
             let word = &self.bitmap[word_idx as usize];
-            let before = if set { word.fetch_or(mask, Ordering::AcqRel) } else { word.fetch_and(!mask, Ordering::AcqRel) };
+            let before = if set {
+                word.fetch_or(mask, Ordering::AcqRel)
+            } else {
+                word.fetch_and(!mask, Ordering::AcqRel)
+            };
             let flipped = if set { !before & mask } else { before & mask };
             if flipped != 0 {
                 changed += u64::from(flipped.count_ones());
@@ -297,10 +356,15 @@ impl Layer {
             return Ok(());
         }
         let _serial = self.flush_lock.lock();
-        let pages: Vec<u64> = std::mem::take(&mut *self.dirty_pages.lock()).into_iter().collect();
+        let pages: Vec<u64> = std::mem::take(&mut *self.dirty_pages.lock())
+            .into_iter()
+            .collect();
         // Snapshot the pages now: every bit in them belongs to a write whose data
         // was written before this point, so the sync below covers that data.
-        let snapshots: Vec<(u64, Vec<u8>)> = pages.iter().map(|&p| (p, self.bitmap_page_bytes(p))).collect();
+        let snapshots: Vec<(u64, Vec<u8>)> = pages
+            .iter()
+            .map(|&p| (p, self.bitmap_page_bytes(p)))
+            .collect();
         let sync = self.file.sync_data();
         if let Err(e) = sync {
             self.dirty_pages.lock().extend(pages);
@@ -310,19 +374,30 @@ impl Layer {
             return Ok(());
         }
         for (page, bytes) in &snapshots {
-            if let Err(e) = self.file.write_all_at(bytes, self.geo.bitmap_offset + page * BITMAP_PAGE) {
+            if let Err(e) = self
+                .file
+                .write_all_at(bytes, self.geo.bitmap_offset + page * BITMAP_PAGE)
+            {
                 self.dirty_pages.lock().extend(pages);
                 return Err(e);
             }
         }
-        self.file.sync_data().inspect_err(|_| self.dirty_pages.lock().extend(pages.iter().copied()))
+        self.file
+            .sync_data()
+            .inspect_err(|_| self.dirty_pages.lock().extend(pages.iter().copied()))
     }
 
     fn bitmap_page_bytes(&self, page: u64) -> Vec<u8> {
         let words_per_page = (BITMAP_PAGE / 8) as usize;
         let first = page as usize * words_per_page;
         let mut out = vec![0u8; BITMAP_PAGE as usize];
-        for (i, w) in self.bitmap.iter().skip(first).take(words_per_page).enumerate() {
+        for (i, w) in self
+            .bitmap
+            .iter()
+            .skip(first)
+            .take(words_per_page)
+            .enumerate()
+        {
             out[i * 8..i * 8 + 8].copy_from_slice(&w.load(Ordering::Acquire).to_le_bytes());
         }
         out
@@ -330,57 +405,139 @@ impl Layer {
 
     /// The content hash recorded with the layer, if its hashes are current.
     pub fn content_hash(&self) -> Option<[u8; 32]> {
-        if self.flags.load(Ordering::Acquire) & FLAG_HASHES_VALID == 0 {
+        if self.flags.load(Ordering::SeqCst) & FLAG_HASHES_VALID == 0 {
             return None;
         }
         *self.content_hash.lock()
     }
 
+    /// Starts a write: counts it, and makes sure the stored hashes are marked
+    /// stale (durably) before any data changes.
+    pub fn begin_write(&self) -> io::Result<WriteGuard<'_>> {
+        self.writes_running.fetch_add(1, Ordering::SeqCst);
+        self.writes_begun.fetch_add(1, Ordering::SeqCst);
+        let guard = WriteGuard(self);
+        self.invalidate_hashes()?;
+        Ok(guard)
+    }
+
+    /// The write epoch if no write is running now; hashes taken from here on
+    /// may be stored with [`Layer::store_hashes_if_unchanged`].
+    pub fn quiet_epoch(&self) -> Option<u64> {
+        let begun = self.writes_begun.load(Ordering::SeqCst);
+        (self.writes_running.load(Ordering::SeqCst) == 0).then_some(begun)
+    }
+
+    /// Like [`Layer::store_hashes`], but only if no write began since `epoch`;
+    /// returns whether they were stored.
+    pub fn store_hashes_if_unchanged(
+        &self,
+        epoch: u64,
+        hashes: &[(u64, [u8; 32])],
+        content: [u8; 32],
+    ) -> io::Result<bool> {
+        self.store_hashes_inner(hashes, content, false, Some(epoch))
+    }
+
     /// Records that the stored hashes no longer describe the data, durably,
     /// before the first write that changes it.
-    pub fn invalidate_hashes(&self) -> io::Result<()> {
-        if self.flags.load(Ordering::Acquire) & FLAG_HASHES_VALID == 0 {
+    fn invalidate_hashes(&self) -> io::Result<()> {
+        if self.flags.load(Ordering::SeqCst) & FLAG_HASHES_VALID == 0 {
             return Ok(());
         }
         let _serial = self.flush_lock.lock();
-        let flags = self.flags.load(Ordering::Acquire);
+        let flags = self.flags.load(Ordering::SeqCst);
         if flags & FLAG_HASHES_VALID == 0 {
             return Ok(());
         }
         let new = flags & !FLAG_HASHES_VALID;
-        self.file.write_all_at(&encode_header(&self.geo, new, None), 0)?;
-        self.file.sync_data()?;
-        self.flags.store(new, Ordering::Release);
         *self.content_hash.lock() = None;
+        self.file
+            .write_all_at(&encode_header(&self.geo, new, None), 0)?;
+        self.file.sync_data()?;
+        self.flags.store(new, Ordering::SeqCst);
         Ok(())
     }
 
     /// Stores block hashes (`(block index, hash)`) and the content hash, and
     /// marks them valid; with `seal`, the layer also becomes immutable.
-    pub fn store_hashes(&self, hashes: &[(u64, [u8; 32])], content: [u8; 32], seal: bool) -> io::Result<()> {
+    pub fn store_hashes(
+        &self,
+        hashes: &[(u64, [u8; 32])],
+        content: [u8; 32],
+        seal: bool,
+    ) -> io::Result<()> {
+        self.store_hashes_inner(hashes, content, seal, None)
+            .map(|_| ())
+    }
+
+    fn store_hashes_inner(
+        &self,
+        hashes: &[(u64, [u8; 32])],
+        content: [u8; 32],
+        seal: bool,
+        epoch: Option<u64>,
+    ) -> io::Result<bool> {
         let _serial = self.flush_lock.lock();
-        for (block, hash) in hashes {
-            if *block < self.geo.blocks {
-                self.file.write_all_at(hash, self.geo.hashes_offset + block * 32)?;
-            }
-        }
-        self.file.sync_data()?;
-        let mut flags = self.flags.load(Ordering::Acquire) | FLAG_HASHES_VALID;
+        let mut flags = self.flags.load(Ordering::SeqCst) | FLAG_HASHES_VALID;
         if seal {
             flags |= FLAG_SEALED;
         }
-        self.file.write_all_at(&encode_header(&self.geo, flags, Some(content)), 0)?;
-        self.file.sync_data()?;
-        self.flags.store(flags, Ordering::Release);
-        *self.content_hash.lock() = Some(content);
-        Ok(())
+        let before = self.flags.swap(flags, Ordering::SeqCst);
+        if let Some(epoch) = epoch {
+            // The flag is claimed first, then the writes checked: a write that
+            // begins after this check sees the flag and waits for this lock to
+            // clear it; one that began before makes us give up.
+            if self.writes_begun.load(Ordering::SeqCst) != epoch
+                || self.writes_running.load(Ordering::SeqCst) != 0
+            {
+                self.flags.store(before, Ordering::SeqCst);
+                return Ok(false);
+            }
+        }
+        let written = (|| {
+            for (block, hash) in hashes {
+                if *block < self.geo.blocks {
+                    self.file
+                        .write_all_at(hash, self.geo.hashes_offset + block * 32)?;
+                }
+            }
+            self.file.sync_data()?;
+            self.file
+                .write_all_at(&encode_header(&self.geo, flags, Some(content)), 0)?;
+            self.file.sync_data()
+        })();
+        match written {
+            Ok(()) => {
+                *self.content_hash.lock() = Some(content);
+                Ok(true)
+            }
+            Err(e) => {
+                self.flags
+                    .store(before & !FLAG_HASHES_VALID, Ordering::SeqCst);
+                Err(e)
+            }
+        }
     }
 
     /// Reads the stored hash of one block.
     pub fn stored_block_hash(&self, block: u64) -> io::Result<[u8; 32]> {
         let mut h = [0u8; 32];
-        self.file.read_exact_at(&mut h, self.geo.hashes_offset + block * 32)?;
+        self.file
+            .read_exact_at(&mut h, self.geo.hashes_offset + block * 32)?;
         Ok(h)
+    }
+}
+
+impl Drop for Layer {
+    /// A layer closed with unflushed allocations makes them durable: closing
+    /// must not lose what a later open would otherwise never see.
+    fn drop(&mut self) {
+        if self.writable && !self.dirty_pages.lock().is_empty() {
+            if let Err(e) = self.flush() {
+                tracing::error!(path = %self.path.display(), error = %e, "flushing a layer at close failed");
+            }
+        }
     }
 }
 
@@ -435,7 +592,9 @@ fn decode_header(h: &[u8]) -> Result<(Geometry, u32, Option<[u8; 32]>), String> 
     }
     let version = u32_at(8);
     if version != FORMAT_VERSION {
-        return Err(format!("format version {version} is not supported (expected {FORMAT_VERSION})"));
+        return Err(format!(
+            "format version {version} is not supported (expected {FORMAT_VERSION})"
+        ));
     }
     let flags = u32_at(12);
     let size = u64_at(16);
@@ -447,7 +606,15 @@ fn decode_header(h: &[u8]) -> Result<(Geometry, u32, Option<[u8; 32]>), String> 
     }
     let geo = Geometry::for_size(size);
     let stored = (u64_at(32), u64_at(40), u64_at(48), u64_at(56), u64_at(64));
-    if stored != (geo.bitmap_offset, geo.bitmap_len, geo.hashes_offset, geo.hashes_len, geo.data_offset) {
+    if stored
+        != (
+            geo.bitmap_offset,
+            geo.bitmap_len,
+            geo.hashes_offset,
+            geo.hashes_len,
+            geo.data_offset,
+        )
+    {
         return Err("section offsets do not match the virtual size".into());
     }
     let mut content = [0u8; 32];
@@ -485,7 +652,7 @@ mod tests {
         let l = Layer::create(&p, 1 << 20).unwrap();
         l.write_data(&[1u8; 4096], 0).unwrap();
         l.set_allocated(0, 1);
-        drop(l); // no flush: like kill -9
+        std::mem::forget(l); // no flush, no close: like kill -9
         let l = Layer::open(&p, true).unwrap();
         assert!(!l.is_allocated(0));
     }
@@ -497,7 +664,9 @@ mod tests {
         assert_eq!(l.set_allocated(60, 200), 140);
         assert_eq!(l.allocated_chunks(), 140);
         assert_eq!(l.clear_allocated(100, 300), 100);
-        assert!(l.is_allocated(99) && !l.is_allocated(100) && l.is_allocated(60) && !l.is_allocated(59));
+        assert!(
+            l.is_allocated(99) && !l.is_allocated(100) && l.is_allocated(60) && !l.is_allocated(59)
+        );
     }
 
     #[test]
@@ -526,7 +695,7 @@ mod tests {
         assert!(l.is_sealed());
         assert_eq!(l.content_hash(), Some([5u8; 32]));
         assert_eq!(l.stored_block_hash(3).unwrap(), [9u8; 32]);
-        l.invalidate_hashes().unwrap();
+        drop(l.begin_write().unwrap());
         drop(l);
         assert_eq!(Layer::open(&p, false).unwrap().content_hash(), None);
     }

@@ -69,15 +69,24 @@ impl Store {
     pub fn open(root: &Path) -> Result<Store, ImageError> {
         for sub in ["vdisks", "cache", "tmp"] {
             let p = root.join(sub);
-            fs::create_dir_all(&p).map_err(|source| ImageError::Write { path: p.clone(), source })?;
+            fs::create_dir_all(&p).map_err(|source| ImageError::Write {
+                path: p.clone(),
+                source,
+            })?;
         }
         let tmp = root.join("tmp");
         if let Ok(entries) = fs::read_dir(&tmp) {
             for e in entries.flatten() {
-                let _ = if e.path().is_dir() { fs::remove_dir_all(e.path()) } else { fs::remove_file(e.path()) };
+                let _ = if e.path().is_dir() {
+                    fs::remove_dir_all(e.path())
+                } else {
+                    fs::remove_file(e.path())
+                };
             }
         }
-        Ok(Store { root: root.to_owned() })
+        Ok(Store {
+            root: root.to_owned(),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -103,20 +112,29 @@ impl Store {
     }
 
     pub fn exists(&self, name: &str) -> bool {
-        self.vdisk_dir(name).map(|d| d.join(PROPERTIES).is_file()).unwrap_or(false)
+        self.vdisk_dir(name)
+            .map(|d| d.join(PROPERTIES).is_file())
+            .unwrap_or(false)
     }
 
     pub fn properties(&self, name: &str) -> Result<Properties, ImageError> {
         let path = self.vdisk_dir(name)?.join(PROPERTIES);
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ImageError::NoSuchVDisk(name.into())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ImageError::NoSuchVDisk(name.into()))
+            }
             Err(source) => return Err(ImageError::ReadProperties { path, source }),
         };
-        let props: Properties =
-            toml::from_str(&text).map_err(|e| ImageError::BadProperties { path: path.clone(), reason: e.to_string() })?;
+        let props: Properties = toml::from_str(&text).map_err(|e| ImageError::BadProperties {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
         if props.format != 1 || props.layers.is_empty() {
-            return Err(ImageError::BadProperties { path, reason: "unsupported format or no layers".into() });
+            return Err(ImageError::BadProperties {
+                path,
+                reason: "unsupported format or no layers".into(),
+            });
         }
         Ok(props)
     }
@@ -133,10 +151,18 @@ impl Store {
         if self.exists(name) {
             return Err(ImageError::VDiskExists(name.into()));
         }
-        let path = self.root.join("tmp").join(format!("import-{name}-{}.layer", std::process::id() ^ rand_u32()));
+        let path = self.root.join("tmp").join(format!(
+            "import-{name}-{}.layer",
+            std::process::id() ^ rand_u32()
+        ));
         let layer = Arc::new(Layer::create(&path, size)?);
-        let disk = Disk::writable(vec![layer], None).map_err(|e| ImageError::Invalid(e.to_string()))?;
-        Ok(Staging { name: name.into(), path, disk })
+        let disk =
+            Disk::writable(vec![layer], None).map_err(|e| ImageError::Invalid(e.to_string()))?;
+        Ok(Staging {
+            name: name.into(),
+            path,
+            disk,
+        })
     }
 
     /// Hashes the imported data, makes it durable and moves it into place.
@@ -170,7 +196,11 @@ impl Store {
     }
 
     /// Opens the layers of vDisk `name`, bottom first; the top one writable if asked.
-    pub fn open_layers(&self, name: &str, writable_top: bool) -> Result<Vec<Arc<Layer>>, ImageError> {
+    pub fn open_layers(
+        &self,
+        name: &str,
+        writable_top: bool,
+    ) -> Result<Vec<Arc<Layer>>, ImageError> {
         let props = self.properties(name)?;
         let dir = self.vdisk_dir(name)?;
         let n = props.layers.len();
@@ -178,7 +208,11 @@ impl Store {
         for (i, file) in props.layers.iter().enumerate() {
             let layer = Layer::open(&dir.join(file), writable_top && i + 1 == n)?;
             if layer.size() != props.size {
-                return Err(ImageError::SizeMismatch { path: dir.join(file), found: layer.size(), expected: props.size });
+                return Err(ImageError::SizeMismatch {
+                    path: dir.join(file),
+                    found: layer.size(),
+                    expected: props.size,
+                });
             }
             layers.push(Arc::new(layer));
         }
@@ -192,8 +226,14 @@ impl Store {
             return Err(ImageError::NoSuchVDisk(name.into()));
         }
         // Rename first so that a crash never leaves a half-deleted vDisk in place.
-        let trash = self.root.join("tmp").join(format!("deleted-{name}-{}", rand_u32()));
-        fs::rename(&dir, &trash).map_err(|source| ImageError::Write { path: dir.clone(), source })?;
+        let trash = self
+            .root
+            .join("tmp")
+            .join(format!("deleted-{name}-{}", rand_u32()));
+        fs::rename(&dir, &trash).map_err(|source| ImageError::Write {
+            path: dir.clone(),
+            source,
+        })?;
         sync_dir(&self.root.join("vdisks"))?;
         fs::remove_dir_all(&trash)?;
         Ok(())
@@ -233,10 +273,15 @@ impl Store {
 fn write_properties(dir: &Path, props: &Properties) -> Result<(), ImageError> {
     let text = toml::to_string_pretty(props).map_err(|e| ImageError::Invalid(e.to_string()))?;
     let tmp = dir.join(".vdisk.toml.tmp");
-    let werr = |source| ImageError::Write { path: tmp.clone(), source };
+    let werr = |source| ImageError::Write {
+        path: tmp.clone(),
+        source,
+    };
     let mut f = fs::File::create(&tmp).map_err(werr)?;
-    f.write_all(b"# vstream vDisk properties. Written by vstream; read freely, edit with the CLI.\n")
-        .map_err(werr)?;
+    f.write_all(
+        b"# vstream vDisk properties. Written by vstream; read freely, edit with the CLI.\n",
+    )
+    .map_err(werr)?;
     f.write_all(text.as_bytes()).map_err(werr)?;
     f.sync_all().map_err(werr)?;
     fs::rename(&tmp, dir.join(PROPERTIES)).map_err(werr)?;
@@ -248,7 +293,9 @@ fn check_name(name: &str) -> Result<(), ImageError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if ok {
         Ok(())
     } else {
@@ -257,7 +304,9 @@ fn check_name(name: &str) -> Result<(), ImageError> {
 }
 
 fn rand_u32() -> u32 {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     t.subsec_nanos() ^ (t.as_secs() as u32).rotate_left(7)
 }
 
@@ -270,20 +319,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         store.create("empty", 1 << 20, 1).unwrap();
-        assert!(matches!(store.create("empty", 1 << 20, 1), Err(ImageError::VDiskExists(_))));
+        assert!(matches!(
+            store.create("empty", 1 << 20, 1),
+            Err(ImageError::VDiskExists(_))
+        ));
         let staging = store.begin_import("data", 1 << 20).unwrap();
         staging.disk().write(&[9u8; 5000], 100_000, false).unwrap();
         let h = store.commit_import(staging, 2).unwrap();
         assert_ne!(h, hash::zero_content_hash(1 << 20));
-        assert_eq!(store.list().unwrap(), vec!["data".to_string(), "empty".to_string()]);
+        assert_eq!(
+            store.list().unwrap(),
+            vec!["data".to_string(), "empty".to_string()]
+        );
         let layers = store.open_layers("data", false).unwrap();
         assert_eq!(layers[0].content_hash(), Some(h));
         let mut b = [0u8; 5000];
-        Disk::read_only(layers).read(&mut b, 100_000, false).unwrap();
+        Disk::read_only(layers)
+            .read(&mut b, 100_000, false)
+            .unwrap();
         assert_eq!(b, [9u8; 5000]);
         store.delete("data").unwrap();
         assert!(!store.exists("data"));
-        assert!(matches!(store.properties("data"), Err(ImageError::NoSuchVDisk(_))));
+        assert!(matches!(
+            store.properties("data"),
+            Err(ImageError::NoSuchVDisk(_))
+        ));
         assert!(store.properties("../etc").is_err());
     }
 
@@ -304,8 +364,20 @@ mod tests {
         c.set_allocated(0, 1);
         c.flush().unwrap();
         drop(c);
-        assert_eq!(store.open_cache("dev1", 1 << 20).unwrap().allocated_chunks(), 1);
-        assert_eq!(store.open_cache("dev1", 2 << 20).unwrap().allocated_chunks(), 0);
+        assert_eq!(
+            store
+                .open_cache("dev1", 1 << 20)
+                .unwrap()
+                .allocated_chunks(),
+            1
+        );
+        assert_eq!(
+            store
+                .open_cache("dev1", 2 << 20)
+                .unwrap()
+                .allocated_chunks(),
+            0
+        );
         store.discard_cache("dev1").unwrap();
         store.discard_cache("dev1").unwrap();
         assert!(!store.cache_path("dev1").unwrap().exists());

@@ -14,16 +14,27 @@ pub enum ClientOption {
     List,
     StartTls,
     /// `NBD_OPT_INFO` (`go == false`) or `NBD_OPT_GO`.
-    Info { go: bool, name: String, requests: Vec<u16> },
+    Info {
+        go: bool,
+        name: String,
+        requests: Vec<u16>,
+    },
     StructuredReply,
     /// `NBD_OPT_LIST_META_CONTEXT` (`set == false`) or `NBD_OPT_SET_META_CONTEXT`.
-    MetaContext { set: bool, export: String, queries: Vec<String> },
+    MetaContext {
+        set: bool,
+        export: String,
+        queries: Vec<String>,
+    },
     ExtendedHeaders,
     /// An option we do not implement; its data has been skipped.
     Unknown(u32),
     /// A known option whose data lies about its own lengths. The framing is
     /// intact, so the server answers `NBD_REP_ERR_INVALID` and goes on.
-    Malformed { option: u32, reason: &'static str },
+    Malformed {
+        option: u32,
+        reason: &'static str,
+    },
 }
 
 impl ClientOption {
@@ -51,7 +62,9 @@ impl ClientOption {
 pub enum OptionError {
     #[error("option does not start with IHAVEOPT (got {0:#018x})")]
     BadMagic(u64),
-    #[error("option {option} claims {length} bytes of data, more than the {MAX_OPTION_LEN} allowed")]
+    #[error(
+        "option {option} claims {length} bytes of data, more than the {MAX_OPTION_LEN} allowed"
+    )]
     TooLong { option: u32, length: u32 },
     #[error("client flags {0:#x} include flags the server did not offer")]
     BadClientFlags(u32),
@@ -98,7 +111,13 @@ pub fn decode_option(buf: &[u8]) -> Result<Option<(ClientOption, usize)>, Option
 }
 
 fn parse_option_data(option: u32, data: &[u8]) -> Result<ClientOption, &'static str> {
-    let no_data = |o: ClientOption| if data.is_empty() { Ok(o) } else { Err("option takes no data") };
+    let no_data = |o: ClientOption| {
+        if data.is_empty() {
+            Ok(o)
+        } else {
+            Err("option takes no data")
+        }
+    };
     match option {
         OPT_EXPORT_NAME => Ok(ClientOption::ExportName(utf8(data)?)),
         OPT_ABORT => Ok(ClientOption::Abort),
@@ -115,7 +134,11 @@ fn parse_option_data(option: u32, data: &[u8]) -> Result<ClientOption, &'static 
                 requests.push(r.u16()?);
             }
             r.end()?;
-            Ok(ClientOption::Info { go: option == OPT_GO, name, requests })
+            Ok(ClientOption::Info {
+                go: option == OPT_GO,
+                name,
+                requests,
+            })
         }
         OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
             let mut r = Reader(data);
@@ -126,7 +149,11 @@ fn parse_option_data(option: u32, data: &[u8]) -> Result<ClientOption, &'static 
                 queries.push(r.string()?);
             }
             r.end()?;
-            Ok(ClientOption::MetaContext { set: option == OPT_SET_META_CONTEXT, export, queries })
+            Ok(ClientOption::MetaContext {
+                set: option == OPT_SET_META_CONTEXT,
+                export,
+                queries,
+            })
         }
         other => Ok(ClientOption::Unknown(other)),
     }
@@ -282,7 +309,11 @@ mod tests {
         assert_eq!(used, bytes.len());
         assert_eq!(
             opt,
-            ClientOption::Info { go: true, name: "disk".into(), requests: vec![INFO_BLOCK_SIZE, INFO_NAME] }
+            ClientOption::Info {
+                go: true,
+                name: "disk".into(),
+                requests: vec![INFO_BLOCK_SIZE, INFO_NAME]
+            }
         );
     }
 
@@ -293,13 +324,22 @@ mod tests {
         let bytes = option(OPT_GO, &d);
         let (opt, used) = decode_option(&bytes).unwrap().unwrap();
         assert_eq!(used, bytes.len());
-        assert!(matches!(opt, ClientOption::Malformed { option: OPT_GO, .. }));
+        assert!(matches!(
+            opt,
+            ClientOption::Malformed { option: OPT_GO, .. }
+        ));
         // A name length past the data.
         let bytes = option(OPT_INFO, &[0, 0, 0xff, 0xff]);
-        assert!(matches!(decode_option(&bytes).unwrap().unwrap().0, ClientOption::Malformed { .. }));
+        assert!(matches!(
+            decode_option(&bytes).unwrap().unwrap().0,
+            ClientOption::Malformed { .. }
+        ));
         // LIST with data.
         let bytes = option(OPT_LIST, &[1]);
-        assert!(matches!(decode_option(&bytes).unwrap().unwrap().0, ClientOption::Malformed { .. }));
+        assert!(matches!(
+            decode_option(&bytes).unwrap().unwrap().0,
+            ClientOption::Malformed { .. }
+        ));
     }
 
     #[test]
@@ -308,16 +348,25 @@ mod tests {
         bytes.extend(option(OPT_ABORT, &[]));
         let (opt, used) = decode_option(&bytes).unwrap().unwrap();
         assert_eq!(opt, ClientOption::Unknown(OPT_EXTENDED_HEADERS + 100));
-        assert_eq!(decode_option(&bytes[used..]).unwrap().unwrap().0, ClientOption::Abort);
+        assert_eq!(
+            decode_option(&bytes[used..]).unwrap().unwrap().0,
+            ClientOption::Abort
+        );
     }
 
     #[test]
     fn garbage_and_huge_options_are_fatal() {
-        assert!(matches!(decode_option(b"GET / HTTP/1.1\r\n\r\n"), Err(OptionError::BadMagic(_))));
+        assert!(matches!(
+            decode_option(b"GET / HTTP/1.1\r\n\r\n"),
+            Err(OptionError::BadMagic(_))
+        ));
         let mut bytes = IHAVEOPT.to_be_bytes().to_vec();
         bytes.extend_from_slice(&OPT_GO.to_be_bytes());
         bytes.extend_from_slice(&u32::MAX.to_be_bytes());
-        assert!(matches!(decode_option(&bytes), Err(OptionError::TooLong { .. })));
+        assert!(matches!(
+            decode_option(&bytes),
+            Err(OptionError::TooLong { .. })
+        ));
         assert!(decode_client_flags([0, 0, 0, 4]).is_err());
         assert!(decode_client_flags([0, 0, 0, 3]).unwrap());
     }
@@ -331,7 +380,9 @@ mod tests {
             d.extend_from_slice(&(q.len() as u32).to_be_bytes());
             d.extend_from_slice(q.as_bytes());
         }
-        let (opt, _) = decode_option(&option(OPT_SET_META_CONTEXT, &d)).unwrap().unwrap();
+        let (opt, _) = decode_option(&option(OPT_SET_META_CONTEXT, &d))
+            .unwrap()
+            .unwrap();
         assert_eq!(
             opt,
             ClientOption::MetaContext {

@@ -19,5 +19,7 @@ pub mod handshake;
 pub mod transmission;
 
 pub use consts::*;
-pub use handshake::{decode_client_flags, decode_option, encode_greeting, ClientOption, OptionError};
+pub use handshake::{
+    decode_client_flags, decode_option, encode_greeting, ClientOption, OptionError,
+};
 pub use transmission::{decode_request, Command, Request, RequestError};

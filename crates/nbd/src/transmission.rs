@@ -97,7 +97,13 @@ pub fn encode_chunk_header(out: &mut Vec<u8>, flags: u16, kind: u16, cookie: u64
 
 /// Appends the header of a final `OFFSET_DATA` chunk; `data_len` bytes follow it.
 pub fn encode_offset_data_header(out: &mut Vec<u8>, cookie: u64, offset: u64, data_len: u32) {
-    encode_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, data_len + 8);
+    encode_chunk_header(
+        out,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_OFFSET_DATA,
+        cookie,
+        data_len + 8,
+    );
     out.extend_from_slice(&offset.to_be_bytes());
 }
 
@@ -109,7 +115,13 @@ pub fn encode_structured_done(out: &mut Vec<u8>, cookie: u64) {
 /// Appends a final `ERROR` chunk with a message.
 pub fn encode_structured_error(out: &mut Vec<u8>, cookie: u64, error: u32, message: &str) {
     let msg = &message.as_bytes()[..message.len().min(4096)];
-    encode_chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, 6 + msg.len() as u32);
+    encode_chunk_header(
+        out,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        cookie,
+        6 + msg.len() as u32,
+    );
     out.extend_from_slice(&error.to_be_bytes());
     out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     out.extend_from_slice(msg);
@@ -173,7 +185,12 @@ mod tests {
         assert_eq!(out.len(), 28);
         assert_eq!(be_u32(&out[16..20]), 4104);
         out.clear();
-        encode_block_status(&mut out, 3, 1, &[(4096, 0), (8192, STATE_HOLE | STATE_ZERO)]);
+        encode_block_status(
+            &mut out,
+            3,
+            1,
+            &[(4096, 0), (8192, STATE_HOLE | STATE_ZERO)],
+        );
         assert_eq!(out.len(), 20 + 4 + 16);
         assert_eq!(be_u32(&out[16..20]), 20);
         out.clear();

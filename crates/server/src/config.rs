@@ -18,9 +18,9 @@ impl std::str::FromStr for Listen {
         if let Some(p) = s.strip_prefix("unix:") {
             return Ok(Listen::Unix(PathBuf::from(p)));
         }
-        s.parse::<SocketAddr>()
-            .map(Listen::Tcp)
-            .map_err(|e| format!("{s:?} is not HOST:PORT (an IP address and a port) or unix:PATH: {e}"))
+        s.parse::<SocketAddr>().map(Listen::Tcp).map_err(|e| {
+            format!("{s:?} is not HOST:PORT (an IP address and a port) or unix:PATH: {e}")
+        })
     }
 }
 
@@ -79,7 +79,8 @@ pub struct FileConfig {
 
 impl FileConfig {
     pub fn load(path: &Path) -> Result<FileConfig, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 }
@@ -102,18 +103,32 @@ impl Config {
         } else {
             file.nbd.unwrap_or_else(|| vec![DEFAULT_NBD.to_string()])
         };
-        let nbd = nbd_raw.iter().map(|s| s.parse()).collect::<Result<Vec<Listen>, _>>()?;
+        let nbd = nbd_raw
+            .iter()
+            .map(|s| s.parse())
+            .collect::<Result<Vec<Listen>, _>>()?;
         if nbd.is_empty() {
             return Err("at least one NBD listen address is needed".into());
         }
-        let api_raw = flags.api.or(file.api).unwrap_or_else(|| DEFAULT_API.to_string());
-        let api = api_raw.parse().map_err(|e| format!("--api {api_raw:?} is not HOST:PORT: {e}"))?;
-        let max_connections = flags.max_connections.or(file.max_connections).unwrap_or(4096);
+        let api_raw = flags
+            .api
+            .or(file.api)
+            .unwrap_or_else(|| DEFAULT_API.to_string());
+        let api = api_raw
+            .parse()
+            .map_err(|e| format!("--api {api_raw:?} is not HOST:PORT: {e}"))?;
+        let max_connections = flags
+            .max_connections
+            .or(file.max_connections)
+            .unwrap_or(4096);
         if max_connections == 0 {
             return Err("max_connections must be at least 1".into());
         }
         Ok(Config {
-            data: flags.data.or(file.data).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA)),
+            data: flags
+                .data
+                .or(file.data)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA)),
             nbd,
             api,
             log_format: flags.log_format.or(file.log_format).unwrap_or_default(),
@@ -130,8 +145,13 @@ mod tests {
 
     #[test]
     fn flags_override_file() {
-        let file: FileConfig = toml::from_str("data = \"/srv/a\"\nnbd = [\"0.0.0.0:1\"]\napi = \"127.0.0.1:2\"").unwrap();
-        let flags = FlagConfig { nbd: vec!["unix:/tmp/s".into()], ..Default::default() };
+        let file: FileConfig =
+            toml::from_str("data = \"/srv/a\"\nnbd = [\"0.0.0.0:1\"]\napi = \"127.0.0.1:2\"")
+                .unwrap();
+        let flags = FlagConfig {
+            nbd: vec!["unix:/tmp/s".into()],
+            ..Default::default()
+        };
         let c = Config::resolve(file, flags).unwrap();
         assert_eq!(c.data, PathBuf::from("/srv/a"));
         assert_eq!(c.nbd, vec![Listen::Unix("/tmp/s".into())]);
@@ -140,8 +160,13 @@ mod tests {
 
     #[test]
     fn bad_values_are_explained() {
-        let flags = FlagConfig { api: Some("localhost".into()), ..Default::default() };
-        assert!(Config::resolve(FileConfig::default(), flags).unwrap_err().contains("--api"));
+        let flags = FlagConfig {
+            api: Some("localhost".into()),
+            ..Default::default()
+        };
+        assert!(Config::resolve(FileConfig::default(), flags)
+            .unwrap_err()
+            .contains("--api"));
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
     }
 }

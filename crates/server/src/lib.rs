@@ -31,7 +31,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}
@@ -44,10 +47,12 @@ async fn wait_for_signal() {
 
 /// Runs a server until `shutdown` turns true.
 pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data).with_context(|| format!("creating data folder {}", config.data.display()))?;
+    std::fs::create_dir_all(&config.data)
+        .with_context(|| format!("creating data folder {}", config.data.display()))?;
     let token = ensure_token(&config.data)?;
     let store = vstream_image::Store::open(&config.data).context("opening the vDisk store")?;
-    let farm = vstream_farm::FarmStore::embedded(config.data.join("farm.redb")).context("opening the farm database")?;
+    let farm = vstream_farm::FarmStore::embedded(config.data.join("farm.redb"))
+        .context("opening the farm database")?;
     let server = Arc::new(Server::new(config.clone(), store, farm));
 
     let api = tokio::net::TcpListener::bind(config.api)
@@ -57,9 +62,16 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let mut tasks = tokio::task::JoinSet::new();
     for addr in &config.nbd {
-        let listener = nbd::Listener::bind(addr).await.with_context(|| format!("binding NBD to {addr}"))?;
+        let listener = nbd::Listener::bind(addr)
+            .await
+            .with_context(|| format!("binding NBD to {addr}"))?;
         tracing::info!(addr = %listener.local_addr(), "NBD listening");
-        tasks.spawn(nbd::serve(listener, server.clone(), limit.clone(), shutdown.clone()));
+        tasks.spawn(nbd::serve(
+            listener,
+            server.clone(),
+            limit.clone(),
+            shutdown.clone(),
+        ));
     }
     let router = api::router(server.clone(), token);
     let mut api_shutdown = shutdown.clone();
@@ -67,7 +79,10 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         let graceful = async move {
             let _ = api_shutdown.wait_for(|s| *s).await;
         };
-        if let Err(e) = axum::serve(api, router).with_graceful_shutdown(graceful).await {
+        if let Err(e) = axum::serve(api, router)
+            .with_graceful_shutdown(graceful)
+            .await
+        {
             tracing::error!(error = %e, "API server failed");
         }
     });
@@ -86,7 +101,9 @@ fn ensure_token(data: &Path) -> anyhow::Result<String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     }
-    let token: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+    let token: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -94,7 +111,9 @@ fn ensure_token(data: &Path) -> anyhow::Result<String> {
         .mode(0o600)
         .open(&path)
         .with_context(|| format!("writing {}", path.display()))?;
-    writeln!(f, "{token}").and_then(|_| f.sync_all()).with_context(|| format!("writing {}", path.display()))?;
+    writeln!(f, "{token}")
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", path.display()))?;
     tracing::info!(path = %path.display(), "wrote a new admin token");
     Ok(token)
 }

@@ -23,16 +23,55 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let rows: [(&str, &str, &str, &AtomicU64); 7] = [
-            ("vstream_nbd_connections_total", "counter", "NBD connections accepted", &self.connections_total),
-            ("vstream_nbd_connections_open", "gauge", "NBD connections open now", &self.connections_open),
-            ("vstream_nbd_handshake_failures_total", "counter", "handshakes that failed", &self.handshake_failures),
-            ("vstream_nbd_requests_total", "counter", "NBD requests served", &self.requests),
-            ("vstream_nbd_read_bytes_total", "counter", "bytes read by clients", &self.read_bytes),
-            ("vstream_nbd_written_bytes_total", "counter", "bytes written by clients", &self.written_bytes),
-            ("vstream_nbd_request_errors_total", "counter", "requests answered with an error", &self.request_errors),
+            (
+                "vstream_nbd_connections_total",
+                "counter",
+                "NBD connections accepted",
+                &self.connections_total,
+            ),
+            (
+                "vstream_nbd_connections_open",
+                "gauge",
+                "NBD connections open now",
+                &self.connections_open,
+            ),
+            (
+                "vstream_nbd_handshake_failures_total",
+                "counter",
+                "handshakes that failed",
+                &self.handshake_failures,
+            ),
+            (
+                "vstream_nbd_requests_total",
+                "counter",
+                "NBD requests served",
+                &self.requests,
+            ),
+            (
+                "vstream_nbd_read_bytes_total",
+                "counter",
+                "bytes read by clients",
+                &self.read_bytes,
+            ),
+            (
+                "vstream_nbd_written_bytes_total",
+                "counter",
+                "bytes written by clients",
+                &self.written_bytes,
+            ),
+            (
+                "vstream_nbd_request_errors_total",
+                "counter",
+                "requests answered with an error",
+                &self.request_errors,
+            ),
         ];
         for (name, kind, help, v) in rows {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}", v.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
         }
         out
     }

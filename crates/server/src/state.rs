@@ -23,7 +23,8 @@ pub struct Server {
     pub store: Store,
     pub farm: FarmStore,
     pub metrics: Metrics,
-    open: Mutex<HashMap<String, Weak<Vec<Arc<Layer>>>>>,
+    /// Layers in use, by vDisk: shared while any connection holds them.
+    open: Mutex<HashMap<String, Vec<Weak<Layer>>>>,
     sessions: Mutex<HashMap<String, Session>>,
 }
 
@@ -72,7 +73,10 @@ impl Drop for SessionGuard {
 }
 
 pub fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Server {
@@ -88,13 +92,16 @@ impl Server {
     }
 
     /// The layers of vDisk `name`, shared with every other user of it.
-    pub fn layers(&self, name: &str) -> Result<Arc<Vec<Arc<Layer>>>, vstream_image::ImageError> {
+    pub fn layers(&self, name: &str) -> Result<Vec<Arc<Layer>>, vstream_image::ImageError> {
         let mut open = self.open.lock();
-        if let Some(layers) = open.get(name).and_then(Weak::upgrade) {
-            return Ok(layers);
+        if let Some(weak) = open.get(name) {
+            let live: Option<Vec<Arc<Layer>>> = weak.iter().map(Weak::upgrade).collect();
+            if let Some(layers) = live.filter(|l| !l.is_empty()) {
+                return Ok(layers);
+            }
         }
-        let layers = Arc::new(self.store.open_layers(name, true)?);
-        open.insert(name.to_owned(), Arc::downgrade(&layers));
+        let layers = self.store.open_layers(name, true)?;
+        open.insert(name.to_owned(), layers.iter().map(Arc::downgrade).collect());
         Ok(layers)
     }
 
@@ -104,23 +111,35 @@ impl Server {
     }
 
     /// Resolves an export name for a new connection (`go`) or for a query.
-    pub async fn open_export(self: &Arc<Self>, name: &str, peer: &str, go: bool) -> Result<Export, OpenError> {
+    pub async fn open_export(
+        self: &Arc<Self>,
+        name: &str,
+        peer: &str,
+        go: bool,
+    ) -> Result<Export, OpenError> {
         if let Some(dev) = name.strip_prefix("device/") {
             return self.open_device(dev, peer, go).await;
         }
         if name.is_empty() || name.contains('/') || !self.store.exists(name) {
             return Err(OpenError::Unknown(name.to_owned()));
         }
-        let layers = self.layers(name).map_err(|e| OpenError::Failed(format!("opening vDisk {name}: {e}")))?;
+        let layers = self
+            .layers(name)
+            .map_err(|e| OpenError::Failed(format!("opening vDisk {name}: {e}")))?;
         Ok(Export {
             name: name.to_owned(),
             description: format!("vDisk {name} (read-only)"),
-            disk: Arc::new(Disk::read_only(layers.to_vec())),
+            disk: Arc::new(Disk::read_only(layers)),
             session: None,
         })
     }
 
-    async fn open_device(self: &Arc<Self>, key: &str, peer: &str, go: bool) -> Result<Export, OpenError> {
+    async fn open_device(
+        self: &Arc<Self>,
+        key: &str,
+        peer: &str,
+        go: bool,
+    ) -> Result<Export, OpenError> {
         let device = self
             .farm
             .find_device(key)
@@ -132,33 +151,65 @@ impl Server {
             .get_vdisk(&device.vdisk)
             .await
             .map_err(|e| OpenError::Failed(e.to_string()))?
-            .ok_or_else(|| OpenError::Failed(format!("device {} is assigned vDisk {}, which does not exist", device.name, device.vdisk)))?;
+            .ok_or_else(|| {
+                OpenError::Failed(format!(
+                    "device {} is assigned vDisk {}, which does not exist",
+                    device.name, device.vdisk
+                ))
+            })?;
         let export_name = format!("device/{key}");
-        let description = format!("device {} on vDisk {} ({} mode)", device.name, vdisk.name, vdisk.mode);
+        let description = format!(
+            "device {} on vDisk {} ({} mode)",
+            device.name, vdisk.name, vdisk.mode
+        );
         let mut sessions = self.sessions.lock();
         if let Some(s) = sessions.get_mut(&device.name) {
             // Another connection of the same device (a reconnect, or multi-conn).
             if !go {
-                return Ok(Export { name: export_name, description, disk: s.disk.clone(), session: None });
+                return Ok(Export {
+                    name: export_name,
+                    description,
+                    disk: s.disk.clone(),
+                    session: None,
+                });
             }
             s.connections += 1;
             s.peer = peer.to_owned();
             let disk = s.disk.clone();
             drop(sessions);
-            let guard = SessionGuard { server: self.clone(), device: device.name.clone(), clean: false };
-            return Ok(Export { name: export_name, description, disk, session: Some(guard) });
+            let guard = SessionGuard {
+                server: self.clone(),
+                device: device.name.clone(),
+                clean: false,
+            };
+            return Ok(Export {
+                name: export_name,
+                description,
+                disk,
+                session: Some(guard),
+            });
         }
         if vdisk.mode == Mode::Private {
-            if let Some((other, _)) = sessions.iter().find(|(_, s)| s.vdisk == vdisk.name && s.mode == Mode::Private) {
+            if let Some((other, _)) = sessions
+                .iter()
+                .find(|(_, s)| s.vdisk == vdisk.name && s.mode == Mode::Private)
+            {
                 return Err(OpenError::Refused(format!(
                     "vDisk {} is in Private mode and device {other} has it open; device {} must wait until it disconnects",
                     vdisk.name, device.name
                 )));
             }
         }
-        let disk = self.device_disk(&device, &vdisk).map_err(OpenError::Failed)?;
+        let disk = self
+            .device_disk(&device, &vdisk)
+            .map_err(OpenError::Failed)?;
         if !go {
-            return Ok(Export { name: export_name, description, disk: Arc::new(disk), session: None });
+            return Ok(Export {
+                name: export_name,
+                description,
+                disk: Arc::new(disk),
+                session: None,
+            });
         }
         let disk = Arc::new(disk);
         sessions.insert(
@@ -174,21 +225,36 @@ impl Server {
         );
         drop(sessions);
         tracing::info!(device = %device.name, vdisk = %vdisk.name, mode = %vdisk.mode, %peer, "device session started");
-        let guard = SessionGuard { server: self.clone(), device: device.name.clone(), clean: false };
-        Ok(Export { name: export_name, description, disk, session: Some(guard) })
+        let guard = SessionGuard {
+            server: self.clone(),
+            device: device.name.clone(),
+            clean: false,
+        };
+        Ok(Export {
+            name: export_name,
+            description,
+            disk,
+            session: Some(guard),
+        })
     }
 
     /// The disk a device sees: its vDisk itself (Private) or the vDisk under its write cache (Standard).
     fn device_disk(&self, device: &Device, vdisk: &VDisk) -> Result<Disk, String> {
-        let layers = self.layers(&vdisk.name).map_err(|e| format!("opening vDisk {}: {e}", vdisk.name))?;
+        let layers = self
+            .layers(&vdisk.name)
+            .map_err(|e| format!("opening vDisk {}: {e}", vdisk.name))?;
         match vdisk.mode {
-            Mode::Private => Disk::writable(layers.to_vec(), None).map_err(|e| format!("vDisk {}: {e}", vdisk.name)),
+            Mode::Private => {
+                Disk::writable(layers, None).map_err(|e| format!("vDisk {}: {e}", vdisk.name))
+            }
             Mode::Standard => {
                 let cache = self
                     .store
                     .open_cache(&device.name, vdisk.size)
-                    .map_err(|e| format!("opening the write cache of device {}: {e}", device.name))?;
-                let mut stack = layers.to_vec();
+                    .map_err(|e| {
+                        format!("opening the write cache of device {}: {e}", device.name)
+                    })?;
+                let mut stack = layers;
                 stack.push(cache);
                 let limit = vdisk.cache_limit.unwrap_or(vdisk.size);
                 Disk::writable(stack, Some(limit)).map_err(|e| e.to_string())
@@ -198,7 +264,9 @@ impl Server {
 
     fn end_connection(&self, device: &str, clean: bool) {
         let mut sessions = self.sessions.lock();
-        let Some(s) = sessions.get_mut(device) else { return };
+        let Some(s) = sessions.get_mut(device) else {
+            return;
+        };
         s.connections -= 1;
         if s.connections > 0 {
             return;
@@ -221,8 +289,13 @@ impl Server {
 
     /// Devices connected to vDisk `name` now.
     pub fn connected_to(&self, vdisk: &str) -> Vec<String> {
-        let mut v: Vec<String> =
-            self.sessions.lock().iter().filter(|(_, s)| s.vdisk == vdisk).map(|(d, _)| d.clone()).collect();
+        let mut v: Vec<String> = self
+            .sessions
+            .lock()
+            .iter()
+            .filter(|(_, s)| s.vdisk == vdisk)
+            .map(|(d, _)| d.clone())
+            .collect();
         v.sort();
         v
     }
@@ -256,7 +329,12 @@ impl Server {
 
     /// Flushes every open session; used at shutdown.
     pub fn flush_all(&self) {
-        let disks: Vec<Arc<Disk>> = self.sessions.lock().values().map(|s| s.disk.clone()).collect();
+        let disks: Vec<Arc<Disk>> = self
+            .sessions
+            .lock()
+            .values()
+            .map(|s| s.disk.clone())
+            .collect();
         for d in disks {
             if let Err(e) = d.flush() {
                 tracing::error!(error = %e, "flush at shutdown failed");

@@ -40,41 +40,94 @@ fn a_full_store_gives_enospc_and_loses_nothing() {
     if !have("qemu-io") || !have("qemu-img") {
         return;
     }
-    let Some(fs) = SmallFs::mount("48m") else { return };
+    let Some(fs) = SmallFs::mount("48m") else {
+        return;
+    };
     let server = TestServer::start_in(fs.0.path().join("data"));
     server.cli_ok(&["vdisk", "create", "big", "--size", "256MiB"]);
-    server.cli_ok(&["device", "add", "pc", "--mac", "52:54:00:00:00:0f", "--vdisk", "big"]);
+    server.cli_ok(&[
+        "device",
+        "add",
+        "pc",
+        "--mac",
+        "52:54:00:00:00:0f",
+        "--vdisk",
+        "big",
+    ]);
     let url = server.url("device/pc");
 
     // 8 MiB fits and is flushed.
-    let out = common::run("qemu-io", &["-f", "raw", "-c", "write -P 0x11 0 8M", "-c", "flush", &url]);
+    let out = common::run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x11 0 8M", "-c", "flush", &url],
+    );
     assert!(out.contains("wrote 8388608/8388608"), "{out}");
 
     // 128 MiB does not fit: the write fails with ENOSPC, the connection and server live on.
     let o = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x22 16M 128M", "-c", "read -P 0x11 0 8M", &url])
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x22 16M 128M",
+            "-c",
+            "read -P 0x11 0 8M",
+            &url,
+        ])
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(text.contains("No space left on device"), "{text}");
-    assert!(text.contains("read 8388608/8388608"), "reads after ENOSPC failed:\n{text}");
+    assert!(
+        text.contains("read 8388608/8388608"),
+        "reads after ENOSPC failed:\n{text}"
+    );
 
     // An import that does not fit gets a clear error and leaves nothing behind.
     let local = tempfile::tempdir().unwrap();
     let img = local.path().join("import.raw");
     random_image(&img, 96 << 20, 3);
-    common::run("sh", &["-c", &format!("dd if=/dev/urandom of={} bs=1M count=64 conv=notrunc status=none", img.display())]);
+    common::run(
+        "sh",
+        &[
+            "-c",
+            &format!(
+                "dd if=/dev/urandom of={} bs=1M count=64 conv=notrunc status=none",
+                img.display()
+            ),
+        ],
+    );
     let err = server.cli_err(&["vdisk", "import", "toobig", img.to_str().unwrap()]);
     eprintln!("import error: {err}");
-    assert!(err.contains("No space left") || err.contains("no space left"), "unclear error: {err}");
+    assert!(
+        err.contains("No space left") || err.contains("no space left"),
+        "unclear error: {err}"
+    );
     let list = server.cli_ok(&["vdisk", "list"]);
-    assert!(!list.contains("toobig"), "a failed import left a vDisk behind:\n{list}");
+    assert!(
+        !list.contains("toobig"),
+        "a failed import left a vDisk behind:\n{list}"
+    );
 
     // Everything written before is intact after a restart.
     let mut server = server;
     assert!(server.stop().success());
     server.restart();
-    let out = common::run("qemu-io", &["-f", "raw", "-r", "-c", "read -P 0x11 0 8M", &server.url("big")]);
+    let out = common::run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-r",
+            "-c",
+            "read -P 0x11 0 8M",
+            &server.url("big"),
+        ],
+    );
     assert!(out.contains("read 8388608/8388608"), "{out}");
     assert!(!server.log_text().contains("panicked"));
 }

@@ -16,7 +16,13 @@ fn repo() -> PathBuf {
 /// Builds (or reuses) the guest kit: kernel, initramfs, root file system image.
 fn kit() -> PathBuf {
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-kit");
-    common::run("bash", &[repo().join("tests/guest/build.sh").to_str().unwrap(), out.to_str().unwrap()]);
+    common::run(
+        "bash",
+        &[
+            repo().join("tests/guest/build.sh").to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    );
     out
 }
 
@@ -39,16 +45,43 @@ fn boot(kit: &Path, url: &str, vstest: &str) -> String {
 
 #[test]
 fn guest_boots_from_a_vdisk_in_private_then_standard_mode() {
-    for tool in ["qemu-system-x86_64", "mkfs.ext4", "busybox", "cpio", "apt-get"] {
+    for tool in [
+        "qemu-system-x86_64",
+        "mkfs.ext4",
+        "busybox",
+        "cpio",
+        "apt-get",
+    ] {
         if !have(tool) {
             return;
         }
     }
     let kit = kit();
     let server = TestServer::start();
-    server.cli_ok(&["vdisk", "import", "root", kit.join("rootfs.img").to_str().unwrap()]);
-    server.cli_ok(&["device", "add", "pc1", "--mac", "52:54:00:00:00:01", "--vdisk", "root"]);
-    server.cli_ok(&["device", "add", "pc2", "--mac", "52:54:00:00:00:02", "--vdisk", "root"]);
+    server.cli_ok(&[
+        "vdisk",
+        "import",
+        "root",
+        kit.join("rootfs.img").to_str().unwrap(),
+    ]);
+    server.cli_ok(&[
+        "device",
+        "add",
+        "pc1",
+        "--mac",
+        "52:54:00:00:00:01",
+        "--vdisk",
+        "root",
+    ]);
+    server.cli_ok(&[
+        "device",
+        "add",
+        "pc2",
+        "--mac",
+        "52:54:00:00:00:02",
+        "--vdisk",
+        "root",
+    ]);
 
     // Private: the write reaches the vDisk and the next boot sees it.
     let c = boot(&kit, &server.url("device/pc1"), "write:private-token");
@@ -62,11 +95,22 @@ fn guest_boots_from_a_vdisk_in_private_then_standard_mode() {
     let c = boot(&kit, &server.unix_url("device/pc2"), "write:standard-token");
     assert!(c.contains("GUEST-OK write standard-token"), "{c}");
     let c = boot(&kit, &server.url("device/pc2"), "read");
-    assert!(c.lines().any(|l| l == "GUEST-TOKEN private-token"), "Standard-mode write survived a reboot:\n{c}");
-    assert_eq!(show_hash(&server), hash_after_private, "the shared vDisk changed under Standard mode");
+    assert!(
+        c.lines().any(|l| l == "GUEST-TOKEN private-token"),
+        "Standard-mode write survived a reboot:\n{c}"
+    );
+    assert_eq!(
+        show_hash(&server),
+        hash_after_private,
+        "the shared vDisk changed under Standard mode"
+    );
 }
 
 fn show_hash(server: &TestServer) -> String {
-    let v: serde_json::Value = serde_json::from_str(&server.cli_ok(&["vdisk", "show", "root", "--json"])).unwrap();
-    v["content_hash"].as_str().expect("content_hash").to_string()
+    let v: serde_json::Value =
+        serde_json::from_str(&server.cli_ok(&["vdisk", "show", "root", "--json"])).unwrap();
+    v["content_hash"]
+        .as_str()
+        .expect("content_hash")
+        .to_string()
 }

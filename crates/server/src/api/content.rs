@@ -58,7 +58,9 @@ pub(super) async fn import_vdisk(
     drop(tx);
     let result = worker.await?;
     if let Some(e) = body_error {
-        return Err(ApiError::bad_request(format!("the upload of vDisk {name} broke off: {e}")));
+        return Err(ApiError::bad_request(format!(
+            "the upload of vDisk {name} broke off: {e}"
+        )));
     }
     let (size, created) = result?;
     let vdisk = register_vdisk(&server, &name, size, created).await?;
@@ -66,8 +68,14 @@ pub(super) async fn import_vdisk(
     Ok((StatusCode::CREATED, Json(vdisk_info(&server, vdisk).await?)))
 }
 
-fn import_blocking(server: &Server, name: &str, mut rx: mpsc::Receiver<Bytes>) -> Result<(u64, u64), ApiError> {
-    let bad = |e: extents::ExtentError| ApiError::bad_request(format!("the upload of vDisk {name} is malformed: {e}"));
+fn import_blocking(
+    server: &Server,
+    name: &str,
+    mut rx: mpsc::Receiver<Bytes>,
+) -> Result<(u64, u64), ApiError> {
+    let bad = |e: extents::ExtentError| {
+        ApiError::bad_request(format!("the upload of vDisk {name} is malformed: {e}"))
+    };
     let mut dec = Decoder::new();
     let mut staging = None;
     while let Some(chunk) = rx.blocking_recv() {
@@ -77,7 +85,9 @@ fn import_blocking(server: &Server, name: &str, mut rx: mpsc::Receiver<Bytes>) -
                 Event::NeedMore | Event::End => break,
                 Event::Header { size } => staging = Some(server.store.begin_import(name, size)?),
                 Event::Frame { offset, data } => {
-                    let s = staging.as_ref().ok_or_else(|| ApiError::bad_request("frame before header"))?;
+                    let s = staging
+                        .as_ref()
+                        .ok_or_else(|| ApiError::bad_request("frame before header"))?;
                     s.disk().write(data, offset, false).map_err(|e| {
                         ApiError::new(
                             if matches!(e, vstream_image::WriteError::NoSpace) {
@@ -103,13 +113,18 @@ fn import_blocking(server: &Server, name: &str, mut rx: mpsc::Receiver<Bytes>) -
 #[utoipa::path(get, path = "/api/v1/vdisks/{name}/content", params(("name" = String, Path)),
     responses((status = 200, content_type = "application/vnd.vstream.extents", body = Vec<u8>),
         (status = 404, body = ErrorBody)))]
-pub(super) async fn export_vdisk(State(server): State<Arc<Server>>, Path(name): Path<String>) -> Result<Response, ApiError> {
+pub(super) async fn export_vdisk(
+    State(server): State<Arc<Server>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
     if let Some((_, version)) = name.split_once('@') {
-        return Err(ApiError::not_found(format!("vDisk {name}: version {version} does not exist (versions are not kept yet)")));
+        return Err(ApiError::not_found(format!(
+            "vDisk {name}: version {version} does not exist (versions are not kept yet)"
+        )));
     }
     let vdisk = get_vdisk(&server, &name).await?;
     let layers = server.layers(&vdisk.name)?;
-    let disk = Disk::read_only(layers.to_vec());
+    let disk = Disk::read_only(layers);
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     tokio::task::spawn_blocking(move || {
         if let Err(e) = export_blocking(&disk, &tx) {
@@ -117,7 +132,9 @@ pub(super) async fn export_vdisk(State(server): State<Arc<Server>>, Path(name): 
             let _ = tx.blocking_send(Err(e));
         }
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
     Response::builder()
         .header(header::CONTENT_TYPE, extents::CONTENT_TYPE)
         .header("x-vstream-size", vdisk.size)
@@ -126,7 +143,10 @@ pub(super) async fn export_vdisk(State(server): State<Arc<Server>>, Path(name): 
 }
 
 /// Walks the allocated extents of `disk` and sends them as frames.
-fn export_blocking(disk: &Disk, tx: &mpsc::Sender<Result<Bytes, std::io::Error>>) -> std::io::Result<()> {
+fn export_blocking(
+    disk: &Disk,
+    tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
+) -> std::io::Result<()> {
     let gone = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away");
     let mut head = Vec::new();
     extents::encode_header(&mut head, disk.size());
@@ -145,8 +165,9 @@ fn export_blocking(disk: &Disk, tx: &mpsc::Sender<Result<Bytes, std::io::Error>>
                     disk.read(buf, at, false)?;
                     if buf.iter().any(|&b| b != 0) {
                         let mut frame = Vec::with_capacity(n as usize + extents::FRAME_HEADER_LEN);
-                        extents::encode_frame(&mut frame, at, buf)
-                            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+                        extents::encode_frame(&mut frame, at, buf).map_err(|e| {
+                            std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
+                        })?;
                         tx.blocking_send(Ok(frame.into())).map_err(|_| gone())?;
                     }
                     at += n;

@@ -13,7 +13,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use utoipa::OpenApi;
-use vstream_api::{CreateDevice, CreateVDisk, Device, DeviceInfo, ErrorBody, SetVDisk, VDisk, VDiskInfo};
+use vstream_api::{
+    CreateDevice, CreateVDisk, Device, DeviceInfo, ErrorBody, SetVDisk, VDisk, VDiskInfo,
+};
 use vstream_image::hash;
 
 pub use error::ApiError;
@@ -59,15 +61,27 @@ pub fn router(server: Arc<Server>, token: String) -> Router {
     let token = Arc::new(token);
     let admin = Router::new()
         .route("/api/v1/vdisks", get(list_vdisks).post(create_vdisk))
-        .route("/api/v1/vdisks/:name", get(show_vdisk).patch(set_vdisk).delete(delete_vdisk))
-        .route("/api/v1/vdisks/:name/content", get(content::export_vdisk).put(content::import_vdisk))
+        .route(
+            "/api/v1/vdisks/:name",
+            get(show_vdisk).patch(set_vdisk).delete(delete_vdisk),
+        )
+        .route(
+            "/api/v1/vdisks/:name/content",
+            get(content::export_vdisk).put(content::import_vdisk),
+        )
         .route("/api/v1/devices", get(list_devices).post(add_device))
-        .route("/api/v1/devices/:name", get(show_device).delete(remove_device))
+        .route(
+            "/api/v1/devices/:name",
+            get(show_device).delete(remove_device),
+        )
         .route("/api/v1/devices/:name/reset", post(reset_device))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(token, require_token));
     Router::new()
-        .route("/api/v1/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }))
+        .route(
+            "/api/v1/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .merge(admin)
         .with_state(server)
@@ -81,8 +95,11 @@ async fn require_token(State(token): State<Arc<String>>, req: Request, next: Nex
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     if !constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
-        return ApiError::new(StatusCode::UNAUTHORIZED, "a valid admin token is required (Authorization: Bearer ...)")
-            .into_response();
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "a valid admin token is required (Authorization: Bearer ...)",
+        )
+        .into_response();
     }
     next.run(req).await
 }
@@ -92,7 +109,10 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn metrics(State(server): Shared) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], server.metrics.render())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        server.metrics.render(),
+    )
 }
 
 /// Everything `vdisk show` reports about one vDisk.
@@ -100,30 +120,44 @@ pub(crate) async fn vdisk_info(server: &Arc<Server>, vdisk: VDisk) -> Result<VDi
     let connected = server.connected_to(&vdisk.name);
     let srv = server.clone();
     let name = vdisk.name.clone();
-    let writer_active = vdisk.mode == vstream_api::Mode::Private && !connected.is_empty();
     let (content, allocated) = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
         let layers = srv.layers(&name)?;
         let allocated = layers.iter().map(|l| l.allocated_bytes()).sum::<u64>();
-        let top = layers.last().ok_or_else(|| ApiError::internal("vDisk has no layers"))?;
+        let top = layers
+            .last()
+            .ok_or_else(|| ApiError::internal("vDisk has no layers"))?
+            .clone();
         if let Some(h) = top.content_hash() {
             return Ok((h, allocated));
         }
-        // Stale after Private-mode writes: hash again; keep it only if nobody writes now.
-        let disk = vstream_image::Disk::read_only(layers.to_vec());
-        let hashes = hash::hash_disk(&disk).map_err(|e| ApiError::internal(format!("hashing vDisk {name}: {e}")))?;
-        if !writer_active {
-            if let Err(e) = top.store_hashes(&hashes.touched, hashes.content, false) {
+        // Stale after Private-mode writes: hash again, and keep the result only
+        // if no write began or ran meanwhile.
+        let epoch = top.quiet_epoch();
+        let disk = vstream_image::Disk::read_only(layers);
+        let hashes = hash::hash_disk(&disk)
+            .map_err(|e| ApiError::internal(format!("hashing vDisk {name}: {e}")))?;
+        if let Some(epoch) = epoch {
+            if let Err(e) = top.store_hashes_if_unchanged(epoch, &hashes.touched, hashes.content) {
                 tracing::warn!(vdisk = %name, error = %e, "could not store the new content hash");
             }
         }
         Ok((hashes.content, allocated))
     })
     .await??;
-    Ok(VDiskInfo { vdisk, content_hash: hash::to_hex(&content), allocated, connected })
+    Ok(VDiskInfo {
+        vdisk,
+        content_hash: hash::to_hex(&content),
+        allocated,
+        connected,
+    })
 }
 
 async fn get_vdisk(server: &Server, name: &str) -> Result<VDisk, ApiError> {
-    server.farm.get_vdisk(name).await?.ok_or_else(|| ApiError::not_found(format!("vDisk {name} does not exist")))
+    server
+        .farm
+        .get_vdisk(name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("vDisk {name} does not exist")))
 }
 
 #[utoipa::path(get, path = "/api/v1/vdisks", responses((status = 200, body = [VDiskInfo])))]
@@ -137,10 +171,16 @@ async fn list_vdisks(State(server): Shared) -> Result<Json<Vec<VDiskInfo>>, ApiE
 
 #[utoipa::path(post, path = "/api/v1/vdisks", request_body = CreateVDisk,
     responses((status = 201, body = VDiskInfo), (status = 409, body = ErrorBody)))]
-async fn create_vdisk(State(server): Shared, Json(req): Json<CreateVDisk>) -> Result<(StatusCode, Json<VDiskInfo>), ApiError> {
+async fn create_vdisk(
+    State(server): Shared,
+    Json(req): Json<CreateVDisk>,
+) -> Result<(StatusCode, Json<VDiskInfo>), ApiError> {
     vstream_farm::validate_name(&req.name)?;
     if server.farm.get_vdisk(&req.name).await?.is_some() {
-        return Err(ApiError::conflict(format!("vDisk {} already exists", req.name)));
+        return Err(ApiError::conflict(format!(
+            "vDisk {} already exists",
+            req.name
+        )));
     }
     let created = now_unix();
     let (srv, name, size) = (server.clone(), req.name.clone(), req.size);
@@ -150,7 +190,12 @@ async fn create_vdisk(State(server): Shared, Json(req): Json<CreateVDisk>) -> Re
 }
 
 /// Records a vDisk that is now in the store in the farm state; undoes the store on failure.
-pub(crate) async fn register_vdisk(server: &Arc<Server>, name: &str, size: u64, created: u64) -> Result<VDisk, ApiError> {
+pub(crate) async fn register_vdisk(
+    server: &Arc<Server>,
+    name: &str,
+    size: u64,
+    created: u64,
+) -> Result<VDisk, ApiError> {
     let vdisk = VDisk {
         name: name.to_owned(),
         size,
@@ -171,16 +216,25 @@ pub(crate) async fn register_vdisk(server: &Arc<Server>, name: &str, size: u64, 
 
 #[utoipa::path(get, path = "/api/v1/vdisks/{name}", params(("name" = String, Path)),
     responses((status = 200, body = VDiskInfo), (status = 404, body = ErrorBody)))]
-async fn show_vdisk(State(server): Shared, Path(name): Path<String>) -> Result<Json<VDiskInfo>, ApiError> {
+async fn show_vdisk(
+    State(server): Shared,
+    Path(name): Path<String>,
+) -> Result<Json<VDiskInfo>, ApiError> {
     let v = get_vdisk(&server, &name).await?;
     Ok(Json(vdisk_info(&server, v).await?))
 }
 
 #[utoipa::path(patch, path = "/api/v1/vdisks/{name}", params(("name" = String, Path)), request_body = SetVDisk,
     responses((status = 200, body = VDiskInfo), (status = 409, body = ErrorBody)))]
-async fn set_vdisk(State(server): Shared, Path(name): Path<String>, Json(req): Json<SetVDisk>) -> Result<Json<VDiskInfo>, ApiError> {
+async fn set_vdisk(
+    State(server): Shared,
+    Path(name): Path<String>,
+    Json(req): Json<SetVDisk>,
+) -> Result<Json<VDiskInfo>, ApiError> {
     if req.mode.is_none() && req.cache_limit.is_none() {
-        return Err(ApiError::bad_request("nothing to change: give a mode or a cache limit"));
+        return Err(ApiError::bad_request(
+            "nothing to change: give a mode or a cache limit",
+        ));
     }
     let connected = server.connected_to(&name);
     if !connected.is_empty() {
@@ -189,6 +243,7 @@ async fn set_vdisk(State(server): Shared, Path(name): Path<String>, Json(req): J
             connected.join(", ")
         )));
     }
+    let before = get_vdisk(&server, &name).await?;
     let v = server
         .farm
         .update_vdisk(&name, |v| {
@@ -197,19 +252,31 @@ async fn set_vdisk(State(server): Shared, Path(name): Path<String>, Json(req): J
             }
             if let Some(l) = req.cache_limit {
                 if l < 4096 {
-                    return Err(vstream_farm::FarmError::Invalid("a cache limit must be at least 4 KiB".into()));
+                    return Err(vstream_farm::FarmError::Invalid(
+                        "a cache limit must be at least 4 KiB".into(),
+                    ));
                 }
                 v.cache_limit = Some(l);
             }
             Ok(())
         })
         .await?;
+    if v.mode != before.mode {
+        // Write caches were made over the old content: a device must not see
+        // them laid over whatever the vDisk holds next.
+        for d in server.farm.devices_using(&name).await? {
+            server.store.discard_cache(&d.name)?;
+        }
+    }
     Ok(Json(vdisk_info(&server, v).await?))
 }
 
 #[utoipa::path(delete, path = "/api/v1/vdisks/{name}", params(("name" = String, Path)),
     responses((status = 204), (status = 409, body = ErrorBody)))]
-async fn delete_vdisk(State(server): Shared, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+async fn delete_vdisk(
+    State(server): Shared,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     let connected = server.connected_to(&name);
     if !connected.is_empty() {
         return Err(ApiError::conflict(format!(
@@ -225,39 +292,62 @@ async fn delete_vdisk(State(server): Shared, Path(name): Path<String>) -> Result
 }
 
 async fn get_device(server: &Server, name: &str) -> Result<Device, ApiError> {
-    server.farm.find_device(name).await?.ok_or_else(|| ApiError::not_found(format!("device {name} does not exist")))
+    server
+        .farm
+        .find_device(name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("device {name} does not exist")))
 }
 
 #[utoipa::path(get, path = "/api/v1/devices", responses((status = 200, body = [DeviceInfo])))]
 async fn list_devices(State(server): Shared) -> Result<Json<Vec<DeviceInfo>>, ApiError> {
     let devices = server.farm.list_devices().await?;
-    Ok(Json(devices.into_iter().map(|d| server.device_info(d)).collect()))
+    Ok(Json(
+        devices.into_iter().map(|d| server.device_info(d)).collect(),
+    ))
 }
 
 #[utoipa::path(post, path = "/api/v1/devices", request_body = CreateDevice,
     responses((status = 201, body = DeviceInfo), (status = 409, body = ErrorBody)))]
-async fn add_device(State(server): Shared, Json(req): Json<CreateDevice>) -> Result<(StatusCode, Json<DeviceInfo>), ApiError> {
+async fn add_device(
+    State(server): Shared,
+    Json(req): Json<CreateDevice>,
+) -> Result<(StatusCode, Json<DeviceInfo>), ApiError> {
     let mac = vstream_api::parse_mac(&req.mac).map_err(ApiError::bad_request)?;
     let d = server
         .farm
-        .create_device(Device { name: req.name, mac, vdisk: req.vdisk, created_unix: now_unix() })
+        .create_device(Device {
+            name: req.name,
+            mac,
+            vdisk: req.vdisk,
+            created_unix: now_unix(),
+        })
         .await?;
     Ok((StatusCode::CREATED, Json(server.device_info(d))))
 }
 
 #[utoipa::path(get, path = "/api/v1/devices/{name}", params(("name" = String, Path, description = "name or MAC")),
     responses((status = 200, body = DeviceInfo), (status = 404, body = ErrorBody)))]
-async fn show_device(State(server): Shared, Path(name): Path<String>) -> Result<Json<DeviceInfo>, ApiError> {
+async fn show_device(
+    State(server): Shared,
+    Path(name): Path<String>,
+) -> Result<Json<DeviceInfo>, ApiError> {
     let d = get_device(&server, &name).await?;
     Ok(Json(server.device_info(d)))
 }
 
 #[utoipa::path(delete, path = "/api/v1/devices/{name}", params(("name" = String, Path)),
     responses((status = 204), (status = 409, body = ErrorBody)))]
-async fn remove_device(State(server): Shared, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+async fn remove_device(
+    State(server): Shared,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     let d = get_device(&server, &name).await?;
     if server.is_connected(&d.name) {
-        return Err(ApiError::conflict(format!("device {} is connected; remove it once it disconnects", d.name)));
+        return Err(ApiError::conflict(format!(
+            "device {} is connected; remove it once it disconnects",
+            d.name
+        )));
     }
     server.farm.delete_device(&d.name).await?;
     server.store.discard_cache(&d.name)?;
@@ -266,7 +356,10 @@ async fn remove_device(State(server): Shared, Path(name): Path<String>) -> Resul
 
 #[utoipa::path(post, path = "/api/v1/devices/{name}/reset", params(("name" = String, Path)),
     responses((status = 200, body = DeviceInfo), (status = 409, body = ErrorBody)))]
-async fn reset_device(State(server): Shared, Path(name): Path<String>) -> Result<Json<DeviceInfo>, ApiError> {
+async fn reset_device(
+    State(server): Shared,
+    Path(name): Path<String>,
+) -> Result<Json<DeviceInfo>, ApiError> {
     let d = get_device(&server, &name).await?;
     if server.is_connected(&d.name) {
         return Err(ApiError::conflict(format!(

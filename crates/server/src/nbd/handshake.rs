@@ -5,8 +5,8 @@ use std::sync::Arc;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use vstream_nbd::handshake::{
-    encode_export_name_reply, encode_info_block_size, encode_info_export, encode_info_text, encode_meta_context,
-    encode_option_error, encode_option_reply, encode_rep_server,
+    encode_export_name_reply, encode_info_block_size, encode_info_export, encode_info_text,
+    encode_meta_context, encode_option_error, encode_option_reply, encode_rep_server,
 };
 use vstream_nbd::*;
 
@@ -55,7 +55,11 @@ pub fn export_flags(export: &Export, structured: bool) -> u16 {
 }
 
 /// Runs the handshake. `Ok(None)` means the client aborted politely.
-pub async fn negotiate<S>(stream: &mut S, server: &Arc<Server>, peer: &str) -> Result<Option<Negotiated>, HandshakeError>
+pub async fn negotiate<S>(
+    stream: &mut S,
+    server: &Arc<Server>,
+    peer: &str,
+) -> Result<Option<Negotiated>, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -82,14 +86,21 @@ where
         let code = option.code();
         match option {
             ClientOption::ExportName(name) => {
-                let export = server
-                    .open_export(&name, peer, true)
-                    .await
-                    .map_err(|e| HandshakeError::ExportName { name: name.clone(), reason: e.to_string() })?;
+                let export = server.open_export(&name, peer, true).await.map_err(|e| {
+                    HandshakeError::ExportName {
+                        name: name.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
                 let flags = export_flags(&export, false);
                 encode_export_name_reply(&mut out, export.disk.size(), flags, no_zeroes);
                 stream.write_all(&out).await?;
-                return Ok(Some(Negotiated { export, flags, structured: false, base_allocation: false }));
+                return Ok(Some(Negotiated {
+                    export,
+                    flags,
+                    structured: false,
+                    base_allocation: false,
+                }));
             }
             ClientOption::Abort => {
                 encode_option_reply(&mut out, code, REP_ACK, &[]);
@@ -104,22 +115,46 @@ where
             }
             ClientOption::StructuredReply => {
                 if !server.config.structured_replies {
-                    encode_option_error(&mut out, code, REP_ERR_UNSUP, "structured replies are turned off");
+                    encode_option_error(
+                        &mut out,
+                        code,
+                        REP_ERR_UNSUP,
+                        "structured replies are turned off",
+                    );
                 } else if structured {
-                    encode_option_error(&mut out, code, REP_ERR_INVALID, "structured replies are already on");
+                    encode_option_error(
+                        &mut out,
+                        code,
+                        REP_ERR_INVALID,
+                        "structured replies are already on",
+                    );
                 } else {
                     structured = true;
                     encode_option_reply(&mut out, code, REP_ACK, &[]);
                 }
             }
-            ClientOption::MetaContext { set, export, queries } => {
+            ClientOption::MetaContext {
+                set,
+                export,
+                queries,
+            } => {
                 if set && !structured {
-                    encode_option_error(&mut out, code, REP_ERR_INVALID, "negotiate structured replies first");
+                    encode_option_error(
+                        &mut out,
+                        code,
+                        REP_ERR_INVALID,
+                        "negotiate structured replies first",
+                    );
                 } else if let Err(e) = server.open_export(&export, peer, false).await {
                     encode_option_error(&mut out, code, open_error_reply(&e), &e.to_string());
                 } else {
-                    let wanted = |q: &str| q == BASE_ALLOCATION || (!set && (q == "base:" || q.is_empty()));
-                    let selected = if queries.is_empty() { !set } else { queries.iter().any(|q| wanted(q)) };
+                    let wanted =
+                        |q: &str| q == BASE_ALLOCATION || (!set && (q == "base:" || q.is_empty()));
+                    let selected = if queries.is_empty() {
+                        !set
+                    } else {
+                        queries.iter().any(|q| wanted(q))
+                    };
                     if selected {
                         encode_meta_context(&mut out, code, BASE_ALLOCATION_ID, BASE_ALLOCATION);
                     }
@@ -129,33 +164,43 @@ where
                     encode_option_reply(&mut out, code, REP_ACK, &[]);
                 }
             }
-            ClientOption::Info { go, name, requests } => match server.open_export(&name, peer, go).await {
-                Err(e) => {
-                    tracing::info!(%peer, export = %name, reason = %e, "export refused");
-                    encode_option_error(&mut out, code, open_error_reply(&e), &e.to_string());
+            ClientOption::Info { go, name, requests } => {
+                match server.open_export(&name, peer, go).await {
+                    Err(e) => {
+                        tracing::info!(%peer, export = %name, reason = %e, "export refused");
+                        encode_option_error(&mut out, code, open_error_reply(&e), &e.to_string());
+                    }
+                    Ok(export) => {
+                        let flags = export_flags(&export, structured);
+                        encode_info_export(&mut out, code, export.disk.size(), flags);
+                        if requests.contains(&INFO_NAME) {
+                            encode_info_text(&mut out, code, INFO_NAME, &export.name);
+                        }
+                        if requests.contains(&INFO_DESCRIPTION) {
+                            encode_info_text(&mut out, code, INFO_DESCRIPTION, &export.description);
+                        }
+                        if requests.contains(&INFO_BLOCK_SIZE) {
+                            encode_info_block_size(&mut out, code, 1, 4096, MAX_PAYLOAD);
+                        }
+                        encode_option_reply(&mut out, code, REP_ACK, &[]);
+                        if go {
+                            stream.write_all(&out).await?;
+                            return Ok(Some(Negotiated {
+                                export,
+                                flags,
+                                structured,
+                                base_allocation,
+                            }));
+                        }
+                    }
                 }
-                Ok(export) => {
-                    let flags = export_flags(&export, structured);
-                    encode_info_export(&mut out, code, export.disk.size(), flags);
-                    if requests.contains(&INFO_NAME) {
-                        encode_info_text(&mut out, code, INFO_NAME, &export.name);
-                    }
-                    if requests.contains(&INFO_DESCRIPTION) {
-                        encode_info_text(&mut out, code, INFO_DESCRIPTION, &export.description);
-                    }
-                    if requests.contains(&INFO_BLOCK_SIZE) {
-                        encode_info_block_size(&mut out, code, 1, 4096, MAX_PAYLOAD);
-                    }
-                    encode_option_reply(&mut out, code, REP_ACK, &[]);
-                    if go {
-                        stream.write_all(&out).await?;
-                        return Ok(Some(Negotiated { export, flags, structured, base_allocation }));
-                    }
-                }
-            },
-            ClientOption::StartTls => {
-                encode_option_error(&mut out, code, REP_ERR_POLICY, "TLS is not configured on this server")
             }
+            ClientOption::StartTls => encode_option_error(
+                &mut out,
+                code,
+                REP_ERR_POLICY,
+                "TLS is not configured on this server",
+            ),
             ClientOption::ExtendedHeaders | ClientOption::Unknown(_) => {
                 encode_option_error(&mut out, code, REP_ERR_UNSUP, "option not supported")
             }
@@ -177,7 +222,10 @@ fn open_error_reply(e: &OpenError) -> u32 {
     }
 }
 
-async fn read_exact_or_closed<S: AsyncRead + Unpin>(s: &mut S, buf: &mut [u8]) -> Result<(), HandshakeError> {
+async fn read_exact_or_closed<S: AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut [u8],
+) -> Result<(), HandshakeError> {
     match s.read_exact(buf).await {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(HandshakeError::Closed),

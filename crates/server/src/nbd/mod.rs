@@ -33,10 +33,13 @@ impl Listener {
             Listen::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await?)),
             Listen::Unix(p) => {
                 // A stale socket from a previous run would make bind fail.
-                if std::fs::symlink_metadata(p).map(|m| m.file_type()).is_ok_and(|t| {
-                    use std::os::unix::fs::FileTypeExt;
-                    t.is_socket()
-                }) {
+                if std::fs::symlink_metadata(p)
+                    .map(|m| m.file_type())
+                    .is_ok_and(|t| {
+                        use std::os::unix::fs::FileTypeExt;
+                        t.is_socket()
+                    })
+                {
                     std::fs::remove_file(p)?;
                 }
                 Ok(Listener::Unix(UnixListener::bind(p)?, p.clone()))
@@ -62,7 +65,12 @@ impl Drop for Listener {
 
 /// Accepts connections on `listener` until `shutdown` turns true, then waits
 /// for every connection to finish its in-flight requests.
-pub async fn serve(listener: Listener, server: Arc<Server>, limit: Arc<Semaphore>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: Listener,
+    server: Arc<Server>,
+    limit: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut conns = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -91,7 +99,11 @@ pub async fn serve(listener: Listener, server: Arc<Server>, limit: Arc<Semaphore
     while conns.join_next().await.is_some() {}
 }
 
-type Halves = (Box<dyn AsyncRead + Unpin + Send>, Box<dyn AsyncWrite + Unpin + Send>, String);
+type Halves = (
+    Box<dyn AsyncRead + Unpin + Send>,
+    Box<dyn AsyncWrite + Unpin + Send>,
+    String,
+);
 
 async fn accept(listener: &Listener) -> std::io::Result<Halves> {
     match listener {
@@ -110,8 +122,13 @@ async fn accept(listener: &Listener) -> std::io::Result<Halves> {
 }
 
 /// One connection from greeting to close. Every failure is logged once here.
-async fn connection<R, W>(reader: R, writer: W, peer: &str, server: Arc<Server>, shutdown: watch::Receiver<bool>)
-where
+async fn connection<R, W>(
+    reader: R,
+    writer: W,
+    peer: &str,
+    server: Arc<Server>,
+    shutdown: watch::Receiver<bool>,
+) where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -120,7 +137,8 @@ where
     metrics.connections_open.fetch_add(1, Ordering::Relaxed);
     let mut stream = tokio::io::join(reader, writer);
     let timeout = Duration::from_secs(server.config.handshake_timeout_secs);
-    let negotiated = tokio::time::timeout(timeout, handshake::negotiate(&mut stream, &server, peer)).await;
+    let negotiated =
+        tokio::time::timeout(timeout, handshake::negotiate(&mut stream, &server, peer)).await;
     let neg = match negotiated {
         Ok(Ok(Some(n))) => n,
         Ok(Ok(None)) => {
@@ -152,9 +170,15 @@ where
             }
             tracing::debug!(%peer, export = %neg.export.name, "client disconnected");
         }
-        Ok(Ending::Dropped) => tracing::info!(%peer, export = %neg.export.name, "client dropped the connection"),
-        Ok(Ending::Shutdown) => tracing::debug!(%peer, export = %neg.export.name, "closed for shutdown"),
-        Err(e) => tracing::warn!(%peer, export = %neg.export.name, error = %e, "connection dropped"),
+        Ok(Ending::Dropped) => {
+            tracing::info!(%peer, export = %neg.export.name, "client dropped the connection")
+        }
+        Ok(Ending::Shutdown) => {
+            tracing::debug!(%peer, export = %neg.export.name, "closed for shutdown")
+        }
+        Err(e) => {
+            tracing::warn!(%peer, export = %neg.export.name, error = %e, "connection dropped")
+        }
     }
     if let Err(e) = neg.export.disk.flush() {
         tracing::error!(%peer, export = %neg.export.name, error = %e, "flush at close failed");

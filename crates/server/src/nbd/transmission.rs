@@ -103,12 +103,17 @@ where
                 break 'conn Ending::Disconnect;
             }
             if !conn.try_inline(&req, &mut out) {
-                let permit = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
+                let permit = in_flight
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore never closed");
                 let (conn, writer) = (conn.clone(), writer.clone());
                 tokio::spawn(async move {
                     let c = conn.clone();
                     let reply = tokio::task::spawn_blocking(move || c.blocking(&req, data)).await;
-                    let reply = reply.unwrap_or_else(|_| conn.error_reply(&req, EIO, "internal error"));
+                    let reply =
+                        reply.unwrap_or_else(|_| conn.error_reply(&req, EIO, "internal error"));
                     // A failed write means the client is gone; the reader sees it too.
                     let _ = writer.lock().await.write_all(&reply).await;
                     drop(permit);
@@ -174,8 +179,16 @@ impl Conn {
             return Err(EINVAL);
         }
         match req.command {
-            Command::Write | Command::Trim | Command::WriteZeroes if !writable => return Err(EPERM),
-            Command::Flush => return if req.offset == 0 && req.length == 0 { Ok(()) } else { Err(EINVAL) },
+            Command::Write | Command::Trim | Command::WriteZeroes if !writable => {
+                return Err(EPERM)
+            }
+            Command::Flush => {
+                return if req.offset == 0 && req.length == 0 {
+                    Ok(())
+                } else {
+                    Err(EINVAL)
+                }
+            }
             Command::BlockStatus if !self.base_allocation => return Err(EINVAL),
             Command::Read if req.length > MAX_PAYLOAD => return Err(EINVAL),
             _ => {}
@@ -215,14 +228,28 @@ impl Conn {
                 true
             }
             Command::BlockStatus => {
-                let max = if req.flags & CMD_FLAG_REQ_ONE != 0 { 1 } else { 1 << 16 };
+                let max = if req.flags & CMD_FLAG_REQ_ONE != 0 {
+                    1
+                } else {
+                    1 << 16
+                };
                 let extents: Vec<(u32, u32)> = self
                     .disk
                     .block_status(req.offset, u64::from(req.length), max)
                     .iter()
-                    .map(|e| (e.length as u32, if e.zero { STATE_HOLE | STATE_ZERO } else { 0 }))
+                    .map(|e| {
+                        (
+                            e.length as u32,
+                            if e.zero { STATE_HOLE | STATE_ZERO } else { 0 },
+                        )
+                    })
                     .collect();
-                encode_block_status(out, req.cookie, super::handshake::BASE_ALLOCATION_ID, &extents);
+                encode_block_status(
+                    out,
+                    req.cookie,
+                    super::handshake::BASE_ALLOCATION_ID,
+                    &extents,
+                );
                 true
             }
             _ => false,
@@ -266,9 +293,12 @@ impl Conn {
             }
             Command::Flush => disk.flush().map_err(WriteError::from),
             Command::Trim => disk.trim(req.offset, u64::from(req.length), fua),
-            Command::WriteZeroes => {
-                disk.write_zeroes(req.offset, u64::from(req.length), fua, req.flags & CMD_FLAG_NO_HOLE == 0)
-            }
+            Command::WriteZeroes => disk.write_zeroes(
+                req.offset,
+                u64::from(req.length),
+                fua,
+                req.flags & CMD_FLAG_NO_HOLE == 0,
+            ),
             _ => Ok(()),
         };
         match result {
@@ -289,7 +319,10 @@ impl Conn {
 
     /// The error reply for `req`: structured where the protocol demands it.
     fn error_reply(&self, req: &Request, errno: u32, message: &str) -> Vec<u8> {
-        self.server.metrics.request_errors.fetch_add(1, Ordering::Relaxed);
+        self.server
+            .metrics
+            .request_errors
+            .fetch_add(1, Ordering::Relaxed);
         let mut out = Vec::with_capacity(64);
         if self.structured && matches!(req.command, Command::Read | Command::BlockStatus) {
             encode_structured_error(&mut out, req.cookie, errno, message);

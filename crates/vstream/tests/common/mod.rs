@@ -12,7 +12,11 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_vstream");
 /// True if `tool` is on PATH; otherwise prints why the test is skipped.
 /// In CI (CI=true) a missing tool is a failure, not a skip.
 pub fn have(tool: &str) -> bool {
-    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !found {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("{tool} is required in CI but is not installed (.ci/install-deps installs it)");
@@ -23,7 +27,10 @@ pub fn have(tool: &str) -> bool {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
 }
 
 pub struct TestServer {
@@ -87,17 +94,30 @@ impl TestServer {
             {
                 return;
             }
-            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("server exited with {st} at start:\n{}", self.log_text());
             }
-            assert!(Instant::now() < deadline, "server did not start:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "server did not start:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     /// Restarts on the same folder and ports (after kill9 or stop).
     pub fn restart(&mut self) {
-        let port: u16 = self.api.rsplit(':').next().and_then(|p| p.parse().ok()).expect("api port");
+        let port: u16 = self
+            .api
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("api port");
         self.spawn(port);
     }
 
@@ -106,7 +126,10 @@ impl TestServer {
     }
 
     pub fn token(&self) -> String {
-        std::fs::read_to_string(self.data.join("admin.token")).expect("admin.token").trim().to_string()
+        std::fs::read_to_string(self.data.join("admin.token"))
+            .expect("admin.token")
+            .trim()
+            .to_string()
     }
 
     /// Runs the CLI against this server.
@@ -165,7 +188,10 @@ impl TestServer {
             }
             if Instant::now() > deadline {
                 let _ = c.kill();
-                panic!("server did not stop within 20 s of SIGTERM:\n{}", self.log_text());
+                panic!(
+                    "server did not stop within 20 s of SIGTERM:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -180,7 +206,10 @@ impl Drop for TestServer {
 
 /// Runs a command and insists on success; returns stdout.
 pub fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
     assert!(
         out.status.success(),
         "{cmd} {args:?} failed: {}\n{}",
