@@ -181,7 +181,7 @@ busy_pct() {
   a=$(awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat)
   sleep 1
   b=$(awk '/^cpu /{print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat)
-  awk -v a="$a" -v b="$b" 'BEGIN{split(a,x," "); split(b,y," "); t=y[2]-x[2]; printf "%d", t>0 ? 100*(y[1]-x[1])/t : 0}'
+  awk -v a="$a" -v b="$b" 'BEGIN{split(a,x," "); split(b,y," "); t=y[2]-x[2]; printf "%d", (t > 0 ? 100*(y[1]-x[1])/t : 0)}'
 }
 
 # The machine is shared: wait (up to BENCH_QUIET_WAIT s) until other work leaves it
@@ -270,7 +270,7 @@ measure_end() {
   M_SERVER=$((s1 - M_S0))
   M_CLIENT=$((c1 - M_C0))
   M_FOREIGN_PCT=$(awk -v a="$M0" -v b="$m1" -v s="$M_SERVER" -v c="$M_CLIENT" \
-    'BEGIN{split(a,x," "); split(b,y," "); t=y[2]-x[2]; f=(y[1]-x[1])-s-c; if (f<0) f=0; printf "%d", t>0 ? 100*f/t : 0}')
+    'BEGIN{split(a,x," "); split(b,y," "); t=y[2]-x[2]; f=(y[1]-x[1])-s-c; if (f<0) f=0; printf "%d", (t > 0 ? 100*f/t : 0)}')
 }
 
 # seq_once NAME TRANSPORT: sets A_GIBS A_CPU A_FOREIGN.

@@ -79,6 +79,9 @@ pub struct VDiskInfo {
     pub allocated: u64,
     /// Names of the devices connected to it now.
     pub connected: Vec<String>,
+    /// Why the vDisk cannot be served, when its files are unreadable or corrupt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

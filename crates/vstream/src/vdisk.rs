@@ -125,7 +125,13 @@ fn list(client: &Client, a: ListArgs) -> Result<()> {
         return print_json(&client.get(&path)?);
     }
     let vdisks: Vec<VDiskInfo> = client.get(&path)?;
-    print(&vdisk_table(&vdisks))
+    print(&vdisk_table(&vdisks))?;
+    for v in &vdisks {
+        if let Some(p) = &v.problem {
+            eprintln!("warning: vDisk {}: {p}", v.vdisk.name);
+        }
+    }
+    Ok(())
 }
 
 fn vdisk_table(vdisks: &[VDiskInfo]) -> String {
@@ -137,7 +143,11 @@ fn vdisk_table(vdisks: &[VDiskInfo]) -> String {
                 human_size(i.vdisk.size),
                 i.vdisk.mode.to_string(),
                 cache_summary(&i.vdisk),
-                short_hash(&i.content_hash),
+                if i.problem.is_some() {
+                    "UNREADABLE".to_string()
+                } else {
+                    short_hash(&i.content_hash)
+                },
                 i.connected.len().to_string(),
             ]
         })
@@ -237,6 +247,7 @@ mod tests {
             content_hash: "0123456789abcdef".repeat(4),
             allocated: 3 << 29,
             connected: connected.iter().map(|s| s.to_string()).collect(),
+            problem: None,
         }
     }
 

@@ -799,6 +799,25 @@ fn corrupt_layer_file_is_refused_clearly() {
             && (stderr.contains("corrupt") || stderr.contains("checksum")),
         "vdisk show c: unclear message {stderr:?}"
     );
+    // `vdisk list` still lists every vDisk, the broken one marked with why.
+    let out = cli_with_deadline(&server, &["vdisk", "list"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "vdisk list failed: {stderr}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("v ")),
+        "healthy vDisk missing:\n{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("c ") && l.contains("UNREADABLE")),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("vDisk c:") && stderr.contains("corrupt"),
+        "{stderr}"
+    );
     assert_healthy(&mut server, "v");
 }
 

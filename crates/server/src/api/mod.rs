@@ -149,6 +149,7 @@ pub(crate) async fn vdisk_info(server: &Arc<Server>, vdisk: VDisk) -> Result<VDi
         content_hash: hash::to_hex(&content),
         allocated,
         connected,
+        problem: None,
     })
 }
 
@@ -164,7 +165,19 @@ async fn get_vdisk(server: &Server, name: &str) -> Result<VDisk, ApiError> {
 async fn list_vdisks(State(server): Shared) -> Result<Json<Vec<VDiskInfo>>, ApiError> {
     let mut out = Vec::new();
     for v in server.farm.list_vdisks().await? {
-        out.push(vdisk_info(&server, v).await?);
+        // One broken vDisk must not hide the others: list it with its problem.
+        let info = match vdisk_info(&server, v.clone()).await {
+            Ok(info) => info,
+            Err(e) if e.status.is_server_error() => VDiskInfo {
+                connected: server.connected_to(&v.name),
+                vdisk: v,
+                content_hash: String::new(),
+                allocated: 0,
+                problem: Some(e.message),
+            },
+            Err(e) => return Err(e),
+        };
+        out.push(info);
     }
     Ok(Json(out))
 }
