@@ -402,6 +402,7 @@ ratio() {
 {
   echo
   echo "vstream vs nbdkit vs qemu-nbd — $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, 2 GiB random raw image in page cache, fio ${RUNTIME} s per test, ${ELAPSED} s of measurement"
+  echo "versions: vstream $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- crates 2>/dev/null || echo '+local changes'), $(nbdkit --version | head -1), $(qemu-nbd --version | head -1 | cut -d' ' -f1-2), $(nbdcopy --version | head -1), $(fio --version), kernel $(uname -r)"
   echo "ratios = vstream ÷ peer: above 1 is better for GiB/s and IOPS, below 1 is better for CPU and memory"
   echo
   echo "| test | vstream | nbdkit | qemu-nbd | vstream/nbdkit | vstream/qemu-nbd |"
