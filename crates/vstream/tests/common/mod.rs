@@ -27,10 +27,15 @@ pub fn have(tool: &str) -> bool {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
+    free_ports::<1>()[0]
+}
+
+/// `N` distinct free ports: the listeners are held until all are picked.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("no free port"))
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().expect("local addr").port())
 }
 
 pub struct TestServer {
@@ -55,24 +60,37 @@ impl TestServer {
     /// Starts a server on `data` (an existing folder keeps its state).
     pub fn start_in(data: PathBuf) -> TestServer {
         std::fs::create_dir_all(&data).expect("creating the data folder");
-        let nbd_port = free_port();
-        let api_port = free_port();
-        let sock = data.join("nbd.sock");
-        let log = data.join(format!("server-{nbd_port}.log"));
-        let mut s = TestServer {
-            child: None,
-            api: format!("http://127.0.0.1:{api_port}"),
-            nbd_port,
-            sock,
-            data,
-            _dir: None,
-            log,
-        };
-        s.spawn(api_port);
-        s
+        // Another test may take a port between picking and binding: retry.
+        for attempt in 0.. {
+            let [nbd_port, api_port] = free_ports::<2>();
+            let sock = data.join("nbd.sock");
+            let log = data.join(format!("server-{nbd_port}.log"));
+            let mut s = TestServer {
+                child: None,
+                api: format!("http://127.0.0.1:{api_port}"),
+                nbd_port,
+                sock,
+                data: data.clone(),
+                _dir: None,
+                log,
+            };
+            match s.try_spawn(api_port) {
+                Ok(()) => return s,
+                Err(log) if attempt < 5 && log.contains("Address already in use") => continue,
+                Err(log) => panic!("server did not start:\n{log}"),
+            }
+        }
+        unreachable!()
     }
 
     fn spawn(&mut self, api_port: u16) {
+        if let Err(log) = self.try_spawn(api_port) {
+            panic!("server did not start:\n{log}");
+        }
+    }
+
+    /// Starts the server process; on failure returns its log.
+    fn try_spawn(&mut self, api_port: u16) -> Result<(), String> {
         let log = std::fs::File::create(&self.log).expect("log file");
         let child = Command::new(BIN)
             .args(["server", "--data"])
@@ -89,23 +107,30 @@ impl TestServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if std::net::TcpStream::connect(("127.0.0.1", self.nbd_port)).is_ok()
-                && std::net::TcpStream::connect(("127.0.0.1", api_port)).is_ok()
-            {
-                return;
-            }
             if let Some(st) = self
                 .child
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                panic!("server exited with {st} at start:\n{}", self.log_text());
+                self.child = None;
+                return Err(format!(
+                    "server exited with {st} at start:\n{}",
+                    self.log_text()
+                ));
             }
-            assert!(
-                Instant::now() < deadline,
-                "server did not start:\n{}",
-                self.log_text()
-            );
+            if std::net::TcpStream::connect(("127.0.0.1", self.nbd_port)).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", api_port)).is_ok()
+                && self.log_text().contains("NBD listening")
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                self.kill9();
+                return Err(format!(
+                    "server did not start within 20 s:\n{}",
+                    self.log_text()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
