@@ -13,6 +13,7 @@
 //! whole chunks.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -95,12 +96,23 @@ impl Disk {
     /// rather than block on a page-cache miss; the caller retries on a thread
     /// that may block.
     pub fn read(&self, buf: &mut [u8], offset: u64, nowait: bool) -> io::Result<bool> {
+        self.read_uninit(as_uninit(buf), offset, nowait)
+    }
+
+    /// Like [`Disk::read`], into memory that need not be initialised: on
+    /// `Ok(true)` every byte of `buf` has been written.
+    pub fn read_uninit(
+        &self,
+        buf: &mut [MaybeUninit<u8>],
+        offset: u64,
+        nowait: bool,
+    ) -> io::Result<bool> {
         self.read_below(buf, offset, self.layers.len(), nowait)
     }
 
     fn read_below(
         &self,
-        buf: &mut [u8],
+        buf: &mut [MaybeUninit<u8>],
         offset: u64,
         below: usize,
         nowait: bool,
@@ -128,7 +140,7 @@ impl Disk {
                         return Ok(false);
                     }
                 }
-                None => slice.fill(0),
+                None => slice.fill(MaybeUninit::new(0)),
             }
             pos = run_end;
         }
@@ -193,7 +205,12 @@ impl Disk {
         let chunk_start = chunk * CHUNK;
         let chunk_len = CHUNK.min(self.size() - chunk_start) as usize;
         let mut full = vec![0u8; chunk_len];
-        self.read_below(&mut full, chunk_start, self.layers.len() - 1, false)?;
+        self.read_below(
+            as_uninit(&mut full),
+            chunk_start,
+            self.layers.len() - 1,
+            false,
+        )?;
         let at = (pos - chunk_start) as usize;
         full[at..at + piece.len()].copy_from_slice(piece);
         top.write_data(&full, chunk_start)?;
@@ -380,6 +397,13 @@ impl Disk {
         }
         out
     }
+}
+
+/// Views initialised bytes as possibly-uninitialised ones, for the readers
+/// above (the reverse direction would be unsound; this one is not).
+pub fn as_uninit(buf: &mut [u8]) -> &mut [MaybeUninit<u8>] {
+    // SAFETY: same layout; callers only ever write initialised bytes into it.
+    unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) }
 }
 
 /// Chunks promised to one write; released when the write is done (its bits set).

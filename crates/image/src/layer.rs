@@ -14,6 +14,7 @@
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -238,32 +239,48 @@ impl Layer {
         (first..last).any(|c| self.is_allocated(c))
     }
 
-    /// Reads `buf.len()` bytes of the data region at logical `offset`. With
-    /// `nowait`, answers `Ok(false)` instead of blocking on a page-cache miss.
-    pub fn read_data(&self, buf: &mut [u8], offset: u64, nowait: bool) -> io::Result<bool> {
-        let pos = self.geo.data_offset + offset;
-        if nowait {
+    /// Reads `buf.len()` bytes of the data region at logical `offset` into
+    /// memory that need not be initialised; on `Ok(true)` all of `buf` is
+    /// written. With `nowait`, answers `Ok(false)` instead of blocking on a
+    /// page-cache miss.
+    pub fn read_data(
+        &self,
+        buf: &mut [MaybeUninit<u8>],
+        offset: u64,
+        nowait: bool,
+    ) -> io::Result<bool> {
+        let flags = if nowait { libc::RWF_NOWAIT } else { 0 };
+        let mut done = 0usize;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
             let iov = libc::iovec {
-                iov_base: buf.as_mut_ptr().cast(),
-                iov_len: buf.len(),
+                iov_base: rest.as_mut_ptr().cast(),
+                iov_len: rest.len(),
             };
-            // SAFETY: iov points into `buf`, which lives for the whole call.
-            let n = unsafe {
-                libc::preadv2(self.file.as_raw_fd(), &iov, 1, pos as i64, libc::RWF_NOWAIT)
-            };
+            let pos = (self.geo.data_offset + offset + done as u64) as i64;
+            // SAFETY: iov points into `buf`, which outlives the call; the kernel
+            // only writes into it, so uninitialised memory is fine.
+            let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, pos, flags) };
             if n < 0 {
                 let e = io::Error::last_os_error();
-                return match e.raw_os_error() {
-                    Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) => Ok(false),
-                    _ => Err(e),
-                };
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) if nowait => return Ok(false),
+                    _ => return Err(e),
+                }
             }
-            if n as usize == buf.len() {
-                return Ok(true);
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "layer file is shorter than its header says",
+                ));
             }
-            return Ok(false);
+            if nowait && (n as usize) < rest.len() {
+                // Part of it is not cached: let a thread that may block do it all.
+                return Ok(false);
+            }
+            done += n as usize;
         }
-        self.file.read_exact_at(buf, pos)?;
         Ok(true)
     }
 
@@ -641,7 +658,9 @@ mod tests {
         let l = Layer::open(&p, false).unwrap();
         assert!(!l.is_allocated(0) && l.is_allocated(1) && l.is_allocated(2) && !l.is_allocated(3));
         let mut b = [0u8; 8192];
-        assert!(l.read_data(&mut b, 4096, false).unwrap());
+        assert!(l
+            .read_data(crate::disk::as_uninit(&mut b), 4096, false)
+            .unwrap());
         assert_eq!(b, [7u8; 8192]);
     }
 

@@ -210,17 +210,12 @@ impl Conn {
             Command::Read => {
                 let start = out.len();
                 self.read_reply_header(req, out);
-                let data_at = out.len();
-                out.resize(data_at + req.length as usize, 0);
-                match self.disk.read(&mut out[data_at..], req.offset, true) {
-                    Ok(true) => {
-                        Metrics::add(&self.server.metrics.read_bytes, u64::from(req.length));
-                        true
-                    }
-                    _ => {
-                        out.truncate(start);
-                        false
-                    }
+                if read_into(&self.disk, out, req, true).is_ok_and(|done| done) {
+                    Metrics::add(&self.server.metrics.read_bytes, u64::from(req.length));
+                    true
+                } else {
+                    out.truncate(start);
+                    false
                 }
             }
             Command::Cache => {
@@ -274,9 +269,7 @@ impl Conn {
             Command::Read => {
                 let mut out = Vec::with_capacity(32 + req.length as usize);
                 self.read_reply_header(req, &mut out);
-                let at = out.len();
-                out.resize(at + req.length as usize, 0);
-                return match disk.read(&mut out[at..], req.offset, false) {
+                return match read_into(disk, &mut out, req, false) {
                     Ok(_) => {
                         Metrics::add(&self.server.metrics.read_bytes, u64::from(req.length));
                         out
@@ -331,6 +324,19 @@ impl Conn {
         }
         out
     }
+}
+
+/// Appends the data of READ `req` to `out` without zero-filling it first.
+fn read_into(disk: &Disk, out: &mut Vec<u8>, req: &Request, nowait: bool) -> std::io::Result<bool> {
+    let len = req.length as usize;
+    out.reserve(len);
+    let at = out.len();
+    let done = disk.read_uninit(&mut out.spare_capacity_mut()[..len], req.offset, nowait)?;
+    if done {
+        // SAFETY: `read_uninit` answered true, so it wrote all `len` bytes.
+        unsafe { out.set_len(at + len) };
+    }
+    Ok(done)
 }
 
 /// The one place a storage error becomes an NBD error.
