@@ -96,6 +96,43 @@ pub struct SetVDisk {
     pub cache_limit: Option<u64>,
 }
 
+/// Which version of its vDisk a device boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceType {
+    /// The maintenance version, read/write; one such device at a time.
+    Maintenance,
+    /// The newest test version (the production version if there is none).
+    Test,
+    /// The newest production version.
+    #[default]
+    Production,
+}
+
+impl std::str::FromStr for DeviceType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "maintenance" => Ok(DeviceType::Maintenance),
+            "test" => Ok(DeviceType::Test),
+            "production" => Ok(DeviceType::Production),
+            _ => Err(format!(
+                "unknown device type {s:?}: expected maintenance, test or production"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeviceType::Maintenance => "maintenance",
+            DeviceType::Test => "test",
+            DeviceType::Production => "production",
+        })
+    }
+}
+
 /// A target device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Device {
@@ -104,6 +141,67 @@ pub struct Device {
     pub mac: String,
     pub vdisk: String,
     pub created_unix: u64,
+    #[serde(default, rename = "type")]
+    pub kind: DeviceType,
+}
+
+/// Changes to a device.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct SetDevice {
+    #[serde(rename = "type")]
+    pub kind: Option<DeviceType>,
+}
+
+/// The state of a vDisk version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VersionState {
+    Maintenance,
+    Test,
+    Production,
+    Retired,
+}
+
+impl std::fmt::Display for VersionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VersionState::Maintenance => "maintenance",
+            VersionState::Test => "test",
+            VersionState::Production => "production",
+            VersionState::Retired => "retired",
+        })
+    }
+}
+
+/// One version of a vDisk.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VersionInfo {
+    pub number: u32,
+    pub state: VersionState,
+    pub created_unix: u64,
+    pub sealed_unix: Option<u64>,
+    /// Bytes held by the version's own layer.
+    pub own_bytes: u64,
+    /// Layers in its chain.
+    pub layers: usize,
+    /// Hex content hash, once sealed.
+    pub content_hash: Option<String>,
+    /// Devices connected to it now.
+    pub devices: Vec<String>,
+}
+
+/// `POST .../versions/{n}/promote`
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Promote {
+    /// `test` or `production`.
+    pub to: VersionState,
+}
+
+/// `POST .../merge`
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct Merge {
+    /// Merge up to this version (default: the newest production version).
+    pub upto: Option<u32>,
 }
 
 /// A device with its live state on this server.
@@ -125,6 +223,8 @@ pub struct CreateDevice {
     pub name: String,
     pub mac: String,
     pub vdisk: String,
+    #[serde(default, rename = "type")]
+    pub kind: DeviceType,
 }
 
 /// Every API error carries a sentence.

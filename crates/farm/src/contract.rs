@@ -95,6 +95,7 @@ fn device(name: &str, mac: &str, vdisk: &str) -> Device {
         mac: mac.into(),
         vdisk: vdisk.into(),
         created_unix: 1_700_000_100,
+        kind: Default::default(),
     }
 }
 

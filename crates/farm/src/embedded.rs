@@ -289,6 +289,7 @@ mod tests {
             mac: "aa:bb:cc:00:11:22".into(),
             vdisk: "base".into(),
             created_unix: 1_700_000_001,
+            kind: Default::default(),
         };
         let last_revision = {
             let store = FarmStore::embedded(&path).expect("open");

@@ -484,6 +484,7 @@ mod tests {
             mac: "aabbccddeeff".into(),
             vdisk: "b".into(),
             created_unix: 0,
+            kind: Default::default(),
         }));
     }
 }

@@ -87,6 +87,78 @@ pub fn hash_disk(disk: &Disk) -> io::Result<DiskHashes> {
     })
 }
 
+/// The block hashes of a chain from the layers' stored tables, without
+/// reading data: each block takes the hash of the topmost layer touching it.
+/// Every layer must have valid stored hashes.
+pub fn stored_block_hashes(
+    size: u64,
+    layers: &[std::sync::Arc<crate::layer::Layer>],
+) -> io::Result<Vec<Hash>> {
+    let blocks = size.div_ceil(HASH_BLOCK);
+    let full_zero = zero_block_hash(HASH_BLOCK);
+    let mut out: Vec<Hash> = (0..blocks)
+        .map(|b| {
+            if b + 1 == blocks {
+                zero_block_hash(size - b * HASH_BLOCK)
+            } else {
+                full_zero
+            }
+        })
+        .collect();
+    for layer in layers {
+        let table = layer.stored_hashes()?;
+        for (b, slot) in out.iter_mut().enumerate() {
+            if layer.touches_block(b as u64) {
+                *slot = table[b];
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Hashes for sealing the top layer of `disk`: the blocks it touches are read
+/// through the chain and hashed; every other block's hash comes from the
+/// stored tables below. Costs time in proportion to the top layer's data.
+pub fn hash_top(disk: &Disk) -> io::Result<DiskHashes> {
+    let layers = disk.layers();
+    let Some((top, below)) = layers.split_last() else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a disk without layers",
+        ));
+    };
+    let size = disk.size();
+    let mut all = stored_block_hashes(size, below)?;
+    let mut buf = vec![0u8; HASH_BLOCK as usize];
+    let mut touched = Vec::new();
+    for (b, slot) in all.iter_mut().enumerate() {
+        let b = b as u64;
+        if top.touches_block(b) {
+            let start = b * HASH_BLOCK;
+            let slice = &mut buf[..HASH_BLOCK.min(size - start) as usize];
+            disk.read(slice, start, false)?;
+            *slot = *blake3::hash(slice).as_bytes();
+            touched.push((b, *slot));
+        }
+    }
+    Ok(DiskHashes {
+        touched,
+        content: content_hash(size, all.into_iter()),
+    })
+}
+
+/// Parses the hex form.
+pub fn from_hex(s: &str) -> Option<Hash> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut h = [0u8; 32];
+    for (i, b) in h.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(h)
+}
+
 /// Hex form of a hash, as shown to people.
 pub fn to_hex(h: &Hash) -> String {
     h.iter().map(|b| format!("{b:02x}")).collect()

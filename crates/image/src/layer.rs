@@ -537,6 +537,74 @@ impl Layer {
         }
     }
 
+    /// Reads the whole stored hash table (one entry per block).
+    pub fn stored_hashes(&self) -> io::Result<Vec<[u8; 32]>> {
+        let mut raw = vec![0u8; (self.geo.blocks * 32) as usize];
+        self.file.read_exact_at(&mut raw, self.geo.hashes_offset)?;
+        Ok(raw
+            .chunks_exact(32)
+            .map(|c| c.try_into().unwrap_or([0u8; 32]))
+            .collect())
+    }
+
+    /// Copies logical `[offset, offset+len)` of this layer's data into `dst`
+    /// at the same place, inside the kernel (`copy_file_range`).
+    pub fn copy_data_to(&self, dst: &Layer, offset: u64, len: u64) -> io::Result<()> {
+        let mut src_pos = (self.geo.data_offset + offset) as i64;
+        let mut dst_pos = (dst.geo.data_offset + offset) as i64;
+        let mut left = len as usize;
+        while left > 0 {
+            // SAFETY: plain syscall on descriptors we own, with offsets we own.
+            let n = unsafe {
+                libc::copy_file_range(
+                    self.file.as_raw_fd(),
+                    &mut src_pos,
+                    dst.file.as_raw_fd(),
+                    &mut dst_pos,
+                    left,
+                    0,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "layer file ended during a copy",
+                ));
+            }
+            left -= n as usize;
+        }
+        Ok(())
+    }
+
+    /// Clears the sealed flag: only to undo a seal whose operation never completed.
+    pub fn unseal(&self) -> io::Result<()> {
+        let _serial = self.flush_lock.lock();
+        let flags = self.flags.load(Ordering::SeqCst);
+        if flags & FLAG_SEALED == 0 {
+            return Ok(());
+        }
+        let new = flags & !FLAG_SEALED;
+        let content = *self.content_hash.lock();
+        self.file.write_all_at(
+            &encode_header(
+                &self.geo,
+                new,
+                content.filter(|_| new & FLAG_HASHES_VALID != 0),
+            ),
+            0,
+        )?;
+        self.file.sync_data()?;
+        self.flags.store(new, Ordering::SeqCst);
+        Ok(())
+    }
+
     /// Reads the stored hash of one block.
     pub fn stored_block_hash(&self, block: u64) -> io::Result<[u8; 32]> {
         let mut h = [0u8; 32];

@@ -7,8 +7,10 @@ pub mod formats;
 pub mod hash;
 pub mod layer;
 pub mod store;
+pub mod versions;
 
 pub use disk::{Disk, Extent};
 pub use error::{ImageError, WriteError};
 pub use layer::{Layer, CHUNK, HASH_BLOCK};
-pub use store::{Properties, Staging, Store};
+pub use store::{crash_point, Chain, Staging, Store};
+pub use versions::{Properties, Version, VersionState};

@@ -2,47 +2,56 @@
 //! a human-readable properties file, plus the server-side write caches.
 //!
 //! ```text
-//!   DIR/vdisks/NAME/vdisk.toml     properties (our .pvp)
-//!   DIR/vdisks/NAME/base.layer     the base layer
-//!   DIR/cache/DEVICE.layer         a Standard-mode device's server-side write cache
-//!   DIR/tmp/                       imports in progress; emptied at start
+//!   DIR/vdisks/NAME/vdisk.toml        properties and versions (our .pvp)
+//!   DIR/vdisks/NAME/v1-1a2b3c4d.layer one file per layer
+//!   DIR/cache/DEVICE.layer            a Standard-mode device's server-side write cache
+//!   DIR/tmp/                          imports in progress; emptied at start
 //! ```
 //!
-//! Anything that appears under `vdisks/` appears whole: imports are written in
-//! `tmp/` and renamed into place, and the properties file is replaced by rename.
+//! The properties file is the one truth about versions. Every operation first
+//! makes its new files durable, then replaces the properties file by rename,
+//! then removes the files nothing references any more. A crash therefore
+//! leaves the old state or the new one; leftovers are removed at the next open.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
-use serde::{Deserialize, Serialize};
+use parking_lot::Mutex;
 
 use crate::disk::Disk;
 use crate::error::ImageError;
 use crate::hash::{self, Hash};
-use crate::layer::{sync_dir, Layer};
+use crate::layer::{sync_dir, Layer, CHUNK};
+use crate::versions::{Properties, Version, VersionState};
 
 const PROPERTIES: &str = "vdisk.toml";
-const BASE: &str = "base.layer";
 
-/// The properties file of a vDisk.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Properties {
-    /// Format of this folder.
-    pub format: u32,
-    pub name: String,
-    /// Virtual size in bytes.
-    pub size: u64,
-    pub created_unix: u64,
-    /// Layer files, bottom first, relative to the vDisk folder.
-    pub layers: Vec<String>,
-}
-
-/// The store folder of one server.
+/// The store folder of one server. Clones share the open layers.
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// Layer files open now, by path: every user of a layer shares one object,
+    /// so that its in-memory allocation bitmap is the same for all.
+    open: Arc<Mutex<HashMap<PathBuf, Weak<Layer>>>>,
+    /// Serialises the version operations.
+    ops: Arc<Mutex<()>>,
+}
+
+/// A version opened for reading (and writing, if its top layer is unsealed).
+pub struct Chain {
+    pub version: Version,
+    pub layers: Vec<Arc<Layer>>,
+}
+
+impl Chain {
+    /// True if the top layer takes writes (a maintenance version, or an
+    /// unsealed production version in Private mode).
+    pub fn writable(&self) -> bool {
+        !self.version.is_sealed()
+    }
 }
 
 /// An import being written; dropped without commit, it leaves nothing behind.
@@ -61,6 +70,20 @@ impl Staging {
 impl Drop for Staging {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Aborts the process at a named step when `VSTREAM_CRASH_AT` names it: the
+/// crash-injection tests use it to stop an operation at each of its steps.
+pub fn crash_point(step: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT
+        .get_or_init(|| std::env::var("VSTREAM_CRASH_AT").ok())
+        .as_deref()
+        == Some(step)
+    {
+        eprintln!("crash injected at {step}");
+        std::process::abort();
     }
 }
 
@@ -84,9 +107,17 @@ impl Store {
                 };
             }
         }
-        Ok(Store {
+        let store = Store {
             root: root.to_owned(),
-        })
+            open: Arc::default(),
+            ops: Arc::default(),
+        };
+        for name in store.list()? {
+            if let Err(e) = store.collect_garbage(&name) {
+                tracing::warn!(vdisk = %name, error = %e, "could not tidy the vDisk folder");
+            }
+        }
+        Ok(store)
     }
 
     pub fn root(&self) -> &Path {
@@ -117,6 +148,7 @@ impl Store {
             .unwrap_or(false)
     }
 
+    /// The properties (and versions) of vDisk `name`.
     pub fn properties(&self, name: &str) -> Result<Properties, ImageError> {
         let path = self.vdisk_dir(name)?.join(PROPERTIES);
         let text = match fs::read_to_string(&path) {
@@ -126,17 +158,39 @@ impl Store {
             }
             Err(source) => return Err(ImageError::ReadProperties { path, source }),
         };
-        let props: Properties = toml::from_str(&text).map_err(|e| ImageError::BadProperties {
+        let bad = |reason: String| ImageError::BadProperties {
             path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        if props.format != 1 || props.layers.is_empty() {
-            return Err(ImageError::BadProperties {
-                path,
-                reason: "unsupported format or no layers".into(),
-            });
-        }
+            reason,
+        };
+        let props: Properties = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        props.check().map_err(bad)?;
         Ok(props)
+    }
+
+    fn save(&self, props: &Properties) -> Result<(), ImageError> {
+        props.check().map_err(ImageError::Invalid)?;
+        let dir = self.vdisk_dir(&props.name)?;
+        write_properties(&dir, props)?;
+        sync_dir(&dir)?;
+        Ok(())
+    }
+
+    /// Removes layer files of `name` that no version references.
+    fn collect_garbage(&self, name: &str) -> Result<(), ImageError> {
+        let props = self.properties(name)?;
+        let keep = props.referenced_files();
+        let dir = self.vdisk_dir(name)?;
+        for e in fs::read_dir(&dir)?.flatten() {
+            let file = e.file_name().to_string_lossy().into_owned();
+            let stale_layer = file.ends_with(".layer") && !keep.contains(&file);
+            if stale_layer || file.starts_with(".tmp") {
+                // Devices still reading it keep their open descriptor.
+                fs::remove_file(e.path())?;
+                self.open.lock().remove(&e.path());
+            }
+        }
+        sync_dir(&dir)?;
+        Ok(())
     }
 
     /// Creates an empty vDisk of `size` bytes.
@@ -151,10 +205,10 @@ impl Store {
         if self.exists(name) {
             return Err(ImageError::VDiskExists(name.into()));
         }
-        let path = self.root.join("tmp").join(format!(
-            "import-{name}-{}.layer",
-            std::process::id() ^ rand_u32()
-        ));
+        let path = self
+            .root
+            .join("tmp")
+            .join(format!("import-{name}-{:08x}.layer", rand_u32()));
         let layer = Arc::new(Layer::create(&path, size)?);
         let disk =
             Disk::writable(vec![layer], None).map_err(|e| ImageError::Invalid(e.to_string()))?;
@@ -165,7 +219,8 @@ impl Store {
         })
     }
 
-    /// Hashes the imported data, makes it durable and moves it into place.
+    /// Hashes the imported data, makes it durable and moves it into place as
+    /// version 1, in production, not sealed (Private mode may write it).
     pub fn commit_import(&self, staging: Staging, created_unix: u64) -> Result<Hash, ImageError> {
         staging.disk.flush()?;
         let hashes = hash::hash_disk(&staging.disk)?;
@@ -177,13 +232,21 @@ impl Store {
             move |source| ImageError::Write { path, source }
         };
         fs::create_dir_all(&tmp_dir).map_err(werr(&tmp_dir))?;
-        fs::rename(&staging.path, tmp_dir.join(BASE)).map_err(werr(&tmp_dir))?;
+        let file = layer_file_name("v1");
+        fs::rename(&staging.path, tmp_dir.join(&file)).map_err(werr(&tmp_dir))?;
         let props = Properties {
-            format: 1,
+            format: 2,
             name: staging.name.clone(),
             size: staging.disk.size(),
             created_unix,
-            layers: vec![BASE.into()],
+            versions: vec![Version {
+                number: 1,
+                state: VersionState::Production,
+                layers: vec![file],
+                created_unix,
+                sealed_unix: None,
+                content_hash: Some(hash::to_hex(&hashes.content)),
+            }],
         };
         write_properties(&tmp_dir, &props)?;
         sync_dir(&tmp_dir).map_err(werr(&tmp_dir))?;
@@ -195,32 +258,63 @@ impl Store {
         Ok(hashes.content)
     }
 
-    /// Opens the layers of vDisk `name`, bottom first; the top one writable if asked.
-    pub fn open_layers(
+    /// Opens one layer file of `name`, shared with every other user of it.
+    fn layer(
         &self,
         name: &str,
-        writable_top: bool,
-    ) -> Result<Vec<Arc<Layer>>, ImageError> {
-        let props = self.properties(name)?;
-        let dir = self.vdisk_dir(name)?;
-        let n = props.layers.len();
-        let mut layers = Vec::with_capacity(n);
-        for (i, file) in props.layers.iter().enumerate() {
-            let layer = Layer::open(&dir.join(file), writable_top && i + 1 == n)?;
-            if layer.size() != props.size {
-                return Err(ImageError::SizeMismatch {
-                    path: dir.join(file),
-                    found: layer.size(),
-                    expected: props.size,
-                });
+        file: &str,
+        size: u64,
+        writable: bool,
+    ) -> Result<Arc<Layer>, ImageError> {
+        let path = self.vdisk_dir(name)?.join(file);
+        let mut open = self.open.lock();
+        if let Some(l) = open.get(&path).and_then(Weak::upgrade) {
+            if l.is_writable() || !writable {
+                return Ok(l);
             }
-            layers.push(Arc::new(layer));
         }
-        Ok(layers)
+        let layer = Layer::open(&path, writable)?;
+        if layer.size() != size {
+            return Err(ImageError::SizeMismatch {
+                path,
+                found: layer.size(),
+                expected: size,
+            });
+        }
+        let layer = Arc::new(layer);
+        open.insert(path, Arc::downgrade(&layer));
+        Ok(layer)
+    }
+
+    /// Opens version `number` of vDisk `name`.
+    pub fn chain(&self, name: &str, number: u32) -> Result<Chain, ImageError> {
+        let props = self.properties(name)?;
+        let version = props
+            .version(number)
+            .filter(|v| v.is_live())
+            .ok_or_else(|| ImageError::Invalid(format!("vDisk {name} has no version {number}")))?
+            .clone();
+        self.open_chain(&props, version)
+    }
+
+    fn open_chain(&self, props: &Properties, version: Version) -> Result<Chain, ImageError> {
+        let n = version.layers.len();
+        let mut layers = Vec::with_capacity(n);
+        for (i, file) in version.layers.iter().enumerate() {
+            let top_writable = i + 1 == n && !version.is_sealed();
+            let layer = self.layer(&props.name, file, props.size, top_writable)?;
+            if top_writable && layer.is_sealed() {
+                // A seal whose operation never reached the properties file.
+                layer.unseal()?;
+            }
+            layers.push(layer);
+        }
+        Ok(Chain { version, layers })
     }
 
     /// Removes vDisk `name` and its layer files.
     pub fn delete(&self, name: &str) -> Result<(), ImageError> {
+        let _op = self.ops.lock();
         let dir = self.vdisk_dir(name)?;
         if !dir.exists() {
             return Err(ImageError::NoSuchVDisk(name.into()));
@@ -236,7 +330,247 @@ impl Store {
         })?;
         sync_dir(&self.root.join("vdisks"))?;
         fs::remove_dir_all(&trash)?;
+        self.open.lock().retain(|p, _| !p.starts_with(&dir));
         Ok(())
+    }
+
+    /// Seals `version`'s own layer: hashes what it holds and makes it immutable.
+    fn seal(&self, props: &Properties, version: &mut Version, now: u64) -> Result<(), ImageError> {
+        if version.is_sealed() {
+            return Ok(());
+        }
+        let chain = self.open_chain(props, version.clone())?;
+        let disk = Disk::read_only(chain.layers.clone());
+        disk.layers().last().map(|l| l.flush()).transpose()?;
+        let hashes = if chain.layers.len() == 1 && chain.layers[0].content_hash().is_none() {
+            hash::hash_disk(&disk)?
+        } else {
+            hash::hash_top(&disk)?
+        };
+        crash_point("seal:hashed");
+        let top = chain
+            .layers
+            .last()
+            .ok_or_else(|| ImageError::Invalid("a version without layers".into()))?;
+        top.store_hashes(&hashes.touched, hashes.content, true)?;
+        crash_point("seal:layer-sealed");
+        version.sealed_unix = Some(now);
+        version.content_hash = Some(hash::to_hex(&hashes.content));
+        Ok(())
+    }
+
+    /// Opens a maintenance version on top of the newest version, sealing that
+    /// one first if it is not sealed yet.
+    pub fn new_version(&self, name: &str, now: u64) -> Result<Version, ImageError> {
+        let _op = self.ops.lock();
+        let mut props = self.properties(name)?;
+        if let Some(m) = props.newest(VersionState::Maintenance) {
+            return Err(ImageError::Invalid(format!(
+                "vDisk {name} already has maintenance version {}; promote or delete it first",
+                m.number
+            )));
+        }
+        let mut base = props
+            .head()
+            .cloned()
+            .ok_or_else(|| ImageError::Invalid(format!("vDisk {name} has no version")))?;
+        self.seal(&props, &mut base, now)?;
+        *props
+            .version_mut(base.number)
+            .ok_or_else(|| ImageError::Invalid("version vanished".into()))? = base.clone();
+        let number = props.next_number();
+        let file = layer_file_name(&format!("v{number}"));
+        let path = self.vdisk_dir(name)?.join(&file);
+        drop(Layer::create(&path, props.size)?);
+        crash_point("new:layer-created");
+        let mut layers = base.layers.clone();
+        layers.push(file);
+        let version = Version {
+            number,
+            state: VersionState::Maintenance,
+            layers,
+            created_unix: now,
+            sealed_unix: None,
+            content_hash: None,
+        };
+        props.versions.push(version.clone());
+        self.save(&props)?;
+        crash_point("new:saved");
+        Ok(version)
+    }
+
+    /// Promotes maintenance or test version `number` to `to` (test or production).
+    pub fn promote(
+        &self,
+        name: &str,
+        number: u32,
+        to: VersionState,
+        now: u64,
+    ) -> Result<Version, ImageError> {
+        let _op = self.ops.lock();
+        let mut props = self.properties(name)?;
+        let mut version = props
+            .version(number)
+            .filter(|v| v.is_live())
+            .ok_or_else(|| ImageError::Invalid(format!("vDisk {name} has no version {number}")))?
+            .clone();
+        let allowed = matches!(
+            (version.state, to),
+            (VersionState::Maintenance, VersionState::Test)
+                | (VersionState::Maintenance, VersionState::Production)
+                | (VersionState::Test, VersionState::Production)
+        );
+        if !allowed {
+            return Err(ImageError::Invalid(format!(
+                "version {number} of vDisk {name} is {}; it cannot be promoted to {to}",
+                version.state
+            )));
+        }
+        self.seal(&props, &mut version, now)?;
+        version.state = to;
+        *props
+            .version_mut(number)
+            .ok_or_else(|| ImageError::Invalid("version vanished".into()))? = version.clone();
+        self.save(&props)?;
+        crash_point("promote:saved");
+        Ok(version)
+    }
+
+    /// Makes the previous production version production again; the newest one
+    /// goes back to test. Returns the version now in production.
+    pub fn rollback(&self, name: &str) -> Result<Version, ImageError> {
+        let _op = self.ops.lock();
+        let mut props = self.properties(name)?;
+        let newest = props.newest(VersionState::Production).map(|v| v.number);
+        let previous = props
+            .versions
+            .iter()
+            .filter(|v| {
+                v.state == VersionState::Production && v.is_live() && Some(v.number) != newest
+            })
+            .max_by_key(|v| v.number)
+            .cloned();
+        let (Some(newest), Some(previous)) = (newest, previous) else {
+            return Err(ImageError::Invalid(format!(
+                "vDisk {name} has no earlier production version to roll back to"
+            )));
+        };
+        if let Some(v) = props.version_mut(newest) {
+            v.state = VersionState::Test;
+        }
+        self.save(&props)?;
+        crash_point("rollback:saved");
+        Ok(previous)
+    }
+
+    /// Deletes version `number`, unless another version is built on it or it
+    /// is the last production version. `in_use` says whether devices use it.
+    pub fn delete_version(&self, name: &str, number: u32, in_use: bool) -> Result<(), ImageError> {
+        let _op = self.ops.lock();
+        let mut props = self.properties(name)?;
+        let version = props
+            .version(number)
+            .ok_or_else(|| ImageError::Invalid(format!("vDisk {name} has no version {number}")))?
+            .clone();
+        if in_use {
+            return Err(ImageError::Invalid(format!(
+                "version {number} of vDisk {name} is in use by devices"
+            )));
+        }
+        if let Some(own) = version.own_layer() {
+            if let Some(dep) = props
+                .versions
+                .iter()
+                .find(|v| v.number != number && v.layers.iter().any(|f| f == own))
+            {
+                return Err(ImageError::Invalid(format!(
+                    "version {} of vDisk {name} is built on version {number}; delete it or merge first",
+                    dep.number
+                )));
+            }
+        }
+        props.versions.retain(|v| v.number != number);
+        if props.newest(VersionState::Production).is_none() {
+            return Err(ImageError::Invalid(format!(
+                "version {number} is the last production version of vDisk {name}"
+            )));
+        }
+        self.save(&props)?;
+        crash_point("delete:saved");
+        self.collect_garbage(name)
+    }
+
+    /// Builds one layer with the content of version `upto` (default: the newest
+    /// production version) and puts it under every version built on it.
+    /// Versions older than `upto` are retired, except the newest production
+    /// and newest test versions, which keep their layers.
+    pub fn merge(&self, name: &str, upto: Option<u32>) -> Result<Version, ImageError> {
+        let _op = self.ops.lock();
+        let mut props = self.properties(name)?;
+        let upto = match upto {
+            Some(n) => n,
+            None => props
+                .newest(VersionState::Production)
+                .map(|v| v.number)
+                .unwrap_or(0),
+        };
+        let target = props
+            .version(upto)
+            .filter(|v| v.is_live())
+            .ok_or_else(|| ImageError::Invalid(format!("vDisk {name} has no version {upto}")))?
+            .clone();
+        if !target.is_sealed() {
+            return Err(ImageError::Invalid(format!(
+                "version {upto} of vDisk {name} is not sealed; promote it before merging"
+            )));
+        }
+        let expected = target.content_hash.as_deref().and_then(hash::from_hex);
+        let chain = self.open_chain(&props, target.clone())?;
+        let file = layer_file_name(&format!("m{upto}"));
+        let dir = self.vdisk_dir(name)?;
+        let tmp_path = dir.join(format!(".tmp-{file}"));
+        let merged = Arc::new(Layer::create(&tmp_path, props.size)?);
+        copy_chain_into(&chain.layers, &merged)?;
+        merged.flush()?;
+        let all = hash::stored_block_hashes(props.size, &chain.layers)?;
+        let content = hash::content_hash(props.size, all.iter().copied());
+        if expected.is_some_and(|e| e != content) {
+            return Err(ImageError::Invalid(format!(
+                "version {upto} of vDisk {name} does not match its recorded content hash; not merging"
+            )));
+        }
+        let touched: Vec<(u64, Hash)> = (0..all.len() as u64)
+            .filter(|&b| merged.touches_block(b))
+            .map(|b| (b, all[b as usize]))
+            .collect();
+        merged.store_hashes(&touched, content, true)?;
+        drop(merged);
+        fs::rename(&tmp_path, dir.join(&file)).map_err(|source| ImageError::Write {
+            path: tmp_path.clone(),
+            source,
+        })?;
+        sync_dir(&dir)?;
+        crash_point("merge:layer-written");
+        let old = target.layers.clone();
+        let keep: Vec<u32> = [VersionState::Production, VersionState::Test]
+            .iter()
+            .filter_map(|s| props.newest(*s).map(|v| v.number))
+            .collect();
+        for v in props.versions.iter_mut() {
+            if v.layers.starts_with(&old) {
+                v.layers.splice(..old.len(), [file.clone()]);
+            } else if v.number < upto && v.is_live() && !keep.contains(&v.number) {
+                v.state = VersionState::Retired;
+                v.layers.clear();
+            }
+        }
+        self.save(&props)?;
+        crash_point("merge:saved");
+        self.collect_garbage(name)?;
+        props
+            .version(upto)
+            .cloned()
+            .ok_or_else(|| ImageError::Invalid("version vanished".into()))
     }
 
     pub fn cache_path(&self, device: &str) -> Result<PathBuf, ImageError> {
@@ -244,19 +578,31 @@ impl Store {
         Ok(self.root.join("cache").join(format!("{device}.layer")))
     }
 
-    /// Opens device `device`'s server-side write cache, creating it if absent or
-    /// if it was made for a disk of another size.
-    pub fn open_cache(&self, device: &str, size: u64) -> Result<Arc<Layer>, ImageError> {
+    /// Opens device `device`'s server-side write cache, creating it if absent.
+    /// `base` names what the cache lies over (vDisk and version): a cache made
+    /// over anything else is discarded, never laid over other content.
+    pub fn open_cache(
+        &self,
+        device: &str,
+        base: &str,
+        size: u64,
+    ) -> Result<Arc<Layer>, ImageError> {
         let path = self.cache_path(device)?;
+        let tag = path.with_extension("base");
         if path.exists() {
+            let same_base = fs::read_to_string(&tag).is_ok_and(|t| t.trim() == base);
             match Layer::open(&path, true) {
-                Ok(l) if l.size() == size => return Ok(Arc::new(l)),
+                Ok(l) if l.size() == size && same_base => return Ok(Arc::new(l)),
                 Ok(_) | Err(_) => {
-                    tracing::warn!(path = %path.display(), "discarding a write cache that does not fit its vDisk");
+                    tracing::info!(path = %path.display(), %base, "discarding a write cache made over other content");
                     fs::remove_file(&path)?;
                 }
             }
         }
+        fs::write(&tag, base).map_err(|source| ImageError::Write {
+            path: tag.clone(),
+            source,
+        })?;
         Ok(Arc::new(Layer::create(&path, size)?))
     }
 
@@ -268,6 +614,36 @@ impl Store {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// A new layer file name: `PREFIX-xxxxxxxx.layer`, unique within the folder.
+fn layer_file_name(prefix: &str) -> String {
+    format!("{prefix}-{:08x}.layer", rand_u32())
+}
+
+/// Copies every allocated chunk of the chain (as a reader sees it) into `dst`,
+/// run by run, inside the kernel.
+fn copy_chain_into(layers: &[Arc<Layer>], dst: &Layer) -> Result<(), ImageError> {
+    let chunks = dst.chunks();
+    let size = dst.size();
+    let owner = |c: u64| layers.iter().rposition(|l| l.is_allocated(c));
+    let mut c = 0;
+    while c < chunks {
+        let Some(o) = owner(c) else {
+            c += 1;
+            continue;
+        };
+        let mut e = c + 1;
+        while e < chunks && owner(e) == Some(o) && e - c < 2048 {
+            e += 1;
+        }
+        let start = c * CHUNK;
+        let end = (e * CHUNK).min(size);
+        layers[o].copy_data_to(dst, start, end - start)?;
+        dst.set_allocated(c, e);
+        c = e;
+    }
+    Ok(())
 }
 
 fn write_properties(dir: &Path, props: &Properties) -> Result<(), ImageError> {
@@ -331,7 +707,7 @@ mod tests {
             store.list().unwrap(),
             vec!["data".to_string(), "empty".to_string()]
         );
-        let layers = store.open_layers("data", false).unwrap();
+        let layers = store.chain("data", 1).unwrap().layers;
         assert_eq!(layers[0].content_hash(), Some(h));
         let mut b = [0u8; 5000];
         Disk::read_only(layers)
@@ -347,6 +723,104 @@ mod tests {
         assert!(store.properties("../etc").is_err());
     }
 
+    fn read_all(store: &Store, name: &str, version: u32) -> Vec<u8> {
+        let chain = store.chain(name, version).unwrap();
+        let disk = Disk::read_only(chain.layers);
+        let mut b = vec![0u8; disk.size() as usize];
+        disk.read(&mut b, 0, false).unwrap();
+        b
+    }
+
+    fn write(store: &Store, name: &str, version: u32, data: &[u8], at: u64) {
+        let chain = store.chain(name, version).unwrap();
+        assert!(chain.writable());
+        Disk::writable(chain.layers, None)
+            .unwrap()
+            .write(data, at, false)
+            .unwrap();
+    }
+
+    /// new, write, promote, rollback, merge and delete, against flat copies.
+    #[test]
+    fn versions_life_cycle() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let size = 2 << 20;
+        store.create("d", size, 1).unwrap();
+        write(&store, "d", 1, &[1u8; 70_000], 0);
+        let v1 = read_all(&store, "d", 1);
+        let v2 = store.new_version("d", 2).unwrap();
+        assert_eq!(v2.number, 2);
+        assert!(store
+            .properties("d")
+            .unwrap()
+            .version(1)
+            .unwrap()
+            .is_sealed());
+        assert!(
+            store.new_version("d", 2).is_err(),
+            "two maintenance versions"
+        );
+        write(&store, "d", 2, &[2u8; 5000], 65_000);
+        let p2 = store.promote("d", 2, VersionState::Test, 3).unwrap();
+        assert!(p2.is_sealed());
+        assert!(!store.chain("d", 2).unwrap().writable());
+        let mut want2 = v1.clone();
+        want2[65_000..70_000].fill(2);
+        assert_eq!(read_all(&store, "d", 2), want2);
+        assert_eq!(read_all(&store, "d", 1), v1, "version 1 changed");
+        // Same content, same hash, whatever the layering.
+        let staging = store.begin_import("flat", size).unwrap();
+        staging.disk().write(&want2, 0, false).unwrap();
+        let flat = store.commit_import(staging, 4).unwrap();
+        assert_eq!(
+            p2.content_hash.as_deref(),
+            Some(hash::to_hex(&flat).as_str())
+        );
+
+        store.promote("d", 2, VersionState::Production, 5).unwrap();
+        assert!(store.promote("d", 2, VersionState::Production, 5).is_err());
+        assert_eq!(store.rollback("d").unwrap().number, 1);
+        assert_eq!(
+            store
+                .properties("d")
+                .unwrap()
+                .newest(VersionState::Production)
+                .unwrap()
+                .number,
+            1
+        );
+        store.promote("d", 2, VersionState::Production, 6).unwrap();
+        assert!(store
+            .delete_version("d", 1, false)
+            .unwrap_err()
+            .to_string()
+            .contains("built on"));
+
+        // A maintenance version on top, then merge under it.
+        store.new_version("d", 7).unwrap();
+        write(&store, "d", 3, &[3u8; 10], 0);
+        let merged = store.merge("d", Some(2)).unwrap();
+        assert_eq!(merged.layers.len(), 1);
+        assert_eq!(merged.content_hash, p2.content_hash);
+        assert_eq!(read_all(&store, "d", 2), want2);
+        let mut want3 = want2.clone();
+        want3[..10].fill(3);
+        assert_eq!(read_all(&store, "d", 3), want3);
+        let props = store.properties("d").unwrap();
+        assert_eq!(props.version(1).unwrap().state, VersionState::Retired);
+        assert_eq!(props.version(3).unwrap().layers.len(), 2);
+        let files = fs::read_dir(dir.path().join("vdisks/d")).unwrap().count();
+        assert_eq!(files, 3, "properties, merged layer, maintenance layer");
+        store.delete_version("d", 3, false).unwrap();
+        assert!(store
+            .delete_version("d", 2, false)
+            .unwrap_err()
+            .to_string()
+            .contains("last production"));
+        assert!(store.delete_version("d", 2, true).is_err());
+    }
+
     #[test]
     fn abandoned_import_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
@@ -360,24 +834,34 @@ mod tests {
     fn caches_come_and_go() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let c = store.open_cache("dev1", 1 << 20).unwrap();
+        let c = store.open_cache("dev1", "v@1", 1 << 20).unwrap();
         c.set_allocated(0, 1);
         c.flush().unwrap();
         drop(c);
         assert_eq!(
             store
-                .open_cache("dev1", 1 << 20)
+                .open_cache("dev1", "v@1", 1 << 20)
                 .unwrap()
                 .allocated_chunks(),
             1
         );
         assert_eq!(
             store
-                .open_cache("dev1", 2 << 20)
+                .open_cache("dev1", "v@1", 2 << 20)
                 .unwrap()
                 .allocated_chunks(),
             0
         );
+        let c = store.open_cache("dev1", "v@1", 2 << 20).unwrap();
+        c.set_allocated(0, 1);
+        drop(c);
+        let other = store.open_cache("dev1", "v@2", 2 << 20).unwrap();
+        assert_eq!(
+            other.allocated_chunks(),
+            0,
+            "a cache over version 1 was laid over version 2"
+        );
+        drop(other);
         store.discard_cache("dev1").unwrap();
         store.discard_cache("dev1").unwrap();
         assert!(!store.cache_path("dev1").unwrap().exists());

@@ -1,18 +1,22 @@
 //! What a running server shares between its NBD connections and its API: the
 //! store, the farm state, the open vDisks and the live device sessions.
 //!
-//! Every connection to the same vDisk shares one set of open layers, so that a
-//! read-only view sees a Private-mode device's writes, and so that a FLUSH on
-//! one connection covers the writes of all of them (hence CAN_MULTI_CONN).
+//! Every connection to the same vDisk shares one set of open layers (the
+//! store hands out one object per layer file), so that a read-only view sees a
+//! Private-mode device's writes, and so that a FLUSH on one connection covers
+//! the writes of all of them (hence CAN_MULTI_CONN).
+//!
+//! Which version a device gets is decided when its session starts and kept
+//! until the session ends: nothing changes under a running OS.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
-use vstream_api::{Device, DeviceInfo, Mode, VDisk};
+use vstream_api::{Device, DeviceInfo, DeviceType, Mode, VDisk};
 use vstream_farm::FarmStore;
-use vstream_image::{Disk, Layer, Store};
+use vstream_image::{Chain, Disk, ImageError, Layer, Properties, Store, VersionState};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -23,14 +27,14 @@ pub struct Server {
     pub store: Store,
     pub farm: FarmStore,
     pub metrics: Metrics,
-    /// Layers in use, by vDisk: shared while any connection holds them.
-    open: Mutex<HashMap<String, Vec<Weak<Layer>>>>,
     sessions: Mutex<HashMap<String, Session>>,
 }
 
 /// A device's live session: one or more NBD connections to its `device/` export.
 struct Session {
     vdisk: String,
+    version: u32,
+    kind: DeviceType,
     mode: Mode,
     connections: usize,
     since: u64,
@@ -72,6 +76,33 @@ impl Drop for SessionGuard {
     }
 }
 
+/// The version a device of type `kind` boots.
+pub fn pick_version(props: &Properties, kind: DeviceType) -> Result<u32, String> {
+    let v = match kind {
+        DeviceType::Maintenance => props.newest(VersionState::Maintenance).ok_or_else(|| {
+            format!(
+                "vDisk {} has no maintenance version; create one with `vstream version new {}`",
+                props.name, props.name
+            )
+        })?,
+        DeviceType::Test => props
+            .newest(VersionState::Test)
+            .or_else(|| props.newest(VersionState::Production))
+            .ok_or_else(|| format!("vDisk {} has no test or production version", props.name))?,
+        DeviceType::Production => props
+            .newest(VersionState::Production)
+            .ok_or_else(|| format!("vDisk {} has no production version", props.name))?,
+    };
+    Ok(v.number)
+}
+
+fn describe(device: &Device, vdisk: &VDisk, version: u32) -> String {
+    format!(
+        "device {} ({}) on vDisk {} version {version} ({} mode)",
+        device.name, device.kind, vdisk.name, vdisk.mode
+    )
+}
+
 pub fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -86,28 +117,17 @@ impl Server {
             store,
             farm,
             metrics: Metrics::default(),
-            open: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The layers of vDisk `name`, shared with every other user of it.
-    pub fn layers(&self, name: &str) -> Result<Vec<Arc<Layer>>, vstream_image::ImageError> {
-        let mut open = self.open.lock();
-        if let Some(weak) = open.get(name) {
-            let live: Option<Vec<Arc<Layer>>> = weak.iter().map(Weak::upgrade).collect();
-            if let Some(layers) = live.filter(|l| !l.is_empty()) {
-                return Ok(layers);
-            }
-        }
-        let layers = self.store.open_layers(name, true)?;
-        open.insert(name.to_owned(), layers.iter().map(Arc::downgrade).collect());
-        Ok(layers)
-    }
-
-    /// Forgets open layers of a vDisk that was deleted or replaced.
-    pub fn forget(&self, name: &str) {
-        self.open.lock().remove(name);
+    /// The newest production version of vDisk `name`.
+    pub fn production(&self, name: &str) -> Result<Chain, ImageError> {
+        let props = self.store.properties(name)?;
+        let v = props.newest(VersionState::Production).ok_or_else(|| {
+            ImageError::Invalid(format!("vDisk {name} has no production version"))
+        })?;
+        self.store.chain(name, v.number)
     }
 
     /// Resolves an export name for a new connection (`go`) or for a query.
@@ -120,16 +140,32 @@ impl Server {
         if let Some(dev) = name.strip_prefix("device/") {
             return self.open_device(dev, peer, go).await;
         }
-        if name.is_empty() || name.contains('/') || !self.store.exists(name) {
+        let (vdisk, version) = match name.split_once('@') {
+            Some((v, n)) => (
+                v,
+                Some(
+                    n.parse::<u32>()
+                        .map_err(|_| OpenError::Unknown(name.to_owned()))?,
+                ),
+            ),
+            None => (name, None),
+        };
+        if vdisk.is_empty() || vdisk.contains('/') || !self.store.exists(vdisk) {
             return Err(OpenError::Unknown(name.to_owned()));
         }
-        let layers = self
-            .layers(name)
-            .map_err(|e| OpenError::Failed(format!("opening vDisk {name}: {e}")))?;
+        let chain = match version {
+            Some(n) => self
+                .store
+                .chain(vdisk, n)
+                .map_err(|_| OpenError::Unknown(name.to_owned()))?,
+            None => self
+                .production(vdisk)
+                .map_err(|e| OpenError::Failed(format!("opening vDisk {vdisk}: {e}")))?,
+        };
         Ok(Export {
             name: name.to_owned(),
-            description: format!("vDisk {name} (read-only)"),
-            disk: Arc::new(Disk::read_only(layers)),
+            description: format!("vDisk {vdisk} version {} (read-only)", chain.version.number),
+            disk: Arc::new(Disk::read_only(chain.layers)),
             session: None,
         })
     }
@@ -158,13 +194,11 @@ impl Server {
                 ))
             })?;
         let export_name = format!("device/{key}");
-        let description = format!(
-            "device {} on vDisk {} ({} mode)",
-            device.name, vdisk.name, vdisk.mode
-        );
         let mut sessions = self.sessions.lock();
         if let Some(s) = sessions.get_mut(&device.name) {
-            // Another connection of the same device (a reconnect, or multi-conn).
+            // Another connection of the same device (a reconnect, or multi-conn):
+            // it keeps the version its session started with.
+            let description = describe(&device, &vdisk, s.version);
             if !go {
                 return Ok(Export {
                     name: export_name,
@@ -189,33 +223,61 @@ impl Server {
                 session: Some(guard),
             });
         }
-        if vdisk.mode == Mode::Private {
-            if let Some((other, _)) = sessions
-                .iter()
-                .find(|(_, s)| s.vdisk == vdisk.name && s.mode == Mode::Private)
-            {
+        let writes_vdisk = device.kind == DeviceType::Maintenance || vdisk.mode == Mode::Private;
+        if writes_vdisk {
+            if let Some((other, _)) = sessions.iter().find(|(_, s)| {
+                s.vdisk == vdisk.name
+                    && ((device.kind == DeviceType::Maintenance
+                        && s.kind == DeviceType::Maintenance)
+                        || (device.kind != DeviceType::Maintenance
+                            && s.kind != DeviceType::Maintenance
+                            && s.mode == Mode::Private))
+            }) {
+                let what = if device.kind == DeviceType::Maintenance {
+                    format!(
+                        "maintenance device {other} has the maintenance version of vDisk {} open",
+                        vdisk.name
+                    )
+                } else {
+                    format!(
+                        "vDisk {} is in Private mode and device {other} has it open",
+                        vdisk.name
+                    )
+                };
                 return Err(OpenError::Refused(format!(
-                    "vDisk {} is in Private mode and device {other} has it open; device {} must wait until it disconnects",
-                    vdisk.name, device.name
+                    "{what}; device {} must wait until it disconnects",
+                    device.name
                 )));
             }
         }
+        let props = self
+            .store
+            .properties(&vdisk.name)
+            .map_err(|e| OpenError::Failed(e.to_string()))?;
+        let version = pick_version(&props, device.kind).map_err(OpenError::Refused)?;
+        let chain = self
+            .store
+            .chain(&vdisk.name, version)
+            .map_err(|e| OpenError::Failed(e.to_string()))?;
         let disk = self
-            .device_disk(&device, &vdisk)
-            .map_err(OpenError::Failed)?;
+            .device_disk(&device, &vdisk, chain)
+            .map_err(OpenError::Refused)?;
+        let description = describe(&device, &vdisk, version);
+        let disk = Arc::new(disk);
         if !go {
             return Ok(Export {
                 name: export_name,
                 description,
-                disk: Arc::new(disk),
+                disk,
                 session: None,
             });
         }
-        let disk = Arc::new(disk);
         sessions.insert(
             device.name.clone(),
             Session {
                 vdisk: vdisk.name.clone(),
+                version,
+                kind: device.kind,
                 mode: vdisk.mode,
                 connections: 1,
                 since: now_unix(),
@@ -224,7 +286,7 @@ impl Server {
             },
         );
         drop(sessions);
-        tracing::info!(device = %device.name, vdisk = %vdisk.name, mode = %vdisk.mode, %peer, "device session started");
+        tracing::info!(device = %device.name, vdisk = %vdisk.name, version, kind = %device.kind, mode = %vdisk.mode, %peer, "device session started");
         let guard = SessionGuard {
             server: self.clone(),
             device: device.name.clone(),
@@ -238,28 +300,30 @@ impl Server {
         })
     }
 
-    /// The disk a device sees: its vDisk itself (Private) or the vDisk under its write cache (Standard).
-    fn device_disk(&self, device: &Device, vdisk: &VDisk) -> Result<Disk, String> {
-        let layers = self
-            .layers(&vdisk.name)
-            .map_err(|e| format!("opening vDisk {}: {e}", vdisk.name))?;
-        match vdisk.mode {
-            Mode::Private => {
-                Disk::writable(layers, None).map_err(|e| format!("vDisk {}: {e}", vdisk.name))
+    /// The disk a device sees: the maintenance version read/write, its version
+    /// itself (Private), or its version under its own write cache (Standard).
+    fn device_disk(&self, device: &Device, vdisk: &VDisk, chain: Chain) -> Result<Disk, String> {
+        let number = chain.version.number;
+        if device.kind == DeviceType::Maintenance || vdisk.mode == Mode::Private {
+            if !chain.writable() {
+                return Err(format!(
+                    "version {number} of vDisk {} is sealed and cannot be written in Private mode; \
+                     set the vDisk to Standard mode, or boot a maintenance device on a new version (vstream version new {})",
+                    vdisk.name, vdisk.name
+                ));
             }
-            Mode::Standard => {
-                let cache = self
-                    .store
-                    .open_cache(&device.name, vdisk.size)
-                    .map_err(|e| {
-                        format!("opening the write cache of device {}: {e}", device.name)
-                    })?;
-                let mut stack = layers;
-                stack.push(cache);
-                let limit = vdisk.cache_limit.unwrap_or(vdisk.size);
-                Disk::writable(stack, Some(limit)).map_err(|e| e.to_string())
-            }
+            return Disk::writable(chain.layers, None)
+                .map_err(|e| format!("vDisk {}: {e}", vdisk.name));
         }
+        let base = format!("{}@{number}", vdisk.name);
+        let cache = self
+            .store
+            .open_cache(&device.name, &base, vdisk.size)
+            .map_err(|e| format!("opening the write cache of device {}: {e}", device.name))?;
+        let mut stack = chain.layers;
+        stack.push(cache);
+        let limit = vdisk.cache_limit.unwrap_or(vdisk.size);
+        Disk::writable(stack, Some(limit)).map_err(|e| e.to_string())
     }
 
     fn end_connection(&self, device: &str, clean: bool) {
@@ -276,7 +340,7 @@ impl Server {
         if let Err(e) = s.disk.flush() {
             tracing::error!(device, error = %e, "flushing at the end of a session failed");
         }
-        if clean && s.mode == Mode::Standard {
+        if clean && s.mode == Mode::Standard && s.kind != DeviceType::Maintenance {
             drop(s.disk);
             match self.store.discard_cache(device) {
                 Ok(()) => tracing::info!(device, "session ended cleanly; write cache discarded"),
@@ -285,6 +349,19 @@ impl Server {
         } else {
             tracing::info!(device, clean, "device session ended");
         }
+    }
+
+    /// Devices connected to version `version` of vDisk `vdisk` now.
+    pub fn devices_on(&self, vdisk: &str, version: u32) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .sessions
+            .lock()
+            .iter()
+            .filter(|(_, s)| s.vdisk == vdisk && s.version == version)
+            .map(|(d, _)| d.clone())
+            .collect();
+        v.sort();
+        v
     }
 
     /// Devices connected to vDisk `name` now.
@@ -309,7 +386,9 @@ impl Server {
         let sessions = self.sessions.lock();
         let s = sessions.get(&device.name);
         let cache_bytes = match s {
-            Some(s) if s.mode == Mode::Standard => s.disk.top_bytes(),
+            Some(s) if s.mode == Mode::Standard && s.kind != DeviceType::Maintenance => {
+                s.disk.top_bytes()
+            }
             Some(_) => 0,
             None => self
                 .store

@@ -117,14 +117,24 @@ pub(super) async fn export_vdisk(
     State(server): State<Arc<Server>>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    if let Some((_, version)) = name.split_once('@') {
-        return Err(ApiError::not_found(format!(
-            "vDisk {name}: version {version} does not exist (versions are not kept yet)"
-        )));
-    }
-    let vdisk = get_vdisk(&server, &name).await?;
-    let layers = server.layers(&vdisk.name)?;
-    let disk = Disk::read_only(layers);
+    let (vdisk_name, version) = match name.split_once('@') {
+        Some((v, n)) => {
+            let n = n.parse::<u32>().map_err(|_| {
+                ApiError::bad_request(format!("{name:?}: a version is a number, as in NAME@3"))
+            })?;
+            (v.to_owned(), Some(n))
+        }
+        None => (name.clone(), None),
+    };
+    let vdisk = get_vdisk(&server, &vdisk_name).await?;
+    let chain = match version {
+        Some(n) => server
+            .store
+            .chain(&vdisk.name, n)
+            .map_err(|_| ApiError::not_found(format!("vDisk {} has no version {n}", vdisk.name)))?,
+        None => server.production(&vdisk.name)?,
+    };
+    let disk = Disk::read_only(chain.layers);
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     tokio::task::spawn_blocking(move || {
         if let Err(e) = export_blocking(&disk, &tx) {

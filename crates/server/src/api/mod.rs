@@ -3,6 +3,7 @@
 
 mod content;
 mod error;
+mod versions;
 
 use std::sync::Arc;
 
@@ -30,10 +31,13 @@ type Shared = State<Arc<Server>>;
     paths(
         list_vdisks, create_vdisk, show_vdisk, set_vdisk, delete_vdisk,
         content::import_vdisk, content::export_vdisk,
-        list_devices, add_device, show_device, remove_device, reset_device
+        list_devices, add_device, show_device, set_device, remove_device, reset_device,
+        versions::list_versions, versions::new_version, versions::promote, versions::rollback,
+        versions::merge, versions::delete_version
     ),
     components(schemas(VDisk, VDiskInfo, CreateVDisk, SetVDisk, Device, DeviceInfo, CreateDevice, ErrorBody,
-        vstream_api::Mode, vstream_api::CacheType)),
+        vstream_api::Mode, vstream_api::CacheType, vstream_api::DeviceType, vstream_api::SetDevice,
+        vstream_api::VersionState, vstream_api::VersionInfo, vstream_api::Promote, vstream_api::Merge)),
     modifiers(&BearerAuth),
     security(("token" = []))
 )]
@@ -69,10 +73,24 @@ pub fn router(server: Arc<Server>, token: String) -> Router {
             "/api/v1/vdisks/:name/content",
             get(content::export_vdisk).put(content::import_vdisk),
         )
+        .route(
+            "/api/v1/vdisks/:name/versions",
+            get(versions::list_versions).post(versions::new_version),
+        )
+        .route(
+            "/api/v1/vdisks/:name/versions/:version",
+            axum::routing::delete(versions::delete_version),
+        )
+        .route(
+            "/api/v1/vdisks/:name/versions/:version/promote",
+            post(versions::promote),
+        )
+        .route("/api/v1/vdisks/:name/rollback", post(versions::rollback))
+        .route("/api/v1/vdisks/:name/merge", post(versions::merge))
         .route("/api/v1/devices", get(list_devices).post(add_device))
         .route(
             "/api/v1/devices/:name",
-            get(show_device).delete(remove_device),
+            get(show_device).patch(set_device).delete(remove_device),
         )
         .route("/api/v1/devices/:name/reset", post(reset_device))
         .route("/metrics", get(metrics))
@@ -121,12 +139,23 @@ pub(crate) async fn vdisk_info(server: &Arc<Server>, vdisk: VDisk) -> Result<VDi
     let srv = server.clone();
     let name = vdisk.name.clone();
     let (content, allocated) = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
-        let layers = srv.layers(&name)?;
+        let chain = srv.production(&name)?;
+        let layers = chain.layers;
         let allocated = layers.iter().map(|l| l.allocated_bytes()).sum::<u64>();
         let top = layers
             .last()
             .ok_or_else(|| ApiError::internal("vDisk has no layers"))?
             .clone();
+        if chain.version.is_sealed() {
+            if let Some(h) = chain
+                .version
+                .content_hash
+                .as_deref()
+                .and_then(hash::from_hex)
+            {
+                return Ok((h, allocated));
+            }
+        }
         if let Some(h) = top.content_hash() {
             return Ok((h, allocated));
         }
@@ -220,7 +249,6 @@ pub(crate) async fn register_vdisk(
     match server.farm.create_vdisk(vdisk).await {
         Ok(v) => Ok(v),
         Err(e) => {
-            server.forget(name);
             let _ = server.store.delete(name);
             Err(e.into())
         }
@@ -298,7 +326,6 @@ async fn delete_vdisk(
         )));
     }
     server.farm.delete_vdisk(&name).await?;
-    server.forget(&name);
     let srv = server.clone();
     tokio::task::spawn_blocking(move || srv.store.delete(&name)).await??;
     Ok(StatusCode::NO_CONTENT)
@@ -334,6 +361,7 @@ async fn add_device(
             mac,
             vdisk: req.vdisk,
             created_unix: now_unix(),
+            kind: req.kind,
         })
         .await?;
     Ok((StatusCode::CREATED, Json(server.device_info(d))))
@@ -365,6 +393,29 @@ async fn remove_device(
     server.farm.delete_device(&d.name).await?;
     server.store.discard_cache(&d.name)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(patch, path = "/api/v1/devices/{name}", params(("name" = String, Path)),
+    request_body = vstream_api::SetDevice,
+    responses((status = 200, body = DeviceInfo), (status = 404, body = ErrorBody)))]
+async fn set_device(
+    State(server): Shared,
+    Path(name): Path<String>,
+    Json(req): Json<vstream_api::SetDevice>,
+) -> Result<Json<DeviceInfo>, ApiError> {
+    let d = get_device(&server, &name).await?;
+    let Some(kind) = req.kind else {
+        return Err(ApiError::bad_request("nothing to change: give a type"));
+    };
+    // A connected device keeps what it booted; the type counts from its next boot.
+    let d = server
+        .farm
+        .update_device(&d.name, |d| {
+            d.kind = kind;
+            Ok(())
+        })
+        .await?;
+    Ok(Json(server.device_info(d)))
 }
 
 #[utoipa::path(post, path = "/api/v1/devices/{name}/reset", params(("name" = String, Path)),

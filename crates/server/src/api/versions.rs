@@ -1,0 +1,186 @@
+//! Version endpoints: list, new, promote, rollback, merge, delete.
+//!
+//! The store checks the structure (states, dependencies); these handlers add
+//! what only the server knows: which devices are connected to what.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use vstream_api::{ErrorBody, Merge, Promote, VersionInfo};
+use vstream_image::{ImageError, Version, VersionState};
+
+use super::{get_vdisk, ApiError};
+use crate::state::{now_unix, Server};
+
+type Shared = State<Arc<Server>>;
+
+fn api_state(s: VersionState) -> vstream_api::VersionState {
+    match s {
+        VersionState::Maintenance => vstream_api::VersionState::Maintenance,
+        VersionState::Test => vstream_api::VersionState::Test,
+        VersionState::Production => vstream_api::VersionState::Production,
+        VersionState::Retired => vstream_api::VersionState::Retired,
+    }
+}
+
+fn info(server: &Server, vdisk: &str, v: &Version) -> VersionInfo {
+    let own_bytes = v
+        .own_layer()
+        .and_then(|_| server.store.chain(vdisk, v.number).ok())
+        .and_then(|c| c.layers.last().map(|l| l.allocated_bytes()))
+        .unwrap_or(0);
+    VersionInfo {
+        number: v.number,
+        state: api_state(v.state),
+        created_unix: v.created_unix,
+        sealed_unix: v.sealed_unix,
+        own_bytes,
+        layers: v.layers.len(),
+        content_hash: v.content_hash.clone(),
+        devices: server.devices_on(vdisk, v.number),
+    }
+}
+
+/// Runs a store operation on the blocking pool (it may hash or copy gigabytes).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ImageError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await?.map_err(|e| match e {
+        ImageError::Invalid(msg) => ApiError::conflict(msg),
+        other => other.into(),
+    })
+}
+
+#[utoipa::path(get, path = "/api/v1/vdisks/{name}/versions", params(("name" = String, Path)),
+    responses((status = 200, body = [VersionInfo]), (status = 404, body = ErrorBody)))]
+pub(super) async fn list_versions(
+    State(server): Shared,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<VersionInfo>>, ApiError> {
+    get_vdisk(&server, &name).await?;
+    let props = server.store.properties(&name)?;
+    Ok(Json(
+        props
+            .versions
+            .iter()
+            .map(|v| info(&server, &name, v))
+            .collect(),
+    ))
+}
+
+#[utoipa::path(post, path = "/api/v1/vdisks/{name}/versions", params(("name" = String, Path)),
+    responses((status = 201, body = VersionInfo), (status = 409, body = ErrorBody)))]
+pub(super) async fn new_version(
+    State(server): Shared,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<VersionInfo>), ApiError> {
+    let vdisk = get_vdisk(&server, &name).await?;
+    let props = server.store.properties(&name)?;
+    if let Some(head) = props.head().filter(|h| !h.is_sealed()) {
+        // Sealing the head must not happen under a device writing it.
+        let writers = server.devices_on(&name, head.number);
+        if !writers.is_empty() && vdisk.mode == vstream_api::Mode::Private {
+            return Err(ApiError::conflict(format!(
+                "version {} of vDisk {name} is being written by {}; a new version can start once it disconnects",
+                head.number,
+                writers.join(", ")
+            )));
+        }
+    }
+    let srv = server.clone();
+    let n = name.clone();
+    let v = blocking(move || srv.store.new_version(&n, now_unix())).await?;
+    tracing::info!(vdisk = %name, version = v.number, "maintenance version created");
+    Ok((StatusCode::CREATED, Json(info(&server, &name, &v))))
+}
+
+#[utoipa::path(post, path = "/api/v1/vdisks/{name}/versions/{version}/promote",
+    params(("name" = String, Path), ("version" = u32, Path)), request_body = Promote,
+    responses((status = 200, body = VersionInfo), (status = 409, body = ErrorBody)))]
+pub(super) async fn promote(
+    State(server): Shared,
+    Path((name, version)): Path<(String, u32)>,
+    Json(req): Json<Promote>,
+) -> Result<Json<VersionInfo>, ApiError> {
+    get_vdisk(&server, &name).await?;
+    let to = match req.to {
+        vstream_api::VersionState::Test => VersionState::Test,
+        vstream_api::VersionState::Production => VersionState::Production,
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "a version is promoted to test or production, not {other}"
+            )))
+        }
+    };
+    let props = server.store.properties(&name)?;
+    if props
+        .version(version)
+        .is_some_and(|v| v.state == VersionState::Maintenance)
+    {
+        let on = server.devices_on(&name, version);
+        if !on.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "maintenance device {} is connected to version {version}; shut it down before promoting",
+                on.join(", ")
+            )));
+        }
+    }
+    let srv = server.clone();
+    let n = name.clone();
+    let v = blocking(move || srv.store.promote(&n, version, to, now_unix())).await?;
+    tracing::info!(vdisk = %name, version, to = %to, "version promoted");
+    Ok(Json(info(&server, &name, &v)))
+}
+
+#[utoipa::path(post, path = "/api/v1/vdisks/{name}/rollback", params(("name" = String, Path)),
+    responses((status = 200, body = VersionInfo), (status = 409, body = ErrorBody)))]
+pub(super) async fn rollback(
+    State(server): Shared,
+    Path(name): Path<String>,
+) -> Result<Json<VersionInfo>, ApiError> {
+    get_vdisk(&server, &name).await?;
+    let srv = server.clone();
+    let n = name.clone();
+    let v = blocking(move || srv.store.rollback(&n)).await?;
+    tracing::info!(vdisk = %name, version = v.number, "rolled back: production version");
+    Ok(Json(info(&server, &name, &v)))
+}
+
+#[utoipa::path(post, path = "/api/v1/vdisks/{name}/merge", params(("name" = String, Path)), request_body = Merge,
+    responses((status = 200, body = VersionInfo), (status = 409, body = ErrorBody)))]
+pub(super) async fn merge(
+    State(server): Shared,
+    Path(name): Path<String>,
+    Json(req): Json<Merge>,
+) -> Result<Json<VersionInfo>, ApiError> {
+    get_vdisk(&server, &name).await?;
+    let srv = server.clone();
+    let n = name.clone();
+    let v = blocking(move || srv.store.merge(&n, req.upto)).await?;
+    tracing::info!(vdisk = %name, version = v.number, "merged");
+    Ok(Json(info(&server, &name, &v)))
+}
+
+#[utoipa::path(delete, path = "/api/v1/vdisks/{name}/versions/{version}",
+    params(("name" = String, Path), ("version" = u32, Path)),
+    responses((status = 204), (status = 409, body = ErrorBody)))]
+pub(super) async fn delete_version(
+    State(server): Shared,
+    Path((name, version)): Path<(String, u32)>,
+) -> Result<StatusCode, ApiError> {
+    get_vdisk(&server, &name).await?;
+    let on = server.devices_on(&name, version);
+    if !on.is_empty() {
+        return Err(ApiError::conflict(format!(
+            "version {version} of vDisk {name} is in use by devices {}",
+            on.join(", ")
+        )));
+    }
+    let srv = server.clone();
+    let n = name.clone();
+    blocking(move || srv.store.delete_version(&n, version, false)).await?;
+    tracing::info!(vdisk = %name, version, "version deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
