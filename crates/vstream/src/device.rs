@@ -91,6 +91,7 @@ fn add(client: &Client, a: AddArgs) -> Result<()> {
         name: a.name,
         mac: a.mac,
         vdisk: a.vdisk,
+        kind: Default::default(),
     };
     // The answer is a Device or a DeviceInfo (which holds one); either parses.
     let added: Option<Device> = client.post(&api_path(&["devices"]), &body)?;
