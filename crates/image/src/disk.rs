@@ -27,10 +27,48 @@ pub struct Extent {
     pub zero: bool,
 }
 
+/// Which of the bottom `covers` layers of a chain holds each chunk: one byte
+/// per chunk (0: none, i+1: layer i). Built once from the sealed layers'
+/// bitmaps, so a read through a long chain costs one lookup, not a walk.
+#[derive(Debug)]
+pub struct ChainIndex {
+    owners: Vec<u8>,
+    covers: usize,
+}
+
+impl ChainIndex {
+    /// Indexes `layers`, which must be sealed (their bitmaps no longer change).
+    /// `None` if there are too many layers for a byte.
+    pub fn build(layers: &[Arc<Layer>]) -> Option<ChainIndex> {
+        let first = layers.first()?;
+        if layers.len() > 254 {
+            return None;
+        }
+        let mut owners = vec![0u8; first.chunks() as usize];
+        for (i, layer) in layers.iter().enumerate() {
+            layer.for_each_allocated(|c| owners[c as usize] = i as u8 + 1);
+        }
+        Some(ChainIndex {
+            owners,
+            covers: layers.len(),
+        })
+    }
+
+    #[inline]
+    fn owner(&self, chunk: u64) -> Option<usize> {
+        match self.owners[chunk as usize] {
+            0 => None,
+            n => Some(n as usize - 1),
+        }
+    }
+}
+
 /// A stack of layers seen as one block device.
 #[derive(Debug)]
 pub struct Disk {
     layers: Vec<Arc<Layer>>,
+    /// Owners of the bottom layers, if indexed.
+    index: Option<Arc<ChainIndex>>,
     writable: bool,
     /// Most bytes the top layer may hold, for write caches.
     limit: Option<u64>,
@@ -43,6 +81,7 @@ impl Disk {
     pub fn read_only(layers: Vec<Arc<Layer>>) -> Disk {
         Disk {
             layers,
+            index: None,
             writable: false,
             limit: None,
             reserved: AtomicU64::new(0),
@@ -57,6 +96,7 @@ impl Disk {
         }
         Ok(Disk {
             layers,
+            index: None,
             writable: true,
             limit,
             reserved: AtomicU64::new(0),
@@ -77,12 +117,28 @@ impl Disk {
         self.layers.last().map_or(0, |l| l.allocated_bytes())
     }
 
+    /// Uses `index` for the bottom layers it covers (they must be these
+    /// layers, sealed).
+    pub fn with_index(mut self, index: Arc<ChainIndex>) -> Disk {
+        if index.covers <= self.layers.len() && index.owners.len() as u64 == self.layers[0].chunks()
+        {
+            self.index = Some(index);
+        }
+        self
+    }
+
     /// Index of the layer that holds `chunk` among `layers[..below]`, if any.
     #[inline]
     fn owner(&self, chunk: u64, below: usize) -> Option<usize> {
-        (0..below)
-            .rev()
-            .find(|&i| self.layers[i].is_allocated(chunk))
+        match &self.index {
+            Some(idx) if below >= idx.covers => (idx.covers..below)
+                .rev()
+                .find(|&i| self.layers[i].is_allocated(chunk))
+                .or_else(|| idx.owner(chunk)),
+            _ => (0..below)
+                .rev()
+                .find(|&i| self.layers[i].is_allocated(chunk)),
+        }
     }
 
     /// Whether `[offset, offset+len)` lies inside the disk.
@@ -474,6 +530,44 @@ mod tests {
         let mut b = vec![0u8; size as usize];
         Disk::read_only(vec![base]).read(&mut b, 0, false).unwrap();
         assert!(b == base_image, "base changed under its write cache");
+    }
+
+    /// A chain read through its index reads exactly what a walk reads,
+    /// with and without a writable layer on top.
+    #[test]
+    fn indexed_chain_reads_like_a_walk() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 1 << 20;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let mut layers = Vec::new();
+        for i in 0..5 {
+            let l = layer(dir.path(), &format!("l{i}"), size);
+            let d = Disk::writable(vec![l.clone()], None).unwrap();
+            for _ in 0..20 {
+                let off = rng.gen_range(0..size - 9000);
+                d.write(&vec![i as u8 + 1; rng.gen_range(1..9000)], off, false)
+                    .unwrap();
+            }
+            layers.push(l);
+        }
+        let index = Arc::new(ChainIndex::build(&layers).unwrap());
+        let walk = Disk::read_only(layers.clone());
+        let fast = Disk::read_only(layers.clone()).with_index(index.clone());
+        let (mut a, mut b) = (vec![0u8; size as usize], vec![1u8; size as usize]);
+        walk.read(&mut a, 0, false).unwrap();
+        fast.read(&mut b, 0, false).unwrap();
+        assert!(a == b);
+        assert_eq!(
+            walk.block_status(0, size, 1 << 20),
+            fast.block_status(0, size, 1 << 20)
+        );
+        let mut stack = layers.clone();
+        stack.push(layer(dir.path(), "top", size));
+        let top = Disk::writable(stack, None).unwrap().with_index(index);
+        top.write(&[0xee; 3], 4095, false).unwrap();
+        a[4095..4098].fill(0xee);
+        top.read(&mut b, 0, false).unwrap();
+        assert!(a == b, "copy-up through the index lost data");
     }
 
     #[test]

@@ -230,6 +230,18 @@ impl Layer {
         word & (1u64 << (chunk % 64)) != 0
     }
 
+    /// Calls `f` with every allocated chunk, in order, skipping empty words.
+    pub fn for_each_allocated(&self, mut f: impl FnMut(u64)) {
+        for (w, word) in self.bitmap.iter().enumerate() {
+            let mut bits = word.load(Ordering::Acquire);
+            while bits != 0 {
+                let b = bits.trailing_zeros() as u64;
+                f(w as u64 * 64 + b);
+                bits &= bits - 1;
+            }
+        }
+    }
+
     /// True if any chunk of hash block `block` is allocated here.
     pub fn touches_block(&self, block: u64) -> bool {
         let per = HASH_BLOCK / CHUNK;

@@ -21,8 +21,8 @@ use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 
-use crate::disk::Disk;
-use crate::error::ImageError;
+use crate::disk::{ChainIndex, Disk};
+use crate::error::{ImageError, WriteError};
 use crate::hash::{self, Hash};
 use crate::layer::{sync_dir, Layer, CHUNK};
 use crate::versions::{Properties, Version, VersionState};
@@ -38,19 +38,50 @@ pub struct Store {
     open: Arc<Mutex<HashMap<PathBuf, Weak<Layer>>>>,
     /// Serialises the version operations.
     ops: Arc<Mutex<()>>,
+    /// Chain indexes in use, by the sealed layer files they cover.
+    indexes: Arc<Mutex<HashMap<Vec<PathBuf>, Weak<ChainIndex>>>>,
 }
 
 /// A version opened for reading (and writing, if its top layer is unsealed).
 pub struct Chain {
     pub version: Version,
     pub layers: Vec<Arc<Layer>>,
+    /// Owners of the chunks of the sealed layers, for chains of 3 or more.
+    pub index: Option<Arc<ChainIndex>>,
 }
 
 impl Chain {
     /// True if the top layer takes writes (a maintenance version, or an
     /// unsealed production version in Private mode).
-    pub fn writable(&self) -> bool {
+    pub fn is_writable(&self) -> bool {
         !self.version.is_sealed()
+    }
+
+    fn indexed(&self, disk: Disk) -> Disk {
+        match &self.index {
+            Some(i) => disk.with_index(i.clone()),
+            None => disk,
+        }
+    }
+
+    /// The version, read-only.
+    pub fn read_only(self) -> Disk {
+        let disk = Disk::read_only(self.layers.clone());
+        self.indexed(disk)
+    }
+
+    /// The version with writes going to its own (unsealed) top layer.
+    pub fn writable(self) -> Result<Disk, WriteError> {
+        let disk = Disk::writable(self.layers.clone(), None)?;
+        Ok(self.indexed(disk))
+    }
+
+    /// The version, read-only, under `cache`, which takes the writes.
+    pub fn under_cache(self, cache: Arc<Layer>, limit: Option<u64>) -> Result<Disk, WriteError> {
+        let mut stack = self.layers.clone();
+        stack.push(cache);
+        let disk = Disk::writable(stack, limit)?;
+        Ok(self.indexed(disk))
     }
 }
 
@@ -111,6 +142,7 @@ impl Store {
             root: root.to_owned(),
             open: Arc::default(),
             ops: Arc::default(),
+            indexes: Arc::default(),
         };
         for name in store.list()? {
             if let Err(e) = store.collect_garbage(&name) {
@@ -309,7 +341,42 @@ impl Store {
             }
             layers.push(layer);
         }
-        Ok(Chain { version, layers })
+        let sealed = if version.is_sealed() {
+            n
+        } else {
+            n.saturating_sub(1)
+        };
+        let index = if sealed >= 3 {
+            self.index(&props.name, &layers[..sealed])?
+        } else {
+            None
+        };
+        Ok(Chain {
+            version,
+            layers,
+            index,
+        })
+    }
+
+    /// The shared index of sealed `layers`, built on first use.
+    fn index(
+        &self,
+        name: &str,
+        layers: &[Arc<Layer>],
+    ) -> Result<Option<Arc<ChainIndex>>, ImageError> {
+        let key: Vec<PathBuf> = layers.iter().map(|l| l.path().to_owned()).collect();
+        let mut indexes = self.indexes.lock();
+        if let Some(i) = indexes.get(&key).and_then(Weak::upgrade) {
+            return Ok(Some(i));
+        }
+        indexes.retain(|_, w| w.strong_count() > 0);
+        let Some(index) = ChainIndex::build(layers) else {
+            return Ok(None);
+        };
+        tracing::debug!(vdisk = name, layers = layers.len(), "chain index built");
+        let index = Arc::new(index);
+        indexes.insert(key, Arc::downgrade(&index));
+        Ok(Some(index))
     }
 
     /// Removes vDisk `name` and its layer files.
@@ -724,8 +791,7 @@ mod tests {
     }
 
     fn read_all(store: &Store, name: &str, version: u32) -> Vec<u8> {
-        let chain = store.chain(name, version).unwrap();
-        let disk = Disk::read_only(chain.layers);
+        let disk = store.chain(name, version).unwrap().read_only();
         let mut b = vec![0u8; disk.size() as usize];
         disk.read(&mut b, 0, false).unwrap();
         b
@@ -733,11 +799,8 @@ mod tests {
 
     fn write(store: &Store, name: &str, version: u32, data: &[u8], at: u64) {
         let chain = store.chain(name, version).unwrap();
-        assert!(chain.writable());
-        Disk::writable(chain.layers, None)
-            .unwrap()
-            .write(data, at, false)
-            .unwrap();
+        assert!(chain.is_writable());
+        chain.writable().unwrap().write(data, at, false).unwrap();
     }
 
     /// new, write, promote, rollback, merge and delete, against flat copies.
@@ -764,7 +827,7 @@ mod tests {
         write(&store, "d", 2, &[2u8; 5000], 65_000);
         let p2 = store.promote("d", 2, VersionState::Test, 3).unwrap();
         assert!(p2.is_sealed());
-        assert!(!store.chain("d", 2).unwrap().writable());
+        assert!(!store.chain("d", 2).unwrap().is_writable());
         let mut want2 = v1.clone();
         want2[65_000..70_000].fill(2);
         assert_eq!(read_all(&store, "d", 2), want2);

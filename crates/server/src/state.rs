@@ -165,7 +165,7 @@ impl Server {
         Ok(Export {
             name: name.to_owned(),
             description: format!("vDisk {vdisk} version {} (read-only)", chain.version.number),
-            disk: Arc::new(Disk::read_only(chain.layers)),
+            disk: Arc::new(chain.read_only()),
             session: None,
         })
     }
@@ -305,14 +305,15 @@ impl Server {
     fn device_disk(&self, device: &Device, vdisk: &VDisk, chain: Chain) -> Result<Disk, String> {
         let number = chain.version.number;
         if device.kind == DeviceType::Maintenance || vdisk.mode == Mode::Private {
-            if !chain.writable() {
+            if !chain.is_writable() {
                 return Err(format!(
                     "version {number} of vDisk {} is sealed and cannot be written in Private mode; \
                      set the vDisk to Standard mode, or boot a maintenance device on a new version (vstream version new {})",
                     vdisk.name, vdisk.name
                 ));
             }
-            return Disk::writable(chain.layers, None)
+            return chain
+                .writable()
                 .map_err(|e| format!("vDisk {}: {e}", vdisk.name));
         }
         let base = format!("{}@{number}", vdisk.name);
@@ -320,10 +321,10 @@ impl Server {
             .store
             .open_cache(&device.name, &base, vdisk.size)
             .map_err(|e| format!("opening the write cache of device {}: {e}", device.name))?;
-        let mut stack = chain.layers;
-        stack.push(cache);
         let limit = vdisk.cache_limit.unwrap_or(vdisk.size);
-        Disk::writable(stack, Some(limit)).map_err(|e| e.to_string())
+        chain
+            .under_cache(cache, Some(limit))
+            .map_err(|e| e.to_string())
     }
 
     fn end_connection(&self, device: &str, clean: bool) {

@@ -134,7 +134,7 @@ pub(super) async fn export_vdisk(
             .map_err(|_| ApiError::not_found(format!("vDisk {} has no version {n}", vdisk.name)))?,
         None => server.production(&vdisk.name)?,
     };
-    let disk = Disk::read_only(chain.layers);
+    let disk = chain.read_only();
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     tokio::task::spawn_blocking(move || {
         if let Err(e) = export_blocking(&disk, &tx) {
