@@ -591,6 +591,9 @@ impl Store {
                 "version {upto} of vDisk {name} is not sealed; promote it before merging"
             )));
         }
+        if target.layers.len() == 1 {
+            return Ok(target); // already one layer: nothing to merge
+        }
         let expected = target.content_hash.as_deref().and_then(hash::from_hex);
         let chain = self.open_chain(&props, target.clone())?;
         let file = layer_file_name(&format!("m{upto}"));
