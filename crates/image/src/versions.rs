@@ -15,26 +15,8 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VersionState {
-    Maintenance,
-    Test,
-    Production,
-    /// Kept for the record only: a merge took its layers.
-    Retired,
-}
-
-impl std::fmt::Display for VersionState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            VersionState::Maintenance => "maintenance",
-            VersionState::Test => "test",
-            VersionState::Production => "production",
-            VersionState::Retired => "retired",
-        })
-    }
-}
+/// The states are the API's own: one type from the file to the wire.
+pub use vstream_api::VersionState;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Version {

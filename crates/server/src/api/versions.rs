@@ -16,15 +16,6 @@ use crate::state::{now_unix, Server};
 
 type Shared = State<Arc<Server>>;
 
-fn api_state(s: VersionState) -> vstream_api::VersionState {
-    match s {
-        VersionState::Maintenance => vstream_api::VersionState::Maintenance,
-        VersionState::Test => vstream_api::VersionState::Test,
-        VersionState::Production => vstream_api::VersionState::Production,
-        VersionState::Retired => vstream_api::VersionState::Retired,
-    }
-}
-
 fn info(server: &Server, vdisk: &str, v: &Version) -> VersionInfo {
     let own_bytes = v
         .own_layer()
@@ -33,7 +24,7 @@ fn info(server: &Server, vdisk: &str, v: &Version) -> VersionInfo {
         .unwrap_or(0);
     VersionInfo {
         number: v.number,
-        state: api_state(v.state),
+        state: v.state,
         created_unix: v.created_unix,
         sealed_unix: v.sealed_unix,
         own_bytes,
@@ -106,8 +97,7 @@ pub(super) async fn promote(
 ) -> Result<Json<VersionInfo>, ApiError> {
     get_vdisk(&server, &name).await?;
     let to = match req.to {
-        vstream_api::VersionState::Test => VersionState::Test,
-        vstream_api::VersionState::Production => VersionState::Production,
+        to @ (VersionState::Test | VersionState::Production) => to,
         other => {
             return Err(ApiError::bad_request(format!(
                 "a version is promoted to test or production, not {other}"
