@@ -26,8 +26,8 @@ pub const DEFAULT_TOKEN_FILE: &str = "/var/lib/vstream/admin.token";
 /// Holds the token itself; wins over the token file.
 pub const TOKEN_ENV: &str = "VSTREAM_TOKEN";
 
-/// How the admin commands reach the API. Flattened into `vdisk` and `device`,
-/// and global there, so the options go before or after the action.
+/// How the admin commands reach the API. Flattened into `vdisk`, `device` and
+/// `version`, and global there, so the options go before or after the action.
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
     /// Base URL of the server's admin API.
@@ -109,10 +109,22 @@ impl Client {
         self.json_opt(resp)
     }
 
+    /// POST `body` as JSON and decode the JSON answer, which must be there.
+    pub fn post_for<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        let resp = self.check(self.request("POST", path).send_json(body))?;
+        self.json(resp)
+    }
+
     /// POST without a body, for actions; the answer's body is ignored.
     pub fn post_empty(&self, path: &str) -> Result<()> {
         self.check(self.request("POST", path).call())?;
         Ok(())
+    }
+
+    /// POST without a body, for actions that answer with JSON.
+    pub fn post_empty_for<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let resp = self.check(self.request("POST", path).call())?;
+        self.json(resp)
     }
 
     /// PATCH `body` as JSON; the answer's JSON, if it has a body.
@@ -492,6 +504,32 @@ mod tests {
             .join()
             .unwrap()
             .starts_with("PATCH /api/v1/vdisks/a "));
+    }
+
+    #[test]
+    fn actions_that_answer_need_an_answer() {
+        let (base, server) = serve_once(
+            "HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\
+             Connection: close\r\n\r\n{\"number\":2}",
+        );
+        let c = Client::new(&base, "t".into()).unwrap();
+        let got: serde_json::Value = c.post_empty_for("/api/v1/vdisks/a/versions").unwrap();
+        assert_eq!(got["number"], 2);
+        assert!(server
+            .join()
+            .unwrap()
+            .starts_with("POST /api/v1/vdisks/a/versions "));
+
+        let (base, server) = serve_once("HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
+        let c = Client::new(&base, "t".into()).unwrap();
+        let err = c
+            .post_for::<_, serde_json::Value>("/api/v1/vdisks/a/merge", &serde_json::json!({}))
+            .unwrap_err();
+        assert!(
+            err.to_string().ends_with("answered with an empty body"),
+            "{err}"
+        );
+        server.join().unwrap();
     }
 
     #[test]

@@ -1,16 +1,22 @@
 //! `vstream device`: target devices through the admin API.
 //!
 //! ```text
-//!   add NAME --mac MAC --vdisk VDISK   POST   /api/v1/devices
-//!   list                               GET    /api/v1/devices
-//!   show NAME                          GET    /api/v1/devices/NAME
-//!   remove NAME                        DELETE /api/v1/devices/NAME
-//!   reset NAME                         POST   /api/v1/devices/NAME/reset
+//!   add NAME --mac MAC --vdisk VDISK [--type TYPE]  POST   /api/v1/devices
+//!   list                                            GET    /api/v1/devices
+//!   show NAME                                       GET    /api/v1/devices/NAME
+//!   set NAME --type TYPE                            PATCH  /api/v1/devices/NAME
+//!   remove NAME                                     DELETE /api/v1/devices/NAME
+//!   reset NAME                                      POST   /api/v1/devices/NAME/reset
 //! ```
+//!
+//! A device's type picks the version of its vDisk it boots: production (the
+//! newest production version; the default), test (the newest test version, or
+//! the production version if there is none) or maintenance (the maintenance
+//! version, read/write, one such device at a time); see `vstream version`.
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use vstream_api::{CreateDevice, Device, DeviceInfo};
+use vstream_api::{CreateDevice, Device, DeviceInfo, DeviceType, SetDevice};
 
 use crate::client::{api_path, Client, ClientArgs};
 use crate::output::{format_unix_time, human_size, print, print_json, render_fields, render_table};
@@ -31,6 +37,8 @@ pub enum DeviceCommand {
     List(ListArgs),
     /// Show one device.
     Show(ShowArgs),
+    /// Change a device's type (which version of its vDisk it boots).
+    Set(SetArgs),
     /// Remove a device.
     Remove(NameArg),
     /// Reset a device (its session and write cache; see the server's docs).
@@ -47,6 +55,22 @@ pub struct AddArgs {
     /// The vDisk it boots.
     #[arg(long, value_name = "VDISK")]
     pub vdisk: String,
+    /// Which version of the vDisk it boots (see `device set`).
+    #[arg(long = "type", value_name = "maintenance|test|production",
+          value_parser = parse_device_type, default_value = "production")]
+    pub kind: DeviceType,
+}
+
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    pub name: String,
+    /// Which version of its vDisk it boots: production (the newest production
+    /// version), test (the newest test version, or the production version if
+    /// there is none) or maintenance (the maintenance version, read/write).
+    /// A running device switches at its next boot.
+    #[arg(long = "type", value_name = "maintenance|test|production",
+          value_parser = parse_device_type)]
+    pub kind: DeviceType,
 }
 
 #[derive(Debug, Args)]
@@ -69,12 +93,17 @@ pub struct NameArg {
     pub name: String,
 }
 
+fn parse_device_type(s: &str) -> Result<DeviceType, String> {
+    s.parse()
+}
+
 pub fn run(args: DeviceArgs) -> Result<()> {
     let client = Client::from_args(&args.client)?;
     match args.command {
         DeviceCommand::Add(a) => add(&client, a),
         DeviceCommand::List(a) => list(&client, a),
         DeviceCommand::Show(a) => show(&client, a),
+        DeviceCommand::Set(a) => set(&client, a),
         DeviceCommand::Remove(a) => {
             client.delete(&api_path(&["devices", &a.name]))?;
             print(&format!("removed device {}\n", a.name))
@@ -91,17 +120,28 @@ fn add(client: &Client, a: AddArgs) -> Result<()> {
         name: a.name,
         mac: a.mac,
         vdisk: a.vdisk,
-        kind: Default::default(),
+        kind: a.kind,
     };
     // The answer is a Device or a DeviceInfo (which holds one); either parses.
     let added: Option<Device> = client.post(&api_path(&["devices"]), &body)?;
-    let (name, mac, vdisk) = match &added {
-        Some(d) => (&d.name, &d.mac, &d.vdisk),
-        None => (&body.name, &body.mac, &body.vdisk),
+    let (name, mac, vdisk, kind) = match &added {
+        Some(d) => (&d.name, &d.mac, &d.vdisk, d.kind),
+        None => (&body.name, &body.mac, &body.vdisk, body.kind),
     };
     print(&format!(
-        "added device {name} ({mac}) booting vDisk {vdisk}\n"
+        "added {kind} device {name} ({mac}) booting vDisk {vdisk}\n"
     ))
+}
+
+fn set(client: &Client, a: SetArgs) -> Result<()> {
+    let body = SetDevice { kind: Some(a.kind) };
+    // The answer is a DeviceInfo, which reads as the Device it holds.
+    let updated: Option<Device> = client.patch(&api_path(&["devices", &a.name]), &body)?;
+    let (name, kind) = match &updated {
+        Some(d) => (&d.name, d.kind),
+        None => (&a.name, a.kind),
+    };
+    print(&format!("device {name}: type {kind}\n"))
 }
 
 fn list(client: &Client, a: ListArgs) -> Result<()> {
@@ -121,6 +161,7 @@ fn device_table(devices: &[DeviceInfo]) -> String {
                 i.device.name.clone(),
                 i.device.mac.clone(),
                 i.device.vdisk.clone(),
+                i.device.kind.to_string(),
                 yes_no(i.connected).to_string(),
                 i.peer.clone().unwrap_or_else(|| "-".to_string()),
                 human_size(i.cache_bytes),
@@ -128,7 +169,7 @@ fn device_table(devices: &[DeviceInfo]) -> String {
         })
         .collect();
     render_table(
-        &["NAME", "MAC", "VDISK", "CONNECTED", "PEER", "CACHE"],
+        &["NAME", "MAC", "VDISK", "TYPE", "CONNECTED", "PEER", "CACHE"],
         &rows,
     )
 }
@@ -152,6 +193,7 @@ fn device_fields(i: &DeviceInfo) -> String {
         ("name", d.name.clone()),
         ("mac", d.mac.clone()),
         ("vdisk", d.vdisk.clone()),
+        ("type", d.kind.to_string()),
         ("connected", connected),
         ("peer", i.peer.clone().unwrap_or_else(|| "-".to_string())),
         ("write cache", human_size(i.cache_bytes)),
@@ -178,6 +220,7 @@ mod tests {
                 mac: "aa:bb:cc:00:11:22".into(),
                 vdisk: "win10".into(),
                 created_unix: 1_700_000_000,
+                kind: DeviceType::Production,
             },
             connected: peer.is_some(),
             connected_since: peer.map(|_| 1_700_000_060),
@@ -188,15 +231,14 @@ mod tests {
 
     #[test]
     fn list_table() {
-        let t = device_table(&[
-            info("pc1", Some("10.0.0.5:51234"), 3 << 29),
-            info("lab-pc-22", None, 0),
-        ]);
+        let mut lab = info("lab-pc-22", None, 0);
+        lab.device.kind = DeviceType::Maintenance;
+        let t = device_table(&[info("pc1", Some("10.0.0.5:51234"), 3 << 29), lab]);
         assert_eq!(
             t,
-            "NAME       MAC                VDISK  CONNECTED  PEER            CACHE\n\
-             pc1        aa:bb:cc:00:11:22  win10  yes        10.0.0.5:51234  1.5 GiB\n\
-             lab-pc-22  aa:bb:cc:00:11:22  win10  no         -               0 B\n"
+            "NAME       MAC                VDISK  TYPE         CONNECTED  PEER            CACHE\n\
+             pc1        aa:bb:cc:00:11:22  win10  production   yes        10.0.0.5:51234  1.5 GiB\n\
+             lab-pc-22  aa:bb:cc:00:11:22  win10  maintenance  no         -               0 B\n"
         );
     }
 
@@ -207,10 +249,38 @@ mod tests {
             "name:        pc1\n\
              mac:         aa:bb:cc:00:11:22\n\
              vdisk:       win10\n\
+             type:        production\n\
              connected:   yes, since 2023-11-14 22:14:20 UTC\n\
              peer:        10.0.0.5:51234\n\
              write cache: 4 KiB\n\
              created:     2023-11-14 22:13:20 UTC\n"
         );
+    }
+
+    #[test]
+    fn device_json_without_type_is_production() {
+        // A server from before device types sends no "type".
+        let json = r#"{"name":"pc1","mac":"aa:bb:cc:00:11:22","vdisk":"win10",
+            "created_unix":1700000000,"connected":false,"connected_since":null,
+            "peer":null,"cache_bytes":0}"#;
+        let d: Device = serde_json::from_str(json).unwrap();
+        assert_eq!(d.kind, DeviceType::Production);
+    }
+
+    #[test]
+    fn types_go_out_as_the_api_spells_them() {
+        let body = serde_json::to_value(SetDevice {
+            kind: Some(DeviceType::Test),
+        })
+        .unwrap();
+        assert_eq!(body, serde_json::json!({"type": "test"}));
+        let body = serde_json::to_value(CreateDevice {
+            name: "pc1".into(),
+            mac: "aa:bb:cc:00:11:22".into(),
+            vdisk: "win10".into(),
+            kind: DeviceType::Maintenance,
+        })
+        .unwrap();
+        assert_eq!(body["type"], "maintenance");
     }
 }

@@ -1,14 +1,15 @@
 //! `vstream`: the one command-line program of a vstream farm.
 //!
 //! ```text
-//!   vstream server ...   run a provisioning server            (server_cmd.rs)
-//!   vstream vdisk ...    manage vDisks through a server's API (vdisk.rs, vdisk/)
-//!   vstream device ...   manage devices through the API       (device.rs)
+//!   vstream server ...   run a provisioning server             (server_cmd.rs)
+//!   vstream vdisk ...    manage vDisks through a server's API  (vdisk.rs, vdisk/)
+//!   vstream device ...   manage devices through the API        (device.rs)
+//!   vstream version ...  manage vDisk versions through the API (version.rs)
 //! ```
 //!
 //! Each subcommand lives in its own module and owns its clap arguments. The
-//! admin commands (`vdisk`, `device`) are a thin HTTP client of the server's
-//! JSON API, all going through `client.rs`; their `--api URL` and
+//! admin commands (`vdisk`, `device`, `version`) are a thin HTTP client of the
+//! server's JSON API, all going through `client.rs`; their `--api URL` and
 //! `--token-file` options belong to them rather than to the whole program,
 //! because `vstream server --api HOST:PORT` means a listen address instead.
 //!
@@ -20,6 +21,7 @@ mod device;
 mod output;
 mod server_cmd;
 mod vdisk;
+mod version;
 
 use std::process::ExitCode;
 
@@ -40,8 +42,10 @@ enum Command {
     /// Create, import, export, list and change vDisks.
     #[command(name = "vdisk")]
     VDisk(vdisk::VDiskArgs),
-    /// Add, list, remove and reset devices.
+    /// Add, list, change, remove and reset devices.
     Device(device::DeviceArgs),
+    /// Create, promote, roll back, merge, list and delete vDisk versions.
+    Version(version::VersionArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
         Command::Server(args) => server_cmd::run(args),
         Command::VDisk(args) => vdisk::run(args),
         Command::Device(args) => device::run(args),
+        Command::Version(args) => version::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -92,10 +97,22 @@ mod tests {
             "vdisk set win10 --cache-limit 4GiB",
             "vdisk delete win10",
             "device add pc1 --mac AA-BB-CC-00-11-22 --vdisk win10",
+            "device add lab --mac aabbcc001122 --vdisk win10 --type maintenance",
+            "device set pc1 --type test",
             "device list --json",
             "device show pc1",
             "device remove pc1",
             "device reset pc1",
+            "version new win10",
+            "version promote win10 2 --to test",
+            "version promote win10 2 --to production",
+            "version rollback win10",
+            "version merge win10",
+            "version merge win10 --upto 3",
+            "version list win10",
+            "version list win10 --json",
+            "version delete win10 1",
+            "version --api http://h:1 --token-file /tmp/t list win10",
             "server --data /srv/vs --nbd 0.0.0.0:10809 --nbd unix:/run/vs.sock \
              --api 127.0.0.1:7080 --log-format json --max-connections 10",
         ] {
@@ -117,6 +134,13 @@ mod tests {
             };
             assert_eq!(v.client.api, "http://h:1");
         }
+        let Command::Version(v) = parse(&["version", "list", "win10", "--api", "http://h:2"])
+            .unwrap()
+            .command
+        else {
+            panic!("not a version command");
+        };
+        assert_eq!(v.client.api, "http://h:2");
         // The client's --api is not the server's.
         assert!(parse(&["--api", "http://h:1", "vdisk", "list"]).is_err());
     }
@@ -125,6 +149,35 @@ mod tests {
     fn set_needs_something_to_set() {
         assert!(parse(&["vdisk", "set", "win10"]).is_err());
         assert!(parse(&["vdisk", "set", "win10", "--mode", "shared"]).is_err());
+    }
+
+    #[test]
+    fn device_types_and_version_states_are_checked() {
+        assert!(parse(&["device", "set", "pc1"]).is_err());
+        assert!(parse(&["device", "set", "pc1", "--type", "staging"]).is_err());
+        let Command::Device(d) = parse(&[
+            "device",
+            "add",
+            "a",
+            "--mac",
+            "aabbcc001122",
+            "--vdisk",
+            "v",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not a device command");
+        };
+        let device::DeviceCommand::Add(add) = d.command else {
+            panic!("not device add");
+        };
+        assert_eq!(add.kind, vstream_api::DeviceType::Production);
+        assert!(parse(&["version", "promote", "win10", "2"]).is_err());
+        assert!(parse(&["version", "promote", "win10", "2", "--to", "maintenance"]).is_err());
+        assert!(parse(&["version", "promote", "win10", "x", "--to", "test"]).is_err());
+        assert!(parse(&["version", "delete", "win10"]).is_err());
+        assert!(parse(&["version", "merge", "win10", "--upto", "-1"]).is_err());
     }
 
     #[test]

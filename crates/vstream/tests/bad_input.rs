@@ -738,15 +738,21 @@ fn corrupt_layer_file_is_refused_clearly() {
     let mut server = server();
     server.cli_ok(&["vdisk", "create", "c", "--size", "64MiB"]);
     assert!(server.stop().success(), "server did not stop cleanly");
-    let layer = server.data.join("vdisks/c/base.layer");
+    // vDisk c has one layer file, whatever its name.
+    let layer = std::fs::read_dir(server.data.join("vdisks/c"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "layer"))
+        .expect("vDisk c's layer file");
+    let layer_name = layer.file_name().unwrap().to_string_lossy().into_owned();
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new()
             .write(true)
             .open(&layer)
-            .expect("opening base.layer");
+            .expect("opening the layer");
         f.write_all_at(&[0xa5; 10], 20)
-            .expect("corrupting base.layer");
+            .expect("corrupting the layer");
         f.sync_all().unwrap();
     }
     server.restart();
@@ -761,7 +767,8 @@ fn corrupt_layer_file_is_refused_clearly() {
     );
     let log = server.log_text();
     let named = log.lines().any(|l| {
-        l.contains("vdisks/c/base.layer") && (l.contains("corrupt") || l.contains("checksum"))
+        l.contains(&format!("vdisks/c/{layer_name}"))
+            && (l.contains("corrupt") || l.contains("checksum"))
     });
     assert!(named, "the log does not name the corrupt file:\n{log}");
 
@@ -795,8 +802,7 @@ fn corrupt_layer_file_is_refused_clearly() {
         "vdisk show of a corrupt vDisk succeeded"
     );
     assert!(
-        stderr.contains("base.layer")
-            && (stderr.contains("corrupt") || stderr.contains("checksum")),
+        stderr.contains(&layer_name) && (stderr.contains("corrupt") || stderr.contains("checksum")),
         "vdisk show c: unclear message {stderr:?}"
     );
     // `vdisk list` still lists every vDisk, the broken one marked with why.
