@@ -25,6 +25,7 @@ pub mod backend;
 pub mod contract;
 pub mod embedded;
 mod error;
+pub mod etcd;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -118,6 +119,15 @@ impl FarmStore {
     /// Its operations must run inside a tokio runtime.
     pub fn embedded(path: impl AsRef<Path>) -> Result<Self, FarmError> {
         Ok(FarmStore::new(Arc::new(Embedded::open(path)?)))
+    }
+
+    /// A store over the etcd cluster at `endpoints` (such as
+    /// `http://127.0.0.1:2379`), every key under `prefix` (such as
+    /// `/vstream/farm/`); fails if etcd does not answer. See [`etcd::Etcd`].
+    pub async fn etcd(endpoints: &[String], prefix: &str) -> Result<Self, FarmError> {
+        Ok(FarmStore::new(Arc::new(
+            etcd::Etcd::connect(endpoints, prefix).await?,
+        )))
     }
 
     /// The adapter underneath.
