@@ -271,6 +271,7 @@ impl Store {
             name: staging.name.clone(),
             size: staging.disk.size(),
             created_unix,
+            last_number: 1,
             versions: vec![Version {
                 number: 1,
                 state: VersionState::Production,
@@ -461,6 +462,7 @@ impl Store {
             content_hash: None,
         };
         props.versions.push(version.clone());
+        props.last_number = number;
         self.save(&props)?;
         crash_point("new:saved");
         Ok(version)
@@ -885,6 +887,11 @@ mod tests {
             .to_string()
             .contains("last production"));
         assert!(store.delete_version("d", 2, true).is_err());
+        assert_eq!(
+            store.new_version("d", 9).unwrap().number,
+            4,
+            "version 3's number was reused"
+        );
     }
 
     #[test]

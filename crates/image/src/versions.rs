@@ -54,6 +54,10 @@ pub struct Properties {
     /// Virtual size in bytes.
     pub size: u64,
     pub created_unix: u64,
+    /// The highest version number ever given: numbers are never reused, so a
+    /// number always means one content.
+    #[serde(default)]
+    pub last_number: u32,
     #[serde(rename = "version", default)]
     pub versions: Vec<Version>,
 }
@@ -84,7 +88,13 @@ impl Properties {
     }
 
     pub fn next_number(&self) -> u32 {
-        self.versions.iter().map(|v| v.number).max().unwrap_or(0) + 1
+        self.versions
+            .iter()
+            .map(|v| v.number)
+            .max()
+            .unwrap_or(0)
+            .max(self.last_number)
+            + 1
     }
 
     /// Every layer file some version uses.
@@ -158,6 +168,7 @@ mod tests {
             name: "x".into(),
             size: 4096,
             created_unix: 0,
+            last_number: 0,
             versions: vec![
                 v(1, VersionState::Production, &["a"]),
                 v(2, VersionState::Production, &["a", "b"]),

@@ -316,7 +316,13 @@ impl Server {
                 .writable()
                 .map_err(|e| format!("vDisk {}: {e}", vdisk.name));
         }
-        let base = format!("{}@{number}", vdisk.name);
+        // The version's own layer file is unique: a cache is never laid over
+        // other content, even if the vDisk was deleted and made again.
+        let base = format!(
+            "{}@{number}/{}",
+            vdisk.name,
+            chain.version.own_layer().unwrap_or_default()
+        );
         let cache = self
             .store
             .open_cache(&device.name, &base, vdisk.size)
