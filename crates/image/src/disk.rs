@@ -377,6 +377,10 @@ impl Disk {
         if !self.in_range(offset, len) {
             return Err(WriteError::OutOfRange);
         }
+        if self.layers.last().is_some_and(|l| l.is_sealed()) {
+            // Sealed under this disk (a promote): the version is immutable now.
+            return Err(WriteError::ReadOnly);
+        }
         self.layers
             .last()
             .map(|l| l.as_ref())

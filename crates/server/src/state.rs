@@ -28,6 +28,9 @@ pub struct Server {
     pub farm: FarmStore,
     pub metrics: Metrics,
     sessions: Mutex<HashMap<String, Session>>,
+    /// Per-vDisk lock: a version operation and a device session starting on
+    /// the same vDisk never overlap, so "is it in use?" stays true while acted on.
+    vdisk_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// A device's live session: one or more NBD connections to its `device/` export.
@@ -118,7 +121,19 @@ impl Server {
             farm,
             metrics: Metrics::default(),
             sessions: Mutex::new(HashMap::new()),
+            vdisk_locks: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Takes the lock of vDisk `name` (see `vdisk_locks`).
+    pub async fn lock_vdisk(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .vdisk_locks
+            .lock()
+            .entry(name.to_owned())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
     }
 
     /// The newest production version of vDisk `name`.
@@ -194,6 +209,7 @@ impl Server {
                 ))
             })?;
         let export_name = format!("device/{key}");
+        let _vdisk_lock = self.lock_vdisk(&vdisk.name).await;
         let mut sessions = self.sessions.lock();
         if let Some(s) = sessions.get_mut(&device.name) {
             // Another connection of the same device (a reconnect, or multi-conn):

@@ -272,6 +272,7 @@ async fn set_vdisk(
     Path(name): Path<String>,
     Json(req): Json<SetVDisk>,
 ) -> Result<Json<VDiskInfo>, ApiError> {
+    let _lock = server.lock_vdisk(&name).await;
     if req.mode.is_none() && req.cache_limit.is_none() {
         return Err(ApiError::bad_request(
             "nothing to change: give a mode or a cache limit",
@@ -318,6 +319,7 @@ async fn delete_vdisk(
     State(server): Shared,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    let _lock = server.lock_vdisk(&name).await;
     let connected = server.connected_to(&name);
     if !connected.is_empty() {
         return Err(ApiError::conflict(format!(
@@ -384,6 +386,7 @@ async fn remove_device(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let d = get_device(&server, &name).await?;
+    let _lock = server.lock_vdisk(&d.vdisk).await;
     if server.is_connected(&d.name) {
         return Err(ApiError::conflict(format!(
             "device {} is connected; remove it once it disconnects",
@@ -425,6 +428,7 @@ async fn reset_device(
     Path(name): Path<String>,
 ) -> Result<Json<DeviceInfo>, ApiError> {
     let d = get_device(&server, &name).await?;
+    let _lock = server.lock_vdisk(&d.vdisk).await;
     if server.is_connected(&d.name) {
         return Err(ApiError::conflict(format!(
             "device {} is connected; its write cache can be reset once it disconnects",

@@ -68,6 +68,7 @@ pub(super) async fn new_version(
     Path(name): Path<String>,
 ) -> Result<(StatusCode, Json<VersionInfo>), ApiError> {
     let vdisk = get_vdisk(&server, &name).await?;
+    let _lock = server.lock_vdisk(&name).await;
     let props = server.store.properties(&name)?;
     if let Some(head) = props.head().filter(|h| !h.is_sealed()) {
         // Sealing the head must not happen under a device writing it.
@@ -96,6 +97,7 @@ pub(super) async fn promote(
     Json(req): Json<Promote>,
 ) -> Result<Json<VersionInfo>, ApiError> {
     get_vdisk(&server, &name).await?;
+    let _lock = server.lock_vdisk(&name).await;
     let to = match req.to {
         to @ (VersionState::Test | VersionState::Production) => to,
         other => {
@@ -131,6 +133,7 @@ pub(super) async fn rollback(
     Path(name): Path<String>,
 ) -> Result<Json<VersionInfo>, ApiError> {
     get_vdisk(&server, &name).await?;
+    let _lock = server.lock_vdisk(&name).await;
     let srv = server.clone();
     let n = name.clone();
     let v = blocking(move || srv.store.rollback(&n)).await?;
@@ -146,6 +149,7 @@ pub(super) async fn merge(
     Json(req): Json<Merge>,
 ) -> Result<Json<VersionInfo>, ApiError> {
     get_vdisk(&server, &name).await?;
+    let _lock = server.lock_vdisk(&name).await;
     let srv = server.clone();
     let n = name.clone();
     let v = blocking(move || srv.store.merge(&n, req.upto)).await?;
@@ -161,6 +165,7 @@ pub(super) async fn delete_version(
     Path((name, version)): Path<(String, u32)>,
 ) -> Result<StatusCode, ApiError> {
     get_vdisk(&server, &name).await?;
+    let _lock = server.lock_vdisk(&name).await;
     let on = server.devices_on(&name, version);
     if !on.is_empty() {
         return Err(ApiError::conflict(format!(
