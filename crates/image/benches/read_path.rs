@@ -214,6 +214,14 @@ fn big_chain(store: &Store, rng: &mut impl Rng) -> (Disk, Disk) {
     (chain.read_only(), bare)
 }
 
+/// Says how many reads of the bench just run missed the page cache.
+fn report_blocked(group: &str, name: &str, before: u64) {
+    let n = WOULD_BLOCK.load(Ordering::Relaxed) - before;
+    if n > 0 {
+        eprintln!("read_path: {group}/{name}: {n} reads were not answered from the page cache (RWF_NOWAIT)");
+    }
+}
+
 #[inline]
 fn read(disk: &Disk, buf: &mut [u8], off: u64) {
     if !disk.read(buf, off, true).expect("read") {
@@ -246,6 +254,7 @@ fn benches(c: &mut Criterion) {
     for (name, disk) in disks {
         let mut buf = vec![0u8; CHUNK as usize];
         let mut i = 0usize;
+        let before = WOULD_BLOCK.load(Ordering::Relaxed);
         g.bench_function(BenchmarkId::from_parameter(name), |b| {
             b.iter(|| {
                 let off = offsets[i & (offsets.len() - 1)];
@@ -254,6 +263,7 @@ fn benches(c: &mut Criterion) {
                 black_box(&buf);
             })
         });
+        report_blocked("random_4k", name, before);
     }
     g.finish();
 
@@ -265,6 +275,7 @@ fn benches(c: &mut Criterion) {
     for (name, disk) in disks {
         let mut buf = vec![0u8; 256 << 10];
         let mut off = 0u64;
+        let before = WOULD_BLOCK.load(Ordering::Relaxed);
         g.bench_function(BenchmarkId::from_parameter(name), |b| {
             b.iter(|| {
                 read(disk, &mut buf, off);
@@ -272,6 +283,7 @@ fn benches(c: &mut Criterion) {
                 black_box(&buf);
             })
         });
+        report_blocked("seq_256k", name, before);
     }
     g.finish();
 
@@ -290,6 +302,7 @@ fn benches(c: &mut Criterion) {
     ] {
         let mut buf = vec![0u8; CHUNK as usize];
         let mut i = 0usize;
+        let before = WOULD_BLOCK.load(Ordering::Relaxed);
         g.bench_function(BenchmarkId::from_parameter(name), |b| {
             b.iter(|| {
                 let off = offsets[i & (offsets.len() - 1)];
@@ -298,13 +311,9 @@ fn benches(c: &mut Criterion) {
                 black_box(&buf);
             })
         });
+        report_blocked("lookup_64g", name, before);
     }
     g.finish();
-
-    let blocked = WOULD_BLOCK.load(Ordering::Relaxed);
-    if blocked > 0 {
-        eprintln!("read_path: {blocked} reads were not answered from the page cache (RWF_NOWAIT)");
-    }
 }
 
 criterion_group!(read_path, benches);
