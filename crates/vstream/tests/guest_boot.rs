@@ -4,44 +4,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
 use common::{have, TestServer};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Builds (or reuses) the guest kit: kernel, initramfs, root file system image.
-fn kit() -> PathBuf {
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-kit");
-    common::run(
-        "bash",
-        &[
-            repo().join("tests/guest/build.sh").to_str().unwrap(),
-            out.to_str().unwrap(),
-        ],
-    );
-    out
-}
-
-/// Boots the guest on `url` with `vstest`; returns the console output.
-fn boot(kit: &Path, url: &str, vstest: &str) -> String {
-    let out = Command::new("bash")
-        .arg(repo().join("tests/guest/run-guest.sh"))
-        .args([kit.to_str().unwrap(), url, vstest, "180"])
-        .output()
-        .expect("running run-guest.sh");
-    let console = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "guest boot ({vstest}) on {url} failed ({}):\n{console}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    console
-}
 
 #[test]
 fn guest_boots_from_a_vdisk_in_private_then_standard_mode() {
@@ -56,7 +19,7 @@ fn guest_boots_from_a_vdisk_in_private_then_standard_mode() {
             return;
         }
     }
-    let kit = kit();
+    let kit = common::guest_kit();
     let server = TestServer::start();
     server.cli_ok(&[
         "vdisk",
@@ -84,17 +47,17 @@ fn guest_boots_from_a_vdisk_in_private_then_standard_mode() {
     ]);
 
     // Private: the write reaches the vDisk and the next boot sees it.
-    let c = boot(&kit, &server.url("device/pc1"), "write:private-token");
+    let c = common::guest_boot(&kit, &server.url("device/pc1"), "write:private-token");
     assert!(c.contains("GUEST-OK write private-token"), "{c}");
-    let c = boot(&kit, &server.url("device/pc1"), "read");
+    let c = common::guest_boot(&kit, &server.url("device/pc1"), "read");
     assert!(c.lines().any(|l| l == "GUEST-TOKEN private-token"), "{c}");
     let hash_after_private = show_hash(&server);
 
     // Standard: writes go to the device's cache, which is gone at the next boot.
     server.cli_ok(&["vdisk", "set", "root", "--mode", "standard"]);
-    let c = boot(&kit, &server.unix_url("device/pc2"), "write:standard-token");
+    let c = common::guest_boot(&kit, &server.unix_url("device/pc2"), "write:standard-token");
     assert!(c.contains("GUEST-OK write standard-token"), "{c}");
-    let c = boot(&kit, &server.url("device/pc2"), "read");
+    let c = common::guest_boot(&kit, &server.url("device/pc2"), "read");
     assert!(
         c.lines().any(|l| l == "GUEST-TOKEN private-token"),
         "Standard-mode write survived a reboot:\n{c}"

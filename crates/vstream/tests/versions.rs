@@ -1323,40 +1323,6 @@ fn a_kept_write_cache_is_not_laid_over_a_new_version_with_a_reused_number() {
 
 // ---------------------------------------------------------------------------
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Builds (or reuses) the guest kit: kernel, initramfs, root file system image.
-fn kit() -> PathBuf {
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-kit");
-    common::run(
-        "bash",
-        &[
-            repo().join("tests/guest/build.sh").to_str().unwrap(),
-            out.to_str().unwrap(),
-        ],
-    );
-    out
-}
-
-/// Boots the guest on `url` with `vstest`; returns the console output.
-fn boot(kit: &Path, url: &str, vstest: &str) -> String {
-    let out = Command::new("bash")
-        .arg(repo().join("tests/guest/run-guest.sh"))
-        .args([kit.to_str().unwrap(), url, vstest, "180"])
-        .output()
-        .expect("running run-guest.sh");
-    let console = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "guest boot ({vstest}) on {url} failed ({}):\n{console}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    console
-}
-
 fn token(console: &str) -> Option<&str> {
     console
         .lines()
@@ -1379,7 +1345,7 @@ fn guest_boots_maintenance_then_production_version() {
             return;
         }
     }
-    let kit = kit();
+    let kit = common::guest_kit();
     let server = TestServer::start();
     server.cli_ok(&[
         "vdisk",
@@ -1408,25 +1374,29 @@ fn guest_boots_maintenance_then_production_version() {
         "--vdisk",
         "root",
     ]);
-    let before = token(&boot(&kit, &server.url("device/prod"), "read"))
-        .unwrap_or("NONE")
-        .to_string();
+    let before = token(&common::guest_boot(
+        &kit,
+        &server.url("device/prod"),
+        "read",
+    ))
+    .unwrap_or("NONE")
+    .to_string();
     assert_ne!(before, "v2-token");
 
     server.cli_ok(&["version", "new", "root"]);
-    let c = boot(&kit, &server.url("device/maint"), "write:v2-token");
+    let c = common::guest_boot(&kit, &server.url("device/maint"), "write:v2-token");
     assert!(c.contains("GUEST-OK write v2-token"), "{c}");
     // Not yet promoted: production still boots version 1.
-    let c = boot(&kit, &server.unix_url("device/prod"), "read");
+    let c = common::guest_boot(&kit, &server.unix_url("device/prod"), "read");
     assert_eq!(token(&c), Some(before.as_str()), "{c}");
 
     server.cli_ok(&["version", "promote", "root", "2", "--to", "production"]);
-    let c = boot(&kit, &server.url("device/prod"), "read");
+    let c = common::guest_boot(&kit, &server.url("device/prod"), "read");
     assert_eq!(token(&c), Some("v2-token"), "{c}");
     assert!(c.contains("GUEST-BIGFILE OK"), "{c}");
     // Version 1 is still there, unchanged: a rollback brings it back.
     server.cli_ok(&["version", "rollback", "root"]);
-    let c = boot(&kit, &server.url("device/prod"), "read");
+    let c = common::guest_boot(&kit, &server.url("device/prod"), "read");
     assert_eq!(token(&c), Some(before.as_str()), "{c}");
     let list = versions(&server, "root");
     assert_eq!(version_of(&list, 1)["state"], "production");

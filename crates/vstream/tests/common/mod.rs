@@ -261,3 +261,36 @@ pub fn random_image(path: &Path, size: u64, seed: u64) {
     f.write_all_at(b"first bytes", 0).expect("write");
     f.write_all_at(b"last bytes!", size - 11).expect("write");
 }
+
+/// The repository's root folder.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Builds (or reuses) the guest kit: kernel, initramfs, root file system image.
+pub fn guest_kit() -> PathBuf {
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-kit");
+    let build = repo().join("tests/guest/build.sh");
+    run(
+        "bash",
+        &[build.to_str().expect("path"), out.to_str().expect("path")],
+    );
+    out
+}
+
+/// Boots the guest on `url` with `vstest`; returns the console output.
+pub fn guest_boot(kit: &Path, url: &str, vstest: &str) -> String {
+    let out = Command::new("bash")
+        .arg(repo().join("tests/guest/run-guest.sh"))
+        .args([kit.to_str().expect("path"), url, vstest, "180"])
+        .output()
+        .expect("running run-guest.sh");
+    let console = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "guest boot ({vstest}) on {url} failed ({}):\n{console}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    console
+}
