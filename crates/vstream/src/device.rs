@@ -18,6 +18,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use vstream_api::{CreateDevice, Device, DeviceInfo, DeviceType, SetDevice};
 
+use crate::args::{ListArgs, NameArg, ShowArgs};
 use crate::client::{api_path, Client, ClientArgs};
 use crate::output::{format_unix_time, human_size, print, print_json, render_fields, render_table};
 
@@ -71,26 +72,6 @@ pub struct SetArgs {
     #[arg(long = "type", value_name = "maintenance|test|production",
           value_parser = parse_device_type)]
     pub kind: DeviceType,
-}
-
-#[derive(Debug, Args)]
-pub struct ListArgs {
-    /// Print the API's JSON (sizes in bytes) instead of a table.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct ShowArgs {
-    pub name: String,
-    /// Print the API's JSON (sizes in bytes).
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct NameArg {
-    pub name: String,
 }
 
 fn parse_device_type(s: &str) -> Result<DeviceType, String> {

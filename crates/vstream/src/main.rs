@@ -16,6 +16,7 @@
 //! Errors end the program with `error: ...` on stderr and exit status 1; an
 //! error sentence from the API is printed as the server wrote it.
 
+mod args;
 mod client;
 mod device;
 mod output;

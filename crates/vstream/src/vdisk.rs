@@ -17,6 +17,7 @@ use anyhow::Result;
 use clap::{ArgGroup, Args, Subcommand};
 use vstream_api::{CreateVDisk, Mode, SetVDisk, VDisk, VDiskInfo};
 
+use crate::args::{ListArgs, NameArg, ShowArgs};
 use crate::client::{api_path, Client, ClientArgs};
 use crate::output::{
     format_unix_time, human_size, print, print_json, render_fields, render_table, short_hash,
@@ -59,21 +60,6 @@ pub struct CreateArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct ListArgs {
-    /// Print the API's JSON (sizes in bytes) instead of a table.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct ShowArgs {
-    pub name: String,
-    /// Print the API's JSON (sizes in bytes).
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Debug, Args)]
 #[command(group(ArgGroup::new("change").required(true).multiple(true).args(["mode", "cache_limit"])))]
 pub struct SetArgs {
     pub name: String,
@@ -84,11 +70,6 @@ pub struct SetArgs {
     /// Largest write cache one device may fill, such as 4GiB.
     #[arg(long, value_name = "SIZE", value_parser = vstream_api::parse_size)]
     pub cache_limit: Option<u64>,
-}
-
-#[derive(Debug, Args)]
-pub struct NameArg {
-    pub name: String,
 }
 
 fn parse_mode(s: &str) -> Result<Mode, String> {
