@@ -141,6 +141,16 @@ impl Disk {
         }
     }
 
+    /// Index of the topmost layer among `layers[..below]` that holds any
+    /// chunk of hash block `block`, if any.
+    pub fn block_owner(&self, block: u64, below: usize) -> Option<usize> {
+        let per = crate::layer::HASH_BLOCK / CHUNK;
+        let last = ((block + 1) * per).min(self.layers[0].chunks());
+        (block * per..last)
+            .filter_map(|c| self.owner(c, below))
+            .max()
+    }
+
     /// Whether `[offset, offset+len)` lies inside the disk.
     pub fn in_range(&self, offset: u64, len: u64) -> bool {
         offset

@@ -1,9 +1,10 @@
-//! One layer file: a header, an allocation bitmap, a block-hash table and a
-//! sparse data region where logical offset X lives at `data_offset + X`.
+//! One layer file: a header, an allocation bitmap, a block-hash table, the
+//! inner nodes of the version's hash tree, and a sparse data region where
+//! logical offset X lives at `data_offset + X`.
 //!
 //! ```text
-//!   0        4 KiB            bitmap_offset+len   hashes_offset+len   data_offset (1 MiB aligned)
-//!   | header | bitmap (1 bit per 4 KiB chunk) | hashes (32 B per 64 KiB block) | data (sparse) ... |
+//!   0        4 KiB                                                                 data_offset (1 MiB aligned)
+//!   | header | bitmap (1 bit per 4 KiB chunk) | hashes (32 B per 64 KiB block) | tree | data (sparse) ... |
 //! ```
 //!
 //! Durability: data is written in place first; the bitmap bits that make it
@@ -23,6 +24,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use parking_lot::Mutex;
 
 use crate::error::ImageError;
+use crate::hash::{DiskHashes, Tree};
 
 /// Allocation granularity: the unit of copy-up and of the bitmap.
 pub const CHUNK: u64 = 4096;
@@ -30,13 +32,15 @@ pub const CHUNK: u64 = 4096;
 pub const HASH_BLOCK: u64 = 64 * 1024;
 const HEADER_LEN: u64 = 4096;
 const MAGIC: &[u8; 8] = b"VSLAYER1";
-const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 2;
 const BITMAP_PAGE: u64 = 4096;
 const DATA_ALIGN: u64 = 1 << 20;
 /// Largest virtual size we accept (a corrupt header must not make us allocate absurdly).
 pub const MAX_SIZE: u64 = 1 << 50;
 
 pub const FLAG_SEALED: u32 = 1 << 0;
+/// The block hashes of what the layer touches, the tree and the content hash
+/// describe the version whose top this layer is.
 pub const FLAG_HASHES_VALID: u32 = 1 << 1;
 
 /// Offsets inside the file, derived from the virtual size alone.
@@ -49,6 +53,8 @@ struct Geometry {
     bitmap_len: u64,
     hashes_offset: u64,
     hashes_len: u64,
+    tree_offset: u64,
+    tree_len: u64,
     data_offset: u64,
 }
 
@@ -60,7 +66,9 @@ impl Geometry {
         let bitmap_offset = HEADER_LEN;
         let hashes_offset = bitmap_offset + bitmap_len;
         let hashes_len = (blocks * 32).next_multiple_of(4096);
-        let data_offset = (hashes_offset + hashes_len).next_multiple_of(DATA_ALIGN);
+        let tree_offset = hashes_offset + hashes_len;
+        let tree_len = Tree::stored_len(blocks).next_multiple_of(4096);
+        let data_offset = (tree_offset + tree_len).next_multiple_of(DATA_ALIGN);
         Geometry {
             size,
             chunks,
@@ -69,6 +77,8 @@ impl Geometry {
             bitmap_len,
             hashes_offset,
             hashes_len,
+            tree_offset,
+            tree_len,
             data_offset,
         }
     }
@@ -459,13 +469,8 @@ impl Layer {
 
     /// Like [`Layer::store_hashes`], but only if no write began since `epoch`;
     /// returns whether they were stored.
-    pub fn store_hashes_if_unchanged(
-        &self,
-        epoch: u64,
-        hashes: &[(u64, [u8; 32])],
-        content: [u8; 32],
-    ) -> io::Result<bool> {
-        self.store_hashes_inner(hashes, content, false, Some(epoch))
+    pub fn store_hashes_if_unchanged(&self, epoch: u64, hashes: &DiskHashes) -> io::Result<bool> {
+        self.store_hashes_inner(hashes, false, Some(epoch))
     }
 
     /// Records that the stored hashes no longer describe the data, durably,
@@ -488,25 +493,20 @@ impl Layer {
         Ok(())
     }
 
-    /// Stores block hashes (`(block index, hash)`) and the content hash, and
-    /// marks them valid; with `seal`, the layer also becomes immutable.
-    pub fn store_hashes(
-        &self,
-        hashes: &[(u64, [u8; 32])],
-        content: [u8; 32],
-        seal: bool,
-    ) -> io::Result<()> {
-        self.store_hashes_inner(hashes, content, seal, None)
-            .map(|_| ())
+    /// Stores the hashes of the blocks this layer touches, the version's tree
+    /// and its content hash, and marks them valid; with `seal`, the layer
+    /// also becomes immutable.
+    pub fn store_hashes(&self, hashes: &DiskHashes, seal: bool) -> io::Result<()> {
+        self.store_hashes_inner(hashes, seal, None).map(|_| ())
     }
 
     fn store_hashes_inner(
         &self,
-        hashes: &[(u64, [u8; 32])],
-        content: [u8; 32],
+        hashes: &DiskHashes,
         seal: bool,
         epoch: Option<u64>,
     ) -> io::Result<bool> {
+        let content = hashes.content;
         let _serial = self.flush_lock.lock();
         let mut flags = self.flags.load(Ordering::SeqCst) | FLAG_HASHES_VALID;
         if seal {
@@ -525,12 +525,20 @@ impl Layer {
             }
         }
         let written = (|| {
-            for (block, hash) in hashes {
+            for (block, hash) in &hashes.touched {
                 if *block < self.geo.blocks {
                     self.file
                         .write_all_at(hash, self.geo.hashes_offset + block * 32)?;
                 }
             }
+            let tree = hashes.tree.to_bytes();
+            if tree.len() as u64 > self.geo.tree_len {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "hash tree does not fit the layer's tree region",
+                ));
+            }
+            self.file.write_all_at(&tree, self.geo.tree_offset)?;
             self.file.sync_data()?;
             self.file
                 .write_all_at(&encode_header(&self.geo, flags, Some(content)), 0)?;
@@ -547,6 +555,33 @@ impl Layer {
                 Err(e)
             }
         }
+    }
+
+    /// The stored tree of the version whose top this layer is, if the
+    /// layer's hashes are valid. A tree whose nodes do not match their
+    /// children is an error, not a tree.
+    pub fn stored_tree(&self) -> io::Result<Option<Tree>> {
+        if self.flags.load(Ordering::SeqCst) & FLAG_HASHES_VALID == 0 {
+            return Ok(None);
+        }
+        let mut raw = vec![0u8; Tree::stored_len(self.geo.blocks) as usize];
+        self.file.read_exact_at(&mut raw, self.geo.tree_offset)?;
+        let tree = Tree::from_bytes(self.geo.blocks, &raw).map_err(|reason| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {reason}", self.path.display()),
+            )
+        })?;
+        if Some(tree.content(self.geo.size)) != *self.content_hash.lock() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: the stored tree does not give the recorded content hash",
+                    self.path.display()
+                ),
+            ));
+        }
+        Ok(Some(tree))
     }
 
     /// Reads the whole stored hash table (one entry per block).
@@ -669,6 +704,8 @@ fn encode_header(geo: &Geometry, flags: u32, content: Option<[u8; 32]>) -> Vec<u
     if let Some(c) = content {
         h[72..104].copy_from_slice(&c);
     }
+    h[104..112].copy_from_slice(&geo.tree_offset.to_le_bytes());
+    h[112..120].copy_from_slice(&geo.tree_len.to_le_bytes());
     let sum = blake3::hash(&h[..4088]);
     h[4088..4096].copy_from_slice(&sum.as_bytes()[..8]);
     h
@@ -688,6 +725,13 @@ fn decode_header(h: &[u8]) -> Result<(Geometry, u32, Option<[u8; 32]>), String> 
         return Err("header checksum mismatch".into());
     }
     let version = u32_at(8);
+    if version == 1 {
+        return Err(
+            "layer format 1 (before version hash trees) is not supported; export it with \
+             the vstream that wrote it and import it again"
+                .into(),
+        );
+    }
     if version != FORMAT_VERSION {
         return Err(format!(
             "format version {version} is not supported (expected {FORMAT_VERSION})"
@@ -702,15 +746,17 @@ fn decode_header(h: &[u8]) -> Result<(Geometry, u32, Option<[u8; 32]>), String> 
         return Err("unsupported chunk or hash block size".into());
     }
     let geo = Geometry::for_size(size);
-    let stored = (u64_at(32), u64_at(40), u64_at(48), u64_at(56), u64_at(64));
+    let stored = [32, 40, 48, 56, 64, 104, 112].map(u64_at);
     if stored
-        != (
+        != [
             geo.bitmap_offset,
             geo.bitmap_len,
             geo.hashes_offset,
             geo.hashes_len,
             geo.data_offset,
-        )
+            geo.tree_offset,
+            geo.tree_len,
+        ]
     {
         return Err("section offsets do not match the virtual size".into());
     }
@@ -788,12 +834,21 @@ mod tests {
         let p = dir.path().join("a.layer");
         let l = Layer::create(&p, 1 << 20).unwrap();
         assert_eq!(l.content_hash(), None);
-        l.store_hashes(&[(3, [9u8; 32])], [5u8; 32], true).unwrap();
+        let mut tree = Tree::zero(1 << 20);
+        tree.update([(0, [7u8; 32])]);
+        let content = tree.content(1 << 20);
+        let hashes = DiskHashes {
+            touched: vec![(3, [9u8; 32])],
+            tree: tree.clone(),
+            content,
+        };
+        l.store_hashes(&hashes, true).unwrap();
         drop(l);
         let l = Layer::open(&p, true).unwrap();
         assert!(l.is_sealed());
-        assert_eq!(l.content_hash(), Some([5u8; 32]));
+        assert_eq!(l.content_hash(), Some(content));
         assert_eq!(l.stored_block_hash(3).unwrap(), [9u8; 32]);
+        assert_eq!(l.stored_tree().unwrap(), Some(tree));
         drop(l.begin_write().unwrap());
         drop(l);
         assert_eq!(Layer::open(&p, false).unwrap().content_hash(), None);

@@ -256,7 +256,7 @@ impl Store {
     pub fn commit_import(&self, staging: Staging, created_unix: u64) -> Result<Hash, ImageError> {
         staging.disk.flush()?;
         let hashes = hash::hash_disk(&staging.disk)?;
-        staging.disk.layers()[0].store_hashes(&hashes.touched, hashes.content, false)?;
+        staging.disk.layers()[0].store_hashes(&hashes, false)?;
         let dir = self.vdisk_dir(&staging.name)?;
         let tmp_dir = self.root.join("tmp").join(format!("dir-{}", staging.name));
         let werr = |path: &Path| {
@@ -319,6 +319,15 @@ impl Store {
         Ok(layer)
     }
 
+    /// Bytes of data in version `v`'s own layer, without opening the chain.
+    pub fn own_bytes(&self, props: &Properties, v: &Version) -> Result<u64, ImageError> {
+        let Some(file) = v.own_layer() else {
+            return Ok(0);
+        };
+        let layer = self.layer(&props.name, file, props.size, false)?;
+        Ok(layer.allocated_bytes())
+    }
+
     /// Opens version `number` of vDisk `name`.
     pub fn chain(&self, name: &str, number: u32) -> Result<Chain, ImageError> {
         let props = self.properties(name)?;
@@ -327,10 +336,18 @@ impl Store {
             .filter(|v| v.is_live())
             .ok_or_else(|| ImageError::Invalid(format!("vDisk {name} has no version {number}")))?
             .clone();
-        self.open_chain(&props, version)
+        self.open_chain(&props, version, true)
     }
 
-    fn open_chain(&self, props: &Properties, version: Version) -> Result<Chain, ImageError> {
+    /// Opens the layers of `version`; with `build_index`, builds the chain
+    /// index if no open chain shares it yet (costs a pass over every layer's
+    /// bitmap, so one-off operations that touch little take only a cached one).
+    fn open_chain(
+        &self,
+        props: &Properties,
+        version: Version,
+        build_index: bool,
+    ) -> Result<Chain, ImageError> {
         let n = version.layers.len();
         let mut layers = Vec::with_capacity(n);
         for (i, file) in version.layers.iter().enumerate() {
@@ -348,7 +365,7 @@ impl Store {
             n.saturating_sub(1)
         };
         let index = if sealed >= 3 {
-            self.index(&props.name, &layers[..sealed])?
+            self.index(&props.name, &layers[..sealed], build_index)
         } else {
             None
         };
@@ -359,25 +376,22 @@ impl Store {
         })
     }
 
-    /// The shared index of sealed `layers`, built on first use.
-    fn index(
-        &self,
-        name: &str,
-        layers: &[Arc<Layer>],
-    ) -> Result<Option<Arc<ChainIndex>>, ImageError> {
+    /// The shared index of sealed `layers`, built on first use if `build`.
+    fn index(&self, name: &str, layers: &[Arc<Layer>], build: bool) -> Option<Arc<ChainIndex>> {
         let key: Vec<PathBuf> = layers.iter().map(|l| l.path().to_owned()).collect();
         let mut indexes = self.indexes.lock();
         if let Some(i) = indexes.get(&key).and_then(Weak::upgrade) {
-            return Ok(Some(i));
+            return Some(i);
+        }
+        if !build {
+            return None;
         }
         indexes.retain(|_, w| w.strong_count() > 0);
-        let Some(index) = ChainIndex::build(layers) else {
-            return Ok(None);
-        };
+        let index = ChainIndex::build(layers)?;
         tracing::debug!(vdisk = name, layers = layers.len(), "chain index built");
         let index = Arc::new(index);
         indexes.insert(key, Arc::downgrade(&index));
-        Ok(Some(index))
+        Some(index)
     }
 
     /// Removes vDisk `name` and its layer files.
@@ -407,8 +421,11 @@ impl Store {
         if version.is_sealed() {
             return Ok(());
         }
-        let chain = self.open_chain(props, version.clone())?;
-        let disk = Disk::read_only(chain.layers.clone());
+        let chain = self.open_chain(props, version.clone(), false)?;
+        let mut disk = Disk::read_only(chain.layers.clone());
+        if let Some(index) = chain.index.clone() {
+            disk = disk.with_index(index);
+        }
         disk.layers().last().map(|l| l.flush()).transpose()?;
         let hashes = if chain.layers.len() == 1 && chain.layers[0].content_hash().is_none() {
             hash::hash_disk(&disk)?
@@ -420,7 +437,7 @@ impl Store {
             .layers
             .last()
             .ok_or_else(|| ImageError::Invalid("a version without layers".into()))?;
-        top.store_hashes(&hashes.touched, hashes.content, true)?;
+        top.store_hashes(&hashes, true)?;
         crash_point("seal:layer-sealed");
         version.sealed_unix = Some(now);
         version.content_hash = Some(hash::to_hex(&hashes.content));
@@ -597,7 +614,7 @@ impl Store {
             return Ok(target); // already one layer: nothing to merge
         }
         let expected = target.content_hash.as_deref().and_then(hash::from_hex);
-        let chain = self.open_chain(&props, target.clone())?;
+        let chain = self.open_chain(&props, target.clone(), true)?;
         let file = layer_file_name(&format!("m{upto}"));
         let dir = self.vdisk_dir(name)?;
         let tmp_path = dir.join(format!(".tmp-{file}"));
@@ -605,7 +622,8 @@ impl Store {
         copy_chain_into(&chain.layers, &merged)?;
         merged.flush()?;
         let all = hash::stored_block_hashes(props.size, &chain.layers)?;
-        let content = hash::content_hash(props.size, all.iter().copied());
+        let tree = hash::Tree::from_leaves(&all);
+        let content = tree.content(props.size);
         if expected.is_some_and(|e| e != content) {
             return Err(ImageError::Invalid(format!(
                 "version {upto} of vDisk {name} does not match its recorded content hash; not merging"
@@ -615,7 +633,14 @@ impl Store {
             .filter(|&b| merged.touches_block(b))
             .map(|b| (b, all[b as usize]))
             .collect();
-        merged.store_hashes(&touched, content, true)?;
+        merged.store_hashes(
+            &hash::DiskHashes {
+                touched,
+                tree,
+                content,
+            },
+            true,
+        )?;
         drop(merged);
         fs::rename(&tmp_path, dir.join(&file)).map_err(|source| ImageError::Write {
             path: tmp_path.clone(),

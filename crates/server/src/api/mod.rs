@@ -166,7 +166,7 @@ pub(crate) async fn vdisk_info(server: &Arc<Server>, vdisk: VDisk) -> Result<VDi
         let hashes = hash::hash_disk(&disk)
             .map_err(|e| ApiError::internal(format!("hashing vDisk {name}: {e}")))?;
         if let Some(epoch) = epoch {
-            if let Err(e) = top.store_hashes_if_unchanged(epoch, &hashes.touched, hashes.content) {
+            if let Err(e) = top.store_hashes_if_unchanged(epoch, &hashes) {
                 tracing::warn!(vdisk = %name, error = %e, "could not store the new content hash");
             }
         }

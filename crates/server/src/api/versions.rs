@@ -17,10 +17,10 @@ use crate::state::{now_unix, Server};
 type Shared = State<Arc<Server>>;
 
 fn info(server: &Server, vdisk: &str, v: &Version) -> VersionInfo {
-    let own_bytes = v
-        .own_layer()
-        .and_then(|_| server.store.chain(vdisk, v.number).ok())
-        .and_then(|c| c.layers.last().map(|l| l.allocated_bytes()))
+    let own_bytes = server
+        .store
+        .properties(vdisk)
+        .and_then(|p| server.store.own_bytes(&p, v))
         .unwrap_or(0);
     VersionInfo {
         number: v.number,
