@@ -2,6 +2,9 @@
 //! (later) the web console. Nothing here touches a socket or a file by itself.
 
 pub mod extents;
+pub mod farm;
+
+pub use farm::*;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -44,12 +47,30 @@ pub enum CacheType {
     /// A file per device in the server's store.
     #[default]
     Server,
+    /// Kept by the device's agent (`vstream target --cache`): in its RAM, on
+    /// its disk, or in RAM with overflow to disk. The device can then fail
+    /// over to any server holding its version.
+    Device,
+}
+
+impl std::str::FromStr for CacheType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "server" => Ok(CacheType::Server),
+            "device" => Ok(CacheType::Device),
+            _ => Err(format!(
+                "unknown cache type {s:?}: expected server or device"
+            )),
+        }
+    }
 }
 
 impl std::fmt::Display for CacheType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             CacheType::Server => "server",
+            CacheType::Device => "device",
         })
     }
 }
@@ -94,6 +115,8 @@ pub struct CreateVDisk {
 pub struct SetVDisk {
     pub mode: Option<Mode>,
     pub cache_limit: Option<u64>,
+    #[serde(default)]
+    pub cache_type: Option<CacheType>,
 }
 
 /// Which version of its vDisk a device boots.

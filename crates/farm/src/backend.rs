@@ -99,6 +99,18 @@ pub trait Backend: Send + Sync + 'static {
     /// (etcd refuses that; adapters answer [`FarmError::Invalid`]). With no ops
     /// it only evaluates the compares.
     fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> BoxFuture<'_, Result<bool, FarmError>>;
+
+    /// Puts `key` so that it disappears about `ttl` after this process stops
+    /// calling (etcd: under a lease this adapter keeps alive, one per
+    /// adapter). Calling again within `ttl` keeps it. The embedded store,
+    /// which serves one server, keeps it until it is overwritten or deleted;
+    /// readers judge freshness by what the value says.
+    fn put_ephemeral(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: std::time::Duration,
+    ) -> BoxFuture<'_, Result<(), FarmError>>;
 }
 
 /// Checks that `ops` name every key at most once.

@@ -31,7 +31,7 @@ use crate::{
 };
 
 /// How many cases [`contract_suite`] runs (how often it calls `fresh`).
-pub const CASES: usize = 10;
+pub const CASES: usize = 12;
 
 /// Runs every case, each on a new backend from `fresh` (which must be empty).
 pub async fn contract_suite<F, Fut>(mut fresh: F)
@@ -49,6 +49,8 @@ where
     conflict_after_retries_exhausted(fresh().await).await;
     delete_vdisk_races_with_create_device(fresh().await).await;
     concurrent_updates_serialise(fresh().await).await;
+    ephemeral_keys(fresh().await).await;
+    servers_publish_and_list(fresh().await).await;
 }
 
 // ---- helpers ----------------------------------------------------------------
@@ -143,6 +145,15 @@ impl Backend for Interfere {
             self.inner.txn(compares, ops).await
         }
         .boxed()
+    }
+
+    fn put_ephemeral(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: std::time::Duration,
+    ) -> BoxFuture<'_, Result<(), FarmError>> {
+        self.inner.put_ephemeral(key, value, ttl)
     }
 }
 
@@ -923,4 +934,84 @@ pub async fn concurrent_updates_serialise(b: Arc<dyn Backend>) {
         .expect("get")
         .expect("exists");
     assert_eq!(v.cache_limit, Some(WRITERS), "no update was lost");
+}
+
+// ---- ephemeral keys and servers ----------------------------------------------
+
+/// An ephemeral put is read back like any other key, and a second put
+/// (the renewal) replaces the value and moves the revision.
+pub async fn ephemeral_keys(b: Arc<dyn Backend>) {
+    let ttl = std::time::Duration::from_secs(10);
+    b.put_ephemeral("live/a", b"1".to_vec(), ttl)
+        .await
+        .expect("ephemeral put");
+    let first = get(&*b, "live/a").await.expect("the key is there");
+    assert_eq!(first.value, b"1");
+    b.put_ephemeral("live/a", b"2".to_vec(), ttl)
+        .await
+        .expect("renewing");
+    b.put_ephemeral("live/b", b"3".to_vec(), ttl)
+        .await
+        .expect("a second key under the same lease");
+    let again = get(&*b, "live/a").await.expect("still there");
+    assert_eq!(again.value, b"2");
+    assert!(
+        again.revision > first.revision,
+        "a renewal moves the revision"
+    );
+    assert_eq!(keys(&*b, "live/").await, ["live/a", "live/b"]);
+    assert!(b
+        .txn(vec![], vec![Op::delete("live/a")])
+        .await
+        .expect("delete"));
+    assert_eq!(get(&*b, "live/a").await, None);
+}
+
+fn status(name: &str, devices: u32) -> vstream_api::ServerStatus {
+    vstream_api::ServerStatus {
+        name: name.into(),
+        api: format!("http://{name}:7080"),
+        nbd: format!("{name}:10809"),
+        power: 1.0,
+        devices,
+        booting: 0,
+        read_bytes_per_s: 0,
+        versions: vec![],
+        started_unix: 1,
+        updated_unix: 2,
+    }
+}
+
+/// Servers publish their status and are listed by name; a member record
+/// outlives the live one.
+pub async fn servers_publish_and_list(b: Arc<dyn Backend>) {
+    let farm = FarmStore::new(b);
+    let ttl = std::time::Duration::from_secs(10);
+    farm.publish_server(&status("s2", 3), ttl)
+        .await
+        .expect("publish");
+    farm.publish_server(&status("s1", 1), ttl)
+        .await
+        .expect("publish");
+    farm.publish_server(&status("s1", 5), ttl)
+        .await
+        .expect("publish again");
+    let live = farm.live_servers().await.expect("list");
+    let names: Vec<(&str, u32)> = live.iter().map(|s| (s.name.as_str(), s.devices)).collect();
+    assert_eq!(names, [("s1", 5), ("s2", 3)]);
+    let members = farm.members().await.expect("members");
+    assert_eq!(members.len(), 2);
+    farm.withdraw_server("s2").await.expect("withdraw");
+    let live = farm.live_servers().await.expect("list");
+    assert_eq!(live.len(), 1);
+    assert_eq!(
+        farm.members().await.expect("members").len(),
+        2,
+        "members stay"
+    );
+    let err = farm
+        .publish_server(&status("bad/name", 0), ttl)
+        .await
+        .unwrap_err();
+    assert_eq!(err.category(), ErrorCategory::Invalid, "{err}");
 }

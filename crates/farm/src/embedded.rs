@@ -220,6 +220,16 @@ impl Backend for Embedded {
     fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> BoxFuture<'_, Result<bool, FarmError>> {
         self.blocking(move |db, path| txn_sync(db, path, &compares, &ops))
     }
+
+    fn put_ephemeral(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        _ttl: std::time::Duration,
+    ) -> BoxFuture<'_, Result<(), FarmError>> {
+        let ops = vec![Op::put(key, value)];
+        self.blocking(move |db, path| txn_sync(db, path, &[], &ops).map(|_| ()))
+    }
 }
 
 #[cfg(test)]
@@ -258,6 +268,8 @@ mod tests {
         conflict_after_retries_exhausted,
         delete_vdisk_races_with_create_device,
         concurrent_updates_serialise,
+        ephemeral_keys,
+        servers_publish_and_list,
     );
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -11,6 +11,7 @@ use std::fmt;
 pub enum RecordKind {
     VDisk,
     Device,
+    Server,
 }
 
 impl fmt::Display for RecordKind {
@@ -18,6 +19,7 @@ impl fmt::Display for RecordKind {
         f.write_str(match self {
             RecordKind::VDisk => "vDisk",
             RecordKind::Device => "device",
+            RecordKind::Server => "server",
         })
     }
 }

@@ -25,11 +25,12 @@
 //! applied; callers that care re-read.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare as EtcdCompare, CompareOp, ConnectOptions, GetOptions, KeyValue, KvClient, Txn,
-    TxnOp,
+    Client, Compare as EtcdCompare, CompareOp, ConnectOptions, GetOptions, KeyValue, KvClient,
+    PutOptions, Txn, TxnOp,
 };
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -64,6 +65,8 @@ pub struct Etcd {
     /// The endpoints, comma-separated, for messages.
     endpoints: String,
     timeout: Duration,
+    /// The lease [`Backend::put_ephemeral`] keys live under, once granted.
+    lease: Arc<tokio::sync::Mutex<Option<i64>>>,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -150,6 +153,7 @@ impl Etcd {
             prefix: prefix.to_string(),
             endpoints: joined,
             timeout,
+            lease: Arc::default(),
         };
         // The client connects lazily; one cheap read makes a wrong address or a
         // dead etcd show up now rather than at the first request.
@@ -364,6 +368,64 @@ impl Etcd {
     }
 }
 
+impl Etcd {
+    async fn put_ephemeral_impl(
+        &self,
+        key: String,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<(), FarmError> {
+        let mut lease = self.lease.lock().await;
+        let alive = match *lease {
+            Some(id) => self.keep_alive(id).await?,
+            None => false,
+        };
+        if !alive {
+            let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+            let mut leases = self.client.lease_client();
+            let granted = tokio::time::timeout(self.timeout, leases.grant(secs, None))
+                .await
+                .map_err(|_| {
+                    self.error(
+                        "granting a lease",
+                        CallError::Unanswered(format!("no answer within {:?}", self.timeout)),
+                    )
+                })?
+                .map_err(|e| self.error("granting a lease", classify(e)))?;
+            *lease = Some(granted.id());
+        }
+        let id = lease.expect("set above");
+        let full = self.full_key(&key);
+        self.call(
+            || format!("writing key {}{key} under lease {id:x}", self.prefix),
+            move |mut kv| async move {
+                kv.put(full, value, Some(PutOptions::new().with_lease(id)))
+                    .await
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Renews lease `id` once; `false` if it has expired.
+    async fn keep_alive(&self, id: i64) -> Result<bool, FarmError> {
+        let mut leases = self.client.lease_client();
+        let renew = async move {
+            let (mut keeper, mut stream) = leases.keep_alive(id).await?;
+            keeper.keep_alive().await?;
+            stream.message().await
+        };
+        match tokio::time::timeout(self.timeout, renew).await {
+            Err(_) => Err(self.error(
+                "renewing the lease",
+                CallError::Unanswered(format!("no answer within {:?}", self.timeout)),
+            )),
+            Ok(Err(e)) => Err(self.error("renewing the lease", classify(e))),
+            Ok(Ok(answer)) => Ok(answer.is_some_and(|a| a.ttl() > 0)),
+        }
+    }
+}
+
 fn classify(e: etcd_client::Error) -> CallError {
     match e {
         etcd_client::Error::GRpcStatus(status) => {
@@ -432,6 +494,15 @@ impl Backend for Etcd {
 
     fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> BoxFuture<'_, Result<bool, FarmError>> {
         self.txn_impl(compares, ops).boxed()
+    }
+
+    fn put_ephemeral(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<(), FarmError>> {
+        self.put_ephemeral_impl(key.to_string(), value, ttl).boxed()
     }
 }
 

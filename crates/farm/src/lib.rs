@@ -11,6 +11,7 @@
 //!
 //! * `vdisks/NAME` → [`VDisk`]
 //! * `devices/NAME` → [`Device`] (MAC normalised by [`parse_mac`])
+//! * `members/NAME`, `live/NAME` → [`vstream_api::ServerStatus`] (see `servers.rs`)
 //! * `macs/MAC` → the name of the device with that MAC (UTF-8), kept in the
 //!   same transactions as the device records, so MACs are unique.
 //!
@@ -26,6 +27,7 @@ pub mod contract;
 pub mod embedded;
 mod error;
 pub mod etcd;
+mod servers;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -108,6 +108,8 @@ contract_cases!(
     conflict_after_retries_exhausted,
     delete_vdisk_races_with_create_device,
     concurrent_updates_serialise,
+    ephemeral_keys,
+    servers_publish_and_list,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,0 +1,98 @@
+//! What servers publish about themselves, and the device login exchange.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::{CacheType, DeviceType, Mode, VersionState};
+
+/// A version a server holds in its local store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HeldVersion {
+    pub vdisk: String,
+    pub number: u32,
+    pub state: VersionState,
+    /// blake3 content hash, hex; empty while the version's hashes are stale.
+    pub content_hash: String,
+    /// The version can still be written (a maintenance version, or a
+    /// Private-mode version 1 before its first promote).
+    pub writable: bool,
+    /// Every layer is present and its block hashes were checked against its data.
+    pub verified: bool,
+}
+
+/// What a live server publishes, about once a second, under a lease.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ServerStatus {
+    pub name: String,
+    /// Where its API (and device logins) answer, as a URL.
+    pub api: String,
+    /// Where its NBD service answers, as HOST:PORT.
+    pub nbd: String,
+    /// Relative capacity, 0.1 to 1000 (PVS's power rating); load is devices ÷ power.
+    pub power: f64,
+    /// Connected devices.
+    pub devices: u32,
+    /// Devices whose session started less than the boot window ago.
+    pub booting: u32,
+    /// Bytes read from it per second, over the last interval.
+    pub read_bytes_per_s: u64,
+    pub versions: Vec<HeldVersion>,
+    pub started_unix: u64,
+    pub updated_unix: u64,
+}
+
+/// A farm member as `server list` shows it: its last status and whether it is up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ServerInfo {
+    #[serde(flatten)]
+    pub status: ServerStatus,
+    /// Its lease in the farm state is alive.
+    pub up: bool,
+    /// Load: devices ÷ power.
+    pub load: f64,
+    /// For the server answering: whether it reaches the farm state now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub farm_connected: Option<bool>,
+}
+
+/// A version pinned by a device: failover must land on exactly these bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Pin {
+    pub vdisk: String,
+    pub version: u32,
+    pub content_hash: String,
+}
+
+/// A device asks where to stream from. Needs no admin token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LoginRequest {
+    pub mac: String,
+    /// Servers not to send it to (the one that just failed it).
+    #[serde(default)]
+    pub avoid: Vec<String>,
+    /// The version it booted, on a re-login: it never switches mid-boot.
+    #[serde(default)]
+    pub pin: Option<Pin>,
+}
+
+/// Where and what a device streams.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LoginReply {
+    pub device: String,
+    #[serde(rename = "type")]
+    pub kind: DeviceType,
+    pub vdisk: String,
+    pub version: u32,
+    pub content_hash: String,
+    pub size: u64,
+    pub mode: Mode,
+    pub cache_type: CacheType,
+    /// Largest write cache, in bytes.
+    pub cache_limit: u64,
+    /// The server to stream from, its NBD address and the export to open.
+    pub server: String,
+    pub nbd: String,
+    pub export: String,
+    /// Whether the device may move to another server holding the same bytes.
+    pub failover: bool,
+}
