@@ -285,14 +285,7 @@ pub fn hash_top(disk: &Disk) -> io::Result<DiskHashes> {
     let size = disk.size();
     let blocks = size.div_ceil(HASH_BLOCK);
     let mut tree = version_tree(size, below)?;
-    let per = HASH_BLOCK / CHUNK;
-    let mut touched_blocks = Vec::new();
-    top.for_each_allocated(|c| {
-        let b = c / per;
-        if touched_blocks.last() != Some(&b) {
-            touched_blocks.push(b);
-        }
-    });
+    let touched_blocks = touched_blocks(top);
     let mut buf = vec![0u8; HASH_BLOCK as usize];
     let mut touched = Vec::with_capacity(touched_blocks.len());
     for &b in &touched_blocks {
@@ -325,6 +318,35 @@ pub fn hash_top(disk: &Disk) -> io::Result<DiskHashes> {
     }
     tree.update(changes);
     Ok(DiskHashes::new(size, touched, tree))
+}
+
+/// The hash blocks `layer` holds data in, ascending.
+fn touched_blocks(layer: &Layer) -> Vec<u64> {
+    let per = HASH_BLOCK / CHUNK;
+    let mut out = Vec::new();
+    layer.for_each_allocated(|c| {
+        let b = c / per;
+        if out.last() != Some(&b) {
+            out.push(b);
+        }
+    });
+    out
+}
+
+/// Checks the top layer of `disk` against its stored block hashes: each block
+/// it touches is read through the chain and hashed. `Ok(Some(block))` names
+/// the first block whose data does not match.
+pub fn check_top(disk: &Disk) -> io::Result<Option<u64>> {
+    let Some(top) = disk.layers().last() else {
+        return Ok(None);
+    };
+    let mut buf = vec![0u8; HASH_BLOCK as usize];
+    for b in touched_blocks(top) {
+        if read_block_hash(disk, b, &mut buf)? != top.stored_block_hash(b)? {
+            return Ok(Some(b));
+        }
+    }
+    Ok(None)
 }
 
 /// Parses the hex form.

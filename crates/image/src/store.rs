@@ -319,6 +319,40 @@ impl Store {
         Ok(layer)
     }
 
+    /// Checks version `number` of vDisk `name` as a replica: every layer
+    /// opens, the data of every block each layer holds hashes to the block
+    /// hash stored with it, and the block hashes give content hash `expected`
+    /// (hex). Costs a read of every layer's data.
+    pub fn verify(&self, name: &str, number: u32, expected: &str) -> Result<(), ImageError> {
+        let chain = self.chain(name, number)?;
+        let corrupt = |layer: &Layer, reason: String| ImageError::CorruptLayer {
+            path: layer.path().to_owned(),
+            reason,
+        };
+        for i in 0..chain.layers.len() {
+            let layer = &chain.layers[i];
+            if layer.content_hash().is_none() {
+                return Err(corrupt(layer, "its hashes are not current".into()));
+            }
+            let disk = Disk::read_only(chain.layers[..=i].to_vec());
+            if let Some(block) = hash::check_top(&disk)? {
+                return Err(corrupt(
+                    layer,
+                    format!("block {block} does not match its stored hash"),
+                ));
+            }
+        }
+        let size = chain.layers[0].size();
+        let leaves = hash::stored_block_hashes(size, &chain.layers)?;
+        let content = hash::to_hex(&hash::Tree::from_leaves(&leaves).content(size));
+        if content != expected {
+            return Err(ImageError::Invalid(format!(
+                "version {number} of vDisk {name} hashes to {content}, not {expected}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Bytes of data in version `v`'s own layer, without opening the chain.
     pub fn own_bytes(&self, props: &Properties, v: &Version) -> Result<u64, ImageError> {
         let Some(file) = v.own_layer() else {

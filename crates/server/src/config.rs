@@ -58,6 +58,53 @@ pub struct Config {
     /// Offer structured replies; off, every client gets simple replies as the
     /// Linux kernel does (for measuring that path, like nbdkit's `--no-sr`).
     pub structured_replies: bool,
+    /// Where the farm state lives.
+    pub farm: FarmConfig,
+    /// This server's name in the farm.
+    pub name: String,
+    /// Relative capacity for load balancing (0.1 to 1000).
+    pub power: f64,
+    /// The API URL and NBD HOST:PORT other servers and devices reach us at.
+    pub advertise_api: String,
+    pub advertise_nbd: String,
+}
+
+/// Where the farm state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FarmConfig {
+    /// The embedded store in the data folder: a one-server farm.
+    Embedded,
+    /// etcd, at these endpoints.
+    Etcd(Vec<String>),
+}
+
+impl std::str::FromStr for FarmConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<FarmConfig, String> {
+        if s == "embedded" {
+            return Ok(FarmConfig::Embedded);
+        }
+        let Some(rest) = s.strip_prefix("etcd://") else {
+            return Err(format!(
+                "--farm {s:?} is neither `embedded` nor etcd://HOST:PORT[,HOST:PORT...]"
+            ));
+        };
+        let endpoints: Vec<String> = rest
+            .split(',')
+            .map(|e| e.trim().trim_start_matches("etcd://").to_string())
+            .collect();
+        if endpoints.iter().any(|e| e.is_empty() || !e.contains(':')) {
+            return Err(format!(
+                "--farm {s:?}: every etcd endpoint must be HOST:PORT"
+            ));
+        }
+        Ok(FarmConfig::Etcd(
+            endpoints
+                .into_iter()
+                .map(|e| format!("http://{e}"))
+                .collect(),
+        ))
+    }
 }
 
 pub const DEFAULT_DATA: &str = "/var/lib/vstream";
@@ -75,6 +122,11 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     pub handshake_timeout_secs: Option<u64>,
     pub structured_replies: Option<bool>,
+    pub farm: Option<String>,
+    pub name: Option<String>,
+    pub power: Option<f64>,
+    pub advertise_api: Option<String>,
+    pub advertise_nbd: Option<String>,
 }
 
 impl FileConfig {
@@ -93,6 +145,11 @@ pub struct FlagConfig {
     pub api: Option<String>,
     pub log_format: Option<LogFormat>,
     pub max_connections: Option<usize>,
+    pub farm: Option<String>,
+    pub name: Option<String>,
+    pub power: Option<f64>,
+    pub advertise_api: Option<String>,
+    pub advertise_nbd: Option<String>,
 }
 
 impl Config {
@@ -124,7 +181,46 @@ impl Config {
         if max_connections == 0 {
             return Err("max_connections must be at least 1".into());
         }
+        let farm = flags
+            .farm
+            .or(file.farm)
+            .map(|f| f.parse())
+            .transpose()?
+            .unwrap_or(FarmConfig::Embedded);
+        let name = flags.name.or(file.name).unwrap_or_else(default_name);
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(format!(
+                "server name {name:?} must be letters, digits, '-', '_' or '.'"
+            ));
+        }
+        let power = flags.power.or(file.power).unwrap_or(1.0);
+        if !(0.1..=1000.0).contains(&power) {
+            return Err(format!("power {power} is outside 0.1 to 1000"));
+        }
+        let advertise_api = flags
+            .advertise_api
+            .or(file.advertise_api)
+            .unwrap_or_else(|| format!("http://{api}"));
+        let advertise_nbd = match flags.advertise_nbd.or(file.advertise_nbd) {
+            Some(a) => a,
+            None => nbd
+                .iter()
+                .find_map(|l| match l {
+                    Listen::Tcp(a) => Some(a.to_string()),
+                    Listen::Unix(_) => None,
+                })
+                .unwrap_or_default(),
+        };
         Ok(Config {
+            farm,
+            name,
+            power,
+            advertise_api,
+            advertise_nbd,
             data: flags
                 .data
                 .or(file.data)
@@ -137,6 +233,15 @@ impl Config {
             structured_replies: file.structured_replies.unwrap_or(true),
         })
     }
+}
+
+/// The host name, or `vstream` if there is none.
+fn default_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "vstream".into())
 }
 
 #[cfg(test)]
@@ -168,5 +273,26 @@ mod tests {
             .unwrap_err()
             .contains("--api"));
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+        let bad_farm = FlagConfig {
+            farm: Some("zookeeper://x".into()),
+            ..Default::default()
+        };
+        assert!(Config::resolve(FileConfig::default(), bad_farm)
+            .unwrap_err()
+            .contains("etcd://"));
+    }
+
+    #[test]
+    fn farm_endpoints() {
+        assert_eq!(
+            "etcd://10.0.0.1:2379,10.0.0.2:2379"
+                .parse::<FarmConfig>()
+                .unwrap(),
+            FarmConfig::Etcd(vec![
+                "http://10.0.0.1:2379".into(),
+                "http://10.0.0.2:2379".into()
+            ])
+        );
+        assert!("etcd://".parse::<FarmConfig>().is_err());
     }
 }

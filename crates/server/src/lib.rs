@@ -3,6 +3,8 @@
 
 pub mod api;
 pub mod config;
+pub mod farm;
+pub mod login;
 pub mod metrics;
 pub mod nbd;
 pub mod state;
@@ -17,6 +19,9 @@ use tokio::sync::{watch, Semaphore};
 
 pub use config::Config;
 pub use state::Server;
+
+/// Where a farm keeps its keys in etcd.
+pub const ETCD_PREFIX: &str = "/vstream/farm/";
 
 /// Runs a server until SIGTERM or SIGINT, then drains and flushes.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -51,8 +56,17 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         .with_context(|| format!("creating data folder {}", config.data.display()))?;
     let token = ensure_token(&config.data)?;
     let store = vstream_image::Store::open(&config.data).context("opening the vDisk store")?;
-    let farm = vstream_farm::FarmStore::embedded(config.data.join("farm.redb"))
-        .context("opening the farm database")?;
+    let farm = match &config.farm {
+        config::FarmConfig::Embedded => {
+            vstream_farm::FarmStore::embedded(config.data.join("farm.redb"))
+                .context("opening the farm database")?
+        }
+        config::FarmConfig::Etcd(endpoints) => {
+            vstream_farm::FarmStore::etcd(endpoints, ETCD_PREFIX)
+                .await
+                .context("joining the farm in etcd")?
+        }
+    };
     let server = Arc::new(Server::new(config.clone(), store, farm));
 
     let api = tokio::net::TcpListener::bind(config.api)
@@ -73,6 +87,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
             shutdown.clone(),
         ));
     }
+    tasks.spawn(farm::run(server.clone(), shutdown.clone()));
     let router = api::router(server.clone(), token);
     let mut api_shutdown = shutdown.clone();
     tasks.spawn(async move {

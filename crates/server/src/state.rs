@@ -19,6 +19,7 @@ use vstream_farm::FarmStore;
 use vstream_image::{Chain, Disk, ImageError, Layer, Properties, Store, VersionState};
 
 use crate::config::Config;
+use crate::farm::Membership;
 use crate::metrics::Metrics;
 
 /// The shared state of one server.
@@ -27,6 +28,7 @@ pub struct Server {
     pub store: Store,
     pub farm: FarmStore,
     pub metrics: Metrics,
+    pub membership: Membership,
     sessions: Mutex<HashMap<String, Session>>,
     /// Per-vDisk lock: a version operation and a device session starting on
     /// the same vDisk never overlap, so "is it in use?" stays true while acted on.
@@ -43,6 +45,8 @@ struct Session {
     since: u64,
     peer: String,
     disk: Arc<Disk>,
+    /// The device keeps its write cache itself; only its base streams from here.
+    agent: bool,
 }
 
 /// Why a device cannot open its export.
@@ -120,6 +124,7 @@ impl Server {
             store,
             farm,
             metrics: Metrics::default(),
+            membership: Membership::default(),
             sessions: Mutex::new(HashMap::new()),
             vdisk_locks: Mutex::new(HashMap::new()),
         }
@@ -155,6 +160,9 @@ impl Server {
         if let Some(dev) = name.strip_prefix("device/") {
             return self.open_device(dev, peer, go).await;
         }
+        if let Some(rest) = name.strip_prefix("base/") {
+            return self.open_base(rest, peer, go).await;
+        }
         let (vdisk, version) = match name.split_once('@') {
             Some((v, n)) => (
                 v,
@@ -185,29 +193,143 @@ impl Server {
         })
     }
 
+    /// A device or its vDisk, from the farm view (so it works while the farm
+    /// store is away), else from the farm store.
+    async fn device_and_vdisk(&self, key: &str) -> Result<(Device, VDisk), OpenError> {
+        let from_farm = async {
+            let device = self
+                .farm
+                .find_device(key)
+                .await
+                .map_err(|e| OpenError::Failed(e.to_string()))?
+                .ok_or_else(|| OpenError::Unknown(format!("device/{key}")))?;
+            let vdisk = self
+                .farm
+                .get_vdisk(&device.vdisk)
+                .await
+                .map_err(|e| OpenError::Failed(e.to_string()))?
+                .ok_or_else(|| {
+                    OpenError::Failed(format!(
+                        "device {} is assigned vDisk {}, which does not exist",
+                        device.name, device.vdisk
+                    ))
+                })?;
+            Ok((device, vdisk))
+        };
+        if self.membership.is_connected() || self.membership.view().devices.is_empty() {
+            match from_farm.await {
+                Err(OpenError::Failed(e)) => {
+                    tracing::warn!(error = %e, "farm state unreachable; using the last known state")
+                }
+                other => return other,
+            }
+        } else {
+            // Degraded: the last known state answers without waiting on the store.
+        }
+        let view = self.membership.view();
+        let cached = view
+            .device(key)
+            .or_else(|| {
+                vstream_api::parse_mac(key)
+                    .ok()
+                    .and_then(|m| view.device_by_mac(&m))
+            })
+            .and_then(|d| Some((d.clone(), view.vdisk(&d.vdisk)?.clone())));
+        cached.ok_or_else(|| {
+            OpenError::Failed(format!(
+                "device {key} is not in the last known farm state, and the farm state is unreachable"
+            ))
+        })
+    }
+
+    /// `base/DEVICE@N/HASH`: version N of the device's vDisk, read-only, for
+    /// an agent that keeps the device's write cache itself. Refused unless
+    /// this server holds exactly those bytes.
+    async fn open_base(
+        self: &Arc<Self>,
+        rest: &str,
+        peer: &str,
+        go: bool,
+    ) -> Result<Export, OpenError> {
+        let name = format!("base/{rest}");
+        let (key, number, hash) = crate::login::parse_base_export(rest)
+            .ok_or_else(|| OpenError::Unknown(name.clone()))?;
+        let (device, vdisk) = self.device_and_vdisk(key).await?;
+        if vdisk.mode != Mode::Standard {
+            return Err(OpenError::Refused(format!(
+                "vDisk {} is in {} mode; device {} opens device/{}",
+                vdisk.name, vdisk.mode, device.name, device.name
+            )));
+        }
+        let chain = self
+            .store
+            .chain(&vdisk.name, number)
+            .map_err(|e| OpenError::Refused(format!("this server cannot serve {name}: {e}")))?;
+        let held = chain
+            .version
+            .content_hash
+            .clone()
+            .filter(|_| chain.version.is_sealed())
+            .or_else(|| {
+                chain
+                    .layers
+                    .last()
+                    .and_then(|l| l.content_hash())
+                    .map(|h| vstream_image::hash::to_hex(&h))
+            });
+        if held.as_deref() != Some(hash) {
+            return Err(OpenError::Refused(format!(
+                "this server's version {number} of vDisk {} is not content {hash}",
+                vdisk.name
+            )));
+        }
+        let description = format!("{} (base, read-only)", describe(&device, &vdisk, number));
+        let disk = Arc::new(chain.read_only());
+        if !go {
+            return Ok(Export {
+                name,
+                description,
+                disk,
+                session: None,
+            });
+        }
+        {
+            let mut sessions = self.sessions.lock();
+            let s = sessions
+                .entry(device.name.clone())
+                .or_insert_with(|| Session {
+                    vdisk: vdisk.name.clone(),
+                    version: number,
+                    kind: device.kind,
+                    mode: vdisk.mode,
+                    connections: 0,
+                    since: now_unix(),
+                    peer: peer.to_owned(),
+                    disk: disk.clone(),
+                    agent: true,
+                });
+            s.connections += 1;
+        }
+        tracing::info!(device = %device.name, vdisk = %vdisk.name, version = number, %peer, "device streaming its base");
+        Ok(Export {
+            name,
+            description,
+            disk,
+            session: Some(SessionGuard {
+                server: self.clone(),
+                device: device.name.clone(),
+                clean: false,
+            }),
+        })
+    }
+
     async fn open_device(
         self: &Arc<Self>,
         key: &str,
         peer: &str,
         go: bool,
     ) -> Result<Export, OpenError> {
-        let device = self
-            .farm
-            .find_device(key)
-            .await
-            .map_err(|e| OpenError::Failed(e.to_string()))?
-            .ok_or_else(|| OpenError::Unknown(format!("device/{key}")))?;
-        let vdisk = self
-            .farm
-            .get_vdisk(&device.vdisk)
-            .await
-            .map_err(|e| OpenError::Failed(e.to_string()))?
-            .ok_or_else(|| {
-                OpenError::Failed(format!(
-                    "device {} is assigned vDisk {}, which does not exist",
-                    device.name, device.vdisk
-                ))
-            })?;
+        let (device, vdisk) = self.device_and_vdisk(key).await?;
         let export_name = format!("device/{key}");
         let _vdisk_lock = self.lock_vdisk(&vdisk.name).await;
         let mut sessions = self.sessions.lock();
@@ -299,6 +421,7 @@ impl Server {
                 since: now_unix(),
                 peer: peer.to_owned(),
                 disk: disk.clone(),
+                agent: false,
             },
         );
         drop(sessions);
@@ -363,7 +486,7 @@ impl Server {
         if let Err(e) = s.disk.flush() {
             tracing::error!(device, error = %e, "flushing at the end of a session failed");
         }
-        if clean && s.mode == Mode::Standard && s.kind != DeviceType::Maintenance {
+        if clean && s.mode == Mode::Standard && s.kind != DeviceType::Maintenance && !s.agent {
             drop(s.disk);
             match self.store.discard_cache(device) {
                 Ok(()) => tracing::info!(device, "session ended cleanly; write cache discarded"),
@@ -400,6 +523,17 @@ impl Server {
         v
     }
 
+    /// Devices connected now, and how many of them started within `window_secs`.
+    pub fn session_counts(&self, window_secs: u64) -> (u32, u32) {
+        let now = now_unix();
+        let sessions = self.sessions.lock();
+        let booting = sessions
+            .values()
+            .filter(|s| s.since + window_secs > now)
+            .count();
+        (sessions.len() as u32, booting as u32)
+    }
+
     pub fn is_connected(&self, device: &str) -> bool {
         self.sessions.lock().contains_key(device)
     }
@@ -409,6 +543,7 @@ impl Server {
         let sessions = self.sessions.lock();
         let s = sessions.get(&device.name);
         let cache_bytes = match s {
+            Some(s) if s.agent => 0,
             Some(s) if s.mode == Mode::Standard && s.kind != DeviceType::Maintenance => {
                 s.disk.top_bytes()
             }

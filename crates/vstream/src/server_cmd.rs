@@ -14,12 +14,20 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, Context, Result};
-use clap::{Args, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
+use vstream_api::ServerInfo;
+
+use crate::args::ListArgs;
+use crate::client::{api_path, Client, ClientArgs};
+use crate::output::{human_size, print, print_json, render_table};
 use tracing_subscriber::EnvFilter;
 use vstream_server::config::{Config, FileConfig, FlagConfig, LogFormat};
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct ServerArgs {
+    #[command(subcommand)]
+    pub command: Option<ServerCommand>,
     /// Folder holding the vDisk store and the farm database
     /// [default: /var/lib/vstream].
     #[arg(long, value_name = "DIR")]
@@ -41,6 +49,37 @@ pub struct ServerArgs {
     /// Most NBD connections served at once [default: 4096].
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+    /// Where the farm state lives: `embedded` (a one-server farm, in the data
+    /// folder) or etcd://HOST:PORT[,HOST:PORT...] [default: embedded].
+    #[arg(long, value_name = "embedded|etcd://HOST:PORT,...")]
+    pub farm: Option<String>,
+    /// This server's name in the farm [default: the host name].
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Relative capacity for load balancing, 0.1 to 1000 [default: 1].
+    #[arg(long, value_name = "RATING")]
+    pub power: Option<f64>,
+    /// The API URL devices and servers reach this one at
+    /// [default: http:// and the --api address].
+    #[arg(long, value_name = "URL")]
+    pub advertise_api: Option<String>,
+    /// The NBD HOST:PORT devices reach this one at [default: the first TCP --nbd].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub advertise_nbd: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServerCommand {
+    /// List the farm's servers: up or down, load, power, versions held.
+    List(ServerListArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServerListArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(flatten)]
+    pub list: ListArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -59,6 +98,9 @@ impl From<LogFormatArg> for LogFormat {
 }
 
 pub fn run(args: ServerArgs) -> Result<()> {
+    if let Some(ServerCommand::List(a)) = args.command {
+        return list(a);
+    }
     let config = resolve(args)?;
     init_logging(config.log_format)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -80,6 +122,11 @@ fn resolve(args: ServerArgs) -> Result<Config> {
         api: args.api,
         log_format: args.log_format.map(LogFormat::from),
         max_connections: args.max_connections,
+        farm: args.farm,
+        name: args.name,
+        power: args.power,
+        advertise_api: args.advertise_api,
+        advertise_nbd: args.advertise_nbd,
     };
     Config::resolve(file, flags).map_err(|e| anyhow!("invalid server configuration: {e}"))
 }
@@ -179,4 +226,60 @@ mod tests {
         assert!(e.contains("/nonexistent/vstream.toml"), "{e}");
         assert!(Cli::try_parse_from(["server", "--log-format", "xml"]).is_err());
     }
+}
+
+fn list(a: ServerListArgs) -> Result<()> {
+    let client = Client::from_args(&a.client)?;
+    let path = api_path(&["servers"]);
+    if a.list.json {
+        return print_json(&client.get(&path)?);
+    }
+    let servers: Vec<ServerInfo> = client.get(&path)?;
+    print(&server_table(&servers))
+}
+
+fn server_table(servers: &[ServerInfo]) -> String {
+    let rows: Vec<Vec<String>> = servers
+        .iter()
+        .map(|i| {
+            let s = &i.status;
+            let held: Vec<String> = s
+                .versions
+                .iter()
+                .map(|v| {
+                    format!(
+                        "{}@{}{}",
+                        v.vdisk,
+                        v.number,
+                        if v.verified { "" } else { " (unverified)" }
+                    )
+                })
+                .collect();
+            vec![
+                s.name.clone(),
+                if i.up { "up" } else { "down" }.to_string(),
+                format!("{:.2}", i.load),
+                format!("{}", s.power),
+                s.devices.to_string(),
+                format!("{}/s", human_size(s.read_bytes_per_s)),
+                match i.farm_connected {
+                    Some(true) => "connected".to_string(),
+                    Some(false) => "DEGRADED".to_string(),
+                    None => "-".to_string(),
+                },
+                s.nbd.clone(),
+                if held.is_empty() {
+                    "-".to_string()
+                } else {
+                    held.join(" ")
+                },
+            ]
+        })
+        .collect();
+    render_table(
+        &[
+            "NAME", "STATE", "LOAD", "POWER", "DEVICES", "READ", "FARM", "NBD", "VERSIONS",
+        ],
+        &rows,
+    )
 }

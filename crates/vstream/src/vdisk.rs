@@ -15,7 +15,7 @@ mod import;
 
 use anyhow::Result;
 use clap::{ArgGroup, Args, Subcommand};
-use vstream_api::{CreateVDisk, Mode, SetVDisk, VDisk, VDiskInfo};
+use vstream_api::{CacheType, CreateVDisk, Mode, SetVDisk, VDisk, VDiskInfo};
 
 use crate::args::{ListArgs, NameArg, ShowArgs};
 use crate::client::{api_path, Client, ClientArgs};
@@ -60,7 +60,7 @@ pub struct CreateArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("change").required(true).multiple(true).args(["mode", "cache_limit"])))]
+#[command(group(ArgGroup::new("change").required(true).multiple(true).args(["mode", "cache_limit", "cache_type"])))]
 pub struct SetArgs {
     pub name: String,
     /// private: one device reads and writes the vDisk itself; standard: many
@@ -70,6 +70,15 @@ pub struct SetArgs {
     /// Largest write cache one device may fill, such as 4GiB.
     #[arg(long, value_name = "SIZE", value_parser = vstream_api::parse_size)]
     pub cache_limit: Option<u64>,
+    /// Where Standard-mode devices keep their write caches: server (a file per
+    /// device in the server's store) or device (the device's agent, `vstream
+    /// target --cache`; the device can then fail over between servers).
+    #[arg(long, value_name = "server|device", value_parser = parse_cache_type)]
+    pub cache_type: Option<CacheType>,
+}
+
+fn parse_cache_type(s: &str) -> Result<CacheType, String> {
+    s.parse()
 }
 
 fn parse_mode(s: &str) -> Result<Mode, String> {
@@ -186,13 +195,15 @@ fn set(client: &Client, a: SetArgs) -> Result<()> {
     let body = SetVDisk {
         mode: a.mode,
         cache_limit: a.cache_limit,
+        cache_type: a.cache_type,
     };
     let updated: Option<VDisk> = client.patch(&api_path(&["vdisks", &a.name]), &body)?;
     let line = match updated {
         Some(v) => format!(
-            "vDisk {}: mode {}, cache limit {}\n",
+            "vDisk {}: mode {}, cache {}, cache limit {}\n",
             v.name,
             v.mode,
+            v.cache_type,
             v.cache_limit
                 .map_or_else(|| "the vDisk size".to_string(), human_size)
         ),

@@ -34,7 +34,10 @@ pub(super) async fn import_vdisk(
     body: Body,
 ) -> Result<(StatusCode, Json<VDiskInfo>), ApiError> {
     vstream_farm::validate_name(&name)?;
-    if server.farm.get_vdisk(&name).await?.is_some() {
+    // In a farm, a vDisk another server created may be imported here too:
+    // that makes a local copy (a replica once its hashes check), not a record.
+    let existing = server.farm.get_vdisk(&name).await?;
+    if existing.is_some() && server.store.exists(&name) {
         return Err(ApiError::conflict(format!("vDisk {name} already exists")));
     }
     let (tx, rx) = mpsc::channel::<Bytes>(16);
@@ -63,7 +66,17 @@ pub(super) async fn import_vdisk(
         )));
     }
     let (size, created) = result?;
-    let vdisk = register_vdisk(&server, &name, size, created).await?;
+    let vdisk = match existing {
+        Some(v) if v.size != size => {
+            let _ = server.store.delete(&name);
+            return Err(ApiError::conflict(format!(
+                "vDisk {name} is {} bytes in the farm; this upload is {size}",
+                v.size
+            )));
+        }
+        Some(v) => v,
+        None => register_vdisk(&server, &name, size, created).await?,
+    };
     tracing::info!(vdisk = %name, size, "vDisk imported");
     Ok((StatusCode::CREATED, Json(vdisk_info(&server, vdisk).await?)))
 }

@@ -3,6 +3,7 @@
 
 mod content;
 mod error;
+mod farm;
 mod versions;
 
 use std::sync::Arc;
@@ -33,11 +34,13 @@ type Shared = State<Arc<Server>>;
         content::import_vdisk, content::export_vdisk,
         list_devices, add_device, show_device, set_device, remove_device, reset_device,
         versions::list_versions, versions::new_version, versions::promote, versions::rollback,
-        versions::merge, versions::delete_version
+        versions::merge, versions::delete_version, farm::login, farm::list_servers
     ),
     components(schemas(VDisk, VDiskInfo, CreateVDisk, SetVDisk, Device, DeviceInfo, CreateDevice, ErrorBody,
         vstream_api::Mode, vstream_api::CacheType, vstream_api::DeviceType, vstream_api::SetDevice,
-        vstream_api::VersionState, vstream_api::VersionInfo, vstream_api::Promote, vstream_api::Merge)),
+        vstream_api::VersionState, vstream_api::VersionInfo, vstream_api::Promote, vstream_api::Merge,
+        vstream_api::LoginRequest, vstream_api::LoginReply, vstream_api::Pin, vstream_api::ServerInfo,
+        vstream_api::ServerStatus, vstream_api::HeldVersion)),
     modifiers(&BearerAuth),
     security(("token" = []))
 )]
@@ -93,6 +96,7 @@ pub fn router(server: Arc<Server>, token: String) -> Router {
             get(show_device).patch(set_device).delete(remove_device),
         )
         .route("/api/v1/devices/:name/reset", post(reset_device))
+        .route("/api/v1/servers", get(farm::list_servers))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(token, require_token));
     Router::new()
@@ -101,6 +105,7 @@ pub fn router(server: Arc<Server>, token: String) -> Router {
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/api/v1/login", post(farm::login))
         .merge(admin)
         .with_state(server)
 }
@@ -273,9 +278,9 @@ async fn set_vdisk(
     Json(req): Json<SetVDisk>,
 ) -> Result<Json<VDiskInfo>, ApiError> {
     let _lock = server.lock_vdisk(&name).await;
-    if req.mode.is_none() && req.cache_limit.is_none() {
+    if req.mode.is_none() && req.cache_limit.is_none() && req.cache_type.is_none() {
         return Err(ApiError::bad_request(
-            "nothing to change: give a mode or a cache limit",
+            "nothing to change: give a mode, a cache type or a cache limit",
         ));
     }
     let connected = server.connected_to(&name);
@@ -291,6 +296,9 @@ async fn set_vdisk(
         .update_vdisk(&name, |v| {
             if let Some(m) = req.mode {
                 v.mode = m;
+            }
+            if let Some(t) = req.cache_type {
+                v.cache_type = t;
             }
             if let Some(l) = req.cache_limit {
                 if l < 4096 {

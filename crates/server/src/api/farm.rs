@@ -1,0 +1,75 @@
+//! Farm endpoints: device login (no admin token) and the server list.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use vstream_api::{ErrorBody, LoginReply, LoginRequest, ServerInfo};
+
+use super::ApiError;
+use crate::farm::STALE_AFTER_SECS;
+use crate::login::{choose, LoginError};
+use crate::state::{now_unix, Server};
+
+type Shared = State<Arc<Server>>;
+
+/// A device asks where to stream from. Answered from this server's last
+/// known farm state, so it works while the farm store is away.
+#[utoipa::path(post, path = "/api/v1/login", request_body = LoginRequest, security(()),
+    responses((status = 200, body = LoginReply), (status = 404, body = ErrorBody),
+        (status = 503, body = ErrorBody, description = "nothing to serve it now; ask again")))]
+pub(super) async fn login(
+    State(server): Shared,
+    Json(req): Json<LoginRequest>,
+) -> Result<Json<LoginReply>, ApiError> {
+    let view = server.membership.view();
+    let recent = server.membership.recent_logins();
+    match choose(&view, &req, &recent) {
+        Ok(reply) => {
+            server.membership.note_login(&reply.server);
+            tracing::info!(device = %reply.device, vdisk = %reply.vdisk, version = reply.version, server = %reply.server, avoid = ?req.avoid, "login");
+            Ok(Json(reply))
+        }
+        Err(e) => {
+            let status = match e {
+                LoginError::UnknownDevice(_) => StatusCode::NOT_FOUND,
+                LoginError::Misconfigured(_) => StatusCode::CONFLICT,
+                LoginError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            tracing::info!(mac = %req.mac, reason = %e, "login refused");
+            Err(ApiError::new(status, e.to_string()))
+        }
+    }
+}
+
+/// Every server of the farm, up or down, with its last status.
+#[utoipa::path(get, path = "/api/v1/servers", responses((status = 200, body = [ServerInfo])))]
+pub(super) async fn list_servers(State(server): Shared) -> Result<Json<Vec<ServerInfo>>, ApiError> {
+    let view = server.membership.view();
+    let connected = server.membership.is_connected();
+    let members = if connected {
+        server.farm.members().await.unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let now = now_unix();
+    let mut out: Vec<ServerInfo> = members
+        .into_iter()
+        .filter(|m| !view.servers.iter().any(|s| s.name == m.name))
+        .chain(view.servers.iter().cloned())
+        .map(|status| {
+            let up = view.servers.iter().any(|s| s.name == status.name)
+                && status.updated_unix + STALE_AFTER_SECS >= now;
+            let me = status.name == server.config.name;
+            ServerInfo {
+                up,
+                load: f64::from(status.devices) / status.power.max(0.1),
+                farm_connected: me.then_some(connected),
+                status,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.status.name.cmp(&b.status.name));
+    Ok(Json(out))
+}

@@ -1,0 +1,283 @@
+//! This server as a farm member: it publishes its status about once a second
+//! and keeps the last farm state it read, so that logins and device exports
+//! go on from that state while the farm store (etcd) is away.
+//!
+//! ```text
+//!   every PUBLISH_INTERVAL:  status (sessions, bytes/s, held versions) --put_ephemeral--> live/NAME
+//!                            devices/, vdisks/, live/ --list--> View (kept on failure: degraded)
+//!   in the background:       each held version not yet verified --Store::verify--> verified set
+//! ```
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use vstream_api::{Device, HeldVersion, ServerStatus, VDisk};
+use vstream_image::VersionState;
+
+use crate::state::{now_unix, Server};
+
+/// How often a server publishes its status and re-reads the farm state.
+pub const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
+/// A published status lives this long without renewal.
+pub const LIVE_TTL: Duration = Duration::from_secs(3);
+/// A status older than this is taken as down even if its key is still there
+/// (the embedded store has no leases).
+pub const STALE_AFTER_SECS: u64 = 10;
+/// A device session younger than this counts as booting.
+pub const BOOT_WINDOW_SECS: u64 = 60;
+
+/// The farm state as last read.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    pub devices: Vec<Device>,
+    pub vdisks: Vec<VDisk>,
+    /// Live servers, this one included once it has published.
+    pub servers: Vec<ServerStatus>,
+}
+
+impl View {
+    pub fn device_by_mac(&self, mac: &str) -> Option<&Device> {
+        self.devices.iter().find(|d| d.mac == mac)
+    }
+    pub fn device(&self, name: &str) -> Option<&Device> {
+        self.devices.iter().find(|d| d.name == name)
+    }
+    pub fn vdisk(&self, name: &str) -> Option<&VDisk> {
+        self.vdisks.iter().find(|v| v.name == name)
+    }
+}
+
+/// Membership state of this server.
+#[derive(Default)]
+pub struct Membership {
+    view: RwLock<View>,
+    /// Whether the last publish and read reached the farm store.
+    connected: AtomicBool,
+    /// Versions whose layers were checked: (vDisk, number, content hash).
+    verified: Mutex<HashSet<(String, u32, String)>>,
+    /// Versions that failed the check; not tried again until restart.
+    failed: Mutex<HashSet<(String, u32, String)>>,
+    /// Logins sent to each server recently, not yet in its published count.
+    recent: Mutex<HashMap<String, Vec<Instant>>>,
+    last_read_bytes: AtomicU64,
+    started_unix: AtomicU64,
+}
+
+impl Membership {
+    pub fn view(&self) -> View {
+        self.view.read().clone()
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+
+    pub fn is_verified(&self, vdisk: &str, number: u32, hash: &str) -> bool {
+        self.verified
+            .lock()
+            .contains(&(vdisk.to_owned(), number, hash.to_owned()))
+    }
+
+    /// Counts a login just sent to `server`.
+    pub fn note_login(&self, server: &str) {
+        self.recent
+            .lock()
+            .entry(server.to_owned())
+            .or_default()
+            .push(Instant::now());
+    }
+
+    /// Logins sent to each server within the last two publish intervals.
+    pub fn recent_logins(&self) -> HashMap<String, u32> {
+        let mut recent = self.recent.lock();
+        let horizon = PUBLISH_INTERVAL * 2;
+        recent.retain(|_, v| {
+            v.retain(|t| t.elapsed() < horizon);
+            !v.is_empty()
+        });
+        recent
+            .iter()
+            .map(|(k, v)| (k.clone(), v.len() as u32))
+            .collect()
+    }
+}
+
+/// The versions this server holds, with their content hashes.
+pub fn held_versions(server: &Server) -> Vec<HeldVersion> {
+    let mut out = Vec::new();
+    for name in server.store.list().unwrap_or_default() {
+        let Ok(props) = server.store.properties(&name) else {
+            continue;
+        };
+        for v in props.versions.iter().filter(|v| v.is_live()) {
+            let hash = if v.is_sealed() {
+                v.content_hash.clone().unwrap_or_default()
+            } else if v.state == VersionState::Maintenance {
+                String::new()
+            } else {
+                // An unsealed production version 1: its hash while no one writes it.
+                server
+                    .store
+                    .chain(&name, v.number)
+                    .ok()
+                    .and_then(|c| c.layers.last().and_then(|l| l.content_hash()))
+                    .map(|h| vstream_image::hash::to_hex(&h))
+                    .unwrap_or_default()
+            };
+            let verified =
+                !hash.is_empty() && server.membership.is_verified(&name, v.number, &hash);
+            out.push(HeldVersion {
+                vdisk: name.clone(),
+                number: v.number,
+                state: v.state,
+                content_hash: hash,
+                writable: !v.is_sealed(),
+                verified,
+            });
+        }
+    }
+    out
+}
+
+/// This server's status now.
+pub fn status(server: &Server, versions: Vec<HeldVersion>) -> ServerStatus {
+    let m = &server.membership;
+    let read = server.metrics.read_bytes.load(Ordering::Relaxed);
+    let before = m.last_read_bytes.swap(read, Ordering::Relaxed);
+    let (devices, booting) = server.session_counts(BOOT_WINDOW_SECS);
+    ServerStatus {
+        name: server.config.name.clone(),
+        api: server.config.advertise_api.clone(),
+        nbd: server.config.advertise_nbd.clone(),
+        power: server.config.power,
+        devices,
+        booting,
+        read_bytes_per_s: read.saturating_sub(before) / PUBLISH_INTERVAL.as_secs().max(1),
+        versions,
+        started_unix: m.started_unix.load(Ordering::Relaxed),
+        updated_unix: now_unix(),
+    }
+}
+
+/// Publishes and refreshes until `shutdown`; then withdraws the live record.
+pub async fn run(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    server
+        .membership
+        .started_unix
+        .store(now_unix(), Ordering::Relaxed);
+    let verifier = tokio::spawn(verify_loop(server.clone(), shutdown.clone()));
+    let mut tick = tokio::time::interval(PUBLISH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => break,
+        }
+        let s = server.clone();
+        let versions = tokio::task::spawn_blocking(move || held_versions(&s))
+            .await
+            .unwrap_or_default();
+        let status = status(&server, versions);
+        let result = publish_and_read(&server, &status).await;
+        let was = server
+            .membership
+            .connected
+            .swap(result.is_ok(), Ordering::SeqCst);
+        match result {
+            Ok(mut view) => {
+                if !view.servers.iter().any(|s| s.name == status.name) {
+                    view.servers.push(status);
+                }
+                *server.membership.view.write() = view;
+                if !was {
+                    tracing::info!(server = %server.config.name, "farm state reachable");
+                }
+            }
+            Err(e) => {
+                // Keep serving from the last known state, with our own status fresh.
+                let mut view = server.membership.view.write();
+                view.servers.retain(|s| s.name != status.name);
+                view.servers.push(status);
+                if was {
+                    tracing::warn!(error = %e, "farm state unreachable: degraded, serving from the last known state");
+                }
+            }
+        }
+    }
+    verifier.abort();
+    if let Err(e) = server.farm.withdraw_server(&server.config.name).await {
+        tracing::warn!(error = %e, "could not withdraw from the farm at shutdown");
+    }
+}
+
+async fn publish_and_read(
+    server: &Server,
+    status: &ServerStatus,
+) -> Result<View, vstream_farm::FarmError> {
+    server.farm.publish_server(status, LIVE_TTL).await?;
+    let now = now_unix();
+    let servers = server
+        .farm
+        .live_servers()
+        .await?
+        .into_iter()
+        .filter(|s| s.updated_unix + STALE_AFTER_SECS >= now)
+        .collect();
+    Ok(View {
+        devices: server.farm.list_devices().await?,
+        vdisks: server.farm.list_vdisks().await?,
+        servers,
+    })
+}
+
+/// Checks each held version once: every layer present, block hashes right.
+async fn verify_loop(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let s = server.clone();
+        let todo: Vec<HeldVersion> = tokio::task::spawn_blocking(move || held_versions(&s))
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|v| !v.verified && !v.content_hash.is_empty())
+            .filter(|v| {
+                !server.membership.failed.lock().contains(&(
+                    v.vdisk.clone(),
+                    v.number,
+                    v.content_hash.clone(),
+                ))
+            })
+            .collect();
+        for v in todo {
+            let s = server.clone();
+            let (name, number, hash) = (v.vdisk.clone(), v.number, v.content_hash.clone());
+            let outcome =
+                tokio::task::spawn_blocking(move || s.store.verify(&name, number, &hash)).await;
+            match outcome {
+                Ok(Ok(())) => {
+                    tracing::info!(vdisk = %v.vdisk, version = v.number, "replica verified");
+                    server
+                        .membership
+                        .verified
+                        .lock()
+                        .insert((v.vdisk, v.number, v.content_hash));
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(vdisk = %v.vdisk, version = v.number, error = %e, "replica failed verification; not offered to devices");
+                    server
+                        .membership
+                        .failed
+                        .lock()
+                        .insert((v.vdisk, v.number, v.content_hash));
+                }
+                Err(e) => tracing::error!(error = %e, "verification task failed"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PUBLISH_INTERVAL) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}

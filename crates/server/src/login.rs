@@ -1,0 +1,352 @@
+//! Device login: which version a device streams, and from which server.
+//!
+//! The decision is a function of the farm view alone ([`choose`]), so any
+//! server answers it the same way, and keeps answering from its last known
+//! view while the farm store is away.
+//!
+//! * The version: a re-login names the version it booted (a pin) and gets
+//!   exactly those bytes; a first login gets the newest version in the state
+//!   its device type asks for (maintenance; test, else production; production)
+//!   among the versions live servers hold.
+//! * The server: for a shared read-only version (Standard mode with a cache on
+//!   the device), the live server with the lowest load (devices ÷ power, with
+//!   logins just sent counted) among those holding a verified replica of that
+//!   content hash. A writable version (Private mode, maintenance) is served by
+//!   the server holding its writable layer, and does not fail over.
+
+use std::collections::HashMap;
+
+use vstream_api::{
+    CacheType, DeviceType, HeldVersion, LoginReply, LoginRequest, Mode, ServerStatus, VersionState,
+};
+
+use crate::farm::View;
+
+/// Why a login gets no server.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LoginError {
+    #[error("no device has MAC {0}; add it with `vstream device add`")]
+    UnknownDevice(String),
+    #[error("{0}")]
+    Misconfigured(String),
+    /// Nothing to serve now; the device should wait and ask again.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// The export name a device-side-cache device opens: the read-only version,
+/// named by device, version and content hash so the server can check all three.
+pub fn base_export(device: &str, version: u32, hash: &str) -> String {
+    format!("base/{device}@{version}/{hash}")
+}
+
+/// Parses [`base_export`]'s form.
+pub fn parse_base_export(rest: &str) -> Option<(&str, u32, &str)> {
+    let (device, rest) = rest.split_once('@')?;
+    let (version, hash) = rest.split_once('/')?;
+    Some((device, version.parse().ok()?, hash))
+}
+
+/// Decides a login from the farm `view`; `recent` counts logins just sent
+/// to each server that its published status does not show yet.
+pub fn choose(
+    view: &View,
+    req: &LoginRequest,
+    recent: &HashMap<String, u32>,
+) -> Result<LoginReply, LoginError> {
+    let mac = vstream_api::parse_mac(&req.mac).map_err(LoginError::Misconfigured)?;
+    let device = view
+        .device_by_mac(&mac)
+        .ok_or_else(|| LoginError::UnknownDevice(mac.clone()))?;
+    let vdisk = view.vdisk(&device.vdisk).ok_or_else(|| {
+        LoginError::Misconfigured(format!(
+            "device {} is assigned vDisk {}, which the farm does not know",
+            device.name, device.vdisk
+        ))
+    })?;
+    let servers: Vec<&ServerStatus> = view
+        .servers
+        .iter()
+        .filter(|s| !req.avoid.contains(&s.name))
+        .collect();
+    let held = |s: &'_ ServerStatus| -> Vec<HeldVersion> {
+        s.versions
+            .iter()
+            .filter(|v| v.vdisk == vdisk.name && (v.writable || !v.content_hash.is_empty()))
+            .cloned()
+            .collect()
+    };
+    let writes = device.kind == DeviceType::Maintenance || vdisk.mode == Mode::Private;
+    // The version: pinned, or the newest in the wanted state.
+    let (number, hash) = match &req.pin {
+        Some(pin) if pin.vdisk != vdisk.name => {
+            return Err(LoginError::Misconfigured(format!(
+                "device {} booted vDisk {} but is now assigned {}; reboot it",
+                device.name, pin.vdisk, vdisk.name
+            )))
+        }
+        Some(pin) => (pin.version, pin.content_hash.clone()),
+        None => {
+            let wanted: &[VersionState] = match device.kind {
+                DeviceType::Maintenance => &[VersionState::Maintenance],
+                DeviceType::Test => &[VersionState::Test, VersionState::Production],
+                DeviceType::Production => &[VersionState::Production],
+            };
+            let all: Vec<HeldVersion> = view.servers.iter().flat_map(|s| held(s)).collect();
+            let pick = wanted.iter().find_map(|state| {
+                all.iter()
+                    .filter(|v| v.state == *state)
+                    .max_by_key(|v| (v.number, v.verified))
+            });
+            let Some(v) = pick else {
+                return Err(LoginError::Unavailable(format!(
+                    "no live server holds a {} version of vDisk {}",
+                    wanted
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect::<Vec<_>>()
+                        .join(" or "),
+                    vdisk.name
+                )));
+            };
+            (v.number, v.content_hash.clone())
+        }
+    };
+    let holds = |s: &&ServerStatus| {
+        held(s).iter().any(|v| {
+            v.number == number
+                && if writes {
+                    v.writable
+                } else {
+                    v.verified && v.content_hash == hash
+                }
+        })
+    };
+    let chosen = if writes {
+        // The writable layer lives on one server: the first holding it, by name.
+        servers
+            .iter()
+            .filter(|s| holds(s))
+            .min_by(|a, b| a.name.cmp(&b.name))
+    } else {
+        let load = |s: &ServerStatus| {
+            f64::from(s.devices + recent.get(&s.name).copied().unwrap_or(0)) / s.power.max(0.1)
+        };
+        servers.iter().filter(|s| holds(s)).min_by(|a, b| {
+            load(a)
+                .total_cmp(&load(b))
+                .then_with(|| a.name.cmp(&b.name))
+        })
+    };
+    let Some(server) = chosen else {
+        return Err(LoginError::Unavailable(format!(
+            "no live server{} holds a verified copy of vDisk {} version {number} ({})",
+            if req.avoid.is_empty() {
+                String::new()
+            } else {
+                format!(" other than {}", req.avoid.join(", "))
+            },
+            vdisk.name,
+            &hash[..hash.len().min(16)]
+        )));
+    };
+    let device_cache = !writes && vdisk.cache_type == CacheType::Device;
+    Ok(LoginReply {
+        device: device.name.clone(),
+        kind: device.kind,
+        vdisk: vdisk.name.clone(),
+        version: number,
+        content_hash: hash.clone(),
+        size: vdisk.size,
+        mode: vdisk.mode,
+        cache_type: vdisk.cache_type,
+        cache_limit: vdisk.cache_limit.unwrap_or(vdisk.size),
+        server: server.name.clone(),
+        nbd: server.nbd.clone(),
+        export: if device_cache {
+            base_export(&device.name, number, &hash)
+        } else {
+            format!("device/{}", device.name)
+        },
+        failover: device_cache,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vstream_api::{Device, Pin, VDisk};
+
+    fn version(number: u32, state: VersionState, hash: &str, verified: bool) -> HeldVersion {
+        HeldVersion {
+            vdisk: "win".into(),
+            number,
+            state,
+            content_hash: hash.into(),
+            writable: false,
+            verified,
+        }
+    }
+
+    fn server(name: &str, devices: u32, power: f64, versions: Vec<HeldVersion>) -> ServerStatus {
+        ServerStatus {
+            name: name.into(),
+            api: format!("http://{name}"),
+            nbd: format!("{name}:10809"),
+            power,
+            devices,
+            booting: 0,
+            read_bytes_per_s: 0,
+            versions,
+            started_unix: 0,
+            updated_unix: 0,
+        }
+    }
+
+    fn view(kind: DeviceType, servers: Vec<ServerStatus>) -> View {
+        View {
+            devices: vec![Device {
+                name: "pc1".into(),
+                mac: "52:54:00:00:00:01".into(),
+                vdisk: "win".into(),
+                kind,
+                created_unix: 0,
+            }],
+            vdisks: vec![VDisk {
+                name: "win".into(),
+                size: 1 << 30,
+                mode: Mode::Standard,
+                cache_type: CacheType::Device,
+                cache_limit: None,
+                created_unix: 0,
+            }],
+            servers,
+        }
+    }
+
+    fn login(avoid: &[&str], pin: Option<Pin>) -> LoginRequest {
+        LoginRequest {
+            mac: "52-54-00-00-00-01".into(),
+            avoid: avoid.iter().map(|s| s.to_string()).collect(),
+            pin,
+        }
+    }
+
+    #[test]
+    fn least_loaded_verified_holder_of_the_newest_production() {
+        let p1 = version(1, VersionState::Production, "aa", true);
+        let p2 = version(2, VersionState::Production, "bb", true);
+        let v = view(
+            DeviceType::Production,
+            vec![
+                server("s1", 0, 1.0, vec![p1.clone()]),
+                server("s2", 5, 1.0, vec![p1.clone(), p2.clone()]),
+                server("s3", 8, 4.0, vec![p2.clone()]),
+                server(
+                    "s4",
+                    0,
+                    1.0,
+                    vec![version(2, VersionState::Production, "bb", false)],
+                ),
+            ],
+        );
+        let r = choose(&v, &login(&[], None), &HashMap::new()).unwrap();
+        assert_eq!((r.version, r.content_hash.as_str()), (2, "bb"));
+        // s3: 8 / 4 = 2 beats s2: 5; s4 is not verified, s1 holds only version 1.
+        assert_eq!(r.server, "s3");
+        assert_eq!(r.export, "base/pc1@2/bb");
+        assert!(r.failover);
+        // Logins just sent count: three more on s3 make it 11 / 4 > 5.
+        let recent = HashMap::from([("s3".to_string(), 13)]);
+        assert_eq!(choose(&v, &login(&[], None), &recent).unwrap().server, "s2");
+        assert_eq!(
+            choose(&v, &login(&["s3"], None), &HashMap::new())
+                .unwrap()
+                .server,
+            "s2"
+        );
+    }
+
+    #[test]
+    fn a_pin_keeps_the_version_and_waits_when_nobody_has_it() {
+        let p1 = version(1, VersionState::Production, "aa", true);
+        let p2 = version(2, VersionState::Production, "bb", true);
+        let v = view(
+            DeviceType::Production,
+            vec![
+                server("s1", 0, 1.0, vec![p1]),
+                server("s2", 0, 1.0, vec![p2]),
+            ],
+        );
+        let pin = Pin {
+            vdisk: "win".into(),
+            version: 1,
+            content_hash: "aa".into(),
+        };
+        let r = choose(&v, &login(&[], Some(pin.clone())), &HashMap::new()).unwrap();
+        assert_eq!((r.server.as_str(), r.version), ("s1", 1));
+        let err = choose(&v, &login(&["s1"], Some(pin)), &HashMap::new()).unwrap_err();
+        assert!(
+            matches!(err, LoginError::Unavailable(ref m) if m.contains("other than s1")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn test_devices_fall_back_to_production_and_unknown_macs_are_refused() {
+        let v = view(
+            DeviceType::Test,
+            vec![server(
+                "s1",
+                0,
+                1.0,
+                vec![version(1, VersionState::Production, "aa", true)],
+            )],
+        );
+        assert_eq!(
+            choose(&v, &login(&[], None), &HashMap::new())
+                .unwrap()
+                .version,
+            1
+        );
+        let mut req = login(&[], None);
+        req.mac = "52:54:00:00:00:99".into();
+        assert!(matches!(
+            choose(&v, &req, &HashMap::new()),
+            Err(LoginError::UnknownDevice(_))
+        ));
+        req.mac = "nonsense".into();
+        assert!(matches!(
+            choose(&v, &req, &HashMap::new()),
+            Err(LoginError::Misconfigured(_))
+        ));
+    }
+
+    #[test]
+    fn writable_versions_stay_on_the_server_holding_them() {
+        let mut m = version(3, VersionState::Maintenance, "", false);
+        m.writable = true;
+        let mut v = view(
+            DeviceType::Maintenance,
+            vec![
+                server(
+                    "s1",
+                    0,
+                    1.0,
+                    vec![version(3, VersionState::Maintenance, "cc", true)],
+                ),
+                server("s2", 9, 1.0, vec![m]),
+            ],
+        );
+        let r = choose(&v, &login(&[], None), &HashMap::new()).unwrap();
+        assert_eq!((r.server.as_str(), r.export.as_str()), ("s2", "device/pc1"));
+        assert!(!r.failover);
+        v.vdisks[0].cache_type = CacheType::Server;
+        v.devices[0].kind = DeviceType::Production;
+        v.servers[0].versions[0].state = VersionState::Production;
+        let r = choose(&v, &login(&[], None), &HashMap::new()).unwrap();
+        assert_eq!((r.export.as_str(), r.failover), ("device/pc1", false));
+        assert_eq!(parse_base_export("pc1@2/bb"), Some(("pc1", 2, "bb")));
+        assert_eq!(parse_base_export("pc1@x/bb"), None);
+    }
+}
