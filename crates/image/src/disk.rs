@@ -63,10 +63,20 @@ impl ChainIndex {
     }
 }
 
+/// What lies under the bottom layer, when it is not zeros: the read-only
+/// base of a device-side write cache, streamed from a server.
+pub trait Base: Send + Sync + std::fmt::Debug {
+    /// Reads `buf.len()` bytes at `offset`, waiting as long as it takes;
+    /// every byte of `buf` is written on `Ok`.
+    fn read(&self, buf: &mut [MaybeUninit<u8>], offset: u64) -> io::Result<()>;
+}
+
 /// A stack of layers seen as one block device.
 #[derive(Debug)]
 pub struct Disk {
     layers: Vec<Arc<Layer>>,
+    /// Read where no layer holds a chunk; zeros when absent.
+    base: Option<Arc<dyn Base>>,
     /// Owners of the bottom layers, if indexed.
     index: Option<Arc<ChainIndex>>,
     writable: bool,
@@ -81,6 +91,7 @@ impl Disk {
     pub fn read_only(layers: Vec<Arc<Layer>>) -> Disk {
         Disk {
             layers,
+            base: None,
             index: None,
             writable: false,
             limit: None,
@@ -96,6 +107,7 @@ impl Disk {
         }
         Ok(Disk {
             layers,
+            base: None,
             index: None,
             writable: true,
             limit,
@@ -115,6 +127,12 @@ impl Disk {
     /// Bytes held by the writable top layer (the write cache, in Standard mode).
     pub fn top_bytes(&self) -> u64 {
         self.layers.last().map_or(0, |l| l.allocated_bytes())
+    }
+
+    /// Reads chunks no layer holds from `base` instead of zeros.
+    pub fn with_base(mut self, base: Arc<dyn Base>) -> Disk {
+        self.base = Some(base);
+        self
     }
 
     /// Uses `index` for the bottom layers it covers (they must be these
@@ -206,7 +224,12 @@ impl Disk {
                         return Ok(false);
                     }
                 }
-                None => slice.fill(MaybeUninit::new(0)),
+                None => match &self.base {
+                    // The base may wait on the network: never on the inline path.
+                    Some(_) if nowait => return Ok(false),
+                    Some(base) => base.read(slice, pos)?,
+                    None => slice.fill(MaybeUninit::new(0)),
+                },
             }
             pos = run_end;
         }
@@ -348,7 +371,7 @@ impl Disk {
         }
         let start = whole_first * CHUNK;
         let stop = (whole_last * CHUNK).min(self.size());
-        let bottom = self.layers.len() == 1;
+        let bottom = self.layers.len() == 1 && self.base.is_none();
         if bottom {
             // Nothing below: an unallocated chunk already reads as zeros.
             top.punch_data(start, stop - start)?;
@@ -454,9 +477,11 @@ impl Disk {
         let mut out: Vec<Extent> = Vec::new();
         let mut pos = offset;
         while pos < end && out.len() < max_extents.max(1) {
-            let zero = self.owner(pos / CHUNK, self.layers.len()).is_none();
+            let unowned =
+                |c: u64| self.base.is_none() && self.owner(c, self.layers.len()).is_none();
+            let zero = unowned(pos / CHUNK);
             let mut next = ((pos / CHUNK + 1) * CHUNK).min(end);
-            while next < end && (self.owner(next / CHUNK, self.layers.len()).is_none()) == zero {
+            while next < end && unowned(next / CHUNK) == zero {
                 next = (next + CHUNK).min(end);
             }
             out.push(Extent {

@@ -34,7 +34,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     run_until(config, rx).await
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGTERM or SIGINT.
+pub async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match (
         signal(SignalKind::terminate()),
@@ -82,7 +83,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         tracing::info!(addr = %listener.local_addr(), "NBD listening");
         tasks.spawn(nbd::serve(
             listener,
-            server.clone(),
+            server.clone() as Arc<dyn nbd::Exports>,
             limit.clone(),
             shutdown.clone(),
         ));

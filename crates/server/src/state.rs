@@ -65,8 +65,8 @@ pub struct Export {
     pub name: String,
     pub description: String,
     pub disk: Arc<Disk>,
-    /// Present for `device/...` exports; ends the session's connection on drop.
-    pub session: Option<SessionGuard>,
+    /// Present for device exports; ends the session's connection on drop.
+    pub session: Option<Box<dyn crate::nbd::SessionEnd>>,
 }
 
 /// Held by each connection of a device session.
@@ -75,6 +75,12 @@ pub struct SessionGuard {
     device: String,
     /// Set when the client ended with NBD_CMD_DISC: a Standard-mode cache is then discarded.
     pub clean: bool,
+}
+
+impl crate::nbd::SessionEnd for SessionGuard {
+    fn ended_cleanly(&mut self) {
+        self.clean = true;
+    }
 }
 
 impl Drop for SessionGuard {
@@ -315,11 +321,11 @@ impl Server {
             name,
             description,
             disk,
-            session: Some(SessionGuard {
+            session: Some(Box::new(SessionGuard {
                 server: self.clone(),
                 device: device.name.clone(),
                 clean: false,
-            }),
+            })),
         })
     }
 
@@ -358,7 +364,7 @@ impl Server {
                 name: export_name,
                 description,
                 disk,
-                session: Some(guard),
+                session: Some(Box::new(guard)),
             });
         }
         let writes_vdisk = device.kind == DeviceType::Maintenance || vdisk.mode == Mode::Private;
@@ -435,7 +441,7 @@ impl Server {
             name: export_name,
             description,
             disk,
-            session: Some(guard),
+            session: Some(Box::new(guard)),
         })
     }
 

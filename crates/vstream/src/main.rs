@@ -5,6 +5,7 @@
 //!   vstream vdisk ...    manage vDisks through a server's API  (vdisk.rs, vdisk/)
 //!   vstream device ...   manage devices through the API        (device.rs)
 //!   vstream version ...  manage vDisk versions through the API (version.rs)
+//!   vstream target ...   run a device's agent                  (target_cmd.rs)
 //! ```
 //!
 //! Each subcommand lives in its own module and owns its clap arguments. The
@@ -21,6 +22,7 @@ mod client;
 mod device;
 mod output;
 mod server_cmd;
+mod target_cmd;
 mod vdisk;
 mod version;
 
@@ -47,6 +49,8 @@ enum Command {
     Device(device::DeviceArgs),
     /// Create, promote, roll back, merge, list and delete vDisk versions.
     Version(version::VersionArgs),
+    /// Run a device's agent: log in, stream, keep the write cache, fail over.
+    Target(target_cmd::TargetArgs),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
         Command::VDisk(args) => vdisk::run(args),
         Command::Device(args) => device::run(args),
         Command::Version(args) => version::run(args),
+        Command::Target(args) => target_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -113,6 +118,9 @@ mod tests {
             "version list win10",
             "version list win10 --json",
             "version delete win10 1",
+            "server list --api http://h:1 --json",
+            "target --bootstrap 10.0.0.1:7080,10.0.0.2:7080 --mac 52:54:00:00:00:01 \
+             --listen unix:/run/vstream.sock --cache disk:/var/cache/vs:4GiB --deadline-ms 500",
             "version --api http://h:1 --token-file /tmp/t list win10",
             "server --data /srv/vs --nbd 0.0.0.0:10809 --nbd unix:/run/vs.sock \
              --api 127.0.0.1:7080 --log-format json --max-connections 10",

@@ -132,7 +132,7 @@ fn resolve(args: ServerArgs) -> Result<Config> {
 }
 
 /// Logs to stderr, filtered by RUST_LOG (default `info`).
-fn init_logging(format: LogFormat) -> Result<()> {
+pub fn init_logging(format: LogFormat) -> Result<()> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.trim().is_empty() => EnvFilter::try_new(&spec)
             .with_context(|| format!("RUST_LOG={spec:?} is not a valid log filter"))?,

@@ -10,7 +10,8 @@ use vstream_nbd::handshake::{
 };
 use vstream_nbd::*;
 
-use crate::state::{Export, OpenError, Server};
+use super::Exports;
+use crate::state::{Export, OpenError};
 
 /// Largest request payload we accept (READ length or WRITE data).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
@@ -57,7 +58,7 @@ pub fn export_flags(export: &Export, structured: bool) -> u16 {
 /// Runs the handshake. `Ok(None)` means the client aborted politely.
 pub async fn negotiate<S>(
     stream: &mut S,
-    server: &Arc<Server>,
+    exports: &Arc<dyn Exports>,
     peer: &str,
 ) -> Result<Option<Negotiated>, HandshakeError>
 where
@@ -86,7 +87,7 @@ where
         let code = option.code();
         match option {
             ClientOption::ExportName(name) => {
-                let export = server.open_export(&name, peer, true).await.map_err(|e| {
+                let export = exports.clone().open(&name, peer, true).await.map_err(|e| {
                     HandshakeError::ExportName {
                         name: name.clone(),
                         reason: e.to_string(),
@@ -108,13 +109,13 @@ where
                 return Ok(None);
             }
             ClientOption::List => {
-                for name in server.store.list().unwrap_or_default() {
-                    encode_rep_server(&mut out, &name, &format!("vDisk {name} (read-only)"));
+                for (name, description) in exports.list() {
+                    encode_rep_server(&mut out, &name, &description);
                 }
                 encode_option_reply(&mut out, code, REP_ACK, &[]);
             }
             ClientOption::StructuredReply => {
-                if !server.config.structured_replies {
+                if !exports.structured_replies() {
                     encode_option_error(
                         &mut out,
                         code,
@@ -145,7 +146,7 @@ where
                         REP_ERR_INVALID,
                         "negotiate structured replies first",
                     );
-                } else if let Err(e) = server.open_export(&export, peer, false).await {
+                } else if let Err(e) = exports.clone().open(&export, peer, false).await {
                     encode_option_error(&mut out, code, open_error_reply(&e), &e.to_string());
                 } else {
                     let wanted =
@@ -165,7 +166,7 @@ where
                 }
             }
             ClientOption::Info { go, name, requests } => {
-                match server.open_export(&name, peer, go).await {
+                match exports.clone().open(&name, peer, go).await {
                     Err(e) => {
                         tracing::info!(%peer, export = %name, reason = %e, "export refused");
                         encode_option_error(&mut out, code, open_error_reply(&e), &e.to_string());

@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Semaphore};
@@ -18,10 +19,63 @@ use tokio::task::JoinSet;
 
 use crate::config::Listen;
 use crate::metrics::Metrics;
-use crate::state::Server;
+use crate::state::{Export, OpenError, Server};
 use transmission::Ending;
 
 /// A bound NBD listener.
+/// What an NBD service serves: the provisioning server's vDisks and device
+/// exports, or the one device of a `vstream target` agent.
+pub trait Exports: Send + Sync + 'static {
+    /// Resolves an export name for a new connection (`go`) or for a query.
+    fn open<'a>(
+        self: Arc<Self>,
+        name: &'a str,
+        peer: &'a str,
+        go: bool,
+    ) -> BoxFuture<'a, Result<Export, OpenError>>;
+    /// Names and descriptions for NBD_OPT_LIST.
+    fn list(&self) -> Vec<(String, String)>;
+    fn structured_replies(&self) -> bool;
+    fn handshake_timeout(&self) -> Duration;
+    fn metrics(&self) -> &Metrics;
+}
+
+/// Told when the connection holding an export ends with NBD_CMD_DISC.
+pub trait SessionEnd: Send + Sync {
+    fn ended_cleanly(&mut self);
+}
+
+impl Exports for Server {
+    fn open<'a>(
+        self: Arc<Self>,
+        name: &'a str,
+        peer: &'a str,
+        go: bool,
+    ) -> BoxFuture<'a, Result<Export, OpenError>> {
+        Box::pin(async move { self.open_export(name, peer, go).await })
+    }
+    fn list(&self) -> Vec<(String, String)> {
+        self.store
+            .list()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|n| {
+                let d = format!("vDisk {n} (read-only)");
+                (n, d)
+            })
+            .collect()
+    }
+    fn structured_replies(&self) -> bool {
+        self.config.structured_replies
+    }
+    fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.handshake_timeout_secs)
+    }
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+}
+
 pub enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener, std::path::PathBuf),
@@ -67,7 +121,7 @@ impl Drop for Listener {
 /// for every connection to finish its in-flight requests.
 pub async fn serve(
     listener: Listener,
-    server: Arc<Server>,
+    exports: Arc<dyn Exports>,
     limit: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -90,9 +144,9 @@ pub async fn serve(
             tracing::warn!(%peer, "connection refused: connection limit reached");
             continue;
         };
-        let (server, shutdown) = (server.clone(), shutdown.clone());
+        let (exports, shutdown) = (exports.clone(), shutdown.clone());
         conns.spawn(async move {
-            connection(reader, writer, &peer, server, shutdown).await;
+            connection(reader, writer, &peer, exports, shutdown).await;
             drop(permit);
         });
     }
@@ -126,19 +180,19 @@ async fn connection<R, W>(
     reader: R,
     writer: W,
     peer: &str,
-    server: Arc<Server>,
+    exports: Arc<dyn Exports>,
     shutdown: watch::Receiver<bool>,
 ) where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let metrics = &server.metrics;
+    let metrics = exports.metrics();
     Metrics::add(&metrics.connections_total, 1);
     metrics.connections_open.fetch_add(1, Ordering::Relaxed);
     let mut stream = tokio::io::join(reader, writer);
-    let timeout = Duration::from_secs(server.config.handshake_timeout_secs);
+    let timeout = exports.handshake_timeout();
     let negotiated =
-        tokio::time::timeout(timeout, handshake::negotiate(&mut stream, &server, peer)).await;
+        tokio::time::timeout(timeout, handshake::negotiate(&mut stream, &exports, peer)).await;
     let neg = match negotiated {
         Ok(Ok(Some(n))) => n,
         Ok(Ok(None)) => {
@@ -161,12 +215,12 @@ async fn connection<R, W>(
     };
     tracing::debug!(%peer, export = %neg.export.name, structured = neg.structured, "transmission starts");
     let (reader, writer) = stream.into_inner();
-    let result = transmission::serve(reader, writer, &neg, server.clone(), shutdown).await;
+    let result = transmission::serve(reader, writer, &neg, exports.clone(), shutdown).await;
     let mut neg = neg;
     match result {
         Ok(Ending::Disconnect) => {
             if let Some(s) = neg.export.session.as_mut() {
-                s.clean = true;
+                s.ended_cleanly();
             }
             tracing::debug!(%peer, export = %neg.export.name, "client disconnected");
         }

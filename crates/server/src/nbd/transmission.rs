@@ -24,8 +24,8 @@ use vstream_nbd::transmission::{
 use vstream_nbd::*;
 
 use super::handshake::{Negotiated, MAX_PAYLOAD};
+use super::Exports;
 use crate::metrics::Metrics;
-use crate::state::Server;
 
 /// Most requests of one connection on the blocking pool at once.
 const MAX_IN_FLIGHT: u32 = 64;
@@ -60,7 +60,7 @@ struct Conn {
     disk: Arc<Disk>,
     structured: bool,
     base_allocation: bool,
-    server: Arc<Server>,
+    exports: Arc<dyn Exports>,
 }
 
 /// Serves requests until the client disconnects or `shutdown` fires.
@@ -68,7 +68,7 @@ pub async fn serve<R, W>(
     mut reader: R,
     writer: W,
     neg: &Negotiated,
-    server: Arc<Server>,
+    exports: Arc<dyn Exports>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Ending, TransmissionError>
 where
@@ -79,7 +79,7 @@ where
         disk: neg.export.disk.clone(),
         structured: neg.structured,
         base_allocation: neg.base_allocation,
-        server,
+        exports,
     });
     let writer = Arc::new(Mutex::new(writer));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize));
@@ -98,7 +98,7 @@ where
                 break;
             }
             let data = buf.split_to(need).split_off(REQUEST_HEADER_LEN).freeze();
-            Metrics::add(&conn.server.metrics.requests, 1);
+            Metrics::add(&conn.exports.metrics().requests, 1);
             if req.command == Command::Disc {
                 break 'conn Ending::Disconnect;
             }
@@ -202,7 +202,7 @@ impl Conn {
     /// Answers `req` on the spot if it needs no blocking work; returns false otherwise.
     fn try_inline(&self, req: &Request, out: &mut Vec<u8>) -> bool {
         if let Err(errno) = self.validate(req) {
-            Metrics::add(&self.server.metrics.request_errors, 1);
+            Metrics::add(&self.exports.metrics().request_errors, 1);
             out.extend_from_slice(&self.error_reply(req, errno, "invalid request"));
             return true;
         }
@@ -211,7 +211,7 @@ impl Conn {
                 let start = out.len();
                 self.read_reply_header(req, out);
                 if read_into(&self.disk, out, req, true).is_ok_and(|done| done) {
-                    Metrics::add(&self.server.metrics.read_bytes, u64::from(req.length));
+                    Metrics::add(&self.exports.metrics().read_bytes, u64::from(req.length));
                     true
                 } else {
                     out.truncate(start);
@@ -271,7 +271,7 @@ impl Conn {
                 self.read_reply_header(req, &mut out);
                 return match read_into(disk, &mut out, req, false) {
                     Ok(_) => {
-                        Metrics::add(&self.server.metrics.read_bytes, u64::from(req.length));
+                        Metrics::add(&self.exports.metrics().read_bytes, u64::from(req.length));
                         out
                     }
                     Err(e) => {
@@ -281,7 +281,7 @@ impl Conn {
                 };
             }
             Command::Write => {
-                Metrics::add(&self.server.metrics.written_bytes, data.len() as u64);
+                Metrics::add(&self.exports.metrics().written_bytes, data.len() as u64);
                 disk.write(&data, req.offset, fua)
             }
             Command::Flush => disk.flush().map_err(WriteError::from),
@@ -312,8 +312,8 @@ impl Conn {
 
     /// The error reply for `req`: structured where the protocol demands it.
     fn error_reply(&self, req: &Request, errno: u32, message: &str) -> Vec<u8> {
-        self.server
-            .metrics
+        self.exports
+            .metrics()
             .request_errors
             .fetch_add(1, Ordering::Relaxed);
         let mut out = Vec::with_capacity(64);

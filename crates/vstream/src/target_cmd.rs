@@ -1,0 +1,69 @@
+//! `vstream target`: the agent a diskless device (or its VM host) runs.
+//!
+//! It logs in through the bootstrap servers, streams the device's vDisk
+//! version from the server login chose, keeps the device's write cache, fails
+//! over when that server dies, and serves the OS a local NBD export. The work
+//! is in the `vstream-target` crate; this module parses flags and runs it.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use vstream_server::config::Listen;
+use vstream_target::{CacheSpec, Options};
+
+#[derive(Debug, Args)]
+pub struct TargetArgs {
+    /// The servers' API addresses, tried in order until one answers
+    /// (HOST:PORT[,HOST:PORT...]; as many as you like).
+    #[arg(
+        long,
+        value_name = "HOST:PORT,...",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub bootstrap: Vec<String>,
+    /// This device's MAC address, as registered with `vstream device add`.
+    #[arg(long, value_name = "MAC", value_parser = vstream_api::parse_mac)]
+    pub mac: String,
+    /// Where the OS reaches its disk: unix:PATH, or a loopback HOST:PORT;
+    /// repeat for both.
+    #[arg(long, value_name = "unix:PATH|HOST:PORT", required = true)]
+    pub listen: Vec<String>,
+    /// The write cache: ram:SIZE or disk:PATH:SIZE [default: ram:1GiB].
+    #[arg(long, value_name = "SPEC", default_value = "ram:1GiB")]
+    pub cache: CacheSpec,
+    /// Milliseconds a server may leave a read unanswered before the agent
+    /// moves to another.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    pub deadline_ms: u64,
+}
+
+pub fn run(args: TargetArgs) -> Result<()> {
+    let listen = args
+        .listen
+        .iter()
+        .map(|l| l.parse::<Listen>().map_err(anyhow::Error::msg))
+        .collect::<Result<Vec<_>>>()?;
+    let opts = Options {
+        bootstrap: args.bootstrap,
+        mac: args.mac,
+        listen,
+        cache: args.cache,
+        deadline: Duration::from_millis(args.deadline_ms.max(1)),
+    };
+    crate::server_cmd::init_logging(Default::default())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async move {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            vstream_server::wait_for_signal().await;
+            tracing::info!("stopping");
+            let _ = tx.send(true);
+        });
+        vstream_target::run(opts, rx).await
+    })
+}
