@@ -16,13 +16,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{have, TestServer};
+use common::{have, have_python_nbd, TestServer, PYTHON};
 use rand::Rng;
 
 const BLOCK: usize = 4096;
 const BLOCKS: u64 = 4096;
 const DISK_SIZE: usize = 64 << 20;
-const PYTHON: &str = "/usr/bin/python3";
 
 /// The writer. Modes:
 ///   crash URL START  writes i = START, START+1, ...; FLUSH after every 8th
@@ -198,20 +197,7 @@ fn check_disk(img: &[u8], lower: &[Option<u64>], max_i: u64, what: &str) -> Vec<
 // Harness.
 
 fn tools_present() -> bool {
-    if !have("nbdcopy") {
-        return false;
-    }
-    let ok = Command::new(PYTHON)
-        .args(["-c", "import nbd"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{PYTHON} with the libnbd module (python3-libnbd) is required in CI");
-        }
-        eprintln!("SKIP: {PYTHON} cannot import nbd (install python3-libnbd)");
-    }
-    ok
+    have("nbdcopy") && have_python_nbd()
 }
 
 /// A server with vDisk `v` (64 MiB) and device `d1` on it (Private mode).

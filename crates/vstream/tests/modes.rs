@@ -9,10 +9,9 @@ use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{have, random_image, run, TestServer};
+use common::{have, have_python_nbd, random_image, run, TestServer, PYTHON};
 
 const MIB: u64 = 1 << 20;
-const PYTHON: &str = "/usr/bin/python3";
 
 /// A libnbd client driven line by line on stdin; each command answers one line.
 /// With a second argument it starts up, says `waiting`, and connects only at
@@ -74,21 +73,6 @@ for line in sys.stdin:
         print("error", e.errnum, e.errno, e.string, flush=True)
 os._exit(0)
 "#;
-
-/// True if /usr/bin/python3 has the libnbd bindings.
-fn have_python_nbd() -> bool {
-    let ok = Command::new(PYTHON)
-        .args(["-c", "import nbd"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{PYTHON} with the nbd module (python3-libnbd) is required in CI");
-        }
-        eprintln!("SKIP: {PYTHON} cannot import nbd (install python3-libnbd)");
-    }
-    ok
-}
 
 /// One NBD connection held open by a libnbd client process.
 struct Nbd {

@@ -16,11 +16,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-use common::TestServer;
+use common::{have_python_nbd, TestServer, PYTHON};
 
 const MIB: usize = 1 << 20;
 const SIZE: usize = 4 * MIB;
-const PYTHON: &str = "/usr/bin/python3";
 const VD: &str = "c";
 
 /// `WRITER URL OFF PATH [OFF PATH ...]`: connects, pwrites each file's bytes
@@ -61,20 +60,6 @@ for i, url in enumerate(sys.argv[2:]):
             f.write("%s %s %s" % (e.errnum, e.errno, e.string))
     del h
 "#;
-
-fn have_python_nbd() -> bool {
-    let ok = Command::new(PYTHON)
-        .args(["-c", "import nbd"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{PYTHON} with the nbd module (python3-libnbd) is required in CI");
-        }
-        eprintln!("SKIP: {PYTHON} cannot import nbd (install python3-libnbd)");
-    }
-    ok
-}
 
 fn text(out: &Output) -> String {
     format!(

@@ -17,11 +17,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-use common::{have, TestServer};
+use common::{have, have_python_nbd, TestServer, PYTHON};
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
-const PYTHON: &str = "/usr/bin/python3";
 
 /// A libnbd client driven line by line on stdin; each command answers one line.
 ///
@@ -113,21 +112,6 @@ for i, url in enumerate(sys.argv[2:]):
             f.write("%s %s %s" % (e.errnum, e.errno, e.string))
     del h
 "#;
-
-/// True if /usr/bin/python3 has the libnbd bindings (in CI: must have).
-fn have_python_nbd() -> bool {
-    let ok = Command::new(PYTHON)
-        .args(["-c", "import nbd"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{PYTHON} with the nbd module (python3-libnbd) is required in CI");
-        }
-        eprintln!("SKIP: {PYTHON} cannot import nbd (install python3-libnbd)");
-    }
-    ok
-}
 
 /// One NBD connection held open by a libnbd client process.
 struct Nbd {

@@ -26,6 +26,25 @@ pub fn have(tool: &str) -> bool {
     found
 }
 
+/// The Python with the libnbd bindings (Debian's python3-libnbd).
+pub const PYTHON: &str = "/usr/bin/python3";
+
+/// True if [`PYTHON`] can import nbd; otherwise prints why the test is
+/// skipped (in CI, fails).
+pub fn have_python_nbd() -> bool {
+    let ok = Command::new(PYTHON)
+        .args(["-c", "import nbd"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{PYTHON} with the nbd module (python3-libnbd) is required in CI");
+        }
+        eprintln!("SKIP: {PYTHON} cannot import nbd (install python3-libnbd)");
+    }
+    ok
+}
+
 pub fn free_port() -> u16 {
     free_ports::<1>()[0]
 }
@@ -46,9 +65,20 @@ pub struct TestServer {
     pub sock: PathBuf,
     _dir: Option<tempfile::TempDir>,
     pub log: PathBuf,
+    /// More `vstream server` flags (farm membership), kept for restarts.
+    pub extra: Vec<String>,
 }
 
 impl TestServer {
+    /// Starts a server named `name` on `data`, a member of the farm in etcd at `etcd`.
+    pub fn start_in_farm(data: PathBuf, etcd: &str, name: &str) -> TestServer {
+        let endpoint = etcd.trim_start_matches("http://");
+        TestServer::start_with(
+            data,
+            &["--farm", &format!("etcd://{endpoint}"), "--name", name],
+        )
+    }
+
     /// Starts a server on a new data folder.
     pub fn start() -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -59,6 +89,11 @@ impl TestServer {
 
     /// Starts a server on `data` (an existing folder keeps its state).
     pub fn start_in(data: PathBuf) -> TestServer {
+        TestServer::start_with(data, &[])
+    }
+
+    /// Starts a server on `data` with more flags.
+    pub fn start_with(data: PathBuf, extra: &[&str]) -> TestServer {
         std::fs::create_dir_all(&data).expect("creating the data folder");
         // Another test may take a port between picking and binding: retry.
         for attempt in 0.. {
@@ -73,6 +108,7 @@ impl TestServer {
                 data: data.clone(),
                 _dir: None,
                 log,
+                extra: extra.iter().map(|s| s.to_string()).collect(),
             };
             match s.try_spawn(api_port) {
                 Ok(()) => return s,
@@ -99,6 +135,7 @@ impl TestServer {
             .arg("--nbd")
             .arg(format!("unix:{}", self.sock.display()))
             .args(["--api", &format!("127.0.0.1:{api_port}")])
+            .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -293,4 +330,166 @@ pub fn guest_boot(kit: &Path, url: &str, vstest: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     console
+}
+
+/// An etcd of its own for one test, on free ports, with its data in a
+/// temporary folder; it can be stopped and started again on the same data.
+pub struct TestEtcd {
+    child: Option<Child>,
+    pub url: String,
+    peer: String,
+    dir: tempfile::TempDir,
+}
+
+impl TestEtcd {
+    /// `None` (and a SKIP line) when etcd is not installed.
+    pub fn start() -> Option<TestEtcd> {
+        if !have("etcd") {
+            return None;
+        }
+        let [client, peer] = free_ports::<2>();
+        let mut e = TestEtcd {
+            child: None,
+            url: format!("http://127.0.0.1:{client}"),
+            peer: format!("http://127.0.0.1:{peer}"),
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        e.resume();
+        Some(e)
+    }
+
+    /// Starts the process (again) and waits until it answers.
+    pub fn resume(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("etcd.log"))
+            .expect("etcd log");
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .args([
+                "--listen-client-urls",
+                &self.url,
+                "--advertise-client-urls",
+                &self.url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &self.peer,
+                "--initial-advertise-peer-urls",
+                &self.peer,
+            ])
+            .args(["--initial-cluster", &format!("t={}", self.peer)])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning etcd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let health = format!("{}/health", self.url);
+        while Instant::now() < deadline {
+            let ok = Command::new("curl")
+                .args(["-sf", "-m", "1", &health])
+                .output()
+                .is_ok_and(|o| {
+                    o.status.success() && String::from_utf8_lossy(&o.stdout).contains("true")
+                });
+            if ok {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("etcd did not become healthy within 20 s");
+    }
+
+    /// Stops it (SIGKILL: etcd away, as when its host dies).
+    pub fn pause(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for TestEtcd {
+    fn drop(&mut self) {
+        self.pause();
+    }
+}
+
+/// A `vstream target` agent serving its device on a unix socket.
+pub struct TestAgent {
+    child: Option<Child>,
+    pub sock: PathBuf,
+    pub log: PathBuf,
+}
+
+impl TestAgent {
+    /// Starts an agent for `mac` with the bootstrap list `apis` (URLs), and
+    /// waits for its socket.
+    pub fn start(dir: &Path, name: &str, mac: &str, apis: &[&str], cache: &str) -> TestAgent {
+        let sock = dir.join(format!("{name}.sock"));
+        let log = dir.join(format!("{name}.log"));
+        let bootstrap: Vec<&str> = apis
+            .iter()
+            .map(|a| a.trim_start_matches("http://"))
+            .collect();
+        let child = Command::new(BIN)
+            .args(["target", "--bootstrap", &bootstrap.join(","), "--mac", mac])
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display()))
+            .args(["--cache", cache])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("agent log"))
+            .spawn()
+            .expect("spawning vstream target");
+        let mut a = TestAgent {
+            child: Some(child),
+            sock,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !a.log_text().contains("serving the device's disk") {
+            if let Some(st) = a.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("agent exited with {st}:\n{}", a.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not serve within 30 s:\n{}",
+                a.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        a
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Polls `f` every 100 ms until it gives `Some`, for up to `secs` seconds.
+pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gave up after {secs} s waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -1,0 +1,316 @@
+//! A multi-server farm on a real etcd: servers publish themselves, devices
+//! log in through `vstream target` agents, and the agents fail over when a
+//! server is killed, with a verifying workload running (tests/farm/workload.py).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use common::{
+    have, have_python_nbd, random_image, repo, wait_for, TestAgent, TestEtcd, TestServer, PYTHON,
+};
+
+const IMAGE_SIZE: u64 = 32 << 20;
+
+/// Tools every test here needs; prints why when one is missing.
+fn tools() -> Option<TestEtcd> {
+    if !have("curl") || !have_python_nbd() {
+        return None;
+    }
+    TestEtcd::start()
+}
+
+/// `n` servers in the farm, each holding vDisk `demo` (the same image,
+/// imported on each), Standard mode with device-side caches, and `devices`
+/// devices pc1.. on it.
+fn farm(etcd: &TestEtcd, dir: &Path, n: usize, devices: usize) -> Vec<TestServer> {
+    let image = dir.join("demo.raw");
+    random_image(&image, IMAGE_SIZE, 7);
+    let servers: Vec<TestServer> = (1..=n)
+        .map(|i| TestServer::start_in_farm(dir.join(format!("s{i}")), &etcd.url, &format!("s{i}")))
+        .collect();
+    for s in &servers {
+        s.cli_ok(&["vdisk", "import", "demo", image.to_str().unwrap()]);
+    }
+    servers[0].cli_ok(&[
+        "vdisk",
+        "set",
+        "demo",
+        "--mode",
+        "standard",
+        "--cache-type",
+        "device",
+    ]);
+    for d in 1..=devices {
+        servers[0].cli_ok(&[
+            "device",
+            "add",
+            &format!("pc{d}"),
+            "--mac",
+            &mac(d),
+            "--vdisk",
+            "demo",
+        ]);
+    }
+    // Every server sees every server, each holding a verified replica.
+    for s in &servers {
+        wait_for(30, "every server up with a verified replica", || {
+            let list = server_list(s);
+            let ready = list.as_array()?.iter().filter(|v| {
+                v["up"] == true
+                    && v["versions"].as_array().is_some_and(|vs| {
+                        vs.iter()
+                            .any(|x| x["vdisk"] == "demo" && x["verified"] == true)
+                    })
+            });
+            (ready.count() == n).then_some(())
+        });
+    }
+    servers
+}
+
+fn mac(d: usize) -> String {
+    format!("52:54:00:00:01:{d:02x}")
+}
+
+fn server_list(s: &TestServer) -> serde_json::Value {
+    let out = s.cli(&["server", "list", "--json"]);
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+fn apis(servers: &[TestServer]) -> Vec<&str> {
+    servers.iter().map(|s| s.api.as_str()).collect()
+}
+
+/// The server an agent streams from now, from its log.
+fn streaming_from(agent: &TestAgent) -> String {
+    let log = agent.log_text();
+    let last = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("failed over") || l.contains("logged in"))
+        .unwrap_or_default()
+        .to_string();
+    let key = if last.contains("failed over") {
+        " to="
+    } else {
+        " server="
+    };
+    last.split(key)
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn start_workload(agent: &TestAgent, image: &Path, secs: u32, seed: usize) -> Child {
+    Command::new(PYTHON)
+        .arg(repo().join("tests/farm/workload.py"))
+        .arg(&agent.sock)
+        .arg(image)
+        .arg(secs.to_string())
+        .arg(seed.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the workload")
+}
+
+/// Waits for a workload; insists it saw no I/O error and no mismatch.
+fn finish_workload(child: Child, agent: &TestAgent) -> serde_json::Value {
+    let out = child.wait_with_output().expect("workload");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the workload saw errors:\n{stdout}\n{}\nagent log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        agent.log_text()
+    );
+    let stats: serde_json::Value = serde_json::from_str(stdout.trim()).expect("workload JSON");
+    assert!(
+        stats["reads"].as_u64() > Some(100) && stats["writes"].as_u64() > Some(10),
+        "{stats}"
+    );
+    stats
+}
+
+fn pid(s: &TestServer) -> u32 {
+    s.child.as_ref().expect("running").id()
+}
+
+#[test]
+fn agents_carry_on_when_servers_are_killed() {
+    let Some(etcd) = tools() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut servers = farm(&etcd, dir.path(), 3, 3);
+    let image = dir.path().join("demo.raw");
+    let agents: Vec<TestAgent> = (1..=3)
+        .map(|d| {
+            TestAgent::start(
+                dir.path(),
+                &format!("pc{d}"),
+                &mac(d),
+                &apis(&servers),
+                "ram:64MiB",
+            )
+        })
+        .collect();
+    // Load balancing: three devices on three idle servers of equal power.
+    let mut on: Vec<String> = agents.iter().map(streaming_from).collect();
+    on.sort();
+    assert_eq!(on, ["s1", "s2", "s3"], "one device per server");
+
+    let loads: Vec<Child> = agents
+        .iter()
+        .enumerate()
+        .map(|(i, a)| start_workload(a, &image, 14, i + 1))
+        .collect();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let first = pid(&servers[0]);
+    servers[0].kill9();
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let second = pid(&servers[1]);
+    assert_ne!(first, second);
+    servers[1].kill9();
+    let stats: Vec<serde_json::Value> = loads
+        .into_iter()
+        .zip(&agents)
+        .map(|(c, a)| finish_workload(c, a))
+        .collect();
+    eprintln!("workloads: {stats:?}");
+
+    // Every device now streams from the one live server, which says so.
+    for a in &agents {
+        assert_eq!(streaming_from(a), "s3", "{}", a.log_text());
+    }
+    let moved = agents
+        .iter()
+        .filter(|a| a.log_text().contains("failed over"))
+        .count();
+    assert_eq!(
+        moved, 2,
+        "the devices of s1 and s2 moved, the one on s3 stayed"
+    );
+    wait_for(10, "s3 reporting three devices and s1, s2 down", || {
+        let list = server_list(&servers[2]);
+        let by = |n: &str| list.as_array()?.iter().find(|v| v["name"] == n).cloned();
+        let (s1, s2, s3) = (by("s1")?, by("s2")?, by("s3")?);
+        (s1["up"] == false && s2["up"] == false && s3["devices"] == 3).then_some(())
+    });
+}
+
+#[test]
+fn etcd_away_streaming_and_logins_go_on_and_the_farm_catches_up() {
+    let Some(mut etcd) = tools() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let servers = farm(&etcd, dir.path(), 2, 3);
+    let image = dir.path().join("demo.raw");
+    let a1 = TestAgent::start(dir.path(), "pc1", &mac(1), &apis(&servers), "ram:64MiB");
+    let load = start_workload(&a1, &image, 8, 1);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    etcd.pause();
+    // Each server notices and says so.
+    for s in &servers {
+        wait_for(
+            15,
+            "the server to report the farm state unreachable",
+            || {
+                let list = server_list(s);
+                let me = list
+                    .as_array()?
+                    .iter()
+                    .find(|v| v["farm_connected"].is_boolean())?
+                    .clone();
+                (me["farm_connected"] == false).then_some(())
+            },
+        );
+    }
+    // A known device logs in and streams while etcd is away.
+    let disk_cache = format!("disk:{}:64MiB", dir.path().join("pc2.cache").display());
+    let a2 = TestAgent::start(dir.path(), "pc2", &mac(2), &apis(&servers), &disk_cache);
+    let load2 = start_workload(&a2, &image, 3, 2);
+    finish_workload(load2, &a2);
+    finish_workload(load, &a1);
+    // Admin changes wait for etcd; once it is back, the farm catches up.
+    let refused =
+        servers[0].cli_err(&["device", "add", "pc9", "--mac", &mac(9), "--vdisk", "demo"]);
+    assert!(refused.contains("etcd"), "{refused}");
+    etcd.resume();
+    for s in &servers {
+        wait_for(20, "the server to reach etcd again", || {
+            let list = server_list(s);
+            let me = list
+                .as_array()?
+                .iter()
+                .find(|v| v["farm_connected"].is_boolean())?
+                .clone();
+            (me["farm_connected"] == true).then_some(())
+        });
+    }
+    servers[0].cli_ok(&["device", "add", "pc9", "--mac", &mac(9), "--vdisk", "demo"]);
+    // The other server learns of the new device, and logs it in.
+    let a9 = wait_for(10, "the new device to log in on the other server", || {
+        let body = format!("{{\"mac\":\"{}\"}}", mac(9));
+        let out = Command::new("curl")
+            .args([
+                "-sf",
+                "-X",
+                "POST",
+                "-H",
+                "content-type: application/json",
+                "-d",
+                &body,
+            ])
+            .arg(format!("{}/api/v1/login", servers[1].api))
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    });
+    assert!(a9.contains("\"device\":\"pc9\""), "{a9}");
+}
+
+#[test]
+fn logins_are_refused_with_reasons() {
+    let Some(etcd) = tools() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let servers = farm(&etcd, dir.path(), 1, 1);
+    let login = |mac: &str| {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-w",
+                "\n%{http_code}",
+                "-X",
+                "POST",
+                "-H",
+                "content-type: application/json",
+            ])
+            .args(["-d", &format!("{{\"mac\":\"{mac}\"}}")])
+            .arg(format!("{}/api/v1/login", servers[0].api))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let unknown = login("52:54:00:ff:ff:ff");
+    assert!(
+        unknown.ends_with("404") && unknown.contains("no device has MAC"),
+        "{unknown}"
+    );
+    let bad = login("not-a-mac");
+    assert!(bad.ends_with("409"), "{bad}");
+    let ok = login(&mac(1));
+    assert!(
+        ok.ends_with("200") && ok.contains("\"failover\":true"),
+        "{ok}"
+    );
+    // The login needs no token; the server list does.
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("{}/api/v1/servers", servers[0].api))
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
+}
