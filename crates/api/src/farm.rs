@@ -96,3 +96,36 @@ pub struct LoginReply {
     /// Whether the device may move to another server holding the same bytes.
     pub failover: bool,
 }
+
+/// `vstream farm rebalance`: spread the devices again.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Rebalance {
+    /// Move devices off servers above the average load plus this percent
+    /// (default 25).
+    #[serde(default)]
+    pub trigger_pct: Option<f64>,
+}
+
+/// A rebalance request as the farm state holds it; every server acts on a
+/// new one once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RebalanceRequest {
+    pub id: u64,
+    pub trigger_pct: f64,
+    pub requested_unix: u64,
+}
+
+/// How many devices each server lets go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PlannedMove {
+    pub server: String,
+    pub devices: u32,
+}
+
+/// The answer to a rebalance: the plan, as the answering server sees the farm.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RebalancePlan {
+    pub id: u64,
+    pub trigger_pct: f64,
+    pub moves: Vec<PlannedMove>,
+}

@@ -1009,6 +1009,14 @@ pub async fn servers_publish_and_list(b: Arc<dyn Backend>) {
         2,
         "members stay"
     );
+    assert_eq!(farm.rebalance_request().await.expect("read"), None);
+    let req = vstream_api::RebalanceRequest {
+        id: 7,
+        trigger_pct: 25.0,
+        requested_unix: 3,
+    };
+    farm.request_rebalance(&req).await.expect("request");
+    assert_eq!(farm.rebalance_request().await.expect("read"), Some(req));
     let err = farm
         .publish_server(&status("bad/name", 0), ttl)
         .await

@@ -7,12 +7,13 @@
 
 use std::time::Duration;
 
-use vstream_api::ServerStatus;
+use vstream_api::{RebalanceRequest, ServerStatus};
 
-use crate::{checked_name, encode, FarmError, FarmStore, Op, RecordKind};
+use crate::{checked_name, decode, encode, FarmError, FarmStore, Op, RecordKind};
 
 const MEMBERS: &str = "members/";
 const LIVE: &str = "live/";
+const REBALANCE: &str = "rebalance";
 
 impl FarmStore {
     /// Publishes `status` as live for about `ttl`, and records the member.
@@ -50,5 +51,21 @@ impl FarmStore {
     /// Every server ever published, by name, as last seen.
     pub async fn members(&self) -> Result<Vec<ServerStatus>, FarmError> {
         self.list_records(MEMBERS).await
+    }
+
+    /// Records a rebalance request for every server to act on once.
+    pub async fn request_rebalance(&self, req: &RebalanceRequest) -> Result<(), FarmError> {
+        self.backend
+            .txn(vec![], vec![Op::put(REBALANCE, encode(REBALANCE, req)?)])
+            .await?;
+        Ok(())
+    }
+
+    /// The newest rebalance request, if any.
+    pub async fn rebalance_request(&self) -> Result<Option<RebalanceRequest>, FarmError> {
+        match self.backend.get(REBALANCE).await? {
+            Some(v) => Ok(Some(decode(REBALANCE, &v.value)?)),
+            None => Ok(None),
+        }
     }
 }

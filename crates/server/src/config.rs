@@ -67,6 +67,9 @@ pub struct Config {
     /// The API URL and NBD HOST:PORT other servers and devices reach us at.
     pub advertise_api: String,
     pub advertise_nbd: String,
+    /// Move devices off this server on its own when it carries more than the
+    /// farm's average load plus this percent; `None`: only when asked.
+    pub auto_rebalance: Option<f64>,
 }
 
 /// Where the farm state lives.
@@ -127,6 +130,7 @@ pub struct FileConfig {
     pub power: Option<f64>,
     pub advertise_api: Option<String>,
     pub advertise_nbd: Option<String>,
+    pub auto_rebalance: Option<f64>,
 }
 
 impl FileConfig {
@@ -150,6 +154,7 @@ pub struct FlagConfig {
     pub power: Option<f64>,
     pub advertise_api: Option<String>,
     pub advertise_nbd: Option<String>,
+    pub auto_rebalance: Option<f64>,
 }
 
 impl Config {
@@ -215,7 +220,12 @@ impl Config {
                 })
                 .unwrap_or_default(),
         };
+        let auto_rebalance = flags.auto_rebalance.or(file.auto_rebalance);
+        if auto_rebalance.is_some_and(|t| !(0.0..=1000.0).contains(&t)) {
+            return Err("auto_rebalance is a trigger percent, 0 to 1000".into());
+        }
         Ok(Config {
+            auto_rebalance,
             farm,
             name,
             power,

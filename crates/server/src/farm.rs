@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
-use vstream_api::{Device, HeldVersion, ServerStatus, VDisk};
+use vstream_api::{Device, HeldVersion, RebalanceRequest, ServerStatus, VDisk};
 use vstream_image::VersionState;
 
 use crate::state::{now_unix, Server};
@@ -36,6 +36,8 @@ pub struct View {
     pub vdisks: Vec<VDisk>,
     /// Live servers, this one included once it has published.
     pub servers: Vec<ServerStatus>,
+    /// The newest rebalance request.
+    pub rebalance: Option<RebalanceRequest>,
 }
 
 impl View {
@@ -64,6 +66,9 @@ pub struct Membership {
     recent: Mutex<HashMap<String, Vec<Instant>>>,
     last_read_bytes: AtomicU64,
     started_unix: AtomicU64,
+    /// The rebalance request acted on last (`Some(None)`: none at start).
+    handled_rebalance: Mutex<Option<Option<u64>>>,
+    ticks: AtomicU64,
 }
 
 impl Membership {
@@ -191,6 +196,7 @@ pub async fn run(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver
                 if !view.servers.iter().any(|s| s.name == status.name) {
                     view.servers.push(status);
                 }
+                rebalance_if_asked(&server, &view);
                 *server.membership.view.write() = view;
                 if !was {
                     tracing::info!(server = %server.config.name, "farm state reachable");
@@ -230,7 +236,51 @@ async fn publish_and_read(
         devices: server.farm.list_devices().await?,
         vdisks: server.farm.list_vdisks().await?,
         servers,
+        rebalance: server.farm.rebalance_request().await?,
     })
+}
+
+/// How often, in publish intervals, a server with auto-rebalance checks its load.
+const AUTO_REBALANCE_TICKS: u64 = 5;
+
+/// Acts on a new rebalance request, and on auto-rebalance: releases this
+/// server's share of devices in the plan.
+fn rebalance_if_asked(server: &Server, view: &View) {
+    let m = &server.membership;
+    let tick = m.ticks.fetch_add(1, Ordering::Relaxed);
+    let requested = view.rebalance.as_ref().map(|r| r.id);
+    let trigger = {
+        let mut handled = m.handled_rebalance.lock();
+        match *handled {
+            // At start, requests made before this server ran are history.
+            None => {
+                *handled = Some(requested);
+                None
+            }
+            Some(last) if last != requested => {
+                *handled = Some(requested);
+                view.rebalance.as_ref().map(|r| r.trigger_pct)
+            }
+            Some(_) => None,
+        }
+    };
+    let trigger = match (trigger, server.config.auto_rebalance) {
+        (Some(t), _) => Some(t),
+        (None, Some(t)) if tick.is_multiple_of(AUTO_REBALANCE_TICKS) => {
+            let (devices, booting) = server.session_counts(BOOT_WINDOW_SECS);
+            let booting_share = f64::from(booting) / f64::from(devices.max(1));
+            (booting_share <= crate::rebalance::BOOTING_SHARE_LIMIT).then_some(t)
+        }
+        _ => None,
+    };
+    let Some(trigger) = trigger else { return };
+    let me = &server.config.name;
+    for (name, n) in crate::rebalance::plan(&view.servers, trigger) {
+        if &name == me {
+            let moved = server.release_devices(n as usize);
+            tracing::info!(devices = ?moved, trigger_pct = trigger, "rebalance: letting devices go to less loaded servers");
+        }
+    }
 }
 
 /// Checks each held version once: every layer present, block hashes right.

@@ -7,6 +7,7 @@ pub mod farm;
 pub mod login;
 pub mod metrics;
 pub mod nbd;
+pub mod rebalance;
 pub mod state;
 
 use std::io::Write;

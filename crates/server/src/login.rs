@@ -92,7 +92,7 @@ pub fn choose(
                 DeviceType::Test => &[VersionState::Test, VersionState::Production],
                 DeviceType::Production => &[VersionState::Production],
             };
-            let all: Vec<HeldVersion> = view.servers.iter().flat_map(|s| held(s)).collect();
+            let all: Vec<HeldVersion> = view.servers.iter().flat_map(&held).collect();
             let pick = wanted.iter().find_map(|state| {
                 all.iter()
                     .filter(|v| v.state == *state)
@@ -221,6 +221,7 @@ mod tests {
                 created_unix: 0,
             }],
             servers,
+            rebalance: None,
         }
     }
 

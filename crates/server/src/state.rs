@@ -45,8 +45,9 @@ struct Session {
     since: u64,
     peer: String,
     disk: Arc<Disk>,
-    /// The device keeps its write cache itself; only its base streams from here.
-    agent: bool,
+    /// The device keeps its write cache itself; only its base streams from
+    /// here. Turning this true lets it go (it moves to another server).
+    release: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 /// Why a device cannot open its export.
@@ -75,11 +76,15 @@ pub struct SessionGuard {
     device: String,
     /// Set when the client ended with NBD_CMD_DISC: a Standard-mode cache is then discarded.
     pub clean: bool,
+    release: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl crate::nbd::SessionEnd for SessionGuard {
     fn ended_cleanly(&mut self) {
         self.clean = true;
+    }
+    fn released(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        self.release.clone()
     }
 }
 
@@ -299,6 +304,7 @@ impl Server {
                 session: None,
             });
         }
+        let release;
         {
             let mut sessions = self.sessions.lock();
             let s = sessions
@@ -312,9 +318,15 @@ impl Server {
                     since: now_unix(),
                     peer: peer.to_owned(),
                     disk: disk.clone(),
-                    agent: true,
+                    release: Some(tokio::sync::watch::channel(false).0),
                 });
+            if s.release.as_ref().is_some_and(|r| *r.borrow()) {
+                // Released, and back (no other server could take it): a new
+                // signal, so this connection is not let go at once.
+                s.release = Some(tokio::sync::watch::channel(false).0);
+            }
             s.connections += 1;
+            release = s.release.as_ref().map(|r| r.subscribe());
         }
         tracing::info!(device = %device.name, vdisk = %vdisk.name, version = number, %peer, "device streaming its base");
         Ok(Export {
@@ -325,6 +337,7 @@ impl Server {
                 server: self.clone(),
                 device: device.name.clone(),
                 clean: false,
+                release,
             })),
         })
     }
@@ -359,6 +372,7 @@ impl Server {
                 server: self.clone(),
                 device: device.name.clone(),
                 clean: false,
+                release: None,
             };
             return Ok(Export {
                 name: export_name,
@@ -427,7 +441,7 @@ impl Server {
                 since: now_unix(),
                 peer: peer.to_owned(),
                 disk: disk.clone(),
-                agent: false,
+                release: None,
             },
         );
         drop(sessions);
@@ -436,6 +450,7 @@ impl Server {
             server: self.clone(),
             device: device.name.clone(),
             clean: false,
+            release: None,
         };
         Ok(Export {
             name: export_name,
@@ -492,7 +507,11 @@ impl Server {
         if let Err(e) = s.disk.flush() {
             tracing::error!(device, error = %e, "flushing at the end of a session failed");
         }
-        if clean && s.mode == Mode::Standard && s.kind != DeviceType::Maintenance && !s.agent {
+        if clean
+            && s.mode == Mode::Standard
+            && s.kind != DeviceType::Maintenance
+            && s.release.is_none()
+        {
             drop(s.disk);
             match self.store.discard_cache(device) {
                 Ok(()) => tracing::info!(device, "session ended cleanly; write cache discarded"),
@@ -529,6 +548,27 @@ impl Server {
         v
     }
 
+    /// Lets up to `n` devices that keep their own caches go to other
+    /// servers, the most recently started first; returns their names.
+    pub fn release_devices(&self, n: usize) -> Vec<String> {
+        let sessions = self.sessions.lock();
+        let mut movable: Vec<(&String, &Session)> = sessions
+            .iter()
+            .filter(|(_, s)| s.release.as_ref().is_some_and(|r| !*r.borrow()))
+            .collect();
+        movable.sort_by_key(|(name, s)| (std::cmp::Reverse(s.since), (*name).clone()));
+        movable
+            .into_iter()
+            .take(n)
+            .map(|(name, s)| {
+                if let Some(r) = &s.release {
+                    r.send_replace(true);
+                }
+                name.clone()
+            })
+            .collect()
+    }
+
     /// Devices connected now, and how many of them started within `window_secs`.
     pub fn session_counts(&self, window_secs: u64) -> (u32, u32) {
         let now = now_unix();
@@ -549,7 +589,7 @@ impl Server {
         let sessions = self.sessions.lock();
         let s = sessions.get(&device.name);
         let cache_bytes = match s {
-            Some(s) if s.agent => 0,
+            Some(s) if s.release.is_some() => 0,
             Some(s) if s.mode == Mode::Standard && s.kind != DeviceType::Maintenance => {
                 s.disk.top_bytes()
             }

@@ -5,6 +5,7 @@
 //!   vstream vdisk ...    manage vDisks through a server's API  (vdisk.rs, vdisk/)
 //!   vstream device ...   manage devices through the API        (device.rs)
 //!   vstream version ...  manage vDisk versions through the API (version.rs)
+//!   vstream farm ...     farm-wide actions (rebalance)         (farm_cmd.rs)
 //!   vstream target ...   run a device's agent                  (target_cmd.rs)
 //! ```
 //!
@@ -20,6 +21,7 @@
 mod args;
 mod client;
 mod device;
+mod farm_cmd;
 mod output;
 mod server_cmd;
 mod target_cmd;
@@ -49,6 +51,8 @@ enum Command {
     Device(device::DeviceArgs),
     /// Create, promote, roll back, merge, list and delete vDisk versions.
     Version(version::VersionArgs),
+    /// Farm-wide actions: rebalance.
+    Farm(farm_cmd::FarmArgs),
     /// Run a device's agent: log in, stream, keep the write cache, fail over.
     Target(target_cmd::TargetArgs),
 }
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
         Command::Device(args) => device::run(args),
         Command::Version(args) => version::run(args),
         Command::Target(args) => target_cmd::run(args),
+        Command::Farm(args) => farm_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -119,6 +124,8 @@ mod tests {
             "version list win10 --json",
             "version delete win10 1",
             "server list --api http://h:1 --json",
+            "farm rebalance --trigger 10",
+            "server --farm etcd://10.0.0.1:2379,10.0.0.2:2379 --name pvs1 --power 2 --auto-rebalance 25",
             "target --bootstrap 10.0.0.1:7080,10.0.0.2:7080 --mac 52:54:00:00:00:01 \
              --listen unix:/run/vstream.sock --cache disk:/var/cache/vs:4GiB --deadline-ms 500",
             "version --api http://h:1 --token-file /tmp/t list win10",

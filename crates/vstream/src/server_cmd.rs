@@ -66,6 +66,11 @@ pub struct ServerArgs {
     /// The NBD HOST:PORT devices reach this one at [default: the first TCP --nbd].
     #[arg(long, value_name = "HOST:PORT")]
     pub advertise_nbd: Option<String>,
+    /// Move devices off this server by itself when it carries more than the
+    /// farm's average load plus PCT percent (skipped while more than 20 % of
+    /// its devices are booting) [default: off].
+    #[arg(long, value_name = "PCT")]
+    pub auto_rebalance: Option<f64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -127,6 +132,7 @@ fn resolve(args: ServerArgs) -> Result<Config> {
         power: args.power,
         advertise_api: args.advertise_api,
         advertise_nbd: args.advertise_nbd,
+        auto_rebalance: args.auto_rebalance,
     };
     Config::resolve(file, flags).map_err(|e| anyhow!("invalid server configuration: {e}"))
 }
@@ -148,6 +154,62 @@ pub fn init_logging(format: LogFormat) -> Result<()> {
         LogFormat::Json => builder.json().try_init(),
     };
     installed.map_err(|e| anyhow!("setting up logging: {e}"))
+}
+
+fn list(a: ServerListArgs) -> Result<()> {
+    let client = Client::from_args(&a.client)?;
+    let path = api_path(&["servers"]);
+    if a.list.json {
+        return print_json(&client.get(&path)?);
+    }
+    let servers: Vec<ServerInfo> = client.get(&path)?;
+    print(&server_table(&servers))
+}
+
+fn server_table(servers: &[ServerInfo]) -> String {
+    let rows: Vec<Vec<String>> = servers
+        .iter()
+        .map(|i| {
+            let s = &i.status;
+            let held: Vec<String> = s
+                .versions
+                .iter()
+                .map(|v| {
+                    format!(
+                        "{}@{}{}",
+                        v.vdisk,
+                        v.number,
+                        if v.verified { "" } else { " (unverified)" }
+                    )
+                })
+                .collect();
+            vec![
+                s.name.clone(),
+                if i.up { "up" } else { "down" }.to_string(),
+                format!("{:.2}", i.load),
+                format!("{}", s.power),
+                s.devices.to_string(),
+                format!("{}/s", human_size(s.read_bytes_per_s)),
+                match i.farm_connected {
+                    Some(true) => "connected".to_string(),
+                    Some(false) => "DEGRADED".to_string(),
+                    None => "-".to_string(),
+                },
+                s.nbd.clone(),
+                if held.is_empty() {
+                    "-".to_string()
+                } else {
+                    held.join(" ")
+                },
+            ]
+        })
+        .collect();
+    render_table(
+        &[
+            "NAME", "STATE", "LOAD", "POWER", "DEVICES", "READ", "FARM", "NBD", "VERSIONS",
+        ],
+        &rows,
+    )
 }
 
 #[cfg(test)]
@@ -226,60 +288,4 @@ mod tests {
         assert!(e.contains("/nonexistent/vstream.toml"), "{e}");
         assert!(Cli::try_parse_from(["server", "--log-format", "xml"]).is_err());
     }
-}
-
-fn list(a: ServerListArgs) -> Result<()> {
-    let client = Client::from_args(&a.client)?;
-    let path = api_path(&["servers"]);
-    if a.list.json {
-        return print_json(&client.get(&path)?);
-    }
-    let servers: Vec<ServerInfo> = client.get(&path)?;
-    print(&server_table(&servers))
-}
-
-fn server_table(servers: &[ServerInfo]) -> String {
-    let rows: Vec<Vec<String>> = servers
-        .iter()
-        .map(|i| {
-            let s = &i.status;
-            let held: Vec<String> = s
-                .versions
-                .iter()
-                .map(|v| {
-                    format!(
-                        "{}@{}{}",
-                        v.vdisk,
-                        v.number,
-                        if v.verified { "" } else { " (unverified)" }
-                    )
-                })
-                .collect();
-            vec![
-                s.name.clone(),
-                if i.up { "up" } else { "down" }.to_string(),
-                format!("{:.2}", i.load),
-                format!("{}", s.power),
-                s.devices.to_string(),
-                format!("{}/s", human_size(s.read_bytes_per_s)),
-                match i.farm_connected {
-                    Some(true) => "connected".to_string(),
-                    Some(false) => "DEGRADED".to_string(),
-                    None => "-".to_string(),
-                },
-                s.nbd.clone(),
-                if held.is_empty() {
-                    "-".to_string()
-                } else {
-                    held.join(" ")
-                },
-            ]
-        })
-        .collect();
-    render_table(
-        &[
-            "NAME", "STATE", "LOAD", "POWER", "DEVICES", "READ", "FARM", "NBD", "VERSIONS",
-        ],
-        &rows,
-    )
 }

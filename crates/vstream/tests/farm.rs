@@ -314,3 +314,76 @@ fn logins_are_refused_with_reasons() {
         .expect("curl");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
 }
+
+#[test]
+fn a_returning_server_gets_its_share_back_on_rebalance() {
+    let Some(etcd) = tools() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut servers = farm(&etcd, dir.path(), 2, 4);
+    let image = dir.path().join("demo.raw");
+    let agents: Vec<TestAgent> = (1..=4)
+        .map(|d| {
+            TestAgent::start(
+                dir.path(),
+                &format!("pc{d}"),
+                &mac(d),
+                &apis(&servers),
+                "ram:64MiB",
+            )
+        })
+        .collect();
+    let count_on =
+        |agents: &[TestAgent], s: &str| agents.iter().filter(|a| streaming_from(a) == s).count();
+    assert_eq!((count_on(&agents, "s1"), count_on(&agents, "s2")), (2, 2));
+    let loads: Vec<Child> = agents
+        .iter()
+        .enumerate()
+        .map(|(i, a)| start_workload(a, &image, 16, i + 1))
+        .collect();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let started = |name: &str| {
+        let list = server_list(&servers[1]);
+        list.as_array()
+            .and_then(|l| l.iter().find(|v| v["name"] == name).cloned())
+            .and_then(|v| v["started_unix"].as_u64())
+            .unwrap_or(0)
+    };
+    let first_start = started("s1");
+    servers[0].kill9();
+    wait_for(10, "every device on s2", || {
+        (count_on(&agents, "s2") == 4).then_some(())
+    });
+    // A new start time tells the new s1 from its old record.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    servers[0].restart();
+    wait_for(
+        30,
+        "the new s1 up and verified, and s2 carrying 4, in s2's view",
+        || {
+            let list = server_list(&servers[1]);
+            let by = |n: &str| list.as_array()?.iter().find(|v| v["name"] == n).cloned();
+            let (s1, s2) = (by("s1")?, by("s2")?);
+            let verified = s1["versions"]
+                .as_array()?
+                .iter()
+                .any(|v| v["verified"] == true);
+            let new = s1["started_unix"].as_u64()? > first_start;
+            (new && s1["up"] == true && verified && s2["devices"] == 4).then_some(())
+        },
+    );
+    let plan = servers[1].cli_ok(&["farm", "rebalance", "--trigger", "0"]);
+    let logs: Vec<String> = agents.iter().map(|a| a.log_text()).collect();
+    assert!(
+        plan.contains("s2: 2 device(s)"),
+        "{plan}\n{}\n{logs:#?}",
+        server_list(&servers[1])
+    );
+    wait_for(15, "two devices back on s1", || {
+        (count_on(&agents, "s1") == 2 && count_on(&agents, "s2") == 2).then_some(())
+    });
+    for (c, a) in loads.into_iter().zip(&agents) {
+        finish_workload(c, a);
+    }
+    let again = servers[1].cli_ok(&["farm", "rebalance", "--trigger", "0"]);
+    assert!(again.contains("nothing to move"), "{again}");
+}

@@ -5,7 +5,10 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use vstream_api::{ErrorBody, LoginReply, LoginRequest, ServerInfo};
+use vstream_api::{
+    ErrorBody, LoginReply, LoginRequest, PlannedMove, Rebalance, RebalancePlan, RebalanceRequest,
+    ServerInfo,
+};
 
 use super::ApiError;
 use crate::farm::STALE_AFTER_SECS;
@@ -72,4 +75,35 @@ pub(super) async fn list_servers(State(server): Shared) -> Result<Json<Vec<Serve
         .collect();
     out.sort_by(|a, b| a.status.name.cmp(&b.status.name));
     Ok(Json(out))
+}
+
+/// Asks every server to let go of its devices above the average load plus
+/// the trigger; they move to less loaded servers holding their version.
+#[utoipa::path(post, path = "/api/v1/farm/rebalance", request_body = Rebalance,
+    responses((status = 200, body = RebalancePlan), (status = 503, body = ErrorBody)))]
+pub(super) async fn rebalance(
+    State(server): Shared,
+    Json(req): Json<Rebalance>,
+) -> Result<Json<RebalancePlan>, ApiError> {
+    let trigger_pct = req.trigger_pct.unwrap_or(25.0);
+    if !(0.0..=1000.0).contains(&trigger_pct) {
+        return Err(ApiError::bad_request("the trigger is a percent, 0 to 1000"));
+    }
+    let request = RebalanceRequest {
+        id: rand::random(),
+        trigger_pct,
+        requested_unix: now_unix(),
+    };
+    server.farm.request_rebalance(&request).await?;
+    let view = server.membership.view();
+    let moves = crate::rebalance::plan(&view.servers, trigger_pct)
+        .into_iter()
+        .map(|(server, devices)| PlannedMove { server, devices })
+        .collect();
+    tracing::info!(trigger_pct, "rebalance requested");
+    Ok(Json(RebalancePlan {
+        id: request.id,
+        trigger_pct,
+        moves,
+    }))
 }

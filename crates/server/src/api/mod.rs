@@ -34,13 +34,14 @@ type Shared = State<Arc<Server>>;
         content::import_vdisk, content::export_vdisk,
         list_devices, add_device, show_device, set_device, remove_device, reset_device,
         versions::list_versions, versions::new_version, versions::promote, versions::rollback,
-        versions::merge, versions::delete_version, farm::login, farm::list_servers
+        versions::merge, versions::delete_version, farm::login, farm::list_servers, farm::rebalance
     ),
     components(schemas(VDisk, VDiskInfo, CreateVDisk, SetVDisk, Device, DeviceInfo, CreateDevice, ErrorBody,
         vstream_api::Mode, vstream_api::CacheType, vstream_api::DeviceType, vstream_api::SetDevice,
         vstream_api::VersionState, vstream_api::VersionInfo, vstream_api::Promote, vstream_api::Merge,
         vstream_api::LoginRequest, vstream_api::LoginReply, vstream_api::Pin, vstream_api::ServerInfo,
-        vstream_api::ServerStatus, vstream_api::HeldVersion)),
+        vstream_api::ServerStatus, vstream_api::HeldVersion, vstream_api::Rebalance,
+        vstream_api::RebalancePlan, vstream_api::PlannedMove)),
     modifiers(&BearerAuth),
     security(("token" = []))
 )]
@@ -97,6 +98,7 @@ pub fn router(server: Arc<Server>, token: String) -> Router {
         )
         .route("/api/v1/devices/:name/reset", post(reset_device))
         .route("/api/v1/servers", get(farm::list_servers))
+        .route("/api/v1/farm/rebalance", post(farm::rebalance))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(token, require_token));
     Router::new()

@@ -43,6 +43,10 @@ pub trait Exports: Send + Sync + 'static {
 /// Told when the connection holding an export ends with NBD_CMD_DISC.
 pub trait SessionEnd: Send + Sync {
     fn ended_cleanly(&mut self);
+    /// Turns true when the server lets the device go (a rebalance).
+    fn released(&self) -> Option<watch::Receiver<bool>> {
+        None
+    }
 }
 
 impl Exports for Server {
@@ -226,6 +230,9 @@ async fn connection<R, W>(
         }
         Ok(Ending::Dropped) => {
             tracing::info!(%peer, export = %neg.export.name, "client dropped the connection")
+        }
+        Ok(Ending::Released) => {
+            tracing::info!(%peer, export = %neg.export.name, "device released to another server")
         }
         Ok(Ending::Shutdown) => {
             tracing::debug!(%peer, export = %neg.export.name, "closed for shutdown")

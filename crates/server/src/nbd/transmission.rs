@@ -41,6 +41,9 @@ pub enum Ending {
     Dropped,
     /// The server is shutting down.
     Shutdown,
+    /// The server let the device go (a rebalance): in-flight requests were
+    /// answered first; the agent replays anything else on its next server.
+    Released,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +84,7 @@ where
         base_allocation: neg.base_allocation,
         exports,
     });
+    let mut release = neg.export.session.as_ref().and_then(|s| s.released());
     let writer = Arc::new(Mutex::new(writer));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize));
     let mut buf = BytesMut::with_capacity(16 * 1024);
@@ -144,6 +148,7 @@ where
                 }
             }
             _ = shutdown.changed() => break 'conn Ending::Shutdown,
+            _ = released(&mut release) => break 'conn Ending::Released,
         }
         if buf.is_empty() && buf.capacity() > 256 * 1024 {
             buf = BytesMut::with_capacity(16 * 1024);
@@ -155,6 +160,18 @@ where
         let _ = writer.lock().await.flush().await;
     }
     Ok(ending)
+}
+
+/// Resolves once `release` turns true; never without one.
+async fn released(release: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+    match release {
+        Some(rx) => {
+            if rx.wait_for(|r| *r).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
 }
 
 impl Conn {

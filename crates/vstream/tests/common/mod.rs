@@ -429,6 +429,20 @@ impl TestAgent {
     /// Starts an agent for `mac` with the bootstrap list `apis` (URLs), and
     /// waits for its socket.
     pub fn start(dir: &Path, name: &str, mac: &str, apis: &[&str], cache: &str) -> TestAgent {
+        // A debug build on a busy 2-core machine can take a second to answer:
+        // only a reset or a much longer silence should move a device here.
+        TestAgent::start_with(dir, name, mac, apis, cache, &["--deadline-ms", "4000"])
+    }
+
+    /// [`TestAgent::start`] with more flags.
+    pub fn start_with(
+        dir: &Path,
+        name: &str,
+        mac: &str,
+        apis: &[&str],
+        cache: &str,
+        extra: &[&str],
+    ) -> TestAgent {
         let sock = dir.join(format!("{name}.sock"));
         let log = dir.join(format!("{name}.log"));
         let bootstrap: Vec<&str> = apis
@@ -440,6 +454,7 @@ impl TestAgent {
             .arg("--listen")
             .arg(format!("unix:{}", sock.display()))
             .args(["--cache", cache])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("agent log"))
