@@ -91,6 +91,8 @@ pub struct LoginReply {
     pub cache_limit: u64,
     /// The server to stream from, its NBD address and the export to open.
     pub server: String,
+    /// That server's API URL: a failed server's goes last in the next login.
+    pub api: String,
     pub nbd: String,
     pub export: String,
     /// Whether the device may move to another server holding the same bytes.

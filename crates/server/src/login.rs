@@ -162,6 +162,7 @@ pub fn choose(
         cache_type: vdisk.cache_type,
         cache_limit: vdisk.cache_limit.unwrap_or(vdisk.size),
         server: server.name.clone(),
+        api: server.api.clone(),
         nbd: server.nbd.clone(),
         export: if device_cache {
             base_export(&device.name, number, &hash)

@@ -8,7 +8,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use common::{
-    have, have_python_nbd, random_image, repo, wait_for, TestAgent, TestEtcd, TestServer, PYTHON,
+    have, have_netns, have_python_nbd, random_image, repo, wait_for, NetNs, TestAgent, TestEtcd,
+    TestServer, PYTHON,
 };
 
 const IMAGE_SIZE: u64 = 32 << 20;
@@ -25,11 +26,17 @@ fn tools() -> Option<TestEtcd> {
 /// imported on each), Standard mode with device-side caches, and `devices`
 /// devices pc1.. on it.
 fn farm(etcd: &TestEtcd, dir: &Path, n: usize, devices: usize) -> Vec<TestServer> {
-    let image = dir.join("demo.raw");
-    random_image(&image, IMAGE_SIZE, 7);
     let servers: Vec<TestServer> = (1..=n)
         .map(|i| TestServer::start_in_farm(dir.join(format!("s{i}")), &etcd.url, &format!("s{i}")))
         .collect();
+    with_demo(servers, dir, devices)
+}
+
+/// Imports vDisk `demo` on every server of a farm and adds `devices` devices.
+fn with_demo(servers: Vec<TestServer>, dir: &Path, devices: usize) -> Vec<TestServer> {
+    let n = servers.len();
+    let image = dir.join("demo.raw");
+    random_image(&image, IMAGE_SIZE, 7);
     for s in &servers {
         s.cli_ok(&["vdisk", "import", "demo", image.to_str().unwrap()]);
     }
@@ -386,4 +393,71 @@ fn a_returning_server_gets_its_share_back_on_rebalance() {
     }
     let again = servers[1].cli_ok(&["farm", "rebalance", "--trigger", "0"]);
     assert!(again.contains("nothing to move"), "{again}");
+}
+
+#[test]
+fn a_silent_server_loses_its_devices_within_the_deadline() {
+    if !have_netns() || !have("curl") || !have_python_nbd() {
+        return;
+    }
+    let Some(etcd) = TestEtcd::start_on(true) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let nets: Vec<NetNs> = (1..=2).map(NetNs::create).collect();
+    let servers: Vec<TestServer> = nets
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            let wrap = ns.wrap();
+            let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
+            let farm = format!("etcd://{}:{}", ns.outside, etcd.port());
+            let name = format!("s{}", i + 1);
+            TestServer::start_wrapped(
+                dir.path().join(&name),
+                &ns.inside,
+                &wrap,
+                &["--farm", &farm, "--name", &name],
+            )
+        })
+        .collect();
+    let servers = with_demo(servers, dir.path(), 2);
+    let image = dir.path().join("demo.raw");
+    let agents: Vec<TestAgent> = (1..=2)
+        .map(|d| {
+            TestAgent::start_with(
+                dir.path(),
+                &format!("pc{d}"),
+                &mac(d),
+                &apis(&servers),
+                "ram:64MiB",
+                &["--deadline-ms", "1000"],
+            )
+        })
+        .collect();
+    let on_s1 = agents
+        .iter()
+        .position(|a| streaming_from(a) == "s1")
+        .expect("a device on s1");
+    let loads: Vec<Child> = agents
+        .iter()
+        .enumerate()
+        .map(|(i, a)| start_workload(a, &image, 10, i + 1))
+        .collect();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    nets[0].silence();
+    let stats: Vec<serde_json::Value> = loads
+        .into_iter()
+        .zip(&agents)
+        .map(|(c, a)| finish_workload(c, a))
+        .collect();
+    eprintln!("workloads: {stats:?}");
+    let moved = &agents[on_s1];
+    assert_eq!(streaming_from(moved), "s2", "{}", moved.log_text());
+    assert!(
+        moved.log_text().contains("no answer within 1s"),
+        "the move came from the deadline:\n{}",
+        moved.log_text()
+    );
+    nets[0].restore();
 }

@@ -67,6 +67,10 @@ pub struct TestServer {
     pub log: PathBuf,
     /// More `vstream server` flags (farm membership), kept for restarts.
     pub extra: Vec<String>,
+    /// The address it listens on (127.0.0.1 unless in a network namespace).
+    pub host: String,
+    /// A command the server runs under (`ip netns exec NS`).
+    pub wrap: Vec<String>,
 }
 
 impl TestServer {
@@ -94,6 +98,11 @@ impl TestServer {
 
     /// Starts a server on `data` with more flags.
     pub fn start_with(data: PathBuf, extra: &[&str]) -> TestServer {
+        TestServer::start_wrapped(data, "127.0.0.1", &[], extra)
+    }
+
+    /// Starts a server listening on `host`, run under the command `wrap`.
+    pub fn start_wrapped(data: PathBuf, host: &str, wrap: &[&str], extra: &[&str]) -> TestServer {
         std::fs::create_dir_all(&data).expect("creating the data folder");
         // Another test may take a port between picking and binding: retry.
         for attempt in 0.. {
@@ -102,13 +111,15 @@ impl TestServer {
             let log = data.join(format!("server-{nbd_port}.log"));
             let mut s = TestServer {
                 child: None,
-                api: format!("http://127.0.0.1:{api_port}"),
+                api: format!("http://{host}:{api_port}"),
                 nbd_port,
                 sock,
                 data: data.clone(),
                 _dir: None,
                 log,
                 extra: extra.iter().map(|s| s.to_string()).collect(),
+                host: host.to_string(),
+                wrap: wrap.iter().map(|s| s.to_string()).collect(),
             };
             match s.try_spawn(api_port) {
                 Ok(()) => return s,
@@ -128,13 +139,22 @@ impl TestServer {
     /// Starts the server process; on failure returns its log.
     fn try_spawn(&mut self, api_port: u16) -> Result<(), String> {
         let log = std::fs::File::create(&self.log).expect("log file");
-        let child = Command::new(BIN)
+        let mut cmd = match self.wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let host = self.host.clone();
+        let child = cmd
             .args(["server", "--data"])
             .arg(&self.data)
-            .args(["--nbd", &format!("127.0.0.1:{}", self.nbd_port)])
+            .args(["--nbd", &format!("{host}:{}", self.nbd_port)])
             .arg("--nbd")
             .arg(format!("unix:{}", self.sock.display()))
-            .args(["--api", &format!("127.0.0.1:{api_port}")])
+            .args(["--api", &format!("{host}:{api_port}")])
             .args(&self.extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -155,8 +175,8 @@ impl TestServer {
                     self.log_text()
                 ));
             }
-            if std::net::TcpStream::connect(("127.0.0.1", self.nbd_port)).is_ok()
-                && std::net::TcpStream::connect(("127.0.0.1", api_port)).is_ok()
+            if std::net::TcpStream::connect((host.as_str(), self.nbd_port)).is_ok()
+                && std::net::TcpStream::connect((host.as_str(), api_port)).is_ok()
                 && self.log_text().contains("NBD listening")
             {
                 return Ok(());
@@ -224,7 +244,7 @@ impl TestServer {
     }
 
     pub fn url(&self, export: &str) -> String {
-        format!("nbd://127.0.0.1:{}/{}", self.nbd_port, export)
+        format!("nbd://{}:{}/{}", self.host, self.nbd_port, export)
     }
 
     pub fn unix_url(&self, export: &str) -> String {
@@ -339,11 +359,19 @@ pub struct TestEtcd {
     pub url: String,
     peer: String,
     dir: tempfile::TempDir,
+    /// Listen on every address (for servers in network namespaces).
+    any: bool,
 }
 
 impl TestEtcd {
     /// `None` (and a SKIP line) when etcd is not installed.
     pub fn start() -> Option<TestEtcd> {
+        TestEtcd::start_on(false)
+    }
+
+    /// Like [`TestEtcd::start`]; with `any`, clients reach it on every
+    /// address of the host at the same port.
+    pub fn start_on(any: bool) -> Option<TestEtcd> {
         if !have("etcd") {
             return None;
         }
@@ -353,6 +381,7 @@ impl TestEtcd {
             url: format!("http://127.0.0.1:{client}"),
             peer: format!("http://127.0.0.1:{peer}"),
             dir: tempfile::tempdir().expect("tempdir"),
+            any,
         };
         e.resume();
         Some(e)
@@ -370,7 +399,7 @@ impl TestEtcd {
             .arg(self.dir.path().join("data"))
             .args([
                 "--listen-client-urls",
-                &self.url,
+                &self.listen_url(),
                 "--advertise-client-urls",
                 &self.url,
             ])
@@ -401,6 +430,23 @@ impl TestEtcd {
             std::thread::sleep(Duration::from_millis(100));
         }
         panic!("etcd did not become healthy within 20 s");
+    }
+
+    fn listen_url(&self) -> String {
+        if self.any {
+            self.url.replace("127.0.0.1", "0.0.0.0")
+        } else {
+            self.url.clone()
+        }
+    }
+
+    /// The port clients use.
+    pub fn port(&self) -> u16 {
+        self.url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("etcd port")
     }
 
     /// Stops it (SIGKILL: etcd away, as when its host dies).
@@ -506,5 +552,105 @@ pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T
             "gave up after {secs} s waiting for {what}"
         );
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A network namespace joined to this one by a veth pair: this side is
+/// 10.X.N.1, the namespace 10.X.N.2. Removed on drop.
+pub struct NetNs {
+    pub name: String,
+    pub inside: String,
+    pub outside: String,
+    veth: String,
+}
+
+/// True if network namespaces and nftables can be used here (root, ip, nft).
+pub fn have_netns() -> bool {
+    if !have("ip") || !have("nft") {
+        return false;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("network namespace tests need root in CI");
+        }
+        eprintln!("SKIP: network namespaces need root");
+        return false;
+    }
+    true
+}
+
+fn sh(cmd: &str) {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl NetNs {
+    /// Namespace number `n` (1..250) of this test process.
+    pub fn create(n: u8) -> NetNs {
+        let tag = std::process::id() % 10_000;
+        let name = format!("vs{tag}n{n}");
+        let veth = format!("vs{tag}v{n}");
+        // A second octet per process keeps parallel test binaries apart.
+        let net = format!("10.{}.{n}", 100 + (std::process::id() % 150));
+        let (outside, inside) = (format!("{net}.1"), format!("{net}.2"));
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let _ = Command::new("ip").args(["link", "del", &veth]).output();
+        sh(&format!("ip netns add {name}"));
+        sh(&format!("ip link add {veth} type veth peer name {veth}p"));
+        sh(&format!("ip link set {veth}p netns {name}"));
+        sh(&format!(
+            "ip addr add {outside}/24 dev {veth} && ip link set {veth} up"
+        ));
+        sh(&format!(
+            "ip netns exec {name} sh -c 'ip addr add {inside}/24 dev {veth}p && ip link set {veth}p up && ip link set lo up'"
+        ));
+        NetNs {
+            name,
+            inside,
+            outside,
+            veth,
+        }
+    }
+
+    /// The command prefix that runs a program inside.
+    pub fn wrap(&self) -> Vec<String> {
+        vec![
+            "ip".into(),
+            "netns".into(),
+            "exec".into(),
+            self.name.clone(),
+        ]
+    }
+
+    /// Drops every packet in and out: the host goes silent.
+    pub fn silence(&self) {
+        sh(&format!(
+            "ip netns exec {} nft -f - <<'EOF'\ntable inet vstest {{\n chain in {{ type filter hook input priority 0; policy drop; }}\n chain out {{ type filter hook output priority 0; policy drop; }}\n}}\nEOF",
+            self.name
+        ));
+    }
+
+    /// Lets traffic through again.
+    pub fn restore(&self) {
+        sh(&format!(
+            "ip netns exec {} nft delete table inet vstest",
+            self.name
+        ));
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.veth])
+            .output();
     }
 }
