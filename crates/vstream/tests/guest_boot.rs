@@ -77,3 +77,89 @@ fn show_hash(server: &TestServer) -> String {
         .expect("content_hash")
         .to_string()
 }
+
+/// A guest boots through a `vstream target` agent in a two-server farm; the
+/// server it streams from is killed while the guest boots, writes and reads,
+/// and the guest finishes cleanly on the other one.
+#[test]
+fn guest_boots_through_the_agent_across_a_server_kill() {
+    for tool in [
+        "qemu-system-x86_64",
+        "mkfs.ext4",
+        "busybox",
+        "cpio",
+        "apt-get",
+    ] {
+        if !have(tool) {
+            return;
+        }
+    }
+    let Some(etcd) = common::TestEtcd::start() else {
+        return;
+    };
+    let kit = common::guest_kit();
+    let dir = tempfile::tempdir().unwrap();
+    let mut servers: Vec<TestServer> = (1..=2)
+        .map(|i| {
+            TestServer::start_in_farm(
+                dir.path().join(format!("s{i}")),
+                &etcd.url,
+                &format!("s{i}"),
+            )
+        })
+        .collect();
+    let image = kit.join("rootfs.img");
+    for s in &servers {
+        s.cli_ok(&["vdisk", "import", "root", image.to_str().unwrap()]);
+    }
+    servers[0].cli_ok(&[
+        "vdisk",
+        "set",
+        "root",
+        "--mode",
+        "standard",
+        "--cache-type",
+        "device",
+    ]);
+    servers[0].cli_ok(&[
+        "device",
+        "add",
+        "pc1",
+        "--mac",
+        "52:54:00:00:00:01",
+        "--vdisk",
+        "root",
+    ]);
+    for s in &servers {
+        common::wait_for(30, "both servers up with verified replicas", || {
+            let out = s.cli(&["server", "list", "--json"]);
+            let list: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let ready = list.as_array()?.iter().filter(|v| {
+                v["up"] == true
+                    && v["versions"]
+                        .as_array()
+                        .is_some_and(|vs| vs.iter().any(|x| x["verified"] == true))
+            });
+            (ready.count() == 2).then_some(())
+        });
+    }
+    let apis: Vec<&str> = servers.iter().map(|s| s.api.as_str()).collect();
+    let agent =
+        common::TestAgent::start(dir.path(), "pc1", "52:54:00:00:00:01", &apis, "ram:256MiB");
+    let first = if agent.log_text().contains("server=s1") {
+        0
+    } else {
+        1
+    };
+    let url = format!("nbd+unix:///pc1?socket={}", agent.sock.display());
+    let guest = {
+        let (kit, url) = (kit.clone(), url.clone());
+        std::thread::spawn(move || common::guest_boot(&kit, &url, "write:farm-token"))
+    };
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    servers[first].kill9();
+    let console = guest.join().expect("guest thread");
+    assert!(console.contains("GUEST-OK write farm-token"), "{console}");
+    let log = agent.log_text();
+    assert!(log.contains("failed over"), "the agent never moved:\n{log}");
+}
