@@ -126,6 +126,10 @@ impl Etcd {
             .with_connect_timeout(timeout)
             .with_timeout(timeout)
             .with_tcp_keepalive(Duration::from_secs(30))
+            // HTTP/2 pings: a connection whose packets vanish (a partition)
+            // is dropped and made again, instead of swallowing every request.
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true)
             .with_require_leader(true);
         let client =
             match tokio::time::timeout(timeout, Client::connect(endpoints, Some(options))).await {
@@ -420,7 +424,11 @@ impl Etcd {
                 "renewing the lease",
                 CallError::Unanswered(format!("no answer within {:?}", self.timeout)),
             )),
-            Ok(Err(e)) => Err(self.error("renewing the lease", classify(e))),
+            Ok(Err(e)) => match classify(e) {
+                // "lease not found": it expired while we were away; grant another.
+                CallError::Refused(_) => Ok(false),
+                e => Err(self.error("renewing the lease", e)),
+            },
             Ok(Ok(answer)) => Ok(answer.is_some_and(|a| a.ttl() > 0)),
         }
     }

@@ -71,6 +71,19 @@ pub trait Base: Send + Sync + std::fmt::Debug {
     fn read(&self, buf: &mut [MaybeUninit<u8>], offset: u64) -> io::Result<()>;
 }
 
+/// What [`Disk::read_local`] managed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LocalRead {
+    /// Every byte is in the buffer.
+    Done,
+    /// These runs (offset, length) are the base's and still unwritten; every
+    /// other byte is in the buffer.
+    Missing(Vec<(u64, u64)>),
+    /// A layer's data is not in the page cache: read it all on a thread that
+    /// may block.
+    WouldBlock,
+}
+
 /// A stack of layers seen as one block device.
 #[derive(Debug)]
 pub struct Disk {
@@ -208,15 +221,7 @@ impl Disk {
             ));
         }
         let end = offset + buf.len() as u64;
-        let mut pos = offset;
-        while pos < end {
-            // Extend a run of chunks that share one owner, then read it in one call.
-            let chunk = pos / CHUNK;
-            let owner = self.owner(chunk, below);
-            let mut run_end = ((chunk + 1) * CHUNK).min(end);
-            while run_end < end && self.owner(run_end / CHUNK, below) == owner {
-                run_end = (run_end + CHUNK).min(end);
-            }
+        for (pos, run_end, owner) in self.runs(offset, end, below) {
             let slice = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
             match owner {
                 Some(i) => {
@@ -231,9 +236,64 @@ impl Disk {
                     None => slice.fill(MaybeUninit::new(0)),
                 },
             }
-            pos = run_end;
         }
         Ok(true)
+    }
+
+    /// Splits `[offset, end)` into runs of chunks that share one owner among
+    /// `layers[..below]`: `(start, end, owner)`, each read in one call.
+    fn runs(
+        &self,
+        offset: u64,
+        end: u64,
+        below: usize,
+    ) -> impl Iterator<Item = (u64, u64, Option<usize>)> + '_ {
+        let mut pos = offset;
+        std::iter::from_fn(move || {
+            if pos >= end {
+                return None;
+            }
+            let chunk = pos / CHUNK;
+            let owner = self.owner(chunk, below);
+            let mut run_end = ((chunk + 1) * CHUNK).min(end);
+            while run_end < end && self.owner(run_end / CHUNK, below) == owner {
+                run_end = (run_end + CHUNK).min(end);
+            }
+            let run = (pos, run_end, owner);
+            pos = run_end;
+            Some(run)
+        })
+    }
+
+    /// Reads what the layers hold of `[offset, offset + buf.len())` without
+    /// blocking, and leaves the runs that belong to the base unwritten: the
+    /// caller fetches those (asynchronously) and fills them in.
+    pub fn read_local(&self, buf: &mut [MaybeUninit<u8>], offset: u64) -> io::Result<LocalRead> {
+        if !self.in_range(offset, buf.len() as u64) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "read past the end of the disk",
+            ));
+        }
+        let end = offset + buf.len() as u64;
+        let mut missing = Vec::new();
+        for (pos, run_end, owner) in self.runs(offset, end, self.layers.len()) {
+            let slice = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
+            match (owner, &self.base) {
+                (Some(i), _) => {
+                    if !self.layers[i].read_data(slice, pos, true)? {
+                        return Ok(LocalRead::WouldBlock);
+                    }
+                }
+                (None, Some(_)) => missing.push((pos, run_end - pos)),
+                (None, None) => slice.fill(MaybeUninit::new(0)),
+            }
+        }
+        Ok(if missing.is_empty() {
+            LocalRead::Done
+        } else {
+            LocalRead::Missing(missing)
+        })
     }
 
     /// Writes `data` at `offset`; with `fua`, it is durable on return.

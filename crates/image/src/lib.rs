@@ -9,7 +9,7 @@ pub mod layer;
 pub mod store;
 pub mod versions;
 
-pub use disk::{Base, ChainIndex, Disk, Extent};
+pub use disk::{Base, ChainIndex, Disk, Extent, LocalRead};
 pub use error::{ImageError, WriteError};
 pub use layer::{Layer, CHUNK, HASH_BLOCK};
 pub use store::{crash_point, Chain, Staging, Store};

@@ -181,6 +181,7 @@ pub async fn run(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|s| *s) => break,
         }
+        server.membership.ticks.fetch_add(1, Ordering::Relaxed);
         let s = server.clone();
         let versions = tokio::task::spawn_blocking(move || held_versions(&s))
             .await
@@ -207,7 +208,8 @@ pub async fn run(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver
                 let mut view = server.membership.view.write();
                 view.servers.retain(|s| s.name != status.name);
                 view.servers.push(status);
-                if was {
+                let tick = server.membership.ticks.load(Ordering::Relaxed);
+                if was || tick.is_multiple_of(10) {
                     tracing::warn!(error = %e, "farm state unreachable: degraded, serving from the last known state");
                 }
             }
@@ -247,7 +249,7 @@ const AUTO_REBALANCE_TICKS: u64 = 5;
 /// server's share of devices in the plan.
 fn rebalance_if_asked(server: &Server, view: &View) {
     let m = &server.membership;
-    let tick = m.ticks.fetch_add(1, Ordering::Relaxed);
+    let tick = m.ticks.load(Ordering::Relaxed);
     let requested = view.rebalance.as_ref().map(|r| r.id);
     let trigger = {
         let mut handled = m.handled_rebalance.lock();

@@ -459,5 +459,22 @@ fn a_silent_server_loses_its_devices_within_the_deadline() {
         "the move came from the deadline:\n{}",
         moved.log_text()
     );
+    // When the network heals, the server rejoins the farm.
     nets[0].restore();
+    let back = (0..300).any(|_| {
+        let list = server_list(&servers[1]);
+        let up = list
+            .as_array()
+            .and_then(|l| l.iter().find(|v| v["name"] == "s1"))
+            .is_some_and(|s1| s1["up"] == true);
+        if !up {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        up
+    });
+    let log = servers[0].log_text();
+    assert!(
+        back,
+        "s1 did not rejoin within 30 s of the network healing:\n{log}"
+    );
 }

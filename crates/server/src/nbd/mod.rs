@@ -38,6 +38,16 @@ pub trait Exports: Send + Sync + 'static {
     fn structured_replies(&self) -> bool;
     fn handshake_timeout(&self) -> Duration;
     fn metrics(&self) -> &Metrics;
+    /// Where base reads of the exports' disks go asynchronously, if anywhere.
+    fn remote_base(&self) -> Option<Arc<dyn RemoteBase>> {
+        None
+    }
+}
+
+/// A disk's base that answers over the network (an agent's upstream): its
+/// reads run on the connection's task instead of a blocking thread.
+pub trait RemoteBase: Send + Sync {
+    fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, std::io::Result<Vec<u8>>>;
 }
 
 /// Told when the connection holding an export ends with NBD_CMD_DISC.

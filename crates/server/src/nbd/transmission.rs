@@ -17,14 +17,14 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Mutex, Semaphore};
-use vstream_image::{Disk, WriteError};
+use vstream_image::{Disk, LocalRead, WriteError};
 use vstream_nbd::transmission::{
     encode_block_status, encode_offset_data_header, encode_simple_reply, encode_structured_error,
 };
 use vstream_nbd::*;
 
 use super::handshake::{Negotiated, MAX_PAYLOAD};
-use super::Exports;
+use super::{Exports, RemoteBase};
 use crate::metrics::Metrics;
 
 /// Most requests of one connection on the blocking pool at once.
@@ -61,6 +61,8 @@ pub enum TransmissionError {
 /// What the request loop needs to know about the negotiated export.
 struct Conn {
     disk: Arc<Disk>,
+    /// Where base reads go without a blocking thread (an agent's upstream).
+    remote: Option<Arc<dyn RemoteBase>>,
     structured: bool,
     base_allocation: bool,
     exports: Arc<dyn Exports>,
@@ -80,6 +82,7 @@ where
 {
     let conn = Arc::new(Conn {
         disk: neg.export.disk.clone(),
+        remote: exports.remote_base(),
         structured: neg.structured,
         base_allocation: neg.base_allocation,
         exports,
@@ -114,10 +117,19 @@ where
                     .expect("semaphore never closed");
                 let (conn, writer) = (conn.clone(), writer.clone());
                 tokio::spawn(async move {
-                    let c = conn.clone();
-                    let reply = tokio::task::spawn_blocking(move || c.blocking(&req, data)).await;
-                    let reply =
-                        reply.unwrap_or_else(|_| conn.error_reply(&req, EIO, "internal error"));
+                    let remote = match (&conn.remote, req.command) {
+                        (Some(r), Command::Read) => conn.read_with_remote(&req, &**r).await,
+                        _ => None,
+                    };
+                    let reply = match remote {
+                        Some(reply) => reply,
+                        None => {
+                            let c = conn.clone();
+                            tokio::task::spawn_blocking(move || c.blocking(&req, data))
+                                .await
+                                .unwrap_or_else(|_| conn.error_reply(&req, EIO, "internal error"))
+                        }
+                    };
                     // A failed write means the client is gone; the reader sees it too.
                     let _ = writer.lock().await.write_all(&reply).await;
                     drop(permit);
@@ -276,6 +288,47 @@ impl Conn {
         } else {
             encode_simple_reply(out, req.cookie, 0);
         }
+    }
+
+    /// Serves READ `req` with the layers' data from the page cache and the
+    /// base's from `remote`, on this task; `None` if a layer would block.
+    async fn read_with_remote(&self, req: &Request, remote: &dyn RemoteBase) -> Option<Vec<u8>> {
+        let len = req.length as usize;
+        let mut out = Vec::with_capacity(32 + len);
+        self.read_reply_header(req, &mut out);
+        let at = out.len();
+        let missing = match self
+            .disk
+            .read_local(&mut out.spare_capacity_mut()[..len], req.offset)
+        {
+            Ok(LocalRead::Done) => Vec::new(),
+            Ok(LocalRead::Missing(runs)) => runs,
+            Ok(LocalRead::WouldBlock) => return None,
+            Err(e) => return Some(self.error_reply(req, EIO, &e.to_string())),
+        };
+        for (offset, n) in missing {
+            match remote.read(offset, n as u32).await {
+                Ok(data) if data.len() as u64 == n => {
+                    let dst = &mut out.spare_capacity_mut()[(offset - req.offset) as usize..]
+                        [..n as usize];
+                    // SAFETY: `dst` is `n` bytes of spare capacity and `data` holds `n` bytes.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            data.as_ptr(),
+                            dst.as_mut_ptr().cast::<u8>(),
+                            n as usize,
+                        )
+                    };
+                }
+                Ok(_) => return Some(self.error_reply(req, EIO, "short read from the base")),
+                Err(e) => return Some(self.error_reply(req, EIO, &e.to_string())),
+            }
+        }
+        // SAFETY: read_local wrote every byte outside the missing runs, and
+        // the loop above wrote every missing run.
+        unsafe { out.set_len(at + len) };
+        Metrics::add(&self.exports.metrics().read_bytes, u64::from(req.length));
+        Some(out)
     }
 
     /// Serves `req` where blocking is allowed; returns the whole reply.

@@ -1,0 +1,454 @@
+#!/usr/bin/python3
+"""Farm benchmarks: agent overhead, failover stall, logins.
+
+    /usr/bin/python3 bench/farm.py [--parts a,b,c,d] [--kills 20] [--devices 4000]
+                                   [--size-mib 1024] [--runtime 15] [--no-build]
+
+One etcd and release-build `vstream server`s on this machine, a `vstream target`
+agent, and real clients, in one run:
+
+  a. agent overhead  the same reads of a device's base, three ways, in the order
+                     A B C C B A: direct NBD to the server (TCP), through the agent
+                     (its unix socket), and through nbdkit's nbd plugin as a plain
+                     proxy (the peer): nbdcopy of the whole disk to null:, and fio
+                     4 KiB randread QD16. Medians; ratios to direct.
+                     Target: agent >= 0.9 x direct.
+  b. kill stall      3 servers, one agent running tests/farm/workload.py; each round
+                     kill -9 the server the agent streams from, 2 s into a 6 s
+                     workload; the largest request latency of the round is its
+                     stall; the server is restarted before the next round.
+                     p50 and p99 over the rounds. Target: <= 1 s.
+  c. silent stall    2 servers in network namespaces; each round nftables drops
+                     all traffic of the agent's server; agent deadline 1 s (the
+                     default). Needs root, ip and nft. Target: <= 2 s.
+  d. logins          N devices, then 8 threads POST /api/v1/login for 10 s;
+                     logins/s, and the server's VmRSS before adding the devices,
+                     after, and at the end.
+
+Writes the table to stdout and to bench/.work/farm/last-table.md.
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VSTREAM = os.path.join(ROOT, "target/release/vstream")
+WORKLOAD = os.path.join(ROOT, "tests/farm/workload.py")
+PY = "/usr/bin/python3"
+
+
+def log(msg):
+    print(time.strftime("%H:%M:%S"), msg, file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait(what, secs, pred):
+    end = time.monotonic() + secs
+    while time.monotonic() < end:
+        try:
+            v = pred()
+            if v:
+                return v
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"farm.py: gave up waiting for {what}")
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+class Etcd:
+    def __init__(self, work, host="127.0.0.1"):
+        self.port, peer = free_port(), free_port()
+        self.url = f"http://{host}:{self.port}"
+        listen = f"http://0.0.0.0:{self.port}"
+        self.proc = subprocess.Popen(
+            ["etcd", "--name", "b", "--data-dir", os.path.join(work, "etcd"),
+             "--listen-client-urls", listen, "--advertise-client-urls", self.url,
+             "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+             "--initial-cluster", f"b=http://127.0.0.1:{peer}"],
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "etcd.log"), "w"))
+        wait("etcd", 20, lambda: b"true" in urllib.request.urlopen(
+            f"http://127.0.0.1:{self.port}/health", timeout=1).read())
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Server:
+    def __init__(self, work, name, etcd_endpoint, host="127.0.0.1", wrap=()):
+        self.name, self.host, self.wrap = name, host, list(wrap)
+        self.data = os.path.join(work, name)
+        os.makedirs(self.data, exist_ok=True)
+        self.nbd_port, self.api_port = free_port(), free_port()
+        self.api = f"http://{host}:{self.api_port}"
+        self.etcd = etcd_endpoint
+        self.proc = None
+        self.start()
+
+    def start(self):
+        cmd = self.wrap + [VSTREAM, "server", "--data", self.data,
+                           "--nbd", f"{self.host}:{self.nbd_port}",
+                           "--api", f"{self.host}:{self.api_port}",
+                           "--farm", f"etcd://{self.etcd}", "--name", self.name]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                                     stderr=open(os.path.join(self.data, "server.log"), "a"),
+                                     env=dict(os.environ, RUST_LOG="warn"))
+        wait(f"server {self.name}", 20, lambda: socket.create_connection(
+            (self.host, self.api_port), timeout=0.5).close() is None)
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+
+    def token(self):
+        return open(os.path.join(self.data, "admin.token")).read().strip()
+
+    def cli(self, *args):
+        env = dict(os.environ, VSTREAM_API=self.api, VSTREAM_TOKEN=self.token())
+        return subprocess.run([VSTREAM, *args], env=env, check=True, capture_output=True,
+                              text=True).stdout
+
+    def servers(self):
+        return json.loads(self.cli("server", "list", "--json"))
+
+
+def make_farm(work, servers, image, devices=1):
+    for s in servers:
+        s.cli("vdisk", "import", "demo", image)
+    servers[0].cli("vdisk", "set", "demo", "--mode", "standard", "--cache-type", "device")
+    for d in range(1, devices + 1):
+        servers[0].cli("device", "add", f"pc{d}", "--mac", mac(d), "--vdisk", "demo")
+    n = len(servers)
+    for s in servers:
+        wait("every server up and verified", 120, lambda s=s: sum(
+            1 for v in s.servers() if v["up"] and any(x["verified"] for x in v["versions"])) == n)
+
+
+def mac(d):
+    return "52:54:%02x:%02x:%02x:%02x" % ((d >> 24) & 255, (d >> 16) & 255, (d >> 8) & 255, d & 255)
+
+
+class Agent:
+    def __init__(self, work, servers, deadline_ms=1000):
+        self.sock = os.path.join(work, "agent.sock")
+        self.logfile = os.path.join(work, "agent.log")
+        boot = ",".join(s.api.replace("http://", "") for s in servers)
+        self.proc = subprocess.Popen(
+            [VSTREAM, "target", "--bootstrap", boot, "--mac", mac(1), "--listen",
+             f"unix:{self.sock}", "--cache", "ram:2GiB", "--deadline-ms", str(deadline_ms)],
+            stdout=subprocess.DEVNULL, stderr=open(self.logfile, "w"),
+            env=dict(os.environ, RUST_LOG="info"))
+        wait("agent", 30, lambda: "serving the device's disk" in self.log())
+
+    def log(self):
+        return open(self.logfile).read()
+
+    def server(self):
+        last = [l for l in self.log().splitlines() if "failed over" in l or "logged in" in l][-1]
+        key = " to=" if "failed over" in last else " server="
+        return last.split(key)[1].split()[0]
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def workload(agent, image, secs, seed):
+    out = subprocess.run([PY, WORKLOAD, agent.sock, image, str(secs), str(seed)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"farm.py: the workload saw errors:\n{out.stdout}\n{out.stderr[-2000:]}", file=sys.stderr)
+        return {}
+    return json.loads(out.stdout)
+
+
+def pct(values, p):
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+
+
+# ---- a. agent overhead -------------------------------------------------------------
+
+def part_a(work, rows, size_mib, runtime):
+    image = os.path.join(work, "a.raw")
+    subprocess.run(["head", "-c", f"{size_mib}M", "/dev/urandom"], stdout=open(image, "wb"), check=True)
+    etcd = Etcd(work)
+    servers = [Server(work, "a1", etcd.url.replace("http://", ""))]
+    try:
+        make_farm(work, servers, image)
+        agent = Agent(work, servers)
+        info = json.loads(urllib.request.urlopen(urllib.request.Request(
+            f"{servers[0].api}/api/v1/login", data=json.dumps({"mac": mac(1)}).encode(),
+            headers={"content-type": "application/json"})).read())
+        direct = f"nbd://127.0.0.1:{servers[0].nbd_port}/{info['export']}"
+        proxy_sock = os.path.join(work, "nbdkit.sock")
+        nbdkit = subprocess.Popen(["nbdkit", "-f", "-U", proxy_sock, "nbd", "hostname=127.0.0.1",
+                                   f"port={servers[0].nbd_port}", f"export={info['export']}"],
+                                  stderr=subprocess.DEVNULL)
+        wait("nbdkit", 10, lambda: os.path.exists(proxy_sock))
+        ways = {"direct": direct, "agent": f"nbd+unix:///?socket={agent.sock}",
+                "nbdkit": f"nbd+unix:///?socket={proxy_sock}"}
+        seq = {k: [] for k in ways}
+        rnd = {k: [] for k in ways}
+        for way in ["direct", "agent", "nbdkit", "nbdkit", "agent", "direct"]:
+            t0 = time.monotonic()
+            subprocess.run(["nbdcopy", ways[way], "null:"], check=True)
+            seq[way].append(size_mib / 1024 / (time.monotonic() - t0))
+            res = os.path.join(work, "fio.json")
+            subprocess.run(["fio", "--name=r", "--ioengine=nbd", f"--uri={ways[way]}",
+                            "--rw=randread", "--bs=4k", "--iodepth=16", f"--runtime={runtime}",
+                            "--time_based", "--output-format=json", f"--output={res}"],
+                           capture_output=True, text=True, check=True)
+            rnd[way].append(json.load(open(res))["jobs"][0]["read"]["iops"])
+            log(f"a. {way}: {seq[way][-1]:.2f} GiB/s, {rnd[way][-1]:.0f} IOPS")
+        nbdkit.kill()
+        agent.stop()
+        for name, vals, unit in [("sequential nbdcopy", seq, "GiB/s"), ("4 KiB randread QD16", rnd, "IOPS")]:
+            med = {k: statistics.median(v) for k, v in vals.items()}
+            rows.append((f"a. {name}, {unit}: direct / agent / nbdkit proxy (medians of 2)",
+                         f"{med['direct']:.2f} / {med['agent']:.2f} / {med['nbdkit']:.2f}", "", ""))
+            ratio = med["agent"] / med["direct"]
+            rows.append((f"a. {name}: agent ÷ direct (nbdkit proxy ÷ direct)",
+                         f"{ratio:.2f} ({med['nbdkit'] / med['direct']:.2f})", "≥ 0.9",
+                         "met" if ratio >= 0.9 else "MISSED"))
+    finally:
+        for s in servers:
+            s.kill()
+        etcd.stop()
+
+
+# ---- b. kill stall -----------------------------------------------------------------
+
+def stall_rounds(work, servers, new_agent, image, rounds, hurt, heal, label):
+    """Each round boots a fresh agent (a reboot: its write cache starts empty,
+    as the workload expects), then hurts the server it streams from."""
+    stalls = []
+    for r in range(rounds):
+        agent = new_agent()
+        try:
+            stalls.append(one_round(agent, servers, image, r, hurt, heal, label))
+        finally:
+            agent.stop()
+    return stalls
+
+
+def one_round(agent, servers, image, r, hurt, heal, label):
+    """One round: a workload, the agent's server hurt 2 s in, then healed;
+    returns the largest request latency of the workload (ms)."""
+    name = agent.server()
+    victim = next(s for s in servers if s.name == name)
+    result = {}
+    t = threading.Thread(target=lambda: result.update(workload(agent, image, 6, r + 1)))
+    t.start()
+    time.sleep(2)
+    hurt(victim)
+    t.join()
+    if "max_ms" not in result:
+        raise SystemExit(f"farm.py: round {r + 1} failed; agent log:\n{agent.log()[-3000:]}")
+    log(f"{label} round {r + 1}: {name} -> {agent.server()}, stall {result['max_ms']} ms")
+    heal(victim)
+    other = next(s for s in servers if s is not victim)
+    wait("the server back, verified, in the farm", 60, lambda: any(
+        v["name"] == victim.name and v["up"]
+        and any(x["verified"] for x in v["versions"]) for v in other.servers()))
+    return result["max_ms"]
+
+
+def part_b(work, rows, rounds):
+    image = os.path.join(work, "b.raw")
+    subprocess.run(["head", "-c", "64M", "/dev/urandom"], stdout=open(image, "wb"), check=True)
+    etcd = Etcd(work)
+    servers = [Server(work, f"b{i}", etcd.url.replace("http://", "")) for i in (1, 2, 3)]
+    try:
+        make_farm(work, servers, image)
+        def restart(s):
+            time.sleep(1)  # a new start time
+            s.start()
+            time.sleep(1.5)
+
+        stalls = stall_rounds(work, servers, lambda: Agent(work, servers), image, rounds,
+                              Server.kill, restart, "b.")
+        p50, p99 = pct(stalls, 50), pct(stalls, 99)
+        rows.append((f"b. stall when the server process is killed, ms: p50 / p99 / max ({rounds} kills)",
+                     f"{p50:.1f} / {p99:.1f} / {max(stalls):.1f}", "≤ 1000", "met" if p99 <= 1000 else "MISSED"))
+    finally:
+        for s in servers:
+            s.kill()
+        etcd.stop()
+
+
+# ---- c. silent stall ---------------------------------------------------------------
+
+def sh(cmd):
+    subprocess.run(["sh", "-c", cmd], check=True, capture_output=True)
+
+
+def part_c(work, rows, rounds):
+    if os.geteuid() != 0 or not shutil.which("nft") or not shutil.which("ip"):
+        rows.append(("c. stall when the server's host goes silent", "skipped: needs root, ip and nft", "≤ 2000", ""))
+        return
+    image = os.path.join(work, "c.raw")
+    subprocess.run(["head", "-c", "64M", "/dev/urandom"], stdout=open(image, "wb"), check=True)
+    tag = os.getpid() % 10000
+    nets = []
+    for n in (1, 2):
+        ns, veth, net = f"vb{tag}n{n}", f"vb{tag}v{n}", f"10.250.{n}"
+        sh(f"ip netns add {ns}; ip link add {veth} type veth peer name {veth}p; ip link set {veth}p netns {ns}; "
+           f"ip addr add {net}.1/24 dev {veth}; ip link set {veth} up; "
+           f"ip netns exec {ns} sh -c 'ip addr add {net}.2/24 dev {veth}p; ip link set {veth}p up; ip link set lo up'")
+        nets.append((ns, veth, net))
+    etcd = Etcd(work)
+    servers = []
+    try:
+        for i, (ns, _, net) in enumerate(nets):
+            servers.append(Server(work, f"c{i + 1}", f"{net}.1:{etcd.port}", host=f"{net}.2",
+                                  wrap=["ip", "netns", "exec", ns]))
+        make_farm(work, servers, image)
+        ns_of = {s.name: nets[i][0] for i, s in enumerate(servers)}
+        rule = ("table inet vb {\n chain i { type filter hook input priority 0; policy drop; }\n"
+                " chain o { type filter hook output priority 0; policy drop; }\n}\n")
+        stalls = stall_rounds(
+            work, servers, lambda: Agent(work, servers, deadline_ms=1000), image, rounds,
+            lambda s: subprocess.run(["ip", "netns", "exec", ns_of[s.name], "nft", "-f", "-"],
+                                     input=rule, text=True, check=True),
+            lambda s: (sh(f"ip netns exec {ns_of[s.name]} nft delete table inet vb"), time.sleep(4)),
+            "c.")
+        p50, p99 = pct(stalls, 50), pct(stalls, 99)
+        rows.append((f"c. stall when the server's host goes silent (deadline 1 s), ms: p50 / p99 / max ({rounds} rounds)",
+                     f"{p50:.1f} / {p99:.1f} / {max(stalls):.1f}", "≤ 2000", "met" if p99 <= 2000 else "MISSED"))
+    finally:
+        for s in servers:
+            s.kill()
+        etcd.stop()
+        for ns, veth, _ in nets:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            subprocess.run(["ip", "link", "del", veth], capture_output=True)
+
+
+# ---- d. logins ---------------------------------------------------------------------
+
+def part_d(work, rows, devices):
+    image = os.path.join(work, "d.raw")
+    subprocess.run(["head", "-c", "16M", "/dev/urandom"], stdout=open(image, "wb"), check=True)
+    etcd = Etcd(work)
+    servers = [Server(work, "d1", etcd.url.replace("http://", ""))]
+    s = servers[0]
+    try:
+        make_farm(work, servers, image, devices=0)
+        rss0 = rss_kib(s.proc.pid)
+        token = s.token()
+
+        def add(lo, hi):
+            for d in range(lo, hi):
+                body = json.dumps({"name": f"pc{d}", "mac": mac(d), "vdisk": "demo"}).encode()
+                urllib.request.urlopen(urllib.request.Request(
+                    f"{s.api}/api/v1/devices", data=body, method="POST",
+                    headers={"content-type": "application/json", "authorization": f"Bearer {token}"}))
+
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=add, args=(1 + i * devices // 8, 1 + (i + 1) * devices // 8))
+                   for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        log(f"d. {devices} devices added in {time.monotonic() - t0:.1f} s")
+        time.sleep(2.5)  # into the login view
+        rss1 = rss_kib(s.proc.pid)
+        counts = [0] * 8
+        stop = time.monotonic() + 10
+
+        def storm(i):
+            n, d = 0, 1 + i
+            while time.monotonic() < stop:
+                body = json.dumps({"mac": mac(d)}).encode()
+                urllib.request.urlopen(urllib.request.Request(
+                    f"{s.api}/api/v1/login", data=body,
+                    headers={"content-type": "application/json"})).read()
+                n += 1
+                d = (d + 8 - 1) % devices + 1
+            counts[i] = n
+
+        threads = [threading.Thread(target=storm, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rss2 = rss_kib(s.proc.pid)
+        rows.append((f"d. logins per second, {devices} devices, 8 client threads on this machine, 10 s",
+                     f"{sum(counts) / 10:.0f}", "", ""))
+        rows.append(("d. server VmRSS: no devices / with them / after the login storm, MiB",
+                     f"{rss0 / 1024:.1f} / {rss1 / 1024:.1f} / {rss2 / 1024:.1f}", "", ""))
+    finally:
+        s.kill()
+        etcd.stop()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="a,b,c,d")
+    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--devices", type=int, default=4000)
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--runtime", type=int, default=15)
+    ap.add_argument("--no-build", action="store_true")
+    args = ap.parse_args()
+    for tool in ["etcd", "nbdcopy", "fio", "nbdkit"]:
+        if not shutil.which(tool):
+            raise SystemExit(f"farm.py: {tool} not found (.ci/install-deps installs it)")
+    if not args.no_build:
+        log("building vstream (release)")
+        subprocess.run(["cargo", "build", "--release", "-p", "vstream"], cwd=ROOT, check=True)
+    base = os.path.join(ROOT, "bench/.work/farm")
+    os.makedirs(base, exist_ok=True)
+    rows = []
+    started = time.time()
+    parts = {"a": lambda w: part_a(w, rows, args.size_mib, args.runtime),
+             "b": lambda w: part_b(w, rows, args.kills),
+             "c": lambda w: part_c(w, rows, args.kills),
+             "d": lambda w: part_d(w, rows, args.devices)}
+    for p in args.parts.split(","):
+        with tempfile.TemporaryDirectory(dir=base) as work:
+            log(f"part {p}")
+            parts[p](work)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    out = [f"bench/farm.py, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, commit {commit}, "
+           f"{os.cpu_count()} CPUs, whole run {time.time() - started:.0f} s", "",
+           "| measurement | value | target | |", "|---|---:|---|---|"]
+    out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    text = "\n".join(out) + "\n"
+    print(text)
+    open(os.path.join(base, "last-table.md"), "w").write(text)
+
+
+if __name__ == "__main__":
+    main()
