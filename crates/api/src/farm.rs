@@ -20,6 +20,17 @@ pub struct HeldVersion {
     pub verified: bool,
 }
 
+/// A device connected to a server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SessionInfo {
+    pub device: String,
+    pub vdisk: String,
+    pub version: u32,
+    pub since_unix: u64,
+    /// It keeps its write cache itself (through `vstream target`).
+    pub device_cache: bool,
+}
+
 /// What a live server publishes, about once a second, under a lease.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ServerStatus {
@@ -34,9 +45,16 @@ pub struct ServerStatus {
     pub devices: u32,
     /// Devices whose session started less than the boot window ago.
     pub booting: u32,
+    /// Most devices booting from it at once (PVS's "maximum devices
+    /// booting"); logins beyond it wait. 0: no limit.
+    #[serde(default)]
+    pub max_booting: u32,
     /// Bytes read from it per second, over the last interval.
     pub read_bytes_per_s: u64,
     pub versions: Vec<HeldVersion>,
+    /// The devices connected to it.
+    #[serde(default)]
+    pub sessions: Vec<SessionInfo>,
     pub started_unix: u64,
     pub updated_unix: u64,
 }

@@ -239,6 +239,15 @@ pub struct DeviceInfo {
     pub peer: Option<String>,
     /// Bytes in its server-side write cache.
     pub cache_bytes: u64,
+    /// The server it streams from, in a farm.
+    #[serde(default)]
+    pub server: Option<String>,
+    /// The version it booted.
+    #[serde(default)]
+    pub version: Option<u32>,
+    /// Whether it keeps its write cache itself (through `vstream target`).
+    #[serde(default)]
+    pub device_cache: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

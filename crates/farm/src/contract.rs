@@ -975,8 +975,10 @@ fn status(name: &str, devices: u32) -> vstream_api::ServerStatus {
         power: 1.0,
         devices,
         booting: 0,
+        max_booting: 0,
         read_bytes_per_s: 0,
         versions: vec![],
+        sessions: vec![],
         started_unix: 1,
         updated_unix: 2,
     }

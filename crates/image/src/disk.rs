@@ -97,6 +97,10 @@ pub struct Disk {
     limit: Option<u64>,
     /// Chunks promised to in-flight writes against `limit`.
     reserved: AtomicU64,
+    /// Where new chunks go once the top layer is full (a RAM cache that
+    /// overflows to disk): the same stack without the top, the overflow
+    /// layer on top of it, with its own limit.
+    spill: Option<Box<Disk>>,
 }
 
 impl Disk {
@@ -109,6 +113,7 @@ impl Disk {
             writable: false,
             limit: None,
             reserved: AtomicU64::new(0),
+            spill: None,
         }
     }
 
@@ -125,6 +130,7 @@ impl Disk {
             writable: true,
             limit,
             reserved: AtomicU64::new(0),
+            spill: None,
         })
     }
 
@@ -144,8 +150,38 @@ impl Disk {
 
     /// Reads chunks no layer holds from `base` instead of zeros.
     pub fn with_base(mut self, base: Arc<dyn Base>) -> Disk {
+        if let Some(spill) = self.spill.as_mut() {
+            spill.base = Some(base.clone());
+        }
         self.base = Some(base);
         self
+    }
+
+    /// A write cache in two tiers: new chunks go to `top` while it holds
+    /// less than `top_limit`, then to `overflow` (up to `overflow_limit`).
+    /// A chunk is written where it already is, so reads (topmost layer
+    /// first) always see its newest data.
+    pub fn with_overflow(
+        lower: Vec<Arc<Layer>>,
+        overflow: Arc<Layer>,
+        overflow_limit: u64,
+        top: Arc<Layer>,
+        top_limit: u64,
+    ) -> Result<Disk, WriteError> {
+        let mut spill_layers = lower.clone();
+        spill_layers.push(overflow.clone());
+        let spill = Disk::writable(spill_layers, Some(overflow_limit))?;
+        let mut layers = lower;
+        layers.push(overflow);
+        layers.push(top);
+        let mut disk = Disk::writable(layers, Some(top_limit))?;
+        disk.spill = Some(Box::new(spill));
+        Ok(disk)
+    }
+
+    /// Bytes held by the overflow tier, if there is one.
+    pub fn overflow_bytes(&self) -> Option<u64> {
+        self.spill.as_ref().map(|s| s.top_bytes())
     }
 
     /// Uses `index` for the bottom layers it covers (they must be these
@@ -298,6 +334,57 @@ impl Disk {
 
     /// Writes `data` at `offset`; with `fua`, it is durable on return.
     pub fn write(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), WriteError> {
+        match self.write_top(data, offset, fua) {
+            Err(WriteError::CacheFull { .. }) if self.spill.is_some() => {
+                self.write_spilled(data, offset, fua)
+            }
+            other => other,
+        }
+    }
+
+    /// The top tier is full: each run of chunks goes where it already is,
+    /// and new ones to the overflow tier.
+    fn write_spilled(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), WriteError> {
+        let (Some(spill), Some(top)) = (self.spill.as_deref(), self.layers.last()) else {
+            return Err(WriteError::ReadOnly);
+        };
+        let end = offset + data.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let in_top = top.is_allocated(pos / CHUNK);
+            let mut run_end = ((pos / CHUNK + 1) * CHUNK).min(end);
+            while run_end < end && top.is_allocated(run_end / CHUNK) == in_top {
+                run_end = ((run_end / CHUNK + 1) * CHUNK).min(end);
+            }
+            if in_top {
+                let piece = &data[(pos - offset) as usize..(run_end - offset) as usize];
+                self.write_top(piece, pos, false)?;
+                pos = run_end;
+                continue;
+            }
+            // New chunks: into the top tier while they fit, then the rest
+            // of the run to the overflow tier.
+            while pos < run_end {
+                let next = ((pos / CHUNK + 1) * CHUNK).min(run_end);
+                let piece = &data[(pos - offset) as usize..(next - offset) as usize];
+                match self.write_top(piece, pos, false) {
+                    Ok(()) => pos = next,
+                    Err(WriteError::CacheFull { .. }) => {
+                        let rest = &data[(pos - offset) as usize..(run_end - offset) as usize];
+                        spill.write(rest, pos, false)?;
+                        pos = run_end;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn write_top(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), WriteError> {
         let top = self.top_for_write(offset, data.len() as u64)?;
         if data.is_empty() {
             return Ok(());
@@ -376,7 +463,9 @@ impl Disk {
         fua: bool,
         punch: bool,
     ) -> Result<(), WriteError> {
-        if punch {
+        // With an overflow tier, zeros are written out: `write` puts each
+        // chunk in the right tier.
+        if punch && self.spill.is_none() {
             return self.zero_or_trim(offset, len, fua, false);
         }
         self.top_for_write(offset, len)?;
@@ -525,6 +614,9 @@ impl Disk {
 
     /// Makes every completed write durable.
     pub fn flush(&self) -> io::Result<()> {
+        if let Some(spill) = &self.spill {
+            spill.flush()?;
+        }
         match self.layers.last() {
             Some(top) if self.writable => top.flush(),
             _ => Ok(()),
@@ -629,6 +721,78 @@ mod tests {
         let mut b = vec![0u8; size as usize];
         Disk::read_only(vec![base]).read(&mut b, 0, false).unwrap();
         assert!(b == base_image, "base changed under its write cache");
+    }
+
+    /// A RAM tier that overflows to a disk tier: writes go where their chunk
+    /// already is, new chunks to the disk tier once RAM is full, and the
+    /// whole reads like a flat model until both are full.
+    #[test]
+    fn an_overflowing_cache_reads_like_a_flat_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 1 << 20;
+        let base = layer(dir.path(), "base", size);
+        Disk::writable(vec![base.clone()], None)
+            .unwrap()
+            .write(&vec![9u8; size as usize], 0, false)
+            .unwrap();
+        let mut model = vec![9u8; size as usize];
+        let (ram, spill) = (
+            layer(dir.path(), "ram", size),
+            layer(dir.path(), "spill", size),
+        );
+        let disk = Disk::with_overflow(
+            vec![base.clone()],
+            spill.clone(),
+            64 * CHUNK,
+            ram.clone(),
+            16 * CHUNK,
+        )
+        .unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for i in 0..200 {
+            let off = rng.gen_range(0..size / 4 - 9000);
+            let len = rng.gen_range(1..9000u64);
+            if i % 5 == 4 {
+                disk.write_zeroes(off, len, false, true).unwrap();
+                model[off as usize..(off + len) as usize].fill(0);
+            } else {
+                let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                match disk.write(&data, off, false) {
+                    Ok(()) => model[off as usize..(off + len) as usize].copy_from_slice(&data),
+                    Err(WriteError::CacheFull { .. }) => continue,
+                    Err(e) => panic!("step {i}: {e}"),
+                }
+            }
+            let mut got = vec![0u8; len as usize];
+            disk.read(&mut got, off, false).unwrap();
+            assert_eq!(got, &model[off as usize..(off + len) as usize], "step {i}");
+        }
+        assert_eq!(ram.allocated_chunks(), 16, "RAM fills first");
+        assert!(spill.allocated_chunks() > 0 && spill.allocated_chunks() <= 64);
+        assert_eq!(disk.overflow_bytes(), Some(spill.allocated_bytes()));
+        let mut all = vec![0u8; size as usize];
+        disk.read(&mut all, 0, false).unwrap();
+        assert!(all == model);
+        // New chunks until both tiers are full; then a write is refused,
+        // and nothing else changes.
+        let mut c = size / CHUNK - 1;
+        let err = loop {
+            match disk.write(&[1u8; 4096], c * CHUNK, false) {
+                Ok(()) => model[(c * CHUNK) as usize..((c + 1) * CHUNK) as usize].fill(1),
+                Err(e) => break e,
+            }
+            c -= 1;
+        };
+        assert!(matches!(err, WriteError::CacheFull { .. }), "{err}");
+        assert_eq!((ram.allocated_chunks(), spill.allocated_chunks()), (16, 64));
+        disk.read(&mut all, 0, false).unwrap();
+        assert!(all == model);
+        let mut b = vec![0u8; size as usize];
+        Disk::read_only(vec![base]).read(&mut b, 0, false).unwrap();
+        assert!(
+            b.iter().all(|&x| x == 9),
+            "base changed under its write cache"
+        );
     }
 
     /// A chain read through its index reads exactly what a walk reads,

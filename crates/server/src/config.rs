@@ -70,6 +70,8 @@ pub struct Config {
     /// Move devices off this server on its own when it carries more than the
     /// farm's average load plus this percent; `None`: only when asked.
     pub auto_rebalance: Option<f64>,
+    /// Most devices booting from this server at once; 0: no limit.
+    pub max_booting: u32,
 }
 
 /// Where the farm state lives.
@@ -110,6 +112,8 @@ impl std::str::FromStr for FarmConfig {
     }
 }
 
+/// PVS's default for "maximum devices booting" per server.
+pub const DEFAULT_MAX_BOOTING: u32 = 500;
 pub const DEFAULT_DATA: &str = "/var/lib/vstream";
 pub const DEFAULT_NBD: &str = "127.0.0.1:10809";
 pub const DEFAULT_API: &str = "127.0.0.1:7080";
@@ -131,6 +135,7 @@ pub struct FileConfig {
     pub advertise_api: Option<String>,
     pub advertise_nbd: Option<String>,
     pub auto_rebalance: Option<f64>,
+    pub max_booting: Option<u32>,
 }
 
 impl FileConfig {
@@ -155,6 +160,7 @@ pub struct FlagConfig {
     pub advertise_api: Option<String>,
     pub advertise_nbd: Option<String>,
     pub auto_rebalance: Option<f64>,
+    pub max_booting: Option<u32>,
 }
 
 impl Config {
@@ -226,6 +232,10 @@ impl Config {
         }
         Ok(Config {
             auto_rebalance,
+            max_booting: flags
+                .max_booting
+                .or(file.max_booting)
+                .unwrap_or(DEFAULT_MAX_BOOTING),
             farm,
             name,
             power,

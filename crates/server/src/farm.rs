@@ -160,8 +160,10 @@ pub fn status(server: &Server, versions: Vec<HeldVersion>) -> ServerStatus {
         power: server.config.power,
         devices,
         booting,
+        max_booting: server.config.max_booting,
         read_bytes_per_s: read.saturating_sub(before) / PUBLISH_INTERVAL.as_secs().max(1),
         versions,
+        sessions: server.sessions(),
         started_unix: m.started_unix.load(Ordering::Relaxed),
         updated_unix: now_unix(),
     }

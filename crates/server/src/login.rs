@@ -132,7 +132,21 @@ pub fn choose(
         let load = |s: &ServerStatus| {
             f64::from(s.devices + recent.get(&s.name).copied().unwrap_or(0)) / s.power.max(0.1)
         };
-        servers.iter().filter(|s| holds(s)).min_by(|a, b| {
+        let recent_to = |s: &ServerStatus| recent.get(&s.name).copied().unwrap_or(0);
+        let holders: Vec<&&ServerStatus> = servers.iter().filter(|s| holds(s)).collect();
+        let open: Vec<&&ServerStatus> = holders
+            .iter()
+            .copied()
+            .filter(|s| s.max_booting == 0 || s.booting + recent_to(s) < s.max_booting)
+            .collect();
+        if open.is_empty() && !holders.is_empty() {
+            return Err(LoginError::Unavailable(format!(
+                "every server holding vDisk {} version {number} has its most devices booting; \
+                 logins are paced, ask again shortly",
+                vdisk.name
+            )));
+        }
+        open.into_iter().min_by(|a, b| {
             load(a)
                 .total_cmp(&load(b))
                 .then_with(|| a.name.cmp(&b.name))
@@ -197,8 +211,10 @@ mod tests {
             power,
             devices,
             booting: 0,
+            max_booting: 0,
             read_bytes_per_s: 0,
             versions,
+            sessions: vec![],
             started_unix: 0,
             updated_unix: 0,
         }
@@ -266,6 +282,30 @@ mod tests {
                 .unwrap()
                 .server,
             "s2"
+        );
+    }
+
+    #[test]
+    fn logins_are_paced_by_the_most_devices_booting() {
+        let p1 = version(1, VersionState::Production, "aa", true);
+        let mut busy = server("s1", 0, 1.0, vec![p1.clone()]);
+        busy.booting = 2;
+        busy.max_booting = 2;
+        let mut free = server("s2", 40, 1.0, vec![p1]);
+        free.max_booting = 2;
+        let v = view(DeviceType::Production, vec![busy, free]);
+        // s1 is less loaded but at its limit of devices booting.
+        assert_eq!(
+            choose(&v, &login(&[], None), &HashMap::new())
+                .unwrap()
+                .server,
+            "s2"
+        );
+        let recent = HashMap::from([("s2".to_string(), 2)]);
+        let err = choose(&v, &login(&[], None), &recent).unwrap_err();
+        assert!(
+            matches!(err, LoginError::Unavailable(ref m) if m.contains("paced")),
+            "{err}"
         );
     }
 

@@ -51,8 +51,10 @@ mod tests {
             power,
             devices,
             booting: 0,
+            max_booting: 0,
             read_bytes_per_s: 0,
             versions: vec![],
+            sessions: vec![],
             started_unix: 0,
             updated_unix: 0,
         }

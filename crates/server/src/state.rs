@@ -584,10 +584,49 @@ impl Server {
         self.sessions.lock().contains_key(device)
     }
 
-    /// A device with its live state.
+    /// The devices connected here, by name.
+    pub fn sessions(&self) -> Vec<vstream_api::SessionInfo> {
+        let mut out: Vec<vstream_api::SessionInfo> = self
+            .sessions
+            .lock()
+            .iter()
+            .map(|(name, s)| vstream_api::SessionInfo {
+                device: name.clone(),
+                vdisk: s.vdisk.clone(),
+                version: s.version,
+                since_unix: s.since,
+                device_cache: s.release.is_some(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.device.cmp(&b.device));
+        out
+    }
+
+    /// A device with its live state: here, or on another server of the farm.
     pub fn device_info(&self, device: Device) -> DeviceInfo {
         let sessions = self.sessions.lock();
         let s = sessions.get(&device.name);
+        if s.is_none() {
+            let view = self.membership.view();
+            let elsewhere = view.servers.iter().find_map(|srv| {
+                srv.sessions
+                    .iter()
+                    .find(|x| x.device == device.name)
+                    .map(|x| (srv.name.clone(), x.clone()))
+            });
+            if let Some((server, x)) = elsewhere {
+                return DeviceInfo {
+                    connected: true,
+                    connected_since: Some(x.since_unix),
+                    peer: None,
+                    cache_bytes: 0,
+                    server: Some(server),
+                    version: Some(x.version),
+                    device_cache: x.device_cache,
+                    device,
+                };
+            }
+        }
         let cache_bytes = match s {
             Some(s) if s.release.is_some() => 0,
             Some(s) if s.mode == Mode::Standard && s.kind != DeviceType::Maintenance => {
@@ -606,6 +645,9 @@ impl Server {
             connected_since: s.map(|s| s.since),
             peer: s.map(|s| s.peer.clone()),
             cache_bytes,
+            server: s.map(|_| self.config.name.clone()),
+            version: s.map(|s| s.version),
+            device_cache: s.is_some_and(|s| s.release.is_some()),
             device,
         }
     }

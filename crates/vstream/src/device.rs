@@ -144,13 +144,30 @@ fn device_table(devices: &[DeviceInfo]) -> String {
                 i.device.vdisk.clone(),
                 i.device.kind.to_string(),
                 yes_no(i.connected).to_string(),
-                i.peer.clone().unwrap_or_else(|| "-".to_string()),
-                human_size(i.cache_bytes),
+                i.server.clone().unwrap_or_else(|| "-".to_string()),
+                i.version.map_or_else(|| "-".to_string(), |v| v.to_string()),
+                i.connected_since
+                    .map_or_else(|| "-".to_string(), format_unix_time),
+                if i.device_cache {
+                    "on device".to_string()
+                } else {
+                    human_size(i.cache_bytes)
+                },
             ]
         })
         .collect();
     render_table(
-        &["NAME", "MAC", "VDISK", "TYPE", "CONNECTED", "PEER", "CACHE"],
+        &[
+            "NAME",
+            "MAC",
+            "VDISK",
+            "TYPE",
+            "CONNECTED",
+            "SERVER",
+            "VERSION",
+            "SINCE",
+            "CACHE",
+        ],
         &rows,
     )
 }
@@ -176,8 +193,23 @@ fn device_fields(i: &DeviceInfo) -> String {
         ("vdisk", d.vdisk.clone()),
         ("type", d.kind.to_string()),
         ("connected", connected),
+        (
+            "server",
+            i.server.clone().unwrap_or_else(|| "-".to_string()),
+        ),
+        (
+            "version",
+            i.version.map_or_else(|| "-".to_string(), |v| v.to_string()),
+        ),
         ("peer", i.peer.clone().unwrap_or_else(|| "-".to_string())),
-        ("write cache", human_size(i.cache_bytes)),
+        (
+            "write cache",
+            if i.device_cache {
+                "on the device".to_string()
+            } else {
+                human_size(i.cache_bytes)
+            },
+        ),
         ("created", format_unix_time(d.created_unix)),
     ])
 }
@@ -207,6 +239,9 @@ mod tests {
             connected_since: peer.map(|_| 1_700_000_060),
             peer: peer.map(str::to_string),
             cache_bytes,
+            server: peer.map(|_| "pvs1".to_string()),
+            version: peer.map(|_| 3),
+            device_cache: false,
         }
     }
 
@@ -217,9 +252,9 @@ mod tests {
         let t = device_table(&[info("pc1", Some("10.0.0.5:51234"), 3 << 29), lab]);
         assert_eq!(
             t,
-            "NAME       MAC                VDISK  TYPE         CONNECTED  PEER            CACHE\n\
-             pc1        aa:bb:cc:00:11:22  win10  production   yes        10.0.0.5:51234  1.5 GiB\n\
-             lab-pc-22  aa:bb:cc:00:11:22  win10  maintenance  no         -               0 B\n"
+            "NAME       MAC                VDISK  TYPE         CONNECTED  SERVER  VERSION  SINCE                    CACHE\n\
+             pc1        aa:bb:cc:00:11:22  win10  production   yes        pvs1    3        2023-11-14 22:14:20 UTC  1.5 GiB\n\
+             lab-pc-22  aa:bb:cc:00:11:22  win10  maintenance  no         -       -        -                        0 B\n"
         );
     }
 
@@ -232,6 +267,8 @@ mod tests {
              vdisk:       win10\n\
              type:        production\n\
              connected:   yes, since 2023-11-14 22:14:20 UTC\n\
+             server:      pvs1\n\
+             version:     3\n\
              peer:        10.0.0.5:51234\n\
              write cache: 4 KiB\n\
              created:     2023-11-14 22:13:20 UTC\n"

@@ -71,6 +71,10 @@ pub struct ServerArgs {
     /// its devices are booting) [default: off].
     #[arg(long, value_name = "PCT")]
     pub auto_rebalance: Option<f64>,
+    /// Most devices booting from this server at once (their first minute);
+    /// further logins go to other servers or wait. 0: no limit [default: 500].
+    #[arg(long, value_name = "N")]
+    pub max_booting: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -133,6 +137,7 @@ fn resolve(args: ServerArgs) -> Result<Config> {
         advertise_api: args.advertise_api,
         advertise_nbd: args.advertise_nbd,
         auto_rebalance: args.auto_rebalance,
+        max_booting: args.max_booting,
     };
     Config::resolve(file, flags).map_err(|e| anyhow!("invalid server configuration: {e}"))
 }

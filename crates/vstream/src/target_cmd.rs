@@ -30,7 +30,8 @@ pub struct TargetArgs {
     /// repeat for both.
     #[arg(long, value_name = "unix:PATH|HOST:PORT", required = true)]
     pub listen: Vec<String>,
-    /// The write cache: ram:SIZE or disk:PATH:SIZE [default: ram:1GiB].
+    /// The write cache: ram:SIZE, disk:PATH:SIZE, or ram:SIZE,disk:PATH:SIZE
+    /// (RAM first, overflowing to the disk file) [default: ram:1GiB].
     #[arg(long, value_name = "SPEC", default_value = "ram:1GiB")]
     pub cache: CacheSpec,
     /// Milliseconds a server may leave a read unanswered before the agent

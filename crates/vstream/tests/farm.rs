@@ -152,6 +152,16 @@ fn agents_carry_on_when_servers_are_killed() {
     let dir = tempfile::tempdir().unwrap();
     let mut servers = farm(&etcd, dir.path(), 3, 3);
     let image = dir.path().join("demo.raw");
+    // The three cache types: RAM, local disk, and RAM overflowing to disk
+    // (small enough that the workload's writes overflow).
+    let caches = [
+        "ram:64MiB".to_string(),
+        format!("disk:{}:64MiB", dir.path().join("pc2.cache").display()),
+        format!(
+            "ram:4MiB,disk:{}:64MiB",
+            dir.path().join("pc3.cache").display()
+        ),
+    ];
     let agents: Vec<TestAgent> = (1..=3)
         .map(|d| {
             TestAgent::start(
@@ -159,7 +169,7 @@ fn agents_carry_on_when_servers_are_killed() {
                 &format!("pc{d}"),
                 &mac(d),
                 &apis(&servers),
-                "ram:64MiB",
+                &caches[d - 1],
             )
         })
         .collect();
@@ -205,6 +215,21 @@ fn agents_carry_on_when_servers_are_killed() {
         let (s1, s2, s3) = (by("s1")?, by("s2")?, by("s3")?);
         (s1["up"] == false && s2["up"] == false && s3["devices"] == 3).then_some(())
     });
+    // `device list` tells where each device is and what it booted.
+    let out = servers[2].cli_ok(&["device", "list", "--json"]);
+    let devices: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for d in devices.as_array().unwrap() {
+        assert_eq!(
+            (
+                &d["connected"],
+                &d["server"],
+                &d["version"],
+                &d["device_cache"]
+            ),
+            (&true.into(), &"s3".into(), &1.into(), &true.into()),
+            "{d}"
+        );
+    }
 }
 
 #[test]

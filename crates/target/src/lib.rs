@@ -1,0 +1,203 @@
+//! vstream-target: the agent a diskless device runs (`vstream target`).
+//!
+//! ```text
+//!   OS / QEMU / nbd-client --NBD (unix socket, or TCP loopback)--> local export
+//!       local export = Disk [ write cache layer (RAM or local disk) ] over Base = Remote
+//!       Remote --NBD base/DEVICE@N/HASH--> the server login chose  (upstream.rs)
+//!              `-- on a reset or a silent server: log in again, same version, replay (remote.rs)
+//!   login: POST /api/v1/login to the first bootstrap server that answers   (login.rs)
+//! ```
+//!
+//! Writes never leave the device: they land in its write cache, and reads of
+//! written blocks come from there. Only reads of blocks the device never
+//! wrote go to the farm, and those are safe to send again to any server
+//! holding the same content hash. The local NBD service is the server's own
+//! (`vstream_server::nbd`), serving this one export.
+
+mod cache;
+mod login;
+mod remote;
+mod upstream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use futures::future::BoxFuture;
+use tokio::sync::{watch, Semaphore};
+use vstream_api::{CacheType, LoginReply, LoginRequest, Mode, Pin};
+use vstream_image::Disk;
+use vstream_server::config::Listen;
+use vstream_server::metrics::Metrics;
+use vstream_server::nbd::{self, Exports};
+use vstream_server::state::{Export, OpenError};
+
+pub use cache::CacheSpec;
+pub use login::LoginFailure;
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The servers' API addresses (HOST:PORT or URLs), tried in order.
+    pub bootstrap: Vec<String>,
+    pub mac: String,
+    /// Where the OS reaches its disk.
+    pub listen: Vec<Listen>,
+    pub cache: CacheSpec,
+    /// How long a server may leave a read unanswered before the agent moves.
+    pub deadline: Duration,
+}
+
+/// The one export the agent serves.
+struct Device {
+    name: String,
+    description: String,
+    disk: Arc<Disk>,
+    remote: Arc<remote::Remote>,
+    metrics: Metrics,
+}
+
+impl Exports for Device {
+    fn open<'a>(
+        self: Arc<Self>,
+        name: &'a str,
+        _peer: &'a str,
+        _go: bool,
+    ) -> BoxFuture<'a, Result<Export, OpenError>> {
+        Box::pin(async move {
+            // The device's own name, or the default export (nbd-client sends "").
+            if !name.is_empty() && name != self.name {
+                return Err(OpenError::Unknown(name.to_owned()));
+            }
+            Ok(Export {
+                name: self.name.clone(),
+                description: self.description.clone(),
+                disk: self.disk.clone(),
+                session: None,
+            })
+        })
+    }
+    fn list(&self) -> Vec<(String, String)> {
+        vec![(self.name.clone(), self.description.clone())]
+    }
+    fn structured_replies(&self) -> bool {
+        true
+    }
+    fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(10)
+    }
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+    fn remote_base(&self) -> Option<Arc<dyn nbd::RemoteBase>> {
+        Some(self.remote.clone())
+    }
+}
+
+/// Logs in until a server takes the device; waits (and says why) meanwhile.
+async fn first_login(opts: &Options) -> Result<LoginReply> {
+    let mut last = String::new();
+    loop {
+        let req = LoginRequest {
+            mac: opts.mac.clone(),
+            avoid: vec![],
+            pin: None,
+        };
+        let (bootstrap, deadline) = (opts.bootstrap.clone(), opts.deadline);
+        match tokio::task::spawn_blocking(move || login::login(&bootstrap, &req, deadline)).await? {
+            Ok(reply) => return Ok(reply),
+            Err(e) => {
+                let why = e.to_string();
+                if why != last {
+                    tracing::warn!(reason = %why, "login: waiting for a server to take the device");
+                    last = why;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Pins the agent's memory and keeps the OOM killer away: it serves the
+/// root filesystem, so paging it out or killing it would hang the OS.
+fn protect_memory() {
+    // SAFETY: plain syscall; failure is reported, not fatal.
+    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "could not lock the agent's memory (mlockall)");
+    }
+    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
+        tracing::warn!(error = %e, "could not exempt the agent from the OOM killer");
+    }
+}
+
+/// Runs the agent until `shutdown`.
+pub async fn run(opts: Options, shutdown: watch::Receiver<bool>) -> Result<()> {
+    if opts.bootstrap.is_empty() {
+        bail!("give at least one bootstrap server (--bootstrap HOST:PORT)");
+    }
+    protect_memory();
+    let reply = first_login(&opts).await?;
+    if reply.mode != Mode::Standard || reply.cache_type != CacheType::Device {
+        bail!(
+            "device {} is on vDisk {} in {} mode with its write cache on the {}: the agent serves \
+             Standard-mode vDisks with a device cache (vstream vdisk set {} --mode standard --cache-type device); \
+             connect this device to nbd://{}/{} directly instead",
+            reply.device, reply.vdisk, reply.mode, reply.cache_type, reply.vdisk, reply.nbd, reply.export
+        );
+    }
+    let first = upstream::Connection::open(&reply, opts.deadline * 5)
+        .await
+        .with_context(|| {
+            format!(
+                "opening {} on {} ({})",
+                reply.export, reply.server, reply.nbd
+            )
+        })?;
+    tracing::info!(device = %reply.device, vdisk = %reply.vdisk, version = reply.version,
+        server = %reply.server, hash = %reply.content_hash, "logged in");
+    let pin = Pin {
+        vdisk: reply.vdisk.clone(),
+        version: reply.version,
+        content_hash: reply.content_hash.clone(),
+    };
+    let remote = Arc::new(remote::Remote::new(
+        opts.bootstrap.clone(),
+        opts.mac.clone(),
+        pin,
+        opts.deadline,
+        first,
+        tokio::runtime::Handle::current(),
+        shutdown.clone(),
+    ));
+    let disk = opts
+        .cache
+        .disk(reply.size, reply.cache_limit, remote.clone())?;
+    let device = Arc::new(Device {
+        name: reply.device.clone(),
+        description: format!(
+            "vDisk {} version {} through vstream target ({} write cache)",
+            reply.vdisk, reply.version, opts.cache
+        ),
+        disk: Arc::new(disk),
+        remote: remote.clone(),
+        metrics: Metrics::default(),
+    });
+    let conns = Arc::new(Semaphore::new(64));
+    let mut tasks = tokio::task::JoinSet::new();
+    for addr in &opts.listen {
+        let listener = nbd::Listener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        tracing::info!(addr = %listener.local_addr(), export = %reply.device, "serving the device's disk");
+        tasks.spawn(nbd::serve(
+            listener,
+            device.clone() as Arc<dyn Exports>,
+            conns.clone(),
+            shutdown.clone(),
+        ));
+    }
+    while tasks.join_next().await.is_some() {}
+    remote.disconnect().await;
+    tracing::info!(failovers = remote.failovers.load(std::sync::atomic::Ordering::Relaxed), server = %remote.server(), "agent stopped; the write cache is discarded");
+    Ok(())
+}

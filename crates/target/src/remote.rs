@@ -1,0 +1,187 @@
+//! The device's base image, streamed from whichever server holds its version,
+//! moving to another when that one fails.
+//!
+//! Every read runs on the current connection with a deadline. A reset
+//! connection fails its reads at once; a silent server lets the deadline
+//! pass. Either way the read that saw it starts the failover (one at a time):
+//! log in again through the bootstrap list, avoiding the failed server and
+//! pinned to the same version and content hash, connect, and make that the
+//! current connection. Every read that failed meanwhile is then sent again on
+//! it: base reads are idempotent, so replaying them is safe. Reads wait, and
+//! never fail, while no server holds the version.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use vstream_api::{LoginRequest, Pin};
+
+use crate::login::{login, LoginFailure};
+use crate::upstream::{Connection, MAX_READ};
+
+/// Pause between login attempts while no server can take the device.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+pub struct Remote {
+    bootstrap: Vec<String>,
+    mac: String,
+    pin: Pin,
+    deadline: Duration,
+    current: Mutex<Arc<Connection>>,
+    switching: tokio::sync::Mutex<()>,
+    runtime: tokio::runtime::Handle,
+    /// Turns true when the agent stops: waiting reads then give up.
+    closing: tokio::sync::watch::Receiver<bool>,
+    pub failovers: AtomicU64,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote")
+            .field("server", &self.current.lock().server)
+            .field("pin", &self.pin)
+            .finish()
+    }
+}
+
+impl Remote {
+    pub fn new(
+        bootstrap: Vec<String>,
+        mac: String,
+        pin: Pin,
+        deadline: Duration,
+        first: Connection,
+        runtime: tokio::runtime::Handle,
+        closing: tokio::sync::watch::Receiver<bool>,
+    ) -> Remote {
+        Remote {
+            bootstrap,
+            mac,
+            pin,
+            deadline,
+            current: Mutex::new(Arc::new(first)),
+            switching: tokio::sync::Mutex::new(()),
+            runtime,
+            closing,
+            failovers: AtomicU64::new(0),
+        }
+    }
+
+    /// The server streaming now.
+    pub fn server(&self) -> String {
+        self.current.lock().server.clone()
+    }
+
+    /// Ends the stream politely (NBD_CMD_DISC), at the agent's exit.
+    pub async fn disconnect(&self) {
+        let conn = self.current.lock().clone();
+        conn.disconnect().await;
+    }
+
+    /// Reads `len` bytes at `offset`, on whichever server can answer; fails
+    /// only when the agent is stopping.
+    pub async fn read_at(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        loop {
+            let conn = self.current.lock().clone();
+            let why = match tokio::time::timeout(self.deadline, conn.read(offset, len)).await {
+                Ok(Ok(data)) => return Ok(data),
+                Ok(Err(e)) => format!("read failed: {e}"),
+                Err(_) => format!("no answer within {:?}", self.deadline),
+            };
+            let mut closing = self.closing.clone();
+            tokio::select! {
+                _ = self.fail_over(&conn, &why) => {}
+                _ = closing.wait_for(|c| *c) => {
+                    return Err(io::Error::other("the agent is stopping"));
+                }
+            }
+        }
+    }
+
+    /// Replaces `failed` with a connection to another server holding the
+    /// pinned version, unless another read has done so already.
+    async fn fail_over(&self, failed: &Arc<Connection>, why: &str) {
+        let _one = self.switching.lock().await;
+        if !Arc::ptr_eq(&self.current.lock(), failed) {
+            return;
+        }
+        let started = Instant::now();
+        tracing::warn!(server = %failed.server, reason = why, "server failed; failing over");
+        let mut avoid = vec![failed.server.clone()];
+        let mut last_wait = String::new();
+        loop {
+            let req = LoginRequest {
+                mac: self.mac.clone(),
+                avoid: avoid.clone(),
+                pin: Some(self.pin.clone()),
+            };
+            // The failed server last: a silent one would hold up the login.
+            let bootstrap = crate::login::failed_last(&self.bootstrap, &failed.api);
+            let deadline = self.deadline;
+            let answer = tokio::task::spawn_blocking(move || login(&bootstrap, &req, deadline))
+                .await
+                .unwrap_or_else(|e| Err(LoginFailure::NoAnswer(e.to_string())));
+            let wait = match answer {
+                Ok(reply) => match Connection::open(&reply, self.deadline).await {
+                    Ok(c) if c.size == failed.size => {
+                        tracing::info!(from = %failed.server, to = %reply.server, stall_ms = started.elapsed().as_millis() as u64, "failed over");
+                        *self.current.lock() = Arc::new(c);
+                        self.failovers.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    Ok(c) => format!(
+                        "{} serves {} bytes, not {}",
+                        reply.server, c.size, failed.size
+                    ),
+                    Err(e) => {
+                        avoid.push(reply.server.clone());
+                        format!(
+                            "{} ({}) did not take the device: {e}",
+                            reply.server, reply.nbd
+                        )
+                    }
+                },
+                Err(e) => {
+                    // Nobody else now: the failed server may come back too.
+                    avoid.clear();
+                    e.to_string()
+                }
+            };
+            if wait != last_wait {
+                tracing::warn!(reason = %wait, "I/O waits: no server can take the device yet; retrying");
+                last_wait = wait;
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+}
+
+impl vstream_image::Base for Remote {
+    fn read(&self, buf: &mut [MaybeUninit<u8>], offset: u64) -> io::Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(MAX_READ as usize);
+            let data = self
+                .runtime
+                .block_on(self.read_at(offset + done as u64, n as u32))?;
+            let dst = &mut buf[done..done + n];
+            debug_assert_eq!(data.len(), n);
+            // SAFETY: `data` holds exactly `n` bytes (the connection reads the
+            // whole reply) and `dst` is `n` bytes of our buffer.
+            unsafe {
+                std::ptr::copy_nonoverlapping(data.as_ptr(), dst.as_mut_ptr().cast::<u8>(), n)
+            };
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+impl vstream_server::nbd::RemoteBase for Remote {
+    fn read(&self, offset: u64, len: u32) -> futures::future::BoxFuture<'_, io::Result<Vec<u8>>> {
+        Box::pin(self.read_at(offset, len))
+    }
+}

@@ -1,0 +1,229 @@
+//! One NBD client connection to a provisioning server: the fixed newstyle
+//! handshake with NBD_OPT_GO, then read requests with replies matched by
+//! handle, so many requests are in flight at once.
+//!
+//! ```text
+//!   read(offset, len) --request (handle)--> socket writer (one lock)
+//!   reader task <--simple reply (handle, data)-- socket
+//!        `--> the waiting read's oneshot, by handle
+//! ```
+//!
+//! When the socket fails, every waiting read gets an error and the
+//! connection is dead for good: the failover layer above replaces it.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use vstream_nbd::*;
+
+/// Reads of at most this many bytes go in one request.
+pub const MAX_READ: u32 = 32 << 20;
+const CMD_READ: u16 = 0;
+const CMD_DISC: u16 = 2;
+
+type Pending = HashMap<u64, (u32, oneshot::Sender<io::Result<Vec<u8>>>)>;
+
+/// A live connection to one server's export.
+pub struct Connection {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    pending: Arc<Mutex<Pending>>,
+    dead: Arc<AtomicBool>,
+    next_handle: AtomicU64,
+    pub size: u64,
+    pub server: String,
+    /// The server's API URL, from the login that chose it.
+    pub api: String,
+}
+
+fn protocol(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+impl Connection {
+    /// Connects to `addr` and opens `export`, within `timeout`.
+    pub async fn open(
+        reply: &vstream_api::LoginReply,
+        timeout: Duration,
+    ) -> io::Result<Connection> {
+        let (addr, export) = (reply.nbd.as_str(), reply.export.as_str());
+        let connect = async {
+            let mut s = TcpStream::connect(addr).await?;
+            s.set_nodelay(true)?;
+            let size = handshake(&mut s, export).await?;
+            Ok::<_, io::Error>((s, size))
+        };
+        let (stream, size) = tokio::time::timeout(timeout, connect).await.map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer from {addr} within {timeout:?}"),
+            )
+        })??;
+        let (mut reader, writer) = stream.into_split();
+        let pending: Arc<Mutex<Pending>> = Arc::default();
+        let dead = Arc::new(AtomicBool::new(false));
+        let (p, d) = (pending.clone(), dead.clone());
+        tokio::spawn(async move {
+            let err = receive(&mut reader, &p).await;
+            d.store(true, Ordering::SeqCst);
+            let waiting: Vec<_> = p.lock().drain().collect();
+            for (_, (_, tx)) in waiting {
+                let _ = tx.send(Err(io::Error::new(err.kind(), err.to_string())));
+            }
+        });
+        Ok(Connection {
+            writer: tokio::sync::Mutex::new(writer),
+            pending,
+            dead,
+            next_handle: AtomicU64::new(1),
+            size,
+            server: reply.server.clone(),
+            api: reply.api.clone(),
+        })
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::SeqCst)
+    }
+
+    /// Reads `len` bytes at `offset` (at most [`MAX_READ`]).
+    pub async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        if self.is_dead() {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "connection is closed",
+            ));
+        }
+        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().insert(handle, (len, tx));
+        let mut req = Vec::with_capacity(28);
+        encode_request(&mut req, CMD_READ, handle, offset, len);
+        let sent = self.writer.lock().await.write_all(&req).await;
+        if let Err(e) = sent {
+            self.pending.lock().remove(&handle);
+            return Err(e);
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "connection closed",
+            ))
+        })
+    }
+
+    /// Sends NBD_CMD_DISC and closes.
+    pub async fn disconnect(&self) {
+        let mut req = Vec::with_capacity(28);
+        encode_request(&mut req, CMD_DISC, 0, 0, 0);
+        let mut w = self.writer.lock().await;
+        let _ = w.write_all(&req).await;
+        let _ = w.shutdown().await;
+    }
+}
+
+fn encode_request(out: &mut Vec<u8>, cmd: u16, handle: u64, offset: u64, len: u32) {
+    out.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    out.extend_from_slice(&0u16.to_be_bytes());
+    out.extend_from_slice(&cmd.to_be_bytes());
+    out.extend_from_slice(&handle.to_be_bytes());
+    out.extend_from_slice(&offset.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+}
+
+/// Dispatches replies until the socket fails; returns why it stopped.
+async fn receive(r: &mut tokio::net::tcp::OwnedReadHalf, pending: &Mutex<Pending>) -> io::Error {
+    loop {
+        let mut head = [0u8; 16];
+        if let Err(e) = r.read_exact(&mut head).await {
+            return e;
+        }
+        let magic = u32::from_be_bytes(head[0..4].try_into().unwrap_or_default());
+        if magic != SIMPLE_REPLY_MAGIC {
+            return protocol(format!("reply magic {magic:#x} is not a simple reply"));
+        }
+        let error = u32::from_be_bytes(head[4..8].try_into().unwrap_or_default());
+        let handle = u64::from_be_bytes(head[8..16].try_into().unwrap_or_default());
+        let Some((len, tx)) = pending.lock().remove(&handle) else {
+            return protocol(format!("reply to handle {handle}, which was never sent"));
+        };
+        if error != 0 {
+            let _ = tx.send(Err(io::Error::from_raw_os_error(error as i32)));
+            continue;
+        }
+        let mut data = vec![0u8; len as usize];
+        if let Err(e) = r.read_exact(&mut data).await {
+            let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+            return e;
+        }
+        let _ = tx.send(Ok(data));
+    }
+}
+
+/// The client side of the fixed newstyle handshake; returns the export size.
+async fn handshake(s: &mut TcpStream, export: &str) -> io::Result<u64> {
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).await?;
+    let magic = u64::from_be_bytes(hello[0..8].try_into().unwrap_or_default());
+    let opt = u64::from_be_bytes(hello[8..16].try_into().unwrap_or_default());
+    let flags = u16::from_be_bytes([hello[16], hello[17]]);
+    if magic != NBDMAGIC || opt != IHAVEOPT || flags & FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(protocol("not a fixed newstyle NBD server"));
+    }
+    let mut client = FLAG_C_FIXED_NEWSTYLE;
+    if flags & FLAG_NO_ZEROES != 0 {
+        client |= FLAG_C_NO_ZEROES;
+    }
+    let mut out = Vec::new();
+    out.extend_from_slice(&client.to_be_bytes());
+    let mut data = Vec::new();
+    data.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    data.extend_from_slice(export.as_bytes());
+    data.extend_from_slice(&0u16.to_be_bytes());
+    out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    out.extend_from_slice(&OPT_GO.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(&data);
+    s.write_all(&out).await?;
+    let mut size = None;
+    loop {
+        let mut head = [0u8; 20];
+        s.read_exact(&mut head).await?;
+        let magic = u64::from_be_bytes(head[0..8].try_into().unwrap_or_default());
+        let kind = u32::from_be_bytes(head[12..16].try_into().unwrap_or_default());
+        let len = u32::from_be_bytes(head[16..20].try_into().unwrap_or_default());
+        if magic != REPLY_MAGIC_OPTION || len > 1 << 16 {
+            return Err(protocol("malformed option reply"));
+        }
+        let mut body = vec![0u8; len as usize];
+        s.read_exact(&mut body).await?;
+        match kind {
+            REP_ACK => {
+                return size.ok_or_else(|| protocol("the server sent no export size"));
+            }
+            REP_INFO if body.len() >= 12 && body[0..2] == INFO_EXPORT.to_be_bytes() => {
+                size = Some(u64::from_be_bytes(
+                    body[2..10].try_into().unwrap_or_default(),
+                ));
+            }
+            REP_INFO => {}
+            k if k & (1 << 31) != 0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "export {export:?} refused: {}",
+                        String::from_utf8_lossy(&body)
+                    ),
+                ));
+            }
+            k => return Err(protocol(format!("unexpected option reply {k}"))),
+        }
+    }
+}
