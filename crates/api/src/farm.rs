@@ -41,6 +41,9 @@ pub struct ServerStatus {
     pub nbd: String,
     /// Relative capacity, 0.1 to 1000 (PVS's power rating); load is devices ÷ power.
     pub power: f64,
+    /// Subnets (CIDR) whose devices it serves first (subnet affinity).
+    #[serde(default)]
+    pub subnets: Vec<String>,
     /// Connected devices.
     pub devices: u32,
     /// Devices whose session started less than the boot window ago.

@@ -973,6 +973,7 @@ fn status(name: &str, devices: u32) -> vstream_api::ServerStatus {
         api: format!("http://{name}:7080"),
         nbd: format!("{name}:10809"),
         power: 1.0,
+        subnets: vec![],
         devices,
         booting: 0,
         max_booting: 0,

@@ -72,6 +72,8 @@ pub struct Config {
     pub auto_rebalance: Option<f64>,
     /// Most devices booting from this server at once; 0: no limit.
     pub max_booting: u32,
+    /// Subnets (CIDR) whose devices this server serves first.
+    pub subnets: Vec<String>,
 }
 
 /// Where the farm state lives.
@@ -136,6 +138,7 @@ pub struct FileConfig {
     pub advertise_nbd: Option<String>,
     pub auto_rebalance: Option<f64>,
     pub max_booting: Option<u32>,
+    pub subnets: Option<Vec<String>>,
 }
 
 impl FileConfig {
@@ -161,6 +164,7 @@ pub struct FlagConfig {
     pub advertise_nbd: Option<String>,
     pub auto_rebalance: Option<f64>,
     pub max_booting: Option<u32>,
+    pub subnets: Vec<String>,
 }
 
 impl Config {
@@ -230,7 +234,17 @@ impl Config {
         if auto_rebalance.is_some_and(|t| !(0.0..=1000.0).contains(&t)) {
             return Err("auto_rebalance is a trigger percent, 0 to 1000".into());
         }
+        let subnets = if flags.subnets.is_empty() {
+            file.subnets.unwrap_or_default()
+        } else {
+            flags.subnets
+        };
+        for net in &subnets {
+            crate::login::parse_cidr(net)
+                .ok_or_else(|| format!("subnet {net:?} is not ADDRESS/PREFIX (10.1.0.0/16)"))?;
+        }
         Ok(Config {
+            subnets,
             auto_rebalance,
             max_booting: flags
                 .max_booting

@@ -158,6 +158,7 @@ pub fn status(server: &Server, versions: Vec<HeldVersion>) -> ServerStatus {
         api: server.config.advertise_api.clone(),
         nbd: server.config.advertise_nbd.clone(),
         power: server.config.power,
+        subnets: server.config.subnets.clone(),
         devices,
         booting,
         max_booting: server.config.max_booting,

@@ -96,10 +96,8 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         let graceful = async move {
             let _ = api_shutdown.wait_for(|s| *s).await;
         };
-        if let Err(e) = axum::serve(api, router)
-            .with_graceful_shutdown(graceful)
-            .await
-        {
+        let app = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+        if let Err(e) = axum::serve(api, app).with_graceful_shutdown(graceful).await {
             tracing::error!(error = %e, "API server failed");
         }
     });

@@ -15,6 +15,7 @@
 //!   the server holding its writable layer, and does not fail over.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 
 use vstream_api::{
     CacheType, DeviceType, HeldVersion, LoginReply, LoginRequest, Mode, ServerStatus, VersionState,
@@ -47,12 +48,40 @@ pub fn parse_base_export(rest: &str) -> Option<(&str, u32, &str)> {
     Some((device, version.parse().ok()?, hash))
 }
 
-/// Decides a login from the farm `view`; `recent` counts logins just sent
+/// Parses ADDRESS/PREFIX.
+pub fn parse_cidr(net: &str) -> Option<(IpAddr, u8)> {
+    let (addr, bits) = net.split_once('/')?;
+    let addr: IpAddr = addr.parse().ok()?;
+    let bits: u8 = bits.parse().ok()?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    (bits <= max).then_some((addr, bits))
+}
+
+/// Whether `ip` lies in subnet `net` (ADDRESS/PREFIX).
+fn in_cidr(ip: IpAddr, net: &str) -> bool {
+    let Some((addr, bits)) = parse_cidr(net) else {
+        return false;
+    };
+    let (a, b, width) = match (ip, addr) {
+        (IpAddr::V4(x), IpAddr::V4(y)) => (u128::from(u32::from(x)), u128::from(u32::from(y)), 32),
+        (IpAddr::V6(x), IpAddr::V6(y)) => (u128::from(x), u128::from(y), 128),
+        (IpAddr::V6(x), IpAddr::V4(y)) => match x.to_ipv4_mapped() {
+            Some(x) => (u128::from(u32::from(x)), u128::from(u32::from(y)), 32),
+            None => return false,
+        },
+        _ => return false,
+    };
+    let shift = width - u32::from(bits);
+    shift >= width || (a >> shift) == (b >> shift)
+}
+
+/// Decides a login from the farm `view` for a device at `client`; `recent` counts logins just sent
 /// to each server that its published status does not show yet.
 pub fn choose(
     view: &View,
     req: &LoginRequest,
     recent: &HashMap<String, u32>,
+    client: Option<IpAddr>,
 ) -> Result<LoginReply, LoginError> {
     let mac = vstream_api::parse_mac(&req.mac).map_err(LoginError::Misconfigured)?;
     let device = view
@@ -146,6 +175,13 @@ pub fn choose(
                 vdisk.name
             )));
         }
+        // Subnet affinity: servers of the device's subnet first, if any can take it.
+        let near: Vec<&&ServerStatus> = open
+            .iter()
+            .copied()
+            .filter(|s| client.is_some_and(|ip| s.subnets.iter().any(|n| in_cidr(ip, n))))
+            .collect();
+        let open = if near.is_empty() { open } else { near };
         open.into_iter().min_by(|a, b| {
             load(a)
                 .total_cmp(&load(b))
@@ -209,6 +245,7 @@ mod tests {
             api: format!("http://{name}"),
             nbd: format!("{name}:10809"),
             power,
+            subnets: vec![],
             devices,
             booting: 0,
             max_booting: 0,
@@ -268,7 +305,7 @@ mod tests {
                 ),
             ],
         );
-        let r = choose(&v, &login(&[], None), &HashMap::new()).unwrap();
+        let r = choose(&v, &login(&[], None), &HashMap::new(), None).unwrap();
         assert_eq!((r.version, r.content_hash.as_str()), (2, "bb"));
         // s3: 8 / 4 = 2 beats s2: 5; s4 is not verified, s1 holds only version 1.
         assert_eq!(r.server, "s3");
@@ -276,13 +313,46 @@ mod tests {
         assert!(r.failover);
         // Logins just sent count: three more on s3 make it 11 / 4 > 5.
         let recent = HashMap::from([("s3".to_string(), 13)]);
-        assert_eq!(choose(&v, &login(&[], None), &recent).unwrap().server, "s2");
         assert_eq!(
-            choose(&v, &login(&["s3"], None), &HashMap::new())
+            choose(&v, &login(&[], None), &recent, None).unwrap().server,
+            "s2"
+        );
+        assert_eq!(
+            choose(&v, &login(&["s3"], None), &HashMap::new(), None)
                 .unwrap()
                 .server,
             "s2"
         );
+    }
+
+    #[test]
+    fn subnet_affinity_prefers_the_devices_own_subnet() {
+        let p1 = version(1, VersionState::Production, "aa", true);
+        let mut near = server("near", 5, 1.0, vec![p1.clone()]);
+        near.subnets = vec!["10.1.0.0/16".into()];
+        let far = server("far", 0, 1.0, vec![p1]);
+        let v = view(DeviceType::Production, vec![near, far]);
+        let at = |ip: &str| {
+            choose(
+                &v,
+                &login(&[], None),
+                &HashMap::new(),
+                Some(ip.parse().unwrap()),
+            )
+        };
+        assert_eq!(
+            at("10.1.7.9").unwrap().server,
+            "near",
+            "its subnet wins over load"
+        );
+        assert_eq!(
+            at("10.2.0.1").unwrap().server,
+            "far",
+            "elsewhere: least loaded"
+        );
+        assert_eq!(at("::ffff:10.1.0.3").unwrap().server, "near");
+        assert!(parse_cidr("10.0.0.0/33").is_none() && parse_cidr("x/8").is_none());
+        assert!(in_cidr("10.9.9.9".parse().unwrap(), "0.0.0.0/0"));
     }
 
     #[test]
@@ -296,13 +366,13 @@ mod tests {
         let v = view(DeviceType::Production, vec![busy, free]);
         // s1 is less loaded but at its limit of devices booting.
         assert_eq!(
-            choose(&v, &login(&[], None), &HashMap::new())
+            choose(&v, &login(&[], None), &HashMap::new(), None)
                 .unwrap()
                 .server,
             "s2"
         );
         let recent = HashMap::from([("s2".to_string(), 2)]);
-        let err = choose(&v, &login(&[], None), &recent).unwrap_err();
+        let err = choose(&v, &login(&[], None), &recent, None).unwrap_err();
         assert!(
             matches!(err, LoginError::Unavailable(ref m) if m.contains("paced")),
             "{err}"
@@ -325,9 +395,9 @@ mod tests {
             version: 1,
             content_hash: "aa".into(),
         };
-        let r = choose(&v, &login(&[], Some(pin.clone())), &HashMap::new()).unwrap();
+        let r = choose(&v, &login(&[], Some(pin.clone())), &HashMap::new(), None).unwrap();
         assert_eq!((r.server.as_str(), r.version), ("s1", 1));
-        let err = choose(&v, &login(&["s1"], Some(pin)), &HashMap::new()).unwrap_err();
+        let err = choose(&v, &login(&["s1"], Some(pin)), &HashMap::new(), None).unwrap_err();
         assert!(
             matches!(err, LoginError::Unavailable(ref m) if m.contains("other than s1")),
             "{err}"
@@ -346,7 +416,7 @@ mod tests {
             )],
         );
         assert_eq!(
-            choose(&v, &login(&[], None), &HashMap::new())
+            choose(&v, &login(&[], None), &HashMap::new(), None)
                 .unwrap()
                 .version,
             1
@@ -354,12 +424,12 @@ mod tests {
         let mut req = login(&[], None);
         req.mac = "52:54:00:00:00:99".into();
         assert!(matches!(
-            choose(&v, &req, &HashMap::new()),
+            choose(&v, &req, &HashMap::new(), None),
             Err(LoginError::UnknownDevice(_))
         ));
         req.mac = "nonsense".into();
         assert!(matches!(
-            choose(&v, &req, &HashMap::new()),
+            choose(&v, &req, &HashMap::new(), None),
             Err(LoginError::Misconfigured(_))
         ));
     }
@@ -380,13 +450,13 @@ mod tests {
                 server("s2", 9, 1.0, vec![m]),
             ],
         );
-        let r = choose(&v, &login(&[], None), &HashMap::new()).unwrap();
+        let r = choose(&v, &login(&[], None), &HashMap::new(), None).unwrap();
         assert_eq!((r.server.as_str(), r.export.as_str()), ("s2", "device/pc1"));
         assert!(!r.failover);
         v.vdisks[0].cache_type = CacheType::Server;
         v.devices[0].kind = DeviceType::Production;
         v.servers[0].versions[0].state = VersionState::Production;
-        let r = choose(&v, &login(&[], None), &HashMap::new()).unwrap();
+        let r = choose(&v, &login(&[], None), &HashMap::new(), None).unwrap();
         assert_eq!((r.export.as_str(), r.failover), ("device/pc1", false));
         assert_eq!(parse_base_export("pc1@2/bb"), Some(("pc1", 2, "bb")));
         assert_eq!(parse_base_export("pc1@x/bb"), None);

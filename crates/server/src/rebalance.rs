@@ -49,6 +49,7 @@ mod tests {
             api: String::new(),
             nbd: String::new(),
             power,
+            subnets: vec![],
             devices,
             booting: 0,
             max_booting: 0,

@@ -75,6 +75,10 @@ pub struct ServerArgs {
     /// further logins go to other servers or wait. 0: no limit [default: 500].
     #[arg(long, value_name = "N")]
     pub max_booting: Option<u32>,
+    /// A subnet (CIDR) whose devices this server serves first, when it can
+    /// take them (subnet affinity); repeat for several.
+    #[arg(long = "subnet", value_name = "CIDR")]
+    pub subnets: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,6 +142,7 @@ fn resolve(args: ServerArgs) -> Result<Config> {
         advertise_nbd: args.advertise_nbd,
         auto_rebalance: args.auto_rebalance,
         max_booting: args.max_booting,
+        subnets: args.subnets,
     };
     Config::resolve(file, flags).map_err(|e| anyhow!("invalid server configuration: {e}"))
 }

@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::Json;
 use vstream_api::{
@@ -24,11 +26,12 @@ type Shared = State<Arc<Server>>;
         (status = 503, body = ErrorBody, description = "nothing to serve it now; ask again")))]
 pub(super) async fn login(
     State(server): Shared,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Json(req): Json<LoginRequest>,
 ) -> Result<Json<LoginReply>, ApiError> {
     let view = server.membership.view();
     let recent = server.membership.recent_logins();
-    match choose(&view, &req, &recent) {
+    match choose(&view, &req, &recent, Some(peer.ip())) {
         Ok(reply) => {
             server.membership.note_login(&reply.server);
             tracing::info!(device = %reply.device, vdisk = %reply.vdisk, version = reply.version, server = %reply.server, avoid = ?req.avoid, "login");
