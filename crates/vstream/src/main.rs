@@ -43,7 +43,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a provisioning server (NBD service and admin API).
-    Server(server_cmd::ServerArgs),
+    Server(Box<server_cmd::ServerArgs>),
     /// Create, import, export, list and change vDisks.
     #[command(name = "vdisk")]
     VDisk(vdisk::VDiskArgs),
@@ -60,7 +60,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Server(args) => server_cmd::run(args),
+        Command::Server(args) => server_cmd::run(*args),
         Command::VDisk(args) => vdisk::run(args),
         Command::Device(args) => device::run(args),
         Command::Version(args) => version::run(args),
