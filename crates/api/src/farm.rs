@@ -62,6 +62,27 @@ pub struct ServerStatus {
     pub updated_unix: u64,
 }
 
+impl ServerStatus {
+    /// A server that holds nothing and serves nobody, power 1.
+    pub fn idle(name: &str, api: &str, nbd: &str) -> ServerStatus {
+        ServerStatus {
+            name: name.into(),
+            api: api.into(),
+            nbd: nbd.into(),
+            power: 1.0,
+            subnets: vec![],
+            devices: 0,
+            booting: 0,
+            max_booting: 0,
+            read_bytes_per_s: 0,
+            versions: vec![],
+            sessions: vec![],
+            started_unix: 0,
+            updated_unix: 0,
+        }
+    }
+}
+
 /// A farm member as `server list` shows it: its last status and whether it is up.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ServerInfo {

@@ -969,19 +969,14 @@ pub async fn ephemeral_keys(b: Arc<dyn Backend>) {
 
 fn status(name: &str, devices: u32) -> vstream_api::ServerStatus {
     vstream_api::ServerStatus {
-        name: name.into(),
-        api: format!("http://{name}:7080"),
-        nbd: format!("{name}:10809"),
-        power: 1.0,
-        subnets: vec![],
         devices,
-        booting: 0,
-        max_booting: 0,
-        read_bytes_per_s: 0,
-        versions: vec![],
-        sessions: vec![],
         started_unix: 1,
         updated_unix: 2,
+        ..vstream_api::ServerStatus::idle(
+            name,
+            &format!("http://{name}:7080"),
+            &format!("{name}:10809"),
+        )
     }
 }
 

@@ -241,19 +241,10 @@ mod tests {
 
     fn server(name: &str, devices: u32, power: f64, versions: Vec<HeldVersion>) -> ServerStatus {
         ServerStatus {
-            name: name.into(),
-            api: format!("http://{name}"),
-            nbd: format!("{name}:10809"),
-            power,
-            subnets: vec![],
             devices,
-            booting: 0,
-            max_booting: 0,
-            read_bytes_per_s: 0,
+            power,
             versions,
-            sessions: vec![],
-            started_unix: 0,
-            updated_unix: 0,
+            ..ServerStatus::idle(name, &format!("http://{name}"), &format!("{name}:10809"))
         }
     }
 

@@ -45,19 +45,9 @@ mod tests {
 
     fn s(name: &str, devices: u32, power: f64) -> ServerStatus {
         ServerStatus {
-            name: name.into(),
-            api: String::new(),
-            nbd: String::new(),
-            power,
-            subnets: vec![],
             devices,
-            booting: 0,
-            max_booting: 0,
-            read_bytes_per_s: 0,
-            versions: vec![],
-            sessions: vec![],
-            started_unix: 0,
-            updated_unix: 0,
+            power,
+            ..ServerStatus::idle(name, "", "")
         }
     }
 

@@ -60,19 +60,8 @@ fn with_demo(servers: Vec<TestServer>, dir: &Path, devices: usize) -> Vec<TestSe
             "demo",
         ]);
     }
-    // Every server sees every server, each holding a verified replica.
     for s in &servers {
-        wait_for(30, "every server up with a verified replica", || {
-            let list = server_list(s);
-            let ready = list.as_array()?.iter().filter(|v| {
-                v["up"] == true
-                    && v["versions"].as_array().is_some_and(|vs| {
-                        vs.iter()
-                            .any(|x| x["vdisk"] == "demo" && x["verified"] == true)
-                    })
-            });
-            (ready.count() == n).then_some(())
-        });
+        common::wait_farm_ready(s, n);
     }
     servers
 }
@@ -84,6 +73,19 @@ fn mac(d: usize) -> String {
 fn server_list(s: &TestServer) -> serde_json::Value {
     let out = s.cli(&["server", "list", "--json"]);
     serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+/// Waits until `s` reports that it reaches the farm state (or not).
+fn wait_farm_connected(s: &TestServer, connected: bool, secs: u64) {
+    wait_for(secs, "the server to report its farm connection", || {
+        let list = server_list(s);
+        let me = list
+            .as_array()?
+            .iter()
+            .find(|v| v["farm_connected"].is_boolean())?
+            .clone();
+        (me["farm_connected"] == connected).then_some(())
+    });
 }
 
 fn apis(servers: &[TestServer]) -> Vec<&str> {
@@ -142,6 +144,26 @@ fn finish_workload(child: Child, agent: &TestAgent) -> serde_json::Value {
     stats
 }
 
+/// Starts one workload per agent (seeds 1, 2, ...).
+fn start_workloads(agents: &[TestAgent], image: &Path, secs: u32) -> Vec<Child> {
+    agents
+        .iter()
+        .enumerate()
+        .map(|(i, a)| start_workload(a, image, secs, i + 1))
+        .collect()
+}
+
+/// Waits for every workload; insists none saw an error or a mismatch.
+fn finish_workloads(loads: Vec<Child>, agents: &[TestAgent]) -> Vec<serde_json::Value> {
+    let stats: Vec<serde_json::Value> = loads
+        .into_iter()
+        .zip(agents)
+        .map(|(c, a)| finish_workload(c, a))
+        .collect();
+    eprintln!("workloads: {stats:?}");
+    stats
+}
+
 fn pid(s: &TestServer) -> u32 {
     s.child.as_ref().expect("running").id()
 }
@@ -178,11 +200,7 @@ fn agents_carry_on_when_servers_are_killed() {
     on.sort();
     assert_eq!(on, ["s1", "s2", "s3"], "one device per server");
 
-    let loads: Vec<Child> = agents
-        .iter()
-        .enumerate()
-        .map(|(i, a)| start_workload(a, &image, 14, i + 1))
-        .collect();
+    let loads = start_workloads(&agents, &image, 14);
     std::thread::sleep(std::time::Duration::from_secs(3));
     let first = pid(&servers[0]);
     servers[0].kill9();
@@ -190,12 +208,7 @@ fn agents_carry_on_when_servers_are_killed() {
     let second = pid(&servers[1]);
     assert_ne!(first, second);
     servers[1].kill9();
-    let stats: Vec<serde_json::Value> = loads
-        .into_iter()
-        .zip(&agents)
-        .map(|(c, a)| finish_workload(c, a))
-        .collect();
-    eprintln!("workloads: {stats:?}");
+    finish_workloads(loads, &agents);
 
     // Every device now streams from the one live server, which says so.
     for a in &agents {
@@ -244,19 +257,7 @@ fn etcd_away_streaming_and_logins_go_on_and_the_farm_catches_up() {
     etcd.pause();
     // Each server notices and says so.
     for s in &servers {
-        wait_for(
-            15,
-            "the server to report the farm state unreachable",
-            || {
-                let list = server_list(s);
-                let me = list
-                    .as_array()?
-                    .iter()
-                    .find(|v| v["farm_connected"].is_boolean())?
-                    .clone();
-                (me["farm_connected"] == false).then_some(())
-            },
-        );
+        wait_farm_connected(s, false, 15);
     }
     // A known device logs in and streams while etcd is away.
     let disk_cache = format!("disk:{}:64MiB", dir.path().join("pc2.cache").display());
@@ -270,15 +271,7 @@ fn etcd_away_streaming_and_logins_go_on_and_the_farm_catches_up() {
     assert!(refused.contains("etcd"), "{refused}");
     etcd.resume();
     for s in &servers {
-        wait_for(20, "the server to reach etcd again", || {
-            let list = server_list(s);
-            let me = list
-                .as_array()?
-                .iter()
-                .find(|v| v["farm_connected"].is_boolean())?
-                .clone();
-            (me["farm_connected"] == true).then_some(())
-        });
+        wait_farm_connected(s, true, 20);
     }
     servers[0].cli_ok(&["device", "add", "pc9", "--mac", &mac(9), "--vdisk", "demo"]);
     // The other server learns of the new device, and logs it in.
@@ -367,11 +360,7 @@ fn a_returning_server_gets_its_share_back_on_rebalance() {
     let count_on =
         |agents: &[TestAgent], s: &str| agents.iter().filter(|a| streaming_from(a) == s).count();
     assert_eq!((count_on(&agents, "s1"), count_on(&agents, "s2")), (2, 2));
-    let loads: Vec<Child> = agents
-        .iter()
-        .enumerate()
-        .map(|(i, a)| start_workload(a, &image, 16, i + 1))
-        .collect();
+    let loads = start_workloads(&agents, &image, 16);
     std::thread::sleep(std::time::Duration::from_secs(2));
     let started = |name: &str| {
         let list = server_list(&servers[1]);
@@ -413,9 +402,7 @@ fn a_returning_server_gets_its_share_back_on_rebalance() {
     wait_for(15, "two devices back on s1", || {
         (count_on(&agents, "s1") == 2 && count_on(&agents, "s2") == 2).then_some(())
     });
-    for (c, a) in loads.into_iter().zip(&agents) {
-        finish_workload(c, a);
-    }
+    finish_workloads(loads, &agents);
     let again = servers[1].cli_ok(&["farm", "rebalance", "--trigger", "0"]);
     assert!(again.contains("nothing to move"), "{again}");
 }
@@ -464,19 +451,10 @@ fn a_silent_server_loses_its_devices_within_the_deadline() {
         .iter()
         .position(|a| streaming_from(a) == "s1")
         .expect("a device on s1");
-    let loads: Vec<Child> = agents
-        .iter()
-        .enumerate()
-        .map(|(i, a)| start_workload(a, &image, 10, i + 1))
-        .collect();
+    let loads = start_workloads(&agents, &image, 10);
     std::thread::sleep(std::time::Duration::from_secs(2));
     nets[0].silence();
-    let stats: Vec<serde_json::Value> = loads
-        .into_iter()
-        .zip(&agents)
-        .map(|(c, a)| finish_workload(c, a))
-        .collect();
-    eprintln!("workloads: {stats:?}");
+    finish_workloads(loads, &agents);
     let moved = &agents[on_s1];
     assert_eq!(streaming_from(moved), "s2", "{}", moved.log_text());
     assert!(

@@ -4,20 +4,12 @@
 
 mod common;
 
-use common::{have, TestServer};
+use common::TestServer;
 
 #[test]
 fn guest_boots_from_a_vdisk_in_private_then_standard_mode() {
-    for tool in [
-        "qemu-system-x86_64",
-        "mkfs.ext4",
-        "busybox",
-        "cpio",
-        "apt-get",
-    ] {
-        if !have(tool) {
-            return;
-        }
+    if !common::have_guest_tools() {
+        return;
     }
     let kit = common::guest_kit();
     let server = TestServer::start();
@@ -83,16 +75,8 @@ fn show_hash(server: &TestServer) -> String {
 /// and the guest finishes cleanly on the other one.
 #[test]
 fn guest_boots_through_the_agent_across_a_server_kill() {
-    for tool in [
-        "qemu-system-x86_64",
-        "mkfs.ext4",
-        "busybox",
-        "cpio",
-        "apt-get",
-    ] {
-        if !have(tool) {
-            return;
-        }
+    if !common::have_guest_tools() {
+        return;
     }
     let Some(etcd) = common::TestEtcd::start() else {
         return;
@@ -131,17 +115,7 @@ fn guest_boots_through_the_agent_across_a_server_kill() {
         "root",
     ]);
     for s in &servers {
-        common::wait_for(30, "both servers up with verified replicas", || {
-            let out = s.cli(&["server", "list", "--json"]);
-            let list: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-            let ready = list.as_array()?.iter().filter(|v| {
-                v["up"] == true
-                    && v["versions"]
-                        .as_array()
-                        .is_some_and(|vs| vs.iter().any(|x| x["verified"] == true))
-            });
-            (ready.count() == 2).then_some(())
-        });
+        common::wait_farm_ready(s, 2);
     }
     let apis: Vec<&str> = servers.iter().map(|s| s.api.as_str()).collect();
     let agent =

@@ -1318,16 +1318,8 @@ fn token(console: &str) -> Option<&str> {
 /// promote, production devices boot what it wrote.
 #[test]
 fn guest_boots_maintenance_then_production_version() {
-    for tool in [
-        "qemu-system-x86_64",
-        "mkfs.ext4",
-        "busybox",
-        "cpio",
-        "apt-get",
-    ] {
-        if !have(tool) {
-            return;
-        }
+    if !common::have_guest_tools() {
+        return;
     }
     let kit = common::guest_kit();
     let server = TestServer::start();

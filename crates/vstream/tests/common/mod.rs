@@ -335,6 +335,34 @@ pub fn guest_kit() -> PathBuf {
     out
 }
 
+/// True if the tools that build and boot the test guest are here.
+pub fn have_guest_tools() -> bool {
+    [
+        "qemu-system-x86_64",
+        "mkfs.ext4",
+        "busybox",
+        "cpio",
+        "apt-get",
+    ]
+    .iter()
+    .all(|t| have(t))
+}
+
+/// Waits until `server` sees `n` servers up, each with a verified replica.
+pub fn wait_farm_ready(server: &TestServer, n: usize) {
+    wait_for(30, "every server up with a verified replica", || {
+        let out = server.cli(&["server", "list", "--json"]);
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let ready = list.as_array()?.iter().filter(|v| {
+            v["up"] == true
+                && v["versions"]
+                    .as_array()
+                    .is_some_and(|vs| vs.iter().any(|x| x["verified"] == true))
+        });
+        (ready.count() == n).then_some(())
+    });
+}
+
 /// Boots the guest on `url` with `vstest`; returns the console output.
 pub fn guest_boot(kit: &Path, url: &str, vstest: &str) -> String {
     let out = Command::new("bash")
