@@ -3,7 +3,7 @@
 //! handle, so many requests are in flight at once.
 //!
 //! ```text
-//!   read(offset, len) --request (handle)--> socket writer (one lock)
+//!   read(offset, len) --request (handle)--> writer task (queued requests leave in one write)
 //!   reader task <--simple reply (handle, data)-- socket
 //!        `--> the waiting read's oneshot, by handle
 //! ```
@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use vstream_nbd::*;
 
 /// Reads of at most this many bytes go in one request.
@@ -33,7 +33,7 @@ type Pending = HashMap<u64, (u32, oneshot::Sender<io::Result<Vec<u8>>>)>;
 
 /// A live connection to one server's export.
 pub struct Connection {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    requests: mpsc::UnboundedSender<Outgoing>,
     pending: Arc<Mutex<Pending>>,
     dead: Arc<AtomicBool>,
     next_handle: AtomicU64,
@@ -66,7 +66,8 @@ impl Connection {
                 format!("no answer from {addr} within {timeout:?}"),
             )
         })??;
-        let (mut reader, writer) = stream.into_split();
+        let (reader, writer) = stream.into_split();
+        let mut reader = tokio::io::BufReader::with_capacity(256 * 1024, reader);
         let pending: Arc<Mutex<Pending>> = Arc::default();
         let dead = Arc::new(AtomicBool::new(false));
         let (p, d) = (pending.clone(), dead.clone());
@@ -78,8 +79,10 @@ impl Connection {
                 let _ = tx.send(Err(io::Error::new(err.kind(), err.to_string())));
             }
         });
+        let (requests, queue) = mpsc::unbounded_channel();
+        tokio::spawn(send(writer, queue));
         Ok(Connection {
-            writer: tokio::sync::Mutex::new(writer),
+            requests,
             pending,
             dead,
             next_handle: AtomicU64::new(1),
@@ -104,12 +107,22 @@ impl Connection {
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().insert(handle, (len, tx));
+        if self.is_dead() {
+            // The reader may have failed the waiting reads just before.
+            self.pending.lock().remove(&handle);
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "connection is closed",
+            ));
+        }
         let mut req = Vec::with_capacity(28);
         encode_request(&mut req, CMD_READ, handle, offset, len);
-        let sent = self.writer.lock().await.write_all(&req).await;
-        if let Err(e) = sent {
+        if self.requests.send(Outgoing::Request(req)).is_err() {
             self.pending.lock().remove(&handle);
-            return Err(e);
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "connection is closed",
+            ));
         }
         rx.await.unwrap_or_else(|_| {
             Err(io::Error::new(
@@ -123,9 +136,47 @@ impl Connection {
     pub async fn disconnect(&self) {
         let mut req = Vec::with_capacity(28);
         encode_request(&mut req, CMD_DISC, 0, 0, 0);
-        let mut w = self.writer.lock().await;
-        let _ = w.write_all(&req).await;
-        let _ = w.shutdown().await;
+        let (done, wait) = oneshot::channel();
+        if self.requests.send(Outgoing::Close(req, done)).is_ok() {
+            let _ = wait.await;
+        }
+    }
+}
+
+/// What the writer task sends.
+enum Outgoing {
+    Request(Vec<u8>),
+    /// The last request (DISC); then the socket closes and `done` fires.
+    Close(Vec<u8>, oneshot::Sender<()>),
+}
+
+/// Writes requests as they come; all those queued meanwhile leave in one write.
+async fn send(mut w: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiver<Outgoing>) {
+    let mut buf = Vec::with_capacity(64 * 28);
+    while let Some(first) = queue.recv().await {
+        let mut next = Some(first);
+        let mut close = None;
+        while let Some(out) = next.take() {
+            match out {
+                Outgoing::Request(r) => buf.extend_from_slice(&r),
+                Outgoing::Close(r, done) => {
+                    buf.extend_from_slice(&r);
+                    close = Some(done);
+                    break;
+                }
+            }
+            next = queue.try_recv().ok();
+        }
+        // A failed write shows up in the reader too, which fails every read.
+        if w.write_all(&buf).await.is_err() {
+            return;
+        }
+        buf.clear();
+        if let Some(done) = close {
+            let _ = w.shutdown().await;
+            let _ = done.send(());
+            return;
+        }
     }
 }
 
@@ -139,7 +190,10 @@ fn encode_request(out: &mut Vec<u8>, cmd: u16, handle: u64, offset: u64, len: u3
 }
 
 /// Dispatches replies until the socket fails; returns why it stopped.
-async fn receive(r: &mut tokio::net::tcp::OwnedReadHalf, pending: &Mutex<Pending>) -> io::Error {
+async fn receive<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    pending: &Mutex<Pending>,
+) -> io::Error {
     loop {
         let mut head = [0u8; 16];
         if let Err(e) = r.read_exact(&mut head).await {
