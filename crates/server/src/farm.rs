@@ -38,11 +38,27 @@ pub struct View {
     pub servers: Vec<ServerStatus>,
     /// The newest rebalance request.
     pub rebalance: Option<RebalanceRequest>,
+    /// Device positions by MAC, for logins.
+    pub(crate) macs: HashMap<String, usize>,
 }
 
 impl View {
     pub fn device_by_mac(&self, mac: &str) -> Option<&Device> {
-        self.devices.iter().find(|d| d.mac == mac)
+        match self.macs.get(mac) {
+            Some(&i) => self.devices.get(i),
+            None if self.macs.is_empty() => self.devices.iter().find(|d| d.mac == mac),
+            None => None,
+        }
+    }
+
+    /// Builds the MAC index (after the devices change).
+    pub fn index(&mut self) {
+        self.macs = self
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.mac.clone(), i))
+            .collect();
     }
     pub fn device(&self, name: &str) -> Option<&Device> {
         self.devices.iter().find(|d| d.name == name)
@@ -55,7 +71,8 @@ impl View {
 /// Membership state of this server.
 #[derive(Default)]
 pub struct Membership {
-    view: RwLock<View>,
+    /// Shared, not copied: a login reads it while the next one is built.
+    view: RwLock<Arc<View>>,
     /// Whether the last publish and read reached the farm store.
     connected: AtomicBool,
     /// Versions whose layers were checked: (vDisk, number, content hash).
@@ -72,7 +89,7 @@ pub struct Membership {
 }
 
 impl Membership {
-    pub fn view(&self) -> View {
+    pub fn view(&self) -> Arc<View> {
         self.view.read().clone()
     }
 
@@ -200,17 +217,20 @@ pub async fn run(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver
                 if !view.servers.iter().any(|s| s.name == status.name) {
                     view.servers.push(status);
                 }
+                view.index();
                 rebalance_if_asked(&server, &view);
-                *server.membership.view.write() = view;
+                *server.membership.view.write() = Arc::new(view);
                 if !was {
                     tracing::info!(server = %server.config.name, "farm state reachable");
                 }
             }
             Err(e) => {
                 // Keep serving from the last known state, with our own status fresh.
-                let mut view = server.membership.view.write();
+                let mut shared = server.membership.view.write();
+                let mut view = View::clone(&shared);
                 view.servers.retain(|s| s.name != status.name);
                 view.servers.push(status);
+                *shared = Arc::new(view);
                 let tick = server.membership.ticks.load(Ordering::Relaxed);
                 if was || tick.is_multiple_of(10) {
                     tracing::warn!(error = %e, "farm state unreachable: degraded, serving from the last known state");
@@ -242,6 +262,7 @@ async fn publish_and_read(
         vdisks: server.farm.list_vdisks().await?,
         servers,
         rebalance: server.farm.rebalance_request().await?,
+        ..View::default()
     })
 }
 

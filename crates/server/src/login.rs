@@ -266,7 +266,7 @@ mod tests {
                 created_unix: 0,
             }],
             servers,
-            rebalance: None,
+            ..View::default()
         }
     }
 
