@@ -481,3 +481,42 @@ fn a_silent_server_loses_its_devices_within_the_deadline() {
         "s1 did not rejoin within 30 s of the network healing:\n{log}"
     );
 }
+
+#[test]
+fn a_server_stopped_gracefully_hands_its_devices_over_first() {
+    let Some(etcd) = tools() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut servers = farm(&etcd, dir.path(), 2, 2);
+    let image = dir.path().join("demo.raw");
+    let agents: Vec<TestAgent> = (1..=2)
+        .map(|d| {
+            TestAgent::start(
+                dir.path(),
+                &format!("pc{d}"),
+                &mac(d),
+                &apis(&servers),
+                "ram:64MiB",
+            )
+        })
+        .collect();
+    let on_s1 = agents
+        .iter()
+        .position(|a| streaming_from(a) == "s1")
+        .expect("a device on s1");
+    let loads = start_workloads(&agents, &image, 6);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let status = servers[0].stop();
+    assert!(
+        status.success(),
+        "SIGTERM ends the server cleanly: {status}"
+    );
+    // It leaves the farm at once, not when its 3 s lease runs out.
+    wait_for(2, "s1 down in s2's view within 2 s of its stop", || {
+        let list = server_list(&servers[1]);
+        let s1 = list.as_array()?.iter().find(|v| v["name"] == "s1")?.clone();
+        (s1["up"] == false).then_some(())
+    });
+    finish_workloads(loads, &agents);
+    let moved = &agents[on_s1];
+    assert_eq!(streaming_from(moved), "s2", "{}", moved.log_text());
+}
