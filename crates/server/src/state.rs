@@ -234,9 +234,8 @@ impl Server {
                 }
                 other => return other,
             }
-        } else {
-            // Degraded: the last known state answers without waiting on the store.
         }
+        // Degraded, or the store just failed: the last known state answers.
         let view = self.membership.view();
         let cached = view
             .device(key)

@@ -212,10 +212,22 @@ async fn receive<R: tokio::io::AsyncRead + Unpin>(
             let _ = tx.send(Err(io::Error::from_raw_os_error(error as i32)));
             continue;
         }
-        let mut data = vec![0u8; len as usize];
-        if let Err(e) = r.read_exact(&mut data).await {
-            let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
-            return e;
+        // Into spare capacity: no zeroing of what the socket overwrites.
+        let mut data = Vec::with_capacity(len as usize);
+        while data.len() < len as usize {
+            let want = (len as usize - data.len()) as u64;
+            match (&mut *r).take(want).read_buf(&mut data).await {
+                Ok(0) => {
+                    let e = io::Error::new(io::ErrorKind::UnexpectedEof, "reply cut short");
+                    let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+                    return e;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+                    return e;
+                }
+            }
         }
         let _ = tx.send(Ok(data));
     }
