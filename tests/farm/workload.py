@@ -1,14 +1,16 @@
 #!/usr/bin/python3
 """A verifying device workload, through a vstream target agent's NBD socket.
 
-    workload.py SOCKET IMAGE SECONDS [SEED]
+    workload.py SOCKET IMAGE SECONDS [SEED] [fua]
 
 Random 4 KiB writes (each block's bytes depend on the seed, the block and a
 counter) go to the device's write cache; random reads check every block
 against what was written last, or else against IMAGE (the vDisk's base
 content). Runs for SECONDS, then prints one JSON line:
 {"reads": N, "writes": N, "errors": N, "mismatches": N, "max_ms": F, "p99_ms": F}
-and exits 1 if there was any error or mismatch.
+and exits 1 if there was any error or mismatch. With `fua`, every write is
+sent with FUA: acknowledged means durable (for a Private-mode device, whose
+writes must survive its server's crash).
 """
 import json
 import random
@@ -28,6 +30,7 @@ def pattern(seed, block, n):
 def main():
     sock, image, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
     seed = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    flags = nbd.CMD_FLAG_FUA if len(sys.argv) > 5 and sys.argv[5] == "fua" else 0
     rng = random.Random(seed)
     base = open(image, "rb")
     h = nbd.NBD()
@@ -46,7 +49,7 @@ def main():
             if rng.random() < 0.3:
                 n += 1
                 data = pattern(seed, block, n)
-                h.pwrite(data, block * BLOCK)
+                h.pwrite(data, block * BLOCK, flags)
                 written[block] = data
                 stats["writes"] += 1
             else:

@@ -69,6 +69,30 @@ pub trait Base: Send + Sync + std::fmt::Debug {
     /// Reads `buf.len()` bytes at `offset`, waiting as long as it takes;
     /// every byte of `buf` is written on `Ok`.
     fn read(&self, buf: &mut [MaybeUninit<u8>], offset: u64) -> io::Result<()>;
+
+    /// The writes of a disk with no layers of its own ([`Disk::remote`]) go
+    /// here; a read-only base refuses them.
+    fn write(&self, _data: &[u8], _offset: u64, _fua: bool) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EPERM))
+    }
+    fn write_zeroes(&self, _offset: u64, _len: u64, _fua: bool, _punch: bool) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EPERM))
+    }
+    fn trim(&self, _offset: u64, _len: u64, _fua: bool) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EPERM))
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A base's answer to a write, as the disk reports it.
+fn base_write(result: io::Result<()>) -> Result<(), WriteError> {
+    result.map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOSPC) => WriteError::NoSpace,
+        Some(libc::EPERM) | Some(libc::EROFS) => WriteError::ReadOnly,
+        _ => WriteError::Io(e),
+    })
 }
 
 /// What [`Disk::read_local`] managed.
@@ -101,11 +125,14 @@ pub struct Disk {
     /// overflows to disk): the same stack without the top, the overflow
     /// layer on top of it, with its own limit.
     spill: Option<Box<Disk>>,
+    /// Virtual size in bytes.
+    size: u64,
 }
 
 impl Disk {
     /// A read-only view of `layers` (bottom first).
     pub fn read_only(layers: Vec<Arc<Layer>>) -> Disk {
+        let layers_size = layers.first().map_or(0, |l| l.size());
         Disk {
             layers,
             base: None,
@@ -114,6 +141,7 @@ impl Disk {
             limit: None,
             reserved: AtomicU64::new(0),
             spill: None,
+            size: layers_size,
         }
     }
 
@@ -124,6 +152,7 @@ impl Disk {
             _ => return Err(WriteError::ReadOnly),
         }
         Ok(Disk {
+            size: layers[0].size(),
             layers,
             base: None,
             index: None,
@@ -134,8 +163,28 @@ impl Disk {
         })
     }
 
+    /// A disk with no layers of its own: every read and write goes to
+    /// `base` (a device whose writes belong to the server, in Private mode).
+    pub fn remote(size: u64, base: Arc<dyn Base>) -> Disk {
+        Disk {
+            layers: Vec::new(),
+            base: Some(base),
+            index: None,
+            writable: true,
+            limit: None,
+            reserved: AtomicU64::new(0),
+            spill: None,
+            size,
+        }
+    }
+
+    /// The base, when this disk has no layers of its own.
+    fn remote_base(&self) -> Option<&Arc<dyn Base>> {
+        self.base.as_ref().filter(|_| self.layers.is_empty())
+    }
+
     pub fn size(&self) -> u64 {
-        self.layers[0].size()
+        self.size
     }
     pub fn is_writable(&self) -> bool {
         self.writable
@@ -187,7 +236,8 @@ impl Disk {
     /// Uses `index` for the bottom layers it covers (they must be these
     /// layers, sealed).
     pub fn with_index(mut self, index: Arc<ChainIndex>) -> Disk {
-        if index.covers <= self.layers.len() && index.owners.len() as u64 == self.layers[0].chunks()
+        if index.covers <= self.layers.len()
+            && index.owners.len() as u64 == self.size.div_ceil(CHUNK)
         {
             self.index = Some(index);
         }
@@ -212,7 +262,7 @@ impl Disk {
     /// chunk of hash block `block`, if any.
     pub fn block_owner(&self, block: u64, below: usize) -> Option<usize> {
         let per = crate::layer::HASH_BLOCK / CHUNK;
-        let last = ((block + 1) * per).min(self.layers[0].chunks());
+        let last = ((block + 1) * per).min(self.size.div_ceil(CHUNK));
         (block * per..last)
             .filter_map(|c| self.owner(c, below))
             .max()
@@ -334,6 +384,10 @@ impl Disk {
 
     /// Writes `data` at `offset`; with `fua`, it is durable on return.
     pub fn write(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), WriteError> {
+        if let Some(base) = self.remote_base() {
+            self.check_write(offset, data.len() as u64)?;
+            return base_write(base.write(data, offset, fua));
+        }
         match self.write_top(data, offset, fua) {
             Err(WriteError::CacheFull { .. }) if self.spill.is_some() => {
                 self.write_spilled(data, offset, fua)
@@ -463,6 +517,10 @@ impl Disk {
         fua: bool,
         punch: bool,
     ) -> Result<(), WriteError> {
+        if let Some(base) = self.remote_base() {
+            self.check_write(offset, len)?;
+            return base_write(base.write_zeroes(offset, len, fua, punch));
+        }
         // With an overflow tier, zeros are written out: `write` puts each
         // chunk in the right tier.
         if punch && self.spill.is_none() {
@@ -485,6 +543,10 @@ impl Disk {
     /// Discards `[offset, offset+len)`: whole chunks of the top layer give their
     /// space back; what a later read returns there is zeros or the older data.
     pub fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), WriteError> {
+        if let Some(base) = self.remote_base() {
+            self.check_write(offset, len)?;
+            return base_write(base.trim(offset, len, fua));
+        }
         self.zero_or_trim(offset, len, fua, true)
     }
 
@@ -552,6 +614,17 @@ impl Disk {
         Ok(())
     }
 
+    /// The checks every write makes before it touches anything.
+    fn check_write(&self, offset: u64, len: u64) -> Result<(), WriteError> {
+        if !self.writable {
+            return Err(WriteError::ReadOnly);
+        }
+        if !self.in_range(offset, len) {
+            return Err(WriteError::OutOfRange);
+        }
+        Ok(())
+    }
+
     fn top_for_write(&self, offset: u64, len: u64) -> Result<&Layer, WriteError> {
         if !self.writable {
             return Err(WriteError::ReadOnly);
@@ -614,6 +687,9 @@ impl Disk {
 
     /// Makes every completed write durable.
     pub fn flush(&self) -> io::Result<()> {
+        if let Some(base) = self.remote_base() {
+            return base.flush();
+        }
         if let Some(spill) = &self.spill {
             spill.flush()?;
         }

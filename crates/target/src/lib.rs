@@ -25,7 +25,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use futures::future::BoxFuture;
 use tokio::sync::{watch, Semaphore};
-use vstream_api::{CacheType, LoginReply, LoginRequest, Mode, Pin};
+use vstream_api::{LoginReply, LoginRequest, Pin};
 use vstream_image::Disk;
 use vstream_server::config::Listen;
 use vstream_server::metrics::Metrics;
@@ -137,13 +137,13 @@ pub async fn run(opts: Options, shutdown: watch::Receiver<bool>) -> Result<()> {
     }
     protect_memory();
     let reply = first_login(&opts).await?;
-    if reply.mode != Mode::Standard || reply.cache_type != CacheType::Device {
-        bail!(
-            "device {} is on vDisk {} in {} mode with its write cache on the {}: the agent serves \
-             Standard-mode vDisks with a device cache (vstream vdisk set {} --mode standard --cache-type device); \
-             connect this device to nbd://{}/{} directly instead",
-            reply.device, reply.vdisk, reply.mode, reply.cache_type, reply.vdisk, reply.nbd, reply.export
-        );
+    // A device-side cache over shared bytes may move between servers; a
+    // device whose writes belong to one server (Private mode, maintenance,
+    // a server-side cache) stays with it.
+    let stays = !reply.failover;
+    if stays {
+        tracing::info!(device = %reply.device, vdisk = %reply.vdisk, mode = %reply.mode, cache = %reply.cache_type, server = %reply.server,
+            "writes go to the server; this device waits for it rather than fail over");
     }
     let first = upstream::Connection::open(&reply, opts.deadline * 5)
         .await
@@ -161,22 +161,29 @@ pub async fn run(opts: Options, shutdown: watch::Receiver<bool>) -> Result<()> {
         content_hash: reply.content_hash.clone(),
     };
     let remote = Arc::new(remote::Remote::new(
-        opts.bootstrap.clone(),
-        opts.mac.clone(),
+        &opts,
         pin,
-        opts.deadline,
         first,
-        tokio::runtime::Handle::current(),
         shutdown.clone(),
+        stays.then(|| reply.clone()),
     ));
-    let disk = opts
-        .cache
-        .disk(reply.size, reply.cache_limit, remote.clone())?;
+    let disk = if stays {
+        Disk::remote(reply.size, remote.clone())
+    } else {
+        opts.cache
+            .disk(reply.size, reply.cache_limit, remote.clone())?
+    };
     let device = Arc::new(Device {
         name: reply.device.clone(),
         description: format!(
-            "vDisk {} version {} through vstream target ({} write cache)",
-            reply.vdisk, reply.version, opts.cache
+            "vDisk {} version {} through vstream target ({})",
+            reply.vdisk,
+            reply.version,
+            if stays {
+                format!("{} mode, writes on server {}", reply.mode, reply.server)
+            } else {
+                format!("{} write cache", opts.cache)
+            }
         ),
         disk: Arc::new(disk),
         remote: remote.clone(),

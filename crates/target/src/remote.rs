@@ -17,10 +17,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use vstream_api::{LoginRequest, Pin};
+use vstream_api::{LoginReply, LoginRequest, Pin};
+use vstream_nbd::{CMD_FLAG_FUA, CMD_FLAG_NO_HOLE};
 
 use crate::login::{login, LoginFailure};
-use crate::upstream::{Connection, MAX_READ};
+use crate::upstream::{
+    Connection, Failure, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, MAX_READ,
+};
 
 /// Pause between login attempts while no server can take the device.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
@@ -35,6 +38,9 @@ pub struct Remote {
     runtime: tokio::runtime::Handle,
     /// Turns true when the agent stops: waiting reads then give up.
     closing: tokio::sync::watch::Receiver<bool>,
+    /// Set when the device's writes belong to one server (Private mode, a
+    /// server-side cache): it does not fail over, it waits for that server.
+    stay: Option<LoginReply>,
     pub failovers: AtomicU64,
 }
 
@@ -48,24 +54,25 @@ impl std::fmt::Debug for Remote {
 }
 
 impl Remote {
+    /// Streams through `first`, pinned to `pin`; `stay` for a device whose
+    /// writes belong to its server. Must be called on the agent's runtime.
     pub fn new(
-        bootstrap: Vec<String>,
-        mac: String,
+        opts: &crate::Options,
         pin: Pin,
-        deadline: Duration,
         first: Connection,
-        runtime: tokio::runtime::Handle,
         closing: tokio::sync::watch::Receiver<bool>,
+        stay: Option<LoginReply>,
     ) -> Remote {
         Remote {
-            bootstrap,
-            mac,
+            bootstrap: opts.bootstrap.clone(),
+            mac: opts.mac.clone(),
             pin,
-            deadline,
+            deadline: opts.deadline,
             current: Mutex::new(Arc::new(first)),
             switching: tokio::sync::Mutex::new(()),
-            runtime,
+            runtime: tokio::runtime::Handle::current(),
             closing,
+            stay,
             failovers: AtomicU64::new(0),
         }
     }
@@ -84,20 +91,79 @@ impl Remote {
     /// Reads `len` bytes at `offset`, on whichever server can answer; fails
     /// only when the agent is stopping.
     pub async fn read_at(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+        self.request_at(CMD_READ, 0, offset, len, &[]).await
+    }
+
+    /// Sends one request until a server answers it: to another server
+    /// holding the same bytes, or, for a device that stays, to its own server
+    /// once it is back. Fails only with the server's own answer (for a device
+    /// that stays) or when the agent is stopping.
+    pub async fn request_at(
+        &self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> io::Result<Vec<u8>> {
         loop {
             let conn = self.current.lock().clone();
-            let why = match tokio::time::timeout(self.deadline, conn.read(offset, len)).await {
+            let sent = conn.request(cmd, flags, offset, len, payload);
+            let why = match tokio::time::timeout(self.deadline, sent).await {
                 Ok(Ok(data)) => return Ok(data),
-                Ok(Err(e)) => format!("read failed: {e}"),
+                // The server's own answer: the device's, unless another
+                // server may hold good bytes (a base read).
+                Ok(Err(Failure::Server(errno))) if self.stay.is_some() => {
+                    return Err(io::Error::from_raw_os_error(errno as i32))
+                }
+                Ok(Err(Failure::Server(errno))) => {
+                    format!(
+                        "the server answered {}",
+                        io::Error::from_raw_os_error(errno as i32)
+                    )
+                }
+                Ok(Err(Failure::Connection(e))) => format!("request failed: {e}"),
                 Err(_) => format!("no answer within {:?}", self.deadline),
             };
             let mut closing = self.closing.clone();
             tokio::select! {
-                _ = self.fail_over(&conn, &why) => {}
+                _ = self.recover(&conn, &why) => {}
                 _ = closing.wait_for(|c| *c) => {
                     return Err(io::Error::other("the agent is stopping"));
                 }
             }
+        }
+    }
+
+    async fn recover(&self, failed: &Arc<Connection>, why: &str) {
+        match &self.stay {
+            Some(reply) => self.reconnect(reply, failed, why).await,
+            None => self.fail_over(failed, why).await,
+        }
+    }
+
+    /// Connects again to the one server this device's writes belong to,
+    /// waiting as long as it takes; unanswered requests are then sent again.
+    async fn reconnect(&self, reply: &LoginReply, failed: &Arc<Connection>, why: &str) {
+        let _one = self.switching.lock().await;
+        if !Arc::ptr_eq(&self.current.lock(), failed) {
+            return;
+        }
+        tracing::warn!(server = %reply.server, reason = why,
+            "I/O waits for server {} to return: vDisk {} is {} mode{}, and such devices do not fail over",
+            reply.server, reply.vdisk, reply.mode,
+            if reply.cache_type == vstream_api::CacheType::Server { " with its write cache on the server" } else { "" });
+        let started = Instant::now();
+        loop {
+            match Connection::open(reply, self.deadline).await {
+                Ok(c) => {
+                    tracing::info!(server = %reply.server, waited_ms = started.elapsed().as_millis() as u64, "reconnected; unanswered requests are sent again");
+                    *self.current.lock() = Arc::new(c);
+                    return;
+                }
+                Err(e) => tracing::debug!(error = %e, "server not back yet"),
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
         }
     }
 
@@ -160,6 +226,35 @@ impl Remote {
 }
 
 impl vstream_image::Base for Remote {
+    fn write(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        let flags = if fua { CMD_FLAG_FUA } else { 0 };
+        let len =
+            u32::try_from(data.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        self.runtime
+            .block_on(self.request_at(CMD_WRITE, flags, offset, len, data))
+            .map(drop)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, punch: bool) -> io::Result<()> {
+        let mut flags = if fua { CMD_FLAG_FUA } else { 0 };
+        if !punch {
+            flags |= CMD_FLAG_NO_HOLE;
+        }
+        self.each_piece(offset, len, |o, n| {
+            self.request_at(CMD_WRITE_ZEROES, flags, o, n, &[])
+        })
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        let flags = if fua { CMD_FLAG_FUA } else { 0 };
+        self.each_piece(offset, len, |o, n| {
+            self.request_at(CMD_TRIM, flags, o, n, &[])
+        })
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.runtime
+            .block_on(self.request_at(CMD_FLUSH, 0, 0, 0, &[]))
+            .map(drop)
+    }
+
     fn read(&self, buf: &mut [MaybeUninit<u8>], offset: u64) -> io::Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
@@ -175,6 +270,23 @@ impl vstream_image::Base for Remote {
                 std::ptr::copy_nonoverlapping(data.as_ptr(), dst.as_mut_ptr().cast::<u8>(), n)
             };
             done += n;
+        }
+        Ok(())
+    }
+}
+
+impl Remote {
+    /// Runs `f` on `[offset, offset + len)` in pieces a request length can hold.
+    fn each_piece<'a, F, Fut>(&'a self, offset: u64, len: u64, f: F) -> io::Result<()>
+    where
+        F: Fn(u64, u32) -> Fut,
+        Fut: std::future::Future<Output = io::Result<Vec<u8>>> + 'a,
+    {
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(u64::from(u32::MAX) & !4095) as u32;
+            self.runtime.block_on(f(offset + done, n))?;
+            done += u64::from(n);
         }
         Ok(())
     }

@@ -26,8 +26,21 @@ use vstream_nbd::*;
 
 /// Reads of at most this many bytes go in one request.
 pub const MAX_READ: u32 = 32 << 20;
-const CMD_READ: u16 = 0;
+pub const CMD_READ: u16 = 0;
+pub const CMD_WRITE: u16 = 1;
 const CMD_DISC: u16 = 2;
+pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_WRITE_ZEROES: u16 = 6;
+
+/// How a request failed.
+#[derive(Debug)]
+pub enum Failure {
+    /// The server answered with this errno: the request's own result.
+    Server(u32),
+    /// The connection failed; the server may never have seen the request.
+    Connection(io::Error),
+}
 
 type Pending = HashMap<u64, (u32, oneshot::Sender<io::Result<Vec<u8>>>)>;
 
@@ -96,46 +109,55 @@ impl Connection {
         self.dead.load(Ordering::SeqCst)
     }
 
-    /// Reads `len` bytes at `offset` (at most [`MAX_READ`]).
-    pub async fn read(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
-        if self.is_dead() {
-            return Err(io::Error::new(
+    /// Sends one request (`payload` is WRITE's data) and waits for its reply;
+    /// a READ's reply carries `len` bytes.
+    pub async fn request(
+        &self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, Failure> {
+        let closed = || {
+            Failure::Connection(io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 "connection is closed",
-            ));
+            ))
+        };
+        if self.is_dead() {
+            return Err(closed());
         }
+        let reply_len = if cmd == CMD_READ { len } else { 0 };
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().insert(handle, (len, tx));
+        self.pending.lock().insert(handle, (reply_len, tx));
         if self.is_dead() {
-            // The reader may have failed the waiting reads just before.
+            // The reader may have failed the waiting requests just before.
             self.pending.lock().remove(&handle);
-            return Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "connection is closed",
-            ));
+            return Err(closed());
         }
-        let mut req = Vec::with_capacity(28);
-        encode_request(&mut req, CMD_READ, handle, offset, len);
+        let mut req = Vec::with_capacity(28 + payload.len());
+        encode_request(&mut req, cmd, flags, handle, offset, len);
+        req.extend_from_slice(payload);
         if self.requests.send(Outgoing::Request(req)).is_err() {
             self.pending.lock().remove(&handle);
-            return Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "connection is closed",
-            ));
+            return Err(closed());
         }
-        rx.await.unwrap_or_else(|_| {
-            Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "connection closed",
-            ))
-        })
+        match rx.await {
+            Ok(Ok(data)) => Ok(data),
+            Ok(Err(e)) => Err(match reply_errno_of(&e) {
+                Some(errno) => Failure::Server(errno),
+                None => Failure::Connection(e),
+            }),
+            Err(_) => Err(closed()),
+        }
     }
 
     /// Sends NBD_CMD_DISC and closes.
     pub async fn disconnect(&self) {
         let mut req = Vec::with_capacity(28);
-        encode_request(&mut req, CMD_DISC, 0, 0, 0);
+        encode_request(&mut req, CMD_DISC, 0, 0, 0, 0);
         let (done, wait) = oneshot::channel();
         if self.requests.send(Outgoing::Close(req, done)).is_ok() {
             let _ = wait.await;
@@ -180,9 +202,9 @@ async fn send(mut w: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiver<Outgoing
     }
 }
 
-fn encode_request(out: &mut Vec<u8>, cmd: u16, handle: u64, offset: u64, len: u32) {
+fn encode_request(out: &mut Vec<u8>, cmd: u16, flags: u16, handle: u64, offset: u64, len: u32) {
     out.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    out.extend_from_slice(&0u16.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
     out.extend_from_slice(&cmd.to_be_bytes());
     out.extend_from_slice(&handle.to_be_bytes());
     out.extend_from_slice(&offset.to_be_bytes());
@@ -209,7 +231,7 @@ async fn receive<R: tokio::io::AsyncRead + Unpin>(
             return protocol(format!("reply to handle {handle}, which was never sent"));
         };
         if error != 0 {
-            let _ = tx.send(Err(io::Error::from_raw_os_error(error as i32)));
+            let _ = tx.send(Err(reply_errno(error)));
             continue;
         }
         // Into spare capacity: no zeroing of what the socket overwrites.
@@ -292,4 +314,30 @@ async fn handshake(s: &mut TcpStream, export: &str) -> io::Result<u64> {
             k => return Err(protocol(format!("unexpected option reply {k}"))),
         }
     }
+}
+
+/// An errno the server answered, told apart from socket errors (which also
+/// carry errnos) by a marker in the message.
+const REPLY_MARK: &str = "the server answered errno";
+
+fn reply_errno(errno: u32) -> io::Error {
+    io::Error::new(
+        io::Error::from_raw_os_error(errno as i32).kind(),
+        ReplyErrno(errno),
+    )
+}
+
+#[derive(Debug)]
+struct ReplyErrno(u32);
+
+impl std::fmt::Display for ReplyErrno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{REPLY_MARK} {}", self.0)
+    }
+}
+
+impl std::error::Error for ReplyErrno {}
+
+fn reply_errno_of(e: &io::Error) -> Option<u32> {
+    e.get_ref()?.downcast_ref::<ReplyErrno>().map(|r| r.0)
 }

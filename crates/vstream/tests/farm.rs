@@ -114,12 +114,23 @@ fn streaming_from(agent: &TestAgent) -> String {
 }
 
 fn start_workload(agent: &TestAgent, image: &Path, secs: u32, seed: usize) -> Child {
+    start_workload_with(agent, image, secs, seed, &[])
+}
+
+fn start_workload_with(
+    agent: &TestAgent,
+    image: &Path,
+    secs: u32,
+    seed: usize,
+    extra: &[&str],
+) -> Child {
     Command::new(PYTHON)
         .arg(repo().join("tests/farm/workload.py"))
         .arg(&agent.sock)
         .arg(image)
         .arg(secs.to_string())
         .arg(seed.to_string())
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -519,4 +530,33 @@ fn a_server_stopped_gracefully_hands_its_devices_over_first() {
     finish_workloads(loads, &agents);
     let moved = &agents[on_s1];
     assert_eq!(streaming_from(moved), "s2", "{}", moved.log_text());
+}
+
+#[test]
+fn a_private_device_waits_for_its_server_and_loses_no_acknowledged_write() {
+    let Some(etcd) = tools() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut servers = farm(&etcd, dir.path(), 1, 1);
+    servers[0].cli_ok(&["vdisk", "set", "demo", "--mode", "private"]);
+    let image = dir.path().join("demo.raw");
+    let agent = TestAgent::start(dir.path(), "pc1", &mac(1), &apis(&servers), "ram:64MiB");
+    assert!(
+        agent
+            .log_text()
+            .contains("waits for it rather than fail over"),
+        "{}",
+        agent.log_text()
+    );
+    let load = start_workload_with(&agent, &image, 10, 1, &["fua"]);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    servers[0].kill9();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    servers[0].restart();
+    // Every write acknowledged before the crash reads back after it.
+    let stats = finish_workload(load, &agent);
+    eprintln!("workload: {stats}");
+    let log = agent.log_text();
+    assert!(log.contains("I/O waits for server s1 to return"), "{log}");
+    assert!(log.contains("reconnected"), "{log}");
+    assert!(!log.contains("failed over"), "{log}");
 }

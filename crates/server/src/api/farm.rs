@@ -13,7 +13,7 @@ use vstream_api::{
 };
 
 use super::ApiError;
-use crate::farm::STALE_AFTER_SECS;
+use crate::farm::{View, STALE_AFTER_SECS};
 use crate::login::{choose, LoginError};
 use crate::state::{now_unix, Server};
 
@@ -29,7 +29,9 @@ pub(super) async fn login(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Json(req): Json<LoginRequest>,
 ) -> Result<Json<LoginReply>, ApiError> {
-    let view = server.membership.view();
+    let view = fresh_records(&server, &req.mac)
+        .await
+        .unwrap_or_else(|| server.membership.view());
     let recent = server.membership.recent_logins();
     match choose(&view, &req, &recent, Some(peer.ip())) {
         Ok(reply) => {
@@ -47,6 +49,25 @@ pub(super) async fn login(
             Err(ApiError::new(status, e.to_string()))
         }
     }
+}
+
+/// The device's and its vDisk's records as the farm store holds them now,
+/// with the live servers of the last view: a login right after an admin
+/// change sees the change. `None` (use the last view) while the store is away.
+async fn fresh_records(server: &Server, mac: &str) -> Option<Arc<View>> {
+    if !server.membership.is_connected() {
+        return None;
+    }
+    let device = server.farm.find_device(mac).await.ok()??;
+    let vdisk = server.farm.get_vdisk(&device.vdisk).await.ok()??;
+    let last = server.membership.view();
+    Some(Arc::new(View {
+        devices: vec![device],
+        vdisks: vec![vdisk],
+        servers: last.servers.clone(),
+        rebalance: None,
+        ..View::default()
+    }))
 }
 
 /// Every server of the farm, up or down, with its last status.
