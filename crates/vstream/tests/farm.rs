@@ -88,6 +88,13 @@ fn wait_farm_connected(s: &TestServer, connected: bool, secs: u64) {
     });
 }
 
+/// Agents for devices pc1..pc`n`, each with a 64 MiB RAM cache.
+fn ram_agents(dir: &Path, servers: &[TestServer], n: usize) -> Vec<TestAgent> {
+    (1..=n)
+        .map(|d| TestAgent::start(dir, &format!("pc{d}"), &mac(d), &apis(servers), "ram:64MiB"))
+        .collect()
+}
+
 fn apis(servers: &[TestServer]) -> Vec<&str> {
     servers.iter().map(|s| s.api.as_str()).collect()
 }
@@ -357,17 +364,7 @@ fn a_returning_server_gets_its_share_back_on_rebalance() {
     let dir = tempfile::tempdir().unwrap();
     let mut servers = farm(&etcd, dir.path(), 2, 4);
     let image = dir.path().join("demo.raw");
-    let agents: Vec<TestAgent> = (1..=4)
-        .map(|d| {
-            TestAgent::start(
-                dir.path(),
-                &format!("pc{d}"),
-                &mac(d),
-                &apis(&servers),
-                "ram:64MiB",
-            )
-        })
-        .collect();
+    let agents = ram_agents(dir.path(), &servers, 4);
     let count_on =
         |agents: &[TestAgent], s: &str| agents.iter().filter(|a| streaming_from(a) == s).count();
     assert_eq!((count_on(&agents, "s1"), count_on(&agents, "s2")), (2, 2));
@@ -499,17 +496,7 @@ fn a_server_stopped_gracefully_hands_its_devices_over_first() {
     let dir = tempfile::tempdir().unwrap();
     let mut servers = farm(&etcd, dir.path(), 2, 2);
     let image = dir.path().join("demo.raw");
-    let agents: Vec<TestAgent> = (1..=2)
-        .map(|d| {
-            TestAgent::start(
-                dir.path(),
-                &format!("pc{d}"),
-                &mac(d),
-                &apis(&servers),
-                "ram:64MiB",
-            )
-        })
-        .collect();
+    let agents = ram_agents(dir.path(), &servers, 2);
     let on_s1 = agents
         .iter()
         .position(|a| streaming_from(a) == "s1")

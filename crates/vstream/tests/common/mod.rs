@@ -18,12 +18,19 @@ pub fn have(tool: &str) -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !found {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{tool} is required in CI but is not installed (.ci/install-deps installs it)");
-        }
-        eprintln!("SKIP: {tool} is not installed (run .ci/install-deps)");
+        skip(&format!(
+            "{tool} is not installed (.ci/install-deps installs it)"
+        ));
     }
     found
+}
+
+/// Says why a test does nothing here; in CI (CI=true) that is a failure.
+pub fn skip(why: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("required in CI: {why}");
+    }
+    eprintln!("SKIP: {why}");
 }
 
 /// The Python with the libnbd bindings (Debian's python3-libnbd).
@@ -37,10 +44,9 @@ pub fn have_python_nbd() -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{PYTHON} with the nbd module (python3-libnbd) is required in CI");
-        }
-        eprintln!("SKIP: {PYTHON} cannot import nbd (install python3-libnbd)");
+        skip(&format!(
+            "{PYTHON} cannot import nbd (install python3-libnbd)"
+        ));
     }
     ok
 }
@@ -599,10 +605,7 @@ pub fn have_netns() -> bool {
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("network namespace tests need root in CI");
-        }
-        eprintln!("SKIP: network namespaces need root");
+        skip("network namespaces need root");
         return false;
     }
     true
