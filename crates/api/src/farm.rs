@@ -29,6 +29,16 @@ pub struct SessionInfo {
     pub since_unix: u64,
     /// It keeps its write cache itself (through `vstream target`).
     pub device_cache: bool,
+    /// Bytes in its write cache, as its agent last reported them.
+    #[serde(default)]
+    pub cache_bytes: u64,
+}
+
+/// An agent's report of its device's write cache (no admin token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CacheReport {
+    pub mac: String,
+    pub cache_bytes: u64,
 }
 
 /// What a live server publishes, about once a second, under a lease.

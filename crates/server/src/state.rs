@@ -48,6 +48,8 @@ struct Session {
     /// The device keeps its write cache itself; only its base streams from
     /// here. Turning this true lets it go (it moves to another server).
     release: Option<tokio::sync::watch::Sender<bool>>,
+    /// Bytes in its device-side cache, as its agent reports them.
+    reported_cache: u64,
 }
 
 /// Why a device cannot open its export.
@@ -318,6 +320,7 @@ impl Server {
                     peer: peer.to_owned(),
                     disk: disk.clone(),
                     release: Some(tokio::sync::watch::channel(false).0),
+                    reported_cache: 0,
                 });
             if s.release.as_ref().is_some_and(|r| *r.borrow()) {
                 // Released, and back (no other server could take it): a new
@@ -441,6 +444,7 @@ impl Server {
                 peer: peer.to_owned(),
                 disk: disk.clone(),
                 release: None,
+                reported_cache: 0,
             },
         );
         drop(sessions);
@@ -583,6 +587,18 @@ impl Server {
         self.sessions.lock().contains_key(device)
     }
 
+    /// Records an agent's report of its device's cache use; false if the
+    /// device has no device-cache session here.
+    pub fn report_cache(&self, device: &str, bytes: u64) -> bool {
+        match self.sessions.lock().get_mut(device) {
+            Some(s) if s.release.is_some() => {
+                s.reported_cache = bytes;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// The devices connected here, by name.
     pub fn sessions(&self) -> Vec<vstream_api::SessionInfo> {
         let mut out: Vec<vstream_api::SessionInfo> = self
@@ -595,6 +611,7 @@ impl Server {
                 version: s.version,
                 since_unix: s.since,
                 device_cache: s.release.is_some(),
+                cache_bytes: s.reported_cache,
             })
             .collect();
         out.sort_by(|a, b| a.device.cmp(&b.device));
@@ -618,7 +635,7 @@ impl Server {
                     connected: true,
                     connected_since: Some(x.since_unix),
                     peer: None,
-                    cache_bytes: 0,
+                    cache_bytes: x.cache_bytes,
                     server: Some(server),
                     version: Some(x.version),
                     device_cache: x.device_cache,
@@ -627,7 +644,7 @@ impl Server {
             }
         }
         let cache_bytes = match s {
-            Some(s) if s.release.is_some() => 0,
+            Some(s) if s.release.is_some() => s.reported_cache,
             Some(s) if s.mode == Mode::Standard && s.kind != DeviceType::Maintenance => {
                 s.disk.top_bytes()
             }

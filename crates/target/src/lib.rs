@@ -130,6 +130,49 @@ fn protect_memory() {
     }
 }
 
+/// How often the agent tells its server how full the write cache is.
+const REPORT_EVERY: Duration = Duration::from_secs(2);
+
+/// Tells the server streaming now how many bytes the device's write cache
+/// holds, when that changes or the server does (`vstream device list`).
+async fn report_cache(
+    device: Arc<Device>,
+    remote: Arc<remote::Remote>,
+    mac: String,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut last: Option<(String, u64)> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(REPORT_EVERY) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let bytes = device.disk.top_bytes() + device.disk.overflow_bytes().unwrap_or(0);
+        let now = (remote.api(), bytes);
+        if last.as_ref() == Some(&now) {
+            continue;
+        }
+        let body = vstream_api::CacheReport {
+            mac: mac.clone(),
+            cache_bytes: bytes,
+        };
+        let url = format!("{}/api/v1/cache-report", now.0.trim_end_matches('/'));
+        let sent = tokio::task::spawn_blocking(move || {
+            ureq::post(&url)
+                .timeout(Duration::from_secs(2))
+                .send_json(&body)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        })
+        .await;
+        match sent {
+            Ok(Ok(())) => last = Some(now),
+            Ok(Err(e)) => tracing::debug!(error = %e, "could not report the cache use"),
+            Err(e) => tracing::debug!(error = %e, "cache report task failed"),
+        }
+    }
+}
+
 /// Runs the agent until `shutdown`.
 pub async fn run(opts: Options, shutdown: watch::Receiver<bool>) -> Result<()> {
     if opts.bootstrap.is_empty() {
@@ -189,6 +232,14 @@ pub async fn run(opts: Options, shutdown: watch::Receiver<bool>) -> Result<()> {
         remote: remote.clone(),
         metrics: Metrics::default(),
     });
+    if !stays {
+        tokio::spawn(report_cache(
+            device.clone(),
+            remote.clone(),
+            opts.mac.clone(),
+            shutdown.clone(),
+        ));
+    }
     let conns = Arc::new(Semaphore::new(64));
     let mut tasks = tokio::task::JoinSet::new();
     for addr in &opts.listen {

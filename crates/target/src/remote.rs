@@ -82,6 +82,11 @@ impl Remote {
         self.current.lock().server.clone()
     }
 
+    /// The API URL of the server streaming now.
+    pub fn api(&self) -> String {
+        self.current.lock().api.clone()
+    }
+
     /// Ends the stream politely (NBD_CMD_DISC), at the agent's exit.
     pub async fn disconnect(&self) {
         let conn = self.current.lock().clone();

@@ -149,7 +149,7 @@ fn device_table(devices: &[DeviceInfo]) -> String {
                 i.connected_since
                     .map_or_else(|| "-".to_string(), format_unix_time),
                 if i.device_cache {
-                    "on device".to_string()
+                    format!("{} on device", human_size(i.cache_bytes))
                 } else {
                     human_size(i.cache_bytes)
                 },
@@ -205,7 +205,7 @@ fn device_fields(i: &DeviceInfo) -> String {
         (
             "write cache",
             if i.device_cache {
-                "on the device".to_string()
+                format!("{} on the device", human_size(i.cache_bytes))
             } else {
                 human_size(i.cache_bytes)
             },

@@ -8,8 +8,8 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::Json;
 use vstream_api::{
-    ErrorBody, LoginReply, LoginRequest, PlannedMove, Rebalance, RebalancePlan, RebalanceRequest,
-    ServerInfo,
+    CacheReport, ErrorBody, LoginReply, LoginRequest, PlannedMove, Rebalance, RebalancePlan,
+    RebalanceRequest, ServerInfo,
 };
 
 use super::ApiError;
@@ -48,6 +48,29 @@ pub(super) async fn login(
             tracing::info!(mac = %req.mac, reason = %e, "login refused");
             Err(ApiError::new(status, e.to_string()))
         }
+    }
+}
+
+/// An agent reports its device's write-cache use (no admin token): shown
+/// by `vstream device list`.
+#[utoipa::path(post, path = "/api/v1/cache-report", request_body = CacheReport, security(()),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+pub(super) async fn cache_report(
+    State(server): Shared,
+    Json(req): Json<CacheReport>,
+) -> Result<StatusCode, ApiError> {
+    let mac = vstream_api::parse_mac(&req.mac).map_err(ApiError::bad_request)?;
+    let view = server.membership.view();
+    let device = view
+        .device_by_mac(&mac)
+        .ok_or_else(|| ApiError::not_found(format!("no device has MAC {mac}")))?;
+    if server.report_cache(&device.name, req.cache_bytes) {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!(
+            "device {} does not stream its base from this server",
+            device.name
+        )))
     }
 }
 

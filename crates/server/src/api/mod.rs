@@ -34,14 +34,15 @@ type Shared = State<Arc<Server>>;
         content::import_vdisk, content::export_vdisk,
         list_devices, add_device, show_device, set_device, remove_device, reset_device,
         versions::list_versions, versions::new_version, versions::promote, versions::rollback,
-        versions::merge, versions::delete_version, farm::login, farm::list_servers, farm::rebalance
+        versions::merge, versions::delete_version, farm::login, farm::list_servers, farm::rebalance, farm::cache_report
     ),
     components(schemas(VDisk, VDiskInfo, CreateVDisk, SetVDisk, Device, DeviceInfo, CreateDevice, ErrorBody,
         vstream_api::Mode, vstream_api::CacheType, vstream_api::DeviceType, vstream_api::SetDevice,
         vstream_api::VersionState, vstream_api::VersionInfo, vstream_api::Promote, vstream_api::Merge,
         vstream_api::LoginRequest, vstream_api::LoginReply, vstream_api::Pin, vstream_api::ServerInfo,
         vstream_api::ServerStatus, vstream_api::HeldVersion, vstream_api::Rebalance,
-        vstream_api::RebalancePlan, vstream_api::PlannedMove)),
+        vstream_api::RebalancePlan, vstream_api::PlannedMove, vstream_api::CacheReport,
+        vstream_api::SessionInfo)),
     modifiers(&BearerAuth),
     security(("token" = []))
 )]
@@ -108,6 +109,7 @@ pub fn router(server: Arc<Server>, token: String) -> Router {
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/api/v1/login", post(farm::login))
+        .route("/api/v1/cache-report", post(farm::cache_report))
         .merge(admin)
         .with_state(server)
 }
