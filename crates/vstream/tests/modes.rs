@@ -4,199 +4,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{have, have_python_nbd, random_image, run, TestServer, PYTHON};
+use common::nbd::{text, Nbd};
+use common::{have, have_python_nbd, random_image, run, TestServer};
 
 const MIB: u64 = 1 << 20;
 
-/// A libnbd client driven line by line on stdin; each command answers one line.
-/// With a second argument it starts up, says `waiting`, and connects only at
-/// its first input line.
-///
-/// ```text
-///   write OFF LEN BYTE     pwrite LEN bytes of BYTE          -> ok | error ERRNUM ERRNO-NAME MESSAGE
-///   check OFF LEN BYTE     pread and compare with BYTE       -> ok | mismatch AT GOT
-///   dump OFF LEN PATH      pread into the file PATH          -> ok
-///   flush                                                    -> ok
-///   crash                  exit at once: no NBD_CMD_DISC
-///   quit                   h.shutdown() (NBD_CMD_DISC), exit -> bye
-/// ```
-const DRIVER: &str = r#"
-import os, sys
-import nbd
-h = nbd.NBD()
-if len(sys.argv) > 2:
-    # Lazy: start up now, connect when told to.
-    print("waiting", flush=True)
-    sys.stdin.readline()
-try:
-    h.connect_uri(sys.argv[1])
-except nbd.Error as e:
-    print("connect-error", e.errnum, e.errno, e.string, flush=True)
-    sys.exit(3)
-print("ready", h.get_size(), flush=True)
-for line in sys.stdin:
-    w = line.split()
-    if not w:
-        continue
-    try:
-        if w[0] == "write":
-            off, n, b = int(w[1]), int(w[2]), int(w[3], 0)
-            h.pwrite(bytes([b]) * n, off)
-            print("ok", flush=True)
-        elif w[0] == "check":
-            off, n, b = int(w[1]), int(w[2]), int(w[3], 0)
-            data = h.pread(n, off)
-            bad = [i for i, x in enumerate(data) if x != b][:1]
-            print("ok" if not bad else "mismatch %d %d" % (off + bad[0], data[bad[0]]), flush=True)
-        elif w[0] == "dump":
-            off, n = int(w[1]), int(w[2])
-            with open(w[3], "wb") as f:
-                f.write(h.pread(n, off))
-            print("ok", flush=True)
-        elif w[0] == "flush":
-            h.flush()
-            print("ok", flush=True)
-        elif w[0] == "crash":
-            os._exit(0)
-        elif w[0] == "quit":
-            h.shutdown()
-            print("bye", flush=True)
-            sys.exit(0)
-        else:
-            print("unknown command", w[0], flush=True)
-    except nbd.Error as e:
-        print("error", e.errnum, e.errno, e.string, flush=True)
-os._exit(0)
-"#;
-
-/// One NBD connection held open by a libnbd client process.
-struct Nbd {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
-    url: String,
-}
-
-impl Nbd {
-    /// Connects, or returns the client's complaint.
-    fn try_connect(url: &str) -> Result<Nbd, String> {
-        let mut n = Nbd::spawn(url, false);
-        let first = n.line();
-        if first.starts_with("ready ") {
-            Ok(n)
-        } else {
-            let _ = n.child.wait();
-            Err(first)
-        }
-    }
-
-    /// A client started up but not connected yet: `connect_now` connects it.
-    fn lazy(url: &str) -> Nbd {
-        let mut n = Nbd::spawn(url, true);
-        assert_eq!(n.line(), "waiting");
-        n
-    }
-
-    fn connect_now(&mut self) {
-        let answer = self.cmd("connect");
-        assert!(
-            answer.starts_with("ready "),
-            "connecting to {}: {answer}",
-            self.url
-        );
-    }
-
-    fn spawn(url: &str, lazy: bool) -> Nbd {
-        let mut child = Command::new(PYTHON)
-            .args(["-c", DRIVER, url])
-            .args(lazy.then_some("lazy"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawning the libnbd client");
-        let stdin = child.stdin.take();
-        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        Nbd {
-            child,
-            stdin,
-            stdout,
-            url: url.to_string(),
-        }
-    }
-
-    fn connect(url: &str) -> Nbd {
-        Nbd::try_connect(url).unwrap_or_else(|e| panic!("connecting to {url}: {e}"))
-    }
-
-    fn line(&mut self) -> String {
-        let mut s = String::new();
-        self.stdout.read_line(&mut s).expect("reading the client");
-        s.trim_end().to_string()
-    }
-
-    /// Sends one command; returns its answer line.
-    fn cmd(&mut self, c: &str) -> String {
-        let stdin = self.stdin.as_mut().expect("client stdin");
-        writeln!(stdin, "{c}")
-            .and_then(|()| stdin.flush())
-            .expect("writing to the client");
-        let answer = self.line();
-        assert!(
-            !answer.is_empty(),
-            "the client on {} died during {c:?}",
-            self.url
-        );
-        answer
-    }
-
-    fn ok(&mut self, c: &str) {
-        let a = self.cmd(c);
-        assert_eq!(a, "ok", "{c:?} on {}", self.url);
-    }
-
-    /// Ends without NBD_CMD_DISC, as a device that loses power does.
-    fn crash(mut self) {
-        let stdin = self.stdin.as_mut().expect("client stdin");
-        let _ = writeln!(stdin, "crash").and_then(|()| stdin.flush());
-        let st = self.child.wait().expect("wait");
-        assert!(st.success(), "{st}");
-    }
-
-    /// Ends cleanly with NBD_CMD_DISC.
-    fn quit(mut self) {
-        assert_eq!(self.cmd("quit"), "bye");
-        let st = self.child.wait().expect("wait");
-        assert!(st.success(), "{st}");
-    }
-}
-
-impl Drop for Nbd {
-    fn drop(&mut self) {
-        // Only our own child, by its handle.
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 fn p(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn qemu_io(args: &[&str], url: &str, cmds: &[&str]) -> Output {
@@ -342,8 +160,8 @@ fn flushed_writes_survive_kill9_and_standard_caches_survive_a_restart() {
     // kill -9 after a FLUSH: the flushed writes are there, in both modes.
     let mut dp = Nbd::connect(&server.url("device/dp"));
     let mut ds = Nbd::connect(&server.url("device/ds"));
-    dp.ok("write 1048576 65536 0x71");
-    ds.ok("write 1048576 65536 0x72");
+    dp.ok("fill 1048576 65536 0x71");
+    ds.ok("fill 1048576 65536 0x72");
     dp.ok("flush");
     ds.ok("flush");
     server.kill9();
@@ -357,8 +175,8 @@ fn flushed_writes_survive_kill9_and_standard_caches_survive_a_restart() {
 
     // SIGTERM with devices connected: the server exits 0, nothing is lost, and
     // a Standard-mode cache is kept (the session did not end with NBD_CMD_DISC).
-    dp.ok("write 2097152 65536 0x73");
-    ds.ok("write 2097152 65536 0x74");
+    dp.ok("fill 2097152 65536 0x73");
+    ds.ok("fill 2097152 65536 0x74");
     let st = server.stop();
     assert!(
         st.success(),
@@ -416,7 +234,7 @@ fn private_mode_admits_one_device_at_a_time() {
     ]);
 
     let mut d1 = Nbd::connect(&server.url("device/d1"));
-    d1.ok("write 0 4096 0x11");
+    d1.ok("fill 0 4096 0x11");
     assert_eq!(device(&server, "d1")["connected"], true);
 
     // d2 is refused, by qemu-io, nbdinfo and libnbd alike, over TCP and unix.
@@ -561,27 +379,27 @@ fn standard_mode_keeps_each_devices_writes_apart_from_the_vdisk() {
     // Both devices at once, each with its own cache.
     let mut s1 = Nbd::connect(&server.url("device/s1"));
     let mut s2 = Nbd::connect(&server.unix_url("device/aa:bb:cc:00:01:02"));
-    s1.ok("write 3145728 65536 0x33");
-    s2.ok("write 3145728 65536 0x44");
-    s1.ok("write 1000 10000 0x55"); // unaligned: the chunk's other bytes stay the base's
+    s1.ok("fill 3145728 65536 0x33");
+    s2.ok("fill 3145728 65536 0x44");
+    s1.ok("fill 1000 10000 0x55"); // unaligned: the chunk's other bytes stay the base's
     s1.ok("check 3145728 65536 0x33");
     s2.ok("check 3145728 65536 0x44");
     s1.ok("check 1000 10000 0x55");
     let got = dir.path().join("s2-edge.raw");
-    s2.ok(&format!("dump 0 16384 {}", p(&got)));
+    s2.ok(&format!("pread 0 16384 {}", p(&got)));
     assert_same_bytes(
         &std::fs::read(&got).unwrap(),
         region(0, 16384),
         "s2 sees s1's write",
     );
     let got = dir.path().join("s1-edge.raw");
-    s1.ok(&format!("dump 0 1000 {}", p(&got)));
+    s1.ok(&format!("pread 0 1000 {}", p(&got)));
     assert_same_bytes(
         &std::fs::read(&got).unwrap(),
         region(0, 1000),
         "bytes before s1's unaligned write",
     );
-    s1.ok(&format!("dump 11000 5384 {}", p(&got)));
+    s1.ok(&format!("pread 11000 5384 {}", p(&got)));
     assert_same_bytes(
         &std::fs::read(&got).unwrap(),
         region(11000, 5384),
@@ -634,7 +452,7 @@ fn standard_mode_keeps_each_devices_writes_apart_from_the_vdisk() {
     assert_eq!(device(&server, "s1")["cache_bytes"], 0);
     let mut s1 = Nbd::connect(&server.url("device/s1"));
     let got = dir.path().join("s1-after.raw");
-    s1.ok(&format!("dump 0 {} {}", 4 * MIB, p(&got)));
+    s1.ok(&format!("pread 0 {} {}", 4 * MIB, p(&got)));
     assert_same_bytes(
         &std::fs::read(&got).unwrap(),
         region(0, 4 * MIB),
@@ -655,7 +473,7 @@ fn standard_mode_keeps_each_devices_writes_apart_from_the_vdisk() {
     assert_eq!(device(&server, "s2")["cache_bytes"], 0);
     let mut s2 = Nbd::connect(&server.url("device/s2"));
     let got = dir.path().join("s2-after.raw");
-    s2.ok(&format!("dump 0 {} {}", 4 * MIB, p(&got)));
+    s2.ok(&format!("pread 0 {} {}", 4 * MIB, p(&got)));
     assert_same_bytes(
         &std::fs::read(&got).unwrap(),
         region(0, 4 * MIB),
@@ -694,9 +512,9 @@ fn standard_mode_write_cache_limit_gives_enospc() {
     ]);
 
     let mut c = Nbd::connect(&server.url("device/c1"));
-    c.ok("write 0 524288 0x31");
-    c.ok("write 4194304 524288 0x32"); // the cache now holds exactly 1 MiB
-    let err = c.cmd("write 8388608 4096 0x33");
+    c.ok("fill 0 524288 0x31");
+    c.ok("fill 4194304 524288 0x32"); // the cache now holds exactly 1 MiB
+    let err = c.cmd("fill 8388608 4096 0x33");
     assert!(
         err.starts_with("error 28 ENOSPC"),
         "a write past the cache limit answered: {err}"
@@ -705,11 +523,11 @@ fn standard_mode_write_cache_limit_gives_enospc() {
     c.ok("check 0 524288 0x31");
     c.ok("check 4194304 524288 0x32");
     c.ok("check 8388608 4096 0");
-    c.ok("write 0 65536 0x34");
+    c.ok("fill 0 65536 0x34");
     c.ok("check 0 65536 0x34");
     c.ok("check 65536 458752 0x31");
     c.ok("flush");
-    let err = c.cmd("write 524288 1 0x35");
+    let err = c.cmd("fill 524288 1 0x35");
     assert!(
         err.starts_with("error 28 ENOSPC"),
         "a 1-byte write past the cache limit answered: {err}"
@@ -769,7 +587,7 @@ fn vdisk_set_waits_for_devices_to_disconnect() {
     ]);
 
     let mut d1 = Nbd::connect(&server.url("device/d1"));
-    d1.ok("write 0 4096 0x41");
+    d1.ok("fill 0 4096 0x41");
     for args in [
         &["vdisk", "set", "v", "--mode", "standard"][..],
         &["vdisk", "set", "v", "--cache-limit", "4MiB"][..],
@@ -811,7 +629,7 @@ fn vdisk_set_waits_for_devices_to_disconnect() {
 
     // Now in Standard mode, d1's writes go to its cache.
     let mut d1 = Nbd::connect(&server.url("device/d1"));
-    d1.ok("write 0 4096 0x42");
+    d1.ok("fill 0 4096 0x42");
     let err = server.cli_err(&["vdisk", "set", "v", "--mode", "private"]);
     assert!(err.contains("d1"), "{err}");
     d1.quit();
@@ -842,13 +660,13 @@ fn read_only_view_sees_a_private_devices_writes() {
     // One view opened before the device connects, one after its flushed write.
     let mut early = Nbd::connect(&server.url("v"));
     let mut d1 = Nbd::connect(&server.url("device/d1"));
-    d1.ok("write 0 4096 0x61");
+    d1.ok("fill 0 4096 0x61");
     d1.ok("flush");
     let mut late = Nbd::connect(&server.url("v"));
     let mut seen = Vec::new();
     seen.push(("late view, flushed write", late.cmd("check 0 4096 0x61")));
     seen.push(("early view, flushed write", early.cmd("check 0 4096 0x61")));
-    d1.ok("write 8192 4096 0x62");
+    d1.ok("fill 8192 4096 0x62");
     d1.ok("flush");
     seen.push((
         "late view, write after it connected",
@@ -934,7 +752,7 @@ fn content_hash_stays_right_when_a_write_races_vdisk_show() {
         std::thread::sleep(Duration::from_millis(delay_ms));
         let offset = 64 * MIB + attempt as u64 * MIB;
         d1.connect_now();
-        d1.ok(&format!("write {offset} 65536 0x77"));
+        d1.ok(&format!("fill {offset} 65536 0x77"));
         d1.quit();
         let st = show.wait_with_output().expect("vdisk show").status;
         assert!(st.success(), "vdisk show: {st}");
@@ -979,7 +797,7 @@ fn a_kept_write_cache_is_not_laid_over_changed_vdisk_content() {
     ]);
     // Device names in any MAC spelling reach the same device.
     let mut d1 = Nbd::connect(&server.url("device/AA-BB-CC-00-07-01"));
-    d1.ok("write 0 4096 0x41");
+    d1.ok("fill 0 4096 0x41");
     d1.crash(); // no NBD_CMD_DISC: the cache is kept
     wait_disconnected(&server, "d1");
     assert_eq!(device(&server, "d1")["cache_bytes"], 4096);
@@ -993,7 +811,7 @@ fn a_kept_write_cache_is_not_laid_over_changed_vdisk_content() {
     }
     let mut d1 = Nbd::connect(&server.url("device/aabbcc000701"));
     d1.ok("check 0 4096 0"); // Private mode: the vDisk itself, no cache
-    d1.ok("write 0 8192 0x99");
+    d1.ok("fill 0 8192 0x99");
     d1.quit();
     wait_disconnected(&server, "d1");
     server.cli_ok(&["vdisk", "set", "v", "--mode", "standard"]);

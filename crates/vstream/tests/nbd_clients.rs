@@ -7,21 +7,13 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
+use common::nbd::text;
 use common::{have, random_image, run, TestServer};
 
 const MIB: u64 = 1 << 20;
 
 fn p(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// Asserts two files hold the same bytes, naming the first difference.

@@ -9,13 +9,14 @@ mod common;
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
+use common::nbd::{read_exports, text};
 use common::{have_python_nbd, TestServer, PYTHON};
 
 const MIB: usize = 1 << 20;
@@ -37,60 +38,8 @@ h.flush()
 h.shutdown()
 "#;
 
-/// `READER OUTDIR URL...`: OUTDIR/I holds the I-th export's bytes, or
-/// OUTDIR/I.err says why it could not be read.
-const READER: &str = r#"
-import sys
-import nbd
-out = sys.argv[1]
-for i, url in enumerate(sys.argv[2:]):
-    h = nbd.NBD()
-    try:
-        h.connect_uri(url)
-        size = h.get_size()
-        with open("%s/%d" % (out, i), "wb") as f:
-            off = 0
-            while off < size:
-                k = min(size - off, 1 << 20)
-                f.write(h.pread(k, off))
-                off += k
-        h.shutdown()
-    except nbd.Error as e:
-        with open("%s/%d.err" % (out, i), "w") as f:
-            f.write("%s %s %s" % (e.errnum, e.errno, e.string))
-    del h
-"#;
-
-fn text(out: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 fn json(out: &str) -> Value {
     serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
-}
-
-fn read_exports(urls: &[String]) -> Vec<Result<Vec<u8>, String>> {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out = Command::new(PYTHON)
-        .args(["-c", READER])
-        .arg(dir.path())
-        .args(urls)
-        .output()
-        .expect("running the libnbd reader");
-    assert!(out.status.success(), "reader: {}", text(&out));
-    (0..urls.len())
-        .map(|i| {
-            std::fs::read(dir.path().join(i.to_string())).map_err(|_| {
-                std::fs::read_to_string(dir.path().join(format!("{i}.err")))
-                    .unwrap_or_else(|_| "no answer".into())
-            })
-        })
-        .collect()
 }
 
 fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {

@@ -2,6 +2,8 @@
 //! with the real CLI, and tells tests which external clients exist.
 #![allow(dead_code)]
 
+pub mod nbd;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
