@@ -33,24 +33,40 @@ use crate::{
 /// How many cases [`contract_suite`] runs (how often it calls `fresh`).
 pub const CASES: usize = 12;
 
+/// Calls macro `$m` with the name of every case, once: the suite below and
+/// each adapter's per-case tests take the list from here.
+#[macro_export]
+macro_rules! contract_case_names {
+    ($m:ident) => {
+        $m!(
+            kv_get_put_list,
+            kv_revisions,
+            kv_atomic_txn,
+            vdisk_crud,
+            device_crud_and_mac_index,
+            vdisk_delete_refused_while_assigned,
+            update_retries_on_conflict,
+            conflict_after_retries_exhausted,
+            delete_vdisk_races_with_create_device,
+            concurrent_updates_serialise,
+            ephemeral_keys,
+            servers_publish_and_list,
+        );
+    };
+}
+
 /// Runs every case, each on a new backend from `fresh` (which must be empty).
 pub async fn contract_suite<F, Fut>(mut fresh: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Arc<dyn Backend>>,
 {
-    kv_get_put_list(fresh().await).await;
-    kv_revisions(fresh().await).await;
-    kv_atomic_txn(fresh().await).await;
-    vdisk_crud(fresh().await).await;
-    device_crud_and_mac_index(fresh().await).await;
-    vdisk_delete_refused_while_assigned(fresh().await).await;
-    update_retries_on_conflict(fresh().await).await;
-    conflict_after_retries_exhausted(fresh().await).await;
-    delete_vdisk_races_with_create_device(fresh().await).await;
-    concurrent_updates_serialise(fresh().await).await;
-    ephemeral_keys(fresh().await).await;
-    servers_publish_and_list(fresh().await).await;
+    macro_rules! run_each {
+        ($($case:ident),* $(,)?) => {
+            $( $case(fresh().await).await; )*
+        };
+    }
+    contract_case_names!(run_each);
 }
 
 // ---- helpers ----------------------------------------------------------------

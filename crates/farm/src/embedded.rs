@@ -257,20 +257,7 @@ mod tests {
         };
     }
 
-    contract_cases!(
-        kv_get_put_list,
-        kv_revisions,
-        kv_atomic_txn,
-        vdisk_crud,
-        device_crud_and_mac_index,
-        vdisk_delete_refused_while_assigned,
-        update_retries_on_conflict,
-        conflict_after_retries_exhausted,
-        delete_vdisk_races_with_create_device,
-        concurrent_updates_serialise,
-        ephemeral_keys,
-        servers_publish_and_list,
-    );
+    crate::contract_case_names!(contract_cases);
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn whole_contract_suite() {
