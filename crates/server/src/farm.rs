@@ -77,6 +77,8 @@ pub struct Membership {
     connected: AtomicBool,
     /// Versions whose layers were checked: (vDisk, number, content hash).
     verified: Mutex<HashSet<(String, u32, String)>>,
+    /// The versions found in the store at the last publish.
+    held: Mutex<Vec<HeldVersion>>,
     /// Versions that failed the check; not tried again until restart.
     failed: Mutex<HashSet<(String, u32, String)>>,
     /// Logins sent to each server recently, not yet in its published count.
@@ -206,6 +208,7 @@ pub async fn run(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver
         let versions = tokio::task::spawn_blocking(move || held_versions(&s))
             .await
             .unwrap_or_default();
+        server.membership.held.lock().clone_from(&versions);
         let status = status(&server, versions);
         let result = publish_and_read(&server, &status).await;
         let was = server
@@ -309,13 +312,12 @@ fn rebalance_if_asked(server: &Server, view: &View) {
     }
 }
 
-/// Checks each held version once: every layer present, block hashes right.
+/// Checks each held version once (as the last publish found them): every
+/// layer present, block hashes right.
 async fn verify_loop(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     loop {
-        let s = server.clone();
-        let todo: Vec<HeldVersion> = tokio::task::spawn_blocking(move || held_versions(&s))
-            .await
-            .unwrap_or_default()
+        let held = server.membership.held.lock().clone();
+        let todo: Vec<HeldVersion> = held
             .into_iter()
             .filter(|v| !v.verified && !v.content_hash.is_empty())
             .filter(|v| {
