@@ -3,8 +3,10 @@
 
 pub mod extents;
 pub mod farm;
+pub mod replication;
 
 pub use farm::*;
+pub use replication::*;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;

@@ -31,7 +31,7 @@ use crate::{
 };
 
 /// How many cases [`contract_suite`] runs (how often it calls `fresh`).
-pub const CASES: usize = 12;
+pub const CASES: usize = 13;
 
 /// Calls macro `$m` with the name of every case, once: the suite below and
 /// each adapter's per-case tests take the list from here.
@@ -51,6 +51,7 @@ macro_rules! contract_case_names {
             concurrent_updates_serialise,
             ephemeral_keys,
             servers_publish_and_list,
+            catalogs_and_replication,
         );
     };
 }
@@ -1036,4 +1037,100 @@ pub async fn servers_publish_and_list(b: Arc<dyn Backend>) {
         .await
         .unwrap_err();
     assert_eq!(err.category(), ErrorCategory::Invalid, "{err}");
+}
+
+fn catalog(name: &str, versions: &[u32]) -> vstream_api::Catalog {
+    vstream_api::Catalog {
+        vdisk: name.into(),
+        size: 1 << 20,
+        created_unix: 1,
+        last_number: versions.iter().copied().max().unwrap_or(0),
+        versions: versions
+            .iter()
+            .map(|&n| vstream_api::CatalogVersion {
+                number: n,
+                state: vstream_api::VersionState::Production,
+                layers: vec![format!("v{n}-00000000.layer")],
+                created_unix: 1,
+                sealed_unix: Some(2),
+                content_hash: Some("ab".repeat(32)),
+                server: "s1".into(),
+            })
+            .collect(),
+    }
+}
+
+pub async fn catalogs_and_replication(b: Arc<dyn Backend>) {
+    let farm = FarmStore::new(b);
+    assert_eq!(farm.catalog("d").await.expect("read"), None);
+    let made = farm
+        .update_catalog("d", |old| {
+            assert_eq!(old, None);
+            Ok(Some(catalog("d", &[1])))
+        })
+        .await
+        .expect("create");
+    assert_eq!(made, Some(catalog("d", &[1])));
+    // Two writers adding different versions: both land, one after a retry.
+    let store = FarmStore::new(Interfere::wrap(farm.backend().clone(), 1, |inner| {
+        async move {
+            FarmStore::new(inner)
+                .update_catalog("d", |_| Ok(Some(catalog("d", &[1, 2]))))
+                .await
+                .expect("interfering update");
+        }
+        .boxed()
+    }));
+    let calls = AtomicUsize::new(0);
+    let added = store
+        .update_catalog("d", |old| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let mut c = old.expect("exists");
+            c.versions.push(catalog("d", &[3]).versions.remove(0));
+            c.last_number = 3;
+            Ok(Some(c))
+        })
+        .await
+        .expect("update")
+        .expect("kept");
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "retried once");
+    let numbers: Vec<u32> = added.versions.iter().map(|v| v.number).collect();
+    assert_eq!(numbers, [1, 2, 3]);
+    let err = farm
+        .update_catalog("d", |_| Err(FarmError::Invalid("refused".into())))
+        .await
+        .unwrap_err();
+    assert_eq!(err.category(), ErrorCategory::Invalid);
+    let err = farm
+        .update_catalog("d", |_| Ok(Some(catalog("other", &[1]))))
+        .await
+        .unwrap_err();
+    assert_eq!(err.category(), ErrorCategory::Invalid, "{err}");
+    farm.update_catalog("e", |_| Ok(Some(catalog("e", &[1]))))
+        .await
+        .expect("second");
+    let names: Vec<String> = farm
+        .catalogs()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|c| c.vdisk)
+        .collect();
+    assert_eq!(names, ["d", "e"]);
+    farm.update_catalog("e", |_| Ok(None)).await.expect("delete");
+    assert_eq!(farm.catalog("e").await.expect("read"), None);
+
+    assert_eq!(farm.replication_override().await.expect("read"), None);
+    let order = vstream_api::ReplicationOverride {
+        versions: vec![("d".into(), 3)],
+        created_unix: 5,
+        expires_unix: 10,
+    };
+    farm.set_replication_override(&order).await.expect("set");
+    assert_eq!(farm.replication_override().await.expect("read"), Some(order));
+
+    let first = farm.peer_secret("s3cret").await.expect("made");
+    assert_eq!(first, "s3cret");
+    let again = farm.peer_secret("other").await.expect("read");
+    assert_eq!(again, "s3cret", "the first secret stays");
 }

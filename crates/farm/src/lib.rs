@@ -12,6 +12,7 @@
 //! * `vdisks/NAME` → [`VDisk`]
 //! * `devices/NAME` → [`Device`] (MAC normalised by [`parse_mac`])
 //! * `members/NAME`, `live/NAME` → [`vstream_api::ServerStatus`] (see `servers.rs`)
+//! * `catalog/NAME`, `replication/now`, `secrets/peer` (see `catalog.rs`)
 //! * `macs/MAC` → the name of the device with that MAC (UTF-8), kept in the
 //!   same transactions as the device records, so MACs are unique.
 //!
@@ -22,6 +23,7 @@
 //! delete retry (and be refused) instead of leaving the device dangling.
 
 pub mod backend;
+mod catalog;
 #[cfg(any(test, feature = "contract"))]
 pub mod contract;
 pub mod embedded;
