@@ -18,6 +18,9 @@ pub struct HeldVersion {
     pub writable: bool,
     /// Every layer is present and its block hashes were checked against its data.
     pub verified: bool,
+    /// Its layer files, bottom first: peers pull them from servers holding them verified.
+    #[serde(default)]
+    pub layers: Vec<String>,
 }
 
 /// A device connected to a server.
@@ -68,6 +71,9 @@ pub struct ServerStatus {
     /// The devices connected to it.
     #[serde(default)]
     pub sessions: Vec<SessionInfo>,
+    /// Versions it is copying from its peers, or holds corrupt.
+    #[serde(default)]
+    pub replication: Vec<crate::ReplicaProgress>,
     pub started_unix: u64,
     pub updated_unix: u64,
 }
@@ -87,6 +93,7 @@ impl ServerStatus {
             read_bytes_per_s: 0,
             versions: vec![],
             sessions: vec![],
+            replication: vec![],
             started_unix: 0,
             updated_unix: 0,
         }

@@ -76,7 +76,9 @@ impl FarmStore {
                 return Ok(new);
             }
         }
-        Err(gave_up(format_args!("updating the catalog of vDisk {name}")))
+        Err(gave_up(format_args!(
+            "updating the catalog of vDisk {name}"
+        )))
     }
 
     /// Records a "replicate now" order, replacing any earlier one.

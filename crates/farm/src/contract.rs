@@ -1117,7 +1117,9 @@ pub async fn catalogs_and_replication(b: Arc<dyn Backend>) {
         .map(|c| c.vdisk)
         .collect();
     assert_eq!(names, ["d", "e"]);
-    farm.update_catalog("e", |_| Ok(None)).await.expect("delete");
+    farm.update_catalog("e", |_| Ok(None))
+        .await
+        .expect("delete");
     assert_eq!(farm.catalog("e").await.expect("read"), None);
 
     assert_eq!(farm.replication_override().await.expect("read"), None);
@@ -1127,7 +1129,10 @@ pub async fn catalogs_and_replication(b: Arc<dyn Backend>) {
         expires_unix: 10,
     };
     farm.set_replication_override(&order).await.expect("set");
-    assert_eq!(farm.replication_override().await.expect("read"), Some(order));
+    assert_eq!(
+        farm.replication_override().await.expect("read"),
+        Some(order)
+    );
 
     let first = farm.peer_secret("s3cret").await.expect("made");
     assert_eq!(first, "s3cret");

@@ -337,16 +337,30 @@ fn touched_blocks(layer: &Layer) -> Vec<u64> {
 /// it touches is read through the chain and hashed. `Ok(Some(block))` names
 /// the first block whose data does not match.
 pub fn check_top(disk: &Disk) -> io::Result<Option<u64>> {
+    let mut bad = None;
+    scan_top(disk, |block, good| {
+        if !good {
+            bad = Some(block);
+        }
+        good
+    })?;
+    Ok(bad)
+}
+
+/// Checks every block the top layer of `disk` touches, in order, calling
+/// `each(block, matches_its_stored_hash)`; `each` returns false to stop.
+pub fn scan_top(disk: &Disk, mut each: impl FnMut(u64, bool) -> bool) -> io::Result<()> {
     let Some(top) = disk.layers().last() else {
-        return Ok(None);
+        return Ok(());
     };
     let mut buf = vec![0u8; HASH_BLOCK as usize];
     for b in touched_blocks(top) {
-        if read_block_hash(disk, b, &mut buf)? != top.stored_block_hash(b)? {
-            return Ok(Some(b));
+        let good = read_block_hash(disk, b, &mut buf)? == top.stored_block_hash(b)?;
+        if !each(b, good) {
+            break;
         }
     }
-    Ok(None)
+    Ok(())
 }
 
 /// Parses the hex form.

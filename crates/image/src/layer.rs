@@ -30,7 +30,7 @@ use crate::hash::{DiskHashes, Tree};
 pub const CHUNK: u64 = 4096;
 /// Hashing granularity: one content hash per logical block of this size.
 pub const HASH_BLOCK: u64 = 64 * 1024;
-const HEADER_LEN: u64 = 4096;
+pub(crate) const HEADER_LEN: u64 = 4096;
 const MAGIC: &[u8; 8] = b"VSLAYER1";
 const FORMAT_VERSION: u32 = 2;
 const BITMAP_PAGE: u64 = 4096;
@@ -45,21 +45,21 @@ pub const FLAG_HASHES_VALID: u32 = 1 << 1;
 
 /// Offsets inside the file, derived from the virtual size alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Geometry {
-    size: u64,
-    chunks: u64,
-    blocks: u64,
-    bitmap_offset: u64,
+pub(crate) struct Geometry {
+    pub(crate) size: u64,
+    pub(crate) chunks: u64,
+    pub(crate) blocks: u64,
+    pub(crate) bitmap_offset: u64,
     bitmap_len: u64,
-    hashes_offset: u64,
+    pub(crate) hashes_offset: u64,
     hashes_len: u64,
-    tree_offset: u64,
+    pub(crate) tree_offset: u64,
     tree_len: u64,
-    data_offset: u64,
+    pub(crate) data_offset: u64,
 }
 
 impl Geometry {
-    fn for_size(size: u64) -> Geometry {
+    pub(crate) fn for_size(size: u64) -> Geometry {
         let chunks = size.div_ceil(CHUNK);
         let blocks = size.div_ceil(HASH_BLOCK);
         let bitmap_len = chunks.div_ceil(8).next_multiple_of(BITMAP_PAGE);
@@ -304,6 +304,36 @@ impl Layer {
             done += n as usize;
         }
         Ok(true)
+    }
+
+    /// Reads `buf.len()` bytes of the data region at logical `offset`.
+    pub fn read_raw(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, self.geo.data_offset + offset)
+    }
+
+    /// The allocation bitmap as bytes, one bit per chunk (bit `c % 8` of byte `c / 8`).
+    pub fn bitmap_bytes(&self) -> Vec<u8> {
+        let mut out: Vec<u8> = self
+            .bitmap
+            .iter()
+            .flat_map(|w| w.load(Ordering::Acquire).to_le_bytes())
+            .collect();
+        out.truncate(self.geo.chunks.div_ceil(8) as usize);
+        out
+    }
+
+    /// The raw header bytes as stored.
+    pub fn header_bytes(&self) -> io::Result<Vec<u8>> {
+        let mut h = vec![0u8; HEADER_LEN as usize];
+        self.file.read_exact_at(&mut h, 0)?;
+        Ok(h)
+    }
+
+    /// The stored tree region, raw.
+    pub fn tree_bytes(&self) -> io::Result<Vec<u8>> {
+        let mut raw = vec![0u8; Tree::stored_len(self.geo.blocks) as usize];
+        self.file.read_exact_at(&mut raw, self.geo.tree_offset)?;
+        Ok(raw)
     }
 
     /// Writes into the data region without touching the bitmap.
@@ -711,7 +741,7 @@ fn encode_header(geo: &Geometry, flags: u32, content: Option<[u8; 32]>) -> Vec<u
     h
 }
 
-fn decode_header(h: &[u8]) -> Result<(Geometry, u32, Option<[u8; 32]>), String> {
+pub(crate) fn decode_header(h: &[u8]) -> Result<(Geometry, u32, Option<[u8; 32]>), String> {
     let u32_at = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
     let u64_at = |o: usize| {
         let mut a = [0u8; 8];

@@ -6,11 +6,12 @@ pub mod error;
 pub mod formats;
 pub mod hash;
 pub mod layer;
+pub mod replica;
 pub mod store;
 pub mod versions;
 
 pub use disk::{Base, ChainIndex, Disk, Extent, LocalRead};
 pub use error::{ImageError, WriteError};
 pub use layer::{Layer, CHUNK, HASH_BLOCK};
-pub use store::{crash_point, Chain, Staging, Store};
+pub use store::{crash_point, first_bad_block, verify_layers, Chain, Staging, Store};
 pub use versions::{Properties, Version, VersionState};

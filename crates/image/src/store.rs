@@ -121,7 +121,7 @@ pub fn crash_point(step: &str) {
 impl Store {
     /// Opens (creating if needed) the store under `root`, and clears `tmp/`.
     pub fn open(root: &Path) -> Result<Store, ImageError> {
-        for sub in ["vdisks", "cache", "tmp"] {
+        for sub in ["vdisks", "cache", "tmp", "replication"] {
             let p = root.join(sub);
             fs::create_dir_all(&p).map_err(|source| ImageError::Write {
                 path: p.clone(),
@@ -319,38 +319,100 @@ impl Store {
         Ok(layer)
     }
 
-    /// Checks version `number` of vDisk `name` as a replica: every layer
-    /// opens, the data of every block each layer holds hashes to the block
-    /// hash stored with it, and the block hashes give content hash `expected`
-    /// (hex). Costs a read of every layer's data.
+    /// Checks version `number` of vDisk `name` as a replica (see [`verify_layers`]).
     pub fn verify(&self, name: &str, number: u32, expected: &str) -> Result<(), ImageError> {
         let chain = self.chain(name, number)?;
-        let corrupt = |layer: &Layer, reason: String| ImageError::CorruptLayer {
-            path: layer.path().to_owned(),
-            reason,
+        verify_layers(&chain.layers, expected).map_err(|e| match e {
+            ImageError::Invalid(reason) => {
+                ImageError::Invalid(format!("version {number} of vDisk {name}: {reason}"))
+            }
+            other => other,
+        })
+    }
+
+    /// Where replication keeps layers being received: kept across restarts.
+    pub fn replication_dir(&self) -> PathBuf {
+        self.root.join("replication")
+    }
+
+    /// The path of layer `file` of vDisk `name` in the store.
+    pub fn layer_path(&self, name: &str, file: &str) -> Result<PathBuf, ImageError> {
+        check_file_name(file)?;
+        Ok(self.vdisk_dir(name)?.join(file))
+    }
+
+    /// Opens layer `file` of vDisk `name` read-only, wherever it is: in the
+    /// store, or (while replication assembles a version) at `path`.
+    pub fn open_layer_at(&self, path: &Path, size: u64) -> Result<Arc<Layer>, ImageError> {
+        let mut open = self.open.lock();
+        if let Some(l) = open.get(path).and_then(Weak::upgrade) {
+            return Ok(l);
+        }
+        let layer = Layer::open(path, false)?;
+        if layer.size() != size {
+            return Err(ImageError::SizeMismatch {
+                path: path.to_owned(),
+                found: layer.size(),
+                expected: size,
+            });
+        }
+        let layer = Arc::new(layer);
+        open.insert(path.to_owned(), Arc::downgrade(&layer));
+        Ok(layer)
+    }
+
+    /// Makes vDisk `name` hold exactly `versions` (creating the vDisk if it
+    /// is new here): layer files it lacks are moved in from `ready`, the
+    /// properties file is replaced, and files no version uses are removed.
+    /// Replication uses it to follow the farm's catalog.
+    pub fn follow(
+        &self,
+        name: &str,
+        size: u64,
+        created_unix: u64,
+        last_number: u32,
+        versions: Vec<Version>,
+        ready: &Path,
+    ) -> Result<(), ImageError> {
+        let _ops = self.ops.lock();
+        let dir = self.vdisk_dir(name)?;
+        let werr = |path: &Path| {
+            let path = path.to_owned();
+            move |source| ImageError::Write { path, source }
         };
-        for i in 0..chain.layers.len() {
-            let layer = &chain.layers[i];
-            if layer.content_hash().is_none() {
-                return Err(corrupt(layer, "its hashes are not current".into()));
+        let (created_unix, last_number) = match self.properties(name) {
+            Ok(p) if p.size != size => {
+                return Err(ImageError::Invalid(format!(
+                    "vDisk {name} is {} bytes here and {size} in the farm",
+                    p.size
+                )))
             }
-            let disk = Disk::read_only(chain.layers[..=i].to_vec());
-            if let Some(block) = hash::check_top(&disk)? {
-                return Err(corrupt(
-                    layer,
-                    format!("block {block} does not match its stored hash"),
-                ));
+            Ok(p) => (p.created_unix, p.last_number.max(last_number)),
+            Err(ImageError::NoSuchVDisk(_)) => {
+                fs::create_dir_all(&dir).map_err(werr(&dir))?;
+                sync_dir(&self.root.join("vdisks")).map_err(werr(&dir))?;
+                (created_unix, last_number)
+            }
+            Err(e) => return Err(e),
+        };
+        for file in versions.iter().flat_map(|v| v.layers.iter()) {
+            check_file_name(file)?;
+            let dest = dir.join(file);
+            if !dest.exists() {
+                let src = ready.join(file);
+                fs::rename(&src, &dest).map_err(werr(&src))?;
             }
         }
-        let size = chain.layers[0].size();
-        let leaves = hash::stored_block_hashes(size, &chain.layers)?;
-        let content = hash::to_hex(&hash::Tree::from_leaves(&leaves).content(size));
-        if content != expected {
-            return Err(ImageError::Invalid(format!(
-                "version {number} of vDisk {name} hashes to {content}, not {expected}"
-            )));
-        }
-        Ok(())
+        let props = Properties {
+            format: 2,
+            name: name.to_owned(),
+            size,
+            created_unix,
+            last_number,
+            versions,
+        };
+        self.save(&props)?;
+        self.collect_garbage(name)
     }
 
     /// Bytes of data in version `v`'s own layer, without opening the chain.
@@ -796,6 +858,66 @@ fn write_properties(dir: &Path, props: &Properties) -> Result<(), ImageError> {
 }
 
 /// Refuses names that could escape the store folder.
+/// Checks the verification of a version made of `layers`: every layer opens,
+/// the data of every block each layer holds hashes to the block hash stored
+/// with it, and the block hashes give content hash `expected` (hex). Costs a
+/// read of every layer's data.
+pub fn verify_layers(layers: &[Arc<Layer>], expected: &str) -> Result<(), ImageError> {
+    if let Some((layer, block)) = first_bad_block(layers)? {
+        return Err(ImageError::CorruptLayer {
+            path: layer.path().to_owned(),
+            reason: format!("block {block} does not match its stored hash"),
+        });
+    }
+    let Some(bottom) = layers.first() else {
+        return Err(ImageError::Invalid("a version without layers".into()));
+    };
+    let size = bottom.size();
+    let leaves = hash::stored_block_hashes(size, layers)?;
+    let content = hash::to_hex(&hash::Tree::from_leaves(&leaves).content(size));
+    if content != expected {
+        return Err(ImageError::Invalid(format!(
+            "hashes to {content}, not {expected}"
+        )));
+    }
+    Ok(())
+}
+
+/// The lowest layer (and its block) whose data does not match its stored
+/// block hashes, checking bottom up, so a bad block is blamed on the layer
+/// that holds it.
+pub fn first_bad_block(layers: &[Arc<Layer>]) -> Result<Option<(Arc<Layer>, u64)>, ImageError> {
+    for i in 0..layers.len() {
+        let layer = &layers[i];
+        if layer.content_hash().is_none() {
+            return Err(ImageError::CorruptLayer {
+                path: layer.path().to_owned(),
+                reason: "its hashes are not current".into(),
+            });
+        }
+        let disk = Disk::read_only(layers[..=i].to_vec());
+        if let Some(block) = hash::check_top(&disk)? {
+            return Ok(Some((layer.clone(), block)));
+        }
+    }
+    Ok(None)
+}
+
+/// A layer file name as the store makes them (`v3-0a1b2c3d.layer`): no paths.
+fn check_file_name(file: &str) -> Result<(), ImageError> {
+    let ok = file.ends_with(".layer")
+        && !file.starts_with('.')
+        && file
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        return Err(ImageError::Invalid(format!(
+            "{file:?} is not a layer file name"
+        )));
+    }
+    Ok(())
+}
+
 fn check_name(name: &str) -> Result<(), ImageError> {
     let ok = !name.is_empty()
         && name.len() <= 64

@@ -74,6 +74,37 @@ pub struct Config {
     pub max_booting: u32,
     /// Subnets (CIDR) whose devices this server serves first.
     pub subnets: Vec<String>,
+    pub replication: ReplicationConfig,
+}
+
+/// How this server copies versions from its peers, and checks what it holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicationConfig {
+    /// Most bytes per second it pulls from peers, all transfers together.
+    pub rate: Option<u64>,
+    /// When it may copy (see `replication::schedule`); none: any time.
+    pub windows: Vec<String>,
+    /// Most versions it copies at once.
+    pub max_transfers: usize,
+    /// Most bytes per second the scrub reads.
+    pub scrub_rate: Option<u64>,
+    /// Seconds between the starts of two scrubs of everything held.
+    pub scrub_interval_secs: u64,
+}
+
+pub const DEFAULT_SCRUB_RATE: u64 = 64 << 20;
+pub const DEFAULT_SCRUB_INTERVAL_SECS: u64 = 7 * 24 * 3600;
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            rate: None,
+            windows: vec![],
+            max_transfers: 2,
+            scrub_rate: Some(DEFAULT_SCRUB_RATE),
+            scrub_interval_secs: DEFAULT_SCRUB_INTERVAL_SECS,
+        }
+    }
 }
 
 /// Where the farm state lives.
@@ -139,6 +170,11 @@ pub struct FileConfig {
     pub auto_rebalance: Option<f64>,
     pub max_booting: Option<u32>,
     pub subnets: Option<Vec<String>>,
+    pub replication_rate: Option<String>,
+    pub replication_windows: Option<Vec<String>>,
+    pub replication_max_transfers: Option<usize>,
+    pub scrub_rate: Option<String>,
+    pub scrub_interval_secs: Option<u64>,
 }
 
 impl FileConfig {
@@ -165,6 +201,21 @@ pub struct FlagConfig {
     pub auto_rebalance: Option<f64>,
     pub max_booting: Option<u32>,
     pub subnets: Vec<String>,
+    pub replication_rate: Option<String>,
+    pub replication_windows: Vec<String>,
+    pub replication_max_transfers: Option<usize>,
+    pub scrub_rate: Option<String>,
+    pub scrub_interval_secs: Option<u64>,
+}
+
+/// A rate: bytes per second with an optional K/M/G suffix (`50M`), or `0`/`off` for none.
+fn parse_rate(what: &str, s: &str) -> Result<Option<u64>, String> {
+    if s == "0" || s.eq_ignore_ascii_case("off") || s.eq_ignore_ascii_case("unlimited") {
+        return Ok(None);
+    }
+    vstream_api::parse_size(s.trim_end_matches("/s"))
+        .map(Some)
+        .map_err(|e| format!("{what} {s:?}: {e}"))
 }
 
 impl Config {
@@ -243,7 +294,35 @@ impl Config {
             crate::login::parse_cidr(net)
                 .ok_or_else(|| format!("subnet {net:?} is not ADDRESS/PREFIX (10.1.0.0/16)"))?;
         }
+        let mut replication = ReplicationConfig::default();
+        if let Some(r) = flags.replication_rate.or(file.replication_rate) {
+            replication.rate = parse_rate("replication rate", &r)?;
+        }
+        replication.windows = if flags.replication_windows.is_empty() {
+            file.replication_windows.unwrap_or_default()
+        } else {
+            flags.replication_windows
+        };
+        for w in &replication.windows {
+            w.parse::<crate::replication::schedule::Window>()?;
+        }
+        if let Some(n) = flags
+            .replication_max_transfers
+            .or(file.replication_max_transfers)
+        {
+            if n == 0 {
+                return Err("replication_max_transfers must be at least 1".into());
+            }
+            replication.max_transfers = n;
+        }
+        if let Some(r) = flags.scrub_rate.or(file.scrub_rate) {
+            replication.scrub_rate = parse_rate("scrub rate", &r)?;
+        }
+        if let Some(s) = flags.scrub_interval_secs.or(file.scrub_interval_secs) {
+            replication.scrub_interval_secs = s.max(1);
+        }
         Ok(Config {
+            replication,
             subnets,
             auto_rebalance,
             max_booting: flags

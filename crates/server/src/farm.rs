@@ -99,6 +99,18 @@ impl Membership {
         self.connected.load(Ordering::SeqCst)
     }
 
+    /// The versions this server held at the last publish.
+    pub fn held(&self) -> Vec<HeldVersion> {
+        self.held.lock().clone()
+    }
+
+    /// Records a version as verified (replication checked it as it arrived).
+    pub fn mark_verified(&self, vdisk: &str, number: u32, hash: &str) {
+        self.verified
+            .lock()
+            .insert((vdisk.to_owned(), number, hash.to_owned()));
+    }
+
     pub fn is_verified(&self, vdisk: &str, number: u32, hash: &str) -> bool {
         self.verified
             .lock()
@@ -151,8 +163,9 @@ pub fn held_versions(server: &Server) -> Vec<HeldVersion> {
                     .map(|h| vstream_image::hash::to_hex(&h))
                     .unwrap_or_default()
             };
-            let verified =
-                !hash.is_empty() && server.membership.is_verified(&name, v.number, &hash);
+            let verified = !hash.is_empty()
+                && server.membership.is_verified(&name, v.number, &hash)
+                && !server.replication.is_corrupt(&name, &v.layers);
             out.push(HeldVersion {
                 vdisk: name.clone(),
                 number: v.number,
@@ -160,6 +173,7 @@ pub fn held_versions(server: &Server) -> Vec<HeldVersion> {
                 content_hash: hash,
                 writable: !v.is_sealed(),
                 verified,
+                layers: v.layers.clone(),
             });
         }
     }
@@ -184,6 +198,7 @@ pub fn status(server: &Server, versions: Vec<HeldVersion>) -> ServerStatus {
         read_bytes_per_s: read.saturating_sub(before) / PUBLISH_INTERVAL.as_secs().max(1),
         versions,
         sessions: server.sessions(),
+        replication: server.replication.published(server),
         started_unix: m.started_unix.load(Ordering::Relaxed),
         updated_unix: now_unix(),
     }

@@ -8,6 +8,7 @@ pub mod login;
 pub mod metrics;
 pub mod nbd;
 pub mod rebalance;
+pub mod replication;
 pub mod state;
 
 use std::io::Write;
@@ -90,6 +91,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         ));
     }
     tasks.spawn(farm::run(server.clone(), shutdown.clone()));
+    tasks.spawn(replication::run(server.clone(), shutdown.clone()));
     let router = api::router(server.clone(), token);
     let mut api_shutdown = shutdown.clone();
     tasks.spawn(async move {

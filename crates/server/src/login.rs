@@ -236,6 +236,7 @@ mod tests {
             content_hash: hash.into(),
             writable: false,
             verified,
+            layers: vec![],
         }
     }
 

@@ -19,8 +19,8 @@ impl Metrics {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Prometheus text exposition.
-    pub fn render(&self) -> String {
+    /// Prometheus text exposition, with `extra` rows (name, type, help, value).
+    pub fn render(&self, extra: &[(&str, &str, &str, &AtomicU64)]) -> String {
         let mut out = String::new();
         let rows: [(&str, &str, &str, &AtomicU64); 7] = [
             (
@@ -66,7 +66,7 @@ impl Metrics {
                 &self.request_errors,
             ),
         ];
-        for (name, kind, help, v) in rows {
+        for &(name, kind, help, v) in rows.iter().chain(extra) {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",

@@ -29,6 +29,7 @@ pub struct Server {
     pub farm: FarmStore,
     pub metrics: Metrics,
     pub membership: Membership,
+    pub replication: crate::replication::Replication,
     sessions: Mutex<HashMap<String, Session>>,
     /// Per-vDisk lock: a version operation and a device session starting on
     /// the same vDisk never overlap, so "is it in use?" stays true while acted on.
@@ -132,12 +133,14 @@ pub fn now_unix() -> u64 {
 
 impl Server {
     pub fn new(config: Config, store: Store, farm: FarmStore) -> Server {
+        let replication = crate::replication::Replication::new(&config.replication);
         Server {
             config,
             store,
             farm,
             metrics: Metrics::default(),
             membership: Membership::default(),
+            replication,
             sessions: Mutex::new(HashMap::new()),
             vdisk_locks: Mutex::new(HashMap::new()),
         }
@@ -152,6 +155,17 @@ impl Server {
             .or_default()
             .clone();
         lock.lock_owned().await
+    }
+
+    /// Takes the lock of vDisk `name` if it is free now.
+    pub fn try_lock_vdisk(&self, name: &str) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        let lock = self
+            .vdisk_locks
+            .lock()
+            .entry(name.to_owned())
+            .or_default()
+            .clone();
+        lock.try_lock_owned().ok()
     }
 
     /// The newest production version of vDisk `name`.
@@ -292,6 +306,15 @@ impl Server {
         if held.as_deref() != Some(hash) {
             return Err(OpenError::Refused(format!(
                 "this server's version {number} of vDisk {} is not content {hash}",
+                vdisk.name
+            )));
+        }
+        if self
+            .replication
+            .is_corrupt(&vdisk.name, &chain.version.layers)
+        {
+            return Err(OpenError::Refused(format!(
+                "this server's copy of version {number} of vDisk {} failed its scrub and is being repaired",
                 vdisk.name
             )));
         }

@@ -6,6 +6,7 @@
 //!   vstream device ...   manage devices through the API        (device.rs)
 //!   vstream version ...  manage vDisk versions through the API (version.rs)
 //!   vstream farm ...     farm-wide actions (rebalance)         (farm_cmd.rs)
+//!   vstream replication  copying versions between servers      (replication_cmd.rs)
 //!   vstream target ...   run a device's agent                  (target_cmd.rs)
 //! ```
 //!
@@ -23,6 +24,7 @@ mod client;
 mod device;
 mod farm_cmd;
 mod output;
+mod replication_cmd;
 mod server_cmd;
 mod target_cmd;
 mod vdisk;
@@ -53,6 +55,8 @@ enum Command {
     Version(version::VersionArgs),
     /// Farm-wide actions: rebalance.
     Farm(farm_cmd::FarmArgs),
+    /// Replication of versions between the servers' stores: status, start now.
+    Replication(replication_cmd::ReplicationArgs),
     /// Run a device's agent: log in, stream, keep the write cache, fail over.
     Target(target_cmd::TargetArgs),
 }
@@ -66,6 +70,7 @@ fn main() -> ExitCode {
         Command::Version(args) => version::run(args),
         Command::Target(args) => target_cmd::run(args),
         Command::Farm(args) => farm_cmd::run(args),
+        Command::Replication(args) => replication_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -79,6 +79,24 @@ pub struct ServerArgs {
     /// take them (subnet affinity); repeat for several.
     #[arg(long = "subnet", value_name = "CIDR")]
     pub subnets: Vec<String>,
+    /// Most bytes per second this server pulls from its peers when it
+    /// replicates versions (50M, 1G; default: no limit).
+    #[arg(long, value_name = "RATE")]
+    pub replication_rate: Option<String>,
+    /// When this server may replicate: `22:00-06:00` or `mon-fri 22:00-06:00`
+    /// (UTC, or the offset in VSTREAM_UTC_OFFSET); repeat for several.
+    /// Default: any time. `vstream replication start` copies at once.
+    #[arg(long = "replication-window", value_name = "[DAYS] HH:MM-HH:MM")]
+    pub replication_windows: Vec<String>,
+    /// Most versions copied at once (default 2).
+    #[arg(long, value_name = "N")]
+    pub replication_max_transfers: Option<usize>,
+    /// Most bytes per second the background scrub reads (default 64M; `off`: no limit).
+    #[arg(long, value_name = "RATE")]
+    pub scrub_rate: Option<String>,
+    /// Seconds between two scrubs of everything this server holds (default: a week).
+    #[arg(long, value_name = "SECS")]
+    pub scrub_interval: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -143,6 +161,11 @@ fn resolve(args: ServerArgs) -> Result<Config> {
         auto_rebalance: args.auto_rebalance,
         max_booting: args.max_booting,
         subnets: args.subnets,
+        replication_rate: args.replication_rate,
+        replication_windows: args.replication_windows,
+        replication_max_transfers: args.replication_max_transfers,
+        scrub_rate: args.scrub_rate,
+        scrub_interval_secs: args.scrub_interval,
     };
     Config::resolve(file, flags).map_err(|e| anyhow!("invalid server configuration: {e}"))
 }

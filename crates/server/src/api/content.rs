@@ -34,6 +34,7 @@ pub(super) async fn import_vdisk(
     body: Body,
 ) -> Result<(StatusCode, Json<VDiskInfo>), ApiError> {
     vstream_farm::validate_name(&name)?;
+    let _lock = server.lock_vdisk(&name).await;
     // In a farm, a vDisk another server created may be imported here too:
     // that makes a local copy (a replica once its hashes check), not a record.
     let existing = server.farm.get_vdisk(&name).await?;

@@ -1,4 +1,5 @@
-//! Farm endpoints: device login (no admin token) and the server list.
+//! Farm endpoints: device login (no admin token), the server list, rebalance
+//! and replication.
 
 use std::sync::Arc;
 
@@ -9,7 +10,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use vstream_api::{
     CacheReport, ErrorBody, LoginReply, LoginRequest, PlannedMove, Rebalance, RebalancePlan,
-    RebalanceRequest, ServerInfo,
+    RebalanceRequest, ReplicaRow, ReplicationOverride, ReplicationStart, ServerInfo,
 };
 
 use super::ApiError;
@@ -154,3 +155,73 @@ pub(super) async fn rebalance(
         moves,
     }))
 }
+
+/// Every replicated version on every member: missing, queued, copying,
+/// verified or corrupt.
+#[utoipa::path(get, path = "/api/v1/replication",
+    responses((status = 200, body = [ReplicaRow]), (status = 503, body = ErrorBody)))]
+pub(super) async fn replication_status(
+    State(server): Shared,
+) -> Result<Json<Vec<ReplicaRow>>, ApiError> {
+    let view = server.membership.view();
+    let catalogs = server.farm.catalogs().await?;
+    let mut members = server.farm.members().await?;
+    let now = now_unix();
+    let live: std::collections::HashSet<String> = view
+        .servers
+        .iter()
+        .filter(|s| s.updated_unix + STALE_AFTER_SECS >= now)
+        .map(|s| s.name.clone())
+        .collect();
+    // Our own record fresh, the others as they last published.
+    for s in view.servers.iter() {
+        if let Some(m) = members.iter_mut().find(|m| m.name == s.name) {
+            *m = s.clone();
+        }
+    }
+    members.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Json(crate::replication::status_rows(
+        &catalogs, &members, &live,
+    )))
+}
+
+/// Copies now, outside the time windows: every version of every vDisk, of
+/// one vDisk, or one version.
+#[utoipa::path(post, path = "/api/v1/replication/start", request_body = ReplicationStart,
+    responses((status = 200, body = ReplicationOverride), (status = 404, body = ErrorBody)))]
+pub(super) async fn replication_start(
+    State(server): Shared,
+    Json(req): Json<ReplicationStart>,
+) -> Result<Json<ReplicationOverride>, ApiError> {
+    let catalogs = server.farm.catalogs().await?;
+    let mut versions = Vec::new();
+    for cat in &catalogs {
+        if req.vdisk.as_ref().is_some_and(|n| n != &cat.vdisk) {
+            continue;
+        }
+        for v in cat.versions.iter().filter(|v| v.is_replicated()) {
+            if req.version.is_none_or(|n| n == v.number) {
+                versions.push((cat.vdisk.clone(), v.number));
+            }
+        }
+    }
+    if versions.is_empty() {
+        return Err(ApiError::not_found(match (&req.vdisk, req.version) {
+            (Some(d), Some(n)) => format!("vDisk {d} has no sealed version {n} to replicate"),
+            (Some(d), None) => format!("vDisk {d} has no sealed version to replicate"),
+            _ => "the farm has no sealed version to replicate".to_string(),
+        }));
+    }
+    let now = now_unix();
+    let order = ReplicationOverride {
+        versions,
+        created_unix: now,
+        expires_unix: now + OVERRIDE_SECS,
+    };
+    server.farm.set_replication_override(&order).await?;
+    tracing::info!(versions = ?order.versions, "replication ordered now, outside the windows");
+    Ok(Json(order))
+}
+
+/// How long a "replicate now" order holds.
+const OVERRIDE_SECS: u64 = 24 * 3600;

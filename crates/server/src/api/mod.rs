@@ -34,7 +34,8 @@ type Shared = State<Arc<Server>>;
         content::import_vdisk, content::export_vdisk,
         list_devices, add_device, show_device, set_device, remove_device, reset_device,
         versions::list_versions, versions::new_version, versions::promote, versions::rollback,
-        versions::merge, versions::delete_version, farm::login, farm::list_servers, farm::rebalance, farm::cache_report
+        versions::merge, versions::delete_version, farm::login, farm::list_servers, farm::rebalance, farm::cache_report,
+        farm::replication_status, farm::replication_start
     ),
     components(schemas(VDisk, VDiskInfo, CreateVDisk, SetVDisk, Device, DeviceInfo, CreateDevice, ErrorBody,
         vstream_api::Mode, vstream_api::CacheType, vstream_api::DeviceType, vstream_api::SetDevice,
@@ -42,7 +43,9 @@ type Shared = State<Arc<Server>>;
         vstream_api::LoginRequest, vstream_api::LoginReply, vstream_api::Pin, vstream_api::ServerInfo,
         vstream_api::ServerStatus, vstream_api::HeldVersion, vstream_api::Rebalance,
         vstream_api::RebalancePlan, vstream_api::PlannedMove, vstream_api::CacheReport,
-        vstream_api::SessionInfo)),
+        vstream_api::SessionInfo, vstream_api::ReplicaRow, vstream_api::ReplicaProgress,
+        vstream_api::ReplicaState, vstream_api::ReplicationStart, vstream_api::ReplicationOverride,
+        vstream_api::Catalog, vstream_api::CatalogVersion)),
     modifiers(&BearerAuth),
     security(("token" = []))
 )]
@@ -100,6 +103,8 @@ pub fn router(server: Arc<Server>, token: String) -> Router {
         .route("/api/v1/devices/:name/reset", post(reset_device))
         .route("/api/v1/servers", get(farm::list_servers))
         .route("/api/v1/farm/rebalance", post(farm::rebalance))
+        .route("/api/v1/replication", get(farm::replication_status))
+        .route("/api/v1/replication/start", post(farm::replication_start))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(token, require_token));
     Router::new()
@@ -111,6 +116,7 @@ pub fn router(server: Arc<Server>, token: String) -> Router {
         .route("/api/v1/login", post(farm::login))
         .route("/api/v1/cache-report", post(farm::cache_report))
         .merge(admin)
+        .merge(crate::replication::peer::routes(server.clone()))
         .with_state(server)
 }
 
@@ -131,14 +137,14 @@ async fn require_token(State(token): State<Arc<String>>, req: Request, next: Nex
     next.run(req).await
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn metrics(State(server): Shared) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        server.metrics.render(),
+        server.metrics.render(&server.replication.metrics()),
     )
 }
 
@@ -227,6 +233,7 @@ async fn create_vdisk(
     Json(req): Json<CreateVDisk>,
 ) -> Result<(StatusCode, Json<VDiskInfo>), ApiError> {
     vstream_farm::validate_name(&req.name)?;
+    let _lock = server.lock_vdisk(&req.name).await;
     if server.farm.get_vdisk(&req.name).await?.is_some() {
         return Err(ApiError::conflict(format!(
             "vDisk {} already exists",
@@ -340,6 +347,8 @@ async fn delete_vdisk(
         )));
     }
     server.farm.delete_vdisk(&name).await?;
+    // Every other server removes its copy once no device uses it.
+    server.farm.update_catalog(&name, |_| Ok(None)).await?;
     let srv = server.clone();
     tokio::task::spawn_blocking(move || srv.store.delete(&name)).await??;
     Ok(StatusCode::NO_CONTENT)

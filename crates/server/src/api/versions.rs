@@ -34,6 +34,27 @@ fn info(server: &Server, vdisk: &str, v: &Version) -> VersionInfo {
     }
 }
 
+/// Runs version operation `op` on vDisk `name` in this store, with the
+/// store caught up with the farm's catalog first, and records its change in
+/// the catalog after. `creates`: it makes a new version (refused while
+/// another server holds one open for writing). The caller holds the vDisk's lock.
+async fn operate<T: Send + 'static>(
+    server: &Arc<Server>,
+    name: &str,
+    creates: bool,
+    op: impl FnOnce(&Server) -> Result<T, ImageError> + Send + 'static,
+) -> Result<T, ApiError> {
+    crate::replication::before_operation(server, name, creates)
+        .await
+        .map_err(|e| ApiError::new(e.status(), e.to_string()))?;
+    let before = server.store.properties(name)?;
+    let srv = server.clone();
+    let out = blocking(move || op(&srv)).await?;
+    let after = server.store.properties(name)?;
+    crate::replication::publish_change(server, name, &before, &after).await?;
+    Ok(out)
+}
+
 /// Runs a store operation on the blocking pool (it may hash or copy gigabytes).
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ImageError> + Send + 'static,
@@ -81,9 +102,11 @@ pub(super) async fn new_version(
             )));
         }
     }
-    let srv = server.clone();
     let n = name.clone();
-    let v = blocking(move || srv.store.new_version(&n, now_unix())).await?;
+    let v = operate(&server, &name, true, move |s| {
+        s.store.new_version(&n, now_unix())
+    })
+    .await?;
     tracing::info!(vdisk = %name, version = v.number, "maintenance version created");
     Ok((StatusCode::CREATED, Json(info(&server, &name, &v))))
 }
@@ -119,9 +142,11 @@ pub(super) async fn promote(
             )));
         }
     }
-    let srv = server.clone();
     let n = name.clone();
-    let v = blocking(move || srv.store.promote(&n, version, to, now_unix())).await?;
+    let v = operate(&server, &name, false, move |s| {
+        s.store.promote(&n, version, to, now_unix())
+    })
+    .await?;
     tracing::info!(vdisk = %name, version, to = %to, "version promoted");
     Ok(Json(info(&server, &name, &v)))
 }
@@ -134,9 +159,8 @@ pub(super) async fn rollback(
 ) -> Result<Json<VersionInfo>, ApiError> {
     get_vdisk(&server, &name).await?;
     let _lock = server.lock_vdisk(&name).await;
-    let srv = server.clone();
     let n = name.clone();
-    let v = blocking(move || srv.store.rollback(&n)).await?;
+    let v = operate(&server, &name, false, move |s| s.store.rollback(&n)).await?;
     tracing::info!(vdisk = %name, version = v.number, "rolled back: production version");
     Ok(Json(info(&server, &name, &v)))
 }
@@ -150,9 +174,8 @@ pub(super) async fn merge(
 ) -> Result<Json<VersionInfo>, ApiError> {
     get_vdisk(&server, &name).await?;
     let _lock = server.lock_vdisk(&name).await;
-    let srv = server.clone();
     let n = name.clone();
-    let v = blocking(move || srv.store.merge(&n, req.upto)).await?;
+    let v = operate(&server, &name, true, move |s| s.store.merge(&n, req.upto)).await?;
     tracing::info!(vdisk = %name, version = v.number, "merged");
     Ok(Json(info(&server, &name, &v)))
 }
@@ -173,9 +196,11 @@ pub(super) async fn delete_version(
             on.join(", ")
         )));
     }
-    let srv = server.clone();
     let n = name.clone();
-    blocking(move || srv.store.delete_version(&n, version, false)).await?;
+    operate(&server, &name, false, move |s| {
+        s.store.delete_version(&n, version, false)
+    })
+    .await?;
     tracing::info!(vdisk = %name, version, "version deleted");
     Ok(StatusCode::NO_CONTENT)
 }

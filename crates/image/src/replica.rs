@@ -1,0 +1,501 @@
+//! Moving a sealed layer file between stores: what the sender reads, and the
+//! partial file the receiver builds, segment by segment, possibly from
+//! several senders and across restarts.
+//!
+//! A layer travels as its *metadata*, then its *data*:
+//!
+//! ```text
+//!   metadata = header (4 KiB) | bitmap (1 bit a chunk) | hash entries of the blocks it touches | tree
+//!   data(from, to) = the allocated chunks in [from, to), in order, concatenated
+//! ```
+//!
+//! Both sides know the bitmap, so data carries no framing: its length is
+//! fixed by the bitmap and is checked. Unallocated chunks never travel; a
+//! layer that changed 1% of a disk sends 1% of it plus ~0.005% of metadata.
+//!
+//! The receiver writes into a file that is not a `*.layer` in any vDisk
+//! folder until it is complete ([`Incoming::finish`]), and records which
+//! segments are durable in a small journal beside it, so a restart resumes.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::ImageError;
+use crate::hash::Tree;
+use crate::layer::{decode_header, sync_dir, Geometry, Layer, CHUNK, FLAG_HASHES_VALID};
+use crate::layer::{FLAG_SEALED, HASH_BLOCK, HEADER_LEN};
+
+/// Chunks in a transfer segment: 16 MiB of logical disk.
+pub const SEGMENT_CHUNKS: u64 = 4096;
+
+/// The metadata of `layer` to send. Only a sealed layer with valid hashes
+/// travels: anything else can still change.
+pub fn export_meta(layer: &Layer) -> Result<Vec<u8>, ImageError> {
+    let header = layer.header_bytes()?;
+    let (geo, flags, _) = decode_header(&header).map_err(|reason| corrupt(layer.path(), reason))?;
+    if flags & (FLAG_SEALED | FLAG_HASHES_VALID) != FLAG_SEALED | FLAG_HASHES_VALID {
+        return Err(ImageError::Invalid(format!(
+            "layer {} is not sealed; only sealed layers are replicated",
+            layer.path().display()
+        )));
+    }
+    let bitmap = layer.bitmap_bytes();
+    let mut out = header;
+    out.extend_from_slice(&bitmap);
+    for block in touched_blocks(&bitmap, geo.chunks, geo.blocks) {
+        out.extend_from_slice(&layer.stored_block_hash(block)?);
+    }
+    out.extend_from_slice(&layer.tree_bytes()?);
+    Ok(out)
+}
+
+/// The data of `layer`'s allocated chunks in `[from, to)`, concatenated.
+pub fn export_data(layer: &Layer, from: u64, to: u64) -> Result<Vec<u8>, ImageError> {
+    let to = to.min(layer.chunks());
+    let mut runs = Vec::new();
+    let mut total = 0u64;
+    let mut c = from;
+    while c < to {
+        if layer.is_allocated(c) {
+            let start = c;
+            while c < to && layer.is_allocated(c) {
+                c += 1;
+            }
+            runs.push((start, c - start));
+            total += (c - start) * CHUNK;
+        } else {
+            c += 1;
+        }
+    }
+    let mut out = vec![0u8; total as usize];
+    let mut at = 0usize;
+    for (start, n) in runs {
+        let len = (n * CHUNK) as usize;
+        let (off, len) = clip(layer.size(), start, len);
+        layer.read_raw(&mut out[at..at + len], off)?;
+        at += (n * CHUNK) as usize;
+    }
+    Ok(out)
+}
+
+/// The logical offset of `chunk`, and how much of `len` bytes from it lies
+/// inside a disk of `size` (the last chunk may be short).
+fn clip(size: u64, chunk: u64, len: usize) -> (u64, usize) {
+    let off = chunk * CHUNK;
+    (off, (len as u64).min(size - off) as usize)
+}
+
+/// The hash blocks that any set bit of `bitmap` falls in, in order.
+fn touched_blocks(bitmap: &[u8], chunks: u64, blocks: u64) -> Vec<u64> {
+    let per = (HASH_BLOCK / CHUNK) as usize / 8; // bitmap bytes per block: 2
+    (0..blocks)
+        .filter(|&b| {
+            let first = b as usize * per;
+            let last = (first + per).min(bitmap.len());
+            bitmap[first.min(last)..last].iter().any(|&x| x != 0)
+        })
+        .filter(|&b| b * (HASH_BLOCK / CHUNK) < chunks)
+        .collect()
+}
+
+fn corrupt(path: &Path, reason: String) -> ImageError {
+    ImageError::CorruptLayer {
+        path: path.to_owned(),
+        reason,
+    }
+}
+
+fn bit(bitmap: &[u8], c: u64) -> bool {
+    bitmap[(c / 8) as usize] & (1 << (c % 8)) != 0
+}
+
+/// A layer file being received.
+pub struct Incoming {
+    path: PathBuf,
+    journal: PathBuf,
+    file: File,
+    geo: Geometry,
+    bitmap: Vec<u8>,
+    /// Per segment: its data is durable in the file.
+    done: Vec<bool>,
+}
+
+impl Incoming {
+    /// Starts receiving into `path` (a file outside any vDisk folder) the
+    /// layer described by `meta`, or resumes a partial file there with the
+    /// same header. `expected` is the content hash the layer must carry, when
+    /// the catalog says.
+    pub fn open(
+        path: &Path,
+        meta: &[u8],
+        expected: Option<[u8; 32]>,
+    ) -> Result<Incoming, ImageError> {
+        let bad = |reason: String| corrupt(path, format!("the sender's metadata: {reason}"));
+        if meta.len() < HEADER_LEN as usize {
+            return Err(bad("too short".into()));
+        }
+        let header = &meta[..HEADER_LEN as usize];
+        let (geo, flags, content) = decode_header(header).map_err(&bad)?;
+        if flags & FLAG_SEALED == 0
+            || content.is_none()
+            || (expected.is_some() && content != expected)
+        {
+            return Err(bad(
+                "not a sealed layer with the expected content hash".into()
+            ));
+        }
+        let bitmap_len = geo.chunks.div_ceil(8) as usize;
+        let tree_len = Tree::stored_len(geo.blocks) as usize;
+        let at = HEADER_LEN as usize;
+        if meta.len() < at + bitmap_len {
+            return Err(bad("the bitmap is cut short".into()));
+        }
+        let bitmap = meta[at..at + bitmap_len].to_vec();
+        let touched = touched_blocks(&bitmap, geo.chunks, geo.blocks);
+        let hashes_at = at + bitmap_len;
+        let tree_at = hashes_at + touched.len() * 32;
+        if meta.len() != tree_at + tree_len {
+            return Err(bad(format!(
+                "{} bytes where the bitmap implies {}",
+                meta.len(),
+                tree_at + tree_len
+            )));
+        }
+        let journal = journal_path(path);
+        let werr = |source| ImageError::Write {
+            path: path.to_owned(),
+            source,
+        };
+        let resumable = File::open(path)
+            .and_then(|f| {
+                let mut h = vec![0u8; HEADER_LEN as usize];
+                f.read_exact_at(&mut h, 0)?;
+                Ok(h == header)
+            })
+            .unwrap_or(false);
+        let segments = geo.chunks.div_ceil(SEGMENT_CHUNKS) as usize;
+        let mut done = vec![false; segments];
+        if resumable {
+            if let Ok(j) = fs::read(&journal) {
+                for (i, d) in done.iter_mut().enumerate() {
+                    *d = j.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0);
+                }
+            }
+        } else {
+            let _ = fs::remove_file(&journal);
+            let _ = fs::remove_file(path);
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(werr)?;
+        if !resumable {
+            file.set_len(geo.data_offset + geo.size).map_err(werr)?;
+            file.write_all_at(&bitmap, geo.bitmap_offset)
+                .map_err(werr)?;
+            for (i, block) in touched.iter().enumerate() {
+                let h = &meta[hashes_at + i * 32..hashes_at + i * 32 + 32];
+                file.write_all_at(h, geo.hashes_offset + block * 32)
+                    .map_err(werr)?;
+            }
+            file.write_all_at(&meta[tree_at..], geo.tree_offset)
+                .map_err(werr)?;
+            // The header last: a file with a header has its metadata.
+            file.sync_data().map_err(werr)?;
+            file.write_all_at(header, 0).map_err(werr)?;
+            file.sync_data().map_err(werr)?;
+        }
+        Ok(Incoming {
+            path: path.to_owned(),
+            journal,
+            file,
+            geo,
+            bitmap,
+            done,
+        })
+    }
+
+    /// Opens a complete layer file in place, to repair its data.
+    pub fn repair(path: &Path) -> Result<Incoming, ImageError> {
+        let layer = Layer::open(path, false)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|source| ImageError::OpenLayer {
+                path: path.to_owned(),
+                source,
+            })?;
+        let geo = Geometry::for_size(layer.size());
+        let segments = geo.chunks.div_ceil(SEGMENT_CHUNKS) as usize;
+        Ok(Incoming {
+            path: path.to_owned(),
+            journal: journal_path(path),
+            file,
+            geo,
+            bitmap: layer.bitmap_bytes(),
+            done: vec![true; segments],
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn segments(&self) -> usize {
+        self.done.len()
+    }
+
+    /// The chunk range of segment `i`.
+    pub fn segment(&self, i: usize) -> (u64, u64) {
+        let from = i as u64 * SEGMENT_CHUNKS;
+        (from, (from + SEGMENT_CHUNKS).min(self.geo.chunks))
+    }
+
+    pub fn is_done(&self, i: usize) -> bool {
+        self.done[i]
+    }
+
+    /// Segments whose data is not yet durable here.
+    pub fn missing(&self) -> Vec<usize> {
+        (0..self.done.len()).filter(|&i| !self.done[i]).collect()
+    }
+
+    /// Bytes of data the chunks `[from, to)` hold (what a sender sends for them).
+    pub fn data_len(&self, from: u64, to: u64) -> u64 {
+        let to = to.min(self.geo.chunks);
+        (from..to).filter(|&c| bit(&self.bitmap, c)).count() as u64 * CHUNK
+    }
+
+    /// Data bytes of the whole layer, and of the segments already durable.
+    pub fn progress(&self) -> (u64, u64) {
+        let mut total = 0;
+        let mut done = 0;
+        for i in 0..self.done.len() {
+            let (from, to) = self.segment(i);
+            let n = self.data_len(from, to);
+            total += n;
+            if self.done[i] {
+                done += n;
+            }
+        }
+        (done, total)
+    }
+
+    /// Writes what a sender answered for chunks `[from, to)` in place.
+    pub fn write_range(&self, from: u64, to: u64, data: &[u8]) -> Result<(), ImageError> {
+        let expected = self.data_len(from, to);
+        if data.len() as u64 != expected {
+            return Err(corrupt(
+                &self.path,
+                format!(
+                    "the sender gave {} bytes for chunks {from}..{to}, whose bitmap holds {expected}",
+                    data.len()
+                ),
+            ));
+        }
+        let mut at = 0usize;
+        let mut c = from;
+        let to = to.min(self.geo.chunks);
+        while c < to {
+            if !bit(&self.bitmap, c) {
+                c += 1;
+                continue;
+            }
+            let start = c;
+            while c < to && bit(&self.bitmap, c) {
+                c += 1;
+            }
+            let len = ((c - start) * CHUNK) as usize;
+            let (off, clipped) = clip(self.geo.size, start, len);
+            self.file
+                .write_all_at(&data[at..at + clipped], self.geo.data_offset + off)
+                .map_err(|source| ImageError::Write {
+                    path: self.path.clone(),
+                    source,
+                })?;
+            at += len;
+        }
+        Ok(())
+    }
+
+    /// Makes the data written so far durable and records segments `done`
+    /// as complete in the journal.
+    pub fn commit(&mut self, done: &[usize]) -> Result<(), ImageError> {
+        let werr = |source| ImageError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        self.file.sync_data().map_err(werr)?;
+        for &i in done {
+            self.done[i] = true;
+        }
+        let mut j = vec![0u8; self.done.len().div_ceil(8)];
+        for (i, d) in self.done.iter().enumerate() {
+            if *d {
+                j[i / 8] |= 1 << (i % 8);
+            }
+        }
+        let tmp = self.journal.with_extension("journal.tmp");
+        fs::write(&tmp, &j).map_err(werr)?;
+        File::open(&tmp).and_then(|f| f.sync_all()).map_err(werr)?;
+        fs::rename(&tmp, &self.journal).map_err(werr)?;
+        Ok(())
+    }
+
+    /// A complete file: made durable and moved to `dest`; the journal goes.
+    pub fn finish(self, dest: &Path) -> Result<(), ImageError> {
+        if let Some(i) = self.done.iter().position(|d| !d) {
+            return Err(ImageError::Invalid(format!(
+                "{}: segment {i} has not arrived",
+                self.path.display()
+            )));
+        }
+        let werr = |source| ImageError::Write {
+            path: dest.to_owned(),
+            source,
+        };
+        self.file.sync_all().map_err(werr)?;
+        fs::rename(&self.path, dest).map_err(werr)?;
+        if let Some(dir) = dest.parent() {
+            sync_dir(dir).map_err(werr)?;
+        }
+        let _ = fs::remove_file(&self.journal);
+        Ok(())
+    }
+}
+
+fn journal_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".journal");
+    PathBuf::from(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{hash, Disk};
+    use std::sync::Arc;
+
+    /// A sealed layer over `size` bytes with `writes` (offset, byte) of 5000 bytes each.
+    fn sealed(dir: &Path, size: u64, writes: &[(u64, u8)]) -> Arc<Layer> {
+        let path = dir.join("src.layer");
+        let layer = Arc::new(Layer::create(&path, size).expect("create"));
+        let disk = Disk::writable(vec![layer.clone()], None).expect("disk");
+        for &(off, b) in writes {
+            disk.write(&vec![b; 5000], off, false).expect("write");
+        }
+        disk.flush().expect("flush");
+        let hashes = hash::hash_disk(&disk).expect("hash");
+        layer.store_hashes(&hashes, true).expect("seal");
+        drop(disk);
+        layer
+    }
+
+    fn content(layer: &Layer) -> [u8; 32] {
+        layer.content_hash().expect("hashed")
+    }
+
+    #[test]
+    fn a_layer_travels_in_segments_and_resumes() {
+        let dir = tempfile::tempdir().expect("tmp");
+        // 100 MiB + 1 KiB: seven segments, the last one short, a short last chunk.
+        let size = (100 << 20) + 1024;
+        let writes = [(0, 1u8), (40 << 20, 2), (size - 5000, 3), (70 << 20, 4)];
+        let src = sealed(dir.path(), size, &writes);
+        let meta = export_meta(&src).expect("meta");
+        assert!(meta.len() < 64 * 1024, "metadata is small: {}", meta.len());
+        let part = dir.path().join("x.partial");
+        let mut inc = Incoming::open(&part, &meta, Some(content(&src))).expect("open");
+        assert_eq!(inc.segments(), 7);
+        let (done, total) = inc.progress();
+        assert_eq!((done, total), (0, src.allocated_bytes()));
+        // Two segments arrive, then the receiver stops.
+        for i in [0usize, 2] {
+            let (from, to) = inc.segment(i);
+            let data = export_data(&src, from, to).expect("data");
+            inc.write_range(from, to, &data).expect("write");
+        }
+        inc.commit(&[0, 2]).expect("commit");
+        drop(inc);
+        let mut inc = Incoming::open(&part, &meta, Some(content(&src))).expect("resume");
+        assert_eq!(inc.missing(), vec![1, 3, 4, 5, 6], "resumed, not restarted");
+        assert!(inc.finish(&dir.path().join("early.layer")).is_err());
+        let mut inc2 = Incoming::open(&part, &meta, Some(content(&src))).expect("resume again");
+        for i in inc2.missing() {
+            let (from, to) = inc2.segment(i);
+            let data = export_data(&src, from, to).expect("data");
+            // Data of the wrong length is refused.
+            assert!(inc2.write_range(from, to, &[0u8; 7]).is_err());
+            inc2.write_range(from, to, &data).expect("write");
+            inc2.commit(&[i]).expect("commit");
+        }
+        inc = inc2;
+        let dest = dir.path().join("copy.layer");
+        inc.finish(&dest).expect("finish");
+        assert!(!part.exists());
+        let copy = Arc::new(Layer::open(&dest, false).expect("open copy"));
+        assert_eq!(content(&copy), content(&src));
+        let disk = Disk::read_only(vec![copy.clone()]);
+        assert_eq!(
+            hash::check_top(&disk).expect("check"),
+            None,
+            "every block checks"
+        );
+        let a = Disk::read_only(vec![src.clone()]);
+        let mut x = vec![0u8; size as usize];
+        let mut y = vec![0u8; size as usize];
+        a.read(&mut x, 0, false).expect("read");
+        disk.read(&mut y, 0, false).expect("read");
+        assert!(x == y, "same bytes");
+    }
+
+    #[test]
+    fn bad_metadata_is_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let src = sealed(dir.path(), 1 << 20, &[(0, 9)]);
+        let meta = export_meta(&src).expect("meta");
+        let part = dir.path().join("p");
+        assert!(Incoming::open(&part, &meta[..100], Some(content(&src))).is_err());
+        assert!(Incoming::open(&part, &meta[..meta.len() - 1], Some(content(&src))).is_err());
+        assert!(
+            Incoming::open(&part, &meta, Some([7u8; 32])).is_err(),
+            "wrong hash"
+        );
+        let mut flipped = meta.clone();
+        flipped[20] ^= 1;
+        assert!(Incoming::open(&part, &flipped, Some(content(&src))).is_err());
+        let open = Layer::create(&dir.path().join("open.layer"), 1 << 20).expect("c");
+        assert!(export_meta(&open).is_err(), "unsealed layers do not travel");
+    }
+
+    #[test]
+    fn repair_rewrites_data_in_place() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let src = sealed(dir.path(), 4 << 20, &[(8192, 5), (1 << 20, 6)]);
+        let copy_path = dir.path().join("copy.layer");
+        fs::copy(src.path(), &copy_path).expect("copy");
+        let copy = Layer::open(&copy_path, false).expect("open");
+        // Flip one byte of data.
+        let f = OpenOptions::new().write(true).open(&copy_path).expect("rw");
+        let data_offset = fs::metadata(&copy_path).expect("m").len() - (4 << 20);
+        f.write_all_at(&[0xff], data_offset + 8192 + 10)
+            .expect("flip");
+        drop(f);
+        let disk = Disk::read_only(vec![Arc::new(copy)]);
+        let bad = hash::check_top(&disk).expect("check").expect("found");
+        assert_eq!(bad, 0);
+        let per = HASH_BLOCK / CHUNK;
+        let inc = Incoming::repair(&copy_path).expect("repair");
+        let data = export_data(&src, bad * per, (bad + 1) * per).expect("data");
+        inc.write_range(bad * per, (bad + 1) * per, &data)
+            .expect("w");
+        drop(inc);
+        let disk = Disk::read_only(vec![Arc::new(Layer::open(&copy_path, false).expect("o"))]);
+        assert_eq!(hash::check_top(&disk).expect("check"), None);
+    }
+}

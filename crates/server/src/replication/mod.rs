@@ -1,0 +1,609 @@
+//! Replication: every server's store follows the farm's catalog of versions
+//! by itself, pulling the layer files it lacks from its peers.
+//!
+//! ```text
+//!   version op on server A --apply_change--> catalog/NAME (etcd, revision-compared)
+//!   every second, on every server:
+//!     catalog/NAME --plan--> versions whose layers are here: into vdisk.toml
+//!                            layers missing: transfer (window, override, slots, throttle)
+//!   transfer:  peers holding the layer verified --GET meta, GET data(segment)--> replication/NAME/FILE.partial
+//!              all layers here --verify every block, the content hash--> moved into the store
+//!   scrub:     every held layer re-read against its hashes; a bad block is fetched again
+//! ```
+//!
+//! Pull only: a server never accepts data pushed at it, and every byte it
+//! takes is checked against hashes from the catalog's content hash. Peers
+//! must present the farm's peer secret (see `peer.rs`).
+
+pub mod catalog;
+pub mod peer;
+pub mod schedule;
+mod scrub;
+mod transfer;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use vstream_api::{Catalog, ReplicaProgress, ReplicaState, ReplicationOverride, ServerStatus};
+use vstream_farm::FarmError;
+use vstream_image::{Properties, VersionState};
+
+use self::schedule::{Clock, Schedule, Throttle};
+use crate::config::ReplicationConfig;
+use crate::state::{now_unix, Server};
+
+/// How often a server compares its store with the catalog.
+pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A version of a vDisk.
+type Key = (String, u32);
+
+/// This server's replication state.
+pub struct Replication {
+    pub clock: Arc<dyn Clock>,
+    /// Bytes pulled from peers, all transfers and repairs together.
+    pub throttle: Arc<Throttle>,
+    /// Bytes the scrub reads.
+    pub scrub_throttle: Arc<Throttle>,
+    pub schedule: Schedule,
+    pub max_transfers: usize,
+    pub scrub_interval: Duration,
+    secret: RwLock<Option<String>>,
+    catalogs: RwLock<Arc<Vec<Catalog>>>,
+    order: RwLock<Option<ReplicationOverride>>,
+    progress: Mutex<BTreeMap<Key, ReplicaProgress>>,
+    running: Mutex<HashSet<Key>>,
+    /// Layer files that failed a check, by (vDisk, file): the reason.
+    corrupt: Mutex<HashMap<(String, String), String>>,
+    pub received_bytes: AtomicU64,
+    pub sent_bytes: AtomicU64,
+    pub scrubbed_bytes: AtomicU64,
+    pub corrupt_blocks: AtomicU64,
+    pub repaired_blocks: AtomicU64,
+}
+
+impl Replication {
+    pub fn new(config: &ReplicationConfig) -> Replication {
+        let clock = schedule::clock_from_env();
+        let windows = config
+            .windows
+            .iter()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        Replication {
+            throttle: Arc::new(Throttle::new(config.rate, clock.clone())),
+            scrub_throttle: Arc::new(Throttle::new(config.scrub_rate, clock.clone())),
+            schedule: Schedule::new(windows, schedule::local_utc_offset_secs()),
+            max_transfers: config.max_transfers.max(1),
+            scrub_interval: Duration::from_secs(config.scrub_interval_secs.max(1)),
+            clock,
+            secret: RwLock::new(None),
+            catalogs: RwLock::default(),
+            order: RwLock::new(None),
+            progress: Mutex::default(),
+            running: Mutex::default(),
+            corrupt: Mutex::default(),
+            received_bytes: AtomicU64::new(0),
+            sent_bytes: AtomicU64::new(0),
+            scrubbed_bytes: AtomicU64::new(0),
+            corrupt_blocks: AtomicU64::new(0),
+            repaired_blocks: AtomicU64::new(0),
+        }
+    }
+
+    /// Prometheus rows for `/metrics`.
+    pub fn metrics(&self) -> [(&'static str, &'static str, &'static str, &AtomicU64); 5] {
+        [
+            (
+                "vstream_replication_received_bytes_total",
+                "counter",
+                "bytes pulled from peers (layer metadata and data, repairs included)",
+                &self.received_bytes,
+            ),
+            (
+                "vstream_replication_sent_bytes_total",
+                "counter",
+                "bytes served to peers",
+                &self.sent_bytes,
+            ),
+            (
+                "vstream_scrub_read_bytes_total",
+                "counter",
+                "bytes the scrub checked",
+                &self.scrubbed_bytes,
+            ),
+            (
+                "vstream_scrub_corrupt_blocks_total",
+                "counter",
+                "blocks the scrub found not matching their hashes",
+                &self.corrupt_blocks,
+            ),
+            (
+                "vstream_scrub_repaired_blocks_total",
+                "counter",
+                "blocks fetched again from a peer and checked",
+                &self.repaired_blocks,
+            ),
+        ]
+    }
+
+    /// The farm's peer secret, once this server has read it.
+    pub fn secret(&self) -> Option<String> {
+        self.secret.read().clone()
+    }
+
+    /// The catalogs as last read.
+    pub fn catalogs(&self) -> Arc<Vec<Catalog>> {
+        self.catalogs.read().clone()
+    }
+
+    /// True if any of `layers` of vDisk `vdisk` failed a check here.
+    pub fn is_corrupt(&self, vdisk: &str, layers: &[String]) -> bool {
+        let corrupt = self.corrupt.lock();
+        layers
+            .iter()
+            .any(|f| corrupt.contains_key(&(vdisk.to_owned(), f.clone())))
+    }
+
+    pub(crate) fn mark_corrupt(&self, vdisk: &str, file: &str, reason: String) {
+        self.corrupt
+            .lock()
+            .insert((vdisk.to_owned(), file.to_owned()), reason);
+    }
+
+    pub(crate) fn clear_corrupt(&self, vdisk: &str, file: &str) -> bool {
+        self.corrupt
+            .lock()
+            .remove(&(vdisk.to_owned(), file.to_owned()))
+            .is_some()
+    }
+
+    fn set_progress(&self, key: &Key, state: ReplicaState, note: Option<String>) {
+        let mut progress = self.progress.lock();
+        let p = progress
+            .entry(key.clone())
+            .or_insert_with(|| ReplicaProgress {
+                vdisk: key.0.clone(),
+                version: key.1,
+                state,
+                bytes_done: 0,
+                bytes_total: 0,
+                rate: 0,
+                note: None,
+            });
+        p.state = state;
+        p.note = note;
+    }
+
+    pub(crate) fn update_bytes(&self, key: &Key, done: u64, total: u64, rate: u64) {
+        if let Some(p) = self.progress.lock().get_mut(key) {
+            p.bytes_done = done;
+            p.bytes_total = total;
+            p.rate = rate;
+        }
+    }
+
+    /// What this server publishes: versions it copies or waits for, and
+    /// versions it holds corrupt.
+    pub fn published(&self, server: &Server) -> Vec<ReplicaProgress> {
+        let mut out: Vec<ReplicaProgress> = self.progress.lock().values().cloned().collect();
+        for v in server.membership.held() {
+            if self.is_corrupt(&v.vdisk, &v.layers) {
+                out.retain(|p| !(p.vdisk == v.vdisk && p.version == v.number));
+                let reason = v
+                    .layers
+                    .iter()
+                    .find_map(|f| {
+                        self.corrupt
+                            .lock()
+                            .get(&(v.vdisk.clone(), f.clone()))
+                            .cloned()
+                    })
+                    .unwrap_or_default();
+                out.push(ReplicaProgress {
+                    vdisk: v.vdisk.clone(),
+                    version: v.number,
+                    state: ReplicaState::Corrupt,
+                    bytes_done: 0,
+                    bytes_total: 0,
+                    rate: 0,
+                    note: Some(reason),
+                });
+            }
+        }
+        out
+    }
+
+    /// Whether `key` may be copied now: inside a window, or ordered now.
+    fn may_copy(&self, key: &Key) -> Result<(), String> {
+        let now = self.clock.now_unix();
+        if self.schedule.is_open(now) {
+            return Ok(());
+        }
+        let ordered = self.order.read().as_ref().is_some_and(|o| {
+            o.expires_unix as f64 > now
+                && o.versions.iter().any(|(d, n)| d == &key.0 && *n == key.1)
+        });
+        if ordered {
+            return Ok(());
+        }
+        let next = self
+            .schedule
+            .next_open(now)
+            .map(|t| schedule::format_rfc3339(t, self.schedule.utc_offset_secs()))
+            .unwrap_or_else(|| "never".into());
+        Err(format!(
+            "outside the replication windows ({}); next opens {next}; `vstream replication start` copies now",
+            self.schedule.describe()
+        ))
+    }
+}
+
+/// Applies an operation's change of vDisk `name` (`before` → `after` in
+/// this server's store) to the farm's catalog.
+pub async fn publish_change(
+    server: &Server,
+    name: &str,
+    before: &Properties,
+    after: &Properties,
+) -> Result<(), FarmError> {
+    let me = server.config.name.clone();
+    server
+        .farm
+        .update_catalog(name, |cat| {
+            catalog::apply_change(cat, before, after, &me)
+                .map(Some)
+                .map_err(FarmError::Conflict)
+        })
+        .await?;
+    Ok(())
+}
+
+/// Brings vDisk `name` in this store up to the catalog before a version
+/// operation, and says why the operation cannot run here, if it cannot.
+/// The caller holds the vDisk's lock.
+pub async fn before_operation(
+    server: &Arc<Server>,
+    name: &str,
+    creates: bool,
+) -> Result<(), OperationRefused> {
+    let cat = server
+        .farm
+        .catalog(name)
+        .await
+        .map_err(OperationRefused::FarmAway)?;
+    let Some(cat) = cat else { return Ok(()) };
+    let local = follow(server, &cat, &[])
+        .await
+        .map_err(|e| OperationRefused::Store(e.to_string()))?;
+    if creates {
+        if let Some(why) = local
+            .as_ref()
+            .and_then(|p| catalog::foreign_maintenance(&cat, p, &server.config.name))
+        {
+            return Err(OperationRefused::Elsewhere(why));
+        }
+    }
+    Ok(())
+}
+
+/// Why a version operation cannot run on this server now.
+#[derive(Debug, thiserror::Error)]
+pub enum OperationRefused {
+    #[error("the farm's catalog is out of reach ({0}); version operations wait for it")]
+    FarmAway(FarmError),
+    #[error("{0}")]
+    Elsewhere(String),
+    #[error("this store cannot follow the farm's catalog: {0}")]
+    Store(String),
+}
+
+impl OperationRefused {
+    /// The HTTP status that says it.
+    pub fn status(&self) -> axum::http::StatusCode {
+        match self {
+            OperationRefused::FarmAway(_) => axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            OperationRefused::Elsewhere(_) => axum::http::StatusCode::CONFLICT,
+            OperationRefused::Store(_) => axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// Makes this store follow `cat` as far as the layers here (and the
+/// verified files `ready`, received into the replication folder) allow.
+/// Returns the properties the store has afterwards. The caller holds the
+/// vDisk's lock.
+async fn follow(
+    server: &Arc<Server>,
+    cat: &Catalog,
+    ready: &[String],
+) -> Result<Option<Properties>, vstream_image::ImageError> {
+    let s = server.clone();
+    let cat = cat.clone();
+    let ready = ready.to_vec();
+    tokio::task::spawn_blocking(move || follow_blocking(&s, &cat, &ready))
+        .await
+        .map_err(|e| vstream_image::ImageError::Invalid(e.to_string()))?
+        .map(|(props, _)| props)
+}
+
+fn follow_blocking(
+    server: &Server,
+    cat: &Catalog,
+    ready: &[String],
+) -> Result<(Option<Properties>, catalog::Plan), vstream_image::ImageError> {
+    let name = &cat.vdisk;
+    let store = &server.store;
+    let local = store.properties(name).ok();
+    let present = |f: &str| {
+        ready.iter().any(|r| r == f)
+            || store
+                .layer_path(name, f)
+                .map(|p| p.exists())
+                .unwrap_or(false)
+    };
+    let in_use = |n: u32| !server.devices_on(name, n).is_empty();
+    let plan = catalog::plan(local.as_ref(), cat, present, in_use, &server.config.name);
+    let Some(props) = plan.properties(cat, local.as_ref()) else {
+        return Ok((local, plan));
+    };
+    if local.as_ref().map(|l| &l.versions) != Some(&props.versions) {
+        let dir = store.replication_dir().join(name);
+        store.follow(
+            name,
+            props.size,
+            props.created_unix,
+            props.last_number,
+            props.versions.clone(),
+            &dir,
+        )?;
+        tracing::info!(vdisk = %name, versions = ?props.versions.iter().map(|v| v.number).collect::<Vec<_>>(), "store follows the farm's catalog");
+        return Ok((Some(props), plan));
+    }
+    Ok((local, plan))
+}
+
+/// Reconciles until `shutdown`.
+pub async fn run(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let scrubber = tokio::spawn(scrub::run(server.clone(), shutdown.clone()));
+    let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => break,
+        }
+        if let Err(e) = reconcile(&server).await {
+            tracing::debug!(error = %e, "replication waits for the farm state");
+        }
+    }
+    scrubber.abort();
+}
+
+async fn reconcile(server: &Arc<Server>) -> Result<(), FarmError> {
+    let r = &server.replication;
+    if r.secret().is_none() {
+        let fresh: String = (0..32)
+            .map(|_| format!("{:02x}", rand::random::<u8>()))
+            .collect();
+        let secret = server.farm.peer_secret(&fresh).await?;
+        *r.secret.write() = Some(secret);
+    }
+    let catalogs = server.farm.catalogs().await?;
+    *r.order.write() = server.farm.replication_override().await?;
+    *r.catalogs.write() = Arc::new(catalogs.clone());
+    publish_unlisted(server, &catalogs).await?;
+    let view = server.membership.view();
+    let mut wanted: HashSet<Key> = HashSet::new();
+    for cat in &catalogs {
+        // A long operation (an import, a merge) holds the lock: next time.
+        let Some(_lock) = server.try_lock_vdisk(&cat.vdisk) else {
+            continue;
+        };
+        let s = server.clone();
+        let c = cat.clone();
+        let outcome = tokio::task::spawn_blocking(move || follow_blocking(&s, &c, &[])).await;
+        let (local, plan) = match outcome {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                tracing::warn!(vdisk = %cat.vdisk, error = %e, "cannot follow the catalog");
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "replication task failed");
+                continue;
+            }
+        };
+        drop(_lock);
+        seal_for_peers(server, cat, local.as_ref(), view.servers.len()).await;
+        for (number, missing) in plan.fetch {
+            let key = (cat.vdisk.clone(), number);
+            wanted.insert(key.clone());
+            if r.running.lock().contains(&key) {
+                continue;
+            }
+            let peers = transfer::peers_for(server, &view.servers, &cat.vdisk, &missing);
+            if let Err(why) = &peers {
+                r.set_progress(&key, ReplicaState::Missing, Some(why.clone()));
+                continue;
+            }
+            if let Err(why) = r.may_copy(&key) {
+                r.set_progress(&key, ReplicaState::Queued, Some(why));
+                continue;
+            }
+            if r.running.lock().len() >= r.max_transfers {
+                let note = format!("waiting for a transfer slot ({} at once)", r.max_transfers);
+                r.set_progress(&key, ReplicaState::Queued, Some(note));
+                continue;
+            }
+            r.running.lock().insert(key.clone());
+            r.set_progress(&key, ReplicaState::Copying, None);
+            tokio::spawn(transfer::run(server.clone(), cat.clone(), number, missing));
+        }
+    }
+    let running = r.running.lock().clone();
+    r.progress
+        .lock()
+        .retain(|k, _| wanted.contains(k) || running.contains(k));
+    Ok(())
+}
+
+/// Publishes the catalog of each local vDisk the farm knows but has no
+/// catalog for (stores from before replication, and a new import); removes
+/// local vDisks the farm deleted, once no device uses them.
+async fn publish_unlisted(server: &Arc<Server>, catalogs: &[Catalog]) -> Result<(), FarmError> {
+    let listed: HashSet<&str> = catalogs.iter().map(|c| c.vdisk.as_str()).collect();
+    for name in server.store.list().unwrap_or_default() {
+        if listed.contains(name.as_str()) {
+            continue;
+        }
+        let Some(_lock) = server.try_lock_vdisk(&name) else {
+            continue;
+        };
+        let Ok(props) = server.store.properties(&name) else {
+            continue;
+        };
+        if server.farm.get_vdisk(&name).await?.is_some() {
+            let me = server.config.name.clone();
+            server
+                .farm
+                .update_catalog(&name, |cat| {
+                    Ok(Some(
+                        cat.unwrap_or_else(|| catalog::from_props(&props, &me)),
+                    ))
+                })
+                .await?;
+        } else if server.connected_to(&name).is_empty() {
+            tracing::info!(vdisk = %name, "the farm deleted this vDisk: removing the local copy");
+            let s = server.clone();
+            let n = name.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.store.delete(&n)).await {
+                tracing::warn!(vdisk = %name, error = %e, "could not remove the local copy");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A Standard-mode vDisk's version 1, imported here and not yet sealed, is
+/// sealed once another server could take it: only sealed layers travel.
+async fn seal_for_peers(
+    server: &Arc<Server>,
+    cat: &Catalog,
+    local: Option<&Properties>,
+    live: usize,
+) {
+    if live < 2 {
+        return;
+    }
+    let Some(local) = local else { return };
+    let standard = server
+        .membership
+        .view()
+        .vdisk(&cat.vdisk)
+        .is_some_and(|v| v.mode == vstream_api::Mode::Standard);
+    let unsealed = local.versions.iter().find(|v| {
+        v.state == VersionState::Production && !v.is_sealed() && v.content_hash.is_some()
+    });
+    let (true, Some(v)) = (standard, unsealed) else {
+        return;
+    };
+    if !server.devices_on(&cat.vdisk, v.number).is_empty() {
+        return;
+    }
+    let number = v.number;
+    let Some(_lock) = server.try_lock_vdisk(&cat.vdisk) else {
+        return;
+    };
+    let s = server.clone();
+    let name = cat.vdisk.clone();
+    let before = local.clone();
+    let sealed = tokio::task::spawn_blocking(move || {
+        s.store
+            .promote(&name, number, VersionState::Production, now_unix())?;
+        s.store.properties(&name)
+    })
+    .await;
+    match sealed {
+        Ok(Ok(after)) => {
+            tracing::info!(vdisk = %cat.vdisk, version = number, "sealed so that other servers can copy it");
+            if let Err(e) = publish_change(server, &cat.vdisk, &before, &after).await {
+                tracing::warn!(vdisk = %cat.vdisk, error = %e, "could not record the seal in the catalog");
+            }
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(vdisk = %cat.vdisk, error = %e, "could not seal for replication")
+        }
+        Err(e) => tracing::error!(error = %e, "seal task failed"),
+    }
+}
+
+/// Server status rows for `vstream replication status`: every replicated
+/// version of every catalog, on every member.
+pub fn status_rows(
+    catalogs: &[Catalog],
+    members: &[ServerStatus],
+    live: &HashSet<String>,
+) -> Vec<vstream_api::ReplicaRow> {
+    let mut rows = Vec::new();
+    for cat in catalogs {
+        for v in cat.versions.iter().filter(|v| v.is_replicated()) {
+            for m in members {
+                let up = live.contains(&m.name);
+                let reported = m
+                    .replication
+                    .iter()
+                    .find(|p| p.vdisk == cat.vdisk && p.version == v.number);
+                let held = m.versions.iter().find(|h| {
+                    h.vdisk == cat.vdisk
+                        && h.number == v.number
+                        && Some(&h.content_hash) == v.content_hash.as_ref()
+                });
+                let progress = match (reported, held) {
+                    (Some(p), _) => p.clone(),
+                    (None, Some(h)) => ReplicaProgress {
+                        vdisk: cat.vdisk.clone(),
+                        version: v.number,
+                        state: if h.verified {
+                            ReplicaState::Verified
+                        } else {
+                            ReplicaState::Queued
+                        },
+                        bytes_done: 0,
+                        bytes_total: 0,
+                        rate: 0,
+                        note: (!h.verified).then(|| "held; being checked".to_string()),
+                    },
+                    (None, None) => ReplicaProgress {
+                        vdisk: cat.vdisk.clone(),
+                        version: v.number,
+                        state: ReplicaState::Missing,
+                        bytes_done: 0,
+                        bytes_total: 0,
+                        rate: 0,
+                        note: None,
+                    },
+                };
+                let eta_s =
+                    (progress.state == ReplicaState::Copying && progress.rate > 0).then(|| {
+                        progress.bytes_total.saturating_sub(progress.bytes_done) / progress.rate
+                    });
+                rows.push(vstream_api::ReplicaRow {
+                    server: m.name.clone(),
+                    up,
+                    progress,
+                    eta_s,
+                });
+            }
+        }
+    }
+    rows
+}
+
+/// Counts bytes into `counter`.
+pub(crate) fn count(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}

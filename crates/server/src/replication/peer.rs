@@ -1,0 +1,215 @@
+//! The peer protocol: HTTP on each server's API port, for servers of the
+//! same farm only.
+//!
+//! ```text
+//!   GET /peer/v1/vdisks/NAME/layers/FILE/meta               the layer's metadata (replica.rs)
+//!   GET /peer/v1/vdisks/NAME/layers/FILE/data?from=C&to=C   its allocated chunks in [from, to)
+//!   Authorization: Bearer <farm peer secret>     X-Vstream-Server: <the asking server>
+//! ```
+//!
+//! A server answers only for layers of versions it holds verified and not
+//! found corrupt since. There is no way to push: a server takes data only by
+//! asking for it, and checks all it takes against the catalog's hashes.
+
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use serde::Deserialize;
+use vstream_image::replica::{self, SEGMENT_CHUNKS};
+use vstream_image::Layer;
+
+use crate::api::ApiError;
+use crate::state::Server;
+
+pub const SERVER_HEADER: &str = "x-vstream-server";
+/// Most chunks one data request may cover.
+pub const MAX_REQUEST_CHUNKS: u64 = 4 * SEGMENT_CHUNKS;
+
+pub fn routes(server: Arc<Server>) -> Router<Arc<Server>> {
+    Router::new()
+        .route(
+            "/peer/v1/vdisks/:name/layers/:file/meta",
+            axum::routing::get(meta),
+        )
+        .route(
+            "/peer/v1/vdisks/:name/layers/:file/data",
+            axum::routing::get(data),
+        )
+        .layer(middleware::from_fn_with_state(server, require_peer))
+}
+
+async fn require_peer(State(server): State<Arc<Server>>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let who = req
+        .headers()
+        .get(SERVER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("?")
+        .to_owned();
+    let Some(secret) = server.replication.secret() else {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this server has not read the farm's peer secret yet",
+        )
+        .into_response();
+    };
+    match given {
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "peer requests need the farm's peer secret (Authorization: Bearer ...)",
+        )
+        .into_response(),
+        Some(g) if !crate::api::constant_time_eq(g.as_bytes(), secret.as_bytes()) => {
+            tracing::warn!(peer = %who, "a peer request with a wrong secret was refused");
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "not a server of this farm: wrong peer secret",
+            )
+            .into_response()
+        }
+        Some(_) => next.run(req).await,
+    }
+}
+
+/// The layer `file` of `vdisk`, if this server may hand it out.
+fn servable(server: &Server, vdisk: &str, file: &str) -> Result<Arc<Layer>, ApiError> {
+    let held = server.membership.held();
+    let ok = held
+        .iter()
+        .any(|v| v.vdisk == vdisk && v.verified && v.layers.iter().any(|f| f == file));
+    if !ok || server.replication.is_corrupt(vdisk, &[file.to_owned()]) {
+        return Err(ApiError::not_found(format!(
+            "this server holds no verified copy of layer {file} of vDisk {vdisk}"
+        )));
+    }
+    let props = server.store.properties(vdisk)?;
+    let path = server.store.layer_path(vdisk, file)?;
+    Ok(server.store.open_layer_at(&path, props.size)?)
+}
+
+async fn meta(
+    State(server): State<Arc<Server>>,
+    Path((vdisk, file)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let s = server.clone();
+    let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ApiError> {
+        let layer = servable(&s, &vdisk, &file)?;
+        let _idle = super::transfer::IdleIo::enter();
+        Ok(replica::export_meta(&layer)?)
+    })
+    .await??;
+    super::count(&server.replication.sent_bytes, bytes.len() as u64);
+    Ok(octets(bytes))
+}
+
+#[derive(Deserialize)]
+struct Range {
+    from: u64,
+    to: u64,
+}
+
+async fn data(
+    State(server): State<Arc<Server>>,
+    Path((vdisk, file)): Path<(String, String)>,
+    Query(range): Query<Range>,
+) -> Result<Response, ApiError> {
+    if range.to <= range.from || range.to - range.from > MAX_REQUEST_CHUNKS {
+        return Err(ApiError::bad_request(format!(
+            "a data request covers 1 to {MAX_REQUEST_CHUNKS} chunks, not {}..{}",
+            range.from, range.to
+        )));
+    }
+    let s = server.clone();
+    let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ApiError> {
+        let layer = servable(&s, &vdisk, &file)?;
+        if range.from >= layer.chunks() {
+            return Err(ApiError::bad_request(format!(
+                "chunk {} is beyond the layer's {} chunks",
+                range.from,
+                layer.chunks()
+            )));
+        }
+        let _idle = super::transfer::IdleIo::enter();
+        Ok(replica::export_data(&layer, range.from, range.to)?)
+    })
+    .await??;
+    super::count(&server.replication.sent_bytes, bytes.len() as u64);
+    Ok(octets(bytes))
+}
+
+fn octets(bytes: Vec<u8>) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        bytes,
+    )
+        .into_response()
+}
+
+/// A peer to pull from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub name: String,
+    /// Its API URL.
+    pub api: String,
+}
+
+/// The HTTP client for peers: short connect timeout, a read timeout that
+/// takes a silent peer as failed.
+pub fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(2))
+        .timeout_read(Duration::from_secs(5))
+        .build()
+}
+
+/// GETs `path` from `peer`, as server `me` with the farm's `secret`.
+pub fn get(
+    agent: &ureq::Agent,
+    peer: &Peer,
+    secret: &str,
+    me: &str,
+    path: &str,
+) -> Result<Vec<u8>, String> {
+    let url = format!("{}{path}", peer.api.trim_end_matches('/'));
+    let resp = agent
+        .get(&url)
+        .set("Authorization", &format!("Bearer {secret}"))
+        .set(SERVER_HEADER, me)
+        .call()
+        .map_err(|e| match e {
+            ureq::Error::Status(code, r) => format!(
+                "server {} answered {code}: {}",
+                peer.name,
+                r.into_string().unwrap_or_default().trim()
+            ),
+            other => format!("server {}: {other}", peer.name),
+        })?;
+    let mut out = Vec::new();
+    resp.into_reader()
+        .take(MAX_REQUEST_CHUNKS * vstream_image::CHUNK + (64 << 20))
+        .read_to_end(&mut out)
+        .map_err(|e| format!("server {}: reading the answer: {e}", peer.name))?;
+    Ok(out)
+}
+
+/// The path of a layer's metadata, or of data `[from, to)`.
+pub fn layer_path(vdisk: &str, file: &str, range: Option<(u64, u64)>) -> String {
+    match range {
+        None => format!("/peer/v1/vdisks/{vdisk}/layers/{file}/meta"),
+        Some((from, to)) => {
+            format!("/peer/v1/vdisks/{vdisk}/layers/{file}/data?from={from}&to={to}")
+        }
+    }
+}

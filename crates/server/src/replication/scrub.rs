@@ -1,0 +1,203 @@
+//! The scrub: every `scrub_interval`, each layer of each version held here
+//! is read again (at most `scrub_rate` bytes/s, idle I/O class) against its
+//! stored block hashes, bottom layer first. A block that fails marks its
+//! layer corrupt: versions using it are no longer offered to devices or
+//! peers. Its chunks are then fetched again from a peer holding the layer
+//! verified, written in place, and checked; once every bad block of the
+//! layer checks, it is offered again. While a layer is corrupt the repair
+//! is retried every few seconds.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vstream_image::replica::Incoming;
+use vstream_image::{hash, Disk, Layer, CHUNK, HASH_BLOCK};
+
+use super::count;
+use super::peer;
+use super::transfer::IdleIo;
+use crate::state::Server;
+
+const REPAIR_RETRY: Duration = Duration::from_secs(3);
+
+pub async fn run(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let mut last_scrub = Instant::now();
+    loop {
+        let due = last_scrub.elapsed() >= server.replication.scrub_interval;
+        let s = server.clone();
+        let job = tokio::task::spawn_blocking(move || {
+            if due {
+                scrub_all(&s);
+            }
+            repair_all(&s);
+        });
+        if due {
+            last_scrub = Instant::now();
+        }
+        let _ = job.await;
+        tokio::select! {
+            _ = tokio::time::sleep(REPAIR_RETRY.min(server.replication.scrub_interval)) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// The chain of layers of each verified version held, by vDisk.
+fn held_chains(server: &Server) -> Vec<(String, Vec<String>)> {
+    server
+        .membership
+        .held()
+        .into_iter()
+        .filter(|v| v.verified)
+        .map(|v| (v.vdisk, v.layers))
+        .collect()
+}
+
+fn open_chain(server: &Server, vdisk: &str, files: &[String]) -> Option<Vec<Arc<Layer>>> {
+    let size = server.store.properties(vdisk).ok()?.size;
+    files
+        .iter()
+        .map(|f| {
+            let path = server.store.layer_path(vdisk, f).ok()?;
+            server.store.open_layer_at(&path, size).ok()
+        })
+        .collect()
+}
+
+/// Bad blocks of layer `i` of `chain`, reading through the layers below.
+fn bad_blocks(server: &Server, chain: &[Arc<Layer>], i: usize) -> std::io::Result<Vec<u64>> {
+    let disk = Disk::read_only(chain[..=i].to_vec());
+    let mut bad = Vec::new();
+    let r = &server.replication;
+    hash::scan_top(&disk, |block, good| {
+        r.scrub_throttle.take(HASH_BLOCK);
+        count(&r.scrubbed_bytes, HASH_BLOCK);
+        if !good {
+            bad.push(block);
+        }
+        true
+    })?;
+    Ok(bad)
+}
+
+fn scrub_all(server: &Server) {
+    let _idle = IdleIo::enter();
+    let mut seen = BTreeSet::new();
+    for (vdisk, files) in held_chains(server) {
+        let Some(chain) = open_chain(server, &vdisk, &files) else {
+            continue;
+        };
+        for (i, file) in files.iter().enumerate() {
+            if !seen.insert((vdisk.clone(), file.clone())) {
+                continue;
+            }
+            match bad_blocks(server, &chain, i) {
+                Ok(bad) if bad.is_empty() => {}
+                Ok(bad) => {
+                    count(&server.replication.corrupt_blocks, bad.len() as u64);
+                    let reason = format!(
+                        "scrub: {} block(s) of layer {file} do not match their hashes (first: block {})",
+                        bad.len(),
+                        bad[0]
+                    );
+                    tracing::error!(vdisk = %vdisk, layer = %file, blocks = ?bad, "{reason}; not offered until repaired");
+                    server.replication.mark_corrupt(&vdisk, file, reason);
+                    // Layers above read through this one: check them once it is repaired.
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(vdisk = %vdisk, layer = %file, error = %e, "scrub could not read the layer");
+                    server.replication.mark_corrupt(
+                        &vdisk,
+                        file,
+                        format!("scrub: unreadable: {e}"),
+                    );
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Tries to repair every corrupt layer from a peer.
+fn repair_all(server: &Server) {
+    let corrupt: Vec<(String, String)> =
+        server.replication.corrupt.lock().keys().cloned().collect();
+    if corrupt.is_empty() {
+        return;
+    }
+    let _idle = IdleIo::enter();
+    for (vdisk, file) in corrupt {
+        match repair(server, &vdisk, &file) {
+            Ok(n) => {
+                count(&server.replication.repaired_blocks, n);
+                server.replication.clear_corrupt(&vdisk, &file);
+                tracing::info!(vdisk = %vdisk, layer = %file, blocks = n, "layer repaired from a peer; offered again");
+            }
+            Err(e) => {
+                tracing::warn!(vdisk = %vdisk, layer = %file, error = %e, "repair waits")
+            }
+        }
+    }
+}
+
+/// Fetches the bad blocks of layer `file` again; the number repaired.
+fn repair(server: &Server, vdisk: &str, file: &str) -> Result<u64, String> {
+    // The chain of a held version that has this layer, up to it.
+    let held = server.membership.held();
+    let files = held
+        .iter()
+        .find(|v| v.vdisk == vdisk && v.layers.iter().any(|l| l == file))
+        .map(|v| v.layers.clone())
+        .ok_or("no held version uses the layer any more")?;
+    let i = files.iter().position(|l| l == file).unwrap_or(0);
+    let chain = open_chain(server, vdisk, &files[..=i]).ok_or("the layers cannot be opened")?;
+    let bad = bad_blocks(server, &chain, i).map_err(|e| e.to_string())?;
+    if bad.is_empty() {
+        return Ok(0);
+    }
+    let view = server.membership.view();
+    let peers = super::transfer::peers_for(server, &view.servers, vdisk, &[file.to_owned()])?;
+    let secret = server
+        .replication
+        .secret()
+        .ok_or("the farm's peer secret is not known yet")?;
+    let path = server
+        .store
+        .layer_path(vdisk, file)
+        .map_err(|e| e.to_string())?;
+    let target = Incoming::repair(&path).map_err(|e| e.to_string())?;
+    let agent = peer::agent();
+    let per = HASH_BLOCK / CHUNK;
+    for &block in &bad {
+        let (from, to) = (block * per, (block + 1) * per);
+        let mut last = String::new();
+        let mut fixed = false;
+        for p in &peers {
+            let req = peer::layer_path(vdisk, file, Some((from, to)));
+            match peer::get(&agent, p, &secret, &server.config.name, &req) {
+                Ok(data) => {
+                    count(&server.replication.received_bytes, data.len() as u64);
+                    target
+                        .write_range(from, to, &data)
+                        .map_err(|e| e.to_string())?;
+                    fixed = true;
+                    break;
+                }
+                Err(e) => last = e,
+            }
+        }
+        if !fixed {
+            return Err(format!("no peer gave block {block}: {last}"));
+        }
+    }
+    std::fs::File::open(&path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| e.to_string())?;
+    let still = bad_blocks(server, &chain, i).map_err(|e| e.to_string())?;
+    if !still.is_empty() {
+        return Err(format!("blocks {still:?} still fail after the repair"));
+    }
+    Ok(bad.len() as u64)
+}

@@ -1,0 +1,337 @@
+//! Copying one version's missing layers from peers.
+//!
+//! Each layer is received into `replication/NAME/FILE.partial` in segments
+//! of 16 MiB of logical disk, by one worker per peer (up to
+//! [`MAX_PEERS`]) taking segments from a shared queue, so several peers
+//! serve one transfer at once. A segment is recorded in the journal once its
+//! data is durable; after a crash or a cut the transfer resumes with the
+//! segments not recorded. A peer that fails hands its segment back and
+//! drops out; the others finish. When every layer is here, the whole
+//! version is read against its block hashes and the catalog's content hash
+//! before the store takes it.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use vstream_api::{Catalog, ServerStatus};
+use vstream_image::hash;
+use vstream_image::replica::Incoming;
+use vstream_image::{verify_layers, ImageError};
+
+use super::peer::{self, Peer};
+use super::{count, Key};
+use crate::state::Server;
+
+/// Most peers one layer is pulled from at once.
+pub const MAX_PEERS: usize = 4;
+/// How often received segments are made durable and journalled.
+const COMMIT_EVERY: Duration = Duration::from_millis(500);
+
+/// The live peers holding verified copies of each of `files`; an error
+/// names a file no live peer holds.
+pub fn peers_for(
+    server: &Server,
+    servers: &[ServerStatus],
+    vdisk: &str,
+    files: &[String],
+) -> Result<Vec<Peer>, String> {
+    let mut all = Vec::new();
+    for f in files {
+        let holders = holders(server, servers, vdisk, f);
+        if holders.is_empty() {
+            return Err(format!(
+                "no live server holds layer {f} verified; waiting for one"
+            ));
+        }
+        for p in holders {
+            if !all.contains(&p) {
+                all.push(p);
+            }
+        }
+    }
+    Ok(all)
+}
+
+fn holders(server: &Server, servers: &[ServerStatus], vdisk: &str, file: &str) -> Vec<Peer> {
+    servers
+        .iter()
+        .filter(|s| s.name != server.config.name)
+        .filter(|s| {
+            s.versions
+                .iter()
+                .any(|v| v.vdisk == vdisk && v.verified && v.layers.iter().any(|l| l == file))
+        })
+        .map(|s| Peer {
+            name: s.name.clone(),
+            api: s.api.clone(),
+        })
+        .collect()
+}
+
+/// Copies version `number` of `cat` (whose layers `missing` are not here),
+/// then lets the store take it.
+pub async fn run(server: Arc<Server>, cat: Catalog, number: u32, missing: Vec<String>) {
+    let key: Key = (cat.vdisk.clone(), number);
+    let r = &server.replication;
+    let s = server.clone();
+    let c = cat.clone();
+    let files = missing.clone();
+    let copied = tokio::task::spawn_blocking(move || copy_version(&s, &c, number, &files)).await;
+    let outcome = match copied {
+        Ok(Ok(())) => {
+            let _lock = server.lock_vdisk(&cat.vdisk).await;
+            super::follow(&server, &cat, &missing)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(format!("the transfer task failed: {e}")),
+    };
+    match outcome {
+        Ok(_) => {
+            let hash = cat
+                .version(number)
+                .and_then(|v| v.content_hash.clone())
+                .unwrap_or_default();
+            server.membership.mark_verified(&cat.vdisk, number, &hash);
+            tracing::info!(vdisk = %cat.vdisk, version = number, "replica copied and verified");
+            r.progress.lock().remove(&key);
+        }
+        Err(e) => {
+            tracing::warn!(vdisk = %cat.vdisk, version = number, error = %e, "replication stopped; it resumes where it stopped");
+            r.set_progress(&key, vstream_api::ReplicaState::Queued, Some(e));
+            // Not straight back at a failing peer.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+    r.running.lock().remove(&key);
+}
+
+fn copy_version(
+    server: &Server,
+    cat: &Catalog,
+    number: u32,
+    missing: &[String],
+) -> Result<(), String> {
+    let _idle = IdleIo::enter();
+    let name = &cat.vdisk;
+    let version = cat
+        .version(number)
+        .ok_or_else(|| format!("version {number} left the catalog"))?;
+    let dir = server.store.replication_dir().join(name);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let key: Key = (name.clone(), number);
+    let started = Instant::now();
+    let done_before = Arc::new(Mutex::new(0u64));
+    for file in missing {
+        if dir.join(file).exists() {
+            continue;
+        }
+        let view = server.membership.view();
+        let peers: Vec<Peer> = holders(server, &view.servers, name, file)
+            .into_iter()
+            .take(MAX_PEERS)
+            .collect();
+        if peers.is_empty() {
+            return Err(format!("no live server holds layer {file} verified"));
+        }
+        // The layer's own content hash, when a version has it as its top.
+        let expected = cat
+            .versions
+            .iter()
+            .find(|v| v.layers.last() == Some(file))
+            .and_then(|v| v.content_hash.as_deref())
+            .and_then(hash::from_hex);
+        copy_layer(
+            server,
+            &key,
+            &peers,
+            &dir,
+            file,
+            expected,
+            started,
+            &done_before,
+        )?;
+    }
+    // Every layer here: check the whole version before the store takes it.
+    let expected = version
+        .content_hash
+        .clone()
+        .ok_or_else(|| format!("version {number} has no content hash"))?;
+    let layers = version
+        .layers
+        .iter()
+        .map(|f| {
+            let in_store = server
+                .store
+                .layer_path(name, f)
+                .map_err(|e| e.to_string())?;
+            let path = if in_store.exists() {
+                in_store
+            } else {
+                dir.join(f)
+            };
+            server
+                .store
+                .open_layer_at(&path, cat.size)
+                .map_err(|e| e.to_string())
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    if let Err(e) = verify_layers(&layers, &expected) {
+        // A received file that fails is dropped, to be fetched again.
+        for f in missing {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+        return Err(format!("the copy failed verification, fetching again: {e}"));
+    }
+    Ok(())
+}
+
+/// Receives one layer, resuming a partial file, from `peers` at once.
+#[allow(clippy::too_many_arguments)]
+fn copy_layer(
+    server: &Server,
+    key: &Key,
+    peers: &[Peer],
+    dir: &Path,
+    file: &str,
+    expected: Option<hash::Hash>,
+    started: Instant,
+    done_before: &Arc<Mutex<u64>>,
+) -> Result<(), String> {
+    let r = &server.replication;
+    let secret = r
+        .secret()
+        .ok_or("the farm's peer secret is not known yet")?;
+    let me = &server.config.name;
+    let agent = peer::agent();
+    let mut meta = Err(String::from("no peer"));
+    for p in peers {
+        meta = peer::get(
+            &agent,
+            p,
+            &secret,
+            me,
+            &peer::layer_path(&key.0, file, None),
+        );
+        if meta.is_ok() {
+            break;
+        }
+    }
+    let meta = meta?;
+    count(&r.received_bytes, meta.len() as u64);
+    let partial = dir.join(format!("{file}.partial"));
+    let inc = Incoming::open(&partial, &meta, expected).map_err(|e| e.to_string())?;
+    let queue: Mutex<VecDeque<usize>> = Mutex::new(inc.missing().into());
+    let (already, total) = inc.progress();
+    if already > 0 {
+        tracing::info!(vdisk = %key.0, layer = %file, bytes = already, "resuming a partial copy");
+    }
+    let base = *done_before.lock();
+    let received = Mutex::new(already);
+    let inc = RwLock::new(inc);
+    let pending: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+    let last_commit = Mutex::new(Instant::now());
+    let failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let commit = |force: bool| -> Result<(), String> {
+        let mut last = last_commit.lock();
+        if !force && last.elapsed() < COMMIT_EVERY {
+            return Ok(());
+        }
+        let segs: Vec<usize> = std::mem::take(&mut *pending.lock());
+        inc.write().commit(&segs).map_err(|e| e.to_string())?;
+        *last = Instant::now();
+        Ok(())
+    };
+    std::thread::scope(|scope| {
+        for p in peers {
+            let (queue, inc, received, pending, failures) =
+                (&queue, &inc, &received, &pending, &failures);
+            let commit = &commit;
+            let agent = agent.clone();
+            let secret = secret.clone();
+            scope.spawn(move || {
+                let _idle = IdleIo::enter();
+                loop {
+                    let Some(seg) = queue.lock().pop_front() else {
+                        return;
+                    };
+                    let (from, to) = inc.read().segment(seg);
+                    let len = inc.read().data_len(from, to);
+                    if len > 0 {
+                        r.throttle.take(len);
+                        let path = peer::layer_path(&key.0, file, Some((from, to)));
+                        let got = peer::get(&agent, p, &secret, me, &path).and_then(|data| {
+                            inc.read()
+                                .write_range(from, to, &data)
+                                .map_err(|e| e.to_string())
+                        });
+                        if let Err(e) = got {
+                            queue.lock().push_back(seg);
+                            tracing::warn!(peer = %p.name, layer = %file, error = %e, "a peer failed; the others go on");
+                            failures.lock().push(e);
+                            return;
+                        }
+                        count(&r.received_bytes, len);
+                    }
+                    pending.lock().push(seg);
+                    let now = {
+                        let mut n = received.lock();
+                        *n += len;
+                        *n
+                    };
+                    let secs = started.elapsed().as_secs_f64().max(0.001);
+                    r.update_bytes(key, base + now, base + total, ((base + now) as f64 / secs) as u64);
+                    if let Err(e) = commit(false) {
+                        failures.lock().push(e);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    commit(true)?;
+    let inc = inc.into_inner();
+    if !inc.missing().is_empty() {
+        let why = failures.lock().join("; ");
+        return Err(format!(
+            "{} segments of layer {file} could not be fetched: {why}",
+            inc.missing().len()
+        ));
+    }
+    inc.finish(&dir.join(file))
+        .map_err(|e: ImageError| e.to_string())?;
+    *done_before.lock() += total;
+    Ok(())
+}
+
+/// While held, this thread's disk I/O has the idle priority class: device
+/// streaming comes first. Restores the previous class on drop.
+pub struct IdleIo(Option<i64>);
+
+const IOPRIO_WHO_PROCESS: i64 = 1;
+const IOPRIO_CLASS_IDLE: i64 = 3;
+const IOPRIO_CLASS_SHIFT: i64 = 13;
+
+impl IdleIo {
+    pub fn enter() -> IdleIo {
+        // SAFETY: plain syscalls on the calling thread (who 0), no memory involved.
+        let prev = unsafe { libc::syscall(libc::SYS_ioprio_get, IOPRIO_WHO_PROCESS, 0) };
+        let idle = IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT;
+        // SAFETY: as above.
+        let set = unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, idle) };
+        IdleIo((prev >= 0 && set == 0).then_some(prev))
+    }
+}
+
+impl Drop for IdleIo {
+    fn drop(&mut self) {
+        if let Some(prev) = self.0 {
+            // SAFETY: as in `enter`.
+            unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, prev) };
+        }
+    }
+}
