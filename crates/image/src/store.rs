@@ -618,6 +618,29 @@ impl Store {
         Ok(version)
     }
 
+    /// Seals version `number` where it stands (an imported version 1 that
+    /// no device writes), so that it can be replicated.
+    pub fn seal_version(&self, name: &str, number: u32, now: u64) -> Result<Version, ImageError> {
+        let _op = self.ops.lock();
+        let mut props = self.properties(name)?;
+        let mut version = props
+            .version(number)
+            .filter(|v| v.is_live() && v.state != VersionState::Maintenance)
+            .ok_or_else(|| {
+                ImageError::Invalid(format!("vDisk {name} has no version {number} to seal"))
+            })?
+            .clone();
+        if version.is_sealed() {
+            return Ok(version);
+        }
+        self.seal(&props, &mut version, now)?;
+        *props
+            .version_mut(number)
+            .ok_or_else(|| ImageError::Invalid("version vanished".into()))? = version.clone();
+        self.save(&props)?;
+        Ok(version)
+    }
+
     /// Makes the previous production version production again; the newest one
     /// goes back to test. Returns the version now in production.
     pub fn rollback(&self, name: &str) -> Result<Version, ImageError> {

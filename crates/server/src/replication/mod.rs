@@ -522,8 +522,7 @@ async fn seal_for_peers(
     let name = cat.vdisk.clone();
     let before = local.clone();
     let sealed = tokio::task::spawn_blocking(move || {
-        s.store
-            .promote(&name, number, VersionState::Production, now_unix())?;
+        s.store.seal_version(&name, number, now_unix())?;
         s.store.properties(&name)
     })
     .await;

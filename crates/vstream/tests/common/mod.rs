@@ -79,6 +79,8 @@ pub struct TestServer {
     pub host: String,
     /// A command the server runs under (`ip netns exec NS`).
     pub wrap: Vec<String>,
+    /// Environment variables it runs with (kept for restarts).
+    pub env: Vec<(String, String)>,
 }
 
 impl TestServer {
@@ -89,6 +91,24 @@ impl TestServer {
             data,
             &["--farm", &format!("etcd://{endpoint}"), "--name", name],
         )
+    }
+
+    /// Like [`TestServer::start_in_farm`], with more flags and environment variables.
+    pub fn start_in_farm_with(
+        data: PathBuf,
+        etcd: &str,
+        name: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> TestServer {
+        let farm = format!("etcd://{}", etcd.trim_start_matches("http://"));
+        let mut flags = vec!["--farm", &farm, "--name", name];
+        flags.extend_from_slice(extra);
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        TestServer::start_full(data, "127.0.0.1", &[], &flags, env)
     }
 
     /// Starts a server on a new data folder.
@@ -111,6 +131,16 @@ impl TestServer {
 
     /// Starts a server listening on `host`, run under the command `wrap`.
     pub fn start_wrapped(data: PathBuf, host: &str, wrap: &[&str], extra: &[&str]) -> TestServer {
+        TestServer::start_full(data, host, wrap, extra, Vec::new())
+    }
+
+    fn start_full(
+        data: PathBuf,
+        host: &str,
+        wrap: &[&str],
+        extra: &[&str],
+        env: Vec<(String, String)>,
+    ) -> TestServer {
         std::fs::create_dir_all(&data).expect("creating the data folder");
         // Another test may take a port between picking and binding: retry.
         for attempt in 0.. {
@@ -128,6 +158,7 @@ impl TestServer {
                 extra: extra.iter().map(|s| s.to_string()).collect(),
                 host: host.to_string(),
                 wrap: wrap.iter().map(|s| s.to_string()).collect(),
+                env: env.clone(),
             };
             match s.try_spawn(api_port) {
                 Ok(()) => return s,
@@ -164,6 +195,7 @@ impl TestServer {
             .arg(format!("unix:{}", self.sock.display()))
             .args(["--api", &format!("{host}:{api_port}")])
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)

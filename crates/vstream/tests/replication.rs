@@ -1,0 +1,350 @@
+//! Replication between the servers of a farm on a real etcd: versions made on
+//! one server reach the others by themselves, only their new data travels,
+//! transfers resume and move between peers, the scrub repairs, the windows
+//! hold, and strangers are refused.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::nbd::{read_exports, Nbd};
+use common::{
+    have, have_netns, have_python_nbd, random_image, wait_for, NetNs, TestAgent, TestEtcd,
+    TestServer,
+};
+
+const MIB: u64 = 1 << 20;
+
+fn tools() -> Option<TestEtcd> {
+    if !have("curl") || !have_python_nbd() {
+        return None;
+    }
+    TestEtcd::start()
+}
+
+fn start(etcd: &TestEtcd, dir: &Path, name: &str, extra: &[&str]) -> TestServer {
+    TestServer::start_in_farm_with(dir.join(name), &etcd.url, name, extra, &[])
+}
+
+/// `vstream replication status --json`, as seen from `s`.
+fn status(s: &TestServer) -> Vec<serde_json::Value> {
+    let out = s.cli(&["replication", "status", "--json"]);
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+fn row(rows: &[serde_json::Value], server: &str, vdisk: &str, version: u64) -> Option<serde_json::Value> {
+    rows.iter()
+        .find(|r| r["server"] == server && r["vdisk"] == vdisk && r["version"] == version)
+        .cloned()
+}
+
+/// Waits until `server` holds `vdisk@version` in `state`, as `s` reports it.
+fn wait_state(s: &TestServer, server: &str, vdisk: &str, version: u64, state: &str, secs: u64) {
+    wait_for(secs, &format!("{vdisk}@{version} {state} on {server}"), || {
+        let r = row(&status(s), server, vdisk, version)?;
+        (r["state"] == state).then_some(())
+    });
+}
+
+/// A counter from the server's `/metrics`.
+fn metric(s: &TestServer, name: &str) -> u64 {
+    let out = Command::new("curl")
+        .args(["-sf", "-H", &format!("Authorization: Bearer {}", s.token())])
+        .arg(format!("{}/metrics", s.api))
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name}"))
+}
+
+/// Imports a random image as Standard-mode vDisk `name` on `s`.
+fn import(s: &TestServer, dir: &Path, name: &str, size: u64, seed: u64) -> Vec<u8> {
+    let image = dir.join(format!("{name}.raw"));
+    random_image(&image, size, seed);
+    s.cli_ok(&["vdisk", "import", name, image.to_str().unwrap()]);
+    s.cli_ok(&["vdisk", "set", name, "--mode", "standard", "--cache-type", "device"]);
+    std::fs::read(&image).expect("image")
+}
+
+fn mac(d: usize) -> String {
+    format!("52:54:00:00:05:{d:02x}")
+}
+
+#[test]
+fn a_promoted_version_reaches_every_server_and_devices_boot_it() {
+    let Some(etcd) = tools() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let servers: Vec<TestServer> = ["s1", "s2", "s3"]
+        .iter()
+        .map(|n| start(&etcd, dir.path(), n, &[]))
+        .collect();
+    let mut expected = import(&servers[0], dir.path(), "demo", 32 * MIB, 11);
+    for s in ["s1", "s2", "s3"] {
+        wait_state(&servers[0], s, "demo", 1, "verified", 60);
+    }
+    let before: Vec<u64> = servers
+        .iter()
+        .map(|s| metric(s, "vstream_replication_received_bytes_total"))
+        .collect();
+    // A maintenance device changes 1 MiB here and 64 KiB there on s1.
+    let s1 = &servers[0];
+    s1.cli_ok(&["device", "add", "m1", "--mac", &mac(99), "--vdisk", "demo", "--type", "maintenance"]);
+    s1.cli_ok(&["version", "new", "demo"]);
+    let mut m = Nbd::connect(&s1.url("device/m1"));
+    m.ok(&format!("fill 0 {} 0x5a", MIB));
+    m.ok(&format!("fill {} 65536 0xa5", 20 * MIB));
+    m.ok("flush");
+    m.quit();
+    expected[..MIB as usize].fill(0x5a);
+    expected[20 * MIB as usize..20 * MIB as usize + 65536].fill(0xa5);
+    wait_for(20, "m1 to disconnect", || {
+        let out = s1.cli_ok(&["device", "list", "--json"]);
+        (!out.contains("\"server\":\"s1\"") || !out.contains("m1")).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    s1.cli_ok(&["version", "promote", "demo", "2", "--to", "production"]);
+    for s in ["s1", "s2", "s3"] {
+        wait_state(s1, s, "demo", 2, "verified", 60);
+    }
+    // Only the new layer's data travelled (plus its metadata: bitmap, tree).
+    let own = MIB + 65536;
+    for (i, s) in servers.iter().enumerate().skip(1) {
+        let got = metric(s, "vstream_replication_received_bytes_total") - before[i];
+        assert!(
+            got >= own && got <= own + own / 50 + 64 * 1024,
+            "server s{} received {got} bytes for a {own}-byte change",
+            i + 1
+        );
+    }
+    // Devices log in on every server and read version 2.
+    let apis: Vec<&str> = servers.iter().map(|s| s.api.as_str()).collect();
+    for d in 1..=3 {
+        s1.cli_ok(&["device", "add", &format!("pc{d}"), "--mac", &mac(d), "--vdisk", "demo"]);
+    }
+    let agents: Vec<TestAgent> = (1..=3)
+        .map(|d| TestAgent::start(dir.path(), &format!("pc{d}"), &mac(d), &apis, "ram:16MiB"))
+        .collect();
+    let mut on: Vec<String> = agents
+        .iter()
+        .map(|a| {
+            let log = a.log_text();
+            let line = log.lines().find(|l| l.contains("logged in")).unwrap_or_default().to_string();
+            assert!(line.contains("version=2"), "{log}");
+            line.split(" server=").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_default().to_string()
+        })
+        .collect();
+    on.sort();
+    assert_eq!(on, ["s1", "s2", "s3"], "one device on each server");
+    let urls: Vec<String> = agents.iter().map(|a| format!("nbd+unix:///?socket={}", a.sock.display())).collect();
+    for (i, got) in read_exports(&urls).into_iter().enumerate() {
+        let got = got.unwrap_or_else(|e| panic!("device {i}: {e}"));
+        assert!(got == expected, "device pc{} read other bytes", i + 1);
+    }
+}
+
+#[test]
+fn a_receiver_killed_mid_transfer_resumes_where_it_stopped() {
+    let Some(etcd) = tools() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let s1 = start(&etcd, dir.path(), "s1", &[]);
+    let mut s2 = start(&etcd, dir.path(), "s2", &["--replication-rate", "6M"]);
+    let size = 64 * MIB;
+    import(&s1, dir.path(), "big", size, 5);
+    wait_for(60, "s2 to be a third of the way", || {
+        let r = row(&status(&s1), "s2", "big", 1)?;
+        (r["state"] == "copying" && r["bytes_done"].as_u64()? > size / 3).then_some(())
+    });
+    s2.kill9();
+    s2.restart();
+    wait_state(&s1, "s2", "big", 1, "verified", 60);
+    let after_restart = metric(&s2, "vstream_replication_received_bytes_total");
+    assert!(
+        after_restart < size * 3 / 4,
+        "after the restart s2 fetched {after_restart} bytes of {size}: it started over"
+    );
+    assert!(s2.log_text().contains("resuming a partial copy"), "{}", s2.log_text());
+    let partials = std::fs::read_dir(s2.data.join("replication/big")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(partials, 0, "no partial file is left behind");
+}
+
+#[test]
+fn a_transfer_goes_on_from_another_peer_when_its_sender_is_cut_off() {
+    if !have_netns() || !have("curl") || !have_python_nbd() {
+        return;
+    }
+    let Some(etcd) = TestEtcd::start_on(true) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ns = NetNs::create(7);
+    let wrap = ns.wrap();
+    let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
+    let farm = format!("etcd://{}:{}", ns.outside, etcd.port());
+    // s1 lives behind a veth pair that the test can silence; s2 on loopback.
+    let s1 = TestServer::start_wrapped(dir.path().join("s1"), &ns.inside, &wrap, &["--farm", &farm, "--name", "s1"]);
+    let s2 = start(&etcd, dir.path(), "s2", &[]);
+    let image = import(&s1, dir.path(), "v", 64 * MIB, 3);
+    wait_state(&s2, "s2", "v", 1, "verified", 60);
+    // s3 copies from both, slowly; s1 goes silent in the middle.
+    let s3 = TestServer::start_in_farm_with(
+        dir.path().join("s3"),
+        &format!("http://{}:{}", ns.outside, etcd.port()),
+        "s3",
+        &["--replication-rate", "8M"],
+        &[],
+    );
+    wait_for(60, "s3 to be copying", || {
+        let r = row(&status(&s2), "s3", "v", 1)?;
+        (r["state"] == "copying" && r["bytes_done"].as_u64()? > 8 * MIB).then_some(())
+    });
+    ns.silence();
+    wait_state(&s2, "s3", "v", 1, "verified", 90);
+    let log = s3.log_text();
+    assert!(
+        log.contains("a peer failed; the others go on") && log.contains("peer=s1"),
+        "s3 never lost s1:\n{log}"
+    );
+    // And what it holds is the image, byte for byte.
+    let layer_dir = s3.data.join("vdisks/v");
+    assert!(layer_dir.join("vdisk.toml").exists());
+    ns.restore();
+    drop(s1);
+    let mac = mac(42);
+    s2.cli_ok(&["device", "add", "pc42", "--mac", &mac, "--vdisk", "v"]);
+    let agent = TestAgent::start(dir.path(), "pc42", &mac, &[s3.api.as_str()], "ram:16MiB");
+    let url = format!("nbd+unix:///?socket={}", agent.sock.display());
+    let got = read_exports(&[url]).remove(0).expect("read");
+    assert!(got == image, "the copy differs from the image");
+}
+
+#[test]
+fn a_flipped_byte_is_found_by_the_scrub_and_repaired_from_a_peer() {
+    let Some(etcd) = tools() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut s1 = start(&etcd, dir.path(), "s1", &[]);
+    let s2 = start(&etcd, dir.path(), "s2", &["--scrub-interval", "2"]);
+    import(&s1, dir.path(), "d", 16 * MIB, 9);
+    wait_state(&s2, "s2", "d", 1, "verified", 60);
+    s2.cli_ok(&["device", "add", "pc1", "--mac", &mac(1), "--vdisk", "d"]);
+    // The only peer goes away; then a byte of s2's copy flips.
+    s1.kill9();
+    let layer = std::fs::read_dir(s2.data.join("vdisks/d"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "layer"))
+        .expect("a layer file");
+    let len = std::fs::metadata(&layer).unwrap().len();
+    let at = len - 16 * MIB + 5 * MIB + 123;
+    let original = flip(&layer, at);
+    wait_state(&s2, "s2", "d", 1, "corrupt", 30);
+    // Not offered: a device cannot log in to that version anywhere.
+    let login = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
+        .args(["-H", "Content-Type: application/json"])
+        .args(["-d", &format!("{{\"mac\":\"{}\"}}", mac(1))])
+        .arg(format!("{}/api/v1/login", s2.api))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&login.stdout), "503", "login while corrupt");
+    assert!(metric(&s2, "vstream_scrub_corrupt_blocks_total") >= 1);
+    // The peer returns: the block is fetched again and the copy is offered again.
+    s1.restart();
+    wait_state(&s2, "s2", "d", 1, "verified", 60);
+    assert_eq!(read_byte(&layer, at), original, "the byte was repaired");
+    assert!(metric(&s2, "vstream_scrub_repaired_blocks_total") >= 1);
+}
+
+fn flip(path: &Path, at: u64) -> u8 {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[!b[0]], at).unwrap();
+    f.sync_all().unwrap();
+    b[0]
+}
+
+fn read_byte(path: &Path, at: u64) -> u8 {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8];
+    std::fs::File::open(path).unwrap().read_exact_at(&mut b, at).unwrap();
+    b[0]
+}
+
+#[test]
+fn replication_waits_for_its_window_and_an_order_starts_it_at_once() {
+    let Some(etcd) = tools() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // 2026-11-25 12:00 UTC, a Wednesday; the window opens at 22:00.
+    let noon = 1_795_608_000u64;
+    let clock = dir.path().join("clock");
+    std::fs::write(&clock, noon.to_string()).unwrap();
+    let s1 = start(&etcd, dir.path(), "s1", &[]);
+    let s2 = TestServer::start_in_farm_with(
+        dir.path().join("s2"),
+        &etcd.url,
+        "s2",
+        &["--replication-window", "22:00-06:00"],
+        &[("VSTREAM_CLOCK_FILE", clock.to_str().unwrap())],
+    );
+    import(&s1, dir.path(), "a", 8 * MIB, 1);
+    import(&s1, dir.path(), "b", 8 * MIB, 2);
+    for v in ["a", "b"] {
+        wait_state(&s1, "s2", v, 1, "queued", 30);
+    }
+    let r = row(&status(&s1), "s2", "a", 1).unwrap();
+    assert!(r["note"].as_str().unwrap_or("").contains("outside the replication windows"), "{r}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(row(&status(&s1), "s2", "a", 1).unwrap()["state"], "queued", "it waited");
+    // An order starts a at once, and only a.
+    let said = s1.cli_ok(&["replication", "start", "a"]);
+    assert!(said.contains("a@1"), "{said}");
+    wait_state(&s1, "s2", "a", 1, "verified", 30);
+    assert_eq!(row(&status(&s1), "s2", "b", 1).unwrap()["state"], "queued");
+    // 23:00: inside the window, b goes too.
+    std::fs::write(&clock, (noon + 11 * 3600).to_string()).unwrap();
+    wait_state(&s1, "s2", "b", 1, "verified", 30);
+    drop(s2);
+}
+
+#[test]
+fn a_stranger_can_neither_pull_nor_push() {
+    let Some(etcd) = tools() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let s1 = start(&etcd, dir.path(), "s1", &[]);
+    let s2 = start(&etcd, dir.path(), "s2", &[]);
+    import(&s1, dir.path(), "d", 4 * MIB, 4);
+    wait_state(&s1, "s2", "d", 1, "verified", 60);
+    let file = std::fs::read_dir(s1.data.join("vdisks/d"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|f| f.ends_with(".layer"))
+        .unwrap();
+    let url = format!("{}/peer/v1/vdisks/d/layers/{file}/data?from=0&to=16", s1.api);
+    let code = |args: &[&str]| {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(args)
+            .arg(&url)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(code(&[]), "401", "no credentials");
+    // A server of another farm has a secret of its own; the admin token is not one either.
+    let stranger = TestServer::start();
+    let theirs = format!("Authorization: Bearer {}", stranger.token());
+    assert_eq!(code(&["-H", &theirs]), "403");
+    let admin = format!("Authorization: Bearer {}", s1.token());
+    assert_eq!(code(&["-H", &admin]), "403");
+    // There is nothing to push to.
+    assert_eq!(code(&["-X", "PUT", "-H", &admin, "--data-binary", "x"]), "405");
+    assert!(s1.log_text().contains("wrong secret"), "the refusal is logged");
+}
