@@ -10,10 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::nbd::{read_exports, Nbd};
-use common::{
-    have, have_netns, have_python_nbd, random_image, wait_for, NetNs, TestAgent, TestEtcd,
-    TestServer,
-};
+use common::{have, have_netns, have_python_nbd, wait_for, NetNs, TestAgent, TestEtcd, TestServer};
 
 const MIB: u64 = 1 << 20;
 
@@ -34,7 +31,12 @@ fn status(s: &TestServer) -> Vec<serde_json::Value> {
     serde_json::from_slice(&out.stdout).unwrap_or_default()
 }
 
-fn row(rows: &[serde_json::Value], server: &str, vdisk: &str, version: u64) -> Option<serde_json::Value> {
+fn row(
+    rows: &[serde_json::Value],
+    server: &str,
+    vdisk: &str,
+    version: u64,
+) -> Option<serde_json::Value> {
     rows.iter()
         .find(|r| r["server"] == server && r["vdisk"] == vdisk && r["version"] == version)
         .cloned()
@@ -42,10 +44,20 @@ fn row(rows: &[serde_json::Value], server: &str, vdisk: &str, version: u64) -> O
 
 /// Waits until `server` holds `vdisk@version` in `state`, as `s` reports it.
 fn wait_state(s: &TestServer, server: &str, vdisk: &str, version: u64, state: &str, secs: u64) {
-    wait_for(secs, &format!("{vdisk}@{version} {state} on {server}"), || {
-        let r = row(&status(s), server, vdisk, version)?;
-        (r["state"] == state).then_some(())
-    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    let mut last = None;
+    while std::time::Instant::now() < deadline {
+        last = row(&status(s), server, vdisk, version);
+        if last.as_ref().is_some_and(|r| r["state"] == state) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "gave up after {secs} s waiting for {vdisk}@{version} {state} on {server}; last: {last:?}\nlog of {}:\n{}",
+        s.api,
+        s.log_text()
+    );
 }
 
 /// A counter from the server's `/metrics`.
@@ -62,12 +74,30 @@ fn metric(s: &TestServer, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no metric {name}"))
 }
 
-/// Imports a random image as Standard-mode vDisk `name` on `s`.
+/// An image of `size` random bytes, every block of it data.
+fn dense_image(path: &Path, size: u64, seed: u64) {
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut data = vec![0u8; size as usize];
+    rng.fill_bytes(&mut data);
+    std::fs::write(path, data).expect("image");
+}
+
+/// Imports a random image, every block of it data, as Standard-mode vDisk
+/// `name` on `s`.
 fn import(s: &TestServer, dir: &Path, name: &str, size: u64, seed: u64) -> Vec<u8> {
     let image = dir.join(format!("{name}.raw"));
-    random_image(&image, size, seed);
+    dense_image(&image, size, seed);
     s.cli_ok(&["vdisk", "import", name, image.to_str().unwrap()]);
-    s.cli_ok(&["vdisk", "set", name, "--mode", "standard", "--cache-type", "device"]);
+    s.cli_ok(&[
+        "vdisk",
+        "set",
+        name,
+        "--mode",
+        "standard",
+        "--cache-type",
+        "device",
+    ]);
     std::fs::read(&image).expect("image")
 }
 
@@ -93,7 +123,17 @@ fn a_promoted_version_reaches_every_server_and_devices_boot_it() {
         .collect();
     // A maintenance device changes 1 MiB here and 64 KiB there on s1.
     let s1 = &servers[0];
-    s1.cli_ok(&["device", "add", "m1", "--mac", &mac(99), "--vdisk", "demo", "--type", "maintenance"]);
+    s1.cli_ok(&[
+        "device",
+        "add",
+        "m1",
+        "--mac",
+        &mac(99),
+        "--vdisk",
+        "demo",
+        "--type",
+        "maintenance",
+    ]);
     s1.cli_ok(&["version", "new", "demo"]);
     let mut m = Nbd::connect(&s1.url("device/m1"));
     m.ok(&format!("fill 0 {} 0x5a", MIB));
@@ -124,7 +164,15 @@ fn a_promoted_version_reaches_every_server_and_devices_boot_it() {
     // Devices log in on every server and read version 2.
     let apis: Vec<&str> = servers.iter().map(|s| s.api.as_str()).collect();
     for d in 1..=3 {
-        s1.cli_ok(&["device", "add", &format!("pc{d}"), "--mac", &mac(d), "--vdisk", "demo"]);
+        s1.cli_ok(&[
+            "device",
+            "add",
+            &format!("pc{d}"),
+            "--mac",
+            &mac(d),
+            "--vdisk",
+            "demo",
+        ]);
     }
     let agents: Vec<TestAgent> = (1..=3)
         .map(|d| TestAgent::start(dir.path(), &format!("pc{d}"), &mac(d), &apis, "ram:16MiB"))
@@ -133,14 +181,25 @@ fn a_promoted_version_reaches_every_server_and_devices_boot_it() {
         .iter()
         .map(|a| {
             let log = a.log_text();
-            let line = log.lines().find(|l| l.contains("logged in")).unwrap_or_default().to_string();
+            let line = log
+                .lines()
+                .find(|l| l.contains("logged in"))
+                .unwrap_or_default()
+                .to_string();
             assert!(line.contains("version=2"), "{log}");
-            line.split(" server=").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_default().to_string()
+            line.split(" server=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .unwrap_or_default()
+                .to_string()
         })
         .collect();
     on.sort();
     assert_eq!(on, ["s1", "s2", "s3"], "one device on each server");
-    let urls: Vec<String> = agents.iter().map(|a| format!("nbd+unix:///?socket={}", a.sock.display())).collect();
+    let urls: Vec<String> = agents
+        .iter()
+        .map(|a| format!("nbd+unix:///?socket={}", a.sock.display()))
+        .collect();
     for (i, got) in read_exports(&urls).into_iter().enumerate() {
         let got = got.unwrap_or_else(|e| panic!("device {i}: {e}"));
         assert!(got == expected, "device pc{} read other bytes", i + 1);
@@ -167,8 +226,14 @@ fn a_receiver_killed_mid_transfer_resumes_where_it_stopped() {
         after_restart < size * 3 / 4,
         "after the restart s2 fetched {after_restart} bytes of {size}: it started over"
     );
-    assert!(s2.log_text().contains("resuming a partial copy"), "{}", s2.log_text());
-    let partials = std::fs::read_dir(s2.data.join("replication/big")).map(|d| d.count()).unwrap_or(0);
+    assert!(
+        s2.log_text().contains("resuming a partial copy"),
+        "{}",
+        s2.log_text()
+    );
+    let partials = std::fs::read_dir(s2.data.join("replication/big"))
+        .map(|d| d.count())
+        .unwrap_or(0);
     assert_eq!(partials, 0, "no partial file is left behind");
 }
 
@@ -186,24 +251,23 @@ fn a_transfer_goes_on_from_another_peer_when_its_sender_is_cut_off() {
     let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
     let farm = format!("etcd://{}:{}", ns.outside, etcd.port());
     // s1 lives behind a veth pair that the test can silence; s2 on loopback.
-    let s1 = TestServer::start_wrapped(dir.path().join("s1"), &ns.inside, &wrap, &["--farm", &farm, "--name", "s1"]);
+    let s1 = TestServer::start_wrapped(
+        dir.path().join("s1"),
+        &ns.inside,
+        &wrap,
+        &["--farm", &farm, "--name", "s1"],
+    );
     let s2 = start(&etcd, dir.path(), "s2", &[]);
     let image = import(&s1, dir.path(), "v", 64 * MIB, 3);
     wait_state(&s2, "s2", "v", 1, "verified", 60);
     // s3 copies from both, slowly; s1 goes silent in the middle.
-    let s3 = TestServer::start_in_farm_with(
-        dir.path().join("s3"),
-        &format!("http://{}:{}", ns.outside, etcd.port()),
-        "s3",
-        &["--replication-rate", "8M"],
-        &[],
-    );
+    let s3 = start(&etcd, dir.path(), "s3", &["--replication-rate", "8M"]);
     wait_for(60, "s3 to be copying", || {
         let r = row(&status(&s2), "s3", "v", 1)?;
         (r["state"] == "copying" && r["bytes_done"].as_u64()? > 8 * MIB).then_some(())
     });
     ns.silence();
-    wait_state(&s2, "s3", "v", 1, "verified", 90);
+    wait_state(&s3, "s3", "v", 1, "verified", 90);
     let log = s3.log_text();
     assert!(
         log.contains("a peer failed; the others go on") && log.contains("peer=s1"),
@@ -233,6 +297,12 @@ fn a_flipped_byte_is_found_by_the_scrub_and_repaired_from_a_peer() {
     s2.cli_ok(&["device", "add", "pc1", "--mac", &mac(1), "--vdisk", "d"]);
     // The only peer goes away; then a byte of s2's copy flips.
     s1.kill9();
+    wait_for(30, "s2 to see s1 down", || {
+        let out = s2.cli_ok(&["server", "list", "--json"]);
+        let list: serde_json::Value = serde_json::from_str(&out).ok()?;
+        let s1 = list.as_array()?.iter().find(|s| s["name"] == "s1")?.clone();
+        (s1["up"] == false).then_some(())
+    });
     let layer = std::fs::read_dir(s2.data.join("vdisks/d"))
         .unwrap()
         .flatten()
@@ -251,7 +321,11 @@ fn a_flipped_byte_is_found_by_the_scrub_and_repaired_from_a_peer() {
         .arg(format!("{}/api/v1/login", s2.api))
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&login.stdout), "503", "login while corrupt");
+    assert_eq!(
+        String::from_utf8_lossy(&login.stdout),
+        "503",
+        "login while corrupt"
+    );
     assert!(metric(&s2, "vstream_scrub_corrupt_blocks_total") >= 1);
     // The peer returns: the block is fetched again and the copy is offered again.
     s1.restart();
@@ -262,7 +336,11 @@ fn a_flipped_byte_is_found_by_the_scrub_and_repaired_from_a_peer() {
 
 fn flip(path: &Path, at: u64) -> u8 {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let mut b = [0u8];
     f.read_exact_at(&mut b, at).unwrap();
     f.write_all_at(&[!b[0]], at).unwrap();
@@ -273,7 +351,10 @@ fn flip(path: &Path, at: u64) -> u8 {
 fn read_byte(path: &Path, at: u64) -> u8 {
     use std::os::unix::fs::FileExt;
     let mut b = [0u8];
-    std::fs::File::open(path).unwrap().read_exact_at(&mut b, at).unwrap();
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut b, at)
+        .unwrap();
     b[0]
 }
 
@@ -299,9 +380,19 @@ fn replication_waits_for_its_window_and_an_order_starts_it_at_once() {
         wait_state(&s1, "s2", v, 1, "queued", 30);
     }
     let r = row(&status(&s1), "s2", "a", 1).unwrap();
-    assert!(r["note"].as_str().unwrap_or("").contains("outside the replication windows"), "{r}");
+    assert!(
+        r["note"]
+            .as_str()
+            .unwrap_or("")
+            .contains("outside the replication windows"),
+        "{r}"
+    );
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(row(&status(&s1), "s2", "a", 1).unwrap()["state"], "queued", "it waited");
+    assert_eq!(
+        row(&status(&s1), "s2", "a", 1).unwrap()["state"],
+        "queued",
+        "it waited"
+    );
     // An order starts a at once, and only a.
     let said = s1.cli_ok(&["replication", "start", "a"]);
     assert!(said.contains("a@1"), "{said}");
@@ -318,7 +409,7 @@ fn a_stranger_can_neither_pull_nor_push() {
     let Some(etcd) = tools() else { return };
     let dir = tempfile::tempdir().unwrap();
     let s1 = start(&etcd, dir.path(), "s1", &[]);
-    let s2 = start(&etcd, dir.path(), "s2", &[]);
+    let _s2 = start(&etcd, dir.path(), "s2", &[]);
     import(&s1, dir.path(), "d", 4 * MIB, 4);
     wait_state(&s1, "s2", "d", 1, "verified", 60);
     let file = std::fs::read_dir(s1.data.join("vdisks/d"))
@@ -327,7 +418,10 @@ fn a_stranger_can_neither_pull_nor_push() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .find(|f| f.ends_with(".layer"))
         .unwrap();
-    let url = format!("{}/peer/v1/vdisks/d/layers/{file}/data?from=0&to=16", s1.api);
+    let url = format!(
+        "{}/peer/v1/vdisks/d/layers/{file}/data?from=0&to=16",
+        s1.api
+    );
     let code = |args: &[&str]| {
         let out = Command::new("curl")
             .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
@@ -344,7 +438,13 @@ fn a_stranger_can_neither_pull_nor_push() {
     assert_eq!(code(&["-H", &theirs]), "403");
     let admin = format!("Authorization: Bearer {}", s1.token());
     assert_eq!(code(&["-H", &admin]), "403");
-    // There is nothing to push to.
-    assert_eq!(code(&["-X", "PUT", "-H", &admin, "--data-binary", "x"]), "405");
-    assert!(s1.log_text().contains("wrong secret"), "the refusal is logged");
+    // Nor can it push: the peer protocol has no way to send data to a server.
+    assert_eq!(
+        code(&["-X", "PUT", "-H", &theirs, "--data-binary", "x"]),
+        "403"
+    );
+    assert!(
+        s1.log_text().contains("wrong secret"),
+        "the refusal is logged"
+    );
 }
