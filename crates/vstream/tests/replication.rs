@@ -204,6 +204,37 @@ fn a_promoted_version_reaches_every_server_and_devices_boot_it() {
         let got = got.unwrap_or_else(|e| panic!("device {i}: {e}"));
         assert!(got == expected, "device pc{} read other bytes", i + 1);
     }
+    // A merge makes a new base: it is copied once, and the layers it
+    // replaces leave every store (the devices keep reading what they opened).
+    let before = metric(&servers[1], "vstream_replication_received_bytes_total");
+    s1.cli_ok(&["version", "merge", "demo"]);
+    for s in &servers {
+        wait_for(
+            60,
+            "the merged base in every store and the old layers gone",
+            || {
+                let files: Vec<String> = std::fs::read_dir(s.data.join("vdisks/demo"))
+                    .ok()?
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|f| f.ends_with(".layer"))
+                    .collect();
+                (files.len() == 1 && files[0].starts_with("m2-")).then_some(())
+            },
+        );
+    }
+    let got = metric(&servers[1], "vstream_replication_received_bytes_total") - before;
+    assert!(
+        (32 * MIB..32 * MIB + MIB).contains(&got),
+        "the merged base travelled once: {got} bytes"
+    );
+    for (i, got) in read_exports(&urls).into_iter().enumerate() {
+        assert!(
+            got.expect("read") == expected,
+            "device pc{} after the merge",
+            i + 1
+        );
+    }
 }
 
 #[test]

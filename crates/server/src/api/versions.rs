@@ -48,11 +48,25 @@ async fn operate<T: Send + 'static>(
         .await
         .map_err(|e| ApiError::new(e.status(), e.to_string()))?;
     let before = server.store.properties(name)?;
+    crate::replication::begin_change(server, name, &before)
+        .map_err(|e| ApiError::internal(format!("recording the change of vDisk {name}: {e}")))?;
     let srv = server.clone();
-    let out = blocking(move || op(&srv)).await?;
-    let after = server.store.properties(name)?;
-    crate::replication::publish_change(server, name, &before, &after).await?;
-    Ok(out)
+    let out = blocking(move || op(&srv)).await;
+    if out.is_ok() {
+        // What the operation sealed it hashed from the data just now, over
+        // layers checked before: verified as it stands.
+        for v in server.store.properties(name)?.versions {
+            let changed = before.version(v.number) != Some(&v);
+            if let (true, true, Some(h)) = (changed, v.is_sealed(), &v.content_hash) {
+                server.membership.mark_verified(name, v.number, h);
+            }
+        }
+    }
+    if let Err(e) = crate::replication::finish_change(server, name).await {
+        // It stays recorded here, and is published at the next reconcile.
+        tracing::warn!(vdisk = %name, error = %e, "the change is not in the farm's catalog yet");
+    }
+    out
 }
 
 /// Runs a store operation on the blocking pool (it may hash or copy gigabytes).

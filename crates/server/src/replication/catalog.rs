@@ -171,10 +171,13 @@ pub fn plan(
             if missing.is_empty() {
                 versions.push(to_version(c));
             } else if let Some(l) = same {
-                // The same bytes made here (an import on each server): keep our layers.
+                // The same bytes under other layers (a merged base, or an
+                // import on each server): served from ours until the
+                // catalog's layers are here.
                 let mut v = l.clone();
                 v.state = c.state;
                 versions.push(v);
+                fetch.push((c.number, missing));
             } else {
                 fetch.push((c.number, missing));
                 if let Some(l) = lv.filter(|_| in_use(c.number)) {
@@ -338,9 +341,32 @@ mod tests {
         let p = plan(Some(&newer), &cat, |_| true, |_| false, "s2");
         assert!(p.versions.iter().any(|v| v.number == 9));
         // The same content imported here under other layer names is kept.
+        // The catalog's layers are fetched (once) all the same.
         let own = props(vec![v(1, Production, &["own"], Some("h1"))]);
         let p = plan(Some(&own), &cat, |f| f == "own", |_| false, "s2");
         assert_eq!(p.versions[0].layers, vec!["own".to_string()]);
-        assert_eq!(p.fetch, vec![(2, vec!["a".to_string(), "b".into()])]);
+        assert_eq!(
+            p.fetch,
+            vec![
+                (1, vec!["a".to_string()]),
+                (2, vec!["a".into(), "b".into()])
+            ]
+        );
+        // A merge: version 2 now lies on a merged base; version 1 retired.
+        let mut merged = cat.clone();
+        merged.versions[0].state = Retired;
+        merged.versions[0].layers.clear();
+        merged.versions[1].layers = vec!["m2".into()];
+        let p = plan(Some(&here), &merged, |f| f != "m2", |_| false, "s2");
+        assert_eq!(p.fetch, vec![(2, vec!["m2".to_string()])]);
+        assert_eq!(
+            p.versions[1].layers,
+            vec!["a".to_string(), "b".into()],
+            "served meanwhile"
+        );
+        let p = plan(Some(&here), &merged, |_| true, |_| false, "s2");
+        assert!(p.fetch.is_empty());
+        assert_eq!(p.versions[1].layers, vec!["m2".to_string()]);
+        assert!(p.versions[0].layers.is_empty(), "retired: its layer goes");
     }
 }

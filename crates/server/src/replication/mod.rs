@@ -41,6 +41,9 @@ pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
 /// A version of a vDisk.
 type Key = (String, u32);
 
+/// Most peer requests a server serves at once.
+pub const MAX_SERVING: usize = 4;
+
 /// This server's replication state.
 pub struct Replication {
     pub clock: Arc<dyn Clock>,
@@ -52,6 +55,9 @@ pub struct Replication {
     pub max_transfers: usize,
     pub scrub_interval: Duration,
     secret: RwLock<Option<String>>,
+    /// Peer requests served at once: the rest wait, so that peers never
+    /// take the blocking threads device reads need.
+    pub serving: tokio::sync::Semaphore,
     catalogs: RwLock<Arc<Vec<Catalog>>>,
     order: RwLock<Option<ReplicationOverride>>,
     progress: Mutex<BTreeMap<Key, ReplicaProgress>>,
@@ -81,6 +87,7 @@ impl Replication {
             scrub_interval: Duration::from_secs(config.scrub_interval_secs.max(1)),
             clock,
             secret: RwLock::new(None),
+            serving: tokio::sync::Semaphore::new(MAX_SERVING),
             catalogs: RwLock::default(),
             order: RwLock::new(None),
             progress: Mutex::default(),
@@ -262,6 +269,80 @@ pub async fn publish_change(
     Ok(())
 }
 
+/// Where a store operation's "before" waits until its change is in the
+/// catalog: an operation that completed in the store but not in the farm
+/// (a crash, etcd away) is published at the next reconcile, not undone.
+fn pending_path(server: &Server, name: &str) -> std::path::PathBuf {
+    server
+        .store
+        .replication_dir()
+        .join(format!(".pending-{name}.json"))
+}
+
+/// Records, durably, that an operation on vDisk `name` starts from `before`.
+pub fn begin_change(server: &Server, name: &str, before: &Properties) -> std::io::Result<()> {
+    let path = pending_path(server, name);
+    if path.exists() {
+        // An older change still waits: it covers this one too.
+        return Ok(());
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(before)?)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(server.store.replication_dir())?.sync_all()
+}
+
+/// Publishes what changed in vDisk `name` since [`begin_change`].
+pub async fn finish_change(server: &Server, name: &str) -> Result<(), FarmError> {
+    let path = pending_path(server, name);
+    let Ok(bytes) = std::fs::read(&path) else {
+        return Ok(());
+    };
+    let before: Properties = match serde_json::from_slice(&bytes) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(vdisk = %name, error = %e, "an unreadable pending change is dropped");
+            let _ = std::fs::remove_file(&path);
+            return Ok(());
+        }
+    };
+    let Ok(after) = server.store.properties(name) else {
+        let _ = std::fs::remove_file(&path);
+        return Ok(());
+    };
+    match publish_change(server, name, &before, &after).await {
+        Ok(()) => {}
+        Err(FarmError::Conflict(why)) => {
+            tracing::error!(vdisk = %name, error = %why, "this server's change lost to the farm's; its store follows the catalog");
+        }
+        Err(e) => return Err(e),
+    }
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+/// Publishes every change still pending (see [`begin_change`]).
+async fn publish_pending(server: &Server) -> Result<(), FarmError> {
+    let Ok(entries) = std::fs::read_dir(server.store.replication_dir()) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        if let Some(name) = file
+            .strip_prefix(".pending-")
+            .and_then(|f| f.strip_suffix(".json"))
+        {
+            let Some(_lock) = server.try_lock_vdisk(name) else {
+                continue;
+            };
+            finish_change(server, name).await?;
+            tracing::info!(vdisk = %name, "a change made before a restart is now in the catalog");
+        }
+    }
+    Ok(())
+}
+
 /// Brings vDisk `name` in this store up to the catalog before a version
 /// operation, and says why the operation cannot run here, if it cannot.
 /// The caller holds the vDisk's lock.
@@ -392,12 +473,14 @@ async fn reconcile(server: &Arc<Server>) -> Result<(), FarmError> {
         let secret = server.farm.peer_secret(&fresh).await?;
         *r.secret.write() = Some(secret);
     }
+    publish_pending(server).await?;
     let catalogs = server.farm.catalogs().await?;
     *r.order.write() = server.farm.replication_override().await?;
     *r.catalogs.write() = Arc::new(catalogs.clone());
     publish_unlisted(server, &catalogs).await?;
     let view = server.membership.view();
     let mut wanted: HashSet<Key> = HashSet::new();
+    let mut needed: HashSet<(String, String)> = HashSet::new();
     for cat in &catalogs {
         // A long operation (an import, a merge) holds the lock: next time.
         let Some(_lock) = server.try_lock_vdisk(&cat.vdisk) else {
@@ -422,6 +505,7 @@ async fn reconcile(server: &Arc<Server>) -> Result<(), FarmError> {
         for (number, missing) in plan.fetch {
             let key = (cat.vdisk.clone(), number);
             wanted.insert(key.clone());
+            needed.extend(missing.iter().map(|f| (cat.vdisk.clone(), f.clone())));
             if r.running.lock().contains(&key) {
                 continue;
             }
@@ -448,7 +532,43 @@ async fn reconcile(server: &Arc<Server>) -> Result<(), FarmError> {
     r.progress
         .lock()
         .retain(|k, _| wanted.contains(k) || running.contains(k));
+    if running.is_empty() {
+        let s = server.clone();
+        let _ = tokio::task::spawn_blocking(move || tidy(&s, &needed)).await;
+    }
     Ok(())
+}
+
+/// Removes received and partial files no planned copy needs any more (a
+/// version deleted or merged away before it arrived).
+fn tidy(server: &Server, needed: &HashSet<(String, String)>) {
+    let root = server.store.replication_dir();
+    let Ok(dirs) = std::fs::read_dir(&root) else {
+        return;
+    };
+    for dir in dirs.flatten() {
+        let vdisk = dir.file_name().to_string_lossy().into_owned();
+        let Ok(files) = std::fs::read_dir(dir.path()) else {
+            continue;
+        };
+        let mut left = 0;
+        for f in files.flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            let layer = name
+                .trim_end_matches(".journal")
+                .trim_end_matches(".journal.tmp")
+                .trim_end_matches(".partial")
+                .to_owned();
+            if needed.contains(&(vdisk.clone(), layer)) {
+                left += 1;
+            } else if std::fs::remove_file(f.path()).is_ok() {
+                tracing::info!(vdisk = %vdisk, file = %name, "removed a copy no version needs any more");
+            }
+        }
+        if left == 0 {
+            let _ = std::fs::remove_dir(dir.path());
+        }
+    }
 }
 
 /// Publishes the catalog of each local vDisk the farm knows but has no
@@ -522,14 +642,18 @@ async fn seal_for_peers(
     let name = cat.vdisk.clone();
     let before = local.clone();
     let sealed = tokio::task::spawn_blocking(move || {
-        s.store.seal_version(&name, number, now_unix())?;
-        s.store.properties(&name)
+        begin_change(&s, &name, &before)
+            .map_err(|e| vstream_image::ImageError::Invalid(e.to_string()))?;
+        s.store.seal_version(&name, number, now_unix())
     })
     .await;
     match sealed {
-        Ok(Ok(after)) => {
+        Ok(Ok(v)) => {
             tracing::info!(vdisk = %cat.vdisk, version = number, "sealed so that other servers can copy it");
-            if let Err(e) = publish_change(server, &cat.vdisk, &before, &after).await {
+            if let Some(h) = &v.content_hash {
+                server.membership.mark_verified(&cat.vdisk, number, h);
+            }
+            if let Err(e) = finish_change(server, &cat.vdisk).await {
                 tracing::warn!(vdisk = %cat.vdisk, error = %e, "could not record the seal in the catalog");
             }
         }

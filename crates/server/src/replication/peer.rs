@@ -130,6 +130,12 @@ async fn data(
             range.from, range.to
         )));
     }
+    let _permit = server
+        .replication
+        .serving
+        .acquire()
+        .await
+        .map_err(|_| ApiError::internal("shutting down"))?;
     let s = server.clone();
     let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ApiError> {
         let layer = servable(&s, &vdisk, &file)?;

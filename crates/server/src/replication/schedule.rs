@@ -1159,8 +1159,10 @@ mod tests {
         assert_eq!(total, t.passed());
         let expected = rate as f64 * elapsed + t.burst().unwrap() as f64;
         let total = total as f64;
+        // Never faster than the rate; slower only by what a loaded machine
+        // takes to run the threads (the simulated-clock test holds ±1%).
         assert!(
-            (total - expected).abs() <= expected * 0.10,
+            total <= expected * 1.02 && total >= expected * 0.80,
             "{total} vs {expected} in {elapsed}s"
         );
         // Each thread got a fair share.
