@@ -13,5 +13,7 @@ pub mod versions;
 pub use disk::{Base, ChainIndex, Disk, Extent, LocalRead};
 pub use error::{ImageError, WriteError};
 pub use layer::{Layer, CHUNK, HASH_BLOCK};
-pub use store::{crash_point, first_bad_block, verify_layers, Chain, Staging, Store};
+pub use store::{
+    crash_point, first_bad_block, verify_layers, verify_layers_where, Chain, Staging, Store,
+};
 pub use versions::{Properties, Version, VersionState};

@@ -88,6 +88,8 @@ pub struct Membership {
     /// The rebalance request acted on last (`Some(None)`: none at start).
     handled_rebalance: Mutex<Option<Option<u64>>>,
     ticks: AtomicU64,
+    /// Wakes the publish loop before its next tick (a replica just verified).
+    pub publish_now: tokio::sync::Notify,
 }
 
 impl Membership {
@@ -216,6 +218,7 @@ pub async fn run(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = server.membership.publish_now.notified() => {}
             _ = shutdown.wait_for(|s| *s) => break,
         }
         server.membership.ticks.fetch_add(1, Ordering::Relaxed);

@@ -79,6 +79,7 @@ pub(super) async fn import_vdisk(
         None => register_vdisk(&server, &name, size, created).await?,
     };
     tracing::info!(vdisk = %name, size, "vDisk imported");
+    server.replication.wake.notify_one();
     Ok((StatusCode::CREATED, Json(vdisk_info(&server, vdisk).await?)))
 }
 
@@ -120,7 +121,10 @@ fn import_blocking(
     let staging = staging.ok_or_else(|| ApiError::bad_request("empty upload"))?;
     let size = staging.disk().size();
     let created = now_unix();
-    server.store.commit_import(staging, created)?;
+    let hash = server.store.commit_import(staging, created)?;
+    // Hashed from the data just written: verified as it stands.
+    let hex = vstream_image::hash::to_hex(&hash);
+    server.membership.mark_verified(name, 1, &hex);
     Ok((size, created))
 }
 

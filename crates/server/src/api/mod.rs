@@ -322,6 +322,8 @@ async fn set_vdisk(
             Ok(())
         })
         .await?;
+    // A Standard-mode vDisk's imported version is sealed for the peers now.
+    server.replication.wake.notify_one();
     if v.mode != before.mode {
         // Write caches were made over the old content: a device must not see
         // them laid over whatever the vDisk holds next.

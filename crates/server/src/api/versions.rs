@@ -61,6 +61,7 @@ async fn operate<T: Send + 'static>(
                 server.membership.mark_verified(name, v.number, h);
             }
         }
+        server.membership.publish_now.notify_one();
     }
     if let Err(e) = crate::replication::finish_change(server, name).await {
         // It stays recorded here, and is published at the next reconcile.

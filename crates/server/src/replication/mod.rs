@@ -57,7 +57,9 @@ pub struct Replication {
     secret: RwLock<Option<String>>,
     /// Peer requests served at once: the rest wait, so that peers never
     /// take the blocking threads device reads need.
-    pub serving: tokio::sync::Semaphore,
+    pub serving: Arc<tokio::sync::Semaphore>,
+    /// Wakes the reconcile loop before its next tick.
+    pub wake: tokio::sync::Notify,
     catalogs: RwLock<Arc<Vec<Catalog>>>,
     order: RwLock<Option<ReplicationOverride>>,
     progress: Mutex<BTreeMap<Key, ReplicaProgress>>,
@@ -87,7 +89,8 @@ impl Replication {
             scrub_interval: Duration::from_secs(config.scrub_interval_secs.max(1)),
             clock,
             secret: RwLock::new(None),
-            serving: tokio::sync::Semaphore::new(MAX_SERVING),
+            serving: Arc::new(tokio::sync::Semaphore::new(MAX_SERVING)),
+            wake: tokio::sync::Notify::new(),
             catalogs: RwLock::default(),
             order: RwLock::new(None),
             progress: Mutex::default(),
@@ -312,7 +315,7 @@ pub async fn finish_change(server: &Server, name: &str) -> Result<(), FarmError>
         return Ok(());
     };
     match publish_change(server, name, &before, &after).await {
-        Ok(()) => {}
+        Ok(()) => peer::poke_peers(server),
         Err(FarmError::Conflict(why)) => {
             tracing::error!(vdisk = %name, error = %why, "this server's change lost to the farm's; its store follows the catalog");
         }
@@ -455,6 +458,7 @@ pub async fn run(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            _ = server.replication.wake.notified() => {}
             _ = shutdown.wait_for(|s| *s) => break,
         }
         if let Err(e) = reconcile(&server).await {
@@ -620,11 +624,11 @@ async fn seal_for_peers(
         return;
     }
     let Some(local) = local else { return };
-    let standard = server
-        .membership
-        .view()
-        .vdisk(&cat.vdisk)
-        .is_some_and(|v| v.mode == vstream_api::Mode::Standard);
+    // The record itself, not the view: a mode just set counts at once.
+    let standard = matches!(
+        server.farm.get_vdisk(&cat.vdisk).await,
+        Ok(Some(v)) if v.mode == vstream_api::Mode::Standard
+    );
     let unsealed = local.versions.iter().find(|v| {
         v.state == VersionState::Production && !v.is_sealed() && v.content_hash.is_some()
     });

@@ -4,6 +4,7 @@
 //! ```text
 //!   GET /peer/v1/vdisks/NAME/layers/FILE/meta               the layer's metadata (replica.rs)
 //!   GET /peer/v1/vdisks/NAME/layers/FILE/data?from=C&to=C   its allocated chunks in [from, to)
+//!   POST /peer/v1/poke                                      "the catalog changed": reconcile now
 //!   Authorization: Bearer <farm peer secret>     X-Vstream-Server: <the asking server>
 //! ```
 //!
@@ -41,6 +42,7 @@ pub fn routes(server: Arc<Server>) -> Router<Arc<Server>> {
             "/peer/v1/vdisks/:name/layers/:file/data",
             axum::routing::get(data),
         )
+        .route("/peer/v1/poke", axum::routing::post(poke))
         .layer(middleware::from_fn_with_state(server, require_peer))
 }
 
@@ -82,20 +84,66 @@ async fn require_peer(State(server): State<Arc<Server>>, req: Request, next: Nex
     }
 }
 
-/// The layer `file` of `vdisk`, if this server may hand it out.
+/// The layer `file` of `vdisk`, if this server may hand it out: a layer of
+/// a sealed version it holds verified, not found corrupt since.
 fn servable(server: &Server, vdisk: &str, file: &str) -> Result<Arc<Layer>, ApiError> {
-    let held = server.membership.held();
-    let ok = held
-        .iter()
-        .any(|v| v.vdisk == vdisk && v.verified && v.layers.iter().any(|f| f == file));
+    let props = server.store.properties(vdisk)?;
+    let ok = props.versions.iter().any(|v| {
+        v.is_sealed()
+            && v.layers.iter().any(|f| f == file)
+            && v.content_hash
+                .as_deref()
+                .is_some_and(|h| server.membership.is_verified(vdisk, v.number, h))
+    });
     if !ok || server.replication.is_corrupt(vdisk, &[file.to_owned()]) {
         return Err(ApiError::not_found(format!(
             "this server holds no verified copy of layer {file} of vDisk {vdisk}"
         )));
     }
-    let props = server.store.properties(vdisk)?;
     let path = server.store.layer_path(vdisk, file)?;
     Ok(server.store.open_layer_at(&path, props.size)?)
+}
+
+/// A peer's catalog changed: look at it now rather than at the next tick.
+async fn poke(State(server): State<Arc<Server>>) -> axum::http::StatusCode {
+    server.replication.wake.notify_one();
+    axum::http::StatusCode::NO_CONTENT
+}
+
+/// Tells every other live server that the catalog changed (best effort:
+/// they look at it within a second anyway).
+pub fn poke_peers(server: &Server) {
+    let Some(secret) = server.replication.secret() else {
+        return;
+    };
+    let me = server.config.name.clone();
+    let peers: Vec<Peer> = server
+        .membership
+        .view()
+        .servers
+        .iter()
+        .filter(|s| s.name != me)
+        .map(|s| Peer {
+            name: s.name.clone(),
+            api: s.api.clone(),
+        })
+        .collect();
+    if peers.is_empty() {
+        return;
+    }
+    std::thread::spawn(move || {
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(2))
+            .build();
+        for p in peers {
+            let url = format!("{}/peer/v1/poke", p.api.trim_end_matches('/'));
+            let _ = agent
+                .post(&url)
+                .set("Authorization", &format!("Bearer {secret}"))
+                .set(SERVER_HEADER, &me)
+                .call();
+        }
+    });
 }
 
 async fn meta(
@@ -130,14 +178,15 @@ async fn data(
             range.from, range.to
         )));
     }
-    let _permit = server
+    let permit = server
         .replication
         .serving
-        .acquire()
+        .clone()
+        .acquire_owned()
         .await
         .map_err(|_| ApiError::internal("shutting down"))?;
     let s = server.clone();
-    let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ApiError> {
+    let (layer, len) = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
         let layer = servable(&s, &vdisk, &file)?;
         if range.from >= layer.chunks() {
             return Err(ApiError::bad_request(format!(
@@ -146,12 +195,36 @@ async fn data(
                 layer.chunks()
             )));
         }
-        let _idle = super::transfer::IdleIo::enter();
-        Ok(replica::export_data(&layer, range.from, range.to)?)
+        let len = replica::data_len(&layer, range.from, range.to);
+        Ok((layer, len))
     })
     .await??;
-    super::count(&server.replication.sent_bytes, bytes.len() as u64);
-    Ok(octets(bytes))
+    // Streamed in small pieces, read as they go out (see replica::PIECE).
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+    let s = server.clone();
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let _idle = super::transfer::IdleIo::enter();
+        let sent = replica::export_data_pieces(&layer, range.from, range.to, |piece| {
+            super::count(&s.replication.sent_bytes, piece.len() as u64);
+            tx.blocking_send(Ok(bytes::Bytes::from(piece))).is_ok()
+        });
+        if let Err(e) = sent {
+            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+        }
+    });
+    let body = axum::body::Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }));
+    Ok((
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 fn octets(bytes: Vec<u8>) -> Response {
@@ -181,14 +254,16 @@ pub fn agent() -> ureq::Agent {
         .build()
 }
 
-/// GETs `path` from `peer`, as server `me` with the farm's `secret`.
-pub fn get(
+/// GETs `path` from `peer`, as server `me` with the farm's `secret`, and
+/// hands the answer's body to `read`.
+pub fn get_with<T>(
     agent: &ureq::Agent,
     peer: &Peer,
     secret: &str,
     me: &str,
     path: &str,
-) -> Result<Vec<u8>, String> {
+    read: impl FnOnce(&mut dyn Read) -> Result<T, String>,
+) -> Result<T, String> {
     let url = format!("{}{path}", peer.api.trim_end_matches('/'));
     let resp = agent
         .get(&url)
@@ -203,12 +278,26 @@ pub fn get(
             ),
             other => format!("server {}: {other}", peer.name),
         })?;
-    let mut out = Vec::new();
-    resp.into_reader()
-        .take(MAX_REQUEST_CHUNKS * vstream_image::CHUNK + (64 << 20))
-        .read_to_end(&mut out)
-        .map_err(|e| format!("server {}: reading the answer: {e}", peer.name))?;
-    Ok(out)
+    let mut body = resp
+        .into_reader()
+        .take(MAX_REQUEST_CHUNKS * vstream_image::CHUNK + (64 << 20));
+    read(&mut body).map_err(|e| format!("server {}: {e}", peer.name))
+}
+
+/// GETs `path` from `peer` into memory (metadata, a repaired block).
+pub fn get(
+    agent: &ureq::Agent,
+    peer: &Peer,
+    secret: &str,
+    me: &str,
+    path: &str,
+) -> Result<Vec<u8>, String> {
+    get_with(agent, peer, secret, me, path, |body| {
+        let mut out = Vec::new();
+        body.read_to_end(&mut out)
+            .map_err(|e| format!("reading the answer: {e}"))?;
+        Ok(out)
+    })
 }
 
 /// The path of a layer's metadata, or of data `[from, to)`.

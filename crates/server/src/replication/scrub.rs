@@ -103,6 +103,7 @@ fn scrub_all(server: &Server) {
                     );
                     tracing::error!(vdisk = %vdisk, layer = %file, blocks = ?bad, "{reason}; not offered until repaired");
                     server.replication.mark_corrupt(&vdisk, file, reason);
+                    server.membership.publish_now.notify_one();
                     // Layers above read through this one: check them once it is repaired.
                     break;
                 }
@@ -133,6 +134,7 @@ fn repair_all(server: &Server) {
             Ok(n) => {
                 count(&server.replication.repaired_blocks, n);
                 server.replication.clear_corrupt(&vdisk, &file);
+                server.membership.publish_now.notify_one();
                 tracing::info!(vdisk = %vdisk, layer = %file, blocks = n, "layer repaired from a peer; offered again");
             }
             Err(e) => {

@@ -1,9 +1,9 @@
 //! Copying one version's missing layers from peers.
 //!
 //! Each layer is received into `replication/NAME/FILE.partial` in segments
-//! of 16 MiB of logical disk, by one worker per peer (up to
-//! [`MAX_PEERS`]) taking segments from a shared queue, so several peers
-//! serve one transfer at once. A segment is recorded in the journal once its
+//! of 16 MiB of logical disk, by workers (4, spread over up to
+//! [`MAX_PEERS`] peers) taking segments from a shared queue, so several
+//! peers serve one transfer at once. A segment is recorded in the journal once its
 //! data is durable; after a crash or a cut the transfer resumes with the
 //! segments not recorded. A peer that fails hands its segment back and
 //! drops out; the others finish. When every layer is here, the whole
@@ -19,7 +19,7 @@ use parking_lot::{Mutex, RwLock};
 use vstream_api::{Catalog, ServerStatus};
 use vstream_image::hash;
 use vstream_image::replica::Incoming;
-use vstream_image::{verify_layers, ImageError};
+use vstream_image::{verify_layers_where, ImageError};
 
 use super::peer::{self, Peer};
 use super::{count, Key};
@@ -27,6 +27,8 @@ use crate::state::Server;
 
 /// Most peers one layer is pulled from at once.
 pub const MAX_PEERS: usize = 4;
+/// Requests in flight for one layer, spread over its peers.
+const STREAMS: usize = 4;
 /// How often received segments are made durable and journalled.
 const COMMIT_EVERY: Duration = Duration::from_millis(500);
 
@@ -55,19 +57,38 @@ pub fn peers_for(
     Ok(all)
 }
 
+/// Live servers that published `file` of `vdisk` verified; failing that, the
+/// live servers that made a version using it (a version just sealed, before
+/// its maker's next status).
 fn holders(server: &Server, servers: &[ServerStatus], vdisk: &str, file: &str) -> Vec<Peer> {
-    servers
-        .iter()
-        .filter(|s| s.name != server.config.name)
+    let peer = |s: &ServerStatus| Peer {
+        name: s.name.clone(),
+        api: s.api.clone(),
+    };
+    let others = servers.iter().filter(|s| s.name != server.config.name);
+    let verified: Vec<Peer> = others
+        .clone()
         .filter(|s| {
             s.versions
                 .iter()
                 .any(|v| v.vdisk == vdisk && v.verified && v.layers.iter().any(|l| l == file))
         })
-        .map(|s| Peer {
-            name: s.name.clone(),
-            api: s.api.clone(),
-        })
+        .map(peer)
+        .collect();
+    if !verified.is_empty() {
+        return verified;
+    }
+    let catalogs = server.replication.catalogs();
+    let makers: Vec<&str> = catalogs
+        .iter()
+        .filter(|c| c.vdisk == vdisk)
+        .flat_map(|c| c.versions.iter())
+        .filter(|v| v.is_replicated() && v.layers.iter().any(|l| l == file))
+        .map(|v| v.server.as_str())
+        .collect();
+    others
+        .filter(|s| makers.contains(&s.name.as_str()))
+        .map(peer)
         .collect()
 }
 
@@ -99,6 +120,7 @@ pub async fn run(server: Arc<Server>, cat: Catalog, number: u32, missing: Vec<St
             server.membership.mark_verified(&cat.vdisk, number, &hash);
             tracing::info!(vdisk = %cat.vdisk, version = number, "replica copied and verified");
             r.progress.lock().remove(&key);
+            server.membership.publish_now.notify_one();
         }
         Err(e) => {
             tracing::warn!(vdisk = %cat.vdisk, version = number, error = %e, "replication stopped; it resumes where it stopped");
@@ -180,7 +202,24 @@ fn copy_version(
                 .map_err(|e| e.to_string())
         })
         .collect::<Result<Vec<_>, String>>()?;
-    if let Err(e) = verify_layers(&layers, &expected) {
+    // Layers of versions verified here were checked before: only the new
+    // ones are read (a delta costs its own size), then the whole tree.
+    let checked_here = |f: &String| {
+        server.store.properties(name).is_ok_and(|p| {
+            p.versions.iter().any(|v| {
+                v.layers.contains(f)
+                    && v.content_hash
+                        .as_deref()
+                        .is_some_and(|h| server.membership.is_verified(name, v.number, h))
+            })
+        })
+    };
+    let read: Vec<bool> = version
+        .layers
+        .iter()
+        .map(|f| missing.contains(f) || !checked_here(f))
+        .collect();
+    if let Err(e) = verify_layers_where(&layers, &expected, |i| read[i]) {
         // A received file that fails is dropped, to be fetched again.
         for f in missing {
             let _ = std::fs::remove_file(dir.join(f));
@@ -237,17 +276,27 @@ fn copy_layer(
     let last_commit = Mutex::new(Instant::now());
     let failures: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let commit = |force: bool| -> Result<(), String> {
-        let mut last = last_commit.lock();
+        // One commit at a time; the others go back to receiving.
+        let mut last = match last_commit.try_lock() {
+            Some(l) => l,
+            None if !force => return Ok(()),
+            None => last_commit.lock(),
+        };
         if !force && last.elapsed() < COMMIT_EVERY {
             return Ok(());
         }
         let segs: Vec<usize> = std::mem::take(&mut *pending.lock());
-        inc.write().commit(&segs).map_err(|e| e.to_string())?;
+        // The sync under a shared lock: the other workers keep writing.
+        inc.read().sync().map_err(|e| e.to_string())?;
+        inc.write().record(&segs).map_err(|e| e.to_string())?;
         *last = Instant::now();
         Ok(())
     };
+    // Several requests in flight per peer, so that the network, the
+    // sender's reads and our writes overlap.
+    let per_peer = (STREAMS / peers.len()).max(1);
     std::thread::scope(|scope| {
-        for p in peers {
+        for p in peers.iter().flat_map(|p| std::iter::repeat_n(p, per_peer)) {
             let (queue, inc, received, pending, failures) =
                 (&queue, &inc, &received, &pending, &failures);
             let commit = &commit;
@@ -264,9 +313,9 @@ fn copy_layer(
                     if len > 0 {
                         r.throttle.take(len);
                         let path = peer::layer_path(&key.0, file, Some((from, to)));
-                        let got = peer::get(&agent, p, &secret, me, &path).and_then(|data| {
+                        let got = peer::get_with(&agent, p, &secret, me, &path, |body| {
                             inc.read()
-                                .write_range(from, to, &data)
+                                .read_range(from, to, body)
                                 .map_err(|e| e.to_string())
                         });
                         if let Err(e) = got {
