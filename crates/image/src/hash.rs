@@ -349,12 +349,21 @@ pub fn check_top(disk: &Disk) -> io::Result<Option<u64>> {
 
 /// Checks every block the top layer of `disk` touches, in order, calling
 /// `each(block, matches_its_stored_hash)`; `each` returns false to stop.
-pub fn scan_top(disk: &Disk, mut each: impl FnMut(u64, bool) -> bool) -> io::Result<()> {
+pub fn scan_top(disk: &Disk, each: impl FnMut(u64, bool) -> bool) -> io::Result<()> {
+    scan_top_where(disk, |_| true, each)
+}
+
+/// Like [`scan_top`], for the touched blocks `b` with `want(b)` only.
+pub fn scan_top_where(
+    disk: &Disk,
+    want: impl Fn(u64) -> bool,
+    mut each: impl FnMut(u64, bool) -> bool,
+) -> io::Result<()> {
     let Some(top) = disk.layers().last() else {
         return Ok(());
     };
     let mut buf = vec![0u8; HASH_BLOCK as usize];
-    for b in touched_blocks(top) {
+    for b in touched_blocks(top).into_iter().filter(|&b| want(b)) {
         let good = read_block_hash(disk, b, &mut buf)? == top.stored_block_hash(b)?;
         if !each(b, good) {
             break;

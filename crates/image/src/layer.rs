@@ -252,6 +252,14 @@ impl Layer {
         }
     }
 
+    /// True if every chunk of hash block `block` is allocated here.
+    pub fn holds_block(&self, block: u64) -> bool {
+        let per = HASH_BLOCK / CHUNK;
+        let first = block * per;
+        let last = ((block + 1) * per).min(self.geo.chunks);
+        (first..last).all(|c| self.is_allocated(c))
+    }
+
     /// True if any chunk of hash block `block` is allocated here.
     pub fn touches_block(&self, block: u64) -> bool {
         let per = HASH_BLOCK / CHUNK;
@@ -661,6 +669,33 @@ impl Layer {
     }
 
     /// Clears the sealed flag: only to undo a seal whose operation never completed.
+    /// Seals the layer with the hashes it already stores, if they are valid
+    /// and no write began since `epoch` (see [`Layer::quiet_epoch`]); false
+    /// if they are not (then hash it and [`Layer::store_hashes`]).
+    pub fn seal_as_hashed(&self, epoch: u64) -> io::Result<bool> {
+        let _serial = self.flush_lock.lock();
+        let flags = self.flags.load(Ordering::SeqCst);
+        let content = *self.content_hash.lock();
+        let quiet = self.writes_begun.load(Ordering::SeqCst) == epoch
+            && self.writes_running.load(Ordering::SeqCst) == 0;
+        if flags & FLAG_HASHES_VALID == 0 || content.is_none() || !quiet {
+            return Ok(false);
+        }
+        let new = flags | FLAG_SEALED;
+        // Claimed before the header is written: a write arriving now waits
+        // on the flush lock and then finds the layer sealed.
+        self.flags.store(new, Ordering::SeqCst);
+        let written = self
+            .file
+            .write_all_at(&encode_header(&self.geo, new, content), 0)
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            self.flags.store(flags, Ordering::SeqCst);
+            return Err(e);
+        }
+        Ok(true)
+    }
+
     pub fn unseal(&self) -> io::Result<()> {
         let _serial = self.flush_lock.lock();
         let flags = self.flags.load(Ordering::SeqCst);

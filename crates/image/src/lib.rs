@@ -14,6 +14,7 @@ pub use disk::{Base, ChainIndex, Disk, Extent, LocalRead};
 pub use error::{ImageError, WriteError};
 pub use layer::{Layer, CHUNK, HASH_BLOCK};
 pub use store::{
-    crash_point, first_bad_block, verify_layers, verify_layers_where, Chain, Staging, Store,
+    crash_point, first_bad_block, verify_layers, verify_layers_where, Chain, LayerCheck, Staging,
+    Store,
 };
 pub use versions::{Properties, Version, VersionState};

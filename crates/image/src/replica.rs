@@ -151,6 +151,11 @@ pub struct Incoming {
     bitmap: Vec<u8>,
     /// Per segment: its data is durable in the file.
     done: Vec<bool>,
+    /// The stored hash of each block the layer touches.
+    hashes: std::collections::HashMap<u64, [u8; 32]>,
+    /// Nothing lies below this layer in the version it tops: every block it
+    /// touches can be checked from its own data as it arrives.
+    bottom: bool,
 }
 
 impl Incoming {
@@ -241,6 +246,15 @@ impl Incoming {
             file.write_all_at(header, 0).map_err(werr)?;
             file.sync_data().map_err(werr)?;
         }
+        let hashes = touched
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| {
+                let mut h = [0u8; 32];
+                h.copy_from_slice(&meta[hashes_at + i * 32..hashes_at + i * 32 + 32]);
+                (b, h)
+            })
+            .collect();
         Ok(Incoming {
             path: path.to_owned(),
             journal,
@@ -248,6 +262,8 @@ impl Incoming {
             geo,
             bitmap,
             done,
+            hashes,
+            bottom: false,
         })
     }
 
@@ -264,18 +280,42 @@ impl Incoming {
             })?;
         let geo = Geometry::for_size(layer.size());
         let segments = geo.chunks.div_ceil(SEGMENT_CHUNKS) as usize;
+        let bitmap = layer.bitmap_bytes();
+        let hashes = touched_blocks(&bitmap, geo.chunks, geo.blocks)
+            .into_iter()
+            .map(|b| Ok((b, layer.stored_block_hash(b)?)))
+            .collect::<Result<_, ImageError>>()?;
         Ok(Incoming {
             path: path.to_owned(),
             journal: journal_path(path),
             file,
             geo,
-            bitmap: layer.bitmap_bytes(),
+            bitmap,
             done: vec![true; segments],
+            hashes,
+            bottom: false,
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Says that nothing lies below this layer in its version (a base):
+    /// then every block it touches is checked as it arrives.
+    pub fn set_bottom(&mut self, bottom: bool) {
+        self.bottom = bottom;
+    }
+
+    /// True if every chunk of block `b` is in this layer.
+    fn holds_block(&self, b: u64) -> bool {
+        let per = HASH_BLOCK / CHUNK;
+        (b * per..((b + 1) * per).min(self.geo.chunks)).all(|c| bit(&self.bitmap, c))
+    }
+
+    /// Whether block `b`'s content can be known from this layer alone.
+    fn checkable(&self, b: u64) -> bool {
+        self.bottom || self.holds_block(b)
     }
 
     pub fn segments(&self) -> usize {
@@ -349,12 +389,15 @@ impl Incoming {
         };
         let mut buf = vec![0u8; PIECE];
         let mut got = 0u64;
+        // The block being assembled for its hash check: (block, bytes).
+        let mut block: Option<(u64, Vec<u8>)> = None;
         for (start, n) in runs(from, to.min(self.geo.chunks), |c| bit(&self.bitmap, c)) {
             let mut off = start * CHUNK;
             let end = (start + n) * CHUNK;
             while off < end {
                 let len = ((end - off) as usize).min(PIECE);
                 src.read_exact(&mut buf[..len]).map_err(|_| short(got))?;
+                self.check_blocks(&mut block, off, &buf[..len])?;
                 let inside = len.min(self.geo.size.saturating_sub(off) as usize);
                 self.file
                     .write_all_at(&buf[..inside], self.geo.data_offset + off)
@@ -363,9 +406,51 @@ impl Incoming {
                 got += len as u64;
             }
         }
+        self.finish_block(block.take())?;
         let mut extra = [0u8; 1];
         if src.read(&mut extra).map_err(|_| short(got))? != 0 {
             return Err(short(got + 1));
+        }
+        Ok(())
+    }
+
+    /// Feeds data arriving for logical offset `off` into the check of the
+    /// blocks it falls in: a block is hashed once the data moves past it.
+    fn check_blocks(
+        &self,
+        block: &mut Option<(u64, Vec<u8>)>,
+        mut off: u64,
+        mut data: &[u8],
+    ) -> Result<(), ImageError> {
+        while !data.is_empty() {
+            let b = off / HASH_BLOCK;
+            if block.as_ref().is_some_and(|(cur, _)| *cur != b) {
+                self.finish_block(block.take())?;
+            }
+            let in_block = ((b + 1) * HASH_BLOCK - off).min(data.len() as u64) as usize;
+            if self.checkable(b) {
+                let (_, bytes) = block.get_or_insert_with(|| (b, vec![0u8; HASH_BLOCK as usize]));
+                let at = (off - b * HASH_BLOCK) as usize;
+                bytes[at..at + in_block].copy_from_slice(&data[..in_block]);
+            }
+            off += in_block as u64;
+            data = &data[in_block..];
+        }
+        Ok(())
+    }
+
+    /// Checks an assembled block against its stored hash.
+    fn finish_block(&self, block: Option<(u64, Vec<u8>)>) -> Result<(), ImageError> {
+        let Some((b, bytes)) = block else {
+            return Ok(());
+        };
+        let len = HASH_BLOCK.min(self.geo.size - b * HASH_BLOCK) as usize;
+        let want = self.hashes.get(&b);
+        if want != Some(blake3::hash(&bytes[..len]).as_bytes()) {
+            return Err(corrupt(
+                &self.path,
+                format!("block {b} from the sender does not match its hash"),
+            ));
         }
         Ok(())
     }
@@ -472,6 +557,7 @@ mod tests {
         assert!(meta.len() < 64 * 1024, "metadata is small: {}", meta.len());
         let part = dir.path().join("x.partial");
         let mut inc = Incoming::open(&part, &meta, Some(content(&src))).expect("open");
+        inc.set_bottom(true);
         assert_eq!(inc.segments(), 7);
         let (done, total) = inc.progress();
         assert_eq!((done, total), (0, src.allocated_bytes()));
@@ -487,11 +573,18 @@ mod tests {
         assert_eq!(inc.missing(), vec![1, 3, 4, 5, 6], "resumed, not restarted");
         assert!(inc.finish(&dir.path().join("early.layer")).is_err());
         let mut inc2 = Incoming::open(&part, &meta, Some(content(&src))).expect("resume again");
+        inc2.set_bottom(true);
         for i in inc2.missing() {
             let (from, to) = inc2.segment(i);
             let data = export_data(&src, from, to).expect("data");
-            // Data of the wrong length is refused.
+            // Data of the wrong length is refused, and so is a flipped bit.
             assert!(inc2.write_range(from, to, &[0u8; 7]).is_err());
+            if !data.is_empty() {
+                let mut bad = data.clone();
+                bad[data.len() / 2] ^= 4;
+                let err = inc2.write_range(from, to, &bad).unwrap_err();
+                assert!(err.to_string().contains("does not match its hash"), "{err}");
+            }
             inc2.write_range(from, to, &data).expect("write");
             inc2.commit(&[i]).expect("commit");
         }

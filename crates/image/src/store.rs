@@ -523,6 +523,20 @@ impl Store {
             disk = disk.with_index(index);
         }
         disk.layers().last().map(|l| l.flush()).transpose()?;
+        let top = chain
+            .layers
+            .last()
+            .ok_or_else(|| ImageError::Invalid("a version without layers".into()))?;
+        // Hashes still valid (an import no one wrote since): sealed as they are.
+        if let (Some(epoch), Some(content)) = (top.quiet_epoch(), top.content_hash()) {
+            crash_point("seal:hashed");
+            if top.seal_as_hashed(epoch)? {
+                crash_point("seal:layer-sealed");
+                version.sealed_unix = Some(now);
+                version.content_hash = Some(hash::to_hex(&content));
+                return Ok(());
+            }
+        }
         let hashes = if chain.layers.len() == 1 && chain.layers[0].content_hash().is_none() {
             hash::hash_disk(&disk)?
         } else {
@@ -886,18 +900,29 @@ fn write_properties(dir: &Path, props: &Properties) -> Result<(), ImageError> {
 /// with it, and the block hashes give content hash `expected` (hex). Costs a
 /// read of every layer's data.
 pub fn verify_layers(layers: &[Arc<Layer>], expected: &str) -> Result<(), ImageError> {
-    verify_layers_where(layers, expected, |_| true)
+    verify_layers_where(layers, expected, |_| LayerCheck::Full)
 }
 
-/// Like [`verify_layers`], reading the data only of the layers `i` for which
-/// `read(i)` (the others were checked before); the block hashes of all of
-/// them still have to give `expected`.
+/// How much of a layer's data [`verify_layers_where`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerCheck {
+    /// Every block it touches.
+    Full,
+    /// The blocks it touches but does not hold whole: the others were
+    /// checked from its own data as it arrived (see `replica`).
+    Partial,
+    /// None: it was checked before.
+    Skip,
+}
+
+/// Like [`verify_layers`], reading of layer `i` what `check(i)` says; the
+/// block hashes of all of them still have to give `expected`.
 pub fn verify_layers_where(
     layers: &[Arc<Layer>],
     expected: &str,
-    read: impl Fn(usize) -> bool,
+    check: impl Fn(usize) -> LayerCheck,
 ) -> Result<(), ImageError> {
-    if let Some((layer, block)) = first_bad_block_where(layers, read)? {
+    if let Some((layer, block)) = first_bad_block_where(layers, check)? {
         return Err(ImageError::CorruptLayer {
             path: layer.path().to_owned(),
             reason: format!("block {block} does not match its stored hash"),
@@ -921,12 +946,12 @@ pub fn verify_layers_where(
 /// block hashes, checking bottom up, so a bad block is blamed on the layer
 /// that holds it.
 pub fn first_bad_block(layers: &[Arc<Layer>]) -> Result<Option<(Arc<Layer>, u64)>, ImageError> {
-    first_bad_block_where(layers, |_| true)
+    first_bad_block_where(layers, |_| LayerCheck::Full)
 }
 
 fn first_bad_block_where(
     layers: &[Arc<Layer>],
-    read: impl Fn(usize) -> bool,
+    check: impl Fn(usize) -> LayerCheck,
 ) -> Result<Option<(Arc<Layer>, u64)>, ImageError> {
     for i in 0..layers.len() {
         let layer = &layers[i];
@@ -936,11 +961,25 @@ fn first_bad_block_where(
                 reason: "its hashes are not current".into(),
             });
         }
-        if !read(i) {
-            continue;
-        }
+        let only_unheld = match check(i) {
+            LayerCheck::Skip => continue,
+            LayerCheck::Partial if i == 0 => continue,
+            LayerCheck::Partial => true,
+            LayerCheck::Full => false,
+        };
         let disk = Disk::read_only(layers[..=i].to_vec());
-        if let Some(block) = hash::check_top(&disk)? {
+        let mut bad = None;
+        hash::scan_top_where(
+            &disk,
+            |b| !only_unheld || !layer.holds_block(b),
+            |block, good| {
+                if !good {
+                    bad = Some(block);
+                }
+                good
+            },
+        )?;
+        if let Some(block) = bad {
             return Ok(Some((layer.clone(), block)));
         }
     }

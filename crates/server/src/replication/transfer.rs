@@ -19,7 +19,7 @@ use parking_lot::{Mutex, RwLock};
 use vstream_api::{Catalog, ServerStatus};
 use vstream_image::hash;
 use vstream_image::replica::Incoming;
-use vstream_image::{verify_layers_where, ImageError};
+use vstream_image::{verify_layers_where, ImageError, LayerCheck};
 
 use super::peer::{self, Peer};
 use super::{count, Key};
@@ -160,23 +160,17 @@ fn copy_version(
         if peers.is_empty() {
             return Err(format!("no live server holds layer {file} verified"));
         }
-        // The layer's own content hash, when a version has it as its top.
-        let expected = cat
-            .versions
-            .iter()
-            .find(|v| v.layers.last() == Some(file))
-            .and_then(|v| v.content_hash.as_deref())
-            .and_then(hash::from_hex);
-        copy_layer(
-            server,
-            &key,
-            &peers,
-            &dir,
+        // The layer's own content hash, when a version has it as its top;
+        // a layer that tops a one-layer version is checked as it arrives.
+        let own = cat.versions.iter().find(|v| v.layers.last() == Some(file));
+        let target = Target {
             file,
-            expected,
-            started,
-            &done_before,
-        )?;
+            expected: own
+                .and_then(|v| v.content_hash.as_deref())
+                .and_then(hash::from_hex),
+            bottom: own.is_some_and(|v| v.layers.len() == 1),
+        };
+        copy_layer(server, &key, &peers, &dir, &target, started, &done_before)?;
     }
     // Every layer here: check the whole version before the store takes it.
     let expected = version
@@ -214,12 +208,20 @@ fn copy_version(
             })
         })
     };
-    let read: Vec<bool> = version
+    let check: Vec<LayerCheck> = version
         .layers
         .iter()
-        .map(|f| missing.contains(f) || !checked_here(f))
+        .map(|f| {
+            if missing.contains(f) {
+                LayerCheck::Partial
+            } else if checked_here(f) {
+                LayerCheck::Skip
+            } else {
+                LayerCheck::Full
+            }
+        })
         .collect();
-    if let Err(e) = verify_layers_where(&layers, &expected, |i| read[i]) {
+    if let Err(e) = verify_layers_where(&layers, &expected, |i| check[i]) {
         // A received file that fails is dropped, to be fetched again.
         for f in missing {
             let _ = std::fs::remove_file(dir.join(f));
@@ -229,18 +231,26 @@ fn copy_version(
     Ok(())
 }
 
+/// A layer to receive.
+struct Target<'a> {
+    file: &'a str,
+    /// The content hash its header must carry, when the catalog says.
+    expected: Option<hash::Hash>,
+    /// Nothing lies below it in its version.
+    bottom: bool,
+}
+
 /// Receives one layer, resuming a partial file, from `peers` at once.
-#[allow(clippy::too_many_arguments)]
 fn copy_layer(
     server: &Server,
     key: &Key,
     peers: &[Peer],
     dir: &Path,
-    file: &str,
-    expected: Option<hash::Hash>,
+    target: &Target,
     started: Instant,
     done_before: &Arc<Mutex<u64>>,
 ) -> Result<(), String> {
+    let file = target.file;
     let r = &server.replication;
     let secret = r
         .secret()
@@ -263,7 +273,8 @@ fn copy_layer(
     let meta = meta?;
     count(&r.received_bytes, meta.len() as u64);
     let partial = dir.join(format!("{file}.partial"));
-    let inc = Incoming::open(&partial, &meta, expected).map_err(|e| e.to_string())?;
+    let mut inc = Incoming::open(&partial, &meta, target.expected).map_err(|e| e.to_string())?;
+    inc.set_bottom(target.bottom);
     let queue: Mutex<VecDeque<usize>> = Mutex::new(inc.missing().into());
     let (already, total) = inc.progress();
     if already > 0 {
