@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::ImageError;
 use crate::hash::Tree;
-use crate::layer::{decode_header, sync_dir, Geometry, Layer, CHUNK, FLAG_HASHES_VALID};
+use crate::layer::{decode_header, Geometry, Layer, CHUNK, FLAG_HASHES_VALID};
 use crate::layer::{FLAG_SEALED, HASH_BLOCK, HEADER_LEN};
 
 /// Chunks in a transfer segment: 16 MiB of logical disk.
@@ -232,20 +232,20 @@ impl Incoming {
             .map_err(werr)?;
         if !resumable {
             file.set_len(geo.data_offset + geo.size).map_err(werr)?;
-            file.write_all_at(&bitmap, geo.bitmap_offset)
-                .map_err(werr)?;
-            for (i, block) in touched.iter().enumerate() {
-                let h = &meta[hashes_at + i * 32..hashes_at + i * 32 + 32];
-                file.write_all_at(h, geo.hashes_offset + block * 32)
-                    .map_err(werr)?;
-            }
-            file.write_all_at(&meta[tree_at..], geo.tree_offset)
-                .map_err(werr)?;
-            // The header last: a file with a header has its metadata.
-            file.sync_data().map_err(werr)?;
-            file.write_all_at(header, 0).map_err(werr)?;
-            file.sync_data().map_err(werr)?;
         }
+        // The metadata is written on every open, resumed or not: only the
+        // journal says anything is durable, and it covers data only after
+        // a sync, which covers these writes too. `finish` syncs it all.
+        file.write_all_at(&bitmap, geo.bitmap_offset)
+            .map_err(werr)?;
+        for (i, block) in touched.iter().enumerate() {
+            let h = &meta[hashes_at + i * 32..hashes_at + i * 32 + 32];
+            file.write_all_at(h, geo.hashes_offset + block * 32)
+                .map_err(werr)?;
+        }
+        file.write_all_at(&meta[tree_at..], geo.tree_offset)
+            .map_err(werr)?;
+        file.write_all_at(header, 0).map_err(werr)?;
         let hashes = touched
             .iter()
             .enumerate()
@@ -493,7 +493,15 @@ impl Incoming {
         Ok(())
     }
 
-    /// A complete file: made durable and moved to `dest`; the journal goes.
+    /// Marks segments `done` as arrived without journalling them: for the
+    /// last ones, just before [`Incoming::finish`] makes everything durable.
+    pub fn mark_arrived(&mut self, done: &[usize]) {
+        for &i in done {
+            self.done[i] = true;
+        }
+    }
+
+    /// A complete file: its data made durable, moved to `dest`; the journal goes.
     pub fn finish(self, dest: &Path) -> Result<(), ImageError> {
         if let Some(i) = self.done.iter().position(|d| !d) {
             return Err(ImageError::Invalid(format!(
@@ -505,11 +513,10 @@ impl Incoming {
             path: dest.to_owned(),
             source,
         };
-        self.file.sync_all().map_err(werr)?;
+        // The data; the name follows with the folder sync of whoever moves
+        // the file into a store (a crash before that only costs a new copy).
+        self.file.sync_data().map_err(werr)?;
         fs::rename(&self.path, dest).map_err(werr)?;
-        if let Some(dir) = dest.parent() {
-            sync_dir(dir).map_err(werr)?;
-        }
         let _ = fs::remove_file(&self.journal);
         Ok(())
     }

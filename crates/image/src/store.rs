@@ -330,6 +330,11 @@ impl Store {
         })
     }
 
+    /// The folder of vDisk `name`.
+    pub fn vdisk_path(&self, name: &str) -> Result<PathBuf, ImageError> {
+        self.vdisk_dir(name)
+    }
+
     /// Where replication keeps layers being received: kept across restarts.
     pub fn replication_dir(&self) -> PathBuf {
         self.root.join("replication")

@@ -173,11 +173,17 @@ pub(super) async fn replication_status(
         .filter(|s| s.updated_unix + STALE_AFTER_SECS >= now)
         .map(|s| s.name.clone())
         .collect();
-    // Our own record fresh, the others as they last published.
+    // The others as they last published; our own versions as they are now.
     for s in view.servers.iter() {
         if let Some(m) = members.iter_mut().find(|m| m.name == s.name) {
             *m = s.clone();
         }
+    }
+    let srv = server.clone();
+    let held = tokio::task::spawn_blocking(move || crate::farm::held_versions(&srv)).await?;
+    if let Some(me) = members.iter_mut().find(|m| m.name == server.config.name) {
+        me.versions = held;
+        me.replication = server.replication.published(&server);
     }
     members.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Json(crate::replication::status_rows(

@@ -275,11 +275,14 @@ pub async fn publish_change(
 /// Where a store operation's "before" waits until its change is in the
 /// catalog: an operation that completed in the store but not in the farm
 /// (a crash, etcd away) is published at the next reconcile, not undone.
+/// It lives in the vDisk's folder, whose sync by the operation's own
+/// properties write makes its name durable too.
 fn pending_path(server: &Server, name: &str) -> std::path::PathBuf {
     server
         .store
-        .replication_dir()
-        .join(format!(".pending-{name}.json"))
+        .vdisk_path(name)
+        .map(|d| d.join(".pending.json"))
+        .unwrap_or_default()
 }
 
 /// Records, durably, that an operation on vDisk `name` starts from `before`.
@@ -289,11 +292,11 @@ pub fn begin_change(server: &Server, name: &str, before: &Properties) -> std::io
         // An older change still waits: it covers this one too.
         return Ok(());
     }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec(before)?)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
-    std::fs::File::open(server.store.replication_dir())?.sync_all()
+    // A torn file (a crash while writing it) is dropped when read back:
+    // the operation had not started then.
+    let file = std::fs::File::create(&path)?;
+    std::io::Write::write_all(&mut &file, &serde_json::to_vec(before)?)?;
+    file.sync_data()
 }
 
 /// Publishes what changed in vDisk `name` since [`begin_change`].
@@ -327,21 +330,15 @@ pub async fn finish_change(server: &Server, name: &str) -> Result<(), FarmError>
 
 /// Publishes every change still pending (see [`begin_change`]).
 async fn publish_pending(server: &Server) -> Result<(), FarmError> {
-    let Ok(entries) = std::fs::read_dir(server.store.replication_dir()) else {
-        return Ok(());
-    };
-    for e in entries.flatten() {
-        let file = e.file_name().to_string_lossy().into_owned();
-        if let Some(name) = file
-            .strip_prefix(".pending-")
-            .and_then(|f| f.strip_suffix(".json"))
-        {
-            let Some(_lock) = server.try_lock_vdisk(name) else {
-                continue;
-            };
-            finish_change(server, name).await?;
-            tracing::info!(vdisk = %name, "a change made before a restart is now in the catalog");
+    for name in server.store.list().unwrap_or_default() {
+        if !pending_path(server, &name).exists() {
+            continue;
         }
+        let Some(_lock) = server.try_lock_vdisk(&name) else {
+            continue;
+        };
+        finish_change(server, &name).await?;
+        tracing::info!(vdisk = %name, "a change made before a restart is now in the catalog");
     }
     Ok(())
 }

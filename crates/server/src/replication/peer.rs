@@ -29,8 +29,9 @@ use crate::api::ApiError;
 use crate::state::Server;
 
 pub const SERVER_HEADER: &str = "x-vstream-server";
-/// Most chunks one data request may cover.
-pub const MAX_REQUEST_CHUNKS: u64 = 4 * SEGMENT_CHUNKS;
+/// Most chunks one data request may cover (1 GiB of logical disk; the
+/// answer holds only what the layer has there, streamed).
+pub const MAX_REQUEST_CHUNKS: u64 = 64 * SEGMENT_CHUNKS;
 
 pub fn routes(server: Arc<Server>) -> Router<Arc<Server>> {
     Router::new()
@@ -251,6 +252,7 @@ pub fn agent() -> ureq::Agent {
     ureq::AgentBuilder::new()
         .timeout_connect(Duration::from_secs(2))
         .timeout(Duration::from_secs(10))
+        .max_idle_connections_per_host(2 * super::transfer::MAX_PEERS)
         .build()
 }
 
@@ -278,11 +280,12 @@ pub fn get_with<T>(
             ),
             other => format!("server {}: {other}", peer.name),
         })?;
-    let mut body = resp
-        .into_reader()
-        .take(MAX_REQUEST_CHUNKS * vstream_image::CHUNK + (64 << 20));
+    let mut body = resp.into_reader();
     read(&mut body).map_err(|e| format!("server {}: {e}", peer.name))
 }
+
+/// The largest answer read into memory (a layer's metadata is ~33 KiB per GiB).
+const MAX_IN_MEMORY: u64 = 256 << 20;
 
 /// GETs `path` from `peer` into memory (metadata, a repaired block).
 pub fn get(
@@ -294,7 +297,8 @@ pub fn get(
 ) -> Result<Vec<u8>, String> {
     get_with(agent, peer, secret, me, path, |body| {
         let mut out = Vec::new();
-        body.read_to_end(&mut out)
+        body.take(MAX_IN_MEMORY)
+            .read_to_end(&mut out)
             .map_err(|e| format!("reading the answer: {e}"))?;
         Ok(out)
     })

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock};
 use vstream_api::{Catalog, ServerStatus};
 use vstream_image::hash;
-use vstream_image::replica::Incoming;
+use vstream_image::replica::{Incoming, SEGMENT_CHUNKS};
 use vstream_image::{verify_layers_where, ImageError, LayerCheck};
 
 use super::peer::{self, Peer};
@@ -160,6 +160,8 @@ fn copy_version(
         if peers.is_empty() {
             return Err(format!("no live server holds layer {file} verified"));
         }
+        let from: Vec<&str> = peers.iter().map(|p| p.name.as_str()).collect();
+        tracing::info!(vdisk = %name, version = number, layer = %file, peers = ?from, "copying a layer");
         // The layer's own content hash, when a version has it as its top;
         // a layer that tops a one-layer version is checked as it arrives.
         let own = cat.versions.iter().find(|v| v.layers.last() == Some(file));
@@ -172,6 +174,7 @@ fn copy_version(
         };
         copy_layer(server, &key, &peers, &dir, &target, started, &done_before)?;
     }
+    tracing::info!(vdisk = %name, version = number, "every layer here: checking the version");
     // Every layer here: check the whole version before the store takes it.
     let expected = version
         .content_hash
@@ -229,6 +232,34 @@ fn copy_version(
         return Err(format!("the copy failed verification, fetching again: {e}"));
     }
     Ok(())
+}
+
+/// Data one request asks for at most: consecutive segments with little
+/// data in them (a delta) go in one request, not one each.
+const BATCH_BYTES: u64 = 4 << 20;
+
+/// Takes the next segments to ask for: the first in the queue, and the
+/// ones right after it while their data stays under [`BATCH_BYTES`].
+fn take_batch(queue: &Mutex<VecDeque<usize>>, inc: &Incoming) -> Vec<usize> {
+    let mut q = queue.lock();
+    let Some(first) = q.pop_front() else {
+        return Vec::new();
+    };
+    let (from, to) = inc.segment(first);
+    let mut bytes = inc.data_len(from, to);
+    let mut segs = vec![first];
+    let most = (peer::MAX_REQUEST_CHUNKS / SEGMENT_CHUNKS) as usize;
+    while let Some(&next) = q.front() {
+        let (from, to) = inc.segment(next);
+        let more = inc.data_len(from, to);
+        if next != first + segs.len() || segs.len() >= most || bytes + more > BATCH_BYTES {
+            break;
+        }
+        q.pop_front();
+        bytes += more;
+        segs.push(next);
+    }
+    segs
 }
 
 /// A layer to receive.
@@ -316,10 +347,12 @@ fn copy_layer(
             scope.spawn(move || {
                 let _idle = IdleIo::enter();
                 loop {
-                    let Some(seg) = queue.lock().pop_front() else {
+                    let segs = take_batch(queue, &inc.read());
+                    let (Some(&first), Some(&last)) = (segs.first(), segs.last()) else {
                         return;
                     };
-                    let (from, to) = inc.read().segment(seg);
+                    let from = inc.read().segment(first).0;
+                    let to = inc.read().segment(last).1;
                     let len = inc.read().data_len(from, to);
                     if len > 0 {
                         r.throttle.take(len);
@@ -330,14 +363,15 @@ fn copy_layer(
                                 .map_err(|e| e.to_string())
                         });
                         if let Err(e) = got {
-                            queue.lock().push_back(seg);
+                            queue.lock().extend(segs);
                             tracing::warn!(peer = %p.name, layer = %file, error = %e, "a peer failed; the others go on");
                             failures.lock().push(e);
                             return;
                         }
                         count(&r.received_bytes, len);
+                        tracing::debug!(peer = %p.name, layer = %file, bytes = len, segments = segs.len(), "received");
                     }
-                    pending.lock().push(seg);
+                    pending.lock().extend(segs);
                     let now = {
                         let mut n = received.lock();
                         *n += len;
@@ -353,8 +387,15 @@ fn copy_layer(
             });
         }
     });
-    commit(true)?;
-    let inc = inc.into_inner();
+    let mut inc = inc.into_inner();
+    let last: Vec<usize> = std::mem::take(&mut *pending.lock());
+    let arrived = inc.missing().iter().all(|i| last.contains(i));
+    if arrived {
+        // Complete: `finish` makes it durable as a whole.
+        inc.mark_arrived(&last);
+    } else {
+        inc.commit(&last).map_err(|e| e.to_string())?;
+    }
     if !inc.missing().is_empty() {
         let why = failures.lock().join("; ");
         return Err(format!(
@@ -368,19 +409,22 @@ fn copy_layer(
     Ok(())
 }
 
-/// While held, this thread's disk I/O has the idle priority class: device
-/// streaming comes first. Restores the previous class on drop.
+/// While held, this thread's disk I/O has the lowest best-effort priority:
+/// device streaming comes first. (Not the idle class: that starves a copy
+/// for as long as anything else touches the disk, even a sync of its own.)
+/// Restores the previous priority on drop.
 pub struct IdleIo(Option<i64>);
 
 const IOPRIO_WHO_PROCESS: i64 = 1;
-const IOPRIO_CLASS_IDLE: i64 = 3;
+const IOPRIO_CLASS_BE: i64 = 2;
 const IOPRIO_CLASS_SHIFT: i64 = 13;
+const IOPRIO_LOWEST: i64 = 7;
 
 impl IdleIo {
     pub fn enter() -> IdleIo {
         // SAFETY: plain syscalls on the calling thread (who 0), no memory involved.
         let prev = unsafe { libc::syscall(libc::SYS_ioprio_get, IOPRIO_WHO_PROCESS, 0) };
-        let idle = IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT;
+        let idle = (IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | IOPRIO_LOWEST;
         // SAFETY: as above.
         let set = unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, idle) };
         IdleIo((prev >= 0 && set == 0).then_some(prev))
