@@ -154,7 +154,7 @@ async fn meta(
     let s = server.clone();
     let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ApiError> {
         let layer = servable(&s, &vdisk, &file)?;
-        let _idle = super::transfer::IdleIo::enter();
+        let _low_io = super::transfer::LowIo::enter();
         Ok(replica::export_meta(&layer)?)
     })
     .await??;
@@ -205,7 +205,7 @@ async fn data(
     let s = server.clone();
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        let _idle = super::transfer::IdleIo::enter();
+        let _low_io = super::transfer::LowIo::enter();
         let sent = replica::export_data_pieces(&layer, range.from, range.to, |piece| {
             super::count(&s.replication.sent_bytes, piece.len() as u64);
             tx.blocking_send(Ok(bytes::Bytes::from(piece))).is_ok()

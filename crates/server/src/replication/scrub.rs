@@ -1,5 +1,5 @@
 //! The scrub: every `scrub_interval`, each layer of each version held here
-//! is read again (at most `scrub_rate` bytes/s, idle I/O class) against its
+//! is read again (at most `scrub_rate` bytes/s, lowest I/O priority) against its
 //! stored block hashes, bottom layer first. A block that fails marks its
 //! layer corrupt: versions using it are no longer offered to devices or
 //! peers. Its chunks are then fetched again from a peer holding the layer
@@ -16,7 +16,7 @@ use vstream_image::{hash, Disk, Layer, CHUNK, HASH_BLOCK};
 
 use super::count;
 use super::peer;
-use super::transfer::IdleIo;
+use super::transfer::LowIo;
 use crate::state::Server;
 
 const REPAIR_RETRY: Duration = Duration::from_secs(3);
@@ -82,7 +82,7 @@ fn bad_blocks(server: &Server, chain: &[Arc<Layer>], i: usize) -> std::io::Resul
 }
 
 fn scrub_all(server: &Server) {
-    let _idle = IdleIo::enter();
+    let _low_io = LowIo::enter();
     let mut seen = BTreeSet::new();
     for (vdisk, files) in held_chains(server) {
         let Some(chain) = open_chain(server, &vdisk, &files) else {
@@ -128,7 +128,7 @@ fn repair_all(server: &Server) {
     if corrupt.is_empty() {
         return;
     }
-    let _idle = IdleIo::enter();
+    let _low_io = LowIo::enter();
     for (vdisk, file) in corrupt {
         match repair(server, &vdisk, &file) {
             Ok(n) => {

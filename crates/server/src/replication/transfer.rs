@@ -138,7 +138,7 @@ fn copy_version(
     number: u32,
     missing: &[String],
 ) -> Result<(), String> {
-    let _idle = IdleIo::enter();
+    let _low_io = LowIo::enter();
     let name = &cat.vdisk;
     let version = cat
         .version(number)
@@ -345,7 +345,7 @@ fn copy_layer(
             let agent = agent.clone();
             let secret = secret.clone();
             scope.spawn(move || {
-                let _idle = IdleIo::enter();
+                let _low_io = LowIo::enter();
                 loop {
                     let segs = take_batch(queue, &inc.read());
                     let (Some(&first), Some(&last)) = (segs.first(), segs.last()) else {
@@ -413,25 +413,25 @@ fn copy_layer(
 /// device streaming comes first. (Not the idle class: that starves a copy
 /// for as long as anything else touches the disk, even a sync of its own.)
 /// Restores the previous priority on drop.
-pub struct IdleIo(Option<i64>);
+pub struct LowIo(Option<i64>);
 
 const IOPRIO_WHO_PROCESS: i64 = 1;
 const IOPRIO_CLASS_BE: i64 = 2;
 const IOPRIO_CLASS_SHIFT: i64 = 13;
 const IOPRIO_LOWEST: i64 = 7;
 
-impl IdleIo {
-    pub fn enter() -> IdleIo {
+impl LowIo {
+    pub fn enter() -> LowIo {
         // SAFETY: plain syscalls on the calling thread (who 0), no memory involved.
         let prev = unsafe { libc::syscall(libc::SYS_ioprio_get, IOPRIO_WHO_PROCESS, 0) };
         let idle = (IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | IOPRIO_LOWEST;
         // SAFETY: as above.
         let set = unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, idle) };
-        IdleIo((prev >= 0 && set == 0).then_some(prev))
+        LowIo((prev >= 0 && set == 0).then_some(prev))
     }
 }
 
-impl Drop for IdleIo {
+impl Drop for LowIo {
     fn drop(&mut self) {
         if let Some(prev) = self.0 {
             // SAFETY: as in `enter`.
