@@ -157,7 +157,6 @@ pub fn plan(
     cat: &Catalog,
     present: impl Fn(&str) -> bool,
     in_use: impl Fn(u32) -> bool,
-    me: &str,
 ) -> Plan {
     let mut versions = Vec::new();
     let mut fetch = Vec::new();
@@ -216,7 +215,6 @@ pub fn plan(
     versions.sort_by_key(|v| v.number);
     // Retired entries that were never here add nothing.
     versions.retain(|v| v.is_live() || local.is_some_and(|p| p.version(v.number).is_some()));
-    let _ = me;
     Plan {
         versions,
         fetch,
@@ -297,7 +295,7 @@ mod tests {
             "s1",
         );
         // A new server has nothing: it fetches 1 and 2, not the open version 3.
-        let p = plan(None, &cat, |_| false, |_| false, "s2");
+        let p = plan(None, &cat, |_| false, |_| false);
         assert_eq!(
             p.fetch,
             vec![
@@ -308,13 +306,13 @@ mod tests {
         assert!(p.versions.is_empty());
         assert!(p.properties(&cat, None).is_none(), "no production yet");
         // With a here, version 1 is held; 2 waits for b.
-        let p = plan(None, &cat, |f| f == "a", |_| false, "s2");
+        let p = plan(None, &cat, |f| f == "a", |_| false);
         assert_eq!(p.fetch, vec![(2, vec!["b".to_string()])]);
         let props1 = p.properties(&cat, None).expect("valid");
         assert_eq!(props1.versions.len(), 1);
         assert_eq!(props1.last_number, 3, "the farm's numbers are reserved");
         // Everything here: both sealed versions, and nothing to fetch.
-        let p = plan(Some(&props1), &cat, |_| true, |_| false, "s2");
+        let p = plan(Some(&props1), &cat, |_| true, |_| false);
         assert!(p.fetch.is_empty());
         let numbers: Vec<u32> = p.versions.iter().map(|v| v.number).collect();
         assert_eq!(numbers, [1, 2]);
@@ -324,26 +322,26 @@ mod tests {
             v(2, Test, &["a", "b"], Some("h2")),
             v(3, Maintenance, &["a", "b", "c"], None),
         ]);
-        let p = plan(Some(&origin), &cat, |_| true, |_| false, "s1");
+        let p = plan(Some(&origin), &cat, |_| true, |_| false);
         assert_eq!(p.versions, origin.versions);
         // Version 2 deleted farm-wide: it goes, unless a device uses it.
         let mut cat2 = cat.clone();
         cat2.versions.retain(|c| c.number != 2);
         let here = p.properties(&cat, Some(&origin)).expect("valid");
-        let gone = plan(Some(&here), &cat2, |_| true, |_| false, "s2");
+        let gone = plan(Some(&here), &cat2, |_| true, |_| false);
         assert!(gone.versions.iter().all(|v| v.number != 2));
-        let kept = plan(Some(&here), &cat2, |_| true, |n| n == 2, "s2");
+        let kept = plan(Some(&here), &cat2, |_| true, |n| n == 2);
         assert_eq!(kept.kept_for_devices, vec![2]);
         // A version made here after the catalog was read stays.
         let mut newer = here.clone();
         newer.versions.push(v(9, Maintenance, &["a", "z"], None));
         newer.last_number = 9;
-        let p = plan(Some(&newer), &cat, |_| true, |_| false, "s2");
+        let p = plan(Some(&newer), &cat, |_| true, |_| false);
         assert!(p.versions.iter().any(|v| v.number == 9));
         // The same content imported here under other layer names is kept.
         // The catalog's layers are fetched (once) all the same.
         let own = props(vec![v(1, Production, &["own"], Some("h1"))]);
-        let p = plan(Some(&own), &cat, |f| f == "own", |_| false, "s2");
+        let p = plan(Some(&own), &cat, |f| f == "own", |_| false);
         assert_eq!(p.versions[0].layers, vec!["own".to_string()]);
         assert_eq!(
             p.fetch,
@@ -357,14 +355,14 @@ mod tests {
         merged.versions[0].state = Retired;
         merged.versions[0].layers.clear();
         merged.versions[1].layers = vec!["m2".into()];
-        let p = plan(Some(&here), &merged, |f| f != "m2", |_| false, "s2");
+        let p = plan(Some(&here), &merged, |f| f != "m2", |_| false);
         assert_eq!(p.fetch, vec![(2, vec!["m2".to_string()])]);
         assert_eq!(
             p.versions[1].layers,
             vec!["a".to_string(), "b".into()],
             "served meanwhile"
         );
-        let p = plan(Some(&here), &merged, |_| true, |_| false, "s2");
+        let p = plan(Some(&here), &merged, |_| true, |_| false);
         assert!(p.fetch.is_empty());
         assert_eq!(p.versions[1].layers, vec!["m2".to_string()]);
         assert!(p.versions[0].layers.is_empty(), "retired: its layer goes");

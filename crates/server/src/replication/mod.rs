@@ -427,7 +427,7 @@ fn follow_blocking(
                 .unwrap_or(false)
     };
     let in_use = |n: u32| !server.devices_on(name, n).is_empty();
-    let plan = catalog::plan(local.as_ref(), cat, present, in_use, &server.config.name);
+    let plan = catalog::plan(local.as_ref(), cat, present, in_use);
     let Some(props) = plan.properties(cat, local.as_ref()) else {
         return Ok((local, plan));
     };
@@ -621,17 +621,19 @@ async fn seal_for_peers(
         return;
     }
     let Some(local) = local else { return };
+    let Some(v) = local.versions.iter().find(|v| {
+        v.state == VersionState::Production && !v.is_sealed() && v.content_hash.is_some()
+    }) else {
+        return;
+    };
     // The record itself, not the view: a mode just set counts at once.
     let standard = matches!(
         server.farm.get_vdisk(&cat.vdisk).await,
         Ok(Some(v)) if v.mode == vstream_api::Mode::Standard
     );
-    let unsealed = local.versions.iter().find(|v| {
-        v.state == VersionState::Production && !v.is_sealed() && v.content_hash.is_some()
-    });
-    let (true, Some(v)) = (standard, unsealed) else {
+    if !standard {
         return;
-    };
+    }
     if !server.devices_on(&cat.vdisk, v.number).is_empty() {
         return;
     }
