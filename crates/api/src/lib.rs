@@ -105,6 +105,9 @@ pub struct VDiskInfo {
     /// Why the vDisk cannot be served, when its files are unreadable or corrupt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
+    /// This server's store does not hold it (yet): replication copies it.
+    #[serde(default)]
+    pub not_here: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -440,6 +440,18 @@ impl Store {
         self.open_chain(&props, version, true)
     }
 
+    /// True if version `number` is still unsealed in the properties file
+    /// while no version operation runs: a sealed top layer is then left from
+    /// a seal that crashed before writing the file. (While an operation
+    /// runs, it may have sealed the layer and not yet written the file.)
+    fn seal_was_lost(&self, props: &Properties, number: u32) -> bool {
+        let Some(_op) = self.ops.try_lock() else {
+            return false;
+        };
+        self.properties(&props.name)
+            .is_ok_and(|p| p.version(number).is_some_and(|v| !v.is_sealed()))
+    }
+
     /// Opens the layers of `version`; with `build_index`, builds the chain
     /// index if no open chain shares it yet (costs a pass over every layer's
     /// bitmap, so one-off operations that touch little take only a cached one).
@@ -454,7 +466,7 @@ impl Store {
         for (i, file) in version.layers.iter().enumerate() {
             let top_writable = i + 1 == n && !version.is_sealed();
             let layer = self.layer(&props.name, file, props.size, top_writable)?;
-            if top_writable && layer.is_sealed() {
+            if top_writable && layer.is_sealed() && self.seal_was_lost(props, version.number) {
                 // A seal whose operation never reached the properties file.
                 layer.unseal()?;
             }

@@ -133,7 +133,9 @@ fn vdisk_table(vdisks: &[VDiskInfo]) -> String {
                 human_size(i.vdisk.size),
                 i.vdisk.mode.to_string(),
                 cache_summary(&i.vdisk),
-                if i.problem.is_some() {
+                if i.not_here {
+                    "NOT HERE".to_string()
+                } else if i.problem.is_some() {
                     "UNREADABLE".to_string()
                 } else {
                     short_hash(&i.content_hash)
@@ -240,6 +242,7 @@ mod tests {
             allocated: 3 << 29,
             connected: connected.iter().map(|s| s.to_string()).collect(),
             problem: None,
+            not_here: false,
         }
     }
 

@@ -22,9 +22,9 @@ fn tools() -> Option<TestEtcd> {
     TestEtcd::start()
 }
 
-/// `n` servers in the farm, each holding vDisk `demo` (the same image,
-/// imported on each), Standard mode with device-side caches, and `devices`
-/// devices pc1.. on it.
+/// `n` servers in the farm, each holding vDisk `demo` (imported on the
+/// first, copied to the others by replication), Standard mode with
+/// device-side caches, and `devices` devices pc1.. on it.
 fn farm(etcd: &TestEtcd, dir: &Path, n: usize, devices: usize) -> Vec<TestServer> {
     let servers: Vec<TestServer> = (1..=n)
         .map(|i| TestServer::start_in_farm(dir.join(format!("s{i}")), &etcd.url, &format!("s{i}")))
@@ -32,14 +32,13 @@ fn farm(etcd: &TestEtcd, dir: &Path, n: usize, devices: usize) -> Vec<TestServer
     with_demo(servers, dir, devices)
 }
 
-/// Imports vDisk `demo` on every server of a farm and adds `devices` devices.
+/// Imports vDisk `demo` on the first server of a farm, adds `devices`
+/// devices, and waits until every server holds it verified.
 fn with_demo(servers: Vec<TestServer>, dir: &Path, devices: usize) -> Vec<TestServer> {
     let n = servers.len();
     let image = dir.join("demo.raw");
     random_image(&image, IMAGE_SIZE, 7);
-    for s in &servers {
-        s.cli_ok(&["vdisk", "import", "demo", image.to_str().unwrap()]);
-    }
+    servers[0].cli_ok(&["vdisk", "import", "demo", image.to_str().unwrap()]);
     servers[0].cli_ok(&[
         "vdisk",
         "set",

@@ -424,6 +424,9 @@ fn replication_waits_for_its_window_and_an_order_starts_it_at_once() {
         "queued",
         "it waited"
     );
+    // s2 lists the farm's vDisks it does not hold yet, and says so.
+    let list = s2.cli_ok(&["vdisk", "list"]);
+    assert!(list.contains("NOT HERE"), "{list}");
     // An order starts a at once, and only a.
     let said = s1.cli_ok(&["replication", "start", "a"]);
     assert!(said.contains("a@1"), "{said}");

@@ -194,6 +194,7 @@ pub(crate) async fn vdisk_info(server: &Arc<Server>, vdisk: VDisk) -> Result<VDi
         allocated,
         connected,
         problem: None,
+        not_here: false,
     })
 }
 
@@ -212,12 +213,26 @@ async fn list_vdisks(State(server): Shared) -> Result<Json<Vec<VDiskInfo>>, ApiE
         // One broken vDisk must not hide the others: list it with its problem.
         let info = match vdisk_info(&server, v.clone()).await {
             Ok(info) => info,
+            // A farm vDisk this server does not hold (yet).
+            Err(_) if !server.store.exists(&v.name) => VDiskInfo {
+                connected: server.connected_to(&v.name),
+                vdisk: v,
+                content_hash: String::new(),
+                allocated: 0,
+                problem: Some(
+                    "not in this server's store yet: replication copies it \
+                     (vstream replication status)"
+                        .into(),
+                ),
+                not_here: true,
+            },
             Err(e) if e.status.is_server_error() => VDiskInfo {
                 connected: server.connected_to(&v.name),
                 vdisk: v,
                 content_hash: String::new(),
                 allocated: 0,
                 problem: Some(e.message),
+                not_here: false,
             },
             Err(e) => return Err(e),
         };

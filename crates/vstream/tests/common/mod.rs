@@ -671,9 +671,12 @@ impl NetNs {
         sh(&format!(
             "ip addr add {outside}/24 dev {veth} && ip link set {veth} up"
         ));
+        // A default route through the host, which forwards: servers in two
+        // namespaces reach each other (replication between them).
         sh(&format!(
-            "ip netns exec {name} sh -c 'ip addr add {inside}/24 dev {veth}p && ip link set {veth}p up && ip link set lo up'"
+            "ip netns exec {name} sh -c 'ip addr add {inside}/24 dev {veth}p && ip link set {veth}p up && ip link set lo up && ip route add default via {outside}'"
         ));
+        sh("sysctl -qw net.ipv4.ip_forward=1");
         NetNs {
             name,
             inside,
