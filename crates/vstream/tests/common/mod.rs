@@ -676,7 +676,7 @@ impl NetNs {
         sh(&format!(
             "ip netns exec {name} sh -c 'ip addr add {inside}/24 dev {veth}p && ip link set {veth}p up && ip link set lo up && ip route add default via {outside}'"
         ));
-        sh("sysctl -qw net.ipv4.ip_forward=1");
+        sh("echo 1 > /proc/sys/net/ipv4/ip_forward");
         NetNs {
             name,
             inside,
