@@ -146,26 +146,23 @@ impl Server {
         }
     }
 
-    /// Takes the lock of vDisk `name` (see `vdisk_locks`).
-    pub async fn lock_vdisk(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = self
-            .vdisk_locks
+    /// The lock of vDisk `name` (see `vdisk_locks`).
+    fn vdisk_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.vdisk_locks
             .lock()
             .entry(name.to_owned())
             .or_default()
-            .clone();
-        lock.lock_owned().await
+            .clone()
+    }
+
+    /// Takes the lock of vDisk `name`.
+    pub async fn lock_vdisk(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        self.vdisk_lock(name).lock_owned().await
     }
 
     /// Takes the lock of vDisk `name` if it is free now.
     pub fn try_lock_vdisk(&self, name: &str) -> Option<tokio::sync::OwnedMutexGuard<()>> {
-        let lock = self
-            .vdisk_locks
-            .lock()
-            .entry(name.to_owned())
-            .or_default()
-            .clone();
-        lock.try_lock_owned().ok()
+        self.vdisk_lock(name).try_lock_owned().ok()
     }
 
     /// The newest production version of vDisk `name`.

@@ -22,7 +22,7 @@ mod scrub;
 mod transfer;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -727,9 +727,4 @@ pub fn status_rows(
         }
     }
     rows
-}
-
-/// Counts bytes into `counter`.
-pub(crate) fn count(counter: &AtomicU64, n: u64) {
-    counter.fetch_add(n, Ordering::Relaxed);
 }

@@ -26,6 +26,7 @@ use vstream_image::replica::{self, SEGMENT_CHUNKS};
 use vstream_image::Layer;
 
 use crate::api::ApiError;
+use crate::metrics::Metrics;
 use crate::state::Server;
 
 pub const SERVER_HEADER: &str = "x-vstream-server";
@@ -158,7 +159,7 @@ async fn meta(
         Ok(replica::export_meta(&layer)?)
     })
     .await??;
-    super::count(&server.replication.sent_bytes, bytes.len() as u64);
+    Metrics::add(&server.replication.sent_bytes, bytes.len() as u64);
     Ok(octets(bytes))
 }
 
@@ -207,7 +208,7 @@ async fn data(
         let _permit = permit;
         let _low_io = super::transfer::LowIo::enter();
         let sent = replica::export_data_pieces(&layer, range.from, range.to, |piece| {
-            super::count(&s.replication.sent_bytes, piece.len() as u64);
+            Metrics::add(&s.replication.sent_bytes, piece.len() as u64);
             tx.blocking_send(Ok(bytes::Bytes::from(piece))).is_ok()
         });
         if let Err(e) = sent {

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use vstream_image::replica::Incoming;
 use vstream_image::{hash, Disk, Layer, CHUNK, HASH_BLOCK};
 
-use super::count;
 use super::peer;
 use super::transfer::LowIo;
+use crate::metrics::Metrics;
 use crate::state::Server;
 
 const REPAIR_RETRY: Duration = Duration::from_secs(3);
@@ -72,7 +72,7 @@ fn bad_blocks(server: &Server, chain: &[Arc<Layer>], i: usize) -> std::io::Resul
     let r = &server.replication;
     hash::scan_top(&disk, |block, good| {
         r.scrub_throttle.take(HASH_BLOCK);
-        count(&r.scrubbed_bytes, HASH_BLOCK);
+        Metrics::add(&r.scrubbed_bytes, HASH_BLOCK);
         if !good {
             bad.push(block);
         }
@@ -95,7 +95,7 @@ fn scrub_all(server: &Server) {
             match bad_blocks(server, &chain, i) {
                 Ok(bad) if bad.is_empty() => {}
                 Ok(bad) => {
-                    count(&server.replication.corrupt_blocks, bad.len() as u64);
+                    Metrics::add(&server.replication.corrupt_blocks, bad.len() as u64);
                     let reason = format!(
                         "scrub: {} block(s) of layer {file} do not match their hashes (first: block {})",
                         bad.len(),
@@ -132,7 +132,7 @@ fn repair_all(server: &Server) {
     for (vdisk, file) in corrupt {
         match repair(server, &vdisk, &file) {
             Ok(n) => {
-                count(&server.replication.repaired_blocks, n);
+                Metrics::add(&server.replication.repaired_blocks, n);
                 server.replication.clear_corrupt(&vdisk, &file);
                 server.membership.publish_now.notify_one();
                 tracing::info!(vdisk = %vdisk, layer = %file, blocks = n, "layer repaired from a peer; offered again");
@@ -180,7 +180,7 @@ fn repair(server: &Server, vdisk: &str, file: &str) -> Result<u64, String> {
             let req = peer::layer_path(vdisk, file, Some((from, to)));
             match peer::get(&agent, p, &secret, &server.config.name, &req) {
                 Ok(data) => {
-                    count(&server.replication.received_bytes, data.len() as u64);
+                    Metrics::add(&server.replication.received_bytes, data.len() as u64);
                     target
                         .write_range(from, to, &data)
                         .map_err(|e| e.to_string())?;

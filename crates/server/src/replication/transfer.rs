@@ -22,7 +22,8 @@ use vstream_image::replica::{Incoming, SEGMENT_CHUNKS};
 use vstream_image::{verify_layers_where, ImageError, LayerCheck};
 
 use super::peer::{self, Peer};
-use super::{count, Key};
+use super::Key;
+use crate::metrics::Metrics;
 use crate::state::Server;
 
 /// Most peers one layer is pulled from at once.
@@ -302,7 +303,7 @@ fn copy_layer(
         }
     }
     let meta = meta?;
-    count(&r.received_bytes, meta.len() as u64);
+    Metrics::add(&r.received_bytes, meta.len() as u64);
     let partial = dir.join(format!("{file}.partial"));
     let mut inc = Incoming::open(&partial, &meta, target.expected).map_err(|e| e.to_string())?;
     inc.set_bottom(target.bottom);
@@ -368,7 +369,7 @@ fn copy_layer(
                             failures.lock().push(e);
                             return;
                         }
-                        count(&r.received_bytes, len);
+                        Metrics::add(&r.received_bytes, len);
                         tracing::debug!(peer = %p.name, layer = %file, bytes = len, segments = segs.len(), "received");
                     }
                     pending.lock().extend(segs);
