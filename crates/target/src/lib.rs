@@ -14,6 +14,7 @@
 //! holding the same content hash. The local NBD service is the server's own
 //! (`vstream_server::nbd`), serving this one export.
 
+mod attach;
 mod cache;
 mod login;
 mod remote;
@@ -43,6 +44,8 @@ pub struct Options {
     pub mac: String,
     /// Where the OS reaches its disk.
     pub listen: Vec<Listen>,
+    /// A kernel NBD device (`/dev/nbd0`) to connect to the export.
+    pub attach: Option<std::path::PathBuf>,
     pub cache: CacheSpec,
     /// How long a server may leave a read unanswered before the agent moves.
     pub deadline: Duration,
@@ -178,6 +181,9 @@ pub async fn run(opts: Options, shutdown: watch::Receiver<bool>) -> Result<()> {
     if opts.bootstrap.is_empty() {
         bail!("give at least one bootstrap server (--bootstrap HOST:PORT)");
     }
+    if opts.listen.is_empty() && opts.attach.is_none() {
+        bail!("give --listen, --attach, or both: the OS needs a way to its disk");
+    }
     protect_memory();
     let reply = first_login(&opts).await?;
     // A device-side cache over shared bytes may move between servers; a
@@ -253,6 +259,19 @@ pub async fn run(opts: Options, shutdown: watch::Receiver<bool>) -> Result<()> {
             conns.clone(),
             shutdown.clone(),
         ));
+    }
+    if let Some(path) = &opts.attach {
+        let attached = attach::attach(path, &reply.device, device.clone() as Arc<dyn Exports>)
+            .await
+            .with_context(|| format!("attaching {}", path.display()))?;
+        let mut stop = shutdown.clone();
+        let _ = stop.wait_for(|s| *s).await;
+        if attached.is_mounted() {
+            tracing::warn!(device = %attached.device().display(),
+                "the device is mounted: the agent stays to serve it (unmount it first, or kill -9 the agent)");
+            std::future::pending::<()>().await;
+        }
+        attached.detach().await;
     }
     while tasks.join_next().await.is_some() {}
     remote.disconnect().await;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -70,7 +70,7 @@ impl Connection {
         let connect = async {
             let mut s = TcpStream::connect(addr).await?;
             s.set_nodelay(true)?;
-            let size = handshake(&mut s, export).await?;
+            let size = handshake(&mut s, export).await?.size;
             Ok::<_, io::Error>((s, size))
         };
         let (stream, size) = tokio::time::timeout(timeout, connect).await.map_err(|_| {
@@ -255,8 +255,19 @@ async fn receive<R: tokio::io::AsyncRead + Unpin>(
     }
 }
 
-/// The client side of the fixed newstyle handshake; returns the export size.
-async fn handshake(s: &mut TcpStream, export: &str) -> io::Result<u64> {
+/// What the handshake learned of an export.
+pub struct Opened {
+    pub size: u64,
+    /// Transmission flags (`NBD_FLAG_*`).
+    pub flags: u16,
+}
+
+/// The client side of the fixed newstyle handshake, with simple replies only
+/// (what the kernel's NBD driver speaks too).
+pub async fn handshake<S>(s: &mut S, export: &str) -> io::Result<Opened>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut hello = [0u8; 18];
     s.read_exact(&mut hello).await?;
     let magic = u64::from_be_bytes(hello[0..8].try_into().unwrap_or_default());
@@ -297,9 +308,10 @@ async fn handshake(s: &mut TcpStream, export: &str) -> io::Result<u64> {
                 return size.ok_or_else(|| protocol("the server sent no export size"));
             }
             REP_INFO if body.len() >= 12 && body[0..2] == INFO_EXPORT.to_be_bytes() => {
-                size = Some(u64::from_be_bytes(
-                    body[2..10].try_into().unwrap_or_default(),
-                ));
+                size = Some(Opened {
+                    size: u64::from_be_bytes(body[2..10].try_into().unwrap_or_default()),
+                    flags: u16::from_be_bytes([body[10], body[11]]),
+                });
             }
             REP_INFO => {}
             k if k & (1 << 31) != 0 => {

@@ -28,10 +28,15 @@ pub struct TargetArgs {
     pub mac: String,
     /// Where the OS reaches its disk: unix:PATH, or a loopback HOST:PORT;
     /// repeat for both.
-    #[arg(long, value_name = "unix:PATH|HOST:PORT", required = true)]
+    #[arg(long, value_name = "unix:PATH|HOST:PORT", required_unless_present = "attach")]
     pub listen: Vec<String>,
+    /// Connect this kernel NBD device (`modprobe nbd` first) to the disk, as
+    /// nbd-client does: what an initramfs uses for its root filesystem. The
+    /// agent never detaches a mounted device.
+    #[arg(long, value_name = "/dev/nbdN")]
+    pub attach: Option<std::path::PathBuf>,
     /// The write cache: ram:SIZE, disk:PATH:SIZE, or ram:SIZE,disk:PATH:SIZE
-    /// (RAM first, overflowing to the disk file) [default: ram:1GiB].
+    /// (RAM first, overflowing to the disk file) .
     #[arg(long, value_name = "SPEC", default_value = "ram:1GiB")]
     pub cache: CacheSpec,
     /// Milliseconds a server may leave a read unanswered before the agent
@@ -50,6 +55,7 @@ pub fn run(args: TargetArgs) -> Result<()> {
         bootstrap: args.bootstrap,
         mac: args.mac,
         listen,
+        attach: args.attach,
         cache: args.cache,
         deadline: Duration::from_millis(args.deadline_ms.max(1)),
     };

@@ -190,7 +190,8 @@ async fn accept(listener: &Listener) -> std::io::Result<Halves> {
 }
 
 /// One connection from greeting to close. Every failure is logged once here.
-async fn connection<R, W>(
+/// The agent also calls it for the socket it hands the kernel (`--attach`).
+pub async fn connection<R, W>(
     reader: R,
     writer: W,
     peer: &str,
