@@ -89,6 +89,86 @@ pub struct VDisk {
     pub cache_limit: Option<u64>,
     /// Seconds since the Unix epoch.
     pub created_unix: u64,
+    /// What a device network-boots before it streams this vDisk.
+    #[serde(default, skip_serializing_if = "BootFiles::is_empty")]
+    pub boot: BootFiles,
+}
+
+/// The kernel, initrd and kernel command line a device boots by network
+/// (`/boot/ipxe`). The files live in each server's store, named by content
+/// hash, and replication copies them with the vDisk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BootFiles {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<BootFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<BootFile>,
+    /// Kernel command line words; vstream adds the bootstrap list and the MAC.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cmdline: String,
+}
+
+impl BootFiles {
+    pub fn is_empty(&self) -> bool {
+        self.kernel.is_none() && self.initrd.is_none() && self.cmdline.is_empty()
+    }
+
+    pub fn get(&self, which: BootFileKind) -> Option<&BootFile> {
+        match which {
+            BootFileKind::Kernel => self.kernel.as_ref(),
+            BootFileKind::Initrd => self.initrd.as_ref(),
+        }
+    }
+
+    pub fn files(&self) -> impl Iterator<Item = &BootFile> {
+        self.kernel.iter().chain(self.initrd.iter())
+    }
+}
+
+/// One boot file, known by its content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BootFile {
+    /// The name it was uploaded under, for people.
+    pub name: String,
+    pub size: u64,
+    /// blake3 of its bytes, hex: also its file name in each store.
+    pub blake3: String,
+}
+
+/// Which boot file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BootFileKind {
+    Kernel,
+    Initrd,
+}
+
+impl std::str::FromStr for BootFileKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kernel" => Ok(BootFileKind::Kernel),
+            "initrd" => Ok(BootFileKind::Initrd),
+            _ => Err(format!(
+                "unknown boot file {s:?}: expected kernel or initrd"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for BootFileKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BootFileKind::Kernel => "kernel",
+            BootFileKind::Initrd => "initrd",
+        })
+    }
+}
+
+/// A new kernel command line for a vDisk's network boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SetBootCmdline {
+    pub cmdline: String,
 }
 
 /// A vDisk with what the server observes about it.

@@ -105,6 +105,7 @@ fn vdisk(name: &str) -> VDisk {
         cache_type: CacheType::Server,
         cache_limit: None,
         created_unix: 1_700_000_000,
+        boot: Default::default(),
     }
 }
 

@@ -75,7 +75,24 @@ pub struct Config {
     /// Subnets (CIDR) whose devices this server serves first.
     pub subnets: Vec<String>,
     pub replication: ReplicationConfig,
+    pub netboot: NetbootConfig,
 }
+
+/// The network boot services: all off unless asked for.
+#[derive(Debug, Clone, Default)]
+pub struct NetbootConfig {
+    /// Serve TFTP here (port 69 unless given).
+    pub tftp: Option<SocketAddr>,
+    /// The folder TFTP serves, and nothing outside it.
+    pub tftp_root: PathBuf,
+    /// Answer PXE clients on this interface, beside the LAN's DHCP server.
+    pub proxy_dhcp: Option<String>,
+    /// Register unknown devices that network-boot, assigned this vDisk.
+    pub auto_add: Option<String>,
+}
+
+/// Where Debian's `ipxe` package puts undionly.kpxe, ipxe.efi and snponly.efi.
+pub const DEFAULT_TFTP_ROOT: &str = "/usr/lib/ipxe";
 
 /// How this server copies versions from its peers, and checks what it holds.
 #[derive(Debug, Clone, PartialEq)]
@@ -175,6 +192,10 @@ pub struct FileConfig {
     pub replication_max_transfers: Option<usize>,
     pub scrub_rate: Option<String>,
     pub scrub_interval_secs: Option<u64>,
+    pub tftp: Option<String>,
+    pub tftp_root: Option<PathBuf>,
+    pub proxy_dhcp: Option<String>,
+    pub auto_add: Option<String>,
 }
 
 impl FileConfig {
@@ -206,6 +227,10 @@ pub struct FlagConfig {
     pub replication_max_transfers: Option<usize>,
     pub scrub_rate: Option<String>,
     pub scrub_interval_secs: Option<u64>,
+    pub tftp: Option<String>,
+    pub tftp_root: Option<PathBuf>,
+    pub proxy_dhcp: Option<String>,
+    pub auto_add: Option<String>,
 }
 
 /// A rate: bytes per second with an optional K/M/G suffix (`50M`), or `0`/`off` for none.
@@ -216,6 +241,16 @@ fn parse_rate(what: &str, s: &str) -> Result<Option<u64>, String> {
     vstream_api::parse_size(s.trim_end_matches("/s"))
         .map(Some)
         .map_err(|e| format!("{what} {s:?}: {e}"))
+}
+
+/// `HOST:PORT`, or a bare `HOST` for the standard port 69.
+fn parse_tftp(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| {
+            s.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 69))
+        })
+        .map_err(|_| format!("--tftp {s:?} is not HOST or HOST:PORT"))
 }
 
 impl Config {
@@ -321,7 +356,26 @@ impl Config {
         if let Some(s) = flags.scrub_interval_secs.or(file.scrub_interval_secs) {
             replication.scrub_interval_secs = s.max(1);
         }
+        let tftp = flags
+            .tftp
+            .or(file.tftp)
+            .map(|t| parse_tftp(&t))
+            .transpose()?;
+        let auto_add = flags.auto_add.or(file.auto_add);
+        if let Some(v) = &auto_add {
+            vstream_farm::validate_name(v).map_err(|e| format!("auto_add: {e}"))?;
+        }
+        let netboot = NetbootConfig {
+            tftp,
+            tftp_root: flags
+                .tftp_root
+                .or(file.tftp_root)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_TFTP_ROOT)),
+            proxy_dhcp: flags.proxy_dhcp.or(file.proxy_dhcp),
+            auto_add,
+        };
         Ok(Config {
+            netboot,
             replication,
             subnets,
             auto_rebalance,

@@ -2,6 +2,7 @@
 //! local store and the farm state.
 
 pub mod api;
+pub mod boot;
 pub mod config;
 pub mod farm;
 pub mod login;
@@ -70,6 +71,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
                 .context("joining the farm in etcd")?
         }
     };
+    let boot_services = boot::Services::bind(&config).await?;
     let server = Arc::new(Server::new(config.clone(), store, farm));
 
     let api = tokio::net::TcpListener::bind(config.api)
@@ -92,6 +94,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     }
     tasks.spawn(farm::run(server.clone(), shutdown.clone()));
     tasks.spawn(replication::run(server.clone(), shutdown.clone()));
+    tasks.spawn(boot::run(server.clone(), boot_services, shutdown.clone()));
     let router = api::router(server.clone(), token);
     let mut api_shutdown = shutdown.clone();
     tasks.spawn(async move {

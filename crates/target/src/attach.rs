@@ -51,7 +51,7 @@ fn ioctl(file: &File, request: libc::c_ulong, arg: libc::c_ulong, what: &str) ->
 fn block_size(size: u64) -> u64 {
     [4096, 1024, 512]
         .into_iter()
-        .find(|b| size % b == 0)
+        .find(|b| size.is_multiple_of(*b))
         .unwrap_or(512)
 }
 

@@ -137,6 +137,12 @@ impl Client {
         self.json_opt(resp)
     }
 
+    /// PUT `body` as JSON and decode the JSON answer.
+    pub fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        let resp = self.check(self.request("PUT", path).send_json(body))?;
+        self.json(resp)
+    }
+
     /// DELETE `path`; the answer's body is ignored.
     pub fn delete(&self, path: &str) -> Result<()> {
         self.check(self.request("DELETE", path).call())?;
@@ -297,7 +303,7 @@ pub fn api_path(segments: &[&str]) -> String {
 }
 
 /// Percent-encodes everything but RFC 3986's unreserved characters.
-fn encode_segment(s: &str) -> String {
+pub fn encode_segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {

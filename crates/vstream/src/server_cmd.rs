@@ -97,6 +97,22 @@ pub struct ServerArgs {
     /// Seconds between two scrubs of everything this server holds (default: a week).
     #[arg(long, value_name = "SECS")]
     pub scrub_interval: Option<u64>,
+    /// Serve the iPXE binaries over TFTP here (HOST, or HOST:PORT; port 69
+    /// by default). Off unless given.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub tftp: Option<String>,
+    /// The folder TFTP serves, and nothing outside it (default /usr/lib/ipxe,
+    /// from Debian's ipxe package).
+    #[arg(long, value_name = "DIR")]
+    pub tftp_root: Option<PathBuf>,
+    /// Answer PXE clients on this network interface, beside the LAN's own
+    /// DHCP server (ProxyDHCP). Off unless given.
+    #[arg(long, value_name = "IFACE")]
+    pub proxy_dhcp: Option<String>,
+    /// Register a device that network-boots with an unknown MAC, assigned
+    /// this vDisk (PVS's Auto-Add). Off unless given.
+    #[arg(long, value_name = "VDISK")]
+    pub auto_add: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -166,6 +182,10 @@ fn resolve(args: ServerArgs) -> Result<Config> {
         replication_max_transfers: args.replication_max_transfers,
         scrub_rate: args.scrub_rate,
         scrub_interval_secs: args.scrub_interval,
+        tftp: args.tftp,
+        tftp_root: args.tftp_root,
+        proxy_dhcp: args.proxy_dhcp,
+        auto_add: args.auto_add,
     };
     Config::resolve(file, flags).map_err(|e| anyhow!("invalid server configuration: {e}"))
 }

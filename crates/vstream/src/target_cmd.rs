@@ -28,7 +28,11 @@ pub struct TargetArgs {
     pub mac: String,
     /// Where the OS reaches its disk: unix:PATH, or a loopback HOST:PORT;
     /// repeat for both.
-    #[arg(long, value_name = "unix:PATH|HOST:PORT", required_unless_present = "attach")]
+    #[arg(
+        long,
+        value_name = "unix:PATH|HOST:PORT",
+        required_unless_present = "attach"
+    )]
     pub listen: Vec<String>,
     /// Connect this kernel NBD device (`modprobe nbd` first) to the disk, as
     /// nbd-client does: what an initramfs uses for its root filesystem. The
@@ -36,7 +40,7 @@ pub struct TargetArgs {
     #[arg(long, value_name = "/dev/nbdN")]
     pub attach: Option<std::path::PathBuf>,
     /// The write cache: ram:SIZE, disk:PATH:SIZE, or ram:SIZE,disk:PATH:SIZE
-    /// (RAM first, overflowing to the disk file) .
+    /// (RAM first, overflowing to the disk file).
     #[arg(long, value_name = "SPEC", default_value = "ram:1GiB")]
     pub cache: CacheSpec,
     /// Milliseconds a server may leave a read unanswered before the agent

@@ -7,18 +7,20 @@
 //!   list                                GET    /api/v1/vdisks
 //!   show NAME                           GET    /api/v1/vdisks/NAME
 //!   set NAME [--mode M] [--cache-limit] PATCH  /api/v1/vdisks/NAME
+//!       [--kernel F] [--initrd F]       PUT    /api/v1/vdisks/NAME/boot/kernel|initrd
+//!       [--cmdline "..."]               PUT    /api/v1/vdisks/NAME/boot/cmdline
 //!   delete NAME                         DELETE /api/v1/vdisks/NAME
 //! ```
 
 mod export;
 mod import;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{ArgGroup, Args, Subcommand};
-use vstream_api::{CacheType, CreateVDisk, Mode, SetVDisk, VDisk, VDiskInfo};
+use vstream_api::{CacheType, CreateVDisk, Mode, SetBootCmdline, SetVDisk, VDisk, VDiskInfo};
 
 use crate::args::{ListArgs, NameArg, ShowArgs};
-use crate::client::{api_path, Client, ClientArgs};
+use crate::client::{api_path, encode_segment, Client, ClientArgs};
 use crate::output::{
     format_unix_time, human_size, print, print_json, render_fields, render_table, short_hash,
 };
@@ -60,7 +62,7 @@ pub struct CreateArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("change").required(true).multiple(true).args(["mode", "cache_limit", "cache_type"])))]
+#[command(group(ArgGroup::new("change").required(true).multiple(true).args(["mode", "cache_limit", "cache_type", "kernel", "initrd", "cmdline"])))]
 pub struct SetArgs {
     pub name: String,
     /// private: one device reads and writes the vDisk itself; standard: many
@@ -75,6 +77,18 @@ pub struct SetArgs {
     /// target --cache`; the device can then fail over between servers).
     #[arg(long, value_name = "server|device", value_parser = parse_cache_type)]
     pub cache_type: Option<CacheType>,
+    /// The Linux kernel devices network-boot with (`/boot/ipxe`); it is
+    /// copied to every server of the farm.
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<std::path::PathBuf>,
+    /// The initramfs that goes with the kernel (with vstream's hook: see
+    /// docs/netboot.md).
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<std::path::PathBuf>,
+    /// Kernel command line words, such as "boot=vstream console=ttyS0";
+    /// vstream adds the bootstrap list and the device's MAC itself.
+    #[arg(long, value_name = "WORDS")]
+    pub cmdline: Option<String>,
 }
 
 fn parse_cache_type(s: &str) -> Result<CacheType, String> {
@@ -190,28 +204,80 @@ fn vdisk_fields(i: &VDiskInfo) -> String {
         ("allocated", human_size(i.allocated)),
         ("connected devices", connected),
         ("created", format_unix_time(v.created_unix)),
+        ("boot kernel", boot_file(v.boot.kernel.as_ref())),
+        ("boot initrd", boot_file(v.boot.initrd.as_ref())),
+        ("boot cmdline", v.boot.cmdline.clone()),
     ])
 }
 
+fn boot_file(f: Option<&vstream_api::BootFile>) -> String {
+    f.map_or_else(
+        || "-".to_string(),
+        |f| {
+            format!(
+                "{} ({}, {})",
+                f.name,
+                human_size(f.size),
+                short_hash(&f.blake3)
+            )
+        },
+    )
+}
+
 fn set(client: &Client, a: SetArgs) -> Result<()> {
-    let body = SetVDisk {
-        mode: a.mode,
-        cache_limit: a.cache_limit,
-        cache_type: a.cache_type,
-    };
-    let updated: Option<VDisk> = client.patch(&api_path(&["vdisks", &a.name]), &body)?;
-    let line = match updated {
-        Some(v) => format!(
-            "vDisk {}: mode {}, cache {}, cache limit {}\n",
-            v.name,
-            v.mode,
-            v.cache_type,
-            v.cache_limit
-                .map_or_else(|| "the vDisk size".to_string(), human_size)
-        ),
-        None => format!("updated vDisk {}\n", a.name),
-    };
-    print(&line)
+    let boot = a.kernel.is_some() || a.initrd.is_some() || a.cmdline.is_some();
+    let mut out = String::new();
+    if a.mode.is_some() || a.cache_limit.is_some() || a.cache_type.is_some() || !boot {
+        let body = SetVDisk {
+            mode: a.mode,
+            cache_limit: a.cache_limit,
+            cache_type: a.cache_type,
+        };
+        let updated: Option<VDisk> = client.patch(&api_path(&["vdisks", &a.name]), &body)?;
+        out += &match updated {
+            Some(v) => format!(
+                "vDisk {}: mode {}, cache {}, cache limit {}\n",
+                v.name,
+                v.mode,
+                v.cache_type,
+                v.cache_limit
+                    .map_or_else(|| "the vDisk size".to_string(), human_size)
+            ),
+            None => format!("updated vDisk {}\n", a.name),
+        };
+    }
+    for (which, file) in [("kernel", &a.kernel), ("initrd", &a.initrd)] {
+        let Some(path) = file else { continue };
+        let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| which.to_owned());
+        let url = format!(
+            "{}?name={}",
+            api_path(&["vdisks", &a.name, "boot", which]),
+            encode_segment(&name)
+        );
+        let v: VDiskInfo = client.put_stream(&url, "application/octet-stream", f)?;
+        if let Some(b) = v.vdisk.boot.get(which.parse().map_err(anyhow::Error::msg)?) {
+            out += &format!(
+                "vDisk {}: {which} {} ({}, {})\n",
+                a.name,
+                b.name,
+                human_size(b.size),
+                short_hash(&b.blake3)
+            );
+        }
+    }
+    if let Some(cmdline) = a.cmdline {
+        let body = SetBootCmdline { cmdline };
+        let v: VDiskInfo = client.put(&api_path(&["vdisks", &a.name, "boot", "cmdline"]), &body)?;
+        out += &format!(
+            "vDisk {}: kernel command line {:?}\n",
+            a.name, v.vdisk.boot.cmdline
+        );
+    }
+    print(&out)
 }
 
 fn delete(client: &Client, a: NameArg) -> Result<()> {
@@ -237,6 +303,7 @@ mod tests {
                 cache_type: CacheType::Server,
                 cache_limit: limit,
                 created_unix: 1_700_000_000,
+                boot: Default::default(),
             },
             content_hash: "0123456789abcdef".repeat(4),
             allocated: 3 << 29,

@@ -44,22 +44,7 @@ pub(super) async fn import_vdisk(
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     let (srv, n) = (server.clone(), name.clone());
     let worker = tokio::task::spawn_blocking(move || import_blocking(&srv, &n, rx));
-    let mut stream = body.into_data_stream();
-    let mut body_error = None;
-    let mut worker_stopped = false;
-    while let Some(chunk) = stream.next().await {
-        match chunk {
-            // Once the worker has stopped, its error is the answer; the rest of
-            // the upload is read and dropped so the client gets to read that answer.
-            Ok(c) if !worker_stopped => worker_stopped = tx.send(c).await.is_err(),
-            Ok(_) => {}
-            Err(e) => {
-                body_error = Some(e);
-                break;
-            }
-        }
-    }
-    drop(tx);
+    let body_error = feed(body, tx).await;
     let result = worker.await?;
     if let Some(e) = body_error {
         return Err(ApiError::bad_request(format!(
@@ -81,6 +66,23 @@ pub(super) async fn import_vdisk(
     tracing::info!(vdisk = %name, size, "vDisk imported");
     server.replication.wake.notify_one();
     Ok((StatusCode::CREATED, Json(vdisk_info(&server, vdisk).await?)))
+}
+
+/// Hands an upload to a blocking worker chunk by chunk, and returns how
+/// the upload broke off, if it did. Once the worker has stopped, its error
+/// is the answer: the rest of the upload is read and dropped so the client
+/// gets to read that answer.
+pub(super) async fn feed(body: Body, tx: mpsc::Sender<Bytes>) -> Option<axum::Error> {
+    let mut stream = body.into_data_stream();
+    let mut worker_stopped = false;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(c) if !worker_stopped => worker_stopped = tx.send(c).await.is_err(),
+            Ok(_) => {}
+            Err(e) => return Some(e),
+        }
+    }
+    None
 }
 
 fn import_blocking(

@@ -1,6 +1,7 @@
 //! The admin HTTP API: JSON over `/api/v1`, a bearer token on every call but
 //! the OpenAPI document and the health check.
 
+mod boot;
 mod content;
 mod error;
 mod farm;
@@ -35,7 +36,7 @@ type Shared = State<Arc<Server>>;
         list_devices, add_device, show_device, set_device, remove_device, reset_device,
         versions::list_versions, versions::new_version, versions::promote, versions::rollback,
         versions::merge, versions::delete_version, farm::login, farm::list_servers, farm::rebalance, farm::cache_report,
-        farm::replication_status, farm::replication_start
+        farm::replication_status, farm::replication_start, boot::upload, boot::set_cmdline
     ),
     components(schemas(VDisk, VDiskInfo, CreateVDisk, SetVDisk, Device, DeviceInfo, CreateDevice, ErrorBody,
         vstream_api::Mode, vstream_api::CacheType, vstream_api::DeviceType, vstream_api::SetDevice,
@@ -45,7 +46,8 @@ type Shared = State<Arc<Server>>;
         vstream_api::RebalancePlan, vstream_api::PlannedMove, vstream_api::CacheReport,
         vstream_api::SessionInfo, vstream_api::ReplicaRow, vstream_api::ReplicaProgress,
         vstream_api::ReplicaState, vstream_api::ReplicationStart, vstream_api::ReplicationOverride,
-        vstream_api::Catalog, vstream_api::CatalogVersion)),
+        vstream_api::Catalog, vstream_api::CatalogVersion, vstream_api::BootFiles,
+        vstream_api::BootFile, vstream_api::BootFileKind, vstream_api::SetBootCmdline)),
     modifiers(&BearerAuth),
     security(("token" = []))
 )]
@@ -94,6 +96,14 @@ pub fn router(server: Arc<Server>, token: String) -> Router {
             post(versions::promote),
         )
         .route("/api/v1/vdisks/:name/rollback", post(versions::rollback))
+        .route(
+            "/api/v1/vdisks/:name/boot/cmdline",
+            axum::routing::put(boot::set_cmdline),
+        )
+        .route(
+            "/api/v1/vdisks/:name/boot/:file",
+            axum::routing::put(boot::upload),
+        )
         .route("/api/v1/vdisks/:name/merge", post(versions::merge))
         .route("/api/v1/devices", get(list_devices).post(add_device))
         .route(
@@ -115,6 +125,7 @@ pub fn router(server: Arc<Server>, token: String) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/api/v1/login", post(farm::login))
         .route("/api/v1/cache-report", post(farm::cache_report))
+        .merge(crate::boot::routes())
         .merge(admin)
         .merge(crate::replication::peer::routes(server.clone()))
         .with_state(server)
@@ -276,6 +287,7 @@ pub(crate) async fn register_vdisk(
         cache_type: Default::default(),
         cache_limit: None,
         created_unix: created,
+        boot: Default::default(),
     };
     match server.farm.create_vdisk(vdisk).await {
         Ok(v) => Ok(v),

@@ -4,6 +4,7 @@
 //! ```text
 //!   GET /peer/v1/vdisks/NAME/layers/FILE/meta               the layer's metadata (replica.rs)
 //!   GET /peer/v1/vdisks/NAME/layers/FILE/data?from=C&to=C   its allocated chunks in [from, to)
+//!   GET /peer/v1/vdisks/NAME/boot/HASH                      a boot file (kernel, initrd; boot.rs)
 //!   POST /peer/v1/poke                                      "the catalog changed": reconcile now
 //!   Authorization: Bearer <farm peer secret>     X-Vstream-Server: <the asking server>
 //! ```
@@ -43,6 +44,10 @@ pub fn routes(server: Arc<Server>) -> Router<Arc<Server>> {
         .route(
             "/peer/v1/vdisks/:name/layers/:file/data",
             axum::routing::get(data),
+        )
+        .route(
+            "/peer/v1/vdisks/:name/boot/:hash",
+            axum::routing::get(crate::boot::peer_file),
         )
         .route("/peer/v1/poke", axum::routing::post(poke))
         .layer(middleware::from_fn_with_state(server, require_peer))

@@ -1,0 +1,228 @@
+//! The iPXE bootstrap script a server hands a device at `/boot/ipxe`.
+//!
+//! The script names every live server of the farm, this one first, and tries
+//! each in turn for the kernel and initrd, so one dead server never stops a
+//! boot. The kernel command line carries the whole list (not capped at 4, as
+//! PVS's bootstrap is) for `vstream target` to log in through.
+
+use std::fmt::Write;
+
+/// What a device boots.
+pub struct BootScript<'a> {
+    pub device: &'a str,
+    /// Lowercase, colon-separated.
+    pub mac: &'a str,
+    pub vdisk: &'a str,
+    /// The servers' HTTP base URLs (`http://HOST:PORT`), in the order to try.
+    pub servers: &'a [String],
+    /// Kernel command line words from the vDisk's boot settings.
+    pub cmdline: &'a str,
+    pub has_initrd: bool,
+}
+
+/// The form of a MAC in a URL path: `52-54-00-12-34-56`.
+pub fn mac_in_path(mac: &str) -> String {
+    mac.replace(':', "-")
+}
+
+/// `HOST:PORT` of a base URL, as `vstream target --bootstrap` takes it.
+pub fn host_port(base: &str) -> &str {
+    let s = base
+        .strip_prefix("http://")
+        .or_else(|| base.strip_prefix("https://"))
+        .unwrap_or(base);
+    s.trim_end_matches('/')
+}
+
+/// Makes admin-supplied text safe on one script line: iPXE would expand
+/// `${...}` settings and a line break would start a new command.
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .replace("${", "$ {")
+}
+
+impl BootScript<'_> {
+    /// The kernel command line the device boots with.
+    pub fn kernel_args(&self) -> String {
+        let bootstrap: Vec<&str> = self.servers.iter().map(|s| host_port(s)).collect();
+        let mut args = String::new();
+        if self.has_initrd {
+            // UEFI iPXE hands the kernel its initrd only when named here.
+            args.push_str("initrd=initrd ");
+        }
+        let cmdline = one_line(self.cmdline);
+        if !cmdline.trim().is_empty() {
+            args.push_str(cmdline.trim());
+            args.push(' ');
+        }
+        let _ = write!(
+            args,
+            "vstream.bootstrap={} vstream.mac={}",
+            bootstrap.join(","),
+            self.mac
+        );
+        args
+    }
+
+    /// The script: each server in turn, then a retry of the whole list.
+    pub fn render(&self) -> String {
+        let mut s = String::from("#!ipxe\n");
+        let _ = writeln!(
+            s,
+            "echo vstream: device {} ({}) boots vDisk {} from {} server(s)",
+            one_line(self.device),
+            self.mac,
+            one_line(self.vdisk),
+            self.servers.len()
+        );
+        let path = mac_in_path(self.mac);
+        let args = self.kernel_args();
+        for (i, base) in self.servers.iter().enumerate() {
+            let base = base.trim_end_matches('/');
+            let next = format!("try{}", i + 1);
+            let _ = writeln!(s, ":try{i}");
+            let _ = writeln!(s, "echo vstream: loading the kernel from {base}");
+            s.push_str("imgfree ||\n");
+            let _ = writeln!(
+                s,
+                "kernel --name kernel {base}/boot/{path}/kernel {args} || goto {next}"
+            );
+            if self.has_initrd {
+                let _ = writeln!(
+                    s,
+                    "initrd --name initrd {base}/boot/{path}/initrd || goto {next}"
+                );
+            }
+            let _ = writeln!(s, "boot || goto {next}");
+        }
+        let _ = writeln!(s, ":try{}", self.servers.len());
+        s.push_str(
+            "echo vstream: no server of the farm could hand out the kernel; trying again in 10 s\n",
+        );
+        s.push_str("sleep 10 ||\n");
+        s.push_str(&self.retry());
+        s
+    }
+
+    /// Asks every server for a fresh script (the farm may have changed).
+    fn retry(&self) -> String {
+        retry_lines(self.servers, self.mac)
+    }
+}
+
+fn retry_lines(servers: &[String], mac: &str) -> String {
+    let mut s = String::new();
+    for base in servers {
+        let _ = writeln!(
+            s,
+            "chain --replace --autofree {}/boot/ipxe?mac={mac} ||",
+            base.trim_end_matches('/')
+        );
+    }
+    // Every server failed even that: start over from the firmware's boot order.
+    s.push_str("exit 1\n");
+    s
+}
+
+/// The script for a device the farm cannot boot (an unknown MAC, a vDisk
+/// without a kernel): says why on the device's console, waits, and asks
+/// again, so the device boots as soon as an administrator fixes it.
+pub fn refusal(why: &str, hint: &str, mac: &str, servers: &[String]) -> String {
+    let mut s = String::from("#!ipxe\n");
+    let _ = writeln!(s, "echo vstream: {}", one_line(why));
+    if !hint.is_empty() {
+        let _ = writeln!(s, "echo vstream: {}", one_line(hint));
+    }
+    s.push_str("echo vstream: asking again in 30 s\n");
+    s.push_str("sleep 30 ||\n");
+    s.push_str(&retry_lines(servers, mac));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn servers() -> Vec<String> {
+        vec![
+            "http://10.0.2.1:8080".to_owned(),
+            "http://10.0.2.2:8080/".to_owned(),
+        ]
+    }
+
+    #[test]
+    fn the_script_tries_every_server_in_turn() {
+        let servers = servers();
+        let b = BootScript {
+            device: "pc1",
+            mac: "52:54:00:12:34:56",
+            vdisk: "root",
+            servers: &servers,
+            cmdline: "console=ttyS0 boot=vstream",
+            has_initrd: true,
+        };
+        let s = b.render();
+        assert!(s.starts_with("#!ipxe\n"));
+        let args = "initrd=initrd console=ttyS0 boot=vstream vstream.bootstrap=10.0.2.1:8080,10.0.2.2:8080 vstream.mac=52:54:00:12:34:56";
+        assert!(s.contains(&format!(
+            "kernel --name kernel http://10.0.2.1:8080/boot/52-54-00-12-34-56/kernel {args} || goto try1\n"
+        )), "{s}");
+        assert!(s.contains(
+            "initrd --name initrd http://10.0.2.2:8080/boot/52-54-00-12-34-56/initrd || goto try2\n"
+        ));
+        assert!(s.contains(":try2\n"));
+        assert!(s.contains(
+            "chain --replace --autofree http://10.0.2.2:8080/boot/ipxe?mac=52:54:00:12:34:56 ||\n"
+        ));
+        // Every goto has its label.
+        for target in s.split("goto ").skip(1) {
+            let label = target.split_whitespace().next().unwrap();
+            assert!(s.contains(&format!(":{label}\n")), "no label {label}");
+        }
+    }
+
+    #[test]
+    fn without_an_initrd_the_kernel_line_does_not_name_one() {
+        let servers = servers();
+        let b = BootScript {
+            device: "pc1",
+            mac: "52:54:00:12:34:56",
+            vdisk: "root",
+            servers: &servers[..1],
+            cmdline: "",
+            has_initrd: false,
+        };
+        let s = b.render();
+        assert!(!s.contains("initrd"), "{s}");
+        assert_eq!(
+            b.kernel_args(),
+            "vstream.bootstrap=10.0.2.1:8080 vstream.mac=52:54:00:12:34:56"
+        );
+    }
+
+    #[test]
+    fn admin_text_cannot_inject_script_lines() {
+        let servers = servers();
+        let b = BootScript {
+            device: "pc1",
+            mac: "52:54:00:12:34:56",
+            vdisk: "root",
+            servers: &servers,
+            cmdline: "quiet\nshell\n${net0/ip}",
+            has_initrd: false,
+        };
+        let s = b.render();
+        assert!(!s.lines().any(|l| l == "shell"), "{s}");
+        assert!(!s.contains("${net0/ip}"));
+        let r = refusal("unknown\ndevice", "", "52:54:00:12:34:56", &servers);
+        assert!(r.contains("echo vstream: unknown device\n"), "{r}");
+    }
+
+    #[test]
+    fn host_port_strips_the_scheme() {
+        assert_eq!(host_port("http://10.0.0.1:80/"), "10.0.0.1:80");
+        assert_eq!(host_port("10.0.0.1:80"), "10.0.0.1:80");
+    }
+}

@@ -1,0 +1,465 @@
+//! Network boot: what a device gets before its agent runs.
+//!
+//! ```text
+//!   firmware --DHCP--> LAN's DHCP server (address)   + our ProxyDHCP (boot file)   --proxy-dhcp IFACE
+//!   firmware --TFTP--> undionly.kpxe / snponly.efi from --tftp-root               --tftp HOST[:PORT]
+//!   iPXE --HTTP GET /boot/ipxe?mac=M--> any server: a script naming every live server
+//!   iPXE --HTTP GET /boot/M/kernel, /boot/M/initrd--> each server in turn until one answers
+//!   initramfs: vstream target --bootstrap <every server> --mac M --attach /dev/nbd0
+//! ```
+//!
+//! A vDisk's kernel and initrd are stored in every server's store under
+//! `boot/VDISK/BLAKE3` and copied between servers by content hash (`sync`),
+//! so any server can boot any device. All of it reads the farm view this
+//! server last saw, so booting goes on while etcd is away.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use bytes::Bytes;
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
+use vstream_api::{BootFile, BootFileKind, Device, VDisk};
+use vstream_netboot::ipxe::{self, BootScript};
+use vstream_netboot::proxy_dhcp::{ProxyDhcp, ProxyDhcpConfig};
+use vstream_netboot::tftp::TftpServer;
+
+use crate::api::ApiError;
+use crate::state::{now_unix, Server};
+
+/// Largest kernel or initrd a vDisk may carry.
+pub const MAX_BOOT_FILE: u64 = 2 << 30;
+/// How often a server looks for boot files it lacks.
+const SYNC_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The device-facing routes: no admin token, as with login.
+pub fn routes() -> Router<Arc<Server>> {
+    Router::new()
+        .route("/boot/ipxe", axum::routing::get(script))
+        .route("/boot/:mac/:file", axum::routing::get(file))
+}
+
+/// Where this server keeps boot file `hash` of `vdisk`.
+pub fn file_path(server: &Server, vdisk: &str, hash: &str) -> PathBuf {
+    server.store.root().join("boot").join(vdisk).join(hash)
+}
+
+fn valid_hash(hash: &str) -> bool {
+    hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The live servers' HTTP base URLs, this one first.
+fn servers(server: &Server) -> Vec<String> {
+    let me = server.config.advertise_api.trim_end_matches('/').to_owned();
+    let mut out = vec![me.clone()];
+    for s in &server.membership.view().servers {
+        let api = s.api.trim_end_matches('/').to_owned();
+        if !out.contains(&api) {
+            out.push(api);
+        }
+    }
+    out
+}
+
+#[derive(Deserialize)]
+struct ScriptQuery {
+    mac: Option<String>,
+}
+
+fn ipxe_script(text: String) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response()
+}
+
+/// `GET /boot/ipxe?mac=M`: the device's boot script, or a message for its
+/// console saying why it cannot boot. Always a script: iPXE shows nothing
+/// useful of an HTTP error.
+async fn script(State(server): State<Arc<Server>>, Query(q): Query<ScriptQuery>) -> Response {
+    let servers = servers(&server);
+    let raw = q.mac.unwrap_or_default();
+    let Ok(mac) = vstream_api::parse_mac(&raw) else {
+        return ipxe_script(ipxe::refusal(
+            &format!("{raw:?} is not a MAC address"),
+            "chain to /boot/ipxe?mac=${net0/mac}",
+            &raw,
+            &servers,
+        ));
+    };
+    match boot_target(&server, &mac).await {
+        Ok((device, vdisk)) => {
+            let Some(kernel) = &vdisk.boot.kernel else {
+                return ipxe_script(ipxe::refusal(
+                    &format!(
+                        "vDisk {} has no kernel to network-boot (device {})",
+                        vdisk.name, device.name
+                    ),
+                    &format!(
+                        "set one: vstream vdisk set {} --kernel FILE --initrd FILE",
+                        vdisk.name
+                    ),
+                    &mac,
+                    &servers,
+                ));
+            };
+            tracing::info!(device = %device.name, %mac, vdisk = %vdisk.name, kernel = %kernel.name, "boot script");
+            ipxe_script(
+                BootScript {
+                    device: &device.name,
+                    mac: &mac,
+                    vdisk: &vdisk.name,
+                    servers: &servers,
+                    cmdline: &vdisk.boot.cmdline,
+                    has_initrd: vdisk.boot.initrd.is_some(),
+                }
+                .render(),
+            )
+        }
+        Err(why) => {
+            tracing::info!(%mac, reason = %why.0, "boot script refused");
+            ipxe_script(ipxe::refusal(&why.0, &why.1, &mac, &servers))
+        }
+    }
+}
+
+/// Why a device cannot boot, and what an administrator can do about it.
+struct Refusal(String, String);
+
+/// The device with `mac` and its vDisk, from the farm state, or from the
+/// last view of it while the farm state is unreachable; an unknown device is
+/// registered first when auto-add is on.
+async fn boot_target(server: &Arc<Server>, mac: &str) -> Result<(Device, VDisk), Refusal> {
+    let view = server.membership.view();
+    let live = server.membership.is_connected();
+    let found = match live {
+        true => server.farm.find_device(mac).await.ok().flatten(),
+        false => None,
+    };
+    let device = match found.or_else(|| view.device_by_mac(mac).cloned()) {
+        Some(d) => d,
+        None => auto_add(server, mac).await?,
+    };
+    let fresh = match live {
+        true => server.farm.get_vdisk(&device.vdisk).await.ok().flatten(),
+        false => None,
+    };
+    let vdisk = fresh
+        .or_else(|| view.vdisk(&device.vdisk).cloned())
+        .ok_or_else(|| {
+            Refusal(
+                format!(
+                    "device {} is assigned vDisk {}, which does not exist",
+                    device.name, device.vdisk
+                ),
+                format!("vstream device set {} --vdisk VDISK", device.name),
+            )
+        })?;
+    Ok((device, vdisk))
+}
+
+/// PVS's Auto-Add: an unknown MAC becomes device `auto-<MAC digits>` on the
+/// configured vDisk.
+async fn auto_add(server: &Arc<Server>, mac: &str) -> Result<Device, Refusal> {
+    let unknown = || {
+        Refusal(
+            format!("this device ({mac}) is not registered in the farm"),
+            format!("register it: vstream device add NAME --mac {mac} --vdisk VDISK"),
+        )
+    };
+    let Some(vdisk) = &server.config.netboot.auto_add else {
+        return Err(unknown());
+    };
+    let name = format!("auto-{}", mac.replace(':', ""));
+    let device = Device {
+        name: name.clone(),
+        mac: mac.to_owned(),
+        vdisk: vdisk.clone(),
+        created_unix: now_unix(),
+        kind: Default::default(),
+    };
+    match server.farm.create_device(device).await {
+        Ok(d) => {
+            tracing::info!(device = %d.name, %mac, vdisk = %d.vdisk, "auto-added a device");
+            Ok(d)
+        }
+        // Two servers (or two requests) raced: the other one added it.
+        Err(e) => match server.farm.find_device(mac).await {
+            Ok(Some(d)) => Ok(d),
+            _ => Err(Refusal(
+                format!("auto-adding this device ({mac}) failed: {e}"),
+                String::new(),
+            )),
+        },
+    }
+}
+
+/// `GET /boot/MAC/kernel|initrd`: the device's own vDisk's boot file.
+async fn file(
+    State(server): State<Arc<Server>>,
+    UrlPath((mac, which)): UrlPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    let which: BootFileKind = which.parse().map_err(ApiError::not_found)?;
+    let mac = vstream_api::parse_mac(&mac.replace('-', ":")).map_err(ApiError::bad_request)?;
+    let (_, vdisk) = boot_target(&server, &mac)
+        .await
+        .map_err(|r| ApiError::not_found(r.0))?;
+    let f = vdisk.boot.get(which).ok_or_else(|| {
+        ApiError::not_found(format!("vDisk {} has no {which} to boot", vdisk.name))
+    })?;
+    let path = file_path(&server, &vdisk.name, &f.blake3);
+    serve_file(&path, f.size).await.map_err(|e| {
+        ApiError::not_found(format!(
+            "this server does not hold the {which} of vDisk {} yet: {e}",
+            vdisk.name
+        ))
+    })
+}
+
+/// `GET /peer/v1/vdisks/NAME/boot/HASH` (peers only): a boot file this
+/// server holds.
+pub(crate) async fn peer_file(
+    State(server): State<Arc<Server>>,
+    UrlPath((vdisk, hash)): UrlPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    vstream_farm::validate_name(&vdisk)?;
+    if !valid_hash(&hash) {
+        return Err(ApiError::bad_request(
+            "a boot file is named by its blake3 hash",
+        ));
+    }
+    let path = file_path(&server, &vdisk, &hash);
+    let size = std::fs::metadata(&path)
+        .map_err(|_| ApiError::not_found(format!("no boot file {hash} of vDisk {vdisk} here")))?
+        .len();
+    serve_file(&path, size)
+        .await
+        .map_err(|e| ApiError::internal(format!("reading boot file {hash}: {e}")))
+}
+
+/// Streams a file in 256 KiB pieces.
+async fn serve_file(path: &Path, size: u64) -> std::io::Result<Response> {
+    let mut f = std::fs::File::open(path)?;
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            match f.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    if tx
+                        .blocking_send(Ok(Bytes::copy_from_slice(&buf[..n])))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, size)
+        .body(Body::from_stream(stream))
+        .map_err(std::io::Error::other)
+}
+
+/// Writes what `read` yields to `vdisk`'s boot folder under its blake3 hash:
+/// through a temporary file, synced, then renamed, so a boot file is never
+/// seen half written. Checks the hash when one is `expected`.
+pub fn store_file(
+    server: &Server,
+    vdisk: &str,
+    name: &str,
+    read: &mut dyn Read,
+    expected: Option<&BootFile>,
+) -> std::io::Result<BootFile> {
+    let dir = server.store.root().join("boot").join(vdisk);
+    std::fs::create_dir_all(&dir)?;
+    let mut tmp = tempfile_in(&dir)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut size = 0u64;
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = read.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        if size > MAX_BOOT_FILE {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("a boot file may be at most {} bytes", MAX_BOOT_FILE),
+            ));
+        }
+        hasher.update(&buf[..n]);
+        tmp.1.write_all(&buf[..n])?;
+    }
+    let hash = hasher.finalize().to_hex().to_string();
+    if let Some(e) = expected {
+        if e.blake3 != hash || e.size != size {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "boot file {} arrived as {size} bytes with hash {hash}; the farm has {} bytes, {}",
+                    e.name, e.size, e.blake3
+                ),
+            ));
+        }
+    }
+    tmp.1.sync_all()?;
+    std::fs::rename(&tmp.0, dir.join(&hash))?;
+    std::fs::File::open(&dir)?.sync_all()?;
+    Ok(BootFile {
+        name: name.to_owned(),
+        size,
+        blake3: hash,
+    })
+}
+
+/// A new file `.upload-*` in `dir`, removed if it is dropped before the rename.
+fn tempfile_in(dir: &Path) -> std::io::Result<(TempPath, std::fs::File)> {
+    let path = dir.join(format!(".upload-{:016x}", rand::random::<u64>()));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    Ok((TempPath(path), f))
+}
+
+struct TempPath(PathBuf);
+
+impl AsRef<Path> for TempPath {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        // After a successful rename there is nothing left to remove.
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Copies the boot files of the farm's vDisks that this server lacks from
+/// the peers that have them, checking each against its hash.
+fn sync_once(server: &Server) {
+    let view = server.membership.view();
+    let Some(secret) = server.replication.secret() else {
+        return;
+    };
+    let me = &server.config.name;
+    for vdisk in &view.vdisks {
+        for f in vdisk.boot.files() {
+            if !valid_hash(&f.blake3) || file_path(server, &vdisk.name, &f.blake3).exists() {
+                continue;
+            }
+            let peers = view.servers.iter().filter(|s| &s.name != me);
+            let mut last = String::from("no other live server");
+            for p in peers {
+                match fetch(server, p.api.as_str(), &secret, &vdisk.name, f) {
+                    Ok(()) => {
+                        tracing::info!(vdisk = %vdisk.name, file = %f.name, bytes = f.size, from = %p.name, "boot file copied");
+                        last.clear();
+                        break;
+                    }
+                    Err(e) => last = format!("{}: {e}", p.name),
+                }
+            }
+            if !last.is_empty() {
+                tracing::debug!(vdisk = %vdisk.name, file = %f.name, reason = %last, "boot file not copied yet");
+            }
+        }
+    }
+}
+
+fn fetch(
+    server: &Server,
+    api: &str,
+    secret: &str,
+    vdisk: &str,
+    f: &BootFile,
+) -> Result<(), String> {
+    let url = format!(
+        "{}/peer/v1/vdisks/{vdisk}/boot/{}",
+        api.trim_end_matches('/'),
+        f.blake3
+    );
+    let resp = ureq::get(&url)
+        .timeout(Duration::from_secs(60))
+        .set("Authorization", &format!("Bearer {secret}"))
+        .set(crate::replication::peer::SERVER_HEADER, &server.config.name)
+        .call()
+        .map_err(|e| e.to_string())?;
+    let mut body = resp.into_reader().take(MAX_BOOT_FILE + 1);
+    store_file(server, vdisk, &f.name, &mut body, Some(f))
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// The boot services this server was asked to run, bound at start so that
+/// a port in use or a missing interface stops the server with a clear error.
+#[derive(Default)]
+pub struct Services {
+    tftp: Option<TftpServer>,
+    proxy_dhcp: Option<ProxyDhcp>,
+}
+
+impl Services {
+    pub async fn bind(config: &crate::Config) -> anyhow::Result<Services> {
+        use anyhow::Context;
+        let net = &config.netboot;
+        let mut services = Services::default();
+        if let Some(addr) = net.tftp {
+            let t = TftpServer::bind(addr, net.tftp_root.clone())
+                .await
+                .with_context(|| format!("binding TFTP to {addr}"))?;
+            tracing::info!(addr = %t.local_addr(), root = %net.tftp_root.display(), "TFTP listening");
+            services.tftp = Some(t);
+        }
+        if let Some(iface) = &net.proxy_dhcp {
+            let url = format!(
+                "{}/boot/ipxe?mac={}",
+                config.advertise_api.trim_end_matches('/'),
+                vstream_netboot::proxy_dhcp::MAC_PLACEHOLDER
+            );
+            let p = ProxyDhcp::bind(ProxyDhcpConfig::new(iface.clone(), url))
+                .await
+                .with_context(|| format!("starting ProxyDHCP on {iface}"))?;
+            tracing::info!(interface = %iface, ip = %p.server_ip(), "ProxyDHCP answering PXE clients");
+            services.proxy_dhcp = Some(p);
+        }
+        Ok(services)
+    }
+}
+
+/// Runs the boot services, and keeps the boot files in step with the farm.
+pub async fn run(server: Arc<Server>, services: Services, mut shutdown: watch::Receiver<bool>) {
+    if let Some(t) = services.tftp {
+        tokio::spawn(t.run(shutdown.clone()));
+    }
+    if let Some(p) = services.proxy_dhcp {
+        tokio::spawn(p.run(shutdown.clone()));
+    }
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(SYNC_INTERVAL) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        let s = server.clone();
+        let _ = tokio::task::spawn_blocking(move || sync_once(&s)).await;
+    }
+}
