@@ -15,7 +15,8 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -28,16 +29,105 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 use vstream_api::{BootFile, BootFileKind, Device, VDisk};
 use vstream_netboot::ipxe::{self, BootScript};
-use vstream_netboot::proxy_dhcp::{ProxyDhcp, ProxyDhcpConfig};
-use vstream_netboot::tftp::TftpServer;
+use vstream_netboot::proxy_dhcp::{ProxyDhcp, ProxyDhcpConfig, ProxyDhcpStats};
+use vstream_netboot::tftp::{TftpServer, TftpStats};
 
 use crate::api::ApiError;
+use crate::metrics::Metrics;
 use crate::state::{now_unix, Server};
 
 /// Largest kernel or initrd a vDisk may carry.
 pub const MAX_BOOT_FILE: u64 = 2 << 30;
 /// How often a server looks for boot files it lacks.
 const SYNC_INTERVAL: Duration = Duration::from_secs(2);
+
+/// What the boot services did, for `/metrics`.
+#[derive(Default)]
+pub struct Stats {
+    scripts: AtomicU64,
+    refusals: AtomicU64,
+    file_bytes: AtomicU64,
+    tftp: OnceLock<Arc<TftpStats>>,
+    dhcp: OnceLock<Arc<ProxyDhcpStats>>,
+}
+
+type Row<'a> = (&'static str, &'static str, &'static str, &'a AtomicU64);
+
+impl Stats {
+    pub fn metrics(&self) -> Vec<Row<'_>> {
+        let mut rows: Vec<Row<'_>> = vec![
+            (
+                "vstream_boot_scripts_total",
+                "counter",
+                "iPXE boot scripts served",
+                &self.scripts,
+            ),
+            (
+                "vstream_boot_refusals_total",
+                "counter",
+                "boot scripts that told a device why it cannot boot (unknown MAC, no kernel)",
+                &self.refusals,
+            ),
+            (
+                "vstream_boot_file_sent_bytes_total",
+                "counter",
+                "kernel and initrd bytes sent to devices",
+                &self.file_bytes,
+            ),
+        ];
+        if let Some(t) = self.tftp.get() {
+            rows.extend([
+                (
+                    "vstream_tftp_transfers_total",
+                    "counter",
+                    "TFTP transfers completed",
+                    &t.transfers_completed,
+                ),
+                (
+                    "vstream_tftp_failures_total",
+                    "counter",
+                    "TFTP transfers that timed out or failed",
+                    &t.transfers_failed,
+                ),
+                (
+                    "vstream_tftp_refused_total",
+                    "counter",
+                    "TFTP requests refused (not found, outside the folder, writes)",
+                    &t.requests_refused,
+                ),
+                (
+                    "vstream_tftp_sent_bytes_total",
+                    "counter",
+                    "bytes sent over TFTP",
+                    &t.bytes_sent,
+                ),
+            ]);
+        }
+        if let Some(d) = self.dhcp.get() {
+            rows.extend([
+                (
+                    "vstream_proxy_dhcp_offers_total",
+                    "counter",
+                    "ProxyDHCP offers sent to PXE clients",
+                    &d.offers,
+                ),
+                (
+                    "vstream_proxy_dhcp_acks_total",
+                    "counter",
+                    "ProxyDHCP acks sent (port 4011)",
+                    &d.acks,
+                ),
+                (
+                    "vstream_proxy_dhcp_ignored_total",
+                    "counter",
+                    "DHCP packets left unanswered (not PXE, not for us)",
+                    &d.ignored,
+                ),
+            ]);
+        }
+        rows
+    }
+}
 
 /// The device-facing routes: no admin token, as with login.
 pub fn routes() -> Router<Arc<Server>> {
@@ -91,9 +181,11 @@ async fn script(State(server): State<Arc<Server>>, Query(q): Query<ScriptQuery>)
             &servers,
         ));
     };
+    let stats = &server.boot;
     match boot_target(&server, &mac).await {
         Ok((device, vdisk)) => {
             let Some(kernel) = &vdisk.boot.kernel else {
+                Metrics::add(&stats.refusals, 1);
                 return ipxe_script(ipxe::refusal(
                     &format!(
                         "vDisk {} has no kernel to network-boot (device {})",
@@ -108,6 +200,7 @@ async fn script(State(server): State<Arc<Server>>, Query(q): Query<ScriptQuery>)
                 ));
             };
             tracing::info!(device = %device.name, %mac, vdisk = %vdisk.name, kernel = %kernel.name, "boot script");
+            Metrics::add(&stats.scripts, 1);
             ipxe_script(
                 BootScript {
                     device: &device.name,
@@ -122,6 +215,7 @@ async fn script(State(server): State<Arc<Server>>, Query(q): Query<ScriptQuery>)
         }
         Err(why) => {
             tracing::info!(%mac, reason = %why.0, "boot script refused");
+            Metrics::add(&stats.refusals, 1);
             ipxe_script(ipxe::refusal(&why.0, &why.1, &mac, &servers))
         }
     }
@@ -212,12 +306,14 @@ async fn file(
         ApiError::not_found(format!("vDisk {} has no {which} to boot", vdisk.name))
     })?;
     let path = file_path(&server, &vdisk.name, &f.blake3);
-    serve_file(&path, f.size).await.map_err(|e| {
+    let sent = serve_file(&path, f.size).await.map_err(|e| {
         ApiError::not_found(format!(
             "this server does not hold the {which} of vDisk {} yet: {e}",
             vdisk.name
         ))
-    })
+    })?;
+    Metrics::add(&server.boot.file_bytes, f.size);
+    Ok(sent)
 }
 
 /// `GET /peer/v1/vdisks/NAME/boot/HASH` (peers only): a boot file this
@@ -449,9 +545,11 @@ impl Services {
 /// Runs the boot services, and keeps the boot files in step with the farm.
 pub async fn run(server: Arc<Server>, services: Services, mut shutdown: watch::Receiver<bool>) {
     if let Some(t) = services.tftp {
+        let _ = server.boot.tftp.set(t.stats());
         tokio::spawn(t.run(shutdown.clone()));
     }
     if let Some(p) = services.proxy_dhcp {
+        let _ = server.boot.dhcp.set(p.stats());
         tokio::spawn(p.run(shutdown.clone()));
     }
     loop {

@@ -30,6 +30,7 @@ pub struct Server {
     pub metrics: Metrics,
     pub membership: Membership,
     pub replication: crate::replication::Replication,
+    pub boot: crate::boot::Stats,
     sessions: Mutex<HashMap<String, Session>>,
     /// Per-vDisk lock: a version operation and a device session starting on
     /// the same vDisk never overlap, so "is it in use?" stays true while acted on.
@@ -141,6 +142,7 @@ impl Server {
             metrics: Metrics::default(),
             membership: Membership::default(),
             replication,
+            boot: Default::default(),
             sessions: Mutex::new(HashMap::new()),
             vdisk_locks: Mutex::new(HashMap::new()),
         }

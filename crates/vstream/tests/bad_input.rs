@@ -332,29 +332,11 @@ fn proc_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
-/// One value from the server's Prometheus metrics.
-fn metric(server: &TestServer, name: &str) -> u64 {
-    let addr = server.api.trim_start_matches("http://").to_string();
-    let mut s = TcpStream::connect(&addr).expect("connecting to the API");
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    let req = format!(
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
-        server.token()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("reading /metrics");
-    assert!(text.starts_with("HTTP/1.1 200"), "GET /metrics: {text}");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
-}
-
 /// Polls `metric` until it equals `want` (up to 5 s).
 fn wait_metric(server: &TestServer, name: &str, want: u64) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let v = metric(server, name);
+        let v = server.metric(name);
         if v == want {
             return;
         }

@@ -60,20 +60,6 @@ fn wait_state(s: &TestServer, server: &str, vdisk: &str, version: u64, state: &s
     );
 }
 
-/// A counter from the server's `/metrics`.
-fn metric(s: &TestServer, name: &str) -> u64 {
-    let out = Command::new("curl")
-        .args(["-sf", "-H", &format!("Authorization: Bearer {}", s.token())])
-        .arg(format!("{}/metrics", s.api))
-        .output()
-        .expect("curl");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name}"))
-}
-
 /// An image of `size` random bytes, every block of it data.
 fn dense_image(path: &Path, size: u64, seed: u64) {
     use rand::{RngCore, SeedableRng};
@@ -119,7 +105,7 @@ fn a_promoted_version_reaches_every_server_and_devices_boot_it() {
     }
     let before: Vec<u64> = servers
         .iter()
-        .map(|s| metric(s, "vstream_replication_received_bytes_total"))
+        .map(|s| s.metric("vstream_replication_received_bytes_total"))
         .collect();
     // A maintenance device changes 1 MiB here and 64 KiB there on s1.
     let s1 = &servers[0];
@@ -154,7 +140,7 @@ fn a_promoted_version_reaches_every_server_and_devices_boot_it() {
     // Only the new layer's data travelled (plus its metadata: bitmap, tree).
     let own = MIB + 65536;
     for (i, s) in servers.iter().enumerate().skip(1) {
-        let got = metric(s, "vstream_replication_received_bytes_total") - before[i];
+        let got = s.metric("vstream_replication_received_bytes_total") - before[i];
         assert!(
             got >= own && got <= own + own / 50 + 64 * 1024,
             "server s{} received {got} bytes for a {own}-byte change",
@@ -206,7 +192,7 @@ fn a_promoted_version_reaches_every_server_and_devices_boot_it() {
     }
     // A merge makes a new base: it is copied once, and the layers it
     // replaces leave every store (the devices keep reading what they opened).
-    let before = metric(&servers[1], "vstream_replication_received_bytes_total");
+    let before = servers[1].metric("vstream_replication_received_bytes_total");
     s1.cli_ok(&["version", "merge", "demo"]);
     for s in &servers {
         wait_for(
@@ -223,7 +209,7 @@ fn a_promoted_version_reaches_every_server_and_devices_boot_it() {
             },
         );
     }
-    let got = metric(&servers[1], "vstream_replication_received_bytes_total") - before;
+    let got = servers[1].metric("vstream_replication_received_bytes_total") - before;
     assert!(
         (32 * MIB..32 * MIB + MIB).contains(&got),
         "the merged base travelled once: {got} bytes"
@@ -252,7 +238,7 @@ fn a_receiver_killed_mid_transfer_resumes_where_it_stopped() {
     s2.kill9();
     s2.restart();
     wait_state(&s1, "s2", "big", 1, "verified", 60);
-    let after_restart = metric(&s2, "vstream_replication_received_bytes_total");
+    let after_restart = s2.metric("vstream_replication_received_bytes_total");
     assert!(
         after_restart < size * 3 / 4,
         "after the restart s2 fetched {after_restart} bytes of {size}: it started over"
@@ -357,12 +343,12 @@ fn a_flipped_byte_is_found_by_the_scrub_and_repaired_from_a_peer() {
         "503",
         "login while corrupt"
     );
-    assert!(metric(&s2, "vstream_scrub_corrupt_blocks_total") >= 1);
+    assert!(s2.metric("vstream_scrub_corrupt_blocks_total") >= 1);
     // The peer returns: the block is fetched again and the copy is offered again.
     s1.restart();
     wait_state(&s2, "s2", "d", 1, "verified", 60);
     assert_eq!(read_byte(&layer, at), original, "the byte was repaired");
-    assert!(metric(&s2, "vstream_scrub_repaired_blocks_total") >= 1);
+    assert!(s2.metric("vstream_scrub_repaired_blocks_total") >= 1);
 }
 
 fn flip(path: &Path, at: u64) -> u8 {

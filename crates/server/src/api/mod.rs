@@ -155,7 +155,13 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn metrics(State(server): Shared) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        server.metrics.render(&server.replication.metrics()),
+        server.metrics.render(
+            &[
+                &server.replication.metrics()[..],
+                &server.boot.metrics()[..],
+            ]
+            .concat(),
+        ),
     )
 }
 

@@ -243,6 +243,25 @@ impl TestServer {
         self.spawn(port);
     }
 
+    /// A value from the server's Prometheus `/metrics`.
+    pub fn metric(&self, name: &str) -> u64 {
+        let out = Command::new("curl")
+            .args([
+                "-sf",
+                "-m",
+                "10",
+                "-H",
+                &format!("Authorization: Bearer {}", self.token()),
+            ])
+            .arg(format!("{}/metrics", self.api))
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} from {}/metrics:\n{text}", self.api))
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
