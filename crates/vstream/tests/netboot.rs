@@ -1,0 +1,701 @@
+//! A diskless QEMU guest (TCG, UEFI firmware, one NIC, no disk) boots over
+//! the network from a two-server farm: the LAN's own DHCP server (dnsmasq,
+//! addresses only) gives it an address, vstream's ProxyDHCP its boot file,
+//! vstream's TFTP the iPXE binary, vstream's HTTP the iPXE script, kernel and
+//! initrd; the initramfs starts `vstream target`, which attaches the guest
+//! kernel's /dev/nbd0 to a Standard-mode vDisk. The guest writes and reads
+//! files and powers off. Then the same boot with one server stopped.
+//!
+//! ```text
+//!   host (tests, etcd, CLI) 10.X.200.253 --veth--+
+//!   server s1 netns 10.X.200.1 --veth-----------+-- br0 (LAN netns): dnsmasq 10.X.200.254
+//!   server s2 netns 10.X.200.2 --veth-----------+
+//!   QEMU (in the LAN netns) --tap---------------+
+//! ```
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{TestEtcd, TestServer};
+
+const MAC: &str = "52:54:00:77:00:01";
+const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+
+fn sh(cmd: &str) {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A LAN: a bridge in a namespace of its own, the host joined to it, a
+/// DHCP server on it that gives addresses and nothing else, and namespaces
+/// for servers and a tap for a VM plugged in. Removed on drop.
+struct Lan {
+    tag: String,
+    /// `10.X.200`
+    net: String,
+    ns: String,
+    namespaces: Vec<String>,
+    dnsmasq: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Lan {
+    fn create() -> Lan {
+        let pid = std::process::id();
+        let tag = format!("vb{}", pid % 10_000);
+        let net = format!("10.{}.200", 100 + (pid % 150));
+        let ns = format!("{tag}lan");
+        let mut lan = Lan {
+            tag: tag.clone(),
+            net: net.clone(),
+            ns: ns.clone(),
+            namespaces: vec![],
+            dnsmasq: None,
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("{tag}h")])
+            .output();
+        sh(&format!("ip netns add {ns}"));
+        lan.namespaces.push(ns.clone());
+        // An IPv6 prefix too: iPXE waits ~13 s for a router advertisement
+        // that never comes otherwise (dnsmasq sends them).
+        sh(&format!(
+            "ip netns exec {ns} sh -c 'ip link set lo up && ip link add br0 type bridge && ip link set br0 type bridge forward_delay 0 && ip addr add {net}.254/24 dev br0 && ip -6 addr add fd00:77::254/64 dev br0 nodad && ip link set br0 up'"
+        ));
+        // The host's leg.
+        sh(&format!(
+            "ip link add {tag}h type veth peer name {tag}hp && ip link set {tag}hp netns {ns}"
+        ));
+        sh(&format!(
+            "ip netns exec {ns} sh -c 'ip link set {tag}hp master br0 && ip link set {tag}hp up'"
+        ));
+        sh(&format!(
+            "ip addr add {net}.253/24 dev {tag}h && ip link set {tag}h up"
+        ));
+        let leases = lan.dir.path().join("leases");
+        let log = std::fs::File::create(lan.dir.path().join("dnsmasq.log")).expect("log");
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "dnsmasq",
+                "--no-daemon",
+                "--conf-file=/dev/null",
+            ])
+            .args([
+                "--port=0",
+                "--interface=br0",
+                "--bind-interfaces",
+                "--no-ping",
+            ])
+            .arg(format!("--dhcp-range={net}.100,{net}.199,255.255.255.0,1h"))
+            .args(["--enable-ra", "--dhcp-range=::,constructor:br0,ra-only"])
+            .arg(format!("--dhcp-leasefile={}", leases.display()))
+            .args(["--log-dhcp", "--log-facility=-"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning dnsmasq");
+        lan.dnsmasq = Some(child);
+        lan
+    }
+
+    /// A namespace for host `n` (1..99) on the LAN at `10.X.200.n`, its
+    /// interface named `lan0`; returns the namespace's name.
+    fn host(&mut self, n: u8) -> String {
+        let (tag, ns) = (&self.tag, format!("{}s{n}", self.tag));
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        sh(&format!("ip netns add {ns}"));
+        self.namespaces.push(ns.clone());
+        sh(&format!(
+            "ip netns exec {lan} sh -c 'ip link add {tag}s{n} type veth peer name lan0 && ip link set lan0 netns {ns} && ip link set {tag}s{n} master br0 && ip link set {tag}s{n} up'",
+            lan = self.ns
+        ));
+        sh(&format!(
+            "ip netns exec {ns} sh -c 'ip link set lo up && ip addr add {net}.{n}/24 dev lan0 && ip -6 addr add fd00:77::{n}/64 dev lan0 nodad && ip link set lan0 up'",
+            net = self.net
+        ));
+        ns
+    }
+
+    /// A tap on the bridge for a VM; returns its name.
+    fn tap(&self, n: u8) -> String {
+        let tap = format!("{}t{n}", self.tag);
+        sh(&format!(
+            "ip netns exec {ns} sh -c 'ip tuntap add {tap} mode tap && ip link set {tap} master br0 && ip link set {tap} up'",
+            ns = self.ns
+        ));
+        tap
+    }
+
+    fn dnsmasq_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dnsmasq.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.dnsmasq.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("{}h", self.tag)])
+            .output();
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+fn have_netboot_tools() -> bool {
+    common::have_guest_tools()
+        && common::have_netns()
+        && common::have("dnsmasq")
+        && common::have("etcd")
+        && [OVMF, "/usr/lib/ipxe/snponly.efi"].iter().all(|f| {
+            let here = Path::new(f).exists();
+            if !here {
+                common::skip(&format!("{f} is missing (apt-get install ovmf ipxe)"));
+            }
+            here
+        })
+}
+
+/// The kit with the network-boot initramfs (vstream's agent in it).
+fn netboot_kit() -> PathBuf {
+    let kit = common::guest_kit();
+    let script = common::repo().join("tests/guest/build-netboot.sh");
+    common::run(
+        "bash",
+        &[
+            script.to_str().expect("path"),
+            kit.to_str().expect("path"),
+            common::BIN,
+        ],
+    );
+    kit
+}
+
+/// Boots a diskless UEFI guest on `tap` in the LAN; returns its console
+/// and the seconds from start to the root filesystem being mounted.
+fn pxe_boot(lan: &Lan, tap: &str, mac: &str, timeout: Duration) -> (String, Option<f64>) {
+    let vars = lan.dir.path().join(format!("{tap}.console"));
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &lan.ns])
+        .args([
+            "qemu-system-x86_64",
+            "-machine",
+            "pc,graphics=off",
+            "-accel",
+            "tcg",
+        ])
+        .args(["-cpu", "Nehalem", "-smp", "1", "-m", "768"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .args([
+            "-serial",
+            &format!("file:{}", vars.display()),
+            "-monitor",
+            "none",
+        ])
+        .args(["-bios", OVMF])
+        .args([
+            "-netdev",
+            &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+        ])
+        // No NIC option ROM: the firmware's own PXE asks for a boot file.
+        .args([
+            "-device",
+            &format!("virtio-net-pci,netdev=n0,mac={mac},romfile="),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawning qemu");
+    let start = Instant::now();
+    let mut mounted = None;
+    loop {
+        let console = std::fs::read_to_string(&vars).unwrap_or_default();
+        if mounted.is_none() && console.contains("GUEST-BOOTED") {
+            mounted = Some(start.elapsed().as_secs_f64());
+        }
+        if child.try_wait().ok().flatten().is_some() {
+            break;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let console = std::fs::read_to_string(&vars)
+        .unwrap_or_default()
+        .replace('\r', "");
+    (console, mounted)
+}
+
+struct Farm {
+    lan: Lan,
+    _etcd: TestEtcd,
+    servers: Vec<TestServer>,
+    _dir: tempfile::TempDir,
+}
+
+/// Two servers, each on its own host of the LAN with ProxyDHCP and TFTP,
+/// holding the kit's root filesystem as a Standard-mode vDisk whose boot
+/// files are the kit's kernel and network-boot initramfs.
+fn farm(kit: &Path) -> Farm {
+    let mut lan = Lan::create();
+    let etcd = TestEtcd::start_on(true).expect("etcd");
+    let etcd_url = format!("http://{}.253:{}", lan.net, etcd.port());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let servers: Vec<TestServer> = (1..=2u8)
+        .map(|n| {
+            let ns = lan.host(n);
+            let ip = format!("{}.{n}", lan.net);
+            let farm = format!("etcd://{}", etcd_url.trim_start_matches("http://"));
+            let name = format!("s{n}");
+            TestServer::start_wrapped(
+                dir.path().join(&name),
+                &ip,
+                &["ip", "netns", "exec", &ns],
+                &[
+                    "--farm",
+                    &farm,
+                    "--name",
+                    &name,
+                    "--tftp",
+                    &ip,
+                    "--proxy-dhcp",
+                    "lan0",
+                ],
+            )
+        })
+        .collect();
+    let s1 = &servers[0];
+    s1.cli_ok(&[
+        "vdisk",
+        "import",
+        "root",
+        kit.join("rootfs.img").to_str().unwrap(),
+    ]);
+    s1.cli_ok(&[
+        "vdisk",
+        "set",
+        "root",
+        "--mode",
+        "standard",
+        "--cache-type",
+        "device",
+    ]);
+    s1.cli_ok(&[
+        "vdisk",
+        "set",
+        "root",
+        "--kernel",
+        kit.join("vmlinuz").to_str().unwrap(),
+        "--initrd",
+        kit.join("netboot-initrd.img").to_str().unwrap(),
+    ]);
+    s1.cli_ok(&["device", "add", "pc1", "--mac", MAC, "--vdisk", "root"]);
+    for s in &servers {
+        common::wait_farm_ready(s, 2);
+    }
+    Farm {
+        lan,
+        _etcd: etcd,
+        servers,
+        _dir: dir,
+    }
+}
+
+/// The vDisk's kernel command line for the next boot. With `vstest.stopagent`
+/// the initramfs stops and continues the agent, as systemd's shutdown does to
+/// every process, and checks that the disk still reads.
+fn set_cmdline(server: &TestServer, vstest: &str) {
+    server.cli_ok(&[
+        "vdisk",
+        "set",
+        "root",
+        "--cmdline",
+        &format!(
+            "console=ttyS0 panic=-1 quiet loglevel=3 rootfstype=ext4 rw vstest={vstest} vstream.cache=ram:256MiB vstest.stopagent"
+        ),
+    ]);
+}
+
+fn boot_and_check(farm: &Farm, tap: &str, token: &str) -> f64 {
+    let (console, mounted) = pxe_boot(&farm.lan, tap, MAC, Duration::from_secs(300));
+    let logs: String = farm
+        .servers
+        .iter()
+        .map(|s| format!("--- {}\n{}", s.log.display(), s.log_text()))
+        .collect();
+    let ok = console.contains(&format!("GUEST-OK write {token}"))
+        && console.contains("GUEST-NETBOOT agent survived SIGSTOP/SIGCONT")
+        && !console.contains("GUEST-ERROR");
+    assert!(
+        ok,
+        "the guest did not boot and write:\n{console}\n--- dnsmasq\n{}\n{logs}",
+        farm.lan.dnsmasq_log()
+    );
+    mounted.expect("GUEST-BOOTED seen")
+}
+
+#[test]
+fn a_diskless_guest_pxe_boots_from_the_farm_and_again_with_a_server_stopped() {
+    if !have_netboot_tools() {
+        return;
+    }
+    let kit = netboot_kit();
+    let mut farm = farm(&kit);
+    let tap = farm.lan.tap(1);
+
+    set_cmdline(&farm.servers[0], "write:both-up");
+    let t = boot_and_check(&farm, &tap, "both-up");
+    eprintln!("root mounted {t:.1} s after QEMU started (two servers up)");
+    // The chain really went through vstream: firmware TFTP, then iPXE's script.
+    let logs: String = farm.servers.iter().map(|s| s.log_text()).collect();
+    assert!(
+        logs.contains("snponly.efi"),
+        "no TFTP transfer of snponly.efi:\n{logs}"
+    );
+    assert!(
+        logs.contains("boot script"),
+        "no boot script served:\n{logs}"
+    );
+    let total = |name: &str| farm.servers.iter().map(|s| s.metric(name)).sum::<u64>();
+    assert!(total("vstream_tftp_transfers_total") >= 1);
+    assert!(total("vstream_boot_scripts_total") >= 1);
+    // Both servers answer the firmware, then iPXE.
+    assert!(total("vstream_proxy_dhcp_offers_total") >= 4);
+    assert!(total("vstream_boot_file_sent_bytes_total") > 0);
+
+    // One of two servers stopped before the boot: the other does it all.
+    farm.servers[0].kill9();
+    let count = |s: &TestServer, what: &str| s.log_text().matches(what).count();
+    let s2 = &farm.servers[1];
+    let before = [
+        count(s2, "TFTP transfer completed"),
+        count(s2, "boot script device=pc1"),
+        count(s2, "device streaming its base device=pc1"),
+    ];
+    set_cmdline(s2, "write:one-down");
+    let t = boot_and_check(&farm, &tap, "one-down");
+    eprintln!("root mounted {t:.1} s after QEMU started (one server stopped)");
+    let after = [
+        count(s2, "TFTP transfer completed"),
+        count(s2, "boot script device=pc1"),
+        count(s2, "device streaming its base device=pc1"),
+    ];
+    for (i, what) in ["TFTP", "the boot script", "the vDisk"].iter().enumerate() {
+        assert!(
+            after[i] > before[i],
+            "the server left did not serve {what}:\n{}",
+            s2.log_text()
+        );
+    }
+}
+
+/// The network-boot benchmark (`bash bench/netboot.sh` runs it on a release
+/// build): seconds from QEMU's start to the root filesystem mounted, for one
+/// VM and for `VSTREAM_BENCH_VMS` (default 10) VMs booting at once against
+/// the two servers; and the TFTP rate of the iPXE binaries, vstream's server
+/// beside dnsmasq's in the same run.
+#[test]
+#[ignore = "a benchmark: bash bench/netboot.sh"]
+fn bench_network_boot() {
+    if !have_netboot_tools() {
+        return;
+    }
+    let vms: u8 = std::env::var("VSTREAM_BENCH_VMS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10)
+        .clamp(1, 50);
+    let kit = netboot_kit();
+    let farm = farm(&kit);
+    let s1 = &farm.servers[0];
+    set_cmdline(s1, "read");
+    let macs: Vec<String> = (1..=vms)
+        .map(|i| format!("52:54:00:77:01:{i:02x}"))
+        .collect();
+    for (i, mac) in macs.iter().enumerate() {
+        s1.cli_ok(&[
+            "device",
+            "add",
+            &format!("b{i}"),
+            "--mac",
+            mac,
+            "--vdisk",
+            "root",
+        ]);
+    }
+    let taps: Vec<String> = (1..=vms).map(|i| farm.lan.tap(i)).collect();
+    std::thread::sleep(Duration::from_secs(2)); // the servers' views take the devices in
+
+    let boot = |tap: &str, mac: &str| {
+        let (console, mounted) = pxe_boot(&farm.lan, tap, mac, Duration::from_secs(900));
+        assert!(console.contains("GUEST-OK read"), "{tap}:\n{console}");
+        mounted.expect("GUEST-BOOTED")
+    };
+    let one = boot(&taps[0], &macs[0]);
+    let start = Instant::now();
+    let mut times: Vec<f64> = std::thread::scope(|sc| {
+        let handles: Vec<_> = taps
+            .iter()
+            .zip(&macs)
+            .map(|(t, m)| sc.spawn(move || boot(t, m)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("boot"))
+            .collect()
+    });
+    let wall = start.elapsed().as_secs_f64();
+    times.sort_by(f64::total_cmp);
+    println!("BENCH boot 1 VM: root mounted after {one:.1} s");
+    println!(
+        "BENCH boot {vms} VMs at once: root mounted after min {:.1} s, median {:.1} s, max {:.1} s (all done in {wall:.1} s)",
+        times[0],
+        times[times.len() / 2],
+        times[times.len() - 1]
+    );
+    for s in &farm.servers {
+        let n = s.log_text().matches("device streaming its base").count();
+        println!("BENCH server {} streamed to {n} boots", s.log.display());
+    }
+
+    // TFTP: vstream's server against dnsmasq's, from the host, same files.
+    let dnsmasq = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &farm.lan.ns,
+            "dnsmasq",
+            "--no-daemon",
+            "--conf-file=/dev/null",
+        ])
+        .args([
+            "--port=0",
+            "--enable-tftp",
+            "--tftp-root=/usr/lib/ipxe",
+            "--bind-interfaces",
+        ])
+        .arg(format!("--listen-address={}.254", farm.lan.net))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(KillOnDrop)
+        .expect("dnsmasq tftp");
+    std::thread::sleep(Duration::from_millis(500));
+    for file in ["undionly.kpxe", "snponly.efi", "ipxe.iso"] {
+        let size = std::fs::metadata(Path::new("/usr/lib/ipxe").join(file))
+            .expect("file")
+            .len();
+        for blksize in [512, 1468] {
+            let ours = tftp_rate(&format!("{}.1", farm.lan.net), file, blksize, size);
+            let theirs = tftp_rate(&format!("{}.254", farm.lan.net), file, blksize, size);
+            println!(
+                "BENCH tftp {file} ({size} B) blksize {blksize}: vstream {:.1} MB/s, dnsmasq {:.1} MB/s, ratio {:.2}",
+                ours / 1e6,
+                theirs / 1e6,
+                ours / theirs
+            );
+        }
+    }
+    drop(dnsmasq);
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Bytes per second of 20 downloads of `file` from the TFTP server at `ip`
+/// (the median run), checking each is whole.
+fn tftp_rate(ip: &str, file: &str, blksize: u32, size: u64) -> f64 {
+    let mut rates: Vec<f64> = (0..20)
+        .map(|_| {
+            let out = Command::new("curl")
+                .args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{size_download} %{time_total}",
+                ])
+                .args(["--tftp-blksize", &blksize.to_string()])
+                .arg(format!("tftp://{ip}/{file}"))
+                .output()
+                .expect("curl");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let mut it = text.split_whitespace();
+            let got: u64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            let secs: f64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(f64::MAX);
+            assert_eq!(got, size, "tftp://{ip}/{file}: {text}");
+            size as f64 / secs
+        })
+        .collect();
+    rates.sort_by(f64::total_cmp);
+    rates[rates.len() / 2]
+}
+
+fn http_get(url: &str) -> (u16, Vec<u8>) {
+    let out = Command::new("curl")
+        .args(["-s", "-m", "10", "-w", "\n%{http_code}", url])
+        .output()
+        .expect("curl");
+    let mut body = out.stdout;
+    let split = body.iter().rposition(|&b| b == b'\n').expect("status line");
+    let code = String::from_utf8_lossy(&body[split + 1..])
+        .parse()
+        .expect("status");
+    body.truncate(split);
+    (code, body)
+}
+
+/// The HTTP side of network boot on one server, without a VM: the script for
+/// a known device, the console message for an unknown one or a vDisk without
+/// a kernel, the files behind the script (and only the device's own), the
+/// checks on what an administrator sets, and auto-add.
+#[test]
+fn the_boot_script_and_files_over_http() {
+    if !common::have("curl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(dir.path().join("s"), &["--auto-add", "pool"]);
+    let script = |mac: &str| {
+        let (code, body) = http_get(&format!("{}/boot/ipxe?mac={mac}", server.api));
+        assert_eq!(code, 200);
+        String::from_utf8(body).unwrap()
+    };
+    let unknown = "52:54:00:aa:00:01";
+    // Auto-add is on, but its vDisk does not exist yet: a clear message.
+    let s = script(unknown);
+    assert!(s.starts_with("#!ipxe\n"), "{s}");
+    assert!(s.contains("vDisk pool does not exist"), "{s}");
+    assert!(
+        s.contains(&format!(
+            "chain --replace --autofree {}/boot/ipxe?mac={unknown}",
+            server.api
+        )),
+        "{s}"
+    );
+
+    server.cli_ok(&["vdisk", "create", "root", "--size", "16MiB"]);
+    server.cli_ok(&["vdisk", "create", "pool", "--size", "16MiB"]);
+    server.cli_ok(&["device", "add", "pc1", "--mac", MAC, "--vdisk", "root"]);
+    let s = script(MAC);
+    assert!(s.contains("vDisk root has no kernel"), "{s}");
+    assert!(s.contains("vstream vdisk set root --kernel FILE"), "{s}");
+
+    let kernel = dir.path().join("vmlinuz");
+    let initrd = dir.path().join("initrd.img");
+    common::random_image(&kernel, 3 << 20, 1);
+    common::random_image(&initrd, 5 << 20, 2);
+    let out = server.cli_ok(&[
+        "vdisk",
+        "set",
+        "root",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 boot=vstream",
+    ]);
+    assert!(out.contains("kernel vmlinuz (3 MiB"), "{out}");
+    let show = server.cli_ok(&["vdisk", "show", "root"]);
+    assert!(show.contains("console=ttyS0 boot=vstream"), "{show}");
+
+    let s = script(MAC);
+    let host = server.api.trim_start_matches("http://");
+    let path = MAC.replace(':', "-");
+    assert!(
+        s.contains(&format!(
+            "kernel --name kernel {}/boot/{path}/kernel initrd=initrd console=ttyS0 boot=vstream vstream.bootstrap={host} vstream.mac={MAC} || goto try1",
+            server.api
+        )),
+        "{s}"
+    );
+    let (code, body) = http_get(&format!("{}/boot/{path}/kernel", server.api));
+    assert_eq!(code, 200);
+    assert_eq!(body, std::fs::read(&kernel).unwrap());
+    let (code, body) = http_get(&format!("{}/boot/{path}/initrd", server.api));
+    assert_eq!(code, 200);
+    assert_eq!(body, std::fs::read(&initrd).unwrap());
+    assert!(server.metric("vstream_boot_file_sent_bytes_total") >= 8 << 20);
+    assert!(server.metric("vstream_boot_scripts_total") >= 1);
+
+    // The files are reached only through a device of that vDisk.
+    let (code, _) = http_get(&format!("{}/boot/52-54-00-99-99-99/kernel", server.api));
+    assert_eq!(code, 404);
+    let (code, _) = http_get(&format!("{}/boot/{path}/config", server.api));
+    assert_eq!(code, 404);
+    // The peer route needs the farm's peer secret.
+    let (code, _) = http_get(&format!(
+        "{}/peer/v1/vdisks/root/boot/{}",
+        server.api,
+        "0".repeat(64)
+    ));
+    assert_eq!(code, 401);
+
+    // What the administrator sets is checked.
+    let err = server.cli_err(&["vdisk", "set", "root", "--cmdline", "quiet\nshell"]);
+    assert!(err.contains("one line"), "{err}");
+    let err = server.cli_err(&[
+        "vdisk",
+        "set",
+        "root",
+        "--cmdline",
+        "vstream.mac=00:00:00:00:00:01",
+    ]);
+    assert!(
+        err.contains("adds vstream.bootstrap= and vstream.mac= itself"),
+        "{err}"
+    );
+    let err = server.cli_err(&[
+        "vdisk",
+        "set",
+        "nosuch",
+        "--kernel",
+        kernel.to_str().unwrap(),
+    ]);
+    assert!(err.contains("does not exist"), "{err}");
+
+    // Auto-add: the unknown MAC is now a device of vDisk pool.
+    let s = script(unknown);
+    assert!(s.contains("vDisk pool has no kernel"), "{s}");
+    let dev = server.cli_ok(&["device", "show", unknown]);
+    assert!(
+        dev.contains("auto-525400aa0001") && dev.contains("pool"),
+        "{dev}"
+    );
+    // A MAC that is not one gets a message, not an error page.
+    let s = script("nonsense");
+    assert!(s.contains("is not a MAC address"), "{s}");
+}

@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# Build the initramfs with which the test guest boots its root file system
+# from a vDisk through the `vstream target` agent, without any disk of its own.
+#
+#   tests/guest/build-netboot.sh OUTDIR VSTREAM_BIN
+#
+# Runs tests/guest/build.sh OUTDIR first (the kernel, rootfs.img and the
+# cached kernel .deb), then writes OUTDIR/netboot-initrd.img:
+#   busybox-static, the virtio_pci/virtio_net/nbd/ext4 (+virtio_blk, for a
+#   local cache disk) modules and their deps from the same kernel .deb,
+#   VSTREAM_BIN with its debug info stripped + its shared libraries and the
+#   dynamic loader (from ldd), dist/vstream-root.sh as /scripts/vstream-root.sh
+#   and /init = netboot-init.sh.
+# Idempotent: does nothing when OUTDIR/.netboot-stamp matches the inputs (the
+# binary's hash included). Boot it with run-netboot-guest.sh.
+#
+# Needs what build.sh needs, plus binutils (objcopy) and ldd.
+#
+# Environment knobs (all optional):
+#   VSTREAM_GUEST_KERNEL_DEB, VSTREAM_GUEST_KERNEL_PKG, VSTREAM_GUEST_BUSYBOX
+#                            as for build.sh
+#   VSTREAM_NETBOOT_COMPRESS gzip (default) or none: an uncompressed cpio
+#                            is bigger but skips in-guest decompression
+set -euo pipefail
+
+die() { echo "build-netboot.sh: error: $*" >&2; exit 1; }
+log() { echo "build-netboot.sh: $*" >&2; }
+
+[ $# -eq 2 ] || { echo "usage: $0 OUTDIR VSTREAM_BIN" >&2; exit 2; }
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+ROOT_SH="$REPO/dist/vstream-root.sh"
+mkdir -p "$1"
+OUT="$(cd "$1" && pwd)"
+[ -f "$2" ] || die "no vstream binary at $2 (cargo build -p vstream)"
+VSTREAM="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"
+BUSYBOX="${VSTREAM_GUEST_BUSYBOX:-/bin/busybox}"
+COMPRESS="${VSTREAM_NETBOOT_COMPRESS:-gzip}"
+case "$COMPRESS" in gzip | none) ;; *) die "VSTREAM_NETBOOT_COMPRESS must be gzip or none" ;; esac
+# Network + root-disk modules; their dependencies are resolved with modprobe.
+NETBOOT_MODULES="virtio_pci virtio_net nbd crc32c_generic ext4 virtio_blk"
+
+start=$(date +%s.%N)
+export PATH="$PATH:/sbin:/usr/sbin"
+for c in objcopy ldd cpio gzip dpkg-deb depmod modprobe sha256sum flock; do
+    command -v "$c" >/dev/null 2>&1 || die "missing tool '$c' (apt-get install -y binutils libc-bin cpio gzip dpkg kmod util-linux)"
+done
+[ -f "$ROOT_SH" ] || die "missing $ROOT_SH"
+
+# The kit first: kernel, rootfs.img, and the kernel .deb cached in OUT.
+bash "$HERE/build.sh" "$OUT"
+
+# Serialize concurrent builds into the same OUTDIR (build.sh's own lock is
+# .lock; this one is separate so that calling build.sh above cannot deadlock).
+exec 8>"$OUT/.netboot.lock"
+flock 8
+
+if [ -n "${VSTREAM_GUEST_KERNEL_DEB:-}" ]; then
+    DEB="$(cd "$(dirname "$VSTREAM_GUEST_KERNEL_DEB")" && pwd)/$(basename "$VSTREAM_GUEST_KERNEL_DEB")"
+else
+    pat="linux-image-*.deb"
+    [ -n "${VSTREAM_GUEST_KERNEL_PKG:-}" ] && pat="${VSTREAM_GUEST_KERNEL_PKG}_*.deb"
+    # shellcheck disable=SC2086
+    name="$(cd "$OUT" && ls -1 $pat 2>/dev/null | sort -V | tail -n1)" || true
+    [ -n "$name" ] || die "no cached kernel .deb in $OUT (build.sh should have fetched it)"
+    DEB="$OUT/$name"
+fi
+[ -f "$DEB" ] || die "kernel package $DEB missing"
+[ "$(cat "$OUT/kernel-version" 2>/dev/null)" != "" ] || die "$OUT/kernel-version missing"
+
+# ---- up-to-date check ---------------------------------------------------
+LIBS="$(ldd "$VSTREAM" 2>/dev/null || true)"
+KEY="$(
+    {
+        cat "$HERE/build-netboot.sh" "$HERE/netboot-init.sh" "$ROOT_SH"
+        echo "deb=$(basename "$DEB") size=$(stat -c %s "$DEB")"
+        sha256sum <"$BUSYBOX"
+        sha256sum <"$VSTREAM"
+        echo "$LIBS" | sed 's/ (0x[0-9a-f]*)$//'
+        echo "modules=$NETBOOT_MODULES compress=$COMPRESS"
+    } | sha256sum | cut -d' ' -f1
+)"
+if [ -f "$OUT/.netboot-stamp" ] && [ "$(cat "$OUT/.netboot-stamp")" = "$KEY" ] &&
+    [ -s "$OUT/netboot-initrd.img" ]; then
+    log "up to date in $OUT"
+    exit 0
+fi
+rm -f "$OUT/.netboot-stamp"
+
+WORK="$OUT/.netboot-work"
+rm -rf "$WORK"
+mkdir -p "$WORK"
+trap 'rm -rf "$WORK"' EXIT
+
+# ---- kernel modules ------------------------------------------------------
+log "extracting modules from $(basename "$DEB")"
+K="$WORK/kpkg"
+mkdir -p "$K"
+# Only the modules (./lib/modules or ./usr/lib/modules), not the kernel.
+dpkg-deb --fsys-tarfile "$DEB" | tar -x -C "$K" --wildcards './*lib/modules/*' ||
+    die "cannot extract the modules from $DEB"
+KVER="$(cat "$OUT/kernel-version")"
+if [ ! -d "$K/lib/modules/$KVER" ] && [ -d "$K/usr/lib/modules/$KVER" ]; then
+    mkdir -p "$K/lib/modules"
+    ln -s "../../usr/lib/modules/$KVER" "$K/lib/modules/$KVER"
+fi
+[ -d "$K/lib/modules/$KVER" ] || die "no modules for $KVER in $DEB"
+depmod -b "$K" "$KVER"
+
+MODLIST=()
+for m in $NETBOOT_MODULES; do
+    deps="$(modprobe -d "$K" -S "$KVER" --show-depends "$m")" || die "modprobe cannot resolve $m"
+    while read -r verb path _; do
+        [ "$verb" = insmod ] || continue # "builtin X" needs nothing
+        seen=0
+        for p in "${MODLIST[@]:-}"; do [ "$p" = "$path" ] && seen=1; done
+        [ $seen = 1 ] || MODLIST+=("$path")
+    done <<<"$deps"
+done
+
+# ---- initramfs tree ------------------------------------------------------
+I="$WORK/initramfs"
+mkdir -p "$I"/{bin,dev,proc,sys,run,newroot,etc,scripts,lib/modules}
+cp "$BUSYBOX" "$I/bin/busybox"
+chmod 755 "$I/bin/busybox"
+for a in $("$BUSYBOX" --list); do
+    [ "$a" = busybox ] || [ "$a" = init ] || [ "$a" = linuxrc ] || ln -sf busybox "$I/bin/$a"
+done
+install -m 755 "$HERE/netboot-init.sh" "$I/init"
+install -m 644 "$ROOT_SH" "$I/scripts/vstream-root.sh"
+
+# The agent: symbols kept (readable backtraces), debug info dropped.
+objcopy --strip-debug "$VSTREAM" "$I/bin/vstream"
+chmod 755 "$I/bin/vstream"
+# Its shared libraries and the dynamic loader, each at the path ldd names.
+nlibs=0
+while read -r a b c _; do
+    if [ "$b" = "=>" ] && [ "${c#/}" != "$c" ]; then
+        lib="$c" # libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)
+    elif [ "${a#/}" != "$a" ]; then
+        lib="$a" # /lib64/ld-linux-x86-64.so.2 (0x...)
+    else
+        continue # linux-vdso.so.1, "statically linked"
+    fi
+    mkdir -p "$I$(dirname "$lib")"
+    cp -L "$lib" "$I$lib"
+    nlibs=$((nlibs + 1))
+done <<<"$LIBS"
+# Name resolution for host names in vstream.bootstrap (glibc has files/dns built in).
+printf 'hosts: files dns\n' >"$I/etc/nsswitch.conf"
+printf '127.0.0.1 localhost\n' >"$I/etc/hosts"
+
+: >"$I/lib/modules/load-order"
+for path in "${MODLIST[@]:-}"; do
+    [ -n "$path" ] || continue
+    base="$(basename "$path")"
+    case "$base" in
+        *.ko.xz) xz -dc "$path" >"$I/lib/modules/${base%.xz}"; base="${base%.xz}" ;;
+        *.ko.zst) zstd -q -dc "$path" >"$I/lib/modules/${base%.zst}"; base="${base%.zst}" ;;
+        *.ko.gz) gzip -dc "$path" >"$I/lib/modules/${base%.gz}"; base="${base%.gz}" ;;
+        *.ko) cp "$path" "$I/lib/modules/$base" ;;
+        *) die "unexpected module file $path" ;;
+    esac
+    echo "$base" >>"$I/lib/modules/load-order"
+done
+log "modules: $(tr '\n' ' ' <"$I/lib/modules/load-order")"
+log "agent: $(stat -c %s "$I/bin/vstream") bytes + $nlibs libraries"
+
+find "$I" -exec touch -h -d @0 {} + # reproducible archive
+(cd "$I" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
+    cpio --quiet --null -o -H newc --owner=0:0 --reproducible) >"$WORK/netboot-initrd.cpio"
+if [ "$COMPRESS" = gzip ]; then
+    gzip -6n <"$WORK/netboot-initrd.cpio" >"$WORK/netboot-initrd.img"
+else
+    mv "$WORK/netboot-initrd.cpio" "$WORK/netboot-initrd.img"
+fi
+
+mv -f "$WORK/netboot-initrd.img" "$OUT/netboot-initrd.img"
+echo "$KEY" >"$OUT/.netboot-stamp"
+log "built $OUT/netboot-initrd.img ($(stat -c %s "$OUT/netboot-initrd.img") bytes, $(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}')s)"

@@ -1,0 +1,80 @@
+#!/bin/busybox sh
+# /init of the vstream network-boot test initramfs (packed by
+# tests/guest/build-netboot.sh). Loads the virtio-net/nbd/ext4 modules, then
+# dist/vstream-root.sh (in /scripts) brings the network up with DHCP, starts
+# the agent (`vstream target --attach /dev/nbd0`), waits for the device and
+# mounts the root file system; /init moves /dev, /proc, /sys and /run into it
+# and switch_root's into its /sbin/init, the agent still running.
+# Any failure prints "GUEST-ERROR: ..." and powers the VM off, so a test
+# never hangs. With vstest.stopagent on the kernel command line it also
+# stops and continues the agent first, as systemd-shutdown does, and checks
+# that the disk still reads.
+export PATH=/bin
+
+/bin/busybox mkdir -p /dev /proc /sys /run /newroot
+/bin/busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
+# The cpio has no /dev/console node: (re)attach stdio to the console now.
+[ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run
+
+die() {
+    echo "GUEST-ERROR: netboot initramfs: $*"
+    sync
+    poweroff -f
+    # poweroff -f should not return; if it does, exiting PID 1 panics the
+    # kernel, and with panic=-1 + qemu -no-reboot that also ends the VM.
+    exit 1
+}
+
+echo "GUEST-INITRD netboot"
+
+# Modules in dependency order (written by build-netboot.sh). A failing insmod
+# is only a warning (e.g. crc32c-intel on a CPU without SSE4.2); the real
+# checks are that the network and the disk come up.
+if [ -f /lib/modules/load-order ]; then
+    while read -r m; do
+        [ -n "$m" ] || continue
+        insmod "/lib/modules/$m" 2>/dev/null || echo "GUEST-WARN: insmod $m failed"
+    done </lib/modules/load-order
+fi
+
+[ -r /scripts/vstream-root.sh ] || die "/scripts/vstream-root.sh is missing"
+. /scripts/vstream-root.sh
+
+vstream_mountroot /newroot || die "vstream: ${VSTREAM_ERROR:-mounting the root file system failed}"
+[ -x /newroot/sbin/init ] || die "/sbin/init missing on $VSTREAM_DEV"
+
+# What the host checks: the agent runs, under the name systemd spares.
+argv0="$(tr '\0' '\n' <"/proc/$VSTREAM_AGENT_PID/cmdline" 2>/dev/null | head -n 1)"
+echo "GUEST-NETBOOT attached $VSTREAM_DEV agent_pid=$VSTREAM_AGENT_PID argv0=$argv0 iface=$VSTREAM_IFACE mac=$VSTREAM_MAC"
+
+# vstest.stopagent: stop and continue the agent, as systemd-shutdown does to
+# every process (kill(-1, SIGSTOP) ... SIGCONT, '@' ones included), then
+# read from the disk: the device must survive it.
+if grep -qw vstest.stopagent /proc/cmdline; then
+    kill -STOP "$VSTREAM_AGENT_PID"
+    usleep 200000
+    kill -CONT "$VSTREAM_AGENT_PID"
+    usleep 200000
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    dd if="$VSTREAM_DEV" of=/dev/null bs=4096 count=16 skip=1000 2>/dev/null ||
+        die "$VSTREAM_DEV unreadable after SIGSTOP/SIGCONT of the agent ($(tail -n 1 /run/vstream/agent.log))"
+    echo "GUEST-NETBOOT agent survived SIGSTOP/SIGCONT"
+fi
+
+for d in dev proc sys run; do
+    mkdir -p "/newroot/$d" 2>/dev/null
+    if [ -d "/newroot/$d" ]; then
+        mount --move "/$d" "/newroot/$d" || die "mount --move /$d failed"
+    elif [ "$d" != run ]; then
+        die "/$d missing on the root file system"
+    fi
+    # A read-only root without /run: /run (the agent's log) stays behind,
+    # still mounted, out of sight.
+done
+
+exec switch_root /newroot /sbin/init
+die "switch_root failed"

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Boot the test guest diskless: its root file system comes from a vDisk
+# through the `vstream target` agent inside OUTDIR/netboot-initrd.img
+# (build-netboot.sh), which reaches the servers over QEMU user networking.
+#
+#   tests/guest/run-netboot-guest.sh OUTDIR BOOTSTRAP MAC VSTEST [TIMEOUT_S]
+#
+#   OUTDIR     output of tests/guest/build-netboot.sh
+#   BOOTSTRAP  vstream.bootstrap for the agent, as the guest sees the servers:
+#              the host's loopback is 10.0.2.2 (e.g. 10.0.2.2:7080); the
+#              servers must advertise 10.0.2.2 addresses too
+#              (vstream server --advertise-api http://10.0.2.2:PORT
+#              --advertise-nbd 10.0.2.2:PORT)
+#   MAC        the guest NIC's MAC, registered with `vstream device add`
+#   VSTEST     write:TOKEN | read   (see rootfs-init.sh)
+#   TIMEOUT_S  kill QEMU after this many seconds (default 180)
+#
+# The serial console is copied to stdout (CR stripped); a summary line
+# "run-netboot-guest: ..." goes to stderr. Exit status, as run-guest.sh:
+#   0  GUEST-OK seen and no GUEST-ERROR
+#   1  guest reported GUEST-ERROR, or QEMU ended without GUEST-OK
+#   2  usage / missing files
+#   3  timeout (QEMU killed)
+#
+# Optional environment (as run-guest.sh):
+#   QEMU, VSTREAM_GUEST_KERNEL, VSTREAM_GUEST_CPU, VSTREAM_GUEST_MACHINE,
+#   VSTREAM_GUEST_MEM, VSTREAM_GUEST_QEMU_ARGS, VSTREAM_GUEST_LOG
+#   VSTREAM_GUEST_APPEND   extra kernel command-line words (e.g.
+#                          vstream.cache=ram:64MiB vstream.timeout=30)
+#   VSTREAM_GUEST_NETDEV   -netdev value (default user,id=n0)
+set -uo pipefail
+
+usage() { echo "usage: $0 OUTDIR BOOTSTRAP MAC VSTEST [TIMEOUT_S]" >&2; exit 2; }
+if [ $# -lt 4 ] || [ $# -gt 5 ]; then usage; fi
+OUT="$1"
+BOOTSTRAP="$2"
+MAC="$3"
+VSTEST="$4"
+TIMEOUT="${5:-180}"
+case "$TIMEOUT" in '' | *[!0-9]*) usage ;; esac
+for v in "$BOOTSTRAP" "$MAC" "$VSTEST"; do
+    case "$v" in '' | *[[:space:]]*) echo "run-netboot-guest: arguments must be non-empty, without spaces" >&2; exit 2 ;; esac
+done
+KERNEL="${VSTREAM_GUEST_KERNEL:-}"
+if [ -z "$KERNEL" ]; then
+    KERNEL="$OUT/vmlinuz"
+    [ -s "$OUT/vmlinux" ] && KERNEL="$OUT/vmlinux"
+fi
+for f in "$KERNEL" "$OUT/netboot-initrd.img"; do
+    [ -s "$f" ] || { echo "run-netboot-guest: $f missing; run tests/guest/build-netboot.sh $OUT VSTREAM_BIN" >&2; exit 2; }
+done
+QEMU="${QEMU:-qemu-system-x86_64}"
+command -v "$QEMU" >/dev/null || { echo "run-netboot-guest: $QEMU not found (apt-get install qemu-system-x86)" >&2; exit 2; }
+
+APPEND="console=ttyS0 rootfstype=ext4 rw panic=-1 quiet loglevel=3"
+APPEND+=" mitigations=off nokaslr no_timer_check tsc=unstable"
+APPEND+=" vstream.bootstrap=$BOOTSTRAP vstream.mac=$MAC vstest=$VSTEST"
+[ -n "${VSTREAM_GUEST_APPEND:-}" ] && APPEND+=" $VSTREAM_GUEST_APPEND"
+
+# shellcheck disable=SC2206
+EXTRA=(${VSTREAM_GUEST_QEMU_ARGS:-})
+CMD=("$QEMU" -machine "${VSTREAM_GUEST_MACHINE:-pc}" -accel tcg -cpu "${VSTREAM_GUEST_CPU:-Nehalem}" -smp 1
+    -m "${VSTREAM_GUEST_MEM:-512}" -nodefaults -no-user-config -display none
+    -no-reboot -serial stdio -monitor none
+    -kernel "$KERNEL" -initrd "$OUT/netboot-initrd.img" -append "$APPEND"
+    -netdev "${VSTREAM_GUEST_NETDEV:-user,id=n0}" -device "virtio-net-pci,netdev=n0,mac=$MAC,romfile="
+    "${EXTRA[@]}")
+
+LOG="${VSTREAM_GUEST_LOG:-/dev/null}"
+: >"$LOG" 2>/dev/null || LOG=/dev/null
+
+t0=$EPOCHREALTIME
+ok=""
+err=""
+shopt -s lastpipe
+timeout --kill-after=5 "$TIMEOUT" "${CMD[@]}" </dev/null 2>&1 |
+    while IFS= read -r line || [ -n "$line" ]; do
+        line="${line//$'\r'/}"
+        printf '%s\n' "$line"
+        printf '%s\n' "$line" >>"$LOG"
+        case "$line" in
+            *GUEST-OK*) [ -n "$ok" ] || ok=$EPOCHREALTIME ;;
+            *GUEST-ERROR*) err=1 ;;
+        esac
+    done
+rc=${PIPESTATUS[0]}
+t1=$EPOCHREALTIME
+secs() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", b-a}'; }
+
+if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    echo "run-netboot-guest: TIMEOUT after ${TIMEOUT}s (qemu killed) vstest=$VSTEST" >&2
+    exit 3
+fi
+if [ -n "$err" ]; then
+    echo "run-netboot-guest: FAIL guest reported GUEST-ERROR (qemu rc=$rc, $(secs "$t0" "$t1")s) vstest=$VSTEST" >&2
+    exit 1
+fi
+if [ -z "$ok" ]; then
+    echo "run-netboot-guest: FAIL no GUEST-OK (qemu rc=$rc, $(secs "$t0" "$t1")s) vstest=$VSTEST" >&2
+    exit 1
+fi
+echo "run-netboot-guest: OK vstest=$VSTEST guest_ok_after=$(secs "$t0" "$ok")s qemu_exit_after=$(secs "$t0" "$t1")s qemu_rc=$rc" >&2
+exit 0
