@@ -29,6 +29,8 @@ log() { echo "build-netboot.sh: $*" >&2; }
 [ $# -eq 2 ] || { echo "usage: $0 OUTDIR VSTREAM_BIN" >&2; exit 2; }
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=tests/guest/lib.sh
+. "$HERE/lib.sh"
 REPO="$(cd "$HERE/../.." && pwd)"
 ROOT_SH="$REPO/dist/vstream-root.sh"
 mkdir -p "$1"
@@ -73,7 +75,7 @@ fi
 LIBS="$(ldd "$VSTREAM" 2>/dev/null || true)"
 KEY="$(
     {
-        cat "$HERE/build-netboot.sh" "$HERE/netboot-init.sh" "$ROOT_SH"
+        cat "$HERE/build-netboot.sh" "$HERE/lib.sh" "$HERE/netboot-init.sh" "$ROOT_SH"
         echo "deb=$(basename "$DEB") size=$(stat -c %s "$DEB")"
         sha256sum <"$BUSYBOX"
         sha256sum <"$VSTREAM"
@@ -101,23 +103,8 @@ mkdir -p "$K"
 dpkg-deb --fsys-tarfile "$DEB" | tar -x -C "$K" --wildcards './*lib/modules/*' ||
     die "cannot extract the modules from $DEB"
 KVER="$(cat "$OUT/kernel-version")"
-if [ ! -d "$K/lib/modules/$KVER" ] && [ -d "$K/usr/lib/modules/$KVER" ]; then
-    mkdir -p "$K/lib/modules"
-    ln -s "../../usr/lib/modules/$KVER" "$K/lib/modules/$KVER"
-fi
-[ -d "$K/lib/modules/$KVER" ] || die "no modules for $KVER in $DEB"
-depmod -b "$K" "$KVER"
-
-MODLIST=()
-for m in $NETBOOT_MODULES; do
-    deps="$(modprobe -d "$K" -S "$KVER" --show-depends "$m")" || die "modprobe cannot resolve $m"
-    while read -r verb path _; do
-        [ "$verb" = insmod ] || continue # "builtin X" needs nothing
-        seen=0
-        for p in "${MODLIST[@]:-}"; do [ "$p" = "$path" ] && seen=1; done
-        [ $seen = 1 ] || MODLIST+=("$path")
-    done <<<"$deps"
-done
+# shellcheck disable=SC2086
+guest_modules "$K" "$KVER" $NETBOOT_MODULES || die "cannot resolve the modules $NETBOOT_MODULES"
 
 # ---- initramfs tree ------------------------------------------------------
 I="$WORK/initramfs"

@@ -28,6 +28,8 @@ log() { echo "build.sh: $*" >&2; }
 [ $# -eq 1 ] || { echo "usage: $0 OUTDIR" >&2; exit 2; }
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=tests/guest/lib.sh
+. "$HERE/lib.sh"
 mkdir -p "$1"
 OUT="$(cd "$1" && pwd)"
 BUSYBOX="${VSTREAM_GUEST_BUSYBOX:-/bin/busybox}"
@@ -83,7 +85,7 @@ fi
 # ---- up-to-date check --------------------------------------------------
 KEY="$(
     {
-        cat "$HERE/build.sh" "$HERE/initramfs-init.sh" "$HERE/rootfs-init.sh"
+        cat "$HERE/build.sh" "$HERE/lib.sh" "$HERE/initramfs-init.sh" "$HERE/rootfs-init.sh"
         echo "deb=$(basename "$DEB") size=$(stat -c %s "$DEB")"
         sha256sum <"$BUSYBOX"
         echo "rootfs_mb=$ROOTFS_MB modules=$GUEST_MODULES"
@@ -109,23 +111,8 @@ dpkg-deb -x "$DEB" "$K"
 VMLINUZ="$(ls -1 "$K"/boot/vmlinuz-* 2>/dev/null | head -n1)"
 [ -n "$VMLINUZ" ] || die "no /boot/vmlinuz-* in $DEB"
 KVER="${VMLINUZ##*/vmlinuz-}"
-if [ ! -d "$K/lib/modules/$KVER" ] && [ -d "$K/usr/lib/modules/$KVER" ]; then
-    mkdir -p "$K/lib/modules"
-    ln -s "../../usr/lib/modules/$KVER" "$K/lib/modules/$KVER"
-fi
-[ -d "$K/lib/modules/$KVER" ] || die "no modules for $KVER in $DEB"
-depmod -b "$K" "$KVER"
-
-MODLIST=()
-for m in $GUEST_MODULES; do
-    deps="$(modprobe -d "$K" -S "$KVER" --show-depends "$m")" || die "modprobe cannot resolve $m"
-    while read -r verb path _; do
-        [ "$verb" = insmod ] || continue # "builtin X" needs nothing
-        seen=0
-        for p in "${MODLIST[@]:-}"; do [ "$p" = "$path" ] && seen=1; done
-        [ $seen = 1 ] || MODLIST+=("$path")
-    done <<<"$deps"
-done
+# shellcheck disable=SC2086
+guest_modules "$K" "$KVER" $GUEST_MODULES || die "cannot resolve the modules $GUEST_MODULES"
 
 # ---- initramfs --------------------------------------------------------
 install_busybox() { # DIR: DIR/bin/busybox + one symlink per applet

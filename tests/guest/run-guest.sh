@@ -63,38 +63,6 @@ CMD=("$QEMU" -machine "${VSTREAM_GUEST_MACHINE:-pc}" -accel tcg -cpu "${VSTREAM_
     -kernel "$KERNEL" -initrd "$OUT/initrd.img" -append "$APPEND"
     -drive "$DRIVE" "${EXTRA[@]}")
 
-LOG="${VSTREAM_GUEST_LOG:-/dev/null}"
-: >"$LOG" 2>/dev/null || LOG=/dev/null
-
-t0=$EPOCHREALTIME
-ok=""
-err=""
-shopt -s lastpipe
-timeout --kill-after=5 "$TIMEOUT" "${CMD[@]}" </dev/null 2>&1 |
-    while IFS= read -r line || [ -n "$line" ]; do
-        line="${line//$'\r'/}"
-        printf '%s\n' "$line"
-        printf '%s\n' "$line" >>"$LOG"
-        case "$line" in
-            *GUEST-OK*) [ -n "$ok" ] || ok=$EPOCHREALTIME ;;
-            *GUEST-ERROR*) err=1 ;;
-        esac
-    done
-rc=${PIPESTATUS[0]}
-t1=$EPOCHREALTIME
-secs() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", b-a}'; }
-
-if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
-    echo "run-guest: TIMEOUT after ${TIMEOUT}s (qemu killed) vstest=$VSTEST" >&2
-    exit 3
-fi
-if [ -n "$err" ]; then
-    echo "run-guest: FAIL guest reported GUEST-ERROR (qemu rc=$rc, $(secs "$t0" "$t1")s) vstest=$VSTEST" >&2
-    exit 1
-fi
-if [ -z "$ok" ]; then
-    echo "run-guest: FAIL no GUEST-OK (qemu rc=$rc, $(secs "$t0" "$t1")s) vstest=$VSTEST" >&2
-    exit 1
-fi
-echo "run-guest: OK vstest=$VSTEST guest_ok_after=$(secs "$t0" "$ok")s qemu_exit_after=$(secs "$t0" "$t1")s qemu_rc=$rc" >&2
-exit 0
+# shellcheck source=tests/guest/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+run_guest_console run-guest "$TIMEOUT" "$VSTEST" "${CMD[@]}"

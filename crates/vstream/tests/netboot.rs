@@ -20,19 +20,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{TestEtcd, TestServer};
+use common::{sh, TestEtcd, TestServer};
 
 const MAC: &str = "52:54:00:77:00:01";
 const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
-
-fn sh(cmd: &str) {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A LAN: a bridge in a namespace of its own, the host joined to it, a
 /// DHCP server on it that gives addresses and nothing else, and namespaces

@@ -664,7 +664,8 @@ pub fn have_netns() -> bool {
     true
 }
 
-fn sh(cmd: &str) {
+/// Runs `cmd` with sh; fails the test with its stderr if it fails.
+pub fn sh(cmd: &str) {
     let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
     assert!(
         out.status.success(),

@@ -1,0 +1,69 @@
+# Shared by the guest kit's scripts (sourced, bash): build.sh and
+# build-netboot.sh resolve kernel modules with it, run-guest.sh and
+# run-netboot-guest.sh run QEMU with it.
+
+# guest_modules KROOT KVER MODULE...: makes KROOT (an extracted kernel
+# package) usable by modprobe, then sets MODLIST to the .ko files MODULE...
+# need, dependencies first, each once ("builtin" ones need none).
+guest_modules() {
+    local k="$1" kver="$2" m deps verb path seen p
+    shift 2
+    if [ ! -d "$k/lib/modules/$kver" ] && [ -d "$k/usr/lib/modules/$kver" ]; then
+        mkdir -p "$k/lib/modules"
+        ln -s "../../usr/lib/modules/$kver" "$k/lib/modules/$kver"
+    fi
+    [ -d "$k/lib/modules/$kver" ] || { echo "no modules for $kver under $k" >&2; return 1; }
+    depmod -b "$k" "$kver"
+    MODLIST=()
+    for m in "$@"; do
+        deps="$(modprobe -d "$k" -S "$kver" --show-depends "$m")" ||
+            { echo "modprobe cannot resolve $m" >&2; return 1; }
+        while read -r verb path _; do
+            [ "$verb" = insmod ] || continue
+            seen=0
+            for p in "${MODLIST[@]:-}"; do [ "$p" = "$path" ] && seen=1; done
+            [ $seen = 1 ] || MODLIST+=("$path")
+        done <<<"$deps"
+    done
+}
+
+# run_guest_console NAME TIMEOUT VSTEST COMMAND...: runs the QEMU COMMAND
+# under a timeout, copies its serial console (stdio) to stdout without CRs,
+# and to $VSTREAM_GUEST_LOG if set; a summary line "NAME: ..." goes to stderr.
+# Exits 0 on GUEST-OK without GUEST-ERROR, 1 on GUEST-ERROR or no GUEST-OK,
+# 3 on a timeout.
+run_guest_console() {
+    local name="$1" timeout="$2" vstest="$3" log t0 t1 ok="" err="" rc line
+    shift 3
+    log="${VSTREAM_GUEST_LOG:-/dev/null}"
+    : >"$log" 2>/dev/null || log=/dev/null
+    t0=$EPOCHREALTIME
+    shopt -s lastpipe
+    timeout --kill-after=5 "$timeout" "$@" </dev/null 2>&1 |
+        while IFS= read -r line || [ -n "$line" ]; do
+            line="${line//$'\r'/}"
+            printf '%s\n' "$line"
+            printf '%s\n' "$line" >>"$log"
+            case "$line" in
+                *GUEST-OK*) [ -n "$ok" ] || ok=$EPOCHREALTIME ;;
+                *GUEST-ERROR*) err=1 ;;
+            esac
+        done
+    rc=${PIPESTATUS[0]}
+    t1=$EPOCHREALTIME
+    secs() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", b-a}'; }
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+        echo "$name: TIMEOUT after ${timeout}s (qemu killed) vstest=$vstest" >&2
+        exit 3
+    fi
+    if [ -n "$err" ]; then
+        echo "$name: FAIL guest reported GUEST-ERROR (qemu rc=$rc, $(secs "$t0" "$t1")s) vstest=$vstest" >&2
+        exit 1
+    fi
+    if [ -z "$ok" ]; then
+        echo "$name: FAIL no GUEST-OK (qemu rc=$rc, $(secs "$t0" "$t1")s) vstest=$vstest" >&2
+        exit 1
+    fi
+    echo "$name: OK vstest=$vstest guest_ok_after=$(secs "$t0" "$ok")s qemu_exit_after=$(secs "$t0" "$t1")s qemu_rc=$rc" >&2
+    exit 0
+}
