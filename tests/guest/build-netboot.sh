@@ -138,19 +138,7 @@ done <<<"$LIBS"
 printf 'hosts: files dns\n' >"$I/etc/nsswitch.conf"
 printf '127.0.0.1 localhost\n' >"$I/etc/hosts"
 
-: >"$I/lib/modules/load-order"
-for path in "${MODLIST[@]:-}"; do
-    [ -n "$path" ] || continue
-    base="$(basename "$path")"
-    case "$base" in
-        *.ko.xz) xz -dc "$path" >"$I/lib/modules/${base%.xz}"; base="${base%.xz}" ;;
-        *.ko.zst) zstd -q -dc "$path" >"$I/lib/modules/${base%.zst}"; base="${base%.zst}" ;;
-        *.ko.gz) gzip -dc "$path" >"$I/lib/modules/${base%.gz}"; base="${base%.gz}" ;;
-        *.ko) cp "$path" "$I/lib/modules/$base" ;;
-        *) die "unexpected module file $path" ;;
-    esac
-    echo "$base" >>"$I/lib/modules/load-order"
-done
+guest_install_modules "$I/lib/modules" || die "cannot install the modules"
 log "modules: $(tr '\n' ' ' <"$I/lib/modules/load-order")"
 log "agent: $(stat -c %s "$I/bin/vstream") bytes + $nlibs libraries"
 

@@ -130,19 +130,7 @@ I="$WORK/initramfs"
 mkdir -p "$I"/{dev,proc,sys,newroot,lib/modules}
 install_busybox "$I"
 install -m 755 "$HERE/initramfs-init.sh" "$I/init"
-: >"$I/lib/modules/load-order"
-for path in "${MODLIST[@]:-}"; do
-    [ -n "$path" ] || continue
-    base="$(basename "$path")"
-    case "$base" in
-        *.ko.xz) xz -dc "$path" >"$I/lib/modules/${base%.xz}"; base="${base%.xz}" ;;
-        *.ko.zst) zstd -q -dc "$path" >"$I/lib/modules/${base%.zst}"; base="${base%.zst}" ;;
-        *.ko.gz) gzip -dc "$path" >"$I/lib/modules/${base%.gz}"; base="${base%.gz}" ;;
-        *.ko) cp "$path" "$I/lib/modules/$base" ;;
-        *) die "unexpected module file $path" ;;
-    esac
-    echo "$base" >>"$I/lib/modules/load-order"
-done
+guest_install_modules "$I/lib/modules" || die "cannot install the modules"
 log "initramfs modules: $(tr '\n' ' ' <"$I/lib/modules/load-order")"
 find "$I" -exec touch -h -d @0 {} + # reproducible archive
 (cd "$I" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |

@@ -27,6 +27,25 @@ guest_modules() {
     done
 }
 
+# guest_install_modules DIR: puts the MODLIST modules, decompressed, in DIR
+# and their names, in load order, in DIR/load-order.
+guest_install_modules() {
+    local dir="$1" path base
+    : >"$dir/load-order"
+    for path in "${MODLIST[@]:-}"; do
+        [ -n "$path" ] || continue
+        base="$(basename "$path")"
+        case "$base" in
+            *.ko.xz) xz -dc "$path" >"$dir/${base%.xz}"; base="${base%.xz}" ;;
+            *.ko.zst) zstd -q -dc "$path" >"$dir/${base%.zst}"; base="${base%.zst}" ;;
+            *.ko.gz) gzip -dc "$path" >"$dir/${base%.gz}"; base="${base%.gz}" ;;
+            *.ko) cp "$path" "$dir/$base" ;;
+            *) echo "unexpected module file $path" >&2; return 1 ;;
+        esac
+        echo "$base" >>"$dir/load-order"
+    done
+}
+
 # run_guest_console NAME TIMEOUT VSTEST COMMAND...: runs the QEMU COMMAND
 # under a timeout, copies its serial console (stdio) to stdout without CRs,
 # and to $VSTREAM_GUEST_LOG if set; a summary line "NAME: ..." goes to stderr.
