@@ -182,6 +182,32 @@ fn netboot_kit() -> PathBuf {
     kit
 }
 
+/// How a VM boots from the network.
+#[derive(Clone, Copy)]
+enum Firmware {
+    /// OVMF with the NIC's option ROM removed: the firmware's own PXE asks
+    /// for a boot file (snponly.efi over TFTP), which then runs iPXE.
+    Uefi,
+    /// SeaBIOS with QEMU's NIC ROM, which is iPXE already: it asks for its
+    /// script straight away (no TFTP).
+    BiosIpxeRom,
+}
+
+impl Firmware {
+    fn qemu_args(self, mac: &str) -> Vec<String> {
+        let nic = format!("virtio-net-pci,netdev=n0,mac={mac}");
+        match self {
+            Firmware::Uefi => vec![
+                "-bios".into(),
+                OVMF.into(),
+                "-device".into(),
+                format!("{nic},romfile="),
+            ],
+            Firmware::BiosIpxeRom => vec!["-device".into(), nic],
+        }
+    }
+}
+
 /// Console lines that mark the stages of a boot, in order: iPXE runs (from
 /// TFTP), the initramfs runs (kernel and initrd fetched over HTTP), the agent
 /// has attached /dev/nbd0, the root filesystem is mounted.
@@ -194,7 +220,13 @@ const MILESTONES: [&str; 4] = [
 
 /// Boots a diskless UEFI guest on `tap` in the LAN; returns its console and
 /// the seconds from QEMU's start to each of [`MILESTONES`] seen.
-fn pxe_boot(lan: &Lan, tap: &str, mac: &str, timeout: Duration) -> (String, [Option<f64>; 4]) {
+fn pxe_boot(
+    lan: &Lan,
+    tap: &str,
+    mac: &str,
+    firmware: Firmware,
+    timeout: Duration,
+) -> (String, [Option<f64>; 4]) {
     let console_file = lan.dir.path().join(format!("{tap}.console"));
     // A console left from an earlier boot on this tap must not count.
     let _ = std::fs::remove_file(&console_file);
@@ -221,15 +253,10 @@ fn pxe_boot(lan: &Lan, tap: &str, mac: &str, timeout: Duration) -> (String, [Opt
             "-monitor",
             "none",
         ])
-        .args(["-bios", OVMF])
+        .args(firmware.qemu_args(mac))
         .args([
             "-netdev",
             &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
-        ])
-        // No NIC option ROM: the firmware's own PXE asks for a boot file.
-        .args([
-            "-device",
-            &format!("virtio-net-pci,netdev=n0,mac={mac},romfile="),
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -351,8 +378,8 @@ fn set_cmdline(server: &TestServer, vstest: &str) {
     ]);
 }
 
-fn boot_and_check(farm: &Farm, tap: &str, token: &str) -> f64 {
-    let (console, seen) = pxe_boot(&farm.lan, tap, MAC, Duration::from_secs(300));
+fn boot_and_check(farm: &Farm, tap: &str, firmware: Firmware, token: &str) -> f64 {
+    let (console, seen) = pxe_boot(&farm.lan, tap, MAC, firmware, Duration::from_secs(300));
     let logs: String = farm
         .servers
         .iter()
@@ -379,7 +406,7 @@ fn a_diskless_guest_pxe_boots_from_the_farm_and_again_with_a_server_stopped() {
     let tap = farm.lan.tap(1);
 
     set_cmdline(&farm.servers[0], "write:both-up");
-    let t = boot_and_check(&farm, &tap, "both-up");
+    let t = boot_and_check(&farm, &tap, Firmware::Uefi, "both-up");
     eprintln!("root mounted {t:.1} s after QEMU started (two servers up)");
     // The chain really went through vstream: firmware TFTP, then iPXE's script.
     let logs: String = farm.servers.iter().map(|s| s.log_text()).collect();
@@ -408,7 +435,7 @@ fn a_diskless_guest_pxe_boots_from_the_farm_and_again_with_a_server_stopped() {
         count(s2, "device streaming its base device=pc1"),
     ];
     set_cmdline(s2, "write:one-down");
-    let t = boot_and_check(&farm, &tap, "one-down");
+    let t = boot_and_check(&farm, &tap, Firmware::Uefi, "one-down");
     eprintln!("root mounted {t:.1} s after QEMU started (one server stopped)");
     let after = [
         count(s2, "TFTP transfer completed"),
@@ -422,6 +449,17 @@ fn a_diskless_guest_pxe_boots_from_the_farm_and_again_with_a_server_stopped() {
             s2.log_text()
         );
     }
+
+    // A BIOS machine whose NIC ROM is iPXE: ProxyDHCP hands it the script URL
+    // at once (its user class says iPXE), whatever its architecture.
+    set_cmdline(s2, "write:bios");
+    let t = boot_and_check(&farm, &tap, Firmware::BiosIpxeRom, "bios");
+    eprintln!("root mounted {t:.1} s after QEMU started (BIOS, iPXE ROM)");
+    assert!(
+        s2.log_text().contains("arch=0 client=iPXE"),
+        "{}",
+        s2.log_text()
+    );
 }
 
 /// The network-boot benchmark (`bash bench/netboot.sh` runs it on a release
@@ -462,7 +500,13 @@ fn bench_network_boot() {
     std::thread::sleep(Duration::from_secs(2)); // the servers' views take the devices in
 
     let boot = |tap: &str, mac: &str| {
-        let (console, seen) = pxe_boot(&farm.lan, tap, mac, Duration::from_secs(900));
+        let (console, seen) = pxe_boot(
+            &farm.lan,
+            tap,
+            mac,
+            Firmware::Uefi,
+            Duration::from_secs(900),
+        );
         assert!(console.contains("GUEST-OK read"), "{tap}:\n{console}");
         seen.map(|t| t.expect("every stage seen"))
     };
