@@ -190,7 +190,7 @@ fn vdisk_fields(i: &VDiskInfo) -> String {
     } else {
         i.connected.join(", ")
     };
-    render_fields(&[
+    let mut fields = vec![
         ("name", v.name.clone()),
         ("size", format!("{} ({} bytes)", human_size(v.size), v.size)),
         ("mode", v.mode.to_string()),
@@ -204,10 +204,16 @@ fn vdisk_fields(i: &VDiskInfo) -> String {
         ("allocated", human_size(i.allocated)),
         ("connected devices", connected),
         ("created", format_unix_time(v.created_unix)),
-        ("boot kernel", boot_file(v.boot.kernel.as_ref())),
-        ("boot initrd", boot_file(v.boot.initrd.as_ref())),
-        ("boot cmdline", v.boot.cmdline.clone()),
-    ])
+    ];
+    // Network boot settings, for the vDisks that have them.
+    if !v.boot.is_empty() {
+        fields.extend([
+            ("boot kernel", boot_file(v.boot.kernel.as_ref())),
+            ("boot initrd", boot_file(v.boot.initrd.as_ref())),
+            ("boot cmdline", v.boot.cmdline.clone()),
+        ]);
+    }
+    render_fields(&fields)
 }
 
 fn boot_file(f: Option<&vstream_api::BootFile>) -> String {
@@ -343,6 +349,23 @@ mod tests {
             "0123456789abcdef".repeat(4)
         );
         assert_eq!(f, expected);
+
+        let mut i = info("root", 64 << 20, None, &[]);
+        i.vdisk.boot.kernel = Some(vstream_api::BootFile {
+            name: "vmlinuz".into(),
+            size: 8 << 20,
+            blake3: "ab".repeat(32),
+        });
+        i.vdisk.boot.cmdline = "boot=vstream".into();
+        let f = vdisk_fields(&i);
+        assert!(
+            f.ends_with(
+                "boot kernel:       vmlinuz (8 MiB, abababababab)\n\
+                 boot initrd:       -\n\
+                 boot cmdline:      boot=vstream\n"
+            ),
+            "{f}"
+        );
     }
 
     #[test]
