@@ -74,6 +74,9 @@ pub struct ServerStatus {
     /// Versions it is copying from its peers, or holds corrupt.
     #[serde(default)]
     pub replication: Vec<crate::ReplicaProgress>,
+    /// Where it keeps each named store, and what is wrong there.
+    #[serde(default)]
+    pub stores: Vec<crate::StoreHere>,
     pub started_unix: u64,
     pub updated_unix: u64,
 }
@@ -94,6 +97,7 @@ impl ServerStatus {
             versions: vec![],
             sessions: vec![],
             replication: vec![],
+            stores: vec![],
             started_unix: 0,
             updated_unix: 0,
         }

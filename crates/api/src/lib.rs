@@ -89,9 +89,56 @@ pub struct VDisk {
     pub cache_limit: Option<u64>,
     /// Seconds since the Unix epoch.
     pub created_unix: u64,
+    /// The named store that holds it on every server (`default`: each
+    /// server's data folder).
+    #[serde(default = "default_store", skip_serializing_if = "is_default_store")]
+    pub store: String,
     /// What a device network-boots before it streams this vDisk.
     #[serde(default, skip_serializing_if = "BootFiles::is_empty")]
     pub boot: BootFiles,
+}
+
+/// The store of a vDisk made without naming one: each server's data folder.
+pub const DEFAULT_STORE: &str = "default";
+
+pub fn default_store() -> String {
+    DEFAULT_STORE.to_owned()
+}
+
+fn is_default_store(s: &str) -> bool {
+    s == DEFAULT_STORE
+}
+
+/// A named store: a folder that every server of the farm holds locally, at
+/// the same path unless a server overrides it (`vstream server --store-path
+/// NAME=PATH`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StoreDef {
+    pub name: String,
+    /// The folder, the same on every server that does not override it.
+    pub path: String,
+}
+
+/// A store as the farm holds it: where each live server keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StoreInfo {
+    #[serde(flatten)]
+    pub store: StoreDef,
+    /// The vDisks in it.
+    pub vdisks: Vec<String>,
+    /// Each live server's folder for it, and what is wrong there, if anything.
+    pub servers: Vec<StoreHere>,
+}
+
+/// One server's copy of a store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StoreHere {
+    pub store: String,
+    pub server: String,
+    pub path: String,
+    /// Why the server cannot use it (the folder cannot be made, say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// The kernel, initrd and kernel command line a device boots by network
@@ -194,6 +241,9 @@ pub struct VDiskInfo {
 pub struct CreateVDisk {
     pub name: String,
     pub size: u64,
+    /// The named store to make it in (default: the data folder's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]

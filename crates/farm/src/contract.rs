@@ -31,7 +31,7 @@ use crate::{
 };
 
 /// How many cases [`contract_suite`] runs (how often it calls `fresh`).
-pub const CASES: usize = 13;
+pub const CASES: usize = 14;
 
 /// Calls macro `$m` with the name of every case, once: the suite below and
 /// each adapter's per-case tests take the list from here.
@@ -52,6 +52,7 @@ macro_rules! contract_case_names {
             ephemeral_keys,
             servers_publish_and_list,
             catalogs_and_replication,
+            named_stores,
         );
     };
 }
@@ -105,6 +106,7 @@ fn vdisk(name: &str) -> VDisk {
         cache_type: CacheType::Server,
         cache_limit: None,
         created_unix: 1_700_000_000,
+        store: vstream_api::default_store(),
         boot: Default::default(),
     }
 }
@@ -1139,4 +1141,84 @@ pub async fn catalogs_and_replication(b: Arc<dyn Backend>) {
     assert_eq!(first, "s3cret");
     let again = farm.peer_secret("other").await.expect("read");
     assert_eq!(again, "s3cret", "the first secret stays");
+}
+
+/// Named stores: made once, refused for the default name or a relative
+/// path; a vDisk goes only into a store that exists; a store that holds a
+/// vDisk cannot be deleted, even when the vDisk is made in it between the
+/// delete's check and its write.
+pub async fn named_stores(b: Arc<dyn Backend>) {
+    use vstream_api::StoreDef;
+    let farm = FarmStore::new(b);
+    let def = |name: &str, path: &str| StoreDef {
+        name: name.into(),
+        path: path.into(),
+    };
+    assert_eq!(farm.list_stores().await.expect("list"), vec![]);
+    farm.create_store(def("fast", "/srv/fast"))
+        .await
+        .expect("create");
+    let again = farm.create_store(def("fast", "/other")).await.unwrap_err();
+    assert!(
+        matches!(
+            again,
+            FarmError::AlreadyExists {
+                kind: RecordKind::Store,
+                ..
+            }
+        ),
+        "{again}"
+    );
+    for bad in [def("default", "/srv/x"), def("rel", "srv/x")] {
+        let e = farm.create_store(bad).await.unwrap_err();
+        assert_eq!(e.category(), ErrorCategory::Invalid, "{e}");
+    }
+    assert_eq!(
+        farm.get_store("fast").await.expect("get"),
+        Some(def("fast", "/srv/fast"))
+    );
+
+    let mut v = vdisk("golden");
+    v.store = "nosuch".into();
+    let e = farm.create_vdisk(v.clone()).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            FarmError::NotFound {
+                kind: RecordKind::Store,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    v.store = "fast".into();
+    farm.create_vdisk(v).await.expect("a vDisk in a store");
+    let e = farm.delete_store("fast").await.unwrap_err();
+    assert!(matches!(e, FarmError::InUse(_)), "{e}");
+    assert!(e.to_string().contains("golden"), "{e}");
+    farm.delete_vdisk("golden").await.expect("delete the vDisk");
+
+    // A vDisk made in the store after the delete looked: the delete's
+    // compare fails, and the retry sees the vDisk.
+    let racing = FarmStore::new(Interfere::wrap(farm.backend().clone(), 1, |inner| {
+        async move {
+            let mut v = vdisk("late");
+            v.store = "fast".into();
+            FarmStore::new(inner)
+                .create_vdisk(v)
+                .await
+                .expect("create during the delete");
+        }
+        .boxed()
+    }));
+    let e = racing.delete_store("fast").await.unwrap_err();
+    assert!(matches!(e, FarmError::InUse(_)), "{e}");
+    assert!(e.to_string().contains("late"), "{e}");
+    farm.delete_vdisk("late").await.expect("delete");
+    farm.delete_store("fast")
+        .await
+        .expect("an empty store goes");
+    assert_eq!(farm.get_store("fast").await.expect("get"), None);
+    let e = farm.delete_store("fast").await.unwrap_err();
+    assert!(matches!(e, FarmError::NotFound { .. }), "{e}");
 }

@@ -282,6 +282,7 @@ mod tests {
             cache_type: CacheType::Server,
             cache_limit: Some(1 << 30),
             created_unix: 1_700_000_000,
+            store: vstream_api::default_store(),
             boot: Default::default(),
         };
         let device = Device {

@@ -12,6 +12,7 @@ pub enum RecordKind {
     VDisk,
     Device,
     Server,
+    Store,
 }
 
 impl fmt::Display for RecordKind {
@@ -20,6 +21,7 @@ impl fmt::Display for RecordKind {
             RecordKind::VDisk => "vDisk",
             RecordKind::Device => "device",
             RecordKind::Server => "server",
+            RecordKind::Store => "store",
         })
     }
 }

@@ -30,6 +30,7 @@ pub mod embedded;
 mod error;
 pub mod etcd;
 mod servers;
+mod stores;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -165,15 +166,20 @@ impl FarmStore {
         }
     }
 
-    /// Stores a new vDisk; [`FarmError::AlreadyExists`] if the name is taken.
+    /// Stores a new vDisk; [`FarmError::AlreadyExists`] if the name is taken,
+    /// [`FarmError::NotFound`] if its named store is not.
     pub async fn create_vdisk(&self, vdisk: VDisk) -> Result<VDisk, FarmError> {
         checked_name(RecordKind::VDisk, &vdisk.name)?;
         let key = vdisk_key(&vdisk.name);
         let value = encode(&key, &vdisk)?;
-        let ok = self
-            .backend
-            .txn(vec![Compare::absent(&key)], vec![Op::put(key, value)])
-            .await?;
+        let mut compares = vec![Compare::absent(&key)];
+        let mut ops = vec![Op::put(key, value)];
+        // In the same transaction: the store is still there, and touching it
+        // makes a concurrent `delete_store` (which compares it) fail.
+        let (store_compare, store_touch) = self.store_guard(&vdisk.store).await?;
+        compares.extend(store_compare);
+        ops.extend(store_touch);
+        let ok = self.backend.txn(compares, ops).await?;
         if !ok {
             return Err(FarmError::AlreadyExists {
                 kind: RecordKind::VDisk,

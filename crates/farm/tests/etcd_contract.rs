@@ -128,6 +128,7 @@ fn vdisk(name: &str) -> VDisk {
         cache_type: CacheType::Server,
         cache_limit: None,
         created_unix: 1_700_000_000,
+        store: vstream_api::default_store(),
         boot: Default::default(),
     }
 }

@@ -6,7 +6,14 @@
 //!   DIR/vdisks/NAME/v1-1a2b3c4d.layer one file per layer
 //!   DIR/cache/DEVICE.layer            a Standard-mode device's server-side write cache
 //!   DIR/tmp/                          imports in progress; emptied at start
+//!   DIR/replication/                  layers being received from peers
 //! ```
+//!
+//! DIR is the server's data folder for the default store. A named store
+//! (an "area" here) is another such folder, elsewhere (another disk), with
+//! its own `vdisks/`, `tmp/` and `replication/`, so that every rename stays
+//! within one filesystem; each vDisk lives in exactly one of them, and the
+//! store finds it by name.
 //!
 //! The properties file is the one truth about versions. Every operation first
 //! makes its new files durable, then replaces the properties file by rename,
@@ -19,7 +26,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::disk::{ChainIndex, Disk};
 use crate::error::{ImageError, WriteError};
@@ -40,6 +47,52 @@ pub struct Store {
     ops: Arc<Mutex<()>>,
     /// Chain indexes in use, by the sealed layer files they cover.
     indexes: Arc<Mutex<HashMap<Vec<PathBuf>, Weak<ChainIndex>>>>,
+    /// The named stores this server holds, and which vDisk lives in which.
+    areas: Arc<RwLock<Areas>>,
+}
+
+/// The name of the store in the data folder itself.
+pub const DEFAULT_STORE: &str = "default";
+
+#[derive(Debug, Default)]
+struct Areas {
+    /// Named store -> its folder on this server.
+    roots: HashMap<String, PathBuf>,
+    /// vDisk -> the named store it lives in (absent: the default store).
+    placement: HashMap<String, String>,
+}
+
+/// Creates the folders of a store root and empties its `tmp/`.
+fn prepare_root(root: &Path) -> Result<(), ImageError> {
+    for sub in ["vdisks", "cache", "tmp", "replication"] {
+        let p = root.join(sub);
+        fs::create_dir_all(&p).map_err(|source| ImageError::Write {
+            path: p.clone(),
+            source,
+        })?;
+    }
+    if let Ok(entries) = fs::read_dir(root.join("tmp")) {
+        for e in entries.flatten() {
+            let _ = if e.path().is_dir() {
+                fs::remove_dir_all(e.path())
+            } else {
+                fs::remove_file(e.path())
+            };
+        }
+    }
+    Ok(())
+}
+
+/// The vDisks in `root/vdisks`.
+fn list_root(root: &Path) -> Result<Vec<String>, ImageError> {
+    let mut names = Vec::new();
+    for e in fs::read_dir(root.join("vdisks"))? {
+        let e = e?;
+        if e.path().join(PROPERTIES).is_file() {
+            names.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    Ok(names)
 }
 
 /// A version opened for reading (and writing, if its top layer is unsealed).
@@ -121,28 +174,13 @@ pub fn crash_point(step: &str) {
 impl Store {
     /// Opens (creating if needed) the store under `root`, and clears `tmp/`.
     pub fn open(root: &Path) -> Result<Store, ImageError> {
-        for sub in ["vdisks", "cache", "tmp", "replication"] {
-            let p = root.join(sub);
-            fs::create_dir_all(&p).map_err(|source| ImageError::Write {
-                path: p.clone(),
-                source,
-            })?;
-        }
-        let tmp = root.join("tmp");
-        if let Ok(entries) = fs::read_dir(&tmp) {
-            for e in entries.flatten() {
-                let _ = if e.path().is_dir() {
-                    fs::remove_dir_all(e.path())
-                } else {
-                    fs::remove_file(e.path())
-                };
-            }
-        }
+        prepare_root(root)?;
         let store = Store {
             root: root.to_owned(),
             open: Arc::default(),
             ops: Arc::default(),
             indexes: Arc::default(),
+            areas: Arc::default(),
         };
         for name in store.list()? {
             if let Err(e) = store.collect_garbage(&name) {
@@ -152,28 +190,127 @@ impl Store {
         Ok(store)
     }
 
+    /// The data folder: the default store's root.
     pub fn root(&self) -> &Path {
         &self.root
     }
 
-    fn vdisk_dir(&self, name: &str) -> Result<PathBuf, ImageError> {
-        check_name(name)?;
-        Ok(self.root.join("vdisks").join(name))
-    }
-
-    /// Names of the vDisks in the store.
-    pub fn list(&self) -> Result<Vec<String>, ImageError> {
-        let mut names = Vec::new();
-        for e in fs::read_dir(self.root.join("vdisks"))? {
-            let e = e?;
-            if e.path().join(PROPERTIES).is_file() {
-                names.push(e.file_name().to_string_lossy().into_owned());
+    /// Holds the named store `store` at `root` from now on (creating its
+    /// folders, emptying its `tmp/`); the vDisks already there are found.
+    /// A store already held at another folder is an error: vDisks do not move.
+    pub fn add_area(&self, store: &str, root: &Path) -> Result<(), ImageError> {
+        check_name(store)?;
+        if store == DEFAULT_STORE {
+            return Err(ImageError::Invalid(format!(
+                "{DEFAULT_STORE:?} is the data folder's own store"
+            )));
+        }
+        if let Some(at) = self.areas.read().roots.get(store) {
+            if at == root {
+                return Ok(());
+            }
+            return Err(ImageError::Invalid(format!(
+                "store {store} is at {} on this server already, not {}",
+                at.display(),
+                root.display()
+            )));
+        }
+        prepare_root(root)?;
+        let found = list_root(root)?;
+        {
+            let mut areas = self.areas.write();
+            areas.roots.insert(store.to_owned(), root.to_owned());
+            for name in &found {
+                areas.placement.insert(name.clone(), store.to_owned());
             }
         }
+        for name in found {
+            if let Err(e) = self.collect_garbage(&name) {
+                tracing::warn!(vdisk = %name, error = %e, "could not tidy the vDisk folder");
+            }
+        }
+        Ok(())
+    }
+
+    /// The named stores held here, with their folders.
+    pub fn areas(&self) -> Vec<(String, PathBuf)> {
+        let mut v: Vec<_> = self
+            .areas
+            .read()
+            .roots
+            .iter()
+            .map(|(k, p)| (k.clone(), p.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Says vDisk `name` lives in `store`, before it is made (imported,
+    /// created, replicated here). A vDisk already in another store stays
+    /// there (an error); a store not held here is an error too.
+    pub fn place(&self, name: &str, store: &str) -> Result<(), ImageError> {
+        check_name(name)?;
+        let now = self.store_of(name);
+        if now == store {
+            return Ok(());
+        }
+        if self.exists(name) {
+            return Err(ImageError::Invalid(format!(
+                "vDisk {name} is in store {now} on this server, not {store}"
+            )));
+        }
+        let mut areas = self.areas.write();
+        if store == DEFAULT_STORE {
+            areas.placement.remove(name);
+        } else if areas.roots.contains_key(store) {
+            areas.placement.insert(name.to_owned(), store.to_owned());
+        } else {
+            return Err(ImageError::Invalid(format!(
+                "store {store} is not available on this server"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The store vDisk `name` lives in.
+    pub fn store_of(&self, name: &str) -> String {
+        self.areas
+            .read()
+            .placement
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| DEFAULT_STORE.to_owned())
+    }
+
+    /// The root of the store vDisk `name` lives in.
+    pub fn root_of(&self, name: &str) -> PathBuf {
+        let areas = self.areas.read();
+        areas
+            .placement
+            .get(name)
+            .and_then(|s| areas.roots.get(s))
+            .cloned()
+            .unwrap_or_else(|| self.root.clone())
+    }
+
+    fn vdisk_dir(&self, name: &str) -> Result<PathBuf, ImageError> {
+        check_name(name)?;
+        Ok(self.root_of(name).join("vdisks").join(name))
+    }
+
+    /// Names of the vDisks in every store held here.
+    pub fn list(&self) -> Result<Vec<String>, ImageError> {
+        let mut names = list_root(&self.root)?;
+        let roots: Vec<PathBuf> = self.areas.read().roots.values().cloned().collect();
+        for r in roots {
+            names.extend(list_root(&r)?);
+        }
         names.sort();
+        names.dedup();
         Ok(names)
     }
 
+    /// True if vDisk `name` is here, in its store.
     pub fn exists(&self, name: &str) -> bool {
         self.vdisk_dir(name)
             .map(|d| d.join(PROPERTIES).is_file())
@@ -238,7 +375,7 @@ impl Store {
             return Err(ImageError::VDiskExists(name.into()));
         }
         let path = self
-            .root
+            .root_of(name)
             .join("tmp")
             .join(format!("import-{name}-{:08x}.layer", rand_u32()));
         let layer = Arc::new(Layer::create(&path, size)?);
@@ -258,7 +395,8 @@ impl Store {
         let hashes = hash::hash_disk(&staging.disk)?;
         staging.disk.layers()[0].store_hashes(&hashes, false)?;
         let dir = self.vdisk_dir(&staging.name)?;
-        let tmp_dir = self.root.join("tmp").join(format!("dir-{}", staging.name));
+        let root = self.root_of(&staging.name);
+        let tmp_dir = root.join("tmp").join(format!("dir-{}", staging.name));
         let werr = |path: &Path| {
             let path = path.to_owned();
             move |source| ImageError::Write { path, source }
@@ -287,7 +425,7 @@ impl Store {
             return Err(ImageError::VDiskExists(staging.name.clone()));
         }
         fs::rename(&tmp_dir, &dir).map_err(werr(&dir))?;
-        sync_dir(&self.root.join("vdisks")).map_err(werr(&dir))?;
+        sync_dir(&root.join("vdisks")).map_err(werr(&dir))?;
         Ok(hashes.content)
     }
 
@@ -335,9 +473,23 @@ impl Store {
         self.vdisk_dir(name)
     }
 
-    /// Where replication keeps layers being received: kept across restarts.
-    pub fn replication_dir(&self) -> PathBuf {
-        self.root.join("replication")
+    /// Where replication keeps the layers of vDisk `name` being received
+    /// (in its store, kept across restarts).
+    pub fn replication_dir(&self, name: &str) -> PathBuf {
+        self.root_of(name).join("replication").join(name)
+    }
+
+    /// The replication folders of every store held here.
+    pub fn replication_dirs(&self) -> Vec<PathBuf> {
+        let mut v = vec![self.root.join("replication")];
+        v.extend(
+            self.areas
+                .read()
+                .roots
+                .values()
+                .map(|r| r.join("replication")),
+        );
+        v
     }
 
     /// The path of layer `file` of vDisk `name` in the store.
@@ -395,7 +547,7 @@ impl Store {
             Ok(p) => (p.created_unix, p.last_number.max(last_number)),
             Err(ImageError::NoSuchVDisk(_)) => {
                 fs::create_dir_all(&dir).map_err(werr(&dir))?;
-                sync_dir(&self.root.join("vdisks")).map_err(werr(&dir))?;
+                sync_dir(&self.root_of(name).join("vdisks")).map_err(werr(&dir))?;
                 (created_unix, last_number)
             }
             Err(e) => return Err(e),
@@ -515,15 +667,15 @@ impl Store {
             return Err(ImageError::NoSuchVDisk(name.into()));
         }
         // Rename first so that a crash never leaves a half-deleted vDisk in place.
-        let trash = self
-            .root
+        let root = self.root_of(name);
+        let trash = root
             .join("tmp")
             .join(format!("deleted-{name}-{}", rand_u32()));
         fs::rename(&dir, &trash).map_err(|source| ImageError::Write {
             path: dir.clone(),
             source,
         })?;
-        sync_dir(&self.root.join("vdisks"))?;
+        sync_dir(&root.join("vdisks"))?;
         fs::remove_dir_all(&trash)?;
         self.open.lock().retain(|p, _| !p.starts_with(&dir));
         Ok(())

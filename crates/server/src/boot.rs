@@ -138,7 +138,12 @@ pub fn routes() -> Router<Arc<Server>> {
 
 /// Where this server keeps boot file `hash` of `vdisk`.
 pub fn file_path(server: &Server, vdisk: &str, hash: &str) -> PathBuf {
-    server.store.root().join("boot").join(vdisk).join(hash)
+    server
+        .store
+        .root_of(vdisk)
+        .join("boot")
+        .join(vdisk)
+        .join(hash)
 }
 
 fn valid_hash(hash: &str) -> bool {
@@ -382,7 +387,7 @@ pub fn store_file(
     read: &mut dyn Read,
     expected: Option<&BootFile>,
 ) -> std::io::Result<BootFile> {
-    let dir = server.store.root().join("boot").join(vdisk);
+    let dir = server.store.root_of(vdisk).join("boot").join(vdisk);
     std::fs::create_dir_all(&dir)?;
     let mut tmp = tempfile_in(&dir)?;
     let mut hasher = blake3::Hasher::new();

@@ -76,6 +76,8 @@ pub struct Config {
     pub subnets: Vec<String>,
     pub replication: ReplicationConfig,
     pub netboot: NetbootConfig,
+    /// Named stores kept here at another folder than the farm's path.
+    pub store_paths: std::collections::HashMap<String, PathBuf>,
 }
 
 /// The network boot services: all off unless asked for.
@@ -196,6 +198,7 @@ pub struct FileConfig {
     pub tftp_root: Option<PathBuf>,
     pub proxy_dhcp: Option<String>,
     pub auto_add: Option<String>,
+    pub store_paths: Option<std::collections::HashMap<String, PathBuf>>,
 }
 
 impl FileConfig {
@@ -231,6 +234,7 @@ pub struct FlagConfig {
     pub tftp_root: Option<PathBuf>,
     pub proxy_dhcp: Option<String>,
     pub auto_add: Option<String>,
+    pub store_paths: Vec<String>,
 }
 
 /// A rate: bytes per second with an optional K/M/G suffix (`50M`), or `0`/`off` for none.
@@ -374,7 +378,25 @@ impl Config {
             proxy_dhcp: flags.proxy_dhcp.or(file.proxy_dhcp),
             auto_add,
         };
+        let mut store_paths = file.store_paths.unwrap_or_default();
+        for entry in &flags.store_paths {
+            let (name, path) = entry
+                .split_once('=')
+                .ok_or_else(|| format!("--store-path {entry:?} is not NAME=PATH"))?;
+            store_paths.insert(name.to_owned(), PathBuf::from(path));
+        }
+        for (name, path) in &store_paths {
+            vstream_farm::validate_name(name).map_err(|e| format!("store path {name:?}: {e}"))?;
+            if name == vstream_api::DEFAULT_STORE || !path.is_absolute() {
+                return Err(format!(
+                    "store path {name}={}: name a store other than {:?}, at an absolute path",
+                    path.display(),
+                    vstream_api::DEFAULT_STORE
+                ));
+            }
+        }
         Ok(Config {
+            store_paths,
             netboot,
             replication,
             subnets,

@@ -34,6 +34,8 @@ pub const BOOT_WINDOW_SECS: u64 = 60;
 pub struct View {
     pub devices: Vec<Device>,
     pub vdisks: Vec<VDisk>,
+    /// The farm's named stores.
+    pub stores: Vec<vstream_api::StoreDef>,
     /// Live servers, this one included once it has published.
     pub servers: Vec<ServerStatus>,
     /// The newest rebalance request.
@@ -201,6 +203,7 @@ pub fn status(server: &Server, versions: Vec<HeldVersion>) -> ServerStatus {
         versions,
         sessions: server.sessions(),
         replication: server.replication.published(server),
+        stores: crate::stores::status(server, &server.membership.view()),
         started_unix: m.started_unix.load(Ordering::Relaxed),
         updated_unix: now_unix(),
     }
@@ -240,7 +243,10 @@ pub async fn run(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver
                 }
                 view.index();
                 rebalance_if_asked(&server, &view);
-                *server.membership.view.write() = Arc::new(view);
+                let view = Arc::new(view);
+                let (s, v) = (server.clone(), view.clone());
+                let _ = tokio::task::spawn_blocking(move || crate::stores::follow(&s, &v)).await;
+                *server.membership.view.write() = view;
                 if !was {
                     tracing::info!(server = %server.config.name, "farm state reachable");
                 }
@@ -281,6 +287,7 @@ async fn publish_and_read(
     Ok(View {
         devices: server.farm.list_devices().await?,
         vdisks: server.farm.list_vdisks().await?,
+        stores: server.farm.list_stores().await?,
         servers,
         rebalance: server.farm.rebalance_request().await?,
         ..View::default()

@@ -11,6 +11,7 @@ pub mod nbd;
 pub mod rebalance;
 pub mod replication;
 pub mod state;
+pub mod stores;
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;

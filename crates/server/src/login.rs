@@ -265,6 +265,7 @@ mod tests {
                 cache_type: CacheType::Device,
                 cache_limit: None,
                 created_unix: 0,
+                store: vstream_api::default_store(),
                 boot: Default::default(),
             }],
             servers,

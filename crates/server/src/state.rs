@@ -31,6 +31,7 @@ pub struct Server {
     pub membership: Membership,
     pub replication: crate::replication::Replication,
     pub boot: crate::boot::Stats,
+    pub store_problems: crate::stores::Problems,
     sessions: Mutex<HashMap<String, Session>>,
     /// Per-vDisk lock: a version operation and a device session starting on
     /// the same vDisk never overlap, so "is it in use?" stays true while acted on.
@@ -143,6 +144,7 @@ impl Server {
             membership: Membership::default(),
             replication,
             boot: Default::default(),
+            store_problems: Default::default(),
             sessions: Mutex::new(HashMap::new()),
             vdisk_locks: Mutex::new(HashMap::new()),
         }

@@ -7,6 +7,7 @@
 //!   vstream version ...  manage vDisk versions through the API (version.rs)
 //!   vstream farm ...     farm-wide actions (rebalance)         (farm_cmd.rs)
 //!   vstream replication  copying versions between servers      (replication_cmd.rs)
+//!   vstream store ...    named stores, held on every server    (store_cmd.rs)
 //!   vstream target ...   run a device's agent                  (target_cmd.rs)
 //! ```
 //!
@@ -26,6 +27,7 @@ mod farm_cmd;
 mod output;
 mod replication_cmd;
 mod server_cmd;
+mod store_cmd;
 mod target_cmd;
 mod vdisk;
 mod version;
@@ -57,6 +59,8 @@ enum Command {
     Farm(farm_cmd::FarmArgs),
     /// Replication of versions between the servers' stores: status, start now.
     Replication(replication_cmd::ReplicationArgs),
+    /// Named stores: folders every server holds locally (add, list, remove).
+    Store(store_cmd::StoreArgs),
     /// Run a device's agent: log in, stream, keep the write cache, fail over.
     Target(target_cmd::TargetArgs),
 }
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
         Command::Target(args) => target_cmd::run(args),
         Command::Farm(args) => farm_cmd::run(args),
         Command::Replication(args) => replication_cmd::run(args),
+        Command::Store(args) => store_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -113,6 +113,10 @@ pub struct ServerArgs {
     /// this vDisk (PVS's Auto-Add). Off unless given.
     #[arg(long, value_name = "VDISK")]
     pub auto_add: Option<String>,
+    /// Keep the named store NAME in PATH on this server instead of the path
+    /// the farm gives it (`vstream store add`); repeat for several.
+    #[arg(long = "store-path", value_name = "NAME=PATH")]
+    pub store_paths: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -186,6 +190,7 @@ fn resolve(args: ServerArgs) -> Result<Config> {
         tftp_root: args.tftp_root,
         proxy_dhcp: args.proxy_dhcp,
         auto_add: args.auto_add,
+        store_paths: args.store_paths,
     };
     Config::resolve(file, flags).map_err(|e| anyhow!("invalid server configuration: {e}"))
 }

@@ -59,6 +59,10 @@ pub struct CreateArgs {
     /// Virtual size, such as 8GiB, 512M or 1.5T (binary units).
     #[arg(long, value_name = "SIZE", value_parser = vstream_api::parse_size)]
     pub size: u64,
+    /// The named store to keep it in on every server (`vstream store list`;
+    /// default: each server's data folder).
+    #[arg(long, value_name = "STORE")]
+    pub store: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -116,6 +120,7 @@ fn create(client: &Client, a: CreateArgs) -> Result<()> {
     let body = CreateVDisk {
         name: a.name.clone(),
         size: a.size,
+        store: a.store,
     };
     // The answer is a VDisk or a VDiskInfo (which holds one); either parses.
     let created: Option<VDisk> = client.post(&api_path(&["vdisks"]), &body)?;
@@ -193,6 +198,7 @@ fn vdisk_fields(i: &VDiskInfo) -> String {
     let mut fields = vec![
         ("name", v.name.clone()),
         ("size", format!("{} ({} bytes)", human_size(v.size), v.size)),
+        ("store", v.store.clone()),
         ("mode", v.mode.to_string()),
         ("cache type", v.cache_type.to_string()),
         (
@@ -309,6 +315,7 @@ mod tests {
                 cache_type: CacheType::Server,
                 cache_limit: limit,
                 created_unix: 1_700_000_000,
+                store: vstream_api::default_store(),
                 boot: Default::default(),
             },
             content_hash: "0123456789abcdef".repeat(4),
@@ -339,6 +346,7 @@ mod tests {
         let expected = format!(
             "name:              win10\n\
              size:              8 GiB (8589934592 bytes)\n\
+             store:             default\n\
              mode:              standard\n\
              cache type:        server\n\
              cache limit:       the vDisk size\n\

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::Response;
 use axum::Json;
@@ -24,13 +24,20 @@ use crate::state::{now_unix, Server};
 /// Largest frame we send; equal to the framing's limit.
 const FRAME: u64 = extents::MAX_FRAME_LEN as u64;
 
-#[utoipa::path(put, path = "/api/v1/vdisks/{name}/content", params(("name" = String, Path)),
+/// Which store a new vDisk goes in (`?store=NAME`; default: the data folder's).
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+pub(super) struct InStore {
+    store: Option<String>,
+}
+
+#[utoipa::path(put, path = "/api/v1/vdisks/{name}/content", params(("name" = String, Path), InStore),
     request_body(content = Vec<u8>, content_type = "application/vnd.vstream.extents",
         description = "header, then (offset, length, data) frames, then the terminator"),
     responses((status = 201, body = VDiskInfo), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub(super) async fn import_vdisk(
     State(server): State<Arc<Server>>,
     Path(name): Path<String>,
+    Query(q): Query<InStore>,
     body: Body,
 ) -> Result<(StatusCode, Json<VDiskInfo>), ApiError> {
     vstream_farm::validate_name(&name)?;
@@ -41,6 +48,11 @@ pub(super) async fn import_vdisk(
     if existing.is_some() && server.store.exists(&name) {
         return Err(ApiError::conflict(format!("vDisk {name} already exists")));
     }
+    let store = match &existing {
+        Some(v) => v.store.clone(),
+        None => q.store.unwrap_or_else(vstream_api::default_store),
+    };
+    super::stores::prepare(&server, &name, &store).await?;
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     let (srv, n) = (server.clone(), name.clone());
     let worker = tokio::task::spawn_blocking(move || import_blocking(&srv, &n, rx));
@@ -61,7 +73,7 @@ pub(super) async fn import_vdisk(
             )));
         }
         Some(v) => v,
-        None => register_vdisk(&server, &name, size, created).await?,
+        None => register_vdisk(&server, &name, size, created, &store).await?,
     };
     tracing::info!(vdisk = %name, size, "vDisk imported");
     server.replication.wake.notify_one();

@@ -5,6 +5,7 @@ mod boot;
 mod content;
 mod error;
 mod farm;
+mod stores;
 mod versions;
 
 use std::sync::Arc;
@@ -36,7 +37,8 @@ type Shared = State<Arc<Server>>;
         list_devices, add_device, show_device, set_device, remove_device, reset_device,
         versions::list_versions, versions::new_version, versions::promote, versions::rollback,
         versions::merge, versions::delete_version, farm::login, farm::list_servers, farm::rebalance, farm::cache_report,
-        farm::replication_status, farm::replication_start, boot::upload, boot::set_cmdline
+        farm::replication_status, farm::replication_start, boot::upload, boot::set_cmdline,
+        stores::list_stores, stores::add_store, stores::remove_store
     ),
     components(schemas(VDisk, VDiskInfo, CreateVDisk, SetVDisk, Device, DeviceInfo, CreateDevice, ErrorBody,
         vstream_api::Mode, vstream_api::CacheType, vstream_api::DeviceType, vstream_api::SetDevice,
@@ -47,7 +49,8 @@ type Shared = State<Arc<Server>>;
         vstream_api::SessionInfo, vstream_api::ReplicaRow, vstream_api::ReplicaProgress,
         vstream_api::ReplicaState, vstream_api::ReplicationStart, vstream_api::ReplicationOverride,
         vstream_api::Catalog, vstream_api::CatalogVersion, vstream_api::BootFiles,
-        vstream_api::BootFile, vstream_api::BootFileKind, vstream_api::SetBootCmdline)),
+        vstream_api::BootFile, vstream_api::BootFileKind, vstream_api::SetBootCmdline,
+        vstream_api::StoreDef, vstream_api::StoreInfo, vstream_api::StoreHere)),
     modifiers(&BearerAuth),
     security(("token" = []))
 )]
@@ -112,6 +115,14 @@ pub fn router(server: Arc<Server>, token: String) -> Router {
         )
         .route("/api/v1/devices/:name/reset", post(reset_device))
         .route("/api/v1/servers", get(farm::list_servers))
+        .route(
+            "/api/v1/stores",
+            get(stores::list_stores).post(stores::add_store),
+        )
+        .route(
+            "/api/v1/stores/:name",
+            axum::routing::delete(stores::remove_store),
+        )
         .route("/api/v1/farm/rebalance", post(farm::rebalance))
         .route("/api/v1/replication", get(farm::replication_status))
         .route("/api/v1/replication/start", post(farm::replication_start))
@@ -273,9 +284,11 @@ async fn create_vdisk(
         )));
     }
     let created = now_unix();
+    let store = req.store.unwrap_or_else(vstream_api::default_store);
+    stores::prepare(&server, &req.name, &store).await?;
     let (srv, name, size) = (server.clone(), req.name.clone(), req.size);
     tokio::task::spawn_blocking(move || srv.store.create(&name, size, created)).await??;
-    let vdisk = register_vdisk(&server, &req.name, req.size, created).await?;
+    let vdisk = register_vdisk(&server, &req.name, req.size, created, &store).await?;
     Ok((StatusCode::CREATED, Json(vdisk_info(&server, vdisk).await?)))
 }
 
@@ -285,6 +298,7 @@ pub(crate) async fn register_vdisk(
     name: &str,
     size: u64,
     created: u64,
+    store: &str,
 ) -> Result<VDisk, ApiError> {
     let vdisk = VDisk {
         name: name.to_owned(),
@@ -293,6 +307,7 @@ pub(crate) async fn register_vdisk(
         cache_type: Default::default(),
         cache_limit: None,
         created_unix: created,
+        store: store.to_owned(),
         boot: Default::default(),
     };
     match server.farm.create_vdisk(vdisk).await {

@@ -432,7 +432,7 @@ fn follow_blocking(
         return Ok((local, plan));
     };
     if local.as_ref().map(|l| &l.versions) != Some(&props.versions) {
-        let dir = store.replication_dir().join(name);
+        let dir = store.replication_dir(name);
         store.follow(
             name,
             props.size,
@@ -487,6 +487,15 @@ async fn reconcile(server: &Arc<Server>) -> Result<(), FarmError> {
         let Some(_lock) = server.try_lock_vdisk(&cat.vdisk) else {
             continue;
         };
+        // A vDisk lands in its named store: not before that store is here.
+        if let Err(why) = crate::stores::ready_for(server, &view, &cat.vdisk) {
+            for v in cat.versions.iter().filter(|v| v.is_replicated()) {
+                let key = (cat.vdisk.clone(), v.number);
+                r.set_progress(&key, ReplicaState::Missing, Some(why.clone()));
+                wanted.insert(key);
+            }
+            continue;
+        }
         let s = server.clone();
         let c = cat.clone();
         let outcome = tokio::task::spawn_blocking(move || follow_blocking(&s, &c, &[])).await;
@@ -543,11 +552,13 @@ async fn reconcile(server: &Arc<Server>) -> Result<(), FarmError> {
 /// Removes received and partial files no planned copy needs any more (a
 /// version deleted or merged away before it arrived).
 fn tidy(server: &Server, needed: &HashSet<(String, String)>) {
-    let root = server.store.replication_dir();
-    let Ok(dirs) = std::fs::read_dir(&root) else {
-        return;
-    };
-    for dir in dirs.flatten() {
+    let dirs = server
+        .store
+        .replication_dirs()
+        .into_iter()
+        .filter_map(|root| std::fs::read_dir(root).ok())
+        .flat_map(|d| d.flatten());
+    for dir in dirs {
         let vdisk = dir.file_name().to_string_lossy().into_owned();
         let Ok(files) = std::fs::read_dir(dir.path()) else {
             continue;

@@ -144,7 +144,7 @@ fn copy_version(
     let version = cat
         .version(number)
         .ok_or_else(|| format!("version {number} left the catalog"))?;
-    let dir = server.store.replication_dir().join(name);
+    let dir = server.store.replication_dir(name);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let key: Key = (name.clone(), number);
     let started = Instant::now();

@@ -32,6 +32,10 @@ pub struct ImportArgs {
     pub name: String,
     /// The disk image to upload; its format is detected.
     pub file: PathBuf,
+    /// The named store to keep it in (`vstream store list`; default: each
+    /// server's data folder).
+    #[arg(long, value_name = "STORE")]
+    pub store: Option<String>,
 }
 
 pub fn run(client: &Client, a: ImportArgs) -> Result<()> {
@@ -45,11 +49,11 @@ pub fn run(client: &Client, a: ImportArgs) -> Result<()> {
 
     let bar = progress_bar(size);
     let (body, failure) = import_body(size, move |buf| source.next_extent(buf), bar.clone());
-    let result: Result<VDiskInfo> = client.put_stream(
-        &api_path(&["vdisks", &a.name, "content"]),
-        CONTENT_TYPE,
-        body,
-    );
+    let mut path = api_path(&["vdisks", &a.name, "content"]);
+    if let Some(store) = &a.store {
+        path += &format!("?store={}", crate::client::encode_segment(store));
+    }
+    let result: Result<VDiskInfo> = client.put_stream(&path, CONTENT_TYPE, body);
     bar.finish_and_clear();
 
     let info = match result {

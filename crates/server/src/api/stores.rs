@@ -1,0 +1,88 @@
+//! Named stores: `vstream store add|list|remove`, and placing a new vDisk
+//! in one.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use vstream_api::{ErrorBody, StoreDef, StoreHere, StoreInfo, DEFAULT_STORE};
+
+use super::ApiError;
+use crate::state::Server;
+
+/// Makes ready for vDisk `name` to be made here in `store`: the store is
+/// the farm's and held here, and the vDisk will land in it.
+pub(super) async fn prepare(server: &Arc<Server>, name: &str, store: &str) -> Result<(), ApiError> {
+    if store != DEFAULT_STORE {
+        let def = server
+            .farm
+            .get_store(store)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("store {store} does not exist")))?;
+        let s = server.clone();
+        tokio::task::spawn_blocking(move || crate::stores::hold(&s, &def))
+            .await?
+            .map_err(|why| ApiError::new(StatusCode::INSUFFICIENT_STORAGE, why))?;
+    }
+    server
+        .store
+        .place(name, store)
+        .map_err(|e| ApiError::conflict(e.to_string()))
+}
+
+#[utoipa::path(get, path = "/api/v1/stores", responses((status = 200, body = [StoreInfo])))]
+pub(super) async fn list_stores(
+    State(server): State<Arc<Server>>,
+) -> Result<Json<Vec<StoreInfo>>, ApiError> {
+    let vdisks = server.farm.list_vdisks().await?;
+    let view = server.membership.view();
+    let out = server
+        .farm
+        .list_stores()
+        .await?
+        .into_iter()
+        .map(|store| {
+            let servers: Vec<StoreHere> = view
+                .servers
+                .iter()
+                .flat_map(|s| s.stores.iter())
+                .filter(|h| h.store == store.name)
+                .cloned()
+                .collect();
+            StoreInfo {
+                vdisks: vdisks
+                    .iter()
+                    .filter(|v| v.store == store.name)
+                    .map(|v| v.name.clone())
+                    .collect(),
+                servers,
+                store,
+            }
+        })
+        .collect();
+    Ok(Json(out))
+}
+
+#[utoipa::path(post, path = "/api/v1/stores", request_body = StoreDef,
+    responses((status = 201, body = StoreDef), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn add_store(
+    State(server): State<Arc<Server>>,
+    Json(def): Json<StoreDef>,
+) -> Result<(StatusCode, Json<StoreDef>), ApiError> {
+    let def = server.farm.create_store(def).await?;
+    tracing::info!(store = %def.name, path = %def.path, "store added");
+    server.membership.publish_now.notify_one();
+    Ok((StatusCode::CREATED, Json(def)))
+}
+
+#[utoipa::path(delete, path = "/api/v1/stores/{name}", params(("name" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub(super) async fn remove_store(
+    State(server): State<Arc<Server>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    server.farm.delete_store(&name).await?;
+    tracing::info!(store = %name, "store removed (its folders stay on each server)");
+    Ok(StatusCode::NO_CONTENT)
+}

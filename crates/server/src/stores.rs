@@ -1,0 +1,98 @@
+//! Named stores on this server: each farm store is a folder here, at the
+//! farm's path unless `--store-path NAME=PATH` overrides it, and every vDisk
+//! lives in the store its record names. The image store routes each vDisk
+//! to its folder (`Store::add_area`, `Store::place`).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use parking_lot::Mutex;
+use vstream_api::{StoreDef, StoreHere, VDisk};
+
+use crate::farm::View;
+use crate::state::Server;
+
+/// What went wrong with each store on this server.
+#[derive(Default)]
+pub struct Problems(Mutex<HashMap<String, String>>);
+
+/// Where this server keeps store `def`.
+pub fn path_here(server: &Server, def: &StoreDef) -> PathBuf {
+    server
+        .config
+        .store_paths
+        .get(&def.name)
+        .cloned()
+        .unwrap_or_else(|| PathBuf::from(&def.path))
+}
+
+/// Holds store `def` here from now on; an error says why it cannot.
+pub fn hold(server: &Server, def: &StoreDef) -> Result<(), String> {
+    let path = path_here(server, def);
+    let result = server
+        .store
+        .add_area(&def.name, &path)
+        .map_err(|e| format!("store {} at {}: {e}", def.name, path.display()));
+    let mut problems = server.store_problems.0.lock();
+    match &result {
+        Ok(()) => {
+            problems.remove(&def.name);
+        }
+        Err(why) => {
+            if problems.get(&def.name) != Some(why) {
+                tracing::warn!(store = %def.name, reason = %why, "cannot hold the store");
+            }
+            problems.insert(def.name.clone(), why.clone());
+        }
+    }
+    result
+}
+
+/// Follows the farm view: holds every store, and places every vDisk in its
+/// store before anything makes its folder here.
+pub fn follow(server: &Server, view: &View) {
+    for def in &view.stores {
+        let _ = hold(server, def);
+    }
+    for v in &view.vdisks {
+        place(server, v);
+    }
+}
+
+/// Places vDisk `v` in its store here; a vDisk already elsewhere stays.
+fn place(server: &Server, v: &VDisk) {
+    if let Err(e) = server.store.place(&v.name, &v.store) {
+        tracing::debug!(vdisk = %v.name, store = %v.store, error = %e, "vDisk not placed");
+    }
+}
+
+/// Whether vDisk `name` may be made here: it is here already, or its store
+/// is held here and it is placed in it.
+pub fn ready_for(server: &Server, view: &View, name: &str) -> Result<(), String> {
+    if server.store.exists(name) {
+        return Ok(());
+    }
+    let record = view
+        .vdisk(name)
+        .ok_or_else(|| format!("vDisk {name} is not in this server's view of the farm yet"))?;
+    if server.store.store_of(name) == record.store {
+        return Ok(());
+    }
+    let problem = server.store_problems.0.lock().get(&record.store).cloned();
+    Err(problem
+        .unwrap_or_else(|| format!("store {} is not available on this server yet", record.store)))
+}
+
+/// This server's copy of each of the farm's stores, for its status.
+pub fn status(server: &Server, view: &View) -> Vec<StoreHere> {
+    let problems = server.store_problems.0.lock();
+    view.stores
+        .iter()
+        .map(|def| StoreHere {
+            store: def.name.clone(),
+            server: server.config.name.clone(),
+            path: path_here(server, def).display().to_string(),
+            problem: problems.get(&def.name).cloned(),
+        })
+        .collect()
+}
