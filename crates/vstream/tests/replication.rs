@@ -468,3 +468,84 @@ fn a_stranger_can_neither_pull_nor_push() {
         "the refusal is logged"
     );
 }
+
+/// Named stores: a vDisk imported into store `fast` lands in the store's
+/// farm path on s1 and in s2's own path for it (`--store-path`), never in
+/// either data folder; after a restart s2 finds it there again without
+/// copying; a store that holds a vDisk cannot be removed.
+#[test]
+fn a_vdisk_in_a_named_store_replicates_into_each_servers_folder_for_it() {
+    let Some(etcd) = tools() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let farm_path = dir.path().join("fast-farm");
+    let s2_path = dir.path().join("fast-on-s2");
+    let s1 = start(&etcd, dir.path(), "s1", &[]);
+    let override_flag = format!("fast={}", s2_path.display());
+    let mut s2 = start(&etcd, dir.path(), "s2", &["--store-path", &override_flag]);
+
+    let e = s1.cli_err(&["store", "add", "default", "--path", "/srv/x"]);
+    assert!(e.contains("data folder"), "{e}");
+    s1.cli_ok(&[
+        "store",
+        "add",
+        "fast",
+        "--path",
+        farm_path.to_str().unwrap(),
+    ]);
+    let img = dir.path().join("gold.raw");
+    common::random_image(&img, 8 * MIB, 7);
+    let img = img.to_str().unwrap();
+    let e = s1.cli_err(&["vdisk", "import", "gold", img, "--store", "nosuch"]);
+    assert!(e.contains("store nosuch does not exist"), "{e}");
+    s1.cli_ok(&["vdisk", "import", "gold", img, "--store", "fast"]);
+    s1.cli_ok(&[
+        "vdisk",
+        "set",
+        "gold",
+        "--mode",
+        "standard",
+        "--cache-type",
+        "device",
+    ]);
+    wait_state(&s1, "s2", "gold", 1, "verified", 60);
+
+    let holds = |root: &Path| root.join("vdisks/gold/vdisk.toml").is_file();
+    assert!(holds(&farm_path), "s1 keeps it at the farm path");
+    assert!(holds(&s2_path), "s2 keeps it at its own path");
+    assert!(!holds(&s1.data) && !holds(&s2.data), "not in a data folder");
+    let show = s1.cli_ok(&["vdisk", "show", "gold"]);
+    assert!(show.contains("store:             fast"), "{show}");
+
+    let list: serde_json::Value =
+        serde_json::from_str(&s1.cli_ok(&["store", "list", "--json"])).unwrap();
+    let fast = &list[0];
+    assert_eq!(fast["name"], "fast");
+    assert_eq!(fast["vdisks"], serde_json::json!(["gold"]));
+    wait_for(10, "both servers reporting the store", || {
+        let list: serde_json::Value =
+            serde_json::from_str(&s1.cli_ok(&["store", "list", "--json"])).ok()?;
+        let servers = list[0]["servers"].as_array()?.clone();
+        let path_of = |name: &str| {
+            servers
+                .iter()
+                .find(|h| h["server"] == name)
+                .map(|h| h["path"].as_str().unwrap_or_default().to_owned())
+        };
+        (path_of("s1")? == farm_path.to_str()? && path_of("s2")? == s2_path.to_str()?).then_some(())
+    });
+    let e = s1.cli_err(&["store", "remove", "fast"]);
+    assert!(e.contains("gold"), "{e}");
+
+    // s2 finds it in its folder again after a restart: verified, not copied.
+    s2.stop();
+    s2.restart();
+    wait_for(30, "s2 verifying gold again after its restart", || {
+        s2.log_text()
+            .contains("replica verified vdisk=gold")
+            .then_some(())
+    });
+    let log = s2.log_text();
+    assert!(!log.contains("copying a layer vdisk=gold"), "{log}");
+}

@@ -41,6 +41,9 @@ pub struct ImportArgs {
 pub fn run(client: &Client, a: ImportArgs) -> Result<()> {
     let file = a.file.display().to_string();
     check_name_is_free(client, &a.name)?;
+    if let Some(store) = &a.store {
+        check_store_exists(client, store)?;
+    }
     let scratch = std::env::temp_dir();
     // Its errors name the file already.
     let mut source = vstream_image::formats::open_source(&a.file, &scratch)?;
@@ -102,6 +105,19 @@ fn check_name_is_free(client: &Client, name: &str) -> Result<()> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// The server refuses an unknown store before it reads the upload, and the
+/// refusal would reach us only as a broken pipe: ask first.
+fn check_store_exists(client: &Client, store: &str) -> Result<()> {
+    if store == vstream_api::DEFAULT_STORE {
+        return Ok(());
+    }
+    let stores: Vec<vstream_api::StoreInfo> = client.get(&api_path(&["stores"]))?;
+    if !stores.iter().any(|s| s.store.name == store) {
+        bail!("store {store} does not exist (vstream store list; vstream store add {store} --path PATH)");
+    }
+    Ok(())
 }
 
 /// Where [`ImportBody`] leaves the first error it met, for after ureq has
