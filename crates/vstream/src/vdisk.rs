@@ -258,6 +258,11 @@ fn set(client: &Client, a: SetArgs) -> Result<()> {
             None => format!("updated vDisk {}\n", a.name),
         };
     }
+    if a.kernel.is_some() || a.initrd.is_some() {
+        // A refusal before the upload is read would reach us only as a
+        // broken pipe: make sure the vDisk is there first.
+        client.get::<serde_json::Value>(&api_path(&["vdisks", &a.name]))?;
+    }
     for (which, file) in [("kernel", &a.kernel), ("initrd", &a.initrd)] {
         let Some(path) = file else { continue };
         let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
