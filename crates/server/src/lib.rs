@@ -74,6 +74,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     };
     let boot_services = boot::Services::bind(&config).await?;
     let server = Arc::new(Server::new(config.clone(), store, farm));
+    stores::hold_remembered(&server);
 
     let api = tokio::net::TcpListener::bind(config.api)
         .await

@@ -26,13 +26,55 @@ pub fn path_here(server: &Server, def: &StoreDef) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(&def.path))
 }
 
+/// The stores this server held, remembered in its data folder so that a
+/// restart while etcd is away still finds their vDisks.
+fn remembered(server: &Server) -> PathBuf {
+    server.config.data.join("stores.json")
+}
+
+/// Holds again the stores this server held before it stopped.
+pub fn hold_remembered(server: &Server) {
+    let Ok(text) = std::fs::read_to_string(remembered(server)) else {
+        return;
+    };
+    let held: HashMap<String, PathBuf> = match serde_json::from_str(&text) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring an unreadable stores.json");
+            return;
+        }
+    };
+    for (name, path) in held {
+        if let Err(e) = server.store.add_area(&name, &path) {
+            tracing::warn!(store = %name, path = %path.display(), error = %e, "cannot hold the store again");
+        }
+    }
+}
+
+/// Writes the stores held now to `stores.json` (through a temporary file).
+fn remember(server: &Server) -> std::io::Result<()> {
+    let held: HashMap<String, PathBuf> = server.store.areas().into_iter().collect();
+    let path = remembered(server);
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&held)?)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, &path)
+}
+
 /// Holds store `def` here from now on; an error says why it cannot.
 pub fn hold(server: &Server, def: &StoreDef) -> Result<(), String> {
     let path = path_here(server, def);
+    let known = server.store.areas().iter().any(|(n, _)| n == &def.name);
     let result = server
         .store
         .add_area(&def.name, &path)
         .map_err(|e| format!("store {} at {}: {e}", def.name, path.display()));
+    if result.is_ok() && !known {
+        tracing::info!(store = %def.name, path = %path.display(), "holding the store");
+        if let Err(e) = remember(server) {
+            tracing::warn!(error = %e, "could not remember the stores held");
+        }
+    }
     let mut problems = server.store_problems.0.lock();
     match &result {
         Ok(()) => {

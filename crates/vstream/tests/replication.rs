@@ -538,6 +538,10 @@ fn a_vdisk_in_a_named_store_replicates_into_each_servers_folder_for_it() {
     let e = s1.cli_err(&["store", "remove", "fast"]);
     assert!(e.contains("gold"), "{e}");
 
+    // Each server remembers the stores it holds, for a restart while etcd is away.
+    let held = std::fs::read_to_string(s2.data.join("stores.json")).unwrap();
+    assert!(held.contains(s2_path.to_str().unwrap()), "{held}");
+
     // s2 finds it in its folder again after a restart: verified, not copied.
     s2.stop();
     s2.restart();
