@@ -182,7 +182,8 @@ async fn script(State(server): State<Arc<Server>>, Query(q): Query<ScriptQuery>)
         return ipxe_script(ipxe::refusal(
             &format!("{raw:?} is not a MAC address"),
             "chain to /boot/ipxe?mac=${net0/mac}",
-            &raw,
+            // Asked again with the NIC's own MAC, which iPXE fills in.
+            "${net0/mac}",
             &servers,
         ));
     };

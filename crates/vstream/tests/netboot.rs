@@ -754,6 +754,8 @@ fn the_boot_script_and_files_over_http() {
         "{dev}"
     );
     // A MAC that is not one gets a message, not an error page.
-    let s = script("nonsense");
+    let s = script("nonsense%0Ashell");
     assert!(s.contains("is not a MAC address"), "{s}");
+    assert!(!s.lines().any(|l| l == "shell"), "{s}");
+    assert!(s.contains("/boot/ipxe?mac=${net0/mac} ||"), "{s}");
 }
