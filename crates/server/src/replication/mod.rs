@@ -483,12 +483,23 @@ async fn reconcile(server: &Arc<Server>) -> Result<(), FarmError> {
     let mut wanted: HashSet<Key> = HashSet::new();
     let mut needed: HashSet<(String, String)> = HashSet::new();
     for cat in &catalogs {
+        // A vDisk looked at next time keeps its partial copies meanwhile.
+        let keep = |needed: &mut HashSet<(String, String)>| {
+            needed.extend(
+                cat.versions
+                    .iter()
+                    .flat_map(|v| v.layers.iter())
+                    .map(|f| (cat.vdisk.clone(), f.clone())),
+            )
+        };
         // A long operation (an import, a merge) holds the lock: next time.
         let Some(_lock) = server.try_lock_vdisk(&cat.vdisk) else {
+            keep(&mut needed);
             continue;
         };
         // A vDisk lands in its named store: not before that store is here.
         if let Err(why) = crate::stores::ready_for(server, &view, &cat.vdisk) {
+            keep(&mut needed);
             for v in cat.versions.iter().filter(|v| v.is_replicated()) {
                 let key = (cat.vdisk.clone(), v.number);
                 r.set_progress(&key, ReplicaState::Missing, Some(why.clone()));
