@@ -526,10 +526,14 @@ impl Services {
         let net = &config.netboot;
         let mut services = Services::default();
         if let Some(addr) = net.tftp {
-            let t = TftpServer::bind(addr, net.tftp_root.clone())
+            let root = match &net.tftp_root {
+                Some(r) => r.clone(),
+                None => default_tftp_root(&config.data)?,
+            };
+            let t = TftpServer::bind(addr, root.clone())
                 .await
-                .with_context(|| format!("binding TFTP to {addr}"))?;
-            tracing::info!(addr = %t.local_addr(), root = %net.tftp_root.display(), "TFTP listening");
+                .with_context(|| format!("binding TFTP to {addr} (folder {})", root.display()))?;
+            tracing::info!(addr = %t.local_addr(), root = %root.display(), "TFTP listening");
             services.tftp = Some(t);
         }
         if let Some(iface) = &net.proxy_dhcp {
@@ -546,6 +550,39 @@ impl Services {
         }
         Ok(services)
     }
+}
+
+/// `DATA/tftp`, with a copy of each iPXE binary of Debian's `ipxe` package
+/// it lacks. Copies, not links: TFTP serves nothing outside its folder, and
+/// Debian's ipxe.efi is a link to /boot.
+fn default_tftp_root(data: &Path) -> anyhow::Result<PathBuf> {
+    use anyhow::Context;
+    let root = data.join("tftp");
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let mut missing = Vec::new();
+    for name in crate::config::IPXE_FILES {
+        let (from, to) = (
+            Path::new(crate::config::IPXE_DIR).join(name),
+            root.join(name),
+        );
+        if to.exists() {
+            continue;
+        }
+        if !from.exists() {
+            missing.push(name);
+            continue;
+        }
+        let tmp = root.join(format!(".{name}.tmp"));
+        std::fs::copy(&from, &tmp)
+            .and_then(|_| std::fs::rename(&tmp, &to))
+            .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+        tracing::info!(file = name, from = %from.display(), "iPXE binary copied into the TFTP folder");
+    }
+    if !missing.is_empty() {
+        tracing::warn!(files = ?missing, folder = %root.display(),
+            "no iPXE binaries to serve: apt-get install ipxe, or put them in the TFTP folder");
+    }
+    Ok(root)
 }
 
 /// Runs the boot services, and keeps the boot files in step with the farm.

@@ -85,16 +85,20 @@ pub struct Config {
 pub struct NetbootConfig {
     /// Serve TFTP here (port 69 unless given).
     pub tftp: Option<SocketAddr>,
-    /// The folder TFTP serves, and nothing outside it.
-    pub tftp_root: PathBuf,
+    /// The folder TFTP serves, and nothing outside it; `None`: `DATA/tftp`,
+    /// which the server fills with the iPXE binaries of Debian's `ipxe`.
+    pub tftp_root: Option<PathBuf>,
     /// Answer PXE clients on this interface, beside the LAN's DHCP server.
     pub proxy_dhcp: Option<String>,
     /// Register unknown devices that network-boot, assigned this vDisk.
     pub auto_add: Option<String>,
 }
 
-/// Where Debian's `ipxe` package puts undionly.kpxe, ipxe.efi and snponly.efi.
-pub const DEFAULT_TFTP_ROOT: &str = "/usr/lib/ipxe";
+/// Where Debian's `ipxe` package puts undionly.kpxe, ipxe.efi and snponly.efi
+/// (ipxe.efi as a symlink to /boot, outside any folder TFTP may serve).
+pub const IPXE_DIR: &str = "/usr/lib/ipxe";
+/// The iPXE binaries the default TFTP folder gets from [`IPXE_DIR`].
+pub const IPXE_FILES: [&str; 3] = ["undionly.kpxe", "ipxe.efi", "snponly.efi"];
 
 /// How this server copies versions from its peers, and checks what it holds.
 #[derive(Debug, Clone, PartialEq)]
@@ -371,10 +375,7 @@ impl Config {
         }
         let netboot = NetbootConfig {
             tftp,
-            tftp_root: flags
-                .tftp_root
-                .or(file.tftp_root)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_TFTP_ROOT)),
+            tftp_root: flags.tftp_root.or(file.tftp_root),
             proxy_dhcp: flags.proxy_dhcp.or(file.proxy_dhcp),
             auto_add,
         };

@@ -101,8 +101,8 @@ pub struct ServerArgs {
     /// by default). Off unless given.
     #[arg(long, value_name = "HOST[:PORT]")]
     pub tftp: Option<String>,
-    /// The folder TFTP serves, and nothing outside it (default /usr/lib/ipxe,
-    /// from Debian's ipxe package).
+    /// The folder TFTP serves, and nothing outside it (default DATA/tftp,
+    /// which gets copies of the iPXE binaries of Debian's ipxe package).
     #[arg(long, value_name = "DIR")]
     pub tftp_root: Option<PathBuf>,
     /// Answer PXE clients on this network interface, beside the LAN's own

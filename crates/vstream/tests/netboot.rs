@@ -418,6 +418,11 @@ fn a_diskless_guest_pxe_boots_from_the_farm_and_again_with_a_server_stopped() {
         logs.contains("boot script"),
         "no boot script served:\n{logs}"
     );
+    // The default TFTP folder holds copies of Debian's iPXE binaries, not
+    // links out of it (ipxe.efi is one there).
+    let ipxe_efi = farm.servers[0].data.join("tftp/ipxe.efi");
+    let meta = std::fs::symlink_metadata(&ipxe_efi).expect("ipxe.efi in the TFTP folder");
+    assert!(meta.file_type().is_file() && meta.len() > 0, "{meta:?}");
     let total = |name: &str| farm.servers.iter().map(|s| s.metric(name)).sum::<u64>();
     assert!(total("vstream_tftp_transfers_total") >= 1);
     assert!(total("vstream_boot_scripts_total") >= 1);
@@ -555,7 +560,7 @@ fn bench_network_boot() {
         .args([
             "--port=0",
             "--enable-tftp",
-            "--tftp-root=/usr/lib/ipxe",
+            &format!("--tftp-root={}", s1.data.join("tftp").display()),
             "--bind-interfaces",
         ])
         .arg(format!("--listen-address={}.254", farm.lan.net))
@@ -565,8 +570,8 @@ fn bench_network_boot() {
         .map(KillOnDrop)
         .expect("dnsmasq tftp");
     std::thread::sleep(Duration::from_millis(500));
-    for file in ["undionly.kpxe", "snponly.efi", "ipxe.iso"] {
-        let size = std::fs::metadata(Path::new("/usr/lib/ipxe").join(file))
+    for file in ["undionly.kpxe", "snponly.efi", "ipxe.efi"] {
+        let size = std::fs::metadata(s1.data.join("tftp").join(file))
             .expect("file")
             .len();
         for blksize in [512, 1468] {
