@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, RwLock};
+use vstream_api::DEFAULT_STORE;
 
 use crate::disk::{ChainIndex, Disk};
 use crate::error::{ImageError, WriteError};
@@ -50,9 +51,6 @@ pub struct Store {
     /// The named stores this server holds, and which vDisk lives in which.
     areas: Arc<RwLock<Areas>>,
 }
-
-/// The name of the store in the data folder itself.
-pub const DEFAULT_STORE: &str = "default";
 
 #[derive(Debug, Default)]
 struct Areas {
@@ -197,8 +195,9 @@ impl Store {
 
     /// Holds the named store `store` at `root` from now on (creating its
     /// folders, emptying its `tmp/`); the vDisks already there are found.
-    /// A store already held at another folder is an error: vDisks do not move.
-    pub fn add_area(&self, store: &str, root: &Path) -> Result<(), ImageError> {
+    /// True if it was not held before. A store already held at another
+    /// folder is an error: vDisks do not move.
+    pub fn add_area(&self, store: &str, root: &Path) -> Result<bool, ImageError> {
         check_name(store)?;
         if store == DEFAULT_STORE {
             return Err(ImageError::Invalid(format!(
@@ -207,7 +206,7 @@ impl Store {
         }
         if let Some(at) = self.areas.read().roots.get(store) {
             if at == root {
-                return Ok(());
+                return Ok(false);
             }
             return Err(ImageError::Invalid(format!(
                 "store {store} is at {} on this server already, not {}",
@@ -229,7 +228,7 @@ impl Store {
                 tracing::warn!(vdisk = %name, error = %e, "could not tidy the vDisk folder");
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The named stores held here, with their folders.

@@ -64,17 +64,17 @@ fn remember(server: &Server) -> std::io::Result<()> {
 /// Holds store `def` here from now on; an error says why it cannot.
 pub fn hold(server: &Server, def: &StoreDef) -> Result<(), String> {
     let path = path_here(server, def);
-    let known = server.store.areas().iter().any(|(n, _)| n == &def.name);
     let result = server
         .store
         .add_area(&def.name, &path)
         .map_err(|e| format!("store {} at {}: {e}", def.name, path.display()));
-    if result.is_ok() && !known {
+    if result == Ok(true) {
         tracing::info!(store = %def.name, path = %path.display(), "holding the store");
         if let Err(e) = remember(server) {
             tracing::warn!(error = %e, "could not remember the stores held");
         }
     }
+    let result = result.map(drop);
     let mut problems = server.store_problems.0.lock();
     match &result {
         Ok(()) => {
