@@ -188,7 +188,7 @@ async fn script(State(server): State<Arc<Server>>, Query(q): Query<ScriptQuery>)
         ));
     };
     let stats = &server.boot;
-    match boot_target(&server, &mac).await {
+    match boot_target(&server, &mac, true).await {
         Ok((device, vdisk)) => {
             let Some(kernel) = &vdisk.boot.kernel else {
                 Metrics::add(&stats.refusals, 1);
@@ -231,9 +231,14 @@ async fn script(State(server): State<Arc<Server>>, Query(q): Query<ScriptQuery>)
 struct Refusal(String, String);
 
 /// The device with `mac` and its vDisk, from the farm state, or from the
-/// last view of it while the farm state is unreachable; an unknown device is
-/// registered first when auto-add is on.
-async fn boot_target(server: &Arc<Server>, mac: &str) -> Result<(Device, VDisk), Refusal> {
+/// last view of it while the farm state is unreachable. An unknown device is
+/// registered first if `may_add` and auto-add is on: only the script adds,
+/// never a file request.
+async fn boot_target(
+    server: &Arc<Server>,
+    mac: &str,
+    may_add: bool,
+) -> Result<(Device, VDisk), Refusal> {
     let view = server.membership.view();
     let live = server.membership.is_connected();
     let found = match live {
@@ -242,7 +247,7 @@ async fn boot_target(server: &Arc<Server>, mac: &str) -> Result<(Device, VDisk),
     };
     let device = match found.or_else(|| view.device_by_mac(mac).cloned()) {
         Some(d) => d,
-        None => auto_add(server, mac).await?,
+        None => auto_add(server, mac, may_add).await?,
     };
     let fresh = match live {
         true => server.farm.get_vdisk(&device.vdisk).await.ok().flatten(),
@@ -263,15 +268,15 @@ async fn boot_target(server: &Arc<Server>, mac: &str) -> Result<(Device, VDisk),
 }
 
 /// PVS's Auto-Add: an unknown MAC becomes device `auto-<MAC digits>` on the
-/// configured vDisk.
-async fn auto_add(server: &Arc<Server>, mac: &str) -> Result<Device, Refusal> {
+/// configured vDisk, if `may_add`.
+async fn auto_add(server: &Arc<Server>, mac: &str, may_add: bool) -> Result<Device, Refusal> {
     let unknown = || {
         Refusal(
             format!("this device ({mac}) is not registered in the farm"),
             format!("register it: vstream device add NAME --mac {mac} --vdisk VDISK"),
         )
     };
-    let Some(vdisk) = &server.config.netboot.auto_add else {
+    let Some(vdisk) = server.config.netboot.auto_add.as_ref().filter(|_| may_add) else {
         return Err(unknown());
     };
     let name = format!("auto-{}", mac.replace(':', ""));
@@ -305,7 +310,7 @@ async fn file(
 ) -> Result<Response, ApiError> {
     let which: BootFileKind = which.parse().map_err(ApiError::not_found)?;
     let mac = vstream_api::parse_mac(&mac.replace('-', ":")).map_err(ApiError::bad_request)?;
-    let (_, vdisk) = boot_target(&server, &mac)
+    let (_, vdisk) = boot_target(&server, &mac, false)
         .await
         .map_err(|r| ApiError::not_found(r.0))?;
     let f = vdisk.boot.get(which).ok_or_else(|| {

@@ -750,6 +750,12 @@ fn the_boot_script_and_files_over_http() {
     ]);
     assert!(err.contains("does not exist"), "{err}");
 
+    // Asking for a file does not auto-add: only the script does.
+    let (code, _) = http_get(&format!("{}/boot/52-54-00-aa-00-02/kernel", server.api));
+    assert_eq!(code, 404);
+    let err = server.cli_err(&["device", "show", "52:54:00:aa:00:02"]);
+    assert!(err.contains("does not exist"), "{err}");
+
     // Auto-add: the unknown MAC is now a device of vDisk pool.
     let s = script(unknown);
     assert!(s.contains("vDisk pool has no kernel"), "{s}");
