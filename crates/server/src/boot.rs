@@ -395,7 +395,10 @@ pub fn store_file(
 ) -> std::io::Result<BootFile> {
     let dir = server.store.root_of(vdisk).join("boot").join(vdisk);
     std::fs::create_dir_all(&dir)?;
-    let mut tmp = tempfile_in(&dir)?;
+    // Removed if anything fails before the rename.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".upload-")
+        .tempfile_in(&dir)?;
     let mut hasher = blake3::Hasher::new();
     let mut size = 0u64;
     let mut buf = vec![0u8; 256 << 10];
@@ -412,7 +415,7 @@ pub fn store_file(
             ));
         }
         hasher.update(&buf[..n]);
-        tmp.1.write_all(&buf[..n])?;
+        tmp.write_all(&buf[..n])?;
     }
     let hash = hasher.finalize().to_hex().to_string();
     if let Some(e) = expected {
@@ -426,8 +429,8 @@ pub fn store_file(
             ));
         }
     }
-    tmp.1.sync_all()?;
-    std::fs::rename(&tmp.0, dir.join(&hash))?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(dir.join(&hash)).map_err(|e| e.error)?;
     std::fs::File::open(&dir)?.sync_all()?;
     Ok(BootFile {
         name: name.to_owned(),
@@ -436,28 +439,46 @@ pub fn store_file(
     })
 }
 
-/// A new file `.upload-*` in `dir`, removed if it is dropped before the rename.
-fn tempfile_in(dir: &Path) -> std::io::Result<(TempPath, std::fs::File)> {
-    let path = dir.join(format!(".upload-{:016x}", rand::random::<u64>()));
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&path)?;
-    Ok((TempPath(path), f))
-}
+/// How old a boot file no vDisk record names must be before it goes: an
+/// upload is renamed into place a moment before its record names it.
+const STALE_AFTER: Duration = Duration::from_secs(600);
 
-struct TempPath(PathBuf);
-
-impl AsRef<Path> for TempPath {
-    fn as_ref(&self) -> &Path {
-        &self.0
+/// Removes the boot files no vDisk names any more (a kernel replaced, a
+/// vDisk deleted), and what a crash left of uploads. Only with a fresh
+/// view of the farm: an old one would not know the newest files.
+fn tidy(server: &Server) {
+    if !server.membership.is_connected() {
+        return;
     }
-}
-
-impl Drop for TempPath {
-    fn drop(&mut self) {
-        // After a successful rename there is nothing left to remove.
-        let _ = std::fs::remove_file(&self.0);
+    let view = server.membership.view();
+    let roots = std::iter::once(server.store.root().to_owned())
+        .chain(server.store.areas().into_iter().map(|(_, p)| p));
+    for dir in roots.filter_map(|r| std::fs::read_dir(r.join("boot")).ok()) {
+        for vdisk_dir in dir.flatten() {
+            let vdisk = vdisk_dir.file_name().to_string_lossy().into_owned();
+            let wanted: Vec<&str> = view
+                .vdisk(&vdisk)
+                .map(|v| v.boot.files().map(|f| f.blake3.as_str()).collect())
+                .unwrap_or_default();
+            let Ok(files) = std::fs::read_dir(vdisk_dir.path()) else {
+                continue;
+            };
+            for f in files.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                let old = f
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > STALE_AFTER);
+                if old && !wanted.contains(&name.as_str()) && std::fs::remove_file(f.path()).is_ok()
+                {
+                    tracing::info!(vdisk = %vdisk, file = %name, "removed a boot file no vDisk names");
+                }
+            }
+            // Gone only once empty.
+            let _ = std::fs::remove_dir(vdisk_dir.path());
+        }
     }
 }
 
@@ -606,6 +627,10 @@ pub async fn run(server: Arc<Server>, services: Services, mut shutdown: watch::R
             _ = shutdown.wait_for(|s| *s) => return,
         }
         let s = server.clone();
-        let _ = tokio::task::spawn_blocking(move || sync_once(&s)).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            sync_once(&s);
+            tidy(&s);
+        })
+        .await;
     }
 }

@@ -4,6 +4,7 @@
 //! to its folder (`Store::add_area`, `Store::place`).
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::PathBuf;
 
 use parking_lot::Mutex;
@@ -54,11 +55,11 @@ pub fn hold_remembered(server: &Server) {
 /// Writes the stores held now to `stores.json` (through a temporary file).
 fn remember(server: &Server) -> std::io::Result<()> {
     let held: HashMap<String, PathBuf> = server.store.areas().into_iter().collect();
-    let path = remembered(server);
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&held)?)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, &path)
+    let mut tmp = tempfile::NamedTempFile::new_in(&server.config.data)?;
+    tmp.write_all(&serde_json::to_vec_pretty(&held)?)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(remembered(server)).map_err(|e| e.error)?;
+    Ok(())
 }
 
 /// Holds store `def` here from now on; an error says why it cannot.

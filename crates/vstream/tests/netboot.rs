@@ -750,6 +750,30 @@ fn the_boot_script_and_files_over_http() {
     ]);
     assert!(err.contains("does not exist"), "{err}");
 
+    // A replaced kernel's file goes once it is old enough; the new one stays.
+    let boot_dir = server.data.join("boot/root");
+    let hash_of = |show: &str| {
+        let v: serde_json::Value = serde_json::from_str(show).unwrap();
+        v["boot"]["kernel"]["blake3"].as_str().unwrap().to_owned()
+    };
+    let old_hash = hash_of(&server.cli_ok(&["vdisk", "show", "root", "--json"]));
+    common::random_image(&kernel, 3 << 20, 3);
+    server.cli_ok(&["vdisk", "set", "root", "--kernel", kernel.to_str().unwrap()]);
+    let new_hash = hash_of(&server.cli_ok(&["vdisk", "show", "root", "--json"]));
+    assert_ne!(old_hash, new_hash);
+    common::run(
+        "touch",
+        &[
+            "-d",
+            "1 hour ago",
+            boot_dir.join(&old_hash).to_str().unwrap(),
+        ],
+    );
+    common::wait_for(10, "the replaced kernel's file removed", || {
+        (!boot_dir.join(&old_hash).exists()).then_some(())
+    });
+    assert!(boot_dir.join(&new_hash).is_file());
+
     // Asking for a file does not auto-add: only the script does.
     let (code, _) = http_get(&format!("{}/boot/52-54-00-aa-00-02/kernel", server.api));
     assert_eq!(code, 404);
