@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the guest kit's scripts (sourced, bash): build.sh and
 # build-netboot.sh resolve kernel modules with it, run-guest.sh and
 # run-netboot-guest.sh run QEMU with it.
@@ -44,6 +45,25 @@ guest_install_modules() {
         esac
         echo "$base" >>"$dir/load-order"
     done
+}
+
+# guest_kernel_and_qemu NAME OUTDIR INITRD HINT: sets KERNEL (the
+# $VSTREAM_GUEST_KERNEL, else OUTDIR's uncompressed vmlinux for a fast PVH
+# boot, else vmlinuz) and QEMU, and exits 2 with HINT when the kernel, the
+# initrd or QEMU is missing.
+guest_kernel_and_qemu() {
+    local name="$1" out="$2" initrd="$3" hint="$4" f
+    KERNEL="${VSTREAM_GUEST_KERNEL:-}"
+    if [ -z "$KERNEL" ]; then
+        KERNEL="$out/vmlinuz"
+        [ -s "$out/vmlinux" ] && KERNEL="$out/vmlinux"
+    fi
+    for f in "$KERNEL" "$initrd"; do
+        [ -s "$f" ] || { echo "$name: $f missing; $hint" >&2; exit 2; }
+    done
+    QEMU="${QEMU:-qemu-system-x86_64}"
+    command -v "$QEMU" >/dev/null ||
+        { echo "$name: $QEMU not found (apt-get install qemu-system-x86)" >&2; exit 2; }
 }
 
 # run_guest_console NAME TIMEOUT VSTEST COMMAND...: runs the QEMU COMMAND

@@ -28,6 +28,8 @@
 #   VSTREAM_GUEST_QEMU_ARGS extra QEMU arguments (word-split)
 #   VSTREAM_GUEST_LOG      also write the console to this file
 set -uo pipefail
+# shellcheck source=tests/guest/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() { echo "usage: $0 OUTDIR DRIVE_URL VSTEST [TIMEOUT_S]" >&2; exit 2; }
 [ $# -ge 3 ] && [ $# -le 4 ] || usage
@@ -37,16 +39,7 @@ VSTEST="$3"
 TIMEOUT="${4:-120}"
 case "$TIMEOUT" in '' | *[!0-9]*) usage ;; esac
 case "$VSTEST" in *[[:space:]]*) echo "run-guest: VSTEST must not contain spaces" >&2; exit 2 ;; esac
-KERNEL="${VSTREAM_GUEST_KERNEL:-}"
-if [ -z "$KERNEL" ]; then
-    KERNEL="$OUT/vmlinuz"
-    [ -s "$OUT/vmlinux" ] && KERNEL="$OUT/vmlinux"
-fi
-for f in "$KERNEL" "$OUT/initrd.img"; do
-    [ -s "$f" ] || { echo "run-guest: $f missing; run tests/guest/build.sh $OUT" >&2; exit 2; }
-done
-QEMU="${QEMU:-qemu-system-x86_64}"
-command -v "$QEMU" >/dev/null || { echo "run-guest: $QEMU not found (apt-get install qemu-system-x86)" >&2; exit 2; }
+guest_kernel_and_qemu run-guest "$OUT" "$OUT/initrd.img" "run tests/guest/build.sh $OUT"
 
 APPEND="console=ttyS0 root=/dev/vda rootfstype=ext4 rw panic=-1 quiet loglevel=3"
 APPEND+=" mitigations=off nokaslr no_timer_check tsc=unstable vstest=$VSTEST"
@@ -63,6 +56,4 @@ CMD=("$QEMU" -machine "${VSTREAM_GUEST_MACHINE:-pc}" -accel tcg -cpu "${VSTREAM_
     -kernel "$KERNEL" -initrd "$OUT/initrd.img" -append "$APPEND"
     -drive "$DRIVE" "${EXTRA[@]}")
 
-# shellcheck source=tests/guest/lib.sh
-. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 run_guest_console run-guest "$TIMEOUT" "$VSTEST" "${CMD[@]}"

@@ -29,6 +29,8 @@
 #                          vstream.cache=ram:64MiB vstream.timeout=30)
 #   VSTREAM_GUEST_NETDEV   -netdev value (default user,id=n0)
 set -uo pipefail
+# shellcheck source=tests/guest/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() { echo "usage: $0 OUTDIR BOOTSTRAP MAC VSTEST [TIMEOUT_S]" >&2; exit 2; }
 if [ $# -lt 4 ] || [ $# -gt 5 ]; then usage; fi
@@ -41,16 +43,7 @@ case "$TIMEOUT" in '' | *[!0-9]*) usage ;; esac
 for v in "$BOOTSTRAP" "$MAC" "$VSTEST"; do
     case "$v" in '' | *[[:space:]]*) echo "run-netboot-guest: arguments must be non-empty, without spaces" >&2; exit 2 ;; esac
 done
-KERNEL="${VSTREAM_GUEST_KERNEL:-}"
-if [ -z "$KERNEL" ]; then
-    KERNEL="$OUT/vmlinuz"
-    [ -s "$OUT/vmlinux" ] && KERNEL="$OUT/vmlinux"
-fi
-for f in "$KERNEL" "$OUT/netboot-initrd.img"; do
-    [ -s "$f" ] || { echo "run-netboot-guest: $f missing; run tests/guest/build-netboot.sh $OUT VSTREAM_BIN" >&2; exit 2; }
-done
-QEMU="${QEMU:-qemu-system-x86_64}"
-command -v "$QEMU" >/dev/null || { echo "run-netboot-guest: $QEMU not found (apt-get install qemu-system-x86)" >&2; exit 2; }
+guest_kernel_and_qemu run-netboot-guest "$OUT" "$OUT/netboot-initrd.img" "run tests/guest/build-netboot.sh $OUT VSTREAM_BIN"
 
 APPEND="console=ttyS0 rootfstype=ext4 rw panic=-1 quiet loglevel=3"
 APPEND+=" mitigations=off nokaslr no_timer_check tsc=unstable"
@@ -66,6 +59,4 @@ CMD=("$QEMU" -machine "${VSTREAM_GUEST_MACHINE:-pc}" -accel tcg -cpu "${VSTREAM_
     -netdev "${VSTREAM_GUEST_NETDEV:-user,id=n0}" -device "virtio-net-pci,netdev=n0,mac=$MAC,romfile="
     "${EXTRA[@]}")
 
-# shellcheck source=tests/guest/lib.sh
-. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 run_guest_console run-netboot-guest "$TIMEOUT" "$VSTEST" "${CMD[@]}"
