@@ -24,11 +24,7 @@ impl FarmStore {
     /// The catalog of vDisk `name`, if the farm has one.
     pub async fn catalog(&self, name: &str) -> Result<Option<Catalog>, FarmError> {
         checked_name(RecordKind::VDisk, name)?;
-        let key = catalog_key(name);
-        match self.backend.get(&key).await? {
-            Some(v) => Ok(Some(decode(&key, &v.value)?)),
-            None => Ok(None),
-        }
+        self.get_record(&catalog_key(name)).await
     }
 
     /// Every catalog, by vDisk name.

@@ -140,6 +140,14 @@ impl FarmStore {
         &self.backend
     }
 
+    /// The record at `key`, decoded, if there is one.
+    async fn get_record<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, FarmError> {
+        match self.backend.get(key).await? {
+            Some(v) => Ok(Some(decode(key, &v.value)?)),
+            None => Ok(None),
+        }
+    }
+
     async fn list_records<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, FarmError> {
         self.backend
             .list(prefix)
@@ -159,11 +167,7 @@ impl FarmStore {
     /// The vDisk called `name`, if there is one.
     pub async fn get_vdisk(&self, name: &str) -> Result<Option<VDisk>, FarmError> {
         checked_name(RecordKind::VDisk, name)?;
-        let key = vdisk_key(name);
-        match self.backend.get(&key).await? {
-            Some(v) => Ok(Some(decode(&key, &v.value)?)),
-            None => Ok(None),
-        }
+        self.get_record(&vdisk_key(name)).await
     }
 
     /// Stores a new vDisk; [`FarmError::AlreadyExists`] if the name is taken,
@@ -281,11 +285,7 @@ impl FarmStore {
     /// The device called `name`, if there is one.
     pub async fn get_device(&self, name: &str) -> Result<Option<Device>, FarmError> {
         checked_name(RecordKind::Device, name)?;
-        let key = device_key(name);
-        match self.backend.get(&key).await? {
-            Some(v) => Ok(Some(decode(&key, &v.value)?)),
-            None => Ok(None),
-        }
+        self.get_record(&device_key(name)).await
     }
 
     /// The device named `name_or_mac`, or else the device with that MAC address

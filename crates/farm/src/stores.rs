@@ -21,11 +21,7 @@ impl FarmStore {
     /// The named store `name`, if there is one.
     pub async fn get_store(&self, name: &str) -> Result<Option<StoreDef>, FarmError> {
         checked_name(RecordKind::Store, name)?;
-        let key = store_key(name);
-        match self.backend.get(&key).await? {
-            Some(v) => Ok(Some(decode(&key, &v.value)?)),
-            None => Ok(None),
-        }
+        self.get_record(&store_key(name)).await
     }
 
     /// Records a new named store.
