@@ -3,7 +3,7 @@
 # VSTREAM_BENCH_VMS (default 10) VMs booting at once against two servers; and the TFTP rate
 # of the iPXE binaries, vstream's TFTP beside dnsmasq's in the same run.
 #
-#   sudo bash bench/netboot.sh      # about 5 minutes on 2 cores after the release build;
+#   bash bench/netboot.sh           # as root; about 5 minutes on 2 cores after the release build;
 #                                   # root (network namespaces, taps); the packages of
 #                                   # .ci/install-deps (qemu-system-x86, ovmf, ipxe,
 #                                   # dnsmasq-base, etcd-server)
