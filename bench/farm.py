@@ -2,12 +2,15 @@
 """Farm benchmarks: agent overhead, failover stall, logins.
 
     /usr/bin/python3 bench/farm.py [--parts a,b,c,d] [--kills 20] [--devices 4000]
-                                   [--size-mib 1024] [--runtime 15] [--no-build]
+                                   [--size-mib 1024] [--runtime 15] [--link-mbit 10000] [--no-build]
 
 One etcd and release-build `vstream server`s on this machine, a `vstream target`
 agent, and real clients, in one run:
 
-  a. agent overhead  (also `a-pinned`: the device's side on CPU 0, the server on CPU 1)
+  a. agent overhead  (also `a-pinned`: the device's side on CPU 0, the server on CPU 1;
+                     and `a-link`: the server in a network namespace behind a veth
+                     link shaped to --link-mbit (tc tbf), as across a real network;
+                     needs root)
                      the same reads of a device's base, three ways, in the order
                      A B C C B A: direct NBD to the server (TCP), through the agent
                      (its unix socket), and through nbdkit's nbd plugin as a plain
@@ -43,7 +46,7 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VSTREAM = os.path.join(ROOT, "target/release/vstream")
+VSTREAM = os.environ.get("VSTREAM_BIN", os.path.join(ROOT, "target/release/vstream"))
 WORKLOAD = os.path.join(ROOT, "tests/farm/workload.py")
 PY = "/usr/bin/python3"
 
@@ -198,25 +201,37 @@ def pct(values, p):
 
 # ---- a. agent overhead -------------------------------------------------------------
 
-def part_a(work, rows, size_mib, runtime, pin=False):
+def part_a(work, rows, size_mib, runtime, pin=False, link_mbit=None):
     """With `pin`, the device's side (client, agent, proxy) runs on CPU 0 and
-    the server on CPU 1, as if they were different machines."""
+    the server on CPU 1, as if they were different machines. With
+    `link_mbit`, the server sits behind a veth link shaped to that rate."""
+    if link_mbit and (os.geteuid() != 0 or not shutil.which("tc") or not shutil.which("ip")):
+        rows.append(("a-link. agent overhead across a shaped link", "skipped: needs root, ip and tc", "≥ 0.9", ""))
+        return
     device = ["taskset", "-c", "0"] if pin else []
     label = ", device on CPU 0 and server on CPU 1" if pin else ""
     image = os.path.join(work, "a.raw")
     subprocess.run(["head", "-c", f"{size_mib}M", "/dev/urandom"], stdout=open(image, "wb"), check=True)
     etcd = Etcd(work)
-    servers = [Server(work, "a1", etcd.url.replace("http://", ""),
-                      wrap=["taskset", "-c", "1"] if pin else [])]
+    nets = []
+    if link_mbit:
+        label = f", server across a {link_mbit} Mbit/s link"
+        nets = make_nets(1, rate_mbit=link_mbit)
+        ns, _, net = nets[0]
+        servers = [Server(work, "a1", f"{net}.1:{etcd.port}", host=f"{net}.2", wrap=["ip", "netns", "exec", ns])]
+    else:
+        servers = [Server(work, "a1", etcd.url.replace("http://", ""),
+                          wrap=["taskset", "-c", "1"] if pin else [])]
+    host = servers[0].host
     try:
         make_farm(work, servers, image)
         agent = Agent(work, servers, wrap=device)
         info = json.loads(urllib.request.urlopen(urllib.request.Request(
             f"{servers[0].api}/api/v1/login", data=json.dumps({"mac": mac(1)}).encode(),
             headers={"content-type": "application/json"})).read())
-        direct = f"nbd://127.0.0.1:{servers[0].nbd_port}/{info['export']}"
+        direct = f"nbd://{host}:{servers[0].nbd_port}/{info['export']}"
         proxy_sock = os.path.join(work, "nbdkit.sock")
-        nbdkit = subprocess.Popen(device + ["nbdkit", "-f", "-U", proxy_sock, "nbd", "hostname=127.0.0.1",
+        nbdkit = subprocess.Popen(device + ["nbdkit", "-f", "-U", proxy_sock, "nbd", f"hostname={host}",
                                    f"port={servers[0].nbd_port}", f"export={info['export']}"],
                                   stderr=subprocess.DEVNULL)
         wait("nbdkit", 10, lambda: os.path.exists(proxy_sock))
@@ -249,6 +264,33 @@ def part_a(work, rows, size_mib, runtime, pin=False):
         for s in servers:
             s.kill()
         etcd.stop()
+        drop_nets(nets)
+
+
+def make_nets(count, rate_mbit=None):
+    """`count` network namespaces, each joined to this one by a veth pair:
+    10.250.N.1 here, 10.250.N.2 inside. With `rate_mbit`, both ends of each
+    link send at most that rate (tc tbf), as a real network link would."""
+    tag = os.getpid() % 10000
+    nets = []
+    for n in range(1, count + 1):
+        ns, veth, net = f"vb{tag}n{n}", f"vb{tag}v{n}", f"10.250.{n}"
+        sh(f"ip netns add {ns}; ip link add {veth} type veth peer name {veth}p; ip link set {veth}p netns {ns}; "
+           f"ip addr add {net}.1/24 dev {veth}; ip link set {veth} up; "
+           f"ip netns exec {ns} sh -c 'ip addr add {net}.2/24 dev {veth}p; ip link set {veth}p up; ip link set lo up'")
+        nets.append((ns, veth, net))
+        if rate_mbit:
+            # A burst of 1 ms of traffic (at least 64 KiB), as a switch port buffers.
+            burst = max(64 * 1024, rate_mbit * 1000 // 8)
+            shape = f"tbf rate {rate_mbit}mbit burst {burst} latency 5ms"
+            sh(f"tc qdisc add dev {veth} root {shape}; ip netns exec {ns} tc qdisc add dev {veth}p root {shape}")
+    return nets
+
+
+def drop_nets(nets):
+    for ns, veth, _ in nets:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", veth], capture_output=True)
 
 
 # ---- b. kill stall -----------------------------------------------------------------
@@ -323,14 +365,7 @@ def part_c(work, rows, rounds):
         return
     image = os.path.join(work, "c.raw")
     subprocess.run(["head", "-c", "64M", "/dev/urandom"], stdout=open(image, "wb"), check=True)
-    tag = os.getpid() % 10000
-    nets = []
-    for n in (1, 2):
-        ns, veth, net = f"vb{tag}n{n}", f"vb{tag}v{n}", f"10.250.{n}"
-        sh(f"ip netns add {ns}; ip link add {veth} type veth peer name {veth}p; ip link set {veth}p netns {ns}; "
-           f"ip addr add {net}.1/24 dev {veth}; ip link set {veth} up; "
-           f"ip netns exec {ns} sh -c 'ip addr add {net}.2/24 dev {veth}p; ip link set {veth}p up; ip link set lo up'")
-        nets.append((ns, veth, net))
+    nets = make_nets(2)
     etcd = Etcd(work)
     servers = []
     try:
@@ -354,9 +389,7 @@ def part_c(work, rows, rounds):
         for s in servers:
             s.kill()
         etcd.stop()
-        for ns, veth, _ in nets:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-            subprocess.run(["ip", "link", "del", veth], capture_output=True)
+        drop_nets(nets)
 
 
 # ---- d. logins ---------------------------------------------------------------------
@@ -428,6 +461,7 @@ def main():
     ap.add_argument("--devices", type=int, default=4000)
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--runtime", type=int, default=15)
+    ap.add_argument("--link-mbit", type=int, default=10000)
     ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()
     for tool in ["etcd", "nbdcopy", "fio", "nbdkit"]:
@@ -442,6 +476,7 @@ def main():
     started = time.time()
     parts = {"a": lambda w: part_a(w, rows, args.size_mib, args.runtime),
              "a-pinned": lambda w: part_a(w, rows, args.size_mib, args.runtime, pin=True),
+             "a-link": lambda w: part_a(w, rows, args.size_mib, args.runtime, link_mbit=args.link_mbit),
              "b": lambda w: part_b(w, rows, args.kills),
              "c": lambda w: part_c(w, rows, args.kills),
              "d": lambda w: part_d(w, rows, args.devices)}

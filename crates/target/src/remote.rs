@@ -93,10 +93,10 @@ impl Remote {
         conn.disconnect().await;
     }
 
-    /// Reads `len` bytes at `offset`, on whichever server can answer; fails
-    /// only when the agent is stopping.
-    pub async fn read_at(&self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
-        self.request_at(CMD_READ, 0, offset, len, &[]).await
+    /// Reads `len` bytes at `offset`, on whichever server can answer, after
+    /// `headroom` zero bytes; fails only when the agent is stopping.
+    pub async fn read_at(&self, offset: u64, len: u32, headroom: usize) -> io::Result<Vec<u8>> {
+        self.send(CMD_READ, 0, (offset, len), &[], headroom).await
     }
 
     /// Sends one request until a server answers it: to another server
@@ -111,9 +111,20 @@ impl Remote {
         len: u32,
         payload: &[u8],
     ) -> io::Result<Vec<u8>> {
+        self.send(cmd, flags, (offset, len), payload, 0).await
+    }
+
+    async fn send(
+        &self,
+        cmd: u16,
+        flags: u16,
+        range: (u64, u32),
+        payload: &[u8],
+        headroom: usize,
+    ) -> io::Result<Vec<u8>> {
         loop {
             let conn = self.current.lock().clone();
-            let sent = conn.request(cmd, flags, offset, len, payload);
+            let sent = conn.request(cmd, flags, range, payload, headroom);
             let why = match tokio::time::timeout(self.deadline, sent).await {
                 Ok(Ok(data)) => return Ok(data),
                 // The server's own answer: the device's, unless another
@@ -266,7 +277,7 @@ impl vstream_image::Base for Remote {
             let n = (buf.len() - done).min(MAX_READ as usize);
             let data = self
                 .runtime
-                .block_on(self.read_at(offset + done as u64, n as u32))?;
+                .block_on(self.read_at(offset + done as u64, n as u32, 0))?;
             let dst = &mut buf[done..done + n];
             debug_assert_eq!(data.len(), n);
             // SAFETY: `data` holds exactly `n` bytes (the connection reads the
@@ -298,7 +309,12 @@ impl Remote {
 }
 
 impl vstream_server::nbd::RemoteBase for Remote {
-    fn read(&self, offset: u64, len: u32) -> futures::future::BoxFuture<'_, io::Result<Vec<u8>>> {
-        Box::pin(self.read_at(offset, len))
+    fn read(
+        &self,
+        offset: u64,
+        len: u32,
+        headroom: usize,
+    ) -> futures::future::BoxFuture<'_, io::Result<Vec<u8>>> {
+        Box::pin(self.read_at(offset, len, headroom))
     }
 }

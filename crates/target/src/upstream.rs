@@ -42,7 +42,9 @@ pub enum Failure {
     Connection(io::Error),
 }
 
-type Pending = HashMap<u64, (u32, oneshot::Sender<io::Result<Vec<u8>>>)>;
+/// A request waiting for its reply: the reply's data length, the bytes to
+/// leave free before the data, and where the reply goes.
+type Pending = HashMap<u64, (u32, usize, oneshot::Sender<io::Result<Vec<u8>>>)>;
 
 /// A live connection to one server's export.
 pub struct Connection {
@@ -88,7 +90,7 @@ impl Connection {
             let err = receive(&mut reader, &p).await;
             d.store(true, Ordering::SeqCst);
             let waiting: Vec<_> = p.lock().drain().collect();
-            for (_, (_, tx)) in waiting {
+            for (_, (_, _, tx)) in waiting {
                 let _ = tx.send(Err(io::Error::new(err.kind(), err.to_string())));
             }
         });
@@ -110,14 +112,15 @@ impl Connection {
     }
 
     /// Sends one request (`payload` is WRITE's data) and waits for its reply;
-    /// a READ's reply carries `len` bytes.
+    /// a READ's reply carries `len` bytes, after `headroom` zero bytes the
+    /// caller may fill (its own reply header: the data is then never copied).
     pub async fn request(
         &self,
         cmd: u16,
         flags: u16,
-        offset: u64,
-        len: u32,
+        (offset, len): (u64, u32),
         payload: &[u8],
+        headroom: usize,
     ) -> Result<Vec<u8>, Failure> {
         let closed = || {
             Failure::Connection(io::Error::new(
@@ -131,7 +134,9 @@ impl Connection {
         let reply_len = if cmd == CMD_READ { len } else { 0 };
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().insert(handle, (reply_len, tx));
+        self.pending
+            .lock()
+            .insert(handle, (reply_len, headroom, tx));
         if self.is_dead() {
             // The reader may have failed the waiting requests just before.
             self.pending.lock().remove(&handle);
@@ -227,7 +232,7 @@ async fn receive<R: tokio::io::AsyncRead + Unpin>(
         }
         let error = u32::from_be_bytes(head[4..8].try_into().unwrap_or_default());
         let handle = u64::from_be_bytes(head[8..16].try_into().unwrap_or_default());
-        let Some((len, tx)) = pending.lock().remove(&handle) else {
+        let Some((len, headroom, tx)) = pending.lock().remove(&handle) else {
             return protocol(format!("reply to handle {handle}, which was never sent"));
         };
         if error != 0 {
@@ -235,9 +240,11 @@ async fn receive<R: tokio::io::AsyncRead + Unpin>(
             continue;
         }
         // Into spare capacity: no zeroing of what the socket overwrites.
-        let mut data = Vec::with_capacity(len as usize);
-        while data.len() < len as usize {
-            let want = (len as usize - data.len()) as u64;
+        let total = headroom + len as usize;
+        let mut data = Vec::with_capacity(total);
+        data.resize(headroom, 0);
+        while data.len() < total {
+            let want = (total - data.len()) as u64;
             match (&mut *r).take(want).read_buf(&mut data).await {
                 Ok(0) => {
                     let e = io::Error::new(io::ErrorKind::UnexpectedEof, "reply cut short");

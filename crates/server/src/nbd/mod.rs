@@ -47,7 +47,15 @@ pub trait Exports: Send + Sync + 'static {
 /// A disk's base that answers over the network (an agent's upstream): its
 /// reads run on the connection's task instead of a blocking thread.
 pub trait RemoteBase: Send + Sync {
-    fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, std::io::Result<Vec<u8>>>;
+    /// `len` bytes at `offset`, after `headroom` zero bytes that the caller
+    /// fills with its reply header: a read wholly of the base is sent on
+    /// without copying its data.
+    fn read(
+        &self,
+        offset: u64,
+        len: u32,
+        headroom: usize,
+    ) -> BoxFuture<'_, std::io::Result<Vec<u8>>>;
 }
 
 /// Told when the connection holding an export ends with NBD_CMD_DISC.

@@ -3,7 +3,8 @@
 //! ```text
 //!   socket --read--> buffer --decode--> request --validate--+--> READ hit in page cache: answered inline
 //!                                                           +--> anything else: blocking pool --> reply
-//!   inline replies of one batch leave in one write; pool replies each in one write
+//!   inline replies of one batch leave in one write; replies that finish while
+//!   another is being written leave together, in one vectored write
 //! ```
 //!
 //! Reads try `preadv2(RWF_NOWAIT)` on the connection's task: a page-cache hit
@@ -88,7 +89,7 @@ where
         exports,
     });
     let mut release = neg.export.session.as_ref().and_then(|s| s.released());
-    let writer = Arc::new(Mutex::new(writer));
+    let replies = Arc::new(Replies::new(writer));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize));
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut out: Vec<u8> = Vec::new();
@@ -115,7 +116,7 @@ where
                     .acquire_owned()
                     .await
                     .expect("semaphore never closed");
-                let (conn, writer) = (conn.clone(), writer.clone());
+                let (conn, replies) = (conn.clone(), replies.clone());
                 tokio::spawn(async move {
                     let remote = match (&conn.remote, req.command) {
                         (Some(r), Command::Read) => conn.read_with_remote(&req, &**r).await,
@@ -131,18 +132,16 @@ where
                         }
                     };
                     // A failed write means the client is gone; the reader sees it too.
-                    let _ = writer.lock().await.write_all(&reply).await;
+                    let _ = replies.send(reply).await;
                     drop(permit);
                 });
             }
             if out.len() >= BATCH_LIMIT {
-                writer.lock().await.write_all(&out).await?;
-                out.clear();
+                replies.send_batch(&mut out).await?;
             }
         }
         if !out.is_empty() {
-            writer.lock().await.write_all(&out).await?;
-            out.clear();
+            replies.send_batch(&mut out).await?;
             if out.capacity() > BATCH_LIMIT {
                 out = Vec::new();
             }
@@ -167,11 +166,108 @@ where
         }
     };
     // Let every request already taken finish and reply before closing.
+    // A reply task that writes for others holds its permit until it is done,
+    // so every reply has left by now.
     let _all = in_flight.acquire_many(MAX_IN_FLIGHT).await;
     if ending != Ending::Dropped {
-        let _ = writer.lock().await.flush().await;
+        let _ = replies.writer.lock().await.flush().await;
     }
     Ok(ending)
+}
+
+/// The connection's reply side. Whoever has a reply queues it; the first to
+/// find nobody writing writes everything queued, its own and what others
+/// queue meanwhile, in vectored writes, and leaves once the queue is empty.
+/// Replies that finish together (a batch of upstream answers in the agent)
+/// thus leave in one system call and wake the client once, with no copy.
+struct Replies<W> {
+    queue: parking_lot::Mutex<Queued>,
+    writer: Mutex<W>,
+}
+
+#[derive(Default)]
+struct Queued {
+    replies: Vec<Vec<u8>>,
+    writing: bool,
+}
+
+impl<W: AsyncWrite + Unpin> Replies<W> {
+    fn new(writer: W) -> Self {
+        Replies {
+            queue: parking_lot::Mutex::new(Queued::default()),
+            writer: Mutex::new(writer),
+        }
+    }
+
+    /// Queues `reply`, and writes the queue unless someone else is writing
+    /// it, after the other tasks ready to run (replies woken together by one
+    /// upstream read) have queued theirs, to leave in the same write.
+    async fn send(&self, reply: Vec<u8>) -> std::io::Result<()> {
+        {
+            let mut q = self.queue.lock();
+            q.replies.push(reply);
+            if q.writing {
+                return Ok(());
+            }
+            q.writing = true;
+        }
+        tokio::task::yield_now().await;
+        let mut w = self.writer.lock().await;
+        self.drain(&mut w, Ok(())).await
+    }
+
+    /// Sends the connection loop's batch of inline replies, keeping the
+    /// buffer (emptied) for the next batch when it can write it at once.
+    async fn send_batch(&self, batch: &mut Vec<u8>) -> std::io::Result<()> {
+        {
+            let mut q = self.queue.lock();
+            if q.writing {
+                q.replies.push(std::mem::take(batch));
+                return Ok(());
+            }
+            q.writing = true;
+        }
+        let mut w = self.writer.lock().await;
+        let first = w.write_all(batch).await;
+        batch.clear();
+        self.drain(&mut w, first).await
+    }
+
+    /// Writes what is queued until the queue is empty or a write fails.
+    async fn drain(&self, w: &mut W, first: std::io::Result<()>) -> std::io::Result<()> {
+        let mut result = first;
+        loop {
+            let batch = {
+                let mut q = self.queue.lock();
+                if result.is_err() || q.replies.is_empty() {
+                    q.replies.clear();
+                    q.writing = false;
+                    return result;
+                }
+                std::mem::take(&mut q.replies)
+            };
+            result = write_all_vectored(w, &batch).await;
+        }
+    }
+}
+
+/// Writes every buffer of `bufs`, in order, in as few calls as the socket allows.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    bufs: &[Vec<u8>],
+) -> std::io::Result<()> {
+    let mut slices: Vec<std::io::IoSlice<'_>> =
+        bufs.iter().map(|b| std::io::IoSlice::new(b)).collect();
+    let mut rest = &mut slices[..];
+    std::io::IoSlice::advance_slices(&mut rest, 0);
+    while !rest.is_empty() {
+        let n = w.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        std::io::IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
 }
 
 /// Resolves once `release` turns true; never without one.
@@ -306,8 +402,20 @@ impl Conn {
             Ok(LocalRead::WouldBlock) => return None,
             Err(e) => return Some(self.error_reply(req, EIO, &e.to_string())),
         };
+        if missing == [(req.offset, len as u64)] {
+            // All of it is the base's: the upstream reply becomes ours.
+            return Some(match remote.read(req.offset, req.length, at).await {
+                Ok(mut data) if data.len() == at + len => {
+                    data[..at].copy_from_slice(&out[..at]);
+                    Metrics::add(&self.exports.metrics().read_bytes, u64::from(req.length));
+                    data
+                }
+                Ok(_) => self.error_reply(req, EIO, "short read from the base"),
+                Err(e) => self.error_reply(req, EIO, &e.to_string()),
+            });
+        }
         for (offset, n) in missing {
-            match remote.read(offset, n as u32).await {
+            match remote.read(offset, n as u32, 0).await {
                 Ok(data) if data.len() as u64 == n => {
                     let dst = &mut out.spare_capacity_mut()[(offset - req.offset) as usize..]
                         [..n as usize];
@@ -416,5 +524,67 @@ pub fn errno_of(e: &WriteError) -> u32 {
         WriteError::ReadOnly => EPERM,
         WriteError::OutOfRange => EINVAL,
         WriteError::Io(_) => EIO,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// Reply `i`: its number, then `i * 37 % 5000` bytes of `i as u8`.
+    fn reply(i: u32) -> Vec<u8> {
+        let mut r = i.to_be_bytes().to_vec();
+        r.extend(std::iter::repeat_n(i as u8, (i * 37 % 5000) as usize));
+        r
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replies_written_by_many_tasks_arrive_whole_and_unmixed() {
+        // A small pipe: writes are partial and writers find each other busy.
+        let (w, mut r) = tokio::io::duplex(257);
+        let replies = Arc::new(Replies::new(w));
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..200u32 {
+            let replies = replies.clone();
+            tasks.spawn(async move {
+                if i % 10 == 0 {
+                    let mut batch = reply(i);
+                    replies.send_batch(&mut batch).await.unwrap();
+                    assert!(batch.is_empty(), "the batch buffer comes back empty");
+                } else {
+                    replies.send(reply(i)).await.unwrap();
+                }
+            });
+        }
+        let expected: usize = (0..200).map(|i| reply(i).len()).sum();
+        let mut got = vec![0u8; expected];
+        r.read_exact(&mut got).await.unwrap();
+        while tasks.join_next().await.is_some() {}
+        let mut seen = [false; 200];
+        let mut rest = &got[..];
+        while !rest.is_empty() {
+            let i = u32::from_be_bytes(rest[..4].try_into().unwrap());
+            let want = reply(i);
+            assert_eq!(&rest[..want.len()], &want[..], "reply {i} arrived whole");
+            assert!(!seen[i as usize], "reply {i} arrived once");
+            seen[i as usize] = true;
+            rest = &rest[want.len()..];
+        }
+        assert!(seen.iter().all(|s| *s), "every reply arrived");
+    }
+
+    #[tokio::test]
+    async fn a_gone_client_fails_the_writer_and_later_replies() {
+        let (w, r) = tokio::io::duplex(64);
+        drop(r);
+        let replies = Replies::new(w);
+        assert!(replies.send(reply(1)).await.is_err());
+        let mut batch = reply(2);
+        assert!(replies.send_batch(&mut batch).await.is_err());
+        assert!(
+            replies.send(reply(3)).await.is_err(),
+            "nothing waits forever"
+        );
     }
 }
