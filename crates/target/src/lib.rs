@@ -124,6 +124,14 @@ async fn first_login(opts: &Options) -> Result<LoginReply> {
 /// Pins the agent's memory and keeps the OOM killer away: it serves the
 /// root filesystem, so paging it out or killing it would hang the OS.
 fn protect_memory() {
+    // Reply buffers come and go by the thousand per second. Kept in the heap
+    // rather than mapped and unmapped (or the heap trimmed) each time, since
+    // with every page locked each new mapping is faulted in whole.
+    // SAFETY: mallopt only tunes glibc's allocator.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    }
     // SAFETY: plain syscall; failure is reported, not fatal.
     if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
         tracing::warn!(error = %std::io::Error::last_os_error(), "could not lock the agent's memory (mlockall)");

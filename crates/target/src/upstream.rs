@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -82,7 +82,9 @@ impl Connection {
             )
         })??;
         let (reader, writer) = stream.into_split();
-        let mut reader = tokio::io::BufReader::with_capacity(256 * 1024, reader);
+        // Big enough for a burst of small replies; small enough that the
+        // data a header read pulls in behind it (and copies) stays small.
+        let mut reader = tokio::io::BufReader::with_capacity(READ_BUFFER, reader);
         let pending: Arc<Mutex<Pending>> = Arc::default();
         let dead = Arc::new(AtomicBool::new(false));
         let (p, d) = (pending.clone(), dead.clone());
@@ -216,9 +218,15 @@ fn encode_request(out: &mut Vec<u8>, cmd: u16, flags: u16, handle: u64, offset: 
     out.extend_from_slice(&len.to_be_bytes());
 }
 
+/// Replies are read through a buffer of this size.
+const READ_BUFFER: usize = 64 * 1024;
+/// A reply's data past what the read buffer holds goes straight from the
+/// socket into the reply once this much is left: no copy through the buffer.
+const DIRECT_READ: usize = 16 * 1024;
+
 /// Dispatches replies until the socket fails; returns why it stopped.
 async fn receive<R: tokio::io::AsyncRead + Unpin>(
-    r: &mut R,
+    r: &mut tokio::io::BufReader<R>,
     pending: &Mutex<Pending>,
 ) -> io::Error {
     loop {
@@ -244,8 +252,20 @@ async fn receive<R: tokio::io::AsyncRead + Unpin>(
         let mut data = Vec::with_capacity(total);
         data.resize(headroom, 0);
         while data.len() < total {
-            let want = (total - data.len()) as u64;
-            match (&mut *r).take(want).read_buf(&mut data).await {
+            let want = total - data.len();
+            let buffered = r.buffer();
+            if !buffered.is_empty() {
+                let n = buffered.len().min(want);
+                data.extend_from_slice(&buffered[..n]);
+                r.consume(n);
+                continue;
+            }
+            let read = if want >= DIRECT_READ {
+                r.get_mut().take(want as u64).read_buf(&mut data).await
+            } else {
+                (&mut *r).take(want as u64).read_buf(&mut data).await
+            };
+            match read {
                 Ok(0) => {
                     let e = io::Error::new(io::ErrorKind::UnexpectedEof, "reply cut short");
                     let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
@@ -359,4 +379,71 @@ impl std::error::Error for ReplyErrno {}
 
 fn reply_errno_of(e: &io::Error) -> Option<u32> {
     e.get_ref()?.downcast_ref::<ReplyErrno>().map(|r| r.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn simple_reply(out: &mut Vec<u8>, handle: u64, error: u32, data: &[u8]) {
+        out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        out.extend_from_slice(&error.to_be_bytes());
+        out.extend_from_slice(&handle.to_be_bytes());
+        out.extend_from_slice(data);
+    }
+
+    /// Replies of every size, some larger than the read buffer, arriving in
+    /// odd-sized pieces: each reaches its own request, whole, after its
+    /// headroom, whether it came through the buffer or straight from the socket.
+    #[tokio::test]
+    async fn replies_of_every_size_reach_their_requests_whole() {
+        let sizes = [
+            4096usize,
+            0,
+            DIRECT_READ - 1,
+            DIRECT_READ,
+            READ_BUFFER + 17,
+            256 << 10,
+            1,
+            3 * READ_BUFFER,
+        ];
+        let pending: Arc<Mutex<Pending>> = Arc::default();
+        let mut stream = Vec::new();
+        let mut waiting = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            let handle = 100 + i as u64;
+            let data: Vec<u8> = (0..n).map(|b| (b * 7 + i) as u8).collect();
+            let (tx, rx) = oneshot::channel();
+            let headroom = i % 3 * 14;
+            pending.lock().insert(handle, (n as u32, headroom, tx));
+            simple_reply(&mut stream, handle, 0, &data);
+            waiting.push((rx, headroom, data));
+        }
+        let (tx, rx) = oneshot::channel();
+        pending.lock().insert(7, (4096, 0, tx));
+        simple_reply(&mut stream, 7, 5, &[]);
+        let (mut w, r) = tokio::io::duplex(9_973);
+        let writer = tokio::spawn(async move {
+            for piece in stream.chunks(5_003) {
+                w.write_all(piece).await.unwrap();
+            }
+        });
+        let mut reader = tokio::io::BufReader::with_capacity(READ_BUFFER, r);
+        let ended = receive(&mut reader, &pending).await;
+        writer.await.unwrap();
+        assert_eq!(ended.kind(), io::ErrorKind::UnexpectedEof, "{ended}");
+        for (rx, headroom, data) in waiting {
+            let got = rx.await.unwrap().unwrap();
+            assert_eq!(got.len(), headroom + data.len());
+            assert!(got[..headroom].iter().all(|b| *b == 0));
+            assert!(
+                got[headroom..] == data[..],
+                "data of a {}-byte reply",
+                data.len()
+            );
+        }
+        let failed = rx.await.unwrap().unwrap_err();
+        assert_eq!(reply_errno_of(&failed), Some(5));
+        assert!(pending.lock().is_empty());
+    }
 }
