@@ -44,6 +44,11 @@
 #                    moves a 16 MiB segment at a time, so a short window is coarse (+-16 MiB);
 #                    the rate between the window's first and last counter moves (polled every
 #                    0.1 s) is shown too. s3 is stopped after the window. Target: 0.95 to 1.05.
+#   d. devices first a device of rep (Standard mode) streams from the server its login chose;
+#                    fio 4 KiB randread at QD16 on its base export for BENCH_DEVICE_SECS, then
+#                    again while a fresh s4, unthrottled, pulls everything from s1 and s2 (from
+#                    its first received byte). IOPS and p99 latency, during ÷ before. Needs fio.
+#                    Measured, no target: the issue asks that streaming come first.
 # Both replicas (rep@1 and rep@2 on s2) are read back over NBD and compared with the images,
 # and rsync's results with new.raw (outside the timings).
 #
@@ -54,7 +59,8 @@
 #   BENCH_RATE=RATE          s3's --replication-rate (default 20M)
 #   BENCH_THROTTLE_SECS=S    length of part c's measuring window (default 60)
 #   BENCH_PORT=P             etcd client port; etcd's peer port is P+1, s1's NBD and API ports
-#                            P+2 and P+3, s2's P+4 and P+5, s3's P+6 and P+7 (default 20870)
+#                            P+2 and P+3, s2's P+4 and P+5, s3's P+6 and P+7, s4's P+8 and P+9 (default 20870)
+#   BENCH_DEVICE_SECS=S      length of each of part d's fio runs (default 8)
 #   BENCH_STEPS="a b c"      which parts to report (the import of rep is done whenever any part
 #                            runs; c pulls whatever a and b left)
 #   BENCH_NO_BUILD=1         use target/release/vstream as it is
@@ -62,6 +68,8 @@
 #                            all the same)
 #   BENCH_QUIET_WAIT=S       before parts a and b, wait up to S s for the machine to be < 10 %
 #                            busy (default 60)
+#   BENCH_LOG=FILTER         the servers' RUST_LOG (default info); for a delta's timeline:
+#                            info,vstream_server::replication=debug (a line per request received)
 set -euo pipefail
 shopt -s inherit_errexit 2>/dev/null || true
 
@@ -69,7 +77,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 WORK=$(realpath -m "${BENCH_WORK:-$ROOT/bench/.work/replication}")
 PORT=${BENCH_PORT:-20870}
-STEPS=" ${BENCH_STEPS:-a b c} "
+STEPS=" ${BENCH_STEPS:-a b c d} "
 RATE_ARG=${BENCH_RATE:-20M}
 THROTTLE_SECS=${BENCH_THROTTLE_SECS:-60}
 LOGS=$WORK/logs
@@ -150,10 +158,10 @@ stop_pid() {
 }
 cleanup() {
   local rc=$? s
-  for s in s3 s2 s1; do stop_pid "${SPID[$s]:-}"; done
+  for s in s4 s3 s2 s1; do stop_pid "${SPID[$s]:-}"; done
   stop_pid "$ETCD_PID"
   if [ -z "${BENCH_KEEP:-}" ]; then
-    rm -rf "$WORK/s1" "$WORK/s2" "$WORK/s3" "$WORK/etcd" "$WORK/cp" "$WORK/rsync" \
+    rm -rf "$WORK/s1" "$WORK/s2" "$WORK/s3" "$WORK/s4" "$WORK/etcd" "$WORK/cp" "$WORK/rsync" \
       "$OLD" "$OLD.tmp" "$NEW" "$DELTA"
   fi
   exit "$rc"
@@ -196,7 +204,7 @@ start_server() {
   local s=$1 d; shift
   d=$(sdata "$s")
   rm -rf "$d"; mkdir -p "$d"
-  RUST_LOG=info "$VSTREAM" server --data "$d" --nbd "127.0.0.1:$(nbd_port "$s")" --api "127.0.0.1:$(api_port "$s")" \
+  RUST_LOG=${BENCH_LOG:-info} "$VSTREAM" server --data "$d" --nbd "127.0.0.1:$(nbd_port "$s")" --api "127.0.0.1:$(api_port "$s")" \
     --farm "etcd://127.0.0.1:$ETCD_PORT" --name "$s" "$@" >"$LOGS/$s.log" 2>&1 &
   SPID[$s]=$!
   for _ in $(seq 300); do
@@ -587,6 +595,44 @@ PY
   fi
 }
 
+# --- d. devices first ------------------------------------------------------------------------------
+# device_fio URL: "IOPS P99_US" of fio 4 KiB randread QD16 for BENCH_DEVICE_SECS on URL.
+device_fio() {
+  fio --name=dev --ioengine=nbd --uri="$1" --rw=randread --bs=4k --iodepth=16 \
+    --runtime="${BENCH_DEVICE_SECS:-8}" --time_based --output-format=json --output="$WORK/fio.json" \
+    >>"$LOGS/fio.log" 2>&1 || die "fio failed (log: $LOGS/fio.log)"
+  "$PY" - "$WORK/fio.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))["jobs"][0]["read"]
+print("%.0f %.0f" % (r["iops"], r["clat_ns"]["percentile"]["99.000000"] / 1000))
+PY
+}
+
+part_d() {
+  command -v fio >/dev/null || { row d "device reads during a full copy" "skipped: no fio"; return 0; }
+  local login url before during need got bi bp di dp
+  atq s1 device add d1 --mac 52:54:00:dd:00:01 --vdisk "$VDISK"
+  login=$(curl -sf -m 5 -H 'content-type: application/json' -d '{"mac":"52:54:00:dd:00:01"}' \
+    "$(api_url s1)/api/v1/login") || die "d. the device's login failed"
+  url=$(json '"nbd://" + d["nbd"] + "/" + d["export"]' <<<"$login")
+  log "d. device d1 reads from $(json 'd["server"]' <<<"$login"): fio alone, then while s4 copies everything"
+  before=$(device_fio "$url")
+  need=$(( $(received s2) ))
+  start_server s4
+  for _ in $(seq 600); do [ "$(received s4)" -gt 0 ] && break; sleep 0.05; done
+  [ "$(received s4)" -gt 0 ] || die "d. s4 received nothing within 30 s"
+  during=$(device_fio "$url")
+  got=$(received s4)
+  stop_pid "${SPID[s4]}"; SPID[s4]=""
+  echo "d. device fio before: $before (IOPS p99-us); during s4's copy: $during; s4 received $got of about $need bytes by then" >>"$LOGS/details.txt"
+  read -r bi bp <<<"$before"; read -r di dp <<<"$during"
+  row d "device 4 KiB randread QD16 (IOPS): while s4 pulls $(gib "$SIZE") GiB unthrottled vs alone" "$di" "$bi" "$(ratio "$di" "$bi")"
+  row d "its p99 latency (µs): while s4 pulls vs alone" "$dp" "$bp" "$(ratio "$dp" "$bp")"
+  if [ "$got" -ge "$need" ]; then
+    row d "WARNING: s4 had all $need bytes before fio ended: the copy did not last the run" "" "" "" "" ""
+  fi
+}
+
 # --- run -------------------------------------------------------------------------------------------
 STARTED_AT=$(date -u '+%Y-%m-%d %H:%M UTC')
 T_START=$(now_ns)
@@ -600,6 +646,7 @@ setup_import
 [[ $STEPS == *" a "* ]] && part_a
 [[ $STEPS == *" b "* ]] && part_b
 [[ $STEPS == *" c "* ]] && part_c
+[[ $STEPS == *" d "* ]] && part_d
 
 TABLE=$WORK/last-table.md
 {
