@@ -546,3 +546,42 @@ fn a_private_device_waits_for_its_server_and_loses_no_acknowledged_write() {
     assert!(log.contains("reconnected"), "{log}");
     assert!(!log.contains("failed over"), "{log}");
 }
+
+/// Reads of every size through the agent, some wholly of the base (sent on
+/// without a copy), some part cache and part base, against the bytes the
+/// device must see.
+#[test]
+fn reads_through_the_agent_return_the_right_bytes_whole_or_mixed() {
+    let Some(etcd) = tools() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let servers = farm(&etcd, dir.path(), 1, 1);
+    let mut want = std::fs::read(dir.path().join("demo.raw")).unwrap();
+    let agent = TestAgent::start(dir.path(), "pc1", &mac(1), &apis(&servers), "ram:16MiB");
+    let url = format!("nbd+unix:///?socket={}", agent.sock.display());
+    let got = common::nbd::read_export(&url).expect("reading through the agent");
+    assert!(got == want, "the base, read in 1 MiB requests");
+
+    // Writes that leave 1 MiB reads part cached: inside one, across a
+    // boundary, and a long one over several.
+    let mut nbd = common::nbd::Nbd::connect(&url);
+    for (i, (off, len)) in [
+        (100_000, 5_000),
+        ((1 << 20) - 3, 70_000),
+        (5 << 20, 2_300_000),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let data: Vec<u8> = (0..len).map(|b| (b * 13 + i) as u8).collect();
+        nbd.pwrite(&data, off, &dir.path().join("scratch"));
+        want[off..off + len].copy_from_slice(&data);
+    }
+    nbd.quit();
+    let got = common::nbd::read_export(&url).expect("reading through the agent");
+    assert_eq!(got.len(), want.len());
+    let first_bad = got.iter().zip(&want).position(|(a, b)| a != b);
+    assert_eq!(
+        first_bad, None,
+        "the cache's writes over the base, read back"
+    );
+}
