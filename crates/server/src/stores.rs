@@ -126,6 +126,30 @@ pub fn ready_for(server: &Server, view: &View, name: &str) -> Result<(), String>
         .unwrap_or_else(|| format!("store {} is not available on this server yet", record.store)))
 }
 
+/// As [`ready_for`], but a vDisk this server's view does not show yet (made
+/// a moment ago elsewhere: the view catches up within a second) is read from
+/// the farm state and placed now, so that its copy starts when its maker
+/// pokes, not a second later.
+pub async fn make_ready(server: &Server, view: &View, name: &str) -> Result<(), String> {
+    let why = match ready_for(server, view, name) {
+        Ok(()) => return Ok(()),
+        Err(why) if view.vdisk(name).is_some() => return Err(why),
+        Err(why) => why,
+    };
+    let Ok(Some(record)) = server.farm.get_vdisk(name).await else {
+        return Err(why);
+    };
+    place(server, &record);
+    if server.store.store_of(name) == record.store {
+        Ok(())
+    } else {
+        Err(format!(
+            "store {} is not available on this server yet",
+            record.store
+        ))
+    }
+}
+
 /// This server's copy of each of the farm's stores, for its status.
 pub fn status(server: &Server, view: &View) -> Vec<StoreHere> {
     let problems = server.store_problems.0.lock();

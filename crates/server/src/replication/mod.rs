@@ -498,7 +498,7 @@ async fn reconcile(server: &Arc<Server>) -> Result<(), FarmError> {
             continue;
         };
         // A vDisk lands in its named store: not before that store is here.
-        if let Err(why) = crate::stores::ready_for(server, &view, &cat.vdisk) {
+        if let Err(why) = crate::stores::make_ready(server, &view, &cat.vdisk).await {
             keep(&mut needed);
             for v in cat.versions.iter().filter(|v| v.is_replicated()) {
                 let key = (cat.vdisk.clone(), v.number);

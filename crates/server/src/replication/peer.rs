@@ -209,12 +209,9 @@ async fn data(
     // Streamed in small pieces, read as they go out (see replica::PIECE).
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
     let s = server.clone();
-    // A thread of its own, at the lowest priority: device reads on the
-    // blocking pool come first (at most MAX_SERVING of these at once).
-    let reader = std::thread::Builder::new().name("peer-send".into());
-    let spawned = reader.spawn(move || {
+    tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        super::transfer::background_thread();
+        let _low_io = super::transfer::LowIo::enter();
         let sent = replica::export_data_pieces(&layer, range.from, range.to, |piece| {
             Metrics::add(&s.replication.sent_bytes, piece.len() as u64);
             tx.blocking_send(Ok(bytes::Bytes::from(piece))).is_ok()
@@ -223,11 +220,6 @@ async fn data(
             let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
         }
     });
-    if let Err(e) = spawned {
-        return Err(ApiError::internal(format!(
-            "cannot start a thread to send data: {e}"
-        )));
-    }
     let body = axum::body::Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     }));

@@ -346,7 +346,7 @@ fn copy_layer(
             let agent = agent.clone();
             let secret = secret.clone();
             scope.spawn(move || {
-                background_thread();
+                let _low_io = LowIo::enter();
                 loop {
                     let segs = take_batch(queue, &inc.read());
                     let (Some(&first), Some(&last)) = (segs.first(), segs.last()) else {
@@ -408,20 +408,6 @@ fn copy_layer(
         .map_err(|e: ImageError| e.to_string())?;
     *done_before.lock() += total;
     Ok(())
-}
-
-/// Gives the calling thread, for the rest of its life, the lowest CPU
-/// priority (nice 19) and disk priority: for threads that only move
-/// replication data, so that device streaming comes first on a busy server.
-/// Only for threads of their own: an unprivileged process could not raise
-/// the priority again for a pool thread's next job.
-pub fn background_thread() {
-    // SAFETY: plain syscalls on the calling thread (who 0), no memory involved.
-    unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
-        let idle = (IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | IOPRIO_LOWEST;
-        libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, idle);
-    }
 }
 
 /// While held, this thread's disk I/O has the lowest best-effort priority:
