@@ -165,9 +165,8 @@ where
             buf = BytesMut::with_capacity(16 * 1024);
         }
     };
-    // Let every request already taken finish and reply before closing.
-    // A reply task that writes for others holds its permit until it is done,
-    // so every reply has left by now.
+    // Let every request already taken finish and reply before closing (a
+    // reply task holds its permit until its reply is written).
     let _all = in_flight.acquire_many(MAX_IN_FLIGHT).await;
     if ending != Ending::Dropped {
         let _ = replies.writer.lock().await.flush().await;
@@ -180,36 +179,48 @@ where
 /// queue meanwhile, in vectored writes, and leaves once the queue is empty.
 /// Replies that finish together (a batch of upstream answers in the agent)
 /// thus leave in one system call and wake the client once, with no copy.
+/// Every sender returns only once its reply has been written (or the client
+/// is gone), and holds its request's permit until then: a client that stops
+/// reading stops the server taking its requests, as before.
 struct Replies<W> {
     queue: parking_lot::Mutex<Queued>,
+    /// How many queued replies have been written; `u64::MAX` once a write failed.
+    written: tokio::sync::watch::Sender<u64>,
     writer: Mutex<W>,
 }
 
 #[derive(Default)]
 struct Queued {
     replies: Vec<Vec<u8>>,
+    /// Replies ever queued: a reply's ticket is the count after it.
+    queued: u64,
     writing: bool,
+    failed: bool,
+}
+
+fn client_gone() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::BrokenPipe,
+        "an earlier reply could not be written",
+    )
 }
 
 impl<W: AsyncWrite + Unpin> Replies<W> {
     fn new(writer: W) -> Self {
         Replies {
             queue: parking_lot::Mutex::new(Queued::default()),
+            written: tokio::sync::watch::channel(0).0,
             writer: Mutex::new(writer),
         }
     }
 
-    /// Queues `reply`, and writes the queue unless someone else is writing
-    /// it, after the other tasks ready to run (replies woken together by one
-    /// upstream read) have queued theirs, to leave in the same write.
+    /// Queues `reply` and waits until it is written. The first to find
+    /// nobody writing writes the queue, after the other tasks ready to run
+    /// (replies woken together by one upstream read) have queued theirs.
     async fn send(&self, reply: Vec<u8>) -> std::io::Result<()> {
-        {
-            let mut q = self.queue.lock();
-            q.replies.push(reply);
-            if q.writing {
-                return Ok(());
-            }
-            q.writing = true;
+        let mut reply = reply;
+        if let Some(ticket) = self.queue_unless_idle(&mut reply, true)? {
+            return self.written_up_to(ticket).await;
         }
         tokio::task::yield_now().await;
         let mut w = self.writer.lock().await;
@@ -217,20 +228,48 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
     }
 
     /// Sends the connection loop's batch of inline replies, keeping the
-    /// buffer (emptied) for the next batch when it can write it at once.
+    /// buffer (emptied) for the next batch when nobody else is writing.
     async fn send_batch(&self, batch: &mut Vec<u8>) -> std::io::Result<()> {
-        {
-            let mut q = self.queue.lock();
-            if q.writing {
-                q.replies.push(std::mem::take(batch));
-                return Ok(());
-            }
-            q.writing = true;
+        if let Some(ticket) = self.queue_unless_idle(batch, false)? {
+            return self.written_up_to(ticket).await;
         }
         let mut w = self.writer.lock().await;
         let first = w.write_all(batch).await;
         batch.clear();
         self.drain(&mut w, first).await
+    }
+
+    /// Queues `reply` (taking it) and answers its ticket when someone else
+    /// is writing; otherwise makes the caller the writer, having queued the
+    /// reply only if `queue_own`.
+    fn queue_unless_idle(
+        &self,
+        reply: &mut Vec<u8>,
+        queue_own: bool,
+    ) -> std::io::Result<Option<u64>> {
+        let mut q = self.queue.lock();
+        if q.failed {
+            return Err(client_gone());
+        }
+        if q.writing || queue_own {
+            q.replies.push(std::mem::take(reply));
+            q.queued += 1;
+        }
+        if q.writing {
+            return Ok(Some(q.queued));
+        }
+        q.writing = true;
+        Ok(None)
+    }
+
+    /// Waits until the reply with `ticket` has been written.
+    async fn written_up_to(&self, ticket: u64) -> std::io::Result<()> {
+        let mut written = self.written.subscribe();
+        let _ = written.wait_for(|w| *w >= ticket).await;
+        if self.queue.lock().failed {
+            return Err(client_gone());
+        }
+        Ok(())
     }
 
     /// Writes what is queued until the queue is empty or a write fails.
@@ -239,14 +278,23 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
         loop {
             let batch = {
                 let mut q = self.queue.lock();
-                if result.is_err() || q.replies.is_empty() {
+                if result.is_err() {
                     q.replies.clear();
+                    q.writing = false;
+                    q.failed = true;
+                    self.written.send_replace(u64::MAX);
+                    return result;
+                }
+                if q.replies.is_empty() {
                     q.writing = false;
                     return result;
                 }
                 std::mem::take(&mut q.replies)
             };
             result = write_all_vectored(w, &batch).await;
+            if result.is_ok() {
+                self.written.send_modify(|n| *n += batch.len() as u64);
+            }
         }
     }
 }
@@ -586,5 +634,31 @@ mod tests {
             replies.send(reply(3)).await.is_err(),
             "nothing waits forever"
         );
+    }
+
+    /// A client that stops reading holds every sender up: replies do not
+    /// pile up in the server while it keeps taking requests.
+    #[tokio::test]
+    async fn a_client_that_does_not_read_holds_the_senders_up() {
+        let (w, mut r) = tokio::io::duplex(1024);
+        let replies = Arc::new(Replies::new(w));
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..8u32 {
+            let replies = replies.clone();
+            tasks.spawn(async move { replies.send(vec![i as u8; 4096]).await });
+        }
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(300), async {
+            tasks.join_next().await
+        })
+        .await;
+        assert!(
+            waited.is_err(),
+            "no sender returned while the client read nothing"
+        );
+        let mut got = vec![0u8; 8 * 4096];
+        r.read_exact(&mut got).await.unwrap();
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap().unwrap();
+        }
     }
 }
