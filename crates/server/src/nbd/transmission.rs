@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use vstream_image::{Disk, LocalRead, WriteError};
 use vstream_nbd::transmission::{
     encode_block_status, encode_offset_data_header, encode_simple_reply, encode_structured_error,
@@ -132,8 +132,7 @@ where
                         }
                     };
                     // A failed write means the client is gone; the reader sees it too.
-                    let _ = replies.send(reply).await;
-                    drop(permit);
+                    let _ = replies.send(reply, permit).await;
                 });
             }
             if out.len() >= BATCH_LIMIT {
@@ -166,7 +165,7 @@ where
         }
     };
     // Let every request already taken finish and reply before closing (a
-    // reply task holds its permit until its reply is written).
+    // queued reply holds its permit until it is written).
     let _all = in_flight.acquire_many(MAX_IN_FLIGHT).await;
     if ending != Ending::Dropped {
         let _ = replies.writer.lock().await.flush().await;
@@ -179,9 +178,9 @@ where
 /// queue meanwhile, in vectored writes, and leaves once the queue is empty.
 /// Replies that finish together (a batch of upstream answers in the agent)
 /// thus leave in one system call and wake the client once, with no copy.
-/// Every sender returns only once its reply has been written (or the client
-/// is gone), and holds its request's permit until then: a client that stops
-/// reading stops the server taking its requests, as before.
+/// A queued reply keeps its request's permit until it is written, and the
+/// connection loop waits for its own batch: a client that stops reading
+/// stops the server taking its requests.
 struct Replies<W> {
     queue: parking_lot::Mutex<Queued>,
     /// How many queued replies have been written; `u64::MAX` once a write failed.
@@ -189,9 +188,12 @@ struct Replies<W> {
     writer: Mutex<W>,
 }
 
+/// A reply, and the permit of its request while it waits to be written.
+type Reply = (Vec<u8>, Option<OwnedSemaphorePermit>);
+
 #[derive(Default)]
 struct Queued {
-    replies: Vec<Vec<u8>>,
+    replies: Vec<Reply>,
     /// Replies ever queued: a reply's ticket is the count after it.
     queued: u64,
     writing: bool,
@@ -214,62 +216,57 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
         }
     }
 
-    /// Queues `reply` and waits until it is written. The first to find
-    /// nobody writing writes the queue, after the other tasks ready to run
-    /// (replies woken together by one upstream read) have queued theirs.
-    async fn send(&self, reply: Vec<u8>) -> std::io::Result<()> {
-        let mut reply = reply;
-        if let Some(ticket) = self.queue_unless_idle(&mut reply, true)? {
-            return self.written_up_to(ticket).await;
+    /// Queues `reply`, holding `permit` until it is written. The first to
+    /// find nobody writing writes the queue, after the other tasks ready to
+    /// run (replies woken together by one upstream read) have queued theirs.
+    async fn send(&self, reply: Vec<u8>, permit: OwnedSemaphorePermit) -> std::io::Result<()> {
+        {
+            let mut q = self.queue.lock();
+            if q.failed {
+                return Err(client_gone());
+            }
+            q.replies.push((reply, Some(permit)));
+            q.queued += 1;
+            if q.writing {
+                return Ok(());
+            }
+            q.writing = true;
         }
         tokio::task::yield_now().await;
         let mut w = self.writer.lock().await;
         self.drain(&mut w, Ok(())).await
     }
 
-    /// Sends the connection loop's batch of inline replies, keeping the
-    /// buffer (emptied) for the next batch when nobody else is writing.
+    /// Sends the connection loop's batch of inline replies and waits until
+    /// it is written, keeping the buffer (emptied) for the next batch when
+    /// nobody else is writing.
     async fn send_batch(&self, batch: &mut Vec<u8>) -> std::io::Result<()> {
-        if let Some(ticket) = self.queue_unless_idle(batch, false)? {
-            return self.written_up_to(ticket).await;
+        let ticket = {
+            let mut q = self.queue.lock();
+            if q.failed {
+                return Err(client_gone());
+            }
+            if q.writing {
+                q.replies.push((std::mem::take(batch), None));
+                q.queued += 1;
+                Some(q.queued)
+            } else {
+                q.writing = true;
+                None
+            }
+        };
+        if let Some(ticket) = ticket {
+            let mut written = self.written.subscribe();
+            let _ = written.wait_for(|w| *w >= ticket).await;
+            return match self.queue.lock().failed {
+                true => Err(client_gone()),
+                false => Ok(()),
+            };
         }
         let mut w = self.writer.lock().await;
         let first = w.write_all(batch).await;
         batch.clear();
         self.drain(&mut w, first).await
-    }
-
-    /// Queues `reply` (taking it) and answers its ticket when someone else
-    /// is writing; otherwise makes the caller the writer, having queued the
-    /// reply only if `queue_own`.
-    fn queue_unless_idle(
-        &self,
-        reply: &mut Vec<u8>,
-        queue_own: bool,
-    ) -> std::io::Result<Option<u64>> {
-        let mut q = self.queue.lock();
-        if q.failed {
-            return Err(client_gone());
-        }
-        if q.writing || queue_own {
-            q.replies.push(std::mem::take(reply));
-            q.queued += 1;
-        }
-        if q.writing {
-            return Ok(Some(q.queued));
-        }
-        q.writing = true;
-        Ok(None)
-    }
-
-    /// Waits until the reply with `ticket` has been written.
-    async fn written_up_to(&self, ticket: u64) -> std::io::Result<()> {
-        let mut written = self.written.subscribe();
-        let _ = written.wait_for(|w| *w >= ticket).await;
-        if self.queue.lock().failed {
-            return Err(client_gone());
-        }
-        Ok(())
     }
 
     /// Writes what is queued until the queue is empty or a write fails.
@@ -291,21 +288,21 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
                 }
                 std::mem::take(&mut q.replies)
             };
-            result = write_all_vectored(w, &batch).await;
+            result = write_all_vectored(w, batch.iter().map(|(r, _)| &r[..])).await;
             if result.is_ok() {
                 self.written.send_modify(|n| *n += batch.len() as u64);
             }
+            // The batch's permits go with it.
         }
     }
 }
 
 /// Writes every buffer of `bufs`, in order, in as few calls as the socket allows.
-async fn write_all_vectored<W: AsyncWrite + Unpin>(
+async fn write_all_vectored<'a, W: AsyncWrite + Unpin>(
     w: &mut W,
-    bufs: &[Vec<u8>],
+    bufs: impl Iterator<Item = &'a [u8]>,
 ) -> std::io::Result<()> {
-    let mut slices: Vec<std::io::IoSlice<'_>> =
-        bufs.iter().map(|b| std::io::IoSlice::new(b)).collect();
+    let mut slices: Vec<std::io::IoSlice<'_>> = bufs.map(std::io::IoSlice::new).collect();
     let mut rest = &mut slices[..];
     std::io::IoSlice::advance_slices(&mut rest, 0);
     while !rest.is_empty() {
@@ -601,7 +598,8 @@ mod tests {
                     replies.send_batch(&mut batch).await.unwrap();
                     assert!(batch.is_empty(), "the batch buffer comes back empty");
                 } else {
-                    replies.send(reply(i)).await.unwrap();
+                    let permit = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
+                    replies.send(reply(i), permit).await.unwrap();
                 }
             });
         }
@@ -627,38 +625,49 @@ mod tests {
         let (w, r) = tokio::io::duplex(64);
         drop(r);
         let replies = Replies::new(w);
-        assert!(replies.send(reply(1)).await.is_err());
+        let permits = Arc::new(Semaphore::new(2));
+        let permit = || permits.clone().try_acquire_owned().unwrap();
+        assert!(replies.send(reply(1), permit()).await.is_err());
         let mut batch = reply(2);
         assert!(replies.send_batch(&mut batch).await.is_err());
         assert!(
-            replies.send(reply(3)).await.is_err(),
+            replies.send(reply(3), permit()).await.is_err(),
             "nothing waits forever"
         );
+        assert_eq!(permits.available_permits(), 2, "no permit stays taken");
     }
 
-    /// A client that stops reading holds every sender up: replies do not
-    /// pile up in the server while it keeps taking requests.
+    /// A client that stops reading keeps its requests' permits taken:
+    /// replies do not pile up while the server goes on taking requests.
     #[tokio::test]
-    async fn a_client_that_does_not_read_holds_the_senders_up() {
+    async fn a_client_that_does_not_read_keeps_the_permits_taken() {
         let (w, mut r) = tokio::io::duplex(1024);
         let replies = Arc::new(Replies::new(w));
+        let permits = Arc::new(Semaphore::new(8));
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..8u32 {
-            let replies = replies.clone();
-            tasks.spawn(async move { replies.send(vec![i as u8; 4096]).await });
+            let (replies, permit) = (
+                replies.clone(),
+                permits.clone().try_acquire_owned().unwrap(),
+            );
+            tasks.spawn(async move { replies.send(vec![i as u8; 4096], permit).await });
         }
-        let waited = tokio::time::timeout(std::time::Duration::from_millis(300), async {
-            tasks.join_next().await
-        })
-        .await;
-        assert!(
-            waited.is_err(),
-            "no sender returned while the client read nothing"
+        // The writer is stuck on the full pipe; the others have queued.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(
+            permits.available_permits(),
+            0,
+            "every unwritten reply holds its permit"
         );
         let mut got = vec![0u8; 8 * 4096];
         r.read_exact(&mut got).await.unwrap();
         while let Some(done) = tasks.join_next().await {
             done.unwrap().unwrap();
         }
+        assert_eq!(
+            permits.available_permits(),
+            8,
+            "written replies give theirs back"
+        );
     }
 }
