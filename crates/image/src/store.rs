@@ -297,11 +297,17 @@ impl Store {
         Ok(self.root_of(name).join("vdisks").join(name))
     }
 
+    /// The folder of every store held here: the data folder's first.
+    pub fn roots(&self) -> Vec<PathBuf> {
+        let mut v = vec![self.root.clone()];
+        v.extend(self.areas.read().roots.values().cloned());
+        v
+    }
+
     /// Names of the vDisks in every store held here.
     pub fn list(&self) -> Result<Vec<String>, ImageError> {
-        let mut names = list_root(&self.root)?;
-        let roots: Vec<PathBuf> = self.areas.read().roots.values().cloned().collect();
-        for r in roots {
+        let mut names = Vec::new();
+        for r in self.roots() {
             names.extend(list_root(&r)?);
         }
         names.sort();
@@ -480,15 +486,10 @@ impl Store {
 
     /// The replication folders of every store held here.
     pub fn replication_dirs(&self) -> Vec<PathBuf> {
-        let mut v = vec![self.root.join("replication")];
-        v.extend(
-            self.areas
-                .read()
-                .roots
-                .values()
-                .map(|r| r.join("replication")),
-        );
-        v
+        self.roots()
+            .into_iter()
+            .map(|r| r.join("replication"))
+            .collect()
     }
 
     /// The path of layer `file` of vDisk `name` in the store.

@@ -451,9 +451,11 @@ fn tidy(server: &Server) {
         return;
     }
     let view = server.membership.view();
-    let roots = std::iter::once(server.store.root().to_owned())
-        .chain(server.store.areas().into_iter().map(|(_, p)| p));
-    for dir in roots.filter_map(|r| std::fs::read_dir(r.join("boot")).ok()) {
+    let roots = server.store.roots();
+    for dir in roots
+        .iter()
+        .filter_map(|r| std::fs::read_dir(r.join("boot")).ok())
+    {
         for vdisk_dir in dir.flatten() {
             let vdisk = vdisk_dir.file_name().to_string_lossy().into_owned();
             let wanted: Vec<&str> = view
@@ -598,9 +600,11 @@ fn default_tftp_root(data: &Path) -> anyhow::Result<PathBuf> {
             missing.push(name);
             continue;
         }
-        let tmp = root.join(format!(".{name}.tmp"));
-        std::fs::copy(&from, &tmp)
-            .and_then(|_| std::fs::rename(&tmp, &to))
+        tempfile::NamedTempFile::new_in(&root)
+            .and_then(|mut tmp| {
+                std::io::copy(&mut std::fs::File::open(&from)?, &mut tmp)?;
+                tmp.persist(&to).map_err(|e| e.error)
+            })
             .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
         tracing::info!(file = name, from = %from.display(), "iPXE binary copied into the TFTP folder");
     }
