@@ -351,6 +351,16 @@ impl Disk {
         })
     }
 
+    /// Whether a base holds all of `[offset, offset + len)`: no layer has
+    /// any of it (stops at the first chunk a layer holds).
+    pub fn base_only(&self, offset: u64, len: u64) -> bool {
+        let end = offset.saturating_add(len);
+        self.base.is_some()
+            && len > 0
+            && self.in_range(offset, len)
+            && self.runs(offset, end, self.layers.len()).next() == Some((offset, end, None))
+    }
+
     /// Reads what the layers hold of `[offset, offset + buf.len())` without
     /// blocking, and leaves the runs that belong to the base unwritten: the
     /// caller fetches those (asynchronously) and fills them in.

@@ -304,7 +304,6 @@ async fn write_all_vectored<'a, W: AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     let mut slices: Vec<std::io::IoSlice<'_>> = bufs.map(std::io::IoSlice::new).collect();
     let mut rest = &mut slices[..];
-    std::io::IoSlice::advance_slices(&mut rest, 0);
     while !rest.is_empty() {
         let n = w.write_vectored(rest).await?;
         if n == 0 {
@@ -435,8 +434,24 @@ impl Conn {
     /// base's from `remote`, on this task; `None` if a layer would block.
     async fn read_with_remote(&self, req: &Request, remote: &dyn RemoteBase) -> Option<Vec<u8>> {
         let len = req.length as usize;
-        let mut out = Vec::with_capacity(32 + len);
+        // The reply header first; the data's room only where it is needed.
+        let mut out = Vec::with_capacity(32);
         self.read_reply_header(req, &mut out);
+        if self.disk.base_only(req.offset, u64::from(req.length)) {
+            // All of it is the base's: the upstream reply, read with room for
+            // our header in front, becomes ours.
+            let at = out.len();
+            return Some(match remote.read(req.offset, req.length, at).await {
+                Ok(mut data) if data.len() == at + len => {
+                    data[..at].copy_from_slice(&out);
+                    Metrics::add(&self.exports.metrics().read_bytes, u64::from(req.length));
+                    data
+                }
+                Ok(_) => self.error_reply(req, EIO, "short read from the base"),
+                Err(e) => self.error_reply(req, EIO, &e.to_string()),
+            });
+        }
+        out.reserve_exact(len);
         let at = out.len();
         let missing = match self
             .disk
@@ -447,18 +462,6 @@ impl Conn {
             Ok(LocalRead::WouldBlock) => return None,
             Err(e) => return Some(self.error_reply(req, EIO, &e.to_string())),
         };
-        if missing == [(req.offset, len as u64)] {
-            // All of it is the base's: the upstream reply becomes ours.
-            return Some(match remote.read(req.offset, req.length, at).await {
-                Ok(mut data) if data.len() == at + len => {
-                    data[..at].copy_from_slice(&out[..at]);
-                    Metrics::add(&self.exports.metrics().read_bytes, u64::from(req.length));
-                    data
-                }
-                Ok(_) => self.error_reply(req, EIO, "short read from the base"),
-                Err(e) => self.error_reply(req, EIO, &e.to_string()),
-            });
-        }
         for (offset, n) in missing {
             match remote.read(offset, n as u32, 0).await {
                 Ok(data) if data.len() as u64 == n => {
