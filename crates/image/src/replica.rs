@@ -18,9 +18,10 @@
 //! segments are durable in a small journal beside it, so a restart resumes.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Read;
-use std::os::unix::fs::FileExt;
+use std::io::{self, Read};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::ImageError;
 use crate::hash::Tree;
@@ -55,6 +56,31 @@ pub fn export_meta(layer: &Layer) -> Result<Vec<u8>, ImageError> {
 /// cache between the socket and the page cache (a 16 MiB buffer makes each
 /// copy run at memory speed, several times slower here).
 pub const PIECE: usize = 128 * 1024;
+
+/// Bytes the receiver reads, checks and writes at a time.
+const RECEIVE_PIECE: usize = 1024 * 1024;
+
+/// What direct writes must be aligned to: their offset, length and buffer.
+const DIRECT_ALIGN: usize = 4096;
+
+/// A buffer whose start is aligned for direct writes.
+struct AlignedBuf {
+    bytes: Vec<u8>,
+    at: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> AlignedBuf {
+        let bytes = vec![0u8; len + DIRECT_ALIGN];
+        let at = bytes.as_ptr().align_offset(DIRECT_ALIGN);
+        AlignedBuf { bytes, at, len }
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.bytes[self.at..self.at + self.len]
+    }
+}
 
 /// The runs `(first chunk, count)` of chunks in `[from, to)` for which `set`.
 fn runs(from: u64, to: u64, set: impl Fn(u64) -> bool) -> Vec<(u64, u64)> {
@@ -147,6 +173,13 @@ pub struct Incoming {
     path: PathBuf,
     journal: PathBuf,
     file: File,
+    /// The same file opened for direct I/O, for the data: a copy of many
+    /// GiB goes straight to the disk instead of through the page cache,
+    /// which here is several times slower (and would push out the pages
+    /// that devices are reading). `None` where the filesystem refuses it.
+    direct: Option<File>,
+    /// Cleared when a direct write is refused: the page cache from then on.
+    direct_ok: AtomicBool,
     geo: Geometry,
     bitmap: Vec<u8>,
     /// Per segment: its data is durable in the file.
@@ -259,6 +292,8 @@ impl Incoming {
             path: path.to_owned(),
             journal,
             file,
+            direct: open_direct(path),
+            direct_ok: AtomicBool::new(true),
             geo,
             bitmap,
             done,
@@ -289,6 +324,8 @@ impl Incoming {
             path: path.to_owned(),
             journal: journal_path(path),
             file,
+            direct: open_direct(path),
+            direct_ok: AtomicBool::new(true),
             geo,
             bitmap,
             done: vec![true; segments],
@@ -387,21 +424,20 @@ impl Incoming {
             path: self.path.clone(),
             source,
         };
-        let mut buf = vec![0u8; PIECE];
+        let mut piece = AlignedBuf::new(RECEIVE_PIECE);
+        let buf = piece.as_mut();
         let mut got = 0u64;
-        // The block being assembled for its hash check: (block, bytes).
-        let mut block: Option<(u64, Vec<u8>)> = None;
+        // The block being checked as its data goes by.
+        let mut block: Option<BlockCheck> = None;
         for (start, n) in runs(from, to.min(self.geo.chunks), |c| bit(&self.bitmap, c)) {
             let mut off = start * CHUNK;
             let end = (start + n) * CHUNK;
             while off < end {
-                let len = ((end - off) as usize).min(PIECE);
+                let len = ((end - off) as usize).min(RECEIVE_PIECE);
                 src.read_exact(&mut buf[..len]).map_err(|_| short(got))?;
                 self.check_blocks(&mut block, off, &buf[..len])?;
                 let inside = len.min(self.geo.size.saturating_sub(off) as usize);
-                self.file
-                    .write_all_at(&buf[..inside], self.geo.data_offset + off)
-                    .map_err(werr)?;
+                self.write_data(off, &buf[..inside]).map_err(werr)?;
                 off += len as u64;
                 got += len as u64;
             }
@@ -414,24 +450,51 @@ impl Incoming {
         Ok(())
     }
 
+    /// Writes data of logical offset `off`: directly when it is aligned
+    /// and the filesystem allows, else through the page cache.
+    fn write_data(&self, off: u64, data: &[u8]) -> io::Result<()> {
+        let at = self.geo.data_offset + off;
+        if let Some(direct) = &self.direct {
+            let aligned = at.is_multiple_of(DIRECT_ALIGN as u64)
+                && data.len().is_multiple_of(DIRECT_ALIGN)
+                && (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN);
+            if aligned && self.direct_ok.load(Ordering::Relaxed) {
+                match direct.write_all_at(data, at) {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        self.direct_ok.store(false, Ordering::Relaxed);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        self.file.write_all_at(data, at)
+    }
+
+    /// The bytes of block `b` inside the disk.
+    fn block_len(&self, b: u64) -> u64 {
+        HASH_BLOCK.min(self.geo.size - b * HASH_BLOCK)
+    }
+
     /// Feeds data arriving for logical offset `off` into the check of the
-    /// blocks it falls in: a block is hashed once the data moves past it.
+    /// blocks it falls in: a block is finished once the data moves past it.
     fn check_blocks(
         &self,
-        block: &mut Option<(u64, Vec<u8>)>,
+        block: &mut Option<BlockCheck>,
         mut off: u64,
         mut data: &[u8],
     ) -> Result<(), ImageError> {
         while !data.is_empty() {
             let b = off / HASH_BLOCK;
-            if block.as_ref().is_some_and(|(cur, _)| *cur != b) {
+            if block.as_ref().is_some_and(|c| c.block != b) {
                 self.finish_block(block.take())?;
             }
             let in_block = ((b + 1) * HASH_BLOCK - off).min(data.len() as u64) as usize;
             if self.checkable(b) {
-                let (_, bytes) = block.get_or_insert_with(|| (b, vec![0u8; HASH_BLOCK as usize]));
-                let at = (off - b * HASH_BLOCK) as usize;
-                bytes[at..at + in_block].copy_from_slice(&data[..in_block]);
+                let check = block.get_or_insert_with(|| BlockCheck::new(b));
+                let at = off - b * HASH_BLOCK;
+                let inside = (self.block_len(b).saturating_sub(at) as usize).min(in_block);
+                check.feed(at, &data[..inside]);
             }
             off += in_block as u64;
             data = &data[in_block..];
@@ -439,14 +502,15 @@ impl Incoming {
         Ok(())
     }
 
-    /// Checks an assembled block against its stored hash.
-    fn finish_block(&self, block: Option<(u64, Vec<u8>)>) -> Result<(), ImageError> {
-        let Some((b, bytes)) = block else {
+    /// Checks a block against its stored hash.
+    fn finish_block(&self, block: Option<BlockCheck>) -> Result<(), ImageError> {
+        let Some(mut check) = block else {
             return Ok(());
         };
-        let len = HASH_BLOCK.min(self.geo.size - b * HASH_BLOCK) as usize;
-        let want = self.hashes.get(&b);
-        if want != Some(blake3::hash(&bytes[..len]).as_bytes()) {
+        let b = check.block;
+        // Chunks the layer does not hold read as zeros (a base's holes).
+        check.zeros_to(self.block_len(b));
+        if self.hashes.get(&b) != Some(check.hasher.finalize().as_bytes()) {
             return Err(corrupt(
                 &self.path,
                 format!("block {b} from the sender does not match its hash"),
@@ -520,6 +584,52 @@ impl Incoming {
         let _ = fs::remove_file(&self.journal);
         Ok(())
     }
+}
+
+/// The hash of one block, computed as its data goes by, without
+/// assembling the block.
+struct BlockCheck {
+    block: u64,
+    hasher: blake3::Hasher,
+    /// Bytes of the block hashed so far.
+    fed: u64,
+}
+
+impl BlockCheck {
+    fn new(block: u64) -> BlockCheck {
+        BlockCheck {
+            block,
+            hasher: blake3::Hasher::new(),
+            fed: 0,
+        }
+    }
+
+    /// Hashes zeros up to offset `to` within the block.
+    fn zeros_to(&mut self, to: u64) {
+        const ZEROS: [u8; CHUNK as usize] = [0; CHUNK as usize];
+        while self.fed < to {
+            let n = (to - self.fed).min(CHUNK) as usize;
+            self.hasher.update(&ZEROS[..n]);
+            self.fed += n as u64;
+        }
+    }
+
+    /// Hashes `data`, which lies at offset `at` within the block (after
+    /// what was fed, any gap reading as zeros).
+    fn feed(&mut self, at: u64, data: &[u8]) {
+        self.zeros_to(at);
+        self.hasher.update(data);
+        self.fed += data.len() as u64;
+    }
+}
+
+/// `path` opened for direct writes, where the filesystem allows it.
+fn open_direct(path: &Path) -> Option<File> {
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()
 }
 
 fn journal_path(path: &Path) -> PathBuf {
