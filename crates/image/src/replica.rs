@@ -19,6 +19,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -424,12 +425,14 @@ impl Incoming {
             path: self.path.clone(),
             source,
         };
+        let runs = runs(from, to.min(self.geo.chunks), |c| bit(&self.bitmap, c));
+        self.allocate(&runs).map_err(werr)?;
         let mut piece = AlignedBuf::new(RECEIVE_PIECE);
         let buf = piece.as_mut();
         let mut got = 0u64;
         // The block being checked as its data goes by.
         let mut block: Option<BlockCheck> = None;
-        for (start, n) in runs(from, to.min(self.geo.chunks), |c| bit(&self.bitmap, c)) {
+        for (start, n) in runs {
             let mut off = start * CHUNK;
             let end = (start + n) * CHUNK;
             while off < end {
@@ -446,6 +449,38 @@ impl Incoming {
         let mut extra = [0u8; 1];
         if src.read(&mut extra).map_err(|_| short(got))? != 0 {
             return Err(short(got + 1));
+        }
+        Ok(())
+    }
+
+    /// Allocates the disk space of chunk `runs` before their data comes.
+    /// Direct writes into allocated space run side by side (an allocating
+    /// one holds the file's lock until its I/O is done), and a full disk
+    /// fails here, before any data moved.
+    fn allocate(&self, runs: &[(u64, u64)]) -> io::Result<()> {
+        if self.direct.is_none() {
+            return Ok(());
+        }
+        for &(start, n) in runs {
+            let at = self.geo.data_offset + start * CHUNK;
+            let len = (n * CHUNK).min(self.geo.size.saturating_sub(start * CHUNK));
+            // SAFETY: fallocate on our own open descriptor; no memory is passed.
+            let r = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    0,
+                    at as libc::off_t,
+                    len as libc::off_t,
+                )
+            };
+            if r != 0 {
+                let e = io::Error::last_os_error();
+                // A filesystem without it: the writes allocate as they go.
+                if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                    return Ok(());
+                }
+                return Err(e);
+            }
         }
         Ok(())
     }
