@@ -301,6 +301,8 @@ pub fn hash_top(disk: &Disk) -> io::Result<DiskHashes> {
         let start = group as u64 * FANOUT as u64;
         let end = (start + FANOUT as u64).min(blocks);
         let mut children = Vec::with_capacity(FANOUT);
+        // The group's stored hashes of each layer below, read once each.
+        let mut tables: Vec<Option<Vec<Hash>>> = vec![None; below.len()];
         for b in start..end {
             let h = match next.peek() {
                 Some(&&(t, h)) if t == b => {
@@ -308,7 +310,13 @@ pub fn hash_top(disk: &Disk) -> io::Result<DiskHashes> {
                     h
                 }
                 _ => match disk.block_owner(b, below.len()) {
-                    Some(i) => below[i].stored_block_hash(b)?,
+                    Some(i) => {
+                        let table = match &mut tables[i] {
+                            Some(t) => t,
+                            none => none.insert(below[i].stored_block_hashes(start, end)?),
+                        };
+                        table[(b - start) as usize]
+                    }
                     None => zero_leaf(size, b, &full_zero),
                 },
             };

@@ -624,8 +624,14 @@ impl Layer {
 
     /// Reads the whole stored hash table (one entry per block).
     pub fn stored_hashes(&self) -> io::Result<Vec<[u8; 32]>> {
-        let mut raw = vec![0u8; (self.geo.blocks * 32) as usize];
-        self.file.read_exact_at(&mut raw, self.geo.hashes_offset)?;
+        self.stored_block_hashes(0, self.geo.blocks)
+    }
+
+    /// The stored hashes of blocks `[from, to)`, in one read.
+    pub fn stored_block_hashes(&self, from: u64, to: u64) -> io::Result<Vec<[u8; 32]>> {
+        let mut raw = vec![0u8; (to.saturating_sub(from) * 32) as usize];
+        self.file
+            .read_exact_at(&mut raw, self.geo.hashes_offset + from * 32)?;
         Ok(raw
             .chunks_exact(32)
             .map(|c| c.try_into().unwrap_or([0u8; 32]))
