@@ -289,7 +289,7 @@ impl Incoming {
                 (b, h)
             })
             .collect();
-        Ok(Incoming {
+        let inc = Incoming {
             path: path.to_owned(),
             journal,
             file,
@@ -300,7 +300,9 @@ impl Incoming {
             done,
             hashes,
             bottom: false,
-        })
+        };
+        inc.allocate().map_err(werr)?;
+        Ok(inc)
     }
 
     /// Opens a complete layer file in place, to repair its data.
@@ -425,14 +427,12 @@ impl Incoming {
             path: self.path.clone(),
             source,
         };
-        let runs = runs(from, to.min(self.geo.chunks), |c| bit(&self.bitmap, c));
-        self.allocate(&runs).map_err(werr)?;
         let mut piece = AlignedBuf::new(RECEIVE_PIECE);
         let buf = piece.as_mut();
         let mut got = 0u64;
         // The block being checked as its data goes by.
         let mut block: Option<BlockCheck> = None;
-        for (start, n) in runs {
+        for (start, n) in runs(from, to.min(self.geo.chunks), |c| bit(&self.bitmap, c)) {
             let mut off = start * CHUNK;
             let end = (start + n) * CHUNK;
             while off < end {
@@ -453,15 +453,16 @@ impl Incoming {
         Ok(())
     }
 
-    /// Allocates the disk space of chunk `runs` before their data comes.
-    /// Direct writes into allocated space run side by side (an allocating
-    /// one holds the file's lock until its I/O is done), and a full disk
-    /// fails here, before any data moved.
-    fn allocate(&self, runs: &[(u64, u64)]) -> io::Result<()> {
+    /// Allocates the disk space of every chunk the layer holds, before any
+    /// data comes. Direct writes into allocated space run side by side (an
+    /// allocating one holds the file's lock until its I/O is done), no
+    /// allocation waits for the writes in flight (as `fallocate` does), and
+    /// a full disk fails here, before any data moved.
+    fn allocate(&self) -> io::Result<()> {
         if self.direct.is_none() {
             return Ok(());
         }
-        for &(start, n) in runs {
+        for (start, n) in runs(0, self.geo.chunks, |c| bit(&self.bitmap, c)) {
             let at = self.geo.data_offset + start * CHUNK;
             let len = (n * CHUNK).min(self.geo.size.saturating_sub(start * CHUNK));
             // SAFETY: fallocate on our own open descriptor; no memory is passed.
