@@ -224,6 +224,65 @@ fn a_promoted_version_reaches_every_server_and_devices_boot_it() {
 }
 
 #[test]
+fn a_layer_two_versions_lack_travels_once() {
+    let Some(etcd) = tools() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let s1 = start(&etcd, dir.path(), "s1", &[]);
+    // Alone, s1 has no peer to seal its versions for: s2 comes later.
+    let mut expected = import(&s1, dir.path(), "demo", 32 * MIB, 17);
+    let base = expected.clone();
+    s1.cli_ok(&[
+        "device",
+        "add",
+        "m1",
+        "--mac",
+        &mac(98),
+        "--vdisk",
+        "demo",
+        "--type",
+        "maintenance",
+    ]);
+    s1.cli_ok(&["version", "new", "demo"]);
+    let mut m = Nbd::connect(&s1.url("device/m1"));
+    m.ok(&format!("fill {} 65536 0x3c", 8 * MIB));
+    m.ok("flush");
+    m.quit();
+    expected[8 * MIB as usize..8 * MIB as usize + 65536].fill(0x3c);
+    wait_for(20, "m1 to disconnect", || {
+        let out = s1.cli_ok(&["device", "list", "--json"]);
+        (!out.contains("\"server\":\"s1\"") || !out.contains("m1")).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    s1.cli_ok(&["version", "promote", "demo", "2", "--to", "production"]);
+    // A new server lacks both versions: their transfers start together, and
+    // both need the base layer. It travels once, and both verify.
+    let s2 = start(&etcd, dir.path(), "s2", &[]);
+    wait_state(&s1, "s2", "demo", 1, "verified", 60);
+    wait_state(&s1, "s2", "demo", 2, "verified", 60);
+    let got = s2.metric("vstream_replication_received_bytes_total");
+    let data = 32 * MIB + 65536;
+    assert!(
+        got >= data && got <= data + data / 50,
+        "s2 received {got} bytes for {data} bytes of layers"
+    );
+    let log = s2.log_text();
+    assert!(
+        !log.contains("replication stopped"),
+        "no transfer failed on the way:\n{log}"
+    );
+    let urls = [s2.url("demo@1"), s2.url("demo@2")];
+    let read = read_exports(&urls);
+    assert!(
+        read[0].as_ref().expect("read v1") == &base,
+        "s2's version 1"
+    );
+    assert!(
+        read[1].as_ref().expect("read v2") == &expected,
+        "s2's version 2"
+    );
+}
+
+#[test]
 fn a_receiver_killed_mid_transfer_resumes_where_it_stopped() {
     let Some(etcd) = tools() else { return };
     let dir = tempfile::tempdir().unwrap();

@@ -26,7 +26,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 use vstream_api::{Catalog, ReplicaProgress, ReplicaState, ReplicationOverride, ServerStatus};
 use vstream_farm::FarmError;
 use vstream_image::{Properties, VersionState};
@@ -64,6 +64,11 @@ pub struct Replication {
     order: RwLock<Option<ReplicationOverride>>,
     progress: Mutex<BTreeMap<Key, ReplicaProgress>>,
     running: Mutex<HashSet<Key>>,
+    /// Layer files being received, by (vDisk, file): two versions that lack
+    /// the same layer (a base and a version above it) take turns, so that
+    /// it travels once and one partial file has one writer.
+    receiving: Mutex<HashSet<(String, String)>>,
+    received: Condvar,
     /// Layer files that failed a check, by (vDisk, file): the reason.
     corrupt: Mutex<HashMap<(String, String), String>>,
     pub received_bytes: AtomicU64,
@@ -71,6 +76,19 @@ pub struct Replication {
     pub scrubbed_bytes: AtomicU64,
     pub corrupt_blocks: AtomicU64,
     pub repaired_blocks: AtomicU64,
+}
+
+/// A layer being received by one transfer (see [`Replication::claim_layer`]).
+pub(crate) struct LayerClaim<'a> {
+    owner: &'a Replication,
+    key: (String, String),
+}
+
+impl Drop for LayerClaim<'_> {
+    fn drop(&mut self) {
+        self.owner.receiving.lock().remove(&self.key);
+        self.owner.received.notify_all();
+    }
 }
 
 impl Replication {
@@ -95,6 +113,8 @@ impl Replication {
             order: RwLock::new(None),
             progress: Mutex::default(),
             running: Mutex::default(),
+            receiving: Mutex::default(),
+            received: Condvar::new(),
             corrupt: Mutex::default(),
             received_bytes: AtomicU64::new(0),
             sent_bytes: AtomicU64::new(0),
@@ -148,6 +168,18 @@ impl Replication {
     /// The catalogs as last read.
     pub fn catalogs(&self) -> Arc<Vec<Catalog>> {
         self.catalogs.read().clone()
+    }
+
+    /// Claims layer `file` of `vdisk` for receiving, waiting while another
+    /// transfer has it; the claim ends when the guard drops.
+    pub(crate) fn claim_layer(&self, vdisk: &str, file: &str) -> LayerClaim<'_> {
+        let key = (vdisk.to_owned(), file.to_owned());
+        let mut receiving = self.receiving.lock();
+        while receiving.contains(&key) {
+            self.received.wait(&mut receiving);
+        }
+        receiving.insert(key.clone());
+        LayerClaim { owner: self, key }
     }
 
     /// True if any of `layers` of vDisk `vdisk` failed a check here.

@@ -150,7 +150,14 @@ fn copy_version(
     let started = Instant::now();
     let done_before = Arc::new(Mutex::new(0u64));
     for file in missing {
-        if dir.join(file).exists() {
+        // Another version's transfer may be receiving it: then it waits,
+        // and finds the file here.
+        let _claim = server.replication.claim_layer(name, file);
+        let in_store = server
+            .store
+            .layer_path(name, file)
+            .is_ok_and(|p| p.exists());
+        if in_store || dir.join(file).exists() {
             continue;
         }
         let view = server.membership.view();
