@@ -91,6 +91,43 @@ fn mac(d: usize) -> String {
     format!("52:54:00:00:05:{d:02x}")
 }
 
+/// Makes version 2 of `vdisk` on `s` (server s1): maintenance device m1 (MAC number
+/// `d`) fills each `(offset, len, byte)` of `fills` in `expected` and on
+/// the disk, disconnects, and the version is promoted to production.
+fn change_and_promote(
+    s: &TestServer,
+    vdisk: &str,
+    d: usize,
+    fills: &[(u64, u64, u8)],
+    expected: &mut [u8],
+) {
+    s.cli_ok(&[
+        "device",
+        "add",
+        "m1",
+        "--mac",
+        &mac(d),
+        "--vdisk",
+        vdisk,
+        "--type",
+        "maintenance",
+    ]);
+    s.cli_ok(&["version", "new", vdisk]);
+    let mut m = Nbd::connect(&s.url("device/m1"));
+    for &(at, len, byte) in fills {
+        m.ok(&format!("fill {at} {len} {byte:#04x}"));
+        expected[at as usize..(at + len) as usize].fill(byte);
+    }
+    m.ok("flush");
+    m.quit();
+    wait_for(20, "m1 to disconnect", || {
+        let out = s.cli_ok(&["device", "list", "--json"]);
+        (!out.contains("\"server\":\"s1\"") || !out.contains("m1")).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    s.cli_ok(&["version", "promote", vdisk, "2", "--to", "production"]);
+}
+
 #[test]
 fn a_promoted_version_reaches_every_server_and_devices_boot_it() {
     let Some(etcd) = tools() else { return };
@@ -109,31 +146,8 @@ fn a_promoted_version_reaches_every_server_and_devices_boot_it() {
         .collect();
     // A maintenance device changes 1 MiB here and 64 KiB there on s1.
     let s1 = &servers[0];
-    s1.cli_ok(&[
-        "device",
-        "add",
-        "m1",
-        "--mac",
-        &mac(99),
-        "--vdisk",
-        "demo",
-        "--type",
-        "maintenance",
-    ]);
-    s1.cli_ok(&["version", "new", "demo"]);
-    let mut m = Nbd::connect(&s1.url("device/m1"));
-    m.ok(&format!("fill 0 {} 0x5a", MIB));
-    m.ok(&format!("fill {} 65536 0xa5", 20 * MIB));
-    m.ok("flush");
-    m.quit();
-    expected[..MIB as usize].fill(0x5a);
-    expected[20 * MIB as usize..20 * MIB as usize + 65536].fill(0xa5);
-    wait_for(20, "m1 to disconnect", || {
-        let out = s1.cli_ok(&["device", "list", "--json"]);
-        (!out.contains("\"server\":\"s1\"") || !out.contains("m1")).then_some(())
-    });
-    std::thread::sleep(Duration::from_millis(500));
-    s1.cli_ok(&["version", "promote", "demo", "2", "--to", "production"]);
+    let fills = [(0, MIB, 0x5a), (20 * MIB, 65536, 0xa5)];
+    change_and_promote(s1, "demo", 99, &fills, &mut expected);
     for s in ["s1", "s2", "s3"] {
         wait_state(s1, s, "demo", 2, "verified", 60);
     }
@@ -231,29 +245,7 @@ fn a_layer_two_versions_lack_travels_once() {
     // Alone, s1 has no peer to seal its versions for: s2 comes later.
     let mut expected = import(&s1, dir.path(), "demo", 32 * MIB, 17);
     let base = expected.clone();
-    s1.cli_ok(&[
-        "device",
-        "add",
-        "m1",
-        "--mac",
-        &mac(98),
-        "--vdisk",
-        "demo",
-        "--type",
-        "maintenance",
-    ]);
-    s1.cli_ok(&["version", "new", "demo"]);
-    let mut m = Nbd::connect(&s1.url("device/m1"));
-    m.ok(&format!("fill {} 65536 0x3c", 8 * MIB));
-    m.ok("flush");
-    m.quit();
-    expected[8 * MIB as usize..8 * MIB as usize + 65536].fill(0x3c);
-    wait_for(20, "m1 to disconnect", || {
-        let out = s1.cli_ok(&["device", "list", "--json"]);
-        (!out.contains("\"server\":\"s1\"") || !out.contains("m1")).then_some(())
-    });
-    std::thread::sleep(Duration::from_millis(500));
-    s1.cli_ok(&["version", "promote", "demo", "2", "--to", "production"]);
+    change_and_promote(&s1, "demo", 98, &[(8 * MIB, 65536, 0x3c)], &mut expected);
     // A new server lacks both versions: their transfers start together, and
     // both need the base layer. It travels once, and both verify.
     let s2 = start(&etcd, dir.path(), "s2", &[]);
