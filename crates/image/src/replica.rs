@@ -68,20 +68,21 @@ const DIRECT_ALIGN: usize = 4096;
 
 /// A buffer whose start is aligned for direct writes.
 struct AlignedBuf {
+    /// `DIRECT_ALIGN` bytes more than the buffer, which starts at `at`.
     bytes: Vec<u8>,
     at: usize,
-    len: usize,
 }
 
 impl AlignedBuf {
     fn new(len: usize) -> AlignedBuf {
         let bytes = vec![0u8; len + DIRECT_ALIGN];
         let at = bytes.as_ptr().align_offset(DIRECT_ALIGN);
-        AlignedBuf { bytes, at, len }
+        AlignedBuf { bytes, at }
     }
 
     fn as_mut(&mut self) -> &mut [u8] {
-        &mut self.bytes[self.at..self.at + self.len]
+        let len = self.bytes.len() - DIRECT_ALIGN;
+        &mut self.bytes[self.at..self.at + len]
     }
 }
 

@@ -118,7 +118,12 @@ pub fn ready_for(server: &Server, view: &View, name: &str) -> Result<(), String>
     let record = view
         .vdisk(name)
         .ok_or_else(|| format!("vDisk {name} is not in this server's view of the farm yet"))?;
-    if server.store.store_of(name) == record.store {
+    placed(server, record)
+}
+
+/// Whether vDisk `record` is placed in its store here; if not, why.
+fn placed(server: &Server, record: &VDisk) -> Result<(), String> {
+    if server.store.store_of(&record.name) == record.store {
         return Ok(());
     }
     let problem = server.store_problems.0.lock().get(&record.store).cloned();
@@ -140,14 +145,7 @@ pub async fn make_ready(server: &Server, view: &View, name: &str) -> Result<(), 
         return Err(why);
     };
     place(server, &record);
-    if server.store.store_of(name) == record.store {
-        Ok(())
-    } else {
-        Err(format!(
-            "store {} is not available on this server yet",
-            record.store
-        ))
-    }
+    placed(server, &record)
 }
 
 /// This server's copy of each of the farm's stores, for its status.
