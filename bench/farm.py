@@ -36,6 +36,7 @@ Writes the table to stdout and to bench/.work/farm/last-table.md.
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -247,19 +248,30 @@ def part_a(work, rows, size_mib, runtime, pin=False, link_mbit=None):
         ways = {"direct": direct, "agent": f"nbd+unix:///?socket={agent.sock}",
                 "nbdkit": f"nbd+unix:///?socket={proxy_sock}",
                 "relay": f"nbd+unix:///{info['export']}?socket={relay_sock}"}
+        middle = {"direct": None, "agent": agent.proc.pid, "nbdkit": nbdkit.pid, "relay": relay.pid}
         seq = {k: [] for k in ways}
         rnd = {k: [] for k in ways}
+        # CPU µs per random read of fio, of the middle process and of the server, and
+        # the share of the machine left idle: where the time of a read goes.
+        cost = {k: [] for k in ways}
         for way in ["direct", "agent", "nbdkit", "relay", "relay", "nbdkit", "agent", "direct"]:
             t0 = time.monotonic()
             subprocess.run(device + ["nbdcopy", ways[way], "null:"], check=True)
             seq[way].append(size_mib / 1024 / (time.monotonic() - t0))
             res = os.path.join(work, "fio.json")
+            before = (fio_cpu(), tree_cpu(middle[way]), tree_cpu(servers[0].proc.pid), idle_share())
             subprocess.run(device + ["fio", "--name=r", "--ioengine=nbd", f"--uri={ways[way]}",
                             "--rw=randread", "--bs=4k", "--iodepth=16", f"--runtime={runtime}",
                             "--time_based", "--output-format=json", f"--output={res}"],
                            capture_output=True, text=True, check=True)
-            rnd[way].append(json.load(open(res))["jobs"][0]["read"]["iops"])
-            log(f"a. {way}: {seq[way][-1]:.2f} GiB/s, {rnd[way][-1]:.0f} IOPS")
+            after = (fio_cpu(), tree_cpu(middle[way]), tree_cpu(servers[0].proc.pid), idle_share())
+            read = json.load(open(res))["jobs"][0]["read"]
+            rnd[way].append(read["iops"])
+            per_read = [(b - a) / read["total_ios"] * 1e6 for a, b in zip(before[:3], after[:3])]
+            idle = (after[3][0] - before[3][0]) / max(1, after[3][1] - before[3][1])
+            cost[way].append(per_read + [idle * 100])
+            log(f"a. {way}: {seq[way][-1]:.2f} GiB/s, {rnd[way][-1]:.0f} IOPS, CPU µs per read "
+                f"fio {per_read[0]:.1f} middle {per_read[1]:.1f} server {per_read[2]:.1f}, idle {idle:.0%}")
         nbdkit.kill()
         relay.kill()
         agent.stop()
@@ -271,11 +283,46 @@ def part_a(work, rows, size_mib, runtime, pin=False, link_mbit=None):
             rows.append((f"a. {name}: agent ÷ direct (nbdkit proxy ÷ direct, socat relay ÷ direct){label}",
                          f"{ratio:.2f} ({med['nbdkit'] / med['direct']:.2f}, {med['relay'] / med['direct']:.2f})",
                          "≥ 0.9", "met" if ratio >= 0.9 else "MISSED"))
+        for way, runs in cost.items():
+            m = [statistics.median(r[i] for r in runs) for i in range(4)]
+            rows.append((f"a. randread, CPU µs per read: fio / {way if way != 'direct' else '(none)'} / server; "
+                         f"machine idle ({way}, medians of 2){label}",
+                         f"{m[0]:.1f} / {m[1]:.1f} / {m[2]:.1f}; {m[3]:.0f} %", "", ""))
     finally:
         for s in servers:
             s.kill()
         etcd.stop()
         drop_nets(nets)
+
+
+def tree_cpu(pid):
+    """CPU seconds used so far by `pid`, its live descendants and those it has
+    reaped (socat forks one per connection); 0 for None."""
+    if pid is None:
+        return 0.0
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+            total += sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+            for task in os.listdir(f"/proc/{p}/task"):
+                todo += [int(c) for c in open(f"/proc/{p}/task/{task}/children").read().split()]
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def fio_cpu():
+    """CPU seconds of this script's finished children (fio, once it has exited)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def idle_share():
+    """(idle, total) jiffies of the whole machine so far."""
+    cpu = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return cpu[3] + cpu[4], sum(cpu[:8])
 
 
 def make_nets(count, rate_mbit=None):
