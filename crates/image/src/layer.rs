@@ -35,6 +35,8 @@ const MAGIC: &[u8; 8] = b"VSLAYER1";
 const FORMAT_VERSION: u32 = 2;
 const BITMAP_PAGE: u64 = 4096;
 const DATA_ALIGN: u64 = 1 << 20;
+/// Most stored block hashes read at once: 128 KiB, whatever the layer's size.
+const HASH_RUN: usize = 4096;
 /// Largest virtual size we accept (a corrupt header must not make us allocate absurdly).
 pub const MAX_SIZE: u64 = 1 << 50;
 
@@ -725,10 +727,23 @@ impl Layer {
 
     /// Reads the stored hash of one block.
     pub fn stored_block_hash(&self, block: u64) -> io::Result<[u8; 32]> {
-        let mut h = [0u8; 32];
-        self.file
-            .read_exact_at(&mut h, self.geo.hashes_offset + block * 32)?;
-        Ok(h)
+        Ok(self.stored_block_hashes(block, block + 1)?[0])
+    }
+
+    /// The stored hashes of `blocks` (ascending), each run of consecutive
+    /// blocks in one read of at most `HASH_RUN` entries.
+    pub fn stored_hashes_of(&self, blocks: &[u64]) -> io::Result<Vec<[u8; 32]>> {
+        let mut out = Vec::with_capacity(blocks.len());
+        let mut i = 0;
+        while i < blocks.len() {
+            let mut j = i + 1;
+            while j < blocks.len() && j - i < HASH_RUN && blocks[j] == blocks[j - 1] + 1 {
+                j += 1;
+            }
+            out.extend(self.stored_block_hashes(blocks[i], blocks[j - 1] + 1)?);
+            i = j;
+        }
+        Ok(out)
     }
 }
 
@@ -919,6 +934,14 @@ mod tests {
         assert!(l.is_sealed());
         assert_eq!(l.content_hash(), Some(content));
         assert_eq!(l.stored_block_hash(3).unwrap(), [9u8; 32]);
+        // Runs and gaps read in pieces give the same hashes as one by one.
+        let blocks = [0, 2, 3, 4, 9, 15];
+        let each: Vec<_> = blocks
+            .iter()
+            .map(|&b| l.stored_block_hash(b).unwrap())
+            .collect();
+        assert_eq!(l.stored_hashes_of(&blocks).unwrap(), each);
+        assert_eq!(each[2], [9u8; 32]);
         assert_eq!(l.stored_tree().unwrap(), Some(tree));
         drop(l.begin_write().unwrap());
         drop(l);

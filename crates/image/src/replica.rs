@@ -46,8 +46,9 @@ pub fn export_meta(layer: &Layer) -> Result<Vec<u8>, ImageError> {
     let bitmap = layer.bitmap_bytes();
     let mut out = header;
     out.extend_from_slice(&bitmap);
-    for block in touched_blocks(&bitmap, geo.chunks, geo.blocks) {
-        out.extend_from_slice(&layer.stored_block_hash(block)?);
+    let touched = touched_blocks(&bitmap, geo.chunks, geo.blocks);
+    for hash in layer.stored_hashes_of(&touched)? {
+        out.extend_from_slice(&hash);
     }
     out.extend_from_slice(&layer.tree_bytes()?);
     Ok(out)
@@ -322,10 +323,9 @@ impl Incoming {
         let geo = Geometry::for_size(layer.size());
         let segments = geo.chunks.div_ceil(SEGMENT_CHUNKS) as usize;
         let bitmap = layer.bitmap_bytes();
-        let hashes = touched_blocks(&bitmap, geo.chunks, geo.blocks)
-            .into_iter()
-            .map(|b| Ok((b, layer.stored_block_hash(b)?)))
-            .collect::<Result<_, ImageError>>()?;
+        let touched = touched_blocks(&bitmap, geo.chunks, geo.blocks);
+        let stored = layer.stored_hashes_of(&touched)?;
+        let hashes = touched.into_iter().zip(stored).collect();
         Ok(Incoming {
             path: path.to_owned(),
             journal: journal_path(path),
