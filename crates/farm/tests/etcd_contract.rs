@@ -12,7 +12,6 @@
 //!   with a clear error, starts it again on the same data and checks that the
 //!   same handle works again and the data is all there.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -248,13 +247,6 @@ fn etcd_binary() -> Option<PathBuf> {
     None
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 /// An etcd process of the test's own; killed when dropped.
 struct EtcdProcess {
     child: Child,
@@ -338,7 +330,7 @@ async fn until_answers(etcd: &Etcd, process: &mut EtcdProcess, limit: Duration) 
 async fn survives_etcd_restarts() {
     let Some(bin) = etcd_binary() else { return };
     let dir = tempfile::tempdir().expect("tempdir");
-    let (client_port, peer_port) = (free_port(), free_port());
+    let [client_port, peer_port] = vstream_testkit::free_ports::<2>();
     let url = format!("http://127.0.0.1:{client_port}");
     let timeout = Duration::from_secs(2);
 

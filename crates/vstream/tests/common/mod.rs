@@ -4,7 +4,6 @@
 
 pub mod nbd;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -53,17 +52,7 @@ pub fn have_python_nbd() -> bool {
     ok
 }
 
-pub fn free_port() -> u16 {
-    free_ports::<1>()[0]
-}
-
-/// `N` distinct free ports: the listeners are held until all are picked.
-pub fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("no free port"))
-        .collect();
-    std::array::from_fn(|i| listeners[i].local_addr().expect("local addr").port())
-}
+pub use vstream_testkit::free_ports;
 
 pub struct TestServer {
     pub child: Option<Child>,
