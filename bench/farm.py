@@ -2,7 +2,8 @@
 """Farm benchmarks: agent overhead, failover stall, logins.
 
     /usr/bin/python3 bench/farm.py [--parts a,b,c,d] [--kills 20] [--devices 4000]
-                                   [--size-mib 1024] [--runtime 15] [--link-mbit 10000] [--no-build]
+                                   [--size-mib 1024] [--runtime 15] [--link-mbit 10000]
+                                   [--halt-poll-ns machine,200000] [--no-build]
 
 One etcd and release-build `vstream server`s on this machine, a `vstream target`
 agent, and real clients, in one run:
@@ -17,7 +18,9 @@ agent, and real clients, in one run:
                      proxy (the peer), and through socat copying bytes both ways
                      (the floor of any second hop: no NBD, no cache, no failover):
                      nbdcopy of the whole disk to null:, and fio 4 KiB randread
-                     QD16. Medians; ratios to direct.
+                     QD16. Medians; ratios to direct. Once per guest halt polling
+                     setting of --halt-poll-ns (a KVM guest's idle vCPUs: as the
+                     machine has it, and the Linux default of 200 us).
                      Target: agent >= 0.9 x direct.
   b. kill stall      3 servers, one agent running tests/farm/workload.py; each round
                      kill -9 the server the agent streams from, 2 s into a 6 s
@@ -204,21 +207,22 @@ def pct(values, p):
 
 # ---- a. agent overhead -------------------------------------------------------------
 
-def part_a(work, rows, size_mib, runtime, pin=False, link_mbit=None):
+def part_a(work, rows, size_mib, runtime, pin=False, link_mbit=None, setting=""):
     """With `pin`, the device's side (client, agent, proxy) runs on CPU 0 and
     the server on CPU 1, as if they were different machines. With
-    `link_mbit`, the server sits behind a veth link shaped to that rate."""
+    `link_mbit`, the server sits behind a veth link shaped to that rate.
+    `setting` names the guest halt polling the run had (see halt_polls)."""
     if link_mbit and (os.geteuid() != 0 or not shutil.which("tc") or not shutil.which("ip")):
         rows.append(("a-link. agent overhead across a shaped link", "skipped: needs root, ip and tc", "≥ 0.9", ""))
         return
     device = ["taskset", "-c", "0"] if pin else []
-    label = ", device on CPU 0 and server on CPU 1" if pin else ""
+    label = (", device on CPU 0 and server on CPU 1" if pin else "") + setting
     image = os.path.join(work, "a.raw")
     subprocess.run(["head", "-c", f"{size_mib}M", "/dev/urandom"], stdout=open(image, "wb"), check=True)
     etcd = Etcd(work)
     nets = []
     if link_mbit:
-        label = f", server across a {link_mbit} Mbit/s link"
+        label = f", server across a {link_mbit} Mbit/s link{setting}"
         nets = make_nets(1, rate_mbit=link_mbit)
         ns, _, net = nets[0]
         servers = [Server(work, "a1", f"{net}.1:{etcd.port}", host=f"{net}.2", wrap=["ip", "netns", "exec", ns])]
@@ -293,6 +297,47 @@ def part_a(work, rows, size_mib, runtime, pin=False, link_mbit=None):
             s.kill()
         etcd.stop()
         drop_nets(nets)
+
+
+HALT_POLL = "/sys/module/haltpoll/parameters/guest_halt_poll_ns"
+
+
+def halt_polls(wanted):
+    """The guest halt polling settings to run part a under: (ns or None for the
+    machine's own, row label). In a KVM guest with the haltpoll cpuidle
+    driver, an idle vCPU polls up to guest_halt_poll_ns before it halts (Linux
+    default 200000); at 0 every wake-up of an idle vCPU is a VM exit and an
+    interrupt from the host. Without the driver, only the machine's own."""
+    if not os.path.exists(HALT_POLL):
+        return [(None, ", no haltpoll cpuidle driver")]
+    now = open(HALT_POLL).read().strip()
+    out = []
+    for w in wanted.split(","):
+        if w == "machine":
+            out.append((None, f", guest halt polling as the machine has it ({now} ns)"))
+        else:
+            out.append((int(w), f", guest halt polling {int(w)} ns" + (" (the Linux default)" if int(w) == 200000 else "")))
+    return out
+
+
+class HaltPoll:
+    """Sets guest_halt_poll_ns for a part (None: leaves it) and puts the
+    machine's value back after."""
+    def __init__(self, ns):
+        self.ns, self.old = ns, None
+
+    def __enter__(self):
+        if self.ns is not None:
+            self.old = open(HALT_POLL).read().strip()
+            with open(HALT_POLL, "w") as f:
+                f.write(str(self.ns))
+            log(f"guest_halt_poll_ns {self.old} -> {self.ns}")
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            with open(HALT_POLL, "w") as f:
+                f.write(self.old)
+            log(f"guest_halt_poll_ns back to {self.old}")
 
 
 def tree_cpu(pid):
@@ -520,6 +565,8 @@ def main():
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--runtime", type=int, default=15)
     ap.add_argument("--link-mbit", type=int, default=10000)
+    ap.add_argument("--halt-poll-ns", default="machine,200000",
+                    help="part a's runs, one per guest halt polling setting: 'machine' (as it is) or ns")
     ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()
     for tool in ["etcd", "nbdcopy", "fio", "nbdkit"]:
@@ -532,9 +579,19 @@ def main():
     os.makedirs(base, exist_ok=True)
     rows = []
     started = time.time()
-    parts = {"a": lambda w: part_a(w, rows, args.size_mib, args.runtime),
-             "a-pinned": lambda w: part_a(w, rows, args.size_mib, args.runtime, pin=True),
-             "a-link": lambda w: part_a(w, rows, args.size_mib, args.runtime, link_mbit=args.link_mbit),
+    polls = halt_polls(args.halt_poll_ns)
+
+    def under_each_poll(**kw):
+        def run(w):
+            for i, (ns, setting) in enumerate(polls):
+                sub = os.path.join(w, f"poll{i}")
+                os.makedirs(sub)
+                with HaltPoll(ns):
+                    part_a(sub, rows, args.size_mib, args.runtime, setting=setting, **kw)
+        return run
+    parts = {"a": under_each_poll(),
+             "a-pinned": under_each_poll(pin=True),
+             "a-link": under_each_poll(link_mbit=args.link_mbit),
              "b": lambda w: part_b(w, rows, args.kills),
              "c": lambda w: part_c(w, rows, args.kills),
              "d": lambda w: part_d(w, rows, args.devices)}
