@@ -39,11 +39,6 @@ pub fn free_ports<const N: usize>() -> [u16; N] {
     std::array::from_fn(|i| listeners[i].local_addr().expect("local addr").port())
 }
 
-/// One port, as [`free_ports`].
-pub fn free_port() -> u16 {
-    free_ports::<1>()[0]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
