@@ -216,19 +216,20 @@ def part_a(work, rows, size_mib, runtime, pin=False, link_mbit=None, setting="")
         rows.append(("a-link. agent overhead across a shaped link", "skipped: needs root, ip and tc", "≥ 0.9", ""))
         return
     device = ["taskset", "-c", "0"] if pin else []
-    label = (", device on CPU 0 and server on CPU 1" if pin else "") + setting
+    label = ", device on CPU 0 and server on CPU 1" if pin else ""
     image = os.path.join(work, "a.raw")
     subprocess.run(["head", "-c", f"{size_mib}M", "/dev/urandom"], stdout=open(image, "wb"), check=True)
     etcd = Etcd(work)
     nets = []
     if link_mbit:
-        label = f", server across a {link_mbit} Mbit/s link{setting}"
+        label = f", server across a {link_mbit} Mbit/s link"
         nets = make_nets(1, rate_mbit=link_mbit)
         ns, _, net = nets[0]
         servers = [Server(work, "a1", f"{net}.1:{etcd.port}", host=f"{net}.2", wrap=["ip", "netns", "exec", ns])]
     else:
         servers = [Server(work, "a1", etcd.url.replace("http://", ""),
                           wrap=["taskset", "-c", "1"] if pin else [])]
+    label += setting
     host = servers[0].host
     try:
         make_farm(work, servers, image)
@@ -315,8 +316,11 @@ def halt_polls(wanted):
     for w in wanted.split(","):
         if w == "machine":
             out.append((None, f", guest halt polling as the machine has it ({now} ns)"))
+        elif not os.access(HALT_POLL, os.W_OK):
+            log(f"farm.py: cannot set {HALT_POLL} (needs root): no run at {w} ns")
         else:
-            out.append((int(w), f", guest halt polling {int(w)} ns" + (" (the Linux default)" if int(w) == 200000 else "")))
+            ns = int(w)
+            out.append((ns, f", guest halt polling {ns} ns" + (" (the Linux default)" if ns == 200000 else "")))
     return out
 
 
@@ -569,7 +573,7 @@ def main():
                     help="part a's runs, one per guest halt polling setting: 'machine' (as it is) or ns")
     ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()
-    for tool in ["etcd", "nbdcopy", "fio", "nbdkit"]:
+    for tool in ["etcd", "nbdcopy", "fio", "nbdkit", "socat"]:
         if not shutil.which(tool):
             raise SystemExit(f"farm.py: {tool} not found (.ci/install-deps installs it)")
     if not args.no_build:
