@@ -48,6 +48,11 @@ const PAGE: i64 = 1000;
 /// it was reading between two of its pages.
 const LIST_ATTEMPTS: usize = 3;
 
+/// How many times per endpoint a request whose connection was refused is sent
+/// again: the balanced channel picks endpoints at random among those it holds
+/// ready, a refusing one included, so a live one comes up within a few tries.
+const TRIES_PER_ENDPOINT: usize = 8;
+
 /// gRPC status codes (`tonic::Code as i32`) that mean "etcd did not answer"
 /// rather than "etcd refused": CANCELLED, UNKNOWN (a broken connection),
 /// DEADLINE_EXCEEDED, UNAVAILABLE (also etcd's "no leader").
@@ -64,6 +69,9 @@ pub struct Etcd {
     prefix: String,
     /// The endpoints, comma-separated, for messages.
     endpoints: String,
+    /// How many times a request is sent whose connection was refused: one
+    /// endpoint refusing may be a member down while the others answer.
+    tries: usize,
     timeout: Duration,
     /// The lease [`Backend::put_ephemeral`] keys live under, once granted.
     lease: Arc<tokio::sync::Mutex<Option<i64>>>,
@@ -156,6 +164,10 @@ impl Etcd {
             client,
             prefix: prefix.to_string(),
             endpoints: joined,
+            tries: match endpoints.len() {
+                1 => 1,
+                n => n * TRIES_PER_ENDPOINT,
+            },
             timeout,
             lease: Arc::default(),
         };
@@ -165,7 +177,10 @@ impl Etcd {
         let key = etcd.prefix.clone();
         etcd.call(
             || "checking the connection".to_string(),
-            move |mut kv| async move { kv.get(key, Some(probe)).await },
+            |mut kv| {
+                let (key, probe) = (key.clone(), probe.clone());
+                async move { kv.get(key, Some(probe)).await }
+            },
         )
         .await?;
         Ok(etcd)
@@ -227,7 +242,7 @@ impl Etcd {
     /// turns its failure into a [`FarmError`] saying what we were `doing`.
     async fn call<T, F, Fut>(&self, doing: impl FnOnce() -> String, f: F) -> Result<T, FarmError>
     where
-        F: FnOnce(KvClient) -> Fut,
+        F: Fn(KvClient) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         self.raw_call(f).await.map_err(|e| self.error(doing(), e))
@@ -235,20 +250,41 @@ impl Etcd {
 
     async fn raw_call<T, F, Fut>(&self, f: F) -> Result<T, CallError>
     where
-        F: FnOnce(KvClient) -> Fut,
+        F: Fn(KvClient) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        self.send(|| f(self.client.kv_client())).await
+    }
+
+    /// Sends a request made by `request`, bounded by the timeout. One that
+    /// never left, because the endpoint the balanced channel picked refused
+    /// the connection (a member down), is made and sent again, so that a
+    /// cluster with a member down still answers every call through the others
+    /// (`self.tries` times at most; each refusal is immediate).
+    async fn send<T, Fut>(&self, request: impl Fn() -> Fut) -> Result<T, CallError>
+    where
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let started = tokio::time::Instant::now();
         let no_answer = || CallError::Unanswered(format!("no answer within {:?}", self.timeout));
-        match tokio::time::timeout(self.timeout, f(self.client.kv_client())).await {
-            Ok(Ok(answer)) => Ok(answer),
-            // The client's own timeouts (per request, per connection attempt)
-            // equal ours and may fire first; say the same thing either way.
-            Ok(Err(e)) => match classify(e) {
-                CallError::Unanswered(_) if started.elapsed() >= self.timeout => Err(no_answer()),
-                e => Err(e),
-            },
-            Err(_) => Err(no_answer()),
+        let mut tries = self.tries;
+        loop {
+            tries -= 1;
+            match tokio::time::timeout_at(started + self.timeout, request()).await {
+                Ok(Ok(answer)) => return Ok(answer),
+                Ok(Err(e)) if tries > 0 && never_sent(&e) => continue,
+                // The client's own timeouts (per request, per connection attempt)
+                // equal ours and may fire first; say the same thing either way.
+                Ok(Err(e)) => {
+                    return match classify(e) {
+                        CallError::Unanswered(_) if started.elapsed() >= self.timeout => {
+                            Err(no_answer())
+                        }
+                        e => Err(e),
+                    }
+                }
+                Err(_) => return Err(no_answer()),
+            }
         }
     }
 
@@ -271,7 +307,10 @@ impl Etcd {
         let mut answer = self
             .call(
                 || format!("reading key {}{key}", self.prefix),
-                move |mut kv| async move { kv.get(full, None).await },
+                |mut kv| {
+                    let full = full.clone();
+                    async move { kv.get(full, None).await }
+                },
             )
             .await?;
         match answer.take_kvs().first() {
@@ -305,9 +344,11 @@ impl Etcd {
                 .with_range(end.clone())
                 .with_limit(PAGE)
                 .with_revision(revision);
-            let key = from.clone();
             let mut answer = self
-                .raw_call(move |mut kv| async move { kv.get(key, Some(options)).await })
+                .raw_call(|mut kv| {
+                    let (key, options) = (from.clone(), options.clone());
+                    async move { kv.get(key, Some(options)).await }
+                })
                 .await?;
             if revision == 0 {
                 revision = answer.header().map_or(0, |h| h.revision());
@@ -366,7 +407,10 @@ impl Etcd {
             format!("a transaction under {} (writing {writing})", self.prefix)
         };
         let answer = self
-            .call(doing, move |mut kv| async move { kv.txn(txn).await })
+            .call(doing, |mut kv| {
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            })
             .await?;
         Ok(answer.succeeded())
     }
@@ -386,25 +430,25 @@ impl Etcd {
         };
         if !alive {
             let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-            let mut leases = self.client.lease_client();
-            let granted = tokio::time::timeout(self.timeout, leases.grant(secs, None))
+            let granted = self
+                .send(|| {
+                    let mut leases = self.client.lease_client();
+                    async move { leases.grant(secs, None).await }
+                })
                 .await
-                .map_err(|_| {
-                    self.error(
-                        "granting a lease",
-                        CallError::Unanswered(format!("no answer within {:?}", self.timeout)),
-                    )
-                })?
-                .map_err(|e| self.error("granting a lease", classify(e)))?;
+                .map_err(|e| self.error("granting a lease", e))?;
             *lease = Some(granted.id());
         }
         let id = lease.expect("set above");
         let full = self.full_key(&key);
         self.call(
             || format!("writing key {}{key} under lease {id:x}", self.prefix),
-            move |mut kv| async move {
-                kv.put(full, value, Some(PutOptions::new().with_lease(id)))
-                    .await
+            |mut kv| {
+                let (full, value) = (full.clone(), value.clone());
+                async move {
+                    kv.put(full, value, Some(PutOptions::new().with_lease(id)))
+                        .await
+                }
             },
         )
         .await?;
@@ -413,25 +457,44 @@ impl Etcd {
 
     /// Renews lease `id` once; `false` if it has expired.
     async fn keep_alive(&self, id: i64) -> Result<bool, FarmError> {
-        let mut leases = self.client.lease_client();
-        let renew = async move {
-            let (mut keeper, mut stream) = leases.keep_alive(id).await?;
-            keeper.keep_alive().await?;
-            stream.message().await
-        };
-        match tokio::time::timeout(self.timeout, renew).await {
-            Err(_) => Err(self.error(
-                "renewing the lease",
-                CallError::Unanswered(format!("no answer within {:?}", self.timeout)),
-            )),
-            Ok(Err(e)) => match classify(e) {
-                // "lease not found": it expired while we were away; grant another.
-                CallError::Refused(_) => Ok(false),
-                e => Err(self.error("renewing the lease", e)),
-            },
-            Ok(Ok(answer)) => Ok(answer.is_some_and(|a| a.ttl() > 0)),
+        let renewed = self
+            .send(|| {
+                let mut leases = self.client.lease_client();
+                async move {
+                    let (mut keeper, mut stream) = leases.keep_alive(id).await?;
+                    keeper.keep_alive().await?;
+                    stream.message().await
+                }
+            })
+            .await;
+        match renewed {
+            Ok(answer) => Ok(answer.is_some_and(|a| a.ttl() > 0)),
+            // "lease not found": it expired while we were away; grant another.
+            Err(CallError::Refused(_)) => Ok(false),
+            Err(e) => Err(self.error("renewing the lease", e)),
         }
     }
+}
+
+/// True if `e` says the request never reached etcd: the connection to the
+/// endpoint it was sent to was refused.
+fn never_sent(e: &etcd_client::Error) -> bool {
+    // etcd_client's error does not chain to what it wraps: start there.
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = match e {
+        etcd_client::Error::GRpcStatus(status) => Some(status),
+        etcd_client::Error::TransportError(t) => Some(t),
+        etcd_client::Error::IoError(io) => Some(io),
+        _ => None,
+    };
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 fn classify(e: etcd_client::Error) -> CallError {

@@ -452,3 +452,35 @@ async fn survives_etcd_restarts() {
         .await
         .expect("update after the second restart");
 }
+
+/// A farm names every member of its etcd cluster (`--farm etcd://A,B,C`), so
+/// that one member down does not stop it. Here the second endpoint refuses
+/// every connection, as a stopped member's host does: every call must still
+/// succeed, through the live one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_endpoint_among_several_fails_no_call() {
+    let Some(url) = test_etcd() else { return };
+    let _one_at_a_time = SHARED_ETCD.lock().await;
+    let prefix = unique_prefix("dead-endpoint");
+    let endpoints = [url.clone(), "http://127.0.0.1:1".to_string()];
+    let etcd = Etcd::connect(&endpoints, &prefix)
+        .await
+        .expect("connecting with one endpoint down");
+    let store = FarmStore::new(Arc::new(etcd));
+    for i in 0..40 {
+        let name = format!("v{i}");
+        store
+            .create_vdisk(vdisk(&name))
+            .await
+            .unwrap_or_else(|e| panic!("create {i}: {e}"));
+        assert_eq!(
+            store
+                .get_vdisk(&name)
+                .await
+                .unwrap_or_else(|e| panic!("get {i}: {e}")),
+            Some(vdisk(&name))
+        );
+    }
+    assert_eq!(store.list_vdisks().await.expect("list").len(), 40);
+    remove_prefix(&url, &prefix).await;
+}
