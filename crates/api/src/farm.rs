@@ -77,6 +77,10 @@ pub struct ServerStatus {
     /// Where it keeps each named store, and what is wrong there.
     #[serde(default)]
     pub stores: Vec<crate::StoreHere>,
+    /// vDisks in its store that the farm does not list: kept, never served,
+    /// until an admin adopts or removes them (`vstream quarantine`).
+    #[serde(default)]
+    pub quarantined: Vec<Quarantined>,
     pub started_unix: u64,
     pub updated_unix: u64,
 }
@@ -98,10 +102,39 @@ impl ServerStatus {
             sessions: vec![],
             replication: vec![],
             stores: vec![],
+            quarantined: vec![],
             started_unix: 0,
             updated_unix: 0,
         }
     }
+}
+
+/// A vDisk a server holds that the farm does not list (its record is gone,
+/// or was never in this farm state), and no tombstone proves deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Quarantined {
+    pub vdisk: String,
+    /// The server holding it.
+    pub server: String,
+    /// Virtual size in bytes.
+    pub size: u64,
+    pub created_unix: u64,
+    /// Its live versions.
+    pub versions: Vec<u32>,
+    /// Bytes its layer files take.
+    pub bytes: u64,
+    /// Why it is here: what the farm says of its name.
+    pub reason: String,
+}
+
+/// What `POST /api/v1/quarantine/{name}/adopt` takes: the settings of the
+/// farm record made for the vDisk (defaults as `vdisk create`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Adopt {
+    #[serde(default)]
+    pub mode: Option<crate::Mode>,
+    #[serde(default)]
+    pub cache_type: Option<crate::CacheType>,
 }
 
 /// A farm member as `server list` shows it: its last status and whether it is up.

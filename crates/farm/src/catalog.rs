@@ -16,7 +16,7 @@ const CATALOG: &str = "catalog/";
 const OVERRIDE: &str = "replication/now";
 const PEER_SECRET: &str = "secrets/peer";
 
-fn catalog_key(name: &str) -> String {
+pub(crate) fn catalog_key(name: &str) -> String {
     format!("{CATALOG}{name}")
 }
 

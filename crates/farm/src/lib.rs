@@ -13,6 +13,7 @@
 //! * `devices/NAME` → [`Device`] (MAC normalised by [`parse_mac`])
 //! * `members/NAME`, `live/NAME` → [`vstream_api::ServerStatus`] (see `servers.rs`)
 //! * `catalog/NAME`, `replication/now`, `secrets/peer` (see `catalog.rs`)
+//! * `identity`, `tombstones/NAME` (see `identity.rs`)
 //! * `macs/MAC` → the name of the device with that MAC (UTF-8), kept in the
 //!   same transactions as the device records, so MACs are unique.
 //!
@@ -29,6 +30,7 @@ pub mod contract;
 pub mod embedded;
 mod error;
 pub mod etcd;
+mod identity;
 mod servers;
 mod stores;
 
@@ -42,6 +44,7 @@ pub use vstream_api::{parse_mac, Device, VDisk};
 pub use backend::{Backend, Compare, Op, Versioned};
 pub use embedded::Embedded;
 pub use error::{ErrorCategory, FarmError, RecordKind};
+pub use identity::{FarmIdentity, Tombstone};
 
 /// How often an operation re-reads and retries when another writer changed
 /// its records between its read and its write.
@@ -94,6 +97,12 @@ fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, FarmError> 
 fn decode_name(key: &str, bytes: &[u8]) -> Result<String, FarmError> {
     String::from_utf8(bytes.to_vec())
         .map_err(|e| FarmError::backend(format!("index entry {key} is unreadable"), e))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn gave_up(what: impl std::fmt::Display) -> FarmError {
@@ -234,8 +243,9 @@ impl FarmStore {
         Err(gave_up(format_args!("updating vDisk {name}")))
     }
 
-    /// Deletes the vDisk called `name` and returns its last record. Refused with
-    /// [`FarmError::InUse`] while any device is assigned to it.
+    /// Deletes the vDisk called `name`, with its catalog, leaves its tombstone,
+    /// and returns its last record. Refused with [`FarmError::InUse`] while any
+    /// device is assigned to it.
     pub async fn delete_vdisk(&self, name: &str) -> Result<VDisk, FarmError> {
         checked_name(RecordKind::VDisk, name)?;
         let key = vdisk_key(name);
@@ -260,9 +270,30 @@ impl FarmStore {
                     names.join(", ")
                 )));
             }
-            let compares = vec![Compare::revision(&key, current.revision)];
-            if self.backend.txn(compares, vec![Op::delete(&key)]).await? {
-                return decode(&key, &current.value);
+            // In the same transaction: the catalog goes, and a tombstone
+            // tells every server holding a copy of this vDisk (by its
+            // creation time) that it may remove it.
+            let record: VDisk = decode(&key, &current.value)?;
+            let cat_key = catalog::catalog_key(name);
+            let cat = self.backend.get(&cat_key).await?;
+            let created = match &cat {
+                Some(c) => decode::<vstream_api::Catalog>(&cat_key, &c.value)?.created_unix,
+                None => record.created_unix,
+            };
+            let grave_key = identity::tombstone_key(name);
+            let grave = self.backend.get(&grave_key).await?;
+            let compares = vec![
+                Compare::revision(&key, current.revision),
+                Compare::revision(&cat_key, cat.as_ref().map_or(0, |c| c.revision)),
+                Compare::revision(&grave_key, grave.as_ref().map_or(0, |g| g.revision)),
+            ];
+            let ops = vec![
+                Op::delete(&key),
+                Op::delete(&cat_key),
+                identity::bury(grave.as_ref(), name, created, unix_now())?,
+            ];
+            if self.backend.txn(compares, ops).await? {
+                return Ok(record);
             }
         }
         Err(gave_up(format_args!("deleting vDisk {name}")))

@@ -12,7 +12,7 @@ use vstream_api::{RebalanceRequest, ServerStatus};
 use crate::{checked_name, decode, encode, FarmError, FarmStore, Op, RecordKind};
 
 const MEMBERS: &str = "members/";
-const LIVE: &str = "live/";
+pub(crate) const LIVE: &str = "live/";
 const REBALANCE: &str = "rebalance";
 
 impl FarmStore {

@@ -78,6 +78,9 @@ pub struct Config {
     pub netboot: NetbootConfig,
     /// Named stores kept here at another folder than the farm's path.
     pub store_paths: std::collections::HashMap<String, PathBuf>,
+    /// Let the data folder join the farm even though it belongs to another
+    /// one (see `identity.rs`); its unlisted vDisks are quarantined.
+    pub adopt_data: bool,
 }
 
 /// The network boot services: all off unless asked for.
@@ -239,6 +242,7 @@ pub struct FlagConfig {
     pub proxy_dhcp: Option<String>,
     pub auto_add: Option<String>,
     pub store_paths: Vec<String>,
+    pub adopt_data: bool,
 }
 
 /// A rate: bytes per second with an optional K/M/G suffix (`50M`), or `0`/`off` for none.
@@ -397,6 +401,7 @@ impl Config {
             }
         }
         Ok(Config {
+            adopt_data: flags.adopt_data,
             store_paths,
             netboot,
             replication,

@@ -149,6 +149,9 @@ impl Membership {
 pub fn held_versions(server: &Server) -> Vec<HeldVersion> {
     let mut out = Vec::new();
     for name in server.store.list().unwrap_or_default() {
+        if server.quarantine.contains(&name) {
+            continue; // never served
+        }
         let Ok(props) = server.store.properties(&name) else {
             continue;
         };
@@ -204,6 +207,7 @@ pub fn status(server: &Server, versions: Vec<HeldVersion>) -> ServerStatus {
         sessions: server.sessions(),
         replication: server.replication.published(server),
         stores: crate::stores::status(server, &server.membership.view()),
+        quarantined: server.quarantine.list(),
         started_unix: m.started_unix.load(Ordering::Relaxed),
         updated_unix: now_unix(),
     }

@@ -5,9 +5,11 @@ pub mod api;
 pub mod boot;
 pub mod config;
 pub mod farm;
+pub mod identity;
 pub mod login;
 pub mod metrics;
 pub mod nbd;
+pub mod quarantine;
 pub mod rebalance;
 pub mod replication;
 pub mod state;
@@ -72,6 +74,8 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
                 .context("joining the farm in etcd")?
         }
     };
+    let where_ = identity::describe(&config.farm, &config.data);
+    identity::check(&config.data, &farm, &where_, config.adopt_data).await?;
     let boot_services = boot::Services::bind(&config).await?;
     let server = Arc::new(Server::new(config.clone(), store, farm));
     stores::hold_remembered(&server);

@@ -32,6 +32,7 @@ pub struct Server {
     pub replication: crate::replication::Replication,
     pub boot: crate::boot::Stats,
     pub store_problems: crate::stores::Problems,
+    pub quarantine: crate::quarantine::Quarantine,
     sessions: Mutex<HashMap<String, Session>>,
     /// Per-vDisk lock: a version operation and a device session starting on
     /// the same vDisk never overlap, so "is it in use?" stays true while acted on.
@@ -145,6 +146,7 @@ impl Server {
             replication,
             boot: Default::default(),
             store_problems: Default::default(),
+            quarantine: Default::default(),
             sessions: Mutex::new(HashMap::new()),
             vdisk_locks: Mutex::new(HashMap::new()),
         }
@@ -221,6 +223,17 @@ impl Server {
         })
     }
 
+    /// Refuses a vDisk whose local copy is quarantined: it is not the farm's.
+    fn not_quarantined(&self, vdisk: &str) -> Result<(), OpenError> {
+        if self.quarantine.contains(vdisk) {
+            return Err(OpenError::Refused(format!(
+                "this server's copy of vDisk {vdisk} is quarantined (not the farm's vDisk {vdisk}); \
+                 see `vstream quarantine list`"
+            )));
+        }
+        Ok(())
+    }
+
     /// A device or its vDisk, from the farm view (so it works while the farm
     /// store is away), else from the farm store.
     async fn device_and_vdisk(&self, key: &str) -> Result<(Device, VDisk), OpenError> {
@@ -282,6 +295,7 @@ impl Server {
         let (key, number, hash) = crate::login::parse_base_export(rest)
             .ok_or_else(|| OpenError::Unknown(name.clone()))?;
         let (device, vdisk) = self.device_and_vdisk(key).await?;
+        self.not_quarantined(&vdisk.name)?;
         if vdisk.mode != Mode::Standard {
             return Err(OpenError::Refused(format!(
                 "vDisk {} is in {} mode; device {} opens device/{}",
@@ -375,6 +389,7 @@ impl Server {
         go: bool,
     ) -> Result<Export, OpenError> {
         let (device, vdisk) = self.device_and_vdisk(key).await?;
+        self.not_quarantined(&vdisk.name)?;
         let export_name = format!("device/{key}");
         let _vdisk_lock = self.lock_vdisk(&vdisk.name).await;
         let mut sessions = self.sessions.lock();

@@ -77,6 +77,11 @@ impl Client {
         Client::new(&args.api, token)
     }
 
+    /// The same credentials at another server's API (`base`, a URL).
+    pub fn at(&self, base: &str) -> Result<Client> {
+        Client::new(base, self.token.clone())
+    }
+
     fn new(base: &str, token: String) -> Result<Client> {
         let base = base.trim_end_matches('/');
         if !(base.starts_with("http://") || base.starts_with("https://")) {

@@ -2,9 +2,10 @@
 //!
 //! ```text
 //!   rebalance [--trigger PCT]   POST /api/v1/farm/rebalance
+//!   migrate --data DIR --to etcd://HOST:PORT   (offline: the server is stopped)
 //! ```
 
-use anyhow::Result;
+use anyhow::{anyhow, bail, Result};
 use clap::{Args, Subcommand};
 use vstream_api::{Rebalance, RebalancePlan};
 
@@ -24,6 +25,21 @@ pub enum FarmCommand {
     /// Move devices so that no server carries more than the average load
     /// plus the trigger; moved devices switch servers with no I/O error.
     Rebalance(RebalanceArgs),
+    /// Move a stopped one-server farm's state (its embedded farm.redb) into
+    /// a new etcd farm, so the server starts with `--farm etcd://...` and
+    /// keeps every vDisk, device and store. farm.redb is left as it was.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The stopped server's data folder, holding farm.redb.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/vstream")]
+    pub data: std::path::PathBuf,
+    /// The etcd farm to fill: etcd://HOST:PORT[,HOST:PORT...]. It must be new
+    /// (no farm identity yet).
+    #[arg(long, value_name = "etcd://HOST:PORT,...")]
+    pub to: String,
 }
 
 #[derive(Debug, Args)]
@@ -38,8 +54,12 @@ pub struct RebalanceArgs {
 }
 
 pub fn run(args: FarmArgs) -> Result<()> {
+    if let FarmCommand::Migrate(a) = args.command {
+        return migrate(a);
+    }
     let client = Client::from_args(&args.client)?;
     match args.command {
+        FarmCommand::Migrate(_) => unreachable!("handled above"),
         FarmCommand::Rebalance(a) => {
             let body = Rebalance {
                 trigger_pct: Some(a.trigger),
@@ -69,4 +89,23 @@ pub fn run(args: FarmArgs) -> Result<()> {
             print(&text)
         }
     }
+}
+
+fn migrate(a: MigrateArgs) -> Result<()> {
+    use vstream_server::config::FarmConfig;
+    use vstream_server::identity;
+    let endpoints = match a.to.parse::<FarmConfig>().map_err(|e| anyhow!(e))? {
+        FarmConfig::Etcd(e) => e,
+        FarmConfig::Embedded => bail!("--to names the etcd farm to fill: etcd://HOST:PORT"),
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let (n, id) = identity::migrate(&a.data, &endpoints).await?;
+        print(&format!(
+            "copied {n} records of farm {id} into etcd at {}; start the server with --farm {} \
+             (farm.redb is left as it was)\n",
+            endpoints.join(","),
+            a.to
+        ))
+    })
 }

@@ -8,6 +8,7 @@
 //!   vstream farm ...     farm-wide actions (rebalance)         (farm_cmd.rs)
 //!   vstream replication  copying versions between servers      (replication_cmd.rs)
 //!   vstream store ...    named stores, held on every server    (store_cmd.rs)
+//!   vstream quarantine   vDisks a server holds the farm lacks  (quarantine_cmd.rs)
 //!   vstream target ...   run a device's agent                  (target_cmd.rs)
 //! ```
 //!
@@ -25,6 +26,7 @@ mod client;
 mod device;
 mod farm_cmd;
 mod output;
+mod quarantine_cmd;
 mod replication_cmd;
 mod server_cmd;
 mod store_cmd;
@@ -61,6 +63,8 @@ enum Command {
     Replication(replication_cmd::ReplicationArgs),
     /// Named stores: folders every server holds locally (add, list, remove).
     Store(store_cmd::StoreArgs),
+    /// vDisks a server holds that the farm does not list: list, adopt, remove.
+    Quarantine(quarantine_cmd::QuarantineArgs),
     /// Run a device's agent: log in, stream, keep the write cache, fail over.
     Target(target_cmd::TargetArgs),
 }
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
         Command::Farm(args) => farm_cmd::run(args),
         Command::Replication(args) => replication_cmd::run(args),
         Command::Store(args) => store_cmd::run(args),
+        Command::Quarantine(args) => quarantine_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -117,6 +117,12 @@ pub struct ServerArgs {
     /// the farm gives it (`vstream store add`); repeat for several.
     #[arg(long = "store-path", value_name = "NAME=PATH")]
     pub store_paths: Vec<String>,
+    /// Start even though the data folder belongs to another farm than the
+    /// one --farm names (it is told why otherwise): the folder joins this
+    /// farm, and the vDisks the farm does not list are kept in quarantine
+    /// (`vstream quarantine`), never deleted.
+    #[arg(long)]
+    pub adopt_data: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -191,6 +197,7 @@ fn resolve(args: ServerArgs) -> Result<Config> {
         proxy_dhcp: args.proxy_dhcp,
         auto_add: args.auto_add,
         store_paths: args.store_paths,
+        adopt_data: args.adopt_data,
     };
     Config::resolve(file, flags).map_err(|e| anyhow!("invalid server configuration: {e}"))
 }

@@ -38,7 +38,8 @@ type Shared = State<Arc<Server>>;
         versions::list_versions, versions::new_version, versions::promote, versions::rollback,
         versions::merge, versions::delete_version, farm::login, farm::list_servers, farm::rebalance, farm::cache_report,
         farm::replication_status, farm::replication_start, boot::upload, boot::set_cmdline,
-        stores::list_stores, stores::add_store, stores::remove_store
+        stores::list_stores, stores::add_store, stores::remove_store,
+        crate::quarantine::list, crate::quarantine::adopt, crate::quarantine::remove
     ),
     components(schemas(VDisk, VDiskInfo, CreateVDisk, SetVDisk, Device, DeviceInfo, CreateDevice, ErrorBody,
         vstream_api::Mode, vstream_api::CacheType, vstream_api::DeviceType, vstream_api::SetDevice,
@@ -50,7 +51,8 @@ type Shared = State<Arc<Server>>;
         vstream_api::ReplicaState, vstream_api::ReplicationStart, vstream_api::ReplicationOverride,
         vstream_api::Catalog, vstream_api::CatalogVersion, vstream_api::BootFiles,
         vstream_api::BootFile, vstream_api::BootFileKind, vstream_api::SetBootCmdline,
-        vstream_api::StoreDef, vstream_api::StoreInfo, vstream_api::StoreHere)),
+        vstream_api::StoreDef, vstream_api::StoreInfo, vstream_api::StoreHere,
+        vstream_api::Quarantined, vstream_api::Adopt)),
     modifiers(&BearerAuth),
     security(("token" = []))
 )]
@@ -124,6 +126,15 @@ pub fn router(server: Arc<Server>, token: String) -> Router {
             axum::routing::delete(stores::remove_store),
         )
         .route("/api/v1/farm/rebalance", post(farm::rebalance))
+        .route("/api/v1/quarantine", get(crate::quarantine::list))
+        .route(
+            "/api/v1/quarantine/:name",
+            axum::routing::delete(crate::quarantine::remove),
+        )
+        .route(
+            "/api/v1/quarantine/:name/adopt",
+            post(crate::quarantine::adopt),
+        )
         .route("/api/v1/replication", get(farm::replication_status))
         .route("/api/v1/replication/start", post(farm::replication_start))
         .route("/metrics", get(metrics))
@@ -396,9 +407,9 @@ async fn delete_vdisk(
             connected.join(", ")
         )));
     }
+    // With its catalog, leaving a tombstone: every other server removes its
+    // copy once no device uses it.
     server.farm.delete_vdisk(&name).await?;
-    // Every other server removes its copy once no device uses it.
-    server.farm.update_catalog(&name, |_| Ok(None)).await?;
     let srv = server.clone();
     tokio::task::spawn_blocking(move || srv.store.delete(&name)).await??;
     Ok(StatusCode::NO_CONTENT)

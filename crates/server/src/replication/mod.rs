@@ -510,11 +510,11 @@ async fn reconcile(server: &Arc<Server>) -> Result<(), FarmError> {
     let catalogs = server.farm.catalogs().await?;
     *r.order.write() = server.farm.replication_override().await?;
     *r.catalogs.write() = Arc::new(catalogs.clone());
-    publish_unlisted(server, &catalogs).await?;
+    let unlisted = crate::quarantine::reconcile(server, &catalogs).await?;
     let view = server.membership.view();
     let mut wanted: HashSet<Key> = HashSet::new();
     let mut needed: HashSet<(String, String)> = HashSet::new();
-    for cat in &catalogs {
+    for cat in catalogs.iter().filter(|c| !unlisted.contains(&c.vdisk)) {
         // A vDisk looked at next time keeps its partial copies meanwhile.
         let keep = |needed: &mut HashSet<(String, String)>| {
             needed.extend(
@@ -629,40 +629,6 @@ fn tidy(server: &Server, needed: &HashSet<(String, String)>) {
 /// Publishes the catalog of each local vDisk the farm knows but has no
 /// catalog for (stores from before replication, and a new import); removes
 /// local vDisks the farm deleted, once no device uses them.
-async fn publish_unlisted(server: &Arc<Server>, catalogs: &[Catalog]) -> Result<(), FarmError> {
-    let listed: HashSet<&str> = catalogs.iter().map(|c| c.vdisk.as_str()).collect();
-    for name in server.store.list().unwrap_or_default() {
-        if listed.contains(name.as_str()) {
-            continue;
-        }
-        let Some(_lock) = server.try_lock_vdisk(&name) else {
-            continue;
-        };
-        let Ok(props) = server.store.properties(&name) else {
-            continue;
-        };
-        if server.farm.get_vdisk(&name).await?.is_some() {
-            let me = server.config.name.clone();
-            server
-                .farm
-                .update_catalog(&name, |cat| {
-                    Ok(Some(
-                        cat.unwrap_or_else(|| catalog::from_props(&props, &me)),
-                    ))
-                })
-                .await?;
-        } else if server.connected_to(&name).is_empty() {
-            tracing::info!(vdisk = %name, "the farm deleted this vDisk: removing the local copy");
-            let s = server.clone();
-            let n = name.clone();
-            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.store.delete(&n)).await {
-                tracing::warn!(vdisk = %name, error = %e, "could not remove the local copy");
-            }
-        }
-    }
-    Ok(())
-}
-
 /// A Standard-mode vDisk's version 1, imported here and not yet sealed, is
 /// sealed once another server could take it: only sealed layers travel.
 async fn seal_for_peers(
