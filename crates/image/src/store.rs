@@ -951,14 +951,11 @@ impl Store {
         sync_dir(&dir)?;
         crash_point("merge:layer-written");
         let old = target.layers.clone();
-        let keep: Vec<u32> = [VersionState::Production, VersionState::Test]
-            .iter()
-            .filter_map(|s| props.newest(*s).map(|v| v.number))
-            .collect();
+        let retired = props.retired_by_merge(upto);
         for v in props.versions.iter_mut() {
             if v.layers.starts_with(&old) {
                 v.layers.splice(..old.len(), [file.clone()]);
-            } else if v.number < upto && v.is_live() && !keep.contains(&v.number) {
+            } else if retired.contains(&v.number) {
                 v.state = VersionState::Retired;
                 v.layers.clear();
             }

@@ -80,6 +80,25 @@ impl Properties {
     }
 
     /// The highest-numbered live version, whatever its state.
+    /// The versions a merge up to version `upto` retires: older live
+    /// versions that are neither the newest in production or test nor built
+    /// on `upto`'s layers (those are rewritten onto the merged layer).
+    pub fn retired_by_merge(&self, upto: u32) -> Vec<u32> {
+        let Some(target) = self.version(upto) else {
+            return Vec::new();
+        };
+        let keep: Vec<u32> = [VersionState::Production, VersionState::Test]
+            .iter()
+            .filter_map(|s| self.newest(*s).map(|v| v.number))
+            .collect();
+        self.versions
+            .iter()
+            .filter(|v| !v.layers.starts_with(&target.layers))
+            .filter(|v| v.number < upto && v.is_live() && !keep.contains(&v.number))
+            .map(|v| v.number)
+            .collect()
+    }
+
     pub fn head(&self) -> Option<&Version> {
         self.versions
             .iter()

@@ -70,6 +70,9 @@ impl View {
     }
 }
 
+/// A version with its content: (vDisk, number, content hash).
+type VersionKey = (String, u32, String);
+
 /// Membership state of this server.
 #[derive(Default)]
 pub struct Membership {
@@ -77,12 +80,14 @@ pub struct Membership {
     view: RwLock<Arc<View>>,
     /// Whether the last publish and read reached the farm store.
     connected: AtomicBool,
-    /// Versions whose layers were checked: (vDisk, number, content hash).
-    verified: Mutex<HashSet<(String, u32, String)>>,
+    /// Versions whose layers were checked.
+    verified: Mutex<HashSet<VersionKey>>,
     /// The versions found in the store at the last publish.
     held: Mutex<Vec<HeldVersion>>,
     /// Versions that failed the check; not tried again until restart.
-    failed: Mutex<HashSet<(String, u32, String)>>,
+    failed: Mutex<HashSet<VersionKey>>,
+    /// One check of a version at a time.
+    checking: Mutex<HashMap<VersionKey, Arc<tokio::sync::Mutex<()>>>>,
     /// Logins sent to each server recently, not yet in its published count.
     recent: Mutex<HashMap<String, Vec<Instant>>>,
     last_read_bytes: AtomicU64,
@@ -341,46 +346,60 @@ fn rebalance_if_asked(server: &Server, view: &View) {
     }
 }
 
+/// Verifies version `number` of vDisk `name` with content `hash` unless
+/// this server has already (one check of a version at a time): every layer
+/// present, each block's data matching its stored hash, the block hashes
+/// giving the content hash. A version that failed stays failed until restart.
+pub async fn ensure_verified(
+    server: &Arc<Server>,
+    name: &str,
+    number: u32,
+    hash: &str,
+) -> Result<(), String> {
+    let m = &server.membership;
+    let key = (name.to_owned(), number, hash.to_owned());
+    let one = m.checking.lock().entry(key.clone()).or_default().clone();
+    let _one = one.lock().await;
+    let outcome = if m.verified.lock().contains(&key) {
+        Ok(())
+    } else if m.failed.lock().contains(&key) {
+        Err(format!(
+            "this server's copy of version {number} of vDisk {name} failed verification"
+        ))
+    } else {
+        let s = server.clone();
+        let (n, h) = (name.to_owned(), hash.to_owned());
+        match tokio::task::spawn_blocking(move || s.store.verify(&n, number, &h)).await {
+            Ok(Ok(())) => {
+                tracing::info!(vdisk = %name, version = number, "replica verified");
+                m.verified.lock().insert(key.clone());
+                m.publish_now.notify_one();
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                tracing::error!(vdisk = %name, version = number, error = %e, "replica failed verification; not offered to devices");
+                m.failed.lock().insert(key.clone());
+                Err(format!(
+                    "this server's copy of version {number} of vDisk {name} failed verification: {e}"
+                ))
+            }
+            Err(e) => Err(format!("verification task failed: {e}")),
+        }
+    };
+    m.checking.lock().remove(&key);
+    outcome
+}
+
 /// Checks each held version once (as the last publish found them): every
 /// layer present, block hashes right.
 async fn verify_loop(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     loop {
         let held = server.membership.held.lock().clone();
-        let todo: Vec<HeldVersion> = held
+        for v in held
             .into_iter()
             .filter(|v| !v.verified && !v.content_hash.is_empty())
-            .filter(|v| {
-                !server.membership.failed.lock().contains(&(
-                    v.vdisk.clone(),
-                    v.number,
-                    v.content_hash.clone(),
-                ))
-            })
-            .collect();
-        for v in todo {
-            let s = server.clone();
-            let (name, number, hash) = (v.vdisk.clone(), v.number, v.content_hash.clone());
-            let outcome =
-                tokio::task::spawn_blocking(move || s.store.verify(&name, number, &hash)).await;
-            match outcome {
-                Ok(Ok(())) => {
-                    tracing::info!(vdisk = %v.vdisk, version = v.number, "replica verified");
-                    server
-                        .membership
-                        .verified
-                        .lock()
-                        .insert((v.vdisk, v.number, v.content_hash));
-                }
-                Ok(Err(e)) => {
-                    tracing::error!(vdisk = %v.vdisk, version = v.number, error = %e, "replica failed verification; not offered to devices");
-                    server
-                        .membership
-                        .failed
-                        .lock()
-                        .insert((v.vdisk, v.number, v.content_hash));
-                }
-                Err(e) => tracing::error!(error = %e, "verification task failed"),
-            }
+        {
+            let _ = ensure_verified(&server, &v.vdisk, v.number, &v.content_hash).await;
         }
         tokio::select! {
             _ = tokio::time::sleep(PUBLISH_INTERVAL) => {}

@@ -33,6 +33,31 @@ pub enum LoginError {
     /// Nothing to serve now; the device should wait and ask again.
     #[error("{0}")]
     Unavailable(String),
+    /// The version a device is pinned to is gone from the farm (retired or
+    /// deleted), and no version has its content: it can only reboot.
+    #[error("{0}")]
+    Gone(String),
+}
+
+/// Whether the version `pin` names is gone from the farm: the vDisk's
+/// catalog has no live version with its content hash. `catalogs` must be
+/// the farm's current ones (not empty for want of reading them).
+pub fn pin_gone(pin: &vstream_api::Pin, catalogs: &[vstream_api::Catalog]) -> Option<String> {
+    let cat = catalogs.iter().find(|c| c.vdisk == pin.vdisk)?;
+    let live = cat.versions.iter().any(|v| {
+        v.state != VersionState::Retired
+            && !v.layers.is_empty()
+            && v.content_hash.as_deref() == Some(pin.content_hash.as_str())
+    });
+    (!live).then(|| {
+        format!(
+            "version {} of vDisk {} (content {}) is gone from the farm (retired or deleted), \
+             and no version has its content: the device must reboot",
+            pin.version,
+            pin.vdisk,
+            &pin.content_hash[..pin.content_hash.len().min(16)]
+        )
+    })
 }
 
 /// The export name a device-side-cache device opens: the read-only version,
@@ -114,7 +139,22 @@ pub fn choose(
                 device.name, pin.vdisk, vdisk.name
             )))
         }
-        Some(pin) => (pin.version, pin.content_hash.clone()),
+        Some(pin) => {
+            // The same bytes under another number (a merge rewrote the
+            // layers, a rollback renumbered) serve as well.
+            let all: Vec<HeldVersion> = view.servers.iter().flat_map(&held).collect();
+            let serves = |v: &HeldVersion| v.verified && v.content_hash == pin.content_hash;
+            let number = if writes || all.iter().any(|v| v.number == pin.version && serves(v)) {
+                pin.version
+            } else {
+                all.iter()
+                    .filter(|v| serves(v) && !v.writable)
+                    .map(|v| v.number)
+                    .max()
+                    .unwrap_or(pin.version)
+            };
+            (number, pin.content_hash.clone())
+        }
         None => {
             let wanted: &[VersionState] = match device.kind {
                 DeviceType::Maintenance => &[VersionState::Maintenance],

@@ -127,6 +127,23 @@ fn describe(device: &Device, vdisk: &VDisk, version: u32) -> String {
     )
 }
 
+/// The content hash a server serves `chain` as: the recorded one of a
+/// sealed version, else its top layer's while no one writes it.
+fn served_hash(chain: &Chain) -> Option<String> {
+    chain
+        .version
+        .content_hash
+        .clone()
+        .filter(|_| chain.version.is_sealed())
+        .or_else(|| {
+            chain
+                .layers
+                .last()
+                .and_then(|l| l.content_hash())
+                .map(|h| vstream_image::hash::to_hex(&h))
+        })
+}
+
 pub fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -306,18 +323,7 @@ impl Server {
             .store
             .chain(&vdisk.name, number)
             .map_err(|e| OpenError::Refused(format!("this server cannot serve {name}: {e}")))?;
-        let held = chain
-            .version
-            .content_hash
-            .clone()
-            .filter(|_| chain.version.is_sealed())
-            .or_else(|| {
-                chain
-                    .layers
-                    .last()
-                    .and_then(|l| l.content_hash())
-                    .map(|h| vstream_image::hash::to_hex(&h))
-            });
+        let held = served_hash(&chain);
         if held.as_deref() != Some(hash) {
             return Err(OpenError::Refused(format!(
                 "this server's version {number} of vDisk {} is not content {hash}",
@@ -333,6 +339,10 @@ impl Server {
                 vdisk.name
             )));
         }
+        // This server's own check, whatever another server's view said.
+        crate::farm::ensure_verified(self, &vdisk.name, number, hash)
+            .await
+            .map_err(OpenError::Refused)?;
         let description = format!("{} (base, read-only)", describe(&device, &vdisk, number));
         let disk = Arc::new(chain.read_only());
         if !go {
@@ -392,6 +402,23 @@ impl Server {
         self.not_quarantined(&vdisk.name)?;
         let export_name = format!("device/{key}");
         let _vdisk_lock = self.lock_vdisk(&vdisk.name).await;
+        let writes_vdisk = device.kind == DeviceType::Maintenance || vdisk.mode == Mode::Private;
+        if !writes_vdisk && !self.is_connected(&device.name) {
+            // A shared version under a server-side cache: served only once
+            // this server has verified its copy.
+            let chain = self
+                .store
+                .properties(&vdisk.name)
+                .map_err(|e| e.to_string())
+                .and_then(|p| pick_version(&p, device.kind))
+                .and_then(|n| self.store.chain(&vdisk.name, n).map_err(|e| e.to_string()))
+                .map_err(OpenError::Failed)?;
+            if let Some(hash) = served_hash(&chain) {
+                crate::farm::ensure_verified(self, &vdisk.name, chain.version.number, &hash)
+                    .await
+                    .map_err(OpenError::Refused)?;
+            }
+        }
         let mut sessions = self.sessions.lock();
         if let Some(s) = sessions.get_mut(&device.name) {
             // Another connection of the same device (a reconnect, or multi-conn):
@@ -422,7 +449,6 @@ impl Server {
                 session: Some(Box::new(guard)),
             });
         }
-        let writes_vdisk = device.kind == DeviceType::Maintenance || vdisk.mode == Mode::Private;
         if writes_vdisk {
             if let Some((other, _)) = sessions.iter().find(|(_, s)| {
                 s.vdisk == vdisk.name
@@ -575,6 +601,32 @@ impl Server {
             .collect();
         v.sort();
         v
+    }
+
+    /// Devices on version `version` (`None`: any version) of vDisk `vdisk`
+    /// anywhere in the farm: this server's sessions, and the ones every other
+    /// live server last published (named with their server).
+    pub fn farm_devices_on(&self, vdisk: &str, version: Option<u32>) -> Vec<String> {
+        let on = |v: &str, n: u32| v == vdisk && version.is_none_or(|want| n == want);
+        let mut devices: Vec<String> = self
+            .sessions
+            .lock()
+            .iter()
+            .filter(|(_, s)| on(&s.vdisk, s.version))
+            .map(|(d, _)| d.clone())
+            .collect();
+        let view = self.membership.view();
+        for srv in view.servers.iter().filter(|s| s.name != self.config.name) {
+            devices.extend(
+                srv.sessions
+                    .iter()
+                    .filter(|s| on(&s.vdisk, s.version))
+                    .map(|s| format!("{} (on server {})", s.device, srv.name)),
+            );
+        }
+        devices.sort();
+        devices.dedup();
+        devices
     }
 
     /// Devices connected to vDisk `name` now.

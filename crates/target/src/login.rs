@@ -10,6 +10,9 @@ pub enum LoginFailure {
     /// A server answered, and said no (unknown device, nothing to serve now).
     #[error("{server} answered: {message}")]
     Refused { server: String, message: String },
+    /// A server answered that the pinned version is gone from the farm.
+    #[error("{server} answered: {message}")]
+    Gone { server: String, message: String },
     /// No bootstrap server answered.
     #[error("no bootstrap server answered: {0}")]
     NoAnswer(String),
@@ -53,9 +56,11 @@ pub fn login(
                 let message = body["error"]
                     .as_str()
                     .map_or_else(|| format!("HTTP {code}"), str::to_string);
-                return Err(LoginFailure::Refused {
-                    server: entry.clone(),
-                    message,
+                let (server, message) = (entry.clone(), message);
+                return Err(if code == 410 {
+                    LoginFailure::Gone { server, message }
+                } else {
+                    LoginFailure::Refused { server, message }
                 });
             }
             Err(e) => errors.push(format!("{entry}: {e}")),

@@ -8,7 +8,9 @@
 //! pinned to the same version and content hash, connect, and make that the
 //! current connection. Every read that failed meanwhile is then sent again on
 //! it: base reads are idempotent, so replaying them is safe. Reads wait, and
-//! never fail, while no server holds the version.
+//! never fail, while no server holds the version; once the farm has said
+//! for [`GONE_AFTER`] that the version is gone (retired or deleted, no
+//! version with its content), they fail with EIO, with the cause logged.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -28,6 +30,10 @@ use crate::upstream::{
 /// Pause between login attempts while no server can take the device.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
+/// How long the farm must keep saying the pinned version is gone before
+/// reads fail with EIO (a farm view being repaired gets that long).
+const GONE_AFTER: Duration = Duration::from_secs(10);
+
 pub struct Remote {
     bootstrap: Vec<String>,
     mac: String,
@@ -42,6 +48,9 @@ pub struct Remote {
     /// server-side cache): it does not fail over, it waits for that server.
     stay: Option<LoginReply>,
     pub failovers: AtomicU64,
+    /// Set once the pinned version is gone from the farm for good: every
+    /// read fails with EIO from then on, with this reason logged.
+    gone: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -74,6 +83,7 @@ impl Remote {
             closing,
             stay,
             failovers: AtomicU64::new(0),
+            gone: Mutex::new(None),
         }
     }
 
@@ -123,6 +133,9 @@ impl Remote {
         headroom: usize,
     ) -> io::Result<Vec<u8>> {
         loop {
+            if self.gone.lock().is_some() {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
             let conn = self.current.lock().clone();
             let sent = conn.request(cmd, flags, range, payload, headroom);
             let why = match tokio::time::timeout(self.deadline, sent).await {
@@ -194,6 +207,7 @@ impl Remote {
         tracing::warn!(server = %failed.server, reason = why, "server failed; failing over");
         let mut avoid = vec![failed.server.clone()];
         let mut last_wait = String::new();
+        let mut gone_since: Option<Instant> = None;
         loop {
             let req = LoginRequest {
                 mac: self.mac.clone(),
@@ -226,9 +240,21 @@ impl Remote {
                         )
                     }
                 },
+                Err(LoginFailure::Gone { message, .. }) => {
+                    let since = *gone_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= GONE_AFTER {
+                        tracing::error!(vdisk = %self.pin.vdisk, version = self.pin.version, reason = %message,
+                            "the pinned version is gone from the farm: reads fail with I/O errors from now on; reboot the device");
+                        *self.gone.lock() = Some(message);
+                        return;
+                    }
+                    avoid.clear();
+                    message
+                }
                 Err(e) => {
                     // Nobody else now: the failed server may come back too.
                     avoid.clear();
+                    gone_since = None;
                     e.to_string()
                 }
             };

@@ -34,7 +34,14 @@ pub(super) async fn login(
         .await
         .unwrap_or_else(|| server.membership.view());
     let recent = server.membership.recent_logins();
-    match choose(&view, &req, &recent, Some(peer.ip())) {
+    let mut answer = choose(&view, &req, &recent, Some(peer.ip()));
+    if let (Err(LoginError::Unavailable(_)), Some(pin)) = (&answer, &req.pin) {
+        let catalogs = server.replication.catalogs();
+        if let Some(why) = crate::login::pin_gone(pin, &catalogs) {
+            answer = Err(LoginError::Gone(why));
+        }
+    }
+    match answer {
         Ok(reply) => {
             server.membership.note_login(&reply.server);
             tracing::info!(device = %reply.device, vdisk = %reply.vdisk, version = reply.version, server = %reply.server, avoid = ?req.avoid, "login");
@@ -45,6 +52,7 @@ pub(super) async fn login(
                 LoginError::UnknownDevice(_) => StatusCode::NOT_FOUND,
                 LoginError::Misconfigured(_) => StatusCode::CONFLICT,
                 LoginError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                LoginError::Gone(_) => StatusCode::GONE,
             };
             tracing::info!(mac = %req.mac, reason = %e, "login refused");
             Err(ApiError::new(status, e.to_string()))

@@ -299,6 +299,15 @@ async fn create_vdisk(
     stores::prepare(&server, &req.name, &store).await?;
     let (srv, name, size) = (server.clone(), req.name.clone(), req.size);
     tokio::task::spawn_blocking(move || srv.store.create(&name, size, created)).await??;
+    // Hashed as it was made: verified as it stands.
+    if let Some(h) = server
+        .store
+        .properties(&req.name)?
+        .version(1)
+        .and_then(|v| v.content_hash.clone())
+    {
+        server.membership.mark_verified(&req.name, 1, &h);
+    }
     let vdisk = register_vdisk(&server, &req.name, req.size, created, &store).await?;
     Ok((StatusCode::CREATED, Json(vdisk_info(&server, vdisk).await?)))
 }
@@ -353,7 +362,7 @@ async fn set_vdisk(
             "nothing to change: give a mode, a cache type or a cache limit",
         ));
     }
-    let connected = server.connected_to(&name);
+    let connected = server.farm_devices_on(&name, None);
     if !connected.is_empty() {
         return Err(ApiError::conflict(format!(
             "vDisk {name} cannot change while devices are connected to it: {}",

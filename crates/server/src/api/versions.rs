@@ -189,6 +189,21 @@ pub(super) async fn merge(
 ) -> Result<Json<VersionInfo>, ApiError> {
     get_vdisk(&server, &name).await?;
     let _lock = server.lock_vdisk(&name).await;
+    // The versions it would retire must be in use nowhere in the farm.
+    let props = server.store.properties(&name)?;
+    let upto = req
+        .upto
+        .or_else(|| props.newest(VersionState::Production).map(|v| v.number));
+    for n in upto.map(|u| props.retired_by_merge(u)).unwrap_or_default() {
+        let on = server.farm_devices_on(&name, Some(n));
+        if !on.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "merging would retire version {n} of vDisk {name}, which devices {} are running; \
+                 merge once they have rebooted onto a newer version",
+                on.join(", ")
+            )));
+        }
+    }
     let n = name.clone();
     let v = operate(&server, &name, true, move |s| s.store.merge(&n, req.upto)).await?;
     tracing::info!(vdisk = %name, version = v.number, "merged");
@@ -204,7 +219,7 @@ pub(super) async fn delete_version(
 ) -> Result<StatusCode, ApiError> {
     get_vdisk(&server, &name).await?;
     let _lock = server.lock_vdisk(&name).await;
-    let on = server.devices_on(&name, version);
+    let on = server.farm_devices_on(&name, Some(version));
     if !on.is_empty() {
         return Err(ApiError::conflict(format!(
             "version {version} of vDisk {name} is in use by devices {}",

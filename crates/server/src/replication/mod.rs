@@ -458,7 +458,8 @@ fn follow_blocking(
                 .map(|p| p.exists())
                 .unwrap_or(false)
     };
-    let in_use = |n: u32| !server.devices_on(name, n).is_empty();
+    // Anywhere in the farm: a device on another server may fail over here.
+    let in_use = |n: u32| !server.farm_devices_on(name, Some(n)).is_empty();
     let plan = catalog::plan(local.as_ref(), cat, present, in_use);
     let Some(props) = plan.properties(cat, local.as_ref()) else {
         return Ok((local, plan));
