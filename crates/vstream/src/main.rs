@@ -24,6 +24,7 @@ mod args;
 mod client;
 mod device;
 mod farm_cmd;
+mod log_fields;
 mod output;
 mod replication_cmd;
 mod server_cmd;

@@ -913,3 +913,93 @@ fn two_hundred_idle_connections_then_a_real_client() {
     );
     assert_healthy(&mut server, "v");
 }
+
+// 11: fields from outside in the log.
+
+/// POSTs `body` (JSON) to `path` of `server`'s API over a plain socket;
+/// returns the status code and the body.
+fn post_json(server: &TestServer, path: &str, body: &str) -> (u16, String) {
+    let addr = server.api.trim_start_matches("http://");
+    let mut s = TcpStream::connect(addr).expect("connecting to the API");
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).expect("sending the request");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("reading the answer");
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string());
+    (status, body)
+}
+
+/// Text that, written raw into the log, would start a line of its own that
+/// looks like the server's.
+const FORGED: &str = "2099-01-01T00:00:00.000000Z  INFO vstream_server: FORGED";
+
+/// An export name and a login MAC carrying a newline, a carriage return and
+/// terminal escapes: the text log shows them escaped within one line, the
+/// JSON log as JSON strings that decode to them, and no line of either log
+/// is the forged one.
+#[test]
+fn control_characters_from_clients_cannot_forge_log_lines() {
+    for format in ["text", "json"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = TestServer::start_with(dir.path().to_path_buf(), &["--log-format", format]);
+        let name = format!("nope\n{FORGED} nbd\r\x1b[2Jx");
+        let mut c = Client::negotiating(server.nbd_port);
+        c.expect_opt_error(OPT_GO, &go_data(&name), REP_ERR_UNKNOWN);
+        let mac = format!("52:54:00:12:34:01\n{FORGED} login\t\x7f\u{9b}");
+        let body = serde_json::json!({ "mac": mac }).to_string();
+        let (status, answer) = post_json(&server, "/api/v1/login", &body);
+        assert!(
+            (400..500).contains(&status),
+            "login with {mac:?}: HTTP {status} {answer}"
+        );
+        let log = server.log_text();
+        for line in log.lines() {
+            assert!(
+                !line.starts_with("2099"),
+                "{format} log: a client forged the line {line:?}:\n{log}"
+            );
+        }
+        if format == "text" {
+            for line in log.lines() {
+                assert!(
+                    !line.contains(|c: char| c.is_control()),
+                    "text log: a raw control character in {line:?}"
+                );
+            }
+            for what in ["nbd", "login"] {
+                assert!(
+                    log.contains(&format!("\\n{FORGED} {what}")),
+                    "text log: the {what} field is not in it, escaped:\n{log}"
+                );
+            }
+        } else {
+            let lines: Vec<serde_json::Value> = log
+                .lines()
+                .map(|l| {
+                    serde_json::from_str(l)
+                        .unwrap_or_else(|e| panic!("json log: {l:?} is not JSON: {e}"))
+                })
+                .collect();
+            for raw in [&name, &mac] {
+                assert!(
+                    lines.iter().any(|v| v["fields"]
+                        .as_object()
+                        .is_some_and(|f| f.values().any(|x| x.as_str() == Some(raw.as_str())))),
+                    "json log: no field holds {raw:?} exactly:\n{log}"
+                );
+            }
+        }
+    }
+}
