@@ -30,6 +30,9 @@ pub enum LoginError {
     UnknownDevice(String),
     #[error("{0}")]
     Misconfigured(String),
+    /// The request's MAC is none a device can have: the request is bad.
+    #[error("{0}")]
+    BadMac(String),
     /// Nothing to serve now; the device should wait and ask again.
     #[error("{0}")]
     Unavailable(String),
@@ -83,7 +86,7 @@ pub fn choose(
     recent: &HashMap<String, u32>,
     client: Option<IpAddr>,
 ) -> Result<LoginReply, LoginError> {
-    let mac = vstream_api::parse_mac(&req.mac).map_err(LoginError::Misconfigured)?;
+    let mac = vstream_api::parse_mac(&req.mac).map_err(LoginError::BadMac)?;
     let device = view
         .device_by_mac(&mac)
         .ok_or_else(|| LoginError::UnknownDevice(mac.clone()))?;
@@ -421,11 +424,21 @@ mod tests {
             choose(&v, &req, &HashMap::new(), None),
             Err(LoginError::UnknownDevice(_))
         ));
-        req.mac = "nonsense".into();
-        assert!(matches!(
-            choose(&v, &req, &HashMap::new(), None),
-            Err(LoginError::Misconfigured(_))
-        ));
+        for bad in [
+            "nonsense",
+            "ff:ff:ff:ff:ff:ff",
+            "01:00:5e:00:00:01",
+            "00:00:00:00:00:00",
+        ] {
+            req.mac = bad.into();
+            assert!(
+                matches!(
+                    choose(&v, &req, &HashMap::new(), None),
+                    Err(LoginError::BadMac(_))
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
