@@ -18,7 +18,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use vstream_api::{
-    CacheType, DeviceType, HeldVersion, LoginReply, LoginRequest, Mode, ServerStatus, VersionState,
+    CacheType, Device, DeviceType, HeldVersion, LoginReply, LoginRequest, Mode, ServerStatus,
+    VersionState,
 };
 
 use crate::farm::View;
@@ -42,6 +43,17 @@ pub enum LoginError {
 /// named by device, version and content hash so the server can check all three.
 pub fn base_export(device: &str, version: u32, hash: &str) -> String {
     format!("base/{device}@{version}/{hash}")
+}
+
+/// How an export names `device`: by name, unless an older version let in a
+/// name that reads as a MAC address, which would name another device (see
+/// [`vstream_farm::DeviceKey`]); then by its own MAC.
+fn export_key(device: &Device) -> &str {
+    if vstream_api::looks_like_mac(&device.name) {
+        &device.mac
+    } else {
+        &device.name
+    }
 }
 
 /// Parses [`base_export`]'s form.
@@ -218,9 +230,9 @@ pub fn choose(
         api: server.api.clone(),
         nbd: server.nbd.clone(),
         export: if device_cache {
-            base_export(&device.name, number, &hash)
+            base_export(export_key(device), number, &hash)
         } else {
-            format!("device/{}", device.name)
+            format!("device/{}", export_key(device))
         },
         failover: device_cache,
     })
@@ -465,6 +477,21 @@ mod tests {
         v.servers[0].versions[0].state = VersionState::Production;
         let r = choose(&v, &login(&[], None), &HashMap::new(), None).unwrap();
         assert_eq!((r.export.as_str(), r.failover), ("device/pc1", false));
+        // A device an older version let be named like a MAC is sent to its
+        // own MAC: its name would open the device with that MAC.
+        v.devices[0].name = "52-54-00-dd-00-bb".into();
+        v.index();
+        let r = choose(&v, &login(&[], None), &HashMap::new(), None).unwrap();
+        assert_eq!(r.device, "52-54-00-dd-00-bb");
+        assert_eq!(r.export, "device/52:54:00:00:00:01");
+        v.vdisks[0].cache_type = CacheType::Device;
+        v.vdisks[0].mode = Mode::Standard;
+        let r = choose(&v, &login(&[], None), &HashMap::new(), None).unwrap();
+        assert!(
+            r.export.starts_with("base/52:54:00:00:00:01@3/"),
+            "{}",
+            r.export
+        );
         assert_eq!(parse_base_export("pc1@2/bb"), Some(("pc1", 2, "bb")));
         assert_eq!(parse_base_export("pc1@x/bb"), None);
     }
