@@ -400,18 +400,71 @@ pub struct ErrorBody {
     pub error: String,
 }
 
-/// Normalises a MAC address (`AA-BB-..`, `aa:bb:..` or `aabb..`) to `aa:bb:cc:dd:ee:ff`.
-pub fn parse_mac(s: &str) -> Result<String, String> {
-    let hex: String = s
-        .chars()
-        .filter(|c| !matches!(c, ':' | '-' | '.'))
-        .collect();
-    if hex.len() != 12 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(format!("{s:?} is not a MAC address"));
+/// The six octets of a MAC address in one of its usual spellings, any case:
+/// `aa:bb:cc:dd:ee:ff`, `aa-bb-cc-dd-ee-ff`, `aabb.ccdd.eeff` or `aabbccddeeff`.
+/// Any address, whether or not a device can have it.
+fn mac_octets(s: &str) -> Option<[u8; 6]> {
+    let groups: Vec<&str> = match s.len() {
+        17 if s.contains(':') => s.split(':').collect(),
+        17 => s.split('-').collect(),
+        14 => s.split('.').collect(),
+        12 => vec![s],
+        _ => return None,
+    };
+    let width = 12 / groups.len();
+    if groups
+        .iter()
+        .any(|g| g.len() != width || !g.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return None;
     }
-    let hex = hex.to_ascii_lowercase();
-    let parts: Vec<&str> = (0..6).map(|i| &hex[2 * i..2 * i + 2]).collect();
-    Ok(parts.join(":"))
+    let hex = groups.concat();
+    let mut octets = [0u8; 6];
+    for (i, o) in octets.iter_mut().enumerate() {
+        *o = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(octets)
+}
+
+/// True if `s` is written as a MAC address ([`parse_mac`]'s spellings),
+/// even one no device can have. Device names never are: a name or MAC
+/// lookup must never be ambiguous.
+pub fn looks_like_mac(s: &str) -> bool {
+    mac_octets(s).is_some()
+}
+
+/// Normalises a device's MAC address (`AA-BB-CC-DD-EE-FF`, `aa:bb:..`,
+/// `aabb.ccdd.eeff` or `aabbccddeeff`) to `aa:bb:cc:dd:ee:ff`. Refuses the
+/// addresses no network card has: broadcast, multicast (the low bit of the
+/// first octet set) and all-zero.
+pub fn parse_mac(s: &str) -> Result<String, String> {
+    let Some(o) = mac_octets(s) else {
+        return Err(format!(
+            "{s:?} is not a MAC address (write it as aa:bb:cc:dd:ee:ff)"
+        ));
+    };
+    let mac = o
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    if o == [0xff; 6] {
+        return Err(format!(
+            "{mac} is the broadcast address, not a device's MAC address"
+        ));
+    }
+    if o[0] & 1 == 1 {
+        return Err(format!(
+            "{mac} is a multicast address (the low bit of its first octet is set), \
+             not a device's MAC address"
+        ));
+    }
+    if o == [0; 6] {
+        return Err(format!(
+            "{mac} is the all-zero address, not a device's MAC address"
+        ));
+    }
+    Ok(mac)
 }
 
 /// Parses sizes such as `8GiB`, `512M`, `4096`, `1.5G` (binary units).
@@ -445,8 +498,46 @@ mod tests {
     fn macs_normalise() {
         assert_eq!(parse_mac("AA-BB-CC-00-11-22").unwrap(), "aa:bb:cc:00:11:22");
         assert_eq!(parse_mac("aabbcc001122").unwrap(), "aa:bb:cc:00:11:22");
-        assert!(parse_mac("aa:bb").is_err());
-        assert!(parse_mac("zz:bb:cc:00:11:22").is_err());
+        assert_eq!(parse_mac("AABB.CC00.1122").unwrap(), "aa:bb:cc:00:11:22");
+        for bad in [
+            "aa:bb",
+            "zz:bb:cc:00:11:22",
+            "aa:bb-cc:00:11:22",
+            "a:b:c:0:1:2",
+            "aabbcc:001122",
+            "aa.bb.cc.00.11.22",
+            ":aabbcc001122",
+            "aabbcc0011223",
+            "20240115-0930",
+        ] {
+            let err = parse_mac(bad).expect_err(bad);
+            assert!(err.contains("is not a MAC address"), "{bad}: {err}");
+            assert!(!looks_like_mac(bad), "{bad}");
+        }
+        assert!(looks_like_mac("ff-ff-ff-ff-ff-ff"));
+    }
+
+    #[test]
+    fn macs_of_no_device_are_refused() {
+        for (mac, why) in [
+            ("ff:ff:ff:ff:ff:ff", "broadcast"),
+            ("FF-FF-FF-FF-FF-FF", "broadcast"),
+            ("01:00:5e:00:00:fb", "multicast"),
+            ("33:33:00:00:00:01", "multicast"),
+            ("03:00:00:00:00:00", "multicast"),
+            ("00:00:00:00:00:00", "all-zero"),
+        ] {
+            let err = parse_mac(mac).expect_err(mac);
+            assert!(err.contains(why), "{mac}: {err}");
+        }
+        for good in [
+            "52:54:00:12:34:56",
+            "02:00:00:00:00:01",
+            "00:00:00:00:00:01",
+            "fe:ff:ff:ff:ff:ff",
+        ] {
+            assert_eq!(parse_mac(good).as_deref(), Ok(good));
+        }
     }
 
     #[test]

@@ -639,19 +639,19 @@ pub async fn device_crud_and_mac_index(b: Arc<dyn Backend>) {
     // Change pc1's MAC and vDisk.
     let moved = store
         .update_device("pc1", |d| {
-            d.mac = "11-22-33-44-55-66".into();
+            d.mac = "12-22-33-44-55-66".into();
             d.vdisk = "other".into();
             Ok(())
         })
         .await
         .expect("update");
-    assert_eq!(moved.mac, "11:22:33:44:55:66");
+    assert_eq!(moved.mac, "12:22:33:44:55:66");
     assert_eq!(
         store.get_device("pc1").await.expect("get"),
         Some(moved.clone())
     );
     assert_eq!(
-        store.find_device("112233445566").await.expect("find"),
+        store.find_device("122233445566").await.expect("find"),
         Some(moved.clone())
     );
     assert_eq!(

@@ -39,7 +39,7 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-pub use vstream_api::{parse_mac, Device, VDisk};
+pub use vstream_api::{looks_like_mac, parse_mac, Device, VDisk};
 
 pub use backend::{Backend, Compare, Op, Versioned};
 pub use embedded::Embedded;
@@ -79,6 +79,37 @@ pub fn validate_name(name: &str) -> Result<(), FarmError> {
         )));
     }
     Ok(())
+}
+
+/// How a lookup names a device: text written as a MAC address names the
+/// device with that MAC, and only that device; other text names a device by
+/// name. Device names that read as MAC addresses are refused when a device is
+/// created, so the two never collide. (A device given such a name by an older
+/// version is still found by its own MAC.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceKey {
+    /// A normalised MAC address ([`parse_mac`]).
+    Mac(String),
+    /// A valid device name ([`validate_name`]).
+    Name(String),
+}
+
+impl DeviceKey {
+    /// Reads `text` as a MAC address or a device name; [`FarmError::Invalid`]
+    /// if it is neither, or a MAC address no device can have.
+    pub fn parse(text: &str) -> Result<DeviceKey, FarmError> {
+        if looks_like_mac(text) {
+            return parse_mac(text)
+                .map(DeviceKey::Mac)
+                .map_err(FarmError::Invalid);
+        }
+        if validate_name(text).is_ok() {
+            return Ok(DeviceKey::Name(text.to_owned()));
+        }
+        Err(FarmError::Invalid(format!(
+            "{text:?} is neither a device name nor a MAC address"
+        )))
+    }
 }
 
 fn checked_name(kind: RecordKind, name: &str) -> Result<(), FarmError> {
@@ -319,26 +350,15 @@ impl FarmStore {
         self.get_record(&device_key(name)).await
     }
 
-    /// The device named `name_or_mac`, or else the device with that MAC address
-    /// (in any form [`parse_mac`] accepts). [`FarmError::Invalid`] if the text
-    /// is neither a valid name nor a MAC address.
+    /// The device named `name_or_mac`, or, if it is written as a MAC address
+    /// (in any form [`parse_mac`] accepts), the device with that MAC: see
+    /// [`DeviceKey`]. [`FarmError::Invalid`] if the text is neither a valid
+    /// name nor a device's MAC address.
     pub async fn find_device(&self, name_or_mac: &str) -> Result<Option<Device>, FarmError> {
-        let is_name = validate_name(name_or_mac).is_ok();
-        if is_name {
-            if let Some(device) = self.get_device(name_or_mac).await? {
-                return Ok(Some(device));
-            }
+        match DeviceKey::parse(name_or_mac)? {
+            DeviceKey::Mac(mac) => self.device_by_mac(&mac).await,
+            DeviceKey::Name(name) => self.get_device(&name).await,
         }
-        let mac = match parse_mac(name_or_mac) {
-            Ok(mac) => mac,
-            Err(_) if is_name => return Ok(None),
-            Err(_) => {
-                return Err(FarmError::Invalid(format!(
-                    "{name_or_mac:?} is neither a device name nor a MAC address"
-                )))
-            }
-        };
-        self.device_by_mac(&mac).await
     }
 
     /// The device holding the normalised `mac`, following the index.
@@ -357,11 +377,18 @@ impl FarmStore {
     }
 
     /// Stores a new device and returns it as stored (MAC normalised). The name
-    /// must be free ([`FarmError::AlreadyExists`]), the MAC unused by other
-    /// devices ([`FarmError::InUse`] naming the device that has it), and the
-    /// vDisk must exist ([`FarmError::Invalid`]).
+    /// must be free ([`FarmError::AlreadyExists`]) and not read as a MAC
+    /// address, the MAC unused by other devices ([`FarmError::InUse`] naming
+    /// the device that has it), and the vDisk must exist ([`FarmError::Invalid`]).
     pub async fn create_device(&self, mut device: Device) -> Result<Device, FarmError> {
         checked_name(RecordKind::Device, &device.name)?;
+        if looks_like_mac(&device.name) {
+            return Err(FarmError::Invalid(format!(
+                "invalid device name: {:?} reads as a MAC address, and a device is looked \
+                 up by name or MAC; choose a name that is not a MAC address",
+                device.name
+            )));
+        }
         device.mac = parse_mac(&device.mac).map_err(FarmError::Invalid)?;
         checked_name(RecordKind::VDisk, &device.vdisk)?;
         let key = device_key(&device.name);
@@ -425,7 +452,11 @@ impl FarmStore {
                     new.name
                 )));
             }
-            new.mac = parse_mac(&new.mac).map_err(FarmError::Invalid)?;
+            // A MAC recorded by an older version that refused less stays as it
+            // is until it is changed; a new one must be a device's.
+            if new.mac != old.mac {
+                new.mac = parse_mac(&new.mac).map_err(FarmError::Invalid)?;
+            }
             if new == old {
                 return Ok(new);
             }
@@ -514,6 +545,150 @@ mod tests {
             assert!(matches!(err, FarmError::Invalid(_)));
             assert!(err.to_string().contains("not a valid name"), "{err}");
         }
+    }
+
+    fn a_vdisk(name: &str) -> VDisk {
+        VDisk {
+            name: name.into(),
+            size: 1 << 30,
+            mode: vstream_api::Mode::Private,
+            cache_type: vstream_api::CacheType::Server,
+            cache_limit: None,
+            created_unix: 1_700_000_000,
+            store: vstream_api::default_store(),
+            boot: Default::default(),
+        }
+    }
+
+    fn a_device(name: &str, mac: &str) -> Device {
+        Device {
+            name: name.into(),
+            mac: mac.into(),
+            vdisk: "base".into(),
+            created_unix: 1_700_000_100,
+            kind: Default::default(),
+        }
+    }
+
+    /// A device name that reads as a MAC address is refused; a lookup by a
+    /// MAC-shaped key goes by MAC only, so a device named so before this rule
+    /// cannot take another device's lookups.
+    #[tokio::test]
+    async fn device_names_and_macs_cannot_collide() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = FarmStore::embedded(dir.path().join("f.redb")).expect("open");
+        store.create_vdisk(a_vdisk("base")).await.expect("vdisk");
+        let d = store
+            .create_device(a_device("d", "52:54:00:dd:00:bb"))
+            .await
+            .expect("device d");
+        for name in [
+            "52-54-00-dd-00-bb",
+            "525400dd00bb",
+            "5254.00dd.00bb",
+            "FF-FF-FF-FF-FF-FF",
+        ] {
+            let err = store
+                .create_device(a_device(name, "52:54:00:dd:00:01"))
+                .await
+                .expect_err(name);
+            assert_eq!(err.category(), ErrorCategory::Invalid, "{name}: {err}");
+            assert!(err.to_string().contains("MAC address"), "{name}: {err}");
+        }
+        // Names that only look a little like MACs stay good names.
+        for name in ["20240115-0930", "cafe-01", "d-52-54-00-dd-00-bb"] {
+            store
+                .create_device(a_device(
+                    name,
+                    &format!("52:54:00:00:{:02x}:01", name.len()),
+                ))
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+
+        // A record an older version let in: named like d's MAC, with its own MAC.
+        let legacy = a_device("52-54-00-dd-00-bb", "52:54:00:ee:00:01");
+        let key = device_key(&legacy.name);
+        let ok = store
+            .backend()
+            .txn(
+                vec![Compare::absent(&key)],
+                vec![
+                    Op::put(&key, encode(&key, &legacy).expect("encode")),
+                    Op::put(mac_key(&legacy.mac), legacy.name.clone()),
+                ],
+            )
+            .await
+            .expect("txn");
+        assert!(ok);
+        assert_eq!(
+            store.find_device("52-54-00-dd-00-bb").await.expect("find"),
+            Some(d.clone()),
+            "the device with that MAC, not the one with that name"
+        );
+        assert_eq!(
+            store.find_device("52:54:00:ee:00:01").await.expect("find"),
+            Some(legacy),
+            "the old record is still found by its own MAC"
+        );
+    }
+
+    /// Broadcast, multicast and all-zero MACs are no device's.
+    #[tokio::test]
+    async fn non_unicast_macs_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = FarmStore::embedded(dir.path().join("f.redb")).expect("open");
+        store.create_vdisk(a_vdisk("base")).await.expect("vdisk");
+        for mac in [
+            "ff:ff:ff:ff:ff:ff",
+            "01:00:5e:00:00:01",
+            "33-33-00-00-00-01",
+            "000000000000",
+        ] {
+            let err = store
+                .create_device(a_device("m", mac))
+                .await
+                .expect_err(mac);
+            assert_eq!(err.category(), ErrorCategory::Invalid, "{mac}: {err}");
+            let err = store.find_device(mac).await.expect_err(mac);
+            assert_eq!(err.category(), ErrorCategory::Invalid, "{mac}: {err}");
+        }
+        store
+            .create_device(a_device("m", "52:54:00:00:00:01"))
+            .await
+            .expect("a unicast MAC");
+        let err = store
+            .update_device("m", |d| {
+                d.mac = "ff:ff:ff:ff:ff:ff".into();
+                Ok(())
+            })
+            .await
+            .expect_err("broadcast");
+        assert_eq!(err.category(), ErrorCategory::Invalid, "{err}");
+        // Locally administered unicast addresses are devices' too.
+        store
+            .create_device(a_device("l", "02:00:00:00:00:01"))
+            .await
+            .expect("a locally administered MAC");
+
+        // A record an older version let in keeps working by name.
+        let legacy = a_device("old", "01:00:5e:00:00:09");
+        let key = device_key(&legacy.name);
+        let ops = vec![
+            Op::put(&key, encode(&key, &legacy).expect("encode")),
+            Op::put(mac_key(&legacy.mac), legacy.name.clone()),
+        ];
+        assert!(store.backend().txn(vec![], ops).await.expect("txn"));
+        assert_eq!(store.find_device("old").await.expect("find"), Some(legacy));
+        let changed = store
+            .update_device("old", |d| {
+                d.kind = vstream_api::DeviceType::Test;
+                Ok(())
+            })
+            .await
+            .expect("a type change keeps the old MAC");
+        assert_eq!(changed.mac, "01:00:5e:00:00:09");
+        store.delete_device("old").await.expect("delete by name");
     }
 
     #[test]

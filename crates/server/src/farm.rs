@@ -62,6 +62,14 @@ impl View {
             .map(|(i, d)| (d.mac.clone(), i))
             .collect();
     }
+    /// The device a lookup names: by MAC if the key is one, else by name
+    /// (as [`vstream_farm::FarmStore::find_device`] does).
+    pub fn find_device(&self, key: &vstream_farm::DeviceKey) -> Option<&Device> {
+        match key {
+            vstream_farm::DeviceKey::Mac(mac) => self.device_by_mac(mac),
+            vstream_farm::DeviceKey::Name(name) => self.device(name),
+        }
+    }
     pub fn device(&self, name: &str) -> Option<&Device> {
         self.devices.iter().find(|d| d.name == name)
     }
@@ -405,5 +413,47 @@ async fn verify_loop(server: Arc<Server>, mut shutdown: tokio::sync::watch::Rece
             _ = tokio::time::sleep(PUBLISH_INTERVAL) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vstream_farm::DeviceKey;
+
+    fn device(name: &str, mac: &str) -> Device {
+        Device {
+            name: name.into(),
+            mac: mac.into(),
+            vdisk: "v".into(),
+            created_unix: 0,
+            kind: Default::default(),
+        }
+    }
+
+    /// The last known state reads a key as the farm store does: text written
+    /// as a MAC finds the device with that MAC, even beside a device (made by
+    /// an older version) named so.
+    #[test]
+    fn the_view_finds_devices_by_mac_before_names() {
+        let mut view = View {
+            devices: vec![
+                device("52-54-00-dd-00-bb", "52:54:00:ee:00:01"),
+                device("d", "52:54:00:dd:00:bb"),
+            ],
+            ..View::default()
+        };
+        view.index();
+        let find = |key: &str| {
+            view.find_device(&DeviceKey::parse(key).expect("key"))
+                .map(|d| d.name.clone())
+        };
+        assert_eq!(find("52-54-00-dd-00-bb").as_deref(), Some("d"));
+        assert_eq!(
+            find("52:54:00:ee:00:01").as_deref(),
+            Some("52-54-00-dd-00-bb")
+        );
+        assert_eq!(find("d").as_deref(), Some("d"));
+        assert_eq!(find("ghost"), None);
     }
 }

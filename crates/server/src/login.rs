@@ -18,7 +18,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use vstream_api::{
-    CacheType, DeviceType, HeldVersion, LoginReply, LoginRequest, Mode, ServerStatus, VersionState,
+    CacheType, Device, DeviceType, HeldVersion, LoginReply, LoginRequest, Mode, ServerStatus,
+    VersionState,
 };
 
 use crate::farm::View;
@@ -30,6 +31,9 @@ pub enum LoginError {
     UnknownDevice(String),
     #[error("{0}")]
     Misconfigured(String),
+    /// The request's MAC is none a device can have: the request is bad.
+    #[error("{0}")]
+    BadMac(String),
     /// Nothing to serve now; the device should wait and ask again.
     #[error("{0}")]
     Unavailable(String),
@@ -64,6 +68,17 @@ pub fn pin_gone(pin: &vstream_api::Pin, catalogs: &[vstream_api::Catalog]) -> Op
 /// named by device, version and content hash so the server can check all three.
 pub fn base_export(device: &str, version: u32, hash: &str) -> String {
     format!("base/{device}@{version}/{hash}")
+}
+
+/// How an export names `device`: by name, unless an older version let in a
+/// name that reads as a MAC address, which would name another device (see
+/// [`vstream_farm::DeviceKey`]); then by its own MAC.
+fn export_key(device: &Device) -> &str {
+    if vstream_api::looks_like_mac(&device.name) {
+        &device.mac
+    } else {
+        &device.name
+    }
 }
 
 /// Parses [`base_export`]'s form.
@@ -108,7 +123,7 @@ pub fn choose(
     recent: &HashMap<String, u32>,
     client: Option<IpAddr>,
 ) -> Result<LoginReply, LoginError> {
-    let mac = vstream_api::parse_mac(&req.mac).map_err(LoginError::Misconfigured)?;
+    let mac = vstream_api::parse_mac(&req.mac).map_err(LoginError::BadMac)?;
     let device = view
         .device_by_mac(&mac)
         .ok_or_else(|| LoginError::UnknownDevice(mac.clone()))?;
@@ -255,9 +270,9 @@ pub fn choose(
         api: server.api.clone(),
         nbd: server.nbd.clone(),
         export: if device_cache {
-            base_export(&device.name, number, &hash)
+            base_export(export_key(device), number, &hash)
         } else {
-            format!("device/{}", device.name)
+            format!("device/{}", export_key(device))
         },
         failover: device_cache,
     })
@@ -461,11 +476,21 @@ mod tests {
             choose(&v, &req, &HashMap::new(), None),
             Err(LoginError::UnknownDevice(_))
         ));
-        req.mac = "nonsense".into();
-        assert!(matches!(
-            choose(&v, &req, &HashMap::new(), None),
-            Err(LoginError::Misconfigured(_))
-        ));
+        for bad in [
+            "nonsense",
+            "ff:ff:ff:ff:ff:ff",
+            "01:00:5e:00:00:01",
+            "00:00:00:00:00:00",
+        ] {
+            req.mac = bad.into();
+            assert!(
+                matches!(
+                    choose(&v, &req, &HashMap::new(), None),
+                    Err(LoginError::BadMac(_))
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
@@ -492,6 +517,21 @@ mod tests {
         v.servers[0].versions[0].state = VersionState::Production;
         let r = choose(&v, &login(&[], None), &HashMap::new(), None).unwrap();
         assert_eq!((r.export.as_str(), r.failover), ("device/pc1", false));
+        // A device an older version let be named like a MAC is sent to its
+        // own MAC: its name would open the device with that MAC.
+        v.devices[0].name = "52-54-00-dd-00-bb".into();
+        v.index();
+        let r = choose(&v, &login(&[], None), &HashMap::new(), None).unwrap();
+        assert_eq!(r.device, "52-54-00-dd-00-bb");
+        assert_eq!(r.export, "device/52:54:00:00:00:01");
+        v.vdisks[0].cache_type = CacheType::Device;
+        v.vdisks[0].mode = Mode::Standard;
+        let r = choose(&v, &login(&[], None), &HashMap::new(), None).unwrap();
+        assert!(
+            r.export.starts_with("base/52:54:00:00:00:01@3/"),
+            "{}",
+            r.export
+        );
         assert_eq!(parse_base_export("pc1@2/bb"), Some(("pc1", 2, "bb")));
         assert_eq!(parse_base_export("pc1@x/bb"), None);
     }

@@ -15,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use vstream_api::{Device, DeviceInfo, DeviceType, Mode, VDisk};
-use vstream_farm::FarmStore;
+use vstream_farm::{DeviceKey, FarmStore};
 use vstream_image::{Chain, Disk, ImageError, Layer, Properties, Store, VersionState};
 
 use crate::config::Config;
@@ -61,6 +61,9 @@ struct Session {
 pub enum OpenError {
     #[error("no export named {0:?}; exports are a vDisk name or device/DEVICE")]
     Unknown(String),
+    /// A name no export can have (`device/..`); the sentence says why.
+    #[error("invalid export name {0:?}: {1}; exports are VDISK, VDISK@VERSION or device/DEVICE")]
+    Invalid(String, String),
     #[error("{0}")]
     Refused(String),
     #[error("{0}")]
@@ -118,6 +121,34 @@ pub fn pick_version(props: &Properties, kind: DeviceType) -> Result<u32, String>
             .ok_or_else(|| format!("vDisk {} has no production version", props.name))?,
     };
     Ok(v.number)
+}
+
+/// Refuses, as [`OpenError::Invalid`], an export name that no export can
+/// have, before anything is looked up: `device/KEY` and `base/KEY@N/HASH`
+/// need a device name or a device's MAC address, `VDISK[@N]` a valid vDisk
+/// name and a number. A well-formed name that names nothing is left to the
+/// lookup ([`OpenError::Unknown`]).
+fn check_export_name(name: &str) -> Result<(), OpenError> {
+    let invalid = |why: String| OpenError::Invalid(name.to_owned(), why);
+    if let Some(key) = name.strip_prefix("device/") {
+        DeviceKey::parse(key).map_err(|e| invalid(e.to_string()))?;
+    } else if let Some(rest) = name.strip_prefix("base/") {
+        let (key, _, _) = crate::login::parse_base_export(rest)
+            .ok_or_else(|| invalid("a base export is base/DEVICE@VERSION/HASH".into()))?;
+        DeviceKey::parse(key).map_err(|e| invalid(e.to_string()))?;
+    } else {
+        let (vdisk, version) = match name.split_once('@') {
+            Some((v, n)) => (v, Some(n)),
+            None => (name, None),
+        };
+        vstream_farm::validate_name(vdisk).map_err(|e| invalid(e.to_string()))?;
+        if version.is_some_and(|n| n.parse::<u32>().is_err()) {
+            return Err(invalid(
+                "a version export is VDISK@VERSION, VERSION a number".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn describe(device: &Device, vdisk: &VDisk, version: u32) -> String {
@@ -204,6 +235,7 @@ impl Server {
         peer: &str,
         go: bool,
     ) -> Result<Export, OpenError> {
+        check_export_name(name)?;
         if let Some(dev) = name.strip_prefix("device/") {
             return self.open_device(dev, peer, go).await;
         }
@@ -254,6 +286,10 @@ impl Server {
     /// A device or its vDisk, from the farm view (so it works while the farm
     /// store is away), else from the farm store.
     async fn device_and_vdisk(&self, key: &str) -> Result<(Device, VDisk), OpenError> {
+        // Checked by `check_export_name` already; the farm store and the view
+        // must read the key the same way: a MAC if it is written as one.
+        let parsed = DeviceKey::parse(key)
+            .map_err(|e| OpenError::Invalid(format!("device/{key}"), e.to_string()))?;
         let from_farm = async {
             let device = self
                 .farm
@@ -285,12 +321,7 @@ impl Server {
         // Degraded, or the store just failed: the last known state answers.
         let view = self.membership.view();
         let cached = view
-            .device(key)
-            .or_else(|| {
-                vstream_api::parse_mac(key)
-                    .ok()
-                    .and_then(|m| view.device_by_mac(&m))
-            })
+            .find_device(&parsed)
             .and_then(|d| Some((d.clone(), view.vdisk(&d.vdisk)?.clone())));
         cached.ok_or_else(|| {
             OpenError::Failed(format!(

@@ -48,9 +48,11 @@ pub enum DeviceCommand {
 
 #[derive(Debug, Args)]
 pub struct AddArgs {
-    /// Name of the new device.
+    /// Name of the new device: 1 to 64 letters, digits, '.', '_' or '-', and
+    /// not a MAC address.
     pub name: String,
-    /// Its network card's MAC address (aa:bb:cc:dd:ee:ff, AA-BB-..., aabb...).
+    /// Its network card's MAC address (aa:bb:cc:dd:ee:ff, AA-BB-CC-DD-EE-FF,
+    /// aabb.ccdd.eeff or aabbccddeeff): unicast, not all-zero.
     #[arg(long, value_name = "MAC", value_parser = vstream_api::parse_mac)]
     pub mac: String,
     /// The vDisk it boots.

@@ -25,6 +25,7 @@ mod args;
 mod client;
 mod device;
 mod farm_cmd;
+mod log_fields;
 mod output;
 mod quarantine_cmd;
 mod replication_cmd;

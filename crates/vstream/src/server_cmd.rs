@@ -202,7 +202,8 @@ fn resolve(args: ServerArgs) -> Result<Config> {
     Config::resolve(file, flags).map_err(|e| anyhow!("invalid server configuration: {e}"))
 }
 
-/// Logs to stderr, filtered by RUST_LOG (default `info`).
+/// Logs to stderr, filtered by RUST_LOG (default `info`), one line per
+/// event (see `log_fields.rs`).
 pub fn init_logging(format: LogFormat) -> Result<()> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.trim().is_empty() => EnvFilter::try_new(&spec)
@@ -215,7 +216,10 @@ pub fn init_logging(format: LogFormat) -> Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let installed = match format {
-        LogFormat::Text => builder.try_init(),
+        // Fields from outside (export names, MACs) cannot break a line.
+        LogFormat::Text => builder
+            .fmt_fields(crate::log_fields::EscapedFields)
+            .try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
     installed.map_err(|e| anyhow!("setting up logging: {e}"))

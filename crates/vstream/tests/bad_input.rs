@@ -5,6 +5,9 @@
 //! After every bad input: the bad connection got the right answer or was
 //! closed, the server process is alive, another client (`nbdinfo`) works, and
 //! the server log shows no panic.
+//!
+//! Also hostile text from outside, over NBD and the login API: control
+//! characters in logged names (11), names and MACs that cannot name a device (12).
 
 mod common;
 
@@ -912,4 +915,207 @@ fn two_hundred_idle_connections_then_a_real_client() {
         "connections ended badly:\n{log}"
     );
     assert_healthy(&mut server, "v");
+}
+
+// 11: fields from outside in the log.
+
+/// POSTs `body` (JSON) to `path` of `server`'s API over a plain socket;
+/// returns the status code and the body.
+fn post_json(server: &TestServer, path: &str, body: &str) -> (u16, String) {
+    post_json_with(server, path, body, "")
+}
+
+/// [`post_json`] with more header lines (each ending in CRLF).
+fn post_json_with(server: &TestServer, path: &str, body: &str, headers: &str) -> (u16, String) {
+    let addr = server.api.trim_start_matches("http://");
+    let mut s = TcpStream::connect(addr).expect("connecting to the API");
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n{headers}\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).expect("sending the request");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("reading the answer");
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string());
+    (status, body)
+}
+
+/// Text that, written raw into the log, would start a line of its own that
+/// looks like the server's.
+const FORGED: &str = "2099-01-01T00:00:00.000000Z  INFO vstream_server: FORGED";
+
+/// An export name and a login MAC carrying a newline, a carriage return and
+/// terminal escapes: the text log shows them escaped within one line, the
+/// JSON log as JSON strings that decode to them, and no line of either log
+/// is the forged one.
+#[test]
+fn control_characters_from_clients_cannot_forge_log_lines() {
+    for format in ["text", "json"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = TestServer::start_with(dir.path().to_path_buf(), &["--log-format", format]);
+        let name = format!("nope\n{FORGED} nbd\r\x1b[2Jx");
+        let mut c = Client::negotiating(server.nbd_port);
+        c.expect_opt_error(OPT_GO, &go_data(&name), REP_ERR_UNKNOWN);
+        let mac = format!("52:54:00:12:34:01\n{FORGED} login\t\x7f\u{9b}");
+        let body = serde_json::json!({ "mac": mac }).to_string();
+        let (status, answer) = post_json(&server, "/api/v1/login", &body);
+        assert!(
+            (400..500).contains(&status),
+            "login with {mac:?}: HTTP {status} {answer}"
+        );
+        let log = server.log_text();
+        for line in log.lines() {
+            assert!(
+                !line.starts_with("2099"),
+                "{format} log: a client forged the line {line:?}:\n{log}"
+            );
+        }
+        if format == "text" {
+            for line in log.lines() {
+                assert!(
+                    !line.contains(|c: char| c.is_control()),
+                    "text log: a raw control character in {line:?}"
+                );
+            }
+            for what in ["nbd", "login"] {
+                assert!(
+                    log.contains(&format!("\\n{FORGED} {what}")),
+                    "text log: the {what} field is not in it, escaped:\n{log}"
+                );
+            }
+        } else {
+            let lines: Vec<serde_json::Value> = log
+                .lines()
+                .map(|l| {
+                    serde_json::from_str(l)
+                        .unwrap_or_else(|e| panic!("json log: {l:?} is not JSON: {e}"))
+                })
+                .collect();
+            for raw in [&name, &mac] {
+                assert!(
+                    lines.iter().any(|v| v["fields"]
+                        .as_object()
+                        .is_some_and(|f| f.values().any(|x| x.as_str() == Some(raw.as_str())))),
+                    "json log: no field holds {raw:?} exactly:\n{log}"
+                );
+            }
+        }
+    }
+}
+
+// 12: names that cannot name anything.
+
+/// Export names that no export can have are answered and logged as invalid
+/// names (NBD_REP_ERR_UNKNOWN), never as a farm state that is unreachable.
+#[test]
+fn invalid_export_names_are_refused_as_invalid() {
+    let mut server = server();
+    let mut c = Client::negotiating(server.nbd_port);
+    for (name, why) in [
+        ("device/..", "neither a device name nor a MAC address"),
+        ("device/", "neither a device name nor a MAC address"),
+        ("device/a b", "neither a device name nor a MAC address"),
+        ("device/d1\0", "neither a device name nor a MAC address"),
+        ("device/ff:ff:ff:ff:ff:ff", "broadcast"),
+        ("device/01-00-5e-00-00-01", "multicast"),
+        ("base/garbage", "base/DEVICE@VERSION/HASH"),
+        ("base/..@1/abc", "neither a device name nor a MAC address"),
+        ("v@one", "VDISK@VERSION"),
+        ("v\0", "not a valid name"),
+    ] {
+        let msg = c.expect_opt_error(OPT_GO, &go_data(name), REP_ERR_UNKNOWN);
+        assert!(
+            msg.starts_with(&format!("invalid export name {name:?}")) && msg.contains(why),
+            "export {name:?}: the message {msg:?} does not say it is invalid because {why:?}"
+        );
+    }
+    // A good name that names nothing is still just unknown.
+    let msg = c.expect_opt_error(OPT_GO, &go_data("device/ghost"), REP_ERR_UNKNOWN);
+    assert!(msg.contains("no export named"), "{msg}");
+    // The handshake goes on.
+    let (size, _) = c.go("v");
+    assert_eq!(size, DISK_SIZE);
+    let log = server.log_text();
+    assert!(
+        !log.contains("unreachable"),
+        "a bad name was taken for an unreachable farm state:\n{log}"
+    );
+    assert_eq!(
+        log.matches("reason=invalid export name").count(),
+        10,
+        "each bad name is logged as invalid:\n{log}"
+    );
+    if have("nbdinfo") {
+        assert_healthy(&mut server, "device/d1");
+    }
+}
+
+/// A MAC address no network card has (broadcast, multicast, all-zero), or
+/// text that is none, is a bad request at login and at `device add`; so is a
+/// device name that reads as a MAC address.
+#[test]
+fn macs_of_no_device_and_mac_shaped_names_are_refused() {
+    let server = server();
+    for (mac, why) in [
+        ("ff:ff:ff:ff:ff:ff", "broadcast"),
+        ("01:00:5e:00:00:01", "multicast"),
+        ("00-00-00-00-00-00", "all-zero"),
+        ("no mac", "not a MAC address"),
+    ] {
+        let body = serde_json::json!({ "mac": mac }).to_string();
+        let (status, answer) = post_json(&server, "/api/v1/login", &body);
+        assert_eq!(status, 400, "login with {mac:?}: {answer}");
+        assert!(answer.contains(why), "login with {mac:?}: {answer}");
+        let err = server.cli_err(&["device", "add", "x", "--mac", mac, "--vdisk", "v"]);
+        assert!(err.contains(why), "device add --mac {mac:?}: {err}");
+    }
+    // The API refuses them too, not only the CLI.
+    let auth = format!("Authorization: Bearer {}\r\n", server.token());
+    for mac in ["ff:ff:ff:ff:ff:ff", "33:33:00:00:00:01", "000000000000"] {
+        let body = serde_json::json!({ "name": "x", "mac": mac, "vdisk": "v" }).to_string();
+        let (status, answer) = post_json_with(&server, "/api/v1/devices", &body, &auth);
+        assert_eq!(status, 400, "POST /api/v1/devices with {mac}: {answer}");
+    }
+    let body = r#"{"name":"52-54-00-12-34-08","mac":"52:54:00:12:34:09","vdisk":"v"}"#;
+    let (status, answer) = post_json_with(&server, "/api/v1/devices", body, &auth);
+    assert_eq!(
+        status, 400,
+        "POST /api/v1/devices with a MAC-shaped name: {answer}"
+    );
+    for name in ["52-54-00-12-34-01", "525400123401", "5254.0012.3402"] {
+        let err = server.cli_err(&[
+            "device",
+            "add",
+            name,
+            "--mac",
+            "52:54:00:12:34:09",
+            "--vdisk",
+            "v",
+        ]);
+        assert!(
+            err.contains("reads as a MAC address"),
+            "device add {name}: {err}"
+        );
+    }
+    // A locally administered unicast MAC is a device's.
+    server.cli_ok(&[
+        "device",
+        "add",
+        "x",
+        "--mac",
+        "02:00:00:00:00:01",
+        "--vdisk",
+        "v",
+    ]);
+    let shown = server.cli_ok(&["device", "show", "52-54-00-12-34-01"]);
+    assert!(shown.contains("d1"), "{shown}");
 }

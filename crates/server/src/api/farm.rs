@@ -23,7 +23,8 @@ type Shared = State<Arc<Server>>;
 /// A device asks where to stream from. Answered from this server's last
 /// known farm state, so it works while the farm store is away.
 #[utoipa::path(post, path = "/api/v1/login", request_body = LoginRequest, security(()),
-    responses((status = 200, body = LoginReply), (status = 404, body = ErrorBody),
+    responses((status = 200, body = LoginReply), (status = 400, body = ErrorBody, description = "not a device's MAC address"),
+        (status = 404, body = ErrorBody),
         (status = 503, body = ErrorBody, description = "nothing to serve it now; ask again")))]
 pub(super) async fn login(
     State(server): Shared,
@@ -51,6 +52,7 @@ pub(super) async fn login(
             let status = match e {
                 LoginError::UnknownDevice(_) => StatusCode::NOT_FOUND,
                 LoginError::Misconfigured(_) => StatusCode::CONFLICT,
+                LoginError::BadMac(_) => StatusCode::BAD_REQUEST,
                 LoginError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
                 LoginError::Gone(_) => StatusCode::GONE,
             };

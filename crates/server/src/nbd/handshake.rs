@@ -217,7 +217,7 @@ where
 
 fn open_error_reply(e: &OpenError) -> u32 {
     match e {
-        OpenError::Unknown(_) => REP_ERR_UNKNOWN,
+        OpenError::Unknown(_) | OpenError::Invalid(..) => REP_ERR_UNKNOWN,
         OpenError::Refused(_) => REP_ERR_POLICY,
         OpenError::Failed(_) => REP_ERR_PLATFORM,
     }
