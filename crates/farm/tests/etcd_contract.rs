@@ -23,23 +23,15 @@ use vstream_api::{CacheType, Mode, VDisk};
 use vstream_farm::etcd::Etcd;
 use vstream_farm::{contract, Backend, Compare, FarmError, FarmStore, Op};
 
-const SKIP: &str = "SKIP: set VSTREAM_TEST_ETCD (or run .ci/run, which starts etcd)";
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// The shared test etcd, or `None` (after saying so) when the tests should skip.
+/// The shared test etcd, or `None` after a skip (a failure under CI=true).
 fn test_etcd() -> Option<String> {
     match std::env::var("VSTREAM_TEST_ETCD") {
         Ok(url) if !url.trim().is_empty() => Some(url.trim().to_string()),
-        _ if in_ci() => panic!(
-            "VSTREAM_TEST_ETCD is not set, and CI=true: CI must run the etcd tests. \
-             .ci/run starts etcd and sets it; set it to an etcd's client URL \
-             (such as http://127.0.0.1:2379) when running the tests by other means"
-        ),
         _ => {
-            println!("{SKIP}");
+            vstream_testkit::skip(
+                "VSTREAM_TEST_ETCD is not set: set it to an etcd's client URL \
+                 (such as http://127.0.0.1:2379), or run .ci/run, which starts etcd",
+            );
             None
         }
     }
@@ -223,7 +215,7 @@ async fn duplicate_keys_in_one_txn_are_refused() {
 
 // ---- restarts ---------------------------------------------------------------
 
-/// The etcd binary, or `None` (after saying so) when the test should skip.
+/// The etcd binary, or `None` after a skip (a failure under CI=true).
 fn etcd_binary() -> Option<PathBuf> {
     let bin =
         std::env::var_os("VSTREAM_TEST_ETCD_BIN").map_or_else(|| "etcd".into(), PathBuf::from);
@@ -236,14 +228,10 @@ fn etcd_binary() -> Option<PathBuf> {
     if runs {
         return Some(bin);
     }
-    let why = format!(
+    vstream_testkit::skip(&format!(
         "{} does not run: install etcd (Debian: etcd-server) or set VSTREAM_TEST_ETCD_BIN",
         bin.display()
-    );
-    if in_ci() {
-        panic!("{why}");
-    }
-    println!("SKIP: {why}");
+    ));
     None
 }
 

@@ -2,7 +2,8 @@
 //!
 //! Port 67 and SO_BINDTODEVICE need root, and broadcasts need a real link, so the test
 //! builds two network namespaces joined by a veth pair: the service runs in one, a
-//! fake PXE client in the other. Without root or `ip` it is skipped with a message.
+//! fake PXE client in the other. Without root, `ip` or network namespaces it is
+//! skipped with a message (a failure under CI=true).
 
 use std::fs::File;
 use std::io;
@@ -58,20 +59,35 @@ fn ip(args: &[&str]) -> Result<(), String> {
 }
 
 /// Server namespace with `SERVER_IFACE` (SERVER_IP) and a second, address-less veth
-/// pair; client namespace with `CLIENT_IFACE` (CLIENT_IP). `Err` = skip reason.
-fn namespaces() -> Result<(Namespaces, String, String), String> {
+/// pair; client namespace with `CLIENT_IFACE` (CLIENT_IP). `None` after a skip
+/// (not root, no `ip`, or no namespaces here), which fails the test under
+/// CI=true; any later step that fails fails the test.
+fn namespaces() -> Option<(Namespaces, String, String)> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Err("needs root (network namespaces, port 67)".to_owned());
+        vstream_testkit::skip("needs root (network namespaces, port 67)");
+        return None;
+    }
+    if !vstream_testkit::have("ip") {
+        return None;
     }
     let pid = std::process::id();
     let server = format!("vsp-s-{pid}");
     let client = format!("vsp-c-{pid}");
     let mut guard = Namespaces(Vec::new());
     for name in [&server, &client] {
-        ip(&["netns", "add", name])?;
+        if let Err(e) = ip(&["netns", "add", name]) {
+            vstream_testkit::skip(&format!("cannot make a network namespace here: {e}"));
+            return None;
+        }
         guard.0.push(name.clone());
     }
+    // From here on a failure is the test's own, never a skip.
+    let ip = |args: &[&str]| {
+        if let Err(e) = ip(args) {
+            panic!("{e}");
+        }
+    };
     let server_cidr = format!("{SERVER_IP}/24");
     let client_cidr = format!("{CLIENT_IP}/24");
     ip(&[
@@ -88,7 +104,7 @@ fn namespaces() -> Result<(Namespaces, String, String), String> {
         CLIENT_IFACE,
         "netns",
         &client,
-    ])?;
+    ]);
     ip(&[
         "-n",
         &server,
@@ -101,7 +117,7 @@ fn namespaces() -> Result<(Namespaces, String, String), String> {
         "peer",
         "name",
         "vsp-noip1",
-    ])?;
+    ]);
     ip(&[
         "-n",
         &server,
@@ -110,7 +126,7 @@ fn namespaces() -> Result<(Namespaces, String, String), String> {
         &server_cidr,
         "dev",
         SERVER_IFACE,
-    ])?;
+    ]);
     ip(&[
         "-n",
         &client,
@@ -119,7 +135,7 @@ fn namespaces() -> Result<(Namespaces, String, String), String> {
         &client_cidr,
         "dev",
         CLIENT_IFACE,
-    ])?;
+    ]);
     for (ns, dev) in [
         (&server, SERVER_IFACE),
         (&server, "vsp-noip0"),
@@ -128,9 +144,9 @@ fn namespaces() -> Result<(Namespaces, String, String), String> {
         (&client, CLIENT_IFACE),
         (&client, "lo"),
     ] {
-        ip(&["-n", ns, "link", "set", dev, "up"])?;
+        ip(&["-n", ns, "link", "set", dev, "up"]);
     }
-    Ok((guard, server, client))
+    Some((guard, server, client))
 }
 
 /// Moves the calling thread into network namespace `name`.
@@ -364,12 +380,8 @@ fn server(
 
 #[test]
 fn proxy_dhcp_answers_pxe_clients_over_a_veth_pair() {
-    let (_namespaces, server_ns, client_ns) = match namespaces() {
-        Ok(ns) => ns,
-        Err(reason) => {
-            eprintln!("skipping ProxyDHCP socket test: {reason}");
-            return;
-        }
+    let Some((_namespaces, server_ns, client_ns)) = namespaces() else {
+        return;
     };
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let (started_tx, started_rx) = mpsc::channel();

@@ -10,29 +10,10 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_vstream");
 
-/// True if `tool` is on PATH; otherwise prints why the test is skipped.
-/// In CI (CI=true) a missing tool is a failure, not a skip.
-pub fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        skip(&format!(
-            "{tool} is not installed (.ci/install-deps installs it)"
-        ));
-    }
-    found
-}
-
-/// Says why a test does nothing here; in CI (CI=true) that is a failure.
-pub fn skip(why: &str) {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("required in CI: {why}");
-    }
-    eprintln!("SKIP: {why}");
-}
+/// `have(tool)`: true if `tool` is on PATH, else a skip. `skip(why)`: a test
+/// that cannot run here says why; under CI=true that fails it, and by hand it
+/// is counted in `VSTREAM_SKIP_LOG` (see `vstream_testkit`).
+pub use vstream_testkit::{have, skip};
 
 /// The Python with the libnbd bindings (Debian's python3-libnbd).
 pub const PYTHON: &str = "/usr/bin/python3";
