@@ -2,6 +2,7 @@
 //! with the real CLI, and tells tests which external clients exist.
 #![allow(dead_code)]
 
+pub mod durable;
 pub mod nbd;
 
 use std::path::{Path, PathBuf};
