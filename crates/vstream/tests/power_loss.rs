@@ -12,7 +12,9 @@
 //! durability.rs kills the server process instead, whose writes the host's
 //! page cache keeps: it stays green with the syncs of crates/image/src/layer.rs
 //! removed. This test fails when the sync that makes a flush's bitmap
-//! durable (the second `sync_data` of `Layer::flush`) is removed.
+//! durable (the second `sync_data` of `Layer::flush`) is removed, and failed
+//! on a Standard-mode cache whose base tag was not synced (Store::open_cache).
+//! bench/notes/power-loss.md has the runs.
 
 mod common;
 
