@@ -10,7 +10,9 @@
 #   local cache disk) modules and their deps from the same kernel .deb,
 #   VSTREAM_BIN with its debug info stripped + its shared libraries and the
 #   dynamic loader (from ldd), dist/vstream-root.sh as /scripts/vstream-root.sh
-#   and /init = netboot-init.sh.
+#   and /init = netboot-init.sh; also /power-init = power-init.sh, which
+#   runs `vstream server` on the guest's own virtio disk instead (booted with
+#   rdinit=/power-init by crates/vstream/tests/power_loss.rs).
 # Idempotent: does nothing when OUTDIR/.netboot-stamp matches the inputs (the
 # binary's hash included). Boot it with run-netboot-guest.sh.
 #
@@ -75,7 +77,7 @@ fi
 LIBS="$(ldd "$VSTREAM" 2>/dev/null || true)"
 KEY="$(
     {
-        cat "$HERE/build-netboot.sh" "$HERE/lib.sh" "$HERE/netboot-init.sh" "$ROOT_SH"
+        cat "$HERE/build-netboot.sh" "$HERE/lib.sh" "$HERE/netboot-init.sh" "$HERE/power-init.sh" "$ROOT_SH"
         echo "deb=$(basename "$DEB") size=$(stat -c %s "$DEB")"
         sha256sum <"$BUSYBOX"
         sha256sum <"$VSTREAM"
@@ -115,6 +117,7 @@ for a in $("$BUSYBOX" --list); do
     [ "$a" = busybox ] || [ "$a" = init ] || [ "$a" = linuxrc ] || ln -sf busybox "$I/bin/$a"
 done
 install -m 755 "$HERE/netboot-init.sh" "$I/init"
+install -m 755 "$HERE/power-init.sh" "$I/power-init"
 install -m 644 "$ROOT_SH" "$I/scripts/vstream-root.sh"
 
 # The agent: symbols kept (readable backtraces), debug info dropped.

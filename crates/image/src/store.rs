@@ -995,10 +995,19 @@ impl Store {
                 }
             }
         }
-        fs::write(&tag, base).map_err(|source| ImageError::Write {
+        // The tag is synced before the cache exists: a power cut must not
+        // leave a cache whose tag lost its content, or the next session would
+        // discard the cache and with it every write a flush acknowledged.
+        // Layer::create then syncs the folder, and with it the tag's name.
+        let werr = |source| ImageError::Write {
             path: tag.clone(),
             source,
-        })?;
+        };
+        let mut f = fs::File::create(&tag).map_err(werr)?;
+        f.write_all(base.as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(werr)?;
+        drop(f);
         Ok(Arc::new(Layer::create(&path, size)?))
     }
 

@@ -15,7 +15,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -165,21 +165,6 @@ fn have_netboot_tools() -> bool {
             }
             here
         })
-}
-
-/// The kit with the network-boot initramfs (vstream's agent in it).
-fn netboot_kit() -> PathBuf {
-    let kit = common::guest_kit();
-    let script = common::repo().join("tests/guest/build-netboot.sh");
-    common::run(
-        "bash",
-        &[
-            script.to_str().expect("path"),
-            kit.to_str().expect("path"),
-            common::BIN,
-        ],
-    );
-    kit
 }
 
 /// How a VM boots from the network.
@@ -401,7 +386,7 @@ fn a_diskless_guest_pxe_boots_from_the_farm_and_again_with_a_server_stopped() {
     if !have_netboot_tools() {
         return;
     }
-    let kit = netboot_kit();
+    let kit = common::netboot_kit();
     let mut farm = farm(&kit);
     let tap = farm.lan.tap(1);
 
@@ -483,7 +468,7 @@ fn bench_network_boot() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10)
         .clamp(1, 50);
-    let kit = netboot_kit();
+    let kit = common::netboot_kit();
     let farm = farm(&kit);
     let s1 = &farm.servers[0];
     set_cmdline(s1, "read");

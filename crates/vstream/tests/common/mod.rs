@@ -2,6 +2,7 @@
 //! with the real CLI, and tells tests which external clients exist.
 #![allow(dead_code)]
 
+pub mod durable;
 pub mod nbd;
 
 use std::path::{Path, PathBuf};
@@ -362,6 +363,23 @@ pub fn guest_kit() -> PathBuf {
         &[build.to_str().expect("path"), out.to_str().expect("path")],
     );
     out
+}
+
+/// The guest kit with the network-boot initramfs (tests/guest/build-netboot.sh):
+/// vstream in it, as the agent (/init) or as a server on the guest's own
+/// disk (/power-init).
+pub fn netboot_kit() -> PathBuf {
+    let kit = guest_kit();
+    let script = repo().join("tests/guest/build-netboot.sh");
+    run(
+        "bash",
+        &[
+            script.to_str().expect("path"),
+            kit.to_str().expect("path"),
+            BIN,
+        ],
+    );
+    kit
 }
 
 /// True if the tools that build and boot the test guest are here.

@@ -1,0 +1,111 @@
+#!/bin/busybox sh
+# /power-init of the network-boot initramfs (tests/guest/build-netboot.sh
+# packs it beside /init; the kernel runs it with rdinit=/power-init).
+# It runs a real `vstream server` inside the guest, its data folder on the
+# guest's virtio disk, so that killing QEMU is a power cut for the server:
+# whatever the guest kernel held in its page cache is gone, and only what
+# reached the virtual disk survives. crates/vstream/tests/power_loss.rs
+# drives it.
+#
+#   /dev/vda    ext4, mounted on /data; the server's data folder is
+#               /data/vstream (the host seeds admin.token there)
+#   eth0        10.0.2.15/24 (QEMU user networking); the server listens on
+#               0.0.0.0:10809 (NBD) and 0.0.0.0:7080 (API), which the host
+#               forwards (hostfwd)
+#   vstest.writeback=hold|fast|default
+#               hold:  the kernel writes no dirty page back by itself (no
+#                      periodic writeback, nothing expires, high dirty
+#                      limits): only what the server syncs reaches the disk,
+#                      the worst case for a power cut
+#               fast:  dirty pages go back to the disk within ~50 ms, so a
+#                      cut finds unsynced writes half on the disk
+#               default: the kernel's own settings
+#
+# Console lines for the host: the server's log, "GUEST-SERVER ready" once
+# it listens, "GUEST-SERVER exited RC" if it ends; any failure prints
+# "GUEST-ERROR: ..." and powers the VM off.
+export PATH=/bin
+
+/bin/busybox mkdir -p /dev /proc /sys /run /data
+/bin/busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
+[ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run
+
+die() {
+    echo "GUEST-ERROR: power-init: $*"
+    poweroff -f
+    exit 1
+}
+
+up() { cut -d' ' -f1 /proc/uptime; }
+echo "GUEST-INITRD power uptime=$(up)"
+
+if [ -f /lib/modules/load-order ]; then
+    while read -r m; do
+        [ -n "$m" ] || continue
+        insmod "/lib/modules/$m" 2>/dev/null || echo "GUEST-WARN: insmod $m failed"
+    done </lib/modules/load-order
+fi
+
+WRITEBACK=default
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        vstest.writeback=*) WRITEBACK="${arg#vstest.writeback=}" ;;
+    esac
+done
+vm() { echo "$2" >"/proc/sys/vm/$1" || die "cannot set vm.$1=$2"; }
+case "$WRITEBACK" in
+    hold)
+        vm dirty_writeback_centisecs 0
+        vm dirty_expire_centisecs 360000
+        vm dirty_background_ratio 80
+        vm dirty_ratio 90
+        ;;
+    fast)
+        vm dirty_writeback_centisecs 5
+        vm dirty_expire_centisecs 1
+        ;;
+    default) ;;
+    *) die "vstest.writeback=$WRITEBACK: want hold, fast or default" ;;
+esac
+
+i=0
+while [ ! -b /dev/vda ]; do
+    i=$((i + 1))
+    [ "$i" -le 300 ] || die "/dev/vda did not appear within 30 s"
+    usleep 100000
+done
+# A power cut leaves the journal to replay: mount does it.
+mount -t ext4 -o rw /dev/vda /data || die "mount /dev/vda failed"
+[ -d /data/vstream ] || die "/data/vstream missing on /dev/vda"
+
+ifconfig lo 127.0.0.1 up || die "lo"
+ifconfig eth0 10.0.2.15 netmask 255.255.255.0 up || die "eth0 did not come up"
+route add default gw 10.0.2.2 2>/dev/null
+
+echo "GUEST-SERVER starting uptime=$(up)"
+# Its log goes to the console, where the host reads it, through a pipe (on
+# a terminal it would be coloured).
+mkfifo /run/log || die "mkfifo"
+cat /run/log >/dev/console &
+RUST_LOG=info /bin/vstream server --data /data/vstream --name power-guest \
+    --nbd 0.0.0.0:10809 --api 0.0.0.0:7080 </dev/null >/dev/null 2>/run/log &
+SERVER=$!
+listens() { netstat -ltn 2>/dev/null | grep -q ":$1 "; }
+i=0
+until listens 10809 && listens 7080; do
+    kill -0 "$SERVER" 2>/dev/null || break
+    i=$((i + 1))
+    [ "$i" -le 1200 ] || die "the server did not listen within 120 s"
+    usleep 100000
+done
+if kill -0 "$SERVER" 2>/dev/null; then
+    echo "GUEST-SERVER ready writeback=$WRITEBACK uptime=$(up)"
+fi
+wait "$SERVER"
+rc=$?
+echo "GUEST-SERVER exited $rc"
+sync
+poweroff -f
