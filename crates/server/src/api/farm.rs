@@ -36,6 +36,22 @@ pub(super) async fn login(
         .unwrap_or_else(|| server.membership.view());
     let recent = server.membership.recent_logins();
     let mut answer = choose(&view, &req, &recent, Some(peer.ip()));
+    // The view holds this server's status as last published (up to a second
+    // old): a copy found corrupt since is not offered, whatever it says.
+    if let Ok(reply) = &answer {
+        let me = &server.config.name;
+        let corrupt_here = reply.server == *me
+            && server.membership.held().iter().any(|v| {
+                v.vdisk == reply.vdisk
+                    && v.number == reply.version
+                    && server.replication.is_corrupt(&v.vdisk, &v.layers)
+            });
+        if corrupt_here {
+            let mut again = req.clone();
+            again.avoid.push(me.clone());
+            answer = choose(&view, &again, &recent, Some(peer.ip()));
+        }
+    }
     if let (Err(LoginError::Unavailable(_)), Some(pin)) = (&answer, &req.pin) {
         let catalogs = server.replication.catalogs();
         if let Some(why) = crate::login::pin_gone(pin, &catalogs) {
