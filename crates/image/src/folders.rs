@@ -240,6 +240,33 @@ pub fn is_own_tmp_entry(name: &str, is_dir: bool) -> bool {
     false
 }
 
+/// True for a layer file name as the store makes them
+/// (`v3-0a1b2c3d.layer`): no paths, not hidden.
+pub fn is_layer_name(file: &str) -> bool {
+    file.ends_with(".layer")
+        && !file.starts_with('.')
+        && file
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// True if `path` is a regular file that starts with a vstream layer
+/// header (a write cache or layer file vstream wrote).
+pub fn is_layer_file(path: &Path) -> bool {
+    use std::io::Read;
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return false;
+    };
+    if !meta.is_file() {
+        return false;
+    }
+    let mut header = vec![0u8; crate::layer::HEADER_LEN as usize];
+    fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .is_ok()
+        && crate::layer::decode_header(&header).is_ok()
+}
+
 /// Removes from `tmp` what vstream left there (see [`is_own_tmp_entry`]);
 /// everything else, and every symbolic link, stays.
 pub fn clear_tmp(tmp: &Path) {
@@ -280,6 +307,21 @@ mod tests {
         assert!(!is_own_tmp_entry("systemd-private-xyz", true));
         assert!(!is_own_tmp_entry(".X11-unix", true));
         assert!(!is_own_tmp_entry("notes.txt", false));
+    }
+
+    #[test]
+    fn layer_files() {
+        let d = tempfile::tempdir().unwrap();
+        let layer = d.path().join("c.layer");
+        drop(crate::Layer::create(&layer, 1 << 20).unwrap());
+        assert!(is_layer_file(&layer));
+        let other = d.path().join("fstab");
+        fs::write(&other, vec![b'#'; 8192]).unwrap();
+        assert!(!is_layer_file(&other));
+        assert!(!is_layer_file(d.path()));
+        assert!(!is_layer_file(&d.path().join("absent")));
+        assert!(is_layer_name("v3-0a1b2c3d.layer"));
+        assert!(!is_layer_name("../x.layer") && !is_layer_name(".x.layer"));
     }
 
     #[test]

@@ -1178,12 +1178,7 @@ fn first_bad_block_where(
 
 /// A layer file name as the store makes them (`v3-0a1b2c3d.layer`): no paths.
 fn check_file_name(file: &str) -> Result<(), ImageError> {
-    let ok = file.ends_with(".layer")
-        && !file.starts_with('.')
-        && file
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if !ok {
+    if !folders::is_layer_name(file) {
         return Err(ImageError::Invalid(format!(
             "{file:?} is not a layer file name"
         )));
