@@ -158,7 +158,8 @@ fn an_empty_folder_and_a_folder_with_vstreams_marker_are_accepted() {
 }
 
 /// Files vstream did not write in a store's tmp/ and in the data folder's
-/// tmp/ survive holding the store and restarts; vstream's own leftovers go.
+/// tmp/ (and replication/) survive holding the store and restarts;
+/// vstream's own leftovers go.
 #[test]
 fn foreign_files_in_tmp_survive_restarts() {
     let mut s = TestServer::start();
@@ -178,10 +179,18 @@ fn foreign_files_in_tmp_survive_restarts() {
         // vstream's own leftovers, from a crash.
         std::fs::write(tmp.join("import-d-0a1b2c3d.layer"), "").unwrap();
         std::fs::create_dir_all(tmp.join("deleted-d-12345/x")).unwrap();
+        // The replication folder's tidy leaves foreign files too.
+        let rep = root.join("replication");
+        std::fs::create_dir_all(rep.join("d")).unwrap();
+        std::fs::create_dir_all(rep.join("other")).unwrap();
+        std::fs::write(rep.join("d/notes.txt"), "mine").unwrap();
+        std::fs::write(rep.join("other/README"), "mine").unwrap();
         vec![
             tmp.join("build/obj/a.o"),
             tmp.join("notes.txt"),
             tmp.join("import-x.layer"),
+            rep.join("d/notes.txt"),
+            rep.join("other/README"),
         ]
     };
     let mut keep = plant(&fast);
