@@ -7,8 +7,10 @@
 //! and commits with redb's default, durable setting. Each call runs on tokio's
 //! blocking pool, so the store must be used from within a tokio runtime.
 
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -21,29 +23,155 @@ const KV: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("kv");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const REVISION: &str = "revision";
 
+/// How long a reopen waits for the calls still holding the failed database.
+const REOPEN_WAIT: Duration = Duration::from_secs(2);
+
 /// The redb adapter. Cheap to clone; clones share the open database.
+///
+/// After an I/O error (a full disk, say) redb refuses every later call with
+/// "Previous I/O error occurred" until the database is closed and opened
+/// again. So the call that meets one closes the database, and it is opened
+/// again at once, or by the next call if that fails too (space is still
+/// short). Opening runs redb's repair, which keeps exactly the transactions
+/// whose commit was made durable: a call that failed was not committed.
 #[derive(Clone)]
 pub struct Embedded {
-    db: Arc<Database>,
-    path: Arc<PathBuf>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    path: PathBuf,
+    slot: Mutex<Slot>,
+}
+
+/// The database in use, or (after an I/O error) the one being closed.
+struct Slot {
+    open: Option<Arc<Database>>,
+    closing: Weak<Database>,
 }
 
 impl std::fmt::Debug for Embedded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Embedded")
-            .field("path", &self.path)
+            .field("path", &self.shared.path)
             .finish_non_exhaustive()
     }
 }
 
-/// Attaches "what we were doing with which file" to any error.
+thread_local! {
+    /// Set when a redb call on this thread failed with an I/O error, so the
+    /// database has to be opened again.
+    static IO_FAILED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Attaches "what we were doing with which file" to any redb error, and
+/// notes an I/O error (see [`IO_FAILED`]).
 trait Context<T> {
     fn ctx(self, path: &Path, doing: impl std::fmt::Display) -> Result<T, FarmError>;
 }
 
-impl<T, E: std::fmt::Display> Context<T> for Result<T, E> {
+impl<T, E: Into<redb::Error>> Context<T> for Result<T, E> {
     fn ctx(self, path: &Path, doing: impl std::fmt::Display) -> Result<T, FarmError> {
-        self.map_err(|e| FarmError::backend(format_args!("{doing} in {}", path.display()), e))
+        self.map_err(|e| {
+            let e: redb::Error = e.into();
+            let reason = match &e {
+                redb::Error::Io(io) => {
+                    IO_FAILED.with(|f| f.set(true));
+                    if matches!(
+                        io.kind(),
+                        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                    ) {
+                        "no space left on the data folder's file system (ENOSPC); \
+                         the farm database takes writes again once space is freed"
+                            .to_owned()
+                    } else {
+                        io.to_string()
+                    }
+                }
+                redb::Error::PreviousIo => {
+                    IO_FAILED.with(|f| f.set(true));
+                    "an earlier I/O error closed the database; it is opened again".to_owned()
+                }
+                other => other.to_string(),
+            };
+            FarmError::backend(format_args!("{doing} in {}", path.display()), reason)
+        })
+    }
+}
+
+/// Opens (or creates) the database at `path` and its tables.
+fn open_database(path: &Path, create: bool) -> Result<Database, FarmError> {
+    let db = if create {
+        Database::create(path).ctx(path, "opening the database")?
+    } else {
+        Database::open(path).ctx(path, "opening the database again")?
+    };
+    // Create the tables up front so readers never find them missing.
+    let tx = db.begin_write().ctx(path, "starting a transaction")?;
+    {
+        tx.open_table(KV).ctx(path, "opening table kv")?;
+        tx.open_table(META).ctx(path, "opening table meta")?;
+    }
+    tx.commit().ctx(path, "initialising the database")?;
+    Ok(db)
+}
+
+impl Shared {
+    /// The open database, opening it again if an I/O error closed it.
+    fn database(&self) -> Result<Arc<Database>, FarmError> {
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(db) = &slot.open {
+            return Ok(db.clone());
+        }
+        // redb allows one `Database` per file in a process: the calls that
+        // still hold the failed one end soon (it fails them at once).
+        let deadline = Instant::now() + REOPEN_WAIT;
+        while slot.closing.strong_count() > 0 {
+            if Instant::now() > deadline {
+                return Err(FarmError::backend(
+                    format!("reopening {} after an I/O error", self.path.display()),
+                    "calls still hold the failed database; try again",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let was = IO_FAILED.with(|f| f.replace(false));
+        let db = open_database(&self.path, false);
+        IO_FAILED.with(|f| f.set(was));
+        let db = Arc::new(db?);
+        tracing::info!(path = %self.path.display(), "farm database opened again after an I/O error");
+        slot.open = Some(db.clone());
+        Ok(db)
+    }
+
+    /// Closes `db` after an I/O error, unless it was replaced already.
+    fn close(&self, db: &Arc<Database>) {
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.open.as_ref().is_some_and(|d| Arc::ptr_eq(d, db)) {
+            tracing::warn!(path = %self.path.display(), "an I/O error closed the farm database; it is opened again");
+            slot.open = None;
+            slot.closing = Arc::downgrade(db);
+        }
+    }
+
+    /// Runs `f` on the database, closing it (and trying to open it again)
+    /// if `f` meets an I/O error.
+    fn run<T>(
+        &self,
+        f: impl FnOnce(&Database, &Path) -> Result<T, FarmError>,
+    ) -> Result<T, FarmError> {
+        let db = self.database()?;
+        IO_FAILED.with(|f| f.set(false));
+        let result = f(&db, &self.path);
+        if IO_FAILED.with(|f| f.replace(false)) {
+            self.close(&db);
+            drop(db);
+            // Opened again now if it can be; if not, the next call tries.
+            if let Err(e) = self.database() {
+                tracing::warn!(error = %e, "the farm database cannot be opened again yet");
+            }
+        }
+        result
     }
 }
 
@@ -57,23 +185,22 @@ impl Embedded {
             std::fs::create_dir_all(parent)
                 .map_err(|e| FarmError::backend(format!("creating {}", parent.display()), e))?;
         }
-        let db = Database::create(&path).ctx(&path, "opening the database")?;
-        // Create the tables up front so readers never find them missing.
-        let tx = db.begin_write().ctx(&path, "starting a transaction")?;
-        {
-            tx.open_table(KV).ctx(&path, "opening table kv")?;
-            tx.open_table(META).ctx(&path, "opening table meta")?;
-        }
-        tx.commit().ctx(&path, "initialising the database")?;
+        let db = open_database(&path, true)?;
+        IO_FAILED.with(|f| f.set(false));
         Ok(Embedded {
-            db: Arc::new(db),
-            path: Arc::new(path),
+            shared: Arc::new(Shared {
+                path,
+                slot: Mutex::new(Slot {
+                    open: Some(Arc::new(db)),
+                    closing: Weak::new(),
+                }),
+            }),
         })
     }
 
     /// The database file.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.shared.path
     }
 
     /// Runs `f` on the blocking pool.
@@ -82,13 +209,17 @@ impl Embedded {
         T: Send + 'static,
         F: FnOnce(&Database, &Path) -> Result<T, FarmError> + Send + 'static,
     {
-        let db = self.db.clone();
-        let path = self.path.clone();
+        let shared = self.shared.clone();
         async move {
-            let task_path = path.clone();
-            tokio::task::spawn_blocking(move || f(&db, &task_path))
+            let path = shared.path.clone();
+            tokio::task::spawn_blocking(move || shared.run(f))
                 .await
-                .ctx(&path, "running a database task")?
+                .map_err(|e| {
+                    FarmError::backend(
+                        format_args!("running a database task in {}", path.display()),
+                        e,
+                    )
+                })?
         }
         .boxed()
     }

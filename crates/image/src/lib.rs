@@ -3,6 +3,7 @@
 
 pub mod disk;
 pub mod error;
+pub mod folders;
 pub mod formats;
 pub mod hash;
 pub mod layer;

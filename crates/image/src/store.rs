@@ -5,7 +5,8 @@
 //!   DIR/vdisks/NAME/vdisk.toml        properties and versions (our .pvp)
 //!   DIR/vdisks/NAME/v1-1a2b3c4d.layer one file per layer
 //!   DIR/cache/DEVICE.layer            a Standard-mode device's server-side write cache
-//!   DIR/tmp/                          imports in progress; emptied at start
+//!   DIR/tmp/                          imports in progress; vstream's leftovers removed at start
+//!   DIR/.vstream-store                the marker: this folder is vstream's
 //!   DIR/replication/                  layers being received from peers
 //! ```
 //!
@@ -31,6 +32,7 @@ use vstream_api::DEFAULT_STORE;
 
 use crate::disk::{ChainIndex, Disk};
 use crate::error::{ImageError, WriteError};
+use crate::folders;
 use crate::hash::{self, Hash};
 use crate::layer::{sync_dir, Layer, CHUNK};
 use crate::versions::{Properties, Version, VersionState};
@@ -60,7 +62,8 @@ struct Areas {
     placement: HashMap<String, String>,
 }
 
-/// Creates the folders of a store root and empties its `tmp/`.
+/// Creates the folders of a store root and removes from its `tmp/` what
+/// vstream left there (nothing else: see [`folders::clear_tmp`]).
 fn prepare_root(root: &Path) -> Result<(), ImageError> {
     for sub in ["vdisks", "cache", "tmp", "replication"] {
         let p = root.join(sub);
@@ -69,15 +72,7 @@ fn prepare_root(root: &Path) -> Result<(), ImageError> {
             source,
         })?;
     }
-    if let Ok(entries) = fs::read_dir(root.join("tmp")) {
-        for e in entries.flatten() {
-            let _ = if e.path().is_dir() {
-                fs::remove_dir_all(e.path())
-            } else {
-                fs::remove_file(e.path())
-            };
-        }
-    }
+    folders::clear_tmp(&root.join("tmp"));
     Ok(())
 }
 
@@ -170,8 +165,17 @@ pub fn crash_point(step: &str) {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store under `root`, and clears `tmp/`.
+    /// Opens (creating if needed) the store under `root`, the data folder,
+    /// marking it as vstream's, and clears what vstream left in `tmp/`. A
+    /// named store's folder is refused.
     pub fn open(root: &Path) -> Result<Store, ImageError> {
+        if let Some(store) = folders::marker_of(root)?.filter(|s| s != DEFAULT_STORE) {
+            return Err(ImageError::Invalid(format!(
+                "{} is the folder of store {store:?}, not a data folder",
+                root.display()
+            )));
+        }
+        folders::claim(DEFAULT_STORE, root)?;
         prepare_root(root)?;
         let store = Store {
             root: root.to_owned(),
@@ -194,9 +198,11 @@ impl Store {
     }
 
     /// Holds the named store `store` at `root` from now on (creating its
-    /// folders, emptying its `tmp/`); the vDisks already there are found.
-    /// True if it was not held before. A store already held at another
-    /// folder is an error: vDisks do not move.
+    /// folders, clearing what vstream left in its `tmp/`); the vDisks
+    /// already there are found. True if it was not held before. A store
+    /// already held at another folder is an error: vDisks do not move. So
+    /// is a folder vstream did not make, or one that overlaps the data
+    /// folder or another store's (see [`folders`]).
     pub fn add_area(&self, store: &str, root: &Path) -> Result<bool, ImageError> {
         check_name(store)?;
         if store == DEFAULT_STORE {
@@ -214,6 +220,21 @@ impl Store {
                 root.display()
             )));
         }
+        let others: Vec<(String, PathBuf)> = {
+            let areas = self.areas.read();
+            std::iter::once(("the data folder".to_owned(), self.root.clone()))
+                .chain(
+                    areas
+                        .roots
+                        .iter()
+                        .filter(|(name, _)| name.as_str() != store)
+                        .map(|(name, p)| (format!("the folder of store {name}"), p.clone())),
+                )
+                .collect()
+        };
+        folders::check_store_path(root, &others)?;
+        folders::check_store_folder(store, root)?;
+        folders::claim(store, root)?;
         prepare_root(root)?;
         let found = list_root(root)?;
         {
@@ -1163,12 +1184,7 @@ fn first_bad_block_where(
 
 /// A layer file name as the store makes them (`v3-0a1b2c3d.layer`): no paths.
 fn check_file_name(file: &str) -> Result<(), ImageError> {
-    let ok = file.ends_with(".layer")
-        && !file.starts_with('.')
-        && file
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if !ok {
+    if !folders::is_layer_name(file) {
         return Err(ImageError::Invalid(format!(
             "{file:?} is not a layer file name"
         )));
@@ -1176,14 +1192,18 @@ fn check_file_name(file: &str) -> Result<(), ImageError> {
     Ok(())
 }
 
-fn check_name(name: &str) -> Result<(), ImageError> {
-    let ok = !name.is_empty()
+/// True for a name the store accepts for a vDisk, store or device.
+pub(crate) fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
         && name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+fn check_name(name: &str) -> Result<(), ImageError> {
+    if is_valid_name(name) {
         Ok(())
     } else {
         Err(ImageError::Invalid(format!("{name:?} is not a valid name")))

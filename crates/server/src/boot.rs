@@ -473,7 +473,14 @@ fn tidy(server: &Server) {
                     .ok()
                     .and_then(|t| t.elapsed().ok())
                     .is_some_and(|age| age > STALE_AFTER);
-                if old && !wanted.contains(&name.as_str()) && std::fs::remove_file(f.path()).is_ok()
+                // Only what uploads write here: files named by their hash,
+                // and the temporary files of uploads.
+                let ours = (is_hash_name(&name) || name.starts_with(".upload-"))
+                    && f.file_type().is_ok_and(|t| t.is_file());
+                if ours
+                    && old
+                    && !wanted.contains(&name.as_str())
+                    && std::fs::remove_file(f.path()).is_ok()
                 {
                     tracing::info!(vdisk = %vdisk, file = %name, "removed a boot file no vDisk names");
                 }
@@ -482,6 +489,11 @@ fn tidy(server: &Server) {
             let _ = std::fs::remove_dir(vdisk_dir.path());
         }
     }
+}
+
+/// True for a boot file's name in the store: its BLAKE3 hash, in hex.
+fn is_hash_name(name: &str) -> bool {
+    name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// Copies the boot files of the farm's vDisks that this server lacks from

@@ -53,8 +53,15 @@ impl CacheSpec {
                 ))
             }
             CacheSpec::Disk(p, _) => {
-                if p.exists() {
-                    // The cache of an earlier boot: discarded, as at every boot.
+                if p.symlink_metadata().is_ok() {
+                    // The cache of an earlier boot: discarded, as at every
+                    // boot. Anything else there is not ours to remove.
+                    if !vstream_image::folders::is_layer_file(p) {
+                        bail!(
+                            "{} exists and is not a vstream write cache: name a new file for disk:PATH",
+                            p.display()
+                        );
+                    }
                     std::fs::remove_file(p)
                         .with_context(|| format!("removing the old write cache {}", p.display()))?;
                 }
@@ -136,7 +143,17 @@ mod tests {
     fn a_cache_leaves_no_file() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.layer");
+        // A file that is not a cache vstream wrote is not removed.
         std::fs::write(&p, b"old").unwrap();
+        let e = CacheSpec::Disk(p.clone(), 1 << 20)
+            .create(1 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a vstream write cache"), "{e}");
+        assert_eq!(std::fs::read(&p).unwrap(), b"old");
+        // The cache of an earlier boot (a crash before its unlink) is.
+        std::fs::remove_file(&p).unwrap();
+        drop(Layer::create(&p, 1 << 20).unwrap());
         let layer = CacheSpec::Disk(p.clone(), 1 << 20).create(1 << 20).unwrap();
         assert_eq!(layer.size(), 1 << 20);
         assert!(!p.exists());

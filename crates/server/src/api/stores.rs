@@ -70,6 +70,15 @@ pub(super) async fn add_store(
     State(server): State<Arc<Server>>,
     Json(def): Json<StoreDef>,
 ) -> Result<(StatusCode, Json<StoreDef>), ApiError> {
+    vstream_farm::validate_name(&def.name)?;
+    if def.name != DEFAULT_STORE {
+        let stores = server.farm.list_stores().await?;
+        let s = server.clone();
+        let d = def.clone();
+        tokio::task::spawn_blocking(move || check_new_store(&s, &d, &stores))
+            .await?
+            .map_err(|e| ApiError::bad_request(format!("store {}: {e}", def.name)))?;
+    }
     let def = server.farm.create_store(def).await?;
     tracing::info!(store = %def.name, path = %def.path, "store added");
     server.membership.publish_now.notify_one();
@@ -85,4 +94,37 @@ pub(super) async fn remove_store(
     server.farm.delete_store(&name).await?;
     tracing::info!(store = %name, "store removed (its folders stay on each server)");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Refuses a new store whose farm path is `/` or overlaps this server's
+/// data folder or another store's farm path, or whose folder here (its
+/// farm path, or this server's override) overlaps another store's folder
+/// here or the data folder, or is a folder vstream did not make. Every server checks its own
+/// folder again when it comes to hold the store.
+fn check_new_store(server: &Server, def: &StoreDef, stores: &[StoreDef]) -> Result<(), String> {
+    use vstream_image::folders::{check_store_folder, check_store_path};
+    let data = (
+        "this server's data folder".to_owned(),
+        server.config.data.clone(),
+    );
+    let others = stores.iter().filter(|s| s.name != def.name);
+    let mut farm_paths = vec![data.clone()];
+    farm_paths.extend(others.clone().map(|s| {
+        (
+            format!("the path of store {}", s.name),
+            std::path::PathBuf::from(&s.path),
+        )
+    }));
+    let farm_path = std::path::Path::new(&def.path);
+    check_store_path(farm_path, &farm_paths).map_err(|e| e.to_string())?;
+    let here = crate::stores::path_here(server, def);
+    let mut local = vec![data];
+    local.extend(others.map(|s| {
+        (
+            format!("the folder of store {} on this server", s.name),
+            crate::stores::path_here(server, s),
+        )
+    }));
+    check_store_path(&here, &local).map_err(|e| e.to_string())?;
+    check_store_folder(&def.name, &here).map_err(|e| e.to_string())
 }

@@ -615,7 +615,11 @@ fn tidy(server: &Server, needed: &HashSet<(String, String)>) {
                 .trim_end_matches(".journal.tmp")
                 .trim_end_matches(".partial")
                 .to_owned();
-            if needed.contains(&(vdisk.clone(), layer)) {
+            // Only what replication writes here: a layer, its partial copy
+            // and that copy's journal.
+            let ours = vstream_image::folders::is_layer_name(&layer)
+                && f.file_type().is_ok_and(|t| t.is_file());
+            if !ours || needed.contains(&(vdisk.clone(), layer)) {
                 left += 1;
             } else if std::fs::remove_file(f.path()).is_ok() {
                 tracing::info!(vdisk = %vdisk, file = %name, "removed a copy no version needs any more");
