@@ -479,3 +479,27 @@ fn a_copy_changed_while_the_server_was_down_is_not_served() {
         assert!(text.contains("verification"), "{url}: {text}");
     }
 }
+
+#[test]
+fn a_copy_of_a_farm_vdisk_imported_on_another_server_is_no_stranger() {
+    let Some(etcd) = TestEtcd::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s1 = TestServer::start_in_farm(dir.path().join("s1"), &etcd.url, "s1");
+    let s2 = TestServer::start_in_farm_with(
+        dir.path().join("s2"),
+        &etcd.url,
+        "s2",
+        &["--replication-window", "03:00-03:01"],
+        &[("VSTREAM_UTC_OFFSET", "0")],
+    );
+    import_standard(&s1, dir.path(), "g", 8 * MIB);
+    // The same image imported on s2 too (PVS's manual copy): a copy of the
+    // farm's vDisk, not a vDisk of its own.
+    let image = dir.path().join("g.raw");
+    s2.cli_ok(&["vdisk", "import", "g", image.to_str().expect("path")]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(quarantined(&s2).is_empty(), "{}", s2.log_text());
+    assert!(has_vdisk(&s2.data, "g"));
+}

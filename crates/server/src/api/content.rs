@@ -53,9 +53,22 @@ pub(super) async fn import_vdisk(
         None => q.store.unwrap_or_else(vstream_api::default_store),
     };
     super::stores::prepare(&server, &name, &store).await?;
+    // A copy of the farm's vDisk carries its creation time: that names the
+    // vDisk (a copy made at another time would be another vDisk, kept in
+    // quarantine).
+    let created = match &existing {
+        Some(v) => Some(
+            server
+                .farm
+                .catalog(&name)
+                .await?
+                .map_or(v.created_unix, |c| c.created_unix),
+        ),
+        None => None,
+    };
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     let (srv, n) = (server.clone(), name.clone());
-    let worker = tokio::task::spawn_blocking(move || import_blocking(&srv, &n, rx));
+    let worker = tokio::task::spawn_blocking(move || import_blocking(&srv, &n, rx, created));
     let body_error = feed(body, tx).await;
     let result = worker.await?;
     if let Some(e) = body_error {
@@ -101,6 +114,7 @@ fn import_blocking(
     server: &Server,
     name: &str,
     mut rx: mpsc::Receiver<Bytes>,
+    created: Option<u64>,
 ) -> Result<(u64, u64), ApiError> {
     let bad = |e: extents::ExtentError| {
         ApiError::bad_request(format!("the upload of vDisk {name} is malformed: {e}"))
@@ -134,7 +148,7 @@ fn import_blocking(
     dec.finish().map_err(bad)?;
     let staging = staging.ok_or_else(|| ApiError::bad_request("empty upload"))?;
     let size = staging.disk().size();
-    let created = now_unix();
+    let created = created.unwrap_or_else(now_unix);
     let hash = server.store.commit_import(staging, created)?;
     // Hashed from the data just written: verified as it stands.
     let hex = vstream_image::hash::to_hex(&hash);
