@@ -41,6 +41,17 @@ impl Quarantine {
         self.held.lock().contains_key(name)
     }
 
+    /// Refuses to make vDisk `name` here while a quarantined copy holds the name.
+    pub fn check_free(&self, name: &str) -> Result<(), ApiError> {
+        if self.contains(name) {
+            return Err(ApiError::conflict(format!(
+                "this server holds a quarantined vDisk {name}; adopt or remove it first \
+                 (vstream quarantine list)"
+            )));
+        }
+        Ok(())
+    }
+
     /// Replaces the set with what the last reconcile found.
     fn set(&self, found: BTreeMap<String, Quarantined>) {
         self.logged.lock().retain(|n| found.contains_key(n));

@@ -86,11 +86,14 @@ fn a_moved_farm_redb_stops_the_server_and_adoption_keeps_every_vdisk() {
         "{}",
         s.log_text()
     );
-    // Never served while quarantined: the farm does not know it.
+    // Never served while quarantined: the farm does not know it; its name
+    // is not taken over by a new vDisk.
     assert!(s
         .cli_ok(&["vdisk", "list"])
         .lines()
         .all(|l| !l.contains("keep1")));
+    let err = s.cli_err(&["vdisk", "create", "keep1", "--size", "4MiB"]);
+    assert!(err.contains("quarantined"), "{err}");
 
     // Without --yes, a command only says what it would do.
     let dry = s.cli_ok(&["quarantine", "remove", "keep2"]);

@@ -42,6 +42,7 @@ pub(super) async fn import_vdisk(
 ) -> Result<(StatusCode, Json<VDiskInfo>), ApiError> {
     vstream_farm::validate_name(&name)?;
     let _lock = server.lock_vdisk(&name).await;
+    server.quarantine.check_free(&name)?;
     // In a farm, a vDisk another server created may be imported here too:
     // that makes a local copy (a replica once its hashes check), not a record.
     let existing = server.farm.get_vdisk(&name).await?;

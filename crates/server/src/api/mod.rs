@@ -288,6 +288,7 @@ async fn create_vdisk(
 ) -> Result<(StatusCode, Json<VDiskInfo>), ApiError> {
     vstream_farm::validate_name(&req.name)?;
     let _lock = server.lock_vdisk(&req.name).await;
+    server.quarantine.check_free(&req.name)?;
     if server.farm.get_vdisk(&req.name).await?.is_some() {
         return Err(ApiError::conflict(format!(
             "vDisk {} already exists",
