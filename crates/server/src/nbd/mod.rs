@@ -273,7 +273,7 @@ pub async fn connection<R, W>(
             tracing::info!(%peer, export = %neg.export.name, "client dropped the connection")
         }
         Ok(Ending::Released) => {
-            tracing::info!(%peer, export = %neg.export.name, "device released to another server")
+            tracing::info!(%peer, export = %neg.export.name, "the server let the device go (a rebalance, or device reset --force)")
         }
         Ok(Ending::Shutdown) => {
             tracing::debug!(%peer, export = %neg.export.name, "closed for shutdown")
