@@ -75,7 +75,9 @@ impl Connection {
             s.set_nodelay(true)?;
             // A server that vanishes (power loss, a cut link) while no read
             // is waiting is found too, and the agent fails over.
-            vstream_server::tcp::configure(&s, keepalive)?;
+            if let Err(e) = vstream_server::tcp::configure(&s, keepalive) {
+                tracing::warn!(%addr, error = %e, "setting TCP keepalive failed; a vanished server is found only by the read deadline");
+            }
             let size = handshake(&mut s, export).await?.size;
             Ok::<_, io::Error>((s, size))
         };
