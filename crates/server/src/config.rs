@@ -55,6 +55,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Seconds a client may take to finish the handshake.
     pub handshake_timeout_secs: u64,
+    /// How NBD connections find a device that vanished (see `crate::tcp`).
+    pub keepalive: crate::tcp::Keepalive,
     /// Offer structured replies; off, every client gets simple replies as the
     /// Linux kernel does (for measuring that path, like nbdkit's `--no-sr`).
     pub structured_replies: bool,
@@ -187,6 +189,8 @@ pub struct FileConfig {
     pub log_format: Option<LogFormat>,
     pub max_connections: Option<usize>,
     pub handshake_timeout_secs: Option<u64>,
+    pub tcp_keepalive_secs: Option<u64>,
+    pub tcp_user_timeout_secs: Option<u64>,
     pub structured_replies: Option<bool>,
     pub farm: Option<String>,
     pub name: Option<String>,
@@ -224,6 +228,8 @@ pub struct FlagConfig {
     pub api: Option<String>,
     pub log_format: Option<LogFormat>,
     pub max_connections: Option<usize>,
+    pub tcp_keepalive_secs: Option<u64>,
+    pub tcp_user_timeout_secs: Option<u64>,
     pub farm: Option<String>,
     pub name: Option<String>,
     pub power: Option<f64>,
@@ -294,6 +300,17 @@ impl Config {
         if max_connections == 0 {
             return Err("max_connections must be at least 1".into());
         }
+        let keepalive = crate::tcp::Keepalive {
+            idle_secs: flags
+                .tcp_keepalive_secs
+                .or(file.tcp_keepalive_secs)
+                .unwrap_or(crate::tcp::DEFAULT_KEEPALIVE_SECS),
+            user_timeout_secs: flags
+                .tcp_user_timeout_secs
+                .or(file.tcp_user_timeout_secs)
+                .unwrap_or(crate::tcp::DEFAULT_USER_TIMEOUT_SECS),
+        };
+        keepalive.check()?;
         let farm = flags
             .farm
             .or(file.farm)
@@ -424,6 +441,7 @@ impl Config {
             api,
             log_format: flags.log_format.or(file.log_format).unwrap_or_default(),
             max_connections,
+            keepalive,
             handshake_timeout_secs: file.handshake_timeout_secs.unwrap_or(10),
             structured_replies: file.structured_replies.unwrap_or(true),
         })
@@ -475,6 +493,28 @@ mod tests {
         assert!(Config::resolve(FileConfig::default(), bad_farm)
             .unwrap_err()
             .contains("etcd://"));
+    }
+
+    #[test]
+    fn keepalive_defaults_file_and_flags() {
+        let c = Config::resolve(FileConfig::default(), FlagConfig::default()).unwrap();
+        assert_eq!(c.keepalive, crate::tcp::Keepalive::default());
+        let file: FileConfig =
+            toml::from_str("tcp_keepalive_secs = 4\ntcp_user_timeout_secs = 12").unwrap();
+        let flags = FlagConfig {
+            tcp_user_timeout_secs: Some(0),
+            ..Default::default()
+        };
+        let c = Config::resolve(file, flags).unwrap();
+        assert_eq!(c.keepalive.idle_secs, 4);
+        assert_eq!(c.keepalive.user_timeout_secs, 0);
+        let flags = FlagConfig {
+            tcp_keepalive_secs: Some(100_000),
+            ..Default::default()
+        };
+        assert!(Config::resolve(FileConfig::default(), flags)
+            .unwrap_err()
+            .contains("tcp_keepalive_secs"));
     }
 
     #[test]

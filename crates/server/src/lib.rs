@@ -14,6 +14,7 @@ pub mod rebalance;
 pub mod replication;
 pub mod state;
 pub mod stores;
+pub mod tcp;
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;

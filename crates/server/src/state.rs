@@ -52,6 +52,9 @@ struct Session {
     /// The device keeps its write cache itself; only its base streams from
     /// here. Turning this true lets it go (it moves to another server).
     release: Option<tokio::sync::watch::Sender<bool>>,
+    /// Turning this true closes the session's connections (`device reset
+    /// --force`); a device-side-cache session watches `release` instead.
+    kick: tokio::sync::watch::Sender<bool>,
     /// Bytes in its device-side cache, as its agent reports them.
     reported_cache: u64,
 }
@@ -399,6 +402,7 @@ impl Server {
                     peer: peer.to_owned(),
                     disk: disk.clone(),
                     release: Some(tokio::sync::watch::channel(false).0),
+                    kick: tokio::sync::watch::channel(false).0,
                     reported_cache: 0,
                 });
             if s.release.as_ref().is_some_and(|r| *r.borrow()) {
@@ -466,12 +470,13 @@ impl Server {
             s.connections += 1;
             s.peer = peer.to_owned();
             let disk = s.disk.clone();
+            let kick = s.kick.subscribe();
             drop(sessions);
             let guard = SessionGuard {
                 server: self.clone(),
                 device: device.name.clone(),
                 clean: false,
-                release: None,
+                release: Some(kick),
             };
             return Ok(Export {
                 name: export_name,
@@ -528,6 +533,8 @@ impl Server {
                 session: None,
             });
         }
+        let kick = tokio::sync::watch::channel(false).0;
+        let kicked = kick.subscribe();
         sessions.insert(
             device.name.clone(),
             Session {
@@ -540,6 +547,7 @@ impl Server {
                 peer: peer.to_owned(),
                 disk: disk.clone(),
                 release: None,
+                kick,
                 reported_cache: 0,
             },
         );
@@ -549,7 +557,7 @@ impl Server {
             server: self.clone(),
             device: device.name.clone(),
             clean: false,
-            release: None,
+            release: Some(kicked),
         };
         Ok(Export {
             name: export_name,
@@ -703,6 +711,26 @@ impl Server {
             .filter(|s| s.since + window_secs > now)
             .count();
         (sessions.len() as u32, booting as u32)
+    }
+
+    /// Closes every connection of `device`'s session here (each answers the
+    /// requests it has taken first); false if it has none. The session ends
+    /// as an unclean disconnect does, once its last connection has closed.
+    pub fn disconnect_device(&self, device: &str) -> bool {
+        let sessions = self.sessions.lock();
+        let Some(s) = sessions.get(device) else {
+            return false;
+        };
+        s.kick.send_replace(true);
+        if let Some(r) = &s.release {
+            r.send_replace(true);
+        }
+        tracing::info!(
+            device,
+            connections = s.connections,
+            "disconnecting the device"
+        );
+        true
     }
 
     pub fn is_connected(&self, device: &str) -> bool {

@@ -49,6 +49,8 @@ pub struct Options {
     pub cache: CacheSpec,
     /// How long a server may leave a read unanswered before the agent moves.
     pub deadline: Duration,
+    /// How its connections to servers find a vanished server.
+    pub keepalive: vstream_server::tcp::Keepalive,
 }
 
 /// The one export the agent serves.
@@ -202,7 +204,7 @@ pub async fn run(opts: Options, shutdown: watch::Receiver<bool>) -> Result<()> {
         tracing::info!(device = %reply.device, vdisk = %reply.vdisk, mode = %reply.mode, cache = %reply.cache_type, server = %reply.server,
             "writes go to the server; this device waits for it rather than fail over");
     }
-    let first = upstream::Connection::open(&reply, opts.deadline * 5)
+    let first = upstream::Connection::open(&reply, opts.deadline * 5, &opts.keepalive)
         .await
         .with_context(|| {
             format!(

@@ -39,6 +39,7 @@ pub struct Remote {
     mac: String,
     pin: Pin,
     deadline: Duration,
+    keepalive: vstream_server::tcp::Keepalive,
     current: Mutex<Arc<Connection>>,
     switching: tokio::sync::Mutex<()>,
     runtime: tokio::runtime::Handle,
@@ -77,6 +78,7 @@ impl Remote {
             mac: opts.mac.clone(),
             pin,
             deadline: opts.deadline,
+            keepalive: opts.keepalive,
             current: Mutex::new(Arc::new(first)),
             switching: tokio::sync::Mutex::new(()),
             runtime: tokio::runtime::Handle::current(),
@@ -184,7 +186,7 @@ impl Remote {
             if reply.cache_type == vstream_api::CacheType::Server { " with its write cache on the server" } else { "" });
         let started = Instant::now();
         loop {
-            match Connection::open(reply, self.deadline).await {
+            match Connection::open(reply, self.deadline, &self.keepalive).await {
                 Ok(c) => {
                     tracing::info!(server = %reply.server, waited_ms = started.elapsed().as_millis() as u64, "reconnected; unanswered requests are sent again");
                     *self.current.lock() = Arc::new(c);
@@ -221,7 +223,7 @@ impl Remote {
                 .await
                 .unwrap_or_else(|e| Err(LoginFailure::NoAnswer(e.to_string())));
             let wait = match answer {
-                Ok(reply) => match Connection::open(&reply, self.deadline).await {
+                Ok(reply) => match Connection::open(&reply, self.deadline, &self.keepalive).await {
                     Ok(c) if c.size == failed.size => {
                         tracing::info!(from = %failed.server, to = %reply.server, stall_ms = started.elapsed().as_millis() as u64, "failed over");
                         *self.current.lock() = Arc::new(c);

@@ -67,11 +67,17 @@ impl Connection {
     pub async fn open(
         reply: &vstream_api::LoginReply,
         timeout: Duration,
+        keepalive: &vstream_server::tcp::Keepalive,
     ) -> io::Result<Connection> {
         let (addr, export) = (reply.nbd.as_str(), reply.export.as_str());
         let connect = async {
             let mut s = TcpStream::connect(addr).await?;
             s.set_nodelay(true)?;
+            // A server that vanishes (power loss, a cut link) while no read
+            // is waiting is found too, and the agent fails over.
+            if let Err(e) = vstream_server::tcp::configure(&s, keepalive) {
+                tracing::warn!(%addr, error = %e, "setting TCP keepalive failed; a vanished server is found only by the read deadline");
+            }
             let size = handshake(&mut s, export).await?.size;
             Ok::<_, io::Error>((s, size))
         };

@@ -6,7 +6,7 @@
 //!   show NAME                                       GET    /api/v1/devices/NAME
 //!   set NAME --type TYPE                            PATCH  /api/v1/devices/NAME
 //!   remove NAME                                     DELETE /api/v1/devices/NAME
-//!   reset NAME                                      POST   /api/v1/devices/NAME/reset
+//!   reset NAME [--force]                            POST   /api/v1/devices/NAME/reset[?force=true]
 //! ```
 //!
 //! A device's type picks the version of its vDisk it boots: production (the
@@ -43,7 +43,7 @@ pub enum DeviceCommand {
     /// Remove a device.
     Remove(NameArg),
     /// Reset a device (its session and write cache; see the server's docs).
-    Reset(NameArg),
+    Reset(ResetArgs),
 }
 
 #[derive(Debug, Args)]
@@ -62,6 +62,15 @@ pub struct AddArgs {
     #[arg(long = "type", value_name = "maintenance|test|production",
           value_parser = parse_device_type, default_value = "production")]
     pub kind: DeviceType,
+}
+
+#[derive(Debug, Args)]
+pub struct ResetArgs {
+    pub name: String,
+    /// Disconnect the device first if it is connected (its unsaved state is
+    /// lost, as at a power-off); without it a connected device is refused.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -92,7 +101,11 @@ pub fn run(args: DeviceArgs) -> Result<()> {
             print(&format!("removed device {}\n", a.name))
         }
         DeviceCommand::Reset(a) => {
-            client.post_empty(&api_path(&["devices", &a.name, "reset"]))?;
+            let mut path = api_path(&["devices", &a.name, "reset"]);
+            if a.force {
+                path.push_str("?force=true");
+            }
+            client.post_empty(&path)?;
             print(&format!("reset device {}\n", a.name))
         }
     }

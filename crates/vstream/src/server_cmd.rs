@@ -49,6 +49,15 @@ pub struct ServerArgs {
     /// Most NBD connections served at once [default: 4096].
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+    /// Seconds an NBD connection may be idle before TCP keepalive probes its
+    /// peer (every half of it); 0: no keepalive [default: 10].
+    #[arg(long, value_name = "SECS")]
+    pub tcp_keepalive_secs: Option<u64>,
+    /// Seconds an NBD connection may go unacknowledged (data or keepalive
+    /// probes) before it is ended, with its device's session: how soon a
+    /// device that lost power is let go; 0: the kernel's default [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub tcp_user_timeout_secs: Option<u64>,
     /// Where the farm state lives: `embedded` (a one-server farm, in the data
     /// folder) or etcd://HOST:PORT[,HOST:PORT...] [default: embedded].
     #[arg(long, value_name = "embedded|etcd://HOST:PORT,...")]
@@ -179,6 +188,8 @@ fn resolve(args: ServerArgs) -> Result<Config> {
         api: args.api,
         log_format: args.log_format.map(LogFormat::from),
         max_connections: args.max_connections,
+        tcp_keepalive_secs: args.tcp_keepalive_secs,
+        tcp_user_timeout_secs: args.tcp_user_timeout_secs,
         farm: args.farm,
         name: args.name,
         power: args.power,

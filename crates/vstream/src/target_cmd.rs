@@ -47,6 +47,15 @@ pub struct TargetArgs {
     /// moves to another.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     pub deadline_ms: u64,
+    /// Seconds a connection to a server may be idle before TCP keepalive
+    /// probes it (every half of it); 0: no keepalive.
+    #[arg(long, value_name = "SECS", default_value_t = vstream_server::tcp::DEFAULT_KEEPALIVE_SECS)]
+    pub tcp_keepalive_secs: u64,
+    /// Seconds a connection to a server may go unacknowledged (data or
+    /// keepalive probes) before the agent drops it and fails over; 0: the
+    /// kernel's default.
+    #[arg(long, value_name = "SECS", default_value_t = vstream_server::tcp::DEFAULT_USER_TIMEOUT_SECS)]
+    pub tcp_user_timeout_secs: u64,
 }
 
 pub fn run(args: TargetArgs) -> Result<()> {
@@ -55,7 +64,13 @@ pub fn run(args: TargetArgs) -> Result<()> {
         .iter()
         .map(|l| l.parse::<Listen>().map_err(anyhow::Error::msg))
         .collect::<Result<Vec<_>>>()?;
+    let keepalive = vstream_server::tcp::Keepalive {
+        idle_secs: args.tcp_keepalive_secs,
+        user_timeout_secs: args.tcp_user_timeout_secs,
+    };
+    keepalive.check().map_err(anyhow::Error::msg)?;
     let opts = Options {
+        keepalive,
         bootstrap: args.bootstrap,
         mac: args.mac,
         listen,

@@ -10,7 +10,7 @@ mod versions;
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -513,19 +513,50 @@ async fn set_device(
     Ok(Json(server.device_info(d)))
 }
 
-#[utoipa::path(post, path = "/api/v1/devices/{name}/reset", params(("name" = String, Path)),
+#[derive(Debug, Default, serde::Deserialize)]
+struct ResetQuery {
+    /// Disconnect a connected device first.
+    #[serde(default)]
+    force: bool,
+}
+
+/// How long `reset --force` waits for a device's connections to close.
+const RESET_DISCONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+#[utoipa::path(post, path = "/api/v1/devices/{name}/reset",
+    params(("name" = String, Path), ("force" = Option<bool>, Query, description = "disconnect a connected device first")),
     responses((status = 200, body = DeviceInfo), (status = 409, body = ErrorBody)))]
 async fn reset_device(
     State(server): Shared,
     Path(name): Path<String>,
+    Query(q): Query<ResetQuery>,
 ) -> Result<Json<DeviceInfo>, ApiError> {
     let d = get_device(&server, &name).await?;
+    // Held throughout: no new connection of the device's vDisk starts until
+    // its cache is gone.
     let _lock = server.lock_vdisk(&d.vdisk).await;
     if server.is_connected(&d.name) {
-        return Err(ApiError::conflict(format!(
-            "device {} is connected; its write cache can be reset once it disconnects",
-            d.name
-        )));
+        if !q.force {
+            return Err(ApiError::conflict(format!(
+                "device {} is connected; its write cache can be reset once it disconnects, \
+                 or now with `vstream device reset --force {}` (which disconnects it)",
+                d.name, d.name
+            )));
+        }
+        server.disconnect_device(&d.name);
+        let deadline = tokio::time::Instant::now() + RESET_DISCONNECT_WAIT;
+        while server.is_connected(&d.name) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ApiError::conflict(format!(
+                    "device {} is still connected {} s after it was told to disconnect; \
+                     its write cache is unchanged",
+                    d.name,
+                    RESET_DISCONNECT_WAIT.as_secs()
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        tracing::info!(device = %d.name, "device disconnected for a reset");
     }
     server.store.discard_cache(&d.name)?;
     tracing::info!(device = %d.name, "write cache reset");

@@ -38,6 +38,10 @@ pub trait Exports: Send + Sync + 'static {
     fn structured_replies(&self) -> bool;
     fn handshake_timeout(&self) -> Duration;
     fn metrics(&self) -> &Metrics;
+    /// How its TCP connections find a vanished peer.
+    fn keepalive(&self) -> crate::tcp::Keepalive {
+        crate::tcp::Keepalive::default()
+    }
     /// Where base reads of the exports' disks go asynchronously, if anywhere.
     fn remote_base(&self) -> Option<Arc<dyn RemoteBase>> {
         None
@@ -96,6 +100,9 @@ impl Exports for Server {
     fn metrics(&self) -> &Metrics {
         &self.metrics
     }
+    fn keepalive(&self) -> crate::tcp::Keepalive {
+        self.config.keepalive
+    }
 }
 
 pub enum Listener {
@@ -150,7 +157,7 @@ pub async fn serve(
     let mut conns = JoinSet::new();
     loop {
         let accepted = tokio::select! {
-            a = accept(&listener) => a,
+            a = accept(&listener, exports.keepalive()) => a,
             _ = shutdown.changed() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
@@ -181,11 +188,11 @@ type Halves = (
     String,
 );
 
-async fn accept(listener: &Listener) -> std::io::Result<Halves> {
+async fn accept(listener: &Listener, keepalive: crate::tcp::Keepalive) -> std::io::Result<Halves> {
     match listener {
         Listener::Tcp(l) => {
             let (s, peer) = l.accept().await?;
-            s.set_nodelay(true)?;
+            configure_socket(&s, &peer, &keepalive)?;
             let (r, w) = s.into_split();
             Ok((Box::new(r), Box::new(w), peer.to_string()))
         }
@@ -195,6 +202,21 @@ async fn accept(listener: &Listener) -> std::io::Result<Halves> {
             Ok((Box::new(r), Box::new(w), "unix".to_string()))
         }
     }
+}
+
+/// Sets up an accepted TCP connection: no Nagle delay, and keepalive with a
+/// user timeout, so that a device that vanishes without a word (power loss, a
+/// cut cable) is found and its session ends (see `crate::tcp`).
+fn configure_socket(
+    s: &tokio::net::TcpStream,
+    peer: &std::net::SocketAddr,
+    keepalive: &crate::tcp::Keepalive,
+) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    if let Err(e) = crate::tcp::configure(s, keepalive) {
+        tracing::warn!(%peer, error = %e, "setting TCP keepalive failed; a vanished peer may go unnoticed");
+    }
+    Ok(())
 }
 
 /// One connection from greeting to close. Every failure is logged once here.
@@ -251,7 +273,7 @@ pub async fn connection<R, W>(
             tracing::info!(%peer, export = %neg.export.name, "client dropped the connection")
         }
         Ok(Ending::Released) => {
-            tracing::info!(%peer, export = %neg.export.name, "device released to another server")
+            tracing::info!(%peer, export = %neg.export.name, "the server let the device go (a rebalance, or device reset --force)")
         }
         Ok(Ending::Shutdown) => {
             tracing::debug!(%peer, export = %neg.export.name, "closed for shutdown")

@@ -42,8 +42,9 @@ pub enum Ending {
     Dropped,
     /// The server is shutting down.
     Shutdown,
-    /// The server let the device go (a rebalance): in-flight requests were
-    /// answered first; the agent replays anything else on its next server.
+    /// The server let the device go (a rebalance, or `device reset --force`):
+    /// in-flight requests were answered first; an agent replays anything else
+    /// on its next server.
     Released,
 }
 

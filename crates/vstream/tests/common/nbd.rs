@@ -116,7 +116,12 @@ pub struct Nbd {
 impl Nbd {
     /// Connects, or returns the client's complaint.
     pub fn try_connect(url: &str) -> Result<Nbd, String> {
-        let mut n = Nbd::spawn(url, false);
+        Nbd::try_connect_in(&[], url)
+    }
+
+    /// Connects from a client run under the command `wrap` (`ip netns exec NS`).
+    pub fn try_connect_in(wrap: &[String], url: &str) -> Result<Nbd, String> {
+        let mut n = Nbd::spawn_in(wrap, url, false);
         let first = n.line();
         n.ready(&first).map(|()| n).map_err(|()| first)
     }
@@ -149,7 +154,19 @@ impl Nbd {
     }
 
     fn spawn(url: &str, lazy: bool) -> Nbd {
-        let mut child = Command::new(PYTHON)
+        Nbd::spawn_in(&[], url, lazy)
+    }
+
+    fn spawn_in(wrap: &[String], url: &str, lazy: bool) -> Nbd {
+        let mut cmd = match wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(PYTHON);
+                c
+            }
+            None => Command::new(PYTHON),
+        };
+        let mut child = cmd
             .args(["-c", DRIVER, url])
             .args(lazy.then_some("lazy"))
             .stdin(Stdio::piped())
@@ -170,6 +187,11 @@ impl Nbd {
 
     pub fn connect(url: &str) -> Nbd {
         Nbd::try_connect(url).unwrap_or_else(|e| panic!("connecting to {url}: {e}"))
+    }
+
+    /// [`Nbd::connect`] from a client run under the command `wrap`.
+    pub fn connect_in(wrap: &[String], url: &str) -> Nbd {
+        Nbd::try_connect_in(wrap, url).unwrap_or_else(|e| panic!("connecting to {url}: {e}"))
     }
 
     fn line(&mut self) -> String {
