@@ -99,7 +99,8 @@ impl Exports for Device {
 
 /// Logs in until a server takes the device; waits (and says why) meanwhile.
 async fn first_login(opts: &Options) -> Result<LoginReply> {
-    let mut last = String::new();
+    // Nothing waits on the device yet: up to 5 s between refused logins.
+    let mut backoff = remote::Backoff::new(Duration::from_secs(5));
     loop {
         let req = LoginRequest {
             mac: opts.mac.clone(),
@@ -111,13 +112,12 @@ async fn first_login(opts: &Options) -> Result<LoginReply> {
             Ok(reply) => return Ok(reply),
             Err(e) => {
                 let why = e.to_string();
-                if why != last {
+                if backoff.failed(&why) {
                     tracing::warn!(reason = %why, "login: waiting for a server to take the device");
-                    last = why;
                 }
             }
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        backoff.wait().await;
     }
 }
 
