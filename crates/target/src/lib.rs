@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use futures::future::BoxFuture;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use vstream_api::{LoginReply, LoginRequest, Pin};
 use vstream_image::Disk;
 use vstream_server::config::Listen;
@@ -254,7 +254,7 @@ pub async fn run(opts: Options, shutdown: watch::Receiver<bool>) -> Result<()> {
             shutdown.clone(),
         ));
     }
-    let conns = Arc::new(Semaphore::new(64));
+    let conns = nbd::Limits::new(64, 64);
     let mut tasks = tokio::task::JoinSet::new();
     for addr in &opts.listen {
         let listener = nbd::Listener::bind(addr)
