@@ -326,7 +326,9 @@ impl Config {
         let api_header_timeout_secs = file.api_header_timeout_secs.unwrap_or(10);
         let api_idle_timeout_secs = file.api_idle_timeout_secs.unwrap_or(60);
         if api_header_timeout_secs == 0 || api_idle_timeout_secs == 0 {
-            return Err("api_header_timeout_secs and api_idle_timeout_secs must be at least 1".into());
+            return Err(
+                "api_header_timeout_secs and api_idle_timeout_secs must be at least 1".into(),
+            );
         }
         let farm = flags
             .farm

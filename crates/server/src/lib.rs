@@ -67,9 +67,15 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         config.max_connections,
         config.max_connections_per_peer,
     );
-    tracing::info!(open_files, raised_from = found, nbd_connections = budget.nbd,
-        per_peer = config.max_connections_per_peer, api_connections = budget.api,
-        api_per_peer = budget.api_per_peer, "connection limits");
+    tracing::info!(
+        open_files,
+        raised_from = found,
+        nbd_connections = budget.nbd,
+        per_peer = config.max_connections_per_peer,
+        api_connections = budget.api,
+        api_per_peer = budget.api_per_peer,
+        "connection limits"
+    );
     if budget.nbd < config.max_connections {
         tracing::warn!(
             "max_connections {} does not fit in the open-file limit of {open_files} \

@@ -132,7 +132,6 @@ impl RefusalLog {
     }
 }
 
-
 /// Open files kept for everything but client connections: listeners, the
 /// farm database, etcd and peer connections, the stores' layer files, logs.
 pub const RESERVED_FILES: u64 = 256;

@@ -54,7 +54,9 @@ impl Hog {
 
     fn ask(&mut self) -> String {
         let w = self.stdin.as_mut().expect("hog stdin");
-        w.write_all(b"?\n").and_then(|_| w.flush()).expect("asking hog.py");
+        w.write_all(b"?\n")
+            .and_then(|_| w.flush())
+            .expect("asking hog.py");
         self.line()
     }
 }
@@ -107,8 +109,15 @@ fn server(ulimit: Option<&str>, extra: &[&str]) -> (tempfile::TempDir, TestServe
 /// The server is alive, and from 127.0.0.1 a tool reads vDisk `v`, device
 /// `d1` opens its export, and the API answers.
 fn assert_served(server: &mut TestServer, what: &str) {
-    if let Some(st) = server.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-        panic!("{what}: the server exited with {st}:\n{}", server.log_text());
+    if let Some(st) = server
+        .child
+        .as_mut()
+        .and_then(|c| c.try_wait().ok().flatten())
+    {
+        panic!(
+            "{what}: the server exited with {st}:\n{}",
+            server.log_text()
+        );
     }
     for export in ["v", "device/d1"] {
         let started = Instant::now();
@@ -162,7 +171,10 @@ fn nbd_hog(ulimit: Option<&str>) {
     ]);
     let done = hog.line();
     eprintln!("hog: {done} in {:?}", started.elapsed());
-    assert_served(&mut server, &format!("while one peer holds connections ({done})"));
+    assert_served(
+        &mut server,
+        &format!("while one peer holds connections ({done})"),
+    );
     let held = field(&done, "ok");
     assert!(
         held <= 256,
@@ -170,10 +182,17 @@ fn nbd_hog(ulimit: Option<&str>) {
     );
     assert!(held > 0, "the hog got no connection at all: {done}");
     let log = server.log_text();
-    assert!(log.contains("per-peer connection limit reached"), "{}", tail(&log));
+    assert!(
+        log.contains("per-peer connection limit reached"),
+        "{}",
+        tail(&log)
+    );
     assert!(!log.contains("Too many open files"), "{}", tail(&log));
     // The refusals are a few lines, not thousands.
-    let refusal_lines = log.lines().filter(|l| l.contains("connection refused")).count();
+    let refusal_lines = log
+        .lines()
+        .filter(|l| l.contains("connection refused"))
+        .count();
     assert!(refusal_lines <= 3, "{refusal_lines} lines of refusals");
     // The hog's connections are still open (a tool's idle limit is 10 min).
     let now = hog.ask();
@@ -214,12 +233,7 @@ fn api_slowloris_under_an_open_file_limit_of_1024() {
     }
     let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
     let (_dir, mut server) = server(Some("-n"), &[]);
-    let port = server
-        .api
-        .rsplit(':')
-        .next()
-        .expect("api port")
-        .to_string();
+    let port = server.api.rsplit(':').next().expect("api port").to_string();
     let mut hog = Hog::start(&["api", "127.0.0.1", &port, "1500", HOG_ADDR, "2"]);
     let opened = hog.line();
     eprintln!("slowloris: {opened}");
@@ -254,8 +268,16 @@ fn an_idle_tool_connection_is_closed_and_an_idle_device_is_not() {
     std::thread::sleep(Duration::from_secs(5));
     let t = tool.ask();
     let d = device.ask();
-    assert_eq!(field(&t, "closed"), 1, "the idle tool connection was kept: {t}");
-    assert_eq!(field(&d, "open"), 1, "the idle device connection was cut: {d}");
+    assert_eq!(
+        field(&t, "closed"),
+        1,
+        "the idle tool connection was kept: {t}"
+    );
+    assert_eq!(
+        field(&d, "open"),
+        1,
+        "the idle device connection was cut: {d}"
+    );
     let log = server.log_text();
     assert!(log.contains("closed: no request for 2 s"), "{}", tail(&log));
     assert_served(&mut server, "after the idle limit");

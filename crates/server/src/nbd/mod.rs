@@ -123,7 +123,6 @@ pub fn is_device_session(export: &str) -> bool {
     export.starts_with("device/") || export.starts_with("base/")
 }
 
-
 pub enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener, std::path::PathBuf),
