@@ -282,3 +282,82 @@ fn an_idle_tool_connection_is_closed_and_an_idle_device_is_not() {
     assert!(log.contains("closed: no request for 2 s"), "{}", tail(&log));
     assert_served(&mut server, "after the idle limit");
 }
+
+/// A refused login (503: device d2 boots a maintenance version, and vDisk v
+/// has none) is one server log line, and an agent asking again backs off instead of asking every
+/// 500 ms, with one log line of its own.
+#[test]
+fn a_refused_login_is_logged_once_and_the_agent_backs_off() {
+    if !tools() {
+        return;
+    }
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let (dir, server) = server(None, &[]);
+    server.cli_ok(&[
+        "device",
+        "add",
+        "d2",
+        "--mac",
+        "52:54:00:12:34:02",
+        "--vdisk",
+        "v",
+        "--type",
+        "maintenance",
+    ]);
+    let login = |mac: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "10"])
+            .args(["-X", "POST", "-H", "Content-Type: application/json"])
+            .args(["-d", &format!("{{\"mac\":\"{mac}\"}}")])
+            .arg(format!("{}/api/v1/login", server.api))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let count = |what: &str| {
+        let log = server.log_text();
+        log.lines().filter(|l| l.contains(what)).count()
+    };
+    // The server offers the version once it has checked it.
+    common::wait_for(30, "d1 to log in", || (login("52:54:00:12:34:01") == "200").then_some(()));
+    let (refused, failed) = (count("login refused"), count("API request failed"));
+    assert_eq!(login("52:54:00:12:34:02"), "503", "{}", tail(&server.log_text()));
+    assert_eq!(count("login refused"), refused + 1, "{}", tail(&server.log_text()));
+    assert_eq!(
+        count("API request failed"),
+        failed,
+        "a refused login was logged twice:\n{}",
+        tail(&server.log_text())
+    );
+    let refused = refused + 1;
+    // An agent for d2 is refused as long as it asks.
+    let agent_log = dir.path().join("d2.log");
+    let bootstrap = server.api.trim_start_matches("http://").to_string();
+    let mut agent = Command::new(common::BIN)
+        .args(["target", "--bootstrap", &bootstrap, "--mac", "52:54:00:12:34:02"])
+        .arg("--listen")
+        .arg(format!("unix:{}", dir.path().join("d2.sock").display()))
+        .args(["--cache", "ram:64MiB"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&agent_log).expect("agent log"))
+        .spawn()
+        .expect("spawning vstream target");
+    std::thread::sleep(Duration::from_secs(8));
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let log = server.log_text();
+    let asked = count("login refused") - refused;
+    // 200 ms doubling: asked at 0, 0.2, 0.6, 1.4, 3.0, 6.2 s; every 500 ms it was 16.
+    assert!(
+        (2..=8).contains(&asked),
+        "the agent asked {asked} times in 8 s:\n{}",
+        tail(&log)
+    );
+    let agent_text = std::fs::read_to_string(&agent_log).unwrap_or_default();
+    let waits = agent_text
+        .lines()
+        .filter(|l| l.contains("waiting for a server to take the device"))
+        .count();
+    assert_eq!(waits, 1, "{agent_text}");
+}
