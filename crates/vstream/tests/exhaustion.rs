@@ -319,10 +319,22 @@ fn a_refused_login_is_logged_once_and_the_agent_backs_off() {
         log.lines().filter(|l| l.contains(what)).count()
     };
     // The server offers the version once it has checked it.
-    common::wait_for(30, "d1 to log in", || (login("52:54:00:12:34:01") == "200").then_some(()));
+    common::wait_for(30, "d1 to log in", || {
+        (login("52:54:00:12:34:01") == "200").then_some(())
+    });
     let (refused, failed) = (count("login refused"), count("API request failed"));
-    assert_eq!(login("52:54:00:12:34:02"), "503", "{}", tail(&server.log_text()));
-    assert_eq!(count("login refused"), refused + 1, "{}", tail(&server.log_text()));
+    assert_eq!(
+        login("52:54:00:12:34:02"),
+        "503",
+        "{}",
+        tail(&server.log_text())
+    );
+    assert_eq!(
+        count("login refused"),
+        refused + 1,
+        "{}",
+        tail(&server.log_text())
+    );
     assert_eq!(
         count("API request failed"),
         failed,
@@ -334,7 +346,13 @@ fn a_refused_login_is_logged_once_and_the_agent_backs_off() {
     let agent_log = dir.path().join("d2.log");
     let bootstrap = server.api.trim_start_matches("http://").to_string();
     let mut agent = Command::new(common::BIN)
-        .args(["target", "--bootstrap", &bootstrap, "--mac", "52:54:00:12:34:02"])
+        .args([
+            "target",
+            "--bootstrap",
+            &bootstrap,
+            "--mac",
+            "52:54:00:12:34:02",
+        ])
         .arg("--listen")
         .arg(format!("unix:{}", dir.path().join("d2.sock").display()))
         .args(["--cache", "ram:64MiB"])
