@@ -60,7 +60,7 @@ pub async fn serve(
                 continue;
             }
         };
-        let admitted = match limits.admit(Some(peer.ip())) {
+        let admitted = match limits.admit(Some(peer.ip().to_canonical())) {
             Ok(a) => a,
             Err(why) => {
                 refusals.note(&format!("API {peer}"), &why);

@@ -188,7 +188,11 @@ pub async fn serve(
                 continue;
             }
         };
-        let ip = peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
+        // An IPv4 client of a dual-stack listener counts as its IPv4 address.
+        let ip = peer
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|a| a.ip().to_canonical());
         let permit = match limits.admit(ip) {
             Ok(p) => p,
             Err(why) => {
