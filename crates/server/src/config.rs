@@ -53,10 +53,21 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Most concurrent NBD connections.
     pub max_connections: usize,
+    /// Most NBD connections from one peer address (and, separately, most
+    /// API connections from one address).
+    pub max_connections_per_peer: usize,
     /// Seconds a client may take to finish the handshake.
     pub handshake_timeout_secs: u64,
     /// How NBD connections find a device that vanished (see `crate::tcp`).
     pub keepalive: crate::tcp::Keepalive,
+    /// Seconds an NBD connection that is not a device's may go without a
+    /// request before it is closed; 0: never.
+    pub idle_timeout_secs: u64,
+    /// Seconds an API client may take to send a request's headers.
+    pub api_header_timeout_secs: u64,
+    /// Seconds an API connection may stay open with no request running and
+    /// no byte either way.
+    pub api_idle_timeout_secs: u64,
     /// Offer structured replies; off, every client gets simple replies as the
     /// Linux kernel does (for measuring that path, like nbdkit's `--no-sr`).
     pub structured_replies: bool,
@@ -178,6 +189,11 @@ pub const DEFAULT_MAX_BOOTING: u32 = 500;
 pub const DEFAULT_DATA: &str = "/var/lib/vstream";
 pub const DEFAULT_NBD: &str = "127.0.0.1:10809";
 pub const DEFAULT_API: &str = "127.0.0.1:7080";
+/// Generous for a NAT or a relay with many devices behind one address (an
+/// agent holds one connection): 256 devices behind one address need more.
+pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 256;
+/// Ten minutes without a request closes a tool's connection to a vDisk.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 600;
 
 /// The config file: every key optional; flags override it.
 #[derive(Debug, Default, Deserialize)]
@@ -188,9 +204,13 @@ pub struct FileConfig {
     pub api: Option<String>,
     pub log_format: Option<LogFormat>,
     pub max_connections: Option<usize>,
+    pub max_connections_per_peer: Option<usize>,
     pub handshake_timeout_secs: Option<u64>,
     pub tcp_keepalive_secs: Option<u64>,
     pub tcp_user_timeout_secs: Option<u64>,
+    pub idle_timeout_secs: Option<u64>,
+    pub api_header_timeout_secs: Option<u64>,
+    pub api_idle_timeout_secs: Option<u64>,
     pub structured_replies: Option<bool>,
     pub farm: Option<String>,
     pub name: Option<String>,
@@ -230,6 +250,8 @@ pub struct FlagConfig {
     pub max_connections: Option<usize>,
     pub tcp_keepalive_secs: Option<u64>,
     pub tcp_user_timeout_secs: Option<u64>,
+    pub max_connections_per_peer: Option<usize>,
+    pub idle_timeout_secs: Option<u64>,
     pub farm: Option<String>,
     pub name: Option<String>,
     pub power: Option<f64>,
@@ -311,6 +333,20 @@ impl Config {
                 .unwrap_or(crate::tcp::DEFAULT_USER_TIMEOUT_SECS),
         };
         keepalive.check()?;
+        let max_connections_per_peer = flags
+            .max_connections_per_peer
+            .or(file.max_connections_per_peer)
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_PEER);
+        if max_connections_per_peer == 0 {
+            return Err("max_connections_per_peer must be at least 1".into());
+        }
+        let api_header_timeout_secs = file.api_header_timeout_secs.unwrap_or(10);
+        let api_idle_timeout_secs = file.api_idle_timeout_secs.unwrap_or(60);
+        if api_header_timeout_secs == 0 || api_idle_timeout_secs == 0 {
+            return Err(
+                "api_header_timeout_secs and api_idle_timeout_secs must be at least 1".into(),
+            );
+        }
         let farm = flags
             .farm
             .or(file.farm)
@@ -442,7 +478,14 @@ impl Config {
             log_format: flags.log_format.or(file.log_format).unwrap_or_default(),
             max_connections,
             keepalive,
+            max_connections_per_peer,
             handshake_timeout_secs: file.handshake_timeout_secs.unwrap_or(10),
+            idle_timeout_secs: flags
+                .idle_timeout_secs
+                .or(file.idle_timeout_secs)
+                .unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS),
+            api_header_timeout_secs,
+            api_idle_timeout_secs,
             structured_replies: file.structured_replies.unwrap_or(true),
         })
     }

@@ -5,7 +5,9 @@ pub mod api;
 pub mod boot;
 pub mod config;
 pub mod farm;
+pub mod http;
 pub mod identity;
+pub mod limits;
 pub mod login;
 pub mod metrics;
 pub mod nbd;
@@ -22,7 +24,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 pub use config::Config;
 pub use state::Server;
@@ -60,6 +62,29 @@ pub async fn wait_for_signal() {
 
 /// Runs a server until `shutdown` turns true.
 pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let (open_files, found) = limits::raise_open_files();
+    let budget = limits::budget(
+        open_files,
+        config.max_connections,
+        config.max_connections_per_peer,
+    );
+    tracing::info!(
+        open_files,
+        raised_from = found,
+        nbd_connections = budget.nbd,
+        per_peer = config.max_connections_per_peer,
+        api_connections = budget.api,
+        api_per_peer = budget.api_per_peer,
+        "connection limits"
+    );
+    if budget.nbd < config.max_connections {
+        tracing::warn!(
+            "max_connections {} does not fit in the open-file limit of {open_files} \
+             (raise LimitNOFILE): serving at most {} NBD connections",
+            config.max_connections,
+            budget.nbd
+        );
+    }
     std::fs::create_dir_all(&config.data)
         .with_context(|| format!("creating data folder {}", config.data.display()))?;
     let token = ensure_token(&config.data)?;
@@ -85,7 +110,8 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         .await
         .with_context(|| format!("binding the API to {}", config.api))?;
     tracing::info!(addr = %config.api, "API listening");
-    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let nbd_limits = nbd::Limits::new(budget.nbd, config.max_connections_per_peer);
+    let api_limits = nbd::Limits::new(budget.api, budget.api_per_peer);
     let mut tasks = tokio::task::JoinSet::new();
     for addr in &config.nbd {
         let listener = nbd::Listener::bind(addr)
@@ -95,7 +121,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         tasks.spawn(nbd::serve(
             listener,
             server.clone() as Arc<dyn nbd::Exports>,
-            limit.clone(),
+            nbd_limits.clone(),
             shutdown.clone(),
         ));
     }
@@ -103,16 +129,17 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     tasks.spawn(replication::run(server.clone(), shutdown.clone()));
     tasks.spawn(boot::run(server.clone(), boot_services, shutdown.clone()));
     let router = api::router(server.clone(), token);
-    let mut api_shutdown = shutdown.clone();
-    tasks.spawn(async move {
-        let graceful = async move {
-            let _ = api_shutdown.wait_for(|s| *s).await;
-        };
-        let app = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-        if let Err(e) = axum::serve(api, app).with_graceful_shutdown(graceful).await {
-            tracing::error!(error = %e, "API server failed");
-        }
-    });
+    let timeouts = http::Timeouts {
+        header: std::time::Duration::from_secs(config.api_header_timeout_secs),
+        idle: std::time::Duration::from_secs(config.api_idle_timeout_secs),
+    };
+    tasks.spawn(http::serve(
+        api,
+        router,
+        api_limits,
+        timeouts,
+        shutdown.clone(),
+    ));
     while tasks.join_next().await.is_some() {}
     server.flush_all();
     tracing::info!("stopped");

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use futures::future::BoxFuture;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use vstream_api::{LoginReply, LoginRequest, Pin};
 use vstream_image::Disk;
 use vstream_server::config::Listen;
@@ -101,7 +101,8 @@ impl Exports for Device {
 
 /// Logs in until a server takes the device; waits (and says why) meanwhile.
 async fn first_login(opts: &Options) -> Result<LoginReply> {
-    let mut last = String::new();
+    // Nothing waits on the device yet: up to 5 s between refused logins.
+    let mut backoff = remote::Backoff::new(Duration::from_secs(5));
     loop {
         let req = LoginRequest {
             mac: opts.mac.clone(),
@@ -113,13 +114,12 @@ async fn first_login(opts: &Options) -> Result<LoginReply> {
             Ok(reply) => return Ok(reply),
             Err(e) => {
                 let why = e.to_string();
-                if why != last {
+                if backoff.failed(&why) {
                     tracing::warn!(reason = %why, "login: waiting for a server to take the device");
-                    last = why;
                 }
             }
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        backoff.wait().await;
     }
 }
 
@@ -256,7 +256,7 @@ pub async fn run(opts: Options, shutdown: watch::Receiver<bool>) -> Result<()> {
             shutdown.clone(),
         ));
     }
-    let conns = Arc::new(Semaphore::new(64));
+    let conns = nbd::Limits::new(64, 64);
     let mut tasks = tokio::task::JoinSet::new();
     for addr in &opts.listen {
         let listener = nbd::Listener::bind(addr)

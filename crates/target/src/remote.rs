@@ -27,8 +27,52 @@ use crate::upstream::{
     Connection, Failure, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, MAX_READ,
 };
 
-/// Pause between login attempts while no server can take the device.
+/// First pause between attempts while no server can take the device.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// Longest pause while I/O waits: the device is stalled meanwhile, so a
+/// server that comes back is found within this.
+const IO_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Pauses between retries: from 200 ms, doubling while the same reason
+/// keeps coming back, up to `max`; a new reason starts again at 200 ms.
+/// A server refusing a device is then asked a few times a minute, not five
+/// times a second, and the agent logs once per reason.
+pub(crate) struct Backoff {
+    pause: Duration,
+    max: Duration,
+    reason: String,
+}
+
+impl Backoff {
+    pub(crate) fn new(max: Duration) -> Backoff {
+        Backoff {
+            pause: RETRY_PAUSE,
+            max,
+            reason: String::new(),
+        }
+    }
+
+    /// Notes why this attempt failed: true when the reason is new (log it).
+    pub(crate) fn failed(&mut self, reason: &str) -> bool {
+        if reason == self.reason {
+            return false;
+        }
+        self.reason = reason.to_owned();
+        self.pause = RETRY_PAUSE;
+        true
+    }
+
+    /// The pause to sleep now; the next one is twice as long.
+    fn next_pause(&mut self) -> Duration {
+        let now = self.pause;
+        self.pause = (self.pause * 2).min(self.max);
+        now
+    }
+
+    pub(crate) async fn wait(&mut self) {
+        tokio::time::sleep(self.next_pause()).await;
+    }
+}
 
 /// How long the farm must keep saying the pinned version is gone before
 /// reads fail with EIO (a farm view being repaired gets that long).
@@ -185,6 +229,7 @@ impl Remote {
             reply.server, reply.vdisk, reply.mode,
             if reply.cache_type == vstream_api::CacheType::Server { " with its write cache on the server" } else { "" });
         let started = Instant::now();
+        let mut backoff = Backoff::new(IO_RETRY_MAX);
         loop {
             match Connection::open(reply, self.deadline, &self.keepalive).await {
                 Ok(c) => {
@@ -192,9 +237,14 @@ impl Remote {
                     *self.current.lock() = Arc::new(c);
                     return;
                 }
-                Err(e) => tracing::debug!(error = %e, "server not back yet"),
+                Err(e) => {
+                    let why = e.to_string();
+                    if backoff.failed(&why) {
+                        tracing::debug!(error = %why, "server not back yet");
+                    }
+                }
             }
-            tokio::time::sleep(RETRY_PAUSE).await;
+            backoff.wait().await;
         }
     }
 
@@ -208,7 +258,7 @@ impl Remote {
         let started = Instant::now();
         tracing::warn!(server = %failed.server, reason = why, "server failed; failing over");
         let mut avoid = vec![failed.server.clone()];
-        let mut last_wait = String::new();
+        let mut backoff = Backoff::new(IO_RETRY_MAX);
         let mut gone_since: Option<Instant> = None;
         loop {
             let req = LoginRequest {
@@ -260,11 +310,10 @@ impl Remote {
                     e.to_string()
                 }
             };
-            if wait != last_wait {
+            if backoff.failed(&wait) {
                 tracing::warn!(reason = %wait, "I/O waits: no server can take the device yet; retrying");
-                last_wait = wait;
             }
-            tokio::time::sleep(RETRY_PAUSE).await;
+            backoff.wait().await;
         }
     }
 }
@@ -344,5 +393,21 @@ impl vstream_server::nbd::RemoteBase for Remote {
         headroom: usize,
     ) -> futures::future::BoxFuture<'_, io::Result<Vec<u8>>> {
         Box::pin(self.read_at(offset, len, headroom))
+    }
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::*;
+
+    #[test]
+    fn refusals_back_off_and_a_new_reason_starts_again() {
+        let mut b = Backoff::new(Duration::from_secs(5));
+        assert!(b.failed("503 no server"));
+        let pauses: Vec<u64> = (0..8).map(|_| b.next_pause().as_millis() as u64).collect();
+        assert_eq!(pauses, [200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+        assert!(!b.failed("503 no server"), "the same reason is logged once");
+        assert!(b.failed("connection refused"));
+        assert_eq!(b.next_pause(), RETRY_PAUSE);
     }
 }

@@ -46,7 +46,8 @@ pub struct ServerArgs {
     /// [default: text].
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormatArg>,
-    /// Most NBD connections served at once [default: 4096].
+    /// Most NBD connections served at once; lowered at start to fit the
+    /// open-file limit [default: 4096].
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
     /// Seconds an NBD connection may be idle before TCP keepalive probes its
@@ -58,6 +59,16 @@ pub struct ServerArgs {
     /// device that lost power is let go; 0: the kernel's default [default: 30].
     #[arg(long, value_name = "SECS")]
     pub tcp_user_timeout_secs: Option<u64>,
+    /// Most NBD connections from one client address, and most API
+    /// connections from one address; a NAT or relay with more devices than
+    /// this behind one address needs a higher value [default: 256].
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_peer: Option<usize>,
+    /// Close an NBD connection that is not a device's (a tool reading a
+    /// vDisk) after SECS without a request; 0: never. A device's own
+    /// connection is never closed for idling [default: 600].
+    #[arg(long = "idle-timeout", value_name = "SECS")]
+    pub idle_timeout_secs: Option<u64>,
     /// Where the farm state lives: `embedded` (a one-server farm, in the data
     /// folder) or etcd://HOST:PORT[,HOST:PORT...] [default: embedded].
     #[arg(long, value_name = "embedded|etcd://HOST:PORT,...")]
@@ -190,6 +201,8 @@ fn resolve(args: ServerArgs) -> Result<Config> {
         max_connections: args.max_connections,
         tcp_keepalive_secs: args.tcp_keepalive_secs,
         tcp_user_timeout_secs: args.tcp_user_timeout_secs,
+        max_connections_per_peer: args.max_connections_per_peer,
+        idle_timeout_secs: args.idle_timeout_secs,
         farm: args.farm,
         name: args.name,
         power: args.power,

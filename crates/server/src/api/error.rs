@@ -12,6 +12,8 @@ use vstream_image::ImageError;
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    /// The handler logged it already (a refused login): not logged again.
+    pub logged: bool,
 }
 
 impl ApiError {
@@ -19,7 +21,13 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            logged: false,
         }
+    }
+    /// Marks an error its handler has logged itself, so that it is one line.
+    pub fn logged(mut self) -> ApiError {
+        self.logged = true;
+        self
     }
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
@@ -37,7 +45,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
+        if self.status.is_server_error() && !self.logged {
             tracing::error!(status = %self.status, error = %self.message, "API request failed");
         }
         (

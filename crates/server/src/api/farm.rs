@@ -73,7 +73,8 @@ pub(super) async fn login(
                 LoginError::Gone(_) => StatusCode::GONE,
             };
             tracing::info!(mac = %req.mac, reason = %e, "login refused");
-            Err(ApiError::new(status, e.to_string()))
+            // One line per refusal: not "API request failed" again for a 503.
+            Err(ApiError::new(status, e.to_string()).logged())
         }
     }
 }

@@ -1,8 +1,13 @@
 //! The NBD stream service: listeners, one task per connection, drain on shutdown.
 //!
 //! ```text
-//!   accept --> limit (semaphore) --> handshake (timeout) --> transmission --> session end
+//!   accept --> limits (all, per peer address) --> handshake (timeout)
+//!          --> transmission (idle limit unless a device session) --> session end
 //! ```
+//!
+//! No one client can take every connection: each peer address gets at most
+//! `per_peer` of the `total`, and a connection that is not a device's and
+//! does nothing for the idle limit is closed.
 
 pub mod handshake;
 pub mod transmission;
@@ -14,10 +19,12 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::Listen;
+pub use crate::limits::Limits;
+use crate::limits::RefusalLog;
 use crate::metrics::Metrics;
 use crate::state::{Export, OpenError, Server};
 use transmission::Ending;
@@ -37,6 +44,12 @@ pub trait Exports: Send + Sync + 'static {
     fn list(&self) -> Vec<(String, String)>;
     fn structured_replies(&self) -> bool;
     fn handshake_timeout(&self) -> Duration;
+    /// How long a connection to `export` may go without a request before it
+    /// is closed; `None`: never (a device's session, which may idle for
+    /// hours and ends by keepalive instead).
+    fn idle_timeout(&self, _export: &Export) -> Option<Duration> {
+        None
+    }
     fn metrics(&self) -> &Metrics;
     /// How its TCP connections find a vanished peer.
     fn keepalive(&self) -> crate::tcp::Keepalive {
@@ -97,12 +110,24 @@ impl Exports for Server {
     fn handshake_timeout(&self) -> Duration {
         Duration::from_secs(self.config.handshake_timeout_secs)
     }
+    fn idle_timeout(&self, export: &Export) -> Option<Duration> {
+        if is_device_session(&export.name) || self.config.idle_timeout_secs == 0 {
+            return None;
+        }
+        Some(Duration::from_secs(self.config.idle_timeout_secs))
+    }
     fn metrics(&self) -> &Metrics {
         &self.metrics
     }
     fn keepalive(&self) -> crate::tcp::Keepalive {
         self.config.keepalive
     }
+}
+
+/// A device's own export (`device/NAME`, `base/...`), as opposed to a vDisk
+/// opened by a tool.
+pub fn is_device_session(export: &str) -> bool {
+    export.starts_with("device/") || export.starts_with("base/")
 }
 
 pub enum Listener {
@@ -151,10 +176,11 @@ impl Drop for Listener {
 pub async fn serve(
     listener: Listener,
     exports: Arc<dyn Exports>,
-    limit: Arc<Semaphore>,
+    limits: Arc<Limits>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
+    let mut refusals = RefusalLog::default();
     loop {
         let accepted = tokio::select! {
             a = accept(&listener, exports.keepalive()) => a,
@@ -169,9 +195,17 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "connection refused: connection limit reached");
-            continue;
+        // An IPv4 client of a dual-stack listener counts as its IPv4 address.
+        let ip = peer
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|a| a.ip().to_canonical());
+        let permit = match limits.admit(ip) {
+            Ok(p) => p,
+            Err(why) => {
+                refusals.note(&peer, &why);
+                continue;
+            }
         };
         let (exports, shutdown) = (exports.clone(), shutdown.clone());
         conns.spawn(async move {
@@ -274,6 +308,9 @@ pub async fn connection<R, W>(
         }
         Ok(Ending::Released) => {
             tracing::info!(%peer, export = %neg.export.name, "the server let the device go (a rebalance, or device reset --force)")
+        }
+        Ok(Ending::Idle(after)) => {
+            tracing::info!(%peer, export = %neg.export.name, "closed: no request for {} s (the idle limit of a connection that is not a device's)", after.as_secs())
         }
         Ok(Ending::Shutdown) => {
             tracing::debug!(%peer, export = %neg.export.name, "closed for shutdown")

@@ -46,6 +46,8 @@ pub enum Ending {
     /// in-flight requests were answered first; an agent replays anything else
     /// on its next server.
     Released,
+    /// Not a device session, and no request for the idle limit.
+    Idle(std::time::Duration),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +92,7 @@ where
         exports,
     });
     let mut release = neg.export.session.as_ref().and_then(|s| s.released());
+    let idle = conn.exports.idle_timeout(&neg.export);
     let replies = Arc::new(Replies::new(writer));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize));
     let mut buf = BytesMut::with_capacity(16 * 1024);
@@ -160,6 +163,12 @@ where
             }
             _ = shutdown.changed() => break 'conn Ending::Shutdown,
             _ = released(&mut release) => break 'conn Ending::Released,
+            // Measured from the last bytes read: each turn of the loop starts it again.
+            _ = idle_for(idle) => {
+                if in_flight.available_permits() == MAX_IN_FLIGHT as usize {
+                    break 'conn Ending::Idle(idle.unwrap_or_default());
+                }
+            }
         }
         if buf.is_empty() && buf.capacity() > 256 * 1024 {
             buf = BytesMut::with_capacity(16 * 1024);
@@ -172,6 +181,14 @@ where
         let _ = replies.writer.lock().await.flush().await;
     }
     Ok(ending)
+}
+
+/// Never ends for `None`.
+async fn idle_for(limit: Option<std::time::Duration>) {
+    match limit {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The connection's reply side. Whoever has a reply queues it; the first to
