@@ -204,10 +204,9 @@ impl Layer {
             if e.raw_os_error() == Some(libc::EFBIG) {
                 let dir = path.parent().unwrap_or(path);
                 return Err(ImageError::Invalid(format!(
-                    "a vDisk of {size} bytes ({}) needs a layer file of {len} bytes, more than \
-                     the file system of {} allows in one file; use a smaller size or a store \
-                     on a file system that holds larger files (ext4 with 4 KiB blocks holds \
-                     up to 16 TiB)",
+                    "a vDisk of {} needs a layer file of {len} bytes, more than the file \
+                     system holding {} allows in one file; use a smaller size or a store on a \
+                     file system that holds larger files (ext4 with 4 KiB blocks: under 16 TiB)",
                     size_text(size),
                     dir.display()
                 )));
@@ -887,8 +886,11 @@ fn read_bitmap(file: &File, geo: &Geometry) -> io::Result<(Bitmap, u64)> {
     let mut allocated = 0u64;
     let start = geo.bitmap_offset;
     let end = geo.bitmap_offset + geo.bitmap_len;
-    let mut buf = vec![0u8; BITMAP_READ as usize];
+    let mut buf = Vec::new();
     for (from, to) in data_ranges(file, start, end)? {
+        if buf.is_empty() {
+            buf = vec![0u8; BITMAP_READ.min(end - start) as usize];
+        }
         // Whole pages: the ranges are in file system blocks, pages are 4 KiB.
         let mut pos = start + (from - start) / BITMAP_PAGE * BITMAP_PAGE;
         let to = (start + (to - start).div_ceil(BITMAP_PAGE) * BITMAP_PAGE).min(end);

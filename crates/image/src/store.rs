@@ -381,8 +381,9 @@ impl Store {
         }
         if size > MAX_NEW_SIZE {
             return Err(ImageError::Invalid(format!(
-                "a vDisk size must be at most {} ({MAX_NEW_SIZE} bytes), not {size} bytes",
-                size_text(MAX_NEW_SIZE)
+                "a vDisk size must be at most {}, not {}",
+                size_text(MAX_NEW_SIZE),
+                size_text(size)
             )));
         }
         let path = self
