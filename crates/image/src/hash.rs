@@ -315,9 +315,9 @@ impl TreeBuilder {
             if let Some(keep) = &mut self.keep {
                 // The zero nodes inside it, level by level (level l has height l + 1).
                 let mut count = span / FANOUT as u64;
-                for level in 0..h.saturating_sub(1) {
-                    let zero = self.zeros[level + 1];
-                    keep[level].extend(std::iter::repeat_n(zero, count as usize));
+                let inside = keep.iter_mut().zip(&self.zeros[1..]);
+                for (nodes, zero) in inside.take(h.saturating_sub(1)) {
+                    nodes.extend(std::iter::repeat_n(*zero, count as usize));
                     count /= FANOUT as u64;
                 }
             }
@@ -338,7 +338,10 @@ impl TreeBuilder {
                 self.add(h + 1, hash);
             }
         }
-        let root = self.pending[self.levels].first().copied().unwrap_or([0u8; 32]);
+        let root = self.pending[self.levels]
+            .first()
+            .copied()
+            .unwrap_or([0u8; 32]);
         (root, self.keep.map(|levels| Tree { levels }))
     }
 }
@@ -441,10 +444,7 @@ pub fn stored_chain_tree(
     while from < blocks {
         let to = (from + WINDOW).min(blocks);
         let (c0, c1) = chunk_range(from, to);
-        let near: Vec<&Arc<Layer>> = layers
-            .iter()
-            .filter(|l| l.any_allocated(c0, c1))
-            .collect();
+        let near: Vec<&Arc<Layer>> = layers.iter().filter(|l| l.any_allocated(c0, c1)).collect();
         if near.is_empty() {
             builder.push_zeros(to - from);
             from = to;

@@ -266,8 +266,8 @@ impl Layer {
                 "file is {file_len} bytes, shorter than its header says"
             )));
         }
-        let (bitmap, allocated) = read_bitmap(&file, &geo)
-            .map_err(|e| corrupt(format!("cannot read bitmap: {e}")))?;
+        let (bitmap, allocated) =
+            read_bitmap(&file, &geo).map_err(|e| corrupt(format!("cannot read bitmap: {e}")))?;
         Ok(Layer {
             path: path.to_owned(),
             file,
@@ -910,7 +910,7 @@ fn read_bitmap(file: &File, geo: &Geometry) -> io::Result<(Bitmap, u64)> {
                     let mut b = [0u8; 8];
                     b.copy_from_slice(w);
                     let mut word = u64::from_le_bytes(b);
-                    if word_idx == bitmap.words - 1 && geo.chunks % 64 != 0 {
+                    if word_idx == bitmap.words - 1 && !geo.chunks.is_multiple_of(64) {
                         word &= (1u64 << (geo.chunks % 64)) - 1;
                     }
                     if word != 0 {
@@ -948,7 +948,11 @@ fn data_ranges(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>>
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data as i64, libc::SEEK_HOLE) };
-        let hole = if hole < 0 { end } else { (hole as u64).min(end) };
+        let hole = if hole < 0 {
+            end
+        } else {
+            (hole as u64).min(end)
+        };
         out.push((data, hole));
         pos = hole;
     }

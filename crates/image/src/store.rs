@@ -952,7 +952,8 @@ impl Store {
                 touched.push((b, *h));
             }
         })?;
-        let tree = tree.ok_or_else(|| ImageError::Invalid("the merged tree was not kept".into()))?;
+        let tree =
+            tree.ok_or_else(|| ImageError::Invalid("the merged tree was not kept".into()))?;
         let content = tree.content(props.size);
         if expected.is_some_and(|e| e != content) {
             return Err(ImageError::Invalid(format!(
