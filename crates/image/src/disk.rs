@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::WriteError;
-use crate::layer::{Layer, CHUNK};
+use crate::layer::{Layer, CHUNK, PAGE_CHUNKS};
 
 /// One `base:allocation` extent: its length and whether it reads as zeros.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,9 +30,12 @@ pub struct Extent {
 /// Which of the bottom `covers` layers of a chain holds each chunk: one byte
 /// per chunk (0: none, i+1: layer i). Built once from the sealed layers'
 /// bitmaps, so a read through a long chain costs one lookup, not a walk.
+/// Kept in pages of [`PAGE_CHUNKS`] chunks, made only where some layer
+/// holds a chunk: its memory follows the data, not the virtual size.
 #[derive(Debug)]
 pub struct ChainIndex {
-    owners: Vec<u8>,
+    pages: Vec<Option<Box<[u8]>>>,
+    chunks: u64,
     covers: usize,
 }
 
@@ -44,19 +47,30 @@ impl ChainIndex {
         if layers.len() > 254 {
             return None;
         }
-        let mut owners = vec![0u8; first.chunks() as usize];
+        let chunks = first.chunks();
+        let mut pages: Vec<Option<Box<[u8]>>> =
+            (0..chunks.div_ceil(PAGE_CHUNKS)).map(|_| None).collect();
         for (i, layer) in layers.iter().enumerate() {
-            layer.for_each_allocated(|c| owners[c as usize] = i as u8 + 1);
+            layer.for_each_allocated(|c| {
+                let page = pages[(c / PAGE_CHUNKS) as usize]
+                    .get_or_insert_with(|| vec![0u8; PAGE_CHUNKS as usize].into_boxed_slice());
+                page[(c % PAGE_CHUNKS) as usize] = i as u8 + 1;
+            });
         }
         Some(ChainIndex {
-            owners,
+            pages,
+            chunks,
             covers: layers.len(),
         })
     }
 
     #[inline]
     fn owner(&self, chunk: u64) -> Option<usize> {
-        match self.owners[chunk as usize] {
+        let byte = match &self.pages[(chunk / PAGE_CHUNKS) as usize] {
+            Some(page) => page[(chunk % PAGE_CHUNKS) as usize],
+            None => 0,
+        };
+        match byte {
             0 => None,
             n => Some(n as usize - 1),
         }
@@ -237,7 +251,7 @@ impl Disk {
     /// layers, sealed).
     pub fn with_index(mut self, index: Arc<ChainIndex>) -> Disk {
         if index.covers <= self.layers.len()
-            && index.owners.len() as u64 == self.size.div_ceil(CHUNK)
+            && index.chunks == self.size.div_ceil(CHUNK)
         {
             self.index = Some(index);
         }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use vstream_image::hash::{self, zero_content_hash};
-use vstream_image::{Layer, Store, HASH_BLOCK};
+use vstream_image::{Layer, Store, VersionState, HASH_BLOCK};
 
 /// Counts the bytes allocated now and the most allocated at once.
 struct Counting;
@@ -161,6 +161,38 @@ fn an_empty_layer_opens_and_verifies_in_memory_that_follows_its_data() {
             .to_string();
         assert!(err.contains(&format!("block {last_block}")), "{err}");
     }
+}
+
+/// A chain of sealed layers reads through an index of which layer holds each
+/// chunk: it is made where the layers hold data, not one byte per chunk of
+/// the virtual size (256 MiB at 1 TiB).
+#[test]
+fn the_index_of_a_long_chain_follows_its_data() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("store");
+    store.create("long", TIB, 1).expect("create");
+    for now in 2..5 {
+        let v = store.new_version("long", now).expect("new version");
+        store
+            .promote("long", v.number, VersionState::Test, now)
+            .expect("promote");
+    }
+    let (chain, peak) = peak_of(|| store.chain("long", 4));
+    let chain = chain.expect("open version 4");
+    assert_eq!(chain.layers.len(), 4);
+    assert!(chain.index.is_some(), "a chain of 4 sealed layers is indexed");
+    assert!(
+        peak < 4 * MIB,
+        "opening 4 empty 1 TiB layers and their index allocated {} KiB at once",
+        peak / 1024
+    );
+    let mut buf = vec![0u8; 4096];
+    chain
+        .read_only()
+        .read(&mut buf, TIB - 4096, false)
+        .expect("read");
+    assert!(buf.iter().all(|&b| b == 0));
 }
 
 #[test]
