@@ -30,14 +30,19 @@ pub struct Extent {
 /// Which of the bottom `covers` layers of a chain holds each chunk: one byte
 /// per chunk (0: none, i+1: layer i). Built once from the sealed layers'
 /// bitmaps, so a read through a long chain costs one lookup, not a walk.
-/// Kept in pages of [`PAGE_CHUNKS`] chunks, made only where some layer
-/// holds a chunk: its memory follows the data, not the virtual size.
+/// Only the spans of [`PAGE_CHUNKS`] chunks where some layer holds a chunk
+/// have bytes, side by side in one allocation: its memory follows the data,
+/// not the virtual size, and a lookup is still one load in one array.
 #[derive(Debug)]
 pub struct ChainIndex {
-    pages: Vec<Option<Box<[u8]>>>,
+    /// Per span: where its bytes start in `owners`, or `NO_SPAN`.
+    spans: Vec<u32>,
+    owners: Vec<u8>,
     chunks: u64,
     covers: usize,
 }
+
+const NO_SPAN: u32 = u32::MAX;
 
 impl ChainIndex {
     /// Indexes `layers`, which must be sealed (their bitmaps no longer change).
@@ -48,17 +53,31 @@ impl ChainIndex {
             return None;
         }
         let chunks = first.chunks();
-        let mut pages: Vec<Option<Box<[u8]>>> =
-            (0..chunks.div_ceil(PAGE_CHUNKS)).map(|_| None).collect();
+        let mut spans = vec![NO_SPAN; chunks.div_ceil(PAGE_CHUNKS) as usize];
+        let mut used = 0u32;
+        for (s, slot) in spans.iter_mut().enumerate() {
+            let first = s as u64 * PAGE_CHUNKS;
+            if layers
+                .iter()
+                .any(|l| l.any_allocated(first, first + PAGE_CHUNKS))
+            {
+                *slot = used;
+                used += 1;
+            }
+        }
+        let mut owners = vec![0u8; used as usize * PAGE_CHUNKS as usize];
         for (i, layer) in layers.iter().enumerate() {
             layer.for_each_allocated(|c| {
-                let page = pages[(c / PAGE_CHUNKS) as usize]
-                    .get_or_insert_with(|| vec![0u8; PAGE_CHUNKS as usize].into_boxed_slice());
-                page[(c % PAGE_CHUNKS) as usize] = i as u8 + 1;
+                let span = spans[(c / PAGE_CHUNKS) as usize];
+                if span != NO_SPAN {
+                    let at = span as usize * PAGE_CHUNKS as usize + (c % PAGE_CHUNKS) as usize;
+                    owners[at] = i as u8 + 1;
+                }
             });
         }
         Some(ChainIndex {
-            pages,
+            spans,
+            owners,
             chunks,
             covers: layers.len(),
         })
@@ -66,11 +85,11 @@ impl ChainIndex {
 
     #[inline]
     fn owner(&self, chunk: u64) -> Option<usize> {
-        let byte = match &self.pages[(chunk / PAGE_CHUNKS) as usize] {
-            Some(page) => page[(chunk % PAGE_CHUNKS) as usize],
-            None => 0,
-        };
-        match byte {
+        let span = self.spans[(chunk / PAGE_CHUNKS) as usize];
+        if span == NO_SPAN {
+            return None;
+        }
+        match self.owners[span as usize * PAGE_CHUNKS as usize + (chunk % PAGE_CHUNKS) as usize] {
             0 => None,
             n => Some(n as usize - 1),
         }
