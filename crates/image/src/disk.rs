@@ -269,9 +269,7 @@ impl Disk {
     /// Uses `index` for the bottom layers it covers (they must be these
     /// layers, sealed).
     pub fn with_index(mut self, index: Arc<ChainIndex>) -> Disk {
-        if index.covers <= self.layers.len()
-            && index.chunks == self.size.div_ceil(CHUNK)
-        {
+        if index.covers <= self.layers.len() && index.chunks == self.size.div_ceil(CHUNK) {
             self.index = Some(index);
         }
         self

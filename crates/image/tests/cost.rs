@@ -181,7 +181,10 @@ fn the_index_of_a_long_chain_follows_its_data() {
     let (chain, peak) = peak_of(|| store.chain("long", 4));
     let chain = chain.expect("open version 4");
     assert_eq!(chain.layers.len(), 4);
-    assert!(chain.index.is_some(), "a chain of 4 sealed layers is indexed");
+    assert!(
+        chain.index.is_some(),
+        "a chain of 4 sealed layers is indexed"
+    );
     assert!(
         peak < 4 * MIB,
         "opening 4 empty 1 TiB layers and their index allocated {} KiB at once",
