@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::WriteError;
-use crate::layer::{Layer, CHUNK};
+use crate::layer::{Layer, CHUNK, PAGE_CHUNKS};
 
 /// One `base:allocation` extent: its length and whether it reads as zeros.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,11 +30,19 @@ pub struct Extent {
 /// Which of the bottom `covers` layers of a chain holds each chunk: one byte
 /// per chunk (0: none, i+1: layer i). Built once from the sealed layers'
 /// bitmaps, so a read through a long chain costs one lookup, not a walk.
+/// Only the spans of [`PAGE_CHUNKS`] chunks where some layer holds a chunk
+/// have bytes, side by side in one allocation: its memory follows the data,
+/// not the virtual size, and a lookup is still one load in one array.
 #[derive(Debug)]
 pub struct ChainIndex {
+    /// Per span: where its bytes start in `owners`, or `NO_SPAN`.
+    spans: Vec<u32>,
     owners: Vec<u8>,
+    chunks: u64,
     covers: usize,
 }
+
+const NO_SPAN: u32 = u32::MAX;
 
 impl ChainIndex {
     /// Indexes `layers`, which must be sealed (their bitmaps no longer change).
@@ -44,19 +52,44 @@ impl ChainIndex {
         if layers.len() > 254 {
             return None;
         }
-        let mut owners = vec![0u8; first.chunks() as usize];
+        let chunks = first.chunks();
+        let mut spans = vec![NO_SPAN; chunks.div_ceil(PAGE_CHUNKS) as usize];
+        let mut used = 0u32;
+        for (s, slot) in spans.iter_mut().enumerate() {
+            let first = s as u64 * PAGE_CHUNKS;
+            if layers
+                .iter()
+                .any(|l| l.any_allocated(first, first + PAGE_CHUNKS))
+            {
+                *slot = used;
+                used += 1;
+            }
+        }
+        let mut owners = vec![0u8; used as usize * PAGE_CHUNKS as usize];
         for (i, layer) in layers.iter().enumerate() {
-            layer.for_each_allocated(|c| owners[c as usize] = i as u8 + 1);
+            layer.for_each_allocated(|c| {
+                let span = spans[(c / PAGE_CHUNKS) as usize];
+                if span != NO_SPAN {
+                    let at = span as usize * PAGE_CHUNKS as usize + (c % PAGE_CHUNKS) as usize;
+                    owners[at] = i as u8 + 1;
+                }
+            });
         }
         Some(ChainIndex {
+            spans,
             owners,
+            chunks,
             covers: layers.len(),
         })
     }
 
     #[inline]
     fn owner(&self, chunk: u64) -> Option<usize> {
-        match self.owners[chunk as usize] {
+        let span = self.spans[(chunk / PAGE_CHUNKS) as usize];
+        if span == NO_SPAN {
+            return None;
+        }
+        match self.owners[span as usize * PAGE_CHUNKS as usize + (chunk % PAGE_CHUNKS) as usize] {
             0 => None,
             n => Some(n as usize - 1),
         }
@@ -236,9 +269,7 @@ impl Disk {
     /// Uses `index` for the bottom layers it covers (they must be these
     /// layers, sealed).
     pub fn with_index(mut self, index: Arc<ChainIndex>) -> Disk {
-        if index.covers <= self.layers.len()
-            && index.owners.len() as u64 == self.size.div_ceil(CHUNK)
-        {
+        if index.covers <= self.layers.len() && index.chunks == self.size.div_ceil(CHUNK) {
             self.index = Some(index);
         }
         self

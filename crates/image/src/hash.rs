@@ -10,9 +10,10 @@
 
 use std::collections::BTreeSet;
 use std::io;
+use std::sync::Arc;
 
 use crate::disk::Disk;
-use crate::layer::{Layer, CHUNK, HASH_BLOCK};
+use crate::layer::{Layer, CHUNK, HASH_BLOCK, PAGE_CHUNKS};
 
 pub type Hash = [u8; 32];
 
@@ -125,11 +126,7 @@ impl Tree {
 
     /// The content hash of a disk of `size` bytes with this tree.
     pub fn content(&self, size: u64) -> Hash {
-        let mut h = blake3::Hasher::new();
-        h.update(DOMAIN);
-        h.update(&size.to_le_bytes());
-        h.update(&self.root());
-        *h.finalize().as_bytes()
+        content_of(size, &self.root())
     }
 
     /// Replaces the bottom nodes `groups` (each over `FANOUT` blocks) with
@@ -153,6 +150,12 @@ impl Tree {
         }
     }
 
+    /// The stored form, level by level without a copy: concatenated, they
+    /// are [`Tree::to_bytes`].
+    pub fn level_bytes(&self) -> impl Iterator<Item = &[u8]> {
+        self.levels.iter().map(|l| l.as_flattened())
+    }
+
     /// The stored form: every level, bottom first, 32 bytes a node.
     pub fn to_bytes(&self) -> Vec<u8> {
         self.levels.iter().flatten().flatten().copied().collect()
@@ -161,28 +164,185 @@ impl Tree {
     /// Reads the stored form for a disk of `blocks` blocks, checking that
     /// every node above the bottom level is the hash of its children.
     pub fn from_bytes(blocks: u64, raw: &[u8]) -> Result<Tree, String> {
-        let shape = Tree::shape(blocks);
         let need = Tree::stored_len(blocks) as usize;
         if raw.len() < need {
             return Err(format!("tree is {} bytes, not {need}", raw.len()));
         }
-        let mut hashes = raw[..need]
-            .chunks_exact(32)
-            .map(|c| c.try_into().unwrap_or([0u8; 32]));
-        let levels: Vec<Vec<Hash>> = shape
-            .iter()
-            .map(|&n| hashes.by_ref().take(n).collect())
-            .collect();
-        for (lvl, pair) in levels.windows(2).enumerate() {
-            let rebuilt: Vec<Hash> = pair[0].chunks(FANOUT).map(node).collect();
-            if rebuilt != pair[1] {
-                return Err(format!(
-                    "tree level {} does not match its children",
-                    lvl + 1
-                ));
+        let mut at = 0;
+        Tree::read(blocks, |level| {
+            let bytes = level.as_flattened_mut();
+            bytes.copy_from_slice(&raw[at..at + bytes.len()]);
+            at += bytes.len();
+            Ok(())
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    /// Reads the stored form for a disk of `blocks` blocks level by level,
+    /// bottom first, with `fill(level)` filling each level's nodes, and
+    /// checks that every node above the bottom level is the hash of its
+    /// children (an `InvalidData` error if not). Holds the tree and one level
+    /// being checked, not a second copy.
+    pub fn read(
+        blocks: u64,
+        mut fill: impl FnMut(&mut [Hash]) -> io::Result<()>,
+    ) -> io::Result<Tree> {
+        let mut levels: Vec<Vec<Hash>> = Vec::new();
+        for (lvl, n) in Tree::shape(blocks).into_iter().enumerate() {
+            let mut level = vec![[0u8; 32]; n];
+            fill(&mut level)?;
+            if let Some(below) = levels.last() {
+                let good = below
+                    .chunks(FANOUT)
+                    .zip(&level)
+                    .all(|(children, parent)| node(children) == *parent);
+                if !good {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("tree level {lvl} does not match its children"),
+                    ));
+                }
             }
+            levels.push(level);
         }
         Ok(Tree { levels })
+    }
+}
+
+/// The content hash of a disk of `size` bytes whose tree has root `root`.
+pub fn content_of(size: u64, root: &Hash) -> Hash {
+    let mut h = blake3::Hasher::new();
+    h.update(DOMAIN);
+    h.update(&size.to_le_bytes());
+    h.update(root);
+    *h.finalize().as_bytes()
+}
+
+/// Builds the tree of a disk from its block hashes, given in order. It holds
+/// fewer than `FANOUT` hashes per level, and, if asked to keep the tree, the
+/// tree's levels: never one hash per block. A run of blocks that no layer
+/// touches costs nothing per block: a whole aligned subtree of zero blocks
+/// has one known hash.
+pub struct TreeBuilder {
+    size: u64,
+    blocks: u64,
+    pushed: u64,
+    levels: usize,
+    /// `pending[h]`: hashes of height `h` (0: leaves; `h`: nodes of tree
+    /// level `h - 1`) waiting for their siblings.
+    pending: Vec<Vec<Hash>>,
+    /// `zeros[h]`: the hash of a full subtree of height `h` over zero blocks.
+    zeros: Vec<Hash>,
+    keep: Option<Vec<Vec<Hash>>>,
+}
+
+impl TreeBuilder {
+    /// A builder for a disk of `size` bytes; with `keep`, [`TreeBuilder::finish`]
+    /// gives the whole tree too.
+    pub fn new(size: u64, keep: bool) -> TreeBuilder {
+        let blocks = size.div_ceil(HASH_BLOCK).max(1);
+        let shape = Tree::shape(blocks);
+        let levels = shape.len();
+        let mut zeros = vec![zero_block_hash(HASH_BLOCK)];
+        for h in 0..levels {
+            let below = zeros[h];
+            zeros.push(node(&[below; FANOUT]));
+        }
+        TreeBuilder {
+            size,
+            blocks,
+            pushed: 0,
+            levels,
+            pending: vec![Vec::with_capacity(FANOUT); levels + 1],
+            zeros,
+            keep: keep.then(|| shape.iter().map(|&n| Vec::with_capacity(n)).collect()),
+        }
+    }
+
+    /// Blocks given so far.
+    pub fn pushed(&self) -> u64 {
+        self.pushed
+    }
+
+    /// Adds a hash of height `h`, completing the nodes it fills.
+    fn add(&mut self, mut h: usize, mut hash: Hash) {
+        loop {
+            if h >= 1 {
+                if let Some(keep) = &mut self.keep {
+                    keep[h - 1].push(hash);
+                }
+            }
+            self.pending[h].push(hash);
+            if h == self.levels || self.pending[h].len() < FANOUT {
+                return;
+            }
+            hash = node(&self.pending[h]);
+            self.pending[h].clear();
+            h += 1;
+        }
+    }
+
+    /// The hash of the next block.
+    pub fn push(&mut self, leaf: Hash) {
+        self.pushed += 1;
+        self.add(0, leaf);
+    }
+
+    /// The next `n` blocks read as zeros (the last block of the disk may be short).
+    pub fn push_zeros(&mut self, n: u64) {
+        let n = n.min(self.blocks - self.pushed);
+        let short = self.size % HASH_BLOCK;
+        if n > 0 && self.pushed + n == self.blocks && short != 0 {
+            self.push_full_zeros(n - 1);
+            self.push(zero_block_hash(short));
+        } else {
+            self.push_full_zeros(n);
+        }
+    }
+
+    fn push_full_zeros(&mut self, mut n: u64) {
+        while n > 0 {
+            // The tallest zero subtree that starts here and fits in n.
+            let mut h = 0;
+            let mut span = 1u64;
+            while h < self.levels
+                && self.pending[h].is_empty()
+                && span.saturating_mul(FANOUT as u64) <= n
+            {
+                h += 1;
+                span *= FANOUT as u64;
+            }
+            if let Some(keep) = &mut self.keep {
+                // The zero nodes inside it, level by level (level l has height l + 1).
+                let mut count = span / FANOUT as u64;
+                let inside = keep.iter_mut().zip(&self.zeros[1..]);
+                for (nodes, zero) in inside.take(h.saturating_sub(1)) {
+                    nodes.extend(std::iter::repeat_n(*zero, count as usize));
+                    count /= FANOUT as u64;
+                }
+            }
+            self.pushed += span;
+            n -= span;
+            let zero = self.zeros[h];
+            self.add(h, zero);
+        }
+    }
+
+    /// The root, and the tree if kept. Blocks not given are taken as zeros.
+    pub fn finish(mut self) -> (Hash, Option<Tree>) {
+        self.push_zeros(self.blocks - self.pushed);
+        for h in 0..self.levels {
+            if !self.pending[h].is_empty() {
+                let hash = node(&self.pending[h]);
+                self.pending[h].clear();
+                self.add(h + 1, hash);
+            }
+        }
+        let root = self.pending[self.levels]
+            .first()
+            .copied()
+            .unwrap_or([0u8; 32]);
+        (root, self.keep.map(|levels| Tree { levels }))
     }
 }
 
@@ -210,25 +370,51 @@ pub fn zero_content_hash(size: u64) -> Hash {
     Tree::zero(size).content(size)
 }
 
-/// Hashes every block of `disk` that some layer touches; the others are zeros.
+/// Blocks looked at together when hashing: those of one bitmap page, so a
+/// window no layer touches is known from one look per layer.
+const WINDOW: u64 = PAGE_CHUNKS / (HASH_BLOCK / CHUNK);
+
+/// The chunks of blocks `[from, to)`.
+fn chunk_range(from: u64, to: u64) -> (u64, u64) {
+    let per = HASH_BLOCK / CHUNK;
+    (from * per, to * per)
+}
+
+/// Hashes every block of `disk` that some layer touches; the others are
+/// zeros, taken a bitmap page at a time without a look at each block.
 pub fn hash_disk(disk: &Disk) -> io::Result<DiskHashes> {
     let size = disk.size();
     let blocks = size.div_ceil(HASH_BLOCK);
-    let full_zero = zero_block_hash(HASH_BLOCK);
+    let mut builder = TreeBuilder::new(size, true);
     let mut buf = vec![0u8; HASH_BLOCK as usize];
     let mut touched = Vec::new();
-    let mut all = Vec::with_capacity(blocks as usize);
-    for b in 0..blocks {
-        let hash = if disk.layers().iter().any(|l| l.touches_block(b)) {
-            let h = read_block_hash(disk, b, &mut buf)?;
-            touched.push((b, h));
-            h
+    let mut from = 0;
+    while from < blocks {
+        let to = (from + WINDOW).min(blocks);
+        let (c0, c1) = chunk_range(from, to);
+        let near: Vec<&Arc<Layer>> = disk
+            .layers()
+            .iter()
+            .filter(|l| l.any_allocated(c0, c1))
+            .collect();
+        if near.is_empty() {
+            builder.push_zeros(to - from);
         } else {
-            zero_leaf(size, b, &full_zero)
-        };
-        all.push(hash);
+            for b in from..to {
+                if near.iter().any(|l| l.touches_block(b)) {
+                    let h = read_block_hash(disk, b, &mut buf)?;
+                    touched.push((b, h));
+                    builder.push(h);
+                } else {
+                    builder.push_zeros(1);
+                }
+            }
+        }
+        from = to;
     }
-    Ok(DiskHashes::new(size, touched, Tree::from_leaves(&all)))
+    let (_, tree) = builder.finish();
+    let tree = tree.ok_or_else(|| io::Error::other("the tree was not kept"))?;
+    Ok(DiskHashes::new(size, touched, tree))
 }
 
 fn read_block_hash(disk: &Disk, block: u64, buf: &mut [u8]) -> io::Result<Hash> {
@@ -238,34 +424,70 @@ fn read_block_hash(disk: &Disk, block: u64, buf: &mut [u8]) -> io::Result<Hash> 
     Ok(*blake3::hash(slice).as_bytes())
 }
 
-/// The block hashes of a chain from the layers' stored tables, without
-/// reading data: each block takes the hash of the topmost layer touching it.
-/// Every layer must have valid stored hashes.
-pub fn stored_block_hashes(size: u64, layers: &[std::sync::Arc<Layer>]) -> io::Result<Vec<Hash>> {
+/// The tree of a chain from the layers' stored block hashes, without
+/// reading data: each block takes the hash of the topmost layer touching it,
+/// a block none touches the hash of zeros. `touched(block, hash)` sees each
+/// block some layer touches, in order. Gives the root, and with `keep` the
+/// whole tree. Every layer must have valid stored hashes.
+///
+/// Memory: the stored hashes of one window of blocks per layer, and the
+/// tree if kept; a window no layer touches is not read at all.
+pub fn stored_chain_tree(
+    size: u64,
+    layers: &[Arc<Layer>],
+    keep: bool,
+    mut touched: impl FnMut(u64, &Hash),
+) -> io::Result<(Hash, Option<Tree>)> {
     let blocks = size.div_ceil(HASH_BLOCK);
-    let full_zero = zero_block_hash(HASH_BLOCK);
-    let mut out: Vec<Hash> = (0..blocks)
-        .map(|b| zero_leaf(size, b, &full_zero))
-        .collect();
-    for layer in layers {
-        let table = layer.stored_hashes()?;
-        for (b, slot) in out.iter_mut().enumerate() {
-            if layer.touches_block(b as u64) {
-                *slot = table[b];
+    let mut builder = TreeBuilder::new(size, keep);
+    let mut from = 0;
+    while from < blocks {
+        let to = (from + WINDOW).min(blocks);
+        let (c0, c1) = chunk_range(from, to);
+        let near: Vec<&Arc<Layer>> = layers.iter().filter(|l| l.any_allocated(c0, c1)).collect();
+        if near.is_empty() {
+            builder.push_zeros(to - from);
+            from = to;
+            continue;
+        }
+        // This window's stored hashes, read once per layer that touches it.
+        let mut tables: Vec<Option<Vec<Hash>>> = vec![None; near.len()];
+        for b in from..to {
+            match near.iter().rposition(|l| l.touches_block(b)) {
+                Some(i) => {
+                    let table = match &mut tables[i] {
+                        Some(t) => t,
+                        none => none.insert(near[i].stored_block_hashes(from, to)?),
+                    };
+                    let h = table[(b - from) as usize];
+                    touched(b, &h);
+                    builder.push(h);
+                }
+                None => builder.push_zeros(1),
             }
         }
+        from = to;
     }
-    Ok(out)
+    Ok(builder.finish())
+}
+
+/// The content hash of a chain from its layers' stored block hashes, in
+/// memory bounded whatever the size (see [`stored_chain_tree`]).
+pub fn stored_content_hash(size: u64, layers: &[Arc<Layer>]) -> io::Result<Hash> {
+    let (root, _) = stored_chain_tree(size, layers, false, |_, _| {})?;
+    Ok(content_of(size, &root))
 }
 
 /// The tree of the version whose top layer is the last of `layers`: stored
 /// with that layer when it has one, else rebuilt from the stored tables.
-pub fn version_tree(size: u64, layers: &[std::sync::Arc<Layer>]) -> io::Result<Tree> {
+pub fn version_tree(size: u64, layers: &[Arc<Layer>]) -> io::Result<Tree> {
     match layers.last() {
         None => Ok(Tree::zero(size)),
         Some(top) => match top.stored_tree()? {
             Some(tree) => Ok(tree),
-            None => Ok(Tree::from_leaves(&stored_block_hashes(size, layers)?)),
+            None => stored_chain_tree(size, layers, true, |_, _| {})?
+                .1
+                .ok_or_else(|| io::Error::other("the tree was not kept")),
         },
     }
 }
@@ -513,6 +735,74 @@ mod tests {
             top.store_hashes(&top_hashes, true).unwrap();
             assert_eq!(top.stored_tree().unwrap(), Some(full.tree));
             layers.push(top);
+        }
+    }
+
+    /// The streaming builder gives the tree `Tree::from_leaves` gives, with
+    /// zero runs taken whole or leaf by leaf, for shapes with short right
+    /// edges and sizes whose last block is short.
+    #[test]
+    fn builder_matches_from_leaves() {
+        let full = zero_block_hash(HASH_BLOCK);
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let sizes = [
+            512,
+            HASH_BLOCK,
+            HASH_BLOCK + 512,
+            64 * HASH_BLOCK,
+            65 * HASH_BLOCK,
+            4096 * HASH_BLOCK,
+            4097 * HASH_BLOCK - 1024,
+            4160 * HASH_BLOCK,
+            3 * 4096 * HASH_BLOCK + 7 * HASH_BLOCK + 512,
+            262_144 * HASH_BLOCK + 65 * HASH_BLOCK,
+        ];
+        for size in sizes {
+            let blocks = size.div_ceil(HASH_BLOCK);
+            for density in [0u64, 1, 50, 100] {
+                // Runs of data and of zeros, of random lengths.
+                let mut leaves = Vec::with_capacity(blocks as usize);
+                let mut builder = TreeBuilder::new(size, true);
+                let mut quiet = TreeBuilder::new(size, false);
+                while (leaves.len() as u64) < blocks {
+                    let left = blocks - leaves.len() as u64;
+                    let run = (1 + next() % 300_000).min(left);
+                    if next() % 100 < density {
+                        for _ in 0..run {
+                            let h = *blake3::hash(&next().to_le_bytes()).as_bytes();
+                            leaves.push(h);
+                            builder.push(h);
+                            quiet.push(h);
+                        }
+                    } else {
+                        for _ in 0..run {
+                            let b = leaves.len() as u64;
+                            leaves.push(zero_leaf(size, b, &full));
+                        }
+                        if next() % 2 == 0 {
+                            builder.push_zeros(run);
+                        } else {
+                            (0..run).for_each(|_| builder.push_zeros(1));
+                        }
+                        quiet.push_zeros(run);
+                    }
+                }
+                let want = Tree::from_leaves(&leaves);
+                let (root, tree) = builder.finish();
+                assert_eq!(root, want.root(), "size {size} density {density}");
+                assert_eq!(tree.as_ref(), Some(&want), "size {size} density {density}");
+                assert_eq!(quiet.finish(), (want.root(), None));
+            }
+            // Nothing given at all: the zero tree.
+            let (root, tree) = TreeBuilder::new(size, true).finish();
+            assert_eq!(root, Tree::zero(size).root(), "size {size}");
+            assert_eq!(tree, Some(Tree::zero(size)), "size {size}");
         }
     }
 

@@ -20,6 +20,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use parking_lot::Mutex;
 
@@ -34,11 +35,21 @@ pub(crate) const HEADER_LEN: u64 = 4096;
 const MAGIC: &[u8; 8] = b"VSLAYER1";
 const FORMAT_VERSION: u32 = 2;
 const BITMAP_PAGE: u64 = 4096;
+/// Chunks one bitmap page describes: 128 MiB of disk.
+pub const PAGE_CHUNKS: u64 = BITMAP_PAGE * 8;
+const PAGE_WORDS: usize = (BITMAP_PAGE / 8) as usize;
+/// Bitmap bytes read at a time when opening a layer.
+const BITMAP_READ: u64 = 1 << 20;
 const DATA_ALIGN: u64 = 1 << 20;
 /// Most stored block hashes read at once: 128 KiB, whatever the layer's size.
 const HASH_RUN: usize = 4096;
-/// Largest virtual size we accept (a corrupt header must not make us allocate absurdly).
+/// Largest virtual size a layer file may have (a corrupt header must not make
+/// us allocate absurdly).
 pub const MAX_SIZE: u64 = 1 << 50;
+/// Largest virtual size of a new vDisk: 64 TiB. What still grows with the
+/// virtual size rather than the data (the stored hash tree, 1/128 Ki of the
+/// size, written at creation and read at each seal) stays under 512 MiB.
+pub const MAX_NEW_SIZE: u64 = 64 << 40;
 
 pub const FLAG_SEALED: u32 = 1 << 0;
 /// The block hashes of what the layer touches, the tree and the content hash
@@ -86,6 +97,49 @@ impl Geometry {
     }
 }
 
+/// The allocation bitmap in memory, one bit per chunk, in pages of
+/// [`PAGE_CHUNKS`] chunks. A page exists only once one of its bits was set
+/// (in the file or since opening), so an empty or sparse layer costs memory
+/// and opening time in proportion to its data, not to its virtual size.
+struct Bitmap {
+    pages: Box<[OnceLock<Box<[AtomicU64]>>]>,
+    /// Words that hold bits of real chunks: the tail of the last page is unused.
+    words: usize,
+}
+
+impl Bitmap {
+    fn new(chunks: u64) -> Bitmap {
+        Bitmap {
+            pages: (0..chunks.div_ceil(PAGE_CHUNKS))
+                .map(|_| OnceLock::new())
+                .collect(),
+            words: chunks.div_ceil(64) as usize,
+        }
+    }
+
+    fn new_page() -> Box<[AtomicU64]> {
+        (0..PAGE_WORDS).map(|_| AtomicU64::new(0)).collect()
+    }
+
+    /// Word `w` (chunks `64 w ..`): zero in a page that does not exist.
+    #[inline]
+    fn word(&self, w: usize) -> u64 {
+        match self.pages[w / PAGE_WORDS].get() {
+            Some(page) => page[w % PAGE_WORDS].load(Ordering::Acquire),
+            None => 0,
+        }
+    }
+
+    /// Word `w`, creating its page.
+    fn word_cell(&self, w: usize) -> &AtomicU64 {
+        &self.pages[w / PAGE_WORDS].get_or_init(Bitmap::new_page)[w % PAGE_WORDS]
+    }
+
+    fn page(&self, page: usize) -> Option<&[AtomicU64]> {
+        self.pages.get(page).and_then(|p| p.get()).map(|p| &p[..])
+    }
+}
+
 /// A layer file, open for reading and, if `writable`, for writing.
 pub struct Layer {
     path: PathBuf,
@@ -94,7 +148,7 @@ pub struct Layer {
     writable: bool,
     flags: AtomicU32,
     content_hash: Mutex<Option<[u8; 32]>>,
-    bitmap: Vec<AtomicU64>,
+    bitmap: Bitmap,
     allocated: AtomicU64,
     dirty_pages: Mutex<BTreeSet<u64>>,
     flush_lock: Mutex<()>,
@@ -142,7 +196,23 @@ impl Layer {
             .open(path)
             .map_err(write_err)?;
         let geo = Geometry::for_size(size);
-        file.set_len(geo.data_offset + size).map_err(write_err)?;
+        let len = geo.data_offset + size;
+        if let Err(e) = file.set_len(len) {
+            drop(file);
+            // Ours: it was made just now (create_new).
+            let _ = std::fs::remove_file(path);
+            if e.raw_os_error() == Some(libc::EFBIG) {
+                let dir = path.parent().unwrap_or(path);
+                return Err(ImageError::Invalid(format!(
+                    "a vDisk of {} needs a layer file of {len} bytes, more than the file \
+                     system holding {} allows in one file; use a smaller size or a store on a \
+                     file system that holds larger files (ext4 with 4 KiB blocks: under 16 TiB)",
+                    size_text(size),
+                    dir.display()
+                )));
+            }
+            return Err(write_err(e));
+        }
         file.write_all_at(&encode_header(&geo, 0, None), 0)
             .map_err(write_err)?;
         file.sync_all().map_err(write_err)?;
@@ -151,6 +221,25 @@ impl Layer {
         }
         drop(file);
         Layer::open(path, true)
+    }
+
+    /// The content hash recorded in the header of the layer file at `path`,
+    /// if its hashes are current: one read of the 4 KiB header, whatever the
+    /// layer's size, without opening the layer (no bitmap is read).
+    pub fn recorded_content_hash(path: &Path) -> Result<Option<[u8; 32]>, ImageError> {
+        let file = File::open(path).map_err(|source| ImageError::OpenLayer {
+            path: path.to_owned(),
+            source,
+        })?;
+        let corrupt = |reason: String| ImageError::CorruptLayer {
+            path: path.to_owned(),
+            reason,
+        };
+        let mut header = [0u8; HEADER_LEN as usize];
+        file.read_exact_at(&mut header, 0)
+            .map_err(|e| corrupt(format!("cannot read header: {e}")))?;
+        let (_, _, content) = decode_header(&header).map_err(corrupt)?;
+        Ok(content)
     }
 
     /// Opens and validates a layer file.
@@ -177,22 +266,8 @@ impl Layer {
                 "file is {file_len} bytes, shorter than its header says"
             )));
         }
-        let mut raw = vec![0u8; geo.bitmap_len as usize];
-        file.read_exact_at(&mut raw, geo.bitmap_offset)
-            .map_err(|e| corrupt(format!("cannot read bitmap: {e}")))?;
-        let words = geo.chunks.div_ceil(64) as usize;
-        let mut bitmap = Vec::with_capacity(words);
-        let mut allocated = 0u64;
-        for i in 0..words {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&raw[i * 8..i * 8 + 8]);
-            let mut word = u64::from_le_bytes(w);
-            if i == words - 1 && geo.chunks % 64 != 0 {
-                word &= (1u64 << (geo.chunks % 64)) - 1;
-            }
-            allocated += u64::from(word.count_ones());
-            bitmap.push(AtomicU64::new(word));
-        }
+        let (bitmap, allocated) =
+            read_bitmap(&file, &geo).map_err(|e| corrupt(format!("cannot read bitmap: {e}")))?;
         Ok(Layer {
             path: path.to_owned(),
             file,
@@ -238,20 +313,55 @@ impl Layer {
 
     #[inline]
     pub fn is_allocated(&self, chunk: u64) -> bool {
-        let word = self.bitmap[(chunk / 64) as usize].load(Ordering::Acquire);
-        word & (1u64 << (chunk % 64)) != 0
+        self.bitmap.word((chunk / 64) as usize) & (1u64 << (chunk % 64)) != 0
     }
 
     /// Calls `f` with every allocated chunk, in order, skipping empty words.
     pub fn for_each_allocated(&self, mut f: impl FnMut(u64)) {
-        for (w, word) in self.bitmap.iter().enumerate() {
-            let mut bits = word.load(Ordering::Acquire);
-            while bits != 0 {
-                let b = bits.trailing_zeros() as u64;
-                f(w as u64 * 64 + b);
-                bits &= bits - 1;
+        for p in 0..self.bitmap.pages.len() {
+            let Some(page) = self.bitmap.page(p) else {
+                continue;
+            };
+            for (i, word) in page.iter().enumerate() {
+                let mut bits = word.load(Ordering::Acquire);
+                let base = (p * PAGE_WORDS + i) as u64 * 64;
+                while bits != 0 {
+                    let b = bits.trailing_zeros() as u64;
+                    f(base + b);
+                    bits &= bits - 1;
+                }
             }
         }
+    }
+
+    /// True if any chunk of `[first, last)` is allocated. A range in bitmap
+    /// pages that were never set costs one look per page.
+    pub fn any_allocated(&self, first: u64, last: u64) -> bool {
+        let last = last.min(self.geo.chunks);
+        let mut chunk = first;
+        while chunk < last {
+            let page = (chunk / PAGE_CHUNKS) as usize;
+            let page_end = ((page as u64 + 1) * PAGE_CHUNKS).min(last);
+            if self.bitmap.page(page).is_some() {
+                let mut c = chunk;
+                while c < page_end {
+                    let w = c / 64;
+                    let lo = c % 64;
+                    let hi = (page_end - w * 64).min(64);
+                    let mask = if hi - lo == 64 {
+                        u64::MAX
+                    } else {
+                        ((1u64 << (hi - lo)) - 1) << lo
+                    };
+                    if self.bitmap.word(w as usize) & mask != 0 {
+                        return true;
+                    }
+                    c = w * 64 + hi;
+                }
+            }
+            chunk = page_end;
+        }
+        false
     }
 
     /// True if every chunk of hash block `block` is allocated here.
@@ -323,10 +433,8 @@ impl Layer {
 
     /// The allocation bitmap as bytes, one bit per chunk (bit `c % 8` of byte `c / 8`).
     pub fn bitmap_bytes(&self) -> Vec<u8> {
-        let mut out: Vec<u8> = self
-            .bitmap
-            .iter()
-            .flat_map(|w| w.load(Ordering::Acquire).to_le_bytes())
+        let mut out: Vec<u8> = (0..self.bitmap.words)
+            .flat_map(|w| self.bitmap.word(w).to_le_bytes())
             .collect();
         out.truncate(self.geo.chunks.div_ceil(8) as usize);
         out
@@ -396,11 +504,17 @@ impl Layer {
             } else {
                 ((1u64 << (hi - lo)) - 1) << lo
             };
-            let word = &self.bitmap[word_idx as usize];
             let before = if set {
-                word.fetch_or(mask, Ordering::AcqRel)
+                self.bitmap
+                    .word_cell(word_idx as usize)
+                    .fetch_or(mask, Ordering::AcqRel)
+            } else if self.bitmap.word(word_idx as usize) & mask == 0 {
+                // Nothing to clear (and no page to create for it).
+                0
             } else {
-                word.fetch_and(!mask, Ordering::AcqRel)
+                self.bitmap
+                    .word_cell(word_idx as usize)
+                    .fetch_and(!mask, Ordering::AcqRel)
             };
             let flipped = if set { !before & mask } else { before & mask };
             if flipped != 0 {
@@ -467,17 +581,11 @@ impl Layer {
     }
 
     fn bitmap_page_bytes(&self, page: u64) -> Vec<u8> {
-        let words_per_page = (BITMAP_PAGE / 8) as usize;
-        let first = page as usize * words_per_page;
         let mut out = vec![0u8; BITMAP_PAGE as usize];
-        for (i, w) in self
-            .bitmap
-            .iter()
-            .skip(first)
-            .take(words_per_page)
-            .enumerate()
-        {
-            out[i * 8..i * 8 + 8].copy_from_slice(&w.load(Ordering::Acquire).to_le_bytes());
+        if let Some(words) = self.bitmap.page(page as usize) {
+            for (i, w) in words.iter().enumerate() {
+                out[i * 8..i * 8 + 8].copy_from_slice(&w.load(Ordering::Acquire).to_le_bytes());
+            }
         }
         out
     }
@@ -571,14 +679,19 @@ impl Layer {
                         .write_all_at(hash, self.geo.hashes_offset + block * 32)?;
                 }
             }
-            let tree = hashes.tree.to_bytes();
-            if tree.len() as u64 > self.geo.tree_len {
+            let tree_len: u64 = hashes.tree.level_bytes().map(|l| l.len() as u64).sum();
+            if tree_len > self.geo.tree_len {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     "hash tree does not fit the layer's tree region",
                 ));
             }
-            self.file.write_all_at(&tree, self.geo.tree_offset)?;
+            // Level by level, without a copy of the whole tree.
+            let mut at = self.geo.tree_offset;
+            for level in hashes.tree.level_bytes() {
+                self.file.write_all_at(level, at)?;
+                at += level.len() as u64;
+            }
             self.file.sync_data()?;
             self.file
                 .write_all_at(&encode_header(&self.geo, flags, Some(content)), 0)?;
@@ -604,13 +717,19 @@ impl Layer {
         if self.flags.load(Ordering::SeqCst) & FLAG_HASHES_VALID == 0 {
             return Ok(None);
         }
-        let mut raw = vec![0u8; Tree::stored_len(self.geo.blocks) as usize];
-        self.file.read_exact_at(&mut raw, self.geo.tree_offset)?;
-        let tree = Tree::from_bytes(self.geo.blocks, &raw).map_err(|reason| {
-            io::Error::new(
+        let mut at = self.geo.tree_offset;
+        let tree = Tree::read(self.geo.blocks, |level| {
+            let bytes = level.as_flattened_mut();
+            self.file.read_exact_at(bytes, at)?;
+            at += bytes.len() as u64;
+            Ok(())
+        })
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::InvalidData => io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("{}: {reason}", self.path.display()),
-            )
+                format!("{}: {e}", self.path.display()),
+            ),
+            _ => e,
         })?;
         if Some(tree.content(self.geo.size)) != *self.content_hash.lock() {
             return Err(io::Error::new(
@@ -759,6 +878,87 @@ impl Drop for Layer {
     }
 }
 
+/// Reads the bitmap of a layer: only the parts of its region the file holds
+/// data in (a region never written is a hole), and of those only the pages
+/// with a bit set are kept. Returns the bitmap and its count of set bits.
+fn read_bitmap(file: &File, geo: &Geometry) -> io::Result<(Bitmap, u64)> {
+    let bitmap = Bitmap::new(geo.chunks);
+    let mut allocated = 0u64;
+    let start = geo.bitmap_offset;
+    let end = geo.bitmap_offset + geo.bitmap_len;
+    let mut buf = Vec::new();
+    for (from, to) in data_ranges(file, start, end)? {
+        if buf.is_empty() {
+            buf = vec![0u8; BITMAP_READ.min(end - start) as usize];
+        }
+        // Whole pages: the ranges are in file system blocks, pages are 4 KiB.
+        let mut pos = start + (from - start) / BITMAP_PAGE * BITMAP_PAGE;
+        let to = (start + (to - start).div_ceil(BITMAP_PAGE) * BITMAP_PAGE).min(end);
+        while pos < to {
+            let n = (to - pos).min(BITMAP_READ) as usize;
+            file.read_exact_at(&mut buf[..n], pos)?;
+            for (i, raw) in buf[..n].chunks_exact(BITMAP_PAGE as usize).enumerate() {
+                if raw.iter().all(|&b| b == 0) {
+                    continue;
+                }
+                let page = ((pos - start) / BITMAP_PAGE) as usize + i;
+                for (j, w) in raw.chunks_exact(8).enumerate() {
+                    let word_idx = page * PAGE_WORDS + j;
+                    if word_idx >= bitmap.words {
+                        break;
+                    }
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(w);
+                    let mut word = u64::from_le_bytes(b);
+                    if word_idx == bitmap.words - 1 && !geo.chunks.is_multiple_of(64) {
+                        word &= (1u64 << (geo.chunks % 64)) - 1;
+                    }
+                    if word != 0 {
+                        allocated += u64::from(word.count_ones());
+                        bitmap.word_cell(word_idx).store(word, Ordering::Relaxed);
+                    }
+                }
+            }
+            pos += n as u64;
+        }
+    }
+    Ok((bitmap, allocated))
+}
+
+/// The parts of `[start, end)` of `file` that hold data (`SEEK_DATA` and
+/// `SEEK_HOLE`); all of it where the file system cannot tell.
+fn data_ranges(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        // SAFETY: plain syscalls on our own descriptor; this code reads with
+        // pread only, so moving the file position disturbs nothing.
+        let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENXIO) => Ok(out), // no data past pos
+                _ => Ok(vec![(start, end)]),
+            };
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as i64, libc::SEEK_HOLE) };
+        let hole = if hole < 0 {
+            end
+        } else {
+            (hole as u64).min(end)
+        };
+        out.push((data, hole));
+        pos = hole;
+    }
+    Ok(out)
+}
+
 fn write_zeros(file: &File, mut pos: u64, mut len: u64) -> io::Result<()> {
     let zeros = vec![0u8; 1 << 20];
     while len > 0 {
@@ -768,6 +968,16 @@ fn write_zeros(file: &File, mut pos: u64, mut len: u64) -> io::Result<()> {
         len -= n;
     }
     Ok(())
+}
+
+/// `bytes` for people: in the largest binary unit that keeps it whole, up to TiB.
+pub(crate) fn size_text(bytes: u64) -> String {
+    for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
+            return format!("{} {unit}", bytes >> shift);
+        }
+    }
+    format!("{bytes} bytes")
 }
 
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {

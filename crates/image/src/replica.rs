@@ -274,8 +274,14 @@ impl Incoming {
         // The metadata is written on every open, resumed or not: only the
         // journal says anything is durable, and it covers data only after
         // a sync, which covers these writes too. `finish` syncs it all.
-        file.write_all_at(&bitmap, geo.bitmap_offset)
-            .map_err(werr)?;
+        // The bitmap pages with a bit set: the others stay holes, which
+        // opening the layer skips (an empty 8 TiB layer has 256 MiB of them).
+        for (i, page) in bitmap.chunks(4096).enumerate() {
+            if page.iter().any(|&b| b != 0) {
+                file.write_all_at(page, geo.bitmap_offset + i as u64 * 4096)
+                    .map_err(werr)?;
+            }
+        }
         for (i, block) in touched.iter().enumerate() {
             let h = &meta[hashes_at + i * 32..hashes_at + i * 32 + 32];
             file.write_all_at(h, geo.hashes_offset + block * 32)

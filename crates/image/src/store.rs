@@ -34,7 +34,7 @@ use crate::disk::{ChainIndex, Disk};
 use crate::error::{ImageError, WriteError};
 use crate::folders;
 use crate::hash::{self, Hash};
-use crate::layer::{sync_dir, Layer, CHUNK};
+use crate::layer::{size_text, sync_dir, Layer, CHUNK, MAX_NEW_SIZE};
 use crate::versions::{Properties, Version, VersionState};
 
 const PROPERTIES: &str = "vdisk.toml";
@@ -400,6 +400,13 @@ impl Store {
         if self.exists(name) {
             return Err(ImageError::VDiskExists(name.into()));
         }
+        if size > MAX_NEW_SIZE {
+            return Err(ImageError::Invalid(format!(
+                "a vDisk size must be at most {}, not {}",
+                size_text(MAX_NEW_SIZE),
+                size_text(size)
+            )));
+        }
         let path = self
             .root_of(name)
             .join("tmp")
@@ -481,6 +488,22 @@ impl Store {
         let layer = Arc::new(layer);
         open.insert(path, Arc::downgrade(&layer));
         Ok(layer)
+    }
+
+    /// The content hash recorded with version `v`'s own layer, if its hashes
+    /// are current: from the layer if it is open, else from its file's header
+    /// alone. Costs the same for any size: nothing is opened or read in
+    /// proportion to it (the status published every second asks this).
+    pub fn recorded_hash(&self, name: &str, v: &Version) -> Result<Option<Hash>, ImageError> {
+        let Some(file) = v.own_layer() else {
+            return Ok(None);
+        };
+        let path = self.layer_path(name, file)?;
+        let open = self.open.lock().get(&path).and_then(Weak::upgrade);
+        match open {
+            Some(layer) => Ok(layer.content_hash()),
+            None => Layer::recorded_content_hash(&path),
+        }
     }
 
     /// Checks version `number` of vDisk `name` as a replica (see [`verify_layers`]).
@@ -944,18 +967,20 @@ impl Store {
         let merged = Arc::new(Layer::create(&tmp_path, props.size)?);
         copy_chain_into(&chain.layers, &merged)?;
         merged.flush()?;
-        let all = hash::stored_block_hashes(props.size, &chain.layers)?;
-        let tree = hash::Tree::from_leaves(&all);
+        let mut touched: Vec<(u64, Hash)> = Vec::new();
+        let (_, tree) = hash::stored_chain_tree(props.size, &chain.layers, true, |b, h| {
+            if merged.touches_block(b) {
+                touched.push((b, *h));
+            }
+        })?;
+        let tree =
+            tree.ok_or_else(|| ImageError::Invalid("the merged tree was not kept".into()))?;
         let content = tree.content(props.size);
         if expected.is_some_and(|e| e != content) {
             return Err(ImageError::Invalid(format!(
                 "version {upto} of vDisk {name} does not match its recorded content hash; not merging"
             )));
         }
-        let touched: Vec<(u64, Hash)> = (0..all.len() as u64)
-            .filter(|&b| merged.touches_block(b))
-            .map(|b| (b, all[b as usize]))
-            .collect();
         merged.store_hashes(
             &hash::DiskHashes {
                 touched,
@@ -1128,8 +1153,7 @@ pub fn verify_layers_where(
         return Err(ImageError::Invalid("a version without layers".into()));
     };
     let size = bottom.size();
-    let leaves = hash::stored_block_hashes(size, layers)?;
-    let content = hash::to_hex(&hash::Tree::from_leaves(&leaves).content(size));
+    let content = hash::to_hex(&hash::stored_content_hash(size, layers)?);
     if content != expected {
         return Err(ImageError::Invalid(format!(
             "hashes to {content}, not {expected}"

@@ -174,12 +174,14 @@ pub fn held_versions(server: &Server) -> Vec<HeldVersion> {
             } else if v.state == VersionState::Maintenance {
                 String::new()
             } else {
-                // An unsealed production version 1: its hash while no one writes it.
+                // An unsealed production version 1: its hash while no one
+                // writes it, from the open layer or its header; never by
+                // opening the layer, which reads its bitmap, every second.
                 server
                     .store
-                    .chain(&name, v.number)
+                    .recorded_hash(&name, v)
                     .ok()
-                    .and_then(|c| c.layers.last().and_then(|l| l.content_hash()))
+                    .flatten()
                     .map(|h| vstream_image::hash::to_hex(&h))
                     .unwrap_or_default()
             };
