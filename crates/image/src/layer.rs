@@ -231,14 +231,7 @@ impl Layer {
             path: path.to_owned(),
             source,
         })?;
-        let corrupt = |reason: String| ImageError::CorruptLayer {
-            path: path.to_owned(),
-            reason,
-        };
-        let mut header = [0u8; HEADER_LEN as usize];
-        file.read_exact_at(&mut header, 0)
-            .map_err(|e| corrupt(format!("cannot read header: {e}")))?;
-        let (_, _, content) = decode_header(&header).map_err(corrupt)?;
+        let (_, _, content) = read_header(&file, path)?;
         Ok(content)
     }
 
@@ -256,10 +249,7 @@ impl Layer {
             path: path.to_owned(),
             reason,
         };
-        let mut header = [0u8; HEADER_LEN as usize];
-        file.read_exact_at(&mut header, 0)
-            .map_err(|e| corrupt(format!("cannot read header: {e}")))?;
-        let (geo, flags, content_hash) = decode_header(&header).map_err(corrupt)?;
+        let (geo, flags, content_hash) = read_header(&file, path)?;
         let file_len = file.metadata()?.len();
         if file_len < geo.data_offset + geo.size {
             return Err(corrupt(format!(
@@ -1005,6 +995,18 @@ fn encode_header(geo: &Geometry, flags: u32, content: Option<[u8; 32]>) -> Vec<u
     let sum = blake3::hash(&h[..4088]);
     h[4088..4096].copy_from_slice(&sum.as_bytes()[..8]);
     h
+}
+
+/// Reads and checks the header of the layer file `file` (at `path`).
+fn read_header(file: &File, path: &Path) -> Result<(Geometry, u32, Option<[u8; 32]>), ImageError> {
+    let corrupt = |reason: String| ImageError::CorruptLayer {
+        path: path.to_owned(),
+        reason,
+    };
+    let mut header = [0u8; HEADER_LEN as usize];
+    file.read_exact_at(&mut header, 0)
+        .map_err(|e| corrupt(format!("cannot read header: {e}")))?;
+    decode_header(&header).map_err(corrupt)
 }
 
 pub(crate) fn decode_header(h: &[u8]) -> Result<(Geometry, u32, Option<[u8; 32]>), String> {

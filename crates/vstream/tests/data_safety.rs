@@ -225,11 +225,8 @@ const MIB: u64 = 1 << 20;
 /// Imports `size` bytes of random data (every block data) as Standard-mode
 /// vDisk `name` with device-side caches, on `s`.
 fn import_standard(s: &TestServer, dir: &Path, name: &str, size: u64) {
-    use rand::{RngCore, SeedableRng};
     let image = dir.join(format!("{name}.raw"));
-    let mut data = vec![0u8; size as usize];
-    rand::rngs::StdRng::seed_from_u64(7).fill_bytes(&mut data);
-    std::fs::write(&image, data).expect("image");
+    common::dense_image(&image, size, 7);
     s.cli_ok(&["vdisk", "import", name, image.to_str().expect("path")]);
     s.cli_ok(&[
         "vdisk",

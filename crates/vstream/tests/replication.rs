@@ -60,20 +60,11 @@ fn wait_state(s: &TestServer, server: &str, vdisk: &str, version: u64, state: &s
     );
 }
 
-/// An image of `size` random bytes, every block of it data.
-fn dense_image(path: &Path, size: u64, seed: u64) {
-    use rand::{RngCore, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut data = vec![0u8; size as usize];
-    rng.fill_bytes(&mut data);
-    std::fs::write(path, data).expect("image");
-}
-
 /// Imports a random image, every block of it data, as Standard-mode vDisk
 /// `name` on `s`.
 fn import(s: &TestServer, dir: &Path, name: &str, size: u64, seed: u64) -> Vec<u8> {
     let image = dir.join(format!("{name}.raw"));
-    dense_image(&image, size, seed);
+    common::dense_image(&image, size, seed);
     s.cli_ok(&["vdisk", "import", name, image.to_str().unwrap()]);
     s.cli_ok(&[
         "vdisk",

@@ -332,6 +332,15 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
 }
 
 /// A file of `size` bytes: random data in scattered extents, zeros elsewhere.
+/// An image of `size` random bytes, every block of it data.
+pub fn dense_image(path: &Path, size: u64, seed: u64) {
+    use rand::{RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut data = vec![0u8; size as usize];
+    rng.fill_bytes(&mut data);
+    std::fs::write(path, data).expect("image");
+}
+
 pub fn random_image(path: &Path, size: u64, seed: u64) {
     use rand::{Rng, SeedableRng};
     use std::os::unix::fs::FileExt;
