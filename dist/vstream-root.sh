@@ -6,10 +6,25 @@
 #     `vstream_mountroot "$rootmnt"` from its mountroot();
 #   - the test initramfs' /init (tests/guest/netboot-init.sh).
 #
-# vstream_mountroot MOUNTPOINT brings the network up, loads nbd, starts the
-# agent (`vstream target --attach /dev/nbd0`) in the background, waits until
-# the kernel device is connected and mounts the root file system from it.
-# On failure it prints `vstream: ...` lines (and the end of the agent's log)
+# vstream_mountroot MOUNTPOINT brings the network up, loads nbd, connects
+# the kernel device, waits until it is connected and mounts the root file
+# system from it. Two clients can connect it (vstream.client=):
+#   agent       (the default) `vstream target --attach /dev/nbd0`, started in
+#               the background: it keeps the device's write cache when the
+#               vDisk says so, and moves to another server when one dies;
+#   nbd-client  Debian's nbd-client, the kernel's own NBD client: the script
+#               logs in itself (POST /api/v1/login with busybox wget) and runs
+#               `nbd-client HOST PORT /dev/nbd0 -N EXPORT -persist -nonetlink`.
+#               The kernel then holds the connection to that one server: no
+#               failover, and the vDisk's write cache must be on the server
+#               (cache type server; a `base/...` export is refused).
+# Either way the boot is told apart from a reconnect by its boot token:
+# vstream.boot= (added by the boot script GET /boot/ipxe), else the kernel's
+# /proc/sys/kernel/random/boot_id. The agent reads it itself; nbd-client
+# sends it at login and opens the export the reply names
+# (device/KEY?boot=TOKEN), so its reconnects within this boot keep the
+# write cache and the next boot starts clean.
+# On failure it prints `vstream: ...` lines (and the end of the client's log)
 # and returns 1; VSTREAM_ERROR then holds the reason.
 #
 # The agent stays alive after switch_root: it serves the root file system.
@@ -24,6 +39,11 @@
 #                         (required; use IP addresses, see docs/netboot.md)
 #   vstream.mac=MAC       the device's identity (default: BOOTIF=, else the
 #                         MAC of the interface the network came up on)
+#   vstream.client=agent|nbd-client  what connects the kernel device
+#                         (default agent; see above)
+#   vstream.boot=TOKEN    this boot's identity ([A-Za-z0-9-], at most 64;
+#                         the boot script adds it; default: the kernel's
+#                         boot_id)
 #   vstream.cache=SPEC    the agent's --cache (default ram:256MiB)
 #   vstream.deadline_ms=MS  the agent's --deadline-ms (default: the agent's)
 #   vstream.dev=/dev/nbdN the kernel NBD device (default /dev/nbd0)
@@ -39,13 +59,21 @@
 #   vstream.netwait=SECS  how long to wait for a network interface, and for
 #                         a DHCP lease (busybox udhcpc; default 60)
 #   vstream.log=FILTER    the agent's RUST_LOG (default info)
+#   vstream.nbd_timeout=SECS  nbd-client only: its -timeout, how long a
+#                         request may go unanswered before the kernel gives
+#                         up on the connection (default: none, nbd-client's)
 #   rootfstype=, rootflags=, ro, rw   as for any root file system (default ro)
 #
 # Settings from the environment (e.g. /conf/conf.d/vstream in initramfs-tools)
 # are defaults the command line overrides: VSTREAM_BOOTSTRAP, VSTREAM_MAC,
-# VSTREAM_CACHE, VSTREAM_DEADLINE_MS, VSTREAM_DEV, VSTREAM_ROOT, VSTREAM_IFACE,
-# VSTREAM_CACHEDEV, VSTREAM_TIMEOUT, VSTREAM_LOG; and VSTREAM_BIN (the agent,
-# default /bin/vstream), VSTREAM_NETWAIT.
+# VSTREAM_CLIENT, VSTREAM_CACHE, VSTREAM_DEADLINE_MS, VSTREAM_DEV,
+# VSTREAM_ROOT, VSTREAM_IFACE, VSTREAM_CACHEDEV, VSTREAM_TIMEOUT, VSTREAM_LOG,
+# VSTREAM_NBD_TIMEOUT; and VSTREAM_BIN (the agent, default /bin/vstream),
+# VSTREAM_NBD_CLIENT (default: nbd-client on PATH, else /sbin/nbd-client),
+# VSTREAM_NETWAIT.
+#
+# With nbd-client, /run/vstream also holds nbd-client.log, nbd-client.cmdline,
+# nbd-client.pid and login.json (the login reply).
 
 # shellcheck shell=sh disable=SC1090,SC2030,SC2031,SC2034,SC2119,SC2120,SC3038
 # (SC3038: `exec -a` is probed for before use.)
@@ -54,6 +82,7 @@ VSTREAM_BIN="${VSTREAM_BIN:-/bin/vstream}"
 VSTREAM_RUN=/run/vstream
 VSTREAM_ERROR=
 VSTREAM_AGENT_PID=
+VSTREAM_CLIENT_PID=
 
 vstream_msg() {
 	echo "vstream: $*"
@@ -68,16 +97,31 @@ vstream_fail() {
 	return 1
 }
 
-# The last lines of the agent's log, each prefixed, on the console.
-vstream_agent_log_tail() {
-	[ -s "$VSTREAM_RUN/agent.log" ] || {
-		echo "vstream: (the agent's log $VSTREAM_RUN/agent.log is empty)"
+# _vs_log_tail FILE WHAT [N]: the last N (15) lines of FILE, each prefixed,
+# on the console.
+_vs_log_tail() {
+	[ -s "$1" ] || {
+		echo "vstream: ($2 $1 is empty)"
 		return 0
 	}
-	echo "vstream: last lines of $VSTREAM_RUN/agent.log:"
-	tail -n "${1:-15}" "$VSTREAM_RUN/agent.log" 2>/dev/null | while IFS= read -r l; do
+	echo "vstream: last lines of $2 $1:"
+	tail -n "${3:-15}" "$1" 2>/dev/null | while IFS= read -r l; do
 		echo "vstream:   $l"
 	done
+}
+
+# The log of what connects the device: the agent's, or nbd-client's.
+_vs_client_log() {
+	if [ "${VSTREAM_CLIENT:-agent}" = nbd-client ]; then
+		echo "$VSTREAM_RUN/nbd-client.log"
+	else
+		echo "$VSTREAM_RUN/agent.log"
+	fi
+}
+
+# The last lines of the agent's log (or nbd-client's), on the console.
+vstream_agent_log_tail() {
+	_vs_log_tail "$(_vs_client_log)" "the log" "$@"
 }
 
 _vs_nap() { # a fifth of a second where the shell can, else one second
@@ -113,6 +157,7 @@ _vs_alive() { # PID: running (not gone, not a zombie)
 # Reads /proc/cmdline into the VSTREAM_* settings.
 vstream_parse_cmdline() {
 	VSTREAM_CACHE="${VSTREAM_CACHE:-ram:256MiB}"
+	VSTREAM_CLIENT="${VSTREAM_CLIENT:-agent}"
 	VSTREAM_DEV="${VSTREAM_DEV:-/dev/nbd0}"
 	VSTREAM_TIMEOUT="${VSTREAM_TIMEOUT:-300}"
 	VSTREAM_NETWAIT="${VSTREAM_NETWAIT:-60}"
@@ -127,6 +172,8 @@ vstream_parse_cmdline() {
 		case "$_vs_x" in
 		vstream.bootstrap=*) VSTREAM_BOOTSTRAP="${_vs_x#vstream.bootstrap=}" ;;
 		vstream.mac=*) VSTREAM_MAC="${_vs_x#vstream.mac=}" ;;
+		vstream.client=*) VSTREAM_CLIENT="${_vs_x#vstream.client=}" ;;
+		vstream.boot=*) VSTREAM_BOOT="${_vs_x#vstream.boot=}" ;;
 		vstream.cache=*) VSTREAM_CACHE="${_vs_x#vstream.cache=}" ;;
 		vstream.deadline_ms=*) VSTREAM_DEADLINE_MS="${_vs_x#vstream.deadline_ms=}" ;;
 		vstream.dev=*) VSTREAM_DEV="${_vs_x#vstream.dev=}" ;;
@@ -136,6 +183,7 @@ vstream_parse_cmdline() {
 		vstream.timeout=*) VSTREAM_TIMEOUT="${_vs_x#vstream.timeout=}" ;;
 		vstream.netwait=*) VSTREAM_NETWAIT="${_vs_x#vstream.netwait=}" ;;
 		vstream.log=*) VSTREAM_LOG="${_vs_x#vstream.log=}" ;;
+		vstream.nbd_timeout=*) VSTREAM_NBD_TIMEOUT="${_vs_x#vstream.nbd_timeout=}" ;;
 		BOOTIF=*) _vs_bootif="${_vs_x#BOOTIF=}" ;;
 		root=*) _vs_rootarg="${_vs_x#root=}" ;;
 		rootfstype=*) VSTREAM_ROOTFSTYPE="${_vs_x#rootfstype=}" ;;
@@ -411,8 +459,139 @@ vstream_start_agent() {
 	echo "$VSTREAM_AGENT_PID" >"$VSTREAM_RUN/agent.pid"
 }
 
-# Waits until the kernel device is connected (its size set and its
-# NBD_DO_IT running), the agent still alive, for VSTREAM_TIMEOUT seconds.
+# Checks VSTREAM_BOOT, this boot's identity: vstream.boot= (the boot
+# script's token), else the kernel's boot_id (a new one every boot).
+vstream_boot_token() {
+	if [ -z "${VSTREAM_BOOT:-}" ]; then
+		VSTREAM_BOOT="$(cat /proc/sys/kernel/random/boot_id 2>/dev/null)"
+		[ -n "$VSTREAM_BOOT" ] ||
+			vstream_fail "no vstream.boot= on the kernel command line and no /proc/sys/kernel/random/boot_id: this boot has no identity" ||
+			return 1
+	fi
+	case "$VSTREAM_BOOT" in
+	*[!A-Za-z0-9-]*)
+		vstream_fail "vstream.boot=$VSTREAM_BOOT: a boot token is letters, digits and '-' only"
+		return 1
+		;;
+	esac
+	[ "${#VSTREAM_BOOT}" -le 64 ] ||
+		vstream_fail "vstream.boot=: a boot token is 64 characters at most (this one has ${#VSTREAM_BOOT})" ||
+		return 1
+}
+
+# _vs_json_str KEY FILE: the string value of KEY in the one-line JSON object
+# in FILE; nothing when it is absent or has escapes in it.
+_vs_json_str() {
+	sed -n 's/.*"'"$1"'"[[:space:]]*:[[:space:]]*"\([^"\\]*\)".*/\1/p' "$2" 2>/dev/null | head -n 1
+}
+
+# Logs in once to each server of VSTREAM_BOOTSTRAP in turn (POST
+# /api/v1/login {"mac","boot"}, no token) until one answers; sets _vs_nbd
+# (HOST:PORT) and _vs_export from its reply. Returns 1 with the last
+# failure in _vs_login_error when none does.
+_vs_login() {
+	_vs_body="{\"mac\":\"$VSTREAM_MAC\",\"boot\":\"$VSTREAM_BOOT\"}"
+	_vs_to=
+	command -v timeout >/dev/null 2>&1 && _vs_to="timeout 10"
+	_vs_login_error="no server in vstream.bootstrap=$VSTREAM_BOOTSTRAP"
+	set -f
+	_vs_old_ifs="$IFS"
+	IFS=,
+	set -- $VSTREAM_BOOTSTRAP
+	IFS="$_vs_old_ifs"
+	set +f
+	for _vs_s in "$@"; do
+		case "$_vs_s" in
+		'') continue ;;
+		http://* | https://*) _vs_url="${_vs_s%/}/api/v1/login" ;;
+		*) _vs_url="http://$_vs_s/api/v1/login" ;;
+		esac
+		rm -f "$VSTREAM_RUN/login.json"
+		# shellcheck disable=SC2086
+		if ! $_vs_to wget -q -O "$VSTREAM_RUN/login.json" --header "Content-Type: application/json" \
+			--post-data "$_vs_body" "$_vs_url" >"$VSTREAM_RUN/login.err" 2>&1; then
+			_vs_login_error="$_vs_url: $(tail -n 1 "$VSTREAM_RUN/login.err" 2>/dev/null)"
+			echo "login $_vs_login_error" >>"$VSTREAM_RUN/nbd-client.log"
+			continue
+		fi
+		_vs_nbd="$(_vs_json_str nbd "$VSTREAM_RUN/login.json")"
+		_vs_export="$(_vs_json_str export "$VSTREAM_RUN/login.json")"
+		if [ -z "$_vs_nbd" ] || [ -z "$_vs_export" ]; then
+			_vs_login_error="$_vs_url: a reply without \"nbd\" and \"export\": $(head -c 300 "$VSTREAM_RUN/login.json")"
+			echo "login $_vs_login_error" >>"$VSTREAM_RUN/nbd-client.log"
+			continue
+		fi
+		echo "login $_vs_url: nbd=$_vs_nbd export=$_vs_export" >>"$VSTREAM_RUN/nbd-client.log"
+		return 0
+	done
+	return 1
+}
+
+# The kernel client: logs in (retrying for VSTREAM_TIMEOUT seconds), then
+# runs nbd-client on the server and export the reply names. nbd-client goes
+# to the background itself and stays in the kernel's NBD_DO_IT; with
+# -persist it reconnects to the same export (same boot token: the write
+# cache is kept) when the connection breaks.
+vstream_start_nbd_client() {
+	_vs_nbdc="${VSTREAM_NBD_CLIENT:-$(command -v nbd-client 2>/dev/null)}"
+	_vs_nbdc="${_vs_nbdc:-/sbin/nbd-client}"
+	[ -x "$_vs_nbdc" ] ||
+		vstream_fail "vstream.client=nbd-client, but nbd-client is not in the initramfs ($_vs_nbdc; apt-get install nbd-client and rebuild it)" ||
+		return 1
+	command -v wget >/dev/null 2>&1 ||
+		vstream_fail "vstream.client=nbd-client needs busybox wget to log in, and there is no wget here" ||
+		return 1
+	case "$VSTREAM_MAC" in
+	*[!0-9A-Za-z:.-]*)
+		vstream_fail "vstream.mac=$VSTREAM_MAC is not a MAC address"
+		return 1
+		;;
+	esac
+	vstream_boot_token || return 1
+	: >>"$VSTREAM_RUN/nbd-client.log"
+	vstream_msg "logging in to ${VSTREAM_BOOTSTRAP} as $VSTREAM_MAC, boot $VSTREAM_BOOT"
+	_vs_n=0
+	while ! _vs_login; do
+		_vs_n=$((_vs_n + 1))
+		if [ "$VSTREAM_TIMEOUT" != 0 ] && [ "$_vs_n" -ge "$VSTREAM_TIMEOUT" ]; then
+			vstream_fail "no server took the login within ${VSTREAM_TIMEOUT}s (is MAC $VSTREAM_MAC a device of theirs? the servers' logs say why they refused it): $_vs_login_error"
+			return 1
+		fi
+		[ $((_vs_n % 10)) = 1 ] && vstream_msg "login failed, retrying: $_vs_login_error"
+		sleep 1
+	done
+	case "$_vs_export" in
+	base/*)
+		vstream_fail "the vDisk keeps its write cache on the device (export $_vs_export), which nbd-client cannot do: boot with vstream.client=agent, or give the vDisk the server's cache (vstream vdisk set NAME --cache-type server)"
+		return 1
+		;;
+	esac
+	_vs_port="${_vs_nbd##*:}"
+	_vs_host="${_vs_nbd%:*}"
+	_vs_host="${_vs_host#[}"
+	_vs_host="${_vs_host%]}"
+	case "$_vs_port" in
+	'' | *[!0-9]*)
+		vstream_fail "the login reply names no NBD port: nbd=$_vs_nbd"
+		return 1
+		;;
+	esac
+	# -nonetlink: the ioctl interface, whose NBD_DO_IT task is what -persist
+	# reconnects from; -systemd-mark: argv[0] '@', spared by systemd's shutdown.
+	set -- "$_vs_host" "$_vs_port" "$VSTREAM_DEV" -N "$_vs_export" -persist -nonetlink -systemd-mark
+	[ -n "${VSTREAM_NBD_TIMEOUT:-}" ] && set -- "$@" -timeout "$VSTREAM_NBD_TIMEOUT"
+	echo "$_vs_nbdc $*" >"$VSTREAM_RUN/nbd-client.cmdline"
+	vstream_msg "starting the kernel client: nbd-client $*"
+	if ! (cd / && exec "$_vs_nbdc" "$@") </dev/null >>"$VSTREAM_RUN/nbd-client.log" 2>&1; then
+		vstream_agent_log_tail
+		vstream_fail "nbd-client could not connect $VSTREAM_DEV to $_vs_export on $_vs_nbd"
+		return 1
+	fi
+}
+
+# Waits until the kernel device is connected (its size set and a task
+# recorded in /sys/block/nbdN/pid), for VSTREAM_TIMEOUT seconds and, with
+# the agent, while the agent lives. Sets VSTREAM_CLIENT_PID.
 vstream_wait_device() {
 	_vs_name="${VSTREAM_DEV##*/}"
 	_vs_n=0
@@ -422,7 +601,7 @@ vstream_wait_device() {
 		if [ "${_vs_size:-0}" != 0 ] && [ -e "/sys/block/$_vs_name/pid" ]; then
 			break
 		fi
-		if ! _vs_alive "$VSTREAM_AGENT_PID"; then
+		if [ -n "$VSTREAM_AGENT_PID" ] && ! _vs_alive "$VSTREAM_AGENT_PID"; then
 			wait "$VSTREAM_AGENT_PID" 2>/dev/null
 			_vs_rc=$?
 			vstream_agent_log_tail
@@ -436,14 +615,20 @@ vstream_wait_device() {
 			return 1
 		fi
 		if [ $((_vs_n % 50)) = 0 ]; then
-			vstream_msg "still waiting for $VSTREAM_DEV ($((_vs_n / 5))s); the agent says: $(tail -n 1 "$VSTREAM_RUN/agent.log" 2>/dev/null)"
+			vstream_msg "still waiting for $VSTREAM_DEV ($((_vs_n / 5))s); $VSTREAM_CLIENT says: $(tail -n 1 "$(_vs_client_log)" 2>/dev/null)"
 		fi
 		_vs_nap
 	done
 	read -r _vs_t1 _ </proc/uptime
-	vstream_msg "$VSTREAM_DEV connected: $((_vs_size / 2048)) MiB, agent pid $VSTREAM_AGENT_PID${_vs_argv0:+ ($_vs_argv0)} (uptime ${_vs_t0:-?}s -> ${_vs_t1:-?}s)"
+	VSTREAM_CLIENT_PID="${VSTREAM_AGENT_PID:-$(cat "/sys/block/$_vs_name/pid" 2>/dev/null)}"
+	if [ -n "$VSTREAM_AGENT_PID" ]; then
+		vstream_msg "$VSTREAM_DEV connected: $((_vs_size / 2048)) MiB, agent pid $VSTREAM_AGENT_PID${_vs_argv0:+ ($_vs_argv0)} (uptime ${_vs_t0:-?}s -> ${_vs_t1:-?}s)"
+	else
+		echo "$VSTREAM_CLIENT_PID" >"$VSTREAM_RUN/nbd-client.pid"
+		vstream_msg "$VSTREAM_DEV connected: $((_vs_size / 2048)) MiB, nbd-client pid ${VSTREAM_CLIENT_PID:-?} (uptime ${_vs_t0:-?}s -> ${_vs_t1:-?}s)"
+	fi
 	# The agent holds its cache file now: let the OS mount its own /dev/shm.
-	[ -n "$_vs_own_shm" ] && umount -l /dev/shm 2>/dev/null
+	[ -n "${_vs_own_shm:-}" ] && umount -l /dev/shm 2>/dev/null
 	return 0
 }
 
@@ -525,7 +710,14 @@ vstream_mountroot() {
 		vstream_msg "device MAC $VSTREAM_MAC (from ${_vs_bootmac:+BOOTIF=}${_vs_bootmac:-$VSTREAM_IFACE})"
 	fi
 	vstream_load_nbd || return 1
-	vstream_start_agent || return 1
+	case "$VSTREAM_CLIENT" in
+	agent) vstream_start_agent || return 1 ;;
+	nbd-client) vstream_start_nbd_client || return 1 ;;
+	*)
+		vstream_fail "vstream.client=$VSTREAM_CLIENT: the client is agent or nbd-client"
+		return 1
+		;;
+	esac
 	vstream_wait_device || return 1
 	vstream_mount_root "$1" || return 1
 }

@@ -9,14 +9,18 @@
 #   busybox-static, the virtio_pci/virtio_net/nbd/ext4 (+virtio_blk, for a
 #   local cache disk) modules and their deps from the same kernel .deb,
 #   VSTREAM_BIN with its debug info stripped + its shared libraries and the
-#   dynamic loader (from ldd), dist/vstream-root.sh as /scripts/vstream-root.sh
+#   dynamic loader (from ldd), Debian's nbd-client (for
+#   vstream.client=nbd-client: `apt-get download`ed with its libnl libraries
+#   and cached in OUTDIR, never installed; its other libraries from the host,
+#   found with ldd), dist/vstream-root.sh as /scripts/vstream-root.sh
 #   and /init = netboot-init.sh; also /power-init = power-init.sh, which
 #   runs `vstream server` on the guest's own virtio disk instead (booted with
 #   rdinit=/power-init by crates/vstream/tests/power_loss.rs).
 # Idempotent: does nothing when OUTDIR/.netboot-stamp matches the inputs (the
 # binary's hash included). Boot it with run-netboot-guest.sh.
 #
-# Needs what build.sh needs, plus binutils (objcopy) and ldd.
+# Needs what build.sh needs, plus binutils (objcopy), ldd and the host's
+# libgnutls30 (which nbd-client links; qemu-system-x86 pulls it in).
 #
 # Environment knobs (all optional):
 #   VSTREAM_GUEST_KERNEL_DEB, VSTREAM_GUEST_KERNEL_PKG, VSTREAM_GUEST_BUSYBOX
@@ -73,12 +77,31 @@ fi
 [ -f "$DEB" ] || die "kernel package $DEB missing"
 [ "$(cat "$OUT/kernel-version" 2>/dev/null)" != "" ] || die "$OUT/kernel-version missing"
 
+# nbd-client and the libnl libraries it links, which the host may lack:
+# downloaded once into OUT (apt-get download; never installed).
+NBDC_PKGS="nbd-client libnl-3-200 libnl-genl-3-200"
+NBDC_DEBS=()
+for p in $NBDC_PKGS; do
+    # shellcheck disable=SC2012
+    f="$(cd "$OUT" && ls -1 "${p}"_*.deb 2>/dev/null | sort -V | tail -n1)" || true
+    if [ -z "$f" ]; then
+        log "downloading $p (apt-get download)"
+        (cd "$OUT" && apt-get download "$p" >/dev/null 2>"$OUT/.apt-$p.err") ||
+            die "apt-get download $p failed: $(tail -n 2 "$OUT/.apt-$p.err")"
+        rm -f "$OUT/.apt-$p.err"
+        # shellcheck disable=SC2012
+        f="$(cd "$OUT" && ls -1 "${p}"_*.deb | sort -V | tail -n1)"
+    fi
+    NBDC_DEBS+=("$OUT/$f")
+done
+
 # ---- up-to-date check ---------------------------------------------------
 LIBS="$(ldd "$VSTREAM" 2>/dev/null || true)"
 KEY="$(
     {
         cat "$HERE/build-netboot.sh" "$HERE/lib.sh" "$HERE/netboot-init.sh" "$HERE/power-init.sh" "$ROOT_SH"
         echo "deb=$(basename "$DEB") size=$(stat -c %s "$DEB")"
+        for d in "${NBDC_DEBS[@]}"; do echo "deb=$(basename "$d") size=$(stat -c %s "$d")"; done
         sha256sum <"$BUSYBOX"
         sha256sum <"$VSTREAM"
         echo "$LIBS" | sed 's/ (0x[0-9a-f]*)$//'
@@ -110,7 +133,7 @@ guest_modules "$K" "$KVER" $NETBOOT_MODULES || die "cannot resolve the modules $
 
 # ---- initramfs tree ------------------------------------------------------
 I="$WORK/initramfs"
-mkdir -p "$I"/{bin,dev,proc,sys,run,newroot,etc,scripts,lib/modules}
+mkdir -p "$I"/{bin,sbin,dev,proc,sys,run,newroot,etc,scripts,lib/modules}
 cp "$BUSYBOX" "$I/bin/busybox"
 chmod 755 "$I/bin/busybox"
 for a in $("$BUSYBOX" --list); do
@@ -123,27 +146,52 @@ install -m 644 "$ROOT_SH" "$I/scripts/vstream-root.sh"
 # The agent: symbols kept (readable backtraces), debug info dropped.
 objcopy --strip-debug "$VSTREAM" "$I/bin/vstream"
 chmod 755 "$I/bin/vstream"
-# Its shared libraries and the dynamic loader, each at the path ldd names.
+# copy_libs ROOT LDD_OUTPUT: copies the shared libraries and the dynamic
+# loader ldd names into the initramfs, each at the path ldd names less ROOT
+# (where extracted packages are); counts them in nlibs.
 nlibs=0
-while read -r a b c _; do
-    if [ "$b" = "=>" ] && [ "${c#/}" != "$c" ]; then
-        lib="$c" # libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)
-    elif [ "${a#/}" != "$a" ]; then
-        lib="$a" # /lib64/ld-linux-x86-64.so.2 (0x...)
-    else
-        continue # linux-vdso.so.1, "statically linked"
-    fi
-    mkdir -p "$I$(dirname "$lib")"
-    cp -L "$lib" "$I$lib"
-    nlibs=$((nlibs + 1))
-done <<<"$LIBS"
+copy_libs() {
+    local root="$1" a b c lib
+    while read -r a b c _; do
+        if [ "$b" = "=>" ] && [ "$c" = "not" ]; then
+            die "$a is not found (ldd); install the package that has it"
+        elif [ "$b" = "=>" ] && [ "${c#/}" != "$c" ]; then
+            lib="$c" # libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)
+        elif [ "${a#/}" != "$a" ]; then
+            lib="$a" # /lib64/ld-linux-x86-64.so.2 (0x...)
+        else
+            continue # linux-vdso.so.1, "statically linked"
+        fi
+        local dest="${lib#"$root"}"
+        [ -e "$I$dest" ] && continue
+        mkdir -p "$I$(dirname "$dest")"
+        cp -L "$lib" "$I$dest"
+        nlibs=$((nlibs + 1))
+    done <<<"$2"
+}
+# The agent's shared libraries and the dynamic loader.
+copy_libs "" "$LIBS"
+
+# nbd-client from its .deb, its libnl libraries from theirs, the rest from
+# the host (ldd with the extracted libraries first on the search path).
+N="$WORK/nbdc"
+mkdir -p "$N"
+for d in "${NBDC_DEBS[@]}"; do
+    dpkg-deb -x "$d" "$N" || die "cannot extract $d"
+done
+NBDC="$(find "$N" -type f -name nbd-client -path '*bin/*' | head -n1)"
+[ -n "$NBDC" ] || die "no nbd-client binary in ${NBDC_DEBS[0]}"
+NBDC_PATH="$(find "$N" -name 'lib*.so*' -printf '%h\n' | sort -u | paste -sd:)"
+NBDC_LIBS="$(LD_LIBRARY_PATH="$NBDC_PATH" ldd "$NBDC")" || die "ldd $NBDC failed"
+install -m 755 "$NBDC" "$I/sbin/nbd-client"
+copy_libs "$N" "$NBDC_LIBS"
 # Name resolution for host names in vstream.bootstrap (glibc has files/dns built in).
 printf 'hosts: files dns\n' >"$I/etc/nsswitch.conf"
 printf '127.0.0.1 localhost\n' >"$I/etc/hosts"
 
 guest_install_modules "$I/lib/modules" || die "cannot install the modules"
 log "modules: $(tr '\n' ' ' <"$I/lib/modules/load-order")"
-log "agent: $(stat -c %s "$I/bin/vstream") bytes + $nlibs libraries"
+log "agent: $(stat -c %s "$I/bin/vstream") bytes, nbd-client $(stat -c %s "$I/sbin/nbd-client") bytes, $nlibs libraries"
 
 find "$I" -exec touch -h -d @0 {} + # reproducible archive
 (cd "$I" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
