@@ -17,260 +17,16 @@ mod common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{sh, TestEtcd, TestServer};
+use common::pxe::{pxe_boot, Firmware, Lan};
+use common::{TestEtcd, TestServer};
 
 const MAC: &str = "52:54:00:77:00:01";
-const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
-
-/// A LAN: a bridge in a namespace of its own, the host joined to it, a
-/// DHCP server on it that gives addresses and nothing else, and namespaces
-/// for servers and a tap for a VM plugged in. Removed on drop.
-struct Lan {
-    tag: String,
-    /// `10.X.200`
-    net: String,
-    ns: String,
-    namespaces: Vec<String>,
-    dnsmasq: Option<Child>,
-    dir: tempfile::TempDir,
-}
-
-impl Lan {
-    fn create() -> Lan {
-        // Several LANs in one test process stay apart by a counter.
-        static LANS: AtomicU32 = AtomicU32::new(0);
-        let n = LANS.fetch_add(1, Ordering::Relaxed) % 50;
-        let pid = std::process::id();
-        let tag = format!("vb{}{n}", pid % 10_000);
-        let net = format!("10.{}.{}", 100 + (pid % 150), 200 + n);
-        let ns = format!("{tag}lan");
-        let mut lan = Lan {
-            tag: tag.clone(),
-            net: net.clone(),
-            ns: ns.clone(),
-            namespaces: vec![],
-            dnsmasq: None,
-            dir: tempfile::tempdir().expect("tempdir"),
-        };
-        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-        let _ = Command::new("ip")
-            .args(["link", "del", &format!("{tag}h")])
-            .output();
-        sh(&format!("ip netns add {ns}"));
-        lan.namespaces.push(ns.clone());
-        // An IPv6 prefix too: iPXE waits ~13 s for a router advertisement
-        // that never comes otherwise (dnsmasq sends them).
-        sh(&format!(
-            "ip netns exec {ns} sh -c 'ip link set lo up && ip link add br0 type bridge && ip link set br0 type bridge forward_delay 0 && ip addr add {net}.254/24 dev br0 && ip -6 addr add fd00:77::254/64 dev br0 nodad && ip link set br0 up'"
-        ));
-        // The host's leg.
-        sh(&format!(
-            "ip link add {tag}h type veth peer name {tag}hp && ip link set {tag}hp netns {ns}"
-        ));
-        sh(&format!(
-            "ip netns exec {ns} sh -c 'ip link set {tag}hp master br0 && ip link set {tag}hp up'"
-        ));
-        sh(&format!(
-            "ip addr add {net}.253/24 dev {tag}h && ip link set {tag}h up"
-        ));
-        let leases = lan.dir.path().join("leases");
-        let log = std::fs::File::create(lan.dir.path().join("dnsmasq.log")).expect("log");
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns,
-                "dnsmasq",
-                "--no-daemon",
-                "--conf-file=/dev/null",
-            ])
-            .args([
-                "--port=0",
-                "--interface=br0",
-                "--bind-interfaces",
-                "--no-ping",
-            ])
-            .arg(format!("--dhcp-range={net}.100,{net}.199,255.255.255.0,1h"))
-            .args(["--enable-ra", "--dhcp-range=::,constructor:br0,ra-only"])
-            .arg(format!("--dhcp-leasefile={}", leases.display()))
-            .args(["--log-dhcp", "--log-facility=-"])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawning dnsmasq");
-        lan.dnsmasq = Some(child);
-        lan
-    }
-
-    /// A namespace for host `n` (1..99) on the LAN at `10.X.200.n`, its
-    /// interface named `lan0`; returns the namespace's name.
-    fn host(&mut self, n: u8) -> String {
-        let (tag, ns) = (&self.tag, format!("{}s{n}", self.tag));
-        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-        sh(&format!("ip netns add {ns}"));
-        self.namespaces.push(ns.clone());
-        sh(&format!(
-            "ip netns exec {lan} sh -c 'ip link add {tag}s{n} type veth peer name lan0 && ip link set lan0 netns {ns} && ip link set {tag}s{n} master br0 && ip link set {tag}s{n} up'",
-            lan = self.ns
-        ));
-        sh(&format!(
-            "ip netns exec {ns} sh -c 'ip link set lo up && ip addr add {net}.{n}/24 dev lan0 && ip -6 addr add fd00:77::{n}/64 dev lan0 nodad && ip link set lan0 up'",
-            net = self.net
-        ));
-        ns
-    }
-
-    /// A tap on the bridge for a VM; returns its name.
-    fn tap(&self, n: u8) -> String {
-        let tap = format!("{}t{n}", self.tag);
-        sh(&format!(
-            "ip netns exec {ns} sh -c 'ip tuntap add {tap} mode tap && ip link set {tap} master br0 && ip link set {tap} up'",
-            ns = self.ns
-        ));
-        tap
-    }
-
-    fn dnsmasq_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("dnsmasq.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Lan {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.dnsmasq.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = Command::new("ip")
-            .args(["link", "del", &format!("{}h", self.tag)])
-            .output();
-        for ns in self.namespaces.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
-}
 
 fn have_netboot_tools() -> bool {
-    common::have_guest_tools()
-        && common::have_netns()
-        && common::have("dnsmasq")
+    common::pxe::have_netboot_tools(&[Firmware::Uefi, Firmware::BiosIpxeRom])
         && common::have("etcd")
-        && [OVMF, "/usr/lib/ipxe/snponly.efi"].iter().all(|f| {
-            let here = Path::new(f).exists();
-            if !here {
-                common::skip(&format!("{f} is missing (apt-get install ovmf ipxe)"));
-            }
-            here
-        })
-}
-
-/// How a VM boots from the network.
-#[derive(Clone, Copy)]
-enum Firmware {
-    /// OVMF with the NIC's option ROM removed: the firmware's own PXE asks
-    /// for a boot file (snponly.efi over TFTP), which then runs iPXE.
-    Uefi,
-    /// SeaBIOS with QEMU's NIC ROM, which is iPXE already: it asks for its
-    /// script straight away (no TFTP).
-    BiosIpxeRom,
-}
-
-impl Firmware {
-    fn qemu_args(self, mac: &str) -> Vec<String> {
-        let nic = format!("virtio-net-pci,netdev=n0,mac={mac}");
-        match self {
-            Firmware::Uefi => vec![
-                "-bios".into(),
-                OVMF.into(),
-                "-device".into(),
-                format!("{nic},romfile="),
-            ],
-            Firmware::BiosIpxeRom => vec!["-device".into(), nic],
-        }
-    }
-}
-
-/// Console lines that mark the stages of a boot, in order: iPXE runs (from
-/// TFTP), the initramfs runs (kernel and initrd fetched over HTTP), the agent
-/// has attached /dev/nbd0, the root filesystem is mounted.
-const MILESTONES: [&str; 4] = [
-    "iPXE initialising",
-    "GUEST-INITRD",
-    "GUEST-NETBOOT attached",
-    "GUEST-BOOTED",
-];
-
-/// Boots a diskless UEFI guest on `tap` in the LAN; returns its console and
-/// the seconds from QEMU's start to each of [`MILESTONES`] seen.
-fn pxe_boot(
-    lan: &Lan,
-    tap: &str,
-    mac: &str,
-    firmware: Firmware,
-    timeout: Duration,
-) -> (String, [Option<f64>; 4]) {
-    let console_file = lan.dir.path().join(format!("{tap}.console"));
-    // A console left from an earlier boot on this tap must not count.
-    let _ = std::fs::remove_file(&console_file);
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &lan.ns])
-        .args([
-            "qemu-system-x86_64",
-            "-machine",
-            "pc,graphics=off",
-            "-accel",
-            "tcg",
-        ])
-        .args(["-cpu", "Nehalem", "-smp", "1", "-m", "768"])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .args([
-            "-serial",
-            &format!("file:{}", console_file.display()),
-            "-monitor",
-            "none",
-        ])
-        .args(firmware.qemu_args(mac))
-        .args([
-            "-netdev",
-            &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawning qemu");
-    let start = Instant::now();
-    let mut seen = [None; 4];
-    loop {
-        let console = std::fs::read_to_string(&console_file).unwrap_or_default();
-        for (i, m) in MILESTONES.iter().enumerate() {
-            if seen[i].is_none() && console.contains(m) {
-                seen[i] = Some(start.elapsed().as_secs_f64());
-            }
-        }
-        if child.try_wait().ok().flatten().is_some() {
-            break;
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let console = std::fs::read_to_string(&console_file)
-        .unwrap_or_default()
-        .replace('\r', "");
-    (console, seen)
 }
 
 struct Farm {
@@ -290,52 +46,23 @@ fn farm(kit: &Path) -> Farm {
     let dir = tempfile::tempdir().expect("tempdir");
     let servers: Vec<TestServer> = (1..=2u8)
         .map(|n| {
-            let ns = lan.host(n);
-            let ip = format!("{}.{n}", lan.net);
             let farm = format!("etcd://{}", etcd_url.trim_start_matches("http://"));
             let name = format!("s{n}");
-            TestServer::start_wrapped(
+            common::pxe::server_on_lan(
+                &mut lan,
+                n,
                 dir.path().join(&name),
-                &ip,
-                &["ip", "netns", "exec", &ns],
-                &[
-                    "--farm",
-                    &farm,
-                    "--name",
-                    &name,
-                    "--tftp",
-                    &ip,
-                    "--proxy-dhcp",
-                    "lan0",
-                ],
+                &["--farm", &farm, "--name", &name],
             )
         })
         .collect();
     let s1 = &servers[0];
-    s1.cli_ok(&[
-        "vdisk",
-        "import",
+    common::pxe::netboot_vdisk(
+        s1,
+        kit,
         "root",
-        kit.join("rootfs.img").to_str().unwrap(),
-    ]);
-    s1.cli_ok(&[
-        "vdisk",
-        "set",
-        "root",
-        "--mode",
-        "standard",
-        "--cache-type",
-        "device",
-    ]);
-    s1.cli_ok(&[
-        "vdisk",
-        "set",
-        "root",
-        "--kernel",
-        kit.join("vmlinuz").to_str().unwrap(),
-        "--initrd",
-        kit.join("netboot-initrd.img").to_str().unwrap(),
-    ]);
+        &["--mode", "standard", "--cache-type", "device"],
+    );
     s1.cli_ok(&["device", "add", "pc1", "--mac", MAC, "--vdisk", "root"]);
     for s in &servers {
         common::wait_farm_ready(s, 2);

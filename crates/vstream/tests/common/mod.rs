@@ -4,6 +4,7 @@
 
 pub mod durable;
 pub mod nbd;
+pub mod pxe;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
