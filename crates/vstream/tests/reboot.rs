@@ -183,11 +183,12 @@ fn boot(
         case.vdisk,
         "--cmdline",
         &format!(
-            "console=ttyS0 panic=-1 quiet loglevel=3 rootfstype=ext4 rw vstream.timeout=120 vstest={vstest} {}",
+            "console=ttyS0 panic=-1 quiet loglevel=3 rootfstype=ext4 rw vstream.timeout=120 vstest={vstest} vstest.bigmb=1 {}",
             case.client
         ),
     ]);
     let (console, seen) = pxe_boot(lan, tap, case.mac, FIRMWARE, BOOT_TIMEOUT);
+    eprintln!("{} {vstest}: milestones {seen:?}", case.device);
     if console.contains("GUEST-ERROR") || seen[3].is_none() {
         return Err(format!(
             "the guest did not boot ({vstest}):\n{console}\n--- dnsmasq\n{}",
