@@ -14,7 +14,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::pxe::{pxe_boot, Firmware, Lan};
@@ -122,17 +121,10 @@ fn reboot_case(server: &TestServer, lan: &Lan, tap: &str, case: &Case) -> Result
     if !console.contains(&format!("GUEST-OK write {token}")) {
         return Err(format!("the first boot did not write:\n{console}"));
     }
-    let ip = guest_ip(&console)?;
     // The test means something only if the guest vanished without closing
     // its connection: a client that sent NBD_CMD_DISC (or a FIN) would end
     // its session cleanly, and any server discards a cache then.
-    std::thread::sleep(Duration::from_millis(500));
-    let conns = connections_from(server, &ip);
-    if conns != 1 {
-        return Err(format!(
-            "after `poweroff -f` the server holds {conns} connections from {ip}, not the 1 a vanished device leaves"
-        ));
-    }
+    one_connection(server, &console, "after `poweroff -f`")?;
 
     let read_start = now_unix();
     let console = boot(server, lan, tap, case, "read")?;
@@ -148,14 +140,7 @@ fn reboot_case(server: &TestServer, lan: &Lan, tap: &str, case: &Case) -> Result
             "the file written before the power-off survived into the next boot ({seen})"
         ));
     }
-    let ip = guest_ip(&console)?;
-    std::thread::sleep(Duration::from_millis(500));
-    let conns = connections_from(server, &ip);
-    if conns != 1 {
-        return Err(format!(
-            "after the second boot the server holds {conns} connections from {ip}, not 1"
-        ));
-    }
+    one_connection(server, &console, "after the second boot")?;
     let show = server.cli_ok(&["device", "show", case.device, "--json"]);
     let dev: serde_json::Value =
         serde_json::from_str(&show).map_err(|e| format!("device show: {e}: {show}"))?;
@@ -198,6 +183,20 @@ fn boot(
     Ok(console)
 }
 
+/// Checks that the server holds one ESTABLISHED connection from the guest
+/// whose console is `console`: the one its last boot left.
+fn one_connection(server: &TestServer, console: &str, when: &str) -> Result<(), String> {
+    let ip = guest_ip(console)?;
+    // What the guest's last requests were is settled by now.
+    std::thread::sleep(Duration::from_millis(500));
+    match connections_from(server, &ip) {
+        1 => Ok(()),
+        n => Err(format!(
+            "{when} the server holds {n} connections from {ip}, not the 1 a vanished device leaves"
+        )),
+    }
+}
+
 /// The guest's address, from the initramfs' `network: eth0 is A.B.C.D/24`.
 fn guest_ip(console: &str) -> Result<String, String> {
     console
@@ -214,18 +213,10 @@ fn guest_ip(console: &str) -> Result<String, String> {
 /// server's kernel sees them.
 fn connections_from(server: &TestServer, ip: &str) -> usize {
     let (cmd, wrap) = server.wrap.split_first().expect("a server in a namespace");
-    let out = Command::new(cmd)
-        .args(wrap)
-        .args(["ss", "-Htn", "state", "established"])
-        .arg(format!("( sport = :{} )", server.nbd_port))
-        .output()
-        .expect("ss");
-    assert!(
-        out.status.success(),
-        "ss: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
+    let filter = format!("( sport = :{} )", server.nbd_port);
+    let mut args: Vec<&str> = wrap.iter().map(String::as_str).collect();
+    args.extend(["ss", "-Htn", "state", "established", &filter]);
+    common::run(cmd, &args)
         .lines()
         .filter(|l| {
             l.split_whitespace()
