@@ -22,7 +22,7 @@
 # vstream.boot= (added by the boot script GET /boot/ipxe), else the kernel's
 # /proc/sys/kernel/random/boot_id. The agent reads it itself; nbd-client
 # sends it at login and opens the export the reply names
-# (device/KEY?boot=TOKEN), so its reconnects within this boot keep the
+# (device/KEY;boot=TOKEN), so its reconnects within this boot keep the
 # write cache and the next boot starts clean.
 # On failure it prints `vstream: ...` lines (and the end of the client's log)
 # and returns 1; VSTREAM_ERROR then holds the reason.
