@@ -1074,6 +1074,18 @@ impl Store {
         Ok(Arc::new(Layer::create(&path, size)?))
     }
 
+    /// What device `device`'s write cache lies over and the boot it belongs
+    /// to (as given to [`Store::open_cache`]), if it has a cache.
+    pub fn cache_tags(&self, device: &str) -> Option<(String, Option<String>)> {
+        let path = self.cache_path(device).ok()?;
+        if !path.exists() {
+            return None;
+        }
+        let base = fs::read_to_string(path.with_extension("base")).ok()?;
+        let boot = fs::read_to_string(path.with_extension("boot")).ok();
+        Some((base.trim().to_owned(), boot.map(|b| b.trim().to_owned())))
+    }
+
     /// Deletes device `device`'s write cache, if any.
     pub fn discard_cache(&self, device: &str) -> Result<(), ImageError> {
         match fs::remove_file(self.cache_path(device)?) {
@@ -1459,6 +1471,10 @@ mod tests {
         std::fs::remove_file(store.cache_path("dev1").unwrap().with_extension("boot")).unwrap();
         assert_eq!(same(Some("b1")), 1, "an untagged cache was not taken over");
         assert_eq!(same(Some("b1")), 1, "a reconnect lost the cache");
+        assert_eq!(
+            store.cache_tags("dev1"),
+            Some(("v@2".to_owned(), Some("b1".to_owned())))
+        );
         assert_eq!(same(None), 1, "no boot known lost the cache");
         assert_eq!(same(Some("b2")), 0, "a new boot kept the cache of the last");
         store.discard_cache("dev1").unwrap();

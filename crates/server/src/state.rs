@@ -729,7 +729,10 @@ impl Server {
             .store
             .properties(&vdisk.name)
             .map_err(|e| OpenError::Failed(e.to_string()))?;
-        let version = pick_version(&props, device.kind).map_err(OpenError::Refused)?;
+        let version = match self.same_boot_version(&device, &vdisk, &props, boot.as_ref()) {
+            Some(n) => n,
+            None => pick_version(&props, device.kind).map_err(OpenError::Refused)?,
+        };
         let chain = self
             .store
             .chain(&vdisk.name, version)
@@ -785,6 +788,33 @@ impl Server {
             disk,
             session: Some(Box::new(guard)),
         })
+    }
+
+    /// The version a Standard-mode device's reconnect within its boot goes
+    /// on with: the one its cache here lies over. A running OS never sees
+    /// its disk change under it, even when its session ended meanwhile (a
+    /// network cut longer than the keepalive time, a server restart).
+    fn same_boot_version(
+        &self,
+        device: &Device,
+        vdisk: &VDisk,
+        props: &Properties,
+        boot: Option<&BootRecord>,
+    ) -> Option<u32> {
+        if device.kind == DeviceType::Maintenance || vdisk.mode != Mode::Standard {
+            return None;
+        }
+        let (base, cache_boot) = self.store.cache_tags(&device.name)?;
+        if cache_boot.as_deref() != Some(boot?.token.as_str()) {
+            return None;
+        }
+        let number: u32 = base
+            .strip_prefix(&format!("{}@", vdisk.name))?
+            .split('/')
+            .next()?
+            .parse()
+            .ok()?;
+        props.versions.iter().any(|v| v.number == number).then_some(number)
     }
 
     /// The disk a device sees: the maintenance version read/write, its version
