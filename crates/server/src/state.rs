@@ -814,7 +814,11 @@ impl Server {
             .next()?
             .parse()
             .ok()?;
-        props.versions.iter().any(|v| v.number == number).then_some(number)
+        props
+            .versions
+            .iter()
+            .any(|v| v.number == number)
+            .then_some(number)
     }
 
     /// The disk a device sees: the maintenance version read/write, its version
