@@ -169,6 +169,43 @@ pub struct LoginRequest {
     /// The version it booted, on a re-login: it never switches mid-boot.
     #[serde(default)]
     pub pin: Option<Pin>,
+    /// Its boot identity: new on every boot, the same across failovers and
+    /// reconnects within one boot (see [`BootRecord`]). A login with a boot
+    /// identity other than the device's last starts a new boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<String>,
+}
+
+/// A device's current boot, as the farm state keeps it (`boots/DEVICE`).
+/// Every server ends a session of the device begun in an older boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BootRecord {
+    /// The boot identity: minted by the boot script, or sent by the device.
+    pub token: String,
+    /// Counts the device's boots: a session begun at a lower number is over.
+    pub seq: u64,
+    pub since_unix: u64,
+    /// Who announced it: `ipxe` (the boot script), `login` (the agent), or
+    /// `nbd` (an NBD client's export name).
+    pub source: String,
+}
+
+/// The longest boot identity.
+pub const BOOT_TOKEN_MAX: usize = 64;
+
+/// Checks a boot identity: 1 to 64 ASCII letters, digits and `-`.
+pub fn check_boot_token(token: &str) -> Result<(), String> {
+    if token.is_empty()
+        || token.len() > BOOT_TOKEN_MAX
+        || !token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(format!(
+            "boot identity {token:?} is not 1 to {BOOT_TOKEN_MAX} letters, digits and '-'"
+        ));
+    }
+    Ok(())
 }
 
 /// Where and what a device streams.

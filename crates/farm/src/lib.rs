@@ -24,6 +24,7 @@
 //! delete retry (and be refused) instead of leaving the device dangling.
 
 pub mod backend;
+mod boots;
 mod catalog;
 #[cfg(any(test, feature = "contract"))]
 pub mod contract;
@@ -503,7 +504,13 @@ impl FarmStore {
             // The index entry changes only together with this record, so the
             // compare on the record's revision covers it too.
             let compares = vec![Compare::revision(&key, current.revision)];
-            let ops = vec![Op::delete(&key), Op::delete(mac_key(&device.mac))];
+            // Its boot record goes with it: a device made again later under
+            // this name starts from its own first boot.
+            let ops = vec![
+                Op::delete(&key),
+                Op::delete(mac_key(&device.mac)),
+                Op::delete(boots::boot_key(name)),
+            ];
             if self.backend.txn(compares, ops).await? {
                 return Ok(device);
             }

@@ -1023,38 +1023,67 @@ impl Store {
     /// Opens device `device`'s server-side write cache, creating it if absent.
     /// `base` names what the cache lies over (vDisk and version): a cache made
     /// over anything else is discarded, never laid over other content.
+    /// `boot` names the device's boot the cache belongs to (`None`: none
+    /// known): a cache of another boot is discarded too, for a device starts
+    /// every boot clean. A cache whose boot was never recorded (made before
+    /// boots were) is taken over by the boot that opens it.
     pub fn open_cache(
         &self,
         device: &str,
         base: &str,
+        boot: Option<&str>,
         size: u64,
     ) -> Result<Arc<Layer>, ImageError> {
         let path = self.cache_path(device)?;
         let tag = path.with_extension("base");
+        let boot_tag = path.with_extension("boot");
         if path.exists() {
             let same_base = fs::read_to_string(&tag).is_ok_and(|t| t.trim() == base);
+            let recorded = match fs::read_to_string(&boot_tag) {
+                Ok(t) => Some(t.trim().to_owned()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(_) => Some(String::new()),
+            };
+            let same_boot = match (boot, &recorded) {
+                (Some(b), Some(r)) => b == r,
+                (None, _) | (_, None) => true,
+            };
             match Layer::open(&path, true) {
-                Ok(l) if l.size() == size && same_base => return Ok(Arc::new(l)),
+                Ok(l) if l.size() == size && same_base && same_boot => {
+                    if let (Some(b), None) = (boot, &recorded) {
+                        write_synced(&boot_tag, b)?;
+                    }
+                    return Ok(Arc::new(l));
+                }
+                Ok(_) | Err(_) if !same_boot => {
+                    tracing::info!(path = %path.display(), boot = boot.unwrap_or_default(), "discarding the write cache of an earlier boot");
+                    fs::remove_file(&path)?;
+                }
                 Ok(_) | Err(_) => {
                     tracing::info!(path = %path.display(), %base, "discarding a write cache made over other content");
                     fs::remove_file(&path)?;
                 }
             }
         }
-        // The tag is synced before the cache exists: a power cut must not
+        // The tags are synced before the cache exists: a power cut must not
         // leave a cache whose tag lost its content, or the next session would
         // discard the cache and with it every write a flush acknowledged.
-        // Layer::create then syncs the folder, and with it the tag's name.
-        let werr = |source| ImageError::Write {
-            path: tag.clone(),
-            source,
-        };
-        let mut f = fs::File::create(&tag).map_err(werr)?;
-        f.write_all(base.as_bytes())
-            .and_then(|()| f.sync_all())
-            .map_err(werr)?;
-        drop(f);
+        // Layer::create then syncs the folder, and with it the tags' names.
+        write_synced(&tag, base)?;
+        write_synced(&boot_tag, boot.unwrap_or_default())?;
         Ok(Arc::new(Layer::create(&path, size)?))
+    }
+
+    /// What device `device`'s write cache lies over and the boot it belongs
+    /// to (as given to [`Store::open_cache`]), if it has a cache.
+    pub fn cache_tags(&self, device: &str) -> Option<(String, Option<String>)> {
+        let path = self.cache_path(device).ok()?;
+        if !path.exists() {
+            return None;
+        }
+        let base = fs::read_to_string(path.with_extension("base")).ok()?;
+        let boot = fs::read_to_string(path.with_extension("boot")).ok();
+        Some((base.trim().to_owned(), boot.map(|b| b.trim().to_owned())))
     }
 
     /// Deletes device `device`'s write cache, if any.
@@ -1065,6 +1094,18 @@ impl Store {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// Writes `text` to the file at `path` and syncs it (not its folder).
+fn write_synced(path: &Path, text: &str) -> Result<(), ImageError> {
+    let werr = |source| ImageError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let mut f = fs::File::create(path).map_err(werr)?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(werr)
 }
 
 /// A new layer file name: `PREFIX-xxxxxxxx.layer`, unique within the folder.
@@ -1390,34 +1431,62 @@ mod tests {
     fn caches_come_and_go() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let c = store.open_cache("dev1", "v@1", 1 << 20).unwrap();
+        let c = store.open_cache("dev1", "v@1", None, 1 << 20).unwrap();
         c.set_allocated(0, 1);
         c.flush().unwrap();
         drop(c);
         assert_eq!(
             store
-                .open_cache("dev1", "v@1", 1 << 20)
+                .open_cache("dev1", "v@1", None, 1 << 20)
                 .unwrap()
                 .allocated_chunks(),
             1
         );
         assert_eq!(
             store
-                .open_cache("dev1", "v@1", 2 << 20)
+                .open_cache("dev1", "v@1", None, 2 << 20)
                 .unwrap()
                 .allocated_chunks(),
             0
         );
-        let c = store.open_cache("dev1", "v@1", 2 << 20).unwrap();
+        let c = store.open_cache("dev1", "v@1", None, 2 << 20).unwrap();
         c.set_allocated(0, 1);
         drop(c);
-        let other = store.open_cache("dev1", "v@2", 2 << 20).unwrap();
+        let other = store.open_cache("dev1", "v@2", None, 2 << 20).unwrap();
         assert_eq!(
             other.allocated_chunks(),
             0,
             "a cache over version 1 was laid over version 2"
         );
+        other.set_allocated(0, 1);
         drop(other);
+        // Boots: a cache from before boots were recorded is taken over by
+        // the first; the next boot starts clean, a reconnect in it does not.
+        let same = |boot| {
+            store
+                .open_cache("dev1", "v@2", boot, 2 << 20)
+                .unwrap()
+                .allocated_chunks()
+        };
+        std::fs::remove_file(store.cache_path("dev1").unwrap().with_extension("boot")).unwrap();
+        assert_eq!(same(Some("b1")), 1, "an untagged cache was not taken over");
+        assert_eq!(same(Some("b1")), 1, "a reconnect lost the cache");
+        assert_eq!(
+            store.cache_tags("dev1"),
+            Some(("v@2".to_owned(), Some("b1".to_owned())))
+        );
+        assert_eq!(same(None), 1, "no boot known lost the cache");
+        assert_eq!(same(Some("b2")), 0, "a new boot kept the cache of the last");
+        store.discard_cache("dev1").unwrap();
+        store
+            .open_cache("dev1", "v@2", None, 2 << 20)
+            .unwrap()
+            .set_allocated(0, 1);
+        assert_eq!(
+            same(Some("b3")),
+            0,
+            "a cache made with no boot known was kept by a boot"
+        );
         store.discard_cache("dev1").unwrap();
         store.discard_cache("dev1").unwrap();
         assert!(!store.cache_path("dev1").unwrap().exists());

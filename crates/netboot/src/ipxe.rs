@@ -18,6 +18,10 @@ pub struct BootScript<'a> {
     /// Kernel command line words from the vDisk's boot settings.
     pub cmdline: &'a str,
     pub has_initrd: bool,
+    /// This boot's identity (`vstream.boot=`): the agent, or the initramfs
+    /// for a plain NBD client, names it, so servers tell this boot from the
+    /// last. Letters, digits and `-` only.
+    pub boot: &'a str,
 }
 
 /// The form of a MAC in a URL path: `52-54-00-12-34-56`.
@@ -63,6 +67,9 @@ impl BootScript<'_> {
             bootstrap.join(","),
             self.mac
         );
+        if !self.boot.is_empty() {
+            let _ = write!(args, " vstream.boot={}", one_line(self.boot));
+        }
         args
     }
 
@@ -162,10 +169,11 @@ mod tests {
             servers: &servers,
             cmdline: "console=ttyS0 boot=vstream",
             has_initrd: true,
+            boot: "5f0e-77",
         };
         let s = b.render();
         assert!(s.starts_with("#!ipxe\n"));
-        let args = "initrd=initrd console=ttyS0 boot=vstream vstream.bootstrap=10.0.2.1:8080,10.0.2.2:8080 vstream.mac=52:54:00:12:34:56";
+        let args = "initrd=initrd console=ttyS0 boot=vstream vstream.bootstrap=10.0.2.1:8080,10.0.2.2:8080 vstream.mac=52:54:00:12:34:56 vstream.boot=5f0e-77";
         assert!(s.contains(&format!(
             "kernel --name kernel http://10.0.2.1:8080/boot/52-54-00-12-34-56/kernel {args} || goto try1\n"
         )), "{s}");
@@ -193,6 +201,7 @@ mod tests {
             servers: &servers[..1],
             cmdline: "",
             has_initrd: false,
+            boot: "",
         };
         let s = b.render();
         assert!(!s.contains("initrd"), "{s}");
@@ -212,6 +221,7 @@ mod tests {
             servers: &servers,
             cmdline: "quiet\nshell\n${net0/ip}",
             has_initrd: false,
+            boot: "",
         };
         let s = b.render();
         assert!(!s.lines().any(|l| l == "shell"), "{s}");

@@ -205,7 +205,12 @@ async fn script(State(server): State<Arc<Server>>, Query(q): Query<ScriptQuery>)
                     &servers,
                 ));
             };
-            tracing::info!(device = %device.name, %mac, vdisk = %vdisk.name, kernel = %kernel.name, "boot script");
+            // The device asks for its script as it starts: a new boot. Its
+            // sessions of the last one end wherever they are, and the token
+            // reaches its agent (or initramfs) on the kernel command line.
+            let token = crate::state::new_boot_token();
+            let boot = server.boot_of(&device.name, Some(&token), "ipxe").await;
+            tracing::info!(device = %device.name, %mac, vdisk = %vdisk.name, kernel = %kernel.name, boot = boot.map_or(0, |b| b.seq), "boot script");
             Metrics::add(&stats.scripts, 1);
             ipxe_script(
                 BootScript {
@@ -215,6 +220,7 @@ async fn script(State(server): State<Arc<Server>>, Query(q): Query<ScriptQuery>)
                     servers: &servers,
                     cmdline: &vdisk.boot.cmdline,
                     has_initrd: vdisk.boot.initrd.is_some(),
+                    boot: &token,
                 }
                 .render(),
             )

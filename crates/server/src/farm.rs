@@ -4,7 +4,8 @@
 //!
 //! ```text
 //!   every PUBLISH_INTERVAL:  status (sessions, bytes/s, held versions) --put_ephemeral--> live/NAME
-//!                            devices/, vdisks/, live/ --list--> View (kept on failure: degraded)
+//!                            devices/, vdisks/, live/, boots/ --list--> View (kept on failure: degraded)
+//!                            View.boots --> end this server's sessions of earlier boots
 //!   in the background:       each held version not yet verified --Store::verify--> verified set
 //! ```
 
@@ -40,6 +41,8 @@ pub struct View {
     pub servers: Vec<ServerStatus>,
     /// The newest rebalance request.
     pub rebalance: Option<RebalanceRequest>,
+    /// Each device's current boot.
+    pub boots: HashMap<String, vstream_api::BootRecord>,
     /// Device positions by MAC, for logins.
     pub(crate) macs: HashMap<String, usize>,
 }
@@ -262,6 +265,9 @@ pub async fn run(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver
                 }
                 view.index();
                 rebalance_if_asked(&server, &view);
+                // A device that booted through another server: its sessions
+                // here are over.
+                server.follow_boots(&view.boots);
                 let view = Arc::new(view);
                 let (s, v) = (server.clone(), view.clone());
                 let _ = tokio::task::spawn_blocking(move || crate::stores::follow(&s, &v)).await;
@@ -309,6 +315,7 @@ async fn publish_and_read(
         stores: server.farm.list_stores().await?,
         servers,
         rebalance: server.farm.rebalance_request().await?,
+        boots: server.farm.list_boots().await?.into_iter().collect(),
         ..View::default()
     })
 }

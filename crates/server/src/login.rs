@@ -333,6 +333,7 @@ mod tests {
             mac: "52-54-00-00-00-01".into(),
             avoid: avoid.iter().map(|s| s.to_string()).collect(),
             pin,
+            boot: None,
         }
     }
 

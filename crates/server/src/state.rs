@@ -10,11 +10,12 @@
 //! until the session ends: nothing changes under a running OS.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
-use vstream_api::{Device, DeviceInfo, DeviceType, Mode, VDisk};
+use vstream_api::{BootRecord, Device, DeviceInfo, DeviceType, Mode, VDisk};
 use vstream_farm::{DeviceKey, FarmStore};
 use vstream_image::{Chain, Disk, ImageError, Layer, Properties, Store, VersionState};
 
@@ -34,6 +35,8 @@ pub struct Server {
     pub store_problems: crate::stores::Problems,
     pub quarantine: crate::quarantine::Quarantine,
     sessions: Mutex<HashMap<String, Session>>,
+    /// The next [`Session::id`].
+    next_session: AtomicU64,
     /// Per-vDisk lock: a version operation and a device session starting on
     /// the same vDisk never overlap, so "is it in use?" stays true while acted on.
     vdisk_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -57,7 +60,22 @@ struct Session {
     kick: tokio::sync::watch::Sender<bool>,
     /// Bytes in its device-side cache, as its agent reports them.
     reported_cache: u64,
+    /// Tells this session from a later one of the same device.
+    id: u64,
+    /// The number of the device's boot it belongs to (0: none recorded).
+    boot_seq: u64,
+    /// A newer boot of the device began: the session ends as soon as its
+    /// connections have closed, and a Standard-mode cache goes with it.
+    superseded: bool,
+    /// Its last connection has closed and its end is being done (flush,
+    /// cache discarded): no connection joins it, a new one waits.
+    ending: bool,
 }
+
+/// How long a device's new connection waits for a session that is ending
+/// (a previous boot's, kicked): a little over the TCP user timeout, which
+/// bounds a reply stuck on a dead peer.
+const ENDING_WAIT: Duration = Duration::from_secs(40);
 
 /// Why a device cannot open its export.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +104,8 @@ pub struct Export {
 pub struct SessionGuard {
     server: Arc<Server>,
     device: String,
+    /// The session's [`Session::id`].
+    id: u64,
     /// Set when the client ended with NBD_CMD_DISC: a Standard-mode cache is then discarded.
     pub clean: bool,
     release: Option<tokio::sync::watch::Receiver<bool>>,
@@ -102,8 +122,24 @@ impl crate::nbd::SessionEnd for SessionGuard {
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        self.server.end_connection(&self.device, self.clean);
+        self.server
+            .end_connection(&self.device, self.id, self.clean);
     }
+}
+
+/// A fresh boot identity: 128 random bits in hex.
+pub fn new_boot_token() -> String {
+    (0..16)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+/// Refusal of a connection while the device's session of an earlier boot,
+/// or its last one, is still closing.
+fn still_ending(device: &str) -> OpenError {
+    OpenError::Refused(format!(
+        "device {device}'s previous session is still closing; try again in a moment"
+    ))
 }
 
 /// The version a device of type `kind` boots.
@@ -131,8 +167,26 @@ pub fn pick_version(props: &Properties, kind: DeviceType) -> Result<u32, String>
 /// need a device name or a device's MAC address, `VDISK[@N]` a valid vDisk
 /// name and a number. A well-formed name that names nothing is left to the
 /// lookup ([`OpenError::Unknown`]).
+/// Splits a device's export name into the name and the boot identity it
+/// names: `device/KEY;boot=TOKEN`, `base/DEVICE@N/HASH;boot=TOKEN`.
+pub fn split_boot(name: &str) -> Result<(&str, Option<&str>), OpenError> {
+    let Some((bare, query)) = name.split_once(';') else {
+        return Ok((name, None));
+    };
+    let invalid = |why: String| OpenError::Invalid(name.to_owned(), why);
+    if !bare.starts_with("device/") && !bare.starts_with("base/") {
+        return Err(invalid("only a device's export names a boot".into()));
+    }
+    let token = query
+        .strip_prefix("boot=")
+        .ok_or_else(|| invalid("the one thing after ';' is boot=TOKEN".into()))?;
+    vstream_api::check_boot_token(token).map_err(invalid)?;
+    Ok((bare, Some(token)))
+}
+
 fn check_export_name(name: &str) -> Result<(), OpenError> {
     let invalid = |why: String| OpenError::Invalid(name.to_owned(), why);
+    let (name, _) = split_boot(name)?;
     if let Some(key) = name.strip_prefix("device/") {
         DeviceKey::parse(key).map_err(|e| invalid(e.to_string()))?;
     } else if let Some(rest) = name.strip_prefix("base/") {
@@ -199,6 +253,7 @@ impl Server {
             store_problems: Default::default(),
             quarantine: Default::default(),
             sessions: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
             vdisk_locks: Mutex::new(HashMap::new()),
         }
     }
@@ -239,11 +294,12 @@ impl Server {
         go: bool,
     ) -> Result<Export, OpenError> {
         check_export_name(name)?;
-        if let Some(dev) = name.strip_prefix("device/") {
-            return self.open_device(dev, peer, go).await;
+        let (bare, boot) = split_boot(name)?;
+        if let Some(dev) = bare.strip_prefix("device/") {
+            return self.open_device(dev, boot, peer, go).await;
         }
-        if let Some(rest) = name.strip_prefix("base/") {
-            return self.open_base(rest, peer, go).await;
+        if let Some(rest) = bare.strip_prefix("base/") {
+            return self.open_base(rest, boot, peer, go).await;
         }
         let (vdisk, version) = match name.split_once('@') {
             Some((v, n)) => (
@@ -339,6 +395,7 @@ impl Server {
     async fn open_base(
         self: &Arc<Self>,
         rest: &str,
+        token: Option<&str>,
         peer: &str,
         go: bool,
     ) -> Result<Export, OpenError> {
@@ -387,9 +444,20 @@ impl Server {
                 session: None,
             });
         }
+        let boot_seq = self
+            .session_boot(&device.name, token)
+            .await?
+            .map_or(0, |b| b.seq);
         let release;
+        let id;
         {
             let mut sessions = self.sessions.lock();
+            if sessions
+                .get(&device.name)
+                .is_some_and(|s| s.ending || s.superseded)
+            {
+                return Err(still_ending(&device.name));
+            }
             let s = sessions
                 .entry(device.name.clone())
                 .or_insert_with(|| Session {
@@ -404,6 +472,10 @@ impl Server {
                     release: Some(tokio::sync::watch::channel(false).0),
                     kick: tokio::sync::watch::channel(false).0,
                     reported_cache: 0,
+                    id: self.next_session.fetch_add(1, Ordering::Relaxed),
+                    boot_seq,
+                    superseded: false,
+                    ending: false,
                 });
             if s.release.as_ref().is_some_and(|r| *r.borrow()) {
                 // Released, and back (no other server could take it): a new
@@ -412,6 +484,7 @@ impl Server {
             }
             s.connections += 1;
             release = s.release.as_ref().map(|r| r.subscribe());
+            id = s.id;
         }
         tracing::info!(device = %device.name, vdisk = %vdisk.name, version = number, %peer, "device streaming its base");
         Ok(Export {
@@ -421,21 +494,155 @@ impl Server {
             session: Some(Box::new(SessionGuard {
                 server: self.clone(),
                 device: device.name.clone(),
+                id,
                 clean: false,
                 release,
             })),
         })
     }
 
+    /// Device `device`'s current boot, once `token` (the boot its client
+    /// names, if any) is recorded farm-wide; a token other than the
+    /// device's current one starts its next boot. Sessions of the device's
+    /// earlier boots here are ended (see [`Server::end_earlier_boots`]).
+    /// `None`: no boot of the device was ever recorded, and `token` is none.
+    /// While the farm state is unreachable, a new token is a new boot on
+    /// this server only.
+    pub async fn boot_of(
+        &self,
+        device: &str,
+        token: Option<&str>,
+        source: &str,
+    ) -> Option<BootRecord> {
+        let farm = match (self.membership.is_connected(), token) {
+            (false, _) => None,
+            (true, Some(t)) => Some(
+                self.farm
+                    .announce_boot(device, t, source, now_unix())
+                    .await
+                    .map(|(boot, new)| {
+                        if new {
+                            tracing::info!(device, boot = boot.seq, source, "device booted");
+                        }
+                        Some(boot)
+                    }),
+            ),
+            (true, None) => Some(self.farm.get_boot(device).await),
+        };
+        let boot = match farm {
+            Some(Ok(boot)) => boot,
+            failed => {
+                if let Some(Err(e)) = failed {
+                    tracing::warn!(device, error = %e, "farm state unreachable; the device's boot is judged from the last known state");
+                }
+                let known = self.membership.view().boots.get(device).cloned();
+                match (token, known) {
+                    (Some(t), known) if known.as_ref().is_none_or(|k| k.token != t) => {
+                        let seq = known.map_or(1, |k| k.seq + 1);
+                        tracing::info!(
+                            device,
+                            boot = seq,
+                            source,
+                            "device booted (recorded on this server only)"
+                        );
+                        Some(BootRecord {
+                            token: t.to_owned(),
+                            seq,
+                            since_unix: now_unix(),
+                            source: source.to_owned(),
+                        })
+                    }
+                    (_, known) => known,
+                }
+            }
+        };
+        if let Some(b) = &boot {
+            self.end_earlier_boots(device, b);
+        }
+        boot
+    }
+
+    /// Ends device `device`'s session here if it began in a boot before
+    /// `boot`: its connections are closed (they belong to a machine that
+    /// has since started again), a Private vDisk it holds is let go, and a
+    /// Standard-mode cache on this server is discarded once they have.
+    pub fn end_earlier_boots(&self, device: &str, boot: &BootRecord) {
+        let mut sessions = self.sessions.lock();
+        let Some(s) = sessions.get_mut(device) else {
+            return;
+        };
+        if s.boot_seq >= boot.seq || s.superseded {
+            return;
+        }
+        s.superseded = true;
+        s.kick.send_replace(true);
+        if let Some(r) = &s.release {
+            r.send_replace(true);
+        }
+        tracing::info!(
+            device,
+            boot = boot.seq,
+            session_boot = s.boot_seq,
+            connections = s.connections,
+            "device booted again: ending its session of an earlier boot"
+        );
+    }
+
+    /// Ends the sessions of devices that have booted since, as the farm
+    /// state says (a boot seen by another server).
+    pub fn follow_boots(&self, boots: &HashMap<String, BootRecord>) {
+        let stale: Vec<(String, BootRecord)> = self
+            .sessions
+            .lock()
+            .iter()
+            .filter_map(|(d, s)| {
+                let b = boots.get(d)?;
+                (s.boot_seq < b.seq && !s.superseded).then(|| (d.clone(), b.clone()))
+            })
+            .collect();
+        for (device, boot) in stale {
+            self.end_earlier_boots(&device, &boot);
+        }
+    }
+
+    /// The boot a new connection of device `device` belongs to (see
+    /// [`Server::boot_of`]), once any session of its earlier boots here has
+    /// ended.
+    async fn session_boot(
+        &self,
+        device: &str,
+        token: Option<&str>,
+    ) -> Result<Option<BootRecord>, OpenError> {
+        let boot = self.boot_of(device, token, "nbd").await;
+        let deadline = Instant::now() + ENDING_WAIT;
+        while self
+            .sessions
+            .lock()
+            .get(device)
+            .is_some_and(|s| s.ending || s.superseded)
+        {
+            if Instant::now() > deadline {
+                return Err(still_ending(device));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(boot)
+    }
+
     async fn open_device(
         self: &Arc<Self>,
         key: &str,
+        token: Option<&str>,
         peer: &str,
         go: bool,
     ) -> Result<Export, OpenError> {
         let (device, vdisk) = self.device_and_vdisk(key).await?;
         self.not_quarantined(&vdisk.name)?;
         let export_name = format!("device/{key}");
+        let boot = match go {
+            true => self.session_boot(&device.name, token).await?,
+            false => None,
+        };
         let _vdisk_lock = self.lock_vdisk(&vdisk.name).await;
         let writes_vdisk = device.kind == DeviceType::Maintenance || vdisk.mode == Mode::Private;
         if !writes_vdisk && !self.is_connected(&device.name) {
@@ -467,14 +674,21 @@ impl Server {
                     session: None,
                 });
             }
+            if s.ending || s.superseded {
+                // It ended or was ended while this connection waited for the
+                // vDisk's lock.
+                return Err(still_ending(&device.name));
+            }
             s.connections += 1;
             s.peer = peer.to_owned();
             let disk = s.disk.clone();
             let kick = s.kick.subscribe();
+            let id = s.id;
             drop(sessions);
             let guard = SessionGuard {
                 server: self.clone(),
                 device: device.name.clone(),
+                id,
                 clean: false,
                 release: Some(kick),
             };
@@ -515,13 +729,16 @@ impl Server {
             .store
             .properties(&vdisk.name)
             .map_err(|e| OpenError::Failed(e.to_string()))?;
-        let version = pick_version(&props, device.kind).map_err(OpenError::Refused)?;
+        let version = match self.same_boot_version(&device, &vdisk, &props, boot.as_ref()) {
+            Some(n) => n,
+            None => pick_version(&props, device.kind).map_err(OpenError::Refused)?,
+        };
         let chain = self
             .store
             .chain(&vdisk.name, version)
             .map_err(|e| OpenError::Failed(e.to_string()))?;
         let disk = self
-            .device_disk(&device, &vdisk, chain)
+            .device_disk(&device, &vdisk, chain, boot.as_ref())
             .map_err(OpenError::Refused)?;
         let description = describe(&device, &vdisk, version);
         let disk = Arc::new(disk);
@@ -535,6 +752,7 @@ impl Server {
         }
         let kick = tokio::sync::watch::channel(false).0;
         let kicked = kick.subscribe();
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         sessions.insert(
             device.name.clone(),
             Session {
@@ -549,13 +767,18 @@ impl Server {
                 release: None,
                 kick,
                 reported_cache: 0,
+                id,
+                boot_seq: boot.as_ref().map_or(0, |b| b.seq),
+                superseded: false,
+                ending: false,
             },
         );
         drop(sessions);
-        tracing::info!(device = %device.name, vdisk = %vdisk.name, version, kind = %device.kind, mode = %vdisk.mode, %peer, "device session started");
+        tracing::info!(device = %device.name, vdisk = %vdisk.name, version, kind = %device.kind, mode = %vdisk.mode, boot = boot.as_ref().map_or(0, |b| b.seq), %peer, "device session started");
         let guard = SessionGuard {
             server: self.clone(),
             device: device.name.clone(),
+            id,
             clean: false,
             release: Some(kicked),
         };
@@ -567,9 +790,46 @@ impl Server {
         })
     }
 
+    /// The version a Standard-mode device's reconnect within its boot goes
+    /// on with: the one its cache here lies over. A running OS never sees
+    /// its disk change under it, even when its session ended meanwhile (a
+    /// network cut longer than the keepalive time, a server restart).
+    fn same_boot_version(
+        &self,
+        device: &Device,
+        vdisk: &VDisk,
+        props: &Properties,
+        boot: Option<&BootRecord>,
+    ) -> Option<u32> {
+        if device.kind == DeviceType::Maintenance || vdisk.mode != Mode::Standard {
+            return None;
+        }
+        let (base, cache_boot) = self.store.cache_tags(&device.name)?;
+        if cache_boot.as_deref() != Some(boot?.token.as_str()) {
+            return None;
+        }
+        let number: u32 = base
+            .strip_prefix(&format!("{}@", vdisk.name))?
+            .split('/')
+            .next()?
+            .parse()
+            .ok()?;
+        props
+            .versions
+            .iter()
+            .any(|v| v.number == number)
+            .then_some(number)
+    }
+
     /// The disk a device sees: the maintenance version read/write, its version
     /// itself (Private), or its version under its own write cache (Standard).
-    fn device_disk(&self, device: &Device, vdisk: &VDisk, chain: Chain) -> Result<Disk, String> {
+    fn device_disk(
+        &self,
+        device: &Device,
+        vdisk: &VDisk,
+        chain: Chain,
+        boot: Option<&BootRecord>,
+    ) -> Result<Disk, String> {
         let number = chain.version.number;
         if device.kind == DeviceType::Maintenance || vdisk.mode == Mode::Private {
             if !chain.is_writable() {
@@ -592,7 +852,12 @@ impl Server {
         );
         let cache = self
             .store
-            .open_cache(&device.name, &base, vdisk.size)
+            .open_cache(
+                &device.name,
+                &base,
+                boot.map(|b| b.token.as_str()),
+                vdisk.size,
+            )
             .map_err(|e| format!("opening the write cache of device {}: {e}", device.name))?;
         let limit = vdisk.cache_limit.unwrap_or(vdisk.size);
         chain
@@ -600,32 +865,49 @@ impl Server {
             .map_err(|e| e.to_string())
     }
 
-    fn end_connection(&self, device: &str, clean: bool) {
+    fn end_connection(&self, device: &str, id: u64, clean: bool) {
         let mut sessions = self.sessions.lock();
         let Some(s) = sessions.get_mut(device) else {
             return;
         };
+        if s.id != id {
+            // A later session of the device: this connection's ended before.
+            return;
+        }
         s.connections -= 1;
         if s.connections > 0 {
             return;
         }
-        let s = sessions.remove(device).expect("session present");
-        drop(sessions);
-        if let Err(e) = s.disk.flush() {
-            tracing::error!(device, error = %e, "flushing at the end of a session failed");
-        }
-        if clean
+        // The session stays listed, ending, until its cache is dealt with:
+        // a new connection of the device waits rather than open a cache
+        // about to be discarded.
+        s.ending = true;
+        let disk = s.disk.clone();
+        let discard = (clean || s.superseded)
             && s.mode == Mode::Standard
             && s.kind != DeviceType::Maintenance
-            && s.release.is_none()
-        {
-            drop(s.disk);
+            && s.release.is_none();
+        let superseded = s.superseded;
+        drop(sessions);
+        if let Err(e) = disk.flush() {
+            tracing::error!(device, error = %e, "flushing at the end of a session failed");
+        }
+        drop(disk);
+        let why = match superseded {
+            true => "the device booted again",
+            false => "session ended cleanly",
+        };
+        if discard {
             match self.store.discard_cache(device) {
-                Ok(()) => tracing::info!(device, "session ended cleanly; write cache discarded"),
+                Ok(()) => tracing::info!(device, "{why}; write cache discarded"),
                 Err(e) => tracing::error!(device, error = %e, "discarding the write cache failed"),
             }
         } else {
-            tracing::info!(device, clean, "device session ended");
+            tracing::info!(device, clean, superseded, "device session ended");
+        }
+        let mut sessions = self.sessions.lock();
+        if sessions.get(device).is_some_and(|s| s.id == id) {
+            sessions.remove(device);
         }
     }
 

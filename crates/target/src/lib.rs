@@ -42,6 +42,9 @@ pub struct Options {
     /// The servers' API addresses (HOST:PORT or URLs), tried in order.
     pub bootstrap: Vec<String>,
     pub mac: String,
+    /// This boot's identity (see [`boot_identity`]): the same across the
+    /// agent's failovers, new at every boot of the device.
+    pub boot: String,
     /// Where the OS reaches its disk.
     pub listen: Vec<Listen>,
     /// A kernel NBD device (`/dev/nbd0`) to connect to the export.
@@ -99,6 +102,31 @@ impl Exports for Device {
     }
 }
 
+/// The device's boot identity when none is given: `vstream.boot=` on the
+/// kernel command line (the boot script's token: the servers saw this boot
+/// begin), else the kernel's own boot id, new at every boot of this machine.
+pub fn boot_identity() -> Result<String> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if let Some(token) = boot_from_cmdline(&cmdline) {
+        return Ok(token.to_owned());
+    }
+    let path = "/proc/sys/kernel/random/boot_id";
+    let id = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {path} for the boot identity (or give --boot-id)"))?;
+    let id = id.trim().to_owned();
+    vstream_api::check_boot_token(&id).map_err(anyhow::Error::msg)?;
+    Ok(id)
+}
+
+/// The `vstream.boot=` word of a kernel command line.
+fn boot_from_cmdline(cmdline: &str) -> Option<&str> {
+    cmdline
+        .split_whitespace()
+        .rev()
+        .find_map(|w| w.strip_prefix("vstream.boot="))
+        .filter(|t| vstream_api::check_boot_token(t).is_ok())
+}
+
 /// Logs in until a server takes the device; waits (and says why) meanwhile.
 async fn first_login(opts: &Options) -> Result<LoginReply> {
     // Nothing waits on the device yet: up to 5 s between refused logins.
@@ -108,6 +136,7 @@ async fn first_login(opts: &Options) -> Result<LoginReply> {
             mac: opts.mac.clone(),
             avoid: vec![],
             pin: None,
+            boot: Some(opts.boot.clone()),
         };
         let (bootstrap, deadline) = (opts.bootstrap.clone(), opts.deadline);
         match tokio::task::spawn_blocking(move || login::login(&bootstrap, &req, deadline)).await? {
@@ -287,4 +316,23 @@ pub async fn run(opts: Options, shutdown: watch::Receiver<bool>) -> Result<()> {
     remote.disconnect().await;
     tracing::info!(failovers = remote.failovers.load(std::sync::atomic::Ordering::Relaxed), server = %remote.server(), "agent stopped; the write cache is discarded");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_boot_identity_comes_from_the_last_vstream_boot_word() {
+        assert_eq!(
+            boot_from_cmdline("ro vstream.boot=aa-1 quiet vstream.boot=bb-2\n"),
+            Some("bb-2")
+        );
+        assert_eq!(boot_from_cmdline("ro quiet"), None);
+        assert_eq!(boot_from_cmdline("vstream.boot=a/b"), None);
+        assert_eq!(boot_from_cmdline("vstream.boot="), None);
+        // On this machine: a kernel boot id, well formed.
+        let id = boot_identity().unwrap();
+        assert!(vstream_api::check_boot_token(&id).is_ok(), "{id}");
+    }
 }

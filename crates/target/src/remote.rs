@@ -81,6 +81,7 @@ const GONE_AFTER: Duration = Duration::from_secs(10);
 pub struct Remote {
     bootstrap: Vec<String>,
     mac: String,
+    boot: String,
     pin: Pin,
     deadline: Duration,
     keepalive: vstream_server::tcp::Keepalive,
@@ -120,6 +121,7 @@ impl Remote {
         Remote {
             bootstrap: opts.bootstrap.clone(),
             mac: opts.mac.clone(),
+            boot: opts.boot.clone(),
             pin,
             deadline: opts.deadline,
             keepalive: opts.keepalive,
@@ -265,6 +267,7 @@ impl Remote {
                 mac: self.mac.clone(),
                 avoid: avoid.clone(),
                 pin: Some(self.pin.clone()),
+                boot: Some(self.boot.clone()),
             };
             // The failed server last: a silent one would hold up the login.
             let bootstrap = crate::login::failed_last(&self.bootstrap, &failed.api);

@@ -26,6 +26,14 @@ pub struct TargetArgs {
     /// This device's MAC address, as registered with `vstream device add`.
     #[arg(long, value_name = "MAC", value_parser = vstream_api::parse_mac)]
     pub mac: String,
+    /// This boot's identity (1 to 64 letters, digits and '-'): the servers
+    /// end the device's sessions of any other boot, and discard a
+    /// Standard-mode write cache they keep for it. Default: vstream.boot=
+    /// from the kernel command line (the boot script's), else the kernel's
+    /// boot id. Give a new one each time the disk's OS starts when the agent
+    /// serves a VM (--listen).
+    #[arg(long, value_name = "ID", value_parser = parse_boot_id)]
+    pub boot_id: Option<String>,
     /// Where the OS reaches its disk: unix:PATH, or a loopback HOST:PORT;
     /// repeat for both.
     #[arg(
@@ -58,6 +66,10 @@ pub struct TargetArgs {
     pub tcp_user_timeout_secs: u64,
 }
 
+fn parse_boot_id(s: &str) -> Result<String, String> {
+    vstream_api::check_boot_token(s).map(|()| s.to_owned())
+}
+
 pub fn run(args: TargetArgs) -> Result<()> {
     let listen = args
         .listen
@@ -73,6 +85,10 @@ pub fn run(args: TargetArgs) -> Result<()> {
         keepalive,
         bootstrap: args.bootstrap,
         mac: args.mac,
+        boot: match args.boot_id {
+            Some(id) => id,
+            None => vstream_target::boot_identity()?,
+        },
         listen,
         attach: args.attach,
         cache: args.cache,

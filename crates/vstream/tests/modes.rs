@@ -377,7 +377,8 @@ fn standard_mode_keeps_each_devices_writes_apart_from_the_vdisk() {
     );
 
     // Both devices at once, each with its own cache.
-    let mut s1 = Nbd::connect(&server.url("device/s1"));
+    // s1 names its boot, as the agent and the boot-script path do.
+    let mut s1 = Nbd::connect(&server.url("device/s1;boot=s1-boot-1"));
     let mut s2 = Nbd::connect(&server.unix_url("device/aa:bb:cc:00:01:02"));
     s1.ok("fill 3145728 65536 0x33");
     s2.ok("fill 3145728 65536 0x44");
@@ -436,21 +437,32 @@ fn standard_mode_keeps_each_devices_writes_apart_from_the_vdisk() {
     let err = server.cli_err(&["device", "reset", "s1"]);
     assert!(err.contains("connected"), "{err}");
 
-    // An unclean end (no NBD_CMD_DISC) keeps the cache for the reconnect.
+    // An unclean end (no NBD_CMD_DISC) keeps the cache for a reconnect
+    // within the same boot, with or without the boot named...
     s1.crash();
     wait_disconnected(&server, "s1");
     assert!(
         device(&server, "s1")["cache_bytes"].as_u64().unwrap() >= 65536,
         "cache of s1 lost after a crash"
     );
-    let mut s1 = Nbd::connect(&server.url("device/s1"));
+    let mut s1 = Nbd::connect(&server.url("device/s1;boot=s1-boot-1"));
     s1.ok("check 3145728 65536 0x33");
     s1.ok("check 1000 10000 0x55");
-    // A clean end discards it.
+    s1.crash();
+    wait_disconnected(&server, "s1");
+    let mut s1 = Nbd::connect(&server.url("device/s1"));
+    s1.ok("check 3145728 65536 0x33");
+    // ... but not into the next boot: the device starts clean.
+    s1.crash();
+    wait_disconnected(&server, "s1");
+    let mut s1 = Nbd::connect(&server.url("device/s1;boot=s1-boot-2"));
+    s1.ok("check 3145728 65536 0x00");
+    s1.ok("fill 3145728 65536 0x66");
+    // A clean end discards it too.
     s1.quit();
     wait_disconnected(&server, "s1");
     assert_eq!(device(&server, "s1")["cache_bytes"], 0);
-    let mut s1 = Nbd::connect(&server.url("device/s1"));
+    let mut s1 = Nbd::connect(&server.url("device/s1;boot=s1-boot-2"));
     let got = dir.path().join("s1-after.raw");
     s1.ok(&format!("pread 0 {} {}", 4 * MIB, p(&got)));
     assert_same_bytes(

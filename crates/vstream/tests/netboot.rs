@@ -410,13 +410,28 @@ fn the_boot_script_and_files_over_http() {
     let s = script(MAC);
     let host = server.api.trim_start_matches("http://");
     let path = MAC.replace(':', "-");
-    assert!(
-        s.contains(&format!(
-            "kernel --name kernel {}/boot/{path}/kernel initrd=initrd console=ttyS0 boot=vstream vstream.bootstrap={host} vstream.mac={MAC} || goto try1",
+    // Each script request is a new boot, with its own token for the agent.
+    let boot_token = |s: &str| -> String {
+        let line = s
+            .lines()
+            .find(|l| l.contains("/kernel initrd="))
+            .unwrap_or_else(|| panic!("no kernel line in {s}"));
+        let want = format!(
+            "kernel --name kernel {}/boot/{path}/kernel initrd=initrd console=ttyS0 boot=vstream vstream.bootstrap={host} vstream.mac={MAC} vstream.boot=",
             server.api
-        )),
-        "{s}"
-    );
+        );
+        let token = line
+            .strip_prefix(&want)
+            .and_then(|rest| rest.strip_suffix(" || goto try1"))
+            .unwrap_or_else(|| panic!("{line:?} is not {want:?}TOKEN || goto try1"));
+        assert!(
+            token.len() == 32 && token.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{token:?}"
+        );
+        token.to_owned()
+    };
+    let first = boot_token(&s);
+    assert_ne!(first, boot_token(&script(MAC)), "two boots, one token");
     let (code, body) = http_get(&format!("{}/boot/{path}/kernel", server.api));
     assert_eq!(code, 200);
     assert_eq!(body, std::fs::read(&kernel).unwrap());

@@ -840,7 +840,7 @@ fn a_connected_device_keeps_its_version_across_a_promote() {
     wait_disconnected(&server, "m1");
 
     // p1 starts on version 1 and writes a little into its write cache.
-    let mut p = Nbd::connect(&server.url("device/p1"));
+    let mut p = Nbd::connect(&server.url("device/p1;boot=p1-boot-1"));
     assert_eq!(p.cmd(&format!("check 0 {MIB} 0xAA")), "ok");
     p.ok(&format!("fill {} 4096 0xCC", 2 * MIB));
     p.ok("flush");
@@ -870,11 +870,23 @@ fn a_connected_device_keeps_its_version_across_a_promote() {
     qemu_io_ok(&server.url("k@1"), &["read -P 0xAA 0 1M"]);
     qemu_io_ok(&server.url("k@2"), &["read -P 0xBB 0 1M"]);
 
-    // Power loss (no NBD_CMD_DISC): the cache over version 1 is kept, but it
-    // must not be laid over version 2 at the next boot.
+    // A reconnect within the boot after its session ended (no
+    // NBD_CMD_DISC): the running OS goes on with version 1 and its cache.
     p.crash();
     wait_disconnected(&server, "p1");
-    let mut p = Nbd::connect(&server.url("device/p1"));
+    let mut p = Nbd::connect(&server.url("device/p1;boot=p1-boot-1"));
+    assert_eq!(p.cmd(&format!("check 0 {MIB} 0xAA")), "ok");
+    assert_eq!(
+        p.cmd(&format!("check {} 4096 0xCC", 2 * MIB)),
+        "ok",
+        "a reconnect within the boot lost its cache"
+    );
+    assert_eq!(devices_of(version_of(&versions(&server, "k"), 1)), ["p1"]);
+    // Power loss, and the next boot: version 2, and the cache over version 1
+    // is neither kept nor laid over it.
+    p.crash();
+    wait_disconnected(&server, "p1");
+    let mut p = Nbd::connect(&server.url("device/p1;boot=p1-boot-2"));
     assert_eq!(p.cmd(&format!("check 0 {MIB} 0xBB")), "ok");
     assert_eq!(
         p.cmd(&format!("check {} 4096 0", 2 * MIB)),

@@ -23,7 +23,7 @@ type Shared = State<Arc<Server>>;
 /// A device asks where to stream from. Answered from this server's last
 /// known farm state, so it works while the farm store is away.
 #[utoipa::path(post, path = "/api/v1/login", request_body = LoginRequest, security(()),
-    responses((status = 200, body = LoginReply), (status = 400, body = ErrorBody, description = "not a device's MAC address"),
+    responses((status = 200, body = LoginReply), (status = 400, body = ErrorBody, description = "a MAC or boot identity not well formed"),
         (status = 404, body = ErrorBody),
         (status = 503, body = ErrorBody, description = "nothing to serve it now; ask again")))]
 pub(super) async fn login(
@@ -31,9 +31,20 @@ pub(super) async fn login(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Json(req): Json<LoginRequest>,
 ) -> Result<Json<LoginReply>, ApiError> {
+    if let Some(token) = &req.boot {
+        vstream_api::check_boot_token(token).map_err(ApiError::bad_request)?;
+    }
     let view = fresh_records(&server, &req.mac)
         .await
         .unwrap_or_else(|| server.membership.view());
+    // A boot identity other than the device's last: it booted again, and
+    // its sessions of the earlier boot end wherever in the farm they are.
+    let device = vstream_api::parse_mac(&req.mac)
+        .ok()
+        .and_then(|mac| view.device_by_mac(&mac).map(|d| d.name.clone()));
+    if let (Some(device), Some(token)) = (&device, &req.boot) {
+        server.boot_of(device, Some(token), "login").await;
+    }
     let recent = server.membership.recent_logins();
     let mut answer = choose(&view, &req, &recent, Some(peer.ip()));
     // The view holds this server's status as last published (up to a second
@@ -59,7 +70,12 @@ pub(super) async fn login(
         }
     }
     match answer {
-        Ok(reply) => {
+        Ok(mut reply) => {
+            if let Some(token) = req.boot.as_ref().filter(|_| !reply.export.contains(';')) {
+                // Its connections name the boot: the server it streams
+                // from tells this boot from the last by them too.
+                reply.export = format!("{};boot={token}", reply.export);
+            }
             server.membership.note_login(&reply.server);
             tracing::info!(device = %reply.device, vdisk = %reply.vdisk, version = reply.version, server = %reply.server, avoid = ?req.avoid, "login");
             Ok(Json(reply))
