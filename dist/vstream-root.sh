@@ -14,16 +14,16 @@
 #               vDisk says so, and moves to another server when one dies;
 #   nbd-client  Debian's nbd-client, the kernel's own NBD client: the script
 #               logs in itself (POST /api/v1/login with busybox wget) and runs
-#               `nbd-client HOST PORT /dev/nbd0 -N EXPORT -persist -nonetlink`.
-#               The kernel then holds the connection to that one server: no
-#               failover, and the vDisk's write cache must be on the server
+#               `nbd-client HOST PORT /dev/nbd0 -N EXPORT`. The kernel then
+#               holds the connection to that one server: no failover, no
+#               reconnect, and the vDisk's write cache must be on the server
 #               (cache type server; a `base/...` export is refused).
 # Either way the boot is told apart from a reconnect by its boot token:
 # vstream.boot= (added by the boot script GET /boot/ipxe), else the kernel's
 # /proc/sys/kernel/random/boot_id. The agent reads it itself; nbd-client
 # sends it at login and opens the export the reply names
-# (device/KEY;boot=TOKEN), so its reconnects within this boot keep the
-# write cache and the next boot starts clean.
+# (device/KEY;boot=TOKEN), so the server knows this boot from the last and
+# the device starts clean.
 # On failure it prints `vstream: ...` lines (and the end of the client's log)
 # and returns 1; VSTREAM_ERROR then holds the reason.
 #
@@ -72,8 +72,8 @@
 # VSTREAM_NBD_CLIENT (default: nbd-client on PATH, else /sbin/nbd-client),
 # VSTREAM_NETWAIT.
 #
-# With nbd-client, /run/vstream also holds nbd-client.log, nbd-client.cmdline,
-# nbd-client.pid and login.json (the login reply).
+# With nbd-client, /run/vstream also holds nbd-client.log, nbd-client.cmdline
+# and login.json (the login reply).
 
 # shellcheck shell=sh disable=SC1090,SC2030,SC2031,SC2034,SC2119,SC2120,SC3038
 # (SC3038: `exec -a` is probed for before use.)
@@ -528,10 +528,13 @@ _vs_login() {
 }
 
 # The kernel client: logs in (retrying for VSTREAM_TIMEOUT seconds), then
-# runs nbd-client on the server and export the reply names. nbd-client goes
-# to the background itself and stays in the kernel's NBD_DO_IT; with
-# -persist it reconnects to the same export (same boot token: the write
-# cache is kept) when the connection breaks.
+# runs nbd-client on the server and export the reply names. It configures
+# the device over netlink (its default) and exits: the kernel holds the
+# connection, and no process is left for a signal (systemd's shutdown
+# SIGSTOPs everything) to break it out of NBD_DO_IT. Neither of its modes
+# reconnects a lost connection on Linux 6.1, -persist included (measured:
+# with -nonetlink -persist, a SIGSTOP made it reconnect in a loop, 257 times
+# in 30 s, and the disk stayed dead), so it gets neither.
 vstream_start_nbd_client() {
 	_vs_nbdc="${VSTREAM_NBD_CLIENT:-$(command -v nbd-client 2>/dev/null)}"
 	_vs_nbdc="${_vs_nbdc:-/sbin/nbd-client}"
@@ -576,9 +579,7 @@ vstream_start_nbd_client() {
 		return 1
 		;;
 	esac
-	# -nonetlink: the ioctl interface, whose NBD_DO_IT task is what -persist
-	# reconnects from; -systemd-mark: argv[0] '@', spared by systemd's shutdown.
-	set -- "$_vs_host" "$_vs_port" "$VSTREAM_DEV" -N "$_vs_export" -persist -nonetlink -systemd-mark
+	set -- "$_vs_host" "$_vs_port" "$VSTREAM_DEV" -N "$_vs_export"
 	[ -n "${VSTREAM_NBD_TIMEOUT:-}" ] && set -- "$@" -timeout "$VSTREAM_NBD_TIMEOUT"
 	echo "$_vs_nbdc $*" >"$VSTREAM_RUN/nbd-client.cmdline"
 	vstream_msg "starting the kernel client: nbd-client $*"
@@ -620,12 +621,11 @@ vstream_wait_device() {
 		_vs_nap
 	done
 	read -r _vs_t1 _ </proc/uptime
-	VSTREAM_CLIENT_PID="${VSTREAM_AGENT_PID:-$(cat "/sys/block/$_vs_name/pid" 2>/dev/null)}"
+	VSTREAM_CLIENT_PID="$VSTREAM_AGENT_PID"
 	if [ -n "$VSTREAM_AGENT_PID" ]; then
 		vstream_msg "$VSTREAM_DEV connected: $((_vs_size / 2048)) MiB, agent pid $VSTREAM_AGENT_PID${_vs_argv0:+ ($_vs_argv0)} (uptime ${_vs_t0:-?}s -> ${_vs_t1:-?}s)"
 	else
-		echo "$VSTREAM_CLIENT_PID" >"$VSTREAM_RUN/nbd-client.pid"
-		vstream_msg "$VSTREAM_DEV connected: $((_vs_size / 2048)) MiB, nbd-client pid ${VSTREAM_CLIENT_PID:-?} (uptime ${_vs_t0:-?}s -> ${_vs_t1:-?}s)"
+		vstream_msg "$VSTREAM_DEV connected: $((_vs_size / 2048)) MiB by nbd-client, the kernel holds the connection (uptime ${_vs_t0:-?}s -> ${_vs_t1:-?}s)"
 	fi
 	# The agent holds its cache file now: let the OS mount its own /dev/shm.
 	[ -n "${_vs_own_shm:-}" ] && umount -l /dev/shm 2>/dev/null

@@ -5,7 +5,10 @@
 //! that loses power. They boot again and must not find the file. Through
 //! the agent's `--attach` with the server's write cache, the agent with the
 //! device's own (RAM) cache, and Debian's `nbd-client` (the kernel's NBD
-//! client, `vstream.client=nbd-client`) with the server's cache.
+//! client, `vstream.client=nbd-client`) with the server's cache; and
+//! `nbd-client` on a guest that boots its kernel without PXE, as from a
+//! local disk, so that no boot script request marks its boots: only the
+//! boot token the initramfs sends at login (the kernel's boot_id) does.
 //!
 //! The server runs without TCP keepalive, so a dead device's connection
 //! stays ESTABLISHED for the whole test: only the new boot itself can end
@@ -16,7 +19,9 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::pxe::{pxe_boot, Firmware, Lan};
+use std::path::Path;
+
+use common::pxe::{boot_vm, Firmware, Lan};
 use common::TestServer;
 
 /// iPXE in the NIC's ROM: no TFTP, the quickest PXE boot.
@@ -30,15 +35,18 @@ struct Case {
     vdisk: &'static str,
     /// Kernel command-line words for the client.
     client: &'static str,
+    /// PXE (the boot script gives the kernel), or the kernel given to QEMU.
+    pxe: bool,
 }
 
-const CASES: [Case; 3] = [
+const CASES: [Case; 4] = [
     Case {
         what: "the agent (--attach), the server's write cache",
         device: "ra",
         mac: "52:54:00:78:00:01",
         vdisk: "server-cache",
         client: "vstream.client=agent vstream.cache=ram:256MiB",
+        pxe: true,
     },
     Case {
         what: "the agent (--attach), the device's RAM cache",
@@ -46,6 +54,7 @@ const CASES: [Case; 3] = [
         mac: "52:54:00:78:00:02",
         vdisk: "device-cache",
         client: "vstream.client=agent vstream.cache=ram:256MiB",
+        pxe: true,
     },
     Case {
         what: "Debian's nbd-client, the server's write cache",
@@ -53,6 +62,15 @@ const CASES: [Case; 3] = [
         mac: "52:54:00:78:00:03",
         vdisk: "server-cache",
         client: "vstream.client=nbd-client",
+        pxe: true,
+    },
+    Case {
+        what: "Debian's nbd-client, the server's write cache, a kernel booted without PXE",
+        device: "rd",
+        mac: "52:54:00:78:00:04",
+        vdisk: "server-cache",
+        client: "vstream.client=nbd-client",
+        pxe: false,
     },
 ];
 
@@ -90,7 +108,7 @@ fn a_standard_device_starts_every_boot_clean_after_a_power_off() {
     let mut failures = vec![];
     for case in &CASES {
         let start = std::time::Instant::now();
-        match reboot_case(&server, &lan, &tap, case) {
+        match reboot_case(&server, &lan, &tap, &kit, case) {
             Ok(()) => eprintln!(
                 "ok: {} ({:.0} s for two boots)",
                 case.what,
@@ -115,9 +133,15 @@ fn a_standard_device_starts_every_boot_clean_after_a_power_off() {
 /// Boots `case`'s device with `write:TOKEN`, checks it went down without a
 /// word, boots it again with `read` and checks that the file is gone and
 /// that only the new boot's connection and session are left.
-fn reboot_case(server: &TestServer, lan: &Lan, tap: &str, case: &Case) -> Result<(), String> {
+fn reboot_case(
+    server: &TestServer,
+    lan: &Lan,
+    tap: &str,
+    kit: &Path,
+    case: &Case,
+) -> Result<(), String> {
     let token = format!("before-power-off-{}", case.device);
-    let console = boot(server, lan, tap, case, &format!("write:{token}"))?;
+    let console = boot(server, lan, tap, kit, case, &format!("write:{token}"))?;
     if !console.contains(&format!("GUEST-OK write {token}")) {
         return Err(format!("the first boot did not write:\n{console}"));
     }
@@ -127,7 +151,7 @@ fn reboot_case(server: &TestServer, lan: &Lan, tap: &str, case: &Case) -> Result
     one_connection(server, &console, "after `poweroff -f`")?;
 
     let read_start = now_unix();
-    let console = boot(server, lan, tap, case, "read")?;
+    let console = boot(server, lan, tap, kit, case, "read")?;
     if !console.contains("GUEST-OK read") {
         return Err(format!("the second boot did not read:\n{console}"));
     }
@@ -153,26 +177,31 @@ fn reboot_case(server: &TestServer, lan: &Lan, tap: &str, case: &Case) -> Result
     Ok(())
 }
 
-/// Sets the vDisk's command line for `vstest` and PXE-boots the guest;
-/// returns its console.
+/// Boots `case`'s guest for `vstest`: by PXE, with the words on its vDisk's
+/// command line, or its kernel given to QEMU with them (and the server's
+/// address and its MAC, which the boot script adds otherwise). Returns its
+/// console.
 fn boot(
     server: &TestServer,
     lan: &Lan,
     tap: &str,
+    kit: &Path,
     case: &Case,
     vstest: &str,
 ) -> Result<String, String> {
-    server.cli_ok(&[
-        "vdisk",
-        "set",
-        case.vdisk,
-        "--cmdline",
-        &format!(
-            "console=ttyS0 panic=-1 quiet loglevel=3 rootfstype=ext4 rw vstream.timeout=120 vstest={vstest} vstest.bigmb=1 {}",
-            case.client
-        ),
-    ]);
-    let (console, seen) = pxe_boot(lan, tap, case.mac, FIRMWARE, BOOT_TIMEOUT);
+    let words = format!(
+        "console=ttyS0 panic=-1 quiet loglevel=3 rootfstype=ext4 rw vstream.timeout=120 vstest={vstest} vstest.bigmb=1 {}",
+        case.client
+    );
+    let args = if case.pxe {
+        server.cli_ok(&["vdisk", "set", case.vdisk, "--cmdline", &words]);
+        FIRMWARE.qemu_args(case.mac)
+    } else {
+        let api = server.api.trim_start_matches("http://");
+        let append = format!("{words} vstream.bootstrap={api} vstream.mac={}", case.mac);
+        common::pxe::kernel_args(kit, case.mac, &append)
+    };
+    let (console, seen) = boot_vm(lan, tap, &args, BOOT_TIMEOUT);
     eprintln!("{} {vstest}: milestones {seen:?}", case.device);
     if console.contains("GUEST-ERROR") || seen[3].is_none() {
         return Err(format!(

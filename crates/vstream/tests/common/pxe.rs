@@ -215,6 +215,42 @@ pub fn pxe_boot(
     firmware: Firmware,
     timeout: Duration,
 ) -> (String, [Option<f64>; 4]) {
+    boot_vm(lan, tap, &firmware.qemu_args(mac), timeout)
+}
+
+/// The QEMU arguments that boot the kit's kernel and network-boot initramfs
+/// directly (no firmware PXE, no boot script), with the kernel command line
+/// `append`, on a NIC with `mac`: a device that boots from a kernel of its
+/// own, as from a local disk.
+pub fn kernel_args(kit: &Path, mac: &str, append: &str) -> Vec<String> {
+    // The uncompressed kernel boots through PVH: no decompression under TCG.
+    let vmlinux = kit.join("vmlinux");
+    let kernel = if vmlinux.exists() {
+        vmlinux
+    } else {
+        kit.join("vmlinuz")
+    };
+    vec![
+        "-kernel".into(),
+        kernel.display().to_string(),
+        "-initrd".into(),
+        kit.join("netboot-initrd.img").display().to_string(),
+        "-append".into(),
+        append.into(),
+        "-device".into(),
+        format!("virtio-net-pci,netdev=n0,mac={mac},romfile="),
+    ]
+}
+
+/// Runs a VM with `args` (how it boots, its NIC) on `tap` in the LAN until
+/// it powers off or `timeout` passes; returns its console and the seconds
+/// from QEMU's start to each of [`MILESTONES`] seen.
+pub fn boot_vm(
+    lan: &Lan,
+    tap: &str,
+    args: &[String],
+    timeout: Duration,
+) -> (String, [Option<f64>; 4]) {
     let console_file = lan.dir.path().join(format!("{tap}.console"));
     // A console left from an earlier boot on this tap must not count.
     let _ = std::fs::remove_file(&console_file);
@@ -241,7 +277,7 @@ pub fn pxe_boot(
             "-monitor",
             "none",
         ])
-        .args(firmware.qemu_args(mac))
+        .args(args)
         .args([
             "-netdev",
             &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
