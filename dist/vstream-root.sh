@@ -534,7 +534,8 @@ _vs_login() {
 # SIGSTOPs everything) to break it out of NBD_DO_IT. Neither of its modes
 # reconnects a lost connection on Linux 6.1, -persist included (measured:
 # with -nonetlink -persist, a SIGSTOP made it reconnect in a loop, 257 times
-# in 30 s, and the disk stayed dead), so it gets neither.
+# in 30 s, and the disk stayed dead), so it gets neither -persist nor
+# -nonetlink.
 vstream_start_nbd_client() {
 	_vs_nbdc="${VSTREAM_NBD_CLIENT:-$(command -v nbd-client 2>/dev/null)}"
 	_vs_nbdc="${_vs_nbdc:-/sbin/nbd-client}"
@@ -550,13 +551,21 @@ vstream_start_nbd_client() {
 		return 1
 		;;
 	esac
+	case "${VSTREAM_NBD_TIMEOUT:-}" in
+	*[!0-9]*)
+		vstream_fail "vstream.nbd_timeout=$VSTREAM_NBD_TIMEOUT is not a number of seconds"
+		return 1
+		;;
+	esac
 	vstream_boot_token || return 1
 	: >>"$VSTREAM_RUN/nbd-client.log"
 	vstream_msg "logging in to ${VSTREAM_BOOTSTRAP} as $VSTREAM_MAC, boot $VSTREAM_BOOT"
+	read -r _vs_t0 _ </proc/uptime
 	_vs_n=0
 	while ! _vs_login; do
 		_vs_n=$((_vs_n + 1))
-		if [ "$VSTREAM_TIMEOUT" != 0 ] && [ "$_vs_n" -ge "$VSTREAM_TIMEOUT" ]; then
+		read -r _vs_t1 _ </proc/uptime
+		if [ "$VSTREAM_TIMEOUT" != 0 ] && [ $((${_vs_t1%.*} - ${_vs_t0%.*})) -ge "$VSTREAM_TIMEOUT" ]; then
 			vstream_fail "no server took the login within ${VSTREAM_TIMEOUT}s (is MAC $VSTREAM_MAC a device of theirs? the servers' logs say why they refused it): $_vs_login_error"
 			return 1
 		fi
@@ -592,7 +601,8 @@ vstream_start_nbd_client() {
 
 # Waits until the kernel device is connected (its size set and a task
 # recorded in /sys/block/nbdN/pid), for VSTREAM_TIMEOUT seconds and, with
-# the agent, while the agent lives. Sets VSTREAM_CLIENT_PID.
+# the agent, while the agent lives. Sets VSTREAM_CLIENT_PID: the agent's pid
+# (nbd-client leaves no process).
 vstream_wait_device() {
 	_vs_name="${VSTREAM_DEV##*/}"
 	_vs_n=0

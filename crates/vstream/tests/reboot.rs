@@ -17,9 +17,8 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
 use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::pxe::{boot_vm, Firmware, Lan};
 use common::TestServer;
