@@ -1074,6 +1074,22 @@ impl Store {
         Ok(Arc::new(Layer::create(&path, size)?))
     }
 
+    /// The devices with a server-side write cache in this store.
+    pub fn cached_devices(&self) -> Vec<String> {
+        let Ok(dir) = fs::read_dir(self.root.join("cache")) else {
+            return Vec::new();
+        };
+        let mut out: Vec<String> = dir
+            .filter_map(|e| {
+                let name = e.ok()?.file_name().into_string().ok()?;
+                let device = name.strip_suffix(".layer")?;
+                check_name(device).ok().map(|()| device.to_owned())
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// What device `device`'s write cache lies over and the boot it belongs
     /// to (as given to [`Store::open_cache`]), if it has a cache.
     pub fn cache_tags(&self, device: &str) -> Option<(String, Option<String>)> {
@@ -1475,6 +1491,7 @@ mod tests {
             store.cache_tags("dev1"),
             Some(("v@2".to_owned(), Some("b1".to_owned())))
         );
+        assert_eq!(store.cached_devices(), ["dev1"]);
         assert_eq!(same(None), 1, "no boot known lost the cache");
         assert_eq!(same(Some("b2")), 0, "a new boot kept the cache of the last");
         store.discard_cache("dev1").unwrap();

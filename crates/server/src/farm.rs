@@ -268,6 +268,9 @@ pub async fn run(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver
                 // A device that booted through another server: its sessions
                 // here are over.
                 server.follow_boots(&view.boots);
+                if server.membership.ticks.load(Ordering::Relaxed) % TIDY_TICKS == 1 {
+                    tidy_caches(&server, &view).await;
+                }
                 let view = Arc::new(view);
                 let (s, v) = (server.clone(), view.clone());
                 let _ = tokio::task::spawn_blocking(move || crate::stores::follow(&s, &v)).await;
@@ -318,6 +321,32 @@ async fn publish_and_read(
         boots: server.farm.list_boots().await?.into_iter().collect(),
         ..View::default()
     })
+}
+
+/// How often, in publish intervals, a server discards the write caches no
+/// device can use any more.
+const TIDY_TICKS: u64 = 10;
+
+/// Discards the write caches of devices that have booted since or that the
+/// farm no longer has: a device is taken as gone only if the farm state,
+/// asked again, says so.
+async fn tidy_caches(server: &Arc<Server>, view: &View) {
+    let mut gone = Vec::new();
+    let cached = {
+        let s = server.clone();
+        tokio::task::spawn_blocking(move || s.store.cached_devices())
+            .await
+            .unwrap_or_default()
+    };
+    for device in cached {
+        if view.device(&device).is_none()
+            && matches!(server.farm.get_device(&device).await, Ok(None))
+        {
+            gone.push(device);
+        }
+    }
+    let (s, boots) = (server.clone(), view.boots.clone());
+    let _ = tokio::task::spawn_blocking(move || s.tidy_caches(&boots, &gone)).await;
 }
 
 /// How often, in publish intervals, a server with auto-rebalance checks its load.

@@ -605,6 +605,41 @@ impl Server {
         }
     }
 
+    /// Discards the server-side caches no device can use any more: of a
+    /// device that has booted since (`boots`), or of one the farm no
+    /// longer has (`gone`, each confirmed absent from the farm state by
+    /// the caller). A device with a session here keeps its cache; a cache
+    /// whose boot was never recorded is kept.
+    pub fn tidy_caches(&self, boots: &HashMap<String, BootRecord>, gone: &[String]) {
+        for device in self.store.cached_devices() {
+            // Under the sessions lock, as a session's cache is made: no
+            // session of the device can start and open it meanwhile.
+            let sessions = self.sessions.lock();
+            if sessions.contains_key(&device) {
+                continue;
+            }
+            let why = if gone.contains(&device) {
+                "the device no longer exists"
+            } else {
+                let stale = match (boots.get(&device), self.store.cache_tags(&device)) {
+                    (Some(b), Some((_, Some(tag)))) => tag != b.token,
+                    _ => false,
+                };
+                if !stale {
+                    continue;
+                }
+                "the device has booted since"
+            };
+            match self.store.discard_cache(&device) {
+                Ok(()) => tracing::info!(device, reason = why, "write cache discarded"),
+                Err(e) => {
+                    tracing::warn!(device, error = %e, "discarding a stale write cache failed")
+                }
+            }
+            drop(sessions);
+        }
+    }
+
     /// The boot a new connection of device `device` belongs to (see
     /// [`Server::boot_of`]), once any session of its earlier boots here has
     /// ended.

@@ -242,6 +242,45 @@ fn a_boot_seen_by_another_server_ends_the_session_here() {
     assert_ne!(c.cmd("check 0 65536 0x42"), "ok");
     let mut c = Nbd::connect(&s1.url("device/pc"));
     c.ok("check 0 65536 0");
+    // It cannot be removed through s2 while connected to s1 (once s2 has
+    // read s1's status).
+    wait_for(10, "s2 to see pc on s1", || {
+        (device(&s2, "pc")["server"] == "s1").then_some(())
+    });
+    let err = s2.cli_err(&["device", "remove", "pc"]);
+    assert!(err.contains("connected to server s1"), "{err}");
+    c.quit();
+
+    // Caches left on s1 by sessions that ended (no NBD_CMD_DISC) go once
+    // nothing can use them: pc2 boots again through s2, pc3 is removed
+    // through s2. pc4's is kept: it may reconnect within its boot.
+    let mut cached = Vec::new();
+    for (name, mac) in [
+        ("pc2", "52:54:00:00:17:62"),
+        ("pc3", "52:54:00:00:17:63"),
+        ("pc4", "52:54:00:00:17:64"),
+    ] {
+        add_device(&s1, name, mac, "v");
+        let mut c = Nbd::connect(&s1.url(&format!("device/{name};boot={name}-1")));
+        c.ok("fill 0 65536 0x24");
+        c.ok("flush");
+        c.crash();
+        wait_disconnected(&s1, name);
+        let file = s1.data.join("cache").join(format!("{name}.layer"));
+        assert!(file.exists(), "{}", file.display());
+        cached.push(file);
+    }
+    boot_script(&s2, "52:54:00:00:17:62");
+    s2.cli_ok(&["device", "remove", "pc3"]);
+    wait_for(30, "s1 to discard the caches of pc2 and pc3", || {
+        (!cached[0].exists() && !cached[1].exists()).then_some(())
+    });
+    let log = s1.log_text();
+    assert!(log.contains("the device has booted since"), "{log}");
+    assert!(log.contains("the device no longer exists"), "{log}");
+    assert!(cached[2].exists(), "pc4's cache went");
+    let mut c = Nbd::connect(&s1.url("device/pc4;boot=pc4-1"));
+    c.ok("check 0 65536 0x24");
     c.quit();
 }
 

@@ -186,7 +186,11 @@ fn a_live_idle_agent_keeps_its_session() {
     // Short settings: probes after 2 s idle, every second, cut after 4 s
     // unanswered. An idle minute is 30 rounds of probes.
     let short = ["--tcp-keepalive-secs", "2", "--tcp-user-timeout-secs", "4"];
-    let server = TestServer::start_with(dir.path().join("s"), &short);
+    // And a short idle limit, which a device's session is exempt from: a
+    // plain reader of the vDisk, idle as long, is cut.
+    let mut server_flags = short.to_vec();
+    server_flags.extend_from_slice(&["--idle-timeout", "10"]);
+    let server = TestServer::start_with(dir.path().join("s"), &server_flags);
     let image = dir.path().join("g.raw");
     common::random_image(&image, 16 << 20, 16);
     server.cli_ok(&["vdisk", "import", "g", image.to_str().expect("path")]);
@@ -231,8 +235,25 @@ fn a_live_idle_agent_keeps_its_session() {
         "the agent's end has no keepalive timer:\n{agent_side}"
     );
 
+    // A device on a server-side cache, with no agent, idle as well.
+    add_device(&server, "pc2", "52:54:00:00:16:22", "g");
+    let mut direct = Nbd::connect(&server.url("device/pc2;boot=pc2-1"));
+    direct.ok("fill 0 4096 0x6b");
+    direct.ok("flush");
+    let mut reader = Nbd::connect(&server.url("g"));
+    let scratch = dir.path().join("reader");
+    assert_eq!(reader.pread(0, 11, &scratch), b"first bytes");
+
     // No I/O at all for a minute.
     std::thread::sleep(IDLE);
+
+    assert_ne!(
+        reader.cmd(&format!("pread 0 11 {}", scratch.display())),
+        "ok",
+        "a plain reader idle for {IDLE:?} was not cut at the 10 s idle limit"
+    );
+    direct.ok("check 0 4096 0x6b");
+    assert_eq!(device(&server, "pc2")["connected"], true);
 
     let d = device(&server, "pc1");
     assert_eq!(d["connected"], true, "{d}");

@@ -479,12 +479,20 @@ async fn remove_device(
 ) -> Result<StatusCode, ApiError> {
     let d = get_device(&server, &name).await?;
     let _lock = server.lock_vdisk(&d.vdisk).await;
-    if server.is_connected(&d.name) {
+    // Connected here, or to another server of the farm.
+    let live = server.device_info(d.clone());
+    if live.connected {
+        let at = live
+            .server
+            .map(|s| format!(" to server {s}"))
+            .unwrap_or_default();
         return Err(ApiError::conflict(format!(
-            "device {} is connected; remove it once it disconnects",
+            "device {} is connected{at}; remove it once it disconnects",
             d.name
         )));
     }
+    // Its caches on the other servers go when they next tidy (they find
+    // the device gone from the farm state).
     server.farm.delete_device(&d.name).await?;
     server.store.discard_cache(&d.name)?;
     Ok(StatusCode::NO_CONTENT)
