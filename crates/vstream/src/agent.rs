@@ -20,7 +20,13 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    match target_cmd::run(Cli::parse().args) {
+    // `vstream-agent target ...` is `vstream-agent ...`: a drop-in for
+    // `vstream target` wherever a script names the subcommand.
+    let args = std::env::args_os()
+        .enumerate()
+        .filter(|(i, a)| !(*i == 1 && a == "target"))
+        .map(|(_, a)| a);
+    match target_cmd::run(Cli::parse_from(args).args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
