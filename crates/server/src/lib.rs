@@ -7,16 +7,13 @@ pub mod config;
 pub mod farm;
 pub mod http;
 pub mod identity;
-pub mod limits;
 pub mod login;
-pub mod metrics;
 pub mod nbd;
 pub mod quarantine;
 pub mod rebalance;
 pub mod replication;
 pub mod state;
 pub mod stores;
-pub mod tcp;
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -28,6 +25,7 @@ use tokio::sync::watch;
 
 pub use config::Config;
 pub use state::Server;
+pub use vstream_service::{limits, metrics, tcp, wait_for_signal};
 
 /// Where a farm keeps its keys in etcd.
 pub const ETCD_PREFIX: &str = "/vstream/farm/";
@@ -41,23 +39,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let _ = tx.send(true);
     });
     run_until(config, rx).await
-}
-
-/// Waits for SIGTERM or SIGINT.
-pub async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => std::future::pending::<()>().await,
-    }
 }
 
 /// Runs a server until `shutdown` turns true.

@@ -77,28 +77,7 @@ struct Session {
 /// bounds a reply stuck on a dead peer.
 const ENDING_WAIT: Duration = Duration::from_secs(40);
 
-/// Why a device cannot open its export.
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    #[error("no export named {0:?}; exports are a vDisk name or device/DEVICE")]
-    Unknown(String),
-    /// A name no export can have (`device/..`); the sentence says why.
-    #[error("invalid export name {0:?}: {1}; exports are VDISK, VDISK@VERSION or device/DEVICE")]
-    Invalid(String, String),
-    #[error("{0}")]
-    Refused(String),
-    #[error("{0}")]
-    Failed(String),
-}
-
-/// An export resolved for one connection.
-pub struct Export {
-    pub name: String,
-    pub description: String,
-    pub disk: Arc<Disk>,
-    /// Present for device exports; ends the session's connection on drop.
-    pub session: Option<Box<dyn crate::nbd::SessionEnd>>,
-}
+pub use vstream_service::{Export, OpenError};
 
 /// Held by each connection of a device session.
 pub struct SessionGuard {
@@ -111,7 +90,7 @@ pub struct SessionGuard {
     release: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
-impl crate::nbd::SessionEnd for SessionGuard {
+impl vstream_service::SessionEnd for SessionGuard {
     fn ended_cleanly(&mut self) {
         self.clean = true;
     }

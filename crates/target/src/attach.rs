@@ -23,7 +23,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use tokio::sync::watch;
 use vstream_nbd::TFLAG_HAS_FLAGS;
-use vstream_server::nbd::{self, Exports};
+use vstream_service::{self as nbd, Exports};
 
 // <linux/nbd.h>: _IO(0xab, n).
 const NBD_SET_SOCK: libc::c_ulong = 0xab00;

@@ -12,7 +12,7 @@
 //! written blocks come from there. Only reads of blocks the device never
 //! wrote go to the farm, and those are safe to send again to any server
 //! holding the same content hash. The local NBD service is the server's own
-//! (`vstream_server::nbd`), serving this one export.
+//! (`vstream_service`), serving this one export.
 
 mod attach;
 mod cache;
@@ -28,10 +28,10 @@ use futures::future::BoxFuture;
 use tokio::sync::watch;
 use vstream_api::{LoginReply, LoginRequest, Pin};
 use vstream_image::Disk;
-use vstream_server::config::Listen;
-use vstream_server::metrics::Metrics;
-use vstream_server::nbd::{self, Exports};
-use vstream_server::state::{Export, OpenError};
+use vstream_service::metrics::Metrics;
+use vstream_service::Listen;
+use vstream_service::{self as nbd, Exports};
+use vstream_service::{Export, OpenError};
 
 pub use cache::CacheSpec;
 pub use login::LoginFailure;
@@ -53,7 +53,7 @@ pub struct Options {
     /// How long a server may leave a read unanswered before the agent moves.
     pub deadline: Duration,
     /// How its connections to servers find a vanished server.
-    pub keepalive: vstream_server::tcp::Keepalive,
+    pub keepalive: vstream_service::tcp::Keepalive,
 }
 
 /// The one export the agent serves.

@@ -84,7 +84,7 @@ pub struct Remote {
     boot: String,
     pin: Pin,
     deadline: Duration,
-    keepalive: vstream_server::tcp::Keepalive,
+    keepalive: vstream_service::tcp::Keepalive,
     current: Mutex<Arc<Connection>>,
     switching: tokio::sync::Mutex<()>,
     runtime: tokio::runtime::Handle,
@@ -388,7 +388,7 @@ impl Remote {
     }
 }
 
-impl vstream_server::nbd::RemoteBase for Remote {
+impl vstream_service::RemoteBase for Remote {
     fn read(
         &self,
         offset: u64,

@@ -67,7 +67,7 @@ impl Connection {
     pub async fn open(
         reply: &vstream_api::LoginReply,
         timeout: Duration,
-        keepalive: &vstream_server::tcp::Keepalive,
+        keepalive: &vstream_service::tcp::Keepalive,
     ) -> io::Result<Connection> {
         let (addr, export) = (reply.nbd.as_str(), reply.export.as_str());
         let connect = async {
@@ -75,7 +75,7 @@ impl Connection {
             s.set_nodelay(true)?;
             // A server that vanishes (power loss, a cut link) while no read
             // is waiting is found too, and the agent fails over.
-            if let Err(e) = vstream_server::tcp::configure(&s, keepalive) {
+            if let Err(e) = vstream_service::tcp::configure(&s, keepalive) {
                 tracing::warn!(%addr, error = %e, "setting TCP keepalive failed; a vanished server is found only by the read deadline");
             }
             let size = handshake(&mut s, export).await?.size;

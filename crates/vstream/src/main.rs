@@ -12,6 +12,8 @@
 //!   vstream target ...   run a device's agent                  (target_cmd.rs)
 //! ```
 //!
+//! `vstream-agent` (agent.rs) is `vstream target` alone, for an initramfs.
+//!
 //! Each subcommand lives in its own module and owns its clap arguments. The
 //! admin commands (`vdisk`, `device`, `version`) are a thin HTTP client of the
 //! server's JSON API, all going through `client.rs`; their `--api URL` and
@@ -26,6 +28,7 @@ mod client;
 mod device;
 mod farm_cmd;
 mod log_fields;
+mod logging;
 mod output;
 mod quarantine_cmd;
 mod replication_cmd;

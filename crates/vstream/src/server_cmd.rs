@@ -10,7 +10,6 @@
 //! Flags override the file, the file overrides the defaults; the defaults and
 //! the checks live in `vstream_server::config`, not here.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, Context, Result};
@@ -20,7 +19,6 @@ use vstream_api::ServerInfo;
 use crate::args::ListArgs;
 use crate::client::{api_path, Client, ClientArgs};
 use crate::output::{human_size, print, print_json, render_table};
-use tracing_subscriber::EnvFilter;
 use vstream_server::config::{Config, FileConfig, FlagConfig, LogFormat};
 
 #[derive(Debug, Args)]
@@ -179,7 +177,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
         return list(a);
     }
     let config = resolve(args)?;
-    init_logging(config.log_format)?;
+    crate::logging::init_logging(config.log_format == LogFormat::Json)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -224,29 +222,6 @@ fn resolve(args: ServerArgs) -> Result<Config> {
         adopt_data: args.adopt_data,
     };
     Config::resolve(file, flags).map_err(|e| anyhow!("invalid server configuration: {e}"))
-}
-
-/// Logs to stderr, filtered by RUST_LOG (default `info`), one line per
-/// event (see `log_fields.rs`).
-pub fn init_logging(format: LogFormat) -> Result<()> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(spec) if !spec.trim().is_empty() => EnvFilter::try_new(&spec)
-            .with_context(|| format!("RUST_LOG={spec:?} is not a valid log filter"))?,
-        _ => EnvFilter::new("info"),
-    };
-    // Colours only for a person watching, not in a journal or a file.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    let installed = match format {
-        // Fields from outside (export names, MACs) cannot break a line.
-        LogFormat::Text => builder
-            .fmt_fields(crate::log_fields::EscapedFields)
-            .try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-    installed.map_err(|e| anyhow!("setting up logging: {e}"))
 }
 
 fn list(a: ServerListArgs) -> Result<()> {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use vstream_server::config::Listen;
+use vstream_service::Listen;
 use vstream_target::{CacheSpec, Options};
 
 #[derive(Debug, Args)]
@@ -57,12 +57,12 @@ pub struct TargetArgs {
     pub deadline_ms: u64,
     /// Seconds a connection to a server may be idle before TCP keepalive
     /// probes it (every half of it); 0: no keepalive.
-    #[arg(long, value_name = "SECS", default_value_t = vstream_server::tcp::DEFAULT_KEEPALIVE_SECS)]
+    #[arg(long, value_name = "SECS", default_value_t = vstream_service::tcp::DEFAULT_KEEPALIVE_SECS)]
     pub tcp_keepalive_secs: u64,
     /// Seconds a connection to a server may go unacknowledged (data or
     /// keepalive probes) before the agent drops it and fails over; 0: the
     /// kernel's default.
-    #[arg(long, value_name = "SECS", default_value_t = vstream_server::tcp::DEFAULT_USER_TIMEOUT_SECS)]
+    #[arg(long, value_name = "SECS", default_value_t = vstream_service::tcp::DEFAULT_USER_TIMEOUT_SECS)]
     pub tcp_user_timeout_secs: u64,
 }
 
@@ -76,7 +76,7 @@ pub fn run(args: TargetArgs) -> Result<()> {
         .iter()
         .map(|l| l.parse::<Listen>().map_err(anyhow::Error::msg))
         .collect::<Result<Vec<_>>>()?;
-    let keepalive = vstream_server::tcp::Keepalive {
+    let keepalive = vstream_service::tcp::Keepalive {
         idle_secs: args.tcp_keepalive_secs,
         user_timeout_secs: args.tcp_user_timeout_secs,
     };
@@ -94,7 +94,7 @@ pub fn run(args: TargetArgs) -> Result<()> {
         cache: args.cache,
         deadline: Duration::from_millis(args.deadline_ms.max(1)),
     };
-    crate::server_cmd::init_logging(Default::default())?;
+    crate::logging::init_logging(false)?;
     // One thread: every request crosses the local socket, the agent and the
     // upstream socket, and wake-ups between worker threads cost more than the
     // work (perf: a third of the agent's CPU was in task switches).
@@ -105,7 +105,7 @@ pub fn run(args: TargetArgs) -> Result<()> {
     runtime.block_on(async move {
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
-            vstream_server::wait_for_signal().await;
+            vstream_service::wait_for_signal().await;
             tracing::info!("stopping");
             let _ = tx.send(true);
         });

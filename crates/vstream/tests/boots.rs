@@ -307,16 +307,19 @@ fn the_agent_keeps_its_cache_within_a_boot_and_not_across_boots() {
     ]);
     let mac = "52:54:00:00:17:70";
     add_device(&server, "pc", mac, "v");
-    let agent = |boot: &str| {
+    let agent_from = |program: &str, boot: &str| {
+        let mut flags = vec![program, "--deadline-ms", "4000", "--boot-id", boot];
+        flags.retain(|f| !f.is_empty());
         TestAgent::start_with(
             dir.path(),
             &format!("agent-{boot}"),
             mac,
             &[&server.api],
             "ram:64MiB",
-            &["--deadline-ms", "4000", "--boot-id", boot],
+            &flags,
         )
     };
+    let agent = |boot: &str| agent_from("", boot);
     let url = |a: &TestAgent| format!("nbd+unix:///?socket={}", a.sock.display());
     let a = agent("boot-a");
     let mut c = Nbd::connect(&url(&a));
@@ -326,7 +329,8 @@ fn the_agent_keeps_its_cache_within_a_boot_and_not_across_boots() {
     drop(a); // SIGKILL: no NBD_CMD_DISC to the server
     wait_disconnected(&server, "pc");
 
-    let a = agent("boot-a");
+    // Started again as `vstream-agent`, the agent alone: the same agent.
+    let a = agent_from("--agent-binary", "boot-a");
     let mut c = Nbd::connect(&url(&a));
     assert_eq!(
         c.cmd("check 0 65536 0x31"),

@@ -1180,7 +1180,10 @@ t = threading.Thread(target=promote)
 t.start()
 time.sleep(float(delay))
 h = None
+# Attempts made while the promote still ran: 0 means the window was missed.
+tries = 0
 while t.is_alive():
+    tries += 1
     x = nbd.NBD()
     try:
         x.connect_uri(url)
@@ -1190,6 +1193,7 @@ while t.is_alive():
         pass
 t.join()
 print("promote", out["rc"], out["msg"], flush=True)
+print("tries", tries, flush=True)
 if h is None:
     print("connected 0", flush=True)
     sys.exit(0)
@@ -1240,6 +1244,9 @@ fn a_maintenance_device_cannot_write_a_version_promoted_under_it() {
         "maintenance",
     ]);
     let m1 = server.url("device/m1");
+    // Rounds whose device tried to connect while the promote ran: the race
+    // this test is about happened in them.
+    let mut raced = 0;
     // Each round starts the device's attempts a little later into the promote.
     for (round, delay) in ["0.01", "0.03", "0.05", "0.08", "0.12"].iter().enumerate() {
         server.cli_ok(&["version", "new", "race"]);
@@ -1275,6 +1282,12 @@ fn a_maintenance_device_cannot_write_a_version_promoted_under_it() {
         let promoted = said.lines().any(|l| l.starts_with("promote 0 "));
         let connected = said.lines().any(|l| l == "connected 1");
         let wrote = said.lines().any(|l| l == "write ok");
+        if said
+            .lines()
+            .any(|l| l.starts_with("tries ") && l != "tries 0")
+        {
+            raced += 1;
+        }
         let list = versions(&server, "race");
         assert!(
             !(promoted && connected && wrote),
@@ -1294,6 +1307,11 @@ fn a_maintenance_device_cannot_write_a_version_promoted_under_it() {
             ]);
         }
     }
+    // The test proves something only if the device met the promote.
+    assert!(
+        raced >= 3,
+        "only {raced} of 5 rounds tried to connect while the promote ran: the window was missed"
+    );
 }
 
 /// Version 1 is written in Private mode after its import, then sealed by

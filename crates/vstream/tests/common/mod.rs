@@ -11,6 +11,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_vstream");
+/// The agent alone (`vstream target` without the server).
+pub const AGENT_BIN: &str = env!("CARGO_BIN_EXE_vstream-agent");
 
 /// `have(tool)`: true if `tool` is on PATH, else a skip. `skip(why)`: a test
 /// that cannot run here says why; under CI=true that fails it, and by hand it
@@ -580,8 +582,17 @@ impl TestAgent {
             .iter()
             .map(|a| a.trim_start_matches("http://"))
             .collect();
-        let child = Command::new(BIN)
-            .args(["target", "--bootstrap", &bootstrap.join(","), "--mac", mac])
+        // `--agent-binary` first in `extra`: run `vstream-agent` instead.
+        let (mut cmd, extra) = match extra.split_first() {
+            Some((&"--agent-binary", rest)) => (Command::new(AGENT_BIN), rest),
+            _ => {
+                let mut c = Command::new(BIN);
+                c.arg("target");
+                (c, extra)
+            }
+        };
+        let child = cmd
+            .args(["--bootstrap", &bootstrap.join(","), "--mac", mac])
             .arg("--listen")
             .arg(format!("unix:{}", sock.display()))
             .args(["--cache", cache])

@@ -10,8 +10,7 @@ use vstream_nbd::handshake::{
 };
 use vstream_nbd::*;
 
-use super::Exports;
-use crate::state::{Export, OpenError};
+use crate::{Export, Exports, OpenError};
 
 /// Largest request payload we accept (READ length or WRITE data).
 pub const MAX_PAYLOAD: u32 = 32 << 20;

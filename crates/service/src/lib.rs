@@ -1,4 +1,9 @@
-//! The NBD stream service: listeners, one task per connection, drain on shutdown.
+//! The NBD stream service, one front door onto a device's storage:
+//! listeners, one task per connection, the handshake and transmission
+//! phases over [`vstream_nbd`]'s codec, connection limits, TCP keepalive
+//! and metrics; drain on shutdown. It serves whatever implements
+//! [`Exports`]: the provisioning server's vDisks and device exports, or the
+//! one device of a `vstream target` agent. It knows no farm, store or HTTP.
 //!
 //! ```text
 //!   accept --> limits (all, per peer address) --> handshake (timeout)
@@ -22,12 +27,86 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::config::Listen;
+pub mod limits;
+pub mod metrics;
+pub mod tcp;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
 pub use crate::limits::Limits;
 use crate::limits::RefusalLog;
 use crate::metrics::Metrics;
-use crate::state::{Export, OpenError, Server};
 use transmission::Ending;
+use vstream_image::Disk;
+
+/// Where the NBD service listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Listen, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            return Ok(Listen::Unix(PathBuf::from(p)));
+        }
+        s.parse::<SocketAddr>().map(Listen::Tcp).map_err(|e| {
+            format!("{s:?} is not HOST:PORT (an IP address and a port) or unix:PATH: {e}")
+        })
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(a) => write!(f, "{a}"),
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Why a device cannot open its export.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("no export named {0:?}; exports are a vDisk name or device/DEVICE")]
+    Unknown(String),
+    /// A name no export can have (`device/..`); the sentence says why.
+    #[error("invalid export name {0:?}: {1}; exports are VDISK, VDISK@VERSION or device/DEVICE")]
+    Invalid(String, String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// An export resolved for one connection.
+pub struct Export {
+    pub name: String,
+    pub description: String,
+    pub disk: Arc<Disk>,
+    /// Present for device exports; ends the session's connection on drop.
+    pub session: Option<Box<dyn SessionEnd>>,
+}
+
+/// Waits for SIGTERM or SIGINT.
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}
 
 /// A bound NBD listener.
 /// What an NBD service serves: the provisioning server's vDisks and device
@@ -81,46 +160,6 @@ pub trait SessionEnd: Send + Sync {
     /// Turns true when the server lets the device go (a rebalance).
     fn released(&self) -> Option<watch::Receiver<bool>> {
         None
-    }
-}
-
-impl Exports for Server {
-    fn open<'a>(
-        self: Arc<Self>,
-        name: &'a str,
-        peer: &'a str,
-        go: bool,
-    ) -> BoxFuture<'a, Result<Export, OpenError>> {
-        Box::pin(async move { self.open_export(name, peer, go).await })
-    }
-    fn list(&self) -> Vec<(String, String)> {
-        self.store
-            .list()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|n| {
-                let d = format!("vDisk {n} (read-only)");
-                (n, d)
-            })
-            .collect()
-    }
-    fn structured_replies(&self) -> bool {
-        self.config.structured_replies
-    }
-    fn handshake_timeout(&self) -> Duration {
-        Duration::from_secs(self.config.handshake_timeout_secs)
-    }
-    fn idle_timeout(&self, export: &Export) -> Option<Duration> {
-        if is_device_session(&export.name) || self.config.idle_timeout_secs == 0 {
-            return None;
-        }
-        Some(Duration::from_secs(self.config.idle_timeout_secs))
-    }
-    fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-    fn keepalive(&self) -> crate::tcp::Keepalive {
-        self.config.keepalive
     }
 }
 

@@ -24,9 +24,9 @@ use vstream_nbd::transmission::{
 };
 use vstream_nbd::*;
 
-use super::handshake::{Negotiated, MAX_PAYLOAD};
-use super::{Exports, RemoteBase};
+use crate::handshake::{Negotiated, MAX_PAYLOAD};
 use crate::metrics::Metrics;
+use crate::{Exports, RemoteBase};
 
 /// Most requests of one connection on the blocking pool at once.
 const MAX_IN_FLIGHT: u32 = 64;
@@ -429,7 +429,7 @@ impl Conn {
                 encode_block_status(
                     out,
                     req.cookie,
-                    super::handshake::BASE_ALLOCATION_ID,
+                    crate::handshake::BASE_ALLOCATION_ID,
                     &extents,
                 );
                 true

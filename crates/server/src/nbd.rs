@@ -1,0 +1,49 @@
+//! The server as an NBD front door: what [`vstream_service`] serves of it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+pub use vstream_service::*;
+
+use crate::state::Server;
+
+impl Exports for Server {
+    fn open<'a>(
+        self: Arc<Self>,
+        name: &'a str,
+        peer: &'a str,
+        go: bool,
+    ) -> BoxFuture<'a, Result<Export, OpenError>> {
+        Box::pin(async move { self.open_export(name, peer, go).await })
+    }
+    fn list(&self) -> Vec<(String, String)> {
+        self.store
+            .list()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|n| {
+                let d = format!("vDisk {n} (read-only)");
+                (n, d)
+            })
+            .collect()
+    }
+    fn structured_replies(&self) -> bool {
+        self.config.structured_replies
+    }
+    fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.config.handshake_timeout_secs)
+    }
+    fn idle_timeout(&self, export: &Export) -> Option<Duration> {
+        if is_device_session(&export.name) || self.config.idle_timeout_secs == 0 {
+            return None;
+        }
+        Some(Duration::from_secs(self.config.idle_timeout_secs))
+    }
+    fn metrics(&self) -> &metrics::Metrics {
+        &self.metrics
+    }
+    fn keepalive(&self) -> tcp::Keepalive {
+        self.config.keepalive
+    }
+}
