@@ -328,7 +328,14 @@ pub async fn run(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver
                 let view = Arc::new(view);
                 let (s, v) = (server.clone(), view.clone());
                 let _ = tokio::task::spawn_blocking(move || crate::stores::follow(&s, &v)).await;
+                let first = server.membership.view().vdisks.is_empty() && !view.vdisks.is_empty();
                 *server.membership.view.write() = view;
+                if first {
+                    // The vDisks' modes are known now: a Standard-mode version
+                    // not sealed yet is offered from its record at once, not
+                    // at the next tick.
+                    server.membership.publish_now.notify_one();
+                }
                 if !was {
                     tracing::info!(server = %server.config.name, "farm state reachable");
                 }
