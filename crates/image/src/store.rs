@@ -573,7 +573,8 @@ impl Store {
 
     /// Checks version `number` of vDisk `name` as [`Store::verify`] does,
     /// reading only the layers `trust` does not cover (a base shared by many
-    /// versions is read once), calling `pace(bytes)` after each block read.
+    /// versions is read once), calling `pace(bytes)` after each block read;
+    /// `pace` returning false stops the check (an `Interrupted` I/O error).
     /// Then records what it read, and the version, in the verification
     /// record, unless a file changed while it was read.
     pub fn check(
@@ -582,7 +583,7 @@ impl Store {
         number: u32,
         expected: &str,
         trust: Trust,
-        pace: &mut dyn FnMut(u64),
+        pace: &mut dyn FnMut(u64) -> bool,
     ) -> Result<CheckReport, ImageError> {
         let chain = self.chain(name, number)?;
         let dir = self.vdisk_dir(name)?;
@@ -1385,16 +1386,17 @@ pub fn verify_layers_where(
     expected: &str,
     check: impl Fn(usize) -> LayerCheck,
 ) -> Result<(), ImageError> {
-    verify_layers_paced(layers, expected, check, &mut |_| {})
+    verify_layers_paced(layers, expected, check, &mut |_| true)
 }
 
 /// Like [`verify_layers_where`], calling `pace(bytes)` after each block
-/// read (to count or throttle the reading).
+/// read (to count or throttle the reading); `pace` returning false stops
+/// the check with an `Interrupted` I/O error.
 pub fn verify_layers_paced(
     layers: &[Arc<Layer>],
     expected: &str,
     check: impl Fn(usize) -> LayerCheck,
-    pace: &mut dyn FnMut(u64),
+    pace: &mut dyn FnMut(u64) -> bool,
 ) -> Result<(), ImageError> {
     if let Some((layer, block)) = first_bad_block_where(layers, check, pace)? {
         return Err(ImageError::CorruptLayer {
@@ -1419,13 +1421,13 @@ pub fn verify_layers_paced(
 /// block hashes, checking bottom up, so a bad block is blamed on the layer
 /// that holds it.
 pub fn first_bad_block(layers: &[Arc<Layer>]) -> Result<Option<(Arc<Layer>, u64)>, ImageError> {
-    first_bad_block_where(layers, |_| LayerCheck::Full, &mut |_| {})
+    first_bad_block_where(layers, |_| LayerCheck::Full, &mut |_| true)
 }
 
 fn first_bad_block_where(
     layers: &[Arc<Layer>],
     check: impl Fn(usize) -> LayerCheck,
-    pace: &mut dyn FnMut(u64),
+    pace: &mut dyn FnMut(u64) -> bool,
 ) -> Result<Option<(Arc<Layer>, u64)>, ImageError> {
     for i in 0..layers.len() {
         let layer = &layers[i];
@@ -1443,17 +1445,24 @@ fn first_bad_block_where(
         };
         let disk = Disk::read_only(layers[..=i].to_vec());
         let mut bad = None;
+        let mut stopped = false;
         hash::scan_top_where(
             &disk,
             |b| !only_unheld || !layer.holds_block(b),
             |block, good| {
-                pace(crate::HASH_BLOCK);
                 if !good {
                     bad = Some(block);
                 }
-                good
+                stopped = !pace(crate::HASH_BLOCK);
+                good && !stopped
             },
         )?;
+        if stopped && bad.is_none() {
+            return Err(ImageError::Io(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "the check was stopped",
+            )));
+        }
         if let Some(block) = bad {
             return Ok(Some((layer.clone(), block)));
         }
@@ -1654,11 +1663,16 @@ mod tests {
         );
 
         // Version 1 read in full; version 2 then reads its own layer only.
-        let r1 = store.check("d", 1, &h1, Trust::Read, &mut |_| {}).unwrap();
+        let r1 = store
+            .check("d", 1, &h1, Trust::Read, &mut |_| true)
+            .unwrap();
         assert_eq!(r1.read, v1.layers);
         let mut bytes = 0;
         let r2 = store
-            .check("d", 2, &h2, Trust::Read, &mut |n| bytes += n)
+            .check("d", 2, &h2, Trust::Read, &mut |n| {
+                bytes += n;
+                true
+            })
             .unwrap();
         assert_eq!(
             r2.read,
@@ -1680,7 +1694,7 @@ mod tests {
         // A new process trusts the record, and reads nothing for it.
         let again = Store::open(dir.path()).unwrap();
         let r = again
-            .check("d", 2, &h2, Trust::Recorded, &mut |_| {})
+            .check("d", 2, &h2, Trust::Recorded, &mut |_| true)
             .unwrap();
         assert_eq!(r.recorded, v2.layers);
         assert!(r.read.is_empty());
@@ -1701,7 +1715,7 @@ mod tests {
         assert!(!fresh.is_recorded("d", 1, &h1).unwrap());
         assert!(!fresh.is_recorded("d", 2, &h2).unwrap());
         let err = fresh
-            .check("d", 2, &h2, Trust::Recorded, &mut |_| {})
+            .check("d", 2, &h2, Trust::Recorded, &mut |_| true)
             .unwrap_err();
         assert!(
             matches!(&err, ImageError::CorruptLayer { path, .. } if *path == base),

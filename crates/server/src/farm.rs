@@ -540,7 +540,10 @@ fn check_now(
             recorded: layers_of(server, name, number),
         });
     }
-    let mut pace = |n| Metrics::add(&m.check_read_bytes, n);
+    let mut pace = |n| {
+        Metrics::add(&m.check_read_bytes, n);
+        true
+    };
     match server
         .store
         .check(name, number, hash, Trust::Recorded, &mut pace)
@@ -605,8 +608,11 @@ pub async fn ensure_verified(
                 m.failed.lock().insert(key.clone());
                 let files = blamed(server, name, number, &e);
                 let (s, n) = (server.clone(), name.to_owned());
-                let _ =
+                let forgot =
                     tokio::task::spawn_blocking(move || s.store.forget_checked(&n, &files)).await;
+                if let Ok(Err(e)) = forgot {
+                    tracing::warn!(vdisk = %name, error = %e, "could not forget the failed check in the verification record");
+                }
                 Err(format!(
                     "this server's copy of version {number} of vDisk {name} failed verification: {e}"
                 ))

@@ -217,6 +217,21 @@ fn a_restart_on_unchanged_files_logs_a_device_in_at_once() {
         data.join("vdisks/v/verified.json").exists(),
         "the check wrote the record again"
     );
+
+    // A server stopped while it re-checks (1 GiB at 64 MiB/s) stops at once.
+    assert_eq!(server.stop().code(), Some(0));
+    server.restart();
+    first_login(&server, mac, Instant::now());
+    wait_for(30, "the re-check to begin", || {
+        (server.metric("vstream_recheck_read_bytes_total") > 0).then_some(())
+    });
+    let stopping = Instant::now();
+    assert_eq!(server.stop().code(), Some(0));
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "SIGTERM waited {:?} for the re-check",
+        stopping.elapsed()
+    );
 }
 
 /// (b) A layer file changed while the server was down (one flipped byte) is

@@ -54,8 +54,8 @@ pub async fn recheck(server: Arc<Server>, mut shutdown: tokio::sync::watch::Rece
     loop {
         match server.membership.next_recheck() {
             Some(key) => {
-                let s = server.clone();
-                let _ = tokio::task::spawn_blocking(move || recheck_one(&s, &key)).await;
+                let (s, stop) = (server.clone(), shutdown.clone());
+                let _ = tokio::task::spawn_blocking(move || recheck_one(&s, &key, &stop)).await;
             }
             None => tokio::select! {
                 _ = server.membership.recheck_now.notified() => {}
@@ -68,8 +68,13 @@ pub async fn recheck(server: Arc<Server>, mut shutdown: tokio::sync::watch::Rece
 
 /// Reads version `key` again in full, at the scrub's pace and priority: every
 /// layer not read by this process since it last changed (a base shared with
-/// a version checked before is not read twice).
-fn recheck_one(server: &Server, key: &crate::farm::VersionKey) {
+/// a version checked before is not read twice). Stops at once on `stop`:
+/// a server shutting down does not wait for it.
+fn recheck_one(
+    server: &Server,
+    key: &crate::farm::VersionKey,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) {
     let (name, number, hash) = key;
     let m = &server.membership;
     if !m.is_verified(name, *number, hash) {
@@ -78,8 +83,12 @@ fn recheck_one(server: &Server, key: &crate::farm::VersionKey) {
     let _low_io = LowIo::enter();
     let throttle = &server.replication.scrub_throttle;
     let mut pace = |n| {
+        if *stop.borrow() {
+            return false;
+        }
         throttle.take(n);
         Metrics::add(&m.recheck_read_bytes, n);
+        true
     };
     match server
         .store
@@ -89,6 +98,7 @@ fn recheck_one(server: &Server, key: &crate::farm::VersionKey) {
             tracing::info!(vdisk = %name, version = number, read = ?report.read, "replica re-checked: read again in full and found right");
         }
         Err(ImageError::NoSuchVDisk(_)) => {}
+        Err(ImageError::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
         // Deleted, or written (another content now): nothing failed.
         Err(_) if crate::farm::current_hash(server, name, *number).as_deref() != Some(hash) => {}
         Err(e) => crate::farm::withdraw(server, key, &e),
