@@ -56,10 +56,14 @@ pub struct Store {
     areas: Arc<RwLock<Areas>>,
     /// Layer files this process read in full and found matching their
     /// hashes, by path: the file as it was then, and the layers read through.
-    read: Arc<Mutex<HashMap<PathBuf, (FileId, Vec<String>)>>>,
+    read: Arc<Mutex<HashMap<PathBuf, ReadLayer>>>,
     /// Serialises the updates of the verification records.
     records: Arc<Mutex<()>>,
 }
+
+/// A layer file as it was when this process read it in full: its identity,
+/// and the layers read through.
+type ReadLayer = (FileId, Vec<String>);
 
 /// What [`Store::check`] takes as checked without reading it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
