@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::nbd::Nbd;
-use common::{have, have_python_nbd, wait_for, TestServer};
+use common::{have, have_python_nbd, wait_for, TestEtcd, TestServer};
 
 const MIB: u64 = 1 << 20;
 
@@ -129,6 +129,29 @@ fn flip(layer: &Path, size: u64, at: u64) {
     f.read_exact_at(&mut b, off).expect("read");
     f.write_all_at(&[b[0] ^ 0x10], off).expect("write");
     f.sync_all().expect("sync");
+}
+
+/// Rewrites the verification record of `vdisk` in `data` so that it says
+/// `layer` is as it is now: a change no file metadata shows (bit rot under
+/// the file system).
+fn record_as_is(data: &Path, vdisk: &str, layer: &Path) {
+    let record_path = data.join("vdisks").join(vdisk).join("verified.json");
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record_path).expect("record")).expect("JSON");
+    let m = std::fs::metadata(layer).unwrap();
+    let name = layer.file_name().unwrap().to_str().unwrap();
+    let entry = record["layers"]
+        .as_array_mut()
+        .expect("layers")
+        .iter_mut()
+        .find(|l| l["file"] == name)
+        .expect("the layer in the record");
+    entry["size"] = m.len().into();
+    entry["mtime_ns"] = (m.mtime() * 1_000_000_000 + m.mtime_nsec()).into();
+    entry["ctime_ns"] = (m.ctime() * 1_000_000_000 + m.ctime_nsec()).into();
+    entry["ino"] = m.ino().into();
+    entry["dev"] = m.dev().into();
+    std::fs::write(&record_path, serde_json::to_vec(&record).unwrap()).unwrap();
 }
 
 fn log_lines<'a>(log: &'a str, what: &str, vdisk: &str) -> Vec<&'a str> {
@@ -311,23 +334,7 @@ fn a_layer_changed_while_the_server_was_down_is_caught_before_it_is_offered() {
 
     // 3. Bit rot: the record rewritten to the file as it is now.
     flip(&layer, size, at);
-    let record_path = data.join("vdisks/b/verified.json");
-    let mut record: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&record_path).expect("record")).expect("JSON");
-    let m = std::fs::metadata(&layer).unwrap();
-    let name = layer.file_name().unwrap().to_str().unwrap();
-    let entry = record["layers"]
-        .as_array_mut()
-        .expect("layers")
-        .iter_mut()
-        .find(|l| l["file"] == name)
-        .expect("b's base in the record");
-    entry["size"] = m.len().into();
-    entry["mtime_ns"] = (m.mtime() * 1_000_000_000 + m.mtime_nsec()).into();
-    entry["ctime_ns"] = (m.ctime() * 1_000_000_000 + m.ctime_nsec()).into();
-    entry["ino"] = m.ino().into();
-    entry["dev"] = m.dev().into();
-    std::fs::write(&record_path, serde_json::to_vec(&record).unwrap()).unwrap();
+    record_as_is(&data, "b", &layer);
     server.restart();
     wait_for(60, "the re-check to take b out of service", || {
         (log_lines(&server.log_text(), "failed its re-check", "b").len() >= 2).then_some(())
@@ -411,5 +418,72 @@ fn a_private_vdisk_a_device_writes_is_not_checked_as_a_replica_at_start() {
             log_lines(&log, "replica verified", "p").is_empty(),
             "round {round}: the written Private version was read as a replica:\n{log}"
         );
+    }
+}
+
+/// True if `s` sees server `server` up and holding `vdisk@number` verified.
+fn offered_by(s: &TestServer, server: &str, vdisk: &str, number: u64) -> bool {
+    let out = s.cli(&["server", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    list.as_array().is_some_and(|l| {
+        l.iter().any(|x| {
+            x["name"] == server
+                && x["up"] == true
+                && x["versions"].as_array().is_some_and(|vs| {
+                    vs.iter().any(|v| {
+                        v["vdisk"] == vdisk && v["number"] == number && v["verified"] == true
+                    })
+                })
+        })
+    })
+}
+
+/// In a farm, a copy the background re-check finds bad after a restart is
+/// taken out of service: every login, on either server, goes to the other.
+#[test]
+fn logins_leave_a_copy_that_fails_its_recheck() {
+    if !have("curl") {
+        return;
+    }
+    let Some(etcd) = TestEtcd::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let s1 = TestServer::start_in_farm(dir.path().join("s1"), &etcd.url, "s1");
+    let mut s2 = TestServer::start_in_farm(dir.path().join("s2"), &etcd.url, "s2");
+    let size = 64 * MIB;
+    let mac = "52:54:00:dd:00:01";
+    standard_vdisk(&s1, dir.path(), "r", size, mac, 0);
+    wait_for(120, "version 2 replicated and verified on s2", || {
+        offered_by(&s1, "s2", "r", 2).then_some(())
+    });
+    assert_eq!(s2.stop().code(), Some(0));
+    let layer = base_layer(&s2.data, "r");
+    flip(&layer, size, 17 * MIB + 5);
+    record_as_is(&s2.data, "r", &layer);
+    s2.restart();
+    let log = wait_for(60, "s2's re-check to take r out of service", || {
+        let log = s2.log_text();
+        (log_lines(&log, "failed its re-check", "r").len() >= 2).then_some(log)
+    });
+    assert!(
+        log_lines(&log, "replica verified by its record", "r").len() >= 2,
+        "s2 offered r from its record at start:\n{log}"
+    );
+    wait_for(10, "s1 to see s2's copy withdrawn", || {
+        (!offered_by(&s1, "s2", "r", 2) && offered_by(&s1, "s1", "r", 2)).then_some(())
+    });
+    for round in 0..10 {
+        for s in [&s1, &s2] {
+            let (code, body) = login(s, mac);
+            assert_eq!(code, 200, "{body}");
+            let reply: serde_json::Value = serde_json::from_str(&body).expect("reply");
+            assert_eq!(
+                reply["server"], "s1",
+                "login {round} via {}: {reply}",
+                s.api
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
