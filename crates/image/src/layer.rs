@@ -278,6 +278,10 @@ impl Layer {
     pub fn path(&self) -> &Path {
         &self.path
     }
+    /// The identity of the open file (see [`crate::record::FileId`]).
+    pub fn file_id(&self) -> io::Result<crate::record::FileId> {
+        Ok(crate::record::FileId::from_metadata(&self.file.metadata()?))
+    }
     pub fn size(&self) -> u64 {
         self.geo.size
     }

@@ -7,6 +7,7 @@ pub mod folders;
 pub mod formats;
 pub mod hash;
 pub mod layer;
+pub mod record;
 pub mod replica;
 pub mod store;
 pub mod versions;
@@ -15,7 +16,7 @@ pub use disk::{Base, ChainIndex, Disk, Extent, LocalRead};
 pub use error::{ImageError, WriteError};
 pub use layer::{Layer, CHUNK, HASH_BLOCK};
 pub use store::{
-    crash_point, first_bad_block, verify_layers, verify_layers_where, Chain, LayerCheck, Staging,
-    Store,
+    crash_point, first_bad_block, verify_layers, verify_layers_paced, verify_layers_where, Chain,
+    CheckReport, LayerCheck, Staging, Store, Trust,
 };
 pub use versions::{Properties, Version, VersionState};

@@ -4,6 +4,7 @@
 //! ```text
 //!   DIR/vdisks/NAME/vdisk.toml        properties and versions (our .pvp)
 //!   DIR/vdisks/NAME/v1-1a2b3c4d.layer one file per layer
+//!   DIR/vdisks/NAME/verified.json     what this server checked of them (see `record`)
 //!   DIR/cache/DEVICE.layer            a Standard-mode device's server-side write cache
 //!   DIR/tmp/                          imports in progress; vstream's leftovers removed at start
 //!   DIR/.vstream-store                the marker: this folder is vstream's
@@ -35,6 +36,7 @@ use crate::error::{ImageError, WriteError};
 use crate::folders;
 use crate::hash::{self, Hash};
 use crate::layer::{size_text, sync_dir, Layer, CHUNK, MAX_NEW_SIZE};
+use crate::record::{FileId, Record};
 use crate::versions::{Properties, Version, VersionState};
 
 const PROPERTIES: &str = "vdisk.toml";
@@ -52,6 +54,33 @@ pub struct Store {
     indexes: Arc<Mutex<HashMap<Vec<PathBuf>, Weak<ChainIndex>>>>,
     /// The named stores this server holds, and which vDisk lives in which.
     areas: Arc<RwLock<Areas>>,
+    /// Layer files this process read in full and found matching their
+    /// hashes, by path: the file as it was then, and the layers read through.
+    read: Arc<Mutex<HashMap<PathBuf, ReadLayer>>>,
+    /// Serialises the updates of the verification records.
+    records: Arc<Mutex<()>>,
+}
+
+/// A layer file as it was when this process read it in full: its identity,
+/// and the layers read through.
+type ReadLayer = (FileId, Vec<String>);
+
+/// What [`Store::check`] takes as checked without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trust {
+    /// The layers this process read in full since their files last changed.
+    Read,
+    /// Those, and the layers whose verification record holds.
+    Recorded,
+}
+
+/// What [`Store::check`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Layers read in full now.
+    pub read: Vec<String>,
+    /// Layers taken from the verification record: not read by this process.
+    pub recorded: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -183,6 +212,8 @@ impl Store {
             ops: Arc::default(),
             indexes: Arc::default(),
             areas: Arc::default(),
+            read: Arc::default(),
+            records: Arc::default(),
         };
         for name in store.list()? {
             if let Err(e) = store.collect_garbage(&name) {
@@ -509,12 +540,211 @@ impl Store {
     /// Checks version `number` of vDisk `name` as a replica (see [`verify_layers`]).
     pub fn verify(&self, name: &str, number: u32, expected: &str) -> Result<(), ImageError> {
         let chain = self.chain(name, number)?;
-        verify_layers(&chain.layers, expected).map_err(|e| match e {
-            ImageError::Invalid(reason) => {
-                ImageError::Invalid(format!("version {number} of vDisk {name}: {reason}"))
+        verify_layers(&chain.layers, expected).map_err(|e| name_version(e, name, number))
+    }
+
+    /// True if version `number` of vDisk `name` is in its verification
+    /// record with content hash `expected`, and every layer file of it is as
+    /// recorded, over the same layers: it was checked, and has not changed
+    /// since. Reads the record and the files' metadata, nothing else.
+    pub fn is_recorded(&self, name: &str, number: u32, expected: &str) -> Result<bool, ImageError> {
+        let props = self.properties(name)?;
+        let Some(version) = props.version(number).filter(|v| v.is_live()) else {
+            return Ok(false);
+        };
+        if version
+            .content_hash
+            .as_deref()
+            .is_some_and(|h| version.is_sealed() && h != expected)
+        {
+            return Ok(false);
+        }
+        let dir = self.vdisk_dir(name)?;
+        let record = Record::load(&dir);
+        if !record.version_holds(&version.layers, expected) {
+            return Ok(false);
+        }
+        for (i, file) in version.layers.iter().enumerate() {
+            let Ok(id) = FileId::of(&dir.join(file)) else {
+                return Ok(false);
+            };
+            if !record.layer_holds(file, &version.layers[..i], &id) {
+                return Ok(false);
             }
-            other => other,
-        })
+        }
+        Ok(true)
+    }
+
+    /// Checks version `number` of vDisk `name` as [`Store::verify`] does,
+    /// reading only the layers `trust` does not cover (a base shared by many
+    /// versions is read once), calling `pace(bytes)` after each block read;
+    /// `pace` returning false stops the check (an `Interrupted` I/O error).
+    /// Then records what it read, and the version, in the verification
+    /// record, unless a file changed while it was read.
+    pub fn check(
+        &self,
+        name: &str,
+        number: u32,
+        expected: &str,
+        trust: Trust,
+        pace: &mut dyn FnMut(u64) -> bool,
+    ) -> Result<CheckReport, ImageError> {
+        let chain = self.chain(name, number)?;
+        let dir = self.vdisk_dir(name)?;
+        let files = chain.version.layers.clone();
+        let ids = |layers: &[Arc<Layer>]| -> Result<Vec<FileId>, ImageError> {
+            layers
+                .iter()
+                .map(|l| {
+                    l.file_id().map_err(|source| ImageError::OpenLayer {
+                        path: l.path().to_owned(),
+                        source,
+                    })
+                })
+                .collect()
+        };
+        let before = ids(&chain.layers)?;
+        let record = match trust {
+            Trust::Recorded => Record::load(&dir),
+            Trust::Read => Record::default(),
+        };
+        let mut report = CheckReport::default();
+        let mut full = vec![true; files.len()];
+        {
+            let read = self.read.lock();
+            for (i, file) in files.iter().enumerate() {
+                let below = &files[..i];
+                let path = chain.layers[i].path();
+                if read
+                    .get(path)
+                    .is_some_and(|(id, b)| *id == before[i] && b == below)
+                {
+                    full[i] = false;
+                } else if record.layer_holds(file, below, &before[i]) {
+                    full[i] = false;
+                    report.recorded.push(file.clone());
+                } else {
+                    report.read.push(file.clone());
+                }
+            }
+        }
+        verify_layers_paced(
+            &chain.layers,
+            expected,
+            |i| {
+                if full[i] {
+                    LayerCheck::Full
+                } else {
+                    LayerCheck::Skip
+                }
+            },
+            pace,
+        )
+        .map_err(|e| name_version(e, name, number))?;
+        // What was read stood still while it was read: recorded.
+        let after = ids(&chain.layers)?;
+        let stable: Vec<bool> = before.iter().zip(&after).map(|(a, b)| a == b).collect();
+        {
+            let mut read = self.read.lock();
+            for i in (0..files.len()).filter(|&i| full[i] && stable[i]) {
+                read.insert(
+                    chain.layers[i].path().to_owned(),
+                    (after[i], files[..i].to_vec()),
+                );
+            }
+        }
+        let now = now_unix();
+        self.update_record(name, |r| {
+            for i in (0..files.len()).filter(|&i| full[i] && stable[i]) {
+                r.set_layer(&files[i], &files[..i], after[i], now);
+            }
+            if stable.iter().all(|&s| s) {
+                r.set_version(&files, expected, now);
+            }
+        });
+        Ok(report)
+    }
+
+    /// Records version `number` of vDisk `name`, with content hash
+    /// `expected`, and its layer files as they are now, as checked: for
+    /// what was hashed from its data just now (an import, a seal, a replica
+    /// checked as it arrived).
+    pub fn record_checked(
+        &self,
+        name: &str,
+        number: u32,
+        expected: &str,
+    ) -> Result<(), ImageError> {
+        let props = self.properties(name)?;
+        let version = props
+            .version(number)
+            .filter(|v| v.is_live())
+            .ok_or_else(|| ImageError::Invalid(format!("vDisk {name} has no version {number}")))?;
+        let dir = self.vdisk_dir(name)?;
+        let files = &version.layers;
+        let mut ids = Vec::with_capacity(files.len());
+        for f in files {
+            let path = dir.join(f);
+            let id = FileId::of(&path).map_err(|source| ImageError::OpenLayer { path, source })?;
+            ids.push(id);
+        }
+        {
+            let mut read = self.read.lock();
+            for (i, f) in files.iter().enumerate() {
+                read.insert(dir.join(f), (ids[i], files[..i].to_vec()));
+            }
+        }
+        let now = now_unix();
+        self.update_record(name, |r| {
+            for (i, f) in files.iter().enumerate() {
+                r.set_layer(f, &files[..i], ids[i], now);
+            }
+            r.set_version(files, expected, now);
+        });
+        Ok(())
+    }
+
+    /// Forgets that layers `files` of vDisk `name` (and the layers read
+    /// through them, and the versions made with them) were checked, here and
+    /// in the verification record: they are read in full before they are
+    /// offered again after a restart.
+    pub fn forget_checked(&self, name: &str, files: &[String]) -> Result<(), ImageError> {
+        let dir = self.vdisk_dir(name)?;
+        self.read.lock().retain(|path, (_, below)| {
+            let own = path.parent() == Some(dir.as_path())
+                && path
+                    .file_name()
+                    .is_some_and(|f| files.iter().any(|x| f == x.as_str()));
+            let through =
+                path.parent() == Some(dir.as_path()) && below.iter().any(|b| files.contains(b));
+            !own && !through
+        });
+        let _one = self.records.lock();
+        let before = Record::load(&dir);
+        let mut record = before.clone();
+        record.forget(files);
+        if record == before {
+            return Ok(());
+        }
+        record.save(&dir)
+    }
+
+    /// Applies `change` to the verification record of `name` and writes it.
+    /// A record that cannot be written costs a full check at the next start,
+    /// nothing else: said in the log, not an error.
+    fn update_record(&self, name: &str, change: impl FnOnce(&mut Record)) {
+        let Ok(dir) = self.vdisk_dir(name) else {
+            return;
+        };
+        let _one = self.records.lock();
+        let mut record = Record::load(&dir);
+        change(&mut record);
+        if let Ok(props) = self.properties(name) {
+            record.prune(&props.referenced_files());
+        }
+        if let Err(e) = record.save(&dir) {
+            tracing::warn!(vdisk = %name, error = %e, "could not write the verification record; the vDisk is checked in full at the next start");
+        }
     }
 
     /// The folder of vDisk `name`.
@@ -722,6 +952,7 @@ impl Store {
         sync_dir(&root.join("vdisks"))?;
         fs::remove_dir_all(&trash)?;
         self.open.lock().retain(|p, _| !p.starts_with(&dir));
+        self.read.lock().retain(|p, _| !p.starts_with(&dir));
         Ok(())
     }
 
@@ -1172,7 +1403,23 @@ fn write_properties(dir: &Path, props: &Properties) -> Result<(), ImageError> {
     Ok(())
 }
 
-/// Refuses names that could escape the store folder.
+/// Names the version in a content-hash mismatch.
+fn name_version(e: ImageError, name: &str, number: u32) -> ImageError {
+    match e {
+        ImageError::Invalid(reason) => {
+            ImageError::Invalid(format!("version {number} of vDisk {name}: {reason}"))
+        }
+        other => other,
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// Checks the verification of a version made of `layers`: every layer opens,
 /// the data of every block each layer holds hashes to the block hash stored
 /// with it, and the block hashes give content hash `expected` (hex). Costs a
@@ -1200,7 +1447,19 @@ pub fn verify_layers_where(
     expected: &str,
     check: impl Fn(usize) -> LayerCheck,
 ) -> Result<(), ImageError> {
-    if let Some((layer, block)) = first_bad_block_where(layers, check)? {
+    verify_layers_paced(layers, expected, check, &mut |_| true)
+}
+
+/// Like [`verify_layers_where`], calling `pace(bytes)` after each block
+/// read (to count or throttle the reading); `pace` returning false stops
+/// the check with an `Interrupted` I/O error.
+pub fn verify_layers_paced(
+    layers: &[Arc<Layer>],
+    expected: &str,
+    check: impl Fn(usize) -> LayerCheck,
+    pace: &mut dyn FnMut(u64) -> bool,
+) -> Result<(), ImageError> {
+    if let Some((layer, block)) = first_bad_block_where(layers, check, pace)? {
         return Err(ImageError::CorruptLayer {
             path: layer.path().to_owned(),
             reason: format!("block {block} does not match its stored hash"),
@@ -1223,12 +1482,13 @@ pub fn verify_layers_where(
 /// block hashes, checking bottom up, so a bad block is blamed on the layer
 /// that holds it.
 pub fn first_bad_block(layers: &[Arc<Layer>]) -> Result<Option<(Arc<Layer>, u64)>, ImageError> {
-    first_bad_block_where(layers, |_| LayerCheck::Full)
+    first_bad_block_where(layers, |_| LayerCheck::Full, &mut |_| true)
 }
 
 fn first_bad_block_where(
     layers: &[Arc<Layer>],
     check: impl Fn(usize) -> LayerCheck,
+    pace: &mut dyn FnMut(u64) -> bool,
 ) -> Result<Option<(Arc<Layer>, u64)>, ImageError> {
     for i in 0..layers.len() {
         let layer = &layers[i];
@@ -1246,6 +1506,7 @@ fn first_bad_block_where(
         };
         let disk = Disk::read_only(layers[..=i].to_vec());
         let mut bad = None;
+        let mut stopped = false;
         hash::scan_top_where(
             &disk,
             |b| !only_unheld || !layer.holds_block(b),
@@ -1253,9 +1514,16 @@ fn first_bad_block_where(
                 if !good {
                     bad = Some(block);
                 }
-                good
+                stopped = !pace(crate::HASH_BLOCK);
+                good && !stopped
             },
         )?;
+        if stopped && bad.is_none() {
+            return Err(ImageError::Io(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "the check was stopped",
+            )));
+        }
         if let Some(block) = bad {
             return Ok(Some((layer.clone(), block)));
         }
@@ -1431,6 +1699,95 @@ mod tests {
             store.new_version("d", 9).unwrap().number,
             4,
             "version 3's number was reused"
+        );
+    }
+
+    /// A version is recorded checked with its files as they are; a file
+    /// changed since (one flipped byte) is no longer, and its check fails.
+    /// A base shared by two versions is read once.
+    #[test]
+    fn the_verification_record_holds_until_a_file_changes() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let size = 2 << 20;
+        store.create("d", size, 1).unwrap();
+        write(&store, "d", 1, &[7u8; 300_000], 0);
+        store.new_version("d", 2).unwrap();
+        write(&store, "d", 2, &[8u8; 5000], 70_000);
+        let v2 = store.promote("d", 2, VersionState::Production, 3).unwrap();
+        let v1 = store.properties("d").unwrap().version(1).unwrap().clone();
+        let (h1, h2) = (v1.content_hash.unwrap(), v2.content_hash.unwrap());
+        assert!(
+            !store.is_recorded("d", 1, &h1).unwrap(),
+            "nothing recorded yet"
+        );
+
+        // Version 1 read in full; version 2 then reads its own layer only.
+        let r1 = store
+            .check("d", 1, &h1, Trust::Read, &mut |_| true)
+            .unwrap();
+        assert_eq!(r1.read, v1.layers);
+        let mut bytes = 0;
+        let r2 = store
+            .check("d", 2, &h2, Trust::Read, &mut |n| {
+                bytes += n;
+                true
+            })
+            .unwrap();
+        assert_eq!(
+            r2.read,
+            vec![v2.layers[1].clone()],
+            "the base was read again"
+        );
+        assert_eq!(
+            bytes,
+            crate::HASH_BLOCK,
+            "one block of version 2's own layer"
+        );
+        assert!(store.is_recorded("d", 1, &h1).unwrap());
+        assert!(store.is_recorded("d", 2, &h2).unwrap());
+        assert!(
+            !store.is_recorded("d", 2, &h1).unwrap(),
+            "another content hash"
+        );
+
+        // A new process trusts the record, and reads nothing for it.
+        let again = Store::open(dir.path()).unwrap();
+        let r = again
+            .check("d", 2, &h2, Trust::Recorded, &mut |_| true)
+            .unwrap();
+        assert_eq!(r.recorded, v2.layers);
+        assert!(r.read.is_empty());
+
+        // One byte of the base flipped: no longer recorded; the check fails.
+        let base = dir.path().join("vdisks/d").join(&v1.layers[0]);
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&base)
+            .unwrap();
+        let at = f.metadata().unwrap().len() - size + 1000;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 1], at).unwrap();
+        drop(f);
+        let fresh = Store::open(dir.path()).unwrap();
+        assert!(!fresh.is_recorded("d", 1, &h1).unwrap());
+        assert!(!fresh.is_recorded("d", 2, &h2).unwrap());
+        let err = fresh
+            .check("d", 2, &h2, Trust::Recorded, &mut |_| true)
+            .unwrap_err();
+        assert!(
+            matches!(&err, ImageError::CorruptLayer { path, .. } if *path == base),
+            "{err}"
+        );
+        // Forgotten: the base, and what was read through it.
+        fresh.forget_checked("d", &v1.layers).unwrap();
+        let record = Record::load(&dir.path().join("vdisks/d"));
+        assert!(
+            record.layers.is_empty() && record.versions.is_empty(),
+            "{record:?}"
         );
     }
 

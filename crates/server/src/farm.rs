@@ -6,18 +6,21 @@
 //!   every PUBLISH_INTERVAL:  status (sessions, bytes/s, held versions) --put_ephemeral--> live/NAME
 //!                            devices/, vdisks/, live/, boots/ --list--> View (kept on failure: degraded)
 //!                            View.boots --> end this server's sessions of earlier boots
-//!   in the background:       each held version not yet verified --Store::verify--> verified set
+//!   at start:                each held version whose verification record holds --> verified set
+//!                            (files unchanged since checked: offered at once, re-read in the background)
+//!   in the background:       each held version not yet verified --Store::check--> verified set
 //! ```
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
-use vstream_api::{Device, HeldVersion, RebalanceRequest, ServerStatus, VDisk};
-use vstream_image::VersionState;
+use vstream_api::{Device, HeldVersion, Mode, RebalanceRequest, ServerStatus, VDisk};
+use vstream_image::{ImageError, Trust, VersionState};
 
+use crate::metrics::Metrics;
 use crate::state::{now_unix, Server};
 
 /// How often a server publishes its status and re-reads the farm state.
@@ -82,7 +85,7 @@ impl View {
 }
 
 /// A version with its content: (vDisk, number, content hash).
-type VersionKey = (String, u32, String);
+pub(crate) type VersionKey = (String, u32, String);
 
 /// Membership state of this server.
 #[derive(Default)]
@@ -97,6 +100,21 @@ pub struct Membership {
     held: Mutex<Vec<HeldVersion>>,
     /// Versions that failed the check; not tried again until restart.
     failed: Mutex<HashSet<VersionKey>>,
+    /// Versions whose verification record was looked at (once each).
+    record_tried: Mutex<HashSet<VersionKey>>,
+    /// Versions offered on the strength of their record, in part or whole,
+    /// waiting to be read again in the background.
+    recheck: Mutex<BTreeSet<VersionKey>>,
+    /// Wakes the background re-check.
+    pub recheck_now: tokio::sync::Notify,
+    /// Bytes the checks before offering read.
+    pub check_read_bytes: AtomicU64,
+    /// Versions offered from their verification record, unread.
+    pub recorded_versions: AtomicU64,
+    /// Bytes the background re-check read.
+    pub recheck_read_bytes: AtomicU64,
+    /// Versions the background re-check took out of service.
+    pub recheck_failures: AtomicU64,
     /// One check of a version at a time.
     checking: Mutex<HashMap<VersionKey, Arc<tokio::sync::Mutex<()>>>>,
     /// Logins sent to each server recently, not yet in its published count.
@@ -137,6 +155,48 @@ impl Membership {
             .contains(&(vdisk.to_owned(), number, hash.to_owned()))
     }
 
+    /// True if this server's copy failed a check (and is not offered).
+    pub fn has_failed(&self, vdisk: &str, number: u32, hash: &str) -> bool {
+        self.failed
+            .lock()
+            .contains(&(vdisk.to_owned(), number, hash.to_owned()))
+    }
+
+    /// The next version to read again in the background, if any.
+    pub(crate) fn next_recheck(&self) -> Option<VersionKey> {
+        self.recheck.lock().pop_first()
+    }
+
+    /// Prometheus rows for `/metrics`.
+    pub fn metrics(&self) -> [(&'static str, &'static str, &'static str, &AtomicU64); 4] {
+        [
+            (
+                "vstream_verify_read_bytes_total",
+                "counter",
+                "bytes read to check versions before they were offered",
+                &self.check_read_bytes,
+            ),
+            (
+                "vstream_verify_recorded_versions_total",
+                "counter",
+                "versions offered unread: files unchanged since their recorded check",
+                &self.recorded_versions,
+            ),
+            (
+                "vstream_recheck_read_bytes_total",
+                "counter",
+                "bytes the background re-check of versions offered from their record read",
+                &self.recheck_read_bytes,
+            ),
+            (
+                "vstream_recheck_failures_total",
+                "counter",
+                "versions the background re-check took out of service",
+                &self.recheck_failures,
+            ),
+        ]
+    }
+
     /// Counts a login just sent to `server`.
     pub fn note_login(&self, server: &str) {
         self.recent
@@ -164,6 +224,7 @@ impl Membership {
 /// The versions this server holds, with their content hashes.
 pub fn held_versions(server: &Server) -> Vec<HeldVersion> {
     let mut out = Vec::new();
+    let view = server.membership.view();
     for name in server.store.list().unwrap_or_default() {
         if server.quarantine.contains(&name) {
             continue; // never served
@@ -189,7 +250,9 @@ pub fn held_versions(server: &Server) -> Vec<HeldVersion> {
                     .unwrap_or_default()
             };
             let verified = !hash.is_empty()
-                && server.membership.is_verified(&name, v.number, &hash)
+                && (server.membership.is_verified(&name, v.number, &hash)
+                    || (is_replica(&view, &name, v.is_sealed())
+                        && offer_if_recorded(server, &name, v.number, &hash)))
                 && !server.replication.is_corrupt(&name, &v.layers);
             out.push(HeldVersion {
                 vdisk: name.clone(),
@@ -274,7 +337,14 @@ pub async fn run(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver
                 let view = Arc::new(view);
                 let (s, v) = (server.clone(), view.clone());
                 let _ = tokio::task::spawn_blocking(move || crate::stores::follow(&s, &v)).await;
+                let first = server.membership.view().vdisks.is_empty() && !view.vdisks.is_empty();
                 *server.membership.view.write() = view;
+                if first {
+                    // The vDisks' modes are known now: a Standard-mode version
+                    // not sealed yet is offered from its record at once, not
+                    // at the next tick.
+                    server.membership.publish_now.notify_one();
+                }
                 if !was {
                     tracing::info!(server = %server.config.name, "farm state reachable");
                 }
@@ -392,10 +462,141 @@ fn rebalance_if_asked(server: &Server, view: &View) {
     }
 }
 
+/// True if a version of vDisk `name` is a replica, the same bytes on every
+/// server holding it: sealed, or (an imported version 1 not sealed yet) of
+/// a vDisk known to be in Standard mode. A Private-mode version a device may
+/// be writing is none: it is neither checked nor re-checked as one.
+fn is_replica(view: &View, name: &str, sealed: bool) -> bool {
+    sealed || view.vdisk(name).is_some_and(|d| d.mode == Mode::Standard)
+}
+
+/// Marks version `number` of vDisk `name` (content `hash`) verified if its
+/// verification record holds: every layer file unchanged since this server
+/// checked it. It is offered at once, and read again in the background at
+/// the scrub's pace. Looks at the record once per version and content;
+/// reads metadata only.
+fn offer_if_recorded(server: &Server, name: &str, number: u32, hash: &str) -> bool {
+    let m = &server.membership;
+    let key = (name.to_owned(), number, hash.to_owned());
+    if m.failed.lock().contains(&key) || !m.record_tried.lock().insert(key.clone()) {
+        return false;
+    }
+    match server.store.is_recorded(name, number, hash) {
+        Ok(true) => {
+            m.verified.lock().insert(key.clone());
+            m.recheck.lock().insert(key);
+            Metrics::add(&m.recorded_versions, 1);
+            m.recheck_now.notify_one();
+            tracing::info!(vdisk = %name, version = number, "replica verified by its record: its files are as they were checked; offered now, read again in the background");
+            true
+        }
+        Ok(false) => false,
+        Err(e) => {
+            tracing::debug!(vdisk = %name, version = number, error = %e, "no verification record to go by");
+            false
+        }
+    }
+}
+
+/// Records version `number` of vDisk `name` as verified here: it was hashed
+/// from its data just now (an import, a seal, a replica checked as it
+/// arrived). Its verification record is written in the background.
+pub fn verified_here(server: &Arc<Server>, name: &str, number: u32, hash: &str) {
+    server.membership.mark_verified(name, number, hash);
+    let s = server.clone();
+    let (n, h) = (name.to_owned(), hash.to_owned());
+    tokio::task::spawn_blocking(move || record_check(&s, &n, number, &h));
+}
+
+/// [`verified_here`] from a blocking thread: the record is written before
+/// it returns.
+pub fn verified_here_blocking(server: &Server, name: &str, number: u32, hash: &str) {
+    server.membership.mark_verified(name, number, hash);
+    record_check(server, name, number, hash);
+}
+
+fn record_check(server: &Server, name: &str, number: u32, hash: &str) {
+    if let Err(e) = server.store.record_checked(name, number, hash) {
+        tracing::warn!(vdisk = %name, version = number, error = %e, "could not record the check; the version is read in full at the next start");
+    }
+}
+
+/// The content hash version `number` of vDisk `name` has now, as
+/// [`held_versions`] finds it.
+pub(crate) fn current_hash(server: &Server, name: &str, number: u32) -> Option<String> {
+    let props = server.store.properties(name).ok()?;
+    let v = props.version(number).filter(|v| v.is_live())?;
+    if v.is_sealed() {
+        return v.content_hash.clone();
+    }
+    server
+        .store
+        .recorded_hash(name, v)
+        .ok()
+        .flatten()
+        .map(|h| vstream_image::hash::to_hex(&h))
+}
+
+/// The layer files of version `number` of vDisk `name` here.
+fn layers_of(server: &Server, name: &str, number: u32) -> Vec<String> {
+    server
+        .store
+        .properties(name)
+        .ok()
+        .and_then(|p| p.version(number).map(|v| v.layers.clone()))
+        .unwrap_or_default()
+}
+
+/// The layer files a failed check blames: the corrupt one, else every
+/// layer of the version.
+fn blamed(server: &Server, name: &str, number: u32, e: &ImageError) -> Vec<String> {
+    if let ImageError::CorruptLayer { path, .. } = e {
+        if let Some(f) = path.file_name() {
+            return vec![f.to_string_lossy().into_owned()];
+        }
+    }
+    layers_of(server, name, number)
+}
+
+/// Checks version `number` of vDisk `name` before it is offered: from its
+/// record if that holds, else reading what neither this process read nor
+/// the record covers. A failure with recorded layers skipped is checked
+/// again reading those too, so that the bad layer is the one blamed.
+fn check_now(
+    server: &Server,
+    name: &str,
+    number: u32,
+    hash: &str,
+) -> Result<vstream_image::CheckReport, ImageError> {
+    let m = &server.membership;
+    if server.store.is_recorded(name, number, hash)? {
+        Metrics::add(&m.recorded_versions, 1);
+        return Ok(vstream_image::CheckReport {
+            read: Vec::new(),
+            recorded: layers_of(server, name, number),
+        });
+    }
+    let mut pace = |n| {
+        Metrics::add(&m.check_read_bytes, n);
+        true
+    };
+    match server
+        .store
+        .check(name, number, hash, Trust::Recorded, &mut pace)
+    {
+        Ok(r) => Ok(r),
+        Err(_) => server
+            .store
+            .check(name, number, hash, Trust::Read, &mut pace),
+    }
+}
+
 /// Verifies version `number` of vDisk `name` with content `hash` unless
 /// this server has already (one check of a version at a time): every layer
 /// present, each block's data matching its stored hash, the block hashes
-/// giving the content hash. A version that failed stays failed until restart.
+/// giving the content hash. Layer files unchanged since this server checked
+/// them (its verification record) are not read again now, but later, in the
+/// background. A version that failed stays failed until restart.
 pub async fn ensure_verified(
     server: &Arc<Server>,
     name: &str,
@@ -415,16 +616,39 @@ pub async fn ensure_verified(
     } else {
         let s = server.clone();
         let (n, h) = (name.to_owned(), hash.to_owned());
-        match tokio::task::spawn_blocking(move || s.store.verify(&n, number, &h)).await {
-            Ok(Ok(())) => {
-                tracing::info!(vdisk = %name, version = number, "replica verified");
+        match tokio::task::spawn_blocking(move || check_now(&s, &n, number, &h)).await {
+            Ok(Ok(report)) => {
+                if report.read.is_empty() && !report.recorded.is_empty() {
+                    tracing::info!(vdisk = %name, version = number, "replica verified by its record: its files are as they were checked; offered now, read again in the background");
+                } else {
+                    tracing::info!(vdisk = %name, version = number, read = ?report.read, recorded = ?report.recorded, "replica verified");
+                }
                 m.verified.lock().insert(key.clone());
+                if !report.recorded.is_empty() {
+                    m.recheck.lock().insert(key.clone());
+                    m.recheck_now.notify_one();
+                }
                 m.publish_now.notify_one();
                 Ok(())
+            }
+            Ok(Err(e)) if current_hash(server, name, number).as_deref() != Some(hash) => {
+                // Written while it was read (a Private-mode device): another
+                // content now, and no replica; nothing failed.
+                tracing::info!(vdisk = %name, version = number, error = %e, "version changed while it was checked; not a replica");
+                Err(format!(
+                    "version {number} of vDisk {name} changed while it was checked"
+                ))
             }
             Ok(Err(e)) => {
                 tracing::error!(vdisk = %name, version = number, error = %e, "replica failed verification; not offered to devices");
                 m.failed.lock().insert(key.clone());
+                let files = blamed(server, name, number, &e);
+                let (s, n) = (server.clone(), name.to_owned());
+                let forgot =
+                    tokio::task::spawn_blocking(move || s.store.forget_checked(&n, &files)).await;
+                if let Ok(Err(e)) = forgot {
+                    tracing::warn!(vdisk = %name, error = %e, "could not forget the failed check in the verification record");
+                }
                 Err(format!(
                     "this server's copy of version {number} of vDisk {name} failed verification: {e}"
                 ))
@@ -436,15 +660,49 @@ pub async fn ensure_verified(
     outcome
 }
 
+/// Takes version `key` out of service after the background re-check found
+/// it bad: not offered for login (logins choose another server), base
+/// exports refused, its record forgotten; so is every other version of the
+/// vDisk this server offers built on the layer blamed.
+pub(crate) fn withdraw(server: &Server, key: &VersionKey, error: &ImageError) {
+    let m = &server.membership;
+    let (name, number, _) = key;
+    let files = blamed(server, name, *number, error);
+    let offered: Vec<VersionKey> = m.verified.lock().iter().cloned().collect();
+    let hit: Vec<VersionKey> = offered
+        .into_iter()
+        .filter(|k| {
+            k == key
+                || (k.0 == *name
+                    && layers_of(server, name, k.1)
+                        .iter()
+                        .any(|f| files.contains(f)))
+        })
+        .collect();
+    for k in &hit {
+        m.verified.lock().remove(k);
+        m.recheck.lock().remove(k);
+        m.failed.lock().insert(k.clone());
+        Metrics::add(&m.recheck_failures, 1);
+        tracing::error!(vdisk = %k.0, version = k.1, error = %error, layers = ?files, "replica failed its re-check; taken out of service, not offered to devices");
+    }
+    if let Err(e) = server.store.forget_checked(name, &files) {
+        tracing::warn!(vdisk = %name, error = %e, "could not forget the failed check in the verification record");
+    }
+    m.publish_now.notify_one();
+}
+
 /// Checks each held version once (as the last publish found them): every
-/// layer present, block hashes right.
+/// layer present, block hashes right. A version that can still be written
+/// is checked only if its vDisk is known to be in Standard mode: in Private
+/// mode a device may be writing it, and it is no replica.
 async fn verify_loop(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     loop {
         let held = server.membership.held.lock().clone();
-        for v in held
-            .into_iter()
-            .filter(|v| !v.verified && !v.content_hash.is_empty())
-        {
+        let view = server.membership.view();
+        for v in held.into_iter().filter(|v| {
+            !v.verified && !v.content_hash.is_empty() && is_replica(&view, &v.vdisk, !v.writable)
+        }) {
             let _ = ensure_verified(&server, &v.vdisk, v.number, &v.content_hash).await;
         }
         tokio::select! {

@@ -589,7 +589,8 @@ fn a_vdisk_in_a_named_store_replicates_into_each_servers_folder_for_it() {
     s2.restart();
     wait_for(30, "s2 verifying gold again after its restart", || {
         s2.log_text()
-            .contains("replica verified vdisk=gold")
+            .lines()
+            .any(|l| l.contains("replica verified") && l.contains("vdisk=gold"))
             .then_some(())
     });
     let log = s2.log_text();

@@ -242,7 +242,8 @@ impl Case {
             assert_eq!(hash, expected, "content hash of version {n}");
             self.hashes.insert(n, expected);
         }
-        // Every layer the properties name is there; nothing else is.
+        // Every layer the properties name is there; nothing else is (but
+        // the verification record, which a crash may catch being written).
         let dir = self.server.data.join("vdisks").join(VD);
         let toml = std::fs::read_to_string(dir.join("vdisk.toml")).unwrap();
         let referenced: BTreeSet<String> = toml
@@ -253,7 +254,7 @@ impl Case {
         let mut files = BTreeSet::new();
         for e in std::fs::read_dir(&dir).unwrap() {
             let name = e.unwrap().file_name().to_string_lossy().into_owned();
-            if name != "vdisk.toml" {
+            if !["vdisk.toml", "verified.json", ".verified.json.tmp"].contains(&name.as_str()) {
                 files.insert(name);
             }
         }

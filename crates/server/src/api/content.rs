@@ -153,7 +153,7 @@ fn import_blocking(
     let hash = server.store.commit_import(staging, created)?;
     // Hashed from the data just written: verified as it stands.
     let hex = vstream_image::hash::to_hex(&hash);
-    server.membership.mark_verified(name, 1, &hex);
+    crate::farm::verified_here_blocking(server, name, 1, &hex);
     Ok((size, created))
 }
 

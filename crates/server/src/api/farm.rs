@@ -55,7 +55,10 @@ pub(super) async fn login(
             && server.membership.held().iter().any(|v| {
                 v.vdisk == reply.vdisk
                     && v.number == reply.version
-                    && server.replication.is_corrupt(&v.vdisk, &v.layers)
+                    && (server.replication.is_corrupt(&v.vdisk, &v.layers)
+                        || server
+                            .membership
+                            .has_failed(&v.vdisk, v.number, &v.content_hash))
             });
         if corrupt_here {
             let mut again = req.clone();

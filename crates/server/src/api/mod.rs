@@ -181,6 +181,7 @@ async fn metrics(State(server): Shared) -> impl IntoResponse {
             &[
                 &server.replication.metrics()[..],
                 &server.boot.metrics()[..],
+                &server.membership.metrics()[..],
             ]
             .concat(),
         ),
@@ -307,7 +308,7 @@ async fn create_vdisk(
         .version(1)
         .and_then(|v| v.content_hash.clone())
     {
-        server.membership.mark_verified(&req.name, 1, &h);
+        crate::farm::verified_here(&server, &req.name, 1, &h);
     }
     let vdisk = register_vdisk(&server, &req.name, req.size, created, &store).await?;
     Ok((StatusCode::CREATED, Json(vdisk_info(&server, vdisk).await?)))

@@ -58,7 +58,7 @@ async fn operate<T: Send + 'static>(
         for v in server.store.properties(name)?.versions {
             let changed = before.version(v.number) != Some(&v);
             if let (true, true, Some(h)) = (changed, v.is_sealed(), &v.content_hash) {
-                server.membership.mark_verified(name, v.number, h);
+                crate::farm::verified_here(server, name, v.number, h);
             }
         }
         server.membership.publish_now.notify_one();

@@ -483,6 +483,7 @@ fn follow_blocking(
 /// Reconciles until `shutdown`.
 pub async fn run(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let scrubber = tokio::spawn(scrub::run(server.clone(), shutdown.clone()));
+    let rechecker = tokio::spawn(scrub::recheck(server.clone(), shutdown.clone()));
     let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -496,6 +497,7 @@ pub async fn run(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver
         }
     }
     scrubber.abort();
+    rechecker.abort();
 }
 
 async fn reconcile(server: &Arc<Server>) -> Result<(), FarmError> {
@@ -679,7 +681,7 @@ async fn seal_for_peers(
         Ok(Ok(v)) => {
             tracing::info!(vdisk = %cat.vdisk, version = number, "sealed so that other servers can copy it");
             if let Some(h) = &v.content_hash {
-                server.membership.mark_verified(&cat.vdisk, number, h);
+                crate::farm::verified_here(server, &cat.vdisk, number, h);
             }
             if let Err(e) = finish_change(server, &cat.vdisk).await {
                 tracing::warn!(vdisk = %cat.vdisk, error = %e, "could not record the seal in the catalog");

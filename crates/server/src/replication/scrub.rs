@@ -6,13 +6,18 @@
 //! verified, written in place, and checked; once every bad block of the
 //! layer checks, it is offered again. While a layer is corrupt the repair
 //! is retried every few seconds.
+//!
+//! The re-check, at the same pace and priority (the two share the scrub's
+//! throttle): a version offered at start from its verification record,
+//! unread, is read again in full soon after; one that fails is taken out
+//! of service.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vstream_image::replica::Incoming;
-use vstream_image::{hash, Disk, Layer, CHUNK, HASH_BLOCK};
+use vstream_image::{hash, Disk, ImageError, Layer, Trust, CHUNK, HASH_BLOCK};
 
 use super::peer;
 use super::transfer::LowIo;
@@ -40,6 +45,63 @@ pub async fn run(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver
             _ = tokio::time::sleep(REPAIR_RETRY.min(server.replication.scrub_interval)) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
+    }
+}
+
+/// Reads again, one at a time, the versions offered from their verification
+/// record (see `farm::ensure_verified`), until `shutdown`.
+pub async fn recheck(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        match server.membership.next_recheck() {
+            Some(key) => {
+                let (s, stop) = (server.clone(), shutdown.clone());
+                let _ = tokio::task::spawn_blocking(move || recheck_one(&s, &key, &stop)).await;
+            }
+            None => tokio::select! {
+                _ = server.membership.recheck_now.notified() => {}
+                _ = tokio::time::sleep(REPAIR_RETRY) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            },
+        }
+    }
+}
+
+/// Reads version `key` again in full, at the scrub's pace and priority: every
+/// layer not read by this process since it last changed (a base shared with
+/// a version checked before is not read twice). Stops at once on `stop`:
+/// a server shutting down does not wait for it.
+fn recheck_one(
+    server: &Server,
+    key: &crate::farm::VersionKey,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) {
+    let (name, number, hash) = key;
+    let m = &server.membership;
+    if !m.is_verified(name, *number, hash) {
+        return; // failed or gone meanwhile
+    }
+    let _low_io = LowIo::enter();
+    let throttle = &server.replication.scrub_throttle;
+    let mut pace = |n| {
+        if *stop.borrow() {
+            return false;
+        }
+        throttle.take(n);
+        Metrics::add(&m.recheck_read_bytes, n);
+        true
+    };
+    match server
+        .store
+        .check(name, *number, hash, Trust::Read, &mut pace)
+    {
+        Ok(report) => {
+            tracing::info!(vdisk = %name, version = number, read = ?report.read, "replica re-checked: read again in full and found right");
+        }
+        Err(ImageError::NoSuchVDisk(_)) => {}
+        Err(ImageError::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+        // Deleted, or written (another content now): nothing failed.
+        Err(_) if crate::farm::current_hash(server, name, *number).as_deref() != Some(hash) => {}
+        Err(e) => crate::farm::withdraw(server, key, &e),
     }
 }
 
@@ -103,6 +165,7 @@ fn scrub_all(server: &Server) {
                     );
                     tracing::error!(vdisk = %vdisk, layer = %file, blocks = ?bad, "{reason}; not offered until repaired");
                     server.replication.mark_corrupt(&vdisk, file, reason);
+                    forget(server, &vdisk, file);
                     server.membership.publish_now.notify_one();
                     // Layers above read through this one: check them once it is repaired.
                     break;
@@ -114,10 +177,19 @@ fn scrub_all(server: &Server) {
                         file,
                         format!("scrub: unreadable: {e}"),
                     );
+                    forget(server, &vdisk, file);
                     break;
                 }
             }
         }
+    }
+}
+
+/// A layer found corrupt is no longer taken as checked: after a restart it
+/// is read in full before it is offered, repaired or not.
+fn forget(server: &Server, vdisk: &str, file: &str) {
+    if let Err(e) = server.store.forget_checked(vdisk, &[file.to_owned()]) {
+        tracing::warn!(vdisk = %vdisk, layer = %file, error = %e, "could not forget the layer's check in the verification record");
     }
 }
 

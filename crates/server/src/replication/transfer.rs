@@ -118,7 +118,7 @@ pub async fn run(server: Arc<Server>, cat: Catalog, number: u32, missing: Vec<St
                 .version(number)
                 .and_then(|v| v.content_hash.clone())
                 .unwrap_or_default();
-            server.membership.mark_verified(&cat.vdisk, number, &hash);
+            crate::farm::verified_here(&server, &cat.vdisk, number, &hash);
             tracing::info!(vdisk = %cat.vdisk, version = number, "replica copied and verified");
             r.progress.lock().remove(&key);
             server.membership.publish_now.notify_one();
