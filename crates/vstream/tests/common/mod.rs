@@ -36,6 +36,16 @@ pub fn have_python_nbd() -> bool {
 
 pub use vstream_testkit::free_ports;
 
+/// True in a debug build, whose `vstream` reads the test hooks
+/// `VSTREAM_CRASH_AT` and `VSTREAM_CLOCK_FILE`; a release build has them
+/// compiled out, and a test that needs them skips (in CI, fails).
+pub fn have_test_hooks() -> bool {
+    if !cfg!(debug_assertions) {
+        skip("a release build has no test hooks (VSTREAM_CRASH_AT, VSTREAM_CLOCK_FILE)");
+    }
+    cfg!(debug_assertions)
+}
+
 pub struct TestServer {
     pub child: Option<Child>,
     pub data: PathBuf,
