@@ -448,24 +448,27 @@ pub fn guest_boot(kit: &Path, url: &str, vstest: &str) -> String {
 
 /// An etcd of its own for one test, on free ports, with its data in a
 /// temporary folder; it can be stopped and started again on the same data.
+/// It listens on loopback, and on the host's side of the test's network
+/// namespaces when asked ([`TestEtcd::start_on`]), never on every address.
 pub struct TestEtcd {
     child: Option<Child>,
     pub url: String,
     peer: String,
     dir: tempfile::TempDir,
-    /// Listen on every address (for servers in network namespaces).
-    any: bool,
+    /// More addresses of this host clients reach it on (servers in network
+    /// namespaces), besides 127.0.0.1.
+    also: Vec<String>,
 }
 
 impl TestEtcd {
     /// `None` (and a SKIP line) when etcd is not installed.
     pub fn start() -> Option<TestEtcd> {
-        TestEtcd::start_on(false)
+        TestEtcd::start_on(&[])
     }
 
-    /// Like [`TestEtcd::start`]; with `any`, clients reach it on every
-    /// address of the host at the same port.
-    pub fn start_on(any: bool) -> Option<TestEtcd> {
+    /// Like [`TestEtcd::start`]; clients also reach it on each of `also`,
+    /// addresses this host has (such as [`NetNs::outside`]), at the same port.
+    pub fn start_on(also: &[&str]) -> Option<TestEtcd> {
         if !have("etcd") {
             return None;
         }
@@ -475,7 +478,7 @@ impl TestEtcd {
             url: format!("http://127.0.0.1:{client}"),
             peer: format!("http://127.0.0.1:{peer}"),
             dir: tempfile::tempdir().expect("tempdir"),
-            any,
+            also: also.iter().map(|a| a.to_string()).collect(),
         };
         e.resume();
         Some(e)
@@ -526,12 +529,13 @@ impl TestEtcd {
         panic!("etcd did not become healthy within 20 s");
     }
 
+    /// The URLs etcd listens on for clients: loopback and `also`.
     fn listen_url(&self) -> String {
-        if self.any {
-            self.url.replace("127.0.0.1", "0.0.0.0")
-        } else {
-            self.url.clone()
-        }
+        let port = self.port();
+        std::iter::once(self.url.clone())
+            .chain(self.also.iter().map(|a| format!("http://{a}:{port}")))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// The port clients use.
@@ -651,6 +655,11 @@ pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T
 
 /// A network namespace joined to this one by a veth pair: this side is
 /// 10.X.N.1, the namespace 10.X.N.2. Removed on drop.
+///
+/// Packets between two namespaces go through this host, which forwards them
+/// on the veths of test namespaces only (`net.ipv4.conf.<veth>.forwarding`),
+/// so the host's own `ip_forward` is never touched; the setting goes with the
+/// veth.
 pub struct NetNs {
     pub name: String,
     pub inside: String,
@@ -698,12 +707,14 @@ impl NetNs {
         sh(&format!(
             "ip addr add {outside}/24 dev {veth} && ip link set {veth} up"
         ));
-        // A default route through the host, which forwards: servers in two
-        // namespaces reach each other (replication between them).
+        // A default route through the host, which forwards what comes in on
+        // this veth (and only there): servers in two namespaces reach each
+        // other (replication between them).
         sh(&format!(
             "ip netns exec {name} sh -c 'ip addr add {inside}/24 dev {veth}p && ip link set {veth}p up && ip link set lo up && ip route add default via {outside}'"
         ));
-        sh("echo 1 > /proc/sys/net/ipv4/ip_forward");
+        std::fs::write(format!("/proc/sys/net/ipv4/conf/{veth}/forwarding"), "1")
+            .unwrap_or_else(|e| panic!("enabling forwarding on {veth}: {e}"));
         NetNs {
             name,
             inside,
