@@ -373,9 +373,15 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// Where the guest kit is built.
+fn guest_kit_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-kit")
+}
+
 /// Builds (or reuses) the guest kit: kernel, initramfs, root file system image.
+/// Call [`have_guest_tools`] first.
 pub fn guest_kit() -> PathBuf {
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-kit");
+    let out = guest_kit_dir();
     let build = repo().join("tests/guest/build.sh");
     run(
         "bash",
@@ -401,17 +407,33 @@ pub fn netboot_kit() -> PathBuf {
     kit
 }
 
-/// True if the tools that build and boot the test guest are here.
+/// True if the tools that build and boot the test guest are here, and the
+/// guest's kernel package: tests download nothing, `.ci/install-deps` (or
+/// `tests/guest/fetch-kernel.sh`) fetched it before.
 pub fn have_guest_tools() -> bool {
-    [
+    if ![
         "qemu-system-x86_64",
         "mkfs.ext4",
         "busybox",
         "cpio",
-        "apt-get",
+        "dpkg-deb",
     ]
     .iter()
     .all(|t| have(t))
+    {
+        return false;
+    }
+    let find = Command::new("bash")
+        .arg(repo().join("tests/guest/fetch-kernel.sh"))
+        .arg("--find")
+        .arg(guest_kit_dir())
+        .output()
+        .expect("running tests/guest/fetch-kernel.sh");
+    if !find.status.success() {
+        skip(String::from_utf8_lossy(&find.stderr).trim());
+        return false;
+    }
+    true
 }
 
 /// Waits until `server` sees `n` servers up, each with a verified replica.
