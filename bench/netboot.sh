@@ -22,5 +22,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export VSTREAM_BENCH_VMS="${VSTREAM_BENCH_VMS:-10}"
-cargo test --release -q -p vstream --test netboot -- --ignored --nocapture bench_network_boot 2>&1 |
-    grep -E '^BENCH|panicked|FAILED|SKIP' || true
+# The run's whole output goes to a log; its result lines are shown. A failed run (or one
+# that skipped, and so measured nothing) fails the script with the end of that log.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --release -q -p vstream --test netboot -- --ignored --nocapture bench_network_boot \
+    >"$log" 2>&1 || status=$?
+grep -E '^BENCH|panicked|FAILED|SKIP' "$log" || echo "netboot.sh: no result line in the output" >&2
+if [ "$status" -ne 0 ] || ! grep -q '^BENCH' "$log"; then
+    echo "netboot.sh: the benchmark failed (cargo test exit status $status, $(grep -c '^BENCH' "$log") BENCH lines); the end of its output:" >&2
+    tail -n 40 "$log" >&2
+    exit "$(( status == 0 ? 1 : status ))"
+fi

@@ -6,18 +6,19 @@
 # Produces OUTDIR/vmlinuz (+ OUTDIR/vmlinux, the same kernel uncompressed for
 # fast PVH boot, when it can be extracted), OUTDIR/initrd.img (busybox + virtio/ext4 modules)
 # and OUTDIR/rootfs.img (raw ext4 with busybox and the test /sbin/init).
-# Idempotent: does nothing when OUTDIR/.stamp matches the inputs. The Debian
-# kernel .deb is downloaded once (apt-get download, nothing is installed on the
-# host) and cached in OUTDIR.
+# Idempotent: does nothing when OUTDIR/.stamp matches the inputs. It downloads
+# nothing: the Debian kernel .deb comes from fetch-kernel.sh's cache (filled by
+# `tests/guest/fetch-kernel.sh`, which .ci/install-deps runs) and is linked into
+# OUTDIR, where it stays.
 #
 # Needs: busybox-static, e2fsprogs (mkfs.ext4 -d), cpio, gzip, kmod (depmod,
-# modprobe), dpkg, apt (first run only; `apt-get update` done), xz-utils /
-# zstd only if the kernel ships compressed modules.
+# modprobe), dpkg, xz-utils / zstd only if the kernel ships compressed modules.
 #
 # Environment knobs (all optional):
-#   VSTREAM_GUEST_KERNEL_DEB  path to a linux-image-*.deb to use instead
-#   VSTREAM_GUEST_KERNEL_PKG  package to download (default: what
-#                             linux-image-amd64 depends on)
+#   VSTREAM_GUEST_KERNEL_DEB    path to a linux-image-*.deb to use instead
+#   VSTREAM_GUEST_KERNEL_PKG    the kernel package (default: what
+#                               linux-image-amd64 depends on)
+#   VSTREAM_GUEST_KERNEL_CACHE  fetch-kernel.sh's cache folder
 #   VSTREAM_GUEST_BUSYBOX     static busybox binary (default /bin/busybox)
 #   VSTREAM_GUEST_ROOTFS_MB   rootfs image size in MiB (default 64)
 set -euo pipefail
@@ -67,17 +68,10 @@ if [ -n "${VSTREAM_GUEST_KERNEL_DEB:-}" ]; then
 else
     name="$(find_cached_deb)"
     if [ -z "$name" ]; then
-        pkg="${VSTREAM_GUEST_KERNEL_PKG:-}"
-        if [ -z "$pkg" ]; then
-            pkg="$(apt-cache depends linux-image-amd64 2>/dev/null |
-                awk '$1=="Depends:" && $2 ~ /^linux-image-/ && !n++ {print $2}')"
-            [ -n "$pkg" ] || die "cannot resolve linux-image-amd64 (run 'apt-get update' first)"
-        fi
-        log "downloading $pkg (apt-get download; not installed on the host)"
-        (cd "$OUT" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >&2) ||
-            die "apt-get download $pkg failed"
+        src="$(bash "$HERE/fetch-kernel.sh" --find)" || exit 1
+        ln -f "$src" "$OUT/" 2>/dev/null || cp "$src" "$OUT/"
         name="$(find_cached_deb)"
-        [ -n "$name" ] || die "download of $pkg produced no .deb in $OUT"
+        [ -n "$name" ] || die "no .deb in $OUT after copying $src"
     fi
     DEB="$OUT/$name"
 fi

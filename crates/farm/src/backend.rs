@@ -13,7 +13,8 @@
 //!   apply. Either every compare holds and every op is applied atomically, or
 //!   nothing happens and the txn answers `Ok(false)`. There are no locks.
 //!
-//! Adapters must pass [`crate::contract`] (feature `contract`).
+//! Adapters must pass the test suite in `vstream_farm::contract` (feature
+//! `contract`).
 
 use futures::future::BoxFuture;
 

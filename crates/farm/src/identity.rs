@@ -51,7 +51,7 @@ impl FarmIdentity {
 pub struct Tombstone {
     pub vdisk: String,
     /// The `created_unix` of every deleted vDisk of this name (the newest
-    /// [`TOMBSTONE_DEPTH`]).
+    /// 32, `TOMBSTONE_DEPTH`).
     pub created: Vec<u64>,
     pub deleted_unix: u64,
 }

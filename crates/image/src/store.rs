@@ -181,16 +181,24 @@ impl Drop for Staging {
 
 /// Aborts the process at a named step when `VSTREAM_CRASH_AT` names it: the
 /// crash-injection tests use it to stop an operation at each of its steps.
+///
+/// A test hook: compiled into debug builds only (the tests run those). A
+/// release build has no trace of it and ignores the variable.
 pub fn crash_point(step: &str) {
-    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    if AT
-        .get_or_init(|| std::env::var("VSTREAM_CRASH_AT").ok())
-        .as_deref()
-        == Some(step)
+    #[cfg(debug_assertions)]
     {
-        eprintln!("crash injected at {step}");
-        std::process::abort();
+        static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        if AT
+            .get_or_init(|| std::env::var("VSTREAM_CRASH_AT").ok())
+            .as_deref()
+            == Some(step)
+        {
+            eprintln!("crash injected at {step}");
+            std::process::abort();
+        }
     }
+    #[cfg(not(debug_assertions))]
+    let _ = step;
 }
 
 impl Store {

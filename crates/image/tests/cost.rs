@@ -26,6 +26,8 @@ fn grew(by: usize) {
 // are kept beside it.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's guarantees for `alloc` (a layout of nonzero
+        // size) are the system allocator's.
         let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
             grew(layout.size());
@@ -33,6 +35,7 @@ unsafe impl GlobalAlloc for Counting {
         p
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as for `alloc`: the caller's guarantees are passed on.
         let p = unsafe { System.alloc_zeroed(layout) };
         if !p.is_null() {
             grew(layout.size());
@@ -40,10 +43,14 @@ unsafe impl GlobalAlloc for Counting {
         p
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from this allocator with `layout`, so from the
+        // system allocator, as the caller of `dealloc` guarantees.
         unsafe { System.dealloc(ptr, layout) };
         NOW.fetch_sub(layout.size(), Ordering::SeqCst);
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: `ptr` came from the system allocator with `layout`, and
+        // `new_size` is valid for it, as the caller of `realloc` guarantees.
         let p = unsafe { System.realloc(ptr, layout, new_size) };
         if !p.is_null() {
             NOW.fetch_sub(layout.size(), Ordering::SeqCst);

@@ -68,6 +68,9 @@ const FILE_FIELD_MAX: usize = 127;
 /// input must not be able to panic the service (even in a debug build).
 const OPTIONS_WE_READ: [u8; 10] = [43, 53, 54, 55, 57, 60, 61, 77, 93, 97];
 
+/// Length of option 97 (client machine identifier): type 0, then a 16-byte UUID.
+const CLIENT_UUID_LEN: usize = 17;
+
 /// The client architectures we have boot files for (RFC 4578 option 93 values).
 const ARCH_BIOS: u16 = 0;
 const ARCH_EFI_BC: u16 = 7;
@@ -320,10 +323,14 @@ pub fn decide(
         _ => None,
     };
     reply_opts.insert(DhcpOption::VendorExtensions(pxe_vendor_options(boot_item)));
+    // The client's UUID is echoed if it has the one form RFC 4578 defines: type 0
+    // and 16 bytes. Anything else would go back as a malformed option 97.
     if let Some(DhcpOption::ClientMachineIdentifier(uuid)) =
         opts.get(OptionCode::ClientMachineIdentifier)
     {
-        reply_opts.insert(DhcpOption::ClientMachineIdentifier(uuid.clone()));
+        if uuid.len() == CLIENT_UUID_LEN && uuid[0] == 0 {
+            reply_opts.insert(DhcpOption::ClientMachineIdentifier(uuid.clone()));
+        }
     }
 
     Ok(Answer {
@@ -1090,6 +1097,32 @@ mod tests {
         );
         let without = answer(&firmware(MessageType::Discover, 0), false, &ctx()).expect("offer");
         assert_eq!(opt(&without, OptionCode::ClientMachineIdentifier), None);
+    }
+
+    #[test]
+    fn a_malformed_client_uuid_is_not_echoed() {
+        // Found by fuzz/fuzz_targets/proxy_dhcp.rs: an empty option 97 came back
+        // as an empty option 97, which RFC 4578 does not allow (and which does
+        // not even decode back to what was sent).
+        for uuid in [&[][..], &[0; 16], &[1; 17], &[0; 18]] {
+            let mut req = firmware(MessageType::Discover, 0).to_vec().expect("encode");
+            let end = req.len() - 1;
+            assert_eq!(req[end], 255);
+            req.truncate(end);
+            req.extend_from_slice(&[97, uuid.len() as u8]);
+            req.extend_from_slice(uuid);
+            req.push(255);
+            let offer = answer(&parse_request(&req).expect("decode"), false, &ctx());
+            let offer = offer.expect("an offer");
+            let bytes = offer.to_vec().expect("encode");
+            assert!(
+                !bytes[BOOTP_HEADER_LEN..]
+                    .windows(2)
+                    .any(|w| w == [97, uuid.len() as u8]),
+                "{uuid:?} echoed"
+            );
+            assert_eq!(opt(&offer, OptionCode::ClientMachineIdentifier), None);
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! How the admin commands show things: human sizes, aligned tables,
 //! `key: value` blocks, UTC times, pretty JSON and progress bars.
 //!
-//! Everything here but [`print`], [`print_json`] and [`progress_bar`] is pure
+//! Everything here but [`print()`], [`print_json`] and [`progress_bar`] is pure
 //! and returns strings, so it is tested without a terminal.
 
 use std::io::{self, IsTerminal, Write};

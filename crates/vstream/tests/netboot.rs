@@ -41,7 +41,7 @@ struct Farm {
 /// files are the kit's kernel and network-boot initramfs.
 fn farm(kit: &Path) -> Farm {
     let mut lan = Lan::create();
-    let etcd = TestEtcd::start_on(true).expect("etcd");
+    let etcd = TestEtcd::start_on(&[&format!("{}.253", lan.net)]).expect("etcd");
     let etcd_url = format!("http://{}.253:{}", lan.net, etcd.port());
     let dir = tempfile::tempdir().expect("tempdir");
     let servers: Vec<TestServer> = (1..=2u8)

@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 use common::nbd::{read_exports, text};
-use common::{have_python_nbd, TestServer, PYTHON};
+use common::{have_python_nbd, have_test_hooks, TestServer, PYTHON};
 
 const MIB: usize = 1 << 20;
 const SIZE: usize = 4 * MIB;
@@ -350,7 +350,7 @@ impl Case {
 }
 
 fn crash_in_seal_during_new(step: &str) {
-    if !have_python_nbd() {
+    if !have_test_hooks() || !have_python_nbd() {
         return;
     }
     let mut c = Case::new(11);
@@ -382,7 +382,7 @@ fn crash_in_seal_layer_sealed_during_new() {
 }
 
 fn crash_in_seal_during_promote(step: &str) {
-    if !have_python_nbd() {
+    if !have_test_hooks() || !have_python_nbd() {
         return;
     }
     let mut c = Case::new(12);
@@ -409,7 +409,7 @@ fn crash_in_seal_layer_sealed_during_promote() {
 
 #[test]
 fn crash_after_new_layer_created() {
-    if !have_python_nbd() {
+    if !have_test_hooks() || !have_python_nbd() {
         return;
     }
     let mut c = Case::new(13);
@@ -423,7 +423,7 @@ fn crash_after_new_layer_created() {
 
 #[test]
 fn crash_after_new_saved() {
-    if !have_python_nbd() {
+    if !have_test_hooks() || !have_python_nbd() {
         return;
     }
     let mut c = Case::new(14);
@@ -441,7 +441,7 @@ fn crash_after_new_saved() {
 
 #[test]
 fn crash_after_promote_saved() {
-    if !have_python_nbd() {
+    if !have_test_hooks() || !have_python_nbd() {
         return;
     }
     let mut c = Case::new(15);
@@ -464,7 +464,7 @@ fn crash_after_promote_saved() {
 
 #[test]
 fn crash_after_rollback_saved() {
-    if !have_python_nbd() {
+    if !have_test_hooks() || !have_python_nbd() {
         return;
     }
     let mut c = Case::new(16);
@@ -483,7 +483,7 @@ fn crash_after_rollback_saved() {
 
 #[test]
 fn crash_after_delete_saved() {
-    if !have_python_nbd() {
+    if !have_test_hooks() || !have_python_nbd() {
         return;
     }
     let mut c = Case::new(17);
@@ -529,7 +529,7 @@ const MERGED: [(u32, &str); 4] = [
 
 #[test]
 fn crash_after_merge_layer_written() {
-    if !have_python_nbd() {
+    if !have_test_hooks() || !have_python_nbd() {
         return;
     }
     let mut c = merge_case(18);
@@ -562,7 +562,7 @@ fn crash_after_merge_layer_written() {
 
 #[test]
 fn crash_after_merge_saved() {
-    if !have_python_nbd() {
+    if !have_test_hooks() || !have_python_nbd() {
         return;
     }
     let mut c = merge_case(19);

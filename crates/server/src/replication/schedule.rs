@@ -1,9 +1,10 @@
 //! When replication may run, and how fast.
 //!
 //! - [`Clock`]: the time source. [`SystemClock`] in production; [`FileClock`]
-//!   (selected by `VSTREAM_CLOCK_FILE`, see [`clock_from_env`]) lets
-//!   end-to-end tests set the wall-clock time; [`ManualClock`] drives unit
-//!   tests, its `sleep` advancing time instead of blocking.
+//!   (selected by `VSTREAM_CLOCK_FILE` in debug builds only, see
+//!   [`clock_from_env`]) lets end-to-end tests set the wall-clock time;
+//!   [`ManualClock`] drives unit tests, its `sleep` advancing time instead of
+//!   blocking.
 //! - [`Window`] and [`Schedule`]: weekly time windows such as
 //!   `mon-fri 22:00-06:00`, evaluated at a fixed UTC offset. The server passes
 //!   [`local_utc_offset_secs`], which is 0 (windows in UTC) unless
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 
-/// The environment variable naming a [`FileClock`] file.
+/// The environment variable naming a [`FileClock`] file (debug builds only).
 pub const CLOCK_FILE_ENV: &str = "VSTREAM_CLOCK_FILE";
 
 /// The environment variable giving the UTC offset of schedule windows.
@@ -153,11 +154,15 @@ impl Clock for FileClock {
 
 /// A [`FileClock`] if `VSTREAM_CLOCK_FILE` is set (and not empty), else the
 /// [`SystemClock`].
+///
+/// The variable is a test hook: it is read by debug builds only (the tests
+/// run those). A release build always uses the [`SystemClock`].
 pub fn clock_from_env() -> Arc<dyn Clock> {
-    match std::env::var_os(CLOCK_FILE_ENV) {
-        Some(path) if !path.is_empty() => Arc::new(FileClock::new(path)),
-        _ => Arc::new(SystemClock),
+    #[cfg(debug_assertions)]
+    if let Some(path) = std::env::var_os(CLOCK_FILE_ENV).filter(|p| !p.is_empty()) {
+        return Arc::new(FileClock::new(path));
     }
+    Arc::new(SystemClock)
 }
 
 /// A simulated clock for tests: time moves only through [`advance`],

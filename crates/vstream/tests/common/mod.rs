@@ -39,6 +39,16 @@ pub fn have_python_nbd() -> bool {
 
 pub use vstream_testkit::free_ports;
 
+/// True in a debug build, whose `vstream` reads the test hooks
+/// `VSTREAM_CRASH_AT` and `VSTREAM_CLOCK_FILE`; a release build has them
+/// compiled out, and a test that needs them skips (in CI, fails).
+pub fn have_test_hooks() -> bool {
+    if !cfg!(debug_assertions) {
+        skip("a release build has no test hooks (VSTREAM_CRASH_AT, VSTREAM_CLOCK_FILE)");
+    }
+    cfg!(debug_assertions)
+}
+
 pub struct TestServer {
     pub child: Option<Child>,
     pub data: PathBuf,
@@ -366,9 +376,15 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// Where the guest kit is built.
+fn guest_kit_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-kit")
+}
+
 /// Builds (or reuses) the guest kit: kernel, initramfs, root file system image.
+/// Call [`have_guest_tools`] first.
 pub fn guest_kit() -> PathBuf {
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guest-kit");
+    let out = guest_kit_dir();
     let build = repo().join("tests/guest/build.sh");
     run(
         "bash",
@@ -394,17 +410,33 @@ pub fn netboot_kit() -> PathBuf {
     kit
 }
 
-/// True if the tools that build and boot the test guest are here.
+/// True if the tools that build and boot the test guest are here, and the
+/// guest's kernel package: tests download nothing, `.ci/install-deps` (or
+/// `tests/guest/fetch-kernel.sh`) fetched it before.
 pub fn have_guest_tools() -> bool {
-    [
+    if ![
         "qemu-system-x86_64",
         "mkfs.ext4",
         "busybox",
         "cpio",
-        "apt-get",
+        "dpkg-deb",
     ]
     .iter()
     .all(|t| have(t))
+    {
+        return false;
+    }
+    let find = Command::new("bash")
+        .arg(repo().join("tests/guest/fetch-kernel.sh"))
+        .arg("--find")
+        .arg(guest_kit_dir())
+        .output()
+        .expect("running tests/guest/fetch-kernel.sh");
+    if !find.status.success() {
+        skip(String::from_utf8_lossy(&find.stderr).trim());
+        return false;
+    }
+    true
 }
 
 /// Waits until `server` sees `n` servers up, each with a verified replica.
@@ -441,24 +473,27 @@ pub fn guest_boot(kit: &Path, url: &str, vstest: &str) -> String {
 
 /// An etcd of its own for one test, on free ports, with its data in a
 /// temporary folder; it can be stopped and started again on the same data.
+/// It listens on loopback, and on the host's side of the test's network
+/// namespaces when asked ([`TestEtcd::start_on`]), never on every address.
 pub struct TestEtcd {
     child: Option<Child>,
     pub url: String,
     peer: String,
     dir: tempfile::TempDir,
-    /// Listen on every address (for servers in network namespaces).
-    any: bool,
+    /// More addresses of this host clients reach it on (servers in network
+    /// namespaces), besides 127.0.0.1.
+    also: Vec<String>,
 }
 
 impl TestEtcd {
     /// `None` (and a SKIP line) when etcd is not installed.
     pub fn start() -> Option<TestEtcd> {
-        TestEtcd::start_on(false)
+        TestEtcd::start_on(&[])
     }
 
-    /// Like [`TestEtcd::start`]; with `any`, clients reach it on every
-    /// address of the host at the same port.
-    pub fn start_on(any: bool) -> Option<TestEtcd> {
+    /// Like [`TestEtcd::start`]; clients also reach it on each of `also`,
+    /// addresses this host has (such as [`NetNs::outside`]), at the same port.
+    pub fn start_on(also: &[&str]) -> Option<TestEtcd> {
         if !have("etcd") {
             return None;
         }
@@ -468,7 +503,7 @@ impl TestEtcd {
             url: format!("http://127.0.0.1:{client}"),
             peer: format!("http://127.0.0.1:{peer}"),
             dir: tempfile::tempdir().expect("tempdir"),
-            any,
+            also: also.iter().map(|a| a.to_string()).collect(),
         };
         e.resume();
         Some(e)
@@ -519,12 +554,13 @@ impl TestEtcd {
         panic!("etcd did not become healthy within 20 s");
     }
 
+    /// The URLs etcd listens on for clients: loopback and `also`.
     fn listen_url(&self) -> String {
-        if self.any {
-            self.url.replace("127.0.0.1", "0.0.0.0")
-        } else {
-            self.url.clone()
-        }
+        let port = self.port();
+        std::iter::once(self.url.clone())
+            .chain(self.also.iter().map(|a| format!("http://{a}:{port}")))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// The port clients use.
@@ -653,6 +689,11 @@ pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T
 
 /// A network namespace joined to this one by a veth pair: this side is
 /// 10.X.N.1, the namespace 10.X.N.2. Removed on drop.
+///
+/// Packets between two namespaces go through this host, which forwards them
+/// on the veths of test namespaces only (`net.ipv4.conf.<veth>.forwarding`),
+/// so the host's own `ip_forward` is never touched; the setting goes with the
+/// veth.
 pub struct NetNs {
     pub name: String,
     pub inside: String,
@@ -700,12 +741,14 @@ impl NetNs {
         sh(&format!(
             "ip addr add {outside}/24 dev {veth} && ip link set {veth} up"
         ));
-        // A default route through the host, which forwards: servers in two
-        // namespaces reach each other (replication between them).
+        // A default route through the host, which forwards what comes in on
+        // this veth (and only there): servers in two namespaces reach each
+        // other (replication between them).
         sh(&format!(
             "ip netns exec {name} sh -c 'ip addr add {inside}/24 dev {veth}p && ip link set {veth}p up && ip link set lo up && ip route add default via {outside}'"
         ));
-        sh("echo 1 > /proc/sys/net/ipv4/ip_forward");
+        std::fs::write(format!("/proc/sys/net/ipv4/conf/{veth}/forwarding"), "1")
+            .unwrap_or_else(|e| panic!("enabling forwarding on {veth}: {e}"));
         NetNs {
             name,
             inside,
