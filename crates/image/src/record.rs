@@ -288,11 +288,9 @@ mod tests {
             },
         ];
         let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
-        // SAFETY: a valid path and two timespecs.
-        assert_eq!(
-            unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) },
-            0
-        );
+        // SAFETY: a valid NUL-terminated path and an array of two timespecs.
+        let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) };
+        assert_eq!(rc, 0);
         let after = FileId::of(&p).unwrap();
         assert_eq!(after.mtime_ns, before.mtime_ns);
         assert_ne!(after, before, "the change time gives it away");
