@@ -10,8 +10,8 @@
 #   local cache disk) modules and their deps from the same kernel .deb,
 #   VSTREAM_BIN with its debug info stripped + its shared libraries and the
 #   dynamic loader (from ldd), Debian's nbd-client (for
-#   vstream.client=nbd-client: `apt-get download`ed with its libnl libraries
-#   and cached in OUTDIR, never installed; its other libraries from the host,
+#   vstream.client=nbd-client: with its libnl libraries, from fetch-kernel.sh's
+#   cache, copied into OUTDIR, never installed; its other libraries from the host,
 #   found with ldd), dist/vstream-root.sh as /scripts/vstream-root.sh
 #   and /init = netboot-init.sh; also /power-init = power-init.sh, which
 #   runs `vstream server` on the guest's own virtio disk instead (booted with
@@ -77,20 +77,18 @@ fi
 [ -f "$DEB" ] || die "kernel package $DEB missing"
 [ "$(cat "$OUT/kernel-version" 2>/dev/null)" != "" ] || die "$OUT/kernel-version missing"
 
-# nbd-client and the libnl libraries it links, which the host may lack:
-# downloaded once into OUT (apt-get download; never installed).
+# nbd-client and the libnl libraries it links, which the host may lack: from
+# fetch-kernel.sh's cache (.ci/install-deps fills it; `cargo test` downloads nothing),
+# copied into OUT; never installed.
 NBDC_PKGS="nbd-client libnl-3-200 libnl-genl-3-200"
 NBDC_DEBS=()
 for p in $NBDC_PKGS; do
     # shellcheck disable=SC2012
     f="$(cd "$OUT" && ls -1 "${p}"_*.deb 2>/dev/null | sort -V | tail -n1)" || true
     if [ -z "$f" ]; then
-        log "downloading $p (apt-get download)"
-        (cd "$OUT" && apt-get download "$p" >/dev/null 2>"$OUT/.apt-$p.err") ||
-            die "apt-get download $p failed: $(tail -n 2 "$OUT/.apt-$p.err")"
-        rm -f "$OUT/.apt-$p.err"
-        # shellcheck disable=SC2012
-        f="$(cd "$OUT" && ls -1 "${p}"_*.deb | sort -V | tail -n1)"
+        cached="$(bash "$HERE/fetch-kernel.sh" --find-deb "$p")" || die "no $p package"
+        cp "$cached" "$OUT/"
+        f="$(basename "$cached")"
     fi
     NBDC_DEBS+=("$OUT/$f")
 done

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The guest kit's kernel: Debian's linux-image .deb, downloaded once into a cache
-# folder, so that building the kit (tests/guest/build.sh, run by `cargo test`)
-# downloads nothing.
+# The guest kit's packages: Debian's linux-image .deb, and nbd-client with the libnl
+# libraries it links (for the guests that mount root with vstream.client=nbd-client),
+# downloaded once into a cache folder, so that building the kit (tests/guest/build.sh and
+# build-netboot.sh, run by `cargo test`) downloads nothing.
 #
-#   tests/guest/fetch-kernel.sh               # download it unless cached (.ci/install-deps
-#                                             # runs this); prints its path
-#   tests/guest/fetch-kernel.sh --find [DIR]  # print the path of the .deb to use, or say
-#                                             # on stderr how to get one and exit 1
+#   tests/guest/fetch-kernel.sh               # download them unless cached (.ci/install-deps
+#                                             # runs this); prints the kernel's path
+#   tests/guest/fetch-kernel.sh --find [DIR]  # print the path of the kernel .deb to use, or
+#                                             # say on stderr how to get one and exit 1
+#   tests/guest/fetch-kernel.sh --find-deb PKG  # the same for PKG, one of the nbd-client
+#                                             # packages
 #
 # --find looks at VSTREAM_GUEST_KERNEL_DEB, then each DIR (a kit folder that already
 # holds one), then the cache. The download uses `apt-get download` (nothing is
@@ -33,6 +36,23 @@ newest_in() {
     name="$(cd "$1" 2>/dev/null && ls -1 $PAT 2>/dev/null | sort -V | tail -n1)" || true
     [ -z "$name" ] || echo "$(cd "$1" && pwd)/$name"
 }
+
+# The nbd-client packages, kept in CACHE/debs.
+DEB_PKGS="nbd-client libnl-3-200 libnl-genl-3-200"
+cached_deb() {
+    local name
+    # shellcheck disable=SC2012
+    name="$(cd "$CACHE/debs" 2>/dev/null && ls -1 "${1}"_*.deb 2>/dev/null | sort -V | tail -n1)" || true
+    [ -z "$name" ] || echo "$CACHE/debs/$name"
+}
+if [ "${1:-}" = --find-deb ]; then
+    [ $# -eq 2 ] || { echo "usage: $0 --find-deb PKG" >&2; exit 2; }
+    deb="$(cached_deb "$2")"
+    [ -n "$deb" ] || die "no $2 package in $CACHE/debs: run tests/guest/fetch-kernel.sh" \
+        "(.ci/install-deps does)"
+    echo "$deb"
+    exit 0
+fi
 
 if [ "${1:-}" = --find ]; then
     shift
@@ -69,4 +89,11 @@ if [ -z "$deb" ]; then
     deb="$(newest_in "$CACHE")"
     [ -n "$deb" ] || die "the download of $pkg left no $PAT in $CACHE"
 fi
+mkdir -p "$CACHE/debs"
+for p in $DEB_PKGS; do
+    [ -z "$(cached_deb "$p")" ] || continue
+    echo "fetch-kernel.sh: downloading $p into $CACHE/debs (apt-get download; not installed)" >&2
+    (cd "$CACHE/debs" && apt-get download -q -o APT::Sandbox::User=root "$p" >&2) ||
+        die "apt-get download $p failed"
+done
 echo "$deb"
