@@ -18,7 +18,14 @@
 #   BENCH_CONNS=N         idle connections for the memory test (default 1000)
 #   BENCH_PORT=P          first of three TCP ports used (P: NBD, P+1: vstream API; default 20809)
 #   BENCH_NO_BUILD=1      use target/release/vstream as it is
+#   VSTREAM_BIN=PATH      the vstream binary to measure (default target/release/vstream;
+#                         give BENCH_NO_BUILD=1 with it)
 #   BENCH_SERVERS="..."   subset/order of servers (default "vstream nbdkit qemu-nbd")
+#   BENCH_OLD_BIN=PATH    also run this (older) vstream binary as "vstream-old", with its
+#                         own store imported by itself: the default order becomes
+#                         "vstream vstream-old nbdkit qemu-nbd vstream-old vstream", each
+#                         vstream value is the median of its two runs, and the table gets a
+#                         vstream/vstream-old column: an A/B of two builds in one run
 set -euo pipefail
 shopt -s inherit_errexit 2>/dev/null || true
 
@@ -30,15 +37,21 @@ SEQ_RUNS=${BENCH_SEQ_RUNS:-3}
 CONNS=${BENCH_CONNS:-1000}
 PORT=${BENCH_PORT:-20809}
 API_PORT=$((PORT + 1))
-SERVERS=${BENCH_SERVERS:-"vstream nbdkit qemu-nbd"}
+OLD_BIN=${BENCH_OLD_BIN:-}
+if [ -n "$OLD_BIN" ]; then
+  SERVERS=${BENCH_SERVERS:-"vstream vstream-old nbdkit qemu-nbd vstream-old vstream"}
+else
+  SERVERS=${BENCH_SERVERS:-"vstream nbdkit qemu-nbd"}
+fi
 EXPORT=bench
 IMAGE=$WORK/disk.raw
 IMAGE_BYTES=$((2 << 30))
 SOCK=$WORK/nbd.sock
 VSDATA=$WORK/vstream-data
+VSDATA_OLD=$WORK/vstream-old-data
 LOGS=$WORK/logs
 PY=/usr/bin/python3
-VSTREAM=$ROOT/target/release/vstream
+VSTREAM=${VSTREAM_BIN:-$ROOT/target/release/vstream}
 HZ=$(getconf CLK_TCK)
 
 die() { echo "compare.sh: $*" >&2; exit 1; }
@@ -61,6 +74,7 @@ if [ -z "${BENCH_NO_BUILD:-}" ]; then
   cargo build --release -q -p vstream || die "cargo build failed"
 fi
 [ -x "$VSTREAM" ] || die "$VSTREAM missing"
+[ -z "$OLD_BIN" ] || [ -x "$OLD_BIN" ] || die "BENCH_OLD_BIN=$OLD_BIN is not an executable"
 
 # --- servers we start, and their cleanup ----------------------------------------------
 declare -a STARTED=()
@@ -114,10 +128,10 @@ wait_ready() {
 start_server() {
   local name=$1 transport=$2 logf=$LOGS/$1-$2.log
   rm -f "$SOCK"
-  [ "$transport" = api ] && logf=$LOGS/vstream-import-server.log
+  [ "$transport" = api ] && logf=$LOGS/$name-import-server.log
   case $name in
-    vstream)
-      "$VSTREAM" server --data "$VSDATA" --nbd "127.0.0.1:$PORT" --nbd "unix:$SOCK" \
+    vstream | vstream-old)
+      "$(vs_bin "$name")" server --data "$(vs_data "$name")" --nbd "127.0.0.1:$PORT" --nbd "unix:$SOCK" \
         --api "127.0.0.1:$API_PORT" >"$logf" 2>&1 &
       ;;
     nbdkit)
@@ -140,15 +154,19 @@ start_server() {
   case $transport in
     unix) wait_ready "$(url unix)" "$logf" ;;
     tcp) wait_ready "$(url tcp)" "$logf" ;;
-    api) wait_api "$logf" ;;
+    api) wait_api "$logf" "$(vs_data "$name")" ;;
   esac
 }
 
-# wait_api LOG: polls until vstream wrote its admin token and its API answers.
+# The binary and the data folder of "vstream" (this build) and "vstream-old".
+vs_bin() { if [ "$1" = vstream-old ]; then echo "$OLD_BIN"; else echo "$VSTREAM"; fi; }
+vs_data() { if [ "$1" = vstream-old ]; then echo "$VSDATA_OLD"; else echo "$VSDATA"; fi; }
+
+# wait_api LOG DATA: polls until vstream wrote its admin token and its API answers.
 wait_api() {
-  local logf=$1
+  local logf=$1 data=$2
   for _ in $(seq 200); do
-    if [ -s "$VSDATA/admin.token" ] && { ! command -v curl >/dev/null || curl -fs "http://127.0.0.1:$API_PORT/healthz" >/dev/null 2>&1; }; then
+    if [ -s "$data/admin.token" ] && { ! command -v curl >/dev/null || curl -fs "http://127.0.0.1:$API_PORT/healthz" >/dev/null 2>&1; }; then
       return 0
     fi
     kill -0 "$SERVER_PID" 2>/dev/null || { tail -20 "$logf" >&2; die "vstream exited at start (log: $logf)"; }
@@ -200,7 +218,19 @@ wait_quiet() {
   return 0
 }
 
-declare -A R=()   # R[row,server] = value
+declare -A R=()   # R[row,server] = the values of its runs, space-separated
+# put KEY VALUE: adds a run's value ("~" marks a noisy one).
+put() { R[$1]="${R[$1]:+${R[$1]} }$2"; }
+# get KEY: the median of its runs (the mean of the middle two), "~" if any run was noisy.
+get() {
+  local v=${R[$1]:-} mark=""
+  [ -n "$v" ] || return 0
+  [[ "$v" == *"~"* ]] && mark="~"
+  printf '%s\n' ${v//\~/} | sort -g | awk -v mark="$mark" '{a[NR]=$1} END{
+    m=(NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2);
+    d=(index(a[1],".") ? length(a[1])-index(a[1],".") : 0);
+    printf "%s%.*f", mark, d, m}'
+}
 
 # --- the image and the vstream store ---------------------------------------------------------
 if [ ! -f "$IMAGE" ] || [ "$(stat -c %s "$IMAGE")" -ne "$IMAGE_BYTES" ]; then
@@ -215,20 +245,22 @@ if [ ! -f "$IMAGE" ] || [ "$(stat -c %s "$IMAGE")" -ne "$IMAGE_BYTES" ]; then
   mv "$IMAGE.tmp" "$IMAGE"
 fi
 
-if [[ " $SERVERS " == *" vstream "* ]]; then
-  log "importing the image into a fresh vstream store ($VSDATA)"
-  rm -rf "$VSDATA"
-  mkdir -p "$VSDATA"
-  start_server vstream api
-  VSTREAM_API="http://127.0.0.1:$API_PORT" VSTREAM_TOKEN_FILE="$VSDATA/admin.token" \
-    "$VSTREAM" vdisk import "$EXPORT" "$IMAGE" >"$LOGS/vstream-import.log" 2>&1 ||
-    { cat "$LOGS/vstream-import.log" >&2; die "vstream vdisk import failed"; }
+for name in vstream vstream-old; do
+  [[ " $SERVERS " == *" $name "* ]] || continue
+  data=$(vs_data "$name")
+  log "importing the image into a fresh $name store ($data)"
+  rm -rf "$data"
+  mkdir -p "$data"
+  start_server "$name" api
+  VSTREAM_API="http://127.0.0.1:$API_PORT" VSTREAM_TOKEN_FILE="$data/admin.token" \
+    "$(vs_bin "$name")" vdisk import "$EXPORT" "$IMAGE" >"$LOGS/$name-import.log" 2>&1 ||
+    { cat "$LOGS/$name-import.log" >&2; die "$name vdisk import failed"; }
   stop_server   # measured on a fresh process, like the others
-fi
+done
 
 warm_cache() {
   local f
-  for f in "$IMAGE" "$VSDATA"/vdisks/"$EXPORT"/*.layer; do
+  for f in "$IMAGE" "$VSDATA"/vdisks/"$EXPORT"/*.layer "$VSDATA_OLD"/vdisks/"$EXPORT"/*.layer; do
     [ -f "$f" ] && cat "$f" >/dev/null
   done
   return 0
@@ -240,10 +272,10 @@ mem_test() {
   out=$("$PY" "$ROOT/bench/idle_conns.py" --pid "$SERVER_PID" --tcp "127.0.0.1:$PORT" --export "$EXPORT" -n "$CONNS" 2>>"$LOGS/$name-mem.log") ||
     die "idle_conns.py failed against $name (see $LOGS/$name-mem.log)"
   read -r idle loaded ok <<<"$out"
-  R[rss_idle,$name]=$(awk -v k="$idle" 'BEGIN{printf "%.1f", k/1024}')
-  R[rss_conns,$name]=$(awk -v k="$loaded" 'BEGIN{printf "%.1f", k/1024}')
+  put "rss_idle,$name" "$(awk -v k="$idle" 'BEGIN{printf "%.1f", k/1024}')"
+  put "rss_conns,$name" "$(awk -v k="$loaded" 'BEGIN{printf "%.1f", k/1024}')"
   if [ "$ok" -gt 0 ]; then
-    R[kib_conn,$name]=$(awk -v a="$idle" -v b="$loaded" -v n="$ok" 'BEGIN{printf "%.1f", (b-a)/n}')
+    put "kib_conn,$name" "$(awk -v a="$idle" -v b="$loaded" -v n="$ok" 'BEGIN{printf "%.1f", (b-a)/n}')"
   fi
   [ "$ok" -eq "$CONNS" ] || R[conns_note,$name]="only $ok of $CONNS connected"
   echo "$name mem: idle ${idle} KiB, ${loaded} KiB with $ok connections" >>"$LOGS/details.txt"
@@ -321,22 +353,24 @@ PY
 
 # run_test KIND NAME TRANSPORT [QD]: runs seq_once or fio_once, again if it was noisy.
 run_test() {
-  local kind=$1 name=$2 tr=$3 qd=${4:-} k1 k2 v1 v2 f1 try
+  local kind=$1 name=$2 tr=$3 qd=${4:-} k1 k2 v1 v2 f1 try b1 b2
   if [ "$kind" = seq ]; then k1=seq_$tr; k2=seqcpu_$tr; else k1=iops${qd}_$tr; k2=us${qd}_$tr; fi
   for try in 1 2; do
     if [ "$kind" = seq ]; then seq_once "$name" "$tr"; v1=$A_GIBS; v2=$A_CPU
     else fio_once "$name" "$tr" "$qd"; v1=$A_IOPS; v2=$A_US; fi
     if [ "$try" = 1 ] || [ "$A_FOREIGN" -lt "$f1" ]; then
-      R[$k1,$name]=$v1; R[$k2,$name]=$v2; f1=$A_FOREIGN
+      b1=$v1; b2=$v2; f1=$A_FOREIGN
     fi
     if [ "$f1" -le "$NOISE" ] || [ "$RETRY" = 0 ] || [ "$try" = 2 ]; then break; fi
     log "  other work took ${A_FOREIGN}% of the machine during that test; running it again"
     wait_quiet "the rerun"
   done
   if [ "$f1" -gt "$NOISE" ]; then
-    R[$k1,$name]="~${R[$k1,$name]}"; R[$k2,$name]="~${R[$k2,$name]}"
+    b1="~$b1"; b2="~$b2"
     NOISY+=("$name $k1: other work took ${f1}% of the machine")
   fi
+  put "$k1,$name" "$b1"
+  put "$k2,$name" "$b2"
   return 0
 }
 
@@ -352,10 +386,10 @@ bench_transport() {
 : >"$LOGS/details.txt"
 START=$(date +%s)
 for name in $SERVERS; do
-  case $name in vstream | nbdkit | qemu-nbd) ;; *) die "unknown server $name" ;; esac
+  case $name in vstream | nbdkit | qemu-nbd) ;; vstream-old) [ -n "$OLD_BIN" ] || die "vstream-old needs BENCH_OLD_BIN" ;; *) die "unknown server $name" ;; esac
   warm_cache
   wait_quiet "$name"
-  if [ "$name" = vstream ]; then
+  if [ "$name" = vstream ] || [ "$name" = vstream-old ]; then
     start_server vstream tcp
     log "$name: memory with $CONNS idle connections"
     mem_test "$name"
@@ -405,17 +439,29 @@ ratio() {
   echo "versions: vstream $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- crates 2>/dev/null || echo '+local changes'), $(nbdkit --version | head -1), $(qemu-nbd --version | head -1 | cut -d' ' -f1-2), $(nbdcopy --version | head -1), $(fio --version), kernel $(uname -r)"
   echo "ratios = vstream ÷ peer: above 1 is better for GiB/s and IOPS, below 1 is better for CPU and memory"
   echo
-  echo "| test | vstream | nbdkit | qemu-nbd | vstream/nbdkit | vstream/qemu-nbd |"
-  echo "|---|---:|---:|---:|---:|---:|"
+  if [ -n "$OLD_BIN" ]; then
+    echo "vstream-old: $OLD_BIN ($("$OLD_BIN" --version 2>/dev/null | head -1)); a vstream value is the median of its runs"
+    echo
+    echo "| test | vstream | vstream-old | nbdkit | qemu-nbd | vstream/vstream-old | vstream/nbdkit | vstream/qemu-nbd |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+  else
+    echo "| test | vstream | nbdkit | qemu-nbd | vstream/nbdkit | vstream/qemu-nbd |"
+    echo "|---|---:|---:|---:|---:|---:|"
+  fi
   for row in "${ROWS[@]}"; do
     key=${row%%|*}
     label=${row#*|}
-    v=${R[$key,vstream]:-}
-    k=${R[$key,nbdkit]:-}
-    q=${R[$key,qemu-nbd]:-}
-    echo "| $label | ${v:--} | ${k:--} | ${q:--} | $(ratio "$v" "$k") | $(ratio "$v" "$q") |"
+    v=$(get "$key,vstream")
+    o=$(get "$key,vstream-old")
+    k=$(get "$key,nbdkit")
+    q=$(get "$key,qemu-nbd")
+    if [ -n "$OLD_BIN" ]; then
+      echo "| $label | ${v:--} | ${o:--} | ${k:--} | ${q:--} | $(ratio "$v" "$o") | $(ratio "$v" "$k") | $(ratio "$v" "$q") |"
+    else
+      echo "| $label | ${v:--} | ${k:--} | ${q:--} | $(ratio "$v" "$k") | $(ratio "$v" "$q") |"
+    fi
   done
-  for name in $SERVERS; do
+  for name in $(printf '%s\n' $SERVERS | sort -u); do
     if [ -n "${R[conns_note,$name]:-}" ]; then echo "note: $name: ${R[conns_note,$name]}"; fi
   done
   for n in "${BUSY_NOTES[@]}"; do echo "warning: $n (numbers may be low)"; done

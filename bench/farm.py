@@ -4,6 +4,7 @@
     /usr/bin/python3 bench/farm.py [--parts a,b,c,d] [--kills 20] [--devices 4000]
                                    [--size-mib 1024] [--runtime 15] [--link-mbit 10000]
                                    [--halt-poll-ns machine,200000] [--no-build]
+                                   [--old-bin PATH]
 
 One etcd and release-build `vstream server`s on this machine, a `vstream target`
 agent, and real clients, in one run:
@@ -22,6 +23,12 @@ agent, and real clients, in one run:
                      setting of --halt-poll-ns (a KVM guest's idle vCPUs: as the
                      machine has it, and the Linux default of 200 us).
                      Target: agent >= 0.9 x direct.
+                     With --old-bin PATH, a second farm of that binary (its own
+                     etcd, server and agent) stands beside this build's, and its
+                     direct and agent reads join the sequence (A B A' B' C D D C
+                     B' A' B A): the rows "this build ÷ old build" are an A/B of
+                     the two builds in one run, and the noise row says how far
+                     the two runs of one way lay apart.
   b. kill stall      3 servers, one agent running tests/farm/workload.py; each round
                      kill -9 the server the agent streams from, 2 s into a 6 s
                      workload; the largest request latency of the round is its
@@ -109,8 +116,9 @@ class Etcd:
 
 
 class Server:
-    def __init__(self, work, name, etcd_endpoint, host="127.0.0.1", wrap=(), extra=()):
+    def __init__(self, work, name, etcd_endpoint, host="127.0.0.1", wrap=(), extra=(), binary=None):
         self.name, self.host, self.wrap, self.extra = name, host, list(wrap), list(extra)
+        self.bin = binary or VSTREAM
         self.data = os.path.join(work, name)
         os.makedirs(self.data, exist_ok=True)
         self.nbd_port, self.api_port = free_port(), free_port()
@@ -120,7 +128,7 @@ class Server:
         self.start()
 
     def start(self):
-        cmd = self.wrap + [VSTREAM, "server", "--data", self.data,
+        cmd = self.wrap + [self.bin, "server", "--data", self.data,
                            "--nbd", f"{self.host}:{self.nbd_port}",
                            "--api", f"{self.host}:{self.api_port}",
                            "--farm", f"etcd://{self.etcd}", "--name", self.name] + self.extra
@@ -139,7 +147,7 @@ class Server:
 
     def cli(self, *args):
         env = dict(os.environ, VSTREAM_API=self.api, VSTREAM_TOKEN=self.token())
-        return subprocess.run([VSTREAM, *args], env=env, check=True, capture_output=True,
+        return subprocess.run([self.bin, *args], env=env, check=True, capture_output=True,
                               text=True).stdout
 
     def servers(self):
@@ -163,12 +171,12 @@ def mac(d):
 
 
 class Agent:
-    def __init__(self, work, servers, deadline_ms=1000, wrap=()):
+    def __init__(self, work, servers, deadline_ms=1000, wrap=(), binary=None):
         self.sock = os.path.join(work, "agent.sock")
         self.logfile = os.path.join(work, "agent.log")
         boot = ",".join(s.api.replace("http://", "") for s in servers)
         self.proc = subprocess.Popen(
-            list(wrap) + [VSTREAM, "target", "--bootstrap", boot, "--mac", mac(1), "--listen",
+            list(wrap) + [binary or VSTREAM, "target", "--bootstrap", boot, "--mac", mac(1), "--listen",
              f"unix:{self.sock}", "--cache", "ram:2GiB", "--deadline-ms", str(deadline_ms)],
             stdout=subprocess.DEVNULL, stderr=open(self.logfile, "w"),
             env=dict(os.environ, RUST_LOG="info"))
@@ -207,11 +215,14 @@ def pct(values, p):
 
 # ---- a. agent overhead -------------------------------------------------------------
 
-def part_a(work, rows, size_mib, runtime, pin=False, link_mbit=None, setting=""):
+def part_a(work, rows, size_mib, runtime, pin=False, link_mbit=None, setting="", old_bin=None):
     """With `pin`, the device's side (client, agent, proxy) runs on CPU 0 and
     the server on CPU 1, as if they were different machines. With
     `link_mbit`, the server sits behind a veth link shaped to that rate.
-    `setting` names the guest halt polling the run had (see halt_polls)."""
+    `setting` names the guest halt polling the run had (see halt_polls).
+    With `old_bin`, a second farm (its own etcd, server and agent) runs that
+    binary beside this one, and its direct and agent reads are interleaved
+    with this binary's: an A/B of two builds in one run."""
     if link_mbit and (os.geteuid() != 0 or not shutil.which("tc") or not shutil.which("ip")):
         rows.append(("a-link. agent overhead across a shaped link", "skipped: needs root, ip and tc", "≥ 0.9", ""))
         return
@@ -219,57 +230,72 @@ def part_a(work, rows, size_mib, runtime, pin=False, link_mbit=None, setting="")
     label = ", device on CPU 0 and server on CPU 1" if pin else ""
     image = os.path.join(work, "a.raw")
     subprocess.run(["head", "-c", f"{size_mib}M", "/dev/urandom"], stdout=open(image, "wb"), check=True)
-    etcd = Etcd(work)
-    nets = []
+    builds = [("", None)] + ([("-old", old_bin)] if old_bin else [])
+    nets = make_nets(len(builds), rate_mbit=link_mbit) if link_mbit else []
     if link_mbit:
         label = f", server across a {link_mbit} Mbit/s link"
-        nets = make_nets(1, rate_mbit=link_mbit)
-        ns, _, net = nets[0]
-        servers = [Server(work, "a1", f"{net}.1:{etcd.port}", host=f"{net}.2", wrap=["ip", "netns", "exec", ns])]
-    else:
-        servers = [Server(work, "a1", etcd.url.replace("http://", ""),
-                          wrap=["taskset", "-c", "1"] if pin else [])]
     label += setting
-    host = servers[0].host
+    etcds, servers, agents = [], [], []
+    ways, middle, server_of = {}, {}, {}
     try:
-        make_farm(work, servers, image)
-        agent = Agent(work, servers, wrap=device)
-        info = json.loads(urllib.request.urlopen(urllib.request.Request(
-            f"{servers[0].api}/api/v1/login", data=json.dumps({"mac": mac(1)}).encode(),
-            headers={"content-type": "application/json"})).read())
-        direct = f"nbd://{host}:{servers[0].nbd_port}/{info['export']}"
+        for i, (tag, binary) in enumerate(builds):
+            sub = os.path.join(work, f"farm{tag or '-new'}")
+            os.makedirs(sub)
+            etcds.append(Etcd(sub))
+            if link_mbit:
+                ns, _, net = nets[i]
+                server = Server(sub, "a1", f"{net}.1:{etcds[-1].port}", host=f"{net}.2",
+                                wrap=["ip", "netns", "exec", ns], binary=binary)
+            else:
+                server = Server(sub, "a1", etcds[-1].url.replace("http://", ""),
+                                wrap=["taskset", "-c", "1"] if pin else [], binary=binary)
+            servers.append(server)
+            make_farm(sub, [server], image)
+            agents.append(Agent(sub, [server], wrap=device, binary=binary))
+            info = json.loads(urllib.request.urlopen(urllib.request.Request(
+                f"{server.api}/api/v1/login", data=json.dumps({"mac": mac(1)}).encode(),
+                headers={"content-type": "application/json"})).read())
+            ways["direct" + tag] = f"nbd://{server.host}:{server.nbd_port}/{info['export']}"
+            ways["agent" + tag] = f"nbd+unix:///?socket={agents[-1].sock}"
+            middle["direct" + tag], middle["agent" + tag] = None, agents[-1].proc.pid
+            server_of["direct" + tag] = server_of["agent" + tag] = server
+            if i == 0:
+                export = info["export"]
+        host, port = servers[0].host, servers[0].nbd_port
         proxy_sock = os.path.join(work, "nbdkit.sock")
         nbdkit = subprocess.Popen(device + ["nbdkit", "-f", "-U", proxy_sock, "nbd", f"hostname={host}",
-                                   f"port={servers[0].nbd_port}", f"export={info['export']}"],
+                                   f"port={port}", f"export={export}"],
                                   stderr=subprocess.DEVNULL)
         wait("nbdkit", 10, lambda: os.path.exists(proxy_sock))
         # The floor of any second hop: a relay that copies bytes both ways
         # and knows nothing of NBD (no cache, no failover).
         relay_sock = os.path.join(work, "relay.sock")
         relay = subprocess.Popen(device + ["socat", "-b", "262144", f"UNIX-LISTEN:{relay_sock},fork",
-                                           f"TCP:{host}:{servers[0].nbd_port},nodelay"],
+                                           f"TCP:{host}:{port},nodelay"],
                                  stderr=subprocess.DEVNULL)
         wait("socat", 10, lambda: os.path.exists(relay_sock))
-        ways = {"direct": direct, "agent": f"nbd+unix:///?socket={agent.sock}",
-                "nbdkit": f"nbd+unix:///?socket={proxy_sock}",
-                "relay": f"nbd+unix:///{info['export']}?socket={relay_sock}"}
-        middle = {"direct": None, "agent": agent.proc.pid, "nbdkit": nbdkit.pid, "relay": relay.pid}
+        ways["nbdkit"] = f"nbd+unix:///?socket={proxy_sock}"
+        ways["relay"] = f"nbd+unix:///{export}?socket={relay_sock}"
+        middle["nbdkit"], middle["relay"] = nbdkit.pid, relay.pid
+        server_of["nbdkit"] = server_of["relay"] = servers[0]
         seq = {k: [] for k in ways}
         rnd = {k: [] for k in ways}
         # CPU µs per random read of fio, of the middle process and of the server, and
         # the share of the machine left idle: where the time of a read goes.
         cost = {k: [] for k in ways}
-        for way in ["direct", "agent", "nbdkit", "relay", "relay", "nbdkit", "agent", "direct"]:
+        half = ["direct", "agent"] + (["direct-old", "agent-old"] if old_bin else []) + ["nbdkit", "relay"]
+        for way in half + half[::-1]:
             t0 = time.monotonic()
             subprocess.run(device + ["nbdcopy", ways[way], "null:"], check=True)
             seq[way].append(size_mib / 1024 / (time.monotonic() - t0))
             res = os.path.join(work, "fio.json")
-            before = (fio_cpu(), tree_cpu(middle[way]), tree_cpu(servers[0].proc.pid), idle_share())
+            srv = server_of[way].proc.pid
+            before = (fio_cpu(), tree_cpu(middle[way]), tree_cpu(srv), idle_share())
             subprocess.run(device + ["fio", "--name=r", "--ioengine=nbd", f"--uri={ways[way]}",
                             "--rw=randread", "--bs=4k", "--iodepth=16", f"--runtime={runtime}",
                             "--time_based", "--output-format=json", f"--output={res}"],
                            capture_output=True, text=True, check=True)
-            after = (fio_cpu(), tree_cpu(middle[way]), tree_cpu(servers[0].proc.pid), idle_share())
+            after = (fio_cpu(), tree_cpu(middle[way]), tree_cpu(srv), idle_share())
             read = json.load(open(res))["jobs"][0]["read"]
             rnd[way].append(read["iops"])
             per_read = [(b - a) / read["total_ios"] * 1e6 for a, b in zip(before[:3], after[:3])]
@@ -279,7 +305,8 @@ def part_a(work, rows, size_mib, runtime, pin=False, link_mbit=None, setting="")
                 f"fio {per_read[0]:.1f} middle {per_read[1]:.1f} server {per_read[2]:.1f}, idle {idle:.0%}")
         nbdkit.kill()
         relay.kill()
-        agent.stop()
+        for agent in agents:
+            agent.stop()
         for name, vals, unit in [("sequential nbdcopy", seq, "GiB/s"), ("4 KiB randread QD16", rnd, "IOPS")]:
             med = {k: statistics.median(v) for k, v in vals.items()}
             rows.append((f"a. {name}, {unit}: direct / agent / nbdkit proxy / socat relay (medians of 2){label}",
@@ -288,15 +315,26 @@ def part_a(work, rows, size_mib, runtime, pin=False, link_mbit=None, setting="")
             rows.append((f"a. {name}: agent ÷ direct (nbdkit proxy ÷ direct, socat relay ÷ direct){label}",
                          f"{ratio:.2f} ({med['nbdkit'] / med['direct']:.2f}, {med['relay'] / med['direct']:.2f})",
                          "≥ 0.9", "met" if ratio >= 0.9 else "MISSED"))
+            if old_bin:
+                rows.append((f"a. {name}, {unit}: this build ÷ old build, direct / agent "
+                             f"(old: {med['direct-old']:.2f} / {med['agent-old']:.2f}){label}",
+                             f"{med['direct'] / med['direct-old']:.2f} / {med['agent'] / med['agent-old']:.2f}",
+                             "within the noise row", ""))
         for way, runs in cost.items():
             m = [statistics.median(r[i] for r in runs) for i in range(4)]
-            rows.append((f"a. randread, CPU µs per read: fio / {way if way != 'direct' else '(none)'} / server; "
+            rows.append((f"a. randread, CPU µs per read: fio / {'(none)' if way.startswith('direct') else way} / server; "
                          f"machine idle ({way}, medians of 2){label}",
                          f"{m[0]:.1f} / {m[1]:.1f} / {m[2]:.1f}; {m[3]:.0f} %", "", ""))
+        if old_bin:
+            # The noise: how far the two runs of one way lie apart, as a share of their median.
+            spread = max(abs(v[0] - v[1]) / statistics.median(v) for v in rnd.values())
+            rows.append((f"a. randread noise: the largest spread between the two runs of one way{label}",
+                         f"{spread:.0%}", "", ""))
     finally:
         for s in servers:
             s.kill()
-        etcd.stop()
+        for e in etcds:
+            e.stop()
         drop_nets(nets)
 
 
@@ -572,6 +610,8 @@ def main():
     ap.add_argument("--halt-poll-ns", default="machine,200000",
                     help="part a's runs, one per guest halt polling setting: 'machine' (as it is) or ns")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--old-bin", help="part a also runs this vstream binary (direct and agent), "
+                    "interleaved with this build's, and prints this build ÷ old")
     args = ap.parse_args()
     for tool in ["etcd", "nbdcopy", "fio", "nbdkit", "socat"]:
         if not shutil.which(tool):
@@ -591,7 +631,8 @@ def main():
                 sub = os.path.join(w, f"poll{i}")
                 os.makedirs(sub)
                 with HaltPoll(ns):
-                    part_a(sub, rows, args.size_mib, args.runtime, setting=setting, **kw)
+                    part_a(sub, rows, args.size_mib, args.runtime, setting=setting,
+                           old_bin=args.old_bin, **kw)
         return run
     parts = {"a": under_each_poll(),
              "a-pinned": under_each_poll(pin=True),
