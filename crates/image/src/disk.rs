@@ -136,8 +136,8 @@ pub enum LocalRead {
     /// These runs (offset, length) are the base's and still unwritten; every
     /// other byte is in the buffer.
     Missing(Vec<(u64, u64)>),
-    /// A layer's data is not in the page cache: read it all on a thread that
-    /// may block.
+    /// With `nowait`: a layer's data is not in the page cache; read it all
+    /// again where blocking is allowed.
     WouldBlock,
 }
 
@@ -382,20 +382,16 @@ impl Disk {
         })
     }
 
-    /// Whether a base holds all of `[offset, offset + len)`: no layer has
-    /// any of it (stops at the first chunk a layer holds).
-    pub fn base_only(&self, offset: u64, len: u64) -> bool {
-        let end = offset.saturating_add(len);
-        self.base.is_some()
-            && len > 0
-            && self.in_range(offset, len)
-            && self.runs(offset, end, self.layers.len()).next() == Some((offset, end, None))
-    }
-
-    /// Reads what the layers hold of `[offset, offset + buf.len())` without
-    /// blocking, and leaves the runs that belong to the base unwritten: the
-    /// caller fetches those (asynchronously) and fills them in.
-    pub fn read_local(&self, buf: &mut [MaybeUninit<u8>], offset: u64) -> io::Result<LocalRead> {
+    /// Reads what the layers hold of `[offset, offset + buf.len())`, and
+    /// leaves the runs that belong to the base unwritten: the caller fetches
+    /// those (asynchronously) and fills them in. With `nowait`, answers
+    /// [`LocalRead::WouldBlock`] rather than wait on a page-cache miss.
+    pub fn read_local(
+        &self,
+        buf: &mut [MaybeUninit<u8>],
+        offset: u64,
+        nowait: bool,
+    ) -> io::Result<LocalRead> {
         if !self.in_range(offset, buf.len() as u64) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -408,7 +404,7 @@ impl Disk {
             let slice = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
             match (owner, &self.base) {
                 (Some(i), _) => {
-                    if !self.layers[i].read_data(slice, pos, true)? {
+                    if !self.layers[i].read_data(slice, pos, nowait)? {
                         return Ok(LocalRead::WouldBlock);
                     }
                 }

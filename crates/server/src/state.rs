@@ -18,6 +18,7 @@ use parking_lot::Mutex;
 use vstream_api::{BootRecord, Device, DeviceInfo, DeviceType, Mode, VDisk};
 use vstream_farm::{DeviceKey, FarmStore};
 use vstream_image::{Chain, Disk, ImageError, Layer, Properties, Store, VersionState};
+use vstream_pipeline::Local;
 
 use crate::config::Config;
 use crate::farm::Membership;
@@ -305,7 +306,7 @@ impl Server {
         Ok(Export {
             name: name.to_owned(),
             description: format!("vDisk {vdisk} version {} (read-only)", chain.version.number),
-            disk: Arc::new(chain.read_only()),
+            backend: Local::new(Arc::new(chain.read_only())),
             session: None,
         })
     }
@@ -419,7 +420,7 @@ impl Server {
             return Ok(Export {
                 name,
                 description,
-                disk,
+                backend: Local::new(disk),
                 session: None,
             });
         }
@@ -469,7 +470,7 @@ impl Server {
         Ok(Export {
             name,
             description,
-            disk,
+            backend: Local::new(disk),
             session: Some(Box::new(SessionGuard {
                 server: self.clone(),
                 device: device.name.clone(),
@@ -684,7 +685,7 @@ impl Server {
                 return Ok(Export {
                     name: export_name,
                     description,
-                    disk: s.disk.clone(),
+                    backend: Local::new(s.disk.clone()),
                     session: None,
                 });
             }
@@ -709,7 +710,7 @@ impl Server {
             return Ok(Export {
                 name: export_name,
                 description,
-                disk,
+                backend: Local::new(disk),
                 session: Some(Box::new(guard)),
             });
         }
@@ -760,7 +761,7 @@ impl Server {
             return Ok(Export {
                 name: export_name,
                 description,
-                disk,
+                backend: Local::new(disk),
                 session: None,
             });
         }
@@ -799,7 +800,7 @@ impl Server {
         Ok(Export {
             name: export_name,
             description,
-            disk,
+            backend: Local::new(disk),
             session: Some(Box::new(guard)),
         })
     }

@@ -43,7 +43,7 @@ pub enum HandshakeError {
 /// Transmission flags of an export.
 pub fn export_flags(export: &Export, structured: bool) -> u16 {
     let mut f = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_CACHE | TFLAG_CAN_MULTI_CONN;
-    if export.disk.is_writable() {
+    if export.backend.is_writable() {
         f |= TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO;
     } else {
         f |= TFLAG_READ_ONLY;
@@ -93,7 +93,7 @@ where
                     }
                 })?;
                 let flags = export_flags(&export, false);
-                encode_export_name_reply(&mut out, export.disk.size(), flags, no_zeroes);
+                encode_export_name_reply(&mut out, export.backend.size(), flags, no_zeroes);
                 stream.write_all(&out).await?;
                 return Ok(Some(Negotiated {
                     export,
@@ -172,7 +172,7 @@ where
                     }
                     Ok(export) => {
                         let flags = export_flags(&export, structured);
-                        encode_info_export(&mut out, code, export.disk.size(), flags);
+                        encode_info_export(&mut out, code, export.backend.size(), flags);
                         if requests.contains(&INFO_NAME) {
                             encode_info_text(&mut out, code, INFO_NAME, &export.name);
                         }

@@ -38,7 +38,7 @@ pub use crate::limits::Limits;
 use crate::limits::RefusalLog;
 use crate::metrics::Metrics;
 use transmission::Ending;
-use vstream_image::Disk;
+pub use vstream_pipeline::Backend;
 
 /// Where the NBD service listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,7 +86,8 @@ pub enum OpenError {
 pub struct Export {
     pub name: String,
     pub description: String,
-    pub disk: Arc<Disk>,
+    /// The device storage pipeline behind the export.
+    pub backend: Arc<dyn Backend>,
     /// Present for device exports; ends the session's connection on drop.
     pub session: Option<Box<dyn SessionEnd>>,
 }
@@ -134,24 +135,6 @@ pub trait Exports: Send + Sync + 'static {
     fn keepalive(&self) -> crate::tcp::Keepalive {
         crate::tcp::Keepalive::default()
     }
-    /// Where base reads of the exports' disks go asynchronously, if anywhere.
-    fn remote_base(&self) -> Option<Arc<dyn RemoteBase>> {
-        None
-    }
-}
-
-/// A disk's base that answers over the network (an agent's upstream): its
-/// reads run on the connection's task instead of a blocking thread.
-pub trait RemoteBase: Send + Sync {
-    /// `len` bytes at `offset`, after `headroom` zero bytes that the caller
-    /// fills with its reply header: a read wholly of the base is sent on
-    /// without copying its data.
-    fn read(
-        &self,
-        offset: u64,
-        len: u32,
-        headroom: usize,
-    ) -> BoxFuture<'_, std::io::Result<Vec<u8>>>;
 }
 
 /// Told when the connection holding an export ends with NBD_CMD_DISC.
@@ -358,7 +341,7 @@ pub async fn connection<R, W>(
             tracing::warn!(%peer, export = %neg.export.name, error = %e, "connection dropped")
         }
     }
-    if let Err(e) = neg.export.disk.flush() {
+    if let Err(e) = neg.export.backend.clone().flush().await {
         tracing::error!(%peer, export = %neg.export.name, error = %e, "flush at close failed");
     }
     drop(neg);

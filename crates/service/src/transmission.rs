@@ -7,10 +7,12 @@
 //!   another is being written leave together, in one vectored write
 //! ```
 //!
-//! Reads try `preadv2(RWF_NOWAIT)` on the connection's task: a page-cache hit
-//! costs no thread hop. A miss, and every write, flush, trim or zero, runs on
-//! the blocking pool so a slow disk never stalls the runtime. Replies may leave
-//! out of order; every reply is header and payload in one write.
+//! Reads are first offered to the backend's `try_read` on the connection's
+//! task: a page-cache hit costs no thread hop. A miss, and every write, flush,
+//! trim or zero, is awaited on a task of its own; the backend decides where
+//! the work runs (the blocking pool, the network), so a slow disk or server
+//! never stalls the runtime. Replies may leave out of order; every reply is
+//! header and payload in one write.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,17 +20,17 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
-use vstream_image::{Disk, LocalRead, WriteError};
 use vstream_nbd::transmission::{
     encode_block_status, encode_offset_data_header, encode_simple_reply, encode_structured_error,
 };
 use vstream_nbd::*;
+use vstream_pipeline::{Backend, WriteError};
 
 use crate::handshake::{Negotiated, MAX_PAYLOAD};
 use crate::metrics::Metrics;
-use crate::{Exports, RemoteBase};
+use crate::Exports;
 
-/// Most requests of one connection on the blocking pool at once.
+/// Most requests of one connection in flight at once.
 const MAX_IN_FLIGHT: u32 = 64;
 /// Inline replies are sent once a batch grows past this.
 const BATCH_LIMIT: usize = 1 << 20;
@@ -64,9 +66,7 @@ pub enum TransmissionError {
 
 /// What the request loop needs to know about the negotiated export.
 struct Conn {
-    disk: Arc<Disk>,
-    /// Where base reads go without a blocking thread (an agent's upstream).
-    remote: Option<Arc<dyn RemoteBase>>,
+    backend: Arc<dyn Backend>,
     structured: bool,
     base_allocation: bool,
     exports: Arc<dyn Exports>,
@@ -85,8 +85,7 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let conn = Arc::new(Conn {
-        disk: neg.export.disk.clone(),
-        remote: exports.remote_base(),
+        backend: neg.export.backend.clone(),
         structured: neg.structured,
         base_allocation: neg.base_allocation,
         exports,
@@ -122,19 +121,7 @@ where
                     .expect("semaphore never closed");
                 let (conn, replies) = (conn.clone(), replies.clone());
                 tokio::spawn(async move {
-                    let remote = match (&conn.remote, req.command) {
-                        (Some(r), Command::Read) => conn.read_with_remote(&req, &**r).await,
-                        _ => None,
-                    };
-                    let reply = match remote {
-                        Some(reply) => reply,
-                        None => {
-                            let c = conn.clone();
-                            tokio::task::spawn_blocking(move || c.blocking(&req, data))
-                                .await
-                                .unwrap_or_else(|_| conn.error_reply(&req, EIO, "internal error"))
-                        }
-                    };
+                    let reply = conn.awaited(&req, data).await;
                     // A failed write means the client is gone; the reader sees it too.
                     let _ = replies.send(reply, permit).await;
                 });
@@ -347,7 +334,7 @@ async fn released(release: &mut Option<tokio::sync::watch::Receiver<bool>>) {
 impl Conn {
     /// Checks a request against the export; `Err` is the NBD error to answer.
     fn validate(&self, req: &Request) -> Result<(), u32> {
-        let writable = self.disk.is_writable();
+        let writable = self.backend.is_writable();
         let allowed = match req.command {
             Command::Read => {
                 if self.structured {
@@ -380,7 +367,7 @@ impl Conn {
             Command::Read if req.length > MAX_PAYLOAD => return Err(EINVAL),
             _ => {}
         }
-        if !self.disk.in_range(req.offset, u64::from(req.length)) {
+        if !self.backend.in_range(req.offset, u64::from(req.length)) {
             return Err(EINVAL);
         }
         Ok(())
@@ -397,7 +384,7 @@ impl Conn {
             Command::Read => {
                 let start = out.len();
                 self.read_reply_header(req, out);
-                if read_into(&self.disk, out, req, true).is_ok_and(|done| done) {
+                if read_into(&*self.backend, out, req).is_ok_and(|done| done) {
                     Metrics::add(&self.exports.metrics().read_bytes, u64::from(req.length));
                     true
                 } else {
@@ -416,8 +403,8 @@ impl Conn {
                     1 << 16
                 };
                 let extents: Vec<(u32, u32)> = self
-                    .disk
-                    .block_status(req.offset, u64::from(req.length), max)
+                    .backend
+                    .extents(req.offset, u64::from(req.length), max)
                     .iter()
                     .map(|e| {
                         (
@@ -448,94 +435,38 @@ impl Conn {
         }
     }
 
-    /// Serves READ `req` with the layers' data from the page cache and the
-    /// base's from `remote`, on this task; `None` if a layer would block.
-    async fn read_with_remote(&self, req: &Request, remote: &dyn RemoteBase) -> Option<Vec<u8>> {
-        let len = req.length as usize;
-        // The reply header first; the data's room only where it is needed.
-        let mut out = Vec::with_capacity(32);
-        self.read_reply_header(req, &mut out);
-        if self.disk.base_only(req.offset, u64::from(req.length)) {
-            // All of it is the base's: the upstream reply, read with room for
-            // our header in front, becomes ours.
-            let at = out.len();
-            return Some(match remote.read(req.offset, req.length, at).await {
-                Ok(mut data) if data.len() == at + len => {
-                    data[..at].copy_from_slice(&out);
-                    Metrics::add(&self.exports.metrics().read_bytes, u64::from(req.length));
-                    data
-                }
-                Ok(_) => self.error_reply(req, EIO, "short read from the base"),
-                Err(e) => self.error_reply(req, EIO, &e.to_string()),
-            });
-        }
-        out.reserve_exact(len);
-        let at = out.len();
-        let missing = match self
-            .disk
-            .read_local(&mut out.spare_capacity_mut()[..len], req.offset)
-        {
-            Ok(LocalRead::Done) => Vec::new(),
-            Ok(LocalRead::Missing(runs)) => runs,
-            Ok(LocalRead::WouldBlock) => return None,
-            Err(e) => return Some(self.error_reply(req, EIO, &e.to_string())),
-        };
-        for (offset, n) in missing {
-            match remote.read(offset, n as u32, 0).await {
-                Ok(data) if data.len() as u64 == n => {
-                    let dst = &mut out.spare_capacity_mut()[(offset - req.offset) as usize..]
-                        [..n as usize];
-                    // SAFETY: `dst` is `n` bytes of spare capacity and `data` holds `n` bytes.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            data.as_ptr(),
-                            dst.as_mut_ptr().cast::<u8>(),
-                            n as usize,
-                        )
-                    };
-                }
-                Ok(_) => return Some(self.error_reply(req, EIO, "short read from the base")),
-                Err(e) => return Some(self.error_reply(req, EIO, &e.to_string())),
-            }
-        }
-        // SAFETY: read_local wrote every byte outside the missing runs, and
-        // the loop above wrote every missing run.
-        unsafe { out.set_len(at + len) };
-        Metrics::add(&self.exports.metrics().read_bytes, u64::from(req.length));
-        Some(out)
-    }
-
-    /// Serves `req` where blocking is allowed; returns the whole reply.
-    fn blocking(&self, req: &Request, data: Bytes) -> Vec<u8> {
-        let disk = &self.disk;
+    /// Serves `req` by awaiting the backend; returns the whole reply.
+    async fn awaited(&self, req: &Request, data: Bytes) -> Vec<u8> {
+        let backend = self.backend.clone();
         let fua = req.flags & CMD_FLAG_FUA != 0;
+        let (offset, len) = (req.offset, u64::from(req.length));
         let result: Result<(), WriteError> = match req.command {
             Command::Read => {
-                let mut out = Vec::with_capacity(32 + req.length as usize);
-                self.read_reply_header(req, &mut out);
-                return match read_into(disk, &mut out, req, false) {
-                    Ok(_) => {
-                        Metrics::add(&self.exports.metrics().read_bytes, u64::from(req.length));
+                let mut header = Vec::with_capacity(32);
+                self.read_reply_header(req, &mut header);
+                return match backend.read(offset, req.length, header.len()).await {
+                    Ok(mut out) if out.len() == header.len() + req.length as usize => {
+                        out[..header.len()].copy_from_slice(&header);
+                        Metrics::add(&self.exports.metrics().read_bytes, len);
                         out
                     }
+                    Ok(_) => self.error_reply(req, EIO, "short read"),
                     Err(e) => {
-                        tracing::error!(error = %e, offset = req.offset, "read failed");
-                        self.error_reply(req, EIO, "read failed")
+                        tracing::error!(error = %e, offset, "read failed");
+                        self.error_reply(req, EIO, &format!("read failed: {e}"))
                     }
                 };
             }
             Command::Write => {
                 Metrics::add(&self.exports.metrics().written_bytes, data.len() as u64);
-                disk.write(&data, req.offset, fua)
+                backend.write(data, offset, fua).await
             }
-            Command::Flush => disk.flush().map_err(WriteError::from),
-            Command::Trim => disk.trim(req.offset, u64::from(req.length), fua),
-            Command::WriteZeroes => disk.write_zeroes(
-                req.offset,
-                u64::from(req.length),
-                fua,
-                req.flags & CMD_FLAG_NO_HOLE == 0,
-            ),
+            Command::Flush => backend.flush().await.map_err(WriteError::from),
+            Command::Trim => backend.trim(offset, len, fua).await,
+            Command::WriteZeroes => {
+                let punch = req.flags & CMD_FLAG_NO_HOLE == 0;
+                backend.write_zeroes(offset, len, fua, punch).await
+            }
             _ => Ok(()),
         };
         match result {
@@ -570,14 +501,15 @@ impl Conn {
     }
 }
 
-/// Appends the data of READ `req` to `out` without zero-filling it first.
-fn read_into(disk: &Disk, out: &mut Vec<u8>, req: &Request, nowait: bool) -> std::io::Result<bool> {
+/// Appends the data of READ `req` to `out` without zero-filling it first, if
+/// the backend has it at hand; `Ok(false)` leaves `out` as it was.
+fn read_into(backend: &dyn Backend, out: &mut Vec<u8>, req: &Request) -> std::io::Result<bool> {
     let len = req.length as usize;
     out.reserve(len);
     let at = out.len();
-    let done = disk.read_uninit(&mut out.spare_capacity_mut()[..len], req.offset, nowait)?;
+    let done = backend.try_read(&mut out.spare_capacity_mut()[..len], req.offset)?;
     if done {
-        // SAFETY: `read_uninit` answered true, so it wrote all `len` bytes.
+        // SAFETY: `try_read` answered true, so it wrote all `len` bytes.
         unsafe { out.set_len(at + len) };
     }
     Ok(done)

@@ -18,6 +18,7 @@ mod attach;
 mod cache;
 mod login;
 mod remote;
+mod streamed;
 mod upstream;
 
 use std::sync::Arc;
@@ -60,8 +61,7 @@ pub struct Options {
 struct Device {
     name: String,
     description: String,
-    disk: Arc<Disk>,
-    remote: Arc<remote::Remote>,
+    backend: Arc<streamed::Streamed>,
     metrics: Metrics,
 }
 
@@ -80,7 +80,7 @@ impl Exports for Device {
             Ok(Export {
                 name: self.name.clone(),
                 description: self.description.clone(),
-                disk: self.disk.clone(),
+                backend: self.backend.clone(),
                 session: None,
             })
         })
@@ -96,9 +96,6 @@ impl Exports for Device {
     }
     fn metrics(&self) -> &Metrics {
         &self.metrics
-    }
-    fn remote_base(&self) -> Option<Arc<dyn nbd::RemoteBase>> {
-        Some(self.remote.clone())
     }
 }
 
@@ -189,7 +186,8 @@ async fn report_cache(
             _ = tokio::time::sleep(REPORT_EVERY) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
-        let bytes = device.disk.top_bytes() + device.disk.overflow_bytes().unwrap_or(0);
+        let bytes =
+            device.backend.disk.top_bytes() + device.backend.disk.overflow_bytes().unwrap_or(0);
         let now = (remote.api(), bytes);
         if last.as_ref() == Some(&now) {
             continue;
@@ -273,8 +271,10 @@ pub async fn run(opts: Options, shutdown: watch::Receiver<bool>) -> Result<()> {
                 format!("{} write cache", opts.cache)
             }
         ),
-        disk: Arc::new(disk),
-        remote: remote.clone(),
+        backend: Arc::new(streamed::Streamed {
+            disk: Arc::new(disk),
+            remote: remote.clone(),
+        }),
         metrics: Metrics::default(),
     });
     if !stays {

@@ -388,17 +388,6 @@ impl Remote {
     }
 }
 
-impl vstream_service::RemoteBase for Remote {
-    fn read(
-        &self,
-        offset: u64,
-        len: u32,
-        headroom: usize,
-    ) -> futures::future::BoxFuture<'_, io::Result<Vec<u8>>> {
-        Box::pin(self.read_at(offset, len, headroom))
-    }
-}
-
 #[cfg(test)]
 mod backoff_tests {
     use super::*;
