@@ -186,8 +186,8 @@ async fn report_cache(
             _ = tokio::time::sleep(REPORT_EVERY) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
-        let bytes =
-            device.backend.disk.top_bytes() + device.backend.disk.overflow_bytes().unwrap_or(0);
+        let bytes = device.backend.local.disk().top_bytes()
+            + device.backend.local.disk().overflow_bytes().unwrap_or(0);
         let now = (remote.api(), bytes);
         if last.as_ref() == Some(&now) {
             continue;
@@ -272,7 +272,7 @@ pub async fn run(opts: Options, shutdown: watch::Receiver<bool>) -> Result<()> {
             }
         ),
         backend: Arc::new(streamed::Streamed {
-            disk: Arc::new(disk),
+            local: vstream_pipeline::Local::new(Arc::new(disk)),
             remote: remote.clone(),
         }),
         metrics: Metrics::default(),

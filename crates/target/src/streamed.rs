@@ -9,7 +9,8 @@
 //!         read: the cache's runs (on the blocking pool if not in the page cache),
 //!               then each base run from the server (remote.rs), on this task;
 //!               a read wholly of the base is the server's reply itself, no copy
-//!   write, zeroes, trim, flush ──► the cache, on the blocking pool
+//!   write, zeroes, trim, flush ──► the local stack (pipeline::Local), on the
+//!                                  blocking pool
 //! ```
 
 use std::io;
@@ -18,14 +19,15 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use vstream_image::{Disk, LocalRead};
-use vstream_pipeline::{blocking, Backend, Extent, WriteError};
+use vstream_image::LocalRead;
+use vstream_pipeline::{Backend, Extent, Local, WriteError};
 
 use crate::remote::Remote;
 
-/// The device's disk: [`Disk`] for what the device wrote, `remote` below it.
+/// The device's disk: the local stack for what the device wrote (a [`Disk`]
+/// whose base is `remote`), wrapped so that its base runs are read here.
 pub struct Streamed {
-    pub disk: Arc<Disk>,
+    pub local: Arc<Local>,
     pub remote: Arc<Remote>,
 }
 
@@ -41,16 +43,15 @@ impl Streamed {
         let n = len as usize;
         let mut out = Vec::with_capacity(headroom + n);
         out.resize(headroom, 0);
-        let local = self
-            .disk
-            .read_local(&mut out.spare_capacity_mut()[..n], offset, true)?;
+        let disk = self.local.disk();
+        let local = disk.read_local(&mut out.spare_capacity_mut()[..n], offset, true)?;
         let missing = match local {
             LocalRead::Done => Vec::new(),
             LocalRead::Missing(runs) => runs,
             LocalRead::WouldBlock => {
                 // A cache run is not in the page cache: read the cache's runs
                 // where blocking is allowed, then the base's here.
-                let disk = self.disk.clone();
+                let disk = disk.clone();
                 let (back, local) = tokio::task::spawn_blocking(move || {
                     let local = disk.read_local(&mut out.spare_capacity_mut()[..n], offset, false);
                     (out, local)
@@ -94,16 +95,17 @@ impl Streamed {
     }
 }
 
+/// Everything but a read that must wait is the local stack's.
 impl Backend for Streamed {
     fn size(&self) -> u64 {
-        self.disk.size()
+        self.local.size()
     }
     fn is_writable(&self) -> bool {
-        self.disk.is_writable()
+        self.local.is_writable()
     }
     fn try_read(&self, buf: &mut [MaybeUninit<u8>], offset: u64) -> io::Result<bool> {
         // A base run is never read here: it waits on the network.
-        self.disk.read_uninit(buf, offset, true)
+        self.local.try_read(buf, offset)
     }
     fn read(
         self: Arc<Self>,
@@ -119,7 +121,7 @@ impl Backend for Streamed {
         offset: u64,
         fua: bool,
     ) -> BoxFuture<'static, Result<(), WriteError>> {
-        blocking(move || self.disk.write(&data, offset, fua))
+        self.local.clone().write(data, offset, fua)
     }
     fn write_zeroes(
         self: Arc<Self>,
@@ -128,7 +130,7 @@ impl Backend for Streamed {
         fua: bool,
         punch: bool,
     ) -> BoxFuture<'static, Result<(), WriteError>> {
-        blocking(move || self.disk.write_zeroes(offset, len, fua, punch))
+        self.local.clone().write_zeroes(offset, len, fua, punch)
     }
     fn trim(
         self: Arc<Self>,
@@ -136,12 +138,12 @@ impl Backend for Streamed {
         len: u64,
         fua: bool,
     ) -> BoxFuture<'static, Result<(), WriteError>> {
-        blocking(move || self.disk.trim(offset, len, fua))
+        self.local.clone().trim(offset, len, fua)
     }
     fn flush(self: Arc<Self>) -> BoxFuture<'static, io::Result<()>> {
-        blocking(move || self.disk.flush())
+        self.local.clone().flush()
     }
     fn extents(&self, offset: u64, len: u64, max: usize) -> Vec<Extent> {
-        self.disk.block_status(offset, len, max)
+        self.local.extents(offset, len, max)
     }
 }
