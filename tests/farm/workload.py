@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """A verifying device workload, through a vstream target agent's NBD socket.
 
-    workload.py SOCKET IMAGE SECONDS [SEED] [fua]
+    workload.py SOCKET IMAGE SECONDS [SEED] [fua|partial]
 
 Random 4 KiB writes (each block's bytes depend on the seed, the block and a
 counter) go to the device's write cache; random reads check every block
@@ -10,7 +10,10 @@ content). Runs for SECONDS, then prints one JSON line:
 {"reads": N, "writes": N, "errors": N, "mismatches": N, "max_ms": F, "p99_ms": F}
 and exits 1 if there was any error or mismatch. With `fua`, every write is
 sent with FUA: acknowledged means durable (for a Private-mode device, whose
-writes must survive its server's crash).
+writes must survive its server's crash). With `partial`, a third of the
+writes cover part of a block, or the end of one and the start of the next,
+at any byte, and some of those are zeroes: a write cache must fill in the
+rest of such a block from the base.
 """
 import json
 import random
@@ -30,7 +33,9 @@ def pattern(seed, block, n):
 def main():
     sock, image, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
     seed = int(sys.argv[4]) if len(sys.argv) > 4 else 1
-    flags = nbd.CMD_FLAG_FUA if len(sys.argv) > 5 and sys.argv[5] == "fua" else 0
+    mode = sys.argv[5] if len(sys.argv) > 5 else ""
+    flags = nbd.CMD_FLAG_FUA if mode == "fua" else 0
+    partial = mode == "partial"
     rng = random.Random(seed)
     base = open(image, "rb")
     h = nbd.NBD()
@@ -38,6 +43,13 @@ def main():
     size = h.get_size()
     blocks = size // BLOCK
     written = {}
+
+    def current(b):
+        if b in written:
+            return written[b]
+        base.seek(b * BLOCK)
+        return base.read(BLOCK)
+
     stats = {"reads": 0, "writes": 0, "errors": 0, "mismatches": 0}
     lat = []
     end = time.monotonic() + seconds
@@ -48,17 +60,27 @@ def main():
         try:
             if rng.random() < 0.3:
                 n += 1
-                data = pattern(seed, block, n)
-                h.pwrite(data, block * BLOCK, flags)
-                written[block] = data
+                if partial and rng.random() < 0.33 and block + 1 < blocks:
+                    # Part of this block, or its end and the next block's start.
+                    at = rng.randrange(BLOCK)
+                    length = rng.randrange(1, 2 * BLOCK - at)
+                    if rng.random() < 0.25:
+                        h.zero(length, block * BLOCK + at)
+                        data = bytes(length)
+                    else:
+                        data = (pattern(seed, block, n) * 2)[:length]
+                        h.pwrite(data, block * BLOCK + at, flags)
+                    both = current(block) + current(block + 1)
+                    both = both[:at] + data + both[at + length:]
+                    written[block], written[block + 1] = both[:BLOCK], both[BLOCK:]
+                else:
+                    data = pattern(seed, block, n)
+                    h.pwrite(data, block * BLOCK, flags)
+                    written[block] = data
                 stats["writes"] += 1
             else:
                 got = h.pread(BLOCK, block * BLOCK)
-                if block in written:
-                    want = written[block]
-                else:
-                    base.seek(block * BLOCK)
-                    want = base.read(BLOCK)
+                want = current(block)
                 if got != want:
                     stats["mismatches"] += 1
                     print(f"mismatch at block {block}", file=sys.stderr)

@@ -299,6 +299,13 @@ impl Disk {
             .max()
     }
 
+    /// Whether a layer of this disk, or its overflow tier, holds `chunk`: a
+    /// write to part of it needs nothing from below.
+    pub fn holds(&self, chunk: u64) -> bool {
+        self.owner(chunk, self.layers.len()).is_some()
+            || self.spill.as_ref().is_some_and(|s| s.holds(chunk))
+    }
+
     /// Whether `[offset, offset+len)` lies inside the disk.
     pub fn in_range(&self, offset: u64, len: u64) -> bool {
         offset

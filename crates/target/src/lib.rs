@@ -271,10 +271,10 @@ pub async fn run(opts: Options, shutdown: watch::Receiver<bool>) -> Result<()> {
                 format!("{} write cache", opts.cache)
             }
         ),
-        backend: Arc::new(streamed::Streamed {
-            local: vstream_pipeline::Local::new(Arc::new(disk)),
-            remote: remote.clone(),
-        }),
+        backend: Arc::new(streamed::Streamed::new(
+            vstream_pipeline::Local::new(Arc::new(disk)),
+            remote.clone(),
+        )),
         metrics: Metrics::default(),
     });
     if !stays {

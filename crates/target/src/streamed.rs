@@ -10,8 +10,13 @@
 //!               then each base run from the server (remote.rs), on this task;
 //!               a read wholly of the base is the server's reply itself, no copy
 //!   write, zeroes, trim, flush ──► the local stack (pipeline::Local), on the
-//!                                  blocking pool
+//!                                  blocking pool; a write to part of a chunk the
+//!                                  cache lacks first reads the rest of that chunk
+//!                                  as a read does, and writes it whole
 //! ```
+//!
+//! So the network is only ever waited on from the agent's tasks: the cache
+//! (an `image::Disk`) never reads its base itself.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -19,7 +24,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use vstream_image::LocalRead;
+use vstream_image::{Disk, LocalRead, CHUNK};
 use vstream_pipeline::{Backend, Extent, Local, WriteError};
 
 use crate::remote::Remote;
@@ -29,9 +34,134 @@ use crate::remote::Remote;
 pub struct Streamed {
     pub local: Arc<Local>,
     pub remote: Arc<Remote>,
+    /// Partial writes to chunks the cache lacks take the lock of their
+    /// chunk's stripe: one read-modify-write of a chunk at a time.
+    stripes: Vec<tokio::sync::Mutex<()>>,
+}
+
+const STRIPES: u64 = 64;
+
+/// The chunks at the two ends of `[offset, end)` that it covers only in part
+/// and that `disk` does not hold: writing those needs the base's bytes.
+/// None for a disk without layers of its own: its writes go to its server
+/// as they are (a Private device's).
+fn unheld_edges(disk: &Disk, offset: u64, end: u64) -> Vec<u64> {
+    let mut edges = Vec::new();
+    if offset >= end || disk.layers().is_empty() {
+        return edges;
+    }
+    for c in [offset / CHUNK, (end - 1) / CHUNK] {
+        let (start, stop) = (c * CHUNK, ((c + 1) * CHUNK).min(disk.size()));
+        let whole = offset <= start && end >= stop;
+        if !whole && !disk.holds(c) && !edges.contains(&c) {
+            edges.push(c);
+        }
+    }
+    edges
 }
 
 impl Streamed {
+    pub fn new(local: Arc<Local>, remote: Arc<Remote>) -> Streamed {
+        Streamed {
+            local,
+            remote,
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+        }
+    }
+
+    /// Writes `data` at `offset`. The chunks at its ends that it covers in
+    /// part and the cache lacks are read first (the base's bytes, from the
+    /// server, on this task) and written whole with it, so the cache never
+    /// has to read its base itself.
+    async fn write_filled(
+        self: Arc<Self>,
+        data: Bytes,
+        offset: u64,
+        fua: bool,
+    ) -> Result<(), WriteError> {
+        let disk = self.local.disk().clone();
+        let len = data.len() as u64;
+        if !disk.is_writable() || !disk.in_range(offset, len) {
+            // The local stack gives the error.
+            return self.local.clone().write(data, offset, fua).await;
+        }
+        let end = offset + len;
+        if unheld_edges(&disk, offset, end).is_empty() {
+            return self.local.clone().write(data, offset, fua).await;
+        }
+        let mut stripes: Vec<u64> = unheld_edges(&disk, offset, end)
+            .iter()
+            .map(|c| c % STRIPES)
+            .collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        let mut guards = Vec::with_capacity(stripes.len());
+        for s in stripes {
+            guards.push(self.stripes[s as usize].lock().await);
+        }
+        // Again under the locks: another write may have filled them meanwhile.
+        let edges = unheld_edges(&disk, offset, end);
+        let chunk_end = |c: u64| ((c + 1) * CHUNK).min(disk.size());
+        let lo = edges.iter().map(|c| c * CHUNK).fold(offset, u64::min);
+        let hi = edges.iter().map(|&c| chunk_end(c)).fold(end, u64::max);
+        let mut whole = vec![0u8; (hi - lo) as usize];
+        for &c in &edges {
+            let start = c * CHUNK;
+            let n = (chunk_end(c) - start) as u32;
+            let old = self.clone().read_both(start, n, 0).await?;
+            whole[(start - lo) as usize..][..n as usize].copy_from_slice(&old);
+        }
+        whole[(offset - lo) as usize..][..data.len()].copy_from_slice(&data);
+        let written = self.local.clone().write(Bytes::from(whole), lo, fua).await;
+        drop(guards);
+        written
+    }
+
+    /// Zeroes a range: its whole chunks in the cache as the cache does it,
+    /// its partial ends as writes of zeros (see [`Streamed::write_filled`]).
+    async fn zero_filled(
+        self: Arc<Self>,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        punch: bool,
+    ) -> Result<(), WriteError> {
+        let disk = self.local.disk().clone();
+        let end = offset.saturating_add(len);
+        if !disk.is_writable()
+            || !disk.in_range(offset, len)
+            || unheld_edges(&disk, offset, end).is_empty()
+        {
+            return self
+                .local
+                .clone()
+                .write_zeroes(offset, len, fua, punch)
+                .await;
+        }
+        let first = offset.div_ceil(CHUNK) * CHUNK;
+        let last = if end == disk.size() {
+            end
+        } else {
+            end / CHUNK * CHUNK
+        };
+        if first >= last {
+            let zeros = Bytes::from(vec![0u8; len as usize]);
+            return self.write_filled(zeros, offset, fua).await;
+        }
+        if offset < first {
+            let zeros = Bytes::from(vec![0u8; (first - offset) as usize]);
+            self.clone().write_filled(zeros, offset, false).await?;
+        }
+        if last < end {
+            let zeros = Bytes::from(vec![0u8; (end - last) as usize]);
+            self.clone().write_filled(zeros, last, false).await?;
+        }
+        self.local
+            .clone()
+            .write_zeroes(first, last - first, fua, punch)
+            .await
+    }
+
     /// `len` bytes at `offset` after `headroom` zero bytes: the cache's runs
     /// from the disk, the base's from the server.
     async fn read_both(
@@ -121,7 +251,7 @@ impl Backend for Streamed {
         offset: u64,
         fua: bool,
     ) -> BoxFuture<'static, Result<(), WriteError>> {
-        self.local.clone().write(data, offset, fua)
+        Box::pin(self.write_filled(data, offset, fua))
     }
     fn write_zeroes(
         self: Arc<Self>,
@@ -130,7 +260,7 @@ impl Backend for Streamed {
         fua: bool,
         punch: bool,
     ) -> BoxFuture<'static, Result<(), WriteError>> {
-        self.local.clone().write_zeroes(offset, len, fua, punch)
+        Box::pin(self.zero_filled(offset, len, fua, punch))
     }
     fn trim(
         self: Arc<Self>,

@@ -185,6 +185,51 @@ fn pid(s: &TestServer) -> u32 {
     s.child.as_ref().expect("running").id()
 }
 
+/// Writes and zeroes that cover part of a block, or the end of one and the
+/// start of the next, at any byte: each cache type fills in the rest of such
+/// a block from the base, streamed from a server, and a server killed on the
+/// way changes nothing of what reads back.
+#[test]
+fn partial_writes_through_the_agent_read_back() {
+    let Some(etcd) = tools() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut servers = farm(&etcd, dir.path(), 2, 3);
+    let image = dir.path().join("demo.raw");
+    let caches = [
+        "ram:64MiB".to_string(),
+        format!("disk:{}:64MiB", dir.path().join("pc2.cache").display()),
+        format!(
+            "ram:1MiB,disk:{}:64MiB",
+            dir.path().join("pc3.cache").display()
+        ),
+    ];
+    let agents: Vec<TestAgent> = (1..=3)
+        .map(|d| {
+            TestAgent::start(
+                dir.path(),
+                &format!("pc{d}"),
+                &mac(d),
+                &apis(&servers),
+                &caches[d - 1],
+            )
+        })
+        .collect();
+    let loads: Vec<Child> = agents
+        .iter()
+        .enumerate()
+        .map(|(i, a)| start_workload_with(a, &image, 10, i + 1, &["partial"]))
+        .collect();
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    servers[0].kill9();
+    let stats = finish_workloads(loads, &agents);
+    for s in &stats {
+        assert!(
+            s["writes"].as_u64().unwrap_or(0) > 50,
+            "each device wrote: {stats:?}"
+        );
+    }
+}
+
 #[test]
 fn agents_carry_on_when_servers_are_killed() {
     let Some(etcd) = tools() else { return };
