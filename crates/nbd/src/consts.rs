@@ -60,6 +60,16 @@ pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 pub const TFLAG_SEND_CACHE: u16 = 1 << 10;
 pub const TFLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
+// Commands (the compact request header's `type`).
+pub const CMD_READ: u16 = 0;
+pub const CMD_WRITE: u16 = 1;
+pub const CMD_DISC: u16 = 2;
+pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_CACHE: u16 = 5;
+pub const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_BLOCK_STATUS: u16 = 7;
+
 // Command flags.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
@@ -93,7 +103,18 @@ pub const ESHUTDOWN: u32 = 108;
 /// The only meta context we serve.
 pub const BASE_ALLOCATION: &str = "base:allocation";
 
+/// Magic of the oldstyle handshake, which only ancient servers speak.
+pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
+
+/// Size of the server greeting (NBDMAGIC, IHAVEOPT, handshake flags).
+pub const GREETING_LEN: usize = 18;
 /// Size of the compact request header.
 pub const REQUEST_HEADER_LEN: usize = 28;
+/// Size of a simple reply header (magic, error, cookie).
+pub const SIMPLE_REPLY_LEN: usize = 16;
+/// Size of a structured reply chunk header (magic, flags, type, cookie, length).
+pub const CHUNK_HEADER_LEN: usize = 20;
+/// Size of an option reply header (magic, option, reply type, length).
+pub const OPTION_REPLY_HEADER_LEN: usize = 20;
 /// Size of an option header (IHAVEOPT, option, length).
 pub const OPTION_HEADER_LEN: usize = 16;

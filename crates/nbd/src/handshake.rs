@@ -1,4 +1,6 @@
-//! Handshake: the server greeting, client flags, options and option replies.
+//! Handshake: the server greeting, client flags, options and option replies,
+//! for both ends: the server decodes options and encodes replies, the client
+//! (the agent) decodes the greeting and replies and encodes options.
 
 use crate::consts::*;
 
@@ -185,6 +187,11 @@ impl Reader<'_> {
         }
         utf8(self.take(len)?)
     }
+    fn rest(&mut self) -> &[u8] {
+        let all = self.0;
+        self.0 = &[];
+        all
+    }
     fn end(&self) -> Result<(), &'static str> {
         if self.0.is_empty() {
             Ok(())
@@ -275,6 +282,306 @@ pub fn encode_export_name_reply(out: &mut Vec<u8>, size: u64, flags: u16, no_zer
     if !no_zeroes {
         out.extend_from_slice(&[0u8; 124]);
     }
+}
+
+// ---- The client's half: the greeting in, client flags and options out,
+// ---- option replies in.
+
+/// What the server's greeting offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Greeting {
+    /// Handshake flags (`FLAG_FIXED_NEWSTYLE`, `FLAG_NO_ZEROES`).
+    pub flags: u16,
+}
+
+impl Greeting {
+    /// The client flags to answer with: fixed newstyle, and no zeroes when
+    /// the server offers it.
+    pub fn client_flags(&self) -> u32 {
+        let mut flags = FLAG_C_FIXED_NEWSTYLE;
+        if self.flags & FLAG_NO_ZEROES != 0 {
+            flags |= FLAG_C_NO_ZEROES;
+        }
+        flags
+    }
+}
+
+/// Errors after which a client cannot trust the server's byte stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("greeting does not start with NBDMAGIC (got {0:#018x})")]
+    BadGreetingMagic(u64),
+    #[error("the server speaks the oldstyle handshake, not newstyle")]
+    Oldstyle,
+    #[error("greeting has {0:#018x} where IHAVEOPT belongs")]
+    NotNewstyle(u64),
+    #[error("option reply does not start with the option reply magic (got {0:#018x})")]
+    BadReplyMagic(u64),
+    #[error(
+        "reply to option {option} claims {length} bytes of data, more than the {MAX_OPTION_LEN} allowed"
+    )]
+    ReplyTooLong { option: u32, length: u32 },
+}
+
+/// Decodes the server greeting from the front of `buf`.
+pub fn decode_greeting(buf: &[u8]) -> Result<Option<(Greeting, usize)>, HandshakeError> {
+    if buf.len() < 8 {
+        return Ok(None);
+    }
+    let magic = be_u64(&buf[0..8]);
+    if magic != NBDMAGIC {
+        return Err(HandshakeError::BadGreetingMagic(magic));
+    }
+    if buf.len() < 16 {
+        return Ok(None);
+    }
+    match be_u64(&buf[8..16]) {
+        IHAVEOPT => {}
+        OLDSTYLE_MAGIC => return Err(HandshakeError::Oldstyle),
+        other => return Err(HandshakeError::NotNewstyle(other)),
+    }
+    if buf.len() < GREETING_LEN {
+        return Ok(None);
+    }
+    let flags = u16::from_be_bytes([buf[16], buf[17]]);
+    Ok(Some((Greeting { flags }, GREETING_LEN)))
+}
+
+/// Appends the client's 32-bit flags (see [`Greeting::client_flags`]).
+pub fn encode_client_flags(out: &mut Vec<u8>, flags: u32) {
+    out.extend_from_slice(&flags.to_be_bytes());
+}
+
+/// Appends one option: the inverse of [`decode_option`].
+///
+/// `Unknown` and `Malformed` exist for the decoding side; they encode as
+/// their option number with no data.
+pub fn encode_option(out: &mut Vec<u8>, option: &ClientOption) {
+    out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    out.extend_from_slice(&option.code().to_be_bytes());
+    let length_at = out.len();
+    out.extend_from_slice(&0u32.to_be_bytes());
+    match option {
+        ClientOption::ExportName(name) => out.extend_from_slice(name.as_bytes()),
+        ClientOption::Info { name, requests, .. } => {
+            put_string(out, name);
+            out.extend_from_slice(&(requests.len() as u16).to_be_bytes());
+            for r in requests {
+                out.extend_from_slice(&r.to_be_bytes());
+            }
+        }
+        ClientOption::MetaContext {
+            export, queries, ..
+        } => {
+            put_string(out, export);
+            out.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+            for q in queries {
+                put_string(out, q);
+            }
+        }
+        ClientOption::Abort
+        | ClientOption::List
+        | ClientOption::StartTls
+        | ClientOption::StructuredReply
+        | ClientOption::ExtendedHeaders
+        | ClientOption::Unknown(_)
+        | ClientOption::Malformed { .. } => {}
+    }
+    let length = (out.len() - length_at - 4) as u32;
+    out[length_at..length_at + 4].copy_from_slice(&length.to_be_bytes());
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// The header of an option reply; `length` bytes of data follow it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionReplyHeader {
+    /// The option this answers.
+    pub option: u32,
+    /// The reply type (`REP_*`).
+    pub reply: u32,
+    pub length: u32,
+}
+
+/// What an `NBD_REP_INFO` carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Info {
+    Export {
+        size: u64,
+        /// Transmission flags (`TFLAG_*`).
+        flags: u16,
+    },
+    Name(String),
+    Description(String),
+    BlockSize {
+        min: u32,
+        preferred: u32,
+        max: u32,
+    },
+    /// An information type we do not know; the reply is skipped whole.
+    Unknown(u16),
+}
+
+/// An option reply's data, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerReply {
+    Ack,
+    /// One export of an `NBD_OPT_LIST` answer.
+    Server {
+        name: String,
+        description: String,
+    },
+    Info(Info),
+    MetaContext {
+        id: u32,
+        name: String,
+    },
+    /// An `NBD_REP_ERR_*` (`code` has the high bit set), with its message.
+    Error {
+        code: u32,
+        message: String,
+    },
+    /// A reply type we do not know (without the error bit).
+    Unknown(u32),
+    /// A known reply type whose data lies about its own lengths; the framing
+    /// is intact, so the caller may go on.
+    Malformed {
+        reply: u32,
+        reason: &'static str,
+    },
+}
+
+impl ServerReply {
+    /// The reply type (`REP_*`) on the wire.
+    pub fn code(&self) -> u32 {
+        match self {
+            ServerReply::Ack => REP_ACK,
+            ServerReply::Server { .. } => REP_SERVER,
+            ServerReply::Info(_) => REP_INFO,
+            ServerReply::MetaContext { .. } => REP_META_CONTEXT,
+            ServerReply::Error { code, .. } => *code,
+            ServerReply::Unknown(code) => *code,
+            ServerReply::Malformed { reply, .. } => *reply,
+        }
+    }
+}
+
+/// A whole option reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OptionReply {
+    /// The option this answers.
+    pub option: u32,
+    pub reply: ServerReply,
+}
+
+/// Decodes an option reply header from the front of `buf`: for a client
+/// that reads the header, then exactly its data.
+pub fn decode_option_reply_header(
+    buf: &[u8],
+) -> Result<Option<(OptionReplyHeader, usize)>, HandshakeError> {
+    if buf.len() < OPTION_REPLY_HEADER_LEN {
+        return Ok(None);
+    }
+    let magic = be_u64(&buf[0..8]);
+    if magic != REPLY_MAGIC_OPTION {
+        return Err(HandshakeError::BadReplyMagic(magic));
+    }
+    let header = OptionReplyHeader {
+        option: be_u32(&buf[8..12]),
+        reply: be_u32(&buf[12..16]),
+        length: be_u32(&buf[16..20]),
+    };
+    if header.length > MAX_OPTION_LEN {
+        return Err(HandshakeError::ReplyTooLong {
+            option: header.option,
+            length: header.length,
+        });
+    }
+    Ok(Some((header, OPTION_REPLY_HEADER_LEN)))
+}
+
+/// Decodes the `header.length` bytes of data after an option reply header.
+pub fn decode_option_reply_data(header: &OptionReplyHeader, data: &[u8]) -> ServerReply {
+    let reply = header.reply;
+    parse_reply_data(reply, data).unwrap_or_else(|reason| ServerReply::Malformed { reply, reason })
+}
+
+/// Decodes one whole option reply (header and data) from the front of `buf`.
+pub fn decode_option_reply(buf: &[u8]) -> Result<Option<(OptionReply, usize)>, HandshakeError> {
+    let Some((header, used)) = decode_option_reply_header(buf)? else {
+        return Ok(None);
+    };
+    let total = used + header.length as usize;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    let reply = decode_option_reply_data(&header, &buf[used..total]);
+    Ok(Some((
+        OptionReply {
+            option: header.option,
+            reply,
+        },
+        total,
+    )))
+}
+
+fn parse_reply_data(reply: u32, data: &[u8]) -> Result<ServerReply, &'static str> {
+    let mut r = Reader(data);
+    let parsed = match reply {
+        REP_ACK => ServerReply::Ack,
+        REP_SERVER => {
+            let name = r.string()?;
+            let description = utf8(r.rest())?;
+            ServerReply::Server { name, description }
+        }
+        REP_INFO => ServerReply::Info(match r.u16()? {
+            INFO_EXPORT => Info::Export {
+                size: be_u64(r.take(8)?),
+                flags: r.u16()?,
+            },
+            INFO_NAME => Info::Name(utf8(r.rest())?),
+            INFO_DESCRIPTION => Info::Description(utf8(r.rest())?),
+            INFO_BLOCK_SIZE => Info::BlockSize {
+                min: r.u32()?,
+                preferred: r.u32()?,
+                max: r.u32()?,
+            },
+            other => {
+                r.rest();
+                Info::Unknown(other)
+            }
+        }),
+        REP_META_CONTEXT => ServerReply::MetaContext {
+            id: r.u32()?,
+            name: utf8(r.rest())?,
+        },
+        code if code & (1 << 31) != 0 => ServerReply::Error {
+            code,
+            message: String::from_utf8_lossy(r.rest()).into_owned(),
+        },
+        other => {
+            r.rest();
+            ServerReply::Unknown(other)
+        }
+    };
+    r.end()?;
+    Ok(parsed)
+}
+
+/// Decodes the answer to `NBD_OPT_EXPORT_NAME` (size, transmission flags),
+/// followed by 124 zero bytes unless the client flags asked for no zeroes.
+pub fn decode_export_name_reply(buf: &[u8], no_zeroes: bool) -> Option<((u64, u16), usize)> {
+    let total = if no_zeroes { 10 } else { 134 };
+    if buf.len() < total {
+        return None;
+    }
+    Some((
+        (be_u64(&buf[0..8]), u16::from_be_bytes([buf[8], buf[9]])),
+        total,
+    ))
 }
 
 #[cfg(test)]
@@ -391,5 +698,274 @@ mod tests {
                 queries: vec!["base:allocation".into(), "qemu:dirty-bitmap:x".into()]
             }
         );
+    }
+
+    #[test]
+    fn greeting_round_trips_and_needs_all_its_bytes() {
+        let mut out = Vec::new();
+        encode_greeting(&mut out);
+        for cut in 0..out.len() {
+            assert_eq!(decode_greeting(&out[..cut]).unwrap(), None, "cut at {cut}");
+        }
+        let (g, used) = decode_greeting(&out).unwrap().unwrap();
+        assert_eq!(used, GREETING_LEN);
+        assert_eq!(g.flags, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        // The client's answer is what the server decodes.
+        let mut flags = Vec::new();
+        encode_client_flags(&mut flags, g.client_flags());
+        let flags: [u8; 4] = flags.try_into().unwrap();
+        assert!(decode_client_flags(flags).unwrap(), "no zeroes was offered");
+        let plain = Greeting {
+            flags: FLAG_FIXED_NEWSTYLE,
+        };
+        assert_eq!(plain.client_flags(), FLAG_C_FIXED_NEWSTYLE);
+    }
+
+    #[test]
+    fn bad_greetings_are_fatal() {
+        let mut out = Vec::new();
+        encode_greeting(&mut out);
+        let mut bad = out.clone();
+        bad[0] ^= 1;
+        assert!(matches!(
+            decode_greeting(&bad[..8]),
+            Err(HandshakeError::BadGreetingMagic(_))
+        ));
+        let mut old = out.clone();
+        old[8..16].copy_from_slice(&OLDSTYLE_MAGIC.to_be_bytes());
+        assert_eq!(decode_greeting(&old), Err(HandshakeError::Oldstyle));
+        let mut other = out;
+        other[15] ^= 1;
+        assert!(matches!(
+            decode_greeting(&other[..16]),
+            Err(HandshakeError::NotNewstyle(_))
+        ));
+    }
+
+    #[test]
+    fn every_option_round_trips() {
+        let options = [
+            ClientOption::ExportName("base/dev@3/abc".into()),
+            ClientOption::ExportName(String::new()),
+            ClientOption::Abort,
+            ClientOption::List,
+            ClientOption::StartTls,
+            ClientOption::Info {
+                go: false,
+                name: "disk".into(),
+                requests: vec![INFO_EXPORT, INFO_BLOCK_SIZE],
+            },
+            ClientOption::Info {
+                go: true,
+                name: String::new(),
+                requests: vec![],
+            },
+            ClientOption::StructuredReply,
+            ClientOption::MetaContext {
+                set: false,
+                export: "disk".into(),
+                queries: vec![],
+            },
+            ClientOption::MetaContext {
+                set: true,
+                export: "disk".into(),
+                queries: vec![BASE_ALLOCATION.into(), "qemu:".into()],
+            },
+            ClientOption::ExtendedHeaders,
+            ClientOption::Unknown(OPT_EXTENDED_HEADERS + 100),
+        ];
+        let mut stream = Vec::new();
+        for opt in &options {
+            let mut out = Vec::new();
+            encode_option(&mut out, opt);
+            for cut in 0..out.len() {
+                assert_eq!(
+                    decode_option(&out[..cut]).unwrap(),
+                    None,
+                    "{opt:?} cut at {cut}"
+                );
+            }
+            assert_eq!(decode_option(&out).unwrap(), Some((opt.clone(), out.len())));
+            stream.extend_from_slice(&out);
+        }
+        // Back to back, each consumes exactly its own bytes.
+        let mut rest = &stream[..];
+        for opt in &options {
+            let (got, used) = decode_option(rest).unwrap().unwrap();
+            assert_eq!(&got, opt);
+            rest = &rest[used..];
+        }
+        assert!(rest.is_empty());
+    }
+
+    fn reply_of(encode: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(&mut out);
+        out
+    }
+
+    #[test]
+    fn every_option_reply_round_trips() {
+        let cases: Vec<(Vec<u8>, OptionReply)> = vec![
+            (
+                reply_of(|o| encode_option_reply(o, OPT_GO, REP_ACK, &[])),
+                OptionReply {
+                    option: OPT_GO,
+                    reply: ServerReply::Ack,
+                },
+            ),
+            (
+                reply_of(|o| encode_rep_server(o, "disk", "the disk")),
+                OptionReply {
+                    option: OPT_LIST,
+                    reply: ServerReply::Server {
+                        name: "disk".into(),
+                        description: "the disk".into(),
+                    },
+                },
+            ),
+            (
+                reply_of(|o| encode_info_export(o, OPT_GO, 1 << 40, TFLAG_HAS_FLAGS)),
+                OptionReply {
+                    option: OPT_GO,
+                    reply: ServerReply::Info(Info::Export {
+                        size: 1 << 40,
+                        flags: TFLAG_HAS_FLAGS,
+                    }),
+                },
+            ),
+            (
+                reply_of(|o| encode_info_text(o, OPT_INFO, INFO_NAME, "disk")),
+                OptionReply {
+                    option: OPT_INFO,
+                    reply: ServerReply::Info(Info::Name("disk".into())),
+                },
+            ),
+            (
+                reply_of(|o| encode_info_text(o, OPT_INFO, INFO_DESCRIPTION, "a disk")),
+                OptionReply {
+                    option: OPT_INFO,
+                    reply: ServerReply::Info(Info::Description("a disk".into())),
+                },
+            ),
+            (
+                reply_of(|o| encode_info_block_size(o, OPT_GO, 512, 4096, 32 << 20)),
+                OptionReply {
+                    option: OPT_GO,
+                    reply: ServerReply::Info(Info::BlockSize {
+                        min: 512,
+                        preferred: 4096,
+                        max: 32 << 20,
+                    }),
+                },
+            ),
+            (
+                reply_of(|o| encode_info_text(o, OPT_GO, 77, "future")),
+                OptionReply {
+                    option: OPT_GO,
+                    reply: ServerReply::Info(Info::Unknown(77)),
+                },
+            ),
+            (
+                reply_of(|o| encode_meta_context(o, OPT_SET_META_CONTEXT, 1, BASE_ALLOCATION)),
+                OptionReply {
+                    option: OPT_SET_META_CONTEXT,
+                    reply: ServerReply::MetaContext {
+                        id: 1,
+                        name: BASE_ALLOCATION.into(),
+                    },
+                },
+            ),
+            (
+                reply_of(|o| encode_option_error(o, OPT_GO, REP_ERR_UNKNOWN, "no such export")),
+                OptionReply {
+                    option: OPT_GO,
+                    reply: ServerReply::Error {
+                        code: REP_ERR_UNKNOWN,
+                        message: "no such export".into(),
+                    },
+                },
+            ),
+            (
+                reply_of(|o| encode_option_reply(o, OPT_GO, 99, b"?")),
+                OptionReply {
+                    option: OPT_GO,
+                    reply: ServerReply::Unknown(99),
+                },
+            ),
+        ];
+        for (bytes, want) in cases {
+            for cut in 0..bytes.len() {
+                assert_eq!(
+                    decode_option_reply(&bytes[..cut]).unwrap(),
+                    None,
+                    "{want:?} cut at {cut}"
+                );
+            }
+            let (got, used) = decode_option_reply(&bytes).unwrap().unwrap();
+            assert_eq!(got, want);
+            assert_eq!(got.reply.code(), be_u32(&bytes[12..16]));
+            assert_eq!(used, bytes.len());
+            // Header first, then exactly its data: the same reply.
+            let (header, n) = decode_option_reply_header(&bytes).unwrap().unwrap();
+            assert_eq!(n + header.length as usize, bytes.len());
+            assert_eq!(decode_option_reply_data(&header, &bytes[n..]), want.reply);
+        }
+    }
+
+    #[test]
+    fn lying_option_replies_are_malformed_not_fatal() {
+        // An export size without its flags.
+        let mut bytes = reply_of(|o| encode_info_export(o, OPT_GO, 4096, 0));
+        bytes.truncate(bytes.len() - 1);
+        bytes[19] -= 1;
+        let (got, used) = decode_option_reply(&bytes).unwrap().unwrap();
+        assert_eq!(used, bytes.len());
+        assert!(matches!(
+            got.reply,
+            ServerReply::Malformed {
+                reply: REP_INFO,
+                ..
+            }
+        ));
+        // An ACK with data, an INFO without its type.
+        for (reply, data) in [(REP_ACK, &b"x"[..]), (REP_INFO, &b"\0"[..])] {
+            let bytes = reply_of(|o| encode_option_reply(o, OPT_GO, reply, data));
+            let (got, _) = decode_option_reply(&bytes).unwrap().unwrap();
+            assert!(
+                matches!(got.reply, ServerReply::Malformed { .. }),
+                "{got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_option_replies_are_fatal() {
+        let mut bytes = reply_of(|o| encode_option_reply(o, OPT_GO, REP_ACK, &[]));
+        bytes[3] ^= 1;
+        assert!(matches!(
+            decode_option_reply(&bytes),
+            Err(HandshakeError::BadReplyMagic(_))
+        ));
+        let mut huge = reply_of(|o| encode_option_reply(o, OPT_GO, REP_INFO, &[]));
+        huge[16..20].copy_from_slice(&(MAX_OPTION_LEN + 1).to_be_bytes());
+        assert!(matches!(
+            decode_option_reply(&huge),
+            Err(HandshakeError::ReplyTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn export_name_replies_round_trip() {
+        for no_zeroes in [false, true] {
+            let bytes = reply_of(|o| encode_export_name_reply(o, 1 << 30, 3, no_zeroes));
+            for cut in 0..bytes.len() {
+                assert_eq!(decode_export_name_reply(&bytes[..cut], no_zeroes), None);
+            }
+            assert_eq!(
+                decode_export_name_reply(&bytes, no_zeroes),
+                Some(((1 << 30, 3), bytes.len()))
+            );
+        }
     }
 }

@@ -20,12 +20,10 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use vstream_api::{LoginReply, LoginRequest, Pin};
-use vstream_nbd::{CMD_FLAG_FUA, CMD_FLAG_NO_HOLE};
+use vstream_nbd::{Command, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE};
 
 use crate::login::{login, LoginFailure};
-use crate::upstream::{
-    Connection, Failure, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, MAX_READ,
-};
+use crate::upstream::{Connection, Failure, MAX_READ};
 
 /// First pause between attempts while no server can take the device.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
@@ -154,7 +152,8 @@ impl Remote {
     /// Reads `len` bytes at `offset`, on whichever server can answer, after
     /// `headroom` zero bytes; fails only when the agent is stopping.
     pub async fn read_at(&self, offset: u64, len: u32, headroom: usize) -> io::Result<Vec<u8>> {
-        self.send(CMD_READ, 0, (offset, len), &[], headroom).await
+        self.send(Command::Read, 0, (offset, len), &[], headroom)
+            .await
     }
 
     /// Sends one request until a server answers it: to another server
@@ -163,7 +162,7 @@ impl Remote {
     /// that stays) or when the agent is stopping.
     pub async fn request_at(
         &self,
-        cmd: u16,
+        cmd: Command,
         flags: u16,
         offset: u64,
         len: u32,
@@ -174,7 +173,7 @@ impl Remote {
 
     async fn send(
         &self,
-        cmd: u16,
+        cmd: Command,
         flags: u16,
         range: (u64, u32),
         payload: &[u8],
@@ -327,7 +326,7 @@ impl vstream_image::Base for Remote {
         let len =
             u32::try_from(data.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         self.runtime
-            .block_on(self.request_at(CMD_WRITE, flags, offset, len, data))
+            .block_on(self.request_at(Command::Write, flags, offset, len, data))
             .map(drop)
     }
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool, punch: bool) -> io::Result<()> {
@@ -336,18 +335,18 @@ impl vstream_image::Base for Remote {
             flags |= CMD_FLAG_NO_HOLE;
         }
         self.each_piece(offset, len, |o, n| {
-            self.request_at(CMD_WRITE_ZEROES, flags, o, n, &[])
+            self.request_at(Command::WriteZeroes, flags, o, n, &[])
         })
     }
     fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
         let flags = if fua { CMD_FLAG_FUA } else { 0 };
         self.each_piece(offset, len, |o, n| {
-            self.request_at(CMD_TRIM, flags, o, n, &[])
+            self.request_at(Command::Trim, flags, o, n, &[])
         })
     }
     fn flush(&self) -> io::Result<()> {
         self.runtime
-            .block_on(self.request_at(CMD_FLUSH, 0, 0, 0, &[]))
+            .block_on(self.request_at(Command::Flush, 0, 0, 0, &[]))
             .map(drop)
     }
 

@@ -10,6 +10,9 @@
 //!
 //! When the socket fails, every waiting read gets an error and the
 //! connection is dead for good: the failover layer above replaces it.
+//!
+//! The bytes are `vstream_nbd`'s, the codec the server speaks too; this
+//! module only moves them: handles, the two tasks, the pending map.
 
 use std::collections::HashMap;
 use std::io;
@@ -26,12 +29,6 @@ use vstream_nbd::*;
 
 /// Reads of at most this many bytes go in one request.
 pub const MAX_READ: u32 = 32 << 20;
-pub const CMD_READ: u16 = 0;
-pub const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-pub const CMD_FLUSH: u16 = 3;
-pub const CMD_TRIM: u16 = 4;
-pub const CMD_WRITE_ZEROES: u16 = 6;
 
 /// How a request failed.
 #[derive(Debug)]
@@ -124,9 +121,9 @@ impl Connection {
     /// caller may fill (its own reply header: the data is then never copied).
     pub async fn request(
         &self,
-        cmd: u16,
+        command: Command,
         flags: u16,
-        (offset, len): (u64, u32),
+        (offset, length): (u64, u32),
         payload: &[u8],
         headroom: usize,
     ) -> Result<Vec<u8>, Failure> {
@@ -139,7 +136,7 @@ impl Connection {
         if self.is_dead() {
             return Err(closed());
         }
-        let reply_len = if cmd == CMD_READ { len } else { 0 };
+        let reply_len = if command == Command::Read { length } else { 0 };
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending
@@ -150,8 +147,15 @@ impl Connection {
             self.pending.lock().remove(&handle);
             return Err(closed());
         }
-        let mut req = Vec::with_capacity(28 + payload.len());
-        encode_request(&mut req, cmd, flags, handle, offset, len);
+        let mut req = Vec::with_capacity(REQUEST_HEADER_LEN + payload.len());
+        let header = Request {
+            flags,
+            command,
+            cookie: handle,
+            offset,
+            length,
+        };
+        encode_request(&mut req, &header);
         req.extend_from_slice(payload);
         if self.requests.send(Outgoing::Request(req)).is_err() {
             self.pending.lock().remove(&handle);
@@ -169,8 +173,15 @@ impl Connection {
 
     /// Sends NBD_CMD_DISC and closes.
     pub async fn disconnect(&self) {
-        let mut req = Vec::with_capacity(28);
-        encode_request(&mut req, CMD_DISC, 0, 0, 0, 0);
+        let mut req = Vec::with_capacity(REQUEST_HEADER_LEN);
+        let disc = Request {
+            flags: 0,
+            command: Command::Disc,
+            cookie: 0,
+            offset: 0,
+            length: 0,
+        };
+        encode_request(&mut req, &disc);
         let (done, wait) = oneshot::channel();
         if self.requests.send(Outgoing::Close(req, done)).is_ok() {
             let _ = wait.await;
@@ -187,7 +198,7 @@ enum Outgoing {
 
 /// Writes requests as they come; all those queued meanwhile leave in one write.
 async fn send(mut w: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiver<Outgoing>) {
-    let mut buf = Vec::with_capacity(64 * 28);
+    let mut buf = Vec::with_capacity(64 * REQUEST_HEADER_LEN);
     while let Some(first) = queue.recv().await {
         let mut next = Some(first);
         let mut close = None;
@@ -215,15 +226,6 @@ async fn send(mut w: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiver<Outgoing
     }
 }
 
-fn encode_request(out: &mut Vec<u8>, cmd: u16, flags: u16, handle: u64, offset: u64, len: u32) {
-    out.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    out.extend_from_slice(&flags.to_be_bytes());
-    out.extend_from_slice(&cmd.to_be_bytes());
-    out.extend_from_slice(&handle.to_be_bytes());
-    out.extend_from_slice(&offset.to_be_bytes());
-    out.extend_from_slice(&len.to_be_bytes());
-}
-
 /// Replies are read through a buffer of this size.
 const READ_BUFFER: usize = 64 * 1024;
 /// A reply's data past what the read buffer holds goes straight from the
@@ -236,16 +238,19 @@ async fn receive<R: tokio::io::AsyncRead + Unpin>(
     pending: &Mutex<Pending>,
 ) -> io::Error {
     loop {
-        let mut head = [0u8; 16];
+        let mut head = [0u8; SIMPLE_REPLY_LEN];
         if let Err(e) = r.read_exact(&mut head).await {
             return e;
         }
-        let magic = u32::from_be_bytes(head[0..4].try_into().unwrap_or_default());
-        if magic != SIMPLE_REPLY_MAGIC {
-            return protocol(format!("reply magic {magic:#x} is not a simple reply"));
-        }
-        let error = u32::from_be_bytes(head[4..8].try_into().unwrap_or_default());
-        let handle = u64::from_be_bytes(head[8..16].try_into().unwrap_or_default());
+        // Only simple replies: structured ones were never asked for.
+        let SimpleReply {
+            error,
+            cookie: handle,
+        } = match decode_simple_reply(&head) {
+            Ok(Some((reply, _))) => reply,
+            Ok(None) => return protocol("a whole reply header did not decode"),
+            Err(e) => return protocol(e.to_string()),
+        };
         let Some((len, headroom, tx)) = pending.lock().remove(&handle) else {
             return protocol(format!("reply to handle {handle}, which was never sent"));
         };
@@ -289,6 +294,7 @@ async fn receive<R: tokio::io::AsyncRead + Unpin>(
 }
 
 /// What the handshake learned of an export.
+#[derive(Debug)]
 pub struct Opened {
     pub size: u64,
     /// Transmission flags (`NBD_FLAG_*`).
@@ -301,62 +307,56 @@ pub async fn handshake<S>(s: &mut S, export: &str) -> io::Result<Opened>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut hello = [0u8; 18];
+    let mut hello = [0u8; GREETING_LEN];
     s.read_exact(&mut hello).await?;
-    let magic = u64::from_be_bytes(hello[0..8].try_into().unwrap_or_default());
-    let opt = u64::from_be_bytes(hello[8..16].try_into().unwrap_or_default());
-    let flags = u16::from_be_bytes([hello[16], hello[17]]);
-    if magic != NBDMAGIC || opt != IHAVEOPT || flags & FLAG_FIXED_NEWSTYLE == 0 {
-        return Err(protocol("not a fixed newstyle NBD server"));
-    }
-    let mut client = FLAG_C_FIXED_NEWSTYLE;
-    if flags & FLAG_NO_ZEROES != 0 {
-        client |= FLAG_C_NO_ZEROES;
-    }
+    let greeting = match decode_greeting(&hello) {
+        Ok(Some((g, _))) if g.flags & FLAG_FIXED_NEWSTYLE != 0 => g,
+        _ => return Err(protocol("not a fixed newstyle NBD server")),
+    };
     let mut out = Vec::new();
-    out.extend_from_slice(&client.to_be_bytes());
-    let mut data = Vec::new();
-    data.extend_from_slice(&(export.len() as u32).to_be_bytes());
-    data.extend_from_slice(export.as_bytes());
-    data.extend_from_slice(&0u16.to_be_bytes());
-    out.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    out.extend_from_slice(&OPT_GO.to_be_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    out.extend_from_slice(&data);
+    encode_client_flags(&mut out, greeting.client_flags());
+    let go = ClientOption::Info {
+        go: true,
+        name: export.to_owned(),
+        requests: Vec::new(),
+    };
+    encode_option(&mut out, &go);
     s.write_all(&out).await?;
-    let mut size = None;
+    let mut opened = None;
     loop {
-        let mut head = [0u8; 20];
+        let mut head = [0u8; OPTION_REPLY_HEADER_LEN];
         s.read_exact(&mut head).await?;
-        let magic = u64::from_be_bytes(head[0..8].try_into().unwrap_or_default());
-        let kind = u32::from_be_bytes(head[12..16].try_into().unwrap_or_default());
-        let len = u32::from_be_bytes(head[16..20].try_into().unwrap_or_default());
-        if magic != REPLY_MAGIC_OPTION || len > 1 << 16 {
-            return Err(protocol("malformed option reply"));
-        }
-        let mut body = vec![0u8; len as usize];
+        let header = match decode_option_reply_header(&head) {
+            Ok(Some((header, _))) => header,
+            _ => return Err(protocol("malformed option reply")),
+        };
+        let mut body = vec![0u8; header.length as usize];
         s.read_exact(&mut body).await?;
-        match kind {
-            REP_ACK => {
-                return size.ok_or_else(|| protocol("the server sent no export size"));
+        match decode_option_reply_data(&header, &body) {
+            // An ACK's data, which it should not have, is ignored.
+            ServerReply::Ack | ServerReply::Malformed { reply: REP_ACK, .. } => {
+                return opened.ok_or_else(|| protocol("the server sent no export size"));
             }
-            REP_INFO if body.len() >= 12 && body[0..2] == INFO_EXPORT.to_be_bytes() => {
-                size = Some(Opened {
-                    size: u64::from_be_bytes(body[2..10].try_into().unwrap_or_default()),
-                    flags: u16::from_be_bytes([body[10], body[11]]),
-                });
+            ServerReply::Info(Info::Export { size, flags }) => {
+                opened = Some(Opened { size, flags });
             }
-            REP_INFO => {}
-            k if k & (1 << 31) != 0 => {
+            // Information we did not ask for, or cannot read: not needed.
+            ServerReply::Info(_)
+            | ServerReply::Malformed {
+                reply: REP_INFO, ..
+            } => {}
+            ServerReply::Error { message, .. } => {
                 return Err(io::Error::new(
                     io::ErrorKind::PermissionDenied,
-                    format!(
-                        "export {export:?} refused: {}",
-                        String::from_utf8_lossy(&body)
-                    ),
+                    format!("export {export:?} refused: {message}"),
                 ));
             }
-            k => return Err(protocol(format!("unexpected option reply {k}"))),
+            other => {
+                return Err(protocol(format!(
+                    "unexpected option reply {}",
+                    other.code()
+                )))
+            }
         }
     }
 }
@@ -391,11 +391,80 @@ fn reply_errno_of(e: &io::Error) -> Option<u32> {
 mod tests {
     use super::*;
 
+    use vstream_nbd::handshake::{
+        encode_info_block_size, encode_info_export, encode_option_error, encode_option_reply,
+    };
+
     fn simple_reply(out: &mut Vec<u8>, handle: u64, error: u32, data: &[u8]) {
-        out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-        out.extend_from_slice(&error.to_be_bytes());
-        out.extend_from_slice(&handle.to_be_bytes());
+        vstream_nbd::transmission::encode_simple_reply(out, handle, error);
         out.extend_from_slice(data);
+    }
+
+    /// A server's half of the handshake, from the same codec: answers one
+    /// option with `answer`'s replies and returns the option it got.
+    async fn serve_one_option(
+        mut s: tokio::io::DuplexStream,
+        answer: impl FnOnce(&mut Vec<u8>, u32),
+    ) -> ClientOption {
+        let mut out = Vec::new();
+        encode_greeting(&mut out);
+        s.write_all(&out).await.unwrap();
+        let mut flags = [0u8; 4];
+        s.read_exact(&mut flags).await.unwrap();
+        assert!(decode_client_flags(flags).unwrap(), "no zeroes was offered");
+        let mut buf = Vec::new();
+        let option = loop {
+            if let Some((option, used)) = decode_option(&buf).unwrap() {
+                assert_eq!(used, buf.len());
+                break option;
+            }
+            s.read_buf(&mut buf).await.unwrap();
+        };
+        out.clear();
+        answer(&mut out, option.code());
+        s.write_all(&out).await.unwrap();
+        option
+    }
+
+    #[tokio::test]
+    async fn handshake_opens_the_export_with_go() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let server = tokio::spawn(serve_one_option(server, |out, option| {
+            encode_info_block_size(out, option, 512, 4096, MAX_READ);
+            encode_info_export(out, option, 1 << 30, TFLAG_HAS_FLAGS | TFLAG_READ_ONLY);
+            encode_option_reply(out, option, REP_ACK, &[]);
+        }));
+        let opened = handshake(&mut client, "base/dev@1/abc").await.unwrap();
+        assert_eq!(opened.size, 1 << 30);
+        assert_eq!(opened.flags, TFLAG_HAS_FLAGS | TFLAG_READ_ONLY);
+        assert_eq!(
+            server.await.unwrap(),
+            ClientOption::Info {
+                go: true,
+                name: "base/dev@1/abc".into(),
+                requests: vec![],
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn handshake_refusals_carry_the_servers_message() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let server = tokio::spawn(serve_one_option(server, |out, option| {
+            encode_option_error(out, option, REP_ERR_UNKNOWN, "no such version");
+        }));
+        let err = handshake(&mut client, "disk").await.unwrap_err();
+        server.await.unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        assert_eq!(err.to_string(), "export \"disk\" refused: no such version");
+        // An ACK without the export's size is no export.
+        let (mut client, server) = tokio::io::duplex(4096);
+        let server = tokio::spawn(serve_one_option(server, |out, option| {
+            encode_option_reply(out, option, REP_ACK, &[]);
+        }));
+        let err = handshake(&mut client, "disk").await.unwrap_err();
+        server.await.unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
     }
 
     /// Replies of every size, some larger than the read buffer, arriving in
