@@ -4,97 +4,9 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::VersionState;
-
-/// One version of a vDisk, as the whole farm knows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct CatalogVersion {
-    pub number: u32,
-    pub state: VersionState,
-    /// Layer files, bottom first; empty once retired. A sealed layer file's
-    /// name stands for one content farm-wide.
-    pub layers: Vec<String>,
-    pub created_unix: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sealed_unix: Option<u64>,
-    /// Hex content hash, once sealed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub content_hash: Option<String>,
-    /// The server that made this version; while it is unsealed, the only one
-    /// holding it.
-    pub server: String,
-}
-
-impl CatalogVersion {
-    /// Sealed and not retired: every server of the farm should hold it.
-    pub fn is_replicated(&self) -> bool {
-        self.sealed_unix.is_some()
-            && self.content_hash.is_some()
-            && self.state != VersionState::Retired
-            && !self.layers.is_empty()
-    }
-}
-
-/// Every version of one vDisk: the farm's truth, which each server's store
-/// follows (`catalog/NAME` in the farm state).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct Catalog {
-    pub vdisk: String,
-    pub size: u64,
-    pub created_unix: u64,
-    /// The highest version number ever given farm-wide.
-    pub last_number: u32,
-    pub versions: Vec<CatalogVersion>,
-}
-
-impl Catalog {
-    pub fn version(&self, number: u32) -> Option<&CatalogVersion> {
-        self.versions.iter().find(|v| v.number == number)
-    }
-}
-
-/// Where one server stands with one version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum ReplicaState {
-    /// Not held, and not yet planned (another transfer runs, or no peer has it).
-    Missing,
-    /// Planned, waiting for its time window or a transfer slot.
-    Queued,
-    Copying,
-    /// Held, and every block checked against its hash.
-    Verified,
-    /// Held, but a block failed its hash: not offered to devices until repaired.
-    Corrupt,
-}
-
-impl std::fmt::Display for ReplicaState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ReplicaState::Missing => "missing",
-            ReplicaState::Queued => "queued",
-            ReplicaState::Copying => "copying",
-            ReplicaState::Verified => "verified",
-            ReplicaState::Corrupt => "corrupt",
-        })
-    }
-}
-
-/// What a server publishes about one version it is copying or holds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct ReplicaProgress {
-    pub vdisk: String,
-    pub version: u32,
-    pub state: ReplicaState,
-    /// Data bytes of the missing layers received so far, and in all.
-    pub bytes_done: u64,
-    pub bytes_total: u64,
-    /// Bytes received per second over the last few seconds.
-    pub rate: u64,
-    /// Why it waits or failed, for the administrator.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub note: Option<String>,
-}
+pub use vstream_model::{
+    Catalog, CatalogVersion, ReplicaProgress, ReplicaState, ReplicationOverride,
+};
 
 /// One row of `vstream replication status`: a version on a server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -120,12 +32,50 @@ pub struct ReplicationStart {
     pub version: Option<u32>,
 }
 
-/// A "replicate now" order, kept in the farm state (`replication/now`) until
-/// it expires; every server copies what it names outside its windows.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct ReplicationOverride {
-    /// (vDisk, version) pairs resolved from the catalog when it was given.
-    pub versions: Vec<(String, u32)>,
-    pub created_unix: u64,
-    pub expires_unix: u64,
+#[cfg(test)]
+mod tests {
+    use utoipa::openapi::{schema::Schema, RefOr};
+    use utoipa::PartialSchema;
+
+    use super::*;
+    use crate::{Version, VersionState};
+
+    fn entry(sealed: bool) -> CatalogVersion {
+        CatalogVersion {
+            version: Version {
+                number: 1,
+                state: VersionState::Production,
+                layers: vec!["a".into()],
+                created_unix: 1,
+                sealed_unix: sealed.then_some(2),
+                content_hash: sealed.then(|| "ab".into()),
+            },
+            server: "s1".into(),
+        }
+    }
+
+    fn keys(v: &CatalogVersion) -> Vec<String> {
+        let serde_json::Value::Object(map) = serde_json::to_value(v).unwrap() else {
+            panic!("a catalog entry is a JSON object");
+        };
+        let mut keys: Vec<String> = map.keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    /// `CatalogVersion`'s schema is written apart from its serde form (see
+    /// `vstream_model`): it must name exactly the fields the JSON carries,
+    /// and require exactly those always present.
+    #[test]
+    fn the_catalog_entry_schema_is_its_json() {
+        let RefOr::T(Schema::Object(schema)) = CatalogVersion::schema() else {
+            panic!("CatalogVersion's schema is not an object");
+        };
+        let mut properties: Vec<String> = schema.properties.keys().cloned().collect();
+        properties.sort();
+        assert_eq!(properties, keys(&entry(true)));
+        let mut required = schema.required.clone();
+        required.sort();
+        assert_eq!(required, keys(&entry(false)));
+    }
 }

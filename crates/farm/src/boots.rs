@@ -7,7 +7,7 @@
 //! boot, numbered one higher, and every server ends the device's sessions of
 //! lower numbers.
 
-use vstream_api::{check_boot_token, BootRecord};
+use vstream_model::{check_boot_token, BootRecord};
 
 use crate::{checked_name, decode, encode, gave_up, Compare, FarmError, FarmStore, Op};
 use crate::{RecordKind, MAX_ATTEMPTS};

@@ -7,7 +7,7 @@
 //! * `secrets/peer` → the farm's peer secret (hex): servers present it to
 //!   each other to pull layers. Made once, by the first server that asks.
 
-use vstream_api::{Catalog, ReplicationOverride};
+use vstream_model::{Catalog, ReplicationOverride};
 
 use crate::{checked_name, decode, encode, gave_up, Compare, FarmError, FarmStore, Op};
 use crate::{RecordKind, MAX_ATTEMPTS};

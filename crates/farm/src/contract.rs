@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use vstream_api::{CacheType, Device, Mode, VDisk};
+use vstream_model::{CacheType, Device, Mode, VDisk};
 
 use crate::{
     Backend, Compare, ErrorCategory, FarmError, FarmStore, Op, RecordKind, Versioned, MAX_ATTEMPTS,
@@ -106,7 +106,7 @@ fn vdisk(name: &str) -> VDisk {
         cache_type: CacheType::Server,
         cache_limit: None,
         created_unix: 1_700_000_000,
-        store: vstream_api::default_store(),
+        store: vstream_model::default_store(),
         boot: Default::default(),
     }
 }
@@ -987,12 +987,12 @@ pub async fn ephemeral_keys(b: Arc<dyn Backend>) {
     assert_eq!(get(&*b, "live/a").await, None);
 }
 
-fn status(name: &str, devices: u32) -> vstream_api::ServerStatus {
-    vstream_api::ServerStatus {
+fn status(name: &str, devices: u32) -> vstream_model::ServerStatus {
+    vstream_model::ServerStatus {
         devices,
         started_unix: 1,
         updated_unix: 2,
-        ..vstream_api::ServerStatus::idle(
+        ..vstream_model::ServerStatus::idle(
             name,
             &format!("http://{name}:7080"),
             &format!("{name}:10809"),
@@ -1028,7 +1028,7 @@ pub async fn servers_publish_and_list(b: Arc<dyn Backend>) {
         "members stay"
     );
     assert_eq!(farm.rebalance_request().await.expect("read"), None);
-    let req = vstream_api::RebalanceRequest {
+    let req = vstream_model::RebalanceRequest {
         id: 7,
         trigger_pct: 25.0,
         requested_unix: 3,
@@ -1042,21 +1042,23 @@ pub async fn servers_publish_and_list(b: Arc<dyn Backend>) {
     assert_eq!(err.category(), ErrorCategory::Invalid, "{err}");
 }
 
-fn catalog(name: &str, versions: &[u32]) -> vstream_api::Catalog {
-    vstream_api::Catalog {
+fn catalog(name: &str, versions: &[u32]) -> vstream_model::Catalog {
+    vstream_model::Catalog {
         vdisk: name.into(),
         size: 1 << 20,
         created_unix: 1,
         last_number: versions.iter().copied().max().unwrap_or(0),
         versions: versions
             .iter()
-            .map(|&n| vstream_api::CatalogVersion {
-                number: n,
-                state: vstream_api::VersionState::Production,
-                layers: vec![format!("v{n}-00000000.layer")],
-                created_unix: 1,
-                sealed_unix: Some(2),
-                content_hash: Some("ab".repeat(32)),
+            .map(|&n| vstream_model::CatalogVersion {
+                version: vstream_model::Version {
+                    number: n,
+                    state: vstream_model::VersionState::Production,
+                    layers: vec![format!("v{n}-00000000.layer")],
+                    created_unix: 1,
+                    sealed_unix: Some(2),
+                    content_hash: Some("ab".repeat(32)),
+                },
                 server: "s1".into(),
             })
             .collect(),
@@ -1097,7 +1099,7 @@ pub async fn catalogs_and_replication(b: Arc<dyn Backend>) {
         .expect("update")
         .expect("kept");
     assert_eq!(calls.load(Ordering::SeqCst), 2, "retried once");
-    let numbers: Vec<u32> = added.versions.iter().map(|v| v.number).collect();
+    let numbers: Vec<u32> = added.versions.iter().map(|v| v.version.number).collect();
     assert_eq!(numbers, [1, 2, 3]);
     let err = farm
         .update_catalog("d", |_| Err(FarmError::Invalid("refused".into())))
@@ -1126,7 +1128,7 @@ pub async fn catalogs_and_replication(b: Arc<dyn Backend>) {
     assert_eq!(farm.catalog("e").await.expect("read"), None);
 
     assert_eq!(farm.replication_override().await.expect("read"), None);
-    let order = vstream_api::ReplicationOverride {
+    let order = vstream_model::ReplicationOverride {
         versions: vec![("d".into(), 3)],
         created_unix: 5,
         expires_unix: 10,
@@ -1148,7 +1150,7 @@ pub async fn catalogs_and_replication(b: Arc<dyn Backend>) {
 /// vDisk cannot be deleted, even when the vDisk is made in it between the
 /// delete's check and its write.
 pub async fn named_stores(b: Arc<dyn Backend>) {
-    use vstream_api::StoreDef;
+    use vstream_model::StoreDef;
     let farm = FarmStore::new(b);
     let def = |name: &str, path: &str| StoreDef {
         name: name.into(),

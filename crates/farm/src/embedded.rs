@@ -368,7 +368,7 @@ mod tests {
     use super::*;
     use crate::contract;
     use crate::FarmStore;
-    use vstream_api::{CacheType, Device, Mode, VDisk};
+    use vstream_model::{CacheType, Device, Mode, VDisk};
 
     fn fresh() -> (tempfile::TempDir, Arc<dyn Backend>) {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -413,7 +413,7 @@ mod tests {
             cache_type: CacheType::Server,
             cache_limit: Some(1 << 30),
             created_unix: 1_700_000_000,
-            store: vstream_api::default_store(),
+            store: vstream_model::default_store(),
             boot: Default::default(),
         };
         let device = Device {

@@ -11,7 +11,7 @@
 //!
 //! * `vdisks/NAME` → [`VDisk`]
 //! * `devices/NAME` → [`Device`] (MAC normalised by [`parse_mac`])
-//! * `members/NAME`, `live/NAME` → [`vstream_api::ServerStatus`] (see `servers.rs`)
+//! * `members/NAME`, `live/NAME` → [`vstream_model::ServerStatus`] (see `servers.rs`)
 //! * `catalog/NAME`, `replication/now`, `secrets/peer` (see `catalog.rs`)
 //! * `identity`, `tombstones/NAME` (see `identity.rs`)
 //! * `macs/MAC` → the name of the device with that MAC (UTF-8), kept in the
@@ -40,7 +40,7 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-pub use vstream_api::{looks_like_mac, parse_mac, Device, VDisk};
+pub use vstream_model::{looks_like_mac, parse_mac, Device, VDisk};
 
 pub use backend::{Backend, Compare, Op, Versioned};
 pub use embedded::Embedded;
@@ -309,7 +309,7 @@ impl FarmStore {
             let cat_key = catalog::catalog_key(name);
             let cat = self.backend.get(&cat_key).await?;
             let created = match &cat {
-                Some(c) => decode::<vstream_api::Catalog>(&cat_key, &c.value)?.created_unix,
+                Some(c) => decode::<vstream_model::Catalog>(&cat_key, &c.value)?.created_unix,
                 None => record.created_unix,
             };
             let grave_key = identity::tombstone_key(name);
@@ -558,11 +558,11 @@ mod tests {
         VDisk {
             name: name.into(),
             size: 1 << 30,
-            mode: vstream_api::Mode::Private,
-            cache_type: vstream_api::CacheType::Server,
+            mode: vstream_model::Mode::Private,
+            cache_type: vstream_model::CacheType::Server,
             cache_limit: None,
             created_unix: 1_700_000_000,
-            store: vstream_api::default_store(),
+            store: vstream_model::default_store(),
             boot: Default::default(),
         }
     }
@@ -689,7 +689,7 @@ mod tests {
         assert_eq!(store.find_device("old").await.expect("find"), Some(legacy));
         let changed = store
             .update_device("old", |d| {
-                d.kind = vstream_api::DeviceType::Test;
+                d.kind = vstream_model::DeviceType::Test;
                 Ok(())
             })
             .await

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use vstream_api::{RebalanceRequest, ServerStatus};
+use vstream_model::{RebalanceRequest, ServerStatus};
 
 use crate::{checked_name, decode, encode, FarmError, FarmStore, Op, RecordKind};
 

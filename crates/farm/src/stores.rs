@@ -1,7 +1,7 @@
 //! Named stores: `stores/NAME` → [`StoreDef`], a folder every server holds
 //! locally. The default store (each server's data folder) has no record.
 
-use vstream_api::{StoreDef, DEFAULT_STORE};
+use vstream_model::{StoreDef, DEFAULT_STORE};
 
 use crate::{checked_name, decode, encode, gave_up, Compare, FarmError, FarmStore, Op};
 use crate::{RecordKind, MAX_ATTEMPTS};

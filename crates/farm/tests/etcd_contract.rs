@@ -19,9 +19,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{Client, DeleteOptions};
-use vstream_api::{CacheType, Mode, VDisk};
 use vstream_farm::etcd::Etcd;
 use vstream_farm::{contract, Backend, Compare, FarmError, FarmStore, Op};
+use vstream_model::{CacheType, Mode, VDisk};
 
 /// The shared test etcd, or `None` after a skip (a failure under CI=true).
 fn test_etcd() -> Option<String> {
@@ -119,7 +119,7 @@ fn vdisk(name: &str) -> VDisk {
         cache_type: CacheType::Server,
         cache_limit: None,
         created_unix: 1_700_000_000,
-        store: vstream_api::default_store(),
+        store: vstream_model::default_store(),
         boot: Default::default(),
     }
 }

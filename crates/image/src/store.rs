@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 
 use parking_lot::{Mutex, RwLock};
-use vstream_api::DEFAULT_STORE;
+use vstream_model::DEFAULT_STORE;
 
 use crate::disk::{ChainIndex, Disk};
 use crate::error::{ImageError, WriteError};

@@ -15,35 +15,9 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
-/// The states are the API's own: one type from the file to the wire.
-pub use vstream_api::VersionState;
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Version {
-    pub number: u32,
-    pub state: VersionState,
-    /// Layer files, bottom first; empty once retired.
-    pub layers: Vec<String>,
-    pub created_unix: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sealed_unix: Option<u64>,
-    /// Hex content hash, known once sealed (or after an import).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub content_hash: Option<String>,
-}
-
-impl Version {
-    pub fn is_sealed(&self) -> bool {
-        self.sealed_unix.is_some()
-    }
-    /// The version's own layer file.
-    pub fn own_layer(&self) -> Option<&str> {
-        self.layers.last().map(String::as_str)
-    }
-    pub fn is_live(&self) -> bool {
-        self.state != VersionState::Retired && !self.layers.is_empty()
-    }
-}
+/// A version and its states are the domain model's: one record from the
+/// properties file to the farm's catalog and the wire.
+pub use vstream_model::{Version, VersionState};
 
 /// The properties file of a vDisk: our .pvp.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

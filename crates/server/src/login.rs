@@ -49,9 +49,9 @@ pub enum LoginError {
 pub fn pin_gone(pin: &vstream_api::Pin, catalogs: &[vstream_api::Catalog]) -> Option<String> {
     let cat = catalogs.iter().find(|c| c.vdisk == pin.vdisk)?;
     let live = cat.versions.iter().any(|v| {
-        v.state != VersionState::Retired
-            && !v.layers.is_empty()
-            && v.content_hash.as_deref() == Some(pin.content_hash.as_str())
+        v.version.state != VersionState::Retired
+            && !v.version.layers.is_empty()
+            && v.version.content_hash.as_deref() == Some(pin.content_hash.as_str())
     });
     (!live).then(|| {
         format!(

@@ -252,8 +252,8 @@ pub(super) async fn replication_start(
             continue;
         }
         for v in cat.versions.iter().filter(|v| v.is_replicated()) {
-            if req.version.is_none_or(|n| n == v.number) {
-                versions.push((cat.vdisk.clone(), v.number));
+            if req.version.is_none_or(|n| n == v.version.number) {
+                versions.push((cat.vdisk.clone(), v.version.number));
             }
         }
     }

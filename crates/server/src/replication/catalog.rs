@@ -12,26 +12,11 @@ use std::collections::BTreeSet;
 use vstream_api::{Catalog, CatalogVersion};
 use vstream_image::{Properties, Version, VersionState};
 
-pub fn to_catalog(v: &Version, server: &str) -> CatalogVersion {
+/// `v` as the catalog lists it, made by `server`.
+fn listed(v: &Version, server: &str) -> CatalogVersion {
     CatalogVersion {
-        number: v.number,
-        state: v.state,
-        layers: v.layers.clone(),
-        created_unix: v.created_unix,
-        sealed_unix: v.sealed_unix,
-        content_hash: v.content_hash.clone(),
+        version: v.clone(),
         server: server.to_owned(),
-    }
-}
-
-pub fn to_version(c: &CatalogVersion) -> Version {
-    Version {
-        number: c.number,
-        state: c.state,
-        layers: c.layers.clone(),
-        created_unix: c.created_unix,
-        sealed_unix: c.sealed_unix,
-        content_hash: c.content_hash.clone(),
     }
 }
 
@@ -42,11 +27,7 @@ pub fn from_props(props: &Properties, server: &str) -> Catalog {
         size: props.size,
         created_unix: props.created_unix,
         last_number: props.next_number() - 1,
-        versions: props
-            .versions
-            .iter()
-            .map(|v| to_catalog(v, server))
-            .collect(),
+        versions: props.versions.iter().map(|v| listed(v, server)).collect(),
     }
 }
 
@@ -67,7 +48,10 @@ pub fn apply_change(
         if old == Some(v) {
             continue;
         }
-        let existing = cat.versions.iter().position(|c| c.number == v.number);
+        let existing = cat
+            .versions
+            .iter()
+            .position(|c| c.version.number == v.number);
         match (old, existing) {
             (None, Some(i)) => {
                 return Err(format!(
@@ -76,7 +60,7 @@ pub fn apply_change(
                 ))
             }
             (Some(_), Some(i)) => {
-                let c = &cat.versions[i];
+                let c = &cat.versions[i].version;
                 let sealed_elsewhere = c.content_hash.is_some()
                     && c.sealed_unix.is_some()
                     && v.content_hash.is_some()
@@ -87,18 +71,18 @@ pub fn apply_change(
                         v.number, cat.vdisk
                     ));
                 }
-                let origin = c.server.clone();
-                cat.versions[i] = to_catalog(v, &origin);
+                let origin = cat.versions[i].server.clone();
+                cat.versions[i] = listed(v, &origin);
             }
-            (_, None) => cat.versions.push(to_catalog(v, server)),
+            (_, None) => cat.versions.push(listed(v, server)),
         }
     }
     for v in &before.versions {
         if after.version(v.number).is_none() {
-            cat.versions.retain(|c| c.number != v.number);
+            cat.versions.retain(|c| c.version.number != v.number);
         }
     }
-    cat.versions.sort_by_key(|v| v.number);
+    cat.versions.sort_by_key(|c| c.version.number);
     cat.last_number = cat.last_number.max(after.next_number() - 1);
     Ok(cat)
 }
@@ -108,15 +92,15 @@ pub fn foreign_maintenance(cat: &Catalog, local: &Properties, me: &str) -> Optio
     cat.versions
         .iter()
         .find(|c| {
-            c.state != VersionState::Retired
-                && c.sealed_unix.is_none()
+            c.version.state != VersionState::Retired
+                && c.version.sealed_unix.is_none()
                 && c.server != me
-                && local.version(c.number).is_none()
+                && local.version(c.version.number).is_none()
         })
         .map(|c| {
             format!(
                 "version {} of vDisk {} is open for writing on server {}: run version operations for it there",
-                c.number, cat.vdisk, c.server
+                c.version.number, cat.vdisk, c.server
             )
         })
 }
@@ -162,13 +146,14 @@ pub fn plan(
     let mut fetch = Vec::new();
     let mut kept_for_devices = Vec::new();
     let local_version = |n: u32| local.and_then(|p| p.version(n)).filter(|v| v.is_live());
-    for c in &cat.versions {
+    for entry in &cat.versions {
+        let c = &entry.version;
         let lv = local_version(c.number);
-        if c.is_replicated() {
+        if entry.is_replicated() {
             let same = lv.filter(|l| l.content_hash == c.content_hash);
             let missing: Vec<String> = c.layers.iter().filter(|f| !present(f)).cloned().collect();
             if missing.is_empty() {
-                versions.push(to_version(c));
+                versions.push(c.clone());
             } else if let Some(l) = same {
                 // The same bytes under other layers (a merged base, or an
                 // import on each server): served from ours until the
@@ -190,7 +175,7 @@ pub fn plan(
                     versions.push(l.clone());
                     kept_for_devices.push(c.number);
                 }
-                _ => versions.push(to_version(c)),
+                _ => versions.push(c.clone()),
             }
         } else if let Some(l) = lv {
             // Open for writing: the store holding it is its truth.
@@ -198,9 +183,9 @@ pub fn plan(
         }
     }
     if let Some(p) = local {
-        let listed: BTreeSet<u32> = cat.versions.iter().map(|c| c.number).collect();
+        let in_catalog: BTreeSet<u32> = cat.versions.iter().map(|c| c.version.number).collect();
         for v in &p.versions {
-            if listed.contains(&v.number) {
+            if in_catalog.contains(&v.number) {
                 continue;
             }
             if v.number > cat.last_number {
@@ -270,7 +255,7 @@ mod tests {
         promoted.versions[1] = v(2, Test, &["a", "b"], Some("h2"));
         let cat = apply_change(Some(cat), &after, &promoted, "s1").expect("promote");
         let c2 = cat.version(2).expect("v2");
-        assert_eq!((c2.state, c2.server.as_str()), (Test, "s2"));
+        assert_eq!((c2.version.state, c2.server.as_str()), (Test, "s2"));
         assert!(c2.is_replicated());
         // A delete drops it.
         let cat = apply_change(Some(cat), &promoted, &before, "s1").expect("delete");
@@ -279,7 +264,7 @@ mod tests {
         // Maintenance held by another server blocks operations here.
         let mut open = cat.clone();
         open.versions
-            .push(to_catalog(&v(3, Maintenance, &["a", "x"], None), "s2"));
+            .push(listed(&v(3, Maintenance, &["a", "x"], None), "s2"));
         assert!(foreign_maintenance(&open, &before, "s1").is_some());
         assert!(foreign_maintenance(&open, &before, "s2").is_none());
     }
@@ -326,7 +311,7 @@ mod tests {
         assert_eq!(p.versions, origin.versions);
         // Version 2 deleted farm-wide: it goes, unless a device uses it.
         let mut cat2 = cat.clone();
-        cat2.versions.retain(|c| c.number != 2);
+        cat2.versions.retain(|c| c.version.number != 2);
         let here = p.properties(&cat, Some(&origin)).expect("valid");
         let gone = plan(Some(&here), &cat2, |_| true, |_| false);
         assert!(gone.versions.iter().all(|v| v.number != 2));
@@ -352,9 +337,9 @@ mod tests {
         );
         // A merge: version 2 now lies on a merged base; version 1 retired.
         let mut merged = cat.clone();
-        merged.versions[0].state = Retired;
-        merged.versions[0].layers.clear();
-        merged.versions[1].layers = vec!["m2".into()];
+        merged.versions[0].version.state = Retired;
+        merged.versions[0].version.layers.clear();
+        merged.versions[1].version.layers = vec!["m2".into()];
         let p = plan(Some(&here), &merged, |f| f != "m2", |_| false);
         assert_eq!(p.fetch, vec![(2, vec!["m2".to_string()])]);
         assert_eq!(

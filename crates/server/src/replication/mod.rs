@@ -523,7 +523,7 @@ async fn reconcile(server: &Arc<Server>) -> Result<(), FarmError> {
             needed.extend(
                 cat.versions
                     .iter()
-                    .flat_map(|v| v.layers.iter())
+                    .flat_map(|v| v.version.layers.iter())
                     .map(|f| (cat.vdisk.clone(), f.clone())),
             )
         };
@@ -536,7 +536,7 @@ async fn reconcile(server: &Arc<Server>) -> Result<(), FarmError> {
         if let Err(why) = crate::stores::make_ready(server, &view, &cat.vdisk).await {
             keep(&mut needed);
             for v in cat.versions.iter().filter(|v| v.is_replicated()) {
-                let key = (cat.vdisk.clone(), v.number);
+                let key = (cat.vdisk.clone(), v.version.number);
                 r.set_progress(&key, ReplicaState::Missing, Some(why.clone()));
                 wanted.insert(key);
             }
@@ -709,17 +709,17 @@ pub fn status_rows(
                 let reported = m
                     .replication
                     .iter()
-                    .find(|p| p.vdisk == cat.vdisk && p.version == v.number);
+                    .find(|p| p.vdisk == cat.vdisk && p.version == v.version.number);
                 let held = m.versions.iter().find(|h| {
                     h.vdisk == cat.vdisk
-                        && h.number == v.number
-                        && Some(&h.content_hash) == v.content_hash.as_ref()
+                        && h.number == v.version.number
+                        && Some(&h.content_hash) == v.version.content_hash.as_ref()
                 });
                 let progress = match (reported, held) {
                     (Some(p), _) => p.clone(),
                     (None, Some(h)) => ReplicaProgress {
                         vdisk: cat.vdisk.clone(),
-                        version: v.number,
+                        version: v.version.number,
                         state: if h.verified {
                             ReplicaState::Verified
                         } else {
@@ -732,7 +732,7 @@ pub fn status_rows(
                     },
                     (None, None) => ReplicaProgress {
                         vdisk: cat.vdisk.clone(),
-                        version: v.number,
+                        version: v.version.number,
                         state: ReplicaState::Missing,
                         bytes_done: 0,
                         bytes_total: 0,

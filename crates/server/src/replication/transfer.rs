@@ -84,7 +84,7 @@ fn holders(server: &Server, servers: &[ServerStatus], vdisk: &str, file: &str) -
         .iter()
         .filter(|c| c.vdisk == vdisk)
         .flat_map(|c| c.versions.iter())
-        .filter(|v| v.is_replicated() && v.layers.iter().any(|l| l == file))
+        .filter(|v| v.is_replicated() && v.version.layers.iter().any(|l| l == file))
         .map(|v| v.server.as_str())
         .collect();
     others
@@ -116,7 +116,7 @@ pub async fn run(server: Arc<Server>, cat: Catalog, number: u32, missing: Vec<St
         Ok(_) => {
             let hash = cat
                 .version(number)
-                .and_then(|v| v.content_hash.clone())
+                .and_then(|v| v.version.content_hash.clone())
                 .unwrap_or_default();
             crate::farm::verified_here(&server, &cat.vdisk, number, &hash);
             tracing::info!(vdisk = %cat.vdisk, version = number, "replica copied and verified");
@@ -141,9 +141,10 @@ fn copy_version(
 ) -> Result<(), String> {
     let _low_io = LowIo::enter();
     let name = &cat.vdisk;
-    let version = cat
+    let version = &cat
         .version(number)
-        .ok_or_else(|| format!("version {number} left the catalog"))?;
+        .ok_or_else(|| format!("version {number} left the catalog"))?
+        .version;
     let dir = server.store.replication_dir(name);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let key: Key = (name.clone(), number);
@@ -172,13 +173,16 @@ fn copy_version(
         tracing::info!(vdisk = %name, version = number, layer = %file, peers = ?from, "copying a layer");
         // The layer's own content hash, when a version has it as its top;
         // a layer that tops a one-layer version is checked as it arrives.
-        let own = cat.versions.iter().find(|v| v.layers.last() == Some(file));
+        let own = cat
+            .versions
+            .iter()
+            .find(|v| v.version.layers.last() == Some(file));
         let target = Target {
             file,
             expected: own
-                .and_then(|v| v.content_hash.as_deref())
+                .and_then(|v| v.version.content_hash.as_deref())
                 .and_then(hash::from_hex),
-            bottom: own.is_some_and(|v| v.layers.len() == 1),
+            bottom: own.is_some_and(|v| v.version.layers.len() == 1),
         };
         copy_layer(server, &key, &peers, &dir, &target, started, &done_before)?;
     }

@@ -1,0 +1,172 @@
+//! Target devices as the farm records them, and their MAC addresses.
+
+use serde::{Deserialize, Serialize};
+
+/// Which version of its vDisk a device boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceType {
+    /// The maintenance version, read/write; one such device at a time.
+    Maintenance,
+    /// The newest test version (the production version if there is none).
+    Test,
+    /// The newest production version.
+    #[default]
+    Production,
+}
+
+impl std::str::FromStr for DeviceType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "maintenance" => Ok(DeviceType::Maintenance),
+            "test" => Ok(DeviceType::Test),
+            "production" => Ok(DeviceType::Production),
+            _ => Err(format!(
+                "unknown device type {s:?}: expected maintenance, test or production"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeviceType::Maintenance => "maintenance",
+            DeviceType::Test => "test",
+            DeviceType::Production => "production",
+        })
+    }
+}
+
+/// A target device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Device {
+    pub name: String,
+    /// Lower-case, colon-separated.
+    pub mac: String,
+    pub vdisk: String,
+    pub created_unix: u64,
+    #[serde(default, rename = "type")]
+    pub kind: DeviceType,
+}
+
+/// The six octets of a MAC address in one of its usual spellings, any case:
+/// `aa:bb:cc:dd:ee:ff`, `aa-bb-cc-dd-ee-ff`, `aabb.ccdd.eeff` or `aabbccddeeff`.
+/// Any address, whether or not a device can have it.
+fn mac_octets(s: &str) -> Option<[u8; 6]> {
+    let groups: Vec<&str> = match s.len() {
+        17 if s.contains(':') => s.split(':').collect(),
+        17 => s.split('-').collect(),
+        14 => s.split('.').collect(),
+        12 => vec![s],
+        _ => return None,
+    };
+    let width = 12 / groups.len();
+    if groups
+        .iter()
+        .any(|g| g.len() != width || !g.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return None;
+    }
+    let hex = groups.concat();
+    let mut octets = [0u8; 6];
+    for (i, o) in octets.iter_mut().enumerate() {
+        *o = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(octets)
+}
+
+/// True if `s` is written as a MAC address ([`parse_mac`]'s spellings),
+/// even one no device can have. Device names never are: a name or MAC
+/// lookup must never be ambiguous.
+pub fn looks_like_mac(s: &str) -> bool {
+    mac_octets(s).is_some()
+}
+
+/// Normalises a device's MAC address (`AA-BB-CC-DD-EE-FF`, `aa:bb:..`,
+/// `aabb.ccdd.eeff` or `aabbccddeeff`) to `aa:bb:cc:dd:ee:ff`. Refuses the
+/// addresses no network card has: broadcast, multicast (the low bit of the
+/// first octet set) and all-zero.
+pub fn parse_mac(s: &str) -> Result<String, String> {
+    let Some(o) = mac_octets(s) else {
+        return Err(format!(
+            "{s:?} is not a MAC address (write it as aa:bb:cc:dd:ee:ff)"
+        ));
+    };
+    let mac = o
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    if o == [0xff; 6] {
+        return Err(format!(
+            "{mac} is the broadcast address, not a device's MAC address"
+        ));
+    }
+    if o[0] & 1 == 1 {
+        return Err(format!(
+            "{mac} is a multicast address (the low bit of its first octet is set), \
+             not a device's MAC address"
+        ));
+    }
+    if o == [0; 6] {
+        return Err(format!(
+            "{mac} is the all-zero address, not a device's MAC address"
+        ));
+    }
+    Ok(mac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_normalise() {
+        assert_eq!(parse_mac("AA-BB-CC-00-11-22").unwrap(), "aa:bb:cc:00:11:22");
+        assert_eq!(parse_mac("aabbcc001122").unwrap(), "aa:bb:cc:00:11:22");
+        assert_eq!(parse_mac("AABB.CC00.1122").unwrap(), "aa:bb:cc:00:11:22");
+        for bad in [
+            "aa:bb",
+            "zz:bb:cc:00:11:22",
+            "aa:bb-cc:00:11:22",
+            "a:b:c:0:1:2",
+            "aabbcc:001122",
+            "aa.bb.cc.00.11.22",
+            ":aabbcc001122",
+            "aabbcc0011223",
+            "20240115-0930",
+        ] {
+            let err = parse_mac(bad).expect_err(bad);
+            assert!(err.contains("is not a MAC address"), "{bad}: {err}");
+            assert!(!looks_like_mac(bad), "{bad}");
+        }
+        assert!(looks_like_mac("ff-ff-ff-ff-ff-ff"));
+    }
+
+    #[test]
+    fn macs_of_no_device_are_refused() {
+        for (mac, why) in [
+            ("ff:ff:ff:ff:ff:ff", "broadcast"),
+            ("FF-FF-FF-FF-FF-FF", "broadcast"),
+            ("01:00:5e:00:00:fb", "multicast"),
+            ("33:33:00:00:00:01", "multicast"),
+            ("03:00:00:00:00:00", "multicast"),
+            ("00:00:00:00:00:00", "all-zero"),
+        ] {
+            let err = parse_mac(mac).expect_err(mac);
+            assert!(err.contains(why), "{mac}: {err}");
+        }
+        for good in [
+            "52:54:00:12:34:56",
+            "02:00:00:00:00:01",
+            "00:00:00:00:00:01",
+            "fe:ff:ff:ff:ff:ff",
+        ] {
+            assert_eq!(parse_mac(good).as_deref(), Ok(good));
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! vDisks as the farm records them, the stores that hold them, and the files
+//! a device network-boots before streaming one.
+
+use serde::{Deserialize, Serialize};
+
+/// How devices use a vDisk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// One device reads and writes the vDisk itself.
+    #[default]
+    Private,
+    /// Many devices share the read-only vDisk; each writes to its own cache.
+    Standard,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "private" => Ok(Mode::Private),
+            "standard" => Ok(Mode::Standard),
+            _ => Err(format!("unknown mode {s:?}: expected private or standard")),
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Private => "private",
+            Mode::Standard => "standard",
+        })
+    }
+}
+
+/// Where a Standard-mode device's writes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "kebab-case")]
+pub enum CacheType {
+    /// A file per device in the server's store.
+    #[default]
+    Server,
+    /// Kept by the device's agent (`vstream target --cache`): in its RAM, on
+    /// its disk, or in RAM with overflow to disk. The device can then fail
+    /// over to any server holding its version.
+    Device,
+}
+
+impl std::str::FromStr for CacheType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "server" => Ok(CacheType::Server),
+            "device" => Ok(CacheType::Device),
+            _ => Err(format!(
+                "unknown cache type {s:?}: expected server or device"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for CacheType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CacheType::Server => "server",
+            CacheType::Device => "device",
+        })
+    }
+}
+
+/// A vDisk as the farm knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct VDisk {
+    pub name: String,
+    /// Virtual size in bytes.
+    pub size: u64,
+    pub mode: Mode,
+    pub cache_type: CacheType,
+    /// Largest write cache a device may fill, in bytes; `None` means the vDisk size.
+    pub cache_limit: Option<u64>,
+    /// Seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// The named store that holds it on every server (`default`: each
+    /// server's data folder).
+    #[serde(default = "default_store", skip_serializing_if = "is_default_store")]
+    pub store: String,
+    /// What a device network-boots before it streams this vDisk.
+    #[serde(default, skip_serializing_if = "BootFiles::is_empty")]
+    pub boot: BootFiles,
+}
+
+/// The store of a vDisk made without naming one: each server's data folder.
+pub const DEFAULT_STORE: &str = "default";
+
+pub fn default_store() -> String {
+    DEFAULT_STORE.to_owned()
+}
+
+fn is_default_store(s: &str) -> bool {
+    s == DEFAULT_STORE
+}
+
+/// A named store: a folder that every server of the farm holds locally, at
+/// the same path unless a server overrides it (`vstream server --store-path
+/// NAME=PATH`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct StoreDef {
+    pub name: String,
+    /// The folder, the same on every server that does not override it.
+    pub path: String,
+}
+
+/// One server's copy of a store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct StoreHere {
+    pub store: String,
+    pub server: String,
+    pub path: String,
+    /// Why the server cannot use it (the folder cannot be made, say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+/// The kernel, initrd and kernel command line a device boots by network
+/// (`/boot/ipxe`). The files live in each server's store, named by content
+/// hash, and replication copies them with the vDisk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BootFiles {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<BootFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<BootFile>,
+    /// Kernel command line words; vstream adds the bootstrap list and the MAC.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cmdline: String,
+}
+
+impl BootFiles {
+    pub fn is_empty(&self) -> bool {
+        self.kernel.is_none() && self.initrd.is_none() && self.cmdline.is_empty()
+    }
+
+    pub fn get(&self, which: BootFileKind) -> Option<&BootFile> {
+        match which {
+            BootFileKind::Kernel => self.kernel.as_ref(),
+            BootFileKind::Initrd => self.initrd.as_ref(),
+        }
+    }
+
+    pub fn files(&self) -> impl Iterator<Item = &BootFile> {
+        self.kernel.iter().chain(self.initrd.iter())
+    }
+}
+
+/// One boot file, known by its content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BootFile {
+    /// The name it was uploaded under, for people.
+    pub name: String,
+    pub size: u64,
+    /// blake3 of its bytes, hex: also its file name in each store.
+    pub blake3: String,
+}
+
+/// Which boot file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum BootFileKind {
+    Kernel,
+    Initrd,
+}
+
+impl std::str::FromStr for BootFileKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kernel" => Ok(BootFileKind::Kernel),
+            "initrd" => Ok(BootFileKind::Initrd),
+            _ => Err(format!(
+                "unknown boot file {s:?}: expected kernel or initrd"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for BootFileKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BootFileKind::Kernel => "kernel",
+            BootFileKind::Initrd => "initrd",
+        })
+    }
+}
