@@ -121,11 +121,7 @@ pub trait Base: Send + Sync + std::fmt::Debug {
 
 /// A base's answer to a write, as the disk reports it.
 fn base_write(result: io::Result<()>) -> Result<(), WriteError> {
-    result.map_err(|e| match e.raw_os_error() {
-        Some(libc::ENOSPC) => WriteError::NoSpace,
-        Some(libc::EPERM) | Some(libc::EROFS) => WriteError::ReadOnly,
-        _ => WriteError::Io(e),
-    })
+    result.map_err(WriteError::from_answer)
 }
 
 /// What [`Disk::read_local`] managed.

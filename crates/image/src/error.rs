@@ -58,6 +58,17 @@ pub enum WriteError {
     Io(#[source] io::Error),
 }
 
+impl WriteError {
+    /// A write's failure as a server (or any base below a disk) answered it:
+    /// EPERM and EROFS mean a read-only disk.
+    pub fn from_answer(e: io::Error) -> WriteError {
+        match e.raw_os_error() {
+            Some(libc::EPERM) | Some(libc::EROFS) => WriteError::ReadOnly,
+            _ => e.into(),
+        }
+    }
+}
+
 impl From<io::Error> for WriteError {
     fn from(e: io::Error) -> Self {
         if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {

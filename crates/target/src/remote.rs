@@ -23,7 +23,7 @@ use vstream_api::{LoginReply, LoginRequest, Pin};
 use vstream_nbd::{Command, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE};
 
 use crate::login::{login, LoginFailure};
-use crate::upstream::{Connection, Failure, MAX_READ};
+use crate::upstream::{Connection, Failure};
 
 /// First pause between attempts while no server can take the device.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
@@ -85,7 +85,6 @@ pub struct Remote {
     keepalive: vstream_service::tcp::Keepalive,
     current: Mutex<Arc<Connection>>,
     switching: tokio::sync::Mutex<()>,
-    runtime: tokio::runtime::Handle,
     /// Turns true when the agent stops: waiting reads then give up.
     closing: tokio::sync::watch::Receiver<bool>,
     /// Set when the device's writes belong to one server (Private mode, a
@@ -108,7 +107,7 @@ impl std::fmt::Debug for Remote {
 
 impl Remote {
     /// Streams through `first`, pinned to `pin`; `stay` for a device whose
-    /// writes belong to its server. Must be called on the agent's runtime.
+    /// writes belong to its server.
     pub fn new(
         opts: &crate::Options,
         pin: Pin,
@@ -125,7 +124,6 @@ impl Remote {
             keepalive: opts.keepalive,
             current: Mutex::new(Arc::new(first)),
             switching: tokio::sync::Mutex::new(()),
-            runtime: tokio::runtime::Handle::current(),
             closing,
             stay,
             failovers: AtomicU64::new(0),
@@ -320,67 +318,55 @@ impl Remote {
     }
 }
 
+/// The device's cache keeps the remote as its base only to know which runs
+/// are the base's: the agent reads those on its own tasks ([`crate::streamed`]),
+/// so the cache never reads its base, and a Private device's writes go to
+/// [`Remote::write_at`] and its kin, never through the cache.
 impl vstream_image::Base for Remote {
-    fn write(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+    fn read(&self, _buf: &mut [MaybeUninit<u8>], _offset: u64) -> io::Result<()> {
+        Err(io::Error::other(
+            "the device's cache read its base: the agent reads base runs itself",
+        ))
+    }
+}
+
+/// A Private device's writes: to its server, on the agent's tasks.
+impl Remote {
+    pub async fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         let flags = if fua { CMD_FLAG_FUA } else { 0 };
         let len =
             u32::try_from(data.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        self.runtime
-            .block_on(self.request_at(Command::Write, flags, offset, len, data))
+        self.request_at(Command::Write, flags, offset, len, data)
+            .await
             .map(drop)
     }
-    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, punch: bool) -> io::Result<()> {
+
+    pub async fn zero_at(&self, offset: u64, len: u64, fua: bool, punch: bool) -> io::Result<()> {
         let mut flags = if fua { CMD_FLAG_FUA } else { 0 };
         if !punch {
             flags |= CMD_FLAG_NO_HOLE;
         }
-        self.each_piece(offset, len, |o, n| {
-            self.request_at(Command::WriteZeroes, flags, o, n, &[])
-        })
+        self.each_piece(Command::WriteZeroes, flags, offset, len)
+            .await
     }
-    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+
+    pub async fn trim_at(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
         let flags = if fua { CMD_FLAG_FUA } else { 0 };
-        self.each_piece(offset, len, |o, n| {
-            self.request_at(Command::Trim, flags, o, n, &[])
-        })
+        self.each_piece(Command::Trim, flags, offset, len).await
     }
-    fn flush(&self) -> io::Result<()> {
-        self.runtime
-            .block_on(self.request_at(Command::Flush, 0, 0, 0, &[]))
+
+    pub async fn flush_at(&self) -> io::Result<()> {
+        self.request_at(Command::Flush, 0, 0, 0, &[])
+            .await
             .map(drop)
     }
 
-    fn read(&self, buf: &mut [MaybeUninit<u8>], offset: u64) -> io::Result<()> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let n = (buf.len() - done).min(MAX_READ as usize);
-            let data = self
-                .runtime
-                .block_on(self.read_at(offset + done as u64, n as u32, 0))?;
-            let dst = &mut buf[done..done + n];
-            debug_assert_eq!(data.len(), n);
-            // SAFETY: `data` holds exactly `n` bytes (the connection reads the
-            // whole reply) and `dst` is `n` bytes of our buffer.
-            unsafe {
-                std::ptr::copy_nonoverlapping(data.as_ptr(), dst.as_mut_ptr().cast::<u8>(), n)
-            };
-            done += n;
-        }
-        Ok(())
-    }
-}
-
-impl Remote {
-    /// Runs `f` on `[offset, offset + len)` in pieces a request length can hold.
-    fn each_piece<'a, F, Fut>(&'a self, offset: u64, len: u64, f: F) -> io::Result<()>
-    where
-        F: Fn(u64, u32) -> Fut,
-        Fut: std::future::Future<Output = io::Result<Vec<u8>>> + 'a,
-    {
+    /// Sends `cmd` for `[offset, offset + len)` in pieces a request length can hold.
+    async fn each_piece(&self, cmd: Command, flags: u16, offset: u64, len: u64) -> io::Result<()> {
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(u64::from(u32::MAX) & !4095) as u32;
-            self.runtime.block_on(f(offset + done, n))?;
+            self.request_at(cmd, flags, offset + done, n, &[]).await?;
             done += u64::from(n);
         }
         Ok(())

@@ -9,7 +9,8 @@
 //!         read: the cache's runs (on the blocking pool if not in the page cache),
 //!               then each base run from the server (remote.rs), on this task;
 //!               a read wholly of the base is the server's reply itself, no copy
-//!   write, zeroes, trim, flush ──► the local stack (pipeline::Local), on the
+//!   write, zeroes, trim, flush ──► a Private device's: to its server, on this task
+//!                                  a Standard device's: the local stack (pipeline::Local), on the
 //!                                  blocking pool; a write to part of a chunk the
 //!                                  cache lacks first reads the rest of that chunk
 //!                                  as a read does, and writes it whole
@@ -61,6 +62,23 @@ fn unheld_edges(disk: &Disk, offset: u64, end: u64) -> Vec<u64> {
 }
 
 impl Streamed {
+    /// A device whose writes belong to its server (Private mode): no cache,
+    /// every write goes to the server as it is.
+    fn stays(&self) -> bool {
+        self.local.disk().layers().is_empty()
+    }
+
+    /// The checks a write makes before it leaves for the server.
+    fn check_write(&self, offset: u64, len: u64) -> Result<(), WriteError> {
+        if !self.local.is_writable() {
+            return Err(WriteError::ReadOnly);
+        }
+        if !self.local.in_range(offset, len) {
+            return Err(WriteError::OutOfRange);
+        }
+        Ok(())
+    }
+
     pub fn new(local: Arc<Local>, remote: Arc<Remote>) -> Streamed {
         Streamed {
             local,
@@ -251,6 +269,13 @@ impl Backend for Streamed {
         offset: u64,
         fua: bool,
     ) -> BoxFuture<'static, Result<(), WriteError>> {
+        if self.stays() {
+            return Box::pin(async move {
+                self.check_write(offset, data.len() as u64)?;
+                let written = self.remote.write_at(&data, offset, fua).await;
+                written.map_err(WriteError::from_answer)
+            });
+        }
         Box::pin(self.write_filled(data, offset, fua))
     }
     fn write_zeroes(
@@ -260,6 +285,13 @@ impl Backend for Streamed {
         fua: bool,
         punch: bool,
     ) -> BoxFuture<'static, Result<(), WriteError>> {
+        if self.stays() {
+            return Box::pin(async move {
+                self.check_write(offset, len)?;
+                let zeroed = self.remote.zero_at(offset, len, fua, punch).await;
+                zeroed.map_err(WriteError::from_answer)
+            });
+        }
         Box::pin(self.zero_filled(offset, len, fua, punch))
     }
     fn trim(
@@ -268,9 +300,19 @@ impl Backend for Streamed {
         len: u64,
         fua: bool,
     ) -> BoxFuture<'static, Result<(), WriteError>> {
+        if self.stays() {
+            return Box::pin(async move {
+                self.check_write(offset, len)?;
+                let trimmed = self.remote.trim_at(offset, len, fua).await;
+                trimmed.map_err(WriteError::from_answer)
+            });
+        }
         self.local.clone().trim(offset, len, fua)
     }
     fn flush(self: Arc<Self>) -> BoxFuture<'static, io::Result<()>> {
+        if self.stays() {
+            return Box::pin(async move { self.remote.flush_at().await });
+        }
         self.local.clone().flush()
     }
     fn extents(&self, offset: u64, len: u64, max: usize) -> Vec<Extent> {

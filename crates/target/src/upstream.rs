@@ -27,9 +27,6 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use vstream_nbd::*;
 
-/// Reads of at most this many bytes go in one request.
-pub const MAX_READ: u32 = 32 << 20;
-
 /// How a request failed.
 #[derive(Debug)]
 pub enum Failure {
@@ -430,7 +427,7 @@ mod tests {
     async fn handshake_opens_the_export_with_go() {
         let (mut client, server) = tokio::io::duplex(4096);
         let server = tokio::spawn(serve_one_option(server, |out, option| {
-            encode_info_block_size(out, option, 512, 4096, MAX_READ);
+            encode_info_block_size(out, option, 512, 4096, 32 << 20);
             encode_info_export(out, option, 1 << 30, TFLAG_HAS_FLAGS | TFLAG_READ_ONLY);
             encode_option_reply(out, option, REP_ACK, &[]);
         }));
