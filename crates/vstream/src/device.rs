@@ -19,7 +19,7 @@ use clap::{Args, Subcommand};
 use vstream_api::{CreateDevice, Device, DeviceInfo, DeviceType, SetDevice};
 
 use crate::args::{ListArgs, NameArg, ShowArgs};
-use crate::client::{api_path, Client, ClientArgs};
+use crate::client::{api_path, connect, Client, ClientArgs};
 use crate::output::{format_unix_time, human_size, print, print_json, render_fields, render_table};
 
 #[derive(Debug, Args)]
@@ -90,7 +90,7 @@ fn parse_device_type(s: &str) -> Result<DeviceType, String> {
 }
 
 pub fn run(args: DeviceArgs) -> Result<()> {
-    let client = Client::from_args(&args.client)?;
+    let client = connect(&args.client)?;
     match args.command {
         DeviceCommand::Add(a) => add(&client, a),
         DeviceCommand::List(a) => list(&client, a),

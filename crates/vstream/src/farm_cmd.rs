@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Result};
 use clap::{Args, Subcommand};
 use vstream_api::{Rebalance, RebalancePlan};
 
-use crate::client::{api_path, Client, ClientArgs};
+use crate::client::{api_path, connect, ClientArgs};
 use crate::output::{print, print_json};
 
 #[derive(Debug, Args)]
@@ -57,7 +57,7 @@ pub fn run(args: FarmArgs) -> Result<()> {
     if let FarmCommand::Migrate(a) = args.command {
         return migrate(a);
     }
-    let client = Client::from_args(&args.client)?;
+    let client = connect(&args.client)?;
     match args.command {
         FarmCommand::Migrate(_) => unreachable!("handled above"),
         FarmCommand::Rebalance(a) => {

@@ -16,7 +16,7 @@ use clap::{Args, Subcommand};
 use vstream_api::{Adopt, CacheType, Mode, Quarantined, ServerInfo};
 
 use crate::args::ListArgs;
-use crate::client::{api_path, Client, ClientArgs};
+use crate::client::{api_path, connect, ClientArgs};
 use crate::output::{human_size, print, print_json, render_table};
 
 #[derive(Debug, Args)]
@@ -68,7 +68,7 @@ fn parse_cache_type(s: &str) -> Result<CacheType, String> {
 }
 
 pub fn run(args: QuarantineArgs) -> Result<()> {
-    let client = Client::from_args(&args.client)?;
+    let client = connect(&args.client)?;
     let servers: Vec<ServerInfo> = client.get(&api_path(&["servers"]))?;
     match args.command {
         QuarantineCommand::List(a) => {

@@ -12,7 +12,7 @@ use anyhow::{anyhow, Result};
 use clap::{Args, Subcommand};
 use vstream_api::{ReplicaRow, ReplicaState, ReplicationOverride, ReplicationStart};
 
-use crate::client::{api_path, Client, ClientArgs};
+use crate::client::{api_path, connect, ClientArgs};
 use crate::output::{human_size, print, print_json, render_table};
 
 #[derive(Debug, Args)]
@@ -41,7 +41,7 @@ pub enum ReplicationCommand {
 }
 
 pub fn run(args: ReplicationArgs) -> Result<()> {
-    let client = Client::from_args(&args.client)?;
+    let client = connect(&args.client)?;
     match args.command {
         ReplicationCommand::Status { json } => {
             let path = api_path(&["replication"]);

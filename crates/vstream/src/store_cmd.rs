@@ -15,7 +15,7 @@ use clap::{Args, Subcommand};
 use vstream_api::{StoreDef, StoreInfo};
 
 use crate::args::{ListArgs, NameArg};
-use crate::client::{api_path, Client, ClientArgs};
+use crate::client::{api_path, connect, ClientArgs};
 use crate::output::{print, print_json, render_table};
 
 #[derive(Debug, Args)]
@@ -43,7 +43,7 @@ pub enum StoreCommand {
 }
 
 pub fn run(args: StoreArgs) -> Result<()> {
-    let client = Client::from_args(&args.client)?;
+    let client = connect(&args.client)?;
     match args.command {
         StoreCommand::Add { name, path } => {
             let def: StoreDef =

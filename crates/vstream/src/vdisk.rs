@@ -20,7 +20,7 @@ use clap::{ArgGroup, Args, Subcommand};
 use vstream_api::{CacheType, CreateVDisk, Mode, SetBootCmdline, SetVDisk, VDisk, VDiskInfo};
 
 use crate::args::{ListArgs, NameArg, ShowArgs};
-use crate::client::{api_path, encode_segment, Client, ClientArgs};
+use crate::client::{api_path, connect, encode_segment, Client, ClientArgs};
 use crate::output::{
     format_unix_time, human_size, print, print_json, render_fields, render_table, short_hash,
 };
@@ -104,7 +104,7 @@ fn parse_mode(s: &str) -> Result<Mode, String> {
 }
 
 pub fn run(args: VDiskArgs) -> Result<()> {
-    let client = Client::from_args(&args.client)?;
+    let client = connect(&args.client)?;
     match args.command {
         VDiskCommand::Create(a) => create(&client, a),
         VDiskCommand::Import(a) => import::run(&client, a),

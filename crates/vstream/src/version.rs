@@ -18,7 +18,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use vstream_api::{Merge, Promote, VersionInfo, VersionState};
 
-use crate::client::{api_path, Client, ClientArgs};
+use crate::client::{api_path, connect, Client, ClientArgs};
 use crate::output::{format_unix_time, human_size, print, print_json, render_table, short_hash};
 
 #[derive(Debug, Args)]
@@ -105,7 +105,7 @@ fn parse_promote_target(s: &str) -> Result<VersionState, String> {
 }
 
 pub fn run(args: VersionArgs) -> Result<()> {
-    let client = Client::from_args(&args.client)?;
+    let client = connect(&args.client)?;
     match args.command {
         VersionCommand::New(a) => new(&client, a),
         VersionCommand::Promote(a) => promote(&client, a),
