@@ -5,7 +5,8 @@
 //! ```text
 //!   Agent (timeouts, connection pool)
 //!     └─ Client (base URL, bearer token, X-Vstream-Server)
-//!          ├─ typed calls:   login, cache_report, stores, import, export, ...
+//!          ├─ typed calls:   login, cache_report, vdisks, versions, devices,
+//!          │                 servers, stores, replication, import, export, ...
 //!          ├─ peer calls:    layer_meta, layer_data, boot_file, poke
 //!          └─ JSON by path:  get, post, patch, put, delete (api_path builds paths)
 //! ```
@@ -24,7 +25,11 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use vstream_api::{CacheReport, ErrorBody, LoginReply, LoginRequest, StoreInfo, VDiskInfo};
+use vstream_api::{
+    CacheReport, CreateDevice, CreateVDisk, Device, DeviceInfo, ErrorBody, LoginReply,
+    LoginRequest, Merge, Promote, ReplicaRow, ServerInfo, SetDevice, SetVDisk, StoreDef, StoreInfo,
+    VDisk, VDiskInfo, VersionInfo,
+};
 
 /// The header naming the server that sends a peer request.
 pub const SERVER_HEADER: &str = "x-vstream-server";
@@ -149,7 +154,8 @@ pub struct Agent {
     inner: ureq::Agent,
 }
 
-/// Builds an [`Agent`]; every timeout is off unless set.
+/// Builds an [`Agent`]. A timeout not set keeps ureq's default (connect:
+/// 30 s; the whole request: none).
 #[derive(Debug, Clone)]
 pub struct AgentBuilder {
     connect_timeout: Option<Duration>,
@@ -282,6 +288,115 @@ impl Client {
     /// `GET /api/v1/stores`.
     pub fn stores(&self) -> Result<Vec<StoreInfo>> {
         self.get(&api_path(&["stores"]))
+    }
+
+    /// `GET /api/v1/servers`.
+    pub fn servers(&self) -> Result<Vec<ServerInfo>> {
+        self.get(&api_path(&["servers"]))
+    }
+
+    /// `GET /api/v1/replication`: every replica of every version.
+    pub fn replication(&self) -> Result<Vec<ReplicaRow>> {
+        self.get(&api_path(&["replication"]))
+    }
+
+    /// `POST /api/v1/stores`: the store as the farm now records it.
+    pub fn add_store(&self, def: &StoreDef) -> Result<StoreDef> {
+        self.post_for(&api_path(&["stores"]), def)
+    }
+
+    /// `DELETE /api/v1/stores/NAME`.
+    pub fn delete_store(&self, name: &str) -> Result<()> {
+        self.delete(&api_path(&["stores", name]))
+    }
+
+    /// `GET /api/v1/vdisks`.
+    pub fn vdisks(&self) -> Result<Vec<VDiskInfo>> {
+        self.get(&api_path(&["vdisks"]))
+    }
+
+    /// `GET /api/v1/vdisks/NAME`.
+    pub fn vdisk(&self, name: &str) -> Result<VDiskInfo> {
+        self.get(&api_path(&["vdisks", name]))
+    }
+
+    /// `POST /api/v1/vdisks`: the new vDisk, if the server says.
+    pub fn create_vdisk(&self, body: &CreateVDisk) -> Result<Option<VDisk>> {
+        self.post(&api_path(&["vdisks"]), body)
+    }
+
+    /// `PATCH /api/v1/vdisks/NAME`: the vDisk as changed, if the server says.
+    pub fn set_vdisk(&self, name: &str, body: &SetVDisk) -> Result<Option<VDisk>> {
+        self.patch(&api_path(&["vdisks", name]), body)
+    }
+
+    /// `DELETE /api/v1/vdisks/NAME`.
+    pub fn delete_vdisk(&self, name: &str) -> Result<()> {
+        self.delete(&api_path(&["vdisks", name]))
+    }
+
+    /// `GET /api/v1/vdisks/NAME/versions`.
+    pub fn versions(&self, vdisk: &str) -> Result<Vec<VersionInfo>> {
+        self.get(&api_path(&["vdisks", vdisk, "versions"]))
+    }
+
+    /// `POST /api/v1/vdisks/NAME/versions`: a new maintenance version.
+    pub fn create_version(&self, vdisk: &str) -> Result<VersionInfo> {
+        self.post_empty_for(&api_path(&["vdisks", vdisk, "versions"]))
+    }
+
+    /// `POST /api/v1/vdisks/NAME/versions/N/promote`.
+    pub fn promote(&self, vdisk: &str, number: u32, body: &Promote) -> Result<VersionInfo> {
+        self.post_for(&version_path(vdisk, number, &["promote"]), body)
+    }
+
+    /// `POST /api/v1/vdisks/NAME/rollback`.
+    pub fn rollback(&self, vdisk: &str) -> Result<VersionInfo> {
+        self.post_empty_for(&api_path(&["vdisks", vdisk, "rollback"]))
+    }
+
+    /// `POST /api/v1/vdisks/NAME/merge`.
+    pub fn merge(&self, vdisk: &str, body: &Merge) -> Result<VersionInfo> {
+        self.post_for(&api_path(&["vdisks", vdisk, "merge"]), body)
+    }
+
+    /// `DELETE /api/v1/vdisks/NAME/versions/N`.
+    pub fn delete_version(&self, vdisk: &str, number: u32) -> Result<()> {
+        self.delete(&version_path(vdisk, number, &[]))
+    }
+
+    /// `GET /api/v1/devices`.
+    pub fn devices(&self) -> Result<Vec<DeviceInfo>> {
+        self.get(&api_path(&["devices"]))
+    }
+
+    /// `GET /api/v1/devices/NAME`.
+    pub fn device(&self, name: &str) -> Result<DeviceInfo> {
+        self.get(&api_path(&["devices", name]))
+    }
+
+    /// `POST /api/v1/devices`: the new device, if the server says.
+    pub fn add_device(&self, body: &CreateDevice) -> Result<Option<Device>> {
+        self.post(&api_path(&["devices"]), body)
+    }
+
+    /// `PATCH /api/v1/devices/NAME`: the device as changed, if the server says.
+    pub fn set_device(&self, name: &str, body: &SetDevice) -> Result<Option<Device>> {
+        self.patch(&api_path(&["devices", name]), body)
+    }
+
+    /// `DELETE /api/v1/devices/NAME`.
+    pub fn delete_device(&self, name: &str) -> Result<()> {
+        self.delete(&api_path(&["devices", name]))
+    }
+
+    /// `POST /api/v1/devices/NAME/reset[?force=true]`.
+    pub fn reset_device(&self, name: &str, force: bool) -> Result<()> {
+        let mut path = api_path(&["devices", name, "reset"]);
+        if force {
+            path.push_str("?force=true");
+        }
+        self.post_empty(&path)
     }
 
     /// `PUT /api/v1/vdisks/NAME/content[?store=STORE]`: uploads `body`, an
@@ -535,6 +650,14 @@ fn transport_detail(t: &ureq::Transport) -> String {
 /// (`win10@3`, `a/b`, `ä`) stays one path segment.
 pub fn api_path(segments: &[&str]) -> String {
     path_under("/api/v1", segments)
+}
+
+/// `/api/v1/vdisks/VDISK/versions/VERSION` followed by `rest`.
+pub fn version_path(vdisk: &str, version: u32, rest: &[&str]) -> String {
+    let number = version.to_string();
+    let mut segments = vec!["vdisks", vdisk, "versions", &number];
+    segments.extend_from_slice(rest);
+    api_path(&segments)
 }
 
 /// `/peer/v1/` followed by `segments`, each percent-encoded.

@@ -98,6 +98,11 @@ fn paths_are_encoded_per_segment() {
     assert_eq!(api_path(&["vdisks", "ä"]), "/api/v1/vdisks/%C3%A4");
     assert_eq!(api_path(&["vdisks", "x-y.z_~"]), "/api/v1/vdisks/x-y.z_~");
     assert_eq!(
+        version_path("win 10", 3, &["promote"]),
+        "/api/v1/vdisks/win%2010/versions/3/promote"
+    );
+    assert_eq!(version_path("a", 12, &[]), "/api/v1/vdisks/a/versions/12");
+    assert_eq!(
         peer_path(&["vdisks", "w", "layers", "0001.layer", "meta"]),
         "/peer/v1/vdisks/w/layers/0001.layer/meta"
     );
@@ -342,6 +347,53 @@ fn peer_refusals_keep_the_raw_body() {
         head.starts_with("GET /peer/v1/vdisks/w/boot/ab12 "),
         "{head}"
     );
+}
+
+#[test]
+fn typed_calls_use_their_paths_and_methods() {
+    let ok = || answer("200 OK", "application/json", "[]");
+    let (base, server) = serve_once(ok());
+    assert!(client(&base).versions("win 10").unwrap().is_empty());
+    assert!(server
+        .join()
+        .unwrap()
+        .0
+        .starts_with("GET /api/v1/vdisks/win%2010/versions "));
+
+    let (base, server) = serve_once(ok());
+    assert!(client(&base).replication().unwrap().is_empty());
+    assert!(server
+        .join()
+        .unwrap()
+        .0
+        .starts_with("GET /api/v1/replication "));
+
+    let no_content = "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n";
+    let (base, server) = serve_once(no_content);
+    client(&base).reset_device("pc 1", true).unwrap();
+    assert!(server
+        .join()
+        .unwrap()
+        .0
+        .starts_with("POST /api/v1/devices/pc%201/reset?force=true "));
+
+    let (base, server) = serve_once(no_content);
+    client(&base).delete_version("w", 7).unwrap();
+    assert!(server
+        .join()
+        .unwrap()
+        .0
+        .starts_with("DELETE /api/v1/vdisks/w/versions/7 "));
+
+    // A version call needs its answer.
+    let (base, server) = serve_once(no_content);
+    let err = client(&base).rollback("w").unwrap_err();
+    assert!(matches!(err, Error::EmptyAnswer { .. }), "{err:?}");
+    assert!(server
+        .join()
+        .unwrap()
+        .0
+        .starts_with("POST /api/v1/vdisks/w/rollback "));
 }
 
 #[test]

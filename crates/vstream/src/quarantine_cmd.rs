@@ -69,7 +69,7 @@ fn parse_cache_type(s: &str) -> Result<CacheType, String> {
 
 pub fn run(args: QuarantineArgs) -> Result<()> {
     let client = connect(&args.client)?;
-    let servers: Vec<ServerInfo> = client.get(&api_path(&["servers"]))?;
+    let servers = client.servers()?;
     match args.command {
         QuarantineCommand::List(a) => {
             let all: Vec<&Quarantined> = servers

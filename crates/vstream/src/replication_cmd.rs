@@ -49,7 +49,7 @@ pub fn run(args: ReplicationArgs) -> Result<()> {
                 let v: serde_json::Value = client.get(&path)?;
                 return print_json(&v);
             }
-            let rows: Vec<ReplicaRow> = client.get(&path)?;
+            let rows = client.replication()?;
             print(&render(&rows, std::io::stdout().is_terminal()))
         }
         ReplicationCommand::Start { target } => {

@@ -230,7 +230,7 @@ fn list(a: ServerListArgs) -> Result<()> {
     if a.list.json {
         return print_json(&client.get(&path)?);
     }
-    let servers: Vec<ServerInfo> = client.get(&path)?;
+    let servers = client.servers()?;
     print(&server_table(&servers))
 }
 

@@ -123,7 +123,7 @@ fn create(client: &Client, a: CreateArgs) -> Result<()> {
         store: a.store,
     };
     // The answer is a VDisk or a VDiskInfo (which holds one); either parses.
-    let created: Option<VDisk> = client.post(&api_path(&["vdisks"]), &body)?;
+    let created = client.create_vdisk(&body)?;
     let (name, size) = created.map_or((a.name, a.size), |v| (v.name, v.size));
     print(&format!("created vDisk {name} ({})\n", human_size(size)))
 }
@@ -133,7 +133,7 @@ fn list(client: &Client, a: ListArgs) -> Result<()> {
     if a.json {
         return print_json(&client.get(&path)?);
     }
-    let vdisks: Vec<VDiskInfo> = client.get(&path)?;
+    let vdisks = client.vdisks()?;
     print(&vdisk_table(&vdisks))?;
     for v in &vdisks {
         if let Some(p) = &v.problem {
@@ -179,7 +179,7 @@ fn show(client: &Client, a: ShowArgs) -> Result<()> {
     if a.json {
         return print_json(&client.get(&path)?);
     }
-    let info: VDiskInfo = client.get(&path)?;
+    let info = client.vdisk(&a.name)?;
     print(&vdisk_fields(&info))
 }
 
@@ -245,7 +245,7 @@ fn set(client: &Client, a: SetArgs) -> Result<()> {
             cache_limit: a.cache_limit,
             cache_type: a.cache_type,
         };
-        let updated: Option<VDisk> = client.patch(&api_path(&["vdisks", &a.name]), &body)?;
+        let updated = client.set_vdisk(&a.name, &body)?;
         out += &match updated {
             Some(v) => format!(
                 "vDisk {}: mode {}, cache {}, cache limit {}\n",
@@ -298,7 +298,7 @@ fn set(client: &Client, a: SetArgs) -> Result<()> {
 }
 
 fn delete(client: &Client, a: NameArg) -> Result<()> {
-    client.delete(&api_path(&["vdisks", &a.name]))?;
+    client.delete_vdisk(&a.name)?;
     print(&format!("deleted vDisk {}\n", a.name))
 }
 
