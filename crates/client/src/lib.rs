@@ -26,9 +26,10 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use vstream_api::{
-    CacheReport, CreateDevice, CreateVDisk, Device, DeviceInfo, ErrorBody, LoginReply,
-    LoginRequest, Merge, Promote, ReplicaRow, ServerInfo, SetDevice, SetVDisk, StoreDef, StoreInfo,
-    VDisk, VDiskInfo, VersionInfo,
+    Adopt, BootFileKind, CacheReport, CreateDevice, CreateVDisk, Device, DeviceInfo, ErrorBody,
+    LoginReply, LoginRequest, Merge, Promote, Quarantined, Rebalance, RebalancePlan, ReplicaRow,
+    ReplicationOverride, ReplicationStart, ServerInfo, SetBootCmdline, SetDevice, SetVDisk,
+    StoreDef, StoreInfo, VDisk, VDiskInfo, VersionInfo,
 };
 
 /// The header naming the server that sends a peer request.
@@ -333,6 +334,48 @@ impl Client {
     /// `DELETE /api/v1/vdisks/NAME`.
     pub fn delete_vdisk(&self, name: &str) -> Result<()> {
         self.delete(&api_path(&["vdisks", name]))
+    }
+
+    /// `PUT /api/v1/vdisks/NAME/boot/KERNEL|INITRD?name=FILE`: uploads a
+    /// boot file, streamed.
+    pub fn upload_boot_file(
+        &self,
+        vdisk: &str,
+        which: BootFileKind,
+        file_name: &str,
+        body: impl Read,
+    ) -> Result<VDiskInfo> {
+        let path = format!(
+            "{}?name={}",
+            api_path(&["vdisks", vdisk, "boot", &which.to_string()]),
+            encode_segment(file_name)
+        );
+        self.put_stream(&path, "application/octet-stream", body)
+    }
+
+    /// `PUT /api/v1/vdisks/NAME/boot/cmdline`.
+    pub fn set_boot_cmdline(&self, vdisk: &str, body: &SetBootCmdline) -> Result<VDiskInfo> {
+        self.put(&api_path(&["vdisks", vdisk, "boot", "cmdline"]), body)
+    }
+
+    /// `POST /api/v1/farm/rebalance`: the moves made (or planned).
+    pub fn rebalance(&self, body: &Rebalance) -> Result<RebalancePlan> {
+        self.post_for(&api_path(&["farm", "rebalance"]), body)
+    }
+
+    /// `POST /api/v1/replication/start`: replicate now, outside the window.
+    pub fn start_replication(&self, body: &ReplicationStart) -> Result<ReplicationOverride> {
+        self.post_for(&api_path(&["replication", "start"]), body)
+    }
+
+    /// `POST /api/v1/quarantine/NAME/adopt`, on the server holding it.
+    pub fn adopt_quarantined(&self, name: &str, body: &Adopt) -> Result<Quarantined> {
+        self.post_for(&api_path(&["quarantine", name, "adopt"]), body)
+    }
+
+    /// `DELETE /api/v1/quarantine/NAME`, on the server holding it.
+    pub fn delete_quarantined(&self, name: &str) -> Result<()> {
+        self.delete(&api_path(&["quarantine", name]))
     }
 
     /// `GET /api/v1/vdisks/NAME/versions`.

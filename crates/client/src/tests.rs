@@ -397,6 +397,29 @@ fn typed_calls_use_their_paths_and_methods() {
 }
 
 #[test]
+fn boot_files_upload_under_their_kind_and_name() {
+    let (base, server) = serve_once(answer(
+        "400 Bad Request",
+        "application/json",
+        r#"{"error":"too big"}"#,
+    ));
+    let err = client(&base)
+        .upload_boot_file("root", BootFileKind::Initrd, "initrd 1.img", &b"cpio"[..])
+        .unwrap_err();
+    assert_eq!(err.to_string(), "too big");
+    let (head, body) = server.join().unwrap();
+    assert!(
+        head.starts_with("PUT /api/v1/vdisks/root/boot/initrd?name=initrd%201.img HTTP/1.1\r\n"),
+        "{head}"
+    );
+    assert_eq!(
+        header(&head, "content-type"),
+        Some("application/octet-stream")
+    );
+    assert_eq!(body, b"cpio");
+}
+
+#[test]
 fn poke_and_cache_report_post() {
     let (base, server) = serve_once("HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
     client(&base).as_server("s1").poke().unwrap();

@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Result};
 use clap::Args;
 use vstream_client::Agent;
-pub use vstream_client::{api_path, encode_segment, Client, Error as ClientError};
+pub use vstream_client::{api_path, Client, Error as ClientError};
 
 pub const DEFAULT_API_URL: &str = "http://127.0.0.1:7080";
 pub const DEFAULT_TOKEN_FILE: &str = "/var/lib/vstream/admin.token";

@@ -16,7 +16,7 @@ use clap::{Args, Subcommand};
 use vstream_api::{Adopt, CacheType, Mode, Quarantined, ServerInfo};
 
 use crate::args::ListArgs;
-use crate::client::{api_path, connect, ClientArgs};
+use crate::client::{connect, ClientArgs};
 use crate::output::{human_size, print, print_json, render_table};
 
 #[derive(Debug, Args)]
@@ -101,10 +101,7 @@ pub fn run(args: QuarantineArgs) -> Result<()> {
                 return print(&format!("{plan}nothing done: run again with --yes\n"));
             }
             let at = client.at(&holder.status.api)?;
-            let _: Quarantined = at.post_for(
-                &api_path(&["quarantine", &name, "adopt"]),
-                &Adopt { mode, cache_type },
-            )?;
+            at.adopt_quarantined(&name, &Adopt { mode, cache_type })?;
             print(&format!("adopted vDisk {name} into the farm\n"))
         }
         QuarantineCommand::Remove { name, server, yes } => {
@@ -118,9 +115,7 @@ pub fn run(args: QuarantineArgs) -> Result<()> {
             if !yes {
                 return print(&format!("{plan}nothing done: run again with --yes\n"));
             }
-            client
-                .at(&holder.status.api)?
-                .delete(&api_path(&["quarantine", &name]))?;
+            client.at(&holder.status.api)?.delete_quarantined(&name)?;
             print(&format!("removed vDisk {name} from server {}\n", q.server))
         }
     }

@@ -10,7 +10,7 @@ use std::io::IsTerminal;
 
 use anyhow::{anyhow, Result};
 use clap::{Args, Subcommand};
-use vstream_api::{ReplicaRow, ReplicaState, ReplicationOverride, ReplicationStart};
+use vstream_api::{ReplicaRow, ReplicaState, ReplicationStart};
 
 use crate::client::{api_path, connect, ClientArgs};
 use crate::output::{human_size, print, print_json, render_table};
@@ -54,8 +54,7 @@ pub fn run(args: ReplicationArgs) -> Result<()> {
         }
         ReplicationCommand::Start { target } => {
             let body = parse_target(target.as_deref())?;
-            let order: ReplicationOverride =
-                client.post_for(&api_path(&["replication", "start"]), &body)?;
+            let order = client.start_replication(&body)?;
             let list: Vec<String> = order
                 .versions
                 .iter()

@@ -17,10 +17,12 @@ mod import;
 
 use anyhow::{Context, Result};
 use clap::{ArgGroup, Args, Subcommand};
-use vstream_api::{CacheType, CreateVDisk, Mode, SetBootCmdline, SetVDisk, VDisk, VDiskInfo};
+use vstream_api::{
+    BootFileKind, CacheType, CreateVDisk, Mode, SetBootCmdline, SetVDisk, VDisk, VDiskInfo,
+};
 
 use crate::args::{ListArgs, NameArg, ShowArgs};
-use crate::client::{api_path, connect, encode_segment, Client, ClientArgs};
+use crate::client::{api_path, connect, Client, ClientArgs};
 use crate::output::{
     format_unix_time, human_size, print, print_json, render_fields, render_table, short_hash,
 };
@@ -270,13 +272,9 @@ fn set(client: &Client, a: SetArgs) -> Result<()> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| which.to_owned());
-        let url = format!(
-            "{}?name={}",
-            api_path(&["vdisks", &a.name, "boot", which]),
-            encode_segment(&name)
-        );
-        let v: VDiskInfo = client.put_stream(&url, "application/octet-stream", f)?;
-        if let Some(b) = v.vdisk.boot.get(which.parse().map_err(anyhow::Error::msg)?) {
+        let kind: BootFileKind = which.parse().map_err(anyhow::Error::msg)?;
+        let v = client.upload_boot_file(&a.name, kind, &name, f)?;
+        if let Some(b) = v.vdisk.boot.get(kind) {
             out += &format!(
                 "vDisk {}: {which} {} ({}, {})\n",
                 a.name,
@@ -288,7 +286,7 @@ fn set(client: &Client, a: SetArgs) -> Result<()> {
     }
     if let Some(cmdline) = a.cmdline {
         let body = SetBootCmdline { cmdline };
-        let v: VDiskInfo = client.put(&api_path(&["vdisks", &a.name, "boot", "cmdline"]), &body)?;
+        let v = client.set_boot_cmdline(&a.name, &body)?;
         out += &format!(
             "vDisk {}: kernel command line {:?}\n",
             a.name, v.vdisk.boot.cmdline
