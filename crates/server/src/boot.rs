@@ -541,18 +541,17 @@ fn fetch(
     vdisk: &str,
     f: &BootFile,
 ) -> Result<(), String> {
-    let url = format!(
-        "{}/peer/v1/vdisks/{vdisk}/boot/{}",
-        api.trim_end_matches('/'),
-        f.blake3
-    );
-    let resp = ureq::get(&url)
+    let resp = vstream_client::Agent::builder()
         .timeout(Duration::from_secs(60))
-        .set("Authorization", &format!("Bearer {secret}"))
-        .set(crate::replication::peer::SERVER_HEADER, &server.config.name)
-        .call()
-        .map_err(|e| e.to_string())?;
-    let mut body = resp.into_reader().take(MAX_BOOT_FILE + 1);
+        .build()
+        .client(api)
+        .and_then(|c| {
+            c.with_token(secret)
+                .as_server(&server.config.name)
+                .boot_file(vdisk, &f.blake3)
+        })
+        .map_err(|e| e.http_text())?;
+    let mut body = resp.take(MAX_BOOT_FILE + 1);
     store_file(server, vdisk, &f.name, &mut body, Some(f))
         .map(drop)
         .map_err(|e| e.to_string())

@@ -196,13 +196,14 @@ async fn report_cache(
             mac: mac.clone(),
             cache_bytes: bytes,
         };
-        let url = format!("{}/api/v1/cache-report", now.0.trim_end_matches('/'));
+        let api = now.0.clone();
         let sent = tokio::task::spawn_blocking(move || {
-            ureq::post(&url)
+            vstream_client::Agent::builder()
                 .timeout(Duration::from_secs(2))
-                .send_json(&body)
-                .map(drop)
-                .map_err(|e| e.to_string())
+                .build()
+                .client(&api)
+                .and_then(|c| c.cache_report(&body))
+                .map_err(|e| e.http_text())
         })
         .await;
         match sent {

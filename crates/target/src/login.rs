@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use vstream_api::{LoginReply, LoginRequest};
+use vstream_client::{Agent, Error};
 
 /// Why a login gave no server.
 #[derive(Debug, thiserror::Error)]
@@ -33,37 +34,36 @@ pub fn login(
     req: &LoginRequest,
     timeout: Duration,
 ) -> Result<LoginReply, LoginFailure> {
-    let agent = ureq::AgentBuilder::new()
-        .timeout_connect(timeout)
+    let agent = Agent::builder()
+        .connect_timeout(timeout)
         .timeout(timeout * 2)
         .build();
     let mut errors = Vec::new();
     for entry in bootstrap {
-        let answer = agent
-            .post(&format!("{}/api/v1/login", url(entry)))
-            .send_json(req);
-        match answer {
-            Ok(resp) => {
-                return resp
-                    .into_json::<LoginReply>()
-                    .map_err(|e| LoginFailure::Refused {
-                        server: entry.clone(),
-                        message: format!("unreadable login answer: {e}"),
-                    })
-            }
-            Err(ureq::Error::Status(code, resp)) => {
-                let body: serde_json::Value = resp.into_json().unwrap_or_default();
-                let message = body["error"]
-                    .as_str()
-                    .map_or_else(|| format!("HTTP {code}"), str::to_string);
-                let (server, message) = (entry.clone(), message);
-                return Err(if code == 410 {
+        let server = entry.clone();
+        match agent.client(&url(entry)).and_then(|c| c.login(req)) {
+            Ok(reply) => return Ok(reply),
+            Err(Error::Status { status, error, .. }) => {
+                let message = error.unwrap_or_else(|| format!("HTTP {status}"));
+                return Err(if status == 410 {
                     LoginFailure::Gone { server, message }
                 } else {
                     LoginFailure::Refused { server, message }
                 });
             }
-            Err(e) => errors.push(format!("{entry}: {e}")),
+            Err(Error::Decode { source, .. }) => {
+                return Err(LoginFailure::Refused {
+                    server,
+                    message: format!("unreadable login answer: Failed to read JSON: {source}"),
+                })
+            }
+            Err(e @ (Error::ReadAnswer { .. } | Error::EmptyAnswer { .. })) => {
+                return Err(LoginFailure::Refused {
+                    server,
+                    message: format!("unreadable login answer: {e}"),
+                })
+            }
+            Err(e) => errors.push(format!("{entry}: {}", e.http_text())),
         }
     }
     Err(LoginFailure::NoAnswer(errors.join("; ")))
@@ -80,6 +80,117 @@ pub fn failed_last(bootstrap: &[String], failed: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Answers one request on 127.0.0.1 with `response`; returns the
+    /// server's HOST:PORT.
+    fn answer_once(response: String) -> (String, std::thread::JoinHandle<()>) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let t = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut r = BufReader::new(stream);
+            let mut len = 0;
+            loop {
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap();
+                }
+                if line == "\r\n" || line.is_empty() {
+                    break;
+                }
+            }
+            let mut body = vec![0; len];
+            r.read_exact(&mut body).unwrap();
+            r.get_mut().write_all(response.as_bytes()).unwrap();
+        });
+        (addr, t)
+    }
+
+    fn request() -> LoginRequest {
+        LoginRequest {
+            mac: "52:54:00:12:34:56".into(),
+            avoid: Vec::new(),
+            pin: None,
+            boot: None,
+        }
+    }
+
+    fn refusal(status: &str, body: &str) -> String {
+        format!(
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    #[test]
+    fn the_first_server_that_answers_decides() {
+        // Nobody listens on the first entry: it is skipped.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string();
+        let (live, t) = answer_once(refusal(
+            "410 Gone",
+            r#"{"error":"version 3 of vDisk w is gone"}"#,
+        ));
+        let got = login(
+            &[dead, format!("http://{live}/")],
+            &request(),
+            Duration::from_secs(5),
+        );
+        t.join().unwrap();
+        match got {
+            Err(LoginFailure::Gone { server, message }) => {
+                assert_eq!(server, format!("http://{live}/"));
+                assert_eq!(message, "version 3 of vDisk w is gone");
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // A refusal without the API's sentence names the status.
+        let (live, t) = answer_once(refusal("503 Service Unavailable", "busy"));
+        let got = login(
+            std::slice::from_ref(&live),
+            &request(),
+            Duration::from_secs(5),
+        );
+        t.join().unwrap();
+        assert_eq!(
+            got.unwrap_err().to_string(),
+            format!("{live} answered: HTTP 503")
+        );
+    }
+
+    #[test]
+    fn no_answer_lists_every_server() {
+        let dead: Vec<String> = (0..2)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        let msg = login(&dead, &request(), Duration::from_secs(5))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with(&format!(
+                "no bootstrap server answered: {}: http://{}/api/v1/login: Connection Failed",
+                dead[0], dead[0]
+            )),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(&format!("; {}: http://{}/api/v1/login: ", dead[1], dead[1])),
+            "{msg}"
+        );
+    }
 
     #[test]
     fn the_failed_server_goes_last() {

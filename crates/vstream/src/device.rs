@@ -16,10 +16,10 @@
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use vstream_api::{CreateDevice, Device, DeviceInfo, DeviceType, SetDevice};
+use vstream_api::{CreateDevice, DeviceInfo, DeviceType, SetDevice};
 
 use crate::args::{ListArgs, NameArg, ShowArgs};
-use crate::client::{api_path, Client, ClientArgs};
+use crate::client::{api_path, connect, Client, ClientArgs};
 use crate::output::{format_unix_time, human_size, print, print_json, render_fields, render_table};
 
 #[derive(Debug, Args)]
@@ -90,22 +90,18 @@ fn parse_device_type(s: &str) -> Result<DeviceType, String> {
 }
 
 pub fn run(args: DeviceArgs) -> Result<()> {
-    let client = Client::from_args(&args.client)?;
+    let client = connect(&args.client)?;
     match args.command {
         DeviceCommand::Add(a) => add(&client, a),
         DeviceCommand::List(a) => list(&client, a),
         DeviceCommand::Show(a) => show(&client, a),
         DeviceCommand::Set(a) => set(&client, a),
         DeviceCommand::Remove(a) => {
-            client.delete(&api_path(&["devices", &a.name]))?;
+            client.delete_device(&a.name)?;
             print(&format!("removed device {}\n", a.name))
         }
         DeviceCommand::Reset(a) => {
-            let mut path = api_path(&["devices", &a.name, "reset"]);
-            if a.force {
-                path.push_str("?force=true");
-            }
-            client.post_empty(&path)?;
+            client.reset_device(&a.name, a.force)?;
             print(&format!("reset device {}\n", a.name))
         }
     }
@@ -119,7 +115,7 @@ fn add(client: &Client, a: AddArgs) -> Result<()> {
         kind: a.kind,
     };
     // The answer is a Device or a DeviceInfo (which holds one); either parses.
-    let added: Option<Device> = client.post(&api_path(&["devices"]), &body)?;
+    let added = client.add_device(&body)?;
     let (name, mac, vdisk, kind) = match &added {
         Some(d) => (&d.name, &d.mac, &d.vdisk, d.kind),
         None => (&body.name, &body.mac, &body.vdisk, body.kind),
@@ -132,7 +128,7 @@ fn add(client: &Client, a: AddArgs) -> Result<()> {
 fn set(client: &Client, a: SetArgs) -> Result<()> {
     let body = SetDevice { kind: Some(a.kind) };
     // The answer is a DeviceInfo, which reads as the Device it holds.
-    let updated: Option<Device> = client.patch(&api_path(&["devices", &a.name]), &body)?;
+    let updated = client.set_device(&a.name, &body)?;
     let (name, kind) = match &updated {
         Some(d) => (&d.name, d.kind),
         None => (&a.name, a.kind),
@@ -145,7 +141,7 @@ fn list(client: &Client, a: ListArgs) -> Result<()> {
     if a.json {
         return print_json(&client.get(&path)?);
     }
-    let devices: Vec<DeviceInfo> = client.get(&path)?;
+    let devices = client.devices()?;
     print(&device_table(&devices))
 }
 
@@ -192,7 +188,7 @@ fn show(client: &Client, a: ShowArgs) -> Result<()> {
     if a.json {
         return print_json(&client.get(&path)?);
     }
-    let info: DeviceInfo = client.get(&path)?;
+    let info = client.device(&a.name)?;
     print(&device_fields(&info))
 }
 
@@ -240,6 +236,7 @@ fn yes_no(b: bool) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vstream_api::Device;
 
     fn info(name: &str, peer: Option<&str>, cache_bytes: u64) -> DeviceInfo {
         DeviceInfo {

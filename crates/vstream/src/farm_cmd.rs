@@ -7,9 +7,9 @@
 
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, Subcommand};
-use vstream_api::{Rebalance, RebalancePlan};
+use vstream_api::Rebalance;
 
-use crate::client::{api_path, Client, ClientArgs};
+use crate::client::{api_path, connect, ClientArgs};
 use crate::output::{print, print_json};
 
 #[derive(Debug, Args)]
@@ -57,7 +57,7 @@ pub fn run(args: FarmArgs) -> Result<()> {
     if let FarmCommand::Migrate(a) = args.command {
         return migrate(a);
     }
-    let client = Client::from_args(&args.client)?;
+    let client = connect(&args.client)?;
     match args.command {
         FarmCommand::Migrate(_) => unreachable!("handled above"),
         FarmCommand::Rebalance(a) => {
@@ -69,7 +69,7 @@ pub fn run(args: FarmArgs) -> Result<()> {
                 let v: serde_json::Value = client.post_for(&path, &body)?;
                 return print_json(&v);
             }
-            let plan: RebalancePlan = client.post_for(&path, &body)?;
+            let plan = client.rebalance(&body)?;
             let text = if plan.moves.is_empty() {
                 format!(
                     "every server is within {}% of the average load: nothing to move\n",

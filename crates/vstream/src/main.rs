@@ -91,7 +91,10 @@ fn main() -> ExitCode {
         Err(e) => {
             // The API's own sentence stands alone, whatever context was added
             // on the way up; anything else shows its whole chain.
-            match e.downcast_ref::<client::ApiError>() {
+            match e
+                .downcast_ref::<client::ClientError>()
+                .filter(|c| c.is_status())
+            {
                 Some(api) => eprintln!("error: {api}"),
                 None => eprintln!("error: {e:#}"),
             }

@@ -16,7 +16,7 @@ use clap::{Args, Subcommand};
 use vstream_api::{Adopt, CacheType, Mode, Quarantined, ServerInfo};
 
 use crate::args::ListArgs;
-use crate::client::{api_path, Client, ClientArgs};
+use crate::client::{connect, ClientArgs};
 use crate::output::{human_size, print, print_json, render_table};
 
 #[derive(Debug, Args)]
@@ -68,8 +68,8 @@ fn parse_cache_type(s: &str) -> Result<CacheType, String> {
 }
 
 pub fn run(args: QuarantineArgs) -> Result<()> {
-    let client = Client::from_args(&args.client)?;
-    let servers: Vec<ServerInfo> = client.get(&api_path(&["servers"]))?;
+    let client = connect(&args.client)?;
+    let servers = client.servers()?;
     match args.command {
         QuarantineCommand::List(a) => {
             let all: Vec<&Quarantined> = servers
@@ -101,10 +101,7 @@ pub fn run(args: QuarantineArgs) -> Result<()> {
                 return print(&format!("{plan}nothing done: run again with --yes\n"));
             }
             let at = client.at(&holder.status.api)?;
-            let _: Quarantined = at.post_for(
-                &api_path(&["quarantine", &name, "adopt"]),
-                &Adopt { mode, cache_type },
-            )?;
+            at.adopt_quarantined(&name, &Adopt { mode, cache_type })?;
             print(&format!("adopted vDisk {name} into the farm\n"))
         }
         QuarantineCommand::Remove { name, server, yes } => {
@@ -118,9 +115,7 @@ pub fn run(args: QuarantineArgs) -> Result<()> {
             if !yes {
                 return print(&format!("{plan}nothing done: run again with --yes\n"));
             }
-            client
-                .at(&holder.status.api)?
-                .delete(&api_path(&["quarantine", &name]))?;
+            client.at(&holder.status.api)?.delete_quarantined(&name)?;
             print(&format!("removed vDisk {name} from server {}\n", q.server))
         }
     }

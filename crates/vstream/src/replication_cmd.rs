@@ -10,9 +10,9 @@ use std::io::IsTerminal;
 
 use anyhow::{anyhow, Result};
 use clap::{Args, Subcommand};
-use vstream_api::{ReplicaRow, ReplicaState, ReplicationOverride, ReplicationStart};
+use vstream_api::{ReplicaRow, ReplicaState, ReplicationStart};
 
-use crate::client::{api_path, Client, ClientArgs};
+use crate::client::{api_path, connect, ClientArgs};
 use crate::output::{human_size, print, print_json, render_table};
 
 #[derive(Debug, Args)]
@@ -41,7 +41,7 @@ pub enum ReplicationCommand {
 }
 
 pub fn run(args: ReplicationArgs) -> Result<()> {
-    let client = Client::from_args(&args.client)?;
+    let client = connect(&args.client)?;
     match args.command {
         ReplicationCommand::Status { json } => {
             let path = api_path(&["replication"]);
@@ -49,13 +49,12 @@ pub fn run(args: ReplicationArgs) -> Result<()> {
                 let v: serde_json::Value = client.get(&path)?;
                 return print_json(&v);
             }
-            let rows: Vec<ReplicaRow> = client.get(&path)?;
+            let rows = client.replication()?;
             print(&render(&rows, std::io::stdout().is_terminal()))
         }
         ReplicationCommand::Start { target } => {
             let body = parse_target(target.as_deref())?;
-            let order: ReplicationOverride =
-                client.post_for(&api_path(&["replication", "start"]), &body)?;
+            let order = client.start_replication(&body)?;
             let list: Vec<String> = order
                 .versions
                 .iter()

@@ -17,7 +17,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use vstream_api::ServerInfo;
 
 use crate::args::ListArgs;
-use crate::client::{api_path, Client, ClientArgs};
+use crate::client::{api_path, connect, ClientArgs};
 use crate::output::{human_size, print, print_json, render_table};
 use vstream_server::config::{Config, FileConfig, FlagConfig, LogFormat};
 
@@ -225,12 +225,12 @@ fn resolve(args: ServerArgs) -> Result<Config> {
 }
 
 fn list(a: ServerListArgs) -> Result<()> {
-    let client = Client::from_args(&a.client)?;
+    let client = connect(&a.client)?;
     let path = api_path(&["servers"]);
     if a.list.json {
         return print_json(&client.get(&path)?);
     }
-    let servers: Vec<ServerInfo> = client.get(&path)?;
+    let servers = client.servers()?;
     print(&server_table(&servers))
 }
 

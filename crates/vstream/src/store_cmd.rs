@@ -15,7 +15,7 @@ use clap::{Args, Subcommand};
 use vstream_api::{StoreDef, StoreInfo};
 
 use crate::args::{ListArgs, NameArg};
-use crate::client::{api_path, Client, ClientArgs};
+use crate::client::{api_path, connect, ClientArgs};
 use crate::output::{print, print_json, render_table};
 
 #[derive(Debug, Args)]
@@ -43,11 +43,10 @@ pub enum StoreCommand {
 }
 
 pub fn run(args: StoreArgs) -> Result<()> {
-    let client = Client::from_args(&args.client)?;
+    let client = connect(&args.client)?;
     match args.command {
         StoreCommand::Add { name, path } => {
-            let def: StoreDef =
-                client.post_for(&api_path(&["stores"]), &StoreDef { name, path })?;
+            let def = client.add_store(&StoreDef { name, path })?;
             print(&format!("added store {} at {}\n", def.name, def.path))
         }
         StoreCommand::List(a) => {
@@ -55,11 +54,11 @@ pub fn run(args: StoreArgs) -> Result<()> {
             if a.json {
                 return print_json(&client.get::<serde_json::Value>(&path)?);
             }
-            let stores: Vec<StoreInfo> = client.get(&path)?;
+            let stores = client.stores()?;
             print(&table(&stores))
         }
         StoreCommand::Remove(a) => {
-            client.delete(&api_path(&["stores", &a.name]))?;
+            client.delete_store(&a.name)?;
             print(&format!("removed store {}\n", a.name))
         }
     }

@@ -17,10 +17,12 @@ mod import;
 
 use anyhow::{Context, Result};
 use clap::{ArgGroup, Args, Subcommand};
-use vstream_api::{CacheType, CreateVDisk, Mode, SetBootCmdline, SetVDisk, VDisk, VDiskInfo};
+use vstream_api::{
+    BootFileKind, CacheType, CreateVDisk, Mode, SetBootCmdline, SetVDisk, VDisk, VDiskInfo,
+};
 
 use crate::args::{ListArgs, NameArg, ShowArgs};
-use crate::client::{api_path, encode_segment, Client, ClientArgs};
+use crate::client::{api_path, connect, Client, ClientArgs};
 use crate::output::{
     format_unix_time, human_size, print, print_json, render_fields, render_table, short_hash,
 };
@@ -104,7 +106,7 @@ fn parse_mode(s: &str) -> Result<Mode, String> {
 }
 
 pub fn run(args: VDiskArgs) -> Result<()> {
-    let client = Client::from_args(&args.client)?;
+    let client = connect(&args.client)?;
     match args.command {
         VDiskCommand::Create(a) => create(&client, a),
         VDiskCommand::Import(a) => import::run(&client, a),
@@ -123,7 +125,7 @@ fn create(client: &Client, a: CreateArgs) -> Result<()> {
         store: a.store,
     };
     // The answer is a VDisk or a VDiskInfo (which holds one); either parses.
-    let created: Option<VDisk> = client.post(&api_path(&["vdisks"]), &body)?;
+    let created = client.create_vdisk(&body)?;
     let (name, size) = created.map_or((a.name, a.size), |v| (v.name, v.size));
     print(&format!("created vDisk {name} ({})\n", human_size(size)))
 }
@@ -133,7 +135,7 @@ fn list(client: &Client, a: ListArgs) -> Result<()> {
     if a.json {
         return print_json(&client.get(&path)?);
     }
-    let vdisks: Vec<VDiskInfo> = client.get(&path)?;
+    let vdisks = client.vdisks()?;
     print(&vdisk_table(&vdisks))?;
     for v in &vdisks {
         if let Some(p) = &v.problem {
@@ -179,7 +181,7 @@ fn show(client: &Client, a: ShowArgs) -> Result<()> {
     if a.json {
         return print_json(&client.get(&path)?);
     }
-    let info: VDiskInfo = client.get(&path)?;
+    let info = client.vdisk(&a.name)?;
     print(&vdisk_fields(&info))
 }
 
@@ -245,7 +247,7 @@ fn set(client: &Client, a: SetArgs) -> Result<()> {
             cache_limit: a.cache_limit,
             cache_type: a.cache_type,
         };
-        let updated: Option<VDisk> = client.patch(&api_path(&["vdisks", &a.name]), &body)?;
+        let updated = client.set_vdisk(&a.name, &body)?;
         out += &match updated {
             Some(v) => format!(
                 "vDisk {}: mode {}, cache {}, cache limit {}\n",
@@ -270,13 +272,9 @@ fn set(client: &Client, a: SetArgs) -> Result<()> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| which.to_owned());
-        let url = format!(
-            "{}?name={}",
-            api_path(&["vdisks", &a.name, "boot", which]),
-            encode_segment(&name)
-        );
-        let v: VDiskInfo = client.put_stream(&url, "application/octet-stream", f)?;
-        if let Some(b) = v.vdisk.boot.get(which.parse().map_err(anyhow::Error::msg)?) {
+        let kind: BootFileKind = which.parse().map_err(anyhow::Error::msg)?;
+        let v = client.upload_boot_file(&a.name, kind, &name, f)?;
+        if let Some(b) = v.vdisk.boot.get(kind) {
             out += &format!(
                 "vDisk {}: {which} {} ({}, {})\n",
                 a.name,
@@ -288,7 +286,7 @@ fn set(client: &Client, a: SetArgs) -> Result<()> {
     }
     if let Some(cmdline) = a.cmdline {
         let body = SetBootCmdline { cmdline };
-        let v: VDiskInfo = client.put(&api_path(&["vdisks", &a.name, "boot", "cmdline"]), &body)?;
+        let v = client.set_boot_cmdline(&a.name, &body)?;
         out += &format!(
             "vDisk {}: kernel command line {:?}\n",
             a.name, v.vdisk.boot.cmdline
@@ -298,7 +296,7 @@ fn set(client: &Client, a: SetArgs) -> Result<()> {
 }
 
 fn delete(client: &Client, a: NameArg) -> Result<()> {
-    client.delete(&api_path(&["vdisks", &a.name]))?;
+    client.delete_vdisk(&a.name)?;
     print(&format!("deleted vDisk {}\n", a.name))
 }
 

@@ -18,7 +18,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 use vstream_api::{Merge, Promote, VersionInfo, VersionState};
 
-use crate::client::{api_path, Client, ClientArgs};
+use crate::client::{api_path, connect, Client, ClientArgs};
 use crate::output::{format_unix_time, human_size, print, print_json, render_table, short_hash};
 
 #[derive(Debug, Args)]
@@ -105,7 +105,7 @@ fn parse_promote_target(s: &str) -> Result<VersionState, String> {
 }
 
 pub fn run(args: VersionArgs) -> Result<()> {
-    let client = Client::from_args(&args.client)?;
+    let client = connect(&args.client)?;
     match args.command {
         VersionCommand::New(a) => new(&client, a),
         VersionCommand::Promote(a) => promote(&client, a),
@@ -116,16 +116,8 @@ pub fn run(args: VersionArgs) -> Result<()> {
     }
 }
 
-/// `/api/v1/vdisks/VDISK/versions/VERSION` followed by `rest`.
-fn version_path(vdisk: &str, version: u32, rest: &[&str]) -> String {
-    let number = version.to_string();
-    let mut segments = vec!["vdisks", vdisk, "versions", &number];
-    segments.extend_from_slice(rest);
-    api_path(&segments)
-}
-
 fn new(client: &Client, a: VDiskArg) -> Result<()> {
-    let v: VersionInfo = client.post_empty_for(&api_path(&["vdisks", &a.vdisk, "versions"]))?;
+    let v = client.create_version(&a.vdisk)?;
     print(&format!(
         "created {} version {} of vDisk {}\n",
         v.state, v.number, a.vdisk
@@ -134,7 +126,7 @@ fn new(client: &Client, a: VDiskArg) -> Result<()> {
 
 fn promote(client: &Client, a: PromoteArgs) -> Result<()> {
     let body = Promote { to: a.to };
-    let v: VersionInfo = client.post_for(&version_path(&a.vdisk, a.number, &["promote"]), &body)?;
+    let v = client.promote(&a.vdisk, a.number, &body)?;
     print(&format!(
         "version {} of vDisk {} is now {}: content hash {}\n",
         v.number,
@@ -145,7 +137,7 @@ fn promote(client: &Client, a: PromoteArgs) -> Result<()> {
 }
 
 fn rollback(client: &Client, a: VDiskArg) -> Result<()> {
-    let v: VersionInfo = client.post_empty_for(&api_path(&["vdisks", &a.vdisk, "rollback"]))?;
+    let v = client.rollback(&a.vdisk)?;
     print(&format!(
         "rolled back vDisk {}: version {} is {} now, content hash {}\n",
         a.vdisk,
@@ -157,7 +149,7 @@ fn rollback(client: &Client, a: VDiskArg) -> Result<()> {
 
 fn merge(client: &Client, a: MergeArgs) -> Result<()> {
     let body = Merge { upto: a.upto };
-    let v: VersionInfo = client.post_for(&api_path(&["vdisks", &a.vdisk, "merge"]), &body)?;
+    let v = client.merge(&a.vdisk, &body)?;
     print(&format!(
         "merged vDisk {} up to version {}: content hash {}\n",
         a.vdisk,
@@ -171,7 +163,7 @@ fn list(client: &Client, a: ListArgs) -> Result<()> {
     if a.json {
         return print_json(&client.get(&path)?);
     }
-    let versions: Vec<VersionInfo> = client.get(&path)?;
+    let versions = client.versions(&a.vdisk)?;
     print(&version_table(&versions))
 }
 
@@ -212,7 +204,7 @@ fn full_hash(v: &VersionInfo) -> &str {
 }
 
 fn delete(client: &Client, a: VersionArg) -> Result<()> {
-    client.delete(&version_path(&a.vdisk, a.number, &[]))?;
+    client.delete_version(&a.vdisk, a.number)?;
     print(&format!(
         "deleted version {} of vDisk {}\n",
         a.number, a.vdisk
@@ -288,15 +280,6 @@ mod tests {
         assert!(parse_promote_target("maintenance").is_err());
         assert!(parse_promote_target("retired").is_err());
         assert!(parse_promote_target("Production").is_err());
-    }
-
-    #[test]
-    fn version_paths_are_encoded() {
-        assert_eq!(
-            version_path("win 10", 3, &["promote"]),
-            "/api/v1/vdisks/win%2010/versions/3/promote"
-        );
-        assert_eq!(version_path("a", 12, &[]), "/api/v1/vdisks/a/versions/12");
     }
 
     #[test]

@@ -599,3 +599,56 @@ fn a_vdisk_in_a_named_store_replicates_into_each_servers_folder_for_it() {
     let log = s2.log_text();
     assert!(!log.contains("copying a layer vdisk=gold"), "{log}");
 }
+
+/// Boot files (a kernel, an initrd) set on one server are copied to the
+/// others over the peer protocol, checked against their hashes, so that any
+/// server can hand them to a booting device.
+#[test]
+fn boot_files_set_on_one_server_reach_the_others() {
+    let Some(etcd) = tools() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let s1 = start(&etcd, dir.path(), "s1", &[]);
+    let s2 = start(&etcd, dir.path(), "s2", &[]);
+    let mac = "52:54:00:77:00:09";
+    s1.cli_ok(&["vdisk", "create", "root", "--size", "16MiB"]);
+    s1.cli_ok(&["device", "add", "pc9", "--mac", mac, "--vdisk", "root"]);
+    let kernel = dir.path().join("vmlinuz");
+    let initrd = dir.path().join("initrd.img");
+    common::random_image(&kernel, 3 * MIB, 91);
+    common::random_image(&initrd, 2 * MIB, 92);
+    s1.cli_ok(&[
+        "vdisk",
+        "set",
+        "root",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+    ]);
+    let fetched = dir.path().join("fetched");
+    let get = |s: &TestServer, which: &str| -> Option<Vec<u8>> {
+        let url = format!("{}/boot/{}/{which}", s.api, mac.replace(':', "-"));
+        let out = Command::new("curl")
+            .args(["-s", "-o"])
+            .arg(&fetched)
+            .args(["-w", "%{http_code}"])
+            .arg(&url)
+            .output()
+            .unwrap();
+        (out.stdout == b"200").then(|| std::fs::read(&fetched).unwrap())
+    };
+    for (which, file) in [("kernel", &kernel), ("initrd", &initrd)] {
+        let want = std::fs::read(file).unwrap();
+        assert_eq!(get(&s1, which).as_deref(), Some(&want[..]), "{which} on s1");
+        let got = wait_for(60, &format!("the {which} on s2"), || get(&s2, which));
+        assert!(
+            got == want,
+            "the {which} s2 serves differs from the one set"
+        );
+    }
+    let log = s2.log_text();
+    assert!(
+        log.matches("boot file copied").count() >= 2,
+        "s2 copied both from s1:\n{log}"
+    );
+}

@@ -26,11 +26,13 @@ use serde::Deserialize;
 use vstream_image::replica::{self, SEGMENT_CHUNKS};
 use vstream_image::Layer;
 
+use vstream_client::{Agent, Client};
+
 use crate::api::ApiError;
 use crate::metrics::Metrics;
 use crate::state::Server;
 
-pub const SERVER_HEADER: &str = "x-vstream-server";
+pub const SERVER_HEADER: &str = vstream_client::SERVER_HEADER;
 /// Most chunks one data request may cover (1 GiB of logical disk; the
 /// answer holds only what the layer has there, streamed).
 pub const MAX_REQUEST_CHUNKS: u64 = 64 * SEGMENT_CHUNKS;
@@ -139,16 +141,9 @@ pub fn poke_peers(server: &Server) {
         return;
     }
     std::thread::spawn(move || {
-        let agent = ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(2))
-            .build();
+        let agent = Agent::builder().timeout(Duration::from_secs(2)).build();
         for p in peers {
-            let url = format!("{}/peer/v1/poke", p.api.trim_end_matches('/'));
-            let _ = agent
-                .post(&url)
-                .set("Authorization", &format!("Bearer {secret}"))
-                .set(SERVER_HEADER, &me)
-                .call();
+            let _ = PeerClient::new(&agent, &p, &secret, &me).and_then(|c| c.poke());
         }
     });
 }
@@ -254,68 +249,152 @@ pub struct Peer {
 /// The HTTP client for peers: a short connect timeout, and a whole-request
 /// deadline that takes a silent peer as failed (a request moves at most
 /// 64 MiB, in well under that on any LAN).
-pub fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new()
-        .timeout_connect(Duration::from_secs(2))
+pub fn agent() -> Agent {
+    Agent::builder()
+        .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(10))
-        .max_idle_connections_per_host(2 * super::transfer::MAX_PEERS)
+        .max_idle_per_host(2 * super::transfer::MAX_PEERS)
         .build()
-}
-
-/// GETs `path` from `peer`, as server `me` with the farm's `secret`, and
-/// hands the answer's body to `read`.
-pub fn get_with<T>(
-    agent: &ureq::Agent,
-    peer: &Peer,
-    secret: &str,
-    me: &str,
-    path: &str,
-    read: impl FnOnce(&mut dyn Read) -> Result<T, String>,
-) -> Result<T, String> {
-    let url = format!("{}{path}", peer.api.trim_end_matches('/'));
-    let resp = agent
-        .get(&url)
-        .set("Authorization", &format!("Bearer {secret}"))
-        .set(SERVER_HEADER, me)
-        .call()
-        .map_err(|e| match e {
-            ureq::Error::Status(code, r) => format!(
-                "server {} answered {code}: {}",
-                peer.name,
-                r.into_string().unwrap_or_default().trim()
-            ),
-            other => format!("server {}: {other}", peer.name),
-        })?;
-    let mut body = resp.into_reader();
-    read(&mut body).map_err(|e| format!("server {}: {e}", peer.name))
 }
 
 /// The largest answer read into memory (a layer's metadata is ~33 KiB per GiB).
 const MAX_IN_MEMORY: u64 = 256 << 20;
 
-/// GETs `path` from `peer` into memory (metadata, a repaired block).
-pub fn get(
-    agent: &ureq::Agent,
-    peer: &Peer,
-    secret: &str,
-    me: &str,
-    path: &str,
-) -> Result<Vec<u8>, String> {
-    get_with(agent, peer, secret, me, path, |body| {
-        let mut out = Vec::new();
-        body.take(MAX_IN_MEMORY)
-            .read_to_end(&mut out)
-            .map_err(|e| format!("reading the answer: {e}"))?;
-        Ok(out)
-    })
+/// One peer's `/peer/v1`, asked as server `me` with the farm's secret. Every
+/// failure comes back as a sentence naming the peer.
+pub struct PeerClient<'a> {
+    client: Client,
+    peer: &'a Peer,
 }
 
-/// The path of a layer's metadata, or of data `[from, to)`.
-pub fn layer_path(vdisk: &str, file: &str, range: Option<(u64, u64)>) -> String {
-    match range {
-        None => format!("/peer/v1/vdisks/{vdisk}/layers/{file}/meta"),
-        Some((from, to)) => {
-            format!("/peer/v1/vdisks/{vdisk}/layers/{file}/data?from={from}&to={to}")
+impl<'a> PeerClient<'a> {
+    pub fn new(
+        agent: &Agent,
+        peer: &'a Peer,
+        secret: &str,
+        me: &str,
+    ) -> Result<PeerClient<'a>, String> {
+        let client = agent
+            .client(&peer.api)
+            .map_err(|e| describe(peer, e))?
+            .with_token(secret)
+            .as_server(me);
+        Ok(PeerClient { client, peer })
+    }
+
+    /// A layer's metadata.
+    pub fn meta(&self, vdisk: &str, file: &str) -> Result<Vec<u8>, String> {
+        self.client
+            .layer_meta(vdisk, file, MAX_IN_MEMORY)
+            .map_err(|e| describe(self.peer, e))
+    }
+
+    /// A layer's data `[from, to)`, handed to `read` as it arrives.
+    pub fn data<T>(
+        &self,
+        vdisk: &str,
+        file: &str,
+        (from, to): (u64, u64),
+        read: impl FnOnce(&mut dyn Read) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let mut body = self
+            .client
+            .layer_data(vdisk, file, from, to)
+            .map_err(|e| describe(self.peer, e))?;
+        read(&mut body).map_err(|e| format!("server {}: {e}", self.peer.name))
+    }
+
+    /// A layer's data `[from, to)` in memory (a repaired block).
+    pub fn data_vec(&self, vdisk: &str, file: &str, range: (u64, u64)) -> Result<Vec<u8>, String> {
+        self.client
+            .layer_data_vec(vdisk, file, range, MAX_IN_MEMORY)
+            .map_err(|e| describe(self.peer, e))
+    }
+
+    /// "The catalog changed": the peer reconciles now.
+    pub fn poke(&self) -> Result<(), String> {
+        self.client.poke().map_err(|e| describe(self.peer, e))
+    }
+}
+
+/// A failed peer request, as replication has always reported it.
+fn describe(peer: &Peer, e: vstream_client::Error) -> String {
+    match e {
+        vstream_client::Error::Status { status, body, .. } => {
+            format!("server {} answered {status}: {}", peer.name, body.trim())
         }
+        vstream_client::Error::ReadAnswer { source, .. } => {
+            format!("server {}: reading the answer: {source}", peer.name)
+        }
+        other => format!("server {}: {}", peer.name, other.http_text()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> Peer {
+        Peer {
+            name: "s2".into(),
+            api: "http://10.0.0.2:7080".into(),
+        }
+    }
+
+    #[test]
+    fn failures_name_the_peer_as_before() {
+        let refused = vstream_client::Error::Status {
+            url: "http://10.0.0.2:7080/peer/v1/poke".into(),
+            status: 403,
+            status_text: "Forbidden".into(),
+            error: Some("not a server of this farm: wrong peer secret".into()),
+            body: "{\"error\":\"not a server of this farm: wrong peer secret\"}\n".into(),
+        };
+        assert_eq!(
+            describe(&peer(), refused),
+            "server s2 answered 403: {\"error\":\"not a server of this farm: wrong peer secret\"}"
+        );
+        let broken = vstream_client::Error::ReadAnswer {
+            url: "http://10.0.0.2:7080/peer/v1/x".into(),
+            source: std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out reading response"),
+        };
+        assert_eq!(
+            describe(&peer(), broken),
+            "server s2: reading the answer: timed out reading response"
+        );
+        let bad = Peer {
+            name: "s3".into(),
+            api: "10.0.0.3:7080".into(),
+        };
+        let err = PeerClient::new(&agent(), &bad, "secret", "s1")
+            .err()
+            .unwrap();
+        assert_eq!(
+            err,
+            "server s3: \"10.0.0.3:7080\" is not an http:// or https:// URL"
+        );
+    }
+
+    #[test]
+    fn a_dead_peer_is_named_with_the_url_asked() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dead = Peer {
+            name: "s4".into(),
+            api: format!("http://127.0.0.1:{port}/"),
+        };
+        let err = PeerClient::new(&agent(), &dead, "secret", "s1")
+            .unwrap()
+            .meta("w", "0001.layer")
+            .unwrap_err();
+        assert!(
+            err.starts_with(&format!(
+                "server s4: http://127.0.0.1:{port}/peer/v1/vdisks/w/layers/0001.layer/meta: Connection Failed"
+            )),
+            "{err}"
+        );
     }
 }

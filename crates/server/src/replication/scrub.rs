@@ -249,8 +249,9 @@ fn repair(server: &Server, vdisk: &str, file: &str) -> Result<u64, String> {
         let mut last = String::new();
         let mut fixed = false;
         for p in &peers {
-            let req = peer::layer_path(vdisk, file, Some((from, to)));
-            match peer::get(&agent, p, &secret, &server.config.name, &req) {
+            let got = peer::PeerClient::new(&agent, p, &secret, &server.config.name)
+                .and_then(|c| c.data_vec(vdisk, file, (from, to)));
+            match got {
                 Ok(data) => {
                     Metrics::add(&server.replication.received_bytes, data.len() as u64);
                     target

@@ -302,13 +302,7 @@ fn copy_layer(
     let agent = peer::agent();
     let mut meta = Err(String::from("no peer"));
     for p in peers {
-        meta = peer::get(
-            &agent,
-            p,
-            &secret,
-            me,
-            &peer::layer_path(&key.0, file, None),
-        );
+        meta = peer::PeerClient::new(&agent, p, &secret, me).and_then(|c| c.meta(&key.0, file));
         if meta.is_ok() {
             break;
         }
@@ -368,11 +362,12 @@ fn copy_layer(
                     let len = inc.read().data_len(from, to);
                     if len > 0 {
                         r.throttle.take(len);
-                        let path = peer::layer_path(&key.0, file, Some((from, to)));
-                        let got = peer::get_with(&agent, p, &secret, me, &path, |body| {
-                            inc.read()
-                                .read_range(from, to, body)
-                                .map_err(|e| e.to_string())
+                        let got = peer::PeerClient::new(&agent, p, &secret, me).and_then(|c| {
+                            c.data(&key.0, file, (from, to), |body| {
+                                inc.read()
+                                    .read_range(from, to, body)
+                                    .map_err(|e| e.to_string())
+                            })
                         });
                         if let Err(e) = got {
                             queue.lock().extend(segs);

@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use vstream_api::extents::{ExtentReader, CONTENT_TYPE};
+use vstream_api::extents::ExtentReader;
 use vstream_image::formats::{create_writer, ExportFormat, ImageWriter};
 
-use crate::client::{api_path, Client};
+use crate::client::Client;
 use crate::output::{human_size, print, progress_bar};
 
 #[derive(Debug, Args)]
@@ -38,7 +38,7 @@ pub fn run(client: &Client, a: ExportArgs) -> Result<()> {
         .map_err(|e| anyhow!("--format {format_name:?}: {e}"))?;
     let file = a.file.display().to_string();
 
-    let body = client.get_stream(&api_path(&["vdisks", &a.name, "content"]), CONTENT_TYPE)?;
+    let body = client.export(&a.name)?;
     let mut reader = ExtentReader::new(body)
         .with_context(|| format!("receiving the content of vDisk {}", a.name))?;
     let size = reader.virtual_size();
@@ -120,6 +120,7 @@ fn check_vdisk_ref(s: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::api_path;
 
     #[test]
     fn vdisk_refs() {

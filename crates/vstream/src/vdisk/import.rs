@@ -2,14 +2,14 @@
 //!
 //! ```text
 //!   FILE --open_source--> SourceImage --next_extent--> ImportBody (Read)
-//!        --ureq send, chunked--> PUT /api/v1/vdisks/NAME/content
+//!        --Client::import, chunked--> PUT /api/v1/vdisks/NAME/content
 //!                            <-- VDiskInfo JSON
 //! ```
 //!
 //! The upload creates the vDisk: NAME must not exist yet.
 //!
 //! [`ImportBody`] produces the extent stream (`vstream_api::extents`) lazily
-//! as ureq reads it, so memory stays at one extent plus one frame whatever
+//! as the client reads it, so memory stays at one extent plus one frame whatever
 //! the image's size, and only the extents the source reports travel.
 
 use std::cell::RefCell;
@@ -20,10 +20,9 @@ use std::rc::Rc;
 use anyhow::{bail, Result};
 use clap::Args;
 use indicatif::ProgressBar;
-use vstream_api::extents::{ExtentEncoder, CONTENT_TYPE};
-use vstream_api::VDiskInfo;
+use vstream_api::extents::ExtentEncoder;
 
-use crate::client::{api_path, ApiError, Client};
+use crate::client::{api_path, Client};
 use crate::output::{human_size, print, progress_bar};
 
 #[derive(Debug, Args)]
@@ -52,11 +51,7 @@ pub fn run(client: &Client, a: ImportArgs) -> Result<()> {
 
     let bar = progress_bar(size);
     let (body, failure) = import_body(size, move |buf| source.next_extent(buf), bar.clone());
-    let mut path = api_path(&["vdisks", &a.name, "content"]);
-    if let Some(store) = &a.store {
-        path += &format!("?store={}", crate::client::encode_segment(store));
-    }
-    let result: Result<VDiskInfo> = client.put_stream(&path, CONTENT_TYPE, body);
+    let result = client.import(&a.name, a.store.as_deref(), body);
     bar.finish_and_clear();
 
     let info = match result {
@@ -66,12 +61,12 @@ pub fn run(client: &Client, a: ImportArgs) -> Result<()> {
             if let Some(cause) = failure.take() {
                 return Err(anyhow::Error::new(cause).context(format!("reading {file}")));
             }
-            if e.downcast_ref::<ApiError>().is_some() {
-                return Err(e);
+            if e.is_status() {
+                return Err(e.into());
             }
             // A server that stops reading part-way (a full disk, say) answers
-            // and hangs up, and ureq sees only the broken connection.
-            return Err(e.context(format!(
+            // and hangs up, and the client sees only the broken connection.
+            return Err(anyhow::Error::new(e).context(format!(
                 "uploading {file} to vDisk {} broke off (if the server refused it, \
                  its log says why)",
                 a.name
@@ -88,7 +83,7 @@ pub fn run(client: &Client, a: ImportArgs) -> Result<()> {
 }
 
 /// The upload makes a new vDisk, and the server refuses a name in use. It
-/// does so before reading the body, which leaves ureq seeing only a broken
+/// does so before reading the body, which leaves the client seeing only a broken
 /// connection; asking first gives a clear answer, and before a conversion
 /// through qemu-img that may take minutes. A bad token shows up here too.
 fn check_name_is_free(client: &Client, name: &str) -> Result<()> {
@@ -97,13 +92,8 @@ fn check_name_is_free(client: &Client, name: &str) -> Result<()> {
             "vDisk {name} already exists: import makes a new vDisk, so delete it first \
              (vstream vdisk delete {name}) or import under another name"
         ),
-        Err(e)
-            if e.downcast_ref::<ApiError>()
-                .is_some_and(|a| a.status == 404) =>
-        {
-            Ok(())
-        }
-        Err(e) => Err(e),
+        Err(e) if e.status() == Some(404) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -113,15 +103,15 @@ fn check_store_exists(client: &Client, store: &str) -> Result<()> {
     if store == vstream_api::DEFAULT_STORE {
         return Ok(());
     }
-    let stores: Vec<vstream_api::StoreInfo> = client.get(&api_path(&["stores"]))?;
+    let stores = client.stores()?;
     if !stores.iter().any(|s| s.store.name == store) {
         bail!("store {store} does not exist (vstream store list; vstream store add {store} --path PATH)");
     }
     Ok(())
 }
 
-/// Where [`ImportBody`] leaves the first error it met, for after ureq has
-/// consumed it (ureq reports read errors only as a transport failure).
+/// Where [`ImportBody`] leaves the first error it met, for after the client
+/// has consumed it (it reports read errors only as a transport failure).
 #[derive(Clone, Default)]
 pub struct FailureSlot(Rc<RefCell<Option<io::Error>>>);
 
