@@ -94,6 +94,27 @@ fn ram_agents(dir: &Path, servers: &[TestServer], n: usize) -> Vec<TestAgent> {
         .collect()
 }
 
+/// Agents for pc1..pc3 with the three cache types: RAM, local disk, and
+/// RAM (of `ram`) overflowing to disk.
+fn three_cache_agents(dir: &Path, servers: &[TestServer], ram: &str) -> Vec<TestAgent> {
+    let caches = [
+        "ram:64MiB".to_string(),
+        format!("disk:{}:64MiB", dir.join("pc2.cache").display()),
+        format!("ram:{ram},disk:{}:64MiB", dir.join("pc3.cache").display()),
+    ];
+    (1..=3)
+        .map(|d| {
+            TestAgent::start(
+                dir,
+                &format!("pc{d}"),
+                &mac(d),
+                &apis(servers),
+                &caches[d - 1],
+            )
+        })
+        .collect()
+}
+
 fn apis(servers: &[TestServer]) -> Vec<&str> {
     servers.iter().map(|s| s.api.as_str()).collect()
 }
@@ -195,25 +216,7 @@ fn partial_writes_through_the_agent_read_back() {
     let dir = tempfile::tempdir().unwrap();
     let mut servers = farm(&etcd, dir.path(), 2, 3);
     let image = dir.path().join("demo.raw");
-    let caches = [
-        "ram:64MiB".to_string(),
-        format!("disk:{}:64MiB", dir.path().join("pc2.cache").display()),
-        format!(
-            "ram:1MiB,disk:{}:64MiB",
-            dir.path().join("pc3.cache").display()
-        ),
-    ];
-    let agents: Vec<TestAgent> = (1..=3)
-        .map(|d| {
-            TestAgent::start(
-                dir.path(),
-                &format!("pc{d}"),
-                &mac(d),
-                &apis(&servers),
-                &caches[d - 1],
-            )
-        })
-        .collect();
+    let agents = three_cache_agents(dir.path(), &servers, "1MiB");
     let loads: Vec<Child> = agents
         .iter()
         .enumerate()
@@ -236,27 +239,8 @@ fn agents_carry_on_when_servers_are_killed() {
     let dir = tempfile::tempdir().unwrap();
     let mut servers = farm(&etcd, dir.path(), 3, 3);
     let image = dir.path().join("demo.raw");
-    // The three cache types: RAM, local disk, and RAM overflowing to disk
-    // (small enough that the workload's writes overflow).
-    let caches = [
-        "ram:64MiB".to_string(),
-        format!("disk:{}:64MiB", dir.path().join("pc2.cache").display()),
-        format!(
-            "ram:4MiB,disk:{}:64MiB",
-            dir.path().join("pc3.cache").display()
-        ),
-    ];
-    let agents: Vec<TestAgent> = (1..=3)
-        .map(|d| {
-            TestAgent::start(
-                dir.path(),
-                &format!("pc{d}"),
-                &mac(d),
-                &apis(&servers),
-                &caches[d - 1],
-            )
-        })
-        .collect();
+    // (RAM small enough that the workload's writes overflow.)
+    let agents = three_cache_agents(dir.path(), &servers, "4MiB");
     // Load balancing: three devices on three idle servers of equal power.
     let mut on: Vec<String> = agents.iter().map(streaming_from).collect();
     on.sort();
