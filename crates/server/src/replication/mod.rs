@@ -22,7 +22,7 @@ mod scrub;
 mod transfer;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,6 +60,10 @@ pub struct Replication {
     pub serving: Arc<tokio::sync::Semaphore>,
     /// Wakes the reconcile loop before its next tick.
     pub wake: tokio::sync::Notify,
+    /// Changes this server made to its vDisks and published (see
+    /// [`finish_change`]): a catalog read before one of them is stale for
+    /// that vDisk and must not be followed.
+    changes: AtomicU64,
     catalogs: RwLock<Arc<Vec<Catalog>>>,
     order: RwLock<Option<ReplicationOverride>>,
     progress: Mutex<BTreeMap<Key, ReplicaProgress>>,
@@ -109,6 +113,7 @@ impl Replication {
             secret: RwLock::new(None),
             serving: Arc::new(tokio::sync::Semaphore::new(MAX_SERVING)),
             wake: tokio::sync::Notify::new(),
+            changes: AtomicU64::new(0),
             catalogs: RwLock::default(),
             order: RwLock::new(None),
             progress: Mutex::default(),
@@ -337,6 +342,9 @@ pub async fn finish_change(server: &Server, name: &str) -> Result<(), FarmError>
     let Ok(bytes) = std::fs::read(&path) else {
         return Ok(());
     };
+    // Counted before the catalog changes: a reconcile that read the
+    // catalogs before this point sees the count moved and skips the vDisk.
+    server.replication.changes.fetch_add(1, Ordering::SeqCst);
     let before: Properties = match serde_json::from_slice(&bytes) {
         Ok(p) => p,
         Err(e) => {
@@ -510,6 +518,7 @@ async fn reconcile(server: &Arc<Server>) -> Result<(), FarmError> {
         *r.secret.write() = Some(secret);
     }
     publish_pending(server).await?;
+    let changes = r.changes.load(Ordering::SeqCst);
     let catalogs = server.farm.catalogs().await?;
     *r.order.write() = server.farm.replication_override().await?;
     *r.catalogs.write() = Arc::new(catalogs.clone());
@@ -532,6 +541,13 @@ async fn reconcile(server: &Arc<Server>) -> Result<(), FarmError> {
             keep(&mut needed);
             continue;
         };
+        // A change made here since the catalogs were read (a promote, a new
+        // version) would be undone by following them: next round, soon.
+        if r.changes.load(Ordering::SeqCst) != changes {
+            keep(&mut needed);
+            r.wake.notify_one();
+            continue;
+        }
         // A vDisk lands in its named store: not before that store is here.
         if let Err(why) = crate::stores::make_ready(server, &view, &cat.vdisk).await {
             keep(&mut needed);

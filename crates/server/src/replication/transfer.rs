@@ -105,9 +105,15 @@ pub async fn run(server: Arc<Server>, cat: Catalog, number: u32, missing: Vec<St
     let outcome = match copied {
         Ok(Ok(())) => {
             let _lock = server.lock_vdisk(&cat.vdisk).await;
-            super::follow(&server, &cat, &missing)
-                .await
-                .map_err(|e| e.to_string())
+            // The catalog as it is now, not as it was when the copy began: a
+            // change made here meanwhile (a promote) must not be undone.
+            match server.farm.catalog(&cat.vdisk).await {
+                Ok(Some(now)) => super::follow(&server, &now, &missing)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Ok(None) => Err(format!("vDisk {} left the farm's catalog", cat.vdisk)),
+                Err(e) => Err(format!("reading the farm's catalog: {e}")),
+            }
         }
         Ok(Err(e)) => Err(e),
         Err(e) => Err(format!("the transfer task failed: {e}")),
