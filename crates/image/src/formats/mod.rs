@@ -2,8 +2,9 @@
 //!
 //! `vstream vdisk import NAME FILE` and `vstream vdisk export NAME FILE
 //! [--format raw|vhd]` move a vDisk's content between the store and a file in
-//! some image format. This module is the file side of that; the wire side is
-//! `vstream_api::extents`.
+//! some image format. This module is the file side of that; the wire side
+//! (the extents stream framing of the admin API) is not storage's business
+//! and lives with the API's types.
 //!
 //! # Import
 //!
