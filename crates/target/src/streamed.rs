@@ -104,13 +104,11 @@ impl Streamed {
             return self.local.clone().write(data, offset, fua).await;
         }
         let end = offset + len;
-        if unheld_edges(&disk, offset, end).is_empty() {
+        let edges = unheld_edges(&disk, offset, end);
+        if edges.is_empty() {
             return self.local.clone().write(data, offset, fua).await;
         }
-        let mut stripes: Vec<u64> = unheld_edges(&disk, offset, end)
-            .iter()
-            .map(|c| c % STRIPES)
-            .collect();
+        let mut stripes: Vec<u64> = edges.iter().map(|c| c % STRIPES).collect();
         stripes.sort_unstable();
         stripes.dedup();
         let mut guards = Vec::with_capacity(stripes.len());
