@@ -15,6 +15,9 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where a farm keeps its keys in etcd.
+pub const ETCD_PREFIX: &str = "/vstream/farm/";
+
 /// The settings a server runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -32,8 +35,8 @@ pub struct Config {
     pub max_connections_per_peer: usize,
     /// Seconds a client may take to finish the handshake.
     pub handshake_timeout_secs: u64,
-    /// How NBD connections find a device that vanished (see `crate::tcp`).
-    pub keepalive: crate::tcp::Keepalive,
+    /// How NBD connections find a device that vanished (see `vstream_service::tcp`).
+    pub keepalive: vstream_service::tcp::Keepalive,
     /// Seconds an NBD connection that is not a device's may go without a
     /// request before it is closed; 0: never.
     pub idle_timeout_secs: u64,
@@ -296,15 +299,15 @@ impl Config {
         if max_connections == 0 {
             return Err("max_connections must be at least 1".into());
         }
-        let keepalive = crate::tcp::Keepalive {
+        let keepalive = vstream_service::tcp::Keepalive {
             idle_secs: flags
                 .tcp_keepalive_secs
                 .or(file.tcp_keepalive_secs)
-                .unwrap_or(crate::tcp::DEFAULT_KEEPALIVE_SECS),
+                .unwrap_or(vstream_service::tcp::DEFAULT_KEEPALIVE_SECS),
             user_timeout_secs: flags
                 .tcp_user_timeout_secs
                 .or(file.tcp_user_timeout_secs)
-                .unwrap_or(crate::tcp::DEFAULT_USER_TIMEOUT_SECS),
+                .unwrap_or(vstream_service::tcp::DEFAULT_USER_TIMEOUT_SECS),
         };
         keepalive.check()?;
         let max_connections_per_peer = flags
@@ -365,7 +368,7 @@ impl Config {
             flags.subnets
         };
         for net in &subnets {
-            crate::login::parse_cidr(net)
+            crate::cidr::parse_cidr(net)
                 .ok_or_else(|| format!("subnet {net:?} is not ADDRESS/PREFIX (10.1.0.0/16)"))?;
         }
         let mut replication = ReplicationConfig::default();
@@ -378,7 +381,7 @@ impl Config {
             flags.replication_windows
         };
         for w in &replication.windows {
-            w.parse::<crate::replication::schedule::Window>()?;
+            w.parse::<crate::schedule::Window>()?;
         }
         if let Some(n) = flags
             .replication_max_transfers
@@ -515,7 +518,7 @@ mod tests {
     #[test]
     fn keepalive_defaults_file_and_flags() {
         let c = Config::resolve(FileConfig::default(), FlagConfig::default()).unwrap();
-        assert_eq!(c.keepalive, crate::tcp::Keepalive::default());
+        assert_eq!(c.keepalive, vstream_service::tcp::Keepalive::default());
         let file: FileConfig =
             toml::from_str("tcp_keepalive_secs = 4\ntcp_user_timeout_secs = 12").unwrap();
         let flags = FlagConfig {

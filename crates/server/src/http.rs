@@ -25,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::limits::{Admitted, Limits, RefusalLog};
+use vstream_service::limits::{Admitted, Limits, RefusalLog};
 
 /// The API's deadlines.
 #[derive(Debug, Clone, Copy)]

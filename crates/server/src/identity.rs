@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use vstream_farm::{FarmIdentity, FarmStore};
 
+use crate::clock::now_unix;
 use crate::config::FarmConfig;
-use crate::state::now_unix;
 
 /// The file in a data folder naming its farm.
 pub const FARM_ID_FILE: &str = "farm-id";
@@ -154,7 +154,7 @@ pub async fn migrate(data: &Path, endpoints: &[String]) -> anyhow::Result<(usize
         }
     };
     write_folder_identity(data, &id)?;
-    let dest = FarmStore::etcd(endpoints, crate::ETCD_PREFIX)
+    let dest = FarmStore::etcd(endpoints, crate::config::ETCD_PREFIX)
         .await
         .with_context(|| format!("reaching etcd at {}", endpoints.join(",")))?;
     let n = dest.copy_from(&source).await?;

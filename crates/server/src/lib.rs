@@ -2,16 +2,23 @@
 //! local store and the farm state.
 
 pub mod api;
+pub mod auth;
 pub mod boot;
+pub mod cidr;
+pub mod clock;
 pub mod config;
+pub mod error;
 pub mod farm;
 pub mod http;
 pub mod identity;
 pub mod login;
+pub mod membership;
 pub mod nbd;
 pub mod quarantine;
 pub mod rebalance;
 pub mod replication;
+pub mod schedule;
+pub mod sessions;
 pub mod state;
 pub mod stores;
 
@@ -27,8 +34,7 @@ pub use config::Config;
 pub use state::Server;
 pub use vstream_service::{limits, metrics, tcp, wait_for_signal};
 
-/// Where a farm keeps its keys in etcd.
-pub const ETCD_PREFIX: &str = "/vstream/farm/";
+pub use config::ETCD_PREFIX;
 
 /// Runs a server until SIGTERM or SIGINT, then drains and flushes.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -84,8 +90,8 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     let where_ = identity::describe(&config.farm, &config.data);
     identity::check(&config.data, &farm, &where_, config.adopt_data).await?;
     let boot_services = boot::Services::bind(&config).await?;
-    let server = Arc::new(Server::new(config.clone(), store, farm));
-    stores::hold_remembered(&server);
+    let server = Server::new(config.clone(), store, farm);
+    server.stores.hold_remembered();
 
     let api = tokio::net::TcpListener::bind(config.api)
         .await
@@ -101,14 +107,21 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         tracing::info!(addr = %listener.local_addr(), "NBD listening");
         tasks.spawn(nbd::serve(
             listener,
-            server.clone() as Arc<dyn nbd::Exports>,
+            server.sessions.clone() as Arc<dyn nbd::Exports>,
             nbd_limits.clone(),
             shutdown.clone(),
         ));
     }
-    tasks.spawn(farm::run(server.clone(), shutdown.clone()));
-    tasks.spawn(replication::run(server.clone(), shutdown.clone()));
-    tasks.spawn(boot::run(server.clone(), boot_services, shutdown.clone()));
+    tasks.spawn(farm::run(server.member.clone(), shutdown.clone()));
+    tasks.spawn(replication::run(
+        server.replicator.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(boot::run(
+        server.boot.clone(),
+        boot_services,
+        shutdown.clone(),
+    ));
     let router = api::router(server.clone(), token);
     let timeouts = http::Timeouts {
         header: std::time::Duration::from_secs(config.api_header_timeout_secs),
@@ -122,7 +135,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         shutdown.clone(),
     ));
     while tasks.join_next().await.is_some() {}
-    server.flush_all();
+    server.sessions.flush_all();
     tracing::info!("stopped");
     Ok(())
 }

@@ -22,7 +22,8 @@ use vstream_api::{
     VersionState,
 };
 
-use crate::farm::View;
+use crate::cidr::in_cidr;
+use crate::membership::View;
 
 /// Why a login gets no server.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -86,33 +87,6 @@ pub fn parse_base_export(rest: &str) -> Option<(&str, u32, &str)> {
     let (device, rest) = rest.split_once('@')?;
     let (version, hash) = rest.split_once('/')?;
     Some((device, version.parse().ok()?, hash))
-}
-
-/// Parses ADDRESS/PREFIX.
-pub fn parse_cidr(net: &str) -> Option<(IpAddr, u8)> {
-    let (addr, bits) = net.split_once('/')?;
-    let addr: IpAddr = addr.parse().ok()?;
-    let bits: u8 = bits.parse().ok()?;
-    let max = if addr.is_ipv4() { 32 } else { 128 };
-    (bits <= max).then_some((addr, bits))
-}
-
-/// Whether `ip` lies in subnet `net` (ADDRESS/PREFIX).
-fn in_cidr(ip: IpAddr, net: &str) -> bool {
-    let Some((addr, bits)) = parse_cidr(net) else {
-        return false;
-    };
-    let (a, b, width) = match (ip, addr) {
-        (IpAddr::V4(x), IpAddr::V4(y)) => (u128::from(u32::from(x)), u128::from(u32::from(y)), 32),
-        (IpAddr::V6(x), IpAddr::V6(y)) => (u128::from(x), u128::from(y), 128),
-        (IpAddr::V6(x), IpAddr::V4(y)) => match x.to_ipv4_mapped() {
-            Some(x) => (u128::from(u32::from(x)), u128::from(u32::from(y)), 32),
-            None => return false,
-        },
-        _ => return false,
-    };
-    let shift = width - u32::from(bits);
-    shift >= width || (a >> shift) == (b >> shift)
 }
 
 /// Decides a login from the farm `view` for a device at `client`; `recent` counts logins just sent
@@ -401,7 +375,10 @@ mod tests {
             "elsewhere: least loaded"
         );
         assert_eq!(at("::ffff:10.1.0.3").unwrap().server, "near");
-        assert!(parse_cidr("10.0.0.0/33").is_none() && parse_cidr("x/8").is_none());
+        assert!(
+            crate::cidr::parse_cidr("10.0.0.0/33").is_none()
+                && crate::cidr::parse_cidr("x/8").is_none()
+        );
         assert!(in_cidr("10.9.9.9".parse().unwrap(), "0.0.0.0/0"));
     }
 

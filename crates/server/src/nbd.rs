@@ -6,9 +6,9 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 pub use vstream_service::*;
 
-use crate::state::Server;
+use crate::sessions::Sessions;
 
-impl Exports for Server {
+impl Exports for Sessions {
     fn open<'a>(
         self: Arc<Self>,
         name: &'a str,

@@ -11,8 +11,15 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use vstream_api::{BootFileKind, ErrorBody, SetBootCmdline, VDiskInfo};
 
-use super::{get_vdisk, vdisk_info, ApiError};
-use crate::state::Server;
+use vstream_farm::FarmStore;
+use vstream_image::Store;
+
+use super::vdisks::{get_vdisk, vdisk_info};
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::membership::Membership;
+use crate::replication::Replication;
+use crate::sessions::Sessions;
 
 #[derive(Deserialize, utoipa::IntoParams)]
 pub(super) struct Upload {
@@ -44,14 +51,21 @@ impl Read for ChunkReader {
     params(("name" = String, Path), ("file" = BootFileKind, Path), Upload),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 200, body = VDiskInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+// One extractor per handle it uses, and the request.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn upload(
-    State(server): State<Arc<Server>>,
+    State(config): State<Arc<Config>>,
+    State(store): State<Store>,
+    State(membership): State<Arc<Membership>>,
+    State(replication): State<Arc<Replication>>,
+    State(farm): State<FarmStore>,
+    State(sessions): State<Arc<Sessions>>,
     Path((name, which)): Path<(String, String)>,
     Query(q): Query<Upload>,
     body: Body,
 ) -> Result<Json<VDiskInfo>, ApiError> {
     let which: BootFileKind = which.parse().map_err(ApiError::bad_request)?;
-    get_vdisk(&server, &name).await?;
+    get_vdisk(&farm, &name).await?;
     let file_name = q.name.unwrap_or_else(|| which.to_string());
     if file_name.is_empty() || file_name.len() > 255 || file_name.chars().any(char::is_control) {
         return Err(ApiError::bad_request(
@@ -59,13 +73,13 @@ pub(super) async fn upload(
         ));
     }
     let (tx, rx) = mpsc::channel::<Bytes>(16);
-    let (srv, n, f) = (server.clone(), name.clone(), file_name.clone());
+    let (s, n, f) = (store.clone(), name.clone(), file_name.clone());
     let worker = tokio::task::spawn_blocking(move || {
         let mut reader = ChunkReader {
             rx,
             chunk: Bytes::new(),
         };
-        crate::boot::store_file(&srv, &n, &f, &mut reader, None)
+        crate::boot::store_file(&s, &n, &f, &mut reader, None)
     });
     let broke = super::content::feed(body, tx).await;
     let stored = worker.await?;
@@ -75,9 +89,8 @@ pub(super) async fn upload(
         )));
     }
     let stored = stored.map_err(|e| ApiError::bad_request(format!("storing the {which}: {e}")))?;
-    let _lock = server.lock_vdisk(&name).await;
-    let v = server
-        .farm
+    let _lock = sessions.lock_vdisk(&name).await;
+    let v = farm
         .update_vdisk(&name, |v| {
             match which {
                 BootFileKind::Kernel => v.boot.kernel = Some(stored.clone()),
@@ -87,15 +100,16 @@ pub(super) async fn upload(
         })
         .await?;
     tracing::info!(vdisk = %name, file = %which, name = %stored.name, bytes = stored.size, hash = %stored.blake3, "boot file set");
-    crate::replication::peer::poke_peers(&server);
-    Ok(Json(vdisk_info(&server, v).await?))
+    crate::replication::peer::poke_peers(replication.secret(), &config.name, &membership.view());
+    Ok(Json(vdisk_info(&sessions, v).await?))
 }
 
 #[utoipa::path(put, path = "/api/v1/vdisks/{name}/boot/cmdline", params(("name" = String, Path)),
     request_body = SetBootCmdline,
     responses((status = 200, body = VDiskInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub(super) async fn set_cmdline(
-    State(server): State<Arc<Server>>,
+    State(farm): State<FarmStore>,
+    State(sessions): State<Arc<Sessions>>,
     Path(name): Path<String>,
     Json(req): Json<SetBootCmdline>,
 ) -> Result<Json<VDiskInfo>, ApiError> {
@@ -109,13 +123,12 @@ pub(super) async fn set_cmdline(
             "vstream adds vstream.bootstrap= and vstream.mac= itself, from the farm and the device",
         ));
     }
-    let _lock = server.lock_vdisk(&name).await;
-    let v = server
-        .farm
+    let _lock = sessions.lock_vdisk(&name).await;
+    let v = farm
         .update_vdisk(&name, |v| {
             v.boot.cmdline = req.cmdline.trim().to_owned();
             Ok(())
         })
         .await?;
-    Ok(Json(vdisk_info(&server, v).await?))
+    Ok(Json(vdisk_info(&sessions, v).await?))
 }

@@ -18,8 +18,17 @@ use vstream_api::extents::{self, Decoder, Event};
 use vstream_api::{ErrorBody, VDiskInfo};
 use vstream_image::Disk;
 
-use super::{get_vdisk, register_vdisk, vdisk_info, ApiError};
-use crate::state::{now_unix, Server};
+use vstream_farm::FarmStore;
+use vstream_image::Store;
+
+use super::vdisks::{get_vdisk, register_vdisk, vdisk_info};
+use crate::clock::now_unix;
+use crate::error::ApiError;
+use crate::membership::Membership;
+use crate::quarantine::Quarantine;
+use crate::replication::Replication;
+use crate::sessions::Sessions;
+use crate::stores::Stores;
 
 /// Largest frame we send; equal to the framing's limit.
 const FRAME: u64 = extents::MAX_FRAME_LEN as u64;
@@ -34,42 +43,48 @@ pub(super) struct InStore {
     request_body(content = Vec<u8>, content_type = "application/vnd.vstream.extents",
         description = "header, then (offset, length, data) frames, then the terminator"),
     responses((status = 201, body = VDiskInfo), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+// One extractor per handle it uses, and the request.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn import_vdisk(
-    State(server): State<Arc<Server>>,
+    State(store): State<Store>,
+    State(farm): State<FarmStore>,
+    State(quarantine): State<Arc<Quarantine>>,
+    State(stores): State<Arc<Stores>>,
+    State(sessions): State<Arc<Sessions>>,
+    State(replication): State<Arc<Replication>>,
+    State(membership): State<Arc<Membership>>,
     Path(name): Path<String>,
     Query(q): Query<InStore>,
     body: Body,
 ) -> Result<(StatusCode, Json<VDiskInfo>), ApiError> {
     vstream_farm::validate_name(&name)?;
-    let _lock = server.lock_vdisk(&name).await;
-    server.quarantine.check_free(&name)?;
+    let _lock = sessions.lock_vdisk(&name).await;
+    quarantine.check_free(&name)?;
     // In a farm, a vDisk another server created may be imported here too:
     // that makes a local copy (a replica once its hashes check), not a record.
-    let existing = server.farm.get_vdisk(&name).await?;
-    if existing.is_some() && server.store.exists(&name) {
+    let existing = farm.get_vdisk(&name).await?;
+    if existing.is_some() && store.exists(&name) {
         return Err(ApiError::conflict(format!("vDisk {name} already exists")));
     }
-    let store = match &existing {
+    let store_name = match &existing {
         Some(v) => v.store.clone(),
         None => q.store.unwrap_or_else(vstream_api::default_store),
     };
-    super::stores::prepare(&server, &name, &store).await?;
+    super::stores::prepare(&stores, &farm, &name, &store_name).await?;
     // A copy of the farm's vDisk carries its creation time: that names the
     // vDisk (a copy made at another time would be another vDisk, kept in
     // quarantine).
     let created = match &existing {
         Some(v) => Some(
-            server
-                .farm
-                .catalog(&name)
+            farm.catalog(&name)
                 .await?
                 .map_or(v.created_unix, |c| c.created_unix),
         ),
         None => None,
     };
     let (tx, rx) = mpsc::channel::<Bytes>(16);
-    let (srv, n) = (server.clone(), name.clone());
-    let worker = tokio::task::spawn_blocking(move || import_blocking(&srv, &n, rx, created));
+    let (s, m, n) = (store.clone(), membership.clone(), name.clone());
+    let worker = tokio::task::spawn_blocking(move || import_blocking(&s, &m, &n, rx, created));
     let body_error = feed(body, tx).await;
     let result = worker.await?;
     if let Some(e) = body_error {
@@ -80,18 +95,21 @@ pub(super) async fn import_vdisk(
     let (size, created) = result?;
     let vdisk = match existing {
         Some(v) if v.size != size => {
-            let _ = server.store.delete(&name);
+            let _ = store.delete(&name);
             return Err(ApiError::conflict(format!(
                 "vDisk {name} is {} bytes in the farm; this upload is {size}",
                 v.size
             )));
         }
         Some(v) => v,
-        None => register_vdisk(&server, &name, size, created, &store).await?,
+        None => register_vdisk(&farm, &store, &name, size, created, &store_name).await?,
     };
     tracing::info!(vdisk = %name, size, "vDisk imported");
-    server.replication.wake.notify_one();
-    Ok((StatusCode::CREATED, Json(vdisk_info(&server, vdisk).await?)))
+    replication.wake.notify_one();
+    Ok((
+        StatusCode::CREATED,
+        Json(vdisk_info(&sessions, vdisk).await?),
+    ))
 }
 
 /// Hands an upload to a blocking worker chunk by chunk, and returns how
@@ -112,7 +130,8 @@ pub(super) async fn feed(body: Body, tx: mpsc::Sender<Bytes>) -> Option<axum::Er
 }
 
 fn import_blocking(
-    server: &Server,
+    store: &Store,
+    membership: &Membership,
     name: &str,
     mut rx: mpsc::Receiver<Bytes>,
     created: Option<u64>,
@@ -127,7 +146,7 @@ fn import_blocking(
         loop {
             match dec.next_event().map_err(bad)? {
                 Event::NeedMore | Event::End => break,
-                Event::Header { size } => staging = Some(server.store.begin_import(name, size)?),
+                Event::Header { size } => staging = Some(store.begin_import(name, size)?),
                 Event::Frame { offset, data } => {
                     let s = staging
                         .as_ref()
@@ -150,10 +169,10 @@ fn import_blocking(
     let staging = staging.ok_or_else(|| ApiError::bad_request("empty upload"))?;
     let size = staging.disk().size();
     let created = created.unwrap_or_else(now_unix);
-    let hash = server.store.commit_import(staging, created)?;
+    let hash = store.commit_import(staging, created)?;
     // Hashed from the data just written: verified as it stands.
     let hex = vstream_image::hash::to_hex(&hash);
-    crate::farm::verified_here_blocking(server, name, 1, &hex);
+    membership.verified_here_blocking(name, 1, &hex);
     Ok((size, created))
 }
 
@@ -161,7 +180,9 @@ fn import_blocking(
     responses((status = 200, content_type = "application/vnd.vstream.extents", body = Vec<u8>),
         (status = 404, body = ErrorBody)))]
 pub(super) async fn export_vdisk(
-    State(server): State<Arc<Server>>,
+    State(store): State<Store>,
+    State(farm): State<FarmStore>,
+    State(sessions): State<Arc<Sessions>>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let (vdisk_name, version) = match name.split_once('@') {
@@ -173,13 +194,12 @@ pub(super) async fn export_vdisk(
         }
         None => (name.clone(), None),
     };
-    let vdisk = get_vdisk(&server, &vdisk_name).await?;
+    let vdisk = get_vdisk(&farm, &vdisk_name).await?;
     let chain = match version {
-        Some(n) => server
-            .store
+        Some(n) => store
             .chain(&vdisk.name, n)
             .map_err(|_| ApiError::not_found(format!("vDisk {} has no version {n}", vdisk.name)))?,
-        None => server.production(&vdisk.name)?,
+        None => sessions.production(&vdisk.name)?,
     };
     let disk = chain.read_only();
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);

@@ -13,12 +13,15 @@ use vstream_api::{
     RebalanceRequest, ReplicaRow, ReplicationOverride, ReplicationStart, ServerInfo,
 };
 
-use super::ApiError;
-use crate::farm::{View, STALE_AFTER_SECS};
-use crate::login::{choose, LoginError};
-use crate::state::{now_unix, Server};
+use vstream_farm::FarmStore;
 
-type Shared = State<Arc<Server>>;
+use crate::clock::now_unix;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::login::{choose, LoginError};
+use crate::membership::{Membership, View, STALE_AFTER_SECS};
+use crate::replication::Replication;
+use crate::sessions::Sessions;
 
 /// A device asks where to stream from. Answered from this server's last
 /// known farm state, so it works while the farm store is away.
@@ -27,38 +30,40 @@ type Shared = State<Arc<Server>>;
         (status = 404, body = ErrorBody),
         (status = 503, body = ErrorBody, description = "nothing to serve it now; ask again")))]
 pub(super) async fn login(
-    State(server): Shared,
+    State(config): State<Arc<Config>>,
+    State(farm): State<FarmStore>,
+    State(membership): State<Arc<Membership>>,
+    State(sessions): State<Arc<Sessions>>,
+    State(replication): State<Arc<Replication>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Json(req): Json<LoginRequest>,
 ) -> Result<Json<LoginReply>, ApiError> {
     if let Some(token) = &req.boot {
         vstream_api::check_boot_token(token).map_err(ApiError::bad_request)?;
     }
-    let view = fresh_records(&server, &req.mac)
+    let view = fresh_records(&membership, &farm, &req.mac)
         .await
-        .unwrap_or_else(|| server.membership.view());
+        .unwrap_or_else(|| membership.view());
     // A boot identity other than the device's last: it booted again, and
     // its sessions of the earlier boot end wherever in the farm they are.
     let device = vstream_api::parse_mac(&req.mac)
         .ok()
         .and_then(|mac| view.device_by_mac(&mac).map(|d| d.name.clone()));
     if let (Some(device), Some(token)) = (&device, &req.boot) {
-        server.boot_of(device, Some(token), "login").await;
+        sessions.boot_of(device, Some(token), "login").await;
     }
-    let recent = server.membership.recent_logins();
+    let recent = membership.recent_logins();
     let mut answer = choose(&view, &req, &recent, Some(peer.ip()));
     // The view holds this server's status as last published (up to a second
     // old): a copy found corrupt since is not offered, whatever it says.
     if let Ok(reply) = &answer {
-        let me = &server.config.name;
+        let me = &config.name;
         let corrupt_here = reply.server == *me
-            && server.membership.held().iter().any(|v| {
+            && membership.held().iter().any(|v| {
                 v.vdisk == reply.vdisk
                     && v.number == reply.version
-                    && (server.replication.is_corrupt(&v.vdisk, &v.layers)
-                        || server
-                            .membership
-                            .has_failed(&v.vdisk, v.number, &v.content_hash))
+                    && (replication.is_corrupt(&v.vdisk, &v.layers)
+                        || membership.has_failed(&v.vdisk, v.number, &v.content_hash))
             });
         if corrupt_here {
             let mut again = req.clone();
@@ -67,7 +72,7 @@ pub(super) async fn login(
         }
     }
     if let (Err(LoginError::Unavailable(_)), Some(pin)) = (&answer, &req.pin) {
-        let catalogs = server.replication.catalogs();
+        let catalogs = replication.catalogs();
         if let Some(why) = crate::login::pin_gone(pin, &catalogs) {
             answer = Err(LoginError::Gone(why));
         }
@@ -79,7 +84,7 @@ pub(super) async fn login(
                 // from tells this boot from the last by them too.
                 reply.export = format!("{};boot={token}", reply.export);
             }
-            server.membership.note_login(&reply.server);
+            membership.note_login(&reply.server);
             tracing::info!(device = %reply.device, vdisk = %reply.vdisk, version = reply.version, server = %reply.server, avoid = ?req.avoid, "login");
             Ok(Json(reply))
         }
@@ -103,15 +108,16 @@ pub(super) async fn login(
 #[utoipa::path(post, path = "/api/v1/cache-report", request_body = CacheReport, security(()),
     responses((status = 204), (status = 404, body = ErrorBody)))]
 pub(super) async fn cache_report(
-    State(server): Shared,
+    State(membership): State<Arc<Membership>>,
+    State(sessions): State<Arc<Sessions>>,
     Json(req): Json<CacheReport>,
 ) -> Result<StatusCode, ApiError> {
     let mac = vstream_api::parse_mac(&req.mac).map_err(ApiError::bad_request)?;
-    let view = server.membership.view();
+    let view = membership.view();
     let device = view
         .device_by_mac(&mac)
         .ok_or_else(|| ApiError::not_found(format!("no device has MAC {mac}")))?;
-    if server.report_cache(&device.name, req.cache_bytes) {
+    if sessions.report_cache(&device.name, req.cache_bytes) {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found(format!(
@@ -124,13 +130,13 @@ pub(super) async fn cache_report(
 /// The device's and its vDisk's records as the farm store holds them now,
 /// with the live servers of the last view: a login right after an admin
 /// change sees the change. `None` (use the last view) while the store is away.
-async fn fresh_records(server: &Server, mac: &str) -> Option<Arc<View>> {
-    if !server.membership.is_connected() {
+async fn fresh_records(membership: &Membership, farm: &FarmStore, mac: &str) -> Option<Arc<View>> {
+    if !membership.is_connected() {
         return None;
     }
-    let device = server.farm.find_device(mac).await.ok()??;
-    let vdisk = server.farm.get_vdisk(&device.vdisk).await.ok()??;
-    let last = server.membership.view();
+    let device = farm.find_device(mac).await.ok()??;
+    let vdisk = farm.get_vdisk(&device.vdisk).await.ok()??;
+    let last = membership.view();
     Some(Arc::new(View {
         devices: vec![device],
         vdisks: vec![vdisk],
@@ -142,11 +148,15 @@ async fn fresh_records(server: &Server, mac: &str) -> Option<Arc<View>> {
 
 /// Every server of the farm, up or down, with its last status.
 #[utoipa::path(get, path = "/api/v1/servers", responses((status = 200, body = [ServerInfo])))]
-pub(super) async fn list_servers(State(server): Shared) -> Result<Json<Vec<ServerInfo>>, ApiError> {
-    let view = server.membership.view();
-    let connected = server.membership.is_connected();
+pub(super) async fn list_servers(
+    State(config): State<Arc<Config>>,
+    State(farm): State<FarmStore>,
+    State(membership): State<Arc<Membership>>,
+) -> Result<Json<Vec<ServerInfo>>, ApiError> {
+    let view = membership.view();
+    let connected = membership.is_connected();
     let members = if connected {
-        server.farm.members().await.unwrap_or_default()
+        farm.members().await.unwrap_or_default()
     } else {
         Vec::new()
     };
@@ -158,7 +168,7 @@ pub(super) async fn list_servers(State(server): Shared) -> Result<Json<Vec<Serve
         .map(|status| {
             let up = view.servers.iter().any(|s| s.name == status.name)
                 && status.updated_unix + STALE_AFTER_SECS >= now;
-            let me = status.name == server.config.name;
+            let me = status.name == config.name;
             ServerInfo {
                 up,
                 load: f64::from(status.devices) / status.power.max(0.1),
@@ -176,7 +186,8 @@ pub(super) async fn list_servers(State(server): Shared) -> Result<Json<Vec<Serve
 #[utoipa::path(post, path = "/api/v1/farm/rebalance", request_body = Rebalance,
     responses((status = 200, body = RebalancePlan), (status = 503, body = ErrorBody)))]
 pub(super) async fn rebalance(
-    State(server): Shared,
+    State(farm): State<FarmStore>,
+    State(membership): State<Arc<Membership>>,
     Json(req): Json<Rebalance>,
 ) -> Result<Json<RebalancePlan>, ApiError> {
     let trigger_pct = req.trigger_pct.unwrap_or(25.0);
@@ -188,8 +199,8 @@ pub(super) async fn rebalance(
         trigger_pct,
         requested_unix: now_unix(),
     };
-    server.farm.request_rebalance(&request).await?;
-    let view = server.membership.view();
+    farm.request_rebalance(&request).await?;
+    let view = membership.view();
     let moves = crate::rebalance::plan(&view.servers, trigger_pct)
         .into_iter()
         .map(|(server, devices)| PlannedMove { server, devices })
@@ -207,11 +218,15 @@ pub(super) async fn rebalance(
 #[utoipa::path(get, path = "/api/v1/replication",
     responses((status = 200, body = [ReplicaRow]), (status = 503, body = ErrorBody)))]
 pub(super) async fn replication_status(
-    State(server): Shared,
+    State(member): State<Arc<crate::farm::Handles>>,
+    State(config): State<Arc<Config>>,
+    State(farm): State<FarmStore>,
+    State(membership): State<Arc<Membership>>,
+    State(replication): State<Arc<Replication>>,
 ) -> Result<Json<Vec<ReplicaRow>>, ApiError> {
-    let view = server.membership.view();
-    let catalogs = server.farm.catalogs().await?;
-    let mut members = server.farm.members().await?;
+    let view = membership.view();
+    let catalogs = farm.catalogs().await?;
+    let mut members = farm.members().await?;
     let now = now_unix();
     let live: std::collections::HashSet<String> = view
         .servers
@@ -225,11 +240,11 @@ pub(super) async fn replication_status(
             *m = s.clone();
         }
     }
-    let srv = server.clone();
-    let held = tokio::task::spawn_blocking(move || crate::farm::held_versions(&srv)).await?;
-    if let Some(me) = members.iter_mut().find(|m| m.name == server.config.name) {
+    let m = member.clone();
+    let held = tokio::task::spawn_blocking(move || crate::farm::held_versions(&m)).await?;
+    if let Some(me) = members.iter_mut().find(|m| m.name == config.name) {
+        me.replication = replication.published(&held);
         me.versions = held;
-        me.replication = server.replication.published(&server);
     }
     members.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Json(crate::replication::status_rows(
@@ -242,10 +257,10 @@ pub(super) async fn replication_status(
 #[utoipa::path(post, path = "/api/v1/replication/start", request_body = ReplicationStart,
     responses((status = 200, body = ReplicationOverride), (status = 404, body = ErrorBody)))]
 pub(super) async fn replication_start(
-    State(server): Shared,
+    State(farm): State<FarmStore>,
     Json(req): Json<ReplicationStart>,
 ) -> Result<Json<ReplicationOverride>, ApiError> {
-    let catalogs = server.farm.catalogs().await?;
+    let catalogs = farm.catalogs().await?;
     let mut versions = Vec::new();
     for cat in &catalogs {
         if req.vdisk.as_ref().is_some_and(|n| n != &cat.vdisk) {
@@ -270,7 +285,7 @@ pub(super) async fn replication_start(
         created_unix: now,
         expires_unix: now + OVERRIDE_SECS,
     };
-    server.farm.set_replication_override(&order).await?;
+    farm.set_replication_override(&order).await?;
     tracing::info!(versions = ?order.versions, "replication ordered now, outside the windows");
     Ok(Json(order))
 }

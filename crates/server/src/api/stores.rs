@@ -8,37 +8,43 @@ use axum::http::StatusCode;
 use axum::Json;
 use vstream_api::{ErrorBody, StoreDef, StoreHere, StoreInfo, DEFAULT_STORE};
 
-use super::ApiError;
-use crate::state::Server;
+use vstream_farm::FarmStore;
+
+use crate::error::ApiError;
+use crate::membership::Membership;
+use crate::stores::Stores;
 
 /// Makes ready for vDisk `name` to be made here in `store`: the store is
 /// the farm's and held here, and the vDisk will land in it.
-pub(super) async fn prepare(server: &Arc<Server>, name: &str, store: &str) -> Result<(), ApiError> {
+pub(super) async fn prepare(
+    stores: &Arc<Stores>,
+    farm: &FarmStore,
+    name: &str,
+    store: &str,
+) -> Result<(), ApiError> {
     if store != DEFAULT_STORE {
-        let def = server
-            .farm
+        let def = farm
             .get_store(store)
             .await?
             .ok_or_else(|| ApiError::not_found(format!("store {store} does not exist")))?;
-        let s = server.clone();
-        tokio::task::spawn_blocking(move || crate::stores::hold(&s, &def))
+        let s = stores.clone();
+        tokio::task::spawn_blocking(move || s.hold(&def))
             .await?
             .map_err(|why| ApiError::new(StatusCode::INSUFFICIENT_STORAGE, why))?;
     }
-    server
-        .store
-        .place(name, store)
+    stores
+        .place_new(name, store)
         .map_err(|e| ApiError::conflict(e.to_string()))
 }
 
 #[utoipa::path(get, path = "/api/v1/stores", responses((status = 200, body = [StoreInfo])))]
 pub(super) async fn list_stores(
-    State(server): State<Arc<Server>>,
+    State(farm): State<FarmStore>,
+    State(membership): State<Arc<Membership>>,
 ) -> Result<Json<Vec<StoreInfo>>, ApiError> {
-    let vdisks = server.farm.list_vdisks().await?;
-    let view = server.membership.view();
-    let out = server
-        .farm
+    let vdisks = farm.list_vdisks().await?;
+    let view = membership.view();
+    let out = farm
         .list_stores()
         .await?
         .into_iter()
@@ -67,31 +73,32 @@ pub(super) async fn list_stores(
 #[utoipa::path(post, path = "/api/v1/stores", request_body = StoreDef,
     responses((status = 201, body = StoreDef), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub(super) async fn add_store(
-    State(server): State<Arc<Server>>,
+    State(held): State<Arc<Stores>>,
+    State(farm): State<FarmStore>,
+    State(membership): State<Arc<Membership>>,
     Json(def): Json<StoreDef>,
 ) -> Result<(StatusCode, Json<StoreDef>), ApiError> {
     vstream_farm::validate_name(&def.name)?;
     if def.name != DEFAULT_STORE {
-        let stores = server.farm.list_stores().await?;
-        let s = server.clone();
+        let stores = farm.list_stores().await?;
         let d = def.clone();
-        tokio::task::spawn_blocking(move || check_new_store(&s, &d, &stores))
+        tokio::task::spawn_blocking(move || check_new_store(&held, &d, &stores))
             .await?
             .map_err(|e| ApiError::bad_request(format!("store {}: {e}", def.name)))?;
     }
-    let def = server.farm.create_store(def).await?;
+    let def = farm.create_store(def).await?;
     tracing::info!(store = %def.name, path = %def.path, "store added");
-    server.membership.publish_now.notify_one();
+    membership.publish_now.notify_one();
     Ok((StatusCode::CREATED, Json(def)))
 }
 
 #[utoipa::path(delete, path = "/api/v1/stores/{name}", params(("name" = String, Path)),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub(super) async fn remove_store(
-    State(server): State<Arc<Server>>,
+    State(farm): State<FarmStore>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    server.farm.delete_store(&name).await?;
+    farm.delete_store(&name).await?;
     tracing::info!(store = %name, "store removed (its folders stay on each server)");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -101,11 +108,11 @@ pub(super) async fn remove_store(
 /// farm path, or this server's override) overlaps another store's folder
 /// here or the data folder, or is a folder vstream did not make. Every server checks its own
 /// folder again when it comes to hold the store.
-fn check_new_store(server: &Server, def: &StoreDef, stores: &[StoreDef]) -> Result<(), String> {
+fn check_new_store(held: &Stores, def: &StoreDef, stores: &[StoreDef]) -> Result<(), String> {
     use vstream_image::folders::{check_store_folder, check_store_path};
     let data = (
         "this server's data folder".to_owned(),
-        server.config.data.clone(),
+        held.data_folder().to_owned(),
     );
     let others = stores.iter().filter(|s| s.name != def.name);
     let mut farm_paths = vec![data.clone()];
@@ -117,12 +124,12 @@ fn check_new_store(server: &Server, def: &StoreDef, stores: &[StoreDef]) -> Resu
     }));
     let farm_path = std::path::Path::new(&def.path);
     check_store_path(farm_path, &farm_paths).map_err(|e| e.to_string())?;
-    let here = crate::stores::path_here(server, def);
+    let here = held.path_here(def);
     let mut local = vec![data];
     local.extend(others.map(|s| {
         (
             format!("the folder of store {} on this server", s.name),
-            crate::stores::path_here(server, s),
+            held.path_here(s),
         )
     }));
     check_store_path(&here, &local).map_err(|e| e.to_string())?;

@@ -11,16 +11,19 @@ use axum::Json;
 use vstream_api::{ErrorBody, Merge, Promote, VersionInfo};
 use vstream_image::{ImageError, Version, VersionState};
 
-use super::{get_vdisk, ApiError};
-use crate::state::{now_unix, Server};
+use vstream_farm::FarmStore;
+use vstream_image::Store;
 
-type Shared = State<Arc<Server>>;
+use super::vdisks::get_vdisk;
+use crate::clock::now_unix;
+use crate::error::ApiError;
+use crate::replication::Handles as Replicator;
+use crate::sessions::Sessions;
 
-fn info(server: &Server, vdisk: &str, v: &Version) -> VersionInfo {
-    let own_bytes = server
-        .store
+fn info(store: &Store, sessions: &Sessions, vdisk: &str, v: &Version) -> VersionInfo {
+    let own_bytes = store
         .properties(vdisk)
-        .and_then(|p| server.store.own_bytes(&p, v))
+        .and_then(|p| store.own_bytes(&p, v))
         .unwrap_or(0);
     VersionInfo {
         number: v.number,
@@ -30,7 +33,7 @@ fn info(server: &Server, vdisk: &str, v: &Version) -> VersionInfo {
         own_bytes,
         layers: v.layers.len(),
         content_hash: v.content_hash.clone(),
-        devices: server.devices_on(vdisk, v.number),
+        devices: sessions.devices_on(vdisk, v.number),
     }
 }
 
@@ -39,31 +42,31 @@ fn info(server: &Server, vdisk: &str, v: &Version) -> VersionInfo {
 /// the catalog after. `creates`: it makes a new version (refused while
 /// another server holds one open for writing). The caller holds the vDisk's lock.
 async fn operate<T: Send + 'static>(
-    server: &Arc<Server>,
+    ops: &Arc<Replicator>,
     name: &str,
     creates: bool,
-    op: impl FnOnce(&Server) -> Result<T, ImageError> + Send + 'static,
+    op: impl FnOnce(&Store) -> Result<T, ImageError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    crate::replication::before_operation(server, name, creates)
+    crate::replication::before_operation(ops, name, creates)
         .await
         .map_err(|e| ApiError::new(e.status(), e.to_string()))?;
-    let before = server.store.properties(name)?;
-    crate::replication::begin_change(server, name, &before)
+    let before = ops.store.properties(name)?;
+    crate::replication::begin_change(ops, name, &before)
         .map_err(|e| ApiError::internal(format!("recording the change of vDisk {name}: {e}")))?;
-    let srv = server.clone();
-    let out = blocking(move || op(&srv)).await;
+    let store = ops.store.clone();
+    let out = blocking(move || op(&store)).await;
     if out.is_ok() {
         // What the operation sealed it hashed from the data just now, over
         // layers checked before: verified as it stands.
-        for v in server.store.properties(name)?.versions {
+        for v in ops.store.properties(name)?.versions {
             let changed = before.version(v.number) != Some(&v);
             if let (true, true, Some(h)) = (changed, v.is_sealed(), &v.content_hash) {
-                crate::farm::verified_here(server, name, v.number, h);
+                ops.membership.verified_here(name, v.number, h);
             }
         }
-        server.membership.publish_now.notify_one();
+        ops.membership.publish_now.notify_one();
     }
-    if let Err(e) = crate::replication::finish_change(server, name).await {
+    if let Err(e) = crate::replication::finish_change(ops, name).await {
         // It stays recorded here, and is published at the next reconcile.
         tracing::warn!(vdisk = %name, error = %e, "the change is not in the farm's catalog yet");
     }
@@ -83,16 +86,18 @@ async fn blocking<T: Send + 'static>(
 #[utoipa::path(get, path = "/api/v1/vdisks/{name}/versions", params(("name" = String, Path)),
     responses((status = 200, body = [VersionInfo]), (status = 404, body = ErrorBody)))]
 pub(super) async fn list_versions(
-    State(server): Shared,
+    State(sessions): State<Arc<Sessions>>,
+    State(store): State<Store>,
+    State(farm): State<FarmStore>,
     Path(name): Path<String>,
 ) -> Result<Json<Vec<VersionInfo>>, ApiError> {
-    get_vdisk(&server, &name).await?;
-    let props = server.store.properties(&name)?;
+    get_vdisk(&farm, &name).await?;
+    let props = store.properties(&name)?;
     Ok(Json(
         props
             .versions
             .iter()
-            .map(|v| info(&server, &name, v))
+            .map(|v| info(&store, &sessions, &name, v))
             .collect(),
     ))
 }
@@ -100,15 +105,18 @@ pub(super) async fn list_versions(
 #[utoipa::path(post, path = "/api/v1/vdisks/{name}/versions", params(("name" = String, Path)),
     responses((status = 201, body = VersionInfo), (status = 409, body = ErrorBody)))]
 pub(super) async fn new_version(
-    State(server): Shared,
+    State(ops): State<Arc<Replicator>>,
+    State(store): State<Store>,
+    State(farm): State<FarmStore>,
+    State(sessions): State<Arc<Sessions>>,
     Path(name): Path<String>,
 ) -> Result<(StatusCode, Json<VersionInfo>), ApiError> {
-    let vdisk = get_vdisk(&server, &name).await?;
-    let _lock = server.lock_vdisk(&name).await;
-    let props = server.store.properties(&name)?;
+    let vdisk = get_vdisk(&farm, &name).await?;
+    let _lock = sessions.lock_vdisk(&name).await;
+    let props = store.properties(&name)?;
     if let Some(head) = props.head().filter(|h| !h.is_sealed()) {
         // Sealing the head must not happen under a device writing it.
-        let writers = server.devices_on(&name, head.number);
+        let writers = sessions.devices_on(&name, head.number);
         if !writers.is_empty() && vdisk.mode == vstream_api::Mode::Private {
             return Err(ApiError::conflict(format!(
                 "version {} of vDisk {name} is being written by {}; a new version can start once it disconnects",
@@ -118,24 +126,27 @@ pub(super) async fn new_version(
         }
     }
     let n = name.clone();
-    let v = operate(&server, &name, true, move |s| {
-        s.store.new_version(&n, now_unix())
-    })
-    .await?;
+    let v = operate(&ops, &name, true, move |s| s.new_version(&n, now_unix())).await?;
     tracing::info!(vdisk = %name, version = v.number, "maintenance version created");
-    Ok((StatusCode::CREATED, Json(info(&server, &name, &v))))
+    Ok((
+        StatusCode::CREATED,
+        Json(info(&store, &sessions, &name, &v)),
+    ))
 }
 
 #[utoipa::path(post, path = "/api/v1/vdisks/{name}/versions/{version}/promote",
     params(("name" = String, Path), ("version" = u32, Path)), request_body = Promote,
     responses((status = 200, body = VersionInfo), (status = 409, body = ErrorBody)))]
 pub(super) async fn promote(
-    State(server): Shared,
+    State(ops): State<Arc<Replicator>>,
+    State(store): State<Store>,
+    State(farm): State<FarmStore>,
+    State(sessions): State<Arc<Sessions>>,
     Path((name, version)): Path<(String, u32)>,
     Json(req): Json<Promote>,
 ) -> Result<Json<VersionInfo>, ApiError> {
-    get_vdisk(&server, &name).await?;
-    let _lock = server.lock_vdisk(&name).await;
+    get_vdisk(&farm, &name).await?;
+    let _lock = sessions.lock_vdisk(&name).await;
     let to = match req.to {
         to @ (VersionState::Test | VersionState::Production) => to,
         other => {
@@ -144,12 +155,12 @@ pub(super) async fn promote(
             )))
         }
     };
-    let props = server.store.properties(&name)?;
+    let props = store.properties(&name)?;
     if props
         .version(version)
         .is_some_and(|v| v.state == VersionState::Maintenance)
     {
-        let on = server.devices_on(&name, version);
+        let on = sessions.devices_on(&name, version);
         if !on.is_empty() {
             return Err(ApiError::conflict(format!(
                 "maintenance device {} is connected to version {version}; shut it down before promoting",
@@ -158,44 +169,50 @@ pub(super) async fn promote(
         }
     }
     let n = name.clone();
-    let v = operate(&server, &name, false, move |s| {
-        s.store.promote(&n, version, to, now_unix())
+    let v = operate(&ops, &name, false, move |s| {
+        s.promote(&n, version, to, now_unix())
     })
     .await?;
     tracing::info!(vdisk = %name, version, to = %to, "version promoted");
-    Ok(Json(info(&server, &name, &v)))
+    Ok(Json(info(&store, &sessions, &name, &v)))
 }
 
 #[utoipa::path(post, path = "/api/v1/vdisks/{name}/rollback", params(("name" = String, Path)),
     responses((status = 200, body = VersionInfo), (status = 409, body = ErrorBody)))]
 pub(super) async fn rollback(
-    State(server): Shared,
+    State(ops): State<Arc<Replicator>>,
+    State(store): State<Store>,
+    State(farm): State<FarmStore>,
+    State(sessions): State<Arc<Sessions>>,
     Path(name): Path<String>,
 ) -> Result<Json<VersionInfo>, ApiError> {
-    get_vdisk(&server, &name).await?;
-    let _lock = server.lock_vdisk(&name).await;
+    get_vdisk(&farm, &name).await?;
+    let _lock = sessions.lock_vdisk(&name).await;
     let n = name.clone();
-    let v = operate(&server, &name, false, move |s| s.store.rollback(&n)).await?;
+    let v = operate(&ops, &name, false, move |s| s.rollback(&n)).await?;
     tracing::info!(vdisk = %name, version = v.number, "rolled back: production version");
-    Ok(Json(info(&server, &name, &v)))
+    Ok(Json(info(&store, &sessions, &name, &v)))
 }
 
 #[utoipa::path(post, path = "/api/v1/vdisks/{name}/merge", params(("name" = String, Path)), request_body = Merge,
     responses((status = 200, body = VersionInfo), (status = 409, body = ErrorBody)))]
 pub(super) async fn merge(
-    State(server): Shared,
+    State(ops): State<Arc<Replicator>>,
+    State(store): State<Store>,
+    State(farm): State<FarmStore>,
+    State(sessions): State<Arc<Sessions>>,
     Path(name): Path<String>,
     Json(req): Json<Merge>,
 ) -> Result<Json<VersionInfo>, ApiError> {
-    get_vdisk(&server, &name).await?;
-    let _lock = server.lock_vdisk(&name).await;
+    get_vdisk(&farm, &name).await?;
+    let _lock = sessions.lock_vdisk(&name).await;
     // The versions it would retire must be in use nowhere in the farm.
-    let props = server.store.properties(&name)?;
+    let props = store.properties(&name)?;
     let upto = req
         .upto
         .or_else(|| props.newest(VersionState::Production).map(|v| v.number));
     for n in upto.map(|u| props.retired_by_merge(u)).unwrap_or_default() {
-        let on = server.farm_devices_on(&name, Some(n));
+        let on = sessions.farm_devices_on(&name, Some(n));
         if !on.is_empty() {
             return Err(ApiError::conflict(format!(
                 "merging would retire version {n} of vDisk {name}, which devices {} are running; \
@@ -205,21 +222,23 @@ pub(super) async fn merge(
         }
     }
     let n = name.clone();
-    let v = operate(&server, &name, true, move |s| s.store.merge(&n, req.upto)).await?;
+    let v = operate(&ops, &name, true, move |s| s.merge(&n, req.upto)).await?;
     tracing::info!(vdisk = %name, version = v.number, "merged");
-    Ok(Json(info(&server, &name, &v)))
+    Ok(Json(info(&store, &sessions, &name, &v)))
 }
 
 #[utoipa::path(delete, path = "/api/v1/vdisks/{name}/versions/{version}",
     params(("name" = String, Path), ("version" = u32, Path)),
     responses((status = 204), (status = 409, body = ErrorBody)))]
 pub(super) async fn delete_version(
-    State(server): Shared,
+    State(ops): State<Arc<Replicator>>,
+    State(farm): State<FarmStore>,
+    State(sessions): State<Arc<Sessions>>,
     Path((name, version)): Path<(String, u32)>,
 ) -> Result<StatusCode, ApiError> {
-    get_vdisk(&server, &name).await?;
-    let _lock = server.lock_vdisk(&name).await;
-    let on = server.farm_devices_on(&name, Some(version));
+    get_vdisk(&farm, &name).await?;
+    let _lock = sessions.lock_vdisk(&name).await;
+    let on = sessions.farm_devices_on(&name, Some(version));
     if !on.is_empty() {
         return Err(ApiError::conflict(format!(
             "version {version} of vDisk {name} is in use by devices {}",
@@ -227,8 +246,8 @@ pub(super) async fn delete_version(
         )));
     }
     let n = name.clone();
-    operate(&server, &name, false, move |s| {
-        s.store.delete_version(&n, version, false)
+    operate(&ops, &name, false, move |s| {
+        s.delete_version(&n, version, false)
     })
     .await?;
     tracing::info!(vdisk = %name, version, "version deleted");

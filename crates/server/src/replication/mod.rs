@@ -16,283 +16,38 @@
 //! must present the farm's peer secret (see `peer.rs`).
 
 pub mod catalog;
+mod follow;
+pub mod handles;
+mod io;
 pub mod peer;
-pub mod schedule;
+pub mod quarantine;
+pub mod routes;
 mod scrub;
+pub mod state;
 mod transfer;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::{Condvar, Mutex, RwLock};
-use vstream_api::{Catalog, ReplicaProgress, ReplicaState, ReplicationOverride, ServerStatus};
+use vstream_api::{Catalog, ReplicaProgress, ReplicaState, ServerStatus};
 use vstream_farm::FarmError;
 use vstream_image::{Properties, VersionState};
 
-use self::schedule::{Clock, Schedule, Throttle};
-use crate::config::ReplicationConfig;
-use crate::state::{now_unix, Server};
+use crate::clock::now_unix;
+use follow::{follow, follow_blocking};
+pub use handles::Handles;
+use state::Key;
+pub use state::Replication;
 
 /// How often a server compares its store with the catalog.
 pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// A version of a vDisk.
-type Key = (String, u32);
-
-/// Most peer requests a server serves at once.
-pub const MAX_SERVING: usize = 4;
-
-/// This server's replication state.
-pub struct Replication {
-    pub clock: Arc<dyn Clock>,
-    /// Bytes pulled from peers, all transfers and repairs together.
-    pub throttle: Arc<Throttle>,
-    /// Bytes the scrub reads.
-    pub scrub_throttle: Arc<Throttle>,
-    pub schedule: Schedule,
-    pub max_transfers: usize,
-    pub scrub_interval: Duration,
-    secret: RwLock<Option<String>>,
-    /// Peer requests served at once: the rest wait, so that peers never
-    /// take the blocking threads device reads need.
-    pub serving: Arc<tokio::sync::Semaphore>,
-    /// Wakes the reconcile loop before its next tick.
-    pub wake: tokio::sync::Notify,
-    /// Changes this server made to its vDisks and published (see
-    /// [`finish_change`]): a catalog read before one of them is stale for
-    /// that vDisk and must not be followed.
-    changes: AtomicU64,
-    catalogs: RwLock<Arc<Vec<Catalog>>>,
-    order: RwLock<Option<ReplicationOverride>>,
-    progress: Mutex<BTreeMap<Key, ReplicaProgress>>,
-    running: Mutex<HashSet<Key>>,
-    /// Layer files being received, by (vDisk, file): two versions that lack
-    /// the same layer (a base and a version above it) take turns, so that
-    /// it travels once and one partial file has one writer.
-    receiving: Mutex<HashSet<(String, String)>>,
-    received: Condvar,
-    /// Layer files that failed a check, by (vDisk, file): the reason.
-    corrupt: Mutex<HashMap<(String, String), String>>,
-    pub received_bytes: AtomicU64,
-    pub sent_bytes: AtomicU64,
-    pub scrubbed_bytes: AtomicU64,
-    pub corrupt_blocks: AtomicU64,
-    pub repaired_blocks: AtomicU64,
-}
-
-/// A layer being received by one transfer (see [`Replication::claim_layer`]).
-pub(crate) struct LayerClaim<'a> {
-    owner: &'a Replication,
-    key: (String, String),
-}
-
-impl Drop for LayerClaim<'_> {
-    fn drop(&mut self) {
-        self.owner.receiving.lock().remove(&self.key);
-        self.owner.received.notify_all();
-    }
-}
-
-impl Replication {
-    pub fn new(config: &ReplicationConfig) -> Replication {
-        let clock = schedule::clock_from_env();
-        let windows = config
-            .windows
-            .iter()
-            .filter_map(|w| w.parse().ok())
-            .collect();
-        Replication {
-            throttle: Arc::new(Throttle::new(config.rate, clock.clone())),
-            scrub_throttle: Arc::new(Throttle::new(config.scrub_rate, clock.clone())),
-            schedule: Schedule::new(windows, schedule::local_utc_offset_secs()),
-            max_transfers: config.max_transfers.max(1),
-            scrub_interval: Duration::from_secs(config.scrub_interval_secs.max(1)),
-            clock,
-            secret: RwLock::new(None),
-            serving: Arc::new(tokio::sync::Semaphore::new(MAX_SERVING)),
-            wake: tokio::sync::Notify::new(),
-            changes: AtomicU64::new(0),
-            catalogs: RwLock::default(),
-            order: RwLock::new(None),
-            progress: Mutex::default(),
-            running: Mutex::default(),
-            receiving: Mutex::default(),
-            received: Condvar::new(),
-            corrupt: Mutex::default(),
-            received_bytes: AtomicU64::new(0),
-            sent_bytes: AtomicU64::new(0),
-            scrubbed_bytes: AtomicU64::new(0),
-            corrupt_blocks: AtomicU64::new(0),
-            repaired_blocks: AtomicU64::new(0),
-        }
-    }
-
-    /// Prometheus rows for `/metrics`.
-    pub fn metrics(&self) -> [(&'static str, &'static str, &'static str, &AtomicU64); 5] {
-        [
-            (
-                "vstream_replication_received_bytes_total",
-                "counter",
-                "bytes pulled from peers (layer metadata and data, repairs included)",
-                &self.received_bytes,
-            ),
-            (
-                "vstream_replication_sent_bytes_total",
-                "counter",
-                "bytes served to peers",
-                &self.sent_bytes,
-            ),
-            (
-                "vstream_scrub_read_bytes_total",
-                "counter",
-                "bytes the scrub checked",
-                &self.scrubbed_bytes,
-            ),
-            (
-                "vstream_scrub_corrupt_blocks_total",
-                "counter",
-                "blocks the scrub found not matching their hashes",
-                &self.corrupt_blocks,
-            ),
-            (
-                "vstream_scrub_repaired_blocks_total",
-                "counter",
-                "blocks fetched again from a peer and checked",
-                &self.repaired_blocks,
-            ),
-        ]
-    }
-
-    /// The farm's peer secret, once this server has read it.
-    pub fn secret(&self) -> Option<String> {
-        self.secret.read().clone()
-    }
-
-    /// The catalogs as last read.
-    pub fn catalogs(&self) -> Arc<Vec<Catalog>> {
-        self.catalogs.read().clone()
-    }
-
-    /// Claims layer `file` of `vdisk` for receiving, waiting while another
-    /// transfer has it; the claim ends when the guard drops.
-    pub(crate) fn claim_layer(&self, vdisk: &str, file: &str) -> LayerClaim<'_> {
-        let key = (vdisk.to_owned(), file.to_owned());
-        let mut receiving = self.receiving.lock();
-        while receiving.contains(&key) {
-            self.received.wait(&mut receiving);
-        }
-        receiving.insert(key.clone());
-        LayerClaim { owner: self, key }
-    }
-
-    /// True if any of `layers` of vDisk `vdisk` failed a check here.
-    pub fn is_corrupt(&self, vdisk: &str, layers: &[String]) -> bool {
-        let corrupt = self.corrupt.lock();
-        layers
-            .iter()
-            .any(|f| corrupt.contains_key(&(vdisk.to_owned(), f.clone())))
-    }
-
-    pub(crate) fn mark_corrupt(&self, vdisk: &str, file: &str, reason: String) {
-        self.corrupt
-            .lock()
-            .insert((vdisk.to_owned(), file.to_owned()), reason);
-    }
-
-    pub(crate) fn clear_corrupt(&self, vdisk: &str, file: &str) -> bool {
-        self.corrupt
-            .lock()
-            .remove(&(vdisk.to_owned(), file.to_owned()))
-            .is_some()
-    }
-
-    fn set_progress(&self, key: &Key, state: ReplicaState, note: Option<String>) {
-        let mut progress = self.progress.lock();
-        let p = progress
-            .entry(key.clone())
-            .or_insert_with(|| ReplicaProgress {
-                vdisk: key.0.clone(),
-                version: key.1,
-                state,
-                bytes_done: 0,
-                bytes_total: 0,
-                rate: 0,
-                note: None,
-            });
-        p.state = state;
-        p.note = note;
-    }
-
-    pub(crate) fn update_bytes(&self, key: &Key, done: u64, total: u64, rate: u64) {
-        if let Some(p) = self.progress.lock().get_mut(key) {
-            p.bytes_done = done;
-            p.bytes_total = total;
-            p.rate = rate;
-        }
-    }
-
-    /// What this server publishes: versions it copies or waits for, and
-    /// versions it holds corrupt.
-    pub fn published(&self, server: &Server) -> Vec<ReplicaProgress> {
-        let mut out: Vec<ReplicaProgress> = self.progress.lock().values().cloned().collect();
-        for v in server.membership.held() {
-            if self.is_corrupt(&v.vdisk, &v.layers) {
-                out.retain(|p| !(p.vdisk == v.vdisk && p.version == v.number));
-                let reason = v
-                    .layers
-                    .iter()
-                    .find_map(|f| {
-                        self.corrupt
-                            .lock()
-                            .get(&(v.vdisk.clone(), f.clone()))
-                            .cloned()
-                    })
-                    .unwrap_or_default();
-                out.push(ReplicaProgress {
-                    vdisk: v.vdisk.clone(),
-                    version: v.number,
-                    state: ReplicaState::Corrupt,
-                    bytes_done: 0,
-                    bytes_total: 0,
-                    rate: 0,
-                    note: Some(reason),
-                });
-            }
-        }
-        out
-    }
-
-    /// Whether `key` may be copied now: inside a window, or ordered now.
-    fn may_copy(&self, key: &Key) -> Result<(), String> {
-        let now = self.clock.now_unix();
-        if self.schedule.is_open(now) {
-            return Ok(());
-        }
-        let ordered = self.order.read().as_ref().is_some_and(|o| {
-            o.expires_unix as f64 > now
-                && o.versions.iter().any(|(d, n)| d == &key.0 && *n == key.1)
-        });
-        if ordered {
-            return Ok(());
-        }
-        let next = self
-            .schedule
-            .next_open(now)
-            .map(|t| schedule::format_rfc3339(t, self.schedule.utc_offset_secs()))
-            .unwrap_or_else(|| "never".into());
-        Err(format!(
-            "outside the replication windows ({}); next opens {next}; `vstream replication start` copies now",
-            self.schedule.describe()
-        ))
-    }
-}
-
 /// Applies an operation's change of vDisk `name` (`before` → `after` in
 /// this server's store) to the farm's catalog.
 pub async fn publish_change(
-    server: &Server,
+    server: &Handles,
     name: &str,
     before: &Properties,
     after: &Properties,
@@ -314,7 +69,7 @@ pub async fn publish_change(
 /// (a crash, etcd away) is published at the next reconcile, not undone.
 /// It lives in the vDisk's folder, whose sync by the operation's own
 /// properties write makes its name durable too.
-fn pending_path(server: &Server, name: &str) -> std::path::PathBuf {
+fn pending_path(server: &Handles, name: &str) -> std::path::PathBuf {
     server
         .store
         .vdisk_path(name)
@@ -323,7 +78,7 @@ fn pending_path(server: &Server, name: &str) -> std::path::PathBuf {
 }
 
 /// Records, durably, that an operation on vDisk `name` starts from `before`.
-pub fn begin_change(server: &Server, name: &str, before: &Properties) -> std::io::Result<()> {
+pub fn begin_change(server: &Handles, name: &str, before: &Properties) -> std::io::Result<()> {
     let path = pending_path(server, name);
     if path.exists() {
         // An older change still waits: it covers this one too.
@@ -337,7 +92,7 @@ pub fn begin_change(server: &Server, name: &str, before: &Properties) -> std::io
 }
 
 /// Publishes what changed in vDisk `name` since [`begin_change`].
-pub async fn finish_change(server: &Server, name: &str) -> Result<(), FarmError> {
+pub async fn finish_change(server: &Handles, name: &str) -> Result<(), FarmError> {
     let path = pending_path(server, name);
     let Ok(bytes) = std::fs::read(&path) else {
         return Ok(());
@@ -358,7 +113,11 @@ pub async fn finish_change(server: &Server, name: &str) -> Result<(), FarmError>
         return Ok(());
     };
     match publish_change(server, name, &before, &after).await {
-        Ok(()) => peer::poke_peers(server),
+        Ok(()) => peer::poke_peers(
+            server.replication.secret(),
+            &server.config.name,
+            &server.membership.view(),
+        ),
         Err(FarmError::Conflict(why)) => {
             tracing::error!(vdisk = %name, error = %why, "this server's change lost to the farm's; its store follows the catalog");
         }
@@ -369,12 +128,12 @@ pub async fn finish_change(server: &Server, name: &str) -> Result<(), FarmError>
 }
 
 /// Publishes every change still pending (see [`begin_change`]).
-async fn publish_pending(server: &Server) -> Result<(), FarmError> {
+async fn publish_pending(server: &Handles) -> Result<(), FarmError> {
     for name in server.store.list().unwrap_or_default() {
         if !pending_path(server, &name).exists() {
             continue;
         }
-        let Some(_lock) = server.try_lock_vdisk(&name) else {
+        let Some(_lock) = server.sessions.try_lock_vdisk(&name) else {
             continue;
         };
         finish_change(server, &name).await?;
@@ -387,7 +146,7 @@ async fn publish_pending(server: &Server) -> Result<(), FarmError> {
 /// operation, and says why the operation cannot run here, if it cannot.
 /// The caller holds the vDisk's lock.
 pub async fn before_operation(
-    server: &Arc<Server>,
+    server: &Arc<Handles>,
     name: &str,
     creates: bool,
 ) -> Result<(), OperationRefused> {
@@ -433,63 +192,8 @@ impl OperationRefused {
     }
 }
 
-/// Makes this store follow `cat` as far as the layers here (and the
-/// verified files `ready`, received into the replication folder) allow.
-/// Returns the properties the store has afterwards. The caller holds the
-/// vDisk's lock.
-async fn follow(
-    server: &Arc<Server>,
-    cat: &Catalog,
-    ready: &[String],
-) -> Result<Option<Properties>, vstream_image::ImageError> {
-    let s = server.clone();
-    let cat = cat.clone();
-    let ready = ready.to_vec();
-    tokio::task::spawn_blocking(move || follow_blocking(&s, &cat, &ready))
-        .await
-        .map_err(|e| vstream_image::ImageError::Invalid(e.to_string()))?
-        .map(|(props, _)| props)
-}
-
-fn follow_blocking(
-    server: &Server,
-    cat: &Catalog,
-    ready: &[String],
-) -> Result<(Option<Properties>, catalog::Plan), vstream_image::ImageError> {
-    let name = &cat.vdisk;
-    let store = &server.store;
-    let local = store.properties(name).ok();
-    let present = |f: &str| {
-        ready.iter().any(|r| r == f)
-            || store
-                .layer_path(name, f)
-                .map(|p| p.exists())
-                .unwrap_or(false)
-    };
-    // Anywhere in the farm: a device on another server may fail over here.
-    let in_use = |n: u32| !server.farm_devices_on(name, Some(n)).is_empty();
-    let plan = catalog::plan(local.as_ref(), cat, present, in_use);
-    let Some(props) = plan.properties(cat, local.as_ref()) else {
-        return Ok((local, plan));
-    };
-    if local.as_ref().map(|l| &l.versions) != Some(&props.versions) {
-        let dir = store.replication_dir(name);
-        store.follow(
-            name,
-            props.size,
-            props.created_unix,
-            props.last_number,
-            props.versions.clone(),
-            &dir,
-        )?;
-        tracing::info!(vdisk = %name, versions = ?props.versions.iter().map(|v| v.number).collect::<Vec<_>>(), "store follows the farm's catalog");
-        return Ok((Some(props), plan));
-    }
-    Ok((local, plan))
-}
-
 /// Reconciles until `shutdown`.
-pub async fn run(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn run(server: Arc<Handles>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let scrubber = tokio::spawn(scrub::run(server.clone(), shutdown.clone()));
     let rechecker = tokio::spawn(scrub::recheck(server.clone(), shutdown.clone()));
     let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
@@ -508,7 +212,7 @@ pub async fn run(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver
     rechecker.abort();
 }
 
-async fn reconcile(server: &Arc<Server>) -> Result<(), FarmError> {
+async fn reconcile(server: &Arc<Handles>) -> Result<(), FarmError> {
     let r = &server.replication;
     if r.secret().is_none() {
         let fresh: String = (0..32)
@@ -522,7 +226,7 @@ async fn reconcile(server: &Arc<Server>) -> Result<(), FarmError> {
     let catalogs = server.farm.catalogs().await?;
     *r.order.write() = server.farm.replication_override().await?;
     *r.catalogs.write() = Arc::new(catalogs.clone());
-    let unlisted = crate::quarantine::reconcile(server, &catalogs).await?;
+    let unlisted = quarantine::reconcile(server, &catalogs).await?;
     let view = server.membership.view();
     let mut wanted: HashSet<Key> = HashSet::new();
     let mut needed: HashSet<(String, String)> = HashSet::new();
@@ -537,7 +241,7 @@ async fn reconcile(server: &Arc<Server>) -> Result<(), FarmError> {
             )
         };
         // A long operation (an import, a merge) holds the lock: next time.
-        let Some(_lock) = server.try_lock_vdisk(&cat.vdisk) else {
+        let Some(_lock) = server.sessions.try_lock_vdisk(&cat.vdisk) else {
             keep(&mut needed);
             continue;
         };
@@ -549,7 +253,7 @@ async fn reconcile(server: &Arc<Server>) -> Result<(), FarmError> {
             continue;
         }
         // A vDisk lands in its named store: not before that store is here.
-        if let Err(why) = crate::stores::make_ready(server, &view, &cat.vdisk).await {
+        if let Err(why) = server.stores.make_ready(&view, &cat.vdisk).await {
             keep(&mut needed);
             for v in cat.versions.iter().filter(|v| v.is_replicated()) {
                 let key = (cat.vdisk.clone(), v.version.number);
@@ -613,7 +317,7 @@ async fn reconcile(server: &Arc<Server>) -> Result<(), FarmError> {
 
 /// Removes received and partial files no planned copy needs any more (a
 /// version deleted or merged away before it arrived).
-fn tidy(server: &Server, needed: &HashSet<(String, String)>) {
+fn tidy(server: &Handles, needed: &HashSet<(String, String)>) {
     let dirs = server
         .store
         .replication_dirs()
@@ -655,7 +359,7 @@ fn tidy(server: &Server, needed: &HashSet<(String, String)>) {
 /// A Standard-mode vDisk's version 1, imported here and not yet sealed, is
 /// sealed once another server could take it: only sealed layers travel.
 async fn seal_for_peers(
-    server: &Arc<Server>,
+    server: &Arc<Handles>,
     cat: &Catalog,
     local: Option<&Properties>,
     live: usize,
@@ -677,11 +381,11 @@ async fn seal_for_peers(
     if !standard {
         return;
     }
-    if !server.devices_on(&cat.vdisk, v.number).is_empty() {
+    if !server.sessions.devices_on(&cat.vdisk, v.number).is_empty() {
         return;
     }
     let number = v.number;
-    let Some(_lock) = server.try_lock_vdisk(&cat.vdisk) else {
+    let Some(_lock) = server.sessions.try_lock_vdisk(&cat.vdisk) else {
         return;
     };
     let s = server.clone();
@@ -697,7 +401,7 @@ async fn seal_for_peers(
         Ok(Ok(v)) => {
             tracing::info!(vdisk = %cat.vdisk, version = number, "sealed so that other servers can copy it");
             if let Some(h) = &v.content_hash {
-                crate::farm::verified_here(server, &cat.vdisk, number, h);
+                server.membership.verified_here(&cat.vdisk, number, h);
             }
             if let Err(e) = finish_change(server, &cat.vdisk).await {
                 tracing::warn!(vdisk = %cat.vdisk, error = %e, "could not record the seal in the catalog");

@@ -1,134 +1,28 @@
-//! The peer protocol: HTTP on each server's API port, for servers of the
-//! same farm only.
-//!
-//! ```text
-//!   GET /peer/v1/vdisks/NAME/layers/FILE/meta               the layer's metadata (replica.rs)
-//!   GET /peer/v1/vdisks/NAME/layers/FILE/data?from=C&to=C   its allocated chunks in [from, to)
-//!   GET /peer/v1/vdisks/NAME/boot/HASH                      a boot file (kernel, initrd; boot.rs)
-//!   POST /peer/v1/poke                                      "the catalog changed": reconcile now
-//!   Authorization: Bearer <farm peer secret>     X-Vstream-Server: <the asking server>
-//! ```
-//!
-//! A server answers only for layers of versions it holds verified and not
-//! found corrupt since. There is no way to push: a server takes data only by
-//! asking for it, and checks all it takes against the catalog's hashes.
+//! The peer client: how a server asks its peers for layers and boot files
+//! (the routes that answer are `routes.rs`).
 
 use std::io::Read;
-use std::sync::Arc;
 use std::time::Duration;
-
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, StatusCode};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
-use axum::Router;
-use serde::Deserialize;
-use vstream_image::replica::{self, SEGMENT_CHUNKS};
-use vstream_image::Layer;
 
 use vstream_client::{Agent, Client};
 
-use crate::api::ApiError;
-use crate::metrics::Metrics;
-use crate::state::Server;
+use crate::membership::View;
 
+/// Most peers one layer is pulled from at once.
+pub const MAX_PEERS: usize = 4;
 pub const SERVER_HEADER: &str = vstream_client::SERVER_HEADER;
 /// Most chunks one data request may cover (1 GiB of logical disk; the
 /// answer holds only what the layer has there, streamed).
-pub const MAX_REQUEST_CHUNKS: u64 = 64 * SEGMENT_CHUNKS;
-
-pub fn routes(server: Arc<Server>) -> Router<Arc<Server>> {
-    Router::new()
-        .route(
-            "/peer/v1/vdisks/:name/layers/:file/meta",
-            axum::routing::get(meta),
-        )
-        .route(
-            "/peer/v1/vdisks/:name/layers/:file/data",
-            axum::routing::get(data),
-        )
-        .route(
-            "/peer/v1/vdisks/:name/boot/:hash",
-            axum::routing::get(crate::boot::peer_file),
-        )
-        .route("/peer/v1/poke", axum::routing::post(poke))
-        .layer(middleware::from_fn_with_state(server, require_peer))
-}
-
-async fn require_peer(State(server): State<Arc<Server>>, req: Request, next: Next) -> Response {
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let who = req
-        .headers()
-        .get(SERVER_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("?")
-        .to_owned();
-    let Some(secret) = server.replication.secret() else {
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "this server has not read the farm's peer secret yet",
-        )
-        .into_response();
-    };
-    match given {
-        None => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "peer requests need the farm's peer secret (Authorization: Bearer ...)",
-        )
-        .into_response(),
-        Some(g) if !crate::api::constant_time_eq(g.as_bytes(), secret.as_bytes()) => {
-            tracing::warn!(peer = %who, "a peer request with a wrong secret was refused");
-            ApiError::new(
-                StatusCode::FORBIDDEN,
-                "not a server of this farm: wrong peer secret",
-            )
-            .into_response()
-        }
-        Some(_) => next.run(req).await,
-    }
-}
-
-/// The layer `file` of `vdisk`, if this server may hand it out: a layer of
-/// a sealed version it holds verified, not found corrupt since.
-fn servable(server: &Server, vdisk: &str, file: &str) -> Result<Arc<Layer>, ApiError> {
-    let props = server.store.properties(vdisk)?;
-    let ok = props.versions.iter().any(|v| {
-        v.is_sealed()
-            && v.layers.iter().any(|f| f == file)
-            && v.content_hash
-                .as_deref()
-                .is_some_and(|h| server.membership.is_verified(vdisk, v.number, h))
-    });
-    if !ok || server.replication.is_corrupt(vdisk, &[file.to_owned()]) {
-        return Err(ApiError::not_found(format!(
-            "this server holds no verified copy of layer {file} of vDisk {vdisk}"
-        )));
-    }
-    let path = server.store.layer_path(vdisk, file)?;
-    Ok(server.store.open_layer_at(&path, props.size)?)
-}
-
-/// A peer's catalog changed: look at it now rather than at the next tick.
-async fn poke(State(server): State<Arc<Server>>) -> axum::http::StatusCode {
-    server.replication.wake.notify_one();
-    axum::http::StatusCode::NO_CONTENT
-}
+pub const MAX_REQUEST_CHUNKS: u64 = 64 * vstream_image::replica::SEGMENT_CHUNKS;
 
 /// Tells every other live server that the catalog changed (best effort:
 /// they look at it within a second anyway).
-pub fn poke_peers(server: &Server) {
-    let Some(secret) = server.replication.secret() else {
+pub fn poke_peers(secret: Option<String>, me: &str, view: &View) {
+    let Some(secret) = secret else {
         return;
     };
-    let me = server.config.name.clone();
-    let peers: Vec<Peer> = server
-        .membership
-        .view()
+    let me = me.to_owned();
+    let peers: Vec<Peer> = view
         .servers
         .iter()
         .filter(|s| s.name != me)
@@ -148,96 +42,6 @@ pub fn poke_peers(server: &Server) {
     });
 }
 
-async fn meta(
-    State(server): State<Arc<Server>>,
-    Path((vdisk, file)): Path<(String, String)>,
-) -> Result<Response, ApiError> {
-    let s = server.clone();
-    let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ApiError> {
-        let layer = servable(&s, &vdisk, &file)?;
-        let _low_io = super::transfer::LowIo::enter();
-        Ok(replica::export_meta(&layer)?)
-    })
-    .await??;
-    Metrics::add(&server.replication.sent_bytes, bytes.len() as u64);
-    Ok(octets(bytes))
-}
-
-#[derive(Deserialize)]
-struct Range {
-    from: u64,
-    to: u64,
-}
-
-async fn data(
-    State(server): State<Arc<Server>>,
-    Path((vdisk, file)): Path<(String, String)>,
-    Query(range): Query<Range>,
-) -> Result<Response, ApiError> {
-    if range.to <= range.from || range.to - range.from > MAX_REQUEST_CHUNKS {
-        return Err(ApiError::bad_request(format!(
-            "a data request covers 1 to {MAX_REQUEST_CHUNKS} chunks, not {}..{}",
-            range.from, range.to
-        )));
-    }
-    let permit = server
-        .replication
-        .serving
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| ApiError::internal("shutting down"))?;
-    let s = server.clone();
-    let (layer, len) = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
-        let layer = servable(&s, &vdisk, &file)?;
-        if range.from >= layer.chunks() {
-            return Err(ApiError::bad_request(format!(
-                "chunk {} is beyond the layer's {} chunks",
-                range.from,
-                layer.chunks()
-            )));
-        }
-        let len = replica::data_len(&layer, range.from, range.to);
-        Ok((layer, len))
-    })
-    .await??;
-    // Streamed in small pieces, read as they go out (see replica::PIECE).
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
-    let s = server.clone();
-    tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        let _low_io = super::transfer::LowIo::enter();
-        let sent = replica::export_data_pieces(&layer, range.from, range.to, |piece| {
-            Metrics::add(&s.replication.sent_bytes, piece.len() as u64);
-            tx.blocking_send(Ok(bytes::Bytes::from(piece))).is_ok()
-        });
-        if let Err(e) = sent {
-            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
-        }
-    });
-    let body = axum::body::Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    }));
-    Ok((
-        StatusCode::OK,
-        [
-            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (header::CONTENT_LENGTH, len.to_string()),
-        ],
-        body,
-    )
-        .into_response())
-}
-
-fn octets(bytes: Vec<u8>) -> Response {
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/octet-stream")],
-        bytes,
-    )
-        .into_response()
-}
-
 /// A peer to pull from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
@@ -253,7 +57,7 @@ pub fn agent() -> Agent {
     Agent::builder()
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(10))
-        .max_idle_per_host(2 * super::transfer::MAX_PEERS)
+        .max_idle_per_host(2 * MAX_PEERS)
         .build()
 }
 

@@ -19,14 +19,14 @@ use std::time::{Duration, Instant};
 use vstream_image::replica::Incoming;
 use vstream_image::{hash, Disk, ImageError, Layer, Trust, CHUNK, HASH_BLOCK};
 
+use super::handles::Handles;
+use super::io::LowIo;
 use super::peer;
-use super::transfer::LowIo;
-use crate::metrics::Metrics;
-use crate::state::Server;
+use vstream_service::metrics::Metrics;
 
 const REPAIR_RETRY: Duration = Duration::from_secs(3);
 
-pub async fn run(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn run(server: Arc<Handles>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut last_scrub = Instant::now();
     loop {
         let due = last_scrub.elapsed() >= server.replication.scrub_interval;
@@ -50,7 +50,7 @@ pub async fn run(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver
 
 /// Reads again, one at a time, the versions offered from their verification
 /// record (see `farm::ensure_verified`), until `shutdown`.
-pub async fn recheck(server: Arc<Server>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn recheck(server: Arc<Handles>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     loop {
         match server.membership.next_recheck() {
             Some(key) => {
@@ -71,8 +71,8 @@ pub async fn recheck(server: Arc<Server>, mut shutdown: tokio::sync::watch::Rece
 /// a version checked before is not read twice). Stops at once on `stop`:
 /// a server shutting down does not wait for it.
 fn recheck_one(
-    server: &Server,
-    key: &crate::farm::VersionKey,
+    server: &Handles,
+    key: &crate::membership::VersionKey,
     stop: &tokio::sync::watch::Receiver<bool>,
 ) {
     let (name, number, hash) = key;
@@ -100,13 +100,13 @@ fn recheck_one(
         Err(ImageError::NoSuchVDisk(_)) => {}
         Err(ImageError::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
         // Deleted, or written (another content now): nothing failed.
-        Err(_) if crate::farm::current_hash(server, name, *number).as_deref() != Some(hash) => {}
-        Err(e) => crate::farm::withdraw(server, key, &e),
+        Err(_) if server.membership.current_hash(name, *number).as_deref() != Some(hash) => {}
+        Err(e) => server.membership.withdraw(key, &e),
     }
 }
 
 /// The chain of layers of each verified version held, by vDisk.
-fn held_chains(server: &Server) -> Vec<(String, Vec<String>)> {
+fn held_chains(server: &Handles) -> Vec<(String, Vec<String>)> {
     server
         .membership
         .held()
@@ -116,7 +116,7 @@ fn held_chains(server: &Server) -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
-fn open_chain(server: &Server, vdisk: &str, files: &[String]) -> Option<Vec<Arc<Layer>>> {
+fn open_chain(server: &Handles, vdisk: &str, files: &[String]) -> Option<Vec<Arc<Layer>>> {
     let size = server.store.properties(vdisk).ok()?.size;
     files
         .iter()
@@ -128,7 +128,7 @@ fn open_chain(server: &Server, vdisk: &str, files: &[String]) -> Option<Vec<Arc<
 }
 
 /// Bad blocks of layer `i` of `chain`, reading through the layers below.
-fn bad_blocks(server: &Server, chain: &[Arc<Layer>], i: usize) -> std::io::Result<Vec<u64>> {
+fn bad_blocks(server: &Handles, chain: &[Arc<Layer>], i: usize) -> std::io::Result<Vec<u64>> {
     let disk = Disk::read_only(chain[..=i].to_vec());
     let mut bad = Vec::new();
     let r = &server.replication;
@@ -143,7 +143,7 @@ fn bad_blocks(server: &Server, chain: &[Arc<Layer>], i: usize) -> std::io::Resul
     Ok(bad)
 }
 
-fn scrub_all(server: &Server) {
+fn scrub_all(server: &Handles) {
     let _low_io = LowIo::enter();
     let mut seen = BTreeSet::new();
     for (vdisk, files) in held_chains(server) {
@@ -187,14 +187,14 @@ fn scrub_all(server: &Server) {
 
 /// A layer found corrupt is no longer taken as checked: after a restart it
 /// is read in full before it is offered, repaired or not.
-fn forget(server: &Server, vdisk: &str, file: &str) {
+fn forget(server: &Handles, vdisk: &str, file: &str) {
     if let Err(e) = server.store.forget_checked(vdisk, &[file.to_owned()]) {
         tracing::warn!(vdisk = %vdisk, layer = %file, error = %e, "could not forget the layer's check in the verification record");
     }
 }
 
 /// Tries to repair every corrupt layer from a peer.
-fn repair_all(server: &Server) {
+fn repair_all(server: &Handles) {
     let corrupt: Vec<(String, String)> =
         server.replication.corrupt.lock().keys().cloned().collect();
     if corrupt.is_empty() {
@@ -217,7 +217,7 @@ fn repair_all(server: &Server) {
 }
 
 /// Fetches the bad blocks of layer `file` again; the number repaired.
-fn repair(server: &Server, vdisk: &str, file: &str) -> Result<u64, String> {
+fn repair(server: &Handles, vdisk: &str, file: &str) -> Result<u64, String> {
     // The chain of a held version that has this layer, up to it.
     let held = server.membership.held();
     let files = held

@@ -2,7 +2,7 @@
 //!
 //! Each layer is received into `replication/NAME/FILE.partial` in segments
 //! of 16 MiB of logical disk, by workers (4, spread over up to
-//! [`MAX_PEERS`] peers) taking segments from a shared queue, so several
+//! [`peer::MAX_PEERS`] peers) taking segments from a shared queue, so several
 //! peers serve one transfer at once. A segment is recorded in the journal once its
 //! data is durable; after a crash or a cut the transfer resumes with the
 //! segments not recorded. A peer that fails hands its segment back and
@@ -21,13 +21,11 @@ use vstream_image::hash;
 use vstream_image::replica::{Incoming, SEGMENT_CHUNKS};
 use vstream_image::{verify_layers_where, ImageError, LayerCheck};
 
+use super::handles::Handles;
 use super::peer::{self, Peer};
-use super::Key;
-use crate::metrics::Metrics;
-use crate::state::Server;
+use super::state::Key;
+use vstream_service::metrics::Metrics;
 
-/// Most peers one layer is pulled from at once.
-pub const MAX_PEERS: usize = 4;
 /// Requests in flight for one layer, spread over its peers.
 const STREAMS: usize = 4;
 /// How often received segments are made durable and journalled.
@@ -36,7 +34,7 @@ const COMMIT_EVERY: Duration = Duration::from_millis(500);
 /// The live peers holding verified copies of each of `files`; an error
 /// names a file no live peer holds.
 pub fn peers_for(
-    server: &Server,
+    server: &Handles,
     servers: &[ServerStatus],
     vdisk: &str,
     files: &[String],
@@ -61,7 +59,7 @@ pub fn peers_for(
 /// Live servers that published `file` of `vdisk` verified; failing that, the
 /// live servers that made a version using it (a version just sealed, before
 /// its maker's next status).
-fn holders(server: &Server, servers: &[ServerStatus], vdisk: &str, file: &str) -> Vec<Peer> {
+fn holders(server: &Handles, servers: &[ServerStatus], vdisk: &str, file: &str) -> Vec<Peer> {
     let peer = |s: &ServerStatus| Peer {
         name: s.name.clone(),
         api: s.api.clone(),
@@ -95,7 +93,7 @@ fn holders(server: &Server, servers: &[ServerStatus], vdisk: &str, file: &str) -
 
 /// Copies version `number` of `cat` (whose layers `missing` are not here),
 /// then lets the store take it.
-pub async fn run(server: Arc<Server>, cat: Catalog, number: u32, missing: Vec<String>) {
+pub async fn run(server: Arc<Handles>, cat: Catalog, number: u32, missing: Vec<String>) {
     let key: Key = (cat.vdisk.clone(), number);
     let r = &server.replication;
     let s = server.clone();
@@ -104,11 +102,11 @@ pub async fn run(server: Arc<Server>, cat: Catalog, number: u32, missing: Vec<St
     let copied = tokio::task::spawn_blocking(move || copy_version(&s, &c, number, &files)).await;
     let outcome = match copied {
         Ok(Ok(())) => {
-            let _lock = server.lock_vdisk(&cat.vdisk).await;
+            let _lock = server.sessions.lock_vdisk(&cat.vdisk).await;
             // The catalog as it is now, not as it was when the copy began: a
             // change made here meanwhile (a promote) must not be undone.
             match server.farm.catalog(&cat.vdisk).await {
-                Ok(Some(now)) => super::follow(&server, &now, &missing)
+                Ok(Some(now)) => super::follow::follow(&server, &now, &missing)
                     .await
                     .map_err(|e| e.to_string()),
                 Ok(None) => Err(format!("vDisk {} left the farm's catalog", cat.vdisk)),
@@ -124,7 +122,7 @@ pub async fn run(server: Arc<Server>, cat: Catalog, number: u32, missing: Vec<St
                 .version(number)
                 .and_then(|v| v.version.content_hash.clone())
                 .unwrap_or_default();
-            crate::farm::verified_here(&server, &cat.vdisk, number, &hash);
+            server.membership.verified_here(&cat.vdisk, number, &hash);
             tracing::info!(vdisk = %cat.vdisk, version = number, "replica copied and verified");
             r.progress.lock().remove(&key);
             server.membership.publish_now.notify_one();
@@ -140,12 +138,12 @@ pub async fn run(server: Arc<Server>, cat: Catalog, number: u32, missing: Vec<St
 }
 
 fn copy_version(
-    server: &Server,
+    server: &Handles,
     cat: &Catalog,
     number: u32,
     missing: &[String],
 ) -> Result<(), String> {
-    let _low_io = LowIo::enter();
+    let _low_io = super::io::LowIo::enter();
     let name = &cat.vdisk;
     let version = &cat
         .version(number)
@@ -170,7 +168,7 @@ fn copy_version(
         let view = server.membership.view();
         let peers: Vec<Peer> = holders(server, &view.servers, name, file)
             .into_iter()
-            .take(MAX_PEERS)
+            .take(peer::MAX_PEERS)
             .collect();
         if peers.is_empty() {
             return Err(format!("no live server holds layer {file} verified"));
@@ -291,7 +289,7 @@ struct Target<'a> {
 
 /// Receives one layer, resuming a partial file, from `peers` at once.
 fn copy_layer(
-    server: &Server,
+    server: &Handles,
     key: &Key,
     peers: &[Peer],
     dir: &Path,
@@ -357,7 +355,7 @@ fn copy_layer(
             let agent = agent.clone();
             let secret = secret.clone();
             scope.spawn(move || {
-                let _low_io = LowIo::enter();
+                let _low_io = super::io::LowIo::enter();
                 loop {
                     let segs = take_batch(queue, &inc.read());
                     let (Some(&first), Some(&last)) = (segs.first(), segs.last()) else {
@@ -420,35 +418,4 @@ fn copy_layer(
         .map_err(|e: ImageError| e.to_string())?;
     *done_before.lock() += total;
     Ok(())
-}
-
-/// While held, this thread's disk I/O has the lowest best-effort priority:
-/// device streaming comes first. (Not the idle class: that starves a copy
-/// for as long as anything else touches the disk, even a sync of its own.)
-/// Restores the previous priority on drop.
-pub struct LowIo(Option<i64>);
-
-const IOPRIO_WHO_PROCESS: i64 = 1;
-const IOPRIO_CLASS_BE: i64 = 2;
-const IOPRIO_CLASS_SHIFT: i64 = 13;
-const IOPRIO_LOWEST: i64 = 7;
-
-impl LowIo {
-    pub fn enter() -> LowIo {
-        // SAFETY: plain syscalls on the calling thread (who 0), no memory involved.
-        let prev = unsafe { libc::syscall(libc::SYS_ioprio_get, IOPRIO_WHO_PROCESS, 0) };
-        let idle = (IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | IOPRIO_LOWEST;
-        // SAFETY: as above.
-        let set = unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, idle) };
-        LowIo((prev >= 0 && set == 0).then_some(prev))
-    }
-}
-
-impl Drop for LowIo {
-    fn drop(&mut self) {
-        if let Some(prev) = self.0 {
-            // SAFETY: as in `enter`.
-            unsafe { libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0, prev) };
-        }
-    }
 }

@@ -1,0 +1,169 @@
+//! Device endpoints: list, add, show, set, remove, reset.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use vstream_api::{CreateDevice, Device, DeviceInfo, ErrorBody};
+use vstream_farm::FarmStore;
+use vstream_image::Store;
+
+use crate::clock::now_unix;
+use crate::error::ApiError;
+use crate::sessions::Sessions;
+
+async fn get_device(farm: &FarmStore, name: &str) -> Result<Device, ApiError> {
+    farm.find_device(name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("device {name} does not exist")))
+}
+
+#[utoipa::path(get, path = "/api/v1/devices", responses((status = 200, body = [DeviceInfo])))]
+pub(super) async fn list_devices(
+    State(farm): State<FarmStore>,
+    State(sessions): State<Arc<Sessions>>,
+) -> Result<Json<Vec<DeviceInfo>>, ApiError> {
+    let devices = farm.list_devices().await?;
+    Ok(Json(
+        devices
+            .into_iter()
+            .map(|d| sessions.device_info(d))
+            .collect(),
+    ))
+}
+
+#[utoipa::path(post, path = "/api/v1/devices", request_body = CreateDevice,
+    responses((status = 201, body = DeviceInfo), (status = 409, body = ErrorBody)))]
+pub(super) async fn add_device(
+    State(farm): State<FarmStore>,
+    State(sessions): State<Arc<Sessions>>,
+    Json(req): Json<CreateDevice>,
+) -> Result<(StatusCode, Json<DeviceInfo>), ApiError> {
+    let mac = vstream_api::parse_mac(&req.mac).map_err(ApiError::bad_request)?;
+    let d = farm
+        .create_device(Device {
+            name: req.name,
+            mac,
+            vdisk: req.vdisk,
+            created_unix: now_unix(),
+            kind: req.kind,
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(sessions.device_info(d))))
+}
+
+#[utoipa::path(get, path = "/api/v1/devices/{name}", params(("name" = String, Path, description = "name or MAC")),
+    responses((status = 200, body = DeviceInfo), (status = 404, body = ErrorBody)))]
+pub(super) async fn show_device(
+    State(farm): State<FarmStore>,
+    State(sessions): State<Arc<Sessions>>,
+    Path(name): Path<String>,
+) -> Result<Json<DeviceInfo>, ApiError> {
+    let d = get_device(&farm, &name).await?;
+    Ok(Json(sessions.device_info(d)))
+}
+
+#[utoipa::path(delete, path = "/api/v1/devices/{name}", params(("name" = String, Path)),
+    responses((status = 204), (status = 409, body = ErrorBody)))]
+pub(super) async fn remove_device(
+    State(store): State<Store>,
+    State(farm): State<FarmStore>,
+    State(sessions): State<Arc<Sessions>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let d = get_device(&farm, &name).await?;
+    let _lock = sessions.lock_vdisk(&d.vdisk).await;
+    // Connected here, or to another server of the farm.
+    let live = sessions.device_info(d.clone());
+    if live.connected {
+        let at = live
+            .server
+            .map(|s| format!(" to server {s}"))
+            .unwrap_or_default();
+        return Err(ApiError::conflict(format!(
+            "device {} is connected{at}; remove it once it disconnects",
+            d.name
+        )));
+    }
+    // Its caches on the other servers go when they next tidy (they find
+    // the device gone from the farm state).
+    farm.delete_device(&d.name).await?;
+    store.discard_cache(&d.name)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(patch, path = "/api/v1/devices/{name}", params(("name" = String, Path)),
+    request_body = vstream_api::SetDevice,
+    responses((status = 200, body = DeviceInfo), (status = 404, body = ErrorBody)))]
+pub(super) async fn set_device(
+    State(farm): State<FarmStore>,
+    State(sessions): State<Arc<Sessions>>,
+    Path(name): Path<String>,
+    Json(req): Json<vstream_api::SetDevice>,
+) -> Result<Json<DeviceInfo>, ApiError> {
+    let d = get_device(&farm, &name).await?;
+    let Some(kind) = req.kind else {
+        return Err(ApiError::bad_request("nothing to change: give a type"));
+    };
+    // A connected device keeps what it booted; the type counts from its next boot.
+    let d = farm
+        .update_device(&d.name, |d| {
+            d.kind = kind;
+            Ok(())
+        })
+        .await?;
+    Ok(Json(sessions.device_info(d)))
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+pub(super) struct ResetQuery {
+    /// Disconnect a connected device first.
+    #[serde(default)]
+    force: bool,
+}
+
+/// How long `reset --force` waits for a device's connections to close.
+const RESET_DISCONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+#[utoipa::path(post, path = "/api/v1/devices/{name}/reset",
+    params(("name" = String, Path), ("force" = Option<bool>, Query, description = "disconnect a connected device first")),
+    responses((status = 200, body = DeviceInfo), (status = 409, body = ErrorBody)))]
+pub(super) async fn reset_device(
+    State(store): State<Store>,
+    State(farm): State<FarmStore>,
+    State(sessions): State<Arc<Sessions>>,
+    Path(name): Path<String>,
+    Query(q): Query<ResetQuery>,
+) -> Result<Json<DeviceInfo>, ApiError> {
+    let d = get_device(&farm, &name).await?;
+    // Held throughout: no new connection of the device's vDisk starts until
+    // its cache is gone.
+    let _lock = sessions.lock_vdisk(&d.vdisk).await;
+    if sessions.is_connected(&d.name) {
+        if !q.force {
+            return Err(ApiError::conflict(format!(
+                "device {} is connected; its write cache can be reset once it disconnects, \
+                 or now with `vstream device reset --force {}` (which disconnects it)",
+                d.name, d.name
+            )));
+        }
+        sessions.disconnect_device(&d.name);
+        let deadline = tokio::time::Instant::now() + RESET_DISCONNECT_WAIT;
+        while sessions.is_connected(&d.name) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ApiError::conflict(format!(
+                    "device {} is still connected {} s after it was told to disconnect; \
+                     its write cache is unchanged",
+                    d.name,
+                    RESET_DISCONNECT_WAIT.as_secs()
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        tracing::info!(device = %d.name, "device disconnected for a reset");
+    }
+    store.discard_cache(&d.name)?;
+    tracing::info!(device = %d.name, "write cache reset");
+    Ok(Json(sessions.device_info(d)))
+}

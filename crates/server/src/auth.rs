@@ -1,0 +1,78 @@
+//! Who may call what: the admin token on `/api/v1` (but login, the boot
+//! routes and the health check), the farm's peer secret on `/peer/v1`.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::error::ApiError;
+use crate::replication::peer::SERVER_HEADER;
+use crate::replication::state::Replication;
+
+/// Lets through only a request bearing the admin token.
+pub async fn require_token(State(token): State<Arc<String>>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "a valid admin token is required (Authorization: Bearer ...)",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Lets through only a request bearing the farm's peer secret.
+pub async fn require_peer(
+    State(replication): State<Arc<Replication>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let who = req
+        .headers()
+        .get(SERVER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("?")
+        .to_owned();
+    let Some(secret) = replication.secret() else {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this server has not read the farm's peer secret yet",
+        )
+        .into_response();
+    };
+    match given {
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "peer requests need the farm's peer secret (Authorization: Bearer ...)",
+        )
+        .into_response(),
+        Some(g) if !constant_time_eq(g.as_bytes(), secret.as_bytes()) => {
+            tracing::warn!(peer = %who, "a peer request with a wrong secret was refused");
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "not a server of this farm: wrong peer secret",
+            )
+            .into_response()
+        }
+        Some(_) => next.run(req).await,
+    }
+}
