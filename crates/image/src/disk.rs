@@ -96,41 +96,13 @@ impl ChainIndex {
     }
 }
 
-/// What lies under the bottom layer, when it is not zeros: the read-only
-/// base of a device-side write cache, streamed from a server.
-pub trait Base: Send + Sync + std::fmt::Debug {
-    /// Reads `buf.len()` bytes at `offset`, waiting as long as it takes;
-    /// every byte of `buf` is written on `Ok`.
-    fn read(&self, buf: &mut [MaybeUninit<u8>], offset: u64) -> io::Result<()>;
-
-    /// The writes of a disk with no layers of its own ([`Disk::remote`]) go
-    /// here; a read-only base refuses them.
-    fn write(&self, _data: &[u8], _offset: u64, _fua: bool) -> io::Result<()> {
-        Err(io::Error::from_raw_os_error(libc::EPERM))
-    }
-    fn write_zeroes(&self, _offset: u64, _len: u64, _fua: bool, _punch: bool) -> io::Result<()> {
-        Err(io::Error::from_raw_os_error(libc::EPERM))
-    }
-    fn trim(&self, _offset: u64, _len: u64, _fua: bool) -> io::Result<()> {
-        Err(io::Error::from_raw_os_error(libc::EPERM))
-    }
-    fn flush(&self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// A base's answer to a write, as the disk reports it.
-fn base_write(result: io::Result<()>) -> Result<(), WriteError> {
-    result.map_err(WriteError::from_answer)
-}
-
 /// What [`Disk::read_local`] managed.
 #[derive(Debug, PartialEq, Eq)]
 pub enum LocalRead {
     /// Every byte is in the buffer.
     Done,
-    /// These runs (offset, length) are the base's and still unwritten; every
-    /// other byte is in the buffer.
+    /// These runs (offset, length) are the lower disk's and still unwritten;
+    /// every other byte is in the buffer.
     Missing(Vec<(u64, u64)>),
     /// With `nowait`: a layer's data is not in the page cache; read it all
     /// again where blocking is allowed.
@@ -141,8 +113,9 @@ pub enum LocalRead {
 #[derive(Debug)]
 pub struct Disk {
     layers: Vec<Arc<Layer>>,
-    /// Read where no layer holds a chunk; zeros when absent.
-    base: Option<Arc<dyn Base>>,
+    /// A lower disk lies under the bottom layer: a chunk no layer holds is
+    /// its, not zeros, and the caller reads it (see [`Disk::read_local`]).
+    lower: bool,
     /// Owners of the bottom layers, if indexed.
     index: Option<Arc<ChainIndex>>,
     writable: bool,
@@ -164,7 +137,7 @@ impl Disk {
         let layers_size = layers.first().map_or(0, |l| l.size());
         Disk {
             layers,
-            base: None,
+            lower: false,
             index: None,
             writable: false,
             limit: None,
@@ -183,33 +156,13 @@ impl Disk {
         Ok(Disk {
             size: layers[0].size(),
             layers,
-            base: None,
+            lower: false,
             index: None,
             writable: true,
             limit,
             reserved: AtomicU64::new(0),
             spill: None,
         })
-    }
-
-    /// A disk with no layers of its own: every read and write goes to
-    /// `base` (a device whose writes belong to the server, in Private mode).
-    pub fn remote(size: u64, base: Arc<dyn Base>) -> Disk {
-        Disk {
-            layers: Vec::new(),
-            base: Some(base),
-            index: None,
-            writable: true,
-            limit: None,
-            reserved: AtomicU64::new(0),
-            spill: None,
-            size,
-        }
-    }
-
-    /// The base, when this disk has no layers of its own.
-    fn remote_base(&self) -> Option<&Arc<dyn Base>> {
-        self.base.as_ref().filter(|_| self.layers.is_empty())
     }
 
     pub fn size(&self) -> u64 {
@@ -226,12 +179,14 @@ impl Disk {
         self.layers.last().map_or(0, |l| l.allocated_bytes())
     }
 
-    /// Reads chunks no layer holds from `base` instead of zeros.
-    pub fn with_base(mut self, base: Arc<dyn Base>) -> Disk {
+    /// Puts a lower disk under the bottom layer: chunks no layer holds are
+    /// its, read by the caller ([`Disk::read_local`]), not zeros. A write
+    /// that covers such a chunk in part must bring the rest of it.
+    pub fn over_lower(mut self) -> Disk {
         if let Some(spill) = self.spill.as_mut() {
-            spill.base = Some(base.clone());
+            spill.lower = true;
         }
-        self.base = Some(base);
+        self.lower = true;
         self
     }
 
@@ -349,12 +304,13 @@ impl Disk {
                         return Ok(false);
                     }
                 }
-                None => match &self.base {
-                    // The base may wait on the network: never on the inline path.
-                    Some(_) if nowait => return Ok(false),
-                    Some(base) => base.read(slice, pos)?,
-                    None => slice.fill(MaybeUninit::new(0)),
-                },
+                None if self.lower && nowait => return Ok(false),
+                None if self.lower => {
+                    return Err(io::Error::other(
+                        "a run of the lower disk: its reader reads it (Disk::read_local)",
+                    ))
+                }
+                None => slice.fill(MaybeUninit::new(0)),
             }
         }
         Ok(true)
@@ -386,8 +342,8 @@ impl Disk {
     }
 
     /// Reads what the layers hold of `[offset, offset + buf.len())`, and
-    /// leaves the runs that belong to the base unwritten: the caller fetches
-    /// those (asynchronously) and fills them in. With `nowait`, answers
+    /// leaves the runs that belong to the lower disk unwritten: the caller
+    /// fetches those (asynchronously) and fills them in. With `nowait`, answers
     /// [`LocalRead::WouldBlock`] rather than wait on a page-cache miss.
     pub fn read_local(
         &self,
@@ -405,14 +361,14 @@ impl Disk {
         let mut missing = Vec::new();
         for (pos, run_end, owner) in self.runs(offset, end, self.layers.len()) {
             let slice = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
-            match (owner, &self.base) {
-                (Some(i), _) => {
+            match owner {
+                Some(i) => {
                     if !self.layers[i].read_data(slice, pos, nowait)? {
                         return Ok(LocalRead::WouldBlock);
                     }
                 }
-                (None, Some(_)) => missing.push((pos, run_end - pos)),
-                (None, None) => slice.fill(MaybeUninit::new(0)),
+                None if self.lower => missing.push((pos, run_end - pos)),
+                None => slice.fill(MaybeUninit::new(0)),
             }
         }
         Ok(if missing.is_empty() {
@@ -424,10 +380,6 @@ impl Disk {
 
     /// Writes `data` at `offset`; with `fua`, it is durable on return.
     pub fn write(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), WriteError> {
-        if let Some(base) = self.remote_base() {
-            self.check_write(offset, data.len() as u64)?;
-            return base_write(base.write(data, offset, fua));
-        }
         match self.write_top(data, offset, fua) {
             Err(WriteError::CacheFull { .. }) if self.spill.is_some() => {
                 self.write_spilled(data, offset, fua)
@@ -557,10 +509,6 @@ impl Disk {
         fua: bool,
         punch: bool,
     ) -> Result<(), WriteError> {
-        if let Some(base) = self.remote_base() {
-            self.check_write(offset, len)?;
-            return base_write(base.write_zeroes(offset, len, fua, punch));
-        }
         // With an overflow tier, zeros are written out: `write` puts each
         // chunk in the right tier.
         if punch && self.spill.is_none() {
@@ -583,10 +531,6 @@ impl Disk {
     /// Discards `[offset, offset+len)`: whole chunks of the top layer give their
     /// space back; what a later read returns there is zeros or the older data.
     pub fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), WriteError> {
-        if let Some(base) = self.remote_base() {
-            self.check_write(offset, len)?;
-            return base_write(base.trim(offset, len, fua));
-        }
         self.zero_or_trim(offset, len, fua, true)
     }
 
@@ -622,7 +566,7 @@ impl Disk {
         }
         let start = whole_first * CHUNK;
         let stop = (whole_last * CHUNK).min(self.size());
-        let bottom = self.layers.len() == 1 && self.base.is_none();
+        let bottom = self.layers.len() == 1 && !self.lower;
         if bottom {
             // Nothing below: an unallocated chunk already reads as zeros.
             top.punch_data(start, stop - start)?;
@@ -650,17 +594,6 @@ impl Disk {
         }
         if fua {
             top.flush()?;
-        }
-        Ok(())
-    }
-
-    /// The checks every write makes before it touches anything.
-    fn check_write(&self, offset: u64, len: u64) -> Result<(), WriteError> {
-        if !self.writable {
-            return Err(WriteError::ReadOnly);
-        }
-        if !self.in_range(offset, len) {
-            return Err(WriteError::OutOfRange);
         }
         Ok(())
     }
@@ -727,9 +660,6 @@ impl Disk {
 
     /// Makes every completed write durable.
     pub fn flush(&self) -> io::Result<()> {
-        if let Some(base) = self.remote_base() {
-            return base.flush();
-        }
         if let Some(spill) = &self.spill {
             spill.flush()?;
         }
@@ -745,8 +675,7 @@ impl Disk {
         let mut out: Vec<Extent> = Vec::new();
         let mut pos = offset;
         while pos < end && out.len() < max_extents.max(1) {
-            let unowned =
-                |c: u64| self.base.is_none() && self.owner(c, self.layers.len()).is_none();
+            let unowned = |c: u64| !self.lower && self.owner(c, self.layers.len()).is_none();
             let zero = unowned(pos / CHUNK);
             let mut next = ((pos / CHUNK + 1) * CHUNK).min(end);
             while next < end && unowned(next / CHUNK) == zero {

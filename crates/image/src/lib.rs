@@ -12,7 +12,7 @@ pub mod replica;
 pub mod store;
 pub mod versions;
 
-pub use disk::{Base, ChainIndex, Disk, Extent, LocalRead};
+pub use disk::{ChainIndex, Disk, Extent, LocalRead};
 pub use error::{ImageError, WriteError};
 pub use layer::{Layer, CHUNK, HASH_BLOCK};
 pub use store::{

@@ -26,6 +26,9 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 pub use vstream_image::{Disk, Extent, WriteError};
 
+mod overlay;
+pub use overlay::Overlay;
+
 /// A device's disk as a front door sees it.
 pub trait Backend: Send + Sync + 'static {
     /// Virtual size in bytes.

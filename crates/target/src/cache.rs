@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use vstream_image::{Base, Disk, Layer};
+use vstream_image::{Disk, Layer};
 
 /// `ram:SIZE`, `disk:PATH:SIZE` or `ram:SIZE,disk:PATH:SIZE`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,9 +17,10 @@ pub enum CacheSpec {
 }
 
 impl CacheSpec {
-    /// The device's disk: the cache over `base`, for a disk of `disk_size`
-    /// bytes whose cache may hold at most `limit` bytes in all.
-    pub fn disk(&self, disk_size: u64, limit: u64, base: Arc<dyn Base>) -> Result<Disk> {
+    /// The device's write cache: layers over the lower disk (the base
+    /// streamed from the farm), for a disk of `disk_size` bytes whose cache
+    /// may hold at most `limit` bytes in all.
+    pub fn disk(&self, disk_size: u64, limit: u64) -> Result<Disk> {
         let disk = match self {
             CacheSpec::Ram(s) | CacheSpec::Disk(_, s) => {
                 Disk::writable(vec![self.create(disk_size)?], Some((*s).min(limit)))
@@ -33,7 +34,7 @@ impl CacheSpec {
         };
         Ok(disk
             .map_err(|e| anyhow::anyhow!("the write cache: {e}"))?
-            .with_base(base))
+            .over_lower())
     }
 
     /// A new, empty cache layer for a disk of `disk_size` bytes. Its file is
@@ -158,21 +159,22 @@ mod tests {
         assert_eq!(layer.size(), 1 << 20);
         assert!(!p.exists());
         let two = CacheSpec::RamThenDisk(8192, p.clone(), 1 << 20);
-        #[derive(Debug)]
-        struct Ones;
-        impl Base for Ones {
-            fn read(&self, buf: &mut [std::mem::MaybeUninit<u8>], _: u64) -> std::io::Result<()> {
-                buf.fill(std::mem::MaybeUninit::new(1));
-                Ok(())
-            }
-        }
-        let disk = two.disk(1 << 20, 1 << 20, Arc::new(Ones)).unwrap();
+        let disk = two.disk(1 << 20, 1 << 20).unwrap();
         disk.write(&[7u8; 3 * 4096], 0, false).unwrap();
         assert_eq!(disk.top_bytes(), 8192);
         assert_eq!(disk.overflow_bytes(), Some(4096));
-        let mut b = [0u8; 4 * 4096];
-        disk.read(&mut b, 0, false).unwrap();
-        assert!(b[..3 * 4096].iter().all(|&x| x == 7) && b[3 * 4096..].iter().all(|&x| x == 1));
+        // Both tiers are read; the chunk neither holds is the lower disk's.
+        let mut b = [std::mem::MaybeUninit::new(0u8); 4 * 4096];
+        let read = disk.read_local(&mut b, 0, false).unwrap();
+        assert_eq!(
+            read,
+            vstream_image::LocalRead::Missing(vec![(3 * 4096, 4096)])
+        );
+        let held = b[..3 * 4096].iter().all(|x| {
+            // SAFETY: read_local wrote every byte outside the missing run.
+            unsafe { x.assume_init() == 7 }
+        });
+        assert!(held);
         assert!(!p.exists());
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! ```text
 //!   OS / QEMU / nbd-client --NBD (unix socket, or TCP loopback)--> local export
-//!       local export = Disk [ write cache layer (RAM or local disk) ] over Base = Remote
+//!       local export = Overlay [ write cache: Local, layers in RAM or on a local disk ]
+//!                      over Remote (a backend: the base, with failover)
+//!                      or, for a device whose writes are its server's, Remote alone
 //!       Remote --NBD base/DEVICE@N/HASH--> the server login chose  (upstream.rs)
 //!              `-- on a reset or a silent server: log in again, same version, replay (remote.rs)
 //!   login: POST /api/v1/login to the first bootstrap server that answers   (login.rs)
@@ -18,7 +20,6 @@ mod attach;
 mod cache;
 mod login;
 mod remote;
-mod streamed;
 mod upstream;
 
 use std::sync::Arc;
@@ -28,7 +29,7 @@ use anyhow::{bail, Context, Result};
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 use vstream_api::{LoginReply, LoginRequest, Pin};
-use vstream_image::Disk;
+use vstream_pipeline::{Backend, Local, Overlay};
 use vstream_service::metrics::Metrics;
 use vstream_service::Listen;
 use vstream_service::{self as nbd, Exports};
@@ -61,7 +62,7 @@ pub struct Options {
 struct Device {
     name: String,
     description: String,
-    backend: Arc<streamed::Streamed>,
+    backend: Arc<dyn Backend>,
     metrics: Metrics,
 }
 
@@ -175,7 +176,7 @@ const REPORT_EVERY: Duration = Duration::from_secs(2);
 /// Tells the server streaming now how many bytes the device's write cache
 /// holds, when that changes or the server does (`vstream device list`).
 async fn report_cache(
-    device: Arc<Device>,
+    cache: Arc<Overlay>,
     remote: Arc<remote::Remote>,
     mac: String,
     mut shutdown: watch::Receiver<bool>,
@@ -186,8 +187,8 @@ async fn report_cache(
             _ = tokio::time::sleep(REPORT_EVERY) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
-        let bytes = device.backend.local.disk().top_bytes()
-            + device.backend.local.disk().overflow_bytes().unwrap_or(0);
+        let disk = cache.cache().disk();
+        let bytes = disk.top_bytes() + disk.overflow_bytes().unwrap_or(0);
         let now = (remote.api(), bytes);
         if last.as_ref() == Some(&now) {
             continue;
@@ -249,16 +250,20 @@ pub async fn run(opts: Options, shutdown: watch::Receiver<bool>) -> Result<()> {
     };
     let remote = Arc::new(remote::Remote::new(
         &opts,
+        reply.size,
         pin,
         first,
         shutdown.clone(),
         stays.then(|| reply.clone()),
     ));
-    let disk = if stays {
-        Disk::remote(reply.size, remote.clone())
+    // The pipeline: the remote disk itself for a device whose writes are
+    // its server's; else the device's write cache over it.
+    let (backend, cache): (Arc<dyn Backend>, Option<Arc<Overlay>>) = if stays {
+        (remote.clone(), None)
     } else {
-        opts.cache
-            .disk(reply.size, reply.cache_limit, remote.clone())?
+        let disk = opts.cache.disk(reply.size, reply.cache_limit)?;
+        let overlay = Arc::new(Overlay::new(Local::new(Arc::new(disk)), remote.clone()));
+        (overlay.clone(), Some(overlay))
     };
     let device = Arc::new(Device {
         name: reply.device.clone(),
@@ -272,15 +277,12 @@ pub async fn run(opts: Options, shutdown: watch::Receiver<bool>) -> Result<()> {
                 format!("{} write cache", opts.cache)
             }
         ),
-        backend: Arc::new(streamed::Streamed::new(
-            vstream_pipeline::Local::new(Arc::new(disk)),
-            remote.clone(),
-        )),
+        backend,
         metrics: Metrics::default(),
     });
-    if !stays {
+    if let Some(cache) = cache {
         tokio::spawn(report_cache(
-            device.clone(),
+            cache,
             remote.clone(),
             opts.mac.clone(),
             shutdown.clone(),

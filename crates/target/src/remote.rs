@@ -18,9 +18,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use vstream_api::{LoginReply, LoginRequest, Pin};
 use vstream_nbd::{Command, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE};
+use vstream_pipeline::{Backend, Extent, WriteError};
 
 use crate::login::{login, LoginFailure};
 use crate::upstream::{Connection, Failure};
@@ -94,6 +97,8 @@ pub struct Remote {
     /// Set once the pinned version is gone from the farm for good: every
     /// read fails with EIO from then on, with this reason logged.
     gone: Mutex<Option<String>>,
+    /// The disk's size in bytes.
+    size: u64,
 }
 
 impl std::fmt::Debug for Remote {
@@ -106,10 +111,11 @@ impl std::fmt::Debug for Remote {
 }
 
 impl Remote {
-    /// Streams through `first`, pinned to `pin`; `stay` for a device whose
-    /// writes belong to its server.
+    /// Streams a disk of `size` bytes through `first`, pinned to `pin`;
+    /// `stay` for a device whose writes belong to its server.
     pub fn new(
         opts: &crate::Options,
+        size: u64,
         pin: Pin,
         first: Connection,
         closing: tokio::sync::watch::Receiver<bool>,
@@ -128,6 +134,7 @@ impl Remote {
             stay,
             failovers: AtomicU64::new(0),
             gone: Mutex::new(None),
+            size,
         }
     }
 
@@ -318,20 +325,99 @@ impl Remote {
     }
 }
 
-/// The device's cache keeps the remote as its base only to know which runs
-/// are the base's: the agent reads those on its own tasks ([`crate::streamed`]),
-/// so the cache never reads its base, and a Private device's writes go to
-/// [`Remote::write_at`] and its kin, never through the cache.
-impl vstream_image::Base for Remote {
-    fn read(&self, _buf: &mut [MaybeUninit<u8>], _offset: u64) -> io::Result<()> {
-        Err(io::Error::other(
-            "the device's cache read its base: the agent reads base runs itself",
-        ))
+/// The disk streamed from the farm as a backend: read-only for a device
+/// that keeps its write cache itself (the lower disk of its
+/// [`vstream_pipeline::Overlay`]); the whole disk, writes and all, for a
+/// device whose writes belong to its server (Private mode, a server-side
+/// cache). Every request is sent on the caller's task.
+impl Backend for Remote {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn is_writable(&self) -> bool {
+        self.stay.is_some()
+    }
+    fn try_read(&self, _buf: &mut [MaybeUninit<u8>], _offset: u64) -> io::Result<bool> {
+        // It waits on the network: never on the front door's inline path.
+        Ok(false)
+    }
+    fn read(
+        self: Arc<Self>,
+        offset: u64,
+        len: u32,
+        headroom: usize,
+    ) -> BoxFuture<'static, io::Result<Vec<u8>>> {
+        Box::pin(async move { self.read_at(offset, len, headroom).await })
+    }
+    fn write(
+        self: Arc<Self>,
+        data: Bytes,
+        offset: u64,
+        fua: bool,
+    ) -> BoxFuture<'static, Result<(), WriteError>> {
+        Box::pin(async move {
+            self.check_write(offset, data.len() as u64)?;
+            let written = self.write_at(&data, offset, fua).await;
+            written.map_err(WriteError::from_answer)
+        })
+    }
+    fn write_zeroes(
+        self: Arc<Self>,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        punch: bool,
+    ) -> BoxFuture<'static, Result<(), WriteError>> {
+        Box::pin(async move {
+            self.check_write(offset, len)?;
+            let zeroed = self.zero_at(offset, len, fua, punch).await;
+            zeroed.map_err(WriteError::from_answer)
+        })
+    }
+    fn trim(
+        self: Arc<Self>,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> BoxFuture<'static, Result<(), WriteError>> {
+        Box::pin(async move {
+            self.check_write(offset, len)?;
+            let trimmed = self.trim_at(offset, len, fua).await;
+            trimmed.map_err(WriteError::from_answer)
+        })
+    }
+    fn flush(self: Arc<Self>) -> BoxFuture<'static, io::Result<()>> {
+        Box::pin(async move {
+            if !self.is_writable() {
+                // Nothing written here: nothing to make durable.
+                return Ok(());
+            }
+            self.flush_at().await
+        })
+    }
+    fn extents(&self, offset: u64, len: u64, _max: usize) -> Vec<Extent> {
+        // Its allocation is the server's: all of it is data to the device.
+        let end = offset.saturating_add(len).min(self.size);
+        vec![Extent {
+            length: end.saturating_sub(offset),
+            zero: false,
+        }]
     }
 }
 
 /// A Private device's writes: to its server, on the agent's tasks.
 impl Remote {
+    /// The checks a write makes before it leaves for the server.
+    fn check_write(&self, offset: u64, len: u64) -> Result<(), WriteError> {
+        if !self.is_writable() {
+            return Err(WriteError::ReadOnly);
+        }
+        if !self.in_range(offset, len) {
+            return Err(WriteError::OutOfRange);
+        }
+        Ok(())
+    }
+
     pub async fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         let flags = if fua { CMD_FLAG_FUA } else { 0 };
         let len =

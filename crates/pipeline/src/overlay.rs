@@ -1,23 +1,23 @@
-//! The agent's storage pipeline: the device's write cache (a stack of local
-//! layers, or none for a device whose writes belong to its server) over the
-//! base streamed from the farm, as one [`Backend`] for the front door.
+//! A write cache over a lower backend, the way nbdkit's cow filter stacks
+//! over a plugin: what the device wrote is the cache's (a [`Local`] stack
+//! of layers made [`Disk::over_lower`]), everything else the lower
+//! backend's (the agent's remote base, with failover).
 //!
 //! ```text
-//!   read  ──► try_read: the cache's runs, from the page cache; a base run never
+//!   read  ──► try_read: the cache's runs, from the page cache; a lower run never
 //!             │ no
 //!             ▼
-//!         read: the cache's runs (on the blocking pool if not in the page cache),
-//!               then each base run from the server (remote.rs), on this task;
-//!               a read wholly of the base is the server's reply itself, no copy
-//!   write, zeroes, trim, flush ──► a Private device's: to its server, on this task
-//!                                  a Standard device's: the local stack (pipeline::Local), on the
-//!                                  blocking pool; a write to part of a chunk the
-//!                                  cache lacks first reads the rest of that chunk
-//!                                  as a read does, and writes it whole
+//!         read: none of it cached: the lower backend's reply itself, no copy;
+//!               else the cache's runs (on the blocking pool if not in the page
+//!               cache), then each lower run from the lower backend, on this task
+//!   write, zeroes, trim, flush ──► the cache, on the blocking pool; a write to
+//!                                  part of a chunk the cache lacks first reads the
+//!                                  rest of that chunk as a read does, and writes
+//!                                  it whole
 //! ```
 //!
-//! So the network is only ever waited on from the agent's tasks: the cache
-//! (an `image::Disk`) never reads its base itself.
+//! So the lower backend is only ever waited on from the caller's tasks: the
+//! cache never reads it itself.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -26,15 +26,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use vstream_image::{Disk, LocalRead, CHUNK};
-use vstream_pipeline::{Backend, Extent, Local, WriteError};
 
-use crate::remote::Remote;
+use crate::{Backend, Extent, Local, WriteError};
 
-/// The device's disk: the local stack for what the device wrote (a [`Disk`]
-/// whose base is `remote`), wrapped so that its base runs are read here.
-pub struct Streamed {
-    pub local: Arc<Local>,
-    pub remote: Arc<Remote>,
+/// A write cache over a lower backend.
+pub struct Overlay {
+    cache: Arc<Local>,
+    lower: Arc<dyn Backend>,
     /// Partial writes to chunks the cache lacks take the lock of their
     /// chunk's stripe: one read-modify-write of a chunk at a time.
     stripes: Vec<tokio::sync::Mutex<()>>,
@@ -44,8 +42,6 @@ const STRIPES: u64 = 64;
 
 /// The chunks at the two ends of `[offset, end)` that it covers only in part
 /// and that `disk` does not hold: writing those needs the base's bytes.
-/// None for a disk without layers of its own: its writes go to its server
-/// as they are (a Private device's).
 fn unheld_edges(disk: &Disk, offset: u64, end: u64) -> Vec<u64> {
     let mut edges = Vec::new();
     if offset >= end || disk.layers().is_empty() {
@@ -61,52 +57,42 @@ fn unheld_edges(disk: &Disk, offset: u64, end: u64) -> Vec<u64> {
     edges
 }
 
-impl Streamed {
-    /// A device whose writes belong to its server (Private mode): no cache,
-    /// every write goes to the server as it is.
-    fn stays(&self) -> bool {
-        self.local.disk().layers().is_empty()
-    }
-
-    /// The checks a write makes before it leaves for the server.
-    fn check_write(&self, offset: u64, len: u64) -> Result<(), WriteError> {
-        if !self.local.is_writable() {
-            return Err(WriteError::ReadOnly);
-        }
-        if !self.local.in_range(offset, len) {
-            return Err(WriteError::OutOfRange);
-        }
-        Ok(())
-    }
-
-    pub fn new(local: Arc<Local>, remote: Arc<Remote>) -> Streamed {
-        Streamed {
-            local,
-            remote,
+impl Overlay {
+    /// `cache` over `lower`. The cache's disk must be made
+    /// [`Disk::over_lower`], of the lower disk's size.
+    pub fn new(cache: Arc<Local>, lower: Arc<dyn Backend>) -> Overlay {
+        Overlay {
+            cache,
+            lower,
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
         }
     }
 
+    /// The write cache.
+    pub fn cache(&self) -> &Arc<Local> {
+        &self.cache
+    }
+
     /// Writes `data` at `offset`. The chunks at its ends that it covers in
-    /// part and the cache lacks are read first (the base's bytes, from the
-    /// server, on this task) and written whole with it, so the cache never
-    /// has to read its base itself.
+    /// part and the cache lacks are read first (the lower disk's bytes, on
+    /// this task) and written whole with it, so the cache never has to read
+    /// its lower disk itself.
     async fn write_filled(
         self: Arc<Self>,
         data: Bytes,
         offset: u64,
         fua: bool,
     ) -> Result<(), WriteError> {
-        let disk = self.local.disk().clone();
+        let disk = self.cache.disk().clone();
         let len = data.len() as u64;
         if !disk.is_writable() || !disk.in_range(offset, len) {
             // The local stack gives the error.
-            return self.local.clone().write(data, offset, fua).await;
+            return self.cache.clone().write(data, offset, fua).await;
         }
         let end = offset + len;
         let edges = unheld_edges(&disk, offset, end);
         if edges.is_empty() {
-            return self.local.clone().write(data, offset, fua).await;
+            return self.cache.clone().write(data, offset, fua).await;
         }
         let mut stripes: Vec<u64> = edges.iter().map(|c| c % STRIPES).collect();
         stripes.sort_unstable();
@@ -128,13 +114,13 @@ impl Streamed {
             whole[(start - lo) as usize..][..n as usize].copy_from_slice(&old);
         }
         whole[(offset - lo) as usize..][..data.len()].copy_from_slice(&data);
-        let written = self.local.clone().write(Bytes::from(whole), lo, fua).await;
+        let written = self.cache.clone().write(Bytes::from(whole), lo, fua).await;
         drop(guards);
         written
     }
 
     /// Zeroes a range: its whole chunks in the cache as the cache does it,
-    /// its partial ends as writes of zeros (see [`Streamed::write_filled`]).
+    /// its partial ends as writes of zeros (see [`Overlay::write_filled`]).
     async fn zero_filled(
         self: Arc<Self>,
         offset: u64,
@@ -142,14 +128,14 @@ impl Streamed {
         fua: bool,
         punch: bool,
     ) -> Result<(), WriteError> {
-        let disk = self.local.disk().clone();
+        let disk = self.cache.disk().clone();
         let end = offset.saturating_add(len);
         if !disk.is_writable()
             || !disk.in_range(offset, len)
             || unheld_edges(&disk, offset, end).is_empty()
         {
             return self
-                .local
+                .cache
                 .clone()
                 .write_zeroes(offset, len, fua, punch)
                 .await;
@@ -172,31 +158,37 @@ impl Streamed {
             let zeros = Bytes::from(vec![0u8; (end - last) as usize]);
             self.clone().write_filled(zeros, last, false).await?;
         }
-        self.local
+        self.cache
             .clone()
             .write_zeroes(first, last - first, fua, punch)
             .await
     }
 
     /// `len` bytes at `offset` after `headroom` zero bytes: the cache's runs
-    /// from the disk, the base's from the server.
+    /// from its disk, the others from the lower disk.
     async fn read_both(
         self: Arc<Self>,
         offset: u64,
         len: u32,
         headroom: usize,
     ) -> io::Result<Vec<u8>> {
+        let disk = self.cache.disk();
+        let end = offset.saturating_add(u64::from(len)).min(disk.size());
+        if len > 0 && (offset / CHUNK..end.div_ceil(CHUNK)).all(|c| !disk.holds(c)) {
+            // All of it is the lower disk's: its reply, read with the same
+            // headroom, is the answer as it is.
+            return self.lower.clone().read(offset, len, headroom).await;
+        }
         let n = len as usize;
         let mut out = Vec::with_capacity(headroom + n);
         out.resize(headroom, 0);
-        let disk = self.local.disk();
         let local = disk.read_local(&mut out.spare_capacity_mut()[..n], offset, true)?;
         let missing = match local {
             LocalRead::Done => Vec::new(),
             LocalRead::Missing(runs) => runs,
             LocalRead::WouldBlock => {
                 // A cache run is not in the page cache: read the cache's runs
-                // where blocking is allowed, then the base's here.
+                // where blocking is allowed, then the lower disk's here.
                 let disk = disk.clone();
                 let (back, local) = tokio::task::spawn_blocking(move || {
                     let local = disk.read_local(&mut out.spare_capacity_mut()[..n], offset, false);
@@ -214,15 +206,10 @@ impl Streamed {
                 }
             }
         };
-        if missing.len() == 1 && missing[0] == (offset, u64::from(len)) {
-            // All of it is the base's: the server's reply, read with the same
-            // headroom, becomes the answer as it is.
-            return self.remote.read_at(offset, len, headroom).await;
-        }
         for (at, run) in missing {
-            let data = self.remote.read_at(at, run as u32, 0).await?;
+            let data = self.lower.clone().read(at, run as u32, 0).await?;
             if data.len() as u64 != run {
-                return Err(io::Error::other("short read from the base"));
+                return Err(io::Error::other("short read from the lower disk"));
             }
             let dst = &mut out.spare_capacity_mut()[(at - offset) as usize..][..run as usize];
             // SAFETY: `dst` is `run` bytes of spare capacity and `data` holds `run` bytes.
@@ -241,17 +228,18 @@ impl Streamed {
     }
 }
 
-/// Everything but a read that must wait is the local stack's.
-impl Backend for Streamed {
+/// Reads that need no waiting, writes, trims and flushes are the cache's;
+/// what the cache lacks is the lower disk's.
+impl Backend for Overlay {
     fn size(&self) -> u64 {
-        self.local.size()
+        self.cache.size()
     }
     fn is_writable(&self) -> bool {
-        self.local.is_writable()
+        self.cache.is_writable()
     }
     fn try_read(&self, buf: &mut [MaybeUninit<u8>], offset: u64) -> io::Result<bool> {
-        // A base run is never read here: it waits on the network.
-        self.local.try_read(buf, offset)
+        // A run of the lower disk is never read here: it may wait.
+        self.cache.try_read(buf, offset)
     }
     fn read(
         self: Arc<Self>,
@@ -267,13 +255,6 @@ impl Backend for Streamed {
         offset: u64,
         fua: bool,
     ) -> BoxFuture<'static, Result<(), WriteError>> {
-        if self.stays() {
-            return Box::pin(async move {
-                self.check_write(offset, data.len() as u64)?;
-                let written = self.remote.write_at(&data, offset, fua).await;
-                written.map_err(WriteError::from_answer)
-            });
-        }
         Box::pin(self.write_filled(data, offset, fua))
     }
     fn write_zeroes(
@@ -283,13 +264,6 @@ impl Backend for Streamed {
         fua: bool,
         punch: bool,
     ) -> BoxFuture<'static, Result<(), WriteError>> {
-        if self.stays() {
-            return Box::pin(async move {
-                self.check_write(offset, len)?;
-                let zeroed = self.remote.zero_at(offset, len, fua, punch).await;
-                zeroed.map_err(WriteError::from_answer)
-            });
-        }
         Box::pin(self.zero_filled(offset, len, fua, punch))
     }
     fn trim(
@@ -298,22 +272,93 @@ impl Backend for Streamed {
         len: u64,
         fua: bool,
     ) -> BoxFuture<'static, Result<(), WriteError>> {
-        if self.stays() {
-            return Box::pin(async move {
-                self.check_write(offset, len)?;
-                let trimmed = self.remote.trim_at(offset, len, fua).await;
-                trimmed.map_err(WriteError::from_answer)
-            });
-        }
-        self.local.clone().trim(offset, len, fua)
+        self.cache.clone().trim(offset, len, fua)
     }
     fn flush(self: Arc<Self>) -> BoxFuture<'static, io::Result<()>> {
-        if self.stays() {
-            return Box::pin(async move { self.remote.flush_at().await });
-        }
-        self.local.clone().flush()
+        self.cache.clone().flush()
     }
     fn extents(&self, offset: u64, len: u64, max: usize) -> Vec<Extent> {
-        self.local.extents(offset, len, max)
+        self.cache.extents(offset, len, max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vstream_image::Layer;
+
+    /// A lower disk of `size` bytes holding `byte` everywhere, read-only,
+    /// and a fresh cache over it.
+    async fn stack(dir: &std::path::Path, size: u64, byte: u8) -> (Arc<Overlay>, Arc<Local>) {
+        let base = Arc::new(Layer::create(&dir.join("base.layer"), size).unwrap());
+        let fill = Local::new(Arc::new(Disk::writable(vec![base.clone()], None).unwrap()));
+        fill.write(Bytes::from(vec![byte; size as usize]), 0, true)
+            .await
+            .unwrap();
+        let lower = Local::new(Arc::new(Disk::read_only(vec![base])));
+        let top = Arc::new(Layer::create(&dir.join("cache.layer"), size).unwrap());
+        let cache = Disk::writable(vec![top], None).unwrap().over_lower();
+        let overlay = Arc::new(Overlay::new(Local::new(Arc::new(cache)), lower.clone()));
+        (overlay, lower)
+    }
+
+    #[tokio::test]
+    async fn a_partial_write_keeps_the_lower_bytes_around_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (o, lower) = stack(dir.path(), 4 * CHUNK, 0xab).await;
+        // Nothing cached: the lower disk's bytes, with the headroom in front.
+        let got = o.clone().read(100, 5000, 3).await.unwrap();
+        assert_eq!(&got[..3], &[0u8; 3]);
+        assert!(got[3..].iter().all(|&x| x == 0xab));
+        // Across a chunk boundary, in part of each chunk.
+        let at = CHUNK - 10;
+        o.clone()
+            .write(Bytes::from(vec![7u8; 20]), at, false)
+            .await
+            .unwrap();
+        let got = o.clone().read(0, (2 * CHUNK) as u32, 0).await.unwrap();
+        for (i, &x) in got.iter().enumerate() {
+            let want = if (at..at + 20).contains(&(i as u64)) {
+                7
+            } else {
+                0xab
+            };
+            assert_eq!(x, want, "byte {i}");
+        }
+        // Both chunks are the cache's now, whole; the lower disk is untouched.
+        assert!(o.cache().disk().holds(0) && o.cache().disk().holds(1));
+        assert!(!o.cache().disk().holds(2));
+        let below = lower.read(0, (2 * CHUNK) as u32, 0).await.unwrap();
+        assert!(below.iter().all(|&x| x == 0xab));
+    }
+
+    #[tokio::test]
+    async fn zeroes_trims_and_flushes_stay_in_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let (o, lower) = stack(dir.path(), 4 * CHUNK, 0x55).await;
+        // Zeroes from the middle of chunk 0 to the middle of chunk 2.
+        o.clone()
+            .write_zeroes(CHUNK / 2, 2 * CHUNK, false, true)
+            .await
+            .unwrap();
+        o.clone().flush().await.unwrap();
+        let got = o.clone().read(0, (4 * CHUNK) as u32, 0).await.unwrap();
+        let (z0, z1) = ((CHUNK / 2) as usize, (CHUNK / 2 + 2 * CHUNK) as usize);
+        assert!(got[..z0].iter().all(|&x| x == 0x55));
+        assert!(got[z0..z1].iter().all(|&x| x == 0));
+        assert!(got[z1..].iter().all(|&x| x == 0x55));
+        let below = lower.read(0, (4 * CHUNK) as u32, 0).await.unwrap();
+        assert!(below.iter().all(|&x| x == 0x55));
+        // A run of the lower disk is never read on the spot.
+        let mut buf = vec![MaybeUninit::new(0u8); 100];
+        assert!(!o.try_read(&mut buf, 3 * CHUNK).unwrap());
+        // Past the end: refused, whoever would answer.
+        assert!(o.clone().read(4 * CHUNK, 1, 0).await.is_err());
+        let err = o
+            .clone()
+            .write(Bytes::from_static(b"x"), 4 * CHUNK, false)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, WriteError::OutOfRange), "{err:?}");
     }
 }
