@@ -48,6 +48,13 @@ pub struct Config {
     /// Offer structured replies; off, every client gets simple replies as the
     /// Linux kernel does (for measuring that path, like nbdkit's `--no-sr`).
     pub structured_replies: bool,
+    /// NBD over TLS: off, on (if the client asks) or require (FORCEDTLS).
+    pub tls: vstream_service::TlsMode,
+    /// The folder with ca-cert.pem, server-cert.pem, server-key.pem and
+    /// optionally ca-crl.pem (nbdkit's and QEMU's layout).
+    pub tls_certificates: Option<PathBuf>,
+    /// Ask every TLS client for a certificate from the farm's CA.
+    pub tls_verify_peer: bool,
     /// Where the farm state lives.
     pub farm: FarmConfig,
     /// This server's name in the farm.
@@ -189,6 +196,9 @@ pub struct FileConfig {
     pub api_header_timeout_secs: Option<u64>,
     pub api_idle_timeout_secs: Option<u64>,
     pub structured_replies: Option<bool>,
+    pub tls: Option<String>,
+    pub tls_certificates: Option<PathBuf>,
+    pub tls_verify_peer: Option<bool>,
     pub farm: Option<String>,
     pub name: Option<String>,
     pub power: Option<f64>,
@@ -229,6 +239,9 @@ pub struct FlagConfig {
     pub tcp_user_timeout_secs: Option<u64>,
     pub max_connections_per_peer: Option<usize>,
     pub idle_timeout_secs: Option<u64>,
+    pub tls: Option<String>,
+    pub tls_certificates: Option<PathBuf>,
+    pub tls_verify_peer: bool,
     pub farm: Option<String>,
     pub name: Option<String>,
     pub power: Option<f64>,
@@ -324,6 +337,20 @@ impl Config {
                 "api_header_timeout_secs and api_idle_timeout_secs must be at least 1".into(),
             );
         }
+        let tls_certificates = flags.tls_certificates.or(file.tls_certificates);
+        // A server with certificates requires TLS unless told otherwise.
+        let tls = match flags.tls.or(file.tls) {
+            Some(t) => t.parse::<vstream_service::TlsMode>()?,
+            None if tls_certificates.is_some() => vstream_service::TlsMode::Require,
+            None => vstream_service::TlsMode::Off,
+        };
+        if tls != vstream_service::TlsMode::Off && tls_certificates.is_none() {
+            return Err(format!(
+                "--tls {tls} needs the server's certificates: --tls-certificates DIR \
+                 (ca-cert.pem, server-cert.pem, server-key.pem)"
+            ));
+        }
+        let tls_verify_peer = flags.tls_verify_peer || file.tls_verify_peer.unwrap_or(false);
         let farm = flags
             .farm
             .or(file.farm)
@@ -464,6 +491,9 @@ impl Config {
             api_header_timeout_secs,
             api_idle_timeout_secs,
             structured_replies: file.structured_replies.unwrap_or(true),
+            tls,
+            tls_certificates,
+            tls_verify_peer,
         })
     }
 }

@@ -90,7 +90,16 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     let where_ = identity::describe(&config.farm, &config.data);
     identity::check(&config.data, &farm, &where_, config.adopt_data).await?;
     let boot_services = boot::Services::bind(&config).await?;
-    let server = Server::new(config.clone(), store, farm);
+    let tls = vstream_service::Tls::load(
+        config.tls,
+        config.tls_certificates.as_deref(),
+        config.tls_verify_peer,
+    )
+    .context("loading the NBD TLS certificates")?;
+    if config.tls != vstream_service::TlsMode::Off {
+        tracing::info!(mode = %config.tls, verify_peer = config.tls_verify_peer, "NBD over TLS");
+    }
+    let server = Server::new(config.clone(), store, farm, tls);
     server.stores.hold_remembered();
 
     let api = tokio::net::TcpListener::bind(config.api)

@@ -46,4 +46,7 @@ impl Exports for Sessions {
     fn keepalive(&self) -> tcp::Keepalive {
         self.config.keepalive
     }
+    fn tls(&self) -> Tls {
+        self.tls.clone()
+    }
 }

@@ -37,6 +37,8 @@ pub struct Sessions {
     quarantine: Arc<Quarantine>,
     /// Which layers failed their scrub (a base export of one is refused).
     replication: Arc<Replication>,
+    /// Whether NBD connections may or must use TLS, with the credentials.
+    pub(crate) tls: vstream_service::Tls,
     sessions: Mutex<HashMap<String, Session>>,
     /// The next [`Session::id`].
     next_session: AtomicU64,
@@ -232,10 +234,17 @@ impl Sessions {
             membership,
             quarantine,
             replication,
+            tls: vstream_service::Tls::off(),
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             vdisk_locks: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Serves its NBD connections with `tls`.
+    pub fn with_tls(mut self, tls: vstream_service::Tls) -> Sessions {
+        self.tls = tls;
+        self
     }
 
     /// The lock of vDisk `name` (see `vdisk_locks`).

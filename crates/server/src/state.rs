@@ -53,22 +53,26 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn new(config: Config, store: Store, farm: FarmStore) -> Server {
+    /// The server of `config`, serving NBD with `tls`.
+    pub fn new(config: Config, store: Store, farm: FarmStore, tls: vstream_service::Tls) -> Server {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::default());
         let membership = Arc::new(Membership::new(store.clone()));
         let quarantine = Arc::new(Quarantine::default());
         let replication = Arc::new(Replication::new(&config.replication));
         let stores = Arc::new(Stores::new(config.clone(), store.clone(), farm.clone()));
-        let sessions = Arc::new(Sessions::new(
-            config.clone(),
-            store.clone(),
-            farm.clone(),
-            metrics.clone(),
-            membership.clone(),
-            quarantine.clone(),
-            replication.clone(),
-        ));
+        let sessions = Arc::new(
+            Sessions::new(
+                config.clone(),
+                store.clone(),
+                farm.clone(),
+                metrics.clone(),
+                membership.clone(),
+                quarantine.clone(),
+                replication.clone(),
+            )
+            .with_tls(tls),
+        );
         let replicator = Arc::new(crate::replication::Handles {
             config: config.clone(),
             store: store.clone(),

@@ -10,6 +10,8 @@ use vstream_nbd::handshake::{
 };
 use vstream_nbd::*;
 
+use crate::metrics::Metrics;
+use crate::tls::TlsMode;
 use crate::{Export, Exports, OpenError};
 
 /// Largest request payload we accept (READ length or WRITE data).
@@ -17,6 +19,27 @@ pub const MAX_PAYLOAD: u32 = 32 << 20;
 /// Context id we give `base:allocation`.
 pub const BASE_ALLOCATION_ID: u32 = 1;
 const MAX_OPTIONS: usize = 1024;
+
+/// How option haggling ended.
+pub enum Outcome {
+    /// An export, and transmission starts.
+    Go(Negotiated),
+    /// The client ended the handshake politely (NBD_OPT_ABORT).
+    Abort,
+    /// NBD_OPT_STARTTLS was acknowledged: the TLS handshake follows on the
+    /// same stream, then the options start again inside TLS.
+    StartTls,
+}
+
+/// Where a connection stands with TLS while it haggles over options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Not yet TLS; the mode says whether it may or must become so (`Off`
+    /// when this listener has no credentials).
+    Plain(TlsMode),
+    /// Inside TLS.
+    Tls,
+}
 
 /// The outcome of a successful handshake.
 pub struct Negotiated {
@@ -38,6 +61,12 @@ pub enum HandshakeError {
     TooManyOptions,
     #[error("export {name:?} cannot be used: {reason}")]
     ExportName { name: String, reason: String },
+    #[error("the client asked for export {0:?} without TLS, which this server requires (NBD_OPT_EXPORT_NAME cannot be refused: connection closed)")]
+    TlsRequired(String),
+    #[error("the client sent more after NBD_OPT_STARTTLS before the TLS handshake")]
+    DataAfterStartTls,
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
 }
 
 /// Transmission flags of an export.
@@ -54,21 +83,36 @@ pub fn export_flags(export: &Export, structured: bool) -> u16 {
     f
 }
 
-/// Runs the handshake. `Ok(None)` means the client aborted politely.
-pub async fn negotiate<S>(
-    stream: &mut S,
-    exports: &Arc<dyn Exports>,
-    peer: &str,
-) -> Result<Option<Negotiated>, HandshakeError>
+/// Sends the greeting and reads the client's flags: whether it asked for no
+/// zeroes after an NBD_OPT_EXPORT_NAME reply.
+pub async fn greet<S>(stream: &mut S) -> Result<bool, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut out = Vec::with_capacity(256);
+    let mut out = Vec::with_capacity(32);
     encode_greeting(&mut out);
     stream.write_all(&out).await?;
     let mut flags = [0u8; 4];
     read_exact_or_closed(stream, &mut flags).await?;
-    let no_zeroes = decode_client_flags(flags)?;
+    Ok(decode_client_flags(flags)?)
+}
+
+/// Haggles over options until one ends the handshake. In
+/// `Phase::Plain(TlsMode::Require)`, every option but STARTTLS and ABORT is
+/// refused with NBD_REP_ERR_TLS_REQD, and NBD_OPT_EXPORT_NAME closes the
+/// connection. A new phase starts with nothing negotiated (structured
+/// replies, meta contexts): what was asked before STARTTLS is forgotten.
+pub async fn options<S>(
+    stream: &mut S,
+    exports: &Arc<dyn Exports>,
+    peer: &str,
+    no_zeroes: bool,
+    phase: Phase,
+) -> Result<Outcome, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut out = Vec::with_capacity(256);
     let mut buf = BytesMut::with_capacity(1024);
     let mut structured = false;
     let mut base_allocation = false;
@@ -84,6 +128,23 @@ where
         };
         out.clear();
         let code = option.code();
+        if phase == Phase::Plain(TlsMode::Require) {
+            match option {
+                ClientOption::StartTls | ClientOption::Abort => {}
+                ClientOption::ExportName(name) => return Err(HandshakeError::TlsRequired(name)),
+                _ => {
+                    Metrics::add(&exports.metrics().tls_refusals, 1);
+                    encode_option_error(
+                        &mut out,
+                        code,
+                        REP_ERR_TLS_REQD,
+                        "this server requires TLS: send NBD_OPT_STARTTLS first",
+                    );
+                    stream.write_all(&out).await?;
+                    continue;
+                }
+            }
+        }
         match option {
             ClientOption::ExportName(name) => {
                 let export = exports.clone().open(&name, peer, true).await.map_err(|e| {
@@ -95,7 +156,7 @@ where
                 let flags = export_flags(&export, false);
                 encode_export_name_reply(&mut out, export.backend.size(), flags, no_zeroes);
                 stream.write_all(&out).await?;
-                return Ok(Some(Negotiated {
+                return Ok(Outcome::Go(Negotiated {
                     export,
                     flags,
                     structured: false,
@@ -105,7 +166,7 @@ where
             ClientOption::Abort => {
                 encode_option_reply(&mut out, code, REP_ACK, &[]);
                 let _ = stream.write_all(&out).await;
-                return Ok(None);
+                return Ok(Outcome::Abort);
             }
             ClientOption::List => {
                 for (name, description) in exports.list() {
@@ -185,7 +246,7 @@ where
                         encode_option_reply(&mut out, code, REP_ACK, &[]);
                         if go {
                             stream.write_all(&out).await?;
-                            return Ok(Some(Negotiated {
+                            return Ok(Outcome::Go(Negotiated {
                                 export,
                                 flags,
                                 structured,
@@ -195,12 +256,27 @@ where
                     }
                 }
             }
-            ClientOption::StartTls => encode_option_error(
-                &mut out,
-                code,
-                REP_ERR_POLICY,
-                "TLS is not configured on this server",
-            ),
+            ClientOption::StartTls => match phase {
+                Phase::Tls => {
+                    encode_option_error(&mut out, code, REP_ERR_INVALID, "TLS is on already")
+                }
+                Phase::Plain(TlsMode::Off) => encode_option_error(
+                    &mut out,
+                    code,
+                    REP_ERR_POLICY,
+                    "TLS is not configured on this server",
+                ),
+                Phase::Plain(_) => {
+                    if !buf.is_empty() {
+                        // The TLS handshake must start right after the ACK.
+                        return Err(HandshakeError::DataAfterStartTls);
+                    }
+                    encode_option_reply(&mut out, code, REP_ACK, &[]);
+                    stream.write_all(&out).await?;
+                    stream.flush().await?;
+                    return Ok(Outcome::StartTls);
+                }
+            },
             ClientOption::ExtendedHeaders | ClientOption::Unknown(_) => {
                 encode_option_error(&mut out, code, REP_ERR_UNSUP, "option not supported")
             }

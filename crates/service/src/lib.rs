@@ -30,6 +30,7 @@ use tokio::task::JoinSet;
 pub mod limits;
 pub mod metrics;
 pub mod tcp;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,6 +38,8 @@ use std::path::PathBuf;
 pub use crate::limits::Limits;
 use crate::limits::RefusalLog;
 use crate::metrics::Metrics;
+pub use crate::tls::{Tls, TlsMode};
+use handshake::{HandshakeError, Outcome, Phase};
 use transmission::Ending;
 pub use vstream_pipeline::Backend;
 
@@ -134,6 +137,10 @@ pub trait Exports: Send + Sync + 'static {
     /// How its TCP connections find a vanished peer.
     fn keepalive(&self) -> crate::tcp::Keepalive {
         crate::tcp::Keepalive::default()
+    }
+    /// Whether its connections may or must use TLS (see [`tls`]).
+    fn tls(&self) -> Tls {
+        Tls::off()
     }
 }
 
@@ -275,6 +282,43 @@ fn configure_socket(
     Ok(())
 }
 
+/// How a connection's handshake ended: on the plain stream, or inside TLS.
+enum Handshaken<S> {
+    Plain(S, Outcome),
+    Tls(Box<tokio_rustls::server::TlsStream<S>>, Outcome),
+}
+
+/// The handshake of one connection, STARTTLS included: the greeting, the
+/// options, and, if the client starts TLS, the TLS handshake and the
+/// options again inside it.
+async fn handshake<S>(
+    mut stream: S,
+    exports: &Arc<dyn Exports>,
+    peer: &str,
+) -> Result<Handshaken<S>, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let tls = exports.tls();
+    let no_zeroes = handshake::greet(&mut stream).await?;
+    let mode = tls.acceptor().map_or(TlsMode::Off, |_| tls.mode);
+    let outcome =
+        handshake::options(&mut stream, exports, peer, no_zeroes, Phase::Plain(mode)).await?;
+    let (Outcome::StartTls, Some(acceptor)) = (&outcome, tls.acceptor()) else {
+        return Ok(Handshaken::Plain(stream, outcome));
+    };
+    let mut stream = match acceptor.accept(stream).await {
+        Ok(s) => Box::new(s),
+        Err(e) => {
+            Metrics::add(&exports.metrics().tls_failures, 1);
+            return Err(HandshakeError::Tls(e));
+        }
+    };
+    Metrics::add(&exports.metrics().tls_connections, 1);
+    let outcome = handshake::options(&mut stream, exports, peer, no_zeroes, Phase::Tls).await?;
+    Ok(Handshaken::Tls(stream, outcome))
+}
+
 /// One connection from greeting to close. Every failure is logged once here.
 /// The agent also calls it for the socket it hands the kernel (`--attach`).
 pub async fn connection<R, W>(
@@ -284,38 +328,56 @@ pub async fn connection<R, W>(
     exports: Arc<dyn Exports>,
     shutdown: watch::Receiver<bool>,
 ) where
-    R: AsyncRead + Unpin + Send,
+    R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let metrics = exports.metrics();
     Metrics::add(&metrics.connections_total, 1);
     metrics.connections_open.fetch_add(1, Ordering::Relaxed);
-    let mut stream = tokio::io::join(reader, writer);
+    let stream = tokio::io::join(reader, writer);
     let timeout = exports.handshake_timeout();
-    let negotiated =
-        tokio::time::timeout(timeout, handshake::negotiate(&mut stream, &exports, peer)).await;
-    let neg = match negotiated {
-        Ok(Ok(Some(n))) => n,
-        Ok(Ok(None)) => {
+    let handshaken = tokio::time::timeout(timeout, handshake(stream, &exports, peer)).await;
+    let failed = |why: Option<&HandshakeError>| {
+        Metrics::add(&metrics.handshake_failures, 1);
+        match why {
+            Some(e) => log_handshake_error(peer, e),
+            None => tracing::info!(%peer, "handshake timed out after {} s", timeout.as_secs()),
+        }
+        metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+    };
+    match handshaken {
+        Ok(Ok(Handshaken::Plain(stream, Outcome::Go(neg)))) => {
+            let (reader, writer) = stream.into_inner();
+            transmit(reader, writer, neg, peer, &exports, shutdown).await;
+        }
+        Ok(Ok(Handshaken::Tls(stream, Outcome::Go(neg)))) => {
+            let (reader, writer) = tokio::io::split(*stream);
+            transmit(reader, writer, neg, peer, &exports, shutdown).await;
+        }
+        Ok(Ok(_)) => {
             tracing::debug!(%peer, "client ended the handshake");
             metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
-            return;
         }
-        Ok(Err(e)) => {
-            Metrics::add(&metrics.handshake_failures, 1);
-            log_handshake_error(peer, &e);
-            metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
-            return;
-        }
-        Err(_) => {
-            Metrics::add(&metrics.handshake_failures, 1);
-            tracing::info!(%peer, "handshake timed out after {} s", timeout.as_secs());
-            metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
-            return;
-        }
-    };
+        Ok(Err(e)) => failed(Some(&e)),
+        Err(_) => failed(None),
+    }
+}
+
+/// Transmission on a negotiated connection, then its end: flushed, logged,
+/// counted.
+async fn transmit<R, W>(
+    reader: R,
+    writer: W,
+    neg: handshake::Negotiated,
+    peer: &str,
+    exports: &Arc<dyn Exports>,
+    shutdown: watch::Receiver<bool>,
+) where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let metrics = exports.metrics();
     tracing::debug!(%peer, export = %neg.export.name, structured = neg.structured, "transmission starts");
-    let (reader, writer) = stream.into_inner();
     let result = transmission::serve(reader, writer, &neg, exports.clone(), shutdown).await;
     let mut neg = neg;
     match result {
@@ -353,6 +415,8 @@ fn log_handshake_error(peer: &str, e: &handshake::HandshakeError) {
     match e {
         H::Closed => tracing::debug!(%peer, "client closed during the handshake"),
         H::ExportName { .. } => tracing::info!(%peer, error = %e, "export refused"),
+        H::TlsRequired(_) => tracing::info!(%peer, error = %e, "refused: no TLS"),
+        H::Tls(_) => tracing::info!(%peer, error = %e, "refused: TLS handshake failed"),
         _ => tracing::warn!(%peer, error = %e, "handshake failed"),
     }
 }

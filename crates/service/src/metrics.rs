@@ -12,6 +12,13 @@ pub struct Metrics {
     pub read_bytes: AtomicU64,
     pub written_bytes: AtomicU64,
     pub request_errors: AtomicU64,
+    /// Connections that went on inside TLS.
+    pub tls_connections: AtomicU64,
+    /// Options refused because TLS is required and was not started.
+    pub tls_refusals: AtomicU64,
+    /// TLS handshakes that failed (a bad or missing certificate, a client
+    /// that is no TLS client).
+    pub tls_failures: AtomicU64,
 }
 
 impl Metrics {
@@ -22,7 +29,7 @@ impl Metrics {
     /// Prometheus text exposition, with `extra` rows (name, type, help, value).
     pub fn render(&self, extra: &[(&str, &str, &str, &AtomicU64)]) -> String {
         let mut out = String::new();
-        let rows: [(&str, &str, &str, &AtomicU64); 7] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 10] = [
             (
                 "vstream_nbd_connections_total",
                 "counter",
@@ -64,6 +71,24 @@ impl Metrics {
                 "counter",
                 "requests answered with an error",
                 &self.request_errors,
+            ),
+            (
+                "vstream_nbd_tls_connections_total",
+                "counter",
+                "NBD connections that went on inside TLS",
+                &self.tls_connections,
+            ),
+            (
+                "vstream_nbd_tls_required_refusals_total",
+                "counter",
+                "options refused because TLS is required and was not started",
+                &self.tls_refusals,
+            ),
+            (
+                "vstream_nbd_tls_handshake_failures_total",
+                "counter",
+                "TLS handshakes that failed (bad or missing certificate, not a TLS client)",
+                &self.tls_failures,
             ),
         ];
         for &(name, kind, help, v) in rows.iter().chain(extra) {

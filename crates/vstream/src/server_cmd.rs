@@ -67,6 +67,20 @@ pub struct ServerArgs {
     /// connection is never closed for idling [default: 600].
     #[arg(long = "idle-timeout", value_name = "SECS")]
     pub idle_timeout_secs: Option<u64>,
+    /// NBD over TLS: `off`, `on` (TLS if the client asks) or `require` (no
+    /// export without TLS) [default: require with --tls-certificates, else
+    /// off].
+    #[arg(long, value_name = "off|on|require")]
+    pub tls: Option<String>,
+    /// The server's TLS credentials: a folder with ca-cert.pem,
+    /// server-cert.pem, server-key.pem and optionally ca-crl.pem (the layout
+    /// nbdkit and QEMU use).
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+    /// Ask every TLS client for a certificate signed by ca-cert.pem (and not
+    /// revoked by ca-crl.pem); without one its handshake fails.
+    #[arg(long)]
+    pub tls_verify_peer: bool,
     /// Where the farm state lives: `embedded` (a one-server farm, in the data
     /// folder) or etcd://HOST:PORT[,HOST:PORT...] [default: embedded].
     #[arg(long, value_name = "embedded|etcd://HOST:PORT,...")]
@@ -201,6 +215,9 @@ fn resolve(args: ServerArgs) -> Result<Config> {
         tcp_user_timeout_secs: args.tcp_user_timeout_secs,
         max_connections_per_peer: args.max_connections_per_peer,
         idle_timeout_secs: args.idle_timeout_secs,
+        tls: args.tls,
+        tls_certificates: args.tls_certificates,
+        tls_verify_peer: args.tls_verify_peer,
         farm: args.farm,
         name: args.name,
         power: args.power,

@@ -103,6 +103,14 @@ impl TestServer {
         s
     }
 
+    /// Starts a server on a new data folder, with more flags.
+    pub fn start_fresh_with(extra: &[&str]) -> TestServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = TestServer::start_with(dir.path().to_path_buf(), extra);
+        s._dir = Some(dir);
+        s
+    }
+
     /// Starts a server on `data` (an existing folder keeps its state).
     pub fn start_in(data: PathBuf) -> TestServer {
         TestServer::start_with(data, &[])

@@ -1,0 +1,187 @@
+//! NBD over TLS, as the NBD spec, QEMU, nbdkit and libnbd do it: the client
+//! sends `NBD_OPT_STARTTLS`, the server acknowledges, and the TLS handshake
+//! runs on the same connection; the option haggling then starts again inside
+//! TLS, with nothing negotiated before it kept.
+//!
+//! ```text
+//!   --tls off       STARTTLS refused (NBD_REP_ERR_POLICY); plain NBD as before
+//!   --tls on        TLS if the client asks for it, plain otherwise
+//!   --tls require   FORCEDTLS: before STARTTLS every option but STARTTLS and
+//!                   ABORT gets NBD_REP_ERR_TLS_REQD; NBD_OPT_EXPORT_NAME,
+//!                   which cannot be refused, closes the connection
+//! ```
+//!
+//! Certificates come from one folder laid out as nbdkit and QEMU lay theirs
+//! out: `ca-cert.pem`, `server-cert.pem`, `server-key.pem`, and optionally
+//! `ca-crl.pem`. With `verify_peer`, a client must present a certificate
+//! from that CA (not revoked by the CRL).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+
+/// When a connection must, may or cannot use TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsMode {
+    /// STARTTLS is refused.
+    #[default]
+    Off,
+    /// TLS when the client asks for it.
+    On,
+    /// Nothing but STARTTLS and ABORT before TLS (the spec's FORCEDTLS).
+    Require,
+}
+
+impl std::str::FromStr for TlsMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<TlsMode, String> {
+        match s {
+            "off" => Ok(TlsMode::Off),
+            "on" => Ok(TlsMode::On),
+            "require" => Ok(TlsMode::Require),
+            _ => Err(format!("{s:?} is not a TLS mode: off, on or require")),
+        }
+    }
+}
+
+impl std::fmt::Display for TlsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TlsMode::Off => "off",
+            TlsMode::On => "on",
+            TlsMode::Require => "require",
+        })
+    }
+}
+
+/// A listener's TLS: its mode, and the server's credentials when it has any.
+#[derive(Clone)]
+pub struct Tls {
+    pub mode: TlsMode,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("mode", &self.mode)
+            .field("credentials", &self.acceptor.is_some())
+            .finish()
+    }
+}
+
+/// Why a certificate folder cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("--tls {0} needs certificates (--tls-certificates DIR)")]
+    NoCertificates(TlsMode),
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{}: {why}", path.display())]
+    Bad { path: PathBuf, why: String },
+}
+
+impl Tls {
+    /// Plain NBD only.
+    pub fn off() -> Tls {
+        Tls {
+            mode: TlsMode::Off,
+            acceptor: None,
+        }
+    }
+
+    /// `mode` with the credentials in `dir` (see the module docs).
+    pub fn load(mode: TlsMode, dir: Option<&Path>, verify_peer: bool) -> Result<Tls, TlsError> {
+        let Some(dir) = dir else {
+            return match mode {
+                TlsMode::Off => Ok(Tls::off()),
+                m => Err(TlsError::NoCertificates(m)),
+            };
+        };
+        let config = server_config(dir, verify_peer)?;
+        Ok(Tls {
+            mode,
+            acceptor: Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+        })
+    }
+
+    /// The acceptor for a STARTTLS, unless this listener refuses TLS.
+    pub fn acceptor(&self) -> Option<&tokio_rustls::TlsAcceptor> {
+        match self.mode {
+            TlsMode::Off => None,
+            _ => self.acceptor.as_ref(),
+        }
+    }
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let read = |source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(read)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(read)?;
+    if certs.is_empty() {
+        return Err(TlsError::Bad {
+            path: path.to_owned(),
+            why: "no certificate in it".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// The rustls server configuration for the credentials in `dir`.
+fn server_config(dir: &Path, verify_peer: bool) -> Result<ServerConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let ca_path = dir.join("ca-cert.pem");
+    let cert_path = dir.join("server-cert.pem");
+    let key_path = dir.join("server-key.pem");
+    let chain = read_certs(&cert_path)?;
+    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|source| TlsError::Read {
+        path: key_path.clone(),
+        source,
+    })?;
+    let bad = |path: &Path, why: String| TlsError::Bad {
+        path: path.to_owned(),
+        why,
+    };
+    let verifier = if verify_peer {
+        let mut roots = RootCertStore::empty();
+        for ca in read_certs(&ca_path)? {
+            roots
+                .add(ca)
+                .map_err(|e| bad(&ca_path, format!("not a CA certificate: {e}")))?;
+        }
+        let crl_path = dir.join("ca-crl.pem");
+        let crls = match crl_path.exists() {
+            true => CertificateRevocationListDer::pem_file_iter(&crl_path)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|source| TlsError::Read {
+                    path: crl_path.clone(),
+                    source,
+                })?,
+            false => Vec::new(),
+        };
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .with_crls(crls)
+            .build()
+            .map_err(|e| bad(&ca_path, format!("cannot verify clients with it: {e}")))?
+    } else {
+        WebPkiClientVerifier::no_client_auth()
+    };
+    ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(dir, e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| bad(&cert_path, format!("with {}: {e}", key_path.display())))
+}
