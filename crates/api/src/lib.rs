@@ -70,6 +70,10 @@ pub struct SetVDisk {
     pub cache_limit: Option<u64>,
     #[serde(default)]
     pub cache_type: Option<CacheType>,
+    /// Whether clients without a device's certificate may read its
+    /// versions on a server with TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anonymous_read: Option<bool>,
 }
 
 /// Changes to a device.

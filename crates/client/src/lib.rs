@@ -442,6 +442,12 @@ impl Client {
         self.post_empty(&path)
     }
 
+    /// `POST /api/v1/devices/NAME/revoke`: the device's certificates so far
+    /// open nothing any more.
+    pub fn revoke_device(&self, name: &str) -> Result<Device> {
+        self.post_empty_for(&api_path(&["devices", name, "revoke"]))
+    }
+
     /// `PUT /api/v1/vdisks/NAME/content[?store=STORE]`: uploads `body`, an
     /// extent stream (`vstream_api::extents`), as the new vDisk `name`. The
     /// body goes out with chunked transfer encoding as it is produced.

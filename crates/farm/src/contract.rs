@@ -108,6 +108,7 @@ fn vdisk(name: &str) -> VDisk {
         created_unix: 1_700_000_000,
         store: vstream_model::default_store(),
         boot: Default::default(),
+        anonymous_read: false,
     }
 }
 
@@ -118,6 +119,7 @@ fn device(name: &str, mac: &str, vdisk: &str) -> Device {
         vdisk: vdisk.into(),
         created_unix: 1_700_000_100,
         kind: Default::default(),
+        credentials_revoked_unix: None,
     }
 }
 

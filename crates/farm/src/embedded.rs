@@ -415,6 +415,7 @@ mod tests {
             created_unix: 1_700_000_000,
             store: vstream_model::default_store(),
             boot: Default::default(),
+            anonymous_read: false,
         };
         let device = Device {
             name: "pc1".into(),
@@ -422,6 +423,7 @@ mod tests {
             vdisk: "base".into(),
             created_unix: 1_700_000_001,
             kind: Default::default(),
+            credentials_revoked_unix: None,
         };
         let last_revision = {
             let store = FarmStore::embedded(&path).expect("open");

@@ -111,6 +111,14 @@ impl DeviceKey {
             "{text:?} is neither a device name nor a MAC address"
         )))
     }
+
+    /// True if this key names `device`.
+    pub fn names(&self, device: &Device) -> bool {
+        match self {
+            DeviceKey::Mac(mac) => device.mac == *mac,
+            DeviceKey::Name(name) => device.name == *name,
+        }
+    }
 }
 
 fn checked_name(kind: RecordKind, name: &str) -> Result<(), FarmError> {
@@ -564,6 +572,7 @@ mod tests {
             created_unix: 1_700_000_000,
             store: vstream_model::default_store(),
             boot: Default::default(),
+            anonymous_read: false,
         }
     }
 
@@ -574,6 +583,7 @@ mod tests {
             vdisk: "base".into(),
             created_unix: 1_700_000_100,
             kind: Default::default(),
+            credentials_revoked_unix: None,
         }
     }
 
@@ -718,6 +728,7 @@ mod tests {
             vdisk: "b".into(),
             created_unix: 0,
             kind: Default::default(),
+            credentials_revoked_unix: None,
         }));
     }
 }

@@ -121,6 +121,7 @@ fn vdisk(name: &str) -> VDisk {
         created_unix: 1_700_000_000,
         store: vstream_model::default_store(),
         boot: Default::default(),
+        anonymous_read: false,
     }
 }
 

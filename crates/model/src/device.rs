@@ -51,6 +51,26 @@ pub struct Device {
     pub created_unix: u64,
     #[serde(default, rename = "type")]
     pub kind: DeviceType,
+    /// Set by `vstream device revoke`: every client certificate of the
+    /// device that became valid at or before this time (seconds since the
+    /// Unix epoch) is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_revoked_unix: Option<u64>,
+}
+
+impl Device {
+    /// Why a certificate of this device that became valid at `not_before`
+    /// (Unix seconds) no longer opens anything, if it does not.
+    pub fn revoked(&self, not_before: i64) -> Option<String> {
+        let at = self.credentials_revoked_unix?;
+        (not_before <= at as i64).then(|| {
+            format!(
+                "device {}'s credentials were revoked at {at} (Unix time); this certificate \
+                 became valid at {not_before}",
+                self.name
+            )
+        })
+    }
 }
 
 /// The six octets of a MAC address in one of its usual spellings, any case:

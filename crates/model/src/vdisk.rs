@@ -91,6 +91,11 @@ pub struct VDisk {
     /// What a device network-boots before it streams this vDisk.
     #[serde(default, skip_serializing_if = "BootFiles::is_empty")]
     pub boot: BootFiles,
+    /// On a server with TLS, clients without a device's certificate (tools)
+    /// may read its versions; devices of other vDisks may too. Off by
+    /// default: a golden image holds secrets.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub anonymous_read: bool,
 }
 
 /// The store of a vDisk made without naming one: each server's data folder.

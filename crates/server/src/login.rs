@@ -286,6 +286,7 @@ mod tests {
                 vdisk: "win".into(),
                 kind,
                 created_unix: 0,
+                credentials_revoked_unix: None,
             }],
             vdisks: vec![VDisk {
                 name: "win".into(),
@@ -296,6 +297,7 @@ mod tests {
                 created_unix: 0,
                 store: vstream_api::default_store(),
                 boot: Default::default(),
+                anonymous_read: false,
             }],
             servers,
             ..View::default()

@@ -508,6 +508,7 @@ mod tests {
             vdisk: "v".into(),
             created_unix: 0,
             kind: Default::default(),
+            credentials_revoked_unix: None,
         }
     }
 

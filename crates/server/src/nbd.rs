@@ -12,21 +12,13 @@ impl Exports for Sessions {
     fn open<'a>(
         self: Arc<Self>,
         name: &'a str,
-        peer: &'a str,
+        client: &'a Client,
         go: bool,
     ) -> BoxFuture<'a, Result<Export, OpenError>> {
-        Box::pin(async move { self.open_export(name, peer, go).await })
+        Box::pin(async move { self.open_export(name, client, go).await })
     }
-    fn list(&self) -> Vec<(String, String)> {
-        self.store
-            .list()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|n| {
-                let d = format!("vDisk {n} (read-only)");
-                (n, d)
-            })
-            .collect()
+    fn list(&self, client: &Client) -> Vec<(String, String)> {
+        self.listed(client)
     }
     fn structured_replies(&self) -> bool {
         self.config.structured_replies

@@ -25,7 +25,11 @@ use crate::config::Config;
 use crate::membership::Membership;
 use crate::quarantine::Quarantine;
 use crate::replication::state::Replication;
+use access::Wants;
 use vstream_service::metrics::Metrics;
+use vstream_service::Client;
+
+mod access;
 
 /// The sessions of one server, with the handles opening an export takes.
 pub struct Sessions {
@@ -276,18 +280,25 @@ impl Sessions {
     }
 
     /// Resolves an export name for a new connection (`go`) or for a query.
+    /// `client` opens only what [`access`] lets it.
     pub async fn open_export(
         self: &Arc<Self>,
         name: &str,
-        peer: &str,
+        client: &Client,
         go: bool,
     ) -> Result<Export, OpenError> {
         check_export_name(name)?;
         let (bare, boot) = split_boot(name)?;
+        let holder = self.holder(client).await?;
+        let peer = client.addr.as_str();
         if let Some(dev) = bare.strip_prefix("device/") {
+            self.admit(&holder, Wants::Device(dev)).await?;
             return self.open_device(dev, boot, peer, go).await;
         }
         if let Some(rest) = bare.strip_prefix("base/") {
+            if let Some((key, _, _)) = crate::login::parse_base_export(rest) {
+                self.admit(&holder, Wants::Device(key)).await?;
+            }
             return self.open_base(rest, boot, peer, go).await;
         }
         let (vdisk, version) = match name.split_once('@') {
@@ -303,6 +314,7 @@ impl Sessions {
         if vdisk.is_empty() || vdisk.contains('/') || !self.store.exists(vdisk) {
             return Err(OpenError::Unknown(name.to_owned()));
         }
+        self.admit(&holder, Wants::VDisk(vdisk)).await?;
         let chain = match version {
             Some(n) => self
                 .store

@@ -10,8 +10,8 @@ use vstream_nbd::handshake::{
 };
 use vstream_nbd::*;
 
-use crate::metrics::Metrics;
-use crate::tls::TlsMode;
+use crate::metrics::Refusal;
+use crate::tls::{Client, TlsMode};
 use crate::{Export, Exports, OpenError};
 
 /// Largest request payload we accept (READ length or WRITE data).
@@ -65,6 +65,8 @@ pub enum HandshakeError {
     TlsRequired(String),
     #[error("the client sent more after NBD_OPT_STARTTLS before the TLS handshake")]
     DataAfterStartTls,
+    #[error("{0}")]
+    Certificate(String),
     #[error("TLS handshake failed: {0}")]
     Tls(std::io::Error),
 }
@@ -105,13 +107,14 @@ where
 pub async fn options<S>(
     stream: &mut S,
     exports: &Arc<dyn Exports>,
-    peer: &str,
+    client: &Client,
     no_zeroes: bool,
     phase: Phase,
 ) -> Result<Outcome, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let peer = client.addr.as_str();
     let mut out = Vec::with_capacity(256);
     let mut buf = BytesMut::with_capacity(1024);
     let mut structured = false;
@@ -131,9 +134,12 @@ where
         if phase == Phase::Plain(TlsMode::Require) {
             match option {
                 ClientOption::StartTls | ClientOption::Abort => {}
-                ClientOption::ExportName(name) => return Err(HandshakeError::TlsRequired(name)),
+                ClientOption::ExportName(name) => {
+                    exports.metrics().refused(Refusal::NoTls);
+                    return Err(HandshakeError::TlsRequired(name));
+                }
                 _ => {
-                    Metrics::add(&exports.metrics().tls_refusals, 1);
+                    exports.metrics().refused(Refusal::NoTls);
                     encode_option_error(
                         &mut out,
                         code,
@@ -147,7 +153,9 @@ where
         }
         match option {
             ClientOption::ExportName(name) => {
-                let export = exports.clone().open(&name, peer, true).await.map_err(|e| {
+                let opened = exports.clone().open(&name, client, true).await;
+                let export = opened.map_err(|e| {
+                    count_denial(exports, &e);
                     HandshakeError::ExportName {
                         name: name.clone(),
                         reason: e.to_string(),
@@ -169,7 +177,7 @@ where
                 return Ok(Outcome::Abort);
             }
             ClientOption::List => {
-                for (name, description) in exports.list() {
+                for (name, description) in exports.list(client) {
                     encode_rep_server(&mut out, &name, &description);
                 }
                 encode_option_reply(&mut out, code, REP_ACK, &[]);
@@ -206,7 +214,8 @@ where
                         REP_ERR_INVALID,
                         "negotiate structured replies first",
                     );
-                } else if let Err(e) = exports.clone().open(&export, peer, false).await {
+                } else if let Err(e) = exports.clone().open(&export, client, false).await {
+                    count_denial(exports, &e);
                     encode_option_error(&mut out, code, open_error_reply(&e), &e.to_string());
                 } else {
                     let wanted =
@@ -226,8 +235,9 @@ where
                 }
             }
             ClientOption::Info { go, name, requests } => {
-                match exports.clone().open(&name, peer, go).await {
+                match exports.clone().open(&name, client, go).await {
                     Err(e) => {
+                        count_denial(exports, &e);
                         tracing::info!(%peer, export = %name, reason = %e, "export refused");
                         encode_option_error(&mut out, code, open_error_reply(&e), &e.to_string());
                     }
@@ -290,10 +300,17 @@ where
     Err(HandshakeError::TooManyOptions)
 }
 
+/// Counts a refusal of policy by its reason.
+fn count_denial(exports: &Arc<dyn Exports>, e: &OpenError) {
+    if let OpenError::Denied(why, _) = e {
+        exports.metrics().refused(*why);
+    }
+}
+
 fn open_error_reply(e: &OpenError) -> u32 {
     match e {
         OpenError::Unknown(_) | OpenError::Invalid(..) => REP_ERR_UNKNOWN,
-        OpenError::Refused(_) => REP_ERR_POLICY,
+        OpenError::Refused(_) | OpenError::Denied(..) => REP_ERR_POLICY,
         OpenError::Failed(_) => REP_ERR_PLATFORM,
     }
 }

@@ -38,7 +38,8 @@ use std::path::PathBuf;
 pub use crate::limits::Limits;
 use crate::limits::RefusalLog;
 use crate::metrics::Metrics;
-pub use crate::tls::{Tls, TlsMode};
+pub use crate::metrics::Refusal;
+pub use crate::tls::{Certificate, Client, Tls, TlsMode};
 use handshake::{HandshakeError, Outcome, Phase};
 use transmission::Ending;
 pub use vstream_pipeline::Backend;
@@ -81,6 +82,10 @@ pub enum OpenError {
     Invalid(String, String),
     #[error("{0}")]
     Refused(String),
+    /// Not this client's to open (`NBD_REP_ERR_POLICY`); counted and logged
+    /// by reason.
+    #[error("{1}")]
+    Denied(Refusal, String),
     #[error("{0}")]
     Failed(String),
 }
@@ -117,14 +122,15 @@ pub async fn wait_for_signal() {
 /// exports, or the one device of a `vstream target` agent.
 pub trait Exports: Send + Sync + 'static {
     /// Resolves an export name for a new connection (`go`) or for a query.
+    /// `client` says who asks: its address, and what its certificate proves.
     fn open<'a>(
         self: Arc<Self>,
         name: &'a str,
-        peer: &'a str,
+        client: &'a Client,
         go: bool,
     ) -> BoxFuture<'a, Result<Export, OpenError>>;
-    /// Names and descriptions for NBD_OPT_LIST.
-    fn list(&self) -> Vec<(String, String)>;
+    /// Names and descriptions for NBD_OPT_LIST: what `client` may open.
+    fn list(&self, client: &Client) -> Vec<(String, String)>;
     fn structured_replies(&self) -> bool;
     fn handshake_timeout(&self) -> Duration;
     /// How long a connection to `export` may go without a request before it
@@ -302,20 +308,33 @@ where
     let tls = exports.tls();
     let no_zeroes = handshake::greet(&mut stream).await?;
     let mode = tls.acceptor().map_or(TlsMode::Off, |_| tls.mode);
+    let client = Client::plain(peer);
     let outcome =
-        handshake::options(&mut stream, exports, peer, no_zeroes, Phase::Plain(mode)).await?;
+        handshake::options(&mut stream, exports, &client, no_zeroes, Phase::Plain(mode)).await?;
     let (Outcome::StartTls, Some(acceptor)) = (&outcome, tls.acceptor()) else {
         return Ok(Handshaken::Plain(stream, outcome));
     };
     let mut stream = match acceptor.accept(stream).await {
         Ok(s) => Box::new(s),
         Err(e) => {
-            Metrics::add(&exports.metrics().tls_failures, 1);
+            exports.metrics().refused(Refusal::BadCertificate);
             return Err(HandshakeError::Tls(e));
         }
     };
     Metrics::add(&exports.metrics().tls_connections, 1);
-    let outcome = handshake::options(&mut stream, exports, peer, no_zeroes, Phase::Tls).await?;
+    let certificate = match stream.get_ref().1.peer_certificates() {
+        Some([leaf, ..]) => Some(Certificate::from_der(leaf).map_err(HandshakeError::Certificate)?),
+        _ => None,
+    };
+    if let Some(c) = &certificate {
+        tracing::debug!(%peer, name = ?c.name, serial = %c.serial, "client certificate");
+    }
+    let client = Client {
+        addr: peer.to_owned(),
+        tls: true,
+        certificate,
+    };
+    let outcome = handshake::options(&mut stream, exports, &client, no_zeroes, Phase::Tls).await?;
     Ok(Handshaken::Tls(stream, outcome))
 }
 

@@ -14,11 +14,57 @@ pub struct Metrics {
     pub request_errors: AtomicU64,
     /// Connections that went on inside TLS.
     pub tls_connections: AtomicU64,
-    /// Options refused because TLS is required and was not started.
-    pub tls_refusals: AtomicU64,
-    /// TLS handshakes that failed (a bad or missing certificate, a client
-    /// that is no TLS client).
-    pub tls_failures: AtomicU64,
+    /// Refusals, by [`Refusal`].
+    refusals: [AtomicU64; Refusal::ALL.len()],
+}
+
+/// Why a client was refused, as the logs and `vstream_nbd_refusals_total`
+/// name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// An option before STARTTLS on a server that requires TLS.
+    NoTls,
+    /// A TLS handshake that failed: a certificate of another CA, none where
+    /// one is required, an expired or revoked (CRL) one, or no TLS client.
+    BadCertificate,
+    /// No client certificate, and the export is not open to anonymous
+    /// readers.
+    Anonymous,
+    /// A certificate that names no device of the farm.
+    UnknownDevice,
+    /// A device's certificate on an export that is not the device's own.
+    WrongExport,
+    /// A certificate issued before its device's credentials were revoked.
+    Revoked,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 6] = [
+        Refusal::NoTls,
+        Refusal::BadCertificate,
+        Refusal::Anonymous,
+        Refusal::UnknownDevice,
+        Refusal::WrongExport,
+        Refusal::Revoked,
+    ];
+
+    /// The metric label and log word.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::NoTls => "no_tls",
+            Refusal::BadCertificate => "bad_certificate",
+            Refusal::Anonymous => "anonymous",
+            Refusal::UnknownDevice => "unknown_device",
+            Refusal::WrongExport => "wrong_export",
+            Refusal::Revoked => "revoked",
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
 }
 
 impl Metrics {
@@ -26,10 +72,20 @@ impl Metrics {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Counts one refusal.
+    pub fn refused(&self, why: Refusal) {
+        Metrics::add(&self.refusals[why as usize], 1);
+    }
+
+    /// Refusals for `why` so far.
+    pub fn refusals(&self, why: Refusal) -> u64 {
+        self.refusals[why as usize].load(Ordering::Relaxed)
+    }
+
     /// Prometheus text exposition, with `extra` rows (name, type, help, value).
     pub fn render(&self, extra: &[(&str, &str, &str, &AtomicU64)]) -> String {
         let mut out = String::new();
-        let rows: [(&str, &str, &str, &AtomicU64); 10] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 8] = [
             (
                 "vstream_nbd_connections_total",
                 "counter",
@@ -78,18 +134,6 @@ impl Metrics {
                 "NBD connections that went on inside TLS",
                 &self.tls_connections,
             ),
-            (
-                "vstream_nbd_tls_required_refusals_total",
-                "counter",
-                "options refused because TLS is required and was not started",
-                &self.tls_refusals,
-            ),
-            (
-                "vstream_nbd_tls_handshake_failures_total",
-                "counter",
-                "TLS handshakes that failed (bad or missing certificate, not a TLS client)",
-                &self.tls_failures,
-            ),
         ];
         for &(name, kind, help, v) in rows.iter().chain(extra) {
             let _ = writeln!(
@@ -97,6 +141,14 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
                 v.load(Ordering::Relaxed)
             );
+        }
+        let name = "vstream_nbd_refusals_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} clients refused, by reason\n# TYPE {name} counter"
+        );
+        for why in Refusal::ALL {
+            let _ = writeln!(out, "{name}{{reason=\"{why}\"}} {}", self.refusals(why));
         }
         out
     }

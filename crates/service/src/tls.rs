@@ -13,8 +13,9 @@
 //!
 //! Certificates come from one folder laid out as nbdkit and QEMU lay theirs
 //! out: `ca-cert.pem`, `server-cert.pem`, `server-key.pem`, and optionally
-//! `ca-crl.pem`. With `verify_peer`, a client must present a certificate
-//! from that CA (not revoked by the CRL).
+//! `ca-crl.pem`. With a CA, a client may present a certificate from it (not
+//! revoked by the CRL), which names the client ([`Certificate`]); with
+//! `verify_peer` it must.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -154,7 +155,9 @@ fn server_config(dir: &Path, verify_peer: bool) -> Result<ServerConfig, TlsError
         path: path.to_owned(),
         why,
     };
-    let verifier = if verify_peer {
+    // With a CA, a client certificate is asked for and, when shown,
+    // checked: it names the device. `verify_peer` makes it required.
+    let verifier = if verify_peer || ca_path.exists() {
         let mut roots = RootCertStore::empty();
         for ca in read_certs(&ca_path)? {
             roots
@@ -171,10 +174,15 @@ fn server_config(dir: &Path, verify_peer: bool) -> Result<ServerConfig, TlsError
                 })?,
             false => Vec::new(),
         };
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .with_crls(crls)
-            .build()
-            .map_err(|e| bad(&ca_path, format!("cannot verify clients with it: {e}")))?
+        let builder =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .with_crls(crls);
+        match verify_peer {
+            true => builder,
+            false => builder.allow_unauthenticated(),
+        }
+        .build()
+        .map_err(|e| bad(&ca_path, format!("cannot verify clients with it: {e}")))?
     } else {
         WebPkiClientVerifier::no_client_auth()
     };
@@ -184,4 +192,58 @@ fn server_config(dir: &Path, verify_peer: bool) -> Result<ServerConfig, TlsError
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(|e| bad(&cert_path, format!("with {}: {e}", key_path.display())))
+}
+
+/// What a verified client certificate says about its holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Certificate {
+    /// The subject's common name: the device it names (a device's name or
+    /// MAC). `None` if the subject has no CN.
+    pub name: Option<String>,
+    /// The start of its validity, in seconds since the Unix epoch: a
+    /// device's credentials revoked at time T refuse every certificate that
+    /// became valid up to T.
+    pub not_before: i64,
+    /// The serial number, in hex, for the logs.
+    pub serial: String,
+}
+
+impl Certificate {
+    /// Reads the leaf certificate (DER) a TLS handshake verified.
+    pub fn from_der(der: &[u8]) -> Result<Certificate, String> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| format!("unreadable client certificate: {e}"))?;
+        let name = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_owned);
+        Ok(Certificate {
+            name,
+            not_before: cert.validity().not_before.timestamp(),
+            serial: cert.raw_serial_as_string(),
+        })
+    }
+}
+
+/// Who is at the other end of one connection.
+#[derive(Debug, Clone, Default)]
+pub struct Client {
+    /// Its address, for the logs.
+    pub addr: String,
+    /// The connection went on inside TLS.
+    pub tls: bool,
+    /// The client certificate the TLS handshake verified, if it showed one.
+    pub certificate: Option<Certificate>,
+}
+
+impl Client {
+    /// A client known by its address only.
+    pub fn plain(addr: &str) -> Client {
+        Client {
+            addr: addr.to_owned(),
+            ..Client::default()
+        }
+    }
 }

@@ -70,7 +70,7 @@ impl Exports for Device {
     fn open<'a>(
         self: Arc<Self>,
         name: &'a str,
-        _peer: &'a str,
+        _client: &'a vstream_service::Client,
         _go: bool,
     ) -> BoxFuture<'a, Result<Export, OpenError>> {
         Box::pin(async move {
@@ -86,7 +86,7 @@ impl Exports for Device {
             })
         })
     }
-    fn list(&self) -> Vec<(String, String)> {
+    fn list(&self, _client: &vstream_service::Client) -> Vec<(String, String)> {
         vec![(self.name.clone(), self.description.clone())]
     }
     fn structured_replies(&self) -> bool {

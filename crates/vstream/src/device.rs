@@ -44,6 +44,10 @@ pub enum DeviceCommand {
     Remove(NameArg),
     /// Reset a device (its session and write cache; see the server's docs).
     Reset(ResetArgs),
+    /// Revoke the device's credentials: every client certificate it holds
+    /// now opens nothing from its next connection on, on every server, even
+    /// while the certificate is still valid.
+    Revoke(NameArg),
 }
 
 #[derive(Debug, Args)]
@@ -103,6 +107,14 @@ pub fn run(args: DeviceArgs) -> Result<()> {
         DeviceCommand::Reset(a) => {
             client.reset_device(&a.name, a.force)?;
             print(&format!("reset device {}\n", a.name))
+        }
+        DeviceCommand::Revoke(a) => {
+            let d = client.revoke_device(&a.name)?;
+            print(&format!(
+                "revoked the credentials of device {} issued up to {} (Unix time)\n",
+                d.name,
+                d.credentials_revoked_unix.unwrap_or_default()
+            ))
         }
     }
 }
@@ -198,7 +210,7 @@ fn device_fields(i: &DeviceInfo) -> String {
         (true, Some(t)) => format!("yes, since {}", format_unix_time(t)),
         (c, _) => yes_no(c).to_string(),
     };
-    render_fields(&[
+    let mut fields = vec![
         ("name", d.name.clone()),
         ("mac", d.mac.clone()),
         ("vdisk", d.vdisk.clone()),
@@ -222,7 +234,14 @@ fn device_fields(i: &DeviceInfo) -> String {
             },
         ),
         ("created", format_unix_time(d.created_unix)),
-    ])
+    ];
+    if let Some(t) = d.credentials_revoked_unix {
+        fields.push((
+            "revoked",
+            format!("credentials issued up to {}", format_unix_time(t)),
+        ));
+    }
+    render_fields(&fields)
 }
 
 fn yes_no(b: bool) -> &'static str {
@@ -246,6 +265,7 @@ mod tests {
                 vdisk: "win10".into(),
                 created_unix: 1_700_000_000,
                 kind: DeviceType::Production,
+                credentials_revoked_unix: None,
             },
             connected: peer.is_some(),
             connected_since: peer.map(|_| 1_700_000_060),

@@ -68,7 +68,7 @@ pub struct CreateArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("change").required(true).multiple(true).args(["mode", "cache_limit", "cache_type", "kernel", "initrd", "cmdline"])))]
+#[command(group(ArgGroup::new("change").required(true).multiple(true).args(["mode", "cache_limit", "cache_type", "anonymous_read", "kernel", "initrd", "cmdline"])))]
 pub struct SetArgs {
     pub name: String,
     /// private: one device reads and writes the vDisk itself; standard: many
@@ -83,6 +83,11 @@ pub struct SetArgs {
     /// target --cache`; the device can then fail over between servers).
     #[arg(long, value_name = "server|device", value_parser = parse_cache_type)]
     pub cache_type: Option<CacheType>,
+    /// on: on servers with TLS, clients without a device's certificate
+    /// (tools such as nbdinfo or qemu-img) may read its versions, read-only.
+    /// off (the default): only its own devices read it.
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    pub anonymous_read: Option<bool>,
     /// The Linux kernel devices network-boot with (`/boot/ipxe`); it is
     /// copied to every server of the farm.
     #[arg(long, value_name = "FILE")]
@@ -103,6 +108,14 @@ fn parse_cache_type(s: &str) -> Result<CacheType, String> {
 
 fn parse_mode(s: &str) -> Result<Mode, String> {
     s.parse()
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{s:?}: expected on or off")),
+    }
 }
 
 pub fn run(args: VDiskArgs) -> Result<()> {
@@ -208,6 +221,10 @@ fn vdisk_fields(i: &VDiskInfo) -> String {
             v.cache_limit
                 .map_or_else(|| "the vDisk size".to_string(), human_size),
         ),
+        (
+            "anonymous read",
+            if v.anonymous_read { "on" } else { "off" }.to_string(),
+        ),
         ("content hash", hash),
         ("allocated", human_size(i.allocated)),
         ("connected devices", connected),
@@ -241,21 +258,32 @@ fn boot_file(f: Option<&vstream_api::BootFile>) -> String {
 fn set(client: &Client, a: SetArgs) -> Result<()> {
     let boot = a.kernel.is_some() || a.initrd.is_some() || a.cmdline.is_some();
     let mut out = String::new();
-    if a.mode.is_some() || a.cache_limit.is_some() || a.cache_type.is_some() || !boot {
+    if a.mode.is_some()
+        || a.cache_limit.is_some()
+        || a.cache_type.is_some()
+        || a.anonymous_read.is_some()
+        || !boot
+    {
         let body = SetVDisk {
             mode: a.mode,
             cache_limit: a.cache_limit,
             cache_type: a.cache_type,
+            anonymous_read: a.anonymous_read,
         };
         let updated = client.set_vdisk(&a.name, &body)?;
         out += &match updated {
             Some(v) => format!(
-                "vDisk {}: mode {}, cache {}, cache limit {}\n",
+                "vDisk {}: mode {}, cache {}, cache limit {}{}\n",
                 v.name,
                 v.mode,
                 v.cache_type,
                 v.cache_limit
-                    .map_or_else(|| "the vDisk size".to_string(), human_size)
+                    .map_or_else(|| "the vDisk size".to_string(), human_size),
+                if v.anonymous_read {
+                    ", anonymous read on"
+                } else {
+                    ""
+                }
             ),
             None => format!("updated vDisk {}\n", a.name),
         };
@@ -320,6 +348,7 @@ mod tests {
                 created_unix: 1_700_000_000,
                 store: vstream_api::default_store(),
                 boot: Default::default(),
+                anonymous_read: false,
             },
             content_hash: "0123456789abcdef".repeat(4),
             allocated: 3 << 29,
@@ -353,6 +382,7 @@ mod tests {
              mode:              standard\n\
              cache type:        server\n\
              cache limit:       the vDisk size\n\
+             anonymous read:    off\n\
              content hash:      {}\n\
              allocated:         1.5 GiB\n\
              connected devices: pc1, pc2\n\

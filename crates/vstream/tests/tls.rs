@@ -32,9 +32,13 @@ impl Pki {
     fn server(&self) -> PathBuf {
         self.path("server")
     }
-    /// ca-cert.pem, client-cert.pem, client-key.pem.
+    /// ca-cert.pem, client-cert.pem, client-key.pem: device pc1's credentials.
     fn client(&self) -> PathBuf {
-        self.path("client")
+        self.device("pc1")
+    }
+    /// The credentials of device NAME (pc1, pc2, or ghost: no device).
+    fn device(&self, name: &str) -> PathBuf {
+        self.path(&format!("device-{name}"))
     }
     /// A client whose certificate another CA signed (and who trusts that CA).
     fn stranger(&self) -> PathBuf {
@@ -143,33 +147,33 @@ fn make_pki() -> Option<Pki> {
             "signing_key",
         ],
     );
-    let client = [
-        "organization = vstream test",
-        "cn = dev-pc1",
-        "tls_www_client",
-        "encryption_key",
-        "signing_key",
-    ];
-    make_cert(d, "ca", "client", &client);
-    make_cert(d, "other-ca", "stranger", &client);
-    layout(
-        d,
-        "server",
-        &[
-            ("ca-cert.pem", "ca-cert.pem"),
-            ("server-cert.pem", "server-cert.pem"),
-            ("server-key.pem", "server-key.pem"),
-        ],
-    );
-    layout(
-        d,
-        "client",
-        &[
-            ("ca-cert.pem", "ca-cert.pem"),
-            ("client-cert.pem", "client-cert.pem"),
-            ("client-key.pem", "client-key.pem"),
-        ],
-    );
+    let client = |cn: &str| {
+        [
+            "organization = vstream test".to_string(),
+            format!("cn = {cn}"),
+            "tls_www_client".into(),
+            "encryption_key".into(),
+            "signing_key".into(),
+        ]
+    };
+    for name in ["pc1", "pc2", "ghost"] {
+        let lines = client(name);
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        make_cert(d, "ca", name, &lines);
+        layout(
+            d,
+            &format!("device-{name}"),
+            &[
+                ("ca-cert.pem", "ca-cert.pem"),
+                ("client-cert.pem", &format!("{name}-cert.pem")),
+                ("client-key.pem", &format!("{name}-key.pem")),
+            ],
+        );
+    }
+    // Another CA's certificate for the same device name.
+    let lines = client("pc1");
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    make_cert(d, "other-ca", "stranger", &lines);
     layout(
         d,
         "stranger",
@@ -179,8 +183,21 @@ fn make_pki() -> Option<Pki> {
             ("client-key.pem", "stranger-key.pem"),
         ],
     );
+    layout(
+        d,
+        "server",
+        &[
+            ("ca-cert.pem", "ca-cert.pem"),
+            ("server-cert.pem", "server-cert.pem"),
+            ("server-key.pem", "server-key.pem"),
+        ],
+    );
     layout(d, "anonymous", &[("ca-cert.pem", "ca-cert.pem")]);
     Some(Pki { dir })
+}
+
+fn add_device(server: &TestServer, name: &str, mac: &str, vdisk: &str) {
+    server.cli_ok(&["device", "add", name, "--mac", mac, "--vdisk", vdisk]);
 }
 
 /// `nbdinfo nbds://…/EXPORT?tls-certificates=DIR` (TLS required by the client).
@@ -225,6 +242,8 @@ fn tls_required_serves_real_tls_clients_and_refuses_plain_ones() {
     let raw = work.path().join("v.raw");
     random_image(&raw, 4 * MIB, 18);
     server.cli_ok(&["vdisk", "import", "v", raw.to_str().unwrap()]);
+    // pc1's certificate reads pc1's vDisk.
+    add_device(&server, "pc1", "52:54:00:00:00:01", "v");
 
     let out = nbdinfo_tls(&server, "v", &pki.client());
     let info = text(&out);
@@ -280,7 +299,7 @@ fn tls_required_serves_real_tls_clients_and_refuses_plain_ones() {
         "a plain nbdinfo read a TLS-only server: {}",
         text(&out)
     );
-    assert!(server.metric("vstream_nbd_tls_required_refusals_total") >= 2);
+    assert!(server.metric(r#"vstream_nbd_refusals_total{reason="no_tls"}"#) >= 2);
 
     // NBD_OPT_EXPORT_NAME cannot be refused: the connection closes, nothing served.
     let mut s = TcpStream::connect(("127.0.0.1", server.nbd_port)).unwrap();
@@ -375,6 +394,7 @@ fn verify_peer_refuses_other_cas_and_clients_without_a_certificate() {
     let raw = work.path().join("v.raw");
     random_image(&raw, MIB, 20);
     server.cli_ok(&["vdisk", "import", "v", raw.to_str().unwrap()]);
+    add_device(&server, "pc1", "52:54:00:00:00:01", "v");
     for (who, creds) in [
         ("another CA's client", pki.stranger()),
         ("a client without a certificate", pki.anonymous()),
@@ -382,7 +402,7 @@ fn verify_peer_refuses_other_cas_and_clients_without_a_certificate() {
         let out = nbdinfo_tls(&server, "v", &creds);
         assert!(!out.status.success(), "{who} got in: {}", text(&out));
     }
-    assert!(server.metric("vstream_nbd_tls_handshake_failures_total") >= 2);
+    assert!(server.metric(r#"vstream_nbd_refusals_total{reason="bad_certificate"}"#) >= 2);
     assert!(
         server.log_text().contains("refused: TLS handshake failed"),
         "the refusals are not in the log"
@@ -436,4 +456,185 @@ fn a_server_with_bad_certificates_stops_with_a_clear_error() {
         .unwrap();
     assert!(!out.status.success());
     assert!(text(&out).contains("--tls-certificates"), "{}", text(&out));
+}
+
+/// `nbdinfo --list` over TLS with the credentials in DIR: its output, which
+/// names every export the server listed.
+fn nbdinfo_list(server: &TestServer, creds: &Path) -> String {
+    let url = format!(
+        "nbds://127.0.0.1:{}/?tls-certificates={}",
+        server.nbd_port,
+        creds.display()
+    );
+    let out = Command::new("nbdinfo")
+        .args(["--list", &url])
+        .output()
+        .expect("running nbdinfo");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The export names in `nbdinfo --list` output (`export="NAME":` lines).
+fn listed(out: &str) -> Vec<String> {
+    let mut names: Vec<String> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("export=\"")?.strip_suffix("\":"))
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    names
+}
+
+fn refusals(server: &TestServer, reason: &str) -> u64 {
+    server.metric(&format!(
+        r#"vstream_nbd_refusals_total{{reason="{reason}"}}"#
+    ))
+}
+
+#[test]
+fn a_device_certificate_opens_only_its_own_disk() {
+    let (Some(pki), true, true) = (make_pki(), have("nbdinfo"), have("qemu-io")) else {
+        return;
+    };
+    let server_dir = pki.server();
+    // TLS on, not required: plain clients come in too, as anonymous ones.
+    let server = TestServer::start_fresh_with(&[
+        "--tls",
+        "on",
+        "--tls-certificates",
+        server_dir.to_str().unwrap(),
+    ]);
+    let work = tempfile::tempdir().unwrap();
+    for (i, name) in ["alpha", "beta"].iter().enumerate() {
+        let raw = work.path().join(format!("{name}.raw"));
+        random_image(&raw, MIB, 30 + i as u64);
+        server.cli_ok(&["vdisk", "import", name, raw.to_str().unwrap()]);
+    }
+    add_device(&server, "pc1", "52:54:00:00:00:01", "alpha");
+    add_device(&server, "pc2", "52:54:00:00:00:02", "beta");
+    let pc1 = pki.device("pc1");
+    let opens = |export: &str, creds: &Path| nbdinfo_tls(&server, export, creds).status.success();
+
+    // pc1's certificate: its own disk (by name or MAC, any spelling) and its
+    // vDisk, read and written through QEMU.
+    for export in ["device/pc1", "device/52-54-00-00-00-01", "alpha"] {
+        let out = nbdinfo_tls(&server, export, &pc1);
+        assert!(
+            out.status.success(),
+            "pc1 cannot open {export}: {}",
+            text(&out)
+        );
+    }
+    let mut args = vec!["-c".to_string(), "write -P 0x5a 0 64k".into()];
+    args.extend(["-c".into(), "read -P 0x5a 0 64k".into()]);
+    args.extend(qemu_tls(&server, "device/pc1", &pc1));
+    let out = Command::new("qemu-io").args(&args).output().unwrap();
+    assert!(
+        out.status.success() && !text(&out).contains("Pattern verification failed"),
+        "pc1 writing its own disk: {}",
+        text(&out)
+    );
+    // Nothing of another device's.
+    for export in ["device/pc2", "device/52:54:00:00:00:02", "beta"] {
+        assert!(!opens(export, &pc1), "pc1's certificate opened {export}");
+    }
+    assert!(refusals(&server, "wrong_export") >= 3);
+    assert!(
+        server
+            .log_text()
+            .contains("the certificate of device pc1 opens only its own disk, not device/pc2"),
+        "the reason is not in the server log"
+    );
+    assert_eq!(
+        listed(&nbdinfo_list(&server, &pc1)),
+        ["alpha", "device/pc1"],
+        "pc1's list"
+    );
+
+    // No certificate, by TLS or plain: neither a device's disk nor a vDisk.
+    let anonymous = pki.anonymous();
+    for export in ["device/pc1", "alpha", "beta"] {
+        assert!(!opens(export, &anonymous), "anonymous TLS opened {export}");
+        let out = Command::new("nbdinfo")
+            .arg(server.url(export))
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "plain NBD opened {export}: {}",
+            text(&out)
+        );
+    }
+    let out = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x66 0 4k",
+            &server.url("device/pc1"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() || text(&out).contains("Could not open"),
+        "an anonymous client wrote device/pc1: {}",
+        text(&out)
+    );
+    assert!(refusals(&server, "anonymous") >= 6);
+    assert_eq!(
+        listed(&nbdinfo_list(&server, &anonymous)),
+        Vec::<String>::new()
+    );
+
+    // beta opened to anonymous readers: tools read it, devices of other
+    // vDisks too; device/pc2 stays pc2's.
+    server.cli_ok(&["vdisk", "set", "beta", "--anonymous-read", "on"]);
+    assert!(opens("beta", &anonymous), "anonymous TLS cannot read beta");
+    assert!(opens("beta", &pc1), "pc1 cannot read an open vDisk");
+    let out = Command::new("nbdinfo")
+        .arg(server.url("beta"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "plain NBD on beta: {}", text(&out));
+    assert!(!opens("device/pc2", &anonymous));
+    assert_eq!(listed(&nbdinfo_list(&server, &anonymous)), ["beta"]);
+
+    // A certificate of the farm's CA naming no device opens nothing.
+    let ghost = pki.device("ghost");
+    assert!(!opens("beta", &ghost) && !opens("device/ghost", &ghost));
+    assert!(refusals(&server, "unknown_device") >= 2);
+    assert_eq!(listed(&nbdinfo_list(&server, &ghost)), Vec::<String>::new());
+
+    // Revoked: pc1's still valid certificate opens nothing from now on.
+    let out = server.cli_ok(&["device", "revoke", "pc1"]);
+    assert!(
+        out.contains("revoked the credentials of device pc1"),
+        "{out}"
+    );
+    for export in ["device/pc1", "alpha"] {
+        assert!(
+            !opens(export, &pc1),
+            "a revoked certificate opened {export}"
+        );
+    }
+    assert!(refusals(&server, "revoked") >= 2);
+    assert!(server
+        .log_text()
+        .contains("device pc1's credentials were revoked"));
+    let shown = server.cli_ok(&["device", "show", "pc1"]);
+    assert!(shown.contains("revoked:"), "{shown}");
+
+    // Removed: pc2's certificate names no device any more.
+    let pc2 = pki.device("pc2");
+    assert!(opens("device/pc2", &pc2), "pc2 before its removal");
+    server.cli_ok(&["device", "remove", "pc2"]);
+    assert!(
+        !opens("device/pc2", &pc2),
+        "a removed device's certificate opened its disk"
+    );
+    assert!(server
+        .log_text()
+        .contains("which is no device of this farm"));
+
+    // The server is unharmed.
+    assert!(opens("beta", &anonymous));
 }

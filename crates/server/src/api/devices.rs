@@ -48,6 +48,7 @@ pub(super) async fn add_device(
             vdisk: req.vdisk,
             created_unix: now_unix(),
             kind: req.kind,
+            credentials_revoked_unix: None,
         })
         .await?;
     Ok((StatusCode::CREATED, Json(sessions.device_info(d))))
@@ -113,6 +114,31 @@ pub(super) async fn set_device(
             Ok(())
         })
         .await?;
+    Ok(Json(sessions.device_info(d)))
+}
+
+/// Revokes every credential the device holds now: a client certificate of
+/// the device that became valid up to this second opens nothing any more,
+/// from its next connection on, on every server (each checks the farm state
+/// when a client connects). Connections open now go on until they end.
+#[utoipa::path(post, path = "/api/v1/devices/{name}/revoke", params(("name" = String, Path)),
+    responses((status = 200, body = DeviceInfo), (status = 404, body = ErrorBody)))]
+pub(super) async fn revoke_device(
+    State(farm): State<FarmStore>,
+    State(sessions): State<Arc<Sessions>>,
+    Path(name): Path<String>,
+) -> Result<Json<DeviceInfo>, ApiError> {
+    let d = get_device(&farm, &name).await?;
+    let now = now_unix();
+    let d = farm
+        .update_device(&d.name, |d| {
+            // Never earlier than a revocation already made.
+            d.credentials_revoked_unix =
+                Some(d.credentials_revoked_unix.map_or(now, |t| t.max(now)));
+            Ok(())
+        })
+        .await?;
+    tracing::info!(device = %d.name, revoked_unix = now, "device credentials revoked");
     Ok(Json(sessions.device_info(d)))
 }
 

@@ -38,7 +38,7 @@ use vdisks::{create_vdisk, delete_vdisk, list_vdisks, set_vdisk, show_vdisk};
         vdisks::list_vdisks, vdisks::create_vdisk, vdisks::show_vdisk, vdisks::set_vdisk, vdisks::delete_vdisk,
         content::import_vdisk, content::export_vdisk,
         devices::list_devices, devices::add_device, devices::show_device, devices::set_device,
-        devices::remove_device, devices::reset_device,
+        devices::remove_device, devices::reset_device, devices::revoke_device,
         versions::list_versions, versions::new_version, versions::promote, versions::rollback,
         versions::merge, versions::delete_version, farm::login, farm::list_servers, farm::rebalance, farm::cache_report,
         farm::replication_status, farm::replication_start, boot::upload, boot::set_cmdline,
@@ -120,6 +120,7 @@ pub fn router(server: Server, token: String) -> Router {
             get(show_device).patch(set_device).delete(remove_device),
         )
         .route("/api/v1/devices/:name/reset", post(reset_device))
+        .route("/api/v1/devices/:name/revoke", post(devices::revoke_device))
         .route("/api/v1/servers", get(farm::list_servers))
         .route(
             "/api/v1/stores",

@@ -65,6 +65,7 @@ pub async fn adopt(
         created_unix: props.created_unix,
         store: store_name,
         boot: Default::default(),
+        anonymous_read: false,
     };
     farm.create_vdisk(record).await?;
     let me = config.name.clone();

@@ -174,6 +174,7 @@ pub(crate) async fn register_vdisk(
         created_unix: created,
         store: store_name.to_owned(),
         boot: Default::default(),
+        anonymous_read: false,
     };
     match farm.create_vdisk(vdisk).await {
         Ok(v) => Ok(v),
@@ -206,12 +207,17 @@ pub(super) async fn set_vdisk(
     Json(req): Json<SetVDisk>,
 ) -> Result<Json<VDiskInfo>, ApiError> {
     let _lock = sessions.lock_vdisk(&name).await;
-    if req.mode.is_none() && req.cache_limit.is_none() && req.cache_type.is_none() {
+    let content = req.mode.is_some() || req.cache_limit.is_some() || req.cache_type.is_some();
+    if !content && req.anonymous_read.is_none() {
         return Err(ApiError::bad_request(
-            "nothing to change: give a mode, a cache type or a cache limit",
+            "nothing to change: give a mode, a cache type, a cache limit or anonymous read",
         ));
     }
-    let connected = sessions.farm_devices_on(&name, None);
+    // Who may read it changes nothing under a connected device.
+    let connected = match content {
+        true => sessions.farm_devices_on(&name, None),
+        false => Vec::new(),
+    };
     if !connected.is_empty() {
         return Err(ApiError::conflict(format!(
             "vDisk {name} cannot change while devices are connected to it: {}",
@@ -226,6 +232,9 @@ pub(super) async fn set_vdisk(
             }
             if let Some(t) = req.cache_type {
                 v.cache_type = t;
+            }
+            if let Some(a) = req.anonymous_read {
+                v.anonymous_read = a;
             }
             if let Some(l) = req.cache_limit {
                 if l < 4096 {
