@@ -292,12 +292,12 @@ impl Sessions {
         let holder = self.holder(client).await?;
         let peer = client.addr.as_str();
         if let Some(dev) = bare.strip_prefix("device/") {
-            self.admit(&holder, Wants::Device(dev)).await?;
+            self.admit(&holder, Wants::Device(bare, dev)).await?;
             return self.open_device(dev, boot, peer, go).await;
         }
         if let Some(rest) = bare.strip_prefix("base/") {
             if let Some((key, _, _)) = crate::login::parse_base_export(rest) {
-                self.admit(&holder, Wants::Device(key)).await?;
+                self.admit(&holder, Wants::Device(bare, key)).await?;
             }
             return self.open_base(rest, boot, peer, go).await;
         }

@@ -39,7 +39,7 @@ pub use crate::limits::Limits;
 use crate::limits::RefusalLog;
 use crate::metrics::Metrics;
 pub use crate::metrics::Refusal;
-pub use crate::tls::{Certificate, Client, Tls, TlsMode};
+pub use crate::tls::{Certificate, Client, ClientTls, Tls, TlsMode};
 use handshake::{HandshakeError, Outcome, Phase};
 use transmission::Ending;
 pub use vstream_pipeline::Backend;
@@ -185,7 +185,12 @@ impl Listener {
                 {
                     std::fs::remove_file(p)?;
                 }
-                Ok(Listener::Unix(UnixListener::bind(p)?, p.clone()))
+                let listener = UnixListener::bind(p)?;
+                // Only this process's user (root, for the agent) may open
+                // the disk through it.
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))?;
+                Ok(Listener::Unix(listener, p.clone()))
             }
         }
     }

@@ -247,3 +247,90 @@ impl Client {
         }
     }
 }
+
+/// A client's TLS (the agent's, to its servers): the farm's CA to check the
+/// server with, and the device's own certificate to show, from a folder
+/// with nbdkit's and QEMU's client layout: `ca-cert.pem`, and
+/// `client-cert.pem` with `client-key.pem`.
+#[derive(Clone)]
+pub struct ClientTls {
+    connector: tokio_rustls::TlsConnector,
+    /// The name the server's certificate must carry, instead of the host
+    /// the client dials (QEMU's and libnbd's `tls-hostname`).
+    hostname: Option<String>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("hostname", &self.hostname)
+            .finish()
+    }
+}
+
+impl ClientTls {
+    pub fn load(dir: &Path, hostname: Option<String>) -> Result<ClientTls, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let ca_path = dir.join("ca-cert.pem");
+        let bad = |path: &Path, why: String| TlsError::Bad {
+            path: path.to_owned(),
+            why,
+        };
+        let mut roots = RootCertStore::empty();
+        for ca in read_certs(&ca_path)? {
+            roots
+                .add(ca)
+                .map_err(|e| bad(&ca_path, format!("not a CA certificate: {e}")))?;
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(dir, e.to_string()))?
+            .with_root_certificates(roots);
+        let cert_path = dir.join("client-cert.pem");
+        let key_path = dir.join("client-key.pem");
+        let config = match cert_path.exists() {
+            false => builder.with_no_client_auth(),
+            true => {
+                let chain = read_certs(&cert_path)?;
+                let key =
+                    PrivateKeyDer::from_pem_file(&key_path).map_err(|source| TlsError::Read {
+                        path: key_path.clone(),
+                        source,
+                    })?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| bad(&cert_path, format!("with {}: {e}", key_path.display())))?
+            }
+        };
+        Ok(ClientTls {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            hostname,
+        })
+    }
+
+    /// The TLS handshake on `stream`, to the server at `addr` (HOST:PORT):
+    /// its certificate must name HOST, or the configured host name.
+    pub async fn connect<S>(
+        &self,
+        addr: &str,
+        stream: S,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<S>>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let host = match &self.hostname {
+            Some(h) => h.as_str(),
+            None => {
+                let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+                host.trim_start_matches('[').trim_end_matches(']')
+            }
+        };
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{host:?} is not a server name for TLS: {e}"),
+            )
+        })?;
+        self.connector.connect(name, stream).await
+    }
+}

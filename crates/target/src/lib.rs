@@ -56,6 +56,8 @@ pub struct Options {
     pub deadline: Duration,
     /// How its connections to servers find a vanished server.
     pub keepalive: vstream_service::tcp::Keepalive,
+    /// NBD over TLS to the servers, with the device's certificate.
+    pub tls: Option<vstream_service::ClientTls>,
 }
 
 /// The one export the agent serves.
@@ -233,14 +235,19 @@ pub async fn run(opts: Options, shutdown: watch::Receiver<bool>) -> Result<()> {
         tracing::info!(device = %reply.device, vdisk = %reply.vdisk, mode = %reply.mode, cache = %reply.cache_type, server = %reply.server,
             "writes go to the server; this device waits for it rather than fail over");
     }
-    let first = upstream::Connection::open(&reply, opts.deadline * 5, &opts.keepalive)
-        .await
-        .with_context(|| {
-            format!(
-                "opening {} on {} ({})",
-                reply.export, reply.server, reply.nbd
-            )
-        })?;
+    let first = upstream::Connection::open(
+        &reply,
+        opts.deadline * 5,
+        &opts.keepalive,
+        opts.tls.as_ref(),
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "opening {} on {} ({})",
+            reply.export, reply.server, reply.nbd
+        )
+    })?;
     tracing::info!(device = %reply.device, vdisk = %reply.vdisk, version = reply.version,
         server = %reply.server, hash = %reply.content_hash, "logged in");
     let pin = Pin {

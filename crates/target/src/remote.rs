@@ -86,6 +86,7 @@ pub struct Remote {
     pin: Pin,
     deadline: Duration,
     keepalive: vstream_service::tcp::Keepalive,
+    tls: Option<vstream_service::ClientTls>,
     current: Mutex<Arc<Connection>>,
     switching: tokio::sync::Mutex<()>,
     /// Turns true when the agent stops: waiting reads then give up.
@@ -128,6 +129,7 @@ impl Remote {
             pin,
             deadline: opts.deadline,
             keepalive: opts.keepalive,
+            tls: opts.tls.clone(),
             current: Mutex::new(Arc::new(first)),
             switching: tokio::sync::Mutex::new(()),
             closing,
@@ -237,7 +239,7 @@ impl Remote {
         let started = Instant::now();
         let mut backoff = Backoff::new(IO_RETRY_MAX);
         loop {
-            match Connection::open(reply, self.deadline, &self.keepalive).await {
+            match Connection::open(reply, self.deadline, &self.keepalive, self.tls.as_ref()).await {
                 Ok(c) => {
                     tracing::info!(server = %reply.server, waited_ms = started.elapsed().as_millis() as u64, "reconnected; unanswered requests are sent again");
                     *self.current.lock() = Arc::new(c);
@@ -280,7 +282,14 @@ impl Remote {
                 .await
                 .unwrap_or_else(|e| Err(LoginFailure::NoAnswer(e.to_string())));
             let wait = match answer {
-                Ok(reply) => match Connection::open(&reply, self.deadline, &self.keepalive).await {
+                Ok(reply) => match Connection::open(
+                    &reply,
+                    self.deadline,
+                    &self.keepalive,
+                    self.tls.as_ref(),
+                )
+                .await
+                {
                     Ok(c) if c.size == failed.size => {
                         tracing::info!(from = %failed.server, to = %reply.server, stall_ms = started.elapsed().as_millis() as u64, "failed over");
                         *self.current.lock() = Arc::new(c);

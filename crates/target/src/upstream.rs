@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use vstream_nbd::*;
@@ -57,11 +56,13 @@ fn protocol(msg: impl Into<String>) -> io::Error {
 }
 
 impl Connection {
-    /// Connects to `addr` and opens `export`, within `timeout`.
+    /// Connects to `addr` and opens `export`, within `timeout`; inside TLS
+    /// (STARTTLS first) when `tls` is given.
     pub async fn open(
         reply: &vstream_api::LoginReply,
         timeout: Duration,
         keepalive: &vstream_service::tcp::Keepalive,
+        tls: Option<&vstream_service::ClientTls>,
     ) -> io::Result<Connection> {
         let (addr, export) = (reply.nbd.as_str(), reply.export.as_str());
         let connect = async {
@@ -72,32 +73,38 @@ impl Connection {
             if let Err(e) = vstream_service::tcp::configure(&s, keepalive) {
                 tracing::warn!(%addr, error = %e, "setting TCP keepalive failed; a vanished server is found only by the read deadline");
             }
-            let size = handshake(&mut s, export).await?.size;
-            Ok::<_, io::Error>((s, size))
+            greet(&mut s).await?;
+            let Some(tls) = tls else {
+                let size = go(&mut s, export).await?.size;
+                return Ok::<_, io::Error>((Link::Plain(s), size));
+            };
+            starttls(&mut s).await?;
+            let mut s = tls
+                .connect(addr, s)
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("TLS with {addr}: {e}")))?;
+            let size = go(&mut s, export).await?.size;
+            Ok((Link::Tls(Box::new(s)), size))
         };
-        let (stream, size) = tokio::time::timeout(timeout, connect).await.map_err(|_| {
+        let (link, size) = tokio::time::timeout(timeout, connect).await.map_err(|_| {
             io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("no answer from {addr} within {timeout:?}"),
             )
         })??;
-        let (reader, writer) = stream.into_split();
-        // Big enough for a burst of small replies; small enough that the
-        // data a header read pulls in behind it (and copies) stays small.
-        let mut reader = tokio::io::BufReader::with_capacity(READ_BUFFER, reader);
         let pending: Arc<Mutex<Pending>> = Arc::default();
         let dead = Arc::new(AtomicBool::new(false));
-        let (p, d) = (pending.clone(), dead.clone());
-        tokio::spawn(async move {
-            let err = receive(&mut reader, &p).await;
-            d.store(true, Ordering::SeqCst);
-            let waiting: Vec<_> = p.lock().drain().collect();
-            for (_, (_, _, tx)) in waiting {
-                let _ = tx.send(Err(io::Error::new(err.kind(), err.to_string())));
-            }
-        });
         let (requests, queue) = mpsc::unbounded_channel();
-        tokio::spawn(send(writer, queue));
+        match link {
+            Link::Plain(s) => {
+                let (reader, writer) = s.into_split();
+                start(reader, writer, &pending, &dead, queue);
+            }
+            Link::Tls(s) => {
+                let (reader, writer) = tokio::io::split(*s);
+                start(reader, writer, &pending, &dead, queue);
+            }
+        }
         Ok(Connection {
             requests,
             pending,
@@ -186,6 +193,38 @@ impl Connection {
     }
 }
 
+/// A connection's socket, plain or inside TLS.
+enum Link {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Starts the reader and the writer task of a connection.
+fn start<R, W>(
+    reader: R,
+    writer: W,
+    pending: &Arc<Mutex<Pending>>,
+    dead: &Arc<AtomicBool>,
+    queue: mpsc::UnboundedReceiver<Outgoing>,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    // Big enough for a burst of small replies; small enough that the
+    // data a header read pulls in behind it (and copies) stays small.
+    let mut reader = tokio::io::BufReader::with_capacity(READ_BUFFER, reader);
+    let (p, d) = (pending.clone(), dead.clone());
+    tokio::spawn(async move {
+        let err = receive(&mut reader, &p).await;
+        d.store(true, Ordering::SeqCst);
+        let waiting: Vec<_> = p.lock().drain().collect();
+        for (_, (_, _, tx)) in waiting {
+            let _ = tx.send(Err(io::Error::new(err.kind(), err.to_string())));
+        }
+    });
+    tokio::spawn(send(writer, queue));
+}
+
 /// What the writer task sends.
 enum Outgoing {
     Request(Vec<u8>),
@@ -194,7 +233,7 @@ enum Outgoing {
 }
 
 /// Writes requests as they come; all those queued meanwhile leave in one write.
-async fn send(mut w: OwnedWriteHalf, mut queue: mpsc::UnboundedReceiver<Outgoing>) {
+async fn send<W: AsyncWrite + Unpin>(mut w: W, mut queue: mpsc::UnboundedReceiver<Outgoing>) {
     let mut buf = Vec::with_capacity(64 * REQUEST_HEADER_LEN);
     while let Some(first) = queue.recv().await {
         let mut next = Some(first);
@@ -304,6 +343,15 @@ pub async fn handshake<S>(s: &mut S, export: &str) -> io::Result<Opened>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    greet(s).await?;
+    go(s, export).await
+}
+
+/// Reads the server's greeting and answers with the client's flags.
+async fn greet<S>(s: &mut S) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut hello = [0u8; GREETING_LEN];
     s.read_exact(&mut hello).await?;
     let greeting = match decode_greeting(&hello) {
@@ -312,6 +360,53 @@ where
     };
     let mut out = Vec::new();
     encode_client_flags(&mut out, greeting.client_flags());
+    s.write_all(&out).await
+}
+
+/// One option's reply: its header and data.
+async fn option_reply<S>(s: &mut S) -> io::Result<ServerReply>
+where
+    S: AsyncRead + Unpin,
+{
+    let mut head = [0u8; OPTION_REPLY_HEADER_LEN];
+    s.read_exact(&mut head).await?;
+    let header = match decode_option_reply_header(&head) {
+        Ok(Some((header, _))) => header,
+        _ => return Err(protocol("malformed option reply")),
+    };
+    let mut body = vec![0u8; header.length as usize];
+    s.read_exact(&mut body).await?;
+    Ok(decode_option_reply_data(&header, &body))
+}
+
+/// NBD_OPT_STARTTLS: once acknowledged, the TLS handshake follows on the
+/// same socket.
+async fn starttls<S>(s: &mut S) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut out = Vec::new();
+    encode_option(&mut out, &ClientOption::StartTls);
+    s.write_all(&out).await?;
+    match option_reply(s).await? {
+        ServerReply::Ack => Ok(()),
+        ServerReply::Error { message, .. } => Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("the server refused TLS: {message}"),
+        )),
+        other => Err(protocol(format!(
+            "unexpected reply {} to NBD_OPT_STARTTLS",
+            other.code()
+        ))),
+    }
+}
+
+/// NBD_OPT_GO for `export`.
+async fn go<S>(s: &mut S, export: &str) -> io::Result<Opened>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut out = Vec::new();
     let go = ClientOption::Info {
         go: true,
         name: export.to_owned(),
@@ -321,15 +416,7 @@ where
     s.write_all(&out).await?;
     let mut opened = None;
     loop {
-        let mut head = [0u8; OPTION_REPLY_HEADER_LEN];
-        s.read_exact(&mut head).await?;
-        let header = match decode_option_reply_header(&head) {
-            Ok(Some((header, _))) => header,
-            _ => return Err(protocol("malformed option reply")),
-        };
-        let mut body = vec![0u8; header.length as usize];
-        s.read_exact(&mut body).await?;
-        match decode_option_reply_data(&header, &body) {
+        match option_reply(s).await? {
             // An ACK's data, which it should not have, is ignored.
             ServerReply::Ack | ServerReply::Malformed { reply: REP_ACK, .. } => {
                 return opened.ok_or_else(|| protocol("the server sent no export size"));

@@ -64,6 +64,16 @@ pub struct TargetArgs {
     /// kernel's default.
     #[arg(long, value_name = "SECS", default_value_t = vstream_service::tcp::DEFAULT_USER_TIMEOUT_SECS)]
     pub tcp_user_timeout_secs: u64,
+    /// Stream over TLS with the device's credentials in DIR: ca-cert.pem
+    /// (the farm's CA, which must have signed each server's certificate)
+    /// and client-cert.pem with client-key.pem (the device's own; see
+    /// docs/security.md).
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<std::path::PathBuf>,
+    /// The name each server's certificate must carry, instead of the host
+    /// of the address the agent dials (one name for the whole farm).
+    #[arg(long, value_name = "NAME", requires = "tls_certificates")]
+    pub tls_hostname: Option<String>,
 }
 
 fn parse_boot_id(s: &str) -> Result<String, String> {
@@ -81,8 +91,15 @@ pub fn run(args: TargetArgs) -> Result<()> {
         user_timeout_secs: args.tcp_user_timeout_secs,
     };
     keepalive.check().map_err(anyhow::Error::msg)?;
+    let tls = args
+        .tls_certificates
+        .as_deref()
+        .map(|dir| vstream_service::ClientTls::load(dir, args.tls_hostname.clone()))
+        .transpose()
+        .context("loading the device's TLS credentials")?;
     let opts = Options {
         keepalive,
+        tls,
         bootstrap: args.bootstrap,
         mac: args.mac,
         boot: match args.boot_id {

@@ -638,3 +638,215 @@ fn a_device_certificate_opens_only_its_own_disk() {
     // The server is unharmed.
     assert!(opens("beta", &anonymous));
 }
+
+/// Runs an agent for `mac` with `extra` flags that must fail to start; its
+/// stderr.
+fn agent_fails(server: &TestServer, mac: &str, extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(common::BIN)
+        .args(["target", "--bootstrap"])
+        .arg(server.api.trim_start_matches("http://"))
+        .args(["--mac", mac, "--deadline-ms", "4000", "--listen"])
+        .arg(format!("unix:{}", dir.path().join("a.sock").display()))
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = common::wait_for(60, "the agent to give up", || {
+        child.try_wait().ok().flatten()
+    });
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success(), "the agent started: {err}");
+    err
+}
+
+#[test]
+fn the_agent_streams_over_tls_with_its_device_certificate() {
+    let (Some(pki), true) = (make_pki(), have("qemu-img")) else {
+        return;
+    };
+    let server_dir = pki.server();
+    let server =
+        TestServer::start_fresh_with(&["--tls-certificates", server_dir.to_str().unwrap()]);
+    let work = tempfile::tempdir().unwrap();
+    let raw = work.path().join("alpha.raw");
+    random_image(&raw, 4 * MIB, 40);
+    server.cli_ok(&["vdisk", "import", "alpha", raw.to_str().unwrap()]);
+    server.cli_ok(&[
+        "vdisk",
+        "set",
+        "alpha",
+        "--mode",
+        "standard",
+        "--cache-type",
+        "device",
+    ]);
+    add_device(&server, "pc1", "52:54:00:00:00:01", "alpha");
+    add_device(&server, "pc2", "52:54:00:00:00:02", "alpha");
+    let pc1 = pki.device("pc1");
+
+    let agent = common::TestAgent::start_with(
+        work.path(),
+        "pc1",
+        "52:54:00:00:00:01",
+        &[&server.api],
+        "ram:64MiB",
+        &[
+            "--deadline-ms",
+            "4000",
+            "--tls-certificates",
+            pc1.to_str().unwrap(),
+        ],
+    );
+    let url = format!("nbd+unix:///?socket={}", agent.sock.display());
+    let out = Command::new("qemu-img")
+        .args([
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            raw.to_str().unwrap(),
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && text(&out).contains("Images are identical"),
+        "through the agent over TLS: {}\nagent log:\n{}",
+        text(&out),
+        agent.log_text()
+    );
+    assert!(server.metric("vstream_nbd_tls_connections_total") >= 1);
+    drop(agent);
+
+    // Another device's credentials, none, or a server name that is not in
+    // the server's certificate: the agent stops with the reason.
+    let err = agent_fails(
+        &server,
+        "52:54:00:00:00:02",
+        &["--tls-certificates", pc1.to_str().unwrap()],
+    );
+    assert!(err.contains("opens only its own disk"), "{err}");
+    let err = agent_fails(&server, "52:54:00:00:00:01", &[]);
+    assert!(err.contains("TLS"), "a plain agent: {err}");
+    let err = agent_fails(
+        &server,
+        "52:54:00:00:00:01",
+        &[
+            "--tls-certificates",
+            pc1.to_str().unwrap(),
+            "--tls-hostname",
+            "pvs9.example",
+        ],
+    );
+    assert!(err.contains("certificate"), "a wrong server name: {err}");
+}
+
+/// Two servers with TLS required in an etcd farm: the agent streams from
+/// one with its device certificate, the server is killed, and the agent
+/// fails over to the other, over TLS too, with every byte right.
+#[test]
+fn the_agent_fails_over_between_tls_servers() {
+    let (Some(pki), true) = (make_pki(), have("qemu-img")) else {
+        return;
+    };
+    let Some(etcd) = common::TestEtcd::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server_dir = pki.server();
+    let tls = [
+        "--tls",
+        "require",
+        "--tls-certificates",
+        server_dir.to_str().unwrap(),
+    ];
+    let mut servers: Vec<TestServer> = (1..=2)
+        .map(|i| {
+            TestServer::start_in_farm_with(
+                dir.path().join(format!("s{i}")),
+                &etcd.url,
+                &format!("s{i}"),
+                &tls,
+                &[],
+            )
+        })
+        .collect();
+    let raw = dir.path().join("demo.raw");
+    random_image(&raw, 4 * MIB, 41);
+    servers[0].cli_ok(&["vdisk", "import", "demo", raw.to_str().unwrap()]);
+    servers[0].cli_ok(&[
+        "vdisk",
+        "set",
+        "demo",
+        "--mode",
+        "standard",
+        "--cache-type",
+        "device",
+    ]);
+    add_device(&servers[0], "pc1", "52:54:00:00:00:01", "demo");
+    for s in &servers {
+        common::wait_farm_ready(s, 2);
+    }
+    let pc1 = pki.device("pc1");
+    let apis: Vec<&str> = servers.iter().map(|s| s.api.as_str()).collect();
+    let agent = common::TestAgent::start_with(
+        dir.path(),
+        "pc1",
+        "52:54:00:00:00:01",
+        &apis,
+        "ram:64MiB",
+        &[
+            "--deadline-ms",
+            "2000",
+            "--tls-certificates",
+            pc1.to_str().unwrap(),
+        ],
+    );
+    let url = format!("nbd+unix:///?socket={}", agent.sock.display());
+    let compare = || {
+        Command::new("qemu-img")
+            .args([
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "raw",
+                raw.to_str().unwrap(),
+                &url,
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = compare();
+    assert!(out.status.success(), "before the kill: {}", text(&out));
+    let log = agent.log_text();
+    let serving = if log.contains("server=s1") { 0 } else { 1 };
+    assert!(
+        log.contains(&format!("server=s{}", serving + 1)),
+        "which server? {log}"
+    );
+    servers[serving].kill9();
+    let out = compare();
+    assert!(
+        out.status.success() && text(&out).contains("Images are identical"),
+        "after the kill: {}\nagent log:\n{}",
+        text(&out),
+        agent.log_text()
+    );
+    assert!(
+        agent.log_text().contains("failed over"),
+        "{}",
+        agent.log_text()
+    );
+    let other = &servers[1 - serving];
+    assert!(other.metric("vstream_nbd_tls_connections_total") >= 1);
+}

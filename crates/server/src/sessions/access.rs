@@ -26,8 +26,9 @@ pub(super) enum Holder {
 
 /// What an export name asks for.
 pub(super) enum Wants<'a> {
-    /// `device/KEY` or `base/KEY@N/HASH`: a device's own disk.
-    Device(&'a str),
+    /// `device/KEY` or `base/KEY@N/HASH` (the export, and KEY): a device's
+    /// own disk.
+    Device(&'a str, &'a str),
     /// `VDISK` or `VDISK@N`: a vDisk's version, read-only.
     VDisk(&'a str),
 }
@@ -72,18 +73,18 @@ impl Sessions {
     pub(super) async fn admit(&self, holder: &Holder, wants: Wants<'_>) -> Result<(), OpenError> {
         match (holder, wants) {
             (Holder::Anyone, _) => Ok(()),
-            (Holder::Anonymous, Wants::Device(key)) => Err(OpenError::Denied(
+            (Holder::Anonymous, Wants::Device(export, _)) => Err(OpenError::Denied(
                 Refusal::Anonymous,
-                format!("device/{key} opens only with the device's client certificate"),
+                format!("{export} opens only with the device's client certificate"),
             )),
-            (Holder::Device(d), Wants::Device(key)) => {
+            (Holder::Device(d), Wants::Device(export, key)) => {
                 let (device, _) = &**d;
                 match DeviceKey::parse(key) {
                     Ok(k) if k.names(device) => Ok(()),
                     _ => Err(OpenError::Denied(
                         Refusal::WrongExport,
                         format!(
-                            "the certificate of device {} opens only its own disk, not device/{key}",
+                            "the certificate of device {} opens only its own disk, not {export}",
                             device.name
                         ),
                     )),
