@@ -26,6 +26,11 @@
 #                         "vstream vstream-old nbdkit qemu-nbd vstream-old vstream", each
 #                         vstream value is the median of its two runs, and the table gets a
 #                         vstream/vstream-old column: an A/B of two builds in one run
+#   BENCH_SERVERS may also name vstream-tls and nbdkit-tls: the same servers with NBD over
+#   TLS required (a certtool PKI made once in BENCH_WORK/pki; TCP only; no memory test),
+#   read by clients that trust the PKI's CA. The table then gets vstream-tls/vstream and
+#   vstream-tls/nbdkit-tls columns (issue 18's speed targets), e.g.
+#   BENCH_SERVERS="vstream vstream-tls nbdkit-tls nbdkit-tls vstream-tls vstream"
 set -euo pipefail
 shopt -s inherit_errexit 2>/dev/null || true
 
@@ -53,6 +58,12 @@ LOGS=$WORK/logs
 PY=/usr/bin/python3
 VSTREAM=${VSTREAM_BIN:-$ROOT/target/release/vstream}
 HZ=$(getconf CLK_TCK)
+PKI=$WORK/pki
+# Set while a TLS server runs: the clients' URL query and environment (libnbd finds the
+# CA in $HOME/.pki/libnbd, the one way fio's nbd engine, which allows no local files in
+# a URI, can use TLS).
+TLS_ON=''
+TLS_ENV=()
 
 die() { echo "compare.sh: $*" >&2; exit 1; }
 log() { printf '%s  %s\n' "$(date +%T)" "$*" >&2; }
@@ -116,7 +127,7 @@ stop_server() {
 wait_ready() {
   local url=$1 logf=$2
   for _ in $(seq 200); do
-    if nbdinfo --size "$url" >/dev/null 2>&1; then return 0; fi
+    if "${TLS_ENV[@]}" nbdinfo --size "$url" >/dev/null 2>&1; then return 0; fi
     kill -0 "$SERVER_PID" 2>/dev/null || { tail -20 "$logf" >&2; die "server exited at start (log: $logf)"; }
     sleep 0.05
   done
@@ -133,6 +144,14 @@ start_server() {
     vstream | vstream-old)
       "$(vs_bin "$name")" server --data "$(vs_data "$name")" --nbd "127.0.0.1:$PORT" --nbd "unix:$SOCK" \
         --api "127.0.0.1:$API_PORT" >"$logf" 2>&1 &
+      ;;
+    vstream-tls)
+      "$VSTREAM" server --data "$VSDATA" --nbd "127.0.0.1:$PORT" --api "127.0.0.1:$API_PORT" \
+        --tls require --tls-certificates "$PKI/server" >"$logf" 2>&1 &
+      ;;
+    nbdkit-tls)
+      nbdkit -f -r -i 127.0.0.1 -p "$PORT" --tls=require --tls-certificates="$PKI/server" \
+        file "$IMAGE" >"$logf" 2>&1 &
       ;;
     nbdkit)
       if [ "$transport" = tcp ]; then
@@ -151,6 +170,10 @@ start_server() {
   esac
   SERVER_PID=$!
   STARTED+=("$SERVER_PID")
+  case $name in
+    *-tls) TLS_ON=1; TLS_ENV=(env "HOME=$PKI/client-home") ;;
+    *) TLS_ON=''; TLS_ENV=() ;;
+  esac
   case $transport in
     unix) wait_ready "$(url unix)" "$logf" ;;
     tcp) wait_ready "$(url tcp)" "$logf" ;;
@@ -178,7 +201,7 @@ wait_api() {
 
 url() {
   case $1 in
-    tcp) echo "nbd://127.0.0.1:$PORT/$EXPORT" ;;
+    tcp) if [ -n "$TLS_ON" ]; then echo "nbds://127.0.0.1:$PORT/$EXPORT"; else echo "nbd://127.0.0.1:$PORT/$EXPORT"; fi ;;
     unix) echo "nbd+unix:///$EXPORT?socket=$SOCK" ;;
   esac
 }
@@ -232,6 +255,28 @@ get() {
     printf "%s%.*f", mark, d, m}'
 }
 
+# make_pki: a CA and a server certificate for 127.0.0.1 (certtool, as libnbd's tests
+# make theirs), once; the clients get the CA only.
+make_pki() {
+  command -v certtool >/dev/null || die "certtool not found (Debian: gnutls-bin) for the TLS servers"
+  [ -f "$PKI/server/server-key.pem" ] && return 0
+  log "making a test PKI in $PKI"
+  rm -rf "$PKI"
+  mkdir -p "$PKI/server" "$PKI/client-home/.pki/libnbd"
+  (
+    cd "$PKI"
+    certtool --generate-privkey --outfile ca-key.pem 2>/dev/null
+    printf 'cn = bench CA\nca\ncert_signing_key\n' >ca.info
+    certtool --generate-self-signed --load-privkey ca-key.pem --template ca.info --outfile ca-cert.pem 2>/dev/null
+    certtool --generate-privkey --outfile server/server-key.pem 2>/dev/null
+    printf '%s\n' 'cn = localhost' 'ip_address = 127.0.0.1' tls_www_server encryption_key signing_key >server.info
+    certtool --generate-certificate --load-ca-certificate ca-cert.pem --load-ca-privkey ca-key.pem \
+      --load-privkey server/server-key.pem --template server.info --outfile server/server-cert.pem 2>/dev/null
+    cp ca-cert.pem server/ca-cert.pem
+    cp ca-cert.pem client-home/.pki/libnbd/ca-cert.pem
+  ) || die "certtool failed to make the test PKI"
+}
+
 # --- the image and the vstream store ---------------------------------------------------------
 if [ ! -f "$IMAGE" ] || [ "$(stat -c %s "$IMAGE")" -ne "$IMAGE_BYTES" ]; then
   log "creating the 2 GiB random image $IMAGE"
@@ -245,8 +290,11 @@ if [ ! -f "$IMAGE" ] || [ "$(stat -c %s "$IMAGE")" -ne "$IMAGE_BYTES" ]; then
   mv "$IMAGE.tmp" "$IMAGE"
 fi
 
+if [[ " $SERVERS " == *"-tls "* ]]; then
+  make_pki
+fi
 for name in vstream vstream-old; do
-  [[ " $SERVERS " == *" $name "* ]] || continue
+  [[ " $SERVERS " == *" $name "* || ( $name == vstream && " $SERVERS " == *" vstream-tls "* ) ]] || continue
   data=$(vs_data "$name")
   log "importing the image into a fresh $name store ($data)"
   rm -rf "$data"
@@ -255,6 +303,12 @@ for name in vstream vstream-old; do
   VSTREAM_API="http://127.0.0.1:$API_PORT" VSTREAM_TOKEN_FILE="$data/admin.token" \
     "$(vs_bin "$name")" vdisk import "$EXPORT" "$IMAGE" >"$LOGS/$name-import.log" 2>&1 ||
     { cat "$LOGS/$name-import.log" >&2; die "$name vdisk import failed"; }
+  if [ "$name" = vstream ] && [[ " $SERVERS " == *" vstream-tls "* ]]; then
+    # The clients show no device's certificate: the vDisk is open to anonymous readers.
+    VSTREAM_API="http://127.0.0.1:$API_PORT" VSTREAM_TOKEN_FILE="$data/admin.token" \
+      "$VSTREAM" vdisk set "$EXPORT" --anonymous-read on >>"$LOGS/$name-import.log" 2>&1 ||
+      { cat "$LOGS/$name-import.log" >&2; die "vdisk set --anonymous-read failed"; }
+  fi
   stop_server   # measured on a fresh process, like the others
 done
 
@@ -312,7 +366,7 @@ seq_once() {
   measure_begin
   for ((i = 0; i < SEQ_RUNS; i++)); do
     t0=$(now_ns)
-    nbdcopy "$u" null: 2>>"$LOGS/$name-nbdcopy.log" || die "nbdcopy $u failed against $name"
+    "${TLS_ENV[@]}" nbdcopy "$u" null: 2>>"$LOGS/$name-nbdcopy.log" || die "nbdcopy $u failed against $name"
     t1=$(now_ns)
     times+=($((t1 - t0)))
   done
@@ -331,7 +385,7 @@ fio_once() {
   u=$(url "$tr")
   js=$LOGS/fio-$name-$tr-qd$qd.json
   measure_begin
-  fio --ioengine=nbd --uri="$u" --rw=randread --bs=4k --iodepth="$qd" --runtime="$RUNTIME" --time_based \
+  "${TLS_ENV[@]}" fio --ioengine=nbd --uri="$u" --rw=randread --bs=4k --iodepth="$qd" --runtime="$RUNTIME" --time_based \
     --size=2G --name=x --output-format=json --output="$js" >>"$LOGS/$name-fio.log" 2>&1 ||
     die "fio against $name ($u, iodepth $qd) failed: see $LOGS/$name-fio.log"
   measure_end
@@ -386,11 +440,15 @@ bench_transport() {
 : >"$LOGS/details.txt"
 START=$(date +%s)
 for name in $SERVERS; do
-  case $name in vstream | nbdkit | qemu-nbd) ;; vstream-old) [ -n "$OLD_BIN" ] || die "vstream-old needs BENCH_OLD_BIN" ;; *) die "unknown server $name" ;; esac
+  case $name in vstream | nbdkit | qemu-nbd | vstream-tls | nbdkit-tls) ;; vstream-old) [ -n "$OLD_BIN" ] || die "vstream-old needs BENCH_OLD_BIN" ;; *) die "unknown server $name" ;; esac
   warm_cache
   wait_quiet "$name"
-  if [ "$name" = vstream ] || [ "$name" = vstream-old ]; then
-    start_server vstream tcp
+  if [[ $name == *-tls ]]; then
+    start_server "$name" tcp
+    bench_transport "$name" tcp
+    stop_server
+  elif [ "$name" = vstream ] || [ "$name" = vstream-old ]; then
+    start_server "$name" tcp
     log "$name: memory with $CONNS idle connections"
     mem_test "$name"
     bench_transport "$name" tcp
@@ -439,7 +497,14 @@ ratio() {
   echo "versions: vstream $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- crates 2>/dev/null || echo '+local changes'), $(nbdkit --version | head -1), $(qemu-nbd --version | head -1 | cut -d' ' -f1-2), $(nbdcopy --version | head -1), $(fio --version), kernel $(uname -r)"
   echo "ratios = vstream ÷ peer: above 1 is better for GiB/s and IOPS, below 1 is better for CPU and memory"
   echo
-  if [ -n "$OLD_BIN" ]; then
+  TLS_TABLE=''
+  [[ " $SERVERS " == *"-tls "* ]] && TLS_TABLE=1
+  if [ -n "$TLS_TABLE" ]; then
+    echo "vstream-tls, nbdkit-tls: NBD over TLS required (TCP), certificates in $PKI; a value is the median of its runs"
+    echo
+    echo "| test | vstream | vstream-tls | nbdkit-tls | vstream-tls/vstream | vstream-tls/nbdkit-tls |"
+    echo "|---|---:|---:|---:|---:|---:|"
+  elif [ -n "$OLD_BIN" ]; then
     echo "vstream-old: $OLD_BIN ($("$OLD_BIN" --version 2>/dev/null | head -1)); a vstream value is the median of its runs"
     echo
     echo "| test | vstream | vstream-old | nbdkit | qemu-nbd | vstream/vstream-old | vstream/nbdkit | vstream/qemu-nbd |"
@@ -455,7 +520,12 @@ ratio() {
     o=$(get "$key,vstream-old")
     k=$(get "$key,nbdkit")
     q=$(get "$key,qemu-nbd")
-    if [ -n "$OLD_BIN" ]; then
+    if [ -n "$TLS_TABLE" ]; then
+      t=$(get "$key,vstream-tls")
+      kt=$(get "$key,nbdkit-tls")
+      [ -z "$t$kt" ] && continue
+      echo "| $label | ${v:--} | ${t:--} | ${kt:--} | $(ratio "$t" "$v") | $(ratio "$t" "$kt") |"
+    elif [ -n "$OLD_BIN" ]; then
       echo "| $label | ${v:--} | ${o:--} | ${k:--} | ${q:--} | $(ratio "$v" "$o") | $(ratio "$v" "$k") | $(ratio "$v" "$q") |"
     else
       echo "| $label | ${v:--} | ${k:--} | ${q:--} | $(ratio "$v" "$k") | $(ratio "$v" "$q") |"

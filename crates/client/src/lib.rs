@@ -159,6 +159,7 @@ pub struct Agent {
 /// 30 s; the whole request: none).
 #[derive(Debug, Clone)]
 pub struct AgentBuilder {
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     connect_timeout: Option<Duration>,
     timeout: Option<Duration>,
     max_idle_per_host: Option<usize>,
@@ -166,6 +167,13 @@ pub struct AgentBuilder {
 }
 
 impl AgentBuilder {
+    /// HTTPS with this configuration: its trusted CA, and its client
+    /// certificate if it has one.
+    pub fn tls_config(mut self, config: std::sync::Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
     /// How long connecting may take.
     pub fn connect_timeout(mut self, t: Duration) -> Self {
         self.connect_timeout = Some(t);
@@ -195,6 +203,9 @@ impl AgentBuilder {
         if let Some(n) = self.max_idle_per_host {
             b = b.max_idle_connections_per_host(n);
         }
+        if let Some(tls) = self.tls {
+            b = b.tls_config(tls);
+        }
         Agent { inner: b.build() }
     }
 }
@@ -202,6 +213,7 @@ impl AgentBuilder {
 impl Agent {
     pub fn builder() -> AgentBuilder {
         AgentBuilder {
+            tls: None,
             connect_timeout: None,
             timeout: None,
             max_idle_per_host: None,

@@ -27,6 +27,9 @@ pub struct Config {
     pub nbd: Vec<Listen>,
     /// Admin/device HTTP API.
     pub api: SocketAddr,
+    /// The same API over HTTPS, with the TLS certificates (device logins
+    /// with their certificate go here).
+    pub api_tls: Option<SocketAddr>,
     pub log_format: LogFormat,
     /// Most concurrent NBD connections.
     pub max_connections: usize,
@@ -199,6 +202,7 @@ pub struct FileConfig {
     pub tls: Option<String>,
     pub tls_certificates: Option<PathBuf>,
     pub tls_verify_peer: Option<bool>,
+    pub api_tls: Option<String>,
     pub farm: Option<String>,
     pub name: Option<String>,
     pub power: Option<f64>,
@@ -242,6 +246,7 @@ pub struct FlagConfig {
     pub tls: Option<String>,
     pub tls_certificates: Option<PathBuf>,
     pub tls_verify_peer: bool,
+    pub api_tls: Option<String>,
     pub farm: Option<String>,
     pub name: Option<String>,
     pub power: Option<f64>,
@@ -351,6 +356,18 @@ impl Config {
             ));
         }
         let tls_verify_peer = flags.tls_verify_peer || file.tls_verify_peer.unwrap_or(false);
+        let api_tls = match flags.api_tls.or(file.api_tls) {
+            None => None,
+            Some(_) if tls_certificates.is_none() => {
+                return Err(
+                    "--api-tls needs the server's certificates: --tls-certificates DIR".into(),
+                )
+            }
+            Some(a) => Some(
+                a.parse()
+                    .map_err(|e| format!("--api-tls {a:?} is not HOST:PORT: {e}"))?,
+            ),
+        };
         let farm = flags
             .farm
             .or(file.farm)
@@ -494,6 +511,7 @@ impl Config {
             tls,
             tls_certificates,
             tls_verify_peer,
+            api_tls,
         })
     }
 }

@@ -8,6 +8,10 @@
 //!   every second: no request running and no byte either way for the idle
 //!   limit --> closed
 //! ```
+//!
+//! An HTTPS listener (`--api-tls`) runs the TLS handshake first, within the
+//! header deadline, and hands each request the client certificate it
+//! verified, if the client showed one ([`PeerCertificate`]).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -34,13 +38,19 @@ pub struct Timeouts {
     pub idle: Duration,
 }
 
+/// The client certificate of an HTTPS request, if its client showed one;
+/// absent on plain HTTP.
+#[derive(Debug, Clone)]
+pub struct PeerCertificate(pub vstream_service::Certificate);
+
 /// Accepts API connections until `shutdown`, then lets the running
-/// requests finish.
+/// requests finish; over TLS with `tls`.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Arc<Limits>,
     timeouts: Timeouts,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
@@ -68,12 +78,13 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        conns.spawn(connection(
+        conns.spawn(accepted_connection(
             stream,
             peer,
             router.clone(),
             admitted,
             timeouts,
+            tls.clone(),
             shutdown.clone(),
         ));
     }
@@ -101,6 +112,61 @@ impl Activity {
 struct Watched {
     inner: TcpStream,
     activity: Arc<Activity>,
+}
+
+/// One accepted connection: its TLS handshake first on an HTTPS listener.
+async fn accepted_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    router: Router,
+    admitted: Admitted,
+    timeouts: Timeouts,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let activity = Arc::new(Activity {
+        start: Instant::now(),
+        last: AtomicU64::new(0),
+    });
+    let io = Watched {
+        inner: stream,
+        activity: activity.clone(),
+    };
+    let Some(acceptor) = tls else {
+        return connection(
+            io, peer, router, admitted, timeouts, activity, None, shutdown,
+        )
+        .await;
+    };
+    let stream = match tokio::time::timeout(timeouts.header, acceptor.accept(io)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "API: refused: TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "API: TLS handshake timed out");
+            return;
+        }
+    };
+    let certificate = match vstream_service::Certificate::of_peer(stream.get_ref().1) {
+        Ok(c) => c.map(PeerCertificate),
+        Err(e) => {
+            tracing::info!(%peer, error = %e, "API: refused: bad client certificate");
+            return;
+        }
+    };
+    connection(
+        stream,
+        peer,
+        router,
+        admitted,
+        timeouts,
+        activity,
+        certificate,
+        shutdown,
+    )
+    .await
 }
 
 impl AsyncRead for Watched {
@@ -154,22 +220,26 @@ impl Drop for Running {
     }
 }
 
-async fn connection(
-    stream: TcpStream,
+#[allow(clippy::too_many_arguments)]
+async fn connection<S>(
+    io: S,
     peer: SocketAddr,
     router: Router,
     admitted: Admitted,
     timeouts: Timeouts,
+    activity: Arc<Activity>,
+    certificate: Option<PeerCertificate>,
     mut shutdown: watch::Receiver<bool>,
-) {
-    let activity = Arc::new(Activity {
-        start: Instant::now(),
-        last: AtomicU64::new(0),
-    });
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let running = Arc::new(AtomicUsize::new(0));
     let counter = running.clone();
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
+        if let Some(c) = &certificate {
+            req.extensions_mut().insert(c.clone());
+        }
         let mut router = router.clone();
         let guard = Running::new(&counter);
         async move {
@@ -178,10 +248,7 @@ async fn connection(
             response
         }
     });
-    let io = TokioIo::new(Watched {
-        inner: stream,
-        activity: activity.clone(),
-    });
+    let io = TokioIo::new(io);
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(timeouts.header)

@@ -99,6 +99,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     if config.tls != vstream_service::TlsMode::Off {
         tracing::info!(mode = %config.tls, verify_peer = config.tls_verify_peer, "NBD over TLS");
     }
+    let api_tls = tls.credentials().cloned();
     let server = Server::new(config.clone(), store, farm, tls);
     server.stores.hold_remembered();
 
@@ -136,11 +137,26 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         header: std::time::Duration::from_secs(config.api_header_timeout_secs),
         idle: std::time::Duration::from_secs(config.api_idle_timeout_secs),
     };
+    if let (Some(addr), Some(acceptor)) = (config.api_tls, api_tls) {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the HTTPS API to {addr}"))?;
+        tracing::info!(%addr, "API listening over HTTPS");
+        tasks.spawn(http::serve(
+            listener,
+            router.clone(),
+            api_limits.clone(),
+            timeouts,
+            Some(acceptor),
+            shutdown.clone(),
+        ));
+    }
     tasks.spawn(http::serve(
         api,
         router,
         api_limits,
         timeouts,
+        None,
         shutdown.clone(),
     ));
     while tasks.join_next().await.is_some() {}

@@ -17,8 +17,8 @@ impl Exports for Sessions {
     ) -> BoxFuture<'a, Result<Export, OpenError>> {
         Box::pin(async move { self.open_export(name, client, go).await })
     }
-    fn list(&self, client: &Client) -> Vec<(String, String)> {
-        self.listed(client)
+    fn list<'a>(&'a self, client: &'a Client) -> BoxFuture<'a, Vec<(String, String)>> {
+        Box::pin(self.listed(client))
     }
     fn structured_replies(&self) -> bool {
         self.config.structured_replies

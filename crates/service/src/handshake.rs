@@ -147,6 +147,7 @@ where
                         "this server requires TLS: send NBD_OPT_STARTTLS first",
                     );
                     stream.write_all(&out).await?;
+                    stream.flush().await?;
                     continue;
                 }
             }
@@ -164,6 +165,7 @@ where
                 let flags = export_flags(&export, false);
                 encode_export_name_reply(&mut out, export.backend.size(), flags, no_zeroes);
                 stream.write_all(&out).await?;
+                stream.flush().await?;
                 return Ok(Outcome::Go(Negotiated {
                     export,
                     flags,
@@ -177,7 +179,7 @@ where
                 return Ok(Outcome::Abort);
             }
             ClientOption::List => {
-                for (name, description) in exports.list(client) {
+                for (name, description) in exports.list(client).await {
                     encode_rep_server(&mut out, &name, &description);
                 }
                 encode_option_reply(&mut out, code, REP_ACK, &[]);
@@ -256,6 +258,7 @@ where
                         encode_option_reply(&mut out, code, REP_ACK, &[]);
                         if go {
                             stream.write_all(&out).await?;
+                            stream.flush().await?;
                             return Ok(Outcome::Go(Negotiated {
                                 export,
                                 flags,
@@ -296,6 +299,7 @@ where
             }
         }
         stream.write_all(&out).await?;
+        stream.flush().await?;
     }
     Err(HandshakeError::TooManyOptions)
 }

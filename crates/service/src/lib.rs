@@ -130,7 +130,7 @@ pub trait Exports: Send + Sync + 'static {
         go: bool,
     ) -> BoxFuture<'a, Result<Export, OpenError>>;
     /// Names and descriptions for NBD_OPT_LIST: what `client` may open.
-    fn list(&self, client: &Client) -> Vec<(String, String)>;
+    fn list<'a>(&'a self, client: &'a Client) -> BoxFuture<'a, Vec<(String, String)>>;
     fn structured_replies(&self) -> bool;
     fn handshake_timeout(&self) -> Duration;
     /// How long a connection to `export` may go without a request before it
@@ -327,10 +327,8 @@ where
         }
     };
     Metrics::add(&exports.metrics().tls_connections, 1);
-    let certificate = match stream.get_ref().1.peer_certificates() {
-        Some([leaf, ..]) => Some(Certificate::from_der(leaf).map_err(HandshakeError::Certificate)?),
-        _ => None,
-    };
+    let certificate =
+        Certificate::of_peer(stream.get_ref().1).map_err(HandshakeError::Certificate)?;
     if let Some(c) = &certificate {
         tracing::debug!(%peer, name = ?c.name, serial = %c.serial, "client certificate");
     }

@@ -113,6 +113,12 @@ impl Tls {
         })
     }
 
+    /// The acceptor of the server's credentials, whatever the NBD mode (for
+    /// the API's HTTPS listener).
+    pub fn credentials(&self) -> Option<&tokio_rustls::TlsAcceptor> {
+        self.acceptor.as_ref()
+    }
+
     /// The acceptor for a STARTTLS, unless this listener refuses TLS.
     pub fn acceptor(&self) -> Option<&tokio_rustls::TlsAcceptor> {
         match self.mode {
@@ -209,6 +215,14 @@ pub struct Certificate {
 }
 
 impl Certificate {
+    /// The certificate a TLS handshake verified, if the client showed one.
+    pub fn of_peer(conn: &rustls::ServerConnection) -> Result<Option<Certificate>, String> {
+        match conn.peer_certificates() {
+            Some([leaf, ..]) => Certificate::from_der(leaf).map(Some),
+            _ => Ok(None),
+        }
+    }
+
     /// Reads the leaf certificate (DER) a TLS handshake verified.
     pub fn from_der(der: &[u8]) -> Result<Certificate, String> {
         let (_, cert) = x509_parser::parse_x509_certificate(der)
@@ -269,6 +283,11 @@ impl std::fmt::Debug for ClientTls {
 }
 
 impl ClientTls {
+    /// The rustls configuration, for an HTTPS client of the same farm.
+    pub fn config(&self) -> Arc<rustls::ClientConfig> {
+        self.connector.config().clone()
+    }
+
     pub fn load(dir: &Path, hostname: Option<String>) -> Result<ClientTls, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let ca_path = dir.join("ca-cert.pem");

@@ -269,7 +269,12 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
             };
         }
         let mut w = self.writer.lock().await;
-        let first = w.write_all(batch).await;
+        // Flushed: inside TLS the last records may wait in the session
+        // otherwise (a no-op on a plain socket).
+        let mut first = w.write_all(batch).await;
+        if first.is_ok() {
+            first = w.flush().await;
+        }
         batch.clear();
         self.drain(&mut w, first).await
     }
@@ -302,7 +307,8 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
     }
 }
 
-/// Writes every buffer of `bufs`, in order, in as few calls as the socket allows.
+/// Writes every buffer of `bufs`, in order, in as few calls as the socket
+/// allows, and flushes (what TLS buffers goes out too).
 async fn write_all_vectored<'a, W: AsyncWrite + Unpin>(
     w: &mut W,
     bufs: impl Iterator<Item = &'a [u8]>,
@@ -316,7 +322,7 @@ async fn write_all_vectored<'a, W: AsyncWrite + Unpin>(
         }
         std::io::IoSlice::advance_slices(&mut rest, n);
     }
-    Ok(())
+    w.flush().await
 }
 
 /// Resolves once `release` turns true; never without one.

@@ -88,8 +88,12 @@ impl Exports for Device {
             })
         })
     }
-    fn list(&self, _client: &vstream_service::Client) -> Vec<(String, String)> {
-        vec![(self.name.clone(), self.description.clone())]
+    fn list<'a>(
+        &'a self,
+        _client: &'a vstream_service::Client,
+    ) -> BoxFuture<'a, Vec<(String, String)>> {
+        let one = vec![(self.name.clone(), self.description.clone())];
+        Box::pin(async move { one })
     }
     fn structured_replies(&self) -> bool {
         true
@@ -138,8 +142,9 @@ async fn first_login(opts: &Options) -> Result<LoginReply> {
             pin: None,
             boot: Some(opts.boot.clone()),
         };
-        let (bootstrap, deadline) = (opts.bootstrap.clone(), opts.deadline);
-        match tokio::task::spawn_blocking(move || login::login(&bootstrap, &req, deadline)).await? {
+        let (bootstrap, deadline, tls) = (opts.bootstrap.clone(), opts.deadline, opts.tls.clone());
+        let asked = move || login::login(&bootstrap, &req, deadline, tls.as_ref());
+        match tokio::task::spawn_blocking(asked).await? {
             Ok(reply) => return Ok(reply),
             Err(e) => {
                 let why = e.to_string();

@@ -29,15 +29,20 @@ fn url(entry: &str) -> String {
 }
 
 /// Asks each bootstrap server in turn; the first that answers decides.
+/// `tls`: the device's credentials, for `https://` entries.
 pub fn login(
     bootstrap: &[String],
     req: &LoginRequest,
     timeout: Duration,
+    tls: Option<&vstream_service::ClientTls>,
 ) -> Result<LoginReply, LoginFailure> {
-    let agent = Agent::builder()
+    let mut builder = Agent::builder()
         .connect_timeout(timeout)
-        .timeout(timeout * 2)
-        .build();
+        .timeout(timeout * 2);
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls.config());
+    }
+    let agent = builder.build();
     let mut errors = Vec::new();
     for entry in bootstrap {
         let server = entry.clone();
@@ -141,6 +146,7 @@ mod tests {
             &[dead, format!("http://{live}/")],
             &request(),
             Duration::from_secs(5),
+            None,
         );
         t.join().unwrap();
         match got {
@@ -157,6 +163,7 @@ mod tests {
             std::slice::from_ref(&live),
             &request(),
             Duration::from_secs(5),
+            None,
         );
         t.join().unwrap();
         assert_eq!(
@@ -176,7 +183,7 @@ mod tests {
                     .to_string()
             })
             .collect();
-        let msg = login(&dead, &request(), Duration::from_secs(5))
+        let msg = login(&dead, &request(), Duration::from_secs(5), None)
             .unwrap_err()
             .to_string();
         assert!(

@@ -277,10 +277,12 @@ impl Remote {
             };
             // The failed server last: a silent one would hold up the login.
             let bootstrap = crate::login::failed_last(&self.bootstrap, &failed.api);
-            let deadline = self.deadline;
-            let answer = tokio::task::spawn_blocking(move || login(&bootstrap, &req, deadline))
-                .await
-                .unwrap_or_else(|e| Err(LoginFailure::NoAnswer(e.to_string())));
+            let (deadline, tls) = (self.deadline, self.tls.clone());
+            let answer = tokio::task::spawn_blocking(move || {
+                login(&bootstrap, &req, deadline, tls.as_ref())
+            })
+            .await
+            .unwrap_or_else(|e| Err(LoginFailure::NoAnswer(e.to_string())));
             let wait = match answer {
                 Ok(reply) => match Connection::open(
                     &reply,

@@ -250,7 +250,9 @@ async fn send<W: AsyncWrite + Unpin>(mut w: W, mut queue: mpsc::UnboundedReceive
             next = queue.try_recv().ok();
         }
         // A failed write shows up in the reader too, which fails every read.
-        if w.write_all(&buf).await.is_err() {
+        // Flushed: inside TLS the last records may wait in the session
+        // otherwise (a no-op on a plain socket).
+        if w.write_all(&buf).await.is_err() || w.flush().await.is_err() {
             return;
         }
         buf.clear();
@@ -414,6 +416,7 @@ where
     };
     encode_option(&mut out, &go);
     s.write_all(&out).await?;
+    s.flush().await?;
     let mut opened = None;
     loop {
         match option_reply(s).await? {

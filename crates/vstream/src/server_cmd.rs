@@ -81,6 +81,10 @@ pub struct ServerArgs {
     /// revoked by ca-crl.pem); without one its handshake fails.
     #[arg(long)]
     pub tls_verify_peer: bool,
+    /// Serve the API over HTTPS too, on HOST:PORT, with --tls-certificates:
+    /// where devices log in with their certificate once the farm has TLS.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub api_tls: Option<String>,
     /// Where the farm state lives: `embedded` (a one-server farm, in the data
     /// folder) or etcd://HOST:PORT[,HOST:PORT...] [default: embedded].
     #[arg(long, value_name = "embedded|etcd://HOST:PORT,...")]
@@ -218,6 +222,7 @@ fn resolve(args: ServerArgs) -> Result<Config> {
         tls: args.tls,
         tls_certificates: args.tls_certificates,
         tls_verify_peer: args.tls_verify_peer,
+        api_tls: args.api_tls,
         farm: args.farm,
         name: args.name,
         power: args.power,

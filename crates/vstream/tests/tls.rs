@@ -639,32 +639,56 @@ fn a_device_certificate_opens_only_its_own_disk() {
     assert!(opens("beta", &anonymous));
 }
 
-/// Runs an agent for `mac` with `extra` flags that must fail to start; its
-/// stderr.
-fn agent_fails(server: &TestServer, mac: &str, extra: &[&str]) -> String {
+/// A free TCP port on loopback, for a server's HTTPS API.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs an agent for `mac` through `bootstrap` with `extra` flags, which
+/// must not get to serve: it stops, or waits for a login that is refused.
+/// Its log.
+fn agent_refused(bootstrap: &str, mac: &str, extra: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("agent.log");
     let mut child = Command::new(common::BIN)
-        .args(["target", "--bootstrap"])
-        .arg(server.api.trim_start_matches("http://"))
+        .args(["target", "--bootstrap", bootstrap])
         .args(["--mac", mac, "--deadline-ms", "4000", "--listen"])
         .arg(format!("unix:{}", dir.path().join("a.sock").display()))
         .args(extra)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let status = common::wait_for(60, "the agent to give up", || {
-        child.try_wait().ok().flatten()
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    common::wait_for(60, "the agent to stop or be refused", || {
+        let stopped = child.try_wait().ok().flatten().is_some();
+        (stopped || text().contains("waiting for a server")).then_some(())
     });
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert!(!status.success(), "the agent started: {err}");
-    err
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = text();
+    assert!(
+        !log.contains("serving the device's disk"),
+        "the agent serves: {log}"
+    );
+    log
+}
+
+/// A server requiring TLS, with its API over HTTPS too; and that API's URL.
+fn tls_server(pki: &Pki) -> (TestServer, String) {
+    let port = free_port();
+    let server_dir = pki.server();
+    let server = TestServer::start_fresh_with(&[
+        "--tls-certificates",
+        server_dir.to_str().unwrap(),
+        "--api-tls",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    (server, format!("https://127.0.0.1:{port}"))
 }
 
 #[test]
@@ -672,9 +696,7 @@ fn the_agent_streams_over_tls_with_its_device_certificate() {
     let (Some(pki), true) = (make_pki(), have("qemu-img")) else {
         return;
     };
-    let server_dir = pki.server();
-    let server =
-        TestServer::start_fresh_with(&["--tls-certificates", server_dir.to_str().unwrap()]);
+    let (server, https) = tls_server(&pki);
     let work = tempfile::tempdir().unwrap();
     let raw = work.path().join("alpha.raw");
     random_image(&raw, 4 * MIB, 40);
@@ -696,7 +718,7 @@ fn the_agent_streams_over_tls_with_its_device_certificate() {
         work.path(),
         "pc1",
         "52:54:00:00:00:01",
-        &[&server.api],
+        &[&https],
         "ram:64MiB",
         &[
             "--deadline-ms",
@@ -728,26 +750,23 @@ fn the_agent_streams_over_tls_with_its_device_certificate() {
     drop(agent);
 
     // Another device's credentials, none, or a server name that is not in
-    // the server's certificate: the agent stops with the reason.
-    let err = agent_fails(
-        &server,
-        "52:54:00:00:00:02",
-        &["--tls-certificates", pc1.to_str().unwrap()],
+    // the server's certificate: the agent does not serve, and says why.
+    let pc1_flags = ["--tls-certificates", pc1.to_str().unwrap()];
+    let log = agent_refused(&https, "52:54:00:00:00:02", &pc1_flags);
+    assert!(
+        log.contains("not the device with MAC 52:54:00:00:00:02"),
+        "{log}"
     );
-    assert!(err.contains("opens only its own disk"), "{err}");
-    let err = agent_fails(&server, "52:54:00:00:00:01", &[]);
-    assert!(err.contains("TLS"), "a plain agent: {err}");
-    let err = agent_fails(
-        &server,
-        "52:54:00:00:00:01",
-        &[
-            "--tls-certificates",
-            pc1.to_str().unwrap(),
-            "--tls-hostname",
-            "pvs9.example",
-        ],
+    let plain = server.api.trim_start_matches("http://");
+    let log = agent_refused(plain, "52:54:00:00:00:01", &[]);
+    assert!(log.contains("logs in over HTTPS"), "a plain agent: {log}");
+    let mut flags = pc1_flags.to_vec();
+    flags.extend(["--tls-hostname", "pvs9.example"]);
+    let log = agent_refused(&https, "52:54:00:00:00:01", &flags);
+    assert!(
+        log.contains("certificate not valid for name \"pvs9.example\""),
+        "a wrong server name: {log}"
     );
-    assert!(err.contains("certificate"), "a wrong server name: {err}");
 }
 
 /// Two servers with TLS required in an etcd farm: the agent streams from
@@ -763,14 +782,18 @@ fn the_agent_fails_over_between_tls_servers() {
     };
     let dir = tempfile::tempdir().unwrap();
     let server_dir = pki.server();
-    let tls = [
-        "--tls",
-        "require",
-        "--tls-certificates",
-        server_dir.to_str().unwrap(),
-    ];
+    let ports = [free_port(), free_port()];
     let mut servers: Vec<TestServer> = (1..=2)
         .map(|i| {
+            let https = format!("127.0.0.1:{}", ports[i - 1]);
+            let tls = [
+                "--tls",
+                "require",
+                "--tls-certificates",
+                server_dir.to_str().unwrap(),
+                "--api-tls",
+                &https,
+            ];
             TestServer::start_in_farm_with(
                 dir.path().join(format!("s{i}")),
                 &etcd.url,
@@ -797,7 +820,11 @@ fn the_agent_fails_over_between_tls_servers() {
         common::wait_farm_ready(s, 2);
     }
     let pc1 = pki.device("pc1");
-    let apis: Vec<&str> = servers.iter().map(|s| s.api.as_str()).collect();
+    let https: Vec<String> = ports
+        .iter()
+        .map(|p| format!("https://127.0.0.1:{p}"))
+        .collect();
+    let apis: Vec<&str> = https.iter().map(String::as_str).collect();
     let agent = common::TestAgent::start_with(
         dir.path(),
         "pc1",
@@ -849,4 +876,167 @@ fn the_agent_fails_over_between_tls_servers() {
     );
     let other = &servers[1 - serving];
     assert!(other.metric("vstream_nbd_tls_connections_total") >= 1);
+}
+
+/// POSTs a login for `mac` to `url` with curl's `extra` TLS flags; the
+/// HTTP status and the body.
+fn curl_login(url: &str, mac: &str, extra: &[String]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-m", "20", "-w", "\n%{http_code}", "-X", "POST"])
+        .args(["-H", "content-type: application/json", "-d"])
+        .arg(format!(r#"{{"mac":"{mac}","avoid":[]}}"#))
+        .args(extra)
+        .arg(format!("{url}/api/v1/login"))
+        .output()
+        .expect("running curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+#[test]
+fn a_device_logs_in_over_https_with_its_certificate_only() {
+    let (Some(pki), true, true) = (make_pki(), have("curl"), have("qemu-img")) else {
+        return;
+    };
+    let (server, https) = tls_server(&pki);
+    let work = tempfile::tempdir().unwrap();
+    let raw = work.path().join("alpha.raw");
+    random_image(&raw, 4 * MIB, 42);
+    server.cli_ok(&["vdisk", "import", "alpha", raw.to_str().unwrap()]);
+    server.cli_ok(&[
+        "vdisk",
+        "set",
+        "alpha",
+        "--mode",
+        "standard",
+        "--cache-type",
+        "device",
+    ]);
+    add_device(&server, "pc1", "52:54:00:00:00:01", "alpha");
+    add_device(&server, "pc2", "52:54:00:00:00:02", "alpha");
+    let creds = |name: &str| -> Vec<String> {
+        let d = pki.device(name);
+        let f = |n: &str| d.join(n).to_string_lossy().into_owned();
+        vec![
+            "--cacert".into(),
+            f("ca-cert.pem"),
+            "--cert".into(),
+            f("client-cert.pem"),
+            "--key".into(),
+            f("client-key.pem"),
+        ]
+    };
+    let ca_only = vec![
+        "--cacert".to_string(),
+        pki.device("pc1")
+            .join("ca-cert.pem")
+            .to_string_lossy()
+            .into_owned(),
+    ];
+
+    // Anyone could map a MAC to its device, vDisk and server: no more.
+    let (code, body) = curl_login(&server.api, "52:54:00:00:00:01", &[]);
+    assert_eq!(code, 403, "plain HTTP login: {body}");
+    assert!(body.contains("logs in over HTTPS"), "{body}");
+    let (code, body) = curl_login(&https, "52:54:00:00:00:01", &ca_only);
+    assert_eq!(code, 403, "HTTPS login without a certificate: {body}");
+    let (code, body) = curl_login(&https, "52:54:00:00:00:02", &creds("pc1"));
+    assert_eq!(code, 403, "pc1's certificate for pc2: {body}");
+    assert!(
+        body.contains("not the device with MAC 52:54:00:00:00:02"),
+        "{body}"
+    );
+    // (Until the server has verified its copy, it answers 503.)
+    let body = common::wait_for(60, "pc1's own login over HTTPS", || {
+        let (code, body) = curl_login(&https, "52:54:00:00:00:01", &creds("pc1"));
+        assert!(code == 200 || code == 503, "pc1's own login: {code} {body}");
+        (code == 200).then_some(body)
+    });
+    assert!(body.contains(r#""device":"pc1""#), "{body}");
+
+    // The agent logs in over HTTPS and streams over TLS.
+    let pc1 = pki.device("pc1");
+    let agent = common::TestAgent::start_with(
+        work.path(),
+        "pc1",
+        "52:54:00:00:00:01",
+        &[&https],
+        "ram:64MiB",
+        &[
+            "--deadline-ms",
+            "4000",
+            "--tls-certificates",
+            pc1.to_str().unwrap(),
+        ],
+    );
+    let url = format!("nbd+unix:///?socket={}", agent.sock.display());
+    let out = Command::new("qemu-img")
+        .args([
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            raw.to_str().unwrap(),
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && text(&out).contains("Images are identical"),
+        "{}\n{}",
+        text(&out),
+        agent.log_text()
+    );
+    drop(agent);
+
+    // Revoked: its still valid certificate logs in no more.
+    server.cli_ok(&["device", "revoke", "pc1"]);
+    let (code, body) = curl_login(&https, "52:54:00:00:00:01", &creds("pc1"));
+    assert_eq!(code, 403, "a revoked device's login: {body}");
+    assert!(body.contains("revoked"), "{body}");
+    assert!(server.log_text().contains("login refused"));
+}
+
+/// nbdcopy reads a whole vDisk over TLS through four connections with many
+/// large requests in flight: the socket fills, and each reply batch must
+/// still leave the TLS session (a reply left in it stalls the client).
+#[test]
+fn nbdcopy_reads_a_whole_vdisk_over_tls() {
+    let (Some(pki), true) = (make_pki(), have("nbdcopy")) else {
+        return;
+    };
+    let server_dir = pki.server();
+    let server =
+        TestServer::start_fresh_with(&["--tls-certificates", server_dir.to_str().unwrap()]);
+    let work = tempfile::tempdir().unwrap();
+    let raw = work.path().join("big.raw");
+    random_image(&raw, 96 * MIB, 43);
+    server.cli_ok(&["vdisk", "import", "big", raw.to_str().unwrap()]);
+    server.cli_ok(&["vdisk", "set", "big", "--anonymous-read", "on"]);
+    let copy = work.path().join("copy.raw");
+    let url = format!(
+        "nbds://127.0.0.1:{}/big?tls-certificates={}",
+        server.nbd_port,
+        pki.anonymous().display()
+    );
+    // (A stalled copy is killed after 120 s, and fails.)
+    let out = Command::new("timeout")
+        .args([
+            "120",
+            "nbdcopy",
+            "--connections=4",
+            "--requests=64",
+            "--request-size=1048576",
+        ])
+        .arg(&url)
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "nbdcopy over TLS: {}", text(&out));
+    assert!(
+        std::fs::read(&copy).unwrap() == std::fs::read(&raw).unwrap(),
+        "the copy over TLS differs from the image"
+    );
 }

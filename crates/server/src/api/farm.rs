@@ -18,10 +18,12 @@ use vstream_farm::FarmStore;
 use crate::clock::now_unix;
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::http::PeerCertificate;
 use crate::login::{choose, LoginError};
 use crate::membership::{Membership, View, STALE_AFTER_SECS};
 use crate::replication::Replication;
 use crate::sessions::Sessions;
+use vstream_service::Certificate;
 
 /// A device asks where to stream from. Answered from this server's last
 /// known farm state, so it works while the farm store is away.
@@ -29,6 +31,7 @@ use crate::sessions::Sessions;
     responses((status = 200, body = LoginReply), (status = 400, body = ErrorBody, description = "a MAC or boot identity not well formed"),
         (status = 404, body = ErrorBody),
         (status = 503, body = ErrorBody, description = "nothing to serve it now; ask again")))]
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn login(
     State(config): State<Arc<Config>>,
     State(farm): State<FarmStore>,
@@ -36,6 +39,7 @@ pub(super) async fn login(
     State(sessions): State<Arc<Sessions>>,
     State(replication): State<Arc<Replication>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    certificate: Option<axum::Extension<PeerCertificate>>,
     Json(req): Json<LoginRequest>,
 ) -> Result<Json<LoginReply>, ApiError> {
     if let Some(token) = &req.boot {
@@ -44,6 +48,13 @@ pub(super) async fn login(
     let view = fresh_records(&membership, &farm, &req.mac)
         .await
         .unwrap_or_else(|| membership.view());
+    if config.tls != vstream_service::TlsMode::Off {
+        let shown = certificate.as_ref().map(|c| &c.0 .0);
+        if let Err(why) = certified(&view, &req.mac, shown) {
+            tracing::info!(mac = %req.mac, %peer, reason = %why, "login refused");
+            return Err(ApiError::new(StatusCode::FORBIDDEN, why).logged());
+        }
+    }
     // A boot identity other than the device's last: it booted again, and
     // its sessions of the earlier boot end wherever in the farm they are.
     let device = vstream_api::parse_mac(&req.mac)
@@ -100,6 +111,28 @@ pub(super) async fn login(
             // One line per refusal: not "API request failed" again for a 503.
             Err(ApiError::new(status, e.to_string()).logged())
         }
+    }
+}
+
+/// On a farm with TLS, a device logs in with its own certificate: one that
+/// names the device with MAC `mac`, and is not revoked.
+fn certified(view: &View, mac: &str, shown: Option<&Certificate>) -> Result<(), String> {
+    let Some(cert) = shown else {
+        return Err(
+            "this farm has TLS: a device logs in over HTTPS (the server's \
+                    --api-tls address) with its client certificate"
+                .into(),
+        );
+    };
+    let name = cert.name.as_deref().unwrap_or_default();
+    let device = vstream_api::parse_mac(mac)
+        .ok()
+        .and_then(|m| view.device_by_mac(&m));
+    match (device, vstream_farm::DeviceKey::parse(name)) {
+        (Some(d), Ok(key)) if key.names(d) => d.revoked(cert.not_before).map_or(Ok(()), Err),
+        _ => Err(format!(
+            "the client certificate names {name:?}, not the device with MAC {mac}"
+        )),
     }
 }
 

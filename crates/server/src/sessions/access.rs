@@ -133,37 +133,23 @@ impl Sessions {
     }
 
     /// The exports NBD_OPT_LIST shows `client`: what it may open, by the
-    /// last known farm state.
-    pub(crate) fn listed(&self, client: &Client) -> Vec<(String, String)> {
-        let vdisks = self.store.list().unwrap_or_default();
-        let read_only = |n: &String| (n.clone(), format!("vDisk {n} (read-only)"));
-        if self.tls.mode == TlsMode::Off {
-            return vdisks.iter().map(read_only).collect();
-        }
-        let view = self.membership.view();
-        let open = |n: &String| view.vdisk(n).is_some_and(|v| v.anonymous_read);
-        let device = client.certificate.as_ref().and_then(|c| {
-            let key = DeviceKey::parse(c.name.as_deref()?).ok()?;
-            let d = view.find_device(&key)?;
-            d.revoked(c.not_before).is_none().then_some(d)
-        });
-        let mut list = Vec::new();
-        if let Some(d) = device {
-            list.push((
-                format!("device/{}", d.name),
-                format!("device {}'s disk", d.name),
-            ));
-        }
-        if client.certificate.is_some() && device.is_none() {
+    /// farm state now.
+    pub(crate) async fn listed(&self, client: &Client) -> Vec<(String, String)> {
+        let Ok(holder) = self.holder(client).await else {
             // Names no device (or a revoked one): nothing opens for it.
-            return list;
+            return Vec::new();
+        };
+        let mut list = Vec::new();
+        if let Holder::Device(d) = &holder {
+            let name = &d.0.name;
+            list.push((format!("device/{name}"), format!("device {name}'s disk")));
         }
-        list.extend(
-            vdisks
-                .iter()
-                .filter(|n| device.is_some_and(|d| d.vdisk == **n) || open(n))
-                .map(read_only),
-        );
+        for n in self.store.list().unwrap_or_default() {
+            if self.admit(&holder, Wants::VDisk(&n)).await.is_ok() {
+                let description = format!("vDisk {n} (read-only)");
+                list.push((n, description));
+            }
+        }
         list
     }
 }
