@@ -678,6 +678,56 @@ fn agent_refused(bootstrap: &str, mac: &str, extra: &[&str]) -> String {
     log
 }
 
+/// Imports a 4 MiB random image as vDisk `name`, in Standard mode with
+/// device-side caches, with devices pc1 and pc2 on it; the image's path.
+fn shared_vdisk(server: &TestServer, dir: &Path, name: &str, seed: u64) -> PathBuf {
+    let raw = dir.join(format!("{name}.raw"));
+    random_image(&raw, 4 * MIB, seed);
+    server.cli_ok(&["vdisk", "import", name, raw.to_str().unwrap()]);
+    let standard = ["--mode", "standard", "--cache-type", "device"];
+    server.cli_ok(&[&["vdisk", "set", name][..], &standard].concat());
+    add_device(server, "pc1", "52:54:00:00:00:01", name);
+    add_device(server, "pc2", "52:54:00:00:00:02", name);
+    raw
+}
+
+/// An agent for `name` through `apis` with the credentials in `creds`.
+fn tls_agent(
+    dir: &Path,
+    name: &str,
+    mac: &str,
+    apis: &[&str],
+    creds: &Path,
+    deadline_ms: &str,
+) -> common::TestAgent {
+    let creds = creds.to_str().unwrap();
+    let flags = ["--deadline-ms", deadline_ms, "--tls-certificates", creds];
+    common::TestAgent::start_with(dir, name, mac, apis, "ram:64MiB", &flags)
+}
+
+/// Asserts that the disk `agent` serves holds the bytes of image `raw`.
+fn reads_as(agent: &common::TestAgent, raw: &Path) {
+    let url = format!("nbd+unix:///?socket={}", agent.sock.display());
+    let out = Command::new("qemu-img")
+        .args([
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            raw.to_str().unwrap(),
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && text(&out).contains("Images are identical"),
+        "reading through the agent: {}\nagent log:\n{}",
+        text(&out),
+        agent.log_text()
+    );
+}
+
 /// A server requiring TLS, with its API over HTTPS too; and that API's URL.
 fn tls_server(pki: &Pki) -> (TestServer, String) {
     let port = free_port();
@@ -698,54 +748,18 @@ fn the_agent_streams_over_tls_with_its_device_certificate() {
     };
     let (server, https) = tls_server(&pki);
     let work = tempfile::tempdir().unwrap();
-    let raw = work.path().join("alpha.raw");
-    random_image(&raw, 4 * MIB, 40);
-    server.cli_ok(&["vdisk", "import", "alpha", raw.to_str().unwrap()]);
-    server.cli_ok(&[
-        "vdisk",
-        "set",
-        "alpha",
-        "--mode",
-        "standard",
-        "--cache-type",
-        "device",
-    ]);
-    add_device(&server, "pc1", "52:54:00:00:00:01", "alpha");
-    add_device(&server, "pc2", "52:54:00:00:00:02", "alpha");
+    let raw = shared_vdisk(&server, work.path(), "alpha", 40);
     let pc1 = pki.device("pc1");
 
-    let agent = common::TestAgent::start_with(
+    let agent = tls_agent(
         work.path(),
         "pc1",
         "52:54:00:00:00:01",
         &[&https],
-        "ram:64MiB",
-        &[
-            "--deadline-ms",
-            "4000",
-            "--tls-certificates",
-            pc1.to_str().unwrap(),
-        ],
+        &pc1,
+        "4000",
     );
-    let url = format!("nbd+unix:///?socket={}", agent.sock.display());
-    let out = Command::new("qemu-img")
-        .args([
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            raw.to_str().unwrap(),
-            &url,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success() && text(&out).contains("Images are identical"),
-        "through the agent over TLS: {}\nagent log:\n{}",
-        text(&out),
-        agent.log_text()
-    );
+    reads_as(&agent, &raw);
     assert!(server.metric("vstream_nbd_tls_connections_total") >= 1);
     drop(agent);
 
@@ -803,19 +817,7 @@ fn the_agent_fails_over_between_tls_servers() {
             )
         })
         .collect();
-    let raw = dir.path().join("demo.raw");
-    random_image(&raw, 4 * MIB, 41);
-    servers[0].cli_ok(&["vdisk", "import", "demo", raw.to_str().unwrap()]);
-    servers[0].cli_ok(&[
-        "vdisk",
-        "set",
-        "demo",
-        "--mode",
-        "standard",
-        "--cache-type",
-        "device",
-    ]);
-    add_device(&servers[0], "pc1", "52:54:00:00:00:01", "demo");
+    let raw = shared_vdisk(&servers[0], dir.path(), "demo", 41);
     for s in &servers {
         common::wait_farm_ready(s, 2);
     }
@@ -825,36 +827,8 @@ fn the_agent_fails_over_between_tls_servers() {
         .map(|p| format!("https://127.0.0.1:{p}"))
         .collect();
     let apis: Vec<&str> = https.iter().map(String::as_str).collect();
-    let agent = common::TestAgent::start_with(
-        dir.path(),
-        "pc1",
-        "52:54:00:00:00:01",
-        &apis,
-        "ram:64MiB",
-        &[
-            "--deadline-ms",
-            "2000",
-            "--tls-certificates",
-            pc1.to_str().unwrap(),
-        ],
-    );
-    let url = format!("nbd+unix:///?socket={}", agent.sock.display());
-    let compare = || {
-        Command::new("qemu-img")
-            .args([
-                "compare",
-                "-f",
-                "raw",
-                "-F",
-                "raw",
-                raw.to_str().unwrap(),
-                &url,
-            ])
-            .output()
-            .unwrap()
-    };
-    let out = compare();
-    assert!(out.status.success(), "before the kill: {}", text(&out));
+    let agent = tls_agent(dir.path(), "pc1", "52:54:00:00:00:01", &apis, &pc1, "2000");
+    reads_as(&agent, &raw);
     let log = agent.log_text();
     let serving = if log.contains("server=s1") { 0 } else { 1 };
     assert!(
@@ -862,13 +836,7 @@ fn the_agent_fails_over_between_tls_servers() {
         "which server? {log}"
     );
     servers[serving].kill9();
-    let out = compare();
-    assert!(
-        out.status.success() && text(&out).contains("Images are identical"),
-        "after the kill: {}\nagent log:\n{}",
-        text(&out),
-        agent.log_text()
-    );
+    reads_as(&agent, &raw);
     assert!(
         agent.log_text().contains("failed over"),
         "{}",
@@ -901,20 +869,7 @@ fn a_device_logs_in_over_https_with_its_certificate_only() {
     };
     let (server, https) = tls_server(&pki);
     let work = tempfile::tempdir().unwrap();
-    let raw = work.path().join("alpha.raw");
-    random_image(&raw, 4 * MIB, 42);
-    server.cli_ok(&["vdisk", "import", "alpha", raw.to_str().unwrap()]);
-    server.cli_ok(&[
-        "vdisk",
-        "set",
-        "alpha",
-        "--mode",
-        "standard",
-        "--cache-type",
-        "device",
-    ]);
-    add_device(&server, "pc1", "52:54:00:00:00:01", "alpha");
-    add_device(&server, "pc2", "52:54:00:00:00:02", "alpha");
+    let raw = shared_vdisk(&server, work.path(), "alpha", 42);
     let creds = |name: &str| -> Vec<String> {
         let d = pki.device(name);
         let f = |n: &str| d.join(n).to_string_lossy().into_owned();
@@ -957,38 +912,15 @@ fn a_device_logs_in_over_https_with_its_certificate_only() {
 
     // The agent logs in over HTTPS and streams over TLS.
     let pc1 = pki.device("pc1");
-    let agent = common::TestAgent::start_with(
+    let agent = tls_agent(
         work.path(),
         "pc1",
         "52:54:00:00:00:01",
         &[&https],
-        "ram:64MiB",
-        &[
-            "--deadline-ms",
-            "4000",
-            "--tls-certificates",
-            pc1.to_str().unwrap(),
-        ],
+        &pc1,
+        "4000",
     );
-    let url = format!("nbd+unix:///?socket={}", agent.sock.display());
-    let out = Command::new("qemu-img")
-        .args([
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            raw.to_str().unwrap(),
-            &url,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success() && text(&out).contains("Images are identical"),
-        "{}\n{}",
-        text(&out),
-        agent.log_text()
-    );
+    reads_as(&agent, &raw);
     drop(agent);
 
     // Revoked: its still valid certificate logs in no more.
