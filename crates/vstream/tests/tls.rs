@@ -156,8 +156,14 @@ fn make_pki() -> Option<Pki> {
             "signing_key".into(),
         ]
     };
-    for name in ["pc1", "pc2", "ghost"] {
-        let lines = client(name);
+    // "expired": pc1's name on a certificate whose validity ended in 2021.
+    for name in ["pc1", "pc2", "ghost", "expired"] {
+        let cn = if name == "expired" { "pc1" } else { name };
+        let mut lines = client(cn).to_vec();
+        if name == "expired" {
+            lines.push("activation_date = \"2020-01-01 00:00:00 UTC\"".into());
+            lines.push("expiration_date = \"2021-01-01 00:00:00 UTC\"".into());
+        }
         let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
         make_cert(d, "ca", name, &lines);
         layout(
@@ -398,11 +404,15 @@ fn verify_peer_refuses_other_cas_and_clients_without_a_certificate() {
     for (who, creds) in [
         ("another CA's client", pki.stranger()),
         ("a client without a certificate", pki.anonymous()),
+        (
+            "an expired certificate of the farm's CA",
+            pki.device("expired"),
+        ),
     ] {
         let out = nbdinfo_tls(&server, "v", &creds);
         assert!(!out.status.success(), "{who} got in: {}", text(&out));
     }
-    assert!(server.metric(r#"vstream_nbd_refusals_total{reason="bad_certificate"}"#) >= 2);
+    assert!(server.metric(r#"vstream_nbd_refusals_total{reason="bad_certificate"}"#) >= 3);
     assert!(
         server.log_text().contains("refused: TLS handshake failed"),
         "the refusals are not in the log"
@@ -533,6 +543,9 @@ fn a_device_certificate_opens_only_its_own_disk() {
         "pc1 writing its own disk: {}",
         text(&out)
     );
+    // Its name on an expired certificate opens nothing, though a client
+    // certificate is optional here.
+    assert!(!opens("device/pc1", &pki.device("expired")));
     // Nothing of another device's.
     for export in ["device/pc2", "device/52:54:00:00:00:02", "beta"] {
         assert!(!opens(export, &pc1), "pc1's certificate opened {export}");
