@@ -280,7 +280,7 @@ impl Sessions {
     }
 
     /// Resolves an export name for a new connection (`go`) or for a query.
-    /// `client` opens only what [`access`] lets it.
+    /// `client` opens only what its identity lets it (the `access` module).
     pub async fn open_export(
         self: &Arc<Self>,
         name: &str,
