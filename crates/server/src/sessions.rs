@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::membership::Membership;
 use crate::quarantine::Quarantine;
 use crate::replication::state::Replication;
-use access::Wants;
+use access::{Claim, Holder, Wants};
 use vstream_service::metrics::Metrics;
 use vstream_service::Client;
 
@@ -330,6 +330,63 @@ impl Sessions {
             backend: Local::new(Arc::new(chain.read_only())),
             session: None,
         })
+    }
+
+    /// Who `client` is: the device its certificate names, checked against
+    /// the farm state now (so a removed or revoked device is refused at once).
+    async fn holder(&self, client: &Client) -> Result<Holder, OpenError> {
+        match access::claim(self.tls.mode, client)? {
+            Claim::Known(holder) => Ok(holder),
+            Claim::Device(name, cert) => {
+                access::device_holder(name, cert, self.device_and_vdisk(name).await)
+            }
+        }
+    }
+
+    /// Refuses `wants` unless `holder` may open it.
+    async fn admit(&self, holder: &Holder, wants: Wants<'_>) -> Result<(), OpenError> {
+        let anonymous_read = match &wants {
+            Wants::VDisk(name) if access::asks_anonymous_read(holder, &wants) => {
+                self.anonymous_read(name).await
+            }
+            _ => false,
+        };
+        access::admit(holder, wants, anonymous_read)
+    }
+
+    /// Whether vDisk `name` is open to anonymous readers, by the farm state
+    /// (the last known one while it is away).
+    async fn anonymous_read(&self, name: &str) -> bool {
+        if self.membership.is_connected() {
+            if let Ok(found) = self.farm.get_vdisk(name).await {
+                return found.is_some_and(|v| v.anonymous_read);
+            }
+        }
+        self.membership
+            .view()
+            .vdisk(name)
+            .is_some_and(|v| v.anonymous_read)
+    }
+
+    /// The exports NBD_OPT_LIST shows `client`: what it may open, by the
+    /// farm state now.
+    pub(crate) async fn listed(&self, client: &Client) -> Vec<(String, String)> {
+        let Ok(holder) = self.holder(client).await else {
+            // Names no device (or a revoked one): nothing opens for it.
+            return Vec::new();
+        };
+        let mut list = Vec::new();
+        if let Holder::Device(d) = &holder {
+            let name = &d.0.name;
+            list.push((format!("device/{name}"), format!("device {name}'s disk")));
+        }
+        for n in self.store.list().unwrap_or_default() {
+            if self.admit(&holder, Wants::VDisk(&n)).await.is_ok() {
+                let description = format!("vDisk {n} (read-only)");
+                list.push((n, description));
+            }
+        }
+        list
     }
 
     /// Refuses a vDisk whose local copy is quarantined: it is not the farm's.
