@@ -73,6 +73,25 @@ impl Device {
     }
 }
 
+/// A one-time enrollment token the boot script handed a netbooted device
+/// (`enroll/DEVICE` in the farm state, one outstanding per device): the
+/// device trades it, once, for a short-lived client certificate. The farm
+/// keeps only the token's SHA-256, so a reader of the farm state cannot
+/// enroll with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct EnrollToken {
+    /// SHA-256 of the token, in hex.
+    pub sha256: String,
+    /// The MAC of the device it was handed to: lower-case, colon-separated.
+    pub mac: String,
+    /// The address that asked for the boot script.
+    pub from: String,
+    pub created_unix: u64,
+    /// After this second the token is refused.
+    pub expires_unix: u64,
+}
+
 /// The six octets of a MAC address in one of its usual spellings, any case:
 /// `aa:bb:cc:dd:ee:ff`, `aa-bb-cc-dd-ee-ff`, `aabb.ccdd.eeff` or `aabbccddeeff`.
 /// Any address, whether or not a device can have it.

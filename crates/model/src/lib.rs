@@ -19,7 +19,7 @@ mod vdisk;
 mod version;
 
 pub use catalog::{Catalog, CatalogVersion, ReplicaProgress, ReplicaState, ReplicationOverride};
-pub use device::{looks_like_mac, parse_mac, Device, DeviceType};
+pub use device::{looks_like_mac, parse_mac, Device, DeviceType, EnrollToken};
 pub use server::{
     check_boot_token, BootRecord, HeldVersion, Quarantined, RebalanceRequest, ServerStatus,
     SessionInfo, BOOT_TOKEN_MAX,

@@ -46,6 +46,10 @@ pub struct ServerStatus {
     pub name: String,
     /// Where its API (and device logins) answer, as a URL.
     pub api: String,
+    /// Where its HTTPS API answers (`--api-tls`), as a URL: on a farm with
+    /// TLS, devices log in and enroll there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_tls: Option<String>,
     /// Where its NBD service answers, as HOST:PORT.
     pub nbd: String,
     /// Relative capacity, 0.1 to 1000 (PVS's power rating); load is devices ÷ power.
@@ -87,6 +91,7 @@ impl ServerStatus {
         ServerStatus {
             name: name.into(),
             api: api.into(),
+            api_tls: None,
             nbd: nbd.into(),
             power: 1.0,
             subnets: vec![],
