@@ -29,6 +29,7 @@ mod catalog;
 #[cfg(any(test, feature = "contract"))]
 pub mod contract;
 pub mod embedded;
+mod enroll;
 mod error;
 pub mod etcd;
 mod identity;
