@@ -30,6 +30,13 @@ pub struct Config {
     /// The same API over HTTPS, with the TLS certificates (device logins
     /// with their certificate go here).
     pub api_tls: Option<SocketAddr>,
+    /// The HTTPS API's URL as devices and other servers reach it (defaults
+    /// to `https://` and `api_tls`).
+    pub advertise_api_tls: Option<String>,
+    /// Seconds an enrollment token from the boot script stays good.
+    pub enroll_token_ttl_secs: u64,
+    /// Hours a device certificate this server signs stays valid.
+    pub device_cert_hours: u64,
     pub log_format: LogFormat,
     /// Most concurrent NBD connections.
     pub max_connections: usize,
@@ -173,6 +180,11 @@ impl std::str::FromStr for FarmConfig {
 
 /// PVS's default for "maximum devices booting" per server.
 pub const DEFAULT_MAX_BOOTING: u32 = 500;
+/// An enrollment token is good for five minutes: enough for a slow
+/// firmware to load the kernel and start the agent, short for a thief.
+pub const DEFAULT_ENROLL_TOKEN_TTL_SECS: u64 = 300;
+/// A device certificate lasts twelve hours; the agent renews it at half.
+pub const DEFAULT_DEVICE_CERT_HOURS: u64 = 12;
 pub const DEFAULT_DATA: &str = "/var/lib/vstream";
 pub const DEFAULT_NBD: &str = "127.0.0.1:10809";
 pub const DEFAULT_API: &str = "127.0.0.1:7080";
@@ -203,6 +215,9 @@ pub struct FileConfig {
     pub tls_certificates: Option<PathBuf>,
     pub tls_verify_peer: Option<bool>,
     pub api_tls: Option<String>,
+    pub advertise_api_tls: Option<String>,
+    pub enroll_token_ttl_secs: Option<u64>,
+    pub device_cert_hours: Option<u64>,
     pub farm: Option<String>,
     pub name: Option<String>,
     pub power: Option<f64>,
@@ -247,6 +262,9 @@ pub struct FlagConfig {
     pub tls_certificates: Option<PathBuf>,
     pub tls_verify_peer: bool,
     pub api_tls: Option<String>,
+    pub advertise_api_tls: Option<String>,
+    pub enroll_token_ttl_secs: Option<u64>,
+    pub device_cert_hours: Option<u64>,
     pub farm: Option<String>,
     pub name: Option<String>,
     pub power: Option<f64>,
@@ -368,6 +386,34 @@ impl Config {
                     .map_err(|e| format!("--api-tls {a:?} is not HOST:PORT: {e}"))?,
             ),
         };
+        let advertise_api_tls = match (flags.advertise_api_tls.or(file.advertise_api_tls), api_tls)
+        {
+            (Some(_), None) => return Err("--advertise-api-tls needs --api-tls".into()),
+            (Some(url), Some(_)) if !url.starts_with("https://") => {
+                return Err(format!(
+                    "--advertise-api-tls {url:?} is not an https:// URL"
+                ))
+            }
+            (url, a) => url.or_else(|| a.map(|a| format!("https://{a}"))),
+        };
+        let enroll_token_ttl_secs = flags
+            .enroll_token_ttl_secs
+            .or(file.enroll_token_ttl_secs)
+            .unwrap_or(DEFAULT_ENROLL_TOKEN_TTL_SECS);
+        let device_cert_hours = flags
+            .device_cert_hours
+            .or(file.device_cert_hours)
+            .unwrap_or(DEFAULT_DEVICE_CERT_HOURS);
+        if !(1..=3600).contains(&enroll_token_ttl_secs) {
+            return Err(format!(
+                "enroll_token_ttl_secs {enroll_token_ttl_secs} is outside 1 to 3600"
+            ));
+        }
+        if !(1..=24 * 90).contains(&device_cert_hours) {
+            return Err(format!(
+                "device_cert_hours {device_cert_hours} is outside 1 to 2160 (90 days)"
+            ));
+        }
         let farm = flags
             .farm
             .or(file.farm)
@@ -512,6 +558,9 @@ impl Config {
             tls_certificates,
             tls_verify_peer,
             api_tls,
+            advertise_api_tls,
+            enroll_token_ttl_secs,
+            device_cert_hours,
         })
     }
 }

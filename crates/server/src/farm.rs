@@ -97,6 +97,7 @@ pub fn status(server: &Handles, versions: Vec<HeldVersion>) -> ServerStatus {
     ServerStatus {
         name: server.config.name.clone(),
         api: server.config.advertise_api.clone(),
+        api_tls: server.config.advertise_api_tls.clone(),
         nbd: server.config.advertise_nbd.clone(),
         power: server.config.power,
         subnets: server.config.subnets.clone(),

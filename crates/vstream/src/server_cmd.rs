@@ -85,6 +85,18 @@ pub struct ServerArgs {
     /// where devices log in with their certificate once the farm has TLS.
     #[arg(long, value_name = "HOST:PORT")]
     pub api_tls: Option<String>,
+    /// The HTTPS API's URL as devices and other servers reach it (device
+    /// enrollment and logins go there) [default: https:// and --api-tls].
+    #[arg(long, value_name = "URL")]
+    pub advertise_api_tls: Option<String>,
+    /// Seconds an enrollment token from the boot script stays good, 1 to 3600
+    /// [default: 300].
+    #[arg(long, value_name = "SECS")]
+    pub enroll_token_ttl: Option<u64>,
+    /// Hours a device certificate this server signs stays valid, 1 to 2160;
+    /// the agent renews it at half [default: 12].
+    #[arg(long, value_name = "HOURS")]
+    pub device_cert_hours: Option<u64>,
     /// Where the farm state lives: `embedded` (a one-server farm, in the data
     /// folder) or etcd://HOST:PORT[,HOST:PORT...] [default: embedded].
     #[arg(long, value_name = "embedded|etcd://HOST:PORT,...")]
@@ -223,6 +235,9 @@ fn resolve(args: ServerArgs) -> Result<Config> {
         tls_certificates: args.tls_certificates,
         tls_verify_peer: args.tls_verify_peer,
         api_tls: args.api_tls,
+        advertise_api_tls: args.advertise_api_tls,
+        enroll_token_ttl_secs: args.enroll_token_ttl,
+        device_cert_hours: args.device_cert_hours,
         farm: args.farm,
         name: args.name,
         power: args.power,
