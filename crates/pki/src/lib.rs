@@ -347,6 +347,35 @@ pub fn request(name: &str) -> Result<(String, String), PkiError> {
     Ok((pem, key.serialize_pem()))
 }
 
+/// A new one-time token: 32 random bytes in hex, 256 bits a guesser
+/// cannot cover within its few minutes.
+pub fn new_token() -> String {
+    let bytes: [u8; 32] = rand::random();
+    hex(&bytes)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The SHA-256 of a token, in hex: what the farm state keeps of it, so a
+/// reader of the farm state cannot spend it.
+pub fn token_digest(token: &str) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref())
+}
+
+/// Whether `token` is the one whose digest is `digest`, in time that does
+/// not depend on where they differ.
+pub fn token_matches(token: &str, digest: &str) -> bool {
+    let shown = token_digest(token);
+    shown.len() == digest.len()
+        && shown
+            .bytes()
+            .zip(digest.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
 /// The first PEM block of `text`, with its armour.
 fn first_pem(text: &str) -> Result<String, PkiError> {
     const END: &str = "-----END CERTIFICATE-----";
@@ -481,6 +510,22 @@ mod tests {
             }
         }
         format!("-----BEGIN {tag}-----\n{out}\n-----END {tag}-----\n")
+    }
+
+    #[test]
+    fn a_token_matches_its_digest_only() {
+        let t = new_token();
+        assert_eq!(t.len(), 64);
+        assert_ne!(t, new_token());
+        let d = token_digest(&t);
+        assert_eq!(
+            token_digest("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert!(token_matches(&t, &d));
+        assert!(!token_matches(&new_token(), &d));
+        assert!(!token_matches(&t, &d[..63]));
+        assert!(!token_matches(&d, &d), "the digest is not the token");
     }
 
     #[test]
