@@ -17,6 +17,46 @@ pub struct CacheReport {
     pub cache_bytes: u64,
 }
 
+/// A netbooted device trades its one-time enrollment token (from its boot
+/// script) for a certificate: `POST /api/v1/enroll`, over HTTPS, with no
+/// admin token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EnrollRequest {
+    pub mac: String,
+    /// The token, as the boot script gave it (`vstream.enroll=`).
+    pub token: String,
+    /// A PKCS#10 signing request (PEM) for the key the device made: only
+    /// its key is used; the certificate always names the device.
+    pub csr: String,
+}
+
+/// An administrator asks for a device's credential ahead of time:
+/// `POST /api/v1/devices/{name}/credential`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CredentialRequest {
+    /// A PKCS#10 signing request (PEM) for the holder's key.
+    pub csr: String,
+    /// Hours it stays valid [default: 720, at most 2160].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hours: Option<u64>,
+}
+
+/// A device certificate, as the enrollment and credential routes answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CredentialReply {
+    /// The device it names.
+    pub device: String,
+    /// The certificate, then its issuer's (the server's enrollment CA):
+    /// `client-cert.pem`.
+    pub chain_pem: String,
+    /// The farm's CA, which every server's certificate chains to:
+    /// `ca-cert.pem`.
+    pub ca_pem: String,
+    pub not_after_unix: i64,
+    /// Its serial number, in hex.
+    pub serial: String,
+}
+
 /// What `POST /api/v1/quarantine/{name}/adopt` takes: the settings of the
 /// farm record made for the vDisk (defaults as `vdisk create`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

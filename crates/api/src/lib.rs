@@ -13,7 +13,8 @@ pub use farm::*;
 pub use replication::*;
 pub use vstream_model::{
     default_store, looks_like_mac, parse_mac, BootFile, BootFileKind, BootFiles, CacheType, Device,
-    DeviceType, Mode, StoreDef, StoreHere, VDisk, Version, VersionState, DEFAULT_STORE,
+    DeviceType, EnrollToken, Mode, StoreDef, StoreHere, VDisk, Version, VersionState,
+    DEFAULT_STORE,
 };
 
 use serde::{Deserialize, Serialize};

@@ -15,6 +15,10 @@ pub struct BootScript<'a> {
     pub vdisk: &'a str,
     /// The servers' HTTP base URLs (`http://HOST:PORT`), in the order to try.
     pub servers: &'a [String],
+    /// Where the device logs in (`vstream.bootstrap=`), in the order to
+    /// try: `http://HOST:PORT` becomes `HOST:PORT`; an `https://` URL (a
+    /// farm with TLS) stays whole.
+    pub login: &'a [String],
     /// Kernel command line words from the vDisk's boot settings.
     pub cmdline: &'a str,
     pub has_initrd: bool,
@@ -22,6 +26,9 @@ pub struct BootScript<'a> {
     /// for a plain NBD client, names it, so servers tell this boot from the
     /// last. Letters, digits and `-` only.
     pub boot: &'a str,
+    /// A one-time enrollment token (`vstream.enroll=`) the agent trades
+    /// for its certificate, or empty. Letters and digits only.
+    pub enroll: &'a str,
 }
 
 /// The form of a MAC in a URL path: `52-54-00-12-34-56`.
@@ -50,7 +57,14 @@ fn one_line(s: &str) -> String {
 impl BootScript<'_> {
     /// The kernel command line the device boots with.
     pub fn kernel_args(&self) -> String {
-        let bootstrap: Vec<&str> = self.servers.iter().map(|s| host_port(s)).collect();
+        let bootstrap: Vec<&str> = self
+            .login
+            .iter()
+            .map(|s| match s.starts_with("https://") {
+                true => s.trim_end_matches('/'),
+                false => host_port(s),
+            })
+            .collect();
         let mut args = String::new();
         if self.has_initrd {
             // UEFI iPXE hands the kernel its initrd only when named here.
@@ -69,6 +83,9 @@ impl BootScript<'_> {
         );
         if !self.boot.is_empty() {
             let _ = write!(args, " vstream.boot={}", one_line(self.boot));
+        }
+        if !self.enroll.is_empty() {
+            let _ = write!(args, " vstream.enroll={}", one_line(self.enroll));
         }
         args
     }
@@ -167,9 +184,11 @@ mod tests {
             mac: "52:54:00:12:34:56",
             vdisk: "root",
             servers: &servers,
+            login: &servers,
             cmdline: "console=ttyS0 boot=vstream",
             has_initrd: true,
             boot: "5f0e-77",
+            enroll: "",
         };
         let s = b.render();
         assert!(s.starts_with("#!ipxe\n"));
@@ -199,9 +218,11 @@ mod tests {
             mac: "52:54:00:12:34:56",
             vdisk: "root",
             servers: &servers[..1],
+            login: &servers[..1],
             cmdline: "",
             has_initrd: false,
             boot: "",
+            enroll: "",
         };
         let s = b.render();
         assert!(!s.contains("initrd"), "{s}");
@@ -212,6 +233,35 @@ mod tests {
     }
 
     #[test]
+    fn a_farm_with_tls_logs_in_over_https_with_a_token() {
+        let servers = servers();
+        let login = vec![
+            "https://pvs1.example:7443/".to_owned(),
+            "http://10.0.2.2:8080".to_owned(),
+        ];
+        let b = BootScript {
+            device: "pc1",
+            mac: "52:54:00:12:34:56",
+            vdisk: "root",
+            servers: &servers,
+            login: &login,
+            cmdline: "",
+            has_initrd: false,
+            boot: "b-1",
+            enroll: "00ff",
+        };
+        assert_eq!(
+            b.kernel_args(),
+            "vstream.bootstrap=https://pvs1.example:7443,10.0.2.2:8080 \
+             vstream.mac=52:54:00:12:34:56 vstream.boot=b-1 vstream.enroll=00ff"
+        );
+        // The kernel still comes over plain HTTP (iPXE without TLS).
+        assert!(b
+            .render()
+            .contains("kernel --name kernel http://10.0.2.1:8080/boot/"));
+    }
+
+    #[test]
     fn admin_text_cannot_inject_script_lines() {
         let servers = servers();
         let b = BootScript {
@@ -219,9 +269,11 @@ mod tests {
             mac: "52:54:00:12:34:56",
             vdisk: "root",
             servers: &servers,
+            login: &servers,
             cmdline: "quiet\nshell\n${net0/ip}",
             has_initrd: false,
             boot: "",
+            enroll: "",
         };
         let s = b.render();
         assert!(!s.lines().any(|l| l == "shell"), "{s}");

@@ -64,6 +64,9 @@ impl std::fmt::Display for TlsMode {
 pub struct Tls {
     pub mode: TlsMode,
     acceptor: Option<tokio_rustls::TlsAcceptor>,
+    /// The same credentials with a client certificate optional (HTTPS: a
+    /// device enrolls before it has one; each route decides).
+    api_acceptor: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl std::fmt::Debug for Tls {
@@ -95,6 +98,7 @@ impl Tls {
         Tls {
             mode: TlsMode::Off,
             acceptor: None,
+            api_acceptor: None,
         }
     }
 
@@ -106,17 +110,21 @@ impl Tls {
                 m => Err(TlsError::NoCertificates(m)),
             };
         };
-        let config = server_config(dir, verify_peer)?;
+        let acceptor = |verify| {
+            server_config(dir, verify).map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)))
+        };
         Ok(Tls {
             mode,
-            acceptor: Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+            acceptor: Some(acceptor(verify_peer)?),
+            api_acceptor: Some(acceptor(false)?),
         })
     }
 
-    /// The acceptor of the server's credentials, whatever the NBD mode (for
-    /// the API's HTTPS listener).
-    pub fn credentials(&self) -> Option<&tokio_rustls::TlsAcceptor> {
-        self.acceptor.as_ref()
+    /// The acceptor of the server's credentials, whatever the NBD mode,
+    /// with a client certificate optional: for the API's HTTPS listener,
+    /// whose routes each decide what a request must show.
+    pub fn api_credentials(&self) -> Option<&tokio_rustls::TlsAcceptor> {
+        self.api_acceptor.as_ref()
     }
 
     /// The acceptor for a STARTTLS, unless this listener refuses TLS.
