@@ -66,6 +66,18 @@ impl From<FarmError> for ApiError {
     }
 }
 
+impl From<crate::enroll::Refused> for ApiError {
+    fn from(e: crate::enroll::Refused) -> ApiError {
+        use crate::enroll::Refused;
+        match e {
+            Refused::Forbidden(why) => ApiError::new(StatusCode::FORBIDDEN, why),
+            Refused::BadRequest(why) => ApiError::bad_request(why),
+            Refused::Unavailable(why) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why),
+            Refused::Farm(e) => e.into(),
+        }
+    }
+}
+
 impl From<ImageError> for ApiError {
     fn from(e: ImageError) -> ApiError {
         let status = match &e {

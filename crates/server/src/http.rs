@@ -43,6 +43,11 @@ pub struct Timeouts {
 #[derive(Debug, Clone)]
 pub struct PeerCertificate(pub vstream_service::Certificate);
 
+/// Present on every request that came over HTTPS, with or without a
+/// client certificate.
+#[derive(Debug, Clone, Copy)]
+pub struct Https;
+
 /// Accepts API connections until `shutdown`, then lets the running
 /// requests finish; over TLS with `tls`.
 pub async fn serve(
@@ -150,7 +155,7 @@ async fn accepted_connection(
         }
     };
     let certificate = match vstream_service::Certificate::of_peer(stream.get_ref().1) {
-        Ok(c) => c.map(PeerCertificate),
+        Ok(c) => Some(c.map(PeerCertificate)),
         Err(e) => {
             tracing::info!(%peer, error = %e, "API: refused: bad client certificate");
             return;
@@ -228,7 +233,8 @@ async fn connection<S>(
     admitted: Admitted,
     timeouts: Timeouts,
     activity: Arc<Activity>,
-    certificate: Option<PeerCertificate>,
+    // Over TLS: the client certificate, if it showed one.
+    tls: Option<Option<PeerCertificate>>,
     mut shutdown: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -237,8 +243,11 @@ async fn connection<S>(
     let counter = running.clone();
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(ConnectInfo(peer));
-        if let Some(c) = &certificate {
-            req.extensions_mut().insert(c.clone());
+        if let Some(certificate) = &tls {
+            req.extensions_mut().insert(Https);
+            if let Some(c) = certificate {
+                req.extensions_mut().insert(c.clone());
+            }
         }
         let mut router = router.clone();
         let guard = Running::new(&counter);

@@ -7,6 +7,7 @@ pub mod boot;
 pub mod cidr;
 pub mod clock;
 pub mod config;
+pub mod enroll;
 pub mod error;
 pub mod farm;
 pub mod http;
@@ -99,8 +100,16 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     if config.tls != vstream_service::TlsMode::Off {
         tracing::info!(mode = %config.tls, verify_peer = config.tls_verify_peer, "NBD over TLS");
     }
-    let api_tls = tls.credentials().cloned();
-    let server = Server::new(config.clone(), store, farm, tls);
+    let api_tls = tls.api_credentials().cloned();
+    let enrollment = enroll::Enrollment::load(config.tls_certificates.as_deref())
+        .context("loading the device enrollment CA")?;
+    if enrollment.enabled() && config.api_tls.is_none() {
+        tracing::warn!(
+            "an enrollment CA but no --api-tls: devices enroll over HTTPS only, so boot \
+             scripts hand out no enrollment tokens"
+        );
+    }
+    let server = Server::new(config.clone(), store, farm, tls, enrollment);
     server.stores.hold_remembered();
 
     let api = tokio::net::TcpListener::bind(config.api)

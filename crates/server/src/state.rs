@@ -50,11 +50,20 @@ pub struct Server {
     /// The publish loop.
     pub member: Arc<crate::farm::Handles>,
     pub boot: Arc<Boot>,
+    /// The enrollment CA: device certificates for tokens and admins.
+    pub enrollment: Arc<crate::enroll::Enrollment>,
 }
 
 impl Server {
     /// The server of `config`, serving NBD with `tls`.
-    pub fn new(config: Config, store: Store, farm: FarmStore, tls: vstream_service::Tls) -> Server {
+    pub fn new(
+        config: Config,
+        store: Store,
+        farm: FarmStore,
+        tls: vstream_service::Tls,
+        enrollment: crate::enroll::Enrollment,
+    ) -> Server {
+        let enrollment = Arc::new(enrollment);
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::default());
         let membership = Arc::new(Membership::new(store.clone()));
@@ -101,6 +110,7 @@ impl Server {
             membership: membership.clone(),
             sessions: sessions.clone(),
             replication: replication.clone(),
+            enrollment: enrollment.clone(),
             stats: Default::default(),
         });
         Server {
@@ -116,6 +126,7 @@ impl Server {
             replicator,
             member,
             boot,
+            enrollment,
         }
     }
 }
@@ -133,6 +144,7 @@ macro_rules! handles {
 
 handles! {
     config: Arc<Config>,
+    enrollment: Arc<crate::enroll::Enrollment>,
     store: Store,
     farm: FarmStore,
     metrics: Arc<Metrics>,

@@ -90,6 +90,7 @@ pub(super) async fn remove_device(
     // Its caches on the other servers go when they next tidy (they find
     // the device gone from the farm state).
     farm.delete_device(&d.name).await?;
+    farm.drop_enroll_token(&d.name).await?;
     store.discard_cache(&d.name)?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -138,8 +139,30 @@ pub(super) async fn revoke_device(
             Ok(())
         })
         .await?;
+    // A token its last boot script handed out would enroll it again.
+    farm.drop_enroll_token(&d.name).await?;
     tracing::info!(device = %d.name, revoked_unix = now, "device credentials revoked");
     Ok(Json(sessions.device_info(d)))
+}
+
+/// A credential for the device, ahead of time, for a holder with a disk to
+/// keep its key on (a VM, a host): the certificate for the key of the
+/// request, signed by this server's enrollment CA. Revoking the device
+/// ends it, as any other.
+#[utoipa::path(post, path = "/api/v1/devices/{name}/credential", params(("name" = String, Path)),
+    request_body = vstream_api::CredentialRequest,
+    responses((status = 200, body = vstream_api::CredentialReply), (status = 400, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)))]
+pub(super) async fn issue_credential(
+    State(farm): State<FarmStore>,
+    State(enrollment): State<Arc<crate::enroll::Enrollment>>,
+    Path(name): Path<String>,
+    Json(req): Json<vstream_api::CredentialRequest>,
+) -> Result<Json<vstream_api::CredentialReply>, ApiError> {
+    let d = get_device(&farm, &name).await?;
+    let reply = enrollment.credential(&d, &req.csr, req.hours)?;
+    tracing::info!(device = %d.name, serial = %reply.serial, not_after = reply.not_after_unix, "device credential issued");
+    Ok(Json(reply))
 }
 
 #[derive(Debug, Default, serde::Deserialize)]

@@ -114,6 +114,46 @@ pub(super) async fn login(
     }
 }
 
+/// A netbooted device trades the one-time token of its boot script for a
+/// short-lived certificate naming it (see [`crate::enroll`]). HTTPS only:
+/// the token and the certificate never cross the wire in clear.
+#[utoipa::path(post, path = "/api/v1/enroll", request_body = vstream_api::EnrollRequest, security(()),
+    responses((status = 200, body = vstream_api::CredentialReply),
+        (status = 400, body = ErrorBody, description = "a MAC or signing request not well formed"),
+        (status = 403, body = ErrorBody, description = "no such device, or a wrong, spent, late or revoked token"),
+        (status = 503, body = ErrorBody, description = "this server does not enroll devices")))]
+pub(super) async fn enroll(
+    State(config): State<Arc<Config>>,
+    State(farm): State<FarmStore>,
+    State(enrollment): State<Arc<crate::enroll::Enrollment>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    https: Option<axum::Extension<crate::http::Https>>,
+    Json(req): Json<vstream_api::EnrollRequest>,
+) -> Result<Json<vstream_api::CredentialReply>, ApiError> {
+    if https.is_none() {
+        tracing::info!(mac = %req.mac, %peer, reason = "plain HTTP", "enrollment refused");
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "enrollment runs over HTTPS only (the server's --api-tls address)",
+        )
+        .logged());
+    }
+    match enrollment
+        .enroll(&config, &farm, &req.mac, &req.token, &req.csr)
+        .await
+    {
+        Ok(reply) => {
+            tracing::info!(device = %reply.device, mac = %req.mac, %peer, serial = %reply.serial, "device enrolled");
+            Ok(Json(reply))
+        }
+        Err(e) => {
+            let e = ApiError::from(e);
+            tracing::info!(mac = %req.mac, %peer, reason = %e.message, "enrollment refused");
+            Err(e.logged())
+        }
+    }
+}
+
 /// On a farm with TLS, a device logs in with its own certificate: one that
 /// names the device with MAC `mac`, and is not revoked.
 fn certified(view: &View, mac: &str, shown: Option<&Certificate>) -> Result<(), String> {

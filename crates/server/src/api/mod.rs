@@ -38,9 +38,9 @@ use vdisks::{create_vdisk, delete_vdisk, list_vdisks, set_vdisk, show_vdisk};
         vdisks::list_vdisks, vdisks::create_vdisk, vdisks::show_vdisk, vdisks::set_vdisk, vdisks::delete_vdisk,
         content::import_vdisk, content::export_vdisk,
         devices::list_devices, devices::add_device, devices::show_device, devices::set_device,
-        devices::remove_device, devices::reset_device, devices::revoke_device,
+        devices::remove_device, devices::reset_device, devices::revoke_device, devices::issue_credential,
         versions::list_versions, versions::new_version, versions::promote, versions::rollback,
-        versions::merge, versions::delete_version, farm::login, farm::list_servers, farm::rebalance, farm::cache_report,
+        versions::merge, versions::delete_version, farm::login, farm::enroll, farm::list_servers, farm::rebalance, farm::cache_report,
         farm::replication_status, farm::replication_start, boot::upload, boot::set_cmdline,
         stores::list_stores, stores::add_store, stores::remove_store,
         quarantine::list, quarantine::adopt, quarantine::remove
@@ -56,7 +56,8 @@ use vdisks::{create_vdisk, delete_vdisk, list_vdisks, set_vdisk, show_vdisk};
         vstream_api::Catalog, vstream_api::CatalogVersion, vstream_api::BootFiles,
         vstream_api::BootFile, vstream_api::BootFileKind, vstream_api::SetBootCmdline,
         vstream_api::StoreDef, vstream_api::StoreInfo, vstream_api::StoreHere,
-        vstream_api::Quarantined, vstream_api::Adopt)),
+        vstream_api::Quarantined, vstream_api::Adopt, vstream_api::EnrollRequest,
+        vstream_api::CredentialRequest, vstream_api::CredentialReply)),
     modifiers(&BearerAuth),
     security(("token" = []))
 )]
@@ -121,6 +122,10 @@ pub fn router(server: Server, token: String) -> Router {
         )
         .route("/api/v1/devices/:name/reset", post(reset_device))
         .route("/api/v1/devices/:name/revoke", post(devices::revoke_device))
+        .route(
+            "/api/v1/devices/:name/credential",
+            post(devices::issue_credential),
+        )
         .route("/api/v1/servers", get(farm::list_servers))
         .route(
             "/api/v1/stores",
@@ -151,6 +156,7 @@ pub fn router(server: Server, token: String) -> Router {
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/api/v1/login", post(farm::login))
+        .route("/api/v1/enroll", post(farm::enroll))
         .route("/api/v1/cache-report", post(farm::cache_report))
         .merge(admin)
         .with_state(server.clone())
@@ -166,6 +172,7 @@ async fn metrics(
     State(membership): State<Arc<Membership>>,
     State(replication): State<Arc<Replication>>,
     State(boot): State<Arc<Boot>>,
+    State(enrollment): State<Arc<crate::enroll::Enrollment>>,
 ) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -174,6 +181,7 @@ async fn metrics(
                 &replication.metrics()[..],
                 &boot.stats.metrics()[..],
                 &membership.metrics()[..],
+                &enrollment.stats.metrics()[..],
             ]
             .concat(),
         ),

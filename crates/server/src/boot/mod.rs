@@ -43,6 +43,8 @@ pub struct Boot {
     pub sessions: Arc<Sessions>,
     /// For the farm's peer secret, which boot file sync presents.
     pub replication: Arc<Replication>,
+    /// Hands a netbooting device its enrollment token.
+    pub enrollment: Arc<crate::enroll::Enrollment>,
     pub stats: Stats,
 }
 
@@ -61,7 +63,7 @@ pub struct Stats {
     dhcp: OnceLock<Arc<ProxyDhcpStats>>,
 }
 
-type Row<'a> = (&'static str, &'static str, &'static str, &'a AtomicU64);
+pub(crate) type Row<'a> = (&'static str, &'static str, &'static str, &'a AtomicU64);
 
 impl Stats {
     pub fn metrics(&self) -> Vec<Row<'_>> {

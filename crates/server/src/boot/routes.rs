@@ -6,7 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path as UrlPath, Query, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path as UrlPath, Query, State};
 use axum::http::{header, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
@@ -58,6 +60,24 @@ fn servers(server: &Boot) -> Vec<String> {
     out
 }
 
+/// Where devices log in, this one first: each live server's HTTPS API if
+/// it has one (a farm with TLS), else its HTTP API.
+fn logins(server: &Boot) -> Vec<String> {
+    let config = &server.config;
+    let mine = config
+        .advertise_api_tls
+        .as_ref()
+        .unwrap_or(&config.advertise_api);
+    let mut out = vec![mine.trim_end_matches('/').to_owned()];
+    for s in &server.membership.view().servers {
+        let api = s.api_tls.as_ref().unwrap_or(&s.api).trim_end_matches('/');
+        if !out.iter().any(|o| o == api) {
+            out.push(api.to_owned());
+        }
+    }
+    out
+}
+
 #[derive(Deserialize)]
 struct ScriptQuery {
     mac: Option<String>,
@@ -70,7 +90,11 @@ fn ipxe_script(text: String) -> Response {
 /// `GET /boot/ipxe?mac=M`: the device's boot script, or a message for its
 /// console saying why it cannot boot. Always a script: iPXE shows nothing
 /// useful of an HTTP error.
-async fn script(State(server): State<Arc<Boot>>, Query(q): Query<ScriptQuery>) -> Response {
+async fn script(
+    State(server): State<Arc<Boot>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(q): Query<ScriptQuery>,
+) -> Response {
     let servers = servers(&server);
     let raw = q.mac.unwrap_or_default();
     let Ok(mac) = vstream_api::parse_mac(&raw) else {
@@ -108,17 +132,47 @@ async fn script(State(server): State<Arc<Boot>>, Query(q): Query<ScriptQuery>) -
                 .sessions
                 .boot_of(&device.name, Some(&token), "ipxe")
                 .await;
-            tracing::info!(device = %device.name, %mac, vdisk = %vdisk.name, kernel = %kernel.name, boot = boot.map_or(0, |b| b.seq), "boot script");
+            // On a farm that enrolls devices: a one-time token for its
+            // certificate, recorded before the device can show it.
+            let enroll = match server
+                .enrollment
+                .hand_out(
+                    &server.config,
+                    &server.farm,
+                    &device,
+                    &peer.ip().to_string(),
+                )
+                .await
+            {
+                Ok(token) => token.unwrap_or_default(),
+                Err(e) => {
+                    tracing::warn!(device = %device.name, error = %e, "boot script refused: no enrollment token");
+                    Metrics::add(&stats.refusals, 1);
+                    return ipxe_script(ipxe::refusal(
+                        &format!(
+                            "the farm state could not record device {}'s enrollment token: {e}",
+                            device.name
+                        ),
+                        "",
+                        &mac,
+                        &servers,
+                    ));
+                }
+            };
+            tracing::info!(device = %device.name, %mac, vdisk = %vdisk.name, kernel = %kernel.name, boot = boot.map_or(0, |b| b.seq), enroll = !enroll.is_empty(), "boot script");
             Metrics::add(&stats.scripts, 1);
+            let login = logins(&server);
             ipxe_script(
                 BootScript {
                     device: &device.name,
                     mac: &mac,
                     vdisk: &vdisk.name,
                     servers: &servers,
+                    login: &login,
                     cmdline: &vdisk.boot.cmdline,
                     has_initrd: vdisk.boot.initrd.is_some(),
                     boot: &token,
+                    enroll: &enroll,
                 }
                 .render(),
             )
