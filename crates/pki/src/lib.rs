@@ -18,8 +18,8 @@ use std::io::Write;
 use std::path::Path;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SerialNumber,
 };
 use time::OffsetDateTime;
 
@@ -318,13 +318,9 @@ impl Authority {
         device: &str,
         validity: Validity,
     ) -> Result<Issued, PkiError> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
-            PkiError::Invalid(format!(
-                "not a certificate signing request with a valid signature: {e}"
-            ))
-        })?;
+        let public = request_key(csr_pem)?;
         let (chain_pem, serial, validity) =
-            self.sign(Authority::device_params(device), &csr.public_key, validity)?;
+            self.sign(Authority::device_params(device), &public, validity)?;
         Ok(Issued {
             chain_pem,
             key_pem: None,
@@ -332,6 +328,29 @@ impl Authority {
             validity,
         })
     }
+}
+
+/// The key of a signing request (PEM) whose signature holds. What else it
+/// asks for (names, extensions: GnuTLS and OpenSSL add some) is ignored.
+fn request_key(csr_pem: &str) -> Result<rcgen::SubjectPublicKeyInfo, PkiError> {
+    use x509_parser::certification_request::X509CertificationRequest;
+    use x509_parser::prelude::FromDer;
+    let invalid = |why: String| {
+        PkiError::Invalid(format!(
+            "not a certificate signing request with a valid signature: {why}"
+        ))
+    };
+    let (_, block) = x509_parser::pem::parse_x509_pem(csr_pem.as_bytes())
+        .map_err(|e| invalid(format!("unreadable PEM: {e}")))?;
+    if block.label != "CERTIFICATE REQUEST" && block.label != "NEW CERTIFICATE REQUEST" {
+        return Err(invalid(format!("a PEM {:?} block", block.label)));
+    }
+    let (_, csr) =
+        X509CertificationRequest::from_der(&block.contents).map_err(|e| invalid(e.to_string()))?;
+    csr.verify_signature()
+        .map_err(|e| invalid(format!("its signature does not hold: {e}")))?;
+    rcgen::SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
+        .map_err(|e| invalid(format!("its key: {e}")))
 }
 
 /// A new key and a signing request for it (both PEM): what a device sends
