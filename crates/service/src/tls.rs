@@ -218,6 +218,8 @@ pub struct Certificate {
     /// device's credentials revoked at time T refuse every certificate that
     /// became valid up to T.
     pub not_before: i64,
+    /// The end of its validity, in seconds since the Unix epoch.
+    pub not_after: i64,
     /// The serial number, in hex, for the logs.
     pub serial: String,
 }
@@ -244,6 +246,7 @@ impl Certificate {
         Ok(Certificate {
             name,
             not_before: cert.validity().not_before.timestamp(),
+            not_after: cert.validity().not_after.timestamp(),
             serial: cert.raw_serial_as_string(),
         })
     }
@@ -280,14 +283,74 @@ pub struct ClientTls {
     /// The name the server's certificate must carry, instead of the host
     /// the client dials (QEMU's and libnbd's `tls-hostname`).
     hostname: Option<String>,
+    /// The certificate the client shows: swapped in place when the agent
+    /// enrolls or renews, for every connection made after.
+    credential: Arc<Credential>,
 }
 
 impl std::fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientTls")
             .field("hostname", &self.hostname)
+            .field("credential", &self.credential.not_after())
             .finish()
     }
+}
+
+/// A client's certificate and key, if it has them yet.
+#[derive(Debug, Default)]
+struct Credential {
+    current: std::sync::RwLock<Option<(Arc<rustls::sign::CertifiedKey>, i64)>>,
+}
+
+impl Credential {
+    fn get(&self) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        current.as_ref().map(|(k, _)| k.clone())
+    }
+    fn not_after(&self) -> Option<i64> {
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        current.as_ref().map(|(_, t)| *t)
+    }
+}
+
+impl rustls::client::ResolvesClientCert for Credential {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.get()
+    }
+    fn has_certs(&self) -> bool {
+        self.get().is_some()
+    }
+}
+
+/// The certificate and key of a chain and key in PEM, with the end of the
+/// leaf's validity.
+fn certified_key(
+    provider: &rustls::crypto::CryptoProvider,
+    chain_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<(Arc<rustls::sign::CertifiedKey>, i64), String> {
+    let chain = CertificateDer::pem_slice_iter(chain_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("unreadable certificate: {e}"))?;
+    let Some(leaf) = chain.first() else {
+        return Err("no certificate in it".into());
+    };
+    let not_after = Certificate::from_der(leaf)?.not_after;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("unreadable key: {e}"))?;
+    let signer = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| format!("unusable key: {e}"))?;
+    let certified = rustls::sign::CertifiedKey::new(chain, signer);
+    certified
+        .keys_match()
+        .map_err(|e| format!("the key is not the certificate's: {e}"))?;
+    Ok((Arc::new(certified), not_after))
 }
 
 impl ClientTls {
@@ -296,6 +359,9 @@ impl ClientTls {
         self.connector.config().clone()
     }
 
+    /// The farm's CA from `dir/ca-cert.pem`, and the client's certificate
+    /// from `client-cert.pem` with `client-key.pem` if they are there (a
+    /// device that enrolls gets it later: [`ClientTls::set_credential`]).
     pub fn load(dir: &Path, hostname: Option<String>) -> Result<ClientTls, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let ca_path = dir.join("ca-cert.pem");
@@ -309,30 +375,56 @@ impl ClientTls {
                 .add(ca)
                 .map_err(|e| bad(&ca_path, format!("not a CA certificate: {e}")))?;
         }
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| bad(dir, e.to_string()))?
-            .with_root_certificates(roots);
+        let credential = Arc::new(Credential::default());
         let cert_path = dir.join("client-cert.pem");
         let key_path = dir.join("client-key.pem");
-        let config = match cert_path.exists() {
-            false => builder.with_no_client_auth(),
-            true => {
-                let chain = read_certs(&cert_path)?;
-                let key =
-                    PrivateKeyDer::from_pem_file(&key_path).map_err(|source| TlsError::Read {
-                        path: key_path.clone(),
-                        source,
-                    })?;
-                builder
-                    .with_client_auth_cert(chain, key)
-                    .map_err(|e| bad(&cert_path, format!("with {}: {e}", key_path.display())))?
-            }
-        };
+        if cert_path.exists() {
+            let read =
+                |p: &Path| std::fs::read(p).map_err(|e| bad(p, format!("cannot read it: {e}")));
+            let loaded = certified_key(&provider, &read(&cert_path)?, &read(&key_path)?)
+                .map_err(|e| bad(&cert_path, format!("with {}: {e}", key_path.display())))?;
+            *credential
+                .current
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = Some(loaded);
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(dir, e.to_string()))?
+            .with_root_certificates(roots)
+            .with_client_cert_resolver(credential.clone());
+        // A resumed session keeps the identity of the one it resumes: the
+        // certificate the client had then, or none before it enrolled. A
+        // full handshake each time (a login, a failover) shows today's.
+        config.resumption = rustls::client::Resumption::disabled();
         Ok(ClientTls {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             hostname,
+            credential,
         })
+    }
+
+    /// Whether the client has a certificate to show.
+    pub fn has_credential(&self) -> bool {
+        self.credential.get().is_some()
+    }
+
+    /// When the client's certificate ends (Unix seconds), if it has one.
+    pub fn credential_not_after(&self) -> Option<i64> {
+        self.credential.not_after()
+    }
+
+    /// Shows `chain_pem` (the certificate, then its issuers) with
+    /// `key_pem` from the next connection on; this and every clone.
+    pub fn set_credential(&self, chain_pem: &str, key_pem: &str) -> Result<(), String> {
+        let provider = rustls::crypto::ring::default_provider();
+        let loaded = certified_key(&provider, chain_pem.as_bytes(), key_pem.as_bytes())?;
+        *self
+            .credential
+            .current
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(loaded);
+        Ok(())
     }
 
     /// The TLS handshake on `stream`, to the server at `addr` (HOST:PORT):
