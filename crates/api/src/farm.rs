@@ -30,6 +30,14 @@ pub struct EnrollRequest {
     pub csr: String,
 }
 
+/// A device renews its certificate before it ends: `POST /api/v1/renew`
+/// over HTTPS, showing the certificate it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RenewRequest {
+    /// A PKCS#10 signing request (PEM) for a new key of the device's.
+    pub csr: String,
+}
+
 /// An administrator asks for a device's credential ahead of time:
 /// `POST /api/v1/devices/{name}/credential`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

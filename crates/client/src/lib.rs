@@ -289,6 +289,18 @@ impl Client {
         self.post_for("/api/v1/login", req)
     }
 
+    /// `POST /api/v1/enroll` (HTTPS): a device trades its one-time token
+    /// for a certificate.
+    pub fn enroll(&self, req: &vstream_api::EnrollRequest) -> Result<vstream_api::CredentialReply> {
+        self.post_for("/api/v1/enroll", req)
+    }
+
+    /// `POST /api/v1/renew` (HTTPS, with the device's certificate): a new
+    /// certificate before the one it holds ends.
+    pub fn renew(&self, req: &vstream_api::RenewRequest) -> Result<vstream_api::CredentialReply> {
+        self.post_for("/api/v1/renew", req)
+    }
+
     /// `POST /api/v1/cache-report`: a device reports its cache use.
     pub fn cache_report(&self, report: &CacheReport) -> Result<()> {
         self.check(
@@ -458,6 +470,16 @@ impl Client {
     /// open nothing any more.
     pub fn revoke_device(&self, name: &str) -> Result<Device> {
         self.post_empty_for(&api_path(&["devices", name, "revoke"]))
+    }
+
+    /// `POST /api/v1/devices/NAME/credential`: a certificate for the key
+    /// of `req`'s signing request, naming the device.
+    pub fn issue_credential(
+        &self,
+        name: &str,
+        req: &vstream_api::CredentialRequest,
+    ) -> Result<vstream_api::CredentialReply> {
+        self.post_for(&api_path(&["devices", name, "credential"]), req)
     }
 
     /// `PUT /api/v1/vdisks/NAME/content[?store=STORE]`: uploads `body`, an

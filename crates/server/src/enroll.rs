@@ -236,6 +236,18 @@ impl Enrollment {
         self.sign(&device, csr, config.device_cert_hours * 3600)
     }
 
+    /// A new certificate for a device that showed a valid one of its own.
+    pub fn renew(
+        &self,
+        config: &Config,
+        device: &Device,
+        csr: &str,
+    ) -> Result<CredentialReply, Refused> {
+        let outcome = self.sign(device, csr, config.device_cert_hours * 3600);
+        self.count(&outcome);
+        outcome
+    }
+
     /// A certificate for an administrator's request.
     pub fn credential(
         &self,

@@ -154,6 +154,45 @@ pub(super) async fn enroll(
     }
 }
 
+/// A device renews its certificate with the one it holds: a new one for
+/// the key of its request, valid --device-cert-hours, as long as the device
+/// exists and its credentials are not revoked.
+#[utoipa::path(post, path = "/api/v1/renew", request_body = vstream_api::RenewRequest, security(()),
+    responses((status = 200, body = vstream_api::CredentialReply),
+        (status = 400, body = ErrorBody, description = "a signing request not well formed"),
+        (status = 403, body = ErrorBody, description = "no certificate shown, no such device, or revoked"),
+        (status = 503, body = ErrorBody, description = "this server does not enroll devices")))]
+pub(super) async fn renew(
+    State(config): State<Arc<Config>>,
+    State(farm): State<FarmStore>,
+    State(enrollment): State<Arc<crate::enroll::Enrollment>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    certificate: Option<axum::Extension<PeerCertificate>>,
+    Json(req): Json<vstream_api::RenewRequest>,
+) -> Result<Json<vstream_api::CredentialReply>, ApiError> {
+    let refused = |why: String| {
+        tracing::info!(%peer, reason = %why, "renewal refused");
+        ApiError::new(StatusCode::FORBIDDEN, why).logged()
+    };
+    let Some(cert) = certificate.map(|c| c.0 .0) else {
+        return Err(refused(
+            "a device renews over HTTPS with the certificate it holds".into(),
+        ));
+    };
+    let name = cert.name.clone().unwrap_or_default();
+    let device = farm.find_device(&name).await?.ok_or_else(|| {
+        refused(format!(
+            "the certificate names {name:?}, which is no device"
+        ))
+    })?;
+    if let Some(why) = device.revoked(cert.not_before) {
+        return Err(refused(why));
+    }
+    let reply = enrollment.renew(&config, &device, &req.csr)?;
+    tracing::info!(device = %reply.device, %peer, serial = %reply.serial, "device certificate renewed");
+    Ok(Json(reply))
+}
+
 /// On a farm with TLS, a device logs in with its own certificate: one that
 /// names the device with MAC `mac`, and is not revoked.
 fn certified(view: &View, mac: &str, shown: Option<&Certificate>) -> Result<(), String> {

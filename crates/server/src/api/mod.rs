@@ -40,7 +40,7 @@ use vdisks::{create_vdisk, delete_vdisk, list_vdisks, set_vdisk, show_vdisk};
         devices::list_devices, devices::add_device, devices::show_device, devices::set_device,
         devices::remove_device, devices::reset_device, devices::revoke_device, devices::issue_credential,
         versions::list_versions, versions::new_version, versions::promote, versions::rollback,
-        versions::merge, versions::delete_version, farm::login, farm::enroll, farm::list_servers, farm::rebalance, farm::cache_report,
+        versions::merge, versions::delete_version, farm::login, farm::enroll, farm::renew, farm::list_servers, farm::rebalance, farm::cache_report,
         farm::replication_status, farm::replication_start, boot::upload, boot::set_cmdline,
         stores::list_stores, stores::add_store, stores::remove_store,
         quarantine::list, quarantine::adopt, quarantine::remove
@@ -57,7 +57,7 @@ use vdisks::{create_vdisk, delete_vdisk, list_vdisks, set_vdisk, show_vdisk};
         vstream_api::BootFile, vstream_api::BootFileKind, vstream_api::SetBootCmdline,
         vstream_api::StoreDef, vstream_api::StoreInfo, vstream_api::StoreHere,
         vstream_api::Quarantined, vstream_api::Adopt, vstream_api::EnrollRequest,
-        vstream_api::CredentialRequest, vstream_api::CredentialReply)),
+        vstream_api::CredentialRequest, vstream_api::CredentialReply, vstream_api::RenewRequest)),
     modifiers(&BearerAuth),
     security(("token" = []))
 )]
@@ -157,6 +157,7 @@ pub fn router(server: Server, token: String) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/api/v1/login", post(farm::login))
         .route("/api/v1/enroll", post(farm::enroll))
+        .route("/api/v1/renew", post(farm::renew))
         .route("/api/v1/cache-report", post(farm::cache_report))
         .merge(admin)
         .with_state(server.clone())
