@@ -18,6 +18,7 @@
 
 mod attach;
 mod cache;
+pub mod enroll;
 mod login;
 mod remote;
 mod upstream;
@@ -58,6 +59,9 @@ pub struct Options {
     pub keepalive: vstream_service::tcp::Keepalive,
     /// NBD over TLS to the servers, with the device's certificate.
     pub tls: Option<vstream_service::ClientTls>,
+    /// A one-time enrollment token to trade for the device's certificate
+    /// when `tls` has none (a netbooted device; see [`enroll`]).
+    pub enroll: Option<String>,
 }
 
 /// The one export the agent serves.
@@ -231,6 +235,24 @@ pub async fn run(opts: Options, shutdown: watch::Receiver<bool>) -> Result<()> {
         bail!("give --listen, --attach, or both: the OS needs a way to its disk");
     }
     protect_memory();
+    if let Some(tls) = opts.tls.as_ref().filter(|t| !t.has_credential()) {
+        let Some(token) = &opts.enroll else {
+            bail!(
+                "the TLS folder has no client-cert.pem and there is no enrollment token \
+                 (vstream.enroll= on the kernel command line, or --enroll-token)"
+            );
+        };
+        let reply = enroll::enroll(&opts.bootstrap, &opts.mac, token, tls, opts.deadline)
+            .await
+            .context("enrolling the device for its certificate")?;
+        tracing::info!(device = %reply.device, serial = %reply.serial, not_after = reply.not_after_unix, "device certificate from enrollment");
+        tokio::spawn(enroll::keep_renewed(
+            opts.bootstrap.clone(),
+            tls.clone(),
+            opts.deadline,
+            shutdown.clone(),
+        ));
+    }
     let reply = first_login(&opts).await?;
     // A device-side cache over shared bytes may move between servers; a
     // device whose writes belong to one server (Private mode, maintenance,
