@@ -7,6 +7,9 @@
 //!   set NAME --type TYPE                            PATCH  /api/v1/devices/NAME
 //!   remove NAME                                     DELETE /api/v1/devices/NAME
 //!   reset NAME [--force]                            POST   /api/v1/devices/NAME/reset[?force=true]
+//!   revoke NAME                                     POST   /api/v1/devices/NAME/revoke
+//!   credential NAME --out DIR [--hours H]           POST   /api/v1/devices/NAME/credential
+//!   credential NAME --out DIR --ca DIR              (offline: signed here by the farm CA)
 //! ```
 //!
 //! A device's type picks the version of its vDisk it boots: production (the
@@ -48,6 +51,29 @@ pub enum DeviceCommand {
     /// now opens nothing from its next connection on, on every server, even
     /// while the certificate is still valid.
     Revoke(NameArg),
+    /// Issue the device a credential ahead of time, for a VM or host that
+    /// keeps its key on a disk: writes DIR/ca-cert.pem, client-cert.pem and
+    /// client-key.pem (mode 0600), the layout nbdkit, QEMU, libnbd and
+    /// `vstream target --tls-certificates` read. The key is made here and
+    /// never leaves this machine; a server's enrollment CA signs it, or the
+    /// farm CA with --ca.
+    Credential(CredentialArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CredentialArgs {
+    pub name: String,
+    /// The folder to write (made if missing; nothing in it is overwritten).
+    #[arg(long, value_name = "DIR")]
+    pub out: std::path::PathBuf,
+    /// Hours the certificate stays valid [default: 720 (30 days); at most
+    /// 2160 from a server].
+    #[arg(long, value_name = "HOURS")]
+    pub hours: Option<u64>,
+    /// Sign it here with the farm CA in DIR (ca-cert.pem, ca-key.pem),
+    /// without a server: for the machine that keeps the farm CA offline.
+    #[arg(long, value_name = "DIR")]
+    pub ca: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -94,6 +120,11 @@ fn parse_device_type(s: &str) -> Result<DeviceType, String> {
 }
 
 pub fn run(args: DeviceArgs) -> Result<()> {
+    if let DeviceCommand::Credential(a) = &args.command {
+        if a.ca.is_some() {
+            return crate::ca_cmd::offline_credential(a);
+        }
+    }
     let client = connect(&args.client)?;
     match args.command {
         DeviceCommand::Add(a) => add(&client, a),
@@ -114,6 +145,22 @@ pub fn run(args: DeviceArgs) -> Result<()> {
                 "revoked the credentials of device {} issued up to {} (Unix time)\n",
                 d.name,
                 d.credentials_revoked_unix.unwrap_or_default()
+            ))
+        }
+        DeviceCommand::Credential(a) => {
+            let (csr, key) = vstream_pki::request(&a.name)?;
+            let req = vstream_api::CredentialRequest {
+                csr,
+                hours: a.hours,
+            };
+            let reply = client.issue_credential(&a.name, &req)?;
+            crate::ca_cmd::write_client_folder(&a.out, &reply.ca_pem, &reply.chain_pem, &key)?;
+            print(&format!(
+                "wrote the credential of device {} to {} (serial {}, valid until {})\n",
+                reply.device,
+                a.out.display(),
+                reply.serial,
+                format_unix_time(u64::try_from(reply.not_after_unix).unwrap_or_default())
             ))
         }
     }

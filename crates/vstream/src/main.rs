@@ -24,6 +24,7 @@
 //! error sentence from the API is printed as the server wrote it.
 
 mod args;
+mod ca_cmd;
 mod client;
 mod device;
 mod farm_cmd;
@@ -71,6 +72,8 @@ enum Command {
     Quarantine(quarantine_cmd::QuarantineArgs),
     /// Run a device's agent: log in, stream, keep the write cache, fail over.
     Target(target_cmd::TargetArgs),
+    /// The farm's certificates: its CA, and each server's TLS folder.
+    Ca(ca_cmd::CaArgs),
 }
 
 fn main() -> ExitCode {
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
         Command::Replication(args) => replication_cmd::run(args),
         Command::Store(args) => store_cmd::run(args),
         Command::Quarantine(args) => quarantine_cmd::run(args),
+        Command::Ca(args) => ca_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

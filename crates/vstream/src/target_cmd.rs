@@ -74,6 +74,18 @@ pub struct TargetArgs {
     /// of the address the agent dials (one name for the whole farm).
     #[arg(long, value_name = "NAME", requires = "tls_certificates")]
     pub tls_hostname: Option<String>,
+    /// A one-time enrollment token to trade for the device's certificate
+    /// when the TLS folder has only ca-cert.pem (a netbooted device): the
+    /// certificate is held in memory and renewed at half its life. Default:
+    /// vstream.enroll= on the kernel command line (the boot script's).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "VSTREAM_ENROLL_TOKEN",
+        hide_env_values = true,
+        requires = "tls_certificates"
+    )]
+    pub enroll_token: Option<String>,
 }
 
 fn parse_boot_id(s: &str) -> Result<String, String> {
@@ -97,8 +109,13 @@ pub fn run(args: TargetArgs) -> Result<()> {
         .map(|dir| vstream_service::ClientTls::load(dir, args.tls_hostname.clone()))
         .transpose()
         .context("loading the device's TLS credentials")?;
+    let enroll = args.enroll_token.or_else(|| {
+        let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        vstream_target::enroll::token_from_cmdline(&cmdline).map(str::to_owned)
+    });
     let opts = Options {
         keepalive,
+        enroll: enroll.filter(|_| tls.as_ref().is_some_and(|t| !t.has_credential())),
         tls,
         bootstrap: args.bootstrap,
         mac: args.mac,

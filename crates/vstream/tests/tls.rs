@@ -985,3 +985,399 @@ fn nbdcopy_reads_a_whole_vdisk_over_tls() {
         "the copy over TLS differs from the image"
     );
 }
+
+/// A farm PKI made by vstream itself: `vstream ca init`, and the server's
+/// folder with its enrollment CA (`vstream ca server --enrollment`). The
+/// farm CA's folder and the server's.
+fn vstream_pki(dir: &Path) -> (PathBuf, PathBuf) {
+    let (ca, server) = (dir.join("farm-ca"), dir.join("server-tls"));
+    common::run(common::BIN, &["ca", "init", "--out", ca.to_str().unwrap()]);
+    common::run(
+        common::BIN,
+        &[
+            "ca",
+            "server",
+            "--ca",
+            ca.to_str().unwrap(),
+            "--out",
+            server.to_str().unwrap(),
+            "--name",
+            "pvs1",
+            "--san",
+            "127.0.0.1",
+            "--san",
+            "localhost",
+            "--enrollment",
+        ],
+    );
+    (ca, server)
+}
+
+/// A server requiring TLS with the folder `tls`, its API over HTTPS too,
+/// and `extra` flags; and that API's URL.
+fn enrolling_server(tls: &Path, extra: &[&str]) -> (TestServer, String) {
+    let port = free_port();
+    let api_tls = format!("127.0.0.1:{port}");
+    let flags = [
+        &[
+            "--tls-certificates",
+            tls.to_str().unwrap(),
+            "--api-tls",
+            &api_tls,
+        ][..],
+        extra,
+    ]
+    .concat();
+    (
+        TestServer::start_fresh_with(&flags),
+        format!("https://{api_tls}"),
+    )
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn a_credential_from_the_cli_opens_its_own_device_export_only() {
+    let (true, true) = (have("nbdinfo"), have("qemu-img")) else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let (ca, tls) = vstream_pki(work.path());
+    assert_eq!(mode(&ca.join("ca-key.pem")), 0o600);
+    assert_eq!(mode(&tls.join("enroll-ca-key.pem")), 0o600);
+    let (server, _) = enrolling_server(&tls, &[]);
+    shared_vdisk(&server, work.path(), "alpha", 50);
+
+    // Online: the key is made by the CLI, the server's enrollment CA signs.
+    let pc1 = work.path().join("pc1");
+    let said = server.cli_ok(&[
+        "device",
+        "credential",
+        "pc1",
+        "--out",
+        pc1.to_str().unwrap(),
+    ]);
+    assert!(said.contains("credential of device pc1"), "{said}");
+    assert_eq!(mode(&pc1.join("client-key.pem")), 0o600);
+    let out = nbdinfo_tls(&server, "device/pc1", &pc1);
+    assert!(out.status.success(), "pc1's own export: {}", text(&out));
+    let out = nbdinfo_tls(&server, "device/pc2", &pc1);
+    assert!(
+        !out.status.success(),
+        "pc1's credential opened pc2's export"
+    );
+    assert!(
+        server.log_text().contains("pc2"),
+        "no refusal in the server log"
+    );
+    // Offline: the farm CA signs on the admin's machine, no server asked.
+    let pc2 = work.path().join("pc2");
+    let said = common::run(
+        common::BIN,
+        &[
+            "device",
+            "credential",
+            "pc2",
+            "--ca",
+            ca.to_str().unwrap(),
+            "--out",
+            pc2.to_str().unwrap(),
+        ],
+    );
+    assert!(said.contains("device pc2"), "{said}");
+    let out = nbdinfo_tls(&server, "device/pc2", &pc2);
+    assert!(out.status.success(), "pc2's own export: {}", text(&out));
+    // Nothing is overwritten, and an unknown device gets nothing.
+    let err = server.cli_err(&[
+        "device",
+        "credential",
+        "pc1",
+        "--out",
+        pc1.to_str().unwrap(),
+    ]);
+    assert!(err.contains("not overwritten"), "{err}");
+    let err = server.cli_err(&[
+        "device",
+        "credential",
+        "pc9",
+        "--out",
+        work.path().join("pc9").to_str().unwrap(),
+    ]);
+    assert!(err.contains("pc9 does not exist"), "{err}");
+    assert!(server.metric("vstream_enroll_certificates_total") >= 1);
+}
+
+/// The boot script of `mac` (which must hand out a token): its
+/// `vstream.bootstrap=` list and `vstream.enroll=` token.
+fn script_token(server: &TestServer, mac: &str) -> (String, String) {
+    let out = Command::new("curl")
+        .args(["-sf", "-m", "20"])
+        .arg(format!("{}/boot/ipxe?mac={mac}", server.api))
+        .output()
+        .expect("curl");
+    let script = String::from_utf8_lossy(&out.stdout).into_owned();
+    let word = |key: &str| {
+        script
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in the boot script:\n{script}"))
+            .to_owned()
+    };
+    (word("vstream.bootstrap="), word("vstream.enroll="))
+}
+
+/// An agent with only the farm CA and `token`: the end of its log once it
+/// serves (`Ok`) or stops (`Err`).
+fn enrolling_agent(
+    dir: &Path,
+    mac: &str,
+    bootstrap: &str,
+    token: &str,
+) -> Result<common::TestAgent, String> {
+    let log = dir.join(format!("enroll-{mac}.log"));
+    let mut child = Command::new(common::BIN)
+        .args(["target", "--bootstrap", bootstrap, "--mac", mac])
+        .args(["--cache", "ram:64MiB", "--deadline-ms", "4000"])
+        .arg("--listen")
+        .arg(format!(
+            "unix:{}",
+            dir.join(format!("{mac}.sock")).display()
+        ))
+        .arg("--tls-certificates")
+        .arg(dir.join("ca-only"))
+        .args(["--enroll-token", token])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if text().contains("serving the device's disk") {
+            break;
+        }
+        if child.try_wait().ok().flatten().is_some() {
+            return Err(text());
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("neither served nor stopped in 60 s:\n{}", text()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let agent = common::TestAgent::adopt(child, dir.join(format!("{mac}.sock")), log);
+    Ok(agent)
+}
+
+#[test]
+fn a_netbooted_device_trades_its_boot_token_once_for_its_certificate() {
+    let (true, true) = (have("curl"), have("qemu-img")) else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let (_, tls) = vstream_pki(w);
+    // The device has the farm CA only: it checks servers, shows nothing.
+    std::fs::create_dir(w.join("ca-only")).unwrap();
+    std::fs::copy(tls.join("ca-cert.pem"), w.join("ca-only/ca-cert.pem")).unwrap();
+    let (server, https) = enrolling_server(&tls, &[]);
+    let raw = shared_vdisk(&server, w, "alpha", 51);
+    let kernel = w.join("vmlinuz");
+    std::fs::write(&kernel, b"not a kernel").unwrap();
+    server.cli_ok(&[
+        "vdisk",
+        "set",
+        "alpha",
+        "--kernel",
+        kernel.to_str().unwrap(),
+    ]);
+    let (pc1, pc2) = ("52:54:00:00:00:01", "52:54:00:00:00:02");
+
+    let (bootstrap, token) = script_token(&server, pc1);
+    assert_eq!(bootstrap, https, "the device logs in over HTTPS");
+    assert_eq!(token.len(), 64);
+    let agent = enrolling_agent(w, pc1, &bootstrap, &token).expect("enrolled");
+    reads_as(&agent, &raw);
+    assert!(agent
+        .log_text()
+        .contains("device certificate from enrollment"));
+    drop(agent);
+
+    // Replayed: spent at the first use.
+    let log = enrolling_agent(w, pc1, &bootstrap, &token)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(log.contains("no enrollment token outstanding"), "{log}");
+    // Bound to its MAC: pc1's token is no use to pc2, and is not spent by
+    // the attempt.
+    let (_, token1) = script_token(&server, pc1);
+    let (_, _token2) = script_token(&server, pc2);
+    let log = enrolling_agent(w, pc2, &bootstrap, &token1)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(log.contains("not device pc2's enrollment token"), "{log}");
+    let agent = enrolling_agent(w, pc1, &bootstrap, &token1).expect("pc1's token still good");
+    drop(agent);
+    // A later boot script replaces the token before it.
+    let (_, old) = script_token(&server, pc2);
+    let (_, _new) = script_token(&server, pc2);
+    let log = enrolling_agent(w, pc2, &bootstrap, &old)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(log.contains("not device pc2's enrollment token"), "{log}");
+    // Revoked after the script: its token goes with the credentials.
+    let (_, before) = script_token(&server, pc2);
+    server.cli_ok(&["device", "revoke", "pc2"]);
+    let log = enrolling_agent(w, pc2, &bootstrap, &before)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(log.contains("no enrollment token outstanding"), "{log}");
+    // Over plain HTTP the token is not even looked at.
+    let (_, fresh) = script_token(&server, pc2);
+    let log = enrolling_agent(w, pc2, &server.api, &fresh)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(log.contains("no https:// server"), "{log}");
+
+    let refused = server.metric("vstream_enroll_refusals_total");
+    assert!(refused >= 4, "refusals counted: {refused}");
+    let log = server.log_text();
+    for t in [&token, &token1, &old, &before, &fresh] {
+        assert!(!log.contains(t.as_str()), "a token in the server log");
+    }
+}
+
+#[test]
+fn a_late_enrollment_token_is_refused_and_spent() {
+    let true = have("curl") else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let (_, tls) = vstream_pki(w);
+    std::fs::create_dir(w.join("ca-only")).unwrap();
+    std::fs::copy(tls.join("ca-cert.pem"), w.join("ca-only/ca-cert.pem")).unwrap();
+    let (server, _) = enrolling_server(&tls, &["--enroll-token-ttl", "1"]);
+    shared_vdisk(&server, w, "alpha", 52);
+    let kernel = w.join("vmlinuz");
+    std::fs::write(&kernel, b"not a kernel").unwrap();
+    server.cli_ok(&[
+        "vdisk",
+        "set",
+        "alpha",
+        "--kernel",
+        kernel.to_str().unwrap(),
+    ]);
+    let (bootstrap, token) = script_token(&server, "52:54:00:00:00:01");
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let log = enrolling_agent(w, "52:54:00:00:00:01", &bootstrap, &token)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(log.contains("enrollment token expired"), "{log}");
+    let log = enrolling_agent(w, "52:54:00:00:00:01", &bootstrap, &token)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(log.contains("no enrollment token outstanding"), "{log}");
+}
+
+#[test]
+fn a_device_renews_with_its_certificate_until_it_is_revoked() {
+    let (true, true) = (have("curl"), have("certtool")) else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let (_, tls) = vstream_pki(w);
+    let (server, https) = enrolling_server(&tls, &["--device-cert-hours", "2"]);
+    shared_vdisk(&server, w, "alpha", 53);
+    let pc1 = w.join("pc1");
+    server.cli_ok(&[
+        "device",
+        "credential",
+        "pc1",
+        "--out",
+        pc1.to_str().unwrap(),
+    ]);
+    // A new key and its request, as the agent makes them.
+    let key = w.join("new-key.pem");
+    certtool(
+        w,
+        &[
+            "--generate-privkey",
+            "--key-type",
+            "ecdsa",
+            "--outfile",
+            key.to_str().unwrap(),
+        ],
+    );
+    let tmpl = template(w, "req", &["cn = whatever"]);
+    let csr = w.join("req.pem");
+    certtool(
+        w,
+        &[
+            "--generate-request",
+            "--load-privkey",
+            key.to_str().unwrap(),
+            "--template",
+            &tmpl,
+            "--outfile",
+            csr.to_str().unwrap(),
+        ],
+    );
+    let body = serde_json::json!({ "csr": std::fs::read_to_string(&csr).unwrap() }).to_string();
+    let renew = |cert: bool| {
+        let f = |n: &str| pc1.join(n).to_string_lossy().into_owned();
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-s",
+            "-m",
+            "20",
+            "-w",
+            "\n%{http_code}",
+            "--cacert",
+            &f("ca-cert.pem"),
+        ]);
+        if cert {
+            cmd.args([
+                "--cert",
+                &f("client-cert.pem"),
+                "--key",
+                &f("client-key.pem"),
+            ]);
+        }
+        let out = cmd
+            .args(["-H", "content-type: application/json", "-d", &body])
+            .arg(format!("{https}/api/v1/renew"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().to_owned(), body.to_owned())
+    };
+    let (code, reply) = renew(true);
+    assert_eq!(code, "200", "{reply}");
+    let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(
+        reply["device"], "pc1",
+        "named by the server, not the request"
+    );
+    let left = reply["not_after_unix"].as_i64().unwrap()
+        - std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+    assert!(
+        (7000..=7300).contains(&left),
+        "--device-cert-hours 2: {left} s"
+    );
+    let (code, reply) = renew(false);
+    assert_eq!(code, "403", "renewed without a certificate: {reply}");
+    server.cli_ok(&["device", "revoke", "pc1"]);
+    let (code, reply) = renew(true);
+    assert_eq!(code, "403", "renewed after revoke: {reply}");
+    assert!(reply.contains("revoked"), "{reply}");
+}

@@ -669,6 +669,16 @@ impl TestAgent {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// An agent started by the caller, serving on `sock` and logging to
+    /// `log`: killed when dropped.
+    pub fn adopt(child: Child, sock: PathBuf, log: PathBuf) -> TestAgent {
+        TestAgent {
+            child: Some(child),
+            sock,
+            log,
+        }
+    }
 }
 
 impl Drop for TestAgent {
