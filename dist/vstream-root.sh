@@ -44,6 +44,12 @@
 #   vstream.boot=TOKEN    this boot's identity ([A-Za-z0-9-], at most 64;
 #                         the boot script adds it; default: the kernel's
 #                         boot_id)
+#   vstream.enroll=TOKEN  a one-time enrollment token (the boot script adds
+#                         it on a farm with TLS): the agent trades it for the
+#                         device's certificate; read by the agent itself
+#   vstream.tls=DIR       the agent's --tls-certificates: DIR/ca-cert.pem, the
+#                         farm's CA (default /etc/vstream/tls when that holds
+#                         one; the initramfs hook copies it there)
 #   vstream.cache=SPEC    the agent's --cache (default ram:256MiB)
 #   vstream.deadline_ms=MS  the agent's --deadline-ms (default: the agent's)
 #   vstream.dev=/dev/nbdN the kernel NBD device (default /dev/nbd0)
@@ -68,7 +74,7 @@
 # are defaults the command line overrides: VSTREAM_BOOTSTRAP, VSTREAM_MAC,
 # VSTREAM_CLIENT, VSTREAM_CACHE, VSTREAM_DEADLINE_MS, VSTREAM_DEV,
 # VSTREAM_ROOT, VSTREAM_IFACE, VSTREAM_CACHEDEV, VSTREAM_TIMEOUT, VSTREAM_LOG,
-# VSTREAM_NBD_TIMEOUT; and VSTREAM_BIN (the agent, default /bin/vstream),
+# VSTREAM_NBD_TIMEOUT, VSTREAM_TLS; and VSTREAM_BIN (the agent, default /bin/vstream),
 # VSTREAM_NBD_CLIENT (default: nbd-client on PATH, else /sbin/nbd-client),
 # VSTREAM_NETWAIT.
 #
@@ -175,6 +181,7 @@ vstream_parse_cmdline() {
 		vstream.client=*) VSTREAM_CLIENT="${_vs_x#vstream.client=}" ;;
 		vstream.boot=*) VSTREAM_BOOT="${_vs_x#vstream.boot=}" ;;
 		vstream.cache=*) VSTREAM_CACHE="${_vs_x#vstream.cache=}" ;;
+		vstream.tls=*) VSTREAM_TLS="${_vs_x#vstream.tls=}" ;;
 		vstream.deadline_ms=*) VSTREAM_DEADLINE_MS="${_vs_x#vstream.deadline_ms=}" ;;
 		vstream.dev=*) VSTREAM_DEV="${_vs_x#vstream.dev=}" ;;
 		vstream.root=*) VSTREAM_ROOT="${_vs_x#vstream.root=}" ;;
@@ -432,6 +439,10 @@ vstream_start_agent() {
 	set -- target --bootstrap "$VSTREAM_BOOTSTRAP" --mac "$VSTREAM_MAC" \
 		--cache "$VSTREAM_CACHE" --attach "$VSTREAM_DEV"
 	[ -n "${VSTREAM_DEADLINE_MS:-}" ] && set -- "$@" --deadline-ms "$VSTREAM_DEADLINE_MS"
+	if [ -z "${VSTREAM_TLS:-}" ] && [ -r /etc/vstream/tls/ca-cert.pem ]; then
+		VSTREAM_TLS=/etc/vstream/tls
+	fi
+	[ -n "${VSTREAM_TLS:-}" ] && set -- "$@" --tls-certificates "$VSTREAM_TLS"
 	echo "$VSTREAM_BIN $*" >"$VSTREAM_RUN/agent.cmdline"
 	vstream_msg "starting the agent: vstream $*"
 	# argv[0] "@vstream": systemd-shutdown's final kill spares it. busybox ash
