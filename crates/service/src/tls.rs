@@ -220,6 +220,9 @@ pub struct Certificate {
     pub not_before: i64,
     /// The end of its validity, in seconds since the Unix epoch.
     pub not_after: i64,
+    /// It may serve TLS (extended key usage serverAuth): a server's
+    /// certificate, not a device's, which is for clients only.
+    pub server: bool,
     /// The serial number, in hex, for the logs.
     pub serial: String,
 }
@@ -247,6 +250,7 @@ impl Certificate {
             name,
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
+            server: matches!(cert.extended_key_usage(), Ok(Some(eku)) if eku.value.server_auth),
             serial: cert.raw_serial_as_string(),
         })
     }
@@ -363,6 +367,17 @@ impl ClientTls {
     /// from `client-cert.pem` with `client-key.pem` if they are there (a
     /// device that enrolls gets it later: [`ClientTls::set_credential`]).
     pub fn load(dir: &Path, hostname: Option<String>) -> Result<ClientTls, TlsError> {
+        ClientTls::load_as(dir, "client", hostname)
+    }
+
+    /// A server's TLS towards the other servers of its farm: the farm's CA
+    /// from `dir/ca-cert.pem`, and its own `server-cert.pem` with
+    /// `server-key.pem` shown as its client certificate.
+    pub fn load_server(dir: &Path) -> Result<ClientTls, TlsError> {
+        ClientTls::load_as(dir, "server", None)
+    }
+
+    fn load_as(dir: &Path, role: &str, hostname: Option<String>) -> Result<ClientTls, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let ca_path = dir.join("ca-cert.pem");
         let bad = |path: &Path, why: String| TlsError::Bad {
@@ -376,8 +391,8 @@ impl ClientTls {
                 .map_err(|e| bad(&ca_path, format!("not a CA certificate: {e}")))?;
         }
         let credential = Arc::new(Credential::default());
-        let cert_path = dir.join("client-cert.pem");
-        let key_path = dir.join("client-key.pem");
+        let cert_path = dir.join(format!("{role}-cert.pem"));
+        let key_path = dir.join(format!("{role}-key.pem"));
         if cert_path.exists() {
             let read =
                 |p: &Path| std::fs::read(p).map_err(|e| bad(p, format!("cannot read it: {e}")));
