@@ -34,6 +34,28 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Why a request is not from a server of this farm with TLS, if it is not:
+/// it came over HTTPS with a server certificate the farm's CA signed (the
+/// TLS handshake checked the signature).
+fn peer_certified(req: &Request) -> Result<(), String> {
+    let ext = req.extensions();
+    if ext.get::<crate::http::Https>().is_none() {
+        return Err(
+            "this farm's servers talk to each other over HTTPS with their \
+                    certificates (the peer's --api-tls address)"
+                .into(),
+        );
+    }
+    match ext.get::<crate::http::PeerCertificate>() {
+        None => Err("a peer request over HTTPS needs the server's certificate".into()),
+        Some(c) if !c.0.server => Err(format!(
+            "the certificate of {:?} is not a server's (no serverAuth usage)",
+            c.0.name.as_deref().unwrap_or_default()
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
 /// Lets through only a request bearing the farm's peer secret.
 pub async fn require_peer(
     State(replication): State<Arc<Replication>>,
@@ -52,6 +74,15 @@ pub async fn require_peer(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("?")
         .to_owned();
+    // A farm with TLS: a peer proves itself with a server certificate of
+    // the farm's CA first, over HTTPS; a stolen peer secret alone pulls
+    // nothing.
+    if replication.peer_tls().is_some() {
+        if let Err(why) = peer_certified(&req) {
+            tracing::warn!(peer = %who, reason = %why, "a peer request was refused");
+            return ApiError::new(StatusCode::FORBIDDEN, why).into_response();
+        }
+    }
     let Some(secret) = replication.secret() else {
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

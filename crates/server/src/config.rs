@@ -420,6 +420,13 @@ impl Config {
             .map(|f| f.parse())
             .transpose()?
             .unwrap_or(FarmConfig::Embedded);
+        if matches!(farm, FarmConfig::Etcd(_)) && tls_certificates.is_some() && api_tls.is_none() {
+            return Err(
+                "a farm server with --tls-certificates needs --api-tls: its peers \
+                        reach it over HTTPS, each showing its server certificate"
+                    .into(),
+            );
+        }
         let name = flags.name.or(file.name).unwrap_or_else(default_name);
         if name.is_empty()
             || !name

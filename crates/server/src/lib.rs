@@ -110,6 +110,12 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         );
     }
     let server = Server::new(config.clone(), store, farm, tls, enrollment);
+    if let Some(dir) = config.tls_certificates.as_deref() {
+        // Peers over mutual TLS: this server's certificate is its proof.
+        let peer_tls = vstream_service::ClientTls::load_server(dir)
+            .context("loading the server's certificate for its peers")?;
+        server.replication.set_peer_tls(peer_tls);
+    }
     server.stores.hold_remembered();
 
     let api = tokio::net::TcpListener::bind(config.api)

@@ -143,6 +143,8 @@ fn make_pki() -> Option<Pki> {
             "dns_name = localhost",
             "ip_address = 127.0.0.1",
             "tls_www_server",
+            // It is also the server's client certificate towards its peers.
+            "tls_www_client",
             "encryption_key",
             "signing_key",
         ],
@@ -799,18 +801,13 @@ fn the_agent_streams_over_tls_with_its_device_certificate() {
 /// Two servers with TLS required in an etcd farm: the agent streams from
 /// one with its device certificate, the server is killed, and the agent
 /// fails over to the other, over TLS too, with every byte right.
-#[test]
-fn the_agent_fails_over_between_tls_servers() {
-    let (Some(pki), true) = (make_pki(), have("qemu-img")) else {
-        return;
-    };
-    let Some(etcd) = common::TestEtcd::start() else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
+/// Servers s1 and s2 of a farm in `etcd`, each requiring TLS with the
+/// server certificate of `pki` and serving its API over HTTPS too; and
+/// those HTTPS URLs.
+fn tls_farm(pki: &Pki, etcd: &common::TestEtcd, dir: &Path) -> (Vec<TestServer>, Vec<String>) {
     let server_dir = pki.server();
     let ports = [free_port(), free_port()];
-    let mut servers: Vec<TestServer> = (1..=2)
+    let servers = (1..=2)
         .map(|i| {
             let https = format!("127.0.0.1:{}", ports[i - 1]);
             let tls = [
@@ -822,7 +819,7 @@ fn the_agent_fails_over_between_tls_servers() {
                 &https,
             ];
             TestServer::start_in_farm_with(
-                dir.path().join(format!("s{i}")),
+                dir.join(format!("s{i}")),
                 &etcd.url,
                 &format!("s{i}"),
                 &tls,
@@ -830,15 +827,28 @@ fn the_agent_fails_over_between_tls_servers() {
             )
         })
         .collect();
+    let https = ports
+        .iter()
+        .map(|p| format!("https://127.0.0.1:{p}"))
+        .collect();
+    (servers, https)
+}
+
+#[test]
+fn the_agent_fails_over_between_tls_servers() {
+    let (Some(pki), true) = (make_pki(), have("qemu-img")) else {
+        return;
+    };
+    let Some(etcd) = common::TestEtcd::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (mut servers, https) = tls_farm(&pki, &etcd, dir.path());
     let raw = shared_vdisk(&servers[0], dir.path(), "demo", 41);
     for s in &servers {
         common::wait_farm_ready(s, 2);
     }
     let pc1 = pki.device("pc1");
-    let https: Vec<String> = ports
-        .iter()
-        .map(|p| format!("https://127.0.0.1:{p}"))
-        .collect();
     let apis: Vec<&str> = https.iter().map(String::as_str).collect();
     let agent = tls_agent(dir.path(), "pc1", "52:54:00:00:00:01", &apis, &pc1, "2000");
     reads_as(&agent, &raw);
@@ -1380,4 +1390,68 @@ fn a_device_renews_with_its_certificate_until_it_is_revoked() {
     let (code, reply) = renew(true);
     assert_eq!(code, "403", "renewed after revoke: {reply}");
     assert!(reply.contains("revoked"), "{reply}");
+}
+
+#[test]
+fn a_peer_without_a_server_certificate_pulls_nothing_even_with_the_secret() {
+    let (Some(pki), true, true) = (make_pki(), have("curl"), have("etcdctl")) else {
+        return;
+    };
+    let Some(etcd) = common::TestEtcd::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (servers, https) = tls_farm(&pki, &etcd, dir.path());
+    shared_vdisk(&servers[0], dir.path(), "demo", 43);
+    // s2's verified copy came over mutual TLS: s1 refuses peers otherwise.
+    common::wait_farm_ready(&servers[0], 2);
+    let file = std::fs::read_dir(servers[0].data.join("vdisks/demo"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|f| f.ends_with(".layer"))
+        .expect("a layer file");
+    // The farm's peer secret, as a thief of the farm state has it.
+    let secret = common::run(
+        "etcdctl",
+        &[
+            "--endpoints",
+            &etcd.url,
+            "get",
+            "--print-value-only",
+            "/vstream/farm/secrets/peer",
+        ],
+    );
+    let secret = secret.trim().trim_matches('"').to_owned();
+    assert!(secret.len() >= 16, "no peer secret read: {secret:?}");
+    let bearer = format!("Authorization: Bearer {secret}");
+    let path = format!("/peer/v1/vdisks/demo/layers/{file}/data?from=0&to=16");
+    let ask = |base: &str, creds: Option<(&Path, &str)>| {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-m", "20", "-w", "\n%{http_code}", "-H", &bearer]);
+        if let Some((dir, who)) = creds {
+            let f = |n: &str| dir.join(n).to_string_lossy().into_owned();
+            cmd.args(["--cacert", &f("ca-cert.pem")]);
+            if !who.is_empty() {
+                let (cert, key) = (format!("{who}-cert.pem"), format!("{who}-key.pem"));
+                cmd.args(["--cert", &f(&cert), "--key", &f(&key)]);
+            }
+        }
+        let out = cmd.arg(format!("{base}{path}")).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().to_owned(), body.to_owned())
+    };
+    let (code, body) = ask(&servers[0].api, None);
+    assert_eq!(code, "403", "plain HTTP with the secret: {body}");
+    assert!(body.contains("over HTTPS"), "{body}");
+    let (code, body) = ask(&https[0], Some((&pki.anonymous(), "")));
+    assert_eq!(code, "403", "HTTPS without a certificate: {body}");
+    let (code, body) = ask(&https[0], Some((&pki.client(), "client")));
+    assert_eq!(code, "403", "a device's certificate: {body}");
+    assert!(body.contains("not a server's"), "{body}");
+    // A server's certificate and the secret: a farm server.
+    let (code, _) = ask(&https[0], Some((&pki.server(), "server")));
+    assert_eq!(code, "200", "a server of the farm was refused");
+    assert!(servers[0].log_text().contains("a peer request was refused"));
 }

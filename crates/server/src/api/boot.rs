@@ -100,7 +100,7 @@ pub(super) async fn upload(
         })
         .await?;
     tracing::info!(vdisk = %name, file = %which, name = %stored.name, bytes = stored.size, hash = %stored.blake3, "boot file set");
-    crate::replication::peer::poke_peers(replication.secret(), &config.name, &membership.view());
+    crate::replication::peer::poke_peers(&replication, &config.name, &membership.view());
     Ok(Json(vdisk_info(&sessions, v).await?))
 }
 

@@ -276,7 +276,12 @@ fn sync_once(server: &Boot) {
             if !valid_hash(&f.blake3) || file_path(&server.store, &vdisk.name, &f.blake3).exists() {
                 continue;
             }
-            let peers = view.servers.iter().filter(|s| &s.name != me);
+            let tls = server.replication.peer_tls().is_some();
+            let peers = view
+                .servers
+                .iter()
+                .filter(|s| &s.name != me)
+                .map(|s| crate::replication::peer::Peer::of(s, tls));
             let mut last = String::from("no other live server");
             for p in peers {
                 match fetch(server, p.api.as_str(), &secret, &vdisk.name, f) {
@@ -296,8 +301,11 @@ fn sync_once(server: &Boot) {
 }
 
 fn fetch(server: &Boot, api: &str, secret: &str, vdisk: &str, f: &BootFile) -> Result<(), String> {
-    let resp = vstream_client::Agent::builder()
-        .timeout(Duration::from_secs(60))
+    let mut agent = vstream_client::Agent::builder().timeout(Duration::from_secs(60));
+    if let Some(tls) = server.replication.peer_tls() {
+        agent = agent.tls_config(tls.config());
+    }
+    let resp = agent
         .build()
         .client(api)
         .and_then(|c| {

@@ -114,7 +114,7 @@ pub async fn finish_change(server: &Handles, name: &str) -> Result<(), FarmError
     };
     match publish_change(server, name, &before, &after).await {
         Ok(()) => peer::poke_peers(
-            server.replication.secret(),
+            &server.replication,
             &server.config.name,
             &server.membership.view(),
         ),

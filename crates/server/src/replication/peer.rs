@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use vstream_client::{Agent, Client};
 
+use vstream_api::ServerStatus;
+
+use super::state::Replication;
 use crate::membership::View;
 
 /// Most peers one layer is pulled from at once.
@@ -17,25 +20,27 @@ pub const MAX_REQUEST_CHUNKS: u64 = 64 * vstream_image::replica::SEGMENT_CHUNKS;
 
 /// Tells every other live server that the catalog changed (best effort:
 /// they look at it within a second anyway).
-pub fn poke_peers(secret: Option<String>, me: &str, view: &View) {
-    let Some(secret) = secret else {
+pub fn poke_peers(replication: &Replication, me: &str, view: &View) {
+    let Some(secret) = replication.secret() else {
         return;
     };
     let me = me.to_owned();
+    let tls = replication.peer_tls().cloned();
     let peers: Vec<Peer> = view
         .servers
         .iter()
         .filter(|s| s.name != me)
-        .map(|s| Peer {
-            name: s.name.clone(),
-            api: s.api.clone(),
-        })
+        .map(|s| Peer::of(s, tls.is_some()))
         .collect();
     if peers.is_empty() {
         return;
     }
     std::thread::spawn(move || {
-        let agent = Agent::builder().timeout(Duration::from_secs(2)).build();
+        let mut agent = Agent::builder().timeout(Duration::from_secs(2));
+        if let Some(tls) = &tls {
+            agent = agent.tls_config(tls.config());
+        }
+        let agent = agent.build();
         for p in peers {
             let _ = PeerClient::new(&agent, &p, &secret, &me).and_then(|c| c.poke());
         }
@@ -50,15 +55,34 @@ pub struct Peer {
     pub api: String,
 }
 
+impl Peer {
+    /// The server of `status`, reached over HTTPS when `tls` (this server
+    /// has certificates) and it serves HTTPS.
+    pub fn of(status: &ServerStatus, tls: bool) -> Peer {
+        let api = match (&status.api_tls, tls) {
+            (Some(https), true) => https.clone(),
+            _ => status.api.clone(),
+        };
+        Peer {
+            name: status.name.clone(),
+            api,
+        }
+    }
+}
+
 /// The HTTP client for peers: a short connect timeout, and a whole-request
 /// deadline that takes a silent peer as failed (a request moves at most
 /// 64 MiB, in well under that on any LAN).
-pub fn agent() -> Agent {
-    Agent::builder()
+/// Over mutual TLS on a farm with TLS.
+pub fn agent(replication: &Replication) -> Agent {
+    let mut builder = Agent::builder()
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(10))
-        .max_idle_per_host(2 * MAX_PEERS)
-        .build()
+        .max_idle_per_host(2 * MAX_PEERS);
+    if let Some(tls) = replication.peer_tls() {
+        builder = builder.tls_config(tls.config());
+    }
+    builder.build()
 }
 
 /// The largest answer read into memory (a layer's metadata is ~33 KiB per GiB).
@@ -170,9 +194,14 @@ mod tests {
             name: "s3".into(),
             api: "10.0.0.3:7080".into(),
         };
-        let err = PeerClient::new(&agent(), &bad, "secret", "s1")
-            .err()
-            .unwrap();
+        let err = PeerClient::new(
+            &agent(&Replication::new(&Default::default())),
+            &bad,
+            "secret",
+            "s1",
+        )
+        .err()
+        .unwrap();
         assert_eq!(
             err,
             "server s3: \"10.0.0.3:7080\" is not an http:// or https:// URL"
@@ -190,10 +219,15 @@ mod tests {
             name: "s4".into(),
             api: format!("http://127.0.0.1:{port}/"),
         };
-        let err = PeerClient::new(&agent(), &dead, "secret", "s1")
-            .unwrap()
-            .meta("w", "0001.layer")
-            .unwrap_err();
+        let err = PeerClient::new(
+            &agent(&Replication::new(&Default::default())),
+            &dead,
+            "secret",
+            "s1",
+        )
+        .unwrap()
+        .meta("w", "0001.layer")
+        .unwrap_err();
         assert!(
             err.starts_with(&format!(
                 "server s4: http://127.0.0.1:{port}/peer/v1/vdisks/w/layers/0001.layer/meta: Connection Failed"

@@ -242,7 +242,7 @@ fn repair(server: &Handles, vdisk: &str, file: &str) -> Result<u64, String> {
         .layer_path(vdisk, file)
         .map_err(|e| e.to_string())?;
     let target = Incoming::repair(&path).map_err(|e| e.to_string())?;
-    let agent = peer::agent();
+    let agent = peer::agent(&server.replication);
     let per = HASH_BLOCK / CHUNK;
     for &block in &bad {
         let (from, to) = (block * per, (block + 1) * per);

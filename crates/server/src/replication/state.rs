@@ -30,6 +30,9 @@ pub struct Replication {
     pub max_transfers: usize,
     pub scrub_interval: Duration,
     pub(super) secret: RwLock<Option<String>>,
+    /// On a farm with TLS: this server's certificate, shown to its peers
+    /// (mutual TLS), and the farm's CA, which every peer's must chain to.
+    peer_tls: std::sync::OnceLock<vstream_service::ClientTls>,
     /// Peer requests served at once: the rest wait, so that peers never
     /// take the blocking threads device reads need.
     pub serving: Arc<tokio::sync::Semaphore>,
@@ -86,6 +89,7 @@ impl Replication {
             scrub_interval: Duration::from_secs(config.scrub_interval_secs.max(1)),
             clock,
             secret: RwLock::new(None),
+            peer_tls: std::sync::OnceLock::new(),
             serving: Arc::new(tokio::sync::Semaphore::new(MAX_SERVING)),
             wake: tokio::sync::Notify::new(),
             changes: AtomicU64::new(0),
@@ -138,6 +142,17 @@ impl Replication {
                 &self.repaired_blocks,
             ),
         ]
+    }
+
+    /// Talks to peers over HTTPS with `tls` from now on, and asks the same
+    /// of them (set once, at start).
+    pub fn set_peer_tls(&self, tls: vstream_service::ClientTls) {
+        let _ = self.peer_tls.set(tls);
+    }
+
+    /// This server's TLS towards its peers, on a farm with TLS.
+    pub fn peer_tls(&self) -> Option<&vstream_service::ClientTls> {
+        self.peer_tls.get()
     }
 
     /// The farm's peer secret, once this server has read it.

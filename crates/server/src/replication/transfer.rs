@@ -60,10 +60,8 @@ pub fn peers_for(
 /// live servers that made a version using it (a version just sealed, before
 /// its maker's next status).
 fn holders(server: &Handles, servers: &[ServerStatus], vdisk: &str, file: &str) -> Vec<Peer> {
-    let peer = |s: &ServerStatus| Peer {
-        name: s.name.clone(),
-        api: s.api.clone(),
-    };
+    let tls = server.replication.peer_tls().is_some();
+    let peer = |s: &ServerStatus| Peer::of(s, tls);
     let others = servers.iter().filter(|s| s.name != server.config.name);
     let verified: Vec<Peer> = others
         .clone()
@@ -303,7 +301,7 @@ fn copy_layer(
         .secret()
         .ok_or("the farm's peer secret is not known yet")?;
     let me = &server.config.name;
-    let agent = peer::agent();
+    let agent = peer::agent(r);
     let mut meta = Err(String::from("no peer"));
     for p in peers {
         meta = peer::PeerClient::new(&agent, p, &secret, me).and_then(|c| c.meta(&key.0, file));
