@@ -90,7 +90,7 @@ fn a_new_boot_ends_the_session_of_a_device_that_vanished() {
     if !have_netns() || !have_python_nbd() || !common::have("ss") {
         return;
     }
-    let ns = NetNs::create(1);
+    let ns = NetNs::create();
     let dir = tempfile::tempdir().expect("tempdir");
     let server = TestServer::start_wrapped(dir.path().join("s"), &ns.outside, &[], &[]);
     server.cli_ok(&["vdisk", "create", "s", "--size", "16MiB"]);

@@ -44,7 +44,7 @@ fn a_silent_device_is_let_go_within_the_keepalive_time() {
     if !have_netns() || !have_python_nbd() || !common::have("ss") {
         return;
     }
-    let ns = NetNs::create(1);
+    let ns = NetNs::create();
     let dir = tempfile::tempdir().expect("tempdir");
     // Default keepalive settings: the test holds the server to them.
     let server = TestServer::start_wrapped(dir.path().join("s"), &ns.outside, &[], &[]);

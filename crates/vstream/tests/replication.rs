@@ -301,7 +301,7 @@ fn a_transfer_goes_on_from_another_peer_when_its_sender_is_cut_off() {
     if !have_netns() || !have("curl") || !have_python_nbd() {
         return;
     }
-    let ns = NetNs::create(7);
+    let ns = NetNs::create();
     let Some(etcd) = TestEtcd::start_on(&[&ns.outside]) else {
         return;
     };

@@ -743,8 +743,13 @@ pub fn sh(cmd: &str) {
 }
 
 impl NetNs {
-    /// Namespace number `n` (1..250) of this test process.
-    pub fn create(n: u8) -> NetNs {
+    /// A new namespace, numbered by a counter of this test process: tests
+    /// that run at once in one process (each file's tests, and the files'
+    /// tests together) get namespaces and subnets of their own. Numbers stay
+    /// in 1..=199; a LAN (`pxe::Lan`) takes 200 and up.
+    pub fn create() -> NetNs {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 199 + 1;
         let tag = std::process::id() % 10_000;
         let name = format!("vs{tag}n{n}");
         let veth = format!("vs{tag}v{n}");
