@@ -8,7 +8,7 @@
 #                                   # .ci/install-deps (qemu-system-x86, ovmf, ipxe,
 #                                   # dnsmasq-base, etcd-server)
 #
-# The setup is the CI test's (crates/vstream/tests/netboot.rs), on a release build: a LAN
+# The setup is the CI test's (crates/vstream/tests/e2e/netboot.rs), on a release build: a LAN
 # bridge in a network namespace with dnsmasq giving addresses only, two servers (etcd farm)
 # each in a namespace of its own with --proxy-dhcp and --tftp, one vDisk (the guest kit's
 # 64 MiB ext4 root, Standard mode, device-side cache) whose boot files are the kit's Debian
@@ -27,7 +27,7 @@ export VSTREAM_BENCH_VMS="${VSTREAM_BENCH_VMS:-10}"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --release -q -p vstream --test netboot -- --ignored --nocapture bench_network_boot \
+cargo test --release -q -p vstream --test e2e -- --ignored --nocapture netboot::bench_network_boot \
     >"$log" 2>&1 || status=$?
 grep -E '^BENCH|panicked|FAILED|SKIP' "$log" || echo "netboot.sh: no result line in the output" >&2
 if [ "$status" -ne 0 ] || ! grep -q '^BENCH' "$log"; then

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Makes the compatibility fixture that crates/vstream/tests/compat.rs opens with today's
+# Makes the compatibility fixture that crates/vstream/tests/e2e/compat.rs opens with today's
 # binary: what a given vstream binary wrote, on both kinds of farm.
 #
 #   embedded/data   a one-server farm on the embedded store (its data folder)

@@ -15,7 +15,7 @@
 #   found with ldd), dist/vstream-root.sh as /scripts/vstream-root.sh
 #   and /init = netboot-init.sh; also /power-init = power-init.sh, which
 #   runs `vstream server` on the guest's own virtio disk instead (booted with
-#   rdinit=/power-init by crates/vstream/tests/power_loss.rs).
+#   rdinit=/power-init by crates/vstream/tests/e2e/power_loss.rs).
 # Idempotent: does nothing when OUTDIR/.netboot-stamp matches the inputs (the
 # binary's hash included). Boot it with run-netboot-guest.sh.
 #

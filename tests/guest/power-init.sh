@@ -4,7 +4,7 @@
 # It runs a real `vstream server` inside the guest, its data folder on the
 # guest's virtio disk, so that killing QEMU is a power cut for the server:
 # whatever the guest kernel held in its page cache is gone, and only what
-# reached the virtual disk survives. crates/vstream/tests/power_loss.rs
+# reached the virtual disk survives. crates/vstream/tests/e2e/power_loss.rs
 # drives it.
 #
 #   /dev/vda    ext4, mounted on /data; the server's data folder is

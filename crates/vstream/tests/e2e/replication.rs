@@ -3,7 +3,7 @@
 //! transfers resume and move between peers, the scrub repairs, the windows
 //! hold, and strangers are refused.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

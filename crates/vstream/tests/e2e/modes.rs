@@ -2,7 +2,7 @@
 //! where writes go, how long a Standard-mode write cache lives, its limit,
 //! and which admin commands wait for devices to disconnect.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};

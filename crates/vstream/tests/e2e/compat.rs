@@ -6,7 +6,7 @@
 //! that the server lists the same vDisks, versions (content hashes included) and
 //! devices, serves the same bytes on every export, and still writes in place.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

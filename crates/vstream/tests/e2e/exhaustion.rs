@@ -6,7 +6,7 @@
 //! The hog is `common/hog.py`, a raw-socket client, from 127.0.0.2; the
 //! clients that must still be served come from 127.0.0.1.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -21,7 +21,7 @@ static ONE: Mutex<()> = Mutex::new(());
 const HOG_ADDR: &str = "127.0.0.2";
 
 fn hog_script() -> String {
-    format!("{}/tests/common/hog.py", env!("CARGO_MANIFEST_DIR"))
+    format!("{}/tests/e2e/common/hog.py", env!("CARGO_MANIFEST_DIR"))
 }
 
 /// A running `hog.py`: one line out per line in.

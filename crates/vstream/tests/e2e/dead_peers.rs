@@ -9,7 +9,7 @@
 //! --force` disconnects a live device; and an agent idle for a minute under
 //! short keepalive settings keeps its session, its probes answered.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

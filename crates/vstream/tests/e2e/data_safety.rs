@@ -3,7 +3,7 @@
 //! served) until an admin adopts or removes it, and only a tombstone lets a
 //! server remove its copy by itself.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};

@@ -4,7 +4,7 @@
 //! content hash intact, no layer lost, no stray file left, and the operation
 //! possible to retry.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::os::unix::process::ExitStatusExt;

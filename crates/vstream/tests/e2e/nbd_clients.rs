@@ -2,7 +2,7 @@
 //! `vstream server`: what they read is what was imported, what they write is
 //! what they read back, and exports round-trip through the CLI unchanged.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -2,7 +2,7 @@
 //! log in through `vstream target` agents, and the agents fail over when a
 //! server is killed, with a verifying workload running (tests/farm/workload.py).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

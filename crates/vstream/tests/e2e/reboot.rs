@@ -15,7 +15,7 @@
 //! the old session. After the second boot, one connection from the device
 //! is left on the server, and its session is the new boot's.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -2,7 +2,7 @@
 //! by vstream, writes and reads files, and powers off: in Private mode the
 //! writes persist to the next boot; in Standard mode they are gone.
 
-mod common;
+use crate::common;
 
 use common::TestServer;
 

@@ -4,7 +4,7 @@
 //! their reasons; and a QEMU guest booting a maintenance, then a production
 //! version.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};

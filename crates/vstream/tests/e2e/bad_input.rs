@@ -9,7 +9,7 @@
 //! Also hostile text from outside, over NBD and the login API: control
 //! characters in logged names (11), names and MACs that cannot name a device (12).
 
-mod common;
+use crate::common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};

@@ -8,7 +8,7 @@
 //! (its boot identity) or an NBD client's export name (`;boot=TOKEN`).
 //! docs/farm.md, "What ends a session", says which client does what.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};

@@ -16,7 +16,7 @@
 //! on a Standard-mode cache whose base tag was not synced (Store::open_cache).
 //! bench/notes/power-loss.md has the runs.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

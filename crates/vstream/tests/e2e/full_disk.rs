@@ -1,7 +1,7 @@
 //! A full store file system: writes get ENOSPC, imports get a clear error,
 //! nothing already written is lost, and the server keeps serving.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -5,7 +5,7 @@
 //! another CA, a client without a certificate), each with the server
 //! unharmed.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

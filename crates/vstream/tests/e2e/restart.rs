@@ -5,7 +5,7 @@
 //! it is offered; a Private-mode version a device writes is no replica and
 //! is not checked as one.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //! `/`, overlap the data folder or another store, and the cleanup of a
 //! store's `tmp/` leaves every file vstream did not write there.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

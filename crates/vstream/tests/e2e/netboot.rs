@@ -13,7 +13,7 @@
 //!   QEMU (in the LAN netns) --tap---------------+
 //! ```
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

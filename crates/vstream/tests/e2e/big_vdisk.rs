@@ -2,7 +2,7 @@
 //! creates and verifies it in little memory, sits idle at a few percent of a
 //! core at most, and refuses a size it cannot hold with a clear error.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -7,7 +7,7 @@
 //! else. A killed process leaves its writes in the page cache; power_loss.rs
 //! cuts the power of a guest the server runs in instead.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

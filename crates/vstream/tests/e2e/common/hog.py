@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""A client that tries to hold a server's every connection (tests/exhaustion.rs).
+"""A client that tries to hold a server's every connection (crates/vstream/tests/e2e/exhaustion.rs).
 
   hog.py nbd HOST PORT EXPORT N SRC
       Opens up to N NBD connections from address SRC, each through NBD_OPT_GO
