@@ -28,7 +28,8 @@ use vstream_farm::{FarmError, FarmStore};
 use vstream_pki::{Authority, Validity};
 use vstream_service::metrics::Metrics;
 
-use crate::boot::Row;
+/// A `/metrics` row: name, type, help, counter.
+type Row<'a> = (&'static str, &'static str, &'static str, &'a AtomicU64);
 use crate::clock::now_unix;
 use crate::config::Config;
 

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use vstream_pki::{Authority, Validity};
+use vstream_pki::Authority;
 
 use crate::output::{format_unix_time, print};
 
@@ -100,7 +100,7 @@ fn init(a: InitArgs) -> Result<()> {
 }
 
 /// The farm CA in `dir`.
-fn load_ca(dir: &Path) -> Result<Authority> {
+pub fn load_ca(dir: &Path) -> Result<Authority> {
     let read = |name: &str| {
         let path = dir.join(name);
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
@@ -145,31 +145,6 @@ fn server(a: ServerCertArgs) -> Result<()> {
     ))
 }
 
-/// `vstream device credential NAME --ca DIR`: signed here by the farm CA.
-pub fn offline_credential(a: &crate::device::CredentialArgs) -> Result<()> {
-    let dir = a.ca.as_deref().unwrap_or(Path::new("."));
-    let ca = load_ca(dir)?;
-    let hours = a.hours.unwrap_or(24 * 30);
-    if hours == 0 {
-        anyhow::bail!("--hours: a credential lasts at least an hour");
-    }
-    let issued = ca.device(&a.name, Validity::from_now(hours.saturating_mul(3600)))?;
-    write_client_folder(
-        &a.out,
-        ca.cert_pem(),
-        &issued.chain_pem,
-        issued.key_pem.as_deref().unwrap_or_default(),
-    )?;
-    print(&format!(
-        "wrote a credential naming device {} to {} (serial {}, valid until {}); \
-         the farm checks at each connection that the device exists and is not revoked\n",
-        a.name,
-        a.out.display(),
-        issued.serial,
-        until(issued.validity.not_after)
-    ))
-}
-
 /// The client layout of nbdkit, QEMU and libnbd: ca-cert.pem,
 /// client-cert.pem and client-key.pem (0600).
 pub fn write_client_folder(dir: &Path, ca_pem: &str, chain_pem: &str, key_pem: &str) -> Result<()> {
@@ -184,6 +159,6 @@ pub fn write_client_folder(dir: &Path, ca_pem: &str, chain_pem: &str, key_pem: &
     .with_context(|| format!("writing the credential to {}", dir.display()))
 }
 
-fn until(unix: i64) -> String {
+pub fn until(unix: i64) -> String {
     format_unix_time(u64::try_from(unix).unwrap_or_default())
 }

@@ -122,7 +122,7 @@ fn parse_device_type(s: &str) -> Result<DeviceType, String> {
 pub fn run(args: DeviceArgs) -> Result<()> {
     if let DeviceCommand::Credential(a) = &args.command {
         if a.ca.is_some() {
-            return crate::ca_cmd::offline_credential(a);
+            return offline_credential(a);
         }
     }
     let client = connect(&args.client)?;
@@ -297,6 +297,34 @@ fn yes_no(b: bool) -> &'static str {
     } else {
         "no"
     }
+}
+
+/// `vstream device credential NAME --ca DIR`: signed here by the farm CA.
+fn offline_credential(a: &CredentialArgs) -> Result<()> {
+    let dir = a.ca.as_deref().unwrap_or(std::path::Path::new("."));
+    let ca = crate::ca_cmd::load_ca(dir)?;
+    let hours = a.hours.unwrap_or(24 * 30);
+    if hours == 0 {
+        anyhow::bail!("--hours: a credential lasts at least an hour");
+    }
+    let issued = ca.device(
+        &a.name,
+        vstream_pki::Validity::from_now(hours.saturating_mul(3600)),
+    )?;
+    crate::ca_cmd::write_client_folder(
+        &a.out,
+        ca.cert_pem(),
+        &issued.chain_pem,
+        issued.key_pem.as_deref().unwrap_or_default(),
+    )?;
+    print(&format!(
+        "wrote a credential naming device {} to {} (serial {}, valid until {}); \
+         the farm checks at each connection that the device exists and is not revoked\n",
+        a.name,
+        a.out.display(),
+        issued.serial,
+        crate::ca_cmd::until(issued.validity.not_after)
+    ))
 }
 
 #[cfg(test)]

@@ -63,7 +63,7 @@ pub struct Stats {
     dhcp: OnceLock<Arc<ProxyDhcpStats>>,
 }
 
-pub(crate) type Row<'a> = (&'static str, &'static str, &'static str, &'a AtomicU64);
+type Row<'a> = (&'static str, &'static str, &'static str, &'a AtomicU64);
 
 impl Stats {
     pub fn metrics(&self) -> Vec<Row<'_>> {
