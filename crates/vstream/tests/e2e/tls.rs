@@ -641,7 +641,15 @@ fn a_device_certificate_opens_only_its_own_disk() {
     // Removed: pc2's certificate names no device any more.
     let pc2 = pki.device("pc2");
     assert!(opens("device/pc2", &pc2), "pc2 before its removal");
-    server.cli_ok(&["device", "remove", "pc2"]);
+    // The client just closed its connection; the server may take a moment
+    // to see it go before it lets the device be removed.
+    common::wait_for(20, "pc2 removed once disconnected", || {
+        server
+            .cli(&["device", "remove", "pc2"])
+            .status
+            .success()
+            .then_some(())
+    });
     assert!(
         !opens("device/pc2", &pc2),
         "a removed device's certificate opened its disk"
