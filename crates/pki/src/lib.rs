@@ -386,13 +386,13 @@ pub fn token_digest(token: &str) -> String {
 /// Whether `token` is the one whose digest is `digest`, in time that does
 /// not depend on where they differ.
 pub fn token_matches(token: &str, digest: &str) -> bool {
-    let shown = token_digest(token);
-    shown.len() == digest.len()
-        && shown
-            .bytes()
-            .zip(digest.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    constant_time_eq(token_digest(token).as_bytes(), digest.as_bytes())
+}
+
+/// Whether `a` and `b` are equal, in time that does not depend on where
+/// they differ (secrets, tokens).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The first PEM block of `text`, with its armour.

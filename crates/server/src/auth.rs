@@ -30,9 +30,7 @@ pub async fn require_token(State(token): State<Arc<String>>, req: Request, next:
     next.run(req).await
 }
 
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+pub use vstream_pki::constant_time_eq;
 
 /// Why a request is not from a server of this farm with TLS, if it is not:
 /// it came over HTTPS with a server certificate the farm's CA signed (the
