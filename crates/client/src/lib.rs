@@ -72,6 +72,14 @@ pub enum Error {
         /// The whole failure as the HTTP layer words it (with the URL).
         transport: String,
     },
+    /// The TLS handshake failed on the server's certificate: signed by a CA
+    /// this client does not trust, or for another name, or expired.
+    #[error("the vstream API at {base} showed a certificate this client does not trust: {detail}")]
+    Untrusted {
+        base: String,
+        detail: String,
+        transport: String,
+    },
     /// The connection broke, timed out or carried something not HTTP.
     #[error("talking to the vstream API at {base}: {detail}")]
     Transport {
@@ -127,9 +135,9 @@ impl Error {
     pub fn http_text(&self) -> String {
         match self {
             Error::Status { url, status, .. } => format!("{url}: status code {status}"),
-            Error::Unreachable { transport, .. } | Error::Transport { transport, .. } => {
-                transport.clone()
-            }
+            Error::Unreachable { transport, .. }
+            | Error::Untrusted { transport, .. }
+            | Error::Transport { transport, .. } => transport.clone(),
             other => other.to_string(),
         }
     }
@@ -677,6 +685,11 @@ impl Client {
                 let transport = t.to_string();
                 let base = self.base.clone();
                 match t.kind() {
+                    _ if detail.contains("invalid peer certificate") => Error::Untrusted {
+                        base,
+                        detail,
+                        transport,
+                    },
                     ureq::ErrorKind::ConnectionFailed | ureq::ErrorKind::Dns => {
                         Error::Unreachable {
                             base,

@@ -377,27 +377,44 @@ impl ClientTls {
         ClientTls::load_as(dir, "server", None)
     }
 
+    /// A client that trusts the CA certificates of `ca_file` and shows no
+    /// certificate: the admin CLI towards a server's HTTPS API.
+    pub fn trusting(ca_file: &Path) -> Result<ClientTls, TlsError> {
+        ClientTls::build(ca_file, None, None)
+    }
+
     fn load_as(dir: &Path, role: &str, hostname: Option<String>) -> Result<ClientTls, TlsError> {
+        let cert_path = dir.join(format!("{role}-cert.pem"));
+        let key_path = dir.join(format!("{role}-key.pem"));
+        let own = cert_path
+            .exists()
+            .then_some((cert_path.as_path(), key_path.as_path()));
+        ClientTls::build(&dir.join("ca-cert.pem"), own, hostname)
+    }
+
+    fn build(
+        ca_path: &Path,
+        own: Option<(&Path, &Path)>,
+        hostname: Option<String>,
+    ) -> Result<ClientTls, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let ca_path = dir.join("ca-cert.pem");
+        let dir = ca_path.parent().unwrap_or(Path::new("."));
         let bad = |path: &Path, why: String| TlsError::Bad {
             path: path.to_owned(),
             why,
         };
         let mut roots = RootCertStore::empty();
-        for ca in read_certs(&ca_path)? {
+        for ca in read_certs(ca_path)? {
             roots
                 .add(ca)
-                .map_err(|e| bad(&ca_path, format!("not a CA certificate: {e}")))?;
+                .map_err(|e| bad(ca_path, format!("not a CA certificate: {e}")))?;
         }
         let credential = Arc::new(Credential::default());
-        let cert_path = dir.join(format!("{role}-cert.pem"));
-        let key_path = dir.join(format!("{role}-key.pem"));
-        if cert_path.exists() {
+        if let Some((cert_path, key_path)) = own {
             let read =
                 |p: &Path| std::fs::read(p).map_err(|e| bad(p, format!("cannot read it: {e}")));
-            let loaded = certified_key(&provider, &read(&cert_path)?, &read(&key_path)?)
-                .map_err(|e| bad(&cert_path, format!("with {}: {e}", key_path.display())))?;
+            let loaded = certified_key(&provider, &read(cert_path)?, &read(key_path)?)
+                .map_err(|e| bad(cert_path, format!("with {}: {e}", key_path.display())))?;
             *credential
                 .current
                 .write()

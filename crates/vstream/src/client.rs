@@ -35,7 +35,15 @@ pub struct ClientArgs {
     #[arg(long, value_name = "PATH", env = "VSTREAM_TOKEN_FILE",
           default_value = DEFAULT_TOKEN_FILE, global = true)]
     pub token_file: PathBuf,
+    /// The CA certificate (PEM) an `https://` API's certificate must chain
+    /// to: the farm's `ca-cert.pem`. Default: /etc/vstream/tls/ca-cert.pem
+    /// when it exists, else the public web roots. Never skipped.
+    #[arg(long, value_name = "PATH", env = "VSTREAM_API_CA", global = true)]
+    pub api_ca: Option<PathBuf>,
 }
+
+/// The farm's CA where `vstream ca init` and the packages put it.
+pub const DEFAULT_CA_FILE: &str = "/etc/vstream/tls/ca-cert.pem";
 
 /// How long connecting to the API may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,12 +53,24 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn connect(args: &ClientArgs) -> Result<Client> {
     let env_token = std::env::var(TOKEN_ENV).ok();
     let token = resolve_token(env_token.as_deref(), &args.token_file)?;
-    connect_to(&args.api, token)
+    let ca = args.api_ca.clone().or_else(|| {
+        let default = Path::new(DEFAULT_CA_FILE);
+        default.exists().then(|| default.to_owned())
+    });
+    connect_to(&args.api, token, ca.as_deref())
 }
 
-fn connect_to(base: &str, token: String) -> Result<Client> {
-    let agent = Agent::builder().connect_timeout(CONNECT_TIMEOUT).build();
-    match agent.client(base) {
+/// A client of the API at `base` sending `token`; over HTTPS, the server's
+/// certificate must chain to `ca` (or, without one, to a public root) and
+/// name the host of `base`.
+fn connect_to(base: &str, token: String, ca: Option<&Path>) -> Result<Client> {
+    let mut agent = Agent::builder().connect_timeout(CONNECT_TIMEOUT);
+    if let (Some(ca), true) = (ca, base.starts_with("https://")) {
+        let tls = vstream_service::tls::ClientTls::trusting(ca)
+            .map_err(|e| anyhow!("--api-ca {}: {e}", ca.display()))?;
+        agent = agent.tls_config(tls.config());
+    }
+    match agent.build().client(base) {
         Ok(c) => Ok(c.with_token(token)),
         Err(ClientError::BadUrl { base }) => {
             bail!("--api {base:?} is not an http:// or https:// URL")
@@ -150,7 +170,7 @@ mod tests {
             .unwrap()
             .port();
         let base = format!("http://127.0.0.1:{port}");
-        let c = connect_to(&base, "t".into()).unwrap();
+        let c = connect_to(&base, "t".into(), None).unwrap();
         let msg = format!(
             "{:#}",
             anyhow::Error::from(c.get::<serde_json::Value>("/api/v1/vdisks").unwrap_err())
@@ -165,14 +185,14 @@ mod tests {
     #[test]
     fn only_http_urls() {
         assert_eq!(
-            connect_to("127.0.0.1:7080", "t".into())
+            connect_to("127.0.0.1:7080", "t".into(), None)
                 .err()
                 .unwrap()
                 .to_string(),
             r#"--api "127.0.0.1:7080" is not an http:// or https:// URL"#
         );
         assert_eq!(
-            connect_to("http://h:1/", "t".into()).unwrap().base(),
+            connect_to("http://h:1/", "t".into(), None).unwrap().base(),
             "http://h:1"
         );
     }

@@ -102,6 +102,13 @@ fn main() -> ExitCode {
                 Some(api) => eprintln!("error: {api}"),
                 None => eprintln!("error: {e:#}"),
             }
+            if let Some(client::ClientError::Untrusted { .. }) = e.downcast_ref() {
+                eprintln!(
+                    "hint: give the farm's CA certificate with --api-ca FILE (or VSTREAM_API_CA); \
+                     by default {} is used when it exists",
+                    client::DEFAULT_CA_FILE
+                );
+            }
             ExitCode::from(1)
         }
     }
