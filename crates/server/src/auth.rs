@@ -8,19 +8,24 @@ use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use crate::admin_tokens::AdminTokens;
 use crate::error::ApiError;
 use crate::replication::peer::SERVER_HEADER;
 use crate::replication::state::Replication;
 
-/// Lets through only a request bearing the admin token.
-pub async fn require_token(State(token): State<Arc<String>>, req: Request, next: Next) -> Response {
+/// Lets through only a request bearing one of the admin tokens.
+pub async fn require_token(
+    State(tokens): State<Arc<AdminTokens>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if !constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
+    if given.trim().is_empty() || tokens.check(given).is_none() {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
             "a valid admin token is required (Authorization: Bearer ...)",

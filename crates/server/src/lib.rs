@@ -1,6 +1,7 @@
 //! The provisioning server: the NBD stream service and the HTTP API over one
 //! local store and the farm state.
 
+pub mod admin_tokens;
 pub mod api;
 pub mod auth;
 pub mod boot;
@@ -23,9 +24,6 @@ pub mod sessions;
 pub mod state;
 pub mod stores;
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -75,7 +73,9 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     }
     std::fs::create_dir_all(&config.data)
         .with_context(|| format!("creating data folder {}", config.data.display()))?;
-    let token = ensure_token(&config.data)?;
+    let tokens = Arc::new(
+        admin_tokens::AdminTokens::open(&config.data).context("reading the admin tokens")?,
+    );
     let store = vstream_image::Store::open(&config.data).context("opening the vDisk store")?;
     let farm = match &config.farm {
         config::FarmConfig::Embedded => {
@@ -147,7 +147,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         boot_services,
         shutdown.clone(),
     ));
-    let router = api::router(server.clone(), token);
+    let router = api::router(server.clone(), tokens);
     let timeouts = http::Timeouts {
         header: std::time::Duration::from_secs(config.api_header_timeout_secs),
         idle: std::time::Duration::from_secs(config.api_idle_timeout_secs),
@@ -178,30 +178,4 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     server.sessions.flush_all();
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Reads the admin token, writing a new one (mode 0600) on first start.
-fn ensure_token(data: &Path) -> anyhow::Result<String> {
-    let path = data.join("admin.token");
-    match std::fs::read_to_string(&path) {
-        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_owned()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-    let token: String = (0..32)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect();
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    writeln!(f, "{token}")
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing {}", path.display()))?;
-    tracing::info!(path = %path.display(), "wrote a new admin token");
-    Ok(token)
 }

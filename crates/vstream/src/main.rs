@@ -36,6 +36,7 @@ mod replication_cmd;
 mod server_cmd;
 mod store_cmd;
 mod target_cmd;
+mod token_cmd;
 mod vdisk;
 mod version;
 
@@ -74,6 +75,9 @@ enum Command {
     Target(target_cmd::TargetArgs),
     /// The farm's certificates: its CA, and each server's TLS folder.
     Ca(ca_cmd::CaArgs),
+    /// The admin tokens a server accepts, in its data folder: add, list,
+    /// remove (kept as SHA-256 digests only).
+    Token(token_cmd::TokenArgs),
 }
 
 fn main() -> ExitCode {
@@ -89,6 +93,7 @@ fn main() -> ExitCode {
         Command::Store(args) => store_cmd::run(args),
         Command::Quarantine(args) => quarantine_cmd::run(args),
         Command::Ca(args) => ca_cmd::run(args),
+        Command::Token(args) => token_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -81,8 +81,7 @@ pub fn openapi_json() -> String {
     ApiDoc::openapi().to_pretty_json().unwrap_or_default()
 }
 
-pub fn router(server: Server, token: String) -> Router {
-    let token = Arc::new(token);
+pub fn router(server: Server, tokens: Arc<crate::admin_tokens::AdminTokens>) -> Router {
     let admin = Router::new()
         .route("/api/v1/vdisks", get(list_vdisks).post(create_vdisk))
         .route(
@@ -146,7 +145,7 @@ pub fn router(server: Server, token: String) -> Router {
         .route("/api/v1/replication/start", post(farm::replication_start))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(
-            token,
+            tokens,
             crate::auth::require_token,
         ));
     Router::new()
