@@ -37,6 +37,9 @@ pub struct Config {
     pub enroll_token_ttl_secs: u64,
     /// Hours a device certificate this server signs stays valid.
     pub device_cert_hours: u64,
+    /// Refused device logins, enrollments and renewals allowed per minute
+    /// per client address, and per MAC, before 429 (0: no limit).
+    pub login_failures: crate::login_guard::Budgets,
     pub log_format: LogFormat,
     /// Most concurrent NBD connections.
     pub max_connections: usize,
@@ -218,6 +221,8 @@ pub struct FileConfig {
     pub advertise_api_tls: Option<String>,
     pub enroll_token_ttl_secs: Option<u64>,
     pub device_cert_hours: Option<u64>,
+    pub login_failures_per_address: Option<u32>,
+    pub login_failures_per_mac: Option<u32>,
     pub farm: Option<String>,
     pub name: Option<String>,
     pub power: Option<f64>,
@@ -265,6 +270,8 @@ pub struct FlagConfig {
     pub advertise_api_tls: Option<String>,
     pub enroll_token_ttl_secs: Option<u64>,
     pub device_cert_hours: Option<u64>,
+    pub login_failures_per_address: Option<u32>,
+    pub login_failures_per_mac: Option<u32>,
     pub farm: Option<String>,
     pub name: Option<String>,
     pub power: Option<f64>,
@@ -414,6 +421,17 @@ impl Config {
                 "device_cert_hours {device_cert_hours} is outside 1 to 2160 (90 days)"
             ));
         }
+        let defaults = crate::login_guard::Budgets::default();
+        let login_failures = crate::login_guard::Budgets {
+            per_address: flags
+                .login_failures_per_address
+                .or(file.login_failures_per_address)
+                .unwrap_or(defaults.per_address),
+            per_mac: flags
+                .login_failures_per_mac
+                .or(file.login_failures_per_mac)
+                .unwrap_or(defaults.per_mac),
+        };
         let farm = flags
             .farm
             .or(file.farm)
@@ -568,6 +586,7 @@ impl Config {
             advertise_api_tls,
             enroll_token_ttl_secs,
             device_cert_hours,
+            login_failures,
         })
     }
 }

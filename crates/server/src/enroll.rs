@@ -29,7 +29,7 @@ use vstream_pki::{Authority, Validity};
 use vstream_service::metrics::Metrics;
 
 /// A `/metrics` row: name, type, help, counter.
-type Row<'a> = (&'static str, &'static str, &'static str, &'a AtomicU64);
+pub(crate) type Row<'a> = (&'static str, &'static str, &'static str, &'a AtomicU64);
 use crate::clock::now_unix;
 use crate::config::Config;
 

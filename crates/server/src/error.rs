@@ -14,6 +14,8 @@ pub struct ApiError {
     pub message: String,
     /// The handler logged it already (a refused login): not logged again.
     pub logged: bool,
+    /// Seconds to send as `Retry-After` (a 429 or 503).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -22,7 +24,13 @@ impl ApiError {
             status,
             message: message.into(),
             logged: false,
+            retry_after: None,
         }
+    }
+    /// Tells the client when to ask again.
+    pub fn retry_after(mut self, secs: u64) -> ApiError {
+        self.retry_after = Some(secs);
+        self
     }
     /// Marks an error its handler has logged itself, so that it is one line.
     pub fn logged(mut self) -> ApiError {
@@ -48,13 +56,19 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() && !self.logged {
             tracing::error!(status = %self.status, error = %self.message, "API request failed");
         }
-        (
+        let mut response = (
             self.status,
             Json(ErrorBody {
                 error: self.message,
             }),
         )
-            .into_response()
+            .into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 

@@ -14,6 +14,7 @@ pub mod farm;
 pub mod http;
 pub mod identity;
 pub mod login;
+pub mod login_guard;
 pub mod membership;
 pub mod nbd;
 pub mod quarantine;

@@ -52,6 +52,8 @@ pub struct Server {
     pub boot: Arc<Boot>,
     /// The enrollment CA: device certificates for tokens and admins.
     pub enrollment: Arc<crate::enroll::Enrollment>,
+    /// Failed device logins, per address and per MAC.
+    pub login_guard: Arc<crate::login_guard::LoginGuard>,
 }
 
 impl Server {
@@ -64,6 +66,7 @@ impl Server {
         enrollment: crate::enroll::Enrollment,
     ) -> Server {
         let enrollment = Arc::new(enrollment);
+        let login_guard = Arc::new(crate::login_guard::LoginGuard::new(config.login_failures));
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::default());
         let membership = Arc::new(Membership::new(store.clone()));
@@ -127,6 +130,7 @@ impl Server {
             member,
             boot,
             enrollment,
+            login_guard,
         }
     }
 }
@@ -145,6 +149,7 @@ macro_rules! handles {
 handles! {
     config: Arc<Config>,
     enrollment: Arc<crate::enroll::Enrollment>,
+    login_guard: Arc<crate::login_guard::LoginGuard>,
     store: Store,
     farm: FarmStore,
     metrics: Arc<Metrics>,

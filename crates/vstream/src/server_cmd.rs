@@ -93,6 +93,14 @@ pub struct ServerArgs {
     /// [default: 300].
     #[arg(long, value_name = "SECS")]
     pub enroll_token_ttl: Option<u64>,
+    /// Refused device logins, enrollments and renewals allowed per minute
+    /// from one client address before it gets 429; 0: no limit [default: 30].
+    #[arg(long, value_name = "N")]
+    pub login_failures_per_address: Option<u32>,
+    /// The same per MAC, whatever the address; a device showing its own
+    /// certificate is never held back by it; 0: no limit [default: 10].
+    #[arg(long, value_name = "N")]
+    pub login_failures_per_mac: Option<u32>,
     /// Hours a device certificate this server signs stays valid, 1 to 2160;
     /// the agent renews it at half [default: 12].
     #[arg(long, value_name = "HOURS")]
@@ -238,6 +246,8 @@ fn resolve(args: ServerArgs) -> Result<Config> {
         advertise_api_tls: args.advertise_api_tls,
         enroll_token_ttl_secs: args.enroll_token_ttl,
         device_cert_hours: args.device_cert_hours,
+        login_failures_per_address: args.login_failures_per_address,
+        login_failures_per_mac: args.login_failures_per_mac,
         farm: args.farm,
         name: args.name,
         power: args.power,

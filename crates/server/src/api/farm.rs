@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::http::PeerCertificate;
 use crate::login::{choose, LoginError};
+use crate::login_guard::LoginGuard;
 use crate::membership::{Membership, View, STALE_AFTER_SECS};
 use crate::replication::Replication;
 use crate::sessions::Sessions;
@@ -40,8 +41,13 @@ pub(super) async fn login(
     State(replication): State<Arc<Replication>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     certificate: Option<axum::Extension<PeerCertificate>>,
+    State(guard): State<Arc<LoginGuard>>,
     Json(req): Json<LoginRequest>,
 ) -> Result<Json<LoginReply>, ApiError> {
+    // A device that shows a certificate of the farm is not held back for
+    // failures in its MAC's name: nobody locks it out by failing for it.
+    let mac = certificate.is_none().then(|| req.mac.clone());
+    guarded(&guard, peer, mac.as_deref(), async move {
     if let Some(token) = &req.boot {
         vstream_api::check_boot_token(token).map_err(ApiError::bad_request)?;
     }
@@ -112,6 +118,41 @@ pub(super) async fn login(
             Err(ApiError::new(status, e.to_string()).logged())
         }
     }
+    })
+    .await
+}
+
+/// Runs a device route under the failure budgets of `guard`: 429 with
+/// Retry-After at once, before anything is looked up, while the client's
+/// address (or `mac`) is over its budget; each refusal it answers (400,
+/// 403, 404) counts against both.
+async fn guarded<T>(
+    guard: &LoginGuard,
+    peer: SocketAddr,
+    mac: Option<&str>,
+    route: impl std::future::Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    if let Err(held) = guard.admit(peer.ip(), mac) {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many refused requests for {}: ask again in {} s",
+                held.key, held.retry_after
+            ),
+        )
+        .retry_after(held.retry_after)
+        .logged());
+    }
+    let answer = route.await;
+    if let Err(e) = &answer {
+        if matches!(
+            e.status,
+            StatusCode::BAD_REQUEST | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND
+        ) {
+            guard.failed(peer.ip(), mac);
+        }
+    }
+    answer
 }
 
 /// A netbooted device trades the one-time token of its boot script for a
@@ -128,8 +169,12 @@ pub(super) async fn enroll(
     State(enrollment): State<Arc<crate::enroll::Enrollment>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     https: Option<axum::Extension<crate::http::Https>>,
+    State(guard): State<Arc<LoginGuard>>,
     Json(req): Json<vstream_api::EnrollRequest>,
 ) -> Result<Json<vstream_api::CredentialReply>, ApiError> {
+    // Per address only: a token cannot be guessed, and a budget per MAC
+    // would let anyone hold a device's enrollment back by failing for it.
+    guarded(&guard, peer, None, async move {
     if https.is_none() {
         tracing::info!(mac = %req.mac, %peer, reason = "plain HTTP", "enrollment refused");
         return Err(ApiError::new(
@@ -152,6 +197,8 @@ pub(super) async fn enroll(
             Err(e.logged())
         }
     }
+    })
+    .await
 }
 
 /// A device renews its certificate with the one it holds: a new one for
@@ -168,8 +215,10 @@ pub(super) async fn renew(
     State(enrollment): State<Arc<crate::enroll::Enrollment>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     certificate: Option<axum::Extension<PeerCertificate>>,
+    State(guard): State<Arc<LoginGuard>>,
     Json(req): Json<vstream_api::RenewRequest>,
 ) -> Result<Json<vstream_api::CredentialReply>, ApiError> {
+    guarded(&guard, peer, None, async move {
     let refused = |why: String| {
         tracing::info!(%peer, reason = %why, "renewal refused");
         ApiError::new(StatusCode::FORBIDDEN, why).logged()
@@ -191,6 +240,8 @@ pub(super) async fn renew(
     let reply = enrollment.renew(&config, &device, &req.csr)?;
     tracing::info!(device = %reply.device, %peer, serial = %reply.serial, "device certificate renewed");
     Ok(Json(reply))
+    })
+    .await
 }
 
 /// On a farm with TLS, a device logs in with its own certificate: one that

@@ -173,6 +173,7 @@ async fn metrics(
     State(replication): State<Arc<Replication>>,
     State(boot): State<Arc<Boot>>,
     State(enrollment): State<Arc<crate::enroll::Enrollment>>,
+    State(guard): State<Arc<crate::login_guard::LoginGuard>>,
 ) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -182,6 +183,7 @@ async fn metrics(
                 &boot.stats.metrics()[..],
                 &membership.metrics()[..],
                 &enrollment.stats.metrics()[..],
+                &guard.metrics()[..],
             ]
             .concat(),
         ),
