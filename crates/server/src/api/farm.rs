@@ -47,15 +47,39 @@ pub(super) async fn login(
     // A device that shows a certificate of the farm is not held back for
     // failures in its MAC's name: nobody locks it out by failing for it.
     let mac = certificate.is_none().then(|| req.mac.clone());
-    guarded(&guard, peer, mac.as_deref(), async move {
+    let certificate = certificate.map(|c| c.0);
+    let answer = answer_login(
+        &config,
+        &farm,
+        &membership,
+        &sessions,
+        &replication,
+        peer,
+        certificate.as_ref(),
+        req,
+    );
+    guarded(&guard, peer, mac.as_deref(), answer).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn answer_login(
+    config: &Config,
+    farm: &FarmStore,
+    membership: &Membership,
+    sessions: &Sessions,
+    replication: &Replication,
+    peer: SocketAddr,
+    certificate: Option<&PeerCertificate>,
+    req: LoginRequest,
+) -> Result<Json<LoginReply>, ApiError> {
     if let Some(token) = &req.boot {
         vstream_api::check_boot_token(token).map_err(ApiError::bad_request)?;
     }
-    let view = fresh_records(&membership, &farm, &req.mac)
+    let view = fresh_records(membership, farm, &req.mac)
         .await
         .unwrap_or_else(|| membership.view());
     if config.tls != vstream_service::TlsMode::Off {
-        let shown = certificate.as_ref().map(|c| &c.0 .0);
+        let shown = certificate.map(|c| &c.0);
         if let Err(why) = certified(&view, &req.mac, shown) {
             tracing::info!(mac = %req.mac, %peer, reason = %why, "login refused");
             return Err(ApiError::new(StatusCode::FORBIDDEN, why).logged());
@@ -118,8 +142,6 @@ pub(super) async fn login(
             Err(ApiError::new(status, e.to_string()).logged())
         }
     }
-    })
-    .await
 }
 
 /// Runs a device route under the failure budgets of `guard`: 429 with
@@ -174,8 +196,19 @@ pub(super) async fn enroll(
 ) -> Result<Json<vstream_api::CredentialReply>, ApiError> {
     // Per address only: a token cannot be guessed, and a budget per MAC
     // would let anyone hold a device's enrollment back by failing for it.
-    guarded(&guard, peer, None, async move {
-    if https.is_none() {
+    let answer = answer_enroll(&config, &farm, &enrollment, peer, https.is_some(), req);
+    guarded(&guard, peer, None, answer).await
+}
+
+async fn answer_enroll(
+    config: &Config,
+    farm: &FarmStore,
+    enrollment: &crate::enroll::Enrollment,
+    peer: SocketAddr,
+    https: bool,
+    req: vstream_api::EnrollRequest,
+) -> Result<Json<vstream_api::CredentialReply>, ApiError> {
+    if !https {
         tracing::info!(mac = %req.mac, %peer, reason = "plain HTTP", "enrollment refused");
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -184,7 +217,7 @@ pub(super) async fn enroll(
         .logged());
     }
     match enrollment
-        .enroll(&config, &farm, &req.mac, &req.token, &req.csr)
+        .enroll(config, farm, &req.mac, &req.token, &req.csr)
         .await
     {
         Ok(reply) => {
@@ -197,8 +230,6 @@ pub(super) async fn enroll(
             Err(e.logged())
         }
     }
-    })
-    .await
 }
 
 /// A device renews its certificate with the one it holds: a new one for
@@ -218,12 +249,24 @@ pub(super) async fn renew(
     State(guard): State<Arc<LoginGuard>>,
     Json(req): Json<vstream_api::RenewRequest>,
 ) -> Result<Json<vstream_api::CredentialReply>, ApiError> {
-    guarded(&guard, peer, None, async move {
+    let certificate = certificate.map(|c| c.0 .0);
+    let answer = answer_renew(&config, &farm, &enrollment, peer, certificate, req);
+    guarded(&guard, peer, None, answer).await
+}
+
+async fn answer_renew(
+    config: &Config,
+    farm: &FarmStore,
+    enrollment: &crate::enroll::Enrollment,
+    peer: SocketAddr,
+    certificate: Option<Certificate>,
+    req: vstream_api::RenewRequest,
+) -> Result<Json<vstream_api::CredentialReply>, ApiError> {
     let refused = |why: String| {
         tracing::info!(%peer, reason = %why, "renewal refused");
         ApiError::new(StatusCode::FORBIDDEN, why).logged()
     };
-    let Some(cert) = certificate.map(|c| c.0 .0) else {
+    let Some(cert) = certificate else {
         return Err(refused(
             "a device renews over HTTPS with the certificate it holds".into(),
         ));
@@ -237,11 +280,9 @@ pub(super) async fn renew(
     if let Some(why) = device.revoked(cert.not_before) {
         return Err(refused(why));
     }
-    let reply = enrollment.renew(&config, &device, &req.csr)?;
+    let reply = enrollment.renew(config, &device, &req.csr)?;
     tracing::info!(device = %reply.device, %peer, serial = %reply.serial, "device certificate renewed");
     Ok(Json(reply))
-    })
-    .await
 }
 
 /// On a farm with TLS, a device logs in with its own certificate: one that
