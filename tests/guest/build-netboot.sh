@@ -15,7 +15,9 @@
 #   found with ldd), dist/vstream-root.sh as /scripts/vstream-root.sh
 #   and /init = netboot-init.sh; also /power-init = power-init.sh, which
 #   runs `vstream server` on the guest's own virtio disk instead (booted with
-#   rdinit=/power-init by crates/vstream/tests/e2e/power_loss.rs).
+#   rdinit=/power-init by crates/vstream/tests/e2e/power_loss.rs), and
+#   /nbd-client-init = nbd-client-init.sh, which attaches /dev/nbd0 with
+#   nbd-client over TLS (rdinit=/nbd-client-init, guest_boot.rs).
 # Idempotent: does nothing when OUTDIR/.netboot-stamp matches the inputs (the
 # binary's hash included). Boot it with run-netboot-guest.sh.
 #
@@ -97,7 +99,8 @@ done
 LIBS="$(ldd "$VSTREAM" 2>/dev/null || true)"
 KEY="$(
     {
-        cat "$HERE/build-netboot.sh" "$HERE/lib.sh" "$HERE/netboot-init.sh" "$HERE/power-init.sh" "$ROOT_SH"
+        cat "$HERE/build-netboot.sh" "$HERE/lib.sh" "$HERE/netboot-init.sh" "$HERE/power-init.sh" \
+            "$HERE/nbd-client-init.sh" "$ROOT_SH"
         echo "deb=$(basename "$DEB") size=$(stat -c %s "$DEB")"
         for d in "${NBDC_DEBS[@]}"; do echo "deb=$(basename "$d") size=$(stat -c %s "$d")"; done
         sha256sum <"$BUSYBOX"
@@ -139,6 +142,7 @@ for a in $("$BUSYBOX" --list); do
 done
 install -m 755 "$HERE/netboot-init.sh" "$I/init"
 install -m 755 "$HERE/power-init.sh" "$I/power-init"
+install -m 755 "$HERE/nbd-client-init.sh" "$I/nbd-client-init"
 install -m 644 "$ROOT_SH" "$I/scripts/vstream-root.sh"
 
 # The agent: symbols kept (readable backtraces), debug info dropped.

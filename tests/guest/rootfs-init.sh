@@ -10,6 +10,16 @@
 #   vstest=read         -> GUEST-TOKEN <token|NONE>,
 #                          GUEST-MD5 <sum> + GUEST-BIGFILE OK (if present, verified)
 #                          or GUEST-BIGFILE NONE, then GUEST-OK read
+# Optional words, for a guest whose server is killed under it
+# (crates/vstream/tests/e2e/netboot.rs):
+#   vstest.pause=N      first -> GUEST-PAUSE N, then N seconds of nothing: the
+#                       host kills a server then, and all the I/O below
+#                       comes after
+#   vstest.readdisk     after the test, drop the caches and read the whole
+#                       root device -> GUEST-READDISK <dev> OK
+#   vstest.agentlog     then copy the agent's log lines about enrollment,
+#                       failover and errors (/run/vstream/agent.log) as
+#                       GUEST-AGENT <line>
 # Failure anywhere -> GUEST-ERROR <what>; the VM powers off in every case.
 export PATH=/bin:/sbin
 echo "GUEST-BOOTED"
@@ -38,12 +48,23 @@ fail() {
 }
 
 VSTEST=
+PAUSE=
+READDISK=
+AGENTLOG=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         vstest=*) VSTEST="${arg#vstest=}" ;;
         vstest.bigmb=*) BIGMB="${arg#vstest.bigmb=}" ;;
+        vstest.pause=*) PAUSE="${arg#vstest.pause=}" ;;
+        vstest.readdisk) READDISK=1 ;;
+        vstest.agentlog) AGENTLOG=1 ;;
     esac
 done
+
+if [ -n "$PAUSE" ]; then
+    echo "GUEST-PAUSE $PAUSE"
+    sleep "$PAUSE"
+fi
 
 case "$VSTEST" in
     write:?*)
@@ -84,5 +105,19 @@ case "$VSTEST" in
         fail "unknown vstest=$VSTEST"
         ;;
 esac
+
+if [ -n "$READDISK" ]; then
+    # The root file system's device (the last mount on /).
+    dev="$(awk '$2 == "/" { d = $1 } END { print d }' /proc/mounts)"
+    [ -b "$dev" ] || fail "readdisk: the root device '$dev' is not a block device"
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    dd if="$dev" of=/dev/null bs=1M 2>/dev/null || fail "readdisk: reading $dev failed"
+    echo "GUEST-READDISK $dev OK"
+fi
+if [ -n "$AGENTLOG" ]; then
+    [ -r /run/vstream/agent.log ] || fail "agentlog: no /run/vstream/agent.log"
+    grep -E 'enrollment|failed over|ERROR|WARN' /run/vstream/agent.log | sed 's/^/GUEST-AGENT /'
+fi
 
 finish 0

@@ -27,6 +27,13 @@
 #   VSTREAM_GUEST_APPEND   extra kernel command-line words
 #   VSTREAM_GUEST_QEMU_ARGS extra QEMU arguments (word-split)
 #   VSTREAM_GUEST_LOG      also write the console to this file
+#   VSTREAM_GUEST_TLS_CREDS  NBD over TLS: QEMU's client credentials folder
+#                          (ca-cert.pem, client-cert.pem, client-key.pem, as
+#                          `vstream device credential NAME --out DIR` writes
+#                          them), given to the NBD drive as a tls-creds-x509
+#                          object; DRIVE_URL must then be an nbd:// URL
+#   VSTREAM_GUEST_TLS_HOSTNAME  the name to check the server's certificate
+#                          against (default: the host of DRIVE_URL)
 set -uo pipefail
 # shellcheck source=tests/guest/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -47,6 +54,16 @@ APPEND+=" mitigations=off nokaslr no_timer_check tsc=unstable vstest=$VSTEST"
 
 # Commas separate -drive options: double them inside the file name.
 DRIVE="file=${URL//,/,,},format=raw,if=virtio,cache=none"
+TLS=()
+if [ -n "${VSTREAM_GUEST_TLS_CREDS:-}" ]; then
+    case "$URL" in nbd://* | nbd+tcp://*) ;; *) echo "run-guest: VSTREAM_GUEST_TLS_CREDS needs an nbd:// DRIVE_URL" >&2; exit 2 ;; esac
+    for f in ca-cert.pem client-cert.pem client-key.pem; do
+        [ -r "$VSTREAM_GUEST_TLS_CREDS/$f" ] || { echo "run-guest: $VSTREAM_GUEST_TLS_CREDS/$f missing" >&2; exit 2; }
+    done
+    TLS=(-object "tls-creds-x509,id=tls0,endpoint=client,dir=${VSTREAM_GUEST_TLS_CREDS//,/,,}")
+    DRIVE+=",file.tls-creds=tls0"
+    [ -n "${VSTREAM_GUEST_TLS_HOSTNAME:-}" ] && DRIVE+=",file.tls-hostname=${VSTREAM_GUEST_TLS_HOSTNAME//,/,,}"
+fi
 
 # shellcheck disable=SC2206
 EXTRA=(${VSTREAM_GUEST_QEMU_ARGS:-})
@@ -54,6 +71,6 @@ CMD=("$QEMU" -machine "${VSTREAM_GUEST_MACHINE:-pc}" -accel tcg -cpu "${VSTREAM_
     -m "${VSTREAM_GUEST_MEM:-512}" -nodefaults -no-user-config -display none
     -no-reboot -serial stdio -monitor none
     -kernel "$KERNEL" -initrd "$OUT/initrd.img" -append "$APPEND"
-    -drive "$DRIVE" "${EXTRA[@]}")
+    "${TLS[@]}" -drive "$DRIVE" "${EXTRA[@]}")
 
 run_guest_console run-guest "$TIMEOUT" "$VSTEST" "${CMD[@]}"

@@ -28,6 +28,8 @@
 #   VSTREAM_GUEST_APPEND   extra kernel command-line words (e.g.
 #                          vstream.cache=ram:64MiB vstream.timeout=30)
 #   VSTREAM_GUEST_NETDEV   -netdev value (default user,id=n0)
+#   VSTREAM_GUEST_INITRD   the initrd to boot (default OUTDIR/netboot-initrd.img;
+#                          e.g. a copy with credentials appended)
 set -uo pipefail
 # shellcheck source=tests/guest/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -43,7 +45,8 @@ case "$TIMEOUT" in '' | *[!0-9]*) usage ;; esac
 for v in "$BOOTSTRAP" "$MAC" "$VSTEST"; do
     case "$v" in '' | *[[:space:]]*) echo "run-netboot-guest: arguments must be non-empty, without spaces" >&2; exit 2 ;; esac
 done
-guest_kernel_and_qemu run-netboot-guest "$OUT" "$OUT/netboot-initrd.img" "run tests/guest/build-netboot.sh $OUT VSTREAM_BIN"
+INITRD="${VSTREAM_GUEST_INITRD:-$OUT/netboot-initrd.img}"
+guest_kernel_and_qemu run-netboot-guest "$OUT" "$INITRD" "run tests/guest/build-netboot.sh $OUT VSTREAM_BIN"
 
 APPEND="console=ttyS0 rootfstype=ext4 rw panic=-1 quiet loglevel=3"
 APPEND+=" mitigations=off nokaslr no_timer_check tsc=unstable"
@@ -55,7 +58,7 @@ EXTRA=(${VSTREAM_GUEST_QEMU_ARGS:-})
 CMD=("$QEMU" -machine "${VSTREAM_GUEST_MACHINE:-pc}" -accel tcg -cpu "${VSTREAM_GUEST_CPU:-Nehalem}" -smp 1
     -m "${VSTREAM_GUEST_MEM:-512}" -nodefaults -no-user-config -display none
     -no-reboot -serial stdio -monitor none
-    -kernel "$KERNEL" -initrd "$OUT/netboot-initrd.img" -append "$APPEND"
+    -kernel "$KERNEL" -initrd "$INITRD" -append "$APPEND"
     -netdev "${VSTREAM_GUEST_NETDEV:-user,id=n0}" -device "virtio-net-pci,netdev=n0,mac=$MAC,romfile="
     "${EXTRA[@]}")
 

@@ -4,6 +4,8 @@
 
 use crate::common;
 
+use std::process::Command;
+
 use common::TestServer;
 
 #[test]
@@ -135,4 +137,204 @@ fn guest_boots_through_the_agent_across_a_server_kill() {
     assert!(console.contains("GUEST-OK write farm-token"), "{console}");
     let log = agent.log_text();
     assert!(log.contains("failed over"), "the agent never moved:\n{log}");
+}
+
+/// Issue 18 in a guest, two boots against a server that requires TLS:
+/// QEMU's own NBD client boots the guest with its root on `device/pc1`
+/// over TLS (a `tls-creds-x509` object with the device's credential from
+/// `vstream device credential --ca`) and writes; then Debian's nbd-client, in a
+/// second guest, attaches the same export to the guest kernel's /dev/nbd0
+/// over TLS with `-certfile -keyfile -cacertfile` and the credential a
+/// server signed (`vstream device credential`), finds the first boot's
+/// writes (Private: they persisted), writes a file and reads it back
+/// uncached. The host reads the disk over TLS with nbdcopy and finds that
+/// file's bytes. Without TLS, or with another device's credential, neither
+/// client gets the disk.
+#[test]
+fn guests_reach_their_disk_over_tls_with_qemu_and_nbd_client() {
+    if !(common::have_guest_tools()
+        && common::have("nbdcopy")
+        && common::have("debugfs")
+        && common::have("md5sum"))
+    {
+        return;
+    }
+    let kit = common::netboot_kit();
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path();
+    // The guest reaches the host's loopback at 10.0.2.2 (QEMU user
+    // networking): the certificate names it too.
+    let ca = common::farm_pki(w, &[("pvs1", &["127.0.0.1", "localhost", "10.0.2.2"])]);
+    let tls = w.join("pvs1-tls");
+    let [api_tls] = common::free_ports::<1>();
+    let server = TestServer::start_fresh_with(&[
+        "--tls",
+        "require",
+        "--tls-certificates",
+        tls.to_str().unwrap(),
+        "--api-tls",
+        &format!("127.0.0.1:{api_tls}"),
+    ]);
+    server.cli_ok(&[
+        "vdisk",
+        "import",
+        "root",
+        kit.join("rootfs.img").to_str().unwrap(),
+    ]);
+    for (name, mac) in [("pc1", "52:54:00:00:00:01"), ("pc2", "52:54:00:00:00:02")] {
+        server.cli_ok(&["device", "add", name, "--mac", mac, "--vdisk", "root"]);
+    }
+    // QEMU 10.0 checks its own certificate against ca-cert.pem alone, and
+    // refuses one that a server's enrollment CA signed ("hasn't got a known
+    // issuer": it does not use the chain in client-cert.pem): it gets
+    // credentials signed offline by the farm CA. nbd-client and libnbd take
+    // the chain: they get the server-signed one.
+    let offline = |name: &str| {
+        let out = w.join(format!("{name}-offline"));
+        let (ca, dir) = (ca.to_str().unwrap(), out.to_str().unwrap());
+        let args = ["device", "credential", name, "--ca", ca, "--out", dir];
+        common::run(common::BIN, &args);
+        out
+    };
+    let (pc1, pc2) = (offline("pc1"), offline("pc2"));
+    let pc1_online = w.join("pc1-online");
+    server.cli_ok(&[
+        "device",
+        "credential",
+        "pc1",
+        "--out",
+        pc1_online.to_str().unwrap(),
+    ]);
+    let url = server.url("device/pc1");
+
+    // QEMU cannot open the drive without TLS, nor with pc2's credential.
+    let out = common::guest_boot_env(&kit, &url, "read", &[]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        !out.status.success() && said.contains("TLS negotiation required"),
+        "a plain QEMU opened the disk of a server requiring TLS:\n{said}"
+    );
+    let out = common::guest_boot_env(
+        &kit,
+        &url,
+        "read",
+        &[("VSTREAM_GUEST_TLS_CREDS", pc2.as_path())],
+    );
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        !out.status.success() && !said.contains("GUEST-BOOTED"),
+        "pc2's credential opened device/pc1:\n{said}"
+    );
+    assert!(
+        server
+            .log_text()
+            .contains("the certificate of device pc2 opens only its own disk"),
+        "{}",
+        server.log_text()
+    );
+
+    // Boot 1: QEMU's NBD client over TLS, root on device/pc1, writing.
+    let tls_before = server.metric("vstream_nbd_tls_connections_total");
+    let out = common::guest_boot_env(
+        &kit,
+        &url,
+        "write:over-tls",
+        &[("VSTREAM_GUEST_TLS_CREDS", pc1.as_path())],
+    );
+    let console = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success()
+            && console.contains("GUEST-BOOTED")
+            && console.contains("GUEST-OK write over-tls"),
+        "the guest did not boot over TLS ({}):\n{console}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        server.log_text()
+    );
+    assert!(server.metric("vstream_nbd_tls_connections_total") > tls_before);
+
+    // Boot 2: nbd-client in the guest, the credential appended to its initrd.
+    let initrd = w.join("nbdc-initrd.img");
+    common::initrd_with(
+        &kit.join("netboot-initrd.img"),
+        &initrd,
+        &[
+            (
+                "etc/vstest/tls/ca-cert.pem",
+                &pc1_online.join("ca-cert.pem"),
+            ),
+            (
+                "etc/vstest/tls/client-cert.pem",
+                &pc1_online.join("client-cert.pem"),
+            ),
+            (
+                "etc/vstest/tls/client-key.pem",
+                &pc1_online.join("client-key.pem"),
+            ),
+        ],
+    );
+    let no_tls_before = server.metric(r#"vstream_nbd_refusals_total{reason="no_tls"}"#);
+    let append = format!(
+        "rdinit=/nbd-client-init vstest.nbd=10.0.2.2:{} vstest.export=device/pc1 vstest.tls=/etc/vstest/tls",
+        server.nbd_port
+    );
+    let out = Command::new("bash")
+        .arg(common::repo().join("tests/guest/run-netboot-guest.sh"))
+        .arg(&kit)
+        .args(["none", "52:54:00:00:00:01", "by-nbd-client", "180"])
+        .env("VSTREAM_GUEST_INITRD", &initrd)
+        .env("VSTREAM_GUEST_APPEND", &append)
+        .output()
+        .expect("running run-netboot-guest.sh");
+    let console = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && console.contains("GUEST-OK nbd-client by-nbd-client"),
+        "nbd-client did not attach over TLS ({}):\n{console}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        server.log_text()
+    );
+    assert!(console.contains("GUEST-NBDC plain refused"), "{console}");
+    assert!(
+        server.metric(r#"vstream_nbd_refusals_total{reason="no_tls"}"#) > no_tls_before,
+        "the plain nbd-client was not refused for want of TLS"
+    );
+    // What QEMU wrote over TLS is on the disk (Private mode), whole.
+    assert!(
+        console.lines().any(|l| l == "GUEST-TOKEN over-tls"),
+        "{console}"
+    );
+    assert!(
+        console.lines().any(|l| l == "GUEST-BIGFILE OK"),
+        "{console}"
+    );
+    let md5 = console
+        .lines()
+        .find_map(|l| l.strip_prefix("GUEST-NBDC-MD5 "))
+        .unwrap_or_else(|| panic!("no GUEST-NBDC-MD5:\n{console}"))
+        .trim()
+        .to_owned();
+
+    // From the host, over TLS too: nbd-client's bytes are in the vDisk.
+    let copy = w.join("copy.img");
+    common::run(
+        "nbdcopy",
+        &[
+            &format!(
+                "nbds://127.0.0.1:{}/device/pc1?tls-certificates={}",
+                server.nbd_port,
+                pc1_online.display()
+            ),
+            copy.to_str().unwrap(),
+        ],
+    );
+    let debugfs = |req: &str| common::run("debugfs", &["-R", req, copy.to_str().unwrap()]);
+    assert_eq!(debugfs("cat /data/nbdc-token").trim(), "by-nbd-client");
+    assert_eq!(debugfs("cat /data/token").trim(), "over-tls");
+    let bin = w.join("nbdc.bin");
+    debugfs(&format!("dump /data/nbdc.bin {}", bin.display()));
+    let sum = common::run("md5sum", &[bin.to_str().unwrap()]);
+    assert_eq!(sum.split_whitespace().next(), Some(md5.as_str()));
+    let log = server.log_text();
+    assert!(!log.contains("PRIVATE KEY"), "a key in the server log");
 }

@@ -6,6 +6,13 @@
 //! kernel's /dev/nbd0 to a Standard-mode vDisk. The guest writes and reads
 //! files and powers off. Then the same boot with one server stopped.
 //!
+//! The main test's farm requires TLS end to end (issue 18): the servers'
+//! certificates come from `vstream ca init` and `vstream ca server
+//! --enrollment`, the initramfs holds the farm's CA only, the boot script
+//! hands the device a one-time `vstream.enroll=` token, the agent trades it
+//! over HTTPS for its certificate and streams over TLS, and the server it
+//! streams from is killed while the guest is up.
+//!
 //! ```text
 //!   host (tests, etcd, CLI) 10.X.200.253 --veth--+
 //!   server s1 netns 10.X.200.1 --veth-----------+-- br0 (LAN netns): dnsmasq 10.X.200.254
@@ -36,30 +43,65 @@ struct Farm {
     _dir: tempfile::TempDir,
 }
 
+/// Port of each server's HTTPS API, in its own network namespace.
+const API_TLS_PORT: u16 = 7443;
+
 /// Two servers, each on its own host of the LAN with ProxyDHCP and TFTP,
 /// holding the kit's root filesystem as a Standard-mode vDisk whose boot
-/// files are the kit's kernel and network-boot initramfs.
-fn farm(kit: &Path) -> Farm {
+/// files are the kit's kernel and network-boot initramfs. With `tls`: each
+/// server requires TLS with its own certificate and enrollment CA (made by
+/// `vstream ca`), serves its API over HTTPS too, and the initramfs has the
+/// farm CA's certificate in /etc/vstream/tls, as the initramfs-tools hook
+/// puts it there.
+fn farm(kit: &Path, tls: bool) -> Farm {
     let mut lan = Lan::create();
     let etcd = TestEtcd::start_on(&[&format!("{}.253", lan.net)]).expect("etcd");
     let etcd_url = format!("http://{}.253:{}", lan.net, etcd.port());
     let dir = tempfile::tempdir().expect("tempdir");
+    let ips = [format!("{}.1", lan.net), format!("{}.2", lan.net)];
+    let ca = tls.then(|| {
+        common::farm_pki(
+            dir.path(),
+            &[("s1", &[ips[0].as_str()]), ("s2", &[ips[1].as_str()])],
+        )
+    });
     let servers: Vec<TestServer> = (1..=2u8)
         .map(|n| {
             let farm = format!("etcd://{}", etcd_url.trim_start_matches("http://"));
             let name = format!("s{n}");
-            common::pxe::server_on_lan(
-                &mut lan,
-                n,
-                dir.path().join(&name),
-                &["--farm", &farm, "--name", &name],
-            )
+            let certs = dir.path().join(format!("{name}-tls"));
+            let api_tls = format!("{}:{API_TLS_PORT}", ips[n as usize - 1]);
+            let mut flags = vec!["--farm", &farm, "--name", &name];
+            if tls {
+                flags.extend([
+                    "--tls",
+                    "require",
+                    "--tls-certificates",
+                    certs.to_str().expect("path"),
+                    "--api-tls",
+                    &api_tls,
+                ]);
+            }
+            common::pxe::server_on_lan(&mut lan, n, dir.path().join(&name), &flags)
         })
         .collect();
     let s1 = &servers[0];
-    common::pxe::netboot_vdisk(
+    let initrd = match &ca {
+        Some(ca) => {
+            let initrd = dir.path().join("netboot-initrd-tls.img");
+            common::initrd_with(
+                &kit.join("netboot-initrd.img"),
+                &initrd,
+                &[("etc/vstream/tls/ca-cert.pem", &ca.join("ca-cert.pem"))],
+            );
+            initrd
+        }
+        None => kit.join("netboot-initrd.img"),
+    };
+    common::pxe::netboot_vdisk_with(
         s1,
         kit,
+        &initrd,
         "root",
         &["--mode", "standard", "--cache-type", "device"],
     );
@@ -78,20 +120,27 @@ fn farm(kit: &Path) -> Farm {
 /// The vDisk's kernel command line for the next boot. With `vstest.stopagent`
 /// the initramfs stops and continues the agent, as systemd's shutdown does to
 /// every process, and checks that the disk still reads.
-fn set_cmdline(server: &TestServer, vstest: &str) {
+/// `more`: more words (`vstest.pause=N`, `vstest.agentlog`, ...; see
+/// tests/guest/rootfs-init.sh).
+fn set_cmdline(server: &TestServer, vstest: &str, more: &str) {
     server.cli_ok(&[
         "vdisk",
         "set",
         "root",
         "--cmdline",
         &format!(
-            "console=ttyS0 panic=-1 quiet loglevel=3 rootfstype=ext4 rw vstest={vstest} vstream.cache=ram:256MiB vstest.stopagent"
+            "console=ttyS0 panic=-1 quiet loglevel=3 rootfstype=ext4 rw vstest={vstest} vstream.cache=ram:256MiB vstest.stopagent {more}"
         ),
     ]);
 }
 
-fn boot_and_check(farm: &Farm, tap: &str, firmware: Firmware, token: &str) -> f64 {
+fn boot_and_check(farm: &Farm, tap: &str, firmware: Firmware, token: &str) -> (f64, String) {
     let (console, seen) = pxe_boot(&farm.lan, tap, MAC, firmware, Duration::from_secs(300));
+    check_boot(farm, &console, token);
+    (seen[3].expect("GUEST-BOOTED seen"), console)
+}
+
+fn check_boot(farm: &Farm, console: &str, token: &str) {
     let logs: String = farm
         .servers
         .iter()
@@ -105,7 +154,28 @@ fn boot_and_check(farm: &Farm, tap: &str, firmware: Firmware, token: &str) -> f6
         "the guest did not boot and write:\n{console}\n--- dnsmasq\n{}\n{logs}",
         farm.lan.dnsmasq_log()
     );
-    seen[3].expect("GUEST-BOOTED seen")
+}
+
+/// The agent's log lines the guest copied to its console (`vstest.agentlog`).
+fn agent_said(console: &str, what: &str) -> bool {
+    console
+        .lines()
+        .any(|l| l.starts_with("GUEST-AGENT ") && l.contains(what))
+}
+
+/// Neither a server's log nor the console holds an enrollment token.
+fn no_token_shown(farm: &Farm, console: &str) {
+    for s in &farm.servers {
+        assert!(
+            !s.log_text().contains("vstream.enroll="),
+            "a token in {}",
+            s.log.display()
+        );
+    }
+    assert!(
+        !console.contains("vstream.enroll="),
+        "a token on the console"
+    );
 }
 
 #[test]
@@ -114,12 +184,94 @@ fn a_diskless_guest_pxe_boots_from_the_farm_and_again_with_a_server_stopped() {
         return;
     }
     let kit = common::netboot_kit();
-    let mut farm = farm(&kit);
+    let mut farm = farm(&kit, true);
     let tap = farm.lan.tap(1);
 
-    set_cmdline(&farm.servers[0], "write:both-up");
-    let t = boot_and_check(&farm, &tap, Firmware::Uefi, "both-up");
-    eprintln!("root mounted {t:.1} s after QEMU started (two servers up)");
+    // Boot 1, TLS end to end; the server the guest streams from is killed
+    // while the guest is up (paused after mounting its root), and all of
+    // the guest's I/O after that (8 MiB written, read back, the whole disk
+    // read) goes through the other.
+    set_cmdline(
+        &farm.servers[0],
+        "write:both-up",
+        "vstest.pause=5 vstest.readdisk vstest.agentlog",
+    );
+    let console_file = farm.lan.dir.path().join(format!("{tap}.console"));
+    let _ = std::fs::remove_file(&console_file);
+    let Farm { lan, servers, .. } = &mut farm;
+    let (console, seen, victim, before_kill) = std::thread::scope(|sc| {
+        let lan = &*lan;
+        let tap = tap.as_str();
+        let boot =
+            sc.spawn(move || pxe_boot(lan, tap, MAC, Firmware::Uefi, Duration::from_secs(300)));
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !std::fs::read_to_string(&console_file)
+            .unwrap_or_default()
+            .contains("GUEST-PAUSE")
+            && !boot.is_finished()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let victim = servers.iter().position(|s| {
+            s.log_text()
+                .contains("device streaming its base device=pc1")
+        });
+        let mut before_kill = Vec::new();
+        if let (Some(v), false) = (victim, boot.is_finished()) {
+            let s = &mut servers[v];
+            before_kill = METRICS.iter().map(|m| s.metric(m)).collect();
+            s.kill9();
+        }
+        let (console, seen) = boot.join().expect("boot thread");
+        (console, seen, victim, before_kill)
+    });
+    let victim = victim.unwrap_or_else(|| panic!("no server streamed to pc1:\n{console}"));
+    assert!(
+        !before_kill.is_empty(),
+        "the guest ended before a server could be killed:\n{console}"
+    );
+    check_boot(&farm, &console, "both-up");
+    for l in console.lines().filter(|l| l.starts_with("GUEST-AGENT ")) {
+        eprintln!("{l}");
+    }
+    let t = seen[3].expect("GUEST-BOOTED seen");
+    eprintln!("root mounted {t:.1} s after QEMU started (two servers up, TLS)");
+    assert!(console.contains("GUEST-READDISK /dev/nbd0 OK"), "{console}");
+    // The agent enrolled with its boot token, and moved on the kill.
+    assert!(
+        agent_said(&console, "device certificate from enrollment"),
+        "{console}"
+    );
+    assert!(agent_said(&console, "failed over"), "{console}");
+    let left = 1 - victim;
+    let s = &farm.servers[left];
+    assert!(
+        s.log_text()
+            .contains("device streaming its base device=pc1"),
+        "the server left never streamed to the guest:\n{}",
+        s.log_text()
+    );
+    // Victim's counters before the kill, plus the survivor's now.
+    let total = |name: &str| {
+        let i = METRICS.iter().position(|m| *m == name).expect("a metric");
+        before_kill[i] + s.metric(name)
+    };
+    assert!(total("vstream_enroll_certificates_total") >= 1);
+    assert!(
+        before_kill[0] >= 1,
+        "the killed server had no TLS connection"
+    );
+    assert!(
+        s.metric("vstream_nbd_tls_connections_total") >= 1,
+        "the failover did not come over TLS"
+    );
+    assert_eq!(
+        s.metric(r#"vstream_nbd_refusals_total{reason="no_tls"}"#),
+        0,
+        "something tried plain NBD"
+    );
+    no_token_shown(&farm, &console);
     // The chain really went through vstream: firmware TFTP, then iPXE's script.
     let logs: String = farm.servers.iter().map(|s| s.log_text()).collect();
     assert!(
@@ -135,49 +287,65 @@ fn a_diskless_guest_pxe_boots_from_the_farm_and_again_with_a_server_stopped() {
     let ipxe_efi = farm.servers[0].data.join("tftp/ipxe.efi");
     let meta = std::fs::symlink_metadata(&ipxe_efi).expect("ipxe.efi in the TFTP folder");
     assert!(meta.file_type().is_file() && meta.len() > 0, "{meta:?}");
-    let total = |name: &str| farm.servers.iter().map(|s| s.metric(name)).sum::<u64>();
     assert!(total("vstream_tftp_transfers_total") >= 1);
     assert!(total("vstream_boot_scripts_total") >= 1);
     // Both servers answer the firmware, then iPXE.
     assert!(total("vstream_proxy_dhcp_offers_total") >= 4);
     assert!(total("vstream_boot_file_sent_bytes_total") > 0);
 
-    // One of two servers stopped before the boot: the other does it all.
-    farm.servers[0].kill9();
+    // The killed server stays down for the next boot: the other does it all,
+    // enrollment included.
     let count = |s: &TestServer, what: &str| s.log_text().matches(what).count();
-    let s2 = &farm.servers[1];
     let before = [
-        count(s2, "TFTP transfer completed"),
-        count(s2, "boot script device=pc1"),
-        count(s2, "device streaming its base device=pc1"),
+        count(s, "TFTP transfer completed"),
+        count(s, "boot script device=pc1"),
+        count(s, "device streaming its base device=pc1"),
     ];
-    set_cmdline(s2, "write:one-down");
-    let t = boot_and_check(&farm, &tap, Firmware::Uefi, "one-down");
-    eprintln!("root mounted {t:.1} s after QEMU started (one server stopped)");
+    let certs = s.metric("vstream_enroll_certificates_total");
+    set_cmdline(s, "write:one-down", "vstest.agentlog");
+    let (t, console) = boot_and_check(&farm, &tap, Firmware::Uefi, "one-down");
+    eprintln!("root mounted {t:.1} s after QEMU started (one server stopped, TLS)");
     let after = [
-        count(s2, "TFTP transfer completed"),
-        count(s2, "boot script device=pc1"),
-        count(s2, "device streaming its base device=pc1"),
+        count(s, "TFTP transfer completed"),
+        count(s, "boot script device=pc1"),
+        count(s, "device streaming its base device=pc1"),
     ];
     for (i, what) in ["TFTP", "the boot script", "the vDisk"].iter().enumerate() {
         assert!(
             after[i] > before[i],
             "the server left did not serve {what}:\n{}",
-            s2.log_text()
+            s.log_text()
         );
     }
+    assert!(
+        agent_said(&console, "device certificate from enrollment"),
+        "{console}"
+    );
+    assert!(s.metric("vstream_enroll_certificates_total") > certs);
 
     // A BIOS machine whose NIC ROM is iPXE: ProxyDHCP hands it the script URL
     // at once (its user class says iPXE), whatever its architecture.
-    set_cmdline(s2, "write:bios");
-    let t = boot_and_check(&farm, &tap, Firmware::BiosIpxeRom, "bios");
-    eprintln!("root mounted {t:.1} s after QEMU started (BIOS, iPXE ROM)");
+    set_cmdline(s, "write:bios", "");
+    let (t, console) = boot_and_check(&farm, &tap, Firmware::BiosIpxeRom, "bios");
+    eprintln!("root mounted {t:.1} s after QEMU started (BIOS, iPXE ROM, TLS)");
     assert!(
-        s2.log_text().contains("arch=0 client=iPXE"),
+        s.log_text().contains("arch=0 client=iPXE"),
         "{}",
-        s2.log_text()
+        s.log_text()
     );
+    no_token_shown(&farm, &console);
 }
+
+/// What the test reads from the server it kills, just before: the first
+/// must be the TLS connections.
+const METRICS: [&str; 6] = [
+    "vstream_nbd_tls_connections_total",
+    "vstream_enroll_certificates_total",
+    "vstream_tftp_transfers_total",
+    "vstream_boot_scripts_total",
+    "vstream_proxy_dhcp_offers_total",
+    "vstream_boot_file_sent_bytes_total",
+];
 
 /// The network-boot benchmark (`bash bench/netboot.sh` runs it on a release
 /// build): seconds from QEMU's start to the root filesystem mounted, for one
@@ -196,9 +364,9 @@ fn bench_network_boot() {
         .unwrap_or(10)
         .clamp(1, 50);
     let kit = common::netboot_kit();
-    let farm = farm(&kit);
+    let farm = farm(&kit, false);
     let s1 = &farm.servers[0];
-    set_cmdline(s1, "read");
+    set_cmdline(s1, "read", "");
     let macs: Vec<String> = (1..=vms)
         .map(|i| format!("52:54:00:77:01:{i:02x}"))
         .collect();

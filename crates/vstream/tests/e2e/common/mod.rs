@@ -479,6 +479,82 @@ pub fn guest_boot(kit: &Path, url: &str, vstest: &str) -> String {
     console
 }
 
+/// Boots the guest on `url` with `vstest` and more environment for
+/// run-guest.sh (`VSTREAM_GUEST_TLS_CREDS`, ...); returns what it did,
+/// success or not.
+pub fn guest_boot_env(kit: &Path, url: &str, vstest: &str, env: &[(&str, &Path)]) -> Output {
+    Command::new("bash")
+        .arg(repo().join("tests/guest/run-guest.sh"))
+        .args([kit.to_str().expect("path"), url, vstest, "180"])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("running run-guest.sh")
+}
+
+/// A farm's PKI made by vstream itself: `vstream ca init` in `dir/farm-ca`,
+/// and for each `(name, sans)` a server folder `dir/NAME-tls` with its
+/// certificate for those names and addresses and its enrollment CA
+/// (`vstream ca server --enrollment`). The farm CA's folder.
+pub fn farm_pki(dir: &Path, servers: &[(&str, &[&str])]) -> PathBuf {
+    let ca = dir.join("farm-ca");
+    run(BIN, &["ca", "init", "--out", ca.to_str().expect("path")]);
+    for (name, sans) in servers {
+        let out = dir.join(format!("{name}-tls"));
+        let mut args = vec![
+            "ca",
+            "server",
+            "--ca",
+            ca.to_str().expect("path"),
+            "--out",
+            out.to_str().expect("path"),
+            "--name",
+            name,
+            "--enrollment",
+        ];
+        for san in *sans {
+            args.extend(["--san", san]);
+        }
+        run(BIN, &args);
+    }
+    ca
+}
+
+/// Writes to `out` the initrd `base` with a second, gzipped newc archive
+/// appended (the kernel unpacks one after the other) that holds `files`:
+/// (path in the initrd, file on the host). Keys (`*key.pem`) get mode 0600.
+pub fn initrd_with(base: &Path, out: &Path, files: &[(&str, &Path)]) {
+    use std::os::unix::fs::PermissionsExt;
+    let stage = tempfile::tempdir().expect("tempdir");
+    for (to, from) in files {
+        let dest = stage.path().join(to.trim_start_matches('/'));
+        std::fs::create_dir_all(dest.parent().expect("parent")).expect("mkdir");
+        std::fs::copy(from, &dest)
+            .unwrap_or_else(|e| panic!("copying {} into the initrd: {e}", from.display()));
+        let mode = if to.ends_with("key.pem") {
+            0o600
+        } else {
+            0o644
+        };
+        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+    let out_cpio = Command::new("sh")
+        .arg("-c")
+        .arg("find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc --owner=0:0 | gzip -n")
+        .current_dir(stage.path())
+        .output()
+        .expect("cpio");
+    assert!(
+        out_cpio.status.success() && !out_cpio.stdout.is_empty(),
+        "cpio: {}",
+        String::from_utf8_lossy(&out_cpio.stderr)
+    );
+    let mut bytes = std::fs::read(base).expect("the base initrd");
+    // Each archive starts on a 4-byte boundary; zeros between are skipped.
+    bytes.resize(bytes.len().div_ceil(512) * 512, 0);
+    bytes.extend_from_slice(&out_cpio.stdout);
+    std::fs::write(out, bytes).expect("writing the initrd");
+}
+
 /// An etcd of its own for one test, on free ports, with its data in a
 /// temporary folder; it can be stopped and started again on the same data.
 /// It listens on loopback, and on the host's side of the test's network

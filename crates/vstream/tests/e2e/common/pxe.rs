@@ -326,13 +326,24 @@ pub fn server_on_lan(lan: &mut Lan, n: u8, data: PathBuf, extra: &[&str]) -> Tes
 /// (`--mode standard --cache-type server`, ...) and gives it the kit's
 /// kernel and network-boot initramfs.
 pub fn netboot_vdisk(server: &TestServer, kit: &Path, name: &str, set: &[&str]) {
+    netboot_vdisk_with(server, kit, &kit.join("netboot-initrd.img"), name, set);
+}
+
+/// [`netboot_vdisk`] with `initrd` instead of the kit's network-boot
+/// initramfs (such as a copy with the farm's CA appended).
+pub fn netboot_vdisk_with(
+    server: &TestServer,
+    kit: &Path,
+    initrd: &Path,
+    name: &str,
+    set: &[&str],
+) {
     let rootfs = kit.join("rootfs.img");
     server.cli_ok(&["vdisk", "import", name, rootfs.to_str().expect("path")]);
     let mut args = vec!["vdisk", "set", name];
     args.extend_from_slice(set);
     server.cli_ok(&args);
     let kernel = kit.join("vmlinuz");
-    let initrd = kit.join("netboot-initrd.img");
     server.cli_ok(&[
         "vdisk",
         "set",
