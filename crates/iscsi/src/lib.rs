@@ -9,10 +9,13 @@
 //!   pdu    the 48-byte header, AHS and data segment; a typed message per opcode
 //!   text   key=value\0 pairs of Login and Text PDUs; numbers and binary values
 //!   chap   CHAP with MD5 (RFC 1994), one-way and mutual
+//!   scsi   the block commands a boot disk needs: CDBs, sense, INQUIRY and VPD,
+//!          READ CAPACITY, MODE SENSE, REPORT LUNS, UNMAP, GET LBA STATUS
 //! ```
 
 pub mod chap;
 pub mod pdu;
+pub mod scsi;
 pub mod text;
 
 pub use pdu::{Bhs, Opcode, Pdu, Request, Response, Stage, TargetSn, BHS_LEN, RESERVED_TAG};
