@@ -5,6 +5,7 @@
 //! PDU that parses to the same request.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
+use vstream_iscsi::login::Negotiation;
 use vstream_iscsi::scsi::{self, Command, Limits, ModeInfo};
 use vstream_iscsi::{Pairs, Pdu, Request};
 
@@ -34,7 +35,13 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(Request::parse(pdu).expect("parses again"), req);
             if let Request::Login(l) = &req {
                 if let Ok(pairs) = Pairs::parse(&l.data) {
-                    assert_eq!(Pairs::parse(&pairs.to_bytes()), Ok(pairs));
+                    assert_eq!(Pairs::parse(&pairs.to_bytes()), Ok(pairs.clone()));
+                    let mut n = Negotiation::default();
+                    if n.offer(&pairs).is_ok() {
+                        let p = &n.params;
+                        assert!(p.first_burst <= p.max_burst);
+                        assert!(p.max_send_data >= 512);
+                    }
                 }
             }
             if let Request::ScsiCommand(c) = &req {

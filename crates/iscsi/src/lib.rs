@@ -8,12 +8,14 @@
 //! ```text
 //!   pdu    the 48-byte header, AHS and data segment; a typed message per opcode
 //!   text   key=value\0 pairs of Login and Text PDUs; numbers and binary values
+//!   login  the target's side of key negotiation, login status codes
 //!   chap   CHAP with MD5 (RFC 1994), one-way and mutual
 //!   scsi   the block commands a boot disk needs: CDBs, sense, INQUIRY and VPD,
 //!          READ CAPACITY, MODE SENSE, REPORT LUNS, UNMAP, GET LBA STATUS
 //! ```
 
 pub mod chap;
+pub mod login;
 pub mod pdu;
 pub mod scsi;
 pub mod text;
