@@ -199,6 +199,32 @@ impl Command {
         let u32at = |i: usize| be(&cdb[i..i + 4]) as u32;
         let u64at = |i: usize| be(&cdb[i..i + 8]);
         let fua = cdb[1] & 0x08 != 0;
+        // RDPROTECT, WRPROTECT, VRPROTECT: these disks have no protection
+        // information (INQUIRY says PROTECT=0), so any value but 0 is
+        // invalid.
+        let protects = matches!(
+            op,
+            0x28 | 0x2a
+                | 0x2e
+                | 0x2f
+                | 0xa8
+                | 0xaa
+                | 0xae
+                | 0xaf
+                | 0x88
+                | 0x8a
+                | 0x8e
+                | 0x8f
+                | 0x41
+                | 0x93
+        );
+        if protects && cdb[1] & 0xe0 != 0 {
+            return Err(Sense::INVALID_FIELD_IN_CDB);
+        }
+        // ANCHOR: no anchored state here (VPD 0xB2 says ANC_SUP=0).
+        if (matches!(op, 0x41 | 0x93) && cdb[1] & 0x10 != 0) || (op == 0x42 && cdb[1] & 0x01 != 0) {
+            return Err(Sense::INVALID_FIELD_IN_CDB);
+        }
         Ok(match op {
             0x00 => Command::TestUnitReady,
             0x03 => Command::RequestSense {
@@ -743,6 +769,11 @@ mod tests {
             Command::parse(&cdb(&[0x8e, 0])),
             Ok(Command::Write { verify: true, .. })
         ));
+        assert_eq!(
+            Command::parse(&cdb(&[0x28, 0x20, 0, 0, 0, 0, 0, 0, 1, 0])),
+            Err(Sense::INVALID_FIELD_IN_CDB),
+            "RDPROTECT without protection information"
+        );
         assert_eq!(check_range(at(10, 6), 16), Ok(()));
         assert_eq!(check_range(at(10, 7), 16), Err(Sense::LBA_OUT_OF_RANGE));
         assert_eq!(

@@ -15,6 +15,7 @@
 //! does nothing for the idle limit is closed.
 
 pub mod handshake;
+pub mod iscsi;
 pub mod transmission;
 
 use std::sync::atomic::Ordering;
@@ -281,7 +282,7 @@ async fn accept(listener: &Listener, keepalive: crate::tcp::Keepalive) -> std::i
 /// Sets up an accepted TCP connection: no Nagle delay, and keepalive with a
 /// user timeout, so that a device that vanishes without a word (power loss, a
 /// cut cable) is found and its session ends (see `crate::tcp`).
-fn configure_socket(
+pub(crate) fn configure_socket(
     s: &tokio::net::TcpStream,
     peer: &std::net::SocketAddr,
     keepalive: &crate::tcp::Keepalive,

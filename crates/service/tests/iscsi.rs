@@ -1,0 +1,322 @@
+//! The iSCSI front door against libiscsi's own tools and QEMU's iSCSI
+//! driver (real initiators), over a layered disk on this machine: login
+//! with and without CHAP, discovery, INQUIRY and capacity, reads and
+//! writes, and what happens to a wrong secret, an unknown target and a
+//! command before login.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use vstream_iscsi::login::{status, LoginFailure};
+use vstream_iscsi::pdu::{LoginRequest, ScsiCommand};
+use vstream_iscsi::scsi::Identity;
+use vstream_iscsi::{Pdu, Request, Response, Stage};
+use vstream_service::iscsi::{self, Chap, Stats, Target, Targets};
+use vstream_service::{Client, Export, Limits};
+use vstream_testkit::{have, skip};
+
+const TARGET: &str = "iqn.2026-12.org.vstream:device.pc1";
+const SECRET: &str = "pc1-secret-0123";
+
+struct TestTargets {
+    backend: Arc<dyn vstream_service::Backend>,
+    chap: bool,
+    stats: Stats,
+}
+
+impl Targets for TestTargets {
+    fn authorize<'a>(
+        &'a self,
+        _initiator: &'a str,
+        target: &'a str,
+        _client: &'a Client,
+    ) -> BoxFuture<'a, Result<Option<Chap>, LoginFailure>> {
+        Box::pin(async move {
+            if target != TARGET {
+                return Err(LoginFailure::new(status::NOT_FOUND, "no such target"));
+            }
+            Ok(self.chap.then(|| Chap {
+                user: "pc1".into(),
+                secret: SECRET.as_bytes().to_vec(),
+                target: Some(("vstream".into(), b"target-secret-01".to_vec())),
+            }))
+        })
+    }
+    fn open<'a>(
+        self: Arc<Self>,
+        _initiator: &'a str,
+        _target: &'a str,
+        _client: &'a Client,
+    ) -> BoxFuture<'a, Result<Target, LoginFailure>> {
+        Box::pin(async move {
+            Ok(Target {
+                export: Export {
+                    name: "device/pc1".into(),
+                    description: String::new(),
+                    backend: self.backend.clone(),
+                    session: None,
+                },
+                identity: Identity {
+                    vendor: "VSTREAM".into(),
+                    product: "vDisk root".into(),
+                    revision: "0001".into(),
+                    serial: "0123456789abcdef".into(),
+                    naa: [0x60, 0, 0x2a, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13],
+                },
+            })
+        })
+    }
+    fn discover<'a>(
+        &'a self,
+        _initiator: &'a str,
+        _client: &'a Client,
+        local: &'a str,
+    ) -> BoxFuture<'a, Vec<(String, Vec<String>)>> {
+        Box::pin(async move { vec![(TARGET.to_string(), vec![format!("{local},1")])] })
+    }
+    fn stats(&self) -> &Stats {
+        &self.stats
+    }
+}
+
+/// A runtime serving iSCSI over a 64 MiB layered disk; its port.
+fn serve(dir: &std::path::Path, chap: bool) -> (tokio::runtime::Runtime, u16, Arc<TestTargets>) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let layer = vstream_image::Layer::create(&dir.join("top.layer"), 64 << 20).unwrap();
+    let disk = vstream_image::Disk::writable(vec![Arc::new(layer)], None).unwrap();
+    let targets = Arc::new(TestTargets {
+        backend: vstream_pipeline::Local::new(Arc::new(disk)),
+        chap,
+        stats: Stats::default(),
+    });
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let t: Arc<dyn Targets> = targets.clone();
+    rt.spawn(async move {
+        let _keep = _tx;
+        iscsi::serve(listener, t, Limits::new(64, 64), rx).await
+    });
+    (rt, port, targets)
+}
+
+fn run(cmd: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(cmd).args(args).output().expect(cmd);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn have_tools() -> bool {
+    for t in ["iscsi-inq", "iscsi-ls", "iscsi-readcapacity16", "qemu-img"] {
+        if !have(t) {
+            skip(&format!("{t} is not installed (libiscsi-bin, qemu-utils)"));
+            return false;
+        }
+    }
+    true
+}
+
+#[test]
+fn libiscsi_and_qemu_log_in_read_and_write() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_rt, port, targets) = serve(dir.path(), false);
+    let url = format!("iscsi://127.0.0.1:{port}/{TARGET}/0");
+
+    let (ok, out) = run("iscsi-inq", &[&url]);
+    assert!(ok, "{out}");
+    assert!(out.contains("VSTREAM"), "{out}");
+    let (ok, out) = run("iscsi-inq", &["-e", "1", "-c", "0x83", &url]);
+    assert!(ok, "{out}");
+    let (ok, out) = run("iscsi-readcapacity16", &[&url]);
+    assert!(ok, "{out}");
+    assert!(out.contains("131071"), "the last LBA of 64 MiB: {out}");
+    let (ok, out) = run("iscsi-ls", &["-s", &format!("iscsi://127.0.0.1:{port}")]);
+    assert!(ok, "{out}");
+    assert!(out.contains(TARGET), "{out}");
+
+    // QEMU's iSCSI driver writes an image and reads it back.
+    let src = dir.path().join("src.raw");
+    let data: Vec<u8> = (0..(8u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&src, &data).unwrap();
+    let (ok, out) = run(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-O",
+            "raw",
+            "-f",
+            "raw",
+            src.to_str().unwrap(),
+            &url,
+        ],
+    );
+    assert!(ok, "qemu-img convert to iSCSI: {out}");
+    let back = dir.path().join("back.raw");
+    let (ok, out) = run(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            "-f",
+            "raw",
+            &url,
+            back.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "qemu-img convert from iSCSI: {out}");
+    let got = std::fs::read(&back).unwrap();
+    assert_eq!(got.len(), 64 << 20);
+    assert!(got[..data.len()] == data[..], "the data read back differs");
+    assert!(got[data.len()..].iter().all(|&b| b == 0));
+    let s = &targets.stats;
+    assert!(s.logins.load(std::sync::atomic::Ordering::Relaxed) >= 5);
+    assert!(s.written_bytes.load(std::sync::atomic::Ordering::Relaxed) >= 8 << 20);
+}
+
+#[test]
+fn chap_is_required_and_checked() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_rt, port, targets) = serve(dir.path(), true);
+    let with =
+        |user: &str, secret: &str| format!("iscsi://{user}%{secret}@127.0.0.1:{port}/{TARGET}/0");
+    let (ok, out) = run("iscsi-inq", &[&with("pc1", SECRET)]);
+    assert!(ok, "the right secret: {out}");
+    let (ok, out) = run("iscsi-inq", &[&with("pc1", "wrong-secret-99")]);
+    assert!(!ok, "a wrong secret logged in: {out}");
+    let (ok, _) = run("iscsi-inq", &[&with("pc2", SECRET)]);
+    assert!(!ok, "a wrong name logged in");
+    let (ok, _) = run(
+        "iscsi-inq",
+        &[&format!("iscsi://127.0.0.1:{port}/{TARGET}/0")],
+    );
+    assert!(!ok, "no CHAP at all logged in");
+    let (ok, _) = run(
+        "iscsi-inq",
+        &[&format!(
+            "iscsi://127.0.0.1:{port}/iqn.2026-12.org.vstream:device.nope/0"
+        )],
+    );
+    assert!(!ok, "an unknown target logged in");
+    assert!(
+        targets
+            .stats
+            .login_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 3
+    );
+}
+
+/// Raw PDUs: a command before login ends that connection only; a lying
+/// data segment length too; the server goes on serving.
+#[test]
+fn bad_pdus_end_one_connection_only() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_rt, port, _targets) = serve(dir.path(), false);
+    let url = format!("iscsi://127.0.0.1:{port}/{TARGET}/0");
+
+    // A SCSI command before any login: the connection is closed.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let cmd = Request::ScsiCommand(ScsiCommand {
+        final_bit: true,
+        read: true,
+        expected_len: 512,
+        cdb: [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0],
+        ..Default::default()
+    });
+    s.write_all(&cmd.to_pdu().to_bytes()).unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(
+        s.read(&mut buf).unwrap_or(0),
+        0,
+        "answered a command before login"
+    );
+
+    // A login whose data segment claims 16 MiB: refused, closed.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut bytes = Request::Login(LoginRequest {
+        transit: true,
+        cont: false,
+        csg: Stage::Security,
+        nsg: Stage::Operational,
+        version_max: 0,
+        version_min: 0,
+        isid: [0x80, 0, 0, 0, 0, 1],
+        tsih: 0,
+        itt: 1,
+        cid: 0,
+        cmd_sn: 0,
+        exp_stat_sn: 0,
+        data: Vec::new(),
+    })
+    .to_pdu()
+    .to_bytes();
+    bytes[5..8].copy_from_slice(&[0xff, 0xff, 0xff]);
+    s.write_all(&bytes).unwrap();
+    assert_eq!(s.read(&mut buf).unwrap_or(0), 0, "answered a lying length");
+
+    // A login for an unknown target: a Login Response with its status.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let login = Request::Login(LoginRequest {
+        transit: true,
+        cont: false,
+        csg: Stage::Security,
+        nsg: Stage::Operational,
+        version_max: 0,
+        version_min: 0,
+        isid: [0x80, 0, 0, 0, 0, 2],
+        tsih: 0,
+        itt: 1,
+        cid: 0,
+        cmd_sn: 0,
+        exp_stat_sn: 0,
+        data:
+            b"InitiatorName=iqn.x:y\0TargetName=iqn.x:none\0SessionType=Normal\0AuthMethod=None\0"
+                .to_vec(),
+    });
+    s.write_all(&login.to_pdu().to_bytes()).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let (pdu, _) = Pdu::decode(&got, 1 << 20)
+        .unwrap()
+        .expect("a login response");
+    match Response::parse(pdu).unwrap() {
+        Response::Login(r) => assert_eq!((r.status_class, r.status_detail), status::NOT_FOUND),
+        other => panic!("{other:?}"),
+    }
+
+    // And the server serves on.
+    let (ok, out) = run("iscsi-inq", &[&url]);
+    assert!(ok, "{out}");
+}
