@@ -18,6 +18,7 @@ const LIMITS: Limits = Limits {
     unmap_granularity: 8,
     max_write_same: 1 << 20,
     unmapped_read_zero: true,
+    physical_exponent: 3,
 };
 
 fuzz_target!(|data: &[u8]| {

@@ -423,6 +423,9 @@ pub struct Limits {
     pub max_write_same: u64,
     /// Unmapped blocks read as zeros (LBPRZ).
     pub unmapped_read_zero: bool,
+    /// Logical blocks per physical block, as a power of 2 (READ CAPACITY
+    /// 16's LBPPBE): 3 for 4 KiB chunks under 512-byte blocks.
+    pub physical_exponent: u8,
 }
 
 /// An ASCII field of `n` bytes, space-padded.
@@ -529,6 +532,7 @@ pub fn read_capacity16(blocks: u64, block_len: u32, limits: &Limits) -> Vec<u8> 
     let mut d = vec![0u8; 32];
     d[0..8].copy_from_slice(&blocks.saturating_sub(1).to_be_bytes());
     d[8..12].copy_from_slice(&block_len.to_be_bytes());
+    d[13] = limits.physical_exponent & 0x0f;
     if limits.unmap {
         d[14] = 0x80 | if limits.unmapped_read_zero { 0x40 } else { 0 };
     }
@@ -730,6 +734,7 @@ mod tests {
         unmap_granularity: 8,
         max_write_same: 1 << 20,
         unmapped_read_zero: true,
+        physical_exponent: 3,
     };
 
     #[test]

@@ -1227,6 +1227,10 @@ impl Session {
             // Write Same of more blocks than one WRITE may carry is refused.
             max_write_same: MAX_TRANSFER_BLOCKS as u64,
             unmapped_read_zero: true,
+            // Layers hold 4 KiB chunks, but a physical block of 8 logical
+            // ones makes libiscsi's GetLBAStatus.UnmapSingle expect its
+            // descriptors to start past the LBA asked: 1 block it is.
+            physical_exponent: 0,
         };
         let reply = |s: &mut Session, out: &mut Vec<u8>, bytes: Vec<u8>, alloc: u32| {
             s.data_in(c, &scsi::truncate(bytes, alloc), out);

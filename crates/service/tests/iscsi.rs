@@ -320,3 +320,257 @@ fn bad_pdus_end_one_connection_only() {
     let (ok, out) = run("iscsi-inq", &[&url]);
     assert!(ok, "{out}");
 }
+
+/// How iscsi-test-cu ran one test, from its own console output: CUnit
+/// counts a test that printed `[SKIPPED]` (a command not implemented) as
+/// passed, so the skips are told apart here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Passed,
+    Skipped,
+    Failed,
+}
+
+/// `Suite.Test` → outcome, from an iscsi-test-cu console log. A test's
+/// result is the first `passed` or `FAILED` after its `Test: NAME ...`
+/// (what follows it on that line belongs to the next test's setup).
+fn classify(log: &str) -> Vec<(String, Outcome)> {
+    let mut out = Vec::new();
+    let mut suite = String::new();
+    let mut current: Option<(String, bool)> = None;
+    for line in log.lines() {
+        if let Some(s) = line.strip_prefix("Suite: ") {
+            suite = s.trim().to_owned();
+            continue;
+        }
+        let mut rest = line;
+        if let Some(i) = line.find("Test: ") {
+            let after = &line[i + 6..];
+            let (name, tail) = after.split_once(" ...").unwrap_or((after, ""));
+            current = Some((format!("{suite}.{}", name.trim()), false));
+            rest = tail;
+        }
+        let Some((name, skipped)) = current.as_mut() else {
+            continue;
+        };
+        let t = rest.trim_start();
+        let result = if t.starts_with("passed") {
+            Some(if *skipped {
+                Outcome::Skipped
+            } else {
+                Outcome::Passed
+            })
+        } else if t.starts_with("FAILED") {
+            Some(Outcome::Failed)
+        } else {
+            if t.contains("[SKIPPED]") {
+                *skipped = true;
+            }
+            None
+        };
+        if let Some(r) = result {
+            out.push((std::mem::take(name), r));
+            current = None;
+        }
+    }
+    out
+}
+
+/// Runs iscsi-test-cu's FAMILY against `url` from `dir`; its console.
+fn test_cu(dir: &std::path::Path, family: &str, url: &str) -> String {
+    let out = Command::new("iscsi-test-cu")
+        .current_dir(dir)
+        .args(["--dataloss", "-t", family, url])
+        .output()
+        .expect("iscsi-test-cu");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// tgtd on `port`, with a 64 MiB file at LUN 1 of `iqn`, as the issue's
+/// reference target; killed on drop.
+struct Tgt(std::process::Child);
+
+impl Tgt {
+    fn start(dir: &std::path::Path, port: u16, control: u16, iqn: &str) -> Tgt {
+        let file = dir.join("tgt.img");
+        std::fs::File::create(&file)
+            .and_then(|f| f.set_len(64 << 20))
+            .unwrap();
+        let child = Command::new("tgtd")
+            .args(["-f", "-C", &control.to_string(), "--iscsi"])
+            .arg(format!("portal=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tgtd");
+        let tgt = Tgt(child);
+        let adm = |args: &[&str]| {
+            for _ in 0..50 {
+                let ok = Command::new("tgtadm")
+                    .args(["-C", &control.to_string(), "--lld", "iscsi"])
+                    .args(args)
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if ok {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            panic!("tgtadm {args:?} failed");
+        };
+        adm(&["--op", "new", "--mode", "target", "--tid", "1", "-T", iqn]);
+        let file = file.to_str().unwrap();
+        adm(&[
+            "--op",
+            "new",
+            "--mode",
+            "logicalunit",
+            "--tid",
+            "1",
+            "--lun",
+            "1",
+            "-b",
+            file,
+        ]);
+        adm(&[
+            "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL",
+        ]);
+        tgt
+    }
+}
+
+impl Drop for Tgt {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What this target does not do yet that tgt does (issue 19): persistent
+/// reservations and RESERVE(6), ORWRITE, REPORT SUPPORTED OPERATION CODES
+/// (which the DPO/FUA tests read). And WriteSame*.UnmapUnaligned, which
+/// runs only with several logical blocks per physical block, where
+/// GetLBAStatus.UnmapSingle then expects descriptors that start past the
+/// LBA asked. A test named here must still fall short, so the list
+/// shrinks as they land.
+const KNOWN_GAPS: [&str; 23] = [
+    "WriteSame10.UnmapUnaligned",
+    "WriteSame16.UnmapUnaligned",
+    "OrWrite.",
+    "PrinReadKeys.",
+    "PrinReportCapabilities.",
+    "ProutRegister.",
+    "ProutReserve.",
+    "ProutClear.",
+    "ProutPreempt.",
+    "Reserve6.",
+    "ReportSupportedOpcodes.",
+    "Read10.DpoFua",
+    "Read12.DpoFua",
+    "Read16.DpoFua",
+    "Write10.DpoFua",
+    "Write12.DpoFua",
+    "Write16.DpoFua",
+    "Verify10.Dpo",
+    "Verify12.Dpo",
+    "Verify16.Dpo",
+    "WriteVerify10.Dpo",
+    "WriteVerify12.Dpo",
+    "WriteVerify16.Dpo",
+];
+
+/// The issue's bar: libiscsi's suite, against this target and against
+/// Debian's tgt in the same run. Every test tgt really passes (not
+/// skipped), this target really passes, but for [`KNOWN_GAPS`]; so do the
+/// thin-provisioning tests a plain file cannot pass. Each test's outcome
+/// on both is printed.
+#[test]
+fn libiscsi_suite_beside_tgt() {
+    if !have_tools() {
+        return;
+    }
+    for t in ["iscsi-test-cu", "tgtd", "tgtadm"] {
+        if !have(t) {
+            skip(&format!("{t} is not installed (libiscsi-bin, tgt)"));
+            return;
+        }
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        skip("tgtd needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_rt, port, _targets) = serve(dir.path(), false);
+    let [tgt_port, control] = vstream_testkit::free_ports::<2>();
+    let tgt_iqn = "iqn.2026-12.org.vstream:tgt";
+    let _tgt = Tgt::start(dir.path(), tgt_port, control % 60000 + 1, tgt_iqn);
+    let ours = format!("iscsi://127.0.0.1:{port}/{TARGET}/0");
+    let theirs = format!("iscsi://127.0.0.1:{tgt_port}/{tgt_iqn}/1");
+    let mut table = Vec::new();
+    for family in ["SCSI", "iSCSI"] {
+        let a = classify(&test_cu(dir.path(), family, &ours));
+        let b = classify(&test_cu(dir.path(), family, &theirs));
+        assert!(a.len() >= 15 && b.len() >= 15, "few tests ran: {a:?} {b:?}");
+        for (name, mine) in &a {
+            let tgt = b.iter().find(|(n, _)| n == name).map(|(_, o)| *o);
+            table.push((name.clone(), *mine, tgt));
+        }
+    }
+    let mut failed = Vec::new();
+    let mut gaps_seen = Vec::new();
+    eprintln!("{:<44} {:<8} tgt", "test", "vstream");
+    for (name, mine, tgt) in &table {
+        eprintln!("{name:<44} {mine:<8?} {tgt:?}");
+        let thin = name.starts_with("Unmap.")
+            || name.starts_with("GetLBAStatus.")
+            || name == "Inquiry.BlockLimits"
+            || (name.starts_with("WriteSame1") && name.contains(".Unmap"));
+        if (*tgt == Some(Outcome::Passed) || thin) && *mine != Outcome::Passed {
+            match KNOWN_GAPS.iter().find(|g| name.starts_with(*g)) {
+                Some(g) => gaps_seen.push(*g),
+                None => failed.push(format!("{name}: {mine:?} (tgt {tgt:?})")),
+            }
+        }
+    }
+    for g in KNOWN_GAPS {
+        if !gaps_seen.contains(&g) {
+            failed.push(format!("{g}* passes now: take it out of KNOWN_GAPS"));
+        }
+    }
+    let count = |o: Outcome, tgt: bool| {
+        table
+            .iter()
+            .filter(|(_, m, t)| if tgt { *t == Some(o) } else { *m == o })
+            .count()
+    };
+    eprintln!(
+        "vstream: {} passed, {} skipped, {} failed; tgt: {} passed, {} skipped, {} failed",
+        count(Outcome::Passed, false),
+        count(Outcome::Skipped, false),
+        count(Outcome::Failed, false),
+        count(Outcome::Passed, true),
+        count(Outcome::Skipped, true),
+        count(Outcome::Failed, true),
+    );
+    assert!(
+        failed.is_empty(),
+        "not really passed:\n{}",
+        failed.join("\n")
+    );
+}
+
+#[test]
+fn the_classifier_tells_skips_from_passes() {
+    let log = "Suite: A\n  Test: One ...passed    [SKIPPED] PR IN is not implemented.\n\
+               \n  Test: Two ...    [SKIPPED] X is not implemented.\n    [SKIPPED] X\npassed\n\
+               Suite: B\n  Test: Three ...    [FAILED] READ10 failed\nFAILED\n    1. x.c:9 - CU\n";
+    assert_eq!(
+        classify(log),
+        vec![
+            ("A.One".to_string(), Outcome::Passed),
+            ("A.Two".to_string(), Outcome::Skipped),
+            ("B.Three".to_string(), Outcome::Failed),
+        ]
+    );
+}
