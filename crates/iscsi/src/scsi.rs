@@ -181,6 +181,15 @@ pub enum Command {
     PreFetch {
         at: Extent,
     },
+    /// REPORT SUPPORTED OPERATION CODES.
+    ReportSupportedOpcodes {
+        /// Return the command timeouts descriptors too.
+        rctd: bool,
+        options: u8,
+        opcode: u8,
+        service_action: u16,
+        alloc: u32,
+    },
     /// An opcode (or service action) not served: ILLEGAL REQUEST.
     Unsupported(u8),
 }
@@ -349,6 +358,13 @@ impl Command {
                     alloc: u32at(10),
                 },
                 _ => Command::Unsupported(op),
+            },
+            0xa3 if cdb[1] & 0x1f == 0x0c => Command::ReportSupportedOpcodes {
+                rctd: cdb[2] & 0x80 != 0,
+                options: cdb[2] & 0x07,
+                opcode: cdb[3],
+                service_action: u16at(4) as u16,
+                alloc: u32at(6),
             },
             0x1b => Command::StartStopUnit,
             0x1e => Command::PreventAllowMediumRemoval,
@@ -705,6 +721,236 @@ pub fn lba_status(runs: &[LbaStatus]) -> Vec<u8> {
     d
 }
 
+/// The commands served, as REPORT SUPPORTED OPERATION CODES lists them:
+/// opcode, service action, and the CDB usage data (its length is the
+/// CDB's; a bit set is a bit the server looks at).
+const SUPPORTED: &[(u8, Option<u16>, &[u8])] = &[
+    (0x00, None, &[0x00, 0, 0, 0, 0, 0]),
+    (0x03, None, &[0x03, 0x01, 0, 0, 0xff, 0]),
+    (0x08, None, &[0x08, 0x1f, 0xff, 0xff, 0xff, 0]),
+    (0x0a, None, &[0x0a, 0x1f, 0xff, 0xff, 0xff, 0]),
+    (0x12, None, &[0x12, 0x01, 0xff, 0xff, 0xff, 0]),
+    (0x1a, None, &[0x1a, 0x08, 0xff, 0xff, 0xff, 0]),
+    (0x1b, None, &[0x1b, 0, 0, 0, 0, 0]),
+    (0x1e, None, &[0x1e, 0, 0, 0, 0, 0]),
+    (0x25, None, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+    (
+        0x28,
+        None,
+        &[0x28, 0x18, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0],
+    ),
+    (
+        0x2a,
+        None,
+        &[0x2a, 0x18, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0],
+    ),
+    (
+        0x2e,
+        None,
+        &[0x2e, 0x16, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0],
+    ),
+    (
+        0x2f,
+        None,
+        &[0x2f, 0x16, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0],
+    ),
+    (
+        0x34,
+        None,
+        &[0x34, 0, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0],
+    ),
+    (
+        0x35,
+        None,
+        &[0x35, 0x02, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0],
+    ),
+    (
+        0x41,
+        None,
+        &[0x41, 0x08, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0],
+    ),
+    (0x42, None, &[0x42, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0]),
+    (
+        0x5a,
+        None,
+        &[0x5a, 0x08, 0xff, 0xff, 0, 0, 0, 0xff, 0xff, 0],
+    ),
+    (
+        0x88,
+        None,
+        &[
+            0x88, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0,
+            0,
+        ],
+    ),
+    (
+        0x8a,
+        None,
+        &[
+            0x8a, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0,
+            0,
+        ],
+    ),
+    (
+        0x8e,
+        None,
+        &[
+            0x8e, 0x16, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0,
+            0,
+        ],
+    ),
+    (
+        0x8f,
+        None,
+        &[
+            0x8f, 0x16, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0,
+            0,
+        ],
+    ),
+    (
+        0x90,
+        None,
+        &[
+            0x90, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0,
+        ],
+    ),
+    (
+        0x91,
+        None,
+        &[
+            0x91, 0x02, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0,
+            0,
+        ],
+    ),
+    (
+        0x93,
+        None,
+        &[
+            0x93, 0x09, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0,
+            0,
+        ],
+    ),
+    (
+        0x9e,
+        Some(0x10),
+        &[
+            0x9e, 0x1f, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0,
+        ],
+    ),
+    (
+        0x9e,
+        Some(0x12),
+        &[
+            0x9e, 0x1f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0,
+            0,
+        ],
+    ),
+    (
+        0xa0,
+        None,
+        &[0xa0, 0, 0xff, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0],
+    ),
+    (
+        0xa3,
+        Some(0x0c),
+        &[
+            0xa3, 0x1f, 0x87, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0,
+        ],
+    ),
+    (
+        0xa8,
+        None,
+        &[
+            0xa8, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0,
+        ],
+    ),
+    (
+        0xaa,
+        None,
+        &[
+            0xaa, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0,
+        ],
+    ),
+    (
+        0xae,
+        None,
+        &[
+            0xae, 0x16, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0,
+        ],
+    ),
+    (
+        0xaf,
+        None,
+        &[
+            0xaf, 0x16, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0,
+        ],
+    ),
+];
+
+/// A command timeouts descriptor: none said (0).
+const TIMEOUTS: [u8; 12] = [0, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+/// REPORT SUPPORTED OPERATION CODES data for `cmd`.
+pub fn supported_opcodes(cmd: &Command) -> Result<Vec<u8>, Sense> {
+    let Command::ReportSupportedOpcodes {
+        rctd,
+        options,
+        opcode,
+        service_action,
+        ..
+    } = *cmd
+    else {
+        return Err(Sense::INVALID_OPCODE);
+    };
+    if options == 0 {
+        let mut list = Vec::new();
+        for (op, sa, usage) in SUPPORTED {
+            list.push(*op);
+            list.push(0);
+            list.extend_from_slice(&sa.unwrap_or(0).to_be_bytes());
+            list.push(0);
+            list.push(if rctd { 0x02 } else { 0 } | sa.is_some() as u8);
+            list.extend_from_slice(&(usage.len() as u16).to_be_bytes());
+            if rctd {
+                list.extend_from_slice(&TIMEOUTS);
+            }
+        }
+        let mut d = (list.len() as u32).to_be_bytes().to_vec();
+        d.extend(list);
+        return Ok(d);
+    }
+    let has_sa = SUPPORTED
+        .iter()
+        .any(|(op, sa, _)| *op == opcode && sa.is_some());
+    let entry = match options {
+        // One command without a service action: one that has them is an
+        // error.
+        1 if has_sa => return Err(Sense::INVALID_FIELD_IN_CDB),
+        1 => SUPPORTED.iter().find(|(op, _, _)| *op == opcode),
+        2 if !has_sa && SUPPORTED.iter().any(|(op, _, _)| *op == opcode) => {
+            return Err(Sense::INVALID_FIELD_IN_CDB)
+        }
+        2 | 3 => SUPPORTED
+            .iter()
+            .find(|(op, sa, _)| *op == opcode && (sa.is_none() || *sa == Some(service_action))),
+        _ => return Err(Sense::INVALID_FIELD_IN_CDB),
+    };
+    let mut d = vec![0u8; 4];
+    match entry {
+        Some((_, _, usage)) => {
+            d[1] = 0x03 | if rctd { 0x80 } else { 0 };
+            d[2..4].copy_from_slice(&(usage.len() as u16).to_be_bytes());
+            d.extend_from_slice(usage);
+            if rctd {
+                d.extend_from_slice(&TIMEOUTS);
+            }
+        }
+        // Not supported: SUPPORT 1, no usage data.
+        None => d[1] = 0x01,
+    }
+    Ok(d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -868,6 +1114,33 @@ mod tests {
         assert_eq!(mode_sense(&saved, &info), Err(Sense::SAVING_NOT_SUPPORTED));
         let odd = Command::parse(&cdb(&[0x1a, 0, 0x19, 0, 255])).unwrap();
         assert_eq!(mode_sense(&odd, &info), Err(Sense::INVALID_FIELD_IN_CDB));
+    }
+
+    #[test]
+    fn supported_opcodes_lists_and_single_commands() {
+        let all = Command::parse(&cdb(&[0xa3, 0x0c, 0x00, 0, 0, 0, 0, 0, 0xff, 0xff])).unwrap();
+        let d = supported_opcodes(&all).unwrap();
+        let n = u32::from_be_bytes(d[..4].try_into().unwrap()) as usize;
+        assert_eq!(n, d.len() - 4);
+        assert_eq!(n % 8, 0);
+        let one = Command::parse(&cdb(&[0xa3, 0x0c, 0x01, 0x28, 0, 0, 0, 0, 0xff, 0xff])).unwrap();
+        let d = supported_opcodes(&one).unwrap();
+        assert_eq!(
+            (d[1] & 7, d[3], d[5] & 0x18),
+            (3, 10, 0x18),
+            "READ10 with DPO and FUA"
+        );
+        let sa =
+            Command::parse(&cdb(&[0xa3, 0x0c, 0x01, 0x9e, 0, 0x10, 0, 0, 0xff, 0xff])).unwrap();
+        assert_eq!(supported_opcodes(&sa), Err(Sense::INVALID_FIELD_IN_CDB));
+        let sa =
+            Command::parse(&cdb(&[0xa3, 0x0c, 0x02, 0x9e, 0, 0x10, 0, 0, 0xff, 0xff])).unwrap();
+        assert_eq!(supported_opcodes(&sa).unwrap()[1] & 7, 3);
+        let none = Command::parse(&cdb(&[0xa3, 0x0c, 0x01, 0xc5, 0, 0, 0, 0, 0xff, 0xff])).unwrap();
+        assert_eq!(supported_opcodes(&none).unwrap(), [0, 1, 0, 0]);
+        let timeouts =
+            Command::parse(&cdb(&[0xa3, 0x0c, 0x81, 0x28, 0, 0, 0, 0, 0xff, 0xff])).unwrap();
+        assert_eq!(supported_opcodes(&timeouts).unwrap().len(), 4 + 10 + 12);
     }
 
     #[test]

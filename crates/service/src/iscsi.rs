@@ -1472,6 +1472,11 @@ impl Session {
                     .collect();
                 reply(self, out, scsi::lba_status(&runs), alloc)
             }
+            Command::ReportSupportedOpcodes { alloc, .. } => match scsi::supported_opcodes(&parsed)
+            {
+                Ok(b) => reply(self, out, b, alloc),
+                Err(s) => Some(Err(s)),
+            },
             Command::Unsupported(op) => {
                 tracing::debug!(initiator = %self.initiator, opcode = op, "an unsupported SCSI command");
                 Some(Err(Sense::INVALID_OPCODE))
