@@ -1070,6 +1070,7 @@ impl Session {
         let takes_data = matches!(
             parsed,
             Command::Write { .. }
+                | Command::OrWrite { .. }
                 | Command::Unmap { .. }
                 | Command::ModeSelect { .. }
                 | Command::WriteSame { ndob: false, .. }
@@ -1326,6 +1327,34 @@ impl Session {
                 let bytes = Bytes::copy_from_slice(&data[..len]);
                 let r = backend
                     .write(bytes, at.lba * BLOCK as u64, fua || verify)
+                    .await
+                    .map_err(write_sense);
+                if r.is_ok() {
+                    Metrics::add(&stats.written_bytes, len as u64);
+                }
+                Some(r)
+            }
+            Command::OrWrite { at, fua } => {
+                if let Err(s) = check(at, blocks) {
+                    return Some(Err(s));
+                }
+                let len = at.blocks as usize * BLOCK as usize;
+                if len == 0 {
+                    return Some(Ok(()));
+                }
+                if data.len() < len {
+                    return Some(Err(Sense::INVALID_FIELD_IN_CDB));
+                }
+                let offset = at.lba * BLOCK as u64;
+                let mut bytes = match backend.clone().read(offset, len as u32, 0).await {
+                    Ok(b) => b,
+                    Err(_) => return Some(Err(Sense::MEDIUM_READ_ERROR)),
+                };
+                for (b, d) in bytes.iter_mut().zip(data) {
+                    *b |= d;
+                }
+                let r = backend
+                    .write(Bytes::from(bytes), offset, fua)
                     .await
                     .map_err(write_sense);
                 if r.is_ok() {
