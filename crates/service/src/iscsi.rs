@@ -23,9 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use vstream_iscsi::login::{status, LoginFailure, Negotiation, Params, TargetLimits};
 use vstream_iscsi::pdu::{
     DataIn, DataOut, LoginRequest, LoginResponse, LogoutResponse, NopIn, R2t, Reject, ScsiCommand,
@@ -36,7 +34,7 @@ use vstream_iscsi::text::{self, Accumulator};
 use vstream_iscsi::{chap, Pairs, Pdu, PduError, Request, Response, Stage, TargetSn};
 use vstream_iscsi::{BHS_LEN, RESERVED_TAG};
 
-use crate::limits::{Limits, RefusalLog};
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::{Client, Export};
 
@@ -184,54 +182,24 @@ impl Stats {
     }
 }
 
-/// Serves iSCSI on `listener` until `shutdown` turns true.
+/// Serves iSCSI on `listener` until `shutdown` turns true, then waits for
+/// every session to end.
 pub async fn serve(
-    listener: TcpListener,
+    listener: crate::Listener,
     targets: Arc<dyn Targets>,
     limits: Arc<Limits>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let mut conns = JoinSet::new();
-    let mut refusals = RefusalLog::default();
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.changed() => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-        };
-        let (socket, peer) = match accepted {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "iSCSI accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let permit = match limits.admit(Some(peer.ip().to_canonical())) {
-            Ok(p) => p,
-            Err(why) => {
-                refusals.note(&peer.to_string(), &why);
-                continue;
-            }
-        };
-        if let Err(e) = crate::configure_socket(&socket, &peer, &targets.keepalive()) {
-            tracing::warn!(%peer, error = %e, "setting up an iSCSI connection failed");
-            continue;
-        }
-        let local = socket
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        Metrics::add(&targets.stats().connections, 1);
-        let (targets, shutdown) = (targets.clone(), shutdown.clone());
-        conns.spawn(async move {
-            let (r, w) = socket.into_split();
-            let client = Client::plain(&peer.to_string());
-            connection(r, w, client, local, targets, shutdown).await;
-            drop(permit);
-        });
-    }
-    while conns.join_next().await.is_some() {}
+    let keepalive = targets.keepalive();
+    crate::accept_loop(listener, keepalive, limits, shutdown, move |c, shutdown| {
+        let targets = targets.clone();
+        Box::pin(async move {
+            Metrics::add(&targets.stats().connections, 1);
+            let client = Client::plain(&c.peer);
+            connection(c.reader, c.writer, client, c.local, targets, shutdown).await;
+        })
+    })
+    .await
 }
 
 /// Why a connection ends.

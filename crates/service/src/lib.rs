@@ -218,17 +218,50 @@ pub async fn serve(
     listener: Listener,
     exports: Arc<dyn Exports>,
     limits: Arc<Limits>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
+    let keepalive = exports.keepalive();
+    accept_loop(listener, keepalive, limits, shutdown, move |c, shutdown| {
+        let exports = exports.clone();
+        Box::pin(async move {
+            connection(c.reader, c.writer, &c.peer, exports, shutdown).await;
+        })
+    })
+    .await
+}
+
+/// One accepted connection, past the limits.
+pub(crate) struct Accepted {
+    pub reader: Box<dyn AsyncRead + Unpin + Send>,
+    pub writer: Box<dyn AsyncWrite + Unpin + Send>,
+    /// The client's address (`unix` on a unix socket).
+    pub peer: String,
+    /// The address it reached (a portal, for iSCSI discovery).
+    pub local: String,
+}
+
+/// The accept loop of every front door: accepts on `listener` until
+/// `shutdown` turns true, admits each connection against `limits` (all,
+/// and per client address), and runs `handle` on it in a task of its own;
+/// then waits for every connection to finish.
+pub(crate) async fn accept_loop<F>(
+    listener: Listener,
+    keepalive: crate::tcp::Keepalive,
+    limits: Arc<Limits>,
+    mut shutdown: watch::Receiver<bool>,
+    handle: F,
+) where
+    F: Fn(Accepted, watch::Receiver<bool>) -> BoxFuture<'static, ()>,
+{
     let mut conns = JoinSet::new();
     let mut refusals = RefusalLog::default();
     loop {
         let accepted = tokio::select! {
-            a = accept(&listener, exports.keepalive()) => a,
+            a = accept(&listener, keepalive) => a,
             _ = shutdown.changed() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
-        let (reader, writer, peer) = match accepted {
+        let conn = match accepted {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -237,44 +270,53 @@ pub async fn serve(
             }
         };
         // An IPv4 client of a dual-stack listener counts as its IPv4 address.
-        let ip = peer
+        let ip = conn
+            .peer
             .parse::<std::net::SocketAddr>()
             .ok()
             .map(|a| a.ip().to_canonical());
         let permit = match limits.admit(ip) {
             Ok(p) => p,
             Err(why) => {
-                refusals.note(&peer, &why);
+                refusals.note(&conn.peer, &why);
                 continue;
             }
         };
-        let (exports, shutdown) = (exports.clone(), shutdown.clone());
+        let task = handle(conn, shutdown.clone());
         conns.spawn(async move {
-            connection(reader, writer, &peer, exports, shutdown).await;
+            task.await;
             drop(permit);
         });
     }
     while conns.join_next().await.is_some() {}
 }
 
-type Halves = (
-    Box<dyn AsyncRead + Unpin + Send>,
-    Box<dyn AsyncWrite + Unpin + Send>,
-    String,
-);
-
-async fn accept(listener: &Listener, keepalive: crate::tcp::Keepalive) -> std::io::Result<Halves> {
+async fn accept(
+    listener: &Listener,
+    keepalive: crate::tcp::Keepalive,
+) -> std::io::Result<Accepted> {
     match listener {
         Listener::Tcp(l) => {
             let (s, peer) = l.accept().await?;
             configure_socket(&s, &peer, &keepalive)?;
+            let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
             let (r, w) = s.into_split();
-            Ok((Box::new(r), Box::new(w), peer.to_string()))
+            Ok(Accepted {
+                reader: Box::new(r),
+                writer: Box::new(w),
+                peer: peer.to_string(),
+                local,
+            })
         }
-        Listener::Unix(l, _) => {
+        Listener::Unix(l, path) => {
             let (s, _) = l.accept().await?;
             let (r, w) = s.into_split();
-            Ok((Box::new(r), Box::new(w), "unix".to_string()))
+            Ok(Accepted {
+                reader: Box::new(r),
+                writer: Box::new(w),
+                peer: "unix".to_string(),
+                local: format!("unix:{}", path.display()),
+            })
         }
     }
 }
@@ -282,7 +324,7 @@ async fn accept(listener: &Listener, keepalive: crate::tcp::Keepalive) -> std::i
 /// Sets up an accepted TCP connection: no Nagle delay, and keepalive with a
 /// user timeout, so that a device that vanishes without a word (power loss, a
 /// cut cable) is found and its session ends (see `crate::tcp`).
-pub(crate) fn configure_socket(
+fn configure_socket(
     s: &tokio::net::TcpStream,
     peer: &std::net::SocketAddr,
     keepalive: &crate::tcp::Keepalive,

@@ -100,6 +100,7 @@ fn serve(dir: &std::path::Path, chap: bool) -> (tokio::runtime::Runtime, u16, Ar
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
     let port = listener.local_addr().unwrap().port();
+    let listener = vstream_service::Listener::Tcp(listener);
     let (_tx, rx) = tokio::sync::watch::channel(false);
     let t: Arc<dyn Targets> = targets.clone();
     rt.spawn(async move {
@@ -229,6 +230,25 @@ fn chap_is_required_and_checked() {
     );
 }
 
+/// A first Login Request, from security to operational stage, with `data`.
+fn login(isid: u8, data: Vec<u8>) -> Request {
+    Request::Login(LoginRequest {
+        transit: true,
+        cont: false,
+        csg: Stage::Security,
+        nsg: Stage::Operational,
+        version_max: 0,
+        version_min: 0,
+        isid: [0x80, 0, 0, 0, 0, isid],
+        tsih: 0,
+        itt: 1,
+        cid: 0,
+        cmd_sn: 0,
+        exp_stat_sn: 0,
+        data,
+    })
+}
+
 /// Raw PDUs: a command before login ends that connection only; a lying
 /// data segment length too; the server goes on serving.
 #[test]
@@ -263,23 +283,7 @@ fn bad_pdus_end_one_connection_only() {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .unwrap();
-    let mut bytes = Request::Login(LoginRequest {
-        transit: true,
-        cont: false,
-        csg: Stage::Security,
-        nsg: Stage::Operational,
-        version_max: 0,
-        version_min: 0,
-        isid: [0x80, 0, 0, 0, 0, 1],
-        tsih: 0,
-        itt: 1,
-        cid: 0,
-        cmd_sn: 0,
-        exp_stat_sn: 0,
-        data: Vec::new(),
-    })
-    .to_pdu()
-    .to_bytes();
+    let mut bytes = login(2, Vec::new()).to_pdu().to_bytes();
     bytes[5..8].copy_from_slice(&[0xff, 0xff, 0xff]);
     s.write_all(&bytes).unwrap();
     assert_eq!(s.read(&mut buf).unwrap_or(0), 0, "answered a lying length");
@@ -288,23 +292,11 @@ fn bad_pdus_end_one_connection_only() {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .unwrap();
-    let login = Request::Login(LoginRequest {
-        transit: true,
-        cont: false,
-        csg: Stage::Security,
-        nsg: Stage::Operational,
-        version_max: 0,
-        version_min: 0,
-        isid: [0x80, 0, 0, 0, 0, 2],
-        tsih: 0,
-        itt: 1,
-        cid: 0,
-        cmd_sn: 0,
-        exp_stat_sn: 0,
-        data:
-            b"InitiatorName=iqn.x:y\0TargetName=iqn.x:none\0SessionType=Normal\0AuthMethod=None\0"
-                .to_vec(),
-    });
+    let login = login(
+        3,
+        b"InitiatorName=iqn.x:y\0TargetName=iqn.x:none\0SessionType=Normal\0AuthMethod=None\0"
+            .to_vec(),
+    );
     s.write_all(&login.to_pdu().to_bytes()).unwrap();
     let mut got = Vec::new();
     let _ = s.read_to_end(&mut got);
