@@ -48,6 +48,8 @@ const WINDOW: u32 = 64;
 pub const TPGT: u16 = 1;
 /// Most blocks in one READ or WRITE (8 MiB), said in VPD page 0xB0.
 const MAX_TRANSFER_BLOCKS: u32 = 16384;
+/// Most bytes of writes waiting for their data in one session.
+const MAX_PENDING_BYTES: usize = 32 << 20;
 
 /// The CHAP secrets an initiator must prove it holds, and the target's own
 /// for mutual CHAP.
@@ -343,7 +345,9 @@ where
     let mut neg = Negotiation::new(TargetLimits::default());
     let mut auth = Auth::Start;
     let mut chap: Option<Chap> = None;
-    let mut authorized = false;
+    // Who logs in to what, as the first complete text said: later
+    // PDUs may not change it (it is what was authorized).
+    let mut identified: Option<(Option<String>, Option<String>, bool)> = None;
     let mut stat_sn: u32 = 1;
     let mut text = Accumulator::default();
     let mut first = true;
@@ -424,7 +428,19 @@ where
             let pairs = Pairs::parse(&text.take())
                 .map_err(|e| LoginFailure::new(status::INITIATOR_ERROR, e.to_string()))?;
             let mut answers = neg.offer(&pairs)?;
-            if first {
+            let now = (
+                neg.initiator_name.clone(),
+                neg.target_name.clone(),
+                neg.discovery(),
+            );
+            if let Some(was) = &identified {
+                if *was != now {
+                    return Err(LoginFailure::new(
+                        status::INITIATOR_ERROR,
+                        "the initiator, target or session type changed during the login",
+                    ));
+                }
+            } else {
                 let initiator = neg.initiator_name.clone().ok_or_else(|| {
                     LoginFailure::new(
                         status::MISSING_PARAMETER,
@@ -443,7 +459,7 @@ where
                     chap = targets.authorize(&initiator, &target, client).await?;
                     answers.push("TargetPortalGroupTag", TPGT.to_string());
                 }
-                authorized = true;
+                identified = Some(now);
             }
             match req.csg {
                 Stage::Security => security(&pairs, &mut answers, &neg, &mut auth, chap.as_ref())?,
@@ -463,8 +479,12 @@ where
                 }
             }
             // Transit is granted when the stage's work is done.
+            // (A target without CHAP lets an initiator that asks for no
+            // method through.)
             let done = match req.csg {
-                Stage::Security => matches!(auth, Auth::Done),
+                Stage::Security => {
+                    matches!(auth, Auth::Done) || (chap.is_none() && matches!(auth, Auth::Start))
+                }
                 _ => true,
             };
             Ok((answers, req.transit && done))
@@ -481,7 +501,6 @@ where
                 return Err(End::Login(f));
             }
         };
-        debug_assert!(authorized);
         let full = transit && req.nsg == Stage::FullFeature;
         let mut opened = None;
         if full {
@@ -1052,6 +1071,25 @@ impl Session {
                 return Err(End::Protocol(
                     "immediate data beyond what was negotiated".into(),
                 ));
+            }
+            // The data is held until all of it is there: one command may
+            // not ask for more than a WRITE may carry, nor the session
+            // hold more than MAX_PENDING_BYTES (TASK SET FULL: try later).
+            if c.expected_len as usize > MAX_TRANSFER_BLOCKS as usize * BLOCK as usize {
+                self.status(&c, Err(Sense::INVALID_FIELD_IN_CDB), out, stats);
+                return Ok(());
+            }
+            let held: usize = self.pending.values().map(|p| p.data.len()).sum();
+            if held + c.expected_len as usize > MAX_PENDING_BYTES {
+                let sn = self.take_sn();
+                Response::ScsiResponse(ScsiResponse {
+                    status: scsi_status::TASK_SET_FULL,
+                    itt: c.itt,
+                    sn,
+                    ..Default::default()
+                })
+                .encode(out);
+                return Ok(());
             }
             let mut data = vec![0u8; c.expected_len as usize];
             data[..c.data.len()].copy_from_slice(&c.data);

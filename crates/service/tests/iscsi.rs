@@ -551,3 +551,77 @@ fn the_classifier_tells_skips_from_passes() {
         ]
     );
 }
+
+/// Sends `req` on `s` and reads the Login Response: its status and flags.
+fn login_exchange(s: &mut TcpStream, req: &Request) -> vstream_iscsi::pdu::LoginResponse {
+    s.write_all(&req.to_pdu().to_bytes()).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some((pdu, _)) = Pdu::decode(&got, 1 << 20).unwrap() {
+            match Response::parse(pdu).unwrap() {
+                Response::Login(r) => return r,
+                other => panic!("{other:?}"),
+            }
+        }
+        let n = s.read(&mut buf).expect("a login response");
+        assert!(n > 0, "closed without a login response");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A login may not slip past CHAP: not by sending its names after a
+/// first PDU with the C bit, not by naming another target once the first
+/// one let it in.
+#[test]
+fn a_login_cannot_change_who_it_is_or_split_its_names_past_chap() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_rt, port, _t) = serve(dir.path(), true);
+    let connect = || {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        s
+    };
+    let mut s = connect();
+    let Request::Login(mut first) = login(4, b"InitiatorName=iqn.x:y\0".to_vec()) else {
+        unreachable!()
+    };
+    first.cont = true;
+    first.transit = false;
+    let r = login_exchange(&mut s, &Request::Login(first.clone()));
+    assert_eq!((r.status_class, r.status_detail), status::SUCCESS);
+    let mut rest = first;
+    rest.cont = false;
+    rest.transit = true;
+    rest.data = format!("TargetName={TARGET}\0SessionType=Normal\0AuthMethod=None\0").into_bytes();
+    let r = login_exchange(&mut s, &Request::Login(rest));
+    assert_eq!(
+        (r.status_class, r.status_detail),
+        status::AUTHENTICATION_FAILURE,
+        "the target needs CHAP"
+    );
+
+    // Without CHAP: in as one target, then naming another.
+    let dir = tempfile::tempdir().unwrap();
+    let (_rt, port, _t) = serve(dir.path(), false);
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let text = format!(
+        "InitiatorName=iqn.x:y\0TargetName={TARGET}\0SessionType=Normal\0AuthMethod=None\0"
+    );
+    let r = login_exchange(&mut s, &login(5, text.into_bytes()));
+    assert_eq!((r.status_class, r.status_detail), status::SUCCESS);
+    assert!(r.transit && r.nsg == Stage::Operational, "{r:?}");
+    let Request::Login(mut next) = login(
+        5,
+        b"TargetName=iqn.2026-12.org.vstream:device.pc2\0".to_vec(),
+    ) else {
+        unreachable!()
+    };
+    next.csg = Stage::Operational;
+    next.nsg = Stage::FullFeature;
+    let r = login_exchange(&mut s, &Request::Login(next));
+    assert_eq!((r.status_class, r.status_detail), status::INITIATOR_ERROR);
+}
