@@ -1187,6 +1187,14 @@ impl Session {
                 d.data_sn, p.next_data_sn
             )));
         }
+        // DataPDUInOrder and DataSequenceInOrder are Yes: the data comes
+        // in order, without gaps.
+        if offset != p.received {
+            return Err(End::Protocol(format!(
+                "Data-Out at offset {offset} where {} was due",
+                p.received
+            )));
+        }
         match (solicited, p.r2t) {
             (true, Some((ttt, limit))) if ttt == d.ttt && end <= limit => {}
             (false, _) if p.unsolicited && end <= self.params.first_burst as usize => {}
@@ -1197,7 +1205,7 @@ impl Session {
         }
         p.data[offset..end].copy_from_slice(&d.data);
         p.next_data_sn = p.next_data_sn.wrapping_add(1);
-        p.received = p.received.max(end);
+        p.received = end;
         if d.final_bit {
             if solicited {
                 p.r2t = None;
