@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """NBD over TLS, A/B: a few server variants measured in one run, interleaved.
 
-    /usr/bin/python3 bench/tls_ab.py VARIANT... [--order A,B,B,A] [--seq-runs 3] [--runtime 10]
+    /usr/bin/python3 bench/tls_ab.py VARIANT... [--order A,B,B,A] [--seq-runs 3] [--runtime 10] [--qd 32]
 
 A VARIANT is NAME=KIND[:BIN][,ENV=VALUE...]: KIND is `plain` (vstream, nbd://), `tls`
 (vstream --tls require, nbds://) or `nbdkit-tls` (nbdkit --tls=require file); BIN is a
@@ -14,7 +14,7 @@ environment. For example, two builds, and plain and nbdkit for reference:
 It reuses what bench/compare.sh left in bench/.work (run that first, with a -tls server
 in BENCH_SERVERS): the 2 GiB image, the vstream store with --anonymous-read on, and the
 PKI. For each run of a variant: a fresh server; `nbdcopy URL null:` SEQ_RUNS times (GiB/s
-of the median wall time); `fio --ioengine=nbd` 4 KiB randread QD32 for RUNTIME s. CPU
+of the median wall time); `fio --ioengine=nbd` 4 KiB randread at QD (32) for RUNTIME s. CPU
 per GiB and per read for the server (utime+stime of /proc/PID/stat, all threads) and for
 the client (the children's rusage): both ends share this machine's CPUs. A variant's
 figure is the median of its runs. Prints a table; logs in bench/.work/tls_ab/.
@@ -116,7 +116,7 @@ def measured(pid, fn):
     return out, server, client, foreign
 
 
-def one_run(v, port, seq_runs, runtime, logdir):
+def one_run(v, port, seq_runs, runtime, qd, logdir):
     proc = start(v, port, os.path.join(logdir, f"{v.name}.log"))
     env = client_env(v)
     url = url_of(v, port)
@@ -134,7 +134,7 @@ def one_run(v, port, seq_runs, runtime, logdir):
 
         def fio():
             subprocess.run(["fio", "--ioengine=nbd", f"--uri={url}", "--rw=randread", "--bs=4k",
-                            "--iodepth=32", f"--runtime={runtime}", "--time_based", "--size=2G",
+                            f"--iodepth={qd}", f"--runtime={runtime}", "--time_based", "--size=2G",
                             "--name=x", "--output-format=json", f"--output={js}"],
                            env=env, check=True, capture_output=True)
             r = json.load(open(js))["jobs"][0]["read"]
@@ -152,9 +152,9 @@ def one_run(v, port, seq_runs, runtime, logdir):
         "seq GiB/s": size / GIB / statistics.median(walls),
         "seq server s/GiB": s_seq / gib,
         "seq client s/GiB": c_seq / gib,
-        "QD32 IOPS": iops,
-        "QD32 server µs/read": s_fio * 1e6 / ios,
-        "QD32 client µs/read": c_fio * 1e6 / ios,
+        f"QD{qd} IOPS": iops,
+        f"QD{qd} server µs/read": s_fio * 1e6 / ios,
+        f"QD{qd} client µs/read": c_fio * 1e6 / ios,
         "foreign %": 100 * max(f_seq, f_fio),
     }
     log(f"{v.name}: " + ", ".join(f"{k} {x:.3g}" for k, x in run.items()))
@@ -167,6 +167,7 @@ def main():
     ap.add_argument("--order", help="comma-separated variant names (default: each, then reversed)")
     ap.add_argument("--seq-runs", type=int, default=3)
     ap.add_argument("--runtime", type=int, default=10)
+    ap.add_argument("--qd", type=int, default=32, help="fio's iodepth")
     ap.add_argument("--port", type=int, default=20849)
     args = ap.parse_args()
     for need in (IMAGE, os.path.join(PKI, "server/server-key.pem"), os.path.join(WORK, "vstream-data")):
@@ -182,10 +183,10 @@ def main():
                 raise SystemExit(f"tls_ab.py: port {p} is in use; give --port")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for name in order:
-        one_run(variants[name], args.port, args.seq_runs, args.runtime, logdir)
+        one_run(variants[name], args.port, args.seq_runs, args.runtime, args.qd, logdir)
     keys = list(next(iter(variants.values())).runs[0])
     print(f"bench/tls_ab.py, {started}, order {','.join(order)}, {args.seq_runs} nbdcopy runs, "
-          f"fio {args.runtime} s; medians of each variant's runs (foreign: the most other work took)")
+          f"fio {args.runtime} s at QD{args.qd}; medians of each variant's runs (foreign: the most other work took)")
     print()
     print("| variant | " + " | ".join(keys) + " |")
     print("|---|" + "---:|" * len(keys))
