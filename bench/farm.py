@@ -34,6 +34,9 @@ agent, and real clients, in one run:
                      workload; the largest request latency of the round is its
                      stall; the server is restarted before the next round.
                      p50 and p99 over the rounds. Target: <= 1 s.
+                     `b-tls` (not in the default parts): the same with NBD over TLS
+                     required, APIs over HTTPS, and the agent showing its device
+                     certificate (a PKI made by `vstream ca`). Target: <= 1 s.
   c. silent stall    2 servers in network namespaces; each round nftables drops
                      all traffic of the agent's server; agent deadline 1 s (the
                      default). Needs root, ip and nft. Target: <= 2 s.
@@ -171,13 +174,20 @@ def mac(d):
 
 
 class Agent:
-    def __init__(self, work, servers, deadline_ms=1000, wrap=(), binary=None):
+    def __init__(self, work, servers, deadline_ms=1000, wrap=(), binary=None, tls=None):
+        """`tls`: the device's credential folder; the agent then logs in over
+        HTTPS (each server's --api-tls) and streams over NBD with TLS."""
         self.sock = os.path.join(work, "agent.sock")
         self.logfile = os.path.join(work, "agent.log")
-        boot = ",".join(s.api.replace("http://", "") for s in servers)
+        if tls:
+            boot = ",".join(s.api_tls for s in servers)
+            extra = ["--tls-certificates", tls]
+        else:
+            boot = ",".join(s.api.replace("http://", "") for s in servers)
+            extra = []
         self.proc = subprocess.Popen(
             list(wrap) + [binary or VSTREAM, "target", "--bootstrap", boot, "--mac", mac(1), "--listen",
-             f"unix:{self.sock}", "--cache", "ram:2GiB", "--deadline-ms", str(deadline_ms)],
+             f"unix:{self.sock}", "--cache", "ram:2GiB", "--deadline-ms", str(deadline_ms)] + extra,
             stdout=subprocess.DEVNULL, stderr=open(self.logfile, "w"),
             env=dict(os.environ, RUST_LOG="info"))
         wait("agent", 30, lambda: "serving the device's disk" in self.log())
@@ -475,11 +485,39 @@ def one_round(agent, servers, image, r, hurt, heal, label):
     return result["max_ms"]
 
 
-def part_b(work, rows, rounds):
+def make_pki(work, names):
+    """A farm CA made by vstream (`vstream ca init`), a TLS folder for each
+    server in `names`, and device pc1's credential; the folders by name."""
+    pki = os.path.join(work, "pki")
+    run = lambda *a: subprocess.run([VSTREAM, *a], check=True, capture_output=True)
+    ca = os.path.join(pki, "ca")
+    run("ca", "init", "--out", ca)
+    dirs = {}
+    for n in names:
+        dirs[n] = os.path.join(pki, n)
+        run("ca", "server", "--ca", ca, "--out", dirs[n], "--name", n, "--san", "127.0.0.1",
+            "--san", "localhost")
+    dirs["pc1"] = os.path.join(pki, "pc1")
+    run("device", "credential", "pc1", "--ca", ca, "--out", dirs["pc1"])
+    return dirs
+
+
+def part_b(work, rows, rounds, tls=False):
+    """With `tls`, every server requires NBD over TLS and serves its API over
+    HTTPS too, and the agent shows device pc1's certificate (issue 18)."""
     image = os.path.join(work, "b.raw")
     subprocess.run(["head", "-c", "64M", "/dev/urandom"], stdout=open(image, "wb"), check=True)
     etcd = Etcd(work)
-    servers = [Server(work, f"b{i}", etcd.url.replace("http://", "")) for i in (1, 2, 3)]
+    names = [f"b{i}" for i in (1, 2, 3)]
+    pki = make_pki(work, names) if tls else {}
+    servers = []
+    for n in names:
+        extra = []
+        if tls:
+            port = free_port()
+            extra = ["--tls", "require", "--tls-certificates", pki[n], "--api-tls", f"127.0.0.1:{port}"]
+        servers.append(Server(work, n, etcd.url.replace("http://", ""), extra=extra))
+        servers[-1].api_tls = f"https://127.0.0.1:{port}" if tls else None
     try:
         make_farm(work, servers, image)
         def restart(s):
@@ -487,10 +525,23 @@ def part_b(work, rows, rounds):
             s.start()
             time.sleep(1.5)
 
-        stalls = stall_rounds(work, servers, lambda: Agent(work, servers), image, rounds,
-                              Server.kill, restart, "b.")
+        label = "b-tls." if tls else "b."
+        stalls = stall_rounds(work, servers, lambda: Agent(work, servers, tls=pki.get("pc1")), image,
+                              rounds, Server.kill, restart, label)
+        if tls:
+            # The servers require TLS, so a workload that read at all read
+            # over it; the counter shows it (the killed servers' counts are gone).
+            def tls_conns(s):
+                req = urllib.request.Request(f"{s.api}/metrics",
+                                             headers={"Authorization": f"Bearer {s.token()}"})
+                text = urllib.request.urlopen(req, timeout=5).read().decode()
+                return sum(int(float(l.split()[-1])) for l in text.splitlines()
+                           if l.startswith("vstream_nbd_tls_connections_total"))
+            if sum(tls_conns(s) for s in servers) < 1:
+                raise SystemExit("farm.py: b-tls: no NBD connection over TLS on any server")
         p50, p99 = pct(stalls, 50), pct(stalls, 99)
-        rows.append((f"b. stall when the server process is killed, ms: p50 / p99 / max ({rounds} kills)",
+        what = "the server process is killed, agent over TLS" if tls else "the server process is killed"
+        rows.append((f"{label} stall when {what}, ms: p50 / p99 / max ({rounds} kills)",
                      f"{p50:.1f} / {p99:.1f} / {max(stalls):.1f}", "≤ 1000", "met" if p99 <= 1000 else "MISSED"))
     finally:
         for s in servers:
@@ -638,6 +689,7 @@ def main():
              "a-pinned": under_each_poll(pin=True),
              "a-link": under_each_poll(link_mbit=args.link_mbit),
              "b": lambda w: part_b(w, rows, args.kills),
+             "b-tls": lambda w: part_b(w, rows, args.kills, tls=True),
              "c": lambda w: part_c(w, rows, args.kills),
              "d": lambda w: part_d(w, rows, args.devices)}
     for p in args.parts.split(","):
