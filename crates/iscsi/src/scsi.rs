@@ -183,6 +183,9 @@ pub enum Command {
     },
     StartStopUnit,
     PreventAllowMediumRemoval,
+    /// RESERVE(6) and RELEASE(6) of the whole logical unit (SPC-2).
+    Reserve6,
+    Release6,
     PreFetch {
         at: Extent,
     },
@@ -379,6 +382,10 @@ impl Command {
                 service_action: u16at(4) as u16,
                 alloc: u32at(6),
             },
+            // Third-party and element reservations are not served.
+            0x16 | 0x17 if cdb[1] & 0x1f != 0 => return Err(Sense::INVALID_FIELD_IN_CDB),
+            0x16 => Command::Reserve6,
+            0x17 => Command::Release6,
             0x1b => Command::StartStopUnit,
             0x1e => Command::PreventAllowMediumRemoval,
             0x34 => Command::PreFetch {
@@ -744,6 +751,8 @@ const SUPPORTED: &[(u8, Option<u16>, &[u8])] = &[
     (0x08, None, &[0x08, 0x1f, 0xff, 0xff, 0xff, 0]),
     (0x0a, None, &[0x0a, 0x1f, 0xff, 0xff, 0xff, 0]),
     (0x12, None, &[0x12, 0x01, 0xff, 0xff, 0xff, 0]),
+    (0x16, None, &[0x16, 0, 0, 0, 0, 0]),
+    (0x17, None, &[0x17, 0, 0, 0, 0, 0]),
     (0x1a, None, &[0x1a, 0x08, 0xff, 0xff, 0xff, 0]),
     (0x1b, None, &[0x1b, 0, 0, 0, 0, 0]),
     (0x1e, None, &[0x1e, 0, 0, 0, 0, 0]),

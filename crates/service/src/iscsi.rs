@@ -75,6 +75,48 @@ impl std::fmt::Debug for Chap {
 pub struct Target {
     pub export: Export,
     pub identity: scsi::Identity,
+    /// The logical unit's state shared by every session on it: the same
+    /// `Arc` for every session of this target.
+    pub lu: Arc<Lu>,
+}
+
+/// An I_T nexus: the initiator's name and its session's ISID.
+type Nexus = (String, [u8; 6]);
+
+/// What the sessions of one logical unit share: its RESERVE(6)
+/// reservation (SPC-2), held by one nexus until it releases it, logs out,
+/// loses its connection, or a LUN reset.
+#[derive(Debug, Default)]
+pub struct Lu {
+    reserved: parking_lot::Mutex<Option<Nexus>>,
+}
+
+impl Lu {
+    /// Whether `nexus` is kept out by another's reservation.
+    fn conflicts(&self, nexus: &Nexus) -> bool {
+        self.reserved.lock().as_ref().is_some_and(|r| r != nexus)
+    }
+    fn reserve(&self, nexus: &Nexus) -> Result<(), ()> {
+        let mut r = self.reserved.lock();
+        match r.as_ref() {
+            Some(holder) if holder != nexus => Err(()),
+            _ => {
+                *r = Some(nexus.clone());
+                Ok(())
+            }
+        }
+    }
+    /// Releases the reservation if `nexus` holds it (a RELEASE from
+    /// another nexus does nothing, and is GOOD).
+    fn release(&self, nexus: &Nexus) {
+        let mut r = self.reserved.lock();
+        if r.as_ref() == Some(nexus) {
+            *r = None;
+        }
+    }
+    fn reset(&self) {
+        *self.reserved.lock() = None;
+    }
 }
 
 /// What an iSCSI service serves: the provisioning server's device targets.
@@ -549,6 +591,7 @@ where
             return Ok(Session {
                 params: neg.params.clone(),
                 initiator: neg.initiator_name.clone().unwrap_or_default(),
+                isid: req.isid,
                 target_name: neg.target_name.clone().filter(|_| !neg.discovery()),
                 target,
                 blocks,
@@ -691,6 +734,7 @@ struct Pending {
 struct Session {
     params: Params,
     initiator: String,
+    isid: [u8; 6],
     target_name: Option<String>,
     /// None in a discovery session.
     target: Option<Target>,
@@ -702,6 +746,16 @@ struct Session {
     /// The residual of the command being answered (a write whose SCSI
     /// length and iSCSI expected length differ): overflow, underflow, count.
     residual: Option<(bool, bool, u32)>,
+}
+
+impl Drop for Session {
+    /// A session gone, by logout or a lost connection, takes its nexus's
+    /// reservation with it.
+    fn drop(&mut self) {
+        if let Some(t) = &self.target {
+            t.lu.release(&(self.initiator.clone(), self.isid));
+        }
+    }
 }
 
 /// Reject reasons (RFC 7143 §11.17.1).
@@ -840,6 +894,13 @@ impl Session {
                             // waiting for their data.
                             2 | 3 | 5 | 6 => {
                                 self.pending.clear();
+                                // LUN RESET and TARGET WARM RESET end the
+                                // reservation too.
+                                if matches!(t.function, 5 | 6) {
+                                    if let Some(target) = &self.target {
+                                        target.lu.reset();
+                                    }
+                                }
                                 0
                             }
                             4 => 0, // CLEAR ACA
@@ -1053,6 +1114,29 @@ impl Session {
                 return Ok(());
             }
         };
+        // Another nexus's reservation keeps this one out of all but
+        // the commands SPC-2 lets through.
+        let exempt = matches!(
+            parsed,
+            Command::Inquiry { .. }
+                | Command::ReportLuns { .. }
+                | Command::RequestSense { .. }
+                | Command::Release6
+                | Command::TestUnitReady
+                | Command::ReportSupportedOpcodes { .. }
+        );
+        let nexus = (self.initiator.clone(), self.isid);
+        if !exempt && self.target.as_ref().is_some_and(|t| t.lu.conflicts(&nexus)) {
+            let sn = self.take_sn();
+            Response::ScsiResponse(ScsiResponse {
+                status: scsi_status::RESERVATION_CONFLICT,
+                itt: c.itt,
+                sn,
+                ..Default::default()
+            })
+            .encode(out);
+            return Ok(());
+        }
         // Commands that carry data to the target wait for all of it.
         let takes_data = matches!(
             parsed,
@@ -1514,6 +1598,25 @@ impl Session {
                     .filter(|r| r.at.blocks > 0)
                     .collect();
                 reply(self, out, scsi::lba_status(&runs), alloc)
+            }
+            Command::Reserve6 => {
+                let nexus = (self.initiator.clone(), self.isid);
+                if target.lu.reserve(&nexus).is_err() {
+                    let sn = self.take_sn();
+                    Response::ScsiResponse(ScsiResponse {
+                        status: scsi_status::RESERVATION_CONFLICT,
+                        itt: c.itt,
+                        sn,
+                        ..Default::default()
+                    })
+                    .encode(out);
+                    return None;
+                }
+                Some(Ok(()))
+            }
+            Command::Release6 => {
+                target.lu.release(&(self.initiator.clone(), self.isid));
+                Some(Ok(()))
             }
             Command::ReportSupportedOpcodes { alloc, .. } => match scsi::supported_opcodes(&parsed)
             {
