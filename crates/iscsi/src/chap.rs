@@ -35,8 +35,13 @@ pub fn response(id: u8, secret: &[u8], challenge: &[u8]) -> [u8; 16] {
 /// Whether `given` answers `challenge`, in time that does not depend on
 /// where it differs.
 pub fn verify(id: u8, secret: &[u8], challenge: &[u8], given: &[u8]) -> bool {
-    let want = response(id, secret, challenge);
-    given.len() == want.len() && given.iter().zip(want).fold(0, |acc, (a, b)| acc | (a ^ b)) == 0
+    constant_time_eq(given, &response(id, secret, challenge))
+}
+
+/// Whether `a` and `b` are equal, in time that does not depend on where
+/// they differ (responses, names).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Whether an initiator's `CHAP_A` list offers MD5.

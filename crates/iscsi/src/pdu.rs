@@ -194,14 +194,22 @@ impl Pdu {
 
     /// Appends the PDU, padded, to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
+        self.encode_with(&self.data, out)
+    }
+
+    /// Appends the PDU with `data` as its data segment (in place of its
+    /// own), padded, to `out`: a Data-In's data goes from the read buffer
+    /// to the wire buffer with one copy.
+    pub fn encode_with(&self, data: &[u8], out: &mut Vec<u8>) {
         let mut bhs = self.bhs;
         let ahs = &self.ahs[..self.ahs.len().min(MAX_AHS) / 4 * 4];
         bhs.0[4] = (ahs.len() / 4) as u8;
-        bhs.set_data_len(self.data.len());
+        bhs.set_data_len(data.len());
+        out.reserve(BHS_LEN + ahs.len() + padded(data.len()));
         out.extend_from_slice(&bhs.0);
         out.extend_from_slice(ahs);
-        out.extend_from_slice(&self.data);
-        out.resize(out.len() + padded(self.data.len()) - self.data.len(), 0);
+        out.extend_from_slice(data);
+        out.resize(out.len() + padded(data.len()) - data.len(), 0);
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {

@@ -281,9 +281,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Wire<R, W> {
                     return Ok(pdu);
                 }
                 Ok(None) => {}
-                Err(e @ PduError::DataTooLong { .. }) => {
-                    return Err(End::Protocol(e.to_string()));
-                }
                 Err(e) => return Err(End::Protocol(e.to_string())),
             }
             let mut chunk = [0u8; 64 * 1024];
@@ -643,8 +640,8 @@ fn security(
                 answers.push("CHAP_A", "Reject");
                 return Err(failed("CHAP without MD5"));
             }
-            let id: u8 = rand_byte();
-            let challenge: Vec<u8> = (0..chap::CHALLENGE_LEN).map(|_| rand_byte()).collect();
+            let id: u8 = rand::random();
+            let challenge: Vec<u8> = (0..chap::CHALLENGE_LEN).map(|_| rand::random()).collect();
             answers.push("CHAP_A", "5");
             answers.push("CHAP_I", id.to_string());
             answers.push("CHAP_C", text::hex(&challenge));
@@ -659,7 +656,7 @@ fn security(
                 .and_then(text::binary)
                 .ok_or_else(|| failed("no readable CHAP_R"))?;
             // The same answer for a wrong name and a wrong secret.
-            let name_ok = vstream_iscsi_eq(name.as_bytes(), chap.user.as_bytes());
+            let name_ok = chap::constant_time_eq(name.as_bytes(), chap.user.as_bytes());
             if !(chap::verify(id, &chap.secret, &challenge, &response) && name_ok) {
                 return Err(failed("wrong CHAP name or response"));
             }
@@ -687,19 +684,6 @@ fn security(
             Ok(())
         }
     }
-}
-
-fn vstream_iscsi_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// A random byte from the kernel's generator.
-fn rand_byte() -> u8 {
-    let mut b = [0u8; 1];
-    // SAFETY: getrandom writes at most 1 byte into a 1-byte buffer.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 1, 0) };
-    assert_eq!(n, 1, "getrandom failed");
-    b[0]
 }
 
 fn request_name(r: &Request) -> &'static str {
@@ -997,15 +981,8 @@ impl Session {
             }
         }
         let sn = self.take_sn();
-        // Repeated keys (several TargetName) are fine in a SendTargets
-        // answer: encode as they are.
-        let mut data = Vec::new();
-        for (k, v) in &answers.0 {
-            data.extend_from_slice(k.as_bytes());
-            data.push(b'=');
-            data.extend_from_slice(v.as_bytes());
-            data.push(0);
-        }
+        // (A SendTargets answer repeats TargetName and TargetAddress.)
+        let data = answers.to_bytes();
         Response::Text(TextResponse {
             final_bit: true,
             cont: false,
@@ -1026,14 +1003,19 @@ impl Session {
         out: &mut Vec<u8>,
         stats: &Stats,
     ) {
-        let sn = self.take_sn();
-        let (status, sense) = match result {
-            Ok(()) => (scsi_status::GOOD, Vec::new()),
+        match result {
+            Ok(()) => self.respond(c, scsi_status::GOOD, Vec::new(), out),
             Err(s) => {
                 Metrics::add(&stats.command_errors, 1);
-                (scsi_status::CHECK_CONDITION, s.fixed())
+                self.respond(c, scsi_status::CHECK_CONDITION, s.fixed(), out)
             }
-        };
+        }
+    }
+
+    /// A SCSI Response for `c` with `status` and `sense`, and the residual
+    /// the command left, if any.
+    fn respond(&mut self, c: &ScsiCommand, status: u8, sense: Vec<u8>, out: &mut Vec<u8>) {
+        let sn = self.take_sn();
         let (overflow, underflow, residual) = self.residual.take().unwrap_or_default();
         Response::ScsiResponse(ScsiResponse {
             status,
@@ -1053,30 +1035,18 @@ impl Session {
     fn data_in(&mut self, c: &ScsiCommand, data: &[u8], out: &mut Vec<u8>) {
         let expected = c.expected_len as usize;
         let send = &data[..data.len().min(expected)];
-        let (overflow, underflow, residual) = match data.len().cmp(&expected) {
-            std::cmp::Ordering::Greater => (true, false, data.len() - expected),
-            std::cmp::Ordering::Less => (false, true, expected - data.len()),
-            std::cmp::Ordering::Equal => (false, false, 0),
-        };
+        self.residual = residual(data.len(), expected);
         if send.is_empty() {
-            let sn = self.take_sn();
-            Response::ScsiResponse(ScsiResponse {
-                status: scsi_status::GOOD,
-                itt: c.itt,
-                sn,
-                overflow,
-                underflow,
-                residual: residual as u32,
-                ..Default::default()
-            })
-            .encode(out);
+            self.respond(c, scsi_status::GOOD, Vec::new(), out);
             return;
         }
+        let (overflow, underflow, residual) = self.residual.take().unwrap_or_default();
         let max = self.params.max_send_data as usize;
         let chunks = send.len().div_ceil(max);
         for (i, chunk) in send.chunks(max).enumerate() {
             let last = i + 1 == chunks;
             let sn = if last { self.take_sn() } else { self.sn() };
+            // The data goes from `send` to `out` once, behind its header.
             Response::DataIn(DataIn {
                 final_bit: last,
                 status: last.then_some(scsi_status::GOOD),
@@ -1088,11 +1058,11 @@ impl Session {
                 sn,
                 data_sn: i as u32,
                 offset: (i * max) as u32,
-                residual: if last { residual as u32 } else { 0 },
-                data: chunk.to_vec(),
+                residual: if last { residual } else { 0 },
                 ..Default::default()
             })
-            .encode(out);
+            .to_pdu()
+            .encode_with(chunk, out);
         }
     }
 
@@ -1127,14 +1097,7 @@ impl Session {
         );
         let nexus = (self.initiator.clone(), self.isid);
         if !exempt && self.target.as_ref().is_some_and(|t| t.lu.conflicts(&nexus)) {
-            let sn = self.take_sn();
-            Response::ScsiResponse(ScsiResponse {
-                status: scsi_status::RESERVATION_CONFLICT,
-                itt: c.itt,
-                sn,
-                ..Default::default()
-            })
-            .encode(out);
+            self.respond(&c, scsi_status::RESERVATION_CONFLICT, Vec::new(), out);
             return Ok(());
         }
         // Commands that carry data to the target wait for all of it.
@@ -1165,19 +1128,15 @@ impl Session {
             }
             let held: usize = self.pending.values().map(|p| p.data.len()).sum();
             if held + c.expected_len as usize > MAX_PENDING_BYTES {
-                let sn = self.take_sn();
-                Response::ScsiResponse(ScsiResponse {
-                    status: scsi_status::TASK_SET_FULL,
-                    itt: c.itt,
-                    sn,
-                    ..Default::default()
-                })
-                .encode(out);
+                self.respond(&c, scsi_status::TASK_SET_FULL, Vec::new(), out);
                 return Ok(());
             }
-            let mut data = vec![0u8; c.expected_len as usize];
-            data[..c.data.len()].copy_from_slice(&c.data);
             let received = c.data.len();
+            let mut c = c;
+            // All the data came with the command (open-iscsi's small
+            // writes): kept as it came.
+            let mut data = std::mem::take(&mut c.data);
+            data.resize(c.expected_len as usize, 0);
             let unsolicited = !self.params.initial_r2t
                 && !c.final_bit
                 && received < (self.params.first_burst as usize).min(data.len());
@@ -1195,7 +1154,7 @@ impl Session {
             self.pending.insert(itt, pending);
             return self.advance(itt, out, stats).await;
         }
-        let result = self.execute(&c, parsed, &[], out, stats).await;
+        let result = self.execute(&c, parsed, Vec::new(), out, stats).await;
         if let Some(r) = result {
             self.status(&c, r, out, stats);
         }
@@ -1212,7 +1171,7 @@ impl Session {
         }
         if p.received >= p.data.len() {
             let p = self.pending.remove(&itt).expect("pending");
-            let result = self.execute(&p.cmd, p.parsed, &p.data, out, stats).await;
+            let result = self.execute(&p.cmd, p.parsed, p.data, out, stats).await;
             if let Some(r) = result {
                 self.status(&p.cmd, r, out, stats);
             }
@@ -1227,18 +1186,19 @@ impl Session {
         let p = self.pending.get_mut(&itt).expect("pending");
         p.r2t = Some((ttt, p.received + len));
         p.next_data_sn = 0;
-        let r2t = R2t {
-            lun: p.cmd.lun,
-            itt,
-            ttt,
-            sn: TargetSn::default(),
-            r2t_sn: p.r2t_sn,
-            offset: p.received as u32,
-            len: len as u32,
-        };
+        let (lun, r2t_sn, offset) = (p.cmd.lun, p.r2t_sn, p.received as u32);
         p.r2t_sn += 1;
         let sn = self.sn();
-        Response::R2t(R2t { sn, ..r2t }).encode(out);
+        Response::R2t(R2t {
+            lun,
+            itt,
+            ttt,
+            sn,
+            r2t_sn,
+            offset,
+            len: len as u32,
+        })
+        .encode(out);
         Ok(())
     }
 
@@ -1308,7 +1268,7 @@ impl Session {
         &mut self,
         c: &ScsiCommand,
         parsed: Command,
-        data: &[u8],
+        data: Vec<u8>,
         out: &mut Vec<u8>,
         stats: &Stats,
     ) -> Option<Result<(), Sense>> {
@@ -1412,17 +1372,14 @@ impl Session {
                 // the whole blocks both cover are written, and the
                 // difference is the residual (RFC 7143 §11.4.5).
                 let want = at.blocks as usize * BLOCK as usize;
-                let expected = c.expected_len as usize;
-                self.residual = match want.cmp(&expected) {
-                    std::cmp::Ordering::Greater => Some((true, false, (want - expected) as u32)),
-                    std::cmp::Ordering::Less => Some((false, true, (expected - want) as u32)),
-                    std::cmp::Ordering::Equal => None,
-                };
+                self.residual = residual(want, c.expected_len as usize);
                 let len = want.min(data.len()) / BLOCK as usize * BLOCK as usize;
                 if len == 0 {
                     return Some(Ok(()));
                 }
-                let bytes = Bytes::copy_from_slice(&data[..len]);
+                let mut data = data;
+                data.truncate(len);
+                let bytes = Bytes::from(data);
                 let r = backend
                     .write(bytes, at.lba * BLOCK as u64, fua || verify)
                     .await
@@ -1508,7 +1465,7 @@ impl Session {
                 if !backend.is_writable() {
                     return Some(Err(Sense::WRITE_PROTECTED));
                 }
-                let runs = match scsi::unmap_descriptors(data, blocks, &limits) {
+                let runs = match scsi::unmap_descriptors(&data, blocks, &limits) {
                     Ok(r) => r,
                     Err(s) => return Some(Err(s)),
                 };
@@ -1602,14 +1559,7 @@ impl Session {
             Command::Reserve6 => {
                 let nexus = (self.initiator.clone(), self.isid);
                 if target.lu.reserve(&nexus).is_err() {
-                    let sn = self.take_sn();
-                    Response::ScsiResponse(ScsiResponse {
-                        status: scsi_status::RESERVATION_CONFLICT,
-                        itt: c.itt,
-                        sn,
-                        ..Default::default()
-                    })
-                    .encode(out);
+                    self.respond(c, scsi_status::RESERVATION_CONFLICT, Vec::new(), out);
                     return None;
                 }
                 Some(Ok(()))
@@ -1628,6 +1578,16 @@ impl Session {
                 Some(Err(Sense::INVALID_OPCODE))
             }
         }
+    }
+}
+
+/// The residual of a command that moves `done` bytes where the initiator
+/// expected `expected` (RFC 7143 §11.4.5): overflow, underflow, count.
+fn residual(done: usize, expected: usize) -> Option<(bool, bool, u32)> {
+    match done.cmp(&expected) {
+        std::cmp::Ordering::Greater => Some((true, false, (done - expected) as u32)),
+        std::cmp::Ordering::Less => Some((false, true, (expected - done) as u32)),
+        std::cmp::Ordering::Equal => None,
     }
 }
 
