@@ -12,9 +12,9 @@ pub mod replication;
 pub use farm::*;
 pub use replication::*;
 pub use vstream_model::{
-    default_store, looks_like_mac, parse_mac, BootFile, BootFileKind, BootFiles, CacheType, Device,
-    DeviceType, EnrollToken, Mode, StoreDef, StoreHere, VDisk, Version, VersionState,
-    DEFAULT_STORE,
+    check_iqn, default_initiator, default_store, device_target, looks_like_mac, parse_mac,
+    BootFile, BootFileKind, BootFiles, CacheType, Device, DeviceType, EnrollToken, IscsiSecrets,
+    Mode, StoreDef, StoreHere, VDisk, Version, VersionState, DEFAULT_STORE,
 };
 
 use serde::{Deserialize, Serialize};
@@ -82,6 +82,42 @@ pub struct SetVDisk {
 pub struct SetDevice {
     #[serde(rename = "type")]
     pub kind: Option<DeviceType>,
+    /// Its iSCSI initiator name; `default` gives it back the one its MAC
+    /// makes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iqn: Option<String>,
+}
+
+/// What a device needs to reach its disk over iSCSI: its names, its CHAP
+/// secrets and the portals that serve it (admins only: the secrets open the
+/// device's disk).
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
+pub struct IscsiAccess {
+    pub device: String,
+    /// The initiator name it must log in with.
+    pub initiator: String,
+    /// Its target, LUN 0.
+    pub target: String,
+    /// The CHAP name it proves its secret under.
+    pub chap_user: String,
+    pub chap_secret: String,
+    /// The name and secret the target proves itself with (mutual CHAP).
+    pub chap_target_user: String,
+    pub chap_target_secret: String,
+    /// When these secrets were made (Unix seconds).
+    pub created_unix: u64,
+    /// The live servers' iSCSI portals, HOST:PORT.
+    pub portals: Vec<String>,
+}
+
+impl std::fmt::Debug for IscsiAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IscsiAccess")
+            .field("device", &self.device)
+            .field("initiator", &self.initiator)
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One version of a vDisk.
@@ -136,6 +172,15 @@ pub struct DeviceInfo {
     /// Whether it keeps its write cache itself (through `vstream target`).
     #[serde(default)]
     pub device_cache: bool,
+    /// The front door of its session here: `NBD` or `iSCSI`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// The initiator name it is known by on iSCSI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iscsi_initiator: Option<String>,
+    /// Its iSCSI target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iscsi_target: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -145,6 +190,9 @@ pub struct CreateDevice {
     pub vdisk: String,
     #[serde(default, rename = "type")]
     pub kind: DeviceType,
+    /// Its iSCSI initiator name, if not the one its MAC makes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iqn: Option<String>,
 }
 
 /// Every API error carries a sentence.

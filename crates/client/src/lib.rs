@@ -480,6 +480,18 @@ impl Client {
         self.post_empty_for(&api_path(&["devices", name, "revoke"]))
     }
 
+    /// `GET /api/v1/devices/NAME/iscsi`: the device's iSCSI names and CHAP
+    /// secrets.
+    pub fn iscsi_access(&self, name: &str) -> Result<vstream_api::IscsiAccess> {
+        self.get(&api_path(&["devices", name, "iscsi"]))
+    }
+
+    /// `POST /api/v1/devices/NAME/iscsi/rotate`: new CHAP secrets for the
+    /// device.
+    pub fn rotate_iscsi(&self, name: &str) -> Result<vstream_api::IscsiAccess> {
+        self.post_empty_for(&api_path(&["devices", name, "iscsi", "rotate"]))
+    }
+
     /// `POST /api/v1/devices/NAME/credential`: a certificate for the key
     /// of `req`'s signing request, naming the device.
     pub fn issue_credential(

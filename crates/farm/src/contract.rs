@@ -120,6 +120,7 @@ fn device(name: &str, mac: &str, vdisk: &str) -> Device {
         created_unix: 1_700_000_100,
         kind: Default::default(),
         credentials_revoked_unix: None,
+        iqn: None,
     }
 }
 

@@ -424,6 +424,7 @@ mod tests {
             created_unix: 1_700_000_001,
             kind: Default::default(),
             credentials_revoked_unix: None,
+            iqn: None,
         };
         let last_revision = {
             let store = FarmStore::embedded(&path).expect("open");

@@ -33,6 +33,7 @@ mod enroll;
 mod error;
 pub mod etcd;
 mod identity;
+mod iscsi;
 mod servers;
 mod stores;
 
@@ -519,6 +520,7 @@ impl FarmStore {
                 Op::delete(&key),
                 Op::delete(mac_key(&device.mac)),
                 Op::delete(boots::boot_key(name)),
+                Op::delete(iscsi::iscsi_key(name)),
             ];
             if self.backend.txn(compares, ops).await? {
                 return Ok(device);
@@ -563,7 +565,7 @@ mod tests {
         }
     }
 
-    fn a_vdisk(name: &str) -> VDisk {
+    pub(crate) fn a_vdisk(name: &str) -> VDisk {
         VDisk {
             name: name.into(),
             size: 1 << 30,
@@ -577,7 +579,7 @@ mod tests {
         }
     }
 
-    fn a_device(name: &str, mac: &str) -> Device {
+    pub(crate) fn a_device(name: &str, mac: &str) -> Device {
         Device {
             name: name.into(),
             mac: mac.into(),
@@ -585,6 +587,7 @@ mod tests {
             created_unix: 1_700_000_100,
             kind: Default::default(),
             credentials_revoked_unix: None,
+            iqn: None,
         }
     }
 
@@ -730,6 +733,7 @@ mod tests {
             created_unix: 0,
             kind: Default::default(),
             credentials_revoked_unix: None,
+            iqn: None,
         }));
     }
 }

@@ -56,6 +56,10 @@ pub struct Device {
     /// Unix epoch) is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_revoked_unix: Option<u64>,
+    /// The iSCSI initiator name an admin gave it; without one, it is known
+    /// on iSCSI by the name its MAC gives ([`default_initiator`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iqn: Option<String>,
 }
 
 impl Device {
@@ -70,6 +74,73 @@ impl Device {
                 self.name
             )
         })
+    }
+}
+
+/// The iSCSI target of device `name` under the farm's IQN prefix: one
+/// target per device, its disk at LUN 0. iSCSI names are case-insensitive
+/// and compared lower-cased (RFC 3722), so the name is written so.
+pub fn device_target(prefix: &str, name: &str) -> String {
+    format!("{prefix}:device.{name}").to_ascii_lowercase()
+}
+
+/// The initiator name a device is known by when an admin gave it none:
+/// `PREFIX:mac.` and its MAC as 12 lower-case hex digits. The boot script
+/// sets it (iPXE's `initiator-iqn`), and Windows takes it over from the iBFT.
+pub fn default_initiator(prefix: &str, mac: &str) -> String {
+    let hex: String = mac.chars().filter(|c| c.is_ascii_hexdigit()).collect();
+    format!("{prefix}:mac.{hex}").to_ascii_lowercase()
+}
+
+impl Device {
+    /// The initiator name this device is known by on iSCSI.
+    pub fn initiator(&self, prefix: &str) -> String {
+        match &self.iqn {
+            Some(iqn) => iqn.to_ascii_lowercase(),
+            None => default_initiator(prefix, &self.mac),
+        }
+    }
+}
+
+/// Checks an initiator name an admin gives a device: an `iqn.` or `eui.`
+/// name (RFC 3720 3.2.6.3) of letters, digits, '.', '-' and ':', at most
+/// 223 bytes.
+pub fn check_iqn(iqn: &str) -> Result<(), String> {
+    let lower = iqn.to_ascii_lowercase();
+    let ok_chars = lower
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | ':'));
+    let ok_form = (lower.starts_with("iqn.") && lower.len() > 12)
+        || (lower.starts_with("eui.")
+            && lower.len() == 20
+            && lower[4..].chars().all(|c| c.is_ascii_hexdigit()));
+    if !ok_chars || !ok_form || iqn.len() > 223 {
+        return Err(format!(
+            "{iqn:?} is not an iSCSI initiator name: use iqn.YYYY-MM.REVERSED.DOMAIN[:ANY] \
+             (letters, digits, '.', '-', ':'), or eui. and 16 hex digits"
+        ));
+    }
+    Ok(())
+}
+
+/// A device's CHAP secrets for iSCSI, kept apart from the device record
+/// (`iscsi/DEVICE` in the farm state) so that no device listing carries
+/// them. The initiator proves `chap_secret` under the device's name; the
+/// target proves `target_secret` to an initiator that asks (mutual CHAP).
+/// Windows wants 12 to 16 characters: both have 16.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct IscsiSecrets {
+    pub chap_secret: String,
+    pub target_secret: String,
+    pub created_unix: u64,
+}
+
+impl std::fmt::Debug for IscsiSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IscsiSecrets")
+            .field("created_unix", &self.created_unix)
+            .finish_non_exhaustive()
     }
 }
 

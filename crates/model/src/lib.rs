@@ -19,7 +19,10 @@ mod vdisk;
 mod version;
 
 pub use catalog::{Catalog, CatalogVersion, ReplicaProgress, ReplicaState, ReplicationOverride};
-pub use device::{looks_like_mac, parse_mac, Device, DeviceType, EnrollToken};
+pub use device::{
+    check_iqn, default_initiator, device_target, looks_like_mac, parse_mac, Device, DeviceType,
+    EnrollToken, IscsiSecrets,
+};
 pub use server::{
     check_boot_token, BootRecord, HeldVersion, Quarantined, RebalanceRequest, ServerStatus,
     SessionInfo, BOOT_TOKEN_MAX,

@@ -52,6 +52,9 @@ pub struct ServerStatus {
     pub api_tls: Option<String>,
     /// Where its NBD service answers, as HOST:PORT.
     pub nbd: String,
+    /// Where its iSCSI portal answers, as HOST:PORT, if it serves iSCSI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iscsi: Option<String>,
     /// Relative capacity, 0.1 to 1000 (PVS's power rating); load is devices ÷ power.
     pub power: f64,
     /// Subnets (CIDR) whose devices it serves first (subnet affinity).
@@ -93,6 +96,7 @@ impl ServerStatus {
             api: api.into(),
             api_tls: None,
             nbd: nbd.into(),
+            iscsi: None,
             power: 1.0,
             subnets: vec![],
             devices: 0,

@@ -25,6 +25,14 @@ pub struct Config {
     pub data: PathBuf,
     /// NBD listeners (at least one).
     pub nbd: Vec<Listen>,
+    /// iSCSI portals; none unless configured.
+    pub iscsi: Vec<SocketAddr>,
+    /// The IQN prefix of the farm's iSCSI names: the targets
+    /// `PREFIX:device.NAME` and the initiators `PREFIX:mac.HEX`.
+    pub iqn_prefix: String,
+    /// The iSCSI portal (HOST:PORT) devices reach this server at; `None`:
+    /// it serves no iSCSI.
+    pub advertise_iscsi: Option<String>,
     /// Admin/device HTTP API.
     pub api: SocketAddr,
     /// The same API over HTTPS, with the TLS certificates (device logins
@@ -190,6 +198,10 @@ pub const DEFAULT_ENROLL_TOKEN_TTL_SECS: u64 = 300;
 pub const DEFAULT_DEVICE_CERT_HOURS: u64 = 12;
 pub const DEFAULT_DATA: &str = "/var/lib/vstream";
 pub const DEFAULT_NBD: &str = "127.0.0.1:10809";
+/// The IQN prefix of a farm that names none.
+pub const DEFAULT_IQN_PREFIX: &str = "iqn.2026-12.org.vstream";
+/// The iSCSI port (RFC 7143).
+pub const ISCSI_PORT: u16 = 3260;
 pub const DEFAULT_API: &str = "127.0.0.1:7080";
 /// Generous for a NAT or a relay with many devices behind one address (an
 /// agent holds one connection): 256 devices behind one address need more.
@@ -203,6 +215,9 @@ pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 600;
 pub struct FileConfig {
     pub data: Option<PathBuf>,
     pub nbd: Option<Vec<String>>,
+    pub iscsi: Option<Vec<String>>,
+    pub iqn_prefix: Option<String>,
+    pub advertise_iscsi: Option<String>,
     pub api: Option<String>,
     pub log_format: Option<LogFormat>,
     pub max_connections: Option<usize>,
@@ -256,6 +271,9 @@ impl FileConfig {
 pub struct FlagConfig {
     pub data: Option<PathBuf>,
     pub nbd: Vec<String>,
+    pub iscsi: Vec<String>,
+    pub iqn_prefix: Option<String>,
+    pub advertise_iscsi: Option<String>,
     pub api: Option<String>,
     pub log_format: Option<LogFormat>,
     pub max_connections: Option<usize>,
@@ -303,6 +321,33 @@ fn parse_rate(what: &str, s: &str) -> Result<Option<u64>, String> {
         .map_err(|e| format!("{what} {s:?}: {e}"))
 }
 
+/// An iSCSI portal: `HOST:PORT`, or a bare `HOST` for port 3260.
+fn parse_portal(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| {
+            s.trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, ISCSI_PORT))
+        })
+        .map_err(|_| format!("--iscsi {s:?} is not HOST or HOST:PORT (an IP address)"))
+}
+
+/// Checks the farm's IQN prefix: an `iqn.` name (RFC 3720 3.2.6.3), with
+/// no `:` of its own (the names under it add one).
+fn check_iqn_prefix(s: &str) -> Result<String, String> {
+    let lower = s.to_ascii_lowercase();
+    let valid =
+        vstream_api::check_iqn(&lower).is_ok() && lower.starts_with("iqn.") && !lower.contains(':');
+    if !valid {
+        return Err(format!(
+            "--iqn-prefix {s:?} is not an IQN prefix: use iqn.YYYY-MM.REVERSED.DOMAIN \
+             (letters, digits, '.' and '-'), e.g. {DEFAULT_IQN_PREFIX}"
+        ));
+    }
+    Ok(lower)
+}
+
 /// `HOST:PORT`, or a bare `HOST` for the standard port 69.
 fn parse_tftp(s: &str) -> Result<SocketAddr, String> {
     s.parse::<SocketAddr>()
@@ -328,6 +373,28 @@ impl Config {
         if nbd.is_empty() {
             return Err("at least one NBD listen address is needed".into());
         }
+        let iscsi = if !flags.iscsi.is_empty() {
+            flags.iscsi
+        } else {
+            file.iscsi.unwrap_or_default()
+        }
+        .iter()
+        .map(|s| parse_portal(s))
+        .collect::<Result<Vec<SocketAddr>, _>>()?;
+        let iqn_prefix = check_iqn_prefix(
+            flags
+                .iqn_prefix
+                .as_deref()
+                .or(file.iqn_prefix.as_deref())
+                .unwrap_or(DEFAULT_IQN_PREFIX),
+        )?;
+        let advertise_iscsi = match flags.advertise_iscsi.or(file.advertise_iscsi) {
+            Some(_) if iscsi.is_empty() => {
+                return Err("advertise_iscsi without an --iscsi portal to serve it".into())
+            }
+            Some(a) => Some(a),
+            None => iscsi.first().map(|a| a.to_string()),
+        };
         let api_raw = flags
             .api
             .or(file.api)
@@ -566,6 +633,9 @@ impl Config {
                 .or(file.data)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA)),
             nbd,
+            iscsi,
+            iqn_prefix,
+            advertise_iscsi,
             api,
             log_format: flags.log_format.or(file.log_format).unwrap_or_default(),
             max_connections,

@@ -99,6 +99,7 @@ pub fn status(server: &Handles, versions: Vec<HeldVersion>) -> ServerStatus {
         api: server.config.advertise_api.clone(),
         api_tls: server.config.advertise_api_tls.clone(),
         nbd: server.config.advertise_nbd.clone(),
+        iscsi: server.config.advertise_iscsi.clone(),
         power: server.config.power,
         subnets: server.config.subnets.clone(),
         devices,

@@ -13,6 +13,7 @@ pub mod error;
 pub mod farm;
 pub mod http;
 pub mod identity;
+pub mod iscsi;
 pub mod login;
 pub mod login_guard;
 pub mod membership;
@@ -134,6 +135,18 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         tasks.spawn(nbd::serve(
             listener,
             server.sessions.clone() as Arc<dyn nbd::Exports>,
+            nbd_limits.clone(),
+            shutdown.clone(),
+        ));
+    }
+    for addr in &config.iscsi {
+        let listener = nbd::Listener::bind(&nbd::Listen::Tcp(*addr))
+            .await
+            .with_context(|| format!("binding iSCSI to {addr}"))?;
+        tracing::info!(addr = %listener.local_addr(), prefix = %config.iqn_prefix, "iSCSI listening");
+        tasks.spawn(vstream_service::iscsi::serve(
+            listener,
+            server.iscsi.clone() as Arc<dyn vstream_service::iscsi::Targets>,
             nbd_limits.clone(),
             shutdown.clone(),
         ));

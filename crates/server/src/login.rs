@@ -287,6 +287,7 @@ mod tests {
                 kind,
                 created_unix: 0,
                 credentials_revoked_unix: None,
+                iqn: None,
             }],
             vdisks: vec![VDisk {
                 name: "win".into(),

@@ -509,6 +509,7 @@ mod tests {
             created_unix: 0,
             kind: Default::default(),
             credentials_revoked_unix: None,
+            iqn: None,
         }
     }
 

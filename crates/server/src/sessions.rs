@@ -51,8 +51,27 @@ pub struct Sessions {
     vdisk_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-/// A device's live session: one or more NBD connections to its `device/` export.
+/// The front door a device's session came through: a device is never
+/// connected by NBD and iSCSI at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Door {
+    Nbd,
+    Iscsi,
+}
+
+impl std::fmt::Display for Door {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Door::Nbd => "NBD",
+            Door::Iscsi => "iSCSI",
+        })
+    }
+}
+
+/// A device's live session: one or more connections to its disk, all
+/// through one front door.
 struct Session {
+    door: Door,
     vdisk: String,
     version: u32,
     kind: DeviceType,
@@ -113,6 +132,19 @@ impl Drop for SessionGuard {
         self.sessions
             .end_connection(&self.device, self.id, self.clean);
     }
+}
+
+/// Refuses a connection of `device` through `door` while its session `s`
+/// came through the other one.
+fn other_door(device: &str, s: &Session, door: Door) -> Result<(), OpenError> {
+    if s.door == door {
+        return Ok(());
+    }
+    Err(OpenError::Refused(format!(
+        "device {device} is connected over {} from {}; a device is never connected by NBD \
+         and iSCSI at once: its {door} connection waits until that session ends",
+        s.door, s.peer
+    )))
 }
 
 /// A fresh boot identity: 128 random bits in hex.
@@ -293,7 +325,7 @@ impl Sessions {
         let peer = client.addr.as_str();
         if let Some(dev) = bare.strip_prefix("device/") {
             self.admit(&holder, Wants::Device(bare, dev)).await?;
-            return self.open_device(dev, boot, peer, go).await;
+            return self.open_device(dev, boot, peer, go, Door::Nbd).await;
         }
         if let Some(rest) = bare.strip_prefix("base/") {
             if let Some((key, _, _)) = crate::login::parse_base_export(rest) {
@@ -402,7 +434,7 @@ impl Sessions {
 
     /// A device or its vDisk, from the farm view (so it works while the farm
     /// store is away), else from the farm store.
-    async fn device_and_vdisk(&self, key: &str) -> Result<(Device, VDisk), OpenError> {
+    pub(crate) async fn device_and_vdisk(&self, key: &str) -> Result<(Device, VDisk), OpenError> {
         // Checked by `check_export_name` already; the farm store and the view
         // must read the key the same way: a MAC if it is written as one.
         let parsed = DeviceKey::parse(key)
@@ -511,15 +543,16 @@ impl Sessions {
         let id;
         {
             let mut sessions = self.sessions.lock();
-            if sessions
-                .get(&device.name)
-                .is_some_and(|s| s.ending || s.superseded)
-            {
-                return Err(still_ending(&device.name));
+            if let Some(s) = sessions.get(&device.name) {
+                if s.ending || s.superseded {
+                    return Err(still_ending(&device.name));
+                }
+                other_door(&device.name, s, Door::Nbd)?;
             }
             let s = sessions
                 .entry(device.name.clone())
                 .or_insert_with(|| Session {
+                    door: Door::Nbd,
                     vdisk: vdisk.name.clone(),
                     version: number,
                     kind: device.kind,
@@ -723,12 +756,50 @@ impl Sessions {
         Ok(boot)
     }
 
+    /// The farm's IQN prefix.
+    pub fn iqn_prefix(&self) -> &str {
+        &self.config.iqn_prefix
+    }
+
+    /// The iSCSI portals of the live servers (this one's first).
+    pub fn iscsi_portals(&self) -> Vec<String> {
+        let mut portals: Vec<String> = self.config.advertise_iscsi.iter().cloned().collect();
+        for s in &self.membership.view().servers {
+            if let Some(p) = &s.iscsi {
+                if s.name != self.config.name && !portals.contains(p) {
+                    portals.push(p.clone());
+                }
+            }
+        }
+        portals
+    }
+
+    /// The version device `device`'s live session here runs.
+    pub fn session_version(&self, device: &str) -> Option<u32> {
+        self.sessions.lock().get(device).map(|s| s.version)
+    }
+
+    /// Every device as this server last knew the farm state.
+    pub fn known_devices(&self) -> Vec<Device> {
+        self.membership.view().devices.clone()
+    }
+
+    /// Opens device `key`'s disk for an iSCSI session from `peer`: the same
+    /// view as its `device/` export. Its boot is the one its last boot
+    /// script began (an initiator carries no boot token), so a reconnect
+    /// within that boot keeps a Standard-mode cache, and a new boot starts
+    /// clean.
+    pub async fn open_iscsi(self: &Arc<Self>, key: &str, peer: &str) -> Result<Export, OpenError> {
+        self.open_device(key, None, peer, true, Door::Iscsi).await
+    }
+
     async fn open_device(
         self: &Arc<Self>,
         key: &str,
         token: Option<&str>,
         peer: &str,
         go: bool,
+        door: Door,
     ) -> Result<Export, OpenError> {
         let (device, vdisk) = self.device_and_vdisk(key).await?;
         self.not_quarantined(&vdisk.name)?;
@@ -774,6 +845,7 @@ impl Sessions {
                 // vDisk's lock.
                 return Err(still_ending(&device.name));
             }
+            other_door(&device.name, s, door)?;
             s.connections += 1;
             s.peer = peer.to_owned();
             let disk = s.disk.clone();
@@ -851,6 +923,7 @@ impl Sessions {
         sessions.insert(
             device.name.clone(),
             Session {
+                door,
                 vdisk: vdisk.name.clone(),
                 version,
                 kind: device.kind,
@@ -869,7 +942,7 @@ impl Sessions {
             },
         );
         drop(sessions);
-        tracing::info!(device = %device.name, vdisk = %vdisk.name, version, kind = %device.kind, mode = %vdisk.mode, boot = boot.as_ref().map_or(0, |b| b.seq), %peer, "device session started");
+        tracing::info!(device = %device.name, vdisk = %vdisk.name, version, kind = %device.kind, mode = %vdisk.mode, boot = boot.as_ref().map_or(0, |b| b.seq), %peer, %door, "device session started");
         let guard = SessionGuard {
             sessions: self.clone(),
             device: device.name.clone(),
@@ -1166,6 +1239,12 @@ impl Sessions {
                     server: Some(server),
                     version: Some(x.version),
                     device_cache: x.device_cache,
+                    protocol: None,
+                    iscsi_initiator: Some(device.initiator(&self.config.iqn_prefix)),
+                    iscsi_target: Some(vstream_api::device_target(
+                        &self.config.iqn_prefix,
+                        &device.name,
+                    )),
                     device,
                 };
             }
@@ -1191,6 +1270,12 @@ impl Sessions {
             server: s.map(|_| self.config.name.clone()),
             version: s.map(|s| s.version),
             device_cache: s.is_some_and(|s| s.release.is_some()),
+            protocol: s.map(|s| s.door.to_string()),
+            iscsi_initiator: Some(device.initiator(&self.config.iqn_prefix)),
+            iscsi_target: Some(vstream_api::device_target(
+                &self.config.iqn_prefix,
+                &device.name,
+            )),
             device,
         }
     }

@@ -12,6 +12,7 @@
 //!   farm (the publish loop)                       all of the above
 //!   boot (script, files, sync, TFTP, ProxyDHCP)   config, store, farm, membership, sessions,
 //!                                                 replication state
+//!   iscsi (devices as iSCSI targets)              config, farm, sessions
 //! ```
 //!
 //! The admin API is the one part that sees the whole: its router's state is
@@ -54,6 +55,8 @@ pub struct Server {
     pub enrollment: Arc<crate::enroll::Enrollment>,
     /// Failed device logins, per address and per MAC.
     pub login_guard: Arc<crate::login_guard::LoginGuard>,
+    /// The iSCSI front door's view of the farm: devices as targets.
+    pub iscsi: Arc<crate::iscsi::IscsiTargets>,
 }
 
 impl Server {
@@ -116,7 +119,13 @@ impl Server {
             enrollment: enrollment.clone(),
             stats: Default::default(),
         });
+        let iscsi = Arc::new(crate::iscsi::IscsiTargets::new(
+            config.clone(),
+            farm.clone(),
+            sessions.clone(),
+        ));
         Server {
+            iscsi,
             config,
             store,
             farm,
@@ -150,6 +159,7 @@ handles! {
     config: Arc<Config>,
     enrollment: Arc<crate::enroll::Enrollment>,
     login_guard: Arc<crate::login_guard::LoginGuard>,
+    iscsi: Arc<crate::iscsi::IscsiTargets>,
     store: Store,
     farm: FarmStore,
     metrics: Arc<Metrics>,

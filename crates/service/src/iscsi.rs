@@ -129,9 +129,14 @@ pub trait Targets: Send + Sync + 'static {
         target: &'a str,
         client: &'a Client,
     ) -> BoxFuture<'a, Result<Option<Chap>, LoginFailure>>;
-    /// The CHAP secrets of a discovery session of `initiator`, if it needs any.
-    fn discovery_chap(&self, _initiator: &str) -> Option<Chap> {
-        None
+    /// Whether `initiator`, at `client`, may open a discovery session; the
+    /// CHAP secrets it must prove, if any.
+    fn discovery_chap<'a>(
+        &'a self,
+        _initiator: &'a str,
+        _client: &'a Client,
+    ) -> BoxFuture<'a, Result<Option<Chap>, LoginFailure>> {
+        Box::pin(async { Ok(None) })
     }
     /// Opens `target` for `initiator`, once it has authenticated.
     fn open<'a>(
@@ -487,7 +492,7 @@ where
                     )
                 })?;
                 if neg.discovery() {
-                    chap = targets.discovery_chap(&initiator);
+                    chap = targets.discovery_chap(&initiator, client).await?;
                 } else {
                     let target = neg.target_name.clone().ok_or_else(|| {
                         LoginFailure::new(
@@ -909,6 +914,17 @@ impl Session {
                 Request::Logout(l) => {
                     self.accept_cmd_sn(l.immediate, l.cmd_sn);
                     self.pending.clear();
+                    // Closing the session (or its one connection) is the
+                    // initiator's shutdown, as NBD_CMD_DISC is: the session
+                    // ends cleanly. Removing the connection for recovery
+                    // (reason 2) is not.
+                    if l.reason <= 1 {
+                        if let Some(end) =
+                            self.target.as_mut().and_then(|t| t.export.session.as_mut())
+                        {
+                            end.ended_cleanly();
+                        }
+                    }
                     let sn = self.take_sn();
                     Response::Logout(LogoutResponse {
                         response: 0,

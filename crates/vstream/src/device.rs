@@ -4,7 +4,9 @@
 //!   add NAME --mac MAC --vdisk VDISK [--type TYPE]  POST   /api/v1/devices
 //!   list                                            GET    /api/v1/devices
 //!   show NAME                                       GET    /api/v1/devices/NAME
-//!   set NAME --type TYPE                            PATCH  /api/v1/devices/NAME
+//!   show NAME --secrets                             GET    /api/v1/devices/NAME/iscsi
+//!   set NAME [--type TYPE] [--iqn IQN|default]      PATCH  /api/v1/devices/NAME
+//!   set NAME --rotate-chap                          POST   /api/v1/devices/NAME/iscsi/rotate
 //!   remove NAME                                     DELETE /api/v1/devices/NAME
 //!   reset NAME [--force]                            POST   /api/v1/devices/NAME/reset[?force=true]
 //!   revoke NAME                                     POST   /api/v1/devices/NAME/revoke
@@ -18,7 +20,7 @@
 //! version, read/write, one such device at a time); see `vstream version`.
 
 use anyhow::Result;
-use clap::{Args, Subcommand};
+use clap::{ArgGroup, Args, Subcommand};
 use vstream_api::{CreateDevice, DeviceInfo, DeviceType, SetDevice};
 
 use crate::args::{ListArgs, NameArg, ShowArgs};
@@ -40,8 +42,9 @@ pub enum DeviceCommand {
     /// List the devices and what they are doing.
     List(ListArgs),
     /// Show one device.
-    Show(ShowArgs),
-    /// Change a device's type (which version of its vDisk it boots).
+    Show(DeviceShowArgs),
+    /// Change a device's type (which version of its vDisk it boots), its
+    /// iSCSI initiator name, or its CHAP secrets.
     Set(SetArgs),
     /// Remove a device.
     Remove(NameArg),
@@ -92,6 +95,20 @@ pub struct AddArgs {
     #[arg(long = "type", value_name = "maintenance|test|production",
           value_parser = parse_device_type, default_value = "production")]
     pub kind: DeviceType,
+    /// The iSCSI initiator name it logs in with [default: the farm's IQN
+    /// prefix, `:mac.` and its MAC as 12 hex digits].
+    #[arg(long, value_name = "IQN")]
+    pub iqn: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DeviceShowArgs {
+    #[command(flatten)]
+    pub show: ShowArgs,
+    /// Print its iSCSI names and CHAP secrets instead (they open its disk:
+    /// keep them as you would its key).
+    #[arg(long)]
+    pub secrets: bool,
 }
 
 #[derive(Debug, Args)]
@@ -104,6 +121,7 @@ pub struct ResetArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(ArgGroup::new("change").required(true).multiple(true).args(["kind", "iqn", "rotate_chap"])))]
 pub struct SetArgs {
     pub name: String,
     /// Which version of its vDisk it boots: production (the newest production
@@ -112,7 +130,15 @@ pub struct SetArgs {
     /// A running device switches at its next boot.
     #[arg(long = "type", value_name = "maintenance|test|production",
           value_parser = parse_device_type)]
-    pub kind: DeviceType,
+    pub kind: Option<DeviceType>,
+    /// The iSCSI initiator name it logs in with; `default` for the one its
+    /// MAC makes. Counts from its next login.
+    #[arg(long, value_name = "IQN|default")]
+    pub iqn: Option<String>,
+    /// Make new CHAP secrets: the old ones open nothing from its next login
+    /// on. Prints the new ones.
+    #[arg(long)]
+    pub rotate_chap: bool,
 }
 
 fn parse_device_type(s: &str) -> Result<DeviceType, String> {
@@ -172,6 +198,7 @@ fn add(client: &Client, a: AddArgs) -> Result<()> {
         mac: a.mac,
         vdisk: a.vdisk,
         kind: a.kind,
+        iqn: a.iqn,
     };
     // The answer is a Device or a DeviceInfo (which holds one); either parses.
     let added = client.add_device(&body)?;
@@ -185,14 +212,56 @@ fn add(client: &Client, a: AddArgs) -> Result<()> {
 }
 
 fn set(client: &Client, a: SetArgs) -> Result<()> {
-    let body = SetDevice { kind: Some(a.kind) };
-    // The answer is a DeviceInfo, which reads as the Device it holds.
-    let updated = client.set_device(&a.name, &body)?;
-    let (name, kind) = match &updated {
-        Some(d) => (&d.name, d.kind),
-        None => (&a.name, a.kind),
+    if a.kind.is_none() && a.iqn.is_none() && !a.rotate_chap {
+        anyhow::bail!("nothing to change: give --type, --iqn or --rotate-chap");
+    }
+    let mut out = String::new();
+    if a.kind.is_some() || a.iqn.is_some() {
+        let body = SetDevice {
+            kind: a.kind,
+            iqn: a.iqn.clone(),
+        };
+        // The answer is a DeviceInfo, which reads as the Device it holds.
+        let updated = client.set_device(&a.name, &body)?;
+        let (name, kind, iqn) = match &updated {
+            Some(d) => (d.name.clone(), Some(d.kind), d.iqn.clone()),
+            None => (a.name.clone(), a.kind, a.iqn.clone()),
+        };
+        if let Some(kind) = kind.filter(|_| a.kind.is_some()) {
+            out.push_str(&format!("device {name}: type {kind}\n"));
+        }
+        if a.iqn.is_some() {
+            let iqn = iqn.unwrap_or_else(|| "the one its MAC makes".into());
+            out.push_str(&format!("device {name}: iSCSI initiator {iqn}\n"));
+        }
+    }
+    if a.rotate_chap {
+        let access = client.rotate_iscsi(&a.name)?;
+        out.push_str(&format!(
+            "device {}: new CHAP secrets; the old ones open nothing from its next login\n",
+            access.device
+        ));
+        out.push_str(&iscsi_fields(&access));
+    }
+    print(&out)
+}
+
+fn iscsi_fields(a: &vstream_api::IscsiAccess) -> String {
+    let portals = if a.portals.is_empty() {
+        "- (no server serves iSCSI: vstream server --iscsi HOST)".to_string()
+    } else {
+        a.portals.join(", ")
     };
-    print(&format!("device {name}: type {kind}\n"))
+    render_fields(&[
+        ("iscsi-initiator", a.initiator.clone()),
+        ("iscsi-target", a.target.clone()),
+        ("iscsi-portals", portals),
+        ("chap-user", a.chap_user.clone()),
+        ("chap-secret", a.chap_secret.clone()),
+        ("chap-target-user", a.chap_target_user.clone()),
+        ("chap-target-secret", a.chap_target_secret.clone()),
+        ("chap-created", format_unix_time(a.created_unix)),
+    ])
 }
 
 fn list(client: &Client, a: ListArgs) -> Result<()> {
@@ -242,7 +311,15 @@ fn device_table(devices: &[DeviceInfo]) -> String {
     )
 }
 
-fn show(client: &Client, a: ShowArgs) -> Result<()> {
+fn show(client: &Client, a: DeviceShowArgs) -> Result<()> {
+    let secrets = a.secrets;
+    let a = a.show;
+    if secrets {
+        if a.json {
+            return print_json(&client.get(&api_path(&["devices", &a.name, "iscsi"]))?);
+        }
+        return print(&iscsi_fields(&client.iscsi_access(&a.name)?));
+    }
     let path = api_path(&["devices", &a.name]);
     if a.json {
         return print_json(&client.get(&path)?);
@@ -282,6 +359,20 @@ fn device_fields(i: &DeviceInfo) -> String {
         ),
         ("created", format_unix_time(d.created_unix)),
     ];
+    if let Some(p) = &i.protocol {
+        fields.push(("protocol", p.clone()));
+    }
+    if let Some(iqn) = &i.iscsi_initiator {
+        let how = if d.iqn.is_some() {
+            ""
+        } else {
+            " (from its MAC)"
+        };
+        fields.push(("iscsi initiator", format!("{iqn}{how}")));
+    }
+    if let Some(t) = &i.iscsi_target {
+        fields.push(("iscsi target", t.clone()));
+    }
     if let Some(t) = d.credentials_revoked_unix {
         fields.push((
             "revoked",
@@ -341,6 +432,7 @@ mod tests {
                 created_unix: 1_700_000_000,
                 kind: DeviceType::Production,
                 credentials_revoked_unix: None,
+                iqn: None,
             },
             connected: peer.is_some(),
             connected_since: peer.map(|_| 1_700_000_060),
@@ -349,6 +441,9 @@ mod tests {
             server: peer.map(|_| "pvs1".to_string()),
             version: peer.map(|_| 3),
             device_cache: false,
+            protocol: peer.map(|_| "NBD".to_string()),
+            iscsi_initiator: Some("iqn.2026-12.org.vstream:mac.aabbcc001122".into()),
+            iscsi_target: Some(format!("iqn.2026-12.org.vstream:device.{name}")),
         }
     }
 
@@ -369,16 +464,19 @@ mod tests {
     fn show_fields() {
         assert_eq!(
             device_fields(&info("pc1", Some("10.0.0.5:51234"), 4096)),
-            "name:        pc1\n\
-             mac:         aa:bb:cc:00:11:22\n\
-             vdisk:       win10\n\
-             type:        production\n\
-             connected:   yes, since 2023-11-14 22:14:20 UTC\n\
-             server:      pvs1\n\
-             version:     3\n\
-             peer:        10.0.0.5:51234\n\
-             write cache: 4 KiB\n\
-             created:     2023-11-14 22:13:20 UTC\n"
+            "name:            pc1\n\
+             mac:             aa:bb:cc:00:11:22\n\
+             vdisk:           win10\n\
+             type:            production\n\
+             connected:       yes, since 2023-11-14 22:14:20 UTC\n\
+             server:          pvs1\n\
+             version:         3\n\
+             peer:            10.0.0.5:51234\n\
+             write cache:     4 KiB\n\
+             created:         2023-11-14 22:13:20 UTC\n\
+             protocol:        NBD\n\
+             iscsi initiator: iqn.2026-12.org.vstream:mac.aabbcc001122 (from its MAC)\n\
+             iscsi target:    iqn.2026-12.org.vstream:device.pc1\n"
         );
     }
 
@@ -396,14 +494,22 @@ mod tests {
     fn types_go_out_as_the_api_spells_them() {
         let body = serde_json::to_value(SetDevice {
             kind: Some(DeviceType::Test),
+            iqn: None,
         })
         .unwrap();
         assert_eq!(body, serde_json::json!({"type": "test"}));
+        let body = serde_json::to_value(SetDevice {
+            kind: None,
+            iqn: Some("default".into()),
+        })
+        .unwrap();
+        assert_eq!(body, serde_json::json!({"type": null, "iqn": "default"}));
         let body = serde_json::to_value(CreateDevice {
             name: "pc1".into(),
             mac: "aa:bb:cc:00:11:22".into(),
             vdisk: "win10".into(),
             kind: DeviceType::Maintenance,
+            iqn: None,
         })
         .unwrap();
         assert_eq!(body["type"], "maintenance");

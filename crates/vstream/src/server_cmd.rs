@@ -34,6 +34,19 @@ pub struct ServerArgs {
     /// [default: 127.0.0.1:10809].
     #[arg(long, value_name = "HOST:PORT|unix:PATH")]
     pub nbd: Vec<String>,
+    /// Serve iSCSI here (port 3260 unless given); repeat for several
+    /// portals. Off unless given: each device gets its own target,
+    /// `PREFIX:device.NAME`, over the same disk as its NBD export.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub iscsi: Vec<String>,
+    /// The farm's IQN prefix, the same on every server
+    /// [default: iqn.2026-12.org.vstream].
+    #[arg(long, value_name = "IQN")]
+    pub iqn_prefix: Option<String>,
+    /// The iSCSI HOST:PORT devices reach this server at, in boot scripts
+    /// [default: the first --iscsi].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub advertise_iscsi: Option<String>,
     /// Where the admin and device HTTP API listens [default: 127.0.0.1:7080].
     #[arg(long, value_name = "HOST:PORT")]
     pub api: Option<String>,
@@ -232,6 +245,9 @@ fn resolve(args: ServerArgs) -> Result<Config> {
     let flags = FlagConfig {
         data: args.data,
         nbd: args.nbd,
+        iscsi: args.iscsi,
+        iqn_prefix: args.iqn_prefix,
+        advertise_iscsi: args.advertise_iscsi,
         api: args.api,
         log_format: args.log_format.map(LogFormat::from),
         max_connections: args.max_connections,

@@ -41,6 +41,10 @@ pub(super) async fn add_device(
     Json(req): Json<CreateDevice>,
 ) -> Result<(StatusCode, Json<DeviceInfo>), ApiError> {
     let mac = vstream_api::parse_mac(&req.mac).map_err(ApiError::bad_request)?;
+    let iqn = match req.iqn.as_deref() {
+        Some(iqn) => Some(unused_iqn(&farm, &sessions, iqn, &req.name).await?),
+        None => None,
+    };
     let d = farm
         .create_device(Device {
             name: req.name,
@@ -49,7 +53,12 @@ pub(super) async fn add_device(
             created_unix: now_unix(),
             kind: req.kind,
             credentials_revoked_unix: None,
+            iqn,
         })
+        .await?;
+    // Its CHAP secrets, made now so that `device show --secrets` has them
+    // before its first login.
+    farm.iscsi_secrets(&d.name, crate::iscsi::fresh_secrets())
         .await?;
     Ok((StatusCode::CREATED, Json(sessions.device_info(d))))
 }
@@ -105,17 +114,108 @@ pub(super) async fn set_device(
     Json(req): Json<vstream_api::SetDevice>,
 ) -> Result<Json<DeviceInfo>, ApiError> {
     let d = get_device(&farm, &name).await?;
-    let Some(kind) = req.kind else {
-        return Err(ApiError::bad_request("nothing to change: give a type"));
+    if req.kind.is_none() && req.iqn.is_none() {
+        return Err(ApiError::bad_request(
+            "nothing to change: give a type or an iqn",
+        ));
+    }
+    let iqn = match req.iqn.as_deref() {
+        Some("default") => Some(None),
+        Some(iqn) => Some(Some(unused_iqn(&farm, &sessions, iqn, &d.name).await?)),
+        None => None,
     };
-    // A connected device keeps what it booted; the type counts from its next boot.
+    // A connected device keeps what it booted; the type counts from its
+    // next boot, the initiator name from its next iSCSI login.
     let d = farm
         .update_device(&d.name, |d| {
-            d.kind = kind;
+            if let Some(kind) = req.kind {
+                d.kind = kind;
+            }
+            if let Some(iqn) = &iqn {
+                d.iqn = iqn.clone();
+            }
             Ok(())
         })
         .await?;
     Ok(Json(sessions.device_info(d)))
+}
+
+/// Checks initiator name `iqn` for device `device`: a valid one that no
+/// other device is known by (its own or the one its MAC makes). Lower-cased,
+/// as iSCSI compares names.
+async fn unused_iqn(
+    farm: &FarmStore,
+    sessions: &Sessions,
+    iqn: &str,
+    device: &str,
+) -> Result<String, ApiError> {
+    vstream_api::check_iqn(iqn).map_err(ApiError::bad_request)?;
+    let iqn = iqn.to_ascii_lowercase();
+    let prefix = sessions.iqn_prefix();
+    if let Some(other) = farm
+        .list_devices()
+        .await?
+        .into_iter()
+        .find(|d| d.name != device && d.initiator(prefix) == iqn)
+    {
+        return Err(ApiError::conflict(format!(
+            "device {} is known by initiator name {iqn} already",
+            other.name
+        )));
+    }
+    Ok(iqn)
+}
+
+/// The device's iSCSI names, CHAP secrets and the portals that serve it.
+#[utoipa::path(get, path = "/api/v1/devices/{name}/iscsi", params(("name" = String, Path)),
+    responses((status = 200, body = vstream_api::IscsiAccess), (status = 404, body = ErrorBody)))]
+pub(super) async fn iscsi_access(
+    State(farm): State<FarmStore>,
+    State(sessions): State<Arc<Sessions>>,
+    Path(name): Path<String>,
+) -> Result<Json<vstream_api::IscsiAccess>, ApiError> {
+    let d = get_device(&farm, &name).await?;
+    let secrets = farm
+        .iscsi_secrets(&d.name, crate::iscsi::fresh_secrets())
+        .await?;
+    tracing::info!(device = %d.name, "iSCSI secrets read");
+    Ok(Json(access(&sessions, &d, secrets)))
+}
+
+/// New CHAP secrets for the device: the old ones open nothing from its next
+/// login on (a session logged in now goes on).
+#[utoipa::path(post, path = "/api/v1/devices/{name}/iscsi/rotate", params(("name" = String, Path)),
+    responses((status = 200, body = vstream_api::IscsiAccess), (status = 404, body = ErrorBody)))]
+pub(super) async fn rotate_iscsi(
+    State(farm): State<FarmStore>,
+    State(sessions): State<Arc<Sessions>>,
+    Path(name): Path<String>,
+) -> Result<Json<vstream_api::IscsiAccess>, ApiError> {
+    let d = get_device(&farm, &name).await?;
+    let secrets = crate::iscsi::fresh_secrets();
+    farm.rotate_iscsi_secrets(&d.name, &secrets).await?;
+    tracing::info!(device = %d.name, "iSCSI secrets rotated");
+    Ok(Json(access(&sessions, &d, secrets)))
+}
+
+fn access(
+    sessions: &Sessions,
+    d: &Device,
+    secrets: vstream_api::IscsiSecrets,
+) -> vstream_api::IscsiAccess {
+    let prefix = sessions.iqn_prefix();
+    let target = vstream_api::device_target(prefix, &d.name);
+    vstream_api::IscsiAccess {
+        device: d.name.clone(),
+        initiator: d.initiator(prefix),
+        chap_user: d.name.clone(),
+        chap_secret: secrets.chap_secret,
+        chap_target_user: target.clone(),
+        chap_target_secret: secrets.target_secret,
+        created_unix: secrets.created_unix,
+        portals: sessions.iscsi_portals(),
+        target,
+    }
 }
 
 /// Revokes every credential the device holds now: a client certificate of

@@ -39,6 +39,7 @@ use vdisks::{create_vdisk, delete_vdisk, list_vdisks, set_vdisk, show_vdisk};
         content::import_vdisk, content::export_vdisk,
         devices::list_devices, devices::add_device, devices::show_device, devices::set_device,
         devices::remove_device, devices::reset_device, devices::revoke_device, devices::issue_credential,
+        devices::iscsi_access, devices::rotate_iscsi,
         versions::list_versions, versions::new_version, versions::promote, versions::rollback,
         versions::merge, versions::delete_version, farm::login, farm::enroll, farm::renew, farm::list_servers, farm::rebalance, farm::cache_report,
         farm::replication_status, farm::replication_start, boot::upload, boot::set_cmdline,
@@ -46,6 +47,7 @@ use vdisks::{create_vdisk, delete_vdisk, list_vdisks, set_vdisk, show_vdisk};
         quarantine::list, quarantine::adopt, quarantine::remove
     ),
     components(schemas(VDisk, VDiskInfo, CreateVDisk, SetVDisk, Device, DeviceInfo, CreateDevice, ErrorBody,
+        vstream_api::IscsiAccess,
         vstream_api::Mode, vstream_api::CacheType, vstream_api::DeviceType, vstream_api::SetDevice,
         vstream_api::VersionState, vstream_api::VersionInfo, vstream_api::Promote, vstream_api::Merge,
         vstream_api::LoginRequest, vstream_api::LoginReply, vstream_api::Pin, vstream_api::ServerInfo,
@@ -121,6 +123,11 @@ pub fn router(server: Server, tokens: Arc<crate::admin_tokens::AdminTokens>) -> 
         )
         .route("/api/v1/devices/:name/reset", post(reset_device))
         .route("/api/v1/devices/:name/revoke", post(devices::revoke_device))
+        .route("/api/v1/devices/:name/iscsi", get(devices::iscsi_access))
+        .route(
+            "/api/v1/devices/:name/iscsi/rotate",
+            post(devices::rotate_iscsi),
+        )
         .route(
             "/api/v1/devices/:name/credential",
             post(devices::issue_credential),
@@ -174,7 +181,9 @@ async fn metrics(
     State(boot): State<Arc<Boot>>,
     State(enrollment): State<Arc<crate::enroll::Enrollment>>,
     State(guard): State<Arc<crate::login_guard::LoginGuard>>,
+    State(iscsi): State<Arc<crate::iscsi::IscsiTargets>>,
 ) -> impl IntoResponse {
+    use vstream_service::iscsi::Targets;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         metrics.render(
@@ -184,6 +193,7 @@ async fn metrics(
                 &membership.metrics()[..],
                 &enrollment.stats.metrics()[..],
                 &guard.metrics()[..],
+                &iscsi.stats().rows()[..],
             ]
             .concat(),
         ),

@@ -245,6 +245,7 @@ async fn auto_add(server: &Arc<Boot>, mac: &str, may_add: bool) -> Result<Device
         created_unix: now_unix(),
         kind: Default::default(),
         credentials_revoked_unix: None,
+        iqn: None,
     };
     match server.farm.create_device(device).await {
         Ok(d) => {
