@@ -6,6 +6,8 @@
 //! `CI=true` it fails the test instead. `.ci/run` sets both and fails on any
 //! line in the log, so CI cannot pass by skipping.
 
+pub mod libiscsi;
+
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -23,6 +23,7 @@ mod exhaustion;
 mod farm;
 mod full_disk;
 mod guest_boot;
+mod iscsi;
 mod login_limits;
 mod modes;
 mod nbd_clients;

@@ -1,0 +1,577 @@
+//! The server's iSCSI front door with real initiators: libiscsi's tools and
+//! test suite, and QEMU's iSCSI driver. Each device reaches its own target
+//! only, with its own initiator name and CHAP secret; a target serves the
+//! same disk as the device's NBD export (a Private vDisk in place, a
+//! Standard one under the device's own cache), never over both doors at
+//! once; the SCSI identity follows the vDisk version.
+
+use crate::common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{random_image, wait_for, TestServer};
+use vstream_testkit::libiscsi::{classify, test_cu, Outcome, Tgt};
+use vstream_testkit::{have, skip};
+
+const MIB: u64 = 1 << 20;
+
+fn have_tools() -> bool {
+    ["iscsi-inq", "iscsi-ls", "qemu-img", "qemu-io"]
+        .iter()
+        .all(|t| have(t))
+}
+
+/// A server with an iSCSI portal; the portal's port.
+fn server() -> (TestServer, u16) {
+    let [port] = vstream_testkit::free_ports::<1>();
+    let s = TestServer::start_fresh_with(&["--iscsi", &format!("127.0.0.1:{port}")]);
+    wait_for(10, "the iSCSI portal", || {
+        s.log_text().contains("iSCSI listening").then_some(())
+    });
+    (s, port)
+}
+
+/// What `device show NAME --secrets --json` says.
+#[derive(Debug, Clone)]
+struct Access {
+    initiator: String,
+    target: String,
+    user: String,
+    secret: String,
+}
+
+fn access(s: &TestServer, device: &str) -> Access {
+    let out = s.cli_ok(&["device", "show", device, "--secrets", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let field = |k: &str| {
+        v[k].as_str()
+            .unwrap_or_else(|| panic!("{k}: {v}"))
+            .to_owned()
+    };
+    Access {
+        initiator: field("initiator"),
+        target: field("target"),
+        user: field("chap_user"),
+        secret: field("chap_secret"),
+    }
+}
+
+fn out_text(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+}
+
+/// A libiscsi tool's URL for `a`'s target with `secret`.
+fn url(port: u16, a: &Access, secret: &str) -> String {
+    format!(
+        "iscsi://{}%{secret}@127.0.0.1:{port}/{}/0",
+        a.user, a.target
+    )
+}
+
+/// Runs a libiscsi tool as `initiator`.
+fn tool(name: &str, initiator: &str, args: &[&str]) -> Output {
+    Command::new(name)
+        .args(["-i", initiator])
+        .args(args)
+        .output()
+        .expect(name)
+}
+
+fn inq(port: u16, initiator: &str, a: &Access, secret: &str) -> Output {
+    tool("iscsi-inq", initiator, &[&url(port, a, secret)])
+}
+
+/// What `a`'s disk says of itself: VPD pages 0x83 (its T10 and NAA
+/// designators) and 0x80 (its serial number), as iscsi-inq prints them.
+fn identity(port: u16, a: &Access) -> String {
+    let mut id = String::new();
+    for page in ["131", "128"] {
+        let o = tool(
+            "iscsi-inq",
+            &a.initiator,
+            &["-e", "1", "-c", page, &url(port, a, &a.secret)],
+        );
+        let text = out_text(&o);
+        assert!(o.status.success(), "{text}");
+        assert!(
+            text.contains("Designator") || text.contains("Serial"),
+            "{text}"
+        );
+        id += &text;
+    }
+    assert!(id.contains("NAA"), "no NAA designator: {id}");
+    id
+}
+
+/// QEMU's `--object` and `--image-opts` for `a`'s target (the secret in a
+/// secret object, as QEMU wants it).
+fn qemu_opts(port: u16, a: &Access, id: &str) -> [String; 2] {
+    [
+        format!("secret,id={id},data={}", a.secret),
+        format!(
+            "driver=iscsi,transport=tcp,portal=127.0.0.1:{port},target={},lun=0,user={},\
+             password-secret={id},initiator-name={}",
+            a.target, a.user, a.initiator
+        ),
+    ]
+}
+
+fn qemu_io(port: u16, a: &Access, cmds: &[&str]) -> String {
+    let [obj, opts] = qemu_opts(port, a, "s0");
+    let mut c = Command::new("qemu-io");
+    c.args(["--object", &obj, "--image-opts", &opts]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let o = c.output().expect("qemu-io");
+    let text = out_text(&o);
+    let lower = text.to_lowercase();
+    assert!(
+        o.status.success() && !lower.contains("fail") && !lower.contains("error"),
+        "qemu-io {cmds:?}: {text}"
+    );
+    text
+}
+
+/// `qemu-img compare` of an image file and `a`'s target.
+fn compare(port: u16, file: &Path, a: &Access) -> Output {
+    let [obj, opts] = qemu_opts(port, a, "s0");
+    Command::new("qemu-img")
+        .args(["compare", "--object", &obj, "--image-opts"])
+        .arg(format!(
+            "driver=raw,file.driver=file,file.filename={}",
+            file.display()
+        ))
+        .arg(opts)
+        .output()
+        .expect("qemu-img")
+}
+
+/// An interactive qemu-io holding an export open until dropped.
+struct Holder(Child);
+
+impl Holder {
+    fn nbd(url: &str) -> Holder {
+        Holder::spawn(Command::new("qemu-io").args(["-f", "raw", url]))
+    }
+    fn iscsi(port: u16, a: &Access) -> Holder {
+        let [obj, opts] = qemu_opts(port, a, "s0");
+        Holder::spawn(Command::new("qemu-io").args(["--object", &obj, "--image-opts", &opts]))
+    }
+    fn spawn(c: &mut Command) -> Holder {
+        Holder(
+            c.stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("qemu-io"),
+        )
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        if let Some(mut i) = self.0.stdin.take() {
+            let _ = i.write_all(b"quit\n");
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn device_json(s: &TestServer, name: &str) -> serde_json::Value {
+    serde_json::from_str(&s.cli_ok(&["device", "show", name, "--json"])).expect("JSON")
+}
+
+/// Waits until device `name` is connected over `protocol` (`None`: not
+/// connected).
+fn wait_protocol(s: &TestServer, name: &str, protocol: Option<&str>) {
+    wait_for(15, &format!("device {name} on {protocol:?}"), || {
+        let d = device_json(s, name);
+        let now = d["protocol"].as_str().map(str::to_owned);
+        (now.as_deref() == protocol && d["connected"] == protocol.is_some()).then_some(())
+    });
+}
+
+/// Who may log in where: a device's own initiator with its own secret, at
+/// its own target; discovery shows it that target alone. A wrong secret,
+/// another device's initiator, a stranger, an old secret after rotation
+/// and a removed device are all refused, and no secret reaches the log.
+#[test]
+fn each_device_reaches_its_own_target_only() {
+    if !have_tools() {
+        return;
+    }
+    let (s, port) = server();
+    s.cli_ok(&["vdisk", "create", "std", "--size", "64M"]);
+    s.cli_ok(&["vdisk", "set", "std", "--mode", "standard"]);
+    for (name, mac) in [("pc1", "52:54:00:00:00:01"), ("pc2", "52:54:00:00:00:02")] {
+        s.cli_ok(&["device", "add", name, "--mac", mac, "--vdisk", "std"]);
+    }
+    let a1 = access(&s, "pc1");
+    let a2 = access(&s, "pc2");
+    assert_eq!(a1.initiator, "iqn.2026-12.org.vstream:mac.525400000001");
+    assert_eq!(a1.target, "iqn.2026-12.org.vstream:device.pc1");
+    assert_eq!(a1.secret.len(), 16);
+    assert_ne!(a1.secret, a2.secret);
+    let text = s.cli_ok(&["device", "show", "pc1"]);
+    assert!(!text.contains(&a1.secret), "device show prints no secret");
+    let list = s.cli_ok(&["device", "list", "--json"]);
+    assert!(!list.contains(&a1.secret) && !list.contains(&a2.secret));
+
+    // Discovery: its own target, nobody else's.
+    let portal = |a: &Access, secret: &str| format!("iscsi://{}%{secret}@127.0.0.1:{port}", a.user);
+    let o = tool("iscsi-ls", &a1.initiator, &["-s", &portal(&a1, &a1.secret)]);
+    let text = out_text(&o);
+    assert!(o.status.success(), "{text}");
+    assert!(text.contains(&a1.target), "{text}");
+    assert!(
+        !text.contains(&a2.target),
+        "discovery showed another device: {text}"
+    );
+    let o = tool(
+        "iscsi-ls",
+        "iqn.2000-01.com.example:stranger",
+        &[&portal(&a1, &a1.secret)],
+    );
+    assert!(
+        !o.status.success(),
+        "a stranger discovered: {}",
+        out_text(&o)
+    );
+
+    // Logins.
+    let o = inq(port, &a1.initiator, &a1, &a1.secret);
+    assert!(o.status.success(), "{}", out_text(&o));
+    assert!(out_text(&o).contains("VSTREAM"));
+    let o = inq(port, &a1.initiator, &a1, "wrongwrongwrong1");
+    assert!(!o.status.success(), "a wrong secret got in");
+    assert!(
+        out_text(&o).contains("Authentication failure"),
+        "{}",
+        out_text(&o)
+    );
+    // pc2, with its own name and secret, at pc1's target.
+    let as_pc2 = Access {
+        target: a1.target.clone(),
+        ..a2.clone()
+    };
+    let o = inq(port, &a2.initiator, &as_pc2, &a2.secret);
+    assert!(!o.status.success(), "pc2 opened pc1's target");
+    assert!(
+        out_text(&o).contains("Authorization failure"),
+        "{}",
+        out_text(&o)
+    );
+    let o = inq(port, "iqn.2000-01.com.example:stranger", &a1, &a1.secret);
+    assert!(!o.status.success(), "a stranger with pc1's secret got in");
+
+    // Rotation: the old secret opens nothing.
+    let rotated = s.cli_ok(&["device", "set", "pc1", "--rotate-chap"]);
+    let new = access(&s, "pc1");
+    assert_ne!(new.secret, a1.secret);
+    assert!(rotated.contains(&new.secret), "{rotated}");
+    assert!(!inq(port, &a1.initiator, &a1, &a1.secret).status.success());
+    assert!(inq(port, &new.initiator, &new, &new.secret)
+        .status
+        .success());
+
+    // An initiator name of the admin's.
+    let err = s.cli_err(&["device", "set", "pc1", "--iqn", "not-an-iqn"]);
+    assert!(err.contains("not an iSCSI initiator name"), "{err}");
+    s.cli_ok(&[
+        "device",
+        "set",
+        "pc1",
+        "--iqn",
+        "iqn.2000-01.com.Example:PC1",
+    ]);
+    let named = access(&s, "pc1");
+    assert_eq!(named.initiator, "iqn.2000-01.com.example:pc1");
+    assert!(!inq(port, &new.initiator, &named, &named.secret)
+        .status
+        .success());
+    assert!(inq(port, &named.initiator, &named, &named.secret)
+        .status
+        .success());
+    let err = s.cli_err(&[
+        "device",
+        "set",
+        "pc2",
+        "--iqn",
+        "iqn.2000-01.com.example:pc1",
+    ]);
+    assert!(err.contains("known by initiator name"), "{err}");
+    s.cli_ok(&["device", "set", "pc1", "--iqn", "default"]);
+    assert!(inq(port, &new.initiator, &new, &new.secret)
+        .status
+        .success());
+
+    // A removed device's secrets open nothing.
+    s.cli_ok(&["device", "remove", "pc2"]);
+    assert!(!inq(port, &a2.initiator, &a2, &a2.secret).status.success());
+
+    assert!(s.metric("vstream_iscsi_login_failures_total") >= 7);
+    assert!(s.metric("vstream_iscsi_logins_total") >= 5);
+    let log = s.log_text();
+    for secret in [&a1.secret, &a2.secret, &new.secret] {
+        assert!(!log.contains(secret.as_str()), "a CHAP secret in the log");
+    }
+    assert!(
+        log.contains("is not device pc1's"),
+        "the refusal's reason is logged"
+    );
+}
+
+/// The same disks as NBD: an imported image compares equal over iSCSI; a
+/// Standard device's writes stay in its own cache, unseen by its neighbour
+/// and the vDisk; a Private device's writes reach the vDisk, read back over
+/// NBD. A device connected over one door is refused at the other. The SCSI
+/// identity is the vDisk version's: the same for both Standard devices and
+/// across a restart, another for another vDisk.
+#[test]
+fn targets_serve_the_nbd_disks_but_never_both_doors_at_once() {
+    if !have_tools() || !have("nbdinfo") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("src.raw");
+    random_image(&image, 16 * MIB, 19);
+    let (mut s, port) = server();
+    let img = image.to_str().expect("path");
+    s.cli_ok(&["vdisk", "import", "std", img]);
+    s.cli_ok(&["vdisk", "import", "priv", img]);
+    s.cli_ok(&["vdisk", "set", "std", "--mode", "standard"]);
+    s.cli_ok(&["vdisk", "set", "priv", "--mode", "private"]);
+    s.cli_ok(&[
+        "device",
+        "add",
+        "pc1",
+        "--mac",
+        "52:54:00:00:01:01",
+        "--vdisk",
+        "std",
+    ]);
+    s.cli_ok(&[
+        "device",
+        "add",
+        "pc2",
+        "--mac",
+        "52:54:00:00:01:02",
+        "--vdisk",
+        "std",
+    ]);
+    s.cli_ok(&[
+        "device",
+        "add",
+        "pc3",
+        "--mac",
+        "52:54:00:00:01:03",
+        "--vdisk",
+        "priv",
+    ]);
+    let [a1, a2, a3] = ["pc1", "pc2", "pc3"].map(|d| access(&s, d));
+
+    let o = compare(port, &image, &a3);
+    assert!(
+        o.status.success(),
+        "the imported image differs: {}",
+        out_text(&o)
+    );
+
+    // Standard: pc1 writes and reads its own writes in one session...
+    let out = qemu_io(
+        port,
+        &a1,
+        &["write -P 0xab 1M 1M", "read -P 0xab 1M 1M", "flush"],
+    );
+    assert!(out.contains("read 1048576/1048576"), "{out}");
+    // ...which its neighbour and the vDisk never see.
+    let o = compare(port, &image, &a2);
+    assert!(o.status.success(), "pc2 saw pc1's writes: {}", out_text(&o));
+    let o = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw", img, &s.url("std")])
+        .output()
+        .expect("qemu-img");
+    assert!(o.status.success(), "the vDisk changed: {}", out_text(&o));
+
+    // Private: written in place, as NBD reads it.
+    qemu_io(port, &a3, &["write -P 0x5a 4M 64k", "flush"]);
+    let o = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x5a 4M 64k",
+            &s.url("device/pc3"),
+        ])
+        .output()
+        .expect("qemu-io");
+    assert!(
+        o.status.success() && !out_text(&o).contains("fail"),
+        "NBD does not read the iSCSI write: {}",
+        out_text(&o)
+    );
+
+    // One door at a time.
+    {
+        let _nbd = Holder::nbd(&s.url("device/pc3"));
+        wait_protocol(&s, "pc3", Some("NBD"));
+        let o = inq(port, &a3.initiator, &a3, &a3.secret);
+        assert!(!o.status.success(), "iSCSI joined an NBD session");
+    }
+    wait_protocol(&s, "pc3", None);
+    assert!(s.log_text().contains("is connected over NBD"));
+    {
+        let _iscsi = Holder::iscsi(port, &a3);
+        wait_protocol(&s, "pc3", Some("iSCSI"));
+        let o = Command::new("nbdinfo")
+            .arg(s.url("device/pc3"))
+            .output()
+            .expect("nbdinfo");
+        assert!(!o.status.success(), "NBD joined an iSCSI session");
+        assert!(
+            s.log_text().contains("is connected over iSCSI"),
+            "the refusal's reason is logged"
+        );
+    }
+    wait_protocol(&s, "pc3", None);
+    let o = inq(port, &a3.initiator, &a3, &a3.secret);
+    assert!(o.status.success(), "{}", out_text(&o));
+
+    // Identity.
+    let id1 = identity(port, &a1);
+    assert_eq!(id1, identity(port, &a2), "one vDisk version, one identity");
+    assert_ne!(id1, identity(port, &a3), "two vDisks share an identity");
+    s.stop();
+    s.restart();
+    wait_for(10, "the iSCSI portal", || {
+        s.log_text().contains("iSCSI listening").then_some(())
+    });
+    assert_eq!(
+        id1,
+        identity(port, &a1),
+        "the identity changed at a restart"
+    );
+}
+
+/// What a device target does not do yet that tgt does (issue 19):
+/// persistent reservations. And WriteSame*.UnmapUnaligned, which runs only
+/// with several logical blocks per physical block, where
+/// GetLBAStatus.UnmapSingle then expects descriptors that start past the
+/// LBA asked. A test named here must still fall short, so the list shrinks
+/// as they land.
+const KNOWN_GAPS: [&str; 8] = [
+    "WriteSame10.UnmapUnaligned",
+    "WriteSame16.UnmapUnaligned",
+    "PrinReadKeys.",
+    "PrinReportCapabilities.",
+    "ProutRegister.",
+    "ProutReserve.",
+    "ProutClear.",
+    "ProutPreempt.",
+];
+
+/// The issue's bar: libiscsi's suite, against a device's target (a
+/// Private vDisk, with the device's initiator name and CHAP secret) and
+/// against Debian's tgt on a file in the same run. Every test tgt really
+/// passes (not skipped), the device target really passes, but for
+/// [`KNOWN_GAPS`]; so do the thin-provisioning tests a plain file cannot
+/// pass. Each test's outcome on both is printed, for the CI log.
+#[test]
+fn libiscsi_suite_on_a_device_target_beside_tgt() {
+    if !have("iscsi-test-cu") || !have("tgtd") || !have("tgtadm") {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        skip("tgtd needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (s, port) = server();
+    s.cli_ok(&["vdisk", "create", "suite", "--size", "64M"]);
+    s.cli_ok(&["vdisk", "set", "suite", "--mode", "private"]);
+    s.cli_ok(&[
+        "device",
+        "add",
+        "pc1",
+        "--mac",
+        "52:54:00:00:02:01",
+        "--vdisk",
+        "suite",
+    ]);
+    let a = access(&s, "pc1");
+    let [tgt_port, control] = vstream_testkit::free_ports::<2>();
+    let tgt_iqn = "iqn.2026-12.org.vstream:tgt";
+    let _tgt = Tgt::start(dir.path(), tgt_port, control % 60000 + 1, tgt_iqn);
+    let ours = url(port, &a, &a.secret);
+    let theirs = format!("iscsi://127.0.0.1:{tgt_port}/{tgt_iqn}/1");
+    let mut table = Vec::new();
+    for family in ["SCSI", "iSCSI"] {
+        let mine = classify(&test_cu(dir.path(), family, &ours, Some(&a.initiator)));
+        let tgt = classify(&test_cu(dir.path(), family, &theirs, None));
+        assert!(
+            mine.len() >= 15 && tgt.len() >= 15,
+            "few tests ran: {mine:?} {tgt:?}"
+        );
+        for (name, m) in &mine {
+            let t = tgt.iter().find(|(n, _)| n == name).map(|(_, o)| *o);
+            table.push((name.clone(), *m, t));
+        }
+    }
+    let mut failed = Vec::new();
+    let mut gaps_seen = Vec::new();
+    eprintln!("{:<44} {:<8} tgt", "test", "vstream");
+    for (name, mine, tgt) in &table {
+        eprintln!("{name:<44} {mine:<8?} {tgt:?}");
+        let thin = name.starts_with("Unmap.")
+            || name.starts_with("GetLBAStatus.")
+            || name == "Inquiry.BlockLimits"
+            || (name.starts_with("WriteSame1") && name.contains(".Unmap"));
+        if (*tgt == Some(Outcome::Passed) || thin) && *mine != Outcome::Passed {
+            match KNOWN_GAPS.iter().find(|g| name.starts_with(*g)) {
+                Some(g) => gaps_seen.push(*g),
+                None => failed.push(format!("{name}: {mine:?} (tgt {tgt:?})")),
+            }
+        }
+    }
+    for g in KNOWN_GAPS {
+        if !gaps_seen.contains(&g) {
+            failed.push(format!("{g}* passes now: take it out of KNOWN_GAPS"));
+        }
+    }
+    let count = |o: Outcome, tgt: bool| {
+        table
+            .iter()
+            .filter(|(_, m, t)| if tgt { *t == Some(o) } else { *m == o })
+            .count()
+    };
+    eprintln!(
+        "vstream: {} passed, {} skipped, {} failed; tgt: {} passed, {} skipped, {} failed",
+        count(Outcome::Passed, false),
+        count(Outcome::Skipped, false),
+        count(Outcome::Failed, false),
+        count(Outcome::Passed, true),
+        count(Outcome::Skipped, true),
+        count(Outcome::Failed, true),
+    );
+    assert!(
+        failed.is_empty(),
+        "not really passed:\n{}",
+        failed.join("\n")
+    );
+    let log = s.log_text();
+    assert!(!log.contains(&a.secret), "the CHAP secret in the log");
+    assert!(!log.contains("panicked"), "{log}");
+}
