@@ -13,8 +13,8 @@ pub use farm::*;
 pub use replication::*;
 pub use vstream_model::{
     check_iqn, default_initiator, default_store, device_target, looks_like_mac, parse_mac,
-    BootFile, BootFileKind, BootFiles, CacheType, Device, DeviceType, EnrollToken, IscsiSecrets,
-    Mode, StoreDef, StoreHere, VDisk, Version, VersionState, DEFAULT_STORE,
+    BootFile, BootFileKind, BootFiles, BootMethod, CacheType, Device, DeviceType, EnrollToken,
+    IscsiSecrets, Mode, StoreDef, StoreHere, VDisk, Version, VersionState, DEFAULT_STORE,
 };
 
 use serde::{Deserialize, Serialize};
@@ -75,6 +75,9 @@ pub struct SetVDisk {
     /// versions on a server with TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anonymous_read: Option<bool>,
+    /// How its devices network-boot: `kernel` or `sanboot`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootMethod>,
 }
 
 /// Changes to a device.

@@ -37,6 +37,9 @@ pub mod status {
 pub struct LoginFailure {
     pub status: (u8, u8),
     pub why: String,
+    /// Where the initiator should log in instead (`TargetAddress`, with a
+    /// redirection status): `HOST:PORT,TPGT`.
+    pub redirect: Option<String>,
 }
 
 impl LoginFailure {
@@ -44,6 +47,17 @@ impl LoginFailure {
         LoginFailure {
             status,
             why: why.into(),
+            redirect: None,
+        }
+    }
+
+    /// "Target moved temporarily" (RFC 7143 11.13.5): log in at `address`
+    /// (`HOST:PORT,TPGT`) this time.
+    pub fn moved(address: impl Into<String>, why: impl Into<String>) -> LoginFailure {
+        LoginFailure {
+            status: status::MOVED_TEMPORARILY,
+            why: why.into(),
+            redirect: Some(address.into()),
         }
     }
 }

@@ -28,7 +28,7 @@ pub use server::{
     SessionInfo, BOOT_TOKEN_MAX,
 };
 pub use vdisk::{
-    default_store, BootFile, BootFileKind, BootFiles, CacheType, Mode, StoreDef, StoreHere, VDisk,
-    DEFAULT_STORE,
+    default_store, BootFile, BootFileKind, BootFiles, BootMethod, CacheType, Mode, StoreDef,
+    StoreHere, VDisk, DEFAULT_STORE,
 };
 pub use version::{Version, VersionState};

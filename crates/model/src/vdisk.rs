@@ -145,11 +145,60 @@ pub struct BootFiles {
     /// Kernel command line words; vstream adds the bootstrap list and the MAC.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cmdline: String,
+    /// How its devices network-boot.
+    #[serde(default, skip_serializing_if = "BootMethod::is_kernel")]
+    pub method: BootMethod,
+}
+
+/// How a vDisk's devices network-boot from the boot script.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum BootMethod {
+    /// iPXE loads the vDisk's kernel and initrd, which stream the disk over
+    /// NBD (through `vstream target`, or the initramfs hook).
+    #[default]
+    Kernel,
+    /// iPXE `sanboot`s the device's iSCSI target: the disk's own boot loader
+    /// runs, and the OS takes the disk over from the iBFT (Windows, ESXi,
+    /// the BSDs, a Linux with open-iscsi in its initramfs).
+    Sanboot,
+}
+
+impl BootMethod {
+    pub fn is_kernel(&self) -> bool {
+        *self == BootMethod::Kernel
+    }
+}
+
+impl std::str::FromStr for BootMethod {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kernel" => Ok(BootMethod::Kernel),
+            "sanboot" => Ok(BootMethod::Sanboot),
+            _ => Err(format!(
+                "unknown boot method {s:?}: expected kernel or sanboot"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for BootMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BootMethod::Kernel => "kernel",
+            BootMethod::Sanboot => "sanboot",
+        })
+    }
 }
 
 impl BootFiles {
     pub fn is_empty(&self) -> bool {
-        self.kernel.is_none() && self.initrd.is_none() && self.cmdline.is_empty()
+        self.kernel.is_none()
+            && self.initrd.is_none()
+            && self.cmdline.is_empty()
+            && self.method.is_kernel()
     }
 
     pub fn get(&self, which: BootFileKind) -> Option<&BootFile> {

@@ -165,6 +165,83 @@ pub fn refusal(why: &str, hint: &str, mac: &str, servers: &[String]) -> String {
     s
 }
 
+/// What a device sanboots: its iSCSI target over every portal that can
+/// serve it, in turn. iPXE writes the iBFT from these settings, and the OS
+/// (Windows' own initiator, open-iscsi's `iscsistart -b`) takes the disk
+/// over from it with the same names and secrets.
+pub struct SanbootScript<'a> {
+    pub device: &'a str,
+    /// Lowercase, colon-separated.
+    pub mac: &'a str,
+    pub vdisk: &'a str,
+    pub initiator: &'a str,
+    pub target: &'a str,
+    pub chap_user: &'a str,
+    pub chap_secret: &'a str,
+    /// The target's own CHAP name and secret (mutual CHAP).
+    pub target_user: &'a str,
+    pub target_secret: &'a str,
+    /// The portals (`HOST:PORT`) to try, in order.
+    pub portals: &'a [String],
+    /// The servers' HTTP base URLs, for asking again.
+    pub servers: &'a [String],
+}
+
+/// An iPXE iSCSI root path: `iscsi:HOST:PROTOCOL:PORT:LUN:TARGET` (the
+/// protocol and LUN left to their defaults, TCP and 0).
+pub fn iscsi_uri(portal: &str, target: &str) -> String {
+    let (host, port) = match portal.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && p.chars().all(|c| c.is_ascii_digit()) => (h, p),
+        _ => (portal, ""),
+    };
+    format!("iscsi:{host}::{port}::{target}")
+}
+
+impl SanbootScript<'_> {
+    /// The script: the iSCSI settings, then `sanboot` at each portal in
+    /// turn, then a fresh script from the farm.
+    pub fn render(&self) -> String {
+        let mut s = String::from("#!ipxe\n");
+        let _ = writeln!(
+            s,
+            "echo vstream: device {} ({}) sanboots vDisk {} over iSCSI from {} server(s)",
+            one_line(self.device),
+            self.mac,
+            one_line(self.vdisk),
+            self.portals.len()
+        );
+        // Every value is ours (names and generated secrets), but a `${`
+        // or a line break would still be read as script: one_line keeps
+        // each on its own line, unexpanded.
+        for (key, value) in [
+            ("initiator-iqn", self.initiator),
+            ("username", self.chap_user),
+            ("password", self.chap_secret),
+            ("reverse-username", self.target_user),
+            ("reverse-password", self.target_secret),
+        ] {
+            let _ = writeln!(s, "set {key} {}", one_line(value));
+        }
+        for (i, portal) in self.portals.iter().enumerate() {
+            let _ = writeln!(s, ":san{i}");
+            let _ = writeln!(s, "echo vstream: sanboot from {}", one_line(portal));
+            let _ = writeln!(
+                s,
+                "sanboot {} || goto san{}",
+                one_line(&iscsi_uri(portal, self.target)),
+                i + 1
+            );
+        }
+        let _ = writeln!(s, ":san{}", self.portals.len());
+        s.push_str(
+            "echo vstream: no server of the farm could sanboot this device; asking again in 10 s\n",
+        );
+        s.push_str("sleep 10 ||\n");
+        s.push_str(&retry_lines(self.servers, self.mac));
+        s
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,5 +363,48 @@ mod tests {
     fn host_port_strips_the_scheme() {
         assert_eq!(host_port("http://10.0.0.1:80/"), "10.0.0.1:80");
         assert_eq!(host_port("10.0.0.1:80"), "10.0.0.1:80");
+    }
+
+    #[test]
+    fn a_sanboot_script_sets_the_credentials_and_tries_each_portal() {
+        let portals = vec!["10.0.0.1:3260".to_string(), "[fd00::2]:3261".to_string()];
+        let servers = servers();
+        let script = SanbootScript {
+            device: "pc1",
+            mac: "52:54:00:12:34:56",
+            vdisk: "win10",
+            initiator: "iqn.2026-12.org.vstream:mac.525400123456",
+            target: "iqn.2026-12.org.vstream:device.pc1",
+            chap_user: "pc1",
+            chap_secret: "abcdefgh12345678",
+            target_user: "iqn.2026-12.org.vstream:device.pc1",
+            target_secret: "ABCDEFGH12345678",
+            portals: &portals,
+            servers: &servers,
+        }
+        .render();
+        let lines: Vec<&str> = script.lines().collect();
+        assert_eq!(lines[0], "#!ipxe");
+        for want in [
+            "set initiator-iqn iqn.2026-12.org.vstream:mac.525400123456",
+            "set username pc1",
+            "set password abcdefgh12345678",
+            "set reverse-username iqn.2026-12.org.vstream:device.pc1",
+            "set reverse-password ABCDEFGH12345678",
+            "sanboot iscsi:10.0.0.1::3260::iqn.2026-12.org.vstream:device.pc1 || goto san1",
+            "sanboot iscsi:[fd00::2]::3261::iqn.2026-12.org.vstream:device.pc1 || goto san2",
+            ":san2",
+        ] {
+            assert!(lines.contains(&want), "{want:?} missing from:\n{script}");
+        }
+        let first = lines.iter().position(|l| l.starts_with("sanboot")).unwrap();
+        let set = lines.iter().rposition(|l| l.starts_with("set ")).unwrap();
+        assert!(set < first, "the settings come before the first sanboot");
+        assert!(
+            script.contains("/boot/ipxe?mac=52:54:00:12:34:56"),
+            "{script}"
+        );
+        assert!(script.ends_with("exit 1\n"));
+        assert_eq!(iscsi_uri("host", "t"), "iscsi:host::::t");
     }
 }

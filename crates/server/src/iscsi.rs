@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
@@ -36,7 +37,14 @@ pub struct IscsiTargets {
     /// The CHAP secrets last read per device: a login while the farm state
     /// is away goes on with them.
     known: Mutex<HashMap<String, IscsiSecrets>>,
+    /// When this server last sent each device elsewhere: a device back
+    /// within [`REDIRECT_HOLD`] (the other server saw the farm otherwise)
+    /// is taken here, so two servers never bounce it between them.
+    redirected: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long a device redirected from here is taken here if it comes back.
+const REDIRECT_HOLD: Duration = Duration::from_secs(30);
 
 impl IscsiTargets {
     pub fn new(config: Arc<Config>, farm: FarmStore, sessions: Arc<Sessions>) -> IscsiTargets {
@@ -47,7 +55,41 @@ impl IscsiTargets {
             stats: Stats::default(),
             lus: Mutex::default(),
             known: Mutex::default(),
+            redirected: Mutex::default(),
         }
+    }
+
+    /// Where `device`'s login belongs if not here: the portal of the
+    /// server the login placement picks for it (load, subnets, the server
+    /// holding a Private vDisk), as a redirection. None: here (it is
+    /// connected here already, this server is the pick, nobody else can
+    /// serve it, or it was just sent away and came back).
+    fn redirect(&self, device: &Device, client: &Client) -> Option<LoginFailure> {
+        self.config.advertise_iscsi.as_ref()?;
+        if self.sessions.is_connected(&device.name) {
+            return None;
+        }
+        let ip = client
+            .addr
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|a| a.ip());
+        let order = self.sessions.iscsi_order(&device.mac, ip);
+        let (server, portal) = order.first()?;
+        if *server == self.config.name {
+            return None;
+        }
+        let mut redirected = self.redirected.lock();
+        redirected.retain(|_, at| at.elapsed() < REDIRECT_HOLD);
+        if redirected.contains_key(&device.name) {
+            tracing::info!(device = %device.name, placed = %server, "device back after a redirection: served here");
+            return None;
+        }
+        redirected.insert(device.name.clone(), Instant::now());
+        Some(LoginFailure::moved(
+            format!("{portal},{}", vstream_service::iscsi::TPGT),
+            format!("device {} is placed on server {server}", device.name),
+        ))
     }
 
     /// The device target `target` names, with its vDisk.
@@ -162,11 +204,16 @@ impl Targets for IscsiTargets {
         &'a self,
         initiator: &'a str,
         target: &'a str,
-        _client: &'a Client,
+        client: &'a Client,
     ) -> BoxFuture<'a, Result<Option<Chap>, LoginFailure>> {
         Box::pin(async move {
             let (device, _) = self.device_of(target).await?;
             self.check_initiator(initiator, &device)?;
+            // Redirected before any secret is asked: the initiator proves
+            // itself to the server that serves it.
+            if let Some(moved) = self.redirect(&device, client) {
+                return Err(moved);
+            }
             self.chap(&device).await.map(Some)
         })
     }

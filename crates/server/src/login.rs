@@ -252,6 +252,41 @@ pub fn choose(
     })
 }
 
+/// The iSCSI portals a device should log in at, best first, by server:
+/// the login placement asked again and again, each time avoiding the
+/// servers already listed and every server without a portal. Empty when no
+/// server with a portal can serve it now.
+pub fn iscsi_order(
+    view: &View,
+    mac: &str,
+    recent: &HashMap<String, u32>,
+    client: Option<IpAddr>,
+) -> Vec<(String, String)> {
+    let mut req = LoginRequest {
+        mac: mac.to_owned(),
+        avoid: view
+            .servers
+            .iter()
+            .filter(|s| s.iscsi.is_none())
+            .map(|s| s.name.clone())
+            .collect(),
+        pin: None,
+        boot: None,
+    };
+    let mut order = Vec::new();
+    while let Ok(reply) = choose(view, &req, recent, client) {
+        let portal = view
+            .servers
+            .iter()
+            .find(|s| s.name == reply.server)
+            .and_then(|s| s.iscsi.clone());
+        let Some(portal) = portal else { break };
+        req.avoid.push(reply.server.clone());
+        order.push((reply.server, portal));
+    }
+    order
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

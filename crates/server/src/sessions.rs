@@ -774,6 +774,21 @@ impl Sessions {
         portals
     }
 
+    /// The servers (and their portals) a device with `mac` at `client`
+    /// should log in to over iSCSI, best first.
+    pub fn iscsi_order(
+        &self,
+        mac: &str,
+        client: Option<std::net::IpAddr>,
+    ) -> Vec<(String, String)> {
+        crate::login::iscsi_order(
+            &self.membership.view(),
+            mac,
+            &self.membership.recent_logins(),
+            client,
+        )
+    }
+
     /// The version device `device`'s live session here runs.
     pub fn session_version(&self, device: &str) -> Option<u32> {
         self.sessions.lock().get(device).map(|s| s.version)

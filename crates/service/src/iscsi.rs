@@ -169,6 +169,7 @@ pub struct Stats {
     pub connections: AtomicU64,
     pub logins: AtomicU64,
     pub login_failures: AtomicU64,
+    pub redirects: AtomicU64,
     pub commands: AtomicU64,
     pub command_errors: AtomicU64,
     pub read_bytes: AtomicU64,
@@ -196,6 +197,12 @@ impl Stats {
                 "counter",
                 "iSCSI logins refused (reason in the log)",
                 &self.login_failures,
+            ),
+            (
+                "vstream_iscsi_redirects_total",
+                "counter",
+                "iSCSI logins sent to the server the farm places the device on",
+                &self.redirects,
             ),
             (
                 "vstream_iscsi_commands_total",
@@ -333,6 +340,11 @@ async fn connection<R, W>(
     };
     let mut session = match session {
         Ok(s) => s,
+        Err(End::Login(f)) if f.redirect.is_some() => {
+            Metrics::add(&targets.stats().redirects, 1);
+            tracing::info!(peer = %client.addr, to = f.redirect.as_deref().unwrap_or_default(), reason = %f.why, "iSCSI login redirected");
+            return;
+        }
         Err(e) => {
             if !matches!(e, End::Closed) {
                 Metrics::add(&targets.stats().login_failures, 1);
@@ -437,16 +449,12 @@ where
             })
         };
         let fail = |wire_req: &LoginRequest, f: LoginFailure, stat_sn: u32| {
+            let mut answers = Pairs::default();
+            if let Some(address) = &f.redirect {
+                answers.push("TargetAddress", address.clone());
+            }
             (
-                respond(
-                    wire_req,
-                    Pairs::default(),
-                    false,
-                    wire_req.csg,
-                    0,
-                    f.status,
-                    stat_sn,
-                ),
+                respond(wire_req, answers, false, wire_req.csg, 0, f.status, stat_sn),
                 f,
             )
         };

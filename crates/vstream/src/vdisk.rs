@@ -68,7 +68,7 @@ pub struct CreateArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("change").required(true).multiple(true).args(["mode", "cache_limit", "cache_type", "anonymous_read", "kernel", "initrd", "cmdline"])))]
+#[command(group(ArgGroup::new("change").required(true).multiple(true).args(["mode", "cache_limit", "cache_type", "anonymous_read", "boot", "kernel", "initrd", "cmdline"])))]
 pub struct SetArgs {
     pub name: String,
     /// private: one device reads and writes the vDisk itself; standard: many
@@ -88,6 +88,12 @@ pub struct SetArgs {
     /// off (the default): only its own devices read it.
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
     pub anonymous_read: Option<bool>,
+    /// How its devices network-boot: kernel (iPXE loads --kernel and
+    /// --initrd, which stream the disk over NBD; the default) or sanboot
+    /// (iPXE boots the device's iSCSI target, as Windows needs: see
+    /// docs/windows.md). Counts from each device's next boot.
+    #[arg(long, value_name = "kernel|sanboot", value_parser = parse_boot_method)]
+    pub boot: Option<vstream_api::BootMethod>,
     /// The Linux kernel devices network-boot with (`/boot/ipxe`); it is
     /// copied to every server of the farm.
     #[arg(long, value_name = "FILE")]
@@ -100,6 +106,10 @@ pub struct SetArgs {
     /// vstream adds the bootstrap list and the device's MAC itself.
     #[arg(long, value_name = "WORDS")]
     pub cmdline: Option<String>,
+}
+
+fn parse_boot_method(s: &str) -> Result<vstream_api::BootMethod, String> {
+    s.parse()
 }
 
 fn parse_cache_type(s: &str) -> Result<CacheType, String> {
@@ -236,6 +246,7 @@ fn vdisk_fields(i: &VDiskInfo) -> String {
             ("boot kernel", boot_file(v.boot.kernel.as_ref())),
             ("boot initrd", boot_file(v.boot.initrd.as_ref())),
             ("boot cmdline", v.boot.cmdline.clone()),
+            ("boot method", v.boot.method.to_string()),
         ]);
     }
     render_fields(&fields)
@@ -262,6 +273,7 @@ fn set(client: &Client, a: SetArgs) -> Result<()> {
         || a.cache_limit.is_some()
         || a.cache_type.is_some()
         || a.anonymous_read.is_some()
+        || a.boot.is_some()
         || !boot
     {
         let body = SetVDisk {
@@ -269,22 +281,28 @@ fn set(client: &Client, a: SetArgs) -> Result<()> {
             cache_limit: a.cache_limit,
             cache_type: a.cache_type,
             anonymous_read: a.anonymous_read,
+            boot: a.boot,
         };
         let updated = client.set_vdisk(&a.name, &body)?;
         out += &match updated {
-            Some(v) => format!(
-                "vDisk {}: mode {}, cache {}, cache limit {}{}\n",
-                v.name,
-                v.mode,
-                v.cache_type,
-                v.cache_limit
-                    .map_or_else(|| "the vDisk size".to_string(), human_size),
-                if v.anonymous_read {
-                    ", anonymous read on"
-                } else {
-                    ""
+            Some(v) => {
+                format!(
+                    "vDisk {}: mode {}, cache {}, cache limit {}{}\n",
+                    v.name,
+                    v.mode,
+                    v.cache_type,
+                    v.cache_limit
+                        .map_or_else(|| "the vDisk size".to_string(), human_size),
+                    if v.anonymous_read {
+                        ", anonymous read on"
+                    } else {
+                        ""
+                    }
+                ) + &match a.boot {
+                    Some(_) => format!("vDisk {}: boot {}\n", v.name, v.boot.method),
+                    None => String::new(),
                 }
-            ),
+            }
             None => format!("updated vDisk {}\n", a.name),
         };
     }
@@ -403,7 +421,8 @@ mod tests {
             f.ends_with(
                 "boot kernel:       vmlinuz (8 MiB, abababababab)\n\
                  boot initrd:       -\n\
-                 boot cmdline:      boot=vstream\n"
+                 boot cmdline:      boot=vstream\n\
+                 boot method:       kernel\n"
             ),
             "{f}"
         );

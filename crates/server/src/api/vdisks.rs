@@ -208,9 +208,10 @@ pub(super) async fn set_vdisk(
 ) -> Result<Json<VDiskInfo>, ApiError> {
     let _lock = sessions.lock_vdisk(&name).await;
     let content = req.mode.is_some() || req.cache_limit.is_some() || req.cache_type.is_some();
-    if !content && req.anonymous_read.is_none() {
+    if !content && req.anonymous_read.is_none() && req.boot.is_none() {
         return Err(ApiError::bad_request(
-            "nothing to change: give a mode, a cache type, a cache limit or anonymous read",
+            "nothing to change: give a mode, a cache type, a cache limit, anonymous read \
+             or a boot method",
         ));
     }
     // Who may read it changes nothing under a connected device.
@@ -235,6 +236,10 @@ pub(super) async fn set_vdisk(
             }
             if let Some(a) = req.anonymous_read {
                 v.anonymous_read = a;
+            }
+            // Counts from each device's next boot script.
+            if let Some(b) = req.boot {
+                v.boot.method = b;
             }
             if let Some(l) = req.cache_limit {
                 if l < 4096 {

@@ -108,6 +108,9 @@ async fn script(
     };
     let stats = &server.stats;
     match boot_target(&server, &mac, true).await {
+        Ok((device, vdisk)) if vdisk.boot.method == vstream_api::BootMethod::Sanboot => {
+            sanboot(&server, &device, &vdisk, &mac, peer, &servers).await
+        }
         Ok((device, vdisk)) => {
             let Some(kernel) = &vdisk.boot.kernel else {
                 Metrics::add(&stats.refusals, 1);
@@ -187,6 +190,78 @@ async fn script(
 
 /// Why a device cannot boot, and what an administrator can do about it.
 struct Refusal(String, String);
+
+/// The script that sanboots `device`'s iSCSI target: a new boot (so its
+/// Standard-mode cache of the last one goes), its names and CHAP secrets,
+/// and the portals that can serve it, best first.
+async fn sanboot(
+    server: &Arc<Boot>,
+    device: &Device,
+    vdisk: &VDisk,
+    mac: &str,
+    peer: SocketAddr,
+    servers: &[String],
+) -> Response {
+    let stats = &server.stats;
+    let refuse = |why: String, hint: &str| {
+        tracing::info!(device = %device.name, %mac, reason = %why, "boot script refused");
+        Metrics::add(&stats.refusals, 1);
+        ipxe_script(ipxe::refusal(&why, hint, mac, servers))
+    };
+    let order = server.sessions.iscsi_order(mac, Some(peer.ip()));
+    if order.is_empty() {
+        return refuse(
+            format!(
+                "no live server with an iSCSI portal can serve vDisk {} to device {} now",
+                vdisk.name, device.name
+            ),
+            "start servers with --iscsi HOST, and check `vstream farm replication`",
+        );
+    }
+    let secrets = match server
+        .farm
+        .iscsi_secrets(&device.name, crate::iscsi::fresh_secrets())
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            return refuse(
+                format!(
+                    "the farm state could not give device {}'s CHAP secrets: {e}",
+                    device.name
+                ),
+                "",
+            )
+        }
+    };
+    let token = crate::sessions::new_boot_token();
+    let boot = server
+        .sessions
+        .boot_of(&device.name, Some(&token), "ipxe")
+        .await;
+    let prefix = &server.config.iqn_prefix;
+    let target = vstream_api::device_target(prefix, &device.name);
+    let initiator = device.initiator(prefix);
+    let portals: Vec<String> = order.into_iter().map(|(_, p)| p).collect();
+    tracing::info!(device = %device.name, %mac, vdisk = %vdisk.name, method = "sanboot", portals = %portals.join(","), boot = boot.map_or(0, |b| b.seq), "boot script");
+    Metrics::add(&stats.scripts, 1);
+    ipxe_script(
+        ipxe::SanbootScript {
+            device: &device.name,
+            mac,
+            vdisk: &vdisk.name,
+            initiator: &initiator,
+            target: &target,
+            chap_user: &device.name,
+            chap_secret: &secrets.chap_secret,
+            target_user: &target,
+            target_secret: &secrets.target_secret,
+            portals: &portals,
+            servers,
+        }
+        .render(),
+    )
+}
 
 /// The device with `mac` and its vDisk, from the farm state, or from the
 /// last view of it while the farm state is unreachable. An unknown device is

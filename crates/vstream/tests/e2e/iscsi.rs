@@ -575,3 +575,94 @@ fn libiscsi_suite_on_a_device_target_beside_tgt() {
     assert!(!log.contains(&a.secret), "the CHAP secret in the log");
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// Load balancing on iSCSI: the sanboot script lists every portal that can
+/// serve the device, best first, and a login at any portal is redirected
+/// ("target moved temporarily") to the server the farm places the device
+/// on, which QEMU's initiator follows.
+#[test]
+fn a_login_at_any_portal_lands_where_the_farm_places_it() {
+    if !have_tools() || !have("curl") {
+        return;
+    }
+    let Some(etcd) = common::TestEtcd::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = vstream_testkit::free_ports::<2>();
+    let servers: Vec<TestServer> = (0..2)
+        .map(|i| {
+            let s = TestServer::start_in_farm_with(
+                dir.path().join(format!("s{}", i + 1)),
+                &etcd.url,
+                &format!("s{}", i + 1),
+                &["--iscsi", &format!("127.0.0.1:{}", ports[i])],
+                &[],
+            );
+            wait_for(10, "the iSCSI portal", || {
+                s.log_text().contains("iSCSI listening").then_some(())
+            });
+            s
+        })
+        .collect();
+    let image = dir.path().join("src.raw");
+    random_image(&image, 8 * MIB, 23);
+    let s1 = &servers[0];
+    s1.cli_ok(&["vdisk", "import", "std", image.to_str().expect("path")]);
+    s1.cli_ok(&[
+        "vdisk", "set", "std", "--mode", "standard", "--boot", "sanboot",
+    ]);
+    for (d, mac) in [("pc1", "52:54:00:00:03:01"), ("pc2", "52:54:00:00:03:02")] {
+        s1.cli_ok(&["device", "add", d, "--mac", mac, "--vdisk", "std"]);
+    }
+    for s in &servers {
+        common::wait_farm_ready(s, 2);
+    }
+
+    // The script from the second server: both portals, the first server's
+    // first (no load on either: by name), its credentials set.
+    let script = common::run(
+        "curl",
+        &[
+            "-sf",
+            &format!("{}/boot/ipxe?mac=52:54:00:00:03:01", servers[1].api),
+        ],
+    );
+    let a1 = access(&servers[1], "pc1");
+    let at = |port: u16| {
+        script
+            .find(&format!("sanboot iscsi:127.0.0.1::{port}::{}", a1.target))
+            .unwrap_or_else(|| panic!("no sanboot at port {port}:\n{script}"))
+    };
+    assert!(at(ports[0]) < at(ports[1]), "{script}");
+    assert!(script.contains(&format!("set initiator-iqn {}", a1.initiator)));
+    assert!(script.contains(&format!("set password {}", a1.secret)));
+
+    // pc1 asks the second server: sent to the first.
+    let server_of = |d: &str| {
+        let v = device_json(s1, d);
+        (v["connected"] == true).then(|| v["server"].as_str().unwrap_or("").to_owned())
+    };
+    let _pc1 = Holder::iscsi(ports[1], &a1);
+    let on = wait_for(20, "pc1 connected", || server_of("pc1"));
+    assert_eq!(on, "s1", "pc1 was not sent where the farm places it");
+    assert!(servers[1].metric("vstream_iscsi_redirects_total") >= 1);
+    // The first server now carries a device: pc2, asking it, goes to the second.
+    wait_for(10, "s1's load published", || {
+        let list = servers[1].cli_ok(&["server", "list", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&list).ok()?;
+        v.as_array()?
+            .iter()
+            .any(|s| s["name"] == "s1" && s["devices"] == 1)
+            .then_some(())
+    });
+    let a2 = access(s1, "pc2");
+    let _pc2 = Holder::iscsi(ports[0], &a2);
+    let on = wait_for(20, "pc2 connected", || server_of("pc2"));
+    assert_eq!(on, "s2", "pc2 was not sent to the idle server");
+    assert!(s1.metric("vstream_iscsi_redirects_total") >= 1);
+    for s in &servers {
+        let log = s.log_text();
+        assert!(!log.contains(&a1.secret) && !log.contains(&a2.secret));
+    }
+}
