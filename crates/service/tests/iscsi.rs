@@ -389,3 +389,135 @@ fn a_login_cannot_change_who_it_is_or_split_its_names_past_chap() {
     let r = login_exchange(&mut s, &Request::Login(next));
     assert_eq!((r.status_class, r.status_detail), status::INITIATOR_ERROR);
 }
+
+/// Logs in on `s` from the security stage straight to full feature phase,
+/// without CHAP; returns the ExpCmdSN to use next.
+fn login_plain(s: &mut TcpStream, isid: u8) -> u32 {
+    let Request::Login(mut req) = login(
+        isid,
+        format!(
+            "InitiatorName=iqn.x:y\0TargetName={TARGET}\0SessionType=Normal\0AuthMethod=None\0"
+        )
+        .into_bytes(),
+    ) else {
+        unreachable!()
+    };
+    req.nsg = Stage::FullFeature;
+    let r = login_exchange(s, &Request::Login(req));
+    assert_eq!((r.status_class, r.status_detail), status::SUCCESS);
+    assert_eq!(r.nsg, Stage::FullFeature, "{r:?}");
+    r.sn.exp_cmd_sn
+}
+
+/// The bad input, past the login: a login text of 10,000 keys,
+/// and a data segment longer than the MaxRecvDataSegmentLength the target
+/// declared. Each ends its own connection with a clear answer; a session
+/// beside them, logged in before, goes on as if nothing happened.
+#[test]
+fn oversized_texts_and_segments_end_their_own_connection_only() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_rt, port, targets) = serve(dir.path(), false);
+    let connect = || {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        s
+    };
+    // A bystander, in full feature phase throughout.
+    let mut bystander = connect();
+    let mut cmd_sn = login_plain(&mut bystander, 9);
+    let mut read_block = |s: &mut TcpStream, cmd_sn: &mut u32| {
+        let cmd = Request::ScsiCommand(ScsiCommand {
+            final_bit: true,
+            read: true,
+            expected_len: 512,
+            itt: *cmd_sn,
+            cmd_sn: *cmd_sn,
+            cdb: [0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0],
+            ..Default::default()
+        });
+        *cmd_sn += 1;
+        s.write_all(&cmd.to_pdu().to_bytes()).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some((pdu, _)) = Pdu::decode(&got, 1 << 20).unwrap() {
+                match Response::parse(pdu).unwrap() {
+                    Response::DataIn(d) => {
+                        assert_eq!(d.data.len(), 512);
+                        return;
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            let n = s.read(&mut buf).expect("the bystander's read");
+            assert!(n > 0, "the bystander's connection closed");
+            got.extend_from_slice(&buf[..n]);
+        }
+    };
+    read_block(&mut bystander, &mut cmd_sn);
+
+    // 10,000 keys, in continued login PDUs of at most 8 KiB each.
+    let mut s = connect();
+    let mut text = b"InitiatorName=iqn.x:y\0".to_vec();
+    for i in 0..10_000 {
+        text.extend_from_slice(format!("X-vstream.k{i}=v\0").as_bytes());
+    }
+    let chunks: Vec<&[u8]> = text.chunks(8192).collect();
+    let mut refused = None;
+    for (i, chunk) in chunks.iter().enumerate() {
+        let Request::Login(mut req) = login(7, chunk.to_vec()) else {
+            unreachable!()
+        };
+        req.cont = i + 1 < chunks.len();
+        req.transit = !req.cont;
+        let r = login_exchange(&mut s, &Request::Login(req));
+        if (r.status_class, r.status_detail) != status::SUCCESS {
+            refused = Some((r.status_class, r.status_detail));
+            break;
+        }
+    }
+    assert_eq!(refused, Some(status::INITIATOR_ERROR), "10,000 keys");
+    let mut buf = [0u8; 64];
+    assert_eq!(s.read(&mut buf).unwrap_or(0), 0, "left open after refusal");
+
+    // A write whose immediate data is longer than the 256 KiB the target
+    // declared (MaxRecvDataSegmentLength).
+    let mut s = connect();
+    let sn = login_plain(&mut s, 8);
+    let cmd = Request::ScsiCommand(ScsiCommand {
+        final_bit: true,
+        write: true,
+        expected_len: 320 * 1024,
+        itt: 1,
+        cmd_sn: sn,
+        cdb: [0x2a, 0, 0, 0, 0, 0, 0, 0x02, 0x80, 0, 0, 0, 0, 0, 0, 0],
+        data: vec![0xee; 320 * 1024],
+        ..Default::default()
+    });
+    let _ = s.write_all(&cmd.to_pdu().to_bytes());
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    // Either a Reject, or nothing, then the end of the connection; never
+    // a write done.
+    if let Some((pdu, _)) = Pdu::decode(&got, 1 << 20).unwrap() {
+        match Response::parse(pdu).unwrap() {
+            Response::Reject(_) => {}
+            other => panic!("an oversized segment was answered {other:?}"),
+        }
+    }
+    assert_eq!(
+        targets
+            .stats
+            .written_bytes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the oversized write reached the disk"
+    );
+
+    // The bystander noticed nothing.
+    read_block(&mut bystander, &mut cmd_sn);
+}
