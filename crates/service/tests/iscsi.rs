@@ -429,7 +429,7 @@ fn oversized_texts_and_segments_end_their_own_connection_only() {
     // A bystander, in full feature phase throughout.
     let mut bystander = connect();
     let mut cmd_sn = login_plain(&mut bystander, 9);
-    let mut read_block = |s: &mut TcpStream, cmd_sn: &mut u32| {
+    let read_block = |s: &mut TcpStream, cmd_sn: &mut u32| {
         let cmd = Request::ScsiCommand(ScsiCommand {
             final_bit: true,
             read: true,
