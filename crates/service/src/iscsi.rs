@@ -295,12 +295,21 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Wire<R, W> {
                 Ok(None) => {}
                 Err(e) => return Err(End::Protocol(e.to_string())),
             }
-            let mut chunk = [0u8; 64 * 1024];
-            let n = self.reader.read(&mut chunk).await?;
+            // Read into the buffer itself: a chunk on the stack would live
+            // in the connection's future, 64 KiB per idle session. A
+            // session waiting for its next PDU gets a small buffer; one in
+            // the middle of a PDU, room for its data (the buffer keeps
+            // what it grew to).
+            let room = if self.buf.is_empty() {
+                8 * 1024
+            } else {
+                64 * 1024
+            };
+            self.buf.reserve(room);
+            let n = self.reader.read_buf(&mut self.buf).await?;
             if n == 0 {
                 return Err(End::Closed);
             }
-            self.buf.extend_from_slice(&chunk[..n]);
         }
     }
 

@@ -666,3 +666,149 @@ fn a_login_at_any_portal_lands_where_the_farm_places_it() {
         assert!(!log.contains(&a1.secret) && !log.contains(&a2.secret));
     }
 }
+
+/// One CHAP login on a new connection, by hand: security stage to full
+/// feature phase, as `a` with ISID ending in `n`. The connection, logged in.
+fn chap_session(port: u16, a: &Access, n: u32) -> std::net::TcpStream {
+    use std::io::Read;
+    use vstream_iscsi::pdu::LoginRequest;
+    use vstream_iscsi::{Pairs, Pdu, Request, Response, Stage};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut exchange = |text: String, transit: bool| -> Pairs {
+        let req = Request::Login(LoginRequest {
+            transit,
+            cont: false,
+            csg: Stage::Security,
+            nsg: if transit {
+                Stage::FullFeature
+            } else {
+                Stage::Security
+            },
+            version_max: 0,
+            version_min: 0,
+            isid: [0x80, 0, (n >> 16) as u8, (n >> 8) as u8, n as u8, 1],
+            tsih: 0,
+            itt: 0,
+            cid: 0,
+            cmd_sn: 0,
+            exp_stat_sn: 0,
+            data: text.into_bytes(),
+        });
+        s.write_all(&req.to_pdu().to_bytes()).expect("send");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some((pdu, _)) = Pdu::decode(&got, 1 << 20).expect("a PDU") {
+                let Ok(Response::Login(r)) = Response::parse(pdu) else {
+                    panic!("not a login response");
+                };
+                assert_eq!(
+                    (r.status_class, r.status_detail),
+                    (0, 0),
+                    "login {n} refused"
+                );
+                return Pairs::parse(&r.data).expect("login text");
+            }
+            let k = s.read(&mut buf).expect("a login response");
+            assert!(k > 0, "closed during login {n}");
+            got.extend_from_slice(&buf[..k]);
+        }
+    };
+    let first = exchange(
+        format!(
+            "InitiatorName={}\0TargetName={}\0SessionType=Normal\0AuthMethod=CHAP\0",
+            a.initiator, a.target
+        ),
+        false,
+    );
+    assert_eq!(first.get("AuthMethod"), Some("CHAP"));
+    let chap = exchange("CHAP_A=5\0".into(), false);
+    let id: u8 = chap
+        .get("CHAP_I")
+        .and_then(|i| i.parse().ok())
+        .expect("CHAP_I");
+    let challenge = hex(chap.get("CHAP_C").expect("CHAP_C"));
+    let response = vstream_iscsi::chap::response(id, a.secret.as_bytes(), &challenge);
+    let answer: String = response.iter().map(|b| format!("{b:02x}")).collect();
+    exchange(format!("CHAP_N={}\0CHAP_R=0x{answer}\0", a.user), true);
+    s
+}
+
+fn hex(s: &str) -> Vec<u8> {
+    let digits = s.trim_start_matches("0x").trim_start_matches("0X");
+    (0..digits.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// The issue's 1,000 idle sessions: each a CHAP login that then says
+/// nothing. The server holds them all in little memory (the figure per
+/// session is printed, for BENCHMARKING.md), and a device's session beside
+/// them reads and writes as before; when they go, nothing is left behind.
+#[test]
+fn a_thousand_idle_sessions_cost_little_and_disturb_nobody() {
+    if !have_tools() {
+        return;
+    }
+    let [port] = vstream_testkit::free_ports::<1>();
+    let s = TestServer::start_fresh_with(&[
+        "--iscsi",
+        &format!("127.0.0.1:{port}"),
+        "--max-connections-per-peer",
+        "2000",
+    ]);
+    wait_for(10, "the iSCSI portal", || {
+        s.log_text().contains("iSCSI listening").then_some(())
+    });
+    s.cli_ok(&["vdisk", "create", "idle", "--size", "16M"]);
+    s.cli_ok(&["vdisk", "set", "idle", "--mode", "private"]);
+    s.cli_ok(&[
+        "device",
+        "add",
+        "pc1",
+        "--mac",
+        "52:54:00:00:04:01",
+        "--vdisk",
+        "idle",
+    ]);
+    let a = access(&s, "pc1");
+    let pid = s.child.as_ref().expect("running").id();
+    // Warm: the first session opens the disk and the device's session.
+    let first = chap_session(port, &a, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = rss_kib(pid);
+    let started = Instant::now();
+    let idle: Vec<std::net::TcpStream> = (1..=1000).map(|n| chap_session(port, &a, n)).collect();
+    let took = started.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = rss_kib(pid);
+    let per = (after.saturating_sub(before)) as f64 / 1000.0;
+    eprintln!(
+        "1000 idle iSCSI sessions: RSS {before} -> {after} KiB, {per:.1} KiB per session; \
+         logged in in {:.2} s",
+        took.as_secs_f64()
+    );
+    assert!(per < 32.0, "{per:.1} KiB per idle session");
+    // A session beside them works as before.
+    qemu_io(port, &a, &["write -P 0x3c 0 64k", "read -P 0x3c 0 64k"]);
+    drop(idle);
+    drop(first);
+    wait_for(15, "the idle sessions gone", || {
+        let d = device_json(&s, "pc1");
+        (d["connected"] == false).then_some(())
+    });
+    let log = s.log_text();
+    assert!(!log.contains("panicked") && !log.contains(&a.secret));
+}
