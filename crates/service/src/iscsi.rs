@@ -273,6 +273,8 @@ enum End {
     Login(LoginFailure),
     #[error("the server is stopping")]
     Shutdown,
+    #[error("the server let the device go (device reset --force, or it was removed)")]
+    Released,
 }
 
 /// One connection's wire: PDUs in, PDUs out.
@@ -370,11 +372,20 @@ async fn connection<R, W>(
         "iSCSI login"
     );
     wire.max_recv = TargetLimits::default().max_recv_data as usize;
+    let mut release = session
+        .target
+        .as_ref()
+        .and_then(|t| t.export.session.as_ref())
+        .and_then(|s| s.released());
     let end = tokio::select! {
         e = session.run(&mut wire, &client, &local, &targets) => e,
         _ = shutdown.changed() => End::Shutdown,
+        _ = crate::transmission::released(&mut release) => End::Released,
     };
-    let level = matches!(end, End::Closed | End::LoggedOut | End::Shutdown);
+    let level = matches!(
+        end,
+        End::Closed | End::LoggedOut | End::Shutdown | End::Released
+    );
     if level {
         tracing::info!(peer = %client.addr, initiator = %session.initiator, reason = %end, "iSCSI session ended");
     } else {

@@ -326,7 +326,7 @@ async fn write_all_vectored<'a, W: AsyncWrite + Unpin>(
 }
 
 /// Resolves once `release` turns true; never without one.
-async fn released(release: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+pub(crate) async fn released(release: &mut Option<tokio::sync::watch::Receiver<bool>>) {
     match release {
         Some(rx) => {
             if rx.wait_for(|r| *r).await.is_err() {

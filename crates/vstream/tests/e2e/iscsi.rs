@@ -405,6 +405,18 @@ fn targets_serve_the_nbd_disks_but_never_both_doors_at_once() {
         .expect("qemu-img");
     assert!(o.status.success(), "the vDisk changed: {}", out_text(&o));
 
+    // An admin's reset --force ends a device's iSCSI session at once.
+    {
+        let _held = Holder::iscsi(port, &a1);
+        wait_protocol(&s, "pc1", Some("iSCSI"));
+        let started = Instant::now();
+        s.cli_ok(&["device", "reset", "--force", "pc1"]);
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // (QEMU's initiator then logs in again by itself, as a real one does.)
+        assert!(s.log_text().contains("the server let the device go"));
+    }
+    wait_protocol(&s, "pc1", None);
+
     // Private: written in place, as NBD reads it.
     qemu_io(port, &a3, &["write -P 0x5a 4M 64k", "flush"]);
     let o = Command::new("qemu-io")
