@@ -13,8 +13,9 @@ pub use farm::*;
 pub use replication::*;
 pub use vstream_model::{
     check_iqn, default_initiator, default_store, device_target, looks_like_mac, parse_mac,
-    BootFile, BootFileKind, BootFiles, BootMethod, CacheType, Device, DeviceType, EnrollToken,
-    IscsiSecrets, Mode, StoreDef, StoreHere, VDisk, Version, VersionState, DEFAULT_STORE,
+    ApiToken, AuditEntry, BootFile, BootFileKind, BootFiles, BootMethod, CacheType, Device,
+    DeviceType, EnrollToken, IscsiSecrets, Mode, Role, StoreDef, StoreHere, VDisk, Version,
+    VersionState, DEFAULT_STORE,
 };
 
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,43 @@ pub struct StoreInfo {
     pub vdisks: Vec<String>,
     /// Each live server's folder for it, and what is wrong there, if anything.
     pub servers: Vec<StoreHere>,
+}
+
+/// `POST /api/v1/tokens`: a token for the farm.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CreateToken {
+    pub name: String,
+    pub role: Role,
+    /// Seconds it stays good; none: until revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_secs: Option<u64>,
+}
+
+/// A token of the farm, as listed (its digest stays on the servers).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TokenInfo {
+    pub name: String,
+    pub role: Role,
+    pub created_unix: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_unix: Option<u64>,
+    pub created_by: String,
+}
+
+/// A token just made: the one time the token itself is shown.
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
+pub struct NewToken {
+    #[serde(flatten)]
+    pub info: TokenInfo,
+    pub token: String,
+}
+
+impl std::fmt::Debug for NewToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewToken")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A new kernel command line for a vDisk's network boot.

@@ -13,6 +13,7 @@ pub enum RecordKind {
     Device,
     Server,
     Store,
+    Token,
 }
 
 impl fmt::Display for RecordKind {
@@ -22,6 +23,7 @@ impl fmt::Display for RecordKind {
             RecordKind::Device => "device",
             RecordKind::Server => "server",
             RecordKind::Store => "store",
+            RecordKind::Token => "token",
         })
     }
 }

@@ -12,12 +12,14 @@
 //! The serde forms are on-disk and on-the-wire formats: renaming a field or
 //! changing a default breaks data folders and farms made by older builds.
 
+mod access;
 mod catalog;
 mod device;
 mod server;
 mod vdisk;
 mod version;
 
+pub use access::{ApiToken, AuditEntry, Role};
 pub use catalog::{Catalog, CatalogVersion, ReplicaProgress, ReplicaState, ReplicationOverride};
 pub use device::{
     check_iqn, default_initiator, device_target, looks_like_mac, parse_mac, Device, DeviceType,

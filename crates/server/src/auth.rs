@@ -1,5 +1,5 @@
-//! Who may call what: the admin token on `/api/v1` (but login, the boot
-//! routes and the health check), the farm's peer secret on `/peer/v1`.
+//! The farm's peer secret on `/peer/v1` (the admin routes' tokens and
+//! roles are `access`'s).
 
 use std::sync::Arc;
 
@@ -8,32 +8,9 @@ use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::admin_tokens::AdminTokens;
 use crate::error::ApiError;
 use crate::replication::peer::SERVER_HEADER;
 use crate::replication::state::Replication;
-
-/// Lets through only a request bearing one of the admin tokens.
-pub async fn require_token(
-    State(tokens): State<Arc<AdminTokens>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if given.trim().is_empty() || tokens.check(given).is_none() {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "a valid admin token is required (Authorization: Bearer ...)",
-        )
-        .into_response();
-    }
-    next.run(req).await
-}
 
 pub use vstream_pki::constant_time_eq;
 

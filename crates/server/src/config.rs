@@ -99,6 +99,8 @@ pub struct Config {
     /// Let the data folder join the farm even though it belongs to another
     /// one (see `identity.rs`); its unlisted vDisks are quarantined.
     pub adopt_data: bool,
+    /// Days the audit trail keeps an entry.
+    pub audit_retention_days: u64,
 }
 
 /// The network boot services: all off unless asked for.
@@ -256,6 +258,7 @@ pub struct FileConfig {
     pub proxy_dhcp: Option<String>,
     pub auto_add: Option<String>,
     pub store_paths: Option<std::collections::HashMap<String, PathBuf>>,
+    pub audit_retention_days: Option<u64>,
 }
 
 impl FileConfig {
@@ -309,6 +312,7 @@ pub struct FlagConfig {
     pub auto_add: Option<String>,
     pub store_paths: Vec<String>,
     pub adopt_data: bool,
+    pub audit_retention_days: Option<u64>,
 }
 
 /// A rate: bytes per second with an optional K/M/G suffix (`50M`), or `0`/`off` for none.
@@ -614,6 +618,14 @@ impl Config {
         }
         Ok(Config {
             adopt_data: flags.adopt_data,
+            audit_retention_days: match flags
+                .audit_retention_days
+                .or(file.audit_retention_days)
+                .unwrap_or(90)
+            {
+                0 => return Err("audit_retention_days must be at least 1".into()),
+                d => d,
+            },
             store_paths,
             netboot,
             replication,

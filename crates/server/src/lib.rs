@@ -1,6 +1,7 @@
 //! The provisioning server: the NBD stream service and the HTTP API over one
 //! local store and the farm state.
 
+pub mod access;
 pub mod admin_tokens;
 pub mod api;
 pub mod auth;
@@ -152,6 +153,11 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         ));
     }
     tasks.spawn(farm::run(server.member.clone(), shutdown.clone()));
+    tasks.spawn(access::prune(
+        server.farm.clone(),
+        config.audit_retention_days,
+        shutdown.clone(),
+    ));
     tasks.spawn(replication::run(
         server.replicator.clone(),
         shutdown.clone(),

@@ -24,6 +24,7 @@
 //! error sentence from the API is printed as the server wrote it.
 
 mod args;
+mod audit_cmd;
 mod ca_cmd;
 mod client;
 mod device;
@@ -75,9 +76,12 @@ enum Command {
     Target(target_cmd::TargetArgs),
     /// The farm's certificates: its CA, and each server's TLS folder.
     Ca(ca_cmd::CaArgs),
-    /// The admin tokens a server accepts, in its data folder: add, list,
-    /// remove (kept as SHA-256 digests only).
+    /// API tokens: the farm's, with roles (create, list, revoke), and a
+    /// server's own admin tokens in its data folder (add, list --data,
+    /// remove); kept as SHA-256 digests only.
     Token(token_cmd::TokenArgs),
+    /// The audit trail: who changed what, from where, when.
+    Audit(audit_cmd::AuditArgs),
 }
 
 fn main() -> ExitCode {
@@ -94,6 +98,7 @@ fn main() -> ExitCode {
         Command::Quarantine(args) => quarantine_cmd::run(args),
         Command::Ca(args) => ca_cmd::run(args),
         Command::Token(args) => token_cmd::run(args),
+        Command::Audit(args) => audit_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

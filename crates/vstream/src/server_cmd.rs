@@ -192,6 +192,9 @@ pub struct ServerArgs {
     /// (`vstream quarantine`), never deleted.
     #[arg(long)]
     pub adopt_data: bool,
+    /// Days the farm's audit trail keeps an entry [default: 90].
+    #[arg(long, value_name = "DAYS")]
+    pub audit_retention_days: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -283,6 +286,7 @@ fn resolve(args: ServerArgs) -> Result<Config> {
         auto_add: args.auto_add,
         store_paths: args.store_paths,
         adopt_data: args.adopt_data,
+        audit_retention_days: args.audit_retention_days,
     };
     Config::resolve(file, flags).map_err(|e| anyhow!("invalid server configuration: {e}"))
 }

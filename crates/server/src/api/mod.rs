@@ -7,6 +7,7 @@ mod devices;
 mod farm;
 mod quarantine;
 mod stores;
+mod tokens;
 mod vdisks;
 mod versions;
 
@@ -40,6 +41,7 @@ use vdisks::{create_vdisk, delete_vdisk, list_vdisks, set_vdisk, show_vdisk};
         devices::list_devices, devices::add_device, devices::show_device, devices::set_device,
         devices::remove_device, devices::reset_device, devices::revoke_device, devices::issue_credential,
         devices::iscsi_access, devices::rotate_iscsi,
+        tokens::create_token, tokens::list_tokens, tokens::revoke_token, tokens::audit,
         versions::list_versions, versions::new_version, versions::promote, versions::rollback,
         versions::merge, versions::delete_version, farm::login, farm::enroll, farm::renew, farm::list_servers, farm::rebalance, farm::cache_report,
         farm::replication_status, farm::replication_start, boot::upload, boot::set_cmdline,
@@ -47,7 +49,8 @@ use vdisks::{create_vdisk, delete_vdisk, list_vdisks, set_vdisk, show_vdisk};
         quarantine::list, quarantine::adopt, quarantine::remove
     ),
     components(schemas(VDisk, VDiskInfo, CreateVDisk, SetVDisk, Device, DeviceInfo, CreateDevice, ErrorBody,
-        vstream_api::IscsiAccess,
+        vstream_api::IscsiAccess, vstream_api::CreateToken, vstream_api::TokenInfo,
+        vstream_api::NewToken, vstream_api::AuditEntry, vstream_api::Role,
         vstream_api::Mode, vstream_api::CacheType, vstream_api::DeviceType, vstream_api::SetDevice,
         vstream_api::VersionState, vstream_api::VersionInfo, vstream_api::Promote, vstream_api::Merge,
         vstream_api::LoginRequest, vstream_api::LoginReply, vstream_api::Pin, vstream_api::ServerInfo,
@@ -84,6 +87,11 @@ pub fn openapi_json() -> String {
 }
 
 pub fn router(server: Server, tokens: Arc<crate::admin_tokens::AdminTokens>) -> Router {
+    let access = Arc::new(crate::access::Access::new(
+        tokens,
+        server.farm.clone(),
+        server.config.name.clone(),
+    ));
     let admin = Router::new()
         .route("/api/v1/vdisks", get(list_vdisks).post(create_vdisk))
         .route(
@@ -150,11 +158,17 @@ pub fn router(server: Server, tokens: Arc<crate::admin_tokens::AdminTokens>) -> 
         .route("/api/v1/quarantine/:name/adopt", post(quarantine::adopt))
         .route("/api/v1/replication", get(farm::replication_status))
         .route("/api/v1/replication/start", post(farm::replication_start))
+        .route(
+            "/api/v1/tokens",
+            get(tokens::list_tokens).post(tokens::create_token),
+        )
+        .route(
+            "/api/v1/tokens/:name",
+            axum::routing::delete(tokens::revoke_token),
+        )
+        .route("/api/v1/audit", get(tokens::audit))
         .route("/metrics", get(metrics))
-        .layer(middleware::from_fn_with_state(
-            tokens,
-            crate::auth::require_token,
-        ));
+        .layer(middleware::from_fn_with_state(access, crate::access::guard));
     Router::new()
         .route(
             "/api/v1/openapi.json",

@@ -99,7 +99,7 @@ fn admin_tokens_are_kept_hashed_and_change_under_a_running_server() {
     let out = list_with(&server, &digest);
     assert!(!out.status.success());
     assert!(
-        text(&out).contains("a valid admin token is required"),
+        text(&out).contains("a valid token is required"),
         "{}",
         text(&out)
     );

@@ -11,6 +11,7 @@
 
 mod common;
 
+mod access;
 mod admin_tokens;
 mod bad_input;
 mod big_vdisk;

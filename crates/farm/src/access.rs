@@ -1,0 +1,170 @@
+//! API tokens (`tokens/NAME` → [`ApiToken`]) and the audit trail
+//! (`audit/MS-SERVER-SEQ` → [`AuditEntry`], in time order by key).
+
+use vstream_model::{ApiToken, AuditEntry};
+
+use crate::{checked_name, decode, encode, Compare, FarmError, FarmStore, Op, RecordKind};
+
+const TOKENS: &str = "tokens/";
+const AUDIT: &str = "audit/";
+
+fn token_key(name: &str) -> String {
+    format!("{TOKENS}{name}")
+}
+
+impl FarmStore {
+    /// Records a new token; refused if one of its name exists.
+    pub async fn create_token(&self, token: &ApiToken) -> Result<(), FarmError> {
+        checked_name(RecordKind::Token, &token.name)?;
+        let key = token_key(&token.name);
+        let ops = vec![Op::put(&key, encode(&key, token)?)];
+        match self.backend.txn(vec![Compare::absent(&key)], ops).await? {
+            true => Ok(()),
+            false => Err(FarmError::AlreadyExists {
+                kind: RecordKind::Token,
+                name: token.name.clone(),
+            }),
+        }
+    }
+
+    /// Every token, sorted by name.
+    pub async fn list_tokens(&self) -> Result<Vec<ApiToken>, FarmError> {
+        self.list_records(TOKENS).await
+    }
+
+    /// Removes token `name`: it opens nothing from the next request on.
+    pub async fn revoke_token(&self, name: &str) -> Result<ApiToken, FarmError> {
+        checked_name(RecordKind::Token, name)?;
+        let key = token_key(name);
+        let Some(v) = self.backend.get(&key).await? else {
+            return Err(FarmError::NotFound {
+                kind: RecordKind::Token,
+                name: name.to_owned(),
+            });
+        };
+        let token: ApiToken = decode(&key, &v.value)?;
+        let compare = vec![Compare::revision(&key, v.revision)];
+        match self.backend.txn(compare, vec![Op::delete(&key)]).await? {
+            true => Ok(token),
+            false => Err(crate::gave_up(format_args!("revoking token {name}"))),
+        }
+    }
+
+    /// Appends `entry` to the audit trail; `seq` tells apart entries of one
+    /// server in the same millisecond.
+    pub async fn append_audit(&self, entry: &AuditEntry, seq: u64) -> Result<(), FarmError> {
+        let key = format!(
+            "{AUDIT}{:016}-{}-{seq:08}",
+            entry.at_ms,
+            entry.server.replace('/', "_")
+        );
+        let ops = vec![Op::put(&key, encode(&key, entry)?)];
+        match self.backend.txn(vec![Compare::absent(&key)], ops).await? {
+            true => Ok(()),
+            false => Err(crate::gave_up(format_args!("appending to the audit trail"))),
+        }
+    }
+
+    /// The audit trail, oldest first.
+    pub async fn audit(&self) -> Result<Vec<AuditEntry>, FarmError> {
+        self.list_records(AUDIT).await
+    }
+
+    /// Removes the audit entries from before `cutoff_ms`; how many went.
+    pub async fn prune_audit(&self, cutoff_ms: u64) -> Result<usize, FarmError> {
+        let old: Vec<String> = self
+            .backend
+            .list(AUDIT)
+            .await?
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| {
+                k[AUDIT.len()..]
+                    .split('-')
+                    .next()
+                    .and_then(|ms| ms.parse::<u64>().ok())
+                    .is_some_and(|ms| ms < cutoff_ms)
+            })
+            .collect();
+        for chunk in old.chunks(64) {
+            let ops = chunk.iter().map(Op::delete).collect();
+            self.backend.txn(Vec::new(), ops).await?;
+        }
+        Ok(old.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vstream_model::Role;
+
+    fn entry(at_ms: u64, server: &str) -> AuditEntry {
+        AuditEntry {
+            at_ms,
+            who: "admin".into(),
+            role: Some(Role::Admin),
+            from: "10.0.0.9".into(),
+            server: server.into(),
+            method: "POST".into(),
+            path: "/api/v1/devices".into(),
+            object: "device/pc1".into(),
+            summary: String::new(),
+            status: 201,
+            result: "ok".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn tokens_are_made_once_and_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let farm = FarmStore::embedded(dir.path().join("farm.redb")).unwrap();
+        let t = ApiToken {
+            name: "ops".into(),
+            sha256: "ab".repeat(32),
+            role: Role::Operator,
+            created_unix: 1,
+            expires_unix: None,
+            created_by: "admin".into(),
+        };
+        farm.create_token(&t).await.unwrap();
+        assert!(matches!(
+            farm.create_token(&t).await,
+            Err(FarmError::AlreadyExists { .. })
+        ));
+        assert_eq!(farm.list_tokens().await.unwrap(), vec![t.clone()]);
+        assert_eq!(farm.revoke_token("ops").await.unwrap(), t);
+        assert!(farm.list_tokens().await.unwrap().is_empty());
+        assert!(matches!(
+            farm.revoke_token("ops").await,
+            Err(FarmError::NotFound { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_trail_keeps_time_order_and_prunes_the_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let farm = FarmStore::embedded(dir.path().join("farm.redb")).unwrap();
+        farm.append_audit(&entry(3_000, "s2"), 0).await.unwrap();
+        farm.append_audit(&entry(1_000, "s1"), 0).await.unwrap();
+        farm.append_audit(&entry(2_000, "s1"), 0).await.unwrap();
+        farm.append_audit(&entry(2_000, "s1"), 1).await.unwrap();
+        let at: Vec<u64> = farm
+            .audit()
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.at_ms)
+            .collect();
+        assert_eq!(at, vec![1_000, 2_000, 2_000, 3_000]);
+        assert_eq!(farm.prune_audit(2_500).await.unwrap(), 3);
+        let at: Vec<u64> = farm
+            .audit()
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.at_ms)
+            .collect();
+        assert_eq!(at, vec![3_000]);
+    }
+}

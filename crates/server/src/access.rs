@@ -1,0 +1,436 @@
+//! Who may call which admin route, and the audit trail of what they did.
+//!
+//! A request shows a token: one of the server's own admin tokens
+//! (`DATA/admin-tokens`, role admin, for the local CLI), or one of the
+//! farm's (`tokens/NAME` in the farm state, any role, known to every
+//! server). Each route needs a role ([`needed`]); a token below it gets 403
+//! with the reason, no token or a bad one 401.
+//!
+//! Every change (any method but GET and HEAD) and every refusal is
+//! appended to the farm's audit trail, after it is answered: who (the
+//! token's name), from where, the route and its object, a summary of the
+//! request's fields (never a secret), the status and the error sentence.
+//! The trail is kept for `--audit-retention-days` (90 by default).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use parking_lot::RwLock;
+use vstream_api::{ApiToken, AuditEntry, Role};
+use vstream_farm::FarmStore;
+
+use crate::admin_tokens::AdminTokens;
+use crate::error::ApiError;
+
+/// How long the farm's tokens are trusted as read: a revoked token opens
+/// nothing a second after.
+const TOKEN_TTL: Duration = Duration::from_secs(1);
+/// The largest request body summarized (a JSON request; imports and boot
+/// files stream past unread).
+const MAX_SUMMARIZED: usize = 64 * 1024;
+/// The largest error body read for its sentence.
+const MAX_ERROR_BODY: usize = 16 * 1024;
+
+/// The tokens a server accepts, and its side of the audit trail.
+pub struct Access {
+    local: Arc<AdminTokens>,
+    farm: FarmStore,
+    server: String,
+    tokens: RwLock<Option<(Instant, Vec<ApiToken>)>>,
+    /// Tells apart this server's entries of one millisecond.
+    seq: AtomicU64,
+    /// Requests without a valid token recorded per address this minute: a
+    /// scan fills the trail with [`MAX_ANONYMOUS_PER_MINUTE`] entries a
+    /// minute at most, and the rest are only logged.
+    anonymous: parking_lot::Mutex<(Instant, std::collections::HashMap<String, u32>)>,
+}
+
+/// Refusals of requests without a valid token recorded per address a minute.
+const MAX_ANONYMOUS_PER_MINUTE: u32 = 30;
+
+/// Who a request is, once its token checked out.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub name: String,
+    pub role: Role,
+}
+
+impl Access {
+    pub fn new(local: Arc<AdminTokens>, farm: FarmStore, server: String) -> Access {
+        Access {
+            local,
+            farm,
+            server,
+            tokens: RwLock::new(None),
+            seq: AtomicU64::new(0),
+            anonymous: parking_lot::Mutex::new((Instant::now(), Default::default())),
+        }
+    }
+
+    /// The caller whose token `given` is, if any.
+    pub async fn identify(&self, given: &str) -> Option<Caller> {
+        if let Some(name) = self.local.check(given) {
+            return Some(Caller {
+                name,
+                role: Role::Admin,
+            });
+        }
+        let digest = vstream_pki::token_digest(given.trim());
+        let now = crate::clock::now_unix();
+        let tokens = self.farm_tokens().await;
+        // Every token is compared, in constant time each.
+        let hit = tokens.iter().fold(None, |found, t| {
+            let same = vstream_pki::constant_time_eq(digest.as_bytes(), t.sha256.as_bytes());
+            found.or(same.then_some(t))
+        })?;
+        if hit.expires_unix.is_some_and(|at| at <= now) {
+            return None;
+        }
+        Some(Caller {
+            name: hit.name.clone(),
+            role: hit.role,
+        })
+    }
+
+    /// The farm's tokens, read again when older than [`TOKEN_TTL`]; the
+    /// last read while the farm state is away.
+    async fn farm_tokens(&self) -> Vec<ApiToken> {
+        if let Some((at, t)) = &*self.tokens.read() {
+            if at.elapsed() < TOKEN_TTL {
+                return t.clone();
+            }
+        }
+        match self.farm.list_tokens().await {
+            Ok(t) => {
+                *self.tokens.write() = Some((Instant::now(), t.clone()));
+                t
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "farm state unreachable; API tokens as last read");
+                self.tokens
+                    .read()
+                    .as_ref()
+                    .map(|(_, t)| t.clone())
+                    .unwrap_or_default()
+            }
+        }
+    }
+
+    /// Whether a refusal of a request without a valid token from `from`
+    /// still goes into the trail this minute.
+    fn record_anonymous(&self, from: &str) -> bool {
+        let mut a = self.anonymous.lock();
+        if a.0.elapsed() >= Duration::from_secs(60) {
+            *a = (Instant::now(), Default::default());
+        }
+        let n = a.1.entry(from.to_owned()).or_insert(0);
+        *n += 1;
+        if *n == MAX_ANONYMOUS_PER_MINUTE + 1 {
+            tracing::warn!(%from, "more than {MAX_ANONYMOUS_PER_MINUTE} requests without a valid token this minute: the rest are not recorded in the audit trail");
+        }
+        *n <= MAX_ANONYMOUS_PER_MINUTE
+    }
+
+    /// Forgets the tokens read, so a change made here counts at once.
+    pub fn tokens_changed(&self) {
+        *self.tokens.write() = None;
+    }
+
+    /// Appends `entry` to the trail; a failure is logged, never the
+    /// request's.
+    pub async fn record(&self, mut entry: AuditEntry) {
+        entry.server = self.server.clone();
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.farm.append_audit(&entry, seq).await {
+            tracing::warn!(error = %e, method = %entry.method, path = %entry.path, who = %entry.who, "could not append to the audit trail");
+        }
+    }
+}
+
+/// Removes the audit entries older than `days`, now and then every hour,
+/// until `shutdown`.
+pub async fn prune(farm: FarmStore, days: u64, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let cutoff = now_ms().saturating_sub(days.saturating_mul(86_400_000));
+        match farm.prune_audit(cutoff).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(entries = n, days, "old audit entries removed"),
+            Err(e) => tracing::warn!(error = %e, "could not prune the audit trail"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// The role a route needs. Reads need a viewer, but for secrets and whole
+/// disks; changes need an admin, but for what an operator does to devices,
+/// rebalance and replication.
+pub fn needed(method: &Method, route: &str) -> Role {
+    const ADMIN_READS: [&str; 4] = [
+        "/api/v1/devices/:name/iscsi",
+        "/api/v1/tokens",
+        "/api/v1/vdisks/:name/content",
+        "/api/v1/audit/export",
+    ];
+    const OPERATOR: [(&str, &str); 7] = [
+        ("POST", "/api/v1/devices"),
+        ("PATCH", "/api/v1/devices/:name"),
+        ("DELETE", "/api/v1/devices/:name"),
+        ("POST", "/api/v1/devices/:name/reset"),
+        ("POST", "/api/v1/devices/:name/revoke"),
+        ("POST", "/api/v1/farm/rebalance"),
+        ("POST", "/api/v1/replication/start"),
+    ];
+    let read = method == Method::GET || method == Method::HEAD;
+    if read && route == "/metrics" {
+        Role::Metrics
+    } else if read && ADMIN_READS.contains(&route) {
+        Role::Admin
+    } else if read {
+        Role::Viewer
+    } else if OPERATOR
+        .iter()
+        .any(|(m, r)| *m == method.as_str() && *r == route)
+    {
+        Role::Operator
+    } else {
+        Role::Admin
+    }
+}
+
+/// Lets through a request whose token's role the route allows, and records
+/// changes and refusals in the audit trail.
+pub async fn guard(State(access): State<Arc<Access>>, mut req: Request, next: Next) -> Response {
+    req.extensions_mut().insert(access.clone());
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| path.clone(), |m| m.as_str().to_owned());
+    let from = req
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map_or_else(|| "-".to_owned(), |c| c.0.ip().to_string());
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+        .to_owned();
+    let caller = match given.trim().is_empty() {
+        true => None,
+        false => access.identify(&given).await,
+    };
+    let need = needed(&method, &route);
+    let entry = |who: &Caller, status: StatusCode, result: String, summary: String| AuditEntry {
+        at_ms: now_ms(),
+        who: who.name.clone(),
+        role: Some(who.role),
+        from: from.clone(),
+        server: String::new(),
+        method: method.to_string(),
+        path: path.clone(),
+        object: object(&path, &summary),
+        summary,
+        status: status.as_u16(),
+        result,
+    };
+    let Some(caller) = caller else {
+        let why = "a valid token is required (Authorization: Bearer ...)";
+        let nobody = Caller {
+            name: "-".into(),
+            role: Role::Metrics,
+        };
+        if access.record_anonymous(&from) {
+            let mut e = entry(&nobody, StatusCode::UNAUTHORIZED, why.into(), String::new());
+            e.role = None;
+            access.record(e).await;
+        }
+        return ApiError::new(StatusCode::UNAUTHORIZED, why).into_response();
+    };
+    if !caller.role.allows(need) {
+        let why = format!(
+            "token {} has role {}; {method} {route} needs {need}",
+            caller.name, caller.role
+        );
+        tracing::info!(who = %caller.name, role = %caller.role, %method, %path, "refused: {why}");
+        access
+            .record(entry(
+                &caller,
+                StatusCode::FORBIDDEN,
+                why.clone(),
+                String::new(),
+            ))
+            .await;
+        return ApiError::new(StatusCode::FORBIDDEN, why).into_response();
+    }
+    req.extensions_mut().insert(caller.clone());
+    let change = method != Method::GET && method != Method::HEAD;
+    if !change {
+        return next.run(req).await;
+    }
+    let (req, summary) = summarize(req).await;
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let (resp, result) = if status.is_success() {
+        (resp, "ok".to_owned())
+    } else {
+        error_sentence(resp).await
+    };
+    access.record(entry(&caller, status, result, summary)).await;
+    resp
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What a request acts on: `device/pc1` for `/api/v1/devices/pc1/reset`;
+/// for a collection, the `name` its summary gives.
+fn object(path: &str, summary: &str) -> String {
+    let rest = path.trim_start_matches("/api/v1/");
+    let mut parts = rest.split('/');
+    let kind = parts.next().unwrap_or_default();
+    let singular = kind.strip_suffix('s').unwrap_or(kind);
+    match parts.next() {
+        Some(name) if !name.is_empty() => format!("{singular}/{name}"),
+        _ => match summary.split(' ').find_map(|kv| kv.strip_prefix("name=")) {
+            Some(name) => format!("{singular}/{name}"),
+            None => singular.to_owned(),
+        },
+    }
+}
+
+/// The request's JSON fields as `key=value` words (secrets left out), and
+/// the request to pass on. Bodies that are not small JSON pass unread.
+async fn summarize(req: Request) -> (Request, String) {
+    let json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let mut summary = req
+        .uri()
+        .query()
+        .map(|q| q.replace('&', " "))
+        .unwrap_or_default();
+    if !json {
+        return (req, summary);
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, MAX_SUMMARIZED).await {
+        Ok(b) => b,
+        Err(_) => {
+            // Too big to summarize, or broken: the handler sees an empty
+            // body and answers it.
+            return (Request::from_parts(parts, Body::empty()), summary);
+        }
+    };
+    if let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(&bytes) {
+        for (k, v) in &map {
+            let lower = k.to_ascii_lowercase();
+            let secret = ["token", "secret", "password", "csr", "key"]
+                .iter()
+                .any(|s| lower.contains(s));
+            let shown = match v {
+                _ if secret => "(hidden)".to_owned(),
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Null => continue,
+                other => other.to_string(),
+            };
+            if !summary.is_empty() {
+                summary.push(' ');
+            }
+            summary.push_str(&format!("{k}={shown}"));
+        }
+    }
+    summary.truncate(
+        summary
+            .char_indices()
+            .nth(512)
+            .map_or(summary.len(), |(i, _)| i),
+    );
+    (Request::from_parts(parts, Body::from(bytes)), summary)
+}
+
+/// The error sentence of a refused or failed request, and the response to
+/// pass on.
+async fn error_sentence(resp: Response) -> (Response, String) {
+    let (parts, body) = resp.into_parts();
+    match axum::body::to_bytes(body, MAX_ERROR_BODY).await {
+        Ok(bytes) => {
+            let sentence = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+            (Response::from_parts(parts, Body::from(bytes)), sentence)
+        }
+        Err(_) => {
+            let sentence = format!("status {} (an error body too long to read)", parts.status);
+            (Response::from_parts(parts, Body::empty()), sentence)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_need_the_roles_the_issue_gives() {
+        assert_eq!(needed(&Method::GET, "/metrics"), Role::Metrics);
+        assert_eq!(needed(&Method::GET, "/api/v1/devices"), Role::Viewer);
+        assert_eq!(
+            needed(&Method::GET, "/api/v1/devices/:name/iscsi"),
+            Role::Admin
+        );
+        assert_eq!(needed(&Method::GET, "/api/v1/tokens"), Role::Admin);
+        assert_eq!(
+            needed(&Method::POST, "/api/v1/devices/:name/reset"),
+            Role::Operator
+        );
+        assert_eq!(
+            needed(&Method::POST, "/api/v1/farm/rebalance"),
+            Role::Operator
+        );
+        assert_eq!(
+            needed(
+                &Method::POST,
+                "/api/v1/vdisks/:name/versions/:version/promote"
+            ),
+            Role::Admin
+        );
+        assert_eq!(
+            needed(&Method::POST, "/api/v1/devices/:name/iscsi/rotate"),
+            Role::Admin
+        );
+        assert_eq!(needed(&Method::PATCH, "/api/v1/vdisks/:name"), Role::Admin);
+        assert!(Role::Admin.allows(Role::Operator));
+        assert!(!Role::Viewer.allows(Role::Operator));
+        assert!(!Role::Metrics.allows(Role::Viewer));
+    }
+
+    #[test]
+    fn objects_come_from_the_path_or_the_name_given() {
+        assert_eq!(object("/api/v1/devices/pc1/reset", ""), "device/pc1");
+        assert_eq!(object("/api/v1/devices", "name=pc2 mac=x"), "device/pc2");
+        assert_eq!(
+            object("/api/v1/vdisks/win/versions/3/promote", ""),
+            "vdisk/win"
+        );
+        assert_eq!(object("/api/v1/farm/rebalance", ""), "farm/rebalance");
+        assert_eq!(object("/api/v1/replication/start", ""), "replication/start");
+    }
+}
