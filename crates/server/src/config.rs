@@ -101,6 +101,8 @@ pub struct Config {
     pub adopt_data: bool,
     /// Days the audit trail keeps an entry.
     pub audit_retention_days: u64,
+    /// Serve `/metrics` here too, without a token.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The network boot services: all off unless asked for.
@@ -259,6 +261,7 @@ pub struct FileConfig {
     pub auto_add: Option<String>,
     pub store_paths: Option<std::collections::HashMap<String, PathBuf>>,
     pub audit_retention_days: Option<u64>,
+    pub metrics: Option<String>,
 }
 
 impl FileConfig {
@@ -313,6 +316,7 @@ pub struct FlagConfig {
     pub store_paths: Vec<String>,
     pub adopt_data: bool,
     pub audit_retention_days: Option<u64>,
+    pub metrics: Option<String>,
 }
 
 /// A rate: bytes per second with an optional K/M/G suffix (`50M`), or `0`/`off` for none.
@@ -618,6 +622,13 @@ impl Config {
         }
         Ok(Config {
             adopt_data: flags.adopt_data,
+            metrics: match flags.metrics.or(file.metrics) {
+                Some(m) => Some(
+                    m.parse()
+                        .map_err(|e| format!("--metrics {m:?} is not HOST:PORT: {e}"))?,
+                ),
+                None => None,
+            },
             audit_retention_days: match flags
                 .audit_retention_days
                 .or(file.audit_retention_days)

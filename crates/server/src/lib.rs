@@ -167,6 +167,23 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         boot_services,
         shutdown.clone(),
     ));
+    if let Some(addr) = config.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding /metrics to {addr}"))?;
+        tracing::info!(%addr, "metrics listening, without a token");
+        tasks.spawn(http::serve(
+            listener,
+            api::metrics_router(server.clone()),
+            nbd::Limits::new(16, 4),
+            http::Timeouts {
+                header: std::time::Duration::from_secs(config.api_header_timeout_secs),
+                idle: std::time::Duration::from_secs(config.api_idle_timeout_secs),
+            },
+            None,
+            shutdown.clone(),
+        ));
+    }
     let router = api::router(server.clone(), tokens);
     let timeouts = http::Timeouts {
         header: std::time::Duration::from_secs(config.api_header_timeout_secs),

@@ -115,6 +115,10 @@ pub struct Membership {
     pub recheck_read_bytes: AtomicU64,
     /// Versions the background re-check took out of service.
     pub recheck_failures: AtomicU64,
+    /// Logins answered here, and those that asked to avoid a server (a
+    /// device retrying after its server failed it).
+    pub logins: AtomicU64,
+    pub failover_logins: AtomicU64,
     /// One check of a version at a time.
     checking: Mutex<HashMap<VersionKey, Arc<tokio::sync::Mutex<()>>>>,
     /// Logins sent to each server recently, not yet in its published count.
@@ -144,6 +148,8 @@ impl Membership {
             recorded_versions: Default::default(),
             recheck_read_bytes: Default::default(),
             recheck_failures: Default::default(),
+            logins: Default::default(),
+            failover_logins: Default::default(),
             checking: Default::default(),
             recent: Default::default(),
             last_read_bytes: Default::default(),
@@ -193,8 +199,20 @@ impl Membership {
     }
 
     /// Prometheus rows for `/metrics`.
-    pub fn metrics(&self) -> [(&'static str, &'static str, &'static str, &AtomicU64); 4] {
+    pub fn metrics(&self) -> [(&'static str, &'static str, &'static str, &AtomicU64); 6] {
         [
+            (
+                "vstream_logins_total",
+                "counter",
+                "device logins answered with a server",
+                &self.logins,
+            ),
+            (
+                "vstream_login_failovers_total",
+                "counter",
+                "device logins that asked to avoid a server (retries after a failure)",
+                &self.failover_logins,
+            ),
             (
                 "vstream_verify_read_bytes_total",
                 "counter",

@@ -1233,6 +1233,29 @@ impl Sessions {
         out
     }
 
+    /// Each write cache of a device connected here: its device, the bytes
+    /// in it and its limit (Standard mode only; a device-side cache as its
+    /// agent reports it).
+    pub fn cache_fill(&self) -> Vec<(String, u64, u64)> {
+        let view = self.membership.view();
+        let sessions = self.sessions.lock();
+        let mut out: Vec<(String, u64, u64)> = sessions
+            .iter()
+            .filter(|(_, s)| s.mode == Mode::Standard && s.kind != DeviceType::Maintenance)
+            .filter_map(|(name, s)| {
+                let vdisk = view.vdisk(&s.vdisk)?;
+                let limit = vdisk.cache_limit.unwrap_or(vdisk.size).max(1);
+                let used = match s.release.is_some() {
+                    true => s.reported_cache,
+                    false => s.disk.top_bytes(),
+                };
+                Some((name.clone(), used, limit))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// A device with its live state: here, or on another server of the farm.
     pub fn device_info(&self, device: Device) -> DeviceInfo {
         let sessions = self.sessions.lock();

@@ -192,6 +192,11 @@ pub struct ServerArgs {
     /// (`vstream quarantine`), never deleted.
     #[arg(long)]
     pub adopt_data: bool,
+    /// Serve /metrics here too, without a token (for a Prometheus on a
+    /// monitoring network); on the API it needs a token of role metrics or
+    /// more.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
     /// Days the farm's audit trail keeps an entry [default: 90].
     #[arg(long, value_name = "DAYS")]
     pub audit_retention_days: Option<u64>,
@@ -287,6 +292,7 @@ fn resolve(args: ServerArgs) -> Result<Config> {
         store_paths: args.store_paths,
         adopt_data: args.adopt_data,
         audit_retention_days: args.audit_retention_days,
+        metrics: args.metrics,
     };
     Config::resolve(file, flags).map_err(|e| anyhow!("invalid server configuration: {e}"))
 }

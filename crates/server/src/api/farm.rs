@@ -24,6 +24,7 @@ use crate::login_guard::LoginGuard;
 use crate::membership::{Membership, View, STALE_AFTER_SECS};
 use crate::replication::Replication;
 use crate::sessions::Sessions;
+use vstream_service::metrics::Metrics;
 use vstream_service::Certificate;
 
 /// A device asks where to stream from. Answered from this server's last
@@ -126,6 +127,10 @@ async fn answer_login(
                 reply.export = format!("{};boot={token}", reply.export);
             }
             membership.note_login(&reply.server);
+            Metrics::add(&membership.logins, 1);
+            if !req.avoid.is_empty() {
+                Metrics::add(&membership.failover_logins, 1);
+            }
             tracing::info!(device = %reply.device, vdisk = %reply.vdisk, version = reply.version, server = %reply.server, avoid = ?req.avoid, "login");
             Ok(Json(reply))
         }

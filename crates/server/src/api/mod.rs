@@ -23,11 +23,10 @@ use utoipa::OpenApi;
 use vstream_api::{
     CreateDevice, CreateVDisk, Device, DeviceInfo, ErrorBody, SetVDisk, VDisk, VDiskInfo,
 };
-use vstream_service::metrics::Metrics;
 
-use crate::boot::Boot;
+use crate::config::Config;
 use crate::membership::Membership;
-use crate::replication::Replication;
+use crate::sessions::Sessions;
 use crate::state::Server;
 use devices::{add_device, list_devices, remove_device, reset_device, set_device, show_device};
 use vdisks::{create_vdisk, delete_vdisk, list_vdisks, set_vdisk, show_vdisk};
@@ -84,6 +83,15 @@ impl utoipa::Modify for BearerAuth {
 /// The OpenAPI document, as JSON.
 pub fn openapi_json() -> String {
     ApiDoc::openapi().to_pretty_json().unwrap_or_default()
+}
+
+/// `/metrics` alone, without a token, for `--metrics HOST:PORT`: a
+/// Prometheus on a monitoring network scrapes it there, and the admin API
+/// stays behind its tokens.
+pub fn metrics_router(server: Server) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(server)
 }
 
 pub fn router(server: Server, tokens: Arc<crate::admin_tokens::AdminTokens>) -> Router {
@@ -188,28 +196,84 @@ pub fn router(server: Server, tokens: Arc<crate::admin_tokens::AdminTokens>) -> 
         .merge(crate::boot::routes::peer_routes(server.boot.clone()))
 }
 
-async fn metrics(
-    State(metrics): State<Arc<Metrics>>,
-    State(membership): State<Arc<Membership>>,
-    State(replication): State<Arc<Replication>>,
-    State(boot): State<Arc<Boot>>,
-    State(enrollment): State<Arc<crate::enroll::Enrollment>>,
-    State(guard): State<Arc<crate::login_guard::LoginGuard>>,
-    State(iscsi): State<Arc<crate::iscsi::IscsiTargets>>,
-) -> impl IntoResponse {
+async fn metrics(State(server): State<Server>) -> impl IntoResponse {
     use vstream_service::iscsi::Targets;
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        metrics.render(
-            &[
-                &replication.metrics()[..],
-                &boot.stats.metrics()[..],
-                &membership.metrics()[..],
-                &enrollment.stats.metrics()[..],
-                &guard.metrics()[..],
-                &iscsi.stats().rows()[..],
-            ]
-            .concat(),
-        ),
-    )
+    let s = &server;
+    let mut text = s.metrics.render(
+        &[
+            &s.replication.metrics()[..],
+            &s.boot.stats.metrics()[..],
+            &s.membership.metrics()[..],
+            &s.enrollment.stats.metrics()[..],
+            &s.login_guard.metrics()[..],
+            &s.iscsi.stats().rows()[..],
+        ]
+        .concat(),
+    );
+    text.push_str(&gauges(&s.config, &s.membership, &s.sessions));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+/// The gauges: the farm state's reach, this server's replicas by state,
+/// its devices, and each connected device's write-cache fill. The
+/// per-device series are one per device connected here (at most
+/// `--max-connections`), and go when it disconnects.
+fn gauges(config: &Config, membership: &Membership, sessions: &Sessions) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, rows: &[(String, f64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (labels, v) in rows {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    gauge(
+        "vstream_farm_state_connected",
+        "1 while this server reaches the farm state (etcd), else 0",
+        &[(
+            String::new(),
+            f64::from(u8::from(membership.is_connected())),
+        )],
+    );
+    let view = membership.view();
+    let me = view.servers.iter().find(|s| s.name == config.name);
+    let states = ["missing", "queued", "copying", "verified", "corrupt"];
+    let rows: Vec<(String, f64)> = states
+        .iter()
+        .map(|st| {
+            let n = me.map_or(0, |m| {
+                m.replication
+                    .iter()
+                    .filter(|p| p.state.to_string() == *st)
+                    .count()
+            });
+            (format!("{{state=\"{st}\"}}"), n as f64)
+        })
+        .collect();
+    gauge(
+        "vstream_replicas",
+        "versions of the farm this server should hold, by state as last published",
+        &rows,
+    );
+    let fill = sessions.cache_fill();
+    gauge(
+        "vstream_devices_connected",
+        "devices with a session on this server",
+        &[(String::new(), sessions.sessions().len() as f64)],
+    );
+    let rows: Vec<(String, f64)> = fill
+        .iter()
+        .map(|(d, used, limit)| {
+            (
+                format!("{{device=\"{}\"}}", d.replace(['"', '\\', '\n'], "_")),
+                (*used as f64 / *limit as f64 * 1000.0).round() / 1000.0,
+            )
+        })
+        .collect();
+    gauge(
+        "vstream_device_cache_fill_ratio",
+        "a connected Standard-mode device's write cache over its limit (0 to 1)",
+        &rows,
+    );
+    out
 }

@@ -256,3 +256,142 @@ fn the_audit_trail_is_the_farms_and_survives_a_restart() {
         "{objects}"
     );
 }
+
+/// The metric names in `text` (`vstream_...`), each once.
+fn metric_names(text: &str) -> Vec<String> {
+    let mut names: Vec<String> = text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("vstream_") && w.len() > 8)
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The shipped alerts and dashboard: promtool passes the rules and their
+/// unit tests; every metric they name is one a server serves, on
+/// `--metrics` without a token (and on the API only with one); a Standard
+/// device's cache fill shows while it is connected.
+#[test]
+fn the_shipped_alerts_and_dashboard_name_what_servers_serve() {
+    if !have("promtool") || !have("curl") || !have("qemu-io") {
+        return;
+    }
+    let dist = common::repo().join("dist");
+    let rules = dist.join("prometheus");
+    for args in [
+        vec!["check", "rules", "alerts.yml"],
+        vec!["test", "rules", "alerts_test.yml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(&args)
+            .current_dir(&rules)
+            .output()
+            .expect("promtool");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let [port] = vstream_testkit::free_ports::<1>();
+    let s = TestServer::start_fresh_with(&["--metrics", &format!("127.0.0.1:{port}")]);
+    s.cli_ok(&["vdisk", "create", "std", "--size", "8M"]);
+    s.cli_ok(&[
+        "vdisk",
+        "set",
+        "std",
+        "--mode",
+        "standard",
+        "--cache-limit",
+        "1M",
+    ]);
+    s.cli_ok(&[
+        "device",
+        "add",
+        "pc1",
+        "--mac",
+        "52:54:00:00:06:01",
+        "--vdisk",
+        "std",
+    ]);
+    // A Standard device writes half its cache limit, and stays connected.
+    let mut held = Command::new("qemu-io")
+        .args(["-f", "raw", &s.url("device/pc1")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io");
+    {
+        use std::io::Write;
+        let stdin = held.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "write -P 0x11 0 512k").expect("write");
+        writeln!(stdin, "flush").expect("flush");
+    }
+    let scrape = || {
+        common::run(
+            "curl",
+            &["-sf", &format!("http://127.0.0.1:{port}/metrics")],
+        )
+    };
+    let text = common::wait_for(15, "the cache fill of pc1", || {
+        let t = scrape();
+        t.lines()
+            .find_map(|l| l.strip_prefix("vstream_device_cache_fill_ratio{device=\"pc1\"} "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|v| *v >= 0.4)
+            .map(|_| t)
+    });
+    let out = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(
+            std::fs::File::open({
+                let p = s.data.join("scrape.txt");
+                std::fs::write(&p, &text).expect("scrape");
+                p
+            })
+            .expect("scrape"),
+        )
+        .output()
+        .expect("promtool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(text.contains("vstream_farm_state_connected 1"), "{text}");
+    assert!(text.contains("vstream_devices_connected 1"), "{text}");
+    let served: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# HELP "))
+        .filter_map(|l| l.split(' ').next())
+        .map(str::to_owned)
+        .collect();
+    let alerts = std::fs::read_to_string(rules.join("alerts.yml")).expect("alerts");
+    let dashboard = std::fs::read_to_string(dist.join("grafana/vstream.json")).expect("dashboard");
+    serde_json::from_str::<serde_json::Value>(&dashboard).expect("the dashboard is JSON");
+    for name in metric_names(&alerts)
+        .into_iter()
+        .chain(metric_names(&dashboard))
+    {
+        assert!(served.contains(&name), "{name} is named but not served");
+    }
+    // The API's /metrics still wants a token.
+    let api = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("{}/metrics", s.api))
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&api.stdout), "401");
+    // The metrics address serves nothing else.
+    let other = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("http://127.0.0.1:{port}/api/v1/devices"))
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&other.stdout), "404");
+    let _ = held.kill();
+    let _ = held.wait();
+}
