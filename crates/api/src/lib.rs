@@ -14,8 +14,8 @@ pub use replication::*;
 pub use vstream_model::{
     check_iqn, default_initiator, default_store, device_target, looks_like_mac, parse_mac,
     ApiToken, AuditEntry, BootFile, BootFileKind, BootFiles, BootMethod, CacheType, Device,
-    DeviceType, EnrollToken, IscsiSecrets, Mode, Role, StoreDef, StoreHere, VDisk, Version,
-    VersionState, DEFAULT_STORE,
+    DeviceEvent, DeviceType, EnrollToken, EventKind, IscsiSecrets, Mode, Role, StoreDef, StoreHere,
+    VDisk, Version, VersionState, DEFAULT_STORE,
 };
 
 use serde::{Deserialize, Serialize};

@@ -1,12 +1,17 @@
 //! API tokens (`tokens/NAME` → [`ApiToken`]) and the audit trail
 //! (`audit/MS-SERVER-SEQ` → [`AuditEntry`], in time order by key).
 
-use vstream_model::{ApiToken, AuditEntry};
+use vstream_model::{ApiToken, AuditEntry, DeviceEvent};
 
 use crate::{checked_name, decode, encode, Compare, FarmError, FarmStore, Op, RecordKind};
 
 const TOKENS: &str = "tokens/";
 const AUDIT: &str = "audit/";
+const EVENTS: &str = "events/";
+
+pub(crate) fn events_key(device: &str) -> String {
+    format!("{EVENTS}{device}")
+}
 
 fn token_key(name: &str) -> String {
     format!("{TOKENS}{name}")
@@ -47,6 +52,50 @@ impl FarmStore {
         match self.backend.txn(compare, vec![Op::delete(&key)]).await? {
             true => Ok(token),
             false => Err(crate::gave_up(format_args!("revoking token {name}"))),
+        }
+    }
+
+    /// Adds `event` to device `device`'s recent events, keeping the newest
+    /// `keep`.
+    pub async fn add_device_event(
+        &self,
+        device: &str,
+        event: &DeviceEvent,
+        keep: usize,
+    ) -> Result<(), FarmError> {
+        checked_name(RecordKind::Device, device)?;
+        let key = events_key(device);
+        for _ in 0..crate::MAX_ATTEMPTS {
+            let current = self.backend.get(&key).await?;
+            let (mut events, compare) = match &current {
+                Some(v) => (
+                    decode::<Vec<DeviceEvent>>(&key, &v.value)?,
+                    Compare::revision(&key, v.revision),
+                ),
+                None => (Vec::new(), Compare::absent(&key)),
+            };
+            events.push(event.clone());
+            events.sort_by_key(|e| e.at_ms);
+            if events.len() > keep {
+                events.drain(..events.len() - keep);
+            }
+            let ops = vec![Op::put(&key, encode(&key, &events)?)];
+            if self.backend.txn(vec![compare], ops).await? {
+                return Ok(());
+            }
+        }
+        Err(crate::gave_up(format_args!(
+            "recording an event of {device}"
+        )))
+    }
+
+    /// Device `device`'s recent events, oldest first.
+    pub async fn device_events(&self, device: &str) -> Result<Vec<DeviceEvent>, FarmError> {
+        checked_name(RecordKind::Device, device)?;
+        let key = events_key(device);
+        match self.backend.get(&key).await? {
+            Some(v) => decode(&key, &v.value),
+            None => Ok(Vec::new()),
         }
     }
 
@@ -139,6 +188,30 @@ mod tests {
             farm.revoke_token("ops").await,
             Err(FarmError::NotFound { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_device_keeps_its_newest_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let farm = FarmStore::embedded(dir.path().join("farm.redb")).unwrap();
+        for at_ms in [5, 1, 3, 4, 2] {
+            let e = DeviceEvent {
+                at_ms,
+                kind: vstream_model::EventKind::Connect,
+                server: "s1".into(),
+                detail: String::new(),
+            };
+            farm.add_device_event("pc1", &e, 3).await.unwrap();
+        }
+        let at: Vec<u64> = farm
+            .device_events("pc1")
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.at_ms)
+            .collect();
+        assert_eq!(at, vec![3, 4, 5]);
+        assert!(farm.device_events("pc2").await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -522,6 +522,7 @@ impl FarmStore {
                 Op::delete(mac_key(&device.mac)),
                 Op::delete(boots::boot_key(name)),
                 Op::delete(iscsi::iscsi_key(name)),
+                Op::delete(access::events_key(name)),
             ];
             if self.backend.txn(compares, ops).await? {
                 return Ok(device);

@@ -102,3 +102,60 @@ pub struct AuditEntry {
     /// `ok`, or the error sentence.
     pub result: String,
 }
+
+/// What happened to a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A session began (NBD or iSCSI).
+    Connect,
+    /// Its session ended: cleanly, cut off, superseded by a new boot, or
+    /// let go.
+    Disconnect,
+    /// It logged in again avoiding a server that failed it.
+    Failover,
+    /// A login it will retry: nothing could serve it yet.
+    Retry,
+    /// A connection or login of it was refused.
+    Refusal,
+    /// Its write cache passed 80 % of its limit, or reached it.
+    CacheFull,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 6] = [
+        EventKind::Connect,
+        EventKind::Disconnect,
+        EventKind::Failover,
+        EventKind::Retry,
+        EventKind::Refusal,
+        EventKind::CacheFull,
+    ];
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EventKind::Connect => "connect",
+            EventKind::Disconnect => "disconnect",
+            EventKind::Failover => "failover",
+            EventKind::Retry => "retry",
+            EventKind::Refusal => "refusal",
+            EventKind::CacheFull => "cache_full",
+        })
+    }
+}
+
+/// One event of a device (`events/DEVICE` keeps its recent ones).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DeviceEvent {
+    pub at_ms: u64,
+    pub kind: EventKind,
+    /// The server it happened at.
+    pub server: String,
+    /// What, in a sentence: the reason of a refusal or failover, how a
+    /// session ended.
+    pub detail: String,
+}

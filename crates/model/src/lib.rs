@@ -19,7 +19,7 @@ mod server;
 mod vdisk;
 mod version;
 
-pub use access::{ApiToken, AuditEntry, Role};
+pub use access::{ApiToken, AuditEntry, DeviceEvent, EventKind, Role};
 pub use catalog::{Catalog, CatalogVersion, ReplicaProgress, ReplicaState, ReplicationOverride};
 pub use device::{
     check_iqn, default_initiator, device_target, looks_like_mac, parse_mac, Device, DeviceType,

@@ -94,6 +94,7 @@ pub fn status(server: &Handles, versions: Vec<HeldVersion>) -> ServerStatus {
     let read = server.metrics.read_bytes.load(Ordering::Relaxed);
     let before = m.last_read_bytes.swap(read, Ordering::Relaxed);
     let (devices, booting) = server.sessions.session_counts(BOOT_WINDOW_SECS);
+    server.sessions.check_caches();
     ServerStatus {
         name: server.config.name.clone(),
         api: server.config.advertise_api.clone(),

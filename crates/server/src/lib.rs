@@ -11,6 +11,7 @@ pub mod clock;
 pub mod config;
 pub mod enroll;
 pub mod error;
+pub mod events;
 pub mod farm;
 pub mod http;
 pub mod identity;

@@ -46,6 +46,8 @@ pub struct Sessions {
     sessions: Mutex<HashMap<String, Session>>,
     /// The next [`Session::id`].
     next_session: AtomicU64,
+    /// Connects, disconnects, refusals and full caches of devices.
+    pub events: crate::events::Events,
     /// Per-vDisk lock: a version operation and a device session starting on
     /// the same vDisk never overlap, so "is it in use?" stays true while acted on.
     vdisk_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -98,6 +100,8 @@ struct Session {
     /// Its last connection has closed and its end is being done (flush,
     /// cache discarded): no connection joins it, a new one waits.
     ending: bool,
+    /// How full its write cache was last seen: 0, 80 (%) or 100.
+    cache_seen: u8,
 }
 
 /// How long a device's new connection waits for a session that is ending
@@ -263,6 +267,7 @@ impl Sessions {
         replication: Arc<Replication>,
     ) -> Sessions {
         Sessions {
+            events: crate::events::Events::new(farm.clone(), config.name.clone()),
             config,
             store,
             farm,
@@ -324,8 +329,14 @@ impl Sessions {
         let holder = self.holder(client).await?;
         let peer = client.addr.as_str();
         if let Some(dev) = bare.strip_prefix("device/") {
-            self.admit(&holder, Wants::Device(bare, dev)).await?;
-            return self.open_device(dev, boot, peer, go, Door::Nbd).await;
+            let opened = match self.admit(&holder, Wants::Device(bare, dev)).await {
+                Ok(()) => self.open_device(dev, boot, peer, go, Door::Nbd).await,
+                Err(e) => Err(e),
+            };
+            if go {
+                self.note_refusal(dev, &opened);
+            }
+            return opened;
         }
         if let Some(rest) = bare.strip_prefix("base/") {
             if let Some((key, _, _)) = crate::login::parse_base_export(rest) {
@@ -541,6 +552,7 @@ impl Sessions {
             .map_or(0, |b| b.seq);
         let release;
         let id;
+        let new_session;
         {
             let mut sessions = self.sessions.lock();
             if let Some(s) = sessions.get(&device.name) {
@@ -549,6 +561,7 @@ impl Sessions {
                 }
                 other_door(&device.name, s, Door::Nbd)?;
             }
+            new_session = !sessions.contains_key(&device.name);
             let s = sessions
                 .entry(device.name.clone())
                 .or_insert_with(|| Session {
@@ -568,6 +581,7 @@ impl Sessions {
                     boot_seq,
                     superseded: false,
                     ending: false,
+                    cache_seen: 0,
                 });
             if s.release.as_ref().is_some_and(|r| *r.borrow()) {
                 // Released, and back (no other server could take it): a new
@@ -579,6 +593,13 @@ impl Sessions {
             id = s.id;
         }
         tracing::info!(device = %device.name, vdisk = %vdisk.name, version = number, %peer, "device streaming its base");
+        if new_session {
+            self.events.record(
+                &device.name,
+                vstream_api::EventKind::Connect,
+                format!("over NBD from {peer}, version {number}, its cache on the device"),
+            );
+        }
         Ok(Export {
             name,
             description,
@@ -805,7 +826,61 @@ impl Sessions {
     /// within that boot keeps a Standard-mode cache, and a new boot starts
     /// clean.
     pub async fn open_iscsi(self: &Arc<Self>, key: &str, peer: &str) -> Result<Export, OpenError> {
-        self.open_device(key, None, peer, true, Door::Iscsi).await
+        let opened = self.open_device(key, None, peer, true, Door::Iscsi).await;
+        self.note_refusal(key, &opened);
+        opened
+    }
+
+    /// A device event for a connection of device `key` refused.
+    fn note_refusal(&self, key: &str, opened: &Result<Export, OpenError>) {
+        let why = match opened {
+            Err(OpenError::Refused(why)) | Err(OpenError::Denied(_, why)) => why,
+            _ => return,
+        };
+        let name = match DeviceKey::parse(key) {
+            Ok(DeviceKey::Mac(mac)) => match self.membership.view().device_by_mac(&mac) {
+                Some(d) => d.name.clone(),
+                None => return,
+            },
+            _ => key.to_owned(),
+        };
+        self.events
+            .record(&name, vstream_api::EventKind::Refusal, why.clone());
+    }
+
+    /// Notes each connected device whose write cache passed 80 % of its
+    /// limit, or reached it, once per session and level.
+    pub fn check_caches(&self) {
+        let fill = self.cache_fill();
+        let mut crossed = Vec::new();
+        {
+            let mut sessions = self.sessions.lock();
+            for (device, used, limit) in fill {
+                let Some(s) = sessions.get_mut(&device) else {
+                    continue;
+                };
+                let level = match used.saturating_mul(100) / limit.max(1) {
+                    p if p >= 100 => 100,
+                    p if p >= 80 => 80,
+                    _ => 0,
+                };
+                if level > s.cache_seen {
+                    crossed.push((device, used, limit, level));
+                }
+                s.cache_seen = s.cache_seen.max(level);
+            }
+        }
+        for (device, used, limit, level) in crossed {
+            let what = match level {
+                100 => "full: its writes fail with ENOSPC",
+                _ => "over 80 % of its limit",
+            };
+            self.events.record(
+                &device,
+                vstream_api::EventKind::CacheFull,
+                format!("its write cache is {what} ({used} of {limit} bytes)"),
+            );
+        }
     }
 
     async fn open_device(
@@ -954,10 +1029,19 @@ impl Sessions {
                 boot_seq: boot.as_ref().map_or(0, |b| b.seq),
                 superseded: false,
                 ending: false,
+                cache_seen: 0,
             },
         );
         drop(sessions);
         tracing::info!(device = %device.name, vdisk = %vdisk.name, version, kind = %device.kind, mode = %vdisk.mode, boot = boot.as_ref().map_or(0, |b| b.seq), %peer, %door, "device session started");
+        self.events.record(
+            &device.name,
+            vstream_api::EventKind::Connect,
+            format!(
+                "over {door} from {peer}, version {version} of vDisk {}",
+                vdisk.name
+            ),
+        );
         let guard = SessionGuard {
             sessions: self.clone(),
             device: device.name.clone(),
@@ -1088,6 +1172,13 @@ impl Sessions {
         } else {
             tracing::info!(device, clean, superseded, "device session ended");
         }
+        let how = match (superseded, clean) {
+            (true, _) => "its session ended: the device booted again",
+            (false, true) => "its session ended cleanly",
+            (false, false) => "its connection was cut off (power loss, network, or let go)",
+        };
+        self.events
+            .record(device, vstream_api::EventKind::Disconnect, how);
         let mut sessions = self.sessions.lock();
         if sessions.get(device).is_some_and(|s| s.id == id) {
             sessions.remove(device);

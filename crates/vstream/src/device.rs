@@ -7,6 +7,7 @@
 //!   show NAME --secrets                             GET    /api/v1/devices/NAME/iscsi
 //!   set NAME [--type TYPE] [--iqn IQN|default]      PATCH  /api/v1/devices/NAME
 //!   set NAME --rotate-chap                          POST   /api/v1/devices/NAME/iscsi/rotate
+//!   events NAME [--json]                            GET    /api/v1/devices/NAME/events
 //!   remove NAME                                     DELETE /api/v1/devices/NAME
 //!   reset NAME [--force]                            POST   /api/v1/devices/NAME/reset[?force=true]
 //!   revoke NAME                                     POST   /api/v1/devices/NAME/revoke
@@ -46,6 +47,9 @@ pub enum DeviceCommand {
     /// Change a device's type (which version of its vDisk it boots), its
     /// iSCSI initiator name, or its CHAP secrets.
     Set(SetArgs),
+    /// A device's recent events: connects, disconnects (and how), failovers,
+    /// retries, refusals (and why), full write caches; from every server.
+    Events(ShowArgs),
     /// Remove a device.
     Remove(NameArg),
     /// Reset a device (its session and write cache; see the server's docs).
@@ -157,6 +161,14 @@ pub fn run(args: DeviceArgs) -> Result<()> {
         DeviceCommand::List(a) => list(&client, a),
         DeviceCommand::Show(a) => show(&client, a),
         DeviceCommand::Set(a) => set(&client, a),
+        DeviceCommand::Events(a) => {
+            let path = api_path(&["devices", &a.name, "events"]);
+            if a.json {
+                return print_json(&client.get(&path)?);
+            }
+            let events: Vec<vstream_api::DeviceEvent> = client.get(&path)?;
+            print(&events_table(&events))
+        }
         DeviceCommand::Remove(a) => {
             client.delete_device(&a.name)?;
             print(&format!("removed device {}\n", a.name))
@@ -380,6 +392,21 @@ fn device_fields(i: &DeviceInfo) -> String {
         ));
     }
     render_fields(&fields)
+}
+
+fn events_table(events: &[vstream_api::DeviceEvent]) -> String {
+    let rows: Vec<Vec<String>> = events
+        .iter()
+        .map(|e| {
+            vec![
+                format_unix_time(e.at_ms / 1000),
+                e.kind.to_string(),
+                e.server.clone(),
+                e.detail.clone(),
+            ]
+        })
+        .collect();
+    render_table(&["TIME", "EVENT", "SERVER", "DETAIL"], &rows)
 }
 
 fn yes_no(b: bool) -> &'static str {

@@ -316,3 +316,15 @@ pub(super) async fn reset_device(
     tracing::info!(device = %d.name, "write cache reset");
     Ok(Json(sessions.device_info(d)))
 }
+
+/// The device's recent events (connects, disconnects, failovers, retries,
+/// refusals, full caches), oldest first, from every server.
+#[utoipa::path(get, path = "/api/v1/devices/{name}/events", params(("name" = String, Path)),
+    responses((status = 200, body = [vstream_api::DeviceEvent]), (status = 404, body = ErrorBody)))]
+pub(super) async fn device_events(
+    State(farm): State<FarmStore>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<vstream_api::DeviceEvent>>, ApiError> {
+    let d = get_device(&farm, &name).await?;
+    Ok(Json(farm.device_events(&d.name).await?))
+}

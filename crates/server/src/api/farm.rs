@@ -130,6 +130,15 @@ async fn answer_login(
             Metrics::add(&membership.logins, 1);
             if !req.avoid.is_empty() {
                 Metrics::add(&membership.failover_logins, 1);
+                sessions.events.record(
+                    &reply.device,
+                    vstream_api::EventKind::Failover,
+                    format!(
+                        "logged in again avoiding {}; sent to {}",
+                        req.avoid.join(", "),
+                        reply.server
+                    ),
+                );
             }
             tracing::info!(device = %reply.device, vdisk = %reply.vdisk, version = reply.version, server = %reply.server, avoid = ?req.avoid, "login");
             Ok(Json(reply))
@@ -143,6 +152,11 @@ async fn answer_login(
                 LoginError::Gone(_) => StatusCode::GONE,
             };
             tracing::info!(mac = %req.mac, reason = %e, "login refused");
+            if let (LoginError::Unavailable(why), Some(d)) = (&e, &device) {
+                sessions
+                    .events
+                    .record(d, vstream_api::EventKind::Retry, why.clone());
+            }
             // One line per refusal: not "API request failed" again for a 503.
             Err(ApiError::new(status, e.to_string()).logged())
         }

@@ -395,3 +395,155 @@ fn the_shipped_alerts_and_dashboard_name_what_servers_serve() {
     let _ = held.kill();
     let _ = held.wait();
 }
+
+/// Device events: a connect, a cache past 80 %, a cut-off disconnect and a
+/// failover login of one device, a refusal of another, each kept in the
+/// farm state (`vstream device events`), counted on /metrics, and logged.
+#[test]
+fn device_events_are_kept_counted_and_shown() {
+    if !have("qemu-io") || !have("nbdinfo") || !have("curl") {
+        return;
+    }
+    let s = TestServer::start();
+    s.cli_ok(&["vdisk", "create", "std", "--size", "8M"]);
+    s.cli_ok(&[
+        "vdisk",
+        "set",
+        "std",
+        "--mode",
+        "standard",
+        "--cache-limit",
+        "1M",
+    ]);
+    s.cli_ok(&["vdisk", "create", "priv", "--size", "8M"]);
+    s.cli_ok(&["vdisk", "set", "priv", "--mode", "private"]);
+    for (d, mac, v) in [
+        ("pc1", "52:54:00:00:07:01", "std"),
+        ("pc2", "52:54:00:00:07:02", "priv"),
+        ("pc3", "52:54:00:00:07:03", "priv"),
+    ] {
+        s.cli_ok(&["device", "add", d, "--mac", mac, "--vdisk", v]);
+    }
+    let hold = |export: &str, cmds: &[&str]| {
+        let mut c = Command::new("qemu-io")
+            .args(["-f", "raw", &s.url(export)])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("qemu-io");
+        use std::io::Write;
+        let stdin = c.stdin.as_mut().expect("stdin");
+        for cmd in cmds {
+            writeln!(stdin, "{cmd}").expect("qemu-io command");
+        }
+        c
+    };
+    let events = |d: &str| -> Vec<serde_json::Value> {
+        serde_json::from_str(&s.cli_ok(&["device", "events", d, "--json"])).expect("JSON")
+    };
+    let kinds = |d: &str| -> Vec<String> {
+        events(d)
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap_or("").to_owned())
+            .collect()
+    };
+    let mut pc1 = hold("device/pc1", &["write -P 0x22 0 900k", "flush"]);
+    let mut pc2 = hold("device/pc2", &[]);
+    common::wait_for(15, "pc1's cache noticed", || {
+        kinds("pc1")
+            .contains(&"cache_full".to_string())
+            .then_some(())
+    });
+    common::wait_for(15, "pc2 connected", || {
+        kinds("pc2").contains(&"connect".to_string()).then_some(())
+    });
+    // pc3 shares pc2's Private vDisk: refused while pc2 has it.
+    let o = Command::new("nbdinfo")
+        .arg(s.url("device/pc3"))
+        .output()
+        .expect("nbdinfo");
+    assert!(!o.status.success());
+    // pc1 loses power: its connection is cut.
+    let _ = pc1.kill();
+    let _ = pc1.wait();
+    // It logs in again, avoiding a server that failed it.
+    let login = common::run(
+        "curl",
+        &[
+            "-sf",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            r#"{"mac":"52:54:00:00:07:01","avoid":["gone-server"]}"#,
+            &format!("{}/api/v1/login", s.api),
+        ],
+    );
+    assert!(login.contains("pc1"), "{login}");
+    common::wait_for(15, "pc1's events", || {
+        let k = kinds("pc1");
+        ["connect", "cache_full", "disconnect", "failover"]
+            .iter()
+            .all(|w| k.contains(&w.to_string()))
+            .then_some(())
+    });
+    let e1 = events("pc1");
+    let full = e1
+        .iter()
+        .find(|e| e["kind"] == "cache_full")
+        .expect("cache_full");
+    assert!(
+        full["detail"].as_str().unwrap_or("").contains("80 %"),
+        "{full}"
+    );
+    let gone = e1
+        .iter()
+        .find(|e| e["kind"] == "disconnect")
+        .expect("disconnect");
+    assert!(
+        gone["detail"].as_str().unwrap_or("").contains("cut off"),
+        "{gone}"
+    );
+    let fo = e1
+        .iter()
+        .find(|e| e["kind"] == "failover")
+        .expect("failover");
+    assert!(
+        fo["detail"].as_str().unwrap_or("").contains("gone-server"),
+        "{fo}"
+    );
+    common::wait_for(15, "pc3's refusal", || {
+        events("pc3")
+            .iter()
+            .any(|e| {
+                e["kind"] == "refusal" && e["detail"].as_str().unwrap_or("").contains("Private")
+            })
+            .then_some(())
+    });
+    let table = s.cli_ok(&["device", "events", "pc1"]);
+    assert!(
+        table.contains("EVENT") && table.contains("failover"),
+        "{table}"
+    );
+    let metrics = common::run(
+        "curl",
+        &[
+            "-sf",
+            "-H",
+            &format!("Authorization: Bearer {}", s.token()),
+            &format!("{}/metrics", s.api),
+        ],
+    );
+    for kind in ["connect", "disconnect", "failover", "refusal", "cache_full"] {
+        let line = format!("vstream_device_events_total{{kind=\"{kind}\"}} ");
+        let n: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        assert!(n >= 1, "{kind}: {n}");
+    }
+    assert!(s.log_text().contains("device event"));
+    let _ = pc2.kill();
+    let _ = pc2.wait();
+}
