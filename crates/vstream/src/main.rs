@@ -28,6 +28,7 @@ mod audit_cmd;
 mod ca_cmd;
 mod client;
 mod device;
+mod docs_cmd;
 mod farm_cmd;
 mod log_fields;
 mod logging;
@@ -82,6 +83,9 @@ enum Command {
     Token(token_cmd::TokenArgs),
     /// The audit trail: who changed what, from where, when.
     Audit(audit_cmd::AuditArgs),
+    /// Write the man pages and shell completions (for packaging).
+    #[command(hide = true)]
+    Docs(docs_cmd::DocsArgs),
 }
 
 fn main() -> ExitCode {
@@ -99,6 +103,7 @@ fn main() -> ExitCode {
         Command::Ca(args) => ca_cmd::run(args),
         Command::Token(args) => token_cmd::run(args),
         Command::Audit(args) => audit_cmd::run(args),
+        Command::Docs(args) => docs_cmd::run(args, <Cli as clap::CommandFactory>::command()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
