@@ -222,22 +222,12 @@ mod tests {
         farm.append_audit(&entry(1_000, "s1"), 0).await.unwrap();
         farm.append_audit(&entry(2_000, "s1"), 0).await.unwrap();
         farm.append_audit(&entry(2_000, "s1"), 1).await.unwrap();
-        let at: Vec<u64> = farm
-            .audit()
-            .await
-            .unwrap()
-            .iter()
-            .map(|e| e.at_ms)
-            .collect();
-        assert_eq!(at, vec![1_000, 2_000, 2_000, 3_000]);
+        let times = |trail: Vec<AuditEntry>| trail.iter().map(|e| e.at_ms).collect::<Vec<_>>();
+        assert_eq!(
+            times(farm.audit().await.unwrap()),
+            vec![1_000, 2_000, 2_000, 3_000]
+        );
         assert_eq!(farm.prune_audit(2_500).await.unwrap(), 3);
-        let at: Vec<u64> = farm
-            .audit()
-            .await
-            .unwrap()
-            .iter()
-            .map(|e| e.at_ms)
-            .collect();
-        assert_eq!(at, vec![3_000]);
+        assert_eq!(times(farm.audit().await.unwrap()), vec![3_000]);
     }
 }

@@ -488,30 +488,14 @@ fn device_events_are_kept_counted_and_shown() {
             .then_some(())
     });
     let e1 = events("pc1");
-    let full = e1
-        .iter()
-        .find(|e| e["kind"] == "cache_full")
-        .expect("cache_full");
-    assert!(
-        full["detail"].as_str().unwrap_or("").contains("80 %"),
-        "{full}"
-    );
-    let gone = e1
-        .iter()
-        .find(|e| e["kind"] == "disconnect")
-        .expect("disconnect");
-    assert!(
-        gone["detail"].as_str().unwrap_or("").contains("cut off"),
-        "{gone}"
-    );
-    let fo = e1
-        .iter()
-        .find(|e| e["kind"] == "failover")
-        .expect("failover");
-    assert!(
-        fo["detail"].as_str().unwrap_or("").contains("gone-server"),
-        "{fo}"
-    );
+    for (kind, says) in [
+        ("cache_full", "80 %"),
+        ("disconnect", "cut off"),
+        ("failover", "gone-server"),
+    ] {
+        let e = e1.iter().find(|e| e["kind"] == kind).expect(kind);
+        assert!(e["detail"].as_str().unwrap_or("").contains(says), "{e}");
+    }
     common::wait_for(15, "pc3's refusal", || {
         events("pc3")
             .iter()
