@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The guest kit's packages: Debian's linux-image .deb, and nbd-client with the libnl
+# The guest kit's packages: Debian's linux-image .deb, nbd-client with the libnl
 # libraries it links (for the guests that mount root with vstream.client=nbd-client),
+# and open-iscsi with its libisns and libopeniscsiusr libraries (for the iSCSI guests),
 # downloaded once into a cache folder, so that building the kit (tests/guest/build.sh and
 # build-netboot.sh, run by `cargo test`) downloads nothing.
 #
@@ -9,7 +10,7 @@
 #   tests/guest/fetch-kernel.sh --find [DIR]  # print the path of the kernel .deb to use, or
 #                                             # say on stderr how to get one and exit 1
 #   tests/guest/fetch-kernel.sh --find-deb PKG  # the same for PKG, one of the nbd-client
-#                                             # packages
+#                                             # or open-iscsi packages
 #
 # --find looks at VSTREAM_GUEST_KERNEL_DEB, then each DIR (a kit folder that already
 # holds one), then the cache. The download uses `apt-get download` (nothing is
@@ -37,8 +38,11 @@ newest_in() {
     [ -z "$name" ] || echo "$(cd "$1" && pwd)/$name"
 }
 
-# The nbd-client packages, kept in CACHE/debs.
-DEB_PKGS="nbd-client libnl-3-200 libnl-genl-3-200"
+# The nbd-client packages, and open-iscsi (iscsiadm, iscsid and iscsistart, for the
+# guests that log in to an iSCSI target themselves or take their disk from the iBFT)
+# with the libraries it links that the guest kit may not find on the host, kept in
+# CACHE/debs.
+DEB_PKGS="nbd-client libnl-3-200 libnl-genl-3-200 open-iscsi libisns0 libopeniscsiusr"
 cached_deb() {
     local name
     # shellcheck disable=SC2012
