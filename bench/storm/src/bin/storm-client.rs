@@ -1,0 +1,338 @@
+//! A storm of simulated devices: each replays a boot trace over its own NBD connection
+//! to its own export, one request at a time (as a booting machine's early boot mostly
+//! does), with the trace's gaps scaled by `--gap-scale` (0: back to back).
+//!
+//!     storm-client --connect HOST:PORT[,HOST:PORT...] --export 'device/storm{i}'
+//!                  --devices N --trace FILE [--ramp SECS] [--gap-scale X]
+//!                  [--verify IMAGE] [--first I]
+//!
+//! Device i (from `--first`, default 0) starts at ramp * i / N seconds, connects to the
+//! address i mod (number of addresses), and opens the export with `{i}` replaced by i.
+//! With `--verify`, every byte read is checked against IMAGE, or against what that
+//! device wrote there itself earlier in the trace (each device writes its own pattern).
+//! A progress line goes to stderr each second; the result is one JSON object on
+//! stdout: per-device boot-read times (first request to last reply) as p50/p99/max,
+//! the time until the last device finished, bytes and MB/s, and the errors (up to 10).
+//! Exits 1 if any device failed.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use vstream_storm::nbd::{self, Request};
+use vstream_storm::trace::{Op, Trace};
+
+struct Args {
+    connect: Vec<String>,
+    export: String,
+    devices: usize,
+    first: usize,
+    trace: Trace,
+    ramp: f64,
+    gap_scale: f64,
+    image: Option<Vec<u8>>,
+}
+
+fn usage(why: &str) -> ! {
+    eprintln!("storm-client: {why}");
+    eprintln!(
+        "usage: storm-client --connect HOST:PORT[,...] --export PATTERN --devices N \
+         --trace FILE [--ramp SECS] [--gap-scale X] [--verify IMAGE] [--first I]"
+    );
+    std::process::exit(2);
+}
+
+fn parse_args() -> Args {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let get = |name: &str| -> Option<String> {
+        let i = args.iter().position(|a| a == name)?;
+        Some(
+            args.get(i + 1)
+                .cloned()
+                .unwrap_or_else(|| usage(&format!("{name} needs a value"))),
+        )
+    };
+    let num = |v: Option<String>, name: &str, default: f64| -> f64 {
+        v.map_or(default, |s| {
+            s.parse()
+                .unwrap_or_else(|_| usage(&format!("{name} {s:?}")))
+        })
+    };
+    let connect = get("--connect").unwrap_or_else(|| usage("--connect is required"));
+    let export = get("--export").unwrap_or_else(|| usage("--export is required"));
+    let trace_path = get("--trace").unwrap_or_else(|| usage("--trace is required"));
+    let devices = num(get("--devices"), "--devices", 1.0) as usize;
+    let first = num(get("--first"), "--first", 0.0) as usize;
+    let ramp = num(get("--ramp"), "--ramp", 0.0);
+    let gap_scale = num(get("--gap-scale"), "--gap-scale", 0.0);
+    let text = std::fs::read_to_string(&trace_path)
+        .unwrap_or_else(|e| usage(&format!("{trace_path}: {e}")));
+    let trace = Trace::parse(&text).unwrap_or_else(|e| usage(&format!("{trace_path}: {e}")));
+    let image = get("--verify").map(|p| {
+        let d = std::fs::read(&p).unwrap_or_else(|e| usage(&format!("{p}: {e}")));
+        if (d.len() as u64) < trace.size {
+            usage(&format!("{p} is smaller than the trace's disk"));
+        }
+        d
+    });
+    Args {
+        connect: connect.split(',').map(str::to_owned).collect(),
+        export,
+        devices,
+        first,
+        trace,
+        ramp,
+        gap_scale,
+        image,
+    }
+}
+
+/// What one device saw.
+struct Outcome {
+    boot_s: f64,
+    finished_at_s: f64,
+    read_bytes: u64,
+    error: Option<String>,
+}
+
+/// The bytes device `dev` writes at step `step`: distinct per device and step.
+fn pattern(dev: usize, step: usize, len: usize) -> Vec<u8> {
+    let seed = (dev as u64) << 32 | step as u64;
+    (0..len)
+        .map(|i| {
+            (seed
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                .rotate_left((i % 61) as u32) as u8)
+                ^ i as u8
+        })
+        .collect()
+}
+
+fn device(a: &Args, dev: usize, read_total: &AtomicU64) -> Result<(f64, u64), String> {
+    let addr = &a.connect[dev % a.connect.len()];
+    let export = a.export.replace("{i}", &dev.to_string());
+    let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_nodelay(true).map_err(|e| e.to_string())?;
+    let size = nbd::client_handshake(&mut s, &export).map_err(|e| format!("{export}: {e}"))?;
+    if size < a.trace.size {
+        return Err(format!(
+            "{export} has {size} bytes, the trace needs {}",
+            a.trace.size
+        ));
+    }
+    // What this device wrote, newest last: the expected bytes of a later read.
+    let mut written: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut buf = Vec::new();
+    let start = Instant::now();
+    let mut read = 0u64;
+    for (i, step) in a.trace.steps.iter().enumerate() {
+        if a.gap_scale > 0.0 {
+            let due = start + Duration::from_secs_f64(step.at_us as f64 * a.gap_scale / 1e6);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        }
+        let command = match step.op {
+            Op::Read => nbd::CMD_READ,
+            Op::Write => nbd::CMD_WRITE,
+            Op::Flush => nbd::CMD_FLUSH,
+        };
+        let req = Request {
+            flags: 0,
+            command,
+            handle: i as u64,
+            offset: step.offset,
+            length: step.length,
+        };
+        let fail = |e: std::io::Error| {
+            format!(
+                "{export}: step {i} ({:?} {} +{}): {e}",
+                step.op, step.offset, step.length
+            )
+        };
+        s.write_all(&req.encode()).map_err(fail)?;
+        if step.op == Op::Write {
+            let data = pattern(dev, i, step.length as usize);
+            s.write_all(&data).map_err(fail)?;
+            if a.image.is_some() {
+                written.push((step.offset, data));
+            }
+        }
+        let (err, handle) = nbd::read_simple_reply(&mut s).map_err(fail)?;
+        if handle != i as u64 {
+            return Err(format!("{export}: step {i}: reply for handle {handle}"));
+        }
+        if err != 0 {
+            return Err(format!(
+                "{export}: step {i} ({:?} {} +{}): error {err}",
+                step.op, step.offset, step.length
+            ));
+        }
+        if step.op == Op::Read {
+            buf.resize(step.length as usize, 0);
+            s.read_exact(&mut buf).map_err(fail)?;
+            read += u64::from(step.length);
+            read_total.fetch_add(u64::from(step.length), Ordering::Relaxed);
+            if let Some(image) = &a.image {
+                check(image, &written, step.offset, &buf).map_err(|at| {
+                    format!("{export}: step {i}: byte {at} differs from the image")
+                })?;
+            }
+        }
+    }
+    let boot = start.elapsed().as_secs_f64();
+    let disc = Request {
+        flags: 0,
+        command: nbd::CMD_DISC,
+        handle: u64::MAX,
+        offset: 0,
+        length: 0,
+    };
+    let _ = s.write_all(&disc.encode());
+    Ok((boot, read))
+}
+
+/// The first absolute offset where `got` (read at `offset`) differs from what the
+/// device should see there.
+fn check(image: &[u8], written: &[(u64, Vec<u8>)], offset: u64, got: &[u8]) -> Result<(), u64> {
+    let mut want = image[offset as usize..offset as usize + got.len()].to_vec();
+    let end = offset + got.len() as u64;
+    for (w_off, data) in written {
+        let w_end = w_off + data.len() as u64;
+        let (lo, hi) = (offset.max(*w_off), end.min(w_end));
+        if lo < hi {
+            want[(lo - offset) as usize..(hi - offset) as usize]
+                .copy_from_slice(&data[(lo - w_off) as usize..(hi - w_off) as usize]);
+        }
+    }
+    match want.iter().zip(got).position(|(a, b)| a != b) {
+        None => Ok(()),
+        Some(p) => Err(offset + p as u64),
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn main() {
+    let a = Arc::new(parse_args());
+    let t0 = Instant::now();
+    let read_total = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let outcomes = Arc::new(Mutex::new(Vec::with_capacity(a.devices)));
+    let mut handles = Vec::with_capacity(a.devices);
+    let progress = {
+        let (read_total, done, devices) = (read_total.clone(), done.clone(), a.devices);
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let d = done.load(Ordering::Relaxed);
+            eprintln!(
+                "storm: {:>5.1} s, {d}/{devices} devices done, {} MB read",
+                t0.elapsed().as_secs_f64(),
+                read_total.load(Ordering::Relaxed) >> 20
+            );
+            if d >= devices {
+                break;
+            }
+        })
+    };
+    for k in 0..a.devices {
+        let dev = a.first + k;
+        let (a, read_total, done, outcomes) = (
+            a.clone(),
+            read_total.clone(),
+            done.clone(),
+            outcomes.clone(),
+        );
+        let due = t0 + Duration::from_secs_f64(a.ramp * k as f64 / a.devices.max(1) as f64);
+        let h = std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || {
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                let r = device(&a, dev, &read_total);
+                let o = match r {
+                    Ok((boot_s, read_bytes)) => Outcome {
+                        boot_s,
+                        finished_at_s: t0.elapsed().as_secs_f64(),
+                        read_bytes,
+                        error: None,
+                    },
+                    Err(e) => Outcome {
+                        boot_s: 0.0,
+                        finished_at_s: t0.elapsed().as_secs_f64(),
+                        read_bytes: 0,
+                        error: Some(e),
+                    },
+                };
+                outcomes.lock().expect("outcomes").push(o);
+                done.fetch_add(1, Ordering::Relaxed);
+            });
+        match h {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                eprintln!("storm-client: cannot start device {dev}: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    let _ = progress.join();
+    let outcomes = outcomes.lock().expect("outcomes");
+    let mut boots: Vec<f64> = outcomes
+        .iter()
+        .filter(|o| o.error.is_none())
+        .map(|o| o.boot_s)
+        .collect();
+    boots.sort_by(f64::total_cmp);
+    let errors: Vec<&String> = outcomes.iter().filter_map(|o| o.error.as_ref()).collect();
+    let total_s = outcomes.iter().map(|o| o.finished_at_s).fold(0.0, f64::max);
+    let bytes: u64 = outcomes.iter().map(|o| o.read_bytes).sum();
+    let shown: Vec<String> = errors.iter().take(10).map(|e| format!("{e:?}")).collect();
+    println!(
+        "{{\"devices\": {}, \"failed\": {}, \"total_s\": {total_s:.3}, \"p50_s\": {:.3}, \
+         \"p99_s\": {:.3}, \"max_s\": {:.3}, \"read_bytes\": {bytes}, \"mb_s\": {:.1}, \
+         \"errors\": [{}]}}",
+        a.devices,
+        errors.len(),
+        percentile(&boots, 0.5),
+        percentile(&boots, 0.99),
+        boots.last().copied().unwrap_or(0.0),
+        bytes as f64 / 1e6 / total_s.max(1e-9),
+        shown.join(", ")
+    );
+    if !errors.is_empty() {
+        std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_is_checked_against_the_image_and_the_devices_own_writes() {
+        let image = vec![7u8; 64];
+        let written = vec![(8u64, vec![1u8; 8]), (12, vec![2u8; 2])];
+        let mut got = vec![7u8; 16];
+        got[8..12].copy_from_slice(&[1; 4]);
+        got[12..14].copy_from_slice(&[2; 2]);
+        got[14..16].copy_from_slice(&[1; 2]);
+        assert_eq!(check(&image, &written, 0, &got), Ok(()));
+        got[15] = 7;
+        assert_eq!(check(&image, &written, 0, &got), Err(15));
+        assert_eq!(check(&image, &written, 32, &[7u8; 8]), Ok(()));
+        assert_ne!(pattern(1, 2, 32), pattern(2, 1, 32));
+    }
+}
