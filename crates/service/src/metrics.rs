@@ -10,6 +10,10 @@ pub struct Metrics {
     pub handshake_failures: AtomicU64,
     pub requests: AtomicU64,
     pub read_bytes: AtomicU64,
+    /// READ requests answered, and those of them answered inline from the page
+    /// cache by the connection's own task (the rest wait for a blocking read).
+    pub reads: AtomicU64,
+    pub inline_reads: AtomicU64,
     pub written_bytes: AtomicU64,
     pub request_errors: AtomicU64,
     /// Connections that went on inside TLS.
@@ -85,7 +89,7 @@ impl Metrics {
     /// Prometheus text exposition, with `extra` rows (name, type, help, value).
     pub fn render(&self, extra: &[(&str, &str, &str, &AtomicU64)]) -> String {
         let mut out = String::new();
-        let rows: [(&str, &str, &str, &AtomicU64); 8] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 10] = [
             (
                 "vstream_nbd_connections_total",
                 "counter",
@@ -115,6 +119,18 @@ impl Metrics {
                 "counter",
                 "bytes read by clients",
                 &self.read_bytes,
+            ),
+            (
+                "vstream_nbd_reads_total",
+                "counter",
+                "READ requests answered",
+                &self.reads,
+            ),
+            (
+                "vstream_nbd_inline_reads_total",
+                "counter",
+                "READ requests answered inline from the page cache",
+                &self.inline_reads,
             ),
             (
                 "vstream_nbd_written_bytes_total",

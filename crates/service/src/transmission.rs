@@ -391,7 +391,10 @@ impl Conn {
                 let start = out.len();
                 self.read_reply_header(req, out);
                 if read_into(&*self.backend, out, req).is_ok_and(|done| done) {
-                    Metrics::add(&self.exports.metrics().read_bytes, u64::from(req.length));
+                    let m = self.exports.metrics();
+                    Metrics::add(&m.read_bytes, u64::from(req.length));
+                    Metrics::add(&m.reads, 1);
+                    Metrics::add(&m.inline_reads, 1);
                     true
                 } else {
                     out.truncate(start);
@@ -454,6 +457,7 @@ impl Conn {
                     Ok(mut out) if out.len() == header.len() + req.length as usize => {
                         out[..header.len()].copy_from_slice(&header);
                         Metrics::add(&self.exports.metrics().read_bytes, len);
+                        Metrics::add(&self.exports.metrics().reads, 1);
                         out
                     }
                     Ok(_) => self.error_reply(req, EIO, "short read"),
