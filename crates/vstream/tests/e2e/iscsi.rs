@@ -25,7 +25,7 @@ fn have_tools() -> bool {
 }
 
 /// A server with an iSCSI portal; the portal's port.
-fn server() -> (TestServer, u16) {
+pub(crate) fn server() -> (TestServer, u16) {
     let [port] = vstream_testkit::free_ports::<1>();
     let s = TestServer::start_fresh_with(&["--iscsi", &format!("127.0.0.1:{port}")]);
     wait_for(10, "the iSCSI portal", || {
@@ -36,14 +36,14 @@ fn server() -> (TestServer, u16) {
 
 /// What `device show NAME --secrets --json` says.
 #[derive(Debug, Clone)]
-struct Access {
-    initiator: String,
-    target: String,
-    user: String,
-    secret: String,
+pub(crate) struct Access {
+    pub initiator: String,
+    pub target: String,
+    pub user: String,
+    pub secret: String,
 }
 
-fn access(s: &TestServer, device: &str) -> Access {
+pub(crate) fn access(s: &TestServer, device: &str) -> Access {
     let out = s.cli_ok(&["device", "show", device, "--secrets", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     let field = |k: &str| {
@@ -59,7 +59,7 @@ fn access(s: &TestServer, device: &str) -> Access {
     }
 }
 
-fn out_text(o: &Output) -> String {
+pub(crate) fn out_text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
 }
 
@@ -108,7 +108,7 @@ fn identity(port: u16, a: &Access) -> String {
 
 /// QEMU's `--object` and `--image-opts` for `a`'s target (the secret in a
 /// secret object, as QEMU wants it).
-fn qemu_opts(port: u16, a: &Access, id: &str) -> [String; 2] {
+pub(crate) fn qemu_opts(port: u16, a: &Access, id: &str) -> [String; 2] {
     [
         format!("secret,id={id},data={}", a.secret),
         format!(
@@ -137,7 +137,7 @@ fn qemu_io(port: u16, a: &Access, cmds: &[&str]) -> String {
 }
 
 /// `qemu-img compare` of an image file and `a`'s target.
-fn compare(port: u16, file: &Path, a: &Access) -> Output {
+pub(crate) fn compare(port: u16, file: &Path, a: &Access) -> Output {
     let [obj, opts] = qemu_opts(port, a, "s0");
     Command::new("qemu-img")
         .args(["compare", "--object", &obj, "--image-opts"])
@@ -189,13 +189,13 @@ impl Drop for Holder {
     }
 }
 
-fn device_json(s: &TestServer, name: &str) -> serde_json::Value {
+pub(crate) fn device_json(s: &TestServer, name: &str) -> serde_json::Value {
     serde_json::from_str(&s.cli_ok(&["device", "show", name, "--json"])).expect("JSON")
 }
 
 /// Waits until device `name` is connected over `protocol` (`None`: not
 /// connected).
-fn wait_protocol(s: &TestServer, name: &str, protocol: Option<&str>) {
+pub(crate) fn wait_protocol(s: &TestServer, name: &str, protocol: Option<&str>) {
     wait_for(15, &format!("device {name} on {protocol:?}"), || {
         let d = device_json(s, name);
         let now = d["protocol"].as_str().map(str::to_owned);
