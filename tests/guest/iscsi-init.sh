@@ -2,9 +2,10 @@
 # /init of the iSCSI initramfs (tests/guest/build-iscsi.sh). Debian's
 # open-iscsi (iscsid + iscsiadm) in a diskless guest does what an iSCSI
 # client of a vstream server does, on QEMU user networking:
-# SendTargets discovery (without CHAP, then with the device's), a login with
-# a wrong CHAP secret, then with the right one; mkfs.ext4 on the disk, a file
-# written, sync, logout; a second login that reads the file back; logout.
+# SendTargets discovery (without CHAP, then with the device's), then, at the
+# node discovery made, a login with a wrong CHAP secret and with the right
+# one; mkfs.ext4 on the disk, a file written, sync, logout; a second login
+# that reads the file back; logout.
 # crates/vstream/tests/e2e/iscsi_guest.rs drives it and checks the disk from
 # the host afterwards.
 #
@@ -18,7 +19,8 @@
 #
 # Console lines for the host:
 #   GUEST-ISCSI-DISCOVERY noauth refused|allowed: MSG   discovery without CHAP
-#   GUEST-ISCSI-TARGET PORTAL,TPGT IQN    one per target discovery showed
+#   GUEST-ISCSI-TARGET PORTAL,TPGT IQN    one per target discovery showed (the
+#                                         portal must be one the guest reaches)
 #   GUEST-ISCSI-DISCOVERY N targets
 #   GUEST-ISCSI-WRONG-CHAP refused: MSG   the login with a wrong secret
 #   GUEST-ISCSI-LOGIN N DEV MIB           login N, the disk it brought
@@ -116,14 +118,13 @@ while read -r portal iqn _; do
     echo "GUEST-ISCSI-TARGET $portal $iqn"
     n=$((n + 1))
     TARGET="$iqn"
+    NODE_PORTAL="${portal%,*}"
 done </run/disc.log
 echo "GUEST-ISCSI-DISCOVERY $n targets"
 [ "$n" = 1 ] || die "discovery showed $n targets, not 1"
 
-# The node at the portal the guest reaches (discovery names the address the
-# server saw the connection on, the host's loopback behind QEMU's NAT).
-node() { iscsiadm -m node -T "$TARGET" -p "$PORTAL" "$@"; }
-node -o new >/dev/null || die "iscsiadm: new node"
+# The node discovery made, at the portal it named.
+node() { iscsiadm -m node -T "$TARGET" -p "$NODE_PORTAL" "$@"; }
 node_set() { node -o update -n "$1" -v "$2" >/dev/null || die "iscsiadm: setting $1"; }
 node_set node.session.auth.authmethod CHAP
 node_set node.session.auth.username "$USER"

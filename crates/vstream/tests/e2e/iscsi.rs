@@ -26,8 +26,21 @@ fn have_tools() -> bool {
 
 /// A server with an iSCSI portal; the portal's port.
 pub(crate) fn server() -> (TestServer, u16) {
+    server_advertised(None)
+}
+
+/// A server with an iSCSI portal on 127.0.0.1 that devices reach at
+/// `advertise` (`--advertise-iscsi HOST:PORT`, the same port), if given; the
+/// portal's port.
+pub(crate) fn server_advertised(advertise: Option<&str>) -> (TestServer, u16) {
     let [port] = vstream_testkit::free_ports::<1>();
-    let s = TestServer::start_fresh_with(&["--iscsi", &format!("127.0.0.1:{port}")]);
+    let portal = format!("127.0.0.1:{port}");
+    let advertised = advertise.map(|host| format!("{host}:{port}"));
+    let mut flags = vec!["--iscsi", &portal];
+    if let Some(a) = &advertised {
+        flags.extend(["--advertise-iscsi", a]);
+    }
+    let s = TestServer::start_fresh_with(&flags);
     wait_for(10, "the iSCSI portal", || {
         s.log_text().contains("iSCSI listening").then_some(())
     });
@@ -236,6 +249,10 @@ fn each_device_reaches_its_own_target_only() {
     assert!(o.status.success(), "{text}");
     assert!(text.contains(&a1.target), "{text}");
     assert!(
+        text.contains(&format!("Portal:127.0.0.1:{port},1")),
+        "discovery names the portal asked: {text}"
+    );
+    assert!(
         !text.contains(&a2.target),
         "discovery showed another device: {text}"
     );
@@ -331,6 +348,41 @@ fn each_device_reaches_its_own_target_only() {
         log.contains("is not device pc1's"),
         "the refusal's reason is logged"
     );
+}
+
+/// Regression: SendTargets named the address the connection came in on
+/// even when the admin gave the one devices reach the server at
+/// (`--advertise-iscsi`, behind NAT), so an initiator that logs in where
+/// discovery says (open-iscsi, Windows) could not reach its target.
+#[test]
+fn discovery_names_the_advertised_portal_behind_nat() {
+    if !have_tools() {
+        return;
+    }
+    let (s, port) = server_advertised(Some("192.0.2.7"));
+    s.cli_ok(&["vdisk", "create", "d", "--size", "16M"]);
+    s.cli_ok(&[
+        "device",
+        "add",
+        "pc1",
+        "--mac",
+        "52:54:00:00:05:01",
+        "--vdisk",
+        "d",
+    ]);
+    let a = access(&s, "pc1");
+    let o = tool(
+        "iscsi-ls",
+        &a.initiator,
+        &[&format!("iscsi://{}%{}@127.0.0.1:{port}", a.user, a.secret)],
+    );
+    let text = out_text(&o);
+    assert!(o.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("Target:{} Portal:192.0.2.7:{port},1", a.target)),
+        "discovery did not name the advertised portal: {text}"
+    );
+    assert!(!text.contains("127.0.0.1"), "{text}");
 }
 
 /// The same disks as NBD: an imported image compares equal over iSCSI; a

@@ -14,7 +14,9 @@
 //!   file in the vDisk.
 
 use crate::common;
-use crate::iscsi::{access, compare, device_json, out_text, qemu_opts, server, Access};
+use crate::iscsi::{
+    access, compare, device_json, out_text, qemu_opts, server, server_advertised, Access,
+};
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -291,7 +293,9 @@ fn open_iscsi_in_a_guest_discovers_logs_in_and_writes() {
     let kit = common::iscsi_kit();
     let dir = tempfile::tempdir().expect("tempdir");
     let w = dir.path();
-    let (s, port) = server();
+    // The guest reaches the host's loopback at 10.0.2.2 (QEMU user
+    // networking): the portal devices reach, which discovery names.
+    let (s, port) = server_advertised(Some("10.0.2.2"));
     for (vdisk, device, mac) in [
         ("disk1", "pc1", "52:54:00:00:19:11"),
         ("disk2", "pc2", "52:54:00:00:19:12"),
@@ -352,9 +356,9 @@ fn open_iscsi_in_a_guest_discovers_logs_in_and_writes() {
     let targets: Vec<&str> = console
         .lines()
         .filter_map(|l| l.strip_prefix("GUEST-ISCSI-TARGET "))
-        .filter_map(|l| l.split_whitespace().nth(1))
         .collect();
-    assert_eq!(targets, [a1.target.as_str()], "{console}");
+    let own = format!("10.0.2.2:{port},1 {}", a1.target);
+    assert_eq!(targets, [own.as_str()], "{console}");
     assert!(!console.contains(&a2.target), "{console}");
     assert!(
         has_line(&console, "GUEST-ISCSI-DISCOVERY 1 targets"),
