@@ -56,34 +56,16 @@ bash "$HERE/build.sh" "$OUT"
 exec 7>"$OUT/.iscsi.lock"
 flock 7
 
-if [ -n "${VSTREAM_GUEST_KERNEL_DEB:-}" ]; then
-    DEB="$(cd "$(dirname "$VSTREAM_GUEST_KERNEL_DEB")" && pwd)/$(basename "$VSTREAM_GUEST_KERNEL_DEB")"
-else
-    pat="linux-image-*.deb"
-    [ -n "${VSTREAM_GUEST_KERNEL_PKG:-}" ] && pat="${VSTREAM_GUEST_KERNEL_PKG}_*.deb"
-    # shellcheck disable=SC2086
-    name="$(cd "$OUT" && ls -1 $pat 2>/dev/null | sort -V | tail -n1)" || true
-    [ -n "$name" ] || die "no cached kernel .deb in $OUT (build.sh should have fetched it)"
-    DEB="$OUT/$name"
-fi
-[ -f "$DEB" ] || die "kernel package $DEB missing"
+guest_kernel_deb "$OUT" || die "no kernel package"
 KVER="$(cat "$OUT/kernel-version" 2>/dev/null)" || true
 [ -n "$KVER" ] || die "$OUT/kernel-version missing"
 
 # open-iscsi and the libraries of its that the host may lack, as build-netboot.sh
 # takes nbd-client: from fetch-kernel.sh's cache, copied into OUT, never installed.
 ISCSI_PKGS="open-iscsi libisns0 libopeniscsiusr"
-ISCSI_DEBS=()
-for p in $ISCSI_PKGS; do
-    # shellcheck disable=SC2012
-    f="$(cd "$OUT" && ls -1 "${p}"_*.deb 2>/dev/null | sort -V | tail -n1)" || true
-    if [ -z "$f" ]; then
-        cached="$(bash "$HERE/fetch-kernel.sh" --find-deb "$p")" || die "no $p package"
-        cp "$cached" "$OUT/"
-        f="$(basename "$cached")"
-    fi
-    ISCSI_DEBS+=("$OUT/$f")
-done
+# shellcheck disable=SC2086
+guest_package_debs "$OUT" $ISCSI_PKGS || die "no package of $ISCSI_PKGS"
+ISCSI_DEBS=("${PKG_DEBS[@]}")
 
 # ---- up-to-date check ---------------------------------------------------
 KEY="$(

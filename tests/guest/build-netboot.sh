@@ -66,34 +66,16 @@ bash "$HERE/build.sh" "$OUT"
 exec 8>"$OUT/.netboot.lock"
 flock 8
 
-if [ -n "${VSTREAM_GUEST_KERNEL_DEB:-}" ]; then
-    DEB="$(cd "$(dirname "$VSTREAM_GUEST_KERNEL_DEB")" && pwd)/$(basename "$VSTREAM_GUEST_KERNEL_DEB")"
-else
-    pat="linux-image-*.deb"
-    [ -n "${VSTREAM_GUEST_KERNEL_PKG:-}" ] && pat="${VSTREAM_GUEST_KERNEL_PKG}_*.deb"
-    # shellcheck disable=SC2086
-    name="$(cd "$OUT" && ls -1 $pat 2>/dev/null | sort -V | tail -n1)" || true
-    [ -n "$name" ] || die "no cached kernel .deb in $OUT (build.sh should have fetched it)"
-    DEB="$OUT/$name"
-fi
-[ -f "$DEB" ] || die "kernel package $DEB missing"
+guest_kernel_deb "$OUT" || die "no kernel package"
 [ "$(cat "$OUT/kernel-version" 2>/dev/null)" != "" ] || die "$OUT/kernel-version missing"
 
 # nbd-client and the libnl libraries it links, which the host may lack: from
 # fetch-kernel.sh's cache (.ci/install-deps fills it; `cargo test` downloads nothing),
 # copied into OUT; never installed.
 NBDC_PKGS="nbd-client libnl-3-200 libnl-genl-3-200"
-NBDC_DEBS=()
-for p in $NBDC_PKGS; do
-    # shellcheck disable=SC2012
-    f="$(cd "$OUT" && ls -1 "${p}"_*.deb 2>/dev/null | sort -V | tail -n1)" || true
-    if [ -z "$f" ]; then
-        cached="$(bash "$HERE/fetch-kernel.sh" --find-deb "$p")" || die "no $p package"
-        cp "$cached" "$OUT/"
-        f="$(basename "$cached")"
-    fi
-    NBDC_DEBS+=("$OUT/$f")
-done
+# shellcheck disable=SC2086
+guest_package_debs "$OUT" $NBDC_PKGS || die "no package of $NBDC_PKGS"
+NBDC_DEBS=("${PKG_DEBS[@]}")
 
 # ---- up-to-date check ---------------------------------------------------
 LIBS="$(ldd "$VSTREAM" 2>/dev/null || true)"

@@ -88,6 +88,43 @@ guest_copy_libs() {
     done <<<"$3"
 }
 
+# guest_kernel_deb OUTDIR: sets DEB to the kernel package build.sh OUTDIR
+# used ($VSTREAM_GUEST_KERNEL_DEB, else the newest one cached in OUTDIR, or
+# the VSTREAM_GUEST_KERNEL_PKG one).
+guest_kernel_deb() {
+    local out="$1" pat name
+    if [ -n "${VSTREAM_GUEST_KERNEL_DEB:-}" ]; then
+        DEB="$(cd "$(dirname "$VSTREAM_GUEST_KERNEL_DEB")" && pwd)/$(basename "$VSTREAM_GUEST_KERNEL_DEB")"
+    else
+        pat="linux-image-*.deb"
+        [ -n "${VSTREAM_GUEST_KERNEL_PKG:-}" ] && pat="${VSTREAM_GUEST_KERNEL_PKG}_*.deb"
+        # shellcheck disable=SC2086
+        name="$(cd "$out" && ls -1 $pat 2>/dev/null | sort -V | tail -n1)" || true
+        [ -n "$name" ] || { echo "no cached kernel .deb in $out (build.sh should have fetched it)" >&2; return 1; }
+        DEB="$out/$name"
+    fi
+    [ -f "$DEB" ] || { echo "kernel package $DEB missing" >&2; return 1; }
+}
+
+# guest_package_debs OUTDIR PKG...: sets PKG_DEBS to the .deb of each PKG
+# in OUTDIR, copied there first from fetch-kernel.sh's cache (which
+# .ci/install-deps fills: building the kit downloads nothing) if missing.
+guest_package_debs() {
+    local out="$1" p f cached
+    shift
+    PKG_DEBS=()
+    for p in "$@"; do
+        # shellcheck disable=SC2012
+        f="$(cd "$out" && ls -1 "${p}"_*.deb 2>/dev/null | sort -V | tail -n1)" || true
+        if [ -z "$f" ]; then
+            cached="$(bash "$(dirname "${BASH_SOURCE[0]}")/fetch-kernel.sh" --find-deb "$p")" || return 1
+            cp "$cached" "$out/"
+            f="$(basename "$cached")"
+        fi
+        PKG_DEBS+=("$out/$f")
+    done
+}
+
 # guest_kernel_and_qemu NAME OUTDIR INITRD HINT: sets KERNEL (the
 # $VSTREAM_GUEST_KERNEL, else OUTDIR's uncompressed vmlinux for a fast PVH
 # boot, else vmlinuz) and QEMU, and exits 2 with HINT when the kernel, the
