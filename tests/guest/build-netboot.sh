@@ -66,34 +66,16 @@ bash "$HERE/build.sh" "$OUT"
 exec 8>"$OUT/.netboot.lock"
 flock 8
 
-if [ -n "${VSTREAM_GUEST_KERNEL_DEB:-}" ]; then
-    DEB="$(cd "$(dirname "$VSTREAM_GUEST_KERNEL_DEB")" && pwd)/$(basename "$VSTREAM_GUEST_KERNEL_DEB")"
-else
-    pat="linux-image-*.deb"
-    [ -n "${VSTREAM_GUEST_KERNEL_PKG:-}" ] && pat="${VSTREAM_GUEST_KERNEL_PKG}_*.deb"
-    # shellcheck disable=SC2086
-    name="$(cd "$OUT" && ls -1 $pat 2>/dev/null | sort -V | tail -n1)" || true
-    [ -n "$name" ] || die "no cached kernel .deb in $OUT (build.sh should have fetched it)"
-    DEB="$OUT/$name"
-fi
-[ -f "$DEB" ] || die "kernel package $DEB missing"
+guest_kernel_deb "$OUT" || die "no kernel package"
 [ "$(cat "$OUT/kernel-version" 2>/dev/null)" != "" ] || die "$OUT/kernel-version missing"
 
 # nbd-client and the libnl libraries it links, which the host may lack: from
 # fetch-kernel.sh's cache (.ci/install-deps fills it; `cargo test` downloads nothing),
 # copied into OUT; never installed.
 NBDC_PKGS="nbd-client libnl-3-200 libnl-genl-3-200"
-NBDC_DEBS=()
-for p in $NBDC_PKGS; do
-    # shellcheck disable=SC2012
-    f="$(cd "$OUT" && ls -1 "${p}"_*.deb 2>/dev/null | sort -V | tail -n1)" || true
-    if [ -z "$f" ]; then
-        cached="$(bash "$HERE/fetch-kernel.sh" --find-deb "$p")" || die "no $p package"
-        cp "$cached" "$OUT/"
-        f="$(basename "$cached")"
-    fi
-    NBDC_DEBS+=("$OUT/$f")
-done
+# shellcheck disable=SC2086
+guest_package_debs "$OUT" $NBDC_PKGS || die "no package of $NBDC_PKGS"
+NBDC_DEBS=("${PKG_DEBS[@]}")
 
 # ---- up-to-date check ---------------------------------------------------
 LIBS="$(ldd "$VSTREAM" 2>/dev/null || true)"
@@ -135,11 +117,7 @@ guest_modules "$K" "$KVER" $NETBOOT_MODULES || die "cannot resolve the modules $
 # ---- initramfs tree ------------------------------------------------------
 I="$WORK/initramfs"
 mkdir -p "$I"/{bin,sbin,dev,proc,sys,run,newroot,etc,scripts,lib/modules}
-cp "$BUSYBOX" "$I/bin/busybox"
-chmod 755 "$I/bin/busybox"
-for a in $("$BUSYBOX" --list); do
-    [ "$a" = busybox ] || [ "$a" = init ] || [ "$a" = linuxrc ] || ln -sf busybox "$I/bin/$a"
-done
+guest_install_busybox "$BUSYBOX" "$I"
 install -m 755 "$HERE/netboot-init.sh" "$I/init"
 install -m 755 "$HERE/power-init.sh" "$I/power-init"
 install -m 755 "$HERE/nbd-client-init.sh" "$I/nbd-client-init"
@@ -148,31 +126,8 @@ install -m 644 "$ROOT_SH" "$I/scripts/vstream-root.sh"
 # The agent: symbols kept (readable backtraces), debug info dropped.
 objcopy --strip-debug "$VSTREAM" "$I/bin/vstream"
 chmod 755 "$I/bin/vstream"
-# copy_libs ROOT LDD_OUTPUT: copies the shared libraries and the dynamic
-# loader ldd names into the initramfs, each at the path ldd names less ROOT
-# (where extracted packages are); counts them in nlibs.
-nlibs=0
-copy_libs() {
-    local root="$1" a b c lib
-    while read -r a b c _; do
-        if [ "$b" = "=>" ] && [ "$c" = "not" ]; then
-            die "$a is not found (ldd); install the package that has it"
-        elif [ "$b" = "=>" ] && [ "${c#/}" != "$c" ]; then
-            lib="$c" # libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)
-        elif [ "${a#/}" != "$a" ]; then
-            lib="$a" # /lib64/ld-linux-x86-64.so.2 (0x...)
-        else
-            continue # linux-vdso.so.1, "statically linked"
-        fi
-        local dest="${lib#"$root"}"
-        [ -e "$I$dest" ] && continue
-        mkdir -p "$I$(dirname "$dest")"
-        cp -L "$lib" "$I$dest"
-        nlibs=$((nlibs + 1))
-    done <<<"$2"
-}
 # The agent's shared libraries and the dynamic loader.
-copy_libs "" "$LIBS"
+guest_copy_libs "$I" "" "$LIBS" || die "cannot copy the agent's libraries"
 
 # nbd-client from its .deb, its libnl libraries from theirs, the rest from
 # the host (ldd with the extracted libraries first on the search path).
@@ -186,14 +141,14 @@ NBDC="$(find "$N" -type f -name nbd-client -path '*bin/*' | head -n1)"
 NBDC_PATH="$(find "$N" -name 'lib*.so*' -printf '%h\n' | sort -u | paste -sd:)"
 NBDC_LIBS="$(LD_LIBRARY_PATH="$NBDC_PATH" ldd "$NBDC")" || die "ldd $NBDC failed"
 install -m 755 "$NBDC" "$I/sbin/nbd-client"
-copy_libs "$N" "$NBDC_LIBS"
+guest_copy_libs "$I" "$N" "$NBDC_LIBS" || die "cannot copy nbd-client's libraries"
 # Name resolution for host names in vstream.bootstrap (glibc has files/dns built in).
 printf 'hosts: files dns\n' >"$I/etc/nsswitch.conf"
 printf '127.0.0.1 localhost\n' >"$I/etc/hosts"
 
 guest_install_modules "$I/lib/modules" || die "cannot install the modules"
 log "modules: $(tr '\n' ' ' <"$I/lib/modules/load-order")"
-log "agent: $(stat -c %s "$I/bin/vstream") bytes, nbd-client $(stat -c %s "$I/sbin/nbd-client") bytes, $nlibs libraries"
+log "agent: $(stat -c %s "$I/bin/vstream") bytes, nbd-client $(stat -c %s "$I/sbin/nbd-client") bytes, $GUEST_NLIBS libraries"
 
 find "$I" -exec touch -h -d @0 {} + # reproducible archive
 (cd "$I" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |

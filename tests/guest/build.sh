@@ -109,20 +109,9 @@ KVER="${VMLINUZ##*/vmlinuz-}"
 guest_modules "$K" "$KVER" $GUEST_MODULES || die "cannot resolve the modules $GUEST_MODULES"
 
 # ---- initramfs --------------------------------------------------------
-install_busybox() { # DIR: DIR/bin/busybox + one symlink per applet
-    local d="$1"
-    mkdir -p "$d/bin"
-    cp "$BUSYBOX" "$d/bin/busybox"
-    chmod 755 "$d/bin/busybox"
-    local a
-    for a in $("$BUSYBOX" --list); do
-        [ "$a" = busybox ] || [ "$a" = init ] || [ "$a" = linuxrc ] || ln -sf busybox "$d/bin/$a"
-    done
-}
-
 I="$WORK/initramfs"
 mkdir -p "$I"/{dev,proc,sys,newroot,lib/modules}
-install_busybox "$I"
+guest_install_busybox "$BUSYBOX" "$I"
 install -m 755 "$HERE/initramfs-init.sh" "$I/init"
 guest_install_modules "$I/lib/modules" || die "cannot install the modules"
 log "initramfs modules: $(tr '\n' ' ' <"$I/lib/modules/load-order")"
@@ -133,7 +122,7 @@ find "$I" -exec touch -h -d @0 {} + # reproducible archive
 # ---- root filesystem ----------------------------------------------------
 R="$WORK/rootfs"
 mkdir -p "$R"/{sbin,dev,proc,sys,tmp,data,etc,root,mnt}
-install_busybox "$R"
+guest_install_busybox "$BUSYBOX" "$R"
 install -m 755 "$HERE/rootfs-init.sh" "$R/sbin/init"
 echo "vstest" >"$R/etc/hostname"
 echo "$KVER" >"$R/etc/vstest-kernel"

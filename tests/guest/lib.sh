@@ -1,7 +1,8 @@
 # shellcheck shell=bash
-# Shared by the guest kit's scripts (sourced, bash): build.sh and
-# build-netboot.sh resolve kernel modules with it, run-guest.sh and
-# run-netboot-guest.sh run QEMU with it.
+# Shared by the guest kit's scripts (sourced, bash): build.sh,
+# build-netboot.sh and build-iscsi.sh resolve kernel modules and fill
+# initramfs trees with it, run-guest.sh and run-netboot-guest.sh run QEMU
+# with it.
 
 # guest_modules KROOT KVER MODULE...: makes KROOT (an extracted kernel
 # package) usable by modprobe, then sets MODLIST to the .ko files MODULE...
@@ -44,6 +45,83 @@ guest_install_modules() {
             *) echo "unexpected module file $path" >&2; return 1 ;;
         esac
         echo "$base" >>"$dir/load-order"
+    done
+}
+
+# guest_install_busybox BUSYBOX DIR: DIR/bin/busybox (a copy of the static
+# BUSYBOX) and a symlink to it per applet, but init and linuxrc (the /init
+# scripts are ours).
+guest_install_busybox() {
+    local bb="$1" d="$2" a
+    mkdir -p "$d/bin"
+    cp "$bb" "$d/bin/busybox"
+    chmod 755 "$d/bin/busybox"
+    for a in $("$bb" --list); do
+        [ "$a" = busybox ] || [ "$a" = init ] || [ "$a" = linuxrc ] || ln -sf busybox "$d/bin/$a"
+    done
+}
+
+# guest_copy_libs DEST ROOT LDD_OUTPUT: copies the shared libraries and the
+# dynamic loader that LDD_OUTPUT (ldd's) names into the tree DEST, each at
+# the path ldd names less ROOT (where extracted packages are; "" for the
+# host's), once; counts the copies in GUEST_NLIBS. Fails on a library ldd
+# does not find.
+GUEST_NLIBS=0
+guest_copy_libs() {
+    local dest_root="$1" root="$2" a b c lib dest
+    while read -r a b c _; do
+        if [ "$b" = "=>" ] && [ "$c" = "not" ]; then
+            echo "$a is not found (ldd); install the package that has it" >&2
+            return 1
+        elif [ "$b" = "=>" ] && [ "${c#/}" != "$c" ]; then
+            lib="$c" # libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)
+        elif [ "${a#/}" != "$a" ]; then
+            lib="$a" # /lib64/ld-linux-x86-64.so.2 (0x...)
+        else
+            continue # linux-vdso.so.1, "statically linked"
+        fi
+        dest="${lib#"$root"}"
+        [ -e "$dest_root$dest" ] && continue
+        mkdir -p "$dest_root$(dirname "$dest")"
+        cp -L "$lib" "$dest_root$dest"
+        GUEST_NLIBS=$((GUEST_NLIBS + 1))
+    done <<<"$3"
+}
+
+# guest_kernel_deb OUTDIR: sets DEB to the kernel package build.sh OUTDIR
+# used ($VSTREAM_GUEST_KERNEL_DEB, else the newest one cached in OUTDIR, or
+# the VSTREAM_GUEST_KERNEL_PKG one).
+guest_kernel_deb() {
+    local out="$1" pat name
+    if [ -n "${VSTREAM_GUEST_KERNEL_DEB:-}" ]; then
+        DEB="$(cd "$(dirname "$VSTREAM_GUEST_KERNEL_DEB")" && pwd)/$(basename "$VSTREAM_GUEST_KERNEL_DEB")"
+    else
+        pat="linux-image-*.deb"
+        [ -n "${VSTREAM_GUEST_KERNEL_PKG:-}" ] && pat="${VSTREAM_GUEST_KERNEL_PKG}_*.deb"
+        # shellcheck disable=SC2086
+        name="$(cd "$out" && ls -1 $pat 2>/dev/null | sort -V | tail -n1)" || true
+        [ -n "$name" ] || { echo "no cached kernel .deb in $out (build.sh should have fetched it)" >&2; return 1; }
+        DEB="$out/$name"
+    fi
+    [ -f "$DEB" ] || { echo "kernel package $DEB missing" >&2; return 1; }
+}
+
+# guest_package_debs OUTDIR PKG...: sets PKG_DEBS to the .deb of each PKG
+# in OUTDIR, copied there first from fetch-kernel.sh's cache (which
+# .ci/install-deps fills: building the kit downloads nothing) if missing.
+guest_package_debs() {
+    local out="$1" p f cached
+    shift
+    PKG_DEBS=()
+    for p in "$@"; do
+        # shellcheck disable=SC2012
+        f="$(cd "$out" && ls -1 "${p}"_*.deb 2>/dev/null | sort -V | tail -n1)" || true
+        if [ -z "$f" ]; then
+            cached="$(bash "$(dirname "${BASH_SOURCE[0]}")/fetch-kernel.sh" --find-deb "$p")" || return 1
+            cp "$cached" "$out/"
+            f="$(basename "$cached")"
+        fi
+        PKG_DEBS+=("$out/$f")
     done
 }
 

@@ -17,6 +17,10 @@
 #                       comes after
 #   vstest.readdisk     after the test, drop the caches and read the whole
 #                       root device -> GUEST-READDISK <dev> OK
+#   vstest.hold=N       after the test, with its writes on the disk ->
+#                       GUEST-HOLD N, then N seconds of nothing: the host
+#                       looks at other disks while this one is still
+#                       connected (crates/vstream/tests/e2e/iscsi_guest.rs)
 #   vstest.agentlog     then copy the agent's log lines about enrollment,
 #                       failover and errors (/run/vstream/agent.log) as
 #                       GUEST-AGENT <line>
@@ -49,6 +53,7 @@ fail() {
 
 VSTEST=
 PAUSE=
+HOLD=
 READDISK=
 AGENTLOG=
 for arg in $(cat /proc/cmdline); do
@@ -56,6 +61,7 @@ for arg in $(cat /proc/cmdline); do
         vstest=*) VSTEST="${arg#vstest=}" ;;
         vstest.bigmb=*) BIGMB="${arg#vstest.bigmb=}" ;;
         vstest.pause=*) PAUSE="${arg#vstest.pause=}" ;;
+        vstest.hold=*) HOLD="${arg#vstest.hold=}" ;;
         vstest.readdisk) READDISK=1 ;;
         vstest.agentlog) AGENTLOG=1 ;;
     esac
@@ -118,6 +124,12 @@ fi
 if [ -n "$AGENTLOG" ]; then
     [ -r /run/vstream/agent.log ] || fail "agentlog: no /run/vstream/agent.log"
     grep -E 'enrollment|failed over|ERROR|WARN' /run/vstream/agent.log | sed 's/^/GUEST-AGENT /'
+fi
+
+if [ -n "$HOLD" ]; then
+    sync
+    echo "GUEST-HOLD $HOLD"
+    sleep "$HOLD"
 fi
 
 finish 0

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Boot the test guest with its root filesystem on a (NBD) drive.
+# Boot the test guest with its root filesystem on a (NBD or iSCSI) drive.
 #
 #   tests/guest/run-guest.sh OUTDIR DRIVE_URL VSTEST [TIMEOUT_S]
 #
 #   OUTDIR     output of tests/guest/build.sh (vmlinux or vmlinuz, initrd.img)
-#   DRIVE_URL  nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH, or any
-#              other QEMU drive file name (e.g. a local raw image, for debugging)
+#   DRIVE_URL  nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH,
+#              iscsi://[USER@]HOST[:PORT]/TARGET/LUN (QEMU's libiscsi driver,
+#              package qemu-block-extra; USER is the CHAP user, whose secret
+#              comes from VSTREAM_GUEST_ISCSI_SECRET_FILE, never the URL), or
+#              any other QEMU drive file name (e.g. a local raw image, for
+#              debugging)
 #   VSTEST     write:TOKEN | read   (see rootfs-init.sh)
 #   TIMEOUT_S  kill QEMU after this many seconds (default 120)
 #
@@ -34,6 +38,12 @@
 #                          object; DRIVE_URL must then be an nbd:// URL
 #   VSTREAM_GUEST_TLS_HOSTNAME  the name to check the server's certificate
 #                          against (default: the host of DRIVE_URL)
+#   VSTREAM_GUEST_ISCSI_SECRET_FILE  iscsi:// with a USER: the file holding
+#                          that user's CHAP secret, given to QEMU as a secret
+#                          object read from the file (so the secret is on no
+#                          command line)
+#   VSTREAM_GUEST_ISCSI_INITIATOR  iscsi://: the initiator name QEMU logs in
+#                          with (default QEMU's own, iqn.2008-11.org.linux-kvm)
 set -uo pipefail
 # shellcheck source=tests/guest/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -65,12 +75,47 @@ if [ -n "${VSTREAM_GUEST_TLS_CREDS:-}" ]; then
     [ -n "${VSTREAM_GUEST_TLS_HOSTNAME:-}" ] && DRIVE+=",file.tls-hostname=${VSTREAM_GUEST_TLS_HOSTNAME//,/,,}"
 fi
 
+# iSCSI: QEMU's URL form would take the secret in the URL only, so the drive
+# is given as options, with the secret in a secret object read from a file.
+SECRET=()
+case "$URL" in
+    iscsi://*)
+        rest="${URL#iscsi://}"
+        authority="${rest%%/*}"
+        path="${rest#*/}"
+        [ "$path" != "$rest" ] && [ "${path%/*}" != "$path" ] ||
+            { echo "run-guest: $URL is not iscsi://[USER@]HOST[:PORT]/TARGET/LUN" >&2; exit 2; }
+        target="${path%/*}"
+        lun="${path##*/}"
+        case "$lun" in '' | *[!0-9]*) echo "run-guest: the LUN in $URL is not a number" >&2; exit 2 ;; esac
+        user=
+        case "$authority" in
+            *%*@*) echo "run-guest: no secret in the URL: use VSTREAM_GUEST_ISCSI_SECRET_FILE" >&2; exit 2 ;;
+            *@*) user="${authority%%@*}"; authority="${authority#*@}" ;;
+        esac
+        case "$authority" in *:*) portal="$authority" ;; *) portal="$authority:3260" ;; esac
+        for v in "$target" "$portal" "$user" "${VSTREAM_GUEST_ISCSI_INITIATOR:-}"; do
+            case "$v" in *,*) echo "run-guest: commas in $URL or the initiator name" >&2; exit 2 ;; esac
+        done
+        DRIVE="format=raw,if=virtio,cache=none,file.driver=iscsi,file.transport=tcp"
+        DRIVE+=",file.portal=$portal,file.target=$target,file.lun=$lun"
+        if [ -n "$user" ]; then
+            f="${VSTREAM_GUEST_ISCSI_SECRET_FILE:-}"
+            [ -n "$f" ] && [ -r "$f" ] ||
+                { echo "run-guest: $URL names a CHAP user: set VSTREAM_GUEST_ISCSI_SECRET_FILE to a file with the secret" >&2; exit 2; }
+            SECRET=(-object "secret,id=iscsisec0,format=raw,file=${f//,/,,}")
+            DRIVE+=",file.user=$user,file.password-secret=iscsisec0"
+        fi
+        [ -n "${VSTREAM_GUEST_ISCSI_INITIATOR:-}" ] && DRIVE+=",file.initiator-name=$VSTREAM_GUEST_ISCSI_INITIATOR"
+        ;;
+esac
+
 # shellcheck disable=SC2206
 EXTRA=(${VSTREAM_GUEST_QEMU_ARGS:-})
 CMD=("$QEMU" -machine "${VSTREAM_GUEST_MACHINE:-pc}" -accel tcg -cpu "${VSTREAM_GUEST_CPU:-Nehalem}" -smp 1
     -m "${VSTREAM_GUEST_MEM:-512}" -nodefaults -no-user-config -display none
     -no-reboot -serial stdio -monitor none
     -kernel "$KERNEL" -initrd "$OUT/initrd.img" -append "$APPEND"
-    "${TLS[@]}" -drive "$DRIVE" "${EXTRA[@]}")
+    "${TLS[@]}" "${SECRET[@]}" -drive "$DRIVE" "${EXTRA[@]}")
 
 run_guest_console run-guest "$TIMEOUT" "$VSTEST" "${CMD[@]}"

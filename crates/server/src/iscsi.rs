@@ -279,14 +279,16 @@ impl Targets for IscsiTargets {
     ) -> BoxFuture<'a, Vec<(String, Vec<String>)>> {
         Box::pin(async move {
             let prefix = &self.config.iqn_prefix;
+            let portal = format!(
+                "{},{}",
+                discovery_portal(&self.config, local),
+                vstream_service::iscsi::TPGT
+            );
             self.devices()
                 .await
                 .iter()
                 .filter(|d| d.initiator(prefix).eq_ignore_ascii_case(initiator))
-                .map(|d| {
-                    let portal = format!("{local},{}", vstream_service::iscsi::TPGT);
-                    (self.target_of(d), vec![portal])
-                })
+                .map(|d| (self.target_of(d), vec![portal.clone()]))
                 .collect()
         })
     }
@@ -297,6 +299,18 @@ impl Targets for IscsiTargets {
 
     fn keepalive(&self) -> vstream_service::tcp::Keepalive {
         self.config.keepalive
+    }
+}
+
+/// The portal a SendTargets answer names: the address devices reach this
+/// server at when the admin gave one that is not a portal it listens on
+/// (`--advertise-iscsi`, behind NAT), as the boot scripts and redirections
+/// do; else `local`, the address the discovery connection came in on (right
+/// for a portal on a wildcard address too).
+fn discovery_portal<'a>(config: &'a Config, local: &'a str) -> &'a str {
+    match &config.advertise_iscsi {
+        Some(a) if !config.iscsi.iter().any(|l| l.to_string() == *a) => a,
+        _ => local,
     }
 }
 

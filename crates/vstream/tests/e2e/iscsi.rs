@@ -25,9 +25,22 @@ fn have_tools() -> bool {
 }
 
 /// A server with an iSCSI portal; the portal's port.
-fn server() -> (TestServer, u16) {
+pub(crate) fn server() -> (TestServer, u16) {
+    server_advertised(None)
+}
+
+/// A server with an iSCSI portal on 127.0.0.1 that devices reach at
+/// `advertise` (`--advertise-iscsi HOST:PORT`, the same port), if given; the
+/// portal's port.
+pub(crate) fn server_advertised(advertise: Option<&str>) -> (TestServer, u16) {
     let [port] = vstream_testkit::free_ports::<1>();
-    let s = TestServer::start_fresh_with(&["--iscsi", &format!("127.0.0.1:{port}")]);
+    let portal = format!("127.0.0.1:{port}");
+    let advertised = advertise.map(|host| format!("{host}:{port}"));
+    let mut flags = vec!["--iscsi", &portal];
+    if let Some(a) = &advertised {
+        flags.extend(["--advertise-iscsi", a]);
+    }
+    let s = TestServer::start_fresh_with(&flags);
     wait_for(10, "the iSCSI portal", || {
         s.log_text().contains("iSCSI listening").then_some(())
     });
@@ -36,14 +49,14 @@ fn server() -> (TestServer, u16) {
 
 /// What `device show NAME --secrets --json` says.
 #[derive(Debug, Clone)]
-struct Access {
-    initiator: String,
-    target: String,
-    user: String,
-    secret: String,
+pub(crate) struct Access {
+    pub initiator: String,
+    pub target: String,
+    pub user: String,
+    pub secret: String,
 }
 
-fn access(s: &TestServer, device: &str) -> Access {
+pub(crate) fn access(s: &TestServer, device: &str) -> Access {
     let out = s.cli_ok(&["device", "show", device, "--secrets", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     let field = |k: &str| {
@@ -59,7 +72,7 @@ fn access(s: &TestServer, device: &str) -> Access {
     }
 }
 
-fn out_text(o: &Output) -> String {
+pub(crate) fn out_text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
 }
 
@@ -108,7 +121,7 @@ fn identity(port: u16, a: &Access) -> String {
 
 /// QEMU's `--object` and `--image-opts` for `a`'s target (the secret in a
 /// secret object, as QEMU wants it).
-fn qemu_opts(port: u16, a: &Access, id: &str) -> [String; 2] {
+pub(crate) fn qemu_opts(port: u16, a: &Access, id: &str) -> [String; 2] {
     [
         format!("secret,id={id},data={}", a.secret),
         format!(
@@ -137,7 +150,7 @@ fn qemu_io(port: u16, a: &Access, cmds: &[&str]) -> String {
 }
 
 /// `qemu-img compare` of an image file and `a`'s target.
-fn compare(port: u16, file: &Path, a: &Access) -> Output {
+pub(crate) fn compare(port: u16, file: &Path, a: &Access) -> Output {
     let [obj, opts] = qemu_opts(port, a, "s0");
     Command::new("qemu-img")
         .args(["compare", "--object", &obj, "--image-opts"])
@@ -189,13 +202,13 @@ impl Drop for Holder {
     }
 }
 
-fn device_json(s: &TestServer, name: &str) -> serde_json::Value {
+pub(crate) fn device_json(s: &TestServer, name: &str) -> serde_json::Value {
     serde_json::from_str(&s.cli_ok(&["device", "show", name, "--json"])).expect("JSON")
 }
 
 /// Waits until device `name` is connected over `protocol` (`None`: not
 /// connected).
-fn wait_protocol(s: &TestServer, name: &str, protocol: Option<&str>) {
+pub(crate) fn wait_protocol(s: &TestServer, name: &str, protocol: Option<&str>) {
     wait_for(15, &format!("device {name} on {protocol:?}"), || {
         let d = device_json(s, name);
         let now = d["protocol"].as_str().map(str::to_owned);
@@ -235,6 +248,10 @@ fn each_device_reaches_its_own_target_only() {
     let text = out_text(&o);
     assert!(o.status.success(), "{text}");
     assert!(text.contains(&a1.target), "{text}");
+    assert!(
+        text.contains(&format!("Portal:127.0.0.1:{port},1")),
+        "discovery names the portal asked: {text}"
+    );
     assert!(
         !text.contains(&a2.target),
         "discovery showed another device: {text}"
@@ -331,6 +348,41 @@ fn each_device_reaches_its_own_target_only() {
         log.contains("is not device pc1's"),
         "the refusal's reason is logged"
     );
+}
+
+/// Regression: SendTargets named the address the connection came in on
+/// even when the admin gave the one devices reach the server at
+/// (`--advertise-iscsi`, behind NAT), so an initiator that logs in where
+/// discovery says (open-iscsi, Windows) could not reach its target.
+#[test]
+fn discovery_names_the_advertised_portal_behind_nat() {
+    if !have_tools() {
+        return;
+    }
+    let (s, port) = server_advertised(Some("192.0.2.7"));
+    s.cli_ok(&["vdisk", "create", "d", "--size", "16M"]);
+    s.cli_ok(&[
+        "device",
+        "add",
+        "pc1",
+        "--mac",
+        "52:54:00:00:05:01",
+        "--vdisk",
+        "d",
+    ]);
+    let a = access(&s, "pc1");
+    let o = tool(
+        "iscsi-ls",
+        &a.initiator,
+        &[&format!("iscsi://{}%{}@127.0.0.1:{port}", a.user, a.secret)],
+    );
+    let text = out_text(&o);
+    assert!(o.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("Target:{} Portal:192.0.2.7:{port},1", a.target)),
+        "discovery did not name the advertised portal: {text}"
+    );
+    assert!(!text.contains("127.0.0.1"), "{text}");
 }
 
 /// The same disks as NBD: an imported image compares equal over iSCSI; a

@@ -25,6 +25,7 @@ mod farm;
 mod full_disk;
 mod guest_boot;
 mod iscsi;
+mod iscsi_guest;
 mod login_limits;
 mod modes;
 mod nbd_clients;

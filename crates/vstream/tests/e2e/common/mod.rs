@@ -418,6 +418,18 @@ pub fn netboot_kit() -> PathBuf {
     kit
 }
 
+/// The guest kit with the iSCSI initramfs (tests/guest/build-iscsi.sh):
+/// Debian's open-iscsi initiator in a diskless guest.
+pub fn iscsi_kit() -> PathBuf {
+    let kit = guest_kit();
+    let script = repo().join("tests/guest/build-iscsi.sh");
+    run(
+        "bash",
+        &[script.to_str().expect("path"), kit.to_str().expect("path")],
+    );
+    kit
+}
+
 /// True if the tools that build and boot the test guest are here, and the
 /// guest's kernel package: tests download nothing, `.ci/install-deps` (or
 /// `tests/guest/fetch-kernel.sh`) fetched it before.
