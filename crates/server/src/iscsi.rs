@@ -190,7 +190,11 @@ impl IscsiTargets {
 
     /// The logical unit of `target`, shared by its sessions.
     fn lu(&self, target: &str) -> Arc<Lu> {
-        self.lus.lock().entry(target.to_owned()).or_default().clone()
+        self.lus
+            .lock()
+            .entry(target.to_owned())
+            .or_default()
+            .clone()
     }
 }
 
