@@ -1348,10 +1348,11 @@ impl Session {
             | Command::StartStopUnit
             | Command::PreventAllowMediumRemoval => Some(Ok(())),
             Command::RequestSense { descriptor, alloc } => {
+                let pending = target.lu.take_attention(&self.nexus).unwrap_or(Sense::NONE);
                 let sense = if descriptor {
-                    Sense::NONE.descriptor()
+                    pending.descriptor()
                 } else {
-                    Sense::NONE.fixed()
+                    pending.fixed()
                 };
                 reply(self, out, sense, alloc)
             }

@@ -190,6 +190,12 @@ impl Lu {
         Ok(())
     }
 
+    /// The unit attention waiting for `nexus`, taken: REQUEST SENSE
+    /// reports it (SPC-4 §5.12).
+    pub fn take_attention(&self, nexus: &Nexus) -> Option<Sense> {
+        self.state.lock().attentions.remove(nexus)
+    }
+
     /// RESERVE(6): refused while another nexus holds it, or while any
     /// nexus is registered for persistent reservations.
     pub fn reserve6(&self, nexus: &Nexus) -> Result<(), Refused> {
@@ -654,6 +660,22 @@ mod tests {
             Err(Refused::Sense(RESERVATIONS_PREEMPTED))
         );
         assert_eq!(lu.check(&b, &read()), Ok(()));
+        // REQUEST SENSE reports one, once.
+        out(&lu, &b, pr::Out::RegisterAndIgnoreExistingKey, 0, 0, 2).unwrap();
+        out(&lu, &a, pr::Out::RegisterAndIgnoreExistingKey, 0, 0, 1).unwrap();
+        out(&lu, &a, pr::Out::Clear, 0, 1, 0).unwrap();
+        assert_eq!(
+            lu.check(
+                &b,
+                &Command::RequestSense {
+                    descriptor: false,
+                    alloc: 18
+                }
+            ),
+            Ok(())
+        );
+        assert_eq!(lu.take_attention(&b), Some(RESERVATIONS_PREEMPTED));
+        assert_eq!(lu.take_attention(&b), None);
     }
 
     #[test]
