@@ -74,6 +74,12 @@ fuzz_target!(|data: &[u8]| {
                             assert!(runs.iter().all(|r| r.lba + r.blocks as u64 <= blocks));
                         }
                     }
+                    Ok(Command::PersistentReserveOut { len, .. }) => {
+                        if let Ok(p) = vstream_iscsi::pr::out_params(&c.data, len) {
+                            let again = vstream_iscsi::pr::encode_out_params(&p);
+                            assert_eq!(vstream_iscsi::pr::out_params(&again, len), Ok(p));
+                        }
+                    }
                     Ok(Command::Read { at, .. } | Command::Write { at, .. }) => {
                         let _ = scsi::check_range(at, blocks);
                     }

@@ -12,11 +12,14 @@
 //!   chap   CHAP with MD5 (RFC 1994), one-way and mutual
 //!   scsi   the block commands a boot disk needs: CDBs, sense, INQUIRY and VPD,
 //!          READ CAPACITY, MODE SENSE, REPORT LUNS, UNMAP, GET LBA STATUS
+//!   pr     persistent reservations: PERSISTENT RESERVE IN/OUT data and the
+//!          table of what a reservation lets through
 //! ```
 
 pub mod chap;
 pub mod login;
 pub mod pdu;
+pub mod pr;
 pub mod scsi;
 pub mod text;
 

@@ -9,7 +9,7 @@
 //! initiator its own device's target only.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
@@ -31,9 +31,11 @@ pub struct IscsiTargets {
     farm: FarmStore,
     sessions: Arc<Sessions>,
     stats: Stats,
-    /// One logical unit per target, shared by its sessions (a RESERVE holds
-    /// across them), for as long as any of them has it.
-    lus: Mutex<HashMap<String, Weak<Lu>>>,
+    /// One logical unit per target, shared by its sessions (reservations
+    /// hold across them). Kept while the server runs, with no session on
+    /// it too: persistent reservations outlive the sessions that made
+    /// them, and a server start is the logical unit's power-on.
+    lus: Mutex<HashMap<String, Arc<Lu>>>,
     /// The CHAP secrets last read per device: a login while the farm state
     /// is away goes on with them.
     known: Mutex<HashMap<String, IscsiSecrets>>,
@@ -188,14 +190,11 @@ impl IscsiTargets {
 
     /// The logical unit of `target`, shared by its sessions.
     fn lu(&self, target: &str) -> Arc<Lu> {
-        let mut lus = self.lus.lock();
-        if let Some(lu) = lus.get(target).and_then(Weak::upgrade) {
-            return lu;
-        }
-        lus.retain(|_, w| w.strong_count() > 0);
-        let lu = Arc::new(Lu::default());
-        lus.insert(target.to_owned(), Arc::downgrade(&lu));
-        lu
+        self.lus
+            .lock()
+            .entry(target.to_owned())
+            .or_default()
+            .clone()
     }
 }
 

@@ -80,44 +80,8 @@ pub struct Target {
     pub lu: Arc<Lu>,
 }
 
-/// An I_T nexus: the initiator's name and its session's ISID.
-type Nexus = (String, [u8; 6]);
-
-/// What the sessions of one logical unit share: its RESERVE(6)
-/// reservation (SPC-2), held by one nexus until it releases it, logs out,
-/// loses its connection, or a LUN reset.
-#[derive(Debug, Default)]
-pub struct Lu {
-    reserved: parking_lot::Mutex<Option<Nexus>>,
-}
-
-impl Lu {
-    /// Whether `nexus` is kept out by another's reservation.
-    fn conflicts(&self, nexus: &Nexus) -> bool {
-        self.reserved.lock().as_ref().is_some_and(|r| r != nexus)
-    }
-    fn reserve(&self, nexus: &Nexus) -> Result<(), ()> {
-        let mut r = self.reserved.lock();
-        match r.as_ref() {
-            Some(holder) if holder != nexus => Err(()),
-            _ => {
-                *r = Some(nexus.clone());
-                Ok(())
-            }
-        }
-    }
-    /// Releases the reservation if `nexus` holds it (a RELEASE from
-    /// another nexus does nothing, and is GOOD).
-    fn release(&self, nexus: &Nexus) {
-        let mut r = self.reserved.lock();
-        if r.as_ref() == Some(nexus) {
-            *r = None;
-        }
-    }
-    fn reset(&self) {
-        *self.reserved.lock() = None;
-    }
-}
+mod lu;
+pub use lu::{Lu, Nexus};
 
 /// What an iSCSI service serves: the provisioning server's device targets.
 pub trait Targets: Send + Sync + 'static {
@@ -621,7 +585,13 @@ where
             return Ok(Session {
                 params: neg.params.clone(),
                 initiator: neg.initiator_name.clone().unwrap_or_default(),
-                isid: req.isid,
+                nexus: (
+                    neg.initiator_name
+                        .clone()
+                        .unwrap_or_default()
+                        .to_lowercase(),
+                    req.isid,
+                ),
                 target_name: neg.target_name.clone().filter(|_| !neg.discovery()),
                 target,
                 blocks,
@@ -751,7 +721,9 @@ struct Pending {
 struct Session {
     params: Params,
     initiator: String,
-    isid: [u8; 6],
+    /// The I_T nexus this session is, for the logical unit's
+    /// reservations.
+    nexus: Nexus,
     target_name: Option<String>,
     /// None in a discovery session.
     target: Option<Target>,
@@ -767,10 +739,10 @@ struct Session {
 
 impl Drop for Session {
     /// A session gone, by logout or a lost connection, takes its nexus's
-    /// reservation with it.
+    /// RESERVE(6) with it (its persistent registrations stay).
     fn drop(&mut self) {
         if let Some(t) = &self.target {
-            t.lu.release(&(self.initiator.clone(), self.isid));
+            t.lu.lost(&self.nexus);
         }
     }
 }
@@ -911,8 +883,8 @@ impl Session {
                             // waiting for their data.
                             2 | 3 | 5 | 6 => {
                                 self.pending.clear();
-                                // LUN RESET and TARGET WARM RESET end the
-                                // reservation too.
+                                // LUN RESET and TARGET WARM RESET end a
+                                // RESERVE(6) too (not persistent ones).
                                 if matches!(t.function, 5 | 6) {
                                     if let Some(target) = &self.target {
                                         target.lu.reset();
@@ -1074,6 +1046,45 @@ impl Session {
         .encode(out);
     }
 
+    /// Whether the logical unit's reservations (or a unit attention
+    /// waiting for this nexus) keep `parsed` from running; if so, `c` is
+    /// answered.
+    fn refused(
+        &mut self,
+        c: &ScsiCommand,
+        parsed: &Command,
+        out: &mut Vec<u8>,
+        stats: &Stats,
+    ) -> bool {
+        let Some(t) = &self.target else {
+            return false;
+        };
+        let r = t.lu.check(&self.nexus, parsed);
+        self.refusal(c, r, out, stats).is_none()
+    }
+
+    /// Answers `c` if `r` refused it (and returns None, as `execute`
+    /// does when it answered); GOOD to be sent otherwise.
+    fn refusal(
+        &mut self,
+        c: &ScsiCommand,
+        r: Result<(), lu::Refused>,
+        out: &mut Vec<u8>,
+        stats: &Stats,
+    ) -> Option<Result<(), Sense>> {
+        match r {
+            Ok(()) => Some(Ok(())),
+            Err(lu::Refused::Conflict) => {
+                self.respond(c, scsi_status::RESERVATION_CONFLICT, Vec::new(), out);
+                None
+            }
+            Err(lu::Refused::Sense(s)) => {
+                self.status(c, Err(s), out, stats);
+                None
+            }
+        }
+    }
+
     /// Sends `data` for `c`: Data-In PDUs, the last with GOOD status and
     /// the residual against the expected length.
     fn data_in(&mut self, c: &ScsiCommand, data: &[u8], out: &mut Vec<u8>) {
@@ -1128,20 +1139,8 @@ impl Session {
                 return Ok(());
             }
         };
-        // Another nexus's reservation keeps this one out of all but
-        // the commands SPC-2 lets through.
-        let exempt = matches!(
-            parsed,
-            Command::Inquiry { .. }
-                | Command::ReportLuns { .. }
-                | Command::RequestSense { .. }
-                | Command::Release6
-                | Command::TestUnitReady
-                | Command::ReportSupportedOpcodes { .. }
-        );
-        let nexus = (self.initiator.clone(), self.isid);
-        if !exempt && self.target.as_ref().is_some_and(|t| t.lu.conflicts(&nexus)) {
-            self.respond(&c, scsi_status::RESERVATION_CONFLICT, Vec::new(), out);
+        // Reservations, and a unit attention waiting for this nexus.
+        if self.refused(&c, &parsed, out, stats) {
             return Ok(());
         }
         // Commands that carry data to the target wait for all of it.
@@ -1153,6 +1152,7 @@ impl Session {
                 | Command::ModeSelect { .. }
                 | Command::WriteSame { ndob: false, .. }
                 | Command::Verify { bytchk: 1 | 3, .. }
+                | Command::PersistentReserveOut { .. }
         );
         if takes_data && c.write && c.expected_len > 0 {
             if c.data.len() > c.expected_len as usize
@@ -1215,6 +1215,10 @@ impl Session {
         }
         if p.received >= p.data.len() {
             let p = self.pending.remove(&itt).expect("pending");
+            // A reservation made while the data came in counts.
+            if self.refused(&p.cmd, &p.parsed, out, stats) {
+                return Ok(());
+            }
             let result = self.execute(&p.cmd, p.parsed, p.data, out, stats).await;
             if let Some(r) = result {
                 self.status(&p.cmd, r, out, stats);
@@ -1344,10 +1348,11 @@ impl Session {
             | Command::StartStopUnit
             | Command::PreventAllowMediumRemoval => Some(Ok(())),
             Command::RequestSense { descriptor, alloc } => {
+                let pending = target.lu.take_attention(&self.nexus).unwrap_or(Sense::NONE);
                 let sense = if descriptor {
-                    Sense::NONE.descriptor()
+                    pending.descriptor()
                 } else {
-                    Sense::NONE.fixed()
+                    pending.fixed()
                 };
                 reply(self, out, sense, alloc)
             }
@@ -1601,16 +1606,28 @@ impl Session {
                 reply(self, out, scsi::lba_status(&runs), alloc)
             }
             Command::Reserve6 => {
-                let nexus = (self.initiator.clone(), self.isid);
-                if target.lu.reserve(&nexus).is_err() {
-                    self.respond(c, scsi_status::RESERVATION_CONFLICT, Vec::new(), out);
-                    return None;
-                }
-                Some(Ok(()))
+                let r = target.lu.reserve6(&self.nexus);
+                self.refusal(c, r, out, stats)
             }
             Command::Release6 => {
-                target.lu.release(&(self.initiator.clone(), self.isid));
-                Some(Ok(()))
+                let r = target.lu.release6(&self.nexus);
+                self.refusal(c, r, out, stats)
+            }
+            Command::PersistentReserveIn { action, alloc } => {
+                let bytes = target.lu.persistent_in(action);
+                reply(self, out, bytes, alloc)
+            }
+            Command::PersistentReserveOut {
+                action,
+                scope,
+                ty,
+                len,
+            } => {
+                let r = match vstream_iscsi::pr::out_params(&data, len) {
+                    Ok(p) => target.lu.persistent_out(&self.nexus, action, scope, ty, &p),
+                    Err(s) => Err(lu::Refused::Sense(s)),
+                };
+                self.refusal(c, r, out, stats)
             }
             Command::ReportSupportedOpcodes { alloc, .. } => match scsi::supported_opcodes(&parsed)
             {

@@ -521,3 +521,162 @@ fn oversized_texts_and_segments_end_their_own_connection_only() {
     // The bystander noticed nothing.
     read_block(&mut bystander, &mut cmd_sn);
 }
+
+/// One SCSI command on a raw session: its status, the data read, and the
+/// sense. Data to the target goes as immediate data.
+fn scsi(
+    s: &mut TcpStream,
+    cmd_sn: &mut u32,
+    cdb: &[u8],
+    out: Vec<u8>,
+    read: u32,
+) -> (u8, Vec<u8>, Vec<u8>) {
+    let mut c = [0u8; 16];
+    c[..cdb.len()].copy_from_slice(cdb);
+    let cmd = Request::ScsiCommand(ScsiCommand {
+        final_bit: true,
+        read: read > 0,
+        write: !out.is_empty(),
+        expected_len: if out.is_empty() {
+            read
+        } else {
+            out.len() as u32
+        },
+        itt: *cmd_sn,
+        cmd_sn: *cmd_sn,
+        cdb: c,
+        data: out,
+        ..Default::default()
+    });
+    *cmd_sn += 1;
+    s.write_all(&cmd.to_pdu().to_bytes()).unwrap();
+    let mut got = Vec::new();
+    let mut data = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        while let Some((pdu, n)) = Pdu::decode(&got, 1 << 20).unwrap() {
+            got.drain(..n);
+            match Response::parse(pdu).unwrap() {
+                Response::DataIn(d) => {
+                    data.extend_from_slice(&d.data);
+                    if let Some(status) = d.status {
+                        return (status, data, Vec::new());
+                    }
+                }
+                Response::ScsiResponse(r) => return (r.status, data, r.sense),
+                other => panic!("{other:?}"),
+            }
+        }
+        let n = s.read(&mut buf).expect("a SCSI response");
+        assert!(n > 0, "closed without a SCSI response");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// PERSISTENT RESERVE OUT `action` with `key` and `sa_key`, type `ty`.
+fn prout(s: &mut TcpStream, sn: &mut u32, action: u8, ty: u8, key: u64, sa_key: u64) -> u8 {
+    let params = vstream_iscsi::pr::encode_out_params(&vstream_iscsi::pr::OutParams {
+        key,
+        sa_key,
+        ..Default::default()
+    });
+    let cdb = [0x5f, action, ty, 0, 0, 0, 0, 0, 24, 0];
+    scsi(s, sn, &cdb, params, 0).0
+}
+
+/// Persistent reservations over the wire, between two sessions of one
+/// initiator (two ISIDs, two I_T nexuses), as libiscsi's tests and a
+/// multipath initiator use them: an Exclusive Access reservation keeps
+/// the other session's writes and reads off the disk with RESERVATION
+/// CONFLICT, outlives its holder's connection, and a PREEMPT takes it
+/// over and tells the preempted nexus when it comes back.
+#[test]
+fn persistent_reservations_hold_across_sessions_and_connections() {
+    use vstream_iscsi::scsi::status::{CHECK_CONDITION, GOOD, RESERVATION_CONFLICT};
+    let dir = tempfile::tempdir().unwrap();
+    let (_rt, port, targets) = serve(dir.path(), false);
+    let connect = |isid: u8| {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let sn = login_plain(&mut s, isid);
+        (s, sn)
+    };
+    let written = || {
+        targets
+            .stats
+            .written_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let (mut a, mut a_sn) = connect(1);
+    let (mut b, mut b_sn) = connect(2);
+    // REGISTER AND IGNORE EXISTING KEY, then RESERVE Exclusive Access.
+    assert_eq!(prout(&mut a, &mut a_sn, 0x06, 0, 0, 0xaa), GOOD);
+    assert_eq!(prout(&mut a, &mut a_sn, 0x01, 0x03, 0xaa, 0), GOOD);
+    let write = [0x2a, 0, 0, 0, 0, 1, 0, 0, 1, 0];
+    let read = [0x28, 0, 0, 0, 0, 1, 0, 0, 1, 0];
+    let before = written();
+    let (st, ..) = scsi(&mut b, &mut b_sn, &write, vec![0x5a; 512], 0);
+    assert_eq!(st, RESERVATION_CONFLICT, "another nexus wrote");
+    assert_eq!(written(), before, "the refused write reached the disk");
+    let (st, data, _) = scsi(&mut b, &mut b_sn, &read, Vec::new(), 512);
+    assert_eq!((st, data.len()), (RESERVATION_CONFLICT, 0));
+    // TEST UNIT READY and PERSISTENT RESERVE IN always go through.
+    assert_eq!(scsi(&mut b, &mut b_sn, &[0], Vec::new(), 0).0, GOOD);
+    // The holder writes.
+    let (st, ..) = scsi(&mut a, &mut a_sn, &write, vec![0x5a; 512], 0);
+    assert_eq!(st, GOOD);
+    // Its connection goes; the reservation stays (READ RESERVATION).
+    drop(a);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (st, r, _) = scsi(
+        &mut b,
+        &mut b_sn,
+        &[0x5e, 0x01, 0, 0, 0, 0, 0, 0, 64, 0],
+        Vec::new(),
+        64,
+    );
+    assert_eq!(st, GOOD);
+    assert_eq!(
+        r[4..8],
+        16u32.to_be_bytes(),
+        "no reservation after the holder left: {r:?}"
+    );
+    assert_eq!(r[8..16], 0xaau64.to_be_bytes());
+    assert_eq!(r[21], 0x03);
+    let (st, ..) = scsi(&mut b, &mut b_sn, &write, vec![0x5a; 512], 0);
+    assert_eq!(st, RESERVATION_CONFLICT);
+    // B registers and preempts A's key: B holds it now, A's key is gone.
+    assert_eq!(prout(&mut b, &mut b_sn, 0x06, 0, 0, 0xbb), GOOD);
+    assert_eq!(prout(&mut b, &mut b_sn, 0x04, 0x03, 0xbb, 0xaa), GOOD);
+    let (st, ..) = scsi(&mut b, &mut b_sn, &write, vec![0x5a; 512], 0);
+    assert_eq!(st, GOOD);
+    let (st, keys, _) = scsi(
+        &mut b,
+        &mut b_sn,
+        &[0x5e, 0x00, 0, 0, 0, 0, 0, 0, 64, 0],
+        Vec::new(),
+        64,
+    );
+    assert_eq!(st, GOOD);
+    assert_eq!(
+        keys[4..],
+        [&8u32.to_be_bytes()[..], &0xbbu64.to_be_bytes()[..]].concat()
+    );
+    // A comes back on its nexus: told its registration was preempted,
+    // then kept out.
+    let (mut a, mut a_sn) = connect(1);
+    let (st, _, sense) = scsi(&mut a, &mut a_sn, &[0], Vec::new(), 0);
+    assert_eq!(st, CHECK_CONDITION);
+    assert_eq!((sense[2] & 0x0f, sense[12], sense[13]), (0x6, 0x2a, 0x05));
+    let (st, ..) = scsi(&mut a, &mut a_sn, &read, Vec::new(), 512);
+    assert_eq!(st, RESERVATION_CONFLICT);
+    // A wrong key is a conflict; the right one releases.
+    assert_eq!(
+        prout(&mut b, &mut b_sn, 0x02, 0x03, 0x99, 0),
+        RESERVATION_CONFLICT
+    );
+    assert_eq!(prout(&mut b, &mut b_sn, 0x02, 0x03, 0xbb, 0), GOOD);
+    let (st, ..) = scsi(&mut a, &mut a_sn, &read, Vec::new(), 512);
+    assert_eq!(st, GOOD);
+}
