@@ -476,13 +476,13 @@ views.vdisk = {
       })) : null;
     main.replaceChildren(
       h('h1', null, 'vDisk ', h('span', { id: 'vdisk-name', text: v.name })),
-      h('dl', { class: 'kv' },
+      h('dl', { class: 'kv' }, [
         ['size', bytes(v.size)], ['mode', v.mode], ['cache type', v.cache_type],
         ['cache limit', v.cache_limit ? bytes(v.cache_limit) : 'none'], ['store', v.store || 'default'],
         ['allocated here', bytes(v.allocated)], ['content hash', v.content_hash],
         ['boot', `${boot.method || 'kernel'}${boot.kernel ? ', kernel ' + bytes(boot.kernel.size) : ''}${boot.initrd ? ', initrd ' + bytes(boot.initrd.size) : ''}`],
         ['command line', boot.cmdline || '—'], ['problem', v.problem || 'none'],
-      ].map(([k, val]) => [h('dt', { text: k }), h('dd', { text: val ?? '—' })])),
+      ].map(([k, val]) => [h('dt', { text: k }), h('dd', { text: val ?? '—', dataset: { key: k } })])),
       header,
       h('h2', { text: 'Versions' }),
       table([{ class: 'num', text: '#' }, 'state', 'created', 'sealed', { class: 'num', text: 'own bytes' },
@@ -821,8 +821,15 @@ function show() {
 }
 
 async function tick() {
-  if (S.busy || !S.view || !S.me) return;
+  if (!S.view || !S.me) return;
+  if (S.busy) {
+    // A tick of another page (or an action) is under way: run again when
+    // it ends, not a whole period later.
+    S.again = true;
+    return;
+  }
   S.busy = true;
+  S.again = false;
   const r = S.view;
   S.texts = [];
   try {
@@ -847,6 +854,7 @@ async function tick() {
     }
   } finally {
     S.busy = false;
+    if (S.again) tick();
   }
 }
 
