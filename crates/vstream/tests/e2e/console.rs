@@ -150,10 +150,11 @@ fn the_console_runs_a_farm_from_any_server() {
     });
 
     let b = Browser::start();
-    // Signed in at the second server, the page shows the whole farm.
-    sign_in(&b, &s2.api, &admin);
+    // Signed in at the first server (the one version 2 was written on:
+    // an open version is listed by its server only, until it is sealed).
+    sign_in(&b, &s1.api, &admin);
     let who = b.text(&b.wait(5, "#who"));
-    assert!(who.contains("root (admin) at s2"), "{who}");
+    assert!(who.contains("root (admin) at s1"), "{who}");
     for s in ["s1", "s2"] {
         b.wait_for(20, &format!("server {s} up"), || {
             let row = b.find(&format!("#servers tr[data-server=\"{s}\"]"))?;
@@ -283,9 +284,20 @@ fn the_console_runs_a_farm_from_any_server() {
         assert_nothing_injected(&b, "the vDisk page");
     }
 
-    // A viewer: no action anywhere, and the API refuses the actions.
+    // A viewer, at the second server: the same farm, no action anywhere,
+    // and the API refuses the actions.
     b.click(&b.wait(5, "#logout"));
-    sign_in(&b, &s1.api, &viewer);
+    sign_in(&b, &s2.api, &viewer);
+    let who = b.text(&b.wait(5, "#who"));
+    assert!(who.contains("look (viewer) at s2"), "{who}");
+    for s in ["s1", "s2"] {
+        b.wait_for(20, &format!("server {s} up, seen from s2"), || {
+            let row = b.find(&format!("#servers tr[data-server=\"{s}\"]"))?;
+            b.text(&row).contains("up").then_some(())
+        });
+    }
+    let devices = b.text(&b.wait(5, "#servers tr[data-server=\"s1\"]"));
+    eprintln!("console: s1 seen from s2: {devices}");
     let nav = b.text(&b.wait(5, "#nav"));
     assert!(!nav.contains("Tokens"), "a viewer sees the tokens page: {nav}");
     assert!(b.find("#rebalance").is_none(), "a viewer offered a rebalance");
