@@ -172,10 +172,7 @@ impl Browser {
                 return v;
             }
             if Instant::now() >= deadline {
-                let text = self
-                    .find("body")
-                    .map(|b| self.text(&b))
-                    .unwrap_or_default();
+                let text = self.find("body").map(|b| self.text(&b)).unwrap_or_default();
                 panic!("gave up after {secs} s waiting for {what}; the page shows:\n{text}");
             }
             std::thread::sleep(Duration::from_millis(50));

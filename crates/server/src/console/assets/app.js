@@ -25,7 +25,7 @@ const S = {
   view: null,
   seen: null,
   texts: [],
-  busy: false,
+  busy: null,
   lastOk: 0,
 };
 // Timings the browser test reads (performance.now() deltas, in ms).
@@ -598,10 +598,13 @@ views.devices = {
       this.pager);
   },
   async load() {
+    const t = performance.now();
     const [devices, vdisks, servers] = await Promise.all([get('/api/v1/devices'), get('/api/v1/vdisks'), get('/api/v1/servers')]);
+    window.vstreamTimings.devicesLoadMs = performance.now() - t;
     return { devices, vdisks, servers };
   },
   render({ devices, vdisks, servers }) {
+    const t = performance.now();
     const limits = new Map(vdisks.map((v) => [v.name, v.cache_limit]));
     this.all = devices
       .map((d) => {
@@ -612,6 +615,7 @@ views.devices = {
     this.options(this.sel.server, 'any server', servers.map((s) => s.name));
     this.options(this.sel.vdisk, 'any vDisk', vdisks.map((v) => v.name));
     this.apply();
+    window.vstreamTimings.devicesRenderMs = performance.now() - t;
     if (this.first !== null) {
       afterPaint(this.first, 'firstPaintMs');
       this.first = null;
@@ -822,15 +826,16 @@ function show() {
 
 async function tick() {
   if (!S.view || !S.me) return;
-  if (S.busy) {
-    // A tick of another page (or an action) is under way: run again when
-    // it ends, not a whole period later.
+  const r = S.view;
+  if (S.busy === r) {
+    // This page's last tick is still under way: run again when it ends,
+    // not a whole period later. (A tick of the page left is not waited
+    // for: its answers are dropped.)
     S.again = true;
     return;
   }
-  S.busy = true;
+  S.busy = r;
   S.again = false;
-  const r = S.view;
   S.texts = [];
   try {
     const data = await r.view.load(r.arg);
@@ -853,8 +858,10 @@ async function tick() {
       if (e.status === 404 && S.view === r) $('main').replaceChildren(h('p', { class: 'problems', text: e.message }));
     }
   } finally {
-    S.busy = false;
-    if (S.again) tick();
+    if (S.busy === r) {
+      S.busy = null;
+      if (S.again) tick();
+    }
   }
 }
 
