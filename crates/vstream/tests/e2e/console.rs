@@ -55,7 +55,8 @@ fn sign_in(b: &Browser, api: &str, token: &str) {
 /// render.
 fn open(b: &Browser, hash: &str) {
     b.script("location.hash = arguments[0];", vec![Value::from(hash)]);
-    b.wait(20, "main[data-ready]");
+    let view = hash.trim_start_matches("#/");
+    b.wait(20, &format!("main[data-view=\"{view}\"][data-ready]"));
 }
 
 /// Clicks `selector`, then the confirmation dialog's button.
@@ -72,7 +73,7 @@ fn attr_of(b: &Browser, selector: &str, name: &str) -> Option<String> {
 /// No element `tags` in the page, no flag set by injected script, no alert.
 fn assert_nothing_injected(b: &Browser, where_: &str) {
     let found = b.script(
-        "return [document.querySelectorAll('main img, main script, main iframe, main svg').length, \
+        "return [document.querySelectorAll('main img, main script, main iframe, main svg, main b').length, \
          window.__xss === undefined ? null : window.__xss];",
         vec![],
     );
@@ -233,6 +234,12 @@ fn the_console_runs_a_farm_from_any_server() {
     // Over 80 % of its limit: the row stands out.
     let class = attr_of(&b, "#devices tr[data-device=\"pc1\"]", "class").unwrap_or_default();
     assert!(later > 80.0 && class.contains("hot"), "{later} % {class:?}");
+
+    // The farm's tokens, for an admin.
+    open(&b, "#/tokens");
+    for t in ["root", "look"] {
+        b.wait(10, &format!("tr[data-token=\"{t}\"]"));
+    }
 
     // The promote in the audit trail, by the token that made it.
     open(&b, "#/audit");

@@ -813,6 +813,7 @@ function show() {
   nav();
   const main = $('main');
   delete main.dataset.ready;
+  main.dataset.view = r.arg === undefined ? r.name : `${r.name}/${r.arg}`;
   if (r.view.role && !can(r.view.role)) {
     main.replaceChildren(h('p', { text: `This page needs the ${r.view.role} role.` }));
     S.view = null;
