@@ -181,6 +181,7 @@ pub fn router(server: Server, tokens: Arc<crate::admin_tokens::AdminTokens>) -> 
         .route("/api/v1/audit", get(tokens::audit))
         .route("/api/v1/whoami", get(whoami::whoami))
         .route("/metrics", get(metrics))
+        .layer(middleware::from_fn(crate::console::etag))
         .layer(middleware::from_fn_with_state(access, crate::access::guard));
     Router::new()
         .route(

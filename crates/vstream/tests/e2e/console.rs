@@ -368,6 +368,25 @@ fn the_console_runs_a_farm_from_any_server() {
         assert_eq!(code, 403, "{method} {path} as a viewer: {text}");
         assert!(text.contains("viewer"), "{text}");
     }
+    // The page's polls are conditional: an unchanged answer is a bodiless 304.
+    let headers = |extra: &[&str]| -> String {
+        let out = Command::new("curl")
+            .args(["-s", "-m", "20", "-D", "-", "-o", "/dev/null"])
+            .args(["-H", &format!("Authorization: Bearer {viewer}")])
+            .args(extra)
+            .arg(format!("{}/api/v1/vdisks/g/versions", s2.api))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).to_ascii_lowercase()
+    };
+    let first = headers(&[]);
+    let tag = first
+        .lines()
+        .find_map(|l| l.strip_prefix("etag:"))
+        .map(|t| t.trim().to_owned())
+        .unwrap_or_else(|| panic!("no ETag: {first}"));
+    let again = headers(&["-H", &format!("If-None-Match: {tag}")]);
+    assert!(again.starts_with("http/1.1 304"), "{again}");
     drop(b);
     drop(agent);
 }

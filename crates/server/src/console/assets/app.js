@@ -26,6 +26,7 @@ const S = {
   seen: null,
   texts: [],
   busy: null,
+  etags: new Map(),
   lastOk: 0,
 };
 // Timings the browser test reads (performance.now() deltas, in ms).
@@ -117,19 +118,33 @@ async function call(method, path, body) {
   }
   const r = await fetch(path, init);
   const text = await r.text();
-  if (!r.ok) {
-    let msg = text;
-    try { msg = JSON.parse(text).error || text; } catch (_) { /* plain text */ }
-    throw new ApiError(r.status, msg || `${method} ${path}: status ${r.status}`);
-  }
+  if (!r.ok) throw failure(r, text, `${method} ${path}`);
   return text;
 }
 
-// A GET whose answer counts toward "did anything change" for this tick.
+function failure(r, text, what) {
+  let msg = text;
+  try { msg = JSON.parse(text).error || text; } catch (_) { /* plain text */ }
+  return new ApiError(r.status, msg || `${what}: status ${r.status}`);
+}
+
+// A GET whose answer counts toward "did anything change" for this tick. It
+// names the last answer's ETag: an unchanged answer comes back as a bodiless
+// 304, and the last one is used again without parsing.
 async function get(path) {
-  const text = await call('GET', path);
-  S.texts.push(path, text);
-  return text ? JSON.parse(text) : null;
+  const known = S.etags.get(path);
+  const headers = { Authorization: 'Bearer ' + S.token };
+  if (known) headers['If-None-Match'] = known.tag;
+  const r = await fetch(path, { headers, cache: 'no-store' });
+  let hit = known;
+  if (!(r.status === 304 && known)) {
+    const text = await r.text();
+    if (!r.ok) throw failure(r, text, `GET ${path}`);
+    hit = { tag: r.headers.get('ETag'), text, json: text ? JSON.parse(text) : null };
+    if (hit.tag) S.etags.set(path, hit);
+  }
+  S.texts.push(path, hit.tag || hit.text);
+  return hit.json;
 }
 
 async function act(what, method, path, body) {
@@ -870,6 +885,7 @@ function logout(why) {
   S.token = null;
   S.me = null;
   S.view = null;
+  S.etags.clear();
   sessionStorage.removeItem(TOKEN_KEY);
   $('nav').replaceChildren();
   $('who').replaceChildren();
