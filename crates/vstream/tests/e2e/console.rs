@@ -234,6 +234,15 @@ fn the_console_runs_a_farm_from_any_server() {
     // Over 80 % of its limit: the row stands out.
     let class = attr_of(&b, "#devices tr[data-device=\"pc1\"]", "class").unwrap_or_default();
     assert!(later > 80.0 && class.contains("hot"), "{later} % {class:?}");
+    // Its own page: where it runs, and its connect among its events.
+    open(&b, "#/device/pc1");
+    let server = b.text(&b.wait(10, "dd[data-key=\"server\"]"));
+    assert!(server == "s1" || server == "s2", "pc1's server: {server:?}");
+    b.wait_for(20, "pc1's connect event", || {
+        b.all("#events tbody tr")
+            .into_iter()
+            .find(|r| b.text(r).contains("connect"))
+    });
 
     // The farm's tokens, for an admin.
     open(&b, "#/tokens");
