@@ -97,6 +97,7 @@ fn the_console_runs_a_farm_from_any_server() {
     let s2 = TestServer::start_in_farm(dir.path().join("s2"), &etcd.url, "s2");
     let admin = create_token(&s1, "root", "admin");
     let viewer = create_token(&s1, "look", "viewer");
+    let operator = create_token(&s1, "ops", "operator");
     // A standard vDisk with a device cache of 8 MiB at most, a device on
     // it, and version 2 written by a maintenance device.
     let image = dir.path().join("g.raw");
@@ -377,6 +378,24 @@ fn the_console_runs_a_farm_from_any_server() {
         assert_eq!(code, 403, "{method} {path} as a viewer: {text}");
         assert!(text.contains("viewer"), "{text}");
     }
+    // An operator: the device actions, none on vDisks or versions.
+    b.click(&b.wait(5, "#logout"));
+    sign_in(&b, &s2.api, &operator);
+    assert!(b.find("#rebalance").is_some(), "an operator may rebalance");
+    open(&b, "#/devices");
+    b.wait(
+        20,
+        "#devices tr[data-device=\"pc1\"] button[data-action=\"reset\"]",
+    );
+    open(&b, "#/vdisk/g");
+    b.wait(10, "#versions tr[data-version=\"2\"]");
+    let offered: Vec<String> = b
+        .all("#versions button, #version-new, #vdisk-settings, #vdisk-delete")
+        .iter()
+        .map(|e| b.text(e))
+        .collect();
+    assert!(offered.is_empty(), "an operator offered {offered:?}");
+
     // The page's polls are conditional: an unchanged answer is a bodiless 304.
     let headers = |extra: &[&str]| -> String {
         let out = Command::new("curl")
