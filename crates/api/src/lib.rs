@@ -70,6 +70,17 @@ impl std::fmt::Debug for NewToken {
 }
 
 /// A new kernel command line for a vDisk's network boot.
+/// Who a token is, as the server that answers sees it: what the web
+/// console shows, and which of its actions it offers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Whoami {
+    /// The token's name (an admin token of the server's own: its file name).
+    pub name: String,
+    pub role: Role,
+    /// The server that answered.
+    pub server: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SetBootCmdline {
     pub cmdline: String,

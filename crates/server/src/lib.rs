@@ -9,6 +9,7 @@ pub mod boot;
 pub mod cidr;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod enroll;
 pub mod error;
 pub mod events;

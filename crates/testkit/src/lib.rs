@@ -7,6 +7,7 @@
 //! line in the log, so CI cannot pass by skipping.
 
 pub mod libiscsi;
+pub mod webdriver;
 
 use std::io::Write;
 use std::net::TcpListener;

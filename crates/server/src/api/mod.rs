@@ -10,6 +10,7 @@ mod stores;
 mod tokens;
 mod vdisks;
 mod versions;
+mod whoami;
 
 use std::sync::Arc;
 
@@ -45,7 +46,7 @@ use vdisks::{create_vdisk, delete_vdisk, list_vdisks, set_vdisk, show_vdisk};
         versions::merge, versions::delete_version, farm::login, farm::enroll, farm::renew, farm::list_servers, farm::rebalance, farm::cache_report,
         farm::replication_status, farm::replication_start, boot::upload, boot::set_cmdline,
         stores::list_stores, stores::add_store, stores::remove_store,
-        quarantine::list, quarantine::adopt, quarantine::remove
+        quarantine::list, quarantine::adopt, quarantine::remove, whoami::whoami
     ),
     components(schemas(VDisk, VDiskInfo, CreateVDisk, SetVDisk, Device, DeviceInfo, CreateDevice, ErrorBody,
         vstream_api::IscsiAccess, vstream_api::CreateToken, vstream_api::TokenInfo,
@@ -62,7 +63,8 @@ use vdisks::{create_vdisk, delete_vdisk, list_vdisks, set_vdisk, show_vdisk};
         vstream_api::BootFile, vstream_api::BootFileKind, vstream_api::SetBootCmdline,
         vstream_api::StoreDef, vstream_api::StoreInfo, vstream_api::StoreHere,
         vstream_api::Quarantined, vstream_api::Adopt, vstream_api::EnrollRequest,
-        vstream_api::CredentialRequest, vstream_api::CredentialReply, vstream_api::RenewRequest)),
+        vstream_api::CredentialRequest, vstream_api::CredentialReply, vstream_api::RenewRequest,
+        vstream_api::Whoami)),
     modifiers(&BearerAuth),
     security(("token" = []))
 )]
@@ -177,7 +179,9 @@ pub fn router(server: Server, tokens: Arc<crate::admin_tokens::AdminTokens>) -> 
             axum::routing::delete(tokens::revoke_token),
         )
         .route("/api/v1/audit", get(tokens::audit))
+        .route("/api/v1/whoami", get(whoami::whoami))
         .route("/metrics", get(metrics))
+        .layer(middleware::from_fn(crate::console::etag))
         .layer(middleware::from_fn_with_state(access, crate::access::guard));
     Router::new()
         .route(
@@ -185,6 +189,7 @@ pub fn router(server: Server, tokens: Arc<crate::admin_tokens::AdminTokens>) -> 
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
+        .merge(crate::console::routes())
         .route("/api/v1/login", post(farm::login))
         .route("/api/v1/enroll", post(farm::enroll))
         .route("/api/v1/renew", post(farm::renew))

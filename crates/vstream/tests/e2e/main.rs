@@ -17,6 +17,7 @@ mod bad_input;
 mod big_vdisk;
 mod boots;
 mod compat;
+mod console;
 mod data_safety;
 mod dead_peers;
 mod durability;
