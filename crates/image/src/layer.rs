@@ -152,6 +152,10 @@ pub struct Layer {
     allocated: AtomicU64,
     dirty_pages: Mutex<BTreeSet<u64>>,
     flush_lock: Mutex<()>,
+    /// Files (this layer's own among them) whose content and names must be
+    /// durable before this layer's first flush is acknowledged: see
+    /// [`Layer::create_unsynced`]. Empty for a layer made durable at creation.
+    owed_sync: Mutex<Vec<PathBuf>>,
     copy_up_locks: Vec<Mutex<()>>,
     /// Writes begun (ever) and writes running: a hash taken while both stand
     /// still describes the data.
@@ -180,6 +184,39 @@ impl std::fmt::Debug for Layer {
 impl Layer {
     /// Creates an empty layer file (all chunks unallocated) and makes it durable.
     pub fn create(path: &Path, size: u64) -> Result<Layer, ImageError> {
+        let layer = Layer::create_file(path, size)?;
+        let write_err = |source| ImageError::Write {
+            path: path.to_owned(),
+            source,
+        };
+        layer.file.sync_all().map_err(write_err)?;
+        if let Some(dir) = path.parent() {
+            sync_dir(dir).map_err(write_err)?;
+        }
+        Ok(layer)
+    }
+
+    /// Creates an empty layer file like [`Layer::create`], without waiting for
+    /// the disk: the file, each of `also` (written before, not synced) and
+    /// their folders are synced by the layer's first [`Layer::flush`], before
+    /// it syncs any data. For a layer whose writes need not outlive a crash
+    /// until its first flush is acknowledged, as a device's write cache: a
+    /// crash before then leaves at worst a layer that does not open or whose
+    /// tags no longer match, and is discarded. Creating many (a boot storm's
+    /// caches) costs no disk round trip each.
+    ///
+    /// Metadata journaling (ext4, xfs) commits names in the order they were
+    /// made, so a name of `also` made before this call is durable whenever
+    /// the layer's own name is.
+    pub fn create_unsynced(path: &Path, size: u64, also: &[PathBuf]) -> Result<Layer, ImageError> {
+        let layer = Layer::create_file(path, size)?;
+        let mut owed = also.to_vec();
+        owed.push(path.to_owned());
+        *layer.owed_sync.lock() = owed;
+        Ok(layer)
+    }
+
+    fn create_file(path: &Path, size: u64) -> Result<Layer, ImageError> {
         if size == 0 || size > MAX_SIZE || !size.is_multiple_of(512) {
             return Err(ImageError::Invalid(format!(
                 "a vDisk size must be a non-zero multiple of 512 bytes up to {MAX_SIZE}, not {size}"
@@ -215,10 +252,6 @@ impl Layer {
         }
         file.write_all_at(&encode_header(&geo, 0, None), 0)
             .map_err(write_err)?;
-        file.sync_all().map_err(write_err)?;
-        if let Some(dir) = path.parent() {
-            sync_dir(dir).map_err(write_err)?;
-        }
         drop(file);
         Layer::open(path, true)
     }
@@ -269,6 +302,7 @@ impl Layer {
             allocated: AtomicU64::new(allocated),
             dirty_pages: Mutex::new(BTreeSet::new()),
             flush_lock: Mutex::new(()),
+            owed_sync: Mutex::new(Vec::new()),
             copy_up_locks: (0..64).map(|_| Mutex::new(())).collect(),
             writes_begun: AtomicU64::new(0),
             writes_running: AtomicU64::new(0),
@@ -543,6 +577,7 @@ impl Layer {
             return Ok(());
         }
         let _serial = self.flush_lock.lock();
+        self.pay_owed_sync()?;
         let pages: Vec<u64> = std::mem::take(&mut *self.dirty_pages.lock())
             .into_iter()
             .collect();
@@ -572,6 +607,34 @@ impl Layer {
         self.file
             .sync_data()
             .inspect_err(|_| self.dirty_pages.lock().extend(pages.iter().copied()))
+    }
+
+    /// Syncs what [`Layer::create_unsynced`] left owed: each file, then each
+    /// folder holding one. Kept owed if any sync fails, so the next flush
+    /// tries again and no flush is acknowledged before it is paid.
+    fn pay_owed_sync(&self) -> io::Result<()> {
+        let owed = self.owed_sync.lock().clone();
+        if owed.is_empty() {
+            return Ok(());
+        }
+        let mut dirs: Vec<&Path> = Vec::new();
+        for path in &owed {
+            if *path == self.path {
+                self.file.sync_all()?;
+            } else {
+                File::open(path)?.sync_all()?;
+            }
+            if let Some(dir) = path.parent() {
+                if !dirs.contains(&dir) {
+                    dirs.push(dir);
+                }
+            }
+        }
+        for dir in dirs {
+            sync_dir(dir)?;
+        }
+        self.owed_sync.lock().clear();
+        Ok(())
     }
 
     fn bitmap_page_bytes(&self, page: u64) -> Vec<u8> {
@@ -1090,6 +1153,32 @@ mod tests {
             .read_data(crate::disk::as_uninit(&mut b), 4096, false)
             .unwrap());
         assert_eq!(b, [7u8; 8192]);
+    }
+
+    #[test]
+    fn an_unsynced_layer_acknowledges_no_flush_before_its_tags_are_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, tag) = (dir.path().join("c.layer"), dir.path().join("c.base"));
+        std::fs::write(&tag, "base").unwrap();
+        let l = Layer::create_unsynced(&p, 1 << 20, std::slice::from_ref(&tag)).unwrap();
+        assert_eq!(
+            l.owed_sync.lock().len(),
+            2,
+            "the tag and the layer are owed"
+        );
+        l.write_data(&[3u8; 4096], 0).unwrap();
+        l.set_allocated(0, 1);
+        // A tag that cannot be synced fails the flush, and stays owed.
+        std::fs::remove_file(&tag).unwrap();
+        let e = l.flush().expect_err("the tag is gone");
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert_eq!(l.owed_sync.lock().len(), 2);
+        std::fs::write(&tag, "base").unwrap();
+        l.flush().unwrap();
+        assert!(l.owed_sync.lock().is_empty(), "paid once");
+        drop(l);
+        let l = Layer::open(&p, false).unwrap();
+        assert!(l.is_allocated(0), "the flushed write is kept");
     }
 
     #[test]

@@ -1304,13 +1304,28 @@ impl Store {
                 }
             }
         }
-        // The tags are synced before the cache exists: a power cut must not
-        // leave a cache whose tag lost its content, or the next session would
-        // discard the cache and with it every write a flush acknowledged.
-        // Layer::create then syncs the folder, and with it the tags' names.
-        write_synced(&tag, base)?;
-        write_synced(&boot_tag, boot.unwrap_or_default())?;
-        Ok(Arc::new(Layer::create(&path, size)?))
+        // The tags are written before the cache exists, and the cache's first
+        // flush syncs them, the cache and the folder before it syncs any data
+        // (Layer::create_unsynced): no flush is acknowledged while a power cut
+        // could still leave a tag without its content, which would discard the
+        // cache with every write that flush covered. Before that first flush
+        // nothing in the cache was promised: a cut then leaves a tag that does
+        // not match (empty) or a layer that does not open, and either way the
+        // cache is discarded above. No disk round trip while a device connects:
+        // a boot storm's hundreds of caches cost no fsync each.
+        let write = |path: &Path, text: &str| {
+            fs::write(path, text).map_err(|source| ImageError::Write {
+                path: path.to_owned(),
+                source,
+            })
+        };
+        write(&tag, base)?;
+        write(&boot_tag, boot.unwrap_or_default())?;
+        Ok(Arc::new(Layer::create_unsynced(
+            &path,
+            size,
+            &[tag.clone(), boot_tag.clone()],
+        )?))
     }
 
     /// The devices with a server-side write cache in this store.
