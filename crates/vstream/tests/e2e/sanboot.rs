@@ -186,6 +186,20 @@ fn boot(farm: &Farm, tap: &str) -> Boot {
         "the guest did not sanboot, write and read:\n{console}\n--- dnsmasq\n{}\n{logs}",
         farm.lan.dnsmasq_log()
     );
+    // The boot's story, for the CI log: the script, iPXE's SAN lines, the guest's.
+    for l in console.lines().filter(|l| {
+        [
+            "GUEST-",
+            "vstream: ",
+            "Could not open SAN",
+            "Registered SAN",
+            "iscsistart: ",
+        ]
+        .iter()
+        .any(|p| l.starts_with(p))
+    }) {
+        eprintln!("  {l}");
+    }
     let at =
         |i: usize, what: &str| seen[i].unwrap_or_else(|| panic!("{what} not seen:\n{console}"));
     Boot {
@@ -365,6 +379,19 @@ fn a_bios_guest_sanboots_linux_over_iscsi_and_again_past_a_dead_portal() {
                 .contains(&format!("vstream: sanboot from {landed}")),
         "iPXE did not try the first portal, then the second:\n{}",
         b.console
+    );
+    // The second portal served it at once: no redirection back to the dead
+    // one, which made iPXE give up and wait 10 s for a new script.
+    assert!(
+        !b.console.contains("no server of the farm could sanboot"),
+        "iPXE went round the script again:\n{}",
+        b.console
+    );
+    assert_eq!(
+        farm.servers[alive].metric("vstream_iscsi_redirects_total"),
+        0,
+        "{}",
+        farm.servers[alive].log_text()
     );
     let after: Vec<usize> = farm.servers.iter().map(|s| logins(s, &initiator)).collect();
     assert_eq!(
