@@ -16,14 +16,16 @@
 #                              /init = sanboot-init.sh
 #   OUTDIR/sanboot-disk.img    an MBR disk: syslinux's mbr.bin in sector 0,
 #     partition 1 (FAT16, active, 1 MiB..): syslinux (`syslinux --install`, which
-#       writes through mtools), syslinux.cfg, vmlinuz, sanboot-initrd.img
+#       writes through mtools), syslinux.cfg, vmlinuz, sanboot-initrd.img, and for
+#       UEFI firmware syslinux.efi as /EFI/BOOT/BOOTX64.EFI with ldlinux.e64 and
+#       the same syslinux.cfg beside it (iPXE's EFI sanboot runs that file)
 #     partition 2 (ext4): rootfs.img as it is (its /sbin/init is rootfs-init.sh)
 # The kernel command line is in syslinux.cfg: `vstest=write:sanboot
 # vstest.readdisk` unless VSTREAM_SANBOOT_VSTEST says otherwise.
 # Idempotent: does nothing when OUTDIR/.sanboot-stamp matches the inputs.
 #
-# Needs what build.sh needs, plus syslinux, syslinux-common, mtools,
-# dosfstools and fdisk (sfdisk); .ci/install-deps installs them.
+# Needs what build.sh needs, plus syslinux, syslinux-common, syslinux-efi,
+# mtools, dosfstools and fdisk (sfdisk); .ci/install-deps installs them.
 #
 # Environment knobs (all optional):
 #   VSTREAM_GUEST_KERNEL_DEB, VSTREAM_GUEST_KERNEL_PKG, VSTREAM_GUEST_BUSYBOX
@@ -48,17 +50,21 @@ VSTEST="${VSTREAM_SANBOOT_VSTEST:-vstest=write:sanboot vstest.bigmb=4 vstest.rea
 # come from modprobe.
 SANBOOT_MODULES="virtio_pci virtio_net iscsi_ibft iscsi_tcp sd_mod crc32c_generic ext4"
 MBR_BIN="${VSTREAM_SANBOOT_MBR:-/usr/lib/syslinux/mbr/mbr.bin}"
+EFI_BIN=/usr/lib/SYSLINUX.EFI/efi64/syslinux.efi
+EFI_LDLINUX=/usr/lib/syslinux/modules/efi64/ldlinux.e64
 FAT_MIB=32
 # open-iscsi's iscsistart links libopeniscsiusr, which the host may lack.
 ISCSI_PKGS="open-iscsi libopeniscsiusr"
 
 start=$(date +%s.%N)
 export PATH="$PATH:/sbin:/usr/sbin"
-for c in cpio gzip dpkg-deb depmod modprobe sha256sum flock sfdisk mkfs.vfat syslinux mcopy ldd; do
+for c in cpio gzip dpkg-deb depmod modprobe sha256sum flock sfdisk mkfs.vfat syslinux mcopy mmd ldd; do
     command -v "$c" >/dev/null 2>&1 ||
         die "missing tool '$c' (apt-get install -y syslinux syslinux-common mtools dosfstools fdisk cpio kmod)"
 done
 [ -f "$MBR_BIN" ] || die "no $MBR_BIN (apt-get install -y syslinux-common)"
+[ -f "$EFI_BIN" ] || die "no $EFI_BIN (apt-get install -y syslinux-efi)"
+[ -f "$EFI_LDLINUX" ] || die "no $EFI_LDLINUX (apt-get install -y syslinux-common)"
 
 # The kit first: kernel, rootfs.img, and the kernel .deb cached in OUT.
 bash "$HERE/build.sh" "$OUT"
@@ -99,6 +105,8 @@ KEY="$(
         for d in "${ISCSI_DEBS[@]}"; do echo "deb=$(basename "$d") size=$(stat -c %s "$d")"; done
         sha256sum <"$BUSYBOX"
         sha256sum <"$MBR_BIN"
+        sha256sum <"$EFI_BIN"
+        sha256sum <"$EFI_LDLINUX"
         syslinux --version 2>&1 | head -n1
         echo "modules=$SANBOOT_MODULES vstest=$VSTEST fat=$FAT_MIB"
     } | sha256sum | cut -d' ' -f1
@@ -208,6 +216,12 @@ export MTOOLS_SKIP_CHECK=1
 mcopy -i "$FAT" "$WORK/syslinux.cfg" ::syslinux.cfg || die "mcopy syslinux.cfg failed"
 mcopy -i "$FAT" "$OUT/vmlinuz" ::vmlinuz || die "mcopy vmlinuz failed"
 mcopy -i "$FAT" "$WORK/sanboot-initrd.img" ::initrd.img || die "mcopy initrd.img failed"
+# UEFI: the removable-media path, which iPXE's EFI sanboot (as any firmware)
+# runs; syslinux.efi reads its syslinux.cfg from its own folder.
+mmd -i "$FAT" ::/EFI ::/EFI/BOOT || die "mmd failed"
+mcopy -i "$FAT" "$EFI_BIN" ::/EFI/BOOT/BOOTX64.EFI || die "mcopy BOOTX64.EFI failed"
+mcopy -i "$FAT" "$EFI_LDLINUX" ::/EFI/BOOT/ldlinux.e64 || die "mcopy ldlinux.e64 failed"
+mcopy -i "$FAT" "$WORK/syslinux.cfg" ::/EFI/BOOT/syslinux.cfg || die "mcopy syslinux.cfg failed"
 dd if="$FAT" of="$DISK" bs=512 seek="$P1_START" conv=notrunc,sparse status=none
 dd if="$OUT/rootfs.img" of="$DISK" bs=512 seek="$P2_START" conv=notrunc,sparse status=none
 

@@ -42,7 +42,7 @@ use common::{TestEtcd, TestServer};
 const MAC: &str = "52:54:00:77:05:01";
 
 fn have_tools() -> bool {
-    if !(common::pxe::have_netboot_tools(&[Firmware::BiosIpxeRom])
+    if !(common::pxe::have_netboot_tools(&[Firmware::BiosIpxeRom, Firmware::Uefi])
         && ["etcd", "nft", "syslinux", "mcopy", "mkfs.vfat", "sfdisk"]
             .iter()
             .all(|t| common::have(t)))
@@ -144,21 +144,13 @@ struct Boot {
     ok: f64,
 }
 
-fn boot(farm: &Farm, tap: &str) -> Boot {
+fn boot(farm: &Farm, tap: &str, firmware: Firmware) -> Boot {
     let console_file = farm.lan.dir.path().join(format!("{tap}.console"));
     let _ = std::fs::remove_file(&console_file);
     let (console, seen, ok) = std::thread::scope(|sc| {
         let lan = &farm.lan;
         let start = Instant::now();
-        let vm = sc.spawn(move || {
-            pxe_boot(
-                lan,
-                tap,
-                MAC,
-                Firmware::BiosIpxeRom,
-                Duration::from_secs(300),
-            )
-        });
+        let vm = sc.spawn(move || pxe_boot(lan, tap, MAC, firmware, Duration::from_secs(300)));
         let mut ok = None;
         while !vm.is_finished() {
             if ok.is_none()
@@ -275,8 +267,45 @@ fn check_ibft(farm: &Farm, b: &Boot, portal: &str) {
     }
 }
 
+/// Ends the sessions of the last boot (the guest powered off without a
+/// logout) by asking for a script, as a new boot does, and waits until no
+/// server carries the device; then the next script's order is the one the
+/// guest gets. The index of the server that order lists first.
+fn settle(farm: &Farm) -> usize {
+    let script = || {
+        common::run(
+            "curl",
+            &[
+                "-sf",
+                &format!("{}/boot/ipxe?mac={MAC}", farm.servers[0].api),
+            ],
+        )
+    };
+    script();
+    common::wait_for(30, "the last boot's sessions ended", || {
+        let s1 = &farm.servers[0];
+        let dev: serde_json::Value =
+            serde_json::from_str(&s1.cli_ok(&["device", "show", "pc1", "--json"])).ok()?;
+        let list: serde_json::Value =
+            serde_json::from_str(&s1.cli_ok(&["server", "list", "--json"])).ok()?;
+        let idle = list.as_array()?.iter().all(|s| s["devices"] == 0);
+        (dev["connected"] != true && idle).then_some(())
+    });
+    let script = script();
+    let first = script
+        .lines()
+        .find_map(|l| l.strip_prefix("sanboot iscsi:"))
+        .and_then(|l| l.split("::").next())
+        .unwrap_or_else(|| panic!("no sanboot line in:\n{script}"))
+        .to_owned();
+    farm.ips
+        .iter()
+        .position(|ip| *ip == first)
+        .expect("a server's address")
+}
+
 #[test]
-fn a_bios_guest_sanboots_linux_over_iscsi_and_again_past_a_dead_portal() {
+fn a_guest_sanboots_linux_over_iscsi_by_bios_past_a_dead_portal_and_by_uefi() {
     if !have_tools() {
         return;
     }
@@ -286,7 +315,7 @@ fn a_bios_guest_sanboots_linux_over_iscsi_and_again_past_a_dead_portal() {
     let (initiator, ..) = access(&farm.servers[0]);
 
     // Boot 1: both servers up; iPXE lands on the first portal listed.
-    let b = boot(&farm, &tap);
+    let b = boot(&farm, &tap, Firmware::BiosIpxeRom);
     let portals = last_script_portals(&farm);
     let want: Vec<String> = farm.ips.iter().map(|ip| format!("{ip}:3260")).collect();
     assert_eq!(
@@ -319,40 +348,7 @@ fn a_bios_guest_sanboots_linux_over_iscsi_and_again_past_a_dead_portal() {
     // a server that died after handing out the script; iPXE goes on to the
     // next, and Linux takes over from there.
     let before: Vec<usize> = farm.servers.iter().map(|s| logins(s, &initiator)).collect();
-    let script = || {
-        common::run(
-            "curl",
-            &[
-                "-sf",
-                &format!("{}/boot/ipxe?mac={MAC}", farm.servers[0].api),
-            ],
-        )
-    };
-    // A script starts a new boot, which ends boot 1's sessions (the guest
-    // powered off without a logout); the order of the next script is the
-    // one the guest gets, once the servers' loads say so.
-    script();
-    common::wait_for(30, "boot 1's sessions ended", || {
-        let s1 = &farm.servers[0];
-        let dev: serde_json::Value =
-            serde_json::from_str(&s1.cli_ok(&["device", "show", "pc1", "--json"])).ok()?;
-        let list: serde_json::Value =
-            serde_json::from_str(&s1.cli_ok(&["server", "list", "--json"])).ok()?;
-        let idle = list.as_array()?.iter().all(|s| s["devices"] == 0);
-        (dev["connected"] != true && idle).then_some(())
-    });
-    let script = script();
-    let listed_first = script
-        .lines()
-        .find_map(|l| l.strip_prefix("sanboot iscsi:"))
-        .and_then(|l| l.split("::").next())
-        .expect("a sanboot line")
-        .to_owned();
-    let dead = farm
-        .ips
-        .iter()
-        .position(|ip| *ip == listed_first)
-        .expect("a server's address");
+    let dead = settle(&farm);
     let alive = 1 - dead;
     let tag = farm
         .lan
@@ -363,7 +359,7 @@ fn a_bios_guest_sanboots_linux_over_iscsi_and_again_past_a_dead_portal() {
     common::sh(&format!(
         "ip netns exec {ns} sh -c 'nft add table inet vstest && nft \"add chain inet vstest input {{ type filter hook input priority 0 ; }}\" && nft add rule inet vstest input tcp dport 3260 reject with tcp reset'"
     ));
-    let b = boot(&farm, &tap);
+    let b = boot(&farm, &tap, Firmware::BiosIpxeRom);
     let portals = last_script_portals(&farm);
     assert_eq!(
         portals[0],
@@ -405,6 +401,34 @@ fn a_bios_guest_sanboots_linux_over_iscsi_and_again_past_a_dead_portal() {
     );
     println!(
         "BENCH sanboot (BIOS, first portal dead, goto next): iPXE running {:.1} s, initramfs running {:.1} s, root mounted {:.1} s, GUEST-OK {:.1} s after QEMU started",
+        b.ipxe, b.initrd, b.root, b.ok
+    );
+
+    // Boot 3, UEFI: OVMF's own PXE fetches snponly.efi from vstream's TFTP,
+    // iPXE's EFI sanboot runs the disk's \EFI\BOOT\BOOTX64.EFI (syslinux.efi)
+    // and puts the iBFT in an ACPI table, where Linux finds it.
+    common::sh(&format!("ip netns exec {ns} nft delete table inet vstest"));
+    let tftp: usize = farm
+        .servers
+        .iter()
+        .map(|s| s.metric("vstream_tftp_transfers_total") as usize)
+        .sum();
+    let first = settle(&farm);
+    let b = boot(&farm, &tap, Firmware::Uefi);
+    let portals = last_script_portals(&farm);
+    assert_eq!(portals[0], format!("{}:3260", farm.ips[first]));
+    check_ibft(&farm, &b, &portals[0]);
+    let tftp_after: usize = farm
+        .servers
+        .iter()
+        .map(|s| s.metric("vstream_tftp_transfers_total") as usize)
+        .sum();
+    assert!(
+        tftp_after > tftp,
+        "no TFTP transfer of iPXE for the UEFI boot"
+    );
+    println!(
+        "BENCH sanboot (UEFI, PXE and TFTP of snponly.efi, 2 servers up): iPXE running {:.1} s, initramfs running {:.1} s, root mounted {:.1} s, GUEST-OK {:.1} s after QEMU started",
         b.ipxe, b.initrd, b.root, b.ok
     );
 }
