@@ -30,6 +30,11 @@
 //! like; a server stopped for good leaves the farm's view within 3 s
 //! (`LIVE_TTL`), and the scripts after that do not list it at all, so a
 //! stopped process cannot make the script try it on purpose.
+//!
+//! Last, the same by UEFI: OVMF's own PXE fetches `snponly.efi` from
+//! vstream's TFTP, iPXE's EFI sanboot runs the disk's
+//! `\EFI\BOOT\BOOTX64.EFI` (syslinux.efi) and puts the iBFT in an ACPI
+//! table, where Linux's iscsi_ibft finds it.
 
 use crate::common;
 
