@@ -48,6 +48,20 @@ pub struct IscsiTargets {
 /// How long a device redirected from here is taken here if it comes back.
 const REDIRECT_HOLD: Duration = Duration::from_secs(30);
 
+/// How long a redirection waits for the pick's portal to take a TCP
+/// connection before the login is served here instead.
+const PORTAL_PROBE: Duration = Duration::from_secs(1);
+
+/// True if `portal` (`HOST:PORT`) takes a TCP connection within
+/// [`PORTAL_PROBE`]; the connection closes at once, before any login PDU
+/// (which a target takes as an initiator gone, not as an error).
+async fn portal_answers(portal: &str) -> bool {
+    matches!(
+        tokio::time::timeout(PORTAL_PROBE, tokio::net::TcpStream::connect(portal)).await,
+        Ok(Ok(_))
+    )
+}
+
 impl IscsiTargets {
     pub fn new(config: Arc<Config>, farm: FarmStore, sessions: Arc<Sessions>) -> IscsiTargets {
         IscsiTargets {
@@ -65,8 +79,9 @@ impl IscsiTargets {
     /// server the login placement picks for it (load, subnets, the server
     /// holding a Private vDisk), as a redirection. None: here (it is
     /// connected here already, this server is the pick, nobody else can
-    /// serve it, or it was just sent away and came back).
-    fn redirect(&self, device: &Device, client: &Client) -> Option<LoginFailure> {
+    /// serve it, it was just sent away and came back, or the pick's portal
+    /// does not answer).
+    async fn redirect(&self, device: &Device, client: &Client) -> Option<LoginFailure> {
         self.config.advertise_iscsi.as_ref()?;
         if self.sessions.is_connected(&device.name) {
             return None;
@@ -81,13 +96,26 @@ impl IscsiTargets {
         if *server == self.config.name {
             return None;
         }
-        let mut redirected = self.redirected.lock();
-        redirected.retain(|_, at| at.elapsed() < REDIRECT_HOLD);
-        if redirected.contains_key(&device.name) {
-            tracing::info!(device = %device.name, placed = %server, "device back after a redirection: served here");
+        {
+            let mut redirected = self.redirected.lock();
+            redirected.retain(|_, at| at.elapsed() < REDIRECT_HOLD);
+            if redirected.contains_key(&device.name) {
+                tracing::info!(device = %device.name, placed = %server, "device back after a redirection: served here");
+                return None;
+            }
+        }
+        // A sanboot script lists the portals in this same order, so a
+        // device logging in here has usually just failed to reach the pick:
+        // a server that died within its farm lease, or a portal the network
+        // does not let through. Sending it back there would fail its boot
+        // (iPXE gives up that `sanboot` and waits for a new script).
+        if !portal_answers(portal).await {
+            tracing::info!(device = %device.name, placed = %server, %portal, "the placed server's iSCSI portal does not answer: served here");
             return None;
         }
-        redirected.insert(device.name.clone(), Instant::now());
+        self.redirected
+            .lock()
+            .insert(device.name.clone(), Instant::now());
         Some(LoginFailure::moved(
             format!("{portal},{}", vstream_service::iscsi::TPGT),
             format!("device {} is placed on server {server}", device.name),
@@ -210,7 +238,7 @@ impl Targets for IscsiTargets {
             self.check_initiator(initiator, &device)?;
             // Redirected before any secret is asked: the initiator proves
             // itself to the server that serves it.
-            if let Some(moved) = self.redirect(&device, client) {
+            if let Some(moved) = self.redirect(&device, client).await {
                 return Err(moved);
             }
             self.chap(&device).await.map(Some)

@@ -725,6 +725,88 @@ fn a_login_at_any_portal_lands_where_the_farm_places_it() {
     }
 }
 
+/// A login is never sent to a portal that does not answer. The placement
+/// picks s1 (no load on either: by name), whose advertised portal is dead,
+/// as a server's is when it died within its farm lease or the network drops
+/// it; the sanboot script lists it first, so a device logging in at s2 has
+/// just failed there. s2 used to redirect it back, and iPXE gave up that
+/// `sanboot` (sanboot.rs boots through this); now s2 serves it.
+#[test]
+fn a_login_is_not_redirected_to_a_portal_that_does_not_answer() {
+    if !have("curl") {
+        return;
+    }
+    let Some(etcd) = common::TestEtcd::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let [p1, p2, dead] = vstream_testkit::free_ports::<3>();
+    let flags = [
+        vec![
+            "--iscsi".to_owned(),
+            format!("127.0.0.1:{p1}"),
+            "--advertise-iscsi".to_owned(),
+            format!("127.0.0.1:{dead}"),
+        ],
+        vec!["--iscsi".to_owned(), format!("127.0.0.1:{p2}")],
+    ];
+    let servers: Vec<TestServer> = flags
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let f: Vec<&str> = f.iter().map(String::as_str).collect();
+            let name = format!("s{}", i + 1);
+            TestServer::start_in_farm_with(dir.path().join(&name), &etcd.url, &name, &f, &[])
+        })
+        .collect();
+    let image = dir.path().join("src.raw");
+    random_image(&image, 4 * MIB, 29);
+    let (s1, s2) = (&servers[0], &servers[1]);
+    s1.cli_ok(&["vdisk", "import", "std", image.to_str().expect("path")]);
+    s1.cli_ok(&[
+        "vdisk", "set", "std", "--mode", "standard", "--boot", "sanboot",
+    ]);
+    s1.cli_ok(&[
+        "device",
+        "add",
+        "pc1",
+        "--mac",
+        "52:54:00:00:04:01",
+        "--vdisk",
+        "std",
+    ]);
+    for s in &servers {
+        common::wait_farm_ready(s, 2);
+    }
+    wait_for(10, "s2's iSCSI portal", || {
+        s2.log_text().contains("iSCSI listening").then_some(())
+    });
+    let script = common::run(
+        "curl",
+        &[
+            "-sf",
+            &format!("{}/boot/ipxe?mac=52:54:00:00:04:01", s2.api),
+        ],
+    );
+    let first = script
+        .lines()
+        .find(|l| l.starts_with("sanboot "))
+        .unwrap_or_else(|| panic!("no sanboot line:\n{script}"));
+    assert!(
+        first.starts_with(&format!("sanboot iscsi:127.0.0.1::{dead}::")),
+        "the dead portal is not the pick:\n{script}"
+    );
+    let a = access(s2, "pc1");
+    let _session = chap_session(p2, &a, 1);
+    assert_eq!(s2.metric("vstream_iscsi_redirects_total"), 0);
+    assert!(
+        s2.log_text()
+            .contains("the placed server's iSCSI portal does not answer: served here"),
+        "{}",
+        s2.log_text()
+    );
+}
+
 /// One CHAP login on a new connection, by hand: security stage to full
 /// feature phase, as `a` with ISID ending in `n`. The connection, logged in.
 fn chap_session(port: u16, a: &Access, n: u32) -> std::net::TcpStream {

@@ -35,6 +35,7 @@ mod power_loss;
 mod reboot;
 mod replication;
 mod restart;
+mod sanboot;
 mod store_folders;
 mod tls;
 mod version_crash;
