@@ -1401,7 +1401,7 @@ impl Session {
                     return Some(Err(s));
                 }
                 let len = at.blocks as u64 * BLOCK as u64;
-                match backend.read(at.lba * BLOCK as u64, len as u32, 0).await {
+                match read_blocks(&backend, at.lba * BLOCK as u64, len as usize).await {
                     Ok(bytes) => {
                         Metrics::add(&stats.read_bytes, bytes.len() as u64);
                         self.data_in(c, &bytes, out);
@@ -1450,7 +1450,7 @@ impl Session {
                     return Some(Err(Sense::INVALID_FIELD_IN_CDB));
                 }
                 let offset = at.lba * BLOCK as u64;
-                let mut bytes = match backend.clone().read(offset, len as u32, 0).await {
+                let mut bytes = match read_blocks(&backend, offset, len).await {
                     Ok(b) => b,
                     Err(_) => return Some(Err(Sense::MEDIUM_READ_ERROR)),
                 };
@@ -1555,7 +1555,7 @@ impl Session {
                     return Some(Ok(()));
                 }
                 let len = at.blocks as u64 * BLOCK as u64;
-                match backend.read(at.lba * BLOCK as u64, len as u32, 0).await {
+                match read_blocks(&backend, at.lba * BLOCK as u64, len as usize).await {
                     Ok(bytes) => {
                         let same = if bytchk == 3 {
                             data.len() >= BLOCK as usize
@@ -1644,6 +1644,21 @@ impl Session {
 
 /// The residual of a command that moves `done` bytes where the initiator
 /// expected `expected` (RFC 7143 §11.4.5): overflow, underflow, count.
+/// `len` bytes at `offset`: from the page cache on the spot when they are
+/// there (as the NBD door answers inline), else by a blocking read. A READ
+/// that waits for nothing then costs no trip to the blocking pool.
+async fn read_blocks(
+    backend: &Arc<dyn vstream_pipeline::Backend>,
+    offset: u64,
+    len: usize,
+) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    if crate::transmission::read_into(&**backend, &mut out, offset, len).unwrap_or(false) {
+        return Ok(out);
+    }
+    backend.clone().read(offset, len as u32, 0).await
+}
+
 fn residual(done: usize, expected: usize) -> Option<(bool, bool, u32)> {
     match done.cmp(&expected) {
         std::cmp::Ordering::Greater => Some((true, false, (done - expected) as u32)),

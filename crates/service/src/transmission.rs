@@ -390,7 +390,8 @@ impl Conn {
             Command::Read => {
                 let start = out.len();
                 self.read_reply_header(req, out);
-                if read_into(&*self.backend, out, req).is_ok_and(|done| done) {
+                let len = req.length as usize;
+                if read_into(&*self.backend, out, req.offset, len).is_ok_and(|done| done) {
                     let m = self.exports.metrics();
                     Metrics::add(&m.read_bytes, u64::from(req.length));
                     Metrics::add(&m.reads, 1);
@@ -513,11 +514,18 @@ impl Conn {
 
 /// Appends the data of READ `req` to `out` without zero-filling it first, if
 /// the backend has it at hand; `Ok(false)` leaves `out` as it was.
-fn read_into(backend: &dyn Backend, out: &mut Vec<u8>, req: &Request) -> std::io::Result<bool> {
-    let len = req.length as usize;
+/// Appends `len` bytes read at `offset` to `out` if the backend has them
+/// without waiting (the page cache): `Ok(false)` leaves `out` as it was, and
+/// the caller awaits [`Backend::read`] instead.
+pub(crate) fn read_into(
+    backend: &dyn Backend,
+    out: &mut Vec<u8>,
+    offset: u64,
+    len: usize,
+) -> std::io::Result<bool> {
     out.reserve(len);
     let at = out.len();
-    let done = backend.try_read(&mut out.spare_capacity_mut()[..len], req.offset)?;
+    let done = backend.try_read(&mut out.spare_capacity_mut()[..len], offset)?;
     if done {
         // SAFETY: `try_read` answered true, so it wrote all `len` bytes.
         unsafe { out.set_len(at + len) };
