@@ -34,6 +34,12 @@ use crate::Exports;
 const MAX_IN_FLIGHT: u32 = 64;
 /// Inline replies are sent once a batch grows past this.
 const BATCH_LIMIT: usize = 1 << 20;
+/// A connection keeps its reply buffer between batches up to this size; a
+/// larger one goes back to the allocator once sent, for the next batch of
+/// any connection to reuse. Hundreds of devices in a boot storm, each just
+/// answered a 128 KiB read, would otherwise each hold that much for as long
+/// as they stay connected.
+const OUT_KEEP: usize = 16 << 10;
 
 /// How the connection ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -132,7 +138,7 @@ where
         }
         if !out.is_empty() {
             replies.send_batch(&mut out).await?;
-            if out.capacity() > BATCH_LIMIT {
+            if out.capacity() > OUT_KEEP {
                 out = Vec::new();
             }
         }
