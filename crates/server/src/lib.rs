@@ -123,8 +123,7 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     }
     server.stores.hold_remembered();
 
-    let api = tokio::net::TcpListener::bind(config.api)
-        .await
+    let api = nbd::listen_tcp(config.api)
         .with_context(|| format!("binding the API to {}", config.api))?;
     tracing::info!(addr = %config.api, "API listening");
     let nbd_limits = nbd::Limits::new(budget.nbd, config.max_connections_per_peer);
@@ -170,9 +169,8 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         shutdown.clone(),
     ));
     if let Some(addr) = config.metrics {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding /metrics to {addr}"))?;
+        let listener =
+            nbd::listen_tcp(addr).with_context(|| format!("binding /metrics to {addr}"))?;
         tracing::info!(%addr, "metrics listening, without a token");
         tasks.spawn(http::serve(
             listener,
@@ -192,9 +190,8 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         idle: std::time::Duration::from_secs(config.api_idle_timeout_secs),
     };
     if let (Some(addr), Some(acceptor)) = (config.api_tls, api_tls) {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the HTTPS API to {addr}"))?;
+        let listener =
+            nbd::listen_tcp(addr).with_context(|| format!("binding the HTTPS API to {addr}"))?;
         tracing::info!(%addr, "API listening over HTTPS");
         tasks.spawn(http::serve(
             listener,

@@ -166,6 +166,26 @@ pub fn is_device_session(export: &str) -> bool {
     export.starts_with("device/") || export.starts_with("base/")
 }
 
+/// Most connections the kernel completes for a TCP listener before it
+/// accepts them (capped by `net.core.somaxconn`). The standard library's 128
+/// overflowed in a 500-device boot storm: the kernel dropped the ACKs past
+/// it, and those devices held connections the server never saw, waiting for
+/// a greeting that never came.
+pub const TCP_BACKLOG: u32 = 4096;
+
+/// A TCP listener on `addr` with a [`TCP_BACKLOG`] accept queue.
+pub fn listen_tcp(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // As the standard library's bind: a restarted server takes its port back
+    // while the last run's connections sit in TIME-WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(TCP_BACKLOG)
+}
+
 pub enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener, std::path::PathBuf),
@@ -174,7 +194,7 @@ pub enum Listener {
 impl Listener {
     pub async fn bind(addr: &Listen) -> std::io::Result<Listener> {
         match addr {
-            Listen::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await?)),
+            Listen::Tcp(a) => Ok(Listener::Tcp(listen_tcp(*a)?)),
             Listen::Unix(p) => {
                 // A stale socket from a previous run would make bind fail.
                 if std::fs::symlink_metadata(p)
@@ -483,5 +503,37 @@ fn log_handshake_error(peer: &str, e: &handshake::HandshakeError) {
         H::TlsRequired(_) => tracing::info!(%peer, error = %e, "refused: no TLS"),
         H::Tls(_) => tracing::info!(%peer, error = %e, "refused: TLS handshake failed"),
         _ => tracing::warn!(%peer, error = %e, "handshake failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A storm of devices connecting at once: the kernel completes every
+    /// connection before the server gets round to accepting any, and each
+    /// is then accepted. With the standard library's backlog (128) the
+    /// connections past it were dropped by the kernel and their clients,
+    /// connected on their side, waited for a greeting forever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_storm_of_connections_waits_in_the_accept_queue() {
+        const N: usize = 300;
+        let listener = listen_tcp("127.0.0.1:0".parse().unwrap()).expect("listen");
+        let addr = listener.local_addr().unwrap();
+        let clients = tokio::task::spawn_blocking(move || {
+            let timeout = std::time::Duration::from_secs(5);
+            (0..N)
+                .map(|_| std::net::TcpStream::connect_timeout(&addr, timeout))
+                .collect::<Result<Vec<_>, _>>()
+        });
+        // Nothing is accepted until every client is connected.
+        let clients = clients.await.unwrap().expect("every connect completes");
+        let mut accepted = 0;
+        while accepted < N {
+            let accept = tokio::time::timeout(std::time::Duration::from_secs(5), listener.accept());
+            accept.await.expect("a queued connection").expect("accept");
+            accepted += 1;
+        }
+        assert_eq!(clients.len(), N);
     }
 }
