@@ -114,6 +114,10 @@ fn device(a: &Args, dev: usize, read_total: &AtomicU64) -> Result<(f64, u64), St
     let export = a.export.replace("{i}", &dev.to_string());
     let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
     s.set_nodelay(true).map_err(|e| e.to_string())?;
+    // A device that hears nothing for a minute is a failed boot, not a hang
+    // of the whole benchmark.
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
     let size = nbd::client_handshake(&mut s, &export).map_err(|e| format!("{export}: {e}"))?;
     if size < a.trace.size {
         return Err(format!(
