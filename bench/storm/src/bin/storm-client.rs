@@ -2,9 +2,11 @@
 //! to its own export, one request at a time (as a booting machine's early boot mostly
 //! does), with the trace's gaps scaled by `--gap-scale` (0: back to back).
 //!
-//!     storm-client --connect HOST:PORT[,HOST:PORT...] --export 'device/storm{i}'
-//!                  --devices N --trace FILE [--ramp SECS] [--gap-scale X]
-//!                  [--verify IMAGE] [--first I]
+//! ```text
+//! storm-client --connect HOST:PORT[,HOST:PORT...] --export 'device/storm{i}'
+//!              --devices N --trace FILE [--ramp SECS] [--gap-scale X]
+//!              [--verify IMAGE] [--first I]
+//! ```
 //!
 //! Device i (from `--first`, default 0) starts at ramp * i / N seconds, connects to the
 //! address i mod (number of addresses), and opens the export with `{i}` replaced by i.

@@ -5,7 +5,9 @@
 //! blocking reads and writes. No storage lookup, no cache, no async runtime. Only for
 //! measuring: it forgets every write.
 //!
-//!     storm-floor --listen 127.0.0.1:PORT --image FILE
+//! ```text
+//! storm-floor --listen 127.0.0.1:PORT --image FILE
+//! ```
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{TcpListener, TcpStream};

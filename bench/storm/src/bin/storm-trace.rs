@@ -1,7 +1,9 @@
 //! Makes a boot trace (the format of `vstream_storm::trace`) from nbdkit's log filter
 //! output, and prints what the trace holds.
 //!
-//!     storm-trace LOG OUT.trace "how it was recorded"
+//! ```text
+//! storm-trace LOG OUT.trace "how it was recorded"
+//! ```
 
 use vstream_storm::trace::{Op, Trace};
 
