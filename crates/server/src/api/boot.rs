@@ -3,9 +3,10 @@
 use std::io::Read;
 use std::sync::Arc;
 
+use super::extract::Json;
+use super::extract::{Path, Query};
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
-use axum::Json;
+use axum::extract::State;
 use bytes::Bytes;
 use serde::Deserialize;
 use tokio::sync::mpsc;

@@ -4,6 +4,8 @@
 mod boot;
 mod content;
 mod devices;
+mod doc;
+mod extract;
 mod farm;
 mod quarantine;
 mod stores;
@@ -29,6 +31,7 @@ use crate::membership::Membership;
 use crate::sessions::Sessions;
 use crate::state::Server;
 use devices::{add_device, list_devices, remove_device, reset_device, set_device, show_device};
+use doc::Shared as SharedAnswers;
 use vdisks::{create_vdisk, delete_vdisk, list_vdisks, set_vdisk, show_vdisk};
 
 #[derive(OpenApi)]
@@ -63,7 +66,7 @@ use vdisks::{create_vdisk, delete_vdisk, list_vdisks, set_vdisk, show_vdisk};
         vstream_api::StoreDef, vstream_api::StoreInfo, vstream_api::StoreHere,
         vstream_api::Quarantined, vstream_api::Adopt, vstream_api::EnrollRequest,
         vstream_api::CredentialRequest, vstream_api::CredentialReply, vstream_api::RenewRequest)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &SharedAnswers),
     security(("token" = []))
 )]
 struct ApiDoc;

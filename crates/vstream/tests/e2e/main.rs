@@ -33,6 +33,7 @@ mod power_loss;
 mod reboot;
 mod replication;
 mod restart;
+mod schema;
 mod store_folders;
 mod tls;
 mod version_crash;
