@@ -49,6 +49,8 @@ pub struct Access {
     /// scan fills the trail with [`MAX_ANONYMOUS_PER_MINUTE`] entries a
     /// minute at most, and the rest are only logged.
     anonymous: parking_lot::Mutex<(Instant, std::collections::HashMap<String, u32>)>,
+    /// False under `--audit off`: nothing is recorded.
+    audit: bool,
 }
 
 /// Refusals of requests without a valid token recorded per address a minute.
@@ -70,7 +72,15 @@ impl Access {
             tokens: RwLock::new(None),
             seq: AtomicU64::new(0),
             anonymous: parking_lot::Mutex::new((Instant::now(), Default::default())),
+            audit: true,
         }
+    }
+
+    /// Records changes and refusals in the audit trail (`true`, the
+    /// default) or nothing (`--audit off`).
+    pub fn with_audit(mut self, on: bool) -> Access {
+        self.audit = on;
+        self
     }
 
     /// The caller whose token `given` is, if any.
@@ -145,6 +155,9 @@ impl Access {
     /// Appends `entry` to the trail; a failure is logged, never the
     /// request's.
     pub async fn record(&self, mut entry: AuditEntry) {
+        if !self.audit {
+            return;
+        }
         entry.server = self.server.clone();
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.farm.append_audit(&entry, seq).await {

@@ -99,11 +99,10 @@ pub fn metrics_router(server: Server) -> Router {
 }
 
 pub fn router(server: Server, tokens: Arc<crate::admin_tokens::AdminTokens>) -> Router {
-    let access = Arc::new(crate::access::Access::new(
-        tokens,
-        server.farm.clone(),
-        server.config.name.clone(),
-    ));
+    let access = Arc::new(
+        crate::access::Access::new(tokens, server.farm.clone(), server.config.name.clone())
+            .with_audit(server.config.audit),
+    );
     let admin = Router::new()
         .route("/api/v1/vdisks", get(list_vdisks).post(create_vdisk))
         .route(
