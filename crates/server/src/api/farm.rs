@@ -32,6 +32,8 @@ use vstream_service::Certificate;
 #[utoipa::path(post, path = "/api/v1/login", request_body = LoginRequest, security(()),
     responses((status = 200, body = LoginReply), (status = 400, body = ErrorBody, description = "a MAC or boot identity not well formed"),
         (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "the device or its vDisk is set up wrong, or it booted another vDisk than it is assigned now: reboot it"),
+        (status = 410, body = ErrorBody, description = "the version the device is pinned to is gone from the farm: reboot it"),
         (status = 429, body = ErrorBody, description = "too many refused requests from this address or MAC; Retry-After says when to ask again"),
         (status = 503, body = ErrorBody, description = "nothing to serve it now; ask again")))]
 #[allow(clippy::too_many_arguments)]
