@@ -142,8 +142,9 @@ pub struct LoginReply {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Rebalance {
     /// Move devices off servers above the average load plus this percent
-    /// (default 25).
+    /// (default 25), 0 to 1000.
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 1000)]
     pub trigger_pct: Option<f64>,
 }
 

@@ -39,6 +39,7 @@ pub struct CreateToken {
     pub role: Role,
     /// Seconds it stays good; none: until revoked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
     pub expires_secs: Option<u64>,
 }
 
@@ -83,6 +84,8 @@ pub struct Whoami {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SetBootCmdline {
+    /// One line of printable ASCII.
+    #[schema(max_length = 2048, pattern = "^[ -~]*$")]
     pub cmdline: String,
 }
 
@@ -108,6 +111,8 @@ pub struct VDiskInfo {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CreateVDisk {
     pub name: String,
+    /// Bytes: a multiple of 512, up to 2^50 (1 PiB).
+    #[schema(minimum = 512, maximum = 1125899906842624_u64, multiple_of = 512)]
     pub size: u64,
     /// The named store to make it in (default: the data folder's).
     #[serde(default, skip_serializing_if = "Option::is_none")]

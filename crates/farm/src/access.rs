@@ -8,6 +8,10 @@ use crate::{checked_name, decode, encode, Compare, FarmError, FarmStore, Op, Rec
 const TOKENS: &str = "tokens/";
 const AUDIT: &str = "audit/";
 const EVENTS: &str = "events/";
+/// The most audit entries [`FarmStore::append_audit_batch`] writes at once:
+/// twice this (a compare and a put each) stays under etcd's default limit
+/// of 128 operations a transaction.
+pub const MAX_AUDIT_BATCH: usize = 60;
 
 pub(crate) fn events_key(device: &str) -> String {
     format!("{EVENTS}{device}")
@@ -102,13 +106,32 @@ impl FarmStore {
     /// Appends `entry` to the audit trail; `seq` tells apart entries of one
     /// server in the same millisecond.
     pub async fn append_audit(&self, entry: &AuditEntry, seq: u64) -> Result<(), FarmError> {
-        let key = format!(
-            "{AUDIT}{:016}-{}-{seq:08}",
-            entry.at_ms,
-            entry.server.replace('/', "_")
-        );
-        let ops = vec![Op::put(&key, encode(&key, entry)?)];
-        match self.backend.txn(vec![Compare::absent(&key)], ops).await? {
+        self.append_audit_batch(&[(entry.clone(), seq)]).await
+    }
+
+    /// Appends `entries` (each with its `seq`) to the audit trail in one
+    /// transaction: one commit of the farm state for all of them. At most
+    /// [`MAX_AUDIT_BATCH`] at a time (etcd caps the operations of a
+    /// transaction).
+    pub async fn append_audit_batch(&self, entries: &[(AuditEntry, u64)]) -> Result<(), FarmError> {
+        if entries.len() > MAX_AUDIT_BATCH {
+            return Err(FarmError::Invalid(format!(
+                "{} audit entries in one transaction; at most {MAX_AUDIT_BATCH}",
+                entries.len()
+            )));
+        }
+        let mut compares = Vec::with_capacity(entries.len());
+        let mut ops = Vec::with_capacity(entries.len());
+        for (entry, seq) in entries {
+            let key = format!(
+                "{AUDIT}{:016}-{}-{seq:08}",
+                entry.at_ms,
+                entry.server.replace('/', "_")
+            );
+            ops.push(Op::put(&key, encode(&key, entry)?));
+            compares.push(Compare::absent(&key));
+        }
+        match self.backend.txn(compares, ops).await? {
             true => Ok(()),
             false => Err(crate::gave_up(format_args!("appending to the audit trail"))),
         }
@@ -229,5 +252,31 @@ mod tests {
         );
         assert_eq!(farm.prune_audit(2_500).await.unwrap(), 3);
         assert_eq!(times(farm.audit().await.unwrap()), vec![3_000]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_lands_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let farm = FarmStore::embedded(dir.path().join("farm.redb")).unwrap();
+        let batch = vec![
+            (entry(2_000, "s1"), 0),
+            (entry(1_000, "s1"), 0),
+            (entry(2_000, "s1"), 1),
+        ];
+        farm.append_audit_batch(&batch).await.unwrap();
+        let times = |trail: Vec<AuditEntry>| trail.iter().map(|e| e.at_ms).collect::<Vec<_>>();
+        assert_eq!(
+            times(farm.audit().await.unwrap()),
+            vec![1_000, 2_000, 2_000]
+        );
+        // One key taken already: none of the batch is written.
+        let clash = vec![(entry(5_000, "s1"), 0), (entry(1_000, "s1"), 0)];
+        assert!(farm.append_audit_batch(&clash).await.is_err());
+        assert_eq!(farm.audit().await.unwrap().len(), 3);
+        let big: Vec<_> = (0..=MAX_AUDIT_BATCH as u64)
+            .map(|i| (entry(9_000, "s1"), i))
+            .collect();
+        assert!(farm.append_audit_batch(&big).await.is_err());
+        assert_eq!(farm.audit().await.unwrap().len(), 3);
     }
 }

@@ -98,6 +98,7 @@ pub struct ReplicaProgress {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ReplicationOverride {
     /// (vDisk, version) pairs resolved from the catalog when it was given.
+    #[cfg_attr(feature = "openapi", schema(schema_with = schema::pairs))]
     pub versions: Vec<(String, u32)>,
     pub created_unix: u64,
     pub expires_unix: u64,
@@ -115,6 +116,31 @@ mod schema {
     use utoipa::{PartialSchema, ToSchema};
 
     use crate::VersionState;
+
+    /// `[[vdisk, version], ...]`: each pair an array of two, a string and
+    /// an integer. utoipa writes a tuple as a list of item schemas, which
+    /// OpenAPI 3.1 does not allow; `prefixItems` says it exactly, but some
+    /// clients (schemathesis) turn it back into that list, so the pair is
+    /// said as two items each a string or an integer.
+    pub fn pairs() -> utoipa::openapi::schema::Array {
+        use utoipa::openapi::schema::{AnyOfBuilder, ArrayBuilder, ObjectBuilder, Type};
+        let either = AnyOfBuilder::new()
+            .item(ObjectBuilder::new().schema_type(Type::String))
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                        utoipa::openapi::KnownFormat::Int32,
+                    )))
+                    .minimum(Some(0)),
+            );
+        let pair = ArrayBuilder::new()
+            .items(either)
+            .min_items(Some(2))
+            .max_items(Some(2))
+            .description(Some("[vDisk, version]"));
+        ArrayBuilder::new().items(pair).build()
+    }
 
     /// One version of a vDisk, as the whole farm knows it.
     #[derive(ToSchema)]

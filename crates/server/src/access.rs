@@ -49,6 +49,10 @@ pub struct Access {
     /// scan fills the trail with [`MAX_ANONYMOUS_PER_MINUTE`] entries a
     /// minute at most, and the rest are only logged.
     anonymous: parking_lot::Mutex<(Instant, std::collections::HashMap<String, u32>)>,
+    /// False under `--audit off`: nothing is recorded.
+    audit: bool,
+    /// Entries waiting to be written, for [`Access::record`].
+    queue: parking_lot::Mutex<Queue>,
 }
 
 /// Refusals of requests without a valid token recorded per address a minute.
@@ -70,7 +74,16 @@ impl Access {
             tokens: RwLock::new(None),
             seq: AtomicU64::new(0),
             anonymous: parking_lot::Mutex::new((Instant::now(), Default::default())),
+            audit: true,
+            queue: Default::default(),
         }
+    }
+
+    /// Records changes and refusals in the audit trail (`true`, the
+    /// default) or nothing (`--audit off`).
+    pub fn with_audit(mut self, on: bool) -> Access {
+        self.audit = on;
+        self
     }
 
     /// The caller whose token `given` is, if any.
@@ -142,15 +155,71 @@ impl Access {
         *self.tokens.write() = None;
     }
 
-    /// Appends `entry` to the trail; a failure is logged, never the
-    /// request's.
-    pub async fn record(&self, mut entry: AuditEntry) {
+    /// Appends `entry` to the trail, and returns once it is in the farm
+    /// state; a failure is logged, never the request's.
+    ///
+    /// Entries are written by group commit: the first request to find no
+    /// write under way starts one (a task of its own, so a client that
+    /// hangs up cannot stop it), which takes every entry waiting, writes
+    /// them in one transaction, wakes their requests, and goes on while
+    /// more wait. Under a storm of changes the farm state commits once per
+    /// batch instead of once per change; a lone change waits for one
+    /// commit, as before.
+    pub async fn record(self: &Arc<Self>, mut entry: AuditEntry) {
+        if !self.audit {
+            return;
+        }
         entry.server = self.server.clone();
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.farm.append_audit(&entry, seq).await {
-            tracing::warn!(error = %e, method = %entry.method, path = %entry.path, who = %entry.who, "could not append to the audit trail");
+        let (done, written) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut q = self.queue.lock();
+            q.waiting.push((entry, seq, done));
+            !std::mem::replace(&mut q.writing, true)
+        };
+        if start {
+            tokio::spawn(self.clone().write_batches());
+        }
+        // Dropped unsent only if the writer task died: nothing to wait for.
+        let _ = written.await;
+    }
+
+    /// Writes the waiting entries, [`vstream_farm::MAX_AUDIT_BATCH`] at a
+    /// time, until none wait.
+    async fn write_batches(self: Arc<Self>) {
+        loop {
+            let batch: Vec<_> = {
+                let mut q = self.queue.lock();
+                if q.waiting.is_empty() {
+                    q.writing = false;
+                    return;
+                }
+                let n = q.waiting.len().min(vstream_farm::MAX_AUDIT_BATCH);
+                q.waiting.drain(..n).collect()
+            };
+            let entries: Vec<(AuditEntry, u64)> =
+                batch.iter().map(|(e, seq, _)| (e.clone(), *seq)).collect();
+            if self.farm.append_audit_batch(&entries).await.is_err() {
+                // One at a time, so that one bad entry costs only itself.
+                for (entry, seq) in &entries {
+                    if let Err(e) = self.farm.append_audit(entry, *seq).await {
+                        tracing::warn!(error = %e, method = %entry.method, path = %entry.path, who = %entry.who, "could not append to the audit trail");
+                    }
+                }
+            }
+            for (_, _, done) in batch {
+                let _ = done.send(());
+            }
         }
     }
+}
+
+/// The entries waiting for the audit trail's next write.
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<(AuditEntry, u64, tokio::sync::oneshot::Sender<()>)>,
+    /// A task is writing; it takes what is added meanwhile.
+    writing: bool,
 }
 
 /// Removes the audit entries older than `days`, now and then every hour,
@@ -387,6 +456,63 @@ async fn error_sentence(resp: Response) -> (Response, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn change(i: u64) -> AuditEntry {
+        AuditEntry {
+            at_ms: 1_000 + i,
+            who: "admin".into(),
+            role: Some(Role::Admin),
+            from: "127.0.0.1".into(),
+            server: String::new(),
+            method: "POST".into(),
+            path: "/api/v1/devices".into(),
+            object: format!("device/d{i}"),
+            summary: format!("name=d{i}"),
+            status: 201,
+            result: "ok".into(),
+        }
+    }
+
+    /// Group commit loses nothing and answers no change before its entry
+    /// is in the farm state, alone or in a storm.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn every_change_is_in_the_trail_when_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let farm = FarmStore::embedded(dir.path().join("farm.redb")).unwrap();
+        let tokens = Arc::new(AdminTokens::open(dir.path()).unwrap());
+        let access = Arc::new(Access::new(tokens, farm.clone(), "s1".into()));
+        access.record(change(0)).await;
+        assert_eq!(farm.audit().await.unwrap().len(), 1);
+        let tasks: Vec<_> = (1..=300)
+            .map(|i| {
+                let (access, farm) = (access.clone(), farm.clone());
+                tokio::spawn(async move {
+                    access.record(change(i)).await;
+                    let trail = farm.audit().await.unwrap();
+                    assert!(
+                        trail.iter().any(|e| e.object == format!("device/d{i}")),
+                        "d{i} answered before its entry was written"
+                    );
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let trail = farm.audit().await.unwrap();
+        assert_eq!(trail.len(), 301);
+        assert!(trail.iter().all(|e| e.server == "s1"));
+        let off = Arc::new(
+            Access::new(
+                Arc::new(AdminTokens::open(dir.path()).unwrap()),
+                farm.clone(),
+                "s1".into(),
+            )
+            .with_audit(false),
+        );
+        off.record(change(999)).await;
+        assert_eq!(farm.audit().await.unwrap().len(), 301);
+    }
 
     #[test]
     fn routes_need_the_roles_the_issue_gives() {

@@ -101,6 +101,9 @@ pub struct Config {
     pub adopt_data: bool,
     /// Days the audit trail keeps an entry.
     pub audit_retention_days: u64,
+    /// Whether changes and refusals go into the farm's audit trail (on
+    /// unless `--audit off`, which is for measuring what it costs).
+    pub audit: bool,
     /// Serve `/metrics` here too, without a token.
     pub metrics: Option<SocketAddr>,
 }
@@ -261,6 +264,7 @@ pub struct FileConfig {
     pub auto_add: Option<String>,
     pub store_paths: Option<std::collections::HashMap<String, PathBuf>>,
     pub audit_retention_days: Option<u64>,
+    pub audit: Option<String>,
     pub metrics: Option<String>,
 }
 
@@ -316,6 +320,7 @@ pub struct FlagConfig {
     pub store_paths: Vec<String>,
     pub adopt_data: bool,
     pub audit_retention_days: Option<u64>,
+    pub audit: Option<String>,
     pub metrics: Option<String>,
 }
 
@@ -628,6 +633,11 @@ impl Config {
                         .map_err(|e| format!("--metrics {m:?} is not HOST:PORT: {e}"))?,
                 ),
                 None => None,
+            },
+            audit: match flags.audit.or(file.audit).as_deref() {
+                None | Some("on") => true,
+                Some("off") => false,
+                Some(other) => return Err(format!("audit is on or off, not {other:?}")),
             },
             audit_retention_days: match flags
                 .audit_retention_days

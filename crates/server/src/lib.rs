@@ -154,6 +154,12 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
         ));
     }
     tasks.spawn(farm::run(server.member.clone(), shutdown.clone()));
+    if !config.audit {
+        tracing::warn!(
+            "the audit trail is off (--audit off): no change or refusal made through this \
+             server's API is recorded; use it only to measure what the trail costs"
+        );
+    }
     tasks.spawn(access::prune(
         server.farm.clone(),
         config.audit_retention_days,

@@ -200,6 +200,10 @@ pub struct ServerArgs {
     /// Days the farm's audit trail keeps an entry [default: 90].
     #[arg(long, value_name = "DAYS")]
     pub audit_retention_days: Option<u64>,
+    /// `off` records nothing in the audit trail: for measuring what the
+    /// trail costs, never for a farm in use [default: on].
+    #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
+    pub audit: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -292,6 +296,7 @@ fn resolve(args: ServerArgs) -> Result<Config> {
         store_paths: args.store_paths,
         adopt_data: args.adopt_data,
         audit_retention_days: args.audit_retention_days,
+        audit: args.audit,
         metrics: args.metrics,
     };
     Config::resolve(file, flags).map_err(|e| anyhow!("invalid server configuration: {e}"))

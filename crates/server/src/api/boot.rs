@@ -3,9 +3,10 @@
 use std::io::Read;
 use std::sync::Arc;
 
+use super::extract::Json;
+use super::extract::{Path, Query};
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
-use axum::Json;
+use axum::extract::State;
 use bytes::Bytes;
 use serde::Deserialize;
 use tokio::sync::mpsc;
@@ -113,9 +114,12 @@ pub(super) async fn set_cmdline(
     Path(name): Path<String>,
     Json(req): Json<SetBootCmdline>,
 ) -> Result<Json<VDiskInfo>, ApiError> {
-    if req.cmdline.chars().any(char::is_control) || req.cmdline.len() > 2048 {
+    // As the document says: printable ASCII (so characters are bytes, as
+    // the kernel counts them), one line.
+    let printable = req.cmdline.bytes().all(|b| (b' '..=b'~').contains(&b));
+    if !printable || req.cmdline.len() > 2048 {
         return Err(ApiError::bad_request(
-            "a kernel command line is one line of at most 2048 characters",
+            "a kernel command line is one line of printable ASCII, at most 2048 characters",
         ));
     }
     if req.cmdline.contains("vstream.bootstrap=") || req.cmdline.contains("vstream.mac=") {

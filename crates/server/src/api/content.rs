@@ -6,11 +6,12 @@
 
 use std::sync::Arc;
 
+use super::extract::Json;
+use super::extract::{Path, Query};
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::Response;
-use axum::Json;
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::mpsc;

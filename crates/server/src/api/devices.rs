@@ -2,9 +2,10 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use super::extract::Json;
+use super::extract::{Path, Query};
+use axum::extract::State;
 use axum::http::StatusCode;
-use axum::Json;
 use vstream_api::{CreateDevice, Device, DeviceInfo, ErrorBody};
 use vstream_farm::FarmStore;
 use vstream_image::Store;

@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use std::net::SocketAddr;
 
+use super::extract::Json;
 use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
-use axum::Json;
 use vstream_api::{
     CacheReport, ErrorBody, LoginReply, LoginRequest, PlannedMove, Rebalance, RebalancePlan,
     RebalanceRequest, ReplicaRow, ReplicationOverride, ReplicationStart, ServerInfo,
@@ -32,6 +32,9 @@ use vstream_service::Certificate;
 #[utoipa::path(post, path = "/api/v1/login", request_body = LoginRequest, security(()),
     responses((status = 200, body = LoginReply), (status = 400, body = ErrorBody, description = "a MAC or boot identity not well formed"),
         (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "the device or its vDisk is set up wrong, or it booted another vDisk than it is assigned now: reboot it"),
+        (status = 410, body = ErrorBody, description = "the version the device is pinned to is gone from the farm: reboot it"),
+        (status = 429, body = ErrorBody, description = "too many refused requests from this address or MAC; Retry-After says when to ask again"),
         (status = 503, body = ErrorBody, description = "nothing to serve it now; ask again")))]
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn login(
@@ -203,6 +206,7 @@ async fn guarded<T>(
     responses((status = 200, body = vstream_api::CredentialReply),
         (status = 400, body = ErrorBody, description = "a MAC or signing request not well formed"),
         (status = 403, body = ErrorBody, description = "no such device, or a wrong, spent, late or revoked token"),
+        (status = 429, body = ErrorBody, description = "too many refused requests from this address or MAC; Retry-After says when to ask again"),
         (status = 503, body = ErrorBody, description = "this server does not enroll devices")))]
 pub(super) async fn enroll(
     State(config): State<Arc<Config>>,
@@ -258,6 +262,7 @@ async fn answer_enroll(
     responses((status = 200, body = vstream_api::CredentialReply),
         (status = 400, body = ErrorBody, description = "a signing request not well formed"),
         (status = 403, body = ErrorBody, description = "no certificate shown, no such device, or revoked"),
+        (status = 429, body = ErrorBody, description = "too many refused requests from this address or MAC; Retry-After says when to ask again"),
         (status = 503, body = ErrorBody, description = "this server does not enroll devices")))]
 pub(super) async fn renew(
     State(config): State<Arc<Config>>,

@@ -4,6 +4,8 @@
 mod boot;
 mod content;
 mod devices;
+mod doc;
+mod extract;
 mod farm;
 mod quarantine;
 mod stores;
@@ -30,6 +32,7 @@ use crate::membership::Membership;
 use crate::sessions::Sessions;
 use crate::state::Server;
 use devices::{add_device, list_devices, remove_device, reset_device, set_device, show_device};
+use doc::Shared as SharedAnswers;
 use vdisks::{create_vdisk, delete_vdisk, list_vdisks, set_vdisk, show_vdisk};
 
 #[derive(OpenApi)]
@@ -65,7 +68,7 @@ use vdisks::{create_vdisk, delete_vdisk, list_vdisks, set_vdisk, show_vdisk};
         vstream_api::Quarantined, vstream_api::Adopt, vstream_api::EnrollRequest,
         vstream_api::CredentialRequest, vstream_api::CredentialReply, vstream_api::RenewRequest,
         vstream_api::Whoami)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &SharedAnswers),
     security(("token" = []))
 )]
 struct ApiDoc;
@@ -98,11 +101,10 @@ pub fn metrics_router(server: Server) -> Router {
 }
 
 pub fn router(server: Server, tokens: Arc<crate::admin_tokens::AdminTokens>) -> Router {
-    let access = Arc::new(crate::access::Access::new(
-        tokens,
-        server.farm.clone(),
-        server.config.name.clone(),
-    ));
+    let access = Arc::new(
+        crate::access::Access::new(tokens, server.farm.clone(), server.config.name.clone())
+            .with_audit(server.config.audit),
+    );
     let admin = Router::new()
         .route("/api/v1/vdisks", get(list_vdisks).post(create_vdisk))
         .route(

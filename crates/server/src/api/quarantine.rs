@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
-use axum::Json;
+use super::extract::Json;
+use super::extract::Path;
+use axum::extract::State;
 use vstream_api::{Adopt, ErrorBody, Quarantined, VDisk};
 use vstream_farm::FarmStore;
 use vstream_image::Store;

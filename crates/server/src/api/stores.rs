@@ -3,9 +3,10 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use super::extract::Json;
+use super::extract::Path;
+use axum::extract::State;
 use axum::http::StatusCode;
-use axum::Json;
 use vstream_api::{ErrorBody, StoreDef, StoreHere, StoreInfo, DEFAULT_STORE};
 
 use vstream_farm::FarmStore;

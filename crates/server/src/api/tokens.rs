@@ -2,9 +2,10 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query};
+use super::extract::Json;
+use super::extract::{Path, Query};
 use axum::http::StatusCode;
-use axum::{Extension, Json};
+use axum::Extension;
 use serde::Deserialize;
 use vstream_api::{ApiToken, AuditEntry, CreateToken, ErrorBody, NewToken, TokenInfo};
 

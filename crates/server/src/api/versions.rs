@@ -5,9 +5,10 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use super::extract::Json;
+use super::extract::Path;
+use axum::extract::State;
 use axum::http::StatusCode;
-use axum::Json;
 use vstream_api::{ErrorBody, Merge, Promote, VersionInfo};
 use vstream_image::{ImageError, Version, VersionState};
 

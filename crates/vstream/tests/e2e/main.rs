@@ -36,6 +36,7 @@ mod reboot;
 mod replication;
 mod restart;
 mod sanboot;
+mod schema;
 mod store_folders;
 mod tls;
 mod version_crash;
