@@ -98,6 +98,10 @@ fn the_api_answers_as_its_document_says() {
     let report = tempfile::tempdir().expect("tempdir");
     let config = report.path().join("schemathesis.toml");
     std::fs::write(&config, CONFIG).expect("writing schemathesis.toml");
+    let (out_path, err_path) = (
+        report.path().join("schemathesis.out"),
+        report.path().join("schemathesis.err"),
+    );
     let mut child = Command::new(&st)
         .arg("--no-color")
         .arg("--config-file")
@@ -111,8 +115,10 @@ fn the_api_answers_as_its_document_says() {
         .args(["--request-timeout", "20"])
         .args(["--output-truncate", "false"])
         .current_dir(report.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        // Files, not pipes: nobody reads a pipe while the run goes on, and a
+        // report past the pipe's 64 KiB would stall schemathesis for good.
+        .stdout(std::fs::File::create(&out_path).expect("schemathesis.out"))
+        .stderr(std::fs::File::create(&err_path).expect("schemathesis.err"))
         .spawn()
         .expect("running schemathesis");
     let started = Instant::now();
@@ -126,9 +132,11 @@ fn the_api_answers_as_its_document_says() {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    let out = child.wait_with_output().expect("schemathesis output");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let _ = child.wait();
+    let stdout =
+        String::from_utf8_lossy(&std::fs::read(&out_path).unwrap_or_default()).into_owned();
+    let stderr =
+        String::from_utf8_lossy(&std::fs::read(&err_path).unwrap_or_default()).into_owned();
     // The summary, always: the failures, then the counts.
     let summary = stdout
         .find("=== FAILURES ===")
