@@ -5,7 +5,7 @@
 //! ```text
 //! storm-client --connect ADDR[,ADDR...] --export 'device/storm{i}'
 //!              --devices N --trace FILE [--ramp SECS] [--gap-scale X]
-//!              [--verify IMAGE] [--first I]
+//!              [--verify IMAGE] [--first I] [--progress SECS]
 //! ```
 //!
 //! ADDR is HOST:PORT (TCP) or unix:PATH (a unix socket, such as a `vstream target`
@@ -14,7 +14,7 @@
 //! address i mod (number of addresses), and opens the export with `{i}` replaced by i.
 //! With `--verify`, every byte read is checked against IMAGE, or against what that
 //! device wrote there itself earlier in the trace (each device writes its own pattern).
-//! A progress line goes to stderr each second; the result is one JSON object on
+//! A progress line goes to stderr each second (each SECS with `--progress`); the result is one JSON object on
 //! stdout: per-device boot-read times (first request to last reply) as p50/p99/max,
 //! the time until the last device finished, bytes and MB/s, the longest any one request
 //! waited for its reply (`max_stall_s`, with the device and step that waited), and the
@@ -38,6 +38,7 @@ struct Args {
     trace: Trace,
     ramp: f64,
     gap_scale: f64,
+    progress: f64,
     image: Option<Vec<u8>>,
 }
 
@@ -45,7 +46,8 @@ fn usage(why: &str) -> ! {
     eprintln!("storm-client: {why}");
     eprintln!(
         "usage: storm-client --connect HOST:PORT|unix:PATH[,...] --export PATTERN --devices N \
-         --trace FILE [--ramp SECS] [--gap-scale X] [--verify IMAGE] [--first I]"
+         --trace FILE [--ramp SECS] [--gap-scale X] [--verify IMAGE] [--first I] \
+         [--progress SECS]"
     );
     std::process::exit(2);
 }
@@ -73,6 +75,10 @@ fn parse_args() -> Args {
     let first = num(get("--first"), "--first", 0.0) as usize;
     let ramp = num(get("--ramp"), "--ramp", 0.0);
     let gap_scale = num(get("--gap-scale"), "--gap-scale", 0.0);
+    let progress = num(get("--progress"), "--progress", 1.0);
+    if !(progress >= 0.01 && progress <= 3600.0) {
+        usage(&format!("--progress {progress}: 0.01 to 3600 seconds"));
+    }
     let text = std::fs::read_to_string(&trace_path)
         .unwrap_or_else(|e| usage(&format!("{trace_path}: {e}")));
     let trace = Trace::parse(&text).unwrap_or_else(|e| usage(&format!("{trace_path}: {e}")));
@@ -91,6 +97,7 @@ fn parse_args() -> Args {
         trace,
         ramp,
         gap_scale,
+        progress,
         image,
     }
 }
@@ -319,11 +326,12 @@ fn main() {
     let mut handles = Vec::with_capacity(a.devices);
     let progress = {
         let (read_total, done, devices) = (read_total.clone(), done.clone(), a.devices);
+        let every = Duration::from_secs_f64(a.progress);
         std::thread::spawn(move || loop {
-            std::thread::sleep(Duration::from_secs(1));
+            std::thread::sleep(every);
             let d = done.load(Ordering::Relaxed);
             eprintln!(
-                "storm: {:>5.1} s, {d}/{devices} devices done, {} MB read",
+                "storm: {:>6.2} s, {d}/{devices} devices done, {} MB read",
                 t0.elapsed().as_secs_f64(),
                 read_total.load(Ordering::Relaxed) >> 20
             );
@@ -436,5 +444,23 @@ mod tests {
         assert_eq!(check(&image, &written, 0, &got), Err(15));
         assert_eq!(check(&image, &written, 32, &[7u8; 8]), Ok(()));
         assert_ne!(pattern(1, 2, 32), pattern(2, 1, 32));
+    }
+
+    #[test]
+    fn a_device_connects_to_its_own_unix_socket() {
+        let dir = std::env::temp_dir().join(format!("storm-client-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let listener = std::os::unix::net::UnixListener::bind(dir.join("a7.sock")).expect("bind");
+        let pattern = format!("unix:{}/a{{i}}.sock", dir.display());
+        let mut c = Conn::open(&pattern, 7).expect("device 7 reaches a7.sock");
+        let (mut peer, _) = listener.accept().expect("accept");
+        c.write_all(b"hi").expect("write");
+        let mut got = [0u8; 2];
+        peer.read_exact(&mut got).expect("read");
+        assert_eq!(&got, b"hi");
+        let err = Conn::open(&pattern, 8).err().expect("no a8.sock");
+        assert!(err.contains("a8.sock"), "{err}");
+        assert!(Conn::open("127.0.0.1:notaport", 0).is_err());
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }
