@@ -76,7 +76,7 @@ fn parse_args() -> Args {
     let ramp = num(get("--ramp"), "--ramp", 0.0);
     let gap_scale = num(get("--gap-scale"), "--gap-scale", 0.0);
     let progress = num(get("--progress"), "--progress", 1.0);
-    if !(progress >= 0.01 && progress <= 3600.0) {
+    if !(0.01..=3600.0).contains(&progress) {
         usage(&format!("--progress {progress}: 0.01 to 3600 seconds"));
     }
     let text = std::fs::read_to_string(&trace_path)
