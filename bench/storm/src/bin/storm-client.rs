@@ -3,22 +3,27 @@
 //! does), with the trace's gaps scaled by `--gap-scale` (0: back to back).
 //!
 //! ```text
-//! storm-client --connect HOST:PORT[,HOST:PORT...] --export 'device/storm{i}'
+//! storm-client --connect ADDR[,ADDR...] --export 'device/storm{i}'
 //!              --devices N --trace FILE [--ramp SECS] [--gap-scale X]
-//!              [--verify IMAGE] [--first I]
+//!              [--verify IMAGE] [--first I] [--progress SECS]
 //! ```
 //!
+//! ADDR is HOST:PORT (TCP) or unix:PATH (a unix socket, such as a `vstream target`
+//! agent's `--listen unix:PATH`), `{i}` in either replaced by the device's number.
 //! Device i (from `--first`, default 0) starts at ramp * i / N seconds, connects to the
 //! address i mod (number of addresses), and opens the export with `{i}` replaced by i.
 //! With `--verify`, every byte read is checked against IMAGE, or against what that
 //! device wrote there itself earlier in the trace (each device writes its own pattern).
-//! A progress line goes to stderr each second; the result is one JSON object on
+//! A progress line goes to stderr each second (each SECS with `--progress`); the result is one JSON object on
 //! stdout: per-device boot-read times (first request to last reply) as p50/p99/max,
-//! the time until the last device finished, bytes and MB/s, and the errors (up to 10).
+//! the time until the last device finished, bytes and MB/s, the longest any one request
+//! waited for its reply (`max_stall_s`, with the device and step that waited), and the
+//! errors (up to 10).
 //! Exits 1 if any device failed.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,14 +38,16 @@ struct Args {
     trace: Trace,
     ramp: f64,
     gap_scale: f64,
+    progress: f64,
     image: Option<Vec<u8>>,
 }
 
 fn usage(why: &str) -> ! {
     eprintln!("storm-client: {why}");
     eprintln!(
-        "usage: storm-client --connect HOST:PORT[,...] --export PATTERN --devices N \
-         --trace FILE [--ramp SECS] [--gap-scale X] [--verify IMAGE] [--first I]"
+        "usage: storm-client --connect HOST:PORT|unix:PATH[,...] --export PATTERN --devices N \
+         --trace FILE [--ramp SECS] [--gap-scale X] [--verify IMAGE] [--first I] \
+         [--progress SECS]"
     );
     std::process::exit(2);
 }
@@ -68,6 +75,10 @@ fn parse_args() -> Args {
     let first = num(get("--first"), "--first", 0.0) as usize;
     let ramp = num(get("--ramp"), "--ramp", 0.0);
     let gap_scale = num(get("--gap-scale"), "--gap-scale", 0.0);
+    let progress = num(get("--progress"), "--progress", 1.0);
+    if !(0.01..=3600.0).contains(&progress) {
+        usage(&format!("--progress {progress}: 0.01 to 3600 seconds"));
+    }
     let text = std::fs::read_to_string(&trace_path)
         .unwrap_or_else(|e| usage(&format!("{trace_path}: {e}")));
     let trace = Trace::parse(&text).unwrap_or_else(|e| usage(&format!("{trace_path}: {e}")));
@@ -86,16 +97,73 @@ fn parse_args() -> Args {
         trace,
         ramp,
         gap_scale,
+        progress,
         image,
     }
 }
 
 /// What one device saw.
 struct Outcome {
+    dev: usize,
     boot_s: f64,
     finished_at_s: f64,
     read_bytes: u64,
+    /// The longest one request waited (request sent to reply read), and its step.
+    stall: (f64, usize),
     error: Option<String>,
+}
+
+/// A device's connection: TCP, or a unix socket (an agent's).
+enum Conn {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Conn {
+    /// Connects to `addr` (HOST:PORT or unix:PATH), `{i}` replaced by `dev`.
+    fn open(addr: &str, dev: usize) -> Result<Conn, String> {
+        let addr = addr.replace("{i}", &dev.to_string());
+        // A device that hears nothing for a minute is a failed boot, not a hang
+        // of the whole benchmark.
+        let timeout = Some(Duration::from_secs(60));
+        match addr.strip_prefix("unix:") {
+            Some(path) => {
+                let s = UnixStream::connect(path).map_err(|e| format!("connect {addr}: {e}"))?;
+                s.set_read_timeout(timeout).map_err(|e| e.to_string())?;
+                Ok(Conn::Unix(s))
+            }
+            None => {
+                let s = TcpStream::connect(&addr).map_err(|e| format!("connect {addr}: {e}"))?;
+                s.set_nodelay(true).map_err(|e| e.to_string())?;
+                s.set_read_timeout(timeout).map_err(|e| e.to_string())?;
+                Ok(Conn::Tcp(s))
+            }
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.read(buf),
+            Conn::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.write(buf),
+            Conn::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.flush(),
+            Conn::Unix(s) => s.flush(),
+        }
+    }
 }
 
 /// The bytes device `dev` writes at step `step`: distinct per device and step.
@@ -111,15 +179,16 @@ fn pattern(dev: usize, step: usize, len: usize) -> Vec<u8> {
         .collect()
 }
 
-fn device(a: &Args, dev: usize, read_total: &AtomicU64) -> Result<(f64, u64), String> {
-    let addr = &a.connect[dev % a.connect.len()];
+/// Replays the trace as device `dev`: its boot-read time and bytes read. `stall`
+/// keeps the longest wait of one request so far and its step, failed or not.
+fn device(
+    a: &Args,
+    dev: usize,
+    read_total: &AtomicU64,
+    stall: &mut (f64, usize),
+) -> Result<(f64, u64), String> {
     let export = a.export.replace("{i}", &dev.to_string());
-    let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
-    s.set_nodelay(true).map_err(|e| e.to_string())?;
-    // A device that hears nothing for a minute is a failed boot, not a hang
-    // of the whole benchmark.
-    s.set_read_timeout(Some(Duration::from_secs(60)))
-        .map_err(|e| e.to_string())?;
+    let mut s = Conn::open(&a.connect[dev % a.connect.len()], dev)?;
     let size = nbd::client_handshake(&mut s, &export).map_err(|e| format!("{export}: {e}"))?;
     if size < a.trace.size {
         return Err(format!(
@@ -158,7 +227,20 @@ fn device(a: &Args, dev: usize, read_total: &AtomicU64) -> Result<(f64, u64), St
                 step.op, step.offset, step.length
             )
         };
-        s.write_all(&req.encode()).map_err(fail)?;
+        let sent = Instant::now();
+        // Counted however the request ends: a request that never gets its reply
+        // waited until the error.
+        let waited = |stall: &mut (f64, usize)| {
+            let w = sent.elapsed().as_secs_f64();
+            if w > stall.0 {
+                *stall = (w, i);
+            }
+        };
+        let r = s.write_all(&req.encode());
+        r.map_err(|e| {
+            waited(stall);
+            fail(e)
+        })?;
         if step.op == Op::Write {
             let data = pattern(dev, i, step.length as usize);
             s.write_all(&data).map_err(fail)?;
@@ -166,7 +248,13 @@ fn device(a: &Args, dev: usize, read_total: &AtomicU64) -> Result<(f64, u64), St
                 written.push((step.offset, data));
             }
         }
-        let (err, handle) = nbd::read_simple_reply(&mut s).map_err(fail)?;
+        let (err, handle) = nbd::read_simple_reply(&mut s).map_err(|e| {
+            waited(stall);
+            fail(e)
+        })?;
+        if step.op != Op::Read {
+            waited(stall);
+        }
         if handle != i as u64 {
             return Err(format!("{export}: step {i}: reply for handle {handle}"));
         }
@@ -178,7 +266,9 @@ fn device(a: &Args, dev: usize, read_total: &AtomicU64) -> Result<(f64, u64), St
         }
         if step.op == Op::Read {
             buf.resize(step.length as usize, 0);
-            s.read_exact(&mut buf).map_err(fail)?;
+            let r = s.read_exact(&mut buf);
+            waited(stall);
+            r.map_err(fail)?;
             read += u64::from(step.length);
             read_total.fetch_add(u64::from(step.length), Ordering::Relaxed);
             if let Some(image) = &a.image {
@@ -236,11 +326,12 @@ fn main() {
     let mut handles = Vec::with_capacity(a.devices);
     let progress = {
         let (read_total, done, devices) = (read_total.clone(), done.clone(), a.devices);
+        let every = Duration::from_secs_f64(a.progress);
         std::thread::spawn(move || loop {
-            std::thread::sleep(Duration::from_secs(1));
+            std::thread::sleep(every);
             let d = done.load(Ordering::Relaxed);
             eprintln!(
-                "storm: {:>5.1} s, {d}/{devices} devices done, {} MB read",
+                "storm: {:>6.2} s, {d}/{devices} devices done, {} MB read",
                 t0.elapsed().as_secs_f64(),
                 read_total.load(Ordering::Relaxed) >> 20
             );
@@ -265,18 +356,23 @@ fn main() {
                 if due > now {
                     std::thread::sleep(due - now);
                 }
-                let r = device(&a, dev, &read_total);
+                let mut stall = (0.0, 0);
+                let r = device(&a, dev, &read_total, &mut stall);
                 let o = match r {
                     Ok((boot_s, read_bytes)) => Outcome {
+                        dev,
                         boot_s,
                         finished_at_s: t0.elapsed().as_secs_f64(),
                         read_bytes,
+                        stall,
                         error: None,
                     },
                     Err(e) => Outcome {
+                        dev,
                         boot_s: 0.0,
                         finished_at_s: t0.elapsed().as_secs_f64(),
                         read_bytes: 0,
+                        stall,
                         error: Some(e),
                     },
                 };
@@ -306,9 +402,14 @@ fn main() {
     let total_s = outcomes.iter().map(|o| o.finished_at_s).fold(0.0, f64::max);
     let bytes: u64 = outcomes.iter().map(|o| o.read_bytes).sum();
     let shown: Vec<String> = errors.iter().take(10).map(|e| format!("{e:?}")).collect();
+    let worst = outcomes
+        .iter()
+        .max_by(|x, y| x.stall.0.total_cmp(&y.stall.0))
+        .map_or((0.0, 0, 0), |o| (o.stall.0, o.dev, o.stall.1));
     println!(
         "{{\"devices\": {}, \"failed\": {}, \"total_s\": {total_s:.3}, \"p50_s\": {:.3}, \
          \"p99_s\": {:.3}, \"max_s\": {:.3}, \"read_bytes\": {bytes}, \"mb_s\": {:.1}, \
+         \"max_stall_s\": {:.3}, \"max_stall_device\": {}, \"max_stall_step\": {}, \
          \"errors\": [{}]}}",
         a.devices,
         errors.len(),
@@ -316,6 +417,9 @@ fn main() {
         percentile(&boots, 0.99),
         boots.last().copied().unwrap_or(0.0),
         bytes as f64 / 1e6 / total_s.max(1e-9),
+        worst.0,
+        worst.1,
+        worst.2,
         shown.join(", ")
     );
     if !errors.is_empty() {
@@ -340,5 +444,23 @@ mod tests {
         assert_eq!(check(&image, &written, 0, &got), Err(15));
         assert_eq!(check(&image, &written, 32, &[7u8; 8]), Ok(()));
         assert_ne!(pattern(1, 2, 32), pattern(2, 1, 32));
+    }
+
+    #[test]
+    fn a_device_connects_to_its_own_unix_socket() {
+        let dir = std::env::temp_dir().join(format!("storm-client-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let listener = std::os::unix::net::UnixListener::bind(dir.join("a7.sock")).expect("bind");
+        let pattern = format!("unix:{}/a{{i}}.sock", dir.display());
+        let mut c = Conn::open(&pattern, 7).expect("device 7 reaches a7.sock");
+        let (mut peer, _) = listener.accept().expect("accept");
+        c.write_all(b"hi").expect("write");
+        let mut got = [0u8; 2];
+        peer.read_exact(&mut got).expect("read");
+        assert_eq!(&got, b"hi");
+        let err = Conn::open(&pattern, 8).err().expect("no a8.sock");
+        assert!(err.contains("a8.sock"), "{err}");
+        assert!(Conn::open("127.0.0.1:notaport", 0).is_err());
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }
