@@ -23,8 +23,7 @@
 //! vDisk and compares on that revision, so a device created meanwhile makes the
 //! delete retry (and be refused) instead of leaving the device dangling.
 
-mod access;
-pub use access::MAX_AUDIT_BATCH;
+pub mod access;
 pub mod backend;
 mod boots;
 mod catalog;

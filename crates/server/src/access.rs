@@ -184,7 +184,7 @@ impl Access {
         let _ = written.await;
     }
 
-    /// Writes the waiting entries, [`vstream_farm::MAX_AUDIT_BATCH`] at a
+    /// Writes the waiting entries, [`vstream_farm::access::MAX_AUDIT_BATCH`] at a
     /// time, until none wait.
     async fn write_batches(self: Arc<Self>) {
         loop {
@@ -194,7 +194,7 @@ impl Access {
                     q.writing = false;
                     return;
                 }
-                let n = q.waiting.len().min(vstream_farm::MAX_AUDIT_BATCH);
+                let n = q.waiting.len().min(vstream_farm::access::MAX_AUDIT_BATCH);
                 q.waiting.drain(..n).collect()
             };
             let entries: Vec<(AuditEntry, u64)> =
