@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,11 +31,13 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from benchlib import HZ, free_port, machine_busy, stop, ticks  # noqa: E402
+
 WORK = os.path.join(ROOT, "bench/.work")
 HERE = os.path.join(WORK, "floor")
 IMAGE = os.path.join(WORK, "disk.raw")
 REL = os.path.join(ROOT, "target/release")
-HZ = os.sysconf("SC_CLK_TCK")
 GIB = 1 << 30
 
 
@@ -48,22 +49,10 @@ def die(msg):
     raise SystemExit(f"floor.py: {msg}")
 
 
-def ticks(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15])
 
 
-def machine_busy():
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:9]]
-    return v[0] + v[1] + v[2] + v[5] + v[6] + v[7], sum(v)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_nbd(url, proc, what):
@@ -76,13 +65,6 @@ def wait_nbd(url, proc, what):
     die(f"{what} does not answer at {url}")
 
 
-def stop(proc):
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def vstream_store():

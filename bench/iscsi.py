@@ -33,10 +33,12 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from benchlib import HZ, machine_busy, stop, ticks  # noqa: E402
+
 WORK = os.path.join(ROOT, "bench/.work")
 HERE = os.path.join(WORK, "iscsi")
 IMAGE = os.path.join(WORK, "disk.raw")
-HZ = os.sysconf("SC_CLK_TCK")
 GIB = 1 << 30
 IQN_TGT = "iqn.2026-12.org.vstream.bench:tgt"
 INITIATOR_TGT = "iqn.2026-12.org.vstream.bench:client"
@@ -50,16 +52,8 @@ def die(msg):
     raise SystemExit(f"iscsi.py: {msg}")
 
 
-def ticks(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15])
 
 
-def machine_busy():
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:9]]
-    return v[0] + v[1] + v[2] + v[5] + v[6] + v[7], sum(v)
 
 
 def free_port_block(n):
@@ -118,12 +112,7 @@ class Vstream:
         return r
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop(self.proc)
 
 
 class Tgt:
@@ -146,12 +135,7 @@ class Tgt:
         die(f"tgtadm {' '.join(args)}: {r.stderr.decode().strip()}")
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop(self.proc)
 
 
 class Door:
