@@ -52,6 +52,9 @@ pub struct ServerStatus {
     pub api_tls: Option<String>,
     /// Where its NBD service answers, as HOST:PORT.
     pub nbd: String,
+    /// Its NBD listeners' TLS mode, `on` or `require`; none when TLS is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_tls: Option<String>,
     /// Where its iSCSI portal answers, as HOST:PORT, if it serves iSCSI.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iscsi: Option<String>,
@@ -96,6 +99,7 @@ impl ServerStatus {
             api: api.into(),
             api_tls: None,
             nbd: nbd.into(),
+            nbd_tls: None,
             iscsi: None,
             power: 1.0,
             subnets: vec![],

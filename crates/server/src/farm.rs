@@ -100,6 +100,8 @@ pub fn status(server: &Handles, versions: Vec<HeldVersion>) -> ServerStatus {
         api: server.config.advertise_api.clone(),
         api_tls: server.config.advertise_api_tls.clone(),
         nbd: server.config.advertise_nbd.clone(),
+        nbd_tls: (server.config.tls != vstream_service::TlsMode::Off)
+            .then(|| server.config.tls.to_string()),
         iscsi: server.config.advertise_iscsi.clone(),
         power: server.config.power,
         subnets: server.config.subnets.clone(),

@@ -856,6 +856,21 @@ fn the_agent_fails_over_between_tls_servers() {
     for s in &servers {
         common::wait_farm_ready(s, 2);
     }
+    // Each server says in the farm state that its NBD requires TLS, and
+    // where its HTTPS API is (the console shows both).
+    let list: serde_json::Value =
+        serde_json::from_str(&servers[0].cli_ok(&["server", "list", "--json"])).expect("JSON");
+    let listed = list.as_array().expect("a list of servers");
+    assert_eq!(listed.len(), 2, "{list}");
+    for s in listed {
+        assert_eq!(s["nbd_tls"], "require", "{s}");
+        assert!(
+            s["api_tls"]
+                .as_str()
+                .is_some_and(|u| u.starts_with("https://")),
+            "{s}"
+        );
+    }
     let pc1 = pki.device("pc1");
     let apis: Vec<&str> = https.iter().map(String::as_str).collect();
     let agent = tls_agent(dir.path(), "pc1", "52:54:00:00:00:01", &apis, &pc1, "2000");

@@ -237,7 +237,7 @@ views.overview = {
         h('td', { class: 'num', text: bytes(s.read_bytes_per_s) + '/s' }),
         h('td', { class: 'num', text: `${held.filter((v) => v.verified).length} / ${held.length}` }),
         h('td', { text: s.farm_connected === undefined ? '' : s.farm_connected ? 'connected' : 'AWAY' }),
-        h('td', { class: 'mute', text: [s.api, 'nbd ' + s.nbd, s.iscsi ? 'iscsi ' + s.iscsi : null].filter(Boolean).join(' · ') }),
+        h('td', { class: 'mute', text: [s.api_tls || s.api, 'nbd ' + s.nbd + (s.nbd_tls ? ' (TLS ' + s.nbd_tls + ')' : ' (no TLS)'), s.iscsi ? 'iscsi ' + s.iscsi : null].filter(Boolean).join(' · ') }),
         h('td', { class: 'mute', text: ago(s.updated_unix) }));
     });
     main.replaceChildren(
