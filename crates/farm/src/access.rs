@@ -17,6 +17,16 @@ pub(crate) fn events_key(device: &str) -> String {
     format!("{EVENTS}{device}")
 }
 
+/// The key of `entry` in the trail: its time, its server and `seq`, which
+/// tells apart one server's entries of one millisecond.
+pub(crate) fn audit_key(entry: &AuditEntry, seq: u64) -> String {
+    format!(
+        "{AUDIT}{:016}-{}-{seq:08}",
+        entry.at_ms,
+        entry.server.replace('/', "_")
+    )
+}
+
 fn token_key(name: &str) -> String {
     format!("{TOKENS}{name}")
 }
@@ -123,11 +133,7 @@ impl FarmStore {
         let mut compares = Vec::with_capacity(entries.len());
         let mut ops = Vec::with_capacity(entries.len());
         for (entry, seq) in entries {
-            let key = format!(
-                "{AUDIT}{:016}-{}-{seq:08}",
-                entry.at_ms,
-                entry.server.replace('/', "_")
-            );
+            let key = audit_key(entry, *seq);
             ops.push(Op::put(&key, encode(&key, entry)?));
             compares.push(Compare::absent(&key));
         }
@@ -135,6 +141,17 @@ impl FarmStore {
             true => Ok(()),
             false => Err(crate::gave_up(format_args!("appending to the audit trail"))),
         }
+    }
+
+    /// Writes `entry` (with its `seq`) over whatever its key holds: the
+    /// final word on a [`crate::rider::AuditRider`] whose request ended
+    /// otherwise than its entry said.
+    pub async fn settle_audit(&self, entry: &AuditEntry, seq: u64) -> Result<(), FarmError> {
+        let key = audit_key(entry, seq);
+        self.backend
+            .txn(Vec::new(), vec![Op::put(&key, encode(&key, entry)?)])
+            .await?;
+        Ok(())
     }
 
     /// The audit trail, oldest first.

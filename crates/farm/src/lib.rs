@@ -35,6 +35,7 @@ mod error;
 pub mod etcd;
 mod identity;
 mod iscsi;
+pub mod rider;
 mod servers;
 mod stores;
 
@@ -186,10 +187,11 @@ impl std::fmt::Debug for FarmStore {
 }
 
 impl FarmStore {
-    /// A store over any adapter.
+    /// A store over any adapter. Its transactions carry the audit entry
+    /// of the request they run for ([`rider`]).
     pub fn new(backend: Arc<dyn Backend>) -> Self {
         FarmStore {
-            backend,
+            backend: Arc::new(rider::Riding(backend)),
             device_adds: Arc::default(),
         }
     }

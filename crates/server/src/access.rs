@@ -7,10 +7,16 @@
 //! with the reason, no token or a bad one 401.
 //!
 //! Every change (any method but GET and HEAD) and every refusal is
-//! appended to the farm's audit trail, after it is answered: who (the
+//! appended to the farm's audit trail before it is answered: who (the
 //! token's name), from where, the route and its object, a summary of the
 //! request's fields (never a secret), the status and the error sentence.
 //! The trail is kept for `--audit-retention-days` (90 by default).
+//!
+//! A change's entry rides on the change's own first commit of the farm
+//! state ([`vstream_farm::rider`]), drafted as the route's success; it is
+//! rewritten only if the request ends otherwise. Refusals, and changes that
+//! commit nothing to the farm state, are written after, by group commit
+//! ([`Access::record`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,6 +29,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use parking_lot::RwLock;
 use vstream_api::{ApiToken, AuditEntry, Role};
+use vstream_farm::rider::{AuditRider, Ridden};
 use vstream_farm::FarmStore;
 
 use crate::admin_tokens::AdminTokens;
@@ -165,12 +172,60 @@ impl Access {
     /// more wait. Under a storm of changes the farm state commits once per
     /// batch instead of once per change; a lone change waits for one
     /// commit, as before.
-    pub async fn record(self: &Arc<Self>, mut entry: AuditEntry) {
+    pub async fn record(self: &Arc<Self>, entry: AuditEntry) {
         if !self.audit {
             return;
         }
-        entry.server = self.server.clone();
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.append(entry, seq).await;
+    }
+
+    /// A rider for the change `draft` drafts, with its `seq`: the change's
+    /// first commit carries the entry ([`vstream_farm::rider`]). None under
+    /// `--audit off`.
+    fn rider(&self, draft: &AuditEntry) -> Option<(Arc<AuditRider>, u64)> {
+        if !self.audit {
+            return None;
+        }
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let mut draft = draft.clone();
+        draft.server = self.server.clone();
+        match AuditRider::new(&draft, seq) {
+            Ok(rider) => Some((rider, seq)),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not draft an audit entry; it is written after the change");
+                None
+            }
+        }
+    }
+
+    /// Records how the change of `rider` ended (`done`, at the draft's
+    /// time): nothing more when its commit carried the entry and it ended
+    /// as drafted (`as_drafted`); the entry rewritten under its key when it
+    /// ended otherwise or its commit's outcome is unknown; the entry
+    /// appended as any other when nothing was committed.
+    async fn close(
+        self: &Arc<Self>,
+        rider: &AuditRider,
+        seq: u64,
+        mut done: AuditEntry,
+        as_drafted: bool,
+    ) {
+        match rider.ridden() {
+            Ridden::Yes if as_drafted => {}
+            Ridden::Yes | Ridden::Unknown => {
+                done.server = self.server.clone();
+                if let Err(e) = self.farm.settle_audit(&done, seq).await {
+                    tracing::warn!(error = %e, method = %done.method, path = %done.path, who = %done.who, "could not append to the audit trail");
+                }
+            }
+            Ridden::No => self.append(done, seq).await,
+        }
+    }
+
+    /// Appends `entry` with `seq` by group commit (see [`Access::record`]).
+    async fn append(self: &Arc<Self>, mut entry: AuditEntry, seq: u64) {
+        entry.server = self.server.clone();
         let (done, written) = tokio::sync::oneshot::channel();
         let start = {
             let mut q = self.queue.lock();
@@ -349,14 +404,28 @@ pub async fn guard(State(access): State<Arc<Access>>, mut req: Request, next: Ne
         return next.run(req).await;
     }
     let (req, summary) = summarize(req).await;
-    let resp = next.run(req).await;
+    // The entry as the change expects to end, riding on its first commit.
+    let expected = crate::api::success_status(method.as_str(), &route)
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .unwrap_or(StatusCode::OK);
+    let draft = entry(&caller, expected, "ok".to_owned(), summary.clone());
+    let rider = access.rider(&draft);
+    let resp = match &rider {
+        Some((rider, _)) => rider.carry(next.run(req)).await,
+        None => next.run(req).await,
+    };
     let status = resp.status();
     let (resp, result) = if status.is_success() {
         (resp, "ok".to_owned())
     } else {
         error_sentence(resp).await
     };
-    access.record(entry(&caller, status, result, summary)).await;
+    let mut done = entry(&caller, status, result, summary);
+    done.at_ms = draft.at_ms;
+    match rider {
+        Some((rider, seq)) => access.close(&rider, seq, done, status == expected).await,
+        None => access.record(done).await,
+    }
     resp
 }
 
@@ -471,6 +540,118 @@ mod tests {
             status: 201,
             result: "ok".into(),
         }
+    }
+
+    /// A router with the guard in front of `POST /api/v1/vdisks` (201 on
+    /// success in the API's document), its handler made by `make` over the
+    /// farm state; and an admin token.
+    fn guarded<H, T>(
+        audit: bool,
+        make: impl FnOnce(FarmStore) -> H,
+    ) -> (tempfile::TempDir, FarmStore, axum::Router, String)
+    where
+        H: axum::handler::Handler<T, ()>,
+        T: 'static,
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let farm = FarmStore::embedded(dir.path().join("farm.redb")).unwrap();
+        crate::admin_tokens::ensure(dir.path()).unwrap();
+        let token = std::fs::read_to_string(dir.path().join(crate::admin_tokens::FIRST_TOKEN_FILE))
+            .unwrap();
+        let tokens = Arc::new(AdminTokens::open(dir.path()).unwrap());
+        let access = Access::new(tokens, farm.clone(), "s1".into()).with_audit(audit);
+        let app = axum::Router::new()
+            .route("/api/v1/vdisks", axum::routing::post(make(farm.clone())))
+            .layer(axum::middleware::from_fn_with_state(
+                Arc::new(access),
+                guard,
+            ));
+        (dir, farm, app, token)
+    }
+
+    async fn post(app: &mut axum::Router, token: &str) -> StatusCode {
+        use tower_service::Service;
+        let req = axum::http::Request::post("/api/v1/vdisks")
+            .header(header::AUTHORIZATION, format!("Bearer {}", token.trim()))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(r#"{"name":"base"}"#))
+            .unwrap();
+        app.call(req).await.unwrap().status()
+    }
+
+    /// The highest revision in the farm state: one more per commit.
+    async fn revision(farm: &FarmStore) -> u64 {
+        let all = farm.backend().list("").await.unwrap();
+        all.iter().map(|(_, v)| v.revision).max().unwrap_or(0)
+    }
+
+    fn base() -> vstream_api::VDisk {
+        serde_json::from_value(serde_json::json!({
+            "name": "base", "size": 1048576, "mode": "standard",
+            "cache_type": "server", "cache_limit": null, "created_unix": 1
+        }))
+        .unwrap()
+    }
+
+    /// A change's entry rides on the change's own commit: the trail costs
+    /// no commit of its own, and the entry says what the request got.
+    #[tokio::test]
+    async fn a_change_and_its_entry_are_one_commit() {
+        for audit in [false, true] {
+            let (_dir, farm, mut app, token) = guarded(audit, |farm: FarmStore| {
+                move || async move {
+                    farm.create_vdisk(base()).await.unwrap();
+                    StatusCode::CREATED
+                }
+            });
+            let before = revision(&farm).await;
+            assert_eq!(post(&mut app, &token).await, StatusCode::CREATED);
+            assert_eq!(
+                revision(&farm).await,
+                before + 1,
+                "audit {audit}: one commit"
+            );
+            let trail = farm.audit().await.unwrap();
+            if audit {
+                assert_eq!(trail.len(), 1);
+                assert_eq!((trail[0].status, trail[0].result.as_str()), (201, "ok"));
+                assert_eq!(trail[0].object, "vdisk/base");
+                assert_eq!(trail[0].server, "s1");
+            } else {
+                assert!(trail.is_empty());
+            }
+        }
+    }
+
+    /// A change that commits and then fails is recorded as it ended, under
+    /// one entry; one that commits nothing is recorded all the same.
+    #[tokio::test]
+    async fn a_change_that_ends_otherwise_is_recorded_as_it_ended() {
+        let (_dir, farm, mut app, token) = guarded(true, |farm: FarmStore| {
+            move || async move {
+                farm.create_vdisk(base()).await.unwrap();
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the second step failed")
+            }
+        });
+        assert_eq!(
+            post(&mut app, &token).await,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        let trail = farm.audit().await.unwrap();
+        assert_eq!(trail.len(), 1, "{trail:?}");
+        assert_eq!(trail[0].status, 500);
+        assert_eq!(trail[0].result, "the second step failed");
+
+        let (_dir, farm, mut app, token) = guarded(true, |_farm: FarmStore| {
+            || async { ApiError::new(StatusCode::CONFLICT, "vDisk base exists") }
+        });
+        assert_eq!(post(&mut app, &token).await, StatusCode::CONFLICT);
+        let trail = farm.audit().await.unwrap();
+        assert_eq!(trail.len(), 1, "{trail:?}");
+        assert_eq!(
+            (trail[0].status, trail[0].result.as_str()),
+            (409, "vDisk base exists")
+        );
     }
 
     /// Group commit loses nothing and answers no change before its entry

@@ -91,6 +91,37 @@ pub fn openapi_json() -> String {
     ApiDoc::openapi().to_pretty_json().unwrap_or_default()
 }
 
+/// The status each route answers on success (its first 2xx in the OpenAPI
+/// document), by method (upper case) and axum route (`/api/v1/devices/:name`).
+/// The audit trail drafts a change's entry with it before the change runs.
+pub(crate) fn success_status(method: &str, route: &str) -> Option<u16> {
+    static STATUSES: std::sync::OnceLock<std::collections::HashMap<(String, String), u16>> =
+        std::sync::OnceLock::new();
+    let statuses = STATUSES.get_or_init(|| {
+        let doc: serde_json::Value = serde_json::from_str(&openapi_json()).unwrap_or_default();
+        let mut map = std::collections::HashMap::new();
+        for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+            let route = path.replace('{', ":").replace('}', "");
+            for (method, op) in item.as_object().into_iter().flatten() {
+                let first_2xx = op["responses"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(code, _)| code.parse::<u16>().ok())
+                    .filter(|code| (200..300).contains(code))
+                    .min();
+                if let Some(code) = first_2xx {
+                    map.insert((method.to_ascii_uppercase(), route.clone()), code);
+                }
+            }
+        }
+        map
+    });
+    statuses
+        .get(&(method.to_owned(), route.to_owned()))
+        .copied()
+}
+
 /// `/metrics` alone, without a token, for `--metrics HOST:PORT`: a
 /// Prometheus on a monitoring network scrapes it there, and the admin API
 /// stays behind its tokens.
