@@ -12,10 +12,10 @@ pub mod replication;
 pub use farm::*;
 pub use replication::*;
 pub use vstream_model::{
-    check_iqn, default_initiator, default_store, device_target, looks_like_mac, parse_mac,
-    ApiToken, AuditEntry, BootFile, BootFileKind, BootFiles, BootMethod, CacheType, Device,
-    DeviceEvent, DeviceType, EnrollToken, EventKind, IscsiSecrets, Mode, Role, StoreDef, StoreHere,
-    VDisk, Version, VersionState, DEFAULT_STORE,
+    check_iqn, default_initiator, default_physical_sector, default_store, device_target,
+    looks_like_mac, parse_mac, ApiToken, AuditEntry, BootFile, BootFileKind, BootFiles, BootMethod,
+    CacheType, Device, DeviceEvent, DeviceType, EnrollToken, EventKind, IscsiSecrets, Mode, Role,
+    StoreDef, StoreHere, VDisk, Version, VersionState, DEFAULT_STORE, PHYSICAL_SECTORS,
 };
 
 use serde::{Deserialize, Serialize};
@@ -132,6 +132,11 @@ pub struct SetVDisk {
     /// How its devices network-boot: `kernel` or `sanboot`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot: Option<BootMethod>,
+    /// The physical sector its disks report, in bytes: 512 (512n) or 4096
+    /// (512e).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 512, maximum = 4096)]
+    pub physical_sector: Option<u32>,
 }
 
 /// Changes to a device.

@@ -109,6 +109,7 @@ fn vdisk(name: &str) -> VDisk {
         store: vstream_model::default_store(),
         boot: Default::default(),
         anonymous_read: false,
+        physical_sector: vstream_model::default_physical_sector(),
     }
 }
 

@@ -606,6 +606,7 @@ mod tests {
             store: vstream_model::default_store(),
             boot: Default::default(),
             anonymous_read: false,
+            physical_sector: vstream_model::default_physical_sector(),
         }
     }
 

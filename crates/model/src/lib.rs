@@ -30,7 +30,7 @@ pub use server::{
     SessionInfo, BOOT_TOKEN_MAX,
 };
 pub use vdisk::{
-    default_store, BootFile, BootFileKind, BootFiles, BootMethod, CacheType, Mode, StoreDef,
-    StoreHere, VDisk, DEFAULT_STORE,
+    default_physical_sector, default_store, BootFile, BootFileKind, BootFiles, BootMethod,
+    CacheType, Mode, StoreDef, StoreHere, VDisk, DEFAULT_STORE, LOGICAL_SECTOR, PHYSICAL_SECTORS,
 };
 pub use version::{Version, VersionState};

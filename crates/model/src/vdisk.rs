@@ -96,6 +96,36 @@ pub struct VDisk {
     /// default: a golden image holds secrets.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub anonymous_read: bool,
+    /// The physical sector its disks report, in bytes: 512 (512n, the
+    /// default) or 4096 (512e: 512-byte logical blocks, eight to a physical
+    /// one, as a layer's 4 KiB chunks are). iSCSI says it in READ CAPACITY
+    /// (16); Windows aligns to it.
+    #[serde(
+        default = "default_physical_sector",
+        skip_serializing_if = "is_default_physical_sector"
+    )]
+    pub physical_sector: u32,
+}
+
+/// The logical block every vDisk has, in bytes.
+pub const LOGICAL_SECTOR: u32 = 512;
+/// The physical sectors a vDisk may report, in bytes.
+pub const PHYSICAL_SECTORS: [u32; 2] = [512, 4096];
+
+pub fn default_physical_sector() -> u32 {
+    LOGICAL_SECTOR
+}
+
+fn is_default_physical_sector(s: &u32) -> bool {
+    *s == LOGICAL_SECTOR
+}
+
+impl VDisk {
+    /// Logical blocks per physical sector, as a power of 2 (READ CAPACITY
+    /// (16)'s LBPPBE): 0 for 512n, 3 for 512e.
+    pub fn physical_exponent(&self) -> u8 {
+        (self.physical_sector.max(LOGICAL_SECTOR) / LOGICAL_SECTOR).trailing_zeros() as u8
+    }
 }
 
 /// The store of a vDisk made without naming one: each server's data folder.
@@ -252,5 +282,25 @@ impl std::fmt::Display for BootFileKind {
             BootFileKind::Kernel => "kernel",
             BootFileKind::Initrd => "initrd",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_without_a_physical_sector_is_512n() {
+        let old = r#"{"name":"w","size":1048576,"mode":"private","cache_type":"server",
+                      "cache_limit":null,"created_unix":1}"#;
+        let mut v: VDisk = serde_json::from_str(old).unwrap();
+        assert_eq!((v.physical_sector, v.physical_exponent()), (512, 0));
+        assert!(!serde_json::to_string(&v)
+            .unwrap()
+            .contains("physical_sector"));
+        v.physical_sector = 4096;
+        assert_eq!(v.physical_exponent(), 3);
+        let back: VDisk = serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap();
+        assert_eq!(back, v);
     }
 }

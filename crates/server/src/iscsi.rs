@@ -293,6 +293,7 @@ impl Targets for IscsiTargets {
             Ok(Target {
                 export,
                 identity: identity(&vdisk, version),
+                physical_exponent: vdisk.physical_exponent(),
                 lu: self.lu(&name),
             })
         })
@@ -405,6 +406,7 @@ mod tests {
             store: vstream_api::default_store(),
             boot: Default::default(),
             anonymous_read: false,
+            physical_sector: vstream_api::default_physical_sector(),
         }
     }
 

@@ -75,6 +75,9 @@ impl std::fmt::Debug for Chap {
 pub struct Target {
     pub export: Export,
     pub identity: scsi::Identity,
+    /// Logical blocks per physical sector, as a power of 2: 0 (512n) or 3
+    /// (512e).
+    pub physical_exponent: u8,
     /// The logical unit's state shared by every session on it: the same
     /// `Arc` for every session of this target.
     pub lu: Arc<Lu>,
@@ -1334,10 +1337,9 @@ impl Session {
             // Write Same of more blocks than one WRITE may carry is refused.
             max_write_same: MAX_TRANSFER_BLOCKS as u64,
             unmapped_read_zero: true,
-            // Layers hold 4 KiB chunks, but a physical block of 8 logical
-            // ones makes libiscsi's GetLBAStatus.UnmapSingle expect its
-            // descriptors to start past the LBA asked: 1 block it is.
-            physical_exponent: 0,
+            // The vDisk's: 512n by default (docs/iscsi.md, "Thin
+            // provisioning", says why).
+            physical_exponent: target.physical_exponent,
         };
         let reply = |s: &mut Session, out: &mut Vec<u8>, bytes: Vec<u8>, alloc: u32| {
             s.data_in(c, &scsi::truncate(bytes, alloc), out);

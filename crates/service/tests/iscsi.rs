@@ -60,6 +60,7 @@ impl Targets for TestTargets {
                     backend: self.backend.clone(),
                     session: None,
                 },
+                physical_exponent: 0,
                 identity: Identity {
                     vendor: "VSTREAM".into(),
                     product: "vDisk root".into(),

@@ -68,7 +68,7 @@ pub struct CreateArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("change").required(true).multiple(true).args(["mode", "cache_limit", "cache_type", "anonymous_read", "boot", "kernel", "initrd", "cmdline"])))]
+#[command(group(ArgGroup::new("change").required(true).multiple(true).args(["mode", "cache_limit", "cache_type", "anonymous_read", "boot", "physical_sector", "kernel", "initrd", "cmdline"])))]
 pub struct SetArgs {
     pub name: String,
     /// private: one device reads and writes the vDisk itself; standard: many
@@ -94,6 +94,11 @@ pub struct SetArgs {
     /// docs/windows.md). Counts from each device's next boot.
     #[arg(long, value_name = "kernel|sanboot", value_parser = parse_boot_method)]
     pub boot: Option<vstream_api::BootMethod>,
+    /// The physical sector its disks report over iSCSI: 512 (512n, the
+    /// default) or 4096 (512e: 512-byte blocks, eight to a physical sector,
+    /// as layers keep 4 KiB chunks). Only with no device connected.
+    #[arg(long, value_name = "512|4096")]
+    pub physical_sector: Option<u32>,
     /// The Linux kernel devices network-boot with (`/boot/ipxe`); it is
     /// copied to every server of the farm.
     #[arg(long, value_name = "FILE")]
@@ -235,6 +240,13 @@ fn vdisk_fields(i: &VDiskInfo) -> String {
             "anonymous read",
             if v.anonymous_read { "on" } else { "off" }.to_string(),
         ),
+        (
+            "sectors",
+            match v.physical_sector {
+                512 => "512 bytes (512n)".to_string(),
+                p => format!("512 bytes logical, {p} physical (512e)"),
+            },
+        ),
         ("content hash", hash),
         ("allocated", human_size(i.allocated)),
         ("connected devices", connected),
@@ -274,6 +286,7 @@ fn set(client: &Client, a: SetArgs) -> Result<()> {
         || a.cache_type.is_some()
         || a.anonymous_read.is_some()
         || a.boot.is_some()
+        || a.physical_sector.is_some()
         || !boot
     {
         let body = SetVDisk {
@@ -282,6 +295,7 @@ fn set(client: &Client, a: SetArgs) -> Result<()> {
             cache_type: a.cache_type,
             anonymous_read: a.anonymous_read,
             boot: a.boot,
+            physical_sector: a.physical_sector,
         };
         let updated = client.set_vdisk(&a.name, &body)?;
         out += &match updated {
@@ -298,7 +312,13 @@ fn set(client: &Client, a: SetArgs) -> Result<()> {
                     } else {
                         ""
                     }
-                ) + &match a.boot {
+                ) + &match a.physical_sector {
+                    Some(_) => format!(
+                        "vDisk {}: physical sector {} bytes\n",
+                        v.name, v.physical_sector
+                    ),
+                    None => String::new(),
+                } + &match a.boot {
                     Some(_) => format!("vDisk {}: boot {}\n", v.name, v.boot.method),
                     None => String::new(),
                 }
@@ -367,6 +387,7 @@ mod tests {
                 store: vstream_api::default_store(),
                 boot: Default::default(),
                 anonymous_read: false,
+                physical_sector: vstream_api::default_physical_sector(),
             },
             content_hash: "0123456789abcdef".repeat(4),
             allocated: 3 << 29,

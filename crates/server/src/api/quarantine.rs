@@ -67,6 +67,7 @@ pub async fn adopt(
         store: store_name,
         boot: Default::default(),
         anonymous_read: false,
+        physical_sector: vstream_api::default_physical_sector(),
     };
     farm.create_vdisk(record).await?;
     let me = config.name.clone();

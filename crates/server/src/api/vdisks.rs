@@ -176,6 +176,7 @@ pub(crate) async fn register_vdisk(
         store: store_name.to_owned(),
         boot: Default::default(),
         anonymous_read: false,
+        physical_sector: vstream_api::default_physical_sector(),
     };
     match farm.create_vdisk(vdisk).await {
         Ok(v) => Ok(v),
@@ -208,12 +209,23 @@ pub(super) async fn set_vdisk(
     Json(req): Json<SetVDisk>,
 ) -> Result<Json<VDiskInfo>, ApiError> {
     let _lock = sessions.lock_vdisk(&name).await;
-    let content = req.mode.is_some() || req.cache_limit.is_some() || req.cache_type.is_some();
+    // What a connected device would see change under it.
+    let content = req.mode.is_some()
+        || req.cache_limit.is_some()
+        || req.cache_type.is_some()
+        || req.physical_sector.is_some();
     if !content && req.anonymous_read.is_none() && req.boot.is_none() {
         return Err(ApiError::bad_request(
-            "nothing to change: give a mode, a cache type, a cache limit, anonymous read \
-             or a boot method",
+            "nothing to change: give a mode, a cache type, a cache limit, anonymous read, \
+             a boot method or a physical sector",
         ));
+    }
+    if let Some(p) = req.physical_sector {
+        if !vstream_api::PHYSICAL_SECTORS.contains(&p) {
+            return Err(ApiError::bad_request(format!(
+                "a physical sector of {p} bytes: it must be 512 (512n) or 4096 (512e)"
+            )));
+        }
     }
     // Who may read it changes nothing under a connected device.
     let connected = match content {
@@ -237,6 +249,9 @@ pub(super) async fn set_vdisk(
             }
             if let Some(a) = req.anonymous_read {
                 v.anonymous_read = a;
+            }
+            if let Some(p) = req.physical_sector {
+                v.physical_sector = p;
             }
             // Counts from each device's next boot script.
             if let Some(b) = req.boot {
