@@ -1486,6 +1486,11 @@ impl Session {
                 if count > limits.max_write_same {
                     return Some(Err(Sense::INVALID_FIELD_IN_CDB));
                 }
+                // Without NDOB, exactly one block comes with it: a half or
+                // a double block is refused, not guessed.
+                if !ndob && data.len() != BLOCK as usize {
+                    return Some(Err(Sense::INVALID_FIELD_IN_CDB));
+                }
                 let offset = at.lba * BLOCK as u64;
                 let len = count * BLOCK as u64;
                 // With UNMAP the blocks are unmapped whatever the data
@@ -1496,9 +1501,6 @@ impl Session {
                     // partial chunks, punch the whole ones.
                     let r = backend.write_zeroes(offset, len, false, unmap).await;
                     return Some(r.map_err(write_sense));
-                }
-                if data.len() < BLOCK as usize {
-                    return Some(Err(Sense::INVALID_FIELD_IN_CDB));
                 }
                 let block = &data[..BLOCK as usize];
                 let mut buf = Vec::with_capacity(len as usize);
