@@ -62,6 +62,58 @@ pub struct Device {
     pub iqn: Option<String>,
 }
 
+/// How many events of each kind a device has had since it was added
+/// (`eventcounts/DEVICE` in the farm state, written with its recent events,
+/// which keep only the newest few). A device added by an older build counts
+/// from the recent events it had then.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DeviceEventCounts {
+    #[serde(default)]
+    pub connects: u64,
+    #[serde(default)]
+    pub disconnects: u64,
+    /// Logins again avoiding a server that failed it (or let it go).
+    #[serde(default)]
+    pub failovers: u64,
+    /// Logins refused for now, that it retries: nothing could serve it yet.
+    #[serde(default)]
+    pub retries: u64,
+    #[serde(default)]
+    pub refusals: u64,
+    /// Times its write cache passed 80 % of its limit, or reached it.
+    #[serde(default)]
+    pub cache_full: u64,
+    /// When its last failover was, in ms since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failover_ms: Option<u64>,
+    /// When its last retry was, in ms since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_retry_ms: Option<u64>,
+}
+
+impl DeviceEventCounts {
+    /// Counts `event` in.
+    pub fn add(&mut self, event: &crate::DeviceEvent) {
+        use crate::EventKind;
+        let at = Some(event.at_ms);
+        match event.kind {
+            EventKind::Connect => self.connects += 1,
+            EventKind::Disconnect => self.disconnects += 1,
+            EventKind::Failover => {
+                self.failovers += 1;
+                self.last_failover_ms = self.last_failover_ms.max(at);
+            }
+            EventKind::Retry => {
+                self.retries += 1;
+                self.last_retry_ms = self.last_retry_ms.max(at);
+            }
+            EventKind::Refusal => self.refusals += 1,
+            EventKind::CacheFull => self.cache_full += 1,
+        }
+    }
+}
+
 impl Device {
     /// Why a certificate of this device that became valid at `not_before`
     /// (Unix seconds) no longer opens anything, if it does not.
