@@ -1374,6 +1374,10 @@ impl Sessions {
                         &self.config.iqn_prefix,
                         &device.name,
                     )),
+                    failovers: 0,
+                    retries: 0,
+                    last_failover_ms: None,
+                    last_retry_ms: None,
                     device,
                 };
             }
@@ -1405,6 +1409,10 @@ impl Sessions {
                 &self.config.iqn_prefix,
                 &device.name,
             )),
+            failovers: 0,
+            retries: 0,
+            last_failover_ms: None,
+            last_retry_ms: None,
             device,
         }
     }

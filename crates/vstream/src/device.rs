@@ -304,6 +304,8 @@ fn device_table(devices: &[DeviceInfo]) -> String {
                 } else {
                     human_size(i.cache_bytes)
                 },
+                i.retries.to_string(),
+                i.failovers.to_string(),
             ]
         })
         .collect();
@@ -318,6 +320,8 @@ fn device_table(devices: &[DeviceInfo]) -> String {
             "VERSION",
             "SINCE",
             "CACHE",
+            "RETRIES",
+            "FAILOVERS",
         ],
         &rows,
     )
@@ -370,6 +374,8 @@ fn device_fields(i: &DeviceInfo) -> String {
             },
         ),
         ("created", format_unix_time(d.created_unix)),
+        ("retries", counted(i.retries, i.last_retry_ms)),
+        ("failovers", counted(i.failovers, i.last_failover_ms)),
     ];
     if let Some(p) = &i.protocol {
         fields.push(("protocol", p.clone()));
@@ -392,6 +398,14 @@ fn device_fields(i: &DeviceInfo) -> String {
         ));
     }
     render_fields(&fields)
+}
+
+/// A count of events since the device was added, with when the last was.
+fn counted(n: u64, last_ms: Option<u64>) -> String {
+    match last_ms {
+        Some(ms) if n > 0 => format!("{n}, the last at {}", format_unix_time(ms / 1000)),
+        _ => n.to_string(),
+    }
 }
 
 fn events_table(events: &[vstream_api::DeviceEvent]) -> String {
@@ -471,6 +485,10 @@ mod tests {
             protocol: peer.map(|_| "NBD".to_string()),
             iscsi_initiator: Some("iqn.2026-12.org.vstream:mac.aabbcc001122".into()),
             iscsi_target: Some(format!("iqn.2026-12.org.vstream:device.{name}")),
+            failovers: 0,
+            retries: 0,
+            last_failover_ms: None,
+            last_retry_ms: None,
         }
     }
 
@@ -478,19 +496,25 @@ mod tests {
     fn list_table() {
         let mut lab = info("lab-pc-22", None, 0);
         lab.device.kind = DeviceType::Maintenance;
-        let t = device_table(&[info("pc1", Some("10.0.0.5:51234"), 3 << 29), lab]);
+        let mut pc1 = info("pc1", Some("10.0.0.5:51234"), 3 << 29);
+        (pc1.retries, pc1.failovers) = (12, 1);
+        let t = device_table(&[pc1, lab]);
         assert_eq!(
             t,
-            "NAME       MAC                VDISK  TYPE         CONNECTED  SERVER  VERSION  SINCE                    CACHE\n\
-             pc1        aa:bb:cc:00:11:22  win10  production   yes        pvs1    3        2023-11-14 22:14:20 UTC  1.5 GiB\n\
-             lab-pc-22  aa:bb:cc:00:11:22  win10  maintenance  no         -       -        -                        0 B\n"
+            "NAME       MAC                VDISK  TYPE         CONNECTED  SERVER  VERSION  SINCE                    CACHE    RETRIES  FAILOVERS\n\
+             pc1        aa:bb:cc:00:11:22  win10  production   yes        pvs1    3        2023-11-14 22:14:20 UTC  1.5 GiB  12       1\n\
+             lab-pc-22  aa:bb:cc:00:11:22  win10  maintenance  no         -       -        -                        0 B      0        0\n"
         );
     }
 
     #[test]
     fn show_fields() {
         assert_eq!(
-            device_fields(&info("pc1", Some("10.0.0.5:51234"), 4096)),
+            device_fields(&{
+                let mut pc1 = info("pc1", Some("10.0.0.5:51234"), 4096);
+                (pc1.failovers, pc1.last_failover_ms) = (2, Some(1_700_000_030_000));
+                pc1
+            }),
             "name:            pc1\n\
              mac:             aa:bb:cc:00:11:22\n\
              vdisk:           win10\n\
@@ -501,6 +525,8 @@ mod tests {
              peer:            10.0.0.5:51234\n\
              write cache:     4 KiB\n\
              created:         2023-11-14 22:13:20 UTC\n\
+             retries:         0\n\
+             failovers:       2, the last at 2023-11-14 22:13:50 UTC\n\
              protocol:        NBD\n\
              iscsi initiator: iqn.2026-12.org.vstream:mac.aabbcc001122 (from its MAC)\n\
              iscsi target:    iqn.2026-12.org.vstream:device.pc1\n"

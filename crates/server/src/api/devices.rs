@@ -26,12 +26,23 @@ pub(super) async fn list_devices(
     State(sessions): State<Arc<Sessions>>,
 ) -> Result<Json<Vec<DeviceInfo>>, ApiError> {
     let devices = farm.list_devices().await?;
+    // Every device's event counts in one read, not one per device.
+    let counts = farm.device_event_counts().await?;
     Ok(Json(
         devices
             .into_iter()
-            .map(|d| sessions.device_info(d))
+            .map(|d| {
+                let c = counts.get(&d.name);
+                sessions.device_info(d).with_counts(c)
+            })
             .collect(),
     ))
+}
+
+/// Device `d` with its live state and its event counts.
+async fn info(farm: &FarmStore, sessions: &Sessions, d: Device) -> Result<DeviceInfo, ApiError> {
+    let counts = farm.device_event_count(&d.name).await?;
+    Ok(sessions.device_info(d).with_counts(Some(&counts)))
 }
 
 #[utoipa::path(post, path = "/api/v1/devices", request_body = CreateDevice,
@@ -61,7 +72,7 @@ pub(super) async fn add_device(
     // before its first login.
     farm.iscsi_secrets(&d.name, crate::iscsi::fresh_secrets())
         .await?;
-    Ok((StatusCode::CREATED, Json(sessions.device_info(d))))
+    Ok((StatusCode::CREATED, Json(info(&farm, &sessions, d).await?)))
 }
 
 #[utoipa::path(get, path = "/api/v1/devices/{name}", params(("name" = String, Path, description = "name or MAC")),
@@ -72,7 +83,7 @@ pub(super) async fn show_device(
     Path(name): Path<String>,
 ) -> Result<Json<DeviceInfo>, ApiError> {
     let d = get_device(&farm, &name).await?;
-    Ok(Json(sessions.device_info(d)))
+    Ok(Json(info(&farm, &sessions, d).await?))
 }
 
 #[utoipa::path(delete, path = "/api/v1/devices/{name}", params(("name" = String, Path)),
@@ -138,7 +149,7 @@ pub(super) async fn set_device(
             Ok(())
         })
         .await?;
-    Ok(Json(sessions.device_info(d)))
+    Ok(Json(info(&farm, &sessions, d).await?))
 }
 
 /// Checks initiator name `iqn` for device `device`: a valid one that no
@@ -243,7 +254,7 @@ pub(super) async fn revoke_device(
     // A token its last boot script handed out would enroll it again.
     farm.drop_enroll_token(&d.name).await?;
     tracing::info!(device = %d.name, revoked_unix = now, "device credentials revoked");
-    Ok(Json(sessions.device_info(d)))
+    Ok(Json(info(&farm, &sessions, d).await?))
 }
 
 /// A credential for the device, ahead of time, for a holder with a disk to
@@ -315,7 +326,7 @@ pub(super) async fn reset_device(
     }
     store.discard_cache(&d.name)?;
     tracing::info!(device = %d.name, "write cache reset");
-    Ok(Json(sessions.device_info(d)))
+    Ok(Json(info(&farm, &sessions, d).await?))
 }
 
 /// The device's recent events (connects, disconnects, failovers, retries,
@@ -328,4 +339,122 @@ pub(super) async fn device_events(
 ) -> Result<Json<Vec<vstream_api::DeviceEvent>>, ApiError> {
     let d = get_device(&farm, &name).await?;
     Ok(Json(farm.device_events(&d.name).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, FileConfig, FlagConfig};
+    use crate::state::Server;
+    use vstream_api::{CacheType, EventKind, Mode, ServerStatus, VDisk};
+
+    /// Server s1 of a farm on its embedded store, with devices pc1 and pc2.
+    async fn s1(dir: &std::path::Path) -> Server {
+        let flags = FlagConfig {
+            data: Some(dir.to_owned()),
+            name: Some("s1".into()),
+            ..Default::default()
+        };
+        let config = Config::resolve(FileConfig::default(), flags).unwrap();
+        let store = Store::open(dir).unwrap();
+        let farm = FarmStore::embedded(dir.join("farm.redb")).unwrap();
+        farm.create_vdisk(VDisk {
+            name: "g".into(),
+            size: 1 << 20,
+            mode: Mode::Standard,
+            cache_type: CacheType::Device,
+            cache_limit: None,
+            created_unix: 0,
+            store: vstream_api::default_store(),
+            boot: Default::default(),
+            anonymous_read: false,
+        })
+        .await
+        .unwrap();
+        for (name, mac) in [("pc1", "52:54:00:00:30:01"), ("pc2", "52:54:00:00:30:02")] {
+            farm.create_device(Device {
+                name: name.into(),
+                mac: mac.into(),
+                vdisk: "g".into(),
+                created_unix: 0,
+                kind: Default::default(),
+                credentials_revoked_unix: None,
+                iqn: None,
+            })
+            .await
+            .unwrap();
+        }
+        for s in ["s1", "s2", "s3"] {
+            farm.publish_server(
+                &ServerStatus::idle(s, "", ""),
+                std::time::Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        }
+        Server::new(
+            config,
+            store,
+            farm,
+            vstream_service::Tls::off(),
+            Default::default(),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_device_list_counts_each_devices_retries_and_failovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = s1(dir.path()).await;
+        let event = |at_ms, kind| vstream_api::DeviceEvent {
+            at_ms,
+            kind,
+            server: "s2".into(),
+            detail: String::new(),
+        };
+        for (at, kind) in [
+            (1, EventKind::Retry),
+            (2, EventKind::Retry),
+            (3, EventKind::Connect),
+            (4, EventKind::Failover),
+            (5, EventKind::Retry),
+        ] {
+            server
+                .farm
+                .add_device_event("pc1", &event(at, kind), 2)
+                .await
+                .unwrap();
+        }
+        let Json(list) = list_devices(State(server.farm.clone()), State(server.sessions.clone()))
+            .await
+            .unwrap();
+        let pc = |name: &str| list.iter().find(|d| d.device.name == name).unwrap().clone();
+        let pc1 = pc("pc1");
+        assert_eq!(
+            (pc1.retries, pc1.failovers),
+            (3, 1),
+            "more than the 2 events kept"
+        );
+        assert_eq!(
+            (pc1.last_retry_ms, pc1.last_failover_ms),
+            (Some(5), Some(4))
+        );
+        let pc2 = pc("pc2");
+        assert_eq!(
+            (pc2.retries, pc2.failovers, pc2.last_retry_ms),
+            (0, 0, None)
+        );
+        let json = serde_json::to_value(&pc1).unwrap();
+        assert_eq!(
+            (json["retries"].as_u64(), json["failovers"].as_u64()),
+            (Some(3), Some(1))
+        );
+        let Json(one) = show_device(
+            State(server.farm.clone()),
+            State(server.sessions.clone()),
+            Path("pc1".into()),
+        )
+        .await
+        .unwrap();
+        assert_eq!((one.retries, one.failovers), (3, 1));
+    }
 }
