@@ -552,12 +552,18 @@ function deviceActions(d) {
   ];
 }
 
+// A count of the device's events since it was added, with when the last
+// one was as the cell's title; non-zero counts stand out.
+function countCell(n, lastMs, key) {
+  return h('td', { class: 'num count' + (n ? ' warn' : ''), dataset: { [key]: n || 0 }, title: lastMs ? 'last ' + when(lastMs) : null, text: n || 0 });
+}
+
 function deviceRow(d, fill) {
   const hot = fill !== null && fill > HOT;
   const pct = fill === null ? null : Math.round(fill * 1000) / 10;
   return h('tr', { class: hot ? 'hot' : null, dataset: { device: d.name, state: d.connected ? 'connected' : 'offline' } },
     h('td', null, link(deviceHref(d.name), d.name), h('div', { class: 'mute', text: d.mac })),
-    h('td', { text: d.server || '—' }),
+    h('td', { class: 'server', text: d.server || '—' }),
     h('td', null, link(vdiskHref(d.vdisk), d.vdisk)),
     h('td', { class: 'num', text: d.version ?? '—' }),
     h('td', null, pill(d.type)),
@@ -565,13 +571,31 @@ function deviceRow(d, fill) {
       d.connected_since ? h('div', { class: 'mute', text: 'since ' + ago(d.connected_since) }) : null),
     h('td', { text: host(d.peer) }),
     h('td', { class: 'num fill', dataset: { fill: pct ?? '' }, text: (pct === null ? '' : pct + ' % · ') + bytes(d.cache_bytes) }),
+    countCell(d.retries, d.last_retry_ms, 'retries'),
+    countCell(d.failovers, d.last_failover_ms, 'failovers'),
     h('td', { class: 'actions' }, deviceActions(d)));
 }
 
+// The devices table's columns: [heading, sort key or null, numeric].
+const DEVICE_COLUMNS = [['device', 'name'], ['server', 'server'], ['vDisk', 'vdisk'], ['version', null, true],
+  ['type', null], ['state', null], ['IP', null], ['cache fill', 'fill', true], ['retries', 'retries', true],
+  ['failovers', 'failovers', true], ['', null]];
+
 function deviceTable(devices, limits) {
-  return table(['device', 'server', 'vDisk', { class: 'num', text: 'version' }, 'type', 'state', 'IP',
-    { class: 'num', text: 'cache fill' }, ''], devices.map((d) => deviceRow(d, fillOf(d, limits))));
+  return table(DEVICE_COLUMNS.map(([text, , num]) => (num ? { class: 'num', text } : text)),
+    devices.map((d) => deviceRow(d, fillOf(d, limits))));
 }
+
+// How the devices page orders its rows: by name, or the column picked
+// (counts and fill largest first), then by name.
+const DEVICE_SORTS = {
+  name: null,
+  server: (x) => x.d.server || '\uffff',
+  vdisk: (x) => x.d.vdisk,
+  fill: (x) => -(x.fill ?? -1),
+  retries: (x) => -(x.d.retries || 0),
+  failovers: (x) => -(x.d.failovers || 0),
+};
 
 function afterPaint(t0, key) {
   requestAnimationFrame(() => requestAnimationFrame(() => {
@@ -584,7 +608,7 @@ views.devices = {
   title: 'Devices',
   mount(main) {
     const t0 = performance.now();
-    const f = this.f = { q: '', server: '', vdisk: '', type: '', state: '', page: 0 };
+    const f = this.f = { q: '', server: '', vdisk: '', type: '', state: '', sort: 'name', page: 0 };
     const onChange = (key) => (ev) => {
       const t = performance.now();
       f[key] = ev.target.value;
@@ -605,10 +629,15 @@ views.devices = {
         h('input', { id: 'f-q', type: 'search', placeholder: 'name, MAC or IP', oninput: onChange('q') }),
         this.sel.server, this.sel.vdisk,
         h('select', { id: 'f-type', onchange: onChange('type') }, ['', 'production', 'test', 'maintenance'].map((o) => h('option', { value: o, text: o || 'any type' }))),
-        h('select', { id: 'f-state', onchange: onChange('state') }, [['', 'any state'], ['connected', 'connected'], ['offline', 'offline'], ['hot', 'cache over 80 %']].map(([v, t]) => h('option', { value: v, text: t }))),
+        h('select', { id: 'f-state', onchange: onChange('state') }, [['', 'any state'], ['connected', 'connected'], ['offline', 'offline'], ['hot', 'cache over 80 %'],
+          ['unsteady', 'with retries or failovers']].map(([v, t]) => h('option', { value: v, text: t }))),
+        h('select', { id: 'f-sort', onchange: onChange('sort') }, Object.keys(DEVICE_SORTS).map((k) => h('option', { value: k, text: 'by ' + (k === 'vdisk' ? 'vDisk' : k === 'fill' ? 'cache fill' : k) }))),
         this.count),
       h('table', { id: 'devices' },
-        h('thead', null, h('tr', null, ['device', 'server', 'vDisk', 'version', 'type', 'state', 'IP', 'cache fill', ''].map((c) => h('th', { text: c })))),
+        h('thead', null, h('tr', null, DEVICE_COLUMNS.map(([c, key, num]) => h('th', {
+          text: c, class: num ? 'num' : null, dataset: key ? { sort: key } : null, title: key ? 'sort by ' + c : null,
+          onclick: key ? () => { const sel = $('f-sort'); sel.value = key; sel.dispatchEvent(new Event('change')); } : null,
+        })))),
         this.body),
       this.pager);
   },
@@ -648,11 +677,20 @@ views.devices = {
     if (!this.all) return;
     const f = this.f;
     const q = f.q.trim().toLowerCase();
-    const shown = this.all.filter((x) => (!q || x.hay.includes(q))
+    let shown = this.all.filter((x) => (!q || x.hay.includes(q))
       && (!f.server || x.d.server === f.server)
       && (!f.vdisk || x.d.vdisk === f.vdisk)
       && (!f.type || x.d.type === f.type)
-      && (!f.state || (f.state === 'hot' ? x.fill !== null && x.fill > HOT : (f.state === 'connected') === x.d.connected)));
+      && (!f.state || (f.state === 'hot' ? x.fill !== null && x.fill > HOT
+        : f.state === 'unsteady' ? x.d.retries > 0 || x.d.failovers > 0
+          : (f.state === 'connected') === x.d.connected)));
+    const by = DEVICE_SORTS[f.sort];
+    if (by) {
+      // Stable: ties keep the order by name.
+      const keyed = shown.map((x) => [by(x), x]);
+      keyed.sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
+      shown = keyed.map((k) => k[1]);
+    }
     const pages = Math.max(1, Math.ceil(shown.length / PAGE));
     f.page = Math.min(f.page, pages - 1);
     const slice = shown.slice(f.page * PAGE, (f.page + 1) * PAGE);
@@ -689,7 +727,9 @@ views.device = {
         ['server', d.server || '—'], ['version', d.version ?? '—'], ['since', d.connected_since ? `${when(d.connected_since * 1000)} (${ago(d.connected_since)})` : '—'],
         ['IP', host(d.peer)], ['protocol', d.protocol || (d.connected ? 'nbd' : '—')],
         ['write cache', `${bytes(d.cache_bytes)}${fill !== null ? ` (${(fill * 100).toFixed(1)} % of ${bytes(v.cache_limit)})` : ''}${d.device_cache ? ', on the device' : ''}`],
-        ['retries', count('retry')], ['failovers', count('failover')], ['refusals', count('refusal')], ['cache warnings', count('cache_full')],
+        ['retries', `${d.retries || 0}${d.last_retry_ms ? ', last ' + when(d.last_retry_ms) : ''}`],
+        ['failovers', `${d.failovers || 0}${d.last_failover_ms ? ', last ' + when(d.last_failover_ms) : ''}`],
+        ['refusals (recent)', count('refusal')], ['cache warnings (recent)', count('cache_full')],
         ['iSCSI initiator', d.iscsi_initiator || '—'],
       ].map(([k, val]) => [h('dt', { text: k }), h('dd', { text: String(val), dataset: { key: k } })])),
       h('p', { class: 'actions' }, deviceActions(d)),
