@@ -14,8 +14,8 @@ pub use replication::*;
 pub use vstream_model::{
     check_iqn, default_initiator, default_store, device_target, looks_like_mac, parse_mac,
     ApiToken, AuditEntry, BootFile, BootFileKind, BootFiles, BootMethod, CacheType, Device,
-    DeviceEvent, DeviceEventCounts, DeviceType, EnrollToken, EventKind, IscsiSecrets, Mode, Role,
-    StoreDef, StoreHere, VDisk, Version, VersionState, DEFAULT_STORE,
+    DeviceEvent, DeviceEventCounts, DeviceMove, DeviceType, EnrollToken, EventKind, IscsiSecrets,
+    Mode, Role, StoreDef, StoreHere, VDisk, Version, VersionState, DEFAULT_STORE,
 };
 
 use serde::{Deserialize, Serialize};
@@ -145,6 +145,14 @@ pub struct SetDevice {
     pub iqn: Option<String>,
 }
 
+/// `POST /api/v1/devices/{name}/move`: the server a connected device moves to.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MoveDevice {
+    /// A server of the farm that is up and holds a verified copy of the
+    /// version the device runs.
+    pub server: String,
+}
+
 /// What a device needs to reach its disk over iSCSI: its names, its CHAP
 /// secrets and the portals that serve it (admins only: the secrets open the
 /// device's disk).
@@ -239,7 +247,7 @@ pub struct DeviceInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iscsi_target: Option<String>,
     /// Its failovers since it was added: logins again avoiding a server
-    /// that failed it or let it go (a rebalance).
+    /// that failed it or let it go (a move, a rebalance).
     #[serde(default)]
     pub failovers: u64,
     /// Its retries since it was added: logins refused for now because no

@@ -620,6 +620,7 @@ mod tests {
             kind: Default::default(),
             credentials_revoked_unix: None,
             iqn: None,
+            moved: None,
         }
     }
 
@@ -788,6 +789,7 @@ mod tests {
             kind: Default::default(),
             credentials_revoked_unix: None,
             iqn: None,
+            moved: None,
         }));
     }
 }
