@@ -31,6 +31,7 @@ fn expected(method: &str, path: &str) -> &'static str {
         ("patch", "/api/v1/devices/{name}"),
         ("delete", "/api/v1/devices/{name}"),
         ("post", "/api/v1/devices/{name}/reset"),
+        ("post", "/api/v1/devices/{name}/move"),
         ("post", "/api/v1/devices/{name}/revoke"),
         ("post", "/api/v1/farm/rebalance"),
         ("post", "/api/v1/replication/start"),

@@ -28,6 +28,8 @@ const S = {
   busy: null,
   etags: new Map(),
   lastOk: 0,
+  // The farm's servers as last fetched, for the move dialog.
+  servers: [],
 };
 // Timings the browser test reads (performance.now() deltas, in ms).
 window.vstreamTimings = {};
@@ -164,7 +166,8 @@ async function act(what, method, path, body) {
 // ---- confirmation dialog ---------------------------------------------------
 
 // Shows what an action will do; `fields` are inputs whose values `run` gets.
-function confirmAction({ title, lines, fields, ok, run }) {
+// `blocked`: the action cannot be done now (the lines say why); OK is off.
+function confirmAction({ title, lines, fields, ok, run, blocked }) {
   const d = $('confirm');
   $('confirm-title').textContent = title;
   const body = $('confirm-body');
@@ -184,6 +187,7 @@ function confirmAction({ title, lines, fields, ok, run }) {
   const okButton = $('confirm-ok');
   okButton.textContent = ok || 'Confirm';
   const fresh = okButton.cloneNode(true);
+  fresh.disabled = !!blocked;
   okButton.replaceWith(fresh);
   const cancel = $('confirm-cancel').cloneNode(true);
   $('confirm-cancel').replaceWith(cancel);
@@ -278,6 +282,7 @@ async function loadMatrix(only) {
     only ? get('/api/v1/vdisks/' + encodeURIComponent(only)).then((v) => [v]) : get('/api/v1/vdisks'),
   ]);
   const versions = await Promise.all(vdisks.map((v) => get(`/api/v1/vdisks/${encodeURIComponent(v.name)}/versions`)));
+  S.servers = servers;
   return { servers, repl, vdisks, versions };
 }
 
@@ -530,6 +535,10 @@ function deviceActions(d) {
         run: (f) => act(`Reset ${d.name}`, 'POST', `/api/v1/devices/${enc}/reset${f.force === 'yes' ? '?force=true' : ''}`),
       }),
     }),
+    d.connected ? h('button', {
+      text: 'Move…', dataset: { action: 'move' },
+      onclick: () => confirmMove(d),
+    }) : null,
     h('button', {
       text: 'Type…', dataset: { action: 'set-type' },
       onclick: () => confirmAction({
@@ -558,6 +567,46 @@ function countCell(n, lastMs, key) {
   return h('td', { class: 'num count' + (n ? ' warn' : ''), dataset: { [key]: n || 0 }, title: lastMs ? 'last ' + when(lastMs) : null, text: n || 0 });
 }
 
+// The servers that are up, other than the device's, and hold a verified
+// copy of the version it runs (the content its server holds): where it may
+// move.
+function moveTargets(d) {
+  const has = (s, hash) => (s.versions || []).some((v) => v.vdisk === d.vdisk && v.number === d.version
+    && v.verified && !v.writable && (!hash || v.content_hash === hash));
+  const cur = S.servers.find((s) => s.name === d.server);
+  const mine = cur && (cur.versions || []).find((v) => v.vdisk === d.vdisk && v.number === d.version);
+  const hash = mine ? mine.content_hash : '';
+  return S.servers.filter((s) => s.up && s.name !== d.server && has(s, hash));
+}
+
+function confirmMove(d) {
+  const targets = moveTargets(d);
+  const lines = [`${d.name} streams vDisk ${d.vdisk} version ${d.version} from ${d.server}.`];
+  let blocked = false;
+  if (!d.device_cache) {
+    blocked = true;
+    lines.push(`Its writes go to ${d.server} (a Private-mode vDisk, a maintenance version, or a write cache on the server): it stays there while it runs.`);
+  } else if (!targets.length) {
+    blocked = true;
+    lines.push(`No other server that is up holds a verified copy of ${d.vdisk} version ${d.version}: it cannot move now.`);
+  } else {
+    lines.push('Servers up with a verified copy of that version: '
+      + targets.map((s) => `${s.name} (load ${s.load.toFixed(2)}, ${s.devices} devices)`).join(', ') + '.',
+    `${d.server} lets it go; its agent logs in again at the server chosen within seconds. Its write cache stays on the device; reads pause meanwhile.`);
+  }
+  confirmAction({
+    title: `Move ${d.name}`, ok: 'Move', lines, blocked,
+    fields: targets.length && !blocked ? [{ name: 'server', label: 'To server', options: targets.map((s) => s.name) }] : [],
+    run: (f) => act(`Move ${d.name} to ${f.server}`, 'POST', `/api/v1/devices/${encodeURIComponent(d.name)}/move`, { server: f.server }),
+  });
+}
+
+// Where a device was moved a moment ago and is not yet: "moving to s2".
+function moving(d) {
+  const m = d.moved;
+  return m && m.server !== d.server && Date.now() / 1000 - m.requested_unix < 120 ? 'moving to ' + m.server : null;
+}
+
 function deviceRow(d, fill) {
   const hot = fill !== null && fill > HOT;
   const pct = fill === null ? null : Math.round(fill * 1000) / 10;
@@ -568,7 +617,8 @@ function deviceRow(d, fill) {
     h('td', { class: 'num', text: d.version ?? '—' }),
     h('td', null, pill(d.type)),
     h('td', null, d.connected ? pill('up', 'connected') : pill('missing', 'offline'),
-      d.connected_since ? h('div', { class: 'mute', text: 'since ' + ago(d.connected_since) }) : null),
+      d.connected_since ? h('div', { class: 'mute', text: 'since ' + ago(d.connected_since) }) : null,
+      moving(d) ? h('div', { class: 'mute', text: moving(d) }) : null),
     h('td', { text: host(d.peer) }),
     h('td', { class: 'num fill', dataset: { fill: pct ?? '' }, text: (pct === null ? '' : pct + ' % · ') + bytes(d.cache_bytes) }),
     countCell(d.retries, d.last_retry_ms, 'retries'),
@@ -644,6 +694,7 @@ views.devices = {
   async load() {
     const t = performance.now();
     const [devices, vdisks, servers] = await Promise.all([get('/api/v1/devices'), get('/api/v1/vdisks'), get('/api/v1/servers')]);
+    S.servers = servers;
     window.vstreamTimings.devicesLoadMs = performance.now() - t;
     return { devices, vdisks, servers };
   },
@@ -713,7 +764,8 @@ views.device = {
   title: 'Device',
   async load(name) {
     const enc = encodeURIComponent(name);
-    const [d, events] = await Promise.all([get('/api/v1/devices/' + enc), get(`/api/v1/devices/${enc}/events`)]);
+    const [d, events, servers] = await Promise.all([get('/api/v1/devices/' + enc), get(`/api/v1/devices/${enc}/events`), get('/api/v1/servers')]);
+    S.servers = servers;
     const v = await get('/api/v1/vdisks/' + encodeURIComponent(d.vdisk)).catch(() => null);
     return { d, events, v };
   },
@@ -724,18 +776,19 @@ views.device = {
       h('h1', null, 'Device ', h('span', { id: 'device-name', text: d.name })),
       h('dl', { class: 'kv' }, [
         ['MAC', d.mac], ['vDisk', d.vdisk], ['type', d.type], ['state', d.connected ? 'connected' : 'offline'],
-        ['server', d.server || '—'], ['version', d.version ?? '—'], ['since', d.connected_since ? `${when(d.connected_since * 1000)} (${ago(d.connected_since)})` : '—'],
+        ['server', (d.server || '—') + (moving(d) ? ` (${moving(d)})` : '')], ['version', d.version ?? '—'], ['since', d.connected_since ? `${when(d.connected_since * 1000)} (${ago(d.connected_since)})` : '—'],
         ['IP', host(d.peer)], ['protocol', d.protocol || (d.connected ? 'nbd' : '—')],
         ['write cache', `${bytes(d.cache_bytes)}${fill !== null ? ` (${(fill * 100).toFixed(1)} % of ${bytes(v.cache_limit)})` : ''}${d.device_cache ? ', on the device' : ''}`],
         ['retries', `${d.retries || 0}${d.last_retry_ms ? ', last ' + when(d.last_retry_ms) : ''}`],
         ['failovers', `${d.failovers || 0}${d.last_failover_ms ? ', last ' + when(d.last_failover_ms) : ''}`],
         ['refusals (recent)', count('refusal')], ['cache warnings (recent)', count('cache_full')],
         ['iSCSI initiator', d.iscsi_initiator || '—'],
+        ['last move', d.moved ? `from ${d.moved.from} to ${d.moved.server} at ${when(d.moved.requested_unix * 1000)}` : '—'],
       ].map(([k, val]) => [h('dt', { text: k }), h('dd', { text: String(val), dataset: { key: k } })])),
       h('p', { class: 'actions' }, deviceActions(d)),
       h('h2', { text: 'Recent events' }),
       table(['when', 'event', 'server', 'detail'], events.slice().reverse().map((e) => h('tr', null,
-        h('td', { text: when(e.at_ms) }), h('td', null, pill(e.kind === 'connect' ? 'up' : e.kind === 'disconnect' ? 'missing' : 'corrupt', e.kind)),
+        h('td', { text: when(e.at_ms) }), h('td', null, pill(e.kind === 'connect' ? 'up' : e.kind === 'disconnect' ? 'missing' : e.kind === 'move' ? 'maintenance' : 'corrupt', e.kind)),
         h('td', { text: e.server }), h('td', { text: e.detail || '' }))), { id: 'events' }));
   },
 };
