@@ -311,7 +311,13 @@ fn the_console_runs_a_farm_from_any_server() {
     assert_eq!(offered, [to], "{says}");
     let moved_at = Instant::now();
     b.click(&b.wait(5, "dialog[open] #confirm-ok"));
+    // The device reads on: its agent finds the connection let go at its
+    // next read, and logs in again.
+    let mut at = 8 * MIB;
     common::wait_for(30, "the agent to fail over to the other server", || {
+        let read = format!("read {at} 4k");
+        at = (at + 4096).min(16 * MIB - 4096);
+        common::run("qemu-io", &["-f", "raw", "-c", &read, &url]);
         (streaming_from(&agent) == to).then_some(())
     });
     let agent_at = moved_at.elapsed().as_secs_f64();
