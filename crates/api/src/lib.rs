@@ -14,8 +14,9 @@ pub use replication::*;
 pub use vstream_model::{
     check_iqn, default_initiator, default_physical_sector, default_store, device_target,
     looks_like_mac, parse_mac, ApiToken, AuditEntry, BootFile, BootFileKind, BootFiles, BootMethod,
-    CacheType, Device, DeviceEvent, DeviceType, EnrollToken, EventKind, IscsiSecrets, Mode, Role,
-    StoreDef, StoreHere, VDisk, Version, VersionState, DEFAULT_STORE, PHYSICAL_SECTORS,
+    CacheType, Device, DeviceEvent, DeviceEventCounts, DeviceMove, DeviceType, EnrollToken,
+    EventKind, IscsiSecrets, Mode, Role, StoreDef, StoreHere, VDisk, Version, VersionState,
+    DEFAULT_STORE, PHYSICAL_SECTORS,
 };
 
 use serde::{Deserialize, Serialize};
@@ -150,6 +151,14 @@ pub struct SetDevice {
     pub iqn: Option<String>,
 }
 
+/// `POST /api/v1/devices/{name}/move`: the server a connected device moves to.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MoveDevice {
+    /// A server of the farm that is up and holds a verified copy of the
+    /// version the device runs.
+    pub server: String,
+}
+
 /// What a device needs to reach its disk over iSCSI: its names, its CHAP
 /// secrets and the portals that serve it (admins only: the secrets open the
 /// device's disk).
@@ -243,6 +252,33 @@ pub struct DeviceInfo {
     /// Its iSCSI target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iscsi_target: Option<String>,
+    /// Its failovers since it was added: logins again avoiding a server
+    /// that failed it or let it go (a move, a rebalance).
+    #[serde(default)]
+    pub failovers: u64,
+    /// Its retries since it was added: logins refused for now because no
+    /// server could serve it yet.
+    #[serde(default)]
+    pub retries: u64,
+    /// When its last failover was, in ms since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failover_ms: Option<u64>,
+    /// When its last retry was, in ms since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_retry_ms: Option<u64>,
+}
+
+impl DeviceInfo {
+    /// Fills in the device's event counts.
+    pub fn with_counts(mut self, counts: Option<&DeviceEventCounts>) -> DeviceInfo {
+        if let Some(c) = counts {
+            self.failovers = c.failovers;
+            self.retries = c.retries;
+            self.last_failover_ms = c.last_failover_ms;
+            self.last_retry_ms = c.last_retry_ms;
+        }
+        self
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

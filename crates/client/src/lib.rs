@@ -474,6 +474,13 @@ impl Client {
         self.post_empty(&path)
     }
 
+    /// `POST /api/v1/devices/NAME/move`: the device as the move left it
+    /// (its `moved` names where to, and from where); it is there once its
+    /// agent has logged in again.
+    pub fn move_device(&self, name: &str, body: &vstream_api::MoveDevice) -> Result<DeviceInfo> {
+        self.post_for(&api_path(&["devices", name, "move"]), body)
+    }
+
     /// `POST /api/v1/devices/NAME/revoke`: the device's certificates so far
     /// open nothing any more.
     pub fn revoke_device(&self, name: &str) -> Result<Device> {

@@ -79,6 +79,7 @@ impl FarmStore {
     ) -> Result<(), FarmError> {
         checked_name(RecordKind::Device, device)?;
         let key = events_key(device);
+        let counts_key = crate::counts::counts_key(device);
         for _ in 0..crate::MAX_ATTEMPTS {
             let current = self.backend.get(&key).await?;
             let (mut events, compare) = match &current {
@@ -88,13 +89,25 @@ impl FarmStore {
                 ),
                 None => (Vec::new(), Compare::absent(&key)),
             };
+            // Its counts since it was added, kept with the recent events.
+            let stored = self.backend.get(&counts_key).await?;
+            let mut counts = crate::counts::counts_or_seed(
+                &counts_key,
+                stored.as_ref().map(|v| v.value.as_slice()),
+                &events,
+            )?;
+            counts.add(event);
+            let counts_compare = Compare::revision(&counts_key, stored.map_or(0, |v| v.revision));
             events.push(event.clone());
             events.sort_by_key(|e| e.at_ms);
             if events.len() > keep {
                 events.drain(..events.len() - keep);
             }
-            let ops = vec![Op::put(&key, encode(&key, &events)?)];
-            if self.backend.txn(vec![compare], ops).await? {
+            let ops = vec![
+                Op::put(&key, encode(&key, &events)?),
+                Op::put(&counts_key, encode(&counts_key, &counts)?),
+            ];
+            if self.backend.txn(vec![compare, counts_compare], ops).await? {
                 return Ok(());
             }
         }

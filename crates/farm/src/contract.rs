@@ -122,6 +122,7 @@ fn device(name: &str, mac: &str, vdisk: &str) -> Device {
         kind: Default::default(),
         credentials_revoked_unix: None,
         iqn: None,
+        moved: None,
     }
 }
 

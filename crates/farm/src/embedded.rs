@@ -426,6 +426,7 @@ mod tests {
             kind: Default::default(),
             credentials_revoked_unix: None,
             iqn: None,
+            moved: None,
         };
         let last_revision = {
             let store = FarmStore::embedded(&path).expect("open");

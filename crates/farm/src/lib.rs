@@ -14,6 +14,8 @@
 //! * `members/NAME`, `live/NAME` → [`vstream_model::ServerStatus`] (see `servers.rs`)
 //! * `catalog/NAME`, `replication/now`, `secrets/peer` (see `catalog.rs`)
 //! * `identity`, `tombstones/NAME` (see `identity.rs`)
+//! * `events/NAME`, `eventcounts/NAME`: a device's recent events and its
+//!   counts of them (see `access.rs`, `counts.rs`)
 //! * `macs/MAC` → the name of the device with that MAC (UTF-8), kept in the
 //!   same transactions as the device records, so MACs are unique.
 //!
@@ -29,6 +31,7 @@ mod boots;
 mod catalog;
 #[cfg(any(test, feature = "contract"))]
 pub mod contract;
+mod counts;
 pub mod embedded;
 mod enroll;
 mod error;
@@ -551,6 +554,7 @@ impl FarmStore {
                 Op::delete(boots::boot_key(name)),
                 Op::delete(iscsi::iscsi_key(name)),
                 Op::delete(access::events_key(name)),
+                Op::delete(counts::counts_key(name)),
             ];
             if self.backend.txn(compares, ops).await? {
                 return Ok(device);
@@ -619,6 +623,7 @@ mod tests {
             kind: Default::default(),
             credentials_revoked_unix: None,
             iqn: None,
+            moved: None,
         }
     }
 
@@ -787,6 +792,7 @@ mod tests {
             kind: Default::default(),
             credentials_revoked_unix: None,
             iqn: None,
+            moved: None,
         }));
     }
 }

@@ -121,16 +121,19 @@ pub enum EventKind {
     Refusal,
     /// Its write cache passed 80 % of its limit, or reached it.
     CacheFull,
+    /// An operator moved it to another server (`vstream device move`).
+    Move,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 6] = [
+    pub const ALL: [EventKind; 7] = [
         EventKind::Connect,
         EventKind::Disconnect,
         EventKind::Failover,
         EventKind::Retry,
         EventKind::Refusal,
         EventKind::CacheFull,
+        EventKind::Move,
     ];
 }
 
@@ -143,6 +146,7 @@ impl std::fmt::Display for EventKind {
             EventKind::Retry => "retry",
             EventKind::Refusal => "refusal",
             EventKind::CacheFull => "cache_full",
+            EventKind::Move => "move",
         })
     }
 }

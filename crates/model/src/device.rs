@@ -60,6 +60,93 @@ pub struct Device {
     /// on iSCSI by the name its MAC gives ([`default_initiator`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iqn: Option<String>,
+    /// The last move an operator asked for (`vstream device move`): its
+    /// logins within [`DeviceMove::HONOURED_SECS`] of it go to that server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved: Option<DeviceMove>,
+}
+
+/// An operator's move of a connected device to another server of the farm
+/// (`POST /api/v1/devices/NAME/move`). The server it streamed from lets it
+/// go, and its agent logs in again: for a short while, logins of the device
+/// go to the server named here, if it can serve it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DeviceMove {
+    /// The server it moves to.
+    pub server: String,
+    /// The server it streamed from when the move was asked.
+    pub from: String,
+    /// When the move was asked, in seconds since the Unix epoch.
+    pub requested_unix: u64,
+}
+
+impl DeviceMove {
+    /// How long after a move the device's logins go to its server. A
+    /// device's agent logs in again within a second or two of being let go;
+    /// after this, logins place it by load again.
+    pub const HONOURED_SECS: u64 = 120;
+
+    /// Whether logins at `now_unix` go to the move's server.
+    pub fn honoured_at(&self, now_unix: u64) -> bool {
+        now_unix < self.requested_unix.saturating_add(Self::HONOURED_SECS)
+    }
+}
+
+/// How many events of each kind a device has had since it was added
+/// (`eventcounts/DEVICE` in the farm state, written with its recent events,
+/// which keep only the newest few). A device added by an older build counts
+/// from the recent events it had then.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DeviceEventCounts {
+    #[serde(default)]
+    pub connects: u64,
+    #[serde(default)]
+    pub disconnects: u64,
+    /// Logins again avoiding a server that failed it (or let it go).
+    #[serde(default)]
+    pub failovers: u64,
+    /// Logins refused for now, that it retries: nothing could serve it yet.
+    #[serde(default)]
+    pub retries: u64,
+    #[serde(default)]
+    pub refusals: u64,
+    /// Times its write cache passed 80 % of its limit, or reached it.
+    #[serde(default)]
+    pub cache_full: u64,
+    /// Moves an operator made.
+    #[serde(default)]
+    pub moves: u64,
+    /// When its last failover was, in ms since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failover_ms: Option<u64>,
+    /// When its last retry was, in ms since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_retry_ms: Option<u64>,
+}
+
+impl DeviceEventCounts {
+    /// Counts `event` in.
+    pub fn add(&mut self, event: &crate::DeviceEvent) {
+        use crate::EventKind;
+        let at = Some(event.at_ms);
+        match event.kind {
+            EventKind::Connect => self.connects += 1,
+            EventKind::Disconnect => self.disconnects += 1,
+            EventKind::Failover => {
+                self.failovers += 1;
+                self.last_failover_ms = self.last_failover_ms.max(at);
+            }
+            EventKind::Retry => {
+                self.retries += 1;
+                self.last_retry_ms = self.last_retry_ms.max(at);
+            }
+            EventKind::Refusal => self.refusals += 1,
+            EventKind::CacheFull => self.cache_full += 1,
+            EventKind::Move => self.moves += 1,
+        }
+    }
 }
 
 impl Device {

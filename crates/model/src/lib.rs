@@ -22,8 +22,8 @@ mod version;
 pub use access::{ApiToken, AuditEntry, DeviceEvent, EventKind, Role};
 pub use catalog::{Catalog, CatalogVersion, ReplicaProgress, ReplicaState, ReplicationOverride};
 pub use device::{
-    check_iqn, default_initiator, device_target, looks_like_mac, parse_mac, Device, DeviceType,
-    EnrollToken, IscsiSecrets,
+    check_iqn, default_initiator, device_target, looks_like_mac, parse_mac, Device,
+    DeviceEventCounts, DeviceMove, DeviceType, EnrollToken, IscsiSecrets,
 };
 pub use server::{
     check_boot_token, BootRecord, HeldVersion, Quarantined, RebalanceRequest, ServerStatus,

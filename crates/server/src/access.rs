@@ -304,11 +304,12 @@ pub fn needed(method: &Method, route: &str) -> Role {
         "/api/v1/vdisks/:name/content",
         "/api/v1/audit/export",
     ];
-    const OPERATOR: [(&str, &str); 7] = [
+    const OPERATOR: [(&str, &str); 8] = [
         ("POST", "/api/v1/devices"),
         ("PATCH", "/api/v1/devices/:name"),
         ("DELETE", "/api/v1/devices/:name"),
         ("POST", "/api/v1/devices/:name/reset"),
+        ("POST", "/api/v1/devices/:name/move"),
         ("POST", "/api/v1/devices/:name/revoke"),
         ("POST", "/api/v1/farm/rebalance"),
         ("POST", "/api/v1/replication/start"),

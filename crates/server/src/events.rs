@@ -1,8 +1,10 @@
-//! Device events: connects, disconnects, failovers, retries, refusals and
-//! full caches. Each is logged as a structured line (target
+//! Device events: connects, disconnects, failovers, retries, refusals,
+//! full caches and moves. Each is logged as a structured line (target
 //! `vstream::events`), counted for `/metrics`, and kept among the device's
 //! recent events in the farm state (`events/DEVICE`, the newest
-//! [`KEEP`]), for `vstream device events` and the console.
+//! [`KEEP`]), for `vstream device events` and the console, and counted
+//! there since the device was added (`eventcounts/DEVICE`), for the
+//! device list.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -16,7 +18,7 @@ pub const KEEP: usize = 50;
 pub struct Events {
     farm: FarmStore,
     server: String,
-    counts: [AtomicU64; 6],
+    counts: [AtomicU64; EventKind::ALL.len()],
 }
 
 impl Events {

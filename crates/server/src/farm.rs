@@ -8,6 +8,7 @@
 //!                            devices/, vdisks/, live/, boots/ --list--> View (kept on failure: degraded)
 //!                            View.boots --> end this server's sessions of earlier boots
 //!                            a rebalance request --> let this server's share of devices go
+//!                            a device moved elsewhere --> let it go (crate::moves)
 //! ```
 
 use std::sync::atomic::Ordering;
@@ -153,6 +154,7 @@ pub async fn run(server: Arc<Handles>, mut shutdown: tokio::sync::watch::Receive
                 }
                 view.index();
                 rebalance_if_asked(&server, &view);
+                move_if_asked(&server, &view);
                 // A device that booted through another server: its sessions
                 // here are over.
                 server.sessions.follow_boots(&view.boots);
@@ -283,6 +285,23 @@ fn rebalance_if_asked(server: &Handles, view: &View) {
         if &name == me {
             let moved = server.sessions.release_devices(n as usize);
             tracing::info!(devices = ?moved, trigger_pct = trigger, "rebalance: letting devices go to less loaded servers");
+        }
+    }
+}
+
+/// Lets go of the devices an operator moved to another server, once per
+/// move: their agents log in again, and the login sends them there.
+fn move_if_asked(server: &Handles, view: &View) {
+    let devices = {
+        let mut handled = server.membership.handled_moves.lock();
+        crate::moves::to_release(view, &server.config.name, now_unix(), &mut handled)
+    };
+    for device in devices {
+        if server.sessions.release_device(&device) {
+            tracing::info!(
+                device,
+                "move: letting the device go to the server it was moved to"
+            );
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod iscsi;
 pub mod login;
 pub mod login_guard;
 pub mod membership;
+pub mod moves;
 pub mod nbd;
 pub mod quarantine;
 pub mod rebalance;

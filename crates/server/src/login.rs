@@ -11,8 +11,11 @@
 //! * The server: for a shared read-only version (Standard mode with a cache on
 //!   the device), the live server with the lowest load (devices ÷ power, with
 //!   logins just sent counted) among those holding a verified replica of that
-//!   content hash. A writable version (Private mode, maintenance) is served by
-//!   the server holding its writable layer, and does not fail over.
+//!   content hash; for a short while after an operator moved the device
+//!   (`vstream device move`, see [`crate::moves`]), the server it was moved
+//!   to, if it is among those. A writable version (Private mode,
+//!   maintenance) is served by the server holding its writable layer, and
+//!   does not fail over.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -180,7 +183,16 @@ pub fn choose(
                 }
         })
     };
-    let chosen = if writes {
+    // An operator moved the device a moment ago: the server it was moved
+    // to, if that one can serve it (it may have gone since).
+    let moved_to = device
+        .moved
+        .as_ref()
+        .filter(|m| !writes && m.honoured_at(crate::clock::now_unix()))
+        .and_then(|m| servers.iter().find(|s| s.name == m.server && holds(s)));
+    let chosen = if moved_to.is_some() {
+        moved_to
+    } else if writes {
         // The writable layer lives on one server: the first holding it, by name.
         servers
             .iter()
@@ -323,6 +335,7 @@ mod tests {
                 created_unix: 0,
                 credentials_revoked_unix: None,
                 iqn: None,
+                moved: None,
             }],
             vdisks: vec![VDisk {
                 name: "win".into(),
@@ -386,6 +399,49 @@ mod tests {
                 .server,
             "s2"
         );
+    }
+
+    #[test]
+    fn a_moved_device_logs_in_at_the_server_it_was_moved_to() {
+        let p1 = version(1, VersionState::Production, "aa", true);
+        let mut v = view(
+            DeviceType::Production,
+            vec![
+                server("s1", 0, 1.0, vec![p1.clone()]),
+                server("s2", 9, 1.0, vec![p1.clone()]),
+                server("s3", 0, 1.0, vec![]),
+            ],
+        );
+        v.servers[1].booting = 4;
+        v.servers[1].max_booting = 4;
+        let pin = Pin {
+            vdisk: "win".into(),
+            version: 1,
+            content_hash: "aa".into(),
+        };
+        let at = |v: &View, avoid: &[&str]| {
+            choose(v, &login(avoid, Some(pin.clone())), &HashMap::new(), None).map(|r| r.server)
+        };
+        assert_eq!(at(&v, &[]).unwrap(), "s1", "by load");
+        let now = crate::clock::now_unix();
+        v.devices[0].moved = Some(vstream_api::DeviceMove {
+            server: "s2".into(),
+            from: "s1".into(),
+            requested_unix: now,
+        });
+        // Moved to s2: busier, at its most devices booting, yet chosen.
+        assert_eq!(at(&v, &["s1"]).unwrap(), "s2");
+        assert_eq!(at(&v, &[]).unwrap(), "s2");
+        // s2 failed it since: placed by load among the others.
+        assert_eq!(at(&v, &["s2"]).unwrap(), "s1");
+        // Moved to a server without its version: by load.
+        v.devices[0].moved.as_mut().unwrap().server = "s3".into();
+        assert_eq!(at(&v, &[]).unwrap(), "s1");
+        // A move long ago: by load.
+        let m = v.devices[0].moved.as_mut().unwrap();
+        m.server = "s2".into();
+        m.requested_unix = now - vstream_api::DeviceMove::HONOURED_SECS - 1;
+        assert_eq!(at(&v, &[]).unwrap(), "s1");
     }
 
     #[test]

@@ -127,6 +127,9 @@ pub struct Membership {
     pub(crate) started_unix: AtomicU64,
     /// The rebalance request acted on last (`Some(None)`: none at start).
     pub(crate) handled_rebalance: Mutex<Option<Option<u64>>>,
+    /// The device moves acted on (let go from here), by device: when each
+    /// was asked (see [`crate::moves::to_release`]).
+    pub(crate) handled_moves: Mutex<HashMap<String, u64>>,
     pub(crate) ticks: AtomicU64,
     /// Wakes the publish loop before its next tick (a replica just verified).
     pub publish_now: tokio::sync::Notify,
@@ -155,6 +158,7 @@ impl Membership {
             last_read_bytes: Default::default(),
             started_unix: Default::default(),
             handled_rebalance: Default::default(),
+            handled_moves: Default::default(),
             ticks: Default::default(),
             publish_now: Default::default(),
         }
@@ -528,6 +532,7 @@ mod tests {
             kind: Default::default(),
             credentials_revoked_unix: None,
             iqn: None,
+            moved: None,
         }
     }
 

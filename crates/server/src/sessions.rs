@@ -1258,6 +1258,19 @@ impl Sessions {
             .collect()
     }
 
+    /// Lets device `device` go to another server if it keeps its own cache
+    /// and is not let go already (a move); false if it has no such session.
+    pub fn release_device(&self, device: &str) -> bool {
+        let sessions = self.sessions.lock();
+        match sessions.get(device).and_then(|s| s.release.as_ref()) {
+            Some(r) if !*r.borrow() => {
+                r.send_replace(true);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Devices connected now, and how many of them started within `window_secs`.
     pub fn session_counts(&self, window_secs: u64) -> (u32, u32) {
         let now = now_unix();
@@ -1374,6 +1387,10 @@ impl Sessions {
                         &self.config.iqn_prefix,
                         &device.name,
                     )),
+                    failovers: 0,
+                    retries: 0,
+                    last_failover_ms: None,
+                    last_retry_ms: None,
                     device,
                 };
             }
@@ -1405,6 +1422,10 @@ impl Sessions {
                 &self.config.iqn_prefix,
                 &device.name,
             )),
+            failovers: 0,
+            retries: 0,
+            last_failover_ms: None,
+            last_retry_ms: None,
             device,
         }
     }

@@ -290,6 +290,8 @@ pub async fn run(opts: Options, shutdown: watch::Receiver<bool>) -> Result<()> {
         shutdown.clone(),
         stays.then(|| reply.clone()),
     ));
+    // A connection the server closes is left at once, not at the next read.
+    tokio::spawn(remote.clone().follow());
     // The pipeline: the remote disk itself for a device whose writes are
     // its server's; else the device's write cache over it.
     let (backend, cache): (Arc<dyn Backend>, Option<Arc<Overlay>>) = if stays {

@@ -218,6 +218,35 @@ impl Remote {
         }
     }
 
+    /// Fails over as soon as the server closes the connection (a move or a
+    /// rebalance let the device go; the server stopped), not at the next
+    /// read: an idle device moves too. A device that stays with its server
+    /// reconnects at its next request, as before. Ends when the agent stops
+    /// or the pinned version is gone.
+    pub async fn follow(self: Arc<Self>) {
+        if self.stay.is_some() {
+            return;
+        }
+        let mut closing = self.closing.clone();
+        loop {
+            let conn = self.current.lock().clone();
+            tokio::select! {
+                _ = conn.closed() => {}
+                _ = closing.wait_for(|c| *c) => return,
+            }
+            if *closing.borrow() || self.gone.lock().is_some() {
+                return;
+            }
+            tokio::select! {
+                _ = self.fail_over(&conn, "the server closed the connection") => {}
+                _ = closing.wait_for(|c| *c) => return,
+            }
+            if self.gone.lock().is_some() {
+                return;
+            }
+        }
+    }
+
     async fn recover(&self, failed: &Arc<Connection>, why: &str) {
         match &self.stay {
             Some(reply) => self.reconnect(reply, failed, why).await,

@@ -45,6 +45,8 @@ pub struct Connection {
     pending: Arc<Mutex<Pending>>,
     dead: Arc<AtomicBool>,
     next_handle: AtomicU64,
+    /// Turns true when the socket has failed or closed (the reader ended).
+    closed: tokio::sync::watch::Receiver<bool>,
     pub size: u64,
     pub server: String,
     /// The server's API URL, from the login that chose it.
@@ -95,14 +97,15 @@ impl Connection {
         let pending: Arc<Mutex<Pending>> = Arc::default();
         let dead = Arc::new(AtomicBool::new(false));
         let (requests, queue) = mpsc::unbounded_channel();
+        let (ended, closed) = tokio::sync::watch::channel(false);
         match link {
             Link::Plain(s) => {
                 let (reader, writer) = s.into_split();
-                start(reader, writer, &pending, &dead, queue);
+                start(reader, writer, &pending, &dead, ended, queue);
             }
             Link::Tls(s) => {
                 let (reader, writer) = tokio::io::split(*s);
-                start(reader, writer, &pending, &dead, queue);
+                start(reader, writer, &pending, &dead, ended, queue);
             }
         }
         Ok(Connection {
@@ -110,6 +113,7 @@ impl Connection {
             pending,
             dead,
             next_handle: AtomicU64::new(1),
+            closed,
             size,
             server: reply.server.clone(),
             api: reply.api.clone(),
@@ -118,6 +122,13 @@ impl Connection {
 
     pub fn is_dead(&self) -> bool {
         self.dead.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the connection is dead: its socket failed, or the server
+    /// closed it (let the device go).
+    pub async fn closed(&self) {
+        let mut closed = self.closed.clone();
+        let _ = closed.wait_for(|c| *c).await;
     }
 
     /// Sends one request (`payload` is WRITE's data) and waits for its reply;
@@ -205,6 +216,7 @@ fn start<R, W>(
     writer: W,
     pending: &Arc<Mutex<Pending>>,
     dead: &Arc<AtomicBool>,
+    ended: tokio::sync::watch::Sender<bool>,
     queue: mpsc::UnboundedReceiver<Outgoing>,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
@@ -221,6 +233,7 @@ fn start<R, W>(
         for (_, (_, _, tx)) in waiting {
             let _ = tx.send(Err(io::Error::new(err.kind(), err.to_string())));
         }
+        ended.send_replace(true);
     });
     tokio::spawn(send(writer, queue));
 }

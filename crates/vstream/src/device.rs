@@ -10,6 +10,7 @@
 //!   events NAME [--json]                            GET    /api/v1/devices/NAME/events
 //!   remove NAME                                     DELETE /api/v1/devices/NAME
 //!   reset NAME [--force]                            POST   /api/v1/devices/NAME/reset[?force=true]
+//!   move NAME --to SERVER [--no-wait]               POST   /api/v1/devices/NAME/move
 //!   revoke NAME                                     POST   /api/v1/devices/NAME/revoke
 //!   credential NAME --out DIR [--hours H]           POST   /api/v1/devices/NAME/credential
 //!   credential NAME --out DIR --ca DIR              (offline: signed here by the farm CA)
@@ -48,12 +49,19 @@ pub enum DeviceCommand {
     /// iSCSI initiator name, or its CHAP secrets.
     Set(SetArgs),
     /// A device's recent events: connects, disconnects (and how), failovers,
-    /// retries, refusals (and why), full write caches; from every server.
+    /// retries, refusals (and why), full write caches, moves; from every
+    /// server.
     Events(ShowArgs),
     /// Remove a device.
     Remove(NameArg),
     /// Reset a device (its session and write cache; see the server's docs).
     Reset(ResetArgs),
+    /// Move a connected device to another server of the farm: the server it
+    /// streams from lets it go, and it logs in again at SERVER, which must
+    /// be up and hold a verified copy of the version it runs. Only a device
+    /// that keeps its write cache itself moves while it runs. Waits until
+    /// the device streams from SERVER.
+    Move(MoveArgs),
     /// Revoke the device's credentials: every client certificate it holds
     /// now opens nothing from its next connection on, on every server, even
     /// while the certificate is still valid.
@@ -125,6 +133,21 @@ pub struct ResetArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct MoveArgs {
+    pub name: String,
+    /// The server to move it to.
+    #[arg(long, value_name = "SERVER")]
+    pub to: String,
+    /// Return once the move is recorded, without waiting for the device to
+    /// get there.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// How long to wait for the device to get there, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Args)]
 #[command(group(ArgGroup::new("change").required(true).multiple(true).args(["kind", "iqn", "rotate_chap"])))]
 pub struct SetArgs {
     pub name: String,
@@ -177,6 +200,7 @@ pub fn run(args: DeviceArgs) -> Result<()> {
             client.reset_device(&a.name, a.force)?;
             print(&format!("reset device {}\n", a.name))
         }
+        DeviceCommand::Move(a) => move_device(&client, a),
         DeviceCommand::Revoke(a) => {
             let d = client.revoke_device(&a.name)?;
             print(&format!(
@@ -258,6 +282,53 @@ fn set(client: &Client, a: SetArgs) -> Result<()> {
     print(&out)
 }
 
+/// `vstream device move`: asks the move, then waits for the device to show
+/// on the server it was moved to.
+fn move_device(client: &Client, a: MoveArgs) -> Result<()> {
+    let started = std::time::Instant::now();
+    let body = vstream_api::MoveDevice {
+        server: a.to.clone(),
+    };
+    let info = client.move_device(&a.name, &body)?;
+    let name = info.device.name.clone();
+    let from = info
+        .device
+        .moved
+        .map(|m| m.from)
+        .or(info.server)
+        .unwrap_or_else(|| "-".into());
+    if a.no_wait {
+        return print(&format!(
+            "device {name} is moving from {from} to {}\n",
+            a.to
+        ));
+    }
+    let deadline = started + std::time::Duration::from_secs(a.timeout);
+    loop {
+        let now = client.device(&name)?;
+        if now.connected && now.server.as_deref() == Some(a.to.as_str()) {
+            return print(&format!(
+                "moved device {name} from {from} to {} in {:.1} s\n",
+                a.to,
+                started.elapsed().as_secs_f64()
+            ));
+        }
+        if std::time::Instant::now() >= deadline {
+            let at = match (now.connected, now.server) {
+                (true, Some(s)) => format!("it streams from {s}"),
+                _ => "it is not connected".to_owned(),
+            };
+            anyhow::bail!(
+                "device {name} is not on {} {} s after the move was asked: {at} \
+                 (see `vstream device events {name}`)",
+                a.to,
+                a.timeout
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 fn iscsi_fields(a: &vstream_api::IscsiAccess) -> String {
     let portals = if a.portals.is_empty() {
         "- (no server serves iSCSI: vstream server --iscsi HOST)".to_string()
@@ -304,6 +375,8 @@ fn device_table(devices: &[DeviceInfo]) -> String {
                 } else {
                     human_size(i.cache_bytes)
                 },
+                i.retries.to_string(),
+                i.failovers.to_string(),
             ]
         })
         .collect();
@@ -318,6 +391,8 @@ fn device_table(devices: &[DeviceInfo]) -> String {
             "VERSION",
             "SINCE",
             "CACHE",
+            "RETRIES",
+            "FAILOVERS",
         ],
         &rows,
     )
@@ -370,7 +445,20 @@ fn device_fields(i: &DeviceInfo) -> String {
             },
         ),
         ("created", format_unix_time(d.created_unix)),
+        ("retries", counted(i.retries, i.last_retry_ms)),
+        ("failovers", counted(i.failovers, i.last_failover_ms)),
     ];
+    if let Some(m) = &d.moved {
+        fields.push((
+            "moved",
+            format!(
+                "from {} to {} at {}",
+                m.from,
+                m.server,
+                format_unix_time(m.requested_unix)
+            ),
+        ));
+    }
     if let Some(p) = &i.protocol {
         fields.push(("protocol", p.clone()));
     }
@@ -392,6 +480,14 @@ fn device_fields(i: &DeviceInfo) -> String {
         ));
     }
     render_fields(&fields)
+}
+
+/// A count of events since the device was added, with when the last was.
+fn counted(n: u64, last_ms: Option<u64>) -> String {
+    match last_ms {
+        Some(ms) if n > 0 => format!("{n}, the last at {}", format_unix_time(ms / 1000)),
+        _ => n.to_string(),
+    }
 }
 
 fn events_table(events: &[vstream_api::DeviceEvent]) -> String {
@@ -460,6 +556,7 @@ mod tests {
                 kind: DeviceType::Production,
                 credentials_revoked_unix: None,
                 iqn: None,
+                moved: None,
             },
             connected: peer.is_some(),
             connected_since: peer.map(|_| 1_700_000_060),
@@ -471,6 +568,10 @@ mod tests {
             protocol: peer.map(|_| "NBD".to_string()),
             iscsi_initiator: Some("iqn.2026-12.org.vstream:mac.aabbcc001122".into()),
             iscsi_target: Some(format!("iqn.2026-12.org.vstream:device.{name}")),
+            failovers: 0,
+            retries: 0,
+            last_failover_ms: None,
+            last_retry_ms: None,
         }
     }
 
@@ -478,19 +579,30 @@ mod tests {
     fn list_table() {
         let mut lab = info("lab-pc-22", None, 0);
         lab.device.kind = DeviceType::Maintenance;
-        let t = device_table(&[info("pc1", Some("10.0.0.5:51234"), 3 << 29), lab]);
+        let mut pc1 = info("pc1", Some("10.0.0.5:51234"), 3 << 29);
+        (pc1.retries, pc1.failovers) = (12, 1);
+        let t = device_table(&[pc1, lab]);
         assert_eq!(
             t,
-            "NAME       MAC                VDISK  TYPE         CONNECTED  SERVER  VERSION  SINCE                    CACHE\n\
-             pc1        aa:bb:cc:00:11:22  win10  production   yes        pvs1    3        2023-11-14 22:14:20 UTC  1.5 GiB\n\
-             lab-pc-22  aa:bb:cc:00:11:22  win10  maintenance  no         -       -        -                        0 B\n"
+            "NAME       MAC                VDISK  TYPE         CONNECTED  SERVER  VERSION  SINCE                    CACHE    RETRIES  FAILOVERS\n\
+             pc1        aa:bb:cc:00:11:22  win10  production   yes        pvs1    3        2023-11-14 22:14:20 UTC  1.5 GiB  12       1\n\
+             lab-pc-22  aa:bb:cc:00:11:22  win10  maintenance  no         -       -        -                        0 B      0        0\n"
         );
     }
 
     #[test]
     fn show_fields() {
         assert_eq!(
-            device_fields(&info("pc1", Some("10.0.0.5:51234"), 4096)),
+            device_fields(&{
+                let mut pc1 = info("pc1", Some("10.0.0.5:51234"), 4096);
+                (pc1.failovers, pc1.last_failover_ms) = (2, Some(1_700_000_030_000));
+                pc1.device.moved = Some(vstream_api::DeviceMove {
+                    server: "pvs1".into(),
+                    from: "pvs2".into(),
+                    requested_unix: 1_700_000_029,
+                });
+                pc1
+            }),
             "name:            pc1\n\
              mac:             aa:bb:cc:00:11:22\n\
              vdisk:           win10\n\
@@ -501,6 +613,9 @@ mod tests {
              peer:            10.0.0.5:51234\n\
              write cache:     4 KiB\n\
              created:         2023-11-14 22:13:20 UTC\n\
+             retries:         0\n\
+             failovers:       2, the last at 2023-11-14 22:13:50 UTC\n\
+             moved:           from pvs2 to pvs1 at 2023-11-14 22:13:49 UTC\n\
              protocol:        NBD\n\
              iscsi initiator: iqn.2026-12.org.vstream:mac.aabbcc001122 (from its MAC)\n\
              iscsi target:    iqn.2026-12.org.vstream:device.pc1\n"

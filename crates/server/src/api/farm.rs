@@ -133,13 +133,22 @@ async fn answer_login(
             Metrics::add(&membership.logins, 1);
             if !req.avoid.is_empty() {
                 Metrics::add(&membership.failover_logins, 1);
+                let moved = view
+                    .device(&reply.device)
+                    .and_then(|d| d.moved.as_ref())
+                    .is_some_and(|m| m.server == reply.server && m.honoured_at(now_unix()));
                 sessions.events.record(
                     &reply.device,
                     vstream_api::EventKind::Failover,
                     format!(
-                        "logged in again avoiding {}; sent to {}",
+                        "logged in again avoiding {}; sent to {}{}",
                         req.avoid.join(", "),
-                        reply.server
+                        reply.server,
+                        if moved {
+                            ", the server it was moved to"
+                        } else {
+                            ""
+                        }
                     ),
                 );
             }

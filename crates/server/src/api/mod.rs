@@ -43,7 +43,7 @@ use vdisks::{create_vdisk, delete_vdisk, list_vdisks, set_vdisk, show_vdisk};
         content::import_vdisk, content::export_vdisk,
         devices::list_devices, devices::add_device, devices::show_device, devices::set_device,
         devices::remove_device, devices::reset_device, devices::revoke_device, devices::issue_credential,
-        devices::iscsi_access, devices::rotate_iscsi, devices::device_events,
+        devices::iscsi_access, devices::rotate_iscsi, devices::device_events, devices::move_device,
         tokens::create_token, tokens::list_tokens, tokens::revoke_token, tokens::audit,
         versions::list_versions, versions::new_version, versions::promote, versions::rollback,
         versions::merge, versions::delete_version, farm::login, farm::enroll, farm::renew, farm::list_servers, farm::rebalance, farm::cache_report,
@@ -54,7 +54,7 @@ use vdisks::{create_vdisk, delete_vdisk, list_vdisks, set_vdisk, show_vdisk};
     components(schemas(VDisk, VDiskInfo, CreateVDisk, SetVDisk, Device, DeviceInfo, CreateDevice, ErrorBody,
         vstream_api::IscsiAccess, vstream_api::CreateToken, vstream_api::TokenInfo,
         vstream_api::NewToken, vstream_api::AuditEntry, vstream_api::Role,
-        vstream_api::DeviceEvent, vstream_api::EventKind,
+        vstream_api::DeviceEvent, vstream_api::EventKind, vstream_api::DeviceMove, vstream_api::MoveDevice,
         vstream_api::Mode, vstream_api::CacheType, vstream_api::DeviceType, vstream_api::SetDevice,
         vstream_api::VersionState, vstream_api::VersionInfo, vstream_api::Promote, vstream_api::Merge,
         vstream_api::LoginRequest, vstream_api::LoginReply, vstream_api::Pin, vstream_api::ServerInfo,
@@ -174,6 +174,7 @@ pub fn router(server: Server, tokens: Arc<crate::admin_tokens::AdminTokens>) -> 
             get(show_device).patch(set_device).delete(remove_device),
         )
         .route("/api/v1/devices/:name/reset", post(reset_device))
+        .route("/api/v1/devices/:name/move", post(devices::move_device))
         .route("/api/v1/devices/:name/revoke", post(devices::revoke_device))
         .route("/api/v1/devices/:name/iscsi", get(devices::iscsi_access))
         .route("/api/v1/devices/:name/events", get(devices::device_events))

@@ -321,6 +321,7 @@ async fn auto_add(server: &Arc<Boot>, mac: &str, may_add: bool) -> Result<Device
         kind: Default::default(),
         credentials_revoked_unix: None,
         iqn: None,
+        moved: None,
     };
     match server.farm.create_device(device).await {
         Ok(d) => {

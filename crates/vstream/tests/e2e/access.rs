@@ -31,6 +31,7 @@ fn expected(method: &str, path: &str) -> &'static str {
         ("patch", "/api/v1/devices/{name}"),
         ("delete", "/api/v1/devices/{name}"),
         ("post", "/api/v1/devices/{name}/reset"),
+        ("post", "/api/v1/devices/{name}/move"),
         ("post", "/api/v1/devices/{name}/revoke"),
         ("post", "/api/v1/farm/rebalance"),
         ("post", "/api/v1/replication/start"),
@@ -504,6 +505,17 @@ fn device_events_are_kept_counted_and_shown() {
             })
             .then_some(())
     });
+    // The device list counts them for every device, in one answer.
+    let list: Vec<serde_json::Value> =
+        serde_json::from_str(&s.cli_ok(&["device", "list", "--json"])).expect("JSON");
+    let row = |d: &str| list.iter().find(|r| r["name"] == d).expect(d).clone();
+    assert!(
+        row("pc1")["failovers"].as_u64() >= Some(1),
+        "{}",
+        row("pc1")
+    );
+    assert!(row("pc1")["last_failover_ms"].as_u64().is_some());
+    assert_eq!(row("pc2")["failovers"].as_u64(), Some(0), "{}", row("pc2"));
     let table = s.cli_ok(&["device", "events", "pc1"]);
     assert!(
         table.contains("EVENT") && table.contains("failover"),

@@ -2,7 +2,8 @@
 //! WebDriver by `chromedriver`, against real servers. An admin signs in,
 //! sees both servers of an etcd farm, promotes a version and watches its
 //! replicas turn verified, sees a device connect through the agent and its
-//! write cache fill, and finds the promote in the audit trail; a viewer
+//! write cache fill, moves it to the other server and sees its failover
+//! counted, and finds the promote and the move in the audit trail; a viewer
 //! sees no action, and the API refuses the same actions with 403; markup
 //! in what the page shows stays text; and the devices page with 4,096
 //! devices paints and filters in under a second.
@@ -245,6 +246,107 @@ fn the_console_runs_a_farm_from_any_server() {
             .find(|r| b.text(r).contains("connect"))
     });
 
+    // Its retries and failovers are columns of the list.
+    open(&b, "#/devices");
+    let count = |b: &Browser, what: &str| -> Option<u64> {
+        let cell = format!("#devices tr[data-device=\"pc1\"] td[data-{what}]");
+        attr_of(b, &cell, &format!("data-{what}"))?.parse().ok()
+    };
+    let failovers_before = b.wait_for(10, "pc1's failovers column", || count(&b, "failovers"));
+    let retries = count(&b, "retries").expect("pc1's retries column");
+    let heads: Vec<String> = b
+        .all("#devices thead th")
+        .iter()
+        .map(|e| b.text(e))
+        .collect();
+    assert!(
+        heads.iter().any(|h| h == "retries") && heads.iter().any(|h| h == "failovers"),
+        "{heads:?}"
+    );
+    // The API refuses a move it cannot make, with a sentence.
+    for (body, device, code, says) in [
+        (
+            r#"{"server":"nosuch"}"#,
+            "pc1",
+            400,
+            "not a server of this farm",
+        ),
+        (r#"{"server":"s1"}"#, "m", 409, "not connected"),
+    ] {
+        let path = format!("/api/v1/devices/{device}/move");
+        let (got, text) = curl(&s1.api, &admin, "POST", &path, Some(body));
+        assert_eq!(got, code, "{path} {body}: {text}");
+        assert!(text.contains(says), "{path} {body}: {text}");
+    }
+    // Move it to the other server: the dialog offers the server holding a
+    // verified copy of its version, and the agent fails over there.
+    let on = |b: &Browser| -> Option<String> {
+        let t = b.text(&b.find("#devices tr[data-device=\"pc1\"] td.server")?);
+        (t == "s1" || t == "s2").then_some(t)
+    };
+    let from = b.wait_for(10, "pc1's server on the devices page", || on(&b));
+    let to = if from == "s1" { "s2" } else { "s1" };
+    let (got, text) = curl(
+        &s1.api,
+        &admin,
+        "POST",
+        "/api/v1/devices/pc1/move",
+        Some(&format!(r#"{{"server":"{from}"}}"#)),
+    );
+    assert!(got == 409 && text.contains("already"), "{got} {text}");
+    b.click(&b.wait(
+        10,
+        "#devices tr[data-device=\"pc1\"] button[data-action=\"move\"]",
+    ));
+    let says = b.text(&b.wait(5, "dialog[open] #confirm-body"));
+    assert!(
+        says.contains(&format!("verified copy of that version: {to} (load")),
+        "{says}"
+    );
+    let offered: Vec<String> = b
+        .all("dialog[open] select[name=\"server\"] option")
+        .iter()
+        .map(|o| b.text(o))
+        .collect();
+    assert_eq!(offered, [to], "{says}");
+    let moved_at = Instant::now();
+    b.click(&b.wait(5, "dialog[open] #confirm-ok"));
+    // The device is idle: its agent leaves the connection its server let
+    // go at once, not at its next read.
+    common::wait_for(30, "the agent to fail over to the other server", || {
+        (streaming_from(&agent) == to).then_some(())
+    });
+    let agent_at = moved_at.elapsed().as_secs_f64();
+    b.wait_for(30, "pc1 on the other server on the page", || {
+        (on(&b)? == to).then_some(())
+    });
+    let failovers = b.wait_for(30, "pc1's failover counted in the list", || {
+        count(&b, "failovers").filter(|n| *n > failovers_before)
+    });
+    eprintln!(
+        "console: pc1 moved {from} -> {to}: the agent there {agent_at:.1} s, the page {:.1} s \
+         after the click; failovers {failovers_before} -> {failovers}, retries {retries}",
+        moved_at.elapsed().as_secs_f64()
+    );
+    // Its write cache went with it: what it wrote reads back.
+    let read = common::run("qemu-io", &["-f", "raw", "-c", "read -P 0x33 0 7M", &url]);
+    assert!(!read.contains("failed"), "{read}");
+    // Its page: the move among its events, by the token that made it.
+    open(&b, "#/device/pc1");
+    b.wait_for(20, "pc1's move event", || {
+        b.all("#events tbody tr").into_iter().find(|r| {
+            let t = b.text(r);
+            t.contains("move") && t.contains(&format!("from {from} to {to} by root"))
+        })
+    });
+    // And back with the CLI, which waits until it is there.
+    let said = s2.cli_ok(&["device", "move", "pc1", "--to", &from]);
+    assert!(
+        said.contains(&format!("moved device pc1 from {to} to {from} in")),
+        "{said}"
+    );
+    assert_eq!(streaming_from(&agent), from, "{}", agent.log_text());
+
     // The farm's tokens, for an admin.
     open(&b, "#/tokens");
     for t in ["root", "look"] {
@@ -262,6 +364,19 @@ fn the_console_runs_a_farm_from_any_server() {
     });
     assert!(
         row.contains("root") && row.contains("to=production") && row.contains("200"),
+        "{row}"
+    );
+    let input = b.wait(5, "#audit-q");
+    b.clear(&input);
+    b.type_text(&input, "pc1/move");
+    let row = b.wait_for(20, "the move's audit entry", || {
+        b.all("#audit tr[data-object=\"device/pc1\"][data-method=\"POST\"]")
+            .into_iter()
+            .map(|r| b.text(&r))
+            .find(|t| t.contains("202") && t.contains(&format!("server={to}")))
+    });
+    assert!(
+        row.contains("root") && row.contains(&format!("server={to}")),
         "{row}"
     );
 
@@ -369,6 +484,11 @@ fn the_console_runs_a_farm_from_any_server() {
         ("DELETE", "/api/v1/vdisks/g/versions/1", None),
         ("PATCH", "/api/v1/vdisks/g", Some(r#"{"mode":"private"}"#)),
         ("POST", "/api/v1/devices/pc1/reset", None),
+        (
+            "POST",
+            "/api/v1/devices/pc1/move",
+            Some(r#"{"server":"s1"}"#),
+        ),
         ("PATCH", "/api/v1/devices/pc1", Some(r#"{"type":"test"}"#)),
         ("DELETE", "/api/v1/devices/pc1", None),
         ("POST", "/api/v1/farm/rebalance", Some("{}")),
@@ -383,10 +503,12 @@ fn the_console_runs_a_farm_from_any_server() {
     sign_in(&b, &s2.api, &operator);
     assert!(b.find("#rebalance").is_some(), "an operator may rebalance");
     open(&b, "#/devices");
-    b.wait(
-        20,
-        "#devices tr[data-device=\"pc1\"] button[data-action=\"reset\"]",
-    );
+    for action in ["reset", "move"] {
+        b.wait(
+            20,
+            &format!("#devices tr[data-device=\"pc1\"] button[data-action=\"{action}\"]"),
+        );
+    }
     open(&b, "#/vdisk/g");
     b.wait(10, "#versions tr[data-version=\"2\"]");
     let offered: Vec<String> = b
@@ -419,8 +541,30 @@ fn the_console_runs_a_farm_from_any_server() {
     drop(agent);
 }
 
-/// The devices page with 4,096 devices: the first paint, a search and a
-/// filter, each timed inside the page (performance.now(), up to the frame
+/// The server an agent streams from now, from its log: the last failover's
+/// or login's.
+fn streaming_from(agent: &TestAgent) -> String {
+    let log = agent.log_text();
+    let last = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("failed over") || l.contains("logged in"))
+        .unwrap_or_default()
+        .to_string();
+    let key = if last.contains("failed over") {
+        " to="
+    } else {
+        " server="
+    };
+    last.split(key)
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The devices page with 4,096 devices: the first paint, a search, a
+/// filter and a sort, each timed inside the page (performance.now(), up to the frame
 /// after the DOM changed) and around the WebDriver calls.
 #[test]
 fn the_devices_page_is_quick_with_4096_devices() {
@@ -533,6 +677,20 @@ fn the_devices_page_is_quick_with_4096_devices() {
         .script("return window.vstreamTimings.filterMs;", vec![])
         .as_f64()
         .unwrap_or(f64::NAN);
+    // Sorted by failovers (a column of its own), over the 512 test devices.
+    b.script("window.vstreamTimings.filterMs = null;", vec![]);
+    let t = Instant::now();
+    b.click(&b.wait(5, "#devices th[data-sort=\"failovers\"]"));
+    let sort = b.wait_for(20, "the sort's paint", || {
+        b.script("return window.vstreamTimings.filterMs;", vec![])
+            .as_f64()
+    });
+    let sort_wall = t.elapsed().as_secs_f64() * 1000.0;
+    let by = b.script("return document.getElementById('f-sort').value;", vec![]);
+    assert_eq!(by, "failovers");
+    assert_eq!(shown(&b), Some(N / 8), "the sort keeps the filter");
+    let cells = b.all("#devices tbody td[data-failovers]").len();
+    assert!(cells > 0 && cells <= 200, "{cells} failovers cells");
     let parts = b.script("return window.vstreamTimings;", vec![]);
     eprintln!(
         "console: the page's devices poll {:.0} ms (3 GETs and JSON), its render {:.0} ms",
@@ -541,12 +699,14 @@ fn the_devices_page_is_quick_with_4096_devices() {
     );
     eprintln!(
         "console timings, {N} devices (in the page / around WebDriver): first paint {paint:.0} / {paint_wall:.0} ms; \
-         search {search:.0} / {search_wall:.0} ms (4 keys); type filter {filter:.0} / {filter_wall:.0} ms"
+         search {search:.0} / {search_wall:.0} ms (4 keys); type filter {filter:.0} / {filter_wall:.0} ms; \
+         sort by failovers {sort:.0} / {sort_wall:.0} ms"
     );
     for (what, ms) in [
         ("first paint", paint),
         ("search", search),
         ("filter", filter),
+        ("sort", sort),
     ] {
         assert!(ms < 1000.0, "{what} took {ms:.0} ms with {N} devices");
     }

@@ -28,6 +28,8 @@ const S = {
   busy: null,
   etags: new Map(),
   lastOk: 0,
+  // The farm's servers as last fetched, for the move dialog.
+  servers: [],
 };
 // Timings the browser test reads (performance.now() deltas, in ms).
 window.vstreamTimings = {};
@@ -164,7 +166,8 @@ async function act(what, method, path, body) {
 // ---- confirmation dialog ---------------------------------------------------
 
 // Shows what an action will do; `fields` are inputs whose values `run` gets.
-function confirmAction({ title, lines, fields, ok, run }) {
+// `blocked`: the action cannot be done now (the lines say why); OK is off.
+function confirmAction({ title, lines, fields, ok, run, blocked }) {
   const d = $('confirm');
   $('confirm-title').textContent = title;
   const body = $('confirm-body');
@@ -184,6 +187,7 @@ function confirmAction({ title, lines, fields, ok, run }) {
   const okButton = $('confirm-ok');
   okButton.textContent = ok || 'Confirm';
   const fresh = okButton.cloneNode(true);
+  fresh.disabled = !!blocked;
   okButton.replaceWith(fresh);
   const cancel = $('confirm-cancel').cloneNode(true);
   $('confirm-cancel').replaceWith(cancel);
@@ -278,6 +282,7 @@ async function loadMatrix(only) {
     only ? get('/api/v1/vdisks/' + encodeURIComponent(only)).then((v) => [v]) : get('/api/v1/vdisks'),
   ]);
   const versions = await Promise.all(vdisks.map((v) => get(`/api/v1/vdisks/${encodeURIComponent(v.name)}/versions`)));
+  S.servers = servers;
   return { servers, repl, vdisks, versions };
 }
 
@@ -530,6 +535,10 @@ function deviceActions(d) {
         run: (f) => act(`Reset ${d.name}`, 'POST', `/api/v1/devices/${enc}/reset${f.force === 'yes' ? '?force=true' : ''}`),
       }),
     }),
+    d.connected ? h('button', {
+      text: 'Move…', dataset: { action: 'move' },
+      onclick: () => confirmMove(d),
+    }) : null,
     h('button', {
       text: 'Type…', dataset: { action: 'set-type' },
       onclick: () => confirmAction({
@@ -552,26 +561,91 @@ function deviceActions(d) {
   ];
 }
 
+// A count of the device's events since it was added, with when the last
+// one was as the cell's title; non-zero counts stand out.
+function countCell(n, lastMs, key) {
+  return h('td', { class: 'num count' + (n ? ' warn' : ''), dataset: { [key]: n || 0 }, title: lastMs ? 'last ' + when(lastMs) : null, text: n || 0 });
+}
+
+// The servers that are up, other than the device's, and hold a verified
+// copy of the version it runs (the content its server holds): where it may
+// move.
+function moveTargets(d) {
+  const has = (s, hash) => (s.versions || []).some((v) => v.vdisk === d.vdisk && v.number === d.version
+    && v.verified && !v.writable && (!hash || v.content_hash === hash));
+  const cur = S.servers.find((s) => s.name === d.server);
+  const mine = cur && (cur.versions || []).find((v) => v.vdisk === d.vdisk && v.number === d.version);
+  const hash = mine ? mine.content_hash : '';
+  return S.servers.filter((s) => s.up && s.name !== d.server && has(s, hash));
+}
+
+function confirmMove(d) {
+  const targets = moveTargets(d);
+  const lines = [`${d.name} streams vDisk ${d.vdisk} version ${d.version} from ${d.server}.`];
+  let blocked = false;
+  if (!d.device_cache) {
+    blocked = true;
+    lines.push(`Its writes go to ${d.server} (a Private-mode vDisk, a maintenance version, or a write cache on the server): it stays there while it runs.`);
+  } else if (!targets.length) {
+    blocked = true;
+    lines.push(`No other server that is up holds a verified copy of ${d.vdisk} version ${d.version}: it cannot move now.`);
+  } else {
+    lines.push('Servers up with a verified copy of that version: '
+      + targets.map((s) => `${s.name} (load ${s.load.toFixed(2)}, ${s.devices} devices)`).join(', ') + '.',
+    `${d.server} lets it go; its agent logs in again at the server chosen within seconds. Its write cache stays on the device; reads pause meanwhile.`);
+  }
+  confirmAction({
+    title: `Move ${d.name}`, ok: 'Move', lines, blocked,
+    fields: targets.length && !blocked ? [{ name: 'server', label: 'To server', options: targets.map((s) => s.name) }] : [],
+    run: (f) => act(`Move ${d.name} to ${f.server}`, 'POST', `/api/v1/devices/${encodeURIComponent(d.name)}/move`, { server: f.server }),
+  });
+}
+
+// Where a device was moved a moment ago and is not yet: "moving to s2".
+function moving(d) {
+  const m = d.moved;
+  return m && m.server !== d.server && Date.now() / 1000 - m.requested_unix < 120 ? 'moving to ' + m.server : null;
+}
+
 function deviceRow(d, fill) {
   const hot = fill !== null && fill > HOT;
   const pct = fill === null ? null : Math.round(fill * 1000) / 10;
   return h('tr', { class: hot ? 'hot' : null, dataset: { device: d.name, state: d.connected ? 'connected' : 'offline' } },
     h('td', null, link(deviceHref(d.name), d.name), h('div', { class: 'mute', text: d.mac })),
-    h('td', { text: d.server || '—' }),
+    h('td', { class: 'server', text: d.server || '—' }),
     h('td', null, link(vdiskHref(d.vdisk), d.vdisk)),
     h('td', { class: 'num', text: d.version ?? '—' }),
     h('td', null, pill(d.type)),
     h('td', null, d.connected ? pill('up', 'connected') : pill('missing', 'offline'),
-      d.connected_since ? h('div', { class: 'mute', text: 'since ' + ago(d.connected_since) }) : null),
+      d.connected_since ? h('div', { class: 'mute', text: 'since ' + ago(d.connected_since) }) : null,
+      moving(d) ? h('div', { class: 'mute', text: moving(d) }) : null),
     h('td', { text: host(d.peer) }),
     h('td', { class: 'num fill', dataset: { fill: pct ?? '' }, text: (pct === null ? '' : pct + ' % · ') + bytes(d.cache_bytes) }),
+    countCell(d.retries, d.last_retry_ms, 'retries'),
+    countCell(d.failovers, d.last_failover_ms, 'failovers'),
     h('td', { class: 'actions' }, deviceActions(d)));
 }
 
+// The devices table's columns: [heading, sort key or null, numeric].
+const DEVICE_COLUMNS = [['device', 'name'], ['server', 'server'], ['vDisk', 'vdisk'], ['version', null, true],
+  ['type', null], ['state', null], ['IP', null], ['cache fill', 'fill', true], ['retries', 'retries', true],
+  ['failovers', 'failovers', true], ['', null]];
+
 function deviceTable(devices, limits) {
-  return table(['device', 'server', 'vDisk', { class: 'num', text: 'version' }, 'type', 'state', 'IP',
-    { class: 'num', text: 'cache fill' }, ''], devices.map((d) => deviceRow(d, fillOf(d, limits))));
+  return table(DEVICE_COLUMNS.map(([text, , num]) => (num ? { class: 'num', text } : text)),
+    devices.map((d) => deviceRow(d, fillOf(d, limits))));
 }
+
+// How the devices page orders its rows: by name, or the column picked
+// (counts and fill largest first), then by name.
+const DEVICE_SORTS = {
+  name: null,
+  server: (x) => x.d.server || '\uffff',
+  vdisk: (x) => x.d.vdisk,
+  fill: (x) => -(x.fill ?? -1),
+  retries: (x) => -(x.d.retries || 0),
+  failovers: (x) => -(x.d.failovers || 0),
+};
 
 function afterPaint(t0, key) {
   requestAnimationFrame(() => requestAnimationFrame(() => {
@@ -584,7 +658,7 @@ views.devices = {
   title: 'Devices',
   mount(main) {
     const t0 = performance.now();
-    const f = this.f = { q: '', server: '', vdisk: '', type: '', state: '', page: 0 };
+    const f = this.f = { q: '', server: '', vdisk: '', type: '', state: '', sort: 'name', page: 0 };
     const onChange = (key) => (ev) => {
       const t = performance.now();
       f[key] = ev.target.value;
@@ -605,16 +679,22 @@ views.devices = {
         h('input', { id: 'f-q', type: 'search', placeholder: 'name, MAC or IP', oninput: onChange('q') }),
         this.sel.server, this.sel.vdisk,
         h('select', { id: 'f-type', onchange: onChange('type') }, ['', 'production', 'test', 'maintenance'].map((o) => h('option', { value: o, text: o || 'any type' }))),
-        h('select', { id: 'f-state', onchange: onChange('state') }, [['', 'any state'], ['connected', 'connected'], ['offline', 'offline'], ['hot', 'cache over 80 %']].map(([v, t]) => h('option', { value: v, text: t }))),
+        h('select', { id: 'f-state', onchange: onChange('state') }, [['', 'any state'], ['connected', 'connected'], ['offline', 'offline'], ['hot', 'cache over 80 %'],
+          ['unsteady', 'with retries or failovers']].map(([v, t]) => h('option', { value: v, text: t }))),
+        h('select', { id: 'f-sort', onchange: onChange('sort') }, Object.keys(DEVICE_SORTS).map((k) => h('option', { value: k, text: 'by ' + (k === 'vdisk' ? 'vDisk' : k === 'fill' ? 'cache fill' : k) }))),
         this.count),
       h('table', { id: 'devices' },
-        h('thead', null, h('tr', null, ['device', 'server', 'vDisk', 'version', 'type', 'state', 'IP', 'cache fill', ''].map((c) => h('th', { text: c })))),
+        h('thead', null, h('tr', null, DEVICE_COLUMNS.map(([c, key, num]) => h('th', {
+          text: c, class: num ? 'num' : null, dataset: key ? { sort: key } : null, title: key ? 'sort by ' + c : null,
+          onclick: key ? () => { const sel = $('f-sort'); sel.value = key; sel.dispatchEvent(new Event('change')); } : null,
+        })))),
         this.body),
       this.pager);
   },
   async load() {
     const t = performance.now();
     const [devices, vdisks, servers] = await Promise.all([get('/api/v1/devices'), get('/api/v1/vdisks'), get('/api/v1/servers')]);
+    S.servers = servers;
     window.vstreamTimings.devicesLoadMs = performance.now() - t;
     return { devices, vdisks, servers };
   },
@@ -648,11 +728,20 @@ views.devices = {
     if (!this.all) return;
     const f = this.f;
     const q = f.q.trim().toLowerCase();
-    const shown = this.all.filter((x) => (!q || x.hay.includes(q))
+    let shown = this.all.filter((x) => (!q || x.hay.includes(q))
       && (!f.server || x.d.server === f.server)
       && (!f.vdisk || x.d.vdisk === f.vdisk)
       && (!f.type || x.d.type === f.type)
-      && (!f.state || (f.state === 'hot' ? x.fill !== null && x.fill > HOT : (f.state === 'connected') === x.d.connected)));
+      && (!f.state || (f.state === 'hot' ? x.fill !== null && x.fill > HOT
+        : f.state === 'unsteady' ? x.d.retries > 0 || x.d.failovers > 0
+          : (f.state === 'connected') === x.d.connected)));
+    const by = DEVICE_SORTS[f.sort];
+    if (by) {
+      // Stable: ties keep the order by name.
+      const keyed = shown.map((x) => [by(x), x]);
+      keyed.sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
+      shown = keyed.map((k) => k[1]);
+    }
     const pages = Math.max(1, Math.ceil(shown.length / PAGE));
     f.page = Math.min(f.page, pages - 1);
     const slice = shown.slice(f.page * PAGE, (f.page + 1) * PAGE);
@@ -675,7 +764,8 @@ views.device = {
   title: 'Device',
   async load(name) {
     const enc = encodeURIComponent(name);
-    const [d, events] = await Promise.all([get('/api/v1/devices/' + enc), get(`/api/v1/devices/${enc}/events`)]);
+    const [d, events, servers] = await Promise.all([get('/api/v1/devices/' + enc), get(`/api/v1/devices/${enc}/events`), get('/api/v1/servers')]);
+    S.servers = servers;
     const v = await get('/api/v1/vdisks/' + encodeURIComponent(d.vdisk)).catch(() => null);
     return { d, events, v };
   },
@@ -686,16 +776,19 @@ views.device = {
       h('h1', null, 'Device ', h('span', { id: 'device-name', text: d.name })),
       h('dl', { class: 'kv' }, [
         ['MAC', d.mac], ['vDisk', d.vdisk], ['type', d.type], ['state', d.connected ? 'connected' : 'offline'],
-        ['server', d.server || '—'], ['version', d.version ?? '—'], ['since', d.connected_since ? `${when(d.connected_since * 1000)} (${ago(d.connected_since)})` : '—'],
+        ['server', (d.server || '—') + (moving(d) ? ` (${moving(d)})` : '')], ['version', d.version ?? '—'], ['since', d.connected_since ? `${when(d.connected_since * 1000)} (${ago(d.connected_since)})` : '—'],
         ['IP', host(d.peer)], ['protocol', d.protocol || (d.connected ? 'nbd' : '—')],
         ['write cache', `${bytes(d.cache_bytes)}${fill !== null ? ` (${(fill * 100).toFixed(1)} % of ${bytes(v.cache_limit)})` : ''}${d.device_cache ? ', on the device' : ''}`],
-        ['retries', count('retry')], ['failovers', count('failover')], ['refusals', count('refusal')], ['cache warnings', count('cache_full')],
+        ['retries', `${d.retries || 0}${d.last_retry_ms ? ', last ' + when(d.last_retry_ms) : ''}`],
+        ['failovers', `${d.failovers || 0}${d.last_failover_ms ? ', last ' + when(d.last_failover_ms) : ''}`],
+        ['refusals (recent)', count('refusal')], ['cache warnings (recent)', count('cache_full')],
         ['iSCSI initiator', d.iscsi_initiator || '—'],
+        ['last move', d.moved ? `from ${d.moved.from} to ${d.moved.server} at ${when(d.moved.requested_unix * 1000)}` : '—'],
       ].map(([k, val]) => [h('dt', { text: k }), h('dd', { text: String(val), dataset: { key: k } })])),
       h('p', { class: 'actions' }, deviceActions(d)),
       h('h2', { text: 'Recent events' }),
       table(['when', 'event', 'server', 'detail'], events.slice().reverse().map((e) => h('tr', null,
-        h('td', { text: when(e.at_ms) }), h('td', null, pill(e.kind === 'connect' ? 'up' : e.kind === 'disconnect' ? 'missing' : 'corrupt', e.kind)),
+        h('td', { text: when(e.at_ms) }), h('td', null, pill(e.kind === 'connect' ? 'up' : e.kind === 'disconnect' ? 'missing' : e.kind === 'move' ? 'maintenance' : 'corrupt', e.kind)),
         h('td', { text: e.server }), h('td', { text: e.detail || '' }))), { id: 'events' }));
   },
 };
