@@ -419,6 +419,7 @@ mod tests {
             store: vstream_api::default_store(),
             boot: Default::default(),
             anonymous_read: false,
+            physical_sector: vstream_api::default_physical_sector(),
         })
         .await
         .unwrap();

@@ -314,7 +314,7 @@ fn the_console_runs_a_farm_from_any_server() {
     // The device is idle: its agent leaves the connection its server let
     // go at once, not at its next read.
     common::wait_for(30, "the agent to fail over to the other server", || {
-        (streaming_from(&agent) == to).then_some(())
+        (agent.streaming_from() == to).then_some(())
     });
     let agent_at = moved_at.elapsed().as_secs_f64();
     b.wait_for(30, "pc1 on the other server on the page", || {
@@ -345,7 +345,7 @@ fn the_console_runs_a_farm_from_any_server() {
         said.contains(&format!("moved device pc1 from {to} to {from} in")),
         "{said}"
     );
-    assert_eq!(streaming_from(&agent), from, "{}", agent.log_text());
+    assert_eq!(agent.streaming_from(), from, "{}", agent.log_text());
 
     // The farm's tokens, for an admin.
     open(&b, "#/tokens");
@@ -539,28 +539,6 @@ fn the_console_runs_a_farm_from_any_server() {
     assert!(again.starts_with("http/1.1 304"), "{again}");
     drop(b);
     drop(agent);
-}
-
-/// The server an agent streams from now, from its log: the last failover's
-/// or login's.
-fn streaming_from(agent: &TestAgent) -> String {
-    let log = agent.log_text();
-    let last = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("failed over") || l.contains("logged in"))
-        .unwrap_or_default()
-        .to_string();
-    let key = if last.contains("failed over") {
-        " to="
-    } else {
-        " server="
-    };
-    last.split(key)
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or_default()
-        .to_string()
 }
 
 /// The devices page with 4,096 devices: the first paint, a search, a

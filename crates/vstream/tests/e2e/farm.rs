@@ -119,27 +119,6 @@ fn apis(servers: &[TestServer]) -> Vec<&str> {
     servers.iter().map(|s| s.api.as_str()).collect()
 }
 
-/// The server an agent streams from now, from its log.
-fn streaming_from(agent: &TestAgent) -> String {
-    let log = agent.log_text();
-    let last = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("failed over") || l.contains("logged in"))
-        .unwrap_or_default()
-        .to_string();
-    let key = if last.contains("failed over") {
-        " to="
-    } else {
-        " server="
-    };
-    last.split(key)
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or_default()
-        .to_string()
-}
-
 fn start_workload(agent: &TestAgent, image: &Path, secs: u32, seed: usize) -> Child {
     start_workload_with(agent, image, secs, seed, &[])
 }
@@ -242,7 +221,7 @@ fn agents_carry_on_when_servers_are_killed() {
     // (RAM small enough that the workload's writes overflow.)
     let agents = three_cache_agents(dir.path(), &servers, "4MiB");
     // Load balancing: three devices on three idle servers of equal power.
-    let mut on: Vec<String> = agents.iter().map(streaming_from).collect();
+    let mut on: Vec<String> = agents.iter().map(TestAgent::streaming_from).collect();
     on.sort();
     assert_eq!(on, ["s1", "s2", "s3"], "one device per server");
 
@@ -258,7 +237,7 @@ fn agents_carry_on_when_servers_are_killed() {
 
     // Every device now streams from the one live server, which says so.
     for a in &agents {
-        assert_eq!(streaming_from(a), "s3", "{}", a.log_text());
+        assert_eq!(a.streaming_from(), "s3", "{}", a.log_text());
     }
     let moved = agents
         .iter()
@@ -394,7 +373,7 @@ fn a_returning_server_gets_its_share_back_on_rebalance() {
     let image = dir.path().join("demo.raw");
     let agents = ram_agents(dir.path(), &servers, 4);
     let count_on =
-        |agents: &[TestAgent], s: &str| agents.iter().filter(|a| streaming_from(a) == s).count();
+        |agents: &[TestAgent], s: &str| agents.iter().filter(|a| a.streaming_from() == s).count();
     assert_eq!((count_on(&agents, "s1"), count_on(&agents, "s2")), (2, 2));
     let loads = start_workloads(&agents, &image, 16);
     std::thread::sleep(std::time::Duration::from_secs(2));
@@ -486,14 +465,14 @@ fn a_silent_server_loses_its_devices_within_the_deadline() {
         .collect();
     let on_s1 = agents
         .iter()
-        .position(|a| streaming_from(a) == "s1")
+        .position(|a| a.streaming_from() == "s1")
         .expect("a device on s1");
     let loads = start_workloads(&agents, &image, 10);
     std::thread::sleep(std::time::Duration::from_secs(2));
     nets[0].silence();
     finish_workloads(loads, &agents);
     let moved = &agents[on_s1];
-    assert_eq!(streaming_from(moved), "s2", "{}", moved.log_text());
+    assert_eq!(moved.streaming_from(), "s2", "{}", moved.log_text());
     assert!(
         moved.log_text().contains("no answer within 1s"),
         "the move came from the deadline:\n{}",
@@ -528,7 +507,7 @@ fn a_server_stopped_gracefully_hands_its_devices_over_first() {
     let agents = ram_agents(dir.path(), &servers, 2);
     let on_s1 = agents
         .iter()
-        .position(|a| streaming_from(a) == "s1")
+        .position(|a| a.streaming_from() == "s1")
         .expect("a device on s1");
     let loads = start_workloads(&agents, &image, 6);
     std::thread::sleep(std::time::Duration::from_secs(2));
@@ -545,7 +524,7 @@ fn a_server_stopped_gracefully_hands_its_devices_over_first() {
     });
     finish_workloads(loads, &agents);
     let moved = &agents[on_s1];
-    assert_eq!(streaming_from(moved), "s2", "{}", moved.log_text());
+    assert_eq!(moved.streaming_from(), "s2", "{}", moved.log_text());
 }
 
 #[test]

@@ -758,6 +758,28 @@ impl TestAgent {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The server the agent streams from now, from its log: the last
+    /// failover's or login's.
+    pub fn streaming_from(&self) -> String {
+        let log = self.log_text();
+        let last = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("failed over") || l.contains("logged in"))
+            .unwrap_or_default()
+            .to_string();
+        let key = if last.contains("failed over") {
+            " to="
+        } else {
+            " server="
+        };
+        last.split(key)
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_default()
+            .to_string()
+    }
+
     /// An agent started by the caller, serving on `sock` and logging to
     /// `log`: killed when dropped.
     pub fn adopt(child: Child, sock: PathBuf, log: PathBuf) -> TestAgent {
