@@ -429,6 +429,33 @@ fn the_console_runs_a_farm_from_any_server() {
         assert_nothing_injected(&b, "the vDisk page");
     }
 
+    // The vDisk's settings: its sectors shown, and a boot method changed
+    // under a connected device (the form sends only what changed; a mode
+    // would be refused while pc1 is connected).
+    open(&b, "#/vdisk/g");
+    let sectors = b.text(&b.wait(20, "dd[data-key=\"sectors\"]"));
+    assert_eq!(sectors, "512 bytes (512n)");
+    b.click(&b.wait(10, "#vdisk-settings"));
+    b.wait(5, "dialog[open] select[name=\"boot\"]");
+    b.script(
+        "const s = document.querySelector('dialog[open] select[name=\"boot\"]'); \
+         s.value = 'sanboot'; s.dispatchEvent(new Event('change'));",
+        vec![],
+    );
+    b.click(&b.wait(5, "dialog[open] #confirm-ok"));
+    b.wait_for(20, "the boot method sanboot on the vDisk page", || {
+        let dd = b.find("dd[data-key=\"boot\"]")?;
+        b.text(&dd).starts_with("sanboot").then_some(())
+    });
+    let (code, text) = curl(
+        &s1.api,
+        &admin,
+        "PATCH",
+        "/api/v1/vdisks/g",
+        Some(r#"{"boot":"kernel"}"#),
+    );
+    assert_eq!(code, 200, "{text}");
+
     // A viewer, at the second server: the same farm, no action anywhere,
     // and the API refuses the actions.
     b.click(&b.wait(5, "#logout"));

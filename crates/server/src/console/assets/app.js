@@ -465,15 +465,25 @@ views.vdisk = {
         onclick: () => confirmAction({
           title: `Settings of ${v.name}`, ok: 'Save',
           lines: ['Mode standard: devices boot a shared read-only image with a write cache each; private: one writer.',
-            'Changes apply to devices at their next boot.'],
+            'Physical sector 4096 (512e): Windows aligns to 4 KiB, a layer\'s chunk.',
+            'Mode, cache and sectors cannot change while devices are connected; the boot method can. Changes apply to devices at their next boot.'],
           fields: [{ name: 'mode', label: 'Mode', options: ['private', 'standard'], value: v.mode },
             { name: 'cache_type', label: 'Cache type', options: ['server', 'device'], value: v.cache_type },
             { name: 'cache_limit', label: 'Cache limit', value: v.cache_limit ? bytes(v.cache_limit).replace(' ', '').replace('.0', '') : '', placeholder: 'none, or e.g. 2GiB' },
+            { name: 'physical_sector', label: 'Physical sector', options: ['512', '4096'], value: String(v.physical_sector || 512) },
             { name: 'boot', label: 'Boot method', options: ['kernel', 'sanboot'], value: boot.method || 'kernel' }],
-          run: (f) => act(`Settings of ${v.name}`, 'PATCH', `/api/v1/vdisks/${enc}`, {
-            mode: f.mode, cache_type: f.cache_type, boot: f.boot,
-            cache_limit: f.cache_limit.trim() ? parseSize(f.cache_limit) : null,
-          }),
+          run: (f) => {
+            // Only what changed: a boot method may change under connected devices.
+            const limit = f.cache_limit.trim() ? parseSize(f.cache_limit) : null;
+            const body = {};
+            if (f.mode !== v.mode) body.mode = f.mode;
+            if (f.cache_type !== v.cache_type) body.cache_type = f.cache_type;
+            if (limit !== null && limit !== v.cache_limit) body.cache_limit = limit;
+            if (Number(f.physical_sector) !== (v.physical_sector || 512)) body.physical_sector = Number(f.physical_sector);
+            if (f.boot !== (boot.method || 'kernel')) body.boot = f.boot;
+            if (!Object.keys(body).length) return flash(`Settings of ${v.name}: nothing changed.`);
+            return act(`Settings of ${v.name}`, 'PATCH', `/api/v1/vdisks/${enc}`, body);
+          },
         }),
       }),
       h('button', {
@@ -499,6 +509,7 @@ views.vdisk = {
       h('dl', { class: 'kv' }, [
         ['size', bytes(v.size)], ['mode', v.mode], ['cache type', v.cache_type],
         ['cache limit', v.cache_limit ? bytes(v.cache_limit) : 'none'], ['store', v.store || 'default'],
+        ['sectors', (v.physical_sector || 512) === 512 ? '512 bytes (512n)' : `512 bytes logical, ${v.physical_sector} physical (512e)`],
         ['allocated here', bytes(v.allocated)], ['content hash', v.content_hash],
         ['boot', `${boot.method || 'kernel'}${boot.kernel ? ', kernel ' + bytes(boot.kernel.size) : ''}${boot.initrd ? ', initrd ' + bytes(boot.initrd.size) : ''}`],
         ['command line', boot.cmdline || '—'], ['problem', v.problem || 'none'],
