@@ -25,7 +25,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,31 +32,12 @@ import threading
 import time
 import urllib.request
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import log, free_port, wait  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VSTREAM = os.environ.get("VSTREAM_BIN", os.path.join(ROOT, "target/release/vstream"))
 WORK = os.path.join(ROOT, "bench/.work/audit")
-
-
-def log(msg):
-    print(time.strftime("%H:%M:%S"), msg, file=sys.stderr, flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait(what, secs, pred):
-    end = time.monotonic() + secs
-    while time.monotonic() < end:
-        try:
-            if pred():
-                return
-        except Exception:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"audit.py: gave up waiting for {what}")
 
 
 class Etcd:

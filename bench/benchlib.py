@@ -1,11 +1,13 @@
 """What the bench scripts share: a process's CPU and memory from /proc, the machine's
-busy time, free ports, and stopping what a script started.
+busy time, free ports, waiting, logging, and stopping what a script started.
 
     sys.path.insert(0, BENCH_DIR); from benchlib import ticks, machine_busy, ...
 """
 import os
 import socket
 import subprocess
+import sys
+import time
 
 HZ = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -44,3 +46,23 @@ def stop(proc, timeout=15):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def log(msg):
+    """`msg` on stderr, after the time of day."""
+    print(time.strftime("%H:%M:%S"), msg, file=sys.stderr, flush=True)
+
+
+def wait(what, secs, pred):
+    """`pred()`'s first true value within `secs` s (an exception counts as not yet);
+    the script ends, naming `what`, if none comes."""
+    end = time.monotonic() + secs
+    while time.monotonic() < end:
+        try:
+            v = pred()
+            if v:
+                return v
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{os.path.basename(sys.argv[0])}: gave up waiting for {what}")

@@ -61,33 +61,13 @@ import threading
 import time
 import urllib.request
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import log, free_port, wait  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VSTREAM = os.environ.get("VSTREAM_BIN", os.path.join(ROOT, "target/release/vstream"))
 WORKLOAD = os.path.join(ROOT, "tests/farm/workload.py")
 PY = "/usr/bin/python3"
-
-
-def log(msg):
-    print(time.strftime("%H:%M:%S"), msg, file=sys.stderr, flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait(what, secs, pred):
-    end = time.monotonic() + secs
-    while time.monotonic() < end:
-        try:
-            v = pred()
-            if v:
-                return v
-        except Exception:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"farm.py: gave up waiting for {what}")
 
 
 def rss_kib(pid):

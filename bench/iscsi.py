@@ -34,7 +34,7 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-from benchlib import HZ, machine_busy, stop, ticks  # noqa: E402
+from benchlib import HZ, log, machine_busy, stop, ticks  # noqa: E402
 
 WORK = os.path.join(ROOT, "bench/.work")
 HERE = os.path.join(WORK, "iscsi")
@@ -44,16 +44,8 @@ IQN_TGT = "iqn.2026-12.org.vstream.bench:tgt"
 INITIATOR_TGT = "iqn.2026-12.org.vstream.bench:client"
 
 
-def log(msg):
-    print(time.strftime("%H:%M:%S"), msg, file=sys.stderr, flush=True)
-
-
 def die(msg):
     raise SystemExit(f"iscsi.py: {msg}")
-
-
-
-
 
 
 def free_port_block(n):

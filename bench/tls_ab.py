@@ -29,16 +29,15 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import log  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(ROOT, "bench/.work")
 IMAGE = os.path.join(WORK, "disk.raw")
 PKI = os.path.join(WORK, "pki")
 HZ = os.sysconf("SC_CLK_TCK")
 GIB = 1 << 30
-
-
-def log(msg):
-    print(time.strftime("%H:%M:%S"), msg, file=sys.stderr, flush=True)
 
 
 def server_ticks(pid):
