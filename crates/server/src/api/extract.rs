@@ -14,6 +14,7 @@ use axum::async_trait;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -41,10 +42,24 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Json(v)),
-            Err(e) => Err(json_rejection(e)),
+        // Every request body is an object: serde would take a struct from
+        // an array of its fields in order, which the document forbids.
+        let value = match axum::Json::<serde_json::Value>::from_request(req, state).await {
+            Ok(axum::Json(v)) => v,
+            Err(e) => return Err(json_rejection(e)),
+        };
+        if !value.is_object() {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "the request body is not what this route takes: a JSON object is expected",
+            ));
         }
+        serde_json::from_value(value).map(Json).map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("the request body is not what this route takes: {e}"),
+            )
+        })
     }
 }
 
@@ -183,6 +198,9 @@ mod tests {
                 req("/x/1", None, r#"{"n":1}"#),
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ),
+            // The fields in order, as an array: serde alone would take it.
+            (req("/x/1", json, "[1]"), StatusCode::UNPROCESSABLE_ENTITY),
+            (req("/x/1", json, "1"), StatusCode::UNPROCESSABLE_ENTITY),
             (req("/x/nope", json, r#"{"n":1}"#), StatusCode::BAD_REQUEST),
             (req("/x/1?a=b", json, r#"{"n":1}"#), StatusCode::BAD_REQUEST),
         ] {

@@ -184,6 +184,13 @@ pub fn store_file(
         hasher.update(&buf[..n]);
         tmp.write_all(&buf[..n])?;
     }
+    if size == 0 {
+        // No kernel or initrd is empty: a request that forgot its body.
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the boot file is empty",
+        ));
+    }
     let hash = hasher.finalize().to_hex().to_string();
     if let Some(e) = expected {
         if e.blake3 != hash || e.size != size {

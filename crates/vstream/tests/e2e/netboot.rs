@@ -644,6 +644,13 @@ fn the_boot_script_and_files_over_http() {
         kernel.to_str().unwrap(),
     ]);
     assert!(err.contains("does not exist"), "{err}");
+    // A body forgotten (an empty file) is refused, and nothing changes.
+    let empty = kernel.with_file_name("empty");
+    std::fs::write(&empty, b"").unwrap();
+    let err = server.cli_err(&["vdisk", "set", "root", "--kernel", empty.to_str().unwrap()]);
+    assert!(err.contains("the boot file is empty"), "{err}");
+    let (code, body) = http_get(&format!("{}/boot/{path}/kernel", server.api));
+    assert_eq!((code, body), (200, std::fs::read(&kernel).unwrap()));
 
     // A replaced kernel's file goes once it is old enough; the new one stays.
     let boot_dir = server.data.join("boot/root");

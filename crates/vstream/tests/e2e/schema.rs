@@ -12,12 +12,12 @@
 //!
 //! Left out: `PUT /api/v1/vdisks/{name}/content` takes the extents framing
 //! (`application/vnd.vstream.extents`), which schemathesis cannot generate;
-//! the import tests send it real bytes. Not checked: whether every request
-//! the schema allows is accepted (schemathesis' positive_data_acceptance)
-//! and every one it forbids refused (negative_data_rejection): the server
-//! checks more than the schema can say (a MAC's multicast bit, a size in
-//! 512-byte sectors, a path on this server), so those answer 400 as
-//! documented.
+//! the import tests send it real bytes. Every request the schema forbids
+//! must be refused (schemathesis' negative_data_rejection). Not checked:
+//! whether every request the schema allows is accepted
+//! (positive_data_acceptance): the server checks more than the schema can
+//! say (a MAC's multicast bit, a size in 512-byte sectors, a path on this
+//! server), so those answer 400 as documented.
 
 use crate::common;
 
@@ -48,7 +48,8 @@ fn schemathesis() -> Option<String> {
 
 /// The checks run on every answer.
 const CHECKS: &str = "not_a_server_error,status_code_conformance,content_type_conformance,\
-                      response_headers_conformance,response_schema_conformance";
+                      response_headers_conformance,response_schema_conformance,\
+                      negative_data_rejection";
 /// Names that exist, offered for the path's `{name}` half of the time, and
 /// the two routes whose 503 is expected here.
 const CONFIG: &str = r#"
