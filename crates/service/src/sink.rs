@@ -12,7 +12,7 @@
 //! Only a plain socket (TCP or unix) can take it: inside TLS the bytes must
 //! be encrypted in user space, so a TLS writer has no [`Sink::socket`] and
 //! every reply goes the copy path. The socket is non-blocking under tokio:
-//! each call runs in [`Socket::try_io`] and a full socket waits for its
+//! each call runs in the socket's `try_io` and a full socket waits for its
 //! readiness, so partial writes resume where they stopped. A failure after
 //! some of a reply left cannot be taken back: it fails the connection,
 //! which is then closed (the client sees the connection end, not a
