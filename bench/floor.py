@@ -2,6 +2,7 @@
 """The NBD data path against the floor and nbdkit, in one run (issue 21's data-path targets).
 
     /usr/bin/python3 bench/floor.py [--runtime 10] [--seq-runs 3] [--rounds 2] [--qd 32]
+                                    [--old-bin PATH] [--variant NAME:VAR=VALUE ...]
 
 The same 2 GiB random image as bench/compare.sh (bench/.work/disk.raw, written here if
 missing) served by three servers, one at a time, each measured by the same clients:
@@ -19,6 +20,11 @@ over fio's total_ios). Sequential: `nbdcopy URL null:` (4 connections, 256 KiB r
 SEQ_RUNS times: GiB/s of the median and server CPU s per GiB. The page cache holds the
 image (read before each server). Rounds alternate the order; figures are medians over
 rounds, and the table gives each against the floor's.
+
+A/B in the same run: `--old-bin PATH` adds `vstream-old`, another vstream binary (an
+older build) on the same store; `--variant NAME:VAR=VALUE` (repeatable) adds a row NAME,
+this build run with the environment variable VAR=VALUE (a knob such as
+VSTREAM_NBD_SENDFILE_MIN). Each such row is also given against `vstream`.
 """
 import argparse
 import json
@@ -95,10 +101,17 @@ def vstream_store():
     return data
 
 
-def start(kind, data):
+def start(kind, data, args):
     port = free_port()
-    if kind == "vstream":
-        cmd = [os.path.join(REL, "vstream"), "server", "--data", data, "--nbd", f"127.0.0.1:{port}",
+    env = None
+    if kind not in ("nbdkit", "floor"):
+        binary = os.path.join(REL, "vstream")
+        if kind == "vstream-old":
+            binary = os.path.abspath(args.old_bin)
+        elif kind != "vstream":
+            var, _, value = args.variants[kind].partition("=")
+            env = dict(os.environ, **{var: value})
+        cmd = [binary, "server", "--data", data, "--nbd", f"127.0.0.1:{port}",
                "--api", f"127.0.0.1:{free_port()}"]
         url = f"nbd://127.0.0.1:{port}/bench"
     elif kind == "nbdkit":
@@ -107,7 +120,7 @@ def start(kind, data):
     else:
         cmd = [os.path.join(REL, "storm-floor"), "--listen", f"127.0.0.1:{port}", "--image", IMAGE]
         url = f"nbd://127.0.0.1:{port}/"
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env,
                          stderr=open(os.path.join(HERE, f"{kind}.log"), "a"))
     wait_nbd(url, p, kind)
     return p, url
@@ -125,7 +138,7 @@ def measure(proc, fn):
 
 
 def one(kind, data, args):
-    proc, url = start(kind, data)
+    proc, url = start(kind, data, args)
     try:
         js = os.path.join(HERE, f"fio-{kind}.json")
 
@@ -161,7 +174,16 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--qd", type=int, default=32)
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--old-bin", help="another vstream binary, run as vstream-old")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME:VAR=VALUE: this build with an environment variable, as row NAME")
     args = ap.parse_args()
+    args.variants = {}
+    for v in args.variant:
+        name, _, assign = v.partition(":")
+        if not name or "=" not in assign or name in ("vstream", "vstream-old", "nbdkit", "floor"):
+            die(f"--variant {v!r}: give NAME:VAR=VALUE with a new NAME")
+        args.variants[name] = assign
     for tool in ("nbdkit", "fio", "nbdcopy", "nbdinfo"):
         if not shutil.which(tool):
             die(f"{tool} is missing (bash .ci/install-deps installs it)")
@@ -179,7 +201,7 @@ def main():
         os.rename(IMAGE + ".tmp", IMAGE)
     data = vstream_store()
     layers = [os.path.join(d, f) for d, _, fs in os.walk(data) for f in fs if f.endswith(".layer")]
-    kinds = ["vstream", "nbdkit", "floor"]
+    kinds = ["vstream", *(["vstream-old"] if args.old_bin else []), *args.variants, "nbdkit", "floor"]
     order = []
     for r in range(args.rounds):
         order += kinds if r % 2 == 0 else kinds[::-1]
@@ -215,6 +237,13 @@ def main():
           f"{v['µs/read'] / f['µs/read']:.2f} (target ≤ 1.15); sequential "
           f"{v['seq GiB/s'] / f['seq GiB/s']:.2f} (target ≥ 0.97) at "
           f"{v['s/GiB'] / f['s/GiB']:.2f} the CPU per GiB (target ≤ 1.15)")
+    for k in kinds:
+        if k in ("vstream", "nbdkit", "floor"):
+            continue
+        o = med[k]
+        print(f"- vstream / {k}: IOPS {v['IOPS'] / o['IOPS']:.2f}, CPU per read "
+              f"{v['µs/read'] / o['µs/read']:.2f}; sequential {v['seq GiB/s'] / o['seq GiB/s']:.2f} "
+              f"at {v['s/GiB'] / o['s/GiB']:.2f} the CPU per GiB")
 
 
 if __name__ == "__main__":

@@ -341,6 +341,27 @@ impl Disk {
         })
     }
 
+    /// The layer that holds every byte of `[offset, offset + len)`, if one
+    /// layer that this disk never writes does (a sealed one, or any layer of
+    /// a read-only view): a caller may send those bytes from the file
+    /// ([`Layer::data_file`]) rather than read them. `None` when the range
+    /// spans layers, holes or the lower disk, or lies in the layer this disk
+    /// writes (a write cache, a Private vDisk's top).
+    ///
+    /// A read-only view of an unsealed version may see a Private device's
+    /// writes (through another disk) land while its bytes are on their way
+    /// from the file: a read and a write that overlap have no order, on
+    /// either path.
+    pub fn read_only_span(&self, offset: u64, len: u64) -> Option<&Arc<Layer>> {
+        if len == 0 || !self.in_range(offset, len) {
+            return None;
+        }
+        let end = offset + len;
+        let (_, run_end, owner) = self.runs(offset, end, self.layers.len()).next()?;
+        let layer = &self.layers[owner?];
+        (run_end == end && (layer.is_sealed() || !self.writable)).then_some(layer)
+    }
+
     /// Reads what the layers hold of `[offset, offset + buf.len())`, and
     /// leaves the runs that belong to the lower disk unwritten: the caller
     /// fetches those (asynchronously) and fills them in. With `nowait`, answers
@@ -719,6 +740,46 @@ mod tests {
 
     fn layer(dir: &std::path::Path, name: &str, size: u64) -> Arc<Layer> {
         Arc::new(Layer::create(&dir.join(name), size).unwrap())
+    }
+
+    /// A read lies in one layer's file only where that layer holds every
+    /// chunk of it, nothing above does, and the disk does not write it; the
+    /// file position is the data's.
+    #[test]
+    fn a_read_only_span_is_one_layer_the_disk_does_not_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 1 << 20;
+        let base = layer(dir.path(), "base", size);
+        let base_disk = Disk::writable(vec![base.clone()], None).unwrap();
+        base_disk.write(&vec![7u8; 512 << 10], 0, false).unwrap();
+        base_disk.flush().unwrap();
+        // Written by this disk: no.
+        assert!(base_disk.read_only_span(0, 64 << 10).is_none());
+        // A read-only view of it: yes.
+        let view = Disk::read_only(vec![base.clone()]);
+        assert!(view.read_only_span(0, 64 << 10).is_some());
+        let hashes = crate::hash::hash_disk(&base_disk).unwrap();
+        base.store_hashes(&hashes, true).unwrap();
+        drop(base_disk);
+        let cache = layer(dir.path(), "cache", size);
+        let disk = Disk::writable(vec![base.clone(), cache.clone()], None).unwrap();
+        disk.write(&[1u8; 100], 200 << 10, false).unwrap();
+        let span = |off: u64, len: u64| disk.read_only_span(off, len).map(|l| l.path().to_owned());
+        assert_eq!(span(0, 128 << 10), Some(base.path().to_owned()));
+        assert_eq!(span(4096 + 3, 100_000), Some(base.path().to_owned()));
+        assert_eq!(span(128 << 10, 100 << 10), None, "over the cache's chunk");
+        assert_eq!(span(200 << 10, 100), None, "in the cache (written here)");
+        assert_eq!(span(480 << 10, 64 << 10), None, "into a hole");
+        assert_eq!(span(600 << 10, 4096), None, "a hole");
+        assert_eq!(span(size - 4096, 8192), None, "past the end");
+        assert_eq!(span(0, 0), None);
+        // The file holds the data where it says.
+        let (fd, pos) = base.data_file(4096 + 3);
+        let mut b = [0u8; 16];
+        let file = std::fs::File::from(fd.try_clone_to_owned().unwrap());
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut b, pos).unwrap();
+        assert_eq!(b, [7u8; 16]);
+        assert!(base.is_cached(4096 + 3, 100_000), "just written: cached");
     }
 
     /// Random writes, zeroes and trims through a two-layer disk agree with a

@@ -454,6 +454,25 @@ impl Layer {
         Ok(true)
     }
 
+    /// The open layer file and the position in it of logical `offset`: for
+    /// a caller that moves a layer's bytes from the file straight to a
+    /// socket (`sendfile`) rather than read them (see [`crate::Disk::read_only_span`]).
+    pub fn data_file(&self, offset: u64) -> (std::os::fd::BorrowedFd<'_>, u64) {
+        use std::os::fd::AsFd;
+        (self.file.as_fd(), self.geo.data_offset + offset)
+    }
+
+    /// Whether every page of the data region's `[offset, offset + len)` is
+    /// in the page cache now (`cachestat(2)`, Linux 6.5): a read of it will
+    /// not wait for the disk, barring an eviction in between. `false` where
+    /// the kernel cannot tell.
+    pub fn is_cached(&self, offset: u64, len: u64) -> bool {
+        if len == 0 {
+            return true;
+        }
+        cachestat(self.file.as_raw_fd(), self.geo.data_offset + offset, len)
+    }
+
     /// Reads `buf.len()` bytes of the data region at logical `offset`.
     pub fn read_raw(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, self.geo.data_offset + offset)
@@ -1129,6 +1148,54 @@ pub(crate) fn decode_header(h: &[u8]) -> Result<(Geometry, u32, Option<[u8; 32]>
     content.copy_from_slice(&h[72..104]);
     let content = (flags & FLAG_HASHES_VALID != 0).then_some(content);
     Ok((geo, flags, content))
+}
+
+/// `cachestat(2)`'s system call number: one number on every architecture.
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// Whether all pages of the file's `[pos, pos + len)` are cached; `false`
+/// on any error (an older kernel: `ENOSYS`, remembered).
+fn cachestat(fd: i32, pos: u64, len: u64) -> bool {
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    static MISSING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if MISSING.load(Ordering::Relaxed) {
+        return false;
+    }
+    let range = Range { off: pos, len };
+    let mut stat = Stat::default();
+    // SAFETY: `fd` is open for the call; `range` and `stat` are the layouts
+    // the kernel reads and writes, alive for the call.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            fd,
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0u32,
+        )
+    };
+    if r != 0 {
+        if io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+            MISSING.store(true, Ordering::Relaxed);
+        }
+        return false;
+    }
+    let page = 4096u64;
+    let pages = (pos + len).div_ceil(page) - pos / page;
+    stat.nr_cache >= pages
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use vstream_image::Layer;
 pub use vstream_image::{Disk, Extent, WriteError};
 
 mod overlay;
@@ -79,6 +80,31 @@ pub trait Backend: Send + Sync + 'static {
     fn flush(self: Arc<Self>) -> BoxFuture<'static, io::Result<()>>;
     /// Allocation of `[offset, offset + len)`: at most `max` extents.
     fn extents(&self, offset: u64, len: u64, max: usize) -> Vec<Extent>;
+    /// Where `[offset, offset + len)` lies whole in one file that this
+    /// backend does not write (see [`Disk::read_only_span`]), all in the
+    /// page cache: a front door may send it from that file straight to its
+    /// socket, with no copy through user space. `None` (the default): read
+    /// it with [`Backend::try_read`].
+    fn file_span(&self, _offset: u64, _len: u64) -> Option<FileSpan> {
+        None
+    }
+}
+
+/// A read's bytes as a range of a layer file, cached: see
+/// [`Backend::file_span`].
+#[derive(Debug, Clone)]
+pub struct FileSpan {
+    layer: Arc<Layer>,
+    /// Position in the file.
+    pub pos: u64,
+    pub len: u64,
+}
+
+impl FileSpan {
+    /// The file the bytes are in, open for reading.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.layer.data_file(0).0
+    }
 }
 
 /// A stack of layers on this machine: reads from the page cache on the
@@ -184,6 +210,17 @@ impl Backend for Local {
     }
     fn extents(&self, offset: u64, len: u64, max: usize) -> Vec<Extent> {
         self.disk.block_status(offset, len, max)
+    }
+    fn file_span(&self, offset: u64, len: u64) -> Option<FileSpan> {
+        let layer = self.disk.read_only_span(offset, len)?;
+        if !layer.is_cached(offset, len) {
+            return None;
+        }
+        Some(FileSpan {
+            pos: layer.data_file(offset).1,
+            layer: layer.clone(),
+            len,
+        })
     }
 }
 

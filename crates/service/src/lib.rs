@@ -30,6 +30,7 @@ use tokio::task::JoinSet;
 
 pub mod limits;
 pub mod metrics;
+pub mod sink;
 pub mod tcp;
 pub mod tls;
 
@@ -42,6 +43,7 @@ use crate::metrics::Metrics;
 pub use crate::metrics::Refusal;
 pub use crate::tls::{Certificate, Client, ClientTls, Tls, TlsMode};
 use handshake::{HandshakeError, Outcome, Phase};
+pub use sink::Sink;
 use transmission::Ending;
 pub use vstream_pipeline::Backend;
 
@@ -253,7 +255,7 @@ pub async fn serve(
 /// One accepted connection, past the limits.
 pub(crate) struct Accepted {
     pub reader: Box<dyn AsyncRead + Unpin + Send>,
-    pub writer: Box<dyn AsyncWrite + Unpin + Send>,
+    pub writer: Box<dyn Sink>,
     /// The client's address (`unix` on a unix socket).
     pub peer: String,
     /// The address it reached (a portal, for iSCSI discovery).
@@ -414,7 +416,7 @@ pub async fn connection<R, W>(
     shutdown: watch::Receiver<bool>,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: Sink + 'static,
 {
     let metrics = exports.metrics();
     Metrics::add(&metrics.connections_total, 1);
@@ -459,7 +461,7 @@ async fn transmit<R, W>(
     shutdown: watch::Receiver<bool>,
 ) where
     R: AsyncRead + Unpin + Send,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: Sink + 'static,
 {
     let metrics = exports.metrics();
     tracing::debug!(%peer, export = %neg.export.name, structured = neg.structured, "transmission starts");

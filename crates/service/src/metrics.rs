@@ -14,6 +14,9 @@ pub struct Metrics {
     /// cache by the connection's own task (the rest wait for a blocking read).
     pub reads: AtomicU64,
     pub inline_reads: AtomicU64,
+    /// Inline READs whose data went from a sealed layer file straight to
+    /// the socket (`sendfile`), with no copy through user space.
+    pub sendfile_reads: AtomicU64,
     pub written_bytes: AtomicU64,
     pub request_errors: AtomicU64,
     /// Connections that went on inside TLS.
@@ -89,7 +92,7 @@ impl Metrics {
     /// Prometheus text exposition, with `extra` rows (name, type, help, value).
     pub fn render(&self, extra: &[(&str, &str, &str, &AtomicU64)]) -> String {
         let mut out = String::new();
-        let rows: [(&str, &str, &str, &AtomicU64); 10] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 11] = [
             (
                 "vstream_nbd_connections_total",
                 "counter",
@@ -131,6 +134,12 @@ impl Metrics {
                 "counter",
                 "READ requests answered inline from the page cache",
                 &self.inline_reads,
+            ),
+            (
+                "vstream_nbd_sendfile_reads_total",
+                "counter",
+                "READ requests whose data went from the layer file to the socket with no copy",
+                &self.sendfile_reads,
             ),
             (
                 "vstream_nbd_written_bytes_total",

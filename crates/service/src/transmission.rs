@@ -2,6 +2,8 @@
 //!
 //! ```text
 //!   socket --read--> buffer --decode--> request --validate--+--> READ hit in page cache: answered inline
+//!                                                           |     (a large one within one layer it does not write:
+//!                                                           |      header, then sendfile from the layer)
 //!                                                           +--> anything else: blocking pool --> reply
 //!   inline replies of one batch leave in one write; replies that finish while
 //!   another is being written leave together, in one vectored write
@@ -12,7 +14,9 @@
 //! trim or zero, is awaited on a task of its own; the backend decides where
 //! the work runs (the blocking pool, the network), so a slow disk or server
 //! never stalls the runtime. Replies may leave out of order; every reply is
-//! header and payload in one write.
+//! header and payload in one write, or, for a read sent from its layer file
+//! (see [`crate::sink`]), header and file data back to back under the
+//! connection's one writer.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -24,10 +28,11 @@ use vstream_nbd::transmission::{
     encode_block_status, encode_offset_data_header, encode_simple_reply, encode_structured_error,
 };
 use vstream_nbd::*;
-use vstream_pipeline::{Backend, WriteError};
+use vstream_pipeline::{Backend, FileSpan, WriteError};
 
 use crate::handshake::{Negotiated, MAX_PAYLOAD};
 use crate::metrics::Metrics;
+use crate::sink::Sink;
 use crate::Exports;
 
 /// Most requests of one connection in flight at once.
@@ -40,6 +45,27 @@ const BATCH_LIMIT: usize = 1 << 20;
 /// answered a 128 KiB read, would otherwise each hold that much for as long
 /// as they stay connected.
 const OUT_KEEP: usize = 16 << 10;
+/// Reads at least this long that lie within one layer file the disk does not write go from the
+/// file to the socket (`sendfile`) on plain connections, unless
+/// `VSTREAM_NBD_SENDFILE_MIN` says otherwise (bytes; `off`: never). Below
+/// it the copy costs less than the extra system call (bench/notes/datapath.md).
+const SENDFILE_MIN: u32 = 64 << 10;
+
+/// The smallest read sent from its file; `None`: none is.
+fn sendfile_min() -> Option<u32> {
+    static MIN: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| match std::env::var("VSTREAM_NBD_SENDFILE_MIN") {
+        Ok(v) if v == "off" => None,
+        Ok(v) => match v.parse() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                tracing::warn!(value = %v, "VSTREAM_NBD_SENDFILE_MIN is not a number of bytes or `off`; using {SENDFILE_MIN}");
+                Some(SENDFILE_MIN)
+            }
+        },
+        Err(_) => Some(SENDFILE_MIN),
+    })
+}
 
 /// How the connection ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -76,6 +102,42 @@ struct Conn {
     structured: bool,
     base_allocation: bool,
     exports: Arc<dyn Exports>,
+    /// Reads at least this long may be sent from their file: a plain socket.
+    sendfile_min: Option<u32>,
+}
+
+/// Replies ready to leave, in order: bytes, and file data to send between
+/// them.
+#[derive(Default)]
+struct Out {
+    bytes: Vec<u8>,
+    /// `(at, span)`: `span`'s bytes follow `bytes[..at]`; `at` never falls.
+    files: Vec<(usize, FileSpan)>,
+    /// What the spans hold, for the batch limit.
+    file_bytes: usize,
+}
+
+impl Out {
+    fn len(&self) -> usize {
+        self.bytes.len() + self.file_bytes
+    }
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.files.clear();
+        self.file_bytes = 0;
+    }
+}
+
+impl From<Vec<u8>> for Out {
+    fn from(bytes: Vec<u8>) -> Out {
+        Out {
+            bytes,
+            ..Out::default()
+        }
+    }
 }
 
 /// Serves requests until the client disconnects or `shutdown` fires.
@@ -88,20 +150,21 @@ pub async fn serve<R, W>(
 ) -> Result<Ending, TransmissionError>
 where
     R: AsyncRead + Unpin + Send,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: Sink + 'static,
 {
     let conn = Arc::new(Conn {
         backend: neg.export.backend.clone(),
         structured: neg.structured,
         base_allocation: neg.base_allocation,
         exports,
+        sendfile_min: sendfile_min().filter(|_| writer.socket().is_some()),
     });
     let mut release = neg.export.session.as_ref().and_then(|s| s.released());
     let idle = conn.exports.idle_timeout(&neg.export);
     let replies = Arc::new(Replies::new(writer));
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT as usize));
     let mut buf = BytesMut::with_capacity(16 * 1024);
-    let mut out: Vec<u8> = Vec::new();
+    let mut out = Out::default();
     let ending = 'conn: loop {
         // Answer every complete request in the buffer.
         while let Some(req) = decode_request(&buf)? {
@@ -138,8 +201,8 @@ where
         }
         if !out.is_empty() {
             replies.send_batch(&mut out).await?;
-            if out.capacity() > OUT_KEEP {
-                out = Vec::new();
+            if out.bytes.capacity() > OUT_KEEP {
+                out = Out::default();
             }
         }
         if buf.capacity() - buf.len() < 4096 {
@@ -200,7 +263,7 @@ struct Replies<W> {
 }
 
 /// A reply, and the permit of its request while it waits to be written.
-type Reply = (Vec<u8>, Option<OwnedSemaphorePermit>);
+type Reply = (Out, Option<OwnedSemaphorePermit>);
 
 #[derive(Default)]
 struct Queued {
@@ -218,7 +281,7 @@ fn client_gone() -> std::io::Error {
     )
 }
 
-impl<W: AsyncWrite + Unpin> Replies<W> {
+impl<W: Sink> Replies<W> {
     fn new(writer: W) -> Self {
         Replies {
             queue: parking_lot::Mutex::new(Queued::default()),
@@ -236,7 +299,7 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
             if q.failed {
                 return Err(client_gone());
             }
-            q.replies.push((reply, Some(permit)));
+            q.replies.push((Out::from(reply), Some(permit)));
             q.queued += 1;
             if q.writing {
                 return Ok(());
@@ -251,7 +314,7 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
     /// Sends the connection loop's batch of inline replies and waits until
     /// it is written, keeping the buffer (emptied) for the next batch when
     /// nobody else is writing.
-    async fn send_batch(&self, batch: &mut Vec<u8>) -> std::io::Result<()> {
+    async fn send_batch(&self, batch: &mut Out) -> std::io::Result<()> {
         let ticket = {
             let mut q = self.queue.lock();
             if q.failed {
@@ -275,12 +338,7 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
             };
         }
         let mut w = self.writer.lock().await;
-        // Flushed: inside TLS the last records may wait in the session
-        // otherwise (a no-op on a plain socket).
-        let mut first = w.write_all(batch).await;
-        if first.is_ok() {
-            first = w.flush().await;
-        }
+        let first = write_out(&mut *w, std::slice::from_ref(batch)).await;
         batch.clear();
         self.drain(&mut w, first).await
     }
@@ -304,13 +362,47 @@ impl<W: AsyncWrite + Unpin> Replies<W> {
                 }
                 std::mem::take(&mut q.replies)
             };
-            result = write_all_vectored(w, batch.iter().map(|(r, _)| &r[..])).await;
+            let outs: Vec<&Out> = batch.iter().map(|(r, _)| r).collect();
+            result = write_outs(w, &outs).await;
             if result.is_ok() {
                 self.written.send_modify(|n| *n += batch.len() as u64);
             }
             // The batch's permits go with it.
         }
     }
+}
+
+/// Writes `outs` in order: in as few calls as the socket allows when they
+/// are all bytes; their file spans from the files (see [`crate::sink`]).
+async fn write_outs<W: Sink>(w: &mut W, outs: &[&Out]) -> std::io::Result<()> {
+    if outs.iter().all(|o| o.files.is_empty()) {
+        return write_all_vectored(w, outs.iter().map(|o| &o.bytes[..])).await;
+    }
+    let Some(socket) = w.socket() else {
+        // Never: spans are only made for a writer with a socket.
+        return Err(std::io::Error::other(
+            "file data for a connection without a plain socket",
+        ));
+    };
+    let mut bytes: Vec<&[u8]> = Vec::new();
+    for out in outs {
+        let mut from = 0;
+        for (at, span) in &out.files {
+            bytes.push(&out.bytes[from..*at]);
+            socket.send_all(&bytes, true).await?;
+            bytes.clear();
+            socket.send_file(span).await?;
+            from = *at;
+        }
+        bytes.push(&out.bytes[from..]);
+    }
+    socket.send_all(&bytes, false).await
+}
+
+/// [`write_outs`] of one.
+async fn write_out<W: Sink>(w: &mut W, outs: &[Out]) -> std::io::Result<()> {
+    let outs: Vec<&Out> = outs.iter().collect();
+    write_outs(w, &outs).await
 }
 
 /// Writes every buffer of `bufs`, in order, in as few calls as the socket
@@ -386,30 +478,38 @@ impl Conn {
     }
 
     /// Answers `req` on the spot if it needs no blocking work; returns false otherwise.
-    fn try_inline(&self, req: &Request, out: &mut Vec<u8>) -> bool {
+    fn try_inline(&self, req: &Request, out: &mut Out) -> bool {
         if let Err(errno) = self.validate(req) {
             Metrics::add(&self.exports.metrics().request_errors, 1);
-            out.extend_from_slice(&self.error_reply(req, errno, "invalid request"));
+            out.bytes
+                .extend_from_slice(&self.error_reply(req, errno, "invalid request"));
             return true;
         }
+        let bytes = &mut out.bytes;
         match req.command {
             Command::Read => {
-                let start = out.len();
-                self.read_reply_header(req, out);
-                let len = req.length as usize;
-                if read_into(&*self.backend, out, req.offset, len).is_ok_and(|done| done) {
-                    let m = self.exports.metrics();
-                    Metrics::add(&m.read_bytes, u64::from(req.length));
-                    Metrics::add(&m.reads, 1);
-                    Metrics::add(&m.inline_reads, 1);
-                    true
+                let m = self.exports.metrics();
+                if let Some(span) = self.file_span(req) {
+                    self.read_reply_header(req, bytes);
+                    out.files.push((bytes.len(), span));
+                    out.file_bytes += req.length as usize;
+                    Metrics::add(&m.sendfile_reads, 1);
                 } else {
-                    out.truncate(start);
-                    false
+                    let start = bytes.len();
+                    self.read_reply_header(req, bytes);
+                    let len = req.length as usize;
+                    if !read_into(&*self.backend, bytes, req.offset, len).is_ok_and(|done| done) {
+                        bytes.truncate(start);
+                        return false;
+                    }
                 }
+                Metrics::add(&m.read_bytes, u64::from(req.length));
+                Metrics::add(&m.reads, 1);
+                Metrics::add(&m.inline_reads, 1);
+                true
             }
             Command::Cache => {
-                encode_simple_reply(out, req.cookie, 0);
+                encode_simple_reply(bytes, req.cookie, 0);
                 true
             }
             Command::BlockStatus => {
@@ -430,7 +530,7 @@ impl Conn {
                     })
                     .collect();
                 encode_block_status(
-                    out,
+                    bytes,
                     req.cookie,
                     crate::handshake::BASE_ALLOCATION_ID,
                     &extents,
@@ -439,6 +539,17 @@ impl Conn {
             }
             _ => false,
         }
+    }
+
+    /// Where READ `req`'s data may be sent from: its file, if the
+    /// connection takes that, the read is large enough, and the data lies
+    /// cached within one layer file the disk does not write.
+    fn file_span(&self, req: &Request) -> Option<FileSpan> {
+        let min = self.sendfile_min?;
+        if req.length < min.max(1) {
+            return None;
+        }
+        self.backend.file_span(req.offset, u64::from(req.length))
     }
 
     fn read_reply_header(&self, req: &Request, out: &mut Vec<u8>) {
@@ -571,7 +682,7 @@ mod tests {
             let replies = replies.clone();
             tasks.spawn(async move {
                 if i % 10 == 0 {
-                    let mut batch = reply(i);
+                    let mut batch = Out::from(reply(i));
                     replies.send_batch(&mut batch).await.unwrap();
                     assert!(batch.is_empty(), "the batch buffer comes back empty");
                 } else {
@@ -597,6 +708,116 @@ mod tests {
         assert!(seen.iter().all(|s| *s), "every reply arrived");
     }
 
+    /// `len` bytes at `off` of a sealed one-layer disk of known bytes.
+    fn sealed_backend(dir: &std::path::Path, size: usize) -> (Arc<dyn Backend>, Vec<u8>) {
+        use vstream_image::{Disk, Layer};
+        let layer = Arc::new(Layer::create(&dir.join("sealed.layer"), size as u64).unwrap());
+        let disk = Disk::writable(vec![layer.clone()], None).unwrap();
+        let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+        disk.write(&data, 0, false).unwrap();
+        disk.flush().unwrap();
+        let hashes = vstream_image::hash::hash_disk(&disk).unwrap();
+        layer.store_hashes(&hashes, true).unwrap();
+        drop(disk);
+        let local = vstream_pipeline::Local::new(Arc::new(Disk::read_only(vec![layer])));
+        (local, data)
+    }
+
+    /// Replies with file data (sent by `sendfile`) and replies of bytes,
+    /// from many tasks, through a small socket buffer: each arrives whole,
+    /// its file data right after its header.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn file_data_leaves_whole_between_other_replies() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 4 << 20;
+        let (backend, data) = sealed_backend(dir.path(), size);
+        let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
+        let (_ar, aw) = a.into_split();
+        assert!(aw.socket().is_some(), "a plain socket takes file data");
+        let replies = Arc::new(Replies::new(aw));
+        // Reply i: its number and length, then its data.
+        let span_of = move |i: u32| {
+            let off = (i as u64 * 40_961) % (size as u64 - 300_000);
+            let len = 65_536 + (i as u64 * 3_331) % 200_000;
+            (off, len)
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..60u32 {
+            let (replies, backend) = (replies.clone(), backend.clone());
+            tasks.spawn(async move {
+                if i % 3 == 0 {
+                    let permit = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
+                    let r = reply(i);
+                    let mut framed = i.to_be_bytes().to_vec();
+                    framed.extend((r.len() as u32).to_be_bytes());
+                    framed.extend(r);
+                    replies.send(framed, permit).await.unwrap();
+                } else {
+                    let (off, len) = span_of(i);
+                    let span = backend
+                        .file_span(off, len)
+                        .expect("cached in a sealed layer");
+                    let mut out = Out::default();
+                    out.bytes.extend(i.to_be_bytes());
+                    out.bytes.extend((len as u32).to_be_bytes());
+                    out.files.push((out.bytes.len(), span));
+                    out.file_bytes = len as usize;
+                    replies.send_batch(&mut out).await.unwrap();
+                    assert!(out.is_empty(), "the batch comes back empty");
+                }
+            });
+        }
+        let mut seen = 0;
+        while seen < 60 {
+            let mut head = [0u8; 8];
+            b.read_exact(&mut head).await.unwrap();
+            let i = u32::from_be_bytes(head[..4].try_into().unwrap());
+            let len = u32::from_be_bytes(head[4..].try_into().unwrap()) as usize;
+            let mut got = vec![0u8; len];
+            b.read_exact(&mut got).await.unwrap();
+            if i % 3 == 0 {
+                assert_eq!(got, reply(i), "reply {i} arrived whole");
+            } else {
+                let (off, len) = span_of(i);
+                assert_eq!(len as usize, got.len());
+                assert!(
+                    got == data[off as usize..(off + len) as usize],
+                    "the file data of reply {i}"
+                );
+            }
+            seen += 1;
+        }
+        while let Some(t) = tasks.join_next().await {
+            t.unwrap();
+        }
+    }
+
+    /// The client goes away while file data is being sent: the send fails,
+    /// and so does every later one, rather than hang or go on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn file_data_to_a_gone_client_fails_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backend, _) = sealed_backend(dir.path(), 4 << 20);
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let (_ar, aw) = a.into_split();
+        let replies = Replies::new(aw);
+        let closer = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            drop(b);
+        });
+        let mut out = Out::default();
+        for _ in 0..8 {
+            out.bytes.extend([0u8; 16]);
+            let span = backend.file_span(0, 4 << 20).unwrap();
+            out.files.push((out.bytes.len(), span));
+            out.file_bytes += 4 << 20;
+        }
+        assert!(replies.send_batch(&mut out).await.is_err());
+        closer.await.unwrap();
+        let permit = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
+        assert!(replies.send(reply(1), permit).await.is_err());
+    }
+
     #[tokio::test]
     async fn a_gone_client_fails_the_writer_and_later_replies() {
         let (w, r) = tokio::io::duplex(64);
@@ -605,7 +826,7 @@ mod tests {
         let permits = Arc::new(Semaphore::new(2));
         let permit = || permits.clone().try_acquire_owned().unwrap();
         assert!(replies.send(reply(1), permit()).await.is_err());
-        let mut batch = reply(2);
+        let mut batch = Out::from(reply(2));
         assert!(replies.send_batch(&mut batch).await.is_err());
         assert!(
             replies.send(reply(3), permit()).await.is_err(),

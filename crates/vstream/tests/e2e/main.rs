@@ -19,6 +19,7 @@ mod boots;
 mod compat;
 mod console;
 mod data_safety;
+mod datapath;
 mod dead_peers;
 mod durability;
 mod exhaustion;
