@@ -70,7 +70,7 @@ ISCSI_DEBS=("${PKG_DEBS[@]}")
 # ---- up-to-date check ---------------------------------------------------
 KEY="$(
     {
-        cat "$HERE/build-iscsi.sh" "$HERE/lib.sh" "$HERE/iscsi-init.sh"
+        cat "$HERE/build-iscsi.sh" "$HERE/lib.sh" "$HERE/init-lib.sh" "$HERE/iscsi-init.sh"
         echo "deb=$(basename "$DEB") size=$(stat -c %s "$DEB")"
         for d in "${ISCSI_DEBS[@]}"; do echo "deb=$(basename "$d") size=$(stat -c %s "$d")"; done
         sha256sum <"$BUSYBOX"
@@ -104,7 +104,7 @@ guest_modules "$K" "$KVER" $ISCSI_MODULES || die "cannot resolve the modules $IS
 I="$WORK/initramfs"
 mkdir -p "$I"/{bin,sbin,dev,proc,sys,run,mnt,etc/iscsi,lib/modules}
 guest_install_busybox "$BUSYBOX" "$I"
-install -m 755 "$HERE/iscsi-init.sh" "$I/init"
+guest_install_init "$I" "$HERE/iscsi-init.sh" init
 
 # iscsiadm and iscsid from the .deb, libisns and libopeniscsiusr from
 # theirs, the rest from the host (ldd with the extracted libraries first).

@@ -81,7 +81,7 @@ NBDC_DEBS=("${PKG_DEBS[@]}")
 LIBS="$(ldd "$VSTREAM" 2>/dev/null || true)"
 KEY="$(
     {
-        cat "$HERE/build-netboot.sh" "$HERE/lib.sh" "$HERE/netboot-init.sh" "$HERE/power-init.sh" \
+        cat "$HERE/build-netboot.sh" "$HERE/lib.sh" "$HERE/init-lib.sh" "$HERE/netboot-init.sh" "$HERE/power-init.sh" \
             "$HERE/nbd-client-init.sh" "$ROOT_SH"
         echo "deb=$(basename "$DEB") size=$(stat -c %s "$DEB")"
         for d in "${NBDC_DEBS[@]}"; do echo "deb=$(basename "$d") size=$(stat -c %s "$d")"; done
@@ -118,9 +118,9 @@ guest_modules "$K" "$KVER" $NETBOOT_MODULES || die "cannot resolve the modules $
 I="$WORK/initramfs"
 mkdir -p "$I"/{bin,sbin,dev,proc,sys,run,newroot,etc,scripts,lib/modules}
 guest_install_busybox "$BUSYBOX" "$I"
-install -m 755 "$HERE/netboot-init.sh" "$I/init"
-install -m 755 "$HERE/power-init.sh" "$I/power-init"
-install -m 755 "$HERE/nbd-client-init.sh" "$I/nbd-client-init"
+guest_install_init "$I" "$HERE/netboot-init.sh" init
+guest_install_init "$I" "$HERE/power-init.sh" power-init
+guest_install_init "$I" "$HERE/nbd-client-init.sh" nbd-client-init
 install -m 644 "$ROOT_SH" "$I/scripts/vstream-root.sh"
 
 # The agent: symbols kept (readable backtraces), debug info dropped.

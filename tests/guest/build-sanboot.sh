@@ -100,7 +100,7 @@ done
 # ---- up-to-date check ---------------------------------------------------
 KEY="$(
     {
-        cat "$HERE/build-sanboot.sh" "$HERE/lib.sh" "$HERE/sanboot-init.sh" "$OUT/.stamp"
+        cat "$HERE/build-sanboot.sh" "$HERE/lib.sh" "$HERE/init-lib.sh" "$HERE/sanboot-init.sh" "$OUT/.stamp"
         echo "deb=$(basename "$DEB") size=$(stat -c %s "$DEB")"
         for d in "${ISCSI_DEBS[@]}"; do echo "deb=$(basename "$d") size=$(stat -c %s "$d")"; done
         sha256sum <"$BUSYBOX"
@@ -138,7 +138,7 @@ chmod 755 "$I/bin/busybox"
 for a in $("$BUSYBOX" --list); do
     [ "$a" = busybox ] || [ "$a" = init ] || [ "$a" = linuxrc ] || ln -sf busybox "$I/bin/$a"
 done
-install -m 755 "$HERE/sanboot-init.sh" "$I/init"
+guest_install_init "$I" "$HERE/sanboot-init.sh" init
 guest_install_modules "$I/lib/modules" || die "cannot install the modules"
 log "modules: $(tr '\n' ' ' <"$I/lib/modules/load-order")"
 

@@ -79,7 +79,7 @@ fi
 # ---- up-to-date check --------------------------------------------------
 KEY="$(
     {
-        cat "$HERE/build.sh" "$HERE/lib.sh" "$HERE/initramfs-init.sh" "$HERE/rootfs-init.sh"
+        cat "$HERE/build.sh" "$HERE/lib.sh" "$HERE/init-lib.sh" "$HERE/initramfs-init.sh" "$HERE/rootfs-init.sh"
         echo "deb=$(basename "$DEB") size=$(stat -c %s "$DEB")"
         sha256sum <"$BUSYBOX"
         echo "rootfs_mb=$ROOTFS_MB modules=$GUEST_MODULES"
@@ -112,7 +112,7 @@ guest_modules "$K" "$KVER" $GUEST_MODULES || die "cannot resolve the modules $GU
 I="$WORK/initramfs"
 mkdir -p "$I"/{dev,proc,sys,newroot,lib/modules}
 guest_install_busybox "$BUSYBOX" "$I"
-install -m 755 "$HERE/initramfs-init.sh" "$I/init"
+guest_install_init "$I" "$HERE/initramfs-init.sh" init
 guest_install_modules "$I/lib/modules" || die "cannot install the modules"
 log "initramfs modules: $(tr '\n' ' ' <"$I/lib/modules/load-order")"
 find "$I" -exec touch -h -d @0 {} + # reproducible archive

@@ -61,6 +61,16 @@ guest_install_busybox() {
     done
 }
 
+# guest_install_init DIR SCRIPT NAME: the guest-side init SCRIPT as DIR/NAME
+# (e.g. init), and init-lib.sh, which every such script sources, as
+# DIR/lib/init-lib.sh.
+guest_install_init() {
+    local d="$1" script="$2" name="$3"
+    mkdir -p "$d/lib"
+    install -m 755 "$script" "$d/$name"
+    install -m 644 "$(dirname "${BASH_SOURCE[0]}")/init-lib.sh" "$d/lib/init-lib.sh"
+}
+
 # guest_copy_libs DEST ROOT LDD_OUTPUT: copies the shared libraries and the
 # dynamic loader that LDD_OUTPUT (ldd's) names into the tree DEST, each at
 # the path ldd names less ROOT (where extracted packages are; "" for the
