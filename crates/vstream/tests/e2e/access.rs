@@ -164,15 +164,7 @@ fn the_audit_trail_is_the_farms_and_survives_a_restart() {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut servers: Vec<TestServer> = (1..=2)
-        .map(|i| {
-            TestServer::start_in_farm(
-                dir.path().join(format!("s{i}")),
-                &etcd.url,
-                &format!("s{i}"),
-            )
-        })
-        .collect();
+    let mut servers: [TestServer; 2] = common::farm_of(dir.path(), &etcd, &[]);
     let op = create_token(&servers[0], "ops", "operator");
     let viewer = create_token(&servers[0], "look", "viewer");
     servers[0].cli_ok(&["vdisk", "create", "win", "--size", "16M"]);

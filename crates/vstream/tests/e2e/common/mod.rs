@@ -459,6 +459,27 @@ pub fn have_guest_tools() -> bool {
     true
 }
 
+/// Server `s{i}` of the farm in `etcd`, on the data folder `dir`/s{i}, with
+/// more flags `extra`.
+pub fn farm_member(dir: &Path, etcd: &TestEtcd, i: usize, extra: &[&str]) -> TestServer {
+    let name = format!("s{i}");
+    TestServer::start_in_farm_with(dir.join(&name), &etcd.url, &name, extra, &[])
+}
+
+/// A farm of `N` servers s1.. in `etcd` ([`farm_member`]), each with the
+/// same flags `extra`; see [`wait_farm`] for when it is ready.
+pub fn farm_of<const N: usize>(dir: &Path, etcd: &TestEtcd, extra: &[&str]) -> [TestServer; N] {
+    std::array::from_fn(|i| farm_member(dir, etcd, i + 1, extra))
+}
+
+/// Waits until each of `servers` sees all of them up, each with a verified
+/// replica ([`wait_farm_ready`]).
+pub fn wait_farm(servers: &[TestServer]) {
+    for s in servers {
+        wait_farm_ready(s, servers.len());
+    }
+}
+
 /// Waits until `server` sees `n` servers up, each with a verified replica.
 pub fn wait_farm_ready(server: &TestServer, n: usize) {
     wait_for(30, "every server up with a verified replica", || {
