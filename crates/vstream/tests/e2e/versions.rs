@@ -8,7 +8,7 @@ use crate::common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -767,12 +767,14 @@ fn versions_follow_a_flat_model() {
 // ---------------------------------------------------------------------------
 
 /// A 4 MiB image: `a` in the first MiB, zeros elsewhere.
-fn patterned_image(dir: &Path, a: u8) -> PathBuf {
+/// Imports vDisk `name` on `server` from a 4 MiB image in `dir` whose first
+/// MiB is all `a`, the rest zeros.
+fn import_patterned(server: &TestServer, dir: &Path, name: &str, a: u8) {
     let path = dir.join(format!("img-{a:02x}.img"));
     let mut data = vec![0u8; 4 * MIB];
     data[..MIB].fill(a);
     std::fs::write(&path, data).unwrap();
-    path
+    server.cli_ok(&["vdisk", "import", name, path.to_str().unwrap()]);
 }
 
 fn qemu_io(url: &str, cmds: &[&str]) -> Output {
@@ -805,12 +807,7 @@ fn a_connected_device_keeps_its_version_across_a_promote() {
     let server = TestServer::start();
     let dir = tempfile::tempdir().unwrap();
     let scratch = dir.path().join("buf");
-    server.cli_ok(&[
-        "vdisk",
-        "import",
-        "k",
-        patterned_image(dir.path(), 0xAA).to_str().unwrap(),
-    ]);
+    import_patterned(&server, dir.path(), "k", 0xAA);
     server.cli_ok(&["vdisk", "set", "k", "--mode", "standard"]);
     server.cli_ok(&[
         "device",
@@ -912,12 +909,7 @@ fn refusals_say_why() {
     }
     let server = TestServer::start();
     let dir = tempfile::tempdir().unwrap();
-    server.cli_ok(&[
-        "vdisk",
-        "import",
-        "r",
-        patterned_image(dir.path(), 0x11).to_str().unwrap(),
-    ]);
+    import_patterned(&server, dir.path(), "r", 0x11);
     server.cli_ok(&["vdisk", "set", "r", "--mode", "standard"]);
     for (dev, mac, kind) in [
         ("m1", "52:54:00:30:00:01", "maintenance"),
@@ -1324,12 +1316,7 @@ fn private_writes_are_in_the_hash_of_the_sealed_version() {
     }
     let server = TestServer::start();
     let dir = tempfile::tempdir().unwrap();
-    server.cli_ok(&[
-        "vdisk",
-        "import",
-        "pv",
-        patterned_image(dir.path(), 0x31).to_str().unwrap(),
-    ]);
+    import_patterned(&server, dir.path(), "pv", 0x31);
     server.cli_ok(&[
         "device",
         "add",
