@@ -267,24 +267,12 @@ impl TestServer {
 
     /// Runs the CLI against this server.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .args(args)
-            .env("VSTREAM_API", &self.api)
-            .env("VSTREAM_TOKEN", self.token())
-            .output()
-            .expect("running vstream")
+        cli_as(&self.api, &self.token(), args)
     }
 
     /// Runs the CLI and insists on success; returns stdout.
     pub fn cli_ok(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
-        assert!(
-            out.status.success(),
-            "vstream {args:?} failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        ok_stdout("vstream", args, &self.cli(args))
     }
 
     /// Runs the CLI expecting failure; returns stderr.
@@ -343,6 +331,12 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    ok_stdout(cmd, args, &out)
+}
+
+/// The stdout of `cmd args`, which ended with `out`; fails the test, with
+/// its stderr and stdout, unless it succeeded.
+pub fn ok_stdout(cmd: &str, args: &[&str], out: &Output) -> String {
     assert!(
         out.status.success(),
         "{cmd} {args:?} failed: {}\n{}",
@@ -350,6 +344,16 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stdout)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs the CLI against the API at `api`, as `token`.
+pub fn cli_as(api: &str, token: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("VSTREAM_API", api)
+        .env("VSTREAM_TOKEN", token)
+        .output()
+        .expect("running vstream")
 }
 
 /// A file of `size` bytes: random data in scattered extents, zeros elsewhere.
@@ -446,10 +450,16 @@ pub fn have_guest_tools() -> bool {
     {
         return false;
     }
+    fetch_kernel_finds(&["--find", guest_kit_dir().to_str().expect("path")])
+}
+
+/// True if `tests/guest/fetch-kernel.sh ARGS` finds what it is asked for
+/// (`--find [DIR]`: the kernel package, `--find-deb PKG`: a package) in its
+/// cache; else says why the test skips.
+pub fn fetch_kernel_finds(args: &[&str]) -> bool {
     let find = Command::new("bash")
         .arg(repo().join("tests/guest/fetch-kernel.sh"))
-        .arg("--find")
-        .arg(guest_kit_dir())
+        .args(args)
         .output()
         .expect("running tests/guest/fetch-kernel.sh");
     if !find.status.success() {
