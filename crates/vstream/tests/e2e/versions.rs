@@ -77,29 +77,6 @@ fn attempt(server: &TestServer, args: &[&str]) -> Result<String, String> {
     }
 }
 
-/// Where two byte strings first differ.
-fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
-    if a.len() != b.len() {
-        return Some(a.len().min(b.len()));
-    }
-    a.iter().zip(b).position(|(x, y)| x != y)
-}
-
-fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
-    if got == want {
-        return; // memcmp: the byte loop below is slow in a debug build
-    }
-    if let Some(i) = first_difference(got, want) {
-        panic!(
-            "{what}: first difference at byte {i} (got {:?}, want {:?}; sizes {} and {})",
-            got.get(i),
-            want.get(i),
-            got.len(),
-            want.len()
-        );
-    }
-}
-
 fn fingerprint(data: &[u8]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     data.hash(&mut h);
@@ -460,7 +437,7 @@ fn verify(
         let g = g
             .as_ref()
             .unwrap_or_else(|e| panic!("{ctx}\nreading {vdisk}@{}: {e}", v.number));
-        assert_same_bytes(g, &v.data, &format!("{ctx}\n{vdisk}@{}", v.number));
+        common::assert_same_bytes(g, &v.data, &format!("{ctx}\n{vdisk}@{}", v.number));
     }
     let prod = model.get(model.newest(St::Production).unwrap()).unwrap();
     let test = model
@@ -479,7 +456,7 @@ fn verify(
         let g = got[n + i]
             .as_ref()
             .unwrap_or_else(|e| panic!("{ctx}\nreading {what}: {e}"));
-        assert_same_bytes(
+        common::assert_same_bytes(
             g,
             &want.data,
             &format!("{ctx}\n{what} (should be version {})", want.number),
@@ -1005,7 +982,7 @@ fn refusals_say_why() {
 
 fn expect_export(server: &TestServer, export: &str, want: &[u8]) {
     let data = read_export(&server.url(export)).unwrap_or_else(|e| panic!("{export}: {e}"));
-    assert_same_bytes(&data, want, export);
+    common::assert_same_bytes(&data, want, export);
 }
 
 /// A device's Standard-mode write cache names the version it lies over

@@ -265,6 +265,11 @@ impl TestServer {
             .to_string()
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server child").id()
+    }
+
     /// Runs the CLI against this server.
     pub fn cli(&self, args: &[&str]) -> Output {
         cli_as(&self.api, &self.token(), args)
@@ -344,6 +349,43 @@ pub fn ok_stdout(cmd: &str, args: &[&str], out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Fails the test, saying where, unless `got` and `want` are the same bytes.
+pub fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
+    if got == want {
+        return; // memcmp: the byte loop below is slow in a debug build
+    }
+    let i = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    panic!(
+        "{what}: first difference at byte {i} (got {:?}, want {:?}; sizes {} and {})",
+        got.get(i),
+        want.get(i),
+        got.len(),
+        want.len()
+    );
+}
+
+/// A field of /proc/PID/status in KiB (VmHWM, VmRSS).
+pub fn proc_kib(pid: u32, field: &str) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading /proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// Gives `server` vDisk `v` (64 MiB) and device `d1` (MAC `mac`) on it,
+/// in Private mode (the default).
+pub fn add_v_and_d1(server: &TestServer, mac: &str) {
+    server.cli_ok(&["vdisk", "create", "v", "--size", "64MiB"]);
+    server.cli_ok(&["device", "add", "d1", "--mac", mac, "--vdisk", "v"]);
 }
 
 /// Runs the CLI against the API at `api`, as `token`.
