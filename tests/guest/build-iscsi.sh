@@ -27,26 +27,18 @@
 #                            as for build.sh
 set -euo pipefail
 
-die() { echo "build-iscsi.sh: error: $*" >&2; exit 1; }
-log() { echo "build-iscsi.sh: $*" >&2; }
-
 [ $# -eq 1 ] || { echo "usage: $0 OUTDIR" >&2; exit 2; }
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=tests/guest/lib.sh
 . "$HERE/lib.sh"
-mkdir -p "$1"
-OUT="$(cd "$1" && pwd)"
-BUSYBOX="${VSTREAM_GUEST_BUSYBOX:-/bin/busybox}"
+guest_build_init build-iscsi.sh "$1"
 # The network, the initiator's transport and the SCSI disk, ext4 on it; their
 # dependencies are resolved with modprobe.
 ISCSI_MODULES="virtio_pci virtio_net virtio_rng iscsi_tcp sd_mod crc32c_generic ext4"
 
-start=$(date +%s.%N)
-export PATH="$PATH:/sbin:/usr/sbin"
-for c in ldd cpio gzip dpkg-deb depmod modprobe mke2fs sha256sum flock; do
-    command -v "$c" >/dev/null 2>&1 || die "missing tool '$c' (apt-get install -y libc-bin cpio gzip dpkg kmod e2fsprogs util-linux)"
-done
+guest_need_tools "apt-get install -y libc-bin cpio gzip dpkg kmod e2fsprogs util-linux" \
+    ldd cpio gzip dpkg-deb depmod modprobe mke2fs sha256sum flock
 MKE2FS="$(command -v mke2fs)"
 
 # The kit first: the kernel and its .deb cached in OUT.
@@ -70,33 +62,21 @@ ISCSI_DEBS=("${PKG_DEBS[@]}")
 # ---- up-to-date check ---------------------------------------------------
 KEY="$(
     {
-        cat "$HERE/build-iscsi.sh" "$HERE/lib.sh" "$HERE/iscsi-init.sh"
-        echo "deb=$(basename "$DEB") size=$(stat -c %s "$DEB")"
-        for d in "${ISCSI_DEBS[@]}"; do echo "deb=$(basename "$d") size=$(stat -c %s "$d")"; done
+        cat "$HERE/build-iscsi.sh" "$HERE/lib.sh" "$HERE/init-lib.sh" "$HERE/iscsi-init.sh"
+        guest_deb_ids "$DEB" "${ISCSI_DEBS[@]}"
         sha256sum <"$BUSYBOX"
         sha256sum <"$MKE2FS"
         cat /etc/mke2fs.conf 2>/dev/null || true
         echo "modules=$ISCSI_MODULES"
     } | sha256sum | cut -d' ' -f1
 )"
-if [ -f "$OUT/.iscsi-stamp" ] && [ "$(cat "$OUT/.iscsi-stamp")" = "$KEY" ] &&
-    [ -s "$OUT/iscsi-initrd.img" ]; then
-    log "up to date in $OUT"
-    exit 0
-fi
-rm -f "$OUT/.iscsi-stamp"
-
-WORK="$OUT/.iscsi-work"
-rm -rf "$WORK"
-mkdir -p "$WORK"
-trap 'rm -rf "$WORK"' EXIT
+guest_exit_if_fresh "$OUT/.iscsi-stamp" "$KEY" "$OUT/iscsi-initrd.img"
+guest_workdir "$OUT/.iscsi-work"
 
 # ---- kernel modules ------------------------------------------------------
 log "extracting modules from $(basename "$DEB")"
 K="$WORK/kpkg"
-mkdir -p "$K"
-dpkg-deb --fsys-tarfile "$DEB" | tar -x -C "$K" --wildcards './*lib/modules/*' ||
-    die "cannot extract the modules from $DEB"
+guest_extract_modules "$DEB" "$K" || die "cannot extract the modules from $DEB"
 # shellcheck disable=SC2086
 guest_modules "$K" "$KVER" $ISCSI_MODULES || die "cannot resolve the modules $ISCSI_MODULES"
 
@@ -104,22 +84,14 @@ guest_modules "$K" "$KVER" $ISCSI_MODULES || die "cannot resolve the modules $IS
 I="$WORK/initramfs"
 mkdir -p "$I"/{bin,sbin,dev,proc,sys,run,mnt,etc/iscsi,lib/modules}
 guest_install_busybox "$BUSYBOX" "$I"
-install -m 755 "$HERE/iscsi-init.sh" "$I/init"
+guest_install_init "$I" "$HERE/iscsi-init.sh" init
 
 # iscsiadm and iscsid from the .deb, libisns and libopeniscsiusr from
 # theirs, the rest from the host (ldd with the extracted libraries first).
 P="$WORK/pkgs"
-mkdir -p "$P"
-for d in "${ISCSI_DEBS[@]}"; do
-    dpkg-deb -x "$d" "$P" || die "cannot extract $d"
-done
-P_PATH="$(find "$P" -name 'lib*.so*' -printf '%h\n' | sort -u | paste -sd:)"
+guest_extract_debs "$P" "${ISCSI_DEBS[@]}" || die "cannot extract the packages"
 for tool in iscsiadm iscsid; do
-    bin="$(find "$P" -type f -name "$tool" -path '*bin/*' | head -n1)"
-    [ -n "$bin" ] || die "no $tool in ${ISCSI_DEBS[0]}"
-    libs="$(LD_LIBRARY_PATH="$P_PATH" ldd "$bin")" || die "ldd $bin failed"
-    install -m 755 "$bin" "$I/sbin/$tool"
-    guest_copy_libs "$I" "$P" "$libs" || die "cannot copy $tool's libraries"
+    guest_install_deb_tool "$I" "$P" "$tool" || die "cannot install $tool from ${ISCSI_DEBS[0]}"
 done
 # iscsid answers only root, whom it looks up by uid.
 printf 'root:x:0:0:root:/:/bin/sh\n' >"$I/etc/passwd"
@@ -134,10 +106,8 @@ guest_install_modules "$I/lib/modules" || die "cannot install the modules"
 log "modules: $(tr '\n' ' ' <"$I/lib/modules/load-order")"
 log "iscsiadm $(stat -c %s "$I/sbin/iscsiadm") bytes, iscsid $(stat -c %s "$I/sbin/iscsid") bytes, $GUEST_NLIBS libraries"
 
-find "$I" -exec touch -h -d @0 {} + # reproducible archive
-(cd "$I" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
-    cpio --quiet --null -o -H newc --owner=0:0 --reproducible) | gzip -6n >"$WORK/iscsi-initrd.img"
+guest_cpio "$I" | gzip -6n >"$WORK/iscsi-initrd.img"
 
 mv -f "$WORK/iscsi-initrd.img" "$OUT/iscsi-initrd.img"
 echo "$KEY" >"$OUT/.iscsi-stamp"
-log "built $OUT/iscsi-initrd.img ($(stat -c %s "$OUT/iscsi-initrd.img") bytes, $(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}')s)"
+log "built $OUT/iscsi-initrd.img ($(stat -c %s "$OUT/iscsi-initrd.img") bytes, $(guest_elapsed)s)"

@@ -31,9 +31,6 @@
 #                            is bigger but skips in-guest decompression
 set -euo pipefail
 
-die() { echo "build-netboot.sh: error: $*" >&2; exit 1; }
-log() { echo "build-netboot.sh: $*" >&2; }
-
 [ $# -eq 2 ] || { echo "usage: $0 OUTDIR VSTREAM_BIN" >&2; exit 2; }
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -41,21 +38,16 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$HERE/lib.sh"
 REPO="$(cd "$HERE/../.." && pwd)"
 ROOT_SH="$REPO/dist/vstream-root.sh"
-mkdir -p "$1"
-OUT="$(cd "$1" && pwd)"
+guest_build_init build-netboot.sh "$1"
 [ -f "$2" ] || die "no vstream binary at $2 (cargo build -p vstream)"
 VSTREAM="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")"
-BUSYBOX="${VSTREAM_GUEST_BUSYBOX:-/bin/busybox}"
 COMPRESS="${VSTREAM_NETBOOT_COMPRESS:-gzip}"
 case "$COMPRESS" in gzip | none) ;; *) die "VSTREAM_NETBOOT_COMPRESS must be gzip or none" ;; esac
 # Network + root-disk modules; their dependencies are resolved with modprobe.
 NETBOOT_MODULES="virtio_pci virtio_net nbd crc32c_generic ext4 virtio_blk"
 
-start=$(date +%s.%N)
-export PATH="$PATH:/sbin:/usr/sbin"
-for c in objcopy ldd cpio gzip dpkg-deb depmod modprobe sha256sum flock; do
-    command -v "$c" >/dev/null 2>&1 || die "missing tool '$c' (apt-get install -y binutils libc-bin cpio gzip dpkg kmod util-linux)"
-done
+guest_need_tools "apt-get install -y binutils libc-bin cpio gzip dpkg kmod util-linux" \
+    objcopy ldd cpio gzip dpkg-deb depmod modprobe sha256sum flock
 [ -f "$ROOT_SH" ] || die "missing $ROOT_SH"
 
 # The kit first: kernel, rootfs.img, and the kernel .deb cached in OUT.
@@ -81,35 +73,22 @@ NBDC_DEBS=("${PKG_DEBS[@]}")
 LIBS="$(ldd "$VSTREAM" 2>/dev/null || true)"
 KEY="$(
     {
-        cat "$HERE/build-netboot.sh" "$HERE/lib.sh" "$HERE/netboot-init.sh" "$HERE/power-init.sh" \
+        cat "$HERE/build-netboot.sh" "$HERE/lib.sh" "$HERE/init-lib.sh" "$HERE/netboot-init.sh" "$HERE/power-init.sh" \
             "$HERE/nbd-client-init.sh" "$ROOT_SH"
-        echo "deb=$(basename "$DEB") size=$(stat -c %s "$DEB")"
-        for d in "${NBDC_DEBS[@]}"; do echo "deb=$(basename "$d") size=$(stat -c %s "$d")"; done
+        guest_deb_ids "$DEB" "${NBDC_DEBS[@]}"
         sha256sum <"$BUSYBOX"
         sha256sum <"$VSTREAM"
         echo "$LIBS" | sed 's/ (0x[0-9a-f]*)$//'
         echo "modules=$NETBOOT_MODULES compress=$COMPRESS"
     } | sha256sum | cut -d' ' -f1
 )"
-if [ -f "$OUT/.netboot-stamp" ] && [ "$(cat "$OUT/.netboot-stamp")" = "$KEY" ] &&
-    [ -s "$OUT/netboot-initrd.img" ]; then
-    log "up to date in $OUT"
-    exit 0
-fi
-rm -f "$OUT/.netboot-stamp"
-
-WORK="$OUT/.netboot-work"
-rm -rf "$WORK"
-mkdir -p "$WORK"
-trap 'rm -rf "$WORK"' EXIT
+guest_exit_if_fresh "$OUT/.netboot-stamp" "$KEY" "$OUT/netboot-initrd.img"
+guest_workdir "$OUT/.netboot-work"
 
 # ---- kernel modules ------------------------------------------------------
 log "extracting modules from $(basename "$DEB")"
 K="$WORK/kpkg"
-mkdir -p "$K"
-# Only the modules (./lib/modules or ./usr/lib/modules), not the kernel.
-dpkg-deb --fsys-tarfile "$DEB" | tar -x -C "$K" --wildcards './*lib/modules/*' ||
-    die "cannot extract the modules from $DEB"
+guest_extract_modules "$DEB" "$K" || die "cannot extract the modules from $DEB"
 KVER="$(cat "$OUT/kernel-version")"
 # shellcheck disable=SC2086
 guest_modules "$K" "$KVER" $NETBOOT_MODULES || die "cannot resolve the modules $NETBOOT_MODULES"
@@ -118,9 +97,9 @@ guest_modules "$K" "$KVER" $NETBOOT_MODULES || die "cannot resolve the modules $
 I="$WORK/initramfs"
 mkdir -p "$I"/{bin,sbin,dev,proc,sys,run,newroot,etc,scripts,lib/modules}
 guest_install_busybox "$BUSYBOX" "$I"
-install -m 755 "$HERE/netboot-init.sh" "$I/init"
-install -m 755 "$HERE/power-init.sh" "$I/power-init"
-install -m 755 "$HERE/nbd-client-init.sh" "$I/nbd-client-init"
+guest_install_init "$I" "$HERE/netboot-init.sh" init
+guest_install_init "$I" "$HERE/power-init.sh" power-init
+guest_install_init "$I" "$HERE/nbd-client-init.sh" nbd-client-init
 install -m 644 "$ROOT_SH" "$I/scripts/vstream-root.sh"
 
 # The agent: symbols kept (readable backtraces), debug info dropped.
@@ -132,16 +111,8 @@ guest_copy_libs "$I" "" "$LIBS" || die "cannot copy the agent's libraries"
 # nbd-client from its .deb, its libnl libraries from theirs, the rest from
 # the host (ldd with the extracted libraries first on the search path).
 N="$WORK/nbdc"
-mkdir -p "$N"
-for d in "${NBDC_DEBS[@]}"; do
-    dpkg-deb -x "$d" "$N" || die "cannot extract $d"
-done
-NBDC="$(find "$N" -type f -name nbd-client -path '*bin/*' | head -n1)"
-[ -n "$NBDC" ] || die "no nbd-client binary in ${NBDC_DEBS[0]}"
-NBDC_PATH="$(find "$N" -name 'lib*.so*' -printf '%h\n' | sort -u | paste -sd:)"
-NBDC_LIBS="$(LD_LIBRARY_PATH="$NBDC_PATH" ldd "$NBDC")" || die "ldd $NBDC failed"
-install -m 755 "$NBDC" "$I/sbin/nbd-client"
-guest_copy_libs "$I" "$N" "$NBDC_LIBS" || die "cannot copy nbd-client's libraries"
+guest_extract_debs "$N" "${NBDC_DEBS[@]}" || die "cannot extract the packages"
+guest_install_deb_tool "$I" "$N" nbd-client || die "cannot install nbd-client from ${NBDC_DEBS[0]}"
 # Name resolution for host names in vstream.bootstrap (glibc has files/dns built in).
 printf 'hosts: files dns\n' >"$I/etc/nsswitch.conf"
 printf '127.0.0.1 localhost\n' >"$I/etc/hosts"
@@ -150,9 +121,7 @@ guest_install_modules "$I/lib/modules" || die "cannot install the modules"
 log "modules: $(tr '\n' ' ' <"$I/lib/modules/load-order")"
 log "agent: $(stat -c %s "$I/bin/vstream") bytes, nbd-client $(stat -c %s "$I/sbin/nbd-client") bytes, $GUEST_NLIBS libraries"
 
-find "$I" -exec touch -h -d @0 {} + # reproducible archive
-(cd "$I" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
-    cpio --quiet --null -o -H newc --owner=0:0 --reproducible) >"$WORK/netboot-initrd.cpio"
+guest_cpio "$I" >"$WORK/netboot-initrd.cpio"
 if [ "$COMPRESS" = gzip ]; then
     gzip -6n <"$WORK/netboot-initrd.cpio" >"$WORK/netboot-initrd.img"
 else
@@ -161,4 +130,4 @@ fi
 
 mv -f "$WORK/netboot-initrd.img" "$OUT/netboot-initrd.img"
 echo "$KEY" >"$OUT/.netboot-stamp"
-log "built $OUT/netboot-initrd.img ($(stat -c %s "$OUT/netboot-initrd.img") bytes, $(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}')s)"
+log "built $OUT/netboot-initrd.img ($(stat -c %s "$OUT/netboot-initrd.img") bytes, $(guest_elapsed)s)"

@@ -33,17 +33,12 @@
 #   VSTREAM_SANBOOT_VSTEST    the vstest words on the kernel command line
 set -euo pipefail
 
-die() { echo "build-sanboot.sh: error: $*" >&2; exit 1; }
-log() { echo "build-sanboot.sh: $*" >&2; }
-
 [ $# -eq 1 ] || { echo "usage: $0 OUTDIR" >&2; exit 2; }
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=tests/guest/lib.sh
 . "$HERE/lib.sh"
-mkdir -p "$1"
-OUT="$(cd "$1" && pwd)"
-BUSYBOX="${VSTREAM_GUEST_BUSYBOX:-/bin/busybox}"
+guest_build_init build-sanboot.sh "$1"
 VSTEST="${VSTREAM_SANBOOT_VSTEST:-vstest=write:sanboot vstest.bigmb=4 vstest.readdisk}"
 # The NIC, the iBFT, the iSCSI initiator and the root disk; their
 # dependencies (libiscsi_tcp, libiscsi, scsi_transport_iscsi, scsi_mod, ...)
@@ -56,12 +51,8 @@ FAT_MIB=32
 # open-iscsi's iscsistart links libopeniscsiusr, which the host may lack.
 ISCSI_PKGS="open-iscsi libopeniscsiusr"
 
-start=$(date +%s.%N)
-export PATH="$PATH:/sbin:/usr/sbin"
-for c in cpio gzip dpkg-deb depmod modprobe sha256sum flock sfdisk mkfs.vfat syslinux mcopy mmd ldd; do
-    command -v "$c" >/dev/null 2>&1 ||
-        die "missing tool '$c' (apt-get install -y syslinux syslinux-common mtools dosfstools fdisk cpio kmod)"
-done
+guest_need_tools "apt-get install -y syslinux syslinux-common mtools dosfstools fdisk cpio kmod" \
+    cpio gzip dpkg-deb depmod modprobe sha256sum flock sfdisk mkfs.vfat syslinux mcopy mmd ldd
 [ -f "$MBR_BIN" ] || die "no $MBR_BIN (apt-get install -y syslinux-common)"
 [ -f "$EFI_BIN" ] || die "no $EFI_BIN (apt-get install -y syslinux-efi)"
 [ -f "$EFI_LDLINUX" ] || die "no $EFI_LDLINUX (apt-get install -y syslinux-common)"
@@ -72,37 +63,19 @@ bash "$HERE/build.sh" "$OUT"
 exec 7>"$OUT/.sanboot.lock"
 flock 7
 
-if [ -n "${VSTREAM_GUEST_KERNEL_DEB:-}" ]; then
-    DEB="$(cd "$(dirname "$VSTREAM_GUEST_KERNEL_DEB")" && pwd)/$(basename "$VSTREAM_GUEST_KERNEL_DEB")"
-else
-    pat="linux-image-*.deb"
-    [ -n "${VSTREAM_GUEST_KERNEL_PKG:-}" ] && pat="${VSTREAM_GUEST_KERNEL_PKG}_*.deb"
-    # shellcheck disable=SC2086
-    name="$(cd "$OUT" && ls -1 $pat 2>/dev/null | sort -V | tail -n1)" || true
-    [ -n "$name" ] || die "no cached kernel .deb in $OUT (build.sh should have fetched it)"
-    DEB="$OUT/$name"
-fi
+guest_kernel_deb "$OUT" || die "no kernel package"
 KVER="$(cat "$OUT/kernel-version" 2>/dev/null)" || true
 [ -n "$KVER" ] || die "$OUT/kernel-version missing"
 
-ISCSI_DEBS=()
-for p in $ISCSI_PKGS; do
-    # shellcheck disable=SC2012
-    f="$(cd "$OUT" && ls -1 "${p}"_*.deb 2>/dev/null | sort -V | tail -n1)" || true
-    if [ -z "$f" ]; then
-        cached="$(bash "$HERE/fetch-kernel.sh" --find-deb "$p")" || die "no $p package"
-        cp "$cached" "$OUT/"
-        f="$(basename "$cached")"
-    fi
-    ISCSI_DEBS+=("$OUT/$f")
-done
+# shellcheck disable=SC2086
+guest_package_debs "$OUT" $ISCSI_PKGS || die "no package of $ISCSI_PKGS"
+ISCSI_DEBS=("${PKG_DEBS[@]}")
 
 # ---- up-to-date check ---------------------------------------------------
 KEY="$(
     {
-        cat "$HERE/build-sanboot.sh" "$HERE/lib.sh" "$HERE/sanboot-init.sh" "$OUT/.stamp"
-        echo "deb=$(basename "$DEB") size=$(stat -c %s "$DEB")"
-        for d in "${ISCSI_DEBS[@]}"; do echo "deb=$(basename "$d") size=$(stat -c %s "$d")"; done
+        cat "$HERE/build-sanboot.sh" "$HERE/lib.sh" "$HERE/init-lib.sh" "$HERE/sanboot-init.sh" "$OUT/.stamp"
+        guest_deb_ids "$DEB" "${ISCSI_DEBS[@]}"
         sha256sum <"$BUSYBOX"
         sha256sum <"$MBR_BIN"
         sha256sum <"$EFI_BIN"
@@ -111,71 +84,30 @@ KEY="$(
         echo "modules=$SANBOOT_MODULES vstest=$VSTEST fat=$FAT_MIB"
     } | sha256sum | cut -d' ' -f1
 )"
-if [ -f "$OUT/.sanboot-stamp" ] && [ "$(cat "$OUT/.sanboot-stamp")" = "$KEY" ] &&
-    [ -s "$OUT/sanboot-disk.img" ] && [ -s "$OUT/sanboot-initrd.img" ]; then
-    log "up to date in $OUT"
-    exit 0
-fi
-rm -f "$OUT/.sanboot-stamp"
-
-WORK="$OUT/.sanboot-work"
-rm -rf "$WORK"
-mkdir -p "$WORK"
-trap 'rm -rf "$WORK"' EXIT
+guest_exit_if_fresh "$OUT/.sanboot-stamp" "$KEY" "$OUT/sanboot-disk.img" "$OUT/sanboot-initrd.img"
+guest_workdir "$OUT/.sanboot-work"
 
 # ---- initramfs ------------------------------------------------------------
 K="$WORK/kpkg"
-mkdir -p "$K"
-dpkg-deb --fsys-tarfile "$DEB" | tar -x -C "$K" --wildcards './*lib/modules/*' ||
-    die "cannot extract the modules from $DEB"
+guest_extract_modules "$DEB" "$K" || die "cannot extract the modules from $DEB"
 # shellcheck disable=SC2086
 guest_modules "$K" "$KVER" $SANBOOT_MODULES || die "cannot resolve the modules $SANBOOT_MODULES"
 
 I="$WORK/initramfs"
 mkdir -p "$I"/{bin,sbin,dev,proc,sys,run,newroot,etc/iscsi,lib/modules}
-cp "$BUSYBOX" "$I/bin/busybox"
-chmod 755 "$I/bin/busybox"
-for a in $("$BUSYBOX" --list); do
-    [ "$a" = busybox ] || [ "$a" = init ] || [ "$a" = linuxrc ] || ln -sf busybox "$I/bin/$a"
-done
-install -m 755 "$HERE/sanboot-init.sh" "$I/init"
+guest_install_busybox "$BUSYBOX" "$I"
+guest_install_init "$I" "$HERE/sanboot-init.sh" init
 guest_install_modules "$I/lib/modules" || die "cannot install the modules"
 log "modules: $(tr '\n' ' ' <"$I/lib/modules/load-order")"
 
 # iscsistart from its .deb, libopeniscsiusr from its own, the other libraries
 # (libcrypto, libkmod, ...) from the host, found with ldd.
 N="$WORK/iscsi"
-mkdir -p "$N"
-for d in "${ISCSI_DEBS[@]}"; do
-    dpkg-deb -x "$d" "$N" || die "cannot extract $d"
-done
-ISTART="$(find "$N" -type f -name iscsistart -path '*bin/*' | head -n1)"
-[ -n "$ISTART" ] || die "no iscsistart in ${ISCSI_DEBS[0]}"
-install -m 755 "$ISTART" "$I/sbin/iscsistart"
-LIBPATH="$(find "$N" -name 'lib*.so*' -printf '%h\n' | sort -u | paste -sd:)"
-LIBS="$(LD_LIBRARY_PATH="$LIBPATH" ldd "$ISTART")" || die "ldd $ISTART failed"
-nlibs=0
-while read -r a b c _; do
-    if [ "$b" = "=>" ] && [ "$c" = "not" ]; then
-        die "$a (for iscsistart) is not found (ldd); install the package that has it"
-    elif [ "$b" = "=>" ] && [ "${c#/}" != "$c" ]; then
-        lib="$c"
-    elif [ "${a#/}" != "$a" ]; then
-        lib="$a"
-    else
-        continue
-    fi
-    dest="${lib#"$N"}"
-    [ -e "$I$dest" ] && continue
-    mkdir -p "$I$(dirname "$dest")"
-    cp -L "$lib" "$I$dest"
-    nlibs=$((nlibs + 1))
-done <<<"$LIBS"
-log "iscsistart $(stat -c %s "$I/sbin/iscsistart") bytes, $nlibs libraries"
+guest_extract_debs "$N" "${ISCSI_DEBS[@]}" || die "cannot extract the packages"
+guest_install_deb_tool "$I" "$N" iscsistart || die "cannot install iscsistart from ${ISCSI_DEBS[0]}"
+log "iscsistart $(stat -c %s "$I/sbin/iscsistart") bytes, $GUEST_NLIBS libraries"
 
-find "$I" -exec touch -h -d @0 {} + # reproducible archive
-(cd "$I" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
-    cpio --quiet --null -o -H newc --owner=0:0 --reproducible) | gzip -6n >"$WORK/sanboot-initrd.img"
+guest_cpio "$I" | gzip -6n >"$WORK/sanboot-initrd.img"
 
 # ---- the disk -------------------------------------------------------------
 # Partition 1 at 1 MiB (sector 2048), FAT16, active; partition 2 right after
@@ -228,4 +160,4 @@ dd if="$OUT/rootfs.img" of="$DISK" bs=512 seek="$P2_START" conv=notrunc,sparse s
 mv -f "$WORK/sanboot-initrd.img" "$OUT/sanboot-initrd.img"
 mv -f "$DISK" "$OUT/sanboot-disk.img"
 echo "$KEY" >"$OUT/.sanboot-stamp"
-log "built $OUT/sanboot-disk.img ($(stat -c %s "$OUT/sanboot-disk.img") bytes; initrd $(stat -c %s "$OUT/sanboot-initrd.img") bytes) in $(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}')s"
+log "built $OUT/sanboot-disk.img ($(stat -c %s "$OUT/sanboot-disk.img") bytes; initrd $(stat -c %s "$OUT/sanboot-initrd.img") bytes) in $(guest_elapsed)s"

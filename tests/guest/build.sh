@@ -23,28 +23,18 @@
 #   VSTREAM_GUEST_ROOTFS_MB   rootfs image size in MiB (default 64)
 set -euo pipefail
 
-die() { echo "build.sh: error: $*" >&2; exit 1; }
-log() { echo "build.sh: $*" >&2; }
-
 [ $# -eq 1 ] || { echo "usage: $0 OUTDIR" >&2; exit 2; }
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=tests/guest/lib.sh
 . "$HERE/lib.sh"
-mkdir -p "$1"
-OUT="$(cd "$1" && pwd)"
-BUSYBOX="${VSTREAM_GUEST_BUSYBOX:-/bin/busybox}"
+guest_build_init build.sh "$1"
 ROOTFS_MB="${VSTREAM_GUEST_ROOTFS_MB:-64}"
 # Root-disk modules; their dependencies are resolved with modprobe.
 GUEST_MODULES="virtio_pci virtio_blk crc32c_generic ext4"
 
-start=$(date +%s.%N)
-
-for c in mkfs.ext4 cpio gzip dpkg-deb depmod modprobe sha256sum flock; do
-    command -v "$c" >/dev/null 2>&1 || PATH="$PATH:/sbin:/usr/sbin" command -v "$c" >/dev/null 2>&1 ||
-        die "missing tool '$c' (apt-get install -y e2fsprogs cpio gzip dpkg kmod util-linux)"
-done
-export PATH="$PATH:/sbin:/usr/sbin"
+guest_need_tools "apt-get install -y e2fsprogs cpio gzip dpkg kmod util-linux" \
+    mkfs.ext4 cpio gzip dpkg-deb depmod modprobe sha256sum flock
 [ -x "$BUSYBOX" ] || die "no busybox at $BUSYBOX (apt-get install -y busybox-static)"
 if ldd "$BUSYBOX" >/dev/null 2>&1; then
     die "$BUSYBOX is dynamically linked; install busybox-static"
@@ -55,47 +45,25 @@ exec 9>"$OUT/.lock"
 flock 9
 
 # ---- kernel package (cached in OUT) -------------------------------------
-find_cached_deb() {
-    local pat="linux-image-*.deb"
-    [ -n "${VSTREAM_GUEST_KERNEL_PKG:-}" ] && pat="${VSTREAM_GUEST_KERNEL_PKG}_*.deb"
-    # newest first, by name
-    (cd "$OUT" && ls -1 $pat 2>/dev/null | sort -V | tail -n1) || true
-}
-
-if [ -n "${VSTREAM_GUEST_KERNEL_DEB:-}" ]; then
-    DEB="$(cd "$(dirname "$VSTREAM_GUEST_KERNEL_DEB")" && pwd)/$(basename "$VSTREAM_GUEST_KERNEL_DEB")"
-    [ -f "$DEB" ] || die "VSTREAM_GUEST_KERNEL_DEB=$DEB does not exist"
-else
-    name="$(find_cached_deb)"
-    if [ -z "$name" ]; then
-        src="$(bash "$HERE/fetch-kernel.sh" --find)" || exit 1
-        ln -f "$src" "$OUT/" 2>/dev/null || cp "$src" "$OUT/"
-        name="$(find_cached_deb)"
-        [ -n "$name" ] || die "no .deb in $OUT after copying $src"
-    fi
-    DEB="$OUT/$name"
+# The one VSTREAM_GUEST_KERNEL_DEB names, else the newest in OUT, else the
+# one fetch-kernel.sh cached, linked (or copied) into OUT first.
+if [ -z "${VSTREAM_GUEST_KERNEL_DEB:-}" ] && ! guest_kernel_deb "$OUT" 2>/dev/null; then
+    src="$(bash "$HERE/fetch-kernel.sh" --find)" || exit 1
+    ln -f "$src" "$OUT/" 2>/dev/null || cp "$src" "$OUT/"
 fi
+guest_kernel_deb "$OUT" || die "no kernel package"
 
 # ---- up-to-date check --------------------------------------------------
 KEY="$(
     {
-        cat "$HERE/build.sh" "$HERE/lib.sh" "$HERE/initramfs-init.sh" "$HERE/rootfs-init.sh"
-        echo "deb=$(basename "$DEB") size=$(stat -c %s "$DEB")"
+        cat "$HERE/build.sh" "$HERE/lib.sh" "$HERE/init-lib.sh" "$HERE/initramfs-init.sh" "$HERE/rootfs-init.sh"
+        guest_deb_ids "$DEB"
         sha256sum <"$BUSYBOX"
         echo "rootfs_mb=$ROOTFS_MB modules=$GUEST_MODULES"
     } | sha256sum | cut -d' ' -f1
 )"
-if [ -f "$OUT/.stamp" ] && [ "$(cat "$OUT/.stamp")" = "$KEY" ] &&
-    [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/initrd.img" ] && [ -s "$OUT/rootfs.img" ]; then
-    log "up to date in $OUT"
-    exit 0
-fi
-rm -f "$OUT/.stamp"
-
-WORK="$OUT/.work"
-rm -rf "$WORK"
-mkdir -p "$WORK"
-trap 'rm -rf "$WORK"' EXIT
+guest_exit_if_fresh "$OUT/.stamp" "$KEY" "$OUT/vmlinuz" "$OUT/initrd.img" "$OUT/rootfs.img"
+guest_workdir "$OUT/.work"
 
 # ---- extract kernel + modules ------------------------------------------
 log "extracting $(basename "$DEB")"
@@ -112,12 +80,10 @@ guest_modules "$K" "$KVER" $GUEST_MODULES || die "cannot resolve the modules $GU
 I="$WORK/initramfs"
 mkdir -p "$I"/{dev,proc,sys,newroot,lib/modules}
 guest_install_busybox "$BUSYBOX" "$I"
-install -m 755 "$HERE/initramfs-init.sh" "$I/init"
+guest_install_init "$I" "$HERE/initramfs-init.sh" init
 guest_install_modules "$I/lib/modules" || die "cannot install the modules"
 log "initramfs modules: $(tr '\n' ' ' <"$I/lib/modules/load-order")"
-find "$I" -exec touch -h -d @0 {} + # reproducible archive
-(cd "$I" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
-    cpio --quiet --null -o -H newc --owner=0:0 --reproducible) | gzip -9n >"$WORK/initrd.img"
+guest_cpio "$I" | gzip -9n >"$WORK/initrd.img"
 
 # ---- root filesystem ----------------------------------------------------
 R="$WORK/rootfs"
@@ -173,5 +139,5 @@ for f in vmlinuz initrd.img rootfs.img; do mv -f "$WORK/$f" "$OUT/$f"; done
 [ "$HAVE_VMLINUX" = 0 ] || mv -f "$WORK/vmlinux" "$OUT/vmlinux"
 echo "$KVER" >"$OUT/kernel-version"
 echo "$KEY" >"$OUT/.stamp"
-log "built kernel $KVER in $OUT ($(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}')s):"
+log "built kernel $KVER in $OUT ($(guest_elapsed)s):"
 ls -l "$OUT"/vmlinu[xz] "$OUT/initrd.img" "$OUT/rootfs.img" >&2

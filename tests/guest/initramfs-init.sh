@@ -4,47 +4,18 @@
 # switch_root's into its /sbin/init. Any failure prints "GUEST-ERROR: ..." and
 # powers the VM off so a test never hangs.
 export PATH=/bin
-
-/bin/busybox mkdir -p /dev /proc /sys /newroot
-/bin/busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
-# The cpio has no /dev/console node: (re)attach stdio to the console now.
-[ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-
-die() {
-    echo "GUEST-ERROR: initramfs: $*"
-    sync
-    poweroff -f
-    # poweroff -f should not return; if it does, exiting PID 1 panics the
-    # kernel, and with panic=-1 + qemu -no-reboot that also ends the VM.
-    exit 1
-}
+. /lib/init-lib.sh
+init_start initramfs /newroot
 
 echo "GUEST-INITRD"
 
-ROOT=/dev/vda
-ROOTFSTYPE=ext4
-ROOTFLAGS=
-ROOTWAIT=30
-for arg in $(cat /proc/cmdline); do
-    case "$arg" in
-        root=*) ROOT="${arg#root=}" ;;
-        rootfstype=*) ROOTFSTYPE="${arg#rootfstype=}" ;;
-        rootflags=*) ROOTFLAGS="${arg#rootflags=}" ;;
-        vstest.rootwait=*) ROOTWAIT="${arg#vstest.rootwait=}" ;;
-    esac
-done
+ROOT="$(karg root /dev/vda)"
+ROOTFSTYPE="$(karg rootfstype ext4)"
+ROOTFLAGS="$(karg rootflags)"
+ROOTWAIT="$(karg vstest.rootwait 30)"
 
-# Modules in dependency order (written by build.sh). A failing insmod is only
-# a warning (e.g. crc32c-intel on a CPU without SSE4.2); the real checks are
-# that the disk shows up and mounts.
-if [ -f /lib/modules/load-order ]; then
-    while read -r m; do
-        [ -n "$m" ] || continue
-        insmod "/lib/modules/$m" 2>/dev/null || echo "GUEST-WARN: insmod $m failed"
-    done </lib/modules/load-order
-fi
+# The virtio + ext4 modules (build.sh wrote their order).
+init_load_modules
 
 # devtmpfs creates the node by itself; fall back to mknod from sysfs.
 i=0
@@ -67,6 +38,8 @@ else
 fi
 [ -x /newroot/sbin/init ] || die "/sbin/init missing on $ROOT"
 
+# /run (init_start's) stays out of the root file system, as before.
+umount /run 2>/dev/null
 for d in dev proc sys; do
     mkdir -p "/newroot/$d" 2>/dev/null
     mount --move "/$d" "/newroot/$d" || die "mount --move /$d failed"

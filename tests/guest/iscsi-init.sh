@@ -32,41 +32,19 @@
 # Any failure prints "GUEST-ERROR: ..." (with iscsid's last lines); every
 # path powers the VM off.
 export PATH=/bin:/sbin
-
-/bin/busybox mkdir -p /dev /proc /sys /run /mnt
-/bin/busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
-[ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run
-
-die() {
-    echo "GUEST-ERROR: iscsi-init: $*"
-    [ -s /run/iscsid.log ] && sed 's/^/GUEST-ISCSID-LOG /' /run/iscsid.log | tail -n 10
-    sync
-    poweroff -f
-    exit 1
-}
+. /lib/init-lib.sh
+init_start iscsi-init /mnt
+INIT_DIE_LOG=/run/iscsid.log
+INIT_DIE_LOG_TAG=GUEST-ISCSID-LOG
 
 echo "GUEST-INITRD iscsi"
+init_load_modules
 
-if [ -f /lib/modules/load-order ]; then
-    while read -r m; do
-        [ -n "$m" ] || continue
-        insmod "/lib/modules/$m" 2>/dev/null || echo "GUEST-WARN: insmod $m failed"
-    done </lib/modules/load-order
-fi
-
-PORTAL= INITIATOR= USER= SECRET_FILE= TOKEN=
-for arg in $(cat /proc/cmdline); do
-    case "$arg" in
-        vstest.portal=*) PORTAL="${arg#vstest.portal=}" ;;
-        vstest.initiator=*) INITIATOR="${arg#vstest.initiator=}" ;;
-        vstest.user=*) USER="${arg#vstest.user=}" ;;
-        vstest.secret=*) SECRET_FILE="${arg#vstest.secret=}" ;;
-        vstest=*) TOKEN="${arg#vstest=}" ;;
-    esac
-done
+PORTAL="$(karg vstest.portal)"
+INITIATOR="$(karg vstest.initiator)"
+USER="$(karg vstest.user)"
+SECRET_FILE="$(karg vstest.secret)"
+TOKEN="$(karg vstest)"
 [ -n "$PORTAL" ] && [ -n "$INITIATOR" ] && [ -n "$USER" ] && [ -n "$SECRET_FILE" ] && [ -n "$TOKEN" ] ||
     die "need vstest.portal=HOST:PORT vstest.initiator=IQN vstest.user=NAME vstest.secret=FILE vstest=TOKEN"
 [ -s "$SECRET_FILE" ] || die "$SECRET_FILE missing"
@@ -74,9 +52,7 @@ SECRET="$(cat "$SECRET_FILE")"
 WRONG="Wrong${SECRET#?????}"
 [ "$WRONG" != "$SECRET" ] || WRONG="wRONG${SECRET#?????}"
 
-ifconfig lo 127.0.0.1 up || die "lo"
-ifconfig eth0 10.0.2.15 netmask 255.255.255.0 up || die "eth0 did not come up"
-route add default gw 10.0.2.2 2>/dev/null
+init_net_up
 
 # open-iscsi's state lives in /etc/iscsi (Debian's build); short timeouts, as
 # nothing here should wait long.
@@ -92,13 +68,8 @@ node.session.timeo.replacement_timeout = 15
 node.session.scan = auto
 EOF
 iscsid -f >/run/iscsid.log 2>&1 &
-i=0
 # Up once it listens on its abstract socket.
-until grep -q ISCSIADM_ABSTRACT_NAMESPACE /proc/net/unix; do
-    i=$((i + 1))
-    [ "$i" -le 100 ] || die "iscsid did not start"
-    usleep 100000
-done
+wait_for 100 "iscsid did not start" grep -q ISCSIADM_ABSTRACT_NAMESPACE /proc/net/unix
 
 # Discovery: without CHAP first (the server should refuse), then with it.
 if iscsiadm -m discovery -t st -p "$PORTAL" >/run/noauth.log 2>&1; then
@@ -152,12 +123,7 @@ login() {
         [ "$i" -le 200 ] || die "no disk within 20 s of login $1"
         usleep 100000
     done
-    i=0
-    until [ -b "/dev/$DEV" ]; do
-        i=$((i + 1))
-        [ "$i" -le 50 ] || die "/dev/$DEV missing"
-        usleep 100000
-    done
+    wait_for 50 "/dev/$DEV missing" [ -b "/dev/$DEV" ]
     echo "GUEST-ISCSI-LOGIN $1 $DEV $(($(cat "/sys/block/$DEV/size") / 2048))"
 }
 logout() {
@@ -192,5 +158,4 @@ umount /mnt || die "umount after login 2"
 logout 2
 
 echo "GUEST-OK iscsi $TOKEN"
-sync
-poweroff -f
+init_poweroff

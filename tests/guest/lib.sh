@@ -1,8 +1,108 @@
 # shellcheck shell=bash
-# Shared by the guest kit's scripts (sourced, bash): build.sh,
-# build-netboot.sh and build-iscsi.sh resolve kernel modules and fill
-# initramfs trees with it, run-guest.sh and run-netboot-guest.sh run QEMU
-# with it.
+# Shared by the guest kit's host-side scripts (sourced, bash): build.sh,
+# build-netboot.sh, build-iscsi.sh and build-sanboot.sh set themselves up,
+# resolve kernel modules, unpack .debs and fill and pack initramfs trees with
+# it; run-guest.sh and run-netboot-guest.sh run QEMU with it. (init-lib.sh is
+# the guest-side library the init scripts source.)
+
+# guest_build_init NAME OUTDIR: what each build script does first: die and
+# log functions whose lines name NAME, OUT = OUTDIR (made, absolute),
+# BUSYBOX ($VSTREAM_GUEST_BUSYBOX, else /bin/busybox), START (for
+# guest_elapsed), and /sbin:/usr/sbin on PATH (depmod, mkfs.* ...).
+guest_build_init() {
+    GUEST_BUILD_NAME="$1"
+    die() { echo "$GUEST_BUILD_NAME: error: $*" >&2; exit 1; }
+    log() { echo "$GUEST_BUILD_NAME: $*" >&2; }
+    mkdir -p "$2"
+    OUT="$(cd "$2" && pwd)"
+    BUSYBOX="${VSTREAM_GUEST_BUSYBOX:-/bin/busybox}"
+    START=$(date +%s.%N)
+    export PATH="$PATH:/sbin:/usr/sbin"
+}
+
+# guest_elapsed: the seconds since guest_build_init, as 1.2.
+guest_elapsed() {
+    awk -v s="$START" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}'
+}
+
+# guest_need_tools HINT TOOL...: dies naming the first TOOL missing, and
+# HINT (what to install).
+guest_need_tools() {
+    local hint="$1" c
+    shift
+    for c in "$@"; do
+        command -v "$c" >/dev/null 2>&1 || die "missing tool '$c' ($hint)"
+    done
+}
+
+# guest_deb_ids DEB...: a line per DEB (name and size) for a stamp's key.
+guest_deb_ids() {
+    local d
+    for d in "$@"; do echo "deb=$(basename "$d") size=$(stat -c %s "$d")"; done
+}
+
+# guest_exit_if_fresh STAMP KEY FILE...: exits 0 (the script is done) when
+# STAMP holds KEY and each FILE is there, not empty; else removes STAMP.
+guest_exit_if_fresh() {
+    local stamp="$1" key="$2" f
+    shift 2
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ]; then
+        for f in "$@"; do [ -s "$f" ] || break; done
+        if [ -s "$f" ]; then
+            log "up to date in $OUT"
+            exit 0
+        fi
+    fi
+    rm -f "$stamp"
+}
+
+# guest_workdir DIR: WORK = DIR, emptied, removed when the script exits.
+guest_workdir() {
+    WORK="$1"
+    rm -rf "$WORK"
+    mkdir -p "$WORK"
+    trap 'rm -rf "$WORK"' EXIT
+}
+
+# guest_extract_modules DEB DIR: only the kernel package's modules
+# (./lib/modules or ./usr/lib/modules), not the kernel, into DIR.
+guest_extract_modules() {
+    mkdir -p "$2"
+    dpkg-deb --fsys-tarfile "$1" | tar -x -C "$2" --wildcards './*lib/modules/*'
+}
+
+# guest_extract_debs DIR DEB...: the DEBs unpacked into DIR; sets
+# GUEST_DEB_LIBPATH to the folders of their shared libraries (for ldd).
+guest_extract_debs() {
+    local dir="$1" d
+    shift
+    mkdir -p "$dir"
+    for d in "$@"; do
+        dpkg-deb -x "$d" "$dir" || { echo "cannot extract $d" >&2; return 1; }
+    done
+    GUEST_DEB_LIBPATH="$(find "$dir" -name 'lib*.so*' -printf '%h\n' | sort -u | paste -sd:)"
+}
+
+# guest_install_deb_tool DEST PKGDIR TOOL: the program TOOL of the packages
+# guest_extract_debs unpacked into PKGDIR as DEST/sbin/TOOL, with the
+# libraries it links: those of the packages first, the rest the host's.
+guest_install_deb_tool() {
+    local dest="$1" pkgs="$2" tool="$3" bin libs
+    bin="$(find "$pkgs" -type f -name "$tool" -path '*bin/*' | head -n1)"
+    [ -n "$bin" ] || { echo "no $tool in the packages" >&2; return 1; }
+    libs="$(LD_LIBRARY_PATH="$GUEST_DEB_LIBPATH" ldd "$bin")" || { echo "ldd $bin failed" >&2; return 1; }
+    mkdir -p "$dest/sbin"
+    install -m 755 "$bin" "$dest/sbin/$tool"
+    guest_copy_libs "$dest" "$pkgs" "$libs" || { echo "cannot copy $tool's libraries" >&2; return 1; }
+}
+
+# guest_cpio DIR: the tree DIR as a reproducible newc cpio archive on stdout
+# (times zeroed, names sorted, owned by root), uncompressed.
+guest_cpio() {
+    find "$1" -exec touch -h -d @0 {} +
+    (cd "$1" && find . -mindepth 1 -print0 | LC_ALL=C sort -z |
+        cpio --quiet --null -o -H newc --owner=0:0 --reproducible)
+}
 
 # guest_modules KROOT KVER MODULE...: makes KROOT (an extracted kernel
 # package) usable by modprobe, then sets MODLIST to the .ko files MODULE...
@@ -59,6 +159,16 @@ guest_install_busybox() {
     for a in $("$bb" --list); do
         [ "$a" = busybox ] || [ "$a" = init ] || [ "$a" = linuxrc ] || ln -sf busybox "$d/bin/$a"
     done
+}
+
+# guest_install_init DIR SCRIPT NAME: the guest-side init SCRIPT as DIR/NAME
+# (e.g. init), and init-lib.sh, which every such script sources, as
+# DIR/lib/init-lib.sh.
+guest_install_init() {
+    local d="$1" script="$2" name="$3"
+    mkdir -p "$d/lib"
+    install -m 755 "$script" "$d/$name"
+    install -m 644 "$(dirname "${BASH_SOURCE[0]}")/init-lib.sh" "$d/lib/init-lib.sh"
 }
 
 # guest_copy_libs DEST ROOT LDD_OUTPUT: copies the shared libraries and the

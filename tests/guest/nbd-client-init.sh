@@ -25,40 +25,18 @@
 #   GUEST-OK nbd-client TOKEN     all done, the device detached
 # Any failure prints "GUEST-ERROR: ..." and powers the VM off.
 export PATH=/bin:/sbin
-
-/bin/busybox mkdir -p /dev /proc /sys /run /mnt
-/bin/busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
-[ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run
-
-die() {
-    echo "GUEST-ERROR: nbd-client-init: $*"
-    [ -s /run/nbdc.log ] && sed 's/^/GUEST-NBDC-LOG /' /run/nbdc.log | tail -n 10
-    sync
-    poweroff -f
-    exit 1
-}
+. /lib/init-lib.sh
+init_start nbd-client-init /mnt
+INIT_DIE_LOG=/run/nbdc.log
+INIT_DIE_LOG_TAG=GUEST-NBDC-LOG
 
 echo "GUEST-INITRD nbd-client"
+init_load_modules
 
-if [ -f /lib/modules/load-order ]; then
-    while read -r m; do
-        [ -n "$m" ] || continue
-        insmod "/lib/modules/$m" 2>/dev/null || echo "GUEST-WARN: insmod $m failed"
-    done </lib/modules/load-order
-fi
-
-NBD= EXPORT= TLS= TOKEN=
-for arg in $(cat /proc/cmdline); do
-    case "$arg" in
-        vstest.nbd=*) NBD="${arg#vstest.nbd=}" ;;
-        vstest.export=*) EXPORT="${arg#vstest.export=}" ;;
-        vstest.tls=*) TLS="${arg#vstest.tls=}" ;;
-        vstest=*) TOKEN="${arg#vstest=}" ;;
-    esac
-done
+NBD="$(karg vstest.nbd)"
+EXPORT="$(karg vstest.export)"
+TLS="$(karg vstest.tls)"
+TOKEN="$(karg vstest)"
 [ -n "$NBD" ] && [ -n "$EXPORT" ] && [ -n "$TLS" ] && [ -n "$TOKEN" ] ||
     die "need vstest.nbd=HOST:PORT vstest.export=NAME vstest.tls=DIR vstest=TOKEN"
 HOST="${NBD%:*}"
@@ -67,9 +45,7 @@ for f in ca-cert.pem client-cert.pem client-key.pem; do
     [ -r "$TLS/$f" ] || die "$TLS/$f missing"
 done
 
-ifconfig lo 127.0.0.1 up || die "lo"
-ifconfig eth0 10.0.2.15 netmask 255.255.255.0 up || die "eth0 did not come up"
-route add default gw 10.0.2.2 2>/dev/null
+init_net_up
 
 [ -b /dev/nbd0 ] || die "/dev/nbd0 missing: no nbd module?"
 attached() { [ "$(cat /sys/block/nbd0/size 2>/dev/null)" != 0 ] && [ -e /sys/block/nbd0/pid ]; }
@@ -86,12 +62,7 @@ nbd-client "$HOST" "$PORT" /dev/nbd0 -N "$EXPORT" \
     -certfile "$TLS/client-cert.pem" -keyfile "$TLS/client-key.pem" \
     -cacertfile "$TLS/ca-cert.pem" >/run/nbdc.log 2>&1 ||
     die "nbd-client over TLS failed"
-i=0
-until attached; do
-    i=$((i + 1))
-    [ "$i" -le 300 ] || die "/dev/nbd0 not attached within 30 s"
-    usleep 100000
-done
+wait_for 300 "/dev/nbd0 not attached within 30 s" attached
 echo "GUEST-NBDC attached /dev/nbd0 $(($(cat /sys/block/nbd0/size) / 2048)) MiB export=$EXPORT pid=$(cat /sys/block/nbd0/pid)"
 
 mount -t ext4 -o rw /dev/nbd0 /mnt || die "mount /dev/nbd0 failed"
@@ -120,5 +91,4 @@ echo "GUEST-NBDC-MD5 $(cut -d' ' -f1 /mnt/data/nbdc.md5)"
 umount /mnt || die "umount /dev/nbd0 failed"
 nbd-client -d /dev/nbd0 >>/run/nbdc.log 2>&1 || die "nbd-client -d failed"
 echo "GUEST-OK nbd-client $TOKEN"
-sync
-poweroff -f
+init_poweroff

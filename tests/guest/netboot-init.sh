@@ -12,35 +12,12 @@
 # stops and continues the agent first, as systemd-shutdown does, and checks
 # that the disk still reads.
 export PATH=/bin
-
-/bin/busybox mkdir -p /dev /proc /sys /run /newroot
-/bin/busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
-# The cpio has no /dev/console node: (re)attach stdio to the console now.
-[ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run
-
-die() {
-    echo "GUEST-ERROR: netboot initramfs: $*"
-    sync
-    poweroff -f
-    # poweroff -f should not return; if it does, exiting PID 1 panics the
-    # kernel, and with panic=-1 + qemu -no-reboot that also ends the VM.
-    exit 1
-}
+. /lib/init-lib.sh
+init_start "netboot initramfs" /newroot
 
 echo "GUEST-INITRD netboot"
-
-# Modules in dependency order (written by build-netboot.sh). A failing insmod
-# is only a warning (e.g. crc32c-intel on a CPU without SSE4.2); the real
-# checks are that the network and the disk come up.
-if [ -f /lib/modules/load-order ]; then
-    while read -r m; do
-        [ -n "$m" ] || continue
-        insmod "/lib/modules/$m" 2>/dev/null || echo "GUEST-WARN: insmod $m failed"
-    done </lib/modules/load-order
-fi
+# The virtio-net/nbd/ext4 modules (build-netboot.sh wrote their order).
+init_load_modules
 
 [ -r /scripts/vstream-root.sh ] || die "/scripts/vstream-root.sh is missing"
 . /scripts/vstream-root.sh

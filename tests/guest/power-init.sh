@@ -25,36 +25,14 @@
 # it listens, "GUEST-SERVER exited RC" if it ends; any failure prints
 # "GUEST-ERROR: ..." and powers the VM off.
 export PATH=/bin
-
-/bin/busybox mkdir -p /dev /proc /sys /run /data
-/bin/busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
-[ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run
-
-die() {
-    echo "GUEST-ERROR: power-init: $*"
-    poweroff -f
-    exit 1
-}
+. /lib/init-lib.sh
+init_start power-init /data
 
 up() { cut -d' ' -f1 /proc/uptime; }
 echo "GUEST-INITRD power uptime=$(up)"
+init_load_modules
 
-if [ -f /lib/modules/load-order ]; then
-    while read -r m; do
-        [ -n "$m" ] || continue
-        insmod "/lib/modules/$m" 2>/dev/null || echo "GUEST-WARN: insmod $m failed"
-    done </lib/modules/load-order
-fi
-
-WRITEBACK=default
-for arg in $(cat /proc/cmdline); do
-    case "$arg" in
-        vstest.writeback=*) WRITEBACK="${arg#vstest.writeback=}" ;;
-    esac
-done
+WRITEBACK="$(karg vstest.writeback default)"
 vm() { echo "$2" >"/proc/sys/vm/$1" || die "cannot set vm.$1=$2"; }
 case "$WRITEBACK" in
     hold)
@@ -71,19 +49,12 @@ case "$WRITEBACK" in
     *) die "vstest.writeback=$WRITEBACK: want hold, fast or default" ;;
 esac
 
-i=0
-while [ ! -b /dev/vda ]; do
-    i=$((i + 1))
-    [ "$i" -le 300 ] || die "/dev/vda did not appear within 30 s"
-    usleep 100000
-done
+wait_for 300 "/dev/vda did not appear within 30 s" [ -b /dev/vda ]
 # A power cut leaves the journal to replay: mount does it.
 mount -t ext4 -o rw /dev/vda /data || die "mount /dev/vda failed"
 [ -d /data/vstream ] || die "/data/vstream missing on /dev/vda"
 
-ifconfig lo 127.0.0.1 up || die "lo"
-ifconfig eth0 10.0.2.15 netmask 255.255.255.0 up || die "eth0 did not come up"
-route add default gw 10.0.2.2 2>/dev/null
+init_net_up
 
 echo "GUEST-SERVER starting uptime=$(up)"
 # Its log goes to the console, where the host reads it, through a pipe (on
@@ -107,5 +78,4 @@ fi
 wait "$SERVER"
 rc=$?
 echo "GUEST-SERVER exited $rc"
-sync
-poweroff -f
+init_poweroff

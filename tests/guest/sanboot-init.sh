@@ -17,29 +17,12 @@
 #   GUEST-ROOT DEV on iSCSI target IQN
 # Any failure: GUEST-ERROR ..., then the VM powers off.
 export PATH=/bin:/sbin
-
-/bin/busybox mkdir -p /dev /proc /sys /newroot /run /etc/iscsi
-/bin/busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
-[ -c /dev/console ] && exec </dev/console >/dev/console 2>&1
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t tmpfs tmpfs /run
-
-die() {
-    echo "GUEST-ERROR: sanboot initramfs: $*"
-    sync
-    poweroff -f
-    exit 1
-}
+. /lib/init-lib.sh
+init_start "sanboot initramfs" /newroot /etc/iscsi
 
 echo "GUEST-INITRD sanboot"
-
-# Modules in dependency order (build-sanboot.sh wrote it); a failing insmod is
-# a warning only (crc32c-intel on a CPU without SSE4.2), the checks below are
-# what count.
-while read -r m; do
-    insmod "/lib/modules/$m" 2>/dev/null || echo "GUEST-WARN insmod $m failed"
-done </lib/modules/load-order
+# The modules in dependency order (build-sanboot.sh wrote it).
+init_load_modules
 
 IBFT=/sys/firmware/ibft
 [ -d "$IBFT/target0" ] || die "no iBFT target in $IBFT: the firmware (iPXE) wrote no iBFT"

@@ -164,27 +164,12 @@ fn the_audit_trail_is_the_farms_and_survives_a_restart() {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut servers: Vec<TestServer> = (1..=2)
-        .map(|i| {
-            TestServer::start_in_farm(
-                dir.path().join(format!("s{i}")),
-                &etcd.url,
-                &format!("s{i}"),
-            )
-        })
-        .collect();
+    let mut servers: [TestServer; 2] = common::farm_of(dir.path(), &etcd, &[]);
     let op = create_token(&servers[0], "ops", "operator");
     let viewer = create_token(&servers[0], "look", "viewer");
     servers[0].cli_ok(&["vdisk", "create", "win", "--size", "16M"]);
     // The operator, at the second server: a device, then a vDisk it may not make.
-    let as_token = |s: &TestServer, token: &str, args: &[&str]| {
-        Command::new(common::BIN)
-            .args(args)
-            .env("VSTREAM_API", &s.api)
-            .env("VSTREAM_TOKEN", token)
-            .output()
-            .expect("vstream")
-    };
+    let as_token = |s: &TestServer, token: &str, args: &[&str]| common::cli_as(&s.api, token, args);
     let added = as_token(
         &servers[1],
         &op,

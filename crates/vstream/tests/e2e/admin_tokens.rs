@@ -12,12 +12,7 @@ use common::TestServer;
 
 /// `vstream vdisk list` against `server` with `token`.
 fn list_with(server: &TestServer, token: &str) -> Output {
-    Command::new(common::BIN)
-        .args(["vdisk", "list"])
-        .env("VSTREAM_API", &server.api)
-        .env("VSTREAM_TOKEN", token)
-        .output()
-        .expect("running vstream")
+    common::cli_as(&server.api, token, &["vdisk", "list"])
 }
 
 /// `vstream token ARGS --data` the server's folder.

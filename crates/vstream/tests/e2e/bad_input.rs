@@ -282,16 +282,7 @@ impl Client {
 /// A server with vDisk `v` (64 MiB) and device `d1` on it (Private mode).
 fn server() -> TestServer {
     let s = TestServer::start();
-    s.cli_ok(&["vdisk", "create", "v", "--size", "64MiB"]);
-    s.cli_ok(&[
-        "device",
-        "add",
-        "d1",
-        "--mac",
-        "52:54:00:12:34:01",
-        "--vdisk",
-        "v",
-    ]);
+    common::add_v_and_d1(&s, "52:54:00:12:34:01");
     s
 }
 
@@ -318,21 +309,6 @@ fn assert_healthy(server: &mut TestServer, export: &str) {
     );
     let log = server.log_text();
     assert!(!log.contains("panicked"), "the server panicked:\n{log}");
-}
-
-fn server_pid(server: &TestServer) -> u32 {
-    server.child.as_ref().expect("server child").id()
-}
-
-/// A field of /proc/PID/status in KiB (VmHWM, VmRSS).
-fn proc_kib(pid: u32, field: &str) -> u64 {
-    let status =
-        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading /proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
 /// Polls `metric` until it equals `want` (up to 5 s).
@@ -443,8 +419,8 @@ fn option_of_length_0xffffffff_is_closed_without_allocating() {
         return;
     }
     let mut server = server();
-    let pid = server_pid(&server);
-    let hwm_before = proc_kib(pid, "VmHWM");
+    let pid = server.pid();
+    let hwm_before = common::proc_kib(pid, "VmHWM");
     for length in [u32::MAX, 0x8000_0000, (64 << 10) + 1] {
         let mut c = Client::negotiating(server.nbd_port);
         let mut h = IHAVEOPT.to_be_bytes().to_vec();
@@ -462,7 +438,7 @@ fn option_of_length_0xffffffff_is_closed_without_allocating() {
         );
         assert_healthy(&mut server, "v");
     }
-    let hwm_after = proc_kib(pid, "VmHWM");
+    let hwm_after = common::proc_kib(pid, "VmHWM");
     assert!(
         hwm_after < hwm_before + 256 * 1024,
         "peak memory grew from {hwm_before} KiB to {hwm_after} KiB: the server allocated the option"

@@ -8,21 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::{skip, wait_for, TestServer};
 
-fn server_pid(server: &TestServer) -> u32 {
-    server.child.as_ref().expect("server child").id()
-}
-
-/// A field of /proc/PID/status in KiB (VmHWM, VmRSS).
-fn proc_kib(pid: u32, field: &str) -> u64 {
-    let status =
-        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading /proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
-
 /// CPU time (user + system, every thread) of process `pid`, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("reading /proc stat");
@@ -54,7 +39,7 @@ fn an_empty_8_tib_vdisk_costs_little_cpu_and_memory() {
     // Creating keeps the version's hash tree (64 MiB at 8 TiB) in memory
     // once; nothing holds a hash per block (4 GiB), nor reads the bitmap
     // (256 MiB).
-    let hwm = proc_kib(server_pid(&server), "VmHWM");
+    let hwm = common::proc_kib(server.pid(), "VmHWM");
     assert!(
         hwm < 256 * 1024,
         "peak RSS {} MiB after creating an empty 8 TiB vDisk",
@@ -69,7 +54,7 @@ fn an_empty_8_tib_vdisk_costs_little_cpu_and_memory() {
     server.cli_ok(&["vdisk", "set", "big", "--mode", "standard"]);
     assert_eq!(server.stop().code(), Some(0));
     server.restart();
-    let pid = server_pid(&server);
+    let pid = server.pid();
     wait_for(60, "the server to re-check big", || {
         server
             .log_text()
@@ -77,7 +62,7 @@ fn an_empty_8_tib_vdisk_costs_little_cpu_and_memory() {
             .any(|l| l.contains("replica re-checked") && l.contains("vdisk=big version=1"))
             .then_some(())
     });
-    let hwm = proc_kib(pid, "VmHWM");
+    let hwm = common::proc_kib(pid, "VmHWM");
     assert!(
         hwm < 256 * 1024,
         "peak RSS {} MiB after verifying an empty 8 TiB vDisk",

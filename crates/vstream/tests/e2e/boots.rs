@@ -208,9 +208,7 @@ fn a_boot_seen_by_another_server_ends_the_session_here() {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    let endpoint = format!("http://127.0.0.1:{}", etcd.port());
-    let s1 = TestServer::start_in_farm(dir.path().join("s1"), &endpoint, "s1");
-    let s2 = TestServer::start_in_farm(dir.path().join("s2"), &endpoint, "s2");
+    let [s1, s2] = common::farm_of(dir.path(), &etcd, &[]);
     s1.cli_ok(&["vdisk", "create", "v", "--size", "16MiB"]);
     s1.cli_ok(&["vdisk", "set", "v", "--mode", "standard"]);
     make_bootable(&s1, dir.path(), "v");

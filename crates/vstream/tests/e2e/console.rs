@@ -94,8 +94,7 @@ fn the_console_runs_a_farm_from_any_server() {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    let s1 = TestServer::start_in_farm(dir.path().join("s1"), &etcd.url, "s1");
-    let s2 = TestServer::start_in_farm(dir.path().join("s2"), &etcd.url, "s2");
+    let [s1, s2] = common::farm_of(dir.path(), &etcd, &[]);
     let admin = create_token(&s1, "root", "admin");
     let viewer = create_token(&s1, "look", "viewer");
     let operator = create_token(&s1, "ops", "operator");

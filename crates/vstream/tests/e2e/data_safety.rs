@@ -281,8 +281,7 @@ fn a_version_a_device_runs_on_another_server_is_neither_merged_away_nor_deleted(
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    let s1 = TestServer::start_in_farm(dir.path().join("s1"), &etcd.url, "s1");
-    let s2 = TestServer::start_in_farm(dir.path().join("s2"), &etcd.url, "s2");
+    let [s1, s2] = common::farm_of(dir.path(), &etcd, &[]);
     import_standard(&s1, dir.path(), "g1", 16 * MIB);
     s1.cli_ok(&[
         "device",

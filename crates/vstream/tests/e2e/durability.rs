@@ -28,16 +28,7 @@ fn tools_present() -> bool {
 /// A server with vDisk `v` (64 MiB) and device `d1` on it (Private mode).
 fn server() -> TestServer {
     let s = TestServer::start();
-    s.cli_ok(&["vdisk", "create", "v", "--size", "64MiB"]);
-    s.cli_ok(&[
-        "device",
-        "add",
-        "d1",
-        "--mac",
-        "52:54:00:d0:00:01",
-        "--vdisk",
-        "v",
-    ]);
+    common::add_v_and_d1(&s, "52:54:00:d0:00:01");
     s
 }
 

@@ -93,16 +93,7 @@ fn server(ulimit: Option<&str>, extra: &[&str]) -> (tempfile::TempDir, TestServe
         None => vec![],
     };
     let s = TestServer::start_wrapped(dir.path().to_path_buf(), "127.0.0.1", &wrap, extra);
-    s.cli_ok(&["vdisk", "create", "v", "--size", "64MiB"]);
-    s.cli_ok(&[
-        "device",
-        "add",
-        "d1",
-        "--mac",
-        "52:54:00:12:34:01",
-        "--vdisk",
-        "v",
-    ]);
+    common::add_v_and_d1(&s, "52:54:00:12:34:01");
     (dir, s)
 }
 

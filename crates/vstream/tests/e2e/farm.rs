@@ -27,7 +27,7 @@ fn tools() -> Option<TestEtcd> {
 /// device-side caches, and `devices` devices pc1.. on it.
 fn farm(etcd: &TestEtcd, dir: &Path, n: usize, devices: usize) -> Vec<TestServer> {
     let servers: Vec<TestServer> = (1..=n)
-        .map(|i| TestServer::start_in_farm(dir.join(format!("s{i}")), &etcd.url, &format!("s{i}")))
+        .map(|i| common::farm_member(dir, etcd, i, &[]))
         .collect();
     with_demo(servers, dir, devices)
 }
@@ -35,7 +35,6 @@ fn farm(etcd: &TestEtcd, dir: &Path, n: usize, devices: usize) -> Vec<TestServer
 /// Imports vDisk `demo` on the first server of a farm, adds `devices`
 /// devices, and waits until every server holds it verified.
 fn with_demo(servers: Vec<TestServer>, dir: &Path, devices: usize) -> Vec<TestServer> {
-    let n = servers.len();
     let image = dir.join("demo.raw");
     random_image(&image, IMAGE_SIZE, 7);
     servers[0].cli_ok(&["vdisk", "import", "demo", image.to_str().unwrap()]);
@@ -59,9 +58,7 @@ fn with_demo(servers: Vec<TestServer>, dir: &Path, devices: usize) -> Vec<TestSe
             "demo",
         ]);
     }
-    for s in &servers {
-        common::wait_farm_ready(s, n);
-    }
+    common::wait_farm(&servers);
     servers
 }
 

@@ -85,15 +85,7 @@ fn guest_boots_through_the_agent_across_a_server_kill() {
     };
     let kit = common::guest_kit();
     let dir = tempfile::tempdir().unwrap();
-    let mut servers: Vec<TestServer> = (1..=2)
-        .map(|i| {
-            TestServer::start_in_farm(
-                dir.path().join(format!("s{i}")),
-                &etcd.url,
-                &format!("s{i}"),
-            )
-        })
-        .collect();
+    let mut servers: [TestServer; 2] = common::farm_of(dir.path(), &etcd, &[]);
     // Imported on one server; replication copies it to the other.
     let image = kit.join("rootfs.img");
     servers[0].cli_ok(&["vdisk", "import", "root", image.to_str().unwrap()]);
@@ -115,9 +107,7 @@ fn guest_boots_through_the_agent_across_a_server_kill() {
         "--vdisk",
         "root",
     ]);
-    for s in &servers {
-        common::wait_farm_ready(s, 2);
-    }
+    common::wait_farm(&servers);
     let apis: Vec<&str> = servers.iter().map(|s| s.api.as_str()).collect();
     let agent =
         common::TestAgent::start(dir.path(), "pc1", "52:54:00:00:00:01", &apis, "ram:256MiB");

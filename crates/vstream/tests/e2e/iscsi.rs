@@ -712,9 +712,7 @@ fn a_login_at_any_portal_lands_where_the_farm_places_it() {
     for (d, mac) in [("pc1", "52:54:00:00:03:01"), ("pc2", "52:54:00:00:03:02")] {
         s1.cli_ok(&["device", "add", d, "--mac", mac, "--vdisk", "std"]);
     }
-    for s in &servers {
-        common::wait_farm_ready(s, 2);
-    }
+    common::wait_farm(&servers);
 
     // The script from the second server: both portals, the first server's
     // first (no load on either: by name), its credentials set.
@@ -814,9 +812,7 @@ fn a_login_is_not_redirected_to_a_portal_that_does_not_answer() {
         "--vdisk",
         "std",
     ]);
-    for s in &servers {
-        common::wait_farm_ready(s, 2);
-    }
+    common::wait_farm(&servers);
     wait_for(10, "s2's iSCSI portal", || {
         s2.log_text().contains("iSCSI listening").then_some(())
     });

@@ -44,16 +44,7 @@ fn have_qemu_iscsi() -> bool {
 
 /// True if fetch-kernel.sh has cached Debian's open-iscsi for the guest.
 fn have_open_iscsi() -> bool {
-    let find = Command::new("bash")
-        .arg(common::repo().join("tests/guest/fetch-kernel.sh"))
-        .args(["--find-deb", "open-iscsi"])
-        .output()
-        .expect("running tests/guest/fetch-kernel.sh");
-    if !find.status.success() {
-        skip(String::from_utf8_lossy(&find.stderr).trim());
-        return false;
-    }
-    true
+    common::fetch_kernel_finds(&["--find-deb", "open-iscsi"])
 }
 
 /// `a`'s CHAP secret in a file of its own under `dir` (mode 0600): how it

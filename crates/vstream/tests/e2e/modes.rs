@@ -71,13 +71,6 @@ fn wait_disconnected(server: &TestServer, name: &str) {
     }
 }
 
-fn assert_same_bytes(a: &[u8], b: &[u8], what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: sizes differ");
-    if let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) {
-        panic!("{what}: first difference at byte {i}");
-    }
-}
-
 #[test]
 fn private_writes_survive_a_restart_and_are_seen_by_name_mac_and_view() {
     if !have("qemu-io") {
@@ -388,20 +381,20 @@ fn standard_mode_keeps_each_devices_writes_apart_from_the_vdisk() {
     s1.ok("check 1000 10000 0x55");
     let got = dir.path().join("s2-edge.raw");
     s2.ok(&format!("pread 0 16384 {}", p(&got)));
-    assert_same_bytes(
+    common::assert_same_bytes(
         &std::fs::read(&got).unwrap(),
         region(0, 16384),
         "s2 sees s1's write",
     );
     let got = dir.path().join("s1-edge.raw");
     s1.ok(&format!("pread 0 1000 {}", p(&got)));
-    assert_same_bytes(
+    common::assert_same_bytes(
         &std::fs::read(&got).unwrap(),
         region(0, 1000),
         "bytes before s1's unaligned write",
     );
     s1.ok(&format!("pread 11000 5384 {}", p(&got)));
-    assert_same_bytes(
+    common::assert_same_bytes(
         &std::fs::read(&got).unwrap(),
         region(11000, 5384),
         "bytes after s1's unaligned write",
@@ -423,7 +416,7 @@ fn standard_mode_keeps_each_devices_writes_apart_from_the_vdisk() {
     assert!(out.contains("identical"), "{out}");
     let exported = dir.path().join("exported.raw");
     server.cli_ok(&["vdisk", "export", "v", p(&exported)]);
-    assert_same_bytes(
+    common::assert_same_bytes(
         &std::fs::read(&exported).unwrap(),
         &base_bytes,
         "vdisk export after Standard-mode writes",
@@ -465,7 +458,7 @@ fn standard_mode_keeps_each_devices_writes_apart_from_the_vdisk() {
     let mut s1 = Nbd::connect(&server.url("device/s1;boot=s1-boot-2"));
     let got = dir.path().join("s1-after.raw");
     s1.ok(&format!("pread 0 {} {}", 4 * MIB, p(&got)));
-    assert_same_bytes(
+    common::assert_same_bytes(
         &std::fs::read(&got).unwrap(),
         region(0, 4 * MIB),
         "s1 after a clean disconnect",
@@ -486,7 +479,7 @@ fn standard_mode_keeps_each_devices_writes_apart_from_the_vdisk() {
     let mut s2 = Nbd::connect(&server.url("device/s2"));
     let got = dir.path().join("s2-after.raw");
     s2.ok(&format!("pread 0 {} {}", 4 * MIB, p(&got)));
-    assert_same_bytes(
+    common::assert_same_bytes(
         &std::fs::read(&got).unwrap(),
         region(0, 4 * MIB),
         "s2 after device reset",

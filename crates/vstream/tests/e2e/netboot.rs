@@ -106,9 +106,7 @@ fn farm(kit: &Path, tls: bool) -> Farm {
         &["--mode", "standard", "--cache-type", "device"],
     );
     s1.cli_ok(&["device", "add", "pc1", "--mac", MAC, "--vdisk", "root"]);
-    for s in &servers {
-        common::wait_farm_ready(s, 2);
-    }
+    common::wait_farm(&servers);
     Farm {
         lan,
         _etcd: etcd,

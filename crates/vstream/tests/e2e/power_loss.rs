@@ -187,23 +187,11 @@ impl Guest {
     }
 
     fn cli(&self, args: &[&str]) -> Output {
-        Command::new(common::BIN)
-            .args(args)
-            .env("VSTREAM_API", &self.api)
-            .env("VSTREAM_TOKEN", &self.token)
-            .output()
-            .expect("running vstream")
+        common::cli_as(&self.api, &self.token, args)
     }
 
     fn cli_ok(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
-        assert!(
-            out.status.success(),
-            "vstream {args:?} failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        common::ok_stdout("vstream", args, &self.cli(args))
     }
 
     /// Pulls the plug: SIGKILL to QEMU, nothing the guest holds survives.

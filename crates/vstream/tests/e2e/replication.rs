@@ -21,10 +21,6 @@ fn tools() -> Option<TestEtcd> {
     TestEtcd::start()
 }
 
-fn start(etcd: &TestEtcd, dir: &Path, name: &str, extra: &[&str]) -> TestServer {
-    TestServer::start_in_farm_with(dir.join(name), &etcd.url, name, extra, &[])
-}
-
 /// `vstream replication status --json`, as seen from `s`.
 fn status(s: &TestServer) -> Vec<serde_json::Value> {
     let out = s.cli(&["replication", "status", "--json"]);
@@ -123,10 +119,7 @@ fn change_and_promote(
 fn a_promoted_version_reaches_every_server_and_devices_boot_it() {
     let Some(etcd) = tools() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let servers: Vec<TestServer> = ["s1", "s2", "s3"]
-        .iter()
-        .map(|n| start(&etcd, dir.path(), n, &[]))
-        .collect();
+    let servers: [TestServer; 3] = common::farm_of(dir.path(), &etcd, &[]);
     let mut expected = import(&servers[0], dir.path(), "demo", 32 * MIB, 11);
     for s in ["s1", "s2", "s3"] {
         wait_state(&servers[0], s, "demo", 1, "verified", 60);
@@ -232,14 +225,14 @@ fn a_promoted_version_reaches_every_server_and_devices_boot_it() {
 fn a_layer_two_versions_lack_travels_once() {
     let Some(etcd) = tools() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let s1 = start(&etcd, dir.path(), "s1", &[]);
+    let s1 = common::farm_member(dir.path(), &etcd, 1, &[]);
     // Alone, s1 has no peer to seal its versions for: s2 comes later.
     let mut expected = import(&s1, dir.path(), "demo", 32 * MIB, 17);
     let base = expected.clone();
     change_and_promote(&s1, "demo", 98, &[(8 * MIB, 65536, 0x3c)], &mut expected);
     // A new server lacks both versions: their transfers start together, and
     // both need the base layer. It travels once, and both verify.
-    let s2 = start(&etcd, dir.path(), "s2", &[]);
+    let s2 = common::farm_member(dir.path(), &etcd, 2, &[]);
     wait_state(&s1, "s2", "demo", 1, "verified", 60);
     wait_state(&s1, "s2", "demo", 2, "verified", 60);
     let got = s2.metric("vstream_replication_received_bytes_total");
@@ -269,8 +262,8 @@ fn a_layer_two_versions_lack_travels_once() {
 fn a_receiver_killed_mid_transfer_resumes_where_it_stopped() {
     let Some(etcd) = tools() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let s1 = start(&etcd, dir.path(), "s1", &[]);
-    let mut s2 = start(&etcd, dir.path(), "s2", &["--replication-rate", "6M"]);
+    let s1 = common::farm_member(dir.path(), &etcd, 1, &[]);
+    let mut s2 = common::farm_member(dir.path(), &etcd, 2, &["--replication-rate", "6M"]);
     let size = 64 * MIB;
     import(&s1, dir.path(), "big", size, 5);
     wait_for(60, "s2 to be a third of the way", || {
@@ -316,11 +309,11 @@ fn a_transfer_goes_on_from_another_peer_when_its_sender_is_cut_off() {
         &wrap,
         &["--farm", &farm, "--name", "s1"],
     );
-    let s2 = start(&etcd, dir.path(), "s2", &[]);
+    let s2 = common::farm_member(dir.path(), &etcd, 2, &[]);
     let image = import(&s1, dir.path(), "v", 64 * MIB, 3);
     wait_state(&s2, "s2", "v", 1, "verified", 60);
     // s3 copies from both, slowly; s1 goes silent in the middle.
-    let s3 = start(&etcd, dir.path(), "s3", &["--replication-rate", "8M"]);
+    let s3 = common::farm_member(dir.path(), &etcd, 3, &["--replication-rate", "8M"]);
     wait_for(60, "s3 to be copying", || {
         let r = row(&status(&s2), "s3", "v", 1)?;
         (r["state"] == "copying" && r["bytes_done"].as_u64()? > 8 * MIB).then_some(())
@@ -349,8 +342,8 @@ fn a_transfer_goes_on_from_another_peer_when_its_sender_is_cut_off() {
 fn a_flipped_byte_is_found_by_the_scrub_and_repaired_from_a_peer() {
     let Some(etcd) = tools() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let mut s1 = start(&etcd, dir.path(), "s1", &[]);
-    let s2 = start(&etcd, dir.path(), "s2", &["--scrub-interval", "2"]);
+    let mut s1 = common::farm_member(dir.path(), &etcd, 1, &[]);
+    let s2 = common::farm_member(dir.path(), &etcd, 2, &["--scrub-interval", "2"]);
     import(&s1, dir.path(), "d", 16 * MIB, 9);
     wait_state(&s2, "s2", "d", 1, "verified", 60);
     s2.cli_ok(&["device", "add", "pc1", "--mac", &mac(1), "--vdisk", "d"]);
@@ -428,7 +421,7 @@ fn replication_waits_for_its_window_and_an_order_starts_it_at_once() {
     let noon = 1_795_608_000u64;
     let clock = dir.path().join("clock");
     std::fs::write(&clock, noon.to_string()).unwrap();
-    let s1 = start(&etcd, dir.path(), "s1", &[]);
+    let s1 = common::farm_member(dir.path(), &etcd, 1, &[]);
     let s2 = TestServer::start_in_farm_with(
         dir.path().join("s2"),
         &etcd.url,
@@ -473,8 +466,7 @@ fn replication_waits_for_its_window_and_an_order_starts_it_at_once() {
 fn a_stranger_can_neither_pull_nor_push() {
     let Some(etcd) = tools() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let s1 = start(&etcd, dir.path(), "s1", &[]);
-    let _s2 = start(&etcd, dir.path(), "s2", &[]);
+    let [s1, _s2] = common::farm_of(dir.path(), &etcd, &[]);
     import(&s1, dir.path(), "d", 4 * MIB, 4);
     wait_state(&s1, "s2", "d", 1, "verified", 60);
     let file = std::fs::read_dir(s1.data.join("vdisks/d"))
@@ -526,9 +518,9 @@ fn a_vdisk_in_a_named_store_replicates_into_each_servers_folder_for_it() {
     let dir = tempfile::tempdir().unwrap();
     let farm_path = dir.path().join("fast-farm");
     let s2_path = dir.path().join("fast-on-s2");
-    let s1 = start(&etcd, dir.path(), "s1", &[]);
+    let s1 = common::farm_member(dir.path(), &etcd, 1, &[]);
     let override_flag = format!("fast={}", s2_path.display());
-    let mut s2 = start(&etcd, dir.path(), "s2", &["--store-path", &override_flag]);
+    let mut s2 = common::farm_member(dir.path(), &etcd, 2, &["--store-path", &override_flag]);
 
     let e = s1.cli_err(&["store", "add", "default", "--path", "/srv/x"]);
     assert!(e.contains("data folder"), "{e}");
@@ -607,8 +599,7 @@ fn a_vdisk_in_a_named_store_replicates_into_each_servers_folder_for_it() {
 fn boot_files_set_on_one_server_reach_the_others() {
     let Some(etcd) = tools() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let s1 = start(&etcd, dir.path(), "s1", &[]);
-    let s2 = start(&etcd, dir.path(), "s2", &[]);
+    let [s1, s2] = common::farm_of(dir.path(), &etcd, &[]);
     let mac = "52:54:00:77:00:09";
     s1.cli_ok(&["vdisk", "create", "root", "--size", "16MiB"]);
     s1.cli_ok(&["device", "add", "pc9", "--mac", mac, "--vdisk", "root"]);

@@ -449,8 +449,7 @@ fn logins_leave_a_copy_that_fails_its_recheck() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let s1 = TestServer::start_in_farm(dir.path().join("s1"), &etcd.url, "s1");
-    let mut s2 = TestServer::start_in_farm(dir.path().join("s2"), &etcd.url, "s2");
+    let [s1, mut s2] = common::farm_of(dir.path(), &etcd, &[]);
     let size = 64 * MIB;
     let mac = "52:54:00:dd:00:01";
     standard_vdisk(&s1, dir.path(), "r", size, mac, 0);

@@ -54,16 +54,7 @@ fn have_tools() -> bool {
     {
         return false;
     }
-    let find = std::process::Command::new("bash")
-        .arg(common::repo().join("tests/guest/fetch-kernel.sh"))
-        .args(["--find-deb", "open-iscsi"])
-        .output()
-        .expect("running tests/guest/fetch-kernel.sh");
-    if !find.status.success() {
-        common::skip(String::from_utf8_lossy(&find.stderr).trim());
-        return false;
-    }
-    true
+    common::fetch_kernel_finds(&["--find-deb", "open-iscsi"])
 }
 
 /// The guest kit with the sanboot disk (tests/guest/build-sanboot.sh).

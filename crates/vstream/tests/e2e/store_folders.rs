@@ -239,13 +239,12 @@ fn each_server_refuses_its_own_bad_folder_and_says_why() {
         format!("a={}", foreign.display()),
         format!("b={}", overlap.display()),
     ];
-    let s1 = TestServer::start_in_farm(dir.path().join("s1"), &etcd.url, "s1");
-    let _s2 = TestServer::start_in_farm_with(
-        s2_data.clone(),
-        &etcd.url,
-        "s2",
+    let s1 = common::farm_member(dir.path(), &etcd, 1, &[]);
+    let _s2 = common::farm_member(
+        dir.path(),
+        &etcd,
+        2,
         &["--store-path", &flags[0], "--store-path", &flags[1]],
-        &[],
     );
     for name in ["a", "b"] {
         let path = dir.path().join(format!("{name}-farm"));

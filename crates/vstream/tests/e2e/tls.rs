@@ -853,9 +853,7 @@ fn the_agent_fails_over_between_tls_servers() {
     let dir = tempfile::tempdir().unwrap();
     let (mut servers, https) = tls_farm(&pki, &etcd, dir.path());
     let raw = shared_vdisk(&servers[0], dir.path(), "demo", 41);
-    for s in &servers {
-        common::wait_farm_ready(s, 2);
-    }
+    common::wait_farm(&servers);
     // Each server says in the farm state that its NBD requires TLS, and
     // where its HTTPS API is (the console shows both).
     let list: serde_json::Value =

@@ -42,24 +42,6 @@ fn json(out: &str) -> Value {
     serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
 }
 
-fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
-    if got == want {
-        return;
-    }
-    let i = got
-        .iter()
-        .zip(want)
-        .position(|(a, b)| a != b)
-        .unwrap_or(got.len().min(want.len()));
-    panic!(
-        "{what}: first difference at byte {i} (got {:?}, want {:?}; sizes {} and {})",
-        got.get(i),
-        want.get(i),
-        got.len(),
-        want.len()
-    );
-}
-
 /// A server process started by this test with `VSTREAM_CRASH_AT`; killed if
 /// the test ends while it still runs.
 struct Crashing(Child);
@@ -210,7 +192,7 @@ impl Case {
             .collect();
         for (n, got) in live.iter().zip(read_exports(&urls)) {
             let got = got.unwrap_or_else(|e| panic!("reading {VD}@{n}: {e}"));
-            assert_same_bytes(&got, &self.data[n], &format!("{VD}@{n}"));
+            common::assert_same_bytes(&got, &self.data[n], &format!("{VD}@{n}"));
         }
         for v in &list {
             let n = v["number"].as_u64().unwrap() as u32;
@@ -452,7 +434,7 @@ fn crash_after_promote_saved() {
     );
     c.check(&[(1, "production"), (2, "production")]);
     let named = read_exports(&[c.server.url(VD)]).remove(0).unwrap();
-    assert_same_bytes(&named, &c.data[&2], "the newest production version");
+    common::assert_same_bytes(&named, &c.data[&2], "the newest production version");
     let e = c
         .server
         .cli_err(&["version", "promote", VD, "2", "--to", "production"]);
@@ -474,7 +456,7 @@ fn crash_after_rollback_saved() {
     c.crash_during("rollback:saved", &["version", "rollback", VD]);
     c.check(&[(1, "production"), (2, "test")]);
     let named = read_exports(&[c.server.url(VD)]).remove(0).unwrap();
-    assert_same_bytes(&named, &c.data[&1], "the production version after rollback");
+    common::assert_same_bytes(&named, &c.data[&1], "the production version after rollback");
     let e = c.server.cli_err(&["version", "rollback", VD]);
     assert!(e.contains("no earlier production version"), "{e}");
     c.cli_ok(&["version", "promote", VD, "2", "--to", "production"]);

@@ -8,7 +8,7 @@ use crate::common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -74,29 +74,6 @@ fn attempt(server: &TestServer, args: &[&str]) -> Result<String, String> {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
-
-/// Where two byte strings first differ.
-fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
-    if a.len() != b.len() {
-        return Some(a.len().min(b.len()));
-    }
-    a.iter().zip(b).position(|(x, y)| x != y)
-}
-
-fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
-    if got == want {
-        return; // memcmp: the byte loop below is slow in a debug build
-    }
-    if let Some(i) = first_difference(got, want) {
-        panic!(
-            "{what}: first difference at byte {i} (got {:?}, want {:?}; sizes {} and {})",
-            got.get(i),
-            want.get(i),
-            got.len(),
-            want.len()
-        );
     }
 }
 
@@ -460,7 +437,7 @@ fn verify(
         let g = g
             .as_ref()
             .unwrap_or_else(|e| panic!("{ctx}\nreading {vdisk}@{}: {e}", v.number));
-        assert_same_bytes(g, &v.data, &format!("{ctx}\n{vdisk}@{}", v.number));
+        common::assert_same_bytes(g, &v.data, &format!("{ctx}\n{vdisk}@{}", v.number));
     }
     let prod = model.get(model.newest(St::Production).unwrap()).unwrap();
     let test = model
@@ -479,7 +456,7 @@ fn verify(
         let g = got[n + i]
             .as_ref()
             .unwrap_or_else(|e| panic!("{ctx}\nreading {what}: {e}"));
-        assert_same_bytes(
+        common::assert_same_bytes(
             g,
             &want.data,
             &format!("{ctx}\n{what} (should be version {})", want.number),
@@ -767,12 +744,14 @@ fn versions_follow_a_flat_model() {
 // ---------------------------------------------------------------------------
 
 /// A 4 MiB image: `a` in the first MiB, zeros elsewhere.
-fn patterned_image(dir: &Path, a: u8) -> PathBuf {
+/// Imports vDisk `name` on `server` from a 4 MiB image in `dir` whose first
+/// MiB is all `a`, the rest zeros.
+fn import_patterned(server: &TestServer, dir: &Path, name: &str, a: u8) {
     let path = dir.join(format!("img-{a:02x}.img"));
     let mut data = vec![0u8; 4 * MIB];
     data[..MIB].fill(a);
     std::fs::write(&path, data).unwrap();
-    path
+    server.cli_ok(&["vdisk", "import", name, path.to_str().unwrap()]);
 }
 
 fn qemu_io(url: &str, cmds: &[&str]) -> Output {
@@ -805,12 +784,7 @@ fn a_connected_device_keeps_its_version_across_a_promote() {
     let server = TestServer::start();
     let dir = tempfile::tempdir().unwrap();
     let scratch = dir.path().join("buf");
-    server.cli_ok(&[
-        "vdisk",
-        "import",
-        "k",
-        patterned_image(dir.path(), 0xAA).to_str().unwrap(),
-    ]);
+    import_patterned(&server, dir.path(), "k", 0xAA);
     server.cli_ok(&["vdisk", "set", "k", "--mode", "standard"]);
     server.cli_ok(&[
         "device",
@@ -912,12 +886,7 @@ fn refusals_say_why() {
     }
     let server = TestServer::start();
     let dir = tempfile::tempdir().unwrap();
-    server.cli_ok(&[
-        "vdisk",
-        "import",
-        "r",
-        patterned_image(dir.path(), 0x11).to_str().unwrap(),
-    ]);
+    import_patterned(&server, dir.path(), "r", 0x11);
     server.cli_ok(&["vdisk", "set", "r", "--mode", "standard"]);
     for (dev, mac, kind) in [
         ("m1", "52:54:00:30:00:01", "maintenance"),
@@ -1013,7 +982,7 @@ fn refusals_say_why() {
 
 fn expect_export(server: &TestServer, export: &str, want: &[u8]) {
     let data = read_export(&server.url(export)).unwrap_or_else(|e| panic!("{export}: {e}"));
-    assert_same_bytes(&data, want, export);
+    common::assert_same_bytes(&data, want, export);
 }
 
 /// A device's Standard-mode write cache names the version it lies over
@@ -1324,12 +1293,7 @@ fn private_writes_are_in_the_hash_of_the_sealed_version() {
     }
     let server = TestServer::start();
     let dir = tempfile::tempdir().unwrap();
-    server.cli_ok(&[
-        "vdisk",
-        "import",
-        "pv",
-        patterned_image(dir.path(), 0x31).to_str().unwrap(),
-    ]);
+    import_patterned(&server, dir.path(), "pv", 0x31);
     server.cli_ok(&[
         "device",
         "add",

@@ -265,26 +265,19 @@ impl TestServer {
             .to_string()
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server child").id()
+    }
+
     /// Runs the CLI against this server.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .args(args)
-            .env("VSTREAM_API", &self.api)
-            .env("VSTREAM_TOKEN", self.token())
-            .output()
-            .expect("running vstream")
+        cli_as(&self.api, &self.token(), args)
     }
 
     /// Runs the CLI and insists on success; returns stdout.
     pub fn cli_ok(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
-        assert!(
-            out.status.success(),
-            "vstream {args:?} failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        ok_stdout("vstream", args, &self.cli(args))
     }
 
     /// Runs the CLI expecting failure; returns stderr.
@@ -343,6 +336,12 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    ok_stdout(cmd, args, &out)
+}
+
+/// The stdout of `cmd args`, which ended with `out`; fails the test, with
+/// its stderr and stdout, unless it succeeded.
+pub fn ok_stdout(cmd: &str, args: &[&str], out: &Output) -> String {
     assert!(
         out.status.success(),
         "{cmd} {args:?} failed: {}\n{}",
@@ -350,6 +349,53 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stdout)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Fails the test, saying where, unless `got` and `want` are the same bytes.
+pub fn assert_same_bytes(got: &[u8], want: &[u8], what: &str) {
+    if got == want {
+        return; // memcmp: the byte loop below is slow in a debug build
+    }
+    let i = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    panic!(
+        "{what}: first difference at byte {i} (got {:?}, want {:?}; sizes {} and {})",
+        got.get(i),
+        want.get(i),
+        got.len(),
+        want.len()
+    );
+}
+
+/// A field of /proc/PID/status in KiB (VmHWM, VmRSS).
+pub fn proc_kib(pid: u32, field: &str) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading /proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// Gives `server` vDisk `v` (64 MiB) and device `d1` (MAC `mac`) on it,
+/// in Private mode (the default).
+pub fn add_v_and_d1(server: &TestServer, mac: &str) {
+    server.cli_ok(&["vdisk", "create", "v", "--size", "64MiB"]);
+    server.cli_ok(&["device", "add", "d1", "--mac", mac, "--vdisk", "v"]);
+}
+
+/// Runs the CLI against the API at `api`, as `token`.
+pub fn cli_as(api: &str, token: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("VSTREAM_API", api)
+        .env("VSTREAM_TOKEN", token)
+        .output()
+        .expect("running vstream")
 }
 
 /// A file of `size` bytes: random data in scattered extents, zeros elsewhere.
@@ -446,10 +492,16 @@ pub fn have_guest_tools() -> bool {
     {
         return false;
     }
+    fetch_kernel_finds(&["--find", guest_kit_dir().to_str().expect("path")])
+}
+
+/// True if `tests/guest/fetch-kernel.sh ARGS` finds what it is asked for
+/// (`--find [DIR]`: the kernel package, `--find-deb PKG`: a package) in its
+/// cache; else says why the test skips.
+pub fn fetch_kernel_finds(args: &[&str]) -> bool {
     let find = Command::new("bash")
         .arg(repo().join("tests/guest/fetch-kernel.sh"))
-        .arg("--find")
-        .arg(guest_kit_dir())
+        .args(args)
         .output()
         .expect("running tests/guest/fetch-kernel.sh");
     if !find.status.success() {
@@ -457,6 +509,27 @@ pub fn have_guest_tools() -> bool {
         return false;
     }
     true
+}
+
+/// Server `s{i}` of the farm in `etcd`, on the data folder `dir`/s{i}, with
+/// more flags `extra`.
+pub fn farm_member(dir: &Path, etcd: &TestEtcd, i: usize, extra: &[&str]) -> TestServer {
+    let name = format!("s{i}");
+    TestServer::start_in_farm_with(dir.join(&name), &etcd.url, &name, extra, &[])
+}
+
+/// A farm of `N` servers s1.. in `etcd` ([`farm_member`]), each with the
+/// same flags `extra`; see [`wait_farm`] for when it is ready.
+pub fn farm_of<const N: usize>(dir: &Path, etcd: &TestEtcd, extra: &[&str]) -> [TestServer; N] {
+    std::array::from_fn(|i| farm_member(dir, etcd, i + 1, extra))
+}
+
+/// Waits until each of `servers` sees all of them up, each with a verified
+/// replica ([`wait_farm_ready`]).
+pub fn wait_farm(servers: &[TestServer]) {
+    for s in servers {
+        wait_farm_ready(s, servers.len());
+    }
 }
 
 /// Waits until `server` sees `n` servers up, each with a verified replica.
