@@ -43,7 +43,16 @@ pub struct IscsiTargets {
     /// within [`REDIRECT_HOLD`] (the other server saw the farm otherwise)
     /// is taken here, so two servers never bounce it between them.
     redirected: Mutex<HashMap<String, Instant>>,
+    /// When each device's disk was last opened here: a device back within
+    /// [`BOOT_HOLD`] stays (see [`IscsiTargets::redirect`]).
+    served: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long a device whose disk was opened here is served here again
+/// without a placement: iPXE's `sanboot` session, then the OS's initiator
+/// from the iBFT, are one boot (about 15 s apart under TCG here; minutes on
+/// a slow firmware).
+const BOOT_HOLD: Duration = Duration::from_secs(120);
 
 /// How long a device redirected from here is taken here if it comes back.
 const REDIRECT_HOLD: Duration = Duration::from_secs(30);
@@ -72,6 +81,7 @@ impl IscsiTargets {
             lus: Mutex::default(),
             known: Mutex::default(),
             redirected: Mutex::default(),
+            served: Mutex::default(),
         }
     }
 
@@ -79,12 +89,24 @@ impl IscsiTargets {
     /// server the login placement picks for it (load, subnets, the server
     /// holding a Private vDisk), as a redirection. None: here (it is
     /// connected here already, this server is the pick, nobody else can
-    /// serve it, it was just sent away and came back, or the pick's portal
-    /// does not answer).
+    /// serve it, its disk was opened here within [`BOOT_HOLD`], it was just
+    /// sent away and came back, or the pick's portal does not answer).
     async fn redirect(&self, device: &Device, client: &Client) -> Option<LoginFailure> {
         self.config.advertise_iscsi.as_ref()?;
         if self.sessions.is_connected(&device.name) {
             return None;
+        }
+        // Its boot began here: the OS's initiator takes over iPXE's disk
+        // where the iBFT says, and the boot's write cache is here. Placed
+        // anew, its own login of moments ago would count against this
+        // server and send it away.
+        {
+            let mut served = self.served.lock();
+            served.retain(|_, at| at.elapsed() < BOOT_HOLD);
+            if served.contains_key(&device.name) {
+                tracing::info!(device = %device.name, "device back within its boot: served here");
+                return None;
+            }
         }
         let ip = client
             .addr
@@ -288,6 +310,9 @@ impl Targets for IscsiTargets {
                     };
                     LoginFailure::new(status, e.to_string())
                 })?;
+            self.served
+                .lock()
+                .insert(device.name.clone(), Instant::now());
             let version = self.sessions.session_version(&device.name).unwrap_or(0);
             let name = self.target_of(&device);
             Ok(Target {

@@ -756,6 +756,51 @@ fn a_login_at_any_portal_lands_where_the_farm_places_it() {
     let on = wait_for(20, "pc2 connected", || server_of("pc2"));
     assert_eq!(on, "s2", "pc2 was not sent to the idle server");
     assert!(s1.metric("vstream_iscsi_redirects_total") >= 1);
+
+    // A device back within its boot stays where its disk was opened (iPXE,
+    // then the OS's initiator from the iBFT), though its own session, gone a
+    // moment ago, still counts in that server's published load: pc3 is
+    // placed on the idle s2, s2 publishes it, it lets go and logs in there
+    // again at once (s1 and s2 then look alike, and s1 comes first by name).
+    drop(_pc2);
+    s1.cli_ok(&[
+        "device",
+        "add",
+        "pc3",
+        "--mac",
+        "52:54:00:00:03:03",
+        "--vdisk",
+        "std",
+    ]);
+    let published = |want1: u64, want2: u64| {
+        let list = servers[1].cli_ok(&["server", "list", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&list).ok()?;
+        let devices = |n: &str| {
+            v.as_array()?
+                .iter()
+                .find(|s| s["name"] == n)
+                .and_then(|s| s["devices"].as_u64())
+        };
+        (devices("s1")? == want1 && devices("s2")? == want2).then_some(())
+    };
+    wait_for(20, "s2's load published as none", || published(1, 0));
+    let a3 = access(s1, "pc3");
+    let pc3 = Holder::iscsi(ports[1], &a3);
+    assert_eq!(wait_for(20, "pc3 connected", || server_of("pc3")), "s2");
+    wait_for(20, "pc3 published on s2", || published(1, 1));
+    drop(pc3);
+    std::thread::sleep(Duration::from_millis(100));
+    let redirects = servers[1].metric("vstream_iscsi_redirects_total");
+    let _pc3 = Holder::iscsi(ports[1], &a3);
+    assert_eq!(
+        wait_for(20, "pc3 connected again", || server_of("pc3")),
+        "s2",
+        "pc3 was sent away from the server of its boot"
+    );
+    assert_eq!(
+        servers[1].metric("vstream_iscsi_redirects_total"),
+        redirects
+    );
     for s in &servers {
         let log = s.log_text();
         assert!(!log.contains(&a1.secret) && !log.contains(&a2.secret));
