@@ -422,6 +422,7 @@ mod tests {
              cache type:        server\n\
              cache limit:       the vDisk size\n\
              anonymous read:    off\n\
+             sectors:           512 bytes (512n)\n\
              content hash:      {}\n\
              allocated:         1.5 GiB\n\
              connected devices: pc1, pc2\n\
