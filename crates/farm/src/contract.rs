@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use vstream_model::{CacheType, Device, Mode, VDisk};
+use vstream_model::{Device, Mode, VDisk};
 
 use crate::{
     Backend, Compare, ErrorCategory, FarmError, FarmStore, Op, RecordKind, Versioned, MAX_ATTEMPTS,
@@ -99,31 +99,11 @@ async fn keys(b: &dyn Backend, prefix: &str) -> Vec<String> {
 }
 
 fn vdisk(name: &str) -> VDisk {
-    VDisk {
-        name: name.into(),
-        size: 4 << 30,
-        mode: Mode::Private,
-        cache_type: CacheType::Server,
-        cache_limit: None,
-        created_unix: 1_700_000_000,
-        store: vstream_model::default_store(),
-        boot: Default::default(),
-        anonymous_read: false,
-        physical_sector: vstream_model::default_physical_sector(),
-    }
+    VDisk::new(name, 4 << 30, 1_700_000_000)
 }
 
 fn device(name: &str, mac: &str, vdisk: &str) -> Device {
-    Device {
-        name: name.into(),
-        mac: mac.into(),
-        vdisk: vdisk.into(),
-        created_unix: 1_700_000_100,
-        kind: Default::default(),
-        credentials_revoked_unix: None,
-        iqn: None,
-        moved: None,
-    }
+    Device::new(name, mac, vdisk, 1_700_000_100)
 }
 
 /// A backend that runs `action` on the inner backend just before each of the

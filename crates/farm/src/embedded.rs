@@ -368,7 +368,7 @@ mod tests {
     use super::*;
     use crate::contract;
     use crate::FarmStore;
-    use vstream_model::{CacheType, Device, Mode, VDisk};
+    use vstream_model::{Device, Mode, VDisk};
 
     fn fresh() -> (tempfile::TempDir, Arc<dyn Backend>) {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -407,27 +407,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("nested/dir/farm.redb");
         let vdisk = VDisk {
-            name: "base".into(),
-            size: 8 << 30,
             mode: Mode::Standard,
-            cache_type: CacheType::Server,
             cache_limit: Some(1 << 30),
-            created_unix: 1_700_000_000,
-            store: vstream_model::default_store(),
-            boot: Default::default(),
-            anonymous_read: false,
-            physical_sector: vstream_model::default_physical_sector(),
+            ..VDisk::new("base", 8 << 30, 1_700_000_000)
         };
-        let device = Device {
-            name: "pc1".into(),
-            mac: "aa:bb:cc:00:11:22".into(),
-            vdisk: "base".into(),
-            created_unix: 1_700_000_001,
-            kind: Default::default(),
-            credentials_revoked_unix: None,
-            iqn: None,
-            moved: None,
-        };
+        let device = Device::new("pc1", "aa:bb:cc:00:11:22", "base", 1_700_000_001);
         let last_revision = {
             let store = FarmStore::embedded(&path).expect("open");
             store

@@ -600,31 +600,11 @@ mod tests {
     }
 
     pub(crate) fn a_vdisk(name: &str) -> VDisk {
-        VDisk {
-            name: name.into(),
-            size: 1 << 30,
-            mode: vstream_model::Mode::Private,
-            cache_type: vstream_model::CacheType::Server,
-            cache_limit: None,
-            created_unix: 1_700_000_000,
-            store: vstream_model::default_store(),
-            boot: Default::default(),
-            anonymous_read: false,
-            physical_sector: vstream_model::default_physical_sector(),
-        }
+        VDisk::new(name, 1 << 30, 1_700_000_000)
     }
 
     pub(crate) fn a_device(name: &str, mac: &str) -> Device {
-        Device {
-            name: name.into(),
-            mac: mac.into(),
-            vdisk: "base".into(),
-            created_unix: 1_700_000_100,
-            kind: Default::default(),
-            credentials_revoked_unix: None,
-            iqn: None,
-            moved: None,
-        }
+        Device::new(name, mac, "base", 1_700_000_100)
     }
 
     /// A storm of adds to one vDisk from one process: each gets through
@@ -784,15 +764,6 @@ mod tests {
         assert_send(store.update_device("a", |_| Ok(())));
         assert_send(store.find_device("a"));
         assert_send(store.delete_vdisk("a"));
-        assert_send(store.create_device(Device {
-            name: "a".into(),
-            mac: "aabbccddeeff".into(),
-            vdisk: "b".into(),
-            created_unix: 0,
-            kind: Default::default(),
-            credentials_revoked_unix: None,
-            iqn: None,
-            moved: None,
-        }));
+        assert_send(store.create_device(Device::new("a", "aabbccddeeff", "b", 0)));
     }
 }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use etcd_client::{Client, DeleteOptions};
 use vstream_farm::etcd::Etcd;
 use vstream_farm::{contract, Backend, Compare, FarmError, FarmStore, Op};
-use vstream_model::{CacheType, Mode, VDisk};
+use vstream_model::VDisk;
 
 /// The shared test etcd, or `None` after a skip (a failure under CI=true).
 fn test_etcd() -> Option<String> {
@@ -112,18 +112,7 @@ async fn whole_contract_suite() {
 }
 
 fn vdisk(name: &str) -> VDisk {
-    VDisk {
-        name: name.into(),
-        size: 1 << 30,
-        mode: Mode::Private,
-        cache_type: CacheType::Server,
-        cache_limit: None,
-        created_unix: 1_700_000_000,
-        store: vstream_model::default_store(),
-        boot: Default::default(),
-        anonymous_read: false,
-        physical_sector: vstream_model::default_physical_sector(),
-    }
+    VDisk::new(name, 1 << 30, 1_700_000_000)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

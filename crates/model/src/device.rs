@@ -150,6 +150,26 @@ impl DeviceEventCounts {
 }
 
 impl Device {
+    /// A production device record of vDisk `vdisk`, with no initiator name
+    /// of its own, no revoked credentials and no move under way.
+    pub fn new(
+        name: impl Into<String>,
+        mac: impl Into<String>,
+        vdisk: impl Into<String>,
+        created_unix: u64,
+    ) -> Device {
+        Device {
+            name: name.into(),
+            mac: mac.into(),
+            vdisk: vdisk.into(),
+            created_unix,
+            kind: DeviceType::default(),
+            credentials_revoked_unix: None,
+            iqn: None,
+            moved: None,
+        }
+    }
+
     /// Why a certificate of this device that became valid at `not_before`
     /// (Unix seconds) no longer opens anything, if it does not.
     pub fn revoked(&self, not_before: i64) -> Option<String> {

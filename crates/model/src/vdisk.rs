@@ -121,6 +121,24 @@ fn is_default_physical_sector(s: &u32) -> bool {
 }
 
 impl VDisk {
+    /// A vDisk record with every setting at its default: Private mode, its
+    /// write caches on the server with no limit, in the default store, no
+    /// boot files, 512n.
+    pub fn new(name: impl Into<String>, size: u64, created_unix: u64) -> VDisk {
+        VDisk {
+            name: name.into(),
+            size,
+            mode: Mode::default(),
+            cache_type: CacheType::default(),
+            cache_limit: None,
+            created_unix,
+            store: default_store(),
+            boot: BootFiles::default(),
+            anonymous_read: false,
+            physical_sector: default_physical_sector(),
+        }
+    }
+
     /// Logical blocks per physical sector, as a power of 2 (READ CAPACITY
     /// (16)'s LBPPBE): 0 for 512n, 3 for 512e.
     pub fn physical_exponent(&self) -> u8 {

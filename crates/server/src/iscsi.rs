@@ -422,16 +422,8 @@ mod tests {
 
     fn vdisk(name: &str, created: u64) -> VDisk {
         VDisk {
-            name: name.into(),
-            size: 1 << 30,
             mode: vstream_api::Mode::Standard,
-            cache_type: vstream_api::CacheType::Server,
-            cache_limit: None,
-            created_unix: created,
-            store: vstream_api::default_store(),
-            boot: Default::default(),
-            anonymous_read: false,
-            physical_sector: vstream_api::default_physical_sector(),
+            ..VDisk::new(name, 1 << 30, created)
         }
     }
 

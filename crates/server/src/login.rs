@@ -328,26 +328,13 @@ mod tests {
     fn view(kind: DeviceType, servers: Vec<ServerStatus>) -> View {
         View {
             devices: vec![Device {
-                name: "pc1".into(),
-                mac: "52:54:00:00:00:01".into(),
-                vdisk: "win".into(),
                 kind,
-                created_unix: 0,
-                credentials_revoked_unix: None,
-                iqn: None,
-                moved: None,
+                ..Device::new("pc1", "52:54:00:00:00:01", "win", 0)
             }],
             vdisks: vec![VDisk {
-                name: "win".into(),
-                size: 1 << 30,
                 mode: Mode::Standard,
                 cache_type: CacheType::Device,
-                cache_limit: None,
-                created_unix: 0,
-                store: vstream_api::default_store(),
-                boot: Default::default(),
-                anonymous_read: false,
-                physical_sector: vstream_api::default_physical_sector(),
+                ..VDisk::new("win", 1 << 30, 0)
             }],
             servers,
             ..View::default()

@@ -524,16 +524,7 @@ mod tests {
     use vstream_farm::DeviceKey;
 
     fn device(name: &str, mac: &str) -> Device {
-        Device {
-            name: name.into(),
-            mac: mac.into(),
-            vdisk: "v".into(),
-            created_unix: 0,
-            kind: Default::default(),
-            credentials_revoked_unix: None,
-            iqn: None,
-            moved: None,
-        }
+        Device::new(name, mac, "v", 0)
     }
 
     /// The last known state reads a key as the farm store does: text written

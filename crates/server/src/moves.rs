@@ -198,16 +198,7 @@ mod tests {
     }
 
     fn device() -> Device {
-        Device {
-            name: "pc1".into(),
-            mac: "52:54:00:00:00:01".into(),
-            vdisk: "g".into(),
-            created_unix: 0,
-            kind: Default::default(),
-            credentials_revoked_unix: None,
-            iqn: None,
-            moved: None,
-        }
+        Device::new("pc1", "52:54:00:00:00:01", "g", 0)
     }
 
     fn live(server: Option<&str>, device_cache: bool) -> DeviceInfo {

@@ -549,14 +549,8 @@ mod tests {
     fn info(name: &str, peer: Option<&str>, cache_bytes: u64) -> DeviceInfo {
         DeviceInfo {
             device: Device {
-                name: name.into(),
-                mac: "aa:bb:cc:00:11:22".into(),
-                vdisk: "win10".into(),
-                created_unix: 1_700_000_000,
                 kind: DeviceType::Production,
-                credentials_revoked_unix: None,
-                iqn: None,
-                moved: None,
+                ..Device::new(name, "aa:bb:cc:00:11:22", "win10", 1_700_000_000)
             },
             connected: peer.is_some(),
             connected_since: peer.map(|_| 1_700_000_060),

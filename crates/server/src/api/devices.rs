@@ -59,14 +59,9 @@ pub(super) async fn add_device(
     };
     let d = farm
         .create_device(Device {
-            name: req.name,
-            mac,
-            vdisk: req.vdisk,
-            created_unix: now_unix(),
             kind: req.kind,
-            credentials_revoked_unix: None,
             iqn,
-            moved: None,
+            ..Device::new(req.name, mac, req.vdisk, now_unix())
         })
         .await?;
     // Its CHAP secrets, made now so that `device show --secrets` has them
@@ -410,32 +405,16 @@ mod tests {
         let store = Store::open(dir).unwrap();
         let farm = FarmStore::embedded(dir.join("farm.redb")).unwrap();
         farm.create_vdisk(VDisk {
-            name: "g".into(),
-            size: 1 << 20,
             mode: Mode::Standard,
             cache_type: CacheType::Device,
-            cache_limit: None,
-            created_unix: 0,
-            store: vstream_api::default_store(),
-            boot: Default::default(),
-            anonymous_read: false,
-            physical_sector: vstream_api::default_physical_sector(),
+            ..VDisk::new("g", 1 << 20, 0)
         })
         .await
         .unwrap();
         for (name, mac) in [("pc1", "52:54:00:00:30:01"), ("pc2", "52:54:00:00:30:02")] {
-            farm.create_device(Device {
-                name: name.into(),
-                mac: mac.into(),
-                vdisk: "g".into(),
-                created_unix: 0,
-                kind: Default::default(),
-                credentials_revoked_unix: None,
-                iqn: None,
-                moved: None,
-            })
-            .await
-            .unwrap();
+            farm.create_device(Device::new(name, mac, "g", 0))
+                .await
+                .unwrap();
         }
         for s in ["s1", "s2", "s3"] {
             farm.publish_server(

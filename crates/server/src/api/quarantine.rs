@@ -58,16 +58,10 @@ pub async fn adopt(
     let props = store.properties(&name)?;
     let store_name = store.store_of(&name);
     let record = VDisk {
-        name: name.clone(),
-        size: props.size,
         mode: req.mode.unwrap_or_default(),
         cache_type: req.cache_type.unwrap_or_default(),
-        cache_limit: None,
-        created_unix: props.created_unix,
         store: store_name,
-        boot: Default::default(),
-        anonymous_read: false,
-        physical_sector: vstream_api::default_physical_sector(),
+        ..VDisk::new(name.clone(), props.size, props.created_unix)
     };
     farm.create_vdisk(record).await?;
     let me = config.name.clone();

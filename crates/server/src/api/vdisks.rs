@@ -167,16 +167,8 @@ pub(crate) async fn register_vdisk(
     store_name: &str,
 ) -> Result<VDisk, ApiError> {
     let vdisk = VDisk {
-        name: name.to_owned(),
-        size,
-        mode: Default::default(),
-        cache_type: Default::default(),
-        cache_limit: None,
-        created_unix: created,
         store: store_name.to_owned(),
-        boot: Default::default(),
-        anonymous_read: false,
-        physical_sector: vstream_api::default_physical_sector(),
+        ..VDisk::new(name, size, created)
     };
     match farm.create_vdisk(vdisk).await {
         Ok(v) => Ok(v),

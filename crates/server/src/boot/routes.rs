@@ -313,16 +313,7 @@ async fn auto_add(server: &Arc<Boot>, mac: &str, may_add: bool) -> Result<Device
         return Err(unknown());
     };
     let name = format!("auto-{}", mac.replace(':', ""));
-    let device = Device {
-        name: name.clone(),
-        mac: mac.to_owned(),
-        vdisk: vdisk.clone(),
-        created_unix: now_unix(),
-        kind: Default::default(),
-        credentials_revoked_unix: None,
-        iqn: None,
-        moved: None,
-    };
+    let device = Device::new(name.clone(), mac, vdisk.clone(), now_unix());
     match server.farm.create_device(device).await {
         Ok(d) => {
             tracing::info!(device = %d.name, %mac, vdisk = %d.vdisk, "auto-added a device");
