@@ -156,6 +156,13 @@ pub struct Layer {
     /// durable before this layer's first flush is acknowledged: see
     /// [`Layer::create_unsynced`]. Empty for a layer made durable at creation.
     owed_sync: Mutex<Vec<PathBuf>>,
+    /// Data changes completed (each counted once it is in the file) and the
+    /// count the last full flush covered: a flush with nothing new since
+    /// returns without a disk round trip (a booting OS flushes often, most
+    /// often with nothing written since its last flush). Starts unmatched,
+    /// so a layer's first flush always syncs.
+    changes: AtomicU64,
+    synced_changes: AtomicU64,
     copy_up_locks: Vec<Mutex<()>>,
     /// Writes begun (ever) and writes running: a hash taken while both stand
     /// still describes the data.
@@ -303,6 +310,8 @@ impl Layer {
             dirty_pages: Mutex::new(BTreeSet::new()),
             flush_lock: Mutex::new(()),
             owed_sync: Mutex::new(Vec::new()),
+            changes: AtomicU64::new(0),
+            synced_changes: AtomicU64::new(u64::MAX),
             copy_up_locks: (0..64).map(|_| Mutex::new(())).collect(),
             writes_begun: AtomicU64::new(0),
             writes_running: AtomicU64::new(0),
@@ -503,11 +512,21 @@ impl Layer {
 
     /// Writes into the data region without touching the bitmap.
     pub fn write_data(&self, data: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(data, self.geo.data_offset + offset)
+        let written = self.file.write_all_at(data, self.geo.data_offset + offset);
+        // Counted after it is in the file (and, failed, as it may be partly):
+        // a flush that sees the count covers the data.
+        self.changes.fetch_add(1, Ordering::SeqCst);
+        written
     }
 
     /// Deallocates the file's storage behind a chunk-aligned range: it reads as zeros.
     pub fn punch_data(&self, offset: u64, len: u64) -> io::Result<()> {
+        let punched = self.punch_data_inner(offset, len);
+        self.changes.fetch_add(1, Ordering::SeqCst);
+        punched
+    }
+
+    fn punch_data_inner(&self, offset: u64, len: u64) -> io::Result<()> {
         // SAFETY: plain syscall on our own descriptor.
         let r = unsafe {
             libc::fallocate(
@@ -596,6 +615,20 @@ impl Layer {
             return Ok(());
         }
         let _serial = self.flush_lock.lock();
+        // Read before the sync: every change counted here is in the file.
+        let changes = self.changes.load(Ordering::SeqCst);
+        if changes == self.synced_changes.load(Ordering::SeqCst)
+            && self.dirty_pages.lock().is_empty()
+            && self.owed_sync.lock().is_empty()
+        {
+            return Ok(());
+        }
+        self.flush_changes()?;
+        self.synced_changes.store(changes, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn flush_changes(&self) -> io::Result<()> {
         self.pay_owed_sync()?;
         let pages: Vec<u64> = std::mem::take(&mut *self.dirty_pages.lock())
             .into_iter()
@@ -838,6 +871,12 @@ impl Layer {
     /// Copies logical `[offset, offset+len)` of this layer's data into `dst`
     /// at the same place, inside the kernel (`copy_file_range`).
     pub fn copy_data_to(&self, dst: &Layer, offset: u64, len: u64) -> io::Result<()> {
+        let copied = self.copy_data_inner(dst, offset, len);
+        dst.changes.fetch_add(1, Ordering::SeqCst);
+        copied
+    }
+
+    fn copy_data_inner(&self, dst: &Layer, offset: u64, len: u64) -> io::Result<()> {
         let mut src_pos = (self.geo.data_offset + offset) as i64;
         let mut dst_pos = (dst.geo.data_offset + offset) as i64;
         let mut left = len as usize;
@@ -1220,6 +1259,35 @@ mod tests {
             .read_data(crate::disk::as_uninit(&mut b), 4096, false)
             .unwrap());
         assert_eq!(b, [7u8; 8192]);
+    }
+
+    #[test]
+    fn a_flush_with_nothing_new_skips_its_sync_and_one_after_a_change_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Layer::create(&dir.path().join("c.layer"), 1 << 20).unwrap();
+        let covered =
+            |l: &Layer| l.changes.load(Ordering::SeqCst) == l.synced_changes.load(Ordering::SeqCst);
+        assert!(!covered(&l), "a layer's first flush syncs");
+        l.flush().unwrap();
+        assert!(covered(&l));
+        // Data over chunks already allocated: no bitmap page, still a sync.
+        l.write_data(&[3u8; 4096], 0).unwrap();
+        assert!(!covered(&l), "a write is owed a sync");
+        l.flush().unwrap();
+        assert!(covered(&l));
+        l.punch_data(0, CHUNK).unwrap();
+        assert!(!covered(&l), "a punch is owed a sync");
+        l.flush().unwrap();
+        let other = Layer::create(&dir.path().join("d.layer"), 1 << 20).unwrap();
+        other.flush().unwrap();
+        l.copy_data_to(&other, 0, 4096).unwrap();
+        assert!(!covered(&other), "a copy is owed a sync at its destination");
+        other.flush().unwrap();
+        assert!(covered(&other) && covered(&l));
+        // A set bit alone (its page dirty) still flushes.
+        l.set_allocated(1, 2);
+        l.flush().unwrap();
+        assert!(l.dirty_pages.lock().is_empty());
     }
 
     #[test]

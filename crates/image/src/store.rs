@@ -1277,11 +1277,17 @@ impl Store {
         let tag = path.with_extension("base");
         let boot_tag = path.with_extension("boot");
         if path.exists() {
-            let same_base = fs::read_to_string(&tag).is_ok_and(|t| t.trim() == base);
-            let recorded = match fs::read_to_string(&boot_tag) {
-                Ok(t) => Some(t.trim().to_owned()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                Err(_) => Some(String::new()),
+            let tags = fs::read_to_string(&tag).map(|t| parse_tags(&t));
+            let same_base = tags.as_ref().is_ok_and(|(b, _)| b == base);
+            // Both in the base tag; a cache an older server made has its
+            // boot in a tag of its own.
+            let recorded = match tags.as_ref().ok().and_then(|(_, boot)| boot.clone()) {
+                Some(b) => Some(b),
+                None => match fs::read_to_string(&boot_tag) {
+                    Ok(t) => Some(t.trim().to_owned()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                    Err(_) => Some(String::new()),
+                },
             };
             let same_boot = match (boot, &recorded) {
                 (Some(b), Some(r)) => b == r,
@@ -1319,12 +1325,14 @@ impl Store {
                 source,
             })
         };
-        write(&tag, base)?;
-        write(&boot_tag, boot.unwrap_or_default())?;
+        // One file for both tags: a boot storm's first connections make two
+        // files per device, not three (a new inode is most of what making a
+        // cache costs).
+        write(&tag, &format_tags(base, boot.unwrap_or_default()))?;
         Ok(Arc::new(Layer::create_unsynced(
             &path,
             size,
-            &[tag.clone(), boot_tag.clone()],
+            std::slice::from_ref(&tag),
         )?))
     }
 
@@ -1351,9 +1359,13 @@ impl Store {
         if !path.exists() {
             return None;
         }
-        let base = fs::read_to_string(path.with_extension("base")).ok()?;
-        let boot = fs::read_to_string(path.with_extension("boot")).ok();
-        Some((base.trim().to_owned(), boot.map(|b| b.trim().to_owned())))
+        let (base, boot) = parse_tags(&fs::read_to_string(path.with_extension("base")).ok()?);
+        let boot = boot.or_else(|| {
+            fs::read_to_string(path.with_extension("boot"))
+                .ok()
+                .map(|b| b.trim().to_owned())
+        });
+        Some((base, boot))
     }
 
     /// Deletes device `device`'s write cache, if any.
@@ -1363,6 +1375,22 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// A write cache's tag file: what the cache lies over, then the boot it
+/// belongs to (empty if none was given), a line each.
+fn format_tags(base: &str, boot: &str) -> String {
+    format!("{base}\n{boot}\n")
+}
+
+/// A tag file's base and, if it records one, its boot: a file of one line
+/// (made before the boot joined it) leaves the boot to the `.boot` file.
+fn parse_tags(text: &str) -> (String, Option<String>) {
+    let text = text.strip_suffix('\n').unwrap_or(text);
+    match text.split_once('\n') {
+        Some((base, boot)) => (base.trim().to_owned(), Some(boot.trim().to_owned())),
+        None => (text.trim().to_owned(), None),
     }
 }
 
@@ -1864,7 +1892,15 @@ mod tests {
                 .unwrap()
                 .allocated_chunks()
         };
-        std::fs::remove_file(store.cache_path("dev1").unwrap().with_extension("boot")).unwrap();
+        // Its tag as a server from before boots were recorded left it: one
+        // line, no boot.
+        let tag = store.cache_path("dev1").unwrap().with_extension("base");
+        assert_eq!(
+            fs::read_to_string(&tag).unwrap(),
+            "v@2\n\n",
+            "both tags in one file"
+        );
+        fs::write(&tag, "v@2").unwrap();
         assert_eq!(same(Some("b1")), 1, "an untagged cache was not taken over");
         assert_eq!(same(Some("b1")), 1, "a reconnect lost the cache");
         assert_eq!(
@@ -1883,6 +1919,28 @@ mod tests {
             same(Some("b3")),
             0,
             "a cache made with no boot known was kept by a boot"
+        );
+        // A cache an older server made: its boot in a tag file of its own.
+        store.discard_cache("dev1").unwrap();
+        store
+            .open_cache("dev1", "v@2", Some("b4"), 2 << 20)
+            .unwrap()
+            .set_allocated(0, 1);
+        fs::write(&tag, "v@2").unwrap();
+        fs::write(tag.with_extension("boot"), "b4").unwrap();
+        assert_eq!(
+            store.cache_tags("dev1"),
+            Some(("v@2".to_owned(), Some("b4".to_owned())))
+        );
+        assert_eq!(same(Some("b4")), 1, "an older server's cache was lost");
+        assert_eq!(
+            same(Some("b5")),
+            0,
+            "an older server's cache outlived its boot"
+        );
+        assert_eq!(
+            store.cache_tags("dev1"),
+            Some(("v@2".to_owned(), Some("b5".to_owned())))
         );
         store.discard_cache("dev1").unwrap();
         store.discard_cache("dev1").unwrap();
