@@ -125,8 +125,14 @@ fn guest_boots_through_the_agent_across_a_server_kill() {
     servers[first].kill9();
     let console = guest.join().expect("guest thread");
     assert!(console.contains("GUEST-OK write farm-token"), "{console}");
-    let log = agent.log_text();
-    assert!(log.contains("failed over"), "the agent never moved:\n{log}");
+    // The agent leaves a closed connection on its own, not at the guest's
+    // next read: a guest that read all it needed before the kill may end
+    // while the agent is still moving.
+    let moved = (0..300).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        agent.log_text().contains("failed over")
+    });
+    assert!(moved, "the agent never moved:\n{}", agent.log_text());
 }
 
 /// Issue 18 in a guest, two boots against a server that requires TLS:
