@@ -183,6 +183,21 @@ impl Browser {
         self.ok("POST", &format!("/element/{}/click", e.0), None);
     }
 
+    /// Waits up to `secs` for an element matching `selector` and clicks it,
+    /// finding it again when the page drew itself anew in between (a view
+    /// that follows the farm redraws every few seconds, and an element
+    /// found before a redraw is stale after it).
+    pub fn click_on(&self, secs: u64, selector: &str) {
+        self.wait_for(secs, &format!("a click on {selector}"), || {
+            let e = self.find(selector)?;
+            match self.send("POST", &format!("/element/{}/click", e.0), None) {
+                Ok(_) => Some(()),
+                Err(err) if err.error == "stale element reference" => None,
+                Err(err) => panic!("WebDriver click on {selector}: {err}"),
+            }
+        })
+    }
+
     /// Types `text` into the element (a key event per character).
     pub fn type_text(&self, e: &Element, text: &str) {
         self.ok(

@@ -48,7 +48,7 @@ fn sign_in(b: &Browser, api: &str, token: &str) {
     b.goto(&format!("{api}/#/overview"));
     let input = b.wait(20, "#token");
     b.type_text(&input, token);
-    b.click(&b.wait(5, "#login-button"));
+    b.click_on(5, "#login-button");
     b.wait(20, "#servers");
 }
 
@@ -62,7 +62,7 @@ fn open(b: &Browser, hash: &str) {
 
 /// Clicks `selector`, then the confirmation dialog's button.
 fn click_and_confirm(b: &Browser, selector: &str) {
-    b.click(&b.wait(20, selector));
+    b.click_on(20, selector);
     let ok = b.wait(5, "dialog[open] #confirm-ok");
     b.click(&ok);
 }
@@ -293,10 +293,10 @@ fn the_console_runs_a_farm_from_any_server() {
         Some(&format!(r#"{{"server":"{from}"}}"#)),
     );
     assert!(got == 409 && text.contains("already"), "{got} {text}");
-    b.click(&b.wait(
+    b.click_on(
         10,
         "#devices tr[data-device=\"pc1\"] button[data-action=\"move\"]",
-    ));
+    );
     let says = b.text(&b.wait(5, "dialog[open] #confirm-body"));
     assert!(
         says.contains(&format!("verified copy of that version: {to} (load")),
@@ -309,7 +309,7 @@ fn the_console_runs_a_farm_from_any_server() {
         .collect();
     assert_eq!(offered, [to], "{says}");
     let moved_at = Instant::now();
-    b.click(&b.wait(5, "dialog[open] #confirm-ok"));
+    b.click_on(5, "dialog[open] #confirm-ok");
     // The device is idle: its agent leaves the connection its server let
     // go at once, not at its next read.
     common::wait_for(30, "the agent to fail over to the other server", || {
@@ -434,14 +434,14 @@ fn the_console_runs_a_farm_from_any_server() {
     open(&b, "#/vdisk/g");
     let sectors = b.text(&b.wait(20, "dd[data-key=\"sectors\"]"));
     assert_eq!(sectors, "512 bytes (512n)");
-    b.click(&b.wait(10, "#vdisk-settings"));
+    b.click_on(10, "#vdisk-settings");
     b.wait(5, "dialog[open] select[name=\"boot\"]");
     b.script(
         "const s = document.querySelector('dialog[open] select[name=\"boot\"]'); \
          s.value = 'sanboot'; s.dispatchEvent(new Event('change'));",
         vec![],
     );
-    b.click(&b.wait(5, "dialog[open] #confirm-ok"));
+    b.click_on(5, "dialog[open] #confirm-ok");
     b.wait_for(20, "the boot method sanboot on the vDisk page", || {
         let dd = b.find("dd[data-key=\"boot\"]")?;
         b.text(&dd).starts_with("sanboot").then_some(())
@@ -457,7 +457,7 @@ fn the_console_runs_a_farm_from_any_server() {
 
     // A viewer, at the second server: the same farm, no action anywhere,
     // and the API refuses the actions.
-    b.click(&b.wait(5, "#logout"));
+    b.click_on(5, "#logout");
     sign_in(&b, &s2.api, &viewer);
     let who = b.text(&b.wait(5, "#who"));
     assert!(who.contains("look (viewer) at s2"), "{who}");
@@ -525,7 +525,7 @@ fn the_console_runs_a_farm_from_any_server() {
         assert!(text.contains("viewer"), "{text}");
     }
     // An operator: the device actions, none on vDisks or versions.
-    b.click(&b.wait(5, "#logout"));
+    b.click_on(5, "#logout");
     sign_in(&b, &s2.api, &operator);
     assert!(b.find("#rebalance").is_some(), "an operator may rebalance");
     open(&b, "#/devices");
@@ -672,7 +672,7 @@ fn the_devices_page_is_quick_with_4096_devices() {
 
     // A filter over all 4,096: the test devices.
     let t = Instant::now();
-    b.click(&b.wait(5, "#f-type option[value=\"test\"]"));
+    b.click_on(5, "#f-type option[value=\"test\"]");
     b.wait_for(20, "the test devices", || {
         (shown(&b)? == N / 8).then_some(())
     });
@@ -684,7 +684,7 @@ fn the_devices_page_is_quick_with_4096_devices() {
     // Sorted by failovers (a column of its own), over the 512 test devices.
     b.script("window.vstreamTimings.filterMs = null;", vec![]);
     let t = Instant::now();
-    b.click(&b.wait(5, "#devices th[data-sort=\"failovers\"]"));
+    b.click_on(5, "#devices th[data-sort=\"failovers\"]");
     let sort = b.wait_for(20, "the sort's paint", || {
         b.script("return window.vstreamTimings.filterMs;", vec![])
             .as_f64()
