@@ -78,10 +78,7 @@ mod tests {
     #[tokio::test]
     async fn counts_outlive_the_recent_events_and_go_with_the_device() {
         let dir = tempfile::tempdir().unwrap();
-        let farm = FarmStore::embedded(dir.path().join("farm.redb")).unwrap();
-        farm.create_vdisk(crate::tests::a_vdisk("base"))
-            .await
-            .unwrap();
+        let farm = crate::tests::farm_with_base(dir.path()).await;
         farm.create_device(crate::tests::a_device("pc1", "52:54:00:00:00:01"))
             .await
             .unwrap();

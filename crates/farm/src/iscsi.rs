@@ -73,10 +73,7 @@ mod tests {
     #[tokio::test]
     async fn secrets_are_made_once_rotated_and_go_with_the_device() {
         let dir = tempfile::tempdir().unwrap();
-        let farm = FarmStore::embedded(dir.path().join("farm.redb")).unwrap();
-        farm.create_vdisk(crate::tests::a_vdisk("base"))
-            .await
-            .unwrap();
+        let farm = crate::tests::farm_with_base(dir.path()).await;
         farm.create_device(crate::tests::a_device("pc1", "52:54:00:00:00:01"))
             .await
             .unwrap();

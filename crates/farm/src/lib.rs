@@ -599,6 +599,13 @@ mod tests {
         }
     }
 
+    /// An embedded farm state in `dir` holding vDisk `base`.
+    pub(crate) async fn farm_with_base(dir: &Path) -> FarmStore {
+        let farm = FarmStore::embedded(dir.join("farm.redb")).expect("open");
+        farm.create_vdisk(a_vdisk("base")).await.expect("vdisk");
+        farm
+    }
+
     pub(crate) fn a_vdisk(name: &str) -> VDisk {
         VDisk::new(name, 1 << 30, 1_700_000_000)
     }
@@ -612,8 +619,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_adds_to_one_vdisk_all_land() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = FarmStore::embedded(dir.path().join("f.redb")).expect("open");
-        store.create_vdisk(a_vdisk("base")).await.expect("vdisk");
+        let store = farm_with_base(dir.path()).await;
         let adds: Vec<_> = (0..200u32)
             .map(|i| {
                 let store = store.clone();
@@ -635,8 +641,7 @@ mod tests {
     #[tokio::test]
     async fn device_names_and_macs_cannot_collide() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = FarmStore::embedded(dir.path().join("f.redb")).expect("open");
-        store.create_vdisk(a_vdisk("base")).await.expect("vdisk");
+        let store = farm_with_base(dir.path()).await;
         let d = store
             .create_device(a_device("d", "52:54:00:dd:00:bb"))
             .await
@@ -696,8 +701,7 @@ mod tests {
     #[tokio::test]
     async fn non_unicast_macs_are_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = FarmStore::embedded(dir.path().join("f.redb")).expect("open");
-        store.create_vdisk(a_vdisk("base")).await.expect("vdisk");
+        let store = farm_with_base(dir.path()).await;
         for mac in [
             "ff:ff:ff:ff:ff:ff",
             "01:00:5e:00:00:01",

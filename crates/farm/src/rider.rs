@@ -177,8 +177,7 @@ mod tests {
     #[tokio::test]
     async fn the_entry_lands_in_the_commit_of_the_change() {
         let dir = tempfile::tempdir().unwrap();
-        let farm = FarmStore::embedded(dir.path().join("farm.redb")).unwrap();
-        farm.create_vdisk(a_vdisk("base")).await.unwrap();
+        let farm = crate::tests::farm_with_base(dir.path()).await;
         let before = revisions(&farm, "").await.iter().map(|r| r.1).max();
         let rider = AuditRider::new(&draft(1_000), 7).unwrap();
         assert_eq!(rider.ridden(), Ridden::No);
