@@ -342,15 +342,17 @@ impl Disk {
     }
 
     /// The layer that holds every byte of `[offset, offset + len)`, if one
-    /// layer that this disk never writes does (a sealed one, or any layer of
-    /// a read-only view): a caller may send those bytes from the file
-    /// ([`Layer::data_file`]) rather than read them. `None` when the range
-    /// spans layers, holes or the lower disk, or lies in the layer this disk
-    /// writes (a write cache, a Private vDisk's top).
+    /// layer that this disk never writes does (any layer under a write
+    /// cache, sealed or not, or any layer of a read-only view): a caller may
+    /// send those bytes from the file ([`Layer::data_file`]) rather than read
+    /// them. `None` when the range spans layers, holes or the lower disk, or
+    /// lies in a layer this disk writes (a write cache and its overflow
+    /// tier, a Private vDisk's top).
     ///
-    /// A read-only view of an unsealed version may see a Private device's
-    /// writes (through another disk) land while its bytes are on their way
-    /// from the file: a read and a write that overlap have no order, on
+    /// A layer this disk does not write may still be written through another
+    /// disk (the unsealed version of a vDisk in Private mode): its bytes may
+    /// change while they are on their way from the file, as they may while
+    /// they are being read; a read and a write that overlap have no order, on
     /// either path.
     pub fn read_only_span(&self, offset: u64, len: u64) -> Option<&Arc<Layer>> {
         if len == 0 || !self.in_range(offset, len) {
@@ -358,8 +360,20 @@ impl Disk {
         }
         let end = offset + len;
         let (_, run_end, owner) = self.runs(offset, end, self.layers.len()).next()?;
-        let layer = &self.layers[owner?];
-        (run_end == end && (layer.is_sealed() || !self.writable)).then_some(layer)
+        let owner = owner?;
+        (run_end == end && owner < self.first_written()).then(|| &self.layers[owner])
+    }
+
+    /// Index of the lowest layer this disk writes: its top, and the overflow
+    /// tier under the top if it has one; every layer's count for a read-only
+    /// view.
+    fn first_written(&self) -> usize {
+        let n = self.layers.len();
+        match (self.writable, self.spill.is_some()) {
+            (false, _) => n,
+            (true, false) => n.saturating_sub(1),
+            (true, true) => n.saturating_sub(2),
+        }
     }
 
     /// Reads what the layers hold of `[offset, offset + buf.len())`, and
@@ -758,6 +772,45 @@ mod tests {
         // A read-only view of it: yes.
         let view = Disk::read_only(vec![base.clone()]);
         assert!(view.read_only_span(0, 64 << 10).is_some());
+        drop(base_disk);
+        // Under a write cache, the unsealed base is not written by this disk
+        // (as a Standard vDisk's first version is not): yes.
+        let cache = layer(dir.path(), "unsealed-cache", size);
+        let over = Disk::writable(vec![base.clone(), cache.clone()], None).unwrap();
+        assert!(!base.is_sealed());
+        assert_eq!(
+            over.read_only_span(0, 64 << 10).map(|l| l.path()),
+            Some(base.path())
+        );
+        // A cache that overflows: neither tier is sent from its file.
+        let (top, overflow) = (
+            layer(dir.path(), "top", size),
+            layer(dir.path(), "overflow", size),
+        );
+        let tiers = Disk::with_overflow(
+            vec![base.clone()],
+            overflow.clone(),
+            size,
+            top.clone(),
+            4096,
+        )
+        .unwrap();
+        tiers.write(&[3u8; 4096], 0, false).unwrap();
+        tiers.write(&[4u8; 8192], 64 << 10, false).unwrap();
+        assert!(
+            overflow.is_allocated((64 << 10) / CHUNK),
+            "the second write overflowed"
+        );
+        assert!(tiers.read_only_span(0, 4096).is_none(), "the top tier");
+        assert!(
+            tiers.read_only_span(64 << 10, 8192).is_none(),
+            "the overflow tier"
+        );
+        assert_eq!(
+            tiers.read_only_span(128 << 10, 64 << 10).map(|l| l.path()),
+            Some(base.path())
+        );
+        let base_disk = Disk::writable(vec![base.clone()], None).unwrap();
         let hashes = crate::hash::hash_disk(&base_disk).unwrap();
         base.store_hashes(&hashes, true).unwrap();
         drop(base_disk);

@@ -1,7 +1,8 @@
 //! Large reads sent from the layer file (`sendfile`, crates/service/src/sink.rs)
-//! through real clients: the bytes are the image's, over TCP and unix; reads
-//! that span a hole or a write cache and its base take the copy path and are
-//! right too; and a client that goes away in the middle of a reply leaves
+//! through real clients: the bytes are the image's, over TCP and unix; a
+//! Standard device's reads of the base under its write cache leave from the
+//! file too; reads that span a hole or a write cache and its base take the
+//! copy path and are right too; and a client that goes away in the middle of a reply leaves
 //! the server serving.
 
 use crate::common;
@@ -104,6 +105,7 @@ fn large_reads_from_the_layer_file_are_the_images_bytes() {
         expected[off as usize..off as usize + 12288].fill(byte);
     }
     d.ok("flush");
+    let before = server.metric("vstream_nbd_sendfile_reads_total");
     let got = d.pread(0, 24 * MIB as usize, &scratch);
     assert_eq!(
         first_difference(&got, &expected),
@@ -118,6 +120,12 @@ fn large_reads_from_the_layer_file_are_the_images_bytes() {
         first_difference(&std::fs::read(&out).unwrap(), &expected),
         None,
         "nbdcopy of the device"
+    );
+    // The base under the cache is the imported version, never sealed: the
+    // device does not write it, so its large reads there leave from the file.
+    assert!(
+        server.metric("vstream_nbd_sendfile_reads_total") > before,
+        "no read of the device was sent from the base's file"
     );
     d.quit();
 }
