@@ -12,6 +12,10 @@ const EVENTS: &str = "events/";
 /// twice this (a compare and a put each) stays under etcd's default limit
 /// of 128 operations a transaction.
 pub const MAX_AUDIT_BATCH: usize = 60;
+/// The most devices whose events [`FarmStore::add_device_events`] writes in
+/// one transaction: two compares and two puts each, 120 in all, stay under
+/// etcd's default limit of 128 operations a transaction.
+pub const EVENT_DEVICES_PER_TXN: usize = 30;
 
 pub(crate) fn events_key(device: &str) -> String {
     format!("{EVENTS}{device}")
@@ -77,42 +81,88 @@ impl FarmStore {
         event: &DeviceEvent,
         keep: usize,
     ) -> Result<(), FarmError> {
-        checked_name(RecordKind::Device, device)?;
-        let key = events_key(device);
-        let counts_key = crate::counts::counts_key(device);
+        self.add_device_events(&[(device.to_owned(), event.clone())], keep)
+            .await
+    }
+
+    /// Adds each `(device, event)` of `batch` to that device's recent
+    /// events (keeping the newest `keep`) and its counts, in as few
+    /// transactions as the batch's devices allow ([`EVENT_DEVICES_PER_TXN`]
+    /// each): a boot storm's hundreds of connects are a handful of commits,
+    /// not one each. A device's events stay in the batch's order among
+    /// equal times. A batch that names an invalid device is refused whole,
+    /// before anything is written.
+    pub async fn add_device_events(
+        &self,
+        batch: &[(String, DeviceEvent)],
+        keep: usize,
+    ) -> Result<(), FarmError> {
+        let mut devices: Vec<(&str, Vec<&DeviceEvent>)> = Vec::new();
+        let mut seen = std::collections::HashMap::new();
+        for (device, event) in batch {
+            checked_name(RecordKind::Device, device)?;
+            let i = *seen.entry(device.as_str()).or_insert_with(|| {
+                devices.push((device.as_str(), Vec::new()));
+                devices.len() - 1
+            });
+            devices[i].1.push(event);
+        }
+        for group in devices.chunks(EVENT_DEVICES_PER_TXN) {
+            self.add_events_of(group, keep).await?;
+        }
+        Ok(())
+    }
+
+    /// One transaction: each device's new events and counts.
+    async fn add_events_of(
+        &self,
+        group: &[(&str, Vec<&DeviceEvent>)],
+        keep: usize,
+    ) -> Result<(), FarmError> {
         for _ in 0..crate::MAX_ATTEMPTS {
-            let current = self.backend.get(&key).await?;
-            let (mut events, compare) = match &current {
-                Some(v) => (
-                    decode::<Vec<DeviceEvent>>(&key, &v.value)?,
-                    Compare::revision(&key, v.revision),
-                ),
-                None => (Vec::new(), Compare::absent(&key)),
-            };
-            // Its counts since it was added, kept with the recent events.
-            let stored = self.backend.get(&counts_key).await?;
-            let mut counts = crate::counts::counts_or_seed(
-                &counts_key,
-                stored.as_ref().map(|v| v.value.as_slice()),
-                &events,
-            )?;
-            counts.add(event);
-            let counts_compare = Compare::revision(&counts_key, stored.map_or(0, |v| v.revision));
-            events.push(event.clone());
-            events.sort_by_key(|e| e.at_ms);
-            if events.len() > keep {
-                events.drain(..events.len() - keep);
+            let mut compares = Vec::with_capacity(2 * group.len());
+            let mut ops = Vec::with_capacity(2 * group.len());
+            for (device, new) in group {
+                let key = events_key(device);
+                let counts_key = crate::counts::counts_key(device);
+                let current = self.backend.get(&key).await?;
+                let mut events = match &current {
+                    Some(v) => decode::<Vec<DeviceEvent>>(&key, &v.value)?,
+                    None => Vec::new(),
+                };
+                compares.push(match &current {
+                    Some(v) => Compare::revision(&key, v.revision),
+                    None => Compare::absent(&key),
+                });
+                // Its counts since it was added, kept with the recent events.
+                let stored = self.backend.get(&counts_key).await?;
+                let mut counts = crate::counts::counts_or_seed(
+                    &counts_key,
+                    stored.as_ref().map(|v| v.value.as_slice()),
+                    &events,
+                )?;
+                compares.push(Compare::revision(
+                    &counts_key,
+                    stored.map_or(0, |v| v.revision),
+                ));
+                for event in new {
+                    counts.add(event);
+                    events.push((*event).clone());
+                }
+                events.sort_by_key(|e| e.at_ms);
+                if events.len() > keep {
+                    events.drain(..events.len() - keep);
+                }
+                ops.push(Op::put(&key, encode(&key, &events)?));
+                ops.push(Op::put(&counts_key, encode(&counts_key, &counts)?));
             }
-            let ops = vec![
-                Op::put(&key, encode(&key, &events)?),
-                Op::put(&counts_key, encode(&counts_key, &counts)?),
-            ];
-            if self.backend.txn(vec![compare, counts_compare], ops).await? {
+            if self.backend.txn(compares, ops).await? {
                 return Ok(());
             }
         }
         Err(crate::gave_up(format_args!(
-            "recording an event of {device}"
+            "recording events of {} devices",
+            group.len()
         )))
     }
 
@@ -265,6 +315,59 @@ mod tests {
             .collect();
         assert_eq!(at, vec![3, 4, 5]);
         assert!(farm.device_events("pc2").await.unwrap().is_empty());
+    }
+
+    /// A batch of 70 devices' events is three commits (30 devices each at
+    /// most), each device keeps its newest, and its counts count them all.
+    #[tokio::test]
+    async fn a_batch_of_events_is_a_commit_per_thirty_devices() {
+        use vstream_model::EventKind;
+        let dir = tempfile::tempdir().unwrap();
+        let farm = FarmStore::embedded(dir.path().join("farm.redb")).unwrap();
+        let event = |at_ms, kind| DeviceEvent {
+            at_ms,
+            kind,
+            server: "s1".into(),
+            detail: String::new(),
+        };
+        farm.add_device_event("pc0", &event(1, EventKind::Connect), 3)
+            .await
+            .unwrap();
+        let mut batch = Vec::new();
+        for d in 0..70 {
+            batch.push((format!("pc{d}"), event(10, EventKind::Connect)));
+        }
+        for at in [11, 12, 13] {
+            batch.push(("pc0".to_owned(), event(at, EventKind::Disconnect)));
+        }
+        let last = |farm: &FarmStore| {
+            let farm = farm.clone();
+            async move {
+                let all = farm.backend().list("").await.unwrap();
+                all.iter().map(|(_, v)| v.revision).max().unwrap_or(0)
+            }
+        };
+        let before = last(&farm).await;
+        farm.add_device_events(&batch, 3).await.unwrap();
+        assert_eq!(last(&farm).await, before + 3, "three commits");
+        let at = |events: Vec<DeviceEvent>| events.iter().map(|e| e.at_ms).collect::<Vec<_>>();
+        assert_eq!(
+            at(farm.device_events("pc0").await.unwrap()),
+            vec![11, 12, 13]
+        );
+        assert_eq!(at(farm.device_events("pc69").await.unwrap()), vec![10]);
+        let counts = farm.device_event_counts().await.unwrap();
+        let pc0 = &counts["pc0"];
+        assert_eq!((pc0.connects, pc0.disconnects), (2, 3), "{pc0:?}");
+        assert_eq!(counts["pc69"].connects, 1);
+        // A bad name refuses the batch before anything is written.
+        let bad = vec![
+            ("pc1".to_owned(), event(20, EventKind::Retry)),
+            ("no/such".to_owned(), event(20, EventKind::Retry)),
+        ];
+        let before = last(&farm).await;
+        assert!(farm.add_device_events(&bad, 3).await.is_err());
+        assert_eq!(last(&farm).await, before, "nothing written");
     }
 
     #[tokio::test]

@@ -7,18 +7,26 @@
 //! device list.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
+use tokio::sync::mpsc;
 use vstream_api::{DeviceEvent, EventKind};
 use vstream_farm::FarmStore;
 
 /// Events kept per device.
 pub const KEEP: usize = 50;
 
+/// Most events written to the farm state at once.
+const BATCH: usize = 1024;
+
 /// This server's side of the device events.
 pub struct Events {
     farm: FarmStore,
     server: String,
     counts: [AtomicU64; EventKind::ALL.len()],
+    /// The queue of events on their way to the farm state, and the one
+    /// task that writes them, made at the first event.
+    queue: OnceLock<mpsc::UnboundedSender<(String, DeviceEvent)>>,
 }
 
 impl Events {
@@ -27,11 +35,14 @@ impl Events {
             farm,
             server,
             counts: Default::default(),
+            queue: OnceLock::new(),
         }
     }
 
     /// Records `kind` for `device`: logged and counted now, written to the
-    /// farm state in the background (a data path never waits for it).
+    /// farm state in the background (a data path never waits for it), by
+    /// one task that writes whatever has queued up meanwhile in one go: a
+    /// boot storm's connects cost a handful of farm commits, not one each.
     pub fn record(&self, device: &str, kind: EventKind, detail: impl Into<String>) {
         let detail = detail.into();
         tracing::info!(target: "vstream::events", device, event = %kind, detail = %detail, "device event");
@@ -46,13 +57,25 @@ impl Events {
             server: self.server.clone(),
             detail,
         };
-        let (farm, device) = (self.farm.clone(), device.to_owned());
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                if let Err(e) = farm.add_device_event(&device, &event, KEEP).await {
-                    tracing::debug!(device, error = %e, "a device event was not kept in the farm state");
-                }
-            });
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let queue = self.queue.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            rt.spawn(write_events(self.farm.clone(), rx));
+            tx
+        });
+        // A name the farm state cannot hold is not queued: it would cost
+        // the whole batch it joined.
+        if let Err(e) = vstream_farm::validate_name(device) {
+            tracing::debug!(device, error = %e, "a device event was not kept in the farm state");
+            return;
+        }
+        if queue.send((device.to_owned(), event)).is_err() {
+            tracing::debug!(
+                device,
+                "a device event was not kept in the farm state: its writer has stopped"
+            );
         }
     }
 
@@ -69,5 +92,17 @@ impl Events {
             ));
         }
         out
+    }
+}
+
+/// Writes queued events to the farm state, each time all that queued up
+/// while the last write ran, until every sender is gone.
+async fn write_events(farm: FarmStore, mut queue: mpsc::UnboundedReceiver<(String, DeviceEvent)>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while queue.recv_many(&mut batch, BATCH).await > 0 {
+        if let Err(e) = farm.add_device_events(&batch, KEEP).await {
+            tracing::debug!(events = batch.len(), error = %e, "device events were not kept in the farm state");
+        }
+        batch.clear();
     }
 }
