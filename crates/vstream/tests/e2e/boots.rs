@@ -238,6 +238,13 @@ fn a_boot_seen_by_another_server_ends_the_session_here() {
     assert!(!cache.exists(), "{} is still there", cache.display());
     // Its old connection is closed.
     assert_ne!(c.cmd("check 0 65536 0x42"), "ok");
+    // s2 sees the ended session go before pc connects again: what s2 then
+    // sees of pc on s1 is the new session, not the ended one's stale
+    // status (which once let the remove below through while s2's view
+    // passed by the moment pc was connected nowhere).
+    wait_for(10, "s2 to see pc's ended session go", || {
+        (device(&s2, "pc")["connected"] == false).then_some(())
+    });
     let mut c = Nbd::connect(&s1.url("device/pc"));
     c.ok("check 0 65536 0");
     // It cannot be removed through s2 while connected to s1 (once s2 has
