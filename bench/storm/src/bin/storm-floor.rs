@@ -40,6 +40,15 @@ fn main() {
             std::process::exit(1);
         }
     };
+    // std listens with a backlog of 128: a storm's 500 connects at once
+    // would overflow it, and each SYN dropped waits a second to be sent
+    // again, a second the floor would be charged for a full queue, not for
+    // its work. Listening again on the bound socket deepens the queue to
+    // the system's limit (net.core.somaxconn), as vstream's is.
+    if let Err(e) = deepen_backlog(&listener) {
+        eprintln!("storm-floor: listen on {listen}: {e}");
+        std::process::exit(1);
+    }
     eprintln!(
         "storm-floor: serving {image} ({} bytes) on {listen}",
         data.len()
@@ -55,6 +64,20 @@ fn main() {
             }
         });
     }
+}
+
+fn deepen_backlog(listener: &TcpListener) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    extern "C" {
+        fn listen(fd: i32, backlog: i32) -> i32;
+    }
+    // SAFETY: `listener` owns the descriptor for the call; listen(2) on a
+    // listening socket only changes its backlog (a larger one is cut to
+    // net.core.somaxconn).
+    if unsafe { listen(listener.as_raw_fd(), 65535) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn serve(mut conn: TcpStream, data: &[u8]) -> io::Result<()> {
