@@ -51,6 +51,13 @@ pub const MAX_SIZE: u64 = 1 << 50;
 /// size, written at creation and read at each seal) stays under 512 MiB.
 pub const MAX_NEW_SIZE: u64 = 64 << 40;
 
+/// Where the header keeps the layer's label (a u16 length, then the bytes),
+/// and the longest label: what a write cache lies over and the boot it
+/// belongs to (see [`Layer::create_unsynced`]). Empty in any other layer,
+/// and in a header written before labels were.
+const LABEL_AT: usize = 1024;
+pub const MAX_LABEL: usize = 2048;
+
 pub const FLAG_SEALED: u32 = 1 << 0;
 /// The block hashes of what the layer touches, the tree and the content hash
 /// describe the version whose top this layer is.
@@ -148,6 +155,8 @@ pub struct Layer {
     writable: bool,
     flags: AtomicU32,
     content_hash: Mutex<Option<[u8; 32]>>,
+    /// The label in the header, kept by every header rewrite.
+    label: Vec<u8>,
     bitmap: Bitmap,
     allocated: AtomicU64,
     dirty_pages: Mutex<BTreeSet<u64>>,
@@ -191,7 +200,7 @@ impl std::fmt::Debug for Layer {
 impl Layer {
     /// Creates an empty layer file (all chunks unallocated) and makes it durable.
     pub fn create(path: &Path, size: u64) -> Result<Layer, ImageError> {
-        let layer = Layer::create_file(path, size)?;
+        let layer = Layer::create_file(path, size, &[])?;
         let write_err = |source| ImageError::Write {
             path: path.to_owned(),
             source,
@@ -203,27 +212,39 @@ impl Layer {
         Ok(layer)
     }
 
-    /// Creates an empty layer file like [`Layer::create`], without waiting for
-    /// the disk: the file, each of `also` (written before, not synced) and
-    /// their folders are synced by the layer's first [`Layer::flush`], before
-    /// it syncs any data. For a layer whose writes need not outlive a crash
-    /// until its first flush is acknowledged, as a device's write cache: a
-    /// crash before then leaves at worst a layer that does not open or whose
-    /// tags no longer match, and is discarded. Creating many (a boot storm's
-    /// caches) costs no disk round trip each.
+    /// Creates an empty layer file like [`Layer::create`], with `label` in
+    /// its header ([`Layer::label`], at most [`MAX_LABEL`] bytes), without
+    /// waiting for the disk: the file, each of `also` (written before, not
+    /// synced) and their folders are synced by the layer's first
+    /// [`Layer::flush`], before it syncs any data. For a layer whose writes
+    /// need not outlive a crash until its first flush is acknowledged, as a
+    /// device's write cache: a crash before then leaves at worst a layer that
+    /// does not open or whose label no longer matches, and is discarded.
+    /// Creating many (a boot storm's caches) costs no disk round trip each.
     ///
     /// Metadata journaling (ext4, xfs) commits names in the order they were
     /// made, so a name of `also` made before this call is durable whenever
     /// the layer's own name is.
-    pub fn create_unsynced(path: &Path, size: u64, also: &[PathBuf]) -> Result<Layer, ImageError> {
-        let layer = Layer::create_file(path, size)?;
+    pub fn create_unsynced(
+        path: &Path,
+        size: u64,
+        label: &[u8],
+        also: &[PathBuf],
+    ) -> Result<Layer, ImageError> {
+        if label.len() > MAX_LABEL {
+            return Err(ImageError::Invalid(format!(
+                "a layer label holds at most {MAX_LABEL} bytes, not {}",
+                label.len()
+            )));
+        }
+        let layer = Layer::create_file(path, size, label)?;
         let mut owed = also.to_vec();
         owed.push(path.to_owned());
         *layer.owed_sync.lock() = owed;
         Ok(layer)
     }
 
-    fn create_file(path: &Path, size: u64) -> Result<Layer, ImageError> {
+    fn create_file(path: &Path, size: u64, label: &[u8]) -> Result<Layer, ImageError> {
         if size == 0 || size > MAX_SIZE || !size.is_multiple_of(512) {
             return Err(ImageError::Invalid(format!(
                 "a vDisk size must be a non-zero multiple of 512 bytes up to {MAX_SIZE}, not {size}"
@@ -257,10 +278,19 @@ impl Layer {
             }
             return Err(write_err(e));
         }
-        file.write_all_at(&encode_header(&geo, 0, None), 0)
+        file.write_all_at(&encode_header(&geo, 0, None, label), 0)
             .map_err(write_err)?;
-        drop(file);
-        Layer::open(path, true)
+        // New and empty: nothing to read back.
+        Ok(Layer::from_parts(
+            path,
+            file,
+            geo,
+            true,
+            0,
+            None,
+            label.to_vec(),
+            (Bitmap::new(geo.chunks), 0),
+        ))
     }
 
     /// The content hash recorded in the header of the layer file at `path`,
@@ -271,8 +301,19 @@ impl Layer {
             path: path.to_owned(),
             source,
         })?;
-        let (_, _, content) = read_header(&file, path)?;
+        let (_, _, content, _) = read_header(&file, path)?;
         Ok(content)
+    }
+
+    /// The label in the header of the layer file at `path` ([`Layer::label`]):
+    /// one read of the 4 KiB header, without opening the layer.
+    pub fn recorded_label(path: &Path) -> Result<Vec<u8>, ImageError> {
+        let file = File::open(path).map_err(|source| ImageError::OpenLayer {
+            path: path.to_owned(),
+            source,
+        })?;
+        let (_, _, _, label) = read_header(&file, path)?;
+        Ok(label)
     }
 
     /// Opens and validates a layer file.
@@ -289,22 +330,46 @@ impl Layer {
             path: path.to_owned(),
             reason,
         };
-        let (geo, flags, content_hash) = read_header(&file, path)?;
+        let (geo, flags, content_hash, label) = read_header(&file, path)?;
         let file_len = file.metadata()?.len();
         if file_len < geo.data_offset + geo.size {
             return Err(corrupt(format!(
                 "file is {file_len} bytes, shorter than its header says"
             )));
         }
-        let (bitmap, allocated) =
+        let bitmap =
             read_bitmap(&file, &geo).map_err(|e| corrupt(format!("cannot read bitmap: {e}")))?;
-        Ok(Layer {
+        Ok(Layer::from_parts(
+            path,
+            file,
+            geo,
+            writable,
+            flags,
+            content_hash,
+            label,
+            bitmap,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn from_parts(
+        path: &Path,
+        file: File,
+        geo: Geometry,
+        writable: bool,
+        flags: u32,
+        content_hash: Option<[u8; 32]>,
+        label: Vec<u8>,
+        (bitmap, allocated): (Bitmap, u64),
+    ) -> Layer {
+        Layer {
             path: path.to_owned(),
             file,
             geo,
             writable,
             flags: AtomicU32::new(flags),
             content_hash: Mutex::new(content_hash),
+            label,
             bitmap,
             allocated: AtomicU64::new(allocated),
             dirty_pages: Mutex::new(BTreeSet::new()),
@@ -315,11 +380,16 @@ impl Layer {
             copy_up_locks: (0..64).map(|_| Mutex::new(())).collect(),
             writes_begun: AtomicU64::new(0),
             writes_running: AtomicU64::new(0),
-        })
+        }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+    /// The label given at creation ([`Layer::create_unsynced`]); empty if
+    /// none was.
+    pub fn label(&self) -> &[u8] {
+        &self.label
     }
     /// The identity of the open file (see [`crate::record::FileId`]).
     pub fn file_id(&self) -> io::Result<crate::record::FileId> {
@@ -744,7 +814,7 @@ impl Layer {
         let new = flags & !FLAG_HASHES_VALID;
         *self.content_hash.lock() = None;
         self.file
-            .write_all_at(&encode_header(&self.geo, new, None), 0)?;
+            .write_all_at(&encode_header(&self.geo, new, None, &self.label), 0)?;
         self.file.sync_data()?;
         self.flags.store(new, Ordering::SeqCst);
         Ok(())
@@ -802,8 +872,10 @@ impl Layer {
                 at += level.len() as u64;
             }
             self.file.sync_data()?;
-            self.file
-                .write_all_at(&encode_header(&self.geo, flags, Some(content)), 0)?;
+            self.file.write_all_at(
+                &encode_header(&self.geo, flags, Some(content), &self.label),
+                0,
+            )?;
             self.file.sync_data()
         })();
         match written {
@@ -929,7 +1001,7 @@ impl Layer {
         self.flags.store(new, Ordering::SeqCst);
         let written = self
             .file
-            .write_all_at(&encode_header(&self.geo, new, content), 0)
+            .write_all_at(&encode_header(&self.geo, new, content, &self.label), 0)
             .and_then(|()| self.file.sync_data());
         if let Err(e) = written {
             self.flags.store(flags, Ordering::SeqCst);
@@ -951,6 +1023,7 @@ impl Layer {
                 &self.geo,
                 new,
                 content.filter(|_| new & FLAG_HASHES_VALID != 0),
+                &self.label,
             ),
             0,
         )?;
@@ -1099,7 +1172,7 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-fn encode_header(geo: &Geometry, flags: u32, content: Option<[u8; 32]>) -> Vec<u8> {
+fn encode_header(geo: &Geometry, flags: u32, content: Option<[u8; 32]>, label: &[u8]) -> Vec<u8> {
     let mut h = vec![0u8; HEADER_LEN as usize];
     h[0..8].copy_from_slice(MAGIC);
     h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -1117,13 +1190,18 @@ fn encode_header(geo: &Geometry, flags: u32, content: Option<[u8; 32]>) -> Vec<u
     }
     h[104..112].copy_from_slice(&geo.tree_offset.to_le_bytes());
     h[112..120].copy_from_slice(&geo.tree_len.to_le_bytes());
+    let label = &label[..label.len().min(MAX_LABEL)];
+    h[LABEL_AT..LABEL_AT + 2].copy_from_slice(&(label.len() as u16).to_le_bytes());
+    h[LABEL_AT + 2..LABEL_AT + 2 + label.len()].copy_from_slice(label);
     let sum = blake3::hash(&h[..4088]);
     h[4088..4096].copy_from_slice(&sum.as_bytes()[..8]);
     h
 }
 
 /// Reads and checks the header of the layer file `file` (at `path`).
-fn read_header(file: &File, path: &Path) -> Result<(Geometry, u32, Option<[u8; 32]>), ImageError> {
+type Header = (Geometry, u32, Option<[u8; 32]>, Vec<u8>);
+
+fn read_header(file: &File, path: &Path) -> Result<Header, ImageError> {
     let corrupt = |reason: String| ImageError::CorruptLayer {
         path: path.to_owned(),
         reason,
@@ -1131,7 +1209,14 @@ fn read_header(file: &File, path: &Path) -> Result<(Geometry, u32, Option<[u8; 3
     let mut header = [0u8; HEADER_LEN as usize];
     file.read_exact_at(&mut header, 0)
         .map_err(|e| corrupt(format!("cannot read header: {e}")))?;
-    decode_header(&header).map_err(corrupt)
+    let (geo, flags, content) = decode_header(&header).map_err(corrupt)?;
+    Ok((geo, flags, content, header_label(&header).to_vec()))
+}
+
+/// The label of a header [`decode_header`] accepted.
+fn header_label(h: &[u8]) -> &[u8] {
+    let len = u16::from_le_bytes([h[LABEL_AT], h[LABEL_AT + 1]]) as usize;
+    &h[LABEL_AT + 2..LABEL_AT + 2 + len.min(MAX_LABEL)]
 }
 
 pub(crate) fn decode_header(h: &[u8]) -> Result<(Geometry, u32, Option<[u8; 32]>), String> {
@@ -1161,6 +1246,9 @@ pub(crate) fn decode_header(h: &[u8]) -> Result<(Geometry, u32, Option<[u8; 32]>
         ));
     }
     let flags = u32_at(12);
+    if usize::from(u16::from_le_bytes([h[LABEL_AT], h[LABEL_AT + 1]])) > MAX_LABEL {
+        return Err("label length out of range".into());
+    }
     let size = u64_at(16);
     if size == 0 || size > MAX_SIZE {
         return Err(format!("virtual size {size} is out of range"));
@@ -1290,12 +1378,53 @@ mod tests {
         assert!(l.dirty_pages.lock().is_empty());
     }
 
+    /// A label given at creation is in the header: it opens with the layer,
+    /// reads without opening it, and outlives every rewrite of the header.
+    #[test]
+    fn a_label_stays_in_the_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.layer");
+        let label = b"v@1/v1-0.layer\nboot-7\n";
+        let l = Layer::create_unsynced(&p, 1 << 20, label, &[]).unwrap();
+        assert_eq!(l.label(), label);
+        l.write_data(&[1u8; 4096], 0).unwrap();
+        l.set_allocated(0, 1);
+        l.flush().unwrap();
+        drop(l);
+        assert_eq!(Layer::recorded_label(&p).unwrap(), label);
+        let l = Layer::open(&p, true).unwrap();
+        assert_eq!(l.label(), label);
+        let hashes = crate::hash::hash_disk(&crate::Disk::read_only(vec![std::sync::Arc::new(
+            Layer::open(&p, false).unwrap(),
+        )]))
+        .unwrap();
+        l.store_hashes(&hashes, true).unwrap();
+        l.unseal().unwrap();
+        drop(l);
+        assert_eq!(
+            Layer::recorded_label(&p).unwrap(),
+            label,
+            "after a seal and an unseal"
+        );
+        // Another layer has none; one too long is refused, and a header
+        // whose label length is out of range does not open.
+        let other = Layer::create(&dir.path().join("o.layer"), 1 << 20).unwrap();
+        assert!(other.label().is_empty());
+        let long = vec![b'x'; MAX_LABEL + 1];
+        assert!(Layer::create_unsynced(&dir.path().join("l.layer"), 1 << 20, &long, &[]).is_err());
+        let mut h = encode_header(&Geometry::for_size(1 << 20), 0, None, b"");
+        h[LABEL_AT..LABEL_AT + 2].copy_from_slice(&(MAX_LABEL as u16 + 1).to_le_bytes());
+        let sum = blake3::hash(&h[..4088]);
+        h[4088..4096].copy_from_slice(&sum.as_bytes()[..8]);
+        assert!(decode_header(&h).unwrap_err().contains("label"));
+    }
+
     #[test]
     fn an_unsynced_layer_acknowledges_no_flush_before_its_tags_are_synced() {
         let dir = tempfile::tempdir().unwrap();
         let (p, tag) = (dir.path().join("c.layer"), dir.path().join("c.base"));
         std::fs::write(&tag, "base").unwrap();
-        let l = Layer::create_unsynced(&p, 1 << 20, std::slice::from_ref(&tag)).unwrap();
+        let l = Layer::create_unsynced(&p, 1 << 20, b"", std::slice::from_ref(&tag)).unwrap();
         assert_eq!(
             l.owed_sync.lock().len(),
             2,

@@ -1266,6 +1266,12 @@ impl Store {
     /// known): a cache of another boot is discarded too, for a device starts
     /// every boot clean. A cache whose boot was never recorded (made before
     /// boots were) is taken over by the boot that opens it.
+    ///
+    /// Both tags are the label in the cache's own header ([`Layer::label`]),
+    /// so a cache is one file: a boot storm's first connections make one
+    /// file per device. A cache an older server made keeps its tags in
+    /// files beside it (`D.base`, and its boot on the second line or in
+    /// `D.boot`), which are read when the header has none.
     pub fn open_cache(
         &self,
         device: &str,
@@ -1277,25 +1283,22 @@ impl Store {
         let tag = path.with_extension("base");
         let boot_tag = path.with_extension("boot");
         if path.exists() {
-            let tags = fs::read_to_string(&tag).map(|t| parse_tags(&t));
-            let same_base = tags.as_ref().is_ok_and(|(b, _)| b == base);
-            // Both in the base tag; a cache an older server made has its
-            // boot in a tag of its own.
-            let recorded = match tags.as_ref().ok().and_then(|(_, boot)| boot.clone()) {
-                Some(b) => Some(b),
-                None => match fs::read_to_string(&boot_tag) {
-                    Ok(t) => Some(t.trim().to_owned()),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                    Err(_) => Some(String::new()),
-                },
+            let layer = Layer::open(&path, true);
+            let tags = match &layer {
+                Ok(l) if !l.label().is_empty() => Some(parse_label(l.label())),
+                _ => tag_files(&path),
             };
+            let same_base = tags.as_ref().is_some_and(|(b, _)| b == base);
+            let recorded = tags.as_ref().and_then(|(_, b)| b.clone());
             let same_boot = match (boot, &recorded) {
                 (Some(b), Some(r)) => b == r,
                 (None, _) | (_, None) => true,
             };
-            match Layer::open(&path, true) {
+            match layer {
                 Ok(l) if l.size() == size && same_base && same_boot => {
                     if let (Some(b), None) = (boot, &recorded) {
+                        // An older server's cache from before boots were
+                        // recorded: its tags stay in its files.
                         write_synced(&boot_tag, b)?;
                     }
                     return Ok(Arc::new(l));
@@ -1310,29 +1313,34 @@ impl Store {
                 }
             }
         }
-        // The tags are written before the cache exists, and the cache's first
-        // flush syncs them, the cache and the folder before it syncs any data
+        // An older server's tag files would be read again by an older server
+        // (after a downgrade) beside a cache they do not describe.
+        for stale in [&tag, &boot_tag] {
+            match fs::remove_file(stale) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(ImageError::Write {
+                        path: stale.clone(),
+                        source: e,
+                    })
+                }
+                _ => {}
+            }
+        }
+        // The label is in the header the cache's first flush syncs (with the
+        // file and its folder) before it syncs any data
         // (Layer::create_unsynced): no flush is acknowledged while a power cut
-        // could still leave a tag without its content, which would discard the
-        // cache with every write that flush covered. Before that first flush
-        // nothing in the cache was promised: a cut then leaves a tag that does
-        // not match (empty) or a layer that does not open, and either way the
-        // cache is discarded above. No disk round trip while a device connects:
-        // a boot storm's hundreds of caches cost no fsync each.
-        let write = |path: &Path, text: &str| {
-            fs::write(path, text).map_err(|source| ImageError::Write {
-                path: path.to_owned(),
-                source,
-            })
-        };
-        // One file for both tags: a boot storm's first connections make two
-        // files per device, not three (a new inode is most of what making a
-        // cache costs).
-        write(&tag, &format_tags(base, boot.unwrap_or_default()))?;
+        // could still leave the cache without its label, which would discard
+        // it with every write that flush covered. Before that first flush
+        // nothing in the cache was promised: a cut then leaves a layer that
+        // does not open or has no label, and either way it is discarded above.
+        // No disk round trip while a device connects: a boot storm's hundreds
+        // of caches cost no fsync each.
+        let label = format_tags(base, boot.unwrap_or_default());
         Ok(Arc::new(Layer::create_unsynced(
             &path,
             size,
-            std::slice::from_ref(&tag),
+            label.as_bytes(),
+            &[],
         )?))
     }
 
@@ -1359,13 +1367,10 @@ impl Store {
         if !path.exists() {
             return None;
         }
-        let (base, boot) = parse_tags(&fs::read_to_string(path.with_extension("base")).ok()?);
-        let boot = boot.or_else(|| {
-            fs::read_to_string(path.with_extension("boot"))
-                .ok()
-                .map(|b| b.trim().to_owned())
-        });
-        Some((base, boot))
+        match Layer::recorded_label(&path) {
+            Ok(label) if !label.is_empty() => Some(parse_label(&label)),
+            _ => tag_files(&path),
+        }
     }
 
     /// Deletes device `device`'s write cache, if any.
@@ -1392,6 +1397,31 @@ fn parse_tags(text: &str) -> (String, Option<String>) {
         Some((base, boot)) => (base.trim().to_owned(), Some(boot.trim().to_owned())),
         None => (text.trim().to_owned(), None),
     }
+}
+
+/// A cache's label: its base and its boot (`None` if the label is not text).
+fn parse_label(label: &[u8]) -> (String, Option<String>) {
+    match std::str::from_utf8(label) {
+        Ok(text) => parse_tags(text),
+        Err(_) => (String::new(), None),
+    }
+}
+
+/// The tags an older server kept in files beside the cache at `path`: the
+/// base, and the boot on the base file's second line or in a file of its
+/// own. `None` if the base file cannot be read; a boot file that cannot be
+/// read records a boot no device has.
+fn tag_files(path: &Path) -> Option<(String, Option<String>)> {
+    let (base, boot) = parse_tags(&fs::read_to_string(path.with_extension("base")).ok()?);
+    let boot = match boot {
+        Some(b) => Some(b),
+        None => match fs::read_to_string(path.with_extension("boot")) {
+            Ok(t) => Some(t.trim().to_owned()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(_) => Some(String::new()),
+        },
+    };
+    Some((base, boot))
 }
 
 /// Writes `text` to the file at `path` and syncs it (not its folder).
@@ -1892,15 +1922,29 @@ mod tests {
                 .unwrap()
                 .allocated_chunks()
         };
-        // Its tag as a server from before boots were recorded left it: one
-        // line, no boot.
-        let tag = store.cache_path("dev1").unwrap().with_extension("base");
+        // Both tags are in the cache's header: one file.
+        let path = store.cache_path("dev1").unwrap();
+        let tag = path.with_extension("base");
         assert_eq!(
-            fs::read_to_string(&tag).unwrap(),
-            "v@2\n\n",
-            "both tags in one file"
+            Layer::recorded_label(&path).unwrap(),
+            b"v@2\n\n",
+            "both tags in the header"
         );
-        fs::write(&tag, "v@2").unwrap();
+        assert_eq!(
+            fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1,
+            "one file"
+        );
+        // A cache as an older server left it: no label, its tags in files
+        // beside it. From before boots were recorded: one line, no boot.
+        let legacy = |tags: &[(&Path, &str)]| {
+            store.discard_cache("dev1").unwrap();
+            Layer::create(&path, 2 << 20).unwrap().set_allocated(0, 1);
+            for (file, text) in tags {
+                fs::write(file, text).unwrap();
+            }
+        };
+        legacy(&[(&tag, "v@2")]);
         assert_eq!(same(Some("b1")), 1, "an untagged cache was not taken over");
         assert_eq!(same(Some("b1")), 1, "a reconnect lost the cache");
         assert_eq!(
@@ -1921,13 +1965,8 @@ mod tests {
             "a cache made with no boot known was kept by a boot"
         );
         // A cache an older server made: its boot in a tag file of its own.
-        store.discard_cache("dev1").unwrap();
-        store
-            .open_cache("dev1", "v@2", Some("b4"), 2 << 20)
-            .unwrap()
-            .set_allocated(0, 1);
-        fs::write(&tag, "v@2").unwrap();
-        fs::write(tag.with_extension("boot"), "b4").unwrap();
+        let boot_tag = tag.with_extension("boot");
+        legacy(&[(&tag, "v@2"), (&boot_tag, "b4")]);
         assert_eq!(
             store.cache_tags("dev1"),
             Some(("v@2".to_owned(), Some("b4".to_owned())))
@@ -1942,6 +1981,19 @@ mod tests {
             store.cache_tags("dev1"),
             Some(("v@2".to_owned(), Some("b5".to_owned())))
         );
+        assert!(
+            !tag.exists() && !boot_tag.exists(),
+            "an older server's tag files outlived its cache"
+        );
+        // Both tags in its base tag file, as the last server before labels
+        // kept them.
+        legacy(&[(&tag, "v@2\nb6\n")]);
+        assert_eq!(
+            store.cache_tags("dev1"),
+            Some(("v@2".to_owned(), Some("b6".to_owned())))
+        );
+        assert_eq!(same(Some("b6")), 1, "an older server's cache was lost");
+        assert_eq!(same(Some("b7")), 0, "it outlived its boot");
         store.discard_cache("dev1").unwrap();
         store.discard_cache("dev1").unwrap();
         assert!(!store.cache_path("dev1").unwrap().exists());
