@@ -699,20 +699,30 @@ impl Layer {
     }
 
     fn flush_changes(&self) -> io::Result<()> {
-        self.pay_owed_sync()?;
         let pages: Vec<u64> = std::mem::take(&mut *self.dirty_pages.lock())
             .into_iter()
             .collect();
+        let restore = || self.dirty_pages.lock().extend(pages.iter().copied());
         // Snapshot the pages now: every bit in them belongs to a write whose data
-        // was written before this point, so the sync below covers that data.
+        // was written before this point, so a sync after it covers that data.
         let snapshots: Vec<(u64, Vec<u8>)> = pages
             .iter()
             .map(|&p| (p, self.bitmap_page_bytes(p)))
             .collect();
-        let sync = self.file.sync_data();
-        if let Err(e) = sync {
-            self.dirty_pages.lock().extend(pages);
-            return Err(e);
+        // The first flush of a layer made unsynced syncs the whole file (its
+        // data too) and its folder; the data then needs no sync of its own.
+        let synced = match self.pay_owed_sync() {
+            Ok(synced) => synced,
+            Err(e) => {
+                restore();
+                return Err(e);
+            }
+        };
+        if !synced {
+            if let Err(e) = self.file.sync_data() {
+                restore();
+                return Err(e);
+            }
         }
         if snapshots.is_empty() {
             return Ok(());
@@ -722,27 +732,28 @@ impl Layer {
                 .file
                 .write_all_at(bytes, self.geo.bitmap_offset + page * BITMAP_PAGE)
             {
-                self.dirty_pages.lock().extend(pages);
+                restore();
                 return Err(e);
             }
         }
-        self.file
-            .sync_data()
-            .inspect_err(|_| self.dirty_pages.lock().extend(pages.iter().copied()))
+        self.file.sync_data().inspect_err(|_| restore())
     }
 
     /// Syncs what [`Layer::create_unsynced`] left owed: each file, then each
-    /// folder holding one. Kept owed if any sync fails, so the next flush
-    /// tries again and no flush is acknowledged before it is paid.
-    fn pay_owed_sync(&self) -> io::Result<()> {
+    /// folder holding one; true if this layer's own file was among them
+    /// (synced whole). Kept owed if any sync fails, so the next flush tries
+    /// again and no flush is acknowledged before it is paid.
+    fn pay_owed_sync(&self) -> io::Result<bool> {
         let owed = self.owed_sync.lock().clone();
         if owed.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let mut dirs: Vec<&Path> = Vec::new();
+        let mut own = false;
         for path in &owed {
             if *path == self.path {
                 self.file.sync_all()?;
+                own = true;
             } else {
                 File::open(path)?.sync_all()?;
             }
@@ -756,7 +767,7 @@ impl Layer {
             sync_dir(dir)?;
         }
         self.owed_sync.lock().clear();
-        Ok(())
+        Ok(own)
     }
 
     fn bitmap_page_bytes(&self, page: u64) -> Vec<u8> {
