@@ -704,6 +704,15 @@ impl Disk {
         }
     }
 
+    /// Whether [`Disk::flush`] now would have nothing to do.
+    pub fn is_flushed(&self) -> bool {
+        self.spill.as_ref().is_none_or(|s| s.is_flushed())
+            && match self.layers.last() {
+                Some(top) if self.writable => top.is_flushed(),
+                _ => true,
+            }
+    }
+
     /// Allocation of `[offset, offset+len)`, at most `max_extents` extents.
     pub fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> Vec<Extent> {
         let end = offset.saturating_add(len).min(self.size());

@@ -78,6 +78,12 @@ pub trait Backend: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<(), WriteError>>;
     /// Makes every acknowledged write durable.
     fn flush(self: Arc<Self>) -> BoxFuture<'static, io::Result<()>>;
+    /// Whether every acknowledged write is durable already, so a flush now
+    /// has nothing to do and may be answered on the spot. `false` (the
+    /// default): flush with [`Backend::flush`].
+    fn is_flushed(&self) -> bool {
+        false
+    }
     /// Allocation of `[offset, offset + len)`: at most `max` extents.
     fn extents(&self, offset: u64, len: u64, max: usize) -> Vec<Extent>;
     /// Where `[offset, offset + len)` lies whole in one file that this
@@ -207,6 +213,9 @@ impl Backend for Local {
     }
     fn flush(self: Arc<Self>) -> BoxFuture<'static, io::Result<()>> {
         blocking(move || self.disk.flush())
+    }
+    fn is_flushed(&self) -> bool {
+        self.disk.is_flushed()
     }
     fn extents(&self, offset: u64, len: u64, max: usize) -> Vec<Extent> {
         self.disk.block_status(offset, len, max)

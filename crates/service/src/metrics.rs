@@ -17,6 +17,8 @@ pub struct Metrics {
     /// Inline READs whose data went from a sealed layer file straight to
     /// the socket (`sendfile`), with no copy through user space.
     pub sendfile_reads: AtomicU64,
+    /// FLUSH requests answered on the spot: nothing written since the last.
+    pub inline_flushes: AtomicU64,
     pub written_bytes: AtomicU64,
     pub request_errors: AtomicU64,
     /// Connections that went on inside TLS.
@@ -92,7 +94,7 @@ impl Metrics {
     /// Prometheus text exposition, with `extra` rows (name, type, help, value).
     pub fn render(&self, extra: &[(&str, &str, &str, &AtomicU64)]) -> String {
         let mut out = String::new();
-        let rows: [(&str, &str, &str, &AtomicU64); 11] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 12] = [
             (
                 "vstream_nbd_connections_total",
                 "counter",
@@ -140,6 +142,12 @@ impl Metrics {
                 "counter",
                 "READ requests whose data went from the layer file to the socket with no copy",
                 &self.sendfile_reads,
+            ),
+            (
+                "vstream_nbd_inline_flushes_total",
+                "counter",
+                "FLUSH requests answered at once, nothing having been written since the last",
+                &self.inline_flushes,
             ),
             (
                 "vstream_nbd_written_bytes_total",

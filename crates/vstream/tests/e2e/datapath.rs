@@ -105,6 +105,20 @@ fn large_reads_from_the_layer_file_are_the_images_bytes() {
         expected[off as usize..off as usize + 12288].fill(byte);
     }
     d.ok("flush");
+    // A flush with nothing written since the last is answered on the spot;
+    // one after a write is not.
+    let inline = || server.metric("vstream_nbd_inline_flushes_total");
+    let flushes = inline();
+    d.ok("flush");
+    assert_eq!(inline(), flushes + 1, "a flush with nothing new");
+    d.ok(&format!("fill {} 4096 0x33", 7 * MIB));
+    expected[7 * MIB as usize..7 * MIB as usize + 4096].fill(0x33);
+    d.ok("flush");
+    assert_eq!(
+        inline(),
+        flushes + 1,
+        "a flush after a write was answered at once"
+    );
     let before = server.metric("vstream_nbd_sendfile_reads_total");
     let got = d.pread(0, 24 * MIB as usize, &scratch);
     assert_eq!(
