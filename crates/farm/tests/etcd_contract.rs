@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use etcd_client::{Client, DeleteOptions};
 use vstream_farm::etcd::Etcd;
 use vstream_farm::{contract, Backend, Compare, FarmError, FarmStore, Op};
-use vstream_model::VDisk;
+use vstream_model::{DeviceEvent, EventKind, VDisk};
 
 /// The shared test etcd, or `None` after a skip (a failure under CI=true).
 fn test_etcd() -> Option<String> {
@@ -461,5 +461,45 @@ async fn a_dead_endpoint_among_several_fails_no_call() {
         );
     }
     assert_eq!(store.list_vdisks().await.expect("list").len(), 40);
+    remove_prefix(&url, &prefix).await;
+}
+
+/// A batch of device events for more devices than one transaction holds
+/// stays within etcd's limit of 128 operations a transaction, and every
+/// device's events and counts land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_device_events_fits_etcds_transactions() {
+    let Some(url) = test_etcd() else { return };
+    let _one_at_a_time = SHARED_ETCD.lock().await;
+    let prefix = unique_prefix("events");
+    let farm = FarmStore::etcd(std::slice::from_ref(&url), &prefix)
+        .await
+        .expect("connect");
+    let event = |at_ms, kind| DeviceEvent {
+        at_ms,
+        kind,
+        server: "s1".into(),
+        detail: String::new(),
+    };
+    let batch: Vec<(String, DeviceEvent)> = (0..70)
+        .flat_map(|d| {
+            [
+                (format!("pc{d}"), event(1, EventKind::Connect)),
+                (format!("pc{d}"), event(2, EventKind::Disconnect)),
+            ]
+        })
+        .collect();
+    farm.add_device_events(&batch, 50)
+        .await
+        .expect("a batch of 70 devices");
+    let counts = farm.device_event_counts().await.expect("counts");
+    assert_eq!(counts.len(), 70);
+    assert!(
+        counts
+            .values()
+            .all(|c| c.connects == 1 && c.disconnects == 1),
+        "{counts:?}"
+    );
+    assert_eq!(farm.device_events("pc69").await.expect("events").len(), 2);
     remove_prefix(&url, &prefix).await;
 }
