@@ -297,23 +297,13 @@ impl Layer {
     /// if its hashes are current: one read of the 4 KiB header, whatever the
     /// layer's size, without opening the layer (no bitmap is read).
     pub fn recorded_content_hash(path: &Path) -> Result<Option<[u8; 32]>, ImageError> {
-        let file = File::open(path).map_err(|source| ImageError::OpenLayer {
-            path: path.to_owned(),
-            source,
-        })?;
-        let (_, _, content, _) = read_header(&file, path)?;
-        Ok(content)
+        Ok(read_header_of(path)?.2)
     }
 
     /// The label in the header of the layer file at `path` ([`Layer::label`]):
     /// one read of the 4 KiB header, without opening the layer.
     pub fn recorded_label(path: &Path) -> Result<Vec<u8>, ImageError> {
-        let file = File::open(path).map_err(|source| ImageError::OpenLayer {
-            path: path.to_owned(),
-            source,
-        })?;
-        let (_, _, _, label) = read_header(&file, path)?;
-        Ok(label)
+        Ok(read_header_of(path)?.3)
     }
 
     /// Opens and validates a layer file.
@@ -1224,6 +1214,16 @@ fn encode_header(geo: &Geometry, flags: u32, content: Option<[u8; 32]>, label: &
 
 /// Reads and checks the header of the layer file `file` (at `path`).
 type Header = (Geometry, u32, Option<[u8; 32]>, Vec<u8>);
+
+/// Reads and checks the header of the layer file at `path`, without opening
+/// the layer.
+fn read_header_of(path: &Path) -> Result<Header, ImageError> {
+    let file = File::open(path).map_err(|source| ImageError::OpenLayer {
+        path: path.to_owned(),
+        source,
+    })?;
+    read_header(&file, path)
+}
 
 fn read_header(file: &File, path: &Path) -> Result<Header, ImageError> {
     let corrupt = |reason: String| ImageError::CorruptLayer {
