@@ -290,6 +290,32 @@ fn signal(process: &EtcdProcess, signal: &str) {
     assert!(status.success(), "kill {signal} failed");
 }
 
+/// Waits until every thread of etcd is stopped (state `T` in
+/// /proc/PID/task/*/stat): `kill -STOP` returns once the signal is sent, and
+/// a thread of etcd on another CPU may still answer a request meanwhile
+/// (CI once saw a read succeed right after the signal).
+fn wait_stopped(process: &EtcdProcess) {
+    let tasks = PathBuf::from(format!("/proc/{}/task", process.child.id()));
+    let stopped = || -> bool {
+        let Ok(dir) = std::fs::read_dir(&tasks) else {
+            return false;
+        };
+        dir.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+            .all(|stat| {
+                stat.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+            })
+    };
+    let started = Instant::now();
+    while !stopped() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "etcd's threads did not all stop within 10 s of SIGSTOP"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Waits until `etcd` answers a read, for up to `limit`.
 async fn until_answers(etcd: &Etcd, process: &mut EtcdProcess, limit: Duration) -> Duration {
     let started = Instant::now();
@@ -338,6 +364,7 @@ async fn survives_etcd_restarts() {
     // Frozen (SIGSTOP): the connection stays open but nothing answers. Calls
     // give up after the timeout; once etcd goes on (SIGCONT) they work again.
     signal(&process, "-STOP");
+    wait_stopped(&process);
     let started = Instant::now();
     let err = store.get_vdisk("base").await.expect_err("etcd is frozen");
     let took = started.elapsed();
