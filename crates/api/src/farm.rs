@@ -162,3 +162,19 @@ pub struct RebalancePlan {
     pub trigger_pct: f64,
     pub moves: Vec<PlannedMove>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Rebalance;
+
+    /// A number just past a documented maximum is read past it, so the
+    /// server refuses it (schemathesis sent 1000.0000000000001 for a
+    /// maximum of 1000, which a parse that is not correctly rounded read as
+    /// 1000.0 and let through): serde_json's `float_roundtrip`.
+    #[test]
+    fn a_number_just_past_a_maximum_is_read_past_it() {
+        let r: Rebalance =
+            serde_json::from_str(r#"{"trigger_pct": 1000.0000000000001}"#).expect("JSON");
+        assert!(r.trigger_pct.expect("given") > 1000.0);
+    }
+}
