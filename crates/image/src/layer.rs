@@ -19,7 +19,7 @@ use std::mem::MaybeUninit;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use parking_lot::Mutex;
@@ -161,10 +161,10 @@ pub struct Layer {
     allocated: AtomicU64,
     dirty_pages: Mutex<BTreeSet<u64>>,
     flush_lock: Mutex<()>,
-    /// Files (this layer's own among them) whose content and names must be
-    /// durable before this layer's first flush is acknowledged: see
-    /// [`Layer::create_unsynced`]. Empty for a layer made durable at creation.
-    owed_sync: Mutex<Vec<PathBuf>>,
+    /// Whether this file and its folder are owed a sync before the layer's
+    /// first flush is acknowledged: see [`Layer::create_unsynced`]. False
+    /// for a layer made durable at creation.
+    owed_sync: AtomicBool,
     /// Data changes completed (each counted once it is in the file) and the
     /// count the last full flush covered: a flush with nothing new since
     /// returns without a disk round trip (a booting OS flushes often, most
@@ -214,23 +214,13 @@ impl Layer {
 
     /// Creates an empty layer file like [`Layer::create`], with `label` in
     /// its header ([`Layer::label`], at most [`MAX_LABEL`] bytes), without
-    /// waiting for the disk: the file, each of `also` (written before, not
-    /// synced) and their folders are synced by the layer's first
-    /// [`Layer::flush`], before it syncs any data. For a layer whose writes
+    /// waiting for the disk: the file and its folder are synced by the
+    /// layer's first [`Layer::flush`], before it syncs any data. For a layer whose writes
     /// need not outlive a crash until its first flush is acknowledged, as a
     /// device's write cache: a crash before then leaves at worst a layer that
     /// does not open or whose label no longer matches, and is discarded.
     /// Creating many (a boot storm's caches) costs no disk round trip each.
-    ///
-    /// Metadata journaling (ext4, xfs) commits names in the order they were
-    /// made, so a name of `also` made before this call is durable whenever
-    /// the layer's own name is.
-    pub fn create_unsynced(
-        path: &Path,
-        size: u64,
-        label: &[u8],
-        also: &[PathBuf],
-    ) -> Result<Layer, ImageError> {
+    pub fn create_unsynced(path: &Path, size: u64, label: &[u8]) -> Result<Layer, ImageError> {
         if label.len() > MAX_LABEL {
             return Err(ImageError::Invalid(format!(
                 "a layer label holds at most {MAX_LABEL} bytes, not {}",
@@ -238,9 +228,7 @@ impl Layer {
             )));
         }
         let layer = Layer::create_file(path, size, label)?;
-        let mut owed = also.to_vec();
-        owed.push(path.to_owned());
-        *layer.owed_sync.lock() = owed;
+        layer.owed_sync.store(true, Ordering::SeqCst);
         Ok(layer)
     }
 
@@ -364,7 +352,7 @@ impl Layer {
             allocated: AtomicU64::new(allocated),
             dirty_pages: Mutex::new(BTreeSet::new()),
             flush_lock: Mutex::new(()),
-            owed_sync: Mutex::new(Vec::new()),
+            owed_sync: AtomicBool::new(false),
             changes: AtomicU64::new(0),
             synced_changes: AtomicU64::new(u64::MAX),
             copy_up_locks: (0..64).map(|_| Mutex::new(())).collect(),
@@ -698,7 +686,7 @@ impl Layer {
     fn covers(&self, changes: u64) -> bool {
         changes == self.synced_changes.load(Ordering::SeqCst)
             && self.dirty_pages.lock().is_empty()
-            && self.owed_sync.lock().is_empty()
+            && !self.owed_sync.load(Ordering::SeqCst)
     }
 
     fn flush_changes(&self) -> io::Result<()> {
@@ -742,35 +730,19 @@ impl Layer {
         self.file.sync_data().inspect_err(|_| restore())
     }
 
-    /// Syncs what [`Layer::create_unsynced`] left owed: each file, then each
-    /// folder holding one; true if this layer's own file was among them
-    /// (synced whole). Kept owed if any sync fails, so the next flush tries
-    /// again and no flush is acknowledged before it is paid.
+    /// Syncs what [`Layer::create_unsynced`] left owed, the whole file and
+    /// then its folder; true if it did. Kept owed if a sync fails, so the
+    /// next flush tries again and no flush is acknowledged before it is paid.
     fn pay_owed_sync(&self) -> io::Result<bool> {
-        let owed = self.owed_sync.lock().clone();
-        if owed.is_empty() {
+        if !self.owed_sync.load(Ordering::SeqCst) {
             return Ok(false);
         }
-        let mut dirs: Vec<&Path> = Vec::new();
-        let mut own = false;
-        for path in &owed {
-            if *path == self.path {
-                self.file.sync_all()?;
-                own = true;
-            } else {
-                File::open(path)?.sync_all()?;
-            }
-            if let Some(dir) = path.parent() {
-                if !dirs.contains(&dir) {
-                    dirs.push(dir);
-                }
-            }
-        }
-        for dir in dirs {
+        self.file.sync_all()?;
+        if let Some(dir) = self.path.parent() {
             sync_dir(dir)?;
         }
-        self.owed_sync.lock().clear();
-        Ok(own)
+        self.owed_sync.store(false, Ordering::SeqCst);
+        Ok(true)
     }
 
     fn bitmap_page_bytes(&self, page: u64) -> Vec<u8> {
@@ -1321,7 +1293,7 @@ fn cachestat(fd: i32, pos: u64, len: u64) -> bool {
         nr_evicted: u64,
         nr_recently_evicted: u64,
     }
-    static MISSING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    static MISSING: AtomicBool = AtomicBool::new(false);
     if MISSING.load(Ordering::Relaxed) {
         return false;
     }
@@ -1409,7 +1381,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.layer");
         let label = b"v@1/v1-0.layer\nboot-7\n";
-        let l = Layer::create_unsynced(&p, 1 << 20, label, &[]).unwrap();
+        let l = Layer::create_unsynced(&p, 1 << 20, label).unwrap();
         assert_eq!(l.label(), label);
         l.write_data(&[1u8; 4096], 0).unwrap();
         l.set_allocated(0, 1);
@@ -1435,7 +1407,7 @@ mod tests {
         let other = Layer::create(&dir.path().join("o.layer"), 1 << 20).unwrap();
         assert!(other.label().is_empty());
         let long = vec![b'x'; MAX_LABEL + 1];
-        assert!(Layer::create_unsynced(&dir.path().join("l.layer"), 1 << 20, &long, &[]).is_err());
+        assert!(Layer::create_unsynced(&dir.path().join("l.layer"), 1 << 20, &long).is_err());
         let mut h = encode_header(&Geometry::for_size(1 << 20), 0, None, b"");
         h[LABEL_AT..LABEL_AT + 2].copy_from_slice(&(MAX_LABEL as u16 + 1).to_le_bytes());
         let sum = blake3::hash(&h[..4088]);
@@ -1444,26 +1416,27 @@ mod tests {
     }
 
     #[test]
-    fn an_unsynced_layer_acknowledges_no_flush_before_its_tags_are_synced() {
+    fn an_unsynced_layer_acknowledges_no_flush_before_its_folder_is_synced() {
         let dir = tempfile::tempdir().unwrap();
-        let (p, tag) = (dir.path().join("c.layer"), dir.path().join("c.base"));
-        std::fs::write(&tag, "base").unwrap();
-        let l = Layer::create_unsynced(&p, 1 << 20, b"", std::slice::from_ref(&tag)).unwrap();
-        assert_eq!(
-            l.owed_sync.lock().len(),
-            2,
-            "the tag and the layer are owed"
+        let folder = dir.path().join("cache");
+        std::fs::create_dir(&folder).unwrap();
+        let p = folder.join("c.layer");
+        let l = Layer::create_unsynced(&p, 1 << 20, b"").unwrap();
+        assert!(
+            l.owed_sync.load(Ordering::SeqCst),
+            "the layer and its folder are owed"
         );
         l.write_data(&[3u8; 4096], 0).unwrap();
         l.set_allocated(0, 1);
-        // A tag that cannot be synced fails the flush, and stays owed.
-        std::fs::remove_file(&tag).unwrap();
-        let e = l.flush().expect_err("the tag is gone");
+        // A folder that cannot be synced fails the flush, and stays owed.
+        let away = dir.path().join("away");
+        std::fs::rename(&folder, &away).unwrap();
+        let e = l.flush().expect_err("the folder is gone");
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
-        assert_eq!(l.owed_sync.lock().len(), 2);
-        std::fs::write(&tag, "base").unwrap();
+        assert!(l.owed_sync.load(Ordering::SeqCst));
+        std::fs::rename(&away, &folder).unwrap();
         l.flush().unwrap();
-        assert!(l.owed_sync.lock().is_empty(), "paid once");
+        assert!(!l.owed_sync.load(Ordering::SeqCst), "paid once");
         drop(l);
         let l = Layer::open(&p, false).unwrap();
         assert!(l.is_allocated(0), "the flushed write is kept");

@@ -1340,7 +1340,6 @@ impl Store {
             &path,
             size,
             label.as_bytes(),
-            &[],
         )?))
     }
 
