@@ -177,6 +177,9 @@ pub struct Layer {
     /// still describes the data.
     writes_begun: AtomicU64,
     writes_running: AtomicU64,
+    /// The whole file mapped read-only, made at the first
+    /// [`Layer::mapped_data`]; `None` inside if the mapping failed.
+    mapping: OnceLock<Option<Mapping>>,
 }
 
 /// Held for the duration of one write to a layer.
@@ -358,6 +361,7 @@ impl Layer {
             copy_up_locks: (0..64).map(|_| Mutex::new(())).collect(),
             writes_begun: AtomicU64::new(0),
             writes_running: AtomicU64::new(0),
+            mapping: OnceLock::new(),
         }
     }
 
@@ -528,6 +532,42 @@ impl Layer {
             return true;
         }
         cachestat(self.file.as_raw_fd(), self.geo.data_offset + offset, len)
+    }
+
+    /// The data region's `[offset, offset + len)` in a shared read-only
+    /// mapping of the file, made at the first call and kept while the layer
+    /// is open: bytes a front door hands to the kernel to send (`sendmsg`
+    /// copies them from the page cache into the socket, with no copy into a
+    /// buffer of ours first). `None` if the file cannot be mapped or the
+    /// range lies past its end.
+    ///
+    /// Only the kernel may read these bytes, never this process: should the
+    /// file be cut short under the mapping (by hand, in the store), a read
+    /// of a page past its new end is a SIGBUS in user space, but an
+    /// `EFAULT` in a system call, which fails that one connection.
+    pub fn mapped_data(&self, offset: u64, len: u64) -> Option<MappedBytes<'_>> {
+        let map = self
+            .mapping
+            .get_or_init(|| match Mapping::of(&self.file) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), error = %e, "a layer file cannot be mapped; its reads take the copy path");
+                    None
+                }
+            })
+            .as_ref()?;
+        let pos = self.geo.data_offset.checked_add(offset)?;
+        let end = usize::try_from(pos.checked_add(len)?).ok()?;
+        if end > map.len {
+            return None;
+        }
+        Some(MappedBytes {
+            // SAFETY: `pos..end` lies within the mapping, which lives as
+            // long as `self` (unmapped only when the layer is dropped).
+            ptr: unsafe { map.ptr.add(pos as usize) },
+            len: len as usize,
+            _layer: std::marker::PhantomData,
+        })
     }
 
     /// Reads `buf.len()` bytes of the data region at logical `offset`.
@@ -1052,6 +1092,89 @@ impl Drop for Layer {
     }
 }
 
+/// A layer file mapped whole, read-only and shared (it sees the page cache).
+#[derive(Debug)]
+struct Mapping {
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only memory of the kernel's page cache, valid
+// until dropped; nothing here reads or writes through the pointer.
+unsafe impl Send for Mapping {}
+// SAFETY: as for Send.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn of(file: &File) -> io::Result<Mapping> {
+        let len = usize::try_from(file.metadata()?.len()).map_err(io::Error::other)?;
+        if len == 0 {
+            return Err(io::Error::other("an empty file"));
+        }
+        // SAFETY: a new read-only shared mapping of an open file; the kernel
+        // picks the address. The file may be closed after: the mapping
+        // holds its own reference.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mapping {
+            ptr: ptr as *const u8,
+            len,
+        })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr..ptr + len` is the mapping made in `of`, and every
+        // `MappedBytes` borrowing it is gone (they borrow its layer).
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// Bytes of a layer's mapping (see [`Layer::mapped_data`]), to be handed to
+/// the kernel and not read here.
+#[derive(Debug, Clone, Copy)]
+pub struct MappedBytes<'a> {
+    ptr: *const u8,
+    len: usize,
+    _layer: std::marker::PhantomData<&'a Layer>,
+}
+
+// SAFETY: a borrowed view of a `Mapping`, which is Send and Sync.
+unsafe impl Send for MappedBytes<'_> {}
+// SAFETY: as for Send.
+unsafe impl Sync for MappedBytes<'_> {}
+
+impl<'a> MappedBytes<'a> {
+    /// The bytes, for a system call's I/O vector (`sendmsg`), which copies
+    /// them in the kernel: a page the file no longer has is an `EFAULT`
+    /// there, not a fault here. Never read them in this process.
+    pub fn for_kernel(&self) -> &'a [u8] {
+        // SAFETY: within the mapping, alive for 'a (see `mapped_data`); the
+        // slice goes to the kernel only.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// Reads the bitmap of a layer: only the parts of its region the file holds
 /// data in (a region never written is a hole), and of those only the pages
 /// with a bit set are kept. Returns the bitmap and its count of set bits.
@@ -1324,6 +1447,33 @@ fn cachestat(fd: i32, pos: u64, len: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mapped_data_is_the_layers_bytes_and_stops_at_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.layer");
+        let size = 1 << 20;
+        let l = Layer::create(&p, size).unwrap();
+        let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 13 % 251) as u8).collect();
+        l.write_data(&data, 8192).unwrap();
+        let m = l
+            .mapped_data(8192 + 100, 30_000)
+            .expect("a layer file maps");
+        assert_eq!(m.len(), 30_000);
+        // Handed to the kernel, as a front door does: write(2) to a file.
+        let out = dir.path().join("out");
+        std::fs::write(&out, m.for_kernel()).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), data[100..30_100]);
+        let unwritten = l.mapped_data(size - 4096, 4096).expect("the last chunk");
+        std::fs::write(&out, unwritten.for_kernel()).unwrap();
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            vec![0u8; 4096],
+            "a hole is zeros"
+        );
+        assert!(l.mapped_data(size - 4096, 4097).is_none(), "past the end");
+        assert!(l.mapped_data(u64::MAX - 10, 20).is_none(), "no overflow");
+    }
 
     #[test]
     fn create_write_flush_reopen() {

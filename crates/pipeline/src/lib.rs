@@ -101,12 +101,23 @@ pub trait Backend: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct FileSpan {
     layer: Arc<Layer>,
+    /// Where the bytes are on the disk.
+    offset: u64,
     /// Position in the file.
     pub pos: u64,
     pub len: u64,
 }
 
 impl FileSpan {
+    /// The bytes in the layer file's shared mapping, to be handed to the
+    /// kernel (see [`Layer::mapped_data`]); `None` if the file cannot be
+    /// mapped.
+    pub fn mapped(&self) -> Option<&[u8]> {
+        self.layer
+            .mapped_data(self.offset, self.len)
+            .map(|m| m.for_kernel())
+    }
+
     /// The file the bytes are in, open for reading.
     pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.layer.data_file(0).0
@@ -227,6 +238,7 @@ impl Backend for Local {
         }
         Some(FileSpan {
             pos: layer.data_file(offset).1,
+            offset,
             layer: layer.clone(),
             len,
         })

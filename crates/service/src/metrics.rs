@@ -17,6 +17,9 @@ pub struct Metrics {
     /// Inline READs whose data went from a sealed layer file straight to
     /// the socket (`sendfile`), with no copy through user space.
     pub sendfile_reads: AtomicU64,
+    /// Inline READs whose data went from a layer file's shared mapping to
+    /// the socket, copied once, by the kernel (`sendmsg`).
+    pub mapped_reads: AtomicU64,
     /// FLUSH requests answered on the spot: nothing written since the last.
     pub inline_flushes: AtomicU64,
     pub written_bytes: AtomicU64,
@@ -94,7 +97,7 @@ impl Metrics {
     /// Prometheus text exposition, with `extra` rows (name, type, help, value).
     pub fn render(&self, extra: &[(&str, &str, &str, &AtomicU64)]) -> String {
         let mut out = String::new();
-        let rows: [(&str, &str, &str, &AtomicU64); 12] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 13] = [
             (
                 "vstream_nbd_connections_total",
                 "counter",
@@ -142,6 +145,12 @@ impl Metrics {
                 "counter",
                 "READ requests whose data went from the layer file to the socket with no copy",
                 &self.sendfile_reads,
+            ),
+            (
+                "vstream_nbd_mapped_reads_total",
+                "counter",
+                "READ requests whose data went from the layer file's mapping to the socket, copied only by the kernel",
+                &self.mapped_reads,
             ),
             (
                 "vstream_nbd_inline_flushes_total",

@@ -1,13 +1,20 @@
-//! Where a connection's replies go, and the one way around the copy: a
+//! Where a connection's replies go, and the two ways around the copy: a
 //! READ whose bytes lie whole in one layer file that its disk does not
 //! write (a sealed version, a read-only view) goes from that file straight
-//! to the socket with `sendfile(2)`, never through user space.
+//! to the socket, never through a buffer of ours: a large one with
+//! `sendfile(2)`, a shorter one from the file's shared mapping, handed to
+//! `sendmsg` among the other replies of its batch.
 //!
 //! ```text
-//!   copy path:    page cache --preadv2--> reply buffer --write--> socket   (two copies)
-//!   file path:    header --sendmsg(MSG_MORE)--> socket
-//!                 page cache --sendfile--> socket                          (the socket's one)
+//!   copy path:     page cache --preadv2--> reply buffer --write--> socket   (two copies)
+//!   mapping path:  header, page cache (mapped), other replies --sendmsg--> socket
+//!                                                                           (the socket's one)
+//!   file path:     header --sendmsg(MSG_MORE)--> socket
+//!                  page cache --sendfile--> socket                          (the socket's one)
 //! ```
+//!
+//! Only the kernel reads the mapping: a file cut short under it makes the
+//! `sendmsg` fail (`EFAULT`), where a read in user space would be a SIGBUS.
 //!
 //! Only a plain socket (TCP or unix) can take it: inside TLS the bytes must
 //! be encrypted in user space, so a TLS writer has no [`Sink::socket`] and

@@ -2,8 +2,8 @@
 //!
 //! ```text
 //!   socket --read--> buffer --decode--> request --validate--+--> READ hit in page cache: answered inline
-//!                                                           |     (a large one within one layer it does not write:
-//!                                                           |      header, then sendfile from the layer)
+//!                                                           |     (within one layer it does not write: the bytes go
+//!                                                           |      from the layer's mapping, a large read by sendfile)
 //!                                                           +--> anything else: blocking pool --> reply
 //!   inline replies of one batch leave in one write; replies that finish while
 //!   another is being written leave together, in one vectored write
@@ -45,13 +45,17 @@ const BATCH_LIMIT: usize = 1 << 20;
 /// answered a 128 KiB read, would otherwise each hold that much for as long
 /// as they stay connected.
 const OUT_KEEP: usize = 16 << 10;
-/// Reads at least this long that lie within one layer file the disk does not write go from the
-/// file to the socket (`sendfile`) on plain connections, unless
-/// `VSTREAM_NBD_SENDFILE_MIN` says otherwise (bytes; `off`: never). Below
-/// it the copy costs less: a boot storm's 128 KiB reads, hundreds of
-/// connections sending the same cached pages, cost the server 11 % and the
-/// clients 17 % more CPU by sendfile than by copy, while sequential 256 KiB
-/// reads cost the server less by sendfile (bench/notes/datapath.md).
+/// On plain connections, a read that lies within one layer file the disk
+/// does not write, all in the page cache, goes from the file to the socket
+/// without a copy into a buffer of ours: at least this long by `sendfile`,
+/// shorter from the file's shared mapping, handed to `sendmsg` with the
+/// replies around it. `VSTREAM_NBD_SENDFILE_MIN` sets it (bytes; `off`:
+/// neither way, every read is copied). A boot storm's 128 KiB reads,
+/// hundreds of connections sending the same cached pages, cost the server
+/// 11 % and the clients 17 % more CPU by sendfile than by copy, while
+/// sequential 256 KiB reads cost the server less by sendfile
+/// (bench/notes/datapath.md); from the mapping, the storm costs the server
+/// less than by copy (bench/notes/storm.md).
 const SENDFILE_MIN: u32 = 256 << 10;
 
 /// The smallest read sent from its file; `None`: none is.
@@ -105,7 +109,8 @@ struct Conn {
     structured: bool,
     base_allocation: bool,
     exports: Arc<dyn Exports>,
-    /// Reads at least this long may be sent from their file: a plain socket.
+    /// Reads at least this long may be sent from their file, shorter ones
+    /// from its mapping: a plain socket; `None`: every read is copied.
     sendfile_min: Option<u32>,
 }
 
@@ -114,10 +119,19 @@ struct Conn {
 #[derive(Default)]
 struct Out {
     bytes: Vec<u8>,
-    /// `(at, span)`: `span`'s bytes follow `bytes[..at]`; `at` never falls.
-    files: Vec<(usize, FileSpan)>,
+    /// `(at, span, via)`: `span`'s bytes follow `bytes[..at]`; `at` never falls.
+    files: Vec<(usize, FileSpan, Via)>,
     /// What the spans hold, for the batch limit.
     file_bytes: usize,
+}
+
+/// How a file span's bytes reach the socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// `sendfile` from the file.
+    File,
+    /// `sendmsg` from the file's shared mapping, with the bytes around it.
+    Mapping,
 }
 
 impl Out {
@@ -390,11 +404,16 @@ async fn write_outs<W: Sink>(w: &mut W, outs: &[&Out]) -> std::io::Result<()> {
     let mut bytes: Vec<&[u8]> = Vec::new();
     for out in outs {
         let mut from = 0;
-        for (at, span) in &out.files {
+        for (at, span, via) in &out.files {
             bytes.push(&out.bytes[from..*at]);
-            socket.send_all(&bytes, true).await?;
-            bytes.clear();
-            socket.send_file(span).await?;
+            match span.mapped().filter(|_| *via == Via::Mapping) {
+                Some(mapped) => bytes.push(mapped),
+                None => {
+                    socket.send_all(&bytes, true).await?;
+                    bytes.clear();
+                    socket.send_file(span).await?;
+                }
+            }
             from = *at;
         }
         bytes.push(&out.bytes[from..]);
@@ -492,11 +511,14 @@ impl Conn {
         match req.command {
             Command::Read => {
                 let m = self.exports.metrics();
-                if let Some(span) = self.file_span(req) {
+                if let Some((span, via)) = self.file_span(req) {
                     self.read_reply_header(req, bytes);
-                    out.files.push((bytes.len(), span));
+                    out.files.push((bytes.len(), span, via));
                     out.file_bytes += req.length as usize;
-                    Metrics::add(&m.sendfile_reads, 1);
+                    match via {
+                        Via::File => Metrics::add(&m.sendfile_reads, 1),
+                        Via::Mapping => Metrics::add(&m.mapped_reads, 1),
+                    }
                 } else {
                     let start = bytes.len();
                     self.read_reply_header(req, bytes);
@@ -551,15 +573,18 @@ impl Conn {
         }
     }
 
-    /// Where READ `req`'s data may be sent from: its file, if the
-    /// connection takes that, the read is large enough, and the data lies
-    /// cached within one layer file the disk does not write.
-    fn file_span(&self, req: &Request) -> Option<FileSpan> {
+    /// Where READ `req`'s data may be sent from, and how: its file, if the
+    /// connection takes that and the data lies cached within one layer
+    /// file the disk does not write; by `sendfile` if the read is long
+    /// enough, else from the file's mapping (if it has one).
+    fn file_span(&self, req: &Request) -> Option<(FileSpan, Via)> {
         let min = self.sendfile_min?;
-        if req.length < min.max(1) {
-            return None;
+        let span = self.backend.file_span(req.offset, u64::from(req.length))?;
+        if req.length >= min {
+            Some((span, Via::File))
+        } else {
+            span.mapped().is_some().then_some((span, Via::Mapping))
         }
-        self.backend.file_span(req.offset, u64::from(req.length))
     }
 
     fn read_reply_header(&self, req: &Request, out: &mut Vec<u8>) {
@@ -733,9 +758,10 @@ mod tests {
         (local, data)
     }
 
-    /// Replies with file data (sent by `sendfile`) and replies of bytes,
-    /// from many tasks, through a small socket buffer: each arrives whole,
-    /// its file data right after its header.
+    /// Replies with file data (sent by `sendfile`, or from the file's
+    /// mapping) and replies of bytes, from many tasks, through a small
+    /// socket buffer: each arrives whole, its file data right after its
+    /// header.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn file_data_leaves_whole_between_other_replies() {
         let dir = tempfile::tempdir().unwrap();
@@ -770,7 +796,10 @@ mod tests {
                     let mut out = Out::default();
                     out.bytes.extend(i.to_be_bytes());
                     out.bytes.extend((len as u32).to_be_bytes());
-                    out.files.push((out.bytes.len(), span));
+                    // From the mapping, or by sendfile.
+                    let via = if i % 3 == 1 { Via::Mapping } else { Via::File };
+                    assert!(span.mapped().is_some(), "a layer file maps");
+                    out.files.push((out.bytes.len(), span, via));
                     out.file_bytes = len as usize;
                     replies.send_batch(&mut out).await.unwrap();
                     assert!(out.is_empty(), "the batch comes back empty");
@@ -819,13 +848,50 @@ mod tests {
         for _ in 0..8 {
             out.bytes.extend([0u8; 16]);
             let span = backend.file_span(0, 4 << 20).unwrap();
-            out.files.push((out.bytes.len(), span));
+            out.files.push((out.bytes.len(), span, Via::File));
             out.file_bytes += 4 << 20;
         }
         assert!(replies.send_batch(&mut out).await.is_err());
         closer.await.unwrap();
         let permit = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
         assert!(replies.send(reply(1), permit).await.is_err());
+    }
+
+    /// A layer file cut short by hand while its mapping is in use: the
+    /// reply that needs the pages it lost fails with an error in the
+    /// kernel's copy (not a SIGBUS that would end the server), and the
+    /// connection with it; the bytes that did leave are the file's.
+    #[tokio::test]
+    async fn a_mapped_file_cut_short_fails_the_reply_not_the_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 4 << 20;
+        let (backend, data) = sealed_backend(dir.path(), size);
+        let span = backend.file_span(0, size as u64).expect("cached");
+        assert!(span.mapped().is_some(), "a layer file maps");
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("sealed.layer"))
+            .unwrap();
+        // Keep the header and 1 MiB of data.
+        file.set_len(span.pos + (1 << 20)).unwrap();
+        let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
+        let (_ar, aw) = a.into_split();
+        let replies = Replies::new(aw);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let _ = b.read_to_end(&mut got).await;
+            got
+        });
+        let mut out = Out::default();
+        out.files.push((0, span, Via::Mapping));
+        out.file_bytes = size;
+        let sent = replies.send_batch(&mut out).await;
+        let err = sent.expect_err("the lost pages cannot be sent");
+        assert_eq!(err.raw_os_error(), Some(libc::EFAULT), "{err}");
+        drop(replies);
+        let got = reader.await.unwrap();
+        assert!(got.len() < size, "the reply stopped short");
+        assert_eq!(got[..], data[..got.len()], "what left is the file's");
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
-//! Large reads sent from the layer file (`sendfile`, crates/service/src/sink.rs)
-//! through real clients: the bytes are the image's, over TCP and unix; a
+//! Reads sent from the layer file (large ones by `sendfile`, shorter ones
+//! from its mapping, crates/service/src/sink.rs) through real clients: the
+//! bytes are the image's, over TCP and unix; a
 //! Standard device's reads of the base under its write cache leave from the
 //! file too; reads that span a hole or a write cache and its base take the
 //! copy path and are right too; and a client that goes away in the middle of a reply leaves
@@ -84,6 +85,27 @@ fn large_reads_from_the_layer_file_are_the_images_bytes() {
             "read of {len} bytes at {off}"
         );
     }
+    // Shorter reads within the base go from the file's mapping.
+    let mapped = || server.metric("vstream_nbd_mapped_reads_total");
+    let before = mapped();
+    for (off, len) in [
+        (0, 512),
+        (5 * MIB as usize + 17, 4096),
+        (hole - (128 << 10), 128 << 10),
+        (11 * MIB as usize + 4095, (200 << 10) + 3),
+        (24 * MIB as usize - 1, 1),
+    ] {
+        let got = c.pread(off, len, &scratch);
+        assert_eq!(
+            first_difference(&got, &bytes[off..off + len]),
+            None,
+            "read of {len} bytes at {off}"
+        );
+    }
+    assert!(
+        mapped() >= before + 5,
+        "short reads of the base were not sent from its mapping"
+    );
     c.quit();
 
     // A Standard device: its reads lie in its write cache, in the base, or
