@@ -29,6 +29,7 @@ VSTREAM_NBD_SENDFILE_MIN). Each such row is also given against `vstream`.
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -126,14 +127,20 @@ def start(kind, data, args):
     return p, url
 
 
+def child_cpu():
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def measure(proc, fn):
-    t0, m0 = ticks(proc.pid), machine_busy()
+    t0, m0, c0 = ticks(proc.pid), machine_busy(), child_cpu()
     out = fn()
-    t1, m1 = ticks(proc.pid), machine_busy()
+    t1, m1, c1 = ticks(proc.pid), machine_busy(), child_cpu()
     server = (t1 - t0) / HZ
     total = (m1[1] - m0[1]) / HZ
-    # The client is the other busy process: what is left is other work.
-    foreign = max(0.0, (m1[0] - m0[0]) / HZ - 2 * server) / total if total else 0
+    # The clients (fio, nbdcopy) are this script's children, waited for: what the
+    # machine did besides them and the server is other work.
+    foreign = max(0.0, (m1[0] - m0[0]) / HZ - server - (c1 - c0)) / total if total else 0
     return out, server, foreign
 
 
