@@ -406,7 +406,11 @@ async fn write_outs<W: Sink>(w: &mut W, outs: &[&Out]) -> std::io::Result<()> {
         let mut from = 0;
         for (at, span, via) in &out.files {
             bytes.push(&out.bytes[from..*at]);
-            match span.mapped().filter(|_| *via == Via::Mapping) {
+            let mapped = match via {
+                Via::Mapping => span.mapped(),
+                Via::File => None,
+            };
+            match mapped {
                 Some(mapped) => bytes.push(mapped),
                 None => {
                     socket.send_all(&bytes, true).await?;
