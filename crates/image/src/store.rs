@@ -1305,11 +1305,11 @@ impl Store {
                 }
                 Ok(_) | Err(_) if !same_boot => {
                     tracing::info!(path = %path.display(), boot = boot.unwrap_or_default(), "discarding the write cache of an earlier boot");
-                    fs::remove_file(&path)?;
+                    self.discard_cache_file(device, &path)?;
                 }
                 Ok(_) | Err(_) => {
                     tracing::info!(path = %path.display(), %base, "discarding a write cache made over other content");
-                    fs::remove_file(&path)?;
+                    self.discard_cache_file(device, &path)?;
                 }
             }
         }
@@ -1372,12 +1372,36 @@ impl Store {
         }
     }
 
-    /// Deletes device `device`'s write cache, if any.
+    /// Deletes device `device`'s write cache, if any. It leaves its name at
+    /// once, renamed into the store's `tmp/`, and its blocks are freed on a
+    /// thread of its own ([`folders::remove_later`]): a session ends on its
+    /// connection's task, and a day's cache of gigabytes takes the
+    /// filesystem a while to free. A crash before that leaves it in `tmp/`,
+    /// which the next start clears.
     pub fn discard_cache(&self, device: &str) -> Result<(), ImageError> {
-        match fs::remove_file(self.cache_path(device)?) {
-            Ok(()) => Ok(()),
+        self.discard_cache_file(device, &self.cache_path(device)?)
+    }
+
+    /// Takes write cache `path` of `device` out of its place at once and
+    /// deletes it on the reaper's thread (see [`Store::discard_cache`]);
+    /// nothing there is no error.
+    fn discard_cache_file(&self, device: &str, path: &Path) -> Result<(), ImageError> {
+        static DISCARDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = DISCARDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let trash = self
+            .root
+            .join("tmp")
+            .join(format!("discarded-{device}-{}{n}", rand_u32()));
+        match fs::rename(path, &trash) {
+            Ok(()) => {
+                folders::remove_later(trash);
+                Ok(())
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(ImageError::Write {
+                path: path.to_owned(),
+                source: e,
+            }),
         }
     }
 }
@@ -1996,5 +2020,45 @@ mod tests {
         store.discard_cache("dev1").unwrap();
         store.discard_cache("dev1").unwrap();
         assert!(!store.cache_path("dev1").unwrap().exists());
+    }
+
+    /// A discarded cache leaves its name at once and is deleted soon after,
+    /// off the caller's thread; one left in `tmp/` by a crash in between
+    /// is cleared at the next open, and nothing else there is touched.
+    #[test]
+    fn a_discarded_cache_goes_at_once_and_its_file_soon() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let cache = store.open_cache("pc", "v@1", None, 1 << 20).unwrap();
+        cache.write_data(&[1u8; 8192], 0).unwrap();
+        drop(cache);
+        let tmp = dir.path().join("tmp");
+        let in_tmp = || {
+            fs::read_dir(&tmp)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect::<Vec<_>>()
+        };
+        store.discard_cache("pc").unwrap();
+        assert!(
+            !store.cache_path("pc").unwrap().exists(),
+            "still at its name"
+        );
+        assert_eq!(store.cached_devices(), Vec::<String>::new());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !in_tmp().is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never deleted: {:?}",
+                in_tmp()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // A crash between the rename and the delete: the next open clears it.
+        fs::write(tmp.join("discarded-pc-123"), b"old cache").unwrap();
+        fs::write(tmp.join("notes.txt"), b"an admin's").unwrap();
+        drop(store);
+        let _store = Store::open(dir.path()).unwrap();
+        assert_eq!(in_tmp(), vec!["notes.txt".to_owned()]);
     }
 }
