@@ -541,11 +541,12 @@ impl Layer {
     /// buffer of ours first). `None` if the file cannot be mapped or the
     /// range lies past its end.
     ///
-    /// Only the kernel may read these bytes, never this process: should the
-    /// file be cut short under the mapping (by hand, in the store), a read
-    /// of a page past its new end is a SIGBUS in user space, but an
-    /// `EFAULT` in a system call, which fails that one connection.
-    pub fn mapped_data(&self, offset: u64, len: u64) -> Option<MappedBytes<'_>> {
+    /// Only the kernel may read these bytes (hand them to a system call's
+    /// I/O vector), never this process: should the file be cut short under
+    /// the mapping (by hand, in the store), a read of a page past its new
+    /// end is a SIGBUS in user space, but an `EFAULT` in a system call,
+    /// which fails that one connection.
+    pub fn mapped_data(&self, offset: u64, len: u64) -> Option<&[u8]> {
         let map = self
             .mapping
             .get_or_init(|| match Mapping::of(&self.file) {
@@ -561,13 +562,10 @@ impl Layer {
         if end > map.len {
             return None;
         }
-        Some(MappedBytes {
-            // SAFETY: `pos..end` lies within the mapping, which lives as
-            // long as `self` (unmapped only when the layer is dropped).
-            ptr: unsafe { map.ptr.add(pos as usize) },
-            len: len as usize,
-            _layer: std::marker::PhantomData,
-        })
+        // SAFETY: `pos..end` lies within the mapping, which lives as long as
+        // `self` (unmapped only when the layer is dropped); the bytes go to
+        // the kernel only (above).
+        Some(unsafe { std::slice::from_raw_parts(map.ptr.add(pos as usize), len as usize) })
     }
 
     /// Reads `buf.len()` bytes of the data region at logical `offset`.
@@ -1142,39 +1140,6 @@ impl Drop for Mapping {
     }
 }
 
-/// Bytes of a layer's mapping (see [`Layer::mapped_data`]), to be handed to
-/// the kernel and not read here.
-#[derive(Debug, Clone, Copy)]
-pub struct MappedBytes<'a> {
-    ptr: *const u8,
-    len: usize,
-    _layer: std::marker::PhantomData<&'a Layer>,
-}
-
-// SAFETY: a borrowed view of a `Mapping`, which is Send and Sync.
-unsafe impl Send for MappedBytes<'_> {}
-// SAFETY: as for Send.
-unsafe impl Sync for MappedBytes<'_> {}
-
-impl<'a> MappedBytes<'a> {
-    /// The bytes, for a system call's I/O vector (`sendmsg`), which copies
-    /// them in the kernel: a page the file no longer has is an `EFAULT`
-    /// there, not a fault here. Never read them in this process.
-    pub fn for_kernel(&self) -> &'a [u8] {
-        // SAFETY: within the mapping, alive for 'a (see `mapped_data`); the
-        // slice goes to the kernel only.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
 /// Reads the bitmap of a layer: only the parts of its region the file holds
 /// data in (a region never written is a hole), and of those only the pages
 /// with a bit set are kept. Returns the bitmap and its count of set bits.
@@ -1462,10 +1427,10 @@ mod tests {
         assert_eq!(m.len(), 30_000);
         // Handed to the kernel, as a front door does: write(2) to a file.
         let out = dir.path().join("out");
-        std::fs::write(&out, m.for_kernel()).unwrap();
+        std::fs::write(&out, m).unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), data[100..30_100]);
         let unwritten = l.mapped_data(size - 4096, 4096).expect("the last chunk");
-        std::fs::write(&out, unwritten.for_kernel()).unwrap();
+        std::fs::write(&out, unwritten).unwrap();
         assert_eq!(
             std::fs::read(&out).unwrap(),
             vec![0u8; 4096],

@@ -14,7 +14,7 @@ pub mod versions;
 
 pub use disk::{ChainIndex, Disk, Extent, LocalRead};
 pub use error::{ImageError, WriteError};
-pub use layer::{Layer, MappedBytes, CHUNK, HASH_BLOCK};
+pub use layer::{Layer, CHUNK, HASH_BLOCK};
 pub use store::{
     crash_point, first_bad_block, verify_layers, verify_layers_paced, verify_layers_where, Chain,
     CheckReport, LayerCheck, Staging, Store, Trust,

@@ -103,8 +103,6 @@ pub struct FileSpan {
     layer: Arc<Layer>,
     /// Where the bytes are on the disk.
     offset: u64,
-    /// Position in the file.
-    pub pos: u64,
     pub len: u64,
 }
 
@@ -113,14 +111,17 @@ impl FileSpan {
     /// kernel (see [`Layer::mapped_data`]); `None` if the file cannot be
     /// mapped.
     pub fn mapped(&self) -> Option<&[u8]> {
-        self.layer
-            .mapped_data(self.offset, self.len)
-            .map(|m| m.for_kernel())
+        self.layer.mapped_data(self.offset, self.len)
     }
 
     /// The file the bytes are in, open for reading.
     pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.layer.data_file(0).0
+    }
+
+    /// Where the bytes begin in the file.
+    pub fn pos(&self) -> u64 {
+        self.layer.data_file(self.offset).1
     }
 }
 
@@ -237,7 +238,6 @@ impl Backend for Local {
             return None;
         }
         Some(FileSpan {
-            pos: layer.data_file(offset).1,
             offset,
             layer: layer.clone(),
             len,

@@ -14,7 +14,7 @@ pub struct Metrics {
     /// cache by the connection's own task (the rest wait for a blocking read).
     pub reads: AtomicU64,
     pub inline_reads: AtomicU64,
-    /// Inline READs whose data went from a sealed layer file straight to
+    /// Inline READs whose data went from a layer file its disk does not write straight to
     /// the socket (`sendfile`), with no copy through user space.
     pub sendfile_reads: AtomicU64,
     /// Inline READs whose data went from a layer file's shared mapping to

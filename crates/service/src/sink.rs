@@ -126,7 +126,7 @@ impl Socket<'_> {
     /// Sends `span`'s bytes from its file, however many calls that takes.
     pub(crate) async fn send_file(&self, span: &FileSpan) -> io::Result<()> {
         let fd = span.fd().as_raw_fd();
-        let mut pos = span.pos as libc::off_t;
+        let mut pos = span.pos() as libc::off_t;
         let mut left = span.len as usize;
         while left > 0 {
             let n = self

@@ -877,7 +877,7 @@ mod tests {
             .open(dir.path().join("sealed.layer"))
             .unwrap();
         // Keep the header and 1 MiB of data.
-        file.set_len(span.pos + (1 << 20)).unwrap();
+        file.set_len(span.pos() + (1 << 20)).unwrap();
         let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
         let (_ar, aw) = a.into_split();
         let replies = Replies::new(aw);
