@@ -950,9 +950,7 @@ impl Store {
         }
         // Rename first so that a crash never leaves a half-deleted vDisk in place.
         let root = self.root_of(name);
-        let trash = root
-            .join("tmp")
-            .join(format!("deleted-{name}-{}", rand_u32()));
+        let trash = trash_path(&root, "deleted", name);
         fs::rename(&dir, &trash).map_err(|source| ImageError::Write {
             path: dir.clone(),
             source,
@@ -1386,12 +1384,7 @@ impl Store {
     /// deletes it on the reaper's thread (see [`Store::discard_cache`]);
     /// nothing there is no error.
     fn discard_cache_file(&self, device: &str, path: &Path) -> Result<(), ImageError> {
-        static DISCARDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = DISCARDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let trash = self
-            .root
-            .join("tmp")
-            .join(format!("discarded-{device}-{}{n}", rand_u32()));
+        let trash = trash_path(&self.root, "discarded", device);
         match fs::rename(path, &trash) {
             Ok(()) => {
                 folders::remove_later(trash);
@@ -1661,6 +1654,16 @@ fn check_name(name: &str) -> Result<(), ImageError> {
     } else {
         Err(ImageError::Invalid(format!("{name:?} is not a valid name")))
     }
+}
+
+/// A new name in `root`'s `tmp/` for `name` on its way out (`KIND-NAME-N`,
+/// which [`folders::clear_tmp`] knows as vstream's): unique within the
+/// process, and unlikely to meet a leftover of an earlier one.
+fn trash_path(root: &Path, kind: &str, name: &str) -> PathBuf {
+    static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    root.join("tmp")
+        .join(format!("{kind}-{name}-{}{n}", rand_u32()))
 }
 
 fn rand_u32() -> u32 {
