@@ -29,9 +29,13 @@ pub(super) async fn prepare(
             .await?
             .ok_or_else(|| ApiError::not_found(format!("store {store} does not exist")))?;
         let s = stores.clone();
+        // A store this server cannot hold as the farm defines it (held here
+        // at another folder, a folder vstream did not make, one overlapping
+        // another) conflicts with what this server has: the request can
+        // go through once an admin puts that right.
         tokio::task::spawn_blocking(move || s.hold(&def))
             .await?
-            .map_err(|why| ApiError::new(StatusCode::INSUFFICIENT_STORAGE, why))?;
+            .map_err(ApiError::conflict)?;
     }
     stores
         .place_new(name, store)
