@@ -21,6 +21,14 @@ SEQ_RUNS times: GiB/s of the median and server CPU s per GiB. The page cache hol
 image (read before each server). Rounds alternate the order; figures are medians over
 rounds, and the table gives each against the floor's.
 
+"+ client" columns add the clients' CPU (fio, nbdcopy: this script's children) to the
+server's. Over loopback the receiving half of TCP (the client socket's segment processing
+and its wakeups) runs in whichever process's context delivers or drains the segments:
+the sender's softirq, or the receiver's own release of its socket. Which one depends on
+timing, so a server can look cheaper by leaving that work to its client. The floor does:
+its copies keep the client's socket backed up, and the client drains it
+(bench/notes/datapath.md, "Who pays for loopback's receive side").
+
 A/B in the same run: `--old-bin PATH` adds `vstream-old`, another vstream binary (an
 older build) on the same store; `--variant NAME:VAR=VALUE` (repeatable) adds a row NAME,
 this build run with the environment variable VAR=VALUE (a knob such as
@@ -140,8 +148,9 @@ def measure(proc, fn):
     total = (m1[1] - m0[1]) / HZ
     # The clients (fio, nbdcopy) are this script's children, waited for: what the
     # machine did besides them and the server is other work.
-    foreign = max(0.0, (m1[0] - m0[0]) / HZ - server - (c1 - c0)) / total if total else 0
-    return out, server, foreign
+    client = c1 - c0
+    foreign = max(0.0, (m1[0] - m0[0]) / HZ - server - client) / total if total else 0
+    return out, server, client, foreign
 
 
 def one(kind, data, args):
@@ -156,7 +165,7 @@ def one(kind, data, args):
                            check=True, capture_output=True)
             r = json.load(open(js))["jobs"][0]["read"]
             return r["iops"], r["total_ios"]
-        (iops, ios), s_rand, f1 = measure(proc, fio)
+        (iops, ios), s_rand, c_rand, f1 = measure(proc, fio)
 
         def seq():
             walls = []
@@ -165,13 +174,15 @@ def one(kind, data, args):
                 subprocess.run(["nbdcopy", url, "null:"], check=True)
                 walls.append(time.monotonic() - t)
             return walls
-        walls, s_seq, f2 = measure(proc, seq)
+        walls, s_seq, c_seq, f2 = measure(proc, seq)
     finally:
         stop(proc)
     gib = args.seq_runs * os.path.getsize(IMAGE) / GIB
     return {"IOPS": iops, "µs/read": s_rand * 1e6 / ios,
+            "both µs/read": (s_rand + c_rand) * 1e6 / ios,
             "seq GiB/s": os.path.getsize(IMAGE) / GIB / statistics.median(walls),
-            "s/GiB": s_seq / gib, "foreign %": 100 * max(f1, f2)}
+            "s/GiB": s_seq / gib, "both s/GiB": (s_seq + c_seq) / gib,
+            "foreign %": 100 * max(f1, f2)}
 
 
 def main():
@@ -226,16 +237,19 @@ def main():
     print(f"bench/floor.py, {started}, {args.rounds} rounds (order {','.join(order)}), fio 4 KiB "
           f"randread QD{args.qd} for {args.runtime} s, {args.seq_runs} nbdcopy runs; medians")
     print()
-    print(f"| server | QD{args.qd} IOPS | server µs/read | seq GiB/s | server s/GiB | foreign % | "
-          "IOPS / floor | µs/read / floor | seq / floor | s/GiB / floor |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| server | QD{args.qd} IOPS | server µs/read | + client | seq GiB/s | server s/GiB | "
+          "+ client | foreign % | IOPS / floor | µs/read / floor | + client | seq / floor | "
+          "s/GiB / floor | + client |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     f = med["floor"]
     for k in kinds:
         m = med[k]
-        print(f"| {k} | {m['IOPS']:.0f} | {m['µs/read']:.2f} | {m['seq GiB/s']:.2f} | "
-              f"{m['s/GiB']:.3f} | {m['foreign %']:.0f} | {m['IOPS'] / f['IOPS']:.2f} | "
-              f"{m['µs/read'] / f['µs/read']:.2f} | {m['seq GiB/s'] / f['seq GiB/s']:.2f} | "
-              f"{m['s/GiB'] / f['s/GiB']:.2f} |")
+        print(f"| {k} | {m['IOPS']:.0f} | {m['µs/read']:.2f} | {m['both µs/read']:.2f} | "
+              f"{m['seq GiB/s']:.2f} | {m['s/GiB']:.3f} | {m['both s/GiB']:.3f} | "
+              f"{m['foreign %']:.0f} | {m['IOPS'] / f['IOPS']:.2f} | "
+              f"{m['µs/read'] / f['µs/read']:.2f} | {m['both µs/read'] / f['both µs/read']:.2f} | "
+              f"{m['seq GiB/s'] / f['seq GiB/s']:.2f} | {m['s/GiB'] / f['s/GiB']:.2f} | "
+              f"{m['both s/GiB'] / f['both s/GiB']:.2f} |")
     v, n = med["vstream"], med["nbdkit"]
     print()
     print(f"- vstream / nbdkit: IOPS {v['IOPS'] / n['IOPS']:.2f} (target ≥ 1.25), CPU per read "
@@ -244,6 +258,10 @@ def main():
           f"{v['µs/read'] / f['µs/read']:.2f} (target ≤ 1.15); sequential "
           f"{v['seq GiB/s'] / f['seq GiB/s']:.2f} (target ≥ 0.97) at "
           f"{v['s/GiB'] / f['s/GiB']:.2f} the CPU per GiB (target ≤ 1.15)")
+    print(f"- the same with the clients' CPU added (server + client, what the transfer costs this "
+          f"machine): CPU per read {v['both µs/read'] / f['both µs/read']:.2f} the floor's and "
+          f"{v['both µs/read'] / n['both µs/read']:.2f} nbdkit's; CPU per GiB "
+          f"{v['both s/GiB'] / f['both s/GiB']:.2f} the floor's")
     for k in kinds:
         if k in ("vstream", "nbdkit", "floor"):
             continue
