@@ -112,6 +112,16 @@ pub trait Backend: Send + Sync + 'static {
         value: Vec<u8>,
         ttl: std::time::Duration,
     ) -> BoxFuture<'_, Result<(), FarmError>>;
+
+    /// The store's revision now: every write moves it on.
+    fn revision(&self) -> BoxFuture<'_, Result<u64, FarmError>>;
+
+    /// Forgets the history before `revision`: the values keys had before it
+    /// and the keys deleted before it. Every key's current value stays. A
+    /// store that keeps history (etcd) keeps it until told, and grows with
+    /// every write until then; one that keeps none does nothing. A revision
+    /// already forgotten is no error: every server of a farm compacts.
+    fn compact(&self, revision: u64) -> BoxFuture<'_, Result<(), FarmError>>;
 }
 
 /// Checks that `ops` name every key at most once.

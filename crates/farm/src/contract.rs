@@ -31,7 +31,7 @@ use crate::{
 };
 
 /// How many cases [`contract_suite`] runs (how often it calls `fresh`).
-pub const CASES: usize = 14;
+pub const CASES: usize = 15;
 
 /// Calls macro `$m` with the name of every case, once: the suite below and
 /// each adapter's per-case tests take the list from here.
@@ -53,6 +53,7 @@ macro_rules! contract_case_names {
             servers_publish_and_list,
             catalogs_and_replication,
             named_stores,
+            compaction_keeps_every_current_value,
         );
     };
 }
@@ -132,6 +133,14 @@ impl Interfere {
 impl Backend for Interfere {
     fn get(&self, key: &str) -> BoxFuture<'_, Result<Option<Versioned>, FarmError>> {
         self.inner.get(key)
+    }
+
+    fn revision(&self) -> BoxFuture<'_, Result<u64, FarmError>> {
+        self.inner.revision()
+    }
+
+    fn compact(&self, revision: u64) -> BoxFuture<'_, Result<(), FarmError>> {
+        self.inner.compact(revision)
     }
 
     fn list(&self, prefix: &str) -> BoxFuture<'_, Result<Vec<(String, Versioned)>, FarmError>> {
@@ -231,6 +240,54 @@ pub async fn kv_get_put_list(b: Arc<dyn Backend>) {
 
 /// Revision semantics: 0 means absent, stale revisions are refused, revisions
 /// come from one global counter that only moves forward.
+/// The revision moves with every write; compacting up to now forgets only
+/// history: current values, revisions and later writes are as before, and
+/// compacting again, or to an older revision, is no error.
+pub async fn compaction_keeps_every_current_value(b: Arc<dyn Backend>) {
+    let b = &*b;
+    let start = b.revision().await.expect("revision");
+    for v in ["v1", "v2", "v3"] {
+        put(b, "kept", v).await;
+    }
+    put(b, "gone", "x").await;
+    assert!(b
+        .txn(vec![], vec![Op::delete("gone")])
+        .await
+        .expect("delete"));
+    let now = b.revision().await.expect("revision");
+    let kept = get(b, "kept").await.expect("kept");
+    assert!(
+        now > start && now >= kept.revision,
+        "revision {start} then {now}, with key kept at {}",
+        kept.revision
+    );
+    b.compact(now).await.expect("compact to now");
+    assert_eq!(
+        get(b, "kept").await,
+        Some(kept.clone()),
+        "current value kept"
+    );
+    assert_eq!(get(b, "gone").await, None);
+    assert_eq!(keys(b, "").await, vec!["kept".to_string()]);
+    b.compact(now)
+        .await
+        .expect("compact to the same revision again");
+    b.compact(start.max(1))
+        .await
+        .expect("compact to an older revision");
+    // Writes go on from where they were, and compares still hold.
+    assert!(b
+        .txn(
+            vec![Compare::revision("kept", kept.revision)],
+            vec![Op::put("kept", b"v4".to_vec())]
+        )
+        .await
+        .expect("txn"));
+    let after = b.revision().await.expect("revision");
+    assert!(after > now, "revision {after} after {now}");
+    assert_eq!(rev(b, "kept").await, after);
+}
+
 pub async fn kv_revisions(b: Arc<dyn Backend>) {
     let b = &*b;
     // Create-if-absent.

@@ -361,6 +361,25 @@ impl Backend for Embedded {
         let ops = vec![Op::put(key, value)];
         self.blocking(move |db, path| txn_sync(db, path, &[], &ops).map(|_| ()))
     }
+
+    fn revision(&self) -> BoxFuture<'_, Result<u64, FarmError>> {
+        self.blocking(revision_sync)
+    }
+
+    /// redb keeps only the current value of each key: there is no history.
+    fn compact(&self, _revision: u64) -> BoxFuture<'_, Result<(), FarmError>> {
+        async { Ok(()) }.boxed()
+    }
+}
+
+fn revision_sync(db: &Database, path: &Path) -> Result<u64, FarmError> {
+    let tx = db.begin_read().ctx(path, "starting a read")?;
+    let meta = tx.open_table(META).ctx(path, "opening table meta")?;
+    let revision = meta
+        .get(REVISION)
+        .ctx(path, "reading the revision counter")?
+        .map_or(0, |guard| guard.value());
+    Ok(revision)
 }
 
 #[cfg(test)]

@@ -417,6 +417,44 @@ impl Etcd {
 }
 
 impl Etcd {
+    async fn revision_impl(&self) -> Result<u64, FarmError> {
+        let probe = GetOptions::new().with_prefix().with_count_only();
+        let key = self.full_key("");
+        let answer = self
+            .call(
+                || "reading the revision".to_string(),
+                |mut kv| {
+                    let (key, probe) = (key.clone(), probe.clone());
+                    async move { kv.get(key, Some(probe)).await }
+                },
+            )
+            .await?;
+        answer
+            .header()
+            .and_then(|h| u64::try_from(h.revision()).ok())
+            .ok_or_else(|| {
+                FarmError::Backend(format!(
+                    "etcd at {} answered a read without its revision",
+                    self.endpoints
+                ))
+            })
+    }
+
+    async fn compact_impl(&self, revision: u64) -> Result<(), FarmError> {
+        let doing = || format!("compacting its history before revision {revision}");
+        let Ok(at) = i64::try_from(revision) else {
+            return Err(self.error(doing(), CallError::Refused("no such revision".into())));
+        };
+        match self
+            .raw_call(|mut kv| async move { kv.compact(at, None).await })
+            .await
+        {
+            // Another server compacted as far or further already.
+            Ok(_) | Err(CallError::Compacted) => Ok(()),
+            Err(e) => Err(self.error(doing(), e)),
+        }
+    }
+
     async fn put_ephemeral_impl(
         &self,
         key: String,
@@ -574,6 +612,14 @@ impl Backend for Etcd {
         ttl: Duration,
     ) -> BoxFuture<'_, Result<(), FarmError>> {
         self.put_ephemeral_impl(key.to_string(), value, ttl).boxed()
+    }
+
+    fn revision(&self) -> BoxFuture<'_, Result<u64, FarmError>> {
+        self.revision_impl().boxed()
+    }
+
+    fn compact(&self, revision: u64) -> BoxFuture<'_, Result<(), FarmError>> {
+        self.compact_impl(revision).boxed()
     }
 }
 

@@ -219,6 +219,17 @@ impl FarmStore {
         &self.backend
     }
 
+    /// The farm state's revision now (see [`Backend::revision`]).
+    pub async fn revision(&self) -> Result<u64, FarmError> {
+        self.backend.revision().await
+    }
+
+    /// Forgets the farm state's history before `revision`
+    /// (see [`Backend::compact`]).
+    pub async fn compact(&self, revision: u64) -> Result<(), FarmError> {
+        self.backend.compact(revision).await
+    }
+
     /// The record at `key`, decoded, if there is one.
     async fn get_record<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, FarmError> {
         match self.backend.get(key).await? {

@@ -135,6 +135,14 @@ impl Backend for Riding {
         })
     }
 
+    fn revision(&self) -> BoxFuture<'_, Result<u64, FarmError>> {
+        self.0.revision()
+    }
+
+    fn compact(&self, revision: u64) -> BoxFuture<'_, Result<(), FarmError>> {
+        self.0.compact(revision)
+    }
+
     fn put_ephemeral(
         &self,
         key: &str,

@@ -530,3 +530,50 @@ async fn a_batch_of_device_events_fits_etcds_transactions() {
     assert_eq!(farm.device_events("pc69").await.expect("events").len(), 2);
     remove_prefix(&url, &prefix).await;
 }
+
+/// Compaction reaches etcd: a read at a revision before it is refused as
+/// compacted, the current value is still there, and the farm's own paged
+/// read, pinned to a revision, still lists everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_forgets_history_in_etcd() {
+    let Some(url) = test_etcd() else { return };
+    let _one_at_a_time = SHARED_ETCD.lock().await;
+    let (prefix, backend) = fresh(&url, "compaction").await;
+    for v in ["v1", "v2"] {
+        assert!(backend
+            .txn(vec![], vec![Op::put("k", v.as_bytes().to_vec())])
+            .await
+            .expect("put"));
+    }
+    let first = backend.get("k").await.expect("get").expect("k").revision;
+    assert!(backend
+        .txn(vec![], vec![Op::put("k", b"v3".to_vec())])
+        .await
+        .expect("put"));
+    let mut client = Client::connect([url.as_str()], None)
+        .await
+        .expect("connect");
+    let key = format!("{prefix}k");
+    let old = client
+        .get(
+            key.as_str(),
+            Some(etcd_client::GetOptions::new().with_revision(first as i64)),
+        )
+        .await
+        .expect("reading at an old revision before compacting");
+    assert_eq!(old.kvs()[0].value(), b"v2", "history is there before");
+    let now = backend.revision().await.expect("revision");
+    backend.compact(now).await.expect("compact");
+    let err = client
+        .get(
+            key.as_str(),
+            Some(etcd_client::GetOptions::new().with_revision(first as i64)),
+        )
+        .await
+        .expect_err("a read before the compacted revision");
+    assert!(err.to_string().contains("compacted"), "{err}");
+    let current = backend.get("k").await.expect("get").expect("k");
+    assert_eq!(current.value, b"v3");
+    assert_eq!(backend.list("").await.expect("list").len(), 1);
+    remove_prefix(&url, &prefix).await;
+}
