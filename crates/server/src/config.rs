@@ -101,6 +101,11 @@ pub struct Config {
     pub adopt_data: bool,
     /// Days the audit trail keeps an entry.
     pub audit_retention_days: u64,
+    /// Seconds of the farm state's history (earlier values of its keys) an
+    /// etcd farm keeps: every so long, each server compacts etcd's history
+    /// to the revision it saw that long ago; 0: never (etcd's own
+    /// `--auto-compaction-retention` must then do it).
+    pub etcd_history_secs: u64,
     /// Whether changes and refusals go into the farm's audit trail (on
     /// unless `--audit off`, which is for measuring what it costs).
     pub audit: bool,
@@ -215,6 +220,9 @@ pub const DEFAULT_API: &str = "127.0.0.1:7080";
 pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: usize = 256;
 /// Ten minutes without a request closes a tool's connection to a vDisk.
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 600;
+/// How much of etcd's history a farm keeps by default: five minutes, as
+/// Kubernetes' API server keeps of its etcd.
+pub const DEFAULT_ETCD_HISTORY_SECS: u64 = 300;
 
 /// The config file: every key optional; flags override it.
 #[derive(Debug, Default, Deserialize)]
@@ -266,6 +274,7 @@ pub struct FileConfig {
     pub audit_retention_days: Option<u64>,
     pub audit: Option<String>,
     pub metrics: Option<String>,
+    pub etcd_history_secs: Option<u64>,
 }
 
 impl FileConfig {
@@ -322,6 +331,7 @@ pub struct FlagConfig {
     pub audit_retention_days: Option<u64>,
     pub audit: Option<String>,
     pub metrics: Option<String>,
+    pub etcd_history_secs: Option<u64>,
 }
 
 /// A rate: bytes per second with an optional K/M/G suffix (`50M`), or `0`/`off` for none.
@@ -639,6 +649,10 @@ impl Config {
                 Some("off") => false,
                 Some(other) => return Err(format!("audit is on or off, not {other:?}")),
             },
+            etcd_history_secs: flags
+                .etcd_history_secs
+                .or(file.etcd_history_secs)
+                .unwrap_or(DEFAULT_ETCD_HISTORY_SECS),
             audit_retention_days: match flags
                 .audit_retention_days
                 .or(file.audit_retention_days)
@@ -739,6 +753,21 @@ mod tests {
         assert!(Config::resolve(FileConfig::default(), bad_farm)
             .unwrap_err()
             .contains("etcd://"));
+    }
+
+    #[test]
+    fn etcd_history_defaults_file_and_flags() {
+        let c = Config::resolve(FileConfig::default(), FlagConfig::default()).unwrap();
+        assert_eq!(c.etcd_history_secs, DEFAULT_ETCD_HISTORY_SECS);
+        let file: FileConfig = toml::from_str("etcd_history_secs = 60").unwrap();
+        let c = Config::resolve(file, FlagConfig::default()).unwrap();
+        assert_eq!(c.etcd_history_secs, 60);
+        let file: FileConfig = toml::from_str("etcd_history_secs = 60").unwrap();
+        let flags = FlagConfig {
+            etcd_history_secs: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(Config::resolve(file, flags).unwrap().etcd_history_secs, 0);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //!                            View.boots --> end this server's sessions of earlier boots
 //!                            a rebalance request --> let this server's share of devices go
 //!                            a device moved elsewhere --> let it go (crate::moves)
+//!   every etcd_history_secs:  compact etcd's history to the revision seen one period ago
 //! ```
 
 use std::sync::atomic::Ordering;
@@ -19,7 +20,7 @@ use vstream_farm::FarmStore;
 use vstream_image::{Store, VersionState};
 
 use crate::clock::now_unix;
-use crate::config::Config;
+use crate::config::{Config, FarmConfig};
 use crate::membership::{
     is_replica, Membership, View, BOOT_WINDOW_SECS, LIVE_TTL, PUBLISH_INTERVAL, STALE_AFTER_SECS,
 };
@@ -127,6 +128,14 @@ pub async fn run(server: Arc<Handles>, mut shutdown: tokio::sync::watch::Receive
         .started_unix
         .store(now_unix(), Ordering::Relaxed);
     let verifier = tokio::spawn(server.membership.clone().verify_loop(shutdown.clone()));
+    let compactor = match (&server.config.farm, server.config.etcd_history_secs) {
+        (FarmConfig::Etcd(_), secs) if secs > 0 => Some(tokio::spawn(compact_loop(
+            server.farm.clone(),
+            std::time::Duration::from_secs(secs),
+            shutdown.clone(),
+        ))),
+        _ => None,
+    };
     let mut tick = tokio::time::interval(PUBLISH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -191,8 +200,63 @@ pub async fn run(server: Arc<Handles>, mut shutdown: tokio::sync::watch::Receive
         }
     }
     verifier.abort();
+    if let Some(compactor) = compactor {
+        compactor.abort();
+    }
     if let Err(e) = server.farm.withdraw_server(&server.config.name).await {
         tracing::warn!(error = %e, "could not withdraw from the farm at shutdown");
+    }
+}
+
+/// Keeps the farm state's history in etcd to about `keep`: every `keep`,
+/// compacts it to the revision seen one period before, so between one and
+/// two periods of history remain for readers pinned to a revision (a paged
+/// list starts over if its revision goes). etcd keeps every earlier value
+/// of every key until compacted, and each server writes its status every
+/// second: left alone, etcd grows until its quota refuses every write.
+/// Every server does this; a revision another one compacted past already
+/// is no error.
+async fn compact_loop(
+    farm: FarmStore,
+    keep: std::time::Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(keep);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen: Option<u64> = None;
+    let mut compacted_once = false;
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => break,
+        }
+        if let Some(revision) = seen {
+            match farm.compact(revision).await {
+                Ok(()) => {
+                    if !compacted_once || failing {
+                        tracing::info!(
+                            revision,
+                            every_secs = keep.as_secs(),
+                            "etcd history compacted: only the last period's earlier values are kept"
+                        );
+                    }
+                    compacted_once = true;
+                    failing = false;
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %e, revision, "could not compact etcd's history; trying again next period");
+                    }
+                    failing = true;
+                }
+            }
+        }
+        // On a failed read the older revision stays: compacting to it keeps
+        // more history, never less.
+        if let Ok(now) = farm.revision().await {
+            seen = Some(now);
+        }
     }
 }
 

@@ -204,6 +204,12 @@ pub struct ServerArgs {
     /// trail costs, never for a farm in use [default: on].
     #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
     pub audit: Option<String>,
+    /// How much of the farm state's history an etcd farm keeps: every SECS
+    /// each server compacts etcd to the revision it saw SECS ago, so etcd
+    /// does not grow until its quota stops it; 0: never, for an etcd that
+    /// compacts itself (`--auto-compaction-retention`) [default: 300].
+    #[arg(long = "etcd-history", value_name = "SECS")]
+    pub etcd_history_secs: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -298,6 +304,7 @@ fn resolve(args: ServerArgs) -> Result<Config> {
         audit_retention_days: args.audit_retention_days,
         audit: args.audit,
         metrics: args.metrics,
+        etcd_history_secs: args.etcd_history_secs,
     };
     Config::resolve(file, flags).map_err(|e| anyhow!("invalid server configuration: {e}"))
 }

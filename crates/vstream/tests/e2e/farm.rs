@@ -591,3 +591,77 @@ fn reads_through_the_agent_return_the_right_bytes_whole_or_mixed() {
         "the cache's writes over the base, read back"
     );
 }
+
+/// What etcd answers to a read of the farm's keys at `revision`.
+fn etcd_read_at(etcd: &TestEtcd, revision: u64) -> String {
+    // The JSON gateway: keys from "/" ("Lw==") to "0" ("MA==").
+    let body =
+        format!(r#"{{"key":"Lw==","range_end":"MA==","count_only":true,"revision":"{revision}"}}"#);
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-X",
+            "POST",
+            &format!("{}/v3/kv/range", etcd.url),
+            "-d",
+            &body,
+        ])
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// etcd keeps every earlier value of every key until it is compacted, and
+/// each server writes its status every second. A server with
+/// `--etcd-history 1` compacts: a read at an early revision is soon refused
+/// as compacted, and the farm goes on. One with `--etcd-history 0` leaves
+/// etcd's history alone.
+#[test]
+fn an_etcd_farm_compacts_its_history_unless_told_not_to() {
+    if !have("curl") {
+        return;
+    }
+    let (Some(kept), Some(compacted)) = (TestEtcd::start(), TestEtcd::start()) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let keeper = TestServer::start_in_farm_with(
+        dir.path().join("keeper"),
+        &kept.url,
+        "s1",
+        &["--etcd-history", "0"],
+        &[],
+    );
+    let compactor = TestServer::start_in_farm_with(
+        dir.path().join("compactor"),
+        &compacted.url,
+        "s1",
+        &["--etcd-history", "1"],
+        &[],
+    );
+    let early = 2;
+    wait_for(
+        30,
+        "etcd to refuse a read before its compacted revision",
+        || {
+            etcd_read_at(&compacted, early)
+                .contains("required revision has been compacted")
+                .then_some(())
+        },
+    );
+    assert!(
+        compactor.log_text().contains("etcd history compacted"),
+        "the server did not log its compaction:\n{}",
+        compactor.log_text()
+    );
+    wait_farm_connected(&compactor, true, 10);
+    // The other server has been publishing as long: its etcd still has
+    // every revision.
+    let read = etcd_read_at(&kept, early);
+    assert!(
+        read.contains(r#""count""#) || read.contains(r#""header""#),
+        "{read}"
+    );
+    assert!(!read.contains("compacted"), "{read}");
+    assert!(!keeper.log_text().contains("etcd history compacted"));
+}
