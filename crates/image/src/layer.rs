@@ -26,6 +26,7 @@ use parking_lot::Mutex;
 
 use crate::error::ImageError;
 use crate::hash::{DiskHashes, Tree};
+use crate::residency::Residency;
 
 /// Allocation granularity: the unit of copy-up and of the bitmap.
 pub const CHUNK: u64 = 4096;
@@ -180,6 +181,8 @@ pub struct Layer {
     /// The whole file mapped read-only, made at the first
     /// [`Layer::mapped_data`]; `None` inside if the mapping failed.
     mapping: OnceLock<Option<Mapping>>,
+    /// What is known of which data is in the page cache.
+    residency: Residency,
 }
 
 /// Held for the duration of one write to a layer.
@@ -343,6 +346,7 @@ impl Layer {
         label: Vec<u8>,
         (bitmap, allocated): (Bitmap, u64),
     ) -> Layer {
+        let residency = Residency::new(geo.size);
         Layer {
             path: path.to_owned(),
             file,
@@ -362,6 +366,7 @@ impl Layer {
             writes_begun: AtomicU64::new(0),
             writes_running: AtomicU64::new(0),
             mapping: OnceLock::new(),
+            residency,
         }
     }
 
@@ -524,14 +529,13 @@ impl Layer {
     }
 
     /// Whether every page of the data region's `[offset, offset + len)` is
-    /// in the page cache now (`cachestat(2)`, Linux 6.5): a read of it will
-    /// not wait for the disk, barring an eviction in between. `false` where
-    /// the kernel cannot tell.
+    /// in the page cache (`cachestat(2)`, Linux 6.5): a read of it will not
+    /// wait for the disk, barring an eviction. A 2 MiB block found wholly
+    /// cached is trusted for a second without asking the kernel again
+    /// (crate::residency). `false` where the kernel cannot tell.
     pub fn is_cached(&self, offset: u64, len: u64) -> bool {
-        if len == 0 {
-            return true;
-        }
-        cachestat(self.file.as_raw_fd(), self.geo.data_offset + offset, len)
+        self.residency
+            .is_cached(self.file.as_raw_fd(), self.geo.data_offset, offset, len)
     }
 
     /// The data region's `[offset, offset + len)` in a shared read-only
@@ -1359,54 +1363,6 @@ pub(crate) fn decode_header(h: &[u8]) -> Result<(Geometry, u32, Option<[u8; 32]>
     content.copy_from_slice(&h[72..104]);
     let content = (flags & FLAG_HASHES_VALID != 0).then_some(content);
     Ok((geo, flags, content))
-}
-
-/// `cachestat(2)`'s system call number: one number on every architecture.
-const SYS_CACHESTAT: libc::c_long = 451;
-
-/// Whether all pages of the file's `[pos, pos + len)` are cached; `false`
-/// on any error (an older kernel: `ENOSYS`, remembered).
-fn cachestat(fd: i32, pos: u64, len: u64) -> bool {
-    #[repr(C)]
-    struct Range {
-        off: u64,
-        len: u64,
-    }
-    #[repr(C)]
-    #[derive(Default)]
-    struct Stat {
-        nr_cache: u64,
-        nr_dirty: u64,
-        nr_writeback: u64,
-        nr_evicted: u64,
-        nr_recently_evicted: u64,
-    }
-    static MISSING: AtomicBool = AtomicBool::new(false);
-    if MISSING.load(Ordering::Relaxed) {
-        return false;
-    }
-    let range = Range { off: pos, len };
-    let mut stat = Stat::default();
-    // SAFETY: `fd` is open for the call; `range` and `stat` are the layouts
-    // the kernel reads and writes, alive for the call.
-    let r = unsafe {
-        libc::syscall(
-            SYS_CACHESTAT,
-            fd,
-            &range as *const Range,
-            &mut stat as *mut Stat,
-            0u32,
-        )
-    };
-    if r != 0 {
-        if io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
-            MISSING.store(true, Ordering::Relaxed);
-        }
-        return false;
-    }
-    let page = 4096u64;
-    let pages = (pos + len).div_ceil(page) - pos / page;
-    stat.nr_cache >= pages
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ pub mod hash;
 pub mod layer;
 pub mod record;
 pub mod replica;
+mod residency;
 pub mod store;
 pub mod versions;
 
