@@ -161,20 +161,25 @@ mod tests {
     use std::os::unix::io::AsRawFd;
 
     const SIZE: u64 = 2 * BLOCK;
+    /// Where the data starts in the test file: behind a 4 KiB header.
+    const HEADER: u64 = 4096;
 
-    /// A file of two blocks' data behind a 4 KiB header, wholly cached.
-    fn file(dir: &std::path::Path) -> File {
+    /// A file of two blocks' data behind a header, synced and (just
+    /// written) wholly cached, in a folder that lives as long as it.
+    fn cached_file() -> (tempfile::TempDir, File) {
+        let dir = tempfile::tempdir().unwrap();
         let f = File::options()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(dir.join("f"))
+            .open(dir.path().join("f"))
             .unwrap();
-        f.write_all_at(&vec![7u8; (SIZE + 4096) as usize], 0)
+        f.write_all_at(&vec![7u8; (HEADER + SIZE) as usize], 0)
             .unwrap();
         f.sync_all().unwrap();
-        f
+        assert!(cachestat(f.as_raw_fd(), 0, HEADER + SIZE), "just written");
+        (dir, f)
     }
 
     /// Drops the file's pages from the page cache, and checks it did.
@@ -183,82 +188,75 @@ mod tests {
         let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
         assert_eq!(r, 0);
         assert!(
-            !cachestat(f.as_raw_fd(), 0, SIZE + 4096),
+            !cachestat(f.as_raw_fd(), 0, HEADER + SIZE),
             "this filesystem keeps pages the kernel was told to drop"
         );
     }
 
-    fn load(f: &File, pos: u64, len: u64) {
-        f.read_exact_at(&mut vec![0u8; len as usize], pos).unwrap();
+    /// Reads data `[offset, offset + len)` into the page cache.
+    fn load(f: &File, offset: u64, len: u64) {
+        f.read_exact_at(&mut vec![0u8; len as usize], HEADER + offset)
+            .unwrap();
+    }
+
+    /// What `memo` answers for data `[offset, offset + len)` of `f`.
+    fn ask(memo: &Residency, f: &File, offset: u64, len: u64) -> bool {
+        memo.is_cached(f.as_raw_fd(), HEADER, offset, len)
     }
 
     #[test]
     fn a_wholly_cached_block_is_trusted_for_its_window() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = file(dir.path());
-        let fd = f.as_raw_fd();
-        load(&f, 0, SIZE + 4096);
+        let (_dir, f) = cached_file();
         let memo = Residency::with_window(SIZE, 60_000);
-        assert!(memo.is_cached(fd, 4096, 8192, 4096));
+        assert!(ask(&memo, &f, 8192, 4096));
         evict(&f);
         // Block 0 was found whole a moment ago: trusted, without asking.
-        assert!(memo.is_cached(fd, 4096, 100 << 10, 200 << 10));
+        assert!(ask(&memo, &f, 100 << 10, 200 << 10));
         // Block 1 was never asked about: asked, and it is gone.
-        assert!(!memo.is_cached(fd, 4096, BLOCK + 4096, 4096));
+        assert!(!ask(&memo, &f, BLOCK, 4096));
         // With no window, nothing is trusted.
-        assert!(!Residency::with_window(SIZE, 0).is_cached(fd, 4096, 8192, 4096));
+        assert!(!ask(&Residency::with_window(SIZE, 0), &f, 8192, 4096));
     }
 
     #[test]
     fn a_block_is_asked_again_once_its_window_has_passed() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = file(dir.path());
-        let fd = f.as_raw_fd();
-        load(&f, 0, SIZE + 4096);
+        let (_dir, f) = cached_file();
         let memo = Residency::with_window(SIZE, 30);
-        assert!(memo.is_cached(fd, 4096, 0, 4096));
+        assert!(ask(&memo, &f, 0, 4096));
         evict(&f);
         std::thread::sleep(std::time::Duration::from_millis(100));
-        assert!(!memo.is_cached(fd, 4096, 0, 4096));
-        load(&f, 4096, BLOCK);
+        assert!(!ask(&memo, &f, 0, 4096));
+        load(&f, 0, BLOCK);
         std::thread::sleep(std::time::Duration::from_millis(100));
-        assert!(
-            memo.is_cached(fd, 4096, 0, 4096),
-            "cached again: asked again"
-        );
+        assert!(ask(&memo, &f, 0, 4096), "cached again: asked again");
     }
 
     #[test]
     fn a_partly_cached_block_is_asked_read_by_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = file(dir.path());
-        let fd = f.as_raw_fd();
+        let (_dir, f) = cached_file();
         evict(&f);
-        load(&f, 4096 + 8192, 4096);
+        load(&f, 8192, 4096);
         let memo = Residency::with_window(SIZE, 60_000);
         for _ in 0..2 {
-            assert!(memo.is_cached(fd, 4096, 8192, 4096), "the one cached page");
-            assert!(!memo.is_cached(fd, 4096, 0, 4096), "a page never read");
-            assert!(!memo.is_cached(fd, 4096, 8192, 8192), "half of it cached");
+            assert!(ask(&memo, &f, 8192, 4096), "the one cached page");
+            assert!(!ask(&memo, &f, 0, 4096), "a page never read");
+            assert!(!ask(&memo, &f, 8192, 8192), "half of it cached");
         }
         // Read now: the block is still known as partial, and asked exactly.
-        load(&f, 4096, 4096);
-        assert!(memo.is_cached(fd, 4096, 0, 4096));
+        load(&f, 0, 4096);
+        assert!(ask(&memo, &f, 0, 4096));
     }
 
     #[test]
     fn reads_across_blocks_or_past_the_end_are_asked_exactly() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = file(dir.path());
-        let fd = f.as_raw_fd();
-        load(&f, 0, SIZE + 4096);
+        let (_dir, f) = cached_file();
         let memo = Residency::with_window(SIZE, 60_000);
-        assert!(memo.is_cached(fd, 4096, 0, 4096));
-        assert!(memo.is_cached(fd, 4096, BLOCK + 4096, 4096));
+        assert!(ask(&memo, &f, 0, 4096));
+        assert!(ask(&memo, &f, BLOCK, 4096));
         evict(&f);
-        assert!(!memo.is_cached(fd, 4096, BLOCK - 4096, 8192), "across");
-        assert!(!memo.is_cached(fd, 4096, SIZE - 4096, 8192), "past the end");
-        assert!(!memo.is_cached(fd, 4096, u64::MAX - 10, 20), "overflow");
-        assert!(memo.is_cached(fd, 4096, 0, 0), "nothing to read");
+        assert!(!ask(&memo, &f, BLOCK - 4096, 8192), "across");
+        assert!(!ask(&memo, &f, SIZE - 4096, 8192), "past the end");
+        assert!(!ask(&memo, &f, u64::MAX - 10, 20), "overflow");
+        assert!(ask(&memo, &f, 0, 0), "nothing to read");
     }
 }
