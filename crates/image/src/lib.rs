@@ -1,6 +1,7 @@
 //! vDisk storage: layer files, stacked disks, content hashes, the store folder
 //! and import/export formats.
 
+pub mod bootset;
 pub mod disk;
 pub mod error;
 pub mod folders;
@@ -13,6 +14,7 @@ mod residency;
 pub mod store;
 pub mod versions;
 
+pub use bootset::{BootRecorder, BootSet};
 pub use disk::{ChainIndex, Disk, Extent, LocalRead};
 pub use error::{ImageError, WriteError};
 pub use layer::{Layer, CHUNK, HASH_BLOCK};

@@ -92,7 +92,7 @@ impl Residency {
 }
 
 /// A coarse monotonic clock in milliseconds, wrapping (31 bits are kept).
-fn now_ms() -> u32 {
+pub(crate) fn now_ms() -> u32 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

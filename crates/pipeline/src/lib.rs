@@ -25,7 +25,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use vstream_image::Layer;
-pub use vstream_image::{Disk, Extent, WriteError};
+pub use vstream_image::{BootRecorder, Disk, Extent, WriteError};
 
 mod overlay;
 pub use overlay::Overlay;
@@ -130,11 +130,25 @@ impl FileSpan {
 #[derive(Debug)]
 pub struct Local {
     disk: Arc<Disk>,
+    /// Notes the reads of a device's boot (see [`BootRecorder`]).
+    boot: Option<Arc<BootRecorder>>,
 }
 
 impl Local {
     pub fn new(disk: Arc<Disk>) -> Arc<Local> {
-        Arc::new(Local { disk })
+        Arc::new(Local { disk, boot: None })
+    }
+
+    /// Like [`Local::new`], and every read answered is noted by `boot`.
+    pub fn recording(disk: Arc<Disk>, boot: Option<Arc<BootRecorder>>) -> Arc<Local> {
+        Arc::new(Local { disk, boot })
+    }
+
+    #[inline]
+    fn note(&self, offset: u64, len: u64) {
+        if let Some(boot) = &self.boot {
+            boot.note(offset, len);
+        }
     }
 
     pub fn disk(&self) -> &Arc<Disk> {
@@ -185,7 +199,11 @@ impl Backend for Local {
         self.disk.is_writable()
     }
     fn try_read(&self, buf: &mut [MaybeUninit<u8>], offset: u64) -> io::Result<bool> {
-        self.disk.read_uninit(buf, offset, true)
+        let done = self.disk.read_uninit(buf, offset, true)?;
+        if done {
+            self.note(offset, buf.len() as u64);
+        }
+        Ok(done)
     }
     fn read(
         self: Arc<Self>,
@@ -193,6 +211,7 @@ impl Backend for Local {
         len: u32,
         headroom: usize,
     ) -> BoxFuture<'static, io::Result<Vec<u8>>> {
+        self.note(offset, u64::from(len));
         blocking(move || {
             read_vec(&self.disk, offset, len, headroom, false)?
                 .ok_or_else(|| io::Error::other("a blocking read was refused"))
@@ -237,6 +256,7 @@ impl Backend for Local {
         if !layer.is_cached(offset, len) {
             return None;
         }
+        self.note(offset, len);
         Some(FileSpan {
             offset,
             layer: layer.clone(),
@@ -314,5 +334,39 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, WriteError::ReadOnly), "{err:?}");
         assert!(b.read(1 << 20, 1, 0).await.is_err(), "past the end");
+    }
+
+    #[tokio::test]
+    async fn a_recording_stack_notes_each_read_it_answers() {
+        use vstream_image::bootset::BOOT_BLOCK;
+        use vstream_image::BootSet;
+        let dir = tempfile::tempdir().unwrap();
+        let size = 4 << 20;
+        let base = Arc::new(Layer::create(&dir.path().join("b.layer"), size).unwrap());
+        base.write_data(&[5u8; 8192], 1 << 20).unwrap();
+        base.set_allocated(256, 258);
+        let set = Arc::new(BootSet::new(size));
+        let boot = Arc::new(BootRecorder::new(
+            set.clone(),
+            std::time::Duration::from_secs(60),
+        ));
+        let b = Local::recording(Arc::new(Disk::read_only(vec![base])), Some(boot.clone()));
+        b.clone().read(3 * BOOT_BLOCK, 10, 0).await.unwrap();
+        let mut buf = vec![MaybeUninit::uninit(); 4096];
+        let answered = b.try_read(&mut buf, 1 << 20).unwrap();
+        let span = b.file_span((1 << 20) + 4096, 4096);
+        let mut want = vec![(3 * BOOT_BLOCK, BOOT_BLOCK)];
+        if answered || span.is_some() {
+            want.push((1 << 20, BOOT_BLOCK));
+        }
+        assert_eq!(set.runs(), want);
+        assert_eq!(
+            boot.noted(),
+            1 + u32::from(answered) + u32::from(span.is_some())
+        );
+        // A plain stack notes nothing.
+        let plain = Local::new(b.disk().clone());
+        plain.clone().read(0, 10, 0).await.unwrap();
+        assert_eq!(set.runs(), want);
     }
 }

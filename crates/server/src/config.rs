@@ -106,6 +106,11 @@ pub struct Config {
     /// to the revision it saw that long ago; 0: never (etcd's own
     /// `--auto-compaction-retention` must then do it).
     pub etcd_history_secs: u64,
+    /// Seconds from the start of a device's session during which its reads
+    /// are its boot, learned into its version's boot set (saved beside the
+    /// version's layers); the server reads the boot sets of the versions
+    /// devices boot into the page cache ahead of them. 0: neither.
+    pub boot_window_secs: u64,
     /// Whether changes and refusals go into the farm's audit trail (on
     /// unless `--audit off`, which is for measuring what it costs).
     pub audit: bool,
@@ -223,6 +228,8 @@ pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 600;
 /// How much of etcd's history a farm keeps by default: five minutes, as
 /// Kubernetes' API server keeps of its etcd.
 pub const DEFAULT_ETCD_HISTORY_SECS: u64 = 300;
+/// A boot's reads are those of its session's first two minutes.
+pub const DEFAULT_BOOT_WINDOW_SECS: u64 = 120;
 
 /// The config file: every key optional; flags override it.
 #[derive(Debug, Default, Deserialize)]
@@ -275,6 +282,7 @@ pub struct FileConfig {
     pub audit: Option<String>,
     pub metrics: Option<String>,
     pub etcd_history_secs: Option<u64>,
+    pub boot_window_secs: Option<u64>,
 }
 
 impl FileConfig {
@@ -332,6 +340,7 @@ pub struct FlagConfig {
     pub audit: Option<String>,
     pub metrics: Option<String>,
     pub etcd_history_secs: Option<u64>,
+    pub boot_window_secs: Option<u64>,
 }
 
 /// A rate: bytes per second with an optional K/M/G suffix (`50M`), or `0`/`off` for none.
@@ -653,6 +662,10 @@ impl Config {
                 .etcd_history_secs
                 .or(file.etcd_history_secs)
                 .unwrap_or(DEFAULT_ETCD_HISTORY_SECS),
+            boot_window_secs: flags
+                .boot_window_secs
+                .or(file.boot_window_secs)
+                .unwrap_or(DEFAULT_BOOT_WINDOW_SECS),
             audit_retention_days: match flags
                 .audit_retention_days
                 .or(file.audit_retention_days)
@@ -756,18 +769,22 @@ mod tests {
     }
 
     #[test]
-    fn etcd_history_defaults_file_and_flags() {
+    fn etcd_history_and_boot_window_defaults_file_and_flags() {
         let c = Config::resolve(FileConfig::default(), FlagConfig::default()).unwrap();
         assert_eq!(c.etcd_history_secs, DEFAULT_ETCD_HISTORY_SECS);
-        let file: FileConfig = toml::from_str("etcd_history_secs = 60").unwrap();
+        assert_eq!(c.boot_window_secs, DEFAULT_BOOT_WINDOW_SECS);
+        let text = "etcd_history_secs = 60\nboot_window_secs = 300";
+        let file: FileConfig = toml::from_str(text).unwrap();
         let c = Config::resolve(file, FlagConfig::default()).unwrap();
-        assert_eq!(c.etcd_history_secs, 60);
-        let file: FileConfig = toml::from_str("etcd_history_secs = 60").unwrap();
+        assert_eq!((c.etcd_history_secs, c.boot_window_secs), (60, 300));
+        let file: FileConfig = toml::from_str(text).unwrap();
         let flags = FlagConfig {
             etcd_history_secs: Some(0),
+            boot_window_secs: Some(0),
             ..Default::default()
         };
-        assert_eq!(Config::resolve(file, flags).unwrap().etcd_history_secs, 0);
+        let c = Config::resolve(file, flags).unwrap();
+        assert_eq!((c.etcd_history_secs, c.boot_window_secs), (0, 0));
     }
 
     #[test]

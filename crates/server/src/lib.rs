@@ -6,6 +6,7 @@ pub mod admin_tokens;
 pub mod api;
 pub mod auth;
 pub mod boot;
+pub mod bootsets;
 pub mod cidr;
 pub mod clock;
 pub mod config;
@@ -168,6 +169,10 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     ));
     tasks.spawn(replication::run(
         server.replicator.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(bootsets::run(
+        server.sessions.boot_sets.clone(),
         shutdown.clone(),
     ));
     tasks.spawn(boot::run(

@@ -17,9 +17,12 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use vstream_api::{BootRecord, Device, DeviceInfo, DeviceType, Mode, VDisk};
 use vstream_farm::{DeviceKey, FarmStore};
-use vstream_image::{Chain, Disk, ImageError, Layer, Properties, Store, VersionState};
+use vstream_image::{
+    BootRecorder, Chain, Disk, ImageError, Layer, Properties, Store, VersionState,
+};
 use vstream_pipeline::Local;
 
+use crate::bootsets::BootSets;
 use crate::clock::now_unix;
 use crate::config::Config;
 use crate::membership::Membership;
@@ -51,6 +54,8 @@ pub struct Sessions {
     /// Per-vDisk lock: a version operation and a device session starting on
     /// the same vDisk never overlap, so "is it in use?" stays true while acted on.
     vdisk_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// What devices read while they boot, per version (`crate::bootsets`).
+    pub boot_sets: Arc<BootSets>,
 }
 
 /// The front door a device's session came through: a device is never
@@ -102,6 +107,8 @@ struct Session {
     ending: bool,
     /// How full its write cache was last seen: 0, 80 (%) or 100.
     cache_seen: u8,
+    /// Notes its boot's reads into its version's boot set.
+    boot: Option<Arc<BootRecorder>>,
 }
 
 /// How long a device's new connection waits for a session that is ending
@@ -268,6 +275,10 @@ impl Sessions {
     ) -> Sessions {
         Sessions {
             events: crate::events::Events::new(farm.clone(), config.name.clone()),
+            boot_sets: Arc::new(BootSets::new(
+                store.clone(),
+                Duration::from_secs(config.boot_window_secs),
+            )),
             config,
             store,
             farm,
@@ -550,9 +561,11 @@ impl Sessions {
             .session_boot(&device.name, token)
             .await?
             .map_or(0, |b| b.seq);
+        let recorder = self.boot_sets.recorder(&vdisk.name, number, vdisk.size);
         let release;
         let id;
         let new_session;
+        let boot_reads;
         {
             let mut sessions = self.sessions.lock();
             if let Some(s) = sessions.get(&device.name) {
@@ -582,6 +595,7 @@ impl Sessions {
                     superseded: false,
                     ending: false,
                     cache_seen: 0,
+                    boot: recorder,
                 });
             if s.release.as_ref().is_some_and(|r| *r.borrow()) {
                 // Released, and back (no other server could take it): a new
@@ -591,6 +605,7 @@ impl Sessions {
             s.connections += 1;
             release = s.release.as_ref().map(|r| r.subscribe());
             id = s.id;
+            boot_reads = s.boot.clone();
         }
         tracing::info!(device = %device.name, vdisk = %vdisk.name, version = number, %peer, "device streaming its base");
         if new_session {
@@ -603,7 +618,7 @@ impl Sessions {
         Ok(Export {
             name,
             description,
-            backend: Local::new(disk),
+            backend: Local::recording(disk, boot_reads),
             session: Some(Box::new(SessionGuard {
                 sessions: self.clone(),
                 device: device.name.clone(),
@@ -939,6 +954,7 @@ impl Sessions {
             s.connections += 1;
             s.peer = peer.to_owned();
             let disk = s.disk.clone();
+            let boot = s.boot.clone();
             let kick = s.kick.subscribe();
             let id = s.id;
             drop(sessions);
@@ -952,7 +968,7 @@ impl Sessions {
             return Ok(Export {
                 name: export_name,
                 description,
-                backend: Local::new(disk),
+                backend: Local::recording(disk, boot),
                 session: Some(Box::new(guard)),
             });
         }
@@ -1010,6 +1026,10 @@ impl Sessions {
         let kick = tokio::sync::watch::channel(false).0;
         let kicked = kick.subscribe();
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        // A maintenance device's reads are its work on a version being made.
+        let boot_reads = (device.kind != DeviceType::Maintenance)
+            .then(|| self.boot_sets.recorder(&vdisk.name, version, vdisk.size))
+            .flatten();
         sessions.insert(
             device.name.clone(),
             Session {
@@ -1030,6 +1050,7 @@ impl Sessions {
                 superseded: false,
                 ending: false,
                 cache_seen: 0,
+                boot: boot_reads.clone(),
             },
         );
         drop(sessions);
@@ -1052,7 +1073,7 @@ impl Sessions {
         Ok(Export {
             name: export_name,
             description,
-            backend: Local::new(disk),
+            backend: Local::recording(disk, boot_reads),
             session: Some(Box::new(guard)),
         })
     }

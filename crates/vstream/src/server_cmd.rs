@@ -210,6 +210,12 @@ pub struct ServerArgs {
     /// compacts itself (`--auto-compaction-retention`) [default: 300].
     #[arg(long = "etcd-history", value_name = "SECS")]
     pub etcd_history_secs: Option<u64>,
+    /// How long after a device's session starts its reads count as its
+    /// boot: they are learned into the version's boot set, which the server
+    /// reads into the page cache before devices boot (at start, and when a
+    /// version becomes production or test); 0: neither [default: 120].
+    #[arg(long = "boot-window", value_name = "SECS")]
+    pub boot_window_secs: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -305,6 +311,7 @@ fn resolve(args: ServerArgs) -> Result<Config> {
         audit: args.audit,
         metrics: args.metrics,
         etcd_history_secs: args.etcd_history_secs,
+        boot_window_secs: args.boot_window_secs,
     };
     Config::resolve(file, flags).map_err(|e| anyhow!("invalid server configuration: {e}"))
 }

@@ -16,6 +16,7 @@ mod admin_tokens;
 mod bad_input;
 mod big_vdisk;
 mod boots;
+mod bootsets;
 mod compat;
 mod console;
 mod data_safety;

@@ -1,0 +1,443 @@
+//! A version's boot set: the parts of the disk its devices read while they
+//! boot, learned from their sessions, so that a server can read them into
+//! the page cache before the morning's boot storm rather than during it.
+//!
+//! A set is one bit per 64 KiB block of the virtual disk ([`BOOT_BLOCK`]):
+//! 2 KiB of memory for a 1 GiB disk, 128 KiB for 64 GiB. A block is set
+//! once any device read a byte of it within its boot window; bits are never
+//! cleared, so the set is the union of every boot seen.
+//!
+//! A set is a hint, never data. A file that cannot be read, or that was made
+//! for another size, is said in the log and read as no set; the next save
+//! replaces it. Its file, beside the version's layers:
+//!
+//! ```text
+//!   0   "VSBOOTS1"
+//!   8   virtual size, u64 LE
+//!   16  block size, u32 LE (65536)
+//!   20  reserved, u32 (0)
+//!   24  the bits, u64 LE words, block b at word b / 64, bit b % 64
+//!   ..  blake3 of everything before, 32 bytes
+//! ```
+
+use std::fs;
+use std::io;
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::disk::Disk;
+use crate::residency::now_ms;
+
+/// One bit of a boot set covers this much of the disk.
+pub const BOOT_BLOCK: u64 = 64 * 1024;
+const MAGIC: &[u8; 8] = b"VSBOOTS1";
+const HEADER: usize = 24;
+const HASH: usize = 32;
+/// Most bytes a warm-up reads at once.
+const WARM_PIECE: u64 = 1 << 20;
+
+/// The blocks of one version read by its devices' boots.
+#[derive(Debug)]
+pub struct BootSet {
+    size: u64,
+    words: Box<[AtomicU64]>,
+    /// A bit was set since the last [`BootSet::take_changed`].
+    changed: AtomicBool,
+}
+
+impl BootSet {
+    /// An empty set for a disk of `size` bytes.
+    pub fn new(size: u64) -> BootSet {
+        let blocks = size.div_ceil(BOOT_BLOCK);
+        BootSet {
+            size,
+            words: (0..blocks.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            changed: AtomicBool::new(false),
+        }
+    }
+
+    /// The virtual size the set describes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Notes a read of `[offset, offset + len)`; what lies past the end is
+    /// left out. A block already in the set costs one load.
+    pub fn note(&self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len).min(self.size);
+        if len == 0 || offset >= end {
+            return;
+        }
+        for block in offset / BOOT_BLOCK..end.div_ceil(BOOT_BLOCK) {
+            let (word, bit) = (&self.words[(block / 64) as usize], 1u64 << (block % 64));
+            if word.load(Ordering::Relaxed) & bit == 0 {
+                word.fetch_or(bit, Ordering::Relaxed);
+                self.changed.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Whether a bit was set since the last call (and forgets it).
+    pub fn take_changed(&self) -> bool {
+        self.changed.swap(false, Ordering::Relaxed)
+    }
+
+    /// Makes the next [`BootSet::take_changed`] true (a save that failed).
+    pub fn mark_changed(&self) {
+        self.changed.store(true, Ordering::Relaxed);
+    }
+
+    /// Sets every bit `other` has (of the same size; else nothing).
+    pub fn merge(&self, other: &BootSet) {
+        if other.size != self.size {
+            return;
+        }
+        for (mine, theirs) in self.words.iter().zip(other.words.iter()) {
+            let bits = theirs.load(Ordering::Relaxed);
+            if bits & !mine.fetch_or(bits, Ordering::Relaxed) != 0 {
+                self.changed.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The set as runs of the disk, `(offset, len)`, in order, adjacent
+    /// blocks merged, the last one cut at the disk's end.
+    pub fn runs(&self) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (w, word) in self.words.iter().enumerate() {
+            let mut bits = word.load(Ordering::Relaxed);
+            while bits != 0 {
+                let block = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                let start = block * BOOT_BLOCK;
+                let len = BOOT_BLOCK.min(self.size - start);
+                match runs.last_mut() {
+                    Some((o, l)) if *o + *l == start => *l += len,
+                    _ => runs.push((start, len)),
+                }
+            }
+        }
+        runs
+    }
+
+    /// Bytes of the disk the set covers.
+    pub fn bytes(&self) -> u64 {
+        self.runs().iter().map(|r| r.1).sum()
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER + self.words.len() * 8 + HASH);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&self.size.to_le_bytes());
+        out.extend_from_slice(&(BOOT_BLOCK as u32).to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        for w in self.words.iter() {
+            out.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+        }
+        let hash = blake3::hash(&out);
+        out.extend_from_slice(hash.as_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8], size: u64) -> Result<BootSet, String> {
+        if bytes.len() < HEADER + HASH || &bytes[..8] != MAGIC {
+            return Err("not a boot set".into());
+        }
+        let (body, hash) = bytes.split_at(bytes.len() - HASH);
+        if blake3::hash(body).as_bytes() != hash {
+            return Err("its checksum does not match: a torn or damaged file".into());
+        }
+        let word = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().unwrap_or([0; 8]));
+        let stored = word(8);
+        let block = u32::from_le_bytes(body[16..20].try_into().unwrap_or([0; 4]));
+        if stored != size || u64::from(block) != BOOT_BLOCK {
+            return Err(format!(
+                "made for a disk of {stored} bytes in blocks of {block}, not {size} in {BOOT_BLOCK}"
+            ));
+        }
+        let set = BootSet::new(size);
+        if body.len() - HEADER != set.words.len() * 8 {
+            return Err("its length does not match its size".into());
+        }
+        for (i, w) in set.words.iter().enumerate() {
+            w.store(word(HEADER + i * 8), Ordering::Relaxed);
+        }
+        Ok(set)
+    }
+
+    /// The set saved at `path` for a disk of `size` bytes: `None` if there is
+    /// none, or if it cannot be used (said in the log: a set is a hint).
+    pub fn load(path: &Path, size: u64) -> Option<BootSet> {
+        let bytes = match fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read a boot set; it is learned again");
+                return None;
+            }
+        };
+        BootSet::decode(&bytes, size)
+            .inspect_err(|why| {
+                tracing::warn!(path = %path.display(), %why, "a boot set cannot be used; it is learned again");
+            })
+            .ok()
+    }
+
+    /// Saves the set at `path`, replacing what is there by a rename from
+    /// a `.tmp` file beside it (which the store's garbage collection removes
+    /// if a crash leaves it). Not synced: a torn file fails its checksum.
+    pub fn save(&self, path: &Path) -> io::Result<()> {
+        let tmp = tmp_path(path);
+        fs::write(&tmp, self.encode())?;
+        fs::rename(&tmp, path)
+    }
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map_or_else(Default::default, |n| n.to_string_lossy().into_owned());
+    path.with_file_name(format!(".tmp-{name}"))
+}
+
+/// The file a version's boot set is kept in, in its vDisk's folder.
+pub fn boot_set_file(version: u32) -> String {
+    format!("boot-v{version}.set")
+}
+
+/// Notes a session's reads into a boot set until its boot window closes.
+/// After that, a read costs one relaxed load.
+#[derive(Debug)]
+pub struct BootRecorder {
+    set: Arc<BootSet>,
+    start_ms: u32,
+    window_ms: u32,
+    open: AtomicBool,
+    /// Reads noted (for a test and for the log).
+    noted: AtomicU32,
+}
+
+impl BootRecorder {
+    /// Records into `set` for `window` from now (at most 24 days).
+    pub fn new(set: Arc<BootSet>, window: Duration) -> BootRecorder {
+        BootRecorder {
+            set,
+            start_ms: now_ms(),
+            window_ms: window.as_millis().min(u128::from(u32::MAX >> 2)) as u32,
+            open: AtomicBool::new(true),
+            noted: AtomicU32::new(0),
+        }
+    }
+
+    /// Notes a read of `[offset, offset + len)` if the window is open.
+    #[inline]
+    pub fn note(&self, offset: u64, len: u64) {
+        if !self.open.load(Ordering::Relaxed) {
+            return;
+        }
+        // The clock wraps at 31 bits; the window is far shorter.
+        if now_ms().wrapping_sub(self.start_ms) & (u32::MAX >> 1) >= self.window_ms {
+            self.open.store(false, Ordering::Relaxed);
+            return;
+        }
+        self.noted.fetch_add(1, Ordering::Relaxed);
+        self.set.note(offset, len);
+    }
+
+    /// Whether reads are still noted.
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Reads noted so far.
+    pub fn noted(&self) -> u32 {
+        self.noted.load(Ordering::Relaxed)
+    }
+}
+
+/// What [`warm`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Warmed {
+    /// Bytes of the set.
+    pub bytes: u64,
+    /// Of them, bytes that were not in the page cache and were read from
+    /// the disk.
+    pub from_disk: u64,
+    pub took: Duration,
+}
+
+/// Reads the runs of `set` through `disk` (a version's read-only view), so
+/// that its layers' pages are in the page cache, each run in pieces of at
+/// most 1 MiB. A piece already cached is only copied, not read from disk.
+pub fn warm(disk: &Disk, set: &BootSet) -> io::Result<Warmed> {
+    let started = Instant::now();
+    let mut done = Warmed::default();
+    if set.size() != disk.size() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the boot set was made for a disk of another size",
+        ));
+    }
+    let mut buf: Vec<MaybeUninit<u8>> = vec![MaybeUninit::uninit(); WARM_PIECE as usize];
+    for (offset, len) in set.runs() {
+        let mut at = offset;
+        while at < offset + len {
+            let n = WARM_PIECE.min(offset + len - at);
+            let piece = &mut buf[..n as usize];
+            if !disk.read_uninit(piece, at, true)? {
+                disk.read_uninit(piece, at, false)?;
+                done.from_disk += n;
+            }
+            done.bytes += n;
+            at += n;
+        }
+    }
+    done.took = started.elapsed();
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::{Layer, CHUNK};
+    use std::os::unix::io::AsRawFd;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn reads_become_runs_of_whole_blocks() {
+        let set = BootSet::new(10 * MIB + 100);
+        assert!(set.runs().is_empty());
+        set.note(100, 1);
+        set.note(BOOT_BLOCK - 1, 2); // across the first two blocks
+        set.note(5 * MIB, 3 * BOOT_BLOCK);
+        set.note(10 * MIB, 4096); // the short last block
+        set.note(0, 0);
+        set.note(20 * MIB, 10); // past the end: nothing
+        assert_eq!(
+            set.runs(),
+            vec![
+                (0, 2 * BOOT_BLOCK),
+                (5 * MIB, 3 * BOOT_BLOCK),
+                (10 * MIB, 100)
+            ]
+        );
+        assert_eq!(set.bytes(), 5 * BOOT_BLOCK + 100);
+        assert!(set.take_changed());
+        set.note(5 * MIB + 7, 10);
+        assert!(
+            !set.take_changed(),
+            "a block already in the set changes nothing"
+        );
+    }
+
+    #[test]
+    fn a_saved_set_loads_and_a_damaged_one_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(boot_set_file(3));
+        assert!(BootSet::load(&path, 8 * MIB).is_none(), "no file, no set");
+        let set = BootSet::new(8 * MIB);
+        set.note(MIB, 3 * BOOT_BLOCK);
+        set.note(7 * MIB, 1);
+        set.save(&path).unwrap();
+        assert!(!tmp_path(&path).exists());
+        let back = BootSet::load(&path, 8 * MIB).unwrap();
+        assert_eq!(back.runs(), set.runs());
+        assert!(
+            BootSet::load(&path, 16 * MIB).is_none(),
+            "made for another size"
+        );
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[HEADER + 2] ^= 0x10;
+        fs::write(&path, &bytes).unwrap();
+        assert!(BootSet::load(&path, 8 * MIB).is_none(), "a flipped bit");
+        fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        assert!(BootSet::load(&path, 8 * MIB).is_none(), "cut short");
+        fs::write(&path, b"VSBOOTS1").unwrap();
+        assert!(BootSet::load(&path, 8 * MIB).is_none(), "a header only");
+    }
+
+    #[test]
+    fn merging_keeps_both_sets_bits() {
+        let a = BootSet::new(4 * MIB);
+        let b = BootSet::new(4 * MIB);
+        a.note(0, 1);
+        b.note(2 * MIB, 1);
+        a.take_changed();
+        a.merge(&b);
+        assert!(a.take_changed());
+        assert_eq!(a.runs(), vec![(0, BOOT_BLOCK), (2 * MIB, BOOT_BLOCK)]);
+        a.merge(&b);
+        assert!(!a.take_changed(), "nothing new");
+        a.merge(&BootSet::new(8 * MIB));
+        assert_eq!(a.bytes(), 2 * BOOT_BLOCK, "another size is left out");
+    }
+
+    #[test]
+    fn a_recorder_notes_only_within_its_window() {
+        let set = Arc::new(BootSet::new(MIB));
+        let open = BootRecorder::new(set.clone(), Duration::from_secs(60));
+        open.note(0, 10);
+        assert!(open.is_open());
+        assert_eq!(open.noted(), 1);
+        let closed = BootRecorder::new(set.clone(), Duration::ZERO);
+        closed.note(512 * 1024, 10);
+        assert!(!closed.is_open());
+        assert_eq!(closed.noted(), 0);
+        assert_eq!(set.runs(), vec![(0, BOOT_BLOCK)]);
+        // A window of 30 ms closes within a few coarse ticks.
+        let short = BootRecorder::new(set.clone(), Duration::from_millis(30));
+        std::thread::sleep(Duration::from_millis(80));
+        short.note(BOOT_BLOCK, 1);
+        assert!(!short.is_open());
+        assert_eq!(set.runs(), vec![(0, BOOT_BLOCK)]);
+    }
+
+    #[test]
+    fn warming_reads_the_set_into_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 8 * MIB;
+        let base = Layer::create(&dir.path().join("base.layer"), size).unwrap();
+        base.write_data(&vec![7u8; (2 * MIB) as usize], MIB)
+            .unwrap();
+        base.set_allocated(MIB / CHUNK, 3 * MIB / CHUNK);
+        base.flush().unwrap();
+        let base = Arc::new(base);
+        let top = Layer::create(&dir.path().join("top.layer"), size).unwrap();
+        top.write_data(&vec![9u8; 4096], 5 * MIB).unwrap();
+        top.set_allocated(5 * MIB / CHUNK, 5 * MIB / CHUNK + 1);
+        top.flush().unwrap();
+        let top = Arc::new(top);
+        let disk = Disk::read_only(vec![base.clone(), top.clone()]);
+        let set = BootSet::new(size);
+        set.note(MIB + 4096, 3 * BOOT_BLOCK);
+        set.note(5 * MIB, 100);
+        let cached = |l: &Layer, offset: u64, len: u64| {
+            let (fd, pos) = l.data_file(offset);
+            crate::residency::cachestat(fd.as_raw_fd(), pos, len)
+        };
+        for l in [&base, &top] {
+            let (fd, _) = l.data_file(0);
+            // SAFETY: plain advice on a descriptor we hold open.
+            let r = unsafe { libc::posix_fadvise(fd.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            assert_eq!(r, 0);
+        }
+        assert!(
+            !cached(&base, MIB, 4 * BOOT_BLOCK),
+            "this filesystem keeps pages the kernel was told to drop"
+        );
+        let done = warm(&disk, &set).unwrap();
+        assert_eq!(done.bytes, 5 * BOOT_BLOCK);
+        assert!(done.from_disk > 0, "{done:?}");
+        assert!(cached(&base, MIB, 4 * BOOT_BLOCK), "the base's run");
+        assert!(cached(&top, 5 * MIB, 4096), "the top's chunk");
+        let again = warm(&disk, &set).unwrap();
+        assert_eq!(again.from_disk, 0, "a second warm-up finds it cached");
+        assert!(warm(&Disk::read_only(vec![base]), &BootSet::new(size / 2)).is_err());
+    }
+}

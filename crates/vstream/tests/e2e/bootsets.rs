@@ -1,0 +1,101 @@
+//! A version's boot set: the blocks a device read in its session's first
+//! `--boot-window` seconds are saved beside the version's layers, and a
+//! restarted server reads them back into the page cache before any device
+//! asks; `--boot-window 0` does neither.
+
+use crate::common;
+
+use std::path::Path;
+
+use common::nbd::Nbd;
+use common::{have_python_nbd, wait_for, TestServer};
+
+const MIB: usize = 1 << 20;
+const BLOCK: usize = 64 * 1024;
+
+fn warm_lines(server: &TestServer) -> Vec<String> {
+    server
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("boot set read into the page cache"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The value of `key=` in a log line.
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+}
+
+#[test]
+fn a_device_s_boot_reads_are_learned_and_read_back_at_a_restart() {
+    if !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut server = TestServer::start_in(data.clone());
+    let image = dir.path().join("v.img");
+    common::dense_image(&image, 64 * MIB as u64, 7);
+    server.cli_ok(&["vdisk", "import", "v", image.to_str().expect("path")]);
+    server.cli_ok(&["vdisk", "set", "v", "--mode", "standard"]);
+    server.cli_ok(&[
+        "device",
+        "add",
+        "d1",
+        "--mac",
+        "52:54:00:b0:07:01",
+        "--vdisk",
+        "v",
+    ]);
+    assert!(warm_lines(&server).is_empty(), "nothing learned yet");
+
+    // The boot: one block at 8 MiB, three from 40 MiB + 100.
+    let scratch = dir.path().join("scratch");
+    let mut nbd = Nbd::connect(&server.url("device/d1"));
+    nbd.pread(8 * MIB, 4096, &scratch);
+    nbd.pread(40 * MIB + 100, 2 * BLOCK, &scratch);
+    nbd.quit();
+    assert!(server.stop().success());
+    let set = data.join("vdisks/v/boot-v1.set");
+    assert!(set.exists(), "saved at stop:\n{}", server.log_text());
+
+    server.restart();
+    let line = wait_for(30, "the boot set read back at start", || {
+        warm_lines(&server).pop()
+    });
+    assert_eq!(field(&line, "vdisk"), "v", "{line}");
+    assert_eq!(field(&line, "version"), "1", "{line}");
+    assert_eq!(field(&line, "set_of"), "1", "{line}");
+    assert_eq!(field(&line, "bytes"), (4 * BLOCK).to_string(), "{line}");
+
+    // A damaged set is said and learned again; nothing is read back.
+    assert!(server.stop().success());
+    std::fs::write(&set, b"VSBOOTS1, then not a boot set").expect("damage");
+    server.restart();
+    wait_for(30, "the damaged set refused", || {
+        server
+            .log_text()
+            .contains("a boot set cannot be used")
+            .then_some(())
+    });
+    assert!(warm_lines(&server).is_empty(), "{}", server.log_text());
+    assert!(server.stop().success());
+    check_off(&data, &set);
+}
+
+/// With `--boot-window 0`, a session learns nothing and a start reads
+/// nothing back.
+fn check_off(data: &Path, set: &Path) {
+    std::fs::remove_file(set).expect("remove the set");
+    let mut server = TestServer::start_with(data.to_path_buf(), &["--boot-window", "0"]);
+    let scratch = data.join("../scratch");
+    let mut nbd = Nbd::connect(&server.url("device/d1"));
+    nbd.pread(0, 4096, &scratch);
+    nbd.quit();
+    assert!(server.stop().success());
+    assert!(!set.exists(), "learned with --boot-window 0");
+    assert!(warm_lines(&server).is_empty());
+}
