@@ -9,7 +9,8 @@
 //!   at start, then every 30 s ─► the versions devices boot (production, test)
 //!                             not yet warmed: their set (or, for a version
 //!                             never booted here, the nearest older one's) read
-//!                             through the version's layers
+//!                             through the version's layers, at the lowest
+//!                             best-effort I/O priority
 //! ```
 //!
 //! A morning's boot storm after a server restart, or after a new version
@@ -213,7 +214,7 @@ impl BootSets {
     }
 }
 
-/// Warms due versions at start and every [`PERIOD`], and saves changed
+/// Warms due versions at start and every 30 s, and saves changed
 /// sets every period and once more at shutdown.
 pub async fn run(sets: Arc<BootSets>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     if !sets.enabled() {
@@ -223,6 +224,8 @@ pub async fn run(sets: Arc<BootSets>, mut shutdown: tokio::sync::watch::Receiver
         let s = sets.clone();
         let _ = tokio::task::spawn_blocking(move || {
             s.save_changed();
+            // Behind the devices' own reads, as the scrub is.
+            let _low = crate::io::LowIo::enter();
             s.warm_due();
         })
         .await;

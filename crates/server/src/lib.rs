@@ -17,6 +17,7 @@ pub mod events;
 pub mod farm;
 pub mod http;
 pub mod identity;
+pub mod io;
 pub mod iscsi;
 pub mod login;
 pub mod login_guard;

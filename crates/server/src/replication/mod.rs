@@ -18,7 +18,6 @@
 pub mod catalog;
 mod follow;
 pub mod handles;
-mod io;
 pub mod peer;
 pub mod quarantine;
 pub mod routes;

@@ -29,8 +29,8 @@ use crate::error::ApiError;
 use vstream_service::metrics::Metrics;
 
 use super::handles::Handles;
-use super::io::LowIo;
 use super::peer::MAX_REQUEST_CHUNKS;
+use crate::io::LowIo;
 
 /// The peer routes, behind the farm's peer secret.
 pub fn routes(server: Arc<Handles>) -> Router {

@@ -20,8 +20,8 @@ use vstream_image::replica::Incoming;
 use vstream_image::{hash, Disk, ImageError, Layer, Trust, CHUNK, HASH_BLOCK};
 
 use super::handles::Handles;
-use super::io::LowIo;
 use super::peer;
+use crate::io::LowIo;
 use vstream_service::metrics::Metrics;
 
 const REPAIR_RETRY: Duration = Duration::from_secs(3);

@@ -141,7 +141,7 @@ fn copy_version(
     number: u32,
     missing: &[String],
 ) -> Result<(), String> {
-    let _low_io = super::io::LowIo::enter();
+    let _low_io = crate::io::LowIo::enter();
     let name = &cat.vdisk;
     let version = &cat
         .version(number)
@@ -353,7 +353,7 @@ fn copy_layer(
             let agent = agent.clone();
             let secret = secret.clone();
             scope.spawn(move || {
-                let _low_io = super::io::LowIo::enter();
+                let _low_io = crate::io::LowIo::enter();
                 loop {
                     let segs = take_batch(queue, &inc.read());
                     let (Some(&first), Some(&last)) = (segs.first(), segs.last()) else {

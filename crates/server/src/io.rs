@@ -1,4 +1,5 @@
-//! The disk I/O priority of replication's threads.
+//! The disk I/O priority of background readers: replication, the scrub,
+//! the boot sets' read-ahead.
 
 /// While held, this thread's disk I/O has the lowest best-effort priority:
 /// device streaming comes first. (Not the idle class: that starves a copy
