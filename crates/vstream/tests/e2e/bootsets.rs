@@ -40,16 +40,7 @@ fn a_device_s_boot_reads_are_learned_and_read_back_at_a_restart() {
     let image = dir.path().join("v.img");
     common::dense_image(&image, 64 * MIB as u64, 7);
     server.cli_ok(&["vdisk", "import", "v", image.to_str().expect("path")]);
-    server.cli_ok(&["vdisk", "set", "v", "--mode", "standard"]);
-    server.cli_ok(&[
-        "device",
-        "add",
-        "d1",
-        "--mac",
-        "52:54:00:b0:07:01",
-        "--vdisk",
-        "v",
-    ]);
+    common::standard_v_and_d1(&server, "52:54:00:b0:07:01");
     assert!(warm_lines(&server).is_empty(), "nothing learned yet");
 
     // The boot: one block at 8 MiB, three from 40 MiB + 100.

@@ -110,16 +110,7 @@ fn large_reads_from_the_layer_file_are_the_images_bytes() {
 
     // A Standard device: its reads lie in its write cache, in the base, or
     // across both; those across both take the copy path.
-    server.cli_ok(&["vdisk", "set", "v", "--mode", "standard"]);
-    server.cli_ok(&[
-        "device",
-        "add",
-        "d1",
-        "--mac",
-        "52:54:00:21:00:01",
-        "--vdisk",
-        "v",
-    ]);
+    common::standard_v_and_d1(&server, "52:54:00:21:00:01");
     let mut expected = bytes.clone();
     let mut d = Nbd::connect(&server.url("device/d1"));
     for (off, byte) in [(2 * MIB + 4096, 0x11u8), (5 * MIB - 8192, 0x22)] {

@@ -802,16 +802,7 @@ fn a_kept_write_cache_is_not_laid_over_changed_vdisk_content() {
     }
     let server = TestServer::start();
     server.cli_ok(&["vdisk", "create", "v", "--size", "16MiB"]);
-    server.cli_ok(&["vdisk", "set", "v", "--mode", "standard"]);
-    server.cli_ok(&[
-        "device",
-        "add",
-        "d1",
-        "--mac",
-        "aa:bb:cc:00:07:01",
-        "--vdisk",
-        "v",
-    ]);
+    common::standard_v_and_d1(&server, "aa:bb:cc:00:07:01");
     // Device names in any MAC spelling reach the same device.
     let mut d1 = Nbd::connect(&server.url("device/AA-BB-CC-00-07-01"));
     d1.ok("fill 0 4096 0x41");

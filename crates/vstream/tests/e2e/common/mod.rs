@@ -388,6 +388,13 @@ pub fn add_v_and_d1(server: &TestServer, mac: &str) {
     server.cli_ok(&["device", "add", "d1", "--mac", mac, "--vdisk", "v"]);
 }
 
+/// Sets `server`'s vDisk `v` to Standard mode and adds device `d1` (MAC
+/// `mac`) on it.
+pub fn standard_v_and_d1(server: &TestServer, mac: &str) {
+    server.cli_ok(&["vdisk", "set", "v", "--mode", "standard"]);
+    server.cli_ok(&["device", "add", "d1", "--mac", mac, "--vdisk", "v"]);
+}
+
 /// Runs the CLI against the API at `api`, as `token`.
 pub fn cli_as(api: &str, token: &str, args: &[&str]) -> Output {
     Command::new(BIN)
