@@ -19,6 +19,8 @@
 //! lost, damaged or wrong one costs time, never bytes.
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +28,8 @@ use parking_lot::Mutex;
 use vstream_api::DeviceType;
 use vstream_image::bootset::{self, boot_set_file, BootRecorder, BootSet};
 use vstream_image::Store;
+
+use vstream_service::metrics::Metrics;
 
 use crate::sessions::pick_version;
 
@@ -39,6 +43,12 @@ pub struct BootSets {
     sets: Mutex<HashMap<(String, u32), Arc<BootSet>>>,
     /// Versions whose set was read into the page cache since the start.
     warmed: Mutex<HashSet<(String, u32)>>,
+    /// Set files found unusable (said once), until a save replaces them.
+    refused: Mutex<HashSet<PathBuf>>,
+    /// Versions read ahead, and their bytes: all, and those from the disk.
+    read_ahead_versions: AtomicU64,
+    read_ahead_bytes: AtomicU64,
+    read_ahead_disk_bytes: AtomicU64,
 }
 
 impl BootSets {
@@ -50,7 +60,35 @@ impl BootSets {
             window,
             sets: Mutex::new(HashMap::new()),
             warmed: Mutex::new(HashSet::new()),
+            refused: Mutex::new(HashSet::new()),
+            read_ahead_versions: AtomicU64::new(0),
+            read_ahead_bytes: AtomicU64::new(0),
+            read_ahead_disk_bytes: AtomicU64::new(0),
         }
+    }
+
+    /// Prometheus rows for `/metrics`.
+    pub fn metrics(&self) -> [(&'static str, &'static str, &'static str, &AtomicU64); 3] {
+        [
+            (
+                "vstream_boot_set_read_ahead_versions_total",
+                "counter",
+                "versions whose boot set was read into the page cache ahead of their devices",
+                &self.read_ahead_versions,
+            ),
+            (
+                "vstream_boot_set_read_ahead_bytes_total",
+                "counter",
+                "bytes of boot sets read into the page cache ahead of their devices",
+                &self.read_ahead_bytes,
+            ),
+            (
+                "vstream_boot_set_read_ahead_disk_bytes_total",
+                "counter",
+                "of those, bytes that were not cached and came from the disk",
+                &self.read_ahead_disk_bytes,
+            ),
+        ]
     }
 
     /// Whether sets are learned and warmed at all.
@@ -100,7 +138,17 @@ impl BootSets {
             .vdisk_path(vdisk)
             .ok()?
             .join(boot_set_file(version));
-        let loaded = Arc::new(BootSet::load(&path, size)?);
+        if self.refused.lock().contains(&path) {
+            return None;
+        }
+        let Some(loaded) = BootSet::load(&path, size) else {
+            if path.exists() {
+                // Said in the log once; the next save replaces it.
+                self.refused.lock().insert(path);
+            }
+            return None;
+        };
+        let loaded = Arc::new(loaded);
         let mut sets = self.sets.lock();
         let set = sets.entry(key).or_insert_with(|| loaded.clone());
         if set.size() != size {
@@ -124,10 +172,12 @@ impl BootSets {
             let saved = self
                 .store
                 .vdisk_path(&vdisk)
+                .map(|dir| dir.join(boot_set_file(version)))
                 .map_err(|e| e.to_string())
-                .and_then(|dir| {
-                    set.save(&dir.join(boot_set_file(version)))
-                        .map_err(|e| e.to_string())
+                .and_then(|path| {
+                    set.save(&path).map_err(|e| e.to_string())?;
+                    self.refused.lock().remove(&path);
+                    Ok(())
                 });
             match saved {
                 Ok(()) => tracing::debug!(%vdisk, version, bytes = set.bytes(), "boot set saved"),
@@ -182,6 +232,9 @@ impl BootSets {
                             secs = w.took.as_secs_f64(), "boot set read into the page cache"
                         );
                         self.warmed.lock().insert((vdisk.clone(), version));
+                        Metrics::add(&self.read_ahead_versions, 1);
+                        Metrics::add(&self.read_ahead_bytes, w.bytes);
+                        Metrics::add(&self.read_ahead_disk_bytes, w.from_disk);
                         done.push((vdisk.clone(), version, w));
                     }
                     Err(e) => {
@@ -293,7 +346,24 @@ mod tests {
         sets.save_changed();
         let file = store.vdisk_path("d").unwrap().join(boot_set_file(1));
         std::fs::write(&file, b"VSBOOTS1 and then rubbish").unwrap();
-        let fresh = BootSets::new(store, Duration::from_secs(60));
+        let fresh = BootSets::new(store.clone(), Duration::from_secs(60));
         assert!(fresh.warm_due().is_empty());
+        assert!(
+            fresh.refused.lock().contains(&file),
+            "said once, then skipped"
+        );
+        assert!(fresh.warm_due().is_empty());
+        // A session's set replaces it, and is read ahead at the next pass,
+        // for version 1 and (its nearest) version 2.
+        fresh.recorder("d", 1, 16 * MIB).unwrap().note(0, 1);
+        fresh.save_changed();
+        assert!(fresh.refused.lock().is_empty());
+        assert_eq!(fresh.warm_due().len(), 2);
+        let count = |s: &BootSets| {
+            s.metrics()
+                .map(|(_, _, _, v)| v.load(std::sync::atomic::Ordering::Relaxed))
+        };
+        assert_eq!(count(&sets)[..2], [2, 4 * MIB]);
+        assert_eq!(count(&fresh)[..2], [2, 2 * bootset::BOOT_BLOCK]);
     }
 }

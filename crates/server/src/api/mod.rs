@@ -245,6 +245,7 @@ async fn metrics(State(server): State<Server>) -> impl IntoResponse {
             &s.replication.metrics()[..],
             &s.boot.stats.metrics()[..],
             &s.membership.metrics()[..],
+            &s.sessions.boot_sets.metrics()[..],
             &s.enrollment.stats.metrics()[..],
             &s.login_guard.metrics()[..],
             &s.iscsi.stats().rows()[..],

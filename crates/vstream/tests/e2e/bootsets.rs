@@ -61,6 +61,14 @@ fn a_device_s_boot_reads_are_learned_and_read_back_at_a_restart() {
     assert_eq!(field(&line, "version"), "1", "{line}");
     assert_eq!(field(&line, "set_of"), "1", "{line}");
     assert_eq!(field(&line, "bytes"), (4 * BLOCK).to_string(), "{line}");
+    assert_eq!(
+        server.metric("vstream_boot_set_read_ahead_versions_total"),
+        1
+    );
+    assert_eq!(
+        server.metric("vstream_boot_set_read_ahead_bytes_total"),
+        4 * BLOCK as u64
+    );
 
     // A damaged set is said and learned again; nothing is read back.
     assert!(server.stop().success());
