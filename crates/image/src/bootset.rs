@@ -24,7 +24,7 @@ use std::fs;
 use std::io;
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -92,19 +92,6 @@ impl BootSet {
         self.changed.store(true, Ordering::Relaxed);
     }
 
-    /// Sets every bit `other` has (of the same size; else nothing).
-    pub fn merge(&self, other: &BootSet) {
-        if other.size != self.size {
-            return;
-        }
-        for (mine, theirs) in self.words.iter().zip(other.words.iter()) {
-            let bits = theirs.load(Ordering::Relaxed);
-            if bits & !mine.fetch_or(bits, Ordering::Relaxed) != 0 {
-                self.changed.store(true, Ordering::Relaxed);
-            }
-        }
-    }
-
     /// The set as runs of the disk, `(offset, len)`, in order, adjacent
     /// blocks merged, the last one cut at the disk's end.
     pub fn runs(&self) -> Vec<(u64, u64)> {
@@ -123,6 +110,11 @@ impl BootSet {
             }
         }
         runs
+    }
+
+    /// Whether no block is in the set.
+    pub fn is_empty(&self) -> bool {
+        self.words.iter().all(|w| w.load(Ordering::Relaxed) == 0)
     }
 
     /// Bytes of the disk the set covers.
@@ -218,8 +210,6 @@ pub struct BootRecorder {
     start_ms: u32,
     window_ms: u32,
     open: AtomicBool,
-    /// Reads noted (for a test and for the log).
-    noted: AtomicU32,
 }
 
 impl BootRecorder {
@@ -230,7 +220,6 @@ impl BootRecorder {
             start_ms: now_ms(),
             window_ms: window.as_millis().min(u128::from(u32::MAX >> 2)) as u32,
             open: AtomicBool::new(true),
-            noted: AtomicU32::new(0),
         }
     }
 
@@ -245,18 +234,12 @@ impl BootRecorder {
             self.open.store(false, Ordering::Relaxed);
             return;
         }
-        self.noted.fetch_add(1, Ordering::Relaxed);
         self.set.note(offset, len);
     }
 
     /// Whether reads are still noted.
     pub fn is_open(&self) -> bool {
         self.open.load(Ordering::Relaxed)
-    }
-
-    /// Reads noted so far.
-    pub fn noted(&self) -> u32 {
-        self.noted.load(Ordering::Relaxed)
     }
 }
 
@@ -363,32 +346,15 @@ mod tests {
     }
 
     #[test]
-    fn merging_keeps_both_sets_bits() {
-        let a = BootSet::new(4 * MIB);
-        let b = BootSet::new(4 * MIB);
-        a.note(0, 1);
-        b.note(2 * MIB, 1);
-        a.take_changed();
-        a.merge(&b);
-        assert!(a.take_changed());
-        assert_eq!(a.runs(), vec![(0, BOOT_BLOCK), (2 * MIB, BOOT_BLOCK)]);
-        a.merge(&b);
-        assert!(!a.take_changed(), "nothing new");
-        a.merge(&BootSet::new(8 * MIB));
-        assert_eq!(a.bytes(), 2 * BOOT_BLOCK, "another size is left out");
-    }
-
-    #[test]
     fn a_recorder_notes_only_within_its_window() {
         let set = Arc::new(BootSet::new(MIB));
         let open = BootRecorder::new(set.clone(), Duration::from_secs(60));
         open.note(0, 10);
         assert!(open.is_open());
-        assert_eq!(open.noted(), 1);
+        assert_eq!(set.runs(), vec![(0, BOOT_BLOCK)]);
         let closed = BootRecorder::new(set.clone(), Duration::ZERO);
         closed.note(512 * 1024, 10);
         assert!(!closed.is_open());
-        assert_eq!(closed.noted(), 0);
         assert_eq!(set.runs(), vec![(0, BOOT_BLOCK)]);
         // A window of 30 ms closes within a few coarse ticks.
         let short = BootRecorder::new(set.clone(), Duration::from_millis(30));
@@ -422,10 +388,7 @@ mod tests {
             crate::residency::cachestat(fd.as_raw_fd(), pos, len)
         };
         for l in [&base, &top] {
-            let (fd, _) = l.data_file(0);
-            // SAFETY: plain advice on a descriptor we hold open.
-            let r = unsafe { libc::posix_fadvise(fd.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-            assert_eq!(r, 0);
+            crate::residency::drop_cached(l.data_file(0).0.as_raw_fd());
         }
         assert!(
             !cached(&base, MIB, 4 * BOOT_BLOCK),

@@ -153,6 +153,15 @@ pub(crate) fn cachestat(fd: i32, pos: u64, len: u64) -> bool {
     stat.nr_cache >= pages
 }
 
+/// Drops every page of the file `fd` from the page cache (a test's
+/// eviction: `POSIX_FADV_DONTNEED`).
+#[cfg(test)]
+pub(crate) fn drop_cached(fd: i32) {
+    // SAFETY: plain advice on a descriptor the caller holds open.
+    let r = unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,9 +193,7 @@ mod tests {
 
     /// Drops the file's pages from the page cache, and checks it did.
     fn evict(f: &File) {
-        // SAFETY: plain advice on our own descriptor.
-        let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        assert_eq!(r, 0);
+        drop_cached(f.as_raw_fd());
         assert!(
             !cachestat(f.as_raw_fd(), 0, HEADER + SIZE),
             "this filesystem keeps pages the kernel was told to drop"

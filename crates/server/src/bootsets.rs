@@ -262,7 +262,7 @@ impl BootSets {
         older.sort_unstable_by(|a, b| b.cmp(a));
         older.into_iter().find_map(|n| {
             let set = self.existing(&props.name, n, props.size)?;
-            (set.bytes() > 0).then_some((n, set))
+            (!set.is_empty()).then_some((n, set))
         })
     }
 }
