@@ -7,7 +7,7 @@
 //!     └─ Client (base URL, bearer token, X-Vstream-Server)
 //!          ├─ typed calls:   login, cache_report, vdisks, versions, devices,
 //!          │                 servers, stores, replication, import, export, ...
-//!          ├─ peer calls:    layer_meta, layer_data, boot_file, poke
+//!          ├─ peer calls:    layer_meta, layer_data, boot_file, boot_set, poke
 //!          └─ JSON by path:  get, post, patch, put, delete (api_path builds paths)
 //! ```
 //!
@@ -570,6 +570,13 @@ impl Client {
     pub fn boot_file(&self, vdisk: &str, hash: &str) -> Result<Body> {
         let path = peer_path(&["vdisks", vdisk, "boot", hash]);
         Ok(self.check(self.request("GET", &path).call())?.into_reader())
+    }
+
+    /// `GET /peer/v1/vdisks/NAME/boot-sets/VERSION`: the peer's boot set of
+    /// a version, in its file's form, read up to `limit` bytes.
+    pub fn boot_set(&self, vdisk: &str, version: u32, limit: u64) -> Result<Vec<u8>> {
+        let path = peer_path(&["vdisks", vdisk, "boot-sets", &version.to_string()]);
+        read_limited(self.check(self.request("GET", &path).call())?, limit)
     }
 
     /// `POST /peer/v1/poke`: "the catalog changed", reconcile now.

@@ -122,7 +122,26 @@ impl BootSet {
         self.runs().iter().map(|r| r.1).sum()
     }
 
-    fn encode(&self) -> Vec<u8> {
+    /// Adds every block of `other` (a set of the same disk, another
+    /// server's) to this set.
+    pub fn union(&self, other: &BootSet) {
+        for (w, o) in self.words.iter().zip(other.words.iter()) {
+            let bits = o.load(Ordering::Relaxed);
+            if bits & !w.load(Ordering::Relaxed) != 0 {
+                w.fetch_or(bits, Ordering::Relaxed);
+                self.changed.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The length of a set's file (and of [`BootSet::to_bytes`]) for a
+    /// disk of `size` bytes.
+    pub fn encoded_len(size: u64) -> u64 {
+        (HEADER + HASH) as u64 + size.div_ceil(BOOT_BLOCK).div_ceil(64) * 8
+    }
+
+    /// The set as its file holds it (the module's layout), checksum and all.
+    pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER + self.words.len() * 8 + HASH);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&self.size.to_le_bytes());
@@ -136,7 +155,9 @@ impl BootSet {
         out
     }
 
-    fn decode(bytes: &[u8], size: u64) -> Result<BootSet, String> {
+    /// A set from [`BootSet::to_bytes`]' form, for a disk of `size` bytes;
+    /// the error says why it cannot be used (damaged, torn, another size).
+    pub fn from_bytes(bytes: &[u8], size: u64) -> Result<BootSet, String> {
         if bytes.len() < HEADER + HASH || &bytes[..8] != MAGIC {
             return Err("not a boot set".into());
         }
@@ -173,7 +194,7 @@ impl BootSet {
                 return None;
             }
         };
-        BootSet::decode(&bytes, size)
+        BootSet::from_bytes(&bytes, size)
             .inspect_err(|why| {
                 tracing::warn!(path = %path.display(), %why, "a boot set cannot be used; it is learned again");
             })
@@ -185,7 +206,7 @@ impl BootSet {
     /// if a crash leaves it). Not synced: a torn file fails its checksum.
     pub fn save(&self, path: &Path) -> io::Result<()> {
         let tmp = tmp_path(path);
-        fs::write(&tmp, self.encode())?;
+        fs::write(&tmp, self.to_bytes())?;
         fs::rename(&tmp, path)
     }
 }
@@ -200,6 +221,17 @@ fn tmp_path(path: &Path) -> PathBuf {
 /// The file a version's boot set is kept in, in its vDisk's folder.
 pub fn boot_set_file(version: u32) -> String {
     format!("boot-v{version}.set")
+}
+
+/// The version whose boot set file is named `name`, the inverse of
+/// [`boot_set_file`]; `None` for any other name.
+pub fn boot_set_version(name: &str) -> Option<u32> {
+    let n = name
+        .strip_prefix("boot-v")?
+        .strip_suffix(".set")?
+        .parse()
+        .ok()?;
+    (boot_set_file(n) == name).then_some(n)
 }
 
 /// Notes a session's reads into a boot set until its boot window closes.
@@ -343,6 +375,39 @@ mod tests {
         assert!(BootSet::load(&path, 8 * MIB).is_none(), "cut short");
         fs::write(&path, b"VSBOOTS1").unwrap();
         assert!(BootSet::load(&path, 8 * MIB).is_none(), "a header only");
+        assert_eq!(
+            set.to_bytes().len() as u64,
+            BootSet::encoded_len(8 * MIB),
+            "the length a peer's answer is read up to"
+        );
+    }
+
+    #[test]
+    fn a_union_adds_another_set_s_blocks() {
+        let ours = BootSet::new(4 * MIB);
+        ours.note(0, 1);
+        let theirs = BootSet::from_bytes(&ours.to_bytes(), 4 * MIB).unwrap();
+        theirs.note(3 * MIB, 1);
+        ours.take_changed();
+        ours.union(&BootSet::from_bytes(&ours.to_bytes(), 4 * MIB).unwrap());
+        assert!(!ours.take_changed(), "nothing new, nothing to save");
+        ours.union(&theirs);
+        assert!(ours.take_changed());
+        assert_eq!(ours.runs(), vec![(0, BOOT_BLOCK), (3 * MIB, BOOT_BLOCK)]);
+    }
+
+    #[test]
+    fn only_a_boot_set_file_s_name_gives_a_version() {
+        assert_eq!(boot_set_version(&boot_set_file(12)), Some(12));
+        for other in [
+            "boot-v012.set",
+            "boot-v.set",
+            "boot-v1.set.tmp",
+            ".tmp-boot-v1.set",
+            "v1.layer",
+        ] {
+            assert_eq!(boot_set_version(other), None, "{other}");
+        }
     }
 
     #[test]

@@ -409,7 +409,8 @@ impl Store {
         Ok(())
     }
 
-    /// Removes layer files of `name` that no version references.
+    /// Removes layer files of `name` that no version references, and the
+    /// boot sets of versions no longer live.
     fn collect_garbage(&self, name: &str) -> Result<(), ImageError> {
         let props = self.properties(name)?;
         let keep = props.referenced_files();
@@ -417,7 +418,10 @@ impl Store {
         for e in fs::read_dir(&dir)?.flatten() {
             let file = e.file_name().to_string_lossy().into_owned();
             let stale_layer = file.ends_with(".layer") && !keep.contains(&file);
-            if stale_layer || file.starts_with(".tmp") {
+            // The boot set of a version deleted or merged away.
+            let stale_set = crate::bootset::boot_set_version(&file)
+                .is_some_and(|n| !props.version(n).is_some_and(|v| v.is_live()));
+            if stale_layer || stale_set || file.starts_with(".tmp") {
                 // Devices still reading it keep their open descriptor.
                 fs::remove_file(e.path())?;
                 self.open.lock().remove(&e.path());
@@ -1783,6 +1787,14 @@ mod tests {
         // A maintenance version on top, then merge under it.
         store.new_version("d", 7).unwrap();
         write(&store, "d", 3, &[3u8; 10], 0);
+        let set_file = |n| {
+            dir.path()
+                .join("vdisks/d")
+                .join(crate::bootset::boot_set_file(n))
+        };
+        for n in 1..=3 {
+            fs::write(set_file(n), b"a boot set").unwrap();
+        }
         let merged = store.merge("d", Some(2)).unwrap();
         assert_eq!(merged.layers.len(), 1);
         assert_eq!(merged.content_hash, p2.content_hash);
@@ -1794,8 +1806,14 @@ mod tests {
         assert_eq!(props.version(1).unwrap().state, VersionState::Retired);
         assert_eq!(props.version(3).unwrap().layers.len(), 2);
         let files = fs::read_dir(dir.path().join("vdisks/d")).unwrap().count();
-        assert_eq!(files, 3, "properties, merged layer, maintenance layer");
+        assert_eq!(
+            files, 5,
+            "properties, merged layer, maintenance layer, two boot sets"
+        );
+        assert!(!set_file(1).exists(), "a retired version's boot set");
         store.delete_version("d", 3, false).unwrap();
+        assert!(!set_file(3).exists(), "a deleted version's boot set");
+        assert!(set_file(2).exists());
         assert!(store
             .delete_version("d", 2, false)
             .unwrap_err()

@@ -7,23 +7,32 @@
 //!                             boot_window_secs go into the version's set
 //!   every 30 s (and at stop) ─► changed sets saved: vdisks/NAME/boot-vN.set
 //!   at start, then every 30 s ─► the versions devices boot (production, test)
-//!                             not yet warmed: their set (or, for a version
-//!                             never booted here, the nearest older one's) read
-//!                             through the version's layers, at the lowest
-//!                             best-effort I/O priority
+//!                             not yet warmed: their set read through the
+//!                             version's layers, at the lowest best-effort
+//!                             I/O priority. A version never booted here
+//!                             takes another live server's set
+//!                             (GET /peer/v1/vdisks/NAME/boot-sets/N), else
+//!                             the nearest older version's set here.
 //! ```
 //!
 //! A morning's boot storm after a server restart, or after a new version
 //! was promoted overnight, then finds the boot set in memory instead of
-//! reading it from the store's disk device by device. A set is a hint: a
-//! lost, damaged or wrong one costs time, never bytes.
+//! reading it from the store's disk device by device. So does a server that
+//! joined the farm, or whose devices all booted elsewhere yesterday. A set
+//! is a hint: a lost, damaged or wrong one costs time, never bytes. A
+//! version deleted or merged away takes its set with it.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::middleware;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
 use parking_lot::Mutex;
 use vstream_api::DeviceType;
 use vstream_image::bootset::{self, boot_set_file, BootRecorder, BootSet};
@@ -31,10 +40,41 @@ use vstream_image::Store;
 
 use vstream_service::metrics::Metrics;
 
+use crate::auth::require_peer;
+use crate::error::ApiError;
+use crate::membership::Membership;
+use crate::replication::peer::{self, Peer, PeerClient};
+use crate::replication::state::Replication;
 use crate::sessions::pick_version;
 
 /// How often changed sets are saved and new versions warmed.
 const PERIOD: Duration = Duration::from_secs(30);
+/// How long a version no other server had a set of waits before they are
+/// asked again.
+const ASK_AGAIN: Duration = Duration::from_secs(300);
+/// In its first minute a server may not know its peers yet (the farm's view
+/// is read after the start): a pass that found none is made again this soon.
+const NO_PEER_YET: Duration = Duration::from_secs(2);
+
+/// What a server needs to ask the farm's other servers for sets.
+pub struct Peers {
+    pub replication: Arc<Replication>,
+    pub membership: Arc<Membership>,
+    /// This server's name.
+    pub me: String,
+    /// In an etcd farm; else there is no other server.
+    pub in_farm: bool,
+}
+
+/// What the farm's other servers gave when asked for a version's set.
+pub enum FromPeers {
+    /// No other server to ask (alone, or no farm view yet).
+    NoPeer,
+    /// None had one, or none answered.
+    NoneHad,
+    /// Server `peer`'s set.
+    Got { peer: String, set: BootSet },
+}
 
 /// The boot sets of this server's versions.
 pub struct BootSets {
@@ -45,6 +85,10 @@ pub struct BootSets {
     warmed: Mutex<HashSet<(String, u32)>>,
     /// Set files found unusable (said once), until a save replaces them.
     refused: Mutex<HashSet<PathBuf>>,
+    /// Versions no other server had a set of, and when they were asked.
+    asked: Mutex<HashMap<(String, u32), Instant>>,
+    /// A version lacked a set and there was no other server to ask.
+    met_no_peer: AtomicBool,
     /// Versions read ahead, and their bytes: all, and those from the disk.
     read_ahead_versions: AtomicU64,
     read_ahead_bytes: AtomicU64,
@@ -61,6 +105,8 @@ impl BootSets {
             sets: Mutex::new(HashMap::new()),
             warmed: Mutex::new(HashSet::new()),
             refused: Mutex::new(HashSet::new()),
+            asked: Mutex::new(HashMap::new()),
+            met_no_peer: AtomicBool::new(false),
             read_ahead_versions: AtomicU64::new(0),
             read_ahead_bytes: AtomicU64::new(0),
             read_ahead_disk_bytes: AtomicU64::new(0),
@@ -157,10 +203,45 @@ impl BootSets {
         Some(set.clone())
     }
 
+    /// Version `version`'s set in its file's form, for a peer: `None` if
+    /// this server has none, or does not hold the version live.
+    pub fn served(&self, vdisk: &str, version: u32) -> Option<Vec<u8>> {
+        let props = self.store.properties(vdisk).ok()?;
+        props.version(version).filter(|v| v.is_live())?;
+        let set = self.existing(vdisk, version, props.size)?;
+        (!set.is_empty()).then(|| set.to_bytes())
+    }
+
+    /// Forgets what is kept of versions no longer live here (deleted,
+    /// merged away, or their vDisk deleted), so that no save writes their
+    /// sets again: the store removed their files.
+    fn forget_gone(&self) {
+        let mut keys: Vec<(String, u32)> = self.sets.lock().keys().cloned().collect();
+        keys.extend(self.warmed.lock().iter().cloned());
+        keys.extend(self.asked.lock().keys().cloned());
+        keys.sort_unstable();
+        keys.dedup();
+        let gone: HashSet<(String, u32)> = keys
+            .into_iter()
+            .filter(|(vdisk, version)| match self.store.properties(vdisk) {
+                Ok(props) => !props.version(*version).is_some_and(|v| v.is_live()),
+                // A failed read of a vDisk that is there forgets nothing.
+                Err(_) => !self.store.exists(vdisk),
+            })
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        self.sets.lock().retain(|k, _| !gone.contains(k));
+        self.warmed.lock().retain(|k| !gone.contains(k));
+        self.asked.lock().retain(|k, _| !gone.contains(k));
+    }
+
     /// Saves every set a session changed since the last save. A set that
     /// cannot be saved (a full disk, a vDisk deleted meanwhile) is said in
     /// the log and tried again at the next save.
     pub fn save_changed(&self) {
+        self.forget_gone();
         let changed: Vec<((String, u32), Arc<BootSet>)> = self
             .sets
             .lock()
@@ -197,9 +278,13 @@ impl BootSets {
     /// Reads into the page cache the boot set of each version that devices
     /// boot (each vDisk's newest production and test versions) and that was
     /// not warmed since the start. A version never booted here takes the
-    /// set of the nearest older version that has one: a new version changes
+    /// set another server learned, which `peers` asks for, else the set of
+    /// the nearest older version that has one here: a new version changes
     /// little of where its disk's boot reads fall. Returns what it warmed.
-    pub fn warm_due(&self) -> Vec<(String, u32, bootset::Warmed)> {
+    pub fn warm_due(
+        &self,
+        peers: &dyn Fn(&str, u32, u64) -> FromPeers,
+    ) -> Vec<(String, u32, bootset::Warmed)> {
         let mut done = Vec::new();
         if !self.enabled() {
             return done;
@@ -217,7 +302,7 @@ impl BootSets {
                 if self.warmed.lock().contains(&(vdisk.clone(), version)) {
                     continue;
                 }
-                let Some((from, set)) = self.nearest(&props, version) else {
+                let Some((from, set)) = self.to_warm(&props, version, peers) else {
                     continue;
                 };
                 let warmed = self
@@ -246,17 +331,26 @@ impl BootSets {
         done
     }
 
-    /// The set to warm version `version` with: its own if it has one that
-    /// is not empty, else that of the nearest older version with one.
-    fn nearest(
+    /// The set to warm version `version` with, and the version it is of:
+    /// its own if it has one that is not empty, else another server's,
+    /// else that of the nearest older version with one.
+    fn to_warm(
         &self,
         props: &vstream_image::Properties,
         version: u32,
+        peers: &dyn Fn(&str, u32, u64) -> FromPeers,
     ) -> Option<(u32, Arc<BootSet>)> {
+        let own = self.existing(&props.name, version, props.size);
+        if let Some(set) = own.filter(|s| !s.is_empty()) {
+            return Some((version, set));
+        }
+        if let Some(set) = self.taken_from_peers(&props.name, version, props.size, peers) {
+            return Some((version, set));
+        }
         let mut older: Vec<u32> = props
             .versions
             .iter()
-            .filter(|v| v.number <= version)
+            .filter(|v| v.number < version)
             .map(|v| v.number)
             .collect();
         older.sort_unstable_by(|a, b| b.cmp(a));
@@ -265,25 +359,144 @@ impl BootSets {
             (!set.is_empty()).then_some((n, set))
         })
     }
+
+    /// Version `version`'s set from another server, added to this
+    /// server's (which saves it), unless none had one within the last
+    /// [`ASK_AGAIN`].
+    fn taken_from_peers(
+        &self,
+        vdisk: &str,
+        version: u32,
+        size: u64,
+        peers: &dyn Fn(&str, u32, u64) -> FromPeers,
+    ) -> Option<Arc<BootSet>> {
+        let key = (vdisk.to_owned(), version);
+        if self
+            .asked
+            .lock()
+            .get(&key)
+            .is_some_and(|t| t.elapsed() < ASK_AGAIN)
+        {
+            return None;
+        }
+        match peers(vdisk, version, size) {
+            FromPeers::NoPeer => {
+                self.met_no_peer.store(true, Ordering::Relaxed);
+                None
+            }
+            FromPeers::NoneHad => {
+                self.asked.lock().insert(key, Instant::now());
+                None
+            }
+            FromPeers::Got { peer, set } => {
+                let ours = self.set(vdisk, version, size)?;
+                ours.union(&set);
+                tracing::info!(%vdisk, version, %peer, bytes = set.bytes(), "boot set copied from a peer");
+                Some(ours)
+            }
+        }
+    }
 }
 
-/// Warms due versions at start and every 30 s, and saves changed
-/// sets every period and once more at shutdown.
-pub async fn run(sets: Arc<BootSets>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+/// Asks the farm's other live servers in turn for version `version` of
+/// `vdisk`'s set, over the peer protocol. A set that cannot be used (damaged
+/// on the way, made for another size) is said in the log and passed over.
+pub fn ask_peers(farm: &Peers, vdisk: &str, version: u32, size: u64) -> FromPeers {
+    let Some(secret) = farm.replication.secret() else {
+        return FromPeers::NoPeer;
+    };
+    let me = &farm.me;
+    let tls = farm.replication.peer_tls().is_some();
+    let peers: Vec<Peer> = farm
+        .membership
+        .view()
+        .servers
+        .iter()
+        .filter(|s| &s.name != me)
+        .map(|s| Peer::of(s, tls))
+        .collect();
+    if peers.is_empty() {
+        return FromPeers::NoPeer;
+    }
+    let agent = peer::agent(&farm.replication);
+    for p in &peers {
+        let answer = PeerClient::new(&agent, p, &secret, me)
+            .and_then(|c| c.boot_set(vdisk, version, BootSet::encoded_len(size) + 1));
+        match answer.map(|bytes| BootSet::from_bytes(&bytes, size)) {
+            Ok(Ok(set)) if !set.is_empty() => {
+                return FromPeers::Got {
+                    peer: p.name.clone(),
+                    set,
+                }
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(why)) => {
+                tracing::warn!(%vdisk, version, peer = %p.name, %why, "a peer's boot set cannot be used")
+            }
+            Err(e) => tracing::debug!(%vdisk, version, error = %e, "no boot set from a peer"),
+        }
+    }
+    FromPeers::NoneHad
+}
+
+/// The boot-set route of the peer protocol, behind the farm's peer secret.
+pub fn peer_routes(sets: Arc<BootSets>, replication: Arc<Replication>) -> Router {
+    Router::new()
+        .route(
+            "/peer/v1/vdisks/:name/boot-sets/:version",
+            axum::routing::get(peer_set),
+        )
+        .layer(middleware::from_fn_with_state(replication, require_peer))
+        .with_state(sets)
+}
+
+/// `GET /peer/v1/vdisks/NAME/boot-sets/VERSION`: this server's set of the
+/// version, in its file's form (checksummed), or 404.
+async fn peer_set(
+    State(sets): State<Arc<BootSets>>,
+    Path((vdisk, version)): Path<(String, u32)>,
+) -> Response {
+    let (name, s) = (vdisk.clone(), sets.clone());
+    match tokio::task::spawn_blocking(move || s.served(&name, version)).await {
+        Ok(Some(bytes)) => {
+            ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
+        }
+        _ => ApiError::not_found(format!(
+            "this server has no boot set of version {version} of vDisk {vdisk}"
+        ))
+        .into_response(),
+    }
+}
+
+/// Warms due versions at start and every 30 s, asking `farm`'s other
+/// servers for sets this server lacks, and saves changed sets every period
+/// and once more at shutdown.
+pub async fn run(
+    sets: Arc<BootSets>,
+    farm: Arc<Peers>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     if !sets.enabled() {
         return;
     }
+    let started = Instant::now();
     loop {
-        let s = sets.clone();
+        let (s, f) = (sets.clone(), farm.clone());
         let _ = tokio::task::spawn_blocking(move || {
             s.save_changed();
             // Behind the devices' own reads, as the scrub is.
             let _low = crate::io::LowIo::enter();
-            s.warm_due();
+            s.warm_due(&|vdisk, version, size| ask_peers(&f, vdisk, version, size));
         })
         .await;
+        let early = started.elapsed() < Duration::from_secs(60) && farm.in_farm;
+        let again = if early && sets.met_no_peer.swap(false, Ordering::Relaxed) {
+            NO_PEER_YET
+        } else {
+            PERIOD
+        };
         tokio::select! {
-            _ = tokio::time::sleep(PERIOD) => {}
+            _ = tokio::time::sleep(again) => {}
             _ = shutdown.changed() => break,
         }
     }
@@ -295,6 +508,10 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1 << 20;
+
+    fn alone(_: &str, _: u32, _: u64) -> FromPeers {
+        FromPeers::NoPeer
+    }
 
     fn store_with(dir: &std::path::Path) -> Store {
         let store = Store::open(dir).unwrap();
@@ -319,7 +536,7 @@ mod tests {
         // Off: no recorder, nothing warmed.
         let off = BootSets::new(store, Duration::ZERO);
         assert!(off.recorder("d", 1, 16 * MIB).is_none());
-        assert!(off.warm_due().is_empty());
+        assert!(off.warm_due(&alone).is_empty());
     }
 
     #[test]
@@ -327,19 +544,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store_with(dir.path());
         let sets = BootSets::new(store.clone(), Duration::from_secs(60));
-        assert!(sets.warm_due().is_empty(), "no set learned yet");
+        assert!(sets.warm_due(&alone).is_empty(), "no set learned yet");
         sets.recorder("d", 1, 16 * MIB).unwrap().note(MIB, 2 * MIB);
-        let done = sets.warm_due();
+        let done = sets.warm_due(&alone);
         assert_eq!(done.len(), 1, "{done:?}");
         assert_eq!((done[0].0.as_str(), done[0].1), ("d", 1));
         assert_eq!(done[0].2.bytes, 2 * MIB);
-        assert!(sets.warm_due().is_empty(), "warmed once");
+        assert!(sets.warm_due(&alone).is_empty(), "warmed once");
         // A new version in test: warmed with version 1's set.
         store.new_version("d", 1).unwrap();
         store
             .promote("d", 2, vstream_image::VersionState::Test, 2)
             .unwrap();
-        let done = sets.warm_due();
+        let done = sets.warm_due(&alone);
         assert_eq!(done.len(), 1, "{done:?}");
         assert_eq!((done[0].1, done[0].2.bytes), (2, 2 * MIB));
         // A damaged set file is no set.
@@ -347,23 +564,97 @@ mod tests {
         let file = store.vdisk_path("d").unwrap().join(boot_set_file(1));
         std::fs::write(&file, b"VSBOOTS1 and then rubbish").unwrap();
         let fresh = BootSets::new(store.clone(), Duration::from_secs(60));
-        assert!(fresh.warm_due().is_empty());
+        assert!(fresh.warm_due(&alone).is_empty());
         assert!(
             fresh.refused.lock().contains(&file),
             "said once, then skipped"
         );
-        assert!(fresh.warm_due().is_empty());
+        assert!(fresh.warm_due(&alone).is_empty());
         // A session's set replaces it, and is read ahead at the next pass,
         // for version 1 and (its nearest) version 2.
         fresh.recorder("d", 1, 16 * MIB).unwrap().note(0, 1);
         fresh.save_changed();
         assert!(fresh.refused.lock().is_empty());
-        assert_eq!(fresh.warm_due().len(), 2);
+        assert_eq!(fresh.warm_due(&alone).len(), 2);
         let count = |s: &BootSets| {
             s.metrics()
                 .map(|(_, _, _, v)| v.load(std::sync::atomic::Ordering::Relaxed))
         };
         assert_eq!(count(&sets)[..2], [2, 4 * MIB]);
         assert_eq!(count(&fresh)[..2], [2, 2 * bootset::BOOT_BLOCK]);
+    }
+
+    #[test]
+    fn a_version_never_booted_here_takes_a_peer_s_set_first() {
+        use std::cell::Cell;
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(dir.path());
+        let sets = BootSets::new(store.clone(), Duration::from_secs(60));
+        sets.recorder("d", 1, 16 * MIB).unwrap().note(0, 1);
+        store.new_version("d", 1).unwrap();
+        store
+            .promote("d", 2, vstream_image::VersionState::Test, 2)
+            .unwrap();
+        // Version 2 was booted on another server only.
+        let theirs = BootSet::new(16 * MIB);
+        theirs.note(5 * MIB, 3 * bootset::BOOT_BLOCK);
+        let bytes = theirs.to_bytes();
+        let asked = Cell::new(0);
+        let peer = |vdisk: &str, version: u32, size: u64| {
+            asked.set(asked.get() + 1);
+            assert_eq!((vdisk, version, size), ("d", 2, 16 * MIB));
+            FromPeers::Got {
+                peer: "s2".into(),
+                set: BootSet::from_bytes(&bytes, size).unwrap(),
+            }
+        };
+        let done: Vec<(u32, u64)> = sets
+            .warm_due(&peer)
+            .iter()
+            .map(|(_, n, w)| (*n, w.bytes))
+            .collect();
+        assert_eq!(
+            done,
+            [(1, bootset::BOOT_BLOCK), (2, 3 * bootset::BOOT_BLOCK)],
+            "version 2 with the peer's set, not version 1's"
+        );
+        assert_eq!(asked.get(), 1, "version 1's own set needs no peer");
+        // Kept as version 2's own: saved, and served to others.
+        sets.save_changed();
+        let file = |n| store.vdisk_path("d").unwrap().join(boot_set_file(n));
+        assert!(file(2).exists());
+        let served = sets.served("d", 2).expect("served");
+        let back = BootSet::from_bytes(&served, 16 * MIB).unwrap();
+        assert_eq!(back.runs(), theirs.runs());
+        assert!(sets.served("d", 3).is_none() && sets.served("e", 1).is_none());
+
+        // A vDisk no server booted: asked once within ASK_AGAIN, and
+        // again at once when there was nobody to ask.
+        store.create("e", 16 * MIB, 0).unwrap();
+        let none_had = |_: &str, _: u32, _: u64| {
+            asked.set(asked.get() + 1);
+            FromPeers::NoneHad
+        };
+        assert!(sets.warm_due(&none_had).is_empty());
+        assert!(sets.warm_due(&none_had).is_empty());
+        assert_eq!(asked.get(), 2, "asked once");
+        let fresh = BootSets::new(store.clone(), Duration::from_secs(60));
+        let no_peer = |_: &str, _: u32, _: u64| {
+            asked.set(asked.get() + 1);
+            FromPeers::NoPeer
+        };
+        fresh.warm_due(&no_peer);
+        fresh.warm_due(&no_peer);
+        assert_eq!(asked.get(), 4, "e@1 asked at each pass");
+
+        // A deleted vDisk's sets are forgotten, not saved again into a new
+        // vDisk of the same name.
+        sets.recorder("d", 2, 16 * MIB).unwrap().note(9 * MIB, 1);
+        store.delete("d").unwrap();
+        store.create("d", 16 * MIB, 0).unwrap();
+        sets.save_changed();
+        assert!(!file(2).exists());
+        assert!(!sets.sets.lock().contains_key(&("d".to_owned(), 2)));
+        assert!(!sets.warmed.lock().contains(&("d".to_owned(), 2)));
     }
 }

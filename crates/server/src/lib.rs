@@ -174,6 +174,12 @@ pub async fn run_until(config: Config, shutdown: watch::Receiver<bool>) -> anyho
     ));
     tasks.spawn(bootsets::run(
         server.sessions.boot_sets.clone(),
+        Arc::new(bootsets::Peers {
+            replication: server.replication.clone(),
+            membership: server.membership.clone(),
+            me: config.name.clone(),
+            in_farm: matches!(config.farm, config::FarmConfig::Etcd(_)),
+        }),
         shutdown.clone(),
     ));
     tasks.spawn(boot::run(

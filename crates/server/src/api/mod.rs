@@ -235,6 +235,10 @@ pub fn router(server: Server, tokens: Arc<crate::admin_tokens::AdminTokens>) -> 
             server.replicator.clone(),
         ))
         .merge(crate::boot::routes::peer_routes(server.boot.clone()))
+        .merge(crate::bootsets::peer_routes(
+            server.sessions.boot_sets.clone(),
+            server.replication.clone(),
+        ))
 }
 
 async fn metrics(State(server): State<Server>) -> impl IntoResponse {

@@ -1,5 +1,5 @@
-//! The peer client: how a server asks its peers for layers and boot files
-//! (the routes that answer are `routes.rs`).
+//! The peer client: how a server asks its peers for layers, boot files and
+//! boot sets (the routes that answer are `routes.rs`).
 
 use std::io::Read;
 use std::time::Duration;
@@ -136,6 +136,14 @@ impl<'a> PeerClient<'a> {
     pub fn data_vec(&self, vdisk: &str, file: &str, range: (u64, u64)) -> Result<Vec<u8>, String> {
         self.client
             .layer_data_vec(vdisk, file, range, MAX_IN_MEMORY)
+            .map_err(|e| describe(self.peer, e))
+    }
+
+    /// The peer's boot set of `vdisk`'s version `version`, in its file's
+    /// form, read up to `limit` bytes.
+    pub fn boot_set(&self, vdisk: &str, version: u32, limit: u64) -> Result<Vec<u8>, String> {
+        self.client
+            .boot_set(vdisk, version, limit)
             .map_err(|e| describe(self.peer, e))
     }
 

@@ -5,6 +5,7 @@
 //!   GET /peer/v1/vdisks/NAME/layers/FILE/meta               the layer's metadata (replica.rs)
 //!   GET /peer/v1/vdisks/NAME/layers/FILE/data?from=C&to=C   its allocated chunks in [from, to)
 //!   GET /peer/v1/vdisks/NAME/boot/HASH                      a boot file (kernel, initrd; boot.rs)
+//!   GET /peer/v1/vdisks/NAME/boot-sets/VERSION              a version's boot set (bootsets.rs)
 //!   POST /peer/v1/poke                                      "the catalog changed": reconcile now
 //!   Authorization: Bearer <farm peer secret>     X-Vstream-Server: <the asking server>
 //! ```

@@ -1,14 +1,16 @@
 //! A version's boot set: the blocks a device read in its session's first
 //! `--boot-window` seconds are saved beside the version's layers, and a
 //! restarted server reads them back into the page cache before any device
-//! asks; `--boot-window 0` does neither.
+//! asks; `--boot-window 0` does neither. A server that never saw a
+//! version boot takes the set another server of the farm learned.
 
 use crate::common;
 
 use std::path::Path;
+use std::process::Command;
 
 use common::nbd::Nbd;
-use common::{have_python_nbd, wait_for, TestServer};
+use common::{have, have_python_nbd, wait_for, TestEtcd, TestServer};
 
 const MIB: usize = 1 << 20;
 const BLOCK: usize = 64 * 1024;
@@ -97,4 +99,62 @@ fn check_off(data: &Path, set: &Path) {
     assert!(server.stop().success());
     assert!(!set.exists(), "learned with --boot-window 0");
     assert!(warm_lines(&server).is_empty());
+}
+
+/// The farm's case: devices booted version 1 on s1 only. s2, restarted,
+/// asks s1 for its set over the peer protocol, reads it ahead and keeps it;
+/// a caller without the farm's secret gets nothing.
+#[test]
+fn a_server_takes_the_boot_set_a_peer_learned() {
+    if !have_python_nbd() || !have("curl") {
+        return;
+    }
+    let Some(etcd) = TestEtcd::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let [s1, mut s2] = common::farm_of(dir.path(), &etcd, &[]);
+    let image = dir.path().join("v.img");
+    common::dense_image(&image, 64 * MIB as u64, 9);
+    s1.cli_ok(&["vdisk", "import", "v", image.to_str().expect("path")]);
+    common::standard_v_and_d1(&s1, "52:54:00:b0:07:02");
+    common::wait_farm_ready(&s1, 2);
+    common::wait_farm_ready(&s2, 2);
+    let scratch = dir.path().join("scratch");
+    let mut nbd = Nbd::connect(&s1.url("device/d1"));
+    nbd.pread(MIB, 4096, &scratch);
+    nbd.pread(30 * MIB, 3 * BLOCK, &scratch);
+    nbd.quit();
+
+    let peer_url = format!("{}/peer/v1/vdisks/v/boot-sets/1", s1.api);
+    let code = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &peer_url])
+        .output()
+        .expect("curl");
+    assert_eq!(code.stdout, b"401", "no secret, no set");
+
+    assert!(s2.stop().success());
+    s2.restart();
+    let copied = wait_for(45, "s2 to copy s1's set", || {
+        s2.log_text()
+            .lines()
+            .find(|l| l.contains("boot set copied from a peer"))
+            .map(str::to_owned)
+    });
+    assert_eq!(field(&copied, "peer"), "s1", "{copied}");
+    assert_eq!(field(&copied, "bytes"), (4 * BLOCK).to_string(), "{copied}");
+    let line = wait_for(30, "s2 to read it ahead", || warm_lines(&s2).pop());
+    assert_eq!(field(&line, "version"), "1", "{line}");
+    assert_eq!(field(&line, "bytes"), (4 * BLOCK).to_string(), "{line}");
+    assert_eq!(
+        s2.metric("vstream_boot_set_read_ahead_bytes_total"),
+        4 * BLOCK as u64
+    );
+    assert!(s2.stop().success());
+    let kept = s2.data.join("vdisks/v/boot-v1.set");
+    assert!(
+        kept.exists(),
+        "s2 keeps the set it took:\n{}",
+        s2.log_text()
+    );
 }
