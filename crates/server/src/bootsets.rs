@@ -7,9 +7,10 @@
 //!                             boot_window_secs go into the version's set
 //!   every 30 s (and at stop) ─► changed sets saved: vdisks/NAME/boot-vN.set
 //!   at start, then every 30 s ─► the versions devices boot (production, test)
-//!                             not yet warmed: their set read through the
-//!                             version's layers, at the lowest best-effort
-//!                             I/O priority. A version never booted here
+//!                             not warmed in the last 5 minutes: their set read
+//!                             through the version's layers, at the lowest
+//!                             best-effort I/O priority (what is still cached
+//!                             is only copied; what was evicted is read again). A version never booted here
 //!                             takes another live server's set
 //!                             (GET /peer/v1/vdisks/NAME/boot-sets/N), else
 //!                             the nearest older version's set here.
@@ -52,9 +53,22 @@ const PERIOD: Duration = Duration::from_secs(30);
 /// How long a version no other server had a set of waits before they are
 /// asked again.
 const ASK_AGAIN: Duration = Duration::from_secs(300);
+/// How often a warmed version's set is checked, and what the kernel evicted
+/// of it read again: a server warmed at midnight is still warm at eight.
+const REWARM: Duration = Duration::from_secs(300);
 /// In its first minute a server may not know its peers yet (the farm's view
 /// is read after the start): a pass that found none is made again this soon.
 const NO_PEER_YET: Duration = Duration::from_secs(2);
+
+/// A version's last read-ahead.
+#[derive(Debug, Clone, Copy)]
+struct Warm {
+    at: Instant,
+    /// Bytes of the set.
+    bytes: u64,
+    /// Of them, bytes that were not in the page cache (read from the disk).
+    uncached: u64,
+}
 
 /// What a server needs to ask the farm's other servers for sets.
 pub struct Peers {
@@ -81,8 +95,10 @@ pub struct BootSets {
     store: Store,
     window: Duration,
     sets: Mutex<HashMap<(String, u32), Arc<BootSet>>>,
-    /// Versions whose set was read into the page cache since the start.
-    warmed: Mutex<HashSet<(String, u32)>>,
+    /// Versions whose set was read into the page cache, and how it went.
+    warmed: Mutex<HashMap<(String, u32), Warm>>,
+    /// How often a warmed version is checked again ([`REWARM`]).
+    rewarm: Duration,
     /// Set files found unusable (said once), until a save replaces them.
     refused: Mutex<HashSet<PathBuf>>,
     /// Versions no other server had a set of, and when they were asked.
@@ -103,7 +119,8 @@ impl BootSets {
             store,
             window,
             sets: Mutex::new(HashMap::new()),
-            warmed: Mutex::new(HashSet::new()),
+            warmed: Mutex::new(HashMap::new()),
+            rewarm: REWARM,
             refused: Mutex::new(HashSet::new()),
             asked: Mutex::new(HashMap::new()),
             met_no_peer: AtomicBool::new(false),
@@ -131,7 +148,7 @@ impl BootSets {
             (
                 "vstream_boot_set_read_ahead_disk_bytes_total",
                 "counter",
-                "of those, bytes that were not cached and came from the disk",
+                "bytes of boot sets that were not cached and were read from the disk, at start and at each later check",
                 &self.read_ahead_disk_bytes,
             ),
         ]
@@ -217,7 +234,7 @@ impl BootSets {
     /// sets again: the store removed their files.
     fn forget_gone(&self) {
         let mut keys: Vec<(String, u32)> = self.sets.lock().keys().cloned().collect();
-        keys.extend(self.warmed.lock().iter().cloned());
+        keys.extend(self.warmed.lock().keys().cloned());
         keys.extend(self.asked.lock().keys().cloned());
         keys.sort_unstable();
         keys.dedup();
@@ -233,7 +250,7 @@ impl BootSets {
             return;
         }
         self.sets.lock().retain(|k, _| !gone.contains(k));
-        self.warmed.lock().retain(|k| !gone.contains(k));
+        self.warmed.lock().retain(|k, _| !gone.contains(k));
         self.asked.lock().retain(|k, _| !gone.contains(k));
     }
 
@@ -277,7 +294,7 @@ impl BootSets {
 
     /// Reads into the page cache the boot set of each version that devices
     /// boot (each vDisk's newest production and test versions) and that was
-    /// not warmed since the start. A version never booted here takes the
+    /// not warmed in the last [`REWARM`]. A version never booted here takes the
     /// set another server learned, which `peers` asks for, else the set of
     /// the nearest older version that has one here: a new version changes
     /// little of where its disk's boot reads fall. Returns what it warmed.
@@ -299,7 +316,9 @@ impl BootSets {
                 .collect();
             due.dedup();
             for version in due {
-                if self.warmed.lock().contains(&(vdisk.clone(), version)) {
+                let key = (vdisk.clone(), version);
+                let before = self.warmed.lock().get(&key).copied();
+                if before.is_some_and(|w| w.at.elapsed() < self.rewarm) {
                     continue;
                 }
                 let Some((from, set)) = self.to_warm(&props, version, peers) else {
@@ -312,14 +331,26 @@ impl BootSets {
                     .and_then(|chain| bootset::warm(&chain.read_only(), &set));
                 match warmed {
                     Ok(w) => {
-                        tracing::info!(
-                            %vdisk, version, set_of = from, bytes = w.bytes, from_disk = w.from_disk,
-                            secs = w.took.as_secs_f64(), "boot set read into the page cache"
-                        );
-                        self.warmed.lock().insert((vdisk.clone(), version));
-                        Metrics::add(&self.read_ahead_versions, 1);
-                        Metrics::add(&self.read_ahead_bytes, w.bytes);
+                        if before.is_none() {
+                            tracing::info!(
+                                %vdisk, version, set_of = from, bytes = w.bytes, from_disk = w.from_disk,
+                                secs = w.took.as_secs_f64(), "boot set read into the page cache"
+                            );
+                            Metrics::add(&self.read_ahead_versions, 1);
+                            Metrics::add(&self.read_ahead_bytes, w.bytes);
+                        } else if w.from_disk > 0 {
+                            tracing::info!(
+                                %vdisk, version, set_of = from, bytes = w.bytes, from_disk = w.from_disk,
+                                secs = w.took.as_secs_f64(), "boot set partly evicted; read into the page cache again"
+                            );
+                        }
                         Metrics::add(&self.read_ahead_disk_bytes, w.from_disk);
+                        let warm = Warm {
+                            at: Instant::now(),
+                            bytes: w.bytes,
+                            uncached: w.from_disk,
+                        };
+                        self.warmed.lock().insert(key, warm);
                         done.push((vdisk.clone(), version, w));
                     }
                     Err(e) => {
@@ -329,6 +360,26 @@ impl BootSets {
             }
         }
         done
+    }
+
+    /// Per version warmed: `{vdisk="…",version="…"}`, its set's bytes, and
+    /// of them those that were not in the page cache at the last check.
+    pub fn gauges(&self) -> Vec<(String, u64, u64)> {
+        let mut rows: Vec<(String, u64, u64)> = self
+            .warmed
+            .lock()
+            .iter()
+            .map(|((vdisk, version), w)| {
+                let vdisk = vdisk.replace(['"', '\\', '\n'], "_");
+                (
+                    format!("{{vdisk=\"{vdisk}\",version=\"{version}\"}}"),
+                    w.bytes,
+                    w.uncached,
+                )
+            })
+            .collect();
+        rows.sort();
+        rows
     }
 
     /// The set to warm version `version` with, and the version it is of:
@@ -655,6 +706,45 @@ mod tests {
         sets.save_changed();
         assert!(!file(2).exists());
         assert!(!sets.sets.lock().contains_key(&("d".to_owned(), 2)));
-        assert!(!sets.warmed.lock().contains(&("d".to_owned(), 2)));
+        assert!(!sets.warmed.lock().contains_key(&("d".to_owned(), 2)));
+    }
+
+    #[test]
+    fn a_warmed_set_is_checked_again_and_what_was_evicted_read_again() {
+        use std::os::unix::io::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let staging = store.begin_import("d", 16 * MIB).unwrap();
+        let data: Vec<u8> = (0..4 * MIB).map(|i| (i % 251) as u8).collect();
+        staging.disk().write(&data, 0, false).unwrap();
+        store.commit_import(staging, 0).unwrap();
+        let mut sets = BootSets::new(store.clone(), Duration::from_secs(60));
+        sets.recorder("d", 1, 16 * MIB).unwrap().note(MIB, 2 * MIB);
+        assert_eq!(sets.warm_due(&alone).len(), 1);
+        assert!(sets.warm_due(&alone).is_empty(), "not again within REWARM");
+
+        sets.rewarm = Duration::ZERO;
+        let again = sets.warm_due(&alone);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].2.from_disk, 0, "all still cached: only copied");
+        let label = "{vdisk=\"d\",version=\"1\"}".to_owned();
+        assert_eq!(sets.gauges(), [(label.clone(), 2 * MIB, 0)]);
+        let disk_bytes = || {
+            sets.metrics()[2]
+                .3
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let before = disk_bytes();
+        // The kernel evicts the vDisk's pages.
+        for f in std::fs::read_dir(store.vdisk_path("d").unwrap()).unwrap() {
+            let f = std::fs::File::open(f.unwrap().path()).unwrap();
+            // SAFETY: plain advice on a descriptor held open.
+            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        }
+        let again = sets.warm_due(&alone);
+        let uncached = again[0].2.from_disk;
+        assert!(uncached > 0, "read again from the disk: {again:?}");
+        assert_eq!(sets.gauges(), [(label, 2 * MIB, uncached)]);
+        assert_eq!(disk_bytes() - before, uncached);
     }
 }

@@ -322,5 +322,25 @@ fn gauges(config: &Config, membership: &Membership, sessions: &Sessions) -> Stri
         "a connected Standard-mode device's write cache over its limit (0 to 1)",
         &rows,
     );
+    let sets = sessions.boot_sets.gauges();
+    let rows: Vec<(String, f64)> = sets
+        .iter()
+        .map(|(l, b, _)| (l.clone(), *b as f64))
+        .collect();
+    gauge(
+        "vstream_boot_set_bytes",
+        "bytes of the boot set read ahead for a version devices boot",
+        &rows,
+    );
+    let rows: Vec<(String, f64)> = sets
+        .iter()
+        .map(|(l, _, u)| (l.clone(), *u as f64))
+        .collect();
+    gauge(
+        "vstream_boot_set_uncached_bytes",
+        "of a version's boot set, bytes that were not in the page cache at the last check \
+         (every 5 minutes; read again then): the first morning after a restart, or too little memory",
+        &rows,
+    );
     out
 }

@@ -71,6 +71,9 @@ fn a_device_s_boot_reads_are_learned_and_read_back_at_a_restart() {
         server.metric("vstream_boot_set_read_ahead_bytes_total"),
         4 * BLOCK as u64
     );
+    let gauge = |name: &str| server.metric(&format!("{name}{{vdisk=\"v\",version=\"1\"}}"));
+    assert_eq!(gauge("vstream_boot_set_bytes"), 4 * BLOCK as u64);
+    assert!(gauge("vstream_boot_set_uncached_bytes") <= 4 * BLOCK as u64);
 
     // A damaged set is said and learned again; nothing is read back.
     assert!(server.stop().success());
