@@ -3,8 +3,10 @@
 //! storm (`vstream_image::bootset`).
 //!
 //! ```text
-//!   device session starts ──► recorder(vdisk, version): its reads for
-//!                             boot_window_secs go into the version's set
+//!   device session starts ──► recorder(vdisk, version, boot): its reads
+//!                             until boot_window_secs after the device's boot
+//!                             began (or the session, if no boot is known) go
+//!                             into the version's set
 //!   every 30 s (and at stop) ─► changed sets saved: vdisks/NAME/boot-vN.set
 //!   at start, then every 30 s ─► the versions devices boot (production, test)
 //!                             not warmed in the last 5 minutes: their set read
@@ -42,6 +44,7 @@ use vstream_image::Store;
 use vstream_service::metrics::Metrics;
 
 use crate::auth::require_peer;
+use crate::clock::now_unix;
 use crate::error::ApiError;
 use crate::membership::Membership;
 use crate::replication::peer::{self, Peer, PeerClient};
@@ -160,14 +163,26 @@ impl BootSets {
     }
 
     /// A recorder for a new session of a device booting version `version`
-    /// of vDisk `vdisk` (of `size` bytes); `None` when learning is off.
+    /// of vDisk `vdisk` (of `size` bytes), whose boot began at
+    /// `boot_since_unix` if the farm knows it: the window runs from the
+    /// boot, so a session that begins later in it (a failover, a
+    /// reconnect) records only the rest, and one that begins after it
+    /// records nothing. `None` when learning is off or the window is over.
     /// Reads the version's saved set the first time (a small file).
-    pub fn recorder(&self, vdisk: &str, version: u32, size: u64) -> Option<Arc<BootRecorder>> {
-        if !self.enabled() {
+    pub fn recorder(
+        &self,
+        vdisk: &str,
+        version: u32,
+        size: u64,
+        boot_since_unix: Option<u64>,
+    ) -> Option<Arc<BootRecorder>> {
+        let past = boot_since_unix.map_or(0, |since| now_unix().saturating_sub(since));
+        let left = self.window.saturating_sub(Duration::from_secs(past));
+        if left.is_zero() {
             return None;
         }
         let set = self.set(vdisk, version, size)?;
-        Some(Arc::new(BootRecorder::new(set, self.window)))
+        Some(Arc::new(BootRecorder::new(set, left)))
     }
 
     /// Version `version`'s set: the one in memory, else the saved one, else
@@ -575,7 +590,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store_with(dir.path());
         let sets = BootSets::new(store.clone(), Duration::from_secs(60));
-        let rec = sets.recorder("d", 1, 16 * MIB).unwrap();
+        let rec = sets.recorder("d", 1, 16 * MIB, None).unwrap();
         rec.note(3 * MIB, 4096);
         sets.save_changed();
         let file = store.vdisk_path("d").unwrap().join(boot_set_file(1));
@@ -584,9 +599,18 @@ mod tests {
         let again = BootSets::new(store.clone(), Duration::from_secs(60));
         let set = again.set("d", 1, 16 * MIB).unwrap();
         assert_eq!(set.runs(), vec![(3 * MIB, bootset::BOOT_BLOCK)]);
+        // The window runs from the device's boot: a session begun late in
+        // it records the rest, one begun after it nothing.
+        let late = sets
+            .recorder("d", 1, 16 * MIB, Some(now_unix() - 50))
+            .unwrap();
+        assert!(late.is_open());
+        assert!(sets
+            .recorder("d", 1, 16 * MIB, Some(now_unix() - 61))
+            .is_none());
         // Off: no recorder, nothing warmed.
         let off = BootSets::new(store, Duration::ZERO);
-        assert!(off.recorder("d", 1, 16 * MIB).is_none());
+        assert!(off.recorder("d", 1, 16 * MIB, None).is_none());
         assert!(off.warm_due(&alone).is_empty());
     }
 
@@ -596,7 +620,9 @@ mod tests {
         let store = store_with(dir.path());
         let sets = BootSets::new(store.clone(), Duration::from_secs(60));
         assert!(sets.warm_due(&alone).is_empty(), "no set learned yet");
-        sets.recorder("d", 1, 16 * MIB).unwrap().note(MIB, 2 * MIB);
+        sets.recorder("d", 1, 16 * MIB, None)
+            .unwrap()
+            .note(MIB, 2 * MIB);
         let done = sets.warm_due(&alone);
         assert_eq!(done.len(), 1, "{done:?}");
         assert_eq!((done[0].0.as_str(), done[0].1), ("d", 1));
@@ -623,7 +649,7 @@ mod tests {
         assert!(fresh.warm_due(&alone).is_empty());
         // A session's set replaces it, and is read ahead at the next pass,
         // for version 1 and (its nearest) version 2.
-        fresh.recorder("d", 1, 16 * MIB).unwrap().note(0, 1);
+        fresh.recorder("d", 1, 16 * MIB, None).unwrap().note(0, 1);
         fresh.save_changed();
         assert!(fresh.refused.lock().is_empty());
         assert_eq!(fresh.warm_due(&alone).len(), 2);
@@ -641,7 +667,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store_with(dir.path());
         let sets = BootSets::new(store.clone(), Duration::from_secs(60));
-        sets.recorder("d", 1, 16 * MIB).unwrap().note(0, 1);
+        sets.recorder("d", 1, 16 * MIB, None).unwrap().note(0, 1);
         store.new_version("d", 1).unwrap();
         store
             .promote("d", 2, vstream_image::VersionState::Test, 2)
@@ -700,7 +726,9 @@ mod tests {
 
         // A deleted vDisk's sets are forgotten, not saved again into a new
         // vDisk of the same name.
-        sets.recorder("d", 2, 16 * MIB).unwrap().note(9 * MIB, 1);
+        sets.recorder("d", 2, 16 * MIB, None)
+            .unwrap()
+            .note(9 * MIB, 1);
         store.delete("d").unwrap();
         store.create("d", 16 * MIB, 0).unwrap();
         sets.save_changed();
@@ -719,7 +747,9 @@ mod tests {
         staging.disk().write(&data, 0, false).unwrap();
         store.commit_import(staging, 0).unwrap();
         let mut sets = BootSets::new(store.clone(), Duration::from_secs(60));
-        sets.recorder("d", 1, 16 * MIB).unwrap().note(MIB, 2 * MIB);
+        sets.recorder("d", 1, 16 * MIB, None)
+            .unwrap()
+            .note(MIB, 2 * MIB);
         assert_eq!(sets.warm_due(&alone).len(), 1);
         assert!(sets.warm_due(&alone).is_empty(), "not again within REWARM");
 

@@ -106,8 +106,8 @@ pub struct Config {
     /// to the revision it saw that long ago; 0: never (etcd's own
     /// `--auto-compaction-retention` must then do it).
     pub etcd_history_secs: u64,
-    /// Seconds from the start of a device's session during which its reads
-    /// are its boot, learned into its version's boot set (saved beside the
+    /// Seconds from the start of a device's boot (as the farm recorded it;
+    /// else of its session) during which its reads are its boot, learned into its version's boot set (saved beside the
     /// version's layers); the server reads the boot sets of the versions
     /// devices boot into the page cache ahead of them. 0: neither.
     pub boot_window_secs: u64,

@@ -557,11 +557,11 @@ impl Sessions {
                 session: None,
             });
         }
-        let boot_seq = self
-            .session_boot(&device.name, token)
-            .await?
-            .map_or(0, |b| b.seq);
-        let recorder = self.boot_sets.recorder(&vdisk.name, number, vdisk.size);
+        let boot = self.session_boot(&device.name, token).await?;
+        let boot_seq = boot.as_ref().map_or(0, |b| b.seq);
+        let recorder =
+            self.boot_sets
+                .recorder(&vdisk.name, number, vdisk.size, boot.map(|b| b.since_unix));
         let release;
         let id;
         let new_session;
@@ -1028,7 +1028,11 @@ impl Sessions {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         // A maintenance device's reads are its work on a version being made.
         let boot_reads = (device.kind != DeviceType::Maintenance)
-            .then(|| self.boot_sets.recorder(&vdisk.name, version, vdisk.size))
+            .then(|| {
+                let since = boot.as_ref().map(|b| b.since_unix);
+                self.boot_sets
+                    .recorder(&vdisk.name, version, vdisk.size, since)
+            })
             .flatten();
         sessions.insert(
             device.name.clone(),

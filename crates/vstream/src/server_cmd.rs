@@ -210,10 +210,11 @@ pub struct ServerArgs {
     /// compacts itself (`--auto-compaction-retention`) [default: 300].
     #[arg(long = "etcd-history", value_name = "SECS")]
     pub etcd_history_secs: Option<u64>,
-    /// How long after a device's session starts its reads count as its
-    /// boot: they are learned into the version's boot set, which the server
-    /// reads into the page cache before devices boot (at start, and when a
-    /// version becomes production or test); 0: neither [default: 120].
+    /// How long after a device's boot starts (as the farm recorded it; else
+    /// its session's start) its reads count as its boot: they are learned
+    /// into the version's boot set, which the server reads into the page
+    /// cache before devices boot (at start, when a version becomes
+    /// production or test, and every 5 minutes); 0: neither [default: 120].
     #[arg(long = "boot-window", value_name = "SECS")]
     pub boot_window_secs: Option<u64>,
 }

@@ -161,3 +161,70 @@ fn a_server_takes_the_boot_set_a_peer_learned() {
         s2.log_text()
     );
 }
+
+/// The blocks a saved set holds: the file's words after its 24-byte header,
+/// before its 32-byte checksum (docs/on-disk-format.md).
+fn saved_blocks(path: &Path) -> Vec<u64> {
+    let bytes = std::fs::read(path).expect("the saved set");
+    bytes[24..bytes.len() - 32]
+        .chunks(8)
+        .enumerate()
+        .flat_map(|(w, word)| {
+            let word = u64::from_le_bytes(word.try_into().expect("a word"));
+            (0..64)
+                .filter(move |b| word & (1 << b) != 0)
+                .map(move |b| w as u64 * 64 + b)
+        })
+        .collect()
+}
+
+/// A session that begins after its device's boot window (a failover or a
+/// reconnect later in the day) adds nothing: the window runs from the boot
+/// the farm recorded, not from the session. A device booting meanwhile
+/// still does.
+#[test]
+fn a_session_after_its_boot_s_window_learns_nothing() {
+    if !have_python_nbd() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut server = TestServer::start_with(data.clone(), &["--boot-window", "2"]);
+    let image = dir.path().join("v.img");
+    common::dense_image(&image, 64 * MIB as u64, 11);
+    server.cli_ok(&["vdisk", "import", "v", image.to_str().expect("path")]);
+    common::standard_v_and_d1(&server, "52:54:00:b0:07:03");
+    server.cli_ok(&[
+        "device",
+        "add",
+        "d2",
+        "--mac",
+        "52:54:00:b0:07:04",
+        "--vdisk",
+        "v",
+    ]);
+    let scratch = dir.path().join("scratch");
+
+    let mut d1 = Nbd::connect(&server.url("device/d1;boot=d1-1"));
+    d1.pread(8 * MIB, 4096, &scratch);
+    d1.quit();
+    wait_for(20, "d1's session to end", || {
+        (server.metric("vstream_devices_connected") == 0).then_some(())
+    });
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    // The same boot, in a new session: past its window.
+    let mut d1 = Nbd::connect(&server.url("device/d1;boot=d1-1"));
+    d1.pread(40 * MIB, 4096, &scratch);
+    // A new boot of another device.
+    let mut d2 = Nbd::connect(&server.url("device/d2;boot=d2-1"));
+    d2.pread(16 * MIB, 4096, &scratch);
+    d1.quit();
+    d2.quit();
+    assert!(server.stop().success());
+    let block = |at: usize| (at / BLOCK) as u64;
+    assert_eq!(
+        saved_blocks(&data.join("vdisks/v/boot-v1.set")),
+        [block(8 * MIB), block(16 * MIB)],
+        "d1's late read at 40 MiB is not its boot"
+    );
+}
