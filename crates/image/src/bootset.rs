@@ -2,30 +2,38 @@
 //! boot, learned from their sessions, so that a server can read them into
 //! the page cache before the morning's boot storm rather than during it.
 //!
-//! A set is one bit per 64 KiB block of the virtual disk ([`BOOT_BLOCK`]):
-//! 2 KiB of memory for a 1 GiB disk, 128 KiB for 64 GiB. A block is set
-//! once any device read a byte of it within its boot window; bits are never
-//! cleared, so the set is the union of every boot seen.
+//! A set is one bit per 64 KiB block of the virtual disk ([`BOOT_BLOCK`]),
+//! kept in pages of 4 KiB, each made on the first block noted in it: a page
+//! covers 2 GiB of disk, so a boot set costs a few pages whatever the
+//! disk's size (and a 64 TiB disk 768 KiB of page slots). A block is set
+//! once any device read a byte of it within its boot window; bits are
+//! never cleared, so the set is the union of every boot seen.
 //!
 //! A set is a hint, never data. A file that cannot be read, or that was made
 //! for another size, is said in the log and read as no set; the next save
-//! replaces it. Its file, beside the version's layers:
+//! replaces it. Its file, beside the version's layers, holds the pages that
+//! have a block set:
 //!
 //! ```text
-//!   0   "VSBOOTS1"
+//!   0   "VSBOOTS2"
 //!   8   virtual size, u64 LE
 //!   16  block size, u32 LE (65536)
-//!   20  reserved, u32 (0)
-//!   24  the bits, u64 LE words, block b at word b / 64, bit b % 64
+//!   20  pages that follow, u32 LE
+//!   24  per page, by increasing index: its index (u64 LE), then its 512
+//!       words (u64 LE); block b is page b / 32768, word b / 64 % 512,
+//!       bit b % 64
 //!   ..  blake3 of everything before, 32 bytes
 //! ```
+//!
+//! The first form (`VSBOOTS1`, every word of the disk after a reserved
+//! u32 where the page count now is) is still read.
 
 use std::fs;
 use std::io;
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::disk::Disk;
@@ -33,17 +41,26 @@ use crate::residency::now_ms;
 
 /// One bit of a boot set covers this much of the disk.
 pub const BOOT_BLOCK: u64 = 64 * 1024;
-const MAGIC: &[u8; 8] = b"VSBOOTS1";
+const MAGIC: &[u8; 8] = b"VSBOOTS2";
+const MAGIC_V1: &[u8; 8] = b"VSBOOTS1";
 const HEADER: usize = 24;
 const HASH: usize = 32;
+/// Words in a page of a set, and the blocks it covers.
+const PAGE_WORDS: usize = 512;
+const PAGE_BLOCKS: u64 = PAGE_WORDS as u64 * 64;
+/// A page in the file: its index and its words.
+const PAGE_BYTES: usize = 8 + PAGE_WORDS * 8;
 /// Most bytes a warm-up reads at once.
 const WARM_PIECE: u64 = 1 << 20;
+
+type Page = Box<[AtomicU64]>;
 
 /// The blocks of one version read by its devices' boots.
 #[derive(Debug)]
 pub struct BootSet {
     size: u64,
-    words: Box<[AtomicU64]>,
+    blocks: u64,
+    pages: Box<[OnceLock<Page>]>,
     /// A bit was set since the last [`BootSet::take_changed`].
     changed: AtomicBool,
 }
@@ -54,8 +71,9 @@ impl BootSet {
         let blocks = size.div_ceil(BOOT_BLOCK);
         BootSet {
             size,
-            words: (0..blocks.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
+            blocks,
+            pages: (0..blocks.div_ceil(PAGE_BLOCKS))
+                .map(|_| OnceLock::new())
                 .collect(),
             changed: AtomicBool::new(false),
         }
@@ -66,6 +84,19 @@ impl BootSet {
         self.size
     }
 
+    /// Page `p`, made if it is not yet.
+    fn page(&self, p: usize) -> &Page {
+        self.pages[p].get_or_init(|| (0..PAGE_WORDS).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    /// The pages made, by index.
+    fn made(&self) -> impl Iterator<Item = (usize, &Page)> {
+        self.pages
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.get().map(|p| (i, p)))
+    }
+
     /// Notes a read of `[offset, offset + len)`; what lies past the end is
     /// left out. A block already in the set costs one load.
     pub fn note(&self, offset: u64, len: u64) {
@@ -74,7 +105,9 @@ impl BootSet {
             return;
         }
         for block in offset / BOOT_BLOCK..end.div_ceil(BOOT_BLOCK) {
-            let (word, bit) = (&self.words[(block / 64) as usize], 1u64 << (block % 64));
+            let page = self.page((block / PAGE_BLOCKS) as usize);
+            let word = &page[(block % PAGE_BLOCKS / 64) as usize];
+            let bit = 1u64 << (block % 64);
             if word.load(Ordering::Relaxed) & bit == 0 {
                 word.fetch_or(bit, Ordering::Relaxed);
                 self.changed.store(true, Ordering::Relaxed);
@@ -96,16 +129,22 @@ impl BootSet {
     /// blocks merged, the last one cut at the disk's end.
     pub fn runs(&self) -> Vec<(u64, u64)> {
         let mut runs: Vec<(u64, u64)> = Vec::new();
-        for (w, word) in self.words.iter().enumerate() {
-            let mut bits = word.load(Ordering::Relaxed);
-            while bits != 0 {
-                let block = w as u64 * 64 + u64::from(bits.trailing_zeros());
-                bits &= bits - 1;
-                let start = block * BOOT_BLOCK;
-                let len = BOOT_BLOCK.min(self.size - start);
-                match runs.last_mut() {
-                    Some((o, l)) if *o + *l == start => *l += len,
-                    _ => runs.push((start, len)),
+        for (p, page) in self.made() {
+            for (w, word) in page.iter().enumerate() {
+                let mut bits = word.load(Ordering::Relaxed);
+                while bits != 0 {
+                    let block =
+                        p as u64 * PAGE_BLOCKS + w as u64 * 64 + u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    let start = block * BOOT_BLOCK;
+                    if start >= self.size {
+                        break; // never set: note and from_bytes keep to the disk
+                    }
+                    let len = BOOT_BLOCK.min(self.size - start);
+                    match runs.last_mut() {
+                        Some((o, l)) if *o + *l == start => *l += len,
+                        _ => runs.push((start, len)),
+                    }
                 }
             }
         }
@@ -114,7 +153,8 @@ impl BootSet {
 
     /// Whether no block is in the set.
     pub fn is_empty(&self) -> bool {
-        self.words.iter().all(|w| w.load(Ordering::Relaxed) == 0)
+        self.made()
+            .all(|(_, page)| page.iter().all(|w| w.load(Ordering::Relaxed) == 0))
     }
 
     /// Bytes of the disk the set covers.
@@ -125,40 +165,55 @@ impl BootSet {
     /// Adds every block of `other` (a set of the same disk, another
     /// server's) to this set.
     pub fn union(&self, other: &BootSet) {
-        for (w, o) in self.words.iter().zip(other.words.iter()) {
-            let bits = o.load(Ordering::Relaxed);
-            if bits & !w.load(Ordering::Relaxed) != 0 {
-                w.fetch_or(bits, Ordering::Relaxed);
-                self.changed.store(true, Ordering::Relaxed);
+        for (p, theirs) in other.made().filter(|(p, _)| *p < self.pages.len()) {
+            if theirs.iter().all(|w| w.load(Ordering::Relaxed) == 0) {
+                continue;
+            }
+            for (w, o) in self.page(p).iter().zip(theirs.iter()) {
+                let bits = o.load(Ordering::Relaxed);
+                if bits & !w.load(Ordering::Relaxed) != 0 {
+                    w.fetch_or(bits, Ordering::Relaxed);
+                    self.changed.store(true, Ordering::Relaxed);
+                }
             }
         }
     }
 
-    /// The length of a set's file (and of [`BootSet::to_bytes`]) for a
-    /// disk of `size` bytes.
+    /// The longest a set's file (and [`BootSet::to_bytes`]) can be for a
+    /// disk of `size` bytes: every page present.
     pub fn encoded_len(size: u64) -> u64 {
-        (HEADER + HASH) as u64 + size.div_ceil(BOOT_BLOCK).div_ceil(64) * 8
+        let pages = size.div_ceil(BOOT_BLOCK).div_ceil(PAGE_BLOCKS);
+        (HEADER + HASH) as u64 + pages * PAGE_BYTES as u64
     }
 
     /// The set as its file holds it (the module's layout), checksum and all.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER + self.words.len() * 8 + HASH);
+        let pages: Vec<(usize, &Page)> = self
+            .made()
+            .filter(|(_, page)| page.iter().any(|w| w.load(Ordering::Relaxed) != 0))
+            .collect();
+        let mut out = Vec::with_capacity(HEADER + pages.len() * PAGE_BYTES + HASH);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&self.size.to_le_bytes());
         out.extend_from_slice(&(BOOT_BLOCK as u32).to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
-        for w in self.words.iter() {
-            out.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+        out.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+        for (p, page) in pages {
+            out.extend_from_slice(&(p as u64).to_le_bytes());
+            for w in page.iter() {
+                out.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+            }
         }
         let hash = blake3::hash(&out);
         out.extend_from_slice(hash.as_bytes());
         out
     }
 
-    /// A set from [`BootSet::to_bytes`]' form, for a disk of `size` bytes;
-    /// the error says why it cannot be used (damaged, torn, another size).
+    /// A set from [`BootSet::to_bytes`]' form (or the first form), for a
+    /// disk of `size` bytes; the error says why it cannot be used (damaged,
+    /// torn, another size, blocks past the disk's end).
     pub fn from_bytes(bytes: &[u8], size: u64) -> Result<BootSet, String> {
-        if bytes.len() < HEADER + HASH || &bytes[..8] != MAGIC {
+        let v1 = bytes.get(..8) == Some(MAGIC_V1.as_slice());
+        if bytes.len() < HEADER + HASH || !(v1 || &bytes[..8] == MAGIC) {
             return Err("not a boot set".into());
         }
         let (body, hash) = bytes.split_at(bytes.len() - HASH);
@@ -174,11 +229,41 @@ impl BootSet {
             ));
         }
         let set = BootSet::new(size);
-        if body.len() - HEADER != set.words.len() * 8 {
-            return Err("its length does not match its size".into());
-        }
-        for (i, w) in set.words.iter().enumerate() {
-            w.store(word(HEADER + i * 8), Ordering::Relaxed);
+        // Each word's index among the whole disk's words, and its bits.
+        let words: Box<dyn Iterator<Item = (u64, u64)> + '_> = if v1 {
+            if body.len() - HEADER != set.blocks.div_ceil(64) as usize * 8 {
+                return Err("its length does not match its size".into());
+            }
+            Box::new((0..set.blocks.div_ceil(64)).map(|i| (i, word(HEADER + i as usize * 8))))
+        } else {
+            let count = u32::from_le_bytes(body[20..24].try_into().unwrap_or([0; 4])) as usize;
+            let len = body.len() - HEADER;
+            if !len.is_multiple_of(PAGE_BYTES) || len / PAGE_BYTES != count {
+                return Err("its length does not match its page count".into());
+            }
+            let index = |n: usize| word(HEADER + n * PAGE_BYTES);
+            for n in 0..count {
+                if (n > 0 && index(n) <= index(n - 1)) || index(n) >= set.pages.len() as u64 {
+                    return Err(format!(
+                        "page {} is out of order or past the disk's end",
+                        index(n)
+                    ));
+                }
+            }
+            Box::new((0..count).flat_map(move |n| {
+                let at = HEADER + n * PAGE_BYTES + 8;
+                (0..PAGE_WORDS)
+                    .map(move |w| (index(n) * PAGE_WORDS as u64 + w as u64, word(at + w * 8)))
+            }))
+        };
+        for (i, bits) in words.filter(|(_, b)| *b != 0) {
+            let first = i * 64;
+            if first >= set.blocks || (set.blocks - first < 64 && bits >> (set.blocks - first) != 0)
+            {
+                return Err("it holds blocks past the disk's end".into());
+            }
+            let page = set.page((i / PAGE_WORDS as u64) as usize);
+            page[(i % PAGE_WORDS as u64) as usize].store(bits, Ordering::Relaxed);
         }
         Ok(set)
     }
@@ -380,6 +465,80 @@ mod tests {
             BootSet::encoded_len(8 * MIB),
             "the length a peer's answer is read up to"
         );
+    }
+
+    /// A file of the given form: `words` after the 24-byte header, with
+    /// `count` where the page count goes, and a good checksum.
+    fn file(magic: &[u8; 8], size: u64, count: u32, words: &[u64]) -> Vec<u8> {
+        let mut out = magic.to_vec();
+        out.extend_from_slice(&size.to_le_bytes());
+        out.extend_from_slice(&(BOOT_BLOCK as u32).to_le_bytes());
+        out.extend_from_slice(&count.to_le_bytes());
+        for w in words {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        let hash = blake3::hash(&out);
+        out.extend_from_slice(hash.as_bytes());
+        out
+    }
+
+    #[test]
+    fn a_huge_disk_s_set_costs_its_pages_only() {
+        let size = 64 << 40; // the largest vDisk
+        let set = BootSet::new(size);
+        assert_eq!(set.pages.len(), 32768);
+        set.note(0, 4096);
+        set.note(40 << 40, 3 * BOOT_BLOCK);
+        set.note(size - 1, 10);
+        assert_eq!(set.made().count(), 3);
+        let bytes = set.to_bytes();
+        assert_eq!(bytes.len(), HEADER + 3 * PAGE_BYTES + HASH);
+        let back = BootSet::from_bytes(&bytes, size).unwrap();
+        assert_eq!(back.runs(), set.runs());
+        assert_eq!(
+            back.runs(),
+            [
+                (0, BOOT_BLOCK),
+                (40 << 40, 3 * BOOT_BLOCK),
+                (size - BOOT_BLOCK, BOOT_BLOCK)
+            ]
+        );
+        assert_eq!(back.made().count(), 3);
+    }
+
+    #[test]
+    fn the_first_form_is_read_and_blocks_past_the_end_are_refused() {
+        // VSBOOTS1: every word of the disk (8 MiB: 128 blocks, 2 words).
+        let v1 = file(MAGIC_V1, 8 * MIB, 0, &[1 << 3, 1 << 6]);
+        let set = BootSet::from_bytes(&v1, 8 * MIB).unwrap();
+        assert_eq!(
+            set.runs(),
+            [(3 * BOOT_BLOCK, BOOT_BLOCK), (70 * BOOT_BLOCK, BOOT_BLOCK)]
+        );
+        assert!(BootSet::from_bytes(&file(MAGIC_V1, 8 * MIB, 0, &[1]), 8 * MIB).is_err());
+        // 8 MiB + 100 bytes: 129 blocks; block 130 is past the end.
+        let size = 8 * MIB + 100;
+        let past = file(MAGIC_V1, size, 0, &[0, 0, 1 << 2]);
+        let why = BootSet::from_bytes(&past, size).unwrap_err();
+        assert!(why.contains("past the disk's end"), "{why}");
+        let last = file(MAGIC_V1, size, 0, &[0, 0, 1]);
+        assert_eq!(
+            BootSet::from_bytes(&last, size).unwrap().runs(),
+            [(128 * BOOT_BLOCK, 100)]
+        );
+        // VSBOOTS2: a page past the end, pages out of order, a bad count.
+        let mut page = vec![5u64];
+        page.extend([0u64; PAGE_WORDS]);
+        assert!(BootSet::from_bytes(&file(MAGIC, size, 1, &page), size).is_err());
+        let big = 5 * PAGE_BLOCKS * BOOT_BLOCK;
+        let mut two = vec![3u64, 1];
+        two.extend([0u64; PAGE_WORDS - 1]);
+        two.push(1);
+        two.extend([0u64; PAGE_WORDS]);
+        assert!(BootSet::from_bytes(&file(MAGIC, big, 2, &two), big).is_err());
+        two[PAGE_WORDS + 1] = 4;
+        assert!(BootSet::from_bytes(&file(MAGIC, big, 2, &two), big).is_ok());
+        assert!(BootSet::from_bytes(&file(MAGIC, big, 3, &two), big).is_err());
     }
 
     #[test]

@@ -162,18 +162,24 @@ fn a_server_takes_the_boot_set_a_peer_learned() {
     );
 }
 
-/// The blocks a saved set holds: the file's words after its 24-byte header,
-/// before its 32-byte checksum (docs/on-disk-format.md).
+/// The blocks a saved set holds: after its 24-byte header, pages of an
+/// index and 512 words, then a 32-byte checksum (crates/image/src/bootset.rs).
 fn saved_blocks(path: &Path) -> Vec<u64> {
     let bytes = std::fs::read(path).expect("the saved set");
+    assert_eq!(&bytes[..8], b"VSBOOTS2");
+    let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("a word"));
     bytes[24..bytes.len() - 32]
-        .chunks(8)
+        .chunks(8 + 512 * 8)
         .enumerate()
-        .flat_map(|(w, word)| {
-            let word = u64::from_le_bytes(word.try_into().expect("a word"));
-            (0..64)
-                .filter(move |b| word & (1 << b) != 0)
-                .map(move |b| w as u64 * 64 + b)
+        .flat_map(|(n, _)| {
+            let at = 24 + n * (8 + 512 * 8);
+            let page = word(at);
+            (0..512u64).flat_map(move |w| {
+                let bits = word(at + 8 + w as usize * 8);
+                (0..64u64)
+                    .filter(move |b| bits & (1 << b) != 0)
+                    .map(move |b| page * 32768 + w * 64 + b)
+            })
         })
         .collect()
 }
