@@ -323,24 +323,24 @@ fn gauges(config: &Config, membership: &Membership, sessions: &Sessions) -> Stri
         &rows,
     );
     let sets = sessions.boot_sets.gauges();
-    let rows: Vec<(String, f64)> = sets
-        .iter()
-        .map(|(l, b, _)| (l.clone(), *b as f64))
-        .collect();
-    gauge(
-        "vstream_boot_set_bytes",
-        "bytes of the boot set read ahead for a version devices boot",
-        &rows,
-    );
-    let rows: Vec<(String, f64)> = sets
-        .iter()
-        .map(|(l, _, u)| (l.clone(), *u as f64))
-        .collect();
-    gauge(
-        "vstream_boot_set_uncached_bytes",
-        "of a version's boot set, bytes that were not in the page cache at the last check \
-         (every 5 minutes; read again then): the first morning after a restart, or too little memory",
-        &rows,
-    );
+    for (name, help, uncached) in [
+        (
+            "vstream_boot_set_bytes",
+            "bytes of the boot set read ahead for a version devices boot",
+            false,
+        ),
+        (
+            "vstream_boot_set_uncached_bytes",
+            "of a version's boot set, bytes that were not in the page cache at the last check \
+             (every 5 minutes; read again then): the first morning after a restart, or too little memory",
+            true,
+        ),
+    ] {
+        let rows: Vec<(String, f64)> = sets
+            .iter()
+            .map(|(l, b, u)| (l.clone(), if uncached { *u } else { *b } as f64))
+            .collect();
+        gauge(name, help, &rows);
+    }
     out
 }

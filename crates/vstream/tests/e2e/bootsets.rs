@@ -31,18 +31,26 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {key} in {line}"))
 }
 
+/// A server started with `flags` on a new folder (`data` in the returned
+/// one), a 64 MiB Standard-mode vDisk `v` of random bytes from `seed`, and
+/// its device d1 at `mac`.
+fn server_with_v(flags: &[&str], seed: u64, mac: &str) -> (tempfile::TempDir, TestServer) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start_with(dir.path().join("data"), flags);
+    let image = dir.path().join("v.img");
+    common::dense_image(&image, 64 * MIB as u64, seed);
+    server.cli_ok(&["vdisk", "import", "v", image.to_str().expect("path")]);
+    common::standard_v_and_d1(&server, mac);
+    (dir, server)
+}
+
 #[test]
 fn a_device_s_boot_reads_are_learned_and_read_back_at_a_restart() {
     if !have_python_nbd() {
         return;
     }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
-    let mut server = TestServer::start_in(data.clone());
-    let image = dir.path().join("v.img");
-    common::dense_image(&image, 64 * MIB as u64, 7);
-    server.cli_ok(&["vdisk", "import", "v", image.to_str().expect("path")]);
-    common::standard_v_and_d1(&server, "52:54:00:b0:07:01");
+    let (dir, mut server) = server_with_v(&[], 7, "52:54:00:b0:07:01");
+    let data = server.data.clone();
     assert!(warm_lines(&server).is_empty(), "nothing learned yet");
 
     // The boot: one block at 8 MiB, three from 40 MiB + 100.
@@ -193,13 +201,8 @@ fn a_session_after_its_boot_s_window_learns_nothing() {
     if !have_python_nbd() {
         return;
     }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
-    let mut server = TestServer::start_with(data.clone(), &["--boot-window", "2"]);
-    let image = dir.path().join("v.img");
-    common::dense_image(&image, 64 * MIB as u64, 11);
-    server.cli_ok(&["vdisk", "import", "v", image.to_str().expect("path")]);
-    common::standard_v_and_d1(&server, "52:54:00:b0:07:03");
+    let (dir, mut server) = server_with_v(&["--boot-window", "2"], 11, "52:54:00:b0:07:03");
+    let data = server.data.clone();
     server.cli_ok(&[
         "device",
         "add",
