@@ -19,6 +19,13 @@ pub struct ReplicaRow {
     /// Seconds left at the current rate, while copying.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_s: Option<u64>,
+    /// Bytes of the version's boot set the server reads ahead of a boot
+    /// storm, and of them those that had left its page cache at its last
+    /// check (0: none).
+    #[serde(default, skip_serializing_if = "vstream_model::is_zero")]
+    pub boot_set_bytes: u64,
+    #[serde(default, skip_serializing_if = "vstream_model::is_zero")]
+    pub boot_set_uncached_bytes: u64,
 }
 
 /// `POST /api/v1/replication/start`: copy now, outside the time windows.

@@ -22,6 +22,19 @@ pub struct HeldVersion {
     /// Its layer files, bottom first: peers pull them from servers holding them verified.
     #[serde(default)]
     pub layers: Vec<String>,
+    /// Bytes of its boot set this server reads ahead of a boot storm (0:
+    /// none, or not a version devices boot).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub boot_set_bytes: u64,
+    /// Of them, bytes that had left the page cache at the server's last
+    /// check (read again then).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub boot_set_uncached_bytes: u64,
+}
+
+/// For fields left out of the JSON while they are 0.
+pub fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A device connected to a server.

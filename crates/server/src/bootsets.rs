@@ -377,6 +377,14 @@ impl BootSets {
         done
     }
 
+    /// Version `version` of `vdisk`'s set as last read ahead: its bytes,
+    /// and of them those that were not in the page cache then.
+    pub fn warm_of(&self, vdisk: &str, version: u32) -> Option<(u64, u64)> {
+        let warmed = self.warmed.lock();
+        let w = warmed.get(&(vdisk.to_owned(), version))?;
+        Some((w.bytes, w.uncached))
+    }
+
     /// Per version warmed: `{vdisk="…",version="…"}`, its set's bytes, and
     /// of them those that were not in the page cache at the last check.
     pub fn gauges(&self) -> Vec<(String, u64, u64)> {

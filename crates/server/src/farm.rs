@@ -76,6 +76,11 @@ pub fn held_versions(server: &Handles) -> Vec<HeldVersion> {
                     || (is_replica(&view, &name, v.is_sealed())
                         && server.membership.offer_if_recorded(&name, v.number, &hash)))
                 && !server.replication.is_corrupt(&name, &v.layers);
+            let (boot_set_bytes, boot_set_uncached_bytes) = server
+                .sessions
+                .boot_sets
+                .warm_of(&name, v.number)
+                .unwrap_or_default();
             out.push(HeldVersion {
                 vdisk: name.clone(),
                 number: v.number,
@@ -84,6 +89,8 @@ pub fn held_versions(server: &Handles) -> Vec<HeldVersion> {
                 writable: !v.is_sealed(),
                 verified,
                 layers: v.layers.clone(),
+                boot_set_bytes,
+                boot_set_uncached_bytes,
             });
         }
     }

@@ -187,6 +187,8 @@ mod tests {
             writable: false,
             verified,
             layers: vec![],
+            boot_set_bytes: 0,
+            boot_set_uncached_bytes: 0,
         }
     }
 

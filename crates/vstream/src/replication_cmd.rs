@@ -120,10 +120,24 @@ fn render(rows: &[ReplicaRow], bars: bool) -> String {
                 if r.up { "up" } else { "down" }.to_string(),
                 p.state.to_string(),
                 progress,
+                boot_set(r),
             ]
         })
         .collect();
-    render_table(&["VERSION", "SERVER", "UP", "STATE", "PROGRESS"], &table)
+    render_table(
+        &["VERSION", "SERVER", "UP", "STATE", "PROGRESS", "BOOT SET"],
+        &table,
+    )
+}
+
+/// The boot set the server reads ahead for the version: its size, and
+/// whether it was all in the page cache at the server's last check.
+fn boot_set(r: &ReplicaRow) -> String {
+    match (r.boot_set_bytes, r.boot_set_uncached_bytes) {
+        (0, _) => String::new(),
+        (all, 0) => format!("{} cached", human_size(all)),
+        (all, out) => format!("{}, {} not cached", human_size(all), human_size(out)),
+    }
 }
 
 fn bar(pct: u64, width: u64) -> String {
@@ -159,10 +173,27 @@ mod tests {
                 note: None,
             },
             eta_s: Some(5),
+            boot_set_bytes: 0,
+            boot_set_uncached_bytes: 0,
         };
-        let text = render(&[row], true);
+        let text = render(std::slice::from_ref(&row), true);
         assert!(text.contains("[##########..........] 50%"), "{text}");
         assert!(text.contains("ETA 5s"), "{text}");
         assert!(text.contains("copying"), "{text}");
+        assert!(!text.contains("cached"), "{text}");
+        let warm = ReplicaRow {
+            boot_set_bytes: 10 << 20,
+            ..row.clone()
+        };
+        assert!(boot_set(&warm).ends_with(" cached"), "{}", boot_set(&warm));
+        let cold = ReplicaRow {
+            boot_set_uncached_bytes: 2 << 20,
+            ..warm
+        };
+        assert!(
+            boot_set(&cold).contains("not cached"),
+            "{}",
+            boot_set(&cold)
+        );
     }
 }

@@ -444,6 +444,8 @@ mod tests {
             writable: false,
             verified,
             layers: vec![],
+            boot_set_bytes: 0,
+            boot_set_uncached_bytes: 0,
         };
         let mut s2 = ServerStatus {
             versions: vec![v2(true)],

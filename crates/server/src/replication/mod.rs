@@ -468,6 +468,8 @@ pub fn status_rows(
                     up,
                     progress,
                     eta_s,
+                    boot_set_bytes: held.map_or(0, |h| h.boot_set_bytes),
+                    boot_set_uncached_bytes: held.map_or(0, |h| h.boot_set_uncached_bytes),
                 });
             }
         }

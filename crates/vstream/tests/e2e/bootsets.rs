@@ -161,6 +161,30 @@ fn a_server_takes_the_boot_set_a_peer_learned() {
         s2.metric("vstream_boot_set_read_ahead_bytes_total"),
         4 * BLOCK as u64
     );
+    // Every server shows it: s2 publishes it with the versions it holds.
+    let row = wait_for(20, "s2's boot set in s1's replication status", || {
+        let out = s1.cli(&["replication", "status", "--json"]);
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
+        rows.into_iter()
+            .find(|r| r["server"] == "s2" && r["vdisk"] == "v" && r["boot_set_bytes"].is_u64())
+    });
+    assert_eq!(row["boot_set_bytes"], 4 * BLOCK as u64, "{row}");
+    let text = s1.cli_ok(&["replication", "status"]);
+    assert!(
+        text.contains("BOOT SET") && text.contains("cached"),
+        "{text}"
+    );
+    if crate::console::have_browser() {
+        let b = vstream_testkit::webdriver::Browser::start();
+        crate::console::sign_in(&b, &s1.api, &s1.token());
+        crate::console::open(&b, "#/replication");
+        let cell = b.wait(20, "td[data-cell=\"v/1/s2\"] div[data-boot-set]");
+        assert_eq!(
+            b.attr(&cell, "data-boot-set").as_deref(),
+            Some((4 * BLOCK).to_string().as_str())
+        );
+        assert!(b.text(&cell).starts_with("boot set "), "{}", b.text(&cell));
+    }
     assert!(s2.stop().success());
     let kept = s2.data.join("vdisks/v/boot-v1.set");
     assert!(

@@ -19,7 +19,7 @@ use vstream_testkit::webdriver::{Browser, CHROMEDRIVER, CHROMIUM};
 
 const MIB: u64 = 1 << 20;
 
-fn have_browser() -> bool {
+pub(crate) fn have_browser() -> bool {
     have(CHROMIUM) && have(CHROMEDRIVER) && have("curl")
 }
 
@@ -44,7 +44,7 @@ fn create_token(s: &TestServer, name: &str, role: &str) -> String {
 }
 
 /// Signs in at the console of `api` with `token`; waits for the farm page.
-fn sign_in(b: &Browser, api: &str, token: &str) {
+pub(crate) fn sign_in(b: &Browser, api: &str, token: &str) {
     b.goto(&format!("{api}/#/overview"));
     let input = b.wait(20, "#token");
     b.type_text(&input, token);
@@ -54,7 +54,7 @@ fn sign_in(b: &Browser, api: &str, token: &str) {
 
 /// Opens the console's page `hash` (`#/devices`) and waits for its first
 /// render.
-fn open(b: &Browser, hash: &str) {
+pub(crate) fn open(b: &Browser, hash: &str) {
     b.script("location.hash = arguments[0];", vec![Value::from(hash)]);
     let view = hash.trim_start_matches("#/");
     b.wait(20, &format!("main[data-view=\"{view}\"][data-ready]"));

@@ -305,6 +305,11 @@ function matrix({ servers, repl, vdisks, versions }) {
           h('span', { class: 'cell ' + r.state, title: r.note || '', text: bits.filter(Boolean).join(' ') },
             r.state === 'copying' ? h('div', { class: 'bar' }, h('span', { style: null, dataset: { pct } })) : null),
           r.note && r.state !== 'copying' ? h('div', { class: 'mute', text: r.note }) : null,
+          r.boot_set_bytes ? h('div', {
+            class: 'mute', dataset: { bootSet: r.boot_set_bytes, uncached: r.boot_set_uncached_bytes || 0 },
+            title: 'What devices read while they boot, read ahead of the boot storm and checked every 5 minutes',
+            text: 'boot set ' + bytes(r.boot_set_bytes) + (r.boot_set_uncached_bytes ? ', ' + bytes(r.boot_set_uncached_bytes) + ' not cached' : ' cached'),
+          }) : null,
           r.up ? null : h('div', { class: 'mute', text: 'server down' }));
       });
       const gate = (ver.state === 'production' || ver.state === 'test') && missingOn.length
@@ -328,7 +333,7 @@ views.replication = {
   load: () => loadMatrix(null),
   render(data, main) {
     main.replaceChildren(h('h1', { text: 'Replication: vDisks × versions × servers' }),
-      h('p', { class: 'mute', text: 'Each cell is one server\'s copy of one version: missing, queued, copying (with % and ETA), verified by content hash, or corrupt.' }),
+      h('p', { class: 'mute', text: 'Each cell is one server\'s copy of one version: missing, queued, copying (with % and ETA), verified by content hash, or corrupt; and for a version devices boot, the boot set the server reads ahead of them and whether it is all in memory.' }),
       matrix(data),
       can('operator') ? h('p', null, h('button', {
         class: 'primary', id: 'replicate-all', text: 'Copy everything now…',
