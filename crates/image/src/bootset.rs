@@ -373,7 +373,9 @@ pub struct Warmed {
 
 /// Reads the runs of `set` through `disk` (a version's read-only view), so
 /// that its layers' pages are in the page cache, each run in pieces of at
-/// most 1 MiB. A piece already cached is only copied, not read from disk.
+/// most 1 MiB. A piece the kernel says is cached is not read at all; one it
+/// cannot vouch for is read without waiting first, and counted as from the
+/// disk only if that would have waited.
 pub fn warm(disk: &Disk, set: &BootSet) -> io::Result<Warmed> {
     let started = Instant::now();
     let mut done = Warmed::default();
@@ -389,7 +391,7 @@ pub fn warm(disk: &Disk, set: &BootSet) -> io::Result<Warmed> {
         while at < offset + len {
             let n = WARM_PIECE.min(offset + len - at);
             let piece = &mut buf[..n as usize];
-            if !disk.read_uninit(piece, at, true)? {
+            if !disk.is_cached(at, n) && !disk.read_uninit(piece, at, true)? {
                 disk.read_uninit(piece, at, false)?;
                 done.from_disk += n;
             }

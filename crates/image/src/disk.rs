@@ -364,6 +364,21 @@ impl Disk {
         (run_end == end && owner < self.first_written()).then(|| &self.layers[owner])
     }
 
+    /// Whether every byte of `[offset, offset + len)` that the layers hold
+    /// is in the page cache ([`Layer::is_cached`]); holes need no page.
+    /// `false` for a run of a lower disk, past the end, or where the kernel
+    /// cannot tell.
+    pub fn is_cached(&self, offset: u64, len: u64) -> bool {
+        if !self.in_range(offset, len) {
+            return false;
+        }
+        self.runs(offset, offset + len, self.layers.len())
+            .all(|(pos, end, owner)| match owner {
+                Some(i) => self.layers[i].is_cached(pos, end - pos),
+                None => !self.lower,
+            })
+    }
+
     /// Index of the lowest layer this disk writes: its top, and the overflow
     /// tier under the top if it has one; every layer's count for a read-only
     /// view.
