@@ -857,6 +857,15 @@ mod tests {
         std::os::unix::fs::FileExt::read_exact_at(&file, &mut b, pos).unwrap();
         assert_eq!(b, [7u8; 16]);
         assert!(base.is_cached(4096 + 3, 100_000), "just written: cached");
+        // Through the disk: its layers' pages, and holes that need none.
+        assert!(disk.is_cached(4096 + 3, 100_000));
+        assert!(disk.is_cached(600 << 10, 4096), "a hole");
+        assert!(!disk.is_cached(size - 4096, 8192), "past the end");
+        file.sync_all().unwrap(); // clean pages, which the kernel may drop
+        crate::residency::drop_cached(std::os::unix::io::AsRawFd::as_raw_fd(&file));
+        let fresh = Disk::read_only(vec![Arc::new(Layer::open(base.path(), false).unwrap())]);
+        assert!(!fresh.is_cached(4096 + 3, 100_000), "evicted");
+        assert!(fresh.is_cached(600 << 10, 4096), "still a hole");
     }
 
     /// Random writes, zeroes and trims through a two-layer disk agree with a
