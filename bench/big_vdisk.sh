@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What an empty big vDisk costs a server: creation, verification, idle CPU.
+# What an empty big vDisk costs a server: creation, verification, idle CPU, export.
 #
 #   bash bench/big_vdisk.sh                                  # the current code (builds it)
 #   VSTREAM_BIN_OLD=/path/to/old/vstream bash bench/big_vdisk.sh   # old, then current
@@ -15,7 +15,9 @@
 #   3. SETTLE s later, the server's CPU (utime+stime of every thread, /proc/PID/stat) over
 #      IDLE seconds with nothing connected: the idle cost of holding the vDisk.
 #      "checks" counts the "replica verified" lines by the end: more than 1 means the
-#      server verified the same version again, which the idle figure then includes.
+#      server verified the same version again, which the idle figure then includes;
+#   4. the time of an export of the whole vDisk (GET /api/v1/vdisks/big/content, the
+#      stream `vstream vdisk export` reads: its extents, here none) to /dev/null.
 #
 # Environment (all optional):
 #   BENCH_SIZE=8TiB        the vDisk's virtual size
@@ -151,10 +153,16 @@ measure() {
   rss=$(kib "$SERVER_PID" VmRSS)
   checks=$(grep -c "replica verified vdisk=big" "$logf" || true)
   log "$label: idle CPU $idle % of a core over $IDLE s, RSS $(mib "$rss") MiB, checks $checks"
+  local export_s
+  export_s=$(curl -sf -o /dev/null -w '%{time_total}' \
+    -H "Authorization: Bearer $(cat "$VSTREAM_TOKEN_FILE")" "$VSTREAM_API/api/v1/vdisks/big/content") ||
+    die "$label: the export failed; see $logf"
+  export_s=$(awk -v s="$export_s" 'BEGIN{printf "%.3f", s}')
+  log "$label: exported in $export_s s"
   stop_server
   rm -rf "$DATA"
   DATA=
-  ROWS+=("| $label | $create_s | $(mib "$create_hwm") | $verify_s | $(mib "$verify_hwm") | $idle | $(mib "$rss") | $checks |")
+  ROWS+=("| $label | $create_s | $(mib "$create_hwm") | $verify_s | $(mib "$verify_hwm") | $idle | $(mib "$rss") | $checks | $export_s |")
 }
 
 [ -z "$OLD" ] || measure old "$OLD"
@@ -163,7 +171,7 @@ measure new "$NEW"
 {
   echo "Empty vDisk of $SIZE; $(nproc) cores; idle window ${SETTLE} s after verification; $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
-  echo "| binary | create (s) | create peak RSS (MiB) | verify (s) | verify peak RSS (MiB) | idle CPU (% of a core, ${IDLE} s) | idle RSS (MiB) | checks |"
-  echo "|---|---|---|---|---|---|---|---|"
+  echo "| binary | create (s) | create peak RSS (MiB) | verify (s) | verify peak RSS (MiB) | idle CPU (% of a core, ${IDLE} s) | idle RSS (MiB) | checks | export (s) |"
+  echo "|---|---|---|---|---|---|---|---|---|"
   printf '%s\n' "${ROWS[@]}"
 } | tee "$WORK/last-table.md"

@@ -9,11 +9,11 @@
 //!                             into the version's set
 //!   every 30 s (and at stop) ─► changed sets saved: vdisks/NAME/boot-vN.set
 //!   at start, then every 30 s ─► the versions devices boot (production, test)
-//!                             not warmed in the last 5 minutes: their set read
-//!                             through the version's layers, at the lowest
-//!                             best-effort I/O priority (what is still cached
-//!                             is only copied; what was evicted is read again). A version never booted here
-//!                             takes another live server's set
+//!                             not warmed in the last 5 minutes: what the
+//!                             kernel does not hold of their set read through
+//!                             the version's layers, at the lowest best-effort
+//!                             I/O priority. A version never booted here takes
+//!                             another live server's set
 //!                             (GET /peer/v1/vdisks/NAME/boot-sets/N), else
 //!                             the nearest older version's set here.
 //! ```
