@@ -107,9 +107,10 @@ pub struct Config {
     /// `--auto-compaction-retention` must then do it).
     pub etcd_history_secs: u64,
     /// Seconds from the start of a device's boot (as the farm recorded it;
-    /// else of its session) during which its reads are its boot, learned into its version's boot set (saved beside the
-    /// version's layers); the server reads the boot sets of the versions
-    /// devices boot into the page cache ahead of them. 0: neither.
+    /// else of its session) during which its reads are its boot, learned
+    /// into its version's boot set (saved beside the version's layers); the
+    /// server reads the boot sets of the versions devices boot into the
+    /// page cache ahead of them. 0: neither.
     pub boot_window_secs: u64,
     /// Whether changes and refusals go into the farm's audit trail (on
     /// unless `--audit off`, which is for measuring what it costs).
