@@ -309,7 +309,7 @@ impl BootSets {
 
     /// Reads into the page cache the boot set of each version that devices
     /// boot (each vDisk's newest production and test versions) and that was
-    /// not warmed in the last [`REWARM`]. A version never booted here takes the
+    /// not warmed in the last 5 minutes. A version never booted here takes the
     /// set another server learned, which `peers` asks for, else the set of
     /// the nearest older version that has one here: a new version changes
     /// little of where its disk's boot reads fall. Returns what it warmed.
