@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::WriteError;
-use crate::layer::{Layer, CHUNK, PAGE_CHUNKS};
+use crate::layer::{next_allocated, Layer, CHUNK, PAGE_CHUNKS};
 
 /// One `base:allocation` extent: its length and whether it reads as zeros.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,8 +43,6 @@ pub struct ChainIndex {
 }
 
 const NO_SPAN: u32 = u32::MAX;
-/// Chunks a hole is searched in at once by [`Disk::block_status`] (16 MiB).
-const HOLE_STRIDE: u64 = 4096;
 
 impl ChainIndex {
     /// Indexes `layers`, which must be sealed (their bitmaps no longer change).
@@ -739,21 +737,14 @@ impl Disk {
             let unowned = |c: u64| !self.lower && self.owner(c, self.layers.len()).is_none();
             let zero = unowned(pos / CHUNK);
             let mut next = ((pos / CHUNK + 1) * CHUNK).min(end);
-            while next < end {
-                if zero {
-                    // In a hole, a stretch no layer touches is passed in one
-                    // step: cost follows data, not the disk's size.
-                    let (c, last) = (next / CHUNK, end.div_ceil(CHUNK));
-                    let to = (c + HOLE_STRIDE).min(last);
-                    if !self.layers.iter().any(|l| l.any_allocated(c, to)) {
-                        next = (to * CHUNK).min(end);
-                        continue;
-                    }
+            if zero {
+                // A hole runs to the next chunk a layer holds.
+                let held = next_allocated(&self.layers, next / CHUNK, end.div_ceil(CHUNK));
+                next = next.max((held * CHUNK).min(end));
+            } else {
+                while next < end && !unowned(next / CHUNK) {
+                    next = (next + CHUNK).min(end);
                 }
-                if unowned(next / CHUNK) != zero {
-                    break;
-                }
-                next = (next + CHUNK).min(end);
             }
             out.push(Extent {
                 length: next - pos,
@@ -1115,7 +1106,7 @@ mod tests {
         let size = 1u64 << 40;
         let base = layer(dir.path(), "base", size);
         let top = layer(dir.path(), "top", size);
-        let stride = HOLE_STRIDE * CHUNK;
+        let stride = 4096 * CHUNK; // next_allocated's stretch
         base.write_data(&[1u8; 4096], 700 << 30).unwrap();
         base.set_allocated((700 << 30) / CHUNK, (700 << 30) / CHUNK + 1);
         // The last chunk of one stretch and the first of the next, on top.

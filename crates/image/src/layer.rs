@@ -1365,6 +1365,31 @@ pub(crate) fn decode_header(h: &[u8]) -> Result<(Geometry, u32, Option<[u8; 32]>
     Ok((geo, flags, content))
 }
 
+/// Chunks searched at once for data by [`next_allocated`] (16 MiB).
+const HOLE_STRIDE: u64 = 4096;
+
+/// The first chunk of `[from, to)` that any of `layers` holds, else `to`.
+/// A 16 MiB stretch none of them touches is passed in one look per layer
+/// (a bitmap page never set is one look), so walking a hole costs what the
+/// data around it does, not the hole's size.
+pub(crate) fn next_allocated(layers: &[std::sync::Arc<Layer>], from: u64, to: u64) -> u64 {
+    let mut c = from;
+    while c < to {
+        let stretch = (c + HOLE_STRIDE).min(to);
+        if !layers.iter().any(|l| l.any_allocated(c, stretch)) {
+            c = stretch;
+            continue;
+        }
+        while c < stretch {
+            if layers.iter().any(|l| l.is_allocated(c)) {
+                return c;
+            }
+            c += 1;
+        }
+    }
+    to
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

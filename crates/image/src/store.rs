@@ -35,7 +35,7 @@ use crate::disk::{ChainIndex, Disk};
 use crate::error::{ImageError, WriteError};
 use crate::folders;
 use crate::hash::{self, Hash};
-use crate::layer::{size_text, sync_dir, Layer, CHUNK, MAX_NEW_SIZE};
+use crate::layer::{next_allocated, size_text, sync_dir, Layer, CHUNK, MAX_NEW_SIZE};
 use crate::record::{FileId, Record};
 use crate::versions::{Properties, Version, VersionState};
 
@@ -1470,7 +1470,7 @@ fn copy_chain_into(layers: &[Arc<Layer>], dst: &Layer) -> Result<(), ImageError>
     let mut c = 0;
     while c < chunks {
         let Some(o) = owner(c) else {
-            c += 1;
+            c = next_allocated(layers, c + 1, chunks);
             continue;
         };
         let mut e = c + 1;
