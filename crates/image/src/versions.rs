@@ -15,6 +15,7 @@ use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+use vstream_model::DeviceType;
 /// A version and its states are the domain model's: one record from the
 /// properties file to the farm's catalog and the wire.
 pub use vstream_model::{Version, VersionState};
@@ -51,6 +52,29 @@ impl Properties {
             .iter()
             .filter(|v| v.state == state && v.is_live())
             .max_by_key(|v| v.number)
+    }
+
+    /// The version a device of type `kind` boots: a maintenance device the
+    /// newest maintenance version, a test device the newest test version
+    /// (else production), a production device the newest production one.
+    /// The error says what is missing, for the device's administrator.
+    pub fn version_for(&self, kind: DeviceType) -> Result<u32, String> {
+        let v = match kind {
+            DeviceType::Maintenance => self.newest(VersionState::Maintenance).ok_or_else(|| {
+                format!(
+                    "vDisk {} has no maintenance version; create one with `vstream version new {}`",
+                    self.name, self.name
+                )
+            })?,
+            DeviceType::Test => self
+                .newest(VersionState::Test)
+                .or_else(|| self.newest(VersionState::Production))
+                .ok_or_else(|| format!("vDisk {} has no test or production version", self.name))?,
+            DeviceType::Production => self
+                .newest(VersionState::Production)
+                .ok_or_else(|| format!("vDisk {} has no production version", self.name))?,
+        };
+        Ok(v.number)
     }
 
     /// The highest-numbered live version, whatever its state.
@@ -175,6 +199,20 @@ mod tests {
         assert_eq!(p.head().unwrap().number, 4);
         assert_eq!(p.next_number(), 6);
         assert_eq!(p.referenced_files().len(), 4);
+        assert_eq!(p.version_for(DeviceType::Production), Ok(2));
+        assert_eq!(p.version_for(DeviceType::Test), Ok(3));
+        assert_eq!(p.version_for(DeviceType::Maintenance), Ok(4));
+        let mut plain = p.clone();
+        plain.versions.retain(|v| v.number <= 2);
+        assert_eq!(
+            plain.version_for(DeviceType::Test),
+            Ok(2),
+            "test falls back"
+        );
+        assert!(plain
+            .version_for(DeviceType::Maintenance)
+            .unwrap_err()
+            .contains("vstream version new x"));
         let text = toml::to_string(&p).unwrap();
         assert_eq!(toml::from_str::<Properties>(&text).unwrap(), p);
         let mut bad = p.clone();

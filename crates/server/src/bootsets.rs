@@ -49,7 +49,6 @@ use crate::error::ApiError;
 use crate::membership::Membership;
 use crate::replication::peer::{self, Peer, PeerClient};
 use crate::replication::state::Replication;
-use crate::sessions::pick_version;
 
 /// How often changed sets are saved and new versions warmed.
 const PERIOD: Duration = Duration::from_secs(30);
@@ -327,7 +326,7 @@ impl BootSets {
             };
             let mut due: Vec<u32> = [DeviceType::Production, DeviceType::Test]
                 .into_iter()
-                .filter_map(|kind| pick_version(&props, kind).ok())
+                .filter_map(|kind| props.version_for(kind).ok())
                 .collect();
             due.dedup();
             for version in due {

@@ -173,26 +173,6 @@ fn still_ending(device: &str) -> OpenError {
     ))
 }
 
-/// The version a device of type `kind` boots.
-pub fn pick_version(props: &Properties, kind: DeviceType) -> Result<u32, String> {
-    let v = match kind {
-        DeviceType::Maintenance => props.newest(VersionState::Maintenance).ok_or_else(|| {
-            format!(
-                "vDisk {} has no maintenance version; create one with `vstream version new {}`",
-                props.name, props.name
-            )
-        })?,
-        DeviceType::Test => props
-            .newest(VersionState::Test)
-            .or_else(|| props.newest(VersionState::Production))
-            .ok_or_else(|| format!("vDisk {} has no test or production version", props.name))?,
-        DeviceType::Production => props
-            .newest(VersionState::Production)
-            .ok_or_else(|| format!("vDisk {} has no production version", props.name))?,
-    };
-    Ok(v.number)
-}
-
 /// Refuses, as [`OpenError::Invalid`], an export name that no export can
 /// have, before anything is looked up: `device/KEY` and `base/KEY@N/HASH`
 /// need a device name or a device's MAC address, `VDISK[@N]` a valid vDisk
@@ -922,7 +902,7 @@ impl Sessions {
                 .store
                 .properties(&vdisk.name)
                 .map_err(|e| e.to_string())
-                .and_then(|p| pick_version(&p, device.kind))
+                .and_then(|p| p.version_for(device.kind))
                 .and_then(|n| self.store.chain(&vdisk.name, n).map_err(|e| e.to_string()))
                 .map_err(OpenError::Failed)?;
             if let Some(hash) = served_hash(&chain) {
@@ -1004,7 +984,7 @@ impl Sessions {
             .map_err(|e| OpenError::Failed(e.to_string()))?;
         let version = match self.same_boot_version(&device, &vdisk, &props, boot.as_ref()) {
             Some(n) => n,
-            None => pick_version(&props, device.kind).map_err(OpenError::Refused)?,
+            None => props.version_for(device.kind).map_err(OpenError::Refused)?,
         };
         let chain = self
             .store
