@@ -136,10 +136,8 @@ impl BootSet {
                     let block =
                         p as u64 * PAGE_BLOCKS + w as u64 * 64 + u64::from(bits.trailing_zeros());
                     bits &= bits - 1;
+                    // note, from_bytes and union set no block past the end.
                     let start = block * BOOT_BLOCK;
-                    if start >= self.size {
-                        break; // never set: note and from_bytes keep to the disk
-                    }
                     let len = BOOT_BLOCK.min(self.size - start);
                     match runs.last_mut() {
                         Some((o, l)) if *o + *l == start => *l += len,
@@ -163,9 +161,12 @@ impl BootSet {
     }
 
     /// Adds every block of `other` (a set of the same disk, another
-    /// server's) to this set.
+    /// server's) to this set; a set of another size adds nothing.
     pub fn union(&self, other: &BootSet) {
-        for (p, theirs) in other.made().filter(|(p, _)| *p < self.pages.len()) {
+        if other.size != self.size {
+            return;
+        }
+        for (p, theirs) in other.made() {
             if theirs.iter().all(|w| w.load(Ordering::Relaxed) == 0) {
                 continue;
             }
@@ -552,6 +553,10 @@ mod tests {
         ours.take_changed();
         ours.union(&BootSet::from_bytes(&ours.to_bytes(), 4 * MIB).unwrap());
         assert!(!ours.take_changed(), "nothing new, nothing to save");
+        let other_disk = BootSet::new(8 * MIB);
+        other_disk.note(6 * MIB, 1);
+        ours.union(&other_disk);
+        assert!(!ours.take_changed(), "another disk's set adds nothing");
         ours.union(&theirs);
         assert!(ours.take_changed());
         assert_eq!(ours.runs(), vec![(0, BOOT_BLOCK), (3 * MIB, BOOT_BLOCK)]);
