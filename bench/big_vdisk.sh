@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What an empty big vDisk costs a server: creation, verification, idle CPU, export.
+# What an empty big vDisk costs a server: creation, verification, idle CPU, export, merge.
 #
 #   bash bench/big_vdisk.sh                                  # the current code (builds it)
 #   VSTREAM_BIN_OLD=/path/to/old/vstream bash bench/big_vdisk.sh   # old, then current
@@ -17,7 +17,9 @@
 #      "checks" counts the "replica verified" lines by the end: more than 1 means the
 #      server verified the same version again, which the idle figure then includes;
 #   4. the time of an export of the whole vDisk (GET /api/v1/vdisks/big/content, the
-#      stream `vstream vdisk export` reads: its extents, here none) to /dev/null.
+#      stream `vstream vdisk export` reads: its extents, here none) to /dev/null;
+#   5. the time of `vstream version merge big` after an empty version 2 is made and
+#      promoted to production: the merge of two empty layers.
 #
 # Environment (all optional):
 #   BENCH_SIZE=8TiB        the vDisk's virtual size
@@ -166,10 +168,18 @@ measure() {
     die "$label: the export failed; see $logf"
   export_s=$(awk -v s="$export_s" 'BEGIN{printf "%.3f", s}')
   log "$label: exported in $export_s s"
+  "$bin" version new big >&2
+  "$bin" version promote big 2 --to production >&2
+  t0=$(now_ns)
+  "$bin" version merge big >&2 || die "$label: the merge failed; see $logf"
+  t1=$(now_ns)
+  local merge_s
+  merge_s=$(secs $((t1 - t0)))
+  log "$label: merged in $merge_s s"
   stop_server
   rm -rf "$DATA"
   DATA=
-  ROWS+=("| $label | $create_s | $(mib "$create_hwm") | $verify_s | $(mib "$verify_hwm") | $idle | $(mib "$rss") | $checks | $export_s |")
+  ROWS+=("| $label | $create_s | $(mib "$create_hwm") | $verify_s | $(mib "$verify_hwm") | $idle | $(mib "$rss") | $checks | $export_s | $merge_s |")
 }
 
 [ -z "$OLD" ] || measure old "$OLD"
@@ -178,7 +188,7 @@ measure new "$NEW"
 {
   echo "Empty vDisk of $SIZE; $(nproc) cores; idle window ${SETTLE} s after verification; $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
-  echo "| binary | create (s) | create peak RSS (MiB) | verify (s) | verify peak RSS (MiB) | idle CPU (% of a core, ${IDLE} s) | idle RSS (MiB) | checks | export (s) |"
-  echo "|---|---|---|---|---|---|---|---|---|"
+  echo "| binary | create (s) | create peak RSS (MiB) | verify (s) | verify peak RSS (MiB) | idle CPU (% of a core, ${IDLE} s) | idle RSS (MiB) | checks | export (s) | merge (s) |"
+  echo "|---|---|---|---|---|---|---|---|---|---|"
   printf '%s\n' "${ROWS[@]}"
 } | tee "$WORK/last-table.md"
