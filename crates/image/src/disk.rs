@@ -731,10 +731,20 @@ impl Disk {
     /// Allocation of `[offset, offset+len)`, at most `max_extents` extents.
     pub fn block_status(&self, offset: u64, len: u64, max_extents: usize) -> Vec<Extent> {
         let end = offset.saturating_add(len).min(self.size());
+        if self.lower {
+            // Over a lower disk every byte is data: its own or the lower's.
+            return (offset < end)
+                .then_some(Extent {
+                    length: end - offset,
+                    zero: false,
+                })
+                .into_iter()
+                .collect();
+        }
         let mut out: Vec<Extent> = Vec::new();
         let mut pos = offset;
         while pos < end && out.len() < max_extents.max(1) {
-            let unowned = |c: u64| !self.lower && self.owner(c, self.layers.len()).is_none();
+            let unowned = |c: u64| self.owner(c, self.layers.len()).is_none();
             let zero = unowned(pos / CHUNK);
             let mut next = ((pos / CHUNK + 1) * CHUNK).min(end);
             if zero {
@@ -1134,5 +1144,24 @@ mod tests {
             disk.block_status(edge + CHUNK, stride, 100),
             [ext(false, CHUNK), ext(true, stride - CHUNK)]
         );
+    }
+
+    /// Over a lower disk nothing is a hole: one extent of data, whatever
+    /// the layers hold, and none past the end.
+    #[test]
+    fn block_status_over_a_lower_disk_is_all_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 1u64 << 40;
+        let top = layer(dir.path(), "top", size);
+        let disk = Disk::writable(vec![top], None).unwrap().over_lower();
+        disk.write(&[1u8; 8192], 16384, false).unwrap();
+        let data = |length| Extent {
+            length,
+            zero: false,
+        };
+        assert_eq!(disk.block_status(0, size, 100), [data(size)]);
+        assert_eq!(disk.block_status(4096, 100, 100), [data(100)]);
+        assert_eq!(disk.block_status(size - 10, 100, 100), [data(10)]);
+        assert!(disk.block_status(size, 100, 100).is_empty());
     }
 }
