@@ -26,6 +26,9 @@ pub struct ReplicaRow {
     pub boot_set_bytes: u64,
     #[serde(default, skip_serializing_if = "vstream_model::is_zero")]
     pub boot_set_uncached_bytes: u64,
+    /// The set does not fit in the server's boot-set budget: not read ahead.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub boot_set_over_budget: bool,
 }
 
 /// `POST /api/v1/replication/start`: copy now, outside the time windows.

@@ -361,13 +361,13 @@ impl BootRecorder {
     }
 }
 
-/// What [`warm`] did.
+/// What [`warm`] (or [`uncached`]) found.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Warmed {
     /// Bytes of the set.
     pub bytes: u64,
-    /// Of them, bytes that were not in the page cache and were read from
-    /// the disk.
+    /// Of them, bytes that were not in the page cache: read from the disk by
+    /// [`warm`], left there by [`uncached`].
     pub from_disk: u64,
     pub took: Duration,
 }
@@ -378,6 +378,16 @@ pub struct Warmed {
 /// cannot vouch for is read without waiting first, and counted as from the
 /// disk only if that would have waited.
 pub fn warm(disk: &Disk, set: &BootSet) -> io::Result<Warmed> {
+    walk(disk, set, true)
+}
+
+/// How much of `set` the kernel cannot say is in the page cache, reading
+/// nothing: for a set that is not read ahead (over the server's budget).
+pub fn uncached(disk: &Disk, set: &BootSet) -> io::Result<Warmed> {
+    walk(disk, set, false)
+}
+
+fn walk(disk: &Disk, set: &BootSet, read: bool) -> io::Result<Warmed> {
     let started = Instant::now();
     let mut done = Warmed::default();
     if set.size() != disk.size() {
@@ -386,15 +396,25 @@ pub fn warm(disk: &Disk, set: &BootSet) -> io::Result<Warmed> {
             "the boot set was made for a disk of another size",
         ));
     }
-    let mut buf: Vec<MaybeUninit<u8>> = vec![MaybeUninit::uninit(); WARM_PIECE as usize];
+    let mut buf: Vec<MaybeUninit<u8>> = if read {
+        vec![MaybeUninit::uninit(); WARM_PIECE as usize]
+    } else {
+        Vec::new()
+    };
     for (offset, len) in set.runs() {
         let mut at = offset;
         while at < offset + len {
             let n = WARM_PIECE.min(offset + len - at);
-            let piece = &mut buf[..n as usize];
-            if !disk.is_cached(at, n) && !disk.read_uninit(piece, at, true)? {
-                disk.read_uninit(piece, at, false)?;
-                done.from_disk += n;
+            if !disk.is_cached(at, n) {
+                if !read {
+                    done.from_disk += n;
+                } else {
+                    let piece = &mut buf[..n as usize];
+                    if !disk.read_uninit(piece, at, true)? {
+                        disk.read_uninit(piece, at, false)?;
+                        done.from_disk += n;
+                    }
+                }
             }
             done.bytes += n;
             at += n;
@@ -625,6 +645,13 @@ mod tests {
             !cached(&base, MIB, 4 * BOOT_BLOCK),
             "this filesystem keeps pages the kernel was told to drop"
         );
+        let counted = uncached(&disk, &set).unwrap();
+        assert_eq!(counted.bytes, 5 * BOOT_BLOCK);
+        assert!(counted.from_disk > 0, "{counted:?}");
+        assert!(
+            !cached(&base, MIB, 4 * BOOT_BLOCK),
+            "counting what is not cached reads none of it"
+        );
         let done = warm(&disk, &set).unwrap();
         assert_eq!(done.bytes, 5 * BOOT_BLOCK);
         assert!(done.from_disk > 0, "{done:?}");
@@ -632,6 +659,7 @@ mod tests {
         assert!(cached(&top, 5 * MIB, 4096), "the top's chunk");
         let again = warm(&disk, &set).unwrap();
         assert_eq!(again.from_disk, 0, "a second warm-up finds it cached");
+        assert_eq!(uncached(&disk, &set).unwrap().from_disk, 0);
         assert!(warm(&Disk::read_only(vec![base]), &BootSet::new(size / 2)).is_err());
     }
 }

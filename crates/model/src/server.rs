@@ -30,6 +30,10 @@ pub struct HeldVersion {
     /// check (read again then).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub boot_set_uncached_bytes: u64,
+    /// The set does not fit in what is left of the server's boot-set
+    /// budget: it is not read ahead (its uncached bytes are counted only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub boot_set_over_budget: bool,
 }
 
 /// For fields left out of the JSON while they are 0.

@@ -62,14 +62,23 @@ const REWARM: Duration = Duration::from_secs(300);
 /// is read after the start): a pass that found none is made again this soon.
 const NO_PEER_YET: Duration = Duration::from_secs(2);
 
-/// A version's last read-ahead.
+/// A version's set at its last read-ahead (or count, if over the budget).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SetState {
+    /// Bytes of the set.
+    pub bytes: u64,
+    /// Of them, bytes that were not in the page cache: read from the disk,
+    /// or, over the budget, left there.
+    pub uncached: u64,
+    /// The set did not fit in what was left of the budget: not read ahead.
+    pub over_budget: bool,
+}
+
+/// When a version's set was last read ahead or counted, and what it was.
 #[derive(Debug, Clone, Copy)]
 struct Warm {
     at: Instant,
-    /// Bytes of the set.
-    bytes: u64,
-    /// Of them, bytes that were not in the page cache (read from the disk).
-    uncached: u64,
+    state: SetState,
 }
 
 /// What a server needs to ask the farm's other servers for sets.
@@ -96,6 +105,8 @@ pub enum FromPeers {
 pub struct BootSets {
     store: Store,
     window: Duration,
+    /// Most bytes of sets read ahead and kept warm at once.
+    budget: u64,
     sets: Mutex<HashMap<(String, u32), Arc<BootSet>>>,
     /// Versions whose set was read into the page cache, and how it went.
     warmed: Mutex<HashMap<(String, u32), Warm>>,
@@ -111,15 +122,20 @@ pub struct BootSets {
     read_ahead_versions: AtomicU64,
     read_ahead_bytes: AtomicU64,
     read_ahead_disk_bytes: AtomicU64,
+    /// `budget`, for `/metrics`.
+    budget_gauge: AtomicU64,
 }
 
 impl BootSets {
-    /// Boot sets learned for `window` from each session's start; none
-    /// learned or warmed if `window` is zero.
-    pub fn new(store: Store, window: Duration) -> BootSets {
+    /// Boot sets learned for `window` from each session's start, at most
+    /// `budget` bytes of them read ahead; none learned or warmed if
+    /// `window` is zero.
+    pub fn new(store: Store, window: Duration, budget: u64) -> BootSets {
         BootSets {
             store,
             window,
+            budget,
+            budget_gauge: AtomicU64::new(budget),
             sets: Mutex::new(HashMap::new()),
             warmed: Mutex::new(HashMap::new()),
             rewarm: REWARM,
@@ -133,7 +149,7 @@ impl BootSets {
     }
 
     /// Prometheus rows for `/metrics`.
-    pub fn metrics(&self) -> [(&'static str, &'static str, &'static str, &AtomicU64); 3] {
+    pub fn metrics(&self) -> [(&'static str, &'static str, &'static str, &AtomicU64); 4] {
         [
             (
                 "vstream_boot_set_read_ahead_versions_total",
@@ -152,6 +168,12 @@ impl BootSets {
                 "counter",
                 "bytes of boot sets that were not cached and were read from the disk, at start and at each later check",
                 &self.read_ahead_disk_bytes,
+            ),
+            (
+                "vstream_boot_set_budget_bytes",
+                "gauge",
+                "most bytes of boot sets read ahead and kept warm at once (--boot-set-budget)",
+                &self.budget_gauge,
             ),
         ]
     }
@@ -311,7 +333,12 @@ impl BootSets {
     /// not warmed in the last 5 minutes. A version never booted here takes the
     /// set another server learned, which `peers` asks for, else the set of
     /// the nearest older version that has one here: a new version changes
-    /// little of where its disk's boot reads fall. Returns what it warmed.
+    /// little of where its disk's boot reads fall.
+    ///
+    /// The sets read ahead add up to at most the budget, production
+    /// versions' first: a set that does not fit in what is left is not read
+    /// (said once in the log), only its uncached bytes counted. Returns
+    /// what it read ahead.
     pub fn warm_due(
         &self,
         peers: &dyn Fn(&str, u32, u64) -> FromPeers,
@@ -320,74 +347,113 @@ impl BootSets {
         if !self.enabled() {
             return done;
         }
+        let mut due: Vec<(bool, std::rc::Rc<vstream_image::Properties>, u32)> = Vec::new();
         for vdisk in self.store.list().unwrap_or_default() {
             let Ok(props) = self.store.properties(&vdisk) else {
                 continue;
             };
-            let mut due: Vec<u32> = [DeviceType::Production, DeviceType::Test]
-                .into_iter()
-                .filter_map(|kind| props.version_for(kind).ok())
-                .collect();
-            due.dedup();
-            for version in due {
-                let key = (vdisk.clone(), version);
-                let before = self.warmed.lock().get(&key).copied();
-                if before.is_some_and(|w| w.at.elapsed() < self.rewarm) {
-                    continue;
-                }
-                let Some((from, set)) = self.to_warm(&props, version, peers) else {
+            let props = std::rc::Rc::new(props);
+            for kind in [DeviceType::Production, DeviceType::Test] {
+                let Ok(version) = props.version_for(kind) else {
                     continue;
                 };
-                let warmed = self
-                    .store
-                    .chain(&vdisk, version)
-                    .map_err(|e| std::io::Error::other(e.to_string()))
-                    .and_then(|chain| bootset::warm(&chain.read_only(), &set));
-                match warmed {
-                    Ok(w) => {
-                        if before.is_none() {
-                            tracing::info!(
-                                %vdisk, version, set_of = from, bytes = w.bytes, from_disk = w.from_disk,
-                                secs = w.took.as_secs_f64(), "boot set read into the page cache"
-                            );
-                            Metrics::add(&self.read_ahead_versions, 1);
-                            Metrics::add(&self.read_ahead_bytes, w.bytes);
-                        } else if w.from_disk > 0 {
-                            tracing::info!(
-                                %vdisk, version, set_of = from, bytes = w.bytes, from_disk = w.from_disk,
-                                secs = w.took.as_secs_f64(), "boot set partly evicted; read into the page cache again"
-                            );
-                        }
-                        Metrics::add(&self.read_ahead_disk_bytes, w.from_disk);
-                        let warm = Warm {
-                            at: Instant::now(),
-                            bytes: w.bytes,
-                            uncached: w.from_disk,
-                        };
-                        self.warmed.lock().insert(key, warm);
-                        done.push((vdisk.clone(), version, w));
-                    }
-                    Err(e) => {
-                        tracing::warn!(%vdisk, version, error = %e, "cannot read a boot set into the page cache; trying again later")
-                    }
+                if !due.iter().any(|(_, p, v)| p.name == vdisk && *v == version) {
+                    due.push((kind == DeviceType::Production, props.clone(), version));
                 }
+            }
+        }
+        // Production first (a stable sort keeps the store's order within).
+        due.sort_by_key(|(production, ..)| !production);
+        let mut left = self.budget;
+        for (_, props, version) in due {
+            let vdisk = &props.name;
+            let key = (vdisk.clone(), version);
+            let before = self.warmed.lock().get(&key).copied();
+            if let Some(w) = before.filter(|w| w.at.elapsed() < self.rewarm) {
+                if !w.state.over_budget {
+                    left = left.saturating_sub(w.state.bytes);
+                }
+                continue;
+            }
+            let Some((from, set)) = self.to_warm(&props, version, peers) else {
+                continue;
+            };
+            let over = set.bytes() > left;
+            let walked = self
+                .store
+                .chain(vdisk, version)
+                .map_err(|e| std::io::Error::other(e.to_string()))
+                .and_then(|chain| {
+                    let disk = chain.read_only();
+                    if over {
+                        bootset::uncached(&disk, &set)
+                    } else {
+                        bootset::warm(&disk, &set)
+                    }
+                });
+            let w = match walked {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(%vdisk, version, error = %e, "cannot read a boot set into the page cache; trying again later");
+                    continue;
+                }
+            };
+            let was_over = before.is_some_and(|b| b.state.over_budget);
+            if over {
+                if !was_over {
+                    tracing::warn!(
+                        %vdisk, version, set_of = from, bytes = w.bytes, budget_left = left, budget = self.budget,
+                        "a boot set is larger than what is left of the boot-set budget: it is not read ahead. \
+                         If a device read more than its boot (a disk scan in its first minutes), clear it \
+                         (`vstream version clear-boot-set`); else raise --boot-set-budget"
+                    );
+                }
+            } else {
+                left = left.saturating_sub(w.bytes);
+                if before.is_none() || was_over {
+                    tracing::info!(
+                        %vdisk, version, set_of = from, bytes = w.bytes, from_disk = w.from_disk,
+                        secs = w.took.as_secs_f64(), "boot set read into the page cache"
+                    );
+                    Metrics::add(&self.read_ahead_versions, 1);
+                    Metrics::add(&self.read_ahead_bytes, w.bytes);
+                } else if w.from_disk > 0 {
+                    tracing::info!(
+                        %vdisk, version, set_of = from, bytes = w.bytes, from_disk = w.from_disk,
+                        secs = w.took.as_secs_f64(), "boot set partly evicted; read into the page cache again"
+                    );
+                }
+                Metrics::add(&self.read_ahead_disk_bytes, w.from_disk);
+            }
+            let state = SetState {
+                bytes: w.bytes,
+                uncached: w.from_disk,
+                over_budget: over,
+            };
+            self.warmed.lock().insert(
+                key,
+                Warm {
+                    at: Instant::now(),
+                    state,
+                },
+            );
+            if !over {
+                done.push((vdisk.clone(), version, w));
             }
         }
         done
     }
 
-    /// Version `version` of `vdisk`'s set as last read ahead: its bytes,
-    /// and of them those that were not in the page cache then.
-    pub fn warm_of(&self, vdisk: &str, version: u32) -> Option<(u64, u64)> {
+    /// Version `version` of `vdisk`'s set as last read ahead or counted.
+    pub fn warm_of(&self, vdisk: &str, version: u32) -> Option<SetState> {
         let warmed = self.warmed.lock();
-        let w = warmed.get(&(vdisk.to_owned(), version))?;
-        Some((w.bytes, w.uncached))
+        Some(warmed.get(&(vdisk.to_owned(), version))?.state)
     }
 
-    /// Per version warmed: `{vdisk="…",version="…"}`, its set's bytes, and
-    /// of them those that were not in the page cache at the last check.
-    pub fn gauges(&self) -> Vec<(String, u64, u64)> {
-        let mut rows: Vec<(String, u64, u64)> = self
+    /// Per version read ahead or counted: `{vdisk="…",version="…"}` and
+    /// its set's state at the last check.
+    pub fn gauges(&self) -> Vec<(String, SetState)> {
+        let mut rows: Vec<(String, SetState)> = self
             .warmed
             .lock()
             .iter()
@@ -395,12 +461,11 @@ impl BootSets {
                 let vdisk = vdisk.replace(['"', '\\', '\n'], "_");
                 (
                     format!("{{vdisk=\"{vdisk}\",version=\"{version}\"}}"),
-                    w.bytes,
-                    w.uncached,
+                    w.state,
                 )
             })
             .collect();
-        rows.sort();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
         rows
     }
 
@@ -596,14 +661,14 @@ mod tests {
     fn a_session_s_reads_are_saved_and_found_again() {
         let dir = tempfile::tempdir().unwrap();
         let store = store_with(dir.path());
-        let sets = BootSets::new(store.clone(), Duration::from_secs(60));
+        let sets = BootSets::new(store.clone(), Duration::from_secs(60), u64::MAX);
         let rec = sets.recorder("d", 1, 16 * MIB, None).unwrap();
         rec.note(3 * MIB, 4096);
         sets.save_changed();
         let file = store.vdisk_path("d").unwrap().join(boot_set_file(1));
         assert!(file.exists());
         // A new server (a restart) finds it.
-        let again = BootSets::new(store.clone(), Duration::from_secs(60));
+        let again = BootSets::new(store.clone(), Duration::from_secs(60), u64::MAX);
         let set = again.set("d", 1, 16 * MIB).unwrap();
         assert_eq!(set.runs(), vec![(3 * MIB, bootset::BOOT_BLOCK)]);
         // The window runs from the device's boot: a session begun late in
@@ -616,7 +681,7 @@ mod tests {
             .recorder("d", 1, 16 * MIB, Some(now_unix() - 61))
             .is_none());
         // Off: no recorder, nothing warmed.
-        let off = BootSets::new(store, Duration::ZERO);
+        let off = BootSets::new(store, Duration::ZERO, u64::MAX);
         assert!(off.recorder("d", 1, 16 * MIB, None).is_none());
         assert!(off.warm_due(&alone).is_empty());
     }
@@ -625,7 +690,7 @@ mod tests {
     fn the_versions_devices_boot_are_warmed_once_with_the_nearest_set() {
         let dir = tempfile::tempdir().unwrap();
         let store = store_with(dir.path());
-        let sets = BootSets::new(store.clone(), Duration::from_secs(60));
+        let sets = BootSets::new(store.clone(), Duration::from_secs(60), u64::MAX);
         assert!(sets.warm_due(&alone).is_empty(), "no set learned yet");
         sets.recorder("d", 1, 16 * MIB, None)
             .unwrap()
@@ -647,7 +712,7 @@ mod tests {
         sets.save_changed();
         let file = store.vdisk_path("d").unwrap().join(boot_set_file(1));
         std::fs::write(&file, b"VSBOOTS1 and then rubbish").unwrap();
-        let fresh = BootSets::new(store.clone(), Duration::from_secs(60));
+        let fresh = BootSets::new(store.clone(), Duration::from_secs(60), u64::MAX);
         assert!(fresh.warm_due(&alone).is_empty());
         assert!(
             fresh.refused.lock().contains(&file),
@@ -669,11 +734,58 @@ mod tests {
     }
 
     #[test]
+    fn sets_past_the_budget_are_counted_not_read_production_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(dir.path());
+        store.new_version("d", 1).unwrap();
+        store
+            .promote("d", 2, vstream_image::VersionState::Test, 2)
+            .unwrap();
+        store.create("e", 16 * MIB, 0).unwrap();
+        let mut sets = BootSets::new(store.clone(), Duration::from_secs(60), 3 * MIB);
+        let learn = |vdisk, version, offset, len| {
+            sets.recorder(vdisk, version, 16 * MIB, None)
+                .unwrap()
+                .note(offset, len)
+        };
+        learn("d", 2, 4 * MIB, 2 * MIB); // test: 2 MiB
+        learn("d", 1, 0, 2 * MIB); // production: 2 MiB
+        learn("e", 1, 0, MIB); // production: 1 MiB
+        let read = |sets: &BootSets| -> Vec<(String, u32)> {
+            let done = sets.warm_due(&alone);
+            done.into_iter().map(|(d, v, _)| (d, v)).collect()
+        };
+        let owned = |d: &str, v| (d.to_owned(), v);
+        assert_eq!(read(&sets), [owned("d", 1), owned("e", 1)]);
+        let over = sets.warm_of("d", 2).unwrap();
+        assert!(over.over_budget && over.bytes == 2 * MIB, "{over:?}");
+        assert!(!sets.warm_of("d", 1).unwrap().over_budget);
+        let rows = sets.gauges();
+        let flagged: Vec<&str> = rows
+            .iter()
+            .filter(|(_, s)| s.over_budget)
+            .map(|(l, _)| l.as_str())
+            .collect();
+        assert_eq!(flagged, ["{vdisk=\"d\",version=\"2\"}"]);
+        // Within REWARM the sets read ahead still hold their share.
+        sets.budget = 5 * MIB;
+        assert!(read(&sets).is_empty(), "nothing due yet");
+        // Once it fits, it is read ahead at its next check.
+        sets.rewarm = Duration::ZERO;
+        assert_eq!(read(&sets).len(), 3);
+        assert!(!sets.warm_of("d", 2).unwrap().over_budget);
+        // A budget of nothing reads nothing ahead, and counts everything.
+        sets.budget = 0;
+        assert!(read(&sets).is_empty());
+        assert!(sets.gauges().iter().all(|(_, s)| s.over_budget));
+    }
+
+    #[test]
     fn a_version_never_booted_here_takes_a_peer_s_set_first() {
         use std::cell::Cell;
         let dir = tempfile::tempdir().unwrap();
         let store = store_with(dir.path());
-        let sets = BootSets::new(store.clone(), Duration::from_secs(60));
+        let sets = BootSets::new(store.clone(), Duration::from_secs(60), u64::MAX);
         sets.recorder("d", 1, 16 * MIB, None).unwrap().note(0, 1);
         store.new_version("d", 1).unwrap();
         store
@@ -722,7 +834,7 @@ mod tests {
         assert!(sets.warm_due(&none_had).is_empty());
         assert!(sets.warm_due(&none_had).is_empty());
         assert_eq!(asked.get(), 2, "asked once");
-        let fresh = BootSets::new(store.clone(), Duration::from_secs(60));
+        let fresh = BootSets::new(store.clone(), Duration::from_secs(60), u64::MAX);
         let no_peer = |_: &str, _: u32, _: u64| {
             asked.set(asked.get() + 1);
             FromPeers::NoPeer
@@ -753,7 +865,7 @@ mod tests {
         let data: Vec<u8> = (0..4 * MIB).map(|i| (i % 251) as u8).collect();
         staging.disk().write(&data, 0, false).unwrap();
         store.commit_import(staging, 0).unwrap();
-        let mut sets = BootSets::new(store.clone(), Duration::from_secs(60));
+        let mut sets = BootSets::new(store.clone(), Duration::from_secs(60), u64::MAX);
         sets.recorder("d", 1, 16 * MIB, None)
             .unwrap()
             .note(MIB, 2 * MIB);
@@ -765,7 +877,16 @@ mod tests {
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].2.from_disk, 0, "all still cached: only copied");
         let label = "{vdisk=\"d\",version=\"1\"}".to_owned();
-        assert_eq!(sets.gauges(), [(label.clone(), 2 * MIB, 0)]);
+        assert_eq!(
+            sets.gauges(),
+            [(
+                label.clone(),
+                SetState {
+                    bytes: 2 * MIB,
+                    ..Default::default()
+                }
+            )]
+        );
         let disk_bytes = || {
             sets.metrics()[2]
                 .3
@@ -781,7 +902,17 @@ mod tests {
         let again = sets.warm_due(&alone);
         let uncached = again[0].2.from_disk;
         assert!(uncached > 0, "read again from the disk: {again:?}");
-        assert_eq!(sets.gauges(), [(label, 2 * MIB, uncached)]);
+        assert_eq!(
+            sets.gauges(),
+            [(
+                label,
+                SetState {
+                    bytes: 2 * MIB,
+                    uncached,
+                    over_budget: false
+                }
+            )]
+        );
         assert_eq!(disk_bytes() - before, uncached);
     }
 }

@@ -112,6 +112,11 @@ pub struct Config {
     /// server reads the boot sets of the versions devices boot into the
     /// page cache ahead of them. 0: neither.
     pub boot_window_secs: u64,
+    /// Most bytes of boot sets read ahead and kept warm at once, production
+    /// versions' first; a set that does not fit is left out, and said (a
+    /// device that read its whole disk in its window, say): by default a
+    /// quarter of the machine's memory.
+    pub boot_set_budget: u64,
     /// Whether changes and refusals go into the farm's audit trail (on
     /// unless `--audit off`, which is for measuring what it costs).
     pub audit: bool,
@@ -284,6 +289,7 @@ pub struct FileConfig {
     pub metrics: Option<String>,
     pub etcd_history_secs: Option<u64>,
     pub boot_window_secs: Option<u64>,
+    pub boot_set_budget: Option<String>,
 }
 
 impl FileConfig {
@@ -342,6 +348,17 @@ pub struct FlagConfig {
     pub metrics: Option<String>,
     pub etcd_history_secs: Option<u64>,
     pub boot_window_secs: Option<u64>,
+    pub boot_set_budget: Option<String>,
+}
+
+/// A quarter of the machine's memory (1 GiB if it cannot be told).
+fn default_boot_set_budget() -> u64 {
+    // SAFETY: sysinfo only fills the struct it is given.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    if unsafe { libc::sysinfo(&mut info) } != 0 || info.totalram == 0 {
+        return 1 << 30;
+    }
+    (info.totalram as u64).saturating_mul(u64::from(info.mem_unit.max(1))) / 4
 }
 
 /// A rate: bytes per second with an optional K/M/G suffix (`50M`), or `0`/`off` for none.
@@ -667,6 +684,11 @@ impl Config {
                 .boot_window_secs
                 .or(file.boot_window_secs)
                 .unwrap_or(DEFAULT_BOOT_WINDOW_SECS),
+            boot_set_budget: match flags.boot_set_budget.or(file.boot_set_budget) {
+                Some(b) => vstream_api::parse_size(&b)
+                    .map_err(|e| format!("boot_set_budget {b:?}: {e}"))?,
+                None => default_boot_set_budget(),
+            },
             audit_retention_days: match flags
                 .audit_retention_days
                 .or(file.audit_retention_days)
@@ -786,6 +808,37 @@ mod tests {
         };
         let c = Config::resolve(file, flags).unwrap();
         assert_eq!((c.etcd_history_secs, c.boot_window_secs), (0, 0));
+    }
+
+    #[test]
+    fn the_boot_set_budget_is_a_quarter_of_memory_unless_given() {
+        let c = Config::resolve(FileConfig::default(), FlagConfig::default()).unwrap();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+        let total_kib: u64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        assert_eq!(c.boot_set_budget, total_kib * 1024 / 4);
+        let file: FileConfig = toml::from_str("boot_set_budget = \"2G\"").unwrap();
+        let c = Config::resolve(file, FlagConfig::default()).unwrap();
+        assert_eq!(c.boot_set_budget, 2 << 30);
+        let flags = FlagConfig {
+            boot_set_budget: Some("0".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            Config::resolve(FileConfig::default(), flags)
+                .unwrap()
+                .boot_set_budget,
+            0
+        );
+        let bad = FlagConfig {
+            boot_set_budget: Some("lots".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(FileConfig::default(), bad).unwrap_err();
+        assert!(err.contains("boot_set_budget \"lots\""), "{err}");
     }
 
     #[test]

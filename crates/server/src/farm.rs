@@ -76,7 +76,7 @@ pub fn held_versions(server: &Handles) -> Vec<HeldVersion> {
                     || (is_replica(&view, &name, v.is_sealed())
                         && server.membership.offer_if_recorded(&name, v.number, &hash)))
                 && !server.replication.is_corrupt(&name, &v.layers);
-            let (boot_set_bytes, boot_set_uncached_bytes) = server
+            let set = server
                 .sessions
                 .boot_sets
                 .warm_of(&name, v.number)
@@ -89,8 +89,9 @@ pub fn held_versions(server: &Handles) -> Vec<HeldVersion> {
                 writable: !v.is_sealed(),
                 verified,
                 layers: v.layers.clone(),
-                boot_set_bytes,
-                boot_set_uncached_bytes,
+                boot_set_bytes: set.bytes,
+                boot_set_uncached_bytes: set.uncached,
+                boot_set_over_budget: set.over_budget,
             });
         }
     }

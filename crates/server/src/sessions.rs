@@ -258,6 +258,7 @@ impl Sessions {
             boot_sets: Arc::new(BootSets::new(
                 store.clone(),
                 Duration::from_secs(config.boot_window_secs),
+                config.boot_set_budget,
             )),
             config,
             store,

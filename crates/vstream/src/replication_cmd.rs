@@ -135,6 +135,9 @@ fn render(rows: &[ReplicaRow], bars: bool) -> String {
 fn boot_set(r: &ReplicaRow) -> String {
     match (r.boot_set_bytes, r.boot_set_uncached_bytes) {
         (0, _) => String::new(),
+        (all, _) if r.boot_set_over_budget => {
+            format!("{}, over budget: not read ahead", human_size(all))
+        }
         (all, 0) => format!("{} cached", human_size(all)),
         (all, out) => format!("{}, {} not cached", human_size(all), human_size(out)),
     }
@@ -175,6 +178,7 @@ mod tests {
             eta_s: Some(5),
             boot_set_bytes: 0,
             boot_set_uncached_bytes: 0,
+            boot_set_over_budget: false,
         };
         let text = render(std::slice::from_ref(&row), true);
         assert!(text.contains("[##########..........] 50%"), "{text}");
@@ -195,5 +199,10 @@ mod tests {
             "{}",
             boot_set(&cold)
         );
+        let over = ReplicaRow {
+            boot_set_over_budget: true,
+            ..cold
+        };
+        assert_eq!(boot_set(&over), "10 MiB, over budget: not read ahead");
     }
 }

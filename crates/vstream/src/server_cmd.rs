@@ -217,6 +217,12 @@ pub struct ServerArgs {
     /// production or test, and every 5 minutes); 0: neither [default: 120].
     #[arg(long = "boot-window", value_name = "SECS")]
     pub boot_window_secs: Option<u64>,
+    /// Most bytes of boot sets read ahead and kept warm at once, the
+    /// production versions' sets first; a set that does not fit in what is
+    /// left is not read ahead (the log, /metrics and `replication status`
+    /// say so) [default: a quarter of the machine's memory].
+    #[arg(long = "boot-set-budget", value_name = "SIZE")]
+    pub boot_set_budget: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -313,6 +319,7 @@ fn resolve(args: ServerArgs) -> Result<Config> {
         metrics: args.metrics,
         etcd_history_secs: args.etcd_history_secs,
         boot_window_secs: args.boot_window_secs,
+        boot_set_budget: args.boot_set_budget,
     };
     Config::resolve(file, flags).map_err(|e| anyhow!("invalid server configuration: {e}"))
 }

@@ -446,6 +446,7 @@ mod tests {
             layers: vec![],
             boot_set_bytes: 0,
             boot_set_uncached_bytes: 0,
+            boot_set_over_budget: false,
         };
         let mut s2 = ServerStatus {
             versions: vec![v2(true)],

@@ -27,6 +27,7 @@ use vstream_api::{
     CreateDevice, CreateVDisk, Device, DeviceInfo, ErrorBody, SetVDisk, VDisk, VDiskInfo,
 };
 
+use crate::bootsets::SetState;
 use crate::config::Config;
 use crate::membership::Membership;
 use crate::sessions::Sessions;
@@ -323,23 +324,28 @@ fn gauges(config: &Config, membership: &Membership, sessions: &Sessions) -> Stri
         &rows,
     );
     let sets = sessions.boot_sets.gauges();
-    for (name, help, uncached) in [
+    type Pick = fn(&SetState) -> f64;
+    let picks: [(&str, &str, Pick); 3] = [
         (
             "vstream_boot_set_bytes",
-            "bytes of the boot set read ahead for a version devices boot",
-            false,
+            "bytes of the boot set of a version devices boot, read ahead unless over the budget",
+            |s| s.bytes as f64,
         ),
         (
             "vstream_boot_set_uncached_bytes",
             "of a version's boot set, bytes that were not in the page cache at the last check \
              (every 5 minutes; read again then): the first morning after a restart, or too little memory",
-            true,
+            |s| s.uncached as f64,
         ),
-    ] {
-        let rows: Vec<(String, f64)> = sets
-            .iter()
-            .map(|(l, b, u)| (l.clone(), if uncached { *u } else { *b } as f64))
-            .collect();
+        (
+            "vstream_boot_set_over_budget",
+            "1 if a version's boot set did not fit in what was left of the boot-set budget \
+             at the last check, and was not read ahead",
+            |s| f64::from(u8::from(s.over_budget)),
+        ),
+    ];
+    for (name, help, pick) in picks {
+        let rows: Vec<(String, f64)> = sets.iter().map(|(l, s)| (l.clone(), pick(s))).collect();
         gauge(name, help, &rows);
     }
     out

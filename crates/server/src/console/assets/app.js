@@ -306,9 +306,12 @@ function matrix({ servers, repl, vdisks, versions }) {
             r.state === 'copying' ? h('div', { class: 'bar' }, h('span', { style: null, dataset: { pct } })) : null),
           r.note && r.state !== 'copying' ? h('div', { class: 'mute', text: r.note }) : null,
           r.boot_set_bytes ? h('div', {
-            class: 'mute', dataset: { bootSet: r.boot_set_bytes, uncached: r.boot_set_uncached_bytes || 0 },
-            title: 'What devices read while they boot, read ahead of the boot storm and checked every 5 minutes',
-            text: 'boot set ' + bytes(r.boot_set_bytes) + (r.boot_set_uncached_bytes ? ', ' + bytes(r.boot_set_uncached_bytes) + ' not cached' : ' cached'),
+            class: 'mute', dataset: { bootSet: r.boot_set_bytes, uncached: r.boot_set_uncached_bytes || 0, overBudget: r.boot_set_over_budget ? 'yes' : 'no' },
+            title: r.boot_set_over_budget
+              ? 'Larger than what is left of the server\'s boot-set budget (--boot-set-budget): not read ahead. Clear the set if a device read more than its boot.'
+              : 'What devices read while they boot, read ahead of the boot storm and checked every 5 minutes',
+            text: 'boot set ' + bytes(r.boot_set_bytes) + (r.boot_set_over_budget ? ', over budget: not read ahead'
+              : r.boot_set_uncached_bytes ? ', ' + bytes(r.boot_set_uncached_bytes) + ' not cached' : ' cached'),
           }) : null,
           r.up ? null : h('div', { class: 'mute', text: 'server down' }));
       });
