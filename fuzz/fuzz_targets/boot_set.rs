@@ -56,4 +56,5 @@ fuzz_target!(|data: &[u8]| {
     }
     let again = BootSet::from_bytes(&set.to_bytes(), size).expect("its own bytes");
     assert_eq!(again.runs(), runs);
+    assert_eq!(again.cleared(), set.cleared());
 });

@@ -206,6 +206,9 @@ pub struct VersionInfo {
     pub content_hash: Option<String>,
     /// Devices connected to it now.
     pub devices: Vec<String>,
+    /// When its boot set was last cleared (`vstream version clear-boot-set`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_set_cleared_unix: Option<u64>,
 }
 
 /// `POST .../versions/{n}/promote`

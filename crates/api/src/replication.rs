@@ -59,6 +59,7 @@ mod tests {
                 created_unix: 1,
                 sealed_unix: sealed.then_some(2),
                 content_hash: sealed.then(|| "ab".into()),
+                boot_set_cleared_unix: None,
             },
             server: "s1".into(),
         }

@@ -440,6 +440,14 @@ impl Client {
         self.delete(&version_path(vdisk, number, &[]))
     }
 
+    /// `DELETE /api/v1/vdisks/NAME/versions/N/boot-set`: cleared across
+    /// the farm; the version as it is now.
+    pub fn clear_boot_set(&self, vdisk: &str, number: u32) -> Result<VersionInfo> {
+        let path = version_path(vdisk, number, &["boot-set"]);
+        let resp = self.check(self.request("DELETE", &path).call())?;
+        self.json(resp)
+    }
+
     /// `GET /api/v1/devices`.
     pub fn devices(&self) -> Result<Vec<DeviceInfo>> {
         self.get(&api_path(&["devices"]))

@@ -1100,6 +1100,7 @@ fn catalog(name: &str, versions: &[u32]) -> vstream_model::Catalog {
                     created_unix: 1,
                     sealed_unix: Some(2),
                     content_hash: Some("ab".repeat(32)),
+                    boot_set_cleared_unix: None,
                 },
                 server: "s1".into(),
             })

@@ -15,18 +15,25 @@
 //! have a block set:
 //!
 //! ```text
-//!   0   "VSBOOTS2"
+//!   0   "VSBOOTS3"
 //!   8   virtual size, u64 LE
 //!   16  block size, u32 LE (65536)
 //!   20  pages that follow, u32 LE
-//!   24  per page, by increasing index: its index (u64 LE), then its 512
+//!   24  the version's boot_set_cleared_unix the set was learned after,
+//!       u64 LE (0: never cleared)
+//!   32  per page, by increasing index: its index (u64 LE), then its 512
 //!       words (u64 LE); block b is page b / 32768, word b / 64 % 512,
 //!       bit b % 64
 //!   ..  blake3 of everything before, 32 bytes
 //! ```
 //!
-//! The first form (`VSBOOTS1`, every word of the disk after a reserved
-//! u32 where the page count now is) is still read.
+//! The earlier forms are still read, as learned before any clear:
+//! `VSBOOTS2` is this one without the stamp (pages at 24), `VSBOOTS1` has
+//! every word of the disk after a reserved u32 where the page count is.
+//!
+//! A set cleared by an administrator stays cleared across the farm: a set
+//! whose stamp is not its version's is dropped (its file removed), and
+//! neither served to nor taken from a peer.
 
 use std::fs;
 use std::io;
@@ -41,9 +48,12 @@ use crate::residency::now_ms;
 
 /// One bit of a boot set covers this much of the disk.
 pub const BOOT_BLOCK: u64 = 64 * 1024;
-const MAGIC: &[u8; 8] = b"VSBOOTS2";
+const MAGIC: &[u8; 8] = b"VSBOOTS3";
+const MAGIC_V2: &[u8; 8] = b"VSBOOTS2";
 const MAGIC_V1: &[u8; 8] = b"VSBOOTS1";
-const HEADER: usize = 24;
+/// The header of this form; the earlier forms' is 24 bytes.
+const HEADER: usize = 32;
+const HEADER_V2: usize = 24;
 const HASH: usize = 32;
 /// Words in a page of a set, and the blocks it covers.
 const PAGE_WORDS: usize = 512;
@@ -61,13 +71,22 @@ pub struct BootSet {
     size: u64,
     blocks: u64,
     pages: Box<[OnceLock<Page>]>,
+    /// The version's `boot_set_cleared_unix` the set was learned after.
+    cleared: u64,
     /// A bit was set since the last [`BootSet::take_changed`].
     changed: AtomicBool,
 }
 
 impl BootSet {
-    /// An empty set for a disk of `size` bytes.
+    /// An empty set for a disk of `size` bytes, of a version whose set was
+    /// never cleared.
     pub fn new(size: u64) -> BootSet {
+        BootSet::after_clear(size, 0)
+    }
+
+    /// An empty set for a disk of `size` bytes, of a version whose set was
+    /// last cleared at `cleared` (its `boot_set_cleared_unix`; 0: never).
+    pub fn after_clear(size: u64, cleared: u64) -> BootSet {
         let blocks = size.div_ceil(BOOT_BLOCK);
         BootSet {
             size,
@@ -75,6 +94,7 @@ impl BootSet {
             pages: (0..blocks.div_ceil(PAGE_BLOCKS))
                 .map(|_| OnceLock::new())
                 .collect(),
+            cleared,
             changed: AtomicBool::new(false),
         }
     }
@@ -82,6 +102,11 @@ impl BootSet {
     /// The virtual size the set describes.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// The clear the set was learned after (0: none).
+    pub fn cleared(&self) -> u64 {
+        self.cleared
     }
 
     /// Page `p`, made if it is not yet.
@@ -161,9 +186,10 @@ impl BootSet {
     }
 
     /// Adds every block of `other` (a set of the same disk, another
-    /// server's) to this set; a set of another size adds nothing.
+    /// server's) to this set; a set of another size, or learned after
+    /// another clear, adds nothing.
     pub fn union(&self, other: &BootSet) {
-        if other.size != self.size {
+        if other.size != self.size || other.cleared != self.cleared {
             return;
         }
         for (p, theirs) in other.made() {
@@ -198,6 +224,7 @@ impl BootSet {
         out.extend_from_slice(&self.size.to_le_bytes());
         out.extend_from_slice(&(BOOT_BLOCK as u32).to_le_bytes());
         out.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+        out.extend_from_slice(&self.cleared.to_le_bytes());
         for (p, page) in pages {
             out.extend_from_slice(&(p as u64).to_le_bytes());
             for w in page.iter() {
@@ -209,12 +236,22 @@ impl BootSet {
         out
     }
 
-    /// A set from [`BootSet::to_bytes`]' form (or the first form), for a
+    /// A set from [`BootSet::to_bytes`]' form (or an earlier one), for a
     /// disk of `size` bytes; the error says why it cannot be used (damaged,
-    /// torn, another size, blocks past the disk's end).
+    /// torn, another size, blocks past the disk's end). Whether it was
+    /// learned after its version's last clear is the caller's to check
+    /// ([`BootSet::cleared`]).
     pub fn from_bytes(bytes: &[u8], size: u64) -> Result<BootSet, String> {
-        let v1 = bytes.get(..8) == Some(MAGIC_V1.as_slice());
-        if bytes.len() < HEADER + HASH || !(v1 || &bytes[..8] == MAGIC) {
+        let magic = bytes.get(..8);
+        let v1 = magic == Some(MAGIC_V1.as_slice());
+        let header = if magic == Some(MAGIC.as_slice()) {
+            HEADER
+        } else if v1 || magic == Some(MAGIC_V2.as_slice()) {
+            HEADER_V2
+        } else {
+            return Err("not a boot set".into());
+        };
+        if bytes.len() < header + HASH {
             return Err("not a boot set".into());
         }
         let (body, hash) = bytes.split_at(bytes.len() - HASH);
@@ -229,20 +266,21 @@ impl BootSet {
                 "made for a disk of {stored} bytes in blocks of {block}, not {size} in {BOOT_BLOCK}"
             ));
         }
-        let set = BootSet::new(size);
+        let cleared = if header == HEADER { word(24) } else { 0 };
+        let set = BootSet::after_clear(size, cleared);
         // Each word's index among the whole disk's words, and its bits.
         let words: Box<dyn Iterator<Item = (u64, u64)> + '_> = if v1 {
-            if body.len() - HEADER != set.blocks.div_ceil(64) as usize * 8 {
+            if body.len() - header != set.blocks.div_ceil(64) as usize * 8 {
                 return Err("its length does not match its size".into());
             }
-            Box::new((0..set.blocks.div_ceil(64)).map(|i| (i, word(HEADER + i as usize * 8))))
+            Box::new((0..set.blocks.div_ceil(64)).map(|i| (i, word(header + i as usize * 8))))
         } else {
             let count = u32::from_le_bytes(body[20..24].try_into().unwrap_or([0; 4])) as usize;
-            let len = body.len() - HEADER;
+            let len = body.len() - header;
             if !len.is_multiple_of(PAGE_BYTES) || len / PAGE_BYTES != count {
                 return Err("its length does not match its page count".into());
             }
-            let index = |n: usize| word(HEADER + n * PAGE_BYTES);
+            let index = |n: usize| word(header + n * PAGE_BYTES);
             for n in 0..count {
                 if (n > 0 && index(n) <= index(n - 1)) || index(n) >= set.pages.len() as u64 {
                     return Err(format!(
@@ -252,7 +290,7 @@ impl BootSet {
                 }
             }
             Box::new((0..count).flat_map(move |n| {
-                let at = HEADER + n * PAGE_BYTES + 8;
+                let at = header + n * PAGE_BYTES + 8;
                 (0..PAGE_WORDS)
                     .map(move |w| (index(n) * PAGE_WORDS as u64 + w as u64, word(at + w * 8)))
             }))
@@ -552,16 +590,36 @@ mod tests {
         // VSBOOTS2: a page past the end, pages out of order, a bad count.
         let mut page = vec![5u64];
         page.extend([0u64; PAGE_WORDS]);
-        assert!(BootSet::from_bytes(&file(MAGIC, size, 1, &page), size).is_err());
+        assert!(BootSet::from_bytes(&file(MAGIC_V2, size, 1, &page), size).is_err());
         let big = 5 * PAGE_BLOCKS * BOOT_BLOCK;
         let mut two = vec![3u64, 1];
         two.extend([0u64; PAGE_WORDS - 1]);
         two.push(1);
         two.extend([0u64; PAGE_WORDS]);
-        assert!(BootSet::from_bytes(&file(MAGIC, big, 2, &two), big).is_err());
+        assert!(BootSet::from_bytes(&file(MAGIC_V2, big, 2, &two), big).is_err());
         two[PAGE_WORDS + 1] = 4;
-        assert!(BootSet::from_bytes(&file(MAGIC, big, 2, &two), big).is_ok());
-        assert!(BootSet::from_bytes(&file(MAGIC, big, 3, &two), big).is_err());
+        assert!(BootSet::from_bytes(&file(MAGIC_V2, big, 2, &two), big).is_ok());
+        assert!(BootSet::from_bytes(&file(MAGIC_V2, big, 3, &two), big).is_err());
+    }
+
+    #[test]
+    fn a_set_keeps_the_clear_it_was_learned_after() {
+        let set = BootSet::after_clear(4 * MIB, 1_700_000_077);
+        set.note(MIB, 1);
+        let back = BootSet::from_bytes(&set.to_bytes(), 4 * MIB).unwrap();
+        assert_eq!(back.cleared(), 1_700_000_077);
+        assert_eq!(back.runs(), set.runs());
+        // The second form was learned before any clear.
+        let mut page = vec![0u64];
+        page.push(1);
+        page.extend([0u64; PAGE_WORDS - 1]);
+        let v2 = BootSet::from_bytes(&file(MAGIC_V2, 4 * MIB, 1, &page), 4 * MIB).unwrap();
+        assert_eq!((v2.cleared(), v2.runs()), (0, vec![(0, BOOT_BLOCK)]));
+        // A set from before a clear adds nothing to one from after it.
+        set.take_changed();
+        set.union(&v2);
+        assert!(!set.take_changed());
+        assert_eq!(set.runs(), [(MIB, BOOT_BLOCK)]);
     }
 
     #[test]

@@ -493,6 +493,7 @@ impl Store {
                 created_unix,
                 sealed_unix: None,
                 content_hash: Some(hash::to_hex(&hashes.content)),
+                boot_set_cleared_unix: None,
             }],
         };
         write_properties(&tmp_dir, &props)?;
@@ -1041,6 +1042,7 @@ impl Store {
             created_unix: now,
             sealed_unix: None,
             content_hash: None,
+            boot_set_cleared_unix: None,
         };
         props.versions.push(version.clone());
         props.last_number = number;
@@ -1084,6 +1086,30 @@ impl Store {
         self.save(&props)?;
         crash_point("promote:saved");
         Ok(version)
+    }
+
+    /// Clears version `number`'s boot set: its file here goes, and the
+    /// version's stamp (`boot_set_cleared_unix`, later than any before it)
+    /// tells every server, through the catalog, to drop a set learned
+    /// before it.
+    pub fn clear_boot_set(&self, name: &str, number: u32, now: u64) -> Result<Version, ImageError> {
+        let _op = self.ops.lock();
+        let mut props = self.properties(name)?;
+        let version = props
+            .version_mut(number)
+            .filter(|v| v.is_live())
+            .ok_or_else(|| ImageError::Invalid(format!("vDisk {name} has no version {number}")))?;
+        let stamp = now.max(version.boot_set_cleared_unix.map_or(0, |t| t + 1));
+        version.boot_set_cleared_unix = Some(stamp);
+        let version = version.clone();
+        self.save(&props)?;
+        let file = self
+            .vdisk_dir(name)?
+            .join(crate::bootset::boot_set_file(number));
+        match fs::remove_file(&file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => Ok(version),
+        }
     }
 
     /// Seals version `number` where it stands (an imported version 1 that
@@ -1712,6 +1738,47 @@ mod tests {
             Err(ImageError::NoSuchVDisk(_))
         ));
         assert!(store.properties("../etc").is_err());
+    }
+
+    /// Clearing a boot set removes its file and stamps the version, a later
+    /// stamp each time; a version that is not there is refused.
+    #[test]
+    fn clearing_a_boot_set_stamps_its_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.create("d", 1 << 20, 1).unwrap();
+        let file = store
+            .vdisk_path("d")
+            .unwrap()
+            .join(crate::bootset::boot_set_file(1));
+        let set = crate::bootset::BootSet::new(1 << 20);
+        set.note(0, 1);
+        set.save(&file).unwrap();
+        let v = store.clear_boot_set("d", 1, 50).unwrap();
+        assert_eq!(v.boot_set_cleared_unix, Some(50));
+        assert!(!file.exists());
+        let props = store.properties("d").unwrap();
+        assert_eq!(props.version(1).unwrap().boot_set_cleared_unix, Some(50));
+        // Twice in one second, or with a clock gone back: still later.
+        assert_eq!(
+            store
+                .clear_boot_set("d", 1, 50)
+                .unwrap()
+                .boot_set_cleared_unix,
+            Some(51)
+        );
+        assert_eq!(
+            store
+                .clear_boot_set("d", 1, 7)
+                .unwrap()
+                .boot_set_cleared_unix,
+            Some(52)
+        );
+        assert!(matches!(
+            store.clear_boot_set("d", 2, 60),
+            Err(ImageError::Invalid(_))
+        ));
+        assert!(store.clear_boot_set("nope", 1, 60).is_err());
     }
 
     fn read_all(store: &Store, name: &str, version: u32) -> Vec<u8> {

@@ -175,6 +175,7 @@ mod tests {
             created_unix: 0,
             sealed_unix: (state != VersionState::Maintenance).then_some(1),
             content_hash: None,
+            boot_set_cleared_unix: None,
         }
     }
 

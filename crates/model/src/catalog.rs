@@ -193,6 +193,7 @@ mod tests {
                 created_unix: 10,
                 sealed_unix: sealed.then_some(11),
                 content_hash: sealed.then(|| "ab".repeat(32)),
+                boot_set_cleared_unix: None,
             },
             server: "s1".into(),
         }

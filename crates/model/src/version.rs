@@ -41,6 +41,11 @@ pub struct Version {
     /// Hex content hash, known once sealed (or after an import).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_hash: Option<String>,
+    /// When an administrator last cleared the version's boot set, farm-wide
+    /// (a stamp: every server drops a set learned before it, and takes
+    /// none from a peer that has not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_set_cleared_unix: Option<u64>,
 }
 
 impl Version {
@@ -71,6 +76,7 @@ mod tests {
             created_unix: 5,
             sealed_unix: Some(6),
             content_hash: Some("cd".into()),
+            boot_set_cleared_unix: None,
         };
         let text = "number = 2\nstate = \"test\"\nlayers = [\"a.layer\", \"b.layer\"]\n\
                     created_unix = 5\nsealed_unix = 6\ncontent_hash = \"cd\"\n";
@@ -80,6 +86,7 @@ mod tests {
             state: VersionState::Maintenance,
             sealed_unix: None,
             content_hash: None,
+            boot_set_cleared_unix: None,
             ..sealed
         };
         let text = "number = 2\nstate = \"maintenance\"\nlayers = [\"a.layer\", \"b.layer\"]\n\

@@ -91,6 +91,17 @@ pub struct Peers {
     pub in_farm: bool,
 }
 
+/// The set asked of the farm's other servers: version `version` of
+/// `vdisk` (of `size` bytes), learned after the version's last clear.
+#[derive(Debug, Clone, Copy)]
+pub struct Wanted<'a> {
+    pub vdisk: &'a str,
+    pub version: u32,
+    pub size: u64,
+    /// The version's `boot_set_cleared_unix` (0: never cleared).
+    pub cleared: u64,
+}
+
 /// What the farm's other servers gave when asked for a version's set.
 pub enum FromPeers {
     /// No other server to ask (alone, or no farm view yet).
@@ -212,15 +223,23 @@ impl BootSets {
         if let Some(set) = self.existing(vdisk, version, size) {
             return Some(set);
         }
-        self.store.vdisk_path(vdisk).ok()?;
+        let cleared = self.stamp(vdisk, version)?;
         let mut sets = self.sets.lock();
         let set = sets
             .entry((vdisk.to_owned(), version))
-            .or_insert_with(|| Arc::new(BootSet::new(size)));
-        if set.size() != size {
-            *set = Arc::new(BootSet::new(size));
+            .or_insert_with(|| Arc::new(BootSet::after_clear(size, cleared)));
+        if set.size() != size || set.cleared() != cleared {
+            *set = Arc::new(BootSet::after_clear(size, cleared));
         }
         Some(set.clone())
+    }
+
+    /// When version `version`'s set was last cleared (0: never); `None` if
+    /// the version is not live here.
+    fn stamp(&self, vdisk: &str, version: u32) -> Option<u64> {
+        let props = self.store.properties(vdisk).ok()?;
+        let v = props.version(version).filter(|v| v.is_live())?;
+        Some(v.boot_set_cleared_unix.unwrap_or(0))
     }
 
     /// Version `version`'s set if one is in memory or saved (then kept in
@@ -247,6 +266,12 @@ impl BootSets {
             }
             return None;
         };
+        if Some(loaded.cleared()) != self.stamp(vdisk, version) {
+            // Learned before an administrator cleared the version's set.
+            tracing::info!(%vdisk, version, "a boot set learned before its version's set was cleared is removed");
+            let _ = std::fs::remove_file(&path);
+            return None;
+        }
         let loaded = Arc::new(loaded);
         let mut sets = self.sets.lock();
         let set = sets.entry(key).or_insert_with(|| loaded.clone());
@@ -260,14 +285,43 @@ impl BootSets {
     /// this server has none, or does not hold the version live.
     pub fn served(&self, vdisk: &str, version: u32) -> Option<Vec<u8>> {
         let props = self.store.properties(vdisk).ok()?;
-        props.version(version).filter(|v| v.is_live())?;
+        let v = props.version(version).filter(|v| v.is_live())?;
         let set = self.existing(vdisk, version, props.size)?;
-        (!set.is_empty()).then(|| set.to_bytes())
+        let current = set.cleared() == v.boot_set_cleared_unix.unwrap_or(0);
+        (current && !set.is_empty()).then(|| set.to_bytes())
     }
 
     /// Forgets what is kept of versions no longer live here (deleted,
     /// merged away, or their vDisk deleted), so that no save writes their
-    /// sets again: the store removed their files.
+    /// sets again: the store removed their files. A set learned before its
+    /// version's set was cleared (here, or on another server and then in
+    /// the catalog) is forgotten too, and its file removed.
+    pub fn forget_stale(&self) {
+        let held: Vec<((String, u32), u64)> = self
+            .sets
+            .lock()
+            .iter()
+            .map(|(k, s)| (k.clone(), s.cleared()))
+            .collect();
+        for ((vdisk, version), cleared) in held {
+            let Some(stamp) = self.stamp(&vdisk, version) else {
+                continue; // gone: below
+            };
+            if stamp == cleared {
+                continue;
+            }
+            let key = (vdisk.clone(), version);
+            self.sets.lock().remove(&key);
+            self.warmed.lock().remove(&key);
+            self.asked.lock().remove(&key);
+            if let Ok(dir) = self.store.vdisk_path(&vdisk) {
+                let _ = std::fs::remove_file(dir.join(boot_set_file(version)));
+            }
+            tracing::info!(%vdisk, version, "boot set cleared; it is learned again from the next boots");
+        }
+        self.forget_gone();
+    }
+
     fn forget_gone(&self) {
         let mut keys: Vec<(String, u32)> = self.sets.lock().keys().cloned().collect();
         keys.extend(self.warmed.lock().keys().cloned());
@@ -294,7 +348,7 @@ impl BootSets {
     /// cannot be saved (a full disk, a vDisk deleted meanwhile) is said in
     /// the log and tried again at the next save.
     pub fn save_changed(&self) {
-        self.forget_gone();
+        self.forget_stale();
         let changed: Vec<((String, u32), Arc<BootSet>)> = self
             .sets
             .lock()
@@ -341,7 +395,7 @@ impl BootSets {
     /// what it read ahead.
     pub fn warm_due(
         &self,
-        peers: &dyn Fn(&str, u32, u64) -> FromPeers,
+        peers: &dyn Fn(&Wanted) -> FromPeers,
     ) -> Vec<(String, u32, bootset::Warmed)> {
         let mut done = Vec::new();
         if !self.enabled() {
@@ -476,7 +530,7 @@ impl BootSets {
         &self,
         props: &vstream_image::Properties,
         version: u32,
-        peers: &dyn Fn(&str, u32, u64) -> FromPeers,
+        peers: &dyn Fn(&Wanted) -> FromPeers,
     ) -> Option<(u32, Arc<BootSet>)> {
         let own = self.existing(&props.name, version, props.size);
         if let Some(set) = own.filter(|s| !s.is_empty()) {
@@ -506,7 +560,7 @@ impl BootSets {
         vdisk: &str,
         version: u32,
         size: u64,
-        peers: &dyn Fn(&str, u32, u64) -> FromPeers,
+        peers: &dyn Fn(&Wanted) -> FromPeers,
     ) -> Option<Arc<BootSet>> {
         let key = (vdisk.to_owned(), version);
         if self
@@ -517,12 +571,23 @@ impl BootSets {
         {
             return None;
         }
-        match peers(vdisk, version, size) {
+        let cleared = self.stamp(vdisk, version)?;
+        let wanted = Wanted {
+            vdisk,
+            version,
+            size,
+            cleared,
+        };
+        match peers(&wanted) {
             FromPeers::NoPeer => {
                 self.met_no_peer.store(true, Ordering::Relaxed);
                 None
             }
             FromPeers::NoneHad => {
+                self.asked.lock().insert(key, Instant::now());
+                None
+            }
+            FromPeers::Got { set, .. } if set.cleared() != cleared => {
                 self.asked.lock().insert(key, Instant::now());
                 None
             }
@@ -539,7 +604,13 @@ impl BootSets {
 /// Asks the farm's other live servers in turn for version `version` of
 /// `vdisk`'s set, over the peer protocol. A set that cannot be used (damaged
 /// on the way, made for another size) is said in the log and passed over.
-pub fn ask_peers(farm: &Peers, vdisk: &str, version: u32, size: u64) -> FromPeers {
+pub fn ask_peers(farm: &Peers, wanted: &Wanted) -> FromPeers {
+    let Wanted {
+        vdisk,
+        version,
+        size,
+        cleared,
+    } = *wanted;
     let Some(secret) = farm.replication.secret() else {
         return FromPeers::NoPeer;
     };
@@ -561,6 +632,11 @@ pub fn ask_peers(farm: &Peers, vdisk: &str, version: u32, size: u64) -> FromPeer
         let answer = PeerClient::new(&agent, p, &secret, me)
             .and_then(|c| c.boot_set(vdisk, version, BootSet::encoded_len(size) + 1));
         match answer.map(|bytes| BootSet::from_bytes(&bytes, size)) {
+            Ok(Ok(set)) if set.cleared() != cleared => {
+                // One of the two has not followed the catalog yet.
+                tracing::debug!(%vdisk, version, peer = %p.name, theirs = set.cleared(), ours = cleared,
+                    "a peer's boot set was learned under another clear of the version's set")
+            }
             Ok(Ok(set)) if !set.is_empty() => {
                 return FromPeers::Got {
                     peer: p.name.clone(),
@@ -624,7 +700,7 @@ pub async fn run(
             s.save_changed();
             // Behind the devices' own reads, as the scrub is.
             let _low = crate::io::LowIo::enter();
-            s.warm_due(&|vdisk, version, size| ask_peers(&f, vdisk, version, size));
+            s.warm_due(&|wanted| ask_peers(&f, wanted));
         })
         .await;
         let early = started.elapsed() < Duration::from_secs(60) && farm.in_farm;
@@ -647,7 +723,7 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
-    fn alone(_: &str, _: u32, _: u64) -> FromPeers {
+    fn alone(_: &Wanted) -> FromPeers {
         FromPeers::NoPeer
     }
 
@@ -781,6 +857,61 @@ mod tests {
     }
 
     #[test]
+    fn a_cleared_set_is_dropped_everywhere_and_learned_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(dir.path());
+        let sets = BootSets::new(store.clone(), Duration::from_secs(60), u64::MAX);
+        let learn = |sets: &BootSets, offset| {
+            sets.recorder("d", 1, 16 * MIB, None)
+                .unwrap()
+                .note(offset, 1)
+        };
+        learn(&sets, 0);
+        sets.save_changed();
+        let file = store.vdisk_path("d").unwrap().join(boot_set_file(1));
+        assert!(file.exists());
+        assert_eq!(sets.warm_due(&alone).len(), 1);
+        // Cleared (here, or elsewhere and then through the catalog), while
+        // a session still notes into the old set: no save brings it back.
+        store.clear_boot_set("d", 1, 100).unwrap();
+        learn(&sets, 8 * MIB);
+        sets.save_changed();
+        assert!(!file.exists());
+        assert!(sets.warm_of("d", 1).is_none() && sets.served("d", 1).is_none());
+        // A peer that has not followed yet offers its old set: not taken.
+        let old = BootSet::new(16 * MIB);
+        old.note(3 * MIB, 1);
+        let stale = |w: &Wanted| {
+            assert_eq!(w.cleared, 100);
+            FromPeers::Got {
+                peer: "s2".into(),
+                set: BootSet::from_bytes(&old.to_bytes(), w.size).unwrap(),
+            }
+        };
+        assert!(sets.warm_due(&stale).is_empty());
+        assert!(sets
+            .sets
+            .lock()
+            .get(&("d".to_owned(), 1))
+            .is_none_or(|s| s.is_empty()));
+        // Nor a file from before the clear (a server that had not
+        // followed, a backup restored): it is removed when found.
+        old.save(&file).unwrap();
+        let fresh = BootSets::new(store.clone(), Duration::from_secs(60), u64::MAX);
+        assert!(fresh.warm_due(&alone).is_empty());
+        assert!(!file.exists());
+        // The next boots learn it again, under the clear.
+        learn(&fresh, 4 * MIB);
+        fresh.save_changed();
+        assert_eq!(BootSet::load(&file, 16 * MIB).unwrap().cleared(), 100);
+        let served = BootSet::from_bytes(&fresh.served("d", 1).unwrap(), 16 * MIB).unwrap();
+        assert_eq!(
+            (served.cleared(), served.runs()),
+            (100, vec![(4 * MIB, bootset::BOOT_BLOCK)])
+        );
+    }
+
+    #[test]
     fn a_version_never_booted_here_takes_a_peer_s_set_first() {
         use std::cell::Cell;
         let dir = tempfile::tempdir().unwrap();
@@ -796,9 +927,13 @@ mod tests {
         theirs.note(5 * MIB, 3 * bootset::BOOT_BLOCK);
         let bytes = theirs.to_bytes();
         let asked = Cell::new(0);
-        let peer = |vdisk: &str, version: u32, size: u64| {
+        let peer = |w: &Wanted| {
             asked.set(asked.get() + 1);
-            assert_eq!((vdisk, version, size), ("d", 2, 16 * MIB));
+            assert_eq!(
+                (w.vdisk, w.version, w.size, w.cleared),
+                ("d", 2, 16 * MIB, 0)
+            );
+            let size = w.size;
             FromPeers::Got {
                 peer: "s2".into(),
                 set: BootSet::from_bytes(&bytes, size).unwrap(),
@@ -827,7 +962,7 @@ mod tests {
         // A vDisk no server booted: asked once within ASK_AGAIN, and
         // again at once when there was nobody to ask.
         store.create("e", 16 * MIB, 0).unwrap();
-        let none_had = |_: &str, _: u32, _: u64| {
+        let none_had = |_: &Wanted| {
             asked.set(asked.get() + 1);
             FromPeers::NoneHad
         };
@@ -835,7 +970,7 @@ mod tests {
         assert!(sets.warm_due(&none_had).is_empty());
         assert_eq!(asked.get(), 2, "asked once");
         let fresh = BootSets::new(store.clone(), Duration::from_secs(60), u64::MAX);
-        let no_peer = |_: &str, _: u32, _: u64| {
+        let no_peer = |_: &Wanted| {
             asked.set(asked.get() + 1);
             FromPeers::NoPeer
         };

@@ -12,6 +12,7 @@
 //!   merge VDISK [--upto VERSION]          POST   /api/v1/vdisks/VDISK/merge
 //!   list VDISK                            GET    /api/v1/vdisks/VDISK/versions
 //!   delete VDISK VERSION                  DELETE /api/v1/vdisks/VDISK/versions/VERSION
+//!   clear-boot-set VDISK VERSION          DELETE /api/v1/vdisks/VDISK/versions/VERSION/boot-set
 //! ```
 
 use anyhow::Result;
@@ -45,6 +46,11 @@ pub enum VersionCommand {
     List(ListArgs),
     /// Delete a version.
     Delete(VersionArg),
+    /// Clear a version's boot set on every server of the farm (what its
+    /// devices read while they boot, read ahead of the boot storm): after a
+    /// device read more than its boot in its first minutes, say. The next
+    /// boots learn it again.
+    ClearBootSet(VersionArg),
 }
 
 #[derive(Debug, Args)]
@@ -113,6 +119,7 @@ pub fn run(args: VersionArgs) -> Result<()> {
         VersionCommand::Merge(a) => merge(&client, a),
         VersionCommand::List(a) => list(&client, a),
         VersionCommand::Delete(a) => delete(&client, a),
+        VersionCommand::ClearBootSet(a) => clear_boot_set(&client, a),
     }
 }
 
@@ -155,6 +162,14 @@ fn merge(client: &Client, a: MergeArgs) -> Result<()> {
         a.vdisk,
         v.number,
         full_hash(&v)
+    ))
+}
+
+fn clear_boot_set(client: &Client, a: VersionArg) -> Result<()> {
+    let v = client.clear_boot_set(&a.vdisk, a.number)?;
+    print(&format!(
+        "cleared the boot set of version {} of vDisk {} across the farm; the next boots learn it again\n",
+        v.number, a.vdisk
     ))
 }
 
@@ -224,6 +239,7 @@ mod tests {
             own_bytes: 3 << 29,
             layers: number as usize,
             content_hash: sealed.then(|| "0123456789abcdef".repeat(4)),
+            boot_set_cleared_unix: None,
             devices: devices.iter().map(|s| s.to_string()).collect(),
         }
     }

@@ -47,7 +47,7 @@ use vdisks::{create_vdisk, delete_vdisk, list_vdisks, set_vdisk, show_vdisk};
         devices::iscsi_access, devices::rotate_iscsi, devices::device_events, devices::move_device,
         tokens::create_token, tokens::list_tokens, tokens::revoke_token, tokens::audit,
         versions::list_versions, versions::new_version, versions::promote, versions::rollback,
-        versions::merge, versions::delete_version, farm::login, farm::enroll, farm::renew, farm::list_servers, farm::rebalance, farm::cache_report,
+        versions::merge, versions::delete_version, versions::clear_boot_set, farm::login, farm::enroll, farm::renew, farm::list_servers, farm::rebalance, farm::cache_report,
         farm::replication_status, farm::replication_start, boot::upload, boot::set_cmdline,
         stores::list_stores, stores::add_store, stores::remove_store,
         quarantine::list, quarantine::adopt, quarantine::remove, whoami::whoami
@@ -158,6 +158,10 @@ pub fn router(server: Server, tokens: Arc<crate::admin_tokens::AdminTokens>) -> 
         .route(
             "/api/v1/vdisks/:name/versions/:version/promote",
             post(versions::promote),
+        )
+        .route(
+            "/api/v1/vdisks/:name/versions/:version/boot-set",
+            axum::routing::delete(versions::clear_boot_set),
         )
         .route("/api/v1/vdisks/:name/rollback", post(versions::rollback))
         .route(

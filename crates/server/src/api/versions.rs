@@ -1,4 +1,5 @@
-//! Version endpoints: list, new, promote, rollback, merge, delete.
+//! Version endpoints: list, new, promote, rollback, merge, delete, and
+//! clearing a version's boot set.
 //!
 //! The store checks the structure (states, dependencies); these handlers add
 //! what only the server knows: which devices are connected to what.
@@ -35,6 +36,7 @@ fn info(store: &Store, sessions: &Sessions, vdisk: &str, v: &Version) -> Version
         layers: v.layers.len(),
         content_hash: v.content_hash.clone(),
         devices: sessions.devices_on(vdisk, v.number),
+        boot_set_cleared_unix: v.boot_set_cleared_unix,
     }
 }
 
@@ -253,4 +255,30 @@ pub(super) async fn delete_version(
     .await?;
     tracing::info!(vdisk = %name, version, "version deleted");
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(delete, path = "/api/v1/vdisks/{name}/versions/{version}/boot-set",
+    params(("name" = String, Path), ("version" = u32, Path)),
+    responses((status = 200, body = VersionInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+/// Clears the version's boot set on every server of the farm: each drops
+/// the set it learned (and read ahead) before now, takes none from a peer
+/// that has not yet, and learns it again from the next boots.
+pub(super) async fn clear_boot_set(
+    State(ops): State<Arc<Replicator>>,
+    State(store): State<Store>,
+    State(farm): State<FarmStore>,
+    State(sessions): State<Arc<Sessions>>,
+    Path((name, version)): Path<(String, u32)>,
+) -> Result<Json<VersionInfo>, ApiError> {
+    get_vdisk(&farm, &name).await?;
+    let _lock = sessions.lock_vdisk(&name).await;
+    let n = name.clone();
+    let v = operate(&ops, &name, false, move |s| {
+        s.clear_boot_set(&n, version, now_unix())
+    })
+    .await?;
+    let sets = sessions.boot_sets.clone();
+    tokio::task::spawn_blocking(move || sets.forget_stale()).await?;
+    tracing::info!(vdisk = %name, version, "boot set cleared across the farm");
+    Ok(Json(info(&store, &sessions, &name, &v)))
 }

@@ -160,6 +160,7 @@ pub fn plan(
                 // catalog's layers are here.
                 let mut v = l.clone();
                 v.state = c.state;
+                v.boot_set_cleared_unix = c.boot_set_cleared_unix;
                 versions.push(v);
                 fetch.push((c.number, missing));
             } else {
@@ -219,6 +220,7 @@ mod tests {
             created_unix: 1,
             sealed_unix: (state != VersionState::Maintenance && hash.is_some()).then_some(2),
             content_hash: hash.map(str::to_owned),
+            boot_set_cleared_unix: None,
         }
     }
 
