@@ -83,8 +83,10 @@ fn a_device_s_boot_reads_are_learned_and_read_back_at_a_restart() {
     assert_eq!(gauge("vstream_boot_set_bytes"), 4 * BLOCK as u64);
     assert!(gauge("vstream_boot_set_uncached_bytes") <= 4 * BLOCK as u64);
 
-    // A damaged set is said and learned again; nothing is read back.
     assert!(server.stop().success());
+    check_over_budget(&data);
+
+    // A damaged set is said and learned again; nothing is read back.
     std::fs::write(&set, b"VSBOOTS1, then not a boot set").expect("damage");
     server.restart();
     wait_for(30, "the damaged set refused", || {
@@ -96,6 +98,28 @@ fn a_device_s_boot_reads_are_learned_and_read_back_at_a_restart() {
     assert!(warm_lines(&server).is_empty(), "{}", server.log_text());
     assert!(server.stop().success());
     check_off(&data, &set);
+}
+
+/// With a budget smaller than the set (256 KiB), nothing is read back;
+/// the log and /metrics say why.
+fn check_over_budget(data: &Path) {
+    let mut server = TestServer::start_with(data.to_path_buf(), &["--boot-set-budget", "128K"]);
+    let line = wait_for(30, "the set said over the budget", || {
+        server
+            .log_text()
+            .lines()
+            .find(|l| l.contains("larger than what is left of the boot-set budget"))
+            .map(str::to_owned)
+    });
+    assert_eq!(field(&line, "bytes"), (4 * BLOCK).to_string(), "{line}");
+    assert_eq!(field(&line, "budget"), "131072", "{line}");
+    assert_eq!(server.metric("vstream_boot_set_budget_bytes"), 131072);
+    let gauge = |name: &str| server.metric(&format!("{name}{{vdisk=\"v\",version=\"1\"}}"));
+    assert_eq!(gauge("vstream_boot_set_over_budget"), 1);
+    assert_eq!(gauge("vstream_boot_set_bytes"), 4 * BLOCK as u64);
+    assert_eq!(server.metric("vstream_boot_set_read_ahead_bytes_total"), 0);
+    assert!(warm_lines(&server).is_empty(), "{}", server.log_text());
+    assert!(server.stop().success());
 }
 
 /// With `--boot-window 0`, a session learns nothing and a start reads
@@ -192,19 +216,73 @@ fn a_server_takes_the_boot_set_a_peer_learned() {
         "s2 keeps the set it took:\n{}",
         s2.log_text()
     );
+    cleared_while_a_server_is_down(&s1, s2, &scratch);
 }
 
-/// The blocks a saved set holds: after its 24-byte header, pages of an
+/// An administrator clears version 1's set on s1 while s2 is down: s1
+/// drops its own at once, s2 drops the one it kept once it is back (the
+/// catalog carries the clear), neither takes the other's old set, and the
+/// next boot learns it again.
+fn cleared_while_a_server_is_down(s1: &TestServer, mut s2: TestServer, scratch: &Path) {
+    let said = s1.cli_ok(&["version", "clear-boot-set", "v", "1"]);
+    assert!(said.contains("cleared the boot set of version 1"), "{said}");
+    let versions: Vec<serde_json::Value> =
+        serde_json::from_str(&s1.cli_ok(&["version", "list", "v", "--json"])).expect("JSON");
+    let stamp = versions[0]["boot_set_cleared_unix"]
+        .as_u64()
+        .expect("the version's clear");
+    assert!(!s1.data.join("vdisks/v/boot-v1.set").exists());
+    let audit = s1.cli_ok(&["audit", "list", "--json"]);
+    assert!(
+        audit.contains("/api/v1/vdisks/v/versions/1/boot-set"),
+        "the clear is in the audit trail: {audit}"
+    );
+    s2.restart(); // a new log
+    let kept = s2.data.join("vdisks/v/boot-v1.set");
+    wait_for(
+        60,
+        "s2 to drop the set it kept from before the clear",
+        || (!kept.exists()).then_some(()),
+    );
+    let log = s2.log_text();
+    assert!(
+        log.contains("is removed") || log.contains("boot set cleared"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("boot set copied from a peer"),
+        "s2 took a set from before the clear: {log}"
+    );
+    // The next boot, on s1, is the whole of the new set, under the clear.
+    let mut nbd = Nbd::connect(&s1.url("device/d1"));
+    nbd.pread(20 * MIB, 4096, scratch);
+    nbd.quit();
+    let fresh = s1.data.join("vdisks/v/boot-v1.set");
+    wait_for(45, "s1 to save the set learned after the clear", || {
+        fresh.exists().then_some(())
+    });
+    assert_eq!(saved_stamp(&fresh), stamp);
+    assert_eq!(saved_blocks(&fresh), [(20 * MIB / BLOCK) as u64]);
+    assert!(s2.stop().success());
+}
+
+/// The clear a saved set was learned after (its header's stamp).
+fn saved_stamp(path: &Path) -> u64 {
+    let bytes = std::fs::read(path).expect("the saved set");
+    u64::from_le_bytes(bytes[24..32].try_into().expect("a stamp"))
+}
+
+/// The blocks a saved set holds: after its 32-byte header, pages of an
 /// index and 512 words, then a 32-byte checksum (crates/image/src/bootset.rs).
 fn saved_blocks(path: &Path) -> Vec<u64> {
     let bytes = std::fs::read(path).expect("the saved set");
-    assert_eq!(&bytes[..8], b"VSBOOTS2");
+    assert_eq!(&bytes[..8], b"VSBOOTS3");
     let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("a word"));
-    bytes[24..bytes.len() - 32]
+    bytes[32..bytes.len() - 32]
         .chunks(8 + 512 * 8)
         .enumerate()
         .flat_map(|(n, _)| {
-            let at = 24 + n * (8 + 512 * 8);
+            let at = 32 + n * (8 + 512 * 8);
             let page = word(at);
             (0..512u64).flat_map(move |w| {
                 let bits = word(at + 8 + w as usize * 8);
