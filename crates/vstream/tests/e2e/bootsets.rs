@@ -264,6 +264,25 @@ fn cleared_while_a_server_is_down(s1: &TestServer, mut s2: TestServer, scratch: 
     assert_eq!(saved_stamp(&fresh), stamp);
     assert_eq!(saved_blocks(&fresh), [(20 * MIB / BLOCK) as u64]);
     assert!(s2.stop().success());
+    if crate::console::have_browser() {
+        // The console's button does the same.
+        let b = vstream_testkit::webdriver::Browser::start();
+        crate::console::sign_in(&b, &s1.api, &s1.token());
+        crate::console::open(&b, "#/vdisk/v");
+        b.click_on(
+            20,
+            "#versions tr[data-version=\"1\"] button[data-action=\"clear-boot-set\"]",
+        );
+        let says = b.text(&b.wait(5, "dialog[open] #confirm-body"));
+        assert!(says.contains("Last cleared"), "{says}");
+        b.click_on(5, "dialog[open] #confirm-ok");
+        wait_for(20, "the console's clear", || {
+            (!fresh.exists()).then_some(())
+        });
+        let versions: Vec<serde_json::Value> =
+            serde_json::from_str(&s1.cli_ok(&["version", "list", "v", "--json"])).expect("JSON");
+        assert!(versions[0]["boot_set_cleared_unix"].as_u64() > Some(stamp));
+    }
 }
 
 /// The clear a saved set was learned after (its header's stamp).

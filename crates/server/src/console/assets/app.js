@@ -419,6 +419,19 @@ views.vdisk = {
             prod ? `Version ${prod.number} stays as the version to roll back to.` : 'There is no production version yet.',
             'Servers that have not verified it yet copy it first; devices there wait or boot elsewhere.']);
         }
+        if (ver.state === 'test' || ver.state === 'production') {
+          actions.push(h('button', {
+            text: 'Clear boot set', dataset: { action: 'clear-boot-set', version: ver.number },
+            onclick: () => confirmAction({
+              title: `Clear the boot set of ${v.name} version ${ver.number}`, ok: 'Clear',
+              lines: ['What devices read while they boot this version, learned on each server and read ahead of the boot storm, is forgotten on every server (one down now too, when it is back).',
+                'The next boots learn it again; until then a server that restarts reads their first blocks from its disk.',
+                'Use it when a device read more than its boot in its first minutes (a disk scan), or a set is over a server\'s budget.',
+                ver.boot_set_cleared_unix ? `Last cleared ${when(ver.boot_set_cleared_unix * 1000)}.` : 'Never cleared before.'],
+              run: () => act(`Clear the boot set of ${v.name} v${ver.number}`, 'DELETE', `/api/v1/vdisks/${enc}/versions/${ver.number}/boot-set`),
+            }),
+          }));
+        }
         actions.push(h('button', {
           class: 'danger', text: 'Delete', dataset: { action: 'delete', version: ver.number },
           onclick: () => confirmAction({
