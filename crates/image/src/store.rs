@@ -1107,7 +1107,7 @@ impl Store {
             .vdisk_dir(name)?
             .join(crate::bootset::boot_set_file(number));
         match fs::remove_file(&file) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
             _ => Ok(version),
         }
     }

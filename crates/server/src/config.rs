@@ -353,9 +353,11 @@ pub struct FlagConfig {
 
 /// A quarter of the machine's memory (1 GiB if it cannot be told).
 fn default_boot_set_budget() -> u64 {
-    // SAFETY: sysinfo only fills the struct it is given.
+    // SAFETY: a struct of integers, for which all zeroes is a valid value.
     let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
-    if unsafe { libc::sysinfo(&mut info) } != 0 || info.totalram == 0 {
+    // SAFETY: sysinfo only fills the struct it is given, which lives here.
+    let failed = unsafe { libc::sysinfo(&mut info) } != 0;
+    if failed || info.totalram == 0 {
         return 1 << 30;
     }
     (info.totalram as u64).saturating_mul(u64::from(info.mem_unit.max(1))) / 4
