@@ -12,10 +12,11 @@
 //!                             not warmed in the last 5 minutes: what the
 //!                             kernel does not hold of their set read through
 //!                             the version's layers, at the lowest best-effort
-//!                             I/O priority. A version never booted here takes
-//!                             another live server's set
-//!                             (GET /peer/v1/vdisks/NAME/boot-sets/N), else
-//!                             the nearest older version's set here.
+//!                             I/O priority, within the budget. Each is first
+//!                             merged with the other live servers' sets
+//!                             (GET /peer/v1/vdisks/NAME/boot-sets/N); a
+//!                             version no server booted takes the nearest
+//!                             older version's set here.
 //! ```
 //!
 //! A morning's boot storm after a server restart, or after a new version
@@ -23,7 +24,8 @@
 //! reading it from the store's disk device by device. So does a server that
 //! joined the farm, or whose devices all booted elsewhere yesterday. A set
 //! is a hint: a lost, damaged or wrong one costs time, never bytes. A
-//! version deleted or merged away takes its set with it.
+//! version deleted or merged away takes its set with it; an administrator's
+//! clear (a stamp on the version) takes it from every server.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -108,8 +110,8 @@ pub enum FromPeers {
     NoPeer,
     /// None had one, or none answered.
     NoneHad,
-    /// Server `peer`'s set.
-    Got { peer: String, set: BootSet },
+    /// The union of the sets of servers `peers`.
+    Got { peers: Vec<String>, set: BootSet },
 }
 
 /// The boot sets of this server's versions.
@@ -533,10 +535,11 @@ impl BootSets {
         peers: &dyn Fn(&Wanted) -> FromPeers,
     ) -> Option<(u32, Arc<BootSet>)> {
         let own = self.existing(&props.name, version, props.size);
-        if let Some(set) = own.filter(|s| !s.is_empty()) {
+        let own = own.filter(|s| !s.is_empty());
+        if let Some(set) = self.with_peers(&props.name, version, props.size, own.is_some(), peers) {
             return Some((version, set));
         }
-        if let Some(set) = self.taken_from_peers(&props.name, version, props.size, peers) {
+        if let Some(set) = own {
             return Some((version, set));
         }
         let mut older: Vec<u32> = props
@@ -552,14 +555,18 @@ impl BootSets {
         })
     }
 
-    /// Version `version`'s set from another server, added to this
-    /// server's (which saves it), unless none had one within the last
-    /// [`ASK_AGAIN`].
-    fn taken_from_peers(
+    /// This server's set of version `version` with what the farm's other
+    /// servers learned of it added (which is saved): each server sees the
+    /// boots of only the devices that logged in to it, and the farm's
+    /// devices fail over to any. `None` if no other server added anything
+    /// or none had a set within the last [`ASK_AGAIN`]; `own`: this server
+    /// has a set (it is merged into, and said only if it grew).
+    fn with_peers(
         &self,
         vdisk: &str,
         version: u32,
         size: u64,
+        own: bool,
         peers: &dyn Fn(&Wanted) -> FromPeers,
     ) -> Option<Arc<BootSet>> {
         let key = (vdisk.to_owned(), version);
@@ -591,19 +598,27 @@ impl BootSets {
                 self.asked.lock().insert(key, Instant::now());
                 None
             }
-            FromPeers::Got { peer, set } => {
+            FromPeers::Got { peers, set } => {
                 let ours = self.set(vdisk, version, size)?;
+                let before = ours.bytes();
                 ours.union(&set);
-                tracing::info!(%vdisk, version, %peer, bytes = set.bytes(), "boot set copied from a peer");
-                Some(ours)
+                let added = ours.bytes().saturating_sub(before);
+                let peers = peers.join(",");
+                if !own {
+                    tracing::info!(%vdisk, version, %peers, bytes = added, "boot set copied from peers");
+                } else if added > 0 {
+                    tracing::info!(%vdisk, version, %peers, added, bytes = ours.bytes(), "boot set merged with peers' sets");
+                }
+                (added > 0).then_some(ours)
             }
         }
     }
 }
 
-/// Asks the farm's other live servers in turn for version `version` of
-/// `vdisk`'s set, over the peer protocol. A set that cannot be used (damaged
-/// on the way, made for another size) is said in the log and passed over.
+/// Asks each of the farm's other live servers for the set `wanted`, over
+/// the peer protocol, and gives the union of those it got. A set that
+/// cannot be used (damaged on the way, made for another size) is said in
+/// the log and passed over; so is one learned under another clear.
 pub fn ask_peers(farm: &Peers, wanted: &Wanted) -> FromPeers {
     let Wanted {
         vdisk,
@@ -628,6 +643,7 @@ pub fn ask_peers(farm: &Peers, wanted: &Wanted) -> FromPeers {
         return FromPeers::NoPeer;
     }
     let agent = peer::agent(&farm.replication);
+    let (mut got, mut from): (Option<BootSet>, Vec<String>) = (None, Vec::new());
     for p in &peers {
         let answer = PeerClient::new(&agent, p, &secret, me)
             .and_then(|c| c.boot_set(vdisk, version, BootSet::encoded_len(size) + 1));
@@ -638,10 +654,11 @@ pub fn ask_peers(farm: &Peers, wanted: &Wanted) -> FromPeers {
                     "a peer's boot set was learned under another clear of the version's set")
             }
             Ok(Ok(set)) if !set.is_empty() => {
-                return FromPeers::Got {
-                    peer: p.name.clone(),
-                    set,
+                match &got {
+                    Some(all) => all.union(&set),
+                    None => got = Some(set),
                 }
+                from.push(p.name.clone());
             }
             Ok(Ok(_)) => {}
             Ok(Err(why)) => {
@@ -650,7 +667,10 @@ pub fn ask_peers(farm: &Peers, wanted: &Wanted) -> FromPeers {
             Err(e) => tracing::debug!(%vdisk, version, error = %e, "no boot set from a peer"),
         }
     }
-    FromPeers::NoneHad
+    match got {
+        Some(set) => FromPeers::Got { peers: from, set },
+        None => FromPeers::NoneHad,
+    }
 }
 
 /// The boot-set route of the peer protocol, behind the farm's peer secret.
@@ -884,7 +904,7 @@ mod tests {
         let stale = |w: &Wanted| {
             assert_eq!(w.cleared, 100);
             FromPeers::Got {
-                peer: "s2".into(),
+                peers: vec!["s2".into()],
                 set: BootSet::from_bytes(&old.to_bytes(), w.size).unwrap(),
             }
         };
@@ -929,14 +949,13 @@ mod tests {
         let asked = Cell::new(0);
         let peer = |w: &Wanted| {
             asked.set(asked.get() + 1);
-            assert_eq!(
-                (w.vdisk, w.version, w.size, w.cleared),
-                ("d", 2, 16 * MIB, 0)
-            );
-            let size = w.size;
+            assert_eq!((w.vdisk, w.size, w.cleared), ("d", 16 * MIB, 0));
+            if w.version != 2 {
+                return FromPeers::NoneHad;
+            }
             FromPeers::Got {
-                peer: "s2".into(),
-                set: BootSet::from_bytes(&bytes, size).unwrap(),
+                peers: vec!["s2".into()],
+                set: BootSet::from_bytes(&bytes, w.size).unwrap(),
             }
         };
         let done: Vec<(u32, u64)> = sets
@@ -949,7 +968,7 @@ mod tests {
             [(1, bootset::BOOT_BLOCK), (2, 3 * bootset::BOOT_BLOCK)],
             "version 2 with the peer's set, not version 1's"
         );
-        assert_eq!(asked.get(), 1, "version 1's own set needs no peer");
+        assert_eq!(asked.get(), 2, "both asked: version 1's to be merged");
         // Kept as version 2's own: saved, and served to others.
         sets.save_changed();
         let file = |n| store.vdisk_path("d").unwrap().join(boot_set_file(n));
@@ -962,21 +981,22 @@ mod tests {
         // A vDisk no server booted: asked once within ASK_AGAIN, and
         // again at once when there was nobody to ask.
         store.create("e", 16 * MIB, 0).unwrap();
-        let none_had = |_: &Wanted| {
-            asked.set(asked.get() + 1);
+        asked.set(0);
+        let none_had = |w: &Wanted| {
+            asked.set(asked.get() + u32::from(w.vdisk == "e"));
             FromPeers::NoneHad
         };
         assert!(sets.warm_due(&none_had).is_empty());
         assert!(sets.warm_due(&none_had).is_empty());
-        assert_eq!(asked.get(), 2, "asked once");
+        assert_eq!(asked.get(), 1, "asked once");
         let fresh = BootSets::new(store.clone(), Duration::from_secs(60), u64::MAX);
-        let no_peer = |_: &Wanted| {
-            asked.set(asked.get() + 1);
+        let no_peer = |w: &Wanted| {
+            asked.set(asked.get() + u32::from(w.vdisk == "e"));
             FromPeers::NoPeer
         };
         fresh.warm_due(&no_peer);
         fresh.warm_due(&no_peer);
-        assert_eq!(asked.get(), 4, "e@1 asked at each pass");
+        assert_eq!(asked.get(), 3, "e@1 asked at each pass");
 
         // A deleted vDisk's sets are forgotten, not saved again into a new
         // vDisk of the same name.
@@ -989,6 +1009,39 @@ mod tests {
         assert!(!file(2).exists());
         assert!(!sets.sets.lock().contains_key(&("d".to_owned(), 2)));
         assert!(!sets.warmed.lock().contains_key(&("d".to_owned(), 2)));
+    }
+
+    #[test]
+    fn a_set_here_gains_what_peers_learned_of_the_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(dir.path());
+        let mut sets = BootSets::new(store.clone(), Duration::from_secs(60), u64::MAX);
+        sets.recorder("d", 1, 16 * MIB, None).unwrap().note(0, 1);
+        // s2's devices (another subnet, other hardware) read elsewhere too.
+        let theirs = BootSet::new(16 * MIB);
+        theirs.note(0, 1);
+        theirs.note(7 * MIB, 1);
+        let peer = |w: &Wanted| FromPeers::Got {
+            peers: vec!["s2".into(), "s3".into()],
+            set: BootSet::from_bytes(&theirs.to_bytes(), w.size).unwrap(),
+        };
+        let done = sets.warm_due(&peer);
+        assert_eq!(done.len(), 1);
+        assert_eq!(
+            done[0].2.bytes,
+            2 * bootset::BOOT_BLOCK,
+            "merged, then read ahead"
+        );
+        let set = sets.existing("d", 1, 16 * MIB).unwrap();
+        assert_eq!(
+            set.runs(),
+            [(0, bootset::BOOT_BLOCK), (7 * MIB, bootset::BOOT_BLOCK)]
+        );
+        assert!(set.take_changed(), "merged, so saved");
+        // At the next check the peers add nothing: nothing to save.
+        sets.rewarm = Duration::ZERO;
+        assert_eq!(sets.warm_due(&peer).len(), 1);
+        assert!(!set.take_changed());
     }
 
     #[test]

@@ -173,10 +173,10 @@ fn a_server_takes_the_boot_set_a_peer_learned() {
     let copied = wait_for(45, "s2 to copy s1's set", || {
         s2.log_text()
             .lines()
-            .find(|l| l.contains("boot set copied from a peer"))
+            .find(|l| l.contains("boot set copied from peers"))
             .map(str::to_owned)
     });
-    assert_eq!(field(&copied, "peer"), "s1", "{copied}");
+    assert_eq!(field(&copied, "peers"), "s1", "{copied}");
     assert_eq!(field(&copied, "bytes"), (4 * BLOCK).to_string(), "{copied}");
     let line = wait_for(30, "s2 to read it ahead", || warm_lines(&s2).pop());
     assert_eq!(field(&line, "version"), "1", "{line}");
@@ -250,7 +250,7 @@ fn cleared_while_a_server_is_down(s1: &TestServer, mut s2: TestServer, scratch: 
         "{log}"
     );
     assert!(
-        !log.contains("boot set copied from a peer"),
+        !log.contains("boot set copied from peers"),
         "s2 took a set from before the clear: {log}"
     );
     // The next boot, on s1, is the whole of the new set, under the clear.
