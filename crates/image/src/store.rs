@@ -59,6 +59,11 @@ pub struct Store {
     read: Arc<Mutex<HashMap<PathBuf, ReadLayer>>>,
     /// Serialises the updates of the verification records.
     records: Arc<Mutex<()>>,
+    /// Properties files as last parsed, by path, with the identity of the
+    /// file then: a read that finds the same file (inode, size, times)
+    /// takes the parse instead of reading and parsing it again. Each
+    /// device session reads its vDisk's properties several times.
+    parsed: Arc<Mutex<HashMap<PathBuf, (FileId, Properties)>>>,
 }
 
 /// A layer file as it was when this process read it in full: its identity,
@@ -222,6 +227,7 @@ impl Store {
             areas: Arc::default(),
             read: Arc::default(),
             records: Arc::default(),
+            parsed: Arc::default(),
         };
         for name in store.list()? {
             if let Err(e) = store.collect_garbage(&name) {
@@ -384,27 +390,47 @@ impl Store {
 
     /// The properties (and versions) of vDisk `name`.
     pub fn properties(&self, name: &str) -> Result<Properties, ImageError> {
+        use std::io::Read;
         let path = self.vdisk_dir(name)?.join(PROPERTIES);
-        let text = match fs::read_to_string(&path) {
-            Ok(t) => t,
+        let mut file = match fs::File::open(&path) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(ImageError::NoSuchVDisk(name.into()))
             }
             Err(source) => return Err(ImageError::ReadProperties { path, source }),
         };
+        let id = match file.metadata() {
+            Ok(m) => FileId::from_metadata(&m),
+            Err(source) => return Err(ImageError::ReadProperties { path, source }),
+        };
+        if let Some((seen, props)) = self.parsed.lock().get(&path) {
+            if *seen == id {
+                return Ok(props.clone());
+            }
+        }
+        let mut text = String::new();
+        if let Err(source) = file.read_to_string(&mut text) {
+            return Err(ImageError::ReadProperties { path, source });
+        }
         let bad = |reason: String| ImageError::BadProperties {
             path: path.clone(),
             reason,
         };
         let props: Properties = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
         props.check().map_err(bad)?;
+        self.parsed.lock().insert(path, (id, props.clone()));
         Ok(props)
     }
 
     fn save(&self, props: &Properties) -> Result<(), ImageError> {
         props.check().map_err(ImageError::Invalid)?;
         let dir = self.vdisk_dir(&props.name)?;
-        write_properties(&dir, props)?;
+        // Two saves in one tick of the file system's clock could leave a
+        // file of the same size, times and (reused) inode: forget the parse.
+        self.parsed.lock().remove(&dir.join(PROPERTIES));
+        let written = write_properties(&dir, props);
+        self.parsed.lock().remove(&dir.join(PROPERTIES));
+        written?;
         sync_dir(&dir)?;
         Ok(())
     }
@@ -964,6 +990,7 @@ impl Store {
         fs::remove_dir_all(&trash)?;
         self.open.lock().retain(|p, _| !p.starts_with(&dir));
         self.read.lock().retain(|p, _| !p.starts_with(&dir));
+        self.parsed.lock().retain(|p, _| !p.starts_with(&dir));
         Ok(())
     }
 
@@ -1779,6 +1806,44 @@ mod tests {
             Err(ImageError::Invalid(_))
         ));
         assert!(store.clear_boot_set("nope", 1, 60).is_err());
+    }
+
+    /// A properties file read again unchanged is not parsed again; one
+    /// changed by a save, or by hand, is.
+    #[test]
+    fn properties_are_parsed_again_only_when_their_file_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.create("d", 1 << 20, 1).unwrap();
+        let path = store.vdisk_path("d").unwrap().join(PROPERTIES);
+        let first = store.properties("d").unwrap();
+        assert!(store.parsed.lock().contains_key(&path));
+        assert_eq!(store.properties("d").unwrap(), first);
+        // Saves in quick succession, of the same size: each one is seen.
+        for stamp in [10, 11, 12] {
+            store.clear_boot_set("d", 1, stamp).unwrap();
+            let v = store.properties("d").unwrap();
+            assert_eq!(v.version(1).unwrap().boot_set_cleared_unix, Some(stamp));
+        }
+        // An edit by hand, in place (a new size; one of the same size is
+        // seen by its times, unless made in the save's clock tick).
+        let text = fs::read_to_string(&path).unwrap();
+        let edited = text.replace("boot_set_cleared_unix = 12", "boot_set_cleared_unix = 1900");
+        fs::write(&path, edited).unwrap();
+        let v = store.properties("d").unwrap();
+        assert_eq!(v.version(1).unwrap().boot_set_cleared_unix, Some(1900));
+        // A damaged file is refused, not served from the last parse.
+        fs::write(&path, "format = ").unwrap();
+        assert!(matches!(
+            store.properties("d"),
+            Err(ImageError::BadProperties { .. })
+        ));
+        store.delete("d").unwrap();
+        assert!(store.parsed.lock().is_empty());
+        assert!(matches!(
+            store.properties("d"),
+            Err(ImageError::NoSuchVDisk(_))
+        ));
     }
 
     fn read_all(store: &Store, name: &str, version: u32) -> Vec<u8> {
