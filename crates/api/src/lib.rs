@@ -209,6 +209,15 @@ pub struct VersionInfo {
     /// When its boot set was last cleared (`vstream version clear-boot-set`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_set_cleared_unix: Option<u64>,
+    /// This server's boot set of the version, if it reads one ahead (a
+    /// version devices boot): its bytes, those not in the page cache at the
+    /// last check, and whether it was over the server's budget.
+    #[serde(default, skip_serializing_if = "vstream_model::is_zero")]
+    pub boot_set_bytes: u64,
+    #[serde(default, skip_serializing_if = "vstream_model::is_zero")]
+    pub boot_set_uncached_bytes: u64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub boot_set_over_budget: bool,
 }
 
 /// `POST .../versions/{n}/promote`

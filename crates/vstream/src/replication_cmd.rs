@@ -13,7 +13,7 @@ use clap::{Args, Subcommand};
 use vstream_api::{ReplicaRow, ReplicaState, ReplicationStart};
 
 use crate::client::{api_path, connect, ClientArgs};
-use crate::output::{human_size, print, print_json, render_table};
+use crate::output::{boot_set_cell, human_size, print, print_json, render_table};
 
 #[derive(Debug, Args)]
 pub struct ReplicationArgs {
@@ -133,14 +133,11 @@ fn render(rows: &[ReplicaRow], bars: bool) -> String {
 /// The boot set the server reads ahead for the version: its size, and
 /// whether it was all in the page cache at the server's last check.
 fn boot_set(r: &ReplicaRow) -> String {
-    match (r.boot_set_bytes, r.boot_set_uncached_bytes) {
-        (0, _) => String::new(),
-        (all, _) if r.boot_set_over_budget => {
-            format!("{}, over budget: not read ahead", human_size(all))
-        }
-        (all, 0) => format!("{} cached", human_size(all)),
-        (all, out) => format!("{}, {} not cached", human_size(all), human_size(out)),
-    }
+    boot_set_cell(
+        r.boot_set_bytes,
+        r.boot_set_uncached_bytes,
+        r.boot_set_over_budget,
+    )
 }
 
 fn bar(pct: u64, width: u64) -> String {

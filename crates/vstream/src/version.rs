@@ -20,7 +20,9 @@ use clap::{Args, Subcommand};
 use vstream_api::{Merge, Promote, VersionInfo, VersionState};
 
 use crate::client::{api_path, connect, Client, ClientArgs};
-use crate::output::{format_unix_time, human_size, print, print_json, render_table, short_hash};
+use crate::output::{
+    boot_set_cell, format_unix_time, human_size, print, print_json, render_table, short_hash,
+};
 
 #[derive(Debug, Args)]
 pub struct VersionArgs {
@@ -199,12 +201,17 @@ fn version_table(versions: &[VersionInfo]) -> String {
                 } else {
                     v.devices.join(",")
                 },
+                boot_set_cell(
+                    v.boot_set_bytes,
+                    v.boot_set_uncached_bytes,
+                    v.boot_set_over_budget,
+                ),
             ]
         })
         .collect();
     render_table(
         &[
-            "VERSION", "STATE", "CREATED", "SEALED", "SIZE", "HASH", "DEVICES",
+            "VERSION", "STATE", "CREATED", "SEALED", "SIZE", "HASH", "DEVICES", "BOOT SET",
         ],
         &rows,
     )
@@ -241,6 +248,9 @@ mod tests {
             content_hash: sealed.then(|| "0123456789abcdef".repeat(4)),
             boot_set_cleared_unix: None,
             devices: devices.iter().map(|s| s.to_string()).collect(),
+            boot_set_bytes: 0,
+            boot_set_uncached_bytes: 0,
+            boot_set_over_budget: false,
         }
     }
 
@@ -248,17 +258,20 @@ mod tests {
     fn list_table() {
         let t = version_table(&[
             version(1, VersionState::Retired, true, &[]),
-            version(2, VersionState::Production, true, &["pc1", "pc2"]),
+            VersionInfo {
+                boot_set_bytes: 250 << 20,
+                ..version(2, VersionState::Production, true, &["pc1", "pc2"])
+            },
             version(3, VersionState::Maintenance, false, &["lab"]),
         ]);
         assert_eq!(
             t,
             "VERSION  STATE        CREATED                  SEALED                   \
-             SIZE     HASH          DEVICES\n\
+             SIZE     HASH          DEVICES  BOOT SET\n\
              1        retired      2023-11-14 22:13:20 UTC  2023-11-14 23:13:20 UTC  \
              1.5 GiB  0123456789ab  -\n\
              2        production   2023-11-14 22:13:20 UTC  2023-11-14 23:13:20 UTC  \
-             1.5 GiB  0123456789ab  pc1,pc2\n\
+             1.5 GiB  0123456789ab  pc1,pc2  250 MiB cached\n\
              3        maintenance  2023-11-14 22:13:20 UTC  -                        \
              1.5 GiB  -             lab\n"
         );
@@ -268,7 +281,7 @@ mod tests {
     fn empty_list_is_the_header() {
         assert_eq!(
             version_table(&[]),
-            "VERSION  STATE  CREATED  SEALED  SIZE  HASH  DEVICES\n"
+            "VERSION  STATE  CREATED  SEALED  SIZE  HASH  DEVICES  BOOT SET\n"
         );
     }
 

@@ -23,6 +23,10 @@ use crate::replication::Handles as Replicator;
 use crate::sessions::Sessions;
 
 fn info(store: &Store, sessions: &Sessions, vdisk: &str, v: &Version) -> VersionInfo {
+    let set = sessions
+        .boot_sets
+        .warm_of(vdisk, v.number)
+        .unwrap_or_default();
     let own_bytes = store
         .properties(vdisk)
         .and_then(|p| store.own_bytes(&p, v))
@@ -37,6 +41,9 @@ fn info(store: &Store, sessions: &Sessions, vdisk: &str, v: &Version) -> Version
         content_hash: v.content_hash.clone(),
         devices: sessions.devices_on(vdisk, v.number),
         boot_set_cleared_unix: v.boot_set_cleared_unix,
+        boot_set_bytes: set.bytes,
+        boot_set_uncached_bytes: set.uncached,
+        boot_set_over_budget: set.over_budget,
     }
 }
 

@@ -101,7 +101,7 @@ fn a_device_s_boot_reads_are_learned_and_read_back_at_a_restart() {
 }
 
 /// With a budget smaller than the set (256 KiB), nothing is read back;
-/// the log and /metrics say why.
+/// the log, /metrics and `version list` say why.
 fn check_over_budget(data: &Path) {
     let mut server = TestServer::start_with(data.to_path_buf(), &["--boot-set-budget", "128K"]);
     let line = wait_for(30, "the set said over the budget", || {
@@ -119,6 +119,16 @@ fn check_over_budget(data: &Path) {
     assert_eq!(gauge("vstream_boot_set_bytes"), 4 * BLOCK as u64);
     assert_eq!(server.metric("vstream_boot_set_read_ahead_bytes_total"), 0);
     assert!(warm_lines(&server).is_empty(), "{}", server.log_text());
+    // This server's set of each version, in `version list`.
+    let text = server.cli_ok(&["version", "list", "v"]);
+    assert!(
+        text.contains("BOOT SET") && text.contains("256 KiB, over budget: not read ahead"),
+        "{text}"
+    );
+    let versions: Vec<serde_json::Value> =
+        serde_json::from_str(&server.cli_ok(&["version", "list", "v", "--json"])).expect("JSON");
+    assert_eq!(versions[0]["boot_set_bytes"], 4 * BLOCK as u64);
+    assert_eq!(versions[0]["boot_set_over_budget"], true);
     assert!(server.stop().success());
 }
 

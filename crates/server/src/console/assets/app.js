@@ -310,8 +310,7 @@ function matrix({ servers, repl, vdisks, versions }) {
             title: r.boot_set_over_budget
               ? 'Larger than what is left of the server\'s boot-set budget (--boot-set-budget): not read ahead. Clear the set if a device read more than its boot.'
               : 'What devices read while they boot, read ahead of the boot storm and checked every 5 minutes',
-            text: 'boot set ' + bytes(r.boot_set_bytes) + (r.boot_set_over_budget ? ', over budget: not read ahead'
-              : r.boot_set_uncached_bytes ? ', ' + bytes(r.boot_set_uncached_bytes) + ' not cached' : ' cached'),
+            text: 'boot set ' + bootSetText(r),
           }) : null,
           r.up ? null : h('div', { class: 'mute', text: 'server down' }));
       });
@@ -377,6 +376,14 @@ views.vdisks = {
       })) : null);
   },
 };
+
+// A server's boot set of a version (a replication row, or a version of this
+// server): its size, and whether it was cached at the last check or over budget.
+function bootSetText(r) {
+  if (!r.boot_set_bytes) return '';
+  return bytes(r.boot_set_bytes) + (r.boot_set_over_budget ? ', over budget: not read ahead'
+    : r.boot_set_uncached_bytes ? ', ' + bytes(r.boot_set_uncached_bytes) + ' not cached' : ' cached');
+}
 
 function deviceList(devices) {
   return devices.map((d) => d.name).join(', ') || 'none';
@@ -449,6 +456,8 @@ views.vdisk = {
         h('td', { class: 'num', text: bytes(ver.own_bytes) }), h('td', { class: 'num', text: ver.layers }),
         h('td', { class: 'mute', text: (ver.content_hash || '').slice(0, 12) }),
         h('td', { text: ver.devices.join(', ') || '—' }),
+        h('td', { class: 'mute', text: bootSetText(ver) || '—', dataset: { bootSet: ver.boot_set_bytes || 0 },
+          title: 'This server\'s boot set of the version: what its devices read while they boot, read ahead of the boot storm' }),
         h('td', { class: 'actions' }, actions));
     });
     const top = live[live.length - 1];
@@ -538,7 +547,7 @@ views.vdisk = {
       header,
       h('h2', { text: 'Versions' }),
       table([{ class: 'num', text: '#' }, 'state', 'created', 'sealed', { class: 'num', text: 'own bytes' },
-        { class: 'num', text: 'layers' }, 'content', 'devices on it', ''], versionRows, { id: 'versions' }),
+        { class: 'num', text: 'layers' }, 'content', 'devices on it', 'boot set here', ''], versionRows, { id: 'versions' }),
       h('h2', { text: 'Replication' }),
       matrix(data),
       h('h2', { text: `Devices assigned (${data.devices.length})` }),
