@@ -14,9 +14,9 @@ pub use replication::*;
 pub use vstream_model::{
     check_iqn, default_initiator, default_physical_sector, default_store, device_target,
     looks_like_mac, parse_mac, ApiToken, AuditEntry, BootFile, BootFileKind, BootFiles, BootMethod,
-    CacheType, Device, DeviceEvent, DeviceEventCounts, DeviceMove, DeviceType, EnrollToken,
-    EventKind, IscsiSecrets, Mode, Role, StoreDef, StoreHere, VDisk, Version, VersionState,
-    DEFAULT_STORE, PHYSICAL_SECTORS,
+    BootSetState, CacheType, Device, DeviceEvent, DeviceEventCounts, DeviceMove, DeviceType,
+    EnrollToken, EventKind, IscsiSecrets, Mode, Role, StoreDef, StoreHere, VDisk, Version,
+    VersionState, DEFAULT_STORE, PHYSICAL_SECTORS,
 };
 
 use serde::{Deserialize, Serialize};
@@ -210,14 +210,9 @@ pub struct VersionInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_set_cleared_unix: Option<u64>,
     /// This server's boot set of the version, if it reads one ahead (a
-    /// version devices boot): its bytes, those not in the page cache at the
-    /// last check, and whether it was over the server's budget.
-    #[serde(default, skip_serializing_if = "vstream_model::is_zero")]
-    pub boot_set_bytes: u64,
-    #[serde(default, skip_serializing_if = "vstream_model::is_zero")]
-    pub boot_set_uncached_bytes: u64,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub boot_set_over_budget: bool,
+    /// version devices boot).
+    #[serde(flatten)]
+    pub boot_set: BootSetState,
 }
 
 /// `POST .../versions/{n}/promote`

@@ -19,16 +19,9 @@ pub struct ReplicaRow {
     /// Seconds left at the current rate, while copying.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_s: Option<u64>,
-    /// Bytes of the version's boot set the server reads ahead of a boot
-    /// storm, and of them those that had left its page cache at its last
-    /// check (0: none).
-    #[serde(default, skip_serializing_if = "vstream_model::is_zero")]
-    pub boot_set_bytes: u64,
-    #[serde(default, skip_serializing_if = "vstream_model::is_zero")]
-    pub boot_set_uncached_bytes: u64,
-    /// The set does not fit in the server's boot-set budget: not read ahead.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub boot_set_over_budget: bool,
+    /// The server's boot set of the version.
+    #[serde(flatten)]
+    pub boot_set: vstream_model::BootSetState,
 }
 
 /// `POST /api/v1/replication/start`: copy now, outside the time windows.

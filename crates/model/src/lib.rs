@@ -26,8 +26,8 @@ pub use device::{
     DeviceEventCounts, DeviceMove, DeviceType, EnrollToken, IscsiSecrets,
 };
 pub use server::{
-    check_boot_token, is_zero, BootRecord, HeldVersion, Quarantined, RebalanceRequest,
-    ServerStatus, SessionInfo, BOOT_TOKEN_MAX,
+    check_boot_token, is_zero, BootRecord, BootSetState, HeldVersion, Quarantined,
+    RebalanceRequest, ServerStatus, SessionInfo, BOOT_TOKEN_MAX,
 };
 pub use vdisk::{
     default_physical_sector, default_store, BootFile, BootFileKind, BootFiles, BootMethod,

@@ -22,18 +22,37 @@ pub struct HeldVersion {
     /// Its layer files, bottom first: peers pull them from servers holding them verified.
     #[serde(default)]
     pub layers: Vec<String>,
-    /// Bytes of its boot set this server reads ahead of a boot storm (0:
-    /// none, or not a version devices boot).
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub boot_set_bytes: u64,
-    /// Of them, bytes that had left the page cache at the server's last
-    /// check (read again then).
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub boot_set_uncached_bytes: u64,
-    /// The set does not fit in what is left of the server's boot-set
+    /// This server's boot set of the version.
+    #[serde(flatten)]
+    pub boot_set: BootSetState,
+}
+
+/// A server's boot set of a version as its last check found it. In the
+/// JSON its fields sit beside those of the record that holds it, each left
+/// out while 0 (false).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BootSetState {
+    /// Bytes of the set the server reads ahead of a boot storm (0: none,
+    /// or not a version devices boot).
+    #[serde(rename = "boot_set_bytes", default, skip_serializing_if = "is_zero")]
+    pub bytes: u64,
+    /// Of them, bytes that were not in the page cache at the last check
+    /// (read again then, unless over the budget).
+    #[serde(
+        rename = "boot_set_uncached_bytes",
+        default,
+        skip_serializing_if = "is_zero"
+    )]
+    pub uncached: u64,
+    /// The set did not fit in what was left of the server's boot-set
     /// budget: it is not read ahead (its uncached bytes are counted only).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub boot_set_over_budget: bool,
+    #[serde(
+        rename = "boot_set_over_budget",
+        default,
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub over_budget: bool,
 }
 
 /// For fields left out of the JSON while they are 0.

@@ -65,16 +65,7 @@ const REWARM: Duration = Duration::from_secs(300);
 const NO_PEER_YET: Duration = Duration::from_secs(2);
 
 /// A version's set at its last read-ahead (or count, if over the budget).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SetState {
-    /// Bytes of the set.
-    pub bytes: u64,
-    /// Of them, bytes that were not in the page cache: read from the disk,
-    /// or, over the budget, left there.
-    pub uncached: u64,
-    /// The set did not fit in what was left of the budget: not read ahead.
-    pub over_budget: bool,
-}
+pub use vstream_api::BootSetState as SetState;
 
 /// When a version's set was last read ahead or counted, and what it was.
 #[derive(Debug, Clone, Copy)]

@@ -89,9 +89,7 @@ pub fn held_versions(server: &Handles) -> Vec<HeldVersion> {
                 writable: !v.is_sealed(),
                 verified,
                 layers: v.layers.clone(),
-                boot_set_bytes: set.bytes,
-                boot_set_uncached_bytes: set.uncached,
-                boot_set_over_budget: set.over_budget,
+                boot_set: set,
             });
         }
     }

@@ -187,9 +187,7 @@ mod tests {
             writable: false,
             verified,
             layers: vec![],
-            boot_set_bytes: 0,
-            boot_set_uncached_bytes: 0,
-            boot_set_over_budget: false,
+            boot_set: Default::default(),
         }
     }
 

@@ -129,10 +129,12 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 /// A server's boot set of a version, for a table cell: its size, and
 /// whether it was all in the page cache at the server's last check, or over
 /// its budget (not read ahead); empty if it reads none ahead.
-pub fn boot_set_cell(bytes: u64, uncached: u64, over_budget: bool) -> String {
-    match (bytes, uncached) {
+pub fn boot_set_cell(set: &vstream_api::BootSetState) -> String {
+    match (set.bytes, set.uncached) {
         (0, _) => String::new(),
-        (all, _) if over_budget => format!("{}, over budget: not read ahead", human_size(all)),
+        (all, _) if set.over_budget => {
+            format!("{}, over budget: not read ahead", human_size(all))
+        }
         (all, 0) => format!("{} cached", human_size(all)),
         (all, out) => format!("{}, {} not cached", human_size(all), human_size(out)),
     }

@@ -133,11 +133,7 @@ fn render(rows: &[ReplicaRow], bars: bool) -> String {
 /// The boot set the server reads ahead for the version: its size, and
 /// whether it was all in the page cache at the server's last check.
 fn boot_set(r: &ReplicaRow) -> String {
-    boot_set_cell(
-        r.boot_set_bytes,
-        r.boot_set_uncached_bytes,
-        r.boot_set_over_budget,
-    )
+    boot_set_cell(&r.boot_set)
 }
 
 fn bar(pct: u64, width: u64) -> String {
@@ -173,33 +169,25 @@ mod tests {
                 note: None,
             },
             eta_s: Some(5),
-            boot_set_bytes: 0,
-            boot_set_uncached_bytes: 0,
-            boot_set_over_budget: false,
+            boot_set: Default::default(),
         };
         let text = render(std::slice::from_ref(&row), true);
         assert!(text.contains("[##########..........] 50%"), "{text}");
         assert!(text.contains("ETA 5s"), "{text}");
         assert!(text.contains("copying"), "{text}");
         assert!(!text.contains("cached"), "{text}");
-        let warm = ReplicaRow {
-            boot_set_bytes: 10 << 20,
-            ..row.clone()
-        };
+        let mut warm = row.clone();
+        warm.boot_set.bytes = 10 << 20;
         assert!(boot_set(&warm).ends_with(" cached"), "{}", boot_set(&warm));
-        let cold = ReplicaRow {
-            boot_set_uncached_bytes: 2 << 20,
-            ..warm
-        };
+        let mut cold = warm.clone();
+        cold.boot_set.uncached = 2 << 20;
         assert!(
             boot_set(&cold).contains("not cached"),
             "{}",
             boot_set(&cold)
         );
-        let over = ReplicaRow {
-            boot_set_over_budget: true,
-            ..cold
-        };
+        let mut over = cold.clone();
+        over.boot_set.over_budget = true;
         assert_eq!(boot_set(&over), "10 MiB, over budget: not read ahead");
     }
 }

@@ -201,11 +201,7 @@ fn version_table(versions: &[VersionInfo]) -> String {
                 } else {
                     v.devices.join(",")
                 },
-                boot_set_cell(
-                    v.boot_set_bytes,
-                    v.boot_set_uncached_bytes,
-                    v.boot_set_over_budget,
-                ),
+                boot_set_cell(&v.boot_set),
             ]
         })
         .collect();
@@ -248,9 +244,7 @@ mod tests {
             content_hash: sealed.then(|| "0123456789abcdef".repeat(4)),
             boot_set_cleared_unix: None,
             devices: devices.iter().map(|s| s.to_string()).collect(),
-            boot_set_bytes: 0,
-            boot_set_uncached_bytes: 0,
-            boot_set_over_budget: false,
+            boot_set: Default::default(),
         }
     }
 
@@ -259,7 +253,10 @@ mod tests {
         let t = version_table(&[
             version(1, VersionState::Retired, true, &[]),
             VersionInfo {
-                boot_set_bytes: 250 << 20,
+                boot_set: vstream_api::BootSetState {
+                    bytes: 250 << 20,
+                    ..Default::default()
+                },
                 ..version(2, VersionState::Production, true, &["pc1", "pc2"])
             },
             version(3, VersionState::Maintenance, false, &["lab"]),

@@ -41,9 +41,7 @@ fn info(store: &Store, sessions: &Sessions, vdisk: &str, v: &Version) -> Version
         content_hash: v.content_hash.clone(),
         devices: sessions.devices_on(vdisk, v.number),
         boot_set_cleared_unix: v.boot_set_cleared_unix,
-        boot_set_bytes: set.bytes,
-        boot_set_uncached_bytes: set.uncached,
-        boot_set_over_budget: set.over_budget,
+        boot_set: set,
     }
 }
 

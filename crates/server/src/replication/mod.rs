@@ -468,9 +468,7 @@ pub fn status_rows(
                     up,
                     progress,
                     eta_s,
-                    boot_set_bytes: held.map_or(0, |h| h.boot_set_bytes),
-                    boot_set_uncached_bytes: held.map_or(0, |h| h.boot_set_uncached_bytes),
-                    boot_set_over_budget: held.is_some_and(|h| h.boot_set_over_budget),
+                    boot_set: held.map(|h| h.boot_set).unwrap_or_default(),
                 });
             }
         }
