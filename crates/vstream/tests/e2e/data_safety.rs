@@ -318,7 +318,9 @@ fn a_version_a_device_runs_on_another_server_is_neither_merged_away_nor_deleted(
             .collect()
     };
     wait_for(30, "s2 to hold version 2 and see d1", || {
-        let versions = json(&s2, &["version", "list", "g1", "--json"]);
+        // Until s2 has copied g1, it has no versions of it to list.
+        let out = s2.cli(&["version", "list", "g1", "--json"]);
+        let versions: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
         let has2 = versions
             .as_array()
             .is_some_and(|vs| vs.iter().any(|v| v["number"] == 2));
