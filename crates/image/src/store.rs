@@ -425,10 +425,10 @@ impl Store {
     fn save(&self, props: &Properties) -> Result<(), ImageError> {
         props.check().map_err(ImageError::Invalid)?;
         let dir = self.vdisk_dir(&props.name)?;
-        // Two saves in one tick of the file system's clock could leave a
-        // file of the same size, times and (reused) inode: forget the parse.
-        self.parsed.lock().remove(&dir.join(PROPERTIES));
         let written = write_properties(&dir, props);
+        // A later save in the same tick of the file system's clock could
+        // leave a file of the same size and times on this one's freed
+        // inode: no parse outlives the file it was made from.
         self.parsed.lock().remove(&dir.join(PROPERTIES));
         written?;
         sync_dir(&dir)?;

@@ -109,8 +109,9 @@ pub enum FromPeers {
 pub struct BootSets {
     store: Store,
     window: Duration,
-    /// Most bytes of sets read ahead and kept warm at once.
-    budget: u64,
+    /// Most bytes of sets read ahead and kept warm at once (an atomic for
+    /// `/metrics`).
+    budget: AtomicU64,
     sets: Mutex<HashMap<(String, u32), Arc<BootSet>>>,
     /// Versions whose set was read into the page cache, and how it went.
     warmed: Mutex<HashMap<(String, u32), Warm>>,
@@ -126,8 +127,6 @@ pub struct BootSets {
     read_ahead_versions: AtomicU64,
     read_ahead_bytes: AtomicU64,
     read_ahead_disk_bytes: AtomicU64,
-    /// `budget`, for `/metrics`.
-    budget_gauge: AtomicU64,
 }
 
 impl BootSets {
@@ -138,8 +137,7 @@ impl BootSets {
         BootSets {
             store,
             window,
-            budget,
-            budget_gauge: AtomicU64::new(budget),
+            budget: AtomicU64::new(budget),
             sets: Mutex::new(HashMap::new()),
             warmed: Mutex::new(HashMap::new()),
             rewarm: REWARM,
@@ -177,7 +175,7 @@ impl BootSets {
                 "vstream_boot_set_budget_bytes",
                 "gauge",
                 "most bytes of boot sets read ahead and kept warm at once (--boot-set-budget)",
-                &self.budget_gauge,
+                &self.budget,
             ),
         ]
     }
@@ -290,51 +288,38 @@ impl BootSets {
     /// version's set was cleared (here, or on another server and then in
     /// the catalog) is forgotten too, and its file removed.
     pub fn forget_stale(&self) {
-        let held: Vec<((String, u32), u64)> = self
-            .sets
-            .lock()
-            .iter()
-            .map(|(k, s)| (k.clone(), s.cleared()))
-            .collect();
-        for ((vdisk, version), cleared) in held {
-            let Some(stamp) = self.stamp(&vdisk, version) else {
-                continue; // gone: below
-            };
-            if stamp == cleared {
-                continue;
-            }
-            let key = (vdisk.clone(), version);
-            self.sets.lock().remove(&key);
-            self.warmed.lock().remove(&key);
-            self.asked.lock().remove(&key);
-            if let Ok(dir) = self.store.vdisk_path(&vdisk) {
-                let _ = std::fs::remove_file(dir.join(boot_set_file(version)));
-            }
-            tracing::info!(%vdisk, version, "boot set cleared; it is learned again from the next boots");
-        }
-        self.forget_gone();
-    }
-
-    fn forget_gone(&self) {
         let mut keys: Vec<(String, u32)> = self.sets.lock().keys().cloned().collect();
         keys.extend(self.warmed.lock().keys().cloned());
         keys.extend(self.asked.lock().keys().cloned());
         keys.sort_unstable();
         keys.dedup();
-        let gone: HashSet<(String, u32)> = keys
-            .into_iter()
-            .filter(|(vdisk, version)| match self.store.properties(vdisk) {
-                Ok(props) => !props.version(*version).is_some_and(|v| v.is_live()),
+        for key in keys {
+            let (vdisk, version) = (&key.0, key.1);
+            let stamp = match self.store.properties(vdisk) {
+                Ok(props) => props
+                    .version(version)
+                    .filter(|v| v.is_live())
+                    .map(|v| v.boot_set_cleared_unix.unwrap_or(0)),
                 // A failed read of a vDisk that is there forgets nothing.
-                Err(_) => !self.store.exists(vdisk),
-            })
-            .collect();
-        if gone.is_empty() {
-            return;
+                Err(_) if self.store.exists(vdisk) => continue,
+                Err(_) => None,
+            };
+            let held = self.sets.lock().get(&key).map(|s| s.cleared());
+            let cleared = match (stamp, held) {
+                (None, _) => false,
+                (Some(stamp), Some(held)) if stamp != held => true,
+                (Some(_), _) => continue,
+            };
+            self.sets.lock().remove(&key);
+            self.warmed.lock().remove(&key);
+            self.asked.lock().remove(&key);
+            if cleared {
+                if let Ok(dir) = self.store.vdisk_path(vdisk) {
+                    let _ = std::fs::remove_file(dir.join(boot_set_file(version)));
+                }
+                tracing::info!(%vdisk, version, "boot set cleared; it is learned again from the next boots");
+            }
         }
-        self.sets.lock().retain(|k, _| !gone.contains(k));
-        self.warmed.lock().retain(|k, _| !gone.contains(k));
-        self.asked.lock().retain(|k, _| !gone.contains(k));
     }
 
     /// Saves every set a session changed since the last save. A set that
@@ -394,12 +379,11 @@ impl BootSets {
         if !self.enabled() {
             return done;
         }
-        let mut due: Vec<(bool, std::rc::Rc<vstream_image::Properties>, u32)> = Vec::new();
+        let mut due: Vec<(bool, vstream_image::Properties, u32)> = Vec::new();
         for vdisk in self.store.list().unwrap_or_default() {
             let Ok(props) = self.store.properties(&vdisk) else {
                 continue;
             };
-            let props = std::rc::Rc::new(props);
             for kind in [DeviceType::Production, DeviceType::Test] {
                 let Ok(version) = props.version_for(kind) else {
                     continue;
@@ -411,7 +395,8 @@ impl BootSets {
         }
         // Production first (a stable sort keeps the store's order within).
         due.sort_by_key(|(production, ..)| !production);
-        let mut left = self.budget;
+        let budget = self.budget.load(Ordering::Relaxed);
+        let mut left = budget;
         for (_, props, version) in due {
             let vdisk = &props.name;
             let key = (vdisk.clone(), version);
@@ -449,7 +434,7 @@ impl BootSets {
             if over {
                 if !was_over {
                     tracing::warn!(
-                        %vdisk, version, set_of = from, bytes = w.bytes, budget_left = left, budget = self.budget,
+                        %vdisk, version, set_of = from, bytes = w.bytes, budget_left = left, budget,
                         "a boot set is larger than what is left of the boot-set budget: it is not read ahead. \
                          If a device read more than its boot (a disk scan in its first minutes), clear it \
                          (`vstream version clear-boot-set`); else raise --boot-set-budget"
@@ -517,8 +502,8 @@ impl BootSets {
     }
 
     /// The set to warm version `version` with, and the version it is of:
-    /// its own if it has one that is not empty, else another server's,
-    /// else that of the nearest older version with one.
+    /// its own with what other servers learned of it added, else that of
+    /// the nearest older version with one.
     fn to_warm(
         &self,
         props: &vstream_image::Properties,
@@ -526,11 +511,10 @@ impl BootSets {
         peers: &dyn Fn(&Wanted) -> FromPeers,
     ) -> Option<(u32, Arc<BootSet>)> {
         let own = self.existing(&props.name, version, props.size);
-        let own = own.filter(|s| !s.is_empty());
-        if let Some(set) = self.with_peers(&props.name, version, props.size, own.is_some(), peers) {
+        if let Some(set) = self.with_peers(&props.name, version, props.size, peers) {
             return Some((version, set));
         }
-        if let Some(set) = own {
+        if let Some(set) = own.filter(|s| !s.is_empty()) {
             return Some((version, set));
         }
         let mut older: Vec<u32> = props
@@ -550,14 +534,12 @@ impl BootSets {
     /// servers learned of it added (which is saved): each server sees the
     /// boots of only the devices that logged in to it, and the farm's
     /// devices fail over to any. `None` if no other server added anything
-    /// or none had a set within the last [`ASK_AGAIN`]; `own`: this server
-    /// has a set (it is merged into, and said only if it grew).
+    /// or none had a set within the last [`ASK_AGAIN`].
     fn with_peers(
         &self,
         vdisk: &str,
         version: u32,
         size: u64,
-        own: bool,
         peers: &dyn Fn(&Wanted) -> FromPeers,
     ) -> Option<Arc<BootSet>> {
         let key = (vdisk.to_owned(), version);
@@ -585,22 +567,22 @@ impl BootSets {
                 self.asked.lock().insert(key, Instant::now());
                 None
             }
-            FromPeers::Got { set, .. } if set.cleared() != cleared => {
-                self.asked.lock().insert(key, Instant::now());
-                None
-            }
             FromPeers::Got { peers, set } => {
                 let ours = self.set(vdisk, version, size)?;
                 let before = ours.bytes();
+                // A set learned under another clear adds nothing.
                 ours.union(&set);
                 let added = ours.bytes().saturating_sub(before);
+                if added == 0 {
+                    return None;
+                }
                 let peers = peers.join(",");
-                if !own {
+                if before == 0 {
                     tracing::info!(%vdisk, version, %peers, bytes = added, "boot set copied from peers");
-                } else if added > 0 {
+                } else {
                     tracing::info!(%vdisk, version, %peers, added, bytes = ours.bytes(), "boot set merged with peers' sets");
                 }
-                (added > 0).then_some(ours)
+                Some(ours)
             }
         }
     }
@@ -855,14 +837,14 @@ mod tests {
             .collect();
         assert_eq!(flagged, ["{vdisk=\"d\",version=\"2\"}"]);
         // Within REWARM the sets read ahead still hold their share.
-        sets.budget = 5 * MIB;
+        sets.budget.store(5 * MIB, Ordering::Relaxed);
         assert!(read(&sets).is_empty(), "nothing due yet");
         // Once it fits, it is read ahead at its next check.
         sets.rewarm = Duration::ZERO;
         assert_eq!(read(&sets).len(), 3);
         assert!(!sets.warm_of("d", 2).unwrap().over_budget);
         // A budget of nothing reads nothing ahead, and counts everything.
-        sets.budget = 0;
+        sets.budget.store(0, Ordering::Relaxed);
         assert!(read(&sets).is_empty());
         assert!(sets.gauges().iter().all(|(_, s)| s.over_budget));
     }
